@@ -1,0 +1,160 @@
+//! Map keys and values shared with the XDP program. Every type is `#[repr(C)]`, `Copy`, made of
+//! fixed-width integers with explicit padding, and its size is asserted at compile time so both sides
+//! agree byte for byte. Byte order is noted per field.
+
+use core::mem::size_of;
+
+use crate::addr::Addr;
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Map names, as declared in the XDP program and opened by the control plane.
+pub mod names {
+    pub const SERVICES: &str = "SERVICES";
+    pub const BACKENDS: &str = "BACKENDS";
+    pub const MAGLEV_RING: &str = "MAGLEV_RING";
+    pub const CONNTRACK: &str = "CONNTRACK";
+    pub const NAT_REVERSE: &str = "NAT_REVERSE";
+    pub const TX_PORTS: &str = "TX_PORTS";
+    pub const SERVICE_STATS: &str = "SERVICE_STATS";
+    pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    pub const REASONS: &str = "REASONS";
+}
+
+/// Compiled-in map sizes; the control plane may override the large ones at load time.
+pub mod defaults {
+    pub const MAX_SERVICES: u32 = 256;
+    pub const MAX_BACKENDS: u32 = 4096;
+    /// Cells shared by all Maglev rings, each service using two rings while its table is replaced.
+    pub const MAGLEV_CELLS: u32 = 1 << 22;
+    /// Default ring size per service: prime, ~100 × the backends a service usually has.
+    pub const RING_SIZE: u32 = 16_381;
+    pub const CONNTRACK_ENTRIES: u32 = 1 << 20;
+    pub const TX_PORTS: u32 = 64;
+}
+
+/// `Service::flags`: forward by rewriting only the destination MAC (L2 direct server return).
+pub const SERVICE_FLAG_DSR: u32 = 1 << 0;
+/// `Service::flags`: hash only the client address (session stickiness without shared state).
+pub const SERVICE_FLAG_IP_HASH: u32 = 1 << 1;
+
+/// Key of `SERVICES`: one virtual service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    /// VIP, network order (IPv4 mapped into IPv6, see [`crate::addr`]).
+    pub addr: Addr,
+    /// VIP port, network order.
+    pub port: u16,
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of `SERVICES`. Replaced as a whole by the control plane: pointing `ring_offset` at a freshly
+/// written ring swaps the service's Maglev table atomically.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Service {
+    /// Index into `SERVICE_STATS`.
+    pub id: u32,
+    /// First cell of the service's current ring in `MAGLEV_RING`.
+    pub ring_offset: u32,
+    /// Cells in the ring (prime); 0 when the service has no backend.
+    pub ring_size: u32,
+    /// `SERVICE_FLAG_*` bits.
+    pub flags: u32,
+}
+
+/// Value of the `BACKENDS` array, indexed by backend id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    /// Backend address, network order.
+    pub addr: Addr,
+    /// Backend port, network order (NAT rewrites the destination port to it).
+    pub port: u16,
+    pub _pad: u16,
+    /// The service this backend belongs to.
+    pub service_id: u32,
+    /// Bumped every time the id is (re)assigned; 0 means the slot is free. Connection-table entries
+    /// remember it, so a flow never follows a reused id to a different server.
+    pub generation: u32,
+}
+
+/// A flow as seen in one direction: key of `CONNTRACK` (client → VIP) and `NAT_REVERSE`
+/// (backend → client).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// Network order.
+    pub src: Addr,
+    /// Network order.
+    pub dst: Addr,
+    /// Network order.
+    pub sport: u16,
+    /// Network order.
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of `CONNTRACK`: the backend a flow is pinned to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Conn {
+    pub backend_id: u32,
+    /// `Backend::generation` when the flow was scheduled.
+    pub generation: u32,
+}
+
+/// Value of `NAT_REVERSE`: how to translate a backend's reply back into the VIP's name.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatReverse {
+    /// Network order.
+    pub vip: Addr,
+    /// Network order.
+    pub vport: u16,
+    pub _pad: u16,
+    pub service_id: u32,
+    pub backend_id: u32,
+}
+
+/// Value of the per-CPU `SERVICE_STATS` and `BACKEND_STATS` arrays (host order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+impl Counters {
+    pub fn add(&mut self, other: &Counters) {
+        self.packets += other.packets;
+        self.bytes += other.bytes;
+        self.new_flows += other.new_flows;
+    }
+}
+
+const _: () = assert!(size_of::<ServiceKey>() == 20);
+const _: () = assert!(size_of::<Service>() == 16);
+const _: () = assert!(size_of::<Backend>() == 28);
+const _: () = assert!(size_of::<FlowKey>() == 40);
+const _: () = assert!(size_of::<Conn>() == 8);
+const _: () = assert!(size_of::<NatReverse>() == 28);
+const _: () = assert!(size_of::<Counters>() == 24);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are repr(C), made only of integers, with every padding byte an explicit field.
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::Service {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::Conn {}
+    unsafe impl aya::Pod for super::NatReverse {}
+    unsafe impl aya::Pod for super::Counters {}
+}
