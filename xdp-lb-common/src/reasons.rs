@@ -39,7 +39,11 @@ pub const DROP_DSR_NO_NEIGH: Reason = 13;
 /// The chosen Maglev slot or backend entry could not be read (control plane mid-update).
 pub const DROP_NO_BACKEND_ENTRY: Reason = 14;
 
-pub const COUNT: u32 = 15;
+/// The FIB sent the packet to the kernel for another reason: the destination is local, forwarding is
+/// disabled on the interface, or the packet exceeds the egress MTU (the kernel then answers with ICMP).
+pub const PASS_FIB_OTHER: Reason = 15;
+
+pub const COUNT: u32 = 16;
 
 /// Names in index order, as shown by the CLI and the metrics.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -58,4 +62,10 @@ pub const NAMES: [&str; COUNT as usize] = [
     "drop_fib_unreachable",
     "drop_dsr_no_neigh",
     "drop_no_backend_entry",
+    "pass_fib_other",
 ];
+
+/// Whether a reason's packets were passed to the kernel (the others were dropped).
+pub const fn is_pass(reason: Reason) -> bool {
+    reason <= PASS_NO_TX_PORT || reason == PASS_FIB_OTHER
+}

@@ -1,2 +1,87 @@
+//! The xdp-lb data plane: one XDP program, attached to every interface that faces clients or backends.
+//!
+//! Stages, each a function of its own: [`parse`] → classify (service lookup, or NAT reply lookup) →
+//! [`schedule`] (connection table, then Maglev) → [`rewrite`] → [`forward`] (FIB + devmap).
+//! Every packet that is not forwarded is counted under one reason (`xdp_lb_common::reasons`).
 #![no_std]
 #![no_main]
+
+mod forward;
+mod maps;
+mod parse;
+mod rewrite;
+mod schedule;
+
+use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use xdp_lb_common::{
+    maps::{FlowKey, ServiceKey, SERVICE_FLAG_DSR},
+    reasons::{self, Reason},
+};
+
+
+#[xdp]
+pub fn xdp_lb(ctx: XdpContext) -> u32 {
+    match balance(&ctx) {
+        Ok(action) => action,
+        Err(reason) => not_forwarded(reason),
+    }
+}
+
+/// Counts why a packet was not forwarded and returns the matching verdict.
+#[inline(always)]
+fn not_forwarded(reason: Reason) -> u32 {
+    maps::count_reason(reason);
+    if reasons::is_pass(reason) {
+        xdp_action::XDP_PASS
+    } else {
+        xdp_action::XDP_DROP
+    }
+}
+
+#[inline(always)]
+fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
+    let packet = parse::parse(ctx)?;
+    let flow = packet.flow;
+    let service_key = ServiceKey { addr: flow.dst, port: flow.dport, proto: flow.proto, _pad: 0 };
+    if let Some(service) = maps::service(&service_key) {
+        if packet.vlan {
+            return Err(reasons::PASS_VLAN);
+        }
+        let chosen = schedule::schedule(&flow, &service)?;
+        maps::count_forward(service.id, chosen.id, packet.len, chosen.new_flow);
+        if service.flags & SERVICE_FLAG_DSR != 0 {
+            return forward::to_next_hop(ctx, &packet, &chosen.backend.addr, forward::Mode::Dsr);
+        }
+        rewrite::destination(ctx, &packet, &chosen.backend.addr, chosen.backend.port)?;
+        return forward::to_next_hop(ctx, &packet, &chosen.backend.addr, forward::Mode::Nat);
+    }
+    if let Some(reverse) = maps::nat_reverse(&flow) {
+        maps::count_forward(reverse.service_id, reverse.backend_id, packet.len, false);
+        rewrite::source(ctx, &packet, &reverse.vip, reverse.vport)?;
+        return forward::to_next_hop(ctx, &packet, &flow.dst, forward::Mode::Nat);
+    }
+    Err(reasons::PASS_NOT_VIP)
+}
+
+/// A flow key for the reply direction of `flow` once NAT has sent it to `backend`.
+#[inline(always)]
+pub(crate) fn reply_key(flow: &FlowKey, backend_addr: &[u32; 4], backend_port: u16) -> FlowKey {
+    FlowKey {
+        src: *backend_addr,
+        dst: flow.src,
+        sport: backend_port,
+        dport: flow.sport,
+        proto: flow.proto,
+        _pad: [0; 3],
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

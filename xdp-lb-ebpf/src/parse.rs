@@ -1,0 +1,151 @@
+//! Stage 1: bounds-checked parsing of Ethernet (+ one 802.1Q tag), IPv4/IPv6 and the TCP/UDP ports.
+
+use core::mem::size_of;
+
+use aya_ebpf::programs::XdpContext;
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    tcp::TcpHdr,
+    udp::UdpHdr,
+    vlan::VlanHdr,
+};
+use xdp_lb_common::{
+    addr::{self, Addr},
+    maps::{FlowKey, PROTO_TCP, PROTO_UDP},
+    reasons::{self, Reason},
+};
+
+const ETH_P_IP: u16 = 0x0800u16.to_be();
+const ETH_P_IPV6: u16 = 0x86ddu16.to_be();
+const ETH_P_8021Q: u16 = 0x8100u16.to_be();
+const ETH_P_8021AD: u16 = 0x88a8u16.to_be();
+const IPPROTO_ICMPV6: u8 = 58;
+/// IPv4 "more fragments" flag and fragment offset, in network order.
+const IPV4_FRAGMENT_MASK: u16 = 0x3fffu16.to_be();
+
+/// What the later stages need to know about a parsed TCP/UDP packet.
+pub struct Packet {
+    pub flow: FlowKey,
+    pub l3_offset: usize,
+    pub l4_offset: usize,
+    pub ipv6: bool,
+    pub vlan: bool,
+    /// Frame length in bytes.
+    pub len: u64,
+    /// IP packet length (host order), for the FIB's MTU check.
+    pub ip_len: u16,
+}
+
+/// A pointer to a `T` at `offset`, if the whole `T` lies inside the frame. The one place packet
+/// bounds are checked, so the verifier sees every access guarded.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *mut T)
+}
+
+#[inline(always)]
+pub fn parse(ctx: &XdpContext) -> Result<Packet, Reason> {
+    let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(reasons::DROP_SHORT_FRAME)?;
+    // SAFETY: ptr_at checked the header lies inside the frame.
+    let mut ether_type = unsafe { (*eth).ether_type };
+    let mut l3_offset = EthHdr::LEN;
+    let mut vlan = false;
+    if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
+        let tag: *const VlanHdr = ptr_at(ctx, EthHdr::LEN).ok_or(reasons::DROP_SHORT_FRAME)?;
+        // SAFETY: bounds checked by ptr_at.
+        ether_type = unsafe { (*tag).ether_type };
+        l3_offset += VlanHdr::LEN;
+        vlan = true;
+    }
+    let len = (ctx.data_end() - ctx.data()) as u64;
+    if ether_type == ETH_P_IP {
+        parse_ipv4(ctx, l3_offset, vlan, len)
+    } else if ether_type == ETH_P_IPV6 {
+        parse_ipv6(ctx, l3_offset, vlan, len)
+    } else {
+        Err(reasons::PASS_NOT_IP)
+    }
+}
+
+#[inline(always)]
+fn parse_ipv4(ctx: &XdpContext, l3_offset: usize, vlan: bool, len: u64) -> Result<Packet, Reason> {
+    let ip: *const Ipv4Hdr = ptr_at(ctx, l3_offset).ok_or(reasons::DROP_BAD_IP_HEADER)?;
+    // SAFETY: bounds checked by ptr_at; all fields are byte arrays (no alignment needed).
+    let (vihl, frags, proto, tot_len, src, dst) = unsafe {
+        ((*ip).vihl, (*ip).frags, (*ip).proto, (*ip).tot_len, (*ip).src_addr, (*ip).dst_addr)
+    };
+    let header_len = ((vihl & 0x0f) as usize) * 4;
+    if vihl >> 4 != 4 || header_len < Ipv4Hdr::LEN {
+        return Err(reasons::DROP_BAD_IP_HEADER);
+    }
+    // Options must lie inside the frame too: check one byte at the header's end.
+    ptr_at::<u8>(ctx, l3_offset + header_len - 1).ok_or(reasons::DROP_BAD_IP_HEADER)?;
+    if u16::from_ne_bytes(frags) & IPV4_FRAGMENT_MASK != 0 {
+        return Err(reasons::PASS_FRAGMENT);
+    }
+    let l4_offset = l3_offset + header_len;
+    let (sport, dport) = ports(ctx, proto, l4_offset)?;
+    Ok(Packet {
+        flow: flow_key(addr::from_v4_word(u32::from_ne_bytes(src)), addr::from_v4_word(u32::from_ne_bytes(dst)), sport, dport, proto),
+        l3_offset,
+        l4_offset,
+        ipv6: false,
+        vlan,
+        len,
+        ip_len: u16::from_be_bytes(tot_len),
+    })
+}
+
+#[inline(always)]
+fn parse_ipv6(ctx: &XdpContext, l3_offset: usize, vlan: bool, len: u64) -> Result<Packet, Reason> {
+    let ip: *const Ipv6Hdr = ptr_at(ctx, l3_offset).ok_or(reasons::DROP_BAD_IP_HEADER)?;
+    // SAFETY: bounds checked by ptr_at; all fields are byte arrays.
+    let (vcf, next_hdr, payload_len, src, dst) =
+        unsafe { ((*ip).vcf, (*ip).next_hdr, (*ip).payload_len, (*ip).src_addr, (*ip).dst_addr) };
+    if vcf[0] >> 4 != 6 {
+        return Err(reasons::DROP_BAD_IP_HEADER);
+    }
+    if next_hdr != PROTO_TCP && next_hdr != PROTO_UDP {
+        return Err(if next_hdr == IPPROTO_ICMPV6 { reasons::PASS_NOT_TCP_UDP } else { reasons::PASS_IPV6_EXT });
+    }
+    let l4_offset = l3_offset + Ipv6Hdr::LEN;
+    let (sport, dport) = ports(ctx, next_hdr, l4_offset)?;
+    Ok(Packet {
+        flow: flow_key(addr::from_bytes(src), addr::from_bytes(dst), sport, dport, next_hdr),
+        l3_offset,
+        l4_offset,
+        ipv6: true,
+        vlan,
+        len,
+        ip_len: u16::from_be_bytes(payload_len).saturating_add(Ipv6Hdr::LEN as u16),
+    })
+}
+
+/// Source and destination port (network order), requiring the whole TCP or UDP header.
+#[inline(always)]
+fn ports(ctx: &XdpContext, proto: u8, l4_offset: usize) -> Result<(u16, u16), Reason> {
+    if proto == PROTO_TCP {
+        let tcp: *const TcpHdr = ptr_at(ctx, l4_offset).ok_or(reasons::DROP_TRUNCATED_L4)?;
+        // SAFETY: bounds checked by ptr_at.
+        let (s, d) = unsafe { ((*tcp).source, (*tcp).dest) };
+        Ok((u16::from_ne_bytes(s), u16::from_ne_bytes(d)))
+    } else if proto == PROTO_UDP {
+        let udp: *const UdpHdr = ptr_at(ctx, l4_offset).ok_or(reasons::DROP_TRUNCATED_L4)?;
+        // SAFETY: bounds checked by ptr_at.
+        let (s, d) = unsafe { ((*udp).src, (*udp).dst) };
+        Ok((u16::from_ne_bytes(s), u16::from_ne_bytes(d)))
+    } else {
+        Err(reasons::PASS_NOT_TCP_UDP)
+    }
+}
+
+#[inline(always)]
+fn flow_key(src: Addr, dst: Addr, sport: u16, dport: u16, proto: u8) -> FlowKey {
+    FlowKey { src, dst, sport, dport, proto, _pad: [0; 3] }
+}
