@@ -1,0 +1,277 @@
+//! The daemon's TOML configuration: serde structs with defaults, then [`RawConfig::validate`], which
+//! reports every invalid field with its path and yields the typed [`Config`] the rest of the daemon uses.
+
+use std::{collections::HashSet, fmt, net::SocketAddr, path::Path};
+
+use serde::Deserialize;
+use xdp_lb_common::{maglev::is_prime, maps::defaults};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub dataplane: RawDataplane,
+    #[serde(default)]
+    pub services: Vec<RawService>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawDataplane {
+    /// Flows tracked by the connection table (and by the NAT reply table).
+    pub conntrack_entries: u32,
+    /// Cells shared by all services' Maglev rings.
+    pub maglev_cells: u32,
+}
+
+impl Default for RawDataplane {
+    fn default() -> Self {
+        Self { conntrack_entries: defaults::CONNTRACK_ENTRIES, maglev_cells: defaults::MAGLEV_CELLS }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawService {
+    pub name: String,
+    pub vip: String,
+    pub protocol: String,
+    #[serde(default = "default_mode")]
+    pub mode: String,
+    #[serde(default = "default_scheduler")]
+    pub scheduler: String,
+    #[serde(default = "default_ring_size")]
+    pub ring_size: u32,
+    #[serde(default)]
+    pub backends: Vec<RawBackend>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBackend {
+    pub address: String,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_mode() -> String {
+    "nat".into()
+}
+fn default_scheduler() -> String {
+    "maglev".into()
+}
+fn default_ring_size() -> u32 {
+    defaults::RING_SIZE
+}
+fn default_weight() -> u32 {
+    1
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Nat,
+    Dsr,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scheduler {
+    Maglev,
+    IpHash,
+}
+
+/// A validated configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub dataplane: Dataplane,
+    pub services: Vec<Service>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dataplane {
+    pub conntrack_entries: u32,
+    pub maglev_cells: u32,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Service {
+    pub name: String,
+    pub vip: SocketAddr,
+    pub protocol: Protocol,
+    pub mode: Mode,
+    pub scheduler: Scheduler,
+    pub ring_size: u32,
+    pub backends: Vec<Backend>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Backend {
+    pub address: SocketAddr,
+    pub weight: u32,
+}
+
+/// One invalid field: where it is and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path} is not valid TOML for xdp-lb: {message}")]
+    Syntax { path: String, message: String },
+    #[error("{path} has {} invalid field(s):\n  {}", errors.len(), errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n  "))]
+    Invalid { path: String, errors: Vec<FieldError> },
+}
+
+pub const MAX_WEIGHT: u32 = 65_535;
+const MIN_CONNTRACK_ENTRIES: u32 = 1_024;
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let display = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: display.clone(), source })?;
+        Self::parse(&text, &display)
+    }
+
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| ConfigError::Syntax { path: origin.to_string(), message: e.to_string() })?;
+        raw.validate().map_err(|errors| ConfigError::Invalid { path: origin.to_string(), errors })
+    }
+}
+
+impl RawConfig {
+    /// Checks every field, collecting all problems rather than stopping at the first.
+    pub fn validate(&self) -> Result<Config, Vec<FieldError>> {
+        let mut errors = Vec::new();
+        let mut err = |path: String, message: String| errors.push(FieldError { path, message });
+
+        let dp = &self.dataplane;
+        if dp.conntrack_entries < MIN_CONNTRACK_ENTRIES {
+            err("dataplane.conntrack_entries".into(), format!("{} is below the minimum of {MIN_CONNTRACK_ENTRIES}", dp.conntrack_entries));
+        }
+        if self.services.len() > defaults::MAX_SERVICES as usize {
+            err("services".into(), format!("{} services, at most {} are supported", self.services.len(), defaults::MAX_SERVICES));
+        }
+
+        let mut names = HashSet::new();
+        let mut vips = HashSet::new();
+        let mut services = Vec::new();
+        let mut ring_cells: u64 = 0;
+        let mut backend_count = 0usize;
+        for (i, s) in self.services.iter().enumerate() {
+            let at = |field: &str| format!("services[{i}].{field}");
+            if s.name.trim().is_empty() {
+                err(at("name"), "must not be empty".into());
+            } else if !names.insert(s.name.as_str()) {
+                err(at("name"), format!("\"{}\" is already used by another service", s.name));
+            }
+            let vip = parse_socket_addr(&s.vip).map_err(|m| err(at("vip"), m)).ok();
+            let protocol = match s.protocol.as_str() {
+                "tcp" => Some(Protocol::Tcp),
+                "udp" => Some(Protocol::Udp),
+                other => {
+                    err(at("protocol"), format!("\"{other}\" is not one of: tcp, udp"));
+                    None
+                }
+            };
+            let mode = match s.mode.as_str() {
+                "nat" => Some(Mode::Nat),
+                "dsr" => Some(Mode::Dsr),
+                other => {
+                    err(at("mode"), format!("\"{other}\" is not one of: nat, dsr"));
+                    None
+                }
+            };
+            let scheduler = match s.scheduler.as_str() {
+                "maglev" => Some(Scheduler::Maglev),
+                "ip-hash" => Some(Scheduler::IpHash),
+                other => {
+                    err(at("scheduler"), format!("\"{other}\" is not one of: maglev, ip-hash"));
+                    None
+                }
+            };
+            if s.ring_size < 3 || !is_prime(s.ring_size) {
+                err(at("ring_size"), format!("{} is not a prime number ≥ 3 (e.g. 251, 16381, 65537)", s.ring_size));
+            }
+            ring_cells += 2 * s.ring_size as u64;
+            if let (Some(vip), Some(protocol)) = (vip, protocol) {
+                if !vips.insert((vip, protocol)) {
+                    err(at("vip"), format!("{vip}/{} is already used by another service", s.protocol));
+                }
+            }
+
+            let mut backends = Vec::new();
+            let mut seen = HashSet::new();
+            for (j, b) in s.backends.iter().enumerate() {
+                let at = |field: &str| format!("services[{i}].backends[{j}].{field}");
+                backend_count += 1;
+                if b.weight > MAX_WEIGHT {
+                    err(at("weight"), format!("{} is above the maximum of {MAX_WEIGHT}", b.weight));
+                }
+                let Ok(address) = parse_socket_addr(&b.address).map_err(|m| err(at("address"), m)) else { continue };
+                if !seen.insert(address) {
+                    err(at("address"), format!("{address} is listed twice in this service"));
+                }
+                if let Some(vip) = vip {
+                    if vip.is_ipv4() != address.is_ipv4() {
+                        err(at("address"), format!("{address} is not of the VIP's address family ({vip})"));
+                    }
+                    if mode == Some(Mode::Dsr) && address.port() != vip.port() {
+                        err(at("address"), format!("port {} differs from the VIP's port {}: direct server return cannot translate ports", address.port(), vip.port()));
+                    }
+                }
+                backends.push(Backend { address, weight: b.weight });
+            }
+            if let (Some(vip), Some(protocol), Some(mode), Some(scheduler)) = (vip, protocol, mode, scheduler) {
+                services.push(Service { name: s.name.clone(), vip, protocol, mode, scheduler, ring_size: s.ring_size, backends });
+            }
+        }
+        if backend_count > defaults::MAX_BACKENDS as usize - 1 {
+            err("services".into(), format!("{backend_count} backends in all, at most {} are supported", defaults::MAX_BACKENDS - 1));
+        }
+        if ring_cells > dp.maglev_cells as u64 {
+            err(
+                "dataplane.maglev_cells".into(),
+                format!("{} cells cannot hold the services' rings: they need {ring_cells} (twice each ring_size, so a table can be replaced while the old one serves)", dp.maglev_cells),
+            );
+        }
+
+        if errors.is_empty() {
+            Ok(Config { dataplane: Dataplane { conntrack_entries: dp.conntrack_entries, maglev_cells: dp.maglev_cells }, services })
+        } else {
+            Err(errors)
+        }
+    }
+}
+
+fn parse_socket_addr(text: &str) -> Result<SocketAddr, String> {
+    let addr: SocketAddr = text
+        .parse()
+        .map_err(|_| format!("\"{text}\" is not an address with a port, like \"10.0.0.100:80\" or \"[2001:db8::100]:80\""))?;
+    if addr.port() == 0 {
+        return Err(format!("\"{text}\" has port 0"));
+    }
+    if addr.ip().is_unspecified() || addr.ip().is_multicast() {
+        return Err(format!("\"{text}\" is not a unicast address"));
+    }
+    Ok(addr)
+}
+
+#[cfg(test)]
+mod tests;

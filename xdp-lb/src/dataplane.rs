@@ -1,0 +1,243 @@
+//! The loaded XDP program and its maps: loading with configured map sizes, attaching to interfaces
+//! (native mode, falling back to generic), writing the maps ([`MapWriter`]) and reading the counters.
+
+use std::collections::BTreeMap;
+
+use aya::{
+    maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray, PerCpuValues},
+    programs::{xdp::XdpLinkId, Xdp, XdpMode},
+    util::nr_cpus,
+    Ebpf, EbpfLoader,
+};
+use tracing::{info, warn};
+use xdp_lb_common::{
+    maps::{defaults, names, Backend, Conn, Counters, FlowKey, NatReverse, Service, ServiceKey},
+    reasons,
+};
+
+use crate::{
+    config,
+    tables::{MapWriter, WriteError},
+};
+
+/// The XDP object built from `xdp-lb-ebpf` by build.rs.
+static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp-lb.bpf.o"));
+pub const PROGRAM_NAME: &str = "xdp_lb";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("loading the XDP program into the kernel (verifier): {0}")]
+    Verify(#[source] aya::programs::ProgramError),
+    #[error("interface {iface:?} (from --iface): {message}")]
+    Interface { iface: String, message: String },
+    #[error("map {0} is missing from the eBPF object")]
+    MissingMap(&'static str),
+    #[error("map {map}: {source}")]
+    Map { map: &'static str, source: aya::maps::MapError },
+}
+
+/// How an interface ended up attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    Native,
+    Generic,
+}
+
+pub struct Dataplane {
+    ebpf: Ebpf,
+    maps: Maps,
+    attached: Vec<(String, XdpLinkId, AttachMode)>,
+}
+
+struct Maps {
+    services: HashMap<MapData, ServiceKey, Service>,
+    backends: Array<MapData, Backend>,
+    ring: Array<MapData, u32>,
+    conntrack: HashMap<MapData, FlowKey, Conn>,
+    nat_reverse: HashMap<MapData, FlowKey, NatReverse>,
+    tx_ports: DevMapHash<MapData>,
+    service_stats: PerCpuArray<MapData, Counters>,
+    backend_stats: PerCpuArray<MapData, Counters>,
+    reasons: PerCpuArray<MapData, u64>,
+}
+
+fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DataplaneError> {
+    let map = ebpf.take_map(name).ok_or(DataplaneError::MissingMap(name))?;
+    T::try_from(map).map_err(|source| DataplaneError::Map { map: name, source })
+}
+
+impl Dataplane {
+    /// Loads and verifies the program with the map sizes from `settings`. Attaches nothing.
+    pub fn load(settings: &config::Dataplane) -> Result<Self, DataplaneError> {
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(names::CONNTRACK, settings.conntrack_entries)
+            .map_max_entries(names::NAT_REVERSE, settings.conntrack_entries)
+            .map_max_entries(names::MAGLEV_RING, settings.maglev_cells)
+            .load(PROGRAM_OBJECT)?;
+        let program: &mut Xdp = ebpf
+            .program_mut(PROGRAM_NAME)
+            .ok_or(DataplaneError::Verify(aya::programs::ProgramError::NotLoaded))?
+            .try_into()
+            .map_err(DataplaneError::Verify)?;
+        program.load().map_err(DataplaneError::Verify)?;
+        let maps = Maps {
+            services: take(&mut ebpf, names::SERVICES)?,
+            backends: take(&mut ebpf, names::BACKENDS)?,
+            ring: take(&mut ebpf, names::MAGLEV_RING)?,
+            conntrack: take(&mut ebpf, names::CONNTRACK)?,
+            nat_reverse: take(&mut ebpf, names::NAT_REVERSE)?,
+            tx_ports: take(&mut ebpf, names::TX_PORTS)?,
+            service_stats: take(&mut ebpf, names::SERVICE_STATS)?,
+            backend_stats: take(&mut ebpf, names::BACKEND_STATS)?,
+            reasons: take(&mut ebpf, names::REASONS)?,
+        };
+        Ok(Self { ebpf, maps, attached: Vec::new() })
+    }
+
+    pub fn program(&self) -> &Xdp {
+        self.ebpf.program(PROGRAM_NAME).expect("checked at load").try_into().expect("checked at load")
+    }
+
+    fn program_mut(&mut self) -> &mut Xdp {
+        self.ebpf.program_mut(PROGRAM_NAME).expect("checked at load").try_into().expect("checked at load")
+    }
+
+    /// Attaches to `iface` in native (driver) mode, or generic mode if the driver cannot, and lets
+    /// the program redirect to it.
+    pub fn attach(&mut self, iface: &str) -> Result<AttachMode, DataplaneError> {
+        let ifindex = ifindex(iface)?;
+        let interface_error = |message: String| DataplaneError::Interface { iface: iface.to_string(), message };
+        let (link, mode) = match self.program_mut().attach(iface, XdpMode::Driver) {
+            Ok(link) => (link, AttachMode::Native),
+            Err(native) => {
+                warn!(%iface, error = %native, "native XDP is not available; falling back to generic (skb) mode, which is much slower");
+                let link = self
+                    .program_mut()
+                    .attach(iface, XdpMode::Skb)
+                    .map_err(|generic| interface_error(format!("attach failed in native mode ({native}) and generic mode ({generic})")))?;
+                (link, AttachMode::Generic)
+            }
+        };
+        self.maps.tx_ports.insert(ifindex, ifindex, None, 0).map_err(|e| interface_error(format!("adding to TX_PORTS: {e}")))?;
+        info!(%iface, ifindex, ?mode, "attached");
+        self.attached.push((iface.to_string(), link, mode));
+        Ok(mode)
+    }
+
+    /// Detaches from every interface, most recent first.
+    pub fn detach_all(&mut self) {
+        while let Some((iface, link, _)) = self.attached.pop() {
+            match self.program_mut().detach(link) {
+                Ok(()) => info!(%iface, "detached"),
+                Err(error) => warn!(%iface, %error, "detach failed"),
+            }
+        }
+    }
+
+    /// Registers an interface the program may redirect to without attaching to it (used by tests).
+    pub fn add_tx_port(&mut self, iface: &str) -> Result<(), DataplaneError> {
+        let ifindex = ifindex(iface)?;
+        self.maps
+            .tx_ports
+            .insert(ifindex, ifindex, None, 0)
+            .map_err(|e| DataplaneError::Interface { iface: iface.to_string(), message: format!("adding to TX_PORTS: {e}") })
+    }
+
+    pub fn reason_counters(&self) -> Result<BTreeMap<&'static str, u64>, DataplaneError> {
+        let mut out = BTreeMap::new();
+        for (i, name) in reasons::NAMES.iter().enumerate() {
+            let values = self.maps.reasons.get(&(i as u32), 0).map_err(|source| DataplaneError::Map { map: names::REASONS, source })?;
+            out.insert(*name, values.iter().sum());
+        }
+        Ok(out)
+    }
+
+    pub fn service_counters(&self, id: u32) -> Result<Counters, DataplaneError> {
+        sum_per_cpu(&self.maps.service_stats, id, names::SERVICE_STATS)
+    }
+
+    pub fn backend_counters(&self, id: u32) -> Result<Counters, DataplaneError> {
+        sum_per_cpu(&self.maps.backend_stats, id, names::BACKEND_STATS)
+    }
+
+    /// The connection-table entry of a flow, if any (for tests and diagnostics).
+    pub fn conntrack_entry(&self, flow: &FlowKey) -> Option<Conn> {
+        self.maps.conntrack.get(flow, 0).ok()
+    }
+
+    pub fn nat_reverse_entry(&self, flow: &FlowKey) -> Option<NatReverse> {
+        self.maps.nat_reverse.get(flow, 0).ok()
+    }
+}
+
+impl Drop for Dataplane {
+    fn drop(&mut self) {
+        self.detach_all();
+    }
+}
+
+fn ifindex(iface: &str) -> Result<u32, DataplaneError> {
+    let name = std::ffi::CString::new(iface)
+        .map_err(|_| DataplaneError::Interface { iface: iface.to_string(), message: "contains a NUL byte".into() })?;
+    // SAFETY: `name` is a valid NUL-terminated string for the duration of the call.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if index == 0 {
+        return Err(DataplaneError::Interface { iface: iface.to_string(), message: "no such network interface".into() });
+    }
+    Ok(index)
+}
+
+fn sum_per_cpu(map: &PerCpuArray<MapData, Counters>, id: u32, name: &'static str) -> Result<Counters, DataplaneError> {
+    let values = map.get(&id, 0).map_err(|source| DataplaneError::Map { map: name, source })?;
+    let mut total = Counters::default();
+    for v in values.iter() {
+        total.add(v);
+    }
+    Ok(total)
+}
+
+fn write_error(map: &'static str) -> impl Fn(aya::maps::MapError) -> WriteError {
+    move |e| WriteError { map, message: e.to_string() }
+}
+
+fn zero_per_cpu<T: aya::Pod + Default>(map: &mut PerCpuArray<MapData, T>, id: u32, name: &'static str) -> Result<(), WriteError> {
+    let cpus = nr_cpus().map_err(|(_, e)| WriteError { map: name, message: format!("counting CPUs: {e}") })?;
+    let zeros = PerCpuValues::try_from((0..cpus).map(|_| T::default()).collect::<Vec<_>>())
+        .map_err(|e| WriteError { map: name, message: e.to_string() })?;
+    map.set(id, zeros, 0).map_err(write_error(name))
+}
+
+impl MapWriter for Dataplane {
+    fn write_backend(&mut self, id: u32, backend: &Backend) -> Result<(), WriteError> {
+        self.maps.backends.set(id, backend, 0).map_err(write_error(names::BACKENDS))
+    }
+
+    fn write_ring(&mut self, offset: u32, cells: &[u32]) -> Result<(), WriteError> {
+        for (i, cell) in cells.iter().enumerate() {
+            self.maps.ring.set(offset + i as u32, cell, 0).map_err(write_error(names::MAGLEV_RING))?;
+        }
+        Ok(())
+    }
+
+    fn write_service(&mut self, key: &ServiceKey, service: &Service) -> Result<(), WriteError> {
+        self.maps.services.insert(key, service, 0).map_err(write_error(names::SERVICES))
+    }
+
+    fn remove_service(&mut self, key: &ServiceKey) -> Result<(), WriteError> {
+        self.maps.services.remove(key).map_err(write_error(names::SERVICES))
+    }
+
+    fn clear_service_stats(&mut self, id: u32) -> Result<(), WriteError> {
+        zero_per_cpu(&mut self.maps.service_stats, id, names::SERVICE_STATS)
+    }
+
+    fn clear_backend_stats(&mut self, id: u32) -> Result<(), WriteError> {
+        zero_per_cpu(&mut self.maps.backend_stats, id, names::BACKEND_STATS)
+    }
+}
+
+/// Sizes of the maps the control plane indexes by id (compiled into the object).
+pub const MAX_SERVICES: u32 = defaults::MAX_SERVICES;
+pub const MAX_BACKENDS: u32 = defaults::MAX_BACKENDS;

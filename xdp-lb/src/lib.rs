@@ -1,0 +1,8 @@
+//! xdp-lb's control plane: configuration, the loaded data plane, and the logic that keeps the
+//! data plane's maps in step with the configuration.
+
+pub mod config;
+pub mod dataplane;
+pub mod neighbours;
+pub mod stats;
+pub mod tables;

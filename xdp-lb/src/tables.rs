@@ -1,0 +1,278 @@
+//! Turns a validated [`Config`] into map contents, and a changed config into the smallest safe
+//! sequence of map writes: new backends first, then each changed service's new Maglev ring in free
+//! cells, then the service entry that points at it (the atomic switch), and only then are removed
+//! backends cleared. A packet therefore never sees a service pointing at a half-written ring or at a
+//! backend that is gone.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::SocketAddr,
+};
+
+use xdp_lb_common::{
+    addr,
+    maglev::{self, Candidate},
+    maps::{self as m, ServiceKey},
+};
+
+use crate::config::{self, Config, Mode, Protocol, Scheduler};
+
+/// The writes the control plane makes to the data plane's maps.
+pub trait MapWriter {
+    fn write_backend(&mut self, id: u32, backend: &m::Backend) -> Result<(), WriteError>;
+    fn write_ring(&mut self, offset: u32, cells: &[u32]) -> Result<(), WriteError>;
+    fn write_service(&mut self, key: &ServiceKey, service: &m::Service) -> Result<(), WriteError>;
+    fn remove_service(&mut self, key: &ServiceKey) -> Result<(), WriteError>;
+    fn clear_service_stats(&mut self, id: u32) -> Result<(), WriteError>;
+    fn clear_backend_stats(&mut self, id: u32) -> Result<(), WriteError>;
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("writing map {map}: {message}")]
+pub struct WriteError {
+    pub map: &'static str,
+    pub message: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("no free service id: at most {0} services")]
+    ServiceIds(u32),
+    #[error("no free backend id: at most {0} backends")]
+    BackendIds(u32),
+    #[error("the Maglev cells are too fragmented to place a ring of {size} for service {service}; raise dataplane.maglev_cells")]
+    RingSpace { service: String, size: u32 },
+    #[error(transparent)]
+    Maglev(#[from] maglev::MaglevError),
+    #[error(transparent)]
+    Write(#[from] WriteError),
+}
+
+/// What is installed for one service.
+#[derive(Clone, Debug)]
+pub struct Installed {
+    pub id: u32,
+    pub config: config::Service,
+    /// (offset, size) of its ring in `MAGLEV_RING`; `None` while it has no backend with weight.
+    pub ring: Option<(u32, u32)>,
+    /// Backend id per ring slot.
+    pub table: Vec<u32>,
+    /// Backend address → backend id.
+    pub backend_ids: BTreeMap<SocketAddr, u32>,
+}
+
+pub struct Tables {
+    max_services: u32,
+    max_backends: u32,
+    free_cells: Vec<(u32, u32)>,
+    /// Rings replaced during the last apply: still possibly read by packets in flight, so they are
+    /// reused only from the next apply on.
+    retired: Vec<(u32, u32)>,
+    services: BTreeMap<ServiceKey, Installed>,
+    used_service_ids: Vec<bool>,
+    used_backend_ids: Vec<bool>,
+    next_generation: u32,
+}
+
+pub fn service_key(vip: SocketAddr, protocol: Protocol) -> ServiceKey {
+    ServiceKey {
+        addr: addr::from_ip(vip.ip()),
+        port: vip.port().to_be(),
+        proto: match protocol {
+            Protocol::Tcp => m::PROTO_TCP,
+            Protocol::Udp => m::PROTO_UDP,
+        },
+        _pad: 0,
+    }
+}
+
+impl Tables {
+    pub fn new(maglev_cells: u32, max_services: u32, max_backends: u32) -> Self {
+        Self {
+            max_services,
+            max_backends,
+            free_cells: vec![(0, maglev_cells)],
+            retired: Vec::new(),
+            services: BTreeMap::new(),
+            used_service_ids: vec![false; max_services as usize],
+            used_backend_ids: vec![false; max_backends as usize],
+            next_generation: 1,
+        }
+    }
+
+    pub fn services(&self) -> impl Iterator<Item = &Installed> {
+        self.services.values()
+    }
+
+    /// Makes the maps match `config`. On error the maps may hold a mix of old and new services, but
+    /// every service entry is consistent (points at a complete ring of live backends).
+    pub fn apply(&mut self, config: &Config, maps: &mut dyn MapWriter) -> Result<(), ApplyError> {
+        for range in std::mem::take(&mut self.retired) {
+            self.release_cells(range);
+        }
+        let wanted: HashMap<ServiceKey, &config::Service> =
+            config.services.iter().map(|s| (service_key(s.vip, s.protocol), s)).collect();
+
+        let gone: Vec<ServiceKey> = self.services.keys().filter(|k| !wanted.contains_key(k)).copied().collect();
+        for key in gone {
+            self.remove(&key, maps)?;
+        }
+        for service in &config.services {
+            self.upsert(service, maps)?;
+        }
+        Ok(())
+    }
+
+    fn remove(&mut self, key: &ServiceKey, maps: &mut dyn MapWriter) -> Result<(), ApplyError> {
+        let installed = self.services.remove(key).expect("caller passes installed keys");
+        maps.remove_service(key)?;
+        for &id in installed.backend_ids.values() {
+            self.free_backend(id, maps)?;
+        }
+        if let Some(ring) = installed.ring {
+            self.retired.push(ring);
+        }
+        self.used_service_ids[installed.id as usize] = false;
+        Ok(())
+    }
+
+    fn upsert(&mut self, service: &config::Service, maps: &mut dyn MapWriter) -> Result<(), ApplyError> {
+        let key = service_key(service.vip, service.protocol);
+        let mut installed = match self.services.get(&key) {
+            Some(existing) if existing.config == *service => return Ok(()),
+            Some(existing) => existing.clone(),
+            None => {
+                let id = take_id(&mut self.used_service_ids).ok_or(ApplyError::ServiceIds(self.max_services))?;
+                maps.clear_service_stats(id)?;
+                Installed { id, config: service.clone(), ring: None, table: Vec::new(), backend_ids: BTreeMap::new() }
+            }
+        };
+        let old_backend_ids = installed.backend_ids.clone();
+
+        // 1. Backends that are new to this service get an id and a fresh generation.
+        let mut backend_ids = BTreeMap::new();
+        for b in &service.backends {
+            let id = match old_backend_ids.get(&b.address) {
+                Some(&id) => id,
+                None => {
+                    let id = take_id(&mut self.used_backend_ids).ok_or(ApplyError::BackendIds(self.max_backends))?;
+                    let generation = self.next_generation;
+                    self.next_generation = self.next_generation.checked_add(1).unwrap_or(1);
+                    maps.clear_backend_stats(id)?;
+                    maps.write_backend(
+                        id,
+                        &m::Backend {
+                            addr: addr::from_ip(b.address.ip()),
+                            port: b.address.port().to_be(),
+                            _pad: 0,
+                            service_id: installed.id,
+                            generation,
+                        },
+                    )?;
+                    id
+                }
+            };
+            backend_ids.insert(b.address, id);
+        }
+
+        // 2. The new ring, built from the old one so that surviving backends keep their slots.
+        let ring_unchanged = installed.config.ring_size == service.ring_size
+            && installed.config.backends == service.backends
+            && !installed.table.is_empty();
+        let ring = if ring_unchanged {
+            installed.ring
+        } else {
+            let identities: Vec<Vec<u8>> = service.backends.iter().map(|b| b.address.to_string().into_bytes()).collect();
+            let candidates: Vec<Candidate<'_>> = service
+                .backends
+                .iter()
+                .zip(&identities)
+                .map(|(b, identity)| Candidate { identity, weight: b.weight })
+                .collect();
+            let index_of: HashMap<u32, usize> =
+                service.backends.iter().enumerate().map(|(i, b)| (backend_ids[&b.address], i)).collect();
+            let previous: Option<Vec<Option<usize>>> = (installed.table.len() == service.ring_size as usize)
+                .then(|| installed.table.iter().map(|id| index_of.get(id).copied()).collect());
+            let slots = maglev::build(&candidates, service.ring_size, previous.as_deref())?;
+            let table: Vec<u32> = slots.iter().map(|&i| backend_ids[&service.backends[i as usize].address]).collect();
+            let ring = if table.is_empty() {
+                None
+            } else {
+                let offset = self
+                    .take_cells(service.ring_size)
+                    .ok_or_else(|| ApplyError::RingSpace { service: service.name.clone(), size: service.ring_size })?;
+                maps.write_ring(offset, &table)?;
+                Some((offset, service.ring_size))
+            };
+            if let Some(old) = installed.ring.take() {
+                self.retired.push(old);
+            }
+            installed.table = table;
+            ring
+        };
+
+        // 3. The switch: one update of the service entry.
+        let (ring_offset, ring_size) = ring.unwrap_or((0, 0));
+        let mut flags = 0;
+        if service.mode == Mode::Dsr {
+            flags |= m::SERVICE_FLAG_DSR;
+        }
+        if service.scheduler == Scheduler::IpHash {
+            flags |= m::SERVICE_FLAG_IP_HASH;
+        }
+        maps.write_service(&key, &m::Service { id: installed.id, ring_offset, ring_size, flags })?;
+
+        // 4. Backends that left: their flows reschedule, since their generation no longer matches.
+        for (address, &id) in &old_backend_ids {
+            if !backend_ids.contains_key(address) {
+                self.free_backend(id, maps)?;
+            }
+        }
+        installed.ring = ring;
+        installed.backend_ids = backend_ids;
+        installed.config = service.clone();
+        self.services.insert(key, installed);
+        Ok(())
+    }
+
+    fn free_backend(&mut self, id: u32, maps: &mut dyn MapWriter) -> Result<(), ApplyError> {
+        maps.write_backend(id, &m::Backend::default())?;
+        self.used_backend_ids[id as usize] = false;
+        Ok(())
+    }
+
+    /// First fit over the free cell ranges.
+    fn take_cells(&mut self, size: u32) -> Option<u32> {
+        let i = self.free_cells.iter().position(|&(_, len)| len >= size)?;
+        let (offset, len) = self.free_cells[i];
+        if len == size {
+            self.free_cells.remove(i);
+        } else {
+            self.free_cells[i] = (offset + size, len - size);
+        }
+        Some(offset)
+    }
+
+    fn release_cells(&mut self, (offset, size): (u32, u32)) {
+        self.free_cells.push((offset, size));
+        self.free_cells.sort_unstable();
+        // Merge neighbours so large rings keep fitting after many replacements.
+        let mut merged: Vec<(u32, u32)> = Vec::with_capacity(self.free_cells.len());
+        for &(o, l) in &self.free_cells {
+            match merged.last_mut() {
+                Some((mo, ml)) if *mo + *ml == o => *ml += l,
+                _ => merged.push((o, l)),
+            }
+        }
+        self.free_cells = merged;
+    }
+}
+
+fn take_id(used: &mut [bool]) -> Option<u32> {
+    let id = used.iter().position(|u| !u)?;
+    used[id] = true;
+    Some(id as u32)
+}
+
+#[cfg(test)]
+mod tests;
