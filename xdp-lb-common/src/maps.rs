@@ -41,7 +41,7 @@ pub const SERVICE_FLAG_IP_HASH: u32 = 1 << 1;
 
 /// Key of `SERVICES`: one virtual service.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServiceKey {
     /// VIP, network order (IPv4 mapped into IPv6, see [`crate::addr`]).
     pub addr: Addr,

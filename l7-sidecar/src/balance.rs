@@ -1,0 +1,361 @@
+//! Upstream pools and backend selection. Backend state (connection counts, latency
+//! estimates, health, ejections) lives in `Backend`, which a `BackendRegistry` hands
+//! out by (pool, address) so a config reload reuses it instead of resetting it.
+
+use crate::config::{Algorithm, PassiveConfig, PoolConfig};
+use std::collections::hash_map::DefaultHasher;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Decay constant of the peak-EWMA latency estimate.
+const EWMA_TAU: Duration = Duration::from_secs(10);
+
+pub struct Backend {
+    pub pool: String,
+    pub addr: SocketAddr,
+    pub active: AtomicUsize,
+    healthy: AtomicBool,
+    consecutive_failures: AtomicU32,
+    ejections: AtomicU32,
+    ejected_until: Mutex<Option<Instant>>,
+    latency: Mutex<Ewma>,
+    pub health_rise: AtomicU32,
+    pub health_fall: AtomicU32,
+    pub total_ejections: AtomicU64,
+}
+
+struct Ewma {
+    value_ns: f64,
+    at: Instant,
+}
+
+impl Backend {
+    fn new(pool: &str, addr: SocketAddr) -> Backend {
+        Backend {
+            pool: pool.to_string(),
+            addr,
+            active: AtomicUsize::new(0),
+            healthy: AtomicBool::new(true),
+            consecutive_failures: AtomicU32::new(0),
+            ejections: AtomicU32::new(0),
+            ejected_until: Mutex::new(None),
+            latency: Mutex::new(Ewma { value_ns: 0.0, at: Instant::now() }),
+            health_rise: AtomicU32::new(0),
+            health_fall: AtomicU32::new(0),
+            total_ejections: AtomicU64::new(0),
+        }
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    pub fn set_healthy(&self, healthy: bool) {
+        if self.healthy.swap(healthy, Ordering::Relaxed) != healthy {
+            tracing::info!(pool = %self.pool, backend = %self.addr, healthy, "backend health changed");
+        }
+        metrics::gauge!("gateway_upstream_healthy", "pool" => self.pool.clone(), "backend" => self.addr.to_string())
+            .set(if healthy { 1.0 } else { 0.0 });
+    }
+
+    pub fn is_ejected(&self, now: Instant) -> bool {
+        self.ejected_until.lock().map(|u| u.is_some_and(|t| now < t)).unwrap_or(false)
+    }
+
+    pub fn is_available(&self, now: Instant) -> bool {
+        self.is_healthy() && !self.is_ejected(now)
+    }
+
+    pub fn latency_ns(&self) -> f64 {
+        self.latency.lock().map(|e| e.value_ns).unwrap_or(0.0)
+    }
+
+    /// Peak-EWMA: jump up to a slower sample at once, decay towards faster ones over time.
+    pub fn observe_latency(&self, rtt: Duration) {
+        let Ok(mut e) = self.latency.lock() else { return };
+        let now = Instant::now();
+        let rtt = rtt.as_nanos() as f64;
+        if rtt > e.value_ns {
+            e.value_ns = rtt;
+        } else {
+            let elapsed = now.saturating_duration_since(e.at).as_secs_f64();
+            let w = (-elapsed / EWMA_TAU.as_secs_f64()).exp();
+            e.value_ns = e.value_ns * w + rtt * (1.0 - w);
+        }
+        e.at = now;
+    }
+
+    pub fn ejection_count(&self) -> u32 {
+        self.ejections.load(Ordering::Relaxed)
+    }
+}
+
+/// Hands out the same `Backend` for the same (pool, address) across reloads.
+#[derive(Default)]
+pub struct BackendRegistry {
+    backends: Mutex<HashMap<(String, SocketAddr), Arc<Backend>>>,
+}
+
+impl BackendRegistry {
+    pub fn get(&self, pool: &str, addr: SocketAddr) -> Arc<Backend> {
+        let mut map = self.backends.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry((pool.to_string(), addr)).or_insert_with(|| Arc::new(Backend::new(pool, addr))).clone()
+    }
+}
+
+pub struct Pool {
+    pub name: String,
+    pub cfg: PoolConfig,
+    pub backends: Vec<Arc<Backend>>,
+    weights: Vec<i64>,
+    rr: AtomicUsize,
+    wrr_current: Mutex<Vec<i64>>,
+    ring: Vec<(u64, usize)>,
+}
+
+/// What a hashing pool hashes on, taken from the request.
+pub struct HashInput<'a> {
+    pub client_ip: std::net::IpAddr,
+    pub headers: &'a http::HeaderMap,
+}
+
+fn hash_of<T: Hash + ?Sized>(v: &T) -> u64 {
+    let mut h = DefaultHasher::new();
+    v.hash(&mut h);
+    h.finish()
+}
+
+impl Pool {
+    pub fn new(name: &str, cfg: &PoolConfig, registry: &BackendRegistry) -> Pool {
+        let backends: Vec<Arc<Backend>> = cfg
+            .backends
+            .iter()
+            .filter_map(|b| b.address.parse().ok())
+            .map(|a| registry.get(name, a))
+            .collect();
+        let weights: Vec<i64> = cfg.backends.iter().map(|b| i64::from(b.weight.max(1))).collect();
+        // Virtual nodes per weight unit keep the ring balanced and movement minimal.
+        let mut ring = Vec::new();
+        for (i, b) in backends.iter().enumerate() {
+            for v in 0..(100 * weights[i]) {
+                ring.push((hash_of(&(b.addr, v)), i));
+            }
+        }
+        ring.sort_unstable();
+        Pool {
+            name: name.to_string(),
+            cfg: cfg.clone(),
+            wrr_current: Mutex::new(vec![0; backends.len()]),
+            backends,
+            weights,
+            rr: AtomicUsize::new(0),
+            ring,
+        }
+    }
+
+    /// Pick a backend not in `exclude` (already tried), or None if nothing is available.
+    pub fn pick(&self, input: &HashInput<'_>, exclude: &[usize]) -> Option<usize> {
+        let now = Instant::now();
+        let avail: Vec<usize> =
+            (0..self.backends.len()).filter(|i| !exclude.contains(i) && self.backends[*i].is_available(now)).collect();
+        if avail.is_empty() {
+            return None;
+        }
+        Some(match self.cfg.algorithm {
+            Algorithm::RoundRobin => avail[self.rr.fetch_add(1, Ordering::Relaxed) % avail.len()],
+            Algorithm::WeightedRoundRobin => self.smooth_wrr(&avail),
+            Algorithm::LeastConnections => self.p2c(&avail, |b| b.active.load(Ordering::Relaxed) as f64),
+            Algorithm::LeastResponseTime => {
+                self.p2c(&avail, |b| (b.latency_ns() + 1.0) * (b.active.load(Ordering::Relaxed) as f64 + 1.0))
+            }
+            Algorithm::IpHash => self.ring_pick(hash_of(&input.client_ip), &avail),
+            Algorithm::ConsistentHash => self.ring_pick(self.hash_key(input), &avail),
+        })
+    }
+
+    fn hash_key(&self, input: &HashInput<'_>) -> u64 {
+        let on = self.cfg.hash_on.as_deref().unwrap_or("client-ip");
+        if let Some(name) = on.strip_prefix("header:") {
+            if let Some(v) = input.headers.get(name) {
+                return hash_of(v.as_bytes());
+            }
+        } else if let Some(name) = on.strip_prefix("cookie:") {
+            if let Some(v) = crate::transform::cookie(input.headers, name) {
+                return hash_of(v.as_str());
+            }
+        }
+        // Requests without the key still stick, by client address.
+        hash_of(&input.client_ip)
+    }
+
+    /// Nginx's smooth weighted round robin: no bursts to the heaviest backend.
+    fn smooth_wrr(&self, avail: &[usize]) -> usize {
+        let mut cur = self.wrr_current.lock().unwrap_or_else(|p| p.into_inner());
+        let total: i64 = avail.iter().map(|&i| self.weights[i]).sum();
+        let mut best = avail[0];
+        for &i in avail {
+            cur[i] += self.weights[i];
+            if cur[i] > cur[best] {
+                best = i;
+            }
+        }
+        cur[best] -= total;
+        best
+    }
+
+    /// Power of two choices: two random candidates, the cheaper wins.
+    fn p2c(&self, avail: &[usize], cost: impl Fn(&Backend) -> f64) -> usize {
+        if avail.len() == 1 {
+            return avail[0];
+        }
+        let a = fastrand::usize(..avail.len());
+        let mut b = fastrand::usize(..avail.len() - 1);
+        if b >= a {
+            b += 1;
+        }
+        let (a, b) = (avail[a], avail[b]);
+        if cost(&self.backends[b]) < cost(&self.backends[a]) {
+            b
+        } else {
+            a
+        }
+    }
+
+    fn ring_pick(&self, key: u64, avail: &[usize]) -> usize {
+        let start = self.ring.partition_point(|(h, _)| *h < key);
+        let n = self.ring.len();
+        // Walk clockwise past unavailable backends so only their keys move.
+        for step in 0..n {
+            let (_, i) = self.ring[(start + step) % n];
+            if avail.contains(&i) {
+                return i;
+            }
+        }
+        avail[0]
+    }
+
+    /// Passive health: count a result, ejecting after N consecutive failures.
+    pub fn record_result(&self, idx: usize, failed: bool) {
+        let b = &self.backends[idx];
+        if !failed {
+            b.consecutive_failures.store(0, Ordering::Relaxed);
+            return;
+        }
+        let p: &PassiveConfig = &self.cfg.passive;
+        if p.consecutive_failures == 0 {
+            return;
+        }
+        let n = b.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if n < p.consecutive_failures {
+            return;
+        }
+        let now = Instant::now();
+        if b.is_ejected(now) {
+            return;
+        }
+        let ejected = self.backends.iter().filter(|b| b.is_ejected(now)).count();
+        let max = self.backends.len() * p.max_ejected_percent as usize / 100;
+        if ejected + 1 > max {
+            // Ejecting more would leave too little of the pool to serve.
+            return;
+        }
+        let times = b.ejections.fetch_add(1, Ordering::Relaxed);
+        let dur = Duration::from_millis(p.base_ejection_ms.saturating_mul(1u64 << times.min(16)).min(p.max_ejection_ms));
+        if let Ok(mut u) = b.ejected_until.lock() {
+            *u = Some(now + dur);
+        }
+        b.consecutive_failures.store(0, Ordering::Relaxed);
+        b.total_ejections.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("gateway_upstream_ejections_total", "pool" => self.name.clone(), "backend" => b.addr.to_string())
+            .increment(1);
+        tracing::warn!(pool = %self.name, backend = %b.addr, ms = dur.as_millis() as u64, "backend ejected");
+    }
+}
+
+/// Keeps a backend's in-flight count right even if the request future is dropped.
+pub struct ActiveGuard(Arc<Backend>);
+
+impl ActiveGuard {
+    pub fn new(b: Arc<Backend>) -> ActiveGuard {
+        b.active.fetch_add(1, Ordering::Relaxed);
+        ActiveGuard(b)
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::BackendConfig;
+
+    fn pool(alg: Algorithm, weights: &[u32]) -> Pool {
+        let cfg = PoolConfig {
+            algorithm: alg,
+            hash_on: None,
+            backends: weights
+                .iter()
+                .enumerate()
+                .map(|(i, w)| BackendConfig { address: format!("127.0.0.1:{}", 10_000 + i), weight: *w })
+                .collect(),
+            connect_timeout_ms: 100,
+            request_timeout_ms: 100,
+            retries: 0,
+            health_check: None,
+            passive: PassiveConfig { consecutive_failures: 2, base_ejection_ms: 1000, max_ejection_ms: 8000, max_ejected_percent: 50 },
+        };
+        Pool::new("p", &cfg, &BackendRegistry::default())
+    }
+
+    fn input(h: &http::HeaderMap) -> HashInput<'_> {
+        HashInput { client_ip: "127.0.0.1".parse().expect("ip"), headers: h }
+    }
+
+    #[test]
+    fn smooth_wrr_interleaves_by_weight() {
+        let p = pool(Algorithm::WeightedRoundRobin, &[5, 1, 1]);
+        let h = http::HeaderMap::new();
+        let picks: Vec<usize> = (0..7).map(|_| p.pick(&input(&h), &[]).expect("pick")).collect();
+        assert_eq!(picks, vec![0, 0, 1, 0, 2, 0, 0], "nginx smooth WRR sequence");
+    }
+
+    #[test]
+    fn least_connections_prefers_idle() {
+        let p = pool(Algorithm::LeastConnections, &[1, 1]);
+        p.backends[0].active.store(10, Ordering::Relaxed);
+        let h = http::HeaderMap::new();
+        for _ in 0..20 {
+            assert_eq!(p.pick(&input(&h), &[]), Some(1));
+        }
+    }
+
+    #[test]
+    fn ejection_respects_max_share_and_grows() {
+        let p = pool(Algorithm::RoundRobin, &[1, 1]);
+        p.record_result(0, true);
+        p.record_result(0, true);
+        assert!(p.backends[0].is_ejected(Instant::now()), "two failures eject");
+        p.record_result(1, true);
+        p.record_result(1, true);
+        assert!(!p.backends[1].is_ejected(Instant::now()), "50% cap keeps the second backend");
+        assert_eq!(p.backends[0].ejection_count(), 1);
+    }
+
+    #[test]
+    fn consistent_hash_is_sticky() {
+        let p = pool(Algorithm::IpHash, &[1, 1, 1]);
+        let h = http::HeaderMap::new();
+        let first = p.pick(&input(&h), &[]);
+        for _ in 0..10 {
+            assert_eq!(p.pick(&input(&h), &[]), first);
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! The gateway's state: an atomically swapped `Runtime` built from one config, plus
+//! the state that must survive reloads (backends, rate-limit counters, JWKS caches).
+
+use crate::auth::{Authenticator, JwksCache, KeyError};
+use crate::balance::{BackendRegistry, Pool};
+use crate::config::{Config, ConfigError};
+use crate::observe::AccessLog;
+use crate::proxy::Upstream;
+use crate::ratelimit::{Limiter, LimiterRegistry};
+use crate::routing::Router;
+use arc_swap::ArcSwap;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("listener {name}: cannot bind {addr}: {source}")]
+    Bind {
+        name: String,
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("no config file to reload from")]
+    NoConfigPath,
+}
+
+/// Everything derived from one config generation.
+pub struct Runtime {
+    pub cfg: Config,
+    pub router: Router,
+    pub upstreams: HashMap<String, Arc<Upstream>>,
+    pub auth: Authenticator,
+    pub limiters: HashMap<String, Arc<Limiter>>,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl Runtime {
+    fn stop_tasks(&self) {
+        if let Ok(mut t) = self.tasks.lock() {
+            for h in t.drain(..) {
+                h.abort();
+            }
+        }
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.stop_tasks();
+    }
+}
+
+pub struct Shared {
+    pub runtime: ArcSwap<Runtime>,
+    backends: BackendRegistry,
+    pub limiters: LimiterRegistry,
+    jwks: Mutex<HashMap<String, (Arc<JwksCache>, Arc<tokio::task::JoinHandle<()>>)>>,
+    pub access_log: AccessLog,
+    pub config_path: Option<PathBuf>,
+    /// Serialises reloads so SIGHUP and the file watcher cannot interleave.
+    reload_lock: tokio::sync::Mutex<()>,
+}
+
+/// Cheap to clone handle on the running gateway.
+#[derive(Clone)]
+pub struct Gateway {
+    pub shared: Arc<Shared>,
+}
+
+impl Gateway {
+    /// Build from a validated config. Must run inside a Tokio runtime (it starts
+    /// health checks and JWKS refreshers).
+    pub fn new(cfg: Config, config_path: Option<PathBuf>) -> Result<Gateway, GatewayError> {
+        let errors = cfg.validate();
+        if !errors.is_empty() {
+            return Err(ConfigError::Invalid(errors).into());
+        }
+        crate::observe::prometheus();
+        let access_log = AccessLog::new(cfg.observability.access_log);
+        let shared = Arc::new(Shared {
+            runtime: ArcSwap::from_pointee(Runtime {
+                cfg: cfg.clone(),
+                router: Router::new(&[]),
+                upstreams: HashMap::new(),
+                auth: Authenticator::new(None, &[], None)?,
+                limiters: HashMap::new(),
+                tasks: Mutex::new(Vec::new()),
+            }),
+            backends: BackendRegistry::default(),
+            limiters: LimiterRegistry::default(),
+            jwks: Mutex::new(HashMap::new()),
+            access_log,
+            config_path,
+            reload_lock: tokio::sync::Mutex::new(()),
+        });
+        let gw = Gateway { shared };
+        let rt = gw.build_runtime(cfg)?;
+        gw.shared.runtime.store(Arc::new(rt));
+        let weak = Arc::downgrade(&gw.shared);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                let Some(s) = weak.upgrade() else { break };
+                s.limiters.sweep();
+            }
+        });
+        Ok(gw)
+    }
+
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.shared.runtime.load_full()
+    }
+
+    fn build_runtime(&self, cfg: Config) -> Result<Runtime, GatewayError> {
+        let mut tasks = Vec::new();
+        let mut upstreams = HashMap::new();
+        for (name, pcfg) in &cfg.pools {
+            let up = Arc::new(Upstream::new(Pool::new(name, pcfg, &self.shared.backends)));
+            for b in &up.pool.backends {
+                b.set_healthy(b.is_healthy());
+            }
+            if let Some(h) = crate::health::spawn_checks(up.clone()) {
+                tasks.push(h);
+            }
+            upstreams.insert(name.clone(), up);
+        }
+        let jwks = match cfg.auth.jwt.as_ref().and_then(|j| j.jwks_url.clone().map(|u| (u, j.jwks_refresh_secs))) {
+            None => None,
+            Some((url, every)) => {
+                let mut map = self.shared.jwks.lock().unwrap_or_else(|p| p.into_inner());
+                let (cache, _) = map
+                    .entry(url.clone())
+                    .or_insert_with(|| {
+                        let cache = JwksCache::new(&url);
+                        let h = crate::auth::spawn_jwks_refresh(cache.clone(), Duration::from_secs(every));
+                        (cache, Arc::new(h))
+                    })
+                    .clone();
+                Some(cache)
+            }
+        };
+        let auth = Authenticator::new(cfg.auth.jwt.as_ref(), &cfg.auth.api_keys, jwks)?;
+        let limiters = cfg.rate_limits.iter().map(|(n, c)| (n.clone(), self.shared.limiters.get(n, c))).collect();
+        Ok(Runtime { router: Router::new(&cfg.routes), upstreams, auth, limiters, tasks: Mutex::new(tasks), cfg })
+    }
+
+    /// Apply a new config to new requests. In-flight requests keep the old runtime
+    /// through their `Arc`; balancer state is shared via the registries.
+    pub async fn reload(&self, cfg: Config) -> Result<(), GatewayError> {
+        let _g = self.shared.reload_lock.lock().await;
+        let errors = cfg.validate();
+        if !errors.is_empty() {
+            return Err(ConfigError::Invalid(errors).into());
+        }
+        let old = self.runtime();
+        let old_listeners: Vec<_> = old.cfg.listeners.iter().map(|l| (&l.name, &l.bind)).collect();
+        let new_listeners: Vec<_> = cfg.listeners.iter().map(|l| (&l.name, &l.bind)).collect();
+        if old_listeners != new_listeners {
+            tracing::warn!("listener changes need a restart; they are ignored until then");
+        }
+        let rt = self.build_runtime(cfg)?;
+        self.shared.runtime.store(Arc::new(rt));
+        old.stop_tasks();
+        self.drop_unused_jwks();
+        tracing::info!("configuration reloaded");
+        Ok(())
+    }
+
+    fn drop_unused_jwks(&self) {
+        let rt = self.runtime();
+        let keep = rt.cfg.auth.jwt.as_ref().and_then(|j| j.jwks_url.clone());
+        if let Ok(mut map) = self.shared.jwks.lock() {
+            map.retain(|url, (_, h)| {
+                let keep = keep.as_deref() == Some(url.as_str());
+                if !keep {
+                    h.abort();
+                }
+                keep
+            });
+        }
+    }
+
+    /// Reload from the config file; on failure the running config stays and every
+    /// error is logged.
+    pub async fn reload_from_file(&self) -> Result<(), GatewayError> {
+        let path = self.shared.config_path.clone().ok_or(GatewayError::NoConfigPath)?;
+        let result = match Config::load(&path) {
+            Ok(cfg) => self.reload(cfg).await,
+            Err(e) => Err(e.into()),
+        };
+        if let Err(e) = &result {
+            match e {
+                GatewayError::Config(ConfigError::Invalid(errs)) => {
+                    for fe in errs {
+                        tracing::error!(path = %fe.path, "invalid reload, keeping running config: {}", fe.message);
+                    }
+                }
+                other => tracing::error!("reload failed, keeping running config: {other}"),
+            }
+        }
+        result
+    }
+}

@@ -1,0 +1,22 @@
+//! xdp-lb's L7 tier: an API gateway that decides which service handles a request and
+//! whether the caller may make it. See README.md for the configuration reference.
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod balance;
+pub mod config;
+pub mod gateway;
+pub mod health;
+pub mod observe;
+pub mod pipeline;
+pub mod proxy;
+pub mod ratelimit;
+pub mod reload;
+pub mod routing;
+pub mod server;
+pub mod tls;
+pub mod transform;
+
+pub use config::Config;
+pub use gateway::{Gateway, GatewayError};
+pub use server::{start, RunningGateway};

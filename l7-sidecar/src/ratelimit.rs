@@ -1,0 +1,230 @@
+//! Per-route rate limiting: fixed window, sliding window (weighted previous window)
+//! and token bucket. Keys are bounded: idle ones are evicted when the map fills up.
+
+use crate::config::{RateAlgorithm, RateLimitConfig};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    pub limit: u64,
+    pub remaining: u64,
+    /// Seconds until the limit resets (or a token is back).
+    pub reset_secs: u64,
+    /// For rejections: seconds to wait before retrying.
+    pub retry_after_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum State {
+    Window { start: Instant, count: u64, prev: u64 },
+    Bucket { tokens: f64, at: Instant },
+}
+
+struct Entry {
+    state: State,
+    last_seen: Instant,
+}
+
+pub struct Limiter {
+    pub cfg: RateLimitConfig,
+    entries: Mutex<HashMap<String, Entry>>,
+}
+
+fn ceil_secs(d: Duration) -> u64 {
+    d.as_millis().div_ceil(1000) as u64
+}
+
+impl Limiter {
+    pub fn new(cfg: RateLimitConfig) -> Limiter {
+        Limiter { cfg, entries: Mutex::new(HashMap::new()) }
+    }
+
+    pub fn check(&self, key: &str) -> Decision {
+        self.check_at(key, Instant::now())
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn check_at(&self, key: &str, now: Instant) -> Decision {
+        let window = Duration::from_millis(self.cfg.window_ms);
+        let mut map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if !map.contains_key(key) && map.len() >= self.cfg.max_keys {
+            Self::evict(&mut map, now, window, self.cfg.max_keys);
+        }
+        let initial = match self.cfg.algorithm {
+            RateAlgorithm::TokenBucket => State::Bucket { tokens: self.capacity() as f64, at: now },
+            _ => State::Window { start: now, count: 0, prev: 0 },
+        };
+        let entry = map.entry(key.to_string()).or_insert(Entry { state: initial, last_seen: now });
+        entry.last_seen = now;
+        match (&mut entry.state, self.cfg.algorithm) {
+            (State::Window { start, count, prev }, alg) => {
+                let elapsed = now.saturating_duration_since(*start);
+                if elapsed >= window {
+                    let windows = (elapsed.as_nanos() / window.as_nanos().max(1)) as u32;
+                    // Only the directly preceding window weighs into the sliding estimate.
+                    *prev = if windows == 1 { *count } else { 0 };
+                    *start += window * windows;
+                    *count = 0;
+                }
+                let into = now.saturating_duration_since(*start);
+                let reset = window.saturating_sub(into);
+                let used = if alg == RateAlgorithm::SlidingWindow {
+                    let w = 1.0 - into.as_secs_f64() / window.as_secs_f64();
+                    (*prev as f64 * w).floor() as u64 + *count
+                } else {
+                    *count
+                };
+                let limit = self.cfg.limit;
+                if used < limit {
+                    *count += 1;
+                    Decision { allowed: true, limit, remaining: limit - used - 1, reset_secs: ceil_secs(reset), retry_after_secs: 0 }
+                } else {
+                    let retry = ceil_secs(reset).max(1);
+                    Decision { allowed: false, limit, remaining: 0, reset_secs: ceil_secs(reset), retry_after_secs: retry }
+                }
+            }
+            (State::Bucket { tokens, at }, _) => {
+                let cap = self.capacity() as f64;
+                let rate_per_sec = self.cfg.limit as f64 / window.as_secs_f64();
+                *tokens = (*tokens + now.saturating_duration_since(*at).as_secs_f64() * rate_per_sec).min(cap);
+                *at = now;
+                let allowed = *tokens >= 1.0;
+                if allowed {
+                    *tokens -= 1.0;
+                }
+                let to_full = ((cap - *tokens) / rate_per_sec).ceil() as u64;
+                let to_one = if *tokens >= 1.0 { 0 } else { ((1.0 - *tokens) / rate_per_sec).ceil().max(1.0) as u64 };
+                Decision {
+                    allowed,
+                    limit: self.capacity(),
+                    remaining: tokens.floor() as u64,
+                    reset_secs: to_full,
+                    retry_after_secs: if allowed { 0 } else { to_one },
+                }
+            }
+        }
+    }
+
+    fn capacity(&self) -> u64 {
+        self.cfg.burst.unwrap_or(self.cfg.limit)
+    }
+
+    /// Drop keys idle for two windows; if still full, drop the least recently seen.
+    fn evict(map: &mut HashMap<String, Entry>, now: Instant, window: Duration, max: usize) {
+        map.retain(|_, e| now.saturating_duration_since(e.last_seen) < window * 2);
+        if map.len() >= max {
+            let mut ages: Vec<(Instant, String)> = map.iter().map(|(k, e)| (e.last_seen, k.clone())).collect();
+            ages.sort_unstable();
+            let drop = map.len() - max + 1 + max / 10;
+            for (_, k) in ages.into_iter().take(drop) {
+                map.remove(&k);
+            }
+        }
+    }
+
+    /// Periodic sweep so memory shrinks even when no new keys arrive.
+    pub fn sweep(&self) {
+        let window = Duration::from_millis(self.cfg.window_ms);
+        if let Ok(mut map) = self.entries.lock() {
+            let now = Instant::now();
+            map.retain(|_, e| now.saturating_duration_since(e.last_seen) < window * 2);
+        }
+    }
+}
+
+/// Limiters by policy name; a reload keeps a policy's counters unless its settings changed.
+#[derive(Default)]
+pub struct LimiterRegistry {
+    limiters: Mutex<HashMap<String, Arc<Limiter>>>,
+}
+
+impl LimiterRegistry {
+    pub fn get(&self, name: &str, cfg: &RateLimitConfig) -> Arc<Limiter> {
+        let mut map = self.limiters.lock().unwrap_or_else(|p| p.into_inner());
+        match map.get(name) {
+            Some(l) if l.cfg == *cfg => l.clone(),
+            _ => {
+                let l = Arc::new(Limiter::new(cfg.clone()));
+                map.insert(name.to_string(), l.clone());
+                l
+            }
+        }
+    }
+
+    pub fn sweep(&self) {
+        let all: Vec<Arc<Limiter>> = self.limiters.lock().map(|m| m.values().cloned().collect()).unwrap_or_default();
+        for l in all {
+            l.sweep();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RateKey;
+
+    fn limiter(alg: RateAlgorithm, limit: u64, burst: Option<u64>, max_keys: usize) -> Limiter {
+        Limiter::new(RateLimitConfig { algorithm: alg, key: RateKey::ClientIp, limit, window_ms: 1000, burst, max_keys })
+    }
+
+    #[test]
+    fn fixed_window_limits_and_resets() {
+        let l = limiter(RateAlgorithm::FixedWindow, 2, None, 10);
+        let t = Instant::now();
+        assert!(l.check_at("a", t).allowed);
+        let d = l.check_at("a", t);
+        assert!(d.allowed && d.remaining == 0, "{d:?}");
+        let d = l.check_at("a", t);
+        assert!(!d.allowed && d.retry_after_secs >= 1, "{d:?}");
+        assert!(l.check_at("b", t).allowed, "keys are independent");
+        assert!(l.check_at("a", t + Duration::from_millis(1001)).allowed, "new window");
+    }
+
+    #[test]
+    fn sliding_window_weighs_previous_window() {
+        let l = limiter(RateAlgorithm::SlidingWindow, 4, None, 10);
+        let t = Instant::now();
+        for _ in 0..4 {
+            assert!(l.check_at("a", t).allowed);
+        }
+        // A quarter into the next window 3 of the previous 4 still count.
+        let t2 = t + Duration::from_millis(1250);
+        assert!(l.check_at("a", t2).allowed);
+        assert!(!l.check_at("a", t2).allowed);
+    }
+
+    #[test]
+    fn token_bucket_allows_burst_then_refills() {
+        let l = limiter(RateAlgorithm::TokenBucket, 10, Some(3), 10);
+        let t = Instant::now();
+        for i in 0..3 {
+            assert!(l.check_at("a", t).allowed, "burst request {i}");
+        }
+        let d = l.check_at("a", t);
+        assert!(!d.allowed && d.retry_after_secs == 1, "{d:?}");
+        assert!(l.check_at("a", t + Duration::from_millis(150)).allowed, "refilled at 10/s");
+    }
+
+    #[test]
+    fn idle_keys_are_evicted() {
+        let l = limiter(RateAlgorithm::FixedWindow, 5, None, 100);
+        let t = Instant::now();
+        for i in 0..100 {
+            l.check_at(&format!("k{i}"), t);
+        }
+        l.check_at("late", t + Duration::from_secs(5));
+        assert!(l.len() <= 100, "bounded: {}", l.len());
+        assert_eq!(l.len(), 1, "idle keys dropped");
+    }
+}

@@ -1,0 +1,228 @@
+//! Route matching: host, path (exact / prefix / template), method and headers.
+//! Routes are sorted once by specificity so the first full match is the most specific.
+
+use crate::config::{PathMatch, RouteConfig};
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+pub struct Route {
+    pub cfg: RouteConfig,
+    host: Option<String>,
+    template: Option<matchit::Router<()>>,
+    methods: Vec<Method>,
+    headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+/// Result of looking a request up.
+pub enum RouteMatch {
+    Found {
+        route: Arc<Route>,
+        params: BTreeMap<String, String>,
+    },
+    /// Some route matches host/path/headers but not the method.
+    MethodNotAllowed { allowed: Vec<Method> },
+    NotFound,
+}
+
+pub struct Router {
+    routes: Vec<Arc<Route>>,
+}
+
+impl Route {
+    fn new(cfg: &RouteConfig) -> Route {
+        let template = (cfg.path_match == PathMatch::Template).then(|| {
+            let mut r = matchit::Router::new();
+            // Validation already rejected templates matchit cannot parse.
+            let _ = r.insert(cfg.path.as_str(), ());
+            r
+        });
+        Route {
+            host: cfg.host.as_ref().map(|h| h.to_ascii_lowercase()),
+            template,
+            methods: cfg.methods.iter().filter_map(|m| m.parse().ok()).collect(),
+            headers: cfg
+                .headers
+                .iter()
+                .filter_map(|(k, v)| Some((HeaderName::from_bytes(k.as_bytes()).ok()?, HeaderValue::from_str(v).ok()?)))
+                .collect(),
+            cfg: cfg.clone(),
+        }
+    }
+
+    /// Higher sorts first: host, then path kind and length, then header and method constraints.
+    fn specificity(&self) -> (u8, u8, usize, usize, u8) {
+        let host = match &self.host {
+            Some(h) if h.starts_with("*.") => 1,
+            Some(_) => 2,
+            None => 0,
+        };
+        let kind = match self.cfg.path_match {
+            PathMatch::Exact => 3,
+            PathMatch::Template => 2,
+            PathMatch::Prefix => 1,
+        };
+        // For templates, literal characters count: `/users/me` beats `/users/{id}`.
+        let literal_len = self.cfg.path.split('{').next().map_or(0, str::len);
+        (host, kind, literal_len, self.headers.len(), u8::from(!self.methods.is_empty()))
+    }
+
+    fn host_matches(&self, host: Option<&str>) -> bool {
+        let Some(want) = &self.host else { return true };
+        let Some(host) = host else { return false };
+        // Ports are not part of the route's host.
+        let host = host.rsplit_once(':').map_or(host, |(h, p)| if p.chars().all(|c| c.is_ascii_digit()) { h } else { host });
+        let host = host.to_ascii_lowercase();
+        match want.strip_prefix("*.") {
+            Some(suffix) => host.len() > suffix.len() + 1 && host.ends_with(suffix) && host.as_bytes()[host.len() - suffix.len() - 1] == b'.',
+            None => host == *want,
+        }
+    }
+
+    fn path_matches(&self, path: &str) -> Option<BTreeMap<String, String>> {
+        match self.cfg.path_match {
+            PathMatch::Exact => (path == self.cfg.path).then(BTreeMap::new),
+            PathMatch::Prefix => {
+                let prefix = self.cfg.path.trim_end_matches('/');
+                // Prefix `/api` matches `/api` and `/api/x` but not `/apix`.
+                let ok = prefix.is_empty() || path == prefix || path.strip_prefix(prefix).is_some_and(|rest| rest.starts_with('/'));
+                ok.then(BTreeMap::new)
+            }
+            PathMatch::Template => {
+                let m = self.template.as_ref()?.at(path).ok()?;
+                Some(m.params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
+            }
+        }
+    }
+
+    fn headers_match(&self, headers: &HeaderMap) -> bool {
+        self.headers.iter().all(|(k, v)| headers.get_all(k).iter().any(|h| h == v))
+    }
+
+    /// Path sent upstream after prefix stripping or rewriting.
+    pub fn upstream_path(&self, path: &str, params: &BTreeMap<String, String>) -> String {
+        if let Some(rw) = &self.cfg.rewrite {
+            return fill_template(rw, params);
+        }
+        if let Some(sp) = &self.cfg.strip_prefix {
+            let sp = sp.trim_end_matches('/');
+            if let Some(rest) = path.strip_prefix(sp) {
+                return if rest.is_empty() { "/".into() } else { rest.to_string() };
+            }
+        }
+        path.to_string()
+    }
+}
+
+/// Replace `{name}` (and `{*name}`) placeholders with their captured values.
+pub fn fill_template(template: &str, params: &BTreeMap<String, String>) -> String {
+    let mut out = template.to_string();
+    for (k, v) in params {
+        out = out.replace(&format!("{{{k}}}"), v).replace(&format!("{{*{k}}}"), v);
+    }
+    out
+}
+
+impl Router {
+    pub fn new(routes: &[RouteConfig]) -> Router {
+        let mut routes: Vec<Arc<Route>> = routes.iter().map(|r| Arc::new(Route::new(r))).collect();
+        // Stable sort keeps file order among equally specific routes.
+        routes.sort_by_key(|r| std::cmp::Reverse(r.specificity()));
+        Router { routes }
+    }
+
+    pub fn lookup(&self, host: Option<&str>, method: &Method, path: &str, headers: &HeaderMap) -> RouteMatch {
+        let mut allowed: Vec<Method> = Vec::new();
+        for route in &self.routes {
+            if !route.host_matches(host) || !route.headers_match(headers) {
+                continue;
+            }
+            let Some(params) = route.path_matches(path) else { continue };
+            if route.methods.is_empty() || route.methods.contains(method) {
+                return RouteMatch::Found { route: route.clone(), params };
+            }
+            allowed.extend(route.methods.iter().cloned());
+        }
+        if allowed.is_empty() {
+            RouteMatch::NotFound
+        } else {
+            allowed.dedup();
+            RouteMatch::MethodNotAllowed { allowed }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn router(toml: &str) -> Router {
+        let cfg = Config::parse(toml).unwrap_or_else(|e| panic!("test config invalid: {e}"));
+        Router::new(&cfg.routes)
+    }
+
+    fn name(m: RouteMatch) -> String {
+        match m {
+            RouteMatch::Found { route, .. } => route.cfg.name.clone(),
+            RouteMatch::MethodNotAllowed { .. } => "405".into(),
+            RouteMatch::NotFound => "404".into(),
+        }
+    }
+
+    const CFG: &str = r#"
+        [pools.p]
+        backends = [{ address = "127.0.0.1:1" }]
+        [[routes]]
+        name = "prefix"
+        path = "/api"
+        pool = "p"
+        [[routes]]
+        name = "template"
+        path = "/api/users/{id}"
+        path_match = "template"
+        methods = ["GET"]
+        pool = "p"
+        [[routes]]
+        name = "exact"
+        path = "/api/users/me"
+        path_match = "exact"
+        pool = "p"
+        [[routes]]
+        name = "v2"
+        path = "/api/users/{id}"
+        path_match = "template"
+        headers = { "x-version" = "2" }
+        pool = "p"
+        [[routes]]
+        name = "host"
+        host = "admin.example.com"
+        path = "/api"
+        pool = "p"
+    "#;
+
+    #[test]
+    fn most_specific_wins() {
+        let r = router(CFG);
+        let h = HeaderMap::new();
+        assert_eq!(name(r.lookup(None, &Method::GET, "/api/users/me", &h)), "exact");
+        assert_eq!(name(r.lookup(None, &Method::GET, "/api/users/7", &h)), "template");
+        assert_eq!(name(r.lookup(None, &Method::GET, "/api/other", &h)), "prefix");
+        assert_eq!(name(r.lookup(Some("admin.example.com:8080"), &Method::GET, "/api/users/7", &h)), "host");
+        assert_eq!(name(r.lookup(None, &Method::GET, "/apix", &h)), "404");
+        let mut v2 = HeaderMap::new();
+        v2.insert("x-version", HeaderValue::from_static("2"));
+        assert_eq!(name(r.lookup(None, &Method::GET, "/api/users/7", &v2)), "v2");
+    }
+
+    #[test]
+    fn template_params_and_rewrite() {
+        let r = router(CFG);
+        let RouteMatch::Found { route, params } = r.lookup(None, &Method::GET, "/api/users/42", &HeaderMap::new()) else {
+            panic!("expected a match");
+        };
+        assert_eq!(params.get("id").map(String::as_str), Some("42"));
+        assert_eq!(fill_template("/users/{id}/profile", &params), "/users/42/profile");
+        assert_eq!(route.upstream_path("/api/users/42", &params), "/api/users/42");
+    }
+}

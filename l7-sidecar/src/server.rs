@@ -1,0 +1,136 @@
+//! Listeners: accept loop with a connection cap, optional TLS, HTTP/1.1 and HTTP/2
+//! (auto-detected, ALPN under TLS), header-size / header-time limits and upgrades.
+
+use crate::gateway::{Gateway, GatewayError};
+use crate::pipeline::{json_error, ConnInfo, GatewayService};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+
+/// A started gateway: its bound addresses (by listener name) and accept tasks.
+pub struct RunningGateway {
+    pub gateway: Gateway,
+    pub addrs: Vec<(String, SocketAddr)>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl RunningGateway {
+    pub fn addr(&self, listener: &str) -> Option<SocketAddr> {
+        self.addrs.iter().find(|(n, _)| n == listener).map(|(_, a)| *a)
+    }
+
+    /// Stop accepting; connections already open finish on their own.
+    pub fn shutdown(&self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for RunningGateway {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Bind every listener and start serving. Binding `:0` picks an ephemeral port.
+pub async fn start(gateway: Gateway) -> Result<RunningGateway, GatewayError> {
+    let rt = gateway.runtime();
+    let limit = Arc::new(Semaphore::new(rt.cfg.server.max_connections));
+    let mut addrs = Vec::new();
+    let mut tasks = Vec::new();
+    for l in &rt.cfg.listeners {
+        let listener = TcpListener::bind(&l.bind).await.map_err(|source| GatewayError::Bind {
+            name: l.name.clone(),
+            addr: l.bind.clone(),
+            source,
+        })?;
+        let addr = listener.local_addr().map_err(|source| GatewayError::Bind { name: l.name.clone(), addr: l.bind.clone(), source })?;
+        let tls = match &l.tls {
+            Some(t) => Some(TlsAcceptor::from(crate::tls::server_config(t)?)),
+            None => None,
+        };
+        tracing::info!(listener = %l.name, %addr, tls = tls.is_some(), "listening");
+        addrs.push((l.name.clone(), addr));
+        tasks.push(tokio::spawn(accept_loop(gateway.clone(), listener, tls, l.metrics, limit.clone())));
+    }
+    Ok(RunningGateway { gateway, addrs, tasks })
+}
+
+async fn accept_loop(gw: Gateway, listener: TcpListener, tls: Option<TlsAcceptor>, metrics: bool, limit: Arc<Semaphore>) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // Usually EMFILE: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "connection limit reached; closing");
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let gw = gw.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let cfg = gw.runtime().cfg.server.clone();
+            let header_timeout = Duration::from_millis(cfg.header_read_timeout_ms);
+            let info = ConnInfo { peer, tls: tls.is_some(), serve_metrics: metrics };
+            match tls {
+                None => serve(gw, stream, info, &cfg).await,
+                Some(acceptor) => match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(s)) => serve(gw, s, info, &cfg).await,
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "tls handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "tls handshake timed out"),
+                },
+            }
+        });
+    }
+}
+
+async fn serve<S>(gw: Gateway, stream: S, info: ConnInfo, cfg: &crate::config::ServerConfig)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = tower::ServiceBuilder::new()
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(PanicResponder))
+        .service(GatewayService { shared: gw.shared.clone(), conn: info });
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_millis(cfg.header_read_timeout_ms))
+        .max_buf_size(cfg.max_header_bytes.max(8192))
+        .max_headers(cfg.max_headers);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(256);
+    if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(svc)).await {
+        tracing::debug!(peer = %info.peer, error = %e, "connection ended with error");
+    }
+}
+
+/// A bug in one request must not take the connection (or the process) down.
+#[derive(Clone, Copy)]
+struct PanicResponder;
+
+impl tower_http::catch_panic::ResponseForPanic for PanicResponder {
+    type ResponseBody = crate::proxy::Body;
+
+    fn response_for_panic(&mut self, _err: Box<dyn std::any::Any + Send + 'static>) -> http::Response<crate::proxy::Body> {
+        json_error(http::StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error", "")
+    }
+}

@@ -1,0 +1,181 @@
+//! Request/response transformation: request ids, forwarding and identity headers,
+//! configured header edits and stripping internal fields from JSON bodies.
+
+use crate::auth::Identity;
+use crate::config::TransformConfig;
+use http::{HeaderMap, HeaderName, HeaderValue};
+use std::net::IpAddr;
+
+pub const X_REQUEST_ID: &str = "x-request-id";
+pub const X_USER_ID: &str = "x-user-id";
+pub const X_USER_ROLE: &str = "x-user-role";
+
+/// A client-sent id is kept only if it is short and plain, so it is safe to log.
+pub fn valid_request_id(v: &str) -> bool {
+    !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+}
+
+pub fn new_request_id() -> String {
+    let hi = fastrand::u64(..);
+    let lo = fastrand::u64(..);
+    // UUIDv4 layout: version and variant bits set.
+    let hi = (hi & 0xffff_ffff_ffff_0fff) | 0x4000;
+    let lo = (lo & 0x3fff_ffff_ffff_ffff) | 0x8000_0000_0000_0000;
+    format!(
+        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+        hi >> 32,
+        (hi >> 16) & 0xffff,
+        hi & 0xffff,
+        lo >> 48,
+        lo & 0xffff_ffff_ffff
+    )
+}
+
+/// Returns the request id to use, setting it on the request headers.
+pub fn ensure_request_id(headers: &mut HeaderMap) -> String {
+    let existing = headers.get(X_REQUEST_ID).and_then(|v| v.to_str().ok()).filter(|v| valid_request_id(v)).map(String::from);
+    let id = existing.unwrap_or_else(new_request_id);
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        headers.insert(X_REQUEST_ID, v);
+    }
+    id
+}
+
+/// Identity headers come only from the gateway: whatever the client sent is dropped.
+pub fn set_identity_headers(headers: &mut HeaderMap, id: Option<&Identity>) {
+    headers.remove(X_USER_ID);
+    headers.remove(X_USER_ROLE);
+    if let Some(id) = id {
+        if let Ok(v) = HeaderValue::from_str(&id.user_id) {
+            headers.insert(X_USER_ID, v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&id.roles.join(",")) {
+            if !id.roles.is_empty() {
+                headers.insert(X_USER_ROLE, v);
+            }
+        }
+    }
+}
+
+pub fn set_forwarded_headers(headers: &mut HeaderMap, client: IpAddr, proto: &str, host: Option<&str>) {
+    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {client}"),
+        _ => client.to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert("x-forwarded-for", v);
+    }
+    headers.insert("x-forwarded-proto", HeaderValue::from_static(if proto == "https" { "https" } else { "http" }));
+    if let Some(h) = host.and_then(|h| HeaderValue::from_str(h).ok()) {
+        headers.insert("x-forwarded-host", h);
+    }
+}
+
+fn edit(headers: &mut HeaderMap, remove: &[String], add: &std::collections::BTreeMap<String, String>) {
+    for name in remove {
+        if let Ok(n) = HeaderName::from_bytes(name.as_bytes()) {
+            headers.remove(n);
+        }
+    }
+    for (k, v) in add {
+        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(v)) {
+            headers.insert(n, v);
+        }
+    }
+}
+
+pub fn apply_request(t: &TransformConfig, headers: &mut HeaderMap) {
+    edit(headers, &t.request_headers_remove, &t.request_headers_add);
+}
+
+pub fn apply_response(t: &TransformConfig, headers: &mut HeaderMap) {
+    edit(headers, &t.response_headers_remove, &t.response_headers_add);
+}
+
+/// Remove the named fields at any depth; returns None if the body is not JSON.
+pub fn strip_json_fields(body: &[u8], fields: &[String]) -> Option<Vec<u8>> {
+    let mut v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    strip_value(&mut v, fields, 0);
+    serde_json::to_vec(&v).ok()
+}
+
+fn strip_value(v: &mut serde_json::Value, fields: &[String], depth: usize) {
+    // serde_json's parser already caps nesting at 128, this keeps us within it.
+    if depth > 256 {
+        return;
+    }
+    match v {
+        serde_json::Value::Object(map) => {
+            map.retain(|k, _| !fields.contains(k));
+            for child in map.values_mut() {
+                strip_value(child, fields, depth + 1);
+            }
+        }
+        serde_json::Value::Array(items) => {
+            for child in items {
+                strip_value(child, fields, depth + 1);
+            }
+        }
+        _ => {}
+    }
+}
+
+pub fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/json") || ct.contains("+json"))
+}
+
+pub fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers.get_all(http::header::COOKIE).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(';')).find_map(|kv| {
+        let (k, v) = kv.trim().split_once('=')?;
+        (k == name).then(|| v.to_string())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_id_kept_or_generated() {
+        let mut h = HeaderMap::new();
+        h.insert(X_REQUEST_ID, HeaderValue::from_static("abc-123"));
+        assert_eq!(ensure_request_id(&mut h), "abc-123");
+        h.insert(X_REQUEST_ID, HeaderValue::from_static("bad id with spaces"));
+        let id = ensure_request_id(&mut h);
+        assert_ne!(id, "bad id with spaces");
+        assert_eq!(id.len(), 36, "uuid-like: {id}");
+    }
+
+    #[test]
+    fn strips_nested_fields() {
+        let body = br#"{"id":1,"internal_id":9,"items":[{"password_hash":"x","n":2}]}"#;
+        let out = strip_json_fields(body, &["internal_id".into(), "password_hash".into()]).expect("json");
+        assert_eq!(String::from_utf8_lossy(&out), r#"{"id":1,"items":[{"n":2}]}"#);
+        assert!(strip_json_fields(b"not json", &[]).is_none());
+    }
+
+    #[test]
+    fn spoofed_identity_is_replaced() {
+        let mut h = HeaderMap::new();
+        h.insert(X_USER_ID, HeaderValue::from_static("admin"));
+        set_identity_headers(&mut h, None);
+        assert!(h.get(X_USER_ID).is_none());
+        let id = Identity { user_id: "u7".into(), roles: vec!["a".into(), "b".into()], api_key: None };
+        set_identity_headers(&mut h, Some(&id));
+        assert_eq!(h.get(X_USER_ID).map(|v| v.as_bytes()), Some(&b"u7"[..]));
+        assert_eq!(h.get(X_USER_ROLE).map(|v| v.as_bytes()), Some(&b"a,b"[..]));
+    }
+
+    #[test]
+    fn forwarded_for_appends() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        set_forwarded_headers(&mut h, "127.0.0.1".parse().expect("ip"), "https", Some("api.example.com"));
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "api.example.com");
+    }
+}

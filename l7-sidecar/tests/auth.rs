@@ -1,0 +1,226 @@
+//! Authentication through the gateway: JWT (HS256, RS256, ES256 via JWKS), API keys,
+//! roles, identity headers and the rejection paths.
+mod common;
+use base64::Engine as _;
+use common::*;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+const RSA_PRIVATE: &str = include_str!("fixtures/rsa_private.pem");
+const RSA_PUBLIC: &str = include_str!("fixtures/rsa_public.pem");
+
+fn claims(sub: &str, roles: &[&str]) -> serde_json::Value {
+    serde_json::json!({"sub": sub, "roles": roles, "iss": "test-issuer", "aud": "api", "exp": now() + 300})
+}
+
+fn cfg(up: &std::sync::Arc<Upstream>, jwt_extra: &str) -> String {
+    format!(
+        r#"{}{}
+        [auth.jwt]
+        issuer = "test-issuer"
+        audience = "api"
+        role_claim = "roles"
+        {jwt_extra}
+        [[auth.api_keys]]
+        name = "partner"
+        sha256 = "{}"
+        user_id = "partner-1"
+        roles = ["partner"]
+        [[routes]]
+        name = "jwt"
+        path = "/jwt"
+        pool = "p"
+        auth = "jwt"
+        [[routes]]
+        name = "admin"
+        path = "/admin"
+        pool = "p"
+        auth = "jwt"
+        roles = ["admin"]
+        [[routes]]
+        name = "key"
+        path = "/key"
+        pool = "p"
+        auth = "api-key"
+        [[routes]]
+        name = "either"
+        path = "/either"
+        pool = "p"
+        auth = "either"
+        [[routes]]
+        name = "open"
+        path = "/open"
+        pool = "p"
+        "#,
+        listener("public"),
+        pool("p", &[up], ""),
+        l7_sidecar::auth::hash_api_key("secret-key-1")
+    )
+}
+
+fn hs_keys() -> String {
+    format!(
+        "[[auth.jwt.keys]]\nalgorithm = \"HS256\"\nsecret = \"hs-secret\"\n[[auth.jwt.keys]]\nkid = \"rsa1\"\nalgorithm = \"RS256\"\npublic_key_pem = '''{RSA_PUBLIC}'''\n"
+    )
+}
+
+#[tokio::test]
+async fn jwt_hs256_and_rs256_accepted_failures_rejected() {
+    let up = upstream("p").await;
+    let gw = start_gateway(&cfg(&up, &hs_keys())).await;
+    let c = client();
+    let b = base(&gw);
+    let tok = hs256("hs-secret", claims("alice", &["user"]));
+    let r = get(&c, &format!("{b}/jwt"), &[("Authorization", &format!("Bearer {tok}")), ("X-User-Id", "mallory"), ("X-User-Role", "admin")]).await;
+    assert_eq!(r.status, 200);
+    let seen = up.last();
+    assert_eq!(seen.headers["x-user-id"], "alice", "identity from the token, spoof dropped");
+    assert_eq!(seen.headers["x-user-role"], "user");
+
+    let mut h = Header::new(Algorithm::RS256);
+    h.kid = Some("rsa1".into());
+    let rs = jsonwebtoken::encode(&h, &claims("bob", &[]), &EncodingKey::from_rsa_pem(RSA_PRIVATE.as_bytes()).expect("rsa key")).expect("rs256");
+    let r = get(&c, &format!("{b}/jwt"), &[("Authorization", &format!("Bearer {rs}"))]).await;
+    assert_eq!(r.status, 200, "RS256 accepted: {:?}", String::from_utf8_lossy(&r.body));
+    assert_eq!(up.last().headers["x-user-id"], "bob");
+
+    let r = get(&c, &format!("{b}/jwt"), &[]).await;
+    assert_eq!(r.status, 401);
+    assert!(r.header("www-authenticate").is_some_and(|v| v.starts_with("Bearer")), "challenge sent");
+    let mut expired = claims("alice", &[]);
+    expired["exp"] = (now() - 3600).into();
+    let mut wrong_aud = claims("alice", &[]);
+    wrong_aud["aud"] = "other".into();
+    let mut future = claims("alice", &[]);
+    future["nbf"] = (now() + 3600).into();
+    for (what, t) in [
+        ("expired", hs256("hs-secret", expired)),
+        ("wrong audience", hs256("hs-secret", wrong_aud)),
+        ("not yet valid", hs256("hs-secret", future)),
+        ("bad signature", hs256("other", claims("alice", &[]))),
+        ("garbage", "abc.def.ghi".to_string()),
+    ] {
+        let r = get(&c, &format!("{b}/jwt"), &[("Authorization", &format!("Bearer {t}"))]).await;
+        assert_eq!(r.status, 401, "{what}");
+        assert!(r.header("www-authenticate").is_some_and(|v| v.contains("invalid_token")), "{what}");
+    }
+    let admin = hs256("hs-secret", claims("alice", &["user"]));
+    assert_eq!(get(&c, &format!("{b}/admin"), &[("Authorization", &format!("Bearer {admin}"))]).await.status, 403);
+    let admin = hs256("hs-secret", claims("root", &["admin"]));
+    assert_eq!(get(&c, &format!("{b}/admin"), &[("Authorization", &format!("Bearer {admin}"))]).await.status, 200);
+
+    let metrics = String::from_utf8_lossy(&get(&c, &format!("{b}/metrics"), &[]).await.body).to_string();
+    assert!(metrics.contains("gateway_auth_failures_total"), "auth failures exported");
+}
+
+#[tokio::test]
+async fn alg_none_and_algorithm_confusion_are_rejected() {
+    let up = upstream("p").await;
+    let gw = start_gateway(&cfg(&up, &hs_keys())).await;
+    let c = client();
+    let b = base(&gw);
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let none = format!("{}.{}.", b64.encode(r#"{"alg":"none","typ":"JWT"}"#), b64.encode(claims("alice", &[]).to_string()));
+    // HS256 "signed" with the RSA public key, the classic confusion attack.
+    let mut h = Header::new(Algorithm::HS256);
+    h.kid = Some("rsa1".into());
+    let confused = jsonwebtoken::encode(&h, &claims("alice", &[]), &EncodingKey::from_secret(RSA_PUBLIC.as_bytes())).expect("hs");
+    for (what, t) in [("alg none", none), ("confusion", confused)] {
+        let r = get(&c, &format!("{b}/jwt"), &[("Authorization", &format!("Bearer {t}"))]).await;
+        assert_eq!(r.status, 401, "{what}");
+    }
+    assert_eq!(up.hits(), 0, "nothing reached the upstream");
+}
+
+#[tokio::test]
+async fn api_keys_and_either_mode() {
+    let up = upstream("p").await;
+    let gw = start_gateway(&cfg(&up, &hs_keys())).await;
+    let c = client();
+    let b = base(&gw);
+    let r = get(&c, &format!("{b}/key"), &[("X-API-Key", "secret-key-1")]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(up.last().headers["x-user-id"], "partner-1");
+    let r = get(&c, &format!("{b}/key"), &[("X-API-Key", "wrong")]).await;
+    assert_eq!(r.status, 401);
+    assert!(r.header("www-authenticate").is_some_and(|v| v.starts_with("ApiKey")));
+    assert_eq!(get(&c, &format!("{b}/key"), &[]).await.status, 401);
+    assert_eq!(get(&c, &format!("{b}/either"), &[("X-API-Key", "secret-key-1")]).await.status, 200);
+    let tok = hs256("hs-secret", claims("alice", &[]));
+    assert_eq!(get(&c, &format!("{b}/either"), &[("Authorization", &format!("Bearer {tok}"))]).await.status, 200);
+    assert_eq!(get(&c, &format!("{b}/either"), &[]).await.status, 401);
+    // Open routes still never forward client-supplied identity.
+    assert_eq!(get(&c, &format!("{b}/open"), &[("X-User-Id", "admin")]).await.status, 200);
+    assert!(up.last().headers.get("x-user-id").is_none(), "spoofed X-User-Id stripped");
+}
+
+fn es256_key() -> (EncodingKey, serde_json::Value) {
+    let kp = rcgen::KeyPair::generate().expect("p256 key");
+    let raw = kp.public_key_raw();
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let jwk = serde_json::json!({"kty": "EC", "crv": "P-256", "x": b64.encode(&raw[1..33]), "y": b64.encode(&raw[33..65]), "alg": "ES256", "use": "sig"});
+    (EncodingKey::from_ec_der(&kp.serialize_der()), jwk)
+}
+
+fn es_token(key: &EncodingKey, kid: &str, sub: &str) -> String {
+    let mut h = Header::new(Algorithm::ES256);
+    h.kid = Some(kid.into());
+    jsonwebtoken::encode(&h, &claims(sub, &[]), key).expect("es256")
+}
+
+fn jwks(keys: &[(&str, &serde_json::Value)]) -> String {
+    let keys: Vec<_> = keys
+        .iter()
+        .map(|(kid, jwk)| {
+            let mut j = (*jwk).clone();
+            j["kid"] = (*kid).into();
+            j
+        })
+        .collect();
+    serde_json::json!({ "keys": keys }).to_string()
+}
+
+#[tokio::test]
+async fn jwks_keys_fetched_rotated_and_kept_on_failure() {
+    let up = upstream("p").await;
+    let idp = upstream("idp").await;
+    let (k1, j1) = es256_key();
+    let (k2, j2) = es256_key();
+    *idp.jwks.lock().expect("jwks") = jwks(&[("k1", &j1)]);
+    let extra = format!("jwks_url = \"http://{}/jwks.json\"\njwks_refresh_secs = 3600\njwks_min_refetch_secs = 1\n", idp.addr);
+    let gw = start_gateway(&cfg(&up, &extra)).await;
+    let c = client();
+    let url = format!("{}/jwt", base(&gw));
+    eventually(Duration::from_secs(5), "initial JWKS fetch", || idp.jwks_fetches.load(Ordering::SeqCst) >= 1).await;
+    let mut ok = false;
+    for _ in 0..50 {
+        if get(&c, &url, &[("Authorization", &format!("Bearer {}", es_token(&k1, "k1", "carol")))]).await.status == 200 {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(ok, "ES256 token with JWKS key k1 accepted");
+    assert_eq!(up.last().headers["x-user-id"], "carol");
+
+    // Rotation: an unknown kid triggers a (rate-limited) refetch.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    *idp.jwks.lock().expect("jwks") = jwks(&[("k1", &j1), ("k2", &j2)]);
+    let r = get(&c, &url, &[("Authorization", &format!("Bearer {}", es_token(&k2, "k2", "dave")))]).await;
+    assert_eq!(r.status, 200, "new kid fetched on demand");
+    let fetches = idp.jwks_fetches.load(Ordering::SeqCst);
+    for _ in 0..5 {
+        let r = get(&c, &url, &[("Authorization", &format!("Bearer {}", es_token(&k2, "unknown", "eve")))]).await;
+        assert_eq!(r.status, 401);
+    }
+    assert!(idp.jwks_fetches.load(Ordering::SeqCst) <= fetches + 1, "unknown-kid refetches are rate limited");
+
+    // A broken JWKS response keeps the last good keys.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    *idp.jwks.lock().expect("jwks") = "not json".into();
+    let r = get(&c, &url, &[("Authorization", &format!("Bearer {}", es_token(&k2, "nope", "eve")))]).await;
+    assert_eq!(r.status, 401);
+    let r = get(&c, &url, &[("Authorization", &format!("Bearer {}", es_token(&k1, "k1", "carol")))]).await;
+    assert_eq!(r.status, 200, "last good keys kept");
+}
