@@ -178,7 +178,8 @@ impl Drop for Dataplane {
     }
 }
 
-fn ifindex(iface: &str) -> Result<u32, DataplaneError> {
+/// The index of a network interface in this network namespace.
+pub fn ifindex(iface: &str) -> Result<u32, DataplaneError> {
     let name = std::ffi::CString::new(iface)
         .map_err(|_| DataplaneError::Interface { iface: iface.to_string(), message: "contains a NUL byte".into() })?;
     // SAFETY: `name` is a valid NUL-terminated string for the duration of the call.

@@ -19,6 +19,10 @@ pub fn run(config_path: &Path, ifaces: &[String]) -> Result<()> {
     let config = Config::load(config_path)?;
     warn_if_forwarding_disabled();
 
+    // Every --iface must exist before anything is loaded or attached.
+    for iface in ifaces {
+        dataplane::ifindex(iface)?;
+    }
     let mut dataplane = Dataplane::load(&config.dataplane)?;
     let mut tables = Tables::new(config.dataplane.maglev_cells, dataplane::MAX_SERVICES, dataplane::MAX_BACKENDS);
     tables.apply(&config, &mut dataplane).context("programming the services")?;

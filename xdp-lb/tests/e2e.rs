@@ -112,11 +112,18 @@ fn balances(mode: Mode, family: Family) {
     }
     drop(conn);
 
-    // The backends saw the real client (no source NAT) and served exactly what the client received.
+    // The backends saw the real client (no source NAT), addressed to their own address (NAT) or to the
+    // VIP (DSR), and served exactly what the client received.
     let client_addr = topo.client_addr(family);
     for s in &servers {
         let peers = s.http.peers();
         assert!(peers.iter().all(|p| *p == client_addr), "backend-{} saw clients {peers:?}, expected only {client_addr}", s.index);
+        let expected = match mode {
+            Mode::Nat => topo.backend_addr(family, s.index),
+            Mode::Dsr => topo.vip(family),
+        };
+        let locals = s.http.locals();
+        assert!(locals.iter().all(|l| *l == expected), "{mode:?}: backend-{} was addressed as {locals:?}, expected {expected}", s.index);
     }
     let sent = (NEW_CONNECTIONS + ROUND_TRIPS + 2 * PROBES) as u64;
     let served = settled(|| servers.iter().map(|s| s.http.served()).sum(), sent);
