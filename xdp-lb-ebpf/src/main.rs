@@ -11,6 +11,7 @@ mod maps;
 mod parse;
 mod rewrite;
 mod schedule;
+mod wire;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use xdp_lb_common::{

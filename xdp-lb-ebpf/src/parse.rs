@@ -10,6 +10,7 @@ use network_types::{
     udp::UdpHdr,
     vlan::VlanHdr,
 };
+use crate::wire;
 use xdp_lb_common::{
     addr::{self, Addr},
     maps::{FlowKey, PROTO_TCP, PROTO_UDP},
@@ -76,9 +77,16 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Reason> {
 #[inline(always)]
 fn parse_ipv4(ctx: &XdpContext, l3_offset: usize, vlan: bool, len: u64) -> Result<Packet, Reason> {
     let ip: *const Ipv4Hdr = ptr_at(ctx, l3_offset).ok_or(reasons::DROP_BAD_IP_HEADER)?;
-    // SAFETY: bounds checked by ptr_at; all fields are byte arrays (no alignment needed).
+    // SAFETY: bounds checked by ptr_at; the header is 2-byte aligned (see wire.rs).
     let (vihl, frags, proto, tot_len, src, dst) = unsafe {
-        ((*ip).vihl, (*ip).frags, (*ip).proto, (*ip).tot_len, (*ip).src_addr, (*ip).dst_addr)
+        (
+            (*ip).vihl,
+            wire::load16((*ip).frags.as_ptr()),
+            (*ip).proto,
+            wire::load16((*ip).tot_len.as_ptr()),
+            wire::load32((*ip).src_addr.as_ptr()),
+            wire::load32((*ip).dst_addr.as_ptr()),
+        )
     };
     let header_len = ((vihl & 0x0f) as usize) * 4;
     if vihl >> 4 != 4 || header_len < Ipv4Hdr::LEN {
@@ -86,29 +94,36 @@ fn parse_ipv4(ctx: &XdpContext, l3_offset: usize, vlan: bool, len: u64) -> Resul
     }
     // Options must lie inside the frame too: check one byte at the header's end.
     ptr_at::<u8>(ctx, l3_offset + header_len - 1).ok_or(reasons::DROP_BAD_IP_HEADER)?;
-    if u16::from_ne_bytes(frags) & IPV4_FRAGMENT_MASK != 0 {
+    if frags & IPV4_FRAGMENT_MASK != 0 {
         return Err(reasons::PASS_FRAGMENT);
     }
     let l4_offset = l3_offset + header_len;
     let (sport, dport) = ports(ctx, proto, l4_offset)?;
     Ok(Packet {
-        flow: flow_key(addr::from_v4_word(u32::from_ne_bytes(src)), addr::from_v4_word(u32::from_ne_bytes(dst)), sport, dport, proto),
+        flow: flow_key(addr::from_v4_word(src), addr::from_v4_word(dst), sport, dport, proto),
         l3_offset,
         l4_offset,
         ipv6: false,
         vlan,
         len,
-        ip_len: u16::from_be_bytes(tot_len),
+        ip_len: u16::from_be(tot_len),
     })
 }
 
 #[inline(always)]
 fn parse_ipv6(ctx: &XdpContext, l3_offset: usize, vlan: bool, len: u64) -> Result<Packet, Reason> {
     let ip: *const Ipv6Hdr = ptr_at(ctx, l3_offset).ok_or(reasons::DROP_BAD_IP_HEADER)?;
-    // SAFETY: bounds checked by ptr_at; all fields are byte arrays.
-    let (vcf, next_hdr, payload_len, src, dst) =
-        unsafe { ((*ip).vcf, (*ip).next_hdr, (*ip).payload_len, (*ip).src_addr, (*ip).dst_addr) };
-    if vcf[0] >> 4 != 6 {
+    // SAFETY: bounds checked by ptr_at; the header is 2-byte aligned (see wire.rs).
+    let (version, next_hdr, payload_len, src, dst) = unsafe {
+        (
+            (*ip).vcf[0] >> 4,
+            (*ip).next_hdr,
+            wire::load16((*ip).payload_len.as_ptr()),
+            wire::load_addr((*ip).src_addr.as_ptr()),
+            wire::load_addr((*ip).dst_addr.as_ptr()),
+        )
+    };
+    if version != 6 {
         return Err(reasons::DROP_BAD_IP_HEADER);
     }
     if next_hdr != PROTO_TCP && next_hdr != PROTO_UDP {
@@ -117,13 +132,13 @@ fn parse_ipv6(ctx: &XdpContext, l3_offset: usize, vlan: bool, len: u64) -> Resul
     let l4_offset = l3_offset + Ipv6Hdr::LEN;
     let (sport, dport) = ports(ctx, next_hdr, l4_offset)?;
     Ok(Packet {
-        flow: flow_key(addr::from_bytes(src), addr::from_bytes(dst), sport, dport, next_hdr),
+        flow: flow_key(src, dst, sport, dport, next_hdr),
         l3_offset,
         l4_offset,
         ipv6: true,
         vlan,
         len,
-        ip_len: u16::from_be_bytes(payload_len).saturating_add(Ipv6Hdr::LEN as u16),
+        ip_len: u16::from_be(payload_len).saturating_add(Ipv6Hdr::LEN as u16),
     })
 }
 
@@ -132,14 +147,12 @@ fn parse_ipv6(ctx: &XdpContext, l3_offset: usize, vlan: bool, len: u64) -> Resul
 fn ports(ctx: &XdpContext, proto: u8, l4_offset: usize) -> Result<(u16, u16), Reason> {
     if proto == PROTO_TCP {
         let tcp: *const TcpHdr = ptr_at(ctx, l4_offset).ok_or(reasons::DROP_TRUNCATED_L4)?;
-        // SAFETY: bounds checked by ptr_at.
-        let (s, d) = unsafe { ((*tcp).source, (*tcp).dest) };
-        Ok((u16::from_ne_bytes(s), u16::from_ne_bytes(d)))
+        // SAFETY: bounds checked by ptr_at; 2-byte aligned.
+        Ok(unsafe { (wire::load16((*tcp).source.as_ptr()), wire::load16((*tcp).dest.as_ptr())) })
     } else if proto == PROTO_UDP {
         let udp: *const UdpHdr = ptr_at(ctx, l4_offset).ok_or(reasons::DROP_TRUNCATED_L4)?;
-        // SAFETY: bounds checked by ptr_at.
-        let (s, d) = unsafe { ((*udp).src, (*udp).dst) };
-        Ok((u16::from_ne_bytes(s), u16::from_ne_bytes(d)))
+        // SAFETY: bounds checked by ptr_at; 2-byte aligned.
+        Ok(unsafe { (wire::load16((*udp).src.as_ptr()), wire::load16((*udp).dst.as_ptr())) })
     } else {
         Err(reasons::PASS_NOT_TCP_UDP)
     }

@@ -10,7 +10,10 @@ use xdp_lb_common::{
     reasons::{self, Reason},
 };
 
-use crate::parse::{ptr_at, Packet};
+use crate::{
+    parse::{ptr_at, Packet},
+    wire,
+};
 
 /// Which end of the flow is rewritten.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -39,24 +42,22 @@ fn translate(ctx: &XdpContext, packet: &Packet, end: End, new_addr: &Addr, new_p
     // The family always matches: the control plane refuses mixed-family services.
     if packet.ipv6 {
         let ip: *mut Ipv6Hdr = ptr_at(ctx, packet.l3_offset).ok_or(reasons::DROP_BAD_IP_HEADER)?;
-        let bytes = xdp_lb_common::addr::to_bytes(new_addr);
-        // SAFETY: bounds checked by ptr_at.
+        // SAFETY: bounds checked by ptr_at; 2-byte aligned (see wire.rs).
         unsafe {
             match end {
-                End::Source => (*ip).src_addr = bytes,
-                End::Destination => (*ip).dst_addr = bytes,
+                End::Source => wire::store_addr((*ip).src_addr.as_mut_ptr(), new_addr),
+                End::Destination => wire::store_addr((*ip).dst_addr.as_mut_ptr(), new_addr),
             }
         }
     } else {
         let ip: *mut Ipv4Hdr = ptr_at(ctx, packet.l3_offset).ok_or(reasons::DROP_BAD_IP_HEADER)?;
-        let new_v4 = new_addr[3].to_ne_bytes();
-        // SAFETY: bounds checked by ptr_at.
+        // SAFETY: bounds checked by ptr_at; 2-byte aligned (see wire.rs).
         unsafe {
-            let check = u16::from_ne_bytes((*ip).check);
-            (*ip).check = checksum::update_u32(check, old_addr[3], new_addr[3]).to_ne_bytes();
+            let check = (*ip).check.as_mut_ptr();
+            wire::store16(check, checksum::update_u32(wire::load16(check), old_addr[3], new_addr[3]));
             match end {
-                End::Source => (*ip).src_addr = new_v4,
-                End::Destination => (*ip).dst_addr = new_v4,
+                End::Source => wire::store32((*ip).src_addr.as_mut_ptr(), new_addr[3]),
+                End::Destination => wire::store32((*ip).dst_addr.as_mut_ptr(), new_addr[3]),
             }
         }
     }
@@ -67,23 +68,25 @@ fn translate(ctx: &XdpContext, packet: &Packet, end: End, new_addr: &Addr, new_p
     };
     if flow.proto == PROTO_TCP {
         let tcp: *mut TcpHdr = ptr_at(ctx, packet.l4_offset).ok_or(reasons::DROP_TRUNCATED_L4)?;
-        // SAFETY: bounds checked by ptr_at.
+        // SAFETY: bounds checked by ptr_at; 2-byte aligned.
         unsafe {
-            (*tcp).check = update(u16::from_ne_bytes((*tcp).check)).to_ne_bytes();
+            let check = (*tcp).check.as_mut_ptr();
+            wire::store16(check, update(wire::load16(check)));
             match end {
-                End::Source => (*tcp).source = new_port.to_ne_bytes(),
-                End::Destination => (*tcp).dest = new_port.to_ne_bytes(),
+                End::Source => wire::store16((*tcp).source.as_mut_ptr(), new_port),
+                End::Destination => wire::store16((*tcp).dest.as_mut_ptr(), new_port),
             }
         }
     } else {
         let udp: *mut UdpHdr = ptr_at(ctx, packet.l4_offset).ok_or(reasons::DROP_TRUNCATED_L4)?;
-        // SAFETY: bounds checked by ptr_at.
+        // SAFETY: bounds checked by ptr_at; 2-byte aligned.
         unsafe {
-            let original = u16::from_ne_bytes((*udp).check);
-            (*udp).check = checksum::udp_finish(original, update(original)).to_ne_bytes();
+            let check = (*udp).check.as_mut_ptr();
+            let original = wire::load16(check);
+            wire::store16(check, checksum::udp_finish(original, update(original)));
             match end {
-                End::Source => (*udp).src = new_port.to_ne_bytes(),
-                End::Destination => (*udp).dst = new_port.to_ne_bytes(),
+                End::Source => wire::store16((*udp).src.as_mut_ptr(), new_port),
+                End::Destination => wire::store16((*udp).dst.as_mut_ptr(), new_port),
             }
         }
     }
