@@ -173,6 +173,7 @@ impl Daemon {
                 return Ok(());
             }
             self.check_running()?;
+            crate::interrupt::check()?;
             std::thread::sleep(POLL);
         }
         bail!("no `{fragment}` within {timeout:?}\n--- stderr ---\n{}", self.log())
@@ -214,10 +215,7 @@ impl Drop for Daemon {
 }
 
 fn cmd_line(cmd: &std::process::Command) -> Vec<String> {
-    std::iter::once(cmd.get_program())
-        .chain(cmd.get_args())
-        .map(|a| a.to_string_lossy().into_owned())
-        .collect()
+    std::iter::once(cmd.get_program()).chain(cmd.get_args()).map(|a| a.to_string_lossy().into_owned()).collect()
 }
 
 /// Removes terminal escape sequences (`ESC [ ... letter`), in case the daemon colours its logs anyway.

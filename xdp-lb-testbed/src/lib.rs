@@ -8,6 +8,7 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod icmp;
+pub mod interrupt;
 pub mod netns;
 pub mod servers;
 pub mod stats;

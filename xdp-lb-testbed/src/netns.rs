@@ -179,7 +179,9 @@ fn kill_all_in(name: &str) {
             Ok(out) => out,
             Err(_) => return,
         };
-        let pids: Vec<i32> = pids.split_whitespace().filter_map(|p| p.parse().ok()).collect();
+        // Never ourselves: a thread of ours inside the namespace is not a process to kill.
+        let me = std::process::id() as i32;
+        let pids: Vec<i32> = pids.split_whitespace().filter_map(|p| p.parse().ok()).filter(|p| *p != me).collect();
         if pids.is_empty() || Instant::now() > deadline {
             return;
         }

@@ -31,6 +31,7 @@ pub struct HttpServer {
     stop: Arc<AtomicBool>,
     served: Arc<AtomicU64>,
     peers: Arc<Mutex<BTreeSet<IpAddr>>>,
+    locals: Arc<Mutex<BTreeSet<IpAddr>>>,
     accept: Option<JoinHandle<()>>,
     addr: SocketAddr,
 }
@@ -38,25 +39,32 @@ pub struct HttpServer {
 impl HttpServer {
     /// Listens on `addr` inside `ns`; `[::]:port` serves both families.
     pub fn start(ns: &Netns, addr: SocketAddr, body: &str) -> anyhow::Result<HttpServer> {
-        let listener = ns
-            .run(|| TcpListener::bind(addr))
-            .with_context(|| format!("binding HTTP {addr} in {}", ns.name()))?;
+        let listener =
+            ns.run(|| TcpListener::bind(addr)).with_context(|| format!("binding HTTP {addr} in {}", ns.name()))?;
         listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
         let served = Arc::new(AtomicU64::new(0));
         let peers = Arc::new(Mutex::new(BTreeSet::new()));
-        let (s, c, p, b) = (stop.clone(), served.clone(), peers.clone(), body.to_string());
+        let locals = Arc::new(Mutex::new(BTreeSet::new()));
+        let seen = Seen { peers: peers.clone(), locals: locals.clone() };
+        let (s, c, b) = (stop.clone(), served.clone(), body.to_string());
         // The listener already lives in the namespace; the thread only needs to be a thread.
         let accept = std::thread::Builder::new()
             .name(format!("http-{body}"))
-            .spawn(move || accept_loop(listener, s, c, p, b))?;
-        Ok(HttpServer { stop, served, peers, accept: Some(accept), addr })
+            .spawn(move || accept_loop(listener, s, c, seen, b))?;
+        Ok(HttpServer { stop, served, peers, locals, accept: Some(accept), addr })
     }
 
     /// The distinct client addresses that connected (IPv4-mapped ones as IPv4): with NAT or DSR the
     /// backend must see the real client, not the balancer.
     pub fn peers(&self) -> BTreeSet<IpAddr> {
         self.peers.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The distinct local addresses clients connected to: a backend behind NAT is addressed by its own
+    /// address, one behind direct server return by the VIP.
+    pub fn locals(&self) -> BTreeSet<IpAddr> {
+        self.locals.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Requests answered so far.
@@ -77,27 +85,18 @@ impl Drop for HttpServer {
     }
 }
 
-fn accept_loop(
-    listener: TcpListener,
-    stop: Arc<AtomicBool>,
-    served: Arc<AtomicU64>,
-    peers: Arc<Mutex<BTreeSet<IpAddr>>>,
-    body: String,
-) {
+fn accept_loop(listener: TcpListener, stop: Arc<AtomicBool>, served: Arc<AtomicU64>, seen: Seen, body: String) {
     let started = Instant::now();
     let mut connections: Vec<JoinHandle<()>> = Vec::new();
     while !stop.load(Ordering::Relaxed) && started.elapsed() < MAX_LIFETIME {
         match listener.accept() {
             Ok((stream, peer)) => {
-                peers.lock().unwrap_or_else(|p| p.into_inner()).insert(peer.ip().to_canonical());
+                seen.record(&stream, peer);
                 let (s, c, b) = (stop.clone(), served.clone(), body.clone());
-                if let Ok(handle) = std::thread::Builder::new()
-                    .name(format!("conn-{body}"))
-                    .spawn(move || {
-                        // Errors are the client's business (resets, timeouts): just close.
-                        let _ = serve_connection(stream, &s, &c, &b);
-                    })
-                {
+                if let Ok(handle) = std::thread::Builder::new().name(format!("conn-{body}")).spawn(move || {
+                    // Errors are the client's business (resets, timeouts): just close.
+                    let _ = serve_connection(stream, &s, &c, &b);
+                }) {
                     connections.push(handle);
                 }
                 connections.retain(|h| !h.is_finished());
@@ -108,6 +107,21 @@ fn accept_loop(
     }
     for handle in connections {
         let _ = handle.join();
+    }
+}
+
+/// Who talked to an HTTP server, and on which of its addresses.
+struct Seen {
+    peers: Arc<Mutex<BTreeSet<IpAddr>>>,
+    locals: Arc<Mutex<BTreeSet<IpAddr>>>,
+}
+
+impl Seen {
+    fn record(&self, stream: &TcpStream, peer: SocketAddr) {
+        self.peers.lock().unwrap_or_else(|p| p.into_inner()).insert(peer.ip().to_canonical());
+        if let Ok(local) = stream.local_addr() {
+            self.locals.lock().unwrap_or_else(|p| p.into_inner()).insert(local.ip().to_canonical());
+        }
     }
 }
 
@@ -131,8 +145,9 @@ fn serve_connection(stream: TcpStream, stop: &AtomicBool, served: &AtomicU64, bo
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: {connection}\r\n\r\n{body}",
             body.len()
         );
-        writer.write_all(response.as_bytes())?;
+        // Counted before the answer leaves, so a client holding the answer always sees it counted.
         served.fetch_add(1, Ordering::Relaxed);
+        writer.write_all(response.as_bytes())?;
         if close {
             return Ok(());
         }
@@ -186,14 +201,12 @@ impl UdpServer {
         let served = Arc::new(AtomicU64::new(0));
         let mut server = UdpServer { stop: stop.clone(), served: served.clone(), threads: Vec::new() };
         for &addr in addrs {
-            let socket = ns
-                .run(|| UdpSocket::bind(addr))
-                .with_context(|| format!("binding UDP {addr} in {}", ns.name()))?;
+            let socket =
+                ns.run(|| UdpSocket::bind(addr)).with_context(|| format!("binding UDP {addr} in {}", ns.name()))?;
             socket.set_read_timeout(Some(POLL))?;
             let (s, c, b) = (stop.clone(), served.clone(), body.to_string());
-            let handle = std::thread::Builder::new()
-                .name(format!("udp-{body}"))
-                .spawn(move || udp_loop(socket, &s, &c, &b))?;
+            let handle =
+                std::thread::Builder::new().name(format!("udp-{body}")).spawn(move || udp_loop(socket, &s, &c, &b))?;
             server.threads.push(handle);
         }
         Ok(server)
@@ -218,9 +231,9 @@ fn udp_loop(socket: UdpSocket, stop: &AtomicBool, served: &AtomicU64, body: &str
     let mut buf = [0u8; 2048];
     while !stop.load(Ordering::Relaxed) && started.elapsed() < MAX_LIFETIME {
         if let Ok((_, from)) = socket.recv_from(&mut buf) {
-            if socket.send_to(body.as_bytes(), from).is_ok() {
-                served.fetch_add(1, Ordering::Relaxed);
-            }
+            // Counted before the answer leaves, as for HTTP.
+            served.fetch_add(1, Ordering::Relaxed);
+            let _ = socket.send_to(body.as_bytes(), from);
         }
     }
 }

@@ -36,10 +36,7 @@ impl Stats {
     pub fn parse(stdout: &str) -> anyhow::Result<Stats> {
         let start = stdout.find('{').with_context(|| format!("no JSON object in daemon stdout: {stdout:?}"))?;
         let mut stream = serde_json::Deserializer::from_str(&stdout[start..]).into_iter::<Stats>();
-        stream
-            .next()
-            .context("empty JSON")?
-            .with_context(|| format!("parsing daemon counters from stdout: {stdout}"))
+        stream.next().context("empty JSON")?.with_context(|| format!("parsing daemon counters from stdout: {stdout}"))
     }
 
     pub fn service(&self, name: &str) -> Option<&ServiceStats> {
@@ -56,7 +53,14 @@ impl Stats {
         let mut out = String::new();
         let _ = writeln!(out, "{:<28} {:>10} {:>12} {:>10}", "service / backend", "packets", "bytes", "new flows");
         for s in &self.services {
-            let _ = writeln!(out, "{:<28} {:>10} {:>12} {:>10}", format!("{} {} {}", s.name, s.protocol, s.vip), s.packets, s.bytes, s.new_flows);
+            let _ = writeln!(
+                out,
+                "{:<28} {:>10} {:>12} {:>10}",
+                format!("{} {} {}", s.name, s.protocol, s.vip),
+                s.packets,
+                s.bytes,
+                s.new_flows
+            );
             for b in &s.backends {
                 let _ = writeln!(out, "  {:<26} {:>10} {:>12} {:>10}", b.address, b.packets, b.bytes, b.new_flows);
             }

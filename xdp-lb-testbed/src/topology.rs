@@ -50,9 +50,8 @@ impl Topology {
         let prefix = unique_prefix(tag);
         let client = Netns::new(&format!("{prefix}-client"))?;
         let lb = Netns::new(&format!("{prefix}-lb"))?;
-        let backends = (0..backends)
-            .map(|i| Netns::new(&format!("{prefix}-backend-{i}")))
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let backends =
+            (0..backends).map(|i| Netns::new(&format!("{prefix}-backend-{i}"))).collect::<anyhow::Result<Vec<_>>>()?;
         let topo = Topology { prefix, backends, lb, client };
         topo.configure().with_context(|| format!("building topology {}", topo.prefix))?;
         Ok(topo)
@@ -156,7 +155,14 @@ impl Topology {
         lb.sysctl("net.ipv4.ip_forward", "1")?;
         lb.sysctl("net.ipv6.conf.all.forwarding", "1")?;
 
-        self.link(self.client_iface(), &self.client, self.lb_addr_v4(), self.lb_addr_v6(), self.client_addr_v4(), self.client_addr_v6())?;
+        self.link(
+            self.client_iface(),
+            &self.client,
+            self.lb_addr_v4(),
+            self.lb_addr_v6(),
+            self.client_addr_v4(),
+            self.client_addr_v6(),
+        )?;
         self.client.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
         self.client.sysctl("net.ipv4.ip_local_port_range", "1024 65000")?;
 
@@ -172,7 +178,8 @@ impl Topology {
             // Direct server return: the backend accepts (and answers from) the VIPs, but must never
             // answer ARP for them, or it would steal them from the path through the lb.
             backend.ip(&["addr", "add", &format!("{VIP_V4}/32"), "dev", "lo"])?;
-            backend.ip(&["addr", "add", &format!("{VIP_V6}/128"), "dev", "lo"])?;
+            // nodad: even on lo the address is briefly tentative otherwise, and binding to it fails.
+            backend.ip(&["addr", "add", &format!("{VIP_V6}/128"), "dev", "lo", "nodad"])?;
             for scope in ["all", PEER_IFACE] {
                 backend.sysctl(&format!("net.ipv4.conf.{scope}.arp_ignore"), "1")?;
                 backend.sysctl(&format!("net.ipv4.conf.{scope}.arp_announce"), "2")?;
@@ -182,7 +189,7 @@ impl Topology {
     }
 
     /// Creates the veth pair `lb_iface` (in lb) ↔ eth0 (in `peer`), addresses both ends, points the
-    /// peer's default routes at the lb and pins the lb's neighbour entry for the peer.
+    /// peer's default routes at the lb.
     fn link(
         &self,
         lb_iface: &str,
@@ -198,21 +205,38 @@ impl Topology {
         lb.ip(&["addr", "add", &format!("{lb_v6}/64"), "dev", lb_iface, "nodad"])?;
         peer.ip(&["addr", "add", &format!("{peer_v4}/24"), "dev", PEER_IFACE])?;
         peer.ip(&["addr", "add", &format!("{peer_v6}/64"), "dev", PEER_IFACE, "nodad"])?;
-        for (ns, iface) in [(lb, lb_iface), (peer, PEER_IFACE)] {
+        let ends = [(lb, lb_iface), (peer, PEER_IFACE)];
+        for (ns, iface) in ends {
             ns.sysctl(&format!("net.ipv4.conf.{iface}.rp_filter"), "0")?;
-            // A frame XDP redirects into a veth is only delivered if the receiving end has NAPI, which
-            // GRO (or an XDP program) enables; and XDP forwarding bypasses the kernel's completion of
-            // partial checksums, so the senders must compute full ones.
-            ns.exec_ok("ethtool", &["-K", iface, "gro", "on", "tx", "off"])?;
             ns.ip(&["link", "set", iface, "up"])?;
+        }
+        for (ns, iface) in ends {
+            // A frame XDP redirects into a veth is only delivered if the receiving end has NAPI, which
+            // GRO (or an XDP program) enables. The kernel marks the *other* end as a redirect target
+            // only when GRO changes while the device is up, hence after `link set up`. And XDP
+            // forwarding bypasses the kernel's completion of partial checksums, so the senders must
+            // compute full ones (tx off).
+            ns.exec_ok("ethtool", &["-K", iface, "gro", "on", "tx", "off"])?;
         }
         peer.ip(&["route", "add", "default", "via", &lb_v4.to_string()])?;
         peer.ip(&["-6", "route", "add", "default", "via", &lb_v6.to_string()])?;
-        // The XDP program drops DSR packets whose next hop is unresolved (it cannot hand a VIP-addressed
-        // packet to the kernel), so the first SYN of a test must not depend on neighbour discovery.
-        let mac = mac_of(peer, PEER_IFACE)?;
-        lb.ip(&["neigh", "replace", &peer_v4.to_string(), "lladdr", &mac, "dev", lb_iface, "nud", "permanent"])?;
-        lb.ip(&["-6", "neigh", "replace", &peer_v6.to_string(), "lladdr", &mac, "dev", lb_iface, "nud", "permanent"])?;
+        Ok(())
+    }
+
+    /// Pins the lb's neighbour entries for the client and every backend. The daemon resolves backends
+    /// itself (the XDP program drops DSR packets whose next hop is unresolved), and the end-to-end
+    /// tests rely on that; benchmarks may pin them so no measurement waits for ARP or NDP.
+    pub fn pin_neighbours(&self) -> anyhow::Result<()> {
+        let client = (self.client_iface().to_string(), &self.client, self.client_addr_v4(), self.client_addr_v6());
+        let backends = self.backends.iter().enumerate().map(|(i, ns)| {
+            (self.backend_iface(i), ns, self.backend_addr_v4(i), self.backend_addr_v6(i))
+        });
+        for (lb_iface, peer, v4, v6) in std::iter::once(client).chain(backends) {
+            let mac = mac_of(peer, PEER_IFACE)?;
+            let dev = lb_iface.as_str();
+            self.lb.ip(&["neigh", "replace", &v4.to_string(), "lladdr", &mac, "dev", dev, "nud", "permanent"])?;
+            self.lb.ip(&["-6", "neigh", "replace", &v6.to_string(), "lladdr", &mac, "dev", dev, "nud", "permanent"])?;
+        }
         Ok(())
     }
 

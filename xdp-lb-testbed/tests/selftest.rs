@@ -27,6 +27,9 @@ fn client_reaches_every_backend_through_kernel_routing_in_both_families() {
         let lb = topo.lb_addr(family);
         topo.client().run(|| ping(lb, Duration::from_secs(2))).unwrap();
     }
+    topo.pin_neighbours().unwrap();
+    let neighbours = topo.lb().ip(&["neigh", "show", "dev", "to-b1"]).unwrap();
+    assert!(neighbours.contains("10.201.1.2") && neighbours.contains("PERMANENT"), "{neighbours}");
     // Every request was counted by exactly the server that answered it.
     for s in &servers {
         assert_eq!((s.http.served(), s.udp.served()), (2, 2), "backend-{}", s.index);
