@@ -13,7 +13,6 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "iproute2",
     "ethtool",
-    "iputils-ping",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -24,7 +23,7 @@ pub fn ensure() -> Result<()> {
         run(Command::new("apt-get").arg("update").arg("-qq"))?;
         run(Command::new("apt-get")
             .env("DEBIAN_FRONTEND", "noninteractive")
-            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(["install", "-y", "-qq"])
             .args(&missing))?;
     }
     if !bpf_linker_ok() {
