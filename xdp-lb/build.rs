@@ -36,7 +36,9 @@ fn main() -> Result<()> {
     let path = format!("{}:{}", cargo_home.join("bin").display(), env::var("PATH").unwrap_or_default());
     // A target directory of its own: the outer cargo holds the lock on the workspace's.
     let target_dir = workspace.join("target/ebpf");
-    let rustflags = ["--cfg=bpf_target_arch=\"x86_64\"", "-Cdebuginfo=2", "-Clink-arg=--btf"].join("\x1f");
+    // BPF ISA v3 (kernel ≥ 5.12) for atomic fetch-and-add/or, used by round-robin and flow tracking.
+    let rustflags =
+        ["--cfg=bpf_target_arch=\"x86_64\"", "-Cdebuginfo=2", "-Clink-arg=--btf", "-Ctarget-cpu=v3"].join("\x1f");
     let status = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .current_dir(&workspace)
         .args(["build", "--package", "xdp-lb-ebpf", "--bin", "xdp-lb", "--target", "bpfel-unknown-none", "--release"])

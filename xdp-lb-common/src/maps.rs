@@ -18,6 +18,8 @@ pub mod names {
     pub const NAT_REVERSE: &str = "NAT_REVERSE";
     pub const TX_PORTS: &str = "TX_PORTS";
     pub const SERVICE_STATS: &str = "SERVICE_STATS";
+    pub const RR_COUNTERS: &str = "RR_COUNTERS";
+    pub const ACTIVE_FLOWS: &str = "ACTIVE_FLOWS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const REASONS: &str = "REASONS";
 }
@@ -36,8 +38,33 @@ pub mod defaults {
 
 /// `Service::flags`: forward by rewriting only the destination MAC (L2 direct server return).
 pub const SERVICE_FLAG_DSR: u32 = 1 << 0;
-/// `Service::flags`: hash only the client address (session stickiness without shared state).
-pub const SERVICE_FLAG_IP_HASH: u32 = 1 << 1;
+/// `Service::flags` bits 8..16 hold how a new flow picks its backend from the service's ring.
+pub const SCHEDULER_SHIFT: u32 = 8;
+pub const SCHEDULER_MASK: u32 = 0xff << SCHEDULER_SHIFT;
+/// Ring slot = hash of the 5-tuple (Maglev). Also used for least-response-time, whose ring the
+/// control plane builds from latency-derived weights.
+pub const SCHED_MAGLEV: u32 = 0;
+/// Ring slot = hash of the client address alone (session stickiness without shared state).
+pub const SCHED_IP_HASH: u32 = 1;
+/// Ring slot = a per-service counter: the ring is a (weighted) round-robin sequence.
+pub const SCHED_SEQUENCE: u32 = 2;
+/// The ring lists the candidates (at most [`LEAST_CONN_MAX`]); the one with the fewest active flows wins.
+pub const SCHED_LEAST_CONN: u32 = 3;
+/// Candidates a least-connections service may have (the XDP program scans them per new flow).
+pub const LEAST_CONN_MAX: u32 = 32;
+
+/// `Backend::flags`: failed its health checks; established flows are moved to other backends.
+pub const BACKEND_FLAG_DOWN: u16 = 1 << 0;
+
+/// `Conn::flags`: a FIN or RST was seen, so the flow no longer counts as active.
+pub const CONN_FLAG_CLOSED: u32 = 1 << 0;
+/// `Conn::flags`: the flow was counted in `ACTIVE_FLOWS` (NAT TCP flows only).
+pub const CONN_FLAG_COUNTED: u32 = 1 << 1;
+
+#[inline(always)]
+pub const fn scheduler_of(flags: u32) -> u32 {
+    (flags & SCHEDULER_MASK) >> SCHEDULER_SHIFT
+}
 
 /// Key of `SERVICES`: one virtual service.
 #[repr(C)]
@@ -75,7 +102,8 @@ pub struct Backend {
     pub addr: Addr,
     /// Backend port, network order (NAT rewrites the destination port to it).
     pub port: u16,
-    pub _pad: u16,
+    /// `BACKEND_FLAG_*` bits.
+    pub flags: u16,
     /// The service this backend belongs to.
     pub service_id: u32,
     /// Bumped every time the id is (re)assigned; 0 means the slot is free. Connection-table entries
@@ -107,6 +135,8 @@ pub struct Conn {
     pub backend_id: u32,
     /// `Backend::generation` when the flow was scheduled.
     pub generation: u32,
+    /// `CONN_FLAG_*` bits, changed with atomic operations.
+    pub flags: u32,
 }
 
 /// Value of `NAT_REVERSE`: how to translate a backend's reply back into the VIP's name.
@@ -129,6 +159,12 @@ pub struct Counters {
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
+    /// TCP SYNs forwarded to the backend (NAT and DSR).
+    pub syns: u64,
+    /// SYN-ACKs the backend answered with (NAT only: DSR replies bypass the balancer).
+    pub syn_acks: u64,
+    /// RSTs the backend sent (NAT only).
+    pub resets: u64,
 }
 
 impl Counters {
@@ -136,6 +172,9 @@ impl Counters {
         self.packets += other.packets;
         self.bytes += other.bytes;
         self.new_flows += other.new_flows;
+        self.syns += other.syns;
+        self.syn_acks += other.syn_acks;
+        self.resets += other.resets;
     }
 }
 
@@ -143,9 +182,9 @@ const _: () = assert!(size_of::<ServiceKey>() == 20);
 const _: () = assert!(size_of::<Service>() == 16);
 const _: () = assert!(size_of::<Backend>() == 28);
 const _: () = assert!(size_of::<FlowKey>() == 40);
-const _: () = assert!(size_of::<Conn>() == 8);
+const _: () = assert!(size_of::<Conn>() == 12);
 const _: () = assert!(size_of::<NatReverse>() == 28);
-const _: () = assert!(size_of::<Counters>() == 24);
+const _: () = assert!(size_of::<Counters>() == 48);
 
 #[cfg(feature = "user")]
 mod pod {

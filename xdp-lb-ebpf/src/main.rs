@@ -5,6 +5,9 @@
 //! Every packet that is not forwarded is counted under one reason (`xdp_lb_common::reasons`).
 #![no_std]
 #![no_main]
+// Atomic read-modify-write on the BPF target is only reachable through the intrinsics.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod forward;
 mod maps;
@@ -48,8 +51,10 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
         if packet.vlan {
             return Err(reasons::PASS_VLAN);
         }
-        let chosen = schedule::schedule(&flow, &service)?;
-        maps::count_forward(service.id, chosen.id, packet.len, chosen.new_flow);
+        let chosen = schedule::schedule(&packet, &service)?;
+        let syn = packet.tcp_flags & (parse::TCP_SYN | parse::TCP_ACK) == parse::TCP_SYN;
+        let tally = maps::Tally { bytes: packet.len, new_flow: chosen.new_flow, syn, syn_ack: false, reset: false };
+        maps::count_forward(service.id, chosen.id, &tally);
         if service.flags & SERVICE_FLAG_DSR != 0 {
             return forward::to_next_hop(ctx, &packet, &chosen.backend.addr, forward::Mode::Dsr);
         }
@@ -57,7 +62,21 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
         return forward::to_next_hop(ctx, &packet, &chosen.backend.addr, forward::Mode::Nat);
     }
     if let Some(reverse) = maps::nat_reverse(&flow) {
-        maps::count_forward(reverse.service_id, reverse.backend_id, packet.len, false);
+        let flags = packet.tcp_flags;
+        let tally = maps::Tally {
+            bytes: packet.len,
+            new_flow: false,
+            syn: false,
+            syn_ack: flags & (parse::TCP_SYN | parse::TCP_ACK) == parse::TCP_SYN | parse::TCP_ACK,
+            reset: flags & parse::TCP_RST != 0,
+        };
+        maps::count_forward(reverse.service_id, reverse.backend_id, &tally);
+        if flags & (parse::TCP_FIN | parse::TCP_RST) != 0 {
+            let forward = FlowKey { src: flow.dst, dst: reverse.vip, sport: flow.dport, dport: reverse.vport, proto: flow.proto, _pad: [0; 3] };
+            if let Some(conn) = maps::conn(&forward) {
+                schedule::track_close(conn, reverse.backend_id, flags);
+            }
+        }
         rewrite::source(ctx, &packet, &reverse.vip, reverse.vport)?;
         return forward::to_next_hop(ctx, &packet, &flow.dst, forward::Mode::Nat);
     }

@@ -1,5 +1,7 @@
 //! The maps shared with the control plane, and the small typed accessors the stages use.
 
+use core::intrinsics::{atomic_and, atomic_or, atomic_xadd, AtomicOrdering::Relaxed};
+
 use aya_ebpf::{
     macros::map,
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
@@ -38,6 +40,14 @@ static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(defa
 #[map]
 static REASONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(reasons::COUNT, 0);
 
+/// Per-service position in a round-robin sequence (shared across CPUs, advanced atomically).
+#[map]
+static RR_COUNTERS: Array<u64> = Array::with_max_entries(defaults::MAX_SERVICES, 0);
+
+/// Per-backend open NAT TCP flows (opened minus closed), for least-connections and `status`.
+#[map]
+static ACTIVE_FLOWS: Array<u64> = Array::with_max_entries(defaults::MAX_BACKENDS, 0);
+
 #[inline(always)]
 pub fn service(key: &ServiceKey) -> Option<Service> {
     // SAFETY: the value is copied out before any other map call; concurrent updates replace whole
@@ -55,10 +65,10 @@ pub fn ring_cell(index: u32) -> Option<u32> {
     MAGLEV_RING.get(index).copied()
 }
 
+/// The connection-table entry of a flow, in place: its flags are updated atomically.
 #[inline(always)]
-pub fn conn(flow: &FlowKey) -> Option<Conn> {
-    // SAFETY: copied out immediately.
-    unsafe { CONNTRACK.get(flow).copied() }
+pub fn conn(flow: &FlowKey) -> Option<*mut Conn> {
+    CONNTRACK.get_ptr_mut(flow)
 }
 
 #[inline(always)]
@@ -97,20 +107,73 @@ pub fn count_reason(reason: Reason) {
     }
 }
 
-#[inline(always)]
-pub fn count_forward(service_id: u32, backend_id: u32, bytes: u64, new_flow: bool) {
-    bump(&SERVICE_STATS, service_id, bytes, new_flow);
-    bump(&BACKEND_STATS, backend_id, bytes, new_flow);
+/// What one forwarded packet adds to its service's and backend's counters.
+pub struct Tally {
+    pub bytes: u64,
+    pub new_flow: bool,
+    pub syn: bool,
+    pub syn_ack: bool,
+    pub reset: bool,
 }
 
 #[inline(always)]
-fn bump(map: &PerCpuArray<Counters>, index: u32, bytes: u64, new_flow: bool) {
+pub fn count_forward(service_id: u32, backend_id: u32, tally: &Tally) {
+    bump(&SERVICE_STATS, service_id, tally);
+    bump(&BACKEND_STATS, backend_id, tally);
+}
+
+#[inline(always)]
+fn bump(map: &PerCpuArray<Counters>, index: u32, t: &Tally) {
     if let Some(c) = map.get_ptr_mut(index) {
         // SAFETY: per-CPU slot, as above.
         unsafe {
             (*c).packets += 1;
-            (*c).bytes += bytes;
-            (*c).new_flows += new_flow as u64;
+            (*c).bytes += t.bytes;
+            (*c).new_flows += t.new_flow as u64;
+            (*c).syns += t.syn as u64;
+            (*c).syn_acks += t.syn_ack as u64;
+            (*c).resets += t.reset as u64;
         }
     }
+}
+
+/// Advances the service's round-robin position, returning the previous one.
+#[inline(always)]
+pub fn next_in_sequence(service_id: u32) -> u32 {
+    match RR_COUNTERS.get_ptr_mut(service_id) {
+        // SAFETY: the pointer is valid and aligned, and shared only through atomic operations
+        // (core's Atomic* types have no read-modify-write on the BPF target; the intrinsics lower to
+        // BPF atomic instructions).
+        Some(p) => unsafe { atomic_xadd::<u64, u64, { Relaxed }>(p, 1) as u32 },
+        None => 0,
+    }
+}
+
+#[inline(always)]
+pub fn active_flows(backend_id: u32) -> u64 {
+    ACTIVE_FLOWS.get(backend_id).copied().unwrap_or(0)
+}
+
+/// Adds `delta` (two's complement for a decrement) to a backend's active flows.
+#[inline(always)]
+pub fn add_active_flows(backend_id: u32, delta: u64) {
+    if let Some(p) = ACTIVE_FLOWS.get_ptr_mut(backend_id) {
+        // SAFETY: as above.
+        unsafe { atomic_xadd::<u64, u64, { Relaxed }>(p, delta) };
+    }
+}
+
+/// Sets `bits` in a connection's flags; returns the flags before.
+#[inline(always)]
+pub fn conn_set_flags(conn: *mut Conn, bits: u32) -> u32 {
+    // SAFETY: `conn` came from a map lookup in this program run (valid, aligned); concurrent
+    // updates go through atomics only.
+    unsafe { atomic_or::<u32, u32, { Relaxed }>(core::ptr::addr_of_mut!((*conn).flags), bits) }
+}
+
+/// Clears `bits` in a connection's flags; returns the flags before.
+#[inline(always)]
+pub fn conn_clear_flags(conn: *mut Conn, bits: u32) -> u32 {
+    // SAFETY: as in conn_set_flags.
+    unsafe { atomic_and::<u32, u32, { Relaxed }>(core::ptr::addr_of_mut!((*conn).flags), !bits) }
 }

@@ -36,7 +36,16 @@ pub struct Packet {
     pub len: u64,
     /// IP packet length (host order), for the FIB's MTU check.
     pub ip_len: u16,
+    /// TCP flags byte (`TCP_*`); 0 for UDP.
+    pub tcp_flags: u8,
 }
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+/// Offset of the flags byte in the TCP header.
+const TCP_FLAGS_OFFSET: usize = 13;
 
 /// A pointer to a `T` at `offset`, if the whole `T` lies inside the frame. The one place packet
 /// bounds are checked, so the verifier sees every access guarded.
@@ -98,7 +107,7 @@ fn parse_ipv4(ctx: &XdpContext, l3_offset: usize, vlan: bool, len: u64) -> Resul
         return Err(reasons::PASS_FRAGMENT);
     }
     let l4_offset = l3_offset + header_len;
-    let (sport, dport) = ports(ctx, proto, l4_offset)?;
+    let (sport, dport, tcp_flags) = ports(ctx, proto, l4_offset)?;
     Ok(Packet {
         flow: flow_key(addr::from_v4_word(src), addr::from_v4_word(dst), sport, dport, proto),
         l3_offset,
@@ -107,6 +116,7 @@ fn parse_ipv4(ctx: &XdpContext, l3_offset: usize, vlan: bool, len: u64) -> Resul
         vlan,
         len,
         ip_len: u16::from_be(tot_len),
+        tcp_flags,
     })
 }
 
@@ -130,7 +140,7 @@ fn parse_ipv6(ctx: &XdpContext, l3_offset: usize, vlan: bool, len: u64) -> Resul
         return Err(if next_hdr == IPPROTO_ICMPV6 { reasons::PASS_NOT_TCP_UDP } else { reasons::PASS_IPV6_EXT });
     }
     let l4_offset = l3_offset + Ipv6Hdr::LEN;
-    let (sport, dport) = ports(ctx, next_hdr, l4_offset)?;
+    let (sport, dport, tcp_flags) = ports(ctx, next_hdr, l4_offset)?;
     Ok(Packet {
         flow: flow_key(src, dst, sport, dport, next_hdr),
         l3_offset,
@@ -139,20 +149,28 @@ fn parse_ipv6(ctx: &XdpContext, l3_offset: usize, vlan: bool, len: u64) -> Resul
         vlan,
         len,
         ip_len: u16::from_be(payload_len).saturating_add(Ipv6Hdr::LEN as u16),
+        tcp_flags,
     })
 }
 
-/// Source and destination port (network order), requiring the whole TCP or UDP header.
+/// Source and destination port (network order) and the TCP flags, requiring the whole TCP or UDP
+/// header.
 #[inline(always)]
-fn ports(ctx: &XdpContext, proto: u8, l4_offset: usize) -> Result<(u16, u16), Reason> {
+fn ports(ctx: &XdpContext, proto: u8, l4_offset: usize) -> Result<(u16, u16, u8), Reason> {
     if proto == PROTO_TCP {
         let tcp: *const TcpHdr = ptr_at(ctx, l4_offset).ok_or(reasons::DROP_TRUNCATED_L4)?;
-        // SAFETY: bounds checked by ptr_at; 2-byte aligned.
-        Ok(unsafe { (wire::load16((*tcp).source.as_ptr()), wire::load16((*tcp).dest.as_ptr())) })
+        // SAFETY: bounds checked by ptr_at (the flags byte is inside the 20-byte header); 2-byte aligned.
+        Ok(unsafe {
+            (
+                wire::load16((*tcp).source.as_ptr()),
+                wire::load16((*tcp).dest.as_ptr()),
+                *(tcp as *const u8).add(TCP_FLAGS_OFFSET),
+            )
+        })
     } else if proto == PROTO_UDP {
         let udp: *const UdpHdr = ptr_at(ctx, l4_offset).ok_or(reasons::DROP_TRUNCATED_L4)?;
         // SAFETY: bounds checked by ptr_at; 2-byte aligned.
-        Ok(unsafe { (wire::load16((*udp).src.as_ptr()), wire::load16((*udp).dst.as_ptr())) })
+        Ok(unsafe { (wire::load16((*udp).src.as_ptr()), wire::load16((*udp).dst.as_ptr()), 0) })
     } else {
         Err(reasons::PASS_NOT_TCP_UDP)
     }

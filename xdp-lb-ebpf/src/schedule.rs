@@ -1,13 +1,20 @@
 //! Stage 3: pick the backend. An established flow keeps the backend the connection table remembers
-//! (while that backend is still in the service); a new flow is placed by the service's Maglev ring.
+//! (while that backend is still in the service and up); a new flow is placed by the service's
+//! scheduler over its ring.
 
 use xdp_lb_common::{
     hash,
-    maps::{Backend, Conn, FlowKey, NatReverse, Service, SERVICE_FLAG_DSR, SERVICE_FLAG_IP_HASH},
+    maps::{
+        self as m, scheduler_of, Backend, Conn, FlowKey, NatReverse, Service, BACKEND_FLAG_DOWN, CONN_FLAG_CLOSED,
+        CONN_FLAG_COUNTED, LEAST_CONN_MAX, PROTO_TCP, SERVICE_FLAG_DSR,
+    },
     reasons::{self, Reason},
 };
 
-use crate::maps;
+use crate::{
+    maps,
+    parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+};
 
 pub struct Chosen {
     pub id: u32,
@@ -16,16 +23,43 @@ pub struct Chosen {
 }
 
 #[inline(always)]
-pub fn schedule(flow: &FlowKey, service: &Service) -> Result<Chosen, Reason> {
+pub fn schedule(packet: &Packet, service: &Service) -> Result<Chosen, Reason> {
+    let flow = &packet.flow;
+    let mut moved_from: Option<*mut Conn> = None;
     if let Some(conn) = maps::conn(flow) {
-        if let Some(backend) = maps::backend(conn.backend_id) {
-            if backend.generation == conn.generation && backend.service_id == service.id {
-                return Ok(Chosen { id: conn.backend_id, backend, new_flow: false });
+        // SAFETY: pointer from a map lookup in this run.
+        let (backend_id, generation) = unsafe { ((*conn).backend_id, (*conn).generation) };
+        if let Some(backend) = maps::backend(backend_id) {
+            if backend.generation == generation && backend.service_id == service.id {
+                if backend.flags & BACKEND_FLAG_DOWN == 0 {
+                    track_close(conn, backend_id, packet.tcp_flags);
+                    return Ok(Chosen { id: backend_id, backend, new_flow: false });
+                }
+                // Its backend failed: move the flow now rather than let the client wait on a dead server.
+                moved_from = Some(conn);
             }
         }
     }
     let chosen = place_new_flow(flow, service)?;
-    maps::remember_conn(flow, &Conn { backend_id: chosen.id, generation: chosen.backend.generation });
+    if let Some(old) = moved_from {
+        // SAFETY: as above.
+        let old_id = unsafe { (*old).backend_id };
+        if maps::conn_set_flags(old, CONN_FLAG_CLOSED) & (CONN_FLAG_CLOSED | CONN_FLAG_COUNTED) == CONN_FLAG_COUNTED {
+            maps::add_active_flows(old_id, u64::MAX);
+        }
+    }
+    let counted = service.flags & SERVICE_FLAG_DSR == 0 && flow.proto == PROTO_TCP;
+    maps::remember_conn(
+        flow,
+        &Conn {
+            backend_id: chosen.id,
+            generation: chosen.backend.generation,
+            flags: if counted { CONN_FLAG_COUNTED } else { 0 },
+        },
+    );
+    if counted {
+        maps::add_active_flows(chosen.id, 1);
+    }
     if service.flags & SERVICE_FLAG_DSR == 0 {
         let reply = crate::reply_key(flow, &chosen.backend.addr, chosen.backend.port);
         maps::remember_nat_reverse(
@@ -36,17 +70,62 @@ pub fn schedule(flow: &FlowKey, service: &Service) -> Result<Chosen, Reason> {
     Ok(chosen)
 }
 
+/// Keeps `ACTIVE_FLOWS` honest for a counted flow: the first FIN or RST closes it; a SYN on a closed
+/// flow (its 5-tuple reused) opens it again on the same backend.
+#[inline(always)]
+pub fn track_close(conn: *mut Conn, backend_id: u32, tcp_flags: u8) {
+    if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        if maps::conn_set_flags(conn, CONN_FLAG_CLOSED) & (CONN_FLAG_CLOSED | CONN_FLAG_COUNTED) == CONN_FLAG_COUNTED {
+            maps::add_active_flows(backend_id, u64::MAX);
+        }
+    } else if tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        if maps::conn_clear_flags(conn, CONN_FLAG_CLOSED) & (CONN_FLAG_CLOSED | CONN_FLAG_COUNTED)
+            == CONN_FLAG_CLOSED | CONN_FLAG_COUNTED
+        {
+            maps::add_active_flows(backend_id, 1);
+        }
+    }
+}
+
 #[inline(always)]
 fn place_new_flow(flow: &FlowKey, service: &Service) -> Result<Chosen, Reason> {
     if service.ring_size == 0 {
         return Err(reasons::DROP_NO_BACKEND);
     }
-    let h = if service.flags & SERVICE_FLAG_IP_HASH != 0 { hash::client_hash(&flow.src) } else { hash::flow_hash(flow) };
-    let cell = service.ring_offset.wrapping_add(h % service.ring_size);
-    let id = maps::ring_cell(cell).ok_or(reasons::DROP_NO_BACKEND_ENTRY)?;
+    let id = match scheduler_of(service.flags) {
+        m::SCHED_LEAST_CONN => least_connections(service)?,
+        scheduler => {
+            let position = match scheduler {
+                m::SCHED_IP_HASH => hash::client_hash(&flow.src),
+                m::SCHED_SEQUENCE => maps::next_in_sequence(service.id),
+                _ => hash::flow_hash(flow),
+            };
+            maps::ring_cell(service.ring_offset.wrapping_add(position % service.ring_size))
+                .ok_or(reasons::DROP_NO_BACKEND_ENTRY)?
+        }
+    };
     let backend = maps::backend(id).ok_or(reasons::DROP_NO_BACKEND_ENTRY)?;
     if backend.generation == 0 || backend.service_id != service.id {
         return Err(reasons::DROP_NO_BACKEND_ENTRY);
     }
     Ok(Chosen { id, backend, new_flow: true })
+}
+
+/// The candidate with the fewest active flows; ties go to the first listed.
+#[inline(always)]
+fn least_connections(service: &Service) -> Result<u32, Reason> {
+    let mut best: Option<(u32, u64)> = None;
+    for i in 0..LEAST_CONN_MAX {
+        if i >= service.ring_size {
+            break;
+        }
+        let Some(id) = maps::ring_cell(service.ring_offset.wrapping_add(i)) else { break };
+        let active = maps::active_flows(id);
+        // Active counts are a difference of two atomically updated totals; a transiently "negative"
+        // value (wrapped) must not look huge, so compare as signed.
+        if best.is_none_or(|(_, a)| (active as i64) < (a as i64)) {
+            best = Some((id, active));
+        }
+    }
+    best.map(|(id, _)| id).ok_or(reasons::DROP_NO_BACKEND_ENTRY)
 }

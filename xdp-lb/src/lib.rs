@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod dataplane;
+pub mod health;
 pub mod neighbours;
 pub mod stats;
 pub mod tables;

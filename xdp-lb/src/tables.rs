@@ -164,7 +164,7 @@ impl Tables {
                         &m::Backend {
                             addr: addr::from_ip(b.address.ip()),
                             port: b.address.port().to_be(),
-                            _pad: 0,
+                            flags: 0,
                             service_id: installed.id,
                             generation,
                         },
@@ -217,9 +217,11 @@ impl Tables {
         if service.mode == Mode::Dsr {
             flags |= m::SERVICE_FLAG_DSR;
         }
-        if service.scheduler == Scheduler::IpHash {
-            flags |= m::SERVICE_FLAG_IP_HASH;
-        }
+        let scheduler = match service.scheduler {
+            Scheduler::Maglev => m::SCHED_MAGLEV,
+            Scheduler::IpHash => m::SCHED_IP_HASH,
+        };
+        flags |= scheduler << m::SCHEDULER_SHIFT;
         maps.write_service(&key, &m::Service { id: installed.id, ring_offset, ring_size, flags })?;
 
         // 4. Backends that left: their flows reschedule, since their generation no longer matches.
