@@ -15,3 +15,5 @@ pub mod hash;
 pub mod maglev;
 pub mod maps;
 pub mod reasons;
+#[cfg(feature = "std")]
+pub mod sequence;

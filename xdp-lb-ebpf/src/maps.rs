@@ -1,6 +1,6 @@
 //! The maps shared with the control plane, and the small typed accessors the stages use.
 
-use core::intrinsics::{atomic_and, atomic_or, atomic_xadd, AtomicOrdering::Relaxed};
+use core::intrinsics::{atomic_and, atomic_or, atomic_xadd, AtomicOrdering::SeqCst};
 
 use aya_ebpf::{
     macros::map,
@@ -143,8 +143,9 @@ pub fn next_in_sequence(service_id: u32) -> u32 {
     match RR_COUNTERS.get_ptr_mut(service_id) {
         // SAFETY: the pointer is valid and aligned, and shared only through atomic operations
         // (core's Atomic* types have no read-modify-write on the BPF target; the intrinsics lower to
-        // BPF atomic instructions).
-        Some(p) => unsafe { atomic_xadd::<u64, u64, { Relaxed }>(p, 1) as u32 },
+        // BPF atomic instructions). SeqCst, not Relaxed: LLVM 22's BPF backend encodes relaxed
+        // read-modify-writes without the FETCH bit yet reads the register as the old value.
+        Some(p) => unsafe { atomic_xadd::<u64, u64, { SeqCst }>(p, 1) as u32 },
         None => 0,
     }
 }
@@ -159,7 +160,7 @@ pub fn active_flows(backend_id: u32) -> u64 {
 pub fn add_active_flows(backend_id: u32, delta: u64) {
     if let Some(p) = ACTIVE_FLOWS.get_ptr_mut(backend_id) {
         // SAFETY: as above.
-        unsafe { atomic_xadd::<u64, u64, { Relaxed }>(p, delta) };
+        unsafe { atomic_xadd::<u64, u64, { SeqCst }>(p, delta) };
     }
 }
 
@@ -168,12 +169,12 @@ pub fn add_active_flows(backend_id: u32, delta: u64) {
 pub fn conn_set_flags(conn: *mut Conn, bits: u32) -> u32 {
     // SAFETY: `conn` came from a map lookup in this program run (valid, aligned); concurrent
     // updates go through atomics only.
-    unsafe { atomic_or::<u32, u32, { Relaxed }>(core::ptr::addr_of_mut!((*conn).flags), bits) }
+    unsafe { atomic_or::<u32, u32, { SeqCst }>(core::ptr::addr_of_mut!((*conn).flags), bits) }
 }
 
 /// Clears `bits` in a connection's flags; returns the flags before.
 #[inline(always)]
 pub fn conn_clear_flags(conn: *mut Conn, bits: u32) -> u32 {
     // SAFETY: as in conn_set_flags.
-    unsafe { atomic_and::<u32, u32, { Relaxed }>(core::ptr::addr_of_mut!((*conn).flags), !bits) }
+    unsafe { atomic_and::<u32, u32, { SeqCst }>(core::ptr::addr_of_mut!((*conn).flags), !bits) }
 }

@@ -4,7 +4,11 @@
 use std::{collections::HashSet, fmt, net::SocketAddr, path::Path};
 
 use serde::Deserialize;
-use xdp_lb_common::{maglev::is_prime, maps::defaults};
+use xdp_lb_common::{
+    maglev::is_prime,
+    maps::{defaults, LEAST_CONN_MAX},
+    sequence::smooth_weighted_len,
+};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -83,6 +87,42 @@ pub enum Mode {
 pub enum Scheduler {
     Maglev,
     IpHash,
+    RoundRobin,
+    WeightedRoundRobin,
+    LeastConn,
+    LeastResponseTime,
+}
+
+impl Scheduler {
+    pub const NAMES: &'static str = "maglev, ip-hash, round-robin, weighted-round-robin, least-conn, least-response-time";
+
+    pub fn parse(name: &str) -> Option<Scheduler> {
+        Some(match name {
+            "maglev" => Scheduler::Maglev,
+            "ip-hash" => Scheduler::IpHash,
+            "round-robin" => Scheduler::RoundRobin,
+            "weighted-round-robin" => Scheduler::WeightedRoundRobin,
+            "least-conn" => Scheduler::LeastConn,
+            "least-response-time" => Scheduler::LeastResponseTime,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Scheduler::Maglev => "maglev",
+            Scheduler::IpHash => "ip-hash",
+            Scheduler::RoundRobin => "round-robin",
+            Scheduler::WeightedRoundRobin => "weighted-round-robin",
+            Scheduler::LeastConn => "least-conn",
+            Scheduler::LeastResponseTime => "least-response-time",
+        }
+    }
+
+    /// Whether the service's ring is a Maglev table (else a sequence or a candidate list).
+    pub fn uses_maglev(self) -> bool {
+        matches!(self, Scheduler::Maglev | Scheduler::IpHash | Scheduler::LeastResponseTime)
+    }
 }
 
 /// A validated configuration.
@@ -198,18 +238,30 @@ impl RawConfig {
                     None
                 }
             };
-            let scheduler = match s.scheduler.as_str() {
-                "maglev" => Some(Scheduler::Maglev),
-                "ip-hash" => Some(Scheduler::IpHash),
-                other => {
-                    err(at("scheduler"), format!("\"{other}\" is not one of: maglev, ip-hash"));
-                    None
-                }
-            };
+            let scheduler = Scheduler::parse(&s.scheduler);
+            if scheduler.is_none() {
+                err(at("scheduler"), format!("\"{}\" is not one of: {}", s.scheduler, Scheduler::NAMES));
+            }
             if s.ring_size < 3 || !is_prime(s.ring_size) {
                 err(at("ring_size"), format!("{} is not a prime number ≥ 3 (e.g. 251, 16381, 65537)", s.ring_size));
             }
-            ring_cells += 2 * s.ring_size as u64;
+            if scheduler == Some(Scheduler::LeastConn) {
+                if mode == Some(Mode::Dsr) {
+                    err(at("scheduler"), "least-conn needs mode \"nat\": in dsr mode replies bypass the balancer, so it cannot see connections end".into());
+                }
+                if protocol == Some(Protocol::Udp) {
+                    err(at("scheduler"), "least-conn counts TCP connections; UDP has no connection end to count".into());
+                }
+                if s.backends.len() > LEAST_CONN_MAX as usize {
+                    err(at("backends"), format!("{} backends, least-conn supports at most {LEAST_CONN_MAX}", s.backends.len()));
+                }
+            }
+            let weights: Vec<u32> = s.backends.iter().map(|b| b.weight).collect();
+            ring_cells += 2 * match scheduler {
+                Some(Scheduler::RoundRobin | Scheduler::LeastConn) => s.backends.len() as u64,
+                Some(Scheduler::WeightedRoundRobin) => smooth_weighted_len(&weights),
+                _ => s.ring_size as u64,
+            };
             if let (Some(vip), Some(protocol)) = (vip, protocol) {
                 if !vips.insert((vip, protocol)) {
                     err(at("vip"), format!("{vip}/{} is already used by another service", s.protocol));

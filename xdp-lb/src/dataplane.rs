@@ -61,6 +61,8 @@ struct Maps {
     service_stats: PerCpuArray<MapData, Counters>,
     backend_stats: PerCpuArray<MapData, Counters>,
     reasons: PerCpuArray<MapData, u64>,
+    rr_counters: Array<MapData, u64>,
+    active_flows: Array<MapData, u64>,
 }
 
 fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DataplaneError> {
@@ -92,6 +94,8 @@ impl Dataplane {
             service_stats: take(&mut ebpf, names::SERVICE_STATS)?,
             backend_stats: take(&mut ebpf, names::BACKEND_STATS)?,
             reasons: take(&mut ebpf, names::REASONS)?,
+            rr_counters: take(&mut ebpf, names::RR_COUNTERS)?,
+            active_flows: take(&mut ebpf, names::ACTIVE_FLOWS)?,
         };
         Ok(Self { ebpf, maps, attached: Vec::new() })
     }
@@ -160,6 +164,13 @@ impl Dataplane {
 
     pub fn backend_counters(&self, id: u32) -> Result<Counters, DataplaneError> {
         sum_per_cpu(&self.maps.backend_stats, id, names::BACKEND_STATS)
+    }
+
+    /// Open NAT TCP flows on a backend (opened minus closed, as the data plane saw them).
+    pub fn active_flows(&self, backend_id: u32) -> Result<u64, DataplaneError> {
+        let value = self.maps.active_flows.get(&backend_id, 0).map_err(|source| DataplaneError::Map { map: names::ACTIVE_FLOWS, source })?;
+        // A close may be counted on one CPU a moment before the open on another.
+        Ok(if (value as i64) < 0 { 0 } else { value })
     }
 
     /// The connection-table entry of a flow, if any (for tests and diagnostics).
@@ -231,10 +242,12 @@ impl MapWriter for Dataplane {
     }
 
     fn clear_service_stats(&mut self, id: u32) -> Result<(), WriteError> {
+        self.maps.rr_counters.set(id, 0, 0).map_err(write_error(names::RR_COUNTERS))?;
         zero_per_cpu(&mut self.maps.service_stats, id, names::SERVICE_STATS)
     }
 
     fn clear_backend_stats(&mut self, id: u32) -> Result<(), WriteError> {
+        self.maps.active_flows.set(id, 0, 0).map_err(write_error(names::ACTIVE_FLOWS))?;
         zero_per_cpu(&mut self.maps.backend_stats, id, names::BACKEND_STATS)
     }
 }

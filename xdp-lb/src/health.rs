@@ -392,8 +392,9 @@ impl HealthMonitor {
     /// whose spec changed, stops removed ones (their status is forgotten) and leaves unchanged
     /// ones alone. If a target appears twice, the last spec wins.
     ///
-    /// A restarted target keeps its health (a changed interval should not flap a backend) but
-    /// its counters restart, so the new check needs `rise`/`fall` results of its own to change it.
+    /// A restarted target keeps its health (a changed interval should not flap a backend); the
+    /// rest of its status (counters, latency) starts afresh, since the new check may measure
+    /// something else, so it needs `rise`/`fall` results of its own to change that health.
     /// A target with an invalid spec stays `Unknown` with the reason in `last_error`.
     pub fn set_targets(&mut self, targets: impl IntoIterator<Item = (Target, CheckSpec)>) {
         let wanted: BTreeMap<Target, CheckSpec> = targets.into_iter().collect();

@@ -12,6 +12,7 @@ use std::{
 use xdp_lb_common::{
     addr,
     maglev::{self, Candidate},
+    sequence,
     maps::{self as m, ServiceKey},
 };
 
@@ -177,32 +178,23 @@ impl Tables {
 
         // 2. The new ring, built from the old one so that surviving backends keep their slots.
         let ring_unchanged = installed.config.ring_size == service.ring_size
+            && installed.config.scheduler == service.scheduler
             && installed.config.backends == service.backends
             && !installed.table.is_empty();
         let ring = if ring_unchanged {
             installed.ring
         } else {
-            let identities: Vec<Vec<u8>> = service.backends.iter().map(|b| b.address.to_string().into_bytes()).collect();
-            let candidates: Vec<Candidate<'_>> = service
-                .backends
-                .iter()
-                .zip(&identities)
-                .map(|(b, identity)| Candidate { identity, weight: b.weight })
-                .collect();
-            let index_of: HashMap<u32, usize> =
-                service.backends.iter().enumerate().map(|(i, b)| (backend_ids[&b.address], i)).collect();
-            let previous: Option<Vec<Option<usize>>> = (installed.table.len() == service.ring_size as usize)
-                .then(|| installed.table.iter().map(|id| index_of.get(id).copied()).collect());
-            let slots = maglev::build(&candidates, service.ring_size, previous.as_deref())?;
-            let table: Vec<u32> = slots.iter().map(|&i| backend_ids[&service.backends[i as usize].address]).collect();
+            let previous = (installed.config.scheduler.uses_maglev() == service.scheduler.uses_maglev())
+                .then_some(installed.table.as_slice());
+            let table = ring_cells(service, &backend_ids, previous)?;
             let ring = if table.is_empty() {
                 None
             } else {
-                let offset = self
-                    .take_cells(service.ring_size)
-                    .ok_or_else(|| ApplyError::RingSpace { service: service.name.clone(), size: service.ring_size })?;
+                let size = table.len() as u32;
+                let offset =
+                    self.take_cells(size).ok_or_else(|| ApplyError::RingSpace { service: service.name.clone(), size })?;
                 maps.write_ring(offset, &table)?;
-                Some((offset, service.ring_size))
+                Some((offset, size))
             };
             if let Some(old) = installed.ring.take() {
                 self.retired.push(old);
@@ -218,8 +210,10 @@ impl Tables {
             flags |= m::SERVICE_FLAG_DSR;
         }
         let scheduler = match service.scheduler {
-            Scheduler::Maglev => m::SCHED_MAGLEV,
+            Scheduler::Maglev | Scheduler::LeastResponseTime => m::SCHED_MAGLEV,
             Scheduler::IpHash => m::SCHED_IP_HASH,
+            Scheduler::RoundRobin | Scheduler::WeightedRoundRobin => m::SCHED_SEQUENCE,
+            Scheduler::LeastConn => m::SCHED_LEAST_CONN,
         };
         flags |= scheduler << m::SCHEDULER_SHIFT;
         maps.write_service(&key, &m::Service { id: installed.id, ring_offset, ring_size, flags })?;
@@ -268,6 +262,39 @@ impl Tables {
         }
         self.free_cells = merged;
     }
+}
+
+/// The ring for the service's scheduler, as backend ids: a Maglev table (rebuilt from `previous`
+/// so surviving backends keep their slots), a round-robin sequence, or the least-conn candidates.
+fn ring_cells(
+    service: &config::Service,
+    backend_ids: &BTreeMap<SocketAddr, u32>,
+    previous: Option<&[u32]>,
+) -> Result<Vec<u32>, ApplyError> {
+    let id_of = |i: usize| backend_ids[&service.backends[i].address];
+    let with_weight = || (0..service.backends.len()).filter(|&i| service.backends[i].weight > 0);
+    Ok(match service.scheduler {
+        Scheduler::RoundRobin | Scheduler::LeastConn => with_weight().map(id_of).collect(),
+        Scheduler::WeightedRoundRobin => {
+            let weights: Vec<u32> = service.backends.iter().map(|b| b.weight).collect();
+            sequence::smooth_weighted(&weights).into_iter().map(id_of).collect()
+        }
+        Scheduler::Maglev | Scheduler::IpHash | Scheduler::LeastResponseTime => {
+            let identities: Vec<Vec<u8>> = service.backends.iter().map(|b| b.address.to_string().into_bytes()).collect();
+            let candidates: Vec<Candidate<'_>> = service
+                .backends
+                .iter()
+                .zip(&identities)
+                .map(|(b, identity)| Candidate { identity, weight: b.weight })
+                .collect();
+            let index_of: HashMap<u32, usize> = (0..service.backends.len()).map(|i| (id_of(i), i)).collect();
+            let previous: Option<Vec<Option<usize>>> = previous
+                .filter(|p| p.len() == service.ring_size as usize)
+                .map(|p| p.iter().map(|id| index_of.get(id).copied()).collect());
+            let slots = maglev::build(&candidates, service.ring_size, previous.as_deref())?;
+            slots.iter().map(|&i| id_of(i as usize)).collect()
+        }
+    })
 }
 
 fn take_id(used: &mut [bool]) -> Option<u32> {

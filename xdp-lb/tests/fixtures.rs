@@ -5,25 +5,14 @@
 //! built for the purpose: two veth interfaces with fixed MACs and permanent neighbour entries, so
 //! the output bytes are fully determined.
 
+#[path = "fixtures/harness.rs"]
+mod harness;
 #[path = "fixtures/packet.rs"]
 mod packet;
 
-use std::collections::BTreeMap;
-
 use aya::programs::{TestRun, TestRunOptions};
+use harness::*;
 use packet::{arp_request, icmp_echo, Frame, L3, L4};
-use xdp_lb::{config::Config, dataplane::Dataplane, tables::Tables};
-use xdp_lb_testbed::netns::{unique_prefix, Netns};
-
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
-const XDP_REDIRECT: u32 = 4;
-
-const LB_CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xaa, 0x01];
-const LB_BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xaa, 0x02];
-const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xcc, 0x01];
-const BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xbb, 0x02];
 
 const CONFIG: &str = r#"
 [dataplane]
@@ -121,93 +110,6 @@ ring_size = 251
 [[services.backends]]
 address = "10.201.0.9:80"
 "#;
-
-/// The namespace the FIB lookups resolve in: `fxc` faces the client, `fxb` the backend.
-fn fixture_namespace() -> Netns {
-    let ns = Netns::new(&unique_prefix("fx")).expect("creating the fixture namespace");
-    let ip = |args: &[&str]| ns.ip(args).unwrap_or_else(|e| panic!("{e:#}"));
-    ip(&["link", "add", "fxc", "address", "02:00:00:00:aa:01", "type", "veth", "peer", "name", "fxc-peer"]);
-    ip(&["link", "add", "fxb", "address", "02:00:00:00:aa:02", "type", "veth", "peer", "name", "fxb-peer"]);
-    for dev in ["fxc", "fxc-peer", "fxb", "fxb-peer"] {
-        ip(&["link", "set", dev, "up"]);
-    }
-    ip(&["addr", "add", "10.200.0.1/24", "dev", "fxc"]);
-    ip(&["addr", "add", "fd00:200::1/64", "dev", "fxc", "nodad"]);
-    ip(&["addr", "add", "10.201.0.1/24", "dev", "fxb"]);
-    ip(&["addr", "add", "fd00:201::1/64", "dev", "fxb", "nodad"]);
-    for (addr, mac, dev) in [
-        ("10.200.0.2", "02:00:00:00:cc:01", "fxc"),
-        ("fd00:200::2", "02:00:00:00:cc:01", "fxc"),
-        ("10.201.0.2", "02:00:00:00:bb:02", "fxb"),
-        ("fd00:201::2", "02:00:00:00:bb:02", "fxb"),
-    ] {
-        ip(&["neigh", "replace", addr, "lladdr", mac, "dev", dev, "nud", "permanent"]);
-    }
-    ns.sysctl("net.ipv4.ip_forward", "1").unwrap();
-    ns.sysctl("net.ipv6.conf.all.forwarding", "1").unwrap();
-    ns
-}
-
-struct Harness {
-    dataplane: Dataplane,
-    tables: Tables,
-    ifindex: BTreeMap<&'static str, u32>,
-}
-
-impl Harness {
-    fn new() -> Harness {
-        let config = Config::parse(CONFIG, "fixtures").unwrap();
-        let mut dataplane = Dataplane::load(&config.dataplane).unwrap_or_else(|e| panic!("loading the program: {e}"));
-        let mut tables = Tables::new(config.dataplane.maglev_cells, 256, 4096);
-        tables.apply(&config, &mut dataplane).unwrap();
-        let mut ifindex = BTreeMap::new();
-        for dev in ["fxc", "fxb"] {
-            dataplane.add_tx_port(dev).unwrap();
-            ifindex.insert(dev, ifindex_of(dev));
-        }
-        Harness { dataplane, tables, ifindex }
-    }
-
-    /// Runs one frame through the program as if received on `iface`; returns verdict and output.
-    fn run(&self, iface: &'static str, input: &[u8]) -> (u32, Vec<u8>) {
-        let mut ctx = [0u32; 6]; // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
-        ctx[1] = input.len() as u32;
-        ctx[3] = self.ifindex[iface];
-        let ctx_bytes: Vec<u8> = ctx.iter().flat_map(|w| w.to_ne_bytes()).collect();
-        let mut out = vec![0u8; input.len() + 256];
-        let result = self
-            .dataplane
-            .program()
-            .test_run(TestRunOptions {
-                data_in: Some(input),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx_bytes),
-                ..Default::default()
-            })
-            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN failed: {e}"));
-        out.truncate(result.data_size_out as usize);
-        (result.return_value, out)
-    }
-
-    fn reasons(&self) -> BTreeMap<&'static str, u64> {
-        self.dataplane.reason_counters().unwrap()
-    }
-
-    fn service_packets(&self, name: &str) -> (u64, u64) {
-        let s = self.tables.services().find(|s| s.config.name == name).unwrap();
-        let c = self.dataplane.service_counters(s.id).unwrap();
-        (c.packets, c.new_flows)
-    }
-}
-
-/// The index of `dev` in the calling thread's network namespace.
-fn ifindex_of(dev: &str) -> u32 {
-    let name = std::ffi::CString::new(dev).unwrap();
-    // SAFETY: valid NUL-terminated string.
-    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    assert_ne!(index, 0, "no interface {dev} in the fixture namespace");
-    index
-}
 
 #[derive(Clone, Copy)]
 enum Expect {
@@ -351,7 +253,7 @@ fn special_cases() -> Vec<Case> {
 fn fixtures() {
     let ns = fixture_namespace();
     ns.run(|| {
-        let harness = Harness::new();
+        let harness = Harness::new(CONFIG);
         let mut cases = forwarding_cases(false);
         cases.extend(forwarding_cases(true));
         cases.extend(special_cases());
@@ -398,7 +300,7 @@ fn fixtures() {
 fn established_flow_keeps_its_backend_and_counts_one_new_flow() {
     let ns = fixture_namespace();
     ns.run(|| {
-        let harness = Harness::new();
+        let harness = Harness::new(CONFIG);
         let syn = Frame::new(L4::Tcp, "10.200.0.2:41000", "10.200.100.100:80").bytes();
         let (_, new_flows_before) = harness.service_packets("nat4-tcp");
         for _ in 0..5 {
@@ -413,7 +315,7 @@ fn established_flow_keeps_its_backend_and_counts_one_new_flow() {
 fn frames_shorter_than_ethernet_are_refused_or_dropped_never_aborted() {
     let ns = fixture_namespace();
     ns.run(|| {
-        let harness = Harness::new();
+        let harness = Harness::new(CONFIG);
         for len in [0usize, 1, 13] {
             let input = vec![0u8; len];
             let mut ctx = [0u32; 6];
@@ -433,8 +335,4 @@ fn frames_shorter_than_ethernet_are_refused_or_dropped_never_aborted() {
             }
         }
     });
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join("")
 }

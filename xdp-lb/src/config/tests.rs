@@ -76,7 +76,7 @@ weight = 70000
         "services[0].vip: \"10.0.0.300:80\" is not an address",
         "services[0].protocol: \"sctp\" is not one of",
         "services[0].mode: \"tunnel\" is not one of",
-        "services[0].scheduler: \"random\" is not one of",
+        "services[0].scheduler: \"random\" is not one of: maglev, ip-hash, round-robin",
         "services[0].ring_size: 1000 is not a prime",
         "services[0].backends[0].address: \"nonsense\" is not an address",
         "services[0].backends[1].weight: 70000 is above the maximum",
@@ -134,4 +134,27 @@ fn unknown_fields_and_bad_toml_are_syntax_errors_naming_the_file() {
 fn rings_must_fit_the_shared_cells() {
     let errors = errors_of("[dataplane]\nmaglev_cells = 1000\n[[services]]\nname = \"a\"\nvip = \"10.0.0.1:80\"\nprotocol = \"tcp\"\nring_size = 503\n");
     assert!(errors[0].starts_with("dataplane.maglev_cells: 1000 cells cannot hold"), "{errors:?}");
+}
+
+#[test]
+fn least_conn_needs_nat_tcp_and_few_backends() {
+    let mut text = String::from("[[services]]\nname = \"a\"\nvip = \"10.0.0.1:80\"\nprotocol = \"udp\"\nmode = \"dsr\"\nscheduler = \"least-conn\"\n");
+    for i in 0..33 {
+        text += &format!("[[services.backends]]\naddress = \"10.1.0.{}:80\"\n", i + 2);
+    }
+    let errors = errors_of(&text);
+    for e in [
+        "services[0].scheduler: least-conn needs mode \"nat\"",
+        "services[0].scheduler: least-conn counts TCP connections",
+        "services[0].backends: 33 backends, least-conn supports at most 32",
+    ] {
+        assert!(errors.iter().any(|got| got.starts_with(e)), "missing {e:?} in {errors:#?}");
+    }
+}
+
+#[test]
+fn every_scheduler_name_parses() {
+    for name in Scheduler::NAMES.split(", ") {
+        assert_eq!(Scheduler::parse(name).map(Scheduler::name), Some(name));
+    }
 }

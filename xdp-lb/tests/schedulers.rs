@@ -1,0 +1,159 @@
+//! The per-new-flow schedulers and flow tracking, through the real loaded program (BPF_PROG_TEST_RUN):
+//! round-robin cycles, weighted round-robin follows weights, least-conn picks the backend with the
+//! fewest open flows (closes counted from FIN/RST in either direction), and the passive counters
+//! (SYNs forwarded, SYN-ACKs and RSTs returned) move.
+
+#[path = "fixtures/harness.rs"]
+mod harness;
+#[path = "fixtures/packet.rs"]
+mod packet;
+
+use harness::*;
+use packet::{Frame, L3, L4};
+
+const CONFIG: &str = r#"
+[dataplane]
+conntrack_entries = 4096
+maglev_cells = 8192
+
+[[services]]
+name = "rr"
+vip = "10.200.100.110:80"
+protocol = "tcp"
+scheduler = "round-robin"
+[[services.backends]]
+address = "10.201.0.2:80"
+[[services.backends]]
+address = "10.201.0.3:80"
+[[services.backends]]
+address = "10.201.0.4:80"
+
+[[services]]
+name = "wrr"
+vip = "10.200.100.111:80"
+protocol = "tcp"
+scheduler = "weighted-round-robin"
+[[services.backends]]
+address = "10.201.0.2:80"
+weight = 3
+[[services.backends]]
+address = "10.201.0.3:80"
+weight = 1
+
+[[services]]
+name = "lc"
+vip = "10.200.100.112:80"
+protocol = "tcp"
+scheduler = "least-conn"
+[[services.backends]]
+address = "10.201.0.2:80"
+[[services.backends]]
+address = "10.201.0.3:80"
+[[services.backends]]
+address = "10.201.0.4:80"
+"#;
+
+const FIN: u8 = 0x01;
+const SYN: u8 = 0x02;
+const RST: u8 = 0x04;
+const ACK: u8 = 0x10;
+/// Offset of the TCP flags byte in an untagged IPv4 frame without options.
+const TCP_FLAGS: usize = L3 + 20 + 13;
+
+/// A TCP segment from client port `sport` to `vip` with `flags`; returns the backend it was sent to.
+fn send(h: &Harness, sport: u16, vip: &str, flags: u8) -> String {
+    let mut frame = Frame::new(L4::Tcp, &format!("10.200.0.2:{sport}"), vip).bytes();
+    set_tcp_flags(&mut frame, flags);
+    let (verdict, out) = h.run("fxc", &frame);
+    assert_eq!(verdict, XDP_REDIRECT, "port {sport} to {vip}: verdict {verdict}, output {}", hex(&out));
+    format!("{}.{}.{}.{}", out[L3 + 16], out[L3 + 17], out[L3 + 18], out[L3 + 19])
+}
+
+/// The backend `backend` (address without port) answers client port `sport` with `flags`.
+fn reply(h: &Harness, backend: &str, sport: u16, flags: u8) {
+    let mut frame = Frame::new(L4::Tcp, &format!("{backend}:80"), &format!("10.200.0.2:{sport}"))
+        .with_macs([0x02, 0, 0, 0, 0xbb, 0x02], LB_BACKEND_MAC)
+        .bytes();
+    set_tcp_flags(&mut frame, flags);
+    let (verdict, out) = h.run("fxb", &frame);
+    assert_eq!(verdict, XDP_REDIRECT, "reply from {backend} to port {sport}: output {}", hex(&out));
+}
+
+/// Sets the flags byte; the checksum does not matter to the program (it only updates it).
+fn set_tcp_flags(frame: &mut [u8], flags: u8) {
+    frame[TCP_FLAGS] = flags;
+}
+
+fn active(h: &Harness, service: &str, backend: &str) -> u64 {
+    let (id, _) = h.backend(service, &format!("{backend}:80"));
+    h.dataplane.active_flows(id).unwrap()
+}
+
+#[test]
+fn round_robin_cycles_through_backends_in_order() {
+    let ns = fixture_namespace();
+    ns.run(|| {
+        let h = Harness::new(CONFIG);
+        let picks: Vec<String> = (0..9).map(|i| send(&h, 42_000 + i, "10.200.100.110:80", SYN)).collect();
+        let expected: Vec<&str> = ["10.201.0.2", "10.201.0.3", "10.201.0.4"].repeat(3);
+        assert_eq!(picks, expected);
+        // An established flow stays put while the sequence moves on.
+        assert_eq!(send(&h, 42_000, "10.200.100.110:80", ACK), "10.201.0.2");
+    });
+}
+
+#[test]
+fn weighted_round_robin_follows_the_weights() {
+    let ns = fixture_namespace();
+    ns.run(|| {
+        let h = Harness::new(CONFIG);
+        let picks: Vec<String> = (0..400).map(|i| send(&h, 43_000 + i, "10.200.100.111:80", SYN)).collect();
+        let heavy = picks.iter().filter(|p| *p == "10.201.0.2").count();
+        assert_eq!(heavy, 300, "3:1 weights over 400 new flows");
+        // Smooth: the light backend is never waited on for more than three heavy picks in a row.
+        assert!(!picks.windows(4).any(|w| w.iter().all(|p| p == "10.201.0.2")), "{picks:?}");
+    });
+}
+
+#[test]
+fn least_conn_sends_new_flows_to_the_backend_with_fewest_open_flows() {
+    let ns = fixture_namespace();
+    ns.run(|| {
+        let h = Harness::new(CONFIG);
+        let vip = "10.200.100.112:80";
+        // Three flows: ties go to the first listed backend with the fewest.
+        assert_eq!(send(&h, 44_000, vip, SYN), "10.201.0.2");
+        assert_eq!(send(&h, 44_001, vip, SYN), "10.201.0.3");
+        assert_eq!(send(&h, 44_002, vip, SYN), "10.201.0.4");
+        assert_eq!(send(&h, 44_003, vip, SYN), "10.201.0.2");
+        assert_eq!([active(&h, "lc", "10.201.0.2"), active(&h, "lc", "10.201.0.3"), active(&h, "lc", "10.201.0.4")], [2, 1, 1]);
+
+        // The client closes its flow on .3 (FIN, counted once even if repeated) ...
+        send(&h, 44_001, vip, FIN | ACK);
+        send(&h, 44_001, vip, FIN | ACK);
+        assert_eq!(active(&h, "lc", "10.201.0.3"), 0);
+        assert_eq!(send(&h, 44_004, vip, SYN), "10.201.0.3");
+        // ... and backend .4 resets its flow: the reply direction closes it too.
+        reply(&h, "10.201.0.4", 44_002, RST);
+        assert_eq!(active(&h, "lc", "10.201.0.4"), 0);
+        assert_eq!(send(&h, 44_005, vip, SYN), "10.201.0.4");
+        // A reused 5-tuple (new SYN after the close) opens again on the same backend.
+        assert_eq!(send(&h, 44_001, vip, SYN), "10.201.0.3");
+        assert_eq!(active(&h, "lc", "10.201.0.3"), 2);
+    });
+}
+
+#[test]
+fn passive_counters_see_syns_syn_acks_and_resets() {
+    let ns = fixture_namespace();
+    ns.run(|| {
+        let h = Harness::new(CONFIG);
+        let vip = "10.200.100.110:80";
+        let backend = send(&h, 45_000, vip, SYN);
+        send(&h, 45_000, vip, ACK); // not a SYN
+        reply(&h, &backend, 45_000, SYN | ACK);
+        reply(&h, &backend, 45_000, RST | ACK);
+        let (_, c) = h.backend("rr", &format!("{backend}:80"));
+        assert_eq!((c.syns, c.syn_acks, c.resets, c.new_flows), (1, 1, 1, 1), "{c:?}");
+    });
+}
