@@ -1,16 +1,18 @@
 //! The daemon's TOML configuration: serde structs with defaults, then [`RawConfig::validate`], which
 //! reports every invalid field with its path and yields the typed [`Config`] the rest of the daemon uses.
 
-use std::{collections::HashSet, fmt, net::SocketAddr, path::Path};
+use std::{collections::HashSet, fmt, net::SocketAddr, path::Path, time::Duration};
 
-use serde::Deserialize;
+use crate::health::{CheckKind, CheckSpec};
+
+use serde::{Deserialize, Serialize};
 use xdp_lb_common::{
     maglev::is_prime,
     maps::{defaults, LEAST_CONN_MAX},
     sequence::smooth_weighted_len,
 };
 
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     #[serde(default)]
@@ -19,7 +21,7 @@ pub struct RawConfig {
     pub services: Vec<RawService>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawDataplane {
     /// Flows tracked by the connection table (and by the NAT reply table).
@@ -34,7 +36,7 @@ impl Default for RawDataplane {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawService {
     pub name: String,
@@ -46,16 +48,63 @@ pub struct RawService {
     pub scheduler: String,
     #[serde(default = "default_ring_size")]
     pub ring_size: u32,
+    /// What to do when no backend is healthy: "drop" (default) or "fail-open".
+    #[serde(default = "default_all_down")]
+    pub all_down: String,
+    /// How long a drained backend's established flows may continue.
+    #[serde(default = "default_drain_timeout_ms")]
+    pub drain_timeout_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<RawHealthCheck>,
+    #[serde(default)]
+    pub passive_checks: Option<bool>,
     #[serde(default)]
     pub backends: Vec<RawBackend>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawBackend {
     pub address: String,
     #[serde(default = "default_weight")]
     pub weight: u32,
+    /// Receives traffic only while no primary backend is healthy.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub backup: bool,
+    /// No new flows; established ones continue until they end or the drain timeout passes.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub drained: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<RawHealthCheck>,
+}
+
+/// Active health check settings; every field has a default.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealthCheck {
+    /// "tcp" (connect), "http" (GET path, status in `expect`) or "none".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// Port to check instead of the backend's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Accepted status codes, "200-399".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expect: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rise: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fall: Option<u32>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 fn default_mode() -> String {
@@ -69,6 +118,12 @@ fn default_ring_size() -> u32 {
 }
 fn default_weight() -> u32 {
     1
+}
+fn default_all_down() -> String {
+    "drop".into()
+}
+fn default_drain_timeout_ms() -> u64 {
+    300_000
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -146,13 +201,40 @@ pub struct Service {
     pub mode: Mode,
     pub scheduler: Scheduler,
     pub ring_size: u32,
+    pub all_down: AllDown,
+    pub drain_timeout: Duration,
+    /// Count SYNs against SYN-ACKs per backend and mark silent ones down (NAT TCP only).
+    pub passive_checks: bool,
     pub backends: Vec<Backend>,
+}
+
+/// The policy when no backend of a service is healthy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AllDown {
+    /// New flows are dropped (counted as `drop_no_backend`): clients fail fast.
+    Drop,
+    /// Health is ignored and every non-drained primary gets traffic: a broken health check
+    /// cannot take the whole service down.
+    FailOpen,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Backend {
     pub address: SocketAddr,
     pub weight: u32,
+    pub backup: bool,
+    pub drained: bool,
+    /// `None` when health checks are off for this backend.
+    pub health_check: Option<HealthCheck>,
+    /// Set by the planner (not the config): failed its checks, so its flows move elsewhere.
+    pub down: bool,
+}
+
+/// A validated health check: what to probe and how often.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub port: Option<u16>,
+    pub spec: CheckSpec,
 }
 
 /// One invalid field: where it is and what is wrong with it.
@@ -256,6 +338,20 @@ impl RawConfig {
                     err(at("backends"), format!("{} backends, least-conn supports at most {LEAST_CONN_MAX}", s.backends.len()));
                 }
             }
+            let all_down = match s.all_down.as_str() {
+                "drop" => AllDown::Drop,
+                "fail-open" => AllDown::FailOpen,
+                other => {
+                    err(at("all_down"), format!("\"{other}\" is not one of: drop, fail-open"));
+                    AllDown::Drop
+                }
+            };
+            let tcp_default = protocol == Some(Protocol::Tcp);
+            let service_check = health_check(s.health_check.as_ref(), None, tcp_default).map_err(|m| err(at("health_check"), m)).ok().flatten();
+            let passive_checks = s.passive_checks.unwrap_or(mode == Some(Mode::Nat) && protocol == Some(Protocol::Tcp));
+            if s.passive_checks == Some(true) && (mode == Some(Mode::Dsr) || protocol == Some(Protocol::Udp)) {
+                err(at("passive_checks"), "passive checks need a nat-mode TCP service (they count the SYN-ACKs that only NAT sees)".into());
+            }
             let weights: Vec<u32> = s.backends.iter().map(|b| b.weight).collect();
             ring_cells += 2 * match scheduler {
                 Some(Scheduler::RoundRobin | Scheduler::LeastConn) => s.backends.len() as u64,
@@ -288,10 +384,26 @@ impl RawConfig {
                         err(at("address"), format!("port {} differs from the VIP's port {}: direct server return cannot translate ports", address.port(), vip.port()));
                     }
                 }
-                backends.push(Backend { address, weight: b.weight });
+                let check = match &b.health_check {
+                    None => Ok(service_check.clone()),
+                    Some(own) => health_check(Some(own), s.health_check.as_ref(), tcp_default),
+                };
+                let Ok(check) = check.map_err(|m| err(at("health_check"), m)) else { continue };
+                backends.push(Backend { address, weight: b.weight, backup: b.backup, drained: b.drained, health_check: check, down: false });
             }
             if let (Some(vip), Some(protocol), Some(mode), Some(scheduler)) = (vip, protocol, mode, scheduler) {
-                services.push(Service { name: s.name.clone(), vip, protocol, mode, scheduler, ring_size: s.ring_size, backends });
+                services.push(Service {
+                    name: s.name.clone(),
+                    vip,
+                    protocol,
+                    mode,
+                    scheduler,
+                    ring_size: s.ring_size,
+                    all_down,
+                    drain_timeout: Duration::from_millis(s.drain_timeout_ms),
+                    passive_checks,
+                    backends,
+                });
             }
         }
         if backend_count > defaults::MAX_BACKENDS as usize - 1 {
@@ -310,6 +422,45 @@ impl RawConfig {
             Err(errors)
         }
     }
+}
+
+/// The effective check: `own` fields over `inherited` ones over the defaults. TCP services are
+/// checked by default (TCP connect); UDP services only when configured (a UDP port cannot be probed
+/// generically), e.g. `kind = "http"` with `port` of a health endpoint.
+fn health_check(own: Option<&RawHealthCheck>, inherited: Option<&RawHealthCheck>, tcp_service: bool) -> Result<Option<HealthCheck>, String> {
+    let pick = |f: fn(&RawHealthCheck) -> Option<String>| own.and_then(f).or_else(|| inherited.and_then(f));
+    let pick_u64 = |f: fn(&RawHealthCheck) -> Option<u64>| own.and_then(f).or_else(|| inherited.and_then(f));
+    let default_kind = if tcp_service || own.is_some() || inherited.is_some() { "tcp" } else { "none" };
+    let kind = pick(|h| h.kind.clone()).unwrap_or_else(|| default_kind.to_string());
+    let defaults = CheckSpec::default();
+    let kind = match kind.as_str() {
+        "none" => return Ok(None),
+        "tcp" => CheckKind::Tcp,
+        "http" => {
+            let path = pick(|h| h.path.clone()).unwrap_or_else(|| "/".into());
+            let expect = pick(|h| h.expect.clone()).unwrap_or_else(|| "200-399".into());
+            let range = expect
+                .split_once('-')
+                .and_then(|(lo, hi)| Some(lo.trim().parse::<u16>().ok()?..=hi.trim().parse::<u16>().ok()?))
+                .or_else(|| expect.trim().parse::<u16>().ok().map(|c| c..=c))
+                .ok_or_else(|| format!("expect \"{expect}\" is not a status range like \"200-399\""))?;
+            CheckKind::Http { path, expect: range }
+        }
+        other => return Err(format!("kind \"{other}\" is not one of: tcp, http, none")),
+    };
+    let spec = CheckSpec {
+        kind,
+        interval: pick_u64(|h| h.interval_ms).map(Duration::from_millis).unwrap_or(defaults.interval),
+        timeout: pick_u64(|h| h.timeout_ms).map(Duration::from_millis).unwrap_or(defaults.timeout),
+        rise: pick_u64(|h| h.rise.map(u64::from)).map(|v| v as u32).unwrap_or(defaults.rise),
+        fall: pick_u64(|h| h.fall.map(u64::from)).map(|v| v as u32).unwrap_or(defaults.fall),
+    };
+    spec.validate()?;
+    let port = own.and_then(|h| h.port).or_else(|| inherited.and_then(|h| h.port));
+    if port == Some(0) {
+        return Err("port 0 cannot be checked".into());
+    }
+    Ok(Some(HealthCheck { port, spec }))
 }
 
 fn parse_socket_addr(text: &str) -> Result<SocketAddr, String> {

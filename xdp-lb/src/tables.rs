@@ -72,6 +72,8 @@ pub struct Tables {
     services: BTreeMap<ServiceKey, Installed>,
     used_service_ids: Vec<bool>,
     used_backend_ids: Vec<bool>,
+    /// Generation of each backend id's current owner.
+    generations: Vec<u32>,
     next_generation: u32,
 }
 
@@ -97,6 +99,7 @@ impl Tables {
             services: BTreeMap::new(),
             used_service_ids: vec![false; max_services as usize],
             used_backend_ids: vec![false; max_backends as usize],
+            generations: vec![0; max_backends as usize],
             next_generation: 1,
         }
     }
@@ -150,36 +153,37 @@ impl Tables {
         };
         let old_backend_ids = installed.backend_ids.clone();
 
-        // 1. Backends that are new to this service get an id and a fresh generation.
+        // 1. Backends that are new to this service get an id and a fresh generation; backends coming
+        //    back up are marked up before any ring can name them.
+        let was_down: HashMap<SocketAddr, bool> = installed.config.backends.iter().map(|b| (b.address, b.down)).collect();
         let mut backend_ids = BTreeMap::new();
+        let mut going_down = Vec::new();
         for b in &service.backends {
             let id = match old_backend_ids.get(&b.address) {
                 Some(&id) => id,
                 None => {
                     let id = take_id(&mut self.used_backend_ids).ok_or(ApplyError::BackendIds(self.max_backends))?;
-                    let generation = self.next_generation;
+                    self.generations[id as usize] = self.next_generation;
                     self.next_generation = self.next_generation.checked_add(1).unwrap_or(1);
                     maps.clear_backend_stats(id)?;
-                    maps.write_backend(
-                        id,
-                        &m::Backend {
-                            addr: addr::from_ip(b.address.ip()),
-                            port: b.address.port().to_be(),
-                            flags: 0,
-                            service_id: installed.id,
-                            generation,
-                        },
-                    )?;
-                    id
+                    self.write_backend(maps, id, installed.id, b)?;
+                    backend_ids.insert(b.address, id);
+                    continue;
                 }
             };
+            match (was_down.get(&b.address).copied().unwrap_or(false), b.down) {
+                (true, false) => self.write_backend(maps, id, installed.id, b)?,
+                (false, true) => going_down.push((id, b.clone())),
+                _ => {}
+            }
             backend_ids.insert(b.address, id);
         }
 
         // 2. The new ring, built from the old one so that surviving backends keep their slots.
+        let weights = |s: &config::Service| s.backends.iter().map(|b| (b.address, b.weight)).collect::<Vec<_>>();
         let ring_unchanged = installed.config.ring_size == service.ring_size
             && installed.config.scheduler == service.scheduler
-            && installed.config.backends == service.backends
+            && weights(&installed.config) == weights(service)
             && !installed.table.is_empty();
         let ring = if ring_unchanged {
             installed.ring
@@ -218,7 +222,11 @@ impl Tables {
         flags |= scheduler << m::SCHEDULER_SHIFT;
         maps.write_service(&key, &m::Service { id: installed.id, ring_offset, ring_size, flags })?;
 
-        // 4. Backends that left: their flows reschedule, since their generation no longer matches.
+        // 4. Backends that went down (their flows move on their next packet) and backends that left
+        //    (their flows reschedule, since their generation no longer matches).
+        for (id, b) in &going_down {
+            self.write_backend(maps, *id, installed.id, b)?;
+        }
         for (address, &id) in &old_backend_ids {
             if !backend_ids.contains_key(address) {
                 self.free_backend(id, maps)?;
@@ -229,6 +237,17 @@ impl Tables {
         installed.config = service.clone();
         self.services.insert(key, installed);
         Ok(())
+    }
+
+    fn write_backend(&self, maps: &mut dyn MapWriter, id: u32, service_id: u32, b: &config::Backend) -> Result<(), ApplyError> {
+        let entry = m::Backend {
+            addr: addr::from_ip(b.address.ip()),
+            port: b.address.port().to_be(),
+            flags: if b.down { m::BACKEND_FLAG_DOWN } else { 0 },
+            service_id,
+            generation: self.generations[id as usize],
+        };
+        Ok(maps.write_backend(id, &entry)?)
     }
 
     fn free_backend(&mut self, id: u32, maps: &mut dyn MapWriter) -> Result<(), ApplyError> {
