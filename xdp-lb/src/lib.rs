@@ -5,5 +5,6 @@ pub mod config;
 pub mod dataplane;
 pub mod health;
 pub mod neighbours;
+pub mod plan;
 pub mod stats;
 pub mod tables;
