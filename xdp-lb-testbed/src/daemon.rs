@@ -6,7 +6,7 @@ use std::{
     io::{BufRead, BufReader},
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
-    process::{Child, Stdio},
+    process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
     thread::JoinHandle,
     time::{Duration, Instant},
@@ -30,6 +30,7 @@ pub struct Daemon {
     exited: bool,
     config_path: PathBuf,
     stdout_path: PathBuf,
+    socket: PathBuf,
     /// Everything the daemon wrote to stderr so far, escape sequences removed.
     log: Arc<Mutex<String>>,
     reader: Option<JoinHandle<()>>,
@@ -44,9 +45,12 @@ impl Daemon {
         let dir = tempfile::Builder::new().prefix("xdp-lb-testbed-").tempdir()?;
         let config_path = dir.path().join("xdp-lb.toml");
         let stdout_path = dir.path().join("stdout.json");
+        let socket = dir.path().join("xdp-lb.sock");
         std::fs::write(&config_path, config)?;
         let mut cmd = lb.command(binary);
-        cmd.arg("run").arg("--config").arg(&config_path);
+        // Each daemon gets its own API socket and state file, so tests can run side by side.
+        cmd.arg("--socket").arg(&socket).arg("run").arg("--config").arg(&config_path);
+        cmd.arg("--state-file").arg(dir.path().join("state.toml"));
         for iface in ifaces {
             cmd.args(["--iface", iface.as_ref()]);
         }
@@ -75,11 +79,28 @@ impl Daemon {
             }
         })?;
         let mut daemon =
-            Daemon { child, exited: false, config_path, stdout_path, log, reader: Some(reader), _dir: dir };
+            Daemon { child, exited: false, config_path, stdout_path, socket, log, reader: Some(reader), _dir: dir };
         daemon
             .wait_for(READY, 1, START_TIMEOUT)
             .with_context(|| format!("starting {} {:?}", binary.display(), cmd_line(&cmd)))?;
         Ok(daemon)
+    }
+
+    /// The daemon's API socket, for `xdp-lb --socket PATH <command>`.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Runs an `xdp-lb` CLI command against this daemon (from the root namespace: the socket is a
+    /// file) and returns its output, whatever the exit status.
+    pub fn cli(&self, binary: &Path, args: &[&str]) -> anyhow::Result<std::process::Output> {
+        Command::new(binary)
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running xdp-lb {args:?}"))
     }
 
     pub fn pid(&self) -> u32 {

@@ -91,11 +91,10 @@ fn accept_loop(listener: TcpListener, stop: Arc<AtomicBool>, served: Arc<AtomicU
     while !stop.load(Ordering::Relaxed) && started.elapsed() < MAX_LIFETIME {
         match listener.accept() {
             Ok((stream, peer)) => {
-                seen.record(&stream, peer);
-                let (s, c, b) = (stop.clone(), served.clone(), body.clone());
+                let (s, c, b, seen) = (stop.clone(), served.clone(), body.clone(), seen.clone());
                 if let Ok(handle) = std::thread::Builder::new().name(format!("conn-{body}")).spawn(move || {
                     // Errors are the client's business (resets, timeouts): just close.
-                    let _ = serve_connection(stream, &s, &c, &b);
+                    let _ = serve_connection(stream, peer, &seen, &s, &c, &b);
                 }) {
                     connections.push(handle);
                 }
@@ -110,7 +109,9 @@ fn accept_loop(listener: TcpListener, stop: Arc<AtomicBool>, served: Arc<AtomicU
     }
 }
 
-/// Who talked to an HTTP server, and on which of its addresses.
+/// Who sent requests to an HTTP server, and on which of its addresses. Connections that send no
+/// request (the balancer's TCP health checks) are not counted.
+#[derive(Clone)]
 struct Seen {
     peers: Arc<Mutex<BTreeSet<IpAddr>>>,
     locals: Arc<Mutex<BTreeSet<IpAddr>>>,
@@ -131,15 +132,25 @@ fn wait_readable(listener: &TcpListener) {
     unsafe { libc::poll(&mut fd, 1, POLL.as_millis() as i32) };
 }
 
-fn serve_connection(stream: TcpStream, stop: &AtomicBool, served: &AtomicU64, body: &str) -> io::Result<()> {
+fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    seen: &Seen,
+    stop: &AtomicBool,
+    served: &AtomicU64,
+    body: &str,
+) -> io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(POLL))?;
     stream.set_write_timeout(Some(Duration::from_secs(5)))?;
     stream.set_nodelay(true)?;
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
-    for _ in 0..MAX_REQUESTS_PER_CONNECTION {
+    for i in 0..MAX_REQUESTS_PER_CONNECTION {
         let Some(close) = read_request(&mut reader, stop)? else { return Ok(()) };
+        if i == 0 {
+            seen.record(&writer, peer);
+        }
         let connection = if close { "close" } else { "keep-alive" };
         let response = format!(
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: {connection}\r\n\r\n{body}",

@@ -1,9 +1,12 @@
 //! xdp-lb's control plane: configuration, the loaded data plane, and the logic that keeps the
 //! data plane's maps in step with the configuration.
 
+pub mod api;
 pub mod config;
+pub mod daemon;
 pub mod dataplane;
 pub mod health;
+pub mod metrics;
 pub mod neighbours;
 pub mod plan;
 pub mod stats;

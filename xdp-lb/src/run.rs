@@ -1,94 +1,182 @@
-//! `xdp-lb run`: validate, load, program, attach; then serve signals until told to stop.
+//! `xdp-lb run`: load, program, attach; then one control loop serves health transitions, CLI
+//! requests, metrics scrapes, periodic checks and signals until told to stop.
 
-use std::path::Path;
-
-use anyhow::{Context, Result};
-use tokio::signal::unix::{signal, SignalKind};
-use tracing::{error, info, warn};
-use xdp_lb::{
-    config::{Config, Mode},
-    dataplane::{self, Dataplane},
-    neighbours, stats,
-    tables::Tables,
+use std::{
+    net::SocketAddr,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    time::Duration,
 };
 
+use anyhow::{bail, Context, Result};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::{TcpListener, UnixListener, UnixStream},
+    signal::unix::{signal, SignalKind},
+    sync::{mpsc, oneshot},
+};
+use tracing::{error, info, warn};
+use xdp_lb::{
+    api::{Request, Response},
+    config::Mode,
+    daemon::{self, Daemon},
+    dataplane::{self, Dataplane},
+    metrics, neighbours,
+};
+
+/// Passive checks, drain timers and latency weights are looked at this often.
+const TICK: Duration = Duration::from_millis(500);
 /// DSR cannot fall back to the kernel for an unresolved neighbour, so refresh them regularly.
-const NEIGHBOUR_REFRESH: std::time::Duration = std::time::Duration::from_secs(15);
+const NEIGHBOUR_REFRESH: Duration = Duration::from_secs(15);
+/// A CLI client gets this long to send its request line.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub fn run(config_path: &Path, ifaces: &[String]) -> Result<()> {
-    let config = Config::load(config_path)?;
-    warn_if_forwarding_disabled();
+pub struct Options {
+    pub config: PathBuf,
+    pub ifaces: Vec<String>,
+    pub socket: PathBuf,
+    pub state_file: Option<PathBuf>,
+    pub metrics: Option<SocketAddr>,
+}
 
+type Job = (Request, oneshot::Sender<Response>);
+
+pub fn run(opts: Options) -> Result<()> {
+    let desired = daemon::load_desired(&opts.config, opts.state_file.as_deref())?;
     // Every --iface must exist before anything is loaded or attached.
-    for iface in ifaces {
+    for iface in &opts.ifaces {
         dataplane::ifindex(iface)?;
     }
-    let mut dataplane = Dataplane::load(&config.dataplane)?;
-    let mut tables = Tables::new(config.dataplane.maglev_cells, dataplane::MAX_SERVICES, dataplane::MAX_BACKENDS);
-    tables.apply(&config, &mut dataplane).context("programming the services")?;
-    for iface in ifaces {
-        // On failure, dropping `dataplane` detaches whatever was attached before.
-        dataplane.attach(iface)?;
-    }
-    log_services(&config);
-    neighbours::warm(backend_addresses(&config));
-    info!(interfaces = ifaces.len(), services = config.services.len(), "xdp-lb ready");
-
+    warn_if_forwarding_disabled();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    runtime.block_on(serve(config_path, config, &mut dataplane, &mut tables))?;
+    runtime.block_on(serve(opts, desired))
+}
 
-    dataplane.detach_all();
-    let snapshot = stats::snapshot(&dataplane, &tables)?;
+async fn serve(opts: Options, desired: xdp_lb::config::RawConfig) -> Result<()> {
+    let settings = desired.validate().map_err(|_| anyhow::anyhow!("invalid desired state"))?.dataplane;
+    let dataplane = Dataplane::load(&settings)?;
+    let (mut daemon, mut transitions) = Daemon::new(desired, dataplane, opts.state_file.clone())?;
+    let listener = bind_socket(&opts.socket)?;
+    let metrics_listener = match opts.metrics {
+        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("--metrics {addr}"))?),
+        None => None,
+    };
+    for iface in &opts.ifaces {
+        // On failure, dropping the daemon detaches whatever was attached before.
+        daemon.dataplane_mut().attach(iface)?;
+    }
+    neighbours::warm(daemon.config().services.iter().flat_map(|s| s.backends.iter().map(|b| b.address)));
+    info!(interfaces = opts.ifaces.len(), services = daemon.config().services.len(), socket = %opts.socket.display(), "xdp-lb ready");
+
+    let (jobs_tx, mut jobs) = mpsc::channel::<Job>(64);
+    tokio::spawn(accept_clients(listener, jobs_tx));
+    let (scrape_tx, mut scrapes) = mpsc::channel::<oneshot::Sender<String>>(16);
+    if let Some(l) = metrics_listener {
+        tokio::spawn(accept_scrapes(l, scrape_tx));
+    }
+    let mut hangup = signal(SignalKind::hangup())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut tick = tokio::time::interval(TICK);
+    let mut refresh = tokio::time::interval(NEIGHBOUR_REFRESH);
+    loop {
+        tokio::select! {
+            Some(t) = transitions.recv() => daemon.on_transition(&t),
+            Some((request, reply)) = jobs.recv() => { let _ = reply.send(daemon.handle(request)); }
+            Some(reply) = scrapes.recv() => { let _ = reply.send(metrics::render(&daemon)); }
+            _ = tick.tick() => daemon.tick(),
+            _ = refresh.tick() => neighbours::warm(daemon.config().services.iter().filter(|s| s.mode == Mode::Dsr).flat_map(|s| s.backends.iter().map(|b| b.address))),
+            _ = hangup.recv() => match daemon.reload(&opts.config) {
+                Ok(()) => info!(services = daemon.config().services.len(), "config reloaded"),
+                Err(e) => error!("reload rejected, keeping the running configuration: {e:#}"),
+            },
+            _ = terminate.recv() => { info!("SIGTERM: detaching"); break; }
+            _ = interrupt.recv() => { info!("SIGINT: detaching"); break; }
+        }
+    }
+    let _ = std::fs::remove_file(&opts.socket);
+    daemon.dataplane_mut().detach_all();
+    let snapshot = daemon.snapshot()?;
     println!("{}", serde_json::to_string_pretty(&snapshot)?);
     Ok(())
 }
 
-async fn serve(config_path: &Path, mut config: Config, dataplane: &mut Dataplane, tables: &mut Tables) -> Result<()> {
-    let mut hangup = signal(SignalKind::hangup())?;
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut refresh = tokio::time::interval(NEIGHBOUR_REFRESH);
+/// The API socket: its directory and itself for root only; a stale socket from a crashed daemon
+/// is replaced, a live one is an error.
+fn bind_socket(path: &Path) -> Result<UnixListener> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.exists() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!("another xdp-lb daemon is serving {} (use --socket for a second instance)", path.display());
+        }
+        std::fs::remove_file(path).with_context(|| format!("removing the stale socket {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path).with_context(|| format!("binding the API socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+async fn accept_clients(listener: UnixListener, jobs: mpsc::Sender<Job>) {
     loop {
-        tokio::select! {
-            _ = hangup.recv() => {
-                match reload(config_path, &config, dataplane, tables) {
-                    Ok(new) => {
-                        config = new;
-                        info!(services = config.services.len(), "config reloaded");
-                    }
-                    Err(error) => error!("reload rejected, keeping the running configuration: {error:#}"),
-                }
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(serve_client(stream, jobs.clone()));
             }
-            _ = refresh.tick() => {
-                neighbours::warm(config.services.iter().filter(|s| s.mode == Mode::Dsr).flat_map(|s| s.backends.iter().map(|b| b.address)));
+            Err(e) => {
+                warn!("API socket accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            _ = terminate.recv() => { info!("SIGTERM: detaching"); return Ok(()); }
-            _ = interrupt.recv() => { info!("SIGINT: detaching"); return Ok(()); }
         }
     }
 }
 
-fn reload(path: &Path, running: &Config, dataplane: &mut Dataplane, tables: &mut Tables) -> Result<Config> {
-    let new = Config::load(path)?;
-    if new.dataplane != running.dataplane {
-        anyhow::bail!("[dataplane] sizes cannot change while running (restart xdp-lb to resize the maps)");
-    }
-    tables.apply(&new, dataplane).context("programming the services")?;
-    log_services(&new);
-    neighbours::warm(backend_addresses(&new));
-    Ok(new)
+async fn serve_client(stream: UnixStream, jobs: mpsc::Sender<Job>) {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let response = match tokio::time::timeout(REQUEST_TIMEOUT, BufReader::new(read).read_line(&mut line)).await {
+        Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
+            Ok(request) => {
+                let (tx, rx) = oneshot::channel();
+                if jobs.send((request, tx)).await.is_err() {
+                    Response::error("the daemon is shutting down")
+                } else {
+                    rx.await.unwrap_or_else(|_| Response::error("the daemon is shutting down"))
+                }
+            }
+            Err(e) => Response::error(format!("malformed request: {e}")),
+        },
+        Ok(Err(e)) => Response::error(format!("reading the request: {e}")),
+        Err(_) => Response::error("no request received in time"),
+    };
+    let mut text = serde_json::to_string(&response).unwrap_or_else(|_| "{\"ok\":false}".into());
+    text.push('\n');
+    let _ = write.write_all(text.as_bytes()).await;
 }
 
-fn backend_addresses(config: &Config) -> impl Iterator<Item = std::net::SocketAddr> + '_ {
-    config.services.iter().flat_map(|s| s.backends.iter().map(|b| b.address))
-}
-
-fn log_services(config: &Config) {
-    for s in &config.services {
-        info!(
-            service = %s.name, vip = %s.vip, protocol = ?s.protocol, mode = ?s.mode, scheduler = ?s.scheduler,
-            backends = s.backends.len(), ring_size = s.ring_size, "service programmed"
-        );
+async fn accept_scrapes(listener: TcpListener, scrapes: mpsc::Sender<oneshot::Sender<String>>) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else { continue };
+        let scrapes = scrapes.clone();
+        tokio::spawn(async move {
+            // Any request gets the metrics: read (and ignore) the request head first.
+            let mut head = [0u8; 2048];
+            let _ = tokio::time::timeout(REQUEST_TIMEOUT, stream.read(&mut head)).await;
+            let (tx, rx) = oneshot::channel();
+            if scrapes.send(tx).await.is_err() {
+                return;
+            }
+            let Ok(body) = rx.await else { return };
+            let response = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(response.as_bytes()).await;
+        });
     }
 }
 

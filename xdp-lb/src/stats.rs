@@ -10,30 +10,33 @@ use crate::{
     tables::Tables,
 };
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, serde::Deserialize)]
 pub struct Snapshot {
     pub services: Vec<ServiceStats>,
-    pub reasons: BTreeMap<&'static str, u64>,
+    pub reasons: BTreeMap<String, u64>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, serde::Deserialize)]
 pub struct ServiceStats {
     pub name: String,
     pub vip: String,
-    pub protocol: &'static str,
+    pub protocol: String,
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
     pub backends: Vec<BackendStats>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, serde::Deserialize)]
 pub struct BackendStats {
     pub address: String,
     pub weight: u32,
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
+    pub syns: u64,
+    pub syn_acks: u64,
+    pub resets: u64,
 }
 
 pub fn snapshot(dataplane: &Dataplane, tables: &Tables) -> Result<Snapshot, DataplaneError> {
@@ -49,6 +52,9 @@ pub fn snapshot(dataplane: &Dataplane, tables: &Tables) -> Result<Snapshot, Data
                 packets: bc.packets,
                 bytes: bc.bytes,
                 new_flows: bc.new_flows,
+                syns: bc.syns,
+                syn_acks: bc.syn_acks,
+                resets: bc.resets,
             });
         }
         services.push(ServiceStats {
@@ -57,12 +63,14 @@ pub fn snapshot(dataplane: &Dataplane, tables: &Tables) -> Result<Snapshot, Data
             protocol: match installed.config.protocol {
                 Protocol::Tcp => "tcp",
                 Protocol::Udp => "udp",
-            },
+            }
+            .to_string(),
             packets: c.packets,
             bytes: c.bytes,
             new_flows: c.new_flows,
             backends,
         });
     }
-    Ok(Snapshot { services, reasons: dataplane.reason_counters()? })
+    let reasons = dataplane.reason_counters()?.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    Ok(Snapshot { services, reasons })
 }

@@ -104,6 +104,11 @@ impl Tables {
         }
     }
 
+    /// The generation of backend `id`'s current owner (0: free).
+    pub fn generation(&self, id: u32) -> u32 {
+        self.generations.get(id as usize).copied().unwrap_or(0)
+    }
+
     pub fn services(&self) -> impl Iterator<Item = &Installed> {
         self.services.values()
     }

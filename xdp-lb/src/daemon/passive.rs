@@ -1,0 +1,73 @@
+//! Passive health checks: in NAT mode the balancer sees both directions, so a backend that keeps
+//! receiving SYNs but answers none with a SYN-ACK is not serving, whatever its health endpoint says.
+
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    time::{Duration, Instant},
+};
+
+use tracing::{info, warn};
+
+use crate::{config::Config, dataplane::Dataplane, plan::BackendKey, tables::Tables};
+
+/// Samples kept per backend: with the daemon's 500 ms tick, a 2 s window.
+const WINDOW: usize = 5;
+/// Unanswered SYNs within the window that mark a backend down.
+const UNANSWERED_SYNS: u64 = 3;
+/// How long a passive failure keeps a backend out before it is tried again.
+const HOLD: Duration = Duration::from_secs(10);
+
+#[derive(Default)]
+pub struct Passive {
+    samples: HashMap<BackendKey, VecDeque<(u64, u64)>>,
+    down_until: HashMap<BackendKey, Instant>,
+}
+
+impl Passive {
+    pub fn down(&self) -> HashSet<BackendKey> {
+        let now = Instant::now();
+        self.down_until.iter().filter(|(_, until)| **until > now).map(|(k, _)| k.clone()).collect()
+    }
+
+    /// Takes one sample of every checked backend's SYN and SYN-ACK counters; returns whether any
+    /// backend's passive state changed.
+    pub fn observe(&mut self, config: &Config, tables: &Tables, dataplane: &Dataplane) -> bool {
+        let now = Instant::now();
+        let mut changed = false;
+        let mut seen = HashSet::new();
+        for installed in tables.services() {
+            let Some(service) = config.services.iter().find(|s| s.name == installed.config.name) else { continue };
+            if !service.passive_checks {
+                continue;
+            }
+            for (address, &id) in &installed.backend_ids {
+                let Ok(c) = dataplane.backend_counters(id) else { continue };
+                let key = (service.name.clone(), *address);
+                seen.insert(key.clone());
+                let window = self.samples.entry(key.clone()).or_default();
+                window.push_back((c.syns, c.syn_acks));
+                if window.len() > WINDOW {
+                    window.pop_front();
+                }
+                let (first, last) = (window[0], window[window.len() - 1]);
+                let unanswered = last.0.saturating_sub(first.0);
+                if unanswered >= UNANSWERED_SYNS && last.1 == first.1 && !self.down_until.contains_key(&key) {
+                    warn!(service = %key.0, backend = %key.1, unanswered, "passive check: SYNs are not answered; backend marked down");
+                    self.down_until.insert(key.clone(), now + HOLD);
+                    window.clear();
+                    changed = true;
+                }
+            }
+        }
+        self.samples.retain(|k, _| seen.contains(k));
+        let before = self.down_until.len();
+        self.down_until.retain(|k, until| {
+            let keep = *until > now && seen.contains(k);
+            if !keep {
+                info!(service = %k.0, backend = %k.1, "passive check: hold time over, backend tried again");
+            }
+            keep
+        });
+        changed || self.down_until.len() != before
+    }
+}
