@@ -43,7 +43,10 @@ impl Backend {
             consecutive_failures: AtomicU32::new(0),
             ejections: AtomicU32::new(0),
             ejected_until: Mutex::new(None),
-            latency: Mutex::new(Ewma { value_ns: 0.0, at: Instant::now() }),
+            latency: Mutex::new(Ewma {
+                value_ns: 0.0,
+                at: Instant::now(),
+            }),
             health_rise: AtomicU32::new(0),
             health_fall: AtomicU32::new(0),
             total_ejections: AtomicU64::new(0),
@@ -63,7 +66,10 @@ impl Backend {
     }
 
     pub fn is_ejected(&self, now: Instant) -> bool {
-        self.ejected_until.lock().map(|u| u.is_some_and(|t| now < t)).unwrap_or(false)
+        self.ejected_until
+            .lock()
+            .map(|u| u.is_some_and(|t| now < t))
+            .unwrap_or(false)
     }
 
     pub fn is_available(&self, now: Instant) -> bool {
@@ -76,7 +82,9 @@ impl Backend {
 
     /// Peak-EWMA: jump up to a slower sample at once, decay towards faster ones over time.
     pub fn observe_latency(&self, rtt: Duration) {
-        let Ok(mut e) = self.latency.lock() else { return };
+        let Ok(mut e) = self.latency.lock() else {
+            return;
+        };
         let now = Instant::now();
         let rtt = rtt.as_nanos() as f64;
         if rtt > e.value_ns {
@@ -103,7 +111,9 @@ pub struct BackendRegistry {
 impl BackendRegistry {
     pub fn get(&self, pool: &str, addr: SocketAddr) -> Arc<Backend> {
         let mut map = self.backends.lock().unwrap_or_else(|p| p.into_inner());
-        map.entry((pool.to_string(), addr)).or_insert_with(|| Arc::new(Backend::new(pool, addr))).clone()
+        map.entry((pool.to_string(), addr))
+            .or_insert_with(|| Arc::new(Backend::new(pool, addr)))
+            .clone()
     }
 }
 
@@ -137,7 +147,11 @@ impl Pool {
             .filter_map(|b| b.address.parse().ok())
             .map(|a| registry.get(name, a))
             .collect();
-        let weights: Vec<i64> = cfg.backends.iter().map(|b| i64::from(b.weight.max(1))).collect();
+        let weights: Vec<i64> = cfg
+            .backends
+            .iter()
+            .map(|b| i64::from(b.weight.max(1)))
+            .collect();
         // Virtual nodes per weight unit keep the ring balanced and movement minimal.
         let mut ring = Vec::new();
         for (i, b) in backends.iter().enumerate() {
@@ -160,18 +174,21 @@ impl Pool {
     /// Pick a backend not in `exclude` (already tried), or None if nothing is available.
     pub fn pick(&self, input: &HashInput<'_>, exclude: &[usize]) -> Option<usize> {
         let now = Instant::now();
-        let avail: Vec<usize> =
-            (0..self.backends.len()).filter(|i| !exclude.contains(i) && self.backends[*i].is_available(now)).collect();
+        let avail: Vec<usize> = (0..self.backends.len())
+            .filter(|i| !exclude.contains(i) && self.backends[*i].is_available(now))
+            .collect();
         if avail.is_empty() {
             return None;
         }
         Some(match self.cfg.algorithm {
             Algorithm::RoundRobin => avail[self.rr.fetch_add(1, Ordering::Relaxed) % avail.len()],
             Algorithm::WeightedRoundRobin => self.smooth_wrr(&avail),
-            Algorithm::LeastConnections => self.p2c(&avail, |b| b.active.load(Ordering::Relaxed) as f64),
-            Algorithm::LeastResponseTime => {
-                self.p2c(&avail, |b| (b.latency_ns() + 1.0) * (b.active.load(Ordering::Relaxed) as f64 + 1.0))
+            Algorithm::LeastConnections => {
+                self.p2c(&avail, |b| b.active.load(Ordering::Relaxed) as f64)
             }
+            Algorithm::LeastResponseTime => self.p2c(&avail, |b| {
+                (b.latency_ns() + 1.0) * (b.active.load(Ordering::Relaxed) as f64 + 1.0)
+            }),
             Algorithm::IpHash => self.ring_pick(hash_of(&input.client_ip), &avail),
             Algorithm::ConsistentHash => self.ring_pick(self.hash_key(input), &avail),
         })
@@ -264,7 +281,11 @@ impl Pool {
             return;
         }
         let times = b.ejections.fetch_add(1, Ordering::Relaxed);
-        let dur = Duration::from_millis(p.base_ejection_ms.saturating_mul(1u64 << times.min(16)).min(p.max_ejection_ms));
+        let dur = Duration::from_millis(
+            p.base_ejection_ms
+                .saturating_mul(1u64 << times.min(16))
+                .min(p.max_ejection_ms),
+        );
         if let Ok(mut u) = b.ejected_until.lock() {
             *u = Some(now + dur);
         }
@@ -304,27 +325,44 @@ mod tests {
             backends: weights
                 .iter()
                 .enumerate()
-                .map(|(i, w)| BackendConfig { address: format!("127.0.0.1:{}", 10_000 + i), weight: *w })
+                .map(|(i, w)| BackendConfig {
+                    address: format!("127.0.0.1:{}", 10_000 + i),
+                    weight: *w,
+                })
                 .collect(),
             connect_timeout_ms: 100,
             request_timeout_ms: 100,
             retries: 0,
             health_check: None,
-            passive: PassiveConfig { consecutive_failures: 2, base_ejection_ms: 1000, max_ejection_ms: 8000, max_ejected_percent: 50 },
+            passive: PassiveConfig {
+                consecutive_failures: 2,
+                base_ejection_ms: 1000,
+                max_ejection_ms: 8000,
+                max_ejected_percent: 50,
+            },
         };
         Pool::new("p", &cfg, &BackendRegistry::default())
     }
 
     fn input(h: &http::HeaderMap) -> HashInput<'_> {
-        HashInput { client_ip: "127.0.0.1".parse().expect("ip"), headers: h }
+        HashInput {
+            client_ip: "127.0.0.1".parse().expect("ip"),
+            headers: h,
+        }
     }
 
     #[test]
     fn smooth_wrr_interleaves_by_weight() {
         let p = pool(Algorithm::WeightedRoundRobin, &[5, 1, 1]);
         let h = http::HeaderMap::new();
-        let picks: Vec<usize> = (0..7).map(|_| p.pick(&input(&h), &[]).expect("pick")).collect();
-        assert_eq!(picks, vec![0, 0, 1, 0, 2, 0, 0], "nginx smooth WRR sequence");
+        let picks: Vec<usize> = (0..7)
+            .map(|_| p.pick(&input(&h), &[]).expect("pick"))
+            .collect();
+        assert_eq!(
+            picks,
+            vec![0, 0, 1, 0, 2, 0, 0],
+            "nginx smooth WRR sequence"
+        );
     }
 
     #[test]
@@ -342,10 +380,16 @@ mod tests {
         let p = pool(Algorithm::RoundRobin, &[1, 1]);
         p.record_result(0, true);
         p.record_result(0, true);
-        assert!(p.backends[0].is_ejected(Instant::now()), "two failures eject");
+        assert!(
+            p.backends[0].is_ejected(Instant::now()),
+            "two failures eject"
+        );
         p.record_result(1, true);
         p.record_result(1, true);
-        assert!(!p.backends[1].is_ejected(Instant::now()), "50% cap keeps the second backend");
+        assert!(
+            !p.backends[1].is_ejected(Instant::now()),
+            "50% cap keeps the second backend"
+        );
         assert_eq!(p.backends[0].ejection_count(), 1);
     }
 

@@ -58,11 +58,14 @@ impl Drop for Runtime {
     }
 }
 
+/// A JWKS cache and its refresher task, kept while some config uses the URL.
+type JwksEntry = (Arc<JwksCache>, Arc<tokio::task::JoinHandle<()>>);
+
 pub struct Shared {
     pub runtime: ArcSwap<Runtime>,
     backends: BackendRegistry,
     pub limiters: LimiterRegistry,
-    jwks: Mutex<HashMap<String, (Arc<JwksCache>, Arc<tokio::task::JoinHandle<()>>)>>,
+    jwks: Mutex<HashMap<String, JwksEntry>>,
     pub access_log: AccessLog,
     pub config_path: Option<PathBuf>,
     /// Serialises reloads so SIGHUP and the file watcher cannot interleave.
@@ -84,7 +87,7 @@ impl Gateway {
             return Err(ConfigError::Invalid(errors).into());
         }
         crate::observe::prometheus();
-        let access_log = AccessLog::new(cfg.observability.access_log);
+        let access_log = AccessLog::new();
         let shared = Arc::new(Shared {
             runtime: ArcSwap::from_pointee(Runtime {
                 cfg: cfg.clone(),
@@ -120,6 +123,38 @@ impl Gateway {
     }
 
     fn build_runtime(&self, cfg: Config) -> Result<Runtime, GatewayError> {
+        let jwks = match cfg.auth.jwt.as_ref().and_then(|j| {
+            j.jwks_url
+                .clone()
+                .map(|u| (u, j.jwks_refresh_secs, j.jwks_ca_file.clone()))
+        }) {
+            None => None,
+            Some((url, every, ca)) => {
+                let key = jwks_key(&url, ca.as_deref());
+                let mut map = self.shared.jwks.lock().unwrap_or_else(|p| p.into_inner());
+                let cache = match map.get(&key) {
+                    Some((cache, _)) => cache.clone(),
+                    None => {
+                        let cache = JwksCache::new(&url, ca.as_deref())?;
+                        let h = crate::auth::spawn_jwks_refresh(
+                            cache.clone(),
+                            Duration::from_secs(every),
+                        );
+                        map.insert(key, (cache.clone(), Arc::new(h)));
+                        cache
+                    }
+                };
+                Some(cache)
+            }
+        };
+        let auth = Authenticator::new(cfg.auth.jwt.as_ref(), &cfg.auth.api_keys, jwks)?;
+        let limiters = cfg
+            .rate_limits
+            .iter()
+            .map(|(n, c)| (n.clone(), self.shared.limiters.get(n, c)))
+            .collect();
+        // Health checkers start last: nothing after this point can fail and leave
+        // them running for a runtime that never went live.
         let mut tasks = Vec::new();
         let mut upstreams = HashMap::new();
         for (name, pcfg) in &cfg.pools {
@@ -132,24 +167,14 @@ impl Gateway {
             }
             upstreams.insert(name.clone(), up);
         }
-        let jwks = match cfg.auth.jwt.as_ref().and_then(|j| j.jwks_url.clone().map(|u| (u, j.jwks_refresh_secs))) {
-            None => None,
-            Some((url, every)) => {
-                let mut map = self.shared.jwks.lock().unwrap_or_else(|p| p.into_inner());
-                let (cache, _) = map
-                    .entry(url.clone())
-                    .or_insert_with(|| {
-                        let cache = JwksCache::new(&url);
-                        let h = crate::auth::spawn_jwks_refresh(cache.clone(), Duration::from_secs(every));
-                        (cache, Arc::new(h))
-                    })
-                    .clone();
-                Some(cache)
-            }
-        };
-        let auth = Authenticator::new(cfg.auth.jwt.as_ref(), &cfg.auth.api_keys, jwks)?;
-        let limiters = cfg.rate_limits.iter().map(|(n, c)| (n.clone(), self.shared.limiters.get(n, c))).collect();
-        Ok(Runtime { router: Router::new(&cfg.routes), upstreams, auth, limiters, tasks: Mutex::new(tasks), cfg })
+        Ok(Runtime {
+            router: Router::new(&cfg.routes),
+            upstreams,
+            auth,
+            limiters,
+            tasks: Mutex::new(tasks),
+            cfg,
+        })
     }
 
     /// Apply a new config to new requests. In-flight requests keep the old runtime
@@ -161,7 +186,12 @@ impl Gateway {
             return Err(ConfigError::Invalid(errors).into());
         }
         let old = self.runtime();
-        let old_listeners: Vec<_> = old.cfg.listeners.iter().map(|l| (&l.name, &l.bind)).collect();
+        let old_listeners: Vec<_> = old
+            .cfg
+            .listeners
+            .iter()
+            .map(|l| (&l.name, &l.bind))
+            .collect();
         let new_listeners: Vec<_> = cfg.listeners.iter().map(|l| (&l.name, &l.bind)).collect();
         if old_listeners != new_listeners {
             tracing::warn!("listener changes need a restart; they are ignored until then");
@@ -176,7 +206,12 @@ impl Gateway {
 
     fn drop_unused_jwks(&self) {
         let rt = self.runtime();
-        let keep = rt.cfg.auth.jwt.as_ref().and_then(|j| j.jwks_url.clone());
+        let keep = rt
+            .cfg
+            .auth
+            .jwt
+            .as_ref()
+            .and_then(|j| Some(jwks_key(j.jwks_url.as_deref()?, j.jwks_ca_file.as_deref())));
         if let Ok(mut map) = self.shared.jwks.lock() {
             map.retain(|url, (_, h)| {
                 let keep = keep.as_deref() == Some(url.as_str());
@@ -191,7 +226,11 @@ impl Gateway {
     /// Reload from the config file; on failure the running config stays and every
     /// error is logged.
     pub async fn reload_from_file(&self) -> Result<(), GatewayError> {
-        let path = self.shared.config_path.clone().ok_or(GatewayError::NoConfigPath)?;
+        let path = self
+            .shared
+            .config_path
+            .clone()
+            .ok_or(GatewayError::NoConfigPath)?;
         let result = match Config::load(&path) {
             Ok(cfg) => self.reload(cfg).await,
             Err(e) => Err(e.into()),
@@ -208,4 +247,9 @@ impl Gateway {
         }
         result
     }
+}
+
+/// A JWKS cache is reused only for the same URL trusted the same way.
+fn jwks_key(url: &str, ca_file: Option<&str>) -> String {
+    format!("{url}|{}", ca_file.unwrap_or_default())
 }

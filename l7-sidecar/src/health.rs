@@ -33,8 +33,13 @@ pub fn spawn_checks(up: Arc<Upstream>) -> Option<tokio::task::JoinHandle<()>> {
     }))
 }
 
-async fn probe(client: &crate::proxy::HttpClient, addr: std::net::SocketAddr, hc: &HealthCheckConfig) -> bool {
-    let Ok(req) = http::Request::get(format!("http://{addr}{}", hc.path)).body(full(Bytes::new())) else {
+async fn probe(
+    client: &crate::proxy::HttpClient,
+    addr: std::net::SocketAddr,
+    hc: &HealthCheckConfig,
+) -> bool {
+    let Ok(req) = http::Request::get(format!("http://{addr}{}", hc.path)).body(full(Bytes::new()))
+    else {
         return false;
     };
     match tokio::time::timeout(Duration::from_millis(hc.timeout_ms), client.request(req)).await {

@@ -6,14 +6,15 @@ pub mod auth;
 pub mod balance;
 pub mod config;
 pub mod gateway;
+pub mod guard;
 pub mod health;
 pub mod observe;
-pub mod pipeline;
 pub mod proxy;
 pub mod ratelimit;
 pub mod reload;
 pub mod routing;
 pub mod server;
+pub mod stack;
 pub mod tls;
 pub mod transform;
 

@@ -1,7 +1,12 @@
 //! Per-route rate limiting: fixed window, sliding window (weighted previous window)
 //! and token bucket. Keys are bounded: idle ones are evicted when the map fills up.
 
-use crate::config::{RateAlgorithm, RateLimitConfig};
+use crate::auth::Identity;
+use crate::config::{RateAlgorithm, RateKey, RateLimitConfig};
+use crate::proxy::Body;
+use crate::routing::RouteCtx;
+use crate::stack::{json_error, run, ConnInfo, Next, Snapshot};
+use http::{header, HeaderMap, Request, Response, StatusCode};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,8 +24,15 @@ pub struct Decision {
 
 #[derive(Debug, Clone, Copy)]
 enum State {
-    Window { start: Instant, count: u64, prev: u64 },
-    Bucket { tokens: f64, at: Instant },
+    Window {
+        start: Instant,
+        count: u64,
+        prev: u64,
+    },
+    Bucket {
+        tokens: f64,
+        at: Instant,
+    },
 }
 
 struct Entry {
@@ -39,7 +51,10 @@ fn ceil_secs(d: Duration) -> u64 {
 
 impl Limiter {
     pub fn new(cfg: RateLimitConfig) -> Limiter {
-        Limiter { cfg, entries: Mutex::new(HashMap::new()) }
+        Limiter {
+            cfg,
+            entries: Mutex::new(HashMap::new()),
+        }
     }
 
     pub fn check(&self, key: &str) -> Decision {
@@ -61,10 +76,20 @@ impl Limiter {
             Self::evict(&mut map, now, window, self.cfg.max_keys);
         }
         let initial = match self.cfg.algorithm {
-            RateAlgorithm::TokenBucket => State::Bucket { tokens: self.capacity() as f64, at: now },
-            _ => State::Window { start: now, count: 0, prev: 0 },
+            RateAlgorithm::TokenBucket => State::Bucket {
+                tokens: self.capacity() as f64,
+                at: now,
+            },
+            _ => State::Window {
+                start: now,
+                count: 0,
+                prev: 0,
+            },
         };
-        let entry = map.entry(key.to_string()).or_insert(Entry { state: initial, last_seen: now });
+        let entry = map.entry(key.to_string()).or_insert(Entry {
+            state: initial,
+            last_seen: now,
+        });
         entry.last_seen = now;
         match (&mut entry.state, self.cfg.algorithm) {
             (State::Window { start, count, prev }, alg) => {
@@ -87,23 +112,41 @@ impl Limiter {
                 let limit = self.cfg.limit;
                 if used < limit {
                     *count += 1;
-                    Decision { allowed: true, limit, remaining: limit - used - 1, reset_secs: ceil_secs(reset), retry_after_secs: 0 }
+                    Decision {
+                        allowed: true,
+                        limit,
+                        remaining: limit - used - 1,
+                        reset_secs: ceil_secs(reset),
+                        retry_after_secs: 0,
+                    }
                 } else {
                     let retry = ceil_secs(reset).max(1);
-                    Decision { allowed: false, limit, remaining: 0, reset_secs: ceil_secs(reset), retry_after_secs: retry }
+                    Decision {
+                        allowed: false,
+                        limit,
+                        remaining: 0,
+                        reset_secs: ceil_secs(reset),
+                        retry_after_secs: retry,
+                    }
                 }
             }
             (State::Bucket { tokens, at }, _) => {
                 let cap = self.capacity() as f64;
                 let rate_per_sec = self.cfg.limit as f64 / window.as_secs_f64();
-                *tokens = (*tokens + now.saturating_duration_since(*at).as_secs_f64() * rate_per_sec).min(cap);
+                *tokens = (*tokens
+                    + now.saturating_duration_since(*at).as_secs_f64() * rate_per_sec)
+                    .min(cap);
                 *at = now;
                 let allowed = *tokens >= 1.0;
                 if allowed {
                     *tokens -= 1.0;
                 }
                 let to_full = ((cap - *tokens) / rate_per_sec).ceil() as u64;
-                let to_one = if *tokens >= 1.0 { 0 } else { ((1.0 - *tokens) / rate_per_sec).ceil().max(1.0) as u64 };
+                let to_one = if *tokens >= 1.0 {
+                    0
+                } else {
+                    ((1.0 - *tokens) / rate_per_sec).ceil().max(1.0) as u64
+                };
                 Decision {
                     allowed,
                     limit: self.capacity(),
@@ -123,7 +166,8 @@ impl Limiter {
     fn evict(map: &mut HashMap<String, Entry>, now: Instant, window: Duration, max: usize) {
         map.retain(|_, e| now.saturating_duration_since(e.last_seen) < window * 2);
         if map.len() >= max {
-            let mut ages: Vec<(Instant, String)> = map.iter().map(|(k, e)| (e.last_seen, k.clone())).collect();
+            let mut ages: Vec<(Instant, String)> =
+                map.iter().map(|(k, e)| (e.last_seen, k.clone())).collect();
             ages.sort_unstable();
             let drop = map.len() - max + 1 + max / 10;
             for (_, k) in ages.into_iter().take(drop) {
@@ -162,11 +206,71 @@ impl LimiterRegistry {
     }
 
     pub fn sweep(&self) {
-        let all: Vec<Arc<Limiter>> = self.limiters.lock().map(|m| m.values().cloned().collect()).unwrap_or_default();
+        let all: Vec<Arc<Limiter>> = self
+            .limiters
+            .lock()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default();
         for l in all {
             l.sweep();
         }
     }
+}
+
+fn set_headers(h: &mut HeaderMap, d: &Decision) {
+    h.insert("ratelimit-limit", d.limit.into());
+    h.insert("ratelimit-remaining", d.remaining.into());
+    h.insert("ratelimit-reset", d.reset_secs.into());
+    if !d.allowed {
+        h.insert(header::RETRY_AFTER, d.retry_after_secs.into());
+    }
+}
+
+/// Apply the route's policy, keyed by client IP, API key or user id.
+pub async fn rate_limit_stage<B>(req: Request<B>, next: Next<B>) -> Response<Body> {
+    let ext = req.extensions();
+    let (Some(Snapshot(rt)), Some(ctx)) = (ext.get::<Snapshot>(), ext.get::<RouteCtx>()) else {
+        return run(next, req).await;
+    };
+    let Some((name, limiter)) = ctx
+        .route
+        .cfg
+        .rate_limit
+        .as_ref()
+        .and_then(|n| Some((n.clone(), rt.limiters.get(n)?.clone())))
+    else {
+        return run(next, req).await;
+    };
+    let route = ctx.route.cfg.name.clone();
+    let ip = ext
+        .get::<ConnInfo>()
+        .map(|c| c.peer.ip().to_string())
+        .unwrap_or_default();
+    let id = ext.get::<Identity>();
+    let key = match limiter.cfg.key {
+        RateKey::ClientIp => None,
+        RateKey::ApiKey => id
+            .and_then(|i| i.api_key.as_ref())
+            .map(|k| format!("key:{k}")),
+        RateKey::UserId => id.map(|i| format!("user:{}", i.user_id)),
+    }
+    // Callers without the configured key share their IP's budget.
+    .unwrap_or_else(|| format!("ip:{ip}"));
+    let d = limiter.check(&format!("{name}|{key}"));
+    if !d.allowed {
+        crate::observe::record_rate_limited(&route);
+        let mut r = json_error(
+            &req,
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "rate limit exceeded",
+        );
+        set_headers(r.headers_mut(), &d);
+        return r;
+    }
+    let mut resp = run(next, req).await;
+    set_headers(resp.headers_mut(), &d);
+    resp
 }
 
 #[cfg(test)]
@@ -175,7 +279,14 @@ mod tests {
     use crate::config::RateKey;
 
     fn limiter(alg: RateAlgorithm, limit: u64, burst: Option<u64>, max_keys: usize) -> Limiter {
-        Limiter::new(RateLimitConfig { algorithm: alg, key: RateKey::ClientIp, limit, window_ms: 1000, burst, max_keys })
+        Limiter::new(RateLimitConfig {
+            algorithm: alg,
+            key: RateKey::ClientIp,
+            limit,
+            window_ms: 1000,
+            burst,
+            max_keys,
+        })
     }
 
     #[test]
@@ -188,7 +299,10 @@ mod tests {
         let d = l.check_at("a", t);
         assert!(!d.allowed && d.retry_after_secs >= 1, "{d:?}");
         assert!(l.check_at("b", t).allowed, "keys are independent");
-        assert!(l.check_at("a", t + Duration::from_millis(1001)).allowed, "new window");
+        assert!(
+            l.check_at("a", t + Duration::from_millis(1001)).allowed,
+            "new window"
+        );
     }
 
     #[test]
@@ -213,7 +327,38 @@ mod tests {
         }
         let d = l.check_at("a", t);
         assert!(!d.allowed && d.retry_after_secs == 1, "{d:?}");
-        assert!(l.check_at("a", t + Duration::from_millis(150)).allowed, "refilled at 10/s");
+        assert!(
+            l.check_at("a", t + Duration::from_millis(150)).allowed,
+            "refilled at 10/s"
+        );
+    }
+
+    #[tokio::test]
+    async fn stage_alone_sets_headers_and_rejects() {
+        use crate::stack::testing::{ok, routed, stub};
+        let toml = r#"
+            [pools.p]
+            backends = [{ address = "127.0.0.1:9" }]
+            [rate_limits.two]
+            algorithm = "fixed-window"
+            limit = 2
+            window_ms = 60000
+            [[routes]]
+            name = "r"
+            path = "/"
+            pool = "p"
+            rate_limit = "two"
+        "#;
+        let (_gw, first) = routed(toml, Request::get("/x"));
+        let mut statuses = Vec::new();
+        for _ in 0..3 {
+            let mut req = Request::new(());
+            *req.extensions_mut() = first.extensions().clone();
+            let resp = rate_limit_stage(req, stub(ok)).await;
+            assert!(resp.headers().contains_key("ratelimit-limit"));
+            statuses.push(resp.status().as_u16());
+        }
+        assert_eq!(statuses, [200, 200, 429]);
     }
 
     #[test]

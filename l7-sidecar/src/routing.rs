@@ -2,9 +2,79 @@
 //! Routes are sorted once by specificity so the first full match is the most specific.
 
 use crate::config::{PathMatch, RouteConfig};
-use http::{HeaderMap, HeaderName, HeaderValue, Method};
+use crate::proxy::Body;
+use crate::stack::{json_error, run, Next, RouteName, Snapshot};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use std::collections::BTreeMap;
 use std::sync::Arc;
+
+/// The matched route, for the stages below routing.
+#[derive(Clone)]
+pub struct RouteCtx {
+    pub route: Arc<Route>,
+    pub params: BTreeMap<String, String>,
+    /// Host as the client sent it (Host header, or the HTTP/2 authority).
+    pub host: Option<String>,
+}
+
+/// Find the route or answer 404 / 405 with a JSON body.
+pub async fn routing_stage<B>(mut req: Request<B>, next: Next<B>) -> Response<Body> {
+    let Some(Snapshot(rt)) = req.extensions().get::<Snapshot>().cloned() else {
+        return json_error(
+            &req,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "no config snapshot",
+        );
+    };
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(String::from)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()));
+    match rt.router.lookup(
+        host.as_deref(),
+        req.method(),
+        req.uri().path(),
+        req.headers(),
+    ) {
+        RouteMatch::Found { route, params } => {
+            let name = route.cfg.name.clone();
+            req.extensions_mut().insert(RouteCtx {
+                route,
+                params,
+                host,
+            });
+            let mut resp = run(next, req).await;
+            resp.extensions_mut().insert(RouteName(name));
+            resp
+        }
+        RouteMatch::NotFound => json_error(
+            &req,
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no route matches this request",
+        ),
+        RouteMatch::MethodNotAllowed { allowed } => {
+            let mut r = json_error(
+                &req,
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed on this route",
+            );
+            let allow = allowed
+                .iter()
+                .map(|m| m.as_str())
+                .collect::<Vec<_>>()
+                .join(", ");
+            if let Ok(v) = HeaderValue::from_str(&allow) {
+                r.headers_mut().insert(header::ALLOW, v);
+            }
+            r
+        }
+    }
+}
 
 pub struct Route {
     pub cfg: RouteConfig,
@@ -21,7 +91,9 @@ pub enum RouteMatch {
         params: BTreeMap<String, String>,
     },
     /// Some route matches host/path/headers but not the method.
-    MethodNotAllowed { allowed: Vec<Method> },
+    MethodNotAllowed {
+        allowed: Vec<Method>,
+    },
     NotFound,
 }
 
@@ -44,7 +116,12 @@ impl Route {
             headers: cfg
                 .headers
                 .iter()
-                .filter_map(|(k, v)| Some((HeaderName::from_bytes(k.as_bytes()).ok()?, HeaderValue::from_str(v).ok()?)))
+                .filter_map(|(k, v)| {
+                    Some((
+                        HeaderName::from_bytes(k.as_bytes()).ok()?,
+                        HeaderValue::from_str(v).ok()?,
+                    ))
+                })
                 .collect(),
             cfg: cfg.clone(),
         }
@@ -64,17 +141,33 @@ impl Route {
         };
         // For templates, literal characters count: `/users/me` beats `/users/{id}`.
         let literal_len = self.cfg.path.split('{').next().map_or(0, str::len);
-        (host, kind, literal_len, self.headers.len(), u8::from(!self.methods.is_empty()))
+        (
+            host,
+            kind,
+            literal_len,
+            self.headers.len(),
+            u8::from(!self.methods.is_empty()),
+        )
     }
 
     fn host_matches(&self, host: Option<&str>) -> bool {
         let Some(want) = &self.host else { return true };
         let Some(host) = host else { return false };
         // Ports are not part of the route's host.
-        let host = host.rsplit_once(':').map_or(host, |(h, p)| if p.chars().all(|c| c.is_ascii_digit()) { h } else { host });
+        let host = host.rsplit_once(':').map_or(host, |(h, p)| {
+            if p.chars().all(|c| c.is_ascii_digit()) {
+                h
+            } else {
+                host
+            }
+        });
         let host = host.to_ascii_lowercase();
         match want.strip_prefix("*.") {
-            Some(suffix) => host.len() > suffix.len() + 1 && host.ends_with(suffix) && host.as_bytes()[host.len() - suffix.len() - 1] == b'.',
+            Some(suffix) => {
+                host.len() > suffix.len() + 1
+                    && host.ends_with(suffix)
+                    && host.as_bytes()[host.len() - suffix.len() - 1] == b'.'
+            }
             None => host == *want,
         }
     }
@@ -85,18 +178,29 @@ impl Route {
             PathMatch::Prefix => {
                 let prefix = self.cfg.path.trim_end_matches('/');
                 // Prefix `/api` matches `/api` and `/api/x` but not `/apix`.
-                let ok = prefix.is_empty() || path == prefix || path.strip_prefix(prefix).is_some_and(|rest| rest.starts_with('/'));
+                let ok = prefix.is_empty()
+                    || path == prefix
+                    || path
+                        .strip_prefix(prefix)
+                        .is_some_and(|rest| rest.starts_with('/'));
                 ok.then(BTreeMap::new)
             }
             PathMatch::Template => {
                 let m = self.template.as_ref()?.at(path).ok()?;
-                Some(m.params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
+                Some(
+                    m.params
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                )
             }
         }
     }
 
     fn headers_match(&self, headers: &HeaderMap) -> bool {
-        self.headers.iter().all(|(k, v)| headers.get_all(k).iter().any(|h| h == v))
+        self.headers
+            .iter()
+            .all(|(k, v)| headers.get_all(k).iter().any(|h| h == v))
     }
 
     /// Path sent upstream after prefix stripping or rewriting.
@@ -107,7 +211,11 @@ impl Route {
         if let Some(sp) = &self.cfg.strip_prefix {
             let sp = sp.trim_end_matches('/');
             if let Some(rest) = path.strip_prefix(sp) {
-                return if rest.is_empty() { "/".into() } else { rest.to_string() };
+                return if rest.is_empty() {
+                    "/".into()
+                } else {
+                    rest.to_string()
+                };
             }
         }
         path.to_string()
@@ -118,7 +226,9 @@ impl Route {
 pub fn fill_template(template: &str, params: &BTreeMap<String, String>) -> String {
     let mut out = template.to_string();
     for (k, v) in params {
-        out = out.replace(&format!("{{{k}}}"), v).replace(&format!("{{*{k}}}"), v);
+        out = out
+            .replace(&format!("{{{k}}}"), v)
+            .replace(&format!("{{*{k}}}"), v);
     }
     out
 }
@@ -131,15 +241,26 @@ impl Router {
         Router { routes }
     }
 
-    pub fn lookup(&self, host: Option<&str>, method: &Method, path: &str, headers: &HeaderMap) -> RouteMatch {
+    pub fn lookup(
+        &self,
+        host: Option<&str>,
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> RouteMatch {
         let mut allowed: Vec<Method> = Vec::new();
         for route in &self.routes {
             if !route.host_matches(host) || !route.headers_match(headers) {
                 continue;
             }
-            let Some(params) = route.path_matches(path) else { continue };
+            let Some(params) = route.path_matches(path) else {
+                continue;
+            };
             if route.methods.is_empty() || route.methods.contains(method) {
-                return RouteMatch::Found { route: route.clone(), params };
+                return RouteMatch::Found {
+                    route: route.clone(),
+                    params,
+                };
             }
             allowed.extend(route.methods.iter().cloned());
         }
@@ -205,24 +326,60 @@ mod tests {
     fn most_specific_wins() {
         let r = router(CFG);
         let h = HeaderMap::new();
-        assert_eq!(name(r.lookup(None, &Method::GET, "/api/users/me", &h)), "exact");
-        assert_eq!(name(r.lookup(None, &Method::GET, "/api/users/7", &h)), "template");
-        assert_eq!(name(r.lookup(None, &Method::GET, "/api/other", &h)), "prefix");
-        assert_eq!(name(r.lookup(Some("admin.example.com:8080"), &Method::GET, "/api/users/7", &h)), "host");
+        assert_eq!(
+            name(r.lookup(None, &Method::GET, "/api/users/me", &h)),
+            "exact"
+        );
+        assert_eq!(
+            name(r.lookup(None, &Method::GET, "/api/users/7", &h)),
+            "template"
+        );
+        assert_eq!(
+            name(r.lookup(None, &Method::GET, "/api/other", &h)),
+            "prefix"
+        );
+        assert_eq!(
+            name(r.lookup(
+                Some("admin.example.com:8080"),
+                &Method::GET,
+                "/api/users/7",
+                &h
+            )),
+            "host"
+        );
         assert_eq!(name(r.lookup(None, &Method::GET, "/apix", &h)), "404");
         let mut v2 = HeaderMap::new();
         v2.insert("x-version", HeaderValue::from_static("2"));
-        assert_eq!(name(r.lookup(None, &Method::GET, "/api/users/7", &v2)), "v2");
+        assert_eq!(
+            name(r.lookup(None, &Method::GET, "/api/users/7", &v2)),
+            "v2"
+        );
     }
 
     #[test]
     fn template_params_and_rewrite() {
         let r = router(CFG);
-        let RouteMatch::Found { route, params } = r.lookup(None, &Method::GET, "/api/users/42", &HeaderMap::new()) else {
+        let RouteMatch::Found { route, params } =
+            r.lookup(None, &Method::GET, "/api/users/42", &HeaderMap::new())
+        else {
             panic!("expected a match");
         };
         assert_eq!(params.get("id").map(String::as_str), Some("42"));
-        assert_eq!(fill_template("/users/{id}/profile", &params), "/users/42/profile");
-        assert_eq!(route.upstream_path("/api/users/42", &params), "/api/users/42");
+        assert_eq!(
+            fill_template("/users/{id}/profile", &params),
+            "/users/42/profile"
+        );
+        assert_eq!(
+            route.upstream_path("/api/users/42", &params),
+            "/api/users/42"
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn lookup_never_panics(path in "\\PC{0,64}", host in "\\PC{0,32}") {
+            let r = router(CFG);
+            let _ = r.lookup(Some(&host), &Method::GET, &path, &HeaderMap::new());
+        }
     }
 }

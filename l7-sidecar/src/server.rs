@@ -2,7 +2,7 @@
 //! (auto-detected, ALPN under TLS), header-size / header-time limits and upgrades.
 
 use crate::gateway::{Gateway, GatewayError};
-use crate::pipeline::{json_error, ConnInfo, GatewayService};
+use crate::stack::{json_error_with_id, ConnInfo};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
@@ -18,11 +18,17 @@ pub struct RunningGateway {
     pub gateway: Gateway,
     pub addrs: Vec<(String, SocketAddr)>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    limit: Arc<Semaphore>,
+    max_connections: usize,
+    stop: tokio::sync::watch::Sender<bool>,
 }
 
 impl RunningGateway {
     pub fn addr(&self, listener: &str) -> Option<SocketAddr> {
-        self.addrs.iter().find(|(n, _)| n == listener).map(|(_, a)| *a)
+        self.addrs
+            .iter()
+            .find(|(n, _)| n == listener)
+            .map(|(_, a)| *a)
     }
 
     /// Stop accepting; connections already open finish on their own.
@@ -30,6 +36,22 @@ impl RunningGateway {
         for t in &self.tasks {
             t.abort();
         }
+    }
+
+    /// Graceful stop: no new connections, open ones finish their current request
+    /// and close. True if every connection closed within `timeout`.
+    pub async fn drain(&self, timeout: Duration) -> bool {
+        self.shutdown();
+        let _ = self.stop.send(true);
+        let step = Duration::from_millis(20);
+        let rounds = (timeout.as_millis() / step.as_millis()).max(1);
+        for _ in 0..rounds {
+            if self.limit.available_permits() == self.max_connections {
+                return true;
+            }
+            tokio::time::sleep(step).await;
+        }
+        self.limit.available_permits() == self.max_connections
     }
 }
 
@@ -42,28 +64,57 @@ impl Drop for RunningGateway {
 /// Bind every listener and start serving. Binding `:0` picks an ephemeral port.
 pub async fn start(gateway: Gateway) -> Result<RunningGateway, GatewayError> {
     let rt = gateway.runtime();
-    let limit = Arc::new(Semaphore::new(rt.cfg.server.max_connections));
+    let max_connections = rt.cfg.server.max_connections;
+    let limit = Arc::new(Semaphore::new(max_connections));
+    let (stop, _) = tokio::sync::watch::channel(false);
     let mut addrs = Vec::new();
     let mut tasks = Vec::new();
     for l in &rt.cfg.listeners {
-        let listener = TcpListener::bind(&l.bind).await.map_err(|source| GatewayError::Bind {
+        let listener = TcpListener::bind(&l.bind)
+            .await
+            .map_err(|source| GatewayError::Bind {
+                name: l.name.clone(),
+                addr: l.bind.clone(),
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| GatewayError::Bind {
             name: l.name.clone(),
             addr: l.bind.clone(),
             source,
         })?;
-        let addr = listener.local_addr().map_err(|source| GatewayError::Bind { name: l.name.clone(), addr: l.bind.clone(), source })?;
         let tls = match &l.tls {
             Some(t) => Some(TlsAcceptor::from(crate::tls::server_config(t)?)),
             None => None,
         };
         tracing::info!(listener = %l.name, %addr, tls = tls.is_some(), "listening");
         addrs.push((l.name.clone(), addr));
-        tasks.push(tokio::spawn(accept_loop(gateway.clone(), listener, tls, l.metrics, limit.clone())));
+        tasks.push(tokio::spawn(accept_loop(
+            gateway.clone(),
+            listener,
+            tls,
+            l.metrics,
+            limit.clone(),
+            stop.subscribe(),
+        )));
     }
-    Ok(RunningGateway { gateway, addrs, tasks })
+    Ok(RunningGateway {
+        gateway,
+        addrs,
+        tasks,
+        limit,
+        max_connections,
+        stop,
+    })
 }
 
-async fn accept_loop(gw: Gateway, listener: TcpListener, tls: Option<TlsAcceptor>, metrics: bool, limit: Arc<Semaphore>) {
+async fn accept_loop(
+    gw: Gateway,
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    metrics: bool,
+    limit: Arc<Semaphore>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -82,30 +133,46 @@ async fn accept_loop(gw: Gateway, listener: TcpListener, tls: Option<TlsAcceptor
         let _ = stream.set_nodelay(true);
         let gw = gw.clone();
         let tls = tls.clone();
+        let stop = stop.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let cfg = gw.runtime().cfg.server.clone();
             let header_timeout = Duration::from_millis(cfg.header_read_timeout_ms);
-            let info = ConnInfo { peer, tls: tls.is_some(), serve_metrics: metrics };
+            let info = ConnInfo {
+                peer,
+                tls: tls.is_some(),
+                serve_metrics: metrics,
+                smuggled: Default::default(),
+            };
             match tls {
-                None => serve(gw, stream, info, &cfg).await,
-                Some(acceptor) => match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
-                    Ok(Ok(s)) => serve(gw, s, info, &cfg).await,
-                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "tls handshake failed"),
-                    Err(_) => tracing::debug!(%peer, "tls handshake timed out"),
-                },
+                None => serve(gw, stream, info, &cfg, stop).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => serve(gw, s, info, &cfg, stop).await,
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "tls handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "tls handshake timed out"),
+                    }
+                }
             }
         });
     }
 }
 
-async fn serve<S>(gw: Gateway, stream: S, info: ConnInfo, cfg: &crate::config::ServerConfig)
-where
+async fn serve<S>(
+    gw: Gateway,
+    stream: S,
+    info: ConnInfo,
+    cfg: &crate::config::ServerConfig,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let svc = tower::ServiceBuilder::new()
-        .layer(tower_http::catch_panic::CatchPanicLayer::custom(PanicResponder))
-        .service(GatewayService { shared: gw.shared.clone(), conn: info });
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            PanicResponder,
+        ))
+        .service(crate::stack::build(gw.shared.clone(), info.clone()));
+    let stream = crate::guard::SmuggleGuard::new(stream, info.smuggled.clone());
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -118,7 +185,22 @@ where
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX))
         .max_concurrent_streams(256);
-    if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(svc)).await {
+    let conn =
+        builder.serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(svc));
+    tokio::pin!(conn);
+    let stopped = async move {
+        // The watch guard must not live across an await of the connection.
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = stopped => {
+            // Finish the request in progress, then close instead of idling in keep-alive.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
         tracing::debug!(peer = %info.peer, error = %e, "connection ended with error");
     }
 }
@@ -130,7 +212,15 @@ struct PanicResponder;
 impl tower_http::catch_panic::ResponseForPanic for PanicResponder {
     type ResponseBody = crate::proxy::Body;
 
-    fn response_for_panic(&mut self, _err: Box<dyn std::any::Any + Send + 'static>) -> http::Response<crate::proxy::Body> {
-        json_error(http::StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error", "")
+    fn response_for_panic(
+        &mut self,
+        _err: Box<dyn std::any::Any + Send + 'static>,
+    ) -> http::Response<crate::proxy::Body> {
+        json_error_with_id(
+            http::StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error",
+            "",
+        )
     }
 }

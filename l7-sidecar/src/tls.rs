@@ -35,8 +35,15 @@ impl ResolvesServerCert for SniResolver {
     }
 }
 
-fn load_key(cert_file: &str, key_file: &str, provider: &rustls::crypto::CryptoProvider) -> Result<CertifiedKey, TlsError> {
-    let file_err = |path: &str, msg: String| TlsError::File { path: path.to_string(), msg };
+fn load_key(
+    cert_file: &str,
+    key_file: &str,
+    provider: &rustls::crypto::CryptoProvider,
+) -> Result<CertifiedKey, TlsError> {
+    let file_err = |path: &str, msg: String| TlsError::File {
+        path: path.to_string(),
+        msg,
+    };
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_file)
         .map_err(|e| file_err(cert_file, e.to_string()))?
         .collect::<Result<_, _>>()
@@ -44,8 +51,12 @@ fn load_key(cert_file: &str, key_file: &str, provider: &rustls::crypto::CryptoPr
     if certs.is_empty() {
         return Err(file_err(cert_file, "no certificate found".into()));
     }
-    let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| file_err(key_file, e.to_string()))?;
-    let signing = provider.key_provider.load_private_key(key).map_err(|e| file_err(key_file, e.to_string()))?;
+    let key =
+        PrivateKeyDer::from_pem_file(key_file).map_err(|e| file_err(key_file, e.to_string()))?;
+    let signing = provider
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| file_err(key_file, e.to_string()))?;
     Ok(CertifiedKey::new(certs, signing))
 }
 
@@ -60,7 +71,10 @@ pub fn server_config(cfg: &TlsConfig) -> Result<Arc<rustls::ServerConfig>, TlsEr
             by_name.insert(n.to_ascii_lowercase(), ck.clone());
         }
     }
-    let default = default.ok_or_else(|| TlsError::File { path: "tls.certificates".into(), msg: "empty".into() })?;
+    let default = default.ok_or_else(|| TlsError::File {
+        path: "tls.certificates".into(),
+        msg: "empty".into(),
+    })?;
     let mut sc = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()

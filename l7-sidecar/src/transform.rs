@@ -3,7 +3,10 @@
 
 use crate::auth::Identity;
 use crate::config::TransformConfig;
-use http::{HeaderMap, HeaderName, HeaderValue};
+use crate::proxy::{full, is_upgrade, strip_hop_by_hop, Body};
+use crate::routing::RouteCtx;
+use crate::stack::{json_error_with_id, run, ConnInfo, Next, RequestId, Snapshot};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
 use std::net::IpAddr;
 
 pub const X_REQUEST_ID: &str = "x-request-id";
@@ -12,7 +15,10 @@ pub const X_USER_ROLE: &str = "x-user-role";
 
 /// A client-sent id is kept only if it is short and plain, so it is safe to log.
 pub fn valid_request_id(v: &str) -> bool {
-    !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+    !v.is_empty()
+        && v.len() <= 128
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
 }
 
 pub fn new_request_id() -> String {
@@ -33,7 +39,11 @@ pub fn new_request_id() -> String {
 
 /// Returns the request id to use, setting it on the request headers.
 pub fn ensure_request_id(headers: &mut HeaderMap) -> String {
-    let existing = headers.get(X_REQUEST_ID).and_then(|v| v.to_str().ok()).filter(|v| valid_request_id(v)).map(String::from);
+    let existing = headers
+        .get(X_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| valid_request_id(v))
+        .map(String::from);
     let id = existing.unwrap_or_else(new_request_id);
     if let Ok(v) = HeaderValue::from_str(&id) {
         headers.insert(X_REQUEST_ID, v);
@@ -57,7 +67,12 @@ pub fn set_identity_headers(headers: &mut HeaderMap, id: Option<&Identity>) {
     }
 }
 
-pub fn set_forwarded_headers(headers: &mut HeaderMap, client: IpAddr, proto: &str, host: Option<&str>) {
+pub fn set_forwarded_headers(
+    headers: &mut HeaderMap,
+    client: IpAddr,
+    proto: &str,
+    host: Option<&str>,
+) {
     let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
         Some(prev) if !prev.trim().is_empty() => format!("{prev}, {client}"),
         _ => client.to_string(),
@@ -65,20 +80,30 @@ pub fn set_forwarded_headers(headers: &mut HeaderMap, client: IpAddr, proto: &st
     if let Ok(v) = HeaderValue::from_str(&xff) {
         headers.insert("x-forwarded-for", v);
     }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static(if proto == "https" { "https" } else { "http" }));
+    headers.insert(
+        "x-forwarded-proto",
+        HeaderValue::from_static(if proto == "https" { "https" } else { "http" }),
+    );
     if let Some(h) = host.and_then(|h| HeaderValue::from_str(h).ok()) {
         headers.insert("x-forwarded-host", h);
     }
 }
 
-fn edit(headers: &mut HeaderMap, remove: &[String], add: &std::collections::BTreeMap<String, String>) {
+fn edit(
+    headers: &mut HeaderMap,
+    remove: &[String],
+    add: &std::collections::BTreeMap<String, String>,
+) {
     for name in remove {
         if let Ok(n) = HeaderName::from_bytes(name.as_bytes()) {
             headers.remove(n);
         }
     }
     for (k, v) in add {
-        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(v)) {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_str(v),
+        ) {
             headers.insert(n, v);
         }
     }
@@ -128,15 +153,116 @@ pub fn is_json(headers: &HeaderMap) -> bool {
 }
 
 pub fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers.get_all(http::header::COOKIE).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(';')).find_map(|kv| {
-        let (k, v) = kv.trim().split_once('=')?;
-        (k == name).then(|| v.to_string())
-    })
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|kv| {
+            let (k, v) = kv.trim().split_once('=')?;
+            (k == name).then(|| v.to_string())
+        })
+}
+
+/// Outermost id stage: every request and response carries `X-Request-Id`.
+pub async fn request_id_stage<B>(mut req: Request<B>, next: Next<B>) -> Response<Body> {
+    let id = ensure_request_id(req.headers_mut());
+    req.extensions_mut().insert(RequestId(id.clone()));
+    let mut resp = run(next, req).await;
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert(X_REQUEST_ID, v);
+    }
+    resp
+}
+
+/// Request side: identity and forwarding headers, configured edits, hop-by-hop
+/// removal. Response side: configured edits and JSON field stripping.
+pub async fn transform_stage<B>(mut req: Request<B>, next: Next<B>) -> Response<Body> {
+    let max_response = req
+        .extensions()
+        .get::<Snapshot>()
+        .map_or(8 << 20, |s| s.0.cfg.server.max_response_bytes);
+    let t = match (
+        req.extensions().get::<Snapshot>(),
+        req.extensions().get::<RouteCtx>(),
+    ) {
+        (Some(s), Some(ctx)) => ctx
+            .route
+            .cfg
+            .transform
+            .as_ref()
+            .and_then(|n| s.0.cfg.transforms.get(n))
+            .cloned(),
+        _ => None,
+    };
+    let identity = req.extensions().get::<Identity>().cloned();
+    let (client, tls) = req
+        .extensions()
+        .get::<ConnInfo>()
+        .map_or((IpAddr::from([127, 0, 0, 1]), false), |c| {
+            (c.peer.ip(), c.tls)
+        });
+    let host = req
+        .extensions()
+        .get::<RouteCtx>()
+        .and_then(|c| c.host.clone());
+    let upgrade = is_upgrade(req.headers());
+    let rid = req
+        .extensions()
+        .get::<RequestId>()
+        .map(|r| r.0.clone())
+        .unwrap_or_default();
+    let h = req.headers_mut();
+    set_identity_headers(h, identity.as_ref());
+    set_forwarded_headers(
+        h,
+        client,
+        if tls { "https" } else { "http" },
+        host.as_deref(),
+    );
+    // HTTP/2 carries the host in :authority; upstreams speak HTTP/1.1 and need Host.
+    if !h.contains_key(http::header::HOST) {
+        if let Some(v) = host.as_deref().and_then(|v| HeaderValue::from_str(v).ok()) {
+            h.insert(http::header::HOST, v);
+        }
+    }
+    if let Some(t) = &t {
+        apply_request(t, h);
+    }
+    if !upgrade {
+        strip_hop_by_hop(h);
+    }
+    let mut resp = run(next, req).await;
+    let Some(t) = t else { return resp };
+    apply_response(&t, resp.headers_mut());
+    if t.strip_json_fields.is_empty() || !is_json(resp.headers()) {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    // Rewriting needs the whole body; the limit bounds what one response may cost.
+    let bytes = match crate::proxy::collect_limited(body, max_response).await {
+        Ok(b) => b,
+        Err(e) => {
+            return json_error_with_id(
+                StatusCode::BAD_GATEWAY,
+                "upstream_error",
+                &e.to_string(),
+                &rid,
+            );
+        }
+    };
+    let out = match strip_json_fields(&bytes, &t.strip_json_fields) {
+        Some(stripped) => bytes::Bytes::from(stripped),
+        None => bytes,
+    };
+    parts.headers.remove(http::header::CONTENT_LENGTH);
+    Response::from_parts(parts, full(out))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body_util::BodyExt as _;
 
     #[test]
     fn request_id_kept_or_generated() {
@@ -152,8 +278,12 @@ mod tests {
     #[test]
     fn strips_nested_fields() {
         let body = br#"{"id":1,"internal_id":9,"items":[{"password_hash":"x","n":2}]}"#;
-        let out = strip_json_fields(body, &["internal_id".into(), "password_hash".into()]).expect("json");
-        assert_eq!(String::from_utf8_lossy(&out), r#"{"id":1,"items":[{"n":2}]}"#);
+        let out =
+            strip_json_fields(body, &["internal_id".into(), "password_hash".into()]).expect("json");
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            r#"{"id":1,"items":[{"n":2}]}"#
+        );
         assert!(strip_json_fields(b"not json", &[]).is_none());
     }
 
@@ -163,17 +293,98 @@ mod tests {
         h.insert(X_USER_ID, HeaderValue::from_static("admin"));
         set_identity_headers(&mut h, None);
         assert!(h.get(X_USER_ID).is_none());
-        let id = Identity { user_id: "u7".into(), roles: vec!["a".into(), "b".into()], api_key: None };
+        let id = Identity {
+            user_id: "u7".into(),
+            roles: vec!["a".into(), "b".into()],
+            api_key: None,
+        };
         set_identity_headers(&mut h, Some(&id));
         assert_eq!(h.get(X_USER_ID).map(|v| v.as_bytes()), Some(&b"u7"[..]));
         assert_eq!(h.get(X_USER_ROLE).map(|v| v.as_bytes()), Some(&b"a,b"[..]));
+    }
+
+    #[tokio::test]
+    async fn request_id_stage_alone() {
+        use crate::stack::testing::stub;
+        let next = stub(|req: Request<()>| {
+            let id = req
+                .extensions()
+                .get::<RequestId>()
+                .map(|r| r.0.clone())
+                .unwrap_or_default();
+            assert_eq!(
+                req.headers()[X_REQUEST_ID],
+                id.as_str(),
+                "upstream sees the same id"
+            );
+            Response::new(full(id))
+        });
+        let req = Request::builder()
+            .header(X_REQUEST_ID, "given-1")
+            .body(())
+            .expect("req");
+        let resp = request_id_stage(req, next.clone()).await;
+        assert_eq!(resp.headers()[X_REQUEST_ID], "given-1");
+        let resp = request_id_stage(Request::new(()), next).await;
+        assert_eq!(resp.headers()[X_REQUEST_ID].len(), 36, "generated");
+    }
+
+    #[tokio::test]
+    async fn transform_stage_alone() {
+        use crate::stack::testing::{routed, stub};
+        let toml = r#"
+            [pools.p]
+            backends = [{ address = "127.0.0.1:9" }]
+            [transforms.t]
+            request_headers_add = { "X-Gw" = "1" }
+            response_headers_remove = ["Server"]
+            strip_json_fields = ["secret"]
+            [[routes]]
+            name = "r"
+            path = "/"
+            pool = "p"
+            transform = "t"
+        "#;
+        let (_gw, req) = routed(
+            toml,
+            Request::get("/x")
+                .header(X_USER_ID, "spoof")
+                .header("connection", "keep-alive"),
+        );
+        let next = stub(|req: Request<()>| {
+            assert_eq!(req.headers()["x-gw"], "1");
+            assert!(
+                req.headers().get(X_USER_ID).is_none(),
+                "spoofed identity removed"
+            );
+            assert!(
+                req.headers().get("connection").is_none(),
+                "hop-by-hop removed"
+            );
+            assert_eq!(req.headers()["x-forwarded-for"], "127.0.0.1");
+            let mut r = Response::new(full(r#"{"a":1,"secret":2}"#));
+            r.headers_mut()
+                .insert("content-type", HeaderValue::from_static("application/json"));
+            r.headers_mut()
+                .insert("server", HeaderValue::from_static("x"));
+            r
+        });
+        let resp = transform_stage(req, next).await;
+        assert!(resp.headers().get("server").is_none());
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        assert_eq!(&body[..], br#"{"a":1}"#);
     }
 
     #[test]
     fn forwarded_for_appends() {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
-        set_forwarded_headers(&mut h, "127.0.0.1".parse().expect("ip"), "https", Some("api.example.com"));
+        set_forwarded_headers(
+            &mut h,
+            "127.0.0.1".parse().expect("ip"),
+            "https",
+            Some("api.example.com"),
+        );
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["x-forwarded-host"], "api.example.com");

@@ -30,28 +30,47 @@ fn counts(v: &[String]) -> HashMap<String, usize> {
 #[tokio::test]
 async fn round_robin_and_smooth_weighted_round_robin() {
     let (a, b) = (upstream("a").await, upstream("b").await);
+    let weighted = format!(
+        "[pools.w]\nalgorithm = \"weighted-round-robin\"\nbackends = [{{ address = \"{}\", weight = 3 }}, {{ address = \"{}\", weight = 1 }}]\n",
+        a.addr, b.addr
+    );
     let cfg = format!(
-        "{}{}{}{}[[routes]]\nname = \"w\"\npath = \"/w\"\npool = \"w\"\n",
+        "{}{}{weighted}{}[[routes]]\nname = \"w\"\npath = \"/w\"\npool = \"w\"\n",
         listener("public"),
         pool("rr", &[&a, &b], "algorithm = \"round-robin\""),
-        format!("[pools.w]\nalgorithm = \"weighted-round-robin\"\nbackends = [{{ address = \"{}\", weight = 3 }}, {{ address = \"{}\", weight = 1 }}]\n", a.addr, b.addr),
         route("rr")
     );
     let gw = start_gateway(&cfg).await;
     let c = client();
     let rr = services(&c, &format!("{}/x", base(&gw)), 10, &[]).await;
-    assert!(rr.windows(2).all(|w| w[0] != w[1]), "round robin alternates: {rr:?}");
+    assert!(
+        rr.windows(2).all(|w| w[0] != w[1]),
+        "round robin alternates: {rr:?}"
+    );
     let w = services(&c, &format!("{}/w", base(&gw)), 8, &[]).await;
     assert_eq!(counts(&w).get("a"), Some(&6), "3:1 weights: {w:?}");
-    assert!(!w.windows(4).any(|x| x.iter().all(|s| s == "a")), "smooth: no run of 4 on the heavy backend: {w:?}");
+    assert!(
+        !w.windows(4).any(|x| x.iter().all(|s| s == "a")),
+        "smooth: no run of 4 on the heavy backend: {w:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn least_connections_avoids_busy_backend() {
     let (a, b) = (upstream("a").await, upstream("b").await);
-    let cfg = format!("{}{}{}", listener("public"), pool("p", &[&a, &b], "algorithm = \"least-connections\""), route("p"));
+    let cfg = format!(
+        "{}{}{}",
+        listener("public"),
+        pool("p", &[&a, &b], "algorithm = \"least-connections\""),
+        route("p")
+    );
     let gw = start_gateway(&cfg).await;
-    let busy = gw.gateway.runtime().upstreams["p"].pool.backends.iter().position(|x| x.addr == a.addr).expect("a in pool");
+    let busy = gw.gateway.runtime().upstreams["p"]
+        .pool
+        .backends
+        .iter()
+        .position(|x| x.addr == a.addr)
+        .expect("a in pool");
     let backend = gw.gateway.runtime().upstreams["p"].pool.backends[busy].clone();
     // Pretend a holds many long requests.
     backend.active.fetch_add(50, Ordering::SeqCst);
@@ -64,19 +83,38 @@ async fn least_connections_avoids_busy_backend() {
 #[tokio::test]
 async fn least_response_time_prefers_fast_backend() {
     let (a, b) = (upstream("a").await, upstream("b").await);
-    let cfg = format!("{}{}{}", listener("public"), pool("p", &[&a, &b], "algorithm = \"least-response-time\""), route("p"));
+    let cfg = format!(
+        "{}{}{}",
+        listener("public"),
+        pool("p", &[&a, &b], "algorithm = \"least-response-time\""),
+        route("p")
+    );
     let gw = start_gateway(&cfg).await;
     let rt = gw.gateway.runtime();
-    let slow = rt.upstreams["p"].pool.backends.iter().find(|x| x.addr == a.addr).expect("a").clone();
+    let slow = rt.upstreams["p"]
+        .pool
+        .backends
+        .iter()
+        .find(|x| x.addr == a.addr)
+        .expect("a")
+        .clone();
     slow.observe_latency(Duration::from_millis(500));
     let c = client();
     let got = services(&c, &format!("{}/x", base(&gw)), 20, &[]).await;
-    assert_eq!(counts(&got).get("b"), Some(&20), "peak EWMA keeps traffic off the slow backend: {got:?}");
+    assert_eq!(
+        counts(&got).get("b"),
+        Some(&20),
+        "peak EWMA keeps traffic off the slow backend: {got:?}"
+    );
 }
 
 #[tokio::test]
 async fn hashing_is_sticky_by_ip_header_and_cookie() {
-    let ups = [upstream("a").await, upstream("b").await, upstream("c").await];
+    let ups = [
+        upstream("a").await,
+        upstream("b").await,
+        upstream("c").await,
+    ];
     let refs: Vec<_> = ups.iter().collect();
     let cfg = format!(
         "{}{}{}{}[[routes]]\nname = \"h\"\npath = \"/h\"\npool = \"h\"\n[[routes]]\nname = \"k\"\npath = \"/k\"\npool = \"k\"\n",
@@ -100,68 +138,134 @@ async fn hashing_is_sticky_by_ip_header_and_cookie() {
         let s = services(&c, &format!("{b}/k"), 3, &[("Cookie", &cookie)]).await;
         assert_eq!(counts(&s).len(), 1, "sticky per cookie: {s:?}");
     }
-    assert!(seen.len() >= 2, "different keys spread over backends: {seen:?}");
+    assert!(
+        seen.len() >= 2,
+        "different keys spread over backends: {seen:?}"
+    );
 }
 
 #[tokio::test]
 async fn active_health_check_removes_and_restores_backend() {
     let (a, b) = (upstream("a").await, upstream("b").await);
     let hc = "[pools.p.health_check]\npath = \"/health\"\ninterval_ms = 50\ntimeout_ms = 200\nrise = 2\nfall = 2\n";
-    let cfg = format!("{}{}{}", listener("public"), pool("p", &[&a, &b], hc), route("p"));
+    let cfg = format!(
+        "{}{}{}",
+        listener("public"),
+        pool("p", &[&a, &b], hc),
+        route("p")
+    );
     let gw = start_gateway(&cfg).await;
     let rt = gw.gateway.runtime();
-    let ba = rt.upstreams["p"].pool.backends.iter().find(|x| x.addr == a.addr).expect("a").clone();
+    let ba = rt.upstreams["p"]
+        .pool
+        .backends
+        .iter()
+        .find(|x| x.addr == a.addr)
+        .expect("a")
+        .clone();
     a.healthy.store(false, Ordering::SeqCst);
-    eventually(Duration::from_secs(5), "a marked unhealthy", || !ba.is_healthy()).await;
+    eventually(Duration::from_secs(5), "a marked unhealthy", || {
+        !ba.is_healthy()
+    })
+    .await;
     let c = client();
     let got = services(&c, &format!("{}/x", base(&gw)), 6, &[]).await;
     assert_eq!(counts(&got).get("b"), Some(&6), "{got:?}");
     a.healthy.store(true, Ordering::SeqCst);
-    eventually(Duration::from_secs(5), "a healthy again", || ba.is_healthy()).await;
+    eventually(Duration::from_secs(5), "a healthy again", || {
+        ba.is_healthy()
+    })
+    .await;
     let metrics = get(&c, &format!("{}/metrics", base(&gw)), &[]).await;
     let text = String::from_utf8_lossy(&metrics.body);
-    assert!(text.contains("gateway_upstream_healthy"), "health gauge exported");
+    assert!(
+        text.contains("gateway_upstream_healthy"),
+        "health gauge exported"
+    );
 }
 
 #[tokio::test]
 async fn passive_ejection_after_consecutive_5xx_with_growing_time() {
     let (a, b) = (upstream("a").await, upstream("b").await);
-    let passive = "[pools.p.passive]\nconsecutive_failures = 2\nbase_ejection_ms = 300\nmax_ejection_ms = 5000\nmax_ejected_percent = 50\n";
-    let cfg = format!("{}{}{}", listener("public"), pool("p", &[&a, &b], &format!("algorithm = \"round-robin\"\nretries = 0\n{passive}")), route("p"));
+    let passive = "[pools.p.passive]\nconsecutive_failures = 2\nbase_ejection_ms = 2000\nmax_ejection_ms = 8000\nmax_ejected_percent = 50\n";
+    let cfg = format!(
+        "{}{}{}",
+        listener("public"),
+        pool(
+            "p",
+            &[&a, &b],
+            &format!("algorithm = \"round-robin\"\nretries = 0\n{passive}")
+        ),
+        route("p")
+    );
     let gw = start_gateway(&cfg).await;
     let rt = gw.gateway.runtime();
-    let ba = rt.upstreams["p"].pool.backends.iter().find(|x| x.addr == a.addr).expect("a").clone();
+    let ba = rt.upstreams["p"]
+        .pool
+        .backends
+        .iter()
+        .find(|x| x.addr == a.addr)
+        .expect("a")
+        .clone();
     a.force_status.store(503, Ordering::SeqCst);
     let c = client();
     let url = format!("{}/x", base(&gw));
     for _ in 0..4 {
         get(&c, &url, &[]).await;
     }
-    assert!(ba.is_ejected(std::time::Instant::now()), "a ejected after 2 consecutive 5xx");
+    assert!(
+        ba.is_ejected(std::time::Instant::now()),
+        "a ejected after 2 consecutive 5xx"
+    );
     let got = services(&c, &url, 4, &[]).await;
-    assert_eq!(counts(&got).get("b"), Some(&4), "ejected backend gets no traffic: {got:?}");
+    assert_eq!(
+        counts(&got).get("b"),
+        Some(&4),
+        "ejected backend gets no traffic: {got:?}"
+    );
     // b failing too must not eject it: at most 50% of the pool.
     b.force_status.store(503, Ordering::SeqCst);
     for _ in 0..4 {
         get(&c, &url, &[]).await;
     }
-    let bb = rt.upstreams["p"].pool.backends.iter().find(|x| x.addr == b.addr).expect("b").clone();
-    assert!(!bb.is_ejected(std::time::Instant::now()), "max_ejected_percent respected");
+    let bb = rt.upstreams["p"]
+        .pool
+        .backends
+        .iter()
+        .find(|x| x.addr == b.addr)
+        .expect("b")
+        .clone();
+    assert!(
+        !bb.is_ejected(std::time::Instant::now()),
+        "max_ejected_percent respected"
+    );
     b.force_status.store(0, Ordering::SeqCst);
-    eventually(Duration::from_secs(3), "ejection expires", || !ba.is_ejected(std::time::Instant::now())).await;
+    eventually(Duration::from_secs(8), "ejection expires", || {
+        !ba.is_ejected(std::time::Instant::now())
+    })
+    .await;
     for _ in 0..6 {
         get(&c, &url, &[]).await;
     }
     assert_eq!(ba.ejection_count(), 2, "ejected again after returning");
-    let metrics = String::from_utf8_lossy(&get(&c, &format!("{}/metrics", base(&gw)), &[]).await.body).to_string();
-    assert!(metrics.contains("gateway_upstream_ejections_total"), "ejections exported");
+    let metrics =
+        String::from_utf8_lossy(&get(&c, &format!("{}/metrics", base(&gw)), &[]).await.body)
+            .to_string();
+    assert!(
+        metrics.contains("gateway_upstream_ejections_total"),
+        "ejections exported"
+    );
 }
 
 #[tokio::test]
 async fn retries_idempotent_requests_on_connection_failure() {
     let a = upstream("a").await;
     // A port that refuses connections: bind then drop.
-    let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind").local_addr().expect("addr");
+    let dead = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
     let cfg = format!(
         "{}[pools.p]\nalgorithm = \"round-robin\"\nretries = 1\nbackends = [{{ address = \"{dead}\" }}, {{ address = \"{}\" }}]\n[pools.p.passive]\nconsecutive_failures = 0\n{}",
         listener("public"),
@@ -180,13 +284,20 @@ async fn retries_idempotent_requests_on_connection_failure() {
     for _ in 0..4 {
         statuses.push(send(&c, "POST", &url, &[], "x").await.status.as_u16());
     }
-    assert!(statuses.contains(&502) && statuses.contains(&200), "{statuses:?}");
+    assert!(
+        statuses.contains(&502) && statuses.contains(&200),
+        "{statuses:?}"
+    );
 }
 
 #[tokio::test]
 async fn no_backend_gives_502_503_504_with_json() {
     let slow = upstream("slow").await;
-    let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind").local_addr().expect("addr");
+    let dead = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
     let cfg = format!(
         "{}[pools.dead]\nbackends = [{{ address = \"{dead}\" }}]\nretries = 0\n{}[pools.slow]\nbackends = [{{ address = \"{}\" }}]\nrequest_timeout_ms = 200\n\
          [[routes]]\nname = \"d\"\npath = \"/dead\"\npool = \"dead\"\n[[routes]]\nname = \"s\"\npath = \"/delay\"\npool = \"slow\"\n",
@@ -198,9 +309,17 @@ async fn no_backend_gives_502_503_504_with_json() {
     let c = client();
     let b = base(&gw);
     let r = get(&c, &format!("{b}/dead"), &[]).await;
-    assert_eq!((r.status.as_u16(), r.json()["error"].as_str()), (502, Some("upstream_error")));
+    assert_eq!(
+        (r.status.as_u16(), r.json()["error"].as_str()),
+        (502, Some("upstream_error"))
+    );
     let r = get(&c, &format!("{b}/dead"), &[]).await;
-    assert_eq!(r.status, 503, "the only backend is ejected now: {:?}", r.json());
+    assert_eq!(
+        r.status,
+        503,
+        "the only backend is ejected now: {:?}",
+        r.json()
+    );
     let r = get(&c, &format!("{b}/delay/2000"), &[]).await;
     assert_eq!(r.status, 504);
     assert_eq!(r.json()["status"], 504);

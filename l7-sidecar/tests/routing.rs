@@ -37,14 +37,21 @@ async fn versions_route_by_path_and_header_side_by_side() {
     let c = client();
     let b = base(&gw);
     let r = get(&c, &format!("{b}/v1/users/7?x=1"), &[]).await;
-    assert_eq!((r.status.as_u16(), r.json()["service"].as_str()), (200, Some("users-v1")));
+    assert_eq!(
+        (r.status.as_u16(), r.json()["service"].as_str()),
+        (200, Some("users-v1"))
+    );
     assert_eq!(v1.last().uri, "/users/7?x=1", "prefix stripped, query kept");
     let r = get(&c, &format!("{b}/v2/users/7"), &[]).await;
     assert_eq!(r.json()["service"], "users-v2");
     let r = get(&c, &format!("{b}/users/7"), &[("X-Version", "2")]).await;
     assert_eq!(r.json()["service"], "users-v2", "header selects v2");
     let r = get(&c, &format!("{b}/users/7"), &[]).await;
-    assert_eq!(r.json()["service"], "users-v1", "no header: default version");
+    assert_eq!(
+        r.json()["service"],
+        "users-v1",
+        "no header: default version"
+    );
 }
 
 #[tokio::test]
@@ -75,7 +82,9 @@ async fn unknown_path_is_json_404_and_wrong_method_is_405() {
     let r = get(&c, &format!("{b}/nope"), &[]).await;
     assert_eq!(r.status, 404);
     assert_eq!(r.json()["error"], "not_found");
-    assert!(r.header("content-type").is_some_and(|c| c.starts_with("application/json")));
+    assert!(r
+        .header("content-type")
+        .is_some_and(|c| c.starts_with("application/json")));
     let r = send(&c, "DELETE", &format!("{b}/api/users/42"), &[], "").await;
     assert_eq!(r.status, 405);
     assert_eq!(r.json()["error"], "method_not_allowed");
@@ -84,6 +93,9 @@ async fn unknown_path_is_json_404_and_wrong_method_is_405() {
     assert_eq!(r.status, 200);
     assert_eq!(up.last().uri, "/internal/user/42", "template rewrite");
     let r = send(&c, "DELETE", &format!("{b}/api/users/me"), &[], "").await;
-    assert_eq!(r.status, 200, "exact route beats the template and allows any method");
+    assert_eq!(
+        r.status, 200,
+        "exact route beats the template and allows any method"
+    );
     assert_eq!(up.last().uri, "/api/users/me");
 }

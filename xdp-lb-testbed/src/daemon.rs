@@ -28,9 +28,14 @@ const POLL: Duration = Duration::from_millis(20);
 pub struct Daemon {
     child: Child,
     exited: bool,
+    binary: PathBuf,
+    netns: String,
+    ifaces: Vec<String>,
     config_path: PathBuf,
     stdout_path: PathBuf,
     socket: PathBuf,
+    /// Where this daemon pins its data plane (on the testbed's bpffs).
+    pin_dir: PathBuf,
     /// Everything the daemon wrote to stderr so far, escape sequences removed.
     log: Arc<Mutex<String>>,
     reader: Option<JoinHandle<()>>,
@@ -38,33 +43,86 @@ pub struct Daemon {
     _dir: tempfile::TempDir,
 }
 
+/// The testbed's bpffs, mounted in the root mount namespace under /run so that the daemons started
+/// with `ip netns exec` (which remounts /sys, hiding /sys/fs/bpf) see it, and their pins outlive
+/// them.
+pub const BPFFS_ROOT: &str = "/run/xlb-testbed/bpf";
+
+fn bpffs_root() -> anyhow::Result<PathBuf> {
+    let root = PathBuf::from(BPFFS_ROOT);
+    std::fs::create_dir_all(&root)?;
+    let mounted = std::fs::read_to_string("/proc/self/mounts")?
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(BPFFS_ROOT) && l.split_whitespace().nth(2) == Some("bpf"));
+    if !mounted {
+        let out = Command::new("mount").args(["-t", "bpf", "bpf", BPFFS_ROOT]).output()?;
+        if !out.status.success() && !std::fs::read_to_string("/proc/self/mounts")?.contains(BPFFS_ROOT) {
+            bail!("mount -t bpf bpf {BPFFS_ROOT}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    Ok(root)
+}
+
+/// Removes a daemon's pins: its XDP links first (detaching the program), then its maps.
+pub fn remove_pins(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        let mut paths: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+        paths.sort_by_key(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("link_")));
+        for p in paths {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
 impl Daemon {
     /// Writes `config` to a temporary file, starts `binary run --config FILE --iface ...` in `lb` and
-    /// waits for it to log that it is ready.
+    /// waits for it to log that it is ready. The daemon gets its own socket, state file and pin
+    /// directory, so tests can run side by side.
     pub fn start(binary: &Path, lb: &Netns, ifaces: &[impl AsRef<str>], config: &str) -> anyhow::Result<Daemon> {
         let dir = tempfile::Builder::new().prefix("xdp-lb-testbed-").tempdir()?;
         let config_path = dir.path().join("xdp-lb.toml");
-        let stdout_path = dir.path().join("stdout.json");
-        let socket = dir.path().join("xdp-lb.sock");
         std::fs::write(&config_path, config)?;
-        let mut cmd = lb.command(binary);
-        // Each daemon gets its own API socket and state file, so tests can run side by side.
-        cmd.arg("--socket").arg(&socket).arg("run").arg("--config").arg(&config_path);
-        cmd.arg("--state-file").arg(dir.path().join("state.toml"));
-        for iface in ifaces {
-            cmd.args(["--iface", iface.as_ref()]);
+        let pin_dir = bpffs_root()?.join(dir.path().file_name().context("tempdir has a name")?);
+        let (child, log, reader) = (None::<Child>, Arc::new(Mutex::new(String::new())), None);
+        let mut daemon = Daemon {
+            child: spawn_placeholder(child)?,
+            exited: true,
+            binary: binary.to_path_buf(),
+            netns: lb.name().to_string(),
+            ifaces: ifaces.iter().map(|i| i.as_ref().to_string()).collect(),
+            stdout_path: dir.path().join("stdout.json"),
+            socket: dir.path().join("xdp-lb.sock"),
+            config_path,
+            pin_dir,
+            log,
+            reader,
+            _dir: dir,
+        };
+        daemon.launch()?;
+        Ok(daemon)
+    }
+
+    /// Starts the daemon process and waits for its next `xdp-lb ready`.
+    fn launch(&mut self) -> anyhow::Result<()> {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.netns]).arg(&self.binary);
+        cmd.arg("--socket").arg(&self.socket).arg("run").arg("--config").arg(&self.config_path);
+        cmd.arg("--state-file").arg(self._dir.path().join("state.toml"));
+        cmd.arg("--bpffs").arg(&self.pin_dir);
+        for iface in &self.ifaces {
+            cmd.args(["--iface", iface]);
         }
         cmd.stdin(Stdio::null())
-            .stdout(File::create(&stdout_path)?)
+            .stdout(File::create(&self.stdout_path)?)
             .stderr(Stdio::piped())
             .env("NO_COLOR", "1")
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
             // Its own process group: a Ctrl-C at the terminal reaches only us, and we stop it cleanly.
             .process_group(0);
-        let mut child = lb.spawn(&mut cmd)?;
+        let mut child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
         let stderr = child.stderr.take().context("stderr was piped")?;
-        let log = Arc::new(Mutex::new(String::new()));
-        let sink = log.clone();
+        let sink = self.log.clone();
         let echo = std::env::var_os("XDP_LB_TESTBED_ECHO").is_some();
         let reader = std::thread::Builder::new().name("xdp-lb-stderr".into()).spawn(move || {
             // Ends at EOF, i.e. when the daemon exits.
@@ -78,12 +136,24 @@ impl Daemon {
                 log.push('\n');
             }
         })?;
-        let mut daemon =
-            Daemon { child, exited: false, config_path, stdout_path, socket, log, reader: Some(reader), _dir: dir };
-        daemon
-            .wait_for(READY, 1, START_TIMEOUT)
-            .with_context(|| format!("starting {} {:?}", binary.display(), cmd_line(&cmd)))?;
-        Ok(daemon)
+        let ready_before = self.count(READY);
+        self.child = child;
+        self.exited = false;
+        self.reader = Some(reader);
+        self.wait_for(READY, ready_before + 1, START_TIMEOUT)
+            .with_context(|| format!("starting {} {:?}", self.binary.display(), cmd_line(&cmd)))
+    }
+
+    /// Stops the daemon with SIGTERM (the pinned data plane keeps forwarding) and starts it again;
+    /// the new daemon adopts the data plane.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.terminate()?;
+        self.launch()
+    }
+
+    /// The bpffs directory holding this daemon's pins.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
     }
 
     /// The daemon's API socket, for `xdp-lb --socket PATH <command>`.
@@ -149,8 +219,15 @@ impl Daemon {
         self.reload()
     }
 
-    /// Sends SIGTERM, waits for a clean exit and returns stdout (the JSON counters).
+    /// Sends SIGTERM, waits for a clean exit and returns stdout (the JSON counters); then removes
+    /// the pins, which detaches the data plane.
     pub fn stop(mut self) -> anyhow::Result<String> {
+        let stdout = self.terminate();
+        remove_pins(&self.pin_dir);
+        stdout
+    }
+
+    fn terminate(&mut self) -> anyhow::Result<String> {
         self.signal(libc::SIGTERM)?;
         let deadline = Instant::now() + STOP_TIMEOUT;
         let status = loop {
@@ -232,7 +309,15 @@ impl Drop for Daemon {
         if let Some(reader) = self.reader.take() {
             let _ = reader.join();
         }
+        remove_pins(&self.pin_dir);
     }
+}
+
+/// A finished child to hold until the real one is launched (`Child` has no empty value).
+fn spawn_placeholder(_: Option<Child>) -> anyhow::Result<Child> {
+    let mut child = Command::new("true").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+    child.wait()?;
+    Ok(child)
 }
 
 fn cmd_line(cmd: &std::process::Command) -> Vec<String> {

@@ -14,6 +14,7 @@ use crate::config::{RawHealthCheck, RawService};
 
 pub const DEFAULT_SOCKET: &str = "/run/xdp-lb/xdp-lb.sock";
 pub const DEFAULT_STATE_FILE: &str = "/var/lib/xdp-lb/state.toml";
+pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/xdp-lb";
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "kebab-case")]
@@ -31,6 +32,8 @@ pub enum Request {
     Status,
     Stats,
     Explain { source: String, destination: String, protocol: String },
+    /// Stop the daemon; with `detach`, also remove the data plane (else it keeps forwarding).
+    Stop { detach: bool },
 }
 
 /// Fields of a service that `service update` may change; `None` keeps the current value.

@@ -344,6 +344,23 @@ impl Client<'_> {
         Ok(())
     }
 
+    /// Stops the daemon; with `detach` the data plane goes too — directly through its pins when no
+    /// daemon is running.
+    pub fn stop(&self, detach: bool, bpffs: &Path) -> Result<()> {
+        match api::call(self.socket, &Request::Stop { detach }) {
+            Ok(r) if r.ok => self.done(if detach { "xdp-lb stopped; data plane detached" } else { "xdp-lb stopped; the data plane keeps forwarding" }),
+            Ok(r) => bail!("{}", r.error.unwrap_or_default()),
+            Err(api::ClientError::NotRunning { .. }) if detach => {
+                if !bpffs.exists() {
+                    bail!("no daemon is running and nothing is pinned at {}", bpffs.display());
+                }
+                let removed = xdp_lb::pins::PinDir::prepare(bpffs)?.remove_all()?;
+                self.done(&format!("no daemon was running; removed {} pins from {}: data plane detached", removed.len(), bpffs.display()))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     pub fn explain(&self, source: String, destination: String, protocol: String) -> Result<()> {
         let data = self.call(&Request::Explain { source, destination, protocol })?;
         if self.json {

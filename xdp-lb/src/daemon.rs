@@ -50,7 +50,13 @@ impl Daemon {
         state_file: Option<PathBuf>,
     ) -> Result<(Daemon, UnboundedReceiver<Transition>)> {
         let config = desired.validate().map_err(|errors| anyhow::anyhow!("{}", join_errors(&errors)))?;
-        let tables = Tables::new(config.dataplane.maglev_cells, dataplane::MAX_SERVICES, dataplane::MAX_BACKENDS);
+        let mut tables = Tables::new(config.dataplane.maglev_cells, dataplane::MAX_SERVICES, dataplane::MAX_BACKENDS);
+        if dataplane.is_pinned() {
+            let adopted = tables.adopt(&config, &dataplane).context("adopting the pinned maps")?;
+            if adopted > 0 {
+                info!(services = adopted, "adopted the running data plane's services; established flows keep their backends");
+            }
+        }
         let (monitor, transitions) = HealthMonitor::new();
         let mut daemon = Daemon {
             desired,

@@ -5,7 +5,11 @@ use std::collections::BTreeMap;
 
 use aya::{
     maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray, PerCpuValues},
-    programs::{xdp::XdpLinkId, Xdp, XdpMode},
+    programs::{
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+        Xdp, XdpMode,
+    },
     util::nr_cpus,
     Ebpf, EbpfLoader,
 };
@@ -17,6 +21,7 @@ use xdp_lb_common::{
 
 use crate::{
     config,
+    pins::{self, PinDir, PinError},
     tables::{MapWriter, WriteError},
 };
 
@@ -36,6 +41,8 @@ pub enum DataplaneError {
     MissingMap(&'static str),
     #[error("map {map}: {source}")]
     Map { map: &'static str, source: aya::maps::MapError },
+    #[error(transparent)]
+    Pin(#[from] PinError),
 }
 
 /// How an interface ended up attached.
@@ -43,12 +50,18 @@ pub enum DataplaneError {
 pub enum AttachMode {
     Native,
     Generic,
+    /// A pinned link of a previous daemon, now running this daemon's program.
+    Adopted,
 }
 
 pub struct Dataplane {
     ebpf: Ebpf,
     maps: Maps,
-    attached: Vec<(String, XdpLinkId, AttachMode)>,
+    pins: Option<PinDir>,
+    /// Links this daemon owns: detached on exit (unpinned mode only).
+    attached: Vec<(String, XdpLinkId)>,
+    /// Pinned links: they stay when the daemon exits.
+    pinned: Vec<(String, FdLink)>,
 }
 
 struct Maps {
@@ -71,13 +84,25 @@ fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf
 }
 
 impl Dataplane {
-    /// Loads and verifies the program with the map sizes from `settings`. Attaches nothing.
-    pub fn load(settings: &config::Dataplane) -> Result<Self, DataplaneError> {
-        let mut ebpf = EbpfLoader::new()
+    /// Loads and verifies the program with the map sizes from `settings`. Attaches nothing. With
+    /// `pins`, the maps are pinned there — or, if a previous daemon pinned them, reused as they are.
+    pub fn load(settings: &config::Dataplane, pins: Option<PinDir>) -> Result<Self, DataplaneError> {
+        let mut loader = EbpfLoader::new();
+        loader
             .map_max_entries(names::CONNTRACK, settings.conntrack_entries)
             .map_max_entries(names::NAT_REVERSE, settings.conntrack_entries)
-            .map_max_entries(names::MAGLEV_RING, settings.maglev_cells)
-            .load(PROGRAM_OBJECT)?;
+            .map_max_entries(names::MAGLEV_RING, settings.maglev_cells);
+        let map_paths: Vec<(&'static str, std::path::PathBuf)> = match &pins {
+            Some(dir) => {
+                dir.check_compatible(settings)?;
+                pins::expected_maps(settings).into_iter().map(|(name, ..)| (name, dir.map(name))).collect()
+            }
+            None => Vec::new(),
+        };
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(PROGRAM_OBJECT)?;
         let program: &mut Xdp = ebpf
             .program_mut(PROGRAM_NAME)
             .ok_or(DataplaneError::Verify(aya::programs::ProgramError::NotLoaded))?
@@ -97,7 +122,7 @@ impl Dataplane {
             rr_counters: take(&mut ebpf, names::RR_COUNTERS)?,
             active_flows: take(&mut ebpf, names::ACTIVE_FLOWS)?,
         };
-        Ok(Self { ebpf, maps, attached: Vec::new() })
+        Ok(Self { ebpf, maps, pins, attached: Vec::new(), pinned: Vec::new() })
     }
 
     pub fn program(&self) -> &Xdp {
@@ -109,10 +134,21 @@ impl Dataplane {
     }
 
     /// Attaches to `iface` in native (driver) mode, or generic mode if the driver cannot, and lets
-    /// the program redirect to it.
+    /// the program redirect to it. With pins, an interface that already has a pinned link gets this
+    /// program swapped in atomically; otherwise the new link is pinned.
     pub fn attach(&mut self, iface: &str) -> Result<AttachMode, DataplaneError> {
         let ifindex = ifindex(iface)?;
         let interface_error = |message: String| DataplaneError::Interface { iface: iface.to_string(), message };
+        if let Some(link_pin) = self.pins.as_ref().map(|p| p.link(iface)).filter(|p| p.exists()) {
+            let fd: FdLink = PinnedLink::from_pin(&link_pin).map_err(|e| interface_error(format!("opening {}: {e}", link_pin.display())))?.into();
+            let xdp_link = XdpLink::try_from(fd).map_err(|e| interface_error(format!("pinned link is not an XDP link: {e}")))?;
+            let id = self.program_mut().attach_to_link(xdp_link).map_err(|e| interface_error(format!("replacing the program on the pinned link: {e}")))?;
+            let fd: FdLink = self.program_mut().take_link(id).map_err(|e| interface_error(e.to_string()))?.try_into().map_err(|e: aya::programs::links::LinkError| interface_error(e.to_string()))?;
+            self.pinned.push((iface.to_string(), fd));
+            self.add_tx_port(iface)?;
+            info!(%iface, ifindex, "adopted the running data plane: program replaced atomically, maps and connections kept");
+            return Ok(AttachMode::Adopted);
+        }
         let (link, mode) = match self.program_mut().attach(iface, XdpMode::Driver) {
             Ok(link) => (link, AttachMode::Native),
             Err(native) => {
@@ -125,14 +161,38 @@ impl Dataplane {
             }
         };
         self.maps.tx_ports.insert(ifindex, ifindex, None, 0).map_err(|e| interface_error(format!("adding to TX_PORTS: {e}")))?;
-        info!(%iface, ifindex, ?mode, "attached");
-        self.attached.push((iface.to_string(), link, mode));
+        match self.pins.clone() {
+            Some(pins) => {
+                let xdp_link = self.program_mut().take_link(link).map_err(|e| interface_error(e.to_string()))?;
+                let fd = FdLink::try_from(xdp_link).map_err(|e| {
+                    interface_error(format!("the kernel attached without a bpf_link, which cannot be pinned: {e}"))
+                })?;
+                let pinned = fd.pin(pins.link(iface)).map_err(|e| interface_error(format!("pinning the link: {e}")))?;
+                self.pinned.push((iface.to_string(), pinned.into()));
+            }
+            None => self.attached.push((iface.to_string(), link)),
+        }
+        info!(%iface, ifindex, ?mode, pinned = self.pins.is_some(), "attached");
         Ok(mode)
     }
 
-    /// Detaches from every interface, most recent first.
+    /// Whether the data plane stays when the daemon exits.
+    pub fn is_pinned(&self) -> bool {
+        self.pins.is_some()
+    }
+
+    /// Detaches everything and removes the pins (`xdp-lb stop --detach`).
+    pub fn remove_pins(&mut self) -> Result<Vec<String>, DataplaneError> {
+        self.pinned.clear();
+        match &self.pins {
+            Some(pins) => Ok(pins.remove_all()?),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Detaches from every interface this daemon attached without pinning, most recent first.
     pub fn detach_all(&mut self) {
-        while let Some((iface, link, _)) = self.attached.pop() {
+        while let Some((iface, link)) = self.attached.pop() {
             match self.program_mut().detach(link) {
                 Ok(()) => info!(%iface, "detached"),
                 Err(error) => warn!(%iface, %error, "detach failed"),
@@ -171,6 +231,21 @@ impl Dataplane {
         let value = self.maps.active_flows.get(&backend_id, 0).map_err(|source| DataplaneError::Map { map: names::ACTIVE_FLOWS, source })?;
         // A close may be counted on one CPU a moment before the open on another.
         Ok(if (value as i64) < 0 { 0 } else { value })
+    }
+
+    /// Every service entry in the map (to adopt a running data plane).
+    pub fn service_entries(&self) -> Result<Vec<(ServiceKey, Service)>, DataplaneError> {
+        self.maps.services.iter().collect::<Result<Vec<_>, _>>().map_err(|source| DataplaneError::Map { map: names::SERVICES, source })
+    }
+
+    pub fn backend_entry(&self, id: u32) -> Result<Backend, DataplaneError> {
+        self.maps.backends.get(&id, 0).map_err(|source| DataplaneError::Map { map: names::BACKENDS, source })
+    }
+
+    pub fn ring_cells(&self, offset: u32, size: u32) -> Result<Vec<u32>, DataplaneError> {
+        (offset..offset + size)
+            .map(|i| self.maps.ring.get(&i, 0).map_err(|source| DataplaneError::Map { map: names::MAGLEV_RING, source }))
+            .collect()
     }
 
     /// The connection-table entry of a flow, if any (for tests and diagnostics).

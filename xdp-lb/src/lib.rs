@@ -8,6 +8,7 @@ pub mod dataplane;
 pub mod health;
 pub mod metrics;
 pub mod neighbours;
+pub mod pins;
 pub mod plan;
 pub mod stats;
 pub mod tables;

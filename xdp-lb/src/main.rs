@@ -42,6 +42,21 @@ enum Command {
         /// Serve Prometheus metrics on this address (off by default).
         #[arg(long)]
         metrics: Option<SocketAddr>,
+        /// bpffs directory where the data plane is pinned, so it keeps forwarding across restarts
+        /// and a restarted daemon adopts it.
+        #[arg(long, default_value = api::DEFAULT_BPFFS_DIR, conflicts_with = "no_pin")]
+        bpffs: PathBuf,
+        /// Pin nothing: the data plane is detached when the daemon exits.
+        #[arg(long)]
+        no_pin: bool,
+    },
+    /// Stop the daemon. The data plane keeps forwarding unless --detach is given.
+    Stop {
+        /// Also detach the XDP program and remove its pinned maps (works without a running daemon).
+        #[arg(long)]
+        detach: bool,
+        #[arg(long, default_value = api::DEFAULT_BPFFS_DIR)]
+        bpffs: PathBuf,
     },
     /// Validate a configuration file and exit.
     Check {
@@ -86,13 +101,15 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let client = cli::Client { socket: &cli.socket, json: cli.json };
     let result = match cli.command {
-        Command::Run { config, ifaces, state_file, no_state, metrics } => run::run(run::Options {
+        Command::Run { config, ifaces, state_file, no_state, metrics, bpffs, no_pin } => run::run(run::Options {
             config,
             ifaces,
             socket: cli.socket.clone(),
             state_file: (!no_state).then_some(state_file),
             metrics,
+            bpffs: (!no_pin).then_some(bpffs),
         }),
+        Command::Stop { detach, bpffs } => client.stop(detach, &bpffs),
         Command::Check { config } => xdp_lb::config::Config::load(&config)
             .map(|c| println!("{}: {} service(s), configuration is valid", config.display(), c.services.len()))
             .map_err(Into::into),

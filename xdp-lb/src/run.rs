@@ -22,6 +22,7 @@ use xdp_lb::{
     daemon::{self, Daemon},
     dataplane::{self, Dataplane},
     metrics, neighbours,
+    pins::PinDir,
 };
 
 /// Passive checks, drain timers and latency weights are looked at this often.
@@ -37,6 +38,8 @@ pub struct Options {
     pub socket: PathBuf,
     pub state_file: Option<PathBuf>,
     pub metrics: Option<SocketAddr>,
+    /// bpffs directory to pin the data plane in; `None` detaches on exit.
+    pub bpffs: Option<PathBuf>,
 }
 
 type Job = (Request, oneshot::Sender<Response>);
@@ -54,7 +57,14 @@ pub fn run(opts: Options) -> Result<()> {
 
 async fn serve(opts: Options, desired: xdp_lb::config::RawConfig) -> Result<()> {
     let settings = desired.validate().map_err(|_| anyhow::anyhow!("invalid desired state"))?.dataplane;
-    let dataplane = Dataplane::load(&settings)?;
+    let pins = opts.bpffs.as_deref().map(PinDir::prepare).transpose()?;
+    if let Some(p) = &pins {
+        let running = p.linked_interfaces();
+        if !running.is_empty() {
+            info!(dir = %p.path().display(), interfaces = ?running, "found a pinned data plane: adopting it");
+        }
+    }
+    let dataplane = Dataplane::load(&settings, pins)?;
     let (mut daemon, mut transitions) = Daemon::new(desired, dataplane, opts.state_file.clone())?;
     let listener = bind_socket(&opts.socket)?;
     let metrics_listener = match opts.metrics {
@@ -78,11 +88,20 @@ async fn serve(opts: Options, desired: xdp_lb::config::RawConfig) -> Result<()> 
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(TICK);
+    let mut detach = false;
     let mut refresh = tokio::time::interval(NEIGHBOUR_REFRESH);
     loop {
         tokio::select! {
             Some(t) = transitions.recv() => daemon.on_transition(&t),
-            Some((request, reply)) = jobs.recv() => { let _ = reply.send(daemon.handle(request)); }
+            Some((request, reply)) = jobs.recv() => {
+                let stop = match request { Request::Stop { detach: d } => Some(d), _ => None };
+                let _ = reply.send(daemon.handle(request));
+                if let Some(d) = stop {
+                    info!(detach = d, "stop requested");
+                    detach = d;
+                    break;
+                }
+            }
             Some(reply) = scrapes.recv() => { let _ = reply.send(metrics::render(&daemon)); }
             _ = tick.tick() => daemon.tick(),
             _ = refresh.tick() => neighbours::warm(daemon.config().services.iter().filter(|s| s.mode == Mode::Dsr).flat_map(|s| s.backends.iter().map(|b| b.address))),
@@ -90,11 +109,17 @@ async fn serve(opts: Options, desired: xdp_lb::config::RawConfig) -> Result<()> 
                 Ok(()) => info!(services = daemon.config().services.len(), "config reloaded"),
                 Err(e) => error!("reload rejected, keeping the running configuration: {e:#}"),
             },
-            _ = terminate.recv() => { info!("SIGTERM: detaching"); break; }
-            _ = interrupt.recv() => { info!("SIGINT: detaching"); break; }
+            _ = terminate.recv() => { info!("SIGTERM: stopping"); break; }
+            _ = interrupt.recv() => { info!("SIGINT: stopping"); break; }
         }
     }
     let _ = std::fs::remove_file(&opts.socket);
+    if detach {
+        let removed = daemon.dataplane_mut().remove_pins()?;
+        info!(pins = removed.len(), "data plane detached and its pins removed");
+    } else if daemon.dataplane_mut().is_pinned() {
+        info!("the data plane stays attached and keeps forwarding; `xdp-lb stop --detach` removes it");
+    }
     daemon.dataplane_mut().detach_all();
     let snapshot = daemon.snapshot()?;
     println!("{}", serde_json::to_string_pretty(&snapshot)?);

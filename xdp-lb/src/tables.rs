@@ -18,6 +18,7 @@ use xdp_lb_common::{
 
 use crate::config::{self, Config, Mode, Protocol, Scheduler};
 
+
 /// The writes the control plane makes to the data plane's maps.
 pub trait MapWriter {
     fn write_backend(&mut self, id: u32, backend: &m::Backend) -> Result<(), WriteError>;
@@ -111,6 +112,92 @@ impl Tables {
 
     pub fn services(&self) -> impl Iterator<Item = &Installed> {
         self.services.values()
+    }
+
+    /// Rebuilds this bookkeeping from the maps of a running data plane (a restarted daemon adopting
+    /// pinned maps), so the next [`Tables::apply`] changes only what differs: backends keep their ids
+    /// and generations (their flows stay put), rings are rebuilt from the running ones.
+    pub fn adopt(&mut self, config: &Config, dataplane: &crate::dataplane::Dataplane) -> Result<usize, crate::dataplane::DataplaneError> {
+        let by_key: HashMap<ServiceKey, &config::Service> =
+            config.services.iter().map(|s| (service_key(s.vip, s.protocol), s)).collect();
+        let mut adopted = 0;
+        for (key, entry) in dataplane.service_entries()? {
+            let id = entry.id as usize;
+            if id >= self.used_service_ids.len() || self.used_service_ids[id] {
+                continue;
+            }
+            self.used_service_ids[id] = true;
+            let ring = (entry.ring_size > 0).then_some((entry.ring_offset, entry.ring_size));
+            let table = match ring {
+                Some((offset, size)) => {
+                    self.reserve_cells(offset, size);
+                    dataplane.ring_cells(offset, size)?
+                }
+                None => Vec::new(),
+            };
+            let mut backend_ids = BTreeMap::new();
+            let mut backends = Vec::new();
+            for backend_id in 0..self.max_backends {
+                let b = dataplane.backend_entry(backend_id)?;
+                if b.generation == 0 || b.service_id != entry.id {
+                    continue;
+                }
+                let address = SocketAddr::new(addr::to_ip(&b.addr), u16::from_be(b.port));
+                self.used_backend_ids[backend_id as usize] = true;
+                self.generations[backend_id as usize] = b.generation;
+                self.next_generation = self.next_generation.max(b.generation.wrapping_add(1)).max(1);
+                backend_ids.insert(address, backend_id);
+                // Weight unknown: forces a ring rebuild, which keeps the running slots (stable).
+                backends.push(config::Backend {
+                    address,
+                    weight: u32::MAX,
+                    backup: false,
+                    drained: false,
+                    health_check: None,
+                    down: b.flags & m::BACKEND_FLAG_DOWN != 0,
+                });
+            }
+            let mut adopted_config = match by_key.get(&key) {
+                Some(s) => (*s).clone(),
+                // Gone from the desired state while no daemon ran: the next apply removes it.
+                None => config::Service {
+                    name: format!("adopted-{}", entry.id),
+                    vip: SocketAddr::new(addr::to_ip(&key.addr), u16::from_be(key.port)),
+                    protocol: if key.proto == m::PROTO_UDP { Protocol::Udp } else { Protocol::Tcp },
+                    mode: config::Mode::Nat,
+                    scheduler: Scheduler::Maglev,
+                    ring_size: entry.ring_size.max(3),
+                    all_down: config::AllDown::Drop,
+                    drain_timeout: std::time::Duration::ZERO,
+                    passive_checks: false,
+                    backends: Vec::new(),
+                },
+            };
+            adopted_config.backends = backends;
+            self.services.insert(key, Installed { id: entry.id, config: adopted_config, ring, table, backend_ids });
+            adopted += 1;
+        }
+        Ok(adopted)
+    }
+
+    /// Marks `[offset, offset + size)` as used.
+    fn reserve_cells(&mut self, offset: u32, size: u32) {
+        let end = offset + size;
+        let mut next = Vec::with_capacity(self.free_cells.len() + 1);
+        for &(o, l) in &self.free_cells {
+            let e = o + l;
+            if e <= offset || o >= end {
+                next.push((o, l));
+                continue;
+            }
+            if o < offset {
+                next.push((o, offset - o));
+            }
+            if e > end {
+                next.push((end, e - end));
+            }
+        }
+        self.free_cells = next;
     }
 
     /// Makes the maps match `config`. On error the maps may hold a mix of old and new services, but

@@ -2,15 +2,24 @@
 //! requests after connection failures, passive health accounting, WebSocket
 //! tunnels and JSON aggregation across pools.
 
+mod aggregate;
+mod body;
+mod tunnel;
+
+pub use aggregate::aggregate;
+pub use body::{collect_limited, CollectError, StreamedBody};
+pub use tunnel::tunnel;
+
 use crate::balance::{ActiveGuard, HashInput, Pool};
+use crate::routing::{fill_template, RouteCtx};
+use crate::stack::{json_error, ConnInfo, Snapshot, UpstreamAddr};
 use bytes::Bytes;
-use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -67,12 +76,22 @@ impl Upstream {
 
 pub struct UpstreamResponse {
     pub parts: http::response::Parts,
-    pub body: Bytes,
+    /// Streamed from the backend; see `StreamedBody`.
+    pub body: Body,
     pub backend: SocketAddr,
 }
 
-const HOP_BY_HOP: &[&str] =
-    &["connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade"];
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
 
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     // Headers named in Connection are hop-by-hop too.
@@ -93,7 +112,10 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
 }
 
 fn idempotent(m: &Method) -> bool {
-    matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE)
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
 }
 
 /// Send a buffered request to the pool, retrying idempotent requests on another
@@ -105,10 +127,15 @@ pub async fn forward(
     headers: &HeaderMap,
     body: Bytes,
     hash: &HashInput<'_>,
-    max_response: usize,
 ) -> Result<UpstreamResponse, ProxyError> {
     let timeout = Duration::from_millis(up.pool.cfg.request_timeout_ms);
-    match tokio::time::timeout(timeout, forward_inner(up, method, path_and_query, headers, body, hash, max_response)).await {
+    let deadline = tokio::time::Instant::now() + timeout;
+    match tokio::time::timeout_at(
+        deadline,
+        forward_inner(up, method, path_and_query, headers, body, hash, deadline),
+    )
+    .await
+    {
         Ok(r) => r,
         Err(_) => Err(ProxyError::Timeout),
     }
@@ -121,21 +148,31 @@ async fn forward_inner(
     headers: &HeaderMap,
     body: Bytes,
     hash: &HashInput<'_>,
-    max_response: usize,
+    deadline: tokio::time::Instant,
 ) -> Result<UpstreamResponse, ProxyError> {
-    let attempts = if idempotent(method) { 1 + up.pool.cfg.retries as usize } else { 1 };
+    let attempts = if idempotent(method) {
+        1 + up.pool.cfg.retries as usize
+    } else {
+        1
+    };
     let mut tried = Vec::new();
     let mut last_err = None;
     for _ in 0..attempts {
-        let Some(idx) = up.pool.pick(hash, &tried) else { break };
+        let Some(idx) = up.pool.pick(hash, &tried) else {
+            break;
+        };
         tried.push(idx);
         let backend = up.pool.backends[idx].clone();
-        let mut req = Request::builder().method(method.clone()).uri(format!("http://{}{}", backend.addr, pq));
+        let mut req = Request::builder()
+            .method(method.clone())
+            .uri(format!("http://{}{}", backend.addr, pq));
         if let Some(h) = req.headers_mut() {
             *h = headers.clone();
         }
-        let req = req.body(full(body.clone())).map_err(|e| ProxyError::Upstream(e.to_string()))?;
-        let _guard = ActiveGuard::new(backend.clone());
+        let req = req
+            .body(full(body.clone()))
+            .map_err(|e| ProxyError::Upstream(e.to_string()))?;
+        let guard = ActiveGuard::new(backend.clone());
         let started = Instant::now();
         let resp = match up.client.request(req).await {
             Ok(r) => r,
@@ -150,109 +187,211 @@ async fn forward_inner(
                 return Err(ProxyError::Upstream(format!("{}: {e}", backend.addr)));
             }
         };
-        let (mut parts, incoming) = resp.into_parts();
-        let body = match http_body_util::Limited::new(incoming, max_response).collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(e) => {
-                up.pool.record_result(idx, true);
-                return Err(ProxyError::Upstream(format!("{}: reading body: {e}", backend.addr)));
-            }
-        };
+        // Latency to the response head: what peak-EWMA balancing compares.
         backend.observe_latency(started.elapsed());
-        up.pool.record_result(idx, parts.status.is_server_error());
+        up.pool.record_result(idx, parts_is_5xx(&resp));
+        let (mut parts, incoming) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        parts.headers.remove(http::header::CONTENT_LENGTH);
-        return Ok(UpstreamResponse { parts, body, backend: backend.addr });
+        let body = StreamedBody::new(incoming, guard, deadline).boxed();
+        return Ok(UpstreamResponse {
+            parts,
+            body,
+            backend: backend.addr,
+        });
     }
     Err(last_err.unwrap_or_else(|| ProxyError::NoBackend(up.pool.name.clone())))
 }
 
-/// Pass a WebSocket (or any HTTP/1.1 upgrade) through: forward the handshake, then
-/// splice the two upgraded connections together.
-pub async fn tunnel(
-    up: Arc<Upstream>,
-    mut req: Request<hyper::body::Incoming>,
-    path_and_query: &str,
-    hash: &HashInput<'_>,
-) -> Result<(Response<Body>, SocketAddr), ProxyError> {
-    let idx = up.pool.pick(hash, &[]).ok_or_else(|| ProxyError::NoBackend(up.pool.name.clone()))?;
-    let backend = up.pool.backends[idx].clone();
-    let connect = Duration::from_millis(up.pool.cfg.connect_timeout_ms);
-    let stream = match tokio::time::timeout(connect, tokio::net::TcpStream::connect(backend.addr)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            up.pool.record_result(idx, true);
-            return Err(ProxyError::Connect(e.to_string()));
-        }
-        Err(_) => {
-            up.pool.record_result(idx, true);
-            return Err(ProxyError::Connect("connect timeout".into()));
-        }
-    };
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake::<_, Body>(TokioIo::new(stream)).await.map_err(|e| ProxyError::Upstream(e.to_string()))?;
-    tokio::spawn(async move {
-        let _ = conn.with_upgrades().await;
-    });
-    let client_upgrade = hyper::upgrade::on(&mut req);
-    let mut up_req = Request::builder().method(req.method().clone()).uri(path_and_query);
-    if let Some(h) = up_req.headers_mut() {
-        *h = req.headers().clone();
-    }
-    let up_req = up_req.body(full(Bytes::new())).map_err(|e| ProxyError::Upstream(e.to_string()))?;
-    let timeout = Duration::from_millis(up.pool.cfg.request_timeout_ms);
-    let mut resp = match tokio::time::timeout(timeout, sender.send_request(up_req)).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => {
-            up.pool.record_result(idx, true);
-            return Err(ProxyError::Upstream(e.to_string()));
-        }
-        Err(_) => return Err(ProxyError::Timeout),
-    };
-    up.pool.record_result(idx, resp.status().is_server_error());
-    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-        let (parts, body) = resp.into_parts();
-        let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-        return Ok((Response::from_parts(parts, full(body)), backend.addr));
-    }
-    let server_upgrade = hyper::upgrade::on(&mut resp);
-    let guard = ActiveGuard::new(backend.clone());
-    tokio::spawn(async move {
-        let _guard = guard;
-        if let (Ok(c), Ok(s)) = (client_upgrade.await, server_upgrade.await) {
-            let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(s)).await;
-        }
-    });
-    let (parts, _) = resp.into_parts();
-    Ok((Response::from_parts(parts, full(Bytes::new())), backend.addr))
+fn parts_is_5xx<B>(r: &Response<B>) -> bool {
+    r.status().is_server_error()
 }
 
-/// Fan out GETs to several pools in parallel and merge the JSON answers under their names.
-pub async fn aggregate(
-    parts: Vec<(String, Arc<Upstream>, String)>,
-    headers: &HeaderMap,
-    client_ip: std::net::IpAddr,
-    max_response: usize,
-) -> Result<Bytes, ProxyError> {
-    let mut tasks = Vec::new();
-    for (name, up, path) in parts {
-        let headers = headers.clone();
-        tasks.push(tokio::spawn(async move {
-            let hash = HashInput { client_ip, headers: &headers };
-            let r = forward(&up, &Method::GET, &path, &headers, Bytes::new(), &hash, max_response).await;
-            (name, r)
-        }));
+pub fn is_upgrade(h: &HeaderMap) -> bool {
+    let conn_upgrade = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        });
+    conn_upgrade
+        && h.get(header::UPGRADE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+}
+
+/// The innermost service: send the (already checked and transformed) request on.
+#[derive(Clone, Copy)]
+pub struct ProxyService;
+
+impl tower::Service<Request<hyper::body::Incoming>> for ProxyService {
+    type Response = Response<Body>;
+    type Error = std::convert::Infallible;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Response<Body>, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
     }
-    let mut merged = serde_json::Map::new();
-    for t in tasks {
-        let (name, r) = t.await.map_err(|e| ProxyError::Upstream(e.to_string()))?;
-        let r = r?;
-        if !r.parts.status.is_success() {
-            return Err(ProxyError::Upstream(format!("part {name} answered {}", r.parts.status)));
+
+    fn call(&mut self, req: Request<hyper::body::Incoming>) -> Self::Future {
+        Box::pin(async move { Ok(proxy(req).await) })
+    }
+}
+
+async fn proxy(req: Request<hyper::body::Incoming>) -> Response<Body> {
+    let ext = req.extensions();
+    let (Some(Snapshot(rt)), Some(ctx)) = (
+        ext.get::<Snapshot>().cloned(),
+        ext.get::<RouteCtx>().cloned(),
+    ) else {
+        return json_error(
+            &req,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "proxy without a route",
+        );
+    };
+    let client_ip = ext
+        .get::<ConnInfo>()
+        .map_or(std::net::IpAddr::from([127, 0, 0, 1]), |c| c.peer.ip());
+    let rc = &ctx.route.cfg;
+    let query = req
+        .uri()
+        .query()
+        .map(|q| format!("?{q}"))
+        .unwrap_or_default();
+    let pq = format!(
+        "{}{query}",
+        ctx.route.upstream_path(req.uri().path(), &ctx.params)
+    );
+    let pool = rc.pool.as_ref().and_then(|p| rt.upstreams.get(p)).cloned();
+
+    if is_upgrade(req.headers()) {
+        if !rc.websocket {
+            return json_error(
+                &req,
+                StatusCode::BAD_REQUEST,
+                "upgrade_not_allowed",
+                "websocket not enabled on this route",
+            );
         }
-        let v: serde_json::Value =
-            serde_json::from_slice(&r.body).map_err(|e| ProxyError::Upstream(format!("part {name} is not JSON: {e}")))?;
-        merged.insert(name, v);
+        let Some(up) = pool else {
+            return json_error(
+                &req,
+                StatusCode::BAD_GATEWAY,
+                "bad_gateway",
+                "route has no pool",
+            );
+        };
+        let headers = req.headers().clone();
+        let rid = req
+            .extensions()
+            .get::<crate::stack::RequestId>()
+            .map(|r| r.0.clone())
+            .unwrap_or_default();
+        let hash = HashInput {
+            client_ip,
+            headers: &headers,
+        };
+        return match tunnel(up, req, &pq, &hash).await {
+            Ok((mut r, backend)) => {
+                r.extensions_mut().insert(UpstreamAddr(backend.to_string()));
+                r
+            }
+            Err(e) => {
+                crate::stack::json_error_with_id(e.status(), "upstream_error", &e.to_string(), &rid)
+            }
+        };
     }
-    serde_json::to_vec(&serde_json::Value::Object(merged)).map(Bytes::from).map_err(|e| ProxyError::Upstream(e.to_string()))
+
+    let max_body = rt.cfg.server.max_body_bytes;
+    let max_resp = rt.cfg.server.max_response_bytes;
+    let rid = req
+        .extensions()
+        .get::<crate::stack::RequestId>()
+        .map(|r| r.0.clone())
+        .unwrap_or_default();
+    let err = |status: StatusCode, code: &str, msg: &str| {
+        crate::stack::json_error_with_id(status, code, msg, &rid)
+    };
+    let (parts, body) = req.into_parts();
+    // Buffered so a retry can resend it; the limit bounds memory per request.
+    let body = match http_body_util::Limited::new(body, max_body).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            return err(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                "request body too large",
+            )
+        }
+        Err(_) => {
+            return err(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "cannot read request body",
+            )
+        }
+    };
+
+    if !rc.aggregate.is_empty() {
+        let jobs = rc
+            .aggregate
+            .iter()
+            .filter_map(|a| {
+                Some((
+                    a.name.clone(),
+                    rt.upstreams.get(&a.pool)?.clone(),
+                    format!("{}{query}", fill_template(&a.path, &ctx.params)),
+                ))
+            })
+            .collect();
+        let pools = rc
+            .aggregate
+            .iter()
+            .map(|a| a.pool.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
+        return match aggregate(jobs, &parts.headers, client_ip, max_resp).await {
+            Ok(b) => {
+                let mut r = Response::new(full(b));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                r.extensions_mut().insert(UpstreamAddr(pools));
+                r
+            }
+            Err(e) => err(e.status(), "upstream_error", &e.to_string()),
+        };
+    }
+
+    let Some(up) = pool else {
+        return err(StatusCode::BAD_GATEWAY, "bad_gateway", "route has no pool");
+    };
+    let hash = HashInput {
+        client_ip,
+        headers: &parts.headers,
+    };
+    match forward(&up, &parts.method, &pq, &parts.headers, body, &hash).await {
+        Ok(r) => {
+            let mut resp = Response::from_parts(r.parts, r.body);
+            resp.extensions_mut()
+                .insert(UpstreamAddr(r.backend.to_string()));
+            resp
+        }
+        Err(e) => {
+            tracing::warn!(route = %rc.name, error = %e, "upstream failure");
+            err(e.status(), "upstream_error", &e.to_string())
+        }
+    }
 }

@@ -42,7 +42,12 @@ impl Drop for Upstream {
 
 impl Upstream {
     pub fn last(&self) -> Seen {
-        self.seen.lock().expect("seen lock").last().cloned().unwrap_or_else(|| panic!("upstream {} saw no request", self.name))
+        self.seen
+            .lock()
+            .expect("seen lock")
+            .last()
+            .cloned()
+            .unwrap_or_else(|| panic!("upstream {} saw no request", self.name))
     }
 
     pub fn hits(&self) -> usize {
@@ -53,7 +58,9 @@ impl Upstream {
 /// Start an upstream that answers JSON describing the request (with internal fields
 /// the gateway is expected to strip), `/health`, `/fail`, `/delay/{ms}` and `/jwks.json`.
 pub async fn upstream(name: &str) -> Arc<Upstream> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind upstream");
     let addr = listener.local_addr().expect("upstream addr");
     let (tx, rx) = tokio::sync::oneshot::channel::<Arc<Upstream>>();
     let task = tokio::spawn(async move {
@@ -61,7 +68,9 @@ pub async fn upstream(name: &str) -> Arc<Upstream> {
         let weak = Arc::downgrade(&up);
         drop(up);
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             let Some(up) = weak.upgrade() else { return };
             let weak = Arc::downgrade(&up);
             drop(up);
@@ -75,7 +84,9 @@ pub async fn upstream(name: &str) -> Arc<Upstream> {
                         }
                     }
                 });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
             });
         }
     });
@@ -90,24 +101,33 @@ pub async fn upstream(name: &str) -> Arc<Upstream> {
         hits: AtomicUsize::new(0),
         task,
     });
-    tx.send(up.clone()).unwrap_or_else(|_| panic!("upstream task gone"));
+    tx.send(up.clone())
+        .unwrap_or_else(|_| panic!("upstream task gone"));
     up
 }
 
-async fn answer(up: Arc<Upstream>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, hyper::Error> {
+async fn answer(
+    up: Arc<Upstream>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, hyper::Error> {
     let (parts, body) = req.into_parts();
     let body = body.collect().await?.to_bytes();
     let path = parts.uri.path().to_string();
     let json = |status: u16, v: serde_json::Value| {
         let mut r = Response::new(Full::new(Bytes::from(v.to_string())));
         *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        r.headers_mut().insert("content-type", "application/json".parse().expect("ct"));
-        r.headers_mut().insert("x-internal-debug", "yes".parse().expect("hv"));
+        r.headers_mut()
+            .insert("content-type", "application/json".parse().expect("ct"));
+        r.headers_mut()
+            .insert("x-internal-debug", "yes".parse().expect("hv"));
         Ok(r)
     };
     if path == "/health" {
         let ok = up.healthy.load(Ordering::SeqCst);
-        return json(if ok { 200 } else { 500 }, serde_json::json!({"healthy": ok}));
+        return json(
+            if ok { 200 } else { 500 },
+            serde_json::json!({"healthy": ok}),
+        );
     }
     if path == "/jwks.json" {
         up.jwks_fetches.fetch_add(1, Ordering::SeqCst);
@@ -115,13 +135,33 @@ async fn answer(up: Arc<Upstream>, req: Request<Incoming>) -> Result<Response<Fu
         return Ok(Response::new(Full::new(Bytes::from(text))));
     }
     up.hits.fetch_add(1, Ordering::SeqCst);
-    up.seen.lock().expect("seen").push(Seen { method: parts.method.to_string(), uri: parts.uri.to_string(), headers: parts.headers.clone(), body: body.clone() });
-    if let Some(ms) = path.strip_prefix("/delay/").and_then(|m| m.parse::<u64>().ok()) {
+    up.seen.lock().expect("seen").push(Seen {
+        method: parts.method.to_string(),
+        uri: parts.uri.to_string(),
+        headers: parts.headers.clone(),
+        body: body.clone(),
+    });
+    if let Some(ms) = path
+        .strip_prefix("/delay/")
+        .and_then(|m| m.parse::<u64>().ok())
+    {
         tokio::time::sleep(Duration::from_millis(ms.min(10_000))).await;
     }
     let forced = up.force_status.load(Ordering::SeqCst);
-    let status = if forced != 0 { forced } else if path == "/fail" { 500 } else { 200 };
-    let h = |n: &str| parts.headers.get(n).and_then(|v| v.to_str().ok()).map(String::from);
+    let status = if forced != 0 {
+        forced
+    } else if path == "/fail" {
+        500
+    } else {
+        200
+    };
+    let h = |n: &str| {
+        parts
+            .headers
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .map(String::from)
+    };
     json(
         status,
         serde_json::json!({
@@ -138,9 +178,14 @@ async fn answer(up: Arc<Upstream>, req: Request<Incoming>) -> Result<Response<Fu
 }
 
 pub async fn start_gateway(toml: &str) -> RunningGateway {
-    let cfg = Config::parse(toml).unwrap_or_else(|e| panic!("test config must be valid: {e}\n{toml}"));
+    let mut cfg =
+        Config::parse(toml).unwrap_or_else(|e| panic!("test config must be valid: {e}\n{toml}"));
+    // Keep test output readable; records still reach `AccessLog::subscribe`.
+    cfg.observability.access_log = false;
     let gw = Gateway::new(cfg, None).unwrap_or_else(|e| panic!("gateway must build: {e}"));
-    l7_sidecar::start(gw).await.unwrap_or_else(|e| panic!("gateway must start: {e}"))
+    l7_sidecar::start(gw)
+        .await
+        .unwrap_or_else(|e| panic!("gateway must start: {e}"))
 }
 
 pub fn listener(name: &str) -> String {
@@ -148,7 +193,11 @@ pub fn listener(name: &str) -> String {
 }
 
 pub fn pool(name: &str, ups: &[&Arc<Upstream>], extra: &str) -> String {
-    let backends = ups.iter().map(|u| format!("{{ address = \"{}\" }}", u.addr)).collect::<Vec<_>>().join(", ");
+    let backends = ups
+        .iter()
+        .map(|u| format!("{{ address = \"{}\" }}", u.addr))
+        .collect::<Vec<_>>()
+        .join(", ");
     format!("[pools.{name}]\nbackends = [{backends}]\n{extra}\n")
 }
 
@@ -160,34 +209,61 @@ pub struct Reply {
 
 impl Reply {
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {:?}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
     }
 
     pub fn header(&self, name: &str) -> Option<String> {
-        self.headers.get(name).and_then(|v| v.to_str().ok()).map(String::from)
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(String::from)
     }
 }
 
-pub type Client = hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+pub type Client = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    Full<Bytes>,
+>;
 
 pub fn client() -> Client {
     hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http()
 }
 
 /// One request with a 10 s cap so a hung gateway fails the test instead of hanging it.
-pub async fn send(c: &Client, method: &str, url: &str, headers: &[(&str, &str)], body: &str) -> Reply {
+pub async fn send(
+    c: &Client,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Reply {
     let mut b = Request::builder().method(method).uri(url);
     for (k, v) in headers {
         b = b.header(*k, *v);
     }
-    let req = b.body(Full::new(Bytes::from(body.to_string()))).expect("request");
+    let req = b
+        .body(Full::new(Bytes::from(body.to_string())))
+        .expect("request");
     let resp = tokio::time::timeout(Duration::from_secs(10), c.request(req))
         .await
         .unwrap_or_else(|_| panic!("{method} {url} timed out"))
         .unwrap_or_else(|e| panic!("{method} {url} failed: {e}"));
     let (parts, body) = resp.into_parts();
-    let body = body.collect().await.unwrap_or_else(|e| panic!("reading body of {url}: {e}")).to_bytes();
-    Reply { status: parts.status, headers: parts.headers, body }
+    let body = body
+        .collect()
+        .await
+        .unwrap_or_else(|e| panic!("reading body of {url}: {e}"))
+        .to_bytes();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
 }
 
 pub async fn get(c: &Client, url: &str, headers: &[(&str, &str)]) -> Reply {
@@ -195,16 +271,27 @@ pub async fn get(c: &Client, url: &str, headers: &[(&str, &str)]) -> Reply {
 }
 
 pub fn base(gw: &RunningGateway) -> String {
-    format!("http://{}", gw.addr("public").unwrap_or_else(|| panic!("no listener named public")))
+    format!(
+        "http://{}",
+        gw.addr("public")
+            .unwrap_or_else(|| panic!("no listener named public"))
+    )
 }
 
 pub fn now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs()
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
 }
 
 pub fn hs256(secret: &str, claims: serde_json::Value) -> String {
-    jsonwebtoken::encode(&jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256), &claims, &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()))
-        .expect("encode jwt")
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("encode jwt")
 }
 
 /// Poll `cond` every 20 ms for at most `limit`.

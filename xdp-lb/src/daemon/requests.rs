@@ -90,6 +90,8 @@ impl Daemon {
             Request::Status => self.status(None),
             Request::Stats => self.stats(),
             Request::Explain { source, destination, protocol } => self.explain(&source, &destination, &protocol),
+            // The control loop acts on it after answering (see run.rs).
+            Request::Stop { detach } => Ok(serde_json::json!({ "stopping": true, "detach": detach })),
         };
         match result {
             Ok(data) => Response::ok(data),

@@ -1,0 +1,472 @@
+//! Authentication: JWT (HS256 / RS256 / ES256, keys from config or a JWKS URL) and
+//! hashed API keys. Each key is bound to one algorithm, so a token can never pick
+//! how it is verified (no `alg: none`, no RS256-public-key-as-HMAC-secret).
+
+use crate::config::{ApiKeyConfig, AuthMode, JwtConfig};
+use crate::proxy::Body;
+use crate::routing::RouteCtx;
+use crate::stack::{json_error, run, Next, Snapshot, UserId};
+use http::HeaderMap;
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub user_id: String,
+    pub roles: Vec<String>,
+    /// Set when the caller used an API key (rate limiting can key on it).
+    pub api_key: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AuthError {
+    #[error("missing credentials")]
+    Missing,
+    #[error("invalid credentials: {0}")]
+    Invalid(String),
+    #[error("forbidden: requires one of roles {0:?}")]
+    Forbidden(Vec<String>),
+}
+
+impl AuthError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AuthError::Missing => "missing",
+            AuthError::Invalid(_) => "invalid",
+            AuthError::Forbidden(_) => "forbidden",
+        }
+    }
+}
+
+type KeyMap = HashMap<String, (Algorithm, Arc<DecodingKey>)>;
+
+mod jwks;
+pub use jwks::{spawn_jwks_refresh, JwksCache, JwksError};
+
+pub struct Authenticator {
+    jwt: Option<JwtVerifier>,
+    api_keys: HashMap<String, ApiKeyConfig>,
+}
+
+struct JwtVerifier {
+    cfg: JwtConfig,
+    /// Config keys: (kid, algorithm, key).
+    keys: Vec<(Option<String>, Algorithm, Arc<DecodingKey>)>,
+    jwks: Option<Arc<JwksCache>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("auth.jwt.keys[{0}]: {1}")]
+    Bad(usize, String),
+    #[error("auth.jwt.jwks_url: {0}")]
+    Jwks(String),
+}
+
+pub fn hash_api_key(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+impl Authenticator {
+    pub fn new(
+        jwt: Option<&JwtConfig>,
+        api_keys: &[ApiKeyConfig],
+        jwks: Option<Arc<JwksCache>>,
+    ) -> Result<Authenticator, KeyError> {
+        let jwt = match jwt {
+            None => None,
+            Some(cfg) => {
+                let mut keys = Vec::new();
+                for (i, k) in cfg.keys.iter().enumerate() {
+                    let pem = match (&k.public_key_pem, &k.public_key_file) {
+                        (Some(p), _) => Some(p.clone()),
+                        (None, Some(f)) => Some(
+                            std::fs::read_to_string(f)
+                                .map_err(|e| KeyError::Bad(i, e.to_string()))?,
+                        ),
+                        _ => None,
+                    };
+                    let (alg, key) = match k.algorithm.as_str() {
+                        "HS256" => (
+                            Algorithm::HS256,
+                            DecodingKey::from_secret(
+                                k.secret.as_deref().unwrap_or_default().as_bytes(),
+                            ),
+                        ),
+                        "RS256" => (
+                            Algorithm::RS256,
+                            DecodingKey::from_rsa_pem(pem.unwrap_or_default().as_bytes())
+                                .map_err(|e| KeyError::Bad(i, e.to_string()))?,
+                        ),
+                        "ES256" => (
+                            Algorithm::ES256,
+                            DecodingKey::from_ec_pem(pem.unwrap_or_default().as_bytes())
+                                .map_err(|e| KeyError::Bad(i, e.to_string()))?,
+                        ),
+                        other => {
+                            return Err(KeyError::Bad(i, format!("unsupported algorithm {other}")))
+                        }
+                    };
+                    keys.push((k.kid.clone(), alg, Arc::new(key)));
+                }
+                Some(JwtVerifier {
+                    cfg: cfg.clone(),
+                    keys,
+                    jwks,
+                })
+            }
+        };
+        let api_keys = api_keys
+            .iter()
+            .map(|k| (k.sha256.to_ascii_lowercase(), k.clone()))
+            .collect();
+        Ok(Authenticator { jwt, api_keys })
+    }
+
+    /// Authenticate per the route's mode and check its roles.
+    pub async fn authenticate(
+        &self,
+        mode: AuthMode,
+        roles: &[String],
+        headers: &HeaderMap,
+    ) -> Result<Option<Identity>, AuthError> {
+        let bearer = headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .map(str::trim);
+        let api_key = headers.get("x-api-key").and_then(|v| v.to_str().ok());
+        let id = match mode {
+            AuthMode::None => return Ok(None),
+            AuthMode::Jwt => self.verify_jwt(bearer.ok_or(AuthError::Missing)?).await?,
+            AuthMode::ApiKey => self.verify_api_key(api_key.ok_or(AuthError::Missing)?)?,
+            AuthMode::Either => match (bearer, api_key) {
+                (Some(t), _) if self.jwt.is_some() => self.verify_jwt(t).await?,
+                (_, Some(k)) => self.verify_api_key(k)?,
+                _ => return Err(AuthError::Missing),
+            },
+        };
+        if !roles.is_empty() && !roles.iter().any(|r| id.roles.contains(r)) {
+            return Err(AuthError::Forbidden(roles.to_vec()));
+        }
+        Ok(Some(id))
+    }
+
+    fn verify_api_key(&self, key: &str) -> Result<Identity, AuthError> {
+        let k = self
+            .api_keys
+            .get(&hash_api_key(key))
+            .ok_or_else(|| AuthError::Invalid("unknown api key".into()))?;
+        Ok(Identity {
+            user_id: k.user_id.clone(),
+            roles: k.roles.clone(),
+            api_key: Some(k.name.clone()),
+        })
+    }
+
+    async fn verify_jwt(&self, token: &str) -> Result<Identity, AuthError> {
+        let v = self
+            .jwt
+            .as_ref()
+            .ok_or_else(|| AuthError::Invalid("jwt not configured".into()))?;
+        // Unknown algorithms (including "none") fail to parse here.
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|e| AuthError::Invalid(format!("bad header: {e}")))?;
+        let (alg, key) = v.select_key(header.alg, header.kid.as_deref()).await?;
+        if alg != header.alg {
+            return Err(AuthError::Invalid(format!(
+                "key is {alg:?}, token says {:?}",
+                header.alg
+            )));
+        }
+        let mut val = Validation::new(alg);
+        val.algorithms = vec![alg];
+        val.leeway = v.cfg.leeway_secs;
+        val.validate_exp = true;
+        val.validate_nbf = true;
+        val.set_required_spec_claims(&["exp"]);
+        match &v.cfg.issuer {
+            Some(iss) => val.set_issuer(&[iss]),
+            None => val.iss = None,
+        }
+        match &v.cfg.audience {
+            Some(aud) => val.set_audience(&[aud]),
+            None => val.validate_aud = false,
+        }
+        let data = jsonwebtoken::decode::<serde_json::Value>(token, &key, &val)
+            .map_err(|e| AuthError::Invalid(e.to_string()))?;
+        let claims = data.claims;
+        let user_id = match claims.get(&v.cfg.user_id_claim) {
+            Some(serde_json::Value::String(s)) if !s.is_empty() => s.clone(),
+            Some(serde_json::Value::Number(n)) => n.to_string(),
+            _ => {
+                return Err(AuthError::Invalid(format!(
+                    "missing claim {}",
+                    v.cfg.user_id_claim
+                )))
+            }
+        };
+        let roles = match claims.get(&v.cfg.role_claim) {
+            Some(serde_json::Value::String(s)) => vec![s.clone()],
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .filter_map(|r| r.as_str().map(String::from))
+                .collect(),
+            _ => Vec::new(),
+        };
+        Ok(Identity {
+            user_id,
+            roles,
+            api_key: None,
+        })
+    }
+}
+
+impl JwtVerifier {
+    async fn select_key(
+        &self,
+        alg: Algorithm,
+        kid: Option<&str>,
+    ) -> Result<(Algorithm, Arc<DecodingKey>), AuthError> {
+        if let Some(kid) = kid {
+            if let Some((_, a, k)) = self
+                .keys
+                .iter()
+                .find(|(id, _, _)| id.as_deref() == Some(kid))
+            {
+                return Ok((*a, k.clone()));
+            }
+            if let Some(jwks) = &self.jwks {
+                if let Some(found) = jwks.key(kid) {
+                    return Ok(found);
+                }
+                // Key rotation: the issuer may have published a key we have not seen yet.
+                if jwks
+                    .refresh_if_allowed(Duration::from_secs(self.cfg.jwks_min_refetch_secs))
+                    .await
+                {
+                    if let Some(found) = jwks.key(kid) {
+                        return Ok(found);
+                    }
+                }
+            }
+            return Err(AuthError::Invalid(format!("unknown kid {kid:?}")));
+        }
+        // Without a kid only a configured key of the token's algorithm can apply.
+        self.keys
+            .iter()
+            .find(|(_, a, _)| *a == alg)
+            .map(|(_, a, k)| (*a, k.clone()))
+            .ok_or_else(|| AuthError::Invalid(format!("no key for {alg:?}")))
+    }
+}
+
+/// Authenticate per the route; the identity goes to later stages as an extension.
+pub async fn auth_stage<B>(mut req: Request<B>, next: Next<B>) -> Response<Body> {
+    let (Some(Snapshot(rt)), Some(ctx)) = (
+        req.extensions().get::<Snapshot>().cloned(),
+        req.extensions().get::<RouteCtx>().cloned(),
+    ) else {
+        return json_error(
+            &req,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "auth without a route",
+        );
+    };
+    let rc = &ctx.route.cfg;
+    match rt
+        .auth
+        .authenticate(rc.auth, &rc.roles, req.headers())
+        .await
+    {
+        Ok(None) => run(next, req).await,
+        Ok(Some(id)) => {
+            let user = id.user_id.clone();
+            req.extensions_mut().insert(id);
+            let mut resp = run(next, req).await;
+            resp.extensions_mut().insert(UserId(user));
+            resp
+        }
+        Err(e) => {
+            crate::observe::record_auth_failure(&rc.name, e.reason());
+            tracing::debug!(route = %rc.name, error = %e, "auth failed");
+            if let AuthError::Forbidden(_) = e {
+                return json_error(&req, StatusCode::FORBIDDEN, "forbidden", "not allowed");
+            }
+            let mut r = json_error(
+                &req,
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                &e.to_string(),
+            );
+            let challenge = match (rc.auth, &e) {
+                (AuthMode::ApiKey, _) => "ApiKey realm=\"gateway\"",
+                (_, AuthError::Invalid(_)) => "Bearer realm=\"gateway\", error=\"invalid_token\"",
+                _ => "Bearer realm=\"gateway\"",
+            };
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(challenge),
+            );
+            r
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::JwtKeyConfig;
+    use jsonwebtoken::{encode, EncodingKey, Header};
+
+    fn cfg() -> JwtConfig {
+        JwtConfig {
+            issuer: Some("iss".into()),
+            audience: Some("aud".into()),
+            keys: vec![JwtKeyConfig {
+                kid: None,
+                algorithm: "HS256".into(),
+                secret: Some("s3cret".into()),
+                public_key_pem: None,
+                public_key_file: None,
+            }],
+            jwks_url: None,
+            jwks_ca_file: None,
+            jwks_refresh_secs: 60,
+            jwks_min_refetch_secs: 10,
+            user_id_claim: "sub".into(),
+            role_claim: "role".into(),
+            leeway_secs: 0,
+        }
+    }
+
+    fn token(claims: serde_json::Value, secret: &str) -> String {
+        encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .expect("encode")
+    }
+
+    fn bearer(t: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(
+            http::header::AUTHORIZATION,
+            format!("Bearer {t}").parse().expect("header"),
+        );
+        h
+    }
+
+    fn now() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs()
+    }
+
+    #[tokio::test]
+    async fn jwt_claims_are_checked() {
+        let a = Authenticator::new(Some(&cfg()), &[], None).expect("auth");
+        let good = serde_json::json!({"sub": "u1", "role": "admin", "iss": "iss", "aud": "aud", "exp": now() + 60});
+        let id = a
+            .authenticate(AuthMode::Jwt, &[], &bearer(&token(good.clone(), "s3cret")))
+            .await
+            .expect("valid token");
+        assert_eq!(id.map(|i| i.user_id), Some("u1".into()));
+        for (what, claims, secret) in [
+            (
+                "expired",
+                serde_json::json!({"sub": "u1", "iss": "iss", "aud": "aud", "exp": now() - 100}),
+                "s3cret",
+            ),
+            (
+                "not yet valid",
+                serde_json::json!({"sub": "u1", "iss": "iss", "aud": "aud", "exp": now() + 100, "nbf": now() + 50}),
+                "s3cret",
+            ),
+            (
+                "wrong issuer",
+                serde_json::json!({"sub": "u1", "iss": "x", "aud": "aud", "exp": now() + 100}),
+                "s3cret",
+            ),
+            (
+                "wrong audience",
+                serde_json::json!({"sub": "u1", "iss": "iss", "aud": "x", "exp": now() + 100}),
+                "s3cret",
+            ),
+            ("bad signature", good.clone(), "other"),
+        ] {
+            let r = a
+                .authenticate(AuthMode::Jwt, &[], &bearer(&token(claims, secret)))
+                .await;
+            assert!(matches!(r, Err(AuthError::Invalid(_))), "{what}: {r:?}");
+        }
+        let r = a
+            .authenticate(
+                AuthMode::Jwt,
+                &["ops".into()],
+                &bearer(&token(good, "s3cret")),
+            )
+            .await;
+        assert!(
+            matches!(r, Err(AuthError::Forbidden(_))),
+            "role check: {r:?}"
+        );
+        assert_eq!(
+            a.authenticate(AuthMode::Jwt, &[], &HeaderMap::new()).await,
+            Err(AuthError::Missing)
+        );
+    }
+
+    #[tokio::test]
+    async fn alg_none_is_rejected() {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let a = Authenticator::new(Some(&cfg()), &[], None).expect("auth");
+        let claims =
+            serde_json::json!({"sub": "u1", "iss": "iss", "aud": "aud", "exp": now() + 60});
+        let t = format!(
+            "{}.{}.",
+            b64.encode(r#"{"alg":"none","typ":"JWT"}"#),
+            b64.encode(claims.to_string())
+        );
+        let r = a.authenticate(AuthMode::Jwt, &[], &bearer(&t)).await;
+        assert!(matches!(r, Err(AuthError::Invalid(_))), "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn api_keys_are_matched_by_hash() {
+        let keys = [ApiKeyConfig {
+            name: "partner".into(),
+            sha256: hash_api_key("k-123"),
+            user_id: "p1".into(),
+            roles: vec![],
+        }];
+        let a = Authenticator::new(None, &keys, None).expect("auth");
+        let mut h = HeaderMap::new();
+        h.insert("x-api-key", "k-123".parse().expect("hv"));
+        let id = a
+            .authenticate(AuthMode::ApiKey, &[], &h)
+            .await
+            .expect("valid key")
+            .expect("identity");
+        assert_eq!(
+            (id.user_id.as_str(), id.api_key.as_deref()),
+            ("p1", Some("partner"))
+        );
+        h.insert("x-api-key", "wrong".parse().expect("hv"));
+        assert!(matches!(
+            a.authenticate(AuthMode::ApiKey, &[], &h).await,
+            Err(AuthError::Invalid(_))
+        ));
+    }
+}

@@ -1,0 +1,475 @@
+//! The gateway's single TOML file: serde structs with defaults, then `validate()`
+//! which collects every problem (with its path) instead of stopping at the first.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+mod validate;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot parse TOML: {0}")]
+    Parse(#[from] toml::de::Error),
+    #[error("invalid configuration:\n{}", .0.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<FieldError>),
+}
+
+/// One invalid field, e.g. `routes[2].pool: unknown pool "x"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub path: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for FieldError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub listeners: Vec<ListenerConfig>,
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+    #[serde(default)]
+    pub pools: BTreeMap<String, PoolConfig>,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub rate_limits: BTreeMap<String, RateLimitConfig>,
+    #[serde(default)]
+    pub transforms: BTreeMap<String, TransformConfig>,
+    #[serde(default)]
+    pub observability: ObservabilityConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub max_body_bytes: usize,
+    pub max_response_bytes: usize,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub header_read_timeout_ms: u64,
+    pub max_connections: usize,
+    /// How often the config file is checked for changes; 0 disables polling.
+    pub reload_poll_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 1 << 20,
+            max_response_bytes: 8 << 20,
+            max_header_bytes: 16 * 1024,
+            max_headers: 100,
+            header_read_timeout_ms: 10_000,
+            max_connections: 10_000,
+            reload_poll_ms: 1_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub bind: String,
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Serve the Prometheus endpoint on this listener.
+    #[serde(default)]
+    pub metrics: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The first certificate is the default when SNI matches none.
+    pub certificates: Vec<CertConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertConfig {
+    pub cert_file: String,
+    pub key_file: String,
+    #[serde(default)]
+    pub server_names: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum PathMatch {
+    Exact,
+    #[default]
+    Prefix,
+    Template,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthMode {
+    #[default]
+    None,
+    Jwt,
+    ApiKey,
+    Either,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub name: String,
+    #[serde(default)]
+    pub host: Option<String>,
+    pub path: String,
+    #[serde(default)]
+    pub path_match: PathMatch,
+    #[serde(default)]
+    pub methods: Vec<String>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    #[serde(default)]
+    pub pool: Option<String>,
+    #[serde(default)]
+    pub strip_prefix: Option<String>,
+    /// Replacement path; `{name}` is filled from template parameters.
+    #[serde(default)]
+    pub rewrite: Option<String>,
+    #[serde(default)]
+    pub auth: AuthMode,
+    #[serde(default)]
+    pub roles: Vec<String>,
+    #[serde(default)]
+    pub rate_limit: Option<String>,
+    #[serde(default)]
+    pub transform: Option<String>,
+    #[serde(default)]
+    pub websocket: bool,
+    #[serde(default)]
+    pub aggregate: Vec<AggregatePart>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AggregatePart {
+    /// Key of this part in the merged JSON object.
+    pub name: String,
+    pub pool: String,
+    /// Upstream path; `{name}` is filled from template parameters.
+    pub path: String,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Algorithm {
+    #[default]
+    RoundRobin,
+    WeightedRoundRobin,
+    LeastConnections,
+    LeastResponseTime,
+    IpHash,
+    ConsistentHash,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    #[serde(default)]
+    pub algorithm: Algorithm,
+    /// For `consistent-hash`: `client-ip`, `header:NAME` or `cookie:NAME`.
+    #[serde(default)]
+    pub hash_on: Option<String>,
+    pub backends: Vec<BackendConfig>,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_ms: u64,
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout_ms: u64,
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    #[serde(default)]
+    pub health_check: Option<HealthCheckConfig>,
+    #[serde(default)]
+    pub passive: PassiveConfig,
+}
+
+fn default_connect_timeout() -> u64 {
+    1_000
+}
+fn default_request_timeout() -> u64 {
+    15_000
+}
+fn default_retries() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    pub address: String,
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthCheckConfig {
+    pub path: String,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    pub rise: u32,
+    pub fall: u32,
+}
+
+impl Default for HealthCheckConfig {
+    fn default() -> Self {
+        Self {
+            path: "/health".into(),
+            interval_ms: 5_000,
+            timeout_ms: 1_000,
+            rise: 2,
+            fall: 3,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PassiveConfig {
+    /// Consecutive 5xx or connection failures before ejection; 0 disables.
+    pub consecutive_failures: u32,
+    pub base_ejection_ms: u64,
+    pub max_ejection_ms: u64,
+    pub max_ejected_percent: u32,
+}
+
+impl Default for PassiveConfig {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 5,
+            base_ejection_ms: 30_000,
+            max_ejection_ms: 300_000,
+            max_ejected_percent: 50,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    #[serde(default)]
+    pub jwt: Option<JwtConfig>,
+    #[serde(default)]
+    pub api_keys: Vec<ApiKeyConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    #[serde(default)]
+    pub issuer: Option<String>,
+    #[serde(default)]
+    pub audience: Option<String>,
+    #[serde(default)]
+    pub keys: Vec<JwtKeyConfig>,
+    /// `http://` or `https://`.
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    /// PEM CA bundle trusted for an https JWKS URL instead of the built-in web roots.
+    #[serde(default)]
+    pub jwks_ca_file: Option<String>,
+    #[serde(default = "default_jwks_refresh")]
+    pub jwks_refresh_secs: u64,
+    /// Minimum spacing of refetches triggered by an unknown `kid`.
+    #[serde(default = "default_jwks_min_refetch")]
+    pub jwks_min_refetch_secs: u64,
+    #[serde(default = "default_user_claim")]
+    pub user_id_claim: String,
+    #[serde(default = "default_role_claim")]
+    pub role_claim: String,
+    #[serde(default = "default_leeway")]
+    pub leeway_secs: u64,
+}
+
+fn default_jwks_refresh() -> u64 {
+    300
+}
+fn default_jwks_min_refetch() -> u64 {
+    10
+}
+fn default_user_claim() -> String {
+    "sub".into()
+}
+fn default_role_claim() -> String {
+    "role".into()
+}
+fn default_leeway() -> u64 {
+    30
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtKeyConfig {
+    #[serde(default)]
+    pub kid: Option<String>,
+    /// HS256, RS256 or ES256.
+    pub algorithm: String,
+    #[serde(default)]
+    pub secret: Option<String>,
+    #[serde(default)]
+    pub public_key_pem: Option<String>,
+    #[serde(default)]
+    pub public_key_file: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    pub name: String,
+    /// Hex SHA-256 of the key: the config never holds the key itself.
+    pub sha256: String,
+    pub user_id: String,
+    #[serde(default)]
+    pub roles: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum RateAlgorithm {
+    FixedWindow,
+    SlidingWindow,
+    TokenBucket,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum RateKey {
+    #[default]
+    ClientIp,
+    ApiKey,
+    UserId,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    pub algorithm: RateAlgorithm,
+    #[serde(default)]
+    pub key: RateKey,
+    /// Requests allowed per window (token bucket: refill per window).
+    pub limit: u64,
+    pub window_ms: u64,
+    /// Token bucket capacity; defaults to `limit`.
+    #[serde(default)]
+    pub burst: Option<u64>,
+    #[serde(default = "default_max_keys")]
+    pub max_keys: usize,
+}
+
+fn default_max_keys() -> usize {
+    100_000
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TransformConfig {
+    pub request_headers_add: BTreeMap<String, String>,
+    pub request_headers_remove: Vec<String>,
+    pub response_headers_add: BTreeMap<String, String>,
+    pub response_headers_remove: Vec<String>,
+    pub strip_json_fields: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ObservabilityConfig {
+    pub metrics_path: String,
+    pub access_log: bool,
+}
+
+impl Default for ObservabilityConfig {
+    fn default() -> Self {
+        Self {
+            metrics_path: "/metrics".into(),
+            access_log: true,
+        }
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::parse(&text)
+    }
+
+    /// Parse and validate: an invalid file never yields a `Config`.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text)?;
+        let errors = cfg.validate();
+        if errors.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigError::Invalid(errors))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_every_invalid_field_with_path() {
+        let text = r#"
+            [[listeners]]
+            name = "a"
+            bind = "nope"
+            [pools.users]
+            algorithm = "round-robin"
+            backends = [{ address = "127.0.0.1:1", weight = 0 }]
+            [[routes]]
+            name = "r"
+            path = "users"
+            pool = "missing"
+            rate_limit = "nope"
+        "#;
+        let Err(ConfigError::Invalid(errs)) = Config::parse(text) else {
+            panic!("expected validation errors");
+        };
+        let paths: Vec<_> = errs.iter().map(|e| e.path.as_str()).collect();
+        for want in [
+            "listeners[0].bind",
+            "pools.users.backends[0].weight",
+            "routes[0].path",
+            "routes[0].pool",
+            "routes[0].rate_limit",
+        ] {
+            assert!(paths.contains(&want), "missing {want} in {paths:?}");
+        }
+    }
+
+    #[test]
+    fn unknown_field_is_a_parse_error() {
+        let err = Config::parse("[server]\nmax_bdy = 3\n").expect_err("unknown field must fail");
+        assert!(err.to_string().contains("max_bdy"), "{err}");
+    }
+}

@@ -1,0 +1,126 @@
+//! The `l7-sidecar` binary itself: refuses invalid files, serves and reloads valid ones.
+mod common;
+use common::*;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_l7-sidecar");
+
+#[test]
+fn check_flag_validates_the_example_and_rejects_invalid_files() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/gateway.toml");
+    let out = Command::new(BIN)
+        .args(["--check", "--config", example])
+        .output()
+        .expect("run binary");
+    assert!(
+        out.status.success(),
+        "example rejected: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[[routes]]\nname = \"r\"\npath = \"nope\"\npool = \"ghost\"\n",
+    )
+    .expect("write");
+    let out = Command::new(BIN)
+        .args(["--config", bad.to_str().expect("utf8 path")])
+        .output()
+        .expect("run binary");
+    assert!(!out.status.success(), "invalid config must not start");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("routes[0].path") && err.contains("routes[0].pool"),
+        "every error listed: {err}"
+    );
+}
+
+/// Kills the child even when an assertion fails.
+struct Child(std::process::Child);
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn binary_serves_and_reloads_on_sighup() {
+    let (a, b) = (upstream("a").await, upstream("b").await);
+    // Reserve a port for the gateway: bind, read it, release.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let cfg = |target: &str| {
+        format!(
+            "[server]\nreload_poll_ms = 0\n[[listeners]]\nname = \"public\"\nbind = \"127.0.0.1:{port}\"\n{}{}[[routes]]\nname = \"r\"\npath = \"/\"\npool = \"{target}\"\n",
+            pool("a", &[&a], ""),
+            pool("b", &[&b], "")
+        )
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("gw.toml");
+    std::fs::write(&path, cfg("a")).expect("write");
+    let mut child = Child(
+        Command::new(BIN)
+            .args(["--config", path.to_str().expect("utf8 path")])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn gateway"),
+    );
+    let stdout = child.0.stdout.take().expect("stdout");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let c = client();
+    let url = format!("http://127.0.0.1:{port}/x");
+    let mut up = false;
+    for _ in 0..100 {
+        let req = http::Request::get(&url)
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .expect("req");
+        if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_millis(500), c.request(req)).await {
+            up = r.status() == 200;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(up, "binary serves on its port");
+    assert_eq!(get(&c, &url, &[]).await.json()["service"], "a");
+    let line = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("access log line")
+        .expect("line");
+    let rec: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("access log is JSON ({e}): {line}"));
+    assert_eq!(rec["path"], "/x");
+
+    std::fs::write(&path, cfg("b")).expect("rewrite");
+    let pid = child.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .expect("kill")
+        .success());
+    let mut switched = false;
+    for _ in 0..100 {
+        if get(&c, &url, &[]).await.json()["service"] == "b" {
+            switched = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(switched, "SIGHUP reloaded the binary's config");
+}

@@ -1,0 +1,136 @@
+//! Pinning in bpffs, so the data plane outlives the daemon: maps at `DIR/<MAP>`, one XDP link per
+//! interface at `DIR/link_<iface>`. A restarted daemon reuses the maps (the connection table
+//! survives) and swaps its program into the existing links atomically (BPF_LINK_UPDATE): there is
+//! never a moment without a program on the interface.
+
+use std::{
+    mem::size_of,
+    path::{Path, PathBuf},
+};
+
+use aya::maps::MapInfo;
+use xdp_lb_common::{
+    maps::{defaults, names, Backend, Conn, Counters, FlowKey, NatReverse, Service, ServiceKey},
+    reasons,
+};
+
+use crate::config;
+
+/// `statfs` magic of bpffs.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PinError {
+    #[error("{dir}: not on a bpffs mount; mount one first (`mount -t bpf bpf {dir}`) or pass --bpffs with a directory on one")]
+    NotBpffs { dir: String },
+    #[error("{path}: {message}")]
+    Io { path: String, message: String },
+    #[error("pinned map {map} was created for a different layout or size ({found}, this build needs {wanted}); run `xdp-lb stop --detach` to remove the old data plane first")]
+    Incompatible { map: &'static str, found: String, wanted: String },
+}
+
+/// Where the data plane is pinned.
+#[derive(Clone, Debug)]
+pub struct PinDir(PathBuf);
+
+impl PinDir {
+    /// Creates the directory (its parent must be on a bpffs).
+    pub fn prepare(dir: &Path) -> Result<PinDir, PinError> {
+        let io = |e: std::io::Error| PinError::Io { path: dir.display().to_string(), message: e.to_string() };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        if !is_bpffs(dir) {
+            return Err(PinError::NotBpffs { dir: dir.display().to_string() });
+        }
+        Ok(PinDir(dir.to_path_buf()))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    pub fn link(&self, iface: &str) -> PathBuf {
+        self.0.join(format!("link_{iface}"))
+    }
+
+    /// Interfaces that have a pinned link, i.e. a running data plane to adopt.
+    pub fn linked_interfaces(&self) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(&self.0) else { return Vec::new() };
+        let mut out: Vec<String> = entries
+            .filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("link_").map(str::to_string))
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Refuses to reuse pinned maps whose shape differs from what this build and config expect:
+    /// aya would silently reuse them, and the program would read them wrongly.
+    pub fn check_compatible(&self, settings: &config::Dataplane) -> Result<(), PinError> {
+        for (map, key, value, entries) in expected_maps(settings) {
+            let path = self.map(map);
+            if !path.exists() {
+                continue;
+            }
+            let info = MapInfo::from_pin(&path).map_err(|e| PinError::Io { path: path.display().to_string(), message: e.to_string() })?;
+            let found = (info.key_size(), info.value_size(), info.max_entries());
+            if found != (key, value, entries) {
+                return Err(PinError::Incompatible {
+                    map,
+                    found: format!("key {} B, value {} B, {} entries", found.0, found.1, found.2),
+                    wanted: format!("key {key} B, value {value} B, {entries} entries"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes every pin (links first, so the program detaches before its maps go) and the directory.
+    pub fn remove_all(&self) -> Result<Vec<String>, PinError> {
+        let io = |p: &Path, e: std::io::Error| PinError::Io { path: p.display().to_string(), message: e.to_string() };
+        let mut removed = Vec::new();
+        for iface in self.linked_interfaces() {
+            let link = self.link(&iface);
+            std::fs::remove_file(&link).map_err(|e| io(&link, e))?;
+            removed.push(link.display().to_string());
+        }
+        if let Ok(entries) = std::fs::read_dir(&self.0) {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                std::fs::remove_file(&path).map_err(|e| io(&path, e))?;
+                removed.push(path.display().to_string());
+            }
+        }
+        let _ = std::fs::remove_dir(&self.0);
+        Ok(removed)
+    }
+}
+
+/// Every map the program declares, with the key size, value size and entries it must have.
+pub fn expected_maps(settings: &config::Dataplane) -> Vec<(&'static str, u32, u32, u32)> {
+    let s = |n: usize| n as u32;
+    vec![
+        (names::SERVICES, s(size_of::<ServiceKey>()), s(size_of::<Service>()), defaults::MAX_SERVICES),
+        (names::BACKENDS, 4, s(size_of::<Backend>()), defaults::MAX_BACKENDS),
+        (names::MAGLEV_RING, 4, 4, settings.maglev_cells),
+        (names::CONNTRACK, s(size_of::<FlowKey>()), s(size_of::<Conn>()), settings.conntrack_entries),
+        (names::NAT_REVERSE, s(size_of::<FlowKey>()), s(size_of::<NatReverse>()), settings.conntrack_entries),
+        (names::TX_PORTS, 4, 8, defaults::TX_PORTS),
+        (names::SERVICE_STATS, 4, s(size_of::<Counters>()), defaults::MAX_SERVICES),
+        (names::BACKEND_STATS, 4, s(size_of::<Counters>()), defaults::MAX_BACKENDS),
+        (names::REASONS, 4, 8, reasons::COUNT),
+        (names::RR_COUNTERS, 4, 8, defaults::MAX_SERVICES),
+        (names::ACTIVE_FLOWS, 4, 8, defaults::MAX_BACKENDS),
+    ]
+}
+
+fn is_bpffs(dir: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else { return false };
+    // SAFETY: statfs writes into a zeroed struct we own; the path is NUL-terminated.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
+    }
+}
