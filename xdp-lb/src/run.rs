@@ -3,6 +3,10 @@
 
 use std::{
     net::SocketAddr,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     time::Duration,
@@ -79,7 +83,8 @@ async fn serve(opts: Options, desired: xdp_lb::config::RawConfig) -> Result<()> 
     info!(interfaces = opts.ifaces.len(), services = daemon.config().services.len(), socket = %opts.socket.display(), "xdp-lb ready");
 
     let (jobs_tx, mut jobs) = mpsc::channel::<Job>(64);
-    tokio::spawn(accept_clients(listener, jobs_tx));
+    let answering = Arc::new(AtomicUsize::new(0));
+    tokio::spawn(accept_clients(listener, jobs_tx, answering.clone()));
     let (scrape_tx, mut scrapes) = mpsc::channel::<oneshot::Sender<String>>(16);
     if let Some(l) = metrics_listener {
         tokio::spawn(accept_scrapes(l, scrape_tx));
@@ -112,6 +117,13 @@ async fn serve(opts: Options, desired: xdp_lb::config::RawConfig) -> Result<()> 
             _ = terminate.recv() => { info!("SIGTERM: stopping"); break; }
             _ = interrupt.recv() => { info!("SIGINT: stopping"); break; }
         }
+    }
+    // Let the client that asked us to stop read its answer before the runtime goes away.
+    for _ in 0..100 {
+        if answering.load(Ordering::Relaxed) == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let _ = std::fs::remove_file(&opts.socket);
     if detach {
@@ -146,11 +158,16 @@ fn bind_socket(path: &Path) -> Result<UnixListener> {
     Ok(listener)
 }
 
-async fn accept_clients(listener: UnixListener, jobs: mpsc::Sender<Job>) {
+async fn accept_clients(listener: UnixListener, jobs: mpsc::Sender<Job>, answering: Arc<AtomicUsize>) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(serve_client(stream, jobs.clone()));
+                answering.fetch_add(1, Ordering::Relaxed);
+                let (answering, jobs) = (answering.clone(), jobs.clone());
+                tokio::spawn(async move {
+                    serve_client(stream, jobs).await;
+                    answering.fetch_sub(1, Ordering::Relaxed);
+                });
             }
             Err(e) => {
                 warn!("API socket accept failed: {e}");

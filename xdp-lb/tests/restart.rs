@@ -1,0 +1,126 @@
+//! Restarts without loss: the data plane is pinned, so a daemon that exits leaves it forwarding and
+//! the next daemon adopts it (swapping its program in atomically and keeping the connection table).
+//! A client streams requests over one connection and opens new ones throughout; none may fail.
+
+use std::{
+    path::Path,
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use xdp_lb_testbed::{
+    config_toml, http_get, Daemon, Family, IdentityServers, KeepAliveClient, Mode, Protocol, Scheduler, ServiceConfig,
+    Topology,
+};
+
+const XDP_LB: &str = env!("CARGO_BIN_EXE_xdp-lb");
+const PORT: u16 = 80;
+/// Bounds every load loop in this file.
+const LOAD_LIMIT: Duration = Duration::from_secs(20);
+
+fn config(topo: &Topology, mode: Mode) -> String {
+    let backends = (0..3).map(|i| topo.backend_socket(Family::V4, i, PORT));
+    config_toml(&[ServiceConfig::new("web", topo.vip_socket(Family::V4, PORT), Protocol::Tcp, mode, Scheduler::Maglev, backends)])
+}
+
+#[test]
+fn restarting_the_daemon_loses_no_request_and_keeps_the_long_connection_on_its_backend() {
+    for mode in [Mode::Nat, Mode::Dsr] {
+        restart_under_load(mode);
+    }
+}
+
+fn restart_under_load(mode: Mode) {
+    let topo = Topology::new(&format!("rst{}", mode.as_str()), 3).expect("testbed");
+    let _servers = IdentityServers::start_all(&topo, PORT, 53).expect("servers");
+    let mut daemon = Daemon::start(Path::new(XDP_LB), topo.lb(), &topo.lb_ifaces(), &config(&topo, mode))
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    let vip = topo.vip_socket(Family::V4, PORT);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (streamed, stream_failures, new_ok, new_failures) =
+        (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+
+    // One long-lived connection: every answer must come from the backend that answered first.
+    let long = {
+        let (stop, streamed, failures) = (stop.clone(), streamed.clone(), stream_failures.clone());
+        topo.client()
+            .spawn_thread(move || {
+                let started = Instant::now();
+                let mut client = KeepAliveClient::connect(vip).expect("long connection");
+                let first = client.get().expect("first answer");
+                let mut others = Vec::new();
+                while !stop.load(Ordering::Relaxed) && started.elapsed() < LOAD_LIMIT {
+                    match client.get() {
+                        Ok(b) if b == first => {}
+                        Ok(b) => others.push(b),
+                        Err(_) => {
+                            failures.fetch_add(1, Ordering::Relaxed);
+                            break;
+                        }
+                    }
+                    streamed.fetch_add(1, Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                (first, others)
+            })
+            .expect("thread")
+    };
+    // New connections every 10 ms.
+    let fresh = {
+        let (stop, ok, failures) = (stop.clone(), new_ok.clone(), new_failures.clone());
+        topo.client()
+            .spawn_thread(move || {
+                let started = Instant::now();
+                let mut errors = Vec::new();
+                while !stop.load(Ordering::Relaxed) && started.elapsed() < LOAD_LIMIT {
+                    match http_get(vip) {
+                        Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                        Err(e) => {
+                            errors.push(e.to_string());
+                            failures.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                errors
+            })
+            .expect("thread")
+    };
+
+    std::thread::sleep(Duration::from_millis(700));
+    let before = (streamed.load(Ordering::Relaxed), new_ok.load(Ordering::Relaxed));
+    daemon.restart().unwrap_or_else(|e| panic!("restart: {e:?}"));
+    std::thread::sleep(Duration::from_millis(700));
+    // A second restart, now with a connection table the first successor wrote to.
+    daemon.restart().unwrap_or_else(|e| panic!("second restart: {e:?}"));
+    std::thread::sleep(Duration::from_millis(700));
+    stop.store(true, Ordering::Relaxed);
+    let (first, others) = long.join().expect("long connection thread");
+    let errors = fresh.join().expect("new connections thread");
+
+    let log = daemon.log();
+    assert!(log.contains("adopted the running data plane"), "{mode:?}: the restarted daemon did not adopt\n{log}");
+    assert_eq!(stream_failures.load(Ordering::Relaxed), 0, "{mode:?}: the long connection broke\n{log}");
+    assert!(others.is_empty(), "{mode:?}: the long connection moved from {first} to {others:?}");
+    assert!(errors.is_empty(), "{mode:?}: {} new connections failed: {errors:?}\n{log}", errors.len());
+    let after = (streamed.load(Ordering::Relaxed), new_ok.load(Ordering::Relaxed));
+    assert!(after.0 > before.0 + 50 && after.1 > before.1 + 50, "{mode:?}: traffic did not keep flowing: {before:?} → {after:?}");
+
+    // `stop --detach` removes the data plane: no program left on the balancer's interfaces.
+    let out = daemon.cli(Path::new(XDP_LB), &["stop", "--detach", "--bpffs", &daemon.pin_dir().display().to_string()]).unwrap();
+    assert!(out.status.success(), "stop --detach: {}", String::from_utf8_lossy(&out.stderr));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let links = topo.lb().ip(&["link", "show"]).unwrap();
+        if !links.contains("prog/xdp") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{mode:?}: XDP still attached after stop --detach:\n{links}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!daemon.pin_dir().exists(), "pins left behind in {}", daemon.pin_dir().display());
+}
