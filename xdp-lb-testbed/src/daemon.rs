@@ -31,6 +31,8 @@ pub struct Daemon {
     binary: PathBuf,
     netns: String,
     ifaces: Vec<String>,
+    /// More `run` arguments (e.g. `--metrics ADDR`).
+    extra_args: Vec<String>,
     config_path: PathBuf,
     stdout_path: PathBuf,
     socket: PathBuf,
@@ -80,6 +82,17 @@ impl Daemon {
     /// waits for it to log that it is ready. The daemon gets its own socket, state file and pin
     /// directory, so tests can run side by side.
     pub fn start(binary: &Path, lb: &Netns, ifaces: &[impl AsRef<str>], config: &str) -> anyhow::Result<Daemon> {
+        Self::start_with_args(binary, lb, ifaces, config, &[])
+    }
+
+    /// [`Daemon::start`] with more arguments for `run`.
+    pub fn start_with_args(
+        binary: &Path,
+        lb: &Netns,
+        ifaces: &[impl AsRef<str>],
+        config: &str,
+        extra_args: &[&str],
+    ) -> anyhow::Result<Daemon> {
         let dir = tempfile::Builder::new().prefix("xdp-lb-testbed-").tempdir()?;
         let config_path = dir.path().join("xdp-lb.toml");
         std::fs::write(&config_path, config)?;
@@ -91,6 +104,7 @@ impl Daemon {
             binary: binary.to_path_buf(),
             netns: lb.name().to_string(),
             ifaces: ifaces.iter().map(|i| i.as_ref().to_string()).collect(),
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             stdout_path: dir.path().join("stdout.json"),
             socket: dir.path().join("xdp-lb.sock"),
             config_path,
@@ -113,6 +127,7 @@ impl Daemon {
         for iface in &self.ifaces {
             cmd.args(["--iface", iface]);
         }
+        cmd.args(&self.extra_args);
         cmd.stdin(Stdio::null())
             .stdout(File::create(&self.stdout_path)?)
             .stderr(Stdio::piped())

@@ -91,8 +91,15 @@ fn require_root(why: &str) -> Result<()> {
     Ok(())
 }
 
-/// Namespaces left by a test run that was killed (guards clean up on panics, not on SIGKILL).
+/// Namespaces and pinned data planes left by a test run that was killed (guards clean up on
+/// panics, not on SIGKILL).
 fn remove_leftover_namespaces() {
+    if let Ok(entries) = std::fs::read_dir(xdp_lb_testbed::daemon::BPFFS_ROOT) {
+        for entry in entries.flatten().filter(|e| e.path().is_dir()) {
+            eprintln!("xtask: removing leftover pins {}", entry.path().display());
+            xdp_lb_testbed::daemon::remove_pins(&entry.path());
+        }
+    }
     match xdp_lb_testbed::netns::cleanup_namespaces(xdp_lb_testbed::netns::NAME_PREFIX) {
         Ok(removed) if !removed.is_empty() => eprintln!("xtask: removed leftover namespaces {removed:?}"),
         Ok(_) => {}
