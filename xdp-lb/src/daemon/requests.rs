@@ -50,6 +50,10 @@ struct BackendStatus {
 
 impl Daemon {
     pub fn handle(&mut self, request: Request) -> Response {
+        let change = match &request {
+            Request::ServiceList | Request::BackendList { .. } | Request::Status | Request::Stats | Request::Explain { .. } | Request::Stop { .. } => None,
+            other => Some(serde_json::to_string(other).unwrap_or_default()),
+        };
         let result = match request {
             Request::ServiceAdd { service } => self.change(|d| add_service(d, service)).map(|_| serde_json::Value::Null),
             Request::ServiceUpdate { name, changes } => {
@@ -93,6 +97,11 @@ impl Daemon {
             // The control loop acts on it after answering (see run.rs).
             Request::Stop { detach } => Ok(serde_json::json!({ "stopping": true, "detach": detach })),
         };
+        match (&result, change) {
+            (Ok(_), Some(change)) => tracing::info!(%change, "change applied"),
+            (Err(error), Some(change)) => tracing::warn!(%change, %error, "change refused; nothing changed"),
+            _ => {}
+        }
         match result {
             Ok(data) => Response::ok(data),
             Err(e) => Response::error(e),

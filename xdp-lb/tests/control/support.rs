@@ -130,33 +130,36 @@ pub struct Sample {
     pub result: Result<String, String>,
 }
 
-/// A new connection every `period` (one request each, `timeout` per step) until `stop` is set or
-/// `limit` passes; results land in `samples` as they come, so the caller can watch them.
-pub fn paced_load(
-    client: &Netns,
-    addr: SocketAddr,
-    period: Duration,
-    timeout: Duration,
-    limit: Duration,
-    t0: Instant,
-    stop: &AtomicBool,
-    samples: &Mutex<Vec<Sample>>,
-) {
-    client.run(|| {
-        let max = (limit.as_millis() / period.as_millis().max(1)) as usize + 1;
-        for i in 0..max {
-            if stop.load(Ordering::Relaxed) || t0.elapsed() >= limit {
-                break;
+/// A new connection every `period` (one request each, `timeout` per step) for at most `limit`.
+pub struct PacedLoad<'a> {
+    pub client: &'a Netns,
+    pub addr: SocketAddr,
+    pub period: Duration,
+    pub timeout: Duration,
+    pub limit: Duration,
+}
+
+impl PacedLoad<'_> {
+    /// Runs until `stop` is set or `limit` has passed since `t0`; results land in `samples` as they
+    /// come, so the caller can watch them.
+    pub fn run(&self, t0: Instant, stop: &AtomicBool, samples: &Mutex<Vec<Sample>>) {
+        self.client.run(|| {
+            let max = (self.limit.as_millis() / self.period.as_millis().max(1)) as usize + 1;
+            for i in 0..max {
+                if stop.load(Ordering::Relaxed) || t0.elapsed() >= self.limit {
+                    break;
+                }
+                let at = t0.elapsed();
+                let result = get(self.addr, self.timeout).map_err(|e| e.to_string());
+                samples.lock().unwrap().push(Sample { at, result });
+                // Paced from the start rather than from the last answer, so slow answers do not
+                // thin out the load.
+                if let Some(wait) = (self.period * (i as u32 + 1)).checked_sub(t0.elapsed()) {
+                    std::thread::sleep(wait);
+                }
             }
-            let at = t0.elapsed();
-            let result = get(addr, timeout).map_err(|e| e.to_string());
-            samples.lock().unwrap().push(Sample { at, result });
-            let next = period * (i as u32 + 1);
-            if let Some(wait) = next.checked_sub(t0.elapsed()) {
-                std::thread::sleep(wait);
-            }
-        }
-    })
+        })
+    }
 }
 
 pub fn cli(daemon: &Daemon, args: &[&str]) -> Output {
