@@ -31,6 +31,17 @@ pub fn xdp_lb(ctx: XdpContext) -> u32 {
     }
 }
 
+/// The benchmarks' reference: the least an XDP forwarder can do (swap the MACs and send the frame
+/// back out), so `cargo xtask bench` can report xdp-lb's per-packet cost as a ratio to it. Never
+/// attached by the daemon.
+#[xdp]
+pub fn xdp_tx_reference(ctx: XdpContext) -> u32 {
+    let Some(eth) = parse::ptr_at::<network_types::eth::EthHdr>(&ctx, 0) else { return xdp_action::XDP_DROP };
+    // SAFETY: ptr_at checked the header lies inside the frame.
+    unsafe { core::mem::swap(&mut (*eth).src_addr, &mut (*eth).dst_addr) };
+    xdp_action::XDP_TX
+}
+
 /// Counts why a packet was not forwarded and returns the matching verdict.
 #[inline(always)]
 fn not_forwarded(reason: Reason) -> u32 {

@@ -28,6 +28,13 @@ use crate::{
 /// The XDP object built from `xdp-lb-ebpf` by build.rs.
 static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp-lb.bpf.o"));
 pub const PROGRAM_NAME: &str = "xdp_lb";
+/// A trivial MAC-swap-and-XDP_TX program in the same object: the benchmarks' per-packet reference.
+pub const REFERENCE_PROGRAM_NAME: &str = "xdp_tx_reference";
+
+/// The compiled eBPF object (both programs), for tools that load it themselves (benchmarks).
+pub fn program_object() -> &'static [u8] {
+    PROGRAM_OBJECT
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
