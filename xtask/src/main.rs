@@ -1,6 +1,7 @@
 //! Project automation: `cargo xtask setup | build | test | demo`.
 
 mod demo;
+mod fuzz;
 mod setup;
 
 use std::{
@@ -36,6 +37,18 @@ enum Task {
     },
     /// Build everything and run the demo: client, balancer and three backends in namespaces.
     Demo,
+    /// Benchmarks against the alternatives (kernel routing, nftables, HAProxy, nginx), one run,
+    /// one topology; writes a Markdown table and a JSON file.
+    Bench {
+        /// Extra arguments for xdp-lb-bench (see `cargo xtask bench -- --help`).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Run the fuzz targets for a bounded time each.
+    Fuzz {
+        #[arg(long, default_value_t = 60)]
+        seconds_per_target: u64,
+    },
 }
 
 fn main() -> Result<()> {
@@ -52,9 +65,36 @@ fn main() -> Result<()> {
             // The eBPF crate builds only for the BPF target (xdp-lb's build.rs does that).
             let mut cmd = vec!["test", "--workspace", "--exclude", "xdp-lb-ebpf"];
             cmd.extend(args.iter().map(String::as_str));
-            let result = cargo(&cmd, false);
+            let mut result = cargo(&cmd, false);
             remove_leftover_namespaces();
+            if result.is_ok() {
+                result = load_test();
+                remove_leftover_namespaces();
+            }
+            if result.is_ok() {
+                // Briefly in CI and in every test run; `cargo xtask fuzz` runs longer.
+                result = fuzz::run(10);
+            }
             result
+        }
+        Task::Bench { args } => {
+            setup::ensure()?;
+            require_root("the benchmarks attach XDP programs and create network namespaces")?;
+            cargo(&["build", "--package", "xdp-lb", "--package", "l7-sidecar", "--package", "xdp-lb-bench"], true)?;
+            remove_leftover_namespaces();
+            let root = workspace_root();
+            let mut cmd = Command::new(root.join("target/release/xdp-lb-bench"));
+            cmd.current_dir(&root).args(&args);
+            let status = cmd.status().context("running xdp-lb-bench")?;
+            remove_leftover_namespaces();
+            if !status.success() {
+                bail!("the benchmarks failed ({status})");
+            }
+            Ok(())
+        }
+        Task::Fuzz { seconds_per_target } => {
+            setup::ensure()?;
+            fuzz::run(seconds_per_target)
         }
         Task::Demo => {
             setup::ensure()?;
@@ -67,11 +107,30 @@ fn main() -> Result<()> {
     }
 }
 
-fn workspace_root() -> PathBuf {
+/// A bounded run of real traffic through xdp-lb and l7-sidecar with a backend killed and revived
+/// (xdp-lb-testbed's `loadtest`); fails if requests fail outside the detection window.
+fn load_test() -> Result<()> {
+    cargo(&["build", "--package", "xdp-lb", "--package", "l7-sidecar", "--package", "xdp-lb-testbed", "--bins"], false)?;
+    let root = workspace_root();
+    let status = Command::new(root.join("target/debug/loadtest"))
+        .current_dir(&root)
+        .arg("--xdp-lb")
+        .arg(root.join("target/debug/xdp-lb"))
+        .arg("--l7-sidecar")
+        .arg(root.join("target/debug/l7-sidecar"))
+        .status()
+        .context("running the load test")?;
+    if !status.success() {
+        bail!("the load test failed ({status})");
+    }
+    Ok(())
+}
+
+pub(crate) fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
 }
 
-fn cargo(args: &[&str], release: bool) -> Result<()> {
+pub(crate) fn cargo(args: &[&str], release: bool) -> Result<()> {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.current_dir(workspace_root()).args(args);
     if release {

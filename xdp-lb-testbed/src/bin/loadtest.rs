@@ -1,0 +1,2 @@
+//! The CI load test (being written).
+fn main() {}
