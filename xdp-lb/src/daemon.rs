@@ -178,6 +178,21 @@ impl Daemon {
 
     pub fn on_transition(&mut self, t: &Transition) {
         info!(service = %t.target.service, target = %t.target.addr, from = ?t.from, to = ?t.to, reason = %t.reason, "health transition");
+        if t.to == crate::health::Health::Up {
+            // The active checks see it serving again: a passive hold must not keep it out longer.
+            let keys: Vec<BackendKey> = self
+                .config
+                .services
+                .iter()
+                .filter(|s| s.name == t.target.service)
+                .flat_map(|s| s.backends.iter().filter(|b| plan::probe_target(s, b).is_some_and(|(target, _)| target == t.target)).map(|b| (s.name.clone(), b.address)))
+                .collect();
+            for k in keys {
+                if self.passive.clear(&k) {
+                    info!(service = %k.0, backend = %k.1, "passive hold ended: active checks see the backend up");
+                }
+            }
+        }
         if let Err(e) = self.replan() {
             error!("reprogramming after a health transition failed: {e:#}");
         }
@@ -185,7 +200,13 @@ impl Daemon {
 
     /// Periodic work: passive checks, drain timeouts, least-response-time weights.
     pub fn tick(&mut self) {
-        let mut changed = self.passive.observe(&self.config, &self.tables, &self.dataplane);
+        let serving: HashSet<BackendKey> = self
+            .effective
+            .services
+            .iter()
+            .flat_map(|s| s.backends.iter().filter(|b| b.weight > 0 && !b.down).map(|b| (s.name.clone(), b.address)))
+            .collect();
+        let mut changed = self.passive.observe(&self.config, &serving, &self.tables, &self.dataplane);
         changed |= self.update_latency_weights();
         let now = Instant::now();
         changed |= self.drains.iter().any(|((service, address), since)| {

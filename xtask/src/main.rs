@@ -152,17 +152,33 @@ fn require_root(why: &str) -> Result<()> {
 }
 
 /// Namespaces and pinned data planes left by a test run that was killed (guards clean up on
-/// panics, not on SIGKILL).
+/// panics, not on SIGKILL). Only those whose owner is gone: another run may be going on.
 fn remove_leftover_namespaces() {
     if let Ok(entries) = std::fs::read_dir(xdp_lb_testbed::daemon::BPFFS_ROOT) {
         for entry in entries.flatten().filter(|e| e.path().is_dir()) {
+            // Pins are named after their daemon's temporary directory, which lives as long as it.
+            if std::env::temp_dir().join(entry.file_name()).exists() {
+                continue;
+            }
             eprintln!("xtask: removing leftover pins {}", entry.path().display());
             xdp_lb_testbed::daemon::remove_pins(&entry.path());
         }
     }
-    match xdp_lb_testbed::netns::cleanup_namespaces(xdp_lb_testbed::netns::NAME_PREFIX) {
-        Ok(removed) if !removed.is_empty() => eprintln!("xtask: removed leftover namespaces {removed:?}"),
-        Ok(_) => {}
-        Err(e) => eprintln!("xtask: could not clean leftover namespaces: {e:#}"),
+    let Ok(dir) = std::fs::read_dir("/run/netns") else { return };
+    let mut removed = Vec::new();
+    for entry in dir.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(xdp_lb_testbed::netns::NAME_PREFIX) else { continue };
+        // Names are `xlb-<tag>-<pid>-<n>[-role]`: the first all-digit part is the creator's pid.
+        let owner_alive = rest
+            .split('-')
+            .find(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()))
+            .is_some_and(|pid| Path::new("/proc").join(pid).exists());
+        if !owner_alive && xdp_lb_testbed::netns::cleanup_namespaces(&name).is_ok() {
+            removed.push(name);
+        }
+    }
+    if !removed.is_empty() {
+        eprintln!("xtask: removed leftover namespaces {removed:?}");
     }
 }

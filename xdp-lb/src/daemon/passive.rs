@@ -1,5 +1,6 @@
 //! Passive health checks: in NAT mode the balancer sees both directions, so a backend that keeps
-//! receiving SYNs but answers none with a SYN-ACK is not serving, whatever its health endpoint says.
+//! receiving SYNs but answers none (no SYN-ACK, no RST) is not serving, whatever its health endpoint
+//! says. A RST is an answer: the host is alive and refusing, which the active checks see at once.
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
@@ -29,9 +30,16 @@ impl Passive {
         self.down_until.iter().filter(|(_, until)| **until > now).map(|(k, _)| k.clone()).collect()
     }
 
-    /// Takes one sample of every checked backend's SYN and SYN-ACK counters; returns whether any
-    /// backend's passive state changed.
-    pub fn observe(&mut self, config: &Config, tables: &Tables, dataplane: &Dataplane) -> bool {
+    /// Ends a backend's passive hold (its active checks just saw it come back up).
+    pub fn clear(&mut self, key: &BackendKey) -> bool {
+        self.samples.remove(key);
+        self.down_until.remove(key).is_some()
+    }
+
+    /// Takes one sample of every checked backend's SYN and answer counters; returns whether any
+    /// backend's passive state changed. Backends already out of the ring (`serving` says which are
+    /// in) are not judged: the SYNs they got before leaving it would count against them.
+    pub fn observe(&mut self, config: &Config, serving: &HashSet<BackendKey>, tables: &Tables, dataplane: &Dataplane) -> bool {
         let now = Instant::now();
         let mut changed = false;
         let mut seen = HashSet::new();
@@ -44,8 +52,12 @@ impl Passive {
                 let Ok(c) = dataplane.backend_counters(id) else { continue };
                 let key = (service.name.clone(), *address);
                 seen.insert(key.clone());
+                if !serving.contains(&key) {
+                    self.samples.remove(&key);
+                    continue;
+                }
                 let window = self.samples.entry(key.clone()).or_default();
-                window.push_back((c.syns, c.syn_acks));
+                window.push_back((c.syns, c.syn_acks + c.resets));
                 if window.len() > WINDOW {
                     window.pop_front();
                 }
@@ -61,8 +73,12 @@ impl Passive {
         }
         self.samples.retain(|k, _| seen.contains(k));
         let before = self.down_until.len();
+        let samples = &mut self.samples;
         self.down_until.retain(|k, until| {
             let keep = *until > now && seen.contains(k);
+            if !keep {
+                samples.remove(k);
+            }
             if !keep {
                 info!(service = %k.0, backend = %k.1, "passive check: hold time over, backend tried again");
             }

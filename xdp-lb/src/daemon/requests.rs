@@ -42,6 +42,8 @@ struct BackendStatus {
     health: &'static str,
     /// Failed its checks: established flows are moved to other backends.
     down: bool,
+    /// Held out by the passive checks (SYNs went unanswered).
+    passive_down: bool,
     /// Open flows (NAT TCP services; `null` where the balancer cannot see flows end).
     active_flows: Option<u64>,
     last_check: Option<String>,
@@ -129,6 +131,7 @@ impl Daemon {
             }
         }
         let statuses = super::statuses(self);
+        let passive_down = self.passive.down();
         let mut out = Vec::new();
         for (s, eff) in self.config.services.iter().zip(&self.effective.services) {
             if only.is_some_and(|n| n != s.name) {
@@ -154,6 +157,7 @@ impl Daemon {
                         _ => "unknown",
                     },
                     down: e.down,
+                    passive_down: passive_down.contains(&(s.name.clone(), b.address)),
                     active_flows: id.filter(|_| sees_ends).and_then(|id| self.dataplane.active_flows(id).ok()),
                     last_check: status.as_ref().and_then(|st| match (st.last_ok, &st.last_error) {
                         (Some(true), _) => Some("ok".to_string()),
