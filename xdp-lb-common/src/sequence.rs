@@ -62,7 +62,7 @@ mod tests {
             prop_assert_eq!(seq.len() as u64, smooth_weighted_len(&weights));
             let divisor = weights.iter().copied().filter(|&w| w > 0).fold(0, gcd);
             for (i, &w) in weights.iter().enumerate() {
-                let expected = if divisor == 0 { 0 } else { (w / divisor) as usize };
+                let expected = w.checked_div(divisor).unwrap_or(0) as usize;
                 prop_assert_eq!(seq.iter().filter(|&&c| c == i).count(), expected);
             }
         }
