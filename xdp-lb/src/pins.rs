@@ -36,9 +36,9 @@ pub struct PinDir(PathBuf);
 impl PinDir {
     /// Creates the directory (its parent must be on a bpffs).
     pub fn prepare(dir: &Path) -> Result<PinDir, PinError> {
-        let io = |e: std::io::Error| PinError::Io { path: dir.display().to_string(), message: e.to_string() };
-        std::fs::create_dir_all(dir).map_err(io)?;
-        if !is_bpffs(dir) {
+        // A directory that cannot be created is almost always one outside any bpffs (e.g. under a
+        // /sys that `ip netns exec` remounted without /sys/fs/bpf): say that, not just "ENOENT".
+        if std::fs::create_dir_all(dir).is_err() || !is_bpffs(dir) {
             return Err(PinError::NotBpffs { dir: dir.display().to_string() });
         }
         Ok(PinDir(dir.to_path_buf()))
