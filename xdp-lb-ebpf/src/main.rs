@@ -73,6 +73,10 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
         return forward::to_next_hop(ctx, &packet, &chosen.backend.addr, forward::Mode::Nat);
     }
     if let Some(reverse) = maps::nat_reverse(&flow) {
+        if packet.vlan {
+            // Like VIP traffic in a tag: the kernel's VLAN device owns the tagged path.
+            return Err(reasons::PASS_VLAN);
+        }
         let flags = packet.tcp_flags;
         let tally = maps::Tally {
             bytes: packet.len,

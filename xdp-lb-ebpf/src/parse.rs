@@ -141,6 +141,11 @@ fn parse_ipv6(ctx: &XdpContext, l3_offset: usize, vlan: bool, len: u64) -> Resul
     }
     let l4_offset = l3_offset + Ipv6Hdr::LEN;
     let (sport, dport, tcp_flags) = ports(ctx, next_hdr, l4_offset)?;
+    // IPv4 addresses are kept in their IPv4-mapped IPv6 form, so an IPv6 packet carrying a mapped
+    // address would otherwise match IPv4 services and flows. On the wire such packets are bogus.
+    if addr::is_v4_mapped(&src) || addr::is_v4_mapped(&dst) {
+        return Err(reasons::PASS_NOT_VIP);
+    }
     Ok(Packet {
         flow: flow_key(src, dst, sport, dport, next_hdr),
         l3_offset,

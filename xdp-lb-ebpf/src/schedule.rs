@@ -33,6 +33,14 @@ pub fn schedule(packet: &Packet, service: &Service) -> Result<Chosen, Reason> {
             if backend.generation == generation && backend.service_id == service.id {
                 if backend.flags & BACKEND_FLAG_DOWN == 0 {
                     track_close(conn, backend_id, packet.tcp_flags);
+                    if service.flags & SERVICE_FLAG_DSR == 0 {
+                        // The two tables evict independently: an idle flow can keep its connection
+                        // entry yet lose its reply entry, and its replies would then pass untranslated.
+                        let reply = crate::reply_key(flow, &backend.addr, backend.port);
+                        if maps::nat_reverse(&reply).is_none() {
+                            remember_reply(flow, service, backend_id, &reply);
+                        }
+                    }
                     return Ok(Chosen { id: backend_id, backend, new_flow: false });
                 }
                 // Its backend failed: move the flow now rather than let the client wait on a dead server.
@@ -62,12 +70,18 @@ pub fn schedule(packet: &Packet, service: &Service) -> Result<Chosen, Reason> {
     }
     if service.flags & SERVICE_FLAG_DSR == 0 {
         let reply = crate::reply_key(flow, &chosen.backend.addr, chosen.backend.port);
-        maps::remember_nat_reverse(
-            &reply,
-            &NatReverse { vip: flow.dst, vport: flow.dport, _pad: 0, service_id: service.id, backend_id: chosen.id },
-        );
+        remember_reply(flow, service, chosen.id, &reply);
     }
     Ok(chosen)
+}
+
+/// Records how to translate the backend's replies to `flow` back into the VIP's name.
+#[inline(always)]
+fn remember_reply(flow: &FlowKey, service: &Service, backend_id: u32, reply: &FlowKey) {
+    maps::remember_nat_reverse(
+        reply,
+        &NatReverse { vip: flow.dst, vport: flow.dport, _pad: 0, service_id: service.id, backend_id },
+    );
 }
 
 /// Keeps `ACTIVE_FLOWS` honest for a counted flow: the first FIN or RST closes it; a SYN on a closed
