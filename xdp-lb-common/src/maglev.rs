@@ -83,7 +83,12 @@ pub fn build(
             return Err(MaglevError::PreviousOwnerOutOfRange { slot, owner });
         }
     }
-    let quotas = quotas(candidates, size);
+    // Slots each candidate holds in the previous table: rounding favours keeping them.
+    let mut held = vec![0u32; candidates.len()];
+    for o in previous.into_iter().flatten().flatten() {
+        held[*o] += 1;
+    }
+    let quotas = quotas(candidates, size, &held);
     if quotas.iter().all(|&q| q == 0) {
         return Ok(Vec::new());
     }
@@ -136,7 +141,11 @@ pub fn build(
 }
 
 /// Each candidate's exact share of `size` slots, by largest remainder.
-fn quotas(candidates: &[Candidate<'_>], size: u32) -> Vec<u32> {
+///
+/// The slots left after rounding down go first to candidates that `held` more than their rounded-down
+/// share in the previous table (so a rebuild never takes a slot from a candidate whose exact share did
+/// not shrink: without this, removing a backend could cost a survivor a slot), then by remainder.
+fn quotas(candidates: &[Candidate<'_>], size: u32, held: &[u32]) -> Vec<u32> {
     let total: u64 = candidates.iter().map(|c| c.weight as u64).sum();
     if total == 0 {
         return vec![0; candidates.len()];
@@ -146,7 +155,8 @@ fn quotas(candidates: &[Candidate<'_>], size: u32) -> Vec<u32> {
     let mut quotas: Vec<u32> = exact.iter().map(|&(q, _)| q as u32).collect();
     let mut left = size as u64 - exact.iter().map(|&(q, _)| q).sum::<u64>();
     let mut by_remainder: Vec<usize> = (0..candidates.len()).filter(|&i| candidates[i].weight > 0).collect();
-    by_remainder.sort_by(|&a, &b| exact[b].1.cmp(&exact[a].1).then(a.cmp(&b)));
+    let would_lose = |i: usize| held[i] as u64 > exact[i].0;
+    by_remainder.sort_by(|&a, &b| would_lose(b).cmp(&would_lose(a)).then(exact[b].1.cmp(&exact[a].1)).then(a.cmp(&b)));
     for &i in by_remainder.iter().cycle() {
         if left == 0 {
             break;

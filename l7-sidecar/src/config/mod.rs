@@ -438,6 +438,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn route_hosts_with_ports_and_huge_weights_are_refused() {
+        // Found by the gateway_config fuzz target: a host with a port validated but never matched,
+        // and an unbounded weight would size the hash ring in terabytes.
+        let text = r#"
+            [pools.users]
+            backends = [{ address = "127.0.0.1:1", weight = 4000000000 }]
+            [[routes]]
+            name = "r"
+            host = "api.example.com:8080"
+            path = "/users"
+            pool = "users"
+        "#;
+        let Err(ConfigError::Invalid(errs)) = Config::parse(text) else {
+            panic!("expected validation errors");
+        };
+        let paths: Vec<_> = errs.iter().map(|e| e.path.as_str()).collect();
+        assert!(paths.contains(&"routes[0].host"), "{paths:?}");
+        assert!(paths.contains(&"pools.users.backends[0].weight"), "{paths:?}");
+    }
+
+    #[test]
     fn reports_every_invalid_field_with_path() {
         let text = r#"
             [[listeners]]

@@ -3,6 +3,9 @@
 use super::*;
 use std::net::SocketAddr;
 
+/// Weights weigh hash-ring entries (100 per unit), so they are bounded like the L4 daemon's.
+pub const MAX_BACKEND_WEIGHT: u32 = 65_535;
+
 const METHODS: &[&str] = &[
     "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT",
 ];
@@ -91,8 +94,8 @@ impl Config {
                         format!("not an IP:port address: {:?}", b.address),
                     );
                 }
-                if b.weight == 0 {
-                    err(format!("{p}.backends[{j}].weight"), "must be > 0".into());
+                if b.weight == 0 || b.weight > MAX_BACKEND_WEIGHT {
+                    err(format!("{p}.backends[{j}].weight"), format!("must be 1..={MAX_BACKEND_WEIGHT}"));
                 }
             }
             if pool.connect_timeout_ms == 0 {
@@ -310,6 +313,13 @@ impl Config {
             }
             if !r.path.starts_with('/') {
                 err(format!("{p}.path"), "must start with '/'".into());
+            }
+            // Requests are matched on their host without the port, so a route host with a port (or
+            // a trailing ':') could never match.
+            if let Some(host) = &r.host {
+                if host.is_empty() || host.contains(':') || host.contains('/') || host.chars().any(char::is_whitespace) {
+                    err(format!("{p}.host"), format!("{host:?} is not a host name (no port, scheme or path; ports never take part in matching)"));
+                }
             }
             let has_braces = r.path.contains('{');
             if has_braces && r.path_match != PathMatch::Template {

@@ -133,3 +133,21 @@ fn previous_table_is_validated() {
         Err(MaglevError::PreviousOwnerOutOfRange { slot: 0, owner: 5 })
     );
 }
+
+#[test]
+fn removing_a_backend_never_costs_a_survivor_a_slot() {
+    for (size, weights, removed) in [(3u32, vec![5u32, 1, 1], 2usize), (16_381, vec![43_356, 5, 1, 1, 3], 3)] {
+        let ids = identities(weights.len());
+        let before = build(&candidates(&ids, &weights), size, None).unwrap();
+        let survivors: Vec<usize> = (0..weights.len()).filter(|&i| i != removed).collect();
+        let ids_after: Vec<String> = survivors.iter().map(|&i| ids[i].clone()).collect();
+        let weights_after: Vec<u32> = survivors.iter().map(|&i| weights[i]).collect();
+        let previous: Vec<Option<usize>> = before.iter().map(|&o| survivors.iter().position(|&s| s == o as usize)).collect();
+        let after = build(&candidates(&ids_after, &weights_after), size, Some(&previous)).unwrap();
+        for slot in 0..size as usize {
+            if before[slot] as usize != removed {
+                assert_eq!(survivors[after[slot] as usize], before[slot] as usize, "size {size} weights {weights:?}: slot {slot} moved");
+            }
+        }
+    }
+}
