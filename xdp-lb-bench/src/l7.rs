@@ -1,0 +1,237 @@
+//! L7: l7-sidecar (plain, and with JWT + rate limiting) vs nginx and HAProxy as HTTP reverse proxies.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    path::Path,
+    time::Duration,
+};
+
+use anyhow::{bail, Context};
+
+use crate::{
+    configs,
+    report::{L7Row, Report},
+    util::{self, Proc},
+    Bench, L7_PORT,
+};
+
+/// One GET with extra headers; returns the status line and the body's start.
+fn get_with(b: &Bench, addr: SocketAddr, headers: &[String]) -> anyhow::Result<(String, String)> {
+    let req = format!(
+        "GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{}\r\n",
+        headers
+            .iter()
+            .map(|h| format!("{h}\r\n"))
+            .collect::<String>()
+    );
+    b.client().run(|| -> anyhow::Result<(String, String)> {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        s.write_all(req.as_bytes())?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf)?;
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let status = text.lines().next().unwrap_or_default().to_string();
+        let body = text
+            .split("\r\n\r\n")
+            .nth(1)
+            .unwrap_or_default()
+            .to_string();
+        Ok((status, body))
+    })
+}
+
+fn wait_ready(b: &Bench, p: &mut Proc, log: &Path, addr: SocketAddr) -> anyhow::Result<()> {
+    util::wait_listening(b.client(), addr, Duration::from_secs(15)).with_context(|| {
+        format!(
+            "{}: {}",
+            p.what,
+            std::fs::read_to_string(log).unwrap_or_default()
+        )
+    })?;
+    p.check(log)
+}
+
+fn measure(
+    b: &Bench,
+    name: &str,
+    mut p: Proc,
+    log: &Path,
+    addr: SocketAddr,
+    headers: &[String],
+) -> anyhow::Result<L7Row> {
+    wait_ready(b, &mut p, log, addr)?;
+    let (status, body) = get_with(b, addr, headers)?;
+    if !status.contains(" 200") || !body.starts_with("backend-") {
+        bail!(
+            "{name}: GET / answered {status:?} {body:?}; log: {}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+    }
+    if !headers.is_empty() {
+        // Without the token it must refuse: the auth stage is really on.
+        let (status, _) = get_with(b, addr, &[])?;
+        if !status.contains(" 401") {
+            bail!("{name}: a request without a token answered {status:?}, expected 401");
+        }
+    }
+    let url = format!("http://{addr}/");
+    let cpu0 = util::cpu_secs_in(b.lb());
+    let w = util::wrk(b.client(), &url, &b.wrk_opts(headers))?;
+    let cpu = util::cpu_secs_in(b.lb()) - cpu0;
+    let rss = util::rss_kib_in(b.lb());
+    let cpu_us_per_request = if w.requests > 0 {
+        cpu * 1e6 / w.requests as f64
+    } else {
+        0.0
+    };
+    eprintln!("  {name}: {:.0} req/s p50 {:.3} ms p99 {:.3} ms errors {} RSS {} KiB, {:.0} µs CPU/request", w.rps, w.p50_ms, w.p99_ms, w.errors, rss, cpu_us_per_request);
+    p.check(log)?;
+    drop(p);
+    std::thread::sleep(Duration::from_secs(1));
+    Ok(L7Row {
+        name: name.to_string(),
+        key: String::new(),
+        wrk: Some(w),
+        rss_kib: rss,
+        cpu_us_per_request,
+        note: String::new(),
+    })
+}
+
+pub fn run(b: &Bench, r: &mut Report) -> anyhow::Result<()> {
+    let addr = SocketAddr::new(b.topo.lb_addr_v4().into(), L7_PORT);
+    let listen = addr.to_string();
+    let backends = b.backend_addrs();
+    let sidecar = std::fs::canonicalize(&b.args.l7_sidecar)?;
+    let sidecar = sidecar.display().to_string();
+    let token = configs::jwt()?;
+    let auth_headers = [format!("Authorization: Bearer {token}")];
+
+    let contenders: [(&str, &str); 4] = [
+        ("l7_sidecar", "l7-sidecar"),
+        ("l7_sidecar_auth", "l7-sidecar + JWT + rate limit"),
+        ("nginx", "nginx (proxy_pass, upstream keepalive, 2 workers)"),
+        ("haproxy", "HAProxy (mode http, 2 threads)"),
+    ];
+    let rounds = b.args.rounds.max(1);
+    let mut all: Vec<L7Row> = Vec::new();
+    for round in 0..rounds {
+        eprintln!("  round {}/{rounds}", round + 1);
+        for (key, name) in contenders {
+            let res = (|| -> anyhow::Result<L7Row> {
+                let log = b.dir().join(format!("l7-{key}.log"));
+                match key {
+                    "l7_sidecar" | "l7_sidecar_auth" => {
+                        let auth = key == "l7_sidecar_auth";
+                        let cfg = b.dir().join(format!("{key}.toml"));
+                        std::fs::write(&cfg, configs::l7_sidecar(&listen, &backends, auth))?;
+                        let cfg_s = cfg.display().to_string();
+                        let check = b.lb().exec(&sidecar, &["--config", &cfg_s, "--check"])?;
+                        if !check.status.success() {
+                            bail!(
+                                "l7-sidecar --check refused the config: {}{}",
+                                String::from_utf8_lossy(&check.stdout),
+                                String::from_utf8_lossy(&check.stderr)
+                            );
+                        }
+                        let p = Proc::spawn(b.lb(), &sidecar, &["--config", &cfg_s], &log)?;
+                        let headers: &[String] = if auth { &auth_headers } else { &[] };
+                        measure(b, name, p, &log, addr, headers)
+                    }
+                    "nginx" => {
+                        let cfg = b.dir().join("nginx-http.conf");
+                        std::fs::write(&cfg, configs::nginx_http(b.dir(), &listen, &backends))?;
+                        let err = b.dir().join("nginx-http.early.err").display().to_string();
+                        let p = Proc::spawn(
+                            b.lb(),
+                            "nginx",
+                            &["-e", &err, "-c", &cfg.display().to_string()],
+                            &log,
+                        )?;
+                        measure(b, name, p, &log, addr, &[])
+                    }
+                    _ => {
+                        let cfg = b.dir().join("haproxy-http.cfg");
+                        std::fs::write(&cfg, configs::haproxy("http", &listen, &backends))?;
+                        let p = Proc::spawn(
+                            b.lb(),
+                            "haproxy",
+                            &["-db", "-f", &cfg.display().to_string()],
+                            &log,
+                        )?;
+                        measure(b, name, p, &log, addr, &[])
+                    }
+                }
+            })();
+            match res {
+                Ok(mut row) => {
+                    row.key = key.into();
+                    all.push(row);
+                }
+                Err(e) => {
+                    eprintln!("  {name}: failed: {e:#}");
+                    all.push(L7Row {
+                        name: name.into(),
+                        key: key.into(),
+                        wrk: None,
+                        rss_kib: 0,
+                        cpu_us_per_request: 0.0,
+                        note: format!("failed: {e:#}"),
+                    });
+                }
+            }
+        }
+    }
+    // Per proxy the median round by req/s (its latency and CPU with it); RSS the largest seen.
+    for (key, name) in contenders {
+        let mut ok: Vec<&L7Row> = all
+            .iter()
+            .filter(|r| r.key == key && r.wrk.is_some())
+            .collect();
+        let failed: Vec<&L7Row> = all
+            .iter()
+            .filter(|r| r.key == key && r.wrk.is_none())
+            .collect();
+        ok.sort_by(|a, b| {
+            a.wrk
+                .as_ref()
+                .unwrap()
+                .rps
+                .total_cmp(&b.wrk.as_ref().unwrap().rps)
+        });
+        let rps_rounds: Vec<f64> = all
+            .iter()
+            .filter(|r| r.key == key)
+            .filter_map(|r| r.wrk.as_ref().map(|w| w.rps.round()))
+            .collect();
+        match ok.get(ok.len().saturating_sub(1) / 2) {
+            Some(median) => {
+                let mut row = (*median).clone();
+                row.rss_kib = ok.iter().map(|r| r.rss_kib).max().unwrap_or(0);
+                let mut notes = Vec::new();
+                if rounds > 1 {
+                    notes.push(format!("rounds req/s {rps_rounds:?}"));
+                }
+                if let Some(f) = failed.first() {
+                    notes.push(format!("{} failed round(s): {}", failed.len(), f.note));
+                }
+                row.note = notes.join("; ");
+                r.l7.push(row);
+            }
+            None => {
+                let note = failed.first().map(|f| f.note.clone()).unwrap_or_default();
+                r.l7.push(L7Row {
+                    name: name.into(),
+                    key: key.into(),
+                    wrk: None,
+                    rss_kib: 0,
+                    cpu_us_per_request: 0.0,
+                    note,
+                });
+            }
+        }
+    }
+    Ok(())
+}

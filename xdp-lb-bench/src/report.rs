@@ -1,0 +1,529 @@
+//! Results: the Markdown table and the JSON document, targets judged as met / missed (not asserted).
+
+use std::fmt::Write;
+
+use serde::Serialize;
+use serde_json::json;
+
+use crate::{pps::PacketRun, util::Wrk, Args};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct L4Row {
+    pub name: String,
+    pub keepalive: Option<Wrk>,
+    pub new_conn: Option<Wrk>,
+    pub note: String,
+    /// req/s of every round (the row shows the median round).
+    pub keepalive_rounds: Vec<f64>,
+    pub new_conn_rounds: Vec<f64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PpsRow {
+    pub key: String,
+    pub name: String,
+    pub run: Option<PacketRun>,
+    /// Packets the XDP program counted as dropped (any drop_* reason).
+    pub xdp_drops: Option<u64>,
+    pub note: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ConntrackRow {
+    pub mode: String,
+    pub established_empty: PacketRun,
+    pub new_flows: PacketRun,
+    pub established_full: PacketRun,
+    pub tracked_flows: u64,
+    pub keepalive_ok: bool,
+    pub new_connections_ok: u32,
+    pub new_connections_tried: u32,
+    pub note: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct L7Row {
+    pub name: String,
+    pub key: String,
+    pub wrk: Option<Wrk>,
+    pub rss_kib: u64,
+    /// User + system CPU of the proxy's processes during the run, per request.
+    pub cpu_us_per_request: f64,
+    pub note: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Target {
+    pub target: String,
+    pub value: String,
+    /// None: not measured.
+    pub met: Option<bool>,
+}
+
+pub struct Report {
+    pub command: String,
+    pub machine: serde_json::Value,
+    pub args: Args,
+    pub l4: Vec<(String, L4Row)>,
+    pub pps: Vec<PpsRow>,
+    pub conntrack: Vec<ConntrackRow>,
+    pub testrun: Vec<(String, crate::testrun::TestRunCosts)>,
+    pub l7: Vec<L7Row>,
+    pub notes: Vec<String>,
+    pub failures: Vec<String>,
+    pub total_secs: f64,
+    pub started: String,
+    pub loadavg_at_end: String,
+}
+
+fn sh(cmd: &str, args: &[&str]) -> String {
+    std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+impl Report {
+    pub fn new(args: &Args) -> Report {
+        let cpu = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+            })
+            .unwrap_or_default();
+        let passed: Vec<String> = std::env::args().skip(1).collect();
+        let command = if passed.is_empty() {
+            "cargo xtask bench".to_string()
+        } else {
+            format!("cargo xtask bench -- {}", passed.join(" "))
+        };
+        let tools = json!({
+            "wrk": sh("sh", &["-c", "wrk -v 2>&1 | head -1"]),
+            "haproxy": sh("sh", &["-c", "haproxy -v | head -1"]),
+            "nginx": sh("sh", &["-c", "nginx -v 2>&1"]),
+            "nft": sh("nft", &["--version"]),
+            "trafgen": sh("sh", &["-c", "trafgen -v 2>&1 | head -1"]),
+        });
+        Report {
+            command,
+            machine: json!({
+                "nproc": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+                "kernel": sh("uname", &["-r"]),
+                "cpu": cpu,
+                "loadavg_at_start": sh("cat", &["/proc/loadavg"]),
+                "tools": tools,
+            }),
+            args: args.clone(),
+            l4: Vec::new(),
+            pps: Vec::new(),
+            conntrack: Vec::new(),
+            testrun: Vec::new(),
+            l7: Vec::new(),
+            notes: Vec::new(),
+            failures: Vec::new(),
+            total_secs: 0.0,
+            started: sh("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
+            loadavg_at_end: String::new(),
+        }
+    }
+
+    fn l4_get(&self, key: &str) -> Option<&L4Row> {
+        self.l4.iter().find(|(k, _)| k == key).map(|(_, r)| r)
+    }
+    fn pps_get(&self, key: &str) -> Option<&PacketRun> {
+        self.pps
+            .iter()
+            .find(|r| r.key == key)
+            .and_then(|r| r.run.as_ref())
+    }
+    fn l7_get(&self, key: &str) -> Option<&Wrk> {
+        self.l7
+            .iter()
+            .find(|r| r.key == key)
+            .and_then(|r| r.wrk.as_ref())
+    }
+
+    pub fn targets(&self) -> Vec<Target> {
+        let mut t = Vec::new();
+        let ka = |k: &str| {
+            self.l4_get(k)
+                .and_then(|r| r.keepalive.as_ref())
+                .map(|w| w.rps)
+        };
+        let nc = |k: &str| {
+            self.l4_get(k)
+                .and_then(|r| r.new_conn.as_ref())
+                .map(|w| w.rps)
+        };
+        for mode in ["nat", "dsr"] {
+            let x = ka(&format!("xdp_{mode}"));
+            let kernel = ka("kernel");
+            let nft = ka("nftables");
+            t.push(ratio_target(
+                &format!("xdp-lb {mode} keep-alive req/s ≥ kernel routing"),
+                x,
+                kernel,
+                1.0,
+            ));
+            t.push(ratio_target(
+                &format!("xdp-lb {mode} keep-alive req/s ≥ 1.3× nftables"),
+                x,
+                nft,
+                1.3,
+            ));
+            t.push(ratio_target(
+                &format!("xdp-lb {mode} new-connection req/s ≥ nftables"),
+                nc(&format!("xdp_{mode}")),
+                nc("nftables"),
+                1.0,
+            ));
+        }
+        let reference = self.pps_get("xdp_tx_reference").map(|r| r.ns_per_packet);
+        for (mode, limit) in [("dsr", 2.5), ("nat", 3.0)] {
+            let x = self
+                .pps_get(&format!("xdp_{mode}"))
+                .map(|r| r.ns_per_packet);
+            let (value, met) = match (x, reference) {
+                (Some(x), Some(r)) if r > 0.0 => {
+                    let tr = self
+                        .testrun
+                        .iter()
+                        .find(|(m, _)| m == mode)
+                        .map(|(_, t)| {
+                            format!(
+                                "; test_run {:.2}×",
+                                t.established_ns / t.reference_ns.max(0.001)
+                            )
+                        })
+                        .unwrap_or_default();
+                    (
+                        format!(
+                            "{:.2}× ({x:.1} ns vs {r:.1} ns, bpf_stats under trafgen{tr})",
+                            x / r
+                        ),
+                        Some(x / r <= limit),
+                    )
+                }
+                _ => ("not measured".into(), None),
+            };
+            t.push(Target {
+                target: format!("established-flow cost ({mode}) ≤ {limit}× XDP_TX reference"),
+                value,
+                met,
+            });
+        }
+        let side = self.l7_get("l7_sidecar");
+        let nginx = self.l7_get("nginx");
+        let (value, met) = match (side, nginx) {
+            (Some(s), Some(n)) => (
+                format!(
+                    "{:.2}× req/s; p99 {:.2} ms vs {:.2} ms",
+                    s.rps / n.rps,
+                    s.p99_ms,
+                    n.p99_ms
+                ),
+                Some(s.rps >= 1.2 * n.rps && s.p99_ms <= n.p99_ms),
+            ),
+            _ => ("not measured".into(), None),
+        };
+        t.push(Target {
+            target: "l7-sidecar ≥ 1.2× nginx req/s with p99 no worse".into(),
+            value,
+            met,
+        });
+        let auth = self.l7_get("l7_sidecar_auth");
+        let (value, met) = match (side, auth) {
+            (Some(s), Some(a)) => {
+                let cost = 1.0 - a.rps / s.rps;
+                (
+                    format!("{:.1} % fewer req/s", cost * 100.0),
+                    Some(cost <= 0.15),
+                )
+            }
+            _ => ("not measured".into(), None),
+        };
+        t.push(Target {
+            target: "JWT auth + rate limiting cost ≤ 15 %".into(),
+            value,
+            met,
+        });
+        t
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut o = String::new();
+        let m = &self.machine;
+        let _ = writeln!(o, "# xdp-lb benchmarks\n");
+        let _ = writeln!(
+            o,
+            "Run {} on {} CPUs ({}), kernel {}; took {:.0} s.  ",
+            self.started,
+            m["nproc"],
+            m["cpu"].as_str().unwrap_or(""),
+            m["kernel"].as_str().unwrap_or(""),
+            self.total_secs
+        );
+        let _ = writeln!(
+            o,
+            "Load average (1/5/15 min, runnable/total, last pid) at start: `{}`, at end: `{}` (other work on the machine shows here; all contenders of a section run back to back, so their ratios hold better than absolute numbers).  ",
+            m["loadavg_at_start"].as_str().unwrap_or(""),
+            self.loadavg_at_end
+        );
+        let _ = writeln!(
+            o,
+            "Reproduce (as root, from the workspace root): `{}`  ",
+            self.command
+        );
+        let _ = writeln!(
+            o,
+            "Topology: client → lb → 3 backends (veth pairs in network namespaces), each backend nginx (1 worker) answering a static `backend-<i>` body. All contenders run in the same run against the same backends.\n"
+        );
+
+        if !self.l4.is_empty() {
+            let a = &self.args;
+            let _ = writeln!(
+                o,
+                "## L4: HTTP through the balancer\n\n`wrk -t{} -c{} -d{}s --latency` from the client to the VIP (kernel routing: to backend-0's address). New connection per request = `Connection: close`. {} round(s) over all contenders; each cell is the median round.\n",
+                a.threads, a.connections, a.duration_secs, a.rounds
+            );
+            let _ = writeln!(o, "| contender | keep-alive req/s | p50 ms | p99 ms | new-conn req/s | p50 ms | p99 ms | errors | notes |");
+            let _ = writeln!(o, "|---|---:|---:|---:|---:|---:|---:|---:|---|");
+            for (_, r) in &self.l4 {
+                let (a, b) = (r.keepalive.as_ref(), r.new_conn.as_ref());
+                let errors = a.map(|w| w.errors).unwrap_or(0) + b.map(|w| w.errors).unwrap_or(0);
+                let _ = writeln!(
+                    o,
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    r.name,
+                    rps(a),
+                    p50(a),
+                    p99(a),
+                    rps(b),
+                    p50(b),
+                    p99(b),
+                    errors,
+                    md_cell(&r.note)
+                );
+            }
+            o.push('\n');
+        }
+
+        if !self.pps.is_empty() {
+            let reference = self.pps_get("xdp_tx_reference").map(|r| r.ns_per_packet);
+            let _ = writeln!(
+                o,
+                "## Per-packet cost, established flow\n\n`trafgen` (1 CPU) sends {} UDP packets of one 5-tuple from the client to the VIP; `kernel.bpf_stats_enabled=1`, cost = Δrun_time_ns / Δrun_cnt of the program on the lb's client-facing veth (native XDP). Forwarded = packets received by the backends' interfaces (reference: bounced back to the client).\n",
+                self.args.packets
+            );
+            let _ = writeln!(o, "| program | ns/packet | × reference | runs | offered | offered Mpps | forwarded | forwarded % | XDP drops | notes |");
+            let _ = writeln!(o, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+            for r in &self.pps {
+                match &r.run {
+                    Some(p) => {
+                        let ratio = reference
+                            .filter(|x| *x > 0.0)
+                            .map(|x| format!("{:.2}", p.ns_per_packet / x))
+                            .unwrap_or("-".into());
+                        let _ = writeln!(
+                            o,
+                            "| {} | {:.1} | {} | {} | {} | {:.2} | {} | {:.2} | {} | {} |",
+                            r.name,
+                            p.ns_per_packet,
+                            ratio,
+                            p.run_cnt,
+                            p.offered,
+                            p.offered_mpps,
+                            p.forwarded,
+                            pct(p.forwarded, p.offered),
+                            r.xdp_drops.map(|d| d.to_string()).unwrap_or("-".into()),
+                            r.note
+                        );
+                    }
+                    None => {
+                        let _ = writeln!(
+                            o,
+                            "| {} | - | - | - | - | - | - | - | - | {} |",
+                            r.name,
+                            md_cell(&r.note)
+                        );
+                    }
+                }
+            }
+            o.push('\n');
+        }
+
+        if !self.testrun.is_empty() {
+            let _ = writeln!(
+                o,
+                "BPF_PROG_TEST_RUN cross-check: a copy of the daemon's program on the daemon's pinned maps, run in the lb namespace, one run per call (NAT rewrites the frame in place), kernel-measured duration averaged over the calls (includes the kernel's timing overhead, equal for all rows).\n"
+            );
+            let _ = writeln!(o, "| mode | calls | XDP_TX reference ns | established ns | × reference | new flow ns | new ÷ established | not for a VIP ns | action |");
+            let _ = writeln!(o, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+            for (m, t) in &self.testrun {
+                let _ = writeln!(
+                    o,
+                    "| {m} | {} | {:.1} | {:.1} | {:.2} | {:.1} | {:.2} | {:.1} | {} |",
+                    t.calls,
+                    t.reference_ns,
+                    t.established_ns,
+                    t.established_ns / t.reference_ns.max(0.001),
+                    t.new_flow_ns,
+                    t.new_flow_ns / t.established_ns.max(0.001),
+                    t.not_vip_ns,
+                    if t.established_action == 4 {
+                        "XDP_REDIRECT".to_string()
+                    } else {
+                        t.established_action.to_string()
+                    }
+                );
+            }
+            o.push('\n');
+        }
+
+        if !self.conntrack.is_empty() {
+            let _ = writeln!(
+                o,
+                "## Connection table\n\nCost per packet (bpf_stats) of an established flow with an empty table, of new flows ({} packets, each from a new source address: a connection-table miss, Maglev, insert), and of the established flow again once the table holds them. Then the keep-alive connection opened before the fill must still answer from its backend, and new connections must work.\n",
+                self.args.flows
+            );
+            let _ = writeln!(o, "| mode | established, empty table ns | new flow ns | new ÷ established | flows tracked | established, full table ns | new-flow packets offered / run | keep-alive conn after fill | new conns after fill |");
+            let _ = writeln!(o, "|---|---:|---:|---:|---:|---:|---:|---|---:|");
+            for r in &self.conntrack {
+                let _ = writeln!(
+                    o,
+                    "| {} | {:.1} | {:.1} | {:.2} | {} | {:.1} | {} / {} | {} | {}/{} |",
+                    r.mode,
+                    r.established_empty.ns_per_packet,
+                    r.new_flows.ns_per_packet,
+                    if r.established_empty.ns_per_packet > 0.0 {
+                        r.new_flows.ns_per_packet / r.established_empty.ns_per_packet
+                    } else {
+                        0.0
+                    },
+                    r.tracked_flows,
+                    r.established_full.ns_per_packet,
+                    r.new_flows.offered,
+                    r.new_flows.run_cnt,
+                    r.note,
+                    r.new_connections_ok,
+                    r.new_connections_tried
+                );
+            }
+            o.push('\n');
+        }
+
+        if !self.l7.is_empty() {
+            let _ = writeln!(
+                o,
+                "## L7: HTTP reverse proxies in the lb namespace\n\n`wrk -t{} -c{} -d{}s --latency`, keep-alive, to the proxy on the lb's address; {} round(s) over all proxies, each row the median round by req/s; RSS = VmRSS summed over the proxy's processes after the run; CPU = their user + system time during the run per request (the 2 cores are shared by wrk, the proxy and the 3 backends, so CPU per request is what decides req/s).\n",
+                self.args.threads, self.args.connections, self.args.duration_secs, self.args.rounds
+            );
+            let _ = writeln!(
+                o,
+                "| proxy | req/s | p50 ms | p99 ms | errors | RSS MiB | CPU µs/request | notes |"
+            );
+            let _ = writeln!(o, "|---|---:|---:|---:|---:|---:|---:|---|");
+            for r in &self.l7 {
+                let w = r.wrk.as_ref();
+                let _ = writeln!(
+                    o,
+                    "| {} | {} | {} | {} | {} | {:.1} | {:.1} | {} |",
+                    r.name,
+                    rps(w),
+                    p50(w),
+                    p99(w),
+                    w.map(|w| w.errors.to_string()).unwrap_or("-".into()),
+                    r.rss_kib as f64 / 1024.0,
+                    r.cpu_us_per_request,
+                    md_cell(&r.note)
+                );
+            }
+            o.push('\n');
+        }
+
+        let _ = writeln!(o, "## Targets (reported, not asserted)\n");
+        let _ = writeln!(o, "| target | measured | result |");
+        let _ = writeln!(o, "|---|---|---|");
+        for t in self.targets() {
+            let res = match t.met {
+                Some(true) => "met",
+                Some(false) => "**missed**",
+                None => "not measured",
+            };
+            let _ = writeln!(o, "| {} | {} | {} |", t.target, t.value, res);
+        }
+        if !self.notes.is_empty() || !self.failures.is_empty() {
+            let _ = writeln!(o, "\n## Notes\n");
+            for n in self.notes.iter().chain(&self.failures) {
+                let _ = writeln!(o, "- {n}");
+            }
+        }
+        o
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        json!({
+            "started": self.started,
+            "command": self.command,
+            "machine": self.machine,
+            "settings": {
+                "duration_secs": self.args.duration_secs,
+                "threads": self.args.threads,
+                "connections": self.args.connections,
+                "packets": self.args.packets,
+                "flows": self.args.flows,
+                "rounds": self.args.rounds,
+                "only": self.args.only,
+            },
+            "total_secs": self.total_secs,
+            "loadavg_at_end": self.loadavg_at_end,
+            "l4": self.l4.iter().map(|(k, r)| json!({"key": k, "result": r})).collect::<Vec<_>>(),
+            "per_packet": self.pps,
+            "conntrack": self.conntrack,
+            "test_run": self.testrun.iter().map(|(m, t)| json!({"mode": m, "costs": t})).collect::<Vec<_>>(),
+            "l7": self.l7,
+            "targets": self.targets(),
+            "notes": self.notes,
+            "failures": self.failures,
+        })
+    }
+}
+
+fn ratio_target(name: &str, x: Option<f64>, base: Option<f64>, factor: f64) -> Target {
+    match (x, base) {
+        (Some(x), Some(b)) if b > 0.0 => Target {
+            target: name.to_string(),
+            value: format!("{:.2}× ({x:.0} vs {b:.0} req/s)", x / b),
+            met: Some(x >= factor * b),
+        },
+        _ => Target {
+            target: name.to_string(),
+            value: "not measured".into(),
+            met: None,
+        },
+    }
+}
+
+fn md_cell(s: &str) -> String {
+    s.replace('|', "/").replace('\n', " ")
+}
+
+fn rps(w: Option<&Wrk>) -> String {
+    w.map(|w| format!("{:.0}", w.rps)).unwrap_or("-".into())
+}
+fn p50(w: Option<&Wrk>) -> String {
+    w.map(|w| format!("{:.3}", w.p50_ms)).unwrap_or("-".into())
+}
+fn p99(w: Option<&Wrk>) -> String {
+    w.map(|w| format!("{:.3}", w.p99_ms)).unwrap_or("-".into())
+}
+fn pct(a: u64, b: u64) -> f64 {
+    if b == 0 {
+        0.0
+    } else {
+        a as f64 * 100.0 / b as f64
+    }
+}
