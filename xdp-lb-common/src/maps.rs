@@ -20,6 +20,7 @@ pub mod names {
     pub const SERVICE_STATS: &str = "SERVICE_STATS";
     pub const RR_COUNTERS: &str = "RR_COUNTERS";
     pub const ACTIVE_FLOWS: &str = "ACTIVE_FLOWS";
+    pub const NEXT_HOPS: &str = "NEXT_HOPS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const REASONS: &str = "REASONS";
 }
@@ -152,6 +153,25 @@ pub struct NatReverse {
     pub backend_id: u32,
 }
 
+/// Value of the per-CPU `NEXT_HOPS` array, indexed by backend id: the FIB's answer for the way to
+/// that backend, kept briefly so established flows skip `bpf_fib_lookup` (its most expensive step).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextHop {
+    /// Egress interface; 0 = empty.
+    pub ifindex: u32,
+    /// `Backend::generation` of the backend it was looked up for (ids are reused).
+    pub generation: u32,
+    /// `bpf_ktime_get_ns()` after which the entry must be looked up again.
+    pub expires_ns: u64,
+    /// Largest IP packet (host order) the FIB accepted on this path: bigger ones ask the FIB again,
+    /// which checks the MTU.
+    pub max_ip_len: u16,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
 /// Value of the per-CPU `SERVICE_STATS` and `BACKEND_STATS` arrays (host order).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -185,6 +205,7 @@ const _: () = assert!(size_of::<FlowKey>() == 40);
 const _: () = assert!(size_of::<Conn>() == 12);
 const _: () = assert!(size_of::<NatReverse>() == 28);
 const _: () = assert!(size_of::<Counters>() == 48);
+const _: () = assert!(size_of::<NextHop>() == 32);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -196,4 +217,5 @@ mod pod {
     unsafe impl aya::Pod for super::Conn {}
     unsafe impl aya::Pod for super::NatReverse {}
     unsafe impl aya::Pod for super::Counters {}
+    unsafe impl aya::Pod for super::NextHop {}
 }

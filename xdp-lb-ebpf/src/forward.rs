@@ -5,12 +5,13 @@ use core::mem::size_of;
 
 use aya_ebpf::{
     bindings::{self, bpf_fib_lookup as FibParams, xdp_action},
-    helpers::bpf_fib_lookup,
+    helpers::{bpf_fib_lookup, bpf_ktime_get_ns},
     programs::XdpContext,
 };
 use network_types::eth::EthHdr;
 use xdp_lb_common::{
     addr::Addr,
+    maps::NextHop,
     reasons::{self, Reason},
 };
 
@@ -27,8 +28,33 @@ pub enum Mode {
     Dsr,
 }
 
+/// How long a backend's next hop is reused before the FIB is asked again: route and neighbour
+/// changes take effect within this time.
+const NEXT_HOP_TTL_NS: u64 = 500_000_000;
+
+/// Sends the frame toward `next_hop`. With `backend` (its id and generation), the FIB's answer is
+/// cached per CPU for [`NEXT_HOP_TTL_NS`], so established flows to a backend skip the lookup.
 #[inline(always)]
-pub fn to_next_hop(ctx: &XdpContext, packet: &Packet, next_hop: &Addr, mode: Mode) -> Result<u32, Reason> {
+pub fn to_next_hop(
+    ctx: &XdpContext,
+    packet: &Packet,
+    next_hop: &Addr,
+    mode: Mode,
+    backend: Option<(u32, u32)>,
+) -> Result<u32, Reason> {
+    let mut cache: Option<(*mut NextHop, u32, u64)> = None;
+    if let Some((id, generation)) = backend {
+        if let Some(hop) = maps::next_hop(id) {
+            // SAFETY: a helper with no arguments.
+            let now = unsafe { bpf_ktime_get_ns() };
+            // SAFETY: per-CPU slot from a map lookup in this run.
+            let h = unsafe { &*hop };
+            if h.ifindex != 0 && h.generation == generation && now < h.expires_ns && packet.ip_len <= h.max_ip_len {
+                return send(ctx, h.ifindex, &h.smac, &h.dmac);
+            }
+            cache = Some((hop, generation, now));
+        }
+    }
     // SAFETY: a zeroed bpf_fib_lookup is a valid (empty) request; the fields we use are set below.
     let mut fib: FibParams = unsafe { core::mem::zeroed() };
     let flow = &packet.flow;
@@ -51,7 +77,25 @@ pub fn to_next_hop(ctx: &XdpContext, packet: &Packet, next_hop: &Addr, mode: Mod
         bpf_fib_lookup(ctx.ctx as *mut _, &mut fib, size_of::<FibParams>() as i32, 0)
     } as u32;
     match rc {
-        bindings::BPF_FIB_LKUP_RET_SUCCESS => transmit(ctx, &fib),
+        bindings::BPF_FIB_LKUP_RET_SUCCESS => {
+            if let Some((hop, generation, now)) = cache {
+                // SAFETY: per-CPU slot from a map lookup in this run; no other writer.
+                unsafe {
+                    let same = (*hop).ifindex == fib.ifindex && (*hop).generation == generation && now < (*hop).expires_ns;
+                    let max_ip_len = if same && (*hop).max_ip_len > packet.ip_len { (*hop).max_ip_len } else { packet.ip_len };
+                    *hop = NextHop {
+                        ifindex: fib.ifindex,
+                        generation,
+                        expires_ns: now + NEXT_HOP_TTL_NS,
+                        max_ip_len,
+                        smac: fib.smac,
+                        dmac: fib.dmac,
+                        _pad: [0; 2],
+                    };
+                }
+            }
+            send(ctx, fib.ifindex, &fib.smac, &fib.dmac)
+        }
         bindings::BPF_FIB_LKUP_RET_NO_NEIGH => Err(match mode {
             Mode::Nat => reasons::PASS_FIB_NO_NEIGH,
             Mode::Dsr => reasons::DROP_DSR_NO_NEIGH,
@@ -64,21 +108,21 @@ pub fn to_next_hop(ctx: &XdpContext, packet: &Packet, next_hop: &Addr, mode: Mod
 }
 
 #[inline(always)]
-fn transmit(ctx: &XdpContext, fib: &FibParams) -> Result<u32, Reason> {
-    let same_port = fib.ifindex == ctx.ingress_ifindex() as u32;
+fn send(ctx: &XdpContext, ifindex: u32, smac: &[u8; 6], dmac: &[u8; 6]) -> Result<u32, Reason> {
+    let same_port = ifindex == ctx.ingress_ifindex() as u32;
     // Check before touching the MACs: a frame handed to the kernel must keep addresses it accepts.
-    if !same_port && !maps::is_tx_port(fib.ifindex) {
+    if !same_port && !maps::is_tx_port(ifindex) {
         return Err(reasons::PASS_NO_TX_PORT);
     }
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(reasons::DROP_SHORT_FRAME)?;
     // SAFETY: bounds checked by ptr_at.
     unsafe {
-        (*eth).dst_addr = fib.dmac;
-        (*eth).src_addr = fib.smac;
+        (*eth).dst_addr = *dmac;
+        (*eth).src_addr = *smac;
     }
     if same_port {
         return Ok(xdp_action::XDP_TX);
     }
     // Only fails if the control plane removed the port between the check above and here.
-    maps::redirect(fib.ifindex).map_err(|_| reasons::PASS_NO_TX_PORT)
+    maps::redirect(ifindex).map_err(|_| reasons::PASS_NO_TX_PORT)
 }

@@ -67,10 +67,12 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
         let tally = maps::Tally { bytes: packet.len, new_flow: chosen.new_flow, syn, syn_ack: false, reset: false };
         maps::count_forward(service.id, chosen.id, &tally);
         if service.flags & SERVICE_FLAG_DSR != 0 {
-            return forward::to_next_hop(ctx, &packet, &chosen.backend.addr, forward::Mode::Dsr);
+            let cache = Some((chosen.id, chosen.backend.generation));
+            return forward::to_next_hop(ctx, &packet, &chosen.backend.addr, forward::Mode::Dsr, cache);
         }
         rewrite::destination(ctx, &packet, &chosen.backend.addr, chosen.backend.port)?;
-        return forward::to_next_hop(ctx, &packet, &chosen.backend.addr, forward::Mode::Nat);
+        let cache = Some((chosen.id, chosen.backend.generation));
+        return forward::to_next_hop(ctx, &packet, &chosen.backend.addr, forward::Mode::Nat, cache);
     }
     if let Some(reverse) = maps::nat_reverse(&flow) {
         if packet.vlan {
@@ -93,7 +95,7 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
             }
         }
         rewrite::source(ctx, &packet, &reverse.vip, reverse.vport)?;
-        return forward::to_next_hop(ctx, &packet, &flow.dst, forward::Mode::Nat);
+        return forward::to_next_hop(ctx, &packet, &flow.dst, forward::Mode::Nat, None);
     }
     Err(reasons::PASS_NOT_VIP)
 }

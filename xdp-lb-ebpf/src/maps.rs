@@ -7,7 +7,7 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use xdp_lb_common::{
-    maps::{defaults, Backend, Conn, Counters, FlowKey, NatReverse, Service, ServiceKey},
+    maps::{defaults, Backend, Conn, Counters, FlowKey, NatReverse, NextHop, Service, ServiceKey},
     reasons::{self, Reason},
 };
 
@@ -43,6 +43,10 @@ static REASONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(reasons::COUNT,
 /// Per-service position in a round-robin sequence (shared across CPUs, advanced atomically).
 #[map]
 static RR_COUNTERS: Array<u64> = Array::with_max_entries(defaults::MAX_SERVICES, 0);
+
+/// Per-CPU next-hop cache per backend (see `NextHop`).
+#[map]
+static NEXT_HOPS: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(defaults::MAX_BACKENDS, 0);
 
 /// Per-backend open NAT TCP flows (opened minus closed), for least-connections and `status`.
 #[map]
@@ -177,4 +181,10 @@ pub fn conn_set_flags(conn: *mut Conn, bits: u32) -> u32 {
 pub fn conn_clear_flags(conn: *mut Conn, bits: u32) -> u32 {
     // SAFETY: as in conn_set_flags.
     unsafe { atomic_and::<u32, u32, { SeqCst }>(core::ptr::addr_of_mut!((*conn).flags), !bits) }
+}
+
+/// The cached next hop for backend `id`, in place (per-CPU: no other CPU writes it).
+#[inline(always)]
+pub fn next_hop(id: u32) -> Option<*mut NextHop> {
+    NEXT_HOPS.get_ptr_mut(id)
 }

@@ -10,7 +10,7 @@ use std::{
 
 use aya::maps::MapInfo;
 use xdp_lb_common::{
-    maps::{defaults, names, Backend, Conn, Counters, FlowKey, NatReverse, Service, ServiceKey},
+    maps::{defaults, names, Backend, Conn, Counters, FlowKey, NatReverse, NextHop, Service, ServiceKey},
     reasons,
 };
 
@@ -123,6 +123,7 @@ pub fn expected_maps(settings: &config::Dataplane) -> Vec<(&'static str, u32, u3
         (names::REASONS, 4, 8, reasons::COUNT),
         (names::RR_COUNTERS, 4, 8, defaults::MAX_SERVICES),
         (names::ACTIVE_FLOWS, 4, 8, defaults::MAX_BACKENDS),
+        (names::NEXT_HOPS, 4, s(size_of::<NextHop>()), defaults::MAX_BACKENDS),
     ]
 }
 
