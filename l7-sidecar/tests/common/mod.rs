@@ -21,6 +21,9 @@ pub struct Seen {
     pub body: Bytes,
 }
 
+/// Requests an upstream remembers (the oldest half is dropped when full).
+const MAX_SEEN: usize = 4096;
+
 pub struct Upstream {
     pub name: String,
     pub addr: SocketAddr,
@@ -135,12 +138,19 @@ async fn answer(
         return Ok(Response::new(Full::new(Bytes::from(text))));
     }
     up.hits.fetch_add(1, Ordering::SeqCst);
-    up.seen.lock().expect("seen").push(Seen {
-        method: parts.method.to_string(),
-        uri: parts.uri.to_string(),
-        headers: parts.headers.clone(),
-        body: body.clone(),
-    });
+    {
+        let mut seen = up.seen.lock().expect("seen");
+        // Bounded, so long runs (the soak test) measure the gateway's memory, not this log's.
+        if seen.len() >= MAX_SEEN {
+            seen.drain(..MAX_SEEN / 2);
+        }
+        seen.push(Seen {
+            method: parts.method.to_string(),
+            uri: parts.uri.to_string(),
+            headers: parts.headers.clone(),
+            body: body.clone(),
+        });
+    }
     if let Some(ms) = path
         .strip_prefix("/delay/")
         .and_then(|m| m.parse::<u64>().ok())
