@@ -84,6 +84,11 @@ impl Daemon {
         &mut self.dataplane
     }
 
+    /// Per service: how many backends serve, whether backups do, whether all are down.
+    pub fn service_health(&self) -> &[ServiceHealth] {
+        &self.report
+    }
+
     /// The counters of every installed service and backend.
     pub fn snapshot(&self) -> Result<crate::stats::Snapshot, crate::dataplane::DataplaneError> {
         crate::stats::snapshot(&self.dataplane, &self.tables)

@@ -18,6 +18,12 @@ pub fn render(daemon: &Daemon) -> String {
     for s in &snapshot.services {
         let _ = writeln!(out, "xdp_lb_service_packets_total{{service=\"{}\"}} {}", s.name, s.packets);
     }
+    header(&mut out, "xdp_lb_service_all_backends_down", "gauge", "1 while no backend of the service is healthy (its all_down policy applies).");
+    header(&mut out, "xdp_lb_service_serving_backends", "gauge", "Backends in the service's ring now.");
+    for h in daemon.service_health() {
+        let _ = writeln!(out, "xdp_lb_service_all_backends_down{{service=\"{}\"}} {}", h.name, h.all_down as u8);
+        let _ = writeln!(out, "xdp_lb_service_serving_backends{{service=\"{}\"}} {}", h.name, h.serving);
+    }
     header(&mut out, "xdp_lb_service_bytes_total", "counter", "Bytes forwarded for the service.");
     for s in &snapshot.services {
         let _ = writeln!(out, "xdp_lb_service_bytes_total{{service=\"{}\"}} {}", s.name, s.bytes);

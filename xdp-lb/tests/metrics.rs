@@ -51,5 +51,7 @@ fn metrics_endpoint_reports_counters_health_and_reasons() {
     assert_eq!(value(&format!("xdp_lb_backend_active_flows{{{backend0}}}")), 0, "every connection closed");
     assert!(body.contains(&format!("xdp_lb_backend_check_latency_seconds{{{backend0}}}")), "{body}");
     assert!(body.contains("xdp_lb_not_forwarded_total{reason=\"pass_not_vip\"}"), "{body}");
+    assert_eq!(value("xdp_lb_service_all_backends_down{service=\"web\"}"), 0);
+    assert_eq!(value("xdp_lb_service_serving_backends{service=\"web\"}"), 2);
     daemon.stop().unwrap();
 }
