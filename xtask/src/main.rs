@@ -65,16 +65,21 @@ fn main() -> Result<()> {
             // The eBPF crate builds only for the BPF target (xdp-lb's build.rs does that).
             let mut cmd = vec!["test", "--workspace", "--exclude", "xdp-lb-ebpf"];
             cmd.extend(args.iter().map(String::as_str));
-            let mut result = cargo(&cmd, false);
+            let (mut result, mut passed, failed) = cargo_test(&cmd);
             remove_leftover_namespaces();
             if result.is_ok() {
                 result = load_test();
                 remove_leftover_namespaces();
+                passed += result.is_ok() as u64;
             }
             if result.is_ok() {
                 // Briefly in CI and in every test run; `cargo xtask fuzz` runs longer.
                 result = fuzz::run(10);
+                passed += result.is_ok() as u64;
             }
+            let failed = failed + result.is_err() as u64;
+            // One closing line for everything: the Rust tests, the load test and the fuzzing step.
+            println!("summary: {passed} passed, {failed} failed");
             result
         }
         Task::Bench { args } => {
@@ -128,6 +133,39 @@ fn load_test() -> Result<()> {
 
 pub(crate) fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+/// Runs `cargo test ARGS`, echoing its output, and adds up its "test result" lines.
+fn cargo_test(args: &[&str]) -> (Result<()>, u64, u64) {
+    use std::io::{BufRead, BufReader};
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(workspace_root()).args(args).stdout(std::process::Stdio::piped());
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => return (Err(e).context("running cargo test"), 0, 0),
+    };
+    let (mut passed, mut failed) = (0u64, 0u64);
+    if let Some(out) = child.stdout.take() {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            println!("{line}");
+            if let Some(rest) = line.strip_prefix("test result: ") {
+                let count = |word: &str| {
+                    rest.split(';')
+                        .find_map(|part| part.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ").strip_suffix(word))
+                        .and_then(|n| n.trim().parse::<u64>().ok())
+                        .unwrap_or(0)
+                };
+                passed += count(" passed");
+                failed += count(" failed");
+            }
+        }
+    }
+    let result = match child.wait() {
+        Ok(status) if status.success() => Ok(()),
+        Ok(status) => Err(anyhow::anyhow!("cargo {} failed ({status})", args.join(" "))),
+        Err(e) => Err(e.into()),
+    };
+    (result, passed, failed)
 }
 
 pub(crate) fn cargo(args: &[&str], release: bool) -> Result<()> {
