@@ -15,7 +15,7 @@ use aya::{
 };
 use tracing::{info, warn};
 use xdp_lb_common::{
-    maps::{defaults, names, Backend, Conn, Counters, FlowKey, NatReverse, Service, ServiceKey},
+    maps::{defaults, names, Backend, Conn, Counters, FlowKey, Service, ServiceKey},
     reasons,
 };
 
@@ -76,7 +76,6 @@ struct Maps {
     backends: Array<MapData, Backend>,
     ring: Array<MapData, u32>,
     conntrack: HashMap<MapData, FlowKey, Conn>,
-    nat_reverse: HashMap<MapData, FlowKey, NatReverse>,
     tx_ports: DevMapHash<MapData>,
     service_stats: PerCpuArray<MapData, Counters>,
     backend_stats: PerCpuArray<MapData, Counters>,
@@ -121,7 +120,6 @@ impl Dataplane {
             backends: take(&mut ebpf, names::BACKENDS)?,
             ring: take(&mut ebpf, names::MAGLEV_RING)?,
             conntrack: take(&mut ebpf, names::CONNTRACK)?,
-            nat_reverse: take(&mut ebpf, names::NAT_REVERSE)?,
             tx_ports: take(&mut ebpf, names::TX_PORTS)?,
             service_stats: take(&mut ebpf, names::SERVICE_STATS)?,
             backend_stats: take(&mut ebpf, names::BACKEND_STATS)?,
@@ -260,9 +258,6 @@ impl Dataplane {
         self.maps.conntrack.get(flow, 0).ok()
     }
 
-    pub fn nat_reverse_entry(&self, flow: &FlowKey) -> Option<NatReverse> {
-        self.maps.nat_reverse.get(flow, 0).ok()
-    }
 }
 
 impl Drop for Dataplane {

@@ -121,6 +121,13 @@ impl Tables {
         let by_key: HashMap<ServiceKey, &config::Service> =
             config.services.iter().map(|s| (service_key(s.vip, s.protocol), s)).collect();
         let mut adopted = 0;
+        // One pass over the backend array, not one per service.
+        let live_backends: Vec<(u32, m::Backend)> = (0..self.max_backends)
+            .map(|id| dataplane.backend_entry(id).map(|b| (id, b)))
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .filter(|(_, b)| b.generation != 0)
+            .collect();
         for (key, entry) in dataplane.service_entries()? {
             let id = entry.id as usize;
             if id >= self.used_service_ids.len() || self.used_service_ids[id] {
@@ -137,11 +144,7 @@ impl Tables {
             };
             let mut backend_ids = BTreeMap::new();
             let mut backends = Vec::new();
-            for backend_id in 0..self.max_backends {
-                let b = dataplane.backend_entry(backend_id)?;
-                if b.generation == 0 || b.service_id != entry.id {
-                    continue;
-                }
+            for &(backend_id, b) in live_backends.iter().filter(|(_, b)| b.service_id == entry.id) {
                 let address = SocketAddr::new(addr::to_ip(&b.addr), u16::from_be(b.port));
                 self.used_backend_ids[backend_id as usize] = true;
                 self.generations[backend_id as usize] = b.generation;
