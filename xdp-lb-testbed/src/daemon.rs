@@ -26,8 +26,8 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(20);
 
 pub struct Daemon {
-    child: Child,
-    exited: bool,
+    /// The running daemon process; `None` once it has exited (or before the first launch).
+    child: Option<Child>,
     binary: PathBuf,
     netns: String,
     ifaces: Vec<String>,
@@ -97,10 +97,9 @@ impl Daemon {
         let config_path = dir.path().join("xdp-lb.toml");
         std::fs::write(&config_path, config)?;
         let pin_dir = bpffs_root()?.join(dir.path().file_name().context("tempdir has a name")?);
-        let (child, log, reader) = (None::<Child>, Arc::new(Mutex::new(String::new())), None);
+        let (log, reader) = (Arc::new(Mutex::new(String::new())), None);
         let mut daemon = Daemon {
-            child: spawn_placeholder(child)?,
-            exited: true,
+            child: None,
             binary: binary.to_path_buf(),
             netns: lb.name().to_string(),
             ifaces: ifaces.iter().map(|i| i.as_ref().to_string()).collect(),
@@ -152,8 +151,7 @@ impl Daemon {
             }
         })?;
         let ready_before = self.count(READY);
-        self.child = child;
-        self.exited = false;
+        self.child = Some(child);
         self.reader = Some(reader);
         self.wait_for(READY, ready_before + 1, START_TIMEOUT)
             .with_context(|| format!("starting {} {:?}", self.binary.display(), cmd_line(&cmd)))
@@ -189,7 +187,7 @@ impl Daemon {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.child.as_ref().map_or(0, Child::id)
     }
 
     pub fn config_path(&self) -> &Path {
@@ -246,8 +244,9 @@ impl Daemon {
         self.signal(libc::SIGTERM)?;
         let deadline = Instant::now() + STOP_TIMEOUT;
         let status = loop {
-            if let Some(status) = self.child.try_wait()? {
-                self.exited = true;
+            let child = self.child.as_mut().context("the daemon is not running")?;
+            if let Some(status) = child.try_wait()? {
+                self.child = None;
                 break status;
             }
             if Instant::now() > deadline {
@@ -293,8 +292,9 @@ impl Daemon {
     }
 
     fn check_running(&mut self) -> anyhow::Result<()> {
-        if let Some(status) = self.child.try_wait()? {
-            self.exited = true;
+        let Some(child) = self.child.as_mut() else { bail!("the daemon is not running\n--- stderr ---\n{}", self.log()) };
+        if let Some(status) = child.try_wait()? {
+            self.child = None;
             if let Some(reader) = self.reader.take() {
                 let _ = reader.join();
             }
@@ -306,10 +306,11 @@ impl Daemon {
 
     fn signal(&mut self, signal: libc::c_int) -> anyhow::Result<()> {
         self.check_running()?;
+        let pid = self.pid();
         // SAFETY: kill(2) on our own child, which has not been reaped (check_running just looked), so
         // the pid cannot have been reused.
-        if unsafe { libc::kill(self.child.id() as libc::pid_t, signal) } != 0 {
-            bail!("kill({}, {signal}): {}", self.child.id(), std::io::Error::last_os_error());
+        if unsafe { libc::kill(pid as libc::pid_t, signal) } != 0 {
+            bail!("kill({pid}, {signal}): {}", std::io::Error::last_os_error());
         }
         Ok(())
     }
@@ -317,22 +318,15 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        if !self.exited {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
         }
         if let Some(reader) = self.reader.take() {
             let _ = reader.join();
         }
         remove_pins(&self.pin_dir);
     }
-}
-
-/// A finished child to hold until the real one is launched (`Child` has no empty value).
-fn spawn_placeholder(_: Option<Child>) -> anyhow::Result<Child> {
-    let mut child = Command::new("true").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
-    child.wait()?;
-    Ok(child)
 }
 
 fn cmd_line(cmd: &std::process::Command) -> Vec<String> {
