@@ -1,7 +1,7 @@
 //! Types and pure logic shared by the XDP program and the control plane.
 //!
 //! Everything that crosses the kernel boundary lives in [`maps`]; the logic both sides must agree on
-//! (flow hashing, checksum arithmetic, Maglev table construction) is plain functions over integers and
+//! (packet parsing and rewriting, flow hashing, checksum arithmetic, Maglev table construction) is plain functions over integers and
 //! byte slices, tested on the host.
 #![no_std]
 
@@ -14,6 +14,7 @@ pub mod hash;
 #[cfg(feature = "std")]
 pub mod maglev;
 pub mod maps;
+pub mod packet;
 pub mod reasons;
 #[cfg(feature = "std")]
 pub mod sequence;

@@ -8,14 +8,14 @@ use aya_ebpf::{
     helpers::{bpf_fib_lookup, bpf_ktime_get_ns},
     programs::XdpContext,
 };
-use network_types::eth::EthHdr;
 use xdp_lb_common::{
     addr::Addr,
     maps::NextHop,
+    packet::{self, Packet},
     reasons::{self, Reason},
 };
 
-use crate::{maps, parse::{ptr_at, Packet}};
+use crate::{frame::XdpFrame, maps};
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
@@ -114,12 +114,7 @@ fn send(ctx: &XdpContext, ifindex: u32, smac: &[u8; 6], dmac: &[u8; 6]) -> Resul
     if !same_port && !maps::is_tx_port(ifindex) {
         return Err(reasons::PASS_NO_TX_PORT);
     }
-    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(reasons::DROP_SHORT_FRAME)?;
-    // SAFETY: bounds checked by ptr_at.
-    unsafe {
-        (*eth).dst_addr = *dmac;
-        (*eth).src_addr = *smac;
-    }
+    packet::set_macs(&mut XdpFrame::new(ctx), dmac, smac)?;
     if same_port {
         return Ok(xdp_action::XDP_TX);
     }

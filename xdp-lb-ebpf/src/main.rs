@@ -1,7 +1,8 @@
 //! The xdp-lb data plane: one XDP program, attached to every interface that faces clients or backends.
 //!
-//! Stages, each a function of its own: [`parse`] → classify (service lookup, or NAT reply lookup) →
-//! [`schedule`] (connection table, then Maglev) → [`rewrite`] → [`forward`] (FIB + devmap).
+//! Stages, each a function of its own: parse (`xdp_lb_common::packet`, shared with the host's tests
+//! and fuzzers) → classify (service lookup, or NAT reply lookup) → [`schedule`] (connection table,
+//! then Maglev) → rewrite (`xdp_lb_common::packet`) → [`forward`] (FIB + devmap).
 //! Every packet that is not forwarded is counted under one reason (`xdp_lb_common::reasons`).
 #![no_std]
 #![no_main]
@@ -10,15 +11,15 @@
 #![allow(internal_features)]
 
 mod forward;
+mod frame;
 mod maps;
-mod parse;
-mod rewrite;
 mod schedule;
-mod wire;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use frame::XdpFrame;
 use xdp_lb_common::{
     maps::{FlowKey, ServiceKey, SERVICE_FLAG_DSR},
+    packet::{self, End, Frame, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     reasons::{self, Reason},
 };
 
@@ -36,9 +37,16 @@ pub fn xdp_lb(ctx: XdpContext) -> u32 {
 /// attached by the daemon.
 #[xdp]
 pub fn xdp_tx_reference(ctx: XdpContext) -> u32 {
-    let Some(eth) = parse::ptr_at::<network_types::eth::EthHdr>(&ctx, 0) else { return xdp_action::XDP_DROP };
-    // SAFETY: ptr_at checked the header lies inside the frame.
-    unsafe { core::mem::swap(&mut (*eth).src_addr, &mut (*eth).dst_addr) };
+    let mut frame = XdpFrame::new(&ctx);
+    let Some(eth) = frame.window(0, 12) else { return xdp_action::XDP_DROP };
+    // SAFETY: six 16-bit words inside the checked 12 bytes.
+    unsafe {
+        for at in [0, 2, 4] {
+            let dst = frame.load16(eth, at);
+            frame.store16(eth, at, frame.load16(eth, at + 6));
+            frame.store16(eth, at + 6, dst);
+        }
+    }
     xdp_action::XDP_TX
 }
 
@@ -55,7 +63,8 @@ fn not_forwarded(reason: Reason) -> u32 {
 
 #[inline(always)]
 fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
-    let packet = parse::parse(ctx)?;
+    let mut frame = XdpFrame::new(ctx);
+    let packet = packet::parse(&frame)?;
     let flow = packet.flow;
     let service_key = ServiceKey { addr: flow.dst, port: flow.dport, proto: flow.proto, _pad: 0 };
     if let Some(service) = maps::service(&service_key) {
@@ -63,14 +72,14 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
             return Err(reasons::PASS_VLAN);
         }
         let chosen = schedule::schedule(&packet, &service)?;
-        let syn = packet.tcp_flags & (parse::TCP_SYN | parse::TCP_ACK) == parse::TCP_SYN;
+        let syn = packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
         let tally = maps::Tally { bytes: packet.len, new_flow: chosen.new_flow, syn, syn_ack: false, reset: false };
         maps::count_forward(service.id, chosen.id, &tally);
         if service.flags & SERVICE_FLAG_DSR != 0 {
             let cache = Some((chosen.id, chosen.backend.generation));
             return forward::to_next_hop(ctx, &packet, &chosen.backend.addr, forward::Mode::Dsr, cache);
         }
-        rewrite::destination(ctx, &packet, &chosen.backend.addr, chosen.backend.port)?;
+        packet::translate(&mut frame, &packet, End::Destination, &chosen.backend.addr, chosen.backend.port)?;
         let cache = Some((chosen.id, chosen.backend.generation));
         return forward::to_next_hop(ctx, &packet, &chosen.backend.addr, forward::Mode::Nat, cache);
     }
@@ -84,17 +93,17 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
             bytes: packet.len,
             new_flow: false,
             syn: false,
-            syn_ack: flags & (parse::TCP_SYN | parse::TCP_ACK) == parse::TCP_SYN | parse::TCP_ACK,
-            reset: flags & parse::TCP_RST != 0,
+            syn_ack: flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK,
+            reset: flags & TCP_RST != 0,
         };
         maps::count_forward(reverse.service_id, reverse.backend_id, &tally);
-        if flags & (parse::TCP_FIN | parse::TCP_RST) != 0 {
+        if flags & (TCP_FIN | TCP_RST) != 0 {
             let forward = FlowKey { src: flow.dst, dst: reverse.vip, sport: flow.dport, dport: reverse.vport, proto: flow.proto, _pad: [0; 3] };
             if let Some(conn) = maps::conn(&forward) {
                 schedule::track_close(conn, reverse.backend_id, flags);
             }
         }
-        rewrite::source(ctx, &packet, &reverse.vip, reverse.vport)?;
+        packet::translate(&mut frame, &packet, End::Source, &reverse.vip, reverse.vport)?;
         return forward::to_next_hop(ctx, &packet, &flow.dst, forward::Mode::Nat, None);
     }
     Err(reasons::PASS_NOT_VIP)

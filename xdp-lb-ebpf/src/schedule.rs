@@ -11,10 +11,9 @@ use xdp_lb_common::{
     reasons::{self, Reason},
 };
 
-use crate::{
-    maps,
-    parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
-};
+use xdp_lb_common::packet::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
+
+use crate::maps;
 
 pub struct Chosen {
     pub id: u32,

@@ -36,6 +36,8 @@ use xdp_lb_common::{
 };
 use xdp_lb_testbed::{config_toml, http_get, Daemon, Family, IdentityServers, KeepAliveClient, Mode, Protocol, Scheduler, ServiceConfig, Topology};
 
+#[path = "fixtures/contract.rs"]
+mod contract;
 #[path = "fixtures/mutate.rs"]
 mod mutate;
 

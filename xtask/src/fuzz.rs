@@ -25,6 +25,7 @@ const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 /// Each target, and directories (relative to the workspace root) holding more seed inputs.
 const TARGETS: &[(&str, &[&str])] = &[
+    ("packet", &[]),
     ("checksum_update", &[]),
     ("maglev_build", &[]),
     ("wrr_sequence", &[]),
