@@ -1,6 +1,16 @@
 //! Stage 1 of the data plane: Ethernet (+ one 802.1Q/802.1ad tag), IPv4 (any IHL) or IPv6, and the
 //! TCP/UDP ports. Anything else is a [`Reason`] the packet is passed or dropped for.
 
+use core::mem::offset_of;
+
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    tcp::TcpHdr,
+    udp::UdpHdr,
+    vlan::VlanHdr,
+};
+
 use super::Frame;
 use crate::{
     addr::{self, Addr},
@@ -8,13 +18,15 @@ use crate::{
     reasons::{self, Reason},
 };
 
-const ETH_HEADER_LEN: usize = 14;
-const ETH_TYPE_AT: usize = 12;
-const VLAN_TAG_LEN: usize = 4;
-const IPV4_HEADER_LEN: usize = 20;
-const IPV6_HEADER_LEN: usize = 40;
-const TCP_HEADER_LEN: usize = 20;
-const UDP_HEADER_LEN: usize = 8;
+// Header sizes and field offsets come from network-types' wire layouts.
+const ETH_HEADER_LEN: usize = EthHdr::LEN;
+const VLAN_TAG_LEN: usize = VlanHdr::LEN;
+pub(super) const IPV4_HEADER_LEN: usize = Ipv4Hdr::LEN;
+pub(super) const IPV6_HEADER_LEN: usize = Ipv6Hdr::LEN;
+pub(super) const TCP_HEADER_LEN: usize = TcpHdr::LEN;
+pub(super) const UDP_HEADER_LEN: usize = UdpHdr::LEN;
+/// The TCP flags byte: the second byte of the data-offset/flags word (network-types' bitfield).
+const TCP_FLAGS_AT: usize = offset_of!(TcpHdr, _bitfield_1) + 1;
 
 const ETH_P_IP: u16 = 0x0800u16.to_be();
 const ETH_P_IPV6: u16 = 0x86ddu16.to_be();
@@ -28,8 +40,6 @@ pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
-/// Offset of the flags byte in the TCP header.
-const TCP_FLAGS_AT: usize = 13;
 
 /// What the later stages need to know about a parsed TCP/UDP packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,13 +61,13 @@ pub struct Packet {
 pub fn parse<F: Frame>(frame: &F) -> Result<Packet, Reason> {
     let eth = frame.window(0, ETH_HEADER_LEN).ok_or(reasons::DROP_SHORT_FRAME)?;
     // SAFETY: inside the checked window, at an even offset.
-    let mut ether_type = unsafe { frame.load16(eth, ETH_TYPE_AT) };
+    let mut ether_type = unsafe { frame.load16(eth, offset_of!(EthHdr, ether_type)) };
     let mut l3_offset = ETH_HEADER_LEN;
     let mut vlan = false;
     if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
         let tag = frame.window(ETH_HEADER_LEN, VLAN_TAG_LEN).ok_or(reasons::DROP_SHORT_FRAME)?;
         // SAFETY: the tag's inner ethertype, inside the checked window.
-        ether_type = unsafe { frame.load16(tag, 2) };
+        ether_type = unsafe { frame.load16(tag, offset_of!(VlanHdr, ether_type)) };
         l3_offset += VLAN_TAG_LEN;
         vlan = true;
     }
@@ -77,12 +87,12 @@ fn parse_ipv4<F: Frame>(frame: &F, l3_offset: usize, vlan: bool, len: u64) -> Re
     // SAFETY: fields of the checked 20-byte header at their even offsets.
     let (vihl, tot_len, frags, proto, src, dst) = unsafe {
         (
-            frame.load8(ip, 0),
-            frame.load16(ip, 2),
-            frame.load16(ip, 6),
-            frame.load8(ip, 9),
-            frame.load32(ip, 12),
-            frame.load32(ip, 16),
+            frame.load8(ip, offset_of!(Ipv4Hdr, vihl)),
+            frame.load16(ip, offset_of!(Ipv4Hdr, tot_len)),
+            frame.load16(ip, offset_of!(Ipv4Hdr, frags)),
+            frame.load8(ip, offset_of!(Ipv4Hdr, proto)),
+            frame.load32(ip, offset_of!(Ipv4Hdr, src_addr)),
+            frame.load32(ip, offset_of!(Ipv4Hdr, dst_addr)),
         )
     };
     let header_len = ((vihl & 0x0f) as usize) * 4;
@@ -114,11 +124,11 @@ fn parse_ipv6<F: Frame>(frame: &F, l3_offset: usize, vlan: bool, len: u64) -> Re
     // SAFETY: fields of the checked 40-byte header at their even offsets.
     let (version, payload_len, next_hdr, src, dst) = unsafe {
         (
-            frame.load8(ip, 0) >> 4,
-            frame.load16(ip, 4),
-            frame.load8(ip, 6),
-            frame.load_addr(ip, 8),
-            frame.load_addr(ip, 24),
+            frame.load8(ip, offset_of!(Ipv6Hdr, vcf)) >> 4,
+            frame.load16(ip, offset_of!(Ipv6Hdr, payload_len)),
+            frame.load8(ip, offset_of!(Ipv6Hdr, next_hdr)),
+            frame.load_addr(ip, offset_of!(Ipv6Hdr, src_addr)),
+            frame.load_addr(ip, offset_of!(Ipv6Hdr, dst_addr)),
         )
     };
     if version != 6 {
@@ -153,11 +163,17 @@ fn ports<F: Frame>(frame: &F, proto: u8, l4_offset: usize) -> Result<(u16, u16, 
     if proto == PROTO_TCP {
         let tcp = frame.window(l4_offset, TCP_HEADER_LEN).ok_or(reasons::DROP_TRUNCATED_L4)?;
         // SAFETY: ports and flags of the checked 20-byte header.
-        Ok(unsafe { (frame.load16(tcp, 0), frame.load16(tcp, 2), frame.load8(tcp, TCP_FLAGS_AT)) })
+        Ok(unsafe {
+            (
+                frame.load16(tcp, offset_of!(TcpHdr, source)),
+                frame.load16(tcp, offset_of!(TcpHdr, dest)),
+                frame.load8(tcp, TCP_FLAGS_AT),
+            )
+        })
     } else if proto == PROTO_UDP {
         let udp = frame.window(l4_offset, UDP_HEADER_LEN).ok_or(reasons::DROP_TRUNCATED_L4)?;
         // SAFETY: ports of the checked 8-byte header.
-        Ok(unsafe { (frame.load16(udp, 0), frame.load16(udp, 2), 0) })
+        Ok(unsafe { (frame.load16(udp, offset_of!(UdpHdr, src)), frame.load16(udp, offset_of!(UdpHdr, dst)), 0) })
     } else {
         Err(reasons::PASS_NOT_TCP_UDP)
     }

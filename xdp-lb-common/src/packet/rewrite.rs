@@ -2,7 +2,19 @@
 //! checksum updates (client → VIP becomes client → backend; backend → client becomes VIP → client);
 //! every forwarded frame gets the next hop's MAC addresses.
 
-use super::{Frame, Packet};
+use core::mem::offset_of;
+
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    tcp::TcpHdr,
+    udp::UdpHdr,
+};
+
+use super::{
+    parse::{IPV4_HEADER_LEN, IPV6_HEADER_LEN, TCP_HEADER_LEN, UDP_HEADER_LEN},
+    Frame, Packet,
+};
 use crate::{
     addr::Addr,
     checksum,
@@ -10,13 +22,9 @@ use crate::{
     reasons::{self, Reason},
 };
 
-const IPV4_CHECK_AT: usize = 10;
-const IPV4_SRC_AT: usize = 12;
-const IPV4_DST_AT: usize = 16;
-const IPV6_SRC_AT: usize = 8;
-const IPV6_DST_AT: usize = 24;
-const TCP_CHECK_AT: usize = 16;
-const UDP_CHECK_AT: usize = 6;
+const IPV4_CHECK_AT: usize = offset_of!(Ipv4Hdr, check);
+const TCP_CHECK_AT: usize = offset_of!(TcpHdr, check);
+const UDP_CHECK_AT: usize = offset_of!(UdpHdr, check);
 
 /// Which end of the flow is rewritten.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,13 +50,13 @@ pub fn translate<F: Frame>(
         End::Destination => (&flow.dst, flow.dport),
     };
     if packet.ipv6 {
-        let ip = frame.window(packet.l3_offset, 40).ok_or(reasons::DROP_BAD_IP_HEADER)?;
-        let at = if end == End::Source { IPV6_SRC_AT } else { IPV6_DST_AT };
+        let ip = frame.window(packet.l3_offset, IPV6_HEADER_LEN).ok_or(reasons::DROP_BAD_IP_HEADER)?;
+        let at = if end == End::Source { offset_of!(Ipv6Hdr, src_addr) } else { offset_of!(Ipv6Hdr, dst_addr) };
         // SAFETY: an address inside the checked 40-byte header.
         unsafe { frame.store_addr(ip, at, new_addr) };
     } else {
-        let ip = frame.window(packet.l3_offset, 20).ok_or(reasons::DROP_BAD_IP_HEADER)?;
-        let at = if end == End::Source { IPV4_SRC_AT } else { IPV4_DST_AT };
+        let ip = frame.window(packet.l3_offset, IPV4_HEADER_LEN).ok_or(reasons::DROP_BAD_IP_HEADER)?;
+        let at = if end == End::Source { offset_of!(Ipv4Hdr, src_addr) } else { offset_of!(Ipv4Hdr, dst_addr) };
         // SAFETY: the checksum and an address inside the checked 20-byte header.
         unsafe {
             let check = frame.load16(ip, IPV4_CHECK_AT);
@@ -61,9 +69,10 @@ pub fn translate<F: Frame>(
         let c = checksum::update_addr(check, old_addr, new_addr);
         checksum::update_u16(c, old_port, new_port)
     };
-    let port_at = if end == End::Source { 0 } else { 2 };
+    // TCP and UDP both start with the source port, then the destination port.
+    let port_at = if end == End::Source { offset_of!(UdpHdr, src) } else { offset_of!(UdpHdr, dst) };
     if flow.proto == PROTO_TCP {
-        let tcp = frame.window(packet.l4_offset, 20).ok_or(reasons::DROP_TRUNCATED_L4)?;
+        let tcp = frame.window(packet.l4_offset, TCP_HEADER_LEN).ok_or(reasons::DROP_TRUNCATED_L4)?;
         // SAFETY: the checksum and a port inside the checked 20-byte header.
         unsafe {
             let check = frame.load16(tcp, TCP_CHECK_AT);
@@ -71,7 +80,7 @@ pub fn translate<F: Frame>(
             frame.store16(tcp, port_at, new_port);
         }
     } else {
-        let udp = frame.window(packet.l4_offset, 8).ok_or(reasons::DROP_TRUNCATED_L4)?;
+        let udp = frame.window(packet.l4_offset, UDP_HEADER_LEN).ok_or(reasons::DROP_TRUNCATED_L4)?;
         // SAFETY: the checksum and a port inside the checked 8-byte header.
         unsafe {
             let original = frame.load16(udp, UDP_CHECK_AT);
@@ -85,16 +94,17 @@ pub fn translate<F: Frame>(
 /// Sets the Ethernet destination and source MAC addresses.
 #[inline(always)]
 pub fn set_macs<F: Frame>(frame: &mut F, dst: &[u8; 6], src: &[u8; 6]) -> Result<(), Reason> {
-    let eth = frame.window(0, 12).ok_or(reasons::DROP_SHORT_FRAME)?;
+    let eth = frame.window(0, offset_of!(EthHdr, ether_type)).ok_or(reasons::DROP_SHORT_FRAME)?;
     let word = |mac: &[u8; 6], at: usize| u16::from_ne_bytes([mac[at], mac[at + 1]]);
     // SAFETY: six 16-bit words inside the checked 12 bytes.
     unsafe {
-        frame.store16(eth, 0, word(dst, 0));
-        frame.store16(eth, 2, word(dst, 2));
-        frame.store16(eth, 4, word(dst, 4));
-        frame.store16(eth, 6, word(src, 0));
-        frame.store16(eth, 8, word(src, 2));
-        frame.store16(eth, 10, word(src, 4));
+        let (d, s) = (offset_of!(EthHdr, dst_addr), offset_of!(EthHdr, src_addr));
+        frame.store16(eth, d, word(dst, 0));
+        frame.store16(eth, d + 2, word(dst, 2));
+        frame.store16(eth, d + 4, word(dst, 4));
+        frame.store16(eth, s, word(src, 0));
+        frame.store16(eth, s + 2, word(src, 2));
+        frame.store16(eth, s + 4, word(src, 4));
     }
     Ok(())
 }
