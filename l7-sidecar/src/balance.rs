@@ -17,6 +17,9 @@ const EWMA_TAU: Duration = Duration::from_secs(10);
 pub struct Backend {
     pub pool: String,
     pub addr: SocketAddr,
+    /// `addr` as text and as a URI authority, made once instead of per request.
+    pub addr_text: Arc<str>,
+    pub authority: http::uri::Authority,
     pub active: AtomicUsize,
     healthy: AtomicBool,
     consecutive_failures: AtomicU32,
@@ -35,9 +38,15 @@ struct Ewma {
 
 impl Backend {
     fn new(pool: &str, addr: SocketAddr) -> Backend {
+        let addr_text: Arc<str> = Arc::from(addr.to_string());
         Backend {
             pool: pool.to_string(),
             addr,
+            // A socket address is always a valid authority.
+            authority: addr_text
+                .parse()
+                .unwrap_or_else(|_| http::uri::Authority::from_static("invalid")),
+            addr_text,
             active: AtomicUsize::new(0),
             healthy: AtomicBool::new(true),
             consecutive_failures: AtomicU32::new(0),

@@ -169,7 +169,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for SmuggleGuard<S> {
 }
 
 /// Reject smuggling attempts and header floods before any routing work.
-pub async fn hardening_stage<B>(req: Request<B>, next: Next<B>) -> Response<Body> {
+pub async fn hardening_stage<B>(req: Request<B>, next: impl Next<B>) -> Response<Body> {
     let flagged = req
         .extensions()
         .get::<ConnInfo>()

@@ -1,17 +1,24 @@
 //! Observability: Prometheus metrics, the JSON access log and W3C trace context.
+//!
+//! All of it runs on every request, so it is built to be cheap there: metric
+//! handles are registered once per route, the access record is only assembled when
+//! someone reads it, and log lines are written by a background thread.
 
 use crate::gateway::Shared;
 use crate::proxy::{full, Body};
 use crate::stack::{
-    run, ConnInfo, Next, RequestId, RouteName, Snapshot, TraceId, UpstreamAddr, UserId,
+    run, ConnInfo, MatchedRoute, Next, RequestId, Snapshot, TraceId, UpstreamAddr, UserId,
 };
-use http::{header, HeaderMap, HeaderValue, Request, Response};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response};
 use http_body_util::BodyExt as _;
+use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::Serialize;
-use std::sync::Arc;
-use std::sync::OnceLock;
-use std::time::Instant;
+use std::io::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::{Instant, SystemTime};
 use tokio::sync::broadcast;
 
 static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
@@ -55,10 +62,20 @@ pub struct AccessRecord {
     pub trace_id: String,
 }
 
+/// Lines waiting for the writer thread; past this they are dropped (and counted)
+/// rather than letting a stuck stdout stall requests or grow memory.
+const LOG_QUEUE: usize = 16 * 1024;
+
 /// Writes one JSON object per line to stdout (diagnostics go to stderr, so the
 /// access log can be piped as-is); tests subscribe to the same records.
+///
+/// Lines go through a bounded queue to a writer thread that batches them into few
+/// `write` calls, flushing whenever the queue runs dry, so a line is never held back
+/// for long and a request never waits on stdout.
 pub struct AccessLog {
     tx: broadcast::Sender<AccessRecord>,
+    lines: OnceLock<mpsc::SyncSender<Vec<u8>>>,
+    dropped: AtomicU64,
 }
 
 impl Default for AccessLog {
@@ -71,6 +88,8 @@ impl AccessLog {
     pub fn new() -> AccessLog {
         AccessLog {
             tx: broadcast::channel(1024).0,
+            lines: OnceLock::new(),
+            dropped: AtomicU64::new(0),
         }
     }
 
@@ -78,23 +97,101 @@ impl AccessLog {
         self.tx.subscribe()
     }
 
+    /// Whether a record would be read by anyone, i.e. worth assembling.
+    pub fn wanted(&self, write: bool) -> bool {
+        write || self.tx.receiver_count() > 0
+    }
+
+    /// Lines dropped because stdout could not keep up.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
     /// `write` comes from the current config, so a reload can switch it.
     pub fn log(&self, rec: AccessRecord, write: bool) {
         if write {
-            if let Ok(line) = serde_json::to_string(&rec) {
-                use std::io::Write as _;
-                // A closed stdout must not fail (or panic) the request.
-                let _ = writeln!(std::io::stdout().lock(), "{line}");
+            let mut line = Vec::with_capacity(384);
+            if serde_json::to_writer(&mut line, &rec).is_ok() {
+                line.push(b'\n');
+                if self.writer().try_send(line).is_err() {
+                    self.dropped.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("gateway_access_log_dropped_total").increment(1);
+                }
             }
         }
-        let _ = self.tx.send(rec);
+        if self.tx.receiver_count() > 0 {
+            let _ = self.tx.send(rec);
+        }
+    }
+
+    fn writer(&self) -> &mpsc::SyncSender<Vec<u8>> {
+        self.lines.get_or_init(|| {
+            let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(LOG_QUEUE);
+            // Ends when the `AccessLog` (the only sender) is dropped.
+            let spawned = std::thread::Builder::new()
+                .name("access-log".into())
+                .spawn(move || write_lines(&rx));
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start the access log writer");
+            }
+            tx
+        })
     }
 }
 
-pub fn record_request(route: &str, status: u16, secs: f64) {
-    metrics::counter!("gateway_requests_total", "route" => route.to_string(), "status" => status.to_string()).increment(1);
-    metrics::histogram!("gateway_request_duration_seconds", "route" => route.to_string())
-        .record(secs);
+fn write_lines(rx: &mpsc::Receiver<Vec<u8>>) {
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout());
+    while let Ok(line) = rx.recv() {
+        // A closed stdout must not fail (or panic) anything: errors are ignored.
+        let _ = out.write_all(&line);
+        while let Ok(line) = rx.try_recv() {
+            let _ = out.write_all(&line);
+        }
+        let _ = out.flush();
+    }
+}
+
+/// Per-route request metrics, registered on first use and then reused: building a
+/// metric key from name and labels and looking it up costs more per request than
+/// incrementing it.
+#[derive(Default)]
+pub struct RouteMetrics {
+    duration: OnceLock<Histogram>,
+    by_status: RwLock<Vec<(u16, Counter)>>,
+}
+
+impl RouteMetrics {
+    fn record(&self, route: &str, status: u16, secs: f64) {
+        let cached = self
+            .by_status
+            .read()
+            .ok()
+            .and_then(|v| v.iter().find(|(s, _)| *s == status).map(|(_, c)| c.clone()));
+        let counter = match cached {
+            Some(c) => c,
+            None => {
+                let c = metrics::counter!("gateway_requests_total", "route" => route.to_string(), "status" => status.to_string());
+                if let Ok(mut v) = self.by_status.write() {
+                    if !v.iter().any(|(s, _)| *s == status) {
+                        v.push((status, c.clone()));
+                    }
+                }
+                c
+            }
+        };
+        counter.increment(1);
+        self.duration
+            .get_or_init(|| {
+                metrics::histogram!("gateway_request_duration_seconds", "route" => route.to_string())
+            })
+            .record(secs);
+    }
+}
+
+/// Requests that matched no route.
+fn unrouted() -> &'static RouteMetrics {
+    static NONE: OnceLock<RouteMetrics> = OnceLock::new();
+    NONE.get_or_init(RouteMetrics::default)
 }
 
 pub fn record_rate_limited(route: &str) {
@@ -106,11 +203,13 @@ pub fn record_auth_failure(route: &str, reason: &'static str) {
     metrics::counter!("gateway_auth_failures_total", "route" => route.to_string(), "reason" => reason).increment(1);
 }
 
-/// RFC 3339 UTC timestamp with milliseconds, without pulling in a date crate.
 pub fn now_rfc3339() -> String {
-    let d = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
+    rfc3339(SystemTime::now())
+}
+
+/// RFC 3339 UTC timestamp with milliseconds, without pulling in a date crate.
+pub fn rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);
     // Civil-from-days (Howard Hinnant's algorithm).
@@ -132,29 +231,49 @@ pub fn now_rfc3339() -> String {
     )
 }
 
-/// W3C trace context: keep the trace id, start a new span id for our hop.
-/// Returns the trace id.
-pub fn propagate_traceparent(headers: &mut HeaderMap) -> String {
-    let parsed = headers
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .and_then(parse_traceparent);
-    let (trace_id, flags) = parsed.unwrap_or_else(|| {
-        (
-            format!("{:016x}{:016x}", fastrand::u64(1..), fastrand::u64(..)),
-            "01".into(),
-        )
-    });
-    let span = format!("{:016x}", fastrand::u64(1..));
-    if let Ok(v) = HeaderValue::from_str(&format!("00-{trace_id}-{span}-{flags}")) {
-        headers.insert("traceparent", v);
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+
+/// Lower-case hex of `v` into `out`, most significant digit first, zero padded.
+pub(crate) fn put_hex(out: &mut [u8], mut v: u128) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for b in out.iter_mut().rev() {
+        *b = DIGITS[(v & 0xf) as usize];
+        v >>= 4;
     }
-    trace_id
 }
 
-fn parse_traceparent(v: &str) -> Option<(String, String)> {
-    let parts: Vec<&str> = v.trim().split('-').collect();
-    let [version, trace, span, flags] = parts.as_slice() else {
+/// W3C trace context: keep the trace id, start a new span id for our hop.
+/// Returns the trace id.
+pub fn propagate_traceparent(headers: &mut HeaderMap) -> TraceId {
+    let parsed = headers
+        .get(&TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_traceparent);
+    let (trace, flags) = parsed.unwrap_or_else(|| {
+        let trace = (u128::from(fastrand::u64(1..)) << 64) | u128::from(fastrand::u64(..));
+        (trace, 1)
+    });
+    // "00-" trace "-" span "-" flags, formatted in place: this runs on every request.
+    let mut v = *b"00-00000000000000000000000000000000-0000000000000000-00";
+    put_hex(&mut v[3..35], trace);
+    put_hex(&mut v[36..52], u128::from(fastrand::u64(1..)));
+    put_hex(&mut v[53..55], u128::from(flags));
+    if let Ok(v) = HeaderValue::from_bytes(&v) {
+        headers.insert(TRACEPARENT, v);
+    }
+    TraceId(trace)
+}
+
+/// The trace id and flags of a valid `traceparent` value.
+fn parse_traceparent(v: &str) -> Option<(u128, u8)> {
+    let mut parts = v.trim().split('-');
+    let (Some(version), Some(trace), Some(span), Some(flags), None) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) else {
         return None;
     };
     let hex = |s: &str, n: usize| {
@@ -163,24 +282,30 @@ fn parse_traceparent(v: &str) -> Option<(String, String)> {
                 .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     };
     let ok = hex(version, 2)
-        && *version != "ff"
+        && version != "ff"
         && hex(trace, 32)
         && trace.bytes().any(|b| b != b'0')
         && hex(span, 16)
         && span.bytes().any(|b| b != b'0')
         && hex(flags, 2);
-    ok.then(|| (trace.to_string(), flags.to_string()))
+    if !ok {
+        return None;
+    }
+    Some((
+        u128::from_str_radix(trace, 16).ok()?,
+        u8::from_str_radix(flags, 16).ok()?,
+    ))
 }
 
 /// Continue (or start) the W3C trace for this hop.
-pub async fn trace_stage<B>(mut req: Request<B>, next: Next<B>) -> Response<Body> {
+pub async fn trace_stage<B>(mut req: Request<B>, next: impl Next<B>) -> Response<Body> {
     let trace = propagate_traceparent(req.headers_mut());
-    req.extensions_mut().insert(TraceId(trace));
+    req.extensions_mut().insert(trace);
     run(next, req).await
 }
 
 /// Serve the Prometheus text format on listeners that opted in.
-pub async fn metrics_stage<B>(req: Request<B>, next: Next<B>) -> Response<Body> {
+pub async fn metrics_stage<B>(req: Request<B>, next: impl Next<B>) -> Response<Body> {
     let serve = req
         .extensions()
         .get::<ConnInfo>()
@@ -200,50 +325,47 @@ pub async fn metrics_stage<B>(req: Request<B>, next: Next<B>) -> Response<Body> 
     r
 }
 
+/// What the access record knows before the response: kept only when the record
+/// will be read (log line written or a subscriber listening).
+struct RequestSide {
+    time: SystemTime,
+    method: Method,
+    path: String,
+    client_ip: String,
+    request_id: Option<Arc<str>>,
+    trace_id: Option<TraceId>,
+}
+
 /// Time the rest of the stack, then write the access log line and request metrics.
 pub async fn access_log_stage<B>(
     shared: Arc<Shared>,
     req: Request<B>,
-    next: Next<B>,
+    next: impl Next<B>,
 ) -> Response<Body> {
     let started = Instant::now();
     let ext = req.extensions();
-    let method = req.method().to_string();
-    let path = req.uri().path().to_string();
-    let client_ip = ext
-        .get::<ConnInfo>()
-        .map(|c| c.peer.ip().to_string())
-        .unwrap_or_default();
-    let request_id = ext
-        .get::<RequestId>()
-        .map(|r| r.0.clone())
-        .unwrap_or_default();
-    let trace_id = ext
-        .get::<TraceId>()
-        .map(|t| t.0.clone())
-        .unwrap_or_default();
     let write = ext
         .get::<Snapshot>()
         .is_none_or(|s| s.0.cfg.observability.access_log);
-    let time = now_rfc3339();
+    let request = shared.access_log.wanted(write).then(|| RequestSide {
+        time: SystemTime::now(),
+        method: req.method().clone(),
+        path: req.uri().path().to_string(),
+        client_ip: ext
+            .get::<ConnInfo>()
+            .map(|c| c.peer.ip().to_string())
+            .unwrap_or_default(),
+        request_id: ext.get::<RequestId>().map(|r| r.0.clone()),
+        trace_id: ext.get::<TraceId>().copied(),
+    });
     let resp = run(next, req).await;
     let ext = resp.extensions();
-    let record = AccessRecord {
-        time,
-        method,
-        path,
-        status: resp.status().as_u16(),
-        latency_ms: 0.0,
-        bytes: 0,
-        client_ip,
-        upstream: ext.get::<UpstreamAddr>().map(|u| u.0.clone()),
-        route: ext.get::<RouteName>().map(|r| r.0.clone()),
-        request_id,
-        user_id: ext.get::<UserId>().map(|u| u.0.clone()),
-        trace_id,
-    };
     let pending = Pending {
-        record,
+        status: resp.status().as_u16(),
+        route: ext.get::<MatchedRoute>().map(|r| r.0.clone()),
+        upstream: ext.get::<UpstreamAddr>().map(|u| u.0.clone()),
+        user_id: ext.get::<UserId>().map(|u| u.0.clone()),
+        request,
         started,
         write,
         shared,
@@ -259,7 +381,11 @@ pub async fn access_log_stage<B>(
 }
 
 struct Pending {
-    record: AccessRecord,
+    status: u16,
+    route: Option<Arc<crate::routing::Route>>,
+    upstream: Option<Arc<str>>,
+    user_id: Option<String>,
+    request: Option<RequestSide>,
     started: Instant,
     write: bool,
     shared: Arc<Shared>,
@@ -275,18 +401,32 @@ struct LoggedBody {
 
 impl LoggedBody {
     fn finish(&mut self) {
-        let Some(mut p) = self.pending.take() else {
+        let Some(p) = self.pending.take() else {
             return;
         };
         let elapsed = p.started.elapsed();
-        p.record.latency_ms = elapsed.as_secs_f64() * 1000.0;
-        p.record.bytes = self.bytes;
-        record_request(
-            p.record.route.as_deref().unwrap_or("none"),
-            p.record.status,
-            elapsed.as_secs_f64(),
-        );
-        p.shared.access_log.log(p.record, p.write);
+        match &p.route {
+            Some(r) => r
+                .metrics
+                .record(&r.cfg.name, p.status, elapsed.as_secs_f64()),
+            None => unrouted().record("none", p.status, elapsed.as_secs_f64()),
+        }
+        let Some(req) = p.request else { return };
+        let record = AccessRecord {
+            time: rfc3339(req.time),
+            method: req.method.to_string(),
+            path: req.path,
+            status: p.status,
+            latency_ms: elapsed.as_secs_f64() * 1000.0,
+            bytes: self.bytes,
+            client_ip: req.client_ip,
+            upstream: p.upstream.map(|u| u.to_string()),
+            route: p.route.map(|r| r.cfg.name.clone()),
+            request_id: req.request_id.map(|r| r.to_string()).unwrap_or_default(),
+            user_id: p.user_id,
+            trace_id: req.trace_id.map(|t| t.to_string()).unwrap_or_default(),
+        };
+        p.shared.access_log.log(record, p.write);
     }
 }
 
@@ -341,7 +481,7 @@ mod tests {
             HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
         );
         assert_eq!(
-            propagate_traceparent(&mut h),
+            propagate_traceparent(&mut h).to_string(),
             "4bf92f3577b34da6a3ce929d0e0e4736"
         );
         let tp = h["traceparent"].to_str().expect("ascii");
@@ -352,7 +492,7 @@ mod tests {
         );
         let mut h = HeaderMap::new();
         h.insert("traceparent", HeaderValue::from_static("garbage"));
-        let id = propagate_traceparent(&mut h);
+        let id = propagate_traceparent(&mut h).to_string();
         assert_eq!(id.len(), 32);
         assert!(parse_traceparent(h["traceparent"].to_str().expect("ascii")).is_some());
     }

@@ -227,7 +227,7 @@ fn set_headers(h: &mut HeaderMap, d: &Decision) {
 }
 
 /// Apply the route's policy, keyed by client IP, API key or user id.
-pub async fn rate_limit_stage<B>(req: Request<B>, next: Next<B>) -> Response<Body> {
+pub async fn rate_limit_stage<B>(req: Request<B>, next: impl Next<B>) -> Response<Body> {
     let ext = req.extensions();
     let (Some(Snapshot(rt)), Some(ctx)) = (ext.get::<Snapshot>(), ext.get::<RouteCtx>()) else {
         return run(next, req).await;

@@ -3,7 +3,7 @@
 
 use crate::config::{PathMatch, RouteConfig};
 use crate::proxy::Body;
-use crate::stack::{json_error, run, Next, RouteName, Snapshot};
+use crate::stack::{json_error, run, MatchedRoute, Next, Snapshot};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -13,12 +13,13 @@ use std::sync::Arc;
 pub struct RouteCtx {
     pub route: Arc<Route>,
     pub params: BTreeMap<String, String>,
-    /// Host as the client sent it (Host header, or the HTTP/2 authority).
-    pub host: Option<String>,
+    /// Host as the client sent it (Host header, or the HTTP/2 authority); a
+    /// header value so passing it on upstream needs no copy.
+    pub host: Option<HeaderValue>,
 }
 
 /// Find the route or answer 404 / 405 with a JSON body.
-pub async fn routing_stage<B>(mut req: Request<B>, next: Next<B>) -> Response<Body> {
+pub async fn routing_stage<B>(mut req: Request<B>, next: impl Next<B>) -> Response<Body> {
     let Some(Snapshot(rt)) = req.extensions().get::<Snapshot>().cloned() else {
         return json_error(
             &req,
@@ -30,24 +31,28 @@ pub async fn routing_stage<B>(mut req: Request<B>, next: Next<B>) -> Response<Bo
     let host = req
         .headers()
         .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .map(String::from)
-        .or_else(|| req.uri().authority().map(|a| a.to_string()));
+        .filter(|h| h.to_str().is_ok())
+        .cloned()
+        .or_else(|| {
+            req.uri()
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
     match rt.router.lookup(
-        host.as_deref(),
+        host.as_ref().and_then(|h| h.to_str().ok()),
         req.method(),
         req.uri().path(),
         req.headers(),
     ) {
         RouteMatch::Found { route, params } => {
-            let name = route.cfg.name.clone();
+            let matched = MatchedRoute(route.clone());
             req.extensions_mut().insert(RouteCtx {
                 route,
                 params,
                 host,
             });
             let mut resp = run(next, req).await;
-            resp.extensions_mut().insert(RouteName(name));
+            resp.extensions_mut().insert(matched);
             resp
         }
         RouteMatch::NotFound => json_error(
@@ -78,6 +83,8 @@ pub async fn routing_stage<B>(mut req: Request<B>, next: Next<B>) -> Response<Bo
 
 pub struct Route {
     pub cfg: RouteConfig,
+    /// This route's request counters and latency histogram.
+    pub metrics: crate::observe::RouteMetrics,
     host: Option<String>,
     template: Option<matchit::Router<()>>,
     methods: Vec<Method>,
@@ -124,6 +131,7 @@ impl Route {
                 })
                 .collect(),
             cfg: cfg.clone(),
+            metrics: Default::default(),
         }
     }
 
@@ -161,14 +169,15 @@ impl Route {
                 host
             }
         });
-        let host = host.to_ascii_lowercase();
+        // `want` is lower case already; compare without allocating a lowered copy.
+        let host = host.as_bytes();
         match want.strip_prefix("*.") {
             Some(suffix) => {
                 host.len() > suffix.len() + 1
-                    && host.ends_with(suffix)
-                    && host.as_bytes()[host.len() - suffix.len() - 1] == b'.'
+                    && host[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix.as_bytes())
+                    && host[host.len() - suffix.len() - 1] == b'.'
             }
-            None => host == *want,
+            None => host.eq_ignore_ascii_case(want.as_bytes()),
         }
     }
 

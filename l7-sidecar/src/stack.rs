@@ -1,29 +1,70 @@
-//! The gateway as a stack of tower layers, one per concern. Each concern's module
-//! exposes an `async fn(req, next) -> Response` stage; `middleware` turns it into a
-//! `tower::Layer`, so every stage can be tested alone against a stub `next`.
+//! The gateway as a pipeline of stages, one per concern. Each concern's module
+//! exposes an `async fn(req, next) -> Response` stage, where `next` is the rest of the
+//! pipeline, so every stage can be tested alone against a stub `next`.
+//!
+//! Stages are composed statically (`Stage<F, N>` below): a request runs through one
+//! future, boxed once per request, instead of a boxed, cloned tower service and a
+//! boxed future per stage. With a dozen stages that per-stage boxing, cloning and
+//! dynamic dispatch cost more than the proxying itself.
 //!
 //! Stages share per-request data through extensions: request extensions carry what
 //! outer stages learned (connection, config snapshot, ids, route, identity), response
-//! extensions carry what inner stages learned (route name, user, upstream) back out to
+//! extensions carry what inner stages learned (route, user, upstream) back out to
 //! the access log.
 
 use crate::gateway::{Runtime, Shared};
 use crate::proxy::{full, Body};
 use http::{header, HeaderValue, Request, Response, StatusCode};
+use hyper::body::Incoming;
 use std::convert::Infallible;
+use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use tower::util::BoxCloneService;
-use tower::{Layer, Service, ServiceBuilder, ServiceExt as _};
 
-/// The rest of the stack below a stage.
-pub type Next<B> = BoxCloneService<Request<B>, Response<Body>, Infallible>;
+/// The rest of the pipeline below a stage. Running it consumes it: a stage calls it
+/// at most once, and the pipeline is cloned (cheaply: stages are plain functions)
+/// per request.
+pub trait Next<B>: Send + 'static {
+    fn run(self, req: Request<B>) -> impl Future<Output = Response<Body>> + Send;
+}
 
-/// Per connection, inserted before the stack runs.
+/// Run the rest of the pipeline.
+pub fn run<B, N: Next<B>>(next: N, req: Request<B>) -> impl Future<Output = Response<Body>> + Send {
+    next.run(req)
+}
+
+/// One stage in front of the rest of the pipeline.
+#[derive(Clone)]
+pub struct Stage<F, N> {
+    f: F,
+    next: N,
+}
+
+impl<B, F, Fut, N> Next<B> for Stage<F, N>
+where
+    F: FnOnce(Request<B>, N) -> Fut + Send + 'static,
+    Fut: Future<Output = Response<Body>> + Send,
+    N: Send + 'static,
+{
+    fn run(self, req: Request<B>) -> impl Future<Output = Response<Body>> + Send {
+        (self.f)(req, self.next)
+    }
+}
+
+/// Put `f` in front of `next`; the request body type is fixed to hyper's so the
+/// stage functions' generic parameters are inferred.
+fn stage<F, Fut, N>(f: F, next: N) -> Stage<F, N>
+where
+    F: FnOnce(Request<Incoming>, N) -> Fut,
+{
+    Stage { f, next }
+}
+
+/// Per connection, inserted before the pipeline runs.
 #[derive(Clone, Debug)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
@@ -37,19 +78,28 @@ pub struct ConnInfo {
 #[derive(Clone)]
 pub struct Snapshot(pub Arc<Runtime>);
 
+/// Shared rather than owned: several stages and the error paths keep a copy.
 #[derive(Clone, Debug)]
-pub struct RequestId(pub String);
+pub struct RequestId(pub Arc<str>);
 
-#[derive(Clone, Debug)]
-pub struct TraceId(pub String);
+/// W3C trace id of the request (never zero).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TraceId(pub u128);
+
+impl fmt::Display for TraceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
 
 /// Response extensions read by the access log.
-#[derive(Clone, Debug)]
-pub struct RouteName(pub String);
+#[derive(Clone)]
+pub struct MatchedRoute(pub Arc<crate::routing::Route>);
 #[derive(Clone, Debug)]
 pub struct UserId(pub String);
+/// The backend address (or the aggregated pools) that answered.
 #[derive(Clone, Debug)]
-pub struct UpstreamAddr(pub String);
+pub struct UpstreamAddr(pub Arc<str>);
 
 pub fn json_error<B>(
     req: &Request<B>,
@@ -60,7 +110,7 @@ pub fn json_error<B>(
     let id = req
         .extensions()
         .get::<RequestId>()
-        .map(|r| r.0.as_str())
+        .map(|r| &*r.0)
         .unwrap_or_default();
     json_error_with_id(status, code, message, id)
 }
@@ -81,111 +131,77 @@ pub fn json_error_with_id(
     r
 }
 
-/// Turn `async fn(Request<B>, Next<B>) -> Response<Body>` into a tower layer.
-#[derive(Clone)]
-pub struct FnLayer<F> {
-    f: F,
-}
+/// The innermost stage: forward to the upstream pool.
+#[derive(Clone, Copy)]
+pub struct Proxy;
 
-pub fn middleware<F>(f: F) -> FnLayer<F> {
-    FnLayer { f }
-}
-
-impl<S, F: Clone> Layer<S> for FnLayer<F> {
-    type Service = FnService<F, S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        FnService {
-            f: self.f.clone(),
-            inner,
-        }
+impl Next<Incoming> for Proxy {
+    fn run(self, req: Request<Incoming>) -> impl Future<Output = Response<Body>> + Send {
+        crate::proxy::proxy(req)
     }
 }
 
-#[derive(Clone)]
-pub struct FnService<F, S> {
-    f: F,
-    inner: S,
+/// The full pipeline, outermost stage first.
+pub fn pipeline(shared: Arc<Shared>) -> impl Next<Incoming> + Clone {
+    let p = stage(crate::transform::transform_stage, Proxy);
+    let p = stage(crate::ratelimit::rate_limit_stage, p);
+    let p = stage(crate::auth::auth_stage, p);
+    let p = stage(crate::routing::routing_stage, p);
+    let p = stage(crate::observe::metrics_stage, p);
+    let p = stage(crate::guard::hardening_stage, p);
+    let p = stage(
+        move |req, next| crate::observe::access_log_stage(shared, req, next),
+        p,
+    );
+    let p = stage(crate::observe::trace_stage, p);
+    stage(crate::transform::request_id_stage, p)
 }
 
-impl<B, F, Fut, S> Service<Request<B>> for FnService<F, S>
-where
-    B: Send + 'static,
-    F: Fn(Request<B>, Next<B>) -> Fut + Clone + Send + 'static,
-    Fut: Future<Output = Response<Body>> + Send + 'static,
-    S: Service<Request<B>, Response = Response<Body>, Error = Infallible> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-{
+/// The pipeline as the service hyper calls for each request on one connection.
+#[derive(Clone)]
+pub struct GatewayService<P> {
+    shared: Arc<Shared>,
+    conn: ConnInfo,
+    pipeline: P,
+}
+
+/// The service for one connection.
+pub fn build(shared: Arc<Shared>, conn: ConnInfo) -> GatewayService<impl Next<Incoming> + Clone> {
+    GatewayService {
+        pipeline: pipeline(shared.clone()),
+        shared,
+        conn,
+    }
+}
+
+impl<P: Next<Incoming> + Clone> tower::Service<Request<Incoming>> for GatewayService<P> {
     type Response = Response<Body>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+    type Future = ResponseFuture;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        // Every stage and the proxy are always ready; readiness is checked in `call`.
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
-        let next = BoxCloneService::new(self.inner.clone());
-        let fut = (self.f)(req, next);
-        Box::pin(async move { Ok(fut.await) })
+    fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
+        req.extensions_mut().insert(self.conn.clone());
+        req.extensions_mut()
+            .insert(Snapshot(self.shared.runtime.load_full()));
+        // Boxed straight away: the pipeline future is several KiB, and every
+        // further move of it (into a wrapping `async` block, say) is a memcpy.
+        ResponseFuture(Box::pin(self.pipeline.clone().run(req)))
     }
 }
 
-/// Run the rest of the stack.
-pub async fn run<B>(next: Next<B>, req: Request<B>) -> Response<Body> {
-    match next.oneshot(req).await {
-        Ok(r) => r,
-        Err(never) => match never {},
+/// The boxed pipeline future, as the `Result` tower expects.
+pub struct ResponseFuture(Pin<Box<dyn Future<Output = Response<Body>> + Send>>);
+
+impl Future for ResponseFuture {
+    type Output = Result<Response<Body>, Infallible>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.0.as_mut().poll(cx).map(Ok)
     }
-}
-
-/// The assembled stack for one connection. A named type on purpose: handing hyper
-/// the boxed `dyn` service directly hits a rustc higher-ranked lifetime limitation
-/// when the connection future is spawned.
-#[derive(Clone)]
-pub struct GatewayService(Next<hyper::body::Incoming>);
-
-impl Service<Request<hyper::body::Incoming>> for GatewayService {
-    type Response = Response<Body>;
-    type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.0.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<hyper::body::Incoming>) -> Self::Future {
-        let fut = self.0.call(req);
-        Box::pin(fut)
-    }
-}
-
-/// The full stack for one connection, outermost first.
-pub fn build(shared: Arc<Shared>, conn: ConnInfo) -> GatewayService {
-    let snap = shared.clone();
-    let log = shared.clone();
-    let svc = ServiceBuilder::new()
-        .layer(middleware(
-            move |mut req: Request<hyper::body::Incoming>, next| {
-                req.extensions_mut().insert(conn.clone());
-                req.extensions_mut()
-                    .insert(Snapshot(snap.runtime.load_full()));
-                run(next, req)
-            },
-        ))
-        .layer(middleware(crate::transform::request_id_stage))
-        .layer(middleware(crate::observe::trace_stage))
-        .layer(middleware(move |req, next| {
-            crate::observe::access_log_stage(log.clone(), req, next)
-        }))
-        .layer(middleware(crate::guard::hardening_stage))
-        .layer(middleware(crate::observe::metrics_stage))
-        .layer(middleware(crate::routing::routing_stage))
-        .layer(middleware(crate::auth::auth_stage))
-        .layer(middleware(crate::ratelimit::rate_limit_stage))
-        .layer(middleware(crate::transform::transform_stage))
-        .service(crate::proxy::ProxyService);
-    GatewayService(BoxCloneService::new(svc))
 }
 
 #[cfg(test)]
@@ -193,13 +209,24 @@ pub mod testing {
     //! Helpers to run one stage against a stub `next`.
     use super::*;
 
+    #[derive(Clone)]
+    pub struct Stub<F>(F);
+
+    impl<B, F> Next<B> for Stub<F>
+    where
+        B: Send + 'static,
+        F: FnOnce(Request<B>) -> Response<Body> + Send + 'static,
+    {
+        #[allow(clippy::manual_async_fn)]
+        fn run(self, req: Request<B>) -> impl Future<Output = Response<Body>> + Send {
+            async move { (self.0)(req) }
+        }
+    }
+
     pub fn stub<B: Send + 'static>(
         f: impl Fn(Request<B>) -> Response<Body> + Clone + Send + 'static,
-    ) -> Next<B> {
-        BoxCloneService::new(tower::service_fn(move |req| {
-            let f = f.clone();
-            async move { Ok::<_, Infallible>(f(req)) }
-        }))
+    ) -> Stub<impl Fn(Request<B>) -> Response<Body> + Clone + Send + 'static> {
+        Stub(f)
     }
 
     pub fn ok<B>(_: Request<B>) -> Response<Body> {

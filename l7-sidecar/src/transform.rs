@@ -8,10 +8,18 @@ use crate::routing::RouteCtx;
 use crate::stack::{json_error_with_id, run, ConnInfo, Next, RequestId, Snapshot};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 pub const X_REQUEST_ID: &str = "x-request-id";
 pub const X_USER_ID: &str = "x-user-id";
 pub const X_USER_ROLE: &str = "x-user-role";
+
+const REQUEST_ID: HeaderName = HeaderName::from_static(X_REQUEST_ID);
+const USER_ID: HeaderName = HeaderName::from_static(X_USER_ID);
+const USER_ROLE: HeaderName = HeaderName::from_static(X_USER_ROLE);
+const FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// A client-sent id is kept only if it is short and plain, so it is safe to log.
 pub fn valid_request_id(v: &str) -> bool {
@@ -27,41 +35,42 @@ pub fn new_request_id() -> String {
     // UUIDv4 layout: version and variant bits set.
     let hi = (hi & 0xffff_ffff_ffff_0fff) | 0x4000;
     let lo = (lo & 0x3fff_ffff_ffff_ffff) | 0x8000_0000_0000_0000;
-    format!(
-        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
-        hi >> 32,
-        (hi >> 16) & 0xffff,
-        hi & 0xffff,
-        lo >> 48,
-        lo & 0xffff_ffff_ffff
-    )
+    // Formatted in place: `format!` with five hex fields is slow for every request.
+    let mut id = *b"00000000-0000-0000-0000-000000000000";
+    let put = |out: &mut [u8], v: u64| crate::observe::put_hex(out, u128::from(v));
+    put(&mut id[0..8], hi >> 32);
+    put(&mut id[9..13], (hi >> 16) & 0xffff);
+    put(&mut id[14..18], hi & 0xffff);
+    put(&mut id[19..23], lo >> 48);
+    put(&mut id[24..36], lo & 0xffff_ffff_ffff);
+    id.iter().map(|&b| char::from(b)).collect()
 }
 
-/// Returns the request id to use, setting it on the request headers.
-pub fn ensure_request_id(headers: &mut HeaderMap) -> String {
-    let existing = headers
-        .get(X_REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| valid_request_id(v))
-        .map(String::from);
-    let id = existing.unwrap_or_else(new_request_id);
-    if let Ok(v) = HeaderValue::from_str(&id) {
-        headers.insert(X_REQUEST_ID, v);
+/// Returns the request id to use (and its header value), setting it on the request
+/// headers.
+pub fn ensure_request_id(headers: &mut HeaderMap) -> (Arc<str>, HeaderValue) {
+    if let Some(v) = headers.get(&REQUEST_ID) {
+        if let Some(id) = v.to_str().ok().filter(|v| valid_request_id(v)) {
+            return (Arc::from(id), v.clone());
+        }
     }
-    id
+    let id = new_request_id();
+    let v = HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static(""));
+    headers.insert(REQUEST_ID, v.clone());
+    (Arc::from(id), v)
 }
 
 /// Identity headers come only from the gateway: whatever the client sent is dropped.
 pub fn set_identity_headers(headers: &mut HeaderMap, id: Option<&Identity>) {
-    headers.remove(X_USER_ID);
-    headers.remove(X_USER_ROLE);
+    headers.remove(USER_ID);
+    headers.remove(USER_ROLE);
     if let Some(id) = id {
         if let Ok(v) = HeaderValue::from_str(&id.user_id) {
-            headers.insert(X_USER_ID, v);
+            headers.insert(USER_ID, v);
         }
         if let Ok(v) = HeaderValue::from_str(&id.roles.join(",")) {
             if !id.roles.is_empty() {
-                headers.insert(X_USER_ROLE, v);
+                headers.insert(USER_ROLE, v);
             }
         }
     }
@@ -71,21 +80,58 @@ pub fn set_forwarded_headers(
     headers: &mut HeaderMap,
     client: IpAddr,
     proto: &str,
-    host: Option<&str>,
+    host: Option<&HeaderValue>,
 ) {
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {client}"),
-        _ => client.to_string(),
+    let xff = match headers.get(&FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.trim().is_empty() => {
+            HeaderValue::from_str(&format!("{prev}, {client}"))
+        }
+        _ => HeaderValue::try_from(ip_text(client).as_str()),
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert("x-forwarded-for", v);
+    if let Ok(v) = xff {
+        headers.insert(FORWARDED_FOR, v);
     }
     headers.insert(
-        "x-forwarded-proto",
+        FORWARDED_PROTO,
         HeaderValue::from_static(if proto == "https" { "https" } else { "http" }),
     );
-    if let Some(h) = host.and_then(|h| HeaderValue::from_str(h).ok()) {
-        headers.insert("x-forwarded-host", h);
+    if let Some(h) = host {
+        headers.insert(FORWARDED_HOST, h.clone());
+    }
+}
+
+/// An IP address as text, into a stack buffer (no allocation).
+fn ip_text(ip: IpAddr) -> IpText {
+    use std::fmt::Write as _;
+    let mut t = IpText {
+        buf: [0; 48],
+        len: 0,
+    };
+    let _ = write!(t, "{ip}");
+    t
+}
+
+/// Fits any IPv6 text form (at most 45 bytes).
+struct IpText {
+    buf: [u8; 48],
+    len: usize,
+}
+
+impl IpText {
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Write for IpText {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let end = self.len + s.len();
+        self.buf
+            .get_mut(self.len..end)
+            .ok_or(std::fmt::Error)?
+            .copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
     }
 }
 
@@ -165,34 +211,29 @@ pub fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
 }
 
 /// Outermost id stage: every request and response carries `X-Request-Id`.
-pub async fn request_id_stage<B>(mut req: Request<B>, next: Next<B>) -> Response<Body> {
-    let id = ensure_request_id(req.headers_mut());
-    req.extensions_mut().insert(RequestId(id.clone()));
+pub async fn request_id_stage<B>(mut req: Request<B>, next: impl Next<B>) -> Response<Body> {
+    let (id, value) = ensure_request_id(req.headers_mut());
+    req.extensions_mut().insert(RequestId(id));
     let mut resp = run(next, req).await;
-    if let Ok(v) = HeaderValue::from_str(&id) {
-        resp.headers_mut().insert(X_REQUEST_ID, v);
-    }
+    resp.headers_mut().insert(REQUEST_ID, value);
     resp
 }
 
 /// Request side: identity and forwarding headers, configured edits, hop-by-hop
 /// removal. Response side: configured edits and JSON field stripping.
-pub async fn transform_stage<B>(mut req: Request<B>, next: Next<B>) -> Response<Body> {
-    let max_response = req
-        .extensions()
-        .get::<Snapshot>()
+pub async fn transform_stage<B>(mut req: Request<B>, next: impl Next<B>) -> Response<Body> {
+    let snap = req.extensions().get::<Snapshot>().cloned();
+    let max_response = snap
+        .as_ref()
         .map_or(8 << 20, |s| s.0.cfg.server.max_response_bytes);
-    let t = match (
-        req.extensions().get::<Snapshot>(),
-        req.extensions().get::<RouteCtx>(),
-    ) {
+    // Borrowed from the snapshot this request holds anyway, not copied.
+    let t = match (&snap, req.extensions().get::<RouteCtx>()) {
         (Some(s), Some(ctx)) => ctx
             .route
             .cfg
             .transform
             .as_ref()
-            .and_then(|n| s.0.cfg.transforms.get(n))
-            .cloned(),
+            .and_then(|n| s.0.cfg.transforms.get(n)),
         _ => None,
     };
     let identity = req.extensions().get::<Identity>().cloned();
@@ -207,26 +248,17 @@ pub async fn transform_stage<B>(mut req: Request<B>, next: Next<B>) -> Response<
         .get::<RouteCtx>()
         .and_then(|c| c.host.clone());
     let upgrade = is_upgrade(req.headers());
-    let rid = req
-        .extensions()
-        .get::<RequestId>()
-        .map(|r| r.0.clone())
-        .unwrap_or_default();
+    let rid = req.extensions().get::<RequestId>().map(|r| r.0.clone());
     let h = req.headers_mut();
     set_identity_headers(h, identity.as_ref());
-    set_forwarded_headers(
-        h,
-        client,
-        if tls { "https" } else { "http" },
-        host.as_deref(),
-    );
+    set_forwarded_headers(h, client, if tls { "https" } else { "http" }, host.as_ref());
     // HTTP/2 carries the host in :authority; upstreams speak HTTP/1.1 and need Host.
     if !h.contains_key(http::header::HOST) {
-        if let Some(v) = host.as_deref().and_then(|v| HeaderValue::from_str(v).ok()) {
+        if let Some(v) = host {
             h.insert(http::header::HOST, v);
         }
     }
-    if let Some(t) = &t {
+    if let Some(t) = t {
         apply_request(t, h);
     }
     if !upgrade {
@@ -234,7 +266,7 @@ pub async fn transform_stage<B>(mut req: Request<B>, next: Next<B>) -> Response<
     }
     let mut resp = run(next, req).await;
     let Some(t) = t else { return resp };
-    apply_response(&t, resp.headers_mut());
+    apply_response(t, resp.headers_mut());
     if t.strip_json_fields.is_empty() || !is_json(resp.headers()) {
         return resp;
     }
@@ -247,7 +279,7 @@ pub async fn transform_stage<B>(mut req: Request<B>, next: Next<B>) -> Response<
                 StatusCode::BAD_GATEWAY,
                 "upstream_error",
                 &e.to_string(),
-                &rid,
+                rid.as_deref().unwrap_or_default(),
             );
         }
     };
@@ -268,11 +300,18 @@ mod tests {
     fn request_id_kept_or_generated() {
         let mut h = HeaderMap::new();
         h.insert(X_REQUEST_ID, HeaderValue::from_static("abc-123"));
-        assert_eq!(ensure_request_id(&mut h), "abc-123");
+        assert_eq!(&*ensure_request_id(&mut h).0, "abc-123");
         h.insert(X_REQUEST_ID, HeaderValue::from_static("bad id with spaces"));
-        let id = ensure_request_id(&mut h);
-        assert_ne!(id, "bad id with spaces");
+        let (id, v) = ensure_request_id(&mut h);
+        assert_ne!(&*id, "bad id with spaces");
         assert_eq!(id.len(), 36, "uuid-like: {id}");
+        assert_eq!(v, &*id);
+        assert_eq!(h[X_REQUEST_ID], &*id);
+        let b = id.as_bytes();
+        assert!(
+            b[14] == b'4' && matches!(b[19], b'8' | b'9' | b'a' | b'b'),
+            "v4: {id}"
+        );
     }
 
     #[test]
@@ -310,7 +349,7 @@ mod tests {
             let id = req
                 .extensions()
                 .get::<RequestId>()
-                .map(|r| r.0.clone())
+                .map(|r| r.0.to_string())
                 .unwrap_or_default();
             assert_eq!(
                 req.headers()[X_REQUEST_ID],
@@ -383,7 +422,7 @@ mod tests {
             &mut h,
             "127.0.0.1".parse().expect("ip"),
             "https",
-            Some("api.example.com"),
+            Some(&HeaderValue::from_static("api.example.com")),
         );
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "https");

@@ -269,7 +269,7 @@ impl JwtVerifier {
 }
 
 /// Authenticate per the route; the identity goes to later stages as an extension.
-pub async fn auth_stage<B>(mut req: Request<B>, next: Next<B>) -> Response<Body> {
+pub async fn auth_stage<B>(mut req: Request<B>, next: impl Next<B>) -> Response<Body> {
     let (Some(Snapshot(rt)), Some(ctx)) = (
         req.extensions().get::<Snapshot>().cloned(),
         req.extensions().get::<RouteCtx>().cloned(),

@@ -14,12 +14,12 @@ use crate::balance::{ActiveGuard, HashInput, Pool};
 use crate::routing::{fill_template, RouteCtx};
 use crate::stack::{json_error, ConnInfo, Snapshot, UpstreamAddr};
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -78,36 +78,45 @@ pub struct UpstreamResponse {
     pub parts: http::response::Parts,
     /// Streamed from the backend; see `StreamedBody`.
     pub body: Body,
-    pub backend: SocketAddr,
+    /// The backend's address as text.
+    pub backend: Arc<str>,
 }
 
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+fn request_id<B>(req: &Request<B>) -> Arc<str> {
+    req.extensions()
+        .get::<crate::stack::RequestId>()
+        .map_or_else(|| Arc::from(""), |r| r.0.clone())
+}
+
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     // Headers named in Connection are hop-by-hop too.
-    let named: Vec<String> = h
-        .get_all(http::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|s| s.trim().to_ascii_lowercase())
-        .filter(|s| !s.is_empty())
-        .collect();
-    for n in named {
-        h.remove(n.as_str());
+    if h.contains_key(header::CONNECTION) {
+        let named: Vec<String> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|s| s.trim().to_ascii_lowercase())
+            .filter(|s| !s.is_empty())
+            .collect();
+        for n in named {
+            h.remove(n.as_str());
+        }
     }
-    for n in HOP_BY_HOP {
-        h.remove(*n);
+    for n in &HOP_BY_HOP {
+        h.remove(n);
     }
 }
 
@@ -163,9 +172,13 @@ async fn forward_inner(
         };
         tried.push(idx);
         let backend = up.pool.backends[idx].clone();
-        let mut req = Request::builder()
-            .method(method.clone())
-            .uri(format!("http://{}{}", backend.addr, pq));
+        let uri = http::Uri::builder()
+            .scheme(http::uri::Scheme::HTTP)
+            .authority(backend.authority.clone())
+            .path_and_query(pq)
+            .build()
+            .map_err(|e| ProxyError::Upstream(e.to_string()))?;
+        let mut req = Request::builder().method(method.clone()).uri(uri);
         if let Some(h) = req.headers_mut() {
             *h = headers.clone();
         }
@@ -196,7 +209,7 @@ async fn forward_inner(
         return Ok(UpstreamResponse {
             parts,
             body,
-            backend: backend.addr,
+            backend: backend.addr_text.clone(),
         });
     }
     Err(last_err.unwrap_or_else(|| ProxyError::NoBackend(up.pool.name.clone())))
@@ -221,34 +234,12 @@ pub fn is_upgrade(h: &HeaderMap) -> bool {
             .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
 }
 
-/// The innermost service: send the (already checked and transformed) request on.
-#[derive(Clone, Copy)]
-pub struct ProxyService;
-
-impl tower::Service<Request<hyper::body::Incoming>> for ProxyService {
-    type Response = Response<Body>;
-    type Error = std::convert::Infallible;
-    type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Response<Body>, Self::Error>> + Send>,
-    >;
-
-    fn poll_ready(
-        &mut self,
-        _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request<hyper::body::Incoming>) -> Self::Future {
-        Box::pin(async move { Ok(proxy(req).await) })
-    }
-}
-
-async fn proxy(req: Request<hyper::body::Incoming>) -> Response<Body> {
-    let ext = req.extensions();
+/// The innermost stage: send the (already checked and transformed) request on.
+pub async fn proxy(mut req: Request<hyper::body::Incoming>) -> Response<Body> {
+    // Taken rather than cloned: nothing after this stage reads them.
     let (Some(Snapshot(rt)), Some(ctx)) = (
-        ext.get::<Snapshot>().cloned(),
-        ext.get::<RouteCtx>().cloned(),
+        req.extensions_mut().remove::<Snapshot>(),
+        req.extensions_mut().remove::<RouteCtx>(),
     ) else {
         return json_error(
             &req,
@@ -257,19 +248,19 @@ async fn proxy(req: Request<hyper::body::Incoming>) -> Response<Body> {
             "proxy without a route",
         );
     };
-    let client_ip = ext
+    let client_ip = req
+        .extensions()
         .get::<ConnInfo>()
         .map_or(std::net::IpAddr::from([127, 0, 0, 1]), |c| c.peer.ip());
     let rc = &ctx.route.cfg;
-    let query = req
-        .uri()
-        .query()
-        .map(|q| format!("?{q}"))
-        .unwrap_or_default();
-    let pq = format!(
-        "{}{query}",
-        ctx.route.upstream_path(req.uri().path(), &ctx.params)
-    );
+    let query = req.uri().query();
+    let mut pq = ctx.route.upstream_path(req.uri().path(), &ctx.params);
+    if let Some(q) = query {
+        pq.reserve(q.len() + 1);
+        pq.push('?');
+        pq.push_str(q);
+    }
+    let query = query.map(|q| format!("?{q}")).unwrap_or_default();
     let pool = rc.pool.as_ref().and_then(|p| rt.upstreams.get(p)).cloned();
 
     if is_upgrade(req.headers()) {
@@ -290,18 +281,14 @@ async fn proxy(req: Request<hyper::body::Incoming>) -> Response<Body> {
             );
         };
         let headers = req.headers().clone();
-        let rid = req
-            .extensions()
-            .get::<crate::stack::RequestId>()
-            .map(|r| r.0.clone())
-            .unwrap_or_default();
+        let rid = request_id(&req);
         let hash = HashInput {
             client_ip,
             headers: &headers,
         };
         return match tunnel(up, req, &pq, &hash).await {
             Ok((mut r, backend)) => {
-                r.extensions_mut().insert(UpstreamAddr(backend.to_string()));
+                r.extensions_mut().insert(UpstreamAddr(backend));
                 r
             }
             Err(e) => {
@@ -312,11 +299,7 @@ async fn proxy(req: Request<hyper::body::Incoming>) -> Response<Body> {
 
     let max_body = rt.cfg.server.max_body_bytes;
     let max_resp = rt.cfg.server.max_response_bytes;
-    let rid = req
-        .extensions()
-        .get::<crate::stack::RequestId>()
-        .map(|r| r.0.clone())
-        .unwrap_or_default();
+    let rid = request_id(&req);
     let err = |status: StatusCode, code: &str, msg: &str| {
         crate::stack::json_error_with_id(status, code, msg, &rid)
     };
@@ -368,7 +351,7 @@ async fn proxy(req: Request<hyper::body::Incoming>) -> Response<Body> {
                     header::CONTENT_TYPE,
                     HeaderValue::from_static("application/json"),
                 );
-                r.extensions_mut().insert(UpstreamAddr(pools));
+                r.extensions_mut().insert(UpstreamAddr(pools.into()));
                 r
             }
             Err(e) => err(e.status(), "upstream_error", &e.to_string()),
@@ -385,8 +368,7 @@ async fn proxy(req: Request<hyper::body::Incoming>) -> Response<Body> {
     match forward(&up, &parts.method, &pq, &parts.headers, body, &hash).await {
         Ok(r) => {
             let mut resp = Response::from_parts(r.parts, r.body);
-            resp.extensions_mut()
-                .insert(UpstreamAddr(r.backend.to_string()));
+            resp.extensions_mut().insert(UpstreamAddr(r.backend));
             resp
         }
         Err(e) => {

@@ -6,7 +6,6 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +16,7 @@ pub async fn tunnel<B>(
     mut req: Request<B>,
     path_and_query: &str,
     hash: &HashInput<'_>,
-) -> Result<(Response<Body>, SocketAddr), ProxyError>
+) -> Result<(Response<Body>, Arc<str>), ProxyError>
 where
     B: Send + 'static,
 {
@@ -70,7 +69,10 @@ where
         let deadline = tokio::time::Instant::now() + timeout;
         let (parts, body) = resp.into_parts();
         let body = super::StreamedBody::new(body, ActiveGuard::new(backend.clone()), deadline);
-        return Ok((Response::from_parts(parts, body.boxed()), backend.addr));
+        return Ok((
+            Response::from_parts(parts, body.boxed()),
+            backend.addr_text.clone(),
+        ));
     }
     let server_upgrade = hyper::upgrade::on(&mut resp);
     let guard = ActiveGuard::new(backend.clone());
@@ -83,6 +85,6 @@ where
     let (parts, _) = resp.into_parts();
     Ok((
         Response::from_parts(parts, full(Bytes::new())),
-        backend.addr,
+        backend.addr_text.clone(),
     ))
 }
