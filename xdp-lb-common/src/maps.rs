@@ -151,6 +151,10 @@ pub struct NatReverse {
     pub _pad: u16,
     pub service_id: u32,
     pub backend_id: u32,
+    pub _pad2: u32,
+    /// The way back to the client, cached per flow like `NEXT_HOPS` caches the way to a backend
+    /// (`generation` unused, 0), so replies skip `bpf_fib_lookup`. Empty (`ifindex` 0) when inserted.
+    pub client_hop: NextHop,
 }
 
 /// Value of the per-CPU `NEXT_HOPS` array, indexed by backend id: the FIB's answer for the way to
@@ -203,7 +207,7 @@ const _: () = assert!(size_of::<Service>() == 16);
 const _: () = assert!(size_of::<Backend>() == 28);
 const _: () = assert!(size_of::<FlowKey>() == 40);
 const _: () = assert!(size_of::<Conn>() == 12);
-const _: () = assert!(size_of::<NatReverse>() == 28);
+const _: () = assert!(size_of::<NatReverse>() == 64);
 const _: () = assert!(size_of::<Counters>() == 48);
 const _: () = assert!(size_of::<NextHop>() == 32);
 

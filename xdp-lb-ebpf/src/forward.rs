@@ -28,31 +28,36 @@ pub enum Mode {
     Dsr,
 }
 
-/// How long a backend's next hop is reused before the FIB is asked again: route and neighbour
-/// changes take effect within this time.
+/// How long a cached next hop (a backend's or a NAT client's) is reused before the FIB is asked
+/// again: route and neighbour changes take effect within this time.
 const NEXT_HOP_TTL_NS: u64 = 500_000_000;
 
-/// Sends the frame toward `next_hop`. With `backend` (its id and generation), the FIB's answer is
-/// cached per CPU for [`NEXT_HOP_TTL_NS`], so established flows to a backend skip the lookup.
+/// The clock the next-hop caches expire by.
 #[inline(always)]
-pub fn to_next_hop(
-    ctx: &XdpContext,
-    packet: &Packet,
-    next_hop: &Addr,
-    mode: Mode,
-    backend: Option<(u32, u32)>,
-) -> Result<u32, Reason> {
-    let mut cache: Option<(*mut NextHop, u32, u64)> = None;
-    if let Some((id, generation)) = backend {
-        if let Some(hop) = maps::next_hop(id) {
-            // SAFETY: a helper with no arguments.
-            let now = unsafe { bpf_ktime_get_ns() };
-            // SAFETY: per-CPU slot from a map lookup in this run.
-            let h = unsafe { &*hop };
-            if h.ifindex != 0 && h.generation == generation && now < h.expires_ns && packet.ip_len <= h.max_ip_len {
-                return send(ctx, h.ifindex, &h.smac, &h.dmac);
-            }
-            cache = Some((hop, generation, now));
+pub fn now() -> u64 {
+    // SAFETY: a helper with no arguments.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// A next-hop cache slot for this packet's destination: a backend's (per CPU, in `NEXT_HOPS`) or a
+/// client's (per NAT flow, in its `NAT_REVERSE` entry).
+pub struct Cached {
+    pub hop: Option<*mut NextHop>,
+    /// The backend's generation (ids are reused); 0 for a client.
+    pub generation: u32,
+    pub now: u64,
+}
+
+/// Sends the frame toward `next_hop`. The FIB's answer is cached in `cached` for
+/// [`NEXT_HOP_TTL_NS`], so established flows skip the lookup.
+#[inline(always)]
+pub fn to_next_hop(ctx: &XdpContext, packet: &Packet, next_hop: &Addr, mode: Mode, cached: Cached) -> Result<u32, Reason> {
+    let Cached { hop, generation, now } = cached;
+    if let Some(hop) = hop {
+        // SAFETY: a slot from a map lookup in this run.
+        let h = unsafe { &*hop };
+        if h.ifindex != 0 && h.generation == generation && now < h.expires_ns && packet.ip_len <= h.max_ip_len {
+            return send(ctx, h.ifindex, &h.smac, &h.dmac);
         }
     }
     // SAFETY: a zeroed bpf_fib_lookup is a valid (empty) request; the fields we use are set below.
@@ -78,8 +83,10 @@ pub fn to_next_hop(
     } as u32;
     match rc {
         bindings::BPF_FIB_LKUP_RET_SUCCESS => {
-            if let Some((hop, generation, now)) = cache {
-                // SAFETY: per-CPU slot from a map lookup in this run; no other writer.
+            if let Some(hop) = hop {
+                // SAFETY: a slot from a map lookup in this run. A backend's is per CPU; a client's
+                // is shared, but its flow's packets arrive on one CPU (RSS), and a racing writer
+                // writes the same FIB answer.
                 unsafe {
                     let same = (*hop).ifindex == fib.ifindex && (*hop).generation == generation && now < (*hop).expires_ns;
                     let max_ip_len = if same && (*hop).max_ip_len > packet.ip_len { (*hop).max_ip_len } else { packet.ip_len };

@@ -75,19 +75,21 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
         let syn = packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
         let tally = maps::Tally { bytes: packet.len, new_flow: chosen.new_flow, syn, syn_ack: false, reset: false };
         maps::count_forward(service.id, chosen.id, &tally);
+        let hop = forward::Cached { hop: maps::next_hop(chosen.id), generation: chosen.backend.generation, now: forward::now() };
         if service.flags & SERVICE_FLAG_DSR != 0 {
-            let cache = Some((chosen.id, chosen.backend.generation));
-            return forward::to_next_hop(ctx, &packet, &chosen.backend.addr, forward::Mode::Dsr, cache);
+            return forward::to_next_hop(ctx, &packet, &chosen.backend.addr, forward::Mode::Dsr, hop);
         }
         packet::translate(&mut frame, &packet, End::Destination, &chosen.backend.addr, chosen.backend.port)?;
-        let cache = Some((chosen.id, chosen.backend.generation));
-        return forward::to_next_hop(ctx, &packet, &chosen.backend.addr, forward::Mode::Nat, cache);
+        return forward::to_next_hop(ctx, &packet, &chosen.backend.addr, forward::Mode::Nat, hop);
     }
-    if let Some(reverse) = maps::nat_reverse(&flow) {
+    if let Some(entry) = maps::nat_reverse(&flow) {
         if packet.vlan {
             // Like VIP traffic in a tag: the kernel's VLAN device owns the tagged path.
             return Err(reasons::PASS_VLAN);
         }
+        // SAFETY: pointer from a map lookup in this run; the fields used are copied out first.
+        let (vip, vport, service_id, backend_id) =
+            unsafe { ((*entry).vip, (*entry).vport, (*entry).service_id, (*entry).backend_id) };
         let flags = packet.tcp_flags;
         let tally = maps::Tally {
             bytes: packet.len,
@@ -96,15 +98,21 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
             syn_ack: flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK,
             reset: flags & TCP_RST != 0,
         };
-        maps::count_forward(reverse.service_id, reverse.backend_id, &tally);
+        maps::count_forward(service_id, backend_id, &tally);
         if flags & (TCP_FIN | TCP_RST) != 0 {
-            let forward = FlowKey { src: flow.dst, dst: reverse.vip, sport: flow.dport, dport: reverse.vport, proto: flow.proto, _pad: [0; 3] };
+            let forward = FlowKey { src: flow.dst, dst: vip, sport: flow.dport, dport: vport, proto: flow.proto, _pad: [0; 3] };
             if let Some(conn) = maps::conn(&forward) {
-                schedule::track_close(conn, reverse.backend_id, flags);
+                schedule::track_close(conn, backend_id, flags);
             }
         }
-        packet::translate(&mut frame, &packet, End::Source, &reverse.vip, reverse.vport)?;
-        return forward::to_next_hop(ctx, &packet, &flow.dst, forward::Mode::Nat, None);
+        packet::translate(&mut frame, &packet, End::Source, &vip, vport)?;
+        // SAFETY: as above; the cache lives inside the flow's own entry.
+        let hop = forward::Cached {
+            hop: Some(unsafe { core::ptr::addr_of_mut!((*entry).client_hop) }),
+            generation: 0,
+            now: forward::now(),
+        };
+        return forward::to_next_hop(ctx, &packet, &flow.dst, forward::Mode::Nat, hop);
     }
     Err(reasons::PASS_NOT_VIP)
 }

@@ -82,10 +82,15 @@ pub fn remember_conn(flow: &FlowKey, conn: &Conn) {
     let _ = CONNTRACK.insert(flow, conn, 0);
 }
 
+/// A flow's reply entry, in place: its cached client next hop is refreshed through the pointer.
 #[inline(always)]
-pub fn nat_reverse(flow: &FlowKey) -> Option<NatReverse> {
-    // SAFETY: copied out immediately.
-    unsafe { NAT_REVERSE.get(flow).copied() }
+pub fn nat_reverse(flow: &FlowKey) -> Option<*mut NatReverse> {
+    NAT_REVERSE.get_ptr_mut(flow)
+}
+
+#[inline(always)]
+pub fn has_nat_reverse(flow: &FlowKey) -> bool {
+    NAT_REVERSE.get_ptr(flow).is_some()
 }
 
 #[inline(always)]
@@ -133,10 +138,13 @@ fn bump(map: &PerCpuArray<Counters>, index: u32, t: &Tally) {
         unsafe {
             (*c).packets += 1;
             (*c).bytes += t.bytes;
-            (*c).new_flows += t.new_flow as u64;
-            (*c).syns += t.syn as u64;
-            (*c).syn_acks += t.syn_ack as u64;
-            (*c).resets += t.reset as u64;
+            // Most packets are none of these: skip four read-modify-writes for them.
+            if t.new_flow | t.syn | t.syn_ack | t.reset {
+                (*c).new_flows += t.new_flow as u64;
+                (*c).syns += t.syn as u64;
+                (*c).syn_acks += t.syn_ack as u64;
+                (*c).resets += t.reset as u64;
+            }
         }
     }
 }

@@ -5,8 +5,8 @@
 use xdp_lb_common::{
     hash,
     maps::{
-        self as m, scheduler_of, Backend, Conn, FlowKey, NatReverse, Service, BACKEND_FLAG_DOWN, CONN_FLAG_CLOSED,
-        CONN_FLAG_COUNTED, LEAST_CONN_MAX, PROTO_TCP, SERVICE_FLAG_DSR,
+        self as m, scheduler_of, Backend, Conn, FlowKey, NatReverse, NextHop, Service,
+        BACKEND_FLAG_DOWN, CONN_FLAG_CLOSED, CONN_FLAG_COUNTED, LEAST_CONN_MAX, PROTO_TCP, SERVICE_FLAG_DSR,
     },
     reasons::{self, Reason},
 };
@@ -33,10 +33,12 @@ pub fn schedule(packet: &Packet, service: &Service) -> Result<Chosen, Reason> {
                 if backend.flags & BACKEND_FLAG_DOWN == 0 {
                     track_close(conn, backend_id, packet.tcp_flags);
                     if service.flags & SERVICE_FLAG_DSR == 0 {
-                        // The two tables evict independently: an idle flow can keep its connection
-                        // entry yet lose its reply entry, and its replies would then pass untranslated.
+                        // The two tables evict independently: a flow can keep its connection entry
+                        // yet lose its reply entry, and its replies would then pass untranslated
+                        // (the client resets the connection). Checked on every packet: checking
+                        // less often leaves such a window open (the SYN-flood test shows it).
                         let reply = crate::reply_key(flow, &backend.addr, backend.port);
-                        if maps::nat_reverse(&reply).is_none() {
+                        if !maps::has_nat_reverse(&reply) {
                             remember_reply(flow, service, backend_id, &reply);
                         }
                     }
@@ -79,7 +81,15 @@ pub fn schedule(packet: &Packet, service: &Service) -> Result<Chosen, Reason> {
 fn remember_reply(flow: &FlowKey, service: &Service, backend_id: u32, reply: &FlowKey) {
     maps::remember_nat_reverse(
         reply,
-        &NatReverse { vip: flow.dst, vport: flow.dport, _pad: 0, service_id: service.id, backend_id },
+        &NatReverse {
+            vip: flow.dst,
+            vport: flow.dport,
+            _pad: 0,
+            service_id: service.id,
+            backend_id,
+            _pad2: 0,
+            client_hop: NextHop::default(),
+        },
     );
 }
 
