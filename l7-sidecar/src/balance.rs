@@ -183,23 +183,37 @@ impl Pool {
     /// Pick a backend not in `exclude` (already tried), or None if nothing is available.
     pub fn pick(&self, input: &HashInput<'_>, exclude: &[usize]) -> Option<usize> {
         let now = Instant::now();
-        let avail: Vec<usize> = (0..self.backends.len())
-            .filter(|i| !exclude.contains(i) && self.backends[*i].is_available(now))
-            .collect();
+        let candidates = (0..self.backends.len())
+            .filter(|i| !exclude.contains(i) && self.backends[*i].is_available(now));
+        // Small pools (the usual case) list their candidates on the stack: this
+        // runs for every request.
+        let mut small = [0usize; 16];
+        let large: Vec<usize>;
+        let avail: &[usize] = if self.backends.len() <= small.len() {
+            let mut n = 0;
+            for i in candidates {
+                small[n] = i;
+                n += 1;
+            }
+            &small[..n]
+        } else {
+            large = candidates.collect();
+            &large
+        };
         if avail.is_empty() {
             return None;
         }
         Some(match self.cfg.algorithm {
             Algorithm::RoundRobin => avail[self.rr.fetch_add(1, Ordering::Relaxed) % avail.len()],
-            Algorithm::WeightedRoundRobin => self.smooth_wrr(&avail),
+            Algorithm::WeightedRoundRobin => self.smooth_wrr(avail),
             Algorithm::LeastConnections => {
-                self.p2c(&avail, |b| b.active.load(Ordering::Relaxed) as f64)
+                self.p2c(avail, |b| b.active.load(Ordering::Relaxed) as f64)
             }
-            Algorithm::LeastResponseTime => self.p2c(&avail, |b| {
+            Algorithm::LeastResponseTime => self.p2c(avail, |b| {
                 (b.latency_ns() + 1.0) * (b.active.load(Ordering::Relaxed) as f64 + 1.0)
             }),
-            Algorithm::IpHash => self.ring_pick(hash_of(&input.client_ip), &avail),
-            Algorithm::ConsistentHash => self.ring_pick(self.hash_key(input), &avail),
+            Algorithm::IpHash => self.ring_pick(hash_of(&input.client_ip), avail),
+            Algorithm::ConsistentHash => self.ring_pick(self.hash_key(input), avail),
         })
     }
 

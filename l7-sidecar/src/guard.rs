@@ -66,12 +66,7 @@ impl<S> SmuggleGuard<S> {
                         };
                     }
                 }
-                State::Headers {
-                    line,
-                    first,
-                    cl,
-                    te,
-                } => {
+                State::Headers { line, .. } => {
                     let Some(pos) = data.iter().position(|b| *b == b'\n') else {
                         line.extend_from_slice(data);
                         if line.len() > MAX_LINE {
@@ -79,51 +74,80 @@ impl<S> SmuggleGuard<S> {
                         }
                         return;
                     };
-                    line.extend_from_slice(&data[..pos]);
+                    // A line is only copied when it spans reads; otherwise it is
+                    // looked at where it lies. This runs for every header line.
+                    if line.is_empty() {
+                        self.header_line(&data[..pos]);
+                    } else {
+                        let mut whole = std::mem::take(line);
+                        whole.extend_from_slice(&data[..pos]);
+                        self.header_line(&whole);
+                        if let State::Headers { line, .. } = &mut self.state {
+                            // Keep the buffer's capacity for the next split line.
+                            whole.clear();
+                            *line = whole;
+                        }
+                    }
                     data = &data[pos + 1..];
-                    let text = String::from_utf8_lossy(line.strip_suffix(b"\r").unwrap_or(line))
-                        .to_ascii_lowercase();
-                    line.clear();
-                    if *first {
-                        if text.is_empty() {
-                            // Stray CRLF between requests is tolerated by HTTP/1.1.
-                            continue;
-                        }
-                        *first = false;
-                        if text.starts_with("pri * http/2") {
-                            self.state = State::Done;
-                        }
-                        continue;
-                    }
-                    if text.is_empty() {
-                        let next = match (*cl, *te) {
-                            (Some(_), true) => {
-                                self.flag.store(true, Ordering::SeqCst);
-                                State::Done
-                            }
-                            (_, true) => State::Done,
-                            (Some(0) | None, false) => State::Headers {
-                                line: Vec::new(),
-                                first: true,
-                                cl: None,
-                                te: false,
-                            },
-                            (Some(n), false) => State::Body(n),
-                        };
-                        self.state = next;
-                        continue;
-                    }
-                    if let Some((name, value)) = text.split_once(':') {
-                        match name.trim() {
-                            "content-length" => *cl = Some(value.trim().parse().unwrap_or(0)),
-                            "transfer-encoding" => *te = true,
-                            _ => {}
-                        }
-                    }
                 }
             }
         }
     }
+
+    /// One header-section line, without its `\n`.
+    fn header_line(&mut self, raw: &[u8]) {
+        let State::Headers { first, cl, te, .. } = &mut self.state else {
+            return;
+        };
+        let text = raw.strip_suffix(b"\r").unwrap_or(raw);
+        if *first {
+            if text.is_empty() {
+                // Stray CRLF between requests is tolerated by HTTP/1.1.
+                return;
+            }
+            *first = false;
+            if starts_with_ignore_case(text, b"pri * http/2") {
+                self.state = State::Done;
+            }
+            return;
+        }
+        if text.is_empty() {
+            let next = match (*cl, *te) {
+                (Some(_), true) => {
+                    self.flag.store(true, Ordering::SeqCst);
+                    State::Done
+                }
+                (_, true) => State::Done,
+                (Some(0) | None, false) => State::Headers {
+                    line: Vec::new(),
+                    first: true,
+                    cl: None,
+                    te: false,
+                },
+                (Some(n), false) => State::Body(n),
+            };
+            self.state = next;
+            return;
+        }
+        if let Some(colon) = text.iter().position(|b| *b == b':') {
+            let name = text[..colon].trim_ascii();
+            let value = &text[colon + 1..];
+            if name.eq_ignore_ascii_case(b"content-length") {
+                *cl = Some(
+                    std::str::from_utf8(value.trim_ascii())
+                        .ok()
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0),
+                );
+            } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+                *te = true;
+            }
+        }
+    }
+}
+
+fn starts_with_ignore_case(text: &[u8], prefix: &[u8]) -> bool {
+    text.len() >= prefix.len() && text[..prefix.len()].eq_ignore_ascii_case(prefix)
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for SmuggleGuard<S> {

@@ -353,7 +353,7 @@ pub async fn access_log_stage<B>(
         path: req.uri().path().to_string(),
         client_ip: ext
             .get::<ConnInfo>()
-            .map(|c| c.peer.ip().to_string())
+            .map(|c| c.client_ip_str().to_string())
             .unwrap_or_default(),
         request_id: ext.get::<RequestId>().map(|r| r.0.clone()),
         trace_id: ext.get::<TraceId>().copied(),

@@ -6,7 +6,7 @@ use crate::config::{RateAlgorithm, RateKey, RateLimitConfig};
 use crate::proxy::Body;
 use crate::routing::RouteCtx;
 use crate::stack::{json_error, run, ConnInfo, Next, Snapshot};
-use http::{header, HeaderMap, Request, Response, StatusCode};
+use http::{header, HeaderMap, HeaderName, Request, Response, StatusCode};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -72,7 +72,8 @@ impl Limiter {
     pub fn check_at(&self, key: &str, now: Instant) -> Decision {
         let window = Duration::from_millis(self.cfg.window_ms);
         let mut map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        if !map.contains_key(key) && map.len() >= self.cfg.max_keys {
+        let known = map.contains_key(key);
+        if !known && map.len() >= self.cfg.max_keys {
             Self::evict(&mut map, now, window, self.cfg.max_keys);
         }
         let initial = match self.cfg.algorithm {
@@ -86,10 +87,19 @@ impl Limiter {
                 prev: 0,
             },
         };
-        let entry = map.entry(key.to_string()).or_insert(Entry {
-            state: initial,
-            last_seen: now,
-        });
+        // Looked up by &str: a key String is only made for a new caller.
+        if !known {
+            map.insert(
+                key.to_string(),
+                Entry {
+                    state: initial,
+                    last_seen: now,
+                },
+            );
+        }
+        let Some(entry) = map.get_mut(key) else {
+            unreachable!("inserted above")
+        };
         entry.last_seen = now;
         match (&mut entry.state, self.cfg.algorithm) {
             (State::Window { start, count, prev }, alg) => {
@@ -217,10 +227,14 @@ impl LimiterRegistry {
     }
 }
 
+const LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
+const REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
+const RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
+
 fn set_headers(h: &mut HeaderMap, d: &Decision) {
-    h.insert("ratelimit-limit", d.limit.into());
-    h.insert("ratelimit-remaining", d.remaining.into());
-    h.insert("ratelimit-reset", d.reset_secs.into());
+    h.insert(LIMIT, d.limit.into());
+    h.insert(REMAINING, d.remaining.into());
+    h.insert(RESET, d.reset_secs.into());
     if !d.allowed {
         h.insert(header::RETRY_AFTER, d.retry_after_secs.into());
     }
@@ -242,21 +256,20 @@ pub async fn rate_limit_stage<B>(req: Request<B>, next: impl Next<B>) -> Respons
         return run(next, req).await;
     };
     let route = ctx.route.cfg.name.clone();
-    let ip = ext
-        .get::<ConnInfo>()
-        .map(|c| c.peer.ip().to_string())
-        .unwrap_or_default();
     let id = ext.get::<Identity>();
+    // Callers without the configured key share their IP's budget.
     let key = match limiter.cfg.key {
         RateKey::ClientIp => None,
         RateKey::ApiKey => id
             .and_then(|i| i.api_key.as_ref())
-            .map(|k| format!("key:{k}")),
-        RateKey::UserId => id.map(|i| format!("user:{}", i.user_id)),
+            .map(|k| format!("{name}|key:{k}")),
+        RateKey::UserId => id.map(|i| format!("{name}|user:{}", i.user_id)),
     }
-    // Callers without the configured key share their IP's budget.
-    .unwrap_or_else(|| format!("ip:{ip}"));
-    let d = limiter.check(&format!("{name}|{key}"));
+    .unwrap_or_else(|| {
+        let ip = ext.get::<ConnInfo>().map_or("", |c| c.client_ip_str());
+        format!("{name}|ip:{ip}")
+    });
+    let d = limiter.check(&key);
     if !d.allowed {
         crate::observe::record_rate_limited(&route);
         let mut r = json_error(

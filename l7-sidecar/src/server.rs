@@ -138,12 +138,7 @@ async fn accept_loop(
             let _permit = permit;
             let cfg = gw.runtime().cfg.server.clone();
             let header_timeout = Duration::from_millis(cfg.header_read_timeout_ms);
-            let info = ConnInfo {
-                peer,
-                tls: tls.is_some(),
-                serve_metrics: metrics,
-                smuggled: Default::default(),
-            };
+            let info = ConnInfo::new(peer, tls.is_some(), metrics);
             match tls {
                 None => serve(gw, stream, info, &cfg, stop).await,
                 Some(acceptor) => {

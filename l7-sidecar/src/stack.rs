@@ -68,10 +68,31 @@ where
 #[derive(Clone, Debug)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
+    /// The peer's IP as text (for X-Forwarded-For, logs and rate-limit keys),
+    /// formatted once per connection rather than per request.
+    pub client_ip: HeaderValue,
     pub tls: bool,
     pub serve_metrics: bool,
     /// Raised by `guard::SmuggleGuard` when a request had both CL and TE.
     pub smuggled: Arc<AtomicBool>,
+}
+
+impl ConnInfo {
+    pub fn new(peer: SocketAddr, tls: bool, serve_metrics: bool) -> ConnInfo {
+        ConnInfo {
+            peer,
+            // An IP address is always a valid header value.
+            client_ip: HeaderValue::try_from(peer.ip().to_string())
+                .unwrap_or(HeaderValue::from_static("")),
+            tls,
+            serve_metrics,
+            smuggled: Arc::default(),
+        }
+    }
+
+    pub fn client_ip_str(&self) -> &str {
+        self.client_ip.to_str().unwrap_or_default()
+    }
 }
 
 /// The config generation a request runs under, fixed when it arrives.
@@ -246,12 +267,7 @@ pub mod testing {
         else {
             panic!("test request must match a route");
         };
-        let conn = ConnInfo {
-            peer: "127.0.0.1:5555".parse().expect("addr"),
-            tls: false,
-            serve_metrics: false,
-            smuggled: Arc::default(),
-        };
+        let conn = ConnInfo::new("127.0.0.1:5555".parse().expect("addr"), false, false);
         req.extensions_mut().insert(conn);
         req.extensions_mut().insert(crate::routing::RouteCtx {
             route,

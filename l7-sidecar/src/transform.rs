@@ -7,7 +7,6 @@ use crate::proxy::{full, is_upgrade, strip_hop_by_hop, Body};
 use crate::routing::RouteCtx;
 use crate::stack::{json_error_with_id, run, ConnInfo, Next, RequestId, Snapshot};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
-use std::net::IpAddr;
 use std::sync::Arc;
 
 pub const X_REQUEST_ID: &str = "x-request-id";
@@ -43,7 +42,7 @@ pub fn new_request_id() -> String {
     put(&mut id[14..18], hi & 0xffff);
     put(&mut id[19..23], lo >> 48);
     put(&mut id[24..36], lo & 0xffff_ffff_ffff);
-    id.iter().map(|&b| char::from(b)).collect()
+    String::from_utf8_lossy(&id).into_owned()
 }
 
 /// Returns the request id to use (and its header value), setting it on the request
@@ -78,17 +77,18 @@ pub fn set_identity_headers(headers: &mut HeaderMap, id: Option<&Identity>) {
 
 pub fn set_forwarded_headers(
     headers: &mut HeaderMap,
-    client: IpAddr,
+    client: &HeaderValue,
     proto: &str,
     host: Option<&HeaderValue>,
 ) {
     let xff = match headers.get(&FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prev) if !prev.trim().is_empty() => {
-            HeaderValue::from_str(&format!("{prev}, {client}"))
+            let client = client.to_str().unwrap_or_default();
+            HeaderValue::from_str(&format!("{prev}, {client}")).ok()
         }
-        _ => HeaderValue::try_from(ip_text(client).as_str()),
+        _ => Some(client.clone()),
     };
-    if let Ok(v) = xff {
+    if let Some(v) = xff {
         headers.insert(FORWARDED_FOR, v);
     }
     headers.insert(
@@ -97,41 +97,6 @@ pub fn set_forwarded_headers(
     );
     if let Some(h) = host {
         headers.insert(FORWARDED_HOST, h.clone());
-    }
-}
-
-/// An IP address as text, into a stack buffer (no allocation).
-fn ip_text(ip: IpAddr) -> IpText {
-    use std::fmt::Write as _;
-    let mut t = IpText {
-        buf: [0; 48],
-        len: 0,
-    };
-    let _ = write!(t, "{ip}");
-    t
-}
-
-/// Fits any IPv6 text form (at most 45 bytes).
-struct IpText {
-    buf: [u8; 48],
-    len: usize,
-}
-
-impl IpText {
-    fn as_str(&self) -> &str {
-        std::str::from_utf8(&self.buf[..self.len]).unwrap_or_default()
-    }
-}
-
-impl std::fmt::Write for IpText {
-    fn write_str(&mut self, s: &str) -> std::fmt::Result {
-        let end = self.len + s.len();
-        self.buf
-            .get_mut(self.len..end)
-            .ok_or(std::fmt::Error)?
-            .copy_from_slice(s.as_bytes());
-        self.len = end;
-        Ok(())
     }
 }
 
@@ -240,8 +205,8 @@ pub async fn transform_stage<B>(mut req: Request<B>, next: impl Next<B>) -> Resp
     let (client, tls) = req
         .extensions()
         .get::<ConnInfo>()
-        .map_or((IpAddr::from([127, 0, 0, 1]), false), |c| {
-            (c.peer.ip(), c.tls)
+        .map_or((HeaderValue::from_static("127.0.0.1"), false), |c| {
+            (c.client_ip.clone(), c.tls)
         });
     let host = req
         .extensions()
@@ -251,7 +216,12 @@ pub async fn transform_stage<B>(mut req: Request<B>, next: impl Next<B>) -> Resp
     let rid = req.extensions().get::<RequestId>().map(|r| r.0.clone());
     let h = req.headers_mut();
     set_identity_headers(h, identity.as_ref());
-    set_forwarded_headers(h, client, if tls { "https" } else { "http" }, host.as_ref());
+    set_forwarded_headers(
+        h,
+        &client,
+        if tls { "https" } else { "http" },
+        host.as_ref(),
+    );
     // HTTP/2 carries the host in :authority; upstreams speak HTTP/1.1 and need Host.
     if !h.contains_key(http::header::HOST) {
         if let Some(v) = host {
@@ -272,7 +242,7 @@ pub async fn transform_stage<B>(mut req: Request<B>, next: impl Next<B>) -> Resp
     }
     let (mut parts, body) = resp.into_parts();
     // Rewriting needs the whole body; the limit bounds what one response may cost.
-    let bytes = match crate::proxy::collect_limited(body, max_response).await {
+    let bytes = match Box::pin(crate::proxy::collect_limited(body, max_response)).await {
         Ok(b) => b,
         Err(e) => {
             return json_error_with_id(
@@ -420,7 +390,7 @@ mod tests {
         h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
         set_forwarded_headers(
             &mut h,
-            "127.0.0.1".parse().expect("ip"),
+            &HeaderValue::from_static("127.0.0.1"),
             "https",
             Some(&HeaderValue::from_static("api.example.com")),
         );

@@ -15,7 +15,10 @@ use tokio::time::{Instant, Sleep};
 pub struct StreamedBody {
     inner: Incoming,
     _guard: ActiveGuard,
-    deadline: Pin<Box<Sleep>>,
+    deadline: Instant,
+    /// Made only once the body has to be waited for: most bodies arrive with their
+    /// head, and a timer per request would cost an allocation and a timer entry.
+    timer: Option<Pin<Box<Sleep>>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -27,7 +30,8 @@ impl StreamedBody {
         StreamedBody {
             inner,
             _guard: guard,
-            deadline: Box::pin(tokio::time::sleep_until(deadline)),
+            deadline,
+            timer: None,
         }
     }
 }
@@ -42,10 +46,16 @@ impl HttpBody for StreamedBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(f) => Poll::Ready(f.map(|r| r.map_err(Into::into))),
-            Poll::Pending => match self.deadline.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(BodyTimeout.into()))),
-                Poll::Pending => Poll::Pending,
-            },
+            Poll::Pending => {
+                let deadline = self.deadline;
+                let timer = self
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(BodyTimeout.into()))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
         }
     }
 

@@ -88,7 +88,8 @@ fn request_id<B>(req: &Request<B>) -> Arc<str> {
         .map_or_else(|| Arc::from(""), |r| r.0.clone())
 }
 
-const HOP_BY_HOP: [HeaderName; 9] = [
+/// `static`, not `const`: a const array would be built (and dropped) at every use.
+static HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -101,22 +102,36 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 ];
 
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
-    // Headers named in Connection are hop-by-hop too.
-    if h.contains_key(header::CONNECTION) {
-        let named: Vec<String> = h
+    // One pass over the few names present finds which hop-by-hop headers there
+    // are (usually none, or just Connection): cheaper than nine hashed removals,
+    // and this runs on every request and every response.
+    let mut present = 0u16;
+    for k in h.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|n| n == k) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
+        return;
+    }
+    // Headers named in Connection are hop-by-hop too (HOP_BY_HOP[0] is Connection).
+    if present & 1 != 0 {
+        let named: Vec<HeaderName> = h
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .map(|s| s.trim().to_ascii_lowercase())
-            .filter(|s| !s.is_empty())
+            .filter_map(|s| HeaderName::from_bytes(s.trim().as_bytes()).ok())
+            .filter(|n| !HOP_BY_HOP.contains(n))
             .collect();
         for n in named {
-            h.remove(n.as_str());
+            h.remove(n);
         }
     }
-    for n in &HOP_BY_HOP {
-        h.remove(n);
+    for (i, n) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            h.remove(n);
+        }
     }
 }
 
@@ -164,13 +179,13 @@ async fn forward_inner(
     } else {
         1
     };
+    // Only backends that failed are recorded, so the usual request allocates nothing here.
     let mut tried = Vec::new();
     let mut last_err = None;
     for _ in 0..attempts {
         let Some(idx) = up.pool.pick(hash, &tried) else {
             break;
         };
-        tried.push(idx);
         let backend = up.pool.backends[idx].clone();
         let uri = http::Uri::builder()
             .scheme(http::uri::Scheme::HTTP)
@@ -190,6 +205,7 @@ async fn forward_inner(
         let resp = match up.client.request(req).await {
             Ok(r) => r,
             Err(e) if e.is_connect() => {
+                tried.push(idx);
                 up.pool.record_result(idx, true);
                 last_err = Some(ProxyError::Connect(format!("{}: {e}", backend.addr)));
                 continue;
@@ -286,7 +302,8 @@ pub async fn proxy(mut req: Request<hyper::body::Incoming>) -> Response<Body> {
             client_ip,
             headers: &headers,
         };
-        return match tunnel(up, req, &pq, &hash).await {
+        // Boxed: the rare paths would otherwise make every request's future larger.
+        return match Box::pin(tunnel(up, req, &pq, &hash)).await {
             Ok((mut r, backend)) => {
                 r.extensions_mut().insert(UpstreamAddr(backend));
                 r
@@ -344,7 +361,7 @@ pub async fn proxy(mut req: Request<hyper::body::Incoming>) -> Response<Body> {
             .map(|a| a.pool.as_str())
             .collect::<Vec<_>>()
             .join(",");
-        return match aggregate(jobs, &parts.headers, client_ip, max_resp).await {
+        return match Box::pin(aggregate(jobs, &parts.headers, client_ip, max_resp)).await {
             Ok(b) => {
                 let mut r = Response::new(full(b));
                 r.headers_mut().insert(
