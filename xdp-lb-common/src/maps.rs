@@ -166,7 +166,7 @@ pub struct NextHop {
     pub ifindex: u32,
     /// `Backend::generation` of the backend it was looked up for (ids are reused).
     pub generation: u32,
-    /// `bpf_ktime_get_ns()` after which the entry must be looked up again.
+    /// `bpf_ktime_get_coarse_ns()` after which the entry must be looked up again.
     pub expires_ns: u64,
     /// Largest IP packet (host order) the FIB accepted on this path: bigger ones ask the FIB again,
     /// which checks the MTU.

@@ -99,11 +99,6 @@ pub fn remember_nat_reverse(reply: &FlowKey, value: &NatReverse) {
 }
 
 #[inline(always)]
-pub fn is_tx_port(ifindex: u32) -> bool {
-    TX_PORTS.get(ifindex).is_some()
-}
-
-#[inline(always)]
 pub fn redirect(ifindex: u32) -> Result<u32, u32> {
     TX_PORTS.redirect(ifindex, 0)
 }
