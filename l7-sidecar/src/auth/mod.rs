@@ -57,6 +57,65 @@ struct JwtVerifier {
     /// Config keys: (kid, algorithm, key).
     keys: Vec<(Option<String>, Algorithm, Arc<DecodingKey>)>,
     jwks: Option<Arc<JwksCache>>,
+    verified: TokenCache,
+}
+
+/// How long a verified token may be accepted again without re-checking it; also how
+/// long a key removed from the JWKS can go on vouching for tokens it signed.
+const TOKEN_CACHE_TTL: Duration = Duration::from_secs(30);
+/// Bound on remembered tokens; when full the cache starts over.
+const TOKEN_CACHE_MAX: usize = 10_000;
+
+/// Tokens that verified recently. Clients send the same token with every request,
+/// and checking its signature and parsing its claims is most of what auth costs, so
+/// a token seen again is taken from here: only while it has not expired (`exp` plus
+/// the leeway, as at verification) and for at most `TOKEN_CACHE_TTL`. A config
+/// reload builds a new `Authenticator`, so new keys or rules start from empty.
+#[derive(Default)]
+struct TokenCache {
+    entries: std::sync::Mutex<HashMap<Box<str>, Verified>>,
+}
+
+struct Verified {
+    identity: Identity,
+    /// Unix seconds up to which the token counts as unexpired.
+    valid_until: u64,
+    at: std::time::Instant,
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl TokenCache {
+    fn get(&self, token: &str) -> Option<Identity> {
+        let mut map = self.entries.lock().ok()?;
+        let hit = map.get(token)?;
+        if unix_now() <= hit.valid_until && hit.at.elapsed() < TOKEN_CACHE_TTL {
+            return Some(hit.identity.clone());
+        }
+        map.remove(token);
+        None
+    }
+
+    fn put(&self, token: &str, identity: &Identity, valid_until: u64) {
+        let Ok(mut map) = self.entries.lock() else {
+            return;
+        };
+        if map.len() >= TOKEN_CACHE_MAX {
+            map.clear();
+        }
+        map.insert(
+            token.into(),
+            Verified {
+                identity: identity.clone(),
+                valid_until,
+                at: std::time::Instant::now(),
+            },
+        );
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -117,6 +176,7 @@ impl Authenticator {
                     cfg: cfg.clone(),
                     keys,
                     jwks,
+                    verified: TokenCache::default(),
                 })
             }
         };
@@ -177,6 +237,9 @@ impl Authenticator {
             .as_ref()
             .ok_or_else(|| AuthError::Invalid("jwt not configured".into()))?;
         // Unknown algorithms (including "none") fail to parse here.
+        if let Some(id) = v.verified.get(token) {
+            return Ok(id);
+        }
         let header = jsonwebtoken::decode_header(token)
             .map_err(|e| AuthError::Invalid(format!("bad header: {e}")))?;
         let (alg, key) = v.select_key(header.alg, header.kid.as_deref()).await?;
@@ -221,11 +284,18 @@ impl Authenticator {
                 .collect(),
             _ => Vec::new(),
         };
-        Ok(Identity {
+        let id = Identity {
             user_id,
             roles,
             api_key: None,
-        })
+        };
+        // `exp` is required and was checked by `decode`; a non-integer one is
+        // simply not cached.
+        if let Some(exp) = claims.get("exp").and_then(serde_json::Value::as_u64) {
+            v.verified
+                .put(token, &id, exp.saturating_add(v.cfg.leeway_secs));
+        }
+        Ok(id)
     }
 }
 
@@ -323,6 +393,21 @@ pub async fn auth_stage<B>(mut req: Request<B>, next: impl Next<B>) -> Response<
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn token_cache_honours_expiry() {
+        let cache = TokenCache::default();
+        let id = Identity {
+            user_id: "u".into(),
+            roles: vec![],
+            api_key: None,
+        };
+        cache.put("fresh", &id, unix_now() + 60);
+        cache.put("expired", &id, unix_now() - 1);
+        assert_eq!(cache.get("fresh"), Some(id));
+        assert_eq!(cache.get("expired"), None);
+        assert_eq!(cache.get("unknown"), None);
+    }
+
     use super::*;
     use crate::config::JwtKeyConfig;
     use jsonwebtoken::{encode, EncodingKey, Header};
