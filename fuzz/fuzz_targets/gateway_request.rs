@@ -202,13 +202,16 @@ fuzz_target!(|input: Input| {
     let _ = is_upgrade(&h);
     let _ = is_json(&h);
     let _ = cookie(&h, &input.cookie_name);
-    let id = ensure_request_id(&mut h);
+    let (id, id_header) = ensure_request_id(&mut h);
     assert!(valid_request_id(&id), "request id {id:?}");
-    assert_eq!(h.get("x-request-id").and_then(|v| v.to_str().ok()), Some(id.as_str()));
-    set_forwarded_headers(&mut h, client, if input.tls { "https" } else { "http" }, input.host.as_deref());
+    assert_eq!(id_header.to_str().ok(), Some(&*id));
+    assert_eq!(h.get("x-request-id").and_then(|v| v.to_str().ok()), Some(&*id));
+    let client_header = HeaderValue::from_str(&client.to_string()).expect("an IP address is a header value");
+    let host = input.host.as_deref().and_then(|v| HeaderValue::from_str(v).ok());
+    set_forwarded_headers(&mut h, &client_header, if input.tls { "https" } else { "http" }, host.as_ref());
     let xff = h.get("x-forwarded-for").and_then(|v| v.to_str().ok()).expect("x-forwarded-for is set");
     assert!(xff.ends_with(&client.to_string()), "x-forwarded-for {xff:?} does not end with {client}");
-    let trace = propagate_traceparent(&mut h);
+    let trace = propagate_traceparent(&mut h).to_string();
     assert!(trace.len() == 32 && trace.bytes().all(|b| b.is_ascii_hexdigit()), "trace id {trace:?}");
     strip_hop_by_hop(&mut h);
     for name in HOP_BY_HOP {
