@@ -1,8 +1,8 @@
 //! Types and pure logic shared by the XDP program and the control plane.
 //!
 //! Everything that crosses the kernel boundary lives in [`maps`]; the logic both sides must agree on
-//! (packet parsing and rewriting, flow hashing, checksum arithmetic, Maglev table construction) is plain functions over integers and
-//! byte slices, tested on the host.
+//! (packet parsing and rewriting, flow hashing, checksum arithmetic, Maglev table construction) is
+//! plain functions over integers, byte slices and [`packet::Frame`]s, tested on the host.
 #![no_std]
 
 #[cfg(feature = "std")]

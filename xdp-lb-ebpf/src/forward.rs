@@ -36,7 +36,7 @@ const NEXT_HOP_TTL_NS: u64 = 500_000_000;
 /// of the last tick (1–10 ms old; plenty for a 500 ms TTL). A full clock read cost ~10 % of an
 /// established packet's time under `perf` on a VM.
 #[inline(always)]
-pub fn now() -> u64 {
+fn now() -> u64 {
     // SAFETY: a helper with no arguments.
     unsafe { bpf_ktime_get_coarse_ns() }
 }
@@ -47,14 +47,14 @@ pub struct Cached {
     pub hop: Option<*mut NextHop>,
     /// The backend's generation (ids are reused); 0 for a client.
     pub generation: u32,
-    pub now: u64,
 }
 
 /// Sends the frame toward `next_hop`. The FIB's answer is cached in `cached` for
 /// [`NEXT_HOP_TTL_NS`], so established flows skip the lookup.
 #[inline(always)]
 pub fn to_next_hop(ctx: &XdpContext, packet: &Packet, next_hop: &Addr, mode: Mode, cached: Cached) -> Result<u32, Reason> {
-    let Cached { hop, generation, now } = cached;
+    let Cached { hop, generation } = cached;
+    let now = if hop.is_some() { now() } else { 0 };
     if let Some(hop) = hop {
         // SAFETY: a slot from a map lookup in this run.
         let h = unsafe { &*hop };

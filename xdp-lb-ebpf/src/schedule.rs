@@ -8,10 +8,9 @@ use xdp_lb_common::{
         self as m, scheduler_of, Backend, Conn, FlowKey, NatReverse, NextHop, Service,
         BACKEND_FLAG_DOWN, CONN_FLAG_CLOSED, CONN_FLAG_COUNTED, LEAST_CONN_MAX, PROTO_TCP, SERVICE_FLAG_DSR,
     },
+    packet::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     reasons::{self, Reason},
 };
-
-use xdp_lb_common::packet::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
 use crate::maps;
 
