@@ -99,7 +99,7 @@ pub enum BackendCommand {
     Add {
         service: String,
         address: String,
-        #[arg(long)]
+        #[arg(long, value_parser = xdp_lb::config::parse_weight)]
         weight: Option<u32>,
         /// Only receives traffic while no primary backend is healthy.
         #[arg(long)]
@@ -112,7 +112,12 @@ pub enum BackendCommand {
     /// Take new flows again.
     Undrain { service: String, address: String },
     /// Set a backend's weight.
-    Weight { service: String, address: String, weight: u32 },
+    Weight {
+        service: String,
+        address: String,
+        #[arg(value_parser = xdp_lb::config::parse_weight)]
+        weight: u32,
+    },
     /// List backends with their state.
     List { service: Option<String> },
 }
@@ -146,19 +151,15 @@ impl Client<'_> {
                 let (Some(vip), Some(protocol)) = (settings.vip.clone(), settings.protocol.clone()) else {
                     bail!("service add needs --vip and --protocol");
                 };
-                let service = RawService {
-                    name: name.clone(),
-                    vip,
-                    protocol,
-                    mode: settings.mode.clone().unwrap_or_else(|| "nat".into()),
-                    scheduler: settings.scheduler.clone().unwrap_or_else(|| "maglev".into()),
-                    ring_size: settings.ring_size.unwrap_or(xdp_lb_common::maps::defaults::RING_SIZE),
-                    all_down: settings.all_down.clone().unwrap_or_else(|| "drop".into()),
-                    drain_timeout_ms: settings.drain_timeout_ms.unwrap_or(300_000),
-                    health_check: settings.health_check(),
-                    passive_checks: settings.passive_checks,
-                    backends: Vec::new(),
-                };
+                // Options not given keep the config file's defaults, defined once in RawService::new.
+                let mut service = RawService::new(name.clone(), vip, protocol);
+                service.mode = settings.mode.clone().unwrap_or(service.mode);
+                service.scheduler = settings.scheduler.clone().unwrap_or(service.scheduler);
+                service.ring_size = settings.ring_size.unwrap_or(service.ring_size);
+                service.all_down = settings.all_down.clone().unwrap_or(service.all_down);
+                service.drain_timeout_ms = settings.drain_timeout_ms.unwrap_or(service.drain_timeout_ms);
+                service.health_check = settings.health_check();
+                service.passive_checks = settings.passive_checks;
                 self.call(&Request::ServiceAdd { service })?;
                 self.done(&format!("service {name} added"))
             }

@@ -11,7 +11,7 @@ use std::{
     time::Instant,
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use tokio::sync::mpsc::UnboundedReceiver;
 use tracing::{error, info, warn};
 
@@ -153,7 +153,7 @@ impl Daemon {
     pub fn change(&mut self, edit: impl FnOnce(&mut RawConfig) -> Result<(), String>) -> Result<(), String> {
         let mut next = self.desired.clone();
         edit(&mut next)?;
-        let config = next.validate().map_err(|errors| join_errors(&errors))?;
+        let config = next.validate().map_err(|errors| crate::config::render_for_cli(&errors))?;
         if config.dataplane != self.config.dataplane {
             return Err("[dataplane] sizes cannot change while running (restart xdp-lb to resize the maps)".into());
         }
@@ -173,7 +173,7 @@ impl Daemon {
     /// Re-reads the config file (SIGHUP): it replaces the desired state, including CLI changes.
     pub fn reload(&mut self, path: &Path) -> Result<()> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let raw: RawConfig = toml::from_str(&text).with_context(|| format!("{} is not valid TOML for xdp-lb", path.display()))?;
+        let (raw, _) = RawConfig::parse(&text, &path.display().to_string())?;
         self.change(|desired| {
             *desired = raw;
             Ok(())
@@ -290,10 +290,7 @@ pub fn load_desired(config_path: &Path, state_file: Option<&Path>) -> Result<Raw
         _ => (config_path, "config file"),
     };
     let text = std::fs::read_to_string(path).with_context(|| format!("reading the {origin} {}", path.display()))?;
-    let raw: RawConfig = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{} is not valid TOML for xdp-lb: {e}", path.display()))?;
-    if let Err(errors) = raw.validate() {
-        bail!("{} has {} invalid field(s):\n  {}", path.display(), errors.len(), join_errors(&errors).replace("; ", "\n  "));
-    }
+    let (raw, _) = RawConfig::parse(&text, &path.display().to_string())?;
     info!(%origin, path = %path.display(), "desired state loaded");
     Ok(raw)
 }

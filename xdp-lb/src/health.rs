@@ -33,7 +33,7 @@ const EWMA_ALPHA: f64 = 0.3;
 /// Longest status line we accept; real ones are ~20 bytes, this only bounds a misbehaving peer.
 const MAX_STATUS_LINE: usize = 1024;
 /// Upper bound on `interval`, so deadline arithmetic inside tokio can never overflow.
-const MAX_INTERVAL: Duration = Duration::from_secs(24 * 60 * 60);
+pub const MAX_INTERVAL: Duration = Duration::from_secs(24 * 60 * 60);
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CheckKind {

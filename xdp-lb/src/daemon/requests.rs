@@ -75,7 +75,10 @@ impl Daemon {
                     if s.backends.iter().any(|b| same_address(&b.address, &address)) {
                         return Err(format!("backend {address} is already in service {service}"));
                     }
-                    s.backends.push(RawBackend { address, weight: weight.unwrap_or(1), backup, drained: false, health_check: None });
+                    let mut backend = RawBackend::new(address);
+                    backend.weight = weight.unwrap_or(backend.weight);
+                    backend.backup = backup;
+                    s.backends.push(backend);
                     Ok(())
                 })
                 .map(|_| serde_json::Value::Null),

@@ -1,0 +1,386 @@
+//! [`RawConfig::validate`]: every rule a configuration must meet. Each failure names its place
+//! (a [`Location`]) and, where a limit was hit, the limit.
+
+use std::{
+    collections::HashSet,
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use xdp_lb_common::{
+    maglev::is_prime,
+    maps::{defaults, LEAST_CONN_MAX},
+    sequence::smooth_weighted_len,
+};
+
+use super::{
+    AllDown, Backend, Config, Dataplane, FieldError, HealthCheck, Location, Mode, Protocol, RawConfig, RawHealthCheck, Scheduler,
+    Service, MAX_CONNTRACK_ENTRIES, MAX_MAGLEV_CELLS, MAX_NAME_LEN, MAX_WEIGHT, MIN_CONNTRACK_ENTRIES, MIN_MAGLEV_CELLS,
+};
+use crate::health::{CheckKind, CheckSpec, MAX_INTERVAL};
+
+/// Backend ids start at 1 (0 marks an empty ring cell), so one id of the map is never used.
+pub const MAX_BACKENDS_TOTAL: u32 = defaults::MAX_BACKENDS - 1;
+
+/// The service-name rule, quoted in its error.
+pub const NAME_RULE: &str = "must start with a letter or digit, continue with letters, digits, '.', '_' or '-', and be at most 63 characters";
+
+impl RawConfig {
+    /// Checks every field, collecting all problems rather than stopping at the first.
+    pub fn validate(&self) -> Result<Config, Vec<FieldError>> {
+        let mut errors = Vec::new();
+        let mut err = |location: Location, message: String| errors.push(FieldError::new(location, message));
+
+        let dp = &self.dataplane;
+        let dataplane = |field| Location::Dataplane { field };
+        if let Some(m) = outside(dp.conntrack_entries.into(), MIN_CONNTRACK_ENTRIES.into(), MAX_CONNTRACK_ENTRIES.into()) {
+            err(dataplane("conntrack_entries"), m);
+        }
+        if let Some(m) = outside(dp.maglev_cells.into(), MIN_MAGLEV_CELLS.into(), MAX_MAGLEV_CELLS.into()) {
+            err(dataplane("maglev_cells"), m);
+        }
+        if self.services.len() > defaults::MAX_SERVICES as usize {
+            err(Location::Services, format!("{} services; xdp-lb handles at most {}", self.services.len(), defaults::MAX_SERVICES));
+        }
+
+        let mut names = HashSet::new();
+        let mut vips = HashSet::new();
+        let mut services = Vec::new();
+        let mut ring_cells: u64 = 0;
+        let mut backend_count = 0usize;
+        for (i, s) in self.services.iter().enumerate() {
+            let at = |field| Location::Service { index: i, name: s.name.clone(), field };
+            if !valid_name(&s.name) {
+                err(at("name"), format!("{:?} {NAME_RULE}", s.name));
+            } else if !names.insert(s.name.as_str()) {
+                err(at("name"), format!("\"{}\" is already used by another service", s.name));
+            }
+            let vip = address(&s.vip, Role::Vip).map_err(|m| err(at("vip"), m)).ok();
+            let protocol = match s.protocol.as_str() {
+                "tcp" => Some(Protocol::Tcp),
+                "udp" => Some(Protocol::Udp),
+                other => {
+                    err(at("protocol"), format!("\"{other}\" is not one of: tcp, udp"));
+                    None
+                }
+            };
+            let mode = match s.mode.as_str() {
+                "nat" => Some(Mode::Nat),
+                "dsr" => Some(Mode::Dsr),
+                other => {
+                    err(at("mode"), format!("\"{other}\" is not one of: nat, dsr"));
+                    None
+                }
+            };
+            let scheduler = Scheduler::parse(&s.scheduler);
+            if scheduler.is_none() {
+                err(at("scheduler"), format!("\"{}\" is not one of: {}", s.scheduler, Scheduler::NAMES));
+            }
+            if s.ring_size < 3 || !is_prime(s.ring_size) {
+                err(at("ring_size"), format!("{} is not a prime number of at least 3 (e.g. 251, 16381, 65537)", s.ring_size));
+            }
+            if scheduler == Some(Scheduler::LeastConn) {
+                if mode == Some(Mode::Dsr) {
+                    err(at("scheduler"), "least-conn needs mode \"nat\": in dsr mode replies bypass the balancer, so it cannot see connections end".into());
+                }
+                if protocol == Some(Protocol::Udp) {
+                    err(at("scheduler"), "least-conn counts TCP connections; UDP has no connection end to count".into());
+                }
+                if s.backends.len() > LEAST_CONN_MAX as usize {
+                    err(at("backends"), format!("service {} has {} backends; least-conn handles at most {LEAST_CONN_MAX}", s.name, s.backends.len()));
+                }
+            }
+            let all_down = match s.all_down.as_str() {
+                "drop" => AllDown::Drop,
+                "fail-open" => AllDown::FailOpen,
+                other => {
+                    err(at("all_down"), format!("\"{other}\" is not one of: drop, fail-open"));
+                    AllDown::Drop
+                }
+            };
+            let tcp_default = protocol == Some(Protocol::Tcp);
+            let service_check = health_check(s.health_check.as_ref(), None, tcp_default, &mut |field, m| err(at(field), m));
+            let passive_checks = s.passive_checks.unwrap_or(mode == Some(Mode::Nat) && protocol == Some(Protocol::Tcp));
+            if s.passive_checks == Some(true) && (mode == Some(Mode::Dsr) || protocol == Some(Protocol::Udp)) {
+                err(at("passive_checks"), "passive checks need a nat-mode TCP service (they count the SYN-ACKs that only NAT sees)".into());
+            }
+            let weights: Vec<u32> = s.backends.iter().map(|b| b.weight).collect();
+            ring_cells += 2 * match scheduler {
+                Some(Scheduler::RoundRobin | Scheduler::LeastConn) => s.backends.len() as u64,
+                Some(Scheduler::WeightedRoundRobin) => smooth_weighted_len(&weights),
+                _ => s.ring_size as u64,
+            };
+            if let (Some(vip), Some(protocol)) = (vip, protocol) {
+                if !vips.insert((vip, protocol)) {
+                    err(at("vip"), format!("{vip}/{} is already used by another service", s.protocol));
+                }
+            }
+
+            let mut backends = Vec::new();
+            let mut seen = HashSet::new();
+            for (j, b) in s.backends.iter().enumerate() {
+                let at = |field| Location::Backend { service: i, service_name: s.name.clone(), index: j, address: b.address.clone(), field };
+                backend_count += 1;
+                if b.weight > MAX_WEIGHT {
+                    err(at("weight"), format!("{} is above the maximum of {MAX_WEIGHT}", b.weight));
+                }
+                let Ok(address) = address(&b.address, Role::Backend).map_err(|m| err(at("address"), m)) else { continue };
+                if !seen.insert(address) {
+                    err(at("address"), format!("{address} is listed twice in this service"));
+                }
+                if let Some(vip) = vip {
+                    if let Some(m) = against_vip(&b.address, address, vip, mode) {
+                        err(at("address"), m);
+                    }
+                }
+                let check = match &b.health_check {
+                    None => service_check.clone(),
+                    Some(own) => {
+                        // An invalid service check is reported once, at the service; the backend
+                        // then reports only its own fields.
+                        let inherited = service_check.as_ref().and(s.health_check.as_ref());
+                        let check = health_check(Some(own), inherited, tcp_default, &mut |field, m| err(at(field), m));
+                        service_check.as_ref().and(check)
+                    }
+                };
+                let Some(check) = check else { continue };
+                backends.push(Backend { address, weight: b.weight, backup: b.backup, drained: b.drained, health_check: check, down: false });
+            }
+            if let (Some(vip), Some(protocol), Some(mode), Some(scheduler)) = (vip, protocol, mode, scheduler) {
+                services.push(Service {
+                    name: s.name.clone(),
+                    vip,
+                    protocol,
+                    mode,
+                    scheduler,
+                    ring_size: s.ring_size,
+                    all_down,
+                    drain_timeout: Duration::from_millis(s.drain_timeout_ms),
+                    passive_checks,
+                    backends,
+                });
+            }
+        }
+        if backend_count > MAX_BACKENDS_TOTAL as usize {
+            err(Location::Services, format!("{backend_count} backends in all services; xdp-lb handles at most {MAX_BACKENDS_TOTAL}"));
+        }
+        if ring_cells > dp.maglev_cells as u64 {
+            err(
+                dataplane("maglev_cells"),
+                format!("{} cells cannot hold the services' rings: they need {ring_cells} (twice each ring_size, so a table can be replaced while the old one serves)", dp.maglev_cells),
+            );
+        }
+
+        if errors.is_empty() {
+            Ok(Config { dataplane: Dataplane { conntrack_entries: dp.conntrack_entries, maglev_cells: dp.maglev_cells }, services })
+        } else {
+            Err(errors)
+        }
+    }
+}
+
+/// `value` against an inclusive range, in words (no Rust range syntax reaches users).
+fn outside(value: u64, min: u64, max: u64) -> Option<String> {
+    if value < min {
+        Some(format!("{value} is below the minimum of {min}"))
+    } else if value > max {
+        Some(format!("{value} is above the maximum of {max}"))
+    } else {
+        None
+    }
+}
+
+/// `[A-Za-z0-9][A-Za-z0-9._-]{0,62}`: names appear in tables, logs, metric labels and file
+/// paths, where spaces, newlines or slashes would break them.
+pub fn valid_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && name.len() <= MAX_NAME_LEN
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Vip,
+    Backend,
+}
+
+/// Parses an address and refuses those the data plane cannot balance to or from.
+fn address(text: &str, role: Role) -> Result<SocketAddr, String> {
+    let addr: SocketAddr =
+        text.parse().map_err(|_| format!("\"{text}\" is not an address with a port, like \"10.0.0.100:80\" or \"[2001:db8::100]:80\""))?;
+    if addr.port() == 0 {
+        return Err(format!("{text} has port 0"));
+    }
+    let why = match addr.ip() {
+        IpAddr::V4(a) if a.is_unspecified() => Some("is unspecified: it names no host"),
+        IpAddr::V4(a) if a.is_broadcast() => Some("is the broadcast address: it names every host on the link"),
+        IpAddr::V4(a) if a.is_multicast() => Some("is a multicast address: xdp-lb balances unicast traffic only"),
+        IpAddr::V4(a) if a.is_loopback() => Some(loopback(role)),
+        IpAddr::V4(a) if a.is_link_local() => Some("is a link-local address, which xdp-lb does not route"),
+        IpAddr::V6(a) if a.is_unspecified() => Some("is unspecified: it names no host"),
+        IpAddr::V6(a) if a.is_multicast() => Some("is a multicast address: xdp-lb balances unicast traffic only"),
+        IpAddr::V6(a) if a.is_loopback() => Some(loopback(role)),
+        IpAddr::V6(a) if a.segments()[0] & 0xffc0 == 0xfe80 => Some("is a link-local address, which xdp-lb does not route"),
+        // The data plane stores IPv4 addresses in this form, so it passes IPv6 packets carrying
+        // them to the kernel rather than let them meet IPv4 services or flows.
+        IpAddr::V6(a) if a.to_ipv4_mapped().is_some() => {
+            Some("is an IPv4-mapped IPv6 address, which the data plane never balances (write the IPv4 address instead)")
+        }
+        _ => None,
+    };
+    match why {
+        Some(why) => Err(format!("{text} {why}")),
+        None => Ok(addr),
+    }
+}
+
+fn loopback(role: Role) -> &'static str {
+    match role {
+        Role::Vip => "is a loopback address: traffic to it never arrives on a network interface",
+        Role::Backend => "is a loopback address: the balancer cannot forward packets to it",
+    }
+}
+
+/// A backend must be reachable from the VIP's traffic without translation the mode cannot do.
+fn against_vip(text: &str, address: SocketAddr, vip: SocketAddr, mode: Option<Mode>) -> Option<String> {
+    let family = |a: SocketAddr| if a.is_ipv4() { "IPv4" } else { "IPv6" };
+    if address == vip {
+        return Some(format!("{text} is the VIP itself: packets would come straight back to the balancer"));
+    }
+    if address.ip() == vip.ip() {
+        return Some(format!("{text} is the VIP's own address: packets would come straight back to the balancer"));
+    }
+    if address.is_ipv4() != vip.is_ipv4() {
+        return Some(format!(
+            "{text} is {} but the VIP {vip} is {}: neither nat nor dsr translates between address families",
+            family(address),
+            family(vip)
+        ));
+    }
+    if mode == Some(Mode::Dsr) && address.port() != vip.port() {
+        return Some(format!("port {} differs from the VIP's port {}: direct server return cannot translate ports", address.port(), vip.port()));
+    }
+    None
+}
+
+/// The effective check of a service (`inherited` = None) or of a backend with its own table
+/// (`inherited` = the service's): `own` fields over `inherited` ones over the defaults. TCP
+/// services are checked by default (TCP connect); UDP services only when configured (a UDP port
+/// cannot be probed generically). Problems are reported through `err` against the field of `own`
+/// that holds them; `None` when there is one, or when checks are off.
+fn health_check(
+    own: Option<&RawHealthCheck>,
+    inherited: Option<&RawHealthCheck>,
+    tcp_service: bool,
+    err: &mut dyn FnMut(&'static str, String),
+) -> Option<Option<HealthCheck>> {
+    let mut problems: Vec<(&'static str, String)> = Vec::new();
+    if let Some(own) = own {
+        check_fields(own, &mut |field, message| problems.push((field, message)));
+    }
+    let pick = |f: fn(&RawHealthCheck) -> Option<String>| own.and_then(f).or_else(|| inherited.and_then(f));
+    let pick_u64 = |f: fn(&RawHealthCheck) -> Option<u64>| own.and_then(f).or_else(|| inherited.and_then(f));
+    let default_kind = if tcp_service || own.is_some() || inherited.is_some() { "tcp" } else { "none" };
+    let defaults = CheckSpec::default();
+    let kind = match pick(|h| h.kind.clone()).as_deref().unwrap_or(default_kind) {
+        "none" => CheckKind::Tcp,
+        "http" => CheckKind::Http {
+            path: pick(|h| h.path.clone()).unwrap_or_else(|| "/".into()),
+            expect: status_range(&pick(|h| h.expect.clone()).unwrap_or_else(|| "200-399".into())).unwrap_or(200..=399),
+        },
+        _ => CheckKind::Tcp,
+    };
+    let off = pick(|h| h.kind.clone()).as_deref().unwrap_or(default_kind) == "none";
+    let spec = CheckSpec {
+        kind,
+        interval: pick_u64(|h| h.interval_ms).map(Duration::from_millis).unwrap_or(defaults.interval),
+        timeout: pick_u64(|h| h.timeout_ms).map(Duration::from_millis).unwrap_or(defaults.timeout),
+        rise: pick_u64(|h| h.rise.map(u64::from)).map(|v| v as u32).unwrap_or(defaults.rise),
+        fall: pick_u64(|h| h.fall.map(u64::from)).map(|v| v as u32).unwrap_or(defaults.fall),
+    };
+    // The one rule across fields, reported by the table that sets either field; a backend that
+    // only inherits both repeats nothing its service already reported.
+    let timing_conflict = !off && problems.is_empty() && spec.timeout > spec.interval;
+    if timing_conflict && own.is_some_and(|h| h.timeout_ms.is_some() || h.interval_ms.is_some()) {
+        let written = |h: Option<&RawHealthCheck>| h.is_some_and(|h| h.timeout_ms.is_some());
+        let source = if written(own) || written(inherited) { "" } else { " (the default)" };
+        problems.push((
+            "health_check.timeout_ms",
+            format!(
+                "{}{source} must not exceed the interval ({} ms): probes would pile up behind each other",
+                spec.timeout.as_millis(),
+                spec.interval.as_millis()
+            ),
+        ));
+    }
+    let failed = !problems.is_empty() || timing_conflict;
+    for (field, message) in problems {
+        err(field, message);
+    }
+    if failed {
+        return None;
+    }
+    if off {
+        return Some(None);
+    }
+    // Every rule of `CheckSpec::validate` is checked above against its field; this only guards
+    // against the two drifting apart.
+    if let Err(message) = spec.validate() {
+        err("health_check", message);
+        return None;
+    }
+    Some(Some(HealthCheck { port: own.and_then(|h| h.port).or_else(|| inherited.and_then(|h| h.port)), spec }))
+}
+
+/// The rules for each field of one `health_check` table, on its own.
+fn check_fields(h: &RawHealthCheck, fail: &mut dyn FnMut(&'static str, String)) {
+    if let Some(kind) = &h.kind {
+        if !matches!(kind.as_str(), "tcp" | "http" | "none") {
+            fail("health_check.kind", format!("\"{kind}\" is not one of: tcp, http, none"));
+        }
+    }
+    if h.port == Some(0) {
+        fail("health_check.port", "0 cannot be probed; leave port out to check the backend's own port".into());
+    }
+    if let Some(path) = &h.path {
+        if !path.starts_with('/') {
+            fail("health_check.path", format!("{path:?} must start with '/'"));
+        } else if path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            // The path goes verbatim into the request line: a malformed (or smuggled) request.
+            fail("health_check.path", format!("{path:?} must not contain whitespace or control characters"));
+        }
+    }
+    if let Some(expect) = &h.expect {
+        if status_range(expect).is_none() {
+            fail("health_check.expect", format!("\"{expect}\" is not a status code or range of codes between 100 and 599, like \"200-399\""));
+        }
+    }
+    let max_interval = MAX_INTERVAL.as_millis() as u64;
+    if let Some(interval) = h.interval_ms {
+        if interval == 0 || interval > max_interval {
+            fail("health_check.interval_ms", format!("{interval} must be between 1 and {max_interval} (one day)"));
+        }
+    }
+    if h.timeout_ms == Some(0) {
+        fail("health_check.timeout_ms", "0 must be at least 1".into());
+    }
+    if h.rise == Some(0) {
+        fail("health_check.rise", "0 must be at least 1".into());
+    }
+    if h.fall == Some(0) {
+        fail("health_check.fall", "0 must be at least 1".into());
+    }
+}
+
+/// "200-399" or "204": a non-empty range of HTTP status codes.
+fn status_range(expect: &str) -> Option<std::ops::RangeInclusive<u16>> {
+    let (lo, hi) = match expect.split_once('-') {
+        Some((lo, hi)) => (lo.trim().parse::<u16>().ok()?, hi.trim().parse::<u16>().ok()?),
+        None => {
+            let code = expect.trim().parse::<u16>().ok()?;
+            (code, code)
+        }
+    };
+    (100 <= lo && lo <= hi && hi <= 599).then_some(lo..=hi)
+}
