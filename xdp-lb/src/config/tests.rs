@@ -253,3 +253,269 @@ fn service_names_are_restricted_to_a_safe_charset_and_length() {
         Config::parse(&text, "test.toml").unwrap_or_else(|e| panic!("{name}: {e}"));
     }
 }
+
+/// The whole `check` output for an invalid file, as the operator sees it.
+fn report_of(text: &str) -> String {
+    match Config::parse(text, "xdp-lb.toml") {
+        Err(e @ ConfigError::Invalid { .. }) => e.to_string(),
+        other => panic!("expected validation errors, got {other:?}"),
+    }
+}
+
+#[test]
+fn semantic_errors_name_the_line_of_the_field() {
+    let report = report_of(
+        r#"# line 1
+[dataplane]
+conntrack_entries = 10
+
+[[services]]
+name = "web"
+vip = "10.0.0.100:80"
+protocol = "tcp"
+[[services.backends]]
+address = "10.1.0.2:80"
+[[services.backends]]
+address = "127.0.0.1:80"
+weight = 70000
+[services.backends.health_check]
+interval_ms = 0
+
+[[services]]
+name = "bad name"
+vip = "10.0.0.101:80"
+protocol = "tcp"
+"#,
+    );
+    for line in [
+        "xdp-lb.toml:3: dataplane.conntrack_entries: 10 is below the minimum of 1024",
+        "xdp-lb.toml:12: services[0].backends[1].address: 127.0.0.1:80 is a loopback address",
+        "xdp-lb.toml:13: services[0].backends[1].weight: 70000 is above the maximum of 65535",
+        "xdp-lb.toml:15: services[0].backends[1].health_check.interval_ms: 0 must be between 1 and 86400000",
+        "xdp-lb.toml:18: services[1].name: \"bad name\" must start with a letter or digit",
+    ] {
+        assert!(report.lines().any(|l| l.trim_start().starts_with(line)), "missing {line:?} in\n{report}");
+    }
+}
+
+#[test]
+fn an_error_about_an_unwritten_default_names_its_enclosing_table() {
+    // ring_size is not written: the error points at the service's header line.
+    let report = report_of("[dataplane]\nmaglev_cells = 100\n\n[[services]]\nname = \"a\"\nvip = \"10.0.0.1:80\"\nprotocol = \"tcp\"\n");
+    assert!(report.contains("xdp-lb.toml:2: dataplane.maglev_cells: 100 cells cannot hold"), "{report}");
+    // Inline tables work the same way as [[services]] headers.
+    let report = report_of("services = [\n  { name = \"a\", vip = \"10.0.0.1:80\", protocol = \"tcp\" },\n  { name = \"b\", vip = \"0.0.0.0:80\", protocol = \"tcp\" },\n]\n");
+    assert!(report.contains("xdp-lb.toml:3: services[1].vip: 0.0.0.0:80 is unspecified"), "{report}");
+}
+
+#[test]
+fn health_check_errors_name_the_exact_field() {
+    let text = r#"
+[[services]]
+name = "web"
+vip = "10.0.0.100:80"
+protocol = "tcp"
+[services.health_check]
+kind = "icmp"
+port = 0
+path = "healthz"
+expect = "700-800"
+interval_ms = 0
+timeout_ms = 0
+rise = 0
+fall = 0
+[[services]]
+name = "api"
+vip = "10.0.0.101:80"
+protocol = "tcp"
+[services.health_check]
+interval_ms = 300
+timeout_ms = 900
+[[services]]
+name = "udp"
+vip = "10.0.0.102:53"
+protocol = "udp"
+[services.health_check]
+interval_ms = 86400001
+[[services.backends]]
+address = "10.1.0.2:53"
+[services.backends.health_check]
+path = "/a b"
+timeout_ms = 600
+"#;
+    let errors = errors_of(text);
+    let expected = [
+        "services[0].health_check.kind: \"icmp\" is not one of: tcp, http, none",
+        "services[0].health_check.port: 0 cannot be probed",
+        "services[0].health_check.path: \"healthz\" must start with '/'",
+        "services[0].health_check.expect: \"700-800\" is not a status code or range of codes between 100 and 599",
+        "services[0].health_check.interval_ms: 0 must be between 1 and 86400000",
+        "services[0].health_check.timeout_ms: 0 must be at least 1",
+        "services[0].health_check.rise: 0 must be at least 1",
+        "services[0].health_check.fall: 0 must be at least 1",
+        "services[1].health_check.timeout_ms: 900 must not exceed the interval (300 ms)",
+        "services[2].health_check.interval_ms: 86400001 must be between 1 and 86400000",
+        "services[2].backends[0].health_check.path: \"/a b\" must not contain whitespace",
+    ];
+    for e in expected {
+        assert!(errors.iter().any(|got| got.starts_with(e)), "missing {e:?} in {errors:#?}");
+    }
+    assert_eq!(errors.len(), expected.len(), "nothing reported twice or at a vaguer path: {errors:#?}");
+}
+
+#[test]
+fn a_backend_check_that_breaks_the_timing_rule_is_reported_at_the_backend() {
+    let errors = errors_of(
+        "[[services]]\nname = \"a\"\nvip = \"10.0.0.1:80\"\nprotocol = \"tcp\"\n[services.health_check]\ninterval_ms = 1000\n[[services.backends]]\naddress = \"10.1.0.2:80\"\n[services.backends.health_check]\ninterval_ms = 100\n",
+    );
+    assert_eq!(errors, ["services[0].backends[0].health_check.timeout_ms: 400 (the default) must not exceed the interval (100 ms): probes would pile up behind each other"]);
+}
+
+/// Every kind of error at once, so the wording of all of them can be checked together.
+const EVERYTHING_WRONG: &str = r#"
+[dataplane]
+conntrack_entries = 4000000000
+maglev_cells = 10
+[[services]]
+name = "bad name"
+vip = "255.255.255.255:0"
+protocol = "sctp"
+mode = "tunnel"
+scheduler = "random"
+ring_size = 1000
+all_down = "maybe"
+passive_checks = true
+[services.health_check]
+kind = "icmp"
+port = 0
+path = "x"
+expect = "99-700"
+interval_ms = 0
+timeout_ms = 0
+rise = 0
+fall = 0
+[[services.backends]]
+address = "nonsense"
+weight = 70000
+[[services.backends]]
+address = "127.0.0.1:80"
+[services.backends.health_check]
+kind = "http"
+path = "/a b"
+expect = "300-200"
+interval_ms = 100000000000
+[[services]]
+name = "lc"
+vip = "[::ffff:10.0.0.1]:80"
+protocol = "udp"
+mode = "dsr"
+scheduler = "least-conn"
+passive_checks = true
+[[services.backends]]
+address = "10.0.0.5:81"
+[[services.backends]]
+address = "10.0.0.5:81"
+[[services]]
+name = "lc"
+vip = "10.0.0.1:80"
+protocol = "tcp"
+mode = "dsr"
+[[services.backends]]
+address = "[2001:db8::1]:80"
+[[services.backends]]
+address = "10.0.0.1:81"
+[[services.backends]]
+address = "10.0.0.2:82"
+[services.backends.health_check]
+timeout_ms = 5000
+"#;
+
+#[test]
+fn no_message_uses_rust_range_syntax_or_debug_formatting() {
+    let errors = match Config::parse(EVERYTHING_WRONG, "xdp-lb.toml") {
+        Err(ConfigError::Invalid { errors, .. }) => errors,
+        other => panic!("expected validation errors, got {other:?}"),
+    };
+    assert!(errors.len() >= 30, "the fixture should trip most rules: {errors:#?}");
+    let report = report_of(EVERYTHING_WRONG);
+    let cli = render_for_cli(&errors);
+    for text in [&report, &cli] {
+        for bad in ["..=", "..", "Some(", "None", "\\n"] {
+            assert!(!text.contains(bad), "{bad:?} in:\n{text}");
+        }
+    }
+    assert!(errors.iter().all(|e| e.line.is_some()), "every error has a line: {errors:#?}");
+}
+
+/// A desired state as the CLI builds it: no file, so no lines and no paths the user wrote.
+fn cli_state() -> RawConfig {
+    let mut web = RawService::new("web", "10.0.0.100:80", "tcp");
+    web.backends = vec![RawBackend::new("10.1.0.2:80"), RawBackend::new("10.1.0.3:80")];
+    RawConfig { services: vec![web], ..RawConfig::default() }
+}
+
+fn cli_errors(edit: impl FnOnce(&mut RawConfig)) -> String {
+    let mut state = cli_state();
+    state.validate().expect("the starting state is valid");
+    edit(&mut state);
+    render_for_cli(&state.validate().expect_err("the edit should be refused"))
+}
+
+#[test]
+fn cli_rendering_names_services_backends_and_flags_not_config_paths() {
+    for (rendered, expected) in [
+        (cli_errors(|c| c.services[0].backends[1].weight = 70000), "service web, backend 10.1.0.3:80: weight: 70000 is above the maximum of 65535"),
+        (cli_errors(|c| c.services[0].backends.push(RawBackend::new("10.0.0.1:99999"))), "service web, backend 10.0.0.1:99999: \"10.0.0.1:99999\" is not an address"),
+        (cli_errors(|c| c.services[0].vip = "255.255.255.255:80".into()), "service web: --vip: 255.255.255.255:80 is the broadcast address"),
+        (cli_errors(|c| c.services[0].ring_size = 1000), "service web: --ring-size: 1000 is not a prime number"),
+        (
+            cli_errors(|c| c.services[0].health_check = Some(RawHealthCheck { interval_ms: Some(0), ..RawHealthCheck::default() })),
+            "service web: --check-interval-ms: 0 must be between 1 and 86400000",
+        ),
+        (
+            cli_errors(|c| c.services[0].health_check = Some(RawHealthCheck { timeout_ms: Some(900), ..RawHealthCheck::default() })),
+            "service web: --check-timeout-ms: 900 must not exceed the interval (500 ms)",
+        ),
+        (cli_errors(|c| c.services.push(RawService::new("a b", "10.0.0.101:80", "tcp"))), "service name: \"a b\" must start with a letter or digit"),
+        (cli_errors(|c| c.services[0].ring_size = 4_194_319), "[dataplane] maglev_cells in the config file: 4194304 cells cannot hold"),
+    ] {
+        assert!(rendered.starts_with(expected), "expected {expected:?}, got {rendered:?}");
+        assert!(!rendered.contains("services[") && !rendered.contains("backends["), "a config path in {rendered:?}");
+    }
+}
+
+#[test]
+fn limits_are_named_in_the_errors_that_hit_them() {
+    let mut many = RawConfig::default();
+    many.dataplane.maglev_cells = MAX_MAGLEV_CELLS;
+    for i in 0..=defaults::MAX_SERVICES {
+        let mut s = RawService::new(format!("s{i}"), format!("10.0.{}.{}:80", i / 200, i % 200 + 1), "udp");
+        s.ring_size = 251;
+        many.services.push(s);
+    }
+    let errors: Vec<String> = many.validate().unwrap_err().iter().map(|e| e.to_string()).collect();
+    assert_eq!(errors, [format!("services: {} services; xdp-lb handles at most {}", defaults::MAX_SERVICES + 1, defaults::MAX_SERVICES)]);
+
+    let mut big = cli_state();
+    big.services[0].scheduler = "round-robin".into();
+    big.services[0].backends = (0..=MAX_BACKENDS_TOTAL).map(|i| RawBackend::new(format!("10.1.{}.{}:80", i / 250, i % 250 + 1))).collect();
+    let errors: Vec<String> = big.validate().unwrap_err().iter().map(|e| e.to_string()).collect();
+    assert_eq!(errors, [format!("services: {} backends in all services; xdp-lb handles at most {MAX_BACKENDS_TOTAL}", MAX_BACKENDS_TOTAL + 1)]);
+}
+
+#[test]
+fn constructors_hold_the_same_defaults_as_the_file_format() {
+    let from_file: RawConfig = toml::from_str("[[services]]\nname = \"web\"\nvip = \"10.0.0.100:80\"\nprotocol = \"tcp\"\n[[services.backends]]\naddress = \"10.1.0.2:80\"\n").unwrap();
+    let mut built = RawService::new("web", "10.0.0.100:80", "tcp");
+    built.backends.push(RawBackend::new("10.1.0.2:80"));
+    assert_eq!(serde_json::to_value(&from_file.services[0]).unwrap(), serde_json::to_value(&built).unwrap());
+}
+
+#[test]
+fn weights_from_the_command_line_name_the_real_limit() {
+    assert_eq!(parse_weight("0"), Ok(0));
+    assert_eq!(parse_weight("65535"), Ok(65_535));
+    for bad in ["65536", "99999999999", "-1", "1.5", "heavy", ""] {
+        assert_eq!(parse_weight(bad), Err("a weight must be a whole number between 0 and 65535".to_string()), "{bad:?}");
+    }
+}

@@ -124,13 +124,15 @@ impl RawConfig {
                 if b.weight > MAX_WEIGHT {
                     err(at("weight"), format!("{} is above the maximum of {MAX_WEIGHT}", b.weight));
                 }
-                let Ok(address) = address(&b.address, Role::Backend).map_err(|m| err(at("address"), m)) else { continue };
-                if !seen.insert(address) {
-                    err(at("address"), format!("{address} is listed twice in this service"));
-                }
-                if let Some(vip) = vip {
-                    if let Some(m) = against_vip(&b.address, address, vip, mode) {
-                        err(at("address"), m);
+                let address = address(&b.address, Role::Backend).map_err(|m| err(at("address"), m)).ok();
+                if let Some(address) = address {
+                    if !seen.insert(address) {
+                        err(at("address"), format!("{address} is listed twice in this service"));
+                    }
+                    if let Some(vip) = vip {
+                        if let Some(m) = against_vip(&b.address, address, vip, mode) {
+                            err(at("address"), m);
+                        }
                     }
                 }
                 let check = match &b.health_check {
@@ -143,7 +145,7 @@ impl RawConfig {
                         service_check.as_ref().and(check)
                     }
                 };
-                let Some(check) = check else { continue };
+                let (Some(address), Some(check)) = (address, check) else { continue };
                 backends.push(Backend { address, weight: b.weight, backup: b.backup, drained: b.drained, health_check: check, down: false });
             }
             if let (Some(vip), Some(protocol), Some(mode), Some(scheduler)) = (vip, protocol, mode, scheduler) {
