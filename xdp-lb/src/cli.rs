@@ -99,8 +99,9 @@ pub enum BackendCommand {
     Add {
         service: String,
         address: String,
-        #[arg(long, value_parser = xdp_lb::config::parse_weight)]
-        weight: Option<u32>,
+        /// 0 to 65535 (see README, Limits).
+        #[arg(long)]
+        weight: Option<String>,
         /// Only receives traffic while no primary backend is healthy.
         #[arg(long)]
         backup: bool,
@@ -112,14 +113,15 @@ pub enum BackendCommand {
     /// Take new flows again.
     Undrain { service: String, address: String },
     /// Set a backend's weight.
-    Weight {
-        service: String,
-        address: String,
-        #[arg(value_parser = xdp_lb::config::parse_weight)]
-        weight: u32,
-    },
+    Weight { service: String, address: String, weight: String },
     /// List backends with their state.
     List { service: Option<String> },
+}
+
+/// Weights are parsed here rather than by clap so that the error names xdp-lb's limit (not
+/// `u32::MAX`) and stays one `xdp-lb: error:` line: `--weight 99999999999: must be ...`.
+fn weight_arg(name: &str, text: &str) -> Result<u32> {
+    xdp_lb::config::parse_weight(text).map_err(|problem| anyhow::anyhow!("{name} {text}: {problem}"))
 }
 
 pub struct Client<'a> {
@@ -209,6 +211,7 @@ impl Client<'_> {
     pub fn backend(&self, command: BackendCommand) -> Result<()> {
         let (request, done) = match command {
             BackendCommand::Add { service, address, weight, backup } => {
+                let weight = weight.map(|w| weight_arg("--weight", &w)).transpose()?;
                 let done = format!("backend {address} added to {service}");
                 (Request::BackendAdd { service, address, weight, backup }, done)
             }
@@ -225,6 +228,7 @@ impl Client<'_> {
                 (Request::BackendUndrain { service, address }, done)
             }
             BackendCommand::Weight { service, address, weight } => {
+                let weight = weight_arg("weight", &weight)?;
                 let done = format!("backend {address} of {service} has weight {weight}");
                 (Request::BackendWeight { service, address, weight }, done)
             }

@@ -320,18 +320,20 @@ impl RawConfig {
             Ok(config) => Ok((raw, config)),
             Err(mut errors) => {
                 location::locate(&mut errors, text);
+                // In file order, as a reader fixes them; the sort is stable within a line.
+                errors.sort_by_key(|e| e.line.unwrap_or(usize::MAX));
                 Err(ConfigError::Invalid { path: origin.to_string(), errors })
             }
         }
     }
 }
 
-/// Parses a backend weight given on the command line, naming the real limit (clap's own `u32`
-/// parser would quote `u32::MAX`).
+/// Parses a backend weight given on the command line; the error (to follow the argument's name)
+/// states the real limit, where a plain `u32` parse would quote `u32::MAX`.
 pub fn parse_weight(text: &str) -> Result<u32, String> {
     match text.parse::<u64>() {
         Ok(weight) if weight <= MAX_WEIGHT as u64 => Ok(weight as u32),
-        _ => Err(format!("a weight must be a whole number between 0 and {MAX_WEIGHT}")),
+        _ => Err(format!("must be a whole number between 0 and {MAX_WEIGHT}")),
     }
 }
 

@@ -65,9 +65,9 @@ impl FieldError {
     }
 }
 
-/// All errors of one refused change, one per line, in the CLI's terms.
+/// All errors of one refused change on one line (the CLI prints every error as one line).
 pub fn render_for_cli(errors: &[FieldError]) -> String {
-    errors.iter().map(FieldError::render_for_cli).collect::<Vec<_>>().join("\n")
+    errors.iter().map(FieldError::render_for_cli).collect::<Vec<_>>().join("; ")
 }
 
 /// The `xdp-lb service add|update` option that sets a service field.
