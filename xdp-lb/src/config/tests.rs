@@ -296,6 +296,8 @@ protocol = "tcp"
     ] {
         assert!(report.lines().any(|l| l.trim_start().starts_with(line)), "missing {line:?} in\n{report}");
     }
+    let lines: Vec<usize> = report.lines().skip(1).map(|l| l.split(':').nth(1).and_then(|n| n.parse().ok()).expect("a line number")).collect();
+    assert!(lines.is_sorted(), "errors in file order: {lines:?}\n{report}");
 }
 
 #[test]
@@ -517,5 +519,38 @@ fn weights_from_the_command_line_name_the_real_limit() {
     assert_eq!(parse_weight("65535"), Ok(65_535));
     for bad in ["65536", "99999999999", "-1", "1.5", "heavy", ""] {
         assert_eq!(parse_weight(bad), Err("must be a whole number between 0 and 65535".to_string()), "{bad:?}");
+    }
+}
+
+#[test]
+fn readme_limits_match_the_constants() {
+    let readme = include_str!("../../../README.md");
+    let limits = &readme[readme.find("## Limits").expect("README has a Limits section")..];
+    let limits = &limits[..limits[3..].find("\n## ").map_or(limits.len(), |end| end + 3)];
+    let thousands = |n: u64| {
+        let digits = n.to_string();
+        let mut out = String::new();
+        for (i, c) in digits.chars().enumerate() {
+            if i > 0 && (digits.len() - i) % 3 == 0 {
+                out.push(',');
+            }
+            out.push(c);
+        }
+        out
+    };
+    for (what, value) in [
+        ("MAX_SERVICES", defaults::MAX_SERVICES as u64),
+        ("MAX_BACKENDS_TOTAL", MAX_BACKENDS_TOTAL as u64),
+        ("LEAST_CONN_MAX", xdp_lb_common::maps::LEAST_CONN_MAX as u64),
+        ("MAX_MAGLEV_CELLS", MAX_MAGLEV_CELLS as u64),
+        ("MIN_CONNTRACK_ENTRIES", MIN_CONNTRACK_ENTRIES as u64),
+        ("MAX_CONNTRACK_ENTRIES", MAX_CONNTRACK_ENTRIES as u64),
+        ("MAX_WEIGHT", MAX_WEIGHT as u64),
+        ("MAX_NAME_LEN", MAX_NAME_LEN as u64),
+        ("MAX_INTERVAL", crate::health::MAX_INTERVAL.as_millis() as u64),
+        ("TX_PORTS", defaults::TX_PORTS as u64),
+    ] {
+        let row = limits.lines().find(|l| l.contains(what)).unwrap_or_else(|| panic!("no Limits row names {what}"));
+        assert!(row.contains(&format!(" {} ", thousands(value))) || row.contains(&format!(" {} (", thousands(value))), "{what} = {} is not in {row:?}", thousands(value));
     }
 }
