@@ -188,6 +188,8 @@ fn refuses_vips_that_cannot_be_balanced() {
         ("[fe80::1]:80", "is a link-local address"),
         ("[::ffff:10.0.0.1]:80", "is an IPv4-mapped IPv6 address"),
         ("10.0.0.1:0", "has port 0"),
+        ("10.0.0.1:65536", "has port 65536, above the maximum of 65535"),
+        ("[2001:db8::1]:70000", "has port 70000, above the maximum of 65535"),
     ] {
         assert_refused(&service_with(vip, &["10.1.0.2:80"]), &format!("services[0].vip: {vip} {why}"));
     }
@@ -467,7 +469,8 @@ fn cli_errors(edit: impl FnOnce(&mut RawConfig)) -> String {
 fn cli_rendering_names_services_backends_and_flags_not_config_paths() {
     for (rendered, expected) in [
         (cli_errors(|c| c.services[0].backends[1].weight = 70000), "service web, backend 10.1.0.3:80: weight: 70000 is above the maximum of 65535"),
-        (cli_errors(|c| c.services[0].backends.push(RawBackend::new("10.0.0.1:99999"))), "service web, backend 10.0.0.1:99999: \"10.0.0.1:99999\" is not an address"),
+        (cli_errors(|c| c.services[0].backends.push(RawBackend::new("10.0.0.1:99999"))), "service web, backend 10.0.0.1:99999: 10.0.0.1:99999 has port 99999, above the maximum of 65535"),
+        (cli_errors(|c| c.services[0].backends.push(RawBackend::new("10.0.0.1"))), "service web, backend 10.0.0.1: \"10.0.0.1\" is not an address with a port"),
         (cli_errors(|c| c.services[0].vip = "255.255.255.255:80".into()), "service web: --vip: 255.255.255.255:80 is the broadcast address"),
         (cli_errors(|c| c.services[0].ring_size = 1000), "service web: --ring-size: 1000 is not a prime number"),
         (

@@ -209,8 +209,10 @@ enum Role {
 
 /// Parses an address and refuses those the data plane cannot balance to or from.
 fn address(text: &str, role: Role) -> Result<SocketAddr, String> {
-    let addr: SocketAddr =
-        text.parse().map_err(|_| format!("\"{text}\" is not an address with a port, like \"10.0.0.100:80\" or \"[2001:db8::100]:80\""))?;
+    let addr: SocketAddr = text.parse().map_err(|_| match port_out_of_range(text) {
+        Some(port) => format!("{text} has port {port}, above the maximum of {}", u16::MAX),
+        None => format!("\"{text}\" is not an address with a port, like \"10.0.0.100:80\" or \"[2001:db8::100]:80\""),
+    })?;
     if addr.port() == 0 {
         return Err(format!("{text} has port 0"));
     }
@@ -235,6 +237,14 @@ fn address(text: &str, role: Role) -> Result<SocketAddr, String> {
         Some(why) => Err(format!("{text} {why}")),
         None => Ok(addr),
     }
+}
+
+/// The port of `host:port` when the host is an IP address and only the port is too large.
+fn port_out_of_range(text: &str) -> Option<u64> {
+    let (host, port) = text.rsplit_once(':')?;
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    let port: u64 = port.parse().ok()?;
+    (host.parse::<IpAddr>().is_ok() && port > u16::MAX as u64).then_some(port)
 }
 
 fn loopback(role: Role) -> &'static str {
