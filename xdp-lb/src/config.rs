@@ -12,7 +12,7 @@ mod location;
 mod validate;
 
 pub use location::{render_for_cli, FieldError, Location};
-pub use validate::{valid_name, MAX_BACKENDS_TOTAL, NAME_RULE};
+pub use validate::{valid_name, MAX_BACKENDS_TOTAL};
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -269,7 +269,7 @@ pub const MAX_CONNTRACK_ENTRIES: u32 = 1 << 24;
 pub const MIN_MAGLEV_CELLS: u32 = 1;
 /// 4 bytes per cell: 256 MiB, room for 1,000 services of the default ring size, twice over.
 pub const MAX_MAGLEV_CELLS: u32 = 1 << 26;
-/// Longest service name (see [`NAME_RULE`]).
+/// Longest service name (see [`valid_name`]).
 pub const MAX_NAME_LEN: usize = 63;
 
 impl RawService {

@@ -22,8 +22,6 @@ use crate::health::{CheckKind, CheckSpec, MAX_INTERVAL};
 /// Backend ids start at 1 (0 marks an empty ring cell), so one id of the map is never used.
 pub const MAX_BACKENDS_TOTAL: u32 = defaults::MAX_BACKENDS - 1;
 
-/// The service-name rule, quoted in its error.
-pub const NAME_RULE: &str = "must start with a letter or digit, continue with letters, digits, '.', '_' or '-', and be at most 63 characters";
 
 impl RawConfig {
     /// Checks every field, collecting all problems rather than stopping at the first.
@@ -51,7 +49,8 @@ impl RawConfig {
         for (i, s) in self.services.iter().enumerate() {
             let at = |field| Location::Service { index: i, name: s.name.clone(), field };
             if !valid_name(&s.name) {
-                err(at("name"), format!("{:?} {NAME_RULE}", s.name));
+                let rule = "must start with a letter or digit, continue with letters, digits, '.', '_' or '-'";
+                err(at("name"), format!("{:?} {rule}, and be at most {MAX_NAME_LEN} characters", s.name));
             } else if !names.insert(s.name.as_str()) {
                 err(at("name"), format!("\"{}\" is already used by another service", s.name));
             }
@@ -169,7 +168,10 @@ impl RawConfig {
         if ring_cells > dp.maglev_cells as u64 {
             err(
                 dataplane("maglev_cells"),
-                format!("{} cells cannot hold the services' rings: they need {ring_cells} (twice each ring_size, so a table can be replaced while the old one serves)", dp.maglev_cells),
+                format!(
+                    "{} cells cannot hold the services' rings: they need {ring_cells} (two rings per service, so a table can be replaced while the old one serves); maglev_cells can be at most {MAX_MAGLEV_CELLS}",
+                    dp.maglev_cells
+                ),
             );
         }
 
