@@ -55,6 +55,8 @@ impl FieldError {
             Location::Service { name, field, .. } => match cli_flag(field) {
                 Some(flag) => format!("service {name}: {flag}: {}", self.message),
                 None if *field == "name" => format!("service name: {}", self.message),
+                // Its message names the service already.
+                None if *field == "backends" => self.message.clone(),
                 None => format!("service {name}: {field}: {}", self.message),
             },
             Location::Backend { service_name, address, field, .. } => match *field {

@@ -482,6 +482,13 @@ fn cli_rendering_names_services_backends_and_flags_not_config_paths() {
             "service web: --check-timeout-ms: 900 must not exceed the interval (500 ms)",
         ),
         (cli_errors(|c| c.services.push(RawService::new("a b", "10.0.0.101:80", "tcp"))), "service name: \"a b\" must start with a letter or digit"),
+        (
+            cli_errors(|c| {
+                c.services[0].scheduler = "least-conn".into();
+                c.services[0].backends = (0..40).map(|i| RawBackend::new(format!("10.1.0.{}:80", i + 2))).collect();
+            }),
+            "service web has 40 backends; least-conn handles at most 32",
+        ),
         (cli_errors(|c| c.services[0].ring_size = 4_194_319), "[dataplane] maglev_cells in the config file: 4194304 cells cannot hold"),
     ] {
         assert!(rendered.starts_with(expected), "expected {expected:?}, got {rendered:?}");
