@@ -429,6 +429,12 @@ fn cli_commands() {
     cli_err(&daemon, &["service", "add", "bad", "--vip", "10.200.100.100:82", "--protocol", "sctp"], "sctp");
     cli_err(&daemon, &["service", "add", "novip", "--protocol", "tcp"], "--vip");
     cli_err(&daemon, &["service", "remove", "nosuch"], "unknown service");
+    // Validation errors in the CLI's terms, not as config paths the user never wrote.
+    cli_err(&daemon, &["backend", "add", "web", "10.0.0.1:99999"], "service web, backend 10.0.0.1:99999: 10.0.0.1:99999 has port 99999, above the maximum of 65535");
+    cli_err(&daemon, &["backend", "add", "web", &b2, "--weight", "99999999999"], "--weight 99999999999: must be a whole number between 0 and 65535");
+    cli_err(&daemon, &["service", "update", "web", "--check-interval-ms", "0"], "service web: --check-interval-ms: 0 must be between 1 and 86400000");
+    let error = cli_err(&daemon, &["service", "add", "web\nadmin", "--vip", "10.200.100.100:82", "--protocol", "tcp"], "must start with a letter or digit");
+    assert!(!error.contains("services["), "a config path in {error:?}");
     unchanged("the refusals");
 
     // Backend changes.
