@@ -3,6 +3,8 @@
 
 use std::{collections::HashSet, fmt, net::SocketAddr, path::Path, time::Duration};
 
+pub mod file;
+
 use crate::health::{CheckKind, CheckSpec};
 
 use serde::{Deserialize, Serialize};
@@ -271,9 +273,15 @@ impl Config {
     }
 
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        Self::parse_with_raw(text, origin).map(|(_, config)| config)
+    }
+
+    /// [`Config::parse`], also returning the raw form (what the daemon edits for CLI changes).
+    pub fn parse_with_raw(text: &str, origin: &str) -> Result<(RawConfig, Config), ConfigError> {
         let raw: RawConfig =
             toml::from_str(text).map_err(|e| ConfigError::Syntax { path: origin.to_string(), message: e.to_string() })?;
-        raw.validate().map_err(|errors| ConfigError::Invalid { path: origin.to_string(), errors })
+        let config = raw.validate().map_err(|errors| ConfigError::Invalid { path: origin.to_string(), errors })?;
+        Ok((raw, config))
     }
 }
 
