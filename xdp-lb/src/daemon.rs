@@ -20,7 +20,7 @@ use crate::{
     api::ConfigStatus,
     config::{
         file::{self, Loaded},
-        Config, ConfigError, Protocol, RawConfig, Scheduler,
+        Config, Protocol, RawConfig, Scheduler,
     },
     dataplane::{self, Dataplane},
     health::{HealthMonitor, Transition},
@@ -184,7 +184,7 @@ impl Daemon {
         }
         let mut next = self.file.loaded.raw.clone();
         edit(&mut next)?;
-        let config = next.validate().map_err(|errors| ConfigError::Invalid { path: format!("{path} with this change"), errors })?;
+        let config = next.validate().map_err(|errors| DaemonError::InvalidChange { path: path.clone(), errors })?;
         if config.dataplane != self.config.dataplane {
             return Err(DaemonError::Resize);
         }

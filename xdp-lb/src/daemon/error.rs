@@ -1,12 +1,16 @@
 //! What the daemon library can fail with. The API sends these to the CLI as their message.
 
-use crate::{config::file::EditError, config::ConfigError, dataplane::DataplaneError, tables::ApplyError};
+use crate::{config::file::EditError, config::ConfigError, config::FieldError, dataplane::DataplaneError, tables::ApplyError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     /// The config text (file or file plus a CLI change) does not read or validate; lists every error.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// A CLI change that would make the config invalid. One line (the CLI prints one error line),
+    /// in the same `field: problem` form as the file's errors.
+    #[error("refused, {path} would be invalid with this change: {}", errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
+    InvalidChange { path: String, errors: Vec<FieldError> },
     #[error("unknown service \"{0}\"")]
     UnknownService(String),
     #[error("service \"{service}\" has no backend {address}")]
