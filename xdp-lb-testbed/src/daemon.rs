@@ -1,5 +1,6 @@
 //! The real `xdp-lb` binary, run inside the lb namespace and driven through its public interface: a
-//! config file, SIGHUP to reload, SIGTERM to stop (which prints the counters as JSON on stdout).
+//! config file (which CLI changes are written back to), SIGHUP to reload, SIGTERM to stop (which
+//! prints the counters as JSON on stdout).
 
 use std::{
     fs::File,
@@ -79,7 +80,7 @@ pub fn remove_pins(dir: &Path) {
 
 impl Daemon {
     /// Writes `config` to a temporary file, starts `binary run --config FILE --iface ...` in `lb` and
-    /// waits for it to log that it is ready. The daemon gets its own socket, state file and pin
+    /// waits for it to log that it is ready. The daemon gets its own socket, config file and pin
     /// directory, so tests can run side by side.
     pub fn start(binary: &Path, lb: &Netns, ifaces: &[impl AsRef<str>], config: &str) -> anyhow::Result<Daemon> {
         Self::start_with_args(binary, lb, ifaces, config, &[])
@@ -96,6 +97,30 @@ impl Daemon {
         let dir = tempfile::Builder::new().prefix("xdp-lb-testbed-").tempdir()?;
         let config_path = dir.path().join("xdp-lb.toml");
         std::fs::write(&config_path, config)?;
+        Self::start_in(binary, lb, ifaces, dir, config_path, extra_args)
+    }
+
+    /// [`Daemon::start_with_args`] with a config file the caller wrote (e.g. on a small or
+    /// read-only file system); the caller keeps it alive as long as the daemon.
+    pub fn start_with_config_file(
+        binary: &Path,
+        lb: &Netns,
+        ifaces: &[impl AsRef<str>],
+        config_path: &Path,
+        extra_args: &[&str],
+    ) -> anyhow::Result<Daemon> {
+        let dir = tempfile::Builder::new().prefix("xdp-lb-testbed-").tempdir()?;
+        Self::start_in(binary, lb, ifaces, dir, config_path.to_path_buf(), extra_args)
+    }
+
+    fn start_in(
+        binary: &Path,
+        lb: &Netns,
+        ifaces: &[impl AsRef<str>],
+        dir: tempfile::TempDir,
+        config_path: PathBuf,
+        extra_args: &[&str],
+    ) -> anyhow::Result<Daemon> {
         let pin_dir = bpffs_root()?.join(dir.path().file_name().context("tempdir has a name")?);
         let (log, reader) = (Arc::new(Mutex::new(String::new())), None);
         let mut daemon = Daemon {
@@ -121,7 +146,6 @@ impl Daemon {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.netns]).arg(&self.binary);
         cmd.arg("--socket").arg(&self.socket).arg("run").arg("--config").arg(&self.config_path);
-        cmd.arg("--state-file").arg(self._dir.path().join("state.toml"));
         cmd.arg("--bpffs").arg(&self.pin_dir);
         for iface in &self.ifaces {
             cmd.args(["--iface", iface]);
@@ -161,6 +185,16 @@ impl Daemon {
     /// the new daemon adopts the data plane.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.terminate()?;
+        self.launch()
+    }
+
+    /// Like [`Daemon::restart`] with other extra `run` arguments (e.g. `--allow-empty`); also starts
+    /// a daemon whose last start failed (the pins, and so the data plane, are still there).
+    pub fn restart_with_args(&mut self, extra_args: &[&str]) -> anyhow::Result<()> {
+        if self.child.is_some() {
+            self.terminate()?;
+        }
+        self.extra_args = extra_args.iter().map(|a| a.to_string()).collect();
         self.launch()
     }
 

@@ -13,7 +13,6 @@ use serde::{Deserialize, Serialize};
 use crate::config::{RawHealthCheck, RawService};
 
 pub const DEFAULT_SOCKET: &str = "/run/xdp-lb/xdp-lb.sock";
-pub const DEFAULT_STATE_FILE: &str = "/var/lib/xdp-lb/state.toml";
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/xdp-lb";
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -32,6 +31,8 @@ pub enum Request {
     Status,
     Stats,
     Explain { source: String, destination: String, protocol: String },
+    /// Re-read the config file (as SIGHUP does); `allow_empty` accepts a file without services.
+    Reload { allow_empty: bool },
     /// Stop the daemon; with `detach`, also remove the data plane (else it keeps forwarding).
     Stop { detach: bool },
 }
@@ -48,6 +49,22 @@ pub struct ServiceChanges {
     pub drain_timeout_ms: Option<u64>,
     pub health_check: Option<RawHealthCheck>,
     pub passive_checks: Option<bool>,
+}
+
+/// The config file as the daemon sees it (part of the `status` reply).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ConfigStatus {
+    pub path: String,
+    /// When the daemon last read (start, reload) or wrote (CLI change) it.
+    pub loaded_unix_ms: u64,
+    /// The file on disk differs from what runs: edited but not reloaded (or unreadable).
+    pub changed_on_disk: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_error: Option<String>,
+    pub services: usize,
+    /// How the adopted data plane differed from the file at start.
+    #[serde(default)]
+    pub start_differences: Vec<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -239,6 +239,11 @@ impl Client<'_> {
     }
 
     pub fn status(&self, service: Option<String>) -> Result<()> {
+        if service.is_none() && !self.json {
+            let status = self.call(&Request::Status)?;
+            let config: api::ConfigStatus = serde_json::from_value(status["config"].clone())?;
+            print_config_status(&config);
+        }
         let data = self.call(&Request::BackendList { service })?;
         if self.json {
             return print_json(&data);
@@ -351,6 +356,15 @@ impl Client<'_> {
 
     /// Stops the daemon; with `detach` the data plane goes too — directly through its pins when no
     /// daemon is running.
+    pub fn reload(&self, allow_empty: bool) -> Result<()> {
+        let data = self.call(&Request::Reload { allow_empty })?;
+        if self.json {
+            return print_json(&data);
+        }
+        println!("config reloaded: {} service(s)", data["services"]);
+        Ok(())
+    }
+
     pub fn stop(&self, detach: bool, bpffs: &Path) -> Result<()> {
         match api::call(self.socket, &Request::Stop { detach }) {
             Ok(r) if r.ok => self.done(if detach { "xdp-lb stopped; data plane detached" } else { "xdp-lb stopped; the data plane keeps forwarding" }),
@@ -417,4 +431,22 @@ fn print_table(header: &[&str], rows: Vec<Vec<String>>) {
     for row in rows {
         line(row);
     }
+}
+
+/// The header of `status`: which file runs, and whether it was edited since.
+fn print_config_status(c: &api::ConfigStatus) {
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    println!("config {} ({} service(s), read or written {} s ago)", c.path, c.services, now_ms.saturating_sub(c.loaded_unix_ms) / 1000);
+    match (&c.disk_error, c.changed_on_disk) {
+        (Some(e), _) => println!("  the file cannot be read now: {e}"),
+        (None, true) => println!("  EDITED ON DISK since: not running yet; `xdp-lb reload` applies it (CLI changes are refused until then)"),
+        (None, false) => {}
+    }
+    if !c.start_differences.is_empty() {
+        println!("  at start the adopted data plane differed from the file:");
+        for d in &c.start_differences {
+            println!("    {d}");
+        }
+    }
+    println!();
 }

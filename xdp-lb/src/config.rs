@@ -3,6 +3,8 @@
 
 use std::{net::SocketAddr, path::Path, time::Duration};
 
+pub mod file;
+
 use serde::{Deserialize, Serialize};
 use xdp_lb_common::maps::defaults;
 

@@ -1,38 +1,52 @@
-//! The daemon's state and its one control loop's operations: the desired configuration (config file
-//! plus every CLI change, persisted to the state file), what health and passive checks observed,
-//! and the map programming that follows from both.
+//! The daemon's state and its one control loop's operations: the desired configuration (the
+//! `--config` file, the single source of truth, which CLI changes are written back to), what health
+//! and passive checks observed, and the map programming that follows from both.
 
+mod error;
 mod passive;
 mod requests;
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
-    path::{Path, PathBuf},
-    time::Instant,
+    net::SocketAddr,
+    path::Path,
+    time::{Instant, SystemTime},
 };
 
-use anyhow::{Context, Result};
 use tokio::sync::mpsc::UnboundedReceiver;
 use tracing::{error, info, warn};
 
 use crate::{
-    config::{Config, RawConfig, Scheduler},
+    api::ConfigStatus,
+    config::{
+        file::{self, Loaded},
+        Config, Protocol, RawConfig, Scheduler,
+    },
     dataplane::{self, Dataplane},
     health::{HealthMonitor, Transition},
     neighbours,
     plan::{self, BackendKey, Observed, ServiceHealth},
-    tables::Tables,
+    tables::{service_key, Tables},
 };
 
+pub use error::DaemonError;
 pub use passive::Passive;
 
+/// The config file as the daemon last read or wrote it.
+struct ConfigFile {
+    loaded: Loaded,
+    /// When it was last read (start, reload) or written (CLI change).
+    at: SystemTime,
+}
+
 pub struct Daemon {
-    desired: RawConfig,
+    file: ConfigFile,
     config: Config,
     pub(crate) dataplane: Dataplane,
     pub(crate) tables: Tables,
     monitor: HealthMonitor,
-    state_file: Option<PathBuf>,
+    /// How the adopted data plane differed from the config at start (empty if nothing was adopted).
+    start_differences: Vec<String>,
     /// When each drained backend started draining.
     drains: HashMap<BackendKey, Instant>,
     passive: Passive,
@@ -43,36 +57,46 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Programs `desired` into a loaded (not yet attached) data plane.
-    pub fn new(
-        desired: RawConfig,
-        dataplane: Dataplane,
-        state_file: Option<PathBuf>,
-    ) -> Result<(Daemon, UnboundedReceiver<Transition>)> {
-        let config = desired.validate().map_err(|errors| anyhow::anyhow!("{}", join_errors(&errors)))?;
+    /// Programs the loaded config file into a loaded (not yet attached) data plane. A pinned data
+    /// plane that serves services is adopted; if the file has none, the daemon refuses to start
+    /// (leaving the data plane as it is) unless `allow_empty`.
+    pub fn new(loaded: Loaded, dataplane: Dataplane, allow_empty: bool) -> Result<(Daemon, UnboundedReceiver<Transition>), DaemonError> {
+        let config = loaded.config.clone();
         let mut tables = Tables::new(config.dataplane.maglev_cells, dataplane::MAX_SERVICES, dataplane::MAX_BACKENDS);
+        let mut start_differences = Vec::new();
         if dataplane.is_pinned() {
-            let adopted = tables.adopt(&config, &dataplane).context("adopting the pinned maps")?;
+            let adopted = tables.adopt(&config, &dataplane).map_err(DaemonError::Adopt)?;
             if adopted > 0 {
+                let running: Vec<&crate::config::Service> = tables.services().map(|i| &i.config).collect();
+                if config.services.is_empty() && !allow_empty {
+                    return Err(DaemonError::EmptyAtStart { path: loaded.path.display().to_string(), running: running.len() });
+                }
+                start_differences = differences(&running, &config);
                 info!(services = adopted, "adopted the running data plane's services; established flows keep their backends");
+                if !start_differences.is_empty() {
+                    warn!(
+                        path = %loaded.path.display(),
+                        "the adopted data plane differs from the config file, which wins:\n  {}",
+                        start_differences.join("\n  ")
+                    );
+                }
             }
         }
         let (monitor, transitions) = HealthMonitor::new();
         let mut daemon = Daemon {
-            desired,
+            file: ConfigFile { loaded, at: SystemTime::now() },
             effective: config.clone(),
             config,
             dataplane,
             tables,
             monitor,
-            state_file,
+            start_differences,
             drains: HashMap::new(),
             passive: Passive::default(),
             latency_weights: HashMap::new(),
             report: Vec::new(),
         };
-        daemon.replan().context("programming the services")?;
-        daemon.persist()?;
+        daemon.replan().map_err(DaemonError::Program)?;
         Ok((daemon, transitions))
     }
 
@@ -96,7 +120,7 @@ impl Daemon {
 
     /// Recomputes the effective services from the desired ones and what was observed, and programs
     /// the difference.
-    pub fn replan(&mut self) -> Result<()> {
+    pub fn replan(&mut self) -> Result<(), crate::tables::ApplyError> {
         let now = Instant::now();
         let drained: HashSet<BackendKey> = self
             .config
@@ -148,37 +172,98 @@ impl Daemon {
         Ok(())
     }
 
-    /// Applies a change to the desired configuration: validated first, refused whole if invalid or
-    /// if programming fails (the running state is then restored), persisted once applied.
-    pub fn change(&mut self, edit: impl FnOnce(&mut RawConfig) -> Result<(), String>) -> Result<(), String> {
-        let mut next = self.desired.clone();
-        edit(&mut next)?;
-        let config = next.validate().map_err(|errors| crate::config::render_for_cli(&errors))?;
-        if config.dataplane != self.config.dataplane {
-            return Err("[dataplane] sizes cannot change while running (restart xdp-lb to resize the maps)".into());
+    /// Applies a CLI change: refused if the file was edited by hand since it was read (the edit
+    /// must be reloaded first), validated, programmed, then written into the config file. If the
+    /// file cannot be written, the data plane is restored: no change runs unless it is persisted.
+    pub fn change(&mut self, edit: impl FnOnce(&mut RawConfig) -> Result<(), DaemonError>) -> Result<(), DaemonError> {
+        let path = self.path_text();
+        match std::fs::read_to_string(&self.file.loaded.path) {
+            Ok(on_disk) if on_disk == self.file.loaded.text => {}
+            Ok(_) => return Err(DaemonError::EditedOnDisk { path }),
+            Err(source) => return Err(DaemonError::ReadBack { path, source }),
         }
+        let mut next = self.file.loaded.raw.clone();
+        edit(&mut next)?;
+        let config = next.validate().map_err(|errors| DaemonError::InvalidChange { path: path.clone(), errors })?;
+        if config.dataplane != self.config.dataplane {
+            return Err(DaemonError::Resize);
+        }
+        let text = file::patch(&self.file.loaded.text, &self.file.loaded.raw, &next).map_err(|source| DaemonError::Edit { path: path.clone(), source })?;
+        let previous = self.program(config.clone())?;
+        if let Err(source) = file::write_atomically(&self.file.loaded.path, text.as_bytes()) {
+            self.config = previous;
+            if let Err(restore) = self.replan() {
+                error!("restoring the data plane after the failed write failed too: {restore}");
+            }
+            return Err(DaemonError::Persist { path, source });
+        }
+        self.file = ConfigFile { loaded: Loaded { path: self.file.loaded.path.clone(), text, raw: next, config }, at: SystemTime::now() };
+        neighbours::warm(self.config.services.iter().flat_map(|s| s.backends.iter().map(|b| b.address)));
+        Ok(())
+    }
+
+    /// Re-reads the config file (SIGHUP and `xdp-lb reload`): every error is listed and the running
+    /// state stays. A file without services while services run is refused unless `allow_empty`.
+    /// Returns how many services now run.
+    pub fn reload(&mut self, allow_empty: bool) -> Result<usize, DaemonError> {
+        let result = self.try_reload(allow_empty);
+        match &result {
+            Ok(services) => info!(services, path = %self.file.loaded.path.display(), "config reloaded"),
+            Err(e) => error!("reload rejected, keeping the running configuration: {e}"),
+        }
+        result
+    }
+
+    fn try_reload(&mut self, allow_empty: bool) -> Result<usize, DaemonError> {
+        let loaded = file::load(&self.file.loaded.path)?;
+        if loaded.config.services.is_empty() && !self.config.services.is_empty() && !allow_empty {
+            return Err(DaemonError::EmptyReload { path: self.path_text(), running: self.config.services.len() });
+        }
+        if loaded.config.dataplane != self.config.dataplane {
+            return Err(DaemonError::Resize);
+        }
+        self.program(loaded.config.clone())?;
+        self.file = ConfigFile { loaded, at: SystemTime::now() };
+        neighbours::warm(self.config.services.iter().flat_map(|s| s.backends.iter().map(|b| b.address)));
+        Ok(self.config.services.len())
+    }
+
+    /// Programs `config`; on failure the previous one is programmed again. Returns the previous.
+    fn program(&mut self, config: Config) -> Result<Config, DaemonError> {
         let previous = std::mem::replace(&mut self.config, config);
         if let Err(e) = self.replan() {
             self.config = previous;
             if let Err(restore) = self.replan() {
-                error!("restoring the previous configuration failed too: {restore:#}");
+                error!("restoring the previous configuration failed too: {restore}");
             }
-            return Err(format!("programming the data plane failed: {e:#}"));
+            return Err(DaemonError::Program(e));
         }
-        self.desired = next;
-        neighbours::warm(self.config.services.iter().flat_map(|s| s.backends.iter().map(|b| b.address)));
-        self.persist().map_err(|e| format!("applied, but persisting the state failed: {e:#}"))
+        Ok(previous)
     }
 
-    /// Re-reads the config file (SIGHUP): it replaces the desired state, including CLI changes.
-    pub fn reload(&mut self, path: &Path) -> Result<()> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let (raw, _) = RawConfig::parse(&text, &path.display().to_string())?;
-        self.change(|desired| {
-            *desired = raw;
-            Ok(())
-        })
-        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    fn path_text(&self) -> String {
+        self.file.loaded.path.display().to_string()
+    }
+
+    /// The config file: where, when read, whether it changed on disk since, and how the adopted
+    /// data plane differed from it at start.
+    pub fn config_status(&self) -> ConfigStatus {
+        let (changed_on_disk, disk_error) = match std::fs::read_to_string(&self.file.loaded.path) {
+            Ok(text) => (text != self.file.loaded.text, None),
+            Err(e) => (true, Some(e.to_string())),
+        };
+        ConfigStatus {
+            path: self.path_text(),
+            loaded_unix_ms: self.file.at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+            changed_on_disk,
+            disk_error,
+            services: self.config.services.len(),
+            start_differences: self.start_differences.clone(),
+        }
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.file.loaded.path
     }
 
     pub fn on_transition(&mut self, t: &Transition) {
@@ -199,7 +284,7 @@ impl Daemon {
             }
         }
         if let Err(e) = self.replan() {
-            error!("reprogramming after a health transition failed: {e:#}");
+            error!("reprogramming after a health transition failed: {e}");
         }
     }
 
@@ -222,7 +307,7 @@ impl Daemon {
         });
         if changed {
             if let Err(e) = self.replan() {
-                error!("reprogramming failed: {e:#}");
+                error!("reprogramming failed: {e}");
             }
         }
     }
@@ -259,47 +344,45 @@ impl Daemon {
         }
         changed
     }
+}
 
-    fn persist(&self) -> Result<()> {
-        let Some(path) = &self.state_file else { return Ok(()) };
-        let text = toml::to_string_pretty(&self.desired).context("serialising the state")?;
-        write_atomically(path, text.as_bytes())
+/// How the services a pinned data plane runs differ from `config`, one line each (empty if equal).
+/// Services are matched by VIP and protocol, the way the data plane keys them.
+pub fn differences(running: &[&crate::config::Service], config: &Config) -> Vec<String> {
+    let proto = |p: Protocol| if p == Protocol::Tcp { "tcp" } else { "udp" };
+    let mut out = Vec::new();
+    for r in running {
+        let key = service_key(r.vip, r.protocol);
+        let Some(s) = config.services.iter().find(|s| service_key(s.vip, s.protocol) == key) else {
+            out.push(format!("{}/{} runs with {} backend(s) but is not in the config: it will be removed", r.vip, proto(r.protocol), r.backends.len()));
+            continue;
+        };
+        let running_backends: HashSet<SocketAddr> = r.backends.iter().map(|b| b.address).collect();
+        let wanted: HashSet<SocketAddr> = s.backends.iter().map(|b| b.address).collect();
+        let mut gone: Vec<_> = running_backends.difference(&wanted).collect();
+        let mut new: Vec<_> = wanted.difference(&running_backends).collect();
+        gone.sort();
+        new.sort();
+        for b in gone {
+            out.push(format!("service {} ({}/{}): backend {b} runs but is not in the config: it will be removed", s.name, s.vip, proto(s.protocol)));
+        }
+        for b in new {
+            out.push(format!("service {} ({}/{}): backend {b} is in the config but did not run: it will be added", s.name, s.vip, proto(s.protocol)));
+        }
     }
-}
-
-/// Writes `path` so that a crash leaves either the old or the new file, never a torn one.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("state")));
-    let mut file = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
+    for s in &config.services {
+        let key = service_key(s.vip, s.protocol);
+        if !running.iter().any(|r| service_key(r.vip, r.protocol) == key) {
+            out.push(format!("service {} ({}/{}) is in the config but did not run: it will be added", s.name, s.vip, proto(s.protocol)));
+        }
     }
-    Ok(())
-}
-
-/// Loads the desired state: the state file if there is one (it holds CLI changes), else the config.
-pub fn load_desired(config_path: &Path, state_file: Option<&Path>) -> Result<RawConfig> {
-    let (path, origin) = match state_file {
-        Some(state) if state.exists() => (state, "state file"),
-        _ => (config_path, "config file"),
-    };
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading the {origin} {}", path.display()))?;
-    let (raw, _) = RawConfig::parse(&text, &path.display().to_string())?;
-    info!(%origin, path = %path.display(), "desired state loaded");
-    Ok(raw)
-}
-
-fn join_errors(errors: &[crate::config::FieldError]) -> String {
-    errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ")
+    out
 }
 
 /// Health of every checked target, for status and metrics.
 pub fn statuses(daemon: &Daemon) -> BTreeMap<crate::health::Target, crate::health::Status> {
     daemon.monitor.statuses()
 }
+
+#[cfg(test)]
+mod tests;

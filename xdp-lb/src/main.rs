@@ -27,17 +27,22 @@ enum Command {
     /// Run the daemon: load and attach the XDP program, program the services, check backends and
     /// serve the CLI until SIGINT/SIGTERM (SIGHUP re-reads --config).
     Run {
-        /// TOML configuration file; the state file, once written, takes precedence at start.
+        /// TOML configuration file: the single source of truth. Read at start and on reload; CLI
+        /// changes are written back to it (comments and layout kept).
         #[arg(long, short)]
         config: PathBuf,
+        /// Start even if --config has no services while the pinned data plane serves some (which
+        /// removes them all); without it such a start is refused.
+        #[arg(long)]
+        allow_empty: bool,
         /// Interface to attach to (clients' and backends' sides); repeat for several.
         #[arg(long = "iface", short, required = true)]
         ifaces: Vec<String>,
-        /// Where the desired state (config plus CLI changes) is persisted.
-        #[arg(long, default_value = api::DEFAULT_STATE_FILE, conflicts_with = "no_state")]
-        state_file: PathBuf,
-        /// Keep no state file: CLI changes are lost when the daemon stops.
-        #[arg(long)]
+        /// Removed: CLI changes are written to --config. Accepted only to explain that.
+        #[arg(long, hide = true)]
+        state_file: Option<PathBuf>,
+        /// Removed, see --state-file.
+        #[arg(long, hide = true)]
         no_state: bool,
         /// Serve Prometheus metrics on this address (off by default).
         #[arg(long)]
@@ -57,6 +62,13 @@ enum Command {
         detach: bool,
         #[arg(long, default_value = api::DEFAULT_BPFFS_DIR)]
         bpffs: PathBuf,
+    },
+    /// Re-read the daemon's --config file (as SIGHUP does); an invalid file is rejected with every
+    /// error listed and the running configuration stays.
+    Reload {
+        /// Accept a file without services while services run (removes them all).
+        #[arg(long)]
+        allow_empty: bool,
     },
     /// Validate a configuration file and exit.
     Check {
@@ -101,17 +113,23 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let client = cli::Client { socket: &cli.socket, json: cli.json };
     let result = match cli.command {
-        Command::Run { config, ifaces, state_file, no_state, metrics, bpffs, no_pin } => run::run(run::Options {
+        Command::Run { state_file, no_state, .. } if state_file.is_some() || no_state => Err(anyhow::anyhow!(
+            "--state-file and --no-state were removed: there is no state file any more. --config is the single \
+             source of truth and CLI changes are written into it (comments kept); to carry over the CLI changes \
+             of an old state file, make it your --config (or merge it into your config), then start without these flags"
+        )),
+        Command::Run { config, allow_empty, ifaces, metrics, bpffs, no_pin, .. } => run::run(run::Options {
             config,
+            allow_empty,
             ifaces,
             socket: cli.socket.clone(),
-            state_file: (!no_state).then_some(state_file),
             metrics,
             bpffs: (!no_pin).then_some(bpffs),
         }),
+        Command::Reload { allow_empty } => client.reload(allow_empty),
         Command::Stop { detach, bpffs } => client.stop(detach, &bpffs),
-        Command::Check { config } => xdp_lb::config::Config::load(&config)
-            .map(|c| println!("{}: {} service(s), configuration is valid", config.display(), c.services.len()))
+        Command::Check { config } => xdp_lb::config::file::load(&config)
+            .map(|l| println!("{}: {} service(s), configuration is valid", config.display(), l.config.services.len()))
             .map_err(Into::into),
         Command::Service(c) => client.service(c),
         Command::Backend(c) => client.backend(c),

@@ -19,11 +19,12 @@ use tokio::{
     signal::unix::{signal, SignalKind},
     sync::{mpsc, oneshot},
 };
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 use xdp_lb::{
     api::{Request, Response},
     config::Mode,
-    daemon::{self, Daemon},
+    config::file,
+    daemon::Daemon,
     dataplane::{self, Dataplane},
     metrics, neighbours,
     pins::PinDir,
@@ -37,10 +38,12 @@ const NEIGHBOUR_REFRESH: Duration = Duration::from_secs(15);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct Options {
+    /// The single source of truth: read at start and on reload, CLI changes are written to it.
     pub config: PathBuf,
+    /// Start even if the config has no services while the pinned data plane serves some.
+    pub allow_empty: bool,
     pub ifaces: Vec<String>,
     pub socket: PathBuf,
-    pub state_file: Option<PathBuf>,
     pub metrics: Option<SocketAddr>,
     /// bpffs directory to pin the data plane in; `None` detaches on exit.
     pub bpffs: Option<PathBuf>,
@@ -49,18 +52,19 @@ pub struct Options {
 type Job = (Request, oneshot::Sender<Response>);
 
 pub fn run(opts: Options) -> Result<()> {
-    let desired = daemon::load_desired(&opts.config, opts.state_file.as_deref())?;
+    let loaded = file::load(&opts.config)?;
+    info!(path = %opts.config.display(), services = loaded.config.services.len(), "config file loaded");
     // Every --iface must exist before anything is loaded or attached.
     for iface in &opts.ifaces {
         dataplane::ifindex(iface)?;
     }
     warn_if_forwarding_disabled();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    runtime.block_on(serve(opts, desired))
+    runtime.block_on(serve(opts, loaded))
 }
 
-async fn serve(opts: Options, desired: xdp_lb::config::RawConfig) -> Result<()> {
-    let settings = desired.validate().map_err(|_| anyhow::anyhow!("invalid desired state"))?.dataplane;
+async fn serve(opts: Options, loaded: file::Loaded) -> Result<()> {
+    let settings = loaded.config.dataplane;
     let pins = opts.bpffs.as_deref().map(PinDir::prepare).transpose()?;
     if let Some(p) = &pins {
         let running = p.linked_interfaces();
@@ -69,7 +73,7 @@ async fn serve(opts: Options, desired: xdp_lb::config::RawConfig) -> Result<()> 
         }
     }
     let dataplane = Dataplane::load(&settings, pins)?;
-    let (mut daemon, mut transitions) = Daemon::new(desired, dataplane, opts.state_file.clone())?;
+    let (mut daemon, mut transitions) = Daemon::new(loaded, dataplane, opts.allow_empty)?;
     let listener = bind_socket(&opts.socket)?;
     let metrics_listener = match opts.metrics {
         Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("--metrics {addr}"))?),
@@ -110,10 +114,8 @@ async fn serve(opts: Options, desired: xdp_lb::config::RawConfig) -> Result<()> 
             Some(reply) = scrapes.recv() => { let _ = reply.send(metrics::render(&daemon)); }
             _ = tick.tick() => daemon.tick(),
             _ = refresh.tick() => neighbours::warm(daemon.config().services.iter().filter(|s| s.mode == Mode::Dsr).flat_map(|s| s.backends.iter().map(|b| b.address))),
-            _ = hangup.recv() => match daemon.reload(&opts.config) {
-                Ok(()) => info!(services = daemon.config().services.len(), "config reloaded"),
-                Err(e) => error!("reload rejected, keeping the running configuration: {e:#}"),
-            },
+            // Daemon::reload logs the outcome; `xdp-lb reload` takes the same path.
+            _ = hangup.recv() => { let _ = daemon.reload(false); }
             _ = terminate.recv() => { info!("SIGTERM: stopping"); break; }
             _ = interrupt.recv() => { info!("SIGINT: stopping"); break; }
         }

@@ -9,7 +9,7 @@ use xdp_lb_common::{
     maps::{FlowKey, PROTO_TCP, PROTO_UDP},
 };
 
-use super::Daemon;
+use super::{Daemon, DaemonError};
 use crate::{
     api::{Request, Response, ServiceChanges},
     config::{Protocol, RawBackend, RawConfig, RawService, Scheduler},
@@ -53,7 +53,14 @@ struct BackendStatus {
 impl Daemon {
     pub fn handle(&mut self, request: Request) -> Response {
         let change = match &request {
-            Request::ServiceList | Request::BackendList { .. } | Request::Status | Request::Stats | Request::Explain { .. } | Request::Stop { .. } => None,
+            Request::ServiceList
+            | Request::BackendList { .. }
+            | Request::Status
+            | Request::Stats
+            | Request::Explain { .. }
+            | Request::Stop { .. }
+            // Logs its own outcome, the same as SIGHUP.
+            | Request::Reload { .. } => None,
             other => Some(serde_json::to_string(other).unwrap_or_default()),
         };
         let result = match request {
@@ -65,15 +72,15 @@ impl Daemon {
                 .change(|d| {
                     let before = d.services.len();
                     d.services.retain(|s| s.name != name);
-                    if d.services.len() == before { Err(unknown_service(&name)) } else { Ok(()) }
+                    if d.services.len() == before { Err(DaemonError::UnknownService(name)) } else { Ok(()) }
                 })
                 .map(|_| serde_json::Value::Null),
-            Request::ServiceList => Ok(serde_json::to_value(&self.desired.services).unwrap_or_default()),
+            Request::ServiceList => serde_json::to_value(&self.file.loaded.raw.services).map_err(Into::into),
             Request::BackendAdd { service, address, weight, backup } => self
                 .change(|d| {
                     let s = find_service(d, &service)?;
                     if s.backends.iter().any(|b| same_address(&b.address, &address)) {
-                        return Err(format!("backend {address} is already in service {service}"));
+                        return Err(DaemonError::BackendExists { service, address });
                     }
                     let mut backend = RawBackend::new(address);
                     backend.weight = weight.unwrap_or(backend.weight);
@@ -87,7 +94,7 @@ impl Daemon {
                     let s = find_service(d, &service)?;
                     let before = s.backends.len();
                     s.backends.retain(|b| !same_address(&b.address, &address));
-                    if s.backends.len() == before { Err(unknown_backend(&service, &address)) } else { Ok(()) }
+                    if s.backends.len() == before { Err(DaemonError::UnknownBackend { service, address }) } else { Ok(()) }
                 })
                 .map(|_| serde_json::Value::Null),
             Request::BackendDrain { service, address } => self.edit_backend(&service, &address, |b| b.drained = true),
@@ -96,7 +103,8 @@ impl Daemon {
                 self.edit_backend(&service, &address, |b| b.weight = weight)
             }
             Request::BackendList { service } => self.status(service.as_deref()),
-            Request::Status => self.status(None),
+            Request::Status => self.status(None).map(|services| serde_json::json!({ "config": self.config_status(), "services": services })),
+            Request::Reload { allow_empty } => self.reload(allow_empty).map(|services| serde_json::json!({ "services": services })),
             Request::Stats => self.stats(),
             Request::Explain { source, destination, protocol } => self.explain(&source, &destination, &protocol),
             // The control loop acts on it after answering (see run.rs).
@@ -109,28 +117,28 @@ impl Daemon {
         }
         match result {
             Ok(data) => Response::ok(data),
-            Err(e) => Response::error(e),
+            Err(e) => Response::error(e.to_string()),
         }
     }
 
-    fn edit_backend(&mut self, service: &str, address: &str, edit: impl FnOnce(&mut RawBackend)) -> Result<serde_json::Value, String> {
+    fn edit_backend(&mut self, service: &str, address: &str, edit: impl FnOnce(&mut RawBackend)) -> Result<serde_json::Value, DaemonError> {
         self.change(|d| {
             let s = find_service(d, service)?;
             let b = s
                 .backends
                 .iter_mut()
                 .find(|b| same_address(&b.address, address))
-                .ok_or_else(|| unknown_backend(service, address))?;
+                .ok_or_else(|| DaemonError::UnknownBackend { service: service.to_string(), address: address.to_string() })?;
             edit(b);
             Ok(())
         })
         .map(|_| serde_json::Value::Null)
     }
 
-    fn status(&self, only: Option<&str>) -> Result<serde_json::Value, String> {
+    fn status(&self, only: Option<&str>) -> Result<serde_json::Value, DaemonError> {
         if let Some(name) = only {
             if !self.config.services.iter().any(|s| s.name == name) {
-                return Err(unknown_service(name));
+                return Err(DaemonError::UnknownService(name.to_string()));
             }
         }
         let statuses = super::statuses(self);
@@ -184,29 +192,32 @@ impl Daemon {
                 backends,
             });
         }
-        serde_json::to_value(out).map_err(|e| e.to_string())
+        Ok(serde_json::to_value(out)?)
     }
 
-    fn stats(&self) -> Result<serde_json::Value, String> {
-        let snapshot = stats::snapshot(&self.dataplane, &self.tables).map_err(|e| e.to_string())?;
+    fn stats(&self) -> Result<serde_json::Value, DaemonError> {
+        let snapshot = stats::snapshot(&self.dataplane, &self.tables)?;
         let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
         Ok(serde_json::json!({ "unix_ms": now_ms, "snapshot": snapshot }))
     }
 
-    fn explain(&self, source: &str, destination: &str, protocol: &str) -> Result<serde_json::Value, String> {
-        let src: SocketAddr = source.parse().map_err(|_| format!("source \"{source}\" is not an address with a port"))?;
-        let dst: SocketAddr = destination.parse().map_err(|_| format!("destination \"{destination}\" is not an address with a port"))?;
+    fn explain(&self, source: &str, destination: &str, protocol: &str) -> Result<serde_json::Value, DaemonError> {
+        let not_an_address = |what, value: &str| DaemonError::InvalidArgument { what, value: value.to_string(), problem: "is not an address with a port" };
+        let src: SocketAddr = source.parse().map_err(|_| not_an_address("source", source))?;
+        let dst: SocketAddr = destination.parse().map_err(|_| not_an_address("destination", destination))?;
         let (proto, protocol) = match protocol {
             "tcp" => (PROTO_TCP, Protocol::Tcp),
             "udp" => (PROTO_UDP, Protocol::Udp),
-            other => return Err(format!("protocol \"{other}\" is not one of: tcp, udp")),
+            other => {
+                return Err(DaemonError::InvalidArgument { what: "protocol", value: other.to_string(), problem: "is not one of: tcp, udp" })
+            }
         };
         let key = service_key(dst, protocol);
         let installed = self
             .tables
             .services()
             .find(|i| service_key(i.config.vip, i.config.protocol) == key)
-            .ok_or_else(|| format!("{dst}/{} is not a virtual service: the packet would be passed to the kernel", protocol_name(protocol)))?;
+            .ok_or(DaemonError::NotAService { destination: dst, protocol: protocol_name(protocol) })?;
         let name_of = |id: u32| installed.backend_ids.iter().find(|(_, &v)| v == id).map(|(a, _)| a.to_string());
         let flow = FlowKey {
             src: addr::from_ip(src.ip()),
@@ -258,16 +269,8 @@ fn protocol_name(p: Protocol) -> &'static str {
     }
 }
 
-fn find_service<'a>(d: &'a mut RawConfig, name: &str) -> Result<&'a mut RawService, String> {
-    d.services.iter_mut().find(|s| s.name == name).ok_or_else(|| unknown_service(name))
-}
-
-fn unknown_service(name: &str) -> String {
-    format!("unknown service \"{name}\"")
-}
-
-fn unknown_backend(service: &str, address: &str) -> String {
-    format!("service \"{service}\" has no backend {address}")
+fn find_service<'a>(d: &'a mut RawConfig, name: &str) -> Result<&'a mut RawService, DaemonError> {
+    d.services.iter_mut().find(|s| s.name == name).ok_or_else(|| DaemonError::UnknownService(name.to_string()))
 }
 
 /// Compares addresses as socket addresses when both parse (so "[::1]:80" matches "[0::1]:80").
@@ -278,15 +281,15 @@ fn same_address(a: &str, b: &str) -> bool {
     }
 }
 
-fn add_service(d: &mut RawConfig, service: RawService) -> Result<(), String> {
+fn add_service(d: &mut RawConfig, service: RawService) -> Result<(), DaemonError> {
     if d.services.iter().any(|s| s.name == service.name) {
-        return Err(format!("service \"{}\" already exists", service.name));
+        return Err(DaemonError::ServiceExists(service.name));
     }
     d.services.push(service);
     Ok(())
 }
 
-fn update_service(d: &mut RawConfig, name: &str, c: ServiceChanges) -> Result<(), String> {
+fn update_service(d: &mut RawConfig, name: &str, c: ServiceChanges) -> Result<(), DaemonError> {
     let s = find_service(d, name)?;
     if let Some(v) = c.vip { s.vip = v; }
     if let Some(v) = c.protocol { s.protocol = v; }

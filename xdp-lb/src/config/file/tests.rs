@@ -1,0 +1,167 @@
+use super::*;
+use crate::config::RawBackend;
+
+const COMMENTED: &str = r#"# Front door of the shop.
+[dataplane]
+maglev_cells = 65536   # sized for two rings
+
+# The web tier.
+[[services]]
+name = "web"            # used by the CLI
+vip = "10.0.0.100:80"
+protocol = "tcp"
+
+  # first rack
+  [[services.backends]]
+  address = "10.0.1.1:80"
+  weight = 2 # bigger box
+
+  [[services.backends]]
+  address = "10.0.1.2:80"
+
+[[services]]
+name = "dns"
+vip = "10.0.0.100:53"
+protocol = "udp"
+backends = [{ address = "10.0.2.1:53" }]
+"#;
+
+fn raw(text: &str) -> RawConfig {
+    toml::from_str(text).expect("valid test config")
+}
+
+fn patched(edit: impl FnOnce(&mut RawConfig)) -> String {
+    let old = raw(COMMENTED);
+    let mut new = old.clone();
+    edit(&mut new);
+    patch(COMMENTED, &old, &new).expect("patch")
+}
+
+#[test]
+fn no_change_keeps_the_file_byte_for_byte() {
+    assert_eq!(patched(|_| {}), COMMENTED);
+}
+
+#[test]
+fn a_drain_changes_one_backend_and_keeps_every_comment() {
+    let out = patched(|c| c.services[0].backends[1].drained = true);
+    for comment in ["# Front door of the shop.", "# sized for two rings", "# The web tier.", "# used by the CLI", "# first rack", "# bigger box"] {
+        assert!(out.contains(comment), "lost {comment:?}:\n{out}");
+    }
+    let back = raw(&out);
+    assert!(back.services[0].backends[1].drained && !back.services[0].backends[0].drained, "{out}");
+    // Only lines were added: the original lines are all still there, in order.
+    let mut lines = out.lines();
+    for line in COMMENTED.lines() {
+        assert!(lines.any(|l| l == line), "line {line:?} missing or moved:\n{out}");
+    }
+}
+
+#[test]
+fn a_weight_change_keeps_the_trailing_comment() {
+    let out = patched(|c| c.services[0].backends[0].weight = 7);
+    assert!(out.contains("weight = 7 # bigger box"), "{out}");
+}
+
+#[test]
+fn undrain_removes_the_key() {
+    let drained = patched(|c| c.services[0].backends[0].drained = true);
+    let old = raw(&drained);
+    let mut new = old.clone();
+    new.services[0].backends[0].drained = false;
+    let out = patch(&drained, &old, &new).expect("patch");
+    assert!(!out.contains("drained"), "{out}");
+    assert!(out.contains("# bigger box"), "{out}");
+}
+
+#[test]
+fn backends_and_services_are_added_and_removed_by_identity() {
+    let out = patched(|c| {
+        c.services[0].backends.remove(0);
+        c.services[0].backends.push(RawBackend { address: "10.0.1.3:80".into(), weight: 1, backup: true, drained: false, health_check: None });
+        c.services[1].backends.push(RawBackend { address: "10.0.2.2:53".into(), weight: 1, backup: false, drained: false, health_check: None });
+        let mut extra = c.services[0].clone();
+        extra.name = "api".into();
+        extra.vip = "10.0.0.101:80".into();
+        c.services.push(extra);
+    });
+    let back = raw(&out);
+    let names: Vec<&str> = back.services.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["web", "dns", "api"], "{out}");
+    let web: Vec<&str> = back.services[0].backends.iter().map(|b| b.address.as_str()).collect();
+    assert_eq!(web, ["10.0.1.2:80", "10.0.1.3:80"], "{out}");
+    assert_eq!(back.services[1].backends.len(), 2, "{out}");
+    assert!(back.services[2].backends[1].backup, "{out}");
+    assert!(out.contains("# The web tier.") && out.contains("# used by the CLI"), "{out}");
+}
+
+#[test]
+fn removing_a_service_keeps_the_others() {
+    let out = patched(|c| c.services.retain(|s| s.name != "web"));
+    let back = raw(&out);
+    assert_eq!(back.services.len(), 1);
+    assert_eq!(back.services[0].name, "dns");
+    assert!(out.contains("# Front door of the shop.") && out.contains("# sized for two rings"), "{out}");
+}
+
+#[test]
+fn an_empty_file_gets_its_first_service() {
+    let old = raw("");
+    let mut new = old.clone();
+    new.services = raw(COMMENTED).services;
+    let out = patch("", &old, &new).expect("patch");
+    assert_eq!(toml::Value::try_from(raw(&out)).unwrap(), toml::Value::try_from(&new).unwrap(), "{out}");
+}
+
+#[test]
+fn round_trip_of_every_field() {
+    let out = patched(|c| {
+        let s = &mut c.services[0];
+        s.mode = "dsr".into();
+        s.scheduler = "least-conn".into();
+        s.ring_size = 251;
+        s.all_down = "fail-open".into();
+        s.drain_timeout_ms = 5;
+        s.passive_checks = Some(false);
+        s.health_check = Some(crate::config::RawHealthCheck { kind: Some("http".into()), path: Some("/h".into()), ..Default::default() });
+        s.backends[1].health_check = Some(crate::config::RawHealthCheck { port: Some(8080), ..Default::default() });
+    });
+    let back = raw(&out);
+    let s = &back.services[0];
+    assert_eq!((s.mode.as_str(), s.scheduler.as_str(), s.ring_size, s.all_down.as_str()), ("dsr", "least-conn", 251, "fail-open"), "{out}");
+    assert_eq!(s.health_check.as_ref().and_then(|h| h.path.as_deref()), Some("/h"), "{out}");
+    assert_eq!(s.backends[1].health_check.as_ref().and_then(|h| h.port), Some(8080), "{out}");
+    assert!(out.contains("# bigger box"), "{out}");
+}
+
+#[test]
+fn invalid_toml_is_an_error() {
+    let old = raw("");
+    assert!(matches!(patch("services = [", &old, &old), Err(EditError::Parse(_))));
+}
+
+#[test]
+fn atomic_write_keeps_mode_and_follows_symlinks() {
+    let dir = std::env::temp_dir().join(format!("xdp-lb-file-test-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    let real = dir.join("real.toml");
+    fs::write(&real, "old").unwrap();
+    fs::set_permissions(&real, fs::Permissions::from_mode(0o640)).unwrap();
+    let link = dir.join("link.toml");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    write_atomically(&link, b"new").unwrap();
+    assert_eq!(fs::read_to_string(&real).unwrap(), "new");
+    assert!(fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+    assert_eq!(fs::metadata(&real).unwrap().permissions().mode() & 0o7777, 0o640);
+    let leftovers: Vec<_> = fs::read_dir(&dir).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().ends_with(".tmp")).collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn load_refuses_a_missing_file() {
+    let err = load(Path::new("/nonexistent/xdp-lb.toml")).unwrap_err();
+    assert!(matches!(err, ConfigError::Read { .. }), "{err}");
+    assert!(err.to_string().contains("/nonexistent/xdp-lb.toml"), "{err}");
+}

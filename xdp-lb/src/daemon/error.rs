@@ -1,0 +1,61 @@
+//! What the daemon library can fail with. The API sends these to the CLI as their message.
+
+use crate::{config::file::EditError, config::ConfigError, config::FieldError, dataplane::DataplaneError, tables::ApplyError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The config text (file or file plus a CLI change) does not read or validate; lists every error.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A CLI change that would make the config invalid. One line (the CLI prints one error line),
+    /// in the same `field: problem` form as the file's errors.
+    #[error("{}; nothing was changed", crate::config::render_for_cli(errors))]
+    InvalidChange { path: String, errors: Vec<FieldError> },
+    #[error("unknown service \"{0}\"")]
+    UnknownService(String),
+    #[error("service \"{service}\" has no backend {address}")]
+    UnknownBackend { service: String, address: String },
+    #[error("service \"{0}\" already exists")]
+    ServiceExists(String),
+    #[error("backend {address} is already in service {service}")]
+    BackendExists { service: String, address: String },
+    #[error("[dataplane] sizes cannot change while running (restart xdp-lb to resize the maps)")]
+    Resize,
+    #[error(
+        "{path} was edited since the daemon last read it: run `xdp-lb reload` (or send SIGHUP) to apply the edit, \
+         then repeat this command; nothing was changed"
+    )]
+    EditedOnDisk { path: String },
+    #[error("cannot read {path} to check it for hand edits: {source}; nothing was changed")]
+    ReadBack { path: String, source: std::io::Error },
+    #[error("cannot put the change into {path}: {source}; nothing was changed")]
+    Edit { path: String, source: EditError },
+    #[error(
+        "writing {path} failed: {source}; the change was rolled back in the data plane, nothing was changed \
+         (CLI changes only run once they are saved in the config file)"
+    )]
+    Persist { path: String, source: std::io::Error },
+    #[error(
+        "{path} has no services, but the pinned data plane serves {running} service(s): starting would remove them \
+         all and stop their traffic. Refusing to start; the data plane keeps forwarding as it is. Fix {path} \
+         (is it empty or truncated?), or start with `xdp-lb run --allow-empty` to remove every service"
+    )]
+    EmptyAtStart { path: String, running: usize },
+    #[error(
+        "{path} has no services, but {running} service(s) run: reloading would remove them all. Refused; the \
+         running configuration stays. Fix {path}, or run `xdp-lb reload --allow-empty` to remove every service"
+    )]
+    EmptyReload { path: String, running: usize },
+    #[error("adopting the pinned maps: {0}")]
+    Adopt(#[source] DataplaneError),
+    #[error("programming the data plane failed (the previous configuration was restored): {0}")]
+    Program(#[source] ApplyError),
+    #[error("reading the data plane: {0}")]
+    Dataplane(#[from] DataplaneError),
+    #[error("{what} \"{value}\" {problem}")]
+    InvalidArgument { what: &'static str, value: String, problem: &'static str },
+    #[error("{destination}/{protocol} is not a virtual service: the packet would be passed to the kernel")]
+    NotAService { destination: std::net::SocketAddr, protocol: &'static str },
+    #[error("encoding the reply: {0}")]
+    Encode(#[from] serde_json::Error),
+}

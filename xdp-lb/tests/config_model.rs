@@ -1,0 +1,289 @@
+//! One source of truth: `--config` is read at start and on reload (SIGHUP or `xdp-lb reload`), and
+//! every CLI change is written into it. So restart and reload agree, no CLI change or hand edit is
+//! lost silently, and a degenerate file (empty, no services) never replaces a serving data plane
+//! unless the operator says so.
+
+#[allow(dead_code)]
+#[path = "control/support.rs"]
+mod support;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use support::*;
+use xdp_lb::api::{self, ConfigStatus, Request};
+use xdp_lb_testbed::{Daemon, Topology};
+
+fn config_status(daemon: &Daemon) -> ConfigStatus {
+    let response = api::call(daemon.socket(), &Request::Status).unwrap_or_else(|e| panic!("status request: {e}"));
+    assert!(response.ok, "status refused: {:?}", response.error);
+    serde_json::from_value(response.data["config"].clone()).unwrap_or_else(|e| panic!("status has no config part ({e}): {:#}", response.data))
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
+fn service_names(daemon: &Daemon) -> Vec<String> {
+    let s = status(daemon);
+    s.as_array().expect("status is a list").iter().map(|s| s["name"].as_str().unwrap_or_default().to_string()).collect()
+}
+
+fn has_backend(daemon: &Daemon, service: &str, address: &str) -> bool {
+    let s = status(daemon);
+    s.as_array()
+        .and_then(|all| all.iter().find(|s| s["name"] == service))
+        .and_then(|s| s["backends"].as_array())
+        .is_some_and(|b| b.iter().any(|b| b["address"] == address))
+}
+
+/// New connections through the VIP: every one must be answered, by one of `allowed`.
+fn assert_served_by(topo: &Topology, daemon: &Daemon, web: std::net::SocketAddr, allowed: &[usize], what: &str) {
+    let bodies = check(daemon, what, connections(topo.client(), web, 12));
+    let allowed: Vec<String> = allowed.iter().map(|&i| body(i)).collect();
+    assert!(bodies.iter().all(|b| allowed.contains(b)), "{what}: answered by {:?}, expected only {allowed:?}", tally(&bodies));
+}
+
+const COMMENTED: &str = "# Shop front: edited by hand and by the CLI.\n";
+
+#[test]
+fn cli_changes_go_into_the_config_and_survive_sighup_reload_and_restart() {
+    let topo = Topology::new("cfa", 3).expect("building the testbed");
+    let _servers = Servers::start_all(&topo);
+    let web = vip(&topo, 80);
+    let (b0, b1, b2) = (backend_addr(&topo, 0).to_string(), backend_addr(&topo, 1).to_string(), backend_addr(&topo, 2).to_string());
+    let config = format!(
+        "{COMMENTED}{}",
+        service_toml("web", web, &["# keep this comment"], &[(backend_addr(&topo, 0), &["weight = 1 # the big one"]), (backend_addr(&topo, 1), &[])])
+    );
+    let mut daemon = start_daemon(&topo, &config);
+    let path = daemon.config_path().to_path_buf();
+
+    // Drain, then SIGHUP: the drain is in the file, so the reload keeps it.
+    cli_ok(&daemon, &["backend", "drain", "web", &b1]);
+    let text = read(&path);
+    assert!(text.contains("drained = true"), "the drain is not in the config file:\n{text}");
+    for comment in [COMMENTED.trim(), "# keep this comment", "weight = 1 # the big one"] {
+        assert!(text.contains(comment), "the CLI change lost {comment:?}:\n{text}");
+    }
+    daemon.reload().unwrap_or_else(|e| panic!("SIGHUP: {e:?}"));
+    assert_eq!(backend(&status(&daemon), "web", backend_addr(&topo, 1))["drained"], true, "SIGHUP undid the drain");
+    assert_served_by(&topo, &daemon, web, &[0], "after drain + SIGHUP");
+    let c = config_status(&daemon);
+    assert_eq!(c.path, path.display().to_string());
+    assert!(!c.changed_on_disk, "the daemon's own write counts as a hand edit: {c:?}");
+
+    // Add a backend, then restart: the new daemon reads it from the file.
+    cli_ok(&daemon, &["backend", "add", "web", &b2]);
+    daemon.restart().unwrap_or_else(|e| panic!("restart: {e:?}"));
+    assert!(has_backend(&daemon, "web", &b2), "the CLI-added backend is gone after a restart");
+    assert_eq!(backend(&status(&daemon), "web", backend_addr(&topo, 1))["drained"], true, "the restart undid the drain");
+    assert_served_by(&topo, &daemon, web, &[0, 2], "after add + restart");
+
+    // A CLI-added service and `xdp-lb reload`: both paths read the same file.
+    let api = vip(&topo, 8080);
+    cli_ok(&daemon, &["service", "add", "api", "--vip", &api.to_string(), "--protocol", "tcp"]);
+    cli_ok(&daemon, &["backend", "add", "api", &b0]);
+    let out = cli_ok(&daemon, &["reload"]);
+    assert!(out.contains("2 service"), "reload output: {out}");
+    assert_eq!(service_names(&daemon), ["web", "api"]);
+    assert!(has_backend(&daemon, "api", &b0) && has_backend(&daemon, "web", &b2));
+    daemon.reload().unwrap_or_else(|e| panic!("SIGHUP: {e:?}"));
+    assert_eq!(service_names(&daemon), ["web", "api"]);
+    assert!(read(&path).contains(COMMENTED.trim()), "{}", read(&path));
+
+    // Undrain writes the file too.
+    cli_ok(&daemon, &["backend", "undrain", "web", &b1]);
+    daemon.restart().unwrap_or_else(|e| panic!("restart: {e:?}"));
+    assert_eq!(backend(&status(&daemon), "web", backend_addr(&topo, 1))["drained"], false);
+}
+
+#[test]
+fn config_edits_are_picked_up_at_restart_and_differences_are_reported() {
+    let topo = Topology::new("cfb", 2).expect("building the testbed");
+    let _servers = Servers::start_all(&topo);
+    let web = vip(&topo, 80);
+    let one = service_toml("web", web, &[], &[(backend_addr(&topo, 0), &[])]);
+    let mut daemon = start_daemon(&topo, &one);
+    // A CLI change first: under the old model it created the state file that then hid every edit.
+    cli_ok(&daemon, &["backend", "weight", "web", &backend_addr(&topo, 0).to_string(), "2"]);
+
+    let text = read(daemon.config_path());
+    let edited = format!("{text}{}", service_toml("api", vip(&topo, 8080), &[], &[(backend_addr(&topo, 1), &[])]));
+    daemon.write_config(&edited).expect("editing the config");
+    assert!(config_status(&daemon).changed_on_disk, "status does not show the unreloaded edit");
+    let out = cli_ok(&daemon, &["status"]);
+    assert!(out.contains("EDITED ON DISK"), "status text does not show the unreloaded edit:\n{out}");
+
+    daemon.restart().unwrap_or_else(|e| panic!("restart: {e:?}"));
+    assert_eq!(service_names(&daemon), ["web", "api"], "the restart ignored the edit\n{}", daemon.log());
+    assert_eq!(backend(&status(&daemon), "web", backend_addr(&topo, 0))["weight"], 2);
+    let c = config_status(&daemon);
+    assert!(!c.changed_on_disk, "{c:?}");
+    assert!(
+        c.start_differences.iter().any(|d| d.contains("service api") && d.contains("will be added")),
+        "status does not list what differed at start: {c:?}"
+    );
+    assert!(daemon.log().contains("differs from the config file"), "no WARN at start:\n{}", daemon.log());
+    let api_bodies = check(&daemon, "api", connections(topo.client(), vip(&topo, 8080), 3));
+    assert!(api_bodies.iter().all(|b| *b == body(1)), "{api_bodies:?}");
+}
+
+#[test]
+fn empty_config_at_start_is_refused_while_the_data_plane_serves() {
+    let topo = Topology::new("cfc", 2).expect("building the testbed");
+    let _servers = Servers::start_all(&topo);
+    let web = vip(&topo, 80);
+    let mut daemon = start_daemon(&topo, &service_toml("web", web, &[], &[(backend_addr(&topo, 0), &[]), (backend_addr(&topo, 1), &[])]));
+    assert_served_by(&topo, &daemon, web, &[0, 1], "before");
+
+    for (what, empty) in [("an empty file", ""), ("a file without services", "# nothing yet\n[dataplane]\n")] {
+        daemon.write_config(empty).expect("writing the config");
+        let err = daemon.restart().expect_err(&format!("the daemon started with {what}"));
+        let err = format!("{err:#}");
+        assert!(err.contains("--allow-empty") && err.contains("Refusing to start"), "{what}: unclear refusal:\n{err}");
+        // The pinned data plane was left alone: the VIP still answers.
+        assert_served_by(&topo, &daemon, web, &[0, 1], &format!("after refusing {what}"));
+    }
+
+    daemon.restart_with_args(&["--allow-empty"]).unwrap_or_else(|e| panic!("--allow-empty: {e:?}"));
+    assert!(service_names(&daemon).is_empty());
+    let after = topo.client().run(|| get(web, Duration::from_millis(700)));
+    assert!(after.is_err(), "the VIP still answers after an explicit --allow-empty: {after:?}");
+}
+
+#[test]
+fn reload_to_empty_is_refused_unless_allowed() {
+    let topo = Topology::new("cfd", 2).expect("building the testbed");
+    let _servers = Servers::start_all(&topo);
+    let web = vip(&topo, 80);
+    let mut daemon = start_daemon(&topo, &service_toml("web", web, &[], &[(backend_addr(&topo, 0), &[])]));
+    daemon.write_config("").expect("emptying the config");
+
+    let err = daemon.reload().expect_err("SIGHUP emptied the running services");
+    assert!(format!("{err:#}").contains("--allow-empty"), "{err:#}");
+    cli_err(&daemon, &["reload"], "--allow-empty");
+    assert_eq!(service_names(&daemon), ["web"]);
+    assert_served_by(&topo, &daemon, web, &[0], "after the refused reloads");
+
+    let out = cli_ok(&daemon, &["reload", "--allow-empty"]);
+    assert!(out.contains("0 service"), "{out}");
+    assert!(service_names(&daemon).is_empty());
+}
+
+#[test]
+fn a_cli_change_after_a_hand_edit_is_refused_and_neither_is_lost() {
+    let topo = Topology::new("cfe", 2).expect("building the testbed");
+    let _servers = Servers::start_all(&topo);
+    let web = vip(&topo, 80);
+    let (b0, b1) = (backend_addr(&topo, 0), backend_addr(&topo, 1));
+    let daemon = start_daemon(&topo, &service_toml("web", web, &[], &[(b0, &[]), (b1, &[])]));
+    let path = daemon.config_path().to_path_buf();
+
+    let edited = service_toml("web", web, &["# hand edit"], &[(b0, &["weight = 5"]), (b1, &[])]);
+    daemon.write_config(&edited).expect("editing");
+    cli_err(&daemon, &["backend", "drain", "web", &b1.to_string()], "xdp-lb reload");
+    assert_eq!(read(&path), edited, "the refused CLI change touched the hand-edited file");
+    let s = status(&daemon);
+    assert_eq!(backend(&s, "web", b1)["drained"], false, "the refused drain runs anyway");
+    assert_eq!(backend(&s, "web", b0)["weight"], 1, "the edit runs without a reload");
+
+    cli_ok(&daemon, &["reload"]);
+    cli_ok(&daemon, &["backend", "drain", "web", &b1.to_string()]);
+    let s = status(&daemon);
+    assert_eq!((backend(&s, "web", b0)["weight"].clone(), backend(&s, "web", b1)["drained"].clone()), (5.into(), true.into()));
+    let text = read(&path);
+    assert!(text.contains("# hand edit") && text.contains("weight = 5") && text.contains("drained = true"), "{text}");
+}
+
+/// A small tmpfs, unmounted on drop.
+struct SmallFs(PathBuf, #[allow(dead_code)] tempfile::TempDir);
+
+impl SmallFs {
+    fn mount() -> SmallFs {
+        let dir = tempfile::Builder::new().prefix("xdp-lb-cfg-").tempdir().expect("tempdir");
+        let path = dir.path().to_path_buf();
+        mount(&["-t", "tmpfs", "-o", "size=64k", "tmpfs", &path.display().to_string()]);
+        SmallFs(path, dir)
+    }
+
+    fn remount(&self, options: &str) {
+        mount(&["-o", &format!("remount,{options}"), &self.0.display().to_string()]);
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn mount(args: &[&str]) {
+    let out = Command::new("mount").args(args).output().expect("running mount");
+    assert!(out.status.success(), "mount {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn an_unwritable_config_refuses_the_change_and_leaves_the_data_plane() {
+    let topo = Topology::new("cff", 3).expect("building the testbed");
+    let _servers = Servers::start_all(&topo);
+    let web = vip(&topo, 80);
+    let fs = SmallFs::mount();
+    let path = fs.0.join("xdp-lb.toml");
+    let config = service_toml("web", web, &[], &[(backend_addr(&topo, 0), &[]), (backend_addr(&topo, 1), &[])]);
+    std::fs::write(&path, &config).expect("writing the config");
+    let daemon = Daemon::start_with_config_file(Path::new(XDP_LB), topo.lb(), &topo.lb_ifaces(), &path, &[])
+        .unwrap_or_else(|e| panic!("starting: {e:?}"));
+    let (b1, b2) = (backend_addr(&topo, 1).to_string(), backend_addr(&topo, 2).to_string());
+
+    // Disk full.
+    let filler = fs.0.join("filler");
+    let mut file = std::fs::File::create(&filler).expect("filler");
+    let chunk = [0u8; 4096];
+    let full = (0..64).any(|_| std::io::Write::write_all(&mut file, &chunk).is_err());
+    assert!(full, "64 KiB of filler did not fill the 64 KiB tmpfs");
+    cli_err(&daemon, &["backend", "drain", "web", &b1], "rolled back");
+    cli_err(&daemon, &["backend", "add", "web", &b2], "rolled back");
+    assert_eq!(read(&path), config);
+    assert_eq!(backend(&status(&daemon), "web", backend_addr(&topo, 1))["drained"], false, "the unsaved drain runs");
+    assert!(!has_backend(&daemon, "web", &b2), "the unsaved backend runs");
+    assert_served_by(&topo, &daemon, web, &[0, 1], "after the refused changes");
+    drop(file);
+    std::fs::remove_file(&filler).expect("removing the filler");
+
+    // Read-only.
+    fs.remount("ro");
+    let err = cli_err(&daemon, &["backend", "drain", "web", &b1], "rolled back");
+    assert!(err.to_lowercase().contains("read-only"), "{err}");
+    assert_eq!(backend(&status(&daemon), "web", backend_addr(&topo, 1))["drained"], false);
+
+    // Writable again: the same change goes through.
+    fs.remount("rw");
+    cli_ok(&daemon, &["backend", "drain", "web", &b1]);
+    assert!(read(&path).contains("drained = true"));
+    drop(daemon);
+}
+
+#[test]
+fn a_missing_config_and_the_removed_state_flags_are_errors() {
+    let run = |args: &[&str]| {
+        let out = Command::new(XDP_LB).args(args).output().expect("running xdp-lb");
+        assert!(!out.status.success(), "xdp-lb {args:?} succeeded");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let socket = tempfile::tempdir().expect("tempdir");
+    let socket = socket.path().join("s.sock").display().to_string();
+    let err = run(&["--socket", &socket, "run", "--config", "/nonexistent/xdp-lb.toml", "--iface", "lo", "--no-pin"]);
+    assert!(err.contains("/nonexistent/xdp-lb.toml"), "{err}");
+    let err = run(&["check", "--config", "/nonexistent/xdp-lb.toml"]);
+    assert!(err.contains("/nonexistent/xdp-lb.toml"), "{err}");
+    for flag in [&["--state-file", "/tmp/state.toml"][..], &["--no-state"]] {
+        let mut args = vec!["--socket", &socket, "run", "--config", "/nonexistent/xdp-lb.toml", "--iface", "lo", "--no-pin"];
+        args.extend_from_slice(flag);
+        let err = run(&args);
+        assert!(err.contains("written into it") && err.contains("--config"), "{flag:?}: {err}");
+    }
+}
