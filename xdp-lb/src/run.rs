@@ -187,8 +187,10 @@ async fn accept_clients(listener: UnixListener, jobs: mpsc::Sender<Job>, answeri
         match listener.accept().await {
             Ok((stream, _)) => {
                 let Ok(slot) = slots.clone().try_acquire_owned() else {
-                    // Answered at once rather than queued, so a flood cannot hold the CLI waiting.
-                    tokio::spawn(refuse_busy(stream));
+                    // Answered at once rather than queued, so a flood cannot hold the CLI waiting;
+                    // without a task or a wait: the short answer fits the socket's send buffer.
+                    let busy = format!("the daemon is busy: it serves at most {} API clients at once; try again", api::MAX_CLIENTS);
+                    let _ = stream.try_write(response_line(&Response::error(busy)).as_bytes());
                     continue;
                 };
                 answering.fetch_add(1, Ordering::Relaxed);
@@ -205,11 +207,6 @@ async fn accept_clients(listener: UnixListener, jobs: mpsc::Sender<Job>, answeri
             }
         }
     }
-}
-
-async fn refuse_busy(mut stream: UnixStream) {
-    let response = Response::error(format!("the daemon is busy: it serves at most {} API clients at once; try again", api::MAX_CLIENTS));
-    let _ = tokio::time::timeout(REQUEST_TIMEOUT, write_response(&mut stream, &response)).await;
 }
 
 async fn serve_client(stream: UnixStream, jobs: mpsc::Sender<Job>) {
@@ -245,9 +242,13 @@ async fn read_request(read: impl tokio::io::AsyncRead + Unpin) -> Result<Request
 }
 
 async fn write_response(write: &mut (impl tokio::io::AsyncWrite + Unpin), response: &Response) -> std::io::Result<()> {
+    write.write_all(response_line(response).as_bytes()).await
+}
+
+fn response_line(response: &Response) -> String {
     let mut text = serde_json::to_string(response).unwrap_or_else(|_| "{\"ok\":false}".into());
     text.push('\n');
-    write.write_all(text.as_bytes()).await
+    text
 }
 
 async fn accept_scrapes(listener: TcpListener, scrapes: mpsc::Sender<oneshot::Sender<String>>) {
