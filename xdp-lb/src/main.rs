@@ -137,12 +137,17 @@ fn main() -> std::process::ExitCode {
 /// so log files and journald get plain text.
 fn init_logging() {
     use std::io::IsTerminal;
-    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let colour = use_colour(std::io::stderr().is_terminal(), std::env::var_os("NO_COLOR").as_deref());
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .with_ansi(colour)
         .init();
+}
+
+/// <https://no-color.org>: a set, non-empty `NO_COLOR` turns colours off even on a terminal.
+fn use_colour(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
 /// `xdp-lb check`: a sentence, or with `--json` one object — `{"ok":true,"config":..,"services":N}`
@@ -176,5 +181,18 @@ fn check(path: &std::path::Path, json: bool) -> anyhow::Result<()> {
             ConfigError::Invalid { errors, .. } => errors.len(),
             _ => 1,
         })),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::OsStr;
+
+    #[test]
+    fn colours_only_on_a_terminal_without_no_color() {
+        assert!(super::use_colour(true, None));
+        assert!(super::use_colour(true, Some(OsStr::new(""))), "an empty NO_COLOR is unset");
+        assert!(!super::use_colour(true, Some(OsStr::new("1"))));
+        assert!(!super::use_colour(false, None), "a file or a pipe gets plain text");
     }
 }
