@@ -33,7 +33,7 @@ use xdp_lb::{
 const TICK: Duration = Duration::from_millis(500);
 /// DSR cannot fall back to the kernel for an unresolved neighbour, so refresh them regularly.
 const NEIGHBOUR_REFRESH: Duration = Duration::from_secs(15);
-/// A CLI client gets this long to send its request line.
+/// A CLI client gets this long to send its request line, and again to read the answer.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct Options {
@@ -223,7 +223,8 @@ async fn serve_client(stream: UnixStream, jobs: mpsc::Sender<Job>) {
         Ok(Err(refusal)) => refusal,
         Err(_) => Response::error("no request received in time"),
     };
-    let _ = write_response(&mut write, &response).await;
+    // A client that does not read its answer must not keep its slot: the write gets a deadline too.
+    let _ = tokio::time::timeout(REQUEST_TIMEOUT, write_response(&mut write, &response)).await;
 }
 
 /// Reads one request line of at most [`api::MAX_REQUEST_BYTES`]; anything else is answered with an

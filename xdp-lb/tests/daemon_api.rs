@@ -206,3 +206,42 @@ fn a_second_daemon_on_the_same_pins_is_refused_and_disruptive_updates_need_force
     assert_eq!(json(&daemon, &["service", "list"])[0]["mode"], "dsr");
     assert!(daemon.log().contains("forced"), "the daemon logs a forced change:\n{}", daemon.log());
 }
+
+/// Clients that send a request and never read the answer hold a slot only until the write times
+/// out, not forever: an answer larger than the socket buffer (a status of 1,500 backends, ~400 kB)
+/// blocks the daemon's write.
+#[test]
+fn clients_that_never_read_their_answer_give_their_slot_back() {
+    const BACKENDS: u16 = 1500;
+    let topo = Topology::new("apislow", 1).expect("building the testbed");
+    let ip = backend_addr(&topo, 0).ip();
+    let backends: Vec<_> = (0..BACKENDS).map(|i| (std::net::SocketAddr::new(ip, 1000 + i), &[][..])).collect();
+    let settings = ["[services.health_check]", "kind = \"none\""];
+    let daemon = RawDaemon::start(&topo, "slow", &service_toml("web", vip(&topo, 80), &settings, &backends));
+    let out = daemon.cli(&["--json", "status"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.stdout.len() > 300_000, "the answer must exceed the socket buffer: {} bytes", out.stdout.len());
+
+    let silent: Vec<UnixStream> = (0..MAX_CLIENTS)
+        .map(|_| {
+            let s = UnixStream::connect(daemon.socket()).expect("connecting");
+            (&s).write_all(b"{\"command\":\"status\"}\n").unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let out = daemon.cli(&["status"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("busy"), "all slots are taken by now");
+    // The daemon gives up on them after its 5 s timeout, although they are still connected.
+    let start = Instant::now();
+    loop {
+        let out = daemon.cli(&["status"]);
+        if out.status.success() {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(15), "slots still held after {:?}: {}", start.elapsed(), String::from_utf8_lossy(&out.stderr));
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    eprintln!("slots back after {:?}", start.elapsed());
+    drop(silent);
+}
