@@ -213,11 +213,11 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
-    #[error("the daemon at {path} closed the connection without answering (did it stop or crash?)")]
-    NoAnswer { path: String },
+    #[error("the daemon at {path} {what}")]
+    NoAnswer { path: String, what: &'static str },
     /// A change was sent but no answer came back: it may or may not have been applied.
-    #[error("the daemon at {path} went away before answering: whether the change was applied is unknown; check with `xdp-lb status` or `xdp-lb service list`")]
-    OutcomeUnknown { path: String },
+    #[error("the daemon at {path} {what}: whether the change was applied is unknown; check with `xdp-lb status` or `xdp-lb service list`")]
+    OutcomeUnknown { path: String, what: &'static str },
     #[error("the daemon sent an unreadable answer: {0}")]
     Protocol(String),
 }
@@ -267,15 +267,22 @@ pub fn call(socket: &Path, request: &Request) -> Result<Response, ClientError> {
     let mut answer = String::new();
     let read = BufReader::new(stream).read_line(&mut answer);
     let lost = match &read {
-        Ok(0) => true,
-        Ok(_) => false,
-        Err(e) => matches!(
-            e.kind(),
-            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-        ),
+        Ok(0) => Some("closed the connection without answering (did it stop or crash?)"),
+        Ok(_) => None,
+        Err(e) => match e.kind() {
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::UnexpectedEof => {
+                Some("closed the connection without answering (did it stop or crash?)")
+            }
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => Some("did not answer within 30 s"),
+            _ => None,
+        },
     };
-    if lost {
-        return Err(if request.is_change() { ClientError::OutcomeUnknown { path } } else { ClientError::NoAnswer { path } });
+    if let Some(what) = lost {
+        return Err(if request.is_change() {
+            ClientError::OutcomeUnknown { path, what }
+        } else {
+            ClientError::NoAnswer { path, what }
+        });
     }
     read.map_err(io("reading the answer of"))?;
     serde_json::from_str(&answer).map_err(|e| ClientError::Protocol(format!("{e}: {answer:?}")))
