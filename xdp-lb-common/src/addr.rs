@@ -37,7 +37,7 @@ pub fn to_bytes(addr: &Addr) -> [u8; 16] {
     bytes
 }
 
-#[cfg(feature = "std")]
+#[cfg(any(feature = "std", test))]
 pub fn from_ip(ip: core::net::IpAddr) -> Addr {
     match ip {
         core::net::IpAddr::V4(v4) => from_v4_word(u32::from_ne_bytes(v4.octets())),
@@ -45,7 +45,7 @@ pub fn from_ip(ip: core::net::IpAddr) -> Addr {
     }
 }
 
-#[cfg(feature = "std")]
+#[cfg(any(feature = "std", test))]
 pub fn to_ip(addr: &Addr) -> core::net::IpAddr {
     if is_v4_mapped(addr) {
         core::net::IpAddr::V4(core::net::Ipv4Addr::from(addr[3].to_ne_bytes()))
@@ -54,7 +54,7 @@ pub fn to_ip(addr: &Addr) -> core::net::IpAddr {
     }
 }
 
-#[cfg(all(test, feature = "std"))]
+#[cfg(test)]
 mod tests {
     use super::*;
     use core::net::IpAddr;

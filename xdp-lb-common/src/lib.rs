@@ -5,16 +5,18 @@
 //! plain functions over integers, byte slices and [`packet::Frame`]s, tested on the host.
 #![no_std]
 
-#[cfg(feature = "std")]
+// Tests always have std (the host runs them), so `cargo test -p xdp-lb-common` runs the Maglev,
+// sequence and address tests without `--features std`.
+#[cfg(any(feature = "std", test))]
 extern crate std;
 
 pub mod addr;
 pub mod checksum;
 pub mod hash;
-#[cfg(feature = "std")]
+#[cfg(any(feature = "std", test))]
 pub mod maglev;
 pub mod maps;
 pub mod packet;
 pub mod reasons;
-#[cfg(feature = "std")]
+#[cfg(any(feature = "std", test))]
 pub mod sequence;

@@ -1,6 +1,6 @@
 //! The real `xdp-lb` binary, run inside the lb namespace and driven through its public interface: a
-//! config file (which CLI changes are written back to), SIGHUP to reload, SIGTERM to stop (which
-//! prints the counters as JSON on stdout).
+//! config file (which CLI changes are written back to), SIGHUP to reload, SIGTERM to stop, and its
+//! API socket for the counters.
 
 use std::{
     fs::File,
@@ -266,7 +266,7 @@ impl Daemon {
         self.reload()
     }
 
-    /// Sends SIGTERM, waits for a clean exit and returns stdout (the JSON counters); then removes
+    /// Sends SIGTERM, waits for a clean exit and returns stdout (empty unless something printed); then removes
     /// the pins, which detaches the data plane.
     pub fn stop(mut self) -> anyhow::Result<String> {
         let stdout = self.terminate();
@@ -298,10 +298,27 @@ impl Daemon {
         Ok(stdout)
     }
 
-    /// [`Daemon::stop`], parsing the counters.
+    /// The counters, read just before [`Daemon::stop`].
     pub fn stop_stats(self) -> anyhow::Result<Stats> {
-        let stdout = self.stop()?;
-        Stats::parse(&stdout)
+        let stats = self.stats()?;
+        self.stop()?;
+        Ok(stats)
+    }
+
+    /// The counters now, asked over the API socket: the raw snapshot `xdp-lb stats` starts from.
+    pub fn stats(&self) -> anyhow::Result<Stats> {
+        use std::io::Write;
+        let mut stream = std::os::unix::net::UnixStream::connect(&self.socket)
+            .with_context(|| format!("connecting to {}", self.socket.display()))?;
+        stream.set_read_timeout(Some(STOP_TIMEOUT))?;
+        stream.write_all(b"{\"command\":\"stats\"}\n")?;
+        let mut line = String::new();
+        BufReader::new(stream).read_line(&mut line)?;
+        let answer: serde_json::Value = serde_json::from_str(&line).with_context(|| format!("the stats answer {line:?}"))?;
+        if answer["ok"] != true {
+            bail!("the daemon refused the stats request: {line}");
+        }
+        serde_json::from_value(answer["data"]["snapshot"].clone()).with_context(|| format!("parsing the counters in {line}"))
     }
 
     fn config(&self) -> String {

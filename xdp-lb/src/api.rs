@@ -10,7 +10,10 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{RawHealthCheck, RawService};
+use crate::{
+    config::{RawHealthCheck, RawService},
+    stats::Snapshot,
+};
 
 pub const DEFAULT_SOCKET: &str = "/run/xdp-lb/xdp-lb.sock";
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/xdp-lb";
@@ -49,6 +52,9 @@ pub struct ServiceChanges {
     pub drain_timeout_ms: Option<u64>,
     pub health_check: Option<RawHealthCheck>,
     pub passive_checks: Option<bool>,
+    /// Apply changes that break established connections (see [`ServiceChanges::disruptions`]).
+    #[serde(default)]
+    pub force: bool,
 }
 
 /// The config file as the daemon sees it (part of the `status` reply).
@@ -66,6 +72,142 @@ pub struct ConfigStatus {
     #[serde(default)]
     pub start_differences: Vec<String>,
 }
+
+/// The `service update` options, for the error that refuses an update without any.
+pub const UPDATE_OPTIONS: &str = "--vip, --protocol, --mode, --scheduler, --ring-size, --all-down, --drain-timeout-ms, \
+--check, --check-port, --check-path, --check-expect, --check-interval-ms, --check-timeout-ms, --rise, --fall, --passive-checks";
+
+impl ServiceChanges {
+    /// Nothing would change: such an update is refused rather than reported as done.
+    pub fn is_empty(&self) -> bool {
+        let ServiceChanges { vip, protocol, mode, scheduler, ring_size, all_down, drain_timeout_ms, health_check, passive_checks, force: _ } =
+            self;
+        vip.is_none()
+            && protocol.is_none()
+            && mode.is_none()
+            && scheduler.is_none()
+            && ring_size.is_none()
+            && all_down.is_none()
+            && drain_timeout_ms.is_none()
+            && health_check.is_none()
+            && passive_checks.is_none()
+    }
+
+    /// What these changes would break for `current`'s established connections, one sentence each
+    /// (empty: nothing). Such changes need `force`.
+    pub fn disruptions(&self, current: &RawService) -> Vec<String> {
+        let name = &current.name;
+        let mut out = Vec::new();
+        if let Some(vip) = self.vip.as_deref().filter(|v| !same_socket_address(v, &current.vip)) {
+            out.push(format!(
+                "moving service {name} from VIP {} to {vip} ends every established connection to the old VIP \
+                 (its packets no longer match a service and go to the kernel)",
+                current.vip
+            ));
+        }
+        if let Some(protocol) = self.protocol.as_deref().filter(|p| !p.eq_ignore_ascii_case(&current.protocol)) {
+            out.push(format!(
+                "changing service {name}'s protocol from {} to {protocol} ends every established {} connection",
+                current.protocol, current.protocol
+            ));
+        }
+        if self.mode.as_deref().is_some_and(|m| m.eq_ignore_ascii_case("dsr")) && !current.mode.eq_ignore_ascii_case("dsr") {
+            out.push(format!(
+                "switching service {name} to dsr breaks its established NAT connections (their replies are no longer \
+                 translated) and needs every backend to hold the VIP {} on its loopback (with arp_ignore=1)",
+                current.vip
+            ));
+        }
+        out
+    }
+}
+
+/// Compares addresses as socket addresses when both parse (so "[::1]:80" matches "[0::1]:80").
+pub fn same_socket_address(a: &str, b: &str) -> bool {
+    match (a.parse::<std::net::SocketAddr>(), b.parse::<std::net::SocketAddr>()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
+    }
+}
+
+/// Answer to `backend-list` and `status`: one per service.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    pub name: String,
+    pub vip: String,
+    pub protocol: String,
+    pub mode: String,
+    pub scheduler: String,
+    /// "ok", "on-backups" or "all-down".
+    pub state: String,
+    pub backends: Vec<BackendStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BackendStatus {
+    pub address: String,
+    pub weight: u32,
+    /// Weight in the ring right now (0: no new flows).
+    pub effective_weight: u32,
+    pub backup: bool,
+    pub drained: bool,
+    /// "up", "down", "unknown" or "unchecked".
+    pub health: String,
+    /// Failed its checks: established flows are moved to other backends.
+    pub down: bool,
+    /// Held out by the passive checks (SYNs went unanswered).
+    pub passive_down: bool,
+    /// Open flows (NAT TCP services; `null` where the balancer cannot see flows end).
+    pub active_flows: Option<u64>,
+    pub last_check: Option<String>,
+    pub check_latency_us: Option<u64>,
+}
+
+/// Answer to `stats`: the raw counters and when they were read (the CLI turns two into rates).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct StatsReply {
+    pub unix_ms: u64,
+    pub snapshot: Snapshot,
+}
+
+/// Answer to `explain`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Explanation {
+    pub service: String,
+    /// The backend the flow goes to; `None` when it depends on arrival order or there is none.
+    pub backend: Option<String>,
+    /// "connection-table", "maglev", "least-conn", "round-robin" or "no-backend".
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ring_size: Option<u32>,
+    pub explanation: String,
+}
+
+/// Answer to `status`: the config file's state and every service's.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StatusReply {
+    pub config: ConfigStatus,
+    pub services: Vec<ServiceStatus>,
+}
+
+/// Answer to `reload`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ReloadReply {
+    /// Services running after the reload.
+    pub services: usize,
+}
+
+/// Answer to `stop`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StopReply {
+    pub stopping: bool,
+    pub detach: bool,
+}
+
+/// Answer to `service-list`: the desired services as the config file spells them.
+pub type ServiceList = Vec<RawService>;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Response {
@@ -90,28 +232,97 @@ impl Response {
 pub enum ClientError {
     #[error("the xdp-lb daemon is not running (no socket at {path}); start it with `xdp-lb run`")]
     NotRunning { path: String },
+    #[error("the xdp-lb daemon is not running: {path} is a stale socket left by a daemon that is gone; start it with `xdp-lb run` (which replaces the socket)")]
+    Stale { path: String },
     #[error("permission denied on {path}: the daemon's socket is for root only")]
     Permission { path: String },
-    #[error("talking to the daemon at {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    // The OS error is the source, not part of this message: `{:#}` prints the chain once.
+    #[error("{doing} the daemon at {path}")]
+    Io {
+        doing: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the daemon at {path} {what}")]
+    NoAnswer { path: String, what: &'static str },
+    /// A change was sent but no answer came back: it may or may not have been applied.
+    #[error("the daemon at {path} {what}: whether the change was applied is unknown; check with `xdp-lb status` or `xdp-lb service list`")]
+    OutcomeUnknown { path: String, what: &'static str },
     #[error("the daemon sent an unreadable answer: {0}")]
     Protocol(String),
+}
+
+/// The longest request line the daemon reads; a longer one is answered with an error and the
+/// connection closed, so one client cannot make the daemon buffer without bound.
+pub const MAX_REQUEST_BYTES: usize = 1 << 20;
+/// How many API clients the daemon serves at once; more are answered "busy" right away.
+pub const MAX_CLIENTS: usize = 32;
+
+impl Request {
+    /// Whether the request changes the desired state (so a lost answer leaves its outcome unknown).
+    pub fn is_change(&self) -> bool {
+        !matches!(
+            self,
+            Request::ServiceList | Request::BackendList { .. } | Request::Status | Request::Stats | Request::Explain { .. }
+        )
+    }
+}
+
+impl Response {
+    /// The answer's data as the type the daemon serialised.
+    pub fn decode<T: serde::de::DeserializeOwned>(self, what: &str) -> Result<T, ClientError> {
+        serde_json::from_value(self.data).map_err(|e| ClientError::Protocol(format!("the answer to {what} does not fit: {e}")))
+    }
 }
 
 /// Sends one request and waits for the answer.
 pub fn call(socket: &Path, request: &Request) -> Result<Response, ClientError> {
     let path = socket.display().to_string();
     let mut stream = UnixStream::connect(socket).map_err(|source| match source.kind() {
-        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => ClientError::NotRunning { path: path.clone() },
+        std::io::ErrorKind::NotFound => ClientError::NotRunning { path: path.clone() },
+        // A socket file that nobody listens on: what a daemon that died leaves behind.
+        std::io::ErrorKind::ConnectionRefused if is_socket(socket) => ClientError::Stale { path: path.clone() },
+        std::io::ErrorKind::ConnectionRefused => ClientError::NotRunning { path: path.clone() },
         std::io::ErrorKind::PermissionDenied => ClientError::Permission { path: path.clone() },
-        _ => ClientError::Io { path: path.clone(), source },
+        _ => ClientError::Io { doing: "connecting to", path: path.clone(), source },
     })?;
-    let io = |source| ClientError::Io { path: path.clone(), source };
-    stream.set_read_timeout(Some(Duration::from_secs(30))).map_err(io)?;
+    let io = |doing| {
+        let path = path.clone();
+        move |source| ClientError::Io { doing, path, source }
+    };
+    stream.set_read_timeout(Some(Duration::from_secs(30))).map_err(io("talking to"))?;
     let mut line = serde_json::to_string(request).map_err(|e| ClientError::Protocol(e.to_string()))?;
     line.push('\n');
-    stream.write_all(line.as_bytes()).map_err(io)?;
+    stream.write_all(line.as_bytes()).map_err(io("sending the request to"))?;
     let mut answer = String::new();
-    BufReader::new(stream).read_line(&mut answer).map_err(io)?;
+    let read = BufReader::new(stream).read_line(&mut answer);
+    let lost = match &read {
+        Ok(0) => Some("closed the connection without answering (did it stop or crash?)"),
+        Ok(_) => None,
+        Err(e) => match e.kind() {
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::UnexpectedEof => {
+                Some("closed the connection without answering (did it stop or crash?)")
+            }
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => Some("did not answer within 30 s"),
+            _ => None,
+        },
+    };
+    if let Some(what) = lost {
+        return Err(if request.is_change() {
+            ClientError::OutcomeUnknown { path, what }
+        } else {
+            ClientError::NoAnswer { path, what }
+        });
+    }
+    read.map_err(io("reading the answer of"))?;
     serde_json::from_str(&answer).map_err(|e| ClientError::Protocol(format!("{e}: {answer:?}")))
 }
+
+fn is_socket(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
+}
+
+#[cfg(test)]
+mod tests;

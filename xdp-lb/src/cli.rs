@@ -1,16 +1,38 @@
 //! The operator commands: each builds one API request, sends it to the daemon and prints the
 //! answer as a table (or as JSON with `--json`). Any error exits non-zero with one line.
+//!
+//! Everything goes to stdout through [`out`], which turns a closed pipe (`xdp-lb status | head -1`)
+//! into [`StdoutClosed`] instead of a panic; `main` exits 0 on it.
 
-use std::{path::Path, time::Duration};
+use std::{
+    fmt::Display,
+    io::Write,
+    path::Path,
+    time::Duration,
+};
 
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
-use serde_json::Value;
+use serde::Serialize;
 use xdp_lb::{
-    api::{self, Request, ServiceChanges},
+    api::{self, Explanation, Request, ServiceChanges, ServiceList, ServiceStatus, StatsReply},
     config::{RawHealthCheck, RawService},
     stats::Snapshot,
 };
+
+/// Whoever read our output has gone (`| head`): not an error, there is just nobody left to tell.
+#[derive(Debug, thiserror::Error)]
+#[error("stdout was closed by its reader")]
+pub struct StdoutClosed;
+
+/// Prints one line on stdout.
+pub fn out(line: impl Display) -> Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{line}").map_err(|e| match e.kind() {
+        std::io::ErrorKind::BrokenPipe => anyhow::Error::new(StdoutClosed),
+        _ => anyhow::Error::new(e).context("writing to stdout"),
+    })
+}
 
 #[derive(Subcommand)]
 pub enum ServiceCommand {
@@ -20,11 +42,14 @@ pub enum ServiceCommand {
         #[command(flatten)]
         settings: ServiceSettings,
     },
-    /// Change settings of a service (only the options given).
+    /// Change settings of a service (only the options given). Changing --vip or --protocol, or
+    /// switching to --mode dsr, breaks established connections and needs --force.
     Update {
         name: String,
         #[command(flatten)]
         settings: ServiceSettings,
+        #[command(flatten)]
+        flags: UpdateFlags,
     },
     /// Remove a service and stop balancing its VIP.
     Remove { name: String },
@@ -75,6 +100,13 @@ pub struct ServiceSettings {
     /// Passive checks (count unanswered SYNs; NAT TCP only): true | false.
     #[arg(long)]
     passive_checks: Option<bool>,
+}
+
+#[derive(Args)]
+pub struct UpdateFlags {
+    /// Apply a change that breaks established connections (--vip, --protocol, --mode dsr).
+    #[arg(long)]
+    force: bool,
 }
 
 impl ServiceSettings {
@@ -130,21 +162,25 @@ pub struct Client<'a> {
 }
 
 impl Client<'_> {
-    fn call(&self, request: &Request) -> Result<Value> {
+    fn call(&self, request: &Request) -> Result<api::Response> {
         let response = api::call(self.socket, request)?;
         if !response.ok {
             bail!("{}", response.error.unwrap_or_else(|| "the daemon refused the request".into()));
         }
-        Ok(response.data)
+        Ok(response)
+    }
+
+    /// Sends `request` and decodes its answer into the type the daemon serialised.
+    fn ask<T: serde::de::DeserializeOwned>(&self, request: &Request, what: &str) -> Result<T> {
+        Ok(self.call(request)?.decode(what)?)
     }
 
     fn done(&self, what: &str) -> Result<()> {
         if self.json {
-            println!("{{\"ok\":true}}");
+            out("{\"ok\":true}")
         } else {
-            println!("{what}");
+            out(what)
         }
-        Ok(())
     }
 
     pub fn service(&self, command: ServiceCommand) -> Result<()> {
@@ -165,8 +201,9 @@ impl Client<'_> {
                 self.call(&Request::ServiceAdd { service })?;
                 self.done(&format!("service {name} added"))
             }
-            ServiceCommand::Update { name, settings } => {
+            ServiceCommand::Update { name, settings, flags } => {
                 let changes = ServiceChanges {
+                    force: flags.force,
                     health_check: settings.health_check(),
                     vip: settings.vip,
                     protocol: settings.protocol,
@@ -177,6 +214,9 @@ impl Client<'_> {
                     drain_timeout_ms: settings.drain_timeout_ms,
                     passive_checks: settings.passive_checks,
                 };
+                if changes.is_empty() {
+                    bail!("service update {name}: nothing to change; give at least one of {}", api::UPDATE_OPTIONS);
+                }
                 self.call(&Request::ServiceUpdate { name: name.clone(), changes })?;
                 self.done(&format!("service {name} updated"))
             }
@@ -185,25 +225,24 @@ impl Client<'_> {
                 self.done(&format!("service {name} removed"))
             }
             ServiceCommand::List => {
-                let data = self.call(&Request::ServiceList)?;
+                let services: ServiceList = self.ask(&Request::ServiceList, "service list")?;
                 if self.json {
-                    return print_json(&data);
+                    return print_json(&services);
                 }
-                let rows = array(&data)
+                let rows = services
                     .iter()
                     .map(|s| {
                         vec![
-                            text(&s["name"]),
-                            text(&s["vip"]),
-                            text(&s["protocol"]),
-                            text(&s["mode"]),
-                            text(&s["scheduler"]),
-                            array(&s["backends"]).len().to_string(),
+                            s.name.clone(),
+                            s.vip.clone(),
+                            s.protocol.clone(),
+                            s.mode.clone(),
+                            s.scheduler.clone(),
+                            s.backends.len().to_string(),
                         ]
                     })
                     .collect();
-                print_table(&["SERVICE", "VIP", "PROTO", "MODE", "SCHEDULER", "BACKENDS"], rows);
-                Ok(())
+                print_table(&["SERVICE", "VIP", "PROTO", "MODE", "SCHEDULER", "BACKENDS"], rows)
             }
         }
     }
@@ -239,52 +278,43 @@ impl Client<'_> {
     }
 
     pub fn status(&self, service: Option<String>) -> Result<()> {
-        if service.is_none() && !self.json {
-            let status = self.call(&Request::Status)?;
-            let config: api::ConfigStatus = serde_json::from_value(status["config"].clone())?;
-            print_config_status(&config);
-        }
-        let data = self.call(&Request::BackendList { service })?;
-        if self.json {
-            return print_json(&data);
-        }
-        let mut rows = Vec::new();
-        for s in array(&data) {
-            println!(
-                "{} {} {}/{} {} [{}]",
-                text(&s["name"]),
-                text(&s["vip"]),
-                text(&s["protocol"]),
-                text(&s["mode"]),
-                text(&s["scheduler"]),
-                text(&s["state"])
-            );
-            rows.clear();
-            for b in array(&s["backends"]) {
-                let mut flags = Vec::new();
-                if b["backup"] == true {
-                    flags.push("backup");
+        // One request, so the header and the table describe the same moment.
+        let services: Vec<ServiceStatus> = match service {
+            Some(_) => self.ask(&Request::BackendList { service }, "status")?,
+            None => {
+                let status: api::StatusReply = self.ask(&Request::Status, "status")?;
+                if !self.json {
+                    print_config_status(&status.config)?;
                 }
-                if b["drained"] == true {
-                    flags.push("drained");
-                }
-                if b["down"] == true {
-                    flags.push("down");
-                }
-                rows.push(vec![
-                    format!("  {}", text(&b["address"])),
-                    text(&b["health"]),
-                    format!("{}/{}", b["effective_weight"], b["weight"]),
-                    if b["active_flows"].is_null() { "-".into() } else { b["active_flows"].to_string() },
-                    match (&b["last_check"], &b["check_latency_us"]) {
-                        (Value::Null, _) => "-".into(),
-                        (c, Value::Number(us)) if c == "ok" => format!("ok {us}µs"),
-                        (c, _) => text(c),
-                    },
-                    flags.join(","),
-                ]);
+                status.services
             }
-            print_table(&["  BACKEND", "HEALTH", "WEIGHT", "FLOWS", "LAST CHECK", "FLAGS"], std::mem::take(&mut rows));
+        };
+        if self.json {
+            return print_json(&services);
+        }
+        for s in &services {
+            out(format_args!("{} {} {}/{} {} [{}]", s.name, s.vip, s.protocol, s.mode, s.scheduler, s.state))?;
+            let rows = s
+                .backends
+                .iter()
+                .map(|b| {
+                    let flags: Vec<&str> =
+                        [(b.backup, "backup"), (b.drained, "drained"), (b.down, "down")].into_iter().filter(|f| f.0).map(|f| f.1).collect();
+                    vec![
+                        format!("  {}", b.address),
+                        b.health.clone(),
+                        format!("{}/{}", b.effective_weight, b.weight),
+                        b.active_flows.map_or_else(|| "-".into(), |n| n.to_string()),
+                        match (&b.last_check, b.check_latency_us) {
+                            (None, _) => "-".into(),
+                            (Some(c), Some(us)) if c == "ok" => format!("ok {us}µs"),
+                            (Some(c), _) => c.clone(),
+                        },
+                        flags.join(","),
+                    ]
+                })
+                .collect();
+            print_table(&["  BACKEND", "HEALTH", "WEIGHT", "FLOWS", "LAST CHECK", "FLAGS"], rows)?;
         }
         Ok(())
     }
@@ -293,8 +323,8 @@ impl Client<'_> {
     /// interrupted).
     pub fn stats(&self, watch: bool, interval: Duration, count: Option<u32>) -> Result<()> {
         let take = || -> Result<(u64, Snapshot)> {
-            let data = self.call(&Request::Stats)?;
-            Ok((data["unix_ms"].as_u64().unwrap_or(0), serde_json::from_value(data["snapshot"].clone())?))
+            let reply: StatsReply = self.ask(&Request::Stats, "stats")?;
+            Ok((reply.unix_ms, reply.snapshot))
         };
         let mut before = take()?;
         let rounds = if watch { count.unwrap_or(u32::MAX) } else { 1 };
@@ -311,21 +341,31 @@ impl Client<'_> {
         let secs = ((t1.saturating_sub(*t0)) as f64 / 1000.0).max(0.001);
         let rate = |x: u64, y: u64| (y.saturating_sub(x)) as f64 / secs;
         if self.json {
-            let services: Vec<Value> = b
+            let services = b
                 .services
                 .iter()
                 .zip(&a.services)
-                .map(|(s, s0)| {
-                    serde_json::json!({
-                        "name": s.name, "packets_per_s": rate(s0.packets, s.packets), "bits_per_s": 8.0 * rate(s0.bytes, s.bytes),
-                        "new_flows_per_s": rate(s0.new_flows, s.new_flows),
-                        "backends": s.backends.iter().zip(&s0.backends).map(|(x, x0)| serde_json::json!({
-                            "address": x.address, "packets_per_s": rate(x0.packets, x.packets), "bits_per_s": 8.0 * rate(x0.bytes, x.bytes),
-                            "new_flows_per_s": rate(x0.new_flows, x.new_flows) })).collect::<Vec<_>>(),
-                    })
+                .map(|(s, s0)| ServiceRates {
+                    name: s.name.clone(),
+                    packets_per_s: rate(s0.packets, s.packets),
+                    bits_per_s: 8.0 * rate(s0.bytes, s.bytes),
+                    new_flows_per_s: rate(s0.new_flows, s.new_flows),
+                    backends: s
+                        .backends
+                        .iter()
+                        .zip(&s0.backends)
+                        .map(|(x, x0)| BackendRates {
+                            address: x.address.clone(),
+                            packets_per_s: rate(x0.packets, x.packets),
+                            bits_per_s: 8.0 * rate(x0.bytes, x.bytes),
+                            new_flows_per_s: rate(x0.new_flows, x.new_flows),
+                        })
+                        .collect(),
                 })
                 .collect();
-            return print_json(&serde_json::json!({ "interval_s": secs, "services": services, "reasons": b.reasons }));
+            // One compact object per line, so `--watch` is a stream a script can read line by line.
+            let report = RatesReport { interval_s: secs, services, reasons: &b.reasons };
+            return out(serde_json::to_string(&report)?);
         }
         let mut rows = Vec::new();
         for (s, s0) in b.services.iter().zip(&a.services) {
@@ -344,32 +384,29 @@ impl Client<'_> {
                 ]);
             }
         }
-        print_table(&["SERVICE / BACKEND", "PACKETS/S", "BITS/S", "NEW FLOWS/S"], rows);
+        print_table(&["SERVICE / BACKEND", "PACKETS/S", "BITS/S", "NEW FLOWS/S"], rows)?;
         let reasons: Vec<Vec<String>> =
             b.reasons.iter().filter(|(_, v)| **v > 0).map(|(k, v)| vec![k.clone(), v.to_string()]).collect();
         if !reasons.is_empty() {
-            print_table(&["NOT FORWARDED (REASON)", "PACKETS"], reasons);
+            print_table(&["NOT FORWARDED (REASON)", "PACKETS"], reasons)?;
         }
-        println!();
-        Ok(())
+        out("")
     }
 
-    /// Stops the daemon; with `detach` the data plane goes too — directly through its pins when no
-    /// daemon is running.
+    /// Re-reads the daemon's config file (as SIGHUP does).
     pub fn reload(&self, allow_empty: bool) -> Result<()> {
-        let data = self.call(&Request::Reload { allow_empty })?;
+        let reply: api::ReloadReply = self.ask(&Request::Reload { allow_empty }, "reload")?;
         if self.json {
-            return print_json(&data);
+            return print_json(&reply);
         }
-        println!("config reloaded: {} service(s)", data["services"]);
-        Ok(())
+        out(format_args!("config reloaded: {} service(s)", reply.services))
     }
 
     pub fn stop(&self, detach: bool, bpffs: &Path) -> Result<()> {
         match api::call(self.socket, &Request::Stop { detach }) {
             Ok(r) if r.ok => self.done(if detach { "xdp-lb stopped; data plane detached" } else { "xdp-lb stopped; the data plane keeps forwarding" }),
             Ok(r) => bail!("{}", r.error.unwrap_or_default()),
-            Err(api::ClientError::NotRunning { .. }) if detach => {
+            Err(api::ClientError::NotRunning { .. } | api::ClientError::Stale { .. }) if detach => {
                 if !bpffs.exists() {
                     bail!("no daemon is running and nothing is pinned at {}", bpffs.display());
                 }
@@ -381,30 +418,41 @@ impl Client<'_> {
     }
 
     pub fn explain(&self, source: String, destination: String, protocol: String) -> Result<()> {
-        let data = self.call(&Request::Explain { source, destination, protocol })?;
+        let e: Explanation = self.ask(&Request::Explain { source, destination, protocol }, "explain")?;
         if self.json {
-            return print_json(&data);
+            return print_json(&e);
         }
-        println!("{}: {}", text(&data["service"]), text(&data["explanation"]));
-        Ok(())
+        out(format_args!("{}: {}", e.service, e.explanation))
     }
 }
 
-fn array(v: &Value) -> &[Value] {
-    v.as_array().map(Vec::as_slice).unwrap_or(&[])
+/// `--json stats`: rates per second over the interval.
+#[derive(Serialize)]
+struct RatesReport<'a> {
+    interval_s: f64,
+    services: Vec<ServiceRates>,
+    reasons: &'a std::collections::BTreeMap<String, u64>,
 }
 
-fn text(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Null => "-".into(),
-        other => other.to_string(),
-    }
+#[derive(Serialize)]
+struct ServiceRates {
+    name: String,
+    packets_per_s: f64,
+    bits_per_s: f64,
+    new_flows_per_s: f64,
+    backends: Vec<BackendRates>,
 }
 
-fn print_json(v: &Value) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
-    Ok(())
+#[derive(Serialize)]
+struct BackendRates {
+    address: String,
+    packets_per_s: f64,
+    bits_per_s: f64,
+    new_flows_per_s: f64,
+}
+
+fn print_json(v: &impl Serialize) -> Result<()> {
+    out(serde_json::to_string_pretty(v)?)
 }
 
 fn human_bits(bps: f64) -> String {
@@ -416,7 +464,7 @@ fn human_bits(bps: f64) -> String {
     }
 }
 
-fn print_table(header: &[&str], rows: Vec<Vec<String>>) {
+fn print_table(header: &[&str], rows: Vec<Vec<String>>) -> Result<()> {
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -425,28 +473,29 @@ fn print_table(header: &[&str], rows: Vec<Vec<String>>) {
     }
     let line = |cells: Vec<String>| {
         let parts: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        println!("{}", parts.join("  ").trim_end());
+        out(parts.join("  ").trim_end())
     };
-    line(header.iter().map(|h| h.to_string()).collect());
+    line(header.iter().map(|h| h.to_string()).collect())?;
     for row in rows {
-        line(row);
+        line(row)?;
     }
+    Ok(())
 }
 
 /// The header of `status`: which file runs, and whether it was edited since.
-fn print_config_status(c: &api::ConfigStatus) {
+fn print_config_status(c: &api::ConfigStatus) -> Result<()> {
     let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
-    println!("config {} ({} service(s), read or written {} s ago)", c.path, c.services, now_ms.saturating_sub(c.loaded_unix_ms) / 1000);
+    out(format_args!("config {} ({} service(s), read or written {} s ago)", c.path, c.services, now_ms.saturating_sub(c.loaded_unix_ms) / 1000))?;
     match (&c.disk_error, c.changed_on_disk) {
-        (Some(e), _) => println!("  the file cannot be read now: {e}"),
-        (None, true) => println!("  EDITED ON DISK since: not running yet; `xdp-lb reload` applies it (CLI changes are refused until then)"),
+        (Some(e), _) => out(format_args!("  the file cannot be read now: {e}"))?,
+        (None, true) => out("  EDITED ON DISK since: not running yet; `xdp-lb reload` applies it (CLI changes are refused until then)")?,
         (None, false) => {}
     }
     if !c.start_differences.is_empty() {
-        println!("  at start the adopted data plane differed from the file:");
+        out("  at start the adopted data plane differed from the file:")?;
         for d in &c.start_differences {
-            println!("    {d}");
+            out(format_args!("    {d}"))?;
         }
     }
-    println!();
+    out("")
 }

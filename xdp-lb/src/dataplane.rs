@@ -22,7 +22,7 @@ use xdp_lb_common::{
 use crate::{
     config,
     pins::{self, PinDir, PinError},
-    tables::{MapWriter, WriteError},
+    tables::{MapReader, MapWriter, ReadError, WriteError},
 };
 
 /// The XDP object built from `xdp-lb-ebpf` by build.rs.
@@ -326,6 +326,27 @@ impl MapWriter for Dataplane {
     fn clear_backend_stats(&mut self, id: u32) -> Result<(), WriteError> {
         self.maps.active_flows.set(id, 0, 0).map_err(write_error(names::ACTIVE_FLOWS))?;
         zero_per_cpu(&mut self.maps.backend_stats, id, names::BACKEND_STATS)
+    }
+}
+
+impl MapReader for Dataplane {
+    fn service_entries(&self) -> Result<Vec<(ServiceKey, Service)>, ReadError> {
+        Dataplane::service_entries(self).map_err(read_error)
+    }
+
+    fn backend_entry(&self, id: u32) -> Result<Backend, ReadError> {
+        Dataplane::backend_entry(self, id).map_err(read_error)
+    }
+
+    fn ring_cells(&self, offset: u32, size: u32) -> Result<Vec<u32>, ReadError> {
+        Dataplane::ring_cells(self, offset, size).map_err(read_error)
+    }
+}
+
+fn read_error(e: DataplaneError) -> ReadError {
+    match e {
+        DataplaneError::Map { map, source } => ReadError { map, message: source.to_string() },
+        other => ReadError { map: "?", message: other.to_string() },
     }
 }
 

@@ -105,11 +105,12 @@ enum Command {
     },
 }
 
+/// Exit status when a change was sent but the daemon went away before answering: it may or may
+/// not have been applied (1 is any other error, 2 a usage error).
+const EXIT_OUTCOME_UNKNOWN: u8 = 3;
+
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging();
     let cli = Cli::parse();
     let client = cli::Client { socket: &cli.socket, json: cli.json };
     let result = match cli.command {
@@ -128,9 +129,7 @@ fn main() -> std::process::ExitCode {
         }),
         Command::Reload { allow_empty } => client.reload(allow_empty),
         Command::Stop { detach, bpffs } => client.stop(detach, &bpffs),
-        Command::Check { config } => xdp_lb::config::file::load(&config)
-            .map(|l| println!("{}: {} service(s), configuration is valid", config.display(), l.config.services.len()))
-            .map_err(Into::into),
+        Command::Check { config } => check(&config, cli.json),
         Command::Service(c) => client.service(c),
         Command::Backend(c) => client.backend(c),
         Command::Status => client.status(None),
@@ -139,9 +138,78 @@ fn main() -> std::process::ExitCode {
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        // `xdp-lb status | head -1`: the reader has what it wanted. Exit 0 quietly, as the
+        // output printed so far was correct (documented in the README's CLI section).
+        Err(error) if error.downcast_ref::<cli::StdoutClosed>().is_some() => std::process::ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("xdp-lb: error: {error:#}");
-            std::process::ExitCode::FAILURE
+            match error.downcast_ref::<api::ClientError>() {
+                Some(api::ClientError::OutcomeUnknown { .. }) => std::process::ExitCode::from(EXIT_OUTCOME_UNKNOWN),
+                _ => std::process::ExitCode::FAILURE,
+            }
         }
+    }
+}
+
+/// Logs go to stderr; colours only when a person reads it (a terminal) and `NO_COLOR` is unset,
+/// so log files and journald get plain text.
+fn init_logging() {
+    use std::io::IsTerminal;
+    let colour = use_colour(std::io::stderr().is_terminal(), std::env::var_os("NO_COLOR").as_deref());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .with_ansi(colour)
+        .init();
+}
+
+/// <https://no-color.org>: a set, non-empty `NO_COLOR` turns colours off even on a terminal.
+fn use_colour(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
+/// `xdp-lb check`: a sentence, or with `--json` one object — `{"ok":true,"config":..,"services":N}`
+/// or `{"ok":false,"config":..,"errors":[{"field":..,"line":..,"message":..}]}` — and a non-zero
+/// exit when the file is invalid.
+fn check(path: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    use xdp_lb::config::ConfigError;
+    let loaded = xdp_lb::config::file::load(path).map(|l| l.config);
+    if !json {
+        let config = loaded?;
+        return cli::out(format_args!("{}: {} service(s), configuration is valid", path.display(), config.services.len()));
+    }
+    let answer = match &loaded {
+        Ok(config) => serde_json::json!({ "ok": true, "config": path, "services": config.services.len() }),
+        Err(error) => {
+            let errors: Vec<serde_json::Value> = match error {
+                ConfigError::Invalid { errors, .. } => errors
+                    .iter()
+                    .map(|e| serde_json::json!({ "field": e.path(), "line": e.line, "message": e.message }))
+                    .collect(),
+                other => vec![serde_json::json!({ "field": null, "line": null, "message": other.to_string() })],
+            };
+            serde_json::json!({ "ok": false, "config": path, "errors": errors })
+        }
+    };
+    cli::out(serde_json::to_string(&answer)?)?;
+    match loaded {
+        Ok(_) => Ok(()),
+        Err(e) => Err(anyhow::anyhow!("{} is not valid ({} error(s))", path.display(), match &e {
+            ConfigError::Invalid { errors, .. } => errors.len(),
+            _ => 1,
+        })),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::OsStr;
+
+    #[test]
+    fn colours_only_on_a_terminal_without_no_color() {
+        assert!(super::use_colour(true, None));
+        assert!(super::use_colour(true, Some(OsStr::new(""))), "an empty NO_COLOR is unset");
+        assert!(!super::use_colour(true, Some(OsStr::new("1"))));
+        assert!(!super::use_colour(false, None), "a file or a pipe gets plain text");
     }
 }

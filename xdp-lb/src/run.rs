@@ -17,11 +17,11 @@ use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::{TcpListener, UnixListener, UnixStream},
     signal::unix::{signal, SignalKind},
-    sync::{mpsc, oneshot},
+    sync::{mpsc, oneshot, Semaphore},
 };
 use tracing::{info, warn};
 use xdp_lb::{
-    api::{Request, Response},
+    api::{self, Request, Response},
     config::Mode,
     config::file,
     daemon::Daemon,
@@ -34,7 +34,7 @@ use xdp_lb::{
 const TICK: Duration = Duration::from_millis(500);
 /// DSR cannot fall back to the kernel for an unresolved neighbour, so refresh them regularly.
 const NEIGHBOUR_REFRESH: Duration = Duration::from_secs(15);
-/// A CLI client gets this long to send its request line.
+/// A CLI client gets this long to send its request line, and again to read the answer.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct Options {
@@ -66,6 +66,8 @@ pub fn run(opts: Options) -> Result<()> {
 async fn serve(opts: Options, loaded: file::Loaded) -> Result<()> {
     let settings = loaded.config.dataplane;
     let pins = opts.bpffs.as_deref().map(PinDir::prepare).transpose()?;
+    // Held until this function returns: a second daemon on the same pins is refused.
+    let _instance = pins.as_ref().map(|p| lock_pin_dir(p.path())).transpose()?;
     if let Some(p) = &pins {
         let running = p.linked_interfaces();
         if !running.is_empty() {
@@ -135,8 +137,13 @@ async fn serve(opts: Options, loaded: file::Loaded) -> Result<()> {
         info!("the data plane stays attached and keeps forwarding; `xdp-lb stop --detach` removes it");
     }
     daemon.dataplane_mut().detach_all();
+    // One line for the log, not the counters on stdout: stdout may be a terminal or a journal that
+    // nobody parses, and `xdp-lb --json stats` gives the counters while the daemon runs.
     let snapshot = daemon.snapshot()?;
-    println!("{}", serde_json::to_string_pretty(&snapshot)?);
+    let packets: u64 = snapshot.services.iter().map(|s| s.packets).sum();
+    let new_flows: u64 = snapshot.services.iter().map(|s| s.new_flows).sum();
+    let not_forwarded: u64 = snapshot.reasons.values().sum();
+    info!(services = snapshot.services.len(), packets, new_flows, not_forwarded, "xdp-lb stopped");
     Ok(())
 }
 
@@ -160,15 +167,40 @@ fn bind_socket(path: &Path) -> Result<UnixListener> {
     Ok(listener)
 }
 
+/// Two daemons on one pin directory would fight over the same maps and links: the first takes an
+/// exclusive lock on the directory (released by the kernel when it exits, however it exits).
+fn lock_pin_dir(dir: &Path) -> Result<std::fs::File> {
+    let file = std::fs::File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => bail!(
+            "another xdp-lb daemon is running on the pinned data plane {}; stop it first, or give this one its own \
+             --bpffs (and --socket) to run a second instance",
+            dir.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => Err(e).with_context(|| format!("locking {}", dir.display())),
+    }
+}
+
 async fn accept_clients(listener: UnixListener, jobs: mpsc::Sender<Job>, answering: Arc<AtomicUsize>) {
+    // Bounds the clients served at once (each holds at most MAX_REQUEST_BYTES for REQUEST_TIMEOUT).
+    let slots = Arc::new(Semaphore::new(api::MAX_CLIENTS));
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    // Answered at once rather than queued, so a flood cannot hold the CLI waiting;
+                    // without a task or a wait: the short answer fits the socket's send buffer.
+                    let busy = format!("the daemon is busy: it serves at most {} API clients at once; try again", api::MAX_CLIENTS);
+                    let _ = stream.try_write(response_line(&Response::error(busy)).as_bytes());
+                    continue;
+                };
                 answering.fetch_add(1, Ordering::Relaxed);
                 let (answering, jobs) = (answering.clone(), jobs.clone());
                 tokio::spawn(async move {
                     serve_client(stream, jobs).await;
                     answering.fetch_sub(1, Ordering::Relaxed);
+                    drop(slot);
                 });
             }
             Err(e) => {
@@ -181,25 +213,45 @@ async fn accept_clients(listener: UnixListener, jobs: mpsc::Sender<Job>, answeri
 
 async fn serve_client(stream: UnixStream, jobs: mpsc::Sender<Job>) {
     let (read, mut write) = stream.into_split();
-    let mut line = String::new();
-    let response = match tokio::time::timeout(REQUEST_TIMEOUT, BufReader::new(read).read_line(&mut line)).await {
-        Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
-            Ok(request) => {
-                let (tx, rx) = oneshot::channel();
-                if jobs.send((request, tx)).await.is_err() {
-                    Response::error("the daemon is shutting down")
-                } else {
-                    rx.await.unwrap_or_else(|_| Response::error("the daemon is shutting down"))
-                }
+    let response = match tokio::time::timeout(REQUEST_TIMEOUT, read_request(read)).await {
+        Ok(Ok(request)) => {
+            let (tx, rx) = oneshot::channel();
+            if jobs.send((request, tx)).await.is_err() {
+                Response::error("the daemon is shutting down")
+            } else {
+                rx.await.unwrap_or_else(|_| Response::error("the daemon is shutting down"))
             }
-            Err(e) => Response::error(format!("malformed request: {e}")),
-        },
-        Ok(Err(e)) => Response::error(format!("reading the request: {e}")),
+        }
+        Ok(Err(refusal)) => refusal,
         Err(_) => Response::error("no request received in time"),
     };
-    let mut text = serde_json::to_string(&response).unwrap_or_else(|_| "{\"ok\":false}".into());
+    // A client that does not read its answer must not keep its slot: the write gets a deadline too.
+    let _ = tokio::time::timeout(REQUEST_TIMEOUT, write_response(&mut write, &response)).await;
+}
+
+/// Reads one request line of at most [`api::MAX_REQUEST_BYTES`]; anything else is answered with an
+/// error (and the rest of an oversized line is never read).
+async fn read_request(read: impl tokio::io::AsyncRead + Unpin) -> Result<Request, Response> {
+    let mut line = Vec::new();
+    let mut limited = BufReader::new(read.take(api::MAX_REQUEST_BYTES as u64 + 1));
+    limited.read_until(b'\n', &mut line).await.map_err(|e| Response::error(format!("reading the request: {e}")))?;
+    if line.len() > api::MAX_REQUEST_BYTES {
+        return Err(Response::error(format!(
+            "request refused: longer than {} bytes (one JSON request per line)",
+            api::MAX_REQUEST_BYTES
+        )));
+    }
+    serde_json::from_slice::<Request>(&line).map_err(|e| Response::error(format!("malformed request: {e}")))
+}
+
+async fn write_response(write: &mut (impl tokio::io::AsyncWrite + Unpin), response: &Response) -> std::io::Result<()> {
+    write.write_all(response_line(response).as_bytes()).await
+}
+
+fn response_line(response: &Response) -> String {
+    let mut text = serde_json::to_string(response).unwrap_or_else(|_| "{\"ok\":false}".into());
     text.push('\n');
-    let _ = write.write_all(text.as_bytes()).await;
+    text
 }
 
 async fn accept_scrapes(listener: TcpListener, scrapes: mpsc::Sender<oneshot::Sender<String>>) {

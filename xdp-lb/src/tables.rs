@@ -29,6 +29,23 @@ pub trait MapWriter {
     fn clear_backend_stats(&mut self, id: u32) -> Result<(), WriteError>;
 }
 
+/// The reads adoption makes from a running data plane's maps (a restarted daemon rebuilding its
+/// bookkeeping), behind a trait so that path is unit-tested with fake maps.
+pub trait MapReader {
+    /// Every entry of `SERVICES`.
+    fn service_entries(&self) -> Result<Vec<(ServiceKey, m::Service)>, ReadError>;
+    fn backend_entry(&self, id: u32) -> Result<m::Backend, ReadError>;
+    /// `MAGLEV_RING[offset..offset + size]`.
+    fn ring_cells(&self, offset: u32, size: u32) -> Result<Vec<u32>, ReadError>;
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("reading map {map}: {message}")]
+pub struct ReadError {
+    pub map: &'static str,
+    pub message: String,
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("writing map {map}: {message}")]
 pub struct WriteError {
@@ -64,6 +81,8 @@ pub struct Installed {
 }
 
 pub struct Tables {
+    /// Size of `MAGLEV_RING`.
+    cells: u32,
     max_services: u32,
     max_backends: u32,
     free_cells: Vec<(u32, u32)>,
@@ -93,6 +112,7 @@ pub fn service_key(vip: SocketAddr, protocol: Protocol) -> ServiceKey {
 impl Tables {
     pub fn new(maglev_cells: u32, max_services: u32, max_backends: u32) -> Self {
         Self {
+            cells: maglev_cells,
             max_services,
             max_backends,
             free_cells: vec![(0, maglev_cells)],
@@ -117,7 +137,7 @@ impl Tables {
     /// Rebuilds this bookkeeping from the maps of a running data plane (a restarted daemon adopting
     /// pinned maps), so the next [`Tables::apply`] changes only what differs: backends keep their ids
     /// and generations (their flows stay put), rings are rebuilt from the running ones.
-    pub fn adopt(&mut self, config: &Config, dataplane: &crate::dataplane::Dataplane) -> Result<usize, crate::dataplane::DataplaneError> {
+    pub fn adopt(&mut self, config: &Config, dataplane: &dyn MapReader) -> Result<usize, ReadError> {
         let by_key: HashMap<ServiceKey, &config::Service> =
             config.services.iter().map(|s| (service_key(s.vip, s.protocol), s)).collect();
         let mut adopted = 0;
@@ -134,7 +154,20 @@ impl Tables {
                 continue;
             }
             self.used_service_ids[id] = true;
-            let ring = (entry.ring_size > 0).then_some((entry.ring_offset, entry.ring_size));
+            // A ring outside the cells or over another service's (a crash mid-write, a smaller
+            // maglev_cells) is not read: the next apply builds this service a fresh one.
+            let ring = (entry.ring_size > 0)
+                .then_some((entry.ring_offset, entry.ring_size))
+                .filter(|&(offset, size)| self.cells_free(offset, size));
+            if ring.is_none() && entry.ring_size > 0 {
+                tracing::warn!(
+                    vip = %SocketAddr::new(addr::to_ip(&key.addr), u16::from_be(key.port)),
+                    offset = entry.ring_offset,
+                    size = entry.ring_size,
+                    cells = self.cells,
+                    "the pinned service entry points at an invalid ring; rebuilding it"
+                );
+            }
             let table = match ring {
                 Some((offset, size)) => {
                     self.reserve_cells(offset, size);
@@ -177,10 +210,20 @@ impl Tables {
                 },
             };
             adopted_config.backends = backends;
+            // Never "unchanged": the next apply rebuilds every adopted ring (keeping its slots), so a
+            // ring naming a backend id that is free or another service's does not survive even when
+            // the weights happen to match (e.g. a service with no backend left).
+            adopted_config.ring_size = 0;
             self.services.insert(key, Installed { id: entry.id, config: adopted_config, ring, table, backend_ids });
             adopted += 1;
         }
         Ok(adopted)
+    }
+
+    /// `[offset, offset + size)` lies inside the cells and entirely in one free range.
+    fn cells_free(&self, offset: u32, size: u32) -> bool {
+        let Some(end) = offset.checked_add(size) else { return false };
+        end <= self.cells && self.free_cells.iter().any(|&(o, l)| o <= offset && end <= o + l)
     }
 
     /// Marks `[offset, offset + size)` as used.

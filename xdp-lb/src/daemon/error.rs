@@ -19,6 +19,10 @@ pub enum DaemonError {
     ServiceExists(String),
     #[error("backend {address} is already in service {service}")]
     BackendExists { service: String, address: String },
+    #[error("nothing to change for service \"{service}\": give at least one of {}", crate::api::UPDATE_OPTIONS)]
+    NothingToChange { service: String },
+    #[error("refused: {}; pass --force to do it anyway", reasons.join("; "))]
+    Disruptive { reasons: Vec<String> },
     #[error("[dataplane] sizes cannot change while running (restart xdp-lb to resize the maps)")]
     Resize,
     #[error(
@@ -47,7 +51,7 @@ pub enum DaemonError {
     )]
     EmptyReload { path: String, running: usize },
     #[error("adopting the pinned maps: {0}")]
-    Adopt(#[source] DataplaneError),
+    Adopt(#[source] crate::tables::ReadError),
     #[error("programming the data plane failed (the previous configuration was restored): {0}")]
     Program(#[source] ApplyError),
     #[error("reading the data plane: {0}")]

@@ -2,7 +2,6 @@
 
 use std::net::SocketAddr;
 
-use serde::Serialize;
 use xdp_lb_common::{
     addr,
     hash,
@@ -11,44 +10,12 @@ use xdp_lb_common::{
 
 use super::{Daemon, DaemonError};
 use crate::{
-    api::{Request, Response, ServiceChanges},
+    api::{BackendStatus, Explanation, Request, Response, ReloadReply, ServiceChanges, ServiceStatus, StatsReply, StatusReply, StopReply},
     config::{Protocol, RawBackend, RawConfig, RawService, Scheduler},
     health::Health,
     plan, stats,
     tables::service_key,
 };
-
-#[derive(Serialize)]
-struct ServiceStatus {
-    name: String,
-    vip: String,
-    protocol: &'static str,
-    mode: &'static str,
-    scheduler: &'static str,
-    /// "ok", "on-backups" or "all-down".
-    state: &'static str,
-    backends: Vec<BackendStatus>,
-}
-
-#[derive(Serialize)]
-struct BackendStatus {
-    address: String,
-    weight: u32,
-    /// Weight in the ring right now (0: no new flows).
-    effective_weight: u32,
-    backup: bool,
-    drained: bool,
-    /// "up", "down", "unknown" or "unchecked".
-    health: &'static str,
-    /// Failed its checks: established flows are moved to other backends.
-    down: bool,
-    /// Held out by the passive checks (SYNs went unanswered).
-    passive_down: bool,
-    /// Open flows (NAT TCP services; `null` where the balancer cannot see flows end).
-    active_flows: Option<u64>,
-    last_check: Option<String>,
-    check_latency_us: Option<u64>,
-}
 
 impl Daemon {
     pub fn handle(&mut self, request: Request) -> Response {
@@ -102,13 +69,13 @@ impl Daemon {
             Request::BackendWeight { service, address, weight } => {
                 self.edit_backend(&service, &address, |b| b.weight = weight)
             }
-            Request::BackendList { service } => self.status(service.as_deref()),
-            Request::Status => self.status(None).map(|services| serde_json::json!({ "config": self.config_status(), "services": services })),
-            Request::Reload { allow_empty } => self.reload(allow_empty).map(|services| serde_json::json!({ "services": services })),
+            Request::BackendList { service } => self.status(service.as_deref()).map(to_value),
+            Request::Status => self.status(None).map(|services| to_value(StatusReply { config: self.config_status(), services })),
+            Request::Reload { allow_empty } => self.reload(allow_empty).map(|services| to_value(ReloadReply { services })),
             Request::Stats => self.stats(),
             Request::Explain { source, destination, protocol } => self.explain(&source, &destination, &protocol),
             // The control loop acts on it after answering (see run.rs).
-            Request::Stop { detach } => Ok(serde_json::json!({ "stopping": true, "detach": detach })),
+            Request::Stop { detach } => Ok(to_value(StopReply { stopping: true, detach })),
         };
         match (&result, change) {
             (Ok(_), Some(change)) => tracing::info!(%change, "change applied"),
@@ -135,7 +102,7 @@ impl Daemon {
         .map(|_| serde_json::Value::Null)
     }
 
-    fn status(&self, only: Option<&str>) -> Result<serde_json::Value, DaemonError> {
+    fn status(&self, only: Option<&str>) -> Result<Vec<ServiceStatus>, DaemonError> {
         if let Some(name) = only {
             if !self.config.services.iter().any(|s| s.name == name) {
                 return Err(DaemonError::UnknownService(name.to_string()));
@@ -166,7 +133,8 @@ impl Daemon {
                         (_, Some(Health::Up)) => "up",
                         (_, Some(Health::Down)) => "down",
                         _ => "unknown",
-                    },
+                    }
+                    .into(),
                     down: e.down,
                     passive_down: passive_down.contains(&(s.name.clone(), b.address)),
                     active_flows: id.filter(|_| sees_ends).and_then(|id| self.dataplane.active_flows(id).ok()),
@@ -181,24 +149,25 @@ impl Daemon {
             out.push(ServiceStatus {
                 name: s.name.clone(),
                 vip: s.vip.to_string(),
-                protocol: protocol_name(s.protocol),
-                mode: if s.mode == crate::config::Mode::Nat { "nat" } else { "dsr" },
-                scheduler: s.scheduler.name(),
+                protocol: protocol_name(s.protocol).into(),
+                mode: if s.mode == crate::config::Mode::Nat { "nat" } else { "dsr" }.into(),
+                scheduler: s.scheduler.name().into(),
                 state: match report {
                     Some(r) if r.all_down => "all-down",
                     Some(r) if r.on_backups => "on-backups",
                     _ => "ok",
-                },
+                }
+                .into(),
                 backends,
             });
         }
-        Ok(serde_json::to_value(out)?)
+        Ok(out)
     }
 
     fn stats(&self) -> Result<serde_json::Value, DaemonError> {
         let snapshot = stats::snapshot(&self.dataplane, &self.tables)?;
         let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
-        Ok(serde_json::json!({ "unix_ms": now_ms, "snapshot": snapshot }))
+        Ok(to_value(StatsReply { unix_ms: now_ms, snapshot }))
     }
 
     fn explain(&self, source: &str, destination: &str, protocol: &str) -> Result<serde_json::Value, DaemonError> {
@@ -229,37 +198,55 @@ impl Daemon {
         };
         if let Some(conn) = self.dataplane.conntrack_entry(&flow) {
             if let Some(backend) = name_of(conn.backend_id).filter(|_| self.tables.generation(conn.backend_id) == conn.generation) {
-                return Ok(serde_json::json!({
-                    "service": installed.config.name, "backend": backend, "reason": "connection-table",
-                    "explanation": format!("an established flow: the connection table pins it to {backend}"),
-                }));
+                let explanation = format!("an established flow: the connection table pins it to {backend}");
+                return Ok(explained(installed, Some(backend), "connection-table", None, explanation));
             }
         }
         if installed.table.is_empty() {
-            return Ok(serde_json::json!({ "service": installed.config.name, "backend": null, "reason": "no-backend",
-                "explanation": "the service has no backend in its ring: new flows are dropped" }));
+            let explanation = "the service has no backend in its ring: new flows are dropped".to_string();
+            return Ok(explained(installed, None, "no-backend", None, explanation));
         }
         let size = installed.table.len() as u32;
         let (slot, how) = match installed.config.scheduler {
             Scheduler::IpHash => (hash::client_hash(&flow.src) % size, "ip-hash of the client address"),
             Scheduler::RoundRobin | Scheduler::WeightedRoundRobin => {
-                return Ok(serde_json::json!({ "service": installed.config.name, "backend": null, "reason": "round-robin",
-                    "explanation": "a new flow takes the next backend of the round-robin sequence; it depends on arrival order" }));
+                let explanation = "a new flow takes the next backend of the round-robin sequence; it depends on arrival order".to_string();
+                return Ok(explained(installed, None, "round-robin", None, explanation));
             }
             Scheduler::LeastConn => {
                 let best = installed.table.iter().min_by_key(|&&id| self.dataplane.active_flows(id).unwrap_or(0)).copied();
                 let backend = best.and_then(name_of);
-                return Ok(serde_json::json!({ "service": installed.config.name, "backend": backend, "reason": "least-conn",
-                    "explanation": format!("a new flow goes to the backend with the fewest active flows, now {}", backend.clone().unwrap_or_default()) }));
+                let explanation = format!("a new flow goes to the backend with the fewest active flows, now {}", backend.clone().unwrap_or_default());
+                return Ok(explained(installed, backend, "least-conn", None, explanation));
             }
             _ => (hash::flow_hash(&flow) % size, "Maglev: hash of the 5-tuple"),
         };
         let backend = name_of(installed.table[slot as usize]);
-        Ok(serde_json::json!({
-            "service": installed.config.name, "backend": backend, "reason": "maglev", "slot": slot, "ring_size": size,
-            "explanation": format!("a new flow: {how} selects slot {slot} of {size}, which holds {}", backend.clone().unwrap_or_default()),
-        }))
+        let explanation = format!("a new flow: {how} selects slot {slot} of {size}, which holds {}", backend.clone().unwrap_or_default());
+        Ok(explained(installed, backend, "maglev", Some((slot, size)), explanation))
     }
+}
+
+fn explained(
+    installed: &crate::tables::Installed,
+    backend: Option<String>,
+    reason: &str,
+    slot: Option<(u32, u32)>,
+    explanation: String,
+) -> serde_json::Value {
+    to_value(Explanation {
+        service: installed.config.name.clone(),
+        backend,
+        reason: reason.into(),
+        slot: slot.map(|(s, _)| s),
+        ring_size: slot.map(|(_, size)| size),
+        explanation,
+    })
+}
+
+/// The reply types serialise to JSON infallibly (strings, numbers, maps with string keys).
+fn to_value(reply: impl serde::Serialize) -> serde_json::Value {
+    serde_json::to_value(reply).unwrap_or_default()
 }
 
 fn protocol_name(p: Protocol) -> &'static str {
@@ -291,6 +278,18 @@ fn add_service(d: &mut RawConfig, service: RawService) -> Result<(), DaemonError
 
 fn update_service(d: &mut RawConfig, name: &str, c: ServiceChanges) -> Result<(), DaemonError> {
     let s = find_service(d, name)?;
+    if c.is_empty() {
+        return Err(DaemonError::NothingToChange { service: name.to_string() });
+    }
+    let disruptions = c.disruptions(s);
+    if !disruptions.is_empty() {
+        if !c.force {
+            return Err(DaemonError::Disruptive { reasons: disruptions });
+        }
+        for what in &disruptions {
+            tracing::warn!(service = %name, "forced: {what}");
+        }
+    }
     if let Some(v) = c.vip { s.vip = v; }
     if let Some(v) = c.protocol { s.protocol = v; }
     if let Some(v) = c.mode { s.mode = v; }

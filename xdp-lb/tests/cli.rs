@@ -1,0 +1,333 @@
+//! The CLI's behaviour at its edges, against a fake daemon (a Unix socket this test owns that answers,
+//! closes mid-request or stays silent) and with a real `head` closing the pipe. No root needed.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::unix::net::UnixListener,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    sync::{Arc, Mutex},
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use serde_json::{json, Value};
+
+const XDP_LB: &str = env!("CARGO_BIN_EXE_xdp-lb");
+/// Every fake daemon gives up after this long, so no test can hang on it.
+const FAKE_LIFETIME: Duration = Duration::from_secs(30);
+const FAKE_MAX_CLIENTS: usize = 10_000;
+
+/// A directory of its own for each test (sockets, config files); removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("xdp-lb-cli-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        Scratch(dir)
+    }
+    fn path(&self, file: &str) -> PathBuf {
+        self.0.join(file)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Answers each request line with `answer(request)`; `None` closes the connection unanswered (a
+/// daemon dying mid-request). Records the requests it read.
+struct FakeDaemon {
+    requests: Arc<Mutex<Vec<Value>>>,
+    _thread: JoinHandle<()>,
+}
+
+impl FakeDaemon {
+    fn start(socket: &Path, answer: impl Fn(&Value) -> Option<Value> + Send + 'static) -> FakeDaemon {
+        let listener = UnixListener::bind(socket).expect("binding the fake daemon");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let seen = requests.clone();
+        let thread = std::thread::spawn(move || {
+            let start = Instant::now();
+            let mut served = 0;
+            while start.elapsed() < FAKE_LIFETIME && served < FAKE_MAX_CLIENTS {
+                let Ok((stream, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                served += 1;
+                stream.set_nonblocking(false).expect("blocking stream");
+                stream.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+                let mut line = String::new();
+                if BufReader::new(&stream).read_line(&mut line).is_err() {
+                    continue;
+                }
+                let request: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+                seen.lock().unwrap().push(request.clone());
+                if let Some(reply) = answer(&request) {
+                    let _ = (&stream).write_all(format!("{reply}\n").as_bytes());
+                }
+            }
+        });
+        FakeDaemon { requests, _thread: thread }
+    }
+
+    fn requests(&self) -> Vec<Value> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+fn xdp_lb(socket: &Path, args: &[&str]) -> Output {
+    Command::new(XDP_LB).arg("--socket").arg(socket).args(args).output().expect("running xdp-lb")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn ok(data: Value) -> Option<Value> {
+    Some(json!({ "ok": true, "data": data }))
+}
+
+fn backend_status(address: &str) -> Value {
+    json!({
+        "address": address, "weight": 1, "effective_weight": 1, "backup": false, "drained": false,
+        "health": "up", "down": false, "passive_down": false, "active_flows": 0,
+        "last_check": "ok", "check_latency_us": 120
+    })
+}
+
+/// The daemon's answer to `status`: the config file's state and the services.
+fn status_reply(services: Vec<Value>) -> Value {
+    json!({
+        "config": { "path": "/etc/xdp-lb/xdp-lb.toml", "loaded_unix_ms": 0, "changed_on_disk": false, "services": services.len() },
+        "services": services
+    })
+}
+
+fn service_status(name: &str) -> Value {
+    json!({
+        "name": name, "vip": "10.0.0.100:80", "protocol": "tcp", "mode": "nat", "scheduler": "maglev",
+        "state": "ok", "backends": [backend_status("10.1.0.2:80"), backend_status("10.1.0.3:80")]
+    })
+}
+
+/// Counters that grow with every call, so rates are non-zero.
+fn stats_answer(calls: &Mutex<u64>) -> Value {
+    let mut n = calls.lock().unwrap();
+    *n += 1;
+    let k = *n;
+    json!({
+        "unix_ms": 1_000_000 + k * 100,
+        "snapshot": {
+            "services": [{
+                "name": "web", "vip": "10.0.0.100:80", "protocol": "tcp", "packets": k * 10, "bytes": k * 1000,
+                "new_flows": k, "backends": [{
+                    "address": "10.1.0.2:80", "weight": 1, "packets": k * 10, "bytes": k * 1000, "new_flows": k,
+                    "syns": k, "syn_acks": k, "resets": 0
+                }]
+            }],
+            "reasons": { "pass_not_vip": k }
+        }
+    })
+}
+
+/// Runs `xdp-lb ARGS | head -N` in bash; returns xdp-lb's exit status and the pipeline's stderr.
+fn into_head(socket: &Path, args: &[&str], lines: usize) -> (i32, String) {
+    let script = format!(
+        "timeout 20 \"$0\" --socket \"$1\" {} | head -{lines} >/dev/null; echo \"exit=${{PIPESTATUS[0]}}\" >&2",
+        args.join(" ")
+    );
+    let out = Command::new("bash").arg("-c").arg(script).arg(XDP_LB).arg(socket).output().expect("bash");
+    let err = stderr(&out);
+    let code = err
+        .lines()
+        .find_map(|l| l.strip_prefix("exit="))
+        .and_then(|c| c.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no exit status from the pipeline: {err}"));
+    (code, err)
+}
+
+#[test]
+fn status_into_a_closed_pipe_exits_quietly() {
+    let dir = Scratch::new("pipe-status");
+    let socket = dir.path("api.sock");
+    // Far more than a pipe buffer holds, so writing must meet the closed pipe.
+    let many: Vec<Value> = (0..3000).map(|i| service_status(&format!("svc{i}"))).collect();
+    let _fake = FakeDaemon::start(&socket, move |_| ok(status_reply(many.clone())));
+    let (code, err) = into_head(&socket, &["status"], 1);
+    assert_eq!(code, 0, "`xdp-lb status | head -1` must exit 0 quietly; stderr:\n{err}");
+    assert!(!err.contains("panicked") && !err.contains("xdp-lb: error"), "stderr:\n{err}");
+}
+
+#[test]
+fn stats_watch_into_a_closed_pipe_exits_quietly() {
+    let dir = Scratch::new("pipe-stats");
+    let socket = dir.path("api.sock");
+    let calls = Mutex::new(0);
+    let _fake = FakeDaemon::start(&socket, move |_| ok(stats_answer(&calls)));
+    let (code, err) = into_head(&socket, &["stats", "--watch", "--interval-ms", "10"], 3);
+    assert_eq!(code, 0, "`xdp-lb stats --watch | head` must exit 0 quietly; stderr:\n{err}");
+    assert!(!err.contains("panicked") && !err.contains("xdp-lb: error"), "stderr:\n{err}");
+}
+
+#[test]
+fn json_stats_watch_prints_one_compact_object_per_line() {
+    let dir = Scratch::new("json-watch");
+    let socket = dir.path("api.sock");
+    let calls = Mutex::new(0);
+    let _fake = FakeDaemon::start(&socket, move |_| ok(stats_answer(&calls)));
+    let out = xdp_lb(&socket, &["--json", "stats", "--watch", "--count", "3", "--interval-ms", "10"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "three rounds, one line each:\n{text}");
+    for line in lines {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("line {line:?} is not JSON: {e}"));
+        assert_eq!(v["services"][0]["name"], "web", "{v}");
+        assert!(v["services"][0]["packets_per_s"].as_f64().is_some_and(|r| r > 0.0), "{v}");
+        assert_eq!(v["reasons"]["pass_not_vip"].as_u64().map(|n| n > 0), Some(true), "{v}");
+    }
+}
+
+#[test]
+fn json_check_prints_json_for_valid_and_invalid_files() {
+    let dir = Scratch::new("json-check");
+    let good = dir.path("good.toml");
+    std::fs::write(
+        &good,
+        "[[services]]\nname = \"web\"\nvip = \"10.0.0.100:80\"\nprotocol = \"tcp\"\n[[services.backends]]\naddress = \"10.1.0.2:80\"\n",
+    )
+    .unwrap();
+    let out = xdp_lb(&dir.path("unused.sock"), &["--json", "check", "--config", good.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: Value = serde_json::from_str(&stdout(&out)).unwrap_or_else(|e| panic!("not JSON ({e}): {}", stdout(&out)));
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["services"], 1, "{v}");
+
+    let bad = dir.path("bad.toml");
+    std::fs::write(&bad, "[[services]]\nname = \"web\"\nvip = \"nonsense\"\nprotocol = \"sctp\"\n").unwrap();
+    let out = xdp_lb(&dir.path("unused.sock"), &["--json", "check", "--config", bad.to_str().unwrap()]);
+    assert!(!out.status.success(), "an invalid file must fail");
+    let v: Value = serde_json::from_str(&stdout(&out)).unwrap_or_else(|e| panic!("not JSON ({e}): {}", stdout(&out)));
+    assert_eq!(v["ok"], false, "{v}");
+    let errors = v["errors"].as_array().unwrap_or_else(|| panic!("no errors array: {v}"));
+    assert!(errors.len() >= 2, "every invalid field is listed: {v}");
+    for e in errors {
+        assert!(e["field"].is_string() && e["message"].is_string() && e.get("line").is_some(), "{e}");
+    }
+    assert!(errors.iter().any(|e| e["message"].as_str().unwrap_or("").contains("nonsense")), "{v}");
+
+    // A file that is not TOML at all is still one JSON answer.
+    let broken = dir.path("broken.toml");
+    std::fs::write(&broken, "[[services]\n").unwrap();
+    let out = xdp_lb(&dir.path("unused.sock"), &["--json", "check", "--config", broken.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let v: Value = serde_json::from_str(&stdout(&out)).unwrap_or_else(|e| panic!("not JSON ({e}): {}", stdout(&out)));
+    assert_eq!(v["ok"], false, "{v}");
+    assert!(v["errors"][0]["message"].is_string(), "{v}");
+}
+
+#[test]
+fn an_os_error_is_printed_once() {
+    // A socket path under a regular file: connect fails with ENOTDIR.
+    let dir = Scratch::new("os-error");
+    std::fs::write(dir.path("file"), "").unwrap();
+    let out = xdp_lb(&dir.path("file").join("api.sock"), &["status"]);
+    let err = stderr(&out);
+    assert!(!out.status.success());
+    assert_eq!(err.matches("os error").count(), 1, "the OS error once:\n{err}");
+}
+
+#[test]
+fn a_stale_socket_says_the_daemon_is_not_running() {
+    let dir = Scratch::new("stale");
+    let socket = dir.path("api.sock");
+    drop(UnixListener::bind(&socket).unwrap());
+    assert!(socket.exists(), "the socket file stays behind");
+    let out = xdp_lb(&socket, &["status"]);
+    let err = stderr(&out);
+    assert!(!out.status.success());
+    assert!(err.contains("stale socket") && err.contains("not running"), "stderr:\n{err}");
+    assert!(err.contains(socket.to_str().unwrap()), "names the socket:\n{err}");
+}
+
+#[test]
+fn a_daemon_dying_mid_change_leaves_the_outcome_unknown() {
+    let dir = Scratch::new("dies");
+    let socket = dir.path("api.sock");
+    let _fake = FakeDaemon::start(&socket, |_| None);
+    let out = xdp_lb(&socket, &["backend", "add", "web", "10.1.0.9:80"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(3), "a distinct exit code for an unknown outcome; stderr:\n{err}");
+    assert!(err.contains("unknown") && err.contains("xdp-lb status") && err.contains("service list"), "stderr:\n{err}");
+    assert!(!err.contains("EOF"), "stderr:\n{err}");
+
+    // A read-only request has no outcome to be unsure about: an ordinary error.
+    let out = xdp_lb(&socket, &["status"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "stderr:\n{err}");
+    assert!(err.contains("closed the connection without answering"), "stderr:\n{err}");
+}
+
+#[test]
+fn service_update_without_options_is_refused_before_asking_the_daemon() {
+    let dir = Scratch::new("noop");
+    let socket = dir.path("api.sock");
+    let fake = FakeDaemon::start(&socket, |_| ok(Value::Null));
+    let out = xdp_lb(&socket, &["service", "update", "web"]);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "a no-op update must fail; stdout: {}", stdout(&out));
+    assert!(err.contains("nothing to change") && err.contains("--scheduler") && err.contains("--vip"), "stderr:\n{err}");
+    assert!(fake.requests().is_empty(), "nothing was sent: {:?}", fake.requests());
+}
+
+#[test]
+fn service_update_passes_force_to_the_daemon() {
+    let dir = Scratch::new("force");
+    let socket = dir.path("api.sock");
+    let fake = FakeDaemon::start(&socket, |_| ok(Value::Null));
+    let out = xdp_lb(&socket, &["service", "update", "web", "--mode", "dsr", "--force"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let requests = fake.requests();
+    assert_eq!(requests.len(), 1, "{requests:?}");
+    assert_eq!(requests[0]["changes"]["force"], true, "{}", requests[0]);
+    assert_eq!(requests[0]["changes"]["mode"], "dsr", "{}", requests[0]);
+}
+
+#[test]
+fn typed_replies_render_as_tables() {
+    let dir = Scratch::new("typed");
+    let socket = dir.path("api.sock");
+    let _fake = FakeDaemon::start(&socket, |request| match request["command"].as_str() {
+        Some("status") => ok(status_reply(vec![service_status("web")])),
+        Some("explain") => ok(json!({
+            "service": "web", "backend": "10.1.0.2:80", "reason": "maglev", "slot": 7, "ring_size": 251,
+            "explanation": "a new flow: Maglev selects slot 7 of 251, which holds 10.1.0.2:80"
+        })),
+        _ => Some(json!({ "ok": false, "error": "unexpected" })),
+    });
+    let out = xdp_lb(&socket, &["status"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("web 10.0.0.100:80 tcp/nat maglev [ok]") && text.contains("ok 120µs"), "{text}");
+    let out = xdp_lb(&socket, &["explain", "192.0.2.7:1", "10.0.0.100:80"]);
+    assert!(stdout(&out).starts_with("web: a new flow"), "{}", stdout(&out));
+
+    // A reply missing a field is an error naming it, not a table of dashes.
+    let dir2 = Scratch::new("typed-bad");
+    let socket2 = dir2.path("api.sock");
+    let _bad = FakeDaemon::start(&socket2, |_| ok(status_reply(vec![json!({ "name": "web" })])));
+    let out = xdp_lb(&socket2, &["status"]);
+    assert!(!out.status.success(), "{}", stdout(&out));
+    assert!(stderr(&out).contains("vip"), "{}", stderr(&out));
+}
