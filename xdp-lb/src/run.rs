@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use tokio::{
-    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
     net::{TcpListener, UnixListener, UnixStream},
     signal::unix::{signal, SignalKind},
     sync::{mpsc, oneshot},
