@@ -315,15 +315,15 @@ fn record(
     let status = &mut slot.status;
     let from = status.health;
     status.checked_at_unix_ms = unix_ms_now();
-    let change = match result {
-        Err(error) if error.local_reason().is_some() => {
-            let reason = error.local_reason().unwrap_or(LocalReason::ProcessFdLimit);
+    let local_reason = result.as_ref().err().and_then(CheckError::local_reason);
+    let change = match (result, local_reason) {
+        (Err(error), Some(reason)) => {
             status.last_ok = None;
             status.last_error = Some(format!("inconclusive, failed on this host ({reason}): {error}"));
             local.note(reason, &target.service, target.addr, &error);
             None
         }
-        Ok(latency) => {
+        (Ok(latency), _) => {
             let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
             status.last_ok = Some(true);
             status.last_error = None;
@@ -334,7 +334,7 @@ fn record(
             (from != Health::Up && status.consecutive_ok >= spec.rise)
                 .then(|| (Health::Up, format!("{} consecutive successful checks", status.consecutive_ok)))
         }
-        Err(error) => {
+        (Err(error), None) => {
             let error = error.to_string();
             status.last_ok = Some(false);
             status.consecutive_fail = status.consecutive_fail.saturating_add(1);
