@@ -125,8 +125,9 @@ fn metrics_endpoint_reports_counters_health_and_reasons() {
 }
 
 /// The daemon's file-descriptor limit in the flood test, soft and hard (the daemon raises its soft
-/// limit to the hard one, so both must be low).
-const FD_LIMIT: u32 = 128;
+/// limit to the hard one, so both must be low). Low enough that the descriptor reserve (32 here),
+/// not the connection cap (64), is what stops the metrics listener: the daemon itself holds ~30.
+const FD_LIMIT: u32 = 96;
 /// Idle connections the flood holds: well over the limit.
 const FLOOD: usize = 300;
 
@@ -206,7 +207,8 @@ fn idle_metrics_connections_cannot_exhaust_the_daemon() {
         peak = peak.max(open_fds(daemon.pid()));
         std::thread::sleep(Duration::from_millis(250));
     }
-    assert!(peak < FD_LIMIT as usize, "the daemon used all its descriptors: {peak}");
+    // The metrics listener stops at the reserve; probes and API clients use a few more.
+    assert!(peak + 16 <= FD_LIMIT as usize, "the daemon ate into its descriptor reserve: {peak} of {FD_LIMIT}");
 
     // The daemon closes the idle connections it accepted (5 s head timeout).
     let mut closed = 0;
