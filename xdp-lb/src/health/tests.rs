@@ -464,3 +464,42 @@ async fn a_probe_from_a_process_out_of_file_descriptors_is_local() {
     let err = socket.bind("192.0.2.1:0".parse().unwrap()).expect_err("192.0.2.1 is not ours");
     assert_eq!(CheckError::Connect(err).local_reason(), Some(LocalReason::NoLocalAddress));
 }
+
+/// Set in the child process of [`a_probe_at_the_descriptor_limit_fails_locally`].
+const EMFILE_CHILD: &str = "XDP_LB_TEST_EMFILE_CHILD";
+
+/// The real probe in a process with no descriptor left classifies its error as local. It runs in a
+/// child process (this test binary again, running only this test), because using up every
+/// descriptor here would break the tests running alongside.
+#[test]
+fn a_probe_at_the_descriptor_limit_fails_locally() {
+    if std::env::var_os(EMFILE_CHILD).is_some() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let mut held = Vec::new();
+        let error = loop {
+            match std::fs::File::open("/dev/null") {
+                Ok(file) => held.push(file),
+                Err(e) => break e,
+            }
+            assert!(held.len() < 1 << 21, "no descriptor limit reached after {} files", held.len());
+        };
+        assert_eq!(error.raw_os_error(), Some(libc::EMFILE), "{error}");
+        let result = runtime.block_on(probe(SocketAddr::from((Ipv4Addr::LOCALHOST, 9)), &CheckSpec::default()));
+        drop(held);
+        let error = result.expect_err("no socket can be opened");
+        assert_eq!(error.local_reason(), Some(LocalReason::ProcessFdLimit), "{error}");
+        return;
+    }
+    let name = "health::tests::a_probe_at_the_descriptor_limit_fails_locally";
+    let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args(["--exact", name, "--test-threads=1"])
+        .env(EMFILE_CHILD, "1")
+        .output()
+        .expect("run the child");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "child failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
