@@ -190,4 +190,20 @@ mod tests {
             assert!(matches!(n, Ok(0) | Err(_)), "idle connection {i} closed by the server, not answered: {n:?}");
         }
     }
+
+    #[tokio::test]
+    async fn an_idle_keep_alive_connection_is_closed() {
+        let addr = start("xdp_lb_x 1\n").await;
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.expect("answered").expect("read");
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200 OK"), "{}", String::from_utf8_lossy(&buf[..n]));
+        let answered = Instant::now();
+        // Kept alive, then idle: the server closes it once the next head is overdue.
+        let n = tokio::time::timeout(HEAD_TIMEOUT * 3, s.read(&mut buf)).await.expect("closed in time");
+        assert!(matches!(n, Ok(0) | Err(_)), "closed, not answered: {n:?}");
+        let idle = answered.elapsed();
+        assert!(idle >= HEAD_TIMEOUT - Duration::from_millis(200), "closed too early: {idle:?}");
+    }
 }
