@@ -16,7 +16,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use tracing::{error, info, warn};
 
 use crate::{
-    config::{Config, RawConfig, Scheduler},
+    config::{Config, RawConfig},
     dataplane::{self, Dataplane},
     health::{HealthMonitor, Transition},
     neighbours,
@@ -234,23 +234,7 @@ impl Daemon {
     /// Least-response-time services: weights from the health checks' latency averages, changed
     /// only for real, lasting differences (see [`plan::latency`]) so the rings do not churn.
     fn update_latency_weights(&mut self) -> bool {
-        let statuses = self.monitor.statuses();
-        let samples: Vec<Vec<plan::latency::Sample>> = self
-            .config
-            .services
-            .iter()
-            .filter(|s| s.scheduler == Scheduler::LeastResponseTime)
-            .map(|s| {
-                s.backends
-                    .iter()
-                    .filter_map(|b| {
-                        let (target, _) = plan::probe_target(s, b)?;
-                        let latency_us = statuses.get(&target)?.latency_ewma_us?;
-                        Some(plan::latency::Sample { key: (s.name.clone(), b.address), base: b.weight, latency_us })
-                    })
-                    .collect()
-            })
-            .collect();
+        let samples = plan::latency::samples(&self.config, &self.monitor.statuses());
         let changes = self.latency_weights.tick(&samples);
         for c in &changes {
             info!(service = %c.key.0, backend = %c.key.1, weight = c.weight, "least-response-time weight");

@@ -14,9 +14,13 @@
 //! The decision is a pure function of the samples and the previous state, so it is unit-tested
 //! with sequences of EWMA values instead of a running daemon.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
-use super::{latency_weights, BackendKey};
+use super::{latency_weights, probe_target, BackendKey};
+use crate::{
+    config::{Config, Scheduler},
+    health::{Status, Target},
+};
 
 /// Latency differences below this never change weights: at this scale the check's own jitter
 /// (scheduling, the kernel's loopback/veth path) dominates what the backend contributes.
@@ -99,6 +103,26 @@ impl LatencyWeights {
     }
 }
 
+/// This tick's samples: per least-response-time service, every backend whose health check has a
+/// latency average yet.
+pub fn samples(config: &Config, statuses: &BTreeMap<Target, Status>) -> Vec<Vec<Sample>> {
+    config
+        .services
+        .iter()
+        .filter(|s| s.scheduler == Scheduler::LeastResponseTime)
+        .map(|s| {
+            s.backends
+                .iter()
+                .filter_map(|b| {
+                    let (target, _) = probe_target(s, b)?;
+                    let latency_us = statuses.get(&target)?.latency_ewma_us?;
+                    Some(Sample { key: (s.name.clone(), b.address), base: b.weight, latency_us })
+                })
+                .collect()
+        })
+        .collect()
+}
+
 /// The weight a backend should have now: its configured weight unless it is faster than the
 /// slowest backend by both the absolute floor and the relative threshold.
 pub fn target_weight(base: u32, latency_us: f64, slowest_us: f64) -> u32 {
@@ -122,7 +146,7 @@ mod tests {
         ("web".into(), format!("10.1.0.{i}:80").parse().unwrap())
     }
 
-    fn samples(latencies: &[f64]) -> Vec<Vec<Sample>> {
+    fn one_service(latencies: &[f64]) -> Vec<Vec<Sample>> {
         vec![latencies.iter().enumerate().map(|(i, &l)| Sample { key: key(i as u8 + 1), base: 1, latency_us: l }).collect()]
     }
 
@@ -142,7 +166,7 @@ mod tests {
         for tick in 0..1200 {
             let a = 40.0 + 860.0 * noise(&mut seed);
             let b = 40.0 + 860.0 * noise(&mut seed);
-            let changes = lw.tick(&samples(&[a, b]));
+            let changes = lw.tick(&one_service(&[a, b]));
             assert!(changes.is_empty(), "tick {tick}: {a:.0} µs vs {b:.0} µs changed {changes:?}");
         }
         assert!(lw.weights().is_empty());
@@ -157,7 +181,7 @@ mod tests {
             // 0.5 ms vs 5 ms EWMAs, each wandering ±5 %.
             let fast = 500.0 * (0.95 + 0.1 * noise(&mut seed));
             let slow = 5_000.0 * (0.95 + 0.1 * noise(&mut seed));
-            for c in lw.tick(&samples(&[fast, slow])) {
+            for c in lw.tick(&one_service(&[fast, slow])) {
                 all.push((tick, c));
             }
         }
@@ -174,7 +198,7 @@ mod tests {
         let mut lw = LatencyWeights::default();
         for tick in 0..20 {
             let fast = if tick % 5 == 0 { 300.0 } else { 4_800.0 };
-            assert!(lw.tick(&samples(&[fast, 5_000.0])).is_empty(), "tick {tick}");
+            assert!(lw.tick(&one_service(&[fast, 5_000.0])).is_empty(), "tick {tick}");
         }
     }
 
@@ -182,12 +206,12 @@ mod tests {
     fn weights_return_to_the_configured_value_when_the_difference_goes_away() {
         let mut lw = LatencyWeights::default();
         for _ in 0..PERSIST_TICKS {
-            lw.tick(&samples(&[500.0, 5_000.0]));
+            lw.tick(&one_service(&[500.0, 5_000.0]));
         }
         assert_eq!(lw.weights().get(&key(1)), Some(&10));
         let mut changes = Vec::new();
         for _ in 0..PERSIST_TICKS {
-            changes.extend(lw.tick(&samples(&[4_900.0, 5_000.0])));
+            changes.extend(lw.tick(&one_service(&[4_900.0, 5_000.0])));
         }
         assert_eq!(changes, vec![Change { key: key(1), weight: 1 }]);
         assert!(lw.weights().is_empty());
@@ -197,7 +221,7 @@ mod tests {
     fn removed_backends_are_forgotten() {
         let mut lw = LatencyWeights::default();
         for _ in 0..PERSIST_TICKS {
-            lw.tick(&samples(&[500.0, 5_000.0]));
+            lw.tick(&one_service(&[500.0, 5_000.0]));
         }
         assert!(!lw.weights().is_empty());
         lw.tick(&[]);
@@ -209,5 +233,31 @@ mod tests {
         assert_eq!(target_weight(1, 100.0, 900.0), 1, "8× faster but only 0.8 ms");
         assert_eq!(target_weight(1, 40_000.0, 41_500.0), 1, "1.5 ms faster but under 25 %");
         assert_eq!(target_weight(1, 1_000.0, 4_000.0), 4);
+    }
+
+    #[test]
+    fn samples_come_from_least_response_time_services_with_a_latency() {
+        let text = "[[services]]\nname = \"lrt\"\nvip = \"10.0.0.100:80\"\nprotocol = \"tcp\"\nscheduler = \"least-response-time\"\n\
+                    [[services.backends]]\naddress = \"10.1.0.1:80\"\nweight = 2\n[[services.backends]]\naddress = \"10.1.0.2:80\"\n\
+                    [[services]]\nname = \"mag\"\nvip = \"10.0.0.101:80\"\nprotocol = \"tcp\"\n\
+                    [[services.backends]]\naddress = \"10.1.0.3:80\"\n";
+        let config = Config::parse(text, "test").expect("config");
+        let with_latency = |addr: &str, service: &str| {
+            let status = Status {
+                health: crate::health::Health::Up,
+                last_ok: Some(true),
+                last_error: None,
+                last_latency_us: Some(700),
+                latency_ewma_us: Some(700.0),
+                consecutive_ok: 2,
+                consecutive_fail: 0,
+                checked_at_unix_ms: None,
+            };
+            (Target { service: service.into(), addr: addr.parse().unwrap() }, status)
+        };
+        // 10.1.0.2 has no latency yet; 10.1.0.3 is in a Maglev service.
+        let statuses: BTreeMap<Target, Status> = [with_latency("10.1.0.1:80", "lrt"), with_latency("10.1.0.3:80", "mag")].into();
+        let got = samples(&config, &statuses);
+        assert_eq!(got, vec![vec![Sample { key: ("lrt".into(), "10.1.0.1:80".parse().unwrap()), base: 2, latency_us: 700.0 }]]);
     }
 }
