@@ -20,7 +20,7 @@ use crate::{
     api::ConfigStatus,
     config::{
         file::{self, Loaded},
-        Config, Protocol, RawConfig, Scheduler,
+        Config, Protocol, RawConfig,
     },
     dataplane::{self, Dataplane},
     health::{HealthMonitor, Transition},
@@ -50,7 +50,7 @@ pub struct Daemon {
     /// When each drained backend started draining.
     drains: HashMap<BackendKey, Instant>,
     passive: Passive,
-    latency_weights: HashMap<BackendKey, u32>,
+    latency_weights: plan::latency::LatencyWeights,
     report: Vec<ServiceHealth>,
     /// The effective configuration last programmed (weights after health, backups, drain).
     effective: Config,
@@ -93,7 +93,7 @@ impl Daemon {
             start_differences,
             drains: HashMap::new(),
             passive: Passive::default(),
-            latency_weights: HashMap::new(),
+            latency_weights: plan::latency::LatencyWeights::default(),
             report: Vec::new(),
         };
         daemon.replan().map_err(DaemonError::Program)?;
@@ -152,7 +152,7 @@ impl Daemon {
                 health: Some(&statuses),
                 passive_down: Some(&passive_down),
                 drain_expired: Some(&expired),
-                latency_weights: Some(&self.latency_weights),
+                latency_weights: Some(self.latency_weights.weights()),
             },
         );
         for r in &report {
@@ -316,33 +316,15 @@ impl Daemon {
         self.effective.services.iter().find(|s| s.name == service)?.backends.iter().find(|b| &b.address == address)
     }
 
-    /// Least-response-time services: weights from the health checks' latency averages, changed only
-    /// when one moves by more than 25 % so the tables do not churn.
+    /// Least-response-time services: weights from the health checks' latency averages, changed
+    /// only for real, lasting differences (see [`plan::latency`]) so the rings do not churn.
     fn update_latency_weights(&mut self) -> bool {
-        let statuses = self.monitor.statuses();
-        let mut changed = false;
-        for s in self.config.services.iter().filter(|s| s.scheduler == Scheduler::LeastResponseTime) {
-            let latencies: Vec<(BackendKey, u32, f64)> = s
-                .backends
-                .iter()
-                .filter_map(|b| {
-                    let (target, _) = plan::probe_target(s, b)?;
-                    let latency = statuses.get(&target)?.latency_ewma_us?;
-                    Some(((s.name.clone(), b.address), b.weight, latency))
-                })
-                .collect();
-            let slowest = latencies.iter().map(|(_, _, l)| *l).fold(0.0, f64::max);
-            for (key, base, latency) in latencies {
-                let weight = plan::latency_weights(base, latency, slowest);
-                let old = self.latency_weights.get(&key).copied().unwrap_or(base);
-                if (weight as f64 - old as f64).abs() > 0.25 * old as f64 {
-                    info!(service = %key.0, backend = %key.1, latency_us = latency as u64, weight, "least-response-time weight");
-                    self.latency_weights.insert(key, weight);
-                    changed = true;
-                }
-            }
+        let samples = plan::latency::samples(&self.config, &self.monitor.statuses());
+        let changes = self.latency_weights.tick(&samples);
+        for c in &changes {
+            info!(service = %c.key.0, backend = %c.key.1, weight = c.weight, "least-response-time weight");
         }
-        changed
+        !changes.is_empty()
     }
 }
 
@@ -382,6 +364,11 @@ pub fn differences(running: &[&crate::config::Service], config: &Config) -> Vec<
 /// Health of every checked target, for status and metrics.
 pub fn statuses(daemon: &Daemon) -> BTreeMap<crate::health::Target, crate::health::Status> {
     daemon.monitor.statuses()
+}
+
+/// Health probes that failed on this host, per reason, for the metrics.
+pub fn health_local_errors(daemon: &Daemon) -> Vec<(&'static str, u64)> {
+    daemon.monitor.local_errors()
 }
 
 #[cfg(test)]

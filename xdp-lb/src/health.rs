@@ -24,8 +24,11 @@ use tokio::{
     time::MissedTickBehavior,
 };
 
+mod local;
 #[cfg(test)]
 mod tests;
+
+pub use local::{LocalErrors, LocalReason};
 
 /// Weight of the newest sample in `latency_ewma_us`: low enough that one slow probe does not
 /// swing a least-response-time scheduler, high enough to follow a real slowdown in a few checks.
@@ -134,7 +137,8 @@ pub enum Health {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Status {
     pub health: Health,
-    /// Outcome of the most recent probe (`None` before the first one).
+    /// Outcome of the most recent probe (`None` before the first one, or when it was
+    /// inconclusive because it failed on this host: see [`LocalReason`]).
     pub last_ok: Option<bool>,
     /// Why the most recent probe failed (`None` if it succeeded), or why no probe runs.
     pub last_error: Option<String>,
@@ -194,6 +198,16 @@ pub enum CheckError {
     BadStatusLine(String),
     #[error("HTTP {code} not in {}..={}", .expect.start(), .expect.end())]
     UnexpectedStatus { code: u16, expect: RangeInclusive<u16> },
+}
+
+impl CheckError {
+    /// Whether the probe failed on this host (and so says nothing about the backend).
+    pub fn local_reason(&self) -> Option<LocalReason> {
+        match self {
+            CheckError::Connect(e) | CheckError::Io(e) => LocalReason::classify(e),
+            _ => None,
+        }
+    }
 }
 
 /// Runs one probe of `addr` according to `spec`; the whole probe is bounded by `spec.timeout`.
@@ -283,10 +297,12 @@ fn lock(shared: &SharedStatuses) -> MutexGuard<'_, BTreeMap<Target, Slot>> {
 }
 
 /// Folds one probe result into the target's status and emits a transition if health changed.
+/// A probe that failed on this host is inconclusive: counted in `local`, health untouched.
 /// Returns `false` when the task's slot is gone or superseded, i.e. the task should stop.
 fn record(
     shared: &SharedStatuses,
     tx: &mpsc::UnboundedSender<Transition>,
+    local: &LocalErrors,
     target: &Target,
     generation: u64,
     spec: &CheckSpec,
@@ -299,8 +315,15 @@ fn record(
     let status = &mut slot.status;
     let from = status.health;
     status.checked_at_unix_ms = unix_ms_now();
-    let change = match result {
-        Ok(latency) => {
+    let local_reason = result.as_ref().err().and_then(CheckError::local_reason);
+    let change = match (result, local_reason) {
+        (Err(error), Some(reason)) => {
+            status.last_ok = None;
+            status.last_error = Some(format!("inconclusive, failed on this host ({reason}): {error}"));
+            local.note(reason, &target.service, target.addr, &error);
+            None
+        }
+        (Ok(latency), _) => {
             let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
             status.last_ok = Some(true);
             status.last_error = None;
@@ -311,7 +334,7 @@ fn record(
             (from != Health::Up && status.consecutive_ok >= spec.rise)
                 .then(|| (Health::Up, format!("{} consecutive successful checks", status.consecutive_ok)))
         }
-        Err(error) => {
+        (Err(error), None) => {
             let error = error.to_string();
             status.last_ok = Some(false);
             status.consecutive_fail = status.consecutive_fail.saturating_add(1);
@@ -342,6 +365,7 @@ async fn run_checks(
     generation: u64,
     shared: SharedStatuses,
     tx: mpsc::UnboundedSender<Transition>,
+    local: Arc<LocalErrors>,
 ) {
     let mut ticker = tokio::time::interval(spec.interval);
     // Delay rather than Burst: after a stall, a burst of back-to-back probes would count as
@@ -351,7 +375,7 @@ async fn run_checks(
         ticker.tick().await; // The first tick completes immediately.
         let started = Instant::now();
         let result = probe(target.addr, &spec).await.map(|()| started.elapsed());
-        if !record(&shared, &tx, &target, generation, &spec, result) {
+        if !record(&shared, &tx, &local, &target, generation, &spec, result) {
             return;
         }
     }
@@ -366,6 +390,7 @@ struct Check {
 /// Runs the checks; dropping it stops them all.
 pub struct HealthMonitor {
     shared: SharedStatuses,
+    local_errors: Arc<LocalErrors>,
     checks: BTreeMap<Target, Check>,
     tx: mpsc::UnboundedSender<Transition>,
     runtime: Option<Handle>,
@@ -380,6 +405,7 @@ impl HealthMonitor {
         let (tx, rx) = mpsc::unbounded_channel();
         let monitor = HealthMonitor {
             shared: SharedStatuses::default(),
+            local_errors: Arc::default(),
             checks: BTreeMap::new(),
             tx,
             runtime: Handle::try_current().ok(),
@@ -443,6 +469,7 @@ impl HealthMonitor {
                     generation,
                     Arc::clone(&self.shared),
                     self.tx.clone(),
+                    Arc::clone(&self.local_errors),
                 ))),
             };
             statuses.insert(target.clone(), Slot { generation, status });
@@ -455,6 +482,11 @@ impl HealthMonitor {
     /// Current status of every target.
     pub fn statuses(&self) -> BTreeMap<Target, Status> {
         lock(&self.shared).iter().map(|(target, slot)| (target.clone(), slot.status.clone())).collect()
+    }
+
+    /// Probes that failed on this host, per [`LocalReason`] label (every reason, zeros included).
+    pub fn local_errors(&self) -> Vec<(&'static str, u64)> {
+        self.local_errors.counts()
     }
 
     pub fn status(&self, target: &Target) -> Option<Status> {

@@ -106,7 +106,8 @@ pub fn plan(config: &Config, observed: &Observed<'_>) -> (Config, Vec<ServiceHea
 
 /// Least-response-time weights: each backend's configured weight scaled by how much faster than
 /// the slowest backend it answers its health checks, so traffic shifts toward fast backends without
-/// starving slow ones. Latencies are the checks' EWMAs, already smoothed.
+/// starving slow ones. Latencies are the checks' EWMAs, already smoothed; [`latency`] decides when
+/// a difference is real enough to act on.
 pub fn latency_weights(base: u32, latency_us: f64, slowest_us: f64) -> u32 {
     if latency_us <= 0.0 || slowest_us <= 0.0 {
         return base;
@@ -114,6 +115,8 @@ pub fn latency_weights(base: u32, latency_us: f64, slowest_us: f64) -> u32 {
     let scale = (slowest_us / latency_us).clamp(1.0, 100.0);
     ((base as f64) * scale).round().clamp(1.0, 65_535.0) as u32
 }
+
+pub mod latency;
 
 #[cfg(test)]
 mod tests;

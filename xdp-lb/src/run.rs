@@ -26,7 +26,7 @@ use xdp_lb::{
     config::file,
     daemon::Daemon,
     dataplane::{self, Dataplane},
-    metrics, neighbours,
+    limits, metrics, neighbours,
     pins::PinDir,
 };
 
@@ -52,6 +52,7 @@ pub struct Options {
 type Job = (Request, oneshot::Sender<Response>);
 
 pub fn run(opts: Options) -> Result<()> {
+    raise_fd_limit();
     let loaded = file::load(&opts.config)?;
     info!(path = %opts.config.display(), services = loaded.config.services.len(), "config file loaded");
     // Every --iface must exist before anything is loaded or attached.
@@ -91,9 +92,9 @@ async fn serve(opts: Options, loaded: file::Loaded) -> Result<()> {
     let (jobs_tx, mut jobs) = mpsc::channel::<Job>(64);
     let answering = Arc::new(AtomicUsize::new(0));
     tokio::spawn(accept_clients(listener, jobs_tx, answering.clone()));
-    let (scrape_tx, mut scrapes) = mpsc::channel::<oneshot::Sender<String>>(16);
+    let (scrape_tx, mut scrapes) = mpsc::channel::<metrics::serve::ScrapeReply>(16);
     if let Some(l) = metrics_listener {
-        tokio::spawn(accept_scrapes(l, scrape_tx));
+        tokio::spawn(metrics::serve::serve(l, scrape_tx));
     }
     let mut hangup = signal(SignalKind::hangup())?;
     let mut terminate = signal(SignalKind::terminate())?;
@@ -113,7 +114,7 @@ async fn serve(opts: Options, loaded: file::Loaded) -> Result<()> {
                     break;
                 }
             }
-            Some(reply) = scrapes.recv() => { let _ = reply.send(metrics::render(&daemon)); }
+            Some(reply) = scrapes.recv() => { let _ = reply.send(metrics::render(&daemon).map_err(|e| e.to_string())); }
             _ = tick.tick() => daemon.tick(),
             _ = refresh.tick() => neighbours::warm(daemon.config().services.iter().filter(|s| s.mode == Mode::Dsr).flat_map(|s| s.backends.iter().map(|b| b.address))),
             // Daemon::reload logs the outcome; `xdp-lb reload` takes the same path.
@@ -254,25 +255,12 @@ fn response_line(response: &Response) -> String {
     text
 }
 
-async fn accept_scrapes(listener: TcpListener, scrapes: mpsc::Sender<oneshot::Sender<String>>) {
-    loop {
-        let Ok((mut stream, _)) = listener.accept().await else { continue };
-        let scrapes = scrapes.clone();
-        tokio::spawn(async move {
-            // Any request gets the metrics: read (and ignore) the request head first.
-            let mut head = [0u8; 2048];
-            let _ = tokio::time::timeout(REQUEST_TIMEOUT, stream.read(&mut head)).await;
-            let (tx, rx) = oneshot::channel();
-            if scrapes.send(tx).await.is_err() {
-                return;
-            }
-            let Ok(body) = rx.await else { return };
-            let response = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = stream.write_all(response.as_bytes()).await;
-        });
+/// Health checks and the API must not run out of descriptors where systemd's default soft limit
+/// (1024) is far below the hard one; failing to raise it is worth a warning, not a refusal to run.
+fn raise_fd_limit() {
+    match limits::raise_nofile() {
+        Ok((before, after)) => info!(soft_before = before.soft, soft = after.soft, hard = after.hard, "file descriptor limit (RLIMIT_NOFILE)"),
+        Err(e) => warn!("{e}; health checks keep a reserve of descriptors, but fewer are available"),
     }
 }
 

@@ -13,6 +13,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "iproute2",
     "ethtool",
+    // The metrics tests read the daemon's scrape with the Prometheus project's own parser.
+    "python3-prometheus-client",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 

@@ -412,3 +412,94 @@ fn errors_read_as_reasons() {
     let status = CheckError::UnexpectedStatus { code: 503, expect: 200..=399 };
     assert_eq!(status.to_string(), "HTTP 503 not in 200..=399");
 }
+
+/// A target already `Up` with one failure on record, as `record` sees it.
+fn up_slot(target: &Target) -> SharedStatuses {
+    let mut status = Status::new(Health::Up);
+    status.last_ok = Some(false);
+    status.consecutive_fail = 1;
+    let shared = SharedStatuses::default();
+    lock(&shared).insert(target.clone(), Slot { generation: 7, status });
+    shared
+}
+
+#[test]
+fn a_probe_that_failed_on_this_host_is_inconclusive() {
+    let target = Target { service: "web".into(), addr: "10.1.0.2:80".parse().unwrap() };
+    let spec = CheckSpec { fall: 2, ..CheckSpec::default() };
+    let shared = up_slot(&target);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let local = LocalErrors::default();
+    // Far more than `fall` local errors in a row: EMFILE at connect, then ENOBUFS on the write.
+    for _ in 0..10 {
+        let emfile = CheckError::Connect(io::Error::from_raw_os_error(libc::EMFILE));
+        assert!(record(&shared, &tx, &local, &target, 7, &spec, Err(emfile)));
+        let enobufs = CheckError::Io(io::Error::from_raw_os_error(libc::ENOBUFS));
+        assert!(record(&shared, &tx, &local, &target, 7, &spec, Err(enobufs)));
+    }
+    let status = lock(&shared)[&target].status.clone();
+    assert_eq!(status.health, Health::Up, "{status:?}");
+    assert_eq!(status.consecutive_fail, 1, "local errors are not failures: {status:?}");
+    assert_eq!(status.last_ok, None);
+    assert!(status.last_error.as_deref().is_some_and(|e| e.contains("inconclusive")), "{status:?}");
+    assert!(rx.try_recv().is_err(), "no transition");
+    let counts = local.counts();
+    assert!(counts.contains(&("process_fd_limit", 10)), "{counts:?}");
+    assert!(counts.contains(&("no_buffer_space", 10)), "{counts:?}");
+
+    // A backend-side failure still counts: with fall = 2 this one makes it Down.
+    let refused = CheckError::Refused;
+    assert!(record(&shared, &tx, &local, &target, 7, &spec, Err(refused)));
+    assert_eq!(lock(&shared)[&target].status.health, Health::Down);
+    assert_eq!(rx.try_recv().map(|t| t.to).ok(), Some(Health::Down));
+}
+
+#[tokio::test]
+async fn a_probe_from_a_process_out_of_file_descriptors_is_local() {
+    // What the probe really returns at the fd limit: the socket cannot even be created. Holding
+    // every descriptor would disturb the other tests of this process, so this checks the error
+    // path end to end with a connect that fails locally for another reason instead: an
+    // unassigned source address is EADDRNOTAVAIL, decided before any packet leaves.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    let err = socket.bind("192.0.2.1:0".parse().unwrap()).expect_err("192.0.2.1 is not ours");
+    assert_eq!(CheckError::Connect(err).local_reason(), Some(LocalReason::NoLocalAddress));
+}
+
+/// Set in the child process of [`a_probe_at_the_descriptor_limit_fails_locally`].
+const EMFILE_CHILD: &str = "XDP_LB_TEST_EMFILE_CHILD";
+
+/// The real probe in a process with no descriptor left classifies its error as local. It runs in a
+/// child process (this test binary again, running only this test), because using up every
+/// descriptor here would break the tests running alongside.
+#[test]
+fn a_probe_at_the_descriptor_limit_fails_locally() {
+    if std::env::var_os(EMFILE_CHILD).is_some() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let mut held = Vec::new();
+        let error = loop {
+            match std::fs::File::open("/dev/null") {
+                Ok(file) => held.push(file),
+                Err(e) => break e,
+            }
+            assert!(held.len() < 1 << 21, "no descriptor limit reached after {} files", held.len());
+        };
+        assert_eq!(error.raw_os_error(), Some(libc::EMFILE), "{error}");
+        let result = runtime.block_on(probe(SocketAddr::from((Ipv4Addr::LOCALHOST, 9)), &CheckSpec::default()));
+        drop(held);
+        let error = result.expect_err("no socket can be opened");
+        assert_eq!(error.local_reason(), Some(LocalReason::ProcessFdLimit), "{error}");
+        return;
+    }
+    let name = "health::tests::a_probe_at_the_descriptor_limit_fails_locally";
+    let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args(["--exact", name, "--test-threads=1"])
+        .env(EMFILE_CHILD, "1")
+        .output()
+        .expect("run the child");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "child failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

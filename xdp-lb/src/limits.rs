@@ -1,0 +1,111 @@
+//! File-descriptor limits, and the reserve that keeps health checks and the API socket working
+//! when something else (a flood of metrics connections) tries to use them all.
+//!
+//! At start the daemon raises its soft `RLIMIT_NOFILE` to the hard limit (systemd's default soft
+//! limit is 1024). Listeners that strangers can reach — the metrics port — accept a connection
+//! only while [`fd_headroom`] exceeds [`reserve`]; health probes and the API socket may use the
+//! reserved descriptors.
+
+use std::io;
+
+/// The soft and hard `RLIMIT_NOFILE` of this process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NofileLimit {
+    pub soft: u64,
+    pub hard: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LimitsError {
+    #[error("reading RLIMIT_NOFILE: {0}")]
+    Get(io::Error),
+    #[error("raising the soft RLIMIT_NOFILE from {from} to {to}: {source}")]
+    Raise { from: u64, to: u64, source: io::Error },
+    #[error("counting open file descriptors in /proc/self/fd: {0}")]
+    Count(io::Error),
+}
+
+/// The current limit.
+pub fn nofile() -> Result<NofileLimit, LimitsError> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes one rlimit into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(LimitsError::Get(io::Error::last_os_error()));
+    }
+    Ok(NofileLimit { soft: limit.rlim_cur, hard: limit.rlim_max })
+}
+
+/// Raises the soft limit to the hard one (capped by `fs.nr_open`, since an unlimited hard limit
+/// cannot be a soft limit for descriptors). Returns the limit before and after.
+pub fn raise_nofile() -> Result<(NofileLimit, NofileLimit), LimitsError> {
+    let before = nofile()?;
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open").ok().and_then(|v| v.trim().parse::<u64>().ok());
+    let target = nr_open.map_or(before.hard, |n| before.hard.min(n));
+    if target <= before.soft {
+        return Ok((before, before));
+    }
+    let limit = libc::rlimit { rlim_cur: target, rlim_max: before.hard };
+    // SAFETY: setrlimit reads the struct we pass; it changes only this process's limit.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+        return Err(LimitsError::Raise { from: before.soft, to: target, source: io::Error::last_os_error() });
+    }
+    Ok((before, nofile()?))
+}
+
+/// Descriptors this process has open now (not counting the one used to list them).
+pub fn open_fds() -> Result<u64, LimitsError> {
+    let entries = std::fs::read_dir("/proc/self/fd").map_err(LimitsError::Count)?;
+    Ok(entries.count().saturating_sub(1) as u64)
+}
+
+/// Descriptors kept for health probes and the API for a process whose soft limit is `limit`: a
+/// quarter of it, at least 32 (one probe per backend in flight plus a few CLI clients) and at
+/// most 1024.
+pub fn reserve(limit: u64) -> u64 {
+    (limit / 4).clamp(32, 1024)
+}
+
+/// How many more descriptors this process may open now (soft limit minus open ones); `None` if
+/// that cannot be told — which, since listing /proc/self/fd needs a descriptor itself, is also
+/// what a process at its limit sees.
+pub fn fd_headroom() -> Option<u64> {
+    let limit = nofile().ok()?;
+    Some(limit.soft.saturating_sub(open_fds().ok()?))
+}
+
+/// Whether a listener strangers can reach may take one more connection without eating into the
+/// reserve.
+pub fn outside_reserve() -> bool {
+    let Ok(limit) = nofile() else { return false };
+    fd_headroom().is_some_and(|headroom| headroom > reserve(limit.soft))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reserve_is_a_bounded_quarter() {
+        assert_eq!(reserve(64), 32);
+        assert_eq!(reserve(1024), 256);
+        assert_eq!(reserve(1 << 20), 1024);
+    }
+
+    #[test]
+    fn open_descriptors_are_counted() {
+        let files: Vec<std::fs::File> = (0..5).map(|_| std::fs::File::open("/proc/self/stat").expect("open")).collect();
+        let during = open_fds().expect("count");
+        drop(files);
+        // Other tests of this process open and close descriptors too, so only a lower bound holds:
+        // the five files plus stdin, stdout and stderr.
+        assert!(during >= 8, "{during}");
+        assert!(fd_headroom().is_some());
+    }
+
+    #[test]
+    fn raising_keeps_the_hard_limit() {
+        let (before, after) = raise_nofile().expect("raise");
+        assert_eq!(before.hard, after.hard);
+        assert!(after.soft >= before.soft);
+    }
+}

@@ -1,0 +1,209 @@
+//! The `--metrics` HTTP endpoint (hyper): `GET /metrics` (and `HEAD`) 200, other paths 404, other
+//! methods 405.
+//!
+//! Anyone who can reach the port can connect, so it must not be able to starve the daemon:
+//! - at most [`MAX_CONNECTIONS`] connections at a time; beyond that the listener is not accepted
+//!   from, so waiting connections sit in the kernel's backlog and hold none of our descriptors;
+//! - a connection is accepted only outside the descriptor reserve ([`limits::outside_reserve`]),
+//!   which stays free for health probes and the API socket;
+//! - a request head must arrive within [`HEAD_TIMEOUT`] of the connection (or of the previous
+//!   response, so idle keep-alive connections close too), and no connection lives longer than
+//!   [`MAX_CONNECTION_AGE`].
+//!
+//! The scrape itself runs in the daemon's control loop: a request sends a [`ScrapeReply`] there
+//! and waits for the rendered text.
+
+use std::{
+    convert::Infallible,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{body::Incoming, header, server::conn::http1, service::service_fn, Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::{
+    net::TcpListener,
+    sync::{mpsc, oneshot, Semaphore},
+};
+
+use crate::limits;
+
+/// Concurrent metrics connections; a Prometheus server needs one.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Time to send a request head, from the connection's start or the previous response.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+/// Even a busy keep-alive connection is closed after this (it reconnects).
+pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(60);
+/// Pause before looking at the descriptor reserve again, or after a failed accept.
+const BACKOFF: Duration = Duration::from_millis(100);
+/// Refusals (reserve reached, accept errors) are logged at most this often.
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Asks the control loop for the current exposition text (or why it could not be read).
+pub type ScrapeReply = oneshot::Sender<Result<String, String>>;
+
+/// Serves `listener` until the runtime stops; scrapes are answered through `scrapes`.
+pub async fn serve(listener: TcpListener, scrapes: mpsc::Sender<ScrapeReply>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut last_log: Option<Instant> = None;
+    let mut log_limited = |message: &dyn std::fmt::Display| {
+        if last_log.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
+            tracing::warn!("metrics listener: {message}");
+            last_log = Some(Instant::now());
+        }
+    };
+    loop {
+        // Never closed, so acquiring only waits.
+        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else { return };
+        while !limits::outside_reserve() {
+            log_limited(&"not accepting: open file descriptors reached the reserve kept for health checks and the API");
+            tokio::time::sleep(BACKOFF).await;
+        }
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // EMFILE and friends: retrying at once would spin; the slot is released.
+                log_limited(&format_args!("accept failed: {e}"));
+                tokio::time::sleep(BACKOFF).await;
+                continue;
+            }
+        };
+        let scrapes = scrapes.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request| answer(request, scrapes.clone()));
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEAD_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            // Errors (timeouts, resets, malformed requests) end only this connection.
+            let _ = tokio::time::timeout(MAX_CONNECTION_AGE, connection).await;
+            drop(slot);
+        });
+    }
+}
+
+async fn answer(request: Request<Incoming>, scrapes: mpsc::Sender<ScrapeReply>) -> Result<Response<Full<Bytes>>, Infallible> {
+    if request.uri().path() != "/metrics" {
+        return Ok(plain(StatusCode::NOT_FOUND, "not found: the only path is /metrics\n"));
+    }
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        let mut response = plain(StatusCode::METHOD_NOT_ALLOWED, "method not allowed: use GET\n");
+        response.headers_mut().insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
+        return Ok(response);
+    }
+    let (tx, rx) = oneshot::channel();
+    let text = match scrapes.send(tx).await {
+        Ok(()) => rx.await.unwrap_or_else(|_| Err("the daemon is shutting down".into())),
+        Err(_) => Err("the daemon is shutting down".into()),
+    };
+    Ok(match text {
+        Ok(text) => {
+            let mut response = Response::new(Full::new(Bytes::from(text)));
+            response
+                .headers_mut()
+                .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+            response
+        }
+        Err(why) => plain(StatusCode::SERVICE_UNAVAILABLE, &format!("metrics unavailable: {why}\n")),
+    })
+}
+
+fn plain(status: StatusCode, text: &str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(text.to_owned())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; charset=utf-8"));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpStream,
+    };
+
+    use super::*;
+
+    /// A server on loopback whose control loop answers every scrape with `text`.
+    async fn start(text: &'static str) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (tx, mut rx) = mpsc::channel::<ScrapeReply>(4);
+        tokio::spawn(serve(listener, tx));
+        tokio::spawn(async move {
+            while let Some(reply) = rx.recv().await {
+                let _ = reply.send(Ok(text.to_string()));
+            }
+        });
+        addr
+    }
+
+    async fn exchange(addr: SocketAddr, request: &str) -> String {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        s.write_all(request.as_bytes()).await.expect("write");
+        let mut out = String::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out)).await.expect("answered in time").expect("read");
+        out
+    }
+
+    #[tokio::test]
+    async fn routes_and_methods() {
+        let addr = start("xdp_lb_x 1\n").await;
+        let ok = exchange(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+        assert!(ok.starts_with("HTTP/1.1 200 OK"), "{ok}");
+        assert!(ok.contains("text/plain; version=0.0.4"), "{ok}");
+        assert!(ok.ends_with("xdp_lb_x 1\n"), "{ok}");
+        let missing = exchange(addr, "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+        assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
+        let post = exchange(addr, "POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await;
+        assert!(post.starts_with("HTTP/1.1 405"), "{post}");
+        assert!(post.to_ascii_lowercase().contains("allow: get, head"), "{post}");
+    }
+
+    #[tokio::test]
+    async fn the_cap_holds_and_idle_connections_are_closed() {
+        let addr = start("xdp_lb_x 1\n").await;
+        let started = Instant::now();
+        // As many idle connections as the cap: they take every slot (the backlog is FIFO).
+        let mut idle = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            idle.push(TcpStream::connect(addr).await.expect("connect"));
+        }
+        // One more, with a real request: it waits in the backlog, unanswered, …
+        let mut late = TcpStream::connect(addr).await.expect("connect");
+        late.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.expect("write");
+        let mut out = String::new();
+        let early = tokio::time::timeout(Duration::from_secs(1), late.read_to_string(&mut out)).await;
+        assert!(early.is_err(), "answered while every slot was taken: {out}");
+        // … until the idle ones time out and free their slots.
+        tokio::time::timeout(HEAD_TIMEOUT * 3, late.read_to_string(&mut out)).await.expect("answered in time").expect("read");
+        assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+        let waited = started.elapsed();
+        assert!(waited >= HEAD_TIMEOUT - Duration::from_millis(200), "idle connections closed too early: {waited:?}");
+        for (i, s) in idle.iter_mut().enumerate() {
+            let mut buf = [0u8; 16];
+            let n = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await.expect("closed in time");
+            assert!(matches!(n, Ok(0) | Err(_)), "idle connection {i} closed by the server, not answered: {n:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_idle_keep_alive_connection_is_closed() {
+        let addr = start("xdp_lb_x 1\n").await;
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.expect("answered").expect("read");
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200 OK"), "{}", String::from_utf8_lossy(&buf[..n]));
+        let answered = Instant::now();
+        // Kept alive, then idle: the server closes it once the next head is overdue.
+        let n = tokio::time::timeout(HEAD_TIMEOUT * 3, s.read(&mut buf)).await.expect("closed in time");
+        assert!(matches!(n, Ok(0) | Err(_)), "closed, not answered: {n:?}");
+        let idle = answered.elapsed();
+        assert!(idle >= HEAD_TIMEOUT - Duration::from_millis(200), "closed too early: {idle:?}");
+    }
+}
