@@ -589,6 +589,7 @@ fn readme_limits_match_the_constants() {
         ("MIN_CONNTRACK_ENTRIES", MIN_CONNTRACK_ENTRIES as u64),
         ("MAX_CONNTRACK_ENTRIES", MAX_CONNTRACK_ENTRIES as u64),
         ("MAX_WEIGHT", MAX_WEIGHT as u64),
+        ("MAX_HASH_SEED", MAX_HASH_SEED),
         ("MAX_NAME_LEN", MAX_NAME_LEN as u64),
         ("MAX_INTERVAL", crate::health::MAX_INTERVAL.as_millis() as u64),
         ("TX_PORTS", defaults::TX_PORTS as u64),
