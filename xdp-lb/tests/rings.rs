@@ -57,7 +57,7 @@ fn disagreements(a: &[String], b: &[String]) -> usize {
 
 /// On node A one backend is removed and added back; node B, which lists the backends in another
 /// order and never changed, must agree with A on every one of 1,000 flows — as must A with itself
-/// before the change. (Before rings were a pure function of the configuration, A's re-added ring
+/// before the change, and after a restart. (Before rings were a pure function of the configuration, A's re-added ring
 /// kept its history and the nodes disagreed on 91 of 200 flows.)
 #[test]
 fn nodes_agree_after_remove_and_re_add() {
@@ -65,7 +65,7 @@ fn nodes_agree_after_remove_and_re_add() {
     let topo_b = Topology::new("ringb", BACKENDS).expect("building testbed B");
     // The two testbeds use the same addresses, as two nodes of one VIP see the same backends.
     assert_eq!(vip(&topo_a, 80), vip(&topo_b, 80));
-    let node_a = start_daemon(&topo_a, &config(&topo_a, &[0, 1, 2, 3]));
+    let mut node_a = start_daemon(&topo_a, &config(&topo_a, &[0, 1, 2, 3]));
     let node_b = start_daemon(&topo_b, &config(&topo_b, &[3, 1, 0, 2]));
     let vip = vip(&topo_a, 80);
     let flows = flows();
@@ -97,4 +97,11 @@ fn nodes_agree_after_remove_and_re_add() {
         against_b == 0 && against_before == 0,
         "after removing and re-adding {moved} node A disagrees with node B on {against_b} and with itself before on {against_before} of {FLOWS} flows"
     );
+
+    // A restarted daemon adopts the pinned maps and rebuilds the ring from its saved state: the
+    // same ring again.
+    let restart = node_a.restart();
+    check(&node_a, "restarting node A", restart);
+    let restarted = explain_all(&node_a, vip, &flows);
+    assert_eq!(disagreements(&restarted, &b_after), 0, "node A disagrees with node B after a restart");
 }
