@@ -1,23 +1,25 @@
 //! Maglev table construction: never panics, fills every slot, gives each backend its exact share
-//! (within one slot), and a rebuild after removing a backend moves only that backend's slots.
+//! (within one slot), and the table — read as identities — is a pure function of the weighted
+//! candidates, the size and the seed: the candidates' order, removing and re-adding one, and
+//! candidates of weight 0 change nothing; the fingerprint follows the table.
 #![no_main]
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use xdp_lb_common::maglev::{build, is_prime, Candidate, MaglevError};
+use xdp_lb_common::maglev::{build, fingerprint, is_prime, Candidate, MaglevError};
 
 /// Table sizes: primes up to 65537, small ones first so most runs are cheap.
 const SIZES: &[u32] = &[3, 5, 7, 11, 13, 17, 31, 61, 67, 97, 101, 127, 251, 257, 509, 1021, 2039, 4093, 8191, 16381, 65521, 65537];
 
 #[derive(Arbitrary, Debug)]
-enum Previous {
+enum Change {
     None,
-    /// Build once with every candidate, then again without `removed` (the other weights unchanged).
-    Removal { removed: u8 },
-    /// An arbitrary previous table (owners modulo `candidates + 1`, the extra value meaning gone).
-    Arbitrary { owners: Vec<u8> },
-    /// A previous table of the wrong length, or naming a candidate that does not exist.
-    Invalid { len_delta: i8, bad_slot: u16 },
+    /// Remove candidate `removed`, then add it back at the end of the list (as `backend add` does).
+    RemoveThenAdd { removed: u8 },
+    /// The same candidates in another order: rotated, then maybe reversed.
+    Reorder { rotate: u8, reverse: bool },
+    /// Another seed: a valid table again, and the fingerprint tells whether it differs.
+    OtherSeed { seed: u64 },
 }
 
 #[derive(Arbitrary, Debug)]
@@ -25,8 +27,9 @@ struct Input {
     size: u8,
     /// Any u32 instead of a listed prime (only used when ≤ 65537): not-prime sizes must be an error.
     raw_size: Option<u32>,
+    seed: u64,
     candidates: Vec<(Vec<u8>, u32)>,
-    previous: Previous,
+    change: Change,
 }
 
 /// Checks a successful build; returns the per-candidate slot counts.
@@ -54,6 +57,13 @@ fn check_table(table: &[u32], candidates: &[Candidate<'_>], size: u32) -> Vec<u6
     counts
 }
 
+/// Builds, checks, and returns the table as identities (what nodes compare).
+fn build_checked<'a>(candidates: &[Candidate<'a>], size: u32, seed: u64) -> Vec<&'a [u8]> {
+    let table = build(candidates, size, seed).expect("a prime size must build");
+    check_table(&table, candidates, size);
+    table.iter().map(|&i| candidates[i as usize].identity).collect()
+}
+
 fuzz_target!(|input: Input| {
     let size = match input.raw_size {
         Some(raw) if raw <= 65_537 => raw,
@@ -66,91 +76,53 @@ fuzz_target!(|input: Input| {
         .map(|(id, weight)| Candidate { identity: &id[..id.len().min(64)], weight: *weight })
         .collect();
     let n = candidates.len();
+    let seed = input.seed;
 
-    let first = build(&candidates, size, None);
     if size < 3 || !is_prime(size) {
-        assert_eq!(first, Err(MaglevError::NotPrime(size)));
+        assert_eq!(build(&candidates, size, seed), Err(MaglevError::NotPrime(size)));
         return;
     }
-    let table = first.expect("a prime size and no previous table must build");
-    check_table(&table, &candidates, size);
+    let table = build_checked(&candidates, size, seed);
     if size <= 1021 {
-        assert_eq!(build(&candidates, size, None).as_ref(), Ok(&table), "builds are deterministic");
+        assert_eq!(build_checked(&candidates, size, seed), table, "builds are deterministic");
+    }
+    // Candidates of weight 0 play no part.
+    let weighted: Vec<Candidate<'_>> = candidates.iter().copied().filter(|c| c.weight > 0).collect();
+    if weighted.len() < n && size <= 4093 {
+        assert_eq!(build_checked(&weighted, size, seed), table, "a weight-0 candidate changed the table");
     }
 
-    match input.previous {
-        Previous::None => {}
-        Previous::Removal { removed } => {
-            if n == 0 || table.is_empty() {
+    let same_as = |other: &[&[u8]], what: &str| {
+        assert!(other == table.as_slice(), "{what} changed the table; weights {:?}, size {size}", candidates.iter().map(|c| c.weight).collect::<Vec<_>>());
+        assert_eq!(fingerprint(other), fingerprint(&table));
+    };
+    match input.change {
+        Change::None => {}
+        Change::RemoveThenAdd { removed } => {
+            if n == 0 {
                 return;
             }
             let removed = removed as usize % n;
-            let survivors: Vec<usize> = (0..n).filter(|&i| i != removed).collect();
-            let after_candidates: Vec<Candidate<'_>> = survivors.iter().map(|&i| candidates[i]).collect();
-            let previous: Vec<Option<usize>> =
-                table.iter().map(|&o| survivors.iter().position(|&s| s == o as usize)).collect();
-            let after = build(&after_candidates, size, Some(&previous)).expect("a valid previous table must build");
-            check_table(&after, &after_candidates, size);
-            if after.is_empty() {
-                return;
-            }
-            for slot in 0..size as usize {
-                if table[slot] as usize != removed {
-                    assert_eq!(
-                        survivors[after[slot] as usize],
-                        table[slot] as usize,
-                        "slot {slot} moved from candidate {} to {} although only candidate {removed} was removed; weights {:?}, size {size}",
-                        table[slot],
-                        survivors[after[slot] as usize],
-                        candidates.iter().map(|c| c.weight).collect::<Vec<_>>()
-                    );
-                }
-            }
+            let mut rest: Vec<Candidate<'_>> = (0..n).filter(|&i| i != removed).map(|i| candidates[i]).collect();
+            let during = build_checked(&rest, size, seed);
+            assert!(during.iter().all(|&id| id != candidates[removed].identity || rest.iter().any(|c| c.identity == id && c.weight > 0)), "a removed candidate kept a slot");
+            rest.push(candidates[removed]);
+            same_as(&build_checked(&rest, size, seed), "removing and re-adding a candidate");
         }
-        Previous::Arbitrary { owners } => {
-            if owners.is_empty() {
+        Change::Reorder { rotate, reverse } => {
+            if n == 0 {
                 return;
             }
-            let previous: Vec<Option<usize>> = (0..size as usize)
-                .map(|s| {
-                    let o = owners[s % owners.len()] as usize % (n + 1);
-                    (o < n).then_some(o)
-                })
-                .collect();
-            let after = build(&candidates, size, Some(&previous)).expect("a valid previous table must build");
-            let counts = check_table(&after, &candidates, size);
-            if after.is_empty() {
-                return;
+            let r = rotate as usize % n;
+            let mut reordered: Vec<Candidate<'_>> = candidates[r..].iter().chain(&candidates[..r]).copied().collect();
+            if reverse {
+                reordered.reverse();
             }
-            // A candidate keeps every slot it held, up to its share.
-            let mut kept = vec![0u64; n];
-            for (slot, owner) in previous.iter().enumerate() {
-                if let Some(o) = *owner {
-                    if after[slot] as usize == o {
-                        kept[o] += 1;
-                    }
-                }
-            }
-            for i in 0..n {
-                let held = previous.iter().filter(|&&o| o == Some(i)).count() as u64;
-                assert_eq!(kept[i], held.min(counts[i]), "candidate {i} held {held} slots, kept {}, owns {}", kept[i], counts[i]);
-            }
+            same_as(&build_checked(&reordered, size, seed), "reordering the candidates");
         }
-        Previous::Invalid { len_delta, bad_slot } => {
-            let len = (size as i64 + len_delta as i64).max(0) as usize;
-            let mut previous = vec![None; len];
-            if len == size as usize {
-                if len == 0 {
-                    return;
-                }
-                previous[bad_slot as usize % len] = Some(n + bad_slot as usize % 3);
-                assert!(matches!(build(&candidates, size, Some(&previous)), Err(MaglevError::PreviousOwnerOutOfRange { .. })));
-            } else {
-                assert_eq!(
-                    build(&candidates, size, Some(&previous)),
-                    Err(MaglevError::PreviousSizeMismatch { expected: size, got: len })
-                );
-            }
+        Change::OtherSeed { seed: other } => {
+            let other_table = build_checked(&candidates, size, other);
+            assert_eq!(other_table == table, fingerprint(&other_table) == fingerprint(&table), "the fingerprint must follow the table");
         }
     }
 });

@@ -140,6 +140,9 @@ pub struct ServiceStatus {
     pub scheduler: String,
     /// "ok", "on-backups" or "all-down".
     pub state: String,
+    /// Hash of the installed ring as backend addresses (hex): equal on nodes that agree.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ring_fingerprint: Option<String>,
     pub backends: Vec<BackendStatus>,
 }
 

@@ -293,7 +293,8 @@ impl Client<'_> {
             return print_json(&services);
         }
         for s in &services {
-            out(format_args!("{} {} {}/{} {} [{}]", s.name, s.vip, s.protocol, s.mode, s.scheduler, s.state))?;
+            let ring = s.ring_fingerprint.as_deref().map(|f| format!(" ring {f}")).unwrap_or_default();
+            out(format_args!("{} {} {}/{} {} [{}]{ring}", s.name, s.vip, s.protocol, s.mode, s.scheduler, s.state))?;
             let rows = s
                 .backends
                 .iter()

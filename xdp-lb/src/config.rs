@@ -32,11 +32,18 @@ pub struct RawDataplane {
     pub conntrack_entries: u32,
     /// Cells shared by all services' Maglev rings.
     pub maglev_cells: u32,
+    /// Seeds the Maglev permutations. Every node announcing one VIP must use the same seed, so that
+    /// all build the same ring from the same backends.
+    pub hash_seed: u64,
 }
 
 impl Default for RawDataplane {
     fn default() -> Self {
-        Self { conntrack_entries: defaults::CONNTRACK_ENTRIES, maglev_cells: defaults::MAGLEV_CELLS }
+        Self {
+            conntrack_entries: defaults::CONNTRACK_ENTRIES,
+            maglev_cells: defaults::MAGLEV_CELLS,
+            hash_seed: xdp_lb_common::maglev::DEFAULT_SEED,
+        }
     }
 }
 
@@ -195,6 +202,8 @@ pub struct Config {
 pub struct Dataplane {
     pub conntrack_entries: u32,
     pub maglev_cells: u32,
+    /// Seed of every Maglev ring (see [`RawDataplane::hash_seed`]).
+    pub hash_seed: u64,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -271,6 +280,9 @@ pub const MAX_CONNTRACK_ENTRIES: u32 = 1 << 24;
 pub const MIN_MAGLEV_CELLS: u32 = 1;
 /// 4 bytes per cell: 256 MiB, room for 1,000 services of the default ring size, twice over.
 pub const MAX_MAGLEV_CELLS: u32 = 1 << 26;
+/// Largest `hash_seed`: TOML integers are signed 64-bit, so a larger seed could not be written
+/// back to the state file.
+pub const MAX_HASH_SEED: u64 = i64::MAX as u64;
 /// Longest service name (see [`valid_name`]).
 pub const MAX_NAME_LEN: usize = 63;
 

@@ -31,6 +31,8 @@ pub struct Scrape {
     pub backends: Vec<BackendState>,
     /// Health probes that failed on this host, per reason label.
     pub local_errors: Vec<(&'static str, u64)>,
+    /// Per service, the fingerprint of its installed ring (see `maglev::fingerprint`).
+    pub rings: Vec<(String, u64)>,
 }
 
 /// A backend's health view.
@@ -71,6 +73,12 @@ pub fn collect(daemon: &Daemon) -> Result<Scrape, DataplaneError> {
         services: daemon.service_health().to_vec(),
         backends,
         local_errors: crate::daemon::health_local_errors(daemon),
+        rings: daemon
+            .config()
+            .services
+            .iter()
+            .filter_map(|s| Some((s.name.clone(), daemon.tables.ring_fingerprint(&s.name)?)))
+            .collect(),
     })
 }
 
@@ -110,6 +118,14 @@ pub fn exposition(scrape: &Scrape) -> String {
             f64::from(u8::from(h.all_down)),
         );
         out.gauge("xdp_lb_service_serving_backends", "Backends in the service's ring now.", labels(), h.serving as f64);
+    }
+    for (service, fingerprint) in &scrape.rings {
+        out.gauge(
+            "xdp_lb_service_ring_info",
+            "Always 1; the fingerprint label hashes the installed ring as backend addresses, equal on nodes that agree.",
+            vec![label("service", service), label("fingerprint", &format!("{fingerprint:016x}"))],
+            1.0,
+        );
     }
     for b in &scrape.backends {
         let labels = || vec![label("service", &b.service), label("backend", &b.backend)];

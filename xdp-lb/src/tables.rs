@@ -76,6 +76,11 @@ pub struct Installed {
     pub ring: Option<(u32, u32)>,
     /// Backend id per ring slot.
     pub table: Vec<u32>,
+    /// [`maglev::fingerprint`] of `table` read as backend addresses: equal on every node whose ring
+    /// sends each slot to the same backend (ids differ between nodes, addresses do not).
+    pub fingerprint: u64,
+    /// The `[dataplane] hash_seed` the ring was built with.
+    pub seed: u64,
     /// Backend address → backend id.
     pub backend_ids: BTreeMap<SocketAddr, u32>,
 }
@@ -134,6 +139,15 @@ impl Tables {
         self.services.values()
     }
 
+    /// The fingerprint of the ring installed for the service named `service` (see
+    /// [`Installed::fingerprint`]); `None` if no such service is installed. Nodes announcing one VIP
+    /// agree on its Maglev ring exactly when their fingerprints are equal. (Round-robin and
+    /// least-conn rings follow the config's listing order, so only Maglev-based schedulers'
+    /// fingerprints are comparable across differently written configs.)
+    pub fn ring_fingerprint(&self, service: &str) -> Option<u64> {
+        self.services.values().find(|i| i.config.name == service).map(|i| i.fingerprint)
+    }
+
     /// Rebuilds this bookkeeping from the maps of a running data plane (a restarted daemon adopting
     /// pinned maps), so the next [`Tables::apply`] changes only what differs: backends keep their ids
     /// and generations (their flows stay put), rings are rebuilt from the running ones.
@@ -183,7 +197,8 @@ impl Tables {
                 self.generations[backend_id as usize] = b.generation;
                 self.next_generation = self.next_generation.max(b.generation.wrapping_add(1)).max(1);
                 backend_ids.insert(address, backend_id);
-                // Weight unknown: forces a ring rebuild, which keeps the running slots (stable).
+                // Weight unknown: forces a ring rebuild from the desired state, which gives the
+                // running ring again if it was built from the same backends and seed.
                 backends.push(config::Backend {
                     address,
                     weight: u32::MAX,
@@ -210,11 +225,14 @@ impl Tables {
                 },
             };
             adopted_config.backends = backends;
-            // Never "unchanged": the next apply rebuilds every adopted ring (keeping its slots), so a
+            // Never "unchanged": the next apply rebuilds every adopted ring from the config, so a
             // ring naming a backend id that is free or another service's does not survive even when
             // the weights happen to match (e.g. a service with no backend left).
             adopted_config.ring_size = 0;
-            self.services.insert(key, Installed { id: entry.id, config: adopted_config, ring, table, backend_ids });
+            let fingerprint = fingerprint_of(&table, &backend_ids);
+            // The running ring's seed is unknown; the forced rebuild uses the configured one.
+            let seed = config.dataplane.hash_seed;
+            self.services.insert(key, Installed { id: entry.id, config: adopted_config, ring, table, fingerprint, seed, backend_ids });
             adopted += 1;
         }
         Ok(adopted)
@@ -260,7 +278,7 @@ impl Tables {
             self.remove(&key, maps)?;
         }
         for service in &config.services {
-            self.upsert(service, maps)?;
+            self.upsert(service, config.dataplane.hash_seed, maps)?;
         }
         Ok(())
     }
@@ -278,15 +296,16 @@ impl Tables {
         Ok(())
     }
 
-    fn upsert(&mut self, service: &config::Service, maps: &mut dyn MapWriter) -> Result<(), ApplyError> {
+    fn upsert(&mut self, service: &config::Service, seed: u64, maps: &mut dyn MapWriter) -> Result<(), ApplyError> {
         let key = service_key(service.vip, service.protocol);
         let mut installed = match self.services.get(&key) {
-            Some(existing) if existing.config == *service => return Ok(()),
+            Some(existing) if existing.config == *service && existing.seed == seed => return Ok(()),
             Some(existing) => existing.clone(),
             None => {
                 let id = take_id(&mut self.used_service_ids).ok_or(ApplyError::ServiceIds(self.max_services))?;
                 maps.clear_service_stats(id)?;
-                Installed { id, config: service.clone(), ring: None, table: Vec::new(), backend_ids: BTreeMap::new() }
+                let fingerprint = maglev::fingerprint::<[u8; maglev::IDENTITY_LEN]>(&[]);
+                Installed { id, config: service.clone(), ring: None, table: Vec::new(), fingerprint, seed, backend_ids: BTreeMap::new() }
             }
         };
         let old_backend_ids = installed.backend_ids.clone();
@@ -317,18 +336,19 @@ impl Tables {
             backend_ids.insert(b.address, id);
         }
 
-        // 2. The new ring, built from the old one so that surviving backends keep their slots.
+        // 2. The new ring: a pure function of the backends, their effective weights, the ring size
+        //    and the seed, so every node with the same desired state builds the same one, whatever
+        //    changes led there.
         let weights = |s: &config::Service| s.backends.iter().map(|b| (b.address, b.weight)).collect::<Vec<_>>();
         let ring_unchanged = installed.config.ring_size == service.ring_size
             && installed.config.scheduler == service.scheduler
             && weights(&installed.config) == weights(service)
+            && installed.seed == seed
             && !installed.table.is_empty();
         let ring = if ring_unchanged {
             installed.ring
         } else {
-            let previous = (installed.config.scheduler.uses_maglev() == service.scheduler.uses_maglev())
-                .then_some(installed.table.as_slice());
-            let table = ring_cells(service, &backend_ids, previous)?;
+            let table = ring_cells(service, &backend_ids, seed)?;
             let ring = if table.is_empty() {
                 None
             } else {
@@ -341,7 +361,9 @@ impl Tables {
             if let Some(old) = installed.ring.take() {
                 self.retired.push(old);
             }
+            installed.fingerprint = fingerprint_of(&table, &backend_ids);
             installed.table = table;
+            installed.seed = seed;
             ring
         };
 
@@ -421,13 +443,10 @@ impl Tables {
     }
 }
 
-/// The ring for the service's scheduler, as backend ids: a Maglev table (rebuilt from `previous`
-/// so surviving backends keep their slots), a round-robin sequence, or the least-conn candidates.
-fn ring_cells(
-    service: &config::Service,
-    backend_ids: &BTreeMap<SocketAddr, u32>,
-    previous: Option<&[u32]>,
-) -> Result<Vec<u32>, ApplyError> {
+/// The ring for the service's scheduler, as backend ids: a Maglev table (a pure function of the
+/// backends' addresses and weights, the ring size and `seed`), a round-robin sequence, or the
+/// least-conn candidates (both in the config's order, which their documented tie-breaks follow).
+fn ring_cells(service: &config::Service, backend_ids: &BTreeMap<SocketAddr, u32>, seed: u64) -> Result<Vec<u32>, ApplyError> {
     let id_of = |i: usize| backend_ids[&service.backends[i].address];
     let with_weight = || (0..service.backends.len()).filter(|&i| service.backends[i].weight > 0);
     Ok(match service.scheduler {
@@ -437,21 +456,25 @@ fn ring_cells(
             sequence::smooth_weighted(&weights).into_iter().map(id_of).collect()
         }
         Scheduler::Maglev | Scheduler::IpHash | Scheduler::LeastResponseTime => {
-            let identities: Vec<Vec<u8>> = service.backends.iter().map(|b| b.address.to_string().into_bytes()).collect();
+            let identities: Vec<[u8; maglev::IDENTITY_LEN]> = service.backends.iter().map(|b| maglev::identity(b.address)).collect();
             let candidates: Vec<Candidate<'_>> = service
                 .backends
                 .iter()
                 .zip(&identities)
                 .map(|(b, identity)| Candidate { identity, weight: b.weight })
                 .collect();
-            let index_of: HashMap<u32, usize> = (0..service.backends.len()).map(|i| (id_of(i), i)).collect();
-            let previous: Option<Vec<Option<usize>>> = previous
-                .filter(|p| p.len() == service.ring_size as usize)
-                .map(|p| p.iter().map(|id| index_of.get(id).copied()).collect());
-            let slots = maglev::build(&candidates, service.ring_size, previous.as_deref())?;
+            let slots = maglev::build(&candidates, service.ring_size, seed)?;
             slots.iter().map(|&i| id_of(i as usize)).collect()
         }
     })
+}
+
+/// [`maglev::fingerprint`] of a ring of backend ids, read as the backends' addresses. A cell whose id
+/// names no backend of the service (only possible in an adopted ring) counts as an empty identity.
+fn fingerprint_of(table: &[u32], backend_ids: &BTreeMap<SocketAddr, u32>) -> u64 {
+    let identity_of: HashMap<u32, [u8; maglev::IDENTITY_LEN]> = backend_ids.iter().map(|(&a, &id)| (id, maglev::identity(a))).collect();
+    let cells: Vec<&[u8]> = table.iter().map(|id| identity_of.get(id).map_or(&[][..], |i| &i[..])).collect();
+    maglev::fingerprint(&cells)
 }
 
 fn take_id(used: &mut [bool]) -> Option<u32> {

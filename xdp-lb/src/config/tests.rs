@@ -242,6 +242,39 @@ fn refuses_conntrack_and_cell_counts_outside_the_limits() {
 }
 
 #[test]
+fn hash_seed_has_a_fixed_default_and_is_kept() {
+    assert_eq!(Config::parse(EXAMPLE, "test.toml").unwrap().dataplane.hash_seed, xdp_lb_common::maglev::DEFAULT_SEED);
+    let c = Config::parse("[dataplane]\nhash_seed = 9223372036854775807\n", "test.toml").unwrap();
+    assert_eq!(c.dataplane.hash_seed, MAX_HASH_SEED);
+    // It survives the state file's round trip (the daemon saves RawConfig as TOML).
+    let (raw, _) = RawConfig::parse("[dataplane]\nhash_seed = 42\n", "test.toml").unwrap();
+    let saved = toml::to_string(&raw).unwrap();
+    assert_eq!(Config::parse(&saved, "state.toml").unwrap().dataplane.hash_seed, 42);
+}
+
+#[test]
+fn refuses_hash_seeds_toml_cannot_hold() {
+    // Only reachable through RawConfig built in code: a TOML file cannot spell such a number.
+    let mut raw = RawConfig::default();
+    raw.dataplane.hash_seed = u64::MAX;
+    let errors: Vec<String> = raw.validate().unwrap_err().iter().map(|e| e.to_string()).collect();
+    assert_eq!(
+        errors,
+        [format!("dataplane.hash_seed: {} is above the maximum of {MAX_HASH_SEED} (TOML integers are signed 64-bit, so a larger seed could not be saved to the state file)", u64::MAX)]
+    );
+    // A negative or non-integer seed in a file is refused by the parser, naming the key and line.
+    for (text, what) in [("[dataplane]\n\nhash_seed = -1\n", "-1"), ("[dataplane]\n\nhash_seed = \"x\"\n", "string")] {
+        match Config::parse(text, "xdp-lb.toml") {
+            Err(e @ ConfigError::Syntax { .. }) => {
+                let e = e.to_string();
+                assert!(e.contains("line 3") && e.contains("hash_seed") && e.contains(what), "{e}");
+            }
+            other => panic!("expected a syntax error for {text:?}, got {other:?}"),
+        }
+    }
+}
+
+#[test]
 fn service_names_are_restricted_to_a_safe_charset_and_length() {
     let rule = "must start with a letter or digit, continue with letters, digits, '.', '_' or '-', and be at most 63 characters";
     let long = "a".repeat(64);
@@ -556,6 +589,7 @@ fn readme_limits_match_the_constants() {
         ("MIN_CONNTRACK_ENTRIES", MIN_CONNTRACK_ENTRIES as u64),
         ("MAX_CONNTRACK_ENTRIES", MAX_CONNTRACK_ENTRIES as u64),
         ("MAX_WEIGHT", MAX_WEIGHT as u64),
+        ("MAX_HASH_SEED", MAX_HASH_SEED),
         ("MAX_NAME_LEN", MAX_NAME_LEN as u64),
         ("MAX_INTERVAL", crate::health::MAX_INTERVAL.as_millis() as u64),
         ("TX_PORTS", defaults::TX_PORTS as u64),

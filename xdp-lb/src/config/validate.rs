@@ -15,7 +15,7 @@ use xdp_lb_common::{
 
 use super::{
     AllDown, Backend, Config, Dataplane, FieldError, HealthCheck, Location, Mode, Protocol, RawConfig, RawHealthCheck, Scheduler,
-    Service, MAX_CONNTRACK_ENTRIES, MAX_MAGLEV_CELLS, MAX_NAME_LEN, MAX_WEIGHT, MIN_CONNTRACK_ENTRIES, MIN_MAGLEV_CELLS,
+    Service, MAX_CONNTRACK_ENTRIES, MAX_HASH_SEED, MAX_MAGLEV_CELLS, MAX_NAME_LEN, MAX_WEIGHT, MIN_CONNTRACK_ENTRIES, MIN_MAGLEV_CELLS,
 };
 use crate::health::{CheckKind, CheckSpec, MAX_INTERVAL};
 
@@ -36,6 +36,10 @@ impl RawConfig {
         }
         if let Some(m) = outside(dp.maglev_cells.into(), MIN_MAGLEV_CELLS.into(), MAX_MAGLEV_CELLS.into()) {
             err(dataplane("maglev_cells"), m);
+        }
+        if dp.hash_seed > MAX_HASH_SEED {
+            let why = "TOML integers are signed 64-bit, so a larger seed could not be saved to the state file";
+            err(dataplane("hash_seed"), format!("{} is above the maximum of {MAX_HASH_SEED} ({why})", dp.hash_seed));
         }
         if self.services.len() > defaults::MAX_SERVICES as usize {
             err(Location::Services, format!("{} services; xdp-lb handles at most {}", self.services.len(), defaults::MAX_SERVICES));
@@ -176,7 +180,7 @@ impl RawConfig {
         }
 
         if errors.is_empty() {
-            Ok(Config { dataplane: Dataplane { conntrack_entries: dp.conntrack_entries, maglev_cells: dp.maglev_cells }, services })
+            Ok(Config { dataplane: Dataplane { conntrack_entries: dp.conntrack_entries, maglev_cells: dp.maglev_cells, hash_seed: dp.hash_seed }, services })
         } else {
             Err(errors)
         }

@@ -23,7 +23,7 @@ pub enum DaemonError {
     NothingToChange { service: String },
     #[error("refused: {}; pass --force to do it anyway", reasons.join("; "))]
     Disruptive { reasons: Vec<String> },
-    #[error("[dataplane] sizes cannot change while running (restart xdp-lb to resize the maps)")]
+    #[error("[dataplane] settings (conntrack_entries, maglev_cells, hash_seed) cannot change while running: restart xdp-lb to apply them")]
     Resize,
     #[error(
         "{path} was edited since the daemon last read it: run `xdp-lb reload` (or send SIGHUP) to apply the edit, \

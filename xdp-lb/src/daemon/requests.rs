@@ -152,6 +152,7 @@ impl Daemon {
                 protocol: protocol_name(s.protocol).into(),
                 mode: if s.mode == crate::config::Mode::Nat { "nat" } else { "dsr" }.into(),
                 scheduler: s.scheduler.name().into(),
+                ring_fingerprint: self.tables.ring_fingerprint(&s.name).map(|f| format!("{f:016x}")),
                 state: match report {
                     Some(r) if r.all_down => "all-down",
                     Some(r) if r.on_backups => "on-backups",

@@ -88,6 +88,7 @@ fn scrape() -> Scrape {
             })
             .collect(),
         local_errors: vec![("process_fd_limit", 7), ("no_local_address", 0)],
+        rings: vec![("web".into(), 0x00ab_cdef_0123_4567)],
     }
 }
 
@@ -125,6 +126,7 @@ fn every_family_is_typed_and_appears_once() {
         "xdp_lb_backend_up",
         "xdp_lb_backend_active_flows",
         "xdp_lb_backend_check_latency_seconds",
+        "xdp_lb_service_ring_info",
     ] {
         assert_eq!(families.get(name).map(|f| f.0.as_str()), Some("gauge"), "{name}: {families:?}");
     }
@@ -166,6 +168,7 @@ fn values_match_the_snapshot_and_every_reason_is_listed() {
     assert_eq!(values(&families, "xdp_lb_service_bytes").get(&web), Some(&10_000.0));
     assert_eq!(values(&families, "xdp_lb_service_all_backends_down").get(&web), Some(&1.0));
     assert_eq!(values(&families, "xdp_lb_service_serving_backends").get(&labels(&[("service", AWKWARD[2])])), Some(&3.0));
+    assert_eq!(values(&families, "xdp_lb_service_ring_info").get(&labels(&[("service", "web"), ("fingerprint", "00abcdef01234567")])), Some(&1.0));
     let local = values(&families, "xdp_lb_health_check_local_errors");
     assert_eq!(local.get(&labels(&[("reason", "process_fd_limit")])), Some(&7.0));
     assert_eq!(local.get(&labels(&[("reason", "no_local_address")])), Some(&0.0));
@@ -179,6 +182,7 @@ fn a_removed_service_disappears_from_the_next_scrape() {
     scrape.stats.services.retain(|s| s.name != "web");
     scrape.services.retain(|s| s.name != "web");
     scrape.backends.retain(|b| b.service != "web");
+    scrape.rings.retain(|(s, _)| s != "web");
     let after = exposition(&scrape);
     assert!(!after.contains("service=\"web\""), "{after}");
 }

@@ -123,18 +123,73 @@ fn new_backend_ids_get_new_generations() {
     assert_consistent(&maps);
 }
 
+/// The installed ring as backend addresses: what must agree across nodes (ids need not).
+fn ring_addresses(tables: &Tables) -> Vec<SocketAddr> {
+    let installed = tables.services().next().unwrap();
+    let address_of: HashMap<u32, SocketAddr> = installed.backend_ids.iter().map(|(&a, &id)| (id, a)).collect();
+    installed.table.iter().map(|id| address_of[id]).collect()
+}
+
+fn installed_with(text: &str) -> Tables {
+    let mut tables = Tables::new(10_000, 16, 64);
+    tables.apply(&Config::parse(text, "test").unwrap(), &mut FakeMaps::default()).unwrap();
+    tables
+}
+
+fn seeded(seed: u64, backends: &[&str]) -> String {
+    let mut text = format!("[dataplane]\nhash_seed = {seed}\n[[services]]\nname = \"web\"\nvip = \"10.0.0.100:80\"\nprotocol = \"tcp\"\nring_size = 251\n");
+    for b in backends {
+        text += &format!("[[services.backends]]\naddress = \"{b}\"\n");
+    }
+    text
+}
+
+/// Issue 11: a node that removed and re-added a backend must hold the ring a fresh node builds.
 #[test]
-fn surviving_backends_keep_their_slots() {
+fn remove_then_add_installs_the_ring_a_fresh_node_builds() {
     let mut maps = FakeMaps::default();
     let mut tables = Tables::new(10_000, 16, 64);
     tables.apply(&config(&["10.1.0.2:80", "10.1.0.3:80", "10.1.0.4:80"]), &mut maps).unwrap();
-    let before = tables.services().next().unwrap().table.clone();
-    tables.apply(&config(&["10.1.0.2:80", "10.1.0.3:80", "10.1.0.4:80", "10.1.0.5:80"]), &mut maps).unwrap();
-    tables.apply(&config(&["10.1.0.2:80", "10.1.0.4:80", "10.1.0.5:80"]), &mut maps).unwrap();
-    let after = tables.services().next().unwrap().table.clone();
-    let kept = before.iter().zip(&after).filter(|(b, a)| b == a).count();
-    // Slots of 10.1.0.2 and 10.1.0.4 that the newcomer did not take stay put.
-    assert!(kept >= before.len() / 2 - 2, "only {kept} of {} slots kept", before.len());
+    let before = ring_addresses(&tables);
+    let fingerprint = tables.ring_fingerprint("web").unwrap();
+    tables.apply(&config(&["10.1.0.2:80", "10.1.0.4:80"]), &mut maps).unwrap();
+    assert_ne!(tables.ring_fingerprint("web"), Some(fingerprint));
+    tables.apply(&config(&["10.1.0.2:80", "10.1.0.4:80", "10.1.0.3:80"]), &mut maps).unwrap();
+    assert_consistent(&maps);
+    assert_eq!(ring_addresses(&tables), before);
+    assert_eq!(tables.ring_fingerprint("web"), Some(fingerprint));
+    // A fresh node, listing the backends in another order, agrees.
+    let fresh = installed_with(&seeded(maglev::DEFAULT_SEED, &["10.1.0.4:80", "10.1.0.3:80", "10.1.0.2:80"]));
+    assert_eq!(ring_addresses(&fresh), before);
+    assert_eq!(fresh.ring_fingerprint("web"), Some(fingerprint));
+    assert_eq!(fresh.ring_fingerprint("other"), None);
+}
+
+#[test]
+fn fingerprint_is_of_the_installed_ring() {
+    let tables = installed_with(&seeded(7, &["10.1.0.2:80", "10.1.0.3:80"]));
+    let cells: Vec<[u8; maglev::IDENTITY_LEN]> = ring_addresses(&tables).into_iter().map(maglev::identity).collect();
+    assert_eq!(tables.ring_fingerprint("web"), Some(maglev::fingerprint(&cells)));
+    // A service without backends has an empty ring, and the empty ring's fingerprint.
+    let empty = installed_with(&seeded(7, &[]));
+    assert_eq!(empty.ring_fingerprint("web"), Some(maglev::fingerprint::<[u8; maglev::IDENTITY_LEN]>(&[])));
+}
+
+#[test]
+fn the_seed_decides_the_ring_and_a_new_seed_rebuilds_it() {
+    let backends = ["10.1.0.2:80", "10.1.0.3:80", "10.1.0.4:80"];
+    let (a, b) = (installed_with(&seeded(1, &backends)), installed_with(&seeded(2, &backends)));
+    assert_ne!(ring_addresses(&a), ring_addresses(&b));
+    assert_ne!(a.ring_fingerprint("web"), b.ring_fingerprint("web"));
+
+    let mut maps = FakeMaps::default();
+    let mut tables = Tables::new(10_000, 16, 64);
+    tables.apply(&Config::parse(&seeded(1, &backends), "test").unwrap(), &mut maps).unwrap();
+    maps.log.clear();
+    tables.apply(&Config::parse(&seeded(2, &backends), "test").unwrap(), &mut maps).unwrap();
+    assert_eq!(maps.log, ["ring 251+251", "service 0 ring 251+251"], "same backends, new seed: a new ring");
+    assert_eq!(ring_addresses(&tables), ring_addresses(&b));
+    assert_consistent(&maps);
 }
 
 const CELLS: u32 = 10_000;
