@@ -91,13 +91,16 @@ enum Command {
         #[arg(long = "proto", default_value = "tcp")]
         protocol: String,
     },
+    /// Print shell completions to stdout, e.g. `xdp-lb completions bash > /usr/share/bash-completion/completions/xdp-lb`.
+    #[command(hide = true)]
+    Completions { shell: xdp_lb::docs::Shell },
+    /// Write the man pages (xdp-lb.1, xdp-lb-run.1, ...) into a directory.
+    #[command(hide = true)]
+    ManPages { dir: PathBuf },
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    xdp_lb::logging::init();
     let cli = Cli::parse();
     let client = cli::Client { socket: &cli.socket, json: cli.json };
     let result = match cli.command {
@@ -118,6 +121,13 @@ fn main() -> std::process::ExitCode {
         Command::Status => client.status(None),
         Command::Stats { watch, interval_ms, count } => client.stats(watch, Duration::from_millis(interval_ms), count),
         Command::Explain { source, destination, protocol } => client.explain(source, destination, protocol),
+        Command::Completions { shell } => {
+            xdp_lb::docs::completions(<Cli as clap::CommandFactory>::command(), shell, &mut std::io::stdout());
+            Ok(())
+        }
+        Command::ManPages { dir } => xdp_lb::docs::man_pages(<Cli as clap::CommandFactory>::command(), &dir)
+            .map(|pages| pages.iter().for_each(|p| println!("{}", p.display())))
+            .map_err(Into::into),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
