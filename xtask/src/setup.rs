@@ -13,6 +13,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "iproute2",
     "ethtool",
+    // systemd-analyze, to verify the units in dist/systemd (works without systemd as PID 1).
+    "systemd",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
