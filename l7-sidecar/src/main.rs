@@ -32,8 +32,8 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     if let Some(dir) = args.man_page {
-        let page = clap_mangen::Man::new(Args::command())
-            .generate_to(&dir)
+        let page = std::fs::create_dir_all(&dir)
+            .and_then(|()| clap_mangen::Man::new(Args::command()).generate_to(&dir))
             .with_context(|| format!("writing the man page into {}", dir.display()))?;
         println!("{}", page.display());
         return Ok(());
