@@ -116,3 +116,33 @@ fn completions_and_man_page_come_from_the_flags() {
     let out = Command::new(BIN).args(["--completions", "bash", "--check"]).output().expect("run");
     assert!(!out.status.success(), "--completions with --check must be refused");
 }
+
+/// The first log record of a gateway started with or without `JOURNAL_STREAM`.
+fn first_log_record(journal: bool) -> serde_json::Value {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("gw.toml");
+    std::fs::write(
+        &path,
+        "[server]\nreload_poll_ms = 0\n[[listeners]]\nname = \"public\"\nbind = \"127.0.0.1:0\"\n[pools.a]\nbackends = [{ address = \"127.0.0.1:9\" }]\n[[routes]]\nname = \"r\"\npath = \"/\"\npool = \"a\"\n",
+    )
+    .expect("write");
+    let mut cmd = Command::new(BIN);
+    cmd.arg("--config").arg(&path).stdout(Stdio::null()).stderr(Stdio::piped());
+    cmd.env_remove("JOURNAL_STREAM");
+    if journal {
+        cmd.env("JOURNAL_STREAM", "8:12345");
+    }
+    let mut child = Child(cmd.spawn().expect("spawn gateway"));
+    let stderr = child.0.stderr.take().expect("stderr");
+    let mut line = String::new();
+    BufReader::new(stderr).read_line(&mut line).expect("read a log line");
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("log line is JSON ({e}): {line}"))
+}
+
+#[test]
+fn under_the_journal_log_records_carry_no_timestamp() {
+    assert!(first_log_record(false).get("timestamp").is_some(), "a file or terminal needs timestamps");
+    let record = first_log_record(true);
+    assert!(record.get("timestamp").is_none(), "journald adds its own timestamp: {record}");
+}

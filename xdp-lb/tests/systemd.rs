@@ -110,7 +110,7 @@ fn launch(topo: &Topology, dir: &Path, notify: &Path, wrapper: &[&str], pins: Op
         None => topo.lb().command(XDP_LB),
     };
     cmd.arg("--socket").arg(dir.join("xdp-lb.sock")).arg("run").arg("--config").arg(dir.join("xdp-lb.toml"));
-    cmd.arg("--no-state");
+    cmd.args(state_args());
     match pins {
         Some(p) => cmd.arg("--bpffs").arg(p),
         None => cmd.arg("--no-pin"),
@@ -132,6 +132,17 @@ fn launch(topo: &Topology, dir: &Path, notify: &Path, wrapper: &[&str], pins: Op
         }
     });
     Running { child, log }
+}
+
+/// Keeps the daemon from writing the system's state file, for as long as `run` has one: the flag is
+/// going away (the daemon is to write CLI changes into --config itself).
+fn state_args() -> Vec<&'static str> {
+    let help = Command::new(XDP_LB).args(["run", "--help"]).output().expect("xdp-lb run --help");
+    if String::from_utf8_lossy(&help.stdout).contains("--no-state") {
+        vec!["--no-state"]
+    } else {
+        Vec::new()
+    }
 }
 
 /// What `READY=1` promises: the program is attached to every interface and the CLI answers with the
@@ -315,4 +326,46 @@ fn the_units_capabilities_suffice_for_a_daemon_that_is_not_root_and_each_is_need
         assert!(!ready, "ready without {missing}: the unit grants more than needed; log:\n{log}");
         eprintln!("without {missing}: {}", log.lines().filter(|l| l.contains("error")).collect::<Vec<_>>().join(" / "));
     }
+}
+
+/// One log line of `xdp-lb run` (it fails right after loading the config: the interface does not
+/// exist) with stderr on a pipe and `JOURNAL_STREAM` naming that pipe, or another stream.
+fn first_log_line(journal_is_stderr: bool) -> String {
+    use std::{io::Read, os::unix::fs::MetadataExt};
+    let dir = tempfile::Builder::new().prefix("xdp-lb-systemd-log-").tempdir().expect("tempdir");
+    let config = dir.path().join("xdp-lb.toml");
+    std::fs::write(&config, "").expect("write config");
+    let (mut reader, writer) = std::io::pipe().expect("pipe");
+    let pipe = std::fs::File::from(std::os::fd::OwnedFd::from(writer.try_clone().expect("dup"))).metadata().expect("fstat pipe");
+    let stream = if journal_is_stderr { format!("{}:{}", pipe.dev(), pipe.ino()) } else { format!("{}:{}", pipe.dev(), pipe.ino() + 1) };
+    let mut child = Command::new(XDP_LB)
+        .arg("--socket")
+        .arg(dir.path().join("xdp-lb.sock"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .args(state_args())
+        .args(["--no-pin", "--iface", "xlb-no-such-iface"])
+        .env("JOURNAL_STREAM", stream)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(writer)
+        .spawn()
+        .expect("spawn xdp-lb");
+    let status = child.wait().expect("wait");
+    assert!(!status.success(), "xdp-lb run with a missing interface must fail");
+    let mut text = String::new();
+    reader.read_to_string(&mut text).expect("read stderr");
+    text.lines().find(|l| l.contains("INFO")).unwrap_or_else(|| panic!("no INFO line in:\n{text}")).to_string()
+}
+
+#[test]
+fn under_the_journal_log_lines_carry_neither_timestamps_nor_colours() {
+    let journal = first_log_line(true);
+    assert!(journal.starts_with(" INFO") || journal.starts_with("INFO"), "journald adds its own timestamp: {journal:?}");
+    assert!(!journal.contains('\u{1b}'), "escape codes in the journal: {journal:?}");
+    // A stream that is not stderr (a child that inherited the variable but was redirected) keeps them.
+    let file = first_log_line(false);
+    assert!(file.starts_with("20") && file.contains('T'), "a file needs timestamps: {file:?}");
+    assert!(!file.contains('\u{1b}'), "escape codes in a file: {file:?}");
 }
