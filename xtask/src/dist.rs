@@ -19,16 +19,21 @@ const BINARIES: [&str; 2] = ["xdp-lb", "l7-sidecar"];
 /// (shell, file name under completions/<shell>/ for xdp-lb; l7-sidecar's follows the same pattern)
 const SHELLS: [(&str, &str, &str); 3] = [("bash", "", ""), ("zsh", "_", ""), ("fish", "", ".fish")];
 
-pub fn dist() -> Result<()> {
-    cargo(&["build", "--package", "xdp-lb", "--package", "l7-sidecar", "--bins"], true)?;
+pub fn dist(release_build: bool) -> Result<()> {
+    cargo(&["build", "--package", "xdp-lb", "--package", "l7-sidecar", "--bins"], release_build)?;
     let root = workspace_root();
-    let release = root.join("target/release");
+    let release = root.join(if release_build { "target/release" } else { "target/debug" });
     let out = root.join("target/dist");
     if out.exists() {
         fs::remove_dir_all(&out).with_context(|| format!("removing the old {}", out.display()))?;
     }
     for binary in BINARIES {
-        copy(&release.join(binary), &out.join("bin").join(binary))?;
+        // A hard link: the binaries are large and the disk is shared; `install` copies them later.
+        let (from, to) = (release.join(binary), out.join("bin").join(binary));
+        fs::create_dir_all(out.join("bin"))?;
+        if fs::hard_link(&from, &to).is_err() {
+            copy(&from, &to)?;
+        }
     }
     for unit in units()? {
         copy(&unit, &out.join("systemd").join(unit.file_name().context("unit file name")?))?;

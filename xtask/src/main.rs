@@ -47,7 +47,11 @@ enum Task {
     },
     /// Stage an installable release in target/dist/: binaries, systemd units, completions, man
     /// pages (and check the units with systemd-analyze verify).
-    Dist,
+    Dist {
+        /// Stage debug builds instead of release ones (quicker; for checking the layout).
+        #[arg(long)]
+        debug: bool,
+    },
     /// Run the fuzz targets for a bounded time each.
     Fuzz {
         #[arg(long, default_value_t = 60)]
@@ -106,7 +110,7 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Task::Dist => dist::dist(),
+        Task::Dist { debug } => dist::dist(!debug),
         Task::Fuzz { seconds_per_target } => {
             setup::ensure()?;
             fuzz::run(seconds_per_target)
