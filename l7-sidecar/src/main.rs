@@ -101,10 +101,19 @@ fn spawn_sighup_with_notify(gw: l7_sidecar::Gateway) -> std::io::Result<()> {
             // READY=1 either way: a rejected reload keeps serving the running configuration.
             let status = match gw.reload_from_file().await {
                 Ok(()) => "serving; configuration reloaded".to_string(),
-                Err(e) => format!("serving; last reload rejected: {e}"),
+                // STATUS= is one line of the datagram; the error lists one problem per line.
+                Err(e) => format!("serving; last reload rejected: {}", one_line(&e.to_string())),
             };
             notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
         }
     });
     Ok(())
+}
+
+fn one_line(text: &str) -> String {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
 }

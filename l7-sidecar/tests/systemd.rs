@@ -36,7 +36,19 @@ fn expect(socket: &UnixDatagram, what: &str) -> String {
     String::from_utf8_lossy(&buf[..n]).into_owned()
 }
 
+/// True when `line` is one of the message's lines. Every message is checked to be well formed first:
+/// one `KEY=VALUE` per line, keys that systemd knows (a multi-line STATUS would smuggle in others).
 fn has_line(message: &str, line: &str) -> bool {
+    for l in message.lines() {
+        let key = l.split_once('=').map(|(k, _)| k);
+        assert!(
+            matches!(
+                key,
+                Some("READY" | "RELOADING" | "STOPPING" | "STATUS" | "MONOTONIC_USEC")
+            ),
+            "not a KEY=VALUE line of sd_notify: {l:?} in {message:?}"
+        );
+    }
     message.lines().any(|l| l == line)
 }
 

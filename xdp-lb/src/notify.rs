@@ -17,7 +17,8 @@ fn send(what: &str, states: &[NotifyState]) {
 /// `READY=1`: the program is attached and the services are programmed. systemd holds back units
 /// ordered after this one (and `systemctl start` returns) until it arrives.
 pub fn ready(status: &str) {
-    send("READY=1", &[NotifyState::Ready, NotifyState::Status(status)]);
+    let status = one_line(status);
+    send("READY=1", &[NotifyState::Ready, NotifyState::Status(&status)]);
 }
 
 /// `RELOADING=1` before a reload; [`ready`] must follow once it is done, whatever the outcome.
@@ -33,5 +34,23 @@ pub fn reloading() {
 
 /// `STOPPING=1`: shutdown has begun (systemd shows "deactivating" rather than a failure).
 pub fn stopping(status: &str) {
-    send("STOPPING=1", &[NotifyState::Stopping, NotifyState::Status(status)]);
+    let status = one_line(status);
+    send("STOPPING=1", &[NotifyState::Stopping, NotifyState::Status(&status)]);
+}
+
+/// A datagram is `KEY=VALUE` lines: a line break inside STATUS (an error listing one problem per
+/// line) would end it early and turn the rest into bogus assignments.
+fn one_line(text: &str) -> String {
+    text.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    #[test]
+    fn status_is_a_single_line() {
+        assert_eq!(one_line("x.toml has 2 invalid field(s):\n  a: bad\n  b: worse\n"), "x.toml has 2 invalid field(s): a: bad b: worse");
+        assert_eq!(one_line("serving 1 service(s)"), "serving 1 service(s)");
+    }
 }

@@ -60,7 +60,16 @@ impl NotifySocket {
     }
 }
 
+/// True when `line` is one of the message's lines. Every message is checked to be well formed first:
+/// one `KEY=VALUE` per line, keys that systemd knows (a multi-line STATUS would smuggle in others).
 fn has_line(message: &str, line: &str) -> bool {
+    for l in message.lines() {
+        let key = l.split_once('=').map(|(k, _)| k);
+        assert!(
+            matches!(key, Some("READY" | "RELOADING" | "STOPPING" | "STATUS" | "MONOTONIC_USEC")),
+            "not a KEY=VALUE line of sd_notify: {l:?} in {message:?}"
+        );
+    }
     message.lines().any(|l| l == line)
 }
 
@@ -196,11 +205,14 @@ fn notifies_ready_after_attaching_and_brackets_reloads_and_stop() {
 
     // A rejected reload still ends in READY=1 (the daemon serves the running configuration) and
     // says so in STATUS.
-    std::fs::write(dir.path().join("xdp-lb.toml"), "[[services]]\nname = 1\n").expect("write config");
+    // Two invalid fields: the error has a line per field, STATUS= must still be one line.
+    let invalid = config(&topo, 2).replacen("vip = ", "vip = \"nope\"\n#", 1).replacen("protocol = \"tcp\"", "protocol = \"bogus\"", 2);
+    std::fs::write(dir.path().join("xdp-lb.toml"), invalid).expect("write config");
     daemon.signal("HUP");
     assert!(has_line(&notify.expect("RELOADING=1", STEP_TIMEOUT), "RELOADING=1"));
     let ready = notify.expect("READY=1 after a rejected reload", STEP_TIMEOUT);
     assert!(has_line(&ready, "READY=1") && ready.contains("rejected") && ready.contains("2 service"), "after a rejected reload: {ready:?}");
+    assert!(ready.contains("services[0].vip") && ready.contains("services[1].protocol"), "STATUS names what was wrong: {ready:?}");
 
     daemon.signal("TERM");
     let stopping = notify.expect("STOPPING=1", STEP_TIMEOUT);
