@@ -28,7 +28,12 @@ async fn main() -> anyhow::Result<()> {
     init_logging();
     let args = Args::parse();
     if let Some(shell) = args.completions {
-        clap_complete::generate(shell, &mut Args::command(), "l7-sidecar", &mut std::io::stdout());
+        clap_complete::generate(
+            shell,
+            &mut Args::command(),
+            "l7-sidecar",
+            &mut std::io::stdout(),
+        );
         return Ok(());
     }
     if let Some(dir) = args.man_page {
@@ -57,7 +62,10 @@ async fn main() -> anyhow::Result<()> {
         _ = term.recv() => {}
     }
     tracing::info!("shutting down: draining connections");
-    notify(&[NotifyState::Stopping, NotifyState::Status("draining connections")]);
+    notify(&[
+        NotifyState::Stopping,
+        NotifyState::Status("draining connections"),
+    ]);
     if !running.drain(std::time::Duration::from_secs(30)).await {
         tracing::warn!("connections still open after 30s; exiting anyway");
     }
@@ -102,7 +110,10 @@ fn spawn_sighup_with_notify(gw: l7_sidecar::Gateway) -> std::io::Result<()> {
             let status = match gw.reload_from_file().await {
                 Ok(()) => "serving; configuration reloaded".to_string(),
                 // STATUS= is one line of the datagram; the error lists one problem per line.
-                Err(e) => format!("serving; last reload rejected: {}", one_line(&e.to_string())),
+                Err(e) => format!(
+                    "serving; last reload rejected: {}",
+                    one_line(&e.to_string())
+                ),
             };
             notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
         }

@@ -83,7 +83,10 @@ fn notifies_ready_once_listening_and_brackets_reloads_and_stop() {
 
     let ready = expect(&notify, "READY=1");
     assert!(has_line(&ready, "READY=1"), "first message: {ready:?}");
-    assert!(ready.contains("STATUS="), "READY=1 without STATUS: {ready:?}");
+    assert!(
+        ready.contains("STATUS="),
+        "READY=1 without STATUS: {ready:?}"
+    );
     // READY=1 promises the listener is bound.
     std::net::TcpStream::connect(("127.0.0.1", port)).expect("listener bound at READY=1");
 
@@ -95,16 +98,29 @@ fn notifies_ready_once_listening_and_brackets_reloads_and_stop() {
         .lines()
         .find_map(|l| l.strip_prefix("MONOTONIC_USEC="))
         .expect("MONOTONIC_USEC with RELOADING=1");
-    assert!(usec.parse::<u64>().is_ok_and(|u| u > 0), "MONOTONIC_USEC={usec}");
+    assert!(
+        usec.parse::<u64>().is_ok_and(|u| u > 0),
+        "MONOTONIC_USEC={usec}"
+    );
     let ready = expect(&notify, "READY=1 after the reload");
-    assert!(has_line(&ready, "READY=1") && ready.contains("reloaded"), "{ready:?}");
+    assert!(
+        has_line(&ready, "READY=1") && ready.contains("reloaded"),
+        "{ready:?}"
+    );
 
     // A rejected reload keeps serving: READY=1 again, and STATUS says why.
-    std::fs::write(&path, "[[routes]]\nname = \"r\"\npath = \"nope\"\npool = \"ghost\"\n").expect("rewrite");
+    std::fs::write(
+        &path,
+        "[[routes]]\nname = \"r\"\npath = \"nope\"\npool = \"ghost\"\n",
+    )
+    .expect("rewrite");
     signal(&child, "HUP");
     assert!(has_line(&expect(&notify, "RELOADING=1"), "RELOADING=1"));
     let ready = expect(&notify, "READY=1 after a rejected reload");
-    assert!(has_line(&ready, "READY=1") && ready.contains("rejected"), "{ready:?}");
+    assert!(
+        has_line(&ready, "READY=1") && ready.contains("rejected"),
+        "{ready:?}"
+    );
 
     signal(&child, "TERM");
     assert!(has_line(&expect(&notify, "STOPPING=1"), "STOPPING=1"));
@@ -112,21 +128,48 @@ fn notifies_ready_once_listening_and_brackets_reloads_and_stop() {
 
 #[test]
 fn completions_and_man_page_come_from_the_flags() {
-    let out = Command::new(BIN).args(["--completions", "bash"]).output().expect("run");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(BIN)
+        .args(["--completions", "bash"])
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let script = String::from_utf8_lossy(&out.stdout);
-    assert!(script.contains("--config") && script.contains("--check"), "{script}");
+    assert!(
+        script.contains("--config") && script.contains("--check"),
+        "{script}"
+    );
 
     let dir = tempfile::tempdir().expect("tempdir");
     let man = dir.path().join("man/man1");
-    let out = Command::new(BIN).arg("--man-page").arg(&man).output().expect("run");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(BIN)
+        .arg("--man-page")
+        .arg(&man)
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let page = std::fs::read_to_string(man.join("l7-sidecar.1")).expect("l7-sidecar.1 written");
-    assert!(page.contains(".TH l7-sidecar 1") && page.contains("config"), "{page}");
+    assert!(
+        page.contains(".TH l7-sidecar 1") && page.contains("config"),
+        "{page}"
+    );
 
     // They stand alone: no --config needed, and no mixing with serving flags.
-    let out = Command::new(BIN).args(["--completions", "bash", "--check"]).output().expect("run");
-    assert!(!out.status.success(), "--completions with --check must be refused");
+    let out = Command::new(BIN)
+        .args(["--completions", "bash", "--check"])
+        .output()
+        .expect("run");
+    assert!(
+        !out.status.success(),
+        "--completions with --check must be refused"
+    );
 }
 
 /// The first log record of a gateway started with or without `JOURNAL_STREAM`.
@@ -140,7 +183,10 @@ fn first_log_record(journal: bool) -> serde_json::Value {
     )
     .expect("write");
     let mut cmd = Command::new(BIN);
-    cmd.arg("--config").arg(&path).stdout(Stdio::null()).stderr(Stdio::piped());
+    cmd.arg("--config")
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
     cmd.env_remove("JOURNAL_STREAM");
     if journal {
         cmd.env("JOURNAL_STREAM", "8:12345");
@@ -148,13 +194,21 @@ fn first_log_record(journal: bool) -> serde_json::Value {
     let mut child = Child(cmd.spawn().expect("spawn gateway"));
     let stderr = child.0.stderr.take().expect("stderr");
     let mut line = String::new();
-    BufReader::new(stderr).read_line(&mut line).expect("read a log line");
+    BufReader::new(stderr)
+        .read_line(&mut line)
+        .expect("read a log line");
     serde_json::from_str(&line).unwrap_or_else(|e| panic!("log line is JSON ({e}): {line}"))
 }
 
 #[test]
 fn under_the_journal_log_records_carry_no_timestamp() {
-    assert!(first_log_record(false).get("timestamp").is_some(), "a file or terminal needs timestamps");
+    assert!(
+        first_log_record(false).get("timestamp").is_some(),
+        "a file or terminal needs timestamps"
+    );
     let record = first_log_record(true);
-    assert!(record.get("timestamp").is_none(), "journald adds its own timestamp: {record}");
+    assert!(
+        record.get("timestamp").is_none(),
+        "journald adds its own timestamp: {record}"
+    );
 }
