@@ -1,8 +1,15 @@
 //! Log output that reads well wherever stderr goes: a terminal (colours, timestamps), a file
 //! (timestamps, no escape codes) or the systemd journal (neither: journald stamps every line itself
-//! and shows escape codes literally).
+//! and shows escape codes literally; instead each line starts with its syslog priority, `<3>`..`<7>`,
+//! which journald strips and stores, so `journalctl -p warning` works).
 
 use std::{io::IsTerminal, os::unix::fs::MetadataExt};
+
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::{
+    fmt::{format::Writer, FmtContext, FormatEvent, FormatFields},
+    registry::LookupSpan,
+};
 
 /// Install the global `tracing` subscriber on stderr; `RUST_LOG` filters (default `info`).
 pub fn init() {
@@ -12,9 +19,45 @@ pub fn init() {
         .with_writer(std::io::stderr)
         .with_ansi(!journal && std::io::stderr().is_terminal());
     if journal {
-        builder.without_time().init();
+        let format = tracing_subscriber::fmt::format().without_time().with_ansi(false);
+        builder.event_format(SyslogPriority(format)).init();
     } else {
         builder.init();
+    }
+}
+
+/// What to put before a line the program writes to stderr itself (the final `error:` line), so
+/// the journal files it at priority "err"; nothing elsewhere.
+pub fn error_prefix() -> &'static str {
+    if stderr_is_journal() {
+        "<3>"
+    } else {
+        ""
+    }
+}
+
+/// sd-daemon(3) priority of a `tracing` level.
+fn priority(level: &Level) -> u8 {
+    match *level {
+        Level::ERROR => 3,
+        Level::WARN => 4,
+        Level::INFO => 6,
+        _ => 7,
+    }
+}
+
+/// Prefixes each event with `<N>`, its syslog priority, for journald.
+struct SyslogPriority<F>(F);
+
+impl<S, N, F> FormatEvent<S, N> for SyslogPriority<F>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+    F: FormatEvent<S, N>,
+{
+    fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> std::fmt::Result {
+        write!(writer, "<{}>", priority(event.metadata().level()))?;
+        self.0.format_event(ctx, writer, event)
     }
 }
 
@@ -42,6 +85,11 @@ pub fn journal_stream_matches(value: &str, dev: u64, ino: u64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn levels_map_to_syslog_priorities() {
+        assert_eq!([Level::ERROR, Level::WARN, Level::INFO, Level::DEBUG, Level::TRACE].map(|l| priority(&l)), [3, 4, 6, 7, 7]);
+    }
 
     #[test]
     fn journal_stream_must_name_the_same_device_and_inode() {

@@ -132,7 +132,7 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("xdp-lb: error: {error:#}");
+            eprintln!("{}xdp-lb: error: {error:#}", xdp_lb::logging::error_prefix());
             std::process::ExitCode::FAILURE
         }
     }

@@ -342,7 +342,7 @@ fn the_units_capabilities_suffice_for_a_daemon_that_is_not_root_and_each_is_need
 
 /// One log line of `xdp-lb run` (it fails right after loading the config: the interface does not
 /// exist) with stderr on a pipe and `JOURNAL_STREAM` naming that pipe, or another stream.
-fn first_log_line(journal_is_stderr: bool) -> String {
+fn run_log(journal_is_stderr: bool) -> String {
     use std::{io::Read, os::unix::fs::MetadataExt};
     let dir = tempfile::Builder::new().prefix("xdp-lb-systemd-log-").tempdir().expect("tempdir");
     let config = dir.path().join("xdp-lb.toml");
@@ -368,16 +368,27 @@ fn first_log_line(journal_is_stderr: bool) -> String {
     assert!(!status.success(), "xdp-lb run with a missing interface must fail");
     let mut text = String::new();
     reader.read_to_string(&mut text).expect("read stderr");
-    text.lines().find(|l| l.contains("INFO")).unwrap_or_else(|| panic!("no INFO line in:\n{text}")).to_string()
+    text
+}
+
+fn line_with<'a>(text: &'a str, what: &str) -> &'a str {
+    text.lines().find(|l| l.contains(what)).unwrap_or_else(|| panic!("no line with {what:?} in:\n{text}"))
 }
 
 #[test]
-fn under_the_journal_log_lines_carry_neither_timestamps_nor_colours() {
-    let journal = first_log_line(true);
-    assert!(journal.starts_with(" INFO") || journal.starts_with("INFO"), "journald adds its own timestamp: {journal:?}");
+fn under_the_journal_log_lines_carry_priorities_and_neither_timestamps_nor_colours() {
+    let journal = run_log(true);
+    // journald reads a leading <N> as the syslog priority (journalctl -p warning) and strips it.
+    let info = line_with(&journal, "INFO");
+    assert!(info.starts_with("<6>") && info.trim_start_matches("<6>").trim_start().starts_with("INFO"), "journald adds its own timestamp: {info:?}");
     assert!(!journal.contains('\u{1b}'), "escape codes in the journal: {journal:?}");
-    // A stream that is not stderr (a child that inherited the variable but was redirected) keeps them.
-    let file = first_log_line(false);
-    assert!(file.starts_with("20") && file.contains('T'), "a file needs timestamps: {file:?}");
+    let error = line_with(&journal, "xdp-lb: error:");
+    assert!(error.starts_with("<3>xdp-lb: error:") && error.contains("xlb-no-such-iface"), "the final error at priority err: {error:?}");
+    // A stream that is not stderr (a child that inherited the variable but was redirected) keeps
+    // timestamps and gets no prefixes.
+    let file = run_log(false);
+    let info = line_with(&file, "INFO");
+    assert!(info.starts_with("20") && info.contains('T'), "a file needs timestamps: {info:?}");
+    assert!(line_with(&file, "xdp-lb: error:").starts_with("xdp-lb: error:"), "{file}");
     assert!(!file.contains('\u{1b}'), "escape codes in a file: {file:?}");
 }
