@@ -17,6 +17,8 @@ use crate::{cargo, workspace_root};
 const INSTALLED_BIN_DIR: &str = "/usr/local/bin";
 const BINARIES: [&str; 2] = ["xdp-lb", "l7-sidecar"];
 /// (shell, file name under completions/<shell>/ for xdp-lb; l7-sidecar's follows the same pattern)
+/// `systemd-analyze security --threshold` (tenths): the most exposure a unit may have.
+const MAX_EXPOSURE: u32 = 40;
 const SHELLS: [(&str, &str, &str); 3] = [("bash", "", ""), ("zsh", "_", ""), ("fish", "", ".fish")];
 
 pub fn dist(release_build: bool) -> Result<()> {
@@ -82,7 +84,26 @@ pub fn verify_units(bin_dir: &Path) -> Result<()> {
     if !out.status.success() || !complaints.trim().is_empty() {
         bail!("systemd-analyze verify rejected the units in dist/systemd ({}):\n{}", out.status, complaints.trim());
     }
-    println!("xtask: systemd-analyze verify: {} unit(s) ok", files.len());
+    // The sandboxing must not erode: `security` scores each unit's exposure offline (0 = locked
+    // down, 10 = none); the units score about 3 now.
+    for file in &files {
+        let out = Command::new("systemd-analyze")
+            .args(["security", "--offline=true", "--man=no", &format!("--threshold={MAX_EXPOSURE}")])
+            .arg(file)
+            .output()
+            .context("running systemd-analyze security")?;
+        if !out.status.success() {
+            let report = String::from_utf8_lossy(&out.stdout);
+            let worst: Vec<&str> = report.lines().filter(|l| l.contains('✗') || l.contains("Overall")).collect();
+            bail!(
+                "{}: exposure above {:.1} (systemd-analyze security):\n{}",
+                file.file_name().unwrap_or_default().to_string_lossy(),
+                f64::from(MAX_EXPOSURE) / 10.0,
+                worst.join("\n")
+            );
+        }
+    }
+    println!("xtask: systemd-analyze verify and security: {} unit(s) ok", files.len());
     Ok(())
 }
 
@@ -160,6 +181,15 @@ mod tests {
         assert!(format!("{missing:#}").contains("/nonexistent/xdp-lb"), "{missing:#}");
 
         let dir = tempfile::tempdir().expect("tempdir");
+        let bare = dir.path().join("bare.service");
+        fs::write(&bare, "[Service]\nType=notify\nExecStart=/bin/true\n").expect("write");
+        let out = Command::new("systemd-analyze")
+            .args(["security", "--offline=true", "--man=no", &format!("--threshold={MAX_EXPOSURE}")])
+            .arg(&bare)
+            .output()
+            .expect("systemd-analyze security");
+        assert!(!out.status.success(), "a unit without any sandboxing passes the exposure threshold");
+
         let bad = dir.path().join("bad.service");
         fs::write(&bad, "[Service]\nTypo=notify\nExecStart=/bin/true\n").expect("write");
         let out = Command::new("systemd-analyze").args(["verify", "--man=no"]).arg(&bad).output().expect("systemd-analyze");
