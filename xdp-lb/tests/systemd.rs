@@ -254,25 +254,28 @@ fn unit_capabilities(key: &str) -> Vec<String> {
 /// traverse the bpffs root itself.
 struct Bpffs {
     root: tempfile::TempDir,
-    bound: PathBuf,
+    bound: Option<PathBuf>,
 }
 
 impl Bpffs {
-    fn mount(uid: u32, gid: u32, bind_to: PathBuf) -> Bpffs {
+    /// `bind_to: None` leaves the pin directory where it is, out of the user's reach.
+    fn mount(uid: u32, gid: u32, bind_to: Option<PathBuf>) -> Bpffs {
         let root = tempfile::Builder::new().prefix("xdp-lb-systemd-bpffs-").tempdir().expect("tempdir");
         run(Command::new("mount").args(["-t", "bpf", "-o", "mode=0700", "bpf"]).arg(root.path()));
         let pins = root.path().join("xdp-lb");
         std::fs::create_dir(&pins).expect("mkdir pins");
         std::os::unix::fs::chown(&pins, Some(uid), Some(gid)).expect("chown pins");
-        std::fs::create_dir(&bind_to).expect("mkdir bind target");
         let fs = Bpffs { root, bound: bind_to };
-        run(Command::new("mount").arg("--bind").arg(&pins).arg(&fs.bound));
+        if let Some(target) = &fs.bound {
+            std::fs::create_dir(target).expect("mkdir bind target");
+            run(Command::new("mount").arg("--bind").arg(&pins).arg(target));
+        }
         fs
     }
 
     /// Where the daemon pins (`--bpffs`).
-    fn pins(&self) -> &Path {
-        &self.bound
+    fn pins(&self) -> PathBuf {
+        self.bound.clone().unwrap_or_else(|| self.root.path().join("xdp-lb"))
     }
 }
 
@@ -284,7 +287,9 @@ fn run(cmd: &mut Command) {
 impl Drop for Bpffs {
     fn drop(&mut self) {
         // Unmounting drops the pins, which detaches whatever they still held.
-        let _ = Command::new("umount").arg(&self.bound).status();
+        if let Some(target) = &self.bound {
+            let _ = Command::new("umount").arg(target).status();
+        }
         let _ = Command::new("umount").arg(self.root.path()).status();
     }
 }
@@ -295,12 +300,16 @@ const NOBODY: u32 = 65534;
 /// AmbientCapabilities= would) and pinning into a bpffs like systemd's; returns whether it became
 /// ready, and its log.
 fn run_as_nobody(caps: &[String]) -> (bool, String) {
+    run_as_nobody_pinning(caps, true)
+}
+
+fn run_as_nobody_pinning(caps: &[String], bind_pins: bool) -> (bool, String) {
     let topo = Topology::new("sdc", 1).expect("testbed");
     let dir = workdir(&topo, 1);
     // The service user reads the config and creates its socket here (as in /etc/xdp-lb, /run/xdp-lb).
     std::os::unix::fs::chown(dir.path(), Some(NOBODY), Some(NOBODY)).expect("chown workdir");
     std::fs::set_permissions(dir.path().join("xdp-lb.toml"), std::fs::Permissions::from_mode(0o644)).expect("chmod");
-    let bpffs = Bpffs::mount(NOBODY, NOBODY, dir.path().join("bpf"));
+    let bpffs = Bpffs::mount(NOBODY, NOBODY, bind_pins.then(|| dir.path().join("bpf")));
     let notify = NotifySocket::bind(dir.path());
     let set: String = caps.iter().map(|c| format!(",+{c}")).collect::<String>().trim_start_matches(',').to_string();
     let mut wrapper = vec!["setpriv", "--reuid=nobody", "--regid=nogroup", "--init-groups"];
@@ -308,7 +317,7 @@ fn run_as_nobody(caps: &[String]) -> (bool, String) {
         format!("--ambient-caps=-all{}", if set.is_empty() { String::new() } else { format!(",{set}") }),
         format!("--bounding-set=-all{}", if set.is_empty() { String::new() } else { format!(",{set}") }));
     wrapper.extend([inh.as_str(), ambient.as_str(), bounding.as_str(), "--no-new-privs", "--"]);
-    let mut daemon = launch(&topo, dir.path(), &notify.path, &wrapper, Some(bpffs.pins()));
+    let mut daemon = launch(&topo, dir.path(), &notify.path, &wrapper, Some(&bpffs.pins()));
     // Until READY=1, or the daemon gives up (which it does at once when a permission is missing).
     let started = Instant::now();
     let mut ready = false;
@@ -391,4 +400,14 @@ fn under_the_journal_log_lines_carry_priorities_and_neither_timestamps_nor_colou
     assert!(info.starts_with("20") && info.contains('T'), "a file needs timestamps: {info:?}");
     assert!(line_with(&file, "xdp-lb: error:").starts_with("xdp-lb: error:"), "{file}");
     assert!(!file.contains('\u{1b}'), "escape codes in a file: {file:?}");
+}
+
+#[test]
+fn a_pin_directory_out_of_the_users_reach_is_reported_as_such() {
+    // Without the unit's bind mount the user cannot traverse the mode-0700 bpffs root: the error
+    // must say so, not send the operator off to mount a bpffs that is already there.
+    let (ready, log) = run_as_nobody_pinning(&unit_capabilities("AmbientCapabilities"), false);
+    assert!(!ready, "ready although the pin directory is out of reach; log:\n{log}");
+    let error = line_with(&log, "xdp-lb: error:");
+    assert!(error.contains("Permission denied") && !error.contains("not on a bpffs"), "{error}");
 }
