@@ -1,48 +1,130 @@
 #![forbid(unsafe_code)]
 
 use anyhow::Context as _;
-use clap::Parser;
+use clap::{CommandFactory as _, Parser};
+use sd_notify::NotifyState;
 use std::path::PathBuf;
 
 /// L7 API gateway behind the xdp-lb balancer.
 #[derive(Parser)]
+#[command(name = "l7-sidecar", version)]
 struct Args {
     /// Path of the gateway TOML configuration.
-    #[arg(long)]
-    config: PathBuf,
+    #[arg(long, required_unless_present_any = ["completions", "man_page"])]
+    config: Option<PathBuf>,
     /// Only validate the configuration and exit.
     #[arg(long)]
     check: bool,
+    /// Print shell completions for this shell and exit.
+    #[arg(long, hide = true, exclusive = true)]
+    completions: Option<clap_complete::Shell>,
+    /// Write the man page l7-sidecar.1 into this directory and exit.
+    #[arg(long, hide = true, exclusive = true)]
+    man_page: Option<PathBuf>,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .json()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    init_logging();
     let args = Args::parse();
-    let cfg = l7_sidecar::Config::load(&args.config)
-        .with_context(|| format!("loading {}", args.config.display()))?;
-    if args.check {
-        println!("{}: ok", args.config.display());
+    if let Some(shell) = args.completions {
+        clap_complete::generate(
+            shell,
+            &mut Args::command(),
+            "l7-sidecar",
+            &mut std::io::stdout(),
+        );
         return Ok(());
     }
-    let gw = l7_sidecar::Gateway::new(cfg, Some(args.config.clone()))?;
+    if let Some(dir) = args.man_page {
+        let page = std::fs::create_dir_all(&dir)
+            .and_then(|()| clap_mangen::Man::new(Args::command()).generate_to(&dir))
+            .with_context(|| format!("writing the man page into {}", dir.display()))?;
+        println!("{}", page.display());
+        return Ok(());
+    }
+    let config = args.config.context("--config is required")?;
+    let cfg = l7_sidecar::Config::load(&config)
+        .with_context(|| format!("loading {}", config.display()))?;
+    if args.check {
+        println!("{}: ok", config.display());
+        return Ok(());
+    }
+    let gw = l7_sidecar::Gateway::new(cfg, Some(config.clone()))?;
     let running = l7_sidecar::start(gw.clone()).await?;
-    l7_sidecar::reload::spawn_sighup(gw.clone())?;
+    spawn_sighup_with_notify(gw.clone())?;
     l7_sidecar::reload::spawn_file_watch(gw);
+    // Every listener is bound: systemd (Type=notify) may start what depends on the gateway.
+    notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         r = tokio::signal::ctrl_c() => r?,
         _ = term.recv() => {}
     }
     tracing::info!("shutting down: draining connections");
+    notify(&[
+        NotifyState::Stopping,
+        NotifyState::Status("draining connections"),
+    ]);
     if !running.drain(std::time::Duration::from_secs(30)).await {
         tracing::warn!("connections still open after 30s; exiting anyway");
     }
     Ok(())
+}
+
+/// JSON lines on stderr; under the journal (JOURNAL_STREAM set) without timestamps, which
+/// journald adds itself.
+fn init_logging() {
+    let builder = tracing_subscriber::fmt()
+        .json()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        );
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        builder.without_time().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// sd_notify(3); a no-op outside systemd, and never fatal.
+fn notify(states: &[NotifyState]) {
+    if let Err(error) = sd_notify::notify(false, states) {
+        tracing::warn!(%error, "sd_notify was not delivered");
+    }
+}
+
+/// SIGHUP reloads the config file, bracketed by RELOADING=1 / READY=1 so `systemctl reload`
+/// waits for the reload to finish.
+fn spawn_sighup_with_notify(gw: l7_sidecar::Gateway) -> std::io::Result<()> {
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading");
+            let usec = NotifyState::monotonic_usec_now();
+            let mut states = vec![NotifyState::Reloading];
+            states.extend(usec.ok());
+            notify(&states);
+            // READY=1 either way: a rejected reload keeps serving the running configuration.
+            let status = match gw.reload_from_file().await {
+                Ok(()) => "serving; configuration reloaded".to_string(),
+                // STATUS= is one line of the datagram; the error lists one problem per line.
+                Err(e) => format!(
+                    "serving; last reload rejected: {}",
+                    one_line(&e.to_string())
+                ),
+            };
+            notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+        }
+    });
+    Ok(())
+}
+
+fn one_line(text: &str) -> String {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
 }

@@ -103,6 +103,12 @@ enum Command {
         #[arg(long = "proto", default_value = "tcp")]
         protocol: String,
     },
+    /// Print shell completions to stdout, e.g. `xdp-lb completions bash > /usr/share/bash-completion/completions/xdp-lb`.
+    #[command(hide = true)]
+    Completions { shell: xdp_lb::docs::Shell },
+    /// Write the man pages (xdp-lb.1, xdp-lb-run.1, ...) into a directory.
+    #[command(hide = true)]
+    ManPages { dir: PathBuf },
 }
 
 /// Exit status when a change was sent but the daemon went away before answering: it may or may
@@ -110,7 +116,7 @@ enum Command {
 const EXIT_OUTCOME_UNKNOWN: u8 = 3;
 
 fn main() -> std::process::ExitCode {
-    init_logging();
+    xdp_lb::logging::init();
     let cli = Cli::parse();
     let client = cli::Client { socket: &cli.socket, json: cli.json };
     let result = match cli.command {
@@ -135,6 +141,13 @@ fn main() -> std::process::ExitCode {
         Command::Status => client.status(None),
         Command::Stats { watch, interval_ms, count } => client.stats(watch, Duration::from_millis(interval_ms), count),
         Command::Explain { source, destination, protocol } => client.explain(source, destination, protocol),
+        Command::Completions { shell } => {
+            xdp_lb::docs::completions(<Cli as clap::CommandFactory>::command(), shell, &mut std::io::stdout());
+            Ok(())
+        }
+        Command::ManPages { dir } => xdp_lb::docs::man_pages(<Cli as clap::CommandFactory>::command(), &dir)
+            .map(|pages| pages.iter().for_each(|p| println!("{}", p.display())))
+            .map_err(Into::into),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -142,30 +155,13 @@ fn main() -> std::process::ExitCode {
         // output printed so far was correct (documented in the README's CLI section).
         Err(error) if error.downcast_ref::<cli::StdoutClosed>().is_some() => std::process::ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("xdp-lb: error: {error:#}");
+            eprintln!("{}xdp-lb: error: {error:#}", xdp_lb::logging::error_prefix());
             match error.downcast_ref::<api::ClientError>() {
                 Some(api::ClientError::OutcomeUnknown { .. }) => std::process::ExitCode::from(EXIT_OUTCOME_UNKNOWN),
                 _ => std::process::ExitCode::FAILURE,
             }
         }
     }
-}
-
-/// Logs go to stderr; colours only when a person reads it (a terminal) and `NO_COLOR` is unset,
-/// so log files and journald get plain text.
-fn init_logging() {
-    use std::io::IsTerminal;
-    let colour = use_colour(std::io::stderr().is_terminal(), std::env::var_os("NO_COLOR").as_deref());
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(colour)
-        .init();
-}
-
-/// <https://no-color.org>: a set, non-empty `NO_COLOR` turns colours off even on a terminal.
-fn use_colour(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
-    stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
 /// `xdp-lb check`: a sentence, or with `--json` one object — `{"ok":true,"config":..,"services":N}`
@@ -198,18 +194,5 @@ fn check(path: &std::path::Path, json: bool) -> anyhow::Result<()> {
             ConfigError::Invalid { errors, .. } => errors.len(),
             _ => 1,
         })),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::ffi::OsStr;
-
-    #[test]
-    fn colours_only_on_a_terminal_without_no_color() {
-        assert!(super::use_colour(true, None));
-        assert!(super::use_colour(true, Some(OsStr::new(""))), "an empty NO_COLOR is unset");
-        assert!(!super::use_colour(true, Some(OsStr::new("1"))));
-        assert!(!super::use_colour(false, None), "a file or a pipe gets plain text");
     }
 }

@@ -38,8 +38,18 @@ impl PinDir {
     pub fn prepare(dir: &Path) -> Result<PinDir, PinError> {
         // A directory that cannot be created is almost always one outside any bpffs (e.g. under a
         // /sys that `ip netns exec` remounted without /sys/fs/bpf): say that, not just "ENOENT".
-        if std::fs::create_dir_all(dir).is_err() || !is_bpffs(dir) {
-            return Err(PinError::NotBpffs { dir: dir.display().to_string() });
+        match std::fs::create_dir_all(dir) {
+            // Not "mount a bpffs": systemd mounts /sys/fs/bpf mode 0700, so a daemon that is not
+            // root cannot reach a directory there (dist/systemd/xdp-lb.service bind-mounts it).
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                return Err(PinError::Io {
+                    path: dir.display().to_string(),
+                    message: format!("{e}: this user cannot create or reach the pin directory (is a parent, such as a bpffs root of mode 0700, closed to it?)"),
+                })
+            }
+            Err(_) => return Err(PinError::NotBpffs { dir: dir.display().to_string() }),
+            Ok(()) if !is_bpffs(dir) => return Err(PinError::NotBpffs { dir: dir.display().to_string() }),
+            Ok(()) => {}
         }
         Ok(PinDir(dir.to_path_buf()))
     }

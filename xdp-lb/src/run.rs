@@ -26,7 +26,7 @@ use xdp_lb::{
     config::file,
     daemon::Daemon,
     dataplane::{self, Dataplane},
-    limits, metrics, neighbours,
+    limits, metrics, neighbours, notify,
     pins::PinDir,
 };
 
@@ -88,6 +88,7 @@ async fn serve(opts: Options, loaded: file::Loaded) -> Result<()> {
     }
     neighbours::warm(daemon.config().services.iter().flat_map(|s| s.backends.iter().map(|b| b.address)));
     info!(interfaces = opts.ifaces.len(), services = daemon.config().services.len(), socket = %opts.socket.display(), "xdp-lb ready");
+    notify::ready(&format!("serving {} service(s) on {} interface(s)", daemon.config().services.len(), opts.ifaces.len()));
 
     let (jobs_tx, mut jobs) = mpsc::channel::<Job>(64);
     let answering = Arc::new(AtomicUsize::new(0));
@@ -118,11 +119,24 @@ async fn serve(opts: Options, loaded: file::Loaded) -> Result<()> {
             _ = tick.tick() => daemon.tick(),
             _ = refresh.tick() => neighbours::warm(daemon.config().services.iter().filter(|s| s.mode == Mode::Dsr).flat_map(|s| s.backends.iter().map(|b| b.address))),
             // Daemon::reload logs the outcome; `xdp-lb reload` takes the same path.
-            _ = hangup.recv() => { let _ = daemon.reload(false); }
+            _ = hangup.recv() => {
+                notify::reloading();
+                let status = match daemon.reload(false) {
+                    Ok(services) => format!("serving {services} service(s); configuration reloaded"),
+                    Err(e) => format!("serving {} service(s); last reload rejected: {e}", daemon.config().services.len()),
+                };
+                // READY=1 either way: the daemon keeps serving the running configuration.
+                notify::ready(&status);
+            }
             _ = terminate.recv() => { info!("SIGTERM: stopping"); break; }
             _ = interrupt.recv() => { info!("SIGINT: stopping"); break; }
         }
     }
+    notify::stopping(match (detach, daemon.dataplane_mut().is_pinned()) {
+        (false, true) => "stopping; the pinned data plane keeps forwarding",
+        (true, _) => "stopping; detaching the data plane",
+        (false, false) => "stopping; nothing pinned, so the data plane is detached",
+    });
     // Let the client that asked us to stop read its answer before the runtime goes away.
     for _ in 0..100 {
         if answering.load(Ordering::Relaxed) == 0 {

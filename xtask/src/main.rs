@@ -1,6 +1,7 @@
 //! Project automation: `cargo xtask setup | build | test | demo`.
 
 mod demo;
+mod dist;
 mod fuzz;
 mod setup;
 
@@ -44,6 +45,13 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Stage an installable release in target/dist/: binaries, systemd units, completions, man
+    /// pages (and check the units with systemd-analyze verify).
+    Dist {
+        /// Stage debug builds instead of release ones (quicker; for checking the layout).
+        #[arg(long)]
+        debug: bool,
+    },
     /// Run the fuzz targets for a bounded time each.
     Fuzz {
         #[arg(long, default_value_t = 60)]
@@ -67,6 +75,11 @@ fn main() -> Result<()> {
             cmd.extend(args.iter().map(String::as_str));
             let (mut result, mut passed, failed) = cargo_test(&cmd);
             remove_leftover_namespaces();
+            if result.is_ok() {
+                // The shipped systemd units, against the binaries the tests just built.
+                result = dist::verify_units(&workspace_root().join("target/debug"));
+                passed += result.is_ok() as u64;
+            }
             if result.is_ok() {
                 result = load_test();
                 remove_leftover_namespaces();
@@ -97,6 +110,7 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Task::Dist { debug } => dist::dist(!debug),
         Task::Fuzz { seconds_per_target } => {
             setup::ensure()?;
             fuzz::run(seconds_per_target)

@@ -15,6 +15,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "ethtool",
     // The metrics tests read the daemon's scrape with the Prometheus project's own parser.
     "python3-prometheus-client",
+    // systemd-analyze, to verify the units in dist/systemd (works without systemd as PID 1).
+    "systemd",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
