@@ -10,6 +10,7 @@ extern crate std;
 
 pub mod addr;
 pub mod checksum;
+pub mod conntrack;
 pub mod hash;
 #[cfg(feature = "std")]
 pub mod maglev;
