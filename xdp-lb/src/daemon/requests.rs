@@ -4,8 +4,7 @@ use std::net::SocketAddr;
 
 use serde::Serialize;
 use xdp_lb_common::{
-    addr,
-    hash,
+    addr, conntrack, hash,
     maps::{FlowKey, PROTO_TCP, PROTO_UDP},
 };
 
@@ -213,14 +212,45 @@ impl Daemon {
             proto,
             _pad: [0; 3],
         };
+        // A closed or expired entry still steers its flow's last packets, but not a new connection.
+        let mut ended: Option<(String, &str)> = None;
         if let Some(conn) = self.dataplane.conntrack_entry(&flow) {
             if let Some(backend) = name_of(conn.backend_id).filter(|_| self.tables.generation(conn.backend_id) == conn.generation) {
-                return Ok(serde_json::json!({
-                    "service": installed.config.name, "backend": backend, "reason": "connection-table",
-                    "explanation": format!("an established flow: the connection table pins it to {backend}"),
-                }));
+                let state = conntrack::state(&conn, crate::flows::coarse_now_ns());
+                let what = match state {
+                    conntrack::State::Established => "an established flow",
+                    conntrack::State::Opening => "a connection being opened (SYN forwarded, not yet acknowledged)",
+                    conntrack::State::Closed => "closed",
+                    conntrack::State::Expired => "expired (idle past its timeout)",
+                };
+                if matches!(state, conntrack::State::Closed | conntrack::State::Expired) {
+                    ended = Some((backend, what));
+                } else {
+                    return Ok(serde_json::json!({
+                        "service": installed.config.name, "backend": backend, "reason": "connection-table",
+                        "explanation": format!("{what}: the connection table pins it to {backend}"),
+                    }));
+                }
             }
         }
+        let placed = self.explain_new_flow(installed, &flow)?;
+        Ok(match ended {
+            None => placed,
+            Some((old, how)) => {
+                let mut v = placed;
+                let text = v["explanation"].as_str().unwrap_or_default().to_string();
+                v["explanation"] = serde_json::Value::String(format!(
+                    "not established: the connection table holds a {how} flow to {old}, which only its last packets follow; a new connection (SYN) on this 5-tuple is placed by the scheduler — {text}"
+                ));
+                v["ended_flow"] = serde_json::json!({ "backend": old, "state": how });
+                v
+            }
+        })
+    }
+
+    /// Where the scheduler would place a new connection of `flow`.
+    fn explain_new_flow(&self, installed: &crate::tables::Installed, flow: &FlowKey) -> Result<serde_json::Value, String> {
+        let name_of = |id: u32| installed.backend_ids.iter().find(|(_, &v)| v == id).map(|(a, _)| a.to_string());
         if installed.table.is_empty() {
             return Ok(serde_json::json!({ "service": installed.config.name, "backend": null, "reason": "no-backend",
                 "explanation": "the service has no backend in its ring: new flows are dropped" }));
@@ -238,7 +268,7 @@ impl Daemon {
                 return Ok(serde_json::json!({ "service": installed.config.name, "backend": backend, "reason": "least-conn",
                     "explanation": format!("a new flow goes to the backend with the fewest active flows, now {}", backend.clone().unwrap_or_default()) }));
             }
-            _ => (hash::flow_hash(&flow) % size, "Maglev: hash of the 5-tuple"),
+            _ => (hash::flow_hash(flow) % size, "Maglev: hash of the 5-tuple"),
         };
         let backend = name_of(installed.table[slot as usize]);
         Ok(serde_json::json!({
