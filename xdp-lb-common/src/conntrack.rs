@@ -15,7 +15,7 @@
 
 use crate::{
     maps::{Conn, CONN_FLAG_ACKED, CONN_FLAG_CLOSED, CONN_FLAG_COUNTED},
-    packet::{TCP_ACK, TCP_SYN},
+    packet::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 const SECOND: u64 = 1_000_000_000;
@@ -52,10 +52,14 @@ pub fn needs_touch(last_seen_ns: u64, now_ns: u64) -> bool {
     now_ns.saturating_sub(last_seen_ns) >= LAST_SEEN_GRANULARITY_NS
 }
 
-/// The flags a new entry starts with: a flow picked up mid-connection (not by a SYN) is already past
-/// its handshake.
+/// The flags a new entry starts with. A flow picked up mid-connection (not by a SYN) is already past
+/// its handshake; one picked up by its FIN or RST (its entry was evicted) is closed and must never
+/// be counted, or its count would never come down.
 #[inline(always)]
 pub fn initial_flags(counted: bool, tcp_flags: u8) -> u32 {
+    if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        return CONN_FLAG_CLOSED | CONN_FLAG_ACKED;
+    }
     let mut flags = if counted { CONN_FLAG_COUNTED } else { 0 };
     if tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
         flags |= CONN_FLAG_ACKED;
@@ -106,7 +110,6 @@ pub fn is_removable(conn: &Conn, now_ns: u64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::packet::{TCP_FIN, TCP_RST};
 
     const T0: u64 = 1_000 * SECOND;
 
@@ -147,6 +150,9 @@ mod tests {
         assert_eq!(initial_flags(false, TCP_SYN), 0);
         assert_eq!(initial_flags(true, TCP_ACK), CONN_FLAG_COUNTED | CONN_FLAG_ACKED);
         assert_eq!(initial_flags(false, 0), CONN_FLAG_ACKED);
+        for closing in [TCP_FIN | TCP_ACK, TCP_RST, TCP_RST | TCP_ACK] {
+            assert_eq!(initial_flags(true, closing), CONN_FLAG_CLOSED | CONN_FLAG_ACKED, "{closing:#x}");
+        }
     }
 
     #[test]

@@ -65,18 +65,12 @@ pub fn schedule(packet: &Packet, service: &Service) -> Result<Chosen, Reason> {
             maps::add_active_flows(old_id, u64::MAX);
         }
     }
-    let counted = service.flags & SERVICE_FLAG_DSR == 0 && flow.proto == PROTO_TCP;
+    let flags = conntrack::initial_flags(service.flags & SERVICE_FLAG_DSR == 0 && flow.proto == PROTO_TCP, packet.tcp_flags);
     maps::remember_conn(
         flow,
-        &Conn {
-            backend_id: chosen.id,
-            generation: chosen.backend.generation,
-            flags: conntrack::initial_flags(counted, packet.tcp_flags),
-            _pad: 0,
-            last_seen_ns: now,
-        },
+        &Conn { backend_id: chosen.id, generation: chosen.backend.generation, flags, _pad: 0, last_seen_ns: now },
     );
-    if counted {
+    if flags & CONN_FLAG_COUNTED != 0 {
         maps::add_active_flows(chosen.id, 1);
     }
     if service.flags & SERVICE_FLAG_DSR == 0 {

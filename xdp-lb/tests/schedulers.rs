@@ -236,3 +236,17 @@ fn a_late_reset_from_the_old_backend_does_not_close_the_reused_flow() {
         assert_eq!(counts(&h), [1, 0, 0]);
     });
 }
+
+#[test]
+fn a_flow_picked_up_by_its_fin_is_never_counted_open() {
+    let ns = fixture_namespace();
+    ns.run(|| {
+        let h = Harness::new(CONFIG);
+        let vip = "10.200.100.112:80";
+        // Its entry was evicted: the close is the first packet the table sees of it.
+        send(&h, 48_000, vip, FIN | ACK);
+        send(&h, 48_001, vip, RST);
+        let counts = ["10.201.0.2", "10.201.0.3", "10.201.0.4"].map(|b| active(&h, "lc", b));
+        assert_eq!(counts, [0, 0, 0]);
+    });
+}
