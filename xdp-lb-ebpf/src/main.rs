@@ -122,8 +122,8 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
     Err(reasons::PASS_NOT_VIP)
 }
 
-/// Stage 3's failure for a service with no backend: answer TCP with a RST (`XDP_TX`, back the way
-/// it came) so the client fails at once; what cannot be answered (UDP, a RST, IPv4 options) is
+/// Stage 3's failure for a service with no backend: answer TCP with a RST (sent back the way it
+/// came) so the client fails at once; what cannot be answered (UDP, a RST, IPv4 options) is
 /// dropped as `drop_no_backend`.
 #[inline(always)]
 fn reject(ctx: &XdpContext, frame: &mut XdpFrame, packet: &packet::Packet) -> Result<u32, Reason> {
@@ -134,7 +134,11 @@ fn reject(ctx: &XdpContext, frame: &mut XdpFrame, packet: &packet::Packet) -> Re
         return Err(reasons::DROP_NO_BACKEND);
     }
     maps::count_reason(reasons::REJECT_NO_BACKEND);
-    Ok(xdp_action::XDP_TX)
+    // Back out of the interface it came in on, through the devmap rather than XDP_TX: a veth wakes
+    // its peer for XDP_TX'd frames only if the peer runs an XDP program itself (a container's end
+    // usually does not), while a redirect always flushes. Interfaces we are attached to are all in
+    // TX_PORTS; XDP_TX is the fallback.
+    Ok(maps::redirect(ctx.ingress_ifindex() as u32).unwrap_or(xdp_action::XDP_TX))
 }
 
 /// A flow key for the reply direction of `flow` once NAT has sent it to `backend`.

@@ -131,7 +131,8 @@ enum Expect {
     NotForwarded(u32, &'static str),
     /// Handed to the kernel after translation (no MAC change), counted under the reason.
     PassTranslated(&'static str),
-    /// Answered with a RST sent back by XDP_TX, counted as `reject_no_backend`.
+    /// Answered with a RST sent back out of the ingress interface (a redirect to it: see the
+    /// program's `reject`), counted as `reject_no_backend`.
     Reject,
 }
 
@@ -300,7 +301,7 @@ fn fixtures() {
                 Expect::Forward(v, _) => (v, vec![]),
                 Expect::NotForwarded(v, reason) => (v, vec![reason]),
                 Expect::PassTranslated(reason) => (XDP_PASS, vec![reason]),
-                Expect::Reject => (XDP_TX, vec!["reject_no_backend"]),
+                Expect::Reject => (XDP_REDIRECT, vec!["reject_no_backend"]),
             };
             let mut problems = Vec::new();
             if verdict != want_verdict {

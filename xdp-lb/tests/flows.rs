@@ -143,7 +143,8 @@ fn a_scheduler_switch_applies_to_reused_ports() {
     let before = check(&daemon, "connections under ip-hash", topo.client().run(round));
     assert_eq!(tally(&before).len(), 1, "ip-hash: one client, one backend: {:?}", tally(&before));
 
-    check(&daemon, "switching to maglev", daemon.reconfigure(&config(Scheduler::Maglev)));
+    let switched = daemon.reconfigure(&config(Scheduler::Maglev));
+    check(&daemon, "switching to maglev", switched);
     let after = check(&daemon, "the same ports under maglev", topo.client().run(round));
     let counts = tally(&after);
     // Maglev over equal weights: a third each. The 5-tuples are fixed, so the split is too.
@@ -174,10 +175,14 @@ fn active_flows_return_to_zero_after_churn_and_evictions() {
     const LONG: usize = 40;
     let topo = Topology::new("ctchurn", BACKENDS).expect("building the testbed");
     let _servers = IdentityServers::start_all(&topo, HTTP_PORT, UDP_PORT).expect("starting identity servers");
-    // 500 client ports for 10,000 connections: every port is reused about 20 times, while its
-    // closed entry is still in the 1,024-entry table.
-    topo.client().sysctl("net.ipv4.ip_local_port_range", "40000 40499").expect("narrowing the client's ports");
-    let config = format!("[dataplane]\nconntrack_entries = 1024\n\n{}", config_toml(&[web(&topo, Family::V4, Scheduler::LeastConn, BACKENDS)]));
+    // 2,000 client ports for 10,000 connections through a 1,024-entry table: ports are reused five
+    // times each and the table evicts all along, the idle keep-alive connections' entries included.
+    topo.client().sysctl("net.ipv4.ip_local_port_range", "40000 41999").expect("narrowing the client's ports");
+    // Least-conn: the scheduler that trusts the counts. (The testbed's config builder knows only
+    // Maglev and ip-hash.)
+    let service = config_toml(&[web(&topo, Family::V4, Scheduler::Maglev, BACKENDS)])
+        .replace("scheduler = \"maglev\"", "scheduler = \"least-conn\"");
+    let config = format!("[dataplane]\nconntrack_entries = 1024\n\n{service}");
     let daemon = Daemon::start(Path::new(XDP_LB), topo.lb(), &topo.lb_ifaces(), &config).unwrap_or_else(|e| panic!("{e:?}"));
     let vip = topo.vip_socket(Family::V4, HTTP_PORT);
 
@@ -260,17 +265,26 @@ fn connections_to_a_service_without_backends_are_refused_at_once() {
     services.push(v6);
     let daemon = Daemon::start(Path::new(XDP_LB), topo.lb(), &topo.lb_ifaces(), &config_toml(&services))
         .unwrap_or_else(|e| panic!("{e:?}"));
+    let mut problems = Vec::new();
     for family in [Family::V4, Family::V6] {
         let vip = topo.vip_socket(family, HTTP_PORT);
         for attempt in 0..5 {
             let started = Instant::now();
-            let result = topo.client().run(|| TcpStream::connect_timeout(&vip, Duration::from_secs(5)));
+            let result = topo.client().run(|| TcpStream::connect_timeout(&vip, Duration::from_secs(3)));
             let took = started.elapsed();
-            let error = result.err().unwrap_or_else(|| panic!("{family:?} attempt {attempt}: connected to a VIP without backends"));
-            assert_eq!(error.kind(), io::ErrorKind::ConnectionRefused, "{family:?} attempt {attempt}: {error} after {took:?}");
-            assert!(took < Duration::from_secs(1), "{family:?} attempt {attempt}: refused only after {took:?}");
+            match result {
+                Ok(_) => problems.push(format!("{family:?} attempt {attempt}: connected to a VIP without backends")),
+                Err(e) if e.kind() != io::ErrorKind::ConnectionRefused => problems.push(format!("{family:?} attempt {attempt}: {e} after {took:?}")),
+                Err(_) if took >= Duration::from_secs(1) => problems.push(format!("{family:?} attempt {attempt}: refused only after {took:?}")),
+                Err(_) => {}
+            }
         }
     }
+    let log = daemon.log();
     let stats = daemon.stop_stats().unwrap_or_else(|e| panic!("{e:?}"));
-    assert!(stats.reason("reject_no_backend") >= 10, "reasons: {:?}", stats.reasons);
+    assert!(problems.is_empty(), "{}
+reasons: {:?}
+{log}", problems.join("\n"), stats.reasons);
+    assert_eq!(stats.reason("reject_no_backend"), 10, "reasons: {:?}", stats.reasons);
 }
+
