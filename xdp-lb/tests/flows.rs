@@ -287,3 +287,40 @@ reasons: {:?}
     assert_eq!(stats.reason("reject_no_backend"), 10, "reasons: {:?}", stats.reasons);
 }
 
+
+/// A restarted daemon (adopting the pinned maps and connections) reports the open connections
+/// exactly, and exactly 0 once they are closed.
+#[test]
+fn active_flows_are_exact_across_a_daemon_restart() {
+    const OPEN: usize = 30;
+    let topo = Topology::new("ctrestart", BACKENDS).expect("building the testbed");
+    let _servers = IdentityServers::start_all(&topo, HTTP_PORT, UDP_PORT).expect("starting identity servers");
+    let mut daemon = Daemon::start(Path::new(XDP_LB), topo.lb(), &topo.lb_ifaces(), &config_toml(&[web(&topo, Family::V4, Scheduler::Maglev, BACKENDS)]))
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    let vip = topo.vip_socket(Family::V4, HTTP_PORT);
+    let mut conns: Vec<KeepAliveClient> = check(
+        &daemon,
+        "opening keep-alive connections",
+        topo.client().run(|| (0..OPEN).map(|_| KeepAliveClient::connect(vip)).collect::<io::Result<Vec<_>>>()),
+    );
+    for c in conns.iter_mut() {
+        check(&daemon, "a round trip", c.get());
+    }
+    let restarted = daemon.restart();
+    check(&daemon, "restarting the daemon", restarted);
+    let wait_for = |want: u64, what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut total: u64 = active_flows(&daemon).iter().sum();
+        while total != want && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(250));
+            total = active_flows(&daemon).iter().sum();
+        }
+        assert_eq!(total, want, "{what}: active flows {:?}\n{}", active_flows(&daemon), daemon.log());
+    };
+    wait_for(OPEN as u64, "after the restart, with every connection open");
+    for c in conns.iter_mut() {
+        check(&daemon, "a round trip after the restart", c.get());
+    }
+    drop(conns);
+    wait_for(0, "after every connection closed");
+}
