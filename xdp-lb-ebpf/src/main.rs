@@ -79,7 +79,7 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
         let syn = packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
         let tally = maps::Tally { bytes: packet.len, new_flow: chosen.new_flow, syn, syn_ack: false, reset: false };
         maps::count_forward(service.id, chosen.id, &tally);
-        let hop = forward::Cached { hop: maps::next_hop(chosen.id), generation: chosen.backend.generation };
+        let hop = forward::Cached { hop: maps::next_hop(chosen.id), generation: chosen.backend.generation, now: chosen.now };
         if service.flags & SERVICE_FLAG_DSR != 0 {
             return forward::to_next_hop(ctx, &packet, &chosen.backend.addr, forward::Mode::Dsr, hop);
         }
@@ -116,7 +116,7 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
         }
         packet::translate(&mut frame, &packet, End::Source, &vip, vport)?;
         // SAFETY: as above; the cache lives inside the flow's own entry.
-        let hop = forward::Cached { hop: Some(unsafe { core::ptr::addr_of_mut!((*entry).client_hop) }), generation: 0 };
+        let hop = forward::Cached { hop: Some(unsafe { core::ptr::addr_of_mut!((*entry).client_hop) }), generation: 0, now: 0 };
         return forward::to_next_hop(ctx, &packet, &flow.dst, forward::Mode::Nat, hop);
     }
     Err(reasons::PASS_NOT_VIP)

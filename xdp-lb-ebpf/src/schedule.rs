@@ -18,6 +18,8 @@ pub struct Chosen {
     pub id: u32,
     pub backend: Backend,
     pub new_flow: bool,
+    /// The coarse clock as read for the connection table (forwarding reuses it).
+    pub now: u64,
 }
 
 #[inline(always)]
@@ -49,7 +51,7 @@ pub fn schedule(packet: &Packet, service: &Service) -> Result<Chosen, Reason> {
                             remember_reply(flow, service, backend_id, &reply);
                         }
                     }
-                    return Ok(Chosen { id: backend_id, backend, new_flow: false });
+                    return Ok(Chosen { id: backend_id, backend, new_flow: false, now });
                 } else {
                     // Its backend failed: move the flow now rather than let the client wait on a dead server.
                     replaced = Some(conn);
@@ -57,7 +59,8 @@ pub fn schedule(packet: &Packet, service: &Service) -> Result<Chosen, Reason> {
             }
         }
     }
-    let chosen = place_new_flow(flow, service)?;
+    let mut chosen = place_new_flow(flow, service)?;
+    chosen.now = now;
     if let Some(old) = replaced {
         // SAFETY: as above.
         let old_id = unsafe { (*old).backend_id };
@@ -143,7 +146,7 @@ fn place_new_flow(flow: &FlowKey, service: &Service) -> Result<Chosen, Reason> {
     if backend.generation == 0 || backend.service_id != service.id {
         return Err(reasons::DROP_NO_BACKEND_ENTRY);
     }
-    Ok(Chosen { id, backend, new_flow: true })
+    Ok(Chosen { id, backend, new_flow: true, now: 0 })
 }
 
 /// The candidate with the fewest active flows; ties go to the first listed.
