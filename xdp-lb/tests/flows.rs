@@ -147,6 +147,7 @@ fn a_scheduler_switch_applies_to_reused_ports() {
     check(&daemon, "switching to maglev", switched);
     let after = check(&daemon, "the same ports under maglev", topo.client().run(round));
     let counts = tally(&after);
+    eprintln!("after the switch to maglev, {CONNECTIONS} reused-port connections: {counts:?}");
     // Maglev over equal weights: a third each. The 5-tuples are fixed, so the split is too.
     let share = CONNECTIONS as f64 / BACKENDS as f64;
     for i in 0..BACKENDS {
@@ -222,6 +223,7 @@ fn active_flows_return_to_zero_after_churn_and_evictions() {
     let stats = daemon.stop_stats().unwrap_or_else(|e| panic!("{e:?}"));
     let web = stats.service("web").unwrap_or_else(|| panic!("no service web: {stats:#?}"));
     let syns = (short + LONG) as u64;
+    eprintln!("{short} short connections in {:?}; new flows {} for {syns} SYNs; {:?}", started.elapsed(), web.new_flows, stats.reasons);
     assert!(
         web.new_flows.abs_diff(syns) * 100 <= syns,
         "{syns} connections (one SYN each) but {} new flows: {web:#?}",
@@ -275,7 +277,7 @@ fn connections_to_a_service_without_backends_are_refused_at_once() {
                 Ok(_) => problems.push(format!("{family:?} attempt {attempt}: connected to a VIP without backends")),
                 Err(e) if e.kind() != io::ErrorKind::ConnectionRefused => problems.push(format!("{family:?} attempt {attempt}: {e} after {took:?}")),
                 Err(_) if took >= Duration::from_secs(1) => problems.push(format!("{family:?} attempt {attempt}: refused only after {took:?}")),
-                Err(_) => {}
+                Err(_) => eprintln!("{family:?} attempt {attempt}: refused after {took:?}"),
             }
         }
     }
