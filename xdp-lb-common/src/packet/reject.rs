@@ -164,6 +164,10 @@ fn swap_macs<F: Frame>(frame: &mut F) -> Result<(), Reason> {
 
 #[cfg(test)]
 mod tests {
+    // The crate is no_std unless its `std` feature is on; the tests build frames in vectors.
+    extern crate std;
+    use std::vec::Vec;
+
     use super::*;
     use crate::{checksum, packet::{parse, SliceFrame}};
 
@@ -173,8 +177,8 @@ mod tests {
     const MSS: [u8; 4] = [2, 4, 0x05, 0xb4];
 
     /// Ethernet + IP + TCP (with the MSS option) + `payload`, checksums computed in full.
-    fn segment(v6: bool, flags: u8, seq: u32, ack: u32, payload: &[u8]) -> std::vec::Vec<u8> {
-        let mut tcp = std::vec::Vec::new();
+    fn segment(v6: bool, flags: u8, seq: u32, ack: u32, payload: &[u8]) -> Vec<u8> {
+        let mut tcp = Vec::new();
         tcp.extend_from_slice(&40000u16.to_be_bytes());
         tcp.extend_from_slice(&80u16.to_be_bytes());
         tcp.extend_from_slice(&seq.to_be_bytes());
@@ -182,7 +186,7 @@ mod tests {
         tcp.extend_from_slice(&[0x60, flags, 0xfa, 0xf0, 0, 0, 0, 0]);
         tcp.extend_from_slice(&MSS);
         tcp.extend_from_slice(payload);
-        let mut f = std::vec::Vec::new();
+        let mut f = Vec::new();
         f.extend_from_slice(&LB_MAC);
         f.extend_from_slice(&CLIENT_MAC);
         if v6 {
@@ -215,7 +219,7 @@ mod tests {
         a
     }
 
-    fn reject(frame: &mut std::vec::Vec<u8>) -> Result<(), Reason> {
+    fn reject(frame: &mut Vec<u8>) -> Result<(), Reason> {
         let packet = parse(&SliceFrame::new(frame)).unwrap();
         let len = tcp_reset(&mut SliceFrame::new(frame), &packet)?;
         frame.truncate(len);
