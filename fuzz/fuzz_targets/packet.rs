@@ -5,6 +5,7 @@
 //!   Ethernet + IP + TCP/UDP);
 //! - no access strays outside a bounds-checked window or is misaligned (`SliceFrame` asserts both:
 //!   in the kernel such an access is a verifier rejection);
+//! - the RST refusing a segment (`tcp_reset`) is well formed, and a frame it refuses is untouched;
 //! - NAT rewriting of either end plus the MAC rewrite changes only those fields and their checksums,
 //!   keeps every checksum exactly as right or wrong as it was, and keeps a zero UDP checksum zero.
 #![no_main]
@@ -95,6 +96,20 @@ fuzz_target!(|input: Input| {
         }
     };
     let (i, p) = info;
+
+    // Refusing the segment with a RST (a service without backends): a refused frame is untouched,
+    // an answered one is headers only, addresses and ports swapped, both checksums right.
+    let mut rst = original.clone();
+    match packet::tcp_reset(&mut SliceFrame::new(&mut rst), &p) {
+        Err(_) => assert_eq!(rst, original, "a frame refused a RST was changed"),
+        Ok(len) => {
+            assert_eq!(len, i.l4 + 20, "RST length");
+            rst.truncate(len);
+            let Parsed::L4(o) = parse_contract(&rst) else { panic!("the RST does not parse: {rst:02x?}") };
+            assert_eq!((o.src, o.dst, o.sport, o.dport), (i.dst, i.src, i.dport, i.sport), "RST addresses and ports");
+            assert_eq!(contract::checksums_valid(&rst, &o), Some((true, true)), "RST checksums: {rst:02x?}");
+        }
+    }
 
     // Rewrite one end (to an address of the packet's family) and the MACs, as the data plane does.
     let new_ip = if i.v6 {

@@ -12,6 +12,7 @@ extern crate std;
 
 pub mod addr;
 pub mod checksum;
+pub mod conntrack;
 pub mod hash;
 #[cfg(any(feature = "std", test))]
 pub mod maglev;

@@ -61,6 +61,9 @@ pub const BACKEND_FLAG_DOWN: u16 = 1 << 0;
 pub const CONN_FLAG_CLOSED: u32 = 1 << 0;
 /// `Conn::flags`: the flow was counted in `ACTIVE_FLOWS` (NAT TCP flows only).
 pub const CONN_FLAG_COUNTED: u32 = 1 << 1;
+/// `Conn::flags`: the client sent a segment without SYN (its handshake ACK or later), so a SYN on
+/// this entry can no longer be a retransmission of the SYN that created it.
+pub const CONN_FLAG_ACKED: u32 = 1 << 2;
 
 #[inline(always)]
 pub const fn scheduler_of(flags: u32) -> u32 {
@@ -129,7 +132,8 @@ pub struct FlowKey {
     pub _pad: [u8; 3],
 }
 
-/// Value of `CONNTRACK`: the backend a flow is pinned to.
+/// Value of `CONNTRACK`: the backend a flow is pinned to. What an entry means (open, closed, a
+/// SYN still being retransmitted, idle too long) is decided by [`crate::conntrack`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Conn {
@@ -138,6 +142,10 @@ pub struct Conn {
     pub generation: u32,
     /// `CONN_FLAG_*` bits, changed with atomic operations.
     pub flags: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC_COARSE) of the flow's last client packet, kept
+    /// to [`crate::conntrack::LAST_SEEN_GRANULARITY_NS`] so most packets do not write it.
+    pub last_seen_ns: u64,
 }
 
 /// Value of `NAT_REVERSE`: how to translate a backend's reply back into the VIP's name.
@@ -206,7 +214,7 @@ const _: () = assert!(size_of::<ServiceKey>() == 20);
 const _: () = assert!(size_of::<Service>() == 16);
 const _: () = assert!(size_of::<Backend>() == 28);
 const _: () = assert!(size_of::<FlowKey>() == 40);
-const _: () = assert!(size_of::<Conn>() == 12);
+const _: () = assert!(size_of::<Conn>() == 24);
 const _: () = assert!(size_of::<NatReverse>() == 64);
 const _: () = assert!(size_of::<Counters>() == 48);
 const _: () = assert!(size_of::<NextHop>() == 32);

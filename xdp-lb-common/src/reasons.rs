@@ -43,7 +43,11 @@ pub const DROP_NO_BACKEND_ENTRY: Reason = 14;
 /// disabled on the interface, or the packet exceeds the egress MTU (the kernel then answers with ICMP).
 pub const PASS_FIB_OTHER: Reason = 15;
 
-pub const COUNT: u32 = 16;
+/// TCP to a service with no backend, answered with a RST sent back out of the ingress interface
+/// (`XDP_TX`) so the client fails at once instead of waiting for its connect timeout.
+pub const REJECT_NO_BACKEND: Reason = 16;
+
+pub const COUNT: u32 = 17;
 
 /// Names in index order, as shown by the CLI and the metrics.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -63,9 +67,16 @@ pub const NAMES: [&str; COUNT as usize] = [
     "drop_dsr_no_neigh",
     "drop_no_backend_entry",
     "pass_fib_other",
+    "reject_no_backend",
 ];
 
-/// Whether a reason's packets were passed to the kernel (the others were dropped).
+/// Whether a reason's packets were passed to the kernel.
 pub const fn is_pass(reason: Reason) -> bool {
     reason <= PASS_NO_TX_PORT || reason == PASS_FIB_OTHER
+}
+
+/// Whether a reason's packets were answered (rewritten into a reply and sent back with `XDP_TX`).
+/// Packets neither passed nor answered were dropped.
+pub const fn is_tx(reason: Reason) -> bool {
+    reason == REJECT_NO_BACKEND
 }

@@ -5,7 +5,7 @@ use core::mem::size_of;
 
 use aya_ebpf::{
     bindings::{self, bpf_fib_lookup as FibParams, xdp_action},
-    helpers::{bpf_fib_lookup, bpf_ktime_get_coarse_ns},
+    helpers::bpf_fib_lookup,
     programs::XdpContext,
 };
 use xdp_lb_common::{
@@ -32,29 +32,23 @@ pub enum Mode {
 /// again: route and neighbour changes take effect within this time.
 const NEXT_HOP_TTL_NS: u64 = 500_000_000;
 
-/// The clock the next-hop caches expire by: the coarse monotonic clock, which only reads the time
-/// of the last tick (1–10 ms old; plenty for a 500 ms TTL). A full clock read cost ~10 % of an
-/// established packet's time under `perf` on a VM.
-#[inline(always)]
-fn now() -> u64 {
-    // SAFETY: a helper with no arguments.
-    unsafe { bpf_ktime_get_coarse_ns() }
-}
-
 /// A next-hop cache slot for this packet's destination: a backend's (per CPU, in `NEXT_HOPS`) or a
 /// client's (per NAT flow, in its `NAT_REVERSE` entry).
 pub struct Cached {
     pub hop: Option<*mut NextHop>,
     /// The backend's generation (ids are reused); 0 for a client.
     pub generation: u32,
+    /// The coarse clock if this run has read it already (the connection table did), else 0.
+    pub now: u64,
 }
 
 /// Sends the frame toward `next_hop`. The FIB's answer is cached in `cached` for
 /// [`NEXT_HOP_TTL_NS`], so established flows skip the lookup.
 #[inline(always)]
 pub fn to_next_hop(ctx: &XdpContext, packet: &Packet, next_hop: &Addr, mode: Mode, cached: Cached) -> Result<u32, Reason> {
-    let Cached { hop, generation } = cached;
-    let now = if hop.is_some() { now() } else { 0 };
+    let Cached { hop, generation, now } = cached;
+    // The next-hop caches expire by the coarse clock (see `maps::now`).
+    let now = if hop.is_some() && now == 0 { maps::now() } else { now };
     if let Some(hop) = hop {
         // SAFETY: a slot from a map lookup in this run.
         let h = unsafe { &*hop };

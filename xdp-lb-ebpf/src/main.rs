@@ -15,7 +15,7 @@ mod frame;
 mod maps;
 mod schedule;
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_adjust_tail, macros::xdp, programs::XdpContext};
 use frame::XdpFrame;
 use xdp_lb_common::{
     maps::{FlowKey, ServiceKey, SERVICE_FLAG_DSR},
@@ -71,11 +71,15 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
         if packet.vlan {
             return Err(reasons::PASS_VLAN);
         }
-        let chosen = schedule::schedule(&packet, &service)?;
+        let chosen = match schedule::schedule(&packet, &service) {
+            Ok(chosen) => chosen,
+            Err(reasons::DROP_NO_BACKEND) => return reject(ctx, &mut frame, &packet),
+            Err(reason) => return Err(reason),
+        };
         let syn = packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
         let tally = maps::Tally { bytes: packet.len, new_flow: chosen.new_flow, syn, syn_ack: false, reset: false };
         maps::count_forward(service.id, chosen.id, &tally);
-        let hop = forward::Cached { hop: maps::next_hop(chosen.id), generation: chosen.backend.generation };
+        let hop = forward::Cached { hop: maps::next_hop(chosen.id), generation: chosen.backend.generation, now: chosen.now };
         if service.flags & SERVICE_FLAG_DSR != 0 {
             return forward::to_next_hop(ctx, &packet, &chosen.backend.addr, forward::Mode::Dsr, hop);
         }
@@ -102,15 +106,39 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
         if flags & (TCP_FIN | TCP_RST) != 0 {
             let forward = FlowKey { src: flow.dst, dst: vip, sport: flow.dport, dport: vport, proto: flow.proto, _pad: [0; 3] };
             if let Some(conn) = maps::conn(&forward) {
-                schedule::track_close(conn, backend_id, flags);
+                // Only the backend that holds the flow closes it: after its 5-tuple was reused for a
+                // connection to another backend, a late RST from the old one must not end the new.
+                // SAFETY: pointer from a map lookup in this run.
+                if unsafe { (*conn).backend_id } == backend_id {
+                    schedule::track_close(conn, backend_id, flags);
+                }
             }
         }
         packet::translate(&mut frame, &packet, End::Source, &vip, vport)?;
         // SAFETY: as above; the cache lives inside the flow's own entry.
-        let hop = forward::Cached { hop: Some(unsafe { core::ptr::addr_of_mut!((*entry).client_hop) }), generation: 0 };
+        let hop = forward::Cached { hop: Some(unsafe { core::ptr::addr_of_mut!((*entry).client_hop) }), generation: 0, now: 0 };
         return forward::to_next_hop(ctx, &packet, &flow.dst, forward::Mode::Nat, hop);
     }
     Err(reasons::PASS_NOT_VIP)
+}
+
+/// Stage 3's failure for a service with no backend: answer TCP with a RST (sent back the way it
+/// came) so the client fails at once; what cannot be answered (UDP, a RST, IPv4 options) is
+/// dropped as `drop_no_backend`.
+#[inline(always)]
+fn reject(ctx: &XdpContext, frame: &mut XdpFrame, packet: &packet::Packet) -> Result<u32, Reason> {
+    let len = packet::tcp_reset(frame, packet)?;
+    let delta = len as i32 - frame.len() as i32;
+    // SAFETY: shrinking the frame to the RST's headers; no packet pointer is used after this.
+    if delta != 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) } != 0 {
+        return Err(reasons::DROP_NO_BACKEND);
+    }
+    maps::count_reason(reasons::REJECT_NO_BACKEND);
+    // Back out of the interface it came in on, through the devmap rather than XDP_TX: a veth wakes
+    // its peer for XDP_TX'd frames only if the peer runs an XDP program itself (a container's end
+    // usually does not), while a redirect always flushes. Interfaces we are attached to are all in
+    // TX_PORTS; XDP_TX is the fallback.
+    Ok(maps::redirect(ctx.ingress_ifindex() as u32).unwrap_or(xdp_action::XDP_TX))
 }
 
 /// A flow key for the reply direction of `flow` once NAT has sent it to `backend`.

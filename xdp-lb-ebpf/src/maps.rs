@@ -1,6 +1,6 @@
 //! The maps shared with the control plane, and the small typed accessors the stages use.
 
-use core::intrinsics::{atomic_and, atomic_or, atomic_xadd, AtomicOrdering::SeqCst};
+use core::intrinsics::{atomic_or, atomic_xadd, AtomicOrdering::SeqCst};
 
 use aya_ebpf::{
     macros::map,
@@ -179,11 +179,13 @@ pub fn conn_set_flags(conn: *mut Conn, bits: u32) -> u32 {
     unsafe { atomic_or::<u32, u32, { SeqCst }>(core::ptr::addr_of_mut!((*conn).flags), bits) }
 }
 
-/// Clears `bits` in a connection's flags; returns the flags before.
+/// The clock connection entries are stamped with: the coarse monotonic clock (the time of the last
+/// tick, 1–10 ms old), the daemon reads it as CLOCK_MONOTONIC_COARSE. A full read is ~10 % of an
+/// established packet's time on a VM.
 #[inline(always)]
-pub fn conn_clear_flags(conn: *mut Conn, bits: u32) -> u32 {
-    // SAFETY: as in conn_set_flags.
-    unsafe { atomic_and::<u32, u32, { SeqCst }>(core::ptr::addr_of_mut!((*conn).flags), !bits) }
+pub fn now() -> u64 {
+    // SAFETY: a helper with no arguments.
+    unsafe { aya_ebpf::helpers::bpf_ktime_get_coarse_ns() }
 }
 
 /// The cached next hop for backend `id`, in place (per-CPU: no other CPU writes it).

@@ -3,12 +3,12 @@
 //! scheduler over its ring.
 
 use xdp_lb_common::{
-    hash,
+    conntrack, hash,
     maps::{
         self as m, scheduler_of, Backend, Conn, FlowKey, NatReverse, NextHop, Service,
-        BACKEND_FLAG_DOWN, CONN_FLAG_CLOSED, CONN_FLAG_COUNTED, LEAST_CONN_MAX, PROTO_TCP, SERVICE_FLAG_DSR,
+        BACKEND_FLAG_DOWN, CONN_FLAG_ACKED, CONN_FLAG_CLOSED, CONN_FLAG_COUNTED, LEAST_CONN_MAX, PROTO_TCP, SERVICE_FLAG_DSR,
     },
-    packet::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    packet::{Packet, TCP_FIN, TCP_RST, TCP_SYN},
     reasons::{self, Reason},
 };
 
@@ -18,19 +18,29 @@ pub struct Chosen {
     pub id: u32,
     pub backend: Backend,
     pub new_flow: bool,
+    /// The coarse clock as read for the connection table (forwarding reuses it).
+    pub now: u64,
 }
 
 #[inline(always)]
 pub fn schedule(packet: &Packet, service: &Service) -> Result<Chosen, Reason> {
     let flow = &packet.flow;
-    let mut moved_from: Option<*mut Conn> = None;
+    let now = maps::now();
+    // An entry this packet does not follow: its flow is over (or its backend failed), and it may
+    // still be counted as active on its old backend.
+    let mut replaced: Option<*mut Conn> = None;
     if let Some(conn) = maps::conn(flow) {
         // SAFETY: pointer from a map lookup in this run.
-        let (backend_id, generation) = unsafe { ((*conn).backend_id, (*conn).generation) };
+        let (backend_id, generation, flags, last_seen) =
+            unsafe { ((*conn).backend_id, (*conn).generation, (*conn).flags, (*conn).last_seen_ns) };
         if let Some(backend) = maps::backend(backend_id) {
             if backend.generation == generation && backend.service_id == service.id {
-                if backend.flags & BACKEND_FLAG_DOWN == 0 {
+                if !conntrack::follows_entry(flags, last_seen, packet.tcp_flags, now) {
+                    // A new connection on a reused 5-tuple: the scheduler places it.
+                    replaced = Some(conn);
+                } else if backend.flags & BACKEND_FLAG_DOWN == 0 {
                     track_close(conn, backend_id, packet.tcp_flags);
+                    touch(conn, flags, last_seen, packet.tcp_flags, now);
                     if service.flags & SERVICE_FLAG_DSR == 0 {
                         // The two tables evict independently: a flow can keep its connection entry
                         // yet lose its reply entry, and its replies would then pass untranslated
@@ -41,31 +51,29 @@ pub fn schedule(packet: &Packet, service: &Service) -> Result<Chosen, Reason> {
                             remember_reply(flow, service, backend_id, &reply);
                         }
                     }
-                    return Ok(Chosen { id: backend_id, backend, new_flow: false });
+                    return Ok(Chosen { id: backend_id, backend, new_flow: false, now });
+                } else {
+                    // Its backend failed: move the flow now rather than let the client wait on a dead server.
+                    replaced = Some(conn);
                 }
-                // Its backend failed: move the flow now rather than let the client wait on a dead server.
-                moved_from = Some(conn);
             }
         }
     }
-    let chosen = place_new_flow(flow, service)?;
-    if let Some(old) = moved_from {
+    let mut chosen = place_new_flow(flow, service)?;
+    chosen.now = now;
+    if let Some(old) = replaced {
         // SAFETY: as above.
         let old_id = unsafe { (*old).backend_id };
         if maps::conn_set_flags(old, CONN_FLAG_CLOSED) & (CONN_FLAG_CLOSED | CONN_FLAG_COUNTED) == CONN_FLAG_COUNTED {
             maps::add_active_flows(old_id, u64::MAX);
         }
     }
-    let counted = service.flags & SERVICE_FLAG_DSR == 0 && flow.proto == PROTO_TCP;
+    let flags = conntrack::initial_flags(service.flags & SERVICE_FLAG_DSR == 0 && flow.proto == PROTO_TCP, packet.tcp_flags);
     maps::remember_conn(
         flow,
-        &Conn {
-            backend_id: chosen.id,
-            generation: chosen.backend.generation,
-            flags: if counted { CONN_FLAG_COUNTED } else { 0 },
-        },
+        &Conn { backend_id: chosen.id, generation: chosen.backend.generation, flags, _pad: 0, last_seen_ns: now },
     );
-    if counted {
+    if flags & CONN_FLAG_COUNTED != 0 {
         maps::add_active_flows(chosen.id, 1);
     }
     if service.flags & SERVICE_FLAG_DSR == 0 {
@@ -73,6 +81,20 @@ pub fn schedule(packet: &Packet, service: &Service) -> Result<Chosen, Reason> {
         remember_reply(flow, service, chosen.id, &reply);
     }
     Ok(chosen)
+}
+
+/// Keeps the entry's last-seen time (to the granularity the daemon's ageing needs) and marks it
+/// past its handshake at the client's first segment without SYN; plain reads first, so most packets
+/// write nothing.
+#[inline(always)]
+fn touch(conn: *mut Conn, flags: u32, last_seen: u64, tcp_flags: u8, now: u64) {
+    if conntrack::needs_touch(last_seen, now) {
+        // SAFETY: pointer from a map lookup in this run; a racing writer stores a time as recent.
+        unsafe { (*conn).last_seen_ns = now };
+    }
+    if flags & CONN_FLAG_ACKED == 0 && tcp_flags & TCP_SYN == 0 {
+        maps::conn_set_flags(conn, CONN_FLAG_ACKED);
+    }
 }
 
 /// Records how to translate the backend's replies to `flow` back into the VIP's name.
@@ -92,20 +114,14 @@ fn remember_reply(flow: &FlowKey, service: &Service, backend_id: u32, reply: &Fl
     );
 }
 
-/// Keeps `ACTIVE_FLOWS` honest for a counted flow: the first FIN or RST closes it; a SYN on a closed
-/// flow (its 5-tuple reused) opens it again on the same backend.
+/// Keeps `ACTIVE_FLOWS` honest for a counted flow: the first FIN or RST closes it. (A SYN never
+/// reopens a closed entry: it is a new connection, placed by the scheduler.)
 #[inline(always)]
 pub fn track_close(conn: *mut Conn, backend_id: u32, tcp_flags: u8) {
-    if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-        if maps::conn_set_flags(conn, CONN_FLAG_CLOSED) & (CONN_FLAG_CLOSED | CONN_FLAG_COUNTED) == CONN_FLAG_COUNTED {
-            maps::add_active_flows(backend_id, u64::MAX);
-        }
-    } else if tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-        if maps::conn_clear_flags(conn, CONN_FLAG_CLOSED) & (CONN_FLAG_CLOSED | CONN_FLAG_COUNTED)
-            == CONN_FLAG_CLOSED | CONN_FLAG_COUNTED
-        {
-            maps::add_active_flows(backend_id, 1);
-        }
+    if tcp_flags & (TCP_FIN | TCP_RST) != 0
+        && maps::conn_set_flags(conn, CONN_FLAG_CLOSED) & (CONN_FLAG_CLOSED | CONN_FLAG_COUNTED) == CONN_FLAG_COUNTED
+    {
+        maps::add_active_flows(backend_id, u64::MAX);
     }
 }
 
@@ -130,7 +146,7 @@ fn place_new_flow(flow: &FlowKey, service: &Service) -> Result<Chosen, Reason> {
     if backend.generation == 0 || backend.service_id != service.id {
         return Err(reasons::DROP_NO_BACKEND_ENTRY);
     }
-    Ok(Chosen { id, backend, new_flow: true })
+    Ok(Chosen { id, backend, new_flow: true, now: 0 })
 }
 
 /// The candidate with the fewest active flows; ties go to the first listed.

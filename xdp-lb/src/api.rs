@@ -186,6 +186,17 @@ pub struct Explanation {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ring_size: Option<u32>,
     pub explanation: String,
+    /// A closed or expired flow the connection table still holds for this 5-tuple: its last
+    /// packets follow it, a new connection does not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_flow: Option<EndedFlow>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EndedFlow {
+    pub backend: String,
+    /// "closed" or "expired (idle past its timeout)".
+    pub state: String,
 }
 
 /// Answer to `status`: the config file's state and every service's.

@@ -296,6 +296,7 @@ impl Daemon {
             .iter()
             .flat_map(|s| s.backends.iter().filter(|b| b.weight > 0 && !b.down).map(|b| (s.name.clone(), b.address)))
             .collect();
+        crate::flows::reconcile_when_due(&mut self.dataplane, &self.tables);
         let mut changed = self.passive.observe(&self.config, &serving, &self.tables, &self.dataplane);
         changed |= self.update_latency_weights();
         let now = Instant::now();

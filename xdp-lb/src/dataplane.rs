@@ -21,6 +21,7 @@ use xdp_lb_common::{
 
 use crate::{
     config,
+    flows::{FlowMapError, FlowMaps, WalkClock},
     pins::{self, PinDir, PinError},
     tables::{MapReader, MapWriter, ReadError, WriteError},
 };
@@ -69,6 +70,9 @@ pub struct Dataplane {
     attached: Vec<(String, XdpLinkId)>,
     /// Pinned links: they stay when the daemon exits.
     pinned: Vec<(String, FdLink)>,
+    /// `CONNTRACK`'s size, which bounds a walk over it.
+    conntrack_entries: u32,
+    flow_walk: WalkClock,
 }
 
 struct Maps {
@@ -127,7 +131,15 @@ impl Dataplane {
             rr_counters: take(&mut ebpf, names::RR_COUNTERS)?,
             active_flows: take(&mut ebpf, names::ACTIVE_FLOWS)?,
         };
-        Ok(Self { ebpf, maps, pins, attached: Vec::new(), pinned: Vec::new() })
+        Ok(Self {
+            ebpf,
+            maps,
+            pins,
+            attached: Vec::new(),
+            pinned: Vec::new(),
+            conntrack_entries: settings.conntrack_entries,
+            flow_walk: WalkClock::default(),
+        })
     }
 
     pub fn program(&self) -> &Xdp {
@@ -347,6 +359,51 @@ fn read_error(e: DataplaneError) -> ReadError {
     match e {
         DataplaneError::Map { map, source } => ReadError { map, message: source.to_string() },
         other => ReadError { map: "?", message: other.to_string() },
+    }
+}
+
+impl FlowMaps for Dataplane {
+    fn conntrack_entries(&self) -> Result<Vec<(FlowKey, Conn)>, FlowMapError> {
+        let error = |e: aya::maps::MapError| FlowMapError { map: names::CONNTRACK, message: e.to_string() };
+        // Keys deleted or evicted during the walk make the kernel restart it from the first key:
+        // duplicates are merged, and the walk is bounded so constant churn cannot keep it going.
+        let mut seen = std::collections::HashMap::new();
+        for item in self.maps.conntrack.iter().take(self.conntrack_entries as usize * 2) {
+            match item {
+                Ok((key, conn)) => {
+                    seen.insert(key, conn);
+                }
+                // The entry went away between its key and its value.
+                Err(aya::maps::MapError::KeyNotFound) => continue,
+                Err(e) => return Err(error(e)),
+            }
+        }
+        Ok(seen.into_iter().collect())
+    }
+
+    fn remove_conntrack_if_unchanged(&mut self, key: &FlowKey, seen: &Conn) -> Result<bool, FlowMapError> {
+        // Re-read right before the delete: a SYN may have reused the 5-tuple since the walk.
+        match self.maps.conntrack.get(key, 0) {
+            Ok(now) if now == *seen => {}
+            _ => return Ok(false),
+        }
+        match self.maps.conntrack.remove(key) {
+            Ok(()) => Ok(true),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(false),
+            Err(e) => Err(FlowMapError { map: names::CONNTRACK, message: e.to_string() }),
+        }
+    }
+
+    fn active_flows_raw(&self, backend_id: u32) -> Result<u64, FlowMapError> {
+        self.maps.active_flows.get(&backend_id, 0).map_err(|e| FlowMapError { map: names::ACTIVE_FLOWS, message: e.to_string() })
+    }
+
+    fn set_active_flows(&mut self, backend_id: u32, value: u64) -> Result<(), FlowMapError> {
+        self.maps.active_flows.set(backend_id, value, 0).map_err(|e| FlowMapError { map: names::ACTIVE_FLOWS, message: e.to_string() })
+    }
+
+    fn walk_clock(&mut self) -> &mut WalkClock {
+        &mut self.flow_walk
     }
 }
 

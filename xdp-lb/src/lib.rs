@@ -6,6 +6,7 @@ pub mod config;
 pub mod daemon;
 pub mod dataplane;
 pub mod docs;
+pub mod flows;
 pub mod health;
 pub mod limits;
 pub mod logging;

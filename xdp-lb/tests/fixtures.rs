@@ -12,7 +12,7 @@ mod packet;
 
 use aya::programs::{TestRun, TestRunOptions};
 use harness::*;
-use packet::{arp_request, icmp_echo, Frame, L3, L4};
+use packet::{arp_request, icmp_echo, tcp_rst, Frame, ACK_SEQ, L3, L4, SEQ, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
 const CONFIG: &str = r#"
 [dataplane]
@@ -94,6 +94,18 @@ protocol = "tcp"
 ring_size = 251
 
 [[services]]
+name = "empty6"
+vip = "[fd00:200:100::102]:80"
+protocol = "tcp"
+ring_size = 251
+
+[[services]]
+name = "empty-udp"
+vip = "10.200.100.102:53"
+protocol = "udp"
+ring_size = 251
+
+[[services]]
 name = "nat4-unresolved"
 vip = "10.200.100.103:80"
 protocol = "tcp"
@@ -119,6 +131,9 @@ enum Expect {
     NotForwarded(u32, &'static str),
     /// Handed to the kernel after translation (no MAC change), counted under the reason.
     PassTranslated(&'static str),
+    /// Answered with a RST sent back out of the ingress interface (a redirect to it: see the
+    /// program's `reject`), counted as `reject_no_backend`.
+    Reject,
 }
 
 struct Case {
@@ -212,6 +227,11 @@ fn special_cases() -> Vec<Case> {
     let tcp_bytes = tcp.bytes();
     let truncated_tcp = tcp_bytes[..L3 + 20 + 10].to_vec();
     let truncated_udp = udp.bytes()[..L3 + 20 + 6].to_vec();
+    let empty_syn = Frame::new(L4::Tcp, "10.200.0.2:40002", "10.200.100.102:80").with_tcp_flags(TCP_SYN).with_payload(&[]);
+    let empty_syn6 = Frame::new(L4::Tcp, "[fd00:200::2]:40002", "[fd00:200:100::102]:80").with_tcp_flags(TCP_SYN).with_payload(&[]);
+    let empty_syn_data = Frame::new(L4::Tcp, "10.200.0.2:40003", "10.200.100.102:80").with_tcp_flags(TCP_SYN);
+    let empty_ack = Frame::new(L4::Tcp, "10.200.0.2:40004", "10.200.100.102:80").with_tcp_flags(TCP_ACK);
+    let empty_fin6 = Frame::new(L4::Tcp, "[fd00:200::2]:40004", "[fd00:200:100::102]:80").with_tcp_flags(TCP_FIN | TCP_ACK);
     let mut truncated_ipv4 = tcp_bytes[..L3 + 12].to_vec();
     truncated_ipv4.resize(L3 + 12, 0);
 
@@ -225,7 +245,16 @@ fn special_cases() -> Vec<Case> {
             Some(Frame::new(L4::Tcp, "10.200.0.2:40002", "10.201.0.9:8080").bytes()),
         ),
         case("DSR with an unresolved backend neighbour is dropped", "fxc", Frame::new(L4::Tcp, "10.200.0.2:40002", "10.200.100.104:80").bytes(), Expect::NotForwarded(XDP_DROP, "drop_dsr_no_neigh"), None),
-        case("service without backends drops", "fxc", Frame::new(L4::Tcp, "10.200.0.2:40002", "10.200.100.102:80").bytes(), Expect::NotForwarded(XDP_DROP, "drop_no_backend"), None),
+        // A service without backends answers TCP with a RST (RFC 793's reply for a closed port):
+        // the client fails at once instead of retransmitting its SYN until its connect timeout.
+        case("SYN to a service without backends: RST|ACK of seq + 1, sent back (IPv4)", "fxc", empty_syn.bytes(), Expect::Reject, Some(tcp_rst(&empty_syn, 0, Some(SEQ + 1)))),
+        case("SYN to a service without backends: RST|ACK of seq + 1, sent back (IPv6)", "fxc", empty_syn6.bytes(), Expect::Reject, Some(tcp_rst(&empty_syn6, 0, Some(SEQ + 1)))),
+        case("SYN with data to a service without backends: acknowledged past the data, data cut off", "fxc", empty_syn_data.bytes(), Expect::Reject, Some(tcp_rst(&empty_syn_data, 0, Some(SEQ + 1 + 18)))),
+        case("segment with ACK to a service without backends: RST in the peer's sequence space (IPv4)", "fxc", empty_ack.bytes(), Expect::Reject, Some(tcp_rst(&empty_ack, ACK_SEQ, None))),
+        case("FIN|ACK with data to a service without backends: RST in the peer's sequence space (IPv6)", "fxc", empty_fin6.bytes(), Expect::Reject, Some(tcp_rst(&empty_fin6, ACK_SEQ, None))),
+        case("RST to a service without backends is dropped, never answered", "fxc", empty_syn.clone().with_tcp_flags(TCP_RST).bytes(), Expect::NotForwarded(XDP_DROP, "drop_no_backend"), None),
+        case("UDP to a service without backends is dropped", "fxc", Frame::new(L4::Udp, "10.200.0.2:40002", "10.200.100.102:53").bytes(), Expect::NotForwarded(XDP_DROP, "drop_no_backend"), None),
+        case("VLAN-tagged SYN to a service without backends is left to the kernel", "fxc", empty_syn.clone().with_vlan(7).bytes(), Expect::NotForwarded(XDP_PASS, "pass_vlan"), None),
         case("TCP to a non-VIP address passes", "fxc", tcp.clone().with_dst("10.200.0.1:22").bytes(), Expect::NotForwarded(XDP_PASS, "pass_not_vip"), None),
         case("TCP to the VIP on another port passes", "fxc", tcp.clone().with_dst("10.200.100.100:81").bytes(), Expect::NotForwarded(XDP_PASS, "pass_not_vip"), None),
         case("UDP to the TCP-only VIP port passes", "fxc", Frame::new(L4::Udp, "10.200.0.2:40001", "10.200.100.100:80").bytes(), Expect::NotForwarded(XDP_PASS, "pass_not_vip"), None),
@@ -272,6 +301,7 @@ fn fixtures() {
                 Expect::Forward(v, _) => (v, vec![]),
                 Expect::NotForwarded(v, reason) => (v, vec![reason]),
                 Expect::PassTranslated(reason) => (XDP_PASS, vec![reason]),
+                Expect::Reject => (XDP_REDIRECT, vec!["reject_no_backend"]),
             };
             let mut problems = Vec::new();
             if verdict != want_verdict {

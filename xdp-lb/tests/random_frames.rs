@@ -228,7 +228,8 @@ impl Judge<'_> {
             return Err(format!("verdict {verdict} ({})", verdict_name(verdict)));
         }
         let forwarded = matches!(verdict, XDP_TX | XDP_REDIRECT);
-        if forwarded && !moved.is_empty() {
+        // A refused connection is answered (sent back out) and counted: the one forwarded reason.
+        if forwarded && !moved.is_empty() && moved != ["reject_no_backend"] {
             return Err(format!("forwarded, yet reason counters moved: {moved:?}"));
         }
         if !forwarded && moved.len() != 1 {
@@ -279,7 +280,13 @@ impl Judge<'_> {
                 return expect_unchanged("pass_vlan");
             }
             if svc.backends.is_empty() {
-                return expect_unchanged("drop_no_backend");
+                if !reset_expected(input, &info) {
+                    return expect_unchanged("drop_no_backend");
+                }
+                if reason != Some("reject_no_backend") || verdict != XDP_REDIRECT {
+                    return Err(format!("{} / {reason:?}, expected a RST (XDP_REDIRECT / reject_no_backend)", verdict_name(verdict)));
+                }
+                return check_reset(input, &out, &info);
             }
             *self.model.counted.entry(svc.name).or_default() += 1;
             let flow: FlowId = (info.src, info.sport, info.dst, info.dport, info.proto);
@@ -838,4 +845,48 @@ fn ipv6_packets_with_ipv4_mapped_addresses_are_not_balanced() {
         }
         assert!(problems.is_empty(), "IPv4-mapped IPv6 addresses are confused with IPv4 VIPs/flows:\n{}", problems.join("\n"));
     });
+}
+
+/// Whether a TCP segment to a service without backends is answered with a RST (README: not a RST
+/// itself, no IPv4 options, a data offset that fits the IP packet, an IP packet inside the frame).
+fn reset_expected(f: &[u8], i: &L4Info) -> bool {
+    if i.proto != contract::PROTO_TCP {
+        return false;
+    }
+    let header = if i.v6 { 40 } else { i.ihl };
+    let doff = (f[i.l4 + 12] >> 4) as usize * 4;
+    f[i.l4 + 13] & 0x04 == 0 && header == 20 + 20 * i.v6 as usize && i.l3 + i.ip_len <= f.len() && doff >= 20 && header + doff <= i.ip_len
+}
+
+/// `out` must be the RST RFC 793 prescribes for `input`: headers only, MACs, addresses and ports
+/// swapped, sequence/acknowledgment from the segment, both checksums right.
+fn check_reset(input: &[u8], out: &[u8], i: &L4Info) -> Result<(), String> {
+    let fail = |what: &str| Err(format!("RST: {what}: in {} out {}", hex(input), hex(out)));
+    if out.len() != i.l4 + 20 {
+        return fail("length");
+    }
+    if out[0..6] != input[6..12] || out[6..12] != input[0..6] || out[12..i.l3] != input[12..i.l3] {
+        return fail("Ethernet header");
+    }
+    let Parsed::L4(o) = parse_contract(out) else { return fail("does not parse") };
+    if (o.src, o.dst, o.sport, o.dport, o.proto) != (i.dst, i.src, i.dport, i.sport, i.proto) {
+        return fail("addresses and ports");
+    }
+    if checksums_valid(out, &o) != Some((true, true)) {
+        return fail("checksums");
+    }
+    let be32 = |f: &[u8], at: usize| u32::from_be_bytes(f[at..at + 4].try_into().unwrap());
+    let flags = input[i.l4 + 13];
+    let (seq, ack, rst_flags) = if flags & 0x10 != 0 {
+        (be32(input, i.l4 + 8), 0, 0x04)
+    } else {
+        let header = if i.v6 { 40 } else { i.ihl };
+        let data = i.ip_len - header - (input[i.l4 + 12] >> 4) as usize * 4;
+        let len = data as u32 + (flags & 0x02 != 0) as u32 + (flags & 0x01 != 0) as u32;
+        (0, be32(input, i.l4 + 4).wrapping_add(len), 0x14)
+    };
+    if (be32(out, o.l4 + 4), be32(out, o.l4 + 8), out[o.l4 + 12], out[o.l4 + 13]) != (seq, ack, 0x50, rst_flags) {
+        return fail("sequence, acknowledgment, data offset or flags");
+    }
+    Ok(())
 }

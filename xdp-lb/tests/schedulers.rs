@@ -9,7 +9,7 @@ mod harness;
 mod packet;
 
 use harness::*;
-use packet::{Frame, L3, L4};
+use packet::{Frame, L3, L4, TCP_SYN};
 
 const CONFIG: &str = r#"
 [dataplane]
@@ -137,7 +137,7 @@ fn least_conn_sends_new_flows_to_the_backend_with_fewest_open_flows() {
         reply(&h, "10.201.0.4", 44_002, RST);
         assert_eq!(active(&h, "lc", "10.201.0.4"), 0);
         assert_eq!(send(&h, 44_005, vip, SYN), "10.201.0.4");
-        // A reused 5-tuple (new SYN after the close) opens again on the same backend.
+        // A reused 5-tuple (new SYN after the close) is a new connection, placed by least-conn.
         assert_eq!(send(&h, 44_001, vip, SYN), "10.201.0.3");
         assert_eq!(active(&h, "lc", "10.201.0.3"), 2);
     });
@@ -155,5 +155,98 @@ fn passive_counters_see_syns_syn_acks_and_resets() {
         reply(&h, &backend, 45_000, RST | ACK);
         let (_, c) = h.backend("rr", &format!("{backend}:80"));
         assert_eq!((c.syns, c.syn_acks, c.resets, c.new_flows), (1, 1, 1, 1), "{c:?}");
+    });
+}
+
+#[test]
+fn a_syn_on_a_closed_entry_is_placed_by_the_scheduler_and_counted_as_a_new_flow() {
+    let ns = fixture_namespace();
+    ns.run(|| {
+        let h = Harness::new(CONFIG);
+        let vip = "10.200.100.110:80";
+        let (_, new_flows_before) = h.service_packets("rr");
+        assert_eq!(send(&h, 46_000, vip, SYN), "10.201.0.2");
+        assert_eq!(send(&h, 46_000, vip, ACK), "10.201.0.2");
+        assert_eq!(send(&h, 46_000, vip, FIN | ACK), "10.201.0.2");
+        // The last ACK after the FIN still reaches the backend that held the connection.
+        assert_eq!(send(&h, 46_000, vip, ACK), "10.201.0.2");
+        // The client reuses the 5-tuple (TIME_WAIT reuse): a new connection, so round-robin's next
+        // backend, exactly as a fresh 5-tuple would get it.
+        let syn = Frame::new(L4::Tcp, "10.200.0.2:46000", vip).with_tcp_flags(TCP_SYN);
+        let (verdict, out) = h.run("fxc", &syn.bytes());
+        let want = syn.clone().with_dst("10.201.0.3:80").with_macs(LB_BACKEND_MAC, [0x02, 0, 0, 0, 0xbb, 0x03]).bytes();
+        assert_eq!((verdict, hex(&out)), (XDP_REDIRECT, hex(&want)));
+        let (_, new_flows_after) = h.service_packets("rr");
+        assert_eq!(new_flows_after - new_flows_before, 2, "two connections, two new flows");
+        // Its packets follow the new entry.
+        assert_eq!(send(&h, 46_000, vip, ACK), "10.201.0.3");
+    });
+}
+
+#[test]
+fn a_retransmitted_syn_keeps_its_backend_and_is_not_a_new_flow() {
+    let ns = fixture_namespace();
+    ns.run(|| {
+        let h = Harness::new(CONFIG);
+        let vip = "10.200.100.110:80";
+        assert_eq!(send(&h, 46_100, vip, SYN), "10.201.0.2");
+        // Round-robin would now give .3: the retransmission must not follow it.
+        assert_eq!(send(&h, 46_100, vip, SYN), "10.201.0.2");
+        assert_eq!(send(&h, 46_100, vip, SYN), "10.201.0.2");
+        assert_eq!(send(&h, 46_101, vip, SYN), "10.201.0.3");
+        let (_, new_flows) = h.service_packets("rr");
+        assert_eq!(new_flows, 2);
+    });
+}
+
+#[test]
+fn a_syn_on_an_established_entry_is_a_new_connection_and_frees_the_old_count() {
+    let ns = fixture_namespace();
+    ns.run(|| {
+        let h = Harness::new(CONFIG);
+        let vip = "10.200.100.112:80";
+        assert_eq!(send(&h, 47_000, vip, SYN), "10.201.0.2");
+        assert_eq!(send(&h, 47_000, vip, ACK), "10.201.0.2");
+        // The client vanished without a FIN; its port comes back with a new connection.
+        assert_eq!(send(&h, 47_000, vip, SYN), "10.201.0.3");
+        let counts = [active(&h, "lc", "10.201.0.2"), active(&h, "lc", "10.201.0.3"), active(&h, "lc", "10.201.0.4")];
+        assert_eq!(counts, [0, 1, 0]);
+    });
+}
+
+#[test]
+fn a_late_reset_from_the_old_backend_does_not_close_the_reused_flow() {
+    let ns = fixture_namespace();
+    ns.run(|| {
+        let h = Harness::new(CONFIG);
+        let vip = "10.200.100.112:80";
+        let counts = |h: &Harness| ["10.201.0.2", "10.201.0.3", "10.201.0.4"].map(|b| active(h, "lc", b));
+        assert_eq!(send(&h, 47_100, vip, SYN), "10.201.0.2");
+        send(&h, 47_100, vip, ACK);
+        send(&h, 47_100, vip, FIN | ACK);
+        assert_eq!(send(&h, 47_101, vip, SYN), "10.201.0.2");
+        // The client reuses port 47100: least-conn places it on .3.
+        assert_eq!(send(&h, 47_100, vip, SYN), "10.201.0.3");
+        assert_eq!(counts(&h), [1, 1, 0]);
+        // A late RST from .2 for the old connection must not end the new one on .3.
+        reply(&h, "10.201.0.2", 47_100, RST | ACK);
+        assert_eq!(counts(&h), [1, 1, 0]);
+        // .3's own RST does.
+        reply(&h, "10.201.0.3", 47_100, RST | ACK);
+        assert_eq!(counts(&h), [1, 0, 0]);
+    });
+}
+
+#[test]
+fn a_flow_picked_up_by_its_fin_is_never_counted_open() {
+    let ns = fixture_namespace();
+    ns.run(|| {
+        let h = Harness::new(CONFIG);
+        let vip = "10.200.100.112:80";
+        // Its entry was evicted: the close is the first packet the table sees of it.
+        send(&h, 48_000, vip, FIN | ACK);
+        send(&h, 48_001, vip, RST);
+        let counts = ["10.201.0.2", "10.201.0.3", "10.201.0.4"].map(|b| active(&h, "lc", b));
+        assert_eq!(counts, [0, 0, 0]);
     });
 }

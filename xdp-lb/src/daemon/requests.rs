@@ -3,14 +3,13 @@
 use std::net::SocketAddr;
 
 use xdp_lb_common::{
-    addr,
-    hash,
+    addr, conntrack, hash,
     maps::{FlowKey, PROTO_TCP, PROTO_UDP},
 };
 
 use super::{Daemon, DaemonError};
 use crate::{
-    api::{BackendStatus, Explanation, Request, Response, ReloadReply, ServiceChanges, ServiceStatus, StatsReply, StatusReply, StopReply},
+    api::{BackendStatus, EndedFlow, Explanation, Request, Response, ReloadReply, ServiceChanges, ServiceStatus, StatsReply, StatusReply, StopReply},
     config::{Protocol, RawBackend, RawConfig, RawService, Scheduler},
     health::Health,
     plan, stats,
@@ -197,34 +196,62 @@ impl Daemon {
             proto,
             _pad: [0; 3],
         };
+        // A closed or expired entry still steers its flow's last packets, but not a new connection.
+        let mut ended: Option<(String, &str)> = None;
         if let Some(conn) = self.dataplane.conntrack_entry(&flow) {
             if let Some(backend) = name_of(conn.backend_id).filter(|_| self.tables.generation(conn.backend_id) == conn.generation) {
-                let explanation = format!("an established flow: the connection table pins it to {backend}");
-                return Ok(explained(installed, Some(backend), "connection-table", None, explanation));
+                let state = conntrack::state(&conn, crate::flows::coarse_now_ns());
+                let what = match state {
+                    conntrack::State::Established => "an established flow",
+                    conntrack::State::Opening => "a connection being opened (SYN forwarded, not yet acknowledged)",
+                    conntrack::State::Closed => "closed",
+                    conntrack::State::Expired => "expired (idle past its timeout)",
+                };
+                if matches!(state, conntrack::State::Closed | conntrack::State::Expired) {
+                    ended = Some((backend, what));
+                } else {
+                    let explanation = format!("{what}: the connection table pins it to {backend}");
+                    return Ok(to_value(explained(installed, Some(backend), "connection-table", None, explanation)));
+                }
             }
         }
+        let mut placed = self.explain_new_flow(installed, &flow);
+        if let Some((old, how)) = ended {
+            placed.explanation = format!(
+                "not established: the connection table holds a {how} flow to {old}, which only its last packets follow; \
+                 a new connection (SYN) on this 5-tuple is placed by the scheduler — {}",
+                placed.explanation
+            );
+            placed.ended_flow = Some(EndedFlow { backend: old, state: how.to_string() });
+        }
+        Ok(to_value(placed))
+    }
+
+    /// Where the scheduler would place a new connection of `flow`.
+    fn explain_new_flow(&self, installed: &crate::tables::Installed, flow: &FlowKey) -> Explanation {
+        let name_of = |id: u32| installed.backend_ids.iter().find(|(_, &v)| v == id).map(|(a, _)| a.to_string());
         if installed.table.is_empty() {
             let explanation = "the service has no backend in its ring: new flows are dropped".to_string();
-            return Ok(explained(installed, None, "no-backend", None, explanation));
+            return explained(installed, None, "no-backend", None, explanation);
         }
         let size = installed.table.len() as u32;
         let (slot, how) = match installed.config.scheduler {
             Scheduler::IpHash => (hash::client_hash(&flow.src) % size, "ip-hash of the client address"),
             Scheduler::RoundRobin | Scheduler::WeightedRoundRobin => {
                 let explanation = "a new flow takes the next backend of the round-robin sequence; it depends on arrival order".to_string();
-                return Ok(explained(installed, None, "round-robin", None, explanation));
+                return explained(installed, None, "round-robin", None, explanation);
             }
             Scheduler::LeastConn => {
                 let best = installed.table.iter().min_by_key(|&&id| self.dataplane.active_flows(id).unwrap_or(0)).copied();
                 let backend = best.and_then(name_of);
                 let explanation = format!("a new flow goes to the backend with the fewest active flows, now {}", backend.clone().unwrap_or_default());
-                return Ok(explained(installed, backend, "least-conn", None, explanation));
+                return explained(installed, backend, "least-conn", None, explanation);
             }
-            _ => (hash::flow_hash(&flow) % size, "Maglev: hash of the 5-tuple"),
+            _ => (hash::flow_hash(flow) % size, "Maglev: hash of the 5-tuple"),
         };
         let backend = name_of(installed.table[slot as usize]);
         let explanation = format!("a new flow: {how} selects slot {slot} of {size}, which holds {}", backend.clone().unwrap_or_default());
-        Ok(explained(installed, backend, "maglev", Some((slot, size)), explanation))
+        explained(installed, backend, "maglev", Some((slot, size)), explanation)
     }
 }
 
@@ -234,15 +261,16 @@ fn explained(
     reason: &str,
     slot: Option<(u32, u32)>,
     explanation: String,
-) -> serde_json::Value {
-    to_value(Explanation {
+) -> Explanation {
+    Explanation {
         service: installed.config.name.clone(),
         backend,
         reason: reason.into(),
         slot: slot.map(|(s, _)| s),
         ring_size: slot.map(|(_, size)| size),
         explanation,
-    })
+        ended_flow: None,
+    }
 }
 
 /// The reply types serialise to JSON infallibly (strings, numbers, maps with string keys).

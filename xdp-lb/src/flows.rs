@@ -1,0 +1,240 @@
+//! Keeping `ACTIVE_FLOWS` exact and the connection table clean.
+//!
+//! The data plane counts a NAT TCP flow up when it places it and down at its first FIN or RST. That
+//! misses flows the LRU table evicts (their close is never seen), flows whose client vanished, and
+//! everything a restarted daemon cannot know. So the daemon walks `CONNTRACK` now and then, counts
+//! the open entries per backend ([`xdp_lb_common::conntrack::is_active`]), writes the counts that
+//! differ, and removes entries that are closed and past their linger time, expired, or left by a
+//! removed backend. At rest the counts are then exactly the open connections; under load they may
+//! be off by the flows opened or closed during one walk, until the next.
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
+
+use tracing::{debug, warn};
+use xdp_lb_common::{
+    conntrack,
+    maps::{Conn, FlowKey},
+};
+
+use crate::tables::Tables;
+
+/// Walks are at least this far apart.
+const MIN_INTERVAL: Duration = Duration::from_secs(2);
+/// And at least this many times the last walk's duration: a walk is two syscalls per entry, so a
+/// million entries take about a second; this caps the daemon's time on it at ~10 % of a core.
+const DUTY_FACTOR: u32 = 10;
+
+#[derive(Debug, thiserror::Error)]
+#[error("map {map}: {message}")]
+pub struct FlowMapError {
+    pub map: &'static str,
+    pub message: String,
+}
+
+/// The maps a reconcile reads and writes (the data plane, or a fake in tests).
+pub trait FlowMaps {
+    fn conntrack_entries(&self) -> Result<Vec<(FlowKey, Conn)>, FlowMapError>;
+    /// Removes `key` if its entry still equals `seen` (a new connection may have reused it since).
+    fn remove_conntrack_if_unchanged(&mut self, key: &FlowKey, seen: &Conn) -> Result<bool, FlowMapError>;
+    /// The raw counter (a transient "negative" value shows as a huge one).
+    fn active_flows_raw(&self, backend_id: u32) -> Result<u64, FlowMapError>;
+    fn set_active_flows(&mut self, backend_id: u32, value: u64) -> Result<(), FlowMapError>;
+    /// When the next walk is due; kept with the maps so the daemon needs no state of its own for it.
+    fn walk_clock(&mut self) -> &mut WalkClock;
+}
+
+#[derive(Debug, Default)]
+pub struct WalkClock {
+    next: Option<Instant>,
+}
+
+/// What one walk found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Census {
+    /// Open entries per backend id (backends with none are absent).
+    pub active: BTreeMap<u32, u64>,
+    /// Entries to remove.
+    pub removable: Vec<(FlowKey, Conn)>,
+}
+
+/// Counts and sorts the entries at `now_ns` (CLOCK_MONOTONIC_COARSE, the data plane's clock).
+/// `generation_of` gives a backend id's current generation (0: free): entries of an id since freed
+/// or reused belong to no backend any more.
+pub fn census(entries: impl IntoIterator<Item = (FlowKey, Conn)>, generation_of: impl Fn(u32) -> u32, now_ns: u64) -> Census {
+    let mut out = Census::default();
+    for (key, conn) in entries {
+        let generation = generation_of(conn.backend_id);
+        if generation == 0 || generation != conn.generation {
+            out.removable.push((key, conn));
+        } else if conntrack::is_active(&conn, now_ns) {
+            *out.active.entry(conn.backend_id).or_default() += 1;
+        } else if conntrack::is_removable(&conn, now_ns) {
+            out.removable.push((key, conn));
+        }
+    }
+    out
+}
+
+/// What a reconcile changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Reconciled {
+    /// (backend id, counter before, counter after) for every counter rewritten.
+    pub corrected: Vec<(u32, u64, u64)>,
+    pub removed: usize,
+}
+
+/// One walk: sets every installed backend's counter to its open entries and removes stale entries.
+pub fn reconcile(maps: &mut dyn FlowMaps, backend_ids: &[u32], generation_of: impl Fn(u32) -> u32, now_ns: u64) -> Result<Reconciled, FlowMapError> {
+    let found = census(maps.conntrack_entries()?, generation_of, now_ns);
+    let mut out = Reconciled::default();
+    for (key, conn) in &found.removable {
+        if maps.remove_conntrack_if_unchanged(key, conn)? {
+            out.removed += 1;
+        }
+    }
+    for &id in backend_ids {
+        let want = found.active.get(&id).copied().unwrap_or(0);
+        let have = maps.active_flows_raw(id)?;
+        if have != want {
+            maps.set_active_flows(id, want)?;
+            out.corrected.push((id, have, want));
+        }
+    }
+    Ok(out)
+}
+
+/// Called from the daemon's tick: reconciles when a walk is due (see [`MIN_INTERVAL`], [`DUTY_FACTOR`]).
+pub fn reconcile_when_due(maps: &mut dyn FlowMaps, tables: &Tables) {
+    let started = Instant::now();
+    if maps.walk_clock().next.is_some_and(|next| started < next) {
+        return;
+    }
+    let ids: Vec<u32> = tables.services().flat_map(|s| s.backend_ids.values().copied()).collect();
+    match reconcile(maps, &ids, |id| tables.generation(id), coarse_now_ns()) {
+        Ok(r) if r.corrected.is_empty() && r.removed == 0 => {}
+        Ok(r) => debug!(corrected = ?r.corrected, removed = r.removed, "connection table reconciled"),
+        Err(e) => warn!("reconciling the connection table: {e}"),
+    }
+    let took = started.elapsed();
+    maps.walk_clock().next = Some(Instant::now() + MIN_INTERVAL.max(took * DUTY_FACTOR));
+}
+
+/// Forget when the last walk ran, so the next tick walks (tests, and after a restart).
+impl WalkClock {
+    pub fn reset(&mut self) {
+        self.next = None;
+    }
+}
+
+/// The clock the data plane stamps entries with (`bpf_ktime_get_coarse_ns`).
+pub fn coarse_now_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid timespec to fill; CLOCK_MONOTONIC_COARSE always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use xdp_lb_common::maps::{CONN_FLAG_ACKED, CONN_FLAG_CLOSED, CONN_FLAG_COUNTED};
+
+    const S: u64 = 1_000_000_000;
+    const NOW: u64 = 10_000 * S;
+    const OPEN: u32 = CONN_FLAG_COUNTED | CONN_FLAG_ACKED;
+
+    fn key(port: u16) -> FlowKey {
+        FlowKey { sport: port, proto: 6, ..Default::default() }
+    }
+
+    fn conn(backend_id: u32, generation: u32, flags: u32, idle_s: u64) -> Conn {
+        Conn { backend_id, generation, flags, _pad: 0, last_seen_ns: NOW - idle_s * S }
+    }
+
+    /// Backend 1 (generation 7) and 2 (generation 3) are installed; 3 is free.
+    fn generation_of(id: u32) -> u32 {
+        match id {
+            1 => 7,
+            2 => 3,
+            _ => 0,
+        }
+    }
+
+    #[derive(Default)]
+    struct FakeMaps {
+        conntrack: BTreeMap<u16, (FlowKey, Conn)>,
+        active: BTreeMap<u32, u64>,
+        clock: WalkClock,
+    }
+
+    impl FlowMaps for FakeMaps {
+        fn conntrack_entries(&self) -> Result<Vec<(FlowKey, Conn)>, FlowMapError> {
+            Ok(self.conntrack.values().copied().collect())
+        }
+        fn remove_conntrack_if_unchanged(&mut self, key: &FlowKey, seen: &Conn) -> Result<bool, FlowMapError> {
+            if self.conntrack.get(&key.sport).is_some_and(|(_, c)| c == seen) {
+                self.conntrack.remove(&key.sport);
+                return Ok(true);
+            }
+            Ok(false)
+        }
+        fn active_flows_raw(&self, id: u32) -> Result<u64, FlowMapError> {
+            Ok(self.active.get(&id).copied().unwrap_or(0))
+        }
+        fn set_active_flows(&mut self, id: u32, value: u64) -> Result<(), FlowMapError> {
+            self.active.insert(id, value);
+            Ok(())
+        }
+        fn walk_clock(&mut self) -> &mut WalkClock {
+            &mut self.clock
+        }
+    }
+
+    #[test]
+    fn counts_only_open_counted_entries_of_current_backends() {
+        let entries = [
+            (key(1), conn(1, 7, OPEN, 5)),                           // established
+            (key(2), conn(1, 7, CONN_FLAG_COUNTED, 1)),              // opening
+            (key(3), conn(1, 7, OPEN | CONN_FLAG_CLOSED, 1)),        // closed, lingering
+            (key(4), conn(1, 7, OPEN | CONN_FLAG_CLOSED, 61)),       // closed, past linger
+            (key(5), conn(1, 7, OPEN, 901)),                         // client gone
+            (key(6), conn(1, 7, CONN_FLAG_COUNTED, 61)),             // handshake abandoned
+            (key(7), conn(1, 6, OPEN, 1)),                           // backend id reused since
+            (key(8), conn(3, 1, OPEN, 1)),                           // backend id freed
+            (key(9), conn(2, 3, CONN_FLAG_ACKED, 1)),                // not counted (DSR, UDP)
+            (key(10), conn(2, 3, OPEN, 0)),
+        ];
+        let found = census(entries, generation_of, NOW);
+        assert_eq!(found.active, BTreeMap::from([(1, 2), (2, 1)]));
+        let removable: Vec<u16> = found.removable.iter().map(|(k, _)| k.sport).collect();
+        assert_eq!(removable, [4, 5, 6, 7, 8]);
+    }
+
+    #[test]
+    fn reconcile_fixes_drifted_counts_to_exactly_the_open_entries_and_removes_stale_ones() {
+        let mut maps = FakeMaps::default();
+        for (port, c) in [(1, conn(1, 7, OPEN, 1)), (2, conn(1, 7, OPEN | CONN_FLAG_CLOSED, 120)), (3, conn(2, 3, OPEN | CONN_FLAG_CLOSED, 1))] {
+            maps.conntrack.insert(port, (key(port), c));
+        }
+        // Evicted flows were never subtracted (5 on backend 1); a close raced an open (-1 on 2).
+        maps.active.insert(1, 5);
+        maps.active.insert(2, u64::MAX);
+        let r = reconcile(&mut maps, &[1, 2], generation_of, NOW).unwrap();
+        assert_eq!(r, Reconciled { corrected: vec![(1, 5, 1), (2, u64::MAX, 0)], removed: 1 });
+        assert_eq!(maps.active, BTreeMap::from([(1, 1), (2, 0)]));
+        assert!(!maps.conntrack.contains_key(&2));
+        // Nothing drifted: nothing is written.
+        assert_eq!(reconcile(&mut maps, &[1, 2], generation_of, NOW).unwrap(), Reconciled::default());
+    }
+
+    #[test]
+    fn the_clock_uses_the_kernels_coarse_monotonic_time() {
+        let a = coarse_now_ns();
+        std::thread::sleep(Duration::from_millis(30));
+        let b = coarse_now_ns();
+        assert!(b > a && b - a < S, "{a} → {b}");
+    }
+}
