@@ -4,11 +4,14 @@
 
 pub mod auth;
 pub mod balance;
+pub mod client_headers;
 pub mod config;
 pub mod gateway;
 pub mod guard;
 pub mod health;
+pub mod idle;
 pub mod observe;
+pub mod path;
 pub mod proxy;
 pub mod ratelimit;
 pub mod reload;
