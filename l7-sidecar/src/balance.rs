@@ -466,7 +466,11 @@ mod tests {
             passive: PassiveConfig::default(),
         };
         let none = http::HeaderMap::new();
-        let by_ip = Pool::new("p", &cfg(Algorithm::IpHash, None), &BackendRegistry::default());
+        let by_ip = Pool::new(
+            "p",
+            &cfg(Algorithm::IpHash, None),
+            &BackendRegistry::default(),
+        );
         let picks: Vec<usize> = (1..=12)
             .map(|i| {
                 let input = HashInput {

@@ -31,7 +31,9 @@ pub struct ClientHeaderCount(pub usize);
 
 /// Remove hop-by-hop headers and those the client named in `Connection`.
 pub fn strip_client_hop_by_hop(h: &mut HeaderMap) {
-    let upgrade = is_upgrade(h).then(|| h.get(header::UPGRADE).cloned()).flatten();
+    let upgrade = is_upgrade(h)
+        .then(|| h.get(header::UPGRADE).cloned())
+        .flatten();
     strip_hop_by_hop(h);
     if let Some(proto) = upgrade {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -127,7 +129,13 @@ mod tests {
     #[test]
     fn underscore_variants_dropped_others_kept() {
         let mut h = HeaderMap::new();
-        for n in ["x_user_id", "x_forwarded_for", "x_gw", "x_other", "x-user-id"] {
+        for n in [
+            "x_user_id",
+            "x_forwarded_for",
+            "x_gw",
+            "x_other",
+            "x-user-id",
+        ] {
             h.insert(
                 HeaderName::from_bytes(n.as_bytes()).expect("name"),
                 HeaderValue::from_static("v"),

@@ -295,7 +295,9 @@ pub fn framing_error<B>(req: &Request<B>) -> Option<BadFraming> {
         .get::<ConnInfo>()
         .is_some_and(|c| c.smuggled.flagged(index));
     let h = req.headers();
-    if flagged || (h.contains_key(header::CONTENT_LENGTH) && h.contains_key(header::TRANSFER_ENCODING)) {
+    if flagged
+        || (h.contains_key(header::CONTENT_LENGTH) && h.contains_key(header::TRANSFER_ENCODING))
+    {
         return Some(BadFraming("both Content-Length and Transfer-Encoding"));
     }
     // hyper accepts any list ending in `chunked`; only a single plain `chunked` is
@@ -388,7 +390,8 @@ mod tests {
     #[test]
     fn follows_chunked_bodies_to_the_next_request() {
         let chunked = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5;a=b\r\nhello\r\nA\r\n0123456789\r\n0\r\nX-T: Content-Length: 1\r\n\r\n";
-        let bad = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n";
+        let bad =
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n";
         let stream = [&chunked[..], &bad[..]].concat();
         for split in [0, 20, 50, 60, 75, 90, 200] {
             assert_eq!(scan(&stream, split).0.first(), Some(&1), "split {split}");
@@ -461,13 +464,18 @@ mod tests {
             0 => r.extend_from_slice(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"),
             1 => {
                 r.extend_from_slice(
-                    format!("POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n", body.len())
-                        .as_bytes(),
+                    format!(
+                        "POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+                        body.len()
+                    )
+                    .as_bytes(),
                 );
                 r.extend_from_slice(body);
             }
             k => {
-                r.extend_from_slice(b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n");
+                r.extend_from_slice(
+                    b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+                );
                 for part in body.chunks(chunk.max(1)) {
                     let ext = if k == 3 { ";name=\"v\"" } else { "" };
                     r.extend_from_slice(format!("{:x}{ext}\r\n", part.len()).as_bytes());

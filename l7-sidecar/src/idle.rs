@@ -220,7 +220,9 @@ mod tests {
         let a = t.try_acquire(ip, 2).expect("first");
         let _b = t.try_acquire(ip, 2).expect("second");
         assert!(t.try_acquire(ip, 2).is_none(), "third refused");
-        assert!(t.try_acquire("192.0.2.10".parse().expect("ip"), 2).is_some());
+        assert!(t
+            .try_acquire("192.0.2.10".parse().expect("ip"), 2)
+            .is_some());
         drop(a);
         assert!(t.try_acquire(ip, 2).is_some(), "released");
     }

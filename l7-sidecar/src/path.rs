@@ -95,7 +95,7 @@ fn plainly_normal(path: &str) -> bool {
     path.starts_with('/')
         && !path
             .bytes()
-            .any(|b| matches!(b, b'%' | b'\\' | b';') || b < 0x21 || b >= 0x7f)
+            .any(|b| matches!(b, b'%' | b'\\' | b';') || !(0x21..0x7f).contains(&b))
         && !path.contains("//")
         && !path.contains("/.")
 }

@@ -473,15 +473,25 @@ mod tests {
             fill_template("/s/{*rest}?p={rest}", &rest).as_deref(),
             Ok("/s/a/b%20c/d%3Fe?p=a%2Fb%20c%2Fd%3Fe")
         );
-        for (tpl, v) in [("/u/{id}", ".."), ("/u/{id}", "%2e"), ("/s/{*id}", "a/../b")] {
+        for (tpl, v) in [
+            ("/u/{id}", ".."),
+            ("/u/{id}", "%2e"),
+            ("/s/{*id}", "a/../b"),
+        ] {
             assert_eq!(
                 fill_template(tpl, &p(&[("id", v)])),
                 Err(TemplateError::DotSegment("id".into())),
                 "{tpl} {v}"
             );
         }
-        assert_eq!(fill_template("/u/{other}", &id).as_deref(), Ok("/u/{other}"));
-        assert_eq!(append_query("/o?user=7".into(), Some("x=1&user=8&us%65r=9")), "/o?user=7&x=1");
+        assert_eq!(
+            fill_template("/u/{other}", &id).as_deref(),
+            Ok("/u/{other}")
+        );
+        assert_eq!(
+            append_query("/o?user=7".into(), Some("x=1&user=8&us%65r=9")),
+            "/o?user=7&x=1"
+        );
         assert_eq!(append_query("/o".into(), Some("x=1")), "/o?x=1");
         assert_eq!(append_query("/o?a=1".into(), None), "/o?a=1");
     }

@@ -167,24 +167,47 @@ async fn dot_segments_are_normalised_before_routing_and_auth() {
     let s = setup("").await;
     let c = client();
     let base = base(&s.gw);
-    for path in ["/api/public/../users", "/api/public/%2e%2e/users", "/api/public/%2E./users"] {
+    for path in [
+        "/api/public/../users",
+        "/api/public/%2e%2e/users",
+        "/api/public/%2E./users",
+    ] {
         let r = get(&c, &format!("{base}{path}"), &[]).await;
         assert_eq!(r.status, 401, "{path} needs the users route's token");
     }
     assert_eq!(s.public.hits(), 0, "nothing reached the public pool");
 
     let auth = bearer("u1");
-    let r = get(&c, &format!("{base}/api/public/%2e%2e/users/7"), &[("authorization", &auth)]).await;
+    let r = get(
+        &c,
+        &format!("{base}/api/public/%2e%2e/users/7"),
+        &[("authorization", &auth)],
+    )
+    .await;
     assert_eq!(r.status, 200);
-    assert_eq!(s.users.last().uri, "/api/users/7", "normalised path forwarded");
+    assert_eq!(
+        s.users.last().uri,
+        "/api/users/7",
+        "normalised path forwarded"
+    );
 
-    let r = get(&c, &format!("{base}/v1/users/../../api/payments"), &[("authorization", &auth)]).await;
+    let r = get(
+        &c,
+        &format!("{base}/v1/users/../../api/payments"),
+        &[("authorization", &auth)],
+    )
+    .await;
     assert_eq!(r.status, 200);
     assert_eq!(s.payments.last().uri, "/api/payments");
     assert_eq!(s.users.hits(), 1, "the users pool only saw the one request");
 
     // Merged slashes, decoded unreserved characters, untouched query.
-    let r = get(&c, &format!("{base}//api//public/./%7Ea%41?q=/../x%2F"), &[]).await;
+    let r = get(
+        &c,
+        &format!("{base}//api//public/./%7Ea%41?q=/../x%2F"),
+        &[],
+    )
+    .await;
     assert_eq!(r.status, 200);
     assert_eq!(s.public.last().uri, "/api/public/~aA?q=/../x%2F");
 
@@ -245,7 +268,11 @@ async fn client_connection_header_cannot_strip_gateway_headers() {
         "traceparent",
         "x-gateway",
     ] {
-        assert!(seen.headers.contains_key(name), "{name} missing upstream: {:?}", seen.headers);
+        assert!(
+            seen.headers.contains_key(name),
+            "{name} missing upstream: {:?}",
+            seen.headers
+        );
     }
     assert_eq!(seen.headers["x-user-id"], "u2");
     assert_eq!(seen.headers["x-forwarded-for"], "127.0.0.1");
@@ -288,50 +315,63 @@ async fn underscore_variants_of_gateway_headers_are_dropped() {
         assert_ne!(value, "forged");
     }
     assert_eq!(seen.headers["x-user-id"], "u3");
-    assert_eq!(seen.headers["x_other"], "kept", "other underscore names are untouched");
+    assert_eq!(
+        seen.headers["x_other"], "kept",
+        "other underscore names are untouched"
+    );
 }
 
 /// An upstream that answers `/gz` gzip-encoded whatever the client accepts, `/bad`
 /// with a body that claims JSON but is not, and anything else like the echo upstream
 /// would, recording the Accept-Encoding it got.
 async fn encoding_upstream() -> (SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
     let seen2 = seen.clone();
     tokio::spawn(async move {
         for _ in 0..1000 {
-            let Ok((stream, _)) = listener.accept().await else { return };
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
             let seen = seen2.clone();
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let seen = seen.clone();
-                    async move {
-                        let ae = req
-                            .headers()
-                            .get("accept-encoding")
-                            .and_then(|v| v.to_str().ok())
-                            .unwrap_or("")
-                            .to_string();
-                        seen.lock().expect("seen").push(ae.clone());
-                        let json = r#"{"id":1,"internal_id":9,"profile":{"password_hash":"x"}}"#;
-                        let mut r = http::Response::new(Full::new(Bytes::from(json)));
-                        r.headers_mut().insert("content-type", "application/json".parse().expect("ct"));
-                        match req.uri().path() {
-                            "/api/users/gz" => {
-                                r.headers_mut().insert("content-encoding", "gzip".parse().expect("ce"));
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let seen = seen.clone();
+                        async move {
+                            let ae = req
+                                .headers()
+                                .get("accept-encoding")
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("")
+                                .to_string();
+                            seen.lock().expect("seen").push(ae.clone());
+                            let json =
+                                r#"{"id":1,"internal_id":9,"profile":{"password_hash":"x"}}"#;
+                            let mut r = http::Response::new(Full::new(Bytes::from(json)));
+                            r.headers_mut()
+                                .insert("content-type", "application/json".parse().expect("ct"));
+                            match req.uri().path() {
+                                "/api/users/gz" => {
+                                    r.headers_mut()
+                                        .insert("content-encoding", "gzip".parse().expect("ce"));
+                                }
+                                "/api/users/bad" => {
+                                    *r.body_mut() =
+                                        Full::new(Bytes::from(r#"{"internal_id":9, oops"#));
+                                }
+                                _ if ae.contains("gzip") => {
+                                    r.headers_mut()
+                                        .insert("content-encoding", "gzip".parse().expect("ce"));
+                                }
+                                _ => {}
                             }
-                            "/api/users/bad" => {
-                                *r.body_mut() = Full::new(Bytes::from(r#"{"internal_id":9, oops"#));
-                            }
-                            _ if ae.contains("gzip") => {
-                                r.headers_mut().insert("content-encoding", "gzip".parse().expect("ce"));
-                            }
-                            _ => {}
+                            Ok::<_, hyper::Error>(r)
                         }
-                        Ok::<_, hyper::Error>(r)
-                    }
-                });
+                    });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
                     .await;
@@ -361,16 +401,32 @@ async fn field_stripping_asks_for_identity_and_fails_closed() {
     );
     let gw = start_gateway(&cfg).await;
     let c = client();
-    let r = get(&c, &format!("{}/api/users/1", base(&gw)), &[("accept-encoding", "gzip, br")]).await;
+    let r = get(
+        &c,
+        &format!("{}/api/users/1", base(&gw)),
+        &[("accept-encoding", "gzip, br")],
+    )
+    .await;
     assert_eq!(r.status, 200);
-    assert_eq!(seen.lock().expect("seen").last().map(String::as_str), Some("identity"));
+    assert_eq!(
+        seen.lock().expect("seen").last().map(String::as_str),
+        Some("identity")
+    );
     assert!(r.header("content-encoding").is_none());
     assert_eq!(r.json(), serde_json::json!({"id": 1, "profile": {}}));
     for path in ["/api/users/gz", "/api/users/bad"] {
-        let r = get(&c, &format!("{}{path}", base(&gw)), &[("accept-encoding", "gzip")]).await;
+        let r = get(
+            &c,
+            &format!("{}{path}", base(&gw)),
+            &[("accept-encoding", "gzip")],
+        )
+        .await;
         assert_eq!(r.status, 502, "{path}");
         let body = String::from_utf8_lossy(&r.body);
-        assert!(!body.contains("internal_id") && !body.contains("password_hash"), "{body}");
+        assert!(
+            !body.contains("internal_id") && !body.contains("password_hash"),
+            "{body}"
+        );
     }
 }
 
@@ -392,8 +448,18 @@ async fn smuggling_guard_applies_to_every_request_on_a_connection() {
             assert_eq!(statuses(&text), vec![200, 400], "{first:?} then {second:?}: {text}");
         }
     }
-    let uris: Vec<String> = s.public.seen.lock().expect("seen").iter().map(|x| x.uri.clone()).collect();
-    assert!(uris.iter().all(|u| u != "/api/public/b"), "smuggled request forwarded: {uris:?}");
+    let uris: Vec<String> = s
+        .public
+        .seen
+        .lock()
+        .expect("seen")
+        .iter()
+        .map(|x| x.uri.clone())
+        .collect();
+    assert!(
+        uris.iter().all(|u| u != "/api/public/b"),
+        "smuggled request forwarded: {uris:?}"
+    );
     // Ordinary keep-alive traffic still works after chunked and sized bodies.
     let text = raw_all(addr, format!("{chunked}{cl}{chunked}GET /api/public/d HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await;
     assert_eq!(statuses(&text), vec![200, 200, 200, 200], "{text}");
@@ -405,19 +471,33 @@ async fn silent_and_idle_connections_are_closed() {
     let s = setup("first_byte_timeout_ms = 300\nidle_timeout_ms = 300").await;
     let addr = s.gw.addr("public").expect("addr");
     let mut silent = TcpStream::connect(addr).await.expect("connect");
-    assert!(closed_within(&mut silent, Duration::from_secs(3)).await, "silent socket closed");
+    assert!(
+        closed_within(&mut silent, Duration::from_secs(3)).await,
+        "silent socket closed"
+    );
 
     let mut h2 = TcpStream::connect(addr).await.expect("connect");
     h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
         .await
         .expect("preface");
-    assert!(closed_within(&mut h2, Duration::from_secs(3)).await, "silent h2 closed");
+    assert!(
+        closed_within(&mut h2, Duration::from_secs(3)).await,
+        "silent h2 closed"
+    );
 
     let mut ka = TcpStream::connect(addr).await.expect("connect");
-    ka.write_all(b"GET /api/public/x HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
+    ka.write_all(b"GET /api/public/x HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
     let started = std::time::Instant::now();
-    assert!(closed_within(&mut ka, Duration::from_secs(3)).await, "idle keep-alive closed");
-    assert!(started.elapsed() >= Duration::from_millis(200), "not before the idle timeout");
+    assert!(
+        closed_within(&mut ka, Duration::from_secs(3)).await,
+        "idle keep-alive closed"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(200),
+        "not before the idle timeout"
+    );
 
     // A request slower than the idle timeout is not cut.
     let c = client();
@@ -427,7 +507,9 @@ async fn silent_and_idle_connections_are_closed() {
 
 #[tokio::test]
 async fn per_address_connection_cap_keeps_other_clients_served() {
-    let s = setup("max_connections = 20\nmax_connections_per_ip = 5\nfirst_byte_timeout_ms = 10000").await;
+    let s =
+        setup("max_connections = 20\nmax_connections_per_ip = 5\nfirst_byte_timeout_ms = 10000")
+            .await;
     let addr = s.gw.addr("public").expect("addr");
     let mut hogs = Vec::new();
     for _ in 0..20 {
@@ -456,9 +538,15 @@ async fn max_headers_counts_only_client_fields() {
         req.push_str(&format!("X-H{i}: v\r\n"));
     }
     let ok = raw_all(addr, format!("{req}\r\n").as_bytes()).await;
-    assert!(ok.starts_with("HTTP/1.1 200"), "50 client fields allowed: {ok:?}");
+    assert!(
+        ok.starts_with("HTTP/1.1 200"),
+        "50 client fields allowed: {ok:?}"
+    );
     let too_many = raw_all(addr, format!("{req}X-H48: v\r\n\r\n").as_bytes()).await;
-    assert!(too_many.starts_with("HTTP/1.1 431"), "51 client fields refused: {too_many:?}");
+    assert!(
+        too_many.starts_with("HTTP/1.1 431"),
+        "51 client fields refused: {too_many:?}"
+    );
 }
 
 // 8. Values put into aggregation templates are encoded.
@@ -474,7 +562,11 @@ async fn aggregation_template_values_are_encoded() {
 
     let r = get(&c, &format!("{base}/api/summary/7?x=1&user=8"), &[]).await;
     assert_eq!(r.status, 200);
-    assert_eq!(s.orders.last().uri, "/orders?user=7&x=1", "client cannot override user");
+    assert_eq!(
+        s.orders.last().uri,
+        "/orders?user=7&x=1",
+        "client cannot override user"
+    );
     assert_eq!(s.users.last().uri, "/users/7?x=1&user=8");
 
     let before = (s.users.hits(), s.orders.hits());
@@ -482,7 +574,11 @@ async fn aggregation_template_values_are_encoded() {
         let r = get(&c, &format!("{base}{path}"), &[]).await;
         assert!(r.status.is_client_error(), "{path}: {}", r.status);
     }
-    assert_eq!((s.users.hits(), s.orders.hits()), before, "no dot-segment reached a part");
+    assert_eq!(
+        (s.users.hits(), s.orders.hits()),
+        before,
+        "no dot-segment reached a part"
+    );
 }
 
 // 9. Error bodies carry no upstream detail.
@@ -503,9 +599,16 @@ async fn upstream_errors_do_not_leak_addresses() {
         let r = get(&c, &format!("{}{path}", base(&gw)), &[]).await;
         assert_eq!(r.status, 502, "{path}");
         let body = String::from_utf8_lossy(&r.body).to_string();
-        assert!(!body.contains("127.0.0.1") && !body.contains(&dead.port().to_string()), "{body}");
+        assert!(
+            !body.contains("127.0.0.1") && !body.contains(&dead.port().to_string()),
+            "{body}"
+        );
         let v = r.json();
-        assert_eq!(v["request_id"].as_str(), r.header("x-request-id").as_deref(), "{body}");
+        assert_eq!(
+            v["request_id"].as_str(),
+            r.header("x-request-id").as_deref(),
+            "{body}"
+        );
     }
 }
 
@@ -535,7 +638,10 @@ async fn auth_failures_are_rate_limited_per_address() {
     let gw = start_gateway(&cfg).await;
     let c = client();
     let url = format!("{}/api/key", base(&gw));
-    assert_eq!(get(&c, &url, &[("x-api-key", "right-key")]).await.status, 200);
+    assert_eq!(
+        get(&c, &url, &[("x-api-key", "right-key")]).await.status,
+        200
+    );
     // Missing credentials are not guesses and do not count.
     for _ in 0..10 {
         assert_eq!(get(&c, &url, &[]).await.status, 401);
@@ -546,10 +652,16 @@ async fn auth_failures_are_rate_limited_per_address() {
     }
     let r = get(&c, &url, &[("x-api-key", "guess-6")]).await;
     assert_eq!(r.status, 429);
-    let retry: u64 = r.header("retry-after").and_then(|v| v.parse().ok()).expect("Retry-After");
+    let retry: u64 = r
+        .header("retry-after")
+        .and_then(|v| v.parse().ok())
+        .expect("Retry-After");
     assert!((1..=60).contains(&retry), "{retry}");
     // Over the limit the address is refused before any verification, even with the right key.
-    assert_eq!(get(&c, &url, &[("x-api-key", "right-key")]).await.status, 429);
+    assert_eq!(
+        get(&c, &url, &[("x-api-key", "right-key")]).await.status,
+        429
+    );
     // Another address is not affected.
     let addr = gw.addr("public").expect("addr");
     let mut other = connect_from("127.0.0.2", addr).await;
@@ -564,20 +676,26 @@ async fn auth_failures_are_rate_limited_per_address() {
 /// An upstream that answers like a healthy replica until `dead` is raised, then reads
 /// each request and closes the connection without a byte of response.
 async fn dying_upstream() -> (SocketAddr, Arc<AtomicBool>, Arc<AtomicUsize>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let dead = Arc::new(AtomicBool::new(false));
     let hits = Arc::new(AtomicUsize::new(0));
     let (d, h) = (dead.clone(), hits.clone());
     tokio::spawn(async move {
         for _ in 0..1000 {
-            let Ok((mut s, _)) = listener.accept().await else { return };
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
             let (d, h) = (d.clone(), h.clone());
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 let mut chunk = [0u8; 4096];
                 for _ in 0..1000 {
-                    let Ok(n) = s.read(&mut chunk).await else { return };
+                    let Ok(n) = s.read(&mut chunk).await else {
+                        return;
+                    };
                     if n == 0 {
                         return;
                     }
@@ -624,9 +742,16 @@ async fn idempotent_request_retried_when_pooled_connection_dies() {
     let before = a_hits.load(Ordering::SeqCst);
     for i in 0..4 {
         let r = get(&c, &url, &[]).await;
-        assert_eq!(r.status, 200, "GET {i} retried on the live replica: {:?}", r.body);
+        assert_eq!(
+            r.status, 200,
+            "GET {i} retried on the live replica: {:?}",
+            r.body
+        );
     }
-    assert!(a_hits.load(Ordering::SeqCst) > before, "the dead replica was tried");
+    assert!(
+        a_hits.load(Ordering::SeqCst) > before,
+        "the dead replica was tried"
+    );
     // POST is not idempotent: it may have been processed, so it is not retried.
     let mut post = Vec::new();
     for _ in 0..4 {

@@ -27,7 +27,12 @@ struct Window {
 
 impl FailureLimiter {
     /// How long `ip` must wait, if it is over the limit.
-    pub fn blocked(&self, cfg: &AuthFailureLimitConfig, ip: IpAddr, now: Instant) -> Option<Duration> {
+    pub fn blocked(
+        &self,
+        cfg: &AuthFailureLimitConfig,
+        ip: IpAddr,
+        now: Instant,
+    ) -> Option<Duration> {
         if cfg.max_failures == 0 {
             return None;
         }
@@ -112,7 +117,9 @@ mod tests {
         let t0 = Instant::now();
         l.record(&c, "2001:db8::1".parse().expect("ip"), t0);
         l.record(&c, "2001:db8::2".parse().expect("ip"), t0);
-        assert!(l.blocked(&c, "2001:db8::3".parse().expect("ip"), t0).is_some());
+        assert!(l
+            .blocked(&c, "2001:db8::3".parse().expect("ip"), t0)
+            .is_some());
         for i in 0..10u8 {
             l.record(&c, IpAddr::from([10, 0, 0, i]), t0);
         }

@@ -354,14 +354,14 @@ pub async fn auth_stage<B>(mut req: Request<B>, next: impl Next<B>) -> Response<
         );
     };
     let rc = &ctx.route.cfg;
-    let ip = req
-        .extensions()
-        .get::<ConnInfo>()
-        .map(|c| c.peer.ip());
+    let ip = req.extensions().get::<ConnInfo>().map(|c| c.peer.ip());
     let limit = &rt.cfg.auth.failure_limit;
     if let (Some(ip), true) = (ip, rc.auth != AuthMode::None) {
         // Before any verification: an address over the limit costs no signature check.
-        if let Some(wait) = rt.auth_failures.blocked(limit, ip, std::time::Instant::now()) {
+        if let Some(wait) = rt
+            .auth_failures
+            .blocked(limit, ip, std::time::Instant::now())
+        {
             crate::observe::record_auth_failure(&rc.name, "limited");
             let mut r = json_error(
                 &req,

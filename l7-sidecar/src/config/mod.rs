@@ -499,7 +499,10 @@ mod tests {
         };
         let paths: Vec<_> = errs.iter().map(|e| e.path.as_str()).collect();
         assert!(paths.contains(&"routes[0].host"), "{paths:?}");
-        assert!(paths.contains(&"pools.users.backends[0].weight"), "{paths:?}");
+        assert!(
+            paths.contains(&"pools.users.backends[0].weight"),
+            "{paths:?}"
+        );
     }
 
     #[test]

@@ -51,7 +51,10 @@ impl Config {
             err("auth.failure_limit.window_ms".into(), "must be > 0".into());
         }
         if fl.max_addresses == 0 {
-            err("auth.failure_limit.max_addresses".into(), "must be > 0".into());
+            err(
+                "auth.failure_limit.max_addresses".into(),
+                "must be > 0".into(),
+            );
         }
         if !self.observability.metrics_path.starts_with('/') {
             err(
@@ -116,7 +119,10 @@ impl Config {
                     );
                 }
                 if b.weight == 0 || b.weight > MAX_BACKEND_WEIGHT {
-                    err(format!("{p}.backends[{j}].weight"), format!("must be 1..={MAX_BACKEND_WEIGHT}"));
+                    err(
+                        format!("{p}.backends[{j}].weight"),
+                        format!("must be 1..={MAX_BACKEND_WEIGHT}"),
+                    );
                 }
             }
             if pool.connect_timeout_ms == 0 {
@@ -338,7 +344,11 @@ impl Config {
             // Requests are matched on their host without the port, so a route host with a port (or
             // a trailing ':') could never match.
             if let Some(host) = &r.host {
-                if host.is_empty() || host.contains(':') || host.contains('/') || host.chars().any(char::is_whitespace) {
+                if host.is_empty()
+                    || host.contains(':')
+                    || host.contains('/')
+                    || host.chars().any(char::is_whitespace)
+                {
                     err(format!("{p}.host"), format!("{host:?} is not a host name (no port, scheme or path; ports never take part in matching)"));
                 }
             }

@@ -305,7 +305,12 @@ pub async fn proxy(mut req: Request<hyper::body::Incoming>) -> Response<Body> {
         Ok(p) => p,
         Err(e) => {
             tracing::debug!(route = %rc.name, error = %e, "refused template value");
-            return json_error(&req, StatusCode::BAD_REQUEST, "bad_path", "invalid request path");
+            return json_error(
+                &req,
+                StatusCode::BAD_REQUEST,
+                "bad_path",
+                "invalid request path",
+            );
         }
     };
     if let Some(q) = query {
@@ -346,7 +351,12 @@ pub async fn proxy(mut req: Request<hyper::body::Incoming>) -> Response<Body> {
             }
             Err(e) => {
                 tracing::warn!(route = %rc.name, request_id = %rid, error = %e, "upstream failure");
-                crate::stack::json_error_with_id(e.status(), "upstream_error", e.public_message(), &rid)
+                crate::stack::json_error_with_id(
+                    e.status(),
+                    "upstream_error",
+                    e.public_message(),
+                    &rid,
+                )
             }
         };
     }
