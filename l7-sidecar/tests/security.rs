@@ -442,6 +442,12 @@ async fn smuggling_guard_applies_to_every_request_on_a_connection() {
         "POST /api/public/b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n",
         "POST /api/public/b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
         "POST /api/public/b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        // Refused by hyper's parser itself, on every request too.
+        "POST /api/public/b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n",
+        "POST /api/public/b HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+        "POST /api/public/b HTTP/1.1\r\nHost: x\r\nContent-Length: +3\r\n\r\nabc",
+        "POST /api/public/b HTTP/1.1\r\nHost: x\r\nX-Folded: a\r\n b\r\nContent-Length: 3\r\n\r\nabc",
+        "POST /api/public/b HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
     ] {
         for first in [chunked, cl] {
             let text = raw_all(addr, format!("{first}{second}").as_bytes()).await;
