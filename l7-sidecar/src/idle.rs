@@ -1,7 +1,8 @@
 //! Connection-level limits hyper does not give: closing connections that send nothing
 //! (hyper's header timeout starts only at a request's first byte, and HTTP/2 has no
 //! idle timeout at all) and a cap on connections per client address, so a few silent
-//! sockets from one address cannot take every slot of `max_connections`.
+//! sockets from one address cannot take every slot of `max_connections`. A leaf
+//! module: the server and the pipeline use it, it uses neither.
 
 use std::collections::HashMap;
 use std::io;
@@ -71,30 +72,28 @@ impl Drop for InFlight {
 
 /// A response body that keeps its request counted as in flight until hyper has sent
 /// it all (or dropped it).
-pub struct InFlightBody {
-    inner: crate::proxy::Body,
+pub struct InFlightBody<B> {
+    inner: B,
     _guard: InFlight,
 }
 
-impl InFlightBody {
-    pub fn wrap(inner: crate::proxy::Body, guard: InFlight) -> crate::proxy::Body {
-        use http_body_util::BodyExt as _;
+impl<B> InFlightBody<B> {
+    pub fn new(inner: B, guard: InFlight) -> Self {
         InFlightBody {
             inner,
             _guard: guard,
         }
-        .boxed()
     }
 }
 
-impl hyper::body::Body for InFlightBody {
-    type Data = bytes::Bytes;
-    type Error = crate::proxy::BoxError;
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for InFlightBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
+    ) -> Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
         Pin::new(&mut self.inner).poll_frame(cx)
     }
 
@@ -169,7 +168,16 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ActivityIo<S> {
     }
 }
 
-/// Open connections per client address (IPv6 per /64, see `stack::address_key`).
+/// The key per-address limits (connections here, failed logins in `auth`) count a
+/// client under: its address, or for IPv6 its /64 (one host usually holds a whole /64).
+pub fn address_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        v4 => v4,
+    }
+}
+
+/// Open connections per client address (IPv6 per /64, see `address_key`).
 #[derive(Default)]
 pub struct PerAddress {
     open: Mutex<HashMap<IpAddr, usize>>,
@@ -183,7 +191,7 @@ pub struct AddressPermit {
 impl PerAddress {
     /// A permit for one more connection from `ip`, or None if it has `cap` already.
     pub fn try_acquire(self: &Arc<Self>, ip: IpAddr, cap: usize) -> Option<AddressPermit> {
-        let key = crate::stack::address_key(ip);
+        let key = address_key(ip);
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         let n = open.entry(key).or_insert(0);
         if *n >= cap {

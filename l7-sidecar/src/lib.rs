@@ -17,6 +17,7 @@ pub mod ratelimit;
 pub mod reload;
 pub mod routing;
 pub mod server;
+pub mod smuggle;
 pub mod stack;
 pub mod tls;
 pub mod transform;

@@ -75,7 +75,7 @@ pub struct ConnInfo {
     pub serve_metrics: bool,
     /// Filled by `guard::SmuggleGuard`: which request of the connection had both
     /// CL and TE.
-    pub smuggled: Arc<crate::guard::Smuggled>,
+    pub smuggled: Arc<crate::smuggle::Smuggled>,
     /// Requests handed to the pipeline so far (numbers them for `RequestIndex`).
     pub requests: Arc<AtomicU64>,
     /// The connection's idle watchdog state.
@@ -99,17 +99,6 @@ impl ConnInfo {
 
     pub fn client_ip_str(&self) -> &str {
         self.client_ip.to_str().unwrap_or_default()
-    }
-}
-
-/// The key connection and auth-failure limits count a client under: its address,
-/// or for IPv6 its /64 (one host usually holds a whole /64).
-pub fn address_key(ip: std::net::IpAddr) -> std::net::IpAddr {
-    match ip.to_canonical() {
-        std::net::IpAddr::V6(v6) => {
-            std::net::IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into())
-        }
-        v4 => v4,
     }
 }
 
@@ -259,7 +248,10 @@ impl Future for ResponseFuture {
         let resp = std::task::ready!(self.fut.as_mut().poll(cx));
         let guard = self.in_flight.take();
         Poll::Ready(Ok(match guard {
-            Some(g) => resp.map(|b| crate::idle::InFlightBody::wrap(b, g)),
+            Some(g) => {
+                use http_body_util::BodyExt as _;
+                resp.map(|b| crate::idle::InFlightBody::new(b, g).boxed())
+            }
             None => resp,
         }))
     }

@@ -38,7 +38,7 @@ impl FailureLimiter {
         }
         let window = Duration::from_millis(cfg.window_ms);
         let map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        let w = map.get(&crate::stack::address_key(ip))?;
+        let w = map.get(&crate::idle::address_key(ip))?;
         let elapsed = now.saturating_duration_since(w.start);
         (w.failures >= cfg.max_failures && elapsed < window).then(|| window - elapsed)
     }
@@ -49,7 +49,7 @@ impl FailureLimiter {
             return;
         }
         let window = Duration::from_millis(cfg.window_ms);
-        let key = crate::stack::address_key(ip);
+        let key = crate::idle::address_key(ip);
         let mut map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         if !map.contains_key(&key) && map.len() >= cfg.max_addresses {
             map.retain(|_, w| now.saturating_duration_since(w.start) < window);
