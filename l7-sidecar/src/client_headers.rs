@@ -11,7 +11,7 @@
 //!   so `server.max_headers` limits the client alone.
 
 use crate::proxy::{is_upgrade, strip_hop_by_hop, Body};
-use crate::stack::{run, Next, Snapshot};
+use crate::stack::{run, ClientHeaderCount, Next, Snapshot};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response};
 
 /// Headers only the gateway sets (transform-added names are owned too).
@@ -24,10 +24,6 @@ pub const GATEWAY_OWNED: [&str; 7] = [
     "x-forwarded-host",
     "traceparent",
 ];
-
-/// How many header fields the client sent.
-#[derive(Clone, Copy, Debug)]
-pub struct ClientHeaderCount(pub usize);
 
 /// Remove hop-by-hop headers and those the client named in `Connection`.
 pub fn strip_client_hop_by_hop(h: &mut HeaderMap) {

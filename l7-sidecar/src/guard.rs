@@ -9,7 +9,7 @@
 //! `Transfer-Encoding` (hyper hides that). Then header count and path checks.
 
 use crate::proxy::Body;
-use crate::stack::{json_error, run, ConnInfo, Next, RequestIndex, Snapshot};
+use crate::stack::{json_error, run, ClientHeaderCount, ConnInfo, Next, RequestIndex, Snapshot};
 use http::{header, HeaderValue, Request, Response, StatusCode};
 
 pub use crate::smuggle::{SmuggleGuard, Smuggled};
@@ -69,7 +69,7 @@ pub async fn hardening_stage<B>(mut req: Request<B>, next: impl Next<B>) -> Resp
     // Only what the client sent counts, not the headers the gateway added since.
     let count = req
         .extensions()
-        .get::<crate::client_headers::ClientHeaderCount>()
+        .get::<ClientHeaderCount>()
         .map_or(req.headers().len(), |c| c.0);
     if count > max {
         return json_error(

@@ -102,6 +102,10 @@ impl ConnInfo {
     }
 }
 
+/// How many header fields the client sent (before any stage added one).
+#[derive(Clone, Copy, Debug)]
+pub struct ClientHeaderCount(pub usize);
+
 /// Position of a request among those of its connection (0-based, arrival order).
 #[derive(Clone, Copy, Debug)]
 pub struct RequestIndex(pub u64);
