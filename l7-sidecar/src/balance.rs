@@ -3,9 +3,8 @@
 //! out by (pool, address) so a config reload reuses it instead of resetting it.
 
 use crate::config::{Algorithm, PassiveConfig, PoolConfig};
-use std::collections::hash_map::DefaultHasher;
+use sha2::{Digest, Sha256};
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -142,10 +141,27 @@ pub struct HashInput<'a> {
     pub headers: &'a http::HeaderMap,
 }
 
-fn hash_of<T: Hash + ?Sized>(v: &T) -> u64 {
-    let mut h = DefaultHasher::new();
-    v.hash(&mut h);
-    h.finish()
+/// The ring's hash: the first 8 bytes of SHA-256, big-endian. Replicas (and any
+/// other implementation) must place keys identically whatever compiler built them,
+/// so it is a fixed, documented function of the bytes alone — never `DefaultHasher`,
+/// whose algorithm may change between Rust releases. SHA-256 is slower than a
+/// non-cryptographic hash but costs well under a microsecond for these short keys.
+///
+/// Inputs: a ring point is `"{address}#{vnode}"` (`127.0.0.1:8080#0` …
+/// `#(100 × weight − 1)`); a request key is the client IP's octets (4 or 16 bytes), or
+/// the header / cookie value's bytes. `ring_assignments_are_pinned` holds golden values.
+pub fn ring_hash(bytes: &[u8]) -> u64 {
+    let d = Sha256::digest(bytes);
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&d[..8]);
+    u64::from_be_bytes(first)
+}
+
+fn ip_hash(ip: std::net::IpAddr) -> u64 {
+    match ip {
+        std::net::IpAddr::V4(v4) => ring_hash(&v4.octets()),
+        std::net::IpAddr::V6(v6) => ring_hash(&v6.octets()),
+    }
 }
 
 impl Pool {
@@ -165,7 +181,7 @@ impl Pool {
         let mut ring = Vec::new();
         for (i, b) in backends.iter().enumerate() {
             for v in 0..(100 * weights[i]) {
-                ring.push((hash_of(&(b.addr, v)), i));
+                ring.push((ring_hash(format!("{}#{v}", b.addr).as_bytes()), i));
             }
         }
         ring.sort_unstable();
@@ -212,7 +228,7 @@ impl Pool {
             Algorithm::LeastResponseTime => self.p2c(avail, |b| {
                 (b.latency_ns() + 1.0) * (b.active.load(Ordering::Relaxed) as f64 + 1.0)
             }),
-            Algorithm::IpHash => self.ring_pick(hash_of(&input.client_ip), avail),
+            Algorithm::IpHash => self.ring_pick(ip_hash(input.client_ip), avail),
             Algorithm::ConsistentHash => self.ring_pick(self.hash_key(input), avail),
         })
     }
@@ -221,15 +237,15 @@ impl Pool {
         let on = self.cfg.hash_on.as_deref().unwrap_or("client-ip");
         if let Some(name) = on.strip_prefix("header:") {
             if let Some(v) = input.headers.get(name) {
-                return hash_of(v.as_bytes());
+                return ring_hash(v.as_bytes());
             }
         } else if let Some(name) = on.strip_prefix("cookie:") {
             if let Some(v) = crate::transform::cookie(input.headers, name) {
-                return hash_of(v.as_str());
+                return ring_hash(v.as_bytes());
             }
         }
         // Requests without the key still stick, by client address.
-        hash_of(&input.client_ip)
+        ip_hash(input.client_ip)
     }
 
     /// Nginx's smooth weighted round robin: no bursts to the heaviest backend.
@@ -424,5 +440,63 @@ mod tests {
         for _ in 0..10 {
             assert_eq!(p.pick(&input(&h), &[]), first);
         }
+    }
+
+    /// Golden values: replicas built by any compiler must agree on the ring. The
+    /// expected picks were computed outside Rust (Python's hashlib) from the
+    /// documented scheme; a change to the hash or the ring layout fails here.
+    #[test]
+    fn ring_assignments_are_pinned() {
+        // SHA-256("abc") starts ba7816bf8f01cfea (FIPS 180-2 test vector).
+        assert_eq!(ring_hash(b"abc"), 0xba78_16bf_8f01_cfea);
+        let cfg = |alg: Algorithm, hash_on: Option<&str>| PoolConfig {
+            algorithm: alg,
+            hash_on: hash_on.map(String::from),
+            backends: ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]
+                .iter()
+                .map(|a| BackendConfig {
+                    address: (*a).into(),
+                    weight: 1,
+                })
+                .collect(),
+            connect_timeout_ms: 100,
+            request_timeout_ms: 100,
+            retries: 0,
+            health_check: None,
+            passive: PassiveConfig::default(),
+        };
+        let none = http::HeaderMap::new();
+        let by_ip = Pool::new(
+            "p",
+            &cfg(Algorithm::IpHash, None),
+            &BackendRegistry::default(),
+        );
+        let picks: Vec<usize> = (1..=12)
+            .map(|i| {
+                let input = HashInput {
+                    client_ip: format!("192.0.2.{i}").parse().expect("ip"),
+                    headers: &none,
+                };
+                by_ip.pick(&input, &[]).expect("pick")
+            })
+            .collect();
+        assert_eq!(picks, [0, 0, 2, 1, 2, 2, 1, 1, 2, 1, 1, 2]);
+        let by_header = Pool::new(
+            "p",
+            &cfg(Algorithm::ConsistentHash, Some("header:x-user")),
+            &BackendRegistry::default(),
+        );
+        let picks: Vec<usize> = (1..=12)
+            .map(|i| {
+                let mut h = http::HeaderMap::new();
+                h.insert("x-user", format!("user-{i}").parse().expect("hv"));
+                let input = HashInput {
+                    client_ip: "192.0.2.1".parse().expect("ip"),
+                    headers: &h,
+                };
+                by_header.pick(&input, &[]).expect("pick")
+            })
+            .collect();
+        assert_eq!(picks, [0, 2, 2, 1, 0, 1, 2, 1, 0, 2, 0, 2]);
     }
 }

@@ -39,6 +39,8 @@ pub struct Runtime {
     pub upstreams: HashMap<String, Arc<Upstream>>,
     pub auth: Authenticator,
     pub limiters: HashMap<String, Arc<Limiter>>,
+    /// Shared by every generation: a reload does not forgive failed logins.
+    pub auth_failures: Arc<crate::auth::FailureLimiter>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
@@ -65,6 +67,7 @@ pub struct Shared {
     pub runtime: ArcSwap<Runtime>,
     backends: BackendRegistry,
     pub limiters: LimiterRegistry,
+    pub auth_failures: Arc<crate::auth::FailureLimiter>,
     jwks: Mutex<HashMap<String, JwksEntry>>,
     pub access_log: AccessLog,
     pub config_path: Option<PathBuf>,
@@ -95,10 +98,12 @@ impl Gateway {
                 upstreams: HashMap::new(),
                 auth: Authenticator::new(None, &[], None)?,
                 limiters: HashMap::new(),
+                auth_failures: Arc::default(),
                 tasks: Mutex::new(Vec::new()),
             }),
             backends: BackendRegistry::default(),
             limiters: LimiterRegistry::default(),
+            auth_failures: Arc::default(),
             jwks: Mutex::new(HashMap::new()),
             access_log,
             config_path,
@@ -113,6 +118,8 @@ impl Gateway {
                 tokio::time::sleep(Duration::from_secs(30)).await;
                 let Some(s) = weak.upgrade() else { break };
                 s.limiters.sweep();
+                let window = s.runtime.load().cfg.auth.failure_limit.window_ms;
+                s.auth_failures.sweep(Duration::from_millis(window));
             }
         });
         Ok(gw)
@@ -172,6 +179,7 @@ impl Gateway {
             upstreams,
             auth,
             limiters,
+            auth_failures: self.shared.auth_failures.clone(),
             tasks: Mutex::new(tasks),
             cfg,
         })

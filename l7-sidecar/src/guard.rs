@@ -1,227 +1,94 @@
-//! Request-smuggling guard. hyper resolves a request carrying both Content-Length
-//! and Transfer-Encoding the RFC way (chunked wins, connection closes) and drops the
-//! Content-Length header before the service sees it, so the gateway could not reject
-//! such requests on its own. This wrapper watches the raw HTTP/1 header blocks as
-//! hyper reads them and raises a per-connection flag the pipeline turns into a 400.
+//! Request-smuggling checks, on every request of a connection.
+//!
+//! Most framing attacks are refused by hyper's own parser, on every request: differing
+//! or invalid `Content-Length`s, `Transfer-Encoding` whose last coding is not
+//! `chunked`, `Transfer-Encoding` in HTTP/1.0, obs-folded header lines. This module
+//! adds, judged on what hyper parsed, a `Transfer-Encoding` other than exactly one
+//! `chunked` (no other transfer coding is decoded here), and, from the raw-byte
+//! detector in `crate::smuggle`, requests that had both `Content-Length` and
+//! `Transfer-Encoding` (hyper hides that). Then header count and path checks.
 
 use crate::proxy::Body;
-use crate::stack::{json_error, run, ConnInfo, Next, Snapshot};
+use crate::stack::{json_error, run, ClientHeaderCount, ConnInfo, Next, RequestIndex, Snapshot};
 use http::{header, HeaderValue, Request, Response, StatusCode};
-use std::io;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::task::{Context, Poll};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Longest header line we bother scanning; hyper rejects longer header sections.
-const MAX_LINE: usize = 64 * 1024;
+pub use crate::smuggle::{SmuggleGuard, Smuggled};
 
-enum State {
-    Headers {
-        line: Vec<u8>,
-        first: bool,
-        cl: Option<u64>,
-        te: bool,
-    },
-    Body(u64),
-    /// Chunked body, HTTP/2 or something unparseable: hyper's own checks take over.
-    Done,
+fn bad_request<B>(req: &Request<B>, code: &str, message: &str, close: bool) -> Response<Body> {
+    let mut r = json_error(req, StatusCode::BAD_REQUEST, code, message);
+    if close {
+        // The connection's framing is in doubt: do not read another request from it.
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    r
 }
 
-pub struct SmuggleGuard<S> {
-    inner: S,
-    state: State,
-    flag: Arc<AtomicBool>,
-}
+/// Why a request's framing is refused, judged on the headers as hyper parsed them
+/// (before hop-by-hop headers are stripped: `client_headers_stage` calls this first).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BadFraming(pub &'static str);
 
-impl<S> SmuggleGuard<S> {
-    pub fn new(inner: S, flag: Arc<AtomicBool>) -> Self {
-        SmuggleGuard {
-            inner,
-            state: State::Headers {
-                line: Vec::new(),
-                first: true,
-                cl: None,
-                te: false,
-            },
-            flag,
-        }
-    }
-
-    fn scan(&mut self, mut data: &[u8]) {
-        while !data.is_empty() {
-            match &mut self.state {
-                State::Done => return,
-                State::Body(left) => {
-                    let n = (*left).min(data.len() as u64);
-                    *left -= n;
-                    data = &data[n as usize..];
-                    if *left == 0 {
-                        self.state = State::Headers {
-                            line: Vec::new(),
-                            first: true,
-                            cl: None,
-                            te: false,
-                        };
-                    }
-                }
-                State::Headers { line, .. } => {
-                    let Some(pos) = data.iter().position(|b| *b == b'\n') else {
-                        line.extend_from_slice(data);
-                        if line.len() > MAX_LINE {
-                            self.state = State::Done;
-                        }
-                        return;
-                    };
-                    // A line is only copied when it spans reads; otherwise it is
-                    // looked at where it lies. This runs for every header line.
-                    if line.is_empty() {
-                        self.header_line(&data[..pos]);
-                    } else {
-                        let mut whole = std::mem::take(line);
-                        whole.extend_from_slice(&data[..pos]);
-                        self.header_line(&whole);
-                        if let State::Headers { line, .. } = &mut self.state {
-                            // Keep the buffer's capacity for the next split line.
-                            whole.clear();
-                            *line = whole;
-                        }
-                    }
-                    data = &data[pos + 1..];
-                }
-            }
-        }
-    }
-
-    /// One header-section line, without its `\n`.
-    fn header_line(&mut self, raw: &[u8]) {
-        let State::Headers { first, cl, te, .. } = &mut self.state else {
-            return;
-        };
-        let text = raw.strip_suffix(b"\r").unwrap_or(raw);
-        if *first {
-            if text.is_empty() {
-                // Stray CRLF between requests is tolerated by HTTP/1.1.
-                return;
-            }
-            *first = false;
-            if starts_with_ignore_case(text, b"pri * http/2") {
-                self.state = State::Done;
-            }
-            return;
-        }
-        if text.is_empty() {
-            let next = match (*cl, *te) {
-                (Some(_), true) => {
-                    self.flag.store(true, Ordering::SeqCst);
-                    State::Done
-                }
-                (_, true) => State::Done,
-                (Some(0) | None, false) => State::Headers {
-                    line: Vec::new(),
-                    first: true,
-                    cl: None,
-                    te: false,
-                },
-                (Some(n), false) => State::Body(n),
-            };
-            self.state = next;
-            return;
-        }
-        if let Some(colon) = text.iter().position(|b| *b == b':') {
-            let name = text[..colon].trim_ascii();
-            let value = &text[colon + 1..];
-            if name.eq_ignore_ascii_case(b"content-length") {
-                *cl = Some(
-                    std::str::from_utf8(value.trim_ascii())
-                        .ok()
-                        .and_then(|v| v.parse().ok())
-                        .unwrap_or(0),
-                );
-            } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-                *te = true;
-            }
-        }
-    }
-}
-
-fn starts_with_ignore_case(text: &[u8], prefix: &[u8]) -> bool {
-    text.len() >= prefix.len() && text[..prefix.len()].eq_ignore_ascii_case(prefix)
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for SmuggleGuard<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = r {
-            let this = &mut *self;
-            this.scan(&buf.filled()[before..]);
-        }
-        r
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for SmuggleGuard<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-}
-
-/// Reject smuggling attempts and header floods before any routing work.
-pub async fn hardening_stage<B>(req: Request<B>, next: impl Next<B>) -> Response<Body> {
+pub fn framing_error<B>(req: &Request<B>) -> Option<BadFraming> {
+    let index = req.extensions().get::<RequestIndex>().map_or(0, |i| i.0);
     let flagged = req
         .extensions()
         .get::<ConnInfo>()
-        .is_some_and(|c| c.smuggled.load(Ordering::SeqCst));
-    let both = req.headers().contains_key(header::CONTENT_LENGTH)
-        && req.headers().contains_key(header::TRANSFER_ENCODING);
-    if both || flagged {
-        let mut r = json_error(
-            &req,
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            "both Content-Length and Transfer-Encoding",
-        );
-        r.headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        return r;
+        .is_some_and(|c| c.smuggled.flagged(index));
+    let h = req.headers();
+    if flagged
+        || (h.contains_key(header::CONTENT_LENGTH) && h.contains_key(header::TRANSFER_ENCODING))
+    {
+        return Some(BadFraming("both Content-Length and Transfer-Encoding"));
+    }
+    // hyper accepts any list ending in `chunked`; only a single plain `chunked` is
+    // unambiguous for every server behind us.
+    let mut te = h.get_all(header::TRANSFER_ENCODING).iter();
+    let te_ok = match (te.next(), te.next()) {
+        (None, _) => true,
+        (Some(v), None) => v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked"),
+        (Some(_), Some(_)) => false,
+    };
+    (!te_ok).then_some(BadFraming("unsupported Transfer-Encoding"))
+}
+
+/// Reject smuggling attempts, header floods and unsafe paths before any routing
+/// work, and normalise the path (see `crate::path`) for every later stage.
+pub async fn hardening_stage<B>(mut req: Request<B>, next: impl Next<B>) -> Response<Body> {
+    let framing = match req.extensions().get::<BadFraming>() {
+        Some(b) => Some(*b),
+        None => framing_error(&req),
+    };
+    if let Some(BadFraming(why)) = framing {
+        return bad_request(&req, "bad_request", why, true);
     }
     let max = req
         .extensions()
         .get::<Snapshot>()
         .map_or(usize::MAX, |s| s.0.cfg.server.max_headers);
-    if req.headers().len() > max {
+    // Only what the client sent counts, not the headers the gateway added since.
+    let count = req
+        .extensions()
+        .get::<ClientHeaderCount>()
+        .map_or(req.headers().len(), |c| c.0);
+    if count > max {
         return json_error(
             &req,
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             "too_many_headers",
             "too many headers",
         );
+    }
+    match crate::path::normalize(req.uri().path()) {
+        Ok(std::borrow::Cow::Borrowed(_)) => {}
+        Ok(std::borrow::Cow::Owned(path)) => match crate::path::with_path(req.uri(), &path) {
+            Some(uri) => *req.uri_mut() = uri,
+            None => return bad_request(&req, "bad_path", "invalid request path", false),
+        },
+        Err(e) => {
+            tracing::debug!(path = %req.uri().path(), error = %e, "refused path");
+            return bad_request(&req, "bad_path", "invalid request path", false);
+        }
     }
     run(next, req).await
 }
@@ -230,35 +97,38 @@ pub async fn hardening_stage<B>(req: Request<B>, next: impl Next<B>) -> Response
 mod tests {
     use super::*;
 
-    fn flagged(input: &[u8], split: usize) -> bool {
-        let flag = Arc::new(AtomicBool::new(false));
-        let mut g = SmuggleGuard::new((), flag.clone());
-        let (a, b) = input.split_at(split.min(input.len()));
-        g.scan(a);
-        g.scan(b);
-        flag.load(Ordering::SeqCst)
-    }
-
     #[test]
-    fn detects_cl_and_te_in_any_request_of_a_keepalive_stream() {
-        let bad = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
-        let ok = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nabcdGET / HTTP/1.1\r\nHost: x\r\n\r\n";
-        for split in [0, 7, 30, 60, 200] {
-            assert!(flagged(bad, split), "split {split}");
-            assert!(!flagged(ok, split), "split {split}");
+    fn framing_judged_on_parsed_headers() {
+        let req = |te: &[&str], cl: bool| {
+            let mut b = Request::post("/");
+            for v in te {
+                b = b.header(header::TRANSFER_ENCODING, *v);
+            }
+            if cl {
+                b = b.header(header::CONTENT_LENGTH, "3");
+            }
+            b.body(()).expect("request")
+        };
+        assert_eq!(framing_error(&req(&[], true)), None);
+        assert_eq!(framing_error(&req(&["chunked"], false)), None);
+        assert_eq!(framing_error(&req(&[" Chunked "], false)), None);
+        for bad in [
+            req(&["chunked"], true),
+            req(&["gzip, chunked"], false),
+            req(&["chunked", "chunked"], false),
+        ] {
+            assert!(framing_error(&bad).is_some(), "{:?}", bad.headers());
         }
-        // The second request on the connection smuggles.
-        let second = [&ok[..], &bad[..]].concat();
-        assert!(flagged(&second, 45));
-        // A body that merely contains the words is skipped by its Content-Length.
-        let body = b"POST / HTTP/1.1\r\nContent-Length: 38\r\n\r\nContent-Length: 1\r\nTransfer-Encoding: x";
-        assert!(!flagged(body, 10));
-    }
-
-    proptest::proptest! {
-        #[test]
-        fn never_panics_on_any_bytes(data in proptest::collection::vec(proptest::num::u8::ANY, 0..2048), split in 0usize..2048) {
-            let _ = flagged(&data, split);
-        }
+        // A request at or after the one the raw-byte guard flagged.
+        let conn = ConnInfo::new("127.0.0.1:1".parse().expect("addr"), false, false);
+        let mut flagged = req(&[], false);
+        flagged.extensions_mut().insert(conn.clone());
+        flagged.extensions_mut().insert(RequestIndex(0));
+        assert_eq!(framing_error(&flagged), None);
+        let mut g = SmuggleGuard::new((), conn.smuggled.clone());
+        g.scan_for_test(
+            b"POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+        );
+        assert!(framing_error(&flagged).is_some());
     }
 }

@@ -4,16 +4,20 @@
 
 pub mod auth;
 pub mod balance;
+pub mod client_headers;
 pub mod config;
 pub mod gateway;
 pub mod guard;
 pub mod health;
+pub mod idle;
 pub mod observe;
+pub mod path;
 pub mod proxy;
 pub mod ratelimit;
 pub mod reload;
 pub mod routing;
 pub mod server;
+pub mod smuggle;
 pub mod stack;
 pub mod tls;
 pub mod transform;

@@ -213,33 +213,104 @@ impl Route {
     }
 
     /// Path sent upstream after prefix stripping or rewriting.
-    pub fn upstream_path(&self, path: &str, params: &BTreeMap<String, String>) -> String {
+    pub fn upstream_path(
+        &self,
+        path: &str,
+        params: &BTreeMap<String, String>,
+    ) -> Result<String, TemplateError> {
         if let Some(rw) = &self.cfg.rewrite {
             return fill_template(rw, params);
         }
         if let Some(sp) = &self.cfg.strip_prefix {
             let sp = sp.trim_end_matches('/');
             if let Some(rest) = path.strip_prefix(sp) {
-                return if rest.is_empty() {
+                return Ok(if rest.is_empty() {
                     "/".into()
                 } else {
                     rest.to_string()
-                };
+                });
             }
         }
-        path.to_string()
+        Ok(path.to_string())
     }
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TemplateError {
+    #[error("parameter {0} is a dot-segment")]
+    DotSegment(String),
+}
+
 /// Replace `{name}` (and `{*name}`) placeholders with their captured values.
-pub fn fill_template(template: &str, params: &BTreeMap<String, String>) -> String {
-    let mut out = template.to_string();
-    for (k, v) in params {
-        out = out
-            .replace(&format!("{{{k}}}"), v)
-            .replace(&format!("{{*{k}}}"), v);
+///
+/// A value is decoded and re-encoded for where it lands, so it can only ever be data:
+/// in the path (before the template's `?`) everything but unreserved characters is
+/// percent-encoded (`/` too, except in a `{*catch-all}`), in the query even `/`, so
+/// `7&admin=true` cannot add a parameter. A value that is (or, for a catch-all,
+/// contains) a `.` or `..` segment is refused: it would move the upstream path.
+/// Unknown placeholders are left as written.
+pub fn fill_template(
+    template: &str,
+    params: &BTreeMap<String, String>,
+) -> Result<String, TemplateError> {
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    let mut in_query = false;
+    while let Some(open) = rest.find('{') {
+        let (before, from) = rest.split_at(open);
+        in_query |= before.contains('?');
+        out.push_str(before);
+        let Some(close) = from.find('}') else {
+            out.push_str(from);
+            return Ok(out);
+        };
+        let inner = &from[1..close];
+        let (catch_all, name) = match inner.strip_prefix('*') {
+            Some(n) => (true, n),
+            None => (false, inner),
+        };
+        match params.get(name) {
+            Some(v) => {
+                let raw = crate::path::percent_decode(v);
+                let dot = |s: &[u8]| s == b"." || s == b"..";
+                let is_dot = if catch_all {
+                    raw.split(|b| *b == b'/').any(dot)
+                } else {
+                    dot(&raw)
+                };
+                if is_dot {
+                    return Err(TemplateError::DotSegment(name.to_string()));
+                }
+                out.push_str(&crate::path::percent_encode(&raw, catch_all && !in_query));
+            }
+            None => out.push_str(&from[..=close]),
+        }
+        rest = &from[close + 1..];
     }
-    out
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// Append the client's query to a filled template. A template with a query of its
+/// own keeps its parameters: client parameters of the same name are dropped, so a
+/// client cannot override (or duplicate) what the template sets.
+pub fn append_query(filled: String, client_query: Option<&str>) -> String {
+    let Some(q) = client_query.filter(|q| !q.is_empty()) else {
+        return filled;
+    };
+    let Some((_, own)) = filled.split_once('?') else {
+        return format!("{filled}?{q}");
+    };
+    let key = |pair: &str| crate::path::percent_decode(pair.split('=').next().unwrap_or_default());
+    let own: Vec<Vec<u8>> = own.split('&').map(key).collect();
+    let kept: Vec<&str> = q
+        .split('&')
+        .filter(|p| !p.is_empty() && !own.contains(&key(p)))
+        .collect();
+    if kept.is_empty() {
+        return filled;
+    }
+    format!("{filled}&{}", kept.join("&"))
 }
 
 impl Router {
@@ -375,13 +446,54 @@ mod tests {
         };
         assert_eq!(params.get("id").map(String::as_str), Some("42"));
         assert_eq!(
-            fill_template("/users/{id}/profile", &params),
-            "/users/42/profile"
+            fill_template("/users/{id}/profile", &params).as_deref(),
+            Ok("/users/42/profile")
         );
         assert_eq!(
-            route.upstream_path("/api/users/42", &params),
-            "/api/users/42"
+            route.upstream_path("/api/users/42", &params).as_deref(),
+            Ok("/api/users/42")
         );
+    }
+
+    #[test]
+    fn template_values_are_encoded_for_where_they_land() {
+        let p = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+                .collect()
+        };
+        let id = p(&[("id", "7&admin=true")]);
+        assert_eq!(
+            fill_template("/orders/{id}?user={id}", &id).as_deref(),
+            Ok("/orders/7%26admin%3Dtrue?user=7%26admin%3Dtrue")
+        );
+        let rest = p(&[("rest", "a/b%20c/d?e")]);
+        assert_eq!(
+            fill_template("/s/{*rest}?p={rest}", &rest).as_deref(),
+            Ok("/s/a/b%20c/d%3Fe?p=a%2Fb%20c%2Fd%3Fe")
+        );
+        for (tpl, v) in [
+            ("/u/{id}", ".."),
+            ("/u/{id}", "%2e"),
+            ("/s/{*id}", "a/../b"),
+        ] {
+            assert_eq!(
+                fill_template(tpl, &p(&[("id", v)])),
+                Err(TemplateError::DotSegment("id".into())),
+                "{tpl} {v}"
+            );
+        }
+        assert_eq!(
+            fill_template("/u/{other}", &id).as_deref(),
+            Ok("/u/{other}")
+        );
+        assert_eq!(
+            append_query("/o?user=7".into(), Some("x=1&user=8&us%65r=9")),
+            "/o?user=7&x=1"
+        );
+        assert_eq!(append_query("/o".into(), Some("x=1")), "/o?x=1");
+        assert_eq!(append_query("/o?a=1".into(), None), "/o?a=1");
     }
 
     proptest::proptest! {

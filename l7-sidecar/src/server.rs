@@ -1,7 +1,9 @@
-//! Listeners: accept loop with a connection cap, optional TLS, HTTP/1.1 and HTTP/2
-//! (auto-detected, ALPN under TLS), header-size / header-time limits and upgrades.
+//! Listeners: accept loop with a connection cap (overall and per client address),
+//! optional TLS, HTTP/1.1 and HTTP/2 (auto-detected, ALPN under TLS), header-size /
+//! header-time limits, first-byte and idle timeouts, and upgrades.
 
 use crate::gateway::{Gateway, GatewayError};
+use crate::idle::{ActivityIo, PerAddress};
 use crate::stack::{json_error_with_id, ConnInfo};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -67,6 +69,7 @@ pub async fn start(gateway: Gateway) -> Result<RunningGateway, GatewayError> {
     let max_connections = rt.cfg.server.max_connections;
     let limit = Arc::new(Semaphore::new(max_connections));
     let (stop, _) = tokio::sync::watch::channel(false);
+    let per_address = Arc::new(PerAddress::default());
     let mut addrs = Vec::new();
     let mut tasks = Vec::new();
     for l in &rt.cfg.listeners {
@@ -94,6 +97,7 @@ pub async fn start(gateway: Gateway) -> Result<RunningGateway, GatewayError> {
             tls,
             l.metrics,
             limit.clone(),
+            per_address.clone(),
             stop.subscribe(),
         )));
     }
@@ -113,6 +117,7 @@ async fn accept_loop(
     tls: Option<TlsAcceptor>,
     metrics: bool,
     limit: Arc<Semaphore>,
+    per_address: Arc<PerAddress>,
     stop: tokio::sync::watch::Receiver<bool>,
 ) {
     loop {
@@ -130,15 +135,21 @@ async fn accept_loop(
             drop(stream);
             continue;
         };
+        let cfg = gw.runtime().cfg.server.clone();
+        let Some(address_permit) = per_address.try_acquire(peer.ip(), cfg.per_ip_cap()) else {
+            tracing::warn!(%peer, "per-address connection limit reached; closing");
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let gw = gw.clone();
         let tls = tls.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
-            let _permit = permit;
-            let cfg = gw.runtime().cfg.server.clone();
+            let _permits = (permit, address_permit);
             let header_timeout = Duration::from_millis(cfg.header_read_timeout_ms);
             let info = ConnInfo::new(peer, tls.is_some(), metrics);
+            let stream = ActivityIo::new(stream, info.activity.clone());
             match tls {
                 None => serve(gw, stream, info, &cfg, stop).await,
                 Some(acceptor) => {
@@ -187,12 +198,30 @@ async fn serve<S>(
         // The watch guard must not live across an await of the connection.
         let _ = stop.wait_for(|s| *s).await;
     };
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        () = stopped => {
-            // Finish the request in progress, then close instead of idling in keep-alive.
-            conn.as_mut().graceful_shutdown();
-            conn.await
+    tokio::pin!(stopped);
+    let first_byte = Duration::from_millis(cfg.first_byte_timeout_ms);
+    let idle = Duration::from_millis(cfg.idle_timeout_ms);
+    // Checked a few times per timeout: closing up to a quarter late is fine.
+    let tick = (first_byte.min(idle) / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    let result = loop {
+        tokio::select! {
+            r = conn.as_mut() => break r,
+            () = stopped.as_mut() => {
+                // Finish the request in progress, then close instead of idling in keep-alive.
+                conn.as_mut().graceful_shutdown();
+                break conn.await;
+            }
+            () = tokio::time::sleep(tick) => {
+                if info.activity.expired(tokio::time::Instant::now(), first_byte, idle) {
+                    tracing::debug!(peer = %info.peer, "closing idle connection");
+                    conn.as_mut().graceful_shutdown();
+                    // HTTP/2 says goodbye first; a peer that does not answer is cut.
+                    match tokio::time::timeout(Duration::from_secs(1), conn.as_mut()).await {
+                        Ok(r) => break r,
+                        Err(_) => break Ok(()),
+                    }
+                }
+            }
         }
     };
     if let Err(e) = result {

@@ -21,7 +21,7 @@ use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -73,8 +73,13 @@ pub struct ConnInfo {
     pub client_ip: HeaderValue,
     pub tls: bool,
     pub serve_metrics: bool,
-    /// Raised by `guard::SmuggleGuard` when a request had both CL and TE.
-    pub smuggled: Arc<AtomicBool>,
+    /// Filled by `guard::SmuggleGuard`: which request of the connection had both
+    /// CL and TE.
+    pub smuggled: Arc<crate::smuggle::Smuggled>,
+    /// Requests handed to the pipeline so far (numbers them for `RequestIndex`).
+    pub requests: Arc<AtomicU64>,
+    /// The connection's idle watchdog state.
+    pub activity: Arc<crate::idle::Activity>,
 }
 
 impl ConnInfo {
@@ -87,6 +92,8 @@ impl ConnInfo {
             tls,
             serve_metrics,
             smuggled: Arc::default(),
+            requests: Arc::default(),
+            activity: crate::idle::Activity::new(),
         }
     }
 
@@ -94,6 +101,14 @@ impl ConnInfo {
         self.client_ip.to_str().unwrap_or_default()
     }
 }
+
+/// How many header fields the client sent (before any stage added one).
+#[derive(Clone, Copy, Debug)]
+pub struct ClientHeaderCount(pub usize);
+
+/// Position of a request among those of its connection (0-based, arrival order).
+#[derive(Clone, Copy, Debug)]
+pub struct RequestIndex(pub u64);
 
 /// The config generation a request runs under, fixed when it arrives.
 #[derive(Clone)]
@@ -175,7 +190,8 @@ pub fn pipeline(shared: Arc<Shared>) -> impl Next<Incoming> + Clone {
         p,
     );
     let p = stage(crate::observe::trace_stage, p);
-    stage(crate::transform::request_id_stage, p)
+    let p = stage(crate::transform::request_id_stage, p);
+    stage(crate::client_headers::client_headers_stage, p)
 }
 
 /// The pipeline as the service hyper calls for each request on one connection.
@@ -205,23 +221,43 @@ impl<P: Next<Incoming> + Clone> tower::Service<Request<Incoming>> for GatewaySer
     }
 
     fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
+        let index = self.conn.requests.fetch_add(1, Ordering::Relaxed);
+        req.extensions_mut().insert(RequestIndex(index));
+        // In flight until hyper drops the response body: the idle watchdog must not
+        // close a connection whose response is still being produced.
+        let in_flight = self.conn.activity.start_request();
         req.extensions_mut().insert(self.conn.clone());
         req.extensions_mut()
             .insert(Snapshot(self.shared.runtime.load_full()));
         // Boxed straight away: the pipeline future is several KiB, and every
         // further move of it (into a wrapping `async` block, say) is a memcpy.
-        ResponseFuture(Box::pin(self.pipeline.clone().run(req)))
+        ResponseFuture {
+            fut: Box::pin(self.pipeline.clone().run(req)),
+            in_flight: Some(in_flight),
+        }
     }
 }
 
 /// The boxed pipeline future, as the `Result` tower expects.
-pub struct ResponseFuture(Pin<Box<dyn Future<Output = Response<Body>> + Send>>);
+/// Its response body carries the request's `InFlight` guard.
+pub struct ResponseFuture {
+    fut: Pin<Box<dyn Future<Output = Response<Body>> + Send>>,
+    in_flight: Option<crate::idle::InFlight>,
+}
 
 impl Future for ResponseFuture {
     type Output = Result<Response<Body>, Infallible>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.0.as_mut().poll(cx).map(Ok)
+        let resp = std::task::ready!(self.fut.as_mut().poll(cx));
+        let guard = self.in_flight.take();
+        Poll::Ready(Ok(match guard {
+            Some(g) => {
+                use http_body_util::BodyExt as _;
+                resp.map(|b| crate::idle::InFlightBody::new(b, g).boxed())
+            }
+            None => resp,
+        }))
     }
 }
 

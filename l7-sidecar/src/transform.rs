@@ -230,6 +230,13 @@ pub async fn transform_stage<B>(mut req: Request<B>, next: impl Next<B>) -> Resp
     }
     if let Some(t) = t {
         apply_request(t, h);
+        if !t.strip_json_fields.is_empty() {
+            // Fields can only be stripped from a body we can read.
+            h.insert(
+                http::header::ACCEPT_ENCODING,
+                HeaderValue::from_static("identity"),
+            );
+        }
     }
     if !upgrade {
         strip_hop_by_hop(h);
@@ -237,28 +244,51 @@ pub async fn transform_stage<B>(mut req: Request<B>, next: impl Next<B>) -> Resp
     let mut resp = run(next, req).await;
     let Some(t) = t else { return resp };
     apply_response(t, resp.headers_mut());
-    if t.strip_json_fields.is_empty() || !is_json(resp.headers()) {
+    if t.strip_json_fields.is_empty() {
+        return resp;
+    }
+    let rid = rid.as_deref().unwrap_or_default();
+    // Fail closed: a body we cannot read is never passed on from a stripping route.
+    let fail = |why: &str| {
+        tracing::warn!(request_id = %rid, reason = why, "cannot strip fields from upstream response");
+        json_error_with_id(
+            StatusCode::BAD_GATEWAY,
+            "upstream_error",
+            "invalid upstream response",
+            rid,
+        )
+    };
+    if is_encoded(resp.headers()) {
+        return fail("upstream sent an encoded body");
+    }
+    if !is_json(resp.headers()) {
         return resp;
     }
     let (mut parts, body) = resp.into_parts();
     // Rewriting needs the whole body; the limit bounds what one response may cost.
     let bytes = match Box::pin(crate::proxy::collect_limited(body, max_response)).await {
         Ok(b) => b,
-        Err(e) => {
-            return json_error_with_id(
-                StatusCode::BAD_GATEWAY,
-                "upstream_error",
-                &e.to_string(),
-                rid.as_deref().unwrap_or_default(),
-            );
-        }
+        Err(e) => return fail(&e.to_string()),
     };
-    let out = match strip_json_fields(&bytes, &t.strip_json_fields) {
-        Some(stripped) => bytes::Bytes::from(stripped),
-        None => bytes,
+    let out = if bytes.is_empty() {
+        // HEAD, 204, 304: nothing to strip.
+        bytes
+    } else {
+        match strip_json_fields(&bytes, &t.strip_json_fields) {
+            Some(stripped) => bytes::Bytes::from(stripped),
+            None => return fail("body is not JSON"),
+        }
     };
     parts.headers.remove(http::header::CONTENT_LENGTH);
     Response::from_parts(parts, full(out))
+}
+
+/// A `Content-Encoding` other than `identity`.
+pub fn is_encoded(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(http::header::CONTENT_ENCODING)
+        .iter()
+        .any(|v| !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"identity"))
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 use crate::config::{ApiKeyConfig, AuthMode, JwtConfig};
 use crate::proxy::Body;
 use crate::routing::RouteCtx;
-use crate::stack::{json_error, run, Next, Snapshot, UserId};
+use crate::stack::{json_error, run, ConnInfo, Next, Snapshot, UserId};
 use http::HeaderMap;
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
@@ -44,7 +44,9 @@ impl AuthError {
 
 type KeyMap = HashMap<String, (Algorithm, Arc<DecodingKey>)>;
 
+mod failures;
 mod jwks;
+pub use failures::FailureLimiter;
 pub use jwks::{spawn_jwks_refresh, JwksCache, JwksError};
 
 pub struct Authenticator {
@@ -352,6 +354,27 @@ pub async fn auth_stage<B>(mut req: Request<B>, next: impl Next<B>) -> Response<
         );
     };
     let rc = &ctx.route.cfg;
+    let ip = req.extensions().get::<ConnInfo>().map(|c| c.peer.ip());
+    let limit = &rt.cfg.auth.failure_limit;
+    if let (Some(ip), true) = (ip, rc.auth != AuthMode::None) {
+        // Before any verification: an address over the limit costs no signature check.
+        if let Some(wait) = rt
+            .auth_failures
+            .blocked(limit, ip, std::time::Instant::now())
+        {
+            crate::observe::record_auth_failure(&rc.name, "limited");
+            let mut r = json_error(
+                &req,
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_auth_failures",
+                "too many failed authentications; retry later",
+            );
+            let secs = wait.as_millis().div_ceil(1000).max(1);
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs as u64));
+            return r;
+        }
+    }
     match rt
         .auth
         .authenticate(rc.auth, &rc.roles, req.headers())
@@ -368,15 +391,20 @@ pub async fn auth_stage<B>(mut req: Request<B>, next: impl Next<B>) -> Response<
         Err(e) => {
             crate::observe::record_auth_failure(&rc.name, e.reason());
             tracing::debug!(route = %rc.name, error = %e, "auth failed");
+            if let (AuthError::Invalid(_), Some(ip)) = (&e, ip) {
+                // Only wrong credentials are guesses; missing ones or a missing role are not.
+                rt.auth_failures
+                    .record(limit, ip, std::time::Instant::now());
+            }
             if let AuthError::Forbidden(_) = e {
                 return json_error(&req, StatusCode::FORBIDDEN, "forbidden", "not allowed");
             }
-            let mut r = json_error(
-                &req,
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                &e.to_string(),
-            );
+            // The reason stays in the log: telling a guesser why a token failed helps it.
+            let message = match e {
+                AuthError::Missing => "missing credentials",
+                _ => "invalid credentials",
+            };
+            let mut r = json_error(&req, StatusCode::UNAUTHORIZED, "unauthorized", message);
             let challenge = match (rc.auth, &e) {
                 (AuthMode::ApiKey, _) => "ApiKey realm=\"gateway\"",
                 (_, AuthError::Invalid(_)) => "Bearer realm=\"gateway\", error=\"invalid_token\"",

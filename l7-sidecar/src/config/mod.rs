@@ -62,7 +62,15 @@ pub struct ServerConfig {
     pub max_header_bytes: usize,
     pub max_headers: usize,
     pub header_read_timeout_ms: u64,
+    /// A new connection that sends no byte for this long is closed.
+    pub first_byte_timeout_ms: u64,
+    /// A connection with no request in flight that moves no byte for this long is
+    /// closed (HTTP/1 keep-alive and HTTP/2 alike).
+    pub idle_timeout_ms: u64,
     pub max_connections: usize,
+    /// Open connections allowed per client address (IPv6: per /64). Unset: a tenth
+    /// of `max_connections`, at least 1.
+    pub max_connections_per_ip: Option<usize>,
     /// How often the config file is checked for changes; 0 disables polling.
     pub reload_poll_ms: u64,
 }
@@ -75,9 +83,21 @@ impl Default for ServerConfig {
             max_header_bytes: 16 * 1024,
             max_headers: 100,
             header_read_timeout_ms: 10_000,
+            first_byte_timeout_ms: 10_000,
+            idle_timeout_ms: 10_000,
             max_connections: 10_000,
+            max_connections_per_ip: None,
             reload_poll_ms: 1_000,
         }
+    }
+}
+
+impl ServerConfig {
+    /// The effective per-address connection cap.
+    pub fn per_ip_cap(&self) -> usize {
+        self.max_connections_per_ip
+            .unwrap_or(self.max_connections / 10)
+            .max(1)
     }
 }
 
@@ -277,6 +297,30 @@ pub struct AuthConfig {
     pub jwt: Option<JwtConfig>,
     #[serde(default)]
     pub api_keys: Vec<ApiKeyConfig>,
+    #[serde(default)]
+    pub failure_limit: AuthFailureLimitConfig,
+}
+
+/// Failed authentications allowed per client address (IPv6: per /64) and window
+/// before the address gets 429 without its credentials being checked.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthFailureLimitConfig {
+    /// 0 disables the limit.
+    pub max_failures: u32,
+    pub window_ms: u64,
+    /// Addresses tracked at once; when full, finished windows are dropped first.
+    pub max_addresses: usize,
+}
+
+impl Default for AuthFailureLimitConfig {
+    fn default() -> Self {
+        Self {
+            max_failures: 30,
+            window_ms: 60_000,
+            max_addresses: 100_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -455,7 +499,10 @@ mod tests {
         };
         let paths: Vec<_> = errs.iter().map(|e| e.path.as_str()).collect();
         assert!(paths.contains(&"routes[0].host"), "{paths:?}");
-        assert!(paths.contains(&"pools.users.backends[0].weight"), "{paths:?}");
+        assert!(
+            paths.contains(&"pools.users.backends[0].weight"),
+            "{paths:?}"
+        );
     }
 
     #[test]
@@ -483,6 +530,29 @@ mod tests {
             "routes[0].path",
             "routes[0].pool",
             "routes[0].rate_limit",
+        ] {
+            assert!(paths.contains(&want), "missing {want} in {paths:?}");
+        }
+    }
+
+    #[test]
+    fn connection_and_auth_failure_limits_default_on_and_validate() {
+        let cfg = Config::parse("").expect("empty config is valid");
+        assert_eq!(cfg.server.first_byte_timeout_ms, 10_000);
+        assert_eq!(cfg.server.idle_timeout_ms, 10_000);
+        assert_eq!(cfg.server.per_ip_cap(), 1_000, "well below max_connections");
+        assert_eq!(cfg.auth.failure_limit.max_failures, 30);
+        assert_eq!(cfg.auth.failure_limit.window_ms, 60_000);
+        let text = "[server]\nmax_connections = 10\nmax_connections_per_ip = 11\nidle_timeout_ms = 0\nfirst_byte_timeout_ms = 0\n[auth.failure_limit]\nwindow_ms = 0\n";
+        let Err(ConfigError::Invalid(errs)) = Config::parse(text) else {
+            panic!("expected validation errors");
+        };
+        let paths: Vec<_> = errs.iter().map(|e| e.path.as_str()).collect();
+        for want in [
+            "server.max_connections_per_ip",
+            "server.idle_timeout_ms",
+            "server.first_byte_timeout_ms",
+            "auth.failure_limit.window_ms",
         ] {
             assert!(paths.contains(&want), "missing {want} in {paths:?}");
         }

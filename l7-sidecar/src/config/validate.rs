@@ -32,6 +32,30 @@ impl Config {
         if s.max_connections == 0 {
             err("server.max_connections".into(), "must be > 0".into());
         }
+        if s.first_byte_timeout_ms == 0 {
+            err("server.first_byte_timeout_ms".into(), "must be > 0".into());
+        }
+        if s.idle_timeout_ms == 0 {
+            err("server.idle_timeout_ms".into(), "must be > 0".into());
+        }
+        match s.max_connections_per_ip {
+            Some(0) => err("server.max_connections_per_ip".into(), "must be > 0".into()),
+            Some(n) if n > s.max_connections => err(
+                "server.max_connections_per_ip".into(),
+                "must be <= server.max_connections".into(),
+            ),
+            _ => {}
+        }
+        let fl = &self.auth.failure_limit;
+        if fl.max_failures > 0 && fl.window_ms == 0 {
+            err("auth.failure_limit.window_ms".into(), "must be > 0".into());
+        }
+        if fl.max_addresses == 0 {
+            err(
+                "auth.failure_limit.max_addresses".into(),
+                "must be > 0".into(),
+            );
+        }
         if !self.observability.metrics_path.starts_with('/') {
             err(
                 "observability.metrics_path".into(),
@@ -95,7 +119,10 @@ impl Config {
                     );
                 }
                 if b.weight == 0 || b.weight > MAX_BACKEND_WEIGHT {
-                    err(format!("{p}.backends[{j}].weight"), format!("must be 1..={MAX_BACKEND_WEIGHT}"));
+                    err(
+                        format!("{p}.backends[{j}].weight"),
+                        format!("must be 1..={MAX_BACKEND_WEIGHT}"),
+                    );
                 }
             }
             if pool.connect_timeout_ms == 0 {
@@ -317,7 +344,11 @@ impl Config {
             // Requests are matched on their host without the port, so a route host with a port (or
             // a trailing ':') could never match.
             if let Some(host) = &r.host {
-                if host.is_empty() || host.contains(':') || host.contains('/') || host.chars().any(char::is_whitespace) {
+                if host.is_empty()
+                    || host.contains(':')
+                    || host.contains('/')
+                    || host.chars().any(char::is_whitespace)
+                {
                     err(format!("{p}.host"), format!("{host:?} is not a host name (no port, scheme or path; ports never take part in matching)"));
                 }
             }

@@ -14,6 +14,12 @@ pub async fn aggregate(
     max_response: usize,
 ) -> Result<Bytes, ProxyError> {
     let mut tasks = Vec::new();
+    // Parts are parsed as JSON here, so they must come unencoded.
+    let mut headers = headers.clone();
+    headers.insert(
+        http::header::ACCEPT_ENCODING,
+        http::HeaderValue::from_static("identity"),
+    );
     for (name, up, path) in parts {
         let headers = headers.clone();
         tasks.push(tokio::spawn(async move {

@@ -1,6 +1,6 @@
 //! Forwarding to upstream pools: backend choice, timeouts, retries of idempotent
-//! requests after connection failures, passive health accounting, WebSocket
-//! tunnels and JSON aggregation across pools.
+//! requests that got no response, passive health accounting, WebSocket tunnels and
+//! JSON aggregation across pools.
 
 mod aggregate;
 mod body;
@@ -11,7 +11,7 @@ pub use body::{collect_limited, CollectError, StreamedBody};
 pub use tunnel::tunnel;
 
 use crate::balance::{ActiveGuard, HashInput, Pool};
-use crate::routing::{fill_template, RouteCtx};
+use crate::routing::{append_query, fill_template, RouteCtx};
 use crate::stack::{json_error, ConnInfo, Snapshot, UpstreamAddr};
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
@@ -52,6 +52,16 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
+    /// What the client is told. Details (addresses, pool names, hyper's error) stay
+    /// in the log, under the request id the client also gets.
+    pub fn public_message(&self) -> &'static str {
+        match self {
+            ProxyError::NoBackend(_) => "no upstream available",
+            ProxyError::Connect(_) | ProxyError::Upstream(_) => "upstream failed",
+            ProxyError::Timeout => "upstream timed out",
+        }
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoBackend(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -142,8 +152,11 @@ fn idempotent(m: &Method) -> bool {
     )
 }
 
-/// Send a buffered request to the pool, retrying idempotent requests on another
-/// backend after a connection failure, all within the pool's request timeout.
+/// Send a buffered request to the pool, all within the pool's request timeout.
+/// Idempotent requests are retried on another backend (up to the pool's `retries`)
+/// after any failure that left them without a response: a refused connection, but
+/// also a pooled keep-alive connection the backend closed or reset before answering
+/// (a replica that just died). The body is buffered, so it can be sent again.
 pub async fn forward(
     up: &Upstream,
     method: &Method,
@@ -204,16 +217,19 @@ async fn forward_inner(
         let started = Instant::now();
         let resp = match up.client.request(req).await {
             Ok(r) => r,
-            Err(e) if e.is_connect() => {
+            Err(e) => {
+                // No response head arrived. RFC 9110 §9.2.2 lets idempotent requests be
+                // retried then; others have `attempts == 1` and end here.
                 tried.push(idx);
                 up.pool.record_result(idx, true);
-                last_err = Some(ProxyError::Connect(format!("{}: {e}", backend.addr)));
+                let detail = format!("{}: {e}{}", backend.addr, source_chain(&e));
+                tracing::debug!(pool = %up.pool.name, error = %detail, "upstream attempt failed");
+                last_err = Some(if e.is_connect() {
+                    ProxyError::Connect(detail)
+                } else {
+                    ProxyError::Upstream(detail)
+                });
                 continue;
-            }
-            Err(e) => {
-                // The request may have reached the backend, so it is not retried.
-                up.pool.record_result(idx, true);
-                return Err(ProxyError::Upstream(format!("{}: {e}", backend.addr)));
             }
         };
         // Latency to the response head: what peak-EWMA balancing compares.
@@ -229,6 +245,19 @@ async fn forward_inner(
         });
     }
     Err(last_err.unwrap_or_else(|| ProxyError::NoBackend(up.pool.name.clone())))
+}
+
+/// hyper_util's errors say little on their own ("client error (SendRequest)").
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut out = String::new();
+    let mut cur = e.source();
+    for _ in 0..4 {
+        let Some(s) = cur else { break };
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
 }
 
 fn parts_is_5xx<B>(r: &Response<B>) -> bool {
@@ -269,14 +298,26 @@ pub async fn proxy(mut req: Request<hyper::body::Incoming>) -> Response<Body> {
         .get::<ConnInfo>()
         .map_or(std::net::IpAddr::from([127, 0, 0, 1]), |c| c.peer.ip());
     let rc = &ctx.route.cfg;
-    let query = req.uri().query();
-    let mut pq = ctx.route.upstream_path(req.uri().path(), &ctx.params);
+    // Owned: the request is taken apart below, and aggregation appends it per part.
+    let query = req.uri().query().map(str::to_owned);
+    let query = query.as_deref();
+    let mut pq = match ctx.route.upstream_path(req.uri().path(), &ctx.params) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::debug!(route = %rc.name, error = %e, "refused template value");
+            return json_error(
+                &req,
+                StatusCode::BAD_REQUEST,
+                "bad_path",
+                "invalid request path",
+            );
+        }
+    };
     if let Some(q) = query {
         pq.reserve(q.len() + 1);
         pq.push('?');
         pq.push_str(q);
     }
-    let query = query.map(|q| format!("?{q}")).unwrap_or_default();
     let pool = rc.pool.as_ref().and_then(|p| rt.upstreams.get(p)).cloned();
 
     if is_upgrade(req.headers()) {
@@ -309,7 +350,13 @@ pub async fn proxy(mut req: Request<hyper::body::Incoming>) -> Response<Body> {
                 r
             }
             Err(e) => {
-                crate::stack::json_error_with_id(e.status(), "upstream_error", &e.to_string(), &rid)
+                tracing::warn!(route = %rc.name, request_id = %rid, error = %e, "upstream failure");
+                crate::stack::json_error_with_id(
+                    e.status(),
+                    "upstream_error",
+                    e.public_message(),
+                    &rid,
+                )
             }
         };
     }
@@ -344,17 +391,20 @@ pub async fn proxy(mut req: Request<hyper::body::Incoming>) -> Response<Body> {
     };
 
     if !rc.aggregate.is_empty() {
-        let jobs = rc
-            .aggregate
-            .iter()
-            .filter_map(|a| {
-                Some((
-                    a.name.clone(),
-                    rt.upstreams.get(&a.pool)?.clone(),
-                    format!("{}{query}", fill_template(&a.path, &ctx.params)),
-                ))
-            })
-            .collect();
+        let mut jobs = Vec::with_capacity(rc.aggregate.len());
+        for a in &rc.aggregate {
+            let Some(up) = rt.upstreams.get(&a.pool) else {
+                continue;
+            };
+            let path = match fill_template(&a.path, &ctx.params) {
+                Ok(p) => append_query(p, query),
+                Err(e) => {
+                    tracing::debug!(route = %rc.name, error = %e, "refused template value");
+                    return err(StatusCode::BAD_REQUEST, "bad_path", "invalid request path");
+                }
+            };
+            jobs.push((a.name.clone(), up.clone(), path));
+        }
         let pools = rc
             .aggregate
             .iter()
@@ -371,7 +421,10 @@ pub async fn proxy(mut req: Request<hyper::body::Incoming>) -> Response<Body> {
                 r.extensions_mut().insert(UpstreamAddr(pools.into()));
                 r
             }
-            Err(e) => err(e.status(), "upstream_error", &e.to_string()),
+            Err(e) => {
+                tracing::warn!(route = %rc.name, request_id = %rid, error = %e, "aggregation failure");
+                err(e.status(), "upstream_error", e.public_message())
+            }
         };
     }
 
@@ -389,8 +442,8 @@ pub async fn proxy(mut req: Request<hyper::body::Incoming>) -> Response<Body> {
             resp
         }
         Err(e) => {
-            tracing::warn!(route = %rc.name, error = %e, "upstream failure");
-            err(e.status(), "upstream_error", &e.to_string())
+            tracing::warn!(route = %rc.name, request_id = %rid, error = %e, "upstream failure");
+            err(e.status(), "upstream_error", e.public_message())
         }
     }
 }

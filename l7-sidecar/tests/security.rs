@@ -1,0 +1,767 @@
+//! Regression tests for the outside security review (issue 10): each test names the
+//! defect it covers and was seen failing before its fix.
+mod common;
+use bytes::Bytes;
+use common::*;
+use http_body_util::Full;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const SECRET: &str = "security-secret";
+
+fn token(sub: &str) -> String {
+    hs256(
+        SECRET,
+        serde_json::json!({"sub": sub, "role": "member", "iss": "idp", "aud": "api", "exp": now() + 300}),
+    )
+}
+
+fn bearer(sub: &str) -> String {
+    format!("Bearer {}", token(sub))
+}
+
+/// A gateway in front of three echo upstreams: public (open), users and payments (JWT).
+struct Setup {
+    gw: l7_sidecar::RunningGateway,
+    public: Arc<Upstream>,
+    users: Arc<Upstream>,
+    payments: Arc<Upstream>,
+    orders: Arc<Upstream>,
+}
+
+async fn setup(server: &str) -> Setup {
+    let public = upstream("public").await;
+    let users = upstream("users").await;
+    let payments = upstream("payments").await;
+    let orders = upstream("orders").await;
+    let cfg = format!(
+        r#"
+        [server]
+        {server}
+        {}{}{}{}{}
+        [auth.jwt]
+        issuer = "idp"
+        audience = "api"
+        [[auth.jwt.keys]]
+        algorithm = "HS256"
+        secret = "{SECRET}"
+        [[auth.api_keys]]
+        name = "partner"
+        sha256 = "{}"
+        user_id = "partner-1"
+
+        [transforms.t]
+        request_headers_add = {{ "X-Gateway" = "l7" }}
+        strip_json_fields = ["internal_id", "password_hash"]
+
+        [[routes]]
+        name = "public"
+        path = "/api/public"
+        pool = "public"
+        [[routes]]
+        name = "slow"
+        path = "/delay"
+        pool = "public"
+        [[routes]]
+        name = "users"
+        path = "/api/users"
+        pool = "users"
+        auth = "jwt"
+        transform = "t"
+        [[routes]]
+        name = "v1-users"
+        path = "/v1/users"
+        pool = "users"
+        auth = "jwt"
+        [[routes]]
+        name = "payments"
+        path = "/api/payments"
+        pool = "payments"
+        auth = "jwt"
+        [[routes]]
+        name = "key"
+        path = "/api/key"
+        pool = "public"
+        auth = "api-key"
+        [[routes]]
+        name = "summary"
+        path = "/api/summary/{{id}}"
+        path_match = "template"
+        aggregate = [
+          {{ name = "user", pool = "users", path = "/users/{{id}}" }},
+          {{ name = "orders", pool = "orders", path = "/orders?user={{id}}" }},
+        ]
+        "#,
+        listener("public"),
+        pool("public", &[&public], ""),
+        pool("users", &[&users], ""),
+        pool("payments", &[&payments], ""),
+        pool("orders", &[&orders], ""),
+        l7_sidecar::auth::hash_api_key("right-key"),
+    );
+    Setup {
+        gw: start_gateway(&cfg).await,
+        public,
+        users,
+        payments,
+        orders,
+    }
+}
+
+/// Write `data` on a fresh connection and read until the peer closes or 3 s pass.
+async fn raw_all(addr: SocketAddr, data: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(data).await.expect("write");
+    read_for(&mut s, Duration::from_secs(3)).await
+}
+
+async fn read_for(s: &mut TcpStream, limit: Duration) -> String {
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(limit, async {
+        let mut chunk = [0u8; 4096];
+        for _ in 0..1000 {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&buf).to_string()
+}
+
+/// True if the server closes `s` (EOF or reset) within `limit`.
+async fn closed_within(s: &mut TcpStream, limit: Duration) -> bool {
+    let mut chunk = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + limit;
+    for _ in 0..100 {
+        match tokio::time::timeout_at(deadline, s.read(&mut chunk)).await {
+            Err(_) => return false,
+            Ok(Ok(0) | Err(_)) => return true,
+            Ok(Ok(_)) => {}
+        }
+    }
+    false
+}
+
+async fn connect_from(local: &str, addr: SocketAddr) -> TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.bind(format!("{local}:0").parse().expect("local addr"))
+        .expect("bind local");
+    sock.connect(addr).await.expect("connect")
+}
+
+fn statuses(text: &str) -> Vec<u16> {
+    text.match_indices("HTTP/1.1 ")
+        .filter_map(|(i, _)| text.get(i + 9..i + 12)?.parse().ok())
+        .collect()
+}
+
+// 1. Dot-segments and encoded separators.
+#[tokio::test]
+async fn dot_segments_are_normalised_before_routing_and_auth() {
+    let s = setup("").await;
+    let c = client();
+    let base = base(&s.gw);
+    for path in [
+        "/api/public/../users",
+        "/api/public/%2e%2e/users",
+        "/api/public/%2E./users",
+    ] {
+        let r = get(&c, &format!("{base}{path}"), &[]).await;
+        assert_eq!(r.status, 401, "{path} needs the users route's token");
+    }
+    assert_eq!(s.public.hits(), 0, "nothing reached the public pool");
+
+    let auth = bearer("u1");
+    let r = get(
+        &c,
+        &format!("{base}/api/public/%2e%2e/users/7"),
+        &[("authorization", &auth)],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        s.users.last().uri,
+        "/api/users/7",
+        "normalised path forwarded"
+    );
+
+    let r = get(
+        &c,
+        &format!("{base}/v1/users/../../api/payments"),
+        &[("authorization", &auth)],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(s.payments.last().uri, "/api/payments");
+    assert_eq!(s.users.hits(), 1, "the users pool only saw the one request");
+
+    // Merged slashes, decoded unreserved characters, untouched query.
+    let r = get(
+        &c,
+        &format!("{base}//api//public/./%7Ea%41?q=/../x%2F"),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(s.public.last().uri, "/api/public/~aA?q=/../x%2F");
+
+    // Encoded separators, NUL, bad escapes, overlong UTF-8 and dot-segments with
+    // parameters are refused.
+    for path in [
+        "/api/public/..%2fusers",
+        "/api/public/..%2Fusers",
+        "/api/public/..%5cusers",
+        "/api/public/%00",
+        "/api/public/%zz",
+        "/api/public/%4",
+        "/api/public/%c0%ae%c0%ae/users",
+        "/api/public/..;/users",
+        "/api/public/.;x/users",
+    ] {
+        let r = get(&c, &format!("{base}{path}"), &[]).await;
+        assert_eq!(r.status, 400, "{path}");
+        assert_eq!(r.json()["error"], "bad_path", "{path}");
+    }
+    let r = raw_all(
+        s.gw.addr("public").expect("addr"),
+        b"GET /api/public/..\\users HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 400"), "raw backslash: {r:?}");
+    assert_eq!(s.public.hits(), 1, "only the valid request reached public");
+    assert_eq!(s.users.hits(), 1);
+}
+
+// 2. Connection-named headers cannot remove what the gateway sets.
+#[tokio::test]
+async fn client_connection_header_cannot_strip_gateway_headers() {
+    let s = setup("").await;
+    let c = client();
+    let auth = bearer("u2");
+    let r = get(
+        &c,
+        &format!("{}/api/users/1", base(&s.gw)),
+        &[
+            ("authorization", &auth),
+            (
+                "connection",
+                "keep-alive, X-User-Id, X-User-Role, X-Forwarded-For, X-Forwarded-Proto, X-Request-Id, traceparent, X-Gateway",
+            ),
+            ("x-request-id", "client-id-1"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let seen = s.users.last();
+    for name in [
+        "x-user-id",
+        "x-user-role",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-request-id",
+        "traceparent",
+        "x-gateway",
+    ] {
+        assert!(
+            seen.headers.contains_key(name),
+            "{name} missing upstream: {:?}",
+            seen.headers
+        );
+    }
+    assert_eq!(seen.headers["x-user-id"], "u2");
+    assert_eq!(seen.headers["x-forwarded-for"], "127.0.0.1");
+    assert!(seen.headers.get("connection").is_none());
+    assert_eq!(
+        r.header("x-request-id").as_deref(),
+        seen.headers["x-request-id"].to_str().ok(),
+        "the id the upstream saw is the one the client gets"
+    );
+}
+
+// 3. Underscore variants of gateway-owned names never reach the upstream.
+#[tokio::test]
+async fn underscore_variants_of_gateway_headers_are_dropped() {
+    let s = setup("").await;
+    let c = client();
+    let auth = bearer("u3");
+    let r = get(
+        &c,
+        &format!("{}/api/users/1", base(&s.gw)),
+        &[
+            ("authorization", &auth),
+            ("X_User_Id", "root"),
+            ("x_user_role", "admin"),
+            ("X_Forwarded_For", "10.9.9.9"),
+            ("x_request_id", "forged"),
+            ("X_Gateway", "forged"),
+            ("x_other", "kept"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let seen = s.users.last();
+    for (name, value) in &seen.headers {
+        let folded = name.as_str().replace('_', "-");
+        if folded != name.as_str() {
+            assert_eq!(name.as_str(), "x_other", "variant {name} forwarded");
+        }
+        assert_ne!(value, "root");
+        assert_ne!(value, "forged");
+    }
+    assert_eq!(seen.headers["x-user-id"], "u3");
+    assert_eq!(
+        seen.headers["x_other"], "kept",
+        "other underscore names are untouched"
+    );
+}
+
+/// An upstream that answers `/gz` gzip-encoded whatever the client accepts, `/bad`
+/// with a body that claims JSON but is not, and anything else like the echo upstream
+/// would, recording the Accept-Encoding it got.
+async fn encoding_upstream() -> (SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen2 = seen.clone();
+    tokio::spawn(async move {
+        for _ in 0..1000 {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let seen = seen2.clone();
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let seen = seen.clone();
+                        async move {
+                            let ae = req
+                                .headers()
+                                .get("accept-encoding")
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("")
+                                .to_string();
+                            seen.lock().expect("seen").push(ae.clone());
+                            let json =
+                                r#"{"id":1,"internal_id":9,"profile":{"password_hash":"x"}}"#;
+                            let mut r = http::Response::new(Full::new(Bytes::from(json)));
+                            r.headers_mut()
+                                .insert("content-type", "application/json".parse().expect("ct"));
+                            match req.uri().path() {
+                                "/api/users/gz" => {
+                                    r.headers_mut()
+                                        .insert("content-encoding", "gzip".parse().expect("ce"));
+                                }
+                                "/api/users/bad" => {
+                                    *r.body_mut() =
+                                        Full::new(Bytes::from(r#"{"internal_id":9, oops"#));
+                                }
+                                _ if ae.contains("gzip") => {
+                                    r.headers_mut()
+                                        .insert("content-encoding", "gzip".parse().expect("ce"));
+                                }
+                                _ => {}
+                            }
+                            Ok::<_, hyper::Error>(r)
+                        }
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+// 4. Field stripping fails closed.
+#[tokio::test]
+async fn field_stripping_asks_for_identity_and_fails_closed() {
+    let (addr, seen) = encoding_upstream().await;
+    let cfg = format!(
+        r#"{}
+        [pools.users]
+        backends = [{{ address = "{addr}" }}]
+        [transforms.t]
+        strip_json_fields = ["internal_id", "password_hash"]
+        [[routes]]
+        name = "users"
+        path = "/api/users"
+        pool = "users"
+        transform = "t"
+        "#,
+        listener("public")
+    );
+    let gw = start_gateway(&cfg).await;
+    let c = client();
+    let r = get(
+        &c,
+        &format!("{}/api/users/1", base(&gw)),
+        &[("accept-encoding", "gzip, br")],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        seen.lock().expect("seen").last().map(String::as_str),
+        Some("identity")
+    );
+    assert!(r.header("content-encoding").is_none());
+    assert_eq!(r.json(), serde_json::json!({"id": 1, "profile": {}}));
+    for path in ["/api/users/gz", "/api/users/bad"] {
+        let r = get(
+            &c,
+            &format!("{}{path}", base(&gw)),
+            &[("accept-encoding", "gzip")],
+        )
+        .await;
+        assert_eq!(r.status, 502, "{path}");
+        let body = String::from_utf8_lossy(&r.body);
+        assert!(
+            !body.contains("internal_id") && !body.contains("password_hash"),
+            "{body}"
+        );
+    }
+}
+
+// 5. The smuggling guard holds for every request of a connection.
+#[tokio::test]
+async fn smuggling_guard_applies_to_every_request_on_a_connection() {
+    let s = setup("").await;
+    let addr = s.gw.addr("public").expect("addr");
+    let chunked = "POST /api/public/a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n0\r\nX-Trailer: t\r\n\r\n";
+    let cl = "POST /api/public/c HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc";
+    for second in [
+        "POST /api/public/b HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        "POST /api/public/b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n",
+        "POST /api/public/b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+        "POST /api/public/b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        // Refused by hyper's parser itself, on every request too.
+        "POST /api/public/b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n",
+        "POST /api/public/b HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+        "POST /api/public/b HTTP/1.1\r\nHost: x\r\nContent-Length: +3\r\n\r\nabc",
+        "POST /api/public/b HTTP/1.1\r\nHost: x\r\nX-Folded: a\r\n b\r\nContent-Length: 3\r\n\r\nabc",
+        "POST /api/public/b HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    ] {
+        for first in [chunked, cl] {
+            let text = raw_all(addr, format!("{first}{second}").as_bytes()).await;
+            assert_eq!(statuses(&text), vec![200, 400], "{first:?} then {second:?}: {text}");
+        }
+    }
+    let uris: Vec<String> = s
+        .public
+        .seen
+        .lock()
+        .expect("seen")
+        .iter()
+        .map(|x| x.uri.clone())
+        .collect();
+    assert!(
+        uris.iter().all(|u| u != "/api/public/b"),
+        "smuggled request forwarded: {uris:?}"
+    );
+    // Ordinary keep-alive traffic still works after chunked and sized bodies.
+    let text = raw_all(addr, format!("{chunked}{cl}{chunked}GET /api/public/d HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await;
+    assert_eq!(statuses(&text), vec![200, 200, 200, 200], "{text}");
+}
+
+// 6. Idle and silent connections are closed; one address cannot take every slot.
+#[tokio::test]
+async fn silent_and_idle_connections_are_closed() {
+    let s = setup("first_byte_timeout_ms = 300\nidle_timeout_ms = 300").await;
+    let addr = s.gw.addr("public").expect("addr");
+    let mut silent = TcpStream::connect(addr).await.expect("connect");
+    assert!(
+        closed_within(&mut silent, Duration::from_secs(3)).await,
+        "silent socket closed"
+    );
+
+    let mut h2 = TcpStream::connect(addr).await.expect("connect");
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .expect("preface");
+    assert!(
+        closed_within(&mut h2, Duration::from_secs(3)).await,
+        "silent h2 closed"
+    );
+
+    let mut ka = TcpStream::connect(addr).await.expect("connect");
+    ka.write_all(b"GET /api/public/x HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let started = std::time::Instant::now();
+    assert!(
+        closed_within(&mut ka, Duration::from_secs(3)).await,
+        "idle keep-alive closed"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(200),
+        "not before the idle timeout"
+    );
+
+    // A request slower than the idle timeout is not cut.
+    let c = client();
+    let r = get(&c, &format!("{}/delay/800", base(&s.gw)), &[]).await;
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test]
+async fn per_address_connection_cap_keeps_other_clients_served() {
+    let s =
+        setup("max_connections = 20\nmax_connections_per_ip = 5\nfirst_byte_timeout_ms = 10000")
+            .await;
+    let addr = s.gw.addr("public").expect("addr");
+    let mut hogs = Vec::new();
+    for _ in 0..20 {
+        hogs.push(connect_from("127.0.0.2", addr).await);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut open = 0;
+    for h in &mut hogs {
+        if !closed_within(h, Duration::from_millis(50)).await {
+            open += 1;
+        }
+    }
+    assert_eq!(open, 5, "only max_connections_per_ip silent sockets stay");
+    let c = client();
+    let r = get(&c, &format!("{}/api/public/x", base(&s.gw)), &[]).await;
+    assert_eq!(r.status, 200, "a real client still gets in");
+}
+
+// 7. max_headers counts the client's fields only.
+#[tokio::test]
+async fn max_headers_counts_only_client_fields() {
+    let s = setup("max_headers = 50").await;
+    let addr = s.gw.addr("public").expect("addr");
+    let mut req = String::from("GET /api/public/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
+    for i in 0..48 {
+        req.push_str(&format!("X-H{i}: v\r\n"));
+    }
+    let ok = raw_all(addr, format!("{req}\r\n").as_bytes()).await;
+    assert!(
+        ok.starts_with("HTTP/1.1 200"),
+        "50 client fields allowed: {ok:?}"
+    );
+    let too_many = raw_all(addr, format!("{req}X-H48: v\r\n\r\n").as_bytes()).await;
+    assert!(
+        too_many.starts_with("HTTP/1.1 431"),
+        "51 client fields refused: {too_many:?}"
+    );
+}
+
+// 8. Values put into aggregation templates are encoded.
+#[tokio::test]
+async fn aggregation_template_values_are_encoded() {
+    let s = setup("").await;
+    let c = client();
+    let base = base(&s.gw);
+    let r = get(&c, &format!("{base}/api/summary/7&admin=true"), &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(s.orders.last().uri, "/orders?user=7%26admin%3Dtrue");
+    assert_eq!(s.users.last().uri, "/users/7%26admin%3Dtrue");
+
+    let r = get(&c, &format!("{base}/api/summary/7?x=1&user=8"), &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        s.orders.last().uri,
+        "/orders?user=7&x=1",
+        "client cannot override user"
+    );
+    assert_eq!(s.users.last().uri, "/users/7?x=1&user=8");
+
+    let before = (s.users.hits(), s.orders.hits());
+    for path in ["/api/summary/..", "/api/summary/%2e%2e", "/api/summary/."] {
+        let r = get(&c, &format!("{base}{path}"), &[]).await;
+        assert!(r.status.is_client_error(), "{path}: {}", r.status);
+    }
+    assert_eq!(
+        (s.users.hits(), s.orders.hits()),
+        before,
+        "no dot-segment reached a part"
+    );
+}
+
+// 9. Error bodies carry no upstream detail.
+#[tokio::test]
+async fn upstream_errors_do_not_leak_addresses() {
+    let dead = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    let cfg = format!(
+        "{}[pools.p]\nbackends = [{{ address = \"{dead}\" }}]\n[[routes]]\nname = \"r\"\npath = \"/\"\npool = \"p\"\n[[routes]]\nname = \"agg\"\npath = \"/agg/{{id}}\"\npath_match = \"template\"\naggregate = [{{ name = \"a\", pool = \"p\", path = \"/a/{{id}}\" }}]\n",
+        listener("public")
+    );
+    let gw = start_gateway(&cfg).await;
+    let c = client();
+    for path in ["/x", "/agg/1"] {
+        let r = get(&c, &format!("{}{path}", base(&gw)), &[]).await;
+        assert_eq!(r.status, 502, "{path}");
+        let body = String::from_utf8_lossy(&r.body).to_string();
+        assert!(
+            !body.contains("127.0.0.1") && !body.contains(&dead.port().to_string()),
+            "{body}"
+        );
+        let v = r.json();
+        assert_eq!(
+            v["request_id"].as_str(),
+            r.header("x-request-id").as_deref(),
+            "{body}"
+        );
+    }
+}
+
+// 10. Authentication failures are rate limited per client address.
+#[tokio::test]
+async fn auth_failures_are_rate_limited_per_address() {
+    let public = upstream("public").await;
+    let cfg = format!(
+        r#"{}{}
+        [auth.failure_limit]
+        max_failures = 5
+        window_ms = 60000
+        [[auth.api_keys]]
+        name = "partner"
+        sha256 = "{}"
+        user_id = "partner-1"
+        [[routes]]
+        name = "key"
+        path = "/api/key"
+        pool = "public"
+        auth = "api-key"
+        "#,
+        listener("public"),
+        pool("public", &[&public], ""),
+        l7_sidecar::auth::hash_api_key("right-key"),
+    );
+    let gw = start_gateway(&cfg).await;
+    let c = client();
+    let url = format!("{}/api/key", base(&gw));
+    assert_eq!(
+        get(&c, &url, &[("x-api-key", "right-key")]).await.status,
+        200
+    );
+    // Missing credentials are not guesses and do not count.
+    for _ in 0..10 {
+        assert_eq!(get(&c, &url, &[]).await.status, 401);
+    }
+    for i in 0..5 {
+        let r = get(&c, &url, &[("x-api-key", &format!("guess-{i}"))]).await;
+        assert_eq!(r.status, 401, "guess {i}");
+    }
+    let r = get(&c, &url, &[("x-api-key", "guess-6")]).await;
+    assert_eq!(r.status, 429);
+    let retry: u64 = r
+        .header("retry-after")
+        .and_then(|v| v.parse().ok())
+        .expect("Retry-After");
+    assert!((1..=60).contains(&retry), "{retry}");
+    // Over the limit the address is refused before any verification, even with the right key.
+    assert_eq!(
+        get(&c, &url, &[("x-api-key", "right-key")]).await.status,
+        429
+    );
+    // Another address is not affected.
+    let addr = gw.addr("public").expect("addr");
+    let mut other = connect_from("127.0.0.2", addr).await;
+    other
+        .write_all(b"GET /api/key HTTP/1.1\r\nHost: x\r\nX-Api-Key: right-key\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let text = read_for(&mut other, Duration::from_secs(3)).await;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text:?}");
+}
+
+/// An upstream that answers like a healthy replica until `dead` is raised, then reads
+/// each request and closes the connection without a byte of response.
+async fn dying_upstream() -> (SocketAddr, Arc<AtomicBool>, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let dead = Arc::new(AtomicBool::new(false));
+    let hits = Arc::new(AtomicUsize::new(0));
+    let (d, h) = (dead.clone(), hits.clone());
+    tokio::spawn(async move {
+        for _ in 0..1000 {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let (d, h) = (d.clone(), h.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                for _ in 0..1000 {
+                    let Ok(n) = s.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        h.fetch_add(1, Ordering::SeqCst);
+                        if d.load(Ordering::SeqCst) {
+                            return;
+                        }
+                        let body = r#"{"service":"dying"}"#;
+                        let resp = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if s.write_all(resp.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, dead, hits)
+}
+
+// 11. A replica that dies on a pooled connection does not fail idempotent requests.
+#[tokio::test]
+async fn idempotent_request_retried_when_pooled_connection_dies() {
+    let (a, dead, a_hits) = dying_upstream().await;
+    let b = upstream("b").await;
+    let cfg = format!(
+        "{}[pools.p]\nalgorithm = \"round-robin\"\nretries = 1\nbackends = [{{ address = \"{a}\" }}, {{ address = \"{}\" }}]\n[pools.p.passive]\nconsecutive_failures = 0\n[[routes]]\nname = \"r\"\npath = \"/\"\npool = \"p\"\n",
+        listener("public"),
+        b.addr
+    );
+    let gw = start_gateway(&cfg).await;
+    let c = client();
+    let url = format!("{}/x", base(&gw));
+    for _ in 0..2 {
+        assert_eq!(get(&c, &url, &[]).await.status, 200);
+    }
+    dead.store(true, Ordering::SeqCst);
+    let before = a_hits.load(Ordering::SeqCst);
+    for i in 0..4 {
+        let r = get(&c, &url, &[]).await;
+        assert_eq!(
+            r.status, 200,
+            "GET {i} retried on the live replica: {:?}",
+            r.body
+        );
+    }
+    assert!(
+        a_hits.load(Ordering::SeqCst) > before,
+        "the dead replica was tried"
+    );
+    // POST is not idempotent: it may have been processed, so it is not retried.
+    let mut post = Vec::new();
+    for _ in 0..4 {
+        post.push(send(&c, "POST", &url, &[], "x").await.status.as_u16());
+    }
+    assert!(post.contains(&502), "{post:?}");
+}
