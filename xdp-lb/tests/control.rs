@@ -198,8 +198,10 @@ fn drain_timeout_ends_established_connections() {
     let mut conn = check(&daemon, "keep-alive connect", topo.client().run(|| KeepAliveClient::connect(vip)));
     let first = check(&daemon, "first round trip", conn.get());
     let held = (0..2).find(|&i| body(i) == first).unwrap_or_else(|| panic!("unexpected body {first:?}"));
-    cli_ok(&daemon, &["backend", "drain", "web", &backend_addr(&topo, held).to_string()]);
+    // The drain starts when the daemon programs it, before it writes the config file and answers:
+    // measure from the request, the earliest moment the drain can have started.
     let drained_at = Instant::now();
+    cli_ok(&daemon, &["backend", "drain", "web", &backend_addr(&topo, held).to_string()]);
     assert_eq!(check(&daemon, "round trip while draining", conn.get()), first);
     // The daemon looks at drain timers every 500 ms.
     let took = wait_status(&daemon, "the drained backend marked down after its timeout", DRAIN_TIMEOUT * 3, |s| {
