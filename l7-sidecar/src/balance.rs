@@ -245,7 +245,7 @@ impl Pool {
                 }
             }
             HashOn::Cookie(name) => {
-                if let Some(v) = crate::transform::cookie(input.headers, name) {
+                if let Some(v) = crate::http_util::cookie(input.headers, name) {
                     return ring_hash(v.as_bytes());
                 }
             }

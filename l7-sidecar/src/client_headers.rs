@@ -10,8 +10,10 @@
 //! - The number of fields the client sent is recorded before the gateway adds any,
 //!   so `server.max_headers` limits the client alone.
 
-use crate::proxy::{is_upgrade, strip_hop_by_hop, Body};
-use crate::stack::{run, ClientHeaderCount, Next, Snapshot};
+use crate::ctx::ClientHeaderCount;
+use crate::http_util::{is_upgrade, strip_hop_by_hop, Body};
+use crate::pipeline::Snapshot;
+use crate::stage::{run, Next};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response};
 
 /// Headers only the gateway sets (transform-added names are owned too).

@@ -8,8 +8,11 @@
 //! detector in `crate::smuggle`, requests that had both `Content-Length` and
 //! `Transfer-Encoding` (hyper hides that). Then header count and path checks.
 
-use crate::proxy::Body;
-use crate::stack::{json_error, run, ClientHeaderCount, ConnInfo, Next, RequestIndex, Snapshot};
+use crate::ctx::{ClientHeaderCount, ConnInfo, RequestIndex};
+use crate::http_util::json_error;
+use crate::http_util::Body;
+use crate::pipeline::Snapshot;
+use crate::stage::{run, Next};
 use http::{header, HeaderValue, Request, Response, StatusCode};
 
 pub use crate::smuggle::{SmuggleGuard, Smuggled};

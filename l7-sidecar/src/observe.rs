@@ -4,11 +4,12 @@
 //! handles are registered once per route, the access record is only assembled when
 //! someone reads it, and log lines are written by a background thread.
 
+use crate::ctx::{ConnInfo, RequestId, TraceId, UpstreamAddr, UserId};
 use crate::gateway::Shared;
-use crate::proxy::{full, Body};
-use crate::stack::{
-    run, ConnInfo, MatchedRoute, Next, RequestId, Snapshot, TraceId, UpstreamAddr, UserId,
-};
+use crate::http_util::{full, Body};
+use crate::pipeline::Snapshot;
+use crate::routing::MatchedRoute;
+use crate::stage::{run, Next};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response};
 use http_body_util::BodyExt as _;
 use metrics::{Counter, Histogram};
@@ -432,7 +433,7 @@ impl LoggedBody {
 
 impl hyper::body::Body for LoggedBody {
     type Data = bytes::Bytes;
-    type Error = crate::proxy::BoxError;
+    type Error = crate::http_util::BoxError;
 
     fn poll_frame(
         mut self: std::pin::Pin<&mut Self>,

@@ -3,9 +3,12 @@
 
 use crate::auth::Identity;
 use crate::config::{RateAlgorithm, RateKey, RateLimitConfig};
-use crate::proxy::Body;
+use crate::ctx::ConnInfo;
+use crate::http_util::json_error;
+use crate::http_util::Body;
+use crate::pipeline::Snapshot;
 use crate::routing::RouteCtx;
-use crate::stack::{json_error, run, ConnInfo, Next, Snapshot};
+use crate::stage::{run, Next};
 use http::{header, HeaderMap, HeaderName, Request, Response, StatusCode};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -348,7 +351,8 @@ mod tests {
 
     #[tokio::test]
     async fn stage_alone_sets_headers_and_rejects() {
-        use crate::stack::testing::{ok, routed, stub};
+        use crate::pipeline::testing::routed;
+        use crate::stage::testing::{ok, stub};
         let toml = r#"
             [pools.p]
             backends = [{ address = "127.0.0.1:9" }]

@@ -2,11 +2,17 @@
 //! Routes are sorted once by specificity so the first full match is the most specific.
 
 use crate::config::{PathMatch, RouteConfig};
-use crate::proxy::Body;
-use crate::stack::{json_error, run, MatchedRoute, Next, Snapshot};
+use crate::http_util::json_error;
+use crate::http_util::Body;
+use crate::pipeline::Snapshot;
+use crate::stage::{run, Next};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use std::collections::BTreeMap;
 use std::sync::Arc;
+
+/// Response extensions read by the access log.
+#[derive(Clone)]
+pub struct MatchedRoute(pub Arc<Route>);
 
 /// The matched route, for the stages below routing.
 #[derive(Clone)]

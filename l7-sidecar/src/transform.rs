@@ -3,9 +3,14 @@
 
 use crate::auth::Identity;
 use crate::config::TransformConfig;
-use crate::proxy::{full, is_upgrade, strip_hop_by_hop, Body};
+// Re-exported where it used to live, for the fuzz target.
+use crate::ctx::{ConnInfo, RequestId};
+pub use crate::http_util::cookie;
+use crate::http_util::json_error_with_id;
+use crate::http_util::{full, is_upgrade, strip_hop_by_hop, Body};
+use crate::pipeline::Snapshot;
 use crate::routing::RouteCtx;
-use crate::stack::{json_error_with_id, run, ConnInfo, Next, RequestId, Snapshot};
+use crate::stage::{run, Next};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
 use std::sync::Arc;
 
@@ -161,18 +166,6 @@ pub fn is_json(headers: &HeaderMap) -> bool {
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| ct.starts_with("application/json") || ct.contains("+json"))
-}
-
-pub fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers
-        .get_all(http::header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .find_map(|kv| {
-            let (k, v) = kv.trim().split_once('=')?;
-            (k == name).then(|| v.to_string())
-        })
 }
 
 /// Outermost id stage: every request and response carries `X-Request-Id`.
@@ -344,7 +337,7 @@ mod tests {
 
     #[tokio::test]
     async fn request_id_stage_alone() {
-        use crate::stack::testing::stub;
+        use crate::stage::testing::stub;
         let next = stub(|req: Request<()>| {
             let id = req
                 .extensions()
@@ -370,7 +363,8 @@ mod tests {
 
     #[tokio::test]
     async fn transform_stage_alone() {
-        use crate::stack::testing::{routed, stub};
+        use crate::pipeline::testing::routed;
+        use crate::stage::testing::stub;
         let toml = r#"
             [pools.p]
             backends = [{ address = "127.0.0.1:9" }]

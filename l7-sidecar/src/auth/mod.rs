@@ -3,9 +3,12 @@
 //! how it is verified (no `alg: none`, no RS256-public-key-as-HMAC-secret).
 
 use crate::config::{ApiKeyConfig, AuthMode, JwtConfig};
-use crate::proxy::Body;
+use crate::ctx::{ConnInfo, UserId};
+use crate::http_util::json_error;
+use crate::http_util::Body;
+use crate::pipeline::Snapshot;
 use crate::routing::RouteCtx;
-use crate::stack::{json_error, run, ConnInfo, Next, Snapshot, UserId};
+use crate::stage::{run, Next};
 use http::HeaderMap;
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
