@@ -12,6 +12,7 @@ pub mod guard;
 pub mod health;
 pub mod http_util;
 pub mod idle;
+pub mod stats;
 pub mod observe;
 pub mod path;
 pub mod pipeline;

@@ -1,13 +1,20 @@
 //! The gateway's request pipeline, composed in one place: the only module that
-//! imports every stage. Stages share per-request data through extensions: request
-//! extensions carry what outer stages learned (connection, ids, route, identity),
-//! response extensions carry what inner stages learned (route, user, upstream)
-//! back out to the access log.
+//! imports every stage (the shape of linkerd2-proxy's `push_*` chain). Each stage
+//! is handed its own state explicitly — its slice of the config generation the
+//! request runs under, its registries — so no stage reads a gateway-wide runtime,
+//! and each can be tested alone with a stub `next`.
+//!
+//! Stages share per-request data through `ctx` types in extensions: request
+//! extensions carry what outer stages learned (connection, ids, identity), response
+//! extensions carry what inner stages learned (route, user, upstream) back out to
+//! the access log. The matched route is not an extension: stages below routing take
+//! a `Routed` request, so "no route" cannot happen there.
 
 use crate::ctx::{ConnInfo, RequestIndex};
 use crate::gateway::{Runtime, Shared};
 use crate::http_util::Body;
-use crate::stage::{stage, Next};
+use crate::routing::Routed;
+use crate::stage::{stage, Next, Stage};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use std::convert::Infallible;
@@ -17,55 +24,100 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-/// The config generation a request runs under, fixed when it arrives.
-#[derive(Clone)]
-pub struct Snapshot(pub Arc<Runtime>);
+/// `stage` for the stages below routing: fixes the request type so closures'
+/// argument types are inferred.
+fn routed<F, Fut, N>(f: F, next: N) -> Stage<F, N>
+where
+    F: FnOnce(Routed<Incoming>, N) -> Fut,
+{
+    Stage::new(f, next)
+}
 
 /// The innermost stage: forward to the upstream pool.
-#[derive(Clone, Copy)]
-pub struct Proxy;
+struct Proxy(Arc<Runtime>);
 
-impl Next<Incoming> for Proxy {
-    fn run(self, req: Request<Incoming>) -> impl Future<Output = Response<Body>> + Send {
-        crate::proxy::proxy(req)
+impl Next<Routed<Incoming>> for Proxy {
+    #[allow(clippy::manual_async_fn)]
+    fn run(self, r: Routed<Incoming>) -> impl Future<Output = Response<Body>> + Send {
+        async move {
+            let rt = self.0;
+            crate::proxy::proxy(&rt.upstreams, &rt.cfg.server, r).await
+        }
     }
 }
 
-/// The full pipeline, outermost stage first.
-pub fn pipeline(shared: Arc<Shared>) -> impl Next<Incoming> + Clone {
-    let p = stage(crate::transform::transform_stage, Proxy);
-    let p = stage(crate::ratelimit::rate_limit_stage, p);
-    let p = stage(crate::auth::auth_stage, p);
-    let p = stage(crate::routing::routing_stage, p);
-    let p = stage(crate::observe::metrics_stage, p);
-    let p = stage(crate::guard::hardening_stage, p);
+/// The full pipeline for one request, outermost stage first. `rt` is the config
+/// generation the request runs under, fixed when it arrives; each stage holds a
+/// reference-counted handle on it and reads only its own part.
+pub fn pipeline(shared: &Shared, rt: Arc<Runtime>) -> impl Next<Request<Incoming>> {
+    let p = Proxy(rt.clone());
+    let s = rt.clone();
+    let p = routed(
+        move |r, next| async move {
+            let max_response = s.cfg.server.max_response_bytes;
+            crate::transform::transform_stage(&s.cfg.transforms, max_response, r, next).await
+        },
+        p,
+    );
+    let s = rt.clone();
+    let p = routed(
+        move |r, next| async move { crate::ratelimit::rate_limit_stage(&s.limiters, r, next).await },
+        p,
+    );
+    let s = rt.clone();
+    let p = routed(
+        move |r, next| async move {
+            let limit = &s.cfg.auth.failure_limit;
+            crate::auth::auth_stage(&s.auth, &s.auth_failures, limit, r, next).await
+        },
+        p,
+    );
+    let s = rt.clone();
     let p = stage(
-        move |req, next| crate::observe::access_log_stage(shared, req, next),
+        move |req, next| async move { crate::routing::routing_stage(&s.router, req, next).await },
+        p,
+    );
+    let s = rt.clone();
+    let p = stage(
+        move |req, next| async move {
+            crate::observe::metrics_stage(&s.cfg.observability.metrics_path, req, next).await
+        },
+        p,
+    );
+    let max_headers = rt.cfg.server.max_headers;
+    let p = stage(
+        move |req, next| crate::guard::hardening_stage(max_headers, req, next),
+        p,
+    );
+    let log = shared.access_log.clone();
+    let write = rt.cfg.observability.access_log;
+    let p = stage(
+        move |req, next| crate::observe::access_log_stage(log, write, req, next),
         p,
     );
     let p = stage(crate::observe::trace_stage, p);
     let p = stage(crate::transform::request_id_stage, p);
-    stage(crate::client_headers::client_headers_stage, p)
+    stage(
+        move |req, next| async move {
+            crate::client_headers::client_headers_stage(&rt.cfg.transforms, req, next).await
+        },
+        p,
+    )
 }
 
 /// The pipeline as the service hyper calls for each request on one connection.
 #[derive(Clone)]
-pub struct GatewayService<P> {
+pub struct GatewayService {
     shared: Arc<Shared>,
     conn: ConnInfo,
-    pipeline: P,
 }
 
 /// The service for one connection.
-pub fn build(shared: Arc<Shared>, conn: ConnInfo) -> GatewayService<impl Next<Incoming> + Clone> {
-    GatewayService {
-        pipeline: pipeline(shared.clone()),
-        shared,
-        conn,
-    }
+pub fn build(shared: Arc<Shared>, conn: ConnInfo) -> GatewayService {
+    GatewayService { shared, conn }
 }
 
-impl<P: Next<Incoming> + Clone> tower::Service<Request<Incoming>> for GatewayService<P> {
+impl tower::Service<Request<Incoming>> for GatewayService {
     type Response = Response<Body>;
     type Error = Infallible;
     type Future = ResponseFuture;
@@ -81,12 +133,11 @@ impl<P: Next<Incoming> + Clone> tower::Service<Request<Incoming>> for GatewaySer
         // close a connection whose response is still being produced.
         let in_flight = self.conn.activity.start_request();
         req.extensions_mut().insert(self.conn.clone());
-        req.extensions_mut()
-            .insert(Snapshot(self.shared.runtime.load_full()));
+        let pipeline = pipeline(&self.shared, self.shared.runtime.load_full());
         // Boxed straight away: the pipeline future is several KiB, and every
         // further move of it (into a wrapping `async` block, say) is a memcpy.
         ResponseFuture {
-            fut: Box::pin(self.pipeline.clone().run(req)),
+            fut: Box::pin(pipeline.run(req)),
             in_flight: Some(in_flight),
         }
     }
@@ -112,34 +163,5 @@ impl Future for ResponseFuture {
             }
             None => resp,
         }))
-    }
-}
-
-#[cfg(test)]
-pub mod testing {
-    use super::*;
-
-    /// A request as the stages below routing see it: connection, snapshot and
-    /// matched route in its extensions. Needs a Tokio runtime (the gateway starts tasks).
-    pub fn routed(toml: &str, builder: http::request::Builder) -> (crate::Gateway, Request<()>) {
-        let cfg = crate::Config::parse(toml).unwrap_or_else(|e| panic!("test config: {e}"));
-        let gw = crate::Gateway::new(cfg, None).unwrap_or_else(|e| panic!("gateway: {e}"));
-        let mut req = builder.body(()).unwrap_or_else(|e| panic!("request: {e}"));
-        let rt = gw.runtime();
-        let crate::routing::RouteMatch::Found { route, params } =
-            rt.router
-                .lookup(None, req.method(), req.uri().path(), req.headers())
-        else {
-            panic!("test request must match a route");
-        };
-        let conn = ConnInfo::new("127.0.0.1:5555".parse().expect("addr"), false, false);
-        req.extensions_mut().insert(conn);
-        req.extensions_mut().insert(crate::routing::RouteCtx {
-            route,
-            params,
-            host: None,
-        });
-        req.extensions_mut().insert(Snapshot(rt));
-        (gw, req)
     }
 }

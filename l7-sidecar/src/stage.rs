@@ -11,15 +11,15 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use std::future::Future;
 
-/// The rest of the pipeline below a stage. Running it consumes it: a stage calls it
-/// at most once, and the pipeline is cloned (cheaply: stages are plain functions)
-/// per request.
-pub trait Next<B>: Send + 'static {
-    fn run(self, req: Request<B>) -> impl Future<Output = Response<Body>> + Send;
+/// The rest of the pipeline below a stage, taking requests of type `R`: a plain
+/// `Request<B>` above routing, a `routing::Routed<B>` (request plus its matched
+/// route) below it. Running it consumes it: a stage calls it at most once.
+pub trait Next<R>: Send + 'static {
+    fn run(self, req: R) -> impl Future<Output = Response<Body>> + Send;
 }
 
 /// Run the rest of the pipeline.
-pub fn run<B, N: Next<B>>(next: N, req: Request<B>) -> impl Future<Output = Response<Body>> + Send {
+pub fn run<R, N: Next<R>>(next: N, req: R) -> impl Future<Output = Response<Body>> + Send {
     next.run(req)
 }
 
@@ -30,19 +30,27 @@ pub struct Stage<F, N> {
     next: N,
 }
 
-impl<B, F, Fut, N> Next<B> for Stage<F, N>
+impl<F, N> Stage<F, N> {
+    /// Put `f` in front of `next`. Callers usually go through a helper that fixes the
+    /// request type (`stage` below), so closures' argument types are inferred.
+    pub fn new(f: F, next: N) -> Stage<F, N> {
+        Stage { f, next }
+    }
+}
+
+impl<R, F, Fut, N> Next<R> for Stage<F, N>
 where
-    F: FnOnce(Request<B>, N) -> Fut + Send + 'static,
+    F: FnOnce(R, N) -> Fut + Send + 'static,
     Fut: Future<Output = Response<Body>> + Send,
     N: Send + 'static,
 {
-    fn run(self, req: Request<B>) -> impl Future<Output = Response<Body>> + Send {
+    fn run(self, req: R) -> impl Future<Output = Response<Body>> + Send {
         (self.f)(req, self.next)
     }
 }
 
-/// Put `f` in front of `next`; the request body type is fixed to hyper's so the
-/// stage functions' generic parameters are inferred.
+/// Put `f` in front of `next`; the request type is fixed to hyper's so the stage
+/// functions' generic parameters are inferred.
 pub fn stage<F, Fut, N>(f: F, next: N) -> Stage<F, N>
 where
     F: FnOnce(Request<Incoming>, N) -> Fut,
@@ -59,24 +67,24 @@ pub mod testing {
     #[derive(Clone)]
     pub struct Stub<F>(F);
 
-    impl<B, F> Next<B> for Stub<F>
+    impl<R, F> Next<R> for Stub<F>
     where
-        B: Send + 'static,
-        F: FnOnce(Request<B>) -> Response<Body> + Send + 'static,
+        R: Send + 'static,
+        F: FnOnce(R) -> Response<Body> + Send + 'static,
     {
         #[allow(clippy::manual_async_fn)]
-        fn run(self, req: Request<B>) -> impl Future<Output = Response<Body>> + Send {
+        fn run(self, req: R) -> impl Future<Output = Response<Body>> + Send {
             async move { (self.0)(req) }
         }
     }
 
-    pub fn stub<B: Send + 'static>(
-        f: impl Fn(Request<B>) -> Response<Body> + Clone + Send + 'static,
-    ) -> Stub<impl Fn(Request<B>) -> Response<Body> + Clone + Send + 'static> {
+    pub fn stub<R: Send + 'static>(
+        f: impl Fn(R) -> Response<Body> + Clone + Send + 'static,
+    ) -> Stub<impl Fn(R) -> Response<Body> + Clone + Send + 'static> {
         Stub(f)
     }
 
-    pub fn ok<B>(_: Request<B>) -> Response<Body> {
+    pub fn ok<R>(_: R) -> Response<Body> {
         Response::new(full("ok"))
     }
 }

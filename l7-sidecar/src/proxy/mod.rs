@@ -15,13 +15,14 @@ pub use crate::http_util::{full, is_upgrade, strip_hop_by_hop, Body, BoxError};
 use crate::balance::{ActiveGuard, HashInput, Pool};
 use crate::ctx::{ConnInfo, UpstreamAddr};
 use crate::http_util::json_error;
-use crate::pipeline::Snapshot;
-use crate::routing::{append_query, fill_template, RouteCtx};
+use crate::config::ServerConfig;
+use crate::routing::{append_query, fill_template, Routed};
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -215,19 +216,13 @@ fn parts_is_5xx<B>(r: &Response<B>) -> bool {
 }
 
 /// The innermost stage: send the (already checked and transformed) request on.
-pub async fn proxy(mut req: Request<hyper::body::Incoming>) -> Response<Body> {
-    // Taken rather than cloned: nothing after this stage reads them.
-    let (Some(Snapshot(rt)), Some(ctx)) = (
-        req.extensions_mut().remove::<Snapshot>(),
-        req.extensions_mut().remove::<RouteCtx>(),
-    ) else {
-        return json_error(
-            &req,
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "proxy without a route",
-        );
-    };
+/// `upstreams` and `limits` (body size limits) come from the request's config
+/// generation.
+pub async fn proxy(
+    upstreams: &HashMap<String, Arc<Upstream>>,
+    limits: &ServerConfig,
+    Routed { req, route: ctx }: Routed<hyper::body::Incoming>,
+) -> Response<Body> {
     let client_ip = req
         .extensions()
         .get::<ConnInfo>()
@@ -253,7 +248,7 @@ pub async fn proxy(mut req: Request<hyper::body::Incoming>) -> Response<Body> {
         pq.push('?');
         pq.push_str(q);
     }
-    let pool = rc.pool.as_ref().and_then(|p| rt.upstreams.get(p)).cloned();
+    let pool = rc.pool.as_ref().and_then(|p| upstreams.get(p)).cloned();
 
     if is_upgrade(req.headers()) {
         if !rc.websocket {
@@ -296,8 +291,8 @@ pub async fn proxy(mut req: Request<hyper::body::Incoming>) -> Response<Body> {
         };
     }
 
-    let max_body = rt.cfg.server.max_body_bytes;
-    let max_resp = rt.cfg.server.max_response_bytes;
+    let max_body = limits.max_body_bytes;
+    let max_resp = limits.max_response_bytes;
     let rid = request_id(&req);
     let err = |status: StatusCode, code: &str, msg: &str| {
         crate::http_util::json_error_with_id(status, code, msg, &rid)
@@ -328,7 +323,7 @@ pub async fn proxy(mut req: Request<hyper::body::Incoming>) -> Response<Body> {
     if !rc.aggregate.is_empty() {
         let mut jobs = Vec::with_capacity(rc.aggregate.len());
         for a in &rc.aggregate {
-            let Some(up) = rt.upstreams.get(&a.pool) else {
+            let Some(up) = upstreams.get(&a.pool) else {
                 continue;
             };
             let path = match fill_template(&a.path, &ctx.params) {
