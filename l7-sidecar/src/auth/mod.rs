@@ -412,6 +412,9 @@ pub async fn auth_stage<B>(
 }
 
 #[cfg(test)]
+mod stage_tests;
+
+#[cfg(test)]
 mod tests {
     #[test]
     fn token_cache_honours_expiry() {
