@@ -2,7 +2,7 @@
 //! estimates, health, ejections) lives in `Backend`, which a `BackendRegistry` hands
 //! out by (pool, address) so a config reload reuses it instead of resetting it.
 
-use crate::config::{Algorithm, PassiveConfig, PoolConfig};
+use crate::config::{Algorithm, HashOn, PassiveConfig, PoolConfig};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -133,6 +133,8 @@ pub struct Pool {
     rr: AtomicUsize,
     wrr_current: Mutex<Vec<i64>>,
     ring: Vec<(u64, usize)>,
+    /// `cfg.hash_on`, parsed once here rather than on every pick.
+    pub hash_on: HashOn,
 }
 
 /// What a hashing pool hashes on, taken from the request.
@@ -193,6 +195,8 @@ impl Pool {
             weights,
             rr: AtomicUsize::new(0),
             ring,
+            // Validation rejected unparsable values before any pool is built.
+            hash_on: HashOn::parse(cfg.hash_on.as_deref()).unwrap_or_default(),
         }
     }
 
@@ -234,15 +238,18 @@ impl Pool {
     }
 
     fn hash_key(&self, input: &HashInput<'_>) -> u64 {
-        let on = self.cfg.hash_on.as_deref().unwrap_or("client-ip");
-        if let Some(name) = on.strip_prefix("header:") {
-            if let Some(v) = input.headers.get(name) {
-                return ring_hash(v.as_bytes());
+        match &self.hash_on {
+            HashOn::Header(name) => {
+                if let Some(v) = input.headers.get(name) {
+                    return ring_hash(v.as_bytes());
+                }
             }
-        } else if let Some(name) = on.strip_prefix("cookie:") {
-            if let Some(v) = crate::transform::cookie(input.headers, name) {
-                return ring_hash(v.as_bytes());
+            HashOn::Cookie(name) => {
+                if let Some(v) = crate::http_util::cookie(input.headers, name) {
+                    return ring_hash(v.as_bytes());
+                }
             }
+            HashOn::ClientIp => {}
         }
         // Requests without the key still stick, by client address.
         ip_hash(input.client_ip)
@@ -439,6 +446,36 @@ mod tests {
         let first = p.pick(&input(&h), &[]);
         for _ in 0..10 {
             assert_eq!(p.pick(&input(&h), &[]), first);
+        }
+    }
+
+    #[test]
+    fn hash_on_is_parsed_once_when_the_pool_is_built() {
+        let cfg = |hash_on: Option<&str>| PoolConfig {
+            algorithm: Algorithm::ConsistentHash,
+            hash_on: hash_on.map(String::from),
+            backends: vec![BackendConfig {
+                address: "10.0.0.1:80".into(),
+                weight: 1,
+            }],
+            connect_timeout_ms: 100,
+            request_timeout_ms: 100,
+            retries: 0,
+            health_check: None,
+            passive: PassiveConfig::default(),
+        };
+        let reg = BackendRegistry::default();
+        let on = |h| Pool::new("p", &cfg(h), &reg).hash_on;
+        assert_eq!(on(None), HashOn::ClientIp);
+        assert_eq!(on(Some("client-ip")), HashOn::ClientIp);
+        assert_eq!(
+            on(Some("header:X-User")),
+            HashOn::Header(http::HeaderName::from_static("x-user"))
+        );
+        assert_eq!(on(Some("cookie:session")), HashOn::Cookie("session".into()));
+        for bad in ["cookie:", "header:bad header", "ip", ""] {
+            let e = HashOn::parse(Some(bad)).expect_err(bad);
+            assert!(e.contains(&format!("{bad:?}")), "{e}");
         }
     }
 

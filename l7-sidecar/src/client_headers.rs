@@ -10,9 +10,12 @@
 //! - The number of fields the client sent is recorded before the gateway adds any,
 //!   so `server.max_headers` limits the client alone.
 
-use crate::proxy::{is_upgrade, strip_hop_by_hop, Body};
-use crate::stack::{run, ClientHeaderCount, Next, Snapshot};
+use crate::ctx::ClientHeaderCount;
+use crate::http_util::{is_upgrade, strip_hop_by_hop, Body};
+use crate::config::TransformConfig;
+use crate::stage::{run, Next};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response};
+use std::collections::BTreeMap;
 
 /// Headers only the gateway sets (transform-added names are owned too).
 pub const GATEWAY_OWNED: [&str; 7] = [
@@ -66,7 +69,13 @@ pub fn drop_owned_variants<'a>(
 }
 
 /// The outermost stage: clean the client's headers before anything else runs.
-pub async fn client_headers_stage<B>(mut req: Request<B>, next: impl Next<B>) -> Response<Body> {
+/// `transforms`: the request's config generation's transforms, whose added header
+/// names are gateway-owned too.
+pub async fn client_headers_stage<B>(
+    transforms: &BTreeMap<String, TransformConfig>,
+    mut req: Request<B>,
+    next: impl Next<Request<B>>,
+) -> Response<Body> {
     let count = req.headers().len();
     req.extensions_mut().insert(ClientHeaderCount(count));
     // Judged now: stripping removes Transfer-Encoding; the 400 is sent by
@@ -74,15 +83,11 @@ pub async fn client_headers_stage<B>(mut req: Request<B>, next: impl Next<B>) ->
     if let Some(bad) = crate::guard::framing_error(&req) {
         req.extensions_mut().insert(bad);
     }
-    let snap = req.extensions().get::<Snapshot>().cloned();
     let h = req.headers_mut();
     strip_client_hop_by_hop(h);
-    let added = snap.iter().flat_map(|s| {
-        s.0.cfg
-            .transforms
-            .values()
-            .flat_map(|t| t.request_headers_add.keys().map(String::as_str))
-    });
+    let added = transforms
+        .values()
+        .flat_map(|t| t.request_headers_add.keys().map(String::as_str));
     drop_owned_variants(h, added);
     run(next, req).await
 }

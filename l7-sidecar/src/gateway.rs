@@ -69,7 +69,7 @@ pub struct Shared {
     pub limiters: LimiterRegistry,
     pub auth_failures: Arc<crate::auth::FailureLimiter>,
     jwks: Mutex<HashMap<String, JwksEntry>>,
-    pub access_log: AccessLog,
+    pub access_log: Arc<AccessLog>,
     pub config_path: Option<PathBuf>,
     /// Serialises reloads so SIGHUP and the file watcher cannot interleave.
     reload_lock: tokio::sync::Mutex<()>,
@@ -90,7 +90,7 @@ impl Gateway {
             return Err(ConfigError::Invalid(errors).into());
         }
         crate::observe::prometheus();
-        let access_log = AccessLog::new();
+        let access_log = Arc::new(AccessLog::new());
         let shared = Arc::new(Shared {
             runtime: ArcSwap::from_pointee(Runtime {
                 cfg: cfg.clone(),

@@ -8,8 +8,10 @@
 //! detector in `crate::smuggle`, requests that had both `Content-Length` and
 //! `Transfer-Encoding` (hyper hides that). Then header count and path checks.
 
-use crate::proxy::Body;
-use crate::stack::{json_error, run, ClientHeaderCount, ConnInfo, Next, RequestIndex, Snapshot};
+use crate::ctx::{ClientHeaderCount, ConnInfo, RequestIndex};
+use crate::http_util::json_error;
+use crate::http_util::Body;
+use crate::stage::{run, Next};
 use http::{header, HeaderValue, Request, Response, StatusCode};
 
 pub use crate::smuggle::{SmuggleGuard, Smuggled};
@@ -54,7 +56,12 @@ pub fn framing_error<B>(req: &Request<B>) -> Option<BadFraming> {
 
 /// Reject smuggling attempts, header floods and unsafe paths before any routing
 /// work, and normalise the path (see `crate::path`) for every later stage.
-pub async fn hardening_stage<B>(mut req: Request<B>, next: impl Next<B>) -> Response<Body> {
+/// `max_headers`: `server.max_headers` of the request's config generation.
+pub async fn hardening_stage<B>(
+    max_headers: usize,
+    mut req: Request<B>,
+    next: impl Next<Request<B>>,
+) -> Response<Body> {
     let framing = match req.extensions().get::<BadFraming>() {
         Some(b) => Some(*b),
         None => framing_error(&req),
@@ -62,10 +69,7 @@ pub async fn hardening_stage<B>(mut req: Request<B>, next: impl Next<B>) -> Resp
     if let Some(BadFraming(why)) = framing {
         return bad_request(&req, "bad_request", why, true);
     }
-    let max = req
-        .extensions()
-        .get::<Snapshot>()
-        .map_or(usize::MAX, |s| s.0.cfg.server.max_headers);
+    let max = max_headers;
     // Only what the client sent counts, not the headers the gateway added since.
     let count = req
         .extensions()

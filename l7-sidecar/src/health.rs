@@ -3,7 +3,8 @@
 //! `Backend`, so a reload that restarts the checkers keeps each backend's state.
 
 use crate::config::HealthCheckConfig;
-use crate::proxy::{full, Upstream};
+use crate::http_util::full;
+use crate::proxy::Upstream;
 use bytes::Bytes;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

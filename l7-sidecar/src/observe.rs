@@ -4,47 +4,23 @@
 //! handles are registered once per route, the access record is only assembled when
 //! someone reads it, and log lines are written by a background thread.
 
-use crate::gateway::Shared;
-use crate::proxy::{full, Body};
-use crate::stack::{
-    run, ConnInfo, MatchedRoute, Next, RequestId, Snapshot, TraceId, UpstreamAddr, UserId,
-};
+use crate::ctx::{ConnInfo, RequestId, TraceId, UpstreamAddr, UserId};
+use crate::http_util::{full, Body};
+use crate::routing::MatchedRoute;
+use crate::stage::{run, Next};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response};
 use http_body_util::BodyExt as _;
-use metrics::{Counter, Histogram};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+pub use crate::stats::{
+    prometheus, record_auth_failure, record_rate_limited, render_metrics, RouteMetrics,
+};
+use crate::stats::unrouted;
 use serde::Serialize;
 use std::io::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, OnceLock};
 use std::time::{Instant, SystemTime};
 use tokio::sync::broadcast;
-
-static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
-
-/// Install the process-wide recorder once; later gateways in the same process share it.
-pub fn prometheus() -> Option<&'static PrometheusHandle> {
-    PROMETHEUS
-        .get_or_init(|| {
-            let buckets = [
-                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-            ];
-            let builder = PrometheusBuilder::new().set_buckets(&buckets).ok()?;
-            match builder.install_recorder() {
-                Ok(h) => Some(h),
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics recorder not installed");
-                    None
-                }
-            }
-        })
-        .as_ref()
-}
-
-pub fn render_metrics() -> String {
-    prometheus().map(|h| h.render()).unwrap_or_default()
-}
 
 #[derive(Debug, Clone, Serialize)]
 pub struct AccessRecord {
@@ -151,58 +127,6 @@ fn write_lines(rx: &mpsc::Receiver<Vec<u8>>) {
     }
 }
 
-/// Per-route request metrics, registered on first use and then reused: building a
-/// metric key from name and labels and looking it up costs more per request than
-/// incrementing it.
-#[derive(Default)]
-pub struct RouteMetrics {
-    duration: OnceLock<Histogram>,
-    by_status: RwLock<Vec<(u16, Counter)>>,
-}
-
-impl RouteMetrics {
-    fn record(&self, route: &str, status: u16, secs: f64) {
-        let cached = self
-            .by_status
-            .read()
-            .ok()
-            .and_then(|v| v.iter().find(|(s, _)| *s == status).map(|(_, c)| c.clone()));
-        let counter = match cached {
-            Some(c) => c,
-            None => {
-                let c = metrics::counter!("gateway_requests_total", "route" => route.to_string(), "status" => status.to_string());
-                if let Ok(mut v) = self.by_status.write() {
-                    if !v.iter().any(|(s, _)| *s == status) {
-                        v.push((status, c.clone()));
-                    }
-                }
-                c
-            }
-        };
-        counter.increment(1);
-        self.duration
-            .get_or_init(|| {
-                metrics::histogram!("gateway_request_duration_seconds", "route" => route.to_string())
-            })
-            .record(secs);
-    }
-}
-
-/// Requests that matched no route.
-fn unrouted() -> &'static RouteMetrics {
-    static NONE: OnceLock<RouteMetrics> = OnceLock::new();
-    NONE.get_or_init(RouteMetrics::default)
-}
-
-pub fn record_rate_limited(route: &str) {
-    metrics::counter!("gateway_ratelimit_rejections_total", "route" => route.to_string())
-        .increment(1);
-}
-
-pub fn record_auth_failure(route: &str, reason: &'static str) {
-    metrics::counter!("gateway_auth_failures_total", "route" => route.to_string(), "reason" => reason).increment(1);
-}
-
 pub fn now_rfc3339() -> String {
     rfc3339(SystemTime::now())
 }
@@ -298,22 +222,23 @@ fn parse_traceparent(v: &str) -> Option<(u128, u8)> {
 }
 
 /// Continue (or start) the W3C trace for this hop.
-pub async fn trace_stage<B>(mut req: Request<B>, next: impl Next<B>) -> Response<Body> {
+pub async fn trace_stage<B>(mut req: Request<B>, next: impl Next<Request<B>>) -> Response<Body> {
     let trace = propagate_traceparent(req.headers_mut());
     req.extensions_mut().insert(trace);
     run(next, req).await
 }
 
 /// Serve the Prometheus text format on listeners that opted in.
-pub async fn metrics_stage<B>(req: Request<B>, next: impl Next<B>) -> Response<Body> {
+pub async fn metrics_stage<B>(
+    metrics_path: &str,
+    req: Request<B>,
+    next: impl Next<Request<B>>,
+) -> Response<Body> {
     let serve = req
         .extensions()
         .get::<ConnInfo>()
         .is_some_and(|c| c.serve_metrics)
-        && req
-            .extensions()
-            .get::<Snapshot>()
-            .is_some_and(|s| s.0.cfg.observability.metrics_path == req.uri().path());
+        && metrics_path == req.uri().path();
     if !serve {
         return run(next, req).await;
     }
@@ -337,17 +262,17 @@ struct RequestSide {
 }
 
 /// Time the rest of the stack, then write the access log line and request metrics.
+/// `write`: whether this config generation writes log lines (subscribers get
+/// records either way).
 pub async fn access_log_stage<B>(
-    shared: Arc<Shared>,
+    log: Arc<AccessLog>,
+    write: bool,
     req: Request<B>,
-    next: impl Next<B>,
+    next: impl Next<Request<B>>,
 ) -> Response<Body> {
     let started = Instant::now();
     let ext = req.extensions();
-    let write = ext
-        .get::<Snapshot>()
-        .is_none_or(|s| s.0.cfg.observability.access_log);
-    let request = shared.access_log.wanted(write).then(|| RequestSide {
+    let request = log.wanted(write).then(|| RequestSide {
         time: SystemTime::now(),
         method: req.method().clone(),
         path: req.uri().path().to_string(),
@@ -368,7 +293,7 @@ pub async fn access_log_stage<B>(
         request,
         started,
         write,
-        shared,
+        log,
     };
     resp.map(|inner| {
         LoggedBody {
@@ -388,7 +313,7 @@ struct Pending {
     request: Option<RequestSide>,
     started: Instant,
     write: bool,
-    shared: Arc<Shared>,
+    log: Arc<AccessLog>,
 }
 
 /// Counts the bytes actually sent and logs the request when its body ends (or the
@@ -426,13 +351,13 @@ impl LoggedBody {
             user_id: p.user_id,
             trace_id: req.trace_id.map(|t| t.to_string()).unwrap_or_default(),
         };
-        p.shared.access_log.log(record, p.write);
+        p.log.log(record, p.write);
     }
 }
 
 impl hyper::body::Body for LoggedBody {
     type Data = bytes::Bytes;
-    type Error = crate::proxy::BoxError;
+    type Error = crate::http_util::BoxError;
 
     fn poll_frame(
         mut self: std::pin::Pin<&mut Self>,

@@ -3,10 +3,12 @@
 
 use crate::auth::Identity;
 use crate::config::{RateAlgorithm, RateKey, RateLimitConfig};
-use crate::proxy::Body;
-use crate::routing::RouteCtx;
-use crate::stack::{json_error, run, ConnInfo, Next, Snapshot};
-use http::{header, HeaderMap, HeaderName, Request, Response, StatusCode};
+use crate::ctx::ConnInfo;
+use crate::http_util::json_error;
+use crate::http_util::Body;
+use crate::routing::Routed;
+use crate::stage::{run, Next};
+use http::{header, HeaderMap, HeaderName, Response, StatusCode};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -240,20 +242,22 @@ fn set_headers(h: &mut HeaderMap, d: &Decision) {
     }
 }
 
-/// Apply the route's policy, keyed by client IP, API key or user id.
-pub async fn rate_limit_stage<B>(req: Request<B>, next: impl Next<B>) -> Response<Body> {
-    let ext = req.extensions();
-    let (Some(Snapshot(rt)), Some(ctx)) = (ext.get::<Snapshot>(), ext.get::<RouteCtx>()) else {
-        return run(next, req).await;
-    };
+/// Apply the route's policy, keyed by client IP, API key or user id. `limiters`:
+/// this config generation's policies by name (their counters outlive reloads).
+pub async fn rate_limit_stage<B>(
+    limiters: &HashMap<String, Arc<Limiter>>,
+    r: Routed<B>,
+    next: impl Next<Routed<B>>,
+) -> Response<Body> {
+    let (ext, ctx) = (r.req.extensions(), &r.route);
     let Some((name, limiter)) = ctx
         .route
         .cfg
         .rate_limit
         .as_ref()
-        .and_then(|n| Some((n.clone(), rt.limiters.get(n)?.clone())))
+        .and_then(|n| Some((n.clone(), limiters.get(n)?.clone())))
     else {
-        return run(next, req).await;
+        return run(next, r).await;
     };
     let route = ctx.route.cfg.name.clone();
     let id = ext.get::<Identity>();
@@ -271,17 +275,17 @@ pub async fn rate_limit_stage<B>(req: Request<B>, next: impl Next<B>) -> Respons
     });
     let d = limiter.check(&key);
     if !d.allowed {
-        crate::observe::record_rate_limited(&route);
-        let mut r = json_error(
-            &req,
+        crate::stats::record_rate_limited(&route);
+        let mut resp = json_error(
+            &r.req,
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limited",
             "rate limit exceeded",
         );
-        set_headers(r.headers_mut(), &d);
-        return r;
+        set_headers(resp.headers_mut(), &d);
+        return resp;
     }
-    let mut resp = run(next, req).await;
+    let mut resp = run(next, r).await;
     set_headers(resp.headers_mut(), &d);
     resp
 }
@@ -348,7 +352,9 @@ mod tests {
 
     #[tokio::test]
     async fn stage_alone_sets_headers_and_rejects() {
-        use crate::stack::testing::{ok, routed, stub};
+        use crate::routing::testing::routed;
+        use crate::stage::testing::{ok, stub};
+        use http::Request;
         let toml = r#"
             [pools.p]
             backends = [{ address = "127.0.0.1:9" }]
@@ -362,12 +368,22 @@ mod tests {
             pool = "p"
             rate_limit = "two"
         "#;
-        let (_gw, first) = routed(toml, Request::get("/x"));
+        let (cfg, first) = routed(toml, Request::get("/x"));
+        let registry = LimiterRegistry::default();
+        let limiters: HashMap<_, _> = cfg
+            .rate_limits
+            .iter()
+            .map(|(n, c)| (n.clone(), registry.get(n, c)))
+            .collect();
         let mut statuses = Vec::new();
         for _ in 0..3 {
             let mut req = Request::new(());
-            *req.extensions_mut() = first.extensions().clone();
-            let resp = rate_limit_stage(req, stub(ok)).await;
+            *req.extensions_mut() = first.req.extensions().clone();
+            let r = Routed {
+                req,
+                route: first.route.clone(),
+            };
+            let resp = rate_limit_stage(&limiters, r, stub(ok)).await;
             assert!(resp.headers().contains_key("ratelimit-limit"));
             statuses.push(resp.status().as_u16());
         }

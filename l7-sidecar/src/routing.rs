@@ -2,11 +2,16 @@
 //! Routes are sorted once by specificity so the first full match is the most specific.
 
 use crate::config::{PathMatch, RouteConfig};
-use crate::proxy::Body;
-use crate::stack::{json_error, run, MatchedRoute, Next, Snapshot};
+use crate::http_util::json_error;
+use crate::http_util::Body;
+use crate::stage::{run, Next};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use std::collections::BTreeMap;
 use std::sync::Arc;
+
+/// Response extensions read by the access log.
+#[derive(Clone)]
+pub struct MatchedRoute(pub Arc<Route>);
 
 /// The matched route, for the stages below routing.
 #[derive(Clone)]
@@ -18,16 +23,19 @@ pub struct RouteCtx {
     pub host: Option<HeaderValue>,
 }
 
+/// A request that matched a route, as every stage below routing receives it: the
+/// route travels with the request in the type, so it cannot be missing there.
+pub struct Routed<B> {
+    pub req: Request<B>,
+    pub route: RouteCtx,
+}
+
 /// Find the route or answer 404 / 405 with a JSON body.
-pub async fn routing_stage<B>(mut req: Request<B>, next: impl Next<B>) -> Response<Body> {
-    let Some(Snapshot(rt)) = req.extensions().get::<Snapshot>().cloned() else {
-        return json_error(
-            &req,
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "no config snapshot",
-        );
-    };
+pub async fn routing_stage<B>(
+    router: &Router,
+    req: Request<B>,
+    next: impl Next<Routed<B>>,
+) -> Response<Body> {
     let host = req
         .headers()
         .get(header::HOST)
@@ -38,7 +46,7 @@ pub async fn routing_stage<B>(mut req: Request<B>, next: impl Next<B>) -> Respon
                 .authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
-    match rt.router.lookup(
+    match router.lookup(
         host.as_ref().and_then(|h| h.to_str().ok()),
         req.method(),
         req.uri().path(),
@@ -46,12 +54,12 @@ pub async fn routing_stage<B>(mut req: Request<B>, next: impl Next<B>) -> Respon
     ) {
         RouteMatch::Found { route, params } => {
             let matched = MatchedRoute(route.clone());
-            req.extensions_mut().insert(RouteCtx {
+            let route = RouteCtx {
                 route,
                 params,
                 host,
-            });
-            let mut resp = run(next, req).await;
+            };
+            let mut resp = run(next, Routed { req, route }).await;
             resp.extensions_mut().insert(matched);
             resp
         }
@@ -84,7 +92,7 @@ pub async fn routing_stage<B>(mut req: Request<B>, next: impl Next<B>) -> Respon
 pub struct Route {
     pub cfg: RouteConfig,
     /// This route's request counters and latency histogram.
-    pub metrics: crate::observe::RouteMetrics,
+    pub metrics: crate::stats::RouteMetrics,
     host: Option<String>,
     template: Option<matchit::Router<()>>,
     methods: Vec<Method>,
@@ -363,6 +371,43 @@ mod tests {
         Router::new(&cfg.routes)
     }
 
+    /// The stage alone, given only a router: the route reaches `next` in the
+    /// request's type, and misses are answered here.
+    #[tokio::test]
+    async fn routing_stage_alone_hands_the_route_to_next() {
+        use crate::stage::testing::stub;
+        let r = router(
+            r#"
+            [pools.p]
+            backends = [{ address = "127.0.0.1:1" }]
+            [[routes]]
+            name = "template"
+            path = "/api/users/{id}"
+            path_match = "template"
+            methods = ["GET"]
+            pool = "p"
+        "#,
+        );
+        let next = stub(|r: Routed<()>| {
+            let mut resp = Response::new(crate::http_util::full(r.route.route.cfg.name.clone()));
+            resp.headers_mut().insert("x-param", r.route.params["id"].parse().expect("hv"));
+            resp
+        });
+        let req = Request::get("/api/users/7").body(()).expect("req");
+        let resp = routing_stage(&r, req, next.clone()).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()["x-param"], "7");
+        let matched = resp.extensions().get::<MatchedRoute>().expect("matched route for the log");
+        assert_eq!(matched.0.cfg.name, "template");
+        let req = Request::post("/api/users/7").body(()).expect("req");
+        let resp = routing_stage(&r, req, next.clone()).await;
+        assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(resp.headers()[header::ALLOW], "GET");
+        let req = Request::get("/elsewhere").body(()).expect("req");
+        let resp = routing_stage(&r, req, next).await;
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    }
+
     fn name(m: RouteMatch) -> String {
         match m {
             RouteMatch::Found { route, .. } => route.cfg.name.clone(),
@@ -502,5 +547,34 @@ mod tests {
             let r = router(CFG);
             let _ = r.lookup(Some(&host), &Method::GET, &path, &HeaderMap::new());
         }
+    }
+}
+
+#[cfg(test)]
+pub mod testing {
+    //! A routed request for testing the stages below routing alone.
+    use super::*;
+    use crate::config::Config;
+    use crate::ctx::ConnInfo;
+
+    /// `builder`'s request matched against `toml`'s routes, with a connection in its
+    /// extensions, as the stages below routing receive it. No gateway is built.
+    pub fn routed(toml: &str, builder: http::request::Builder) -> (Config, Routed<()>) {
+        let cfg = Config::parse(toml).unwrap_or_else(|e| panic!("test config: {e}"));
+        let router = Router::new(&cfg.routes);
+        let mut req = builder.body(()).unwrap_or_else(|e| panic!("request: {e}"));
+        let RouteMatch::Found { route, params } =
+            router.lookup(None, req.method(), req.uri().path(), req.headers())
+        else {
+            panic!("test request must match a route");
+        };
+        let conn = ConnInfo::new("127.0.0.1:5555".parse().expect("addr"), false, false);
+        req.extensions_mut().insert(conn);
+        let route = RouteCtx {
+            route,
+            params,
+            host: None,
+        };
+        (cfg, Routed { req, route })
     }
 }

@@ -2,9 +2,10 @@
 //! optional TLS, HTTP/1.1 and HTTP/2 (auto-detected, ALPN under TLS), header-size /
 //! header-time limits, first-byte and idle timeouts, and upgrades.
 
+use crate::ctx::ConnInfo;
 use crate::gateway::{Gateway, GatewayError};
+use crate::http_util::json_error_with_id;
 use crate::idle::{ActivityIo, PerAddress};
-use crate::stack::{json_error_with_id, ConnInfo};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
@@ -177,7 +178,7 @@ async fn serve<S>(
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(
             PanicResponder,
         ))
-        .service(crate::stack::build(gw.shared.clone(), info.clone()));
+        .service(crate::pipeline::build(gw.shared.clone(), info.clone()));
     let stream = crate::guard::SmuggleGuard::new(stream, info.smuggled.clone());
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -234,12 +235,12 @@ async fn serve<S>(
 struct PanicResponder;
 
 impl tower_http::catch_panic::ResponseForPanic for PanicResponder {
-    type ResponseBody = crate::proxy::Body;
+    type ResponseBody = crate::http_util::Body;
 
     fn response_for_panic(
         &mut self,
         _err: Box<dyn std::any::Any + Send + 'static>,
-    ) -> http::Response<crate::proxy::Body> {
+    ) -> http::Response<crate::http_util::Body> {
         json_error_with_id(
             http::StatusCode::INTERNAL_SERVER_ERROR,
             "internal",

@@ -3,10 +3,15 @@
 
 use crate::auth::Identity;
 use crate::config::TransformConfig;
-use crate::proxy::{full, is_upgrade, strip_hop_by_hop, Body};
-use crate::routing::RouteCtx;
-use crate::stack::{json_error_with_id, run, ConnInfo, Next, RequestId, Snapshot};
+// Re-exported where it used to live, for the fuzz target.
+use crate::ctx::{ConnInfo, RequestId};
+pub use crate::http_util::cookie;
+use crate::http_util::json_error_with_id;
+use crate::http_util::{full, is_upgrade, strip_hop_by_hop, Body};
+use crate::routing::Routed;
+use crate::stage::{run, Next};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 pub const X_REQUEST_ID: &str = "x-request-id";
@@ -163,20 +168,8 @@ pub fn is_json(headers: &HeaderMap) -> bool {
         .is_some_and(|ct| ct.starts_with("application/json") || ct.contains("+json"))
 }
 
-pub fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers
-        .get_all(http::header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .find_map(|kv| {
-            let (k, v) = kv.trim().split_once('=')?;
-            (k == name).then(|| v.to_string())
-        })
-}
-
 /// Outermost id stage: every request and response carries `X-Request-Id`.
-pub async fn request_id_stage<B>(mut req: Request<B>, next: impl Next<B>) -> Response<Body> {
+pub async fn request_id_stage<B>(mut req: Request<B>, next: impl Next<Request<B>>) -> Response<Body> {
     let (id, value) = ensure_request_id(req.headers_mut());
     req.extensions_mut().insert(RequestId(id));
     let mut resp = run(next, req).await;
@@ -186,21 +179,20 @@ pub async fn request_id_stage<B>(mut req: Request<B>, next: impl Next<B>) -> Res
 
 /// Request side: identity and forwarding headers, configured edits, hop-by-hop
 /// removal. Response side: configured edits and JSON field stripping.
-pub async fn transform_stage<B>(mut req: Request<B>, next: impl Next<B>) -> Response<Body> {
-    let snap = req.extensions().get::<Snapshot>().cloned();
-    let max_response = snap
+///
+/// `transforms` and `max_response` come from the request's config generation.
+pub async fn transform_stage<B>(
+    transforms: &BTreeMap<String, TransformConfig>,
+    max_response: usize,
+    Routed { mut req, route }: Routed<B>,
+    next: impl Next<Routed<B>>,
+) -> Response<Body> {
+    let t = route
+        .route
+        .cfg
+        .transform
         .as_ref()
-        .map_or(8 << 20, |s| s.0.cfg.server.max_response_bytes);
-    // Borrowed from the snapshot this request holds anyway, not copied.
-    let t = match (&snap, req.extensions().get::<RouteCtx>()) {
-        (Some(s), Some(ctx)) => ctx
-            .route
-            .cfg
-            .transform
-            .as_ref()
-            .and_then(|n| s.0.cfg.transforms.get(n)),
-        _ => None,
-    };
+        .and_then(|n| transforms.get(n));
     let identity = req.extensions().get::<Identity>().cloned();
     let (client, tls) = req
         .extensions()
@@ -208,10 +200,7 @@ pub async fn transform_stage<B>(mut req: Request<B>, next: impl Next<B>) -> Resp
         .map_or((HeaderValue::from_static("127.0.0.1"), false), |c| {
             (c.client_ip.clone(), c.tls)
         });
-    let host = req
-        .extensions()
-        .get::<RouteCtx>()
-        .and_then(|c| c.host.clone());
+    let host = route.host.clone();
     let upgrade = is_upgrade(req.headers());
     let rid = req.extensions().get::<RequestId>().map(|r| r.0.clone());
     let h = req.headers_mut();
@@ -241,7 +230,7 @@ pub async fn transform_stage<B>(mut req: Request<B>, next: impl Next<B>) -> Resp
     if !upgrade {
         strip_hop_by_hop(h);
     }
-    let mut resp = run(next, req).await;
+    let mut resp = run(next, Routed { req, route }).await;
     let Some(t) = t else { return resp };
     apply_response(t, resp.headers_mut());
     if t.strip_json_fields.is_empty() {
@@ -344,7 +333,7 @@ mod tests {
 
     #[tokio::test]
     async fn request_id_stage_alone() {
-        use crate::stack::testing::stub;
+        use crate::stage::testing::stub;
         let next = stub(|req: Request<()>| {
             let id = req
                 .extensions()
@@ -370,7 +359,8 @@ mod tests {
 
     #[tokio::test]
     async fn transform_stage_alone() {
-        use crate::stack::testing::{routed, stub};
+        use crate::routing::testing::routed;
+        use crate::stage::testing::stub;
         let toml = r#"
             [pools.p]
             backends = [{ address = "127.0.0.1:9" }]
@@ -384,13 +374,13 @@ mod tests {
             pool = "p"
             transform = "t"
         "#;
-        let (_gw, req) = routed(
+        let (cfg, r) = routed(
             toml,
             Request::get("/x")
                 .header(X_USER_ID, "spoof")
                 .header("connection", "keep-alive"),
         );
-        let next = stub(|req: Request<()>| {
+        let next = stub(|Routed { req, .. }: Routed<()>| {
             assert_eq!(req.headers()["x-gw"], "1");
             assert!(
                 req.headers().get(X_USER_ID).is_none(),
@@ -408,7 +398,7 @@ mod tests {
                 .insert("server", HeaderValue::from_static("x"));
             r
         });
-        let resp = transform_stage(req, next).await;
+        let resp = transform_stage(&cfg.transforms, 1 << 20, r, next).await;
         assert!(resp.headers().get("server").is_none());
         let body = resp.into_body().collect().await.expect("body").to_bytes();
         assert_eq!(&body[..], br#"{"a":1}"#);

@@ -73,8 +73,17 @@ fn main() -> Result<()> {
             // The eBPF crate builds only for the BPF target (xdp-lb's build.rs does that).
             let mut cmd = vec!["test", "--workspace", "--exclude", "xdp-lb-ebpf"];
             cmd.extend(args.iter().map(String::as_str));
-            let (mut result, mut passed, failed) = cargo_test(&cmd);
+            let (mut result, mut passed, mut failed) = cargo_test(&cmd);
             remove_leftover_namespaces();
+            if result.is_ok() {
+                // The gateway's 60-second soak is `#[ignore]`d so plain `cargo test` stays
+                // quick; the full run includes it, and its test counts join the summary.
+                let (soak, p, f) =
+                    cargo_test(&["test", "-p", "l7-sidecar", "--test", "soak", "--", "--ignored"]);
+                result = soak;
+                passed += p;
+                failed += f;
+            }
             if result.is_ok() {
                 // The shipped systemd units, against the binaries the tests just built.
                 result = dist::verify_units(&workspace_root().join("target/debug"));
@@ -91,7 +100,7 @@ fn main() -> Result<()> {
                 passed += result.is_ok() as u64;
             }
             let failed = failed + result.is_err() as u64;
-            // One closing line for everything: the Rust tests, the load test and the fuzzing step.
+            // One closing line for everything: the Rust tests, the soak, the load test and the fuzzing step.
             println!("summary: {passed} passed, {failed} failed");
             result
         }

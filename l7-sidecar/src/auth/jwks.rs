@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 type JwksClient = hyper_util::client::legacy::Client<
     hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-    crate::proxy::Body,
+    crate::http_util::Body,
 >;
 
 /// Client for http and https JWKS URLs; `ca_file` replaces the web PKI roots.

@@ -2,12 +2,14 @@
 //! hashed API keys. Each key is bound to one algorithm, so a token can never pick
 //! how it is verified (no `alg: none`, no RS256-public-key-as-HMAC-secret).
 
-use crate::config::{ApiKeyConfig, AuthMode, JwtConfig};
-use crate::proxy::Body;
-use crate::routing::RouteCtx;
-use crate::stack::{json_error, run, ConnInfo, Next, Snapshot, UserId};
+use crate::config::{ApiKeyConfig, AuthFailureLimitConfig, AuthMode, JwtConfig};
+use crate::ctx::{ConnInfo, UserId};
+use crate::http_util::json_error;
+use crate::http_util::Body;
+use crate::routing::Routed;
+use crate::stage::{run, Next};
 use http::HeaderMap;
-use http::{header, HeaderValue, Request, Response, StatusCode};
+use http::{header, HeaderValue, Response, StatusCode};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -341,28 +343,23 @@ impl JwtVerifier {
 }
 
 /// Authenticate per the route; the identity goes to later stages as an extension.
-pub async fn auth_stage<B>(mut req: Request<B>, next: impl Next<B>) -> Response<Body> {
-    let (Some(Snapshot(rt)), Some(ctx)) = (
-        req.extensions().get::<Snapshot>().cloned(),
-        req.extensions().get::<RouteCtx>().cloned(),
-    ) else {
-        return json_error(
-            &req,
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "auth without a route",
-        );
-    };
+/// `failures` is shared by every config generation (a reload does not forgive
+/// failed logins); `limit` is this generation's `auth.failure_limit`.
+pub async fn auth_stage<B>(
+    auth: &Authenticator,
+    failures: &FailureLimiter,
+    limit: &AuthFailureLimitConfig,
+    Routed { mut req, route }: Routed<B>,
+    next: impl Next<Routed<B>>,
+) -> Response<Body> {
+    let ctx = route;
     let rc = &ctx.route.cfg;
     let ip = req.extensions().get::<ConnInfo>().map(|c| c.peer.ip());
-    let limit = &rt.cfg.auth.failure_limit;
     if let (Some(ip), true) = (ip, rc.auth != AuthMode::None) {
         // Before any verification: an address over the limit costs no signature check.
-        if let Some(wait) = rt
-            .auth_failures
-            .blocked(limit, ip, std::time::Instant::now())
+        if let Some(wait) = failures.blocked(limit, ip, std::time::Instant::now())
         {
-            crate::observe::record_auth_failure(&rc.name, "limited");
+            crate::stats::record_auth_failure(&rc.name, "limited");
             let mut r = json_error(
                 &req,
                 StatusCode::TOO_MANY_REQUESTS,
@@ -375,26 +372,21 @@ pub async fn auth_stage<B>(mut req: Request<B>, next: impl Next<B>) -> Response<
             return r;
         }
     }
-    match rt
-        .auth
-        .authenticate(rc.auth, &rc.roles, req.headers())
-        .await
-    {
-        Ok(None) => run(next, req).await,
+    match auth.authenticate(rc.auth, &rc.roles, req.headers()).await {
+        Ok(None) => run(next, Routed { req, route: ctx }).await,
         Ok(Some(id)) => {
             let user = id.user_id.clone();
             req.extensions_mut().insert(id);
-            let mut resp = run(next, req).await;
+            let mut resp = run(next, Routed { req, route: ctx }).await;
             resp.extensions_mut().insert(UserId(user));
             resp
         }
         Err(e) => {
-            crate::observe::record_auth_failure(&rc.name, e.reason());
+            crate::stats::record_auth_failure(&rc.name, e.reason());
             tracing::debug!(route = %rc.name, error = %e, "auth failed");
             if let (AuthError::Invalid(_), Some(ip)) = (&e, ip) {
                 // Only wrong credentials are guesses; missing ones or a missing role are not.
-                rt.auth_failures
-                    .record(limit, ip, std::time::Instant::now());
+                failures.record(limit, ip, std::time::Instant::now());
             }
             if let AuthError::Forbidden(_) = e {
                 return json_error(&req, StatusCode::FORBIDDEN, "forbidden", "not allowed");
@@ -418,6 +410,9 @@ pub async fn auth_stage<B>(mut req: Request<B>, next: impl Next<B>) -> Response<
         }
     }
 }
+
+#[cfg(test)]
+mod stage_tests;
 
 #[cfg(test)]
 mod tests {

@@ -225,6 +225,38 @@ pub struct PoolConfig {
     pub passive: PassiveConfig,
 }
 
+/// What a `consistent-hash` pool hashes on: `hash_on` parsed once, when the pool is
+/// built from config, so a request never re-parses the string.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum HashOn {
+    #[default]
+    ClientIp,
+    Header(http::HeaderName),
+    Cookie(String),
+}
+
+impl HashOn {
+    /// `None` (the default) hashes on the client address. The error is the message
+    /// validation reports under `pools.NAME.hash_on`.
+    pub fn parse(text: Option<&str>) -> Result<HashOn, String> {
+        let Some(h) = text else {
+            return Ok(HashOn::ClientIp);
+        };
+        let bad = || format!("expected client-ip, header:NAME or cookie:NAME, got {h:?}");
+        if h == "client-ip" {
+            Ok(HashOn::ClientIp)
+        } else if let Some(n) = h.strip_prefix("header:") {
+            http::HeaderName::from_bytes(n.as_bytes())
+                .map(HashOn::Header)
+                .map_err(|_| bad())
+        } else if let Some(n) = h.strip_prefix("cookie:").filter(|n| !n.is_empty()) {
+            Ok(HashOn::Cookie(n.to_string()))
+        } else {
+            Err(bad())
+        }
+    }
+}
+
 fn default_connect_timeout() -> u64 {
     1_000
 }

@@ -133,15 +133,8 @@ impl Config {
             }
             match (&pool.algorithm, &pool.hash_on) {
                 (Algorithm::ConsistentHash, Some(h)) => {
-                    let ok = h == "client-ip"
-                        || h.strip_prefix("header:")
-                            .is_some_and(|n| http::HeaderName::from_bytes(n.as_bytes()).is_ok())
-                        || h.strip_prefix("cookie:").is_some_and(|n| !n.is_empty());
-                    if !ok {
-                        err(
-                            format!("{p}.hash_on"),
-                            format!("expected client-ip, header:NAME or cookie:NAME, got {h:?}"),
-                        );
+                    if let Err(e) = super::HashOn::parse(Some(h)) {
+                        err(format!("{p}.hash_on"), e);
                     }
                 }
                 (Algorithm::ConsistentHash, None) => {}

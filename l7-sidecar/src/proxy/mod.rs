@@ -9,26 +9,24 @@ mod tunnel;
 pub use aggregate::aggregate;
 pub use body::{collect_limited, CollectError, StreamedBody};
 pub use tunnel::tunnel;
+// Re-exported where they used to live, for the fuzz target and other callers.
+pub use crate::http_util::{full, is_upgrade, strip_hop_by_hop, Body, BoxError};
 
 use crate::balance::{ActiveGuard, HashInput, Pool};
-use crate::routing::{append_query, fill_template, RouteCtx};
-use crate::stack::{json_error, ConnInfo, Snapshot, UpstreamAddr};
+use crate::ctx::{ConnInfo, UpstreamAddr};
+use crate::http_util::json_error;
+use crate::config::ServerConfig;
+use crate::routing::{append_query, fill_template, Routed};
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full};
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-pub type Body = BoxBody<Bytes, BoxError>;
 pub type HttpClient = hyper_util::client::legacy::Client<HttpConnector, Body>;
-
-pub fn full(b: impl Into<Bytes>) -> Body {
-    Full::new(b.into()).map_err(|e| match e {}).boxed()
-}
 
 pub fn http_client(connect_timeout: Duration) -> HttpClient {
     let mut c = HttpConnector::new();
@@ -94,55 +92,8 @@ pub struct UpstreamResponse {
 
 fn request_id<B>(req: &Request<B>) -> Arc<str> {
     req.extensions()
-        .get::<crate::stack::RequestId>()
+        .get::<crate::ctx::RequestId>()
         .map_or_else(|| Arc::from(""), |r| r.0.clone())
-}
-
-/// `static`, not `const`: a const array would be built (and dropped) at every use.
-static HOP_BY_HOP: [HeaderName; 9] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
-
-pub fn strip_hop_by_hop(h: &mut HeaderMap) {
-    // One pass over the few names present finds which hop-by-hop headers there
-    // are (usually none, or just Connection): cheaper than nine hashed removals,
-    // and this runs on every request and every response.
-    let mut present = 0u16;
-    for k in h.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|n| n == k) {
-            present |= 1 << i;
-        }
-    }
-    if present == 0 {
-        return;
-    }
-    // Headers named in Connection are hop-by-hop too (HOP_BY_HOP[0] is Connection).
-    if present & 1 != 0 {
-        let named: Vec<HeaderName> = h
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|s| HeaderName::from_bytes(s.trim().as_bytes()).ok())
-            .filter(|n| !HOP_BY_HOP.contains(n))
-            .collect();
-        for n in named {
-            h.remove(n);
-        }
-    }
-    for (i, n) in HOP_BY_HOP.iter().enumerate() {
-        if present & (1 << i) != 0 {
-            h.remove(n);
-        }
-    }
 }
 
 fn idempotent(m: &Method) -> bool {
@@ -264,35 +215,14 @@ fn parts_is_5xx<B>(r: &Response<B>) -> bool {
     r.status().is_server_error()
 }
 
-pub fn is_upgrade(h: &HeaderMap) -> bool {
-    let conn_upgrade = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .any(|v| {
-            v.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-        });
-    conn_upgrade
-        && h.get(header::UPGRADE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
-}
-
 /// The innermost stage: send the (already checked and transformed) request on.
-pub async fn proxy(mut req: Request<hyper::body::Incoming>) -> Response<Body> {
-    // Taken rather than cloned: nothing after this stage reads them.
-    let (Some(Snapshot(rt)), Some(ctx)) = (
-        req.extensions_mut().remove::<Snapshot>(),
-        req.extensions_mut().remove::<RouteCtx>(),
-    ) else {
-        return json_error(
-            &req,
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "proxy without a route",
-        );
-    };
+/// `upstreams` and `limits` (body size limits) come from the request's config
+/// generation.
+pub async fn proxy(
+    upstreams: &HashMap<String, Arc<Upstream>>,
+    limits: &ServerConfig,
+    Routed { req, route: ctx }: Routed<hyper::body::Incoming>,
+) -> Response<Body> {
     let client_ip = req
         .extensions()
         .get::<ConnInfo>()
@@ -318,7 +248,7 @@ pub async fn proxy(mut req: Request<hyper::body::Incoming>) -> Response<Body> {
         pq.push('?');
         pq.push_str(q);
     }
-    let pool = rc.pool.as_ref().and_then(|p| rt.upstreams.get(p)).cloned();
+    let pool = rc.pool.as_ref().and_then(|p| upstreams.get(p)).cloned();
 
     if is_upgrade(req.headers()) {
         if !rc.websocket {
@@ -351,7 +281,7 @@ pub async fn proxy(mut req: Request<hyper::body::Incoming>) -> Response<Body> {
             }
             Err(e) => {
                 tracing::warn!(route = %rc.name, request_id = %rid, error = %e, "upstream failure");
-                crate::stack::json_error_with_id(
+                crate::http_util::json_error_with_id(
                     e.status(),
                     "upstream_error",
                     e.public_message(),
@@ -361,11 +291,11 @@ pub async fn proxy(mut req: Request<hyper::body::Incoming>) -> Response<Body> {
         };
     }
 
-    let max_body = rt.cfg.server.max_body_bytes;
-    let max_resp = rt.cfg.server.max_response_bytes;
+    let max_body = limits.max_body_bytes;
+    let max_resp = limits.max_response_bytes;
     let rid = request_id(&req);
     let err = |status: StatusCode, code: &str, msg: &str| {
-        crate::stack::json_error_with_id(status, code, msg, &rid)
+        crate::http_util::json_error_with_id(status, code, msg, &rid)
     };
     let (parts, body) = req.into_parts();
     // Buffered so a retry can resend it; the limit bounds memory per request.
@@ -393,7 +323,7 @@ pub async fn proxy(mut req: Request<hyper::body::Incoming>) -> Response<Body> {
     if !rc.aggregate.is_empty() {
         let mut jobs = Vec::with_capacity(rc.aggregate.len());
         for a in &rc.aggregate {
-            let Some(up) = rt.upstreams.get(&a.pool) else {
+            let Some(up) = upstreams.get(&a.pool) else {
                 continue;
             };
             let path = match fill_template(&a.path, &ctx.params) {

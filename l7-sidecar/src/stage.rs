@@ -1,0 +1,90 @@
+//! The shape of a stage: an `async fn(req, next) -> Response`, where `next` is the
+//! rest of the pipeline, so every stage can be tested alone against a stub `next`.
+//!
+//! Stages are composed statically (`Stage<F, N>` below): a request runs through one
+//! future, boxed once per request, instead of a boxed, cloned tower service and a
+//! boxed future per stage. With a dozen stages that per-stage boxing, cloning and
+//! dynamic dispatch cost more than the proxying itself.
+
+use crate::http_util::Body;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use std::future::Future;
+
+/// The rest of the pipeline below a stage, taking requests of type `R`: a plain
+/// `Request<B>` above routing, a `routing::Routed<B>` (request plus its matched
+/// route) below it. Running it consumes it: a stage calls it at most once.
+pub trait Next<R>: Send + 'static {
+    fn run(self, req: R) -> impl Future<Output = Response<Body>> + Send;
+}
+
+/// Run the rest of the pipeline.
+pub fn run<R, N: Next<R>>(next: N, req: R) -> impl Future<Output = Response<Body>> + Send {
+    next.run(req)
+}
+
+/// One stage in front of the rest of the pipeline.
+#[derive(Clone)]
+pub struct Stage<F, N> {
+    f: F,
+    next: N,
+}
+
+impl<F, N> Stage<F, N> {
+    /// Put `f` in front of `next`. Callers usually go through a helper that fixes the
+    /// request type (`stage` below), so closures' argument types are inferred.
+    pub fn new(f: F, next: N) -> Stage<F, N> {
+        Stage { f, next }
+    }
+}
+
+impl<R, F, Fut, N> Next<R> for Stage<F, N>
+where
+    F: FnOnce(R, N) -> Fut + Send + 'static,
+    Fut: Future<Output = Response<Body>> + Send,
+    N: Send + 'static,
+{
+    fn run(self, req: R) -> impl Future<Output = Response<Body>> + Send {
+        (self.f)(req, self.next)
+    }
+}
+
+/// Put `f` in front of `next`; the request type is fixed to hyper's so the stage
+/// functions' generic parameters are inferred.
+pub fn stage<F, Fut, N>(f: F, next: N) -> Stage<F, N>
+where
+    F: FnOnce(Request<Incoming>, N) -> Fut,
+{
+    Stage { f, next }
+}
+
+#[cfg(test)]
+pub mod testing {
+    //! Helpers to run one stage against a stub `next`.
+    use super::*;
+    use crate::http_util::full;
+
+    #[derive(Clone)]
+    pub struct Stub<F>(F);
+
+    impl<R, F> Next<R> for Stub<F>
+    where
+        R: Send + 'static,
+        F: FnOnce(R) -> Response<Body> + Send + 'static,
+    {
+        #[allow(clippy::manual_async_fn)]
+        fn run(self, req: R) -> impl Future<Output = Response<Body>> + Send {
+            async move { (self.0)(req) }
+        }
+    }
+
+    pub fn stub<R: Send + 'static>(
+        f: impl Fn(R) -> Response<Body> + Clone + Send + 'static,
+    ) -> Stub<impl Fn(R) -> Response<Body> + Clone + Send + 'static> {
+        Stub(f)
+    }
+
+    pub fn ok<R>(_: R) -> Response<Body> {
+        Response::new(full("ok"))
+    }
+}

@@ -1,0 +1,84 @@
+//! Prometheus metrics: the process-wide recorder and the counters stages bump.
+//! A leaf, so routing, auth and rate limiting can count without importing the
+//! access-log stage.
+
+use metrics::{Counter, Histogram};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use std::sync::{OnceLock, RwLock};
+
+static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Install the process-wide recorder once; later gateways in the same process share it.
+pub fn prometheus() -> Option<&'static PrometheusHandle> {
+    PROMETHEUS
+        .get_or_init(|| {
+            let buckets = [
+                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ];
+            let builder = PrometheusBuilder::new().set_buckets(&buckets).ok()?;
+            match builder.install_recorder() {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics recorder not installed");
+                    None
+                }
+            }
+        })
+        .as_ref()
+}
+
+pub fn render_metrics() -> String {
+    prometheus().map(|h| h.render()).unwrap_or_default()
+}
+
+/// Per-route request metrics, registered on first use and then reused: building a
+/// metric key from name and labels and looking it up costs more per request than
+/// incrementing it.
+#[derive(Default)]
+pub struct RouteMetrics {
+    duration: OnceLock<Histogram>,
+    by_status: RwLock<Vec<(u16, Counter)>>,
+}
+
+impl RouteMetrics {
+    pub fn record(&self, route: &str, status: u16, secs: f64) {
+        let cached = self
+            .by_status
+            .read()
+            .ok()
+            .and_then(|v| v.iter().find(|(s, _)| *s == status).map(|(_, c)| c.clone()));
+        let counter = match cached {
+            Some(c) => c,
+            None => {
+                let c = metrics::counter!("gateway_requests_total", "route" => route.to_string(), "status" => status.to_string());
+                if let Ok(mut v) = self.by_status.write() {
+                    if !v.iter().any(|(s, _)| *s == status) {
+                        v.push((status, c.clone()));
+                    }
+                }
+                c
+            }
+        };
+        counter.increment(1);
+        self.duration
+            .get_or_init(|| {
+                metrics::histogram!("gateway_request_duration_seconds", "route" => route.to_string())
+            })
+            .record(secs);
+    }
+}
+
+/// Requests that matched no route.
+pub fn unrouted() -> &'static RouteMetrics {
+    static NONE: OnceLock<RouteMetrics> = OnceLock::new();
+    NONE.get_or_init(RouteMetrics::default)
+}
+
+pub fn record_rate_limited(route: &str) {
+    metrics::counter!("gateway_ratelimit_rejections_total", "route" => route.to_string())
+        .increment(1);
+}
+
+pub fn record_auth_failure(route: &str, reason: &'static str) {
+    metrics::counter!("gateway_auth_failures_total", "route" => route.to_string(), "reason" => reason).increment(1);
+}
