@@ -5,17 +5,21 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::Path;
 
+mod duration;
+mod secret;
 mod validate;
+
+pub use duration::DurationText;
+pub use secret::{Secret, SecretSource};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    // The cause is part of the message and deliberately not a `source`: error reporters
+    // (anyhow's `{:#}`, `Error:` from main) print the chain, which printed it twice.
+    #[error("cannot read {path}: {error}")]
+    Io { path: String, error: std::io::Error },
     #[error("cannot parse TOML: {0}")]
-    Parse(#[from] toml::de::Error),
+    Parse(toml::de::Error),
     #[error("invalid configuration:\n{}", .0.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
     Invalid(Vec<FieldError>),
 }
@@ -73,6 +77,14 @@ pub struct ServerConfig {
     pub max_connections_per_ip: Option<usize>,
     /// How often the config file is checked for changes; 0 disables polling.
     pub reload_poll_ms: u64,
+    /// Backends given by DNS name (`host:port`) are resolved again this often.
+    pub dns_refresh_ms: u64,
+    // String twins of the `_ms` fields ("10s"); see `duration.rs`.
+    pub header_read_timeout: Option<DurationText>,
+    pub first_byte_timeout: Option<DurationText>,
+    pub idle_timeout: Option<DurationText>,
+    pub reload_poll: Option<DurationText>,
+    pub dns_refresh: Option<DurationText>,
 }
 
 impl Default for ServerConfig {
@@ -88,6 +100,12 @@ impl Default for ServerConfig {
             max_connections: 10_000,
             max_connections_per_ip: None,
             reload_poll_ms: 1_000,
+            dns_refresh_ms: 30_000,
+            header_read_timeout: None,
+            first_byte_timeout: None,
+            idle_timeout: None,
+            reload_poll: None,
+            dns_refresh: None,
         }
     }
 }
@@ -217,6 +235,10 @@ pub struct PoolConfig {
     pub connect_timeout_ms: u64,
     #[serde(default = "default_request_timeout")]
     pub request_timeout_ms: u64,
+    #[serde(default)]
+    pub connect_timeout: Option<DurationText>,
+    #[serde(default)]
+    pub request_timeout: Option<DurationText>,
     #[serde(default = "default_retries")]
     pub retries: u32,
     #[serde(default)]
@@ -238,6 +260,7 @@ fn default_retries() -> u32 {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackendConfig {
+    /// `IP:port`, or `host:port` resolved at start and every `dns_refresh`.
     pub address: String,
     #[serde(default = "one")]
     pub weight: u32,
@@ -255,6 +278,8 @@ pub struct HealthCheckConfig {
     pub timeout_ms: u64,
     pub rise: u32,
     pub fall: u32,
+    pub interval: Option<DurationText>,
+    pub timeout: Option<DurationText>,
 }
 
 impl Default for HealthCheckConfig {
@@ -265,6 +290,8 @@ impl Default for HealthCheckConfig {
             timeout_ms: 1_000,
             rise: 2,
             fall: 3,
+            interval: None,
+            timeout: None,
         }
     }
 }
@@ -277,6 +304,8 @@ pub struct PassiveConfig {
     pub base_ejection_ms: u64,
     pub max_ejection_ms: u64,
     pub max_ejected_percent: u32,
+    pub base_ejection: Option<DurationText>,
+    pub max_ejection: Option<DurationText>,
 }
 
 impl Default for PassiveConfig {
@@ -286,6 +315,8 @@ impl Default for PassiveConfig {
             base_ejection_ms: 30_000,
             max_ejection_ms: 300_000,
             max_ejected_percent: 50,
+            base_ejection: None,
+            max_ejection: None,
         }
     }
 }
@@ -311,6 +342,7 @@ pub struct AuthFailureLimitConfig {
     pub window_ms: u64,
     /// Addresses tracked at once; when full, finished windows are dropped first.
     pub max_addresses: usize,
+    pub window: Option<DurationText>,
 }
 
 impl Default for AuthFailureLimitConfig {
@@ -319,6 +351,7 @@ impl Default for AuthFailureLimitConfig {
             max_failures: 30,
             window_ms: 60_000,
             max_addresses: 100_000,
+            window: None,
         }
     }
 }
@@ -349,6 +382,12 @@ pub struct JwtConfig {
     pub role_claim: String,
     #[serde(default = "default_leeway")]
     pub leeway_secs: u64,
+    #[serde(default)]
+    pub jwks_refresh: Option<DurationText>,
+    #[serde(default)]
+    pub jwks_min_refetch: Option<DurationText>,
+    #[serde(default)]
+    pub leeway: Option<DurationText>,
 }
 
 fn default_jwks_refresh() -> u64 {
@@ -374,8 +413,9 @@ pub struct JwtKeyConfig {
     pub kid: Option<String>,
     /// HS256, RS256 or ES256.
     pub algorithm: String,
+    /// Inline string, `{ env = "VAR" }` or `{ file = "/path" }`.
     #[serde(default)]
-    pub secret: Option<String>,
+    pub secret: Option<Secret>,
     #[serde(default)]
     pub public_key_pem: Option<String>,
     #[serde(default)]
@@ -418,7 +458,11 @@ pub struct RateLimitConfig {
     pub key: RateKey,
     /// Requests allowed per window (token bucket: refill per window).
     pub limit: u64,
+    /// Required unless `window` is given.
+    #[serde(default)]
     pub window_ms: u64,
+    #[serde(default)]
+    pub window: Option<DurationText>,
     /// Token bucket capacity; defaults to `limit`.
     #[serde(default)]
     pub burst: Option<u64>,
@@ -458,17 +502,21 @@ impl Default for ObservabilityConfig {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Io {
             path: path.display().to_string(),
-            source,
+            error,
         })?;
         Config::parse(&text)
     }
 
     /// Parse and validate: an invalid file never yields a `Config`.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let cfg: Config = toml::from_str(text)?;
-        let errors = cfg.validate();
+        // Parsed twice: the plain table tells which keys were written (defaults cannot).
+        let raw: toml::Table = toml::from_str(text).map_err(ConfigError::Parse)?;
+        let mut cfg: Config = toml::from_str(text).map_err(ConfigError::Parse)?;
+        let mut errors = cfg.resolve_durations(&raw);
+        errors.extend(cfg.load_secrets());
+        errors.extend(cfg.validate());
         if errors.is_empty() {
             Ok(cfg)
         } else {
@@ -556,6 +604,110 @@ mod tests {
         ] {
             assert!(paths.contains(&want), "missing {want} in {paths:?}");
         }
+    }
+
+    /// What `main` prints for an error: anyhow's `Debug`, the message then every cause.
+    fn as_main_prints(err: ConfigError) -> String {
+        format!("{:?}", anyhow::Error::from(err).context("loading gw.toml"))
+    }
+
+    #[test]
+    fn toml_and_io_errors_are_printed_once() {
+        let err = Config::parse("[server\nmax_body_bytes = 1\n").expect_err("syntax error");
+        let shown = as_main_prints(err);
+        assert_eq!(shown.matches("[server").count(), 1, "{shown}");
+
+        let err = Config::load(Path::new("/nonexistent/gw.toml")).expect_err("missing file");
+        let shown = as_main_prints(err);
+        assert_eq!(shown.matches("No such file").count(), 1, "{shown}");
+    }
+
+    #[test]
+    fn durations_as_strings_fill_the_integer_fields() {
+        let cfg = Config::parse(
+            r#"
+            [server]
+            idle_timeout = "1m"
+            header_read_timeout = "1.5s"
+            dns_refresh = "10s"
+            [pools.p]
+            backends = [{ address = "127.0.0.1:1" }]
+            connect_timeout = "250ms"
+            request_timeout_ms = 7000
+            health_check = { interval = "2s", timeout = "500ms" }
+            passive = { base_ejection = "10s", max_ejection = "5m" }
+            [auth.failure_limit]
+            window = "2m"
+            [auth.jwt]
+            jwks_url = "http://127.0.0.1:1/jwks"
+            jwks_refresh = "5m"
+            jwks_min_refetch = "15s"
+            leeway = "1m"
+            [rate_limits.r]
+            algorithm = "fixed-window"
+            limit = 5
+            window = "1h"
+        "#,
+        )
+        .expect("valid");
+        assert_eq!(cfg.server.idle_timeout_ms, 60_000);
+        assert_eq!(cfg.server.header_read_timeout_ms, 1_500);
+        assert_eq!(cfg.server.dns_refresh_ms, 10_000);
+        assert_eq!(cfg.server.first_byte_timeout_ms, 10_000, "default kept");
+        let p = &cfg.pools["p"];
+        assert_eq!((p.connect_timeout_ms, p.request_timeout_ms), (250, 7_000));
+        let hc = p.health_check.as_ref().expect("health check");
+        assert_eq!((hc.interval_ms, hc.timeout_ms), (2_000, 500));
+        assert_eq!((p.passive.base_ejection_ms, p.passive.max_ejection_ms), (10_000, 300_000));
+        assert_eq!(cfg.auth.failure_limit.window_ms, 120_000);
+        let j = cfg.auth.jwt.as_ref().expect("jwt");
+        assert_eq!((j.jwks_refresh_secs, j.jwks_min_refetch_secs, j.leeway_secs), (300, 15, 60));
+        assert_eq!(cfg.rate_limits["r"].window_ms, 3_600_000);
+    }
+
+    #[test]
+    fn duration_errors_name_the_field_and_both_keys() {
+        let text = r#"
+            [server]
+            idle_timeout = "15 parsecs"
+            reload_poll = "1s"
+            reload_poll_ms = 1000
+            [pools.p]
+            backends = [{ address = "127.0.0.1:1" }]
+            health_check = { timeout = "soon" }
+            [auth.jwt]
+            jwks_url = "http://127.0.0.1:1/jwks"
+            leeway = "1.5s"
+        "#;
+        let Err(ConfigError::Invalid(errs)) = Config::parse(text) else {
+            panic!("expected validation errors");
+        };
+        let shown: Vec<String> = errs.iter().map(ToString::to_string).collect();
+        assert!(
+            shown.iter().any(|e| e.starts_with("server.idle_timeout: \"15 parsecs\" is not a duration (")
+                && e.ends_with("examples: 500ms, 15s, 2m)")),
+            "{shown:?}"
+        );
+        assert!(
+            shown.contains(&"server.reload_poll: give either reload_poll or reload_poll_ms, not both".to_string()),
+            "{shown:?}"
+        );
+        assert!(shown.iter().any(|e| e.starts_with("pools.p.health_check.timeout: \"soon\"")), "{shown:?}");
+        assert!(shown.iter().any(|e| e.starts_with("auth.jwt.leeway: \"1.5s\"") && e.contains("whole seconds")), "{shown:?}");
+        assert_eq!(errs.len(), 4, "{shown:?}");
+
+        // A number where a duration string goes is a type error that says what to write.
+        let err = Config::parse("[server]\nidle_timeout = 15\n").expect_err("integer");
+        assert!(err.to_string().contains("a duration string such as"), "{err}");
+    }
+
+    #[test]
+    fn the_example_config_parses_with_string_durations_and_an_env_secret() {
+        std::env::set_var("GATEWAY_JWT_SECRET", "example-secret-for-tests");
+        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/gateway.toml"));
+        let cfg = Config::load(path).expect("example is valid");
+        assert_eq!(cfg.pools["users"].request_timeout_ms, 5_000);
+        assert!(cfg.warnings().is_empty(), "{:?}", cfg.warnings());
     }
 
     #[test]
