@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod balance;
+pub mod check;
 pub mod client_headers;
 pub mod config;
 pub mod gateway;
@@ -15,6 +16,7 @@ pub mod path;
 pub mod proxy;
 pub mod ratelimit;
 pub mod reload;
+pub mod resolve;
 pub mod routing;
 pub mod server;
 pub mod smuggle;
