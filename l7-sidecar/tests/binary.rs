@@ -20,8 +20,8 @@ fn check_flag_validates_the_example_and_rejects_invalid_files() {
         "example rejected: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // --check lists the routes in match order: host-specific exact/template routes first,
-    // the host-less /healthz last.
+    // --check lists the routes in match order: host-specific template routes first, the
+    // host-less /healthz last (a host beats an exact path).
     let stdout = String::from_utf8_lossy(&out.stdout);
     let listed: Vec<&str> = stdout
         .lines()
@@ -29,7 +29,7 @@ fn check_flag_validates_the_example_and_rejects_invalid_files() {
         .filter_map(|l| l.split_whitespace().nth(1))
         .collect();
     assert_eq!(listed.len(), 8, "{stdout}");
-    assert_eq!(listed.first(), Some(&"user-summary"), "{stdout}");
+    assert_eq!(listed.first(), Some(&"user-by-id"), "{stdout}");
     assert_eq!(listed.last(), Some(&"public-health"), "{stdout}");
     assert!(!stdout.contains("example-secret-for-tests"), "secret printed: {stdout}");
 
