@@ -98,7 +98,11 @@ mod tests {
             .skip(1)
             .map(|l| l.split_whitespace().nth(1).expect("name"))
             .collect();
-        assert_eq!(order, ["users-host", "summary", "users", "catch-all"], "{table}");
+        assert_eq!(
+            order,
+            ["users-host", "summary", "users", "catch-all"],
+            "{table}"
+        );
         let line = |name: &str| {
             table
                 .lines()
@@ -106,9 +110,18 @@ mod tests {
                 .expect("listed")
                 .to_string()
         };
-        assert!(line("users-host").contains("host=api.example.com"), "{table}");
-        assert!(line("users-host").contains("header x-version=2 -> pool b"), "{table}");
-        assert!(line("users").contains("methods=GET path=/users (prefix) -> pool b"), "{table}");
+        assert!(
+            line("users-host").contains("host=api.example.com"),
+            "{table}"
+        );
+        assert!(
+            line("users-host").contains("header x-version=2 -> pool b"),
+            "{table}"
+        );
+        assert!(
+            line("users").contains("methods=GET path=/users (prefix) -> pool b"),
+            "{table}"
+        );
         assert!(line("summary").contains("-> aggregate [u=a]"), "{table}");
         assert!(line("catch-all").contains("host=* methods=ANY"), "{table}");
     }

@@ -50,7 +50,11 @@ async fn main() -> anyhow::Result<()> {
         // Names are resolved as at start: one that does not resolve would stop the gateway.
         if let Err(errors) = l7_sidecar::resolve::DnsCache::default().refresh(&cfg).await {
             let list: Vec<String> = errors.iter().map(|e| format!("  - {e}")).collect();
-            anyhow::bail!("{}: backend names do not resolve:\n{}", config.display(), list.join("\n"));
+            anyhow::bail!(
+                "{}: backend names do not resolve:\n{}",
+                config.display(),
+                list.join("\n")
+            );
         }
         eprint!("{}", l7_sidecar::check::warnings(&cfg));
         println!("{}: ok", config.display());

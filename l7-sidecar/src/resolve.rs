@@ -38,7 +38,8 @@ impl BackendAddr {
         let label_ok = |l: &str| {
             !l.is_empty()
                 && l.len() <= 63
-                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         };
         let host = host.strip_suffix('.').unwrap_or(host);
         if port == 0 || host.len() > 253 || !host.split('.').all(label_ok) {

@@ -31,7 +31,10 @@ fn check_flag_validates_the_example_and_rejects_invalid_files() {
     assert_eq!(listed.len(), 8, "{stdout}");
     assert_eq!(listed.first(), Some(&"user-by-id"), "{stdout}");
     assert_eq!(listed.last(), Some(&"public-health"), "{stdout}");
-    assert!(!stdout.contains("example-secret-for-tests"), "secret printed: {stdout}");
+    assert!(
+        !stdout.contains("example-secret-for-tests"),
+        "secret printed: {stdout}"
+    );
 
     // Without the variable the example's secret is missing: the error names the field
     // and the variable, never a value.
@@ -43,7 +46,9 @@ fn check_flag_validates_the_example_and_rejects_invalid_files() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("auth.jwt.keys[0].secret: environment variable \"GATEWAY_JWT_SECRET\" is not set"),
+        err.contains(
+            "auth.jwt.keys[0].secret: environment variable \"GATEWAY_JWT_SECRET\" is not set"
+        ),
         "{err}"
     );
 

@@ -51,7 +51,7 @@ pub fn parse(path: &str, text: &str, unit: Unit) -> Result<u64, FieldError> {
     };
     let d: Duration = humantime::parse_duration(text.trim()).map_err(|e| bad(e.to_string()))?;
     let (value, whole) = match unit {
-        Unit::Millis => (d.as_millis(), d.subsec_nanos() % 1_000_000 == 0),
+        Unit::Millis => (d.as_millis(), d.subsec_nanos().is_multiple_of(1_000_000)),
         Unit::Secs => (u128::from(d.as_secs()), d.subsec_nanos() == 0),
     };
     if !whole {
@@ -84,10 +84,7 @@ impl Setting<'_> {
         if raw.is_some_and(|t| t.contains_key(&legacy_key)) {
             errs.push(FieldError {
                 path: path.clone(),
-                message: format!(
-                    "give either {} or {legacy_key}, not both",
-                    self.key
-                ),
+                message: format!("give either {} or {legacy_key}, not both", self.key),
             });
             return;
         }
@@ -112,24 +109,54 @@ impl Config {
         let s = &mut self.server;
         let t = sub(root, "server");
         for (key, text, legacy) in [
-            ("header_read_timeout", &s.header_read_timeout, &mut s.header_read_timeout_ms),
-            ("first_byte_timeout", &s.first_byte_timeout, &mut s.first_byte_timeout_ms),
+            (
+                "header_read_timeout",
+                &s.header_read_timeout,
+                &mut s.header_read_timeout_ms,
+            ),
+            (
+                "first_byte_timeout",
+                &s.first_byte_timeout,
+                &mut s.first_byte_timeout_ms,
+            ),
             ("idle_timeout", &s.idle_timeout, &mut s.idle_timeout_ms),
             ("reload_poll", &s.reload_poll, &mut s.reload_poll_ms),
             ("dns_refresh", &s.dns_refresh, &mut s.dns_refresh_ms),
         ] {
             let table = "server";
-            Setting { table, key, unit: Millis, text, legacy }.apply(t, &mut errs);
+            Setting {
+                table,
+                key,
+                unit: Millis,
+                text,
+                legacy,
+            }
+            .apply(t, &mut errs);
         }
 
         for (name, p) in &mut self.pools {
             let table = format!("pools.{name}");
             let t = sub(sub(root, "pools"), name);
             for (key, text, legacy) in [
-                ("connect_timeout", &p.connect_timeout, &mut p.connect_timeout_ms),
-                ("request_timeout", &p.request_timeout, &mut p.request_timeout_ms),
+                (
+                    "connect_timeout",
+                    &p.connect_timeout,
+                    &mut p.connect_timeout_ms,
+                ),
+                (
+                    "request_timeout",
+                    &p.request_timeout,
+                    &mut p.request_timeout_ms,
+                ),
             ] {
-                Setting { table: &table, key, unit: Millis, text, legacy }.apply(t, &mut errs);
+                Setting {
+                    table: &table,
+                    key,
+                    unit: Millis,
+                    text,
+                    legacy,
+                }
+                .apply(t, &mut errs);
             }
             if let Some(hc) = &mut p.health_check {
                 let table = format!("{table}.health_check");
@@ -138,7 +165,14 @@ impl Config {
                     ("interval", &hc.interval, &mut hc.interval_ms),
                     ("timeout", &hc.timeout, &mut hc.timeout_ms),
                 ] {
-                    Setting { table: &table, key, unit: Millis, text, legacy }.apply(t, &mut errs);
+                    Setting {
+                        table: &table,
+                        key,
+                        unit: Millis,
+                        text,
+                        legacy,
+                    }
+                    .apply(t, &mut errs);
                 }
             }
             let pc = &mut p.passive;
@@ -148,7 +182,14 @@ impl Config {
                 ("base_ejection", &pc.base_ejection, &mut pc.base_ejection_ms),
                 ("max_ejection", &pc.max_ejection, &mut pc.max_ejection_ms),
             ] {
-                Setting { table: &table, key, unit: Millis, text, legacy }.apply(t, &mut errs);
+                Setting {
+                    table: &table,
+                    key,
+                    unit: Millis,
+                    text,
+                    legacy,
+                }
+                .apply(t, &mut errs);
             }
         }
 
@@ -166,10 +207,21 @@ impl Config {
             let t = sub(auth, "jwt");
             for (key, text, legacy) in [
                 ("jwks_refresh", &j.jwks_refresh, &mut j.jwks_refresh_secs),
-                ("jwks_min_refetch", &j.jwks_min_refetch, &mut j.jwks_min_refetch_secs),
+                (
+                    "jwks_min_refetch",
+                    &j.jwks_min_refetch,
+                    &mut j.jwks_min_refetch_secs,
+                ),
                 ("leeway", &j.leeway, &mut j.leeway_secs),
             ] {
-                Setting { table: "auth.jwt", key, unit: Secs, text, legacy }.apply(t, &mut errs);
+                Setting {
+                    table: "auth.jwt",
+                    key,
+                    unit: Secs,
+                    text,
+                    legacy,
+                }
+                .apply(t, &mut errs);
             }
         }
 
@@ -210,8 +262,16 @@ mod tests {
     fn bad_values_name_the_field_and_the_value() {
         let e = parse("routes[2].timeout", "15 parsecs", Unit::Millis).expect_err("bad unit");
         assert_eq!(e.path, "routes[2].timeout");
-        assert!(e.message.starts_with("\"15 parsecs\" is not a duration"), "{}", e.message);
-        assert!(e.message.contains("examples: 500ms, 15s, 2m"), "{}", e.message);
+        assert!(
+            e.message.starts_with("\"15 parsecs\" is not a duration"),
+            "{}",
+            e.message
+        );
+        assert!(
+            e.message.contains("examples: 500ms, 15s, 2m"),
+            "{}",
+            e.message
+        );
         for bad in ["", "15", "-1s", "1.5ms"] {
             assert!(parse("p", bad, Unit::Millis).is_err(), "{bad:?} accepted");
         }

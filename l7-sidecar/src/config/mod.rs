@@ -658,10 +658,16 @@ mod tests {
         assert_eq!((p.connect_timeout_ms, p.request_timeout_ms), (250, 7_000));
         let hc = p.health_check.as_ref().expect("health check");
         assert_eq!((hc.interval_ms, hc.timeout_ms), (2_000, 500));
-        assert_eq!((p.passive.base_ejection_ms, p.passive.max_ejection_ms), (10_000, 300_000));
+        assert_eq!(
+            (p.passive.base_ejection_ms, p.passive.max_ejection_ms),
+            (10_000, 300_000)
+        );
         assert_eq!(cfg.auth.failure_limit.window_ms, 120_000);
         let j = cfg.auth.jwt.as_ref().expect("jwt");
-        assert_eq!((j.jwks_refresh_secs, j.jwks_min_refetch_secs, j.leeway_secs), (300, 15, 60));
+        assert_eq!(
+            (j.jwks_refresh_secs, j.jwks_min_refetch_secs, j.leeway_secs),
+            (300, 15, 60)
+        );
         assert_eq!(cfg.rate_limits["r"].window_ms, 3_600_000);
     }
 
@@ -684,27 +690,47 @@ mod tests {
         };
         let shown: Vec<String> = errs.iter().map(ToString::to_string).collect();
         assert!(
-            shown.iter().any(|e| e.starts_with("server.idle_timeout: \"15 parsecs\" is not a duration (")
+            shown.iter().any(|e| e
+                .starts_with("server.idle_timeout: \"15 parsecs\" is not a duration (")
                 && e.ends_with("examples: 500ms, 15s, 2m)")),
             "{shown:?}"
         );
         assert!(
-            shown.contains(&"server.reload_poll: give either reload_poll or reload_poll_ms, not both".to_string()),
+            shown.contains(
+                &"server.reload_poll: give either reload_poll or reload_poll_ms, not both"
+                    .to_string()
+            ),
             "{shown:?}"
         );
-        assert!(shown.iter().any(|e| e.starts_with("pools.p.health_check.timeout: \"soon\"")), "{shown:?}");
-        assert!(shown.iter().any(|e| e.starts_with("auth.jwt.leeway: \"1.5s\"") && e.contains("whole seconds")), "{shown:?}");
+        assert!(
+            shown
+                .iter()
+                .any(|e| e.starts_with("pools.p.health_check.timeout: \"soon\"")),
+            "{shown:?}"
+        );
+        assert!(
+            shown
+                .iter()
+                .any(|e| e.starts_with("auth.jwt.leeway: \"1.5s\"") && e.contains("whole seconds")),
+            "{shown:?}"
+        );
         assert_eq!(errs.len(), 4, "{shown:?}");
 
         // A number where a duration string goes is a type error that says what to write.
         let err = Config::parse("[server]\nidle_timeout = 15\n").expect_err("integer");
-        assert!(err.to_string().contains("a duration string such as"), "{err}");
+        assert!(
+            err.to_string().contains("a duration string such as"),
+            "{err}"
+        );
     }
 
     #[test]
     fn the_example_config_parses_with_string_durations_and_an_env_secret() {
         std::env::set_var("GATEWAY_JWT_SECRET", "example-secret-for-tests");
-        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/gateway.toml"));
+        let path = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/examples/gateway.toml"
+        ));
         let cfg = Config::load(path).expect("example is valid");
         assert_eq!(cfg.pools["users"].request_timeout_ms, 5_000);
         assert!(cfg.warnings().is_empty(), "{:?}", cfg.warnings());

@@ -150,7 +150,10 @@ impl Config {
     pub fn warnings(&self) -> Vec<FieldError> {
         let mut out = Vec::new();
         for (i, k) in self.auth.jwt.iter().flat_map(|j| j.keys.iter()).enumerate() {
-            if k.secret.as_ref().is_some_and(|s| s.source == SecretSource::Inline) {
+            if k.secret
+                .as_ref()
+                .is_some_and(|s| s.source == SecretSource::Inline)
+            {
                 out.push(FieldError {
                     path: format!("auth.jwt.keys[{i}].secret"),
                     message: "inline secret; prefer { env = \"VAR\" } or { file = \"/path\" } so the config file can be shared".into(),
@@ -191,10 +194,20 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("jwt");
         std::fs::write(&file, format!("{VALUE}\n")).expect("write");
-        let cfg = Config::parse(&jwt_config(&format!("{{ file = {:?} }}", file.display().to_string())))
-            .expect("file secret");
-        assert_eq!(key_secret(&cfg).expose(), VALUE.as_bytes(), "newline trimmed");
-        assert!(!format!("{cfg:?}").contains(VALUE), "Debug must not show the secret");
+        let cfg = Config::parse(&jwt_config(&format!(
+            "{{ file = {:?} }}",
+            file.display().to_string()
+        )))
+        .expect("file secret");
+        assert_eq!(
+            key_secret(&cfg).expose(),
+            VALUE.as_bytes(),
+            "newline trimmed"
+        );
+        assert!(
+            !format!("{cfg:?}").contains(VALUE),
+            "Debug must not show the secret"
+        );
     }
 
     #[test]
@@ -205,24 +218,40 @@ mod tests {
         assert_eq!(w.len(), 1);
         assert_eq!(w[0].path, "auth.jwt.keys[0].secret");
         assert!(!w[0].message.contains(VALUE));
-        assert!(!format!("{cfg:?}").contains(VALUE), "Debug must not show the secret");
+        assert!(
+            !format!("{cfg:?}").contains(VALUE),
+            "Debug must not show the secret"
+        );
     }
 
     #[test]
     fn missing_env_or_file_names_the_field() {
         for (secret, want) in [
-            ("{ env = \"L7_TEST_SECRET_SURELY_UNSET\" }", "L7_TEST_SECRET_SURELY_UNSET"),
-            ("{ file = \"/nonexistent/jwt-secret\" }", "/nonexistent/jwt-secret"),
+            (
+                "{ env = \"L7_TEST_SECRET_SURELY_UNSET\" }",
+                "L7_TEST_SECRET_SURELY_UNSET",
+            ),
+            (
+                "{ file = \"/nonexistent/jwt-secret\" }",
+                "/nonexistent/jwt-secret",
+            ),
         ] {
             let Err(ConfigError::Invalid(errs)) = Config::parse(&jwt_config(secret)) else {
                 panic!("{secret} accepted");
             };
-            assert_eq!(errs.len(), 1, "one error, not a second 'needs a secret': {errs:?}");
+            assert_eq!(
+                errs.len(),
+                1,
+                "one error, not a second 'needs a secret': {errs:?}"
+            );
             assert_eq!(errs[0].path, "auth.jwt.keys[0].secret");
             assert!(errs[0].message.contains(want), "{}", errs[0].message);
         }
         let err = Config::parse(&jwt_config("{ env = \"A\", file = \"/b\" }"))
             .expect_err("both env and file");
-        assert!(err.to_string().contains("exactly one of `env` or `file`"), "{err}");
+        assert!(
+            err.to_string().contains("exactly one of `env` or `file`"),
+            "{err}"
+        );
     }
 }

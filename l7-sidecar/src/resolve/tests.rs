@@ -51,7 +51,11 @@ fn names_are_accepted_by_validation_and_bad_addresses_named() {
         panic!("bad address accepted");
     };
     assert_eq!(errs[0].path, "pools.p.backends[0].address");
-    assert!(errs[0].message.contains("\"no port\""), "{}", errs[0].message);
+    assert!(
+        errs[0].message.contains("\"no port\""),
+        "{}",
+        errs[0].message
+    );
 }
 
 #[tokio::test]
@@ -63,8 +67,15 @@ async fn localhost_resolves_and_invalid_names_are_errors_naming_the_field() {
     let addrs: Vec<&str> = pool.backends.iter().map(|b| b.address.as_str()).collect();
     assert!(addrs.contains(&"10.0.0.9:80"), "{addrs:?}");
     assert!(addrs.contains(&"127.0.0.1:8080"), "{addrs:?}");
-    assert!(pool.backends[1..].iter().all(|b| b.weight == 3), "weight follows the name");
-    assert_eq!(dns.refresh(&cfg).await.expect("again"), false, "same answer is no change");
+    assert!(
+        pool.backends[1..].iter().all(|b| b.weight == 3),
+        "weight follows the name"
+    );
+    assert_eq!(
+        dns.refresh(&cfg).await.expect("again"),
+        false,
+        "same answer is no change"
+    );
 
     let bad = config(r#"{ address = "10.0.0.9:80" }, { address = "nothing-here.invalid:80" }"#);
     let errs = DnsCache::default()
@@ -109,7 +120,10 @@ async fn re_resolution_keeps_state_of_persisting_addresses_and_last_known_on_fai
     let after = Pool::new("p", &dns.expand(&cfg.pools["p"]), &registry);
     let addrs: Vec<SocketAddr> = after.backends.iter().map(|b| b.addr).collect();
     assert_eq!(addrs, [addr("10.0.0.2:80"), addr("10.0.0.3:80")]);
-    assert!(Arc::ptr_eq(&after.backends[0], &kept), "same Backend for a persisting address");
+    assert!(
+        Arc::ptr_eq(&after.backends[0], &kept),
+        "same Backend for a persisting address"
+    );
     assert_eq!(after.backends[0].active.load(Ordering::Relaxed), 4);
 
     // The name stops resolving: last known addresses stay, and it is not an error.

@@ -10,7 +10,9 @@ fn run(f: impl FnOnce(&mut Errors)) -> Vec<String> {
 }
 
 fn paths(errs: &[String]) -> Vec<&str> {
-    errs.iter().map(|e| e.split(": ").next().unwrap_or("")).collect()
+    errs.iter()
+        .map(|e| e.split(": ").next().unwrap_or(""))
+        .collect()
 }
 
 fn parsed(text: &str) -> Config {
