@@ -97,6 +97,8 @@ struct Fixture {
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
+        // The example reads its JWT secret from this variable.
+        std::env::set_var("GATEWAY_JWT_SECRET", "fuzz-secret");
         let example = include_str!("../../l7-sidecar/examples/gateway.toml");
         let configs: Vec<Config> = [example, EXTRA]
             .iter()

@@ -378,6 +378,8 @@ mod tests {
                 .collect(),
             connect_timeout_ms: 100,
             request_timeout_ms: 100,
+            connect_timeout: None,
+            request_timeout: None,
             retries: 0,
             health_check: None,
             passive: PassiveConfig {
@@ -385,6 +387,7 @@ mod tests {
                 base_ejection_ms: 1000,
                 max_ejection_ms: 8000,
                 max_ejected_percent: 50,
+                ..PassiveConfig::default()
             },
         };
         Pool::new("p", &cfg, &BackendRegistry::default())
@@ -460,6 +463,8 @@ mod tests {
             }],
             connect_timeout_ms: 100,
             request_timeout_ms: 100,
+            connect_timeout: None,
+            request_timeout: None,
             retries: 0,
             health_check: None,
             passive: PassiveConfig::default(),
@@ -498,6 +503,8 @@ mod tests {
                 .collect(),
             connect_timeout_ms: 100,
             request_timeout_ms: 100,
+            connect_timeout: None,
+            request_timeout: None,
             retries: 0,
             health_check: None,
             passive: PassiveConfig::default(),

@@ -20,6 +20,8 @@ pub enum GatewayError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Key(#[from] KeyError),
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Resolve(Vec<crate::resolve::ResolveError>),
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
     #[error("listener {name}: cannot bind {addr}: {source}")]
@@ -73,6 +75,8 @@ pub struct Shared {
     pub config_path: Option<PathBuf>,
     /// Serialises reloads so SIGHUP and the file watcher cannot interleave.
     reload_lock: tokio::sync::Mutex<()>,
+    /// Last known addresses of backends given by DNS name.
+    pub dns: crate::resolve::DnsCache,
 }
 
 /// Cheap to clone handle on the running gateway.
@@ -108,7 +112,12 @@ impl Gateway {
             access_log,
             config_path,
             reload_lock: tokio::sync::Mutex::new(()),
+            dns: Default::default(),
         });
+        shared
+            .dns
+            .resolve_missing_blocking(&cfg)
+            .map_err(GatewayError::Resolve)?;
         let gw = Gateway { shared };
         let rt = gw.build_runtime(cfg)?;
         gw.shared.runtime.store(Arc::new(rt));
@@ -165,7 +174,8 @@ impl Gateway {
         let mut tasks = Vec::new();
         let mut upstreams = HashMap::new();
         for (name, pcfg) in &cfg.pools {
-            let up = Arc::new(Upstream::new(Pool::new(name, pcfg, &self.shared.backends)));
+            let pcfg = self.shared.dns.expand(pcfg);
+            let up = Arc::new(Upstream::new(Pool::new(name, &pcfg, &self.shared.backends)));
             for b in &up.pool.backends {
                 b.set_healthy(b.is_healthy());
             }
@@ -174,6 +184,10 @@ impl Gateway {
             }
             upstreams.insert(name.clone(), up);
         }
+        tasks.extend(crate::resolve::spawn_refresh(
+            Arc::downgrade(&self.shared),
+            &cfg,
+        ));
         Ok(Runtime {
             router: Router::new(&cfg.routes),
             upstreams,
@@ -193,6 +207,11 @@ impl Gateway {
         if !errors.is_empty() {
             return Err(ConfigError::Invalid(errors).into());
         }
+        self.shared
+            .dns
+            .refresh(&cfg)
+            .await
+            .map_err(GatewayError::Resolve)?;
         let old = self.runtime();
         let old_listeners: Vec<_> = old
             .cfg

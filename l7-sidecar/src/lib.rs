@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod balance;
+pub mod check;
 pub mod client_headers;
 pub mod config;
 pub mod ctx;
@@ -19,6 +20,7 @@ pub mod pipeline;
 pub mod proxy;
 pub mod ratelimit;
 pub mod reload;
+pub mod resolve;
 pub mod routing;
 pub mod server;
 pub mod smuggle;

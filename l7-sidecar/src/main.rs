@@ -47,8 +47,22 @@ async fn main() -> anyhow::Result<()> {
     let cfg = l7_sidecar::Config::load(&config)
         .with_context(|| format!("loading {}", config.display()))?;
     if args.check {
+        // Names are resolved as at start: one that does not resolve would stop the gateway.
+        if let Err(errors) = l7_sidecar::resolve::DnsCache::default().refresh(&cfg).await {
+            let list: Vec<String> = errors.iter().map(|e| format!("  - {e}")).collect();
+            anyhow::bail!(
+                "{}: backend names do not resolve:\n{}",
+                config.display(),
+                list.join("\n")
+            );
+        }
+        eprint!("{}", l7_sidecar::check::warnings(&cfg));
         println!("{}: ok", config.display());
+        print!("{}", l7_sidecar::check::route_table(&cfg));
         return Ok(());
+    }
+    for w in cfg.warnings() {
+        tracing::warn!(path = %w.path, "{}", w.message);
     }
     let gw = l7_sidecar::Gateway::new(cfg, Some(config.clone()))?;
     let running = l7_sidecar::start(gw.clone()).await?;

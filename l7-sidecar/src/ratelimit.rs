@@ -303,6 +303,7 @@ mod tests {
             window_ms: 1000,
             burst,
             max_keys,
+            window: None,
         })
     }
 

@@ -329,6 +329,11 @@ impl Router {
         Router { routes }
     }
 
+    /// Routes in the order `lookup` tries them (most specific first), for `--check`.
+    pub fn match_order(&self) -> impl Iterator<Item = &RouteConfig> {
+        self.routes.iter().map(|r| &r.cfg)
+    }
+
     pub fn lookup(
         &self,
         host: Option<&str>,

@@ -12,12 +12,44 @@ fn check_flag_validates_the_example_and_rejects_invalid_files() {
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/gateway.toml");
     let out = Command::new(BIN)
         .args(["--check", "--config", example])
+        .env("GATEWAY_JWT_SECRET", "example-secret-for-tests")
         .output()
         .expect("run binary");
     assert!(
         out.status.success(),
         "example rejected: {}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    // --check lists the routes in match order: host-specific template routes first, the
+    // host-less /healthz last (a host beats an exact path).
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let listed: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.contains(" -> "))
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .collect();
+    assert_eq!(listed.len(), 8, "{stdout}");
+    assert_eq!(listed.first(), Some(&"user-by-id"), "{stdout}");
+    assert_eq!(listed.last(), Some(&"public-health"), "{stdout}");
+    assert!(
+        !stdout.contains("example-secret-for-tests"),
+        "secret printed: {stdout}"
+    );
+
+    // Without the variable the example's secret is missing: the error names the field
+    // and the variable, never a value.
+    let out = Command::new(BIN)
+        .args(["--check", "--config", example])
+        .env_remove("GATEWAY_JWT_SECRET")
+        .output()
+        .expect("run binary");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "auth.jwt.keys[0].secret: environment variable \"GATEWAY_JWT_SECRET\" is not set"
+        ),
+        "{err}"
     );
 
     let dir = tempfile::tempdir().expect("tempdir");
@@ -37,6 +69,38 @@ fn check_flag_validates_the_example_and_rejects_invalid_files() {
         err.contains("routes[0].path") && err.contains("routes[0].pool"),
         "every error listed: {err}"
     );
+}
+
+#[test]
+fn check_prints_a_toml_syntax_error_once_and_refuses_unresolvable_names() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[server\nmax_body_bytes = 1\n").expect("write");
+    let out = Command::new(BIN)
+        .args(["--check", "--config", bad.to_str().expect("utf8 path")])
+        .output()
+        .expect("run binary");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.matches("[server").count(), 1, "printed once: {err}");
+
+    let named = dir.path().join("named.toml");
+    std::fs::write(
+        &named,
+        "[pools.p]\nbackends = [{ address = \"localhost:8080\" }, { address = \"nothing-here.invalid:80\" }]\n",
+    )
+    .expect("write");
+    let out = Command::new(BIN)
+        .args(["--check", "--config", named.to_str().expect("utf8 path")])
+        .output()
+        .expect("run binary");
+    assert!(!out.status.success(), "an unresolvable name fails --check");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("pools.p.backends[1].address: cannot resolve \"nothing-here.invalid:80\""),
+        "{err}"
+    );
+    assert!(!err.contains("localhost"), "localhost resolves: {err}");
 }
 
 /// Kills the child even when an assertion fails.

@@ -89,6 +89,7 @@ mod tests {
             max_failures: max,
             window_ms: 60_000,
             max_addresses: 2,
+            window: None,
         }
     }
 

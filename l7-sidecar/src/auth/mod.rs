@@ -157,7 +157,7 @@ impl Authenticator {
                         "HS256" => (
                             Algorithm::HS256,
                             DecodingKey::from_secret(
-                                k.secret.as_deref().unwrap_or_default().as_bytes(),
+                                k.secret.as_ref().map_or(&[][..], |s| s.expose()),
                             ),
                         ),
                         "RS256" => (
@@ -442,7 +442,7 @@ mod tests {
             keys: vec![JwtKeyConfig {
                 kid: None,
                 algorithm: "HS256".into(),
-                secret: Some("s3cret".into()),
+                secret: Some(crate::config::Secret::inline("s3cret")),
                 public_key_pem: None,
                 public_key_file: None,
             }],
@@ -453,6 +453,9 @@ mod tests {
             user_id_claim: "sub".into(),
             role_claim: "role".into(),
             leeway_secs: 0,
+            jwks_refresh: None,
+            jwks_min_refetch: None,
+            leeway: None,
         }
     }
 

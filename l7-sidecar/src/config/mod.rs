@@ -5,17 +5,21 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::Path;
 
+mod duration;
+mod secret;
 mod validate;
+
+pub use duration::DurationText;
+pub use secret::{Secret, SecretSource};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    // The cause is part of the message and deliberately not a `source`: error reporters
+    // (anyhow's `{:#}`, `Error:` from main) print the chain, which printed it twice.
+    #[error("cannot read {path}: {error}")]
+    Io { path: String, error: std::io::Error },
     #[error("cannot parse TOML: {0}")]
-    Parse(#[from] toml::de::Error),
+    Parse(toml::de::Error),
     #[error("invalid configuration:\n{}", .0.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
     Invalid(Vec<FieldError>),
 }
@@ -73,6 +77,14 @@ pub struct ServerConfig {
     pub max_connections_per_ip: Option<usize>,
     /// How often the config file is checked for changes; 0 disables polling.
     pub reload_poll_ms: u64,
+    /// Backends given by DNS name (`host:port`) are resolved again this often.
+    pub dns_refresh_ms: u64,
+    // String twins of the `_ms` fields ("10s"); see `duration.rs`.
+    pub header_read_timeout: Option<DurationText>,
+    pub first_byte_timeout: Option<DurationText>,
+    pub idle_timeout: Option<DurationText>,
+    pub reload_poll: Option<DurationText>,
+    pub dns_refresh: Option<DurationText>,
 }
 
 impl Default for ServerConfig {
@@ -88,6 +100,12 @@ impl Default for ServerConfig {
             max_connections: 10_000,
             max_connections_per_ip: None,
             reload_poll_ms: 1_000,
+            dns_refresh_ms: 30_000,
+            header_read_timeout: None,
+            first_byte_timeout: None,
+            idle_timeout: None,
+            reload_poll: None,
+            dns_refresh: None,
         }
     }
 }
@@ -217,6 +235,10 @@ pub struct PoolConfig {
     pub connect_timeout_ms: u64,
     #[serde(default = "default_request_timeout")]
     pub request_timeout_ms: u64,
+    #[serde(default)]
+    pub connect_timeout: Option<DurationText>,
+    #[serde(default)]
+    pub request_timeout: Option<DurationText>,
     #[serde(default = "default_retries")]
     pub retries: u32,
     #[serde(default)]
@@ -270,6 +292,7 @@ fn default_retries() -> u32 {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackendConfig {
+    /// `IP:port`, or `host:port` resolved at start and every `dns_refresh`.
     pub address: String,
     #[serde(default = "one")]
     pub weight: u32,
@@ -287,6 +310,8 @@ pub struct HealthCheckConfig {
     pub timeout_ms: u64,
     pub rise: u32,
     pub fall: u32,
+    pub interval: Option<DurationText>,
+    pub timeout: Option<DurationText>,
 }
 
 impl Default for HealthCheckConfig {
@@ -297,6 +322,8 @@ impl Default for HealthCheckConfig {
             timeout_ms: 1_000,
             rise: 2,
             fall: 3,
+            interval: None,
+            timeout: None,
         }
     }
 }
@@ -309,6 +336,8 @@ pub struct PassiveConfig {
     pub base_ejection_ms: u64,
     pub max_ejection_ms: u64,
     pub max_ejected_percent: u32,
+    pub base_ejection: Option<DurationText>,
+    pub max_ejection: Option<DurationText>,
 }
 
 impl Default for PassiveConfig {
@@ -318,6 +347,8 @@ impl Default for PassiveConfig {
             base_ejection_ms: 30_000,
             max_ejection_ms: 300_000,
             max_ejected_percent: 50,
+            base_ejection: None,
+            max_ejection: None,
         }
     }
 }
@@ -343,6 +374,7 @@ pub struct AuthFailureLimitConfig {
     pub window_ms: u64,
     /// Addresses tracked at once; when full, finished windows are dropped first.
     pub max_addresses: usize,
+    pub window: Option<DurationText>,
 }
 
 impl Default for AuthFailureLimitConfig {
@@ -351,6 +383,7 @@ impl Default for AuthFailureLimitConfig {
             max_failures: 30,
             window_ms: 60_000,
             max_addresses: 100_000,
+            window: None,
         }
     }
 }
@@ -381,6 +414,12 @@ pub struct JwtConfig {
     pub role_claim: String,
     #[serde(default = "default_leeway")]
     pub leeway_secs: u64,
+    #[serde(default)]
+    pub jwks_refresh: Option<DurationText>,
+    #[serde(default)]
+    pub jwks_min_refetch: Option<DurationText>,
+    #[serde(default)]
+    pub leeway: Option<DurationText>,
 }
 
 fn default_jwks_refresh() -> u64 {
@@ -406,8 +445,9 @@ pub struct JwtKeyConfig {
     pub kid: Option<String>,
     /// HS256, RS256 or ES256.
     pub algorithm: String,
+    /// Inline string, `{ env = "VAR" }` or `{ file = "/path" }`.
     #[serde(default)]
-    pub secret: Option<String>,
+    pub secret: Option<Secret>,
     #[serde(default)]
     pub public_key_pem: Option<String>,
     #[serde(default)]
@@ -450,7 +490,11 @@ pub struct RateLimitConfig {
     pub key: RateKey,
     /// Requests allowed per window (token bucket: refill per window).
     pub limit: u64,
+    /// Required unless `window` is given.
+    #[serde(default)]
     pub window_ms: u64,
+    #[serde(default)]
+    pub window: Option<DurationText>,
     /// Token bucket capacity; defaults to `limit`.
     #[serde(default)]
     pub burst: Option<u64>,
@@ -490,17 +534,21 @@ impl Default for ObservabilityConfig {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Io {
             path: path.display().to_string(),
-            source,
+            error,
         })?;
         Config::parse(&text)
     }
 
     /// Parse and validate: an invalid file never yields a `Config`.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let cfg: Config = toml::from_str(text)?;
-        let errors = cfg.validate();
+        // Parsed twice: the plain table tells which keys were written (defaults cannot).
+        let raw: toml::Table = toml::from_str(text).map_err(ConfigError::Parse)?;
+        let mut cfg: Config = toml::from_str(text).map_err(ConfigError::Parse)?;
+        let mut errors = cfg.resolve_durations(&raw);
+        errors.extend(cfg.load_secrets());
+        errors.extend(cfg.validate());
         if errors.is_empty() {
             Ok(cfg)
         } else {
@@ -510,89 +558,4 @@ impl Config {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn route_hosts_with_ports_and_huge_weights_are_refused() {
-        // Found by the gateway_config fuzz target: a host with a port validated but never matched,
-        // and an unbounded weight would size the hash ring in terabytes.
-        let text = r#"
-            [pools.users]
-            backends = [{ address = "127.0.0.1:1", weight = 4000000000 }]
-            [[routes]]
-            name = "r"
-            host = "api.example.com:8080"
-            path = "/users"
-            pool = "users"
-        "#;
-        let Err(ConfigError::Invalid(errs)) = Config::parse(text) else {
-            panic!("expected validation errors");
-        };
-        let paths: Vec<_> = errs.iter().map(|e| e.path.as_str()).collect();
-        assert!(paths.contains(&"routes[0].host"), "{paths:?}");
-        assert!(
-            paths.contains(&"pools.users.backends[0].weight"),
-            "{paths:?}"
-        );
-    }
-
-    #[test]
-    fn reports_every_invalid_field_with_path() {
-        let text = r#"
-            [[listeners]]
-            name = "a"
-            bind = "nope"
-            [pools.users]
-            algorithm = "round-robin"
-            backends = [{ address = "127.0.0.1:1", weight = 0 }]
-            [[routes]]
-            name = "r"
-            path = "users"
-            pool = "missing"
-            rate_limit = "nope"
-        "#;
-        let Err(ConfigError::Invalid(errs)) = Config::parse(text) else {
-            panic!("expected validation errors");
-        };
-        let paths: Vec<_> = errs.iter().map(|e| e.path.as_str()).collect();
-        for want in [
-            "listeners[0].bind",
-            "pools.users.backends[0].weight",
-            "routes[0].path",
-            "routes[0].pool",
-            "routes[0].rate_limit",
-        ] {
-            assert!(paths.contains(&want), "missing {want} in {paths:?}");
-        }
-    }
-
-    #[test]
-    fn connection_and_auth_failure_limits_default_on_and_validate() {
-        let cfg = Config::parse("").expect("empty config is valid");
-        assert_eq!(cfg.server.first_byte_timeout_ms, 10_000);
-        assert_eq!(cfg.server.idle_timeout_ms, 10_000);
-        assert_eq!(cfg.server.per_ip_cap(), 1_000, "well below max_connections");
-        assert_eq!(cfg.auth.failure_limit.max_failures, 30);
-        assert_eq!(cfg.auth.failure_limit.window_ms, 60_000);
-        let text = "[server]\nmax_connections = 10\nmax_connections_per_ip = 11\nidle_timeout_ms = 0\nfirst_byte_timeout_ms = 0\n[auth.failure_limit]\nwindow_ms = 0\n";
-        let Err(ConfigError::Invalid(errs)) = Config::parse(text) else {
-            panic!("expected validation errors");
-        };
-        let paths: Vec<_> = errs.iter().map(|e| e.path.as_str()).collect();
-        for want in [
-            "server.max_connections_per_ip",
-            "server.idle_timeout_ms",
-            "server.first_byte_timeout_ms",
-            "auth.failure_limit.window_ms",
-        ] {
-            assert!(paths.contains(&want), "missing {want} in {paths:?}");
-        }
-    }
-
-    #[test]
-    fn unknown_field_is_a_parse_error() {
-        let err = Config::parse("[server]\nmax_bdy = 3\n").expect_err("unknown field must fail");
-        assert!(err.to_string().contains("max_bdy"), "{err}");
-    }
-}
+mod tests;

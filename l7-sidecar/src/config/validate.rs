@@ -1,7 +1,13 @@
-//! `Config::validate`: every invalid field is reported with its path.
+//! `Config::validate`: every invalid field is reported with its path. One function per
+//! section, each pure over its slice of the config (plus the names it refers to), so each
+//! is tested alone in `validate/tests.rs`.
 
 use super::*;
+use std::collections::HashSet;
 use std::net::SocketAddr;
+
+#[cfg(test)]
+mod tests;
 
 /// Weights weigh hash-ring entries (100 per unit), so they are bounded like the L4 daemon's.
 pub const MAX_BACKEND_WEIGHT: u32 = 65_535;
@@ -10,458 +16,479 @@ const METHODS: &[&str] = &[
     "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT",
 ];
 
+/// Collects problems; every section function appends to one of these.
+#[derive(Default)]
+struct Errors(Vec<FieldError>);
+
+impl Errors {
+    fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(FieldError {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    /// The common "must be > 0" check.
+    fn positive(&mut self, path: impl Into<String>, value: u64) {
+        if value == 0 {
+            self.add(path, "must be > 0");
+        }
+    }
+}
+
 impl Config {
     /// All problems at once, so one edit-reload cycle can fix them all.
     pub fn validate(&self) -> Vec<FieldError> {
-        let mut errs = Vec::new();
-        let mut err = |path: String, message: String| errs.push(FieldError { path, message });
-
-        let s = &self.server;
-        if s.max_body_bytes == 0 {
-            err("server.max_body_bytes".into(), "must be > 0".into());
-        }
-        if s.max_header_bytes < 8192 {
-            err("server.max_header_bytes".into(), "must be >= 8192".into());
-        }
-        if s.max_headers == 0 {
-            err("server.max_headers".into(), "must be > 0".into());
-        }
-        if s.header_read_timeout_ms == 0 {
-            err("server.header_read_timeout_ms".into(), "must be > 0".into());
-        }
-        if s.max_connections == 0 {
-            err("server.max_connections".into(), "must be > 0".into());
-        }
-        if s.first_byte_timeout_ms == 0 {
-            err("server.first_byte_timeout_ms".into(), "must be > 0".into());
-        }
-        if s.idle_timeout_ms == 0 {
-            err("server.idle_timeout_ms".into(), "must be > 0".into());
-        }
-        match s.max_connections_per_ip {
-            Some(0) => err("server.max_connections_per_ip".into(), "must be > 0".into()),
-            Some(n) if n > s.max_connections => err(
-                "server.max_connections_per_ip".into(),
-                "must be <= server.max_connections".into(),
-            ),
-            _ => {}
-        }
-        let fl = &self.auth.failure_limit;
-        if fl.max_failures > 0 && fl.window_ms == 0 {
-            err("auth.failure_limit.window_ms".into(), "must be > 0".into());
-        }
-        if fl.max_addresses == 0 {
-            err(
-                "auth.failure_limit.max_addresses".into(),
-                "must be > 0".into(),
-            );
-        }
-        if !self.observability.metrics_path.starts_with('/') {
-            err(
-                "observability.metrics_path".into(),
-                "must start with '/'".into(),
-            );
-        }
-
-        let mut names = std::collections::HashSet::new();
-        for (i, l) in self.listeners.iter().enumerate() {
-            let p = format!("listeners[{i}]");
-            if !names.insert(l.name.clone()) {
-                err(
-                    format!("{p}.name"),
-                    format!("duplicate listener name {:?}", l.name),
-                );
-            }
-            if l.bind.parse::<SocketAddr>().is_err() {
-                err(
-                    format!("{p}.bind"),
-                    format!("not an IP:port address: {:?}", l.bind),
-                );
-            }
-            if let Some(tls) = &l.tls {
-                if tls.certificates.is_empty() {
-                    err(
-                        format!("{p}.tls.certificates"),
-                        "needs at least one certificate".into(),
-                    );
-                }
-                for (j, c) in tls.certificates.iter().enumerate() {
-                    for (field, f) in [("cert_file", &c.cert_file), ("key_file", &c.key_file)] {
-                        if !Path::new(f).is_file() {
-                            err(
-                                format!("{p}.tls.certificates[{j}].{field}"),
-                                format!("file not found: {f:?}"),
-                            );
-                        }
-                    }
-                }
-            }
-        }
-
+        let mut e = Errors::default();
+        server(&self.server, &mut e);
+        observability(&self.observability, &mut e);
+        listeners(&self.listeners, &mut e);
         for (name, pool) in &self.pools {
-            let p = format!("pools.{name}");
-            if pool.backends.is_empty() {
-                err(format!("{p}.backends"), "needs at least one backend".into());
-            }
-            let mut seen = std::collections::HashSet::new();
-            for (j, b) in pool.backends.iter().enumerate() {
-                if !seen.insert(b.address.as_str()) {
-                    // Backend state is keyed by address, so a duplicate would share it.
-                    err(
-                        format!("{p}.backends[{j}].address"),
-                        format!("duplicate backend {:?}", b.address),
-                    );
-                }
-                if b.address.parse::<SocketAddr>().is_err() {
-                    err(
-                        format!("{p}.backends[{j}].address"),
-                        format!("not an IP:port address: {:?}", b.address),
-                    );
-                }
-                if b.weight == 0 || b.weight > MAX_BACKEND_WEIGHT {
-                    err(
-                        format!("{p}.backends[{j}].weight"),
-                        format!("must be 1..={MAX_BACKEND_WEIGHT}"),
-                    );
-                }
-            }
-            if pool.connect_timeout_ms == 0 {
-                err(format!("{p}.connect_timeout_ms"), "must be > 0".into());
-            }
-            if pool.request_timeout_ms == 0 {
-                err(format!("{p}.request_timeout_ms"), "must be > 0".into());
-            }
-            match (&pool.algorithm, &pool.hash_on) {
-                (Algorithm::ConsistentHash, Some(h)) => {
-                    if let Err(e) = super::HashOn::parse(Some(h)) {
-                        err(format!("{p}.hash_on"), e);
-                    }
-                }
-                (Algorithm::ConsistentHash, None) => {}
-                (_, Some(_)) => err(
-                    format!("{p}.hash_on"),
-                    "only valid with algorithm = \"consistent-hash\"".into(),
-                ),
-                _ => {}
-            }
-            if let Some(hc) = &pool.health_check {
-                if !hc.path.starts_with('/') {
-                    err(
-                        format!("{p}.health_check.path"),
-                        "must start with '/'".into(),
-                    );
-                }
-                if hc.interval_ms == 0 {
-                    err(
-                        format!("{p}.health_check.interval_ms"),
-                        "must be > 0".into(),
-                    );
-                }
-                if hc.timeout_ms == 0 {
-                    err(format!("{p}.health_check.timeout_ms"), "must be > 0".into());
-                }
-                if hc.rise == 0 {
-                    err(format!("{p}.health_check.rise"), "must be > 0".into());
-                }
-                if hc.fall == 0 {
-                    err(format!("{p}.health_check.fall"), "must be > 0".into());
-                }
-            }
-            if pool.passive.max_ejected_percent > 100 {
-                err(
-                    format!("{p}.passive.max_ejected_percent"),
-                    "must be <= 100".into(),
-                );
-            }
-            if pool.passive.max_ejection_ms < pool.passive.base_ejection_ms {
-                err(
-                    format!("{p}.passive.max_ejection_ms"),
-                    "must be >= base_ejection_ms".into(),
-                );
-            }
+            self::pool(&format!("pools.{name}"), pool, &mut e);
         }
-
-        if let Some(jwt) = &self.auth.jwt {
-            if jwt.keys.is_empty() && jwt.jwks_url.is_none() {
-                err("auth.jwt".into(), "needs keys or jwks_url".into());
-            }
-            if let Some(u) = &jwt.jwks_url {
-                let scheme_ok = u.starts_with("http://") || u.starts_with("https://");
-                if !scheme_ok || u.parse::<http::Uri>().is_err() {
-                    err(
-                        "auth.jwt.jwks_url".into(),
-                        format!("must be an http:// or https:// URL, got {u:?}"),
-                    );
-                }
-            }
-            if let Some(f) = &jwt.jwks_ca_file {
-                if !Path::new(f).is_file() {
-                    err(
-                        "auth.jwt.jwks_ca_file".into(),
-                        format!("file not found: {f:?}"),
-                    );
-                }
-                if jwt.jwks_url.is_none() {
-                    err(
-                        "auth.jwt.jwks_ca_file".into(),
-                        "only used with jwks_url".into(),
-                    );
-                }
-            }
-            if jwt.jwks_refresh_secs == 0 {
-                err("auth.jwt.jwks_refresh_secs".into(), "must be > 0".into());
-            }
-            for (i, k) in jwt.keys.iter().enumerate() {
-                let p = format!("auth.jwt.keys[{i}]");
-                match k.algorithm.as_str() {
-                    "HS256" => {
-                        if k.secret.as_deref().is_none_or(str::is_empty) {
-                            err(
-                                format!("{p}.secret"),
-                                "HS256 needs a non-empty secret".into(),
-                            );
-                        }
-                        if k.public_key_pem.is_some() || k.public_key_file.is_some() {
-                            err(
-                                format!("{p}.public_key_pem"),
-                                "HS256 takes a secret, not a public key".into(),
-                            );
-                        }
-                    }
-                    "RS256" | "ES256" => {
-                        if k.secret.is_some() {
-                            err(
-                                format!("{p}.secret"),
-                                format!("{} takes a public key, not a secret", k.algorithm),
-                            );
-                        }
-                        match (&k.public_key_pem, &k.public_key_file) {
-                            (None, None) => err(
-                                format!("{p}.public_key_pem"),
-                                "public_key_pem or public_key_file required".into(),
-                            ),
-                            (Some(_), Some(_)) => err(
-                                format!("{p}.public_key_file"),
-                                "give only one of public_key_pem / public_key_file".into(),
-                            ),
-                            (None, Some(f)) if !Path::new(f).is_file() => err(
-                                format!("{p}.public_key_file"),
-                                format!("file not found: {f:?}"),
-                            ),
-                            _ => {}
-                        }
-                    }
-                    other => err(
-                        format!("{p}.algorithm"),
-                        format!("unsupported algorithm {other:?} (HS256, RS256, ES256)"),
-                    ),
-                }
-            }
-        }
-        for (i, k) in self.auth.api_keys.iter().enumerate() {
-            if k.sha256.len() != 64 || hex::decode(&k.sha256).is_err() {
-                err(
-                    format!("auth.api_keys[{i}].sha256"),
-                    "must be 64 hex characters (SHA-256 of the key)".into(),
-                );
-            }
-            if k.user_id.is_empty() {
-                err(
-                    format!("auth.api_keys[{i}].user_id"),
-                    "must not be empty".into(),
-                );
-            }
-        }
-
+        auth(&self.auth, &mut e);
         for (name, rl) in &self.rate_limits {
-            let p = format!("rate_limits.{name}");
-            if rl.limit == 0 {
-                err(format!("{p}.limit"), "must be > 0".into());
-            }
-            if rl.window_ms == 0 {
-                err(format!("{p}.window_ms"), "must be > 0".into());
-            }
-            if rl.burst == Some(0) {
-                err(format!("{p}.burst"), "must be > 0".into());
-            }
-            if rl.burst.is_some() && rl.algorithm != RateAlgorithm::TokenBucket {
-                err(format!("{p}.burst"), "only valid for token-bucket".into());
-            }
-            if rl.max_keys == 0 {
-                err(format!("{p}.max_keys"), "must be > 0".into());
-            }
+            rate_limit(&format!("rate_limits.{name}"), rl, &mut e);
         }
-
         for (name, t) in &self.transforms {
-            let p = format!("transforms.{name}");
-            for (field, map) in [
-                ("request_headers_add", &t.request_headers_add),
-                ("response_headers_add", &t.response_headers_add),
-            ] {
-                for (k, v) in map {
-                    if http::HeaderName::from_bytes(k.as_bytes()).is_err() {
-                        err(format!("{p}.{field}.{k}"), "invalid header name".into());
-                    }
-                    if http::HeaderValue::from_str(v).is_err() {
-                        err(format!("{p}.{field}.{k}"), "invalid header value".into());
-                    }
-                }
-            }
-            for (field, list) in [
-                ("request_headers_remove", &t.request_headers_remove),
-                ("response_headers_remove", &t.response_headers_remove),
-            ] {
-                for (j, k) in list.iter().enumerate() {
-                    if http::HeaderName::from_bytes(k.as_bytes()).is_err() {
-                        err(
-                            format!("{p}.{field}[{j}]"),
-                            format!("invalid header name {k:?}"),
-                        );
-                    }
-                }
-            }
+            transform(&format!("transforms.{name}"), t, &mut e);
         }
+        routes(self, &mut e);
+        e.0
+    }
+}
 
-        let mut route_names = std::collections::HashSet::new();
-        for (i, r) in self.routes.iter().enumerate() {
-            let p = format!("routes[{i}]");
-            if !route_names.insert(r.name.clone()) {
-                err(
-                    format!("{p}.name"),
-                    format!("duplicate route name {:?}", r.name),
+fn server(s: &ServerConfig, e: &mut Errors) {
+    if s.max_body_bytes == 0 {
+        e.add("server.max_body_bytes", "must be > 0");
+    }
+    if s.max_header_bytes < 8192 {
+        e.add("server.max_header_bytes", "must be >= 8192");
+    }
+    if s.max_headers == 0 {
+        e.add("server.max_headers", "must be > 0");
+    }
+    e.positive("server.header_read_timeout_ms", s.header_read_timeout_ms);
+    if s.max_connections == 0 {
+        e.add("server.max_connections", "must be > 0");
+    }
+    e.positive("server.first_byte_timeout_ms", s.first_byte_timeout_ms);
+    e.positive("server.idle_timeout_ms", s.idle_timeout_ms);
+    e.positive("server.dns_refresh_ms", s.dns_refresh_ms);
+    match s.max_connections_per_ip {
+        Some(0) => e.add("server.max_connections_per_ip", "must be > 0"),
+        Some(n) if n > s.max_connections => e.add(
+            "server.max_connections_per_ip",
+            "must be <= server.max_connections",
+        ),
+        _ => {}
+    }
+}
+
+fn observability(o: &ObservabilityConfig, e: &mut Errors) {
+    if !o.metrics_path.starts_with('/') {
+        e.add("observability.metrics_path", "must start with '/'");
+    }
+}
+
+fn listeners(ls: &[ListenerConfig], e: &mut Errors) {
+    let mut names = HashSet::new();
+    for (i, l) in ls.iter().enumerate() {
+        let p = format!("listeners[{i}]");
+        if !names.insert(l.name.as_str()) {
+            e.add(
+                format!("{p}.name"),
+                format!("duplicate listener name {:?}", l.name),
+            );
+        }
+        if l.bind.parse::<SocketAddr>().is_err() {
+            e.add(
+                format!("{p}.bind"),
+                format!("not an IP:port address: {:?}", l.bind),
+            );
+        }
+        if let Some(tls) = &l.tls {
+            if tls.certificates.is_empty() {
+                e.add(
+                    format!("{p}.tls.certificates"),
+                    "needs at least one certificate",
                 );
             }
-            if !r.path.starts_with('/') {
-                err(format!("{p}.path"), "must start with '/'".into());
-            }
-            // Requests are matched on their host without the port, so a route host with a port (or
-            // a trailing ':') could never match.
-            if let Some(host) = &r.host {
-                if host.is_empty()
-                    || host.contains(':')
-                    || host.contains('/')
-                    || host.chars().any(char::is_whitespace)
-                {
-                    err(format!("{p}.host"), format!("{host:?} is not a host name (no port, scheme or path; ports never take part in matching)"));
-                }
-            }
-            let has_braces = r.path.contains('{');
-            if has_braces && r.path_match != PathMatch::Template {
-                err(
-                    format!("{p}.path_match"),
-                    "a path with {params} needs path_match = \"template\"".into(),
-                );
-            }
-            if r.path_match == PathMatch::Template {
-                let mut router = matchit::Router::new();
-                if let Err(e) = router.insert(r.path.as_str(), ()) {
-                    err(format!("{p}.path"), format!("invalid template: {e}"));
-                }
-            }
-            for (j, m) in r.methods.iter().enumerate() {
-                if !METHODS.contains(&m.as_str()) {
-                    err(format!("{p}.methods[{j}]"), format!("unknown method {m:?}"));
-                }
-            }
-            for (k, v) in &r.headers {
-                if http::HeaderName::from_bytes(k.as_bytes()).is_err()
-                    || http::HeaderValue::from_str(v).is_err()
-                {
-                    err(
-                        format!("{p}.headers.{k}"),
-                        "invalid header name or value".into(),
-                    );
-                }
-            }
-            match (&r.pool, r.aggregate.is_empty()) {
-                (None, true) => err(
-                    format!("{p}.pool"),
-                    "a route needs a pool or aggregate parts".into(),
-                ),
-                (Some(_), false) => err(
-                    format!("{p}.aggregate"),
-                    "give either pool or aggregate, not both".into(),
-                ),
-                (None, false) if r.websocket => err(
-                    format!("{p}.websocket"),
-                    "websocket needs a pool, not aggregate parts".into(),
-                ),
-                (Some(pool), true) if !self.pools.contains_key(pool) => {
-                    err(format!("{p}.pool"), format!("unknown pool {pool:?}"))
-                }
-                _ => {}
-            }
-            for (j, a) in r.aggregate.iter().enumerate() {
-                if !self.pools.contains_key(&a.pool) {
-                    err(
-                        format!("{p}.aggregate[{j}].pool"),
-                        format!("unknown pool {:?}", a.pool),
-                    );
-                }
-                if !a.path.starts_with('/') {
-                    err(
-                        format!("{p}.aggregate[{j}].path"),
-                        "must start with '/'".into(),
-                    );
-                }
-            }
-            if let Some(sp) = &r.strip_prefix {
-                if !sp.starts_with('/') {
-                    err(format!("{p}.strip_prefix"), "must start with '/'".into());
-                }
-                if r.rewrite.is_some() {
-                    err(
-                        format!("{p}.rewrite"),
-                        "give either strip_prefix or rewrite, not both".into(),
-                    );
-                }
-            }
-            if let Some(rw) = &r.rewrite {
-                if !rw.starts_with('/') {
-                    err(format!("{p}.rewrite"), "must start with '/'".into());
-                }
-            }
-            let has_jwt = self.auth.jwt.is_some();
-            let has_keys = !self.auth.api_keys.is_empty();
-            match r.auth {
-                AuthMode::Jwt if !has_jwt => err(
-                    format!("{p}.auth"),
-                    "jwt auth needs an [auth.jwt] section".into(),
-                ),
-                AuthMode::ApiKey if !has_keys => err(
-                    format!("{p}.auth"),
-                    "api-key auth needs [[auth.api_keys]]".into(),
-                ),
-                AuthMode::Either if !has_jwt && !has_keys => err(
-                    format!("{p}.auth"),
-                    "either auth needs [auth.jwt] or [[auth.api_keys]]".into(),
-                ),
-                AuthMode::None if !r.roles.is_empty() => err(
-                    format!("{p}.roles"),
-                    "roles need auth other than none".into(),
-                ),
-                _ => {}
-            }
-            if let Some(rl) = &r.rate_limit {
-                if !self.rate_limits.contains_key(rl) {
-                    err(
-                        format!("{p}.rate_limit"),
-                        format!("unknown rate limit policy {rl:?}"),
-                    );
-                } else if r.auth == AuthMode::None && self.rate_limits[rl].key != RateKey::ClientIp
-                {
-                    err(
-                        format!("{p}.rate_limit"),
-                        "keying by api key or user id needs auth on the route".into(),
-                    );
-                }
-            }
-            if let Some(t) = &r.transform {
-                if !self.transforms.contains_key(t) {
-                    err(format!("{p}.transform"), format!("unknown transform {t:?}"));
+            for (j, c) in tls.certificates.iter().enumerate() {
+                for (field, f) in [("cert_file", &c.cert_file), ("key_file", &c.key_file)] {
+                    file_exists(&format!("{p}.tls.certificates[{j}].{field}"), f, e);
                 }
             }
         }
-        errs
+    }
+}
+
+fn file_exists(path: &str, file: &str, e: &mut Errors) {
+    if !Path::new(file).is_file() {
+        e.add(path, format!("file not found: {file:?}"));
+    }
+}
+
+fn pool(p: &str, pool: &PoolConfig, e: &mut Errors) {
+    if pool.backends.is_empty() {
+        e.add(format!("{p}.backends"), "needs at least one backend");
+    }
+    let mut seen = HashSet::new();
+    for (j, b) in pool.backends.iter().enumerate() {
+        if !seen.insert(b.address.as_str()) {
+            // Backend state is keyed by address, so a duplicate would share it.
+            e.add(
+                format!("{p}.backends[{j}].address"),
+                format!("duplicate backend {:?}", b.address),
+            );
+        }
+        if let Err(why) = crate::resolve::BackendAddr::parse(&b.address) {
+            e.add(format!("{p}.backends[{j}].address"), why.to_string());
+        }
+        if b.weight == 0 || b.weight > MAX_BACKEND_WEIGHT {
+            e.add(
+                format!("{p}.backends[{j}].weight"),
+                format!("must be 1..={MAX_BACKEND_WEIGHT}"),
+            );
+        }
+    }
+    e.positive(format!("{p}.connect_timeout_ms"), pool.connect_timeout_ms);
+    e.positive(format!("{p}.request_timeout_ms"), pool.request_timeout_ms);
+    hash_on(p, pool, e);
+    if let Some(hc) = &pool.health_check {
+        health_check(&format!("{p}.health_check"), hc, e);
+    }
+    passive(&format!("{p}.passive"), &pool.passive, e);
+}
+
+fn hash_on(p: &str, pool: &PoolConfig, e: &mut Errors) {
+    match (&pool.algorithm, &pool.hash_on) {
+        // One parser for validation and for the pool (`HashOn::parse`), so they cannot disagree.
+        (Algorithm::ConsistentHash, Some(h)) => {
+            if let Err(message) = super::HashOn::parse(Some(h)) {
+                e.add(format!("{p}.hash_on"), message);
+            }
+        }
+        (Algorithm::ConsistentHash, None) => {}
+        (_, Some(_)) => e.add(
+            format!("{p}.hash_on"),
+            "only valid with algorithm = \"consistent-hash\"",
+        ),
+        _ => {}
+    }
+}
+
+fn health_check(p: &str, hc: &HealthCheckConfig, e: &mut Errors) {
+    if !hc.path.starts_with('/') {
+        e.add(format!("{p}.path"), "must start with '/'");
+    }
+    e.positive(format!("{p}.interval_ms"), hc.interval_ms);
+    e.positive(format!("{p}.timeout_ms"), hc.timeout_ms);
+    e.positive(format!("{p}.rise"), hc.rise.into());
+    e.positive(format!("{p}.fall"), hc.fall.into());
+}
+
+fn passive(p: &str, pc: &PassiveConfig, e: &mut Errors) {
+    if pc.max_ejected_percent > 100 {
+        e.add(format!("{p}.max_ejected_percent"), "must be <= 100");
+    }
+    if pc.max_ejection_ms < pc.base_ejection_ms {
+        e.add(
+            format!("{p}.max_ejection_ms"),
+            "must be >= base_ejection_ms",
+        );
+    }
+}
+
+fn auth(a: &AuthConfig, e: &mut Errors) {
+    let fl = &a.failure_limit;
+    if fl.max_failures > 0 && fl.window_ms == 0 {
+        e.add("auth.failure_limit.window_ms", "must be > 0");
+    }
+    if fl.max_addresses == 0 {
+        e.add("auth.failure_limit.max_addresses", "must be > 0");
+    }
+    if let Some(jwt) = &a.jwt {
+        self::jwt(jwt, e);
+    }
+    for (i, k) in a.api_keys.iter().enumerate() {
+        api_key(&format!("auth.api_keys[{i}]"), k, e);
+    }
+}
+
+fn jwt(jwt: &JwtConfig, e: &mut Errors) {
+    if jwt.keys.is_empty() && jwt.jwks_url.is_none() {
+        e.add("auth.jwt", "needs keys or jwks_url");
+    }
+    if let Some(u) = &jwt.jwks_url {
+        let scheme_ok = u.starts_with("http://") || u.starts_with("https://");
+        if !scheme_ok || u.parse::<http::Uri>().is_err() {
+            e.add(
+                "auth.jwt.jwks_url",
+                format!("must be an http:// or https:// URL, got {u:?}"),
+            );
+        }
+    }
+    if let Some(f) = &jwt.jwks_ca_file {
+        file_exists("auth.jwt.jwks_ca_file", f, e);
+        if jwt.jwks_url.is_none() {
+            e.add("auth.jwt.jwks_ca_file", "only used with jwks_url");
+        }
+    }
+    e.positive("auth.jwt.jwks_refresh_secs", jwt.jwks_refresh_secs);
+    for (i, k) in jwt.keys.iter().enumerate() {
+        jwt_key(&format!("auth.jwt.keys[{i}]"), k, e);
+    }
+}
+
+fn jwt_key(p: &str, k: &JwtKeyConfig, e: &mut Errors) {
+    match k.algorithm.as_str() {
+        "HS256" => {
+            // An env/file secret that could not be read was reported when it was loaded.
+            if k.secret.as_ref().is_none_or(|s| s.is_known_empty()) {
+                e.add(format!("{p}.secret"), "HS256 needs a non-empty secret");
+            }
+            if k.public_key_pem.is_some() || k.public_key_file.is_some() {
+                e.add(
+                    format!("{p}.public_key_pem"),
+                    "HS256 takes a secret, not a public key",
+                );
+            }
+        }
+        "RS256" | "ES256" => {
+            if k.secret.is_some() {
+                e.add(
+                    format!("{p}.secret"),
+                    format!("{} takes a public key, not a secret", k.algorithm),
+                );
+            }
+            match (&k.public_key_pem, &k.public_key_file) {
+                (None, None) => e.add(
+                    format!("{p}.public_key_pem"),
+                    "public_key_pem or public_key_file required",
+                ),
+                (Some(_), Some(_)) => e.add(
+                    format!("{p}.public_key_file"),
+                    "give only one of public_key_pem / public_key_file",
+                ),
+                (None, Some(f)) => file_exists(&format!("{p}.public_key_file"), f, e),
+                _ => {}
+            }
+        }
+        other => e.add(
+            format!("{p}.algorithm"),
+            format!("unsupported algorithm {other:?} (HS256, RS256, ES256)"),
+        ),
+    }
+}
+
+fn api_key(p: &str, k: &ApiKeyConfig, e: &mut Errors) {
+    if k.sha256.len() != 64 || hex::decode(&k.sha256).is_err() {
+        e.add(
+            format!("{p}.sha256"),
+            "must be 64 hex characters (SHA-256 of the key)",
+        );
+    }
+    if k.user_id.is_empty() {
+        e.add(format!("{p}.user_id"), "must not be empty");
+    }
+}
+
+fn rate_limit(p: &str, rl: &RateLimitConfig, e: &mut Errors) {
+    e.positive(format!("{p}.limit"), rl.limit);
+    if rl.window_ms == 0 {
+        e.add(
+            format!("{p}.window_ms"),
+            "must be > 0 (write window = \"1m\" or window_ms = 60000)",
+        );
+    }
+    if rl.burst == Some(0) {
+        e.add(format!("{p}.burst"), "must be > 0");
+    }
+    if rl.burst.is_some() && rl.algorithm != RateAlgorithm::TokenBucket {
+        e.add(format!("{p}.burst"), "only valid for token-bucket");
+    }
+    if rl.max_keys == 0 {
+        e.add(format!("{p}.max_keys"), "must be > 0");
+    }
+}
+
+fn transform(p: &str, t: &TransformConfig, e: &mut Errors) {
+    for (field, map) in [
+        ("request_headers_add", &t.request_headers_add),
+        ("response_headers_add", &t.response_headers_add),
+    ] {
+        for (k, v) in map {
+            if http::HeaderName::from_bytes(k.as_bytes()).is_err() {
+                e.add(format!("{p}.{field}.{k}"), "invalid header name");
+            }
+            if http::HeaderValue::from_str(v).is_err() {
+                e.add(format!("{p}.{field}.{k}"), "invalid header value");
+            }
+        }
+    }
+    for (field, list) in [
+        ("request_headers_remove", &t.request_headers_remove),
+        ("response_headers_remove", &t.response_headers_remove),
+    ] {
+        for (j, k) in list.iter().enumerate() {
+            if http::HeaderName::from_bytes(k.as_bytes()).is_err() {
+                e.add(
+                    format!("{p}.{field}[{j}]"),
+                    format!("invalid header name {k:?}"),
+                );
+            }
+        }
+    }
+}
+
+fn routes(cfg: &Config, e: &mut Errors) {
+    let mut names = HashSet::new();
+    for (i, r) in cfg.routes.iter().enumerate() {
+        let p = format!("routes[{i}]");
+        if !names.insert(r.name.as_str()) {
+            e.add(
+                format!("{p}.name"),
+                format!("duplicate route name {:?}", r.name),
+            );
+        }
+        route_match(&p, r, e);
+        route_target(&p, r, cfg, e);
+        route_rewrite(&p, r, e);
+        route_policies(&p, r, cfg, e);
+    }
+}
+
+/// What a request must look like to take the route: host, path, methods, headers.
+fn route_match(p: &str, r: &RouteConfig, e: &mut Errors) {
+    if !r.path.starts_with('/') {
+        e.add(format!("{p}.path"), "must start with '/'");
+    }
+    // Requests are matched on their host without the port, so a route host with a port (or
+    // a trailing ':') could never match.
+    if let Some(host) = &r.host {
+        if host.is_empty()
+            || host.contains(':')
+            || host.contains('/')
+            || host.chars().any(char::is_whitespace)
+        {
+            e.add(format!("{p}.host"), format!("{host:?} is not a host name (no port, scheme or path; ports never take part in matching)"));
+        }
+    }
+    if r.path.contains('{') && r.path_match != PathMatch::Template {
+        e.add(
+            format!("{p}.path_match"),
+            "a path with {params} needs path_match = \"template\"",
+        );
+    }
+    if r.path_match == PathMatch::Template {
+        let mut router = matchit::Router::new();
+        if let Err(err) = router.insert(r.path.as_str(), ()) {
+            e.add(format!("{p}.path"), format!("invalid template: {err}"));
+        }
+    }
+    for (j, m) in r.methods.iter().enumerate() {
+        if !METHODS.contains(&m.as_str()) {
+            e.add(format!("{p}.methods[{j}]"), format!("unknown method {m:?}"));
+        }
+    }
+    for (k, v) in &r.headers {
+        if http::HeaderName::from_bytes(k.as_bytes()).is_err()
+            || http::HeaderValue::from_str(v).is_err()
+        {
+            e.add(format!("{p}.headers.{k}"), "invalid header name or value");
+        }
+    }
+}
+
+/// Where the route sends requests: one pool, or aggregate parts over several.
+fn route_target(p: &str, r: &RouteConfig, cfg: &Config, e: &mut Errors) {
+    match (&r.pool, r.aggregate.is_empty()) {
+        (None, true) => e.add(
+            format!("{p}.pool"),
+            "a route needs a pool or aggregate parts",
+        ),
+        (Some(_), false) => e.add(
+            format!("{p}.aggregate"),
+            "give either pool or aggregate, not both",
+        ),
+        (None, false) if r.websocket => e.add(
+            format!("{p}.websocket"),
+            "websocket needs a pool, not aggregate parts",
+        ),
+        (Some(pool), true) if !cfg.pools.contains_key(pool) => {
+            e.add(format!("{p}.pool"), format!("unknown pool {pool:?}"))
+        }
+        _ => {}
+    }
+    for (j, a) in r.aggregate.iter().enumerate() {
+        if !cfg.pools.contains_key(&a.pool) {
+            e.add(
+                format!("{p}.aggregate[{j}].pool"),
+                format!("unknown pool {:?}", a.pool),
+            );
+        }
+        if !a.path.starts_with('/') {
+            e.add(format!("{p}.aggregate[{j}].path"), "must start with '/'");
+        }
+    }
+}
+
+fn route_rewrite(p: &str, r: &RouteConfig, e: &mut Errors) {
+    if let Some(sp) = &r.strip_prefix {
+        if !sp.starts_with('/') {
+            e.add(format!("{p}.strip_prefix"), "must start with '/'");
+        }
+        if r.rewrite.is_some() {
+            e.add(
+                format!("{p}.rewrite"),
+                "give either strip_prefix or rewrite, not both",
+            );
+        }
+    }
+    if let Some(rw) = &r.rewrite {
+        if !rw.starts_with('/') {
+            e.add(format!("{p}.rewrite"), "must start with '/'");
+        }
+    }
+}
+
+/// Auth, rate limit and transform: each must name something the config defines.
+fn route_policies(p: &str, r: &RouteConfig, cfg: &Config, e: &mut Errors) {
+    let has_jwt = cfg.auth.jwt.is_some();
+    let has_keys = !cfg.auth.api_keys.is_empty();
+    match r.auth {
+        AuthMode::Jwt if !has_jwt => {
+            e.add(format!("{p}.auth"), "jwt auth needs an [auth.jwt] section")
+        }
+        AuthMode::ApiKey if !has_keys => {
+            e.add(format!("{p}.auth"), "api-key auth needs [[auth.api_keys]]")
+        }
+        AuthMode::Either if !has_jwt && !has_keys => e.add(
+            format!("{p}.auth"),
+            "either auth needs [auth.jwt] or [[auth.api_keys]]",
+        ),
+        AuthMode::None if !r.roles.is_empty() => {
+            e.add(format!("{p}.roles"), "roles need auth other than none")
+        }
+        _ => {}
+    }
+    if let Some(rl) = &r.rate_limit {
+        match cfg.rate_limits.get(rl) {
+            None => e.add(
+                format!("{p}.rate_limit"),
+                format!("unknown rate limit policy {rl:?}"),
+            ),
+            Some(policy) if r.auth == AuthMode::None && policy.key != RateKey::ClientIp => e.add(
+                format!("{p}.rate_limit"),
+                "keying by api key or user id needs auth on the route",
+            ),
+            Some(_) => {}
+        }
+    }
+    if let Some(t) = &r.transform {
+        if !cfg.transforms.contains_key(t) {
+            e.add(format!("{p}.transform"), format!("unknown transform {t:?}"));
+        }
     }
 }

@@ -1,0 +1,215 @@
+//! Whole-file parsing: defaults, durations, errors as `main` prints them, the example.
+
+use super::*;
+
+#[test]
+fn route_hosts_with_ports_and_huge_weights_are_refused() {
+    // Found by the gateway_config fuzz target: a host with a port validated but never matched,
+    // and an unbounded weight would size the hash ring in terabytes.
+    let text = r#"
+        [pools.users]
+        backends = [{ address = "127.0.0.1:1", weight = 4000000000 }]
+        [[routes]]
+        name = "r"
+        host = "api.example.com:8080"
+        path = "/users"
+        pool = "users"
+    "#;
+    let Err(ConfigError::Invalid(errs)) = Config::parse(text) else {
+        panic!("expected validation errors");
+    };
+    let paths: Vec<_> = errs.iter().map(|e| e.path.as_str()).collect();
+    assert!(paths.contains(&"routes[0].host"), "{paths:?}");
+    assert!(
+        paths.contains(&"pools.users.backends[0].weight"),
+        "{paths:?}"
+    );
+}
+
+#[test]
+fn reports_every_invalid_field_with_path() {
+    let text = r#"
+        [[listeners]]
+        name = "a"
+        bind = "nope"
+        [pools.users]
+        algorithm = "round-robin"
+        backends = [{ address = "127.0.0.1:1", weight = 0 }]
+        [[routes]]
+        name = "r"
+        path = "users"
+        pool = "missing"
+        rate_limit = "nope"
+    "#;
+    let Err(ConfigError::Invalid(errs)) = Config::parse(text) else {
+        panic!("expected validation errors");
+    };
+    let paths: Vec<_> = errs.iter().map(|e| e.path.as_str()).collect();
+    for want in [
+        "listeners[0].bind",
+        "pools.users.backends[0].weight",
+        "routes[0].path",
+        "routes[0].pool",
+        "routes[0].rate_limit",
+    ] {
+        assert!(paths.contains(&want), "missing {want} in {paths:?}");
+    }
+}
+
+#[test]
+fn connection_and_auth_failure_limits_default_on_and_validate() {
+    let cfg = Config::parse("").expect("empty config is valid");
+    assert_eq!(cfg.server.first_byte_timeout_ms, 10_000);
+    assert_eq!(cfg.server.idle_timeout_ms, 10_000);
+    assert_eq!(cfg.server.per_ip_cap(), 1_000, "well below max_connections");
+    assert_eq!(cfg.auth.failure_limit.max_failures, 30);
+    assert_eq!(cfg.auth.failure_limit.window_ms, 60_000);
+    let text = "[server]\nmax_connections = 10\nmax_connections_per_ip = 11\nidle_timeout_ms = 0\nfirst_byte_timeout_ms = 0\n[auth.failure_limit]\nwindow_ms = 0\n";
+    let Err(ConfigError::Invalid(errs)) = Config::parse(text) else {
+        panic!("expected validation errors");
+    };
+    let paths: Vec<_> = errs.iter().map(|e| e.path.as_str()).collect();
+    for want in [
+        "server.max_connections_per_ip",
+        "server.idle_timeout_ms",
+        "server.first_byte_timeout_ms",
+        "auth.failure_limit.window_ms",
+    ] {
+        assert!(paths.contains(&want), "missing {want} in {paths:?}");
+    }
+}
+
+/// What `main` prints for an error: anyhow's `Debug`, the message then every cause.
+fn as_main_prints(err: ConfigError) -> String {
+    format!("{:?}", anyhow::Error::from(err).context("loading gw.toml"))
+}
+
+#[test]
+fn toml_and_io_errors_are_printed_once() {
+    let err = Config::parse("[server\nmax_body_bytes = 1\n").expect_err("syntax error");
+    let shown = as_main_prints(err);
+    assert_eq!(shown.matches("[server").count(), 1, "{shown}");
+
+    let err = Config::load(Path::new("/nonexistent/gw.toml")).expect_err("missing file");
+    let shown = as_main_prints(err);
+    assert_eq!(shown.matches("No such file").count(), 1, "{shown}");
+}
+
+#[test]
+fn durations_as_strings_fill_the_integer_fields() {
+    let cfg = Config::parse(
+        r#"
+        [server]
+        idle_timeout = "1m"
+        header_read_timeout = "1.5s"
+        dns_refresh = "10s"
+        [pools.p]
+        backends = [{ address = "127.0.0.1:1" }]
+        connect_timeout = "250ms"
+        request_timeout_ms = 7000
+        health_check = { interval = "2s", timeout = "500ms" }
+        passive = { base_ejection = "10s", max_ejection = "5m" }
+        [auth.failure_limit]
+        window = "2m"
+        [auth.jwt]
+        jwks_url = "http://127.0.0.1:1/jwks"
+        jwks_refresh = "5m"
+        jwks_min_refetch = "15s"
+        leeway = "1m"
+        [rate_limits.r]
+        algorithm = "fixed-window"
+        limit = 5
+        window = "1h"
+    "#,
+    )
+    .expect("valid");
+    assert_eq!(cfg.server.idle_timeout_ms, 60_000);
+    assert_eq!(cfg.server.header_read_timeout_ms, 1_500);
+    assert_eq!(cfg.server.dns_refresh_ms, 10_000);
+    assert_eq!(cfg.server.first_byte_timeout_ms, 10_000, "default kept");
+    let p = &cfg.pools["p"];
+    assert_eq!((p.connect_timeout_ms, p.request_timeout_ms), (250, 7_000));
+    let hc = p.health_check.as_ref().expect("health check");
+    assert_eq!((hc.interval_ms, hc.timeout_ms), (2_000, 500));
+    assert_eq!(
+        (p.passive.base_ejection_ms, p.passive.max_ejection_ms),
+        (10_000, 300_000)
+    );
+    assert_eq!(cfg.auth.failure_limit.window_ms, 120_000);
+    let j = cfg.auth.jwt.as_ref().expect("jwt");
+    assert_eq!(
+        (j.jwks_refresh_secs, j.jwks_min_refetch_secs, j.leeway_secs),
+        (300, 15, 60)
+    );
+    assert_eq!(cfg.rate_limits["r"].window_ms, 3_600_000);
+}
+
+#[test]
+fn duration_errors_name_the_field_and_both_keys() {
+    let text = r#"
+        [server]
+        idle_timeout = "15 parsecs"
+        reload_poll = "1s"
+        reload_poll_ms = 1000
+        [pools.p]
+        backends = [{ address = "127.0.0.1:1" }]
+        health_check = { timeout = "soon" }
+        [auth.jwt]
+        jwks_url = "http://127.0.0.1:1/jwks"
+        leeway = "1.5s"
+    "#;
+    let Err(ConfigError::Invalid(errs)) = Config::parse(text) else {
+        panic!("expected validation errors");
+    };
+    let shown: Vec<String> = errs.iter().map(ToString::to_string).collect();
+    assert!(
+        shown.iter().any(|e| e
+            .starts_with("server.idle_timeout: \"15 parsecs\" is not a duration (")
+            && e.ends_with("examples: 500ms, 15s, 2m)")),
+        "{shown:?}"
+    );
+    assert!(
+        shown.contains(
+            &"server.reload_poll: give either reload_poll or reload_poll_ms, not both".to_string()
+        ),
+        "{shown:?}"
+    );
+    assert!(
+        shown
+            .iter()
+            .any(|e| e.starts_with("pools.p.health_check.timeout: \"soon\"")),
+        "{shown:?}"
+    );
+    assert!(
+        shown
+            .iter()
+            .any(|e| e.starts_with("auth.jwt.leeway: \"1.5s\"") && e.contains("whole seconds")),
+        "{shown:?}"
+    );
+    assert_eq!(errs.len(), 4, "{shown:?}");
+
+    // A number where a duration string goes is a type error that says what to write.
+    let err = Config::parse("[server]\nidle_timeout = 15\n").expect_err("integer");
+    assert!(
+        err.to_string().contains("a duration string such as"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_example_config_parses_with_string_durations_and_an_env_secret() {
+    std::env::set_var("GATEWAY_JWT_SECRET", "example-secret-for-tests");
+    let path = Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/gateway.toml"
+    ));
+    let cfg = Config::load(path).expect("example is valid");
+    assert_eq!(cfg.pools["users"].request_timeout_ms, 5_000);
+    assert!(cfg.warnings().is_empty(), "{:?}", cfg.warnings());
+}
+
+#[test]
+fn unknown_field_is_a_parse_error() {
+    let err = Config::parse("[server]\nmax_bdy = 3\n").expect_err("unknown field must fail");
+    assert!(err.to_string().contains("max_bdy"), "{err}");
+}
