@@ -190,12 +190,19 @@ impl Daemon {
         }
         let text = file::patch(&self.file.loaded.text, &self.file.loaded.raw, &next).map_err(|source| DaemonError::Edit { path: path.clone(), source })?;
         let previous = self.program(config.clone())?;
-        if let Err(source) = file::write_atomically(&self.file.loaded.path, text.as_bytes()) {
+        // The file is checked again right before the rename: a hand edit made while the change was
+        // programmed and written refuses the change rather than being overwritten.
+        if let Err(failure) = file::replace_if_unchanged(&self.file.loaded.path, &self.file.loaded.text, text.as_bytes()).map(|window| {
+            tracing::debug!(window_us = window.as_micros() as u64, "config written; time between the last content check and the rename")
+        }) {
             self.config = previous;
             if let Err(restore) = self.replan() {
-                error!("restoring the data plane after the failed write failed too: {restore}");
+                error!("restoring the data plane after the refused write failed too: {restore}");
             }
-            return Err(DaemonError::Persist { path, source });
+            return Err(match failure {
+                file::WriteError::Changed => DaemonError::EditedOnDisk { path },
+                file::WriteError::Io(source) => DaemonError::Persist { path, source },
+            });
         }
         self.file = ConfigFile { loaded: Loaded { path: self.file.loaded.path.clone(), text, raw: next, config }, at: SystemTime::now() };
         neighbours::warm(self.config.services.iter().flat_map(|s| s.backends.iter().map(|b| b.address)));

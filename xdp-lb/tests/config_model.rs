@@ -287,3 +287,71 @@ fn a_missing_config_and_the_removed_state_flags_are_errors() {
         assert!(err.contains("written into it") && err.contains("--config"), "{flag:?}: {err}");
     }
 }
+
+/// A hand edit racing CLI changes is never lost: each append is in the final file, or the CLI
+/// change that met it was refused (and the edit then reloaded). The appender opens the file for
+/// each append, as `echo >>` does, at irregular intervals around a change's duration.
+#[test]
+fn hand_edits_racing_cli_changes_are_never_lost() {
+    use std::{
+        io::Write,
+        sync::{
+            atomic::{AtomicBool, Ordering},
+            Arc,
+        },
+        time::Instant,
+    };
+    let topo = Topology::new("cfr", 2).expect("building the testbed");
+    let web = vip(&topo, 80);
+    let b0 = backend_addr(&topo, 0).to_string();
+    let daemon = start_daemon(&topo, &service_toml("web", web, &[], &[(backend_addr(&topo, 0), &[]), (backend_addr(&topo, 1), &[])]));
+    let path = daemon.config_path().to_path_buf();
+    let done = Arc::new(AtomicBool::new(false));
+
+    const EDITS: usize = 150;
+    let appender = {
+        let (path, done) = (path.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut written = 0;
+            for n in 0..EDITS {
+                if done.load(Ordering::Relaxed) {
+                    break;
+                }
+                let mut f = std::fs::OpenOptions::new().append(true).open(&path).expect("opening the config to append");
+                f.write_all(format!("# edit-{n}\n").as_bytes()).expect("appending");
+                written += 1;
+                // 1..13 ms, with a pause every 10th edit so that some changes get through.
+                let pause = if n % 10 == 9 { 150 } else { (n * 7 % 13 + 1) as u64 };
+                std::thread::sleep(Duration::from_millis(pause));
+            }
+            written
+        })
+    };
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (mut applied, mut refused) = (0, 0);
+    for i in 0..400u32 {
+        if appender.is_finished() || Instant::now() > deadline {
+            break;
+        }
+        let change = Request::BackendWeight { service: "web".into(), address: b0.clone(), weight: 1 + i % 5 };
+        let r = api::call(daemon.socket(), &change).unwrap_or_else(|e| panic!("weight request: {e}"));
+        if r.ok {
+            applied += 1;
+            continue;
+        }
+        let error = r.error.unwrap_or_default();
+        assert!(error.contains("xdp-lb reload"), "a refused change does not say to reload: {error}");
+        refused += 1;
+        let r = api::call(daemon.socket(), &Request::Reload { allow_empty: false }).unwrap_or_else(|e| panic!("reload request: {e}"));
+        assert!(r.ok, "reload refused: {:?}", r.error);
+    }
+    done.store(true, Ordering::Relaxed);
+    let written = appender.join().expect("the appender panicked");
+
+    let text = read(&path);
+    let lost: Vec<usize> = (0..written).filter(|n| !text.contains(&format!("# edit-{n}\n"))).collect();
+    println!("{written} appends, {applied} changes applied, {refused} refused, {} edits lost", lost.len());
+    assert!(lost.is_empty(), "{} of {written} hand edits were overwritten by CLI changes: {lost:?}\n{text}", lost.len());
+    assert!(applied > 0 && refused > 0, "the race was not exercised: {applied} applied, {refused} refused");
+}

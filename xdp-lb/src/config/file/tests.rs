@@ -165,3 +165,45 @@ fn load_refuses_a_missing_file() {
     assert!(matches!(err, ConfigError::Read { .. }), "{err}");
     assert!(err.to_string().contains("/nonexistent/xdp-lb.toml"), "{err}");
 }
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("xdp-lb-file-{name}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn temp_files(dir: &Path) -> Vec<String> {
+    fs::read_dir(dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.ends_with(".tmp")).collect()
+}
+
+#[test]
+fn a_file_edited_before_the_rename_is_left_alone() {
+    let dir = scratch("changed");
+    let path = dir.join("c.toml");
+    fs::write(&path, "old\n# hand edit\n").unwrap();
+    let err = replace_if_unchanged(&path, "old\n", b"new\n").unwrap_err();
+    assert!(matches!(err, WriteError::Changed), "{err}");
+    assert_eq!(fs::read_to_string(&path).unwrap(), "old\n# hand edit\n");
+    assert!(temp_files(&dir).is_empty(), "the temporary file was left behind");
+
+    replace_if_unchanged(&path, "old\n# hand edit\n", b"new\n").unwrap();
+    assert_eq!(fs::read_to_string(&path).unwrap(), "new\n");
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+/// How long a hand edit can still be overwritten: from the final content check to the rename.
+/// Printed so the README's number can be checked (`cargo test -- --nocapture window`).
+#[test]
+fn the_window_between_check_and_rename_is_short() {
+    let dir = scratch("window");
+    let path = dir.join("c.toml");
+    let text = COMMENTED.repeat(20);
+    fs::write(&path, &text).unwrap();
+    let mut windows: Vec<std::time::Duration> = (0..200).map(|_| replace_if_unchanged(&path, &text, text.as_bytes()).unwrap()).collect();
+    windows.sort();
+    let (median, max) = (windows[windows.len() / 2], windows[windows.len() - 1]);
+    println!("check-to-rename window over 200 writes of {} bytes: median {median:?}, max {max:?}", text.len());
+    assert!(median < std::time::Duration::from_millis(50), "median {median:?}");
+    fs::remove_dir_all(&dir).unwrap();
+}
