@@ -283,6 +283,12 @@ pub const MAX_MAGLEV_CELLS: u32 = 1 << 26;
 /// Largest `hash_seed`: TOML integers are signed 64-bit, so a larger seed could not be written
 /// back to the state file.
 pub const MAX_HASH_SEED: u64 = i64::MAX as u64;
+/// Longest drain: a week. Also keeps the value inside TOML's signed 64-bit integers.
+pub const MAX_DRAIN_TIMEOUT_MS: u64 = 7 * 24 * 60 * 60 * 1000;
+/// Most consecutive probes `rise`/`fall` can ask for: more only delays detection by hours.
+pub const MAX_RISE_FALL: u32 = 100;
+/// Longest health-check path: it goes into every probe's request line.
+pub const MAX_CHECK_PATH_LEN: usize = 1024;
 /// Longest service name (see [`valid_name`]).
 pub const MAX_NAME_LEN: usize = 63;
 
