@@ -271,18 +271,28 @@ impl Client<'_> {
                 let done = format!("backend {address} of {service} has weight {weight}");
                 (Request::BackendWeight { service, address, weight }, done)
             }
-            BackendCommand::List { service } => return self.status(service),
+            BackendCommand::List { service } => return self.show(service, false),
         };
         self.call(&request)?;
         self.done(&done)
     }
 
+    /// `status`: the config file's state and the services (`--json`: the whole reply).
     pub fn status(&self, service: Option<String>) -> Result<()> {
+        self.show(service, true)
+    }
+
+    /// `whole`: the config part too (`status`); otherwise only the services (`backend list`,
+    /// whose `--json` output is the list).
+    fn show(&self, service: Option<String>, whole: bool) -> Result<()> {
         // One request, so the header and the table describe the same moment.
         let services: Vec<ServiceStatus> = match service {
             Some(_) => self.ask(&Request::BackendList { service }, "status")?,
             None => {
                 let status: api::StatusReply = self.ask(&Request::Status, "status")?;
+                if self.json && whole {
+                    return print_json(&status);
+                }
                 if !self.json {
                     print_config_status(&status.config)?;
                 }
