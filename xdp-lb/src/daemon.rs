@@ -185,8 +185,8 @@ impl Daemon {
         let mut next = self.file.loaded.raw.clone();
         edit(&mut next)?;
         let config = next.validate().map_err(|errors| DaemonError::InvalidChange { path: path.clone(), errors })?;
-        if config.dataplane != self.config.dataplane {
-            return Err(DaemonError::Resize);
+        if let Some(refusal) = self.resize(&config) {
+            return Err(refusal);
         }
         let text = file::patch(&self.file.loaded.text, &self.file.loaded.raw, &next).map_err(|source| DaemonError::Edit { path: path.clone(), source })?;
         let previous = self.program(config.clone())?;
@@ -226,13 +226,24 @@ impl Daemon {
         if loaded.config.services.is_empty() && !self.config.services.is_empty() && !allow_empty {
             return Err(DaemonError::EmptyReload { path: self.path_text(), running: self.config.services.len() });
         }
-        if loaded.config.dataplane != self.config.dataplane {
-            return Err(DaemonError::Resize);
+        if let Some(refusal) = self.resize(&loaded.config) {
+            return Err(refusal);
         }
+        // A new hash_seed needs nothing else: programming rebuilds every ring with it.
         self.program(loaded.config.clone())?;
         self.file = ConfigFile { loaded, at: SystemTime::now() };
+        // The file now runs as it is: what differed at start no longer describes anything.
+        self.start_differences.clear();
         neighbours::warm(self.config.services.iter().flat_map(|s| s.backends.iter().map(|b| b.address)));
         Ok(self.config.services.len())
+    }
+
+    /// The refusal for a `config` whose map sizes differ from the running ones (`hash_seed` may
+    /// change: it only changes the rings).
+    fn resize(&self, config: &Config) -> Option<DaemonError> {
+        let sizes = |d: &crate::config::Dataplane| format!("conntrack_entries = {}, maglev_cells = {}", d.conntrack_entries, d.maglev_cells);
+        let (running, wanted) = (sizes(&self.config.dataplane), sizes(&config.dataplane));
+        (running != wanted).then(|| DaemonError::Resize { path: self.path_text(), running, wanted })
     }
 
     /// Programs `config`; on failure the previous one is programmed again. Returns the previous.

@@ -130,6 +130,11 @@ fn config_edits_are_picked_up_at_restart_and_differences_are_reported() {
     assert!(daemon.log().contains("differs from the config file"), "no WARN at start:\n{}", daemon.log());
     let api_bodies = check(&daemon, "api", connections(topo.client(), vip(&topo, 8080), 3));
     assert!(api_bodies.iter().all(|b| *b == body(1)), "{api_bodies:?}");
+
+    // After a reload the file runs as it is: the start differences describe nothing any more.
+    cli_ok(&daemon, &["reload"]);
+    let c = config_status(&daemon);
+    assert!(c.start_differences.is_empty(), "status still shows the start differences after a reload: {c:?}");
 }
 
 #[test]
@@ -354,4 +359,43 @@ fn hand_edits_racing_cli_changes_are_never_lost() {
     println!("{written} appends, {applied} changes applied, {refused} refused, {} edits lost", lost.len());
     assert!(lost.is_empty(), "{} of {written} hand edits were overwritten by CLI changes: {lost:?}\n{text}", lost.len());
     assert!(applied > 0 && refused > 0, "the race was not exercised: {applied} applied, {refused} refused");
+}
+
+/// Map sizes change only through `stop --detach` + start, and both refusals say so; `hash_seed`
+/// changes at reload (every ring is rebuilt with it). An empty file with a pinned data plane of
+/// other sizes gets the empty-file refusal, not the destructive size advice.
+#[test]
+fn dataplane_sizes_need_a_detach_hash_seed_reloads_and_an_empty_file_is_named() {
+    let topo = Topology::new("cfs", 2).expect("building the testbed");
+    let _servers = Servers::start_all(&topo);
+    let web = vip(&topo, 80);
+    let web_toml = service_toml("web", web, &[], &[(backend_addr(&topo, 0), &[]), (backend_addr(&topo, 1), &[])]);
+    let sized = format!("[dataplane]\nconntrack_entries = 2048\n\n{web_toml}");
+    let mut daemon = start_daemon(&topo, &sized);
+    let ring = |daemon: &Daemon| service(&status(daemon), "web")["ring_fingerprint"].clone();
+    let before = ring(&daemon);
+
+    daemon.write_config(&sized.replace("conntrack_entries = 2048", "conntrack_entries = 4096")).expect("editing");
+    let err = cli_err(&daemon, &["reload"], "stop --detach");
+    assert!(err.contains("connection table") && !err.contains("restart xdp-lb to apply"), "unclear resize refusal: {err}");
+
+    daemon.write_config(&sized.replace("conntrack_entries = 2048", "conntrack_entries = 2048\nhash_seed = 12345")).expect("editing");
+    cli_ok(&daemon, &["reload"]);
+    assert_ne!(ring(&daemon), before, "the new hash_seed did not rebuild the ring");
+    assert_served_by(&topo, &daemon, web, &[0, 1], "after the hash_seed reload");
+
+    daemon.write_config("").expect("emptying");
+    // The daemon's own error line (the error also carries its earlier log).
+    let error_line = |err: anyhow::Error| {
+        let all = format!("{err:#}");
+        all.lines().filter(|l| l.contains("xdp-lb: error:")).last().unwrap_or_else(|| panic!("no error line in:\n{all}")).to_string()
+    };
+    let err = error_line(daemon.restart().expect_err("started with an empty file"));
+    assert!(err.contains("empty or truncated") && err.contains("--allow-empty"), "{err}");
+    assert!(!err.contains("stop --detach"), "an empty file got the destructive size advice: {err}");
+    assert_served_by(&topo, &daemon, web, &[0, 1], "after refusing the empty file");
+
+    daemon.write_config(&web_toml).expect("dropping the [dataplane] section");
+    let err = error_line(daemon.restart_with_args(&[]).expect_err("started with other map sizes"));
+    assert!(err.contains("no [dataplane] section") && err.contains("truncated"), "{err}");
 }
