@@ -165,7 +165,7 @@ impl Client<'_> {
     fn call(&self, request: &Request) -> Result<api::Response> {
         let response = api::call(self.socket, request)?;
         if !response.ok {
-            bail!("{}", response.error.unwrap_or_else(|| "the daemon refused the request".into()));
+            bail!("{}", one_line(&response.error.unwrap_or_else(|| "the daemon refused the request".into())));
         }
         Ok(response)
     }
@@ -509,4 +509,17 @@ fn print_config_status(c: &api::ConfigStatus) -> Result<()> {
         }
     }
     out("")
+}
+
+/// A daemon error as one line (the CLI's errors are one line each): a list the daemon sends on
+/// several lines (a reload's invalid fields) is joined with "; ".
+fn one_line(message: &str) -> String {
+    let mut out = String::new();
+    for line in message.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if !out.is_empty() {
+            out.push_str(if out.ends_with(':') { " " } else { "; " });
+        }
+        out.push_str(line);
+    }
+    out
 }

@@ -354,3 +354,23 @@ fn json_status_prints_the_config_part_and_backend_list_the_services() {
     let list: Value = serde_json::from_slice(&out.stdout).expect("backend list JSON");
     assert_eq!(list[0]["name"], "web", "{list}");
 }
+
+/// Any CLI error is one line: a daemon's multi-line refusal (a reload of a file with several
+/// invalid fields) is joined, and a missing `--config` names its OS error once.
+#[test]
+fn errors_are_one_line_and_name_the_os_error_once() {
+    let dir = Scratch::new("one-line");
+    let socket = dir.path("api.sock");
+    let refusal = "x.toml has 2 invalid field(s):\n  x.toml:3: services[0].vip: bad\n  x.toml:9: services[1].name: bad";
+    let _fake = FakeDaemon::start(&socket, move |_| Some(json!({ "ok": false, "error": refusal })));
+    let out = xdp_lb(&socket, &["reload"]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert_eq!(err.trim_end().lines().count(), 1, "the error is not one line:\n{err}");
+    assert!(err.contains("services[0].vip: bad") && err.contains("services[1].name: bad"), "{err}");
+
+    let out = xdp_lb(&socket, &["check", "--config", "/nonexistent/xdp-lb.toml"]);
+    let err = stderr(&out);
+    assert!(!out.status.success() && err.contains("/nonexistent/xdp-lb.toml"), "{err}");
+    assert_eq!(err.matches("os error").count(), 1, "the OS error once:\n{err}");
+}

@@ -27,7 +27,7 @@ pub struct Loaded {
 /// Reads and validates `path`: a missing or unreadable file is an error, never an empty config.
 pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
     let display = path.display().to_string();
-    let text = fs::read_to_string(path).map_err(|source| ConfigError::Read { path: display.clone(), source })?;
+    let text = fs::read_to_string(path).map_err(|error| ConfigError::Read { path: display.clone(), error })?;
     let (raw, config) = RawConfig::parse(&text, &display)?;
     Ok(Loaded { path: path.to_path_buf(), text, raw, config })
 }

@@ -633,3 +633,11 @@ fn numbers_and_lengths_have_sane_maxima() {
     assert!(messages(&|r| r.services[0].drain_timeout_ms = 7 * 24 * 3600 * 1000).is_empty());
     assert!(messages(&|r| r.services[0].health_check = Some(RawHealthCheck { rise: Some(100), fall: Some(100), ..Default::default() })).is_empty());
 }
+
+/// A TOML syntax error is one line naming the line and column (the CLI prints one error line).
+#[test]
+fn a_syntax_error_is_one_line_with_its_place() {
+    let err = Config::parse("[[services]]\nname = \"a\"\nvip = = 3\n", "bad.toml").unwrap_err().to_string();
+    assert!(!err.contains('\n'), "{err}");
+    assert!(err.starts_with("bad.toml is not valid TOML for xdp-lb: line 3, column"), "{err}");
+}
