@@ -80,6 +80,16 @@ fn patch_table(t: &mut dyn TableLike, old: &toml::Table, new: &toml::Table, inli
         if old_value == Some(new_value) {
             continue;
         }
+        // An empty array (a service added without backends) has no style to keep: its first
+        // tables are written as `[[...]]` tables, as the file's other services are, rather than
+        // as an inline array that grows into one long line. Re-inserted, so no key decor stays.
+        let empty_array = t.get(key).is_some_and(|i| i.as_array().is_some_and(|a| a.is_empty()));
+        let tables = matches!(new_value, toml::Value::Array(n) if !n.is_empty() && n.iter().all(toml::Value::is_table));
+        if !inline && empty_array && tables {
+            t.remove(key);
+            t.insert(key, to_item(new_value, false));
+            continue;
+        }
         let Some(item) = t.get_mut(key) else {
             t.insert(key, to_item(new_value, inline));
             continue;

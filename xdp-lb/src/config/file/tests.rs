@@ -207,3 +207,54 @@ fn the_window_between_check_and_rename_is_short() {
     assert!(median < std::time::Duration::from_millis(50), "median {median:?}");
     fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A CLI-added service is written as `[[services]]` with `[[services.backends]]` tables, the
+/// style of the file, not as one long inline line; a comment at the end of the file stays last.
+#[test]
+fn an_added_service_is_written_as_tables_before_the_trailing_comment() {
+    let text = format!("{COMMENTED}\n# end of the hand-written part\n");
+    let old = raw(&text);
+    let mut new = old.clone();
+    let mut service = crate::config::RawService::new("api", "10.0.0.100:8080", "tcp");
+    service.backends = (1..=3).map(|i| RawBackend::new(format!("10.0.3.{i}:8080"))).collect();
+    new.services.push(service);
+    let out = patch(&text, &old, &new).expect("patch");
+    let added = &out[out.find("name = \"api\"").expect("the service is written")..];
+    assert!(!added.contains("backends = ["), "inline backends:\n{out}");
+    assert_eq!(added.matches("[[services.backends]]").count(), 3, "{out}");
+    assert!(out.trim_end().ends_with("# end of the hand-written part"), "the trailing comment is not last:\n{out}");
+}
+
+#[test]
+fn a_first_service_is_written_as_tables_before_the_trailing_comment() {
+    for text in ["", "# top\n[dataplane]\nhash_seed = 1\n\n# end of the hand-written part\n", "# only a comment\n"] {
+        let old = raw(text);
+        let mut new = old.clone();
+        let mut service = crate::config::RawService::new("api", "10.0.0.100:8080", "tcp");
+        service.health_check = Some(crate::config::RawHealthCheck { kind: Some("http".into()), path: Some("/h".into()), ..Default::default() });
+        service.backends = (1..=3).map(|i| RawBackend::new(format!("10.0.3.{i}:8080"))).collect();
+        new.services.push(service);
+        let out = patch(text, &old, &new).expect("patch");
+        assert!(!out.contains("backends = ["), "inline backends:\n{out}");
+        assert_eq!(out.matches("[[services.backends]]").count(), 3, "{out}");
+        if text.contains("# end") {
+            assert!(out.trim_end().ends_with("# end of the hand-written part"), "the trailing comment is not last:\n{out}");
+        }
+    }
+}
+
+/// A service added without backends, then given backends one by one (the CLI's way), gets
+/// `[[services.backends]]` tables, not an inline array that grows into one long line.
+#[test]
+fn backends_added_to_an_empty_service_are_tables() {
+    let mut text = "[[services]]\nname = \"api\"\nvip = \"10.0.0.100:8080\"\nprotocol = \"tcp\"\nbackends = []\n\n# end of the hand-written part\n".to_string();
+    for i in 1..=3 {
+        let old = raw(&text);
+        let mut new = old.clone();
+        new.services[0].backends.push(RawBackend::new(format!("10.0.3.{i}:8080")));
+        text = patch(&text, &old, &new).expect("patch");
+    }
+    assert!(!text.contains("backends = ["), "inline backends:\n{text}");
+    assert_eq!(text.matches("[[services.backends]]").count(), 3, "{text}");
+    assert!(text.trim_end().ends_with("# end of the hand-written part"), "the trailing comment is not last:\n{text}");
+}
