@@ -20,7 +20,7 @@ use crate::{
     api::ConfigStatus,
     config::{
         file::{self, Loaded},
-        Config, Protocol, RawConfig,
+        Config, Protocol, RawConfig, Scheduler,
     },
     dataplane::{self, Dataplane},
     health::{HealthMonitor, Transition},
@@ -72,6 +72,9 @@ impl Daemon {
                     return Err(DaemonError::EmptyAtStart { path: loaded.path.display().to_string(), running: running.len() });
                 }
                 start_differences = differences(&running, &config);
+                let shares: Vec<(&crate::config::Service, BTreeMap<SocketAddr, usize>)> =
+                    tables.services().map(|i| (&i.config, ring_shares(&i.table, &i.backend_ids))).collect();
+                start_differences.extend(share_differences(&shares, &config));
                 info!(services = adopted, "adopted the running data plane's services; established flows keep their backends");
                 if !start_differences.is_empty() {
                     warn!(
@@ -375,6 +378,61 @@ pub fn differences(running: &[&crate::config::Service], config: &Config) -> Vec<
         let key = service_key(s.vip, s.protocol);
         if !running.iter().any(|r| service_key(r.vip, r.protocol) == key) {
             out.push(format!("service {} ({}/{}) is in the config but did not run: it will be added", s.name, s.vip, proto(s.protocol)));
+        }
+    }
+    out
+}
+
+/// Ring cells per backend address of an adopted ring.
+fn ring_shares(table: &[u32], ids: &BTreeMap<SocketAddr, u32>) -> BTreeMap<SocketAddr, usize> {
+    ids.iter().map(|(address, id)| (*address, table.iter().filter(|&&cell| cell == *id).count())).collect()
+}
+
+/// How the adopted rings' shares of new flows differ from the weights, drains and backups in
+/// `config`, one line each. The maps hold no weight, drained or backup flag, only each ring's
+/// cells per backend: so a backend that got new flows but is drained, weight 0 or a backup in the
+/// file (or the reverse) is listed, and for rings whose shares follow the weights (maglev, ip-hash,
+/// weighted-round-robin) a share more than 5 points off the file's weights.
+pub fn share_differences(running: &[(&crate::config::Service, BTreeMap<SocketAddr, usize>)], config: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    for (r, cells) in running {
+        let total: usize = cells.values().sum();
+        let key = service_key(r.vip, r.protocol);
+        let Some(s) = config.services.iter().find(|s| service_key(s.vip, s.protocol) == key) else { continue };
+        let serving = |b: &crate::config::Backend| b.weight > 0 && !b.drained && !b.backup;
+        let weights: u64 = s.backends.iter().filter(|b| serving(b)).map(|b| u64::from(b.weight)).sum();
+        if total == 0 || weights == 0 {
+            // Nothing ran, or only backups will: no share to compare.
+            continue;
+        }
+        let proportional = matches!(s.scheduler, Scheduler::Maglev | Scheduler::IpHash | Scheduler::WeightedRoundRobin);
+        let at = format!("service {} ({}/{})", s.name, s.vip, if s.protocol == Protocol::Tcp { "tcp" } else { "udp" });
+        for b in &s.backends {
+            let Some(&ran) = cells.get(&b.address) else { continue };
+            let was_down = r.backends.iter().any(|rb| rb.address == b.address && rb.down);
+            let ran_share = ran as f64 / total as f64;
+            let wanted_share = if serving(b) { f64::from(b.weight) / weights as f64 } else { 0.0 };
+            let how = if b.drained { "drained" } else if b.backup { "a backup" } else { "weight 0" };
+            if ran > 0 && !serving(b) {
+                out.push(format!(
+                    "{at}: backend {} took new flows ({:.0}% of the ring) but is {how} in the config: it stops taking new flows",
+                    b.address,
+                    ran_share * 100.0
+                ));
+            } else if ran == 0 && serving(b) && !was_down {
+                out.push(format!(
+                    "{at}: backend {} took no new flows (drained, weight 0 or a backup when the data plane was programmed) but has weight {} in the config: it takes new flows",
+                    b.address, b.weight
+                ));
+            } else if proportional && ran > 0 && (ran_share - wanted_share).abs() > 0.05 {
+                out.push(format!(
+                    "{at}: backend {} got about {:.0}% of new flows, the config's weight {} gives it {:.0}%: its weight changed",
+                    b.address,
+                    ran_share * 100.0,
+                    b.weight,
+                    wanted_share * 100.0
+                ));
+            }
         }
     }
     out

@@ -384,6 +384,18 @@ fn dataplane_sizes_need_a_detach_hash_seed_reloads_and_an_empty_file_is_named() 
     assert_ne!(ring(&daemon), before, "the new hash_seed did not rebuild the ring");
     assert_served_by(&topo, &daemon, web, &[0, 1], "after the hash_seed reload");
 
+    // A drain made in the file while no daemon ran is reported at adoption (the ring shows it).
+    let b1 = backend_addr(&topo, 1);
+    let drained = service_toml("web", web, &[], &[(backend_addr(&topo, 0), &[]), (b1, &["drained = true"])]);
+    daemon.write_config(&format!("[dataplane]\nconntrack_entries = 2048\nhash_seed = 12345\n\n{drained}")).expect("draining in the file");
+    daemon.restart().unwrap_or_else(|e| panic!("restart: {e:?}"));
+    let c = config_status(&daemon);
+    assert!(
+        c.start_differences.iter().any(|d| d.contains(&format!("backend {b1} took new flows")) && d.contains("drained in the config")),
+        "the drain made while the daemon was down is not reported: {c:?}"
+    );
+    assert!(daemon.log().contains("drained in the config"), "no WARN for it:\n{}", daemon.log());
+
     daemon.write_config("").expect("emptying");
     // The daemon's own error line (the error also carries its earlier log).
     let error_line = |err: anyhow::Error| {
