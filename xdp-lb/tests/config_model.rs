@@ -400,7 +400,7 @@ fn dataplane_sizes_need_a_detach_hash_seed_reloads_and_an_empty_file_is_named() 
     // The daemon's own error line (the error also carries its earlier log).
     let error_line = |err: anyhow::Error| {
         let all = format!("{err:#}");
-        all.lines().filter(|l| l.contains("xdp-lb: error:")).last().unwrap_or_else(|| panic!("no error line in:\n{all}")).to_string()
+        all.lines().rfind(|l| l.contains("xdp-lb: error:")).unwrap_or_else(|| panic!("no error line in:\n{all}")).to_string()
     };
     let err = error_line(daemon.restart().expect_err("started with an empty file"));
     assert!(err.contains("empty or truncated") && err.contains("--allow-empty"), "{err}");

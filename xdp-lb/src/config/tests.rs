@@ -609,7 +609,8 @@ fn numbers_and_lengths_have_sane_maxima() {
         edit(&mut raw);
         raw.validate().err().unwrap_or_default().iter().map(|e| e.to_string()).collect()
     };
-    let cases: Vec<(&str, Box<dyn Fn(&mut RawConfig)>)> = vec![
+    type Edit = Box<dyn Fn(&mut RawConfig)>;
+    let cases: Vec<(&str, Edit)> = vec![
         ("drain_timeout_ms: 18446744073709551615 is above the maximum of 604800000", Box::new(|r| r.services[0].drain_timeout_ms = u64::MAX)),
         ("drain_timeout_ms: 604800001 is above the maximum", Box::new(|r| r.services[0].drain_timeout_ms = 7 * 24 * 3600 * 1000 + 1)),
         ("health_check.timeout_ms: 18446744073709551615 must be between 1 and", Box::new(|r| {
