@@ -165,7 +165,7 @@ impl Client<'_> {
     fn call(&self, request: &Request) -> Result<api::Response> {
         let response = api::call(self.socket, request)?;
         if !response.ok {
-            bail!("{}", response.error.unwrap_or_else(|| "the daemon refused the request".into()));
+            bail!("{}", one_line(&response.error.unwrap_or_else(|| "the daemon refused the request".into())));
         }
         Ok(response)
     }
@@ -271,18 +271,28 @@ impl Client<'_> {
                 let done = format!("backend {address} of {service} has weight {weight}");
                 (Request::BackendWeight { service, address, weight }, done)
             }
-            BackendCommand::List { service } => return self.status(service),
+            BackendCommand::List { service } => return self.show(service, false),
         };
         self.call(&request)?;
         self.done(&done)
     }
 
+    /// `status`: the config file's state and the services (`--json`: the whole reply).
     pub fn status(&self, service: Option<String>) -> Result<()> {
+        self.show(service, true)
+    }
+
+    /// `whole`: the config part too (`status`); otherwise only the services (`backend list`,
+    /// whose `--json` output is the list).
+    fn show(&self, service: Option<String>, whole: bool) -> Result<()> {
         // One request, so the header and the table describe the same moment.
         let services: Vec<ServiceStatus> = match service {
             Some(_) => self.ask(&Request::BackendList { service }, "status")?,
             None => {
                 let status: api::StatusReply = self.ask(&Request::Status, "status")?;
+                if self.json && whole {
+                    return print_json(&status);
+                }
                 if !self.json {
                     print_config_status(&status.config)?;
                 }
@@ -499,4 +509,17 @@ fn print_config_status(c: &api::ConfigStatus) -> Result<()> {
         }
     }
     out("")
+}
+
+/// A daemon error as one line (the CLI's errors are one line each): a list the daemon sends on
+/// several lines (a reload's invalid fields) is joined with "; ".
+fn one_line(message: &str) -> String {
+    let mut out = String::new();
+    for line in message.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if !out.is_empty() {
+            out.push_str(if out.ends_with(':') { " " } else { "; " });
+        }
+        out.push_str(line);
+    }
+    out
 }

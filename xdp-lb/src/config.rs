@@ -252,12 +252,27 @@ pub struct HealthCheck {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    /// The I/O error is part of the message, not a `source`: a chain printer (`{:#}`) would
+    /// print it twice.
+    #[error("cannot read {path}: {error}")]
+    Read { path: String, error: std::io::Error },
     #[error("{path} is not valid TOML for xdp-lb: {message}")]
     Syntax { path: String, message: String },
     #[error("{path} has {} invalid field(s):\n  {}", errors.len(), errors.iter().map(|e| located(path, e)).collect::<Vec<_>>().join("\n  "))]
     Invalid { path: String, errors: Vec<FieldError> },
+}
+
+/// A TOML error as one line, `line L, column C ("the line"): message` (the error's own text is a multi-line
+/// excerpt of the file, and CLI errors are one line).
+fn one_line(e: &toml::de::Error, text: &str) -> String {
+    let message = e.message().split_whitespace().collect::<Vec<_>>().join(" ");
+    let Some(span) = e.span() else { return message };
+    let before = &text[..span.start.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().unwrap_or_default().chars().count() + 1;
+    let source_line = text.lines().nth(line - 1).unwrap_or_default().trim();
+    let shown: String = source_line.chars().take(80).collect();
+    format!("line {line}, column {column} ({shown:?}): {message}")
 }
 
 /// `xdp-lb.toml:12: services[0].vip: ...`, the way compilers name places.
@@ -283,6 +298,12 @@ pub const MAX_MAGLEV_CELLS: u32 = 1 << 26;
 /// Largest `hash_seed`: TOML integers are signed 64-bit, so a larger seed could not be written
 /// back to the state file.
 pub const MAX_HASH_SEED: u64 = i64::MAX as u64;
+/// Longest drain: a week. Also keeps the value inside TOML's signed 64-bit integers.
+pub const MAX_DRAIN_TIMEOUT_MS: u64 = 7 * 24 * 60 * 60 * 1000;
+/// Most consecutive probes `rise`/`fall` can ask for: more only delays detection by hours.
+pub const MAX_RISE_FALL: u32 = 100;
+/// Longest health-check path: it goes into every probe's request line.
+pub const MAX_CHECK_PATH_LEN: usize = 1024;
 /// Longest service name (see [`valid_name`]).
 pub const MAX_NAME_LEN: usize = 63;
 
@@ -315,7 +336,7 @@ impl RawBackend {
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let display = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: display.clone(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read { path: display.clone(), error })?;
         Self::parse(&text, &display)
     }
 
@@ -329,7 +350,7 @@ impl RawConfig {
     /// fields carry the line they are on.
     pub fn parse(text: &str, origin: &str) -> Result<(RawConfig, Config), ConfigError> {
         let raw: RawConfig =
-            toml::from_str(text).map_err(|e| ConfigError::Syntax { path: origin.to_string(), message: e.to_string() })?;
+            toml::from_str(text).map_err(|e| ConfigError::Syntax { path: origin.to_string(), message: one_line(&e, text) })?;
         match raw.validate() {
             Ok(config) => Ok((raw, config)),
             Err(mut errors) => {

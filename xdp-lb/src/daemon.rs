@@ -20,7 +20,7 @@ use crate::{
     api::ConfigStatus,
     config::{
         file::{self, Loaded},
-        Config, Protocol, RawConfig,
+        Config, Protocol, RawConfig, Scheduler,
     },
     dataplane::{self, Dataplane},
     health::{HealthMonitor, Transition},
@@ -72,6 +72,9 @@ impl Daemon {
                     return Err(DaemonError::EmptyAtStart { path: loaded.path.display().to_string(), running: running.len() });
                 }
                 start_differences = differences(&running, &config);
+                let shares: Vec<(&crate::config::Service, BTreeMap<SocketAddr, usize>)> =
+                    tables.services().map(|i| (&i.config, ring_shares(&i.table, &i.backend_ids))).collect();
+                start_differences.extend(share_differences(&shares, &config));
                 info!(services = adopted, "adopted the running data plane's services; established flows keep their backends");
                 if !start_differences.is_empty() {
                     warn!(
@@ -185,17 +188,24 @@ impl Daemon {
         let mut next = self.file.loaded.raw.clone();
         edit(&mut next)?;
         let config = next.validate().map_err(|errors| DaemonError::InvalidChange { path: path.clone(), errors })?;
-        if config.dataplane != self.config.dataplane {
-            return Err(DaemonError::Resize);
+        if let Some(refusal) = self.resize(&config) {
+            return Err(refusal);
         }
         let text = file::patch(&self.file.loaded.text, &self.file.loaded.raw, &next).map_err(|source| DaemonError::Edit { path: path.clone(), source })?;
         let previous = self.program(config.clone())?;
-        if let Err(source) = file::write_atomically(&self.file.loaded.path, text.as_bytes()) {
+        // The file is checked again right before the rename: a hand edit made while the change was
+        // programmed and written refuses the change rather than being overwritten.
+        if let Err(failure) = file::replace_if_unchanged(&self.file.loaded.path, &self.file.loaded.text, text.as_bytes()).map(|window| {
+            tracing::debug!(window_us = window.as_micros() as u64, "config written; time between the last content check and the rename")
+        }) {
             self.config = previous;
             if let Err(restore) = self.replan() {
-                error!("restoring the data plane after the failed write failed too: {restore}");
+                error!("restoring the data plane after the refused write failed too: {restore}");
             }
-            return Err(DaemonError::Persist { path, source });
+            return Err(match failure {
+                file::WriteError::Changed => DaemonError::EditedOnDisk { path },
+                file::WriteError::Io(source) => DaemonError::Persist { path, source },
+            });
         }
         self.file = ConfigFile { loaded: Loaded { path: self.file.loaded.path.clone(), text, raw: next, config }, at: SystemTime::now() };
         neighbours::warm(self.config.services.iter().flat_map(|s| s.backends.iter().map(|b| b.address)));
@@ -219,13 +229,24 @@ impl Daemon {
         if loaded.config.services.is_empty() && !self.config.services.is_empty() && !allow_empty {
             return Err(DaemonError::EmptyReload { path: self.path_text(), running: self.config.services.len() });
         }
-        if loaded.config.dataplane != self.config.dataplane {
-            return Err(DaemonError::Resize);
+        if let Some(refusal) = self.resize(&loaded.config) {
+            return Err(refusal);
         }
+        // A new hash_seed needs nothing else: programming rebuilds every ring with it.
         self.program(loaded.config.clone())?;
         self.file = ConfigFile { loaded, at: SystemTime::now() };
+        // The file now runs as it is: what differed at start no longer describes anything.
+        self.start_differences.clear();
         neighbours::warm(self.config.services.iter().flat_map(|s| s.backends.iter().map(|b| b.address)));
         Ok(self.config.services.len())
+    }
+
+    /// The refusal for a `config` whose map sizes differ from the running ones (`hash_seed` may
+    /// change: it only changes the rings).
+    fn resize(&self, config: &Config) -> Option<DaemonError> {
+        let sizes = |d: &crate::config::Dataplane| format!("conntrack_entries = {}, maglev_cells = {}", d.conntrack_entries, d.maglev_cells);
+        let (running, wanted) = (sizes(&self.config.dataplane), sizes(&config.dataplane));
+        (running != wanted).then(|| DaemonError::Resize { path: self.path_text(), running, wanted })
     }
 
     /// Programs `config`; on failure the previous one is programmed again. Returns the previous.
@@ -357,6 +378,61 @@ pub fn differences(running: &[&crate::config::Service], config: &Config) -> Vec<
         let key = service_key(s.vip, s.protocol);
         if !running.iter().any(|r| service_key(r.vip, r.protocol) == key) {
             out.push(format!("service {} ({}/{}) is in the config but did not run: it will be added", s.name, s.vip, proto(s.protocol)));
+        }
+    }
+    out
+}
+
+/// Ring cells per backend address of an adopted ring.
+fn ring_shares(table: &[u32], ids: &BTreeMap<SocketAddr, u32>) -> BTreeMap<SocketAddr, usize> {
+    ids.iter().map(|(address, id)| (*address, table.iter().filter(|&&cell| cell == *id).count())).collect()
+}
+
+/// How the adopted rings' shares of new flows differ from the weights, drains and backups in
+/// `config`, one line each. The maps hold no weight, drained or backup flag, only each ring's
+/// cells per backend: so a backend that got new flows but is drained, weight 0 or a backup in the
+/// file (or the reverse) is listed, and for rings whose shares follow the weights (maglev, ip-hash,
+/// weighted-round-robin) a share more than 5 points off the file's weights.
+pub fn share_differences(running: &[(&crate::config::Service, BTreeMap<SocketAddr, usize>)], config: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    for (r, cells) in running {
+        let total: usize = cells.values().sum();
+        let key = service_key(r.vip, r.protocol);
+        let Some(s) = config.services.iter().find(|s| service_key(s.vip, s.protocol) == key) else { continue };
+        let serving = |b: &crate::config::Backend| b.weight > 0 && !b.drained && !b.backup;
+        let weights: u64 = s.backends.iter().filter(|b| serving(b)).map(|b| u64::from(b.weight)).sum();
+        if total == 0 || weights == 0 {
+            // Nothing ran, or only backups will: no share to compare.
+            continue;
+        }
+        let proportional = matches!(s.scheduler, Scheduler::Maglev | Scheduler::IpHash | Scheduler::WeightedRoundRobin);
+        let at = format!("service {} ({}/{})", s.name, s.vip, if s.protocol == Protocol::Tcp { "tcp" } else { "udp" });
+        for b in &s.backends {
+            let Some(&ran) = cells.get(&b.address) else { continue };
+            let was_down = r.backends.iter().any(|rb| rb.address == b.address && rb.down);
+            let ran_share = ran as f64 / total as f64;
+            let wanted_share = if serving(b) { f64::from(b.weight) / weights as f64 } else { 0.0 };
+            let how = if b.drained { "drained" } else if b.backup { "a backup" } else { "weight 0" };
+            if ran > 0 && !serving(b) {
+                out.push(format!(
+                    "{at}: backend {} took new flows ({:.0}% of the ring) but is {how} in the config: it stops taking new flows",
+                    b.address,
+                    ran_share * 100.0
+                ));
+            } else if ran == 0 && serving(b) && !was_down {
+                out.push(format!(
+                    "{at}: backend {} took no new flows (drained, weight 0 or a backup when the data plane was programmed) but has weight {} in the config: it takes new flows",
+                    b.address, b.weight
+                ));
+            } else if proportional && ran > 0 && (ran_share - wanted_share).abs() > 0.05 {
+                out.push(format!(
+                    "{at}: backend {} got about {:.0}% of new flows, the config's weight {} gives it {:.0}%: its weight changed",
+                    b.address,
+                    ran_share * 100.0,
+                    b.weight,
+                    wanted_share * 100.0
+                ));
+            }
         }
     }
     out

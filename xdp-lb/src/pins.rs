@@ -25,7 +25,7 @@ pub enum PinError {
     NotBpffs { dir: String },
     #[error("{path}: {message}")]
     Io { path: String, message: String },
-    #[error("pinned map {map} was created for a different layout or size ({found}, this build needs {wanted}); run `xdp-lb stop --detach` to remove the old data plane first")]
+    #[error("pinned map {map} was created for a different layout or size ({found}, this build needs {wanted}); a restart cannot adopt it: set [dataplane] back to the running sizes, or run `xdp-lb stop --detach` to remove the old data plane and then start (an outage: nothing is forwarded until the start and the connection table is lost)")]
     Incompatible { map: &'static str, found: String, wanted: String },
 }
 

@@ -75,7 +75,8 @@ async fn serve(opts: Options, loaded: file::Loaded) -> Result<()> {
             info!(dir = %p.path().display(), interfaces = ?running, "found a pinned data plane: adopting it");
         }
     }
-    let dataplane = Dataplane::load(&settings, pins)?;
+    let interfaces = pins.as_ref().map(|p| p.linked_interfaces()).unwrap_or_default();
+    let dataplane = Dataplane::load(&settings, pins).map_err(|e| refuse_pinned(&loaded, opts.allow_empty, &interfaces, e))?;
     let (mut daemon, mut transitions) = Daemon::new(loaded, dataplane, opts.allow_empty)?;
     let listener = bind_socket(&opts.socket)?;
     let metrics_listener = match opts.metrics {
@@ -164,6 +165,23 @@ async fn serve(opts: Options, loaded: file::Loaded) -> Result<()> {
 
 /// The API socket: its directory and itself for root only; a stale socket from a crashed daemon
 /// is replaced, a live one is an error.
+/// A pinned data plane that cannot be adopted. The no-services guard comes first: an empty or
+/// truncated file brings the defaults' map sizes, and its fix is the file, not the destructive
+/// `stop --detach` that the size error recommends.
+fn refuse_pinned(loaded: &file::Loaded, allow_empty: bool, interfaces: &[String], error: dataplane::DataplaneError) -> anyhow::Error {
+    let dataplane::DataplaneError::Pin(xdp_lb::pins::PinError::Incompatible { .. }) = &error else { return error.into() };
+    let path = loaded.path.display().to_string();
+    if loaded.config.services.is_empty() && !allow_empty {
+        return xdp_lb::daemon::DaemonError::EmptyAtStartPinned { path, interfaces: interfaces.join(", ") }.into();
+    }
+    let has_dataplane = loaded.text.parse::<toml::Table>().is_ok_and(|t| t.contains_key("dataplane"));
+    if has_dataplane {
+        error.into()
+    } else {
+        anyhow::anyhow!("{error}. {path} has no [dataplane] section, so the default sizes apply: if the running sizes were set there, the file may be truncated")
+    }
+}
+
 fn bind_socket(path: &Path) -> Result<UnixListener> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         if !dir.exists() {

@@ -331,3 +331,46 @@ fn typed_replies_render_as_tables() {
     assert!(!out.status.success(), "{}", stdout(&out));
     assert!(stderr(&out).contains("vip"), "{}", stderr(&out));
 }
+
+/// `--json status` prints the daemon's whole answer (the config file's state too); `backend list
+/// --json` prints the list of services.
+#[test]
+fn json_status_prints_the_config_part_and_backend_list_the_services() {
+    let dir = Scratch::new("json-status");
+    let socket = dir.path("api.sock");
+    let _fake = FakeDaemon::start(&socket, |request| match request["command"].as_str() {
+        Some("status") => ok(status_reply(vec![service_status("web")])),
+        _ => ok(json!([service_status("web")])),
+    });
+    let out = xdp_lb(&socket, &["--json", "status"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("status JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)));
+    assert_eq!(status["config"]["path"], "/etc/xdp-lb/xdp-lb.toml", "{status}");
+    assert_eq!(status["config"]["changed_on_disk"], false, "{status}");
+    assert_eq!(status["services"][0]["name"], "web", "{status}");
+
+    let out = xdp_lb(&socket, &["--json", "backend", "list", "web"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let list: Value = serde_json::from_slice(&out.stdout).expect("backend list JSON");
+    assert_eq!(list[0]["name"], "web", "{list}");
+}
+
+/// Any CLI error is one line: a daemon's multi-line refusal (a reload of a file with several
+/// invalid fields) is joined, and a missing `--config` names its OS error once.
+#[test]
+fn errors_are_one_line_and_name_the_os_error_once() {
+    let dir = Scratch::new("one-line");
+    let socket = dir.path("api.sock");
+    let refusal = "x.toml has 2 invalid field(s):\n  x.toml:3: services[0].vip: bad\n  x.toml:9: services[1].name: bad";
+    let _fake = FakeDaemon::start(&socket, move |_| Some(json!({ "ok": false, "error": refusal })));
+    let out = xdp_lb(&socket, &["reload"]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert_eq!(err.trim_end().lines().count(), 1, "the error is not one line:\n{err}");
+    assert!(err.contains("services[0].vip: bad") && err.contains("services[1].name: bad"), "{err}");
+
+    let out = xdp_lb(&socket, &["check", "--config", "/nonexistent/xdp-lb.toml"]);
+    let err = stderr(&out);
+    assert!(!out.status.success() && err.contains("/nonexistent/xdp-lb.toml"), "{err}");
+    assert_eq!(err.matches("os error").count(), 1, "the OS error once:\n{err}");
+}

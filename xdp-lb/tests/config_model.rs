@@ -130,6 +130,11 @@ fn config_edits_are_picked_up_at_restart_and_differences_are_reported() {
     assert!(daemon.log().contains("differs from the config file"), "no WARN at start:\n{}", daemon.log());
     let api_bodies = check(&daemon, "api", connections(topo.client(), vip(&topo, 8080), 3));
     assert!(api_bodies.iter().all(|b| *b == body(1)), "{api_bodies:?}");
+
+    // After a reload the file runs as it is: the start differences describe nothing any more.
+    cli_ok(&daemon, &["reload"]);
+    let c = config_status(&daemon);
+    assert!(c.start_differences.is_empty(), "status still shows the start differences after a reload: {c:?}");
 }
 
 #[test]
@@ -286,4 +291,123 @@ fn a_missing_config_and_the_removed_state_flags_are_errors() {
         let err = run(&args);
         assert!(err.contains("written into it") && err.contains("--config"), "{flag:?}: {err}");
     }
+}
+
+/// A hand edit racing CLI changes is never lost: each append is in the final file, or the CLI
+/// change that met it was refused (and the edit then reloaded). The appender opens the file for
+/// each append, as `echo >>` does, at irregular intervals around a change's duration.
+#[test]
+fn hand_edits_racing_cli_changes_are_never_lost() {
+    use std::{
+        io::Write,
+        sync::{
+            atomic::{AtomicBool, Ordering},
+            Arc,
+        },
+        time::Instant,
+    };
+    let topo = Topology::new("cfr", 2).expect("building the testbed");
+    let web = vip(&topo, 80);
+    let b0 = backend_addr(&topo, 0).to_string();
+    let daemon = start_daemon(&topo, &service_toml("web", web, &[], &[(backend_addr(&topo, 0), &[]), (backend_addr(&topo, 1), &[])]));
+    let path = daemon.config_path().to_path_buf();
+    let done = Arc::new(AtomicBool::new(false));
+
+    const EDITS: usize = 150;
+    let appender = {
+        let (path, done) = (path.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut written = 0;
+            for n in 0..EDITS {
+                if done.load(Ordering::Relaxed) {
+                    break;
+                }
+                let mut f = std::fs::OpenOptions::new().append(true).open(&path).expect("opening the config to append");
+                f.write_all(format!("# edit-{n}\n").as_bytes()).expect("appending");
+                written += 1;
+                // 1..13 ms, with a pause every 10th edit so that some changes get through.
+                let pause = if n % 10 == 9 { 150 } else { (n * 7 % 13 + 1) as u64 };
+                std::thread::sleep(Duration::from_millis(pause));
+            }
+            written
+        })
+    };
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (mut applied, mut refused) = (0, 0);
+    for i in 0..400u32 {
+        if appender.is_finished() || Instant::now() > deadline {
+            break;
+        }
+        let change = Request::BackendWeight { service: "web".into(), address: b0.clone(), weight: 1 + i % 5 };
+        let r = api::call(daemon.socket(), &change).unwrap_or_else(|e| panic!("weight request: {e}"));
+        if r.ok {
+            applied += 1;
+            continue;
+        }
+        let error = r.error.unwrap_or_default();
+        assert!(error.contains("xdp-lb reload"), "a refused change does not say to reload: {error}");
+        refused += 1;
+        let r = api::call(daemon.socket(), &Request::Reload { allow_empty: false }).unwrap_or_else(|e| panic!("reload request: {e}"));
+        assert!(r.ok, "reload refused: {:?}", r.error);
+    }
+    done.store(true, Ordering::Relaxed);
+    let written = appender.join().expect("the appender panicked");
+
+    let text = read(&path);
+    let lost: Vec<usize> = (0..written).filter(|n| !text.contains(&format!("# edit-{n}\n"))).collect();
+    println!("{written} appends, {applied} changes applied, {refused} refused, {} edits lost", lost.len());
+    assert!(lost.is_empty(), "{} of {written} hand edits were overwritten by CLI changes: {lost:?}\n{text}", lost.len());
+    assert!(applied > 0 && refused > 0, "the race was not exercised: {applied} applied, {refused} refused");
+}
+
+/// Map sizes change only through `stop --detach` + start, and both refusals say so; `hash_seed`
+/// changes at reload (every ring is rebuilt with it). An empty file with a pinned data plane of
+/// other sizes gets the empty-file refusal, not the destructive size advice.
+#[test]
+fn dataplane_sizes_need_a_detach_hash_seed_reloads_and_an_empty_file_is_named() {
+    let topo = Topology::new("cfs", 2).expect("building the testbed");
+    let _servers = Servers::start_all(&topo);
+    let web = vip(&topo, 80);
+    let web_toml = service_toml("web", web, &[], &[(backend_addr(&topo, 0), &[]), (backend_addr(&topo, 1), &[])]);
+    let sized = format!("[dataplane]\nconntrack_entries = 2048\n\n{web_toml}");
+    let mut daemon = start_daemon(&topo, &sized);
+    let ring = |daemon: &Daemon| service(&status(daemon), "web")["ring_fingerprint"].clone();
+    let before = ring(&daemon);
+
+    daemon.write_config(&sized.replace("conntrack_entries = 2048", "conntrack_entries = 4096")).expect("editing");
+    let err = cli_err(&daemon, &["reload"], "stop --detach");
+    assert!(err.contains("connection table") && !err.contains("restart xdp-lb to apply"), "unclear resize refusal: {err}");
+
+    daemon.write_config(&sized.replace("conntrack_entries = 2048", "conntrack_entries = 2048\nhash_seed = 12345")).expect("editing");
+    cli_ok(&daemon, &["reload"]);
+    assert_ne!(ring(&daemon), before, "the new hash_seed did not rebuild the ring");
+    assert_served_by(&topo, &daemon, web, &[0, 1], "after the hash_seed reload");
+
+    // A drain made in the file while no daemon ran is reported at adoption (the ring shows it).
+    let b1 = backend_addr(&topo, 1);
+    let drained = service_toml("web", web, &[], &[(backend_addr(&topo, 0), &[]), (b1, &["drained = true"])]);
+    daemon.write_config(&format!("[dataplane]\nconntrack_entries = 2048\nhash_seed = 12345\n\n{drained}")).expect("draining in the file");
+    daemon.restart().unwrap_or_else(|e| panic!("restart: {e:?}"));
+    let c = config_status(&daemon);
+    assert!(
+        c.start_differences.iter().any(|d| d.contains(&format!("backend {b1} took new flows")) && d.contains("drained in the config")),
+        "the drain made while the daemon was down is not reported: {c:?}"
+    );
+    assert!(daemon.log().contains("drained in the config"), "no WARN for it:\n{}", daemon.log());
+
+    daemon.write_config("").expect("emptying");
+    // The daemon's own error line (the error also carries its earlier log).
+    let error_line = |err: anyhow::Error| {
+        let all = format!("{err:#}");
+        all.lines().rfind(|l| l.contains("xdp-lb: error:")).unwrap_or_else(|| panic!("no error line in:\n{all}")).to_string()
+    };
+    let err = error_line(daemon.restart().expect_err("started with an empty file"));
+    assert!(err.contains("empty or truncated") && err.contains("--allow-empty"), "{err}");
+    assert!(!err.contains("stop --detach"), "an empty file got the destructive size advice: {err}");
+    assert_served_by(&topo, &daemon, web, &[0, 1], "after refusing the empty file");
+
+    daemon.write_config(&web_toml).expect("dropping the [dataplane] section");
+    let err = error_line(daemon.restart_with_args(&[]).expect_err("started with other map sizes"));
+    assert!(err.contains("no [dataplane] section") && err.contains("truncated"), "{err}");
 }

@@ -27,7 +27,7 @@ pub struct Loaded {
 /// Reads and validates `path`: a missing or unreadable file is an error, never an empty config.
 pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
     let display = path.display().to_string();
-    let text = fs::read_to_string(path).map_err(|source| ConfigError::Read { path: display.clone(), source })?;
+    let text = fs::read_to_string(path).map_err(|error| ConfigError::Read { path: display.clone(), error })?;
     let (raw, config) = RawConfig::parse(&text, &display)?;
     Ok(Loaded { path: path.to_path_buf(), text, raw, config })
 }
@@ -78,6 +78,16 @@ fn patch_table(t: &mut dyn TableLike, old: &toml::Table, new: &toml::Table, inli
     for (key, new_value) in new {
         let old_value = old.get(key);
         if old_value == Some(new_value) {
+            continue;
+        }
+        // An empty array (a service added without backends) has no style to keep: its first
+        // tables are written as `[[...]]` tables, as the file's other services are, rather than
+        // as an inline array that grows into one long line. Re-inserted, so no key decor stays.
+        let empty_array = t.get(key).is_some_and(|i| i.as_array().is_some_and(|a| a.is_empty()));
+        let tables = matches!(new_value, toml::Value::Array(n) if !n.is_empty() && n.iter().all(toml::Value::is_table));
+        if !inline && empty_array && tables {
+            t.remove(key);
+            t.insert(key, to_item(new_value, false));
             continue;
         }
         let Some(item) = t.get_mut(key) else {
@@ -182,11 +192,38 @@ fn to_value(value: &toml::Value) -> toml_edit::Value {
 /// directory. The new file keeps the old one's mode and owner; a symlinked config is written
 /// through to its target rather than replaced by a regular file.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    match replace(path, bytes, None) {
+        Ok(_) => Ok(()),
+        Err(WriteError::Io(e)) => Err(e),
+        Err(WriteError::Changed) => unreachable!("no expected content, so no content check"),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// The file no longer holds the text the change was made against (a hand edit); the temporary
+    /// file was removed and the file left as the editor wrote it.
+    #[error("the file changed on disk while the change was being written")]
+    Changed,
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// [`write_atomically`], but only if the file still holds `expected`: it is read again right
+/// before the rename (after the temporary file is written and fsynced, the slow part), so a hand
+/// edit made while a change was being programmed and written is not overwritten. What remains is
+/// the time between that read and `rename(2)`, which this returns (for the debug log).
+pub fn replace_if_unchanged(path: &Path, expected: &str, bytes: &[u8]) -> Result<std::time::Duration, WriteError> {
+    replace(path, bytes, Some(expected))
+}
+
+fn replace(path: &Path, bytes: &[u8], expected: Option<&str>) -> Result<std::time::Duration, WriteError> {
     let target = fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     let dir = target.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
     let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "config".into());
     let tmp = dir.join(format!(".{name}.xdp-lb-{}.tmp", std::process::id()));
     let previous = fs::metadata(&target).ok();
+    let mut window = std::time::Duration::ZERO;
     let result = (|| {
         let mut file = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
         if let Some(meta) = &previous {
@@ -196,13 +233,21 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
         }
         file.write_all(bytes)?;
         file.sync_all()?;
+        drop(file);
+        let checked = std::time::Instant::now();
+        if let Some(expected) = expected {
+            if fs::read(&target)? != expected.as_bytes() {
+                return Err(WriteError::Changed);
+            }
+        }
         fs::rename(&tmp, &target)?;
-        fs::File::open(&dir)?.sync_all()
+        window = checked.elapsed();
+        fs::File::open(&dir)?.sync_all().map_err(WriteError::Io)
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
-    result
+    result.map(|_| window)
 }
 
 #[cfg(test)]

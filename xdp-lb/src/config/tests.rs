@@ -387,9 +387,9 @@ timeout_ms = 600
         "services[0].health_check.path: \"healthz\" must start with '/'",
         "services[0].health_check.expect: \"700-800\" is not a status code or range of codes between 100 and 599",
         "services[0].health_check.interval_ms: 0 must be between 1 and 86400000",
-        "services[0].health_check.timeout_ms: 0 must be at least 1",
-        "services[0].health_check.rise: 0 must be at least 1",
-        "services[0].health_check.fall: 0 must be at least 1",
+        "services[0].health_check.timeout_ms: 0 must be between 1 and 86400000 (one day)",
+        "services[0].health_check.rise: 0 must be between 1 and 100",
+        "services[0].health_check.fall: 0 must be between 1 and 100",
         "services[1].health_check.timeout_ms: 900 must not exceed the interval (300 ms)",
         "services[2].health_check.interval_ms: 86400001 must be between 1 and 86400000",
         "services[2].backends[0].health_check.path: \"/a b\" must not contain whitespace",
@@ -597,4 +597,48 @@ fn readme_limits_match_the_constants() {
         let row = limits.lines().find(|l| l.contains(what)).unwrap_or_else(|| panic!("no Limits row names {what}"));
         assert!(row.contains(&format!(" {} ", thousands(value))) || row.contains(&format!(" {} (", thousands(value))), "{what} = {} is not in {row:?}", thousands(value));
     }
+}
+
+/// Values the CLI can send but TOML cannot hold (above i64::MAX), and absurd sizes, are refused
+/// with a field error, before they reach the file writer.
+#[test]
+fn numbers_and_lengths_have_sane_maxima() {
+    let base: RawConfig = toml::from_str(&service_with("10.0.0.1:80", &["10.0.1.1:80"])).unwrap();
+    let messages = |edit: &dyn Fn(&mut RawConfig)| -> Vec<String> {
+        let mut raw = base.clone();
+        edit(&mut raw);
+        raw.validate().err().unwrap_or_default().iter().map(|e| e.to_string()).collect()
+    };
+    type Edit = Box<dyn Fn(&mut RawConfig)>;
+    let cases: Vec<(&str, Edit)> = vec![
+        ("drain_timeout_ms: 18446744073709551615 is above the maximum of 604800000", Box::new(|r| r.services[0].drain_timeout_ms = u64::MAX)),
+        ("drain_timeout_ms: 604800001 is above the maximum", Box::new(|r| r.services[0].drain_timeout_ms = 7 * 24 * 3600 * 1000 + 1)),
+        ("health_check.timeout_ms: 18446744073709551615 must be between 1 and", Box::new(|r| {
+            r.services[0].health_check = Some(RawHealthCheck { kind: Some("none".into()), timeout_ms: Some(u64::MAX), ..Default::default() })
+        })),
+        ("health_check.rise: 4294967295 must be between 1 and 100", Box::new(|r| {
+            r.services[0].health_check = Some(RawHealthCheck { rise: Some(u32::MAX), ..Default::default() })
+        })),
+        ("health_check.fall: 101 must be between 1 and 100", Box::new(|r| {
+            r.services[0].health_check = Some(RawHealthCheck { fall: Some(101), ..Default::default() })
+        })),
+        ("health_check.path: 20000 characters; at most 1024", Box::new(|r| {
+            r.services[0].health_check = Some(RawHealthCheck { kind: Some("http".into()), path: Some(format!("/{}", "a".repeat(19_999))), ..Default::default() })
+        })),
+    ];
+    for (expected, edit) in cases {
+        let got = messages(&*edit);
+        assert!(got.iter().any(|m| m.contains(expected)), "missing {expected:?} in {got:#?}");
+    }
+    // The limits themselves are accepted.
+    assert!(messages(&|r| r.services[0].drain_timeout_ms = 7 * 24 * 3600 * 1000).is_empty());
+    assert!(messages(&|r| r.services[0].health_check = Some(RawHealthCheck { rise: Some(100), fall: Some(100), ..Default::default() })).is_empty());
+}
+
+/// A TOML syntax error is one line naming the line and column (the CLI prints one error line).
+#[test]
+fn a_syntax_error_is_one_line_with_its_place() {
+    let err = Config::parse("[[services]]\nname = \"a\"\nvip = = 3\n", "bad.toml").unwrap_err().to_string();
+    assert!(!err.contains('\n'), "{err}");
+    assert!(err.starts_with("bad.toml is not valid TOML for xdp-lb: line 3, column"), "{err}");
 }

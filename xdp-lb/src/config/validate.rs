@@ -15,7 +15,7 @@ use xdp_lb_common::{
 
 use super::{
     AllDown, Backend, Config, Dataplane, FieldError, HealthCheck, Location, Mode, Protocol, RawConfig, RawHealthCheck, Scheduler,
-    Service, MAX_CONNTRACK_ENTRIES, MAX_HASH_SEED, MAX_MAGLEV_CELLS, MAX_NAME_LEN, MAX_WEIGHT, MIN_CONNTRACK_ENTRIES, MIN_MAGLEV_CELLS,
+    Service, MAX_CHECK_PATH_LEN, MAX_CONNTRACK_ENTRIES, MAX_DRAIN_TIMEOUT_MS, MAX_HASH_SEED, MAX_RISE_FALL, MAX_MAGLEV_CELLS, MAX_NAME_LEN, MAX_WEIGHT, MIN_CONNTRACK_ENTRIES, MIN_MAGLEV_CELLS,
 };
 use crate::health::{CheckKind, CheckSpec, MAX_INTERVAL};
 
@@ -101,6 +101,9 @@ impl RawConfig {
                     AllDown::Drop
                 }
             };
+            if let Some(m) = outside(s.drain_timeout_ms, 0, MAX_DRAIN_TIMEOUT_MS) {
+                err(at("drain_timeout_ms"), format!("{m} (one week)"));
+            }
             let tcp_default = protocol == Some(Protocol::Tcp);
             let service_check = health_check(s.health_check.as_ref(), None, tcp_default, &mut |field, m| err(at(field), m));
             let passive_checks = s.passive_checks.unwrap_or(mode == Some(Mode::Nat) && protocol == Some(Protocol::Tcp));
@@ -362,7 +365,9 @@ fn check_fields(h: &RawHealthCheck, fail: &mut dyn FnMut(&'static str, String)) 
         fail("health_check.port", "0 cannot be probed; leave port out to check the backend's own port".into());
     }
     if let Some(path) = &h.path {
-        if !path.starts_with('/') {
+        if path.chars().count() > MAX_CHECK_PATH_LEN {
+            fail("health_check.path", format!("{} characters; at most {MAX_CHECK_PATH_LEN}", path.chars().count()));
+        } else if !path.starts_with('/') {
             fail("health_check.path", format!("{path:?} must start with '/'"));
         } else if path.chars().any(|c| c.is_whitespace() || c.is_control()) {
             // The path goes verbatim into the request line: a malformed (or smuggled) request.
@@ -380,14 +385,15 @@ fn check_fields(h: &RawHealthCheck, fail: &mut dyn FnMut(&'static str, String)) 
             fail("health_check.interval_ms", format!("{interval} must be between 1 and {max_interval} (one day)"));
         }
     }
-    if h.timeout_ms == Some(0) {
-        fail("health_check.timeout_ms", "0 must be at least 1".into());
+    if let Some(timeout) = h.timeout_ms {
+        if timeout == 0 || timeout > max_interval {
+            fail("health_check.timeout_ms", format!("{timeout} must be between 1 and {max_interval} (one day)"));
+        }
     }
-    if h.rise == Some(0) {
-        fail("health_check.rise", "0 must be at least 1".into());
-    }
-    if h.fall == Some(0) {
-        fail("health_check.fall", "0 must be at least 1".into());
+    for (field, value) in [("health_check.rise", h.rise), ("health_check.fall", h.fall)] {
+        if let Some(v) = value.filter(|&v| v == 0 || v > MAX_RISE_FALL) {
+            fail(field, format!("{v} must be between 1 and {MAX_RISE_FALL}"));
+        }
     }
 }
 

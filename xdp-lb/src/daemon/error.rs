@@ -23,8 +23,24 @@ pub enum DaemonError {
     NothingToChange { service: String },
     #[error("refused: {}; pass --force to do it anyway", reasons.join("; "))]
     Disruptive { reasons: Vec<String> },
-    #[error("[dataplane] settings (conntrack_entries, maglev_cells, hash_seed) cannot change while running: restart xdp-lb to apply them")]
-    Resize,
+    /// The map sizes are fixed when the maps are created and pinned; a plain restart adopts the
+    /// pinned maps and refuses other sizes, so only a stop with `--detach` resizes.
+    #[error(
+        "[dataplane] conntrack_entries and maglev_cells size the pinned maps and cannot change while xdp-lb runs \
+         (running: {running}; {path}: {wanted}); the running configuration stays. A restart would refuse the pinned \
+         maps too: to resize, run `xdp-lb stop --detach`, then start xdp-lb — an outage: nothing is forwarded until \
+         the start and the connection table is lost (established flows break). Or set them back in {path}. \
+         (hash_seed changes at reload.)"
+    )]
+    Resize { path: String, running: String, wanted: String },
+    /// Start with a file without services while a pinned data plane of other map sizes is
+    /// attached: the file, not the sizes, is the likely problem (truncated, emptied).
+    #[error(
+        "{path} has no services, but a data plane is pinned and attached ({interfaces}): starting would remove its \
+         services. Refusing to start; the data plane keeps forwarding as it is. Fix {path} (is it empty or \
+         truncated?), or start with `xdp-lb run --allow-empty` to remove every service"
+    )]
+    EmptyAtStartPinned { path: String, interfaces: String },
     #[error(
         "{path} was edited since the daemon last read it: run `xdp-lb reload` (or send SIGHUP) to apply the edit, \
          then repeat this command; nothing was changed"

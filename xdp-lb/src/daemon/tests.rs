@@ -1,6 +1,6 @@
 use std::time::Duration;
 
-use super::differences;
+use super::{differences, share_differences};
 use crate::config::{AllDown, Backend, Config, Dataplane, Mode, Protocol, Scheduler, Service};
 
 fn service(name: &str, vip: &str, backends: &[&str]) -> Service {
@@ -43,4 +43,29 @@ fn every_difference_is_listed() {
     assert!(all.contains("backend 10.0.1.1:80 runs but is not in the config"), "{all}");
     assert!(all.contains("backend 10.0.1.3:80 is in the config but did not run"), "{all}");
     assert!(all.contains("service api (10.0.0.2:80/tcp) is in the config but did not run"), "{all}");
+}
+
+/// Weights, drains and backups changed while no daemon ran show in the adopted rings' shares.
+#[test]
+fn weight_and_drain_changes_show_in_the_ring_shares() {
+    let (a, b, c) = ("10.0.1.1:80".parse().unwrap(), "10.0.1.2:80".parse().unwrap(), "10.0.1.3:80".parse().unwrap());
+    let running = service("web", "10.0.0.1:80", &["10.0.1.1:80", "10.0.1.2:80", "10.0.1.3:80"]);
+    // Ran: a and b half each, c drained (no cells).
+    let cells: std::collections::BTreeMap<std::net::SocketAddr, usize> = [(a, 125), (b, 126), (c, 0)].into();
+    let same = config(vec![{
+        let mut s = running.clone();
+        s.backends[2].drained = true;
+        s
+    }]);
+    assert!(share_differences(&[(&running, cells.clone())], &same).is_empty(), "{:?}", share_differences(&[(&running, cells.clone())], &same));
+
+    let mut edited = running.clone();
+    edited.backends[0].weight = 3; // a: 50% ran, 3 of 3 + 1 (c) wanted
+    edited.backends[1].drained = true; // b: ran, now drained
+    let d = share_differences(&[(&running, cells)], &config(vec![edited]));
+    let all = d.join("\n");
+    assert_eq!(d.len(), 3, "{all}");
+    assert!(all.contains("backend 10.0.1.1:80 got about 50% of new flows, the config's weight 3 gives it 75%"), "{all}");
+    assert!(all.contains("backend 10.0.1.2:80 took new flows (50% of the ring) but is drained in the config"), "{all}");
+    assert!(all.contains("backend 10.0.1.3:80 took no new flows"), "{all}");
 }

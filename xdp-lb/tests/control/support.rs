@@ -201,8 +201,10 @@ pub fn json(daemon: &Daemon, args: &[&str]) -> Value {
     serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("xdp-lb {all:?} printed invalid JSON ({e}):\n{stdout}"))
 }
 
+/// The services of `status --json` (which also holds the config file's state).
 pub fn status(daemon: &Daemon) -> Value {
-    json(daemon, &["status"])
+    let mut whole = json(daemon, &["status"]);
+    whole["services"].take()
 }
 
 pub fn service<'a>(status: &'a Value, name: &str) -> &'a Value {

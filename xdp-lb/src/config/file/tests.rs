@@ -165,3 +165,96 @@ fn load_refuses_a_missing_file() {
     assert!(matches!(err, ConfigError::Read { .. }), "{err}");
     assert!(err.to_string().contains("/nonexistent/xdp-lb.toml"), "{err}");
 }
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("xdp-lb-file-{name}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn temp_files(dir: &Path) -> Vec<String> {
+    fs::read_dir(dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.ends_with(".tmp")).collect()
+}
+
+#[test]
+fn a_file_edited_before_the_rename_is_left_alone() {
+    let dir = scratch("changed");
+    let path = dir.join("c.toml");
+    fs::write(&path, "old\n# hand edit\n").unwrap();
+    let err = replace_if_unchanged(&path, "old\n", b"new\n").unwrap_err();
+    assert!(matches!(err, WriteError::Changed), "{err}");
+    assert_eq!(fs::read_to_string(&path).unwrap(), "old\n# hand edit\n");
+    assert!(temp_files(&dir).is_empty(), "the temporary file was left behind");
+
+    replace_if_unchanged(&path, "old\n# hand edit\n", b"new\n").unwrap();
+    assert_eq!(fs::read_to_string(&path).unwrap(), "new\n");
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+/// How long a hand edit can still be overwritten: from the final content check to the rename.
+/// Printed so the README's number can be checked (`cargo test -- --nocapture window`).
+#[test]
+fn the_window_between_check_and_rename_is_short() {
+    let dir = scratch("window");
+    let path = dir.join("c.toml");
+    let text = COMMENTED.repeat(20);
+    fs::write(&path, &text).unwrap();
+    let mut windows: Vec<std::time::Duration> = (0..200).map(|_| replace_if_unchanged(&path, &text, text.as_bytes()).unwrap()).collect();
+    windows.sort();
+    let (median, max) = (windows[windows.len() / 2], windows[windows.len() - 1]);
+    println!("check-to-rename window over 200 writes of {} bytes: median {median:?}, max {max:?}", text.len());
+    assert!(median < std::time::Duration::from_millis(50), "median {median:?}");
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A CLI-added service is written as `[[services]]` with `[[services.backends]]` tables, the
+/// style of the file, not as one long inline line; a comment at the end of the file stays last.
+#[test]
+fn an_added_service_is_written_as_tables_before_the_trailing_comment() {
+    let text = format!("{COMMENTED}\n# end of the hand-written part\n");
+    let old = raw(&text);
+    let mut new = old.clone();
+    let mut service = crate::config::RawService::new("api", "10.0.0.100:8080", "tcp");
+    service.backends = (1..=3).map(|i| RawBackend::new(format!("10.0.3.{i}:8080"))).collect();
+    new.services.push(service);
+    let out = patch(&text, &old, &new).expect("patch");
+    let added = &out[out.find("name = \"api\"").expect("the service is written")..];
+    assert!(!added.contains("backends = ["), "inline backends:\n{out}");
+    assert_eq!(added.matches("[[services.backends]]").count(), 3, "{out}");
+    assert!(out.trim_end().ends_with("# end of the hand-written part"), "the trailing comment is not last:\n{out}");
+}
+
+#[test]
+fn a_first_service_is_written_as_tables_before_the_trailing_comment() {
+    for text in ["", "# top\n[dataplane]\nhash_seed = 1\n\n# end of the hand-written part\n", "# only a comment\n"] {
+        let old = raw(text);
+        let mut new = old.clone();
+        let mut service = crate::config::RawService::new("api", "10.0.0.100:8080", "tcp");
+        service.health_check = Some(crate::config::RawHealthCheck { kind: Some("http".into()), path: Some("/h".into()), ..Default::default() });
+        service.backends = (1..=3).map(|i| RawBackend::new(format!("10.0.3.{i}:8080"))).collect();
+        new.services.push(service);
+        let out = patch(text, &old, &new).expect("patch");
+        assert!(!out.contains("backends = ["), "inline backends:\n{out}");
+        assert_eq!(out.matches("[[services.backends]]").count(), 3, "{out}");
+        if text.contains("# end") {
+            assert!(out.trim_end().ends_with("# end of the hand-written part"), "the trailing comment is not last:\n{out}");
+        }
+    }
+}
+
+/// A service added without backends, then given backends one by one (the CLI's way), gets
+/// `[[services.backends]]` tables, not an inline array that grows into one long line.
+#[test]
+fn backends_added_to_an_empty_service_are_tables() {
+    let mut text = "[[services]]\nname = \"api\"\nvip = \"10.0.0.100:8080\"\nprotocol = \"tcp\"\nbackends = []\n\n# end of the hand-written part\n".to_string();
+    for i in 1..=3 {
+        let old = raw(&text);
+        let mut new = old.clone();
+        new.services[0].backends.push(RawBackend::new(format!("10.0.3.{i}:8080")));
+        text = patch(&text, &old, &new).expect("patch");
+    }
+    assert!(!text.contains("backends = ["), "inline backends:\n{text}");
+    assert_eq!(text.matches("[[services.backends]]").count(), 3, "{text}");
+    assert!(text.trim_end().ends_with("# end of the hand-written part"), "the trailing comment is not last:\n{text}");
+}
