@@ -75,6 +75,14 @@ pub fn run(opts: Options) -> Result<()> {
 
 async fn serve(opts: Options, loaded: file::Loaded) -> Result<()> {
     let settings = loaded.config.dataplane;
+    // The refusals that need nothing loaded come first: a daemon refused for its socket or
+    // --metrics port must not leave maps pinned in its --bpffs.
+    let listener = bind_socket(&opts.socket)?;
+    let _socket_file = SocketFile(&opts.socket);
+    let metrics_listener = match opts.metrics {
+        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("--metrics {addr}"))?),
+        None => None,
+    };
     let pins = opts.bpffs.as_deref().map(PinDir::prepare).transpose()?;
     // Held until this function returns: a second daemon on the same pins is refused.
     let _instance = pins.as_ref().map(|p| lock_pin_dir(p.path())).transpose()?;
@@ -86,11 +94,6 @@ async fn serve(opts: Options, loaded: file::Loaded) -> Result<()> {
     }
     let dataplane = Dataplane::load(&settings, pins)?;
     let (mut daemon, mut transitions) = Daemon::new(loaded, dataplane, opts.allow_empty)?;
-    let listener = bind_socket(&opts.socket)?;
-    let metrics_listener = match opts.metrics {
-        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("--metrics {addr}"))?),
-        None => None,
-    };
     for iface in &opts.ifaces {
         // On failure, dropping the daemon detaches whatever was attached before.
         daemon.dataplane_mut().attach(iface)?;
@@ -191,6 +194,15 @@ async fn serve(opts: Options, loaded: file::Loaded) -> Result<()> {
     let not_forwarded: u64 = snapshot.reasons.values().sum();
     info!(services = snapshot.services.len(), packets, new_flows, not_forwarded, "xdp-lb stopped");
     Ok(())
+}
+
+/// Removes the API socket this daemon bound when `serve` returns, on a failed start as on a stop.
+struct SocketFile<'a>(&'a Path);
+
+impl Drop for SocketFile<'_> {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(self.0);
+    }
 }
 
 /// The API socket: its directory and itself for root only; a stale socket from a crashed daemon
