@@ -598,3 +598,14 @@ fn readme_limits_match_the_constants() {
         assert!(row.contains(&format!(" {} ", thousands(value))) || row.contains(&format!(" {} (", thousands(value))), "{what} = {} is not in {row:?}", thousands(value));
     }
 }
+
+/// Issue 9: a VIP equal to another service's backend would catch that backend's traffic.
+#[test]
+fn a_vip_that_is_another_services_backend_is_refused() {
+    let text = "[[services]]\nname = \"web\"\nvip = \"10.0.0.1:80\"\nprotocol = \"tcp\"\n[[services.backends]]\naddress = \"10.77.1.2:8080\"\n\
+                [[services]]\nname = \"hijack\"\nvip = \"10.77.1.2:8080\"\nprotocol = \"tcp\"\n[[services.backends]]\naddress = \"10.77.1.3:8080\"\n";
+    let errors = errors_of(text);
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0].contains("services[1]") || errors[0].contains("hijack"), "names the service: {errors:?}");
+    assert!(errors[0].contains("10.77.1.2:8080 is a backend of service web"), "{errors:?}");
+}
