@@ -208,17 +208,45 @@ mod tests {
         assert!(post.to_ascii_lowercase().contains("allow: get, head"), "{post}");
     }
 
+    async fn connect_from(addr: std::net::SocketAddr, source: [u8; 4]) -> TcpStream {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.bind((std::net::Ipv4Addr::from(source), 0).into()).expect("bind a loopback source");
+        socket.connect(addr).await.expect("connect")
+    }
+
+    /// One address gets MAX_PER_ADDRESS connections; more are closed at once, and another
+    /// address is still served.
+    #[tokio::test]
+    async fn one_address_gets_at_most_its_share() {
+        let addr = start("xdp_lb_x 1\n").await;
+        let mut held = Vec::new();
+        for _ in 0..MAX_PER_ADDRESS {
+            held.push(connect_from(addr, [127, 0, 3, 1]).await);
+        }
+        let mut extra = connect_from(addr, [127, 0, 3, 1]).await;
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(1), extra.read(&mut buf)).await.expect("closed at once, not after the head timeout");
+        assert!(matches!(n, Ok(0) | Err(_)), "the extra connection is closed: {n:?}");
+        let mut other = connect_from(addr, [127, 0, 3, 2]).await;
+        other.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.expect("write");
+        let mut out = String::new();
+        tokio::time::timeout(Duration::from_secs(2), other.read_to_string(&mut out)).await.expect("served promptly").expect("read");
+        assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+        drop(held);
+    }
+
     #[tokio::test]
     async fn the_cap_holds_and_idle_connections_are_closed() {
         let addr = start("xdp_lb_x 1\n").await;
         let started = Instant::now();
-        // As many idle connections as the cap: they take every slot (the backlog is FIFO).
+        // As many idle connections as the cap, MAX_PER_ADDRESS from each of several loopback
+        // addresses: they take every slot (the backlog is FIFO).
         let mut idle = Vec::new();
-        for _ in 0..MAX_CONNECTIONS {
-            idle.push(TcpStream::connect(addr).await.expect("connect"));
+        for i in 0..MAX_CONNECTIONS {
+            idle.push(connect_from(addr, [127, 0, 1, (i / MAX_PER_ADDRESS) as u8 + 1]).await);
         }
-        // One more, with a real request: it waits in the backlog, unanswered, …
-        let mut late = TcpStream::connect(addr).await.expect("connect");
+        // One more from yet another address, with a real request: it waits in the backlog, unanswered, …
+        let mut late = connect_from(addr, [127, 0, 2, 1]).await;
         late.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.expect("write");
         let mut out = String::new();
         let early = tokio::time::timeout(Duration::from_secs(1), late.read_to_string(&mut out)).await;
