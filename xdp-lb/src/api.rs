@@ -246,6 +246,8 @@ impl Response {
 pub enum ClientError {
     #[error("the xdp-lb daemon is not running (no socket at {path}); start it with `xdp-lb run`")]
     NotRunning { path: String },
+    #[error("{path} is not a socket (it is a {kind}); give the daemon's socket with --socket")]
+    NotASocket { path: String, kind: &'static str },
     #[error("the xdp-lb daemon is not running: {path} is a stale socket left by a daemon that is gone; start it with `xdp-lb run` (which replaces the socket)")]
     Stale { path: String },
     #[error("permission denied on {path}: the daemon's socket is for root only")]
@@ -297,7 +299,11 @@ pub fn call(socket: &Path, request: &Request) -> Result<Response, ClientError> {
         std::io::ErrorKind::NotFound => ClientError::NotRunning { path: path.clone() },
         // A socket file that nobody listens on: what a daemon that died leaves behind.
         std::io::ErrorKind::ConnectionRefused if is_socket(socket) => ClientError::Stale { path: path.clone() },
-        std::io::ErrorKind::ConnectionRefused => ClientError::NotRunning { path: path.clone() },
+        // connect(2) on something that exists but is no socket also says ECONNREFUSED.
+        std::io::ErrorKind::ConnectionRefused => match not_a_socket(socket) {
+            Some(kind) => ClientError::NotASocket { path: path.clone(), kind },
+            None => ClientError::NotRunning { path: path.clone() },
+        },
         std::io::ErrorKind::PermissionDenied => ClientError::Permission { path: path.clone() },
         _ => ClientError::Io { doing: "connecting to", path: path.clone(), source },
     })?;
@@ -331,6 +337,20 @@ pub fn call(socket: &Path, request: &Request) -> Result<Response, ClientError> {
     }
     read.map_err(io("reading the answer of"))?;
     serde_json::from_str(&answer).map_err(|e| ClientError::Protocol(format!("{e}: {answer:?}")))
+}
+
+/// What `path` is when it exists and is not a socket (for the error message).
+fn not_a_socket(path: &Path) -> Option<&'static str> {
+    let t = std::fs::symlink_metadata(path).ok()?.file_type();
+    use std::os::unix::fs::FileTypeExt;
+    match () {
+        _ if t.is_socket() => None,
+        _ if t.is_file() => Some("regular file"),
+        _ if t.is_dir() => Some("directory"),
+        _ if t.is_symlink() => Some("symbolic link"),
+        _ if t.is_fifo() => Some("FIFO"),
+        _ => Some("special file"),
+    }
 }
 
 fn is_socket(path: &Path) -> bool {

@@ -37,6 +37,8 @@ pub fn out(line: impl Display) -> Result<()> {
 #[derive(Subcommand)]
 pub enum ServiceCommand {
     /// Add a virtual service.
+    // --vip and --protocol are optional for `update` but required here: clap reports them (exit 2).
+    #[command(mut_arg("vip", |a| a.required(true)), mut_arg("protocol", |a| a.required(true)))]
     Add {
         name: String,
         #[command(flatten)]
@@ -63,7 +65,7 @@ pub struct ServiceSettings {
     #[arg(long)]
     vip: Option<String>,
     /// tcp | udp
-    #[arg(long)]
+    #[arg(long, value_parser = ["tcp", "udp"])]
     protocol: Option<String>,
     /// nat | dsr
     #[arg(long)]
@@ -186,6 +188,7 @@ impl Client<'_> {
     pub fn service(&self, command: ServiceCommand) -> Result<()> {
         match command {
             ServiceCommand::Add { name, settings } => {
+                // clap requires both for `add` (see the variant); this only guards a future refactor.
                 let (Some(vip), Some(protocol)) = (settings.vip.clone(), settings.protocol.clone()) else {
                     bail!("service add needs --vip and --protocol");
                 };

@@ -14,7 +14,7 @@ use std::{
 };
 
 use tokio::sync::mpsc::UnboundedReceiver;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     api::ConfigStatus,
@@ -287,7 +287,24 @@ impl Daemon {
         &self.file.loaded.path
     }
 
-    pub fn on_transition(&mut self, t: &Transition) {
+    /// Applies a batch of health transitions with one replan: a reload of thousands of backends
+    /// produces thousands of transitions within seconds, and one replan each kept the control loop
+    /// (and so `status` and scrapes) busy for minutes.
+    pub fn on_transitions(&mut self, batch: &[Transition]) {
+        for t in batch {
+            self.note_transition(t);
+        }
+        if batch.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        match self.replan() {
+            Ok(()) => debug!(transitions = batch.len(), took_ms = started.elapsed().as_millis() as u64, "replanned after health transitions"),
+            Err(e) => error!(transitions = batch.len(), "reprogramming after health transitions failed: {e}"),
+        }
+    }
+
+    fn note_transition(&mut self, t: &Transition) {
         info!(service = %t.target.service, target = %t.target.addr, from = ?t.from, to = ?t.to, reason = %t.reason, "health transition");
         if t.to == crate::health::Health::Up {
             // The active checks see it serving again: a passive hold must not keep it out longer.
@@ -303,9 +320,6 @@ impl Daemon {
                     info!(service = %k.0, backend = %k.1, "passive hold ended: active checks see the backend up");
                 }
             }
-        }
-        if let Err(e) = self.replan() {
-            error!("reprogramming after a health transition failed: {e}");
         }
     }
 

@@ -100,7 +100,7 @@ enum Command {
         source: String,
         /// VIP and port.
         destination: String,
-        #[arg(long = "proto", default_value = "tcp")]
+        #[arg(long = "proto", default_value = "tcp", value_parser = ["tcp", "udp"])]
         protocol: String,
     },
     /// Print shell completions to stdout, e.g. `xdp-lb completions bash > /usr/share/bash-completion/completions/xdp-lb`.

@@ -36,6 +36,15 @@ const TICK: Duration = Duration::from_millis(500);
 const NEIGHBOUR_REFRESH: Duration = Duration::from_secs(15);
 /// A CLI client gets this long to send its request line, and again to read the answer.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// An answer is written in chunks of this size, each with its own deadline ...
+const ANSWER_CHUNK: usize = 64 * 1024;
+/// ... and all of it within this long.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
+/// Health transitions are applied at most this long after they arrive (see the select loop).
+const TRANSITION_COALESCE: Duration = Duration::from_millis(250);
+/// At most this many health transitions are applied with one replan; more than every backend
+/// (4,096) changing once, so a burst is one replan, and the loop still turns to the API in between.
+const MAX_TRANSITION_BATCH: usize = 8192;
 
 pub struct Options {
     /// The single source of truth: read at start and on reload, CLI changes are written to it.
@@ -66,6 +75,14 @@ pub fn run(opts: Options) -> Result<()> {
 
 async fn serve(opts: Options, loaded: file::Loaded) -> Result<()> {
     let settings = loaded.config.dataplane;
+    // The refusals that need nothing loaded come first: a daemon refused for its socket or
+    // --metrics port must not leave maps pinned in its --bpffs.
+    let listener = bind_socket(&opts.socket)?;
+    let _socket_file = SocketFile(&opts.socket);
+    let metrics_listener = match opts.metrics {
+        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("--metrics {addr}"))?),
+        None => None,
+    };
     let pins = opts.bpffs.as_deref().map(PinDir::prepare).transpose()?;
     // Held until this function returns: a second daemon on the same pins is refused.
     let _instance = pins.as_ref().map(|p| lock_pin_dir(p.path())).transpose()?;
@@ -78,11 +95,6 @@ async fn serve(opts: Options, loaded: file::Loaded) -> Result<()> {
     let interfaces = pins.as_ref().map(|p| p.linked_interfaces()).unwrap_or_default();
     let dataplane = Dataplane::load(&settings, pins).map_err(|e| refuse_pinned(&loaded, opts.allow_empty, &interfaces, e))?;
     let (mut daemon, mut transitions) = Daemon::new(loaded, dataplane, opts.allow_empty)?;
-    let listener = bind_socket(&opts.socket)?;
-    let metrics_listener = match opts.metrics {
-        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("--metrics {addr}"))?),
-        None => None,
-    };
     for iface in &opts.ifaces {
         // On failure, dropping the daemon detaches whatever was attached before.
         daemon.dataplane_mut().attach(iface)?;
@@ -104,9 +116,16 @@ async fn serve(opts: Options, loaded: file::Loaded) -> Result<()> {
     let mut tick = tokio::time::interval(TICK);
     let mut detach = false;
     let mut refresh = tokio::time::interval(NEIGHBOUR_REFRESH);
+    let mut pending = Vec::new();
+    let mut apply_at: Option<tokio::time::Instant> = None;
+    let far_future = || tokio::time::Instant::now() + Duration::from_secs(3600);
     loop {
         tokio::select! {
-            Some(t) = transitions.recv() => daemon.on_transition(&t),
+            // In this order: signals and API requests and scrapes first, so that a backlog of health
+            // transitions never starves them; the transitions last, drained as one batch.
+            biased;
+            _ = terminate.recv() => { info!("SIGTERM: stopping"); break; }
+            _ = interrupt.recv() => { info!("SIGINT: stopping"); break; }
             Some((request, reply)) = jobs.recv() => {
                 let stop = match request { Request::Stop { detach: d } => Some(d), _ => None };
                 let _ = reply.send(daemon.handle(request));
@@ -129,8 +148,23 @@ async fn serve(opts: Options, loaded: file::Loaded) -> Result<()> {
                 // READY=1 either way: the daemon keeps serving the running configuration.
                 notify::ready(&status);
             }
-            _ = terminate.recv() => { info!("SIGTERM: stopping"); break; }
-            _ = interrupt.recv() => { info!("SIGINT: stopping"); break; }
+            // Transitions are collected, then applied together with one replan once
+            // TRANSITION_COALESCE has passed since the first: a burst of thousands costs a handful
+            // of replans instead of one each, and the loop stays free for the API in between.
+            _ = tokio::time::sleep_until(apply_at.unwrap_or_else(far_future)), if apply_at.is_some() => {
+                apply_at = None;
+                daemon.on_transitions(&std::mem::take(&mut pending));
+            }
+            Some(t) = transitions.recv(), if pending.len() < MAX_TRANSITION_BATCH => {
+                pending.push(t);
+                while pending.len() < MAX_TRANSITION_BATCH {
+                    match transitions.try_recv() {
+                        Ok(t) => pending.push(t),
+                        Err(_) => break,
+                    }
+                }
+                apply_at.get_or_insert_with(|| tokio::time::Instant::now() + TRANSITION_COALESCE);
+            }
         }
     }
     notify::stopping(match (detach, daemon.dataplane_mut().is_pinned()) {
@@ -161,6 +195,15 @@ async fn serve(opts: Options, loaded: file::Loaded) -> Result<()> {
     let not_forwarded: u64 = snapshot.reasons.values().sum();
     info!(services = snapshot.services.len(), packets, new_flows, not_forwarded, "xdp-lb stopped");
     Ok(())
+}
+
+/// Removes the API socket this daemon bound when `serve` returns, on a failed start as on a stop.
+struct SocketFile<'a>(&'a Path);
+
+impl Drop for SocketFile<'_> {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(self.0);
+    }
 }
 
 /// The API socket: its directory and itself for root only; a stale socket from a crashed daemon
@@ -258,8 +301,8 @@ async fn serve_client(stream: UnixStream, jobs: mpsc::Sender<Job>) {
         Ok(Err(refusal)) => refusal,
         Err(_) => Response::error("no request received in time"),
     };
-    // A client that does not read its answer must not keep its slot: the write gets a deadline too.
-    let _ = tokio::time::timeout(REQUEST_TIMEOUT, write_response(&mut write, &response)).await;
+    // A client that does not read its answer must not keep its slot: the write gets deadlines too.
+    let _ = tokio::time::timeout(ANSWER_TIMEOUT, write_response(&mut write, &response)).await;
 }
 
 /// Reads one request line of at most [`api::MAX_REQUEST_BYTES`]; anything else is answered with an
@@ -277,8 +320,16 @@ async fn read_request(read: impl tokio::io::AsyncRead + Unpin) -> Result<Request
     serde_json::from_slice::<Request>(&line).map_err(|e| Response::error(format!("malformed request: {e}")))
 }
 
+/// Writes the answer in chunks, each within [`REQUEST_TIMEOUT`]: a large `status` (MBs with
+/// thousands of backends) on a busy daemon may take longer than that in all, and a single deadline
+/// for the whole answer cut it off mid-line. A client that stops reading still loses its slot.
 async fn write_response(write: &mut (impl tokio::io::AsyncWrite + Unpin), response: &Response) -> std::io::Result<()> {
-    write.write_all(response_line(response).as_bytes()).await
+    for chunk in response_line(response).as_bytes().chunks(ANSWER_CHUNK) {
+        tokio::time::timeout(REQUEST_TIMEOUT, write.write_all(chunk))
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "the client stopped reading its answer"))??;
+    }
+    Ok(())
 }
 
 fn response_line(response: &Response) -> String {

@@ -374,3 +374,39 @@ fn errors_are_one_line_and_name_the_os_error_once() {
     assert!(!out.status.success() && err.contains("/nonexistent/xdp-lb.toml"), "{err}");
     assert_eq!(err.matches("os error").count(), 1, "the OS error once:\n{err}");
 }
+
+/// README: usage errors exit 2 with clap's message, before anything is sent to the daemon.
+#[test]
+fn usage_errors_exit_2_with_clap_messages() {
+    let dir = Scratch::new("usage");
+    let socket = dir.path("api.sock");
+    let fake = FakeDaemon::start(&socket, |_| ok(Value::Null));
+    let cases: [(&[&str], &[&str]); 4] = [
+        (&["service", "add", "foo"], &["--vip", "--protocol", "required"]),
+        (&["service", "add", "foo", "--vip", "10.0.0.1:80"], &["--protocol", "required"]),
+        (&["explain", "192.0.2.7:4000", "10.0.0.1:80", "--proto", "sctp"], &["sctp", "--proto", "tcp", "udp"]),
+        (&["service", "add", "foo", "--vip", "10.0.0.1:80", "--protocol", "sctp"], &["sctp", "--protocol", "tcp", "udp"]),
+    ];
+    for (args, wanted) in cases {
+        let out = xdp_lb(&socket, args);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?} is a usage error; stderr:\n{err}");
+        for w in wanted {
+            assert!(err.contains(w), "{args:?}: stderr names {w}:\n{err}");
+        }
+        assert!(err.starts_with("error:") && err.contains("--help"), "{args:?}: clap's message:\n{err}");
+    }
+    assert!(fake.requests().is_empty(), "nothing was sent: {:?}", fake.requests());
+}
+
+#[test]
+fn a_regular_file_as_socket_says_it_is_not_a_socket() {
+    let dir = Scratch::new("not-socket");
+    let file = dir.path("api.sock");
+    std::fs::write(&file, "").unwrap();
+    let out = xdp_lb(&file, &["status"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "stderr:\n{err}");
+    assert!(err.contains("not a socket") && err.contains(file.to_str().unwrap()), "stderr:\n{err}");
+    assert!(!err.contains("no socket at"), "the file is there:\n{err}");
+}

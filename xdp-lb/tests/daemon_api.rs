@@ -245,3 +245,32 @@ fn clients_that_never_read_their_answer_give_their_slot_back() {
     eprintln!("slots back after {:?}", start.elapsed());
     drop(silent);
 }
+
+/// Issue 9: a second daemon refused because its --socket is in use must leave nothing pinned in
+/// its own --bpffs (the socket is checked before anything is loaded).
+#[test]
+fn a_second_daemon_refused_for_its_socket_pins_nothing() {
+    let topo = Topology::new("apisock", 1).expect("building the testbed");
+    let backends: Vec<_> = (0..1).map(|i| (backend_addr(&topo, i), &[][..])).collect();
+    let daemon = start_daemon(&topo, &service_toml("web", vip(&topo, 80), &[], &backends));
+
+    // On the testbed's bpffs (ip netns exec hides /sys/fs/bpf), next to the first daemon's pins.
+    let other_pins = daemon.pin_dir().with_file_name(format!("xdp-lb-api-{}-second", std::process::id()));
+    let _ = std::fs::create_dir_all(&other_pins);
+    let mut cmd = Command::new("timeout");
+    cmd.args(["20", "ip", "netns", "exec", topo.lb().name(), XDP_LB]).arg("--socket").arg(daemon.socket());
+    cmd.arg("run").arg("--config").arg(daemon.config_path()).arg("--bpffs").arg(&other_pins);
+    for iface in topo.lb_ifaces() {
+        cmd.args(["--iface", iface.as_ref()]);
+    }
+    let out = cmd.env("NO_COLOR", "1").output().expect("running a second xdp-lb");
+    let left: Vec<_> = std::fs::read_dir(&other_pins).map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect()).unwrap_or_default();
+    xdp_lb_testbed::daemon::remove_pins(&other_pins);
+    let _ = std::fs::remove_dir(&other_pins);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "the second daemon must exit with an error:\n{stderr}");
+    assert!(stderr.contains("another xdp-lb daemon is serving"), "stderr:\n{stderr}");
+    assert!(left.is_empty(), "the refused daemon left pins in {}: {left:?}", other_pins.display());
+    // The first daemon's socket is still there and answers.
+    cli_ok(&daemon, &["status"]);
+}

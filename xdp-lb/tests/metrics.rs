@@ -253,3 +253,62 @@ fn idle_metrics_connections_cannot_exhaust_the_daemon() {
     assert_eq!(local, 0.0, "health probes hit a local error");
     daemon.stop().unwrap();
 }
+
+/// Issue 9: one host holding 600 idle connections used to take every connection slot, so a scrape
+/// from elsewhere waited behind the backlog for ~44 s. Now one address gets at most 8 connections;
+/// the rest are closed at once, and another address is served promptly.
+#[test]
+fn one_host_flooding_the_metrics_port_does_not_delay_other_scrapers() {
+    const FLOOD_FROM_ONE_HOST: usize = 600;
+    const SERVED_WITHIN: Duration = Duration::from_secs(3);
+    let topo = Topology::new("mflood1", 1).expect("testbed");
+    let _servers = IdentityServers::start_all(&topo, 80, 53).expect("servers");
+    let backends = (0..1).map(|i| topo.backend_socket(Family::V4, i, 80));
+    let config = config_toml(&[ServiceConfig::new("web", topo.vip_socket(Family::V4, 80), Protocol::Tcp, Mode::Nat, Scheduler::Maglev, backends)]);
+    let daemon = Daemon::start_with_args(Path::new(XDP_LB), topo.lb(), &topo.lb_ifaces(), &config, &["--metrics", METRICS])
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    let addr: SocketAddr = METRICS.parse().expect("addr");
+
+    // The flood from 127.0.0.1: idle connections, never a byte sent.
+    let mut flood: Vec<TcpStream> = topo
+        .lb()
+        .run(|| (0..FLOOD_FROM_ONE_HOST).filter_map(|_| TcpStream::connect_timeout(&addr, Duration::from_millis(300)).ok()).collect());
+    assert!(flood.len() > 100, "only {} flood connections got through the backlog", flood.len());
+
+    // A scrape from another address (127.0.0.2) is answered promptly.
+    let started = Instant::now();
+    let response = topo.lb().run(move || -> std::io::Result<String> {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let stream = runtime.block_on(async {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind("127.0.0.2:0".parse().expect("addr"))?;
+            tokio::time::timeout(SERVED_WITHIN, socket.connect(addr)).await.map_err(|_| std::io::Error::from(ErrorKind::TimedOut))?
+        })?;
+        let mut s = stream.into_std()?;
+        s.set_nonblocking(false)?;
+        s.set_read_timeout(Some(SERVED_WITHIN))?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    });
+    let took = started.elapsed();
+    let response = response.unwrap_or_else(|e| panic!("scrape from 127.0.0.2 under the flood failed after {took:?}: {e}\n{}", daemon.log()));
+    assert!(response.starts_with("HTTP/1.1 200"), "{}", &response[..response.len().min(300)]);
+    assert!(took < SERVED_WITHIN, "scrape took {took:?}");
+
+    // The flood's connections beyond the per-address cap were closed at once (not after the 5 s
+    // head timeout): read them within a second.
+    let mut closed = 0;
+    for s in &mut flood {
+        s.set_read_timeout(Some(Duration::from_millis(2))).expect("timeout");
+        let mut buf = [0u8; 1];
+        closed += usize::from(match s.read(&mut buf) {
+            Ok(0) => true,
+            Err(e) => e.kind() == ErrorKind::ConnectionReset,
+            Ok(_) => false,
+        });
+    }
+    assert!(closed + 8 >= flood.len() - 64, "only {closed} of {} closed right away", flood.len());
+    eprintln!("metrics per-address cap: {} flood connections, {closed} closed at once; other scraper served in {took:?}", flood.len());
+}

@@ -642,3 +642,14 @@ fn a_syntax_error_is_one_line_with_its_place() {
     assert!(!err.contains('\n'), "{err}");
     assert!(err.starts_with("bad.toml is not valid TOML for xdp-lb: line 3, column"), "{err}");
 }
+
+/// Issue 9: a VIP equal to another service's backend would catch that backend's traffic.
+#[test]
+fn a_vip_that_is_another_services_backend_is_refused() {
+    let text = "[[services]]\nname = \"web\"\nvip = \"10.0.0.1:80\"\nprotocol = \"tcp\"\n[[services.backends]]\naddress = \"10.77.1.2:8080\"\n\
+                [[services]]\nname = \"hijack\"\nvip = \"10.77.1.2:8080\"\nprotocol = \"tcp\"\n[[services.backends]]\naddress = \"10.77.1.3:8080\"\n";
+    let errors = errors_of(text);
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0].contains("services[1]") || errors[0].contains("hijack"), "names the service: {errors:?}");
+    assert!(errors[0].contains("10.77.1.2:8080 is a backend of service web"), "{errors:?}");
+}

@@ -47,6 +47,13 @@ impl RawConfig {
 
         let mut names = HashSet::new();
         let mut vips = HashSet::new();
+        // Every backend address with its service: a VIP that is another service's backend would
+        // catch that backend's traffic (same-service overlaps are `against_vip`'s).
+        let backend_addresses: Vec<(std::net::SocketAddr, &str)> = self
+            .services
+            .iter()
+            .flat_map(|s| s.backends.iter().filter_map(|b| b.address.parse().ok().map(|a| (a, s.name.as_str()))))
+            .collect();
         let mut services = Vec::new();
         let mut ring_cells: u64 = 0;
         let mut backend_count = 0usize;
@@ -119,6 +126,9 @@ impl RawConfig {
             if let (Some(vip), Some(protocol)) = (vip, protocol) {
                 if !vips.insert((vip, protocol)) {
                     err(at("vip"), format!("{vip}/{} is already used by another service", s.protocol));
+                }
+                if let Some((_, owner)) = backend_addresses.iter().find(|(a, owner)| *a == vip && *owner != s.name) {
+                    err(at("vip"), format!("{vip} is a backend of service {owner}: its traffic would be caught by this VIP"));
                 }
             }
 

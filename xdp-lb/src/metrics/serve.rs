@@ -4,6 +4,8 @@
 //! Anyone who can reach the port can connect, so it must not be able to starve the daemon:
 //! - at most [`MAX_CONNECTIONS`] connections at a time; beyond that the listener is not accepted
 //!   from, so waiting connections sit in the kernel's backlog and hold none of our descriptors;
+//! - at most [`MAX_PER_ADDRESS`] of them from one client address; more are closed at once, so one
+//!   host's idle connections cannot hold every slot while a scraper elsewhere waits in the backlog;
 //! - a connection is accepted only outside the descriptor reserve ([`limits::outside_reserve`]),
 //!   which stays free for health probes and the API socket;
 //! - a request head must arrive within [`HEAD_TIMEOUT`] of the connection (or of the previous
@@ -14,8 +16,10 @@
 //! and waits for the rendered text.
 
 use std::{
+    collections::HashMap,
     convert::Infallible,
-    sync::Arc,
+    net::IpAddr,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -32,6 +36,8 @@ use crate::limits;
 
 /// Concurrent metrics connections; a Prometheus server needs one.
 pub const MAX_CONNECTIONS: usize = 64;
+/// Concurrent metrics connections from one client address.
+pub const MAX_PER_ADDRESS: usize = 8;
 /// Time to send a request head, from the connection's start or the previous response.
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 /// Even a busy keep-alive connection is closed after this (it reconnects).
@@ -47,6 +53,7 @@ pub type ScrapeReply = oneshot::Sender<Result<String, String>>;
 /// Serves `listener` until the runtime stops; scrapes are answered through `scrapes`.
 pub async fn serve(listener: TcpListener, scrapes: mpsc::Sender<ScrapeReply>) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let per_address: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
     let mut last_log: Option<Instant> = None;
     let mut log_limited = |message: &dyn std::fmt::Display| {
         if last_log.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
@@ -61,8 +68,8 @@ pub async fn serve(listener: TcpListener, scrapes: mpsc::Sender<ScrapeReply>) {
             log_limited(&"not accepting: open file descriptors reached the reserve kept for health checks and the API");
             tokio::time::sleep(BACKOFF).await;
         }
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
             Err(e) => {
                 // EMFILE and friends: retrying at once would spin; the slot is released.
                 log_limited(&format_args!("accept failed: {e}"));
@@ -70,8 +77,14 @@ pub async fn serve(listener: TcpListener, scrapes: mpsc::Sender<ScrapeReply>) {
                 continue;
             }
         };
+        let Some(per_address) = PerAddress::claim(&per_address, peer.ip()) else {
+            // Dropped here: closed at once, and the slot is free again for the next in the backlog.
+            log_limited(&format_args!("refusing a connection from {}: it already has {MAX_PER_ADDRESS} open", peer.ip()));
+            continue;
+        };
         let scrapes = scrapes.clone();
         tokio::spawn(async move {
+            let _per_address = per_address;
             let service = service_fn(move |request| answer(request, scrapes.clone()));
             let connection = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -81,6 +94,37 @@ pub async fn serve(listener: TcpListener, scrapes: mpsc::Sender<ScrapeReply>) {
             let _ = tokio::time::timeout(MAX_CONNECTION_AGE, connection).await;
             drop(slot);
         });
+    }
+}
+
+/// One connection counted against its client address while it lives.
+struct PerAddress {
+    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl PerAddress {
+    /// Counts a connection from `ip`, or `None` when it already has [`MAX_PER_ADDRESS`].
+    fn claim(counts: &Arc<Mutex<HashMap<IpAddr, usize>>>, ip: IpAddr) -> Option<PerAddress> {
+        let mut map = counts.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        if *n >= MAX_PER_ADDRESS {
+            return None;
+        }
+        *n += 1;
+        Some(PerAddress { counts: Arc::clone(counts), ip })
+    }
+}
+
+impl Drop for PerAddress {
+    fn drop(&mut self) {
+        let mut map = self.counts.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
     }
 }
 
@@ -164,17 +208,45 @@ mod tests {
         assert!(post.to_ascii_lowercase().contains("allow: get, head"), "{post}");
     }
 
+    async fn connect_from(addr: std::net::SocketAddr, source: [u8; 4]) -> TcpStream {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.bind((std::net::Ipv4Addr::from(source), 0).into()).expect("bind a loopback source");
+        socket.connect(addr).await.expect("connect")
+    }
+
+    /// One address gets MAX_PER_ADDRESS connections; more are closed at once, and another
+    /// address is still served.
+    #[tokio::test]
+    async fn one_address_gets_at_most_its_share() {
+        let addr = start("xdp_lb_x 1\n").await;
+        let mut held = Vec::new();
+        for _ in 0..MAX_PER_ADDRESS {
+            held.push(connect_from(addr, [127, 0, 3, 1]).await);
+        }
+        let mut extra = connect_from(addr, [127, 0, 3, 1]).await;
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(1), extra.read(&mut buf)).await.expect("closed at once, not after the head timeout");
+        assert!(matches!(n, Ok(0) | Err(_)), "the extra connection is closed: {n:?}");
+        let mut other = connect_from(addr, [127, 0, 3, 2]).await;
+        other.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.expect("write");
+        let mut out = String::new();
+        tokio::time::timeout(Duration::from_secs(2), other.read_to_string(&mut out)).await.expect("served promptly").expect("read");
+        assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+        drop(held);
+    }
+
     #[tokio::test]
     async fn the_cap_holds_and_idle_connections_are_closed() {
         let addr = start("xdp_lb_x 1\n").await;
         let started = Instant::now();
-        // As many idle connections as the cap: they take every slot (the backlog is FIFO).
+        // As many idle connections as the cap, MAX_PER_ADDRESS from each of several loopback
+        // addresses: they take every slot (the backlog is FIFO).
         let mut idle = Vec::new();
-        for _ in 0..MAX_CONNECTIONS {
-            idle.push(TcpStream::connect(addr).await.expect("connect"));
+        for i in 0..MAX_CONNECTIONS {
+            idle.push(connect_from(addr, [127, 0, 1, (i / MAX_PER_ADDRESS) as u8 + 1]).await);
         }
-        // One more, with a real request: it waits in the backlog, unanswered, …
-        let mut late = TcpStream::connect(addr).await.expect("connect");
+        // One more from yet another address, with a real request: it waits in the backlog, unanswered, …
+        let mut late = connect_from(addr, [127, 0, 2, 1]).await;
         late.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.expect("write");
         let mut out = String::new();
         let early = tokio::time::timeout(Duration::from_secs(1), late.read_to_string(&mut out)).await;
