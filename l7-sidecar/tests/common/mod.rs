@@ -22,7 +22,7 @@ pub struct Seen {
 }
 
 /// Requests an upstream remembers (the oldest half is dropped when full).
-const MAX_SEEN: usize = 4096;
+const MAX_SEEN: usize = 1024;
 
 pub struct Upstream {
     pub name: String,
