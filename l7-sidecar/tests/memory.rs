@@ -118,16 +118,20 @@ async fn request_duration_samples_are_drained_without_a_scrape() {
             histogram.record(0.001);
         }
         now_held = live() - before;
-        if now_held < 512 * KIB {
+        if now_held < held / 4 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     println!("then {} KiB after upkeep", now_held / KIB);
+    // Drained blocks are freed through crossbeam-epoch, a little later and not all at
+    // once on a loaded machine; without upkeep nothing is freed and the held bytes only
+    // grow, so half is a clear line between the two.
     assert!(
-        now_held < 512 * KIB,
-        "histogram samples still hold {} KiB after {limit:?} without a scrape",
-        now_held / KIB
+        now_held < held / 2,
+        "histogram samples still hold {} KiB of {} KiB after {limit:?} without a scrape",
+        now_held / KIB,
+        held / KIB
     );
 }
 
