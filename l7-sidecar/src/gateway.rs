@@ -93,7 +93,7 @@ impl Gateway {
         if !errors.is_empty() {
             return Err(ConfigError::Invalid(errors).into());
         }
-        crate::observe::prometheus();
+        crate::stats::prometheus();
         let access_log = Arc::new(AccessLog::new());
         let shared = Arc::new(Shared {
             runtime: ArcSwap::from_pointee(Runtime {

@@ -5,6 +5,7 @@
 use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use std::sync::{OnceLock, RwLock};
+use std::time::Duration;
 
 static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
@@ -17,7 +18,10 @@ pub fn prometheus() -> Option<&'static PrometheusHandle> {
             ];
             let builder = PrometheusBuilder::new().set_buckets(&buckets).ok()?;
             match builder.install_recorder() {
-                Ok(h) => Some(h),
+                Ok(h) => {
+                    spawn_upkeep(h.clone(), METRICS_UPKEEP);
+                    Some(h)
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "metrics recorder not installed");
                     None
@@ -25,6 +29,26 @@ pub fn prometheus() -> Option<&'static PrometheusHandle> {
             }
         })
         .as_ref()
+}
+
+/// How often recorded histogram samples are folded into their buckets. The exporter
+/// keeps every sample (8 bytes each) until then; `install_recorder` leaves this to us.
+pub const METRICS_UPKEEP: Duration = Duration::from_secs(5);
+
+/// Without this, every request's duration sample stays in memory until someone
+/// scrapes `/metrics` (a gateway nobody scrapes grows by 8 bytes per request, for
+/// ever). A plain thread rather than a Tokio task: the recorder is process-wide and
+/// outlives any one runtime, and a busy runtime must not delay the drain.
+fn spawn_upkeep(handle: PrometheusHandle, every: Duration) {
+    let spawned = std::thread::Builder::new()
+        .name("metrics-upkeep".into())
+        .spawn(move || loop {
+            std::thread::sleep(every);
+            handle.run_upkeep();
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the metrics upkeep thread");
+    }
 }
 
 pub fn render_metrics() -> String {
