@@ -29,6 +29,9 @@ impl Config {
         if s.header_read_timeout_ms == 0 {
             err("server.header_read_timeout_ms".into(), "must be > 0".into());
         }
+        if s.body_read_timeout_ms == 0 {
+            err("server.body_read_timeout_ms".into(), "must be > 0".into());
+        }
         if s.max_connections == 0 {
             err("server.max_connections".into(), "must be > 0".into());
         }

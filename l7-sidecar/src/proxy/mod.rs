@@ -7,11 +7,14 @@ mod body;
 mod tunnel;
 
 pub use aggregate::aggregate;
-pub use body::{collect_limited, CollectError, StreamedBody};
+pub use body::{
+    collect_limited, collect_request, CollectError, RequestBodyError, RequestBodyLimits,
+    StreamedBody,
+};
 pub use tunnel::tunnel;
 
 use crate::balance::{ActiveGuard, HashInput, Pool};
-use crate::routing::{append_query, fill_template, RouteCtx};
+use crate::routing::{append_query, fill_template_with, RouteCtx};
 use crate::stack::{json_error, ConnInfo, Snapshot, UpstreamAddr};
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
@@ -368,25 +371,40 @@ pub async fn proxy(mut req: Request<hyper::body::Incoming>) -> Response<Body> {
         crate::stack::json_error_with_id(status, code, msg, &rid)
     };
     let (parts, body) = req.into_parts();
-    // Buffered so a retry can resend it; the limit bounds memory per request.
-    let body = match http_body_util::Limited::new(body, max_body).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
-            return err(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                "request body too large",
-            )
-        }
-        Err(_) => {
-            return err(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                "cannot read request body",
-            )
+    let limits = RequestBodyLimits {
+        max_bytes: max_body,
+        idle: Duration::from_millis(rt.cfg.server.body_read_timeout_ms),
+        min_rate: rt.cfg.server.body_min_rate_bytes_per_sec,
+    };
+    // Buffered so a retry can resend it; the limits bound memory and time per request.
+    let body = match collect_request(body, limits).await {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::debug!(route = %rc.name, request_id = %rid, error = %e, "refused request body");
+            let (status, code, msg) = match e {
+                RequestBodyError::TooLarge(_) => (
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    "request body too large",
+                ),
+                RequestBodyError::Stalled(_) | RequestBodyError::TooSlow(_) => (
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request_timeout",
+                    "request body not received in time",
+                ),
+                RequestBodyError::Read(_) => (
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    "cannot read request body",
+                ),
+            };
+            let mut r = err(status, code, msg);
+            if parts.version < http::Version::HTTP_2 {
+                // The rest of the body is unread: the connection cannot carry another request.
+                r.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            return r;
         }
     };
 
@@ -396,7 +414,7 @@ pub async fn proxy(mut req: Request<hyper::body::Incoming>) -> Response<Body> {
             let Some(up) = rt.upstreams.get(&a.pool) else {
                 continue;
             };
-            let path = match fill_template(&a.path, &ctx.params) {
+            let path = match fill_template_with(&a.path, &ctx.params, &ctx.route.catch_all_names()) {
                 Ok(p) => append_query(p, query),
                 Err(e) => {
                     tracing::debug!(route = %rc.name, error = %e, "refused template value");
