@@ -100,8 +100,21 @@ pub fn valid_authority(v: &[u8]) -> bool {
                 b.is_ascii_alphanumeric()
                     || matches!(
                         b,
-                        b'-' | b'.' | b'_' | b'~' | b'%' | b'!' | b'$' | b'&' | b'\''
-                            | b'(' | b')' | b'*' | b'+' | b',' | b';' | b'='
+                        b'-' | b'.'
+                            | b'_'
+                            | b'~'
+                            | b'%'
+                            | b'!'
+                            | b'$'
+                            | b'&'
+                            | b'\''
+                            | b'('
+                            | b')'
+                            | b'*'
+                            | b'+'
+                            | b','
+                            | b';'
+                            | b'='
                     )
             });
         (ok, &v[end..])
@@ -165,10 +178,19 @@ mod tests {
 
     #[test]
     fn host_must_be_one_plain_authority() {
-        for ok in ["a.example", "a.example:8080", "127.0.0.1", "[::1]", "[::1]:80", "x_y"] {
+        for ok in [
+            "a.example",
+            "a.example:8080",
+            "127.0.0.1",
+            "[::1]",
+            "[::1]:80",
+            "x_y",
+        ] {
             assert!(valid_authority(ok.as_bytes()), "{ok}");
         }
-        for bad in ["", "a/x", "u@a", "a:8x", "a:123456", "[::1", "[]", "a b", ":80", "a?b", "a#b"] {
+        for bad in [
+            "", "a/x", "u@a", "a:8x", "a:123456", "[::1", "[]", "a b", ":80", "a?b", "a#b",
+        ] {
             assert!(!valid_authority(bad.as_bytes()), "{bad}");
         }
         let req = |v: http::Version, hosts: &[&str], uri: &str| {

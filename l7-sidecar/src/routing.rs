@@ -509,8 +509,18 @@ mod tests {
             fill_template("/u/{other}", &id).as_deref(),
             Ok("/u/{other}")
         );
-        for q in ["x=1&user=8&us%65r=9", "User=9", "user[]=9", "user%00=9", "user+=9"] {
-            assert_eq!(append_query("/o?user=7".into(), Some(q)), "/o?user=7", "{q}");
+        for q in [
+            "x=1&user=8&us%65r=9",
+            "User=9",
+            "user[]=9",
+            "user%00=9",
+            "user+=9",
+        ] {
+            assert_eq!(
+                append_query("/o?user=7".into(), Some(q)),
+                "/o?user=7",
+                "{q}"
+            );
         }
         // A route's catch-all keeps `/` when the rewrite names it `{rest}`; `..;` and
         // `.;x` are dot-segments too.

@@ -331,7 +331,10 @@ mod tests {
         let ct = |vals: &[&str]| {
             let mut h = HeaderMap::new();
             for v in vals {
-                h.append(http::header::CONTENT_TYPE, HeaderValue::from_str(v).expect("hv"));
+                h.append(
+                    http::header::CONTENT_TYPE,
+                    HeaderValue::from_str(v).expect("hv"),
+                );
             }
             json_media_type(&h)
         };
@@ -344,7 +347,13 @@ mod tests {
         ] {
             assert_eq!(ct(&[yes]), Ok(true), "{yes}");
         }
-        for no in ["text/plain", "application/jsonx", "json", "+json", "application/x+jsonp"] {
+        for no in [
+            "text/plain",
+            "application/jsonx",
+            "json",
+            "+json",
+            "application/x+jsonp",
+        ] {
             assert_eq!(ct(&[no]), Ok(false), "{no}");
         }
         assert_eq!(ct(&[]), Ok(false));

@@ -782,24 +782,28 @@ async fn content_type_upstream() -> SocketAddr {
                 return;
             };
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
-                    let body = r#"{"id":1,"password_hash":"x"}"#;
-                    let mut r = http::Response::new(Full::new(Bytes::from(body)));
-                    let ct = req
-                        .uri()
-                        .query()
-                        .and_then(|q| q.strip_prefix("ct="))
-                        .map(|v| v.replace("%20", " ").replace("%3B", ";"))
-                        .unwrap_or_default();
-                    if req.uri().path() == "/api/users/two" {
-                        r.headers_mut().append("content-type", "text/plain".parse().expect("ct"));
-                        r.headers_mut()
-                            .append("content-type", "application/json".parse().expect("ct"));
-                    } else {
-                        r.headers_mut().insert("content-type", ct.parse().expect("ct"));
-                    }
-                    Ok::<_, hyper::Error>(r)
-                });
+                let svc = hyper::service::service_fn(
+                    |req: http::Request<hyper::body::Incoming>| async move {
+                        let body = r#"{"id":1,"password_hash":"x"}"#;
+                        let mut r = http::Response::new(Full::new(Bytes::from(body)));
+                        let ct = req
+                            .uri()
+                            .query()
+                            .and_then(|q| q.strip_prefix("ct="))
+                            .map(|v| v.replace("%20", " ").replace("%3B", ";"))
+                            .unwrap_or_default();
+                        if req.uri().path() == "/api/users/two" {
+                            r.headers_mut()
+                                .append("content-type", "text/plain".parse().expect("ct"));
+                            r.headers_mut()
+                                .append("content-type", "application/json".parse().expect("ct"));
+                        } else {
+                            r.headers_mut()
+                                .insert("content-type", ct.parse().expect("ct"));
+                        }
+                        Ok::<_, hyper::Error>(r)
+                    },
+                );
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
                     .await;
@@ -858,15 +862,26 @@ async fn jwt_without_configured_iss_or_aud_is_refused() {
     let url = format!("{}/api/users/1", base(&s.gw));
     let exp = now() + 300;
     for (what, claims) in [
-        ("no iss", serde_json::json!({"sub": "u", "aud": "api", "exp": exp})),
-        ("no aud", serde_json::json!({"sub": "u", "iss": "idp", "exp": exp})),
+        (
+            "no iss",
+            serde_json::json!({"sub": "u", "aud": "api", "exp": exp}),
+        ),
+        (
+            "no aud",
+            serde_json::json!({"sub": "u", "iss": "idp", "exp": exp}),
+        ),
         ("neither", serde_json::json!({"sub": "u", "exp": exp})),
     ] {
         let auth = format!("Bearer {}", hs256(SECRET, claims));
         let r = get(&c, &url, &[("authorization", &auth)]).await;
         assert_eq!(r.status, 401, "{what}");
     }
-    assert_eq!(get(&c, &url, &[("authorization", &bearer("ok"))]).await.status, 200);
+    assert_eq!(
+        get(&c, &url, &[("authorization", &bearer("ok"))])
+            .await
+            .status,
+        200
+    );
     assert_eq!(s.users.hits(), 1);
 }
 
@@ -878,10 +893,22 @@ async fn ambiguous_identity_claims_are_refused() {
     let url = format!("{}/api/users/1", base(&s.gw));
     let exp = now() + 300;
     for (what, claims) in [
-        ("comma in role", serde_json::json!({"sub": "u", "role": ["user,admin"], "iss": "idp", "aud": "api", "exp": exp})),
-        ("CRLF in sub", serde_json::json!({"sub": "u\r\nX-User-Role: admin", "iss": "idp", "aud": "api", "exp": exp})),
-        ("DEL in sub", serde_json::json!({"sub": "u\u{7f}", "iss": "idp", "aud": "api", "exp": exp})),
-        ("LF in role", serde_json::json!({"sub": "u", "role": "a\nb", "iss": "idp", "aud": "api", "exp": exp})),
+        (
+            "comma in role",
+            serde_json::json!({"sub": "u", "role": ["user,admin"], "iss": "idp", "aud": "api", "exp": exp}),
+        ),
+        (
+            "CRLF in sub",
+            serde_json::json!({"sub": "u\r\nX-User-Role: admin", "iss": "idp", "aud": "api", "exp": exp}),
+        ),
+        (
+            "DEL in sub",
+            serde_json::json!({"sub": "u\u{7f}", "iss": "idp", "aud": "api", "exp": exp}),
+        ),
+        (
+            "LF in role",
+            serde_json::json!({"sub": "u", "role": "a\nb", "iss": "idp", "aud": "api", "exp": exp}),
+        ),
     ] {
         let auth = format!("Bearer {}", hs256(SECRET, claims));
         let r = get(&c, &url, &[("authorization", &auth)]).await;
@@ -907,12 +934,21 @@ async fn api_key_is_not_forwarded_and_must_be_single() {
     let r = get(&c, &url, &[("x-api-key", "right-key")]).await;
     assert_eq!(r.status, 200);
     let seen = s.public.last();
-    assert!(seen.headers.get("x-api-key").is_none(), "{:?}", seen.headers);
+    assert!(
+        seen.headers.get("x-api-key").is_none(),
+        "{:?}",
+        seen.headers
+    );
     assert_eq!(seen.headers["x-user-id"], "partner-1");
-    for pair in ["X-Api-Key: right-key\r\nX-Api-Key: wrong", "X-Api-Key: wrong\r\nX-Api-Key: right-key", "X-Api-Key: right-key\r\nX-Api-Key: right-key"] {
+    for pair in [
+        "X-Api-Key: right-key\r\nX-Api-Key: wrong",
+        "X-Api-Key: wrong\r\nX-Api-Key: right-key",
+        "X-Api-Key: right-key\r\nX-Api-Key: right-key",
+    ] {
         let text = raw_all(
             addr,
-            format!("GET /api/key HTTP/1.1\r\nHost: x\r\n{pair}\r\nConnection: close\r\n\r\n").as_bytes(),
+            format!("GET /api/key HTTP/1.1\r\nHost: x\r\n{pair}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
         )
         .await;
         assert!(text.starts_with("HTTP/1.1 401"), "{pair}: {text}");
@@ -925,7 +961,14 @@ async fn api_key_is_not_forwarded_and_must_be_single() {
 async fn aggregation_part_query_cannot_be_extended_by_the_client() {
     let s = setup("").await;
     let c = client();
-    for q in ["User=9", "user[]=9", "user%00=9", "user+=9", "user=9", "x=1&USER=9"] {
+    for q in [
+        "User=9",
+        "user[]=9",
+        "user%00=9",
+        "user+=9",
+        "user=9",
+        "x=1&USER=9",
+    ] {
         let r = get(&c, &format!("{}/api/summary/7?{q}", base(&s.gw)), &[]).await;
         assert_eq!(r.status, 200, "{q}");
         assert_eq!(s.orders.last().uri, "/orders?user=7", "{q}");
@@ -975,7 +1018,11 @@ async fn catch_all_rewrite_keeps_slashes() {
     let r = get(&c, &format!("{}/v1/files/a%20b/c%26d", base(&gw)), &[]).await;
     assert_eq!(r.status, 200);
     assert_eq!(public.last().uri, "/files/a%20b/c%26d");
-    for path in ["/v1/files/a/..%3b/b", "/v1/files/a/.%3Bx/b", "/v1/files/..%3B"] {
+    for path in [
+        "/v1/files/a/..%3b/b",
+        "/v1/files/a/.%3Bx/b",
+        "/v1/files/..%3B",
+    ] {
         let r = get(&c, &format!("{}{path}", base(&gw)), &[]).await;
         assert_eq!(r.status, 400, "{path}");
     }
@@ -988,13 +1035,28 @@ async fn host_header_is_validated_and_kept() {
     let (gw, public) = hardening_gateway("").await;
     let addr = gw.addr("public").expect("addr");
     for (what, head) in [
-        ("two Host", "GET /v1/public HTTP/1.1\r\nHost: api.example.com\r\nHost: evil.example\r\n"),
+        (
+            "two Host",
+            "GET /v1/public HTTP/1.1\r\nHost: api.example.com\r\nHost: evil.example\r\n",
+        ),
         ("no Host", "GET /v1/public HTTP/1.1\r\n"),
-        ("path in Host", "GET /v1/public HTTP/1.1\r\nHost: api.example.com/x\r\n"),
+        (
+            "path in Host",
+            "GET /v1/public HTTP/1.1\r\nHost: api.example.com/x\r\n",
+        ),
         ("empty Host", "GET /v1/public HTTP/1.1\r\nHost: \r\n"),
-        ("userinfo in Host", "GET /v1/public HTTP/1.1\r\nHost: u@api.example.com\r\n"),
-        ("bad port", "GET /v1/public HTTP/1.1\r\nHost: api.example.com:8x\r\n"),
-        ("Connection: Host", "GET /v1/public HTTP/1.1\r\nHost: api.example.com\r\nHost: b\r\nConnection: Host\r\n"),
+        (
+            "userinfo in Host",
+            "GET /v1/public HTTP/1.1\r\nHost: u@api.example.com\r\n",
+        ),
+        (
+            "bad port",
+            "GET /v1/public HTTP/1.1\r\nHost: api.example.com:8x\r\n",
+        ),
+        (
+            "Connection: Host",
+            "GET /v1/public HTTP/1.1\r\nHost: api.example.com\r\nHost: b\r\nConnection: Host\r\n",
+        ),
     ] {
         let text = raw_all(addr, format!("{head}Connection: close\r\n\r\n").as_bytes()).await;
         assert!(text.starts_with("HTTP/1.1 400"), "{what}: {text}");
@@ -1007,19 +1069,26 @@ async fn host_header_is_validated_and_kept() {
     .await;
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     let seen = public.last();
-    assert_eq!(seen.headers["host"], "api.example.com:8080", "Connection cannot remove Host");
+    assert_eq!(
+        seen.headers["host"], "api.example.com:8080",
+        "Connection cannot remove Host"
+    );
     assert_eq!(seen.headers["x-forwarded-host"], "api.example.com:8080");
     for ok in ["[::1]:80", "127.0.0.1", "API.example.com"] {
         let text = raw_all(
             addr,
-            format!("GET /v1/public HTTP/1.1\r\nHost: {ok}\r\nConnection: close\r\n\r\n").as_bytes(),
+            format!("GET /v1/public HTTP/1.1\r\nHost: {ok}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
         )
         .await;
         assert!(text.starts_with("HTTP/1.1 200"), "{ok}: {text}");
     }
     // HTTP/1.0 may omit Host.
     let text = raw_all(addr, b"GET /v1/public HTTP/1.0\r\n\r\n").await;
-    assert!(text.starts_with("HTTP/1.1 200") || text.starts_with("HTTP/1.0 200"), "{text}");
+    assert!(
+        text.starts_with("HTTP/1.1 200") || text.starts_with("HTTP/1.0 200"),
+        "{text}"
+    );
 }
 
 // 2nd review, 1. A stalled or trickled request body is cut with 408; an oversized
@@ -1040,9 +1109,11 @@ async fn stalled_request_bodies_are_cut() {
 
     // One byte every 100 ms never leaves a 500 ms gap, but is far below the minimum rate.
     let mut s = TcpStream::connect(addr).await.expect("connect");
-    s.write_all(b"POST /v1/public HTTP/1.1\r\nHost: api.example.com\r\nTransfer-Encoding: chunked\r\n\r\n")
-        .await
-        .expect("head");
+    s.write_all(
+        b"POST /v1/public HTTP/1.1\r\nHost: api.example.com\r\nTransfer-Encoding: chunked\r\n\r\n",
+    )
+    .await
+    .expect("head");
     let started = std::time::Instant::now();
     for _ in 0..40 {
         if s.write_all(b"1\r\na\r\n").await.is_err() {
@@ -1056,16 +1127,25 @@ async fn stalled_request_bodies_are_cut() {
 
     // A Content-Length above max_body_bytes gets 413 without any body sent.
     let mut s = TcpStream::connect(addr).await.expect("connect");
-    s.write_all(b"POST /v1/public HTTP/1.1\r\nHost: api.example.com\r\nContent-Length: 5000000\r\n\r\n")
-        .await
-        .expect("head");
+    s.write_all(
+        b"POST /v1/public HTTP/1.1\r\nHost: api.example.com\r\nContent-Length: 5000000\r\n\r\n",
+    )
+    .await
+    .expect("head");
     let text = read_for(&mut s, Duration::from_millis(400)).await;
     assert!(text.starts_with("HTTP/1.1 413"), "oversized: {text:?}");
     assert_eq!(public.hits(), 0);
 
     // A normal body still arrives.
     let c = client();
-    let r = send(&c, "POST", &format!("{}/v1/public", base(&gw)), &[], "hello").await;
+    let r = send(
+        &c,
+        "POST",
+        &format!("{}/v1/public", base(&gw)),
+        &[],
+        "hello",
+    )
+    .await;
     assert_eq!(r.status, 200);
     assert_eq!(public.last().body, "hello");
 }
@@ -1096,7 +1176,10 @@ async fn stalled_body_flood_frees_its_slots_and_spares_the_admin_listener() {
         .await
         .expect("write");
     let text = read_for(&mut m, Duration::from_secs(2)).await;
-    assert!(text.starts_with("HTTP/1.1 200"), "admin during flood: {text:?}");
+    assert!(
+        text.starts_with("HTTP/1.1 200"),
+        "admin during flood: {text:?}"
+    );
     // Every stalled socket is answered and closed by the body timeout.
     let mut closed = 0;
     for s in &mut socks {

@@ -122,7 +122,10 @@ pub enum RequestBodyError {
 /// headers and then stalls (or trickles) its body holds a connection slot forever:
 /// hyper's header timeout ends with the headers, and the idle watchdog does not cut
 /// a request in flight. A declared length over the limit is refused before reading.
-pub async fn collect_request<B>(mut body: B, limits: RequestBodyLimits) -> Result<Bytes, RequestBodyError>
+pub async fn collect_request<B>(
+    mut body: B,
+    limits: RequestBodyLimits,
+) -> Result<Bytes, RequestBodyError>
 where
     B: HttpBody<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
@@ -199,11 +202,20 @@ mod tests {
         let ok = collect_request(trickle(Duration::from_millis(50), 3), limits(0)).await;
         assert_eq!(ok.expect("body").as_ref(), b"aaa");
         let stalled = collect_request(trickle(Duration::from_millis(300), 3), limits(0)).await;
-        assert!(matches!(stalled, Err(RequestBodyError::Stalled(_))), "{stalled:?}");
+        assert!(
+            matches!(stalled, Err(RequestBodyError::Stalled(_))),
+            "{stalled:?}"
+        );
         // Never a 200 ms gap, but 1 byte per 150 ms is below 100 bytes/s.
         let slow = collect_request(trickle(Duration::from_millis(150), 9), limits(100)).await;
-        assert!(matches!(slow, Err(RequestBodyError::TooSlow(100))), "{slow:?}");
+        assert!(
+            matches!(slow, Err(RequestBodyError::TooSlow(100))),
+            "{slow:?}"
+        );
         let big = collect_request(trickle(Duration::from_millis(1), 11), limits(0)).await;
-        assert!(matches!(big, Err(RequestBodyError::TooLarge(10))), "{big:?}");
+        assert!(
+            matches!(big, Err(RequestBodyError::TooLarge(10))),
+            "{big:?}"
+        );
     }
 }

@@ -414,7 +414,8 @@ pub async fn proxy(mut req: Request<hyper::body::Incoming>) -> Response<Body> {
             let Some(up) = rt.upstreams.get(&a.pool) else {
                 continue;
             };
-            let path = match fill_template_with(&a.path, &ctx.params, &ctx.route.catch_all_names()) {
+            let path = match fill_template_with(&a.path, &ctx.params, &ctx.route.catch_all_names())
+            {
                 Ok(p) => append_query(p, query),
                 Err(e) => {
                     tracing::debug!(route = %rc.name, error = %e, "refused template value");
