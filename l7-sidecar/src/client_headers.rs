@@ -33,7 +33,19 @@ pub fn strip_client_hop_by_hop(h: &mut HeaderMap) {
     let upgrade = is_upgrade(h)
         .then(|| h.get(header::UPGRADE).cloned())
         .flatten();
+    // `Connection: Host` must not remove Host: the upstream would then see the
+    // backend's address as Host. Kept as sent (all values) for the Host checks.
+    let hosts: Vec<HeaderValue> = if h.contains_key(header::CONNECTION) {
+        h.get_all(header::HOST).iter().cloned().collect()
+    } else {
+        Vec::new()
+    };
     strip_hop_by_hop(h);
+    if !h.contains_key(header::HOST) {
+        for v in hosts {
+            h.append(header::HOST, v);
+        }
+    }
     if let Some(proto) = upgrade {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         h.insert(header::UPGRADE, proto);

@@ -184,7 +184,7 @@ impl Gateway {
             }
             upstreams.insert(name.clone(), up);
         }
-        tasks.extend(crate::resolve::spawn_refresh(
+        tasks.extend(spawn_refresh(
             Arc::downgrade(&self.shared),
             &cfg,
         ));
@@ -279,4 +279,43 @@ impl Gateway {
 /// A JWKS cache is reused only for the same URL trusted the same way.
 fn jwks_key(url: &str, ca_file: Option<&str>) -> String {
     format!("{url}|{}", ca_file.unwrap_or_default())
+}
+
+/// Re-resolves the config's backend names every `server.dns_refresh` and reloads when the
+/// addresses changed; here rather than in `resolve`, which must not depend on the gateway.
+/// Re-resolve the config's names every `server.dns_refresh`, rebuilding the runtime when
+/// an address set changed. None when no backend is named. The task belongs to one runtime
+/// and is stopped with it; the next runtime starts its own.
+fn spawn_refresh(
+    shared: std::sync::Weak<Shared>,
+    cfg: &Config,
+) -> Option<tokio::task::JoinHandle<()>> {
+    if !crate::resolve::uses_names(cfg) {
+        return None;
+    }
+    let every = std::time::Duration::from_millis(cfg.server.dns_refresh_ms.max(1));
+    Some(tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            let Some(shared) = shared.upgrade() else {
+                break;
+            };
+            let gw = Gateway { shared };
+            let cfg = gw.runtime().cfg.clone();
+            match gw.shared.dns.refresh(&cfg).await {
+                Ok(false) => {}
+                Ok(true) => {
+                    tracing::info!("backend addresses changed after re-resolving names");
+                    if let Err(e) = gw.reload(cfg).await {
+                        tracing::error!("cannot apply re-resolved addresses: {e}");
+                    }
+                }
+                Err(errors) => {
+                    for e in errors {
+                        tracing::warn!("{e}");
+                    }
+                }
+            }
+        }
+    }))
 }

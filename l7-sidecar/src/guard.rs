@@ -12,7 +12,7 @@ use crate::ctx::{ClientHeaderCount, ConnInfo, RequestIndex};
 use crate::http_util::json_error;
 use crate::http_util::Body;
 use crate::stage::{run, Next};
-use http::{header, HeaderValue, Request, Response, StatusCode};
+use http::{header, HeaderValue, Request, Response, StatusCode, Version};
 
 pub use crate::smuggle::{SmuggleGuard, Smuggled};
 
@@ -54,6 +54,81 @@ pub fn framing_error<B>(req: &Request<B>) -> Option<BadFraming> {
     (!te_ok).then_some(BadFraming("unsupported Transfer-Encoding"))
 }
 
+/// The Host checks: routing, `X-Forwarded-Host` and the upstream all use Host, so it
+/// must be one unambiguous authority. RFC 9112 §3.2: HTTP/1.1 needs exactly one Host
+/// (400 otherwise); RFC 9113 §8.3.1: in HTTP/2 a `host` that differs from
+/// `:authority` makes the request malformed.
+pub fn host_error<B>(req: &Request<B>) -> Result<(), &'static str> {
+    let mut all = req.headers().get_all(header::HOST).iter();
+    let host = all.next();
+    if all.next().is_some() {
+        return Err("several Host headers");
+    }
+    if let Some(h) = host {
+        if !valid_authority(h.as_bytes()) {
+            return Err("invalid Host header");
+        }
+    }
+    if req.version() == Version::HTTP_2 {
+        if let (Some(h), Some(a)) = (host, req.uri().authority()) {
+            if !h.as_bytes().eq_ignore_ascii_case(a.as_str().as_bytes()) {
+                return Err("Host differs from :authority");
+            }
+        }
+    } else if req.version() == Version::HTTP_11 && host.is_none() {
+        return Err("missing Host header");
+    }
+    Ok(())
+}
+
+/// RFC 3986 authority without userinfo: `host[:port]`, host a reg-name, IPv4 or
+/// bracketed IPv6 address; no path, query, `@` or empty host.
+pub fn valid_authority(v: &[u8]) -> bool {
+    let (host_ok, rest) = if let Some(inner) = v.strip_prefix(b"[") {
+        let Some(end) = inner.iter().position(|b| *b == b']') else {
+            return false;
+        };
+        let ip = &inner[..end];
+        let ok = !ip.is_empty()
+            && ip
+                .iter()
+                .all(|b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.'));
+        (ok, &inner[end + 1..])
+    } else {
+        let end = v.iter().position(|b| *b == b':').unwrap_or(v.len());
+        let name = &v[..end];
+        let ok = !name.is_empty()
+            && name.iter().all(|b| {
+                b.is_ascii_alphanumeric()
+                    || matches!(
+                        b,
+                        b'-' | b'.'
+                            | b'_'
+                            | b'~'
+                            | b'%'
+                            | b'!'
+                            | b'$'
+                            | b'&'
+                            | b'\''
+                            | b'('
+                            | b')'
+                            | b'*'
+                            | b'+'
+                            | b','
+                            | b';'
+                            | b'='
+                    )
+            });
+        (ok, &v[end..])
+    };
+    let port_ok = match rest {
+        [] => true,
+        [b':', digits @ ..] => digits.len() <= 5 && digits.iter().all(u8::is_ascii_digit),
+        _ => false,
+    };
+    host_ok && port_ok
+}
+
 /// Reject smuggling attempts, header floods and unsafe paths before any routing
 /// work, and normalise the path (see `crate::path`) for every later stage.
 /// `max_headers`: `server.max_headers` of the request's config generation.
@@ -68,6 +143,10 @@ pub async fn hardening_stage<B>(
     };
     if let Some(BadFraming(why)) = framing {
         return bad_request(&req, "bad_request", why, true);
+    }
+    if let Err(why) = host_error(&req) {
+        tracing::debug!(host = ?req.headers().get(header::HOST), reason = why, "refused Host");
+        return bad_request(&req, "bad_host", why, false);
     }
     let max = max_headers;
     // Only what the client sent counts, not the headers the gateway added since.
@@ -100,6 +179,39 @@ pub async fn hardening_stage<B>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_must_be_one_plain_authority() {
+        for ok in [
+            "a.example",
+            "a.example:8080",
+            "127.0.0.1",
+            "[::1]",
+            "[::1]:80",
+            "x_y",
+        ] {
+            assert!(valid_authority(ok.as_bytes()), "{ok}");
+        }
+        for bad in [
+            "", "a/x", "u@a", "a:8x", "a:123456", "[::1", "[]", "a b", ":80", "a?b", "a#b",
+        ] {
+            assert!(!valid_authority(bad.as_bytes()), "{bad}");
+        }
+        let req = |v: http::Version, hosts: &[&str], uri: &str| {
+            let mut b = Request::get(uri).version(v);
+            for h in hosts {
+                b = b.header(header::HOST, *h);
+            }
+            b.body(()).expect("request")
+        };
+        assert!(host_error(&req(Version::HTTP_11, &["a"], "/")).is_ok());
+        assert!(host_error(&req(Version::HTTP_10, &[], "/")).is_ok());
+        assert!(host_error(&req(Version::HTTP_11, &[], "/")).is_err());
+        assert!(host_error(&req(Version::HTTP_11, &["a", "a"], "/")).is_err());
+        assert!(host_error(&req(Version::HTTP_2, &[], "http://a/")).is_ok());
+        assert!(host_error(&req(Version::HTTP_2, &["A"], "http://a/")).is_ok());
+        assert!(host_error(&req(Version::HTTP_2, &["b"], "http://a/")).is_err());
+    }
 
     #[test]
     fn framing_judged_on_parsed_headers() {

@@ -8,49 +8,12 @@
 //! in the `BackendRegistry` keyed by (pool, address), so an address present before and
 //! after a re-resolution keeps its connection counts, health and ejections.
 
+pub use crate::config::addr::{AddrError, BackendAddr};
 use crate::config::{BackendConfig, Config, PoolConfig};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Mutex;
-use std::time::Duration;
-
-/// A backend address as written: a socket address, or a name and port to resolve.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BackendAddr {
-    Ip(SocketAddr),
-    Name { host: String, port: u16 },
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("not an IP:port or host:port address: {0:?}")]
-pub struct AddrError(pub String);
-
-impl BackendAddr {
-    pub fn parse(text: &str) -> Result<BackendAddr, AddrError> {
-        if let Ok(a) = text.parse::<SocketAddr>() {
-            return Ok(BackendAddr::Ip(a));
-        }
-        let bad = || AddrError(text.to_string());
-        let (host, port) = text.rsplit_once(':').ok_or_else(bad)?;
-        let port: u16 = port.parse().map_err(|_| bad())?;
-        // Letters, digits, '-', '.', '_' in non-empty labels: what DNS and /etc/hosts hold.
-        let label_ok = |l: &str| {
-            !l.is_empty()
-                && l.len() <= 63
-                && l.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        };
-        let host = host.strip_suffix('.').unwrap_or(host);
-        if port == 0 || host.len() > 253 || !host.split('.').all(label_ok) {
-            return Err(bad());
-        }
-        Ok(BackendAddr::Name {
-            host: host.to_ascii_lowercase(),
-            port,
-        })
-    }
-}
 
 /// A name failed to resolve and has no earlier addresses to fall back on.
 #[derive(Debug, thiserror::Error)]
@@ -223,43 +186,6 @@ impl DnsCache {
             ..pool.clone()
         }
     }
-}
-
-/// Re-resolve the config's names every `server.dns_refresh`, rebuilding the runtime when
-/// an address set changed. None when no backend is named. The task belongs to one runtime
-/// and is stopped with it; the next runtime starts its own.
-pub fn spawn_refresh(
-    shared: std::sync::Weak<crate::gateway::Shared>,
-    cfg: &Config,
-) -> Option<tokio::task::JoinHandle<()>> {
-    if !uses_names(cfg) {
-        return None;
-    }
-    let every = Duration::from_millis(cfg.server.dns_refresh_ms.max(1));
-    Some(tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(every).await;
-            let Some(shared) = shared.upgrade() else {
-                break;
-            };
-            let gw = crate::Gateway { shared };
-            let cfg = gw.runtime().cfg.clone();
-            match gw.shared.dns.refresh(&cfg).await {
-                Ok(false) => {}
-                Ok(true) => {
-                    tracing::info!("backend addresses changed after re-resolving names");
-                    if let Err(e) = gw.reload(cfg).await {
-                        tracing::error!("cannot apply re-resolved addresses: {e}");
-                    }
-                }
-                Err(errors) => {
-                    for e in errors {
-                        tracing::warn!("{e}");
-                    }
-                }
-            }
-        }
-    }))
 }
 
 #[cfg(test)]

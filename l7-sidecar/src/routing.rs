@@ -220,6 +220,20 @@ impl Route {
             .all(|(k, v)| headers.get_all(k).iter().any(|h| h == v))
     }
 
+    /// Parameters the route's template captures with `{*name}`: their values keep `/`
+    /// wherever they are placed in a path, also as `{name}` in a rewrite.
+    pub fn catch_all_names(&self) -> Vec<&str> {
+        if self.cfg.path_match != PathMatch::Template {
+            return Vec::new();
+        }
+        self.cfg
+            .path
+            .split("{*")
+            .skip(1)
+            .filter_map(|s| s.split_once('}').map(|(name, _)| name))
+            .collect()
+    }
+
     /// Path sent upstream after prefix stripping or rewriting.
     pub fn upstream_path(
         &self,
@@ -227,7 +241,7 @@ impl Route {
         params: &BTreeMap<String, String>,
     ) -> Result<String, TemplateError> {
         if let Some(rw) = &self.cfg.rewrite {
-            return fill_template(rw, params);
+            return fill_template_with(rw, params, &self.catch_all_names());
         }
         if let Some(sp) = &self.cfg.strip_prefix {
             let sp = sp.trim_end_matches('/');
@@ -261,6 +275,16 @@ pub fn fill_template(
     template: &str,
     params: &BTreeMap<String, String>,
 ) -> Result<String, TemplateError> {
+    fill_template_with(template, params, &[])
+}
+
+/// `fill_template`, where the parameters named in `catch_all` (captured by a route's
+/// `{*name}`) keep their `/` in the path even when placed as `{name}`.
+pub fn fill_template_with(
+    template: &str,
+    params: &BTreeMap<String, String>,
+    catch_all: &[&str],
+) -> Result<String, TemplateError> {
     let mut out = String::with_capacity(template.len());
     let mut rest = template;
     let mut in_query = false;
@@ -275,12 +299,17 @@ pub fn fill_template(
         let inner = &from[1..close];
         let (catch_all, name) = match inner.strip_prefix('*') {
             Some(n) => (true, n),
-            None => (false, inner),
+            None => (catch_all.contains(&inner), inner),
         };
         match params.get(name) {
             Some(v) => {
                 let raw = crate::path::percent_decode(v);
-                let dot = |s: &[u8]| s == b"." || s == b"..";
+                // Servlet containers read `..;x` as `..` with a path parameter
+                // (path normalisation refuses the raw form; `%3b` arrives decoded here).
+                let dot = |s: &[u8]| {
+                    let head = s.split(|b| *b == b';').next().unwrap_or_default();
+                    head == b"." || head == b".."
+                };
                 let is_dot = if catch_all {
                     raw.split(|b| *b == b'/').any(dot)
                 } else {
@@ -299,26 +328,18 @@ pub fn fill_template(
     Ok(out)
 }
 
-/// Append the client's query to a filled template. A template with a query of its
-/// own keeps its parameters: client parameters of the same name are dropped, so a
-/// client cannot override (or duplicate) what the template sets.
+/// Append the client's query to a filled template that has no query of its own. A
+/// template with a query gets none of the client's: filtering parameters by name
+/// cannot work, because upstream frameworks read `User`, `user[]`, `user%00` or
+/// `user+` as `user` in their own ways, and each could override what the template sets.
 pub fn append_query(filled: String, client_query: Option<&str>) -> String {
     let Some(q) = client_query.filter(|q| !q.is_empty()) else {
         return filled;
     };
-    let Some((_, own)) = filled.split_once('?') else {
-        return format!("{filled}?{q}");
-    };
-    let key = |pair: &str| crate::path::percent_decode(pair.split('=').next().unwrap_or_default());
-    let own: Vec<Vec<u8>> = own.split('&').map(key).collect();
-    let kept: Vec<&str> = q
-        .split('&')
-        .filter(|p| !p.is_empty() && !own.contains(&key(p)))
-        .collect();
-    if kept.is_empty() {
+    if filled.contains('?') {
         return filled;
     }
-    format!("{filled}&{}", kept.join("&"))
+    format!("{filled}?{q}")
 }
 
 impl Router {
@@ -538,10 +559,33 @@ mod tests {
             fill_template("/u/{other}", &id).as_deref(),
             Ok("/u/{other}")
         );
+        for q in [
+            "x=1&user=8&us%65r=9",
+            "User=9",
+            "user[]=9",
+            "user%00=9",
+            "user+=9",
+        ] {
+            assert_eq!(
+                append_query("/o?user=7".into(), Some(q)),
+                "/o?user=7",
+                "{q}"
+            );
+        }
+        // A route's catch-all keeps `/` when the rewrite names it `{rest}`; `..;` and
+        // `.;x` are dot-segments too.
+        let files = p(&[("rest", "a/b c")]);
         assert_eq!(
-            append_query("/o?user=7".into(), Some("x=1&user=8&us%65r=9")),
-            "/o?user=7&x=1"
+            fill_template_with("/files/{rest}", &files, &["rest"]).as_deref(),
+            Ok("/files/a/b%20c")
         );
+        for v in ["a/..%3b/b", "a/.;x/b", "..;"] {
+            assert_eq!(
+                fill_template_with("/files/{rest}", &p(&[("rest", v)]), &["rest"]),
+                Err(TemplateError::DotSegment("rest".into())),
+                "{v}"
+            );
+        }
         assert_eq!(append_query("/o".into(), Some("x=1")), "/o?x=1");
         assert_eq!(append_query("/o?a=1".into(), None), "/o?a=1");
     }

@@ -1,4 +1,4 @@
-//! Listeners: accept loop with a connection cap (overall and per client address),
+//! Listeners: accept loop with a connection cap per listener (overall and per client address),
 //! optional TLS, HTTP/1.1 and HTTP/2 (auto-detected, ALPN under TLS), header-size /
 //! header-time limits, first-byte and idle timeouts, and upgrades.
 
@@ -21,7 +21,8 @@ pub struct RunningGateway {
     pub gateway: Gateway,
     pub addrs: Vec<(String, SocketAddr)>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    limit: Arc<Semaphore>,
+    /// One connection budget per listener.
+    limits: Vec<Arc<Semaphore>>,
     max_connections: usize,
     stop: tokio::sync::watch::Sender<bool>,
 }
@@ -48,13 +49,18 @@ impl RunningGateway {
         let _ = self.stop.send(true);
         let step = Duration::from_millis(20);
         let rounds = (timeout.as_millis() / step.as_millis()).max(1);
+        let idle = || {
+            self.limits
+                .iter()
+                .all(|l| l.available_permits() == self.max_connections)
+        };
         for _ in 0..rounds {
-            if self.limit.available_permits() == self.max_connections {
+            if idle() {
                 return true;
             }
             tokio::time::sleep(step).await;
         }
-        self.limit.available_permits() == self.max_connections
+        idle()
     }
 }
 
@@ -68,9 +74,8 @@ impl Drop for RunningGateway {
 pub async fn start(gateway: Gateway) -> Result<RunningGateway, GatewayError> {
     let rt = gateway.runtime();
     let max_connections = rt.cfg.server.max_connections;
-    let limit = Arc::new(Semaphore::new(max_connections));
     let (stop, _) = tokio::sync::watch::channel(false);
-    let per_address = Arc::new(PerAddress::default());
+    let mut limits = Vec::new();
     let mut addrs = Vec::new();
     let mut tasks = Vec::new();
     for l in &rt.cfg.listeners {
@@ -92,13 +97,18 @@ pub async fn start(gateway: Gateway) -> Result<RunningGateway, GatewayError> {
         };
         tracing::info!(listener = %l.name, %addr, tls = tls.is_some(), "listening");
         addrs.push((l.name.clone(), addr));
+        // Each listener counts its own connections (overall and per address), so a
+        // flood on the public listener cannot lock operators out of the admin one.
+        let limit = Arc::new(Semaphore::new(max_connections));
+        let per_address = Arc::new(PerAddress::default());
+        limits.push(limit.clone());
         tasks.push(tokio::spawn(accept_loop(
             gateway.clone(),
             listener,
             tls,
             l.metrics,
-            limit.clone(),
-            per_address.clone(),
+            limit,
+            per_address,
             stop.subscribe(),
         )));
     }
@@ -106,7 +116,7 @@ pub async fn start(gateway: Gateway) -> Result<RunningGateway, GatewayError> {
         gateway,
         addrs,
         tasks,
-        limit,
+        limits,
         max_connections,
         stop,
     })

@@ -162,10 +162,38 @@ fn strip_value(v: &mut serde_json::Value, fields: &[String], depth: usize) {
 }
 
 pub fn is_json(headers: &HeaderMap) -> bool {
-    headers
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.starts_with("application/json") || ct.contains("+json"))
+    matches!(json_media_type(headers), Ok(true))
+}
+
+/// Why a response's media type cannot be judged (the stripping stage fails closed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum MediaTypeError {
+    #[error("several Content-Type headers")]
+    Several,
+    #[error("Content-Type is not visible ASCII")]
+    Unreadable,
+}
+
+/// Whether the response is typed JSON: `application/json` or any `+json` subtype.
+/// Type and subtype compare case-insensitively (RFC 9110 §8.3.1) and parameters are
+/// ignored, so `APPLICATION/JSON; charset=utf-8` is JSON. Several Content-Type
+/// headers are an error: upstream and client could each read another one.
+pub fn json_media_type(headers: &HeaderMap) -> Result<bool, MediaTypeError> {
+    let mut all = headers.get_all(http::header::CONTENT_TYPE).iter();
+    let Some(v) = all.next() else {
+        return Ok(false);
+    };
+    if all.next().is_some() {
+        return Err(MediaTypeError::Several);
+    }
+    let v = v.to_str().map_err(|_| MediaTypeError::Unreadable)?;
+    let essence = v.split(';').next().unwrap_or_default().trim();
+    let Some((ty, sub)) = essence.split_once('/') else {
+        return Ok(false);
+    };
+    // `to_str` guarantees ASCII, so slicing by bytes is on char boundaries.
+    let suffix_json = sub.len() > 5 && sub[sub.len() - 5..].eq_ignore_ascii_case("+json");
+    Ok((ty.eq_ignore_ascii_case("application") && sub.eq_ignore_ascii_case("json")) || suffix_json)
 }
 
 /// Outermost id stage: every request and response carries `X-Request-Id`.
@@ -250,8 +278,10 @@ pub async fn transform_stage<B>(
     if is_encoded(resp.headers()) {
         return fail("upstream sent an encoded body");
     }
-    if !is_json(resp.headers()) {
-        return resp;
+    match json_media_type(resp.headers()) {
+        Ok(true) => {}
+        Ok(false) => return resp,
+        Err(e) => return fail(&e.to_string()),
     }
     let (mut parts, body) = resp.into_parts();
     // Rewriting needs the whole body; the limit bounds what one response may cost.
@@ -284,6 +314,43 @@ pub fn is_encoded(headers: &HeaderMap) -> bool {
 mod tests {
     use super::*;
     use http_body_util::BodyExt as _;
+
+    #[test]
+    fn media_types_compare_case_insensitively() {
+        let ct = |vals: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in vals {
+                h.append(
+                    http::header::CONTENT_TYPE,
+                    HeaderValue::from_str(v).expect("hv"),
+                );
+            }
+            json_media_type(&h)
+        };
+        for yes in [
+            "application/json",
+            "Application/JSON",
+            "APPLICATION/JSON; charset=utf-8",
+            "application/problem+JSON",
+            "application/vnd.api+json ; x=1",
+        ] {
+            assert_eq!(ct(&[yes]), Ok(true), "{yes}");
+        }
+        for no in [
+            "text/plain",
+            "application/jsonx",
+            "json",
+            "+json",
+            "application/x+jsonp",
+        ] {
+            assert_eq!(ct(&[no]), Ok(false), "{no}");
+        }
+        assert_eq!(ct(&[]), Ok(false));
+        assert_eq!(
+            ct(&["text/plain", "application/json"]),
+            Err(MediaTypeError::Several)
+        );
+    }
 
     #[test]
     fn request_id_kept_or_generated() {

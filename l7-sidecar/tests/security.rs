@@ -570,8 +570,8 @@ async fn aggregation_template_values_are_encoded() {
     assert_eq!(r.status, 200);
     assert_eq!(
         s.orders.last().uri,
-        "/orders?user=7&x=1",
-        "client cannot override user"
+        "/orders?user=7",
+        "a part with its own query gets none of the client's (2nd review, 8)"
     );
     assert_eq!(s.users.last().uri, "/users/7?x=1&user=8");
 
@@ -764,4 +764,476 @@ async fn idempotent_request_retried_when_pooled_connection_dies() {
         post.push(send(&c, "POST", &url, &[], "x").await.status.as_u16());
     }
     assert!(post.contains(&502), "{post:?}");
+}
+
+// ---- Second review (issue 10 follow-up): each test was seen failing before its fix.
+
+/// An upstream answering `/ct/...` with the Content-Type given in the `ct` query
+/// parameter (percent-decoded) and `/two` with two Content-Type headers, always with a
+/// JSON body holding `password_hash`.
+async fn content_type_upstream() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        for _ in 0..1000 {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    |req: http::Request<hyper::body::Incoming>| async move {
+                        let body = r#"{"id":1,"password_hash":"x"}"#;
+                        let mut r = http::Response::new(Full::new(Bytes::from(body)));
+                        let ct = req
+                            .uri()
+                            .query()
+                            .and_then(|q| q.strip_prefix("ct="))
+                            .map(|v| v.replace("%20", " ").replace("%3B", ";"))
+                            .unwrap_or_default();
+                        if req.uri().path() == "/api/users/two" {
+                            r.headers_mut()
+                                .append("content-type", "text/plain".parse().expect("ct"));
+                            r.headers_mut()
+                                .append("content-type", "application/json".parse().expect("ct"));
+                        } else {
+                            r.headers_mut()
+                                .insert("content-type", ct.parse().expect("ct"));
+                        }
+                        Ok::<_, hyper::Error>(r)
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+// 2nd review, 2. Media types are case-insensitive; several Content-Types fail closed.
+#[tokio::test]
+async fn field_stripping_parses_media_types() {
+    let addr = content_type_upstream().await;
+    let cfg = format!(
+        r#"{}
+        [pools.users]
+        backends = [{{ address = "{addr}" }}]
+        [transforms.t]
+        strip_json_fields = ["password_hash"]
+        [[routes]]
+        name = "users"
+        path = "/api/users"
+        pool = "users"
+        transform = "t"
+        "#,
+        listener("public")
+    );
+    let gw = start_gateway(&cfg).await;
+    let c = client();
+    for ct in [
+        "application/json",
+        "Application/JSON",
+        "application/Json",
+        "APPLICATION/JSON%3B%20charset=utf-8",
+        "application/problem+JSON",
+        "application/json%20%3B%20charset=utf-8",
+    ] {
+        let r = get(&c, &format!("{}/api/users/x?ct={ct}", base(&gw)), &[]).await;
+        assert_eq!(r.status, 200, "{ct}");
+        assert_eq!(r.json(), serde_json::json!({"id": 1}), "{ct}");
+    }
+    // Not JSON: passed unchanged.
+    let r = get(&c, &format!("{}/api/users/x?ct=text/plain", base(&gw)), &[]).await;
+    assert_eq!(r.status, 200);
+    assert!(String::from_utf8_lossy(&r.body).contains("password_hash"));
+    let r = get(&c, &format!("{}/api/users/two", base(&gw)), &[]).await;
+    assert_eq!(r.status, 502, "two Content-Types: {:?}", r.body);
+    assert!(!String::from_utf8_lossy(&r.body).contains("password_hash"));
+}
+
+// 2nd review, 3. A configured issuer / audience is required, not only checked.
+#[tokio::test]
+async fn jwt_without_configured_iss_or_aud_is_refused() {
+    let s = setup("").await;
+    let c = client();
+    let url = format!("{}/api/users/1", base(&s.gw));
+    let exp = now() + 300;
+    for (what, claims) in [
+        (
+            "no iss",
+            serde_json::json!({"sub": "u", "aud": "api", "exp": exp}),
+        ),
+        (
+            "no aud",
+            serde_json::json!({"sub": "u", "iss": "idp", "exp": exp}),
+        ),
+        ("neither", serde_json::json!({"sub": "u", "exp": exp})),
+    ] {
+        let auth = format!("Bearer {}", hs256(SECRET, claims));
+        let r = get(&c, &url, &[("authorization", &auth)]).await;
+        assert_eq!(r.status, 401, "{what}");
+    }
+    assert_eq!(
+        get(&c, &url, &[("authorization", &bearer("ok"))])
+            .await
+            .status,
+        200
+    );
+    assert_eq!(s.users.hits(), 1);
+}
+
+// 2nd review, 6. Claims that cannot be told apart in identity headers are refused.
+#[tokio::test]
+async fn ambiguous_identity_claims_are_refused() {
+    let s = setup("").await;
+    let c = client();
+    let url = format!("{}/api/users/1", base(&s.gw));
+    let exp = now() + 300;
+    for (what, claims) in [
+        (
+            "comma in role",
+            serde_json::json!({"sub": "u", "role": ["user,admin"], "iss": "idp", "aud": "api", "exp": exp}),
+        ),
+        (
+            "CRLF in sub",
+            serde_json::json!({"sub": "u\r\nX-User-Role: admin", "iss": "idp", "aud": "api", "exp": exp}),
+        ),
+        (
+            "DEL in sub",
+            serde_json::json!({"sub": "u\u{7f}", "iss": "idp", "aud": "api", "exp": exp}),
+        ),
+        (
+            "LF in role",
+            serde_json::json!({"sub": "u", "role": "a\nb", "iss": "idp", "aud": "api", "exp": exp}),
+        ),
+    ] {
+        let auth = format!("Bearer {}", hs256(SECRET, claims));
+        let r = get(&c, &url, &[("authorization", &auth)]).await;
+        assert_eq!(r.status, 401, "{what}");
+    }
+    let ok = hs256(
+        SECRET,
+        serde_json::json!({"sub": "u", "role": ["user", "admin"], "iss": "idp", "aud": "api", "exp": exp}),
+    );
+    let r = get(&c, &url, &[("authorization", &format!("Bearer {ok}"))]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(s.users.last().headers["x-user-role"], "user,admin");
+    assert_eq!(s.users.hits(), 1);
+}
+
+// 2nd review, 7. The API key stays at the gateway; two of them are ambiguous.
+#[tokio::test]
+async fn api_key_is_not_forwarded_and_must_be_single() {
+    let s = setup("").await;
+    let addr = s.gw.addr("public").expect("addr");
+    let c = client();
+    let url = format!("{}/api/key", base(&s.gw));
+    let r = get(&c, &url, &[("x-api-key", "right-key")]).await;
+    assert_eq!(r.status, 200);
+    let seen = s.public.last();
+    assert!(
+        seen.headers.get("x-api-key").is_none(),
+        "{:?}",
+        seen.headers
+    );
+    assert_eq!(seen.headers["x-user-id"], "partner-1");
+    for pair in [
+        "X-Api-Key: right-key\r\nX-Api-Key: wrong",
+        "X-Api-Key: wrong\r\nX-Api-Key: right-key",
+        "X-Api-Key: right-key\r\nX-Api-Key: right-key",
+    ] {
+        let text = raw_all(
+            addr,
+            format!("GET /api/key HTTP/1.1\r\nHost: x\r\n{pair}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await;
+        assert!(text.starts_with("HTTP/1.1 401"), "{pair}: {text}");
+    }
+    assert_eq!(s.public.hits(), 1);
+}
+
+// 2nd review, 8. Parts with a query template do not get the client's query.
+#[tokio::test]
+async fn aggregation_part_query_cannot_be_extended_by_the_client() {
+    let s = setup("").await;
+    let c = client();
+    for q in [
+        "User=9",
+        "user[]=9",
+        "user%00=9",
+        "user+=9",
+        "user=9",
+        "x=1&USER=9",
+    ] {
+        let r = get(&c, &format!("{}/api/summary/7?{q}", base(&s.gw)), &[]).await;
+        assert_eq!(r.status, 200, "{q}");
+        assert_eq!(s.orders.last().uri, "/orders?user=7", "{q}");
+        assert_eq!(s.users.last().uri, format!("/users/7?{q}"), "{q}");
+    }
+}
+
+/// A gateway with one open route, one catch-all rewrite, and a second listener
+/// (`admin`, metrics) for the connection-budget tests.
+async fn hardening_gateway(server: &str) -> (l7_sidecar::RunningGateway, Arc<Upstream>) {
+    let public = upstream("public").await;
+    let cfg = format!(
+        r#"
+        [server]
+        {server}
+        {}
+        [[listeners]]
+        name = "admin"
+        bind = "127.0.0.1:0"
+        metrics = true
+        {}
+        [[routes]]
+        name = "public"
+        path = "/v1/public"
+        pool = "public"
+        [[routes]]
+        name = "files"
+        path = "/v1/files/{{*rest}}"
+        path_match = "template"
+        rewrite = "/files/{{rest}}"
+        pool = "public"
+        "#,
+        listener("public").replace("metrics = true", "metrics = false"),
+        pool("public", &[&public], ""),
+    );
+    (start_gateway(&cfg).await, public)
+}
+
+// 2nd review, 5. A catch-all keeps its `/`; `..;` segments are refused there too.
+#[tokio::test]
+async fn catch_all_rewrite_keeps_slashes() {
+    let (gw, public) = hardening_gateway("").await;
+    let c = client();
+    let r = get(&c, &format!("{}/v1/files/a/b", base(&gw)), &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(public.last().uri, "/files/a/b");
+    let r = get(&c, &format!("{}/v1/files/a%20b/c%26d", base(&gw)), &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(public.last().uri, "/files/a%20b/c%26d");
+    for path in [
+        "/v1/files/a/..%3b/b",
+        "/v1/files/a/.%3Bx/b",
+        "/v1/files/..%3B",
+    ] {
+        let r = get(&c, &format!("{}{path}", base(&gw)), &[]).await;
+        assert_eq!(r.status, 400, "{path}");
+    }
+    assert_eq!(public.hits(), 2);
+}
+
+// 2nd review, 4. Host must be single, present (HTTP/1.1), valid, and kept.
+#[tokio::test]
+async fn host_header_is_validated_and_kept() {
+    let (gw, public) = hardening_gateway("").await;
+    let addr = gw.addr("public").expect("addr");
+    for (what, head) in [
+        (
+            "two Host",
+            "GET /v1/public HTTP/1.1\r\nHost: api.example.com\r\nHost: evil.example\r\n",
+        ),
+        ("no Host", "GET /v1/public HTTP/1.1\r\n"),
+        (
+            "path in Host",
+            "GET /v1/public HTTP/1.1\r\nHost: api.example.com/x\r\n",
+        ),
+        ("empty Host", "GET /v1/public HTTP/1.1\r\nHost: \r\n"),
+        (
+            "userinfo in Host",
+            "GET /v1/public HTTP/1.1\r\nHost: u@api.example.com\r\n",
+        ),
+        (
+            "bad port",
+            "GET /v1/public HTTP/1.1\r\nHost: api.example.com:8x\r\n",
+        ),
+        (
+            "Connection: Host",
+            "GET /v1/public HTTP/1.1\r\nHost: api.example.com\r\nHost: b\r\nConnection: Host\r\n",
+        ),
+    ] {
+        let text = raw_all(addr, format!("{head}Connection: close\r\n\r\n").as_bytes()).await;
+        assert!(text.starts_with("HTTP/1.1 400"), "{what}: {text}");
+    }
+    assert_eq!(public.hits(), 0);
+    let text = raw_all(
+        addr,
+        b"GET /v1/public HTTP/1.1\r\nHost: api.example.com:8080\r\nConnection: Host, close\r\n\r\n",
+    )
+    .await;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let seen = public.last();
+    assert_eq!(
+        seen.headers["host"], "api.example.com:8080",
+        "Connection cannot remove Host"
+    );
+    assert_eq!(seen.headers["x-forwarded-host"], "api.example.com:8080");
+    for ok in ["[::1]:80", "127.0.0.1", "API.example.com"] {
+        let text = raw_all(
+            addr,
+            format!("GET /v1/public HTTP/1.1\r\nHost: {ok}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await;
+        assert!(text.starts_with("HTTP/1.1 200"), "{ok}: {text}");
+    }
+    // HTTP/1.0 may omit Host.
+    let text = raw_all(addr, b"GET /v1/public HTTP/1.0\r\n\r\n").await;
+    assert!(
+        text.starts_with("HTTP/1.1 200") || text.starts_with("HTTP/1.0 200"),
+        "{text}"
+    );
+}
+
+// 2nd review, 1. A stalled or trickled request body is cut with 408; an oversized
+// Content-Length is refused before reading.
+#[tokio::test]
+async fn stalled_request_bodies_are_cut() {
+    let (gw, public) =
+        hardening_gateway("body_read_timeout_ms = 500\nbody_min_rate_bytes_per_sec = 1024").await;
+    let addr = gw.addr("public").expect("addr");
+    let started = std::time::Instant::now();
+    let text = raw_all(
+        addr,
+        b"POST /v1/public HTTP/1.1\r\nHost: api.example.com\r\nContent-Length: 1000\r\n\r\nabc",
+    )
+    .await;
+    assert!(text.starts_with("HTTP/1.1 408"), "stalled: {text:?}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+
+    // One byte every 100 ms never leaves a 500 ms gap, but is far below the minimum rate.
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(
+        b"POST /v1/public HTTP/1.1\r\nHost: api.example.com\r\nTransfer-Encoding: chunked\r\n\r\n",
+    )
+    .await
+    .expect("head");
+    let started = std::time::Instant::now();
+    for _ in 0..40 {
+        if s.write_all(b"1\r\na\r\n").await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let text = read_for(&mut s, Duration::from_secs(2)).await;
+    assert!(text.starts_with("HTTP/1.1 408"), "trickled: {text:?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    // A Content-Length above max_body_bytes gets 413 without any body sent.
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(
+        b"POST /v1/public HTTP/1.1\r\nHost: api.example.com\r\nContent-Length: 5000000\r\n\r\n",
+    )
+    .await
+    .expect("head");
+    let text = read_for(&mut s, Duration::from_millis(400)).await;
+    assert!(text.starts_with("HTTP/1.1 413"), "oversized: {text:?}");
+    assert_eq!(public.hits(), 0);
+
+    // A normal body still arrives.
+    let c = client();
+    let r = send(
+        &c,
+        "POST",
+        &format!("{}/v1/public", base(&gw)),
+        &[],
+        "hello",
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(public.last().body, "hello");
+}
+
+// 2nd review, 1. The reported flood: 4 addresses × 21 stalled bodies.
+#[tokio::test]
+async fn stalled_body_flood_frees_its_slots_and_spares_the_admin_listener() {
+    let (gw, _public) = hardening_gateway(
+        "max_connections = 60\nmax_connections_per_ip = 20\nbody_read_timeout_ms = 1000",
+    )
+    .await;
+    let addr = gw.addr("public").expect("addr");
+    let admin = gw.addr("admin").expect("admin");
+    let mut socks = Vec::new();
+    for ip in ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"] {
+        for _ in 0..21 {
+            let mut s = connect_from(ip, addr).await;
+            let _ = s
+                .write_all(b"POST /v1/public HTTP/1.1\r\nHost: api.example.com\r\nContent-Length: 1000\r\n\r\nabc")
+                .await;
+            socks.push(s);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // While the flood holds the public listener's slots, the admin listener answers.
+    let mut m = TcpStream::connect(admin).await.expect("admin");
+    m.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let text = read_for(&mut m, Duration::from_secs(2)).await;
+    assert!(
+        text.starts_with("HTTP/1.1 200"),
+        "admin during flood: {text:?}"
+    );
+    // Every stalled socket is answered and closed by the body timeout.
+    let mut closed = 0;
+    for s in &mut socks {
+        if closed_within(s, Duration::from_secs(3)).await {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, socks.len(), "all stalled sockets closed");
+    let c = client();
+    let r = get(&c, &format!("{}/v1/public", base(&gw)), &[]).await;
+    assert_eq!(r.status, 200, "slots are free again");
+}
+
+// 2nd review, 1 and 4 over HTTP/2: a stream without END_STREAM gets 408; a `host`
+// header differing from `:authority` is malformed.
+#[tokio::test]
+async fn http2_stalled_stream_and_host_mismatch() {
+    use futures_util::StreamExt as _;
+    type H2Body = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
+    let (gw, public) = hardening_gateway("body_read_timeout_ms = 500").await;
+    let h2: hyper_util::client::legacy::Client<_, H2Body> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+    let url = format!("{}/v1/public", base(&gw));
+    let once = futures_util::stream::once(async {
+        Ok::<_, std::io::Error>(hyper::body::Frame::data(Bytes::from_static(b"abc")))
+    });
+    let stalled = http_body_util::StreamBody::new(once.chain(futures_util::stream::pending()));
+    let req = http::Request::post(&url)
+        .body(http_body_util::BodyExt::boxed(stalled))
+        .expect("request");
+    let started = std::time::Instant::now();
+    let resp = tokio::time::timeout(Duration::from_secs(5), h2.request(req))
+        .await
+        .expect("answered before 5 s")
+        .expect("h2 response");
+    assert_eq!(resp.status(), 408);
+    assert!(started.elapsed() < Duration::from_secs(3));
+
+    let empty = || {
+        use http_body_util::BodyExt as _;
+        http_body_util::Empty::<Bytes>::new()
+            .map_err(|e| match e {})
+            .boxed()
+    };
+    let req = http::Request::get(&url)
+        .header("host", "evil.example")
+        .body(empty())
+        .expect("request");
+    let resp = h2.request(req).await.expect("h2 response");
+    assert_eq!(resp.status(), 400, "host differs from :authority");
+    let req = http::Request::get(&url).body(empty()).expect("request");
+    let resp = h2.request(req).await.expect("h2 response");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(public.hits(), 1);
 }

@@ -130,6 +130,37 @@ pub enum KeyError {
     Jwks(String),
 }
 
+/// The header clients send API keys in. The gateway consumes it: it is removed before
+/// proxying on routes that accept API keys.
+pub const API_KEY: &str = "x-api-key";
+
+/// Identity claims end up in `X-User-Id` / `X-User-Role`: a value that is not a valid
+/// header value would silently vanish there (an authenticated request that looks
+/// anonymous), and a role with `,` could not be told from two roles in the joined list.
+fn check_identity_claims(user_id: &str, roles: &[String]) -> Result<(), AuthError> {
+    if HeaderValue::from_str(user_id).is_err() {
+        return Err(AuthError::Invalid(
+            "user id claim is not a valid header value".into(),
+        ));
+    }
+    if roles
+        .iter()
+        .any(|r| r.contains(',') || HeaderValue::from_str(r).is_err())
+    {
+        return Err(AuthError::Invalid(
+            "role claim holds a value with ',' or characters invalid in a header".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn one_key(key: Option<&str>, several: bool) -> Result<&str, AuthError> {
+    if several {
+        return Err(AuthError::Invalid("several X-API-Key headers".into()));
+    }
+    key.ok_or(AuthError::Missing)
+}
+
 pub fn hash_api_key(key: &str) -> String {
     hex::encode(Sha256::digest(key.as_bytes()))
 }
@@ -206,14 +237,16 @@ impl Authenticator {
                     .or_else(|| v.strip_prefix("bearer "))
             })
             .map(str::trim);
-        let api_key = headers.get("x-api-key").and_then(|v| v.to_str().ok());
+        let api_key = headers.get(API_KEY).and_then(|v| v.to_str().ok());
+        // Two keys are ambiguous: which one "the" caller is depends on who reads them.
+        let several_keys = headers.get_all(API_KEY).iter().nth(1).is_some();
         let id = match mode {
             AuthMode::None => return Ok(None),
             AuthMode::Jwt => self.verify_jwt(bearer.ok_or(AuthError::Missing)?).await?,
-            AuthMode::ApiKey => self.verify_api_key(api_key.ok_or(AuthError::Missing)?)?,
+            AuthMode::ApiKey => self.verify_api_key(one_key(api_key, several_keys)?)?,
             AuthMode::Either => match (bearer, api_key) {
                 (Some(t), _) if self.jwt.is_some() => self.verify_jwt(t).await?,
-                (_, Some(k)) => self.verify_api_key(k)?,
+                (_, Some(k)) => self.verify_api_key(one_key(Some(k), several_keys)?)?,
                 _ => return Err(AuthError::Missing),
             },
         };
@@ -258,15 +291,24 @@ impl Authenticator {
         val.leeway = v.cfg.leeway_secs;
         val.validate_exp = true;
         val.validate_nbf = true;
-        val.set_required_spec_claims(&["exp"]);
+        // A configured issuer / audience must be present, not only right when present:
+        // jsonwebtoken checks `iss` / `aud` only if the token has them.
+        let mut required = vec!["exp"];
         match &v.cfg.issuer {
-            Some(iss) => val.set_issuer(&[iss]),
+            Some(iss) => {
+                val.set_issuer(&[iss]);
+                required.push("iss");
+            }
             None => val.iss = None,
         }
         match &v.cfg.audience {
-            Some(aud) => val.set_audience(&[aud]),
+            Some(aud) => {
+                val.set_audience(&[aud]);
+                required.push("aud");
+            }
             None => val.validate_aud = false,
         }
+        val.set_required_spec_claims(&required);
         let data = jsonwebtoken::decode::<serde_json::Value>(token, &key, &val)
             .map_err(|e| AuthError::Invalid(e.to_string()))?;
         let claims = data.claims;
@@ -288,6 +330,7 @@ impl Authenticator {
                 .collect(),
             _ => Vec::new(),
         };
+        check_identity_claims(&user_id, &roles)?;
         let id = Identity {
             user_id,
             roles,
@@ -372,7 +415,12 @@ pub async fn auth_stage<B>(
             return r;
         }
     }
-    match auth.authenticate(rc.auth, &rc.roles, req.headers()).await {
+    let result = auth.authenticate(rc.auth, &rc.roles, req.headers()).await;
+    if result.is_ok() && matches!(rc.auth, AuthMode::ApiKey | AuthMode::Either) {
+        // The gateway checked the key; upstreams get the identity, never the secret.
+        req.headers_mut().remove(API_KEY);
+    }
+    match result {
         Ok(None) => run(next, Routed { req, route: ctx }).await,
         Ok(Some(id)) => {
             let user = id.user_id.clone();

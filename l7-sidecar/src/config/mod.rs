@@ -5,6 +5,7 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::Path;
 
+pub mod addr;
 mod duration;
 mod secret;
 mod validate;
@@ -66,6 +67,12 @@ pub struct ServerConfig {
     pub max_header_bytes: usize,
     pub max_headers: usize,
     pub header_read_timeout_ms: u64,
+    /// A request body that sends no byte for this long gets 408 and the connection is
+    /// closed; also the grace period before `body_min_rate_bytes_per_sec` applies.
+    pub body_read_timeout_ms: u64,
+    /// After `body_read_timeout_ms`, a request body must have averaged at least this
+    /// many bytes per second (408 otherwise), so a trickle cannot hold a slot; 0 = off.
+    pub body_min_rate_bytes_per_sec: u64,
     /// A new connection that sends no byte for this long is closed.
     pub first_byte_timeout_ms: u64,
     /// A connection with no request in flight that moves no byte for this long is
@@ -95,6 +102,8 @@ impl Default for ServerConfig {
             max_header_bytes: 16 * 1024,
             max_headers: 100,
             header_read_timeout_ms: 10_000,
+            body_read_timeout_ms: 10_000,
+            body_min_rate_bytes_per_sec: 1024,
             first_byte_timeout_ms: 10_000,
             idle_timeout_ms: 10_000,
             max_connections: 10_000,

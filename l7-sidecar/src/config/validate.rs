@@ -69,6 +69,7 @@ fn server(s: &ServerConfig, e: &mut Errors) {
         e.add("server.max_headers", "must be > 0");
     }
     e.positive("server.header_read_timeout_ms", s.header_read_timeout_ms);
+    e.positive("server.body_read_timeout_ms", s.body_read_timeout_ms);
     if s.max_connections == 0 {
         e.add("server.max_connections", "must be > 0");
     }
@@ -142,7 +143,7 @@ fn pool(p: &str, pool: &PoolConfig, e: &mut Errors) {
                 format!("duplicate backend {:?}", b.address),
             );
         }
-        if let Err(why) = crate::resolve::BackendAddr::parse(&b.address) {
+        if let Err(why) = super::addr::BackendAddr::parse(&b.address) {
             e.add(format!("{p}.backends[{j}].address"), why.to_string());
         }
         if b.weight == 0 || b.weight > MAX_BACKEND_WEIGHT {

@@ -95,3 +95,127 @@ pub async fn collect_limited(mut body: super::Body, max: usize) -> Result<Bytes,
     }
     Ok(Bytes::from(buf))
 }
+
+/// How a request body must arrive.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestBodyLimits {
+    pub max_bytes: usize,
+    /// Longest gap between body bytes; also the grace period before `min_rate` applies.
+    pub idle: std::time::Duration,
+    /// Average bytes per second required after `idle` (0 = off).
+    pub min_rate: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RequestBodyError {
+    #[error("request body larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("request body sent no byte for {0:?}")]
+    Stalled(std::time::Duration),
+    #[error("request body slower than {0} bytes/s")]
+    TooSlow(u64),
+    #[error("reading request body: {0}")]
+    Read(String),
+}
+
+/// Buffer a client's request body within `limits`. Without this a client that sends
+/// headers and then stalls (or trickles) its body holds a connection slot forever:
+/// hyper's header timeout ends with the headers, and the idle watchdog does not cut
+/// a request in flight. A declared length over the limit is refused before reading.
+pub async fn collect_request<B>(
+    mut body: B,
+    limits: RequestBodyLimits,
+) -> Result<Bytes, RequestBodyError>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    use http_body_util::BodyExt as _;
+    if body.is_end_stream() {
+        return Ok(Bytes::new());
+    }
+    let max = limits.max_bytes;
+    if body.size_hint().lower() > max as u64 {
+        return Err(RequestBodyError::TooLarge(max));
+    }
+    let start = Instant::now();
+    let mut last = start;
+    let mut buf = Vec::new();
+    loop {
+        let idle_deadline = last + limits.idle;
+        // The body may fall behind `min_rate` only during the first `idle`.
+        let rate_deadline = (limits.min_rate > 0).then(|| {
+            start
+                + limits.idle
+                + std::time::Duration::from_secs_f64(buf.len() as f64 / limits.min_rate as f64)
+        });
+        let deadline = rate_deadline.map_or(idle_deadline, |r| r.min(idle_deadline));
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) if deadline < idle_deadline => {
+                return Err(RequestBodyError::TooSlow(limits.min_rate))
+            }
+            Err(_) => return Err(RequestBodyError::Stalled(limits.idle)),
+            Ok(None) => return Ok(Bytes::from(buf)),
+            Ok(Some(Err(e))) => return Err(RequestBodyError::Read(e.to_string())),
+            Ok(Some(Ok(frame))) => {
+                last = Instant::now();
+                if let Ok(data) = frame.into_data() {
+                    if buf.len() + data.len() > max {
+                        return Err(RequestBodyError::TooLarge(max));
+                    }
+                    buf.extend_from_slice(&data);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::StreamBody;
+    use std::time::Duration;
+
+    type Frames = futures_util::stream::BoxStream<'static, Result<Frame<Bytes>, std::io::Error>>;
+
+    fn limits(min_rate: u64) -> RequestBodyLimits {
+        RequestBodyLimits {
+            max_bytes: 10,
+            idle: Duration::from_millis(200),
+            min_rate,
+        }
+    }
+
+    fn trickle(every: Duration, n: usize) -> StreamBody<Frames> {
+        use futures_util::StreamExt as _;
+        let s = futures_util::stream::iter(0..n)
+            .then(move |_| async move {
+                tokio::time::sleep(every).await;
+                Ok(Frame::data(Bytes::from_static(b"a")))
+            })
+            .boxed();
+        StreamBody::new(s)
+    }
+
+    #[tokio::test]
+    async fn request_body_limits() {
+        let ok = collect_request(trickle(Duration::from_millis(50), 3), limits(0)).await;
+        assert_eq!(ok.expect("body").as_ref(), b"aaa");
+        let stalled = collect_request(trickle(Duration::from_millis(300), 3), limits(0)).await;
+        assert!(
+            matches!(stalled, Err(RequestBodyError::Stalled(_))),
+            "{stalled:?}"
+        );
+        // Never a 200 ms gap, but 1 byte per 150 ms is below 100 bytes/s.
+        let slow = collect_request(trickle(Duration::from_millis(150), 9), limits(100)).await;
+        assert!(
+            matches!(slow, Err(RequestBodyError::TooSlow(100))),
+            "{slow:?}"
+        );
+        let big = collect_request(trickle(Duration::from_millis(1), 11), limits(0)).await;
+        assert!(
+            matches!(big, Err(RequestBodyError::TooLarge(10))),
+            "{big:?}"
+        );
+    }
+}

@@ -7,7 +7,10 @@ mod body;
 mod tunnel;
 
 pub use aggregate::aggregate;
-pub use body::{collect_limited, CollectError, StreamedBody};
+pub use body::{
+    collect_limited, collect_request, CollectError, RequestBodyError, RequestBodyLimits,
+    StreamedBody,
+};
 pub use tunnel::tunnel;
 // Re-exported where they used to live, for the fuzz target and other callers.
 pub use crate::http_util::{full, is_upgrade, strip_hop_by_hop, Body, BoxError};
@@ -16,7 +19,7 @@ use crate::balance::{ActiveGuard, HashInput, Pool};
 use crate::ctx::{ConnInfo, UpstreamAddr};
 use crate::http_util::json_error;
 use crate::config::ServerConfig;
-use crate::routing::{append_query, fill_template, Routed};
+use crate::routing::{append_query, fill_template_with, Routed};
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
@@ -298,25 +301,40 @@ pub async fn proxy(
         crate::http_util::json_error_with_id(status, code, msg, &rid)
     };
     let (parts, body) = req.into_parts();
-    // Buffered so a retry can resend it; the limit bounds memory per request.
-    let body = match http_body_util::Limited::new(body, max_body).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
-            return err(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                "request body too large",
-            )
-        }
-        Err(_) => {
-            return err(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                "cannot read request body",
-            )
+    let body_limits = RequestBodyLimits {
+        max_bytes: max_body,
+        idle: Duration::from_millis(limits.body_read_timeout_ms),
+        min_rate: limits.body_min_rate_bytes_per_sec,
+    };
+    // Buffered so a retry can resend it; the limits bound memory and time per request.
+    let body = match collect_request(body, body_limits).await {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::debug!(route = %rc.name, request_id = %rid, error = %e, "refused request body");
+            let (status, code, msg) = match e {
+                RequestBodyError::TooLarge(_) => (
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    "request body too large",
+                ),
+                RequestBodyError::Stalled(_) | RequestBodyError::TooSlow(_) => (
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request_timeout",
+                    "request body not received in time",
+                ),
+                RequestBodyError::Read(_) => (
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    "cannot read request body",
+                ),
+            };
+            let mut r = err(status, code, msg);
+            if parts.version < http::Version::HTTP_2 {
+                // The rest of the body is unread: the connection cannot carry another request.
+                r.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            return r;
         }
     };
 
@@ -326,7 +344,8 @@ pub async fn proxy(
             let Some(up) = upstreams.get(&a.pool) else {
                 continue;
             };
-            let path = match fill_template(&a.path, &ctx.params) {
+            let path = match fill_template_with(&a.path, &ctx.params, &ctx.route.catch_all_names())
+            {
                 Ok(p) => append_query(p, query),
                 Err(e) => {
                     tracing::debug!(route = %rc.name, error = %e, "refused template value");
