@@ -87,7 +87,12 @@ pub struct Reconciled {
 }
 
 /// One walk: sets every installed backend's counter to its open entries and removes stale entries.
+///
+/// A counter the data plane moved while the walk ran is left for the next walk: the walk may
+/// have missed that flow's entry, and writing its stale count would erase the data plane's
+/// increment (a just-opened flow would read as 0 until the next walk).
 pub fn reconcile(maps: &mut dyn FlowMaps, backend_ids: &[u32], generation_of: impl Fn(u32) -> u32, now_ns: u64) -> Result<Reconciled, FlowMapError> {
+    let before = backend_ids.iter().map(|&id| maps.active_flows_raw(id)).collect::<Result<Vec<u64>, _>>()?;
     let found = census(maps.conntrack_entries()?, generation_of, now_ns);
     let mut out = Reconciled::default();
     for (key, conn) in &found.removable {
@@ -95,10 +100,10 @@ pub fn reconcile(maps: &mut dyn FlowMaps, backend_ids: &[u32], generation_of: im
             out.removed += 1;
         }
     }
-    for &id in backend_ids {
+    for (&id, &was) in backend_ids.iter().zip(&before) {
         let want = found.active.get(&id).copied().unwrap_or(0);
         let have = maps.active_flows_raw(id)?;
-        if have != want {
+        if have != want && have == was {
             maps.set_active_flows(id, want)?;
             out.corrected.push((id, have, want));
         }
@@ -168,11 +173,18 @@ mod tests {
         conntrack: BTreeMap<u16, (FlowKey, Conn)>,
         active: BTreeMap<u32, u64>,
         clock: WalkClock,
+        /// A flow the data plane opens (counter + entry) while the walk is reading.
+        opened_during_walk: std::cell::Cell<Option<u32>>,
+        raced: std::cell::RefCell<BTreeMap<u32, u64>>,
     }
 
     impl FlowMaps for FakeMaps {
         fn conntrack_entries(&self) -> Result<Vec<(FlowKey, Conn)>, FlowMapError> {
-            Ok(self.conntrack.values().copied().collect())
+            let seen = self.conntrack.values().copied().collect();
+            if let Some(id) = self.opened_during_walk.take() {
+                *self.raced.borrow_mut().entry(id).or_insert(0) += 1;
+            }
+            Ok(seen)
         }
         fn remove_conntrack_if_unchanged(&mut self, key: &FlowKey, seen: &Conn) -> Result<bool, FlowMapError> {
             if self.conntrack.get(&key.sport).is_some_and(|(_, c)| c == seen) {
@@ -182,9 +194,11 @@ mod tests {
             Ok(false)
         }
         fn active_flows_raw(&self, id: u32) -> Result<u64, FlowMapError> {
-            Ok(self.active.get(&id).copied().unwrap_or(0))
+            let raced = self.raced.borrow().get(&id).copied().unwrap_or(0);
+            Ok(self.active.get(&id).copied().unwrap_or(0) + raced)
         }
         fn set_active_flows(&mut self, id: u32, value: u64) -> Result<(), FlowMapError> {
+            self.raced.borrow_mut().remove(&id);
             self.active.insert(id, value);
             Ok(())
         }
@@ -228,6 +242,22 @@ mod tests {
         assert!(!maps.conntrack.contains_key(&2));
         // Nothing drifted: nothing is written.
         assert_eq!(reconcile(&mut maps, &[1, 2], generation_of, NOW).unwrap(), Reconciled::default());
+    }
+
+    /// Seen in the control tests under load: a flow opened while the walk ran read as 0 active
+    /// flows until the next walk, because the walk wrote its stale count over the increment.
+    #[test]
+    fn a_counter_moved_during_the_walk_is_left_to_the_next_walk() {
+        let mut maps = FakeMaps::default();
+        maps.conntrack.insert(1, (key(1), conn(1, 7, OPEN, 1)));
+        maps.active.insert(1, 1);
+        maps.opened_during_walk.set(Some(1));
+        let r = reconcile(&mut maps, &[1], generation_of, NOW).unwrap();
+        assert_eq!(r.corrected, vec![], "the raced counter is not overwritten");
+        assert_eq!(maps.active_flows_raw(1).unwrap(), 2, "both flows still count");
+        // Once the new flow's entry is there, the next walk agrees and writes nothing.
+        maps.conntrack.insert(2, (key(2), conn(1, 7, OPEN, 0)));
+        assert_eq!(reconcile(&mut maps, &[1], generation_of, NOW).unwrap().corrected, vec![]);
     }
 
     #[test]

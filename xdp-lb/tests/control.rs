@@ -385,7 +385,7 @@ fn cli_commands() {
     let e2 = json(&daemon, &["explain", &fresh_src, &web.to_string()]);
     assert_eq!(e, e2, "explain is deterministic for the same flow");
     cli_err(&daemon, &["explain", &fresh_src, &vip(&topo, 9999).to_string()], "not a virtual service");
-    cli_err(&daemon, &["explain", &fresh_src, &web.to_string(), "--proto", "sctp"], "sctp");
+    cli_usage_err(&daemon, &["explain", &fresh_src, &web.to_string(), "--proto", "sctp"], "sctp");
     cli_err(&daemon, &["explain", "nonsense", &web.to_string()], "nonsense");
     drop(conn);
 
@@ -428,7 +428,7 @@ fn cli_commands() {
     cli_err(&daemon, &["service", "update", "nosuch", "--scheduler", "maglev"], "unknown service");
     cli_err(&daemon, &["service", "add", "web", "--vip", "10.200.100.100:81", "--protocol", "tcp"], "already exists");
     cli_err(&daemon, &["service", "add", "dup-vip", "--vip", &web.to_string(), "--protocol", "tcp"], "already used");
-    cli_err(&daemon, &["service", "add", "bad", "--vip", "10.200.100.100:82", "--protocol", "sctp"], "sctp");
+    cli_usage_err(&daemon, &["service", "add", "bad", "--vip", "10.200.100.100:82", "--protocol", "sctp"], "sctp");
     cli_err(&daemon, &["service", "add", "novip", "--protocol", "tcp"], "--vip");
     cli_err(&daemon, &["service", "remove", "nosuch"], "unknown service");
     // Validation errors in the CLI's terms, not as config paths the user never wrote.

@@ -179,6 +179,14 @@ pub fn cli_ok(daemon: &Daemon, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Runs a command that clap must refuse as a usage error (exit 2, its message naming `fragment`).
+pub fn cli_usage_err(daemon: &Daemon, args: &[&str], fragment: &str) {
+    let out = cli(daemon, args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "xdp-lb {args:?} is a usage error; stderr:\n{stderr}");
+    assert!(stderr.contains(fragment), "xdp-lb {args:?}: stderr does not mention {fragment:?}:\n{stderr}");
+}
+
 /// Runs a command that must fail with one `xdp-lb: error:` line mentioning `fragment`; returns it.
 pub fn cli_err(daemon: &Daemon, args: &[&str], fragment: &str) -> String {
     let out = cli(daemon, args);
