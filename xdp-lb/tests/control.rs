@@ -429,7 +429,7 @@ fn cli_commands() {
     cli_err(&daemon, &["service", "add", "web", "--vip", "10.200.100.100:81", "--protocol", "tcp"], "already exists");
     cli_err(&daemon, &["service", "add", "dup-vip", "--vip", &web.to_string(), "--protocol", "tcp"], "already used");
     cli_usage_err(&daemon, &["service", "add", "bad", "--vip", "10.200.100.100:82", "--protocol", "sctp"], "sctp");
-    cli_err(&daemon, &["service", "add", "novip", "--protocol", "tcp"], "--vip");
+    cli_usage_err(&daemon, &["service", "add", "novip", "--protocol", "tcp"], "--vip");
     cli_err(&daemon, &["service", "remove", "nosuch"], "unknown service");
     // Validation errors in the CLI's terms, not as config paths the user never wrote.
     cli_err(&daemon, &["backend", "add", "web", "10.0.0.1:99999"], "service web, backend 10.0.0.1:99999: 10.0.0.1:99999 has port 99999, above the maximum of 65535");
