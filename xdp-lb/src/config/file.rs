@@ -235,19 +235,45 @@ fn replace(path: &Path, bytes: &[u8], expected: Option<&str>) -> Result<std::tim
         file.sync_all()?;
         drop(file);
         let checked = std::time::Instant::now();
+        // The file being replaced stays open: an edit that reaches it between the check and the
+        // rename (an append through a descriptor opened earlier, or written in that instant) is
+        // still readable through it afterwards, and is put back instead of being lost.
+        let mut replaced = None;
         if let Some(expected) = expected {
-            if fs::read(&target)? != expected.as_bytes() {
+            let mut old = fs::File::open(&target)?;
+            if read_all(&mut old)? != expected.as_bytes() {
                 return Err(WriteError::Changed);
             }
+            replaced = Some((old, expected));
         }
         fs::rename(&tmp, &target)?;
         window = checked.elapsed();
-        fs::File::open(&dir)?.sync_all().map_err(WriteError::Io)
+        fs::File::open(&dir)?.sync_all()?;
+        if let Some((mut old, expected)) = replaced {
+            let now_old = read_all(&mut old)?;
+            if now_old != expected.as_bytes() {
+                // Restore the edited file unless the new one was edited too (then that edit wins).
+                if fs::read(&target)? == bytes {
+                    replace(path, &now_old, None)?;
+                }
+                return Err(WriteError::Changed);
+            }
+        }
+        Ok(())
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
     result.map(|_| window)
+}
+
+/// The whole file from its start, through an open descriptor.
+fn read_all(file: &mut fs::File) -> io::Result<Vec<u8>> {
+    use std::io::{Read, Seek};
+    file.seek(io::SeekFrom::Start(0))?;
+    let mut out = Vec::new();
+    file.read_to_end(&mut out)?;
+    Ok(out)
 }
 
 #[cfg(test)]
