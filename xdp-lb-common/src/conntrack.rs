@@ -107,6 +107,28 @@ pub fn is_removable(conn: &Conn, now_ns: u64) -> bool {
     }
 }
 
+/// An `ACTIVE_FLOWS` value packs two halves. The low 32 bits are the backend's open flows, signed
+/// (a close may be counted a moment before its open). The high 32 bits change with every open and
+/// every close, so the daemon's walk can tell that the data plane moved a counter even when an open
+/// and a close cancel out in the count — without it, a walk that saw one flow close and the next one
+/// open wrote a count one too high until the following walk.
+pub const ACTIVE_OPEN: u64 = (1 << 32) + 1;
+/// Added for a close: the count drops by one and the high half still moves (by 2 when the low half
+/// borrows from it, by 1 when the count was already 0).
+pub const ACTIVE_CLOSE: u64 = (2 << 32) - 1;
+const COUNT_MASK: u64 = 0xFFFF_FFFF;
+
+/// The open flows an `ACTIVE_FLOWS` value holds (a transiently negative count reads as 0).
+pub const fn active_count(value: u64) -> u64 {
+    let count = value as u32 as i32;
+    if count < 0 { 0 } else { count as u64 }
+}
+
+/// `value` with its count replaced by `count` (the change half kept).
+pub const fn with_active_count(value: u64, count: u32) -> u64 {
+    (value & !COUNT_MASK) | count as u64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -179,5 +201,21 @@ mod tests {
         assert!(!needs_touch(T0, T0 + LAST_SEEN_GRANULARITY_NS - 1));
         assert!(needs_touch(T0, T0 + LAST_SEEN_GRANULARITY_NS));
         assert!(!needs_touch(T0 + 1, T0));
+    }
+
+    #[test]
+    fn every_open_and_close_changes_the_active_value_and_the_count_is_exact() {
+        let steps = [ACTIVE_OPEN, ACTIVE_OPEN, ACTIVE_CLOSE, ACTIVE_OPEN, ACTIVE_CLOSE, ACTIVE_CLOSE, ACTIVE_CLOSE, ACTIVE_OPEN];
+        let mut seen = [0u64; 9];
+        for (i, step) in steps.iter().enumerate() {
+            seen[i + 1] = seen[i].wrapping_add(*step);
+            assert!(!seen[..=i].contains(&seen[i + 1]), "{:#x} repeats an earlier value", seen[i + 1]);
+        }
+        // The close before its open reads as 0, not as a huge count; the open after it restores 0.
+        assert_eq!(seen.map(active_count), [0, 1, 2, 1, 2, 1, 0, 0, 0]);
+        let value = seen[8];
+        assert_eq!(active_count(with_active_count(value, 7)), 7);
+        assert_eq!(with_active_count(value, 7) >> 32, value >> 32);
+        assert_eq!(active_count(u64::MAX), 0);
     }
 }

@@ -162,7 +162,7 @@ pub fn active_flows(backend_id: u32) -> u64 {
     ACTIVE_FLOWS.get(backend_id).copied().unwrap_or(0)
 }
 
-/// Adds `delta` (two's complement for a decrement) to a backend's active flows.
+/// Adds `delta` (`conntrack::ACTIVE_OPEN` or `ACTIVE_CLOSE`) to a backend's active flows.
 #[inline(always)]
 pub fn add_active_flows(backend_id: u32, delta: u64) {
     if let Some(p) = ACTIVE_FLOWS.get_ptr_mut(backend_id) {

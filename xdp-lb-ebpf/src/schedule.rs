@@ -65,7 +65,7 @@ pub fn schedule(packet: &Packet, service: &Service) -> Result<Chosen, Reason> {
         // SAFETY: as above.
         let old_id = unsafe { (*old).backend_id };
         if maps::conn_set_flags(old, CONN_FLAG_CLOSED) & (CONN_FLAG_CLOSED | CONN_FLAG_COUNTED) == CONN_FLAG_COUNTED {
-            maps::add_active_flows(old_id, u64::MAX);
+            maps::add_active_flows(old_id, conntrack::ACTIVE_CLOSE);
         }
     }
     let flags = conntrack::initial_flags(service.flags & SERVICE_FLAG_DSR == 0 && flow.proto == PROTO_TCP, packet.tcp_flags);
@@ -74,7 +74,7 @@ pub fn schedule(packet: &Packet, service: &Service) -> Result<Chosen, Reason> {
         &Conn { backend_id: chosen.id, generation: chosen.backend.generation, flags, _pad: 0, last_seen_ns: now },
     );
     if flags & CONN_FLAG_COUNTED != 0 {
-        maps::add_active_flows(chosen.id, 1);
+        maps::add_active_flows(chosen.id, conntrack::ACTIVE_OPEN);
     }
     if service.flags & SERVICE_FLAG_DSR == 0 {
         let reply = crate::reply_key(flow, &chosen.backend.addr, chosen.backend.port);
@@ -121,7 +121,7 @@ pub fn track_close(conn: *mut Conn, backend_id: u32, tcp_flags: u8) {
     if tcp_flags & (TCP_FIN | TCP_RST) != 0
         && maps::conn_set_flags(conn, CONN_FLAG_CLOSED) & (CONN_FLAG_CLOSED | CONN_FLAG_COUNTED) == CONN_FLAG_COUNTED
     {
-        maps::add_active_flows(backend_id, u64::MAX);
+        maps::add_active_flows(backend_id, conntrack::ACTIVE_CLOSE);
     }
 }
 
@@ -158,10 +158,8 @@ fn least_connections(service: &Service) -> Result<u32, Reason> {
             break;
         }
         let Some(id) = maps::ring_cell(service.ring_offset.wrapping_add(i)) else { break };
-        let active = maps::active_flows(id);
-        // Active counts are a difference of two atomically updated totals; a transiently "negative"
-        // value (wrapped) must not look huge, so compare as signed.
-        if best.is_none_or(|(_, a)| (active as i64) < (a as i64)) {
+        let active = conntrack::active_count(maps::active_flows(id));
+        if best.is_none_or(|(_, a)| active < a) {
             best = Some((id, active));
         }
     }

@@ -246,8 +246,7 @@ impl Dataplane {
     /// Open NAT TCP flows on a backend (opened minus closed, as the data plane saw them).
     pub fn active_flows(&self, backend_id: u32) -> Result<u64, DataplaneError> {
         let value = self.maps.active_flows.get(&backend_id, 0).map_err(|source| DataplaneError::Map { map: names::ACTIVE_FLOWS, source })?;
-        // A close may be counted on one CPU a moment before the open on another.
-        Ok(if (value as i64) < 0 { 0 } else { value })
+        Ok(xdp_lb_common::conntrack::active_count(value))
     }
 
     /// Every service entry in the map (to adopt a running data plane).

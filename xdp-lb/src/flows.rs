@@ -103,9 +103,12 @@ pub fn reconcile(maps: &mut dyn FlowMaps, backend_ids: &[u32], generation_of: im
     for (&id, &was) in backend_ids.iter().zip(&before) {
         let want = found.active.get(&id).copied().unwrap_or(0);
         let have = maps.active_flows_raw(id)?;
-        if have != want && have == was {
-            maps.set_active_flows(id, want)?;
-            out.corrected.push((id, have, want));
+        let fixed = conntrack::with_active_count(have, u32::try_from(want).unwrap_or(u32::MAX));
+        // `have == was` compares the whole value, whose change half moves with every open and
+        // close: a close and an open that cancel out in the count still count as a move.
+        if fixed != have && have == was {
+            maps.set_active_flows(id, fixed)?;
+            out.corrected.push((id, have, fixed));
         }
     }
     Ok(out)
@@ -173,16 +176,18 @@ mod tests {
         conntrack: BTreeMap<u16, (FlowKey, Conn)>,
         active: BTreeMap<u32, u64>,
         clock: WalkClock,
-        /// A flow the data plane opens (counter + entry) while the walk is reading.
-        opened_during_walk: std::cell::Cell<Option<u32>>,
+        /// Counter changes (backend, delta) the data plane makes while the walk is reading.
+        moves_during_walk: std::cell::RefCell<Vec<(u32, u64)>>,
         raced: std::cell::RefCell<BTreeMap<u32, u64>>,
     }
 
     impl FlowMaps for FakeMaps {
         fn conntrack_entries(&self) -> Result<Vec<(FlowKey, Conn)>, FlowMapError> {
             let seen = self.conntrack.values().copied().collect();
-            if let Some(id) = self.opened_during_walk.take() {
-                *self.raced.borrow_mut().entry(id).or_insert(0) += 1;
+            for (id, delta) in self.moves_during_walk.take() {
+                let mut raced = self.raced.borrow_mut();
+                let value = raced.entry(id).or_insert(0);
+                *value = value.wrapping_add(delta);
             }
             Ok(seen)
         }
@@ -195,7 +200,7 @@ mod tests {
         }
         fn active_flows_raw(&self, id: u32) -> Result<u64, FlowMapError> {
             let raced = self.raced.borrow().get(&id).copied().unwrap_or(0);
-            Ok(self.active.get(&id).copied().unwrap_or(0) + raced)
+            Ok(self.active.get(&id).copied().unwrap_or(0).wrapping_add(raced))
         }
         fn set_active_flows(&mut self, id: u32, value: u64) -> Result<(), FlowMapError> {
             self.raced.borrow_mut().remove(&id);
@@ -234,11 +239,16 @@ mod tests {
             maps.conntrack.insert(port, (key(port), c));
         }
         // Evicted flows were never subtracted (5 on backend 1); a close raced an open (-1 on 2).
-        maps.active.insert(1, 5);
-        maps.active.insert(2, u64::MAX);
+        let five = 5 * conntrack::ACTIVE_OPEN;
+        let minus_one = conntrack::ACTIVE_OPEN.wrapping_add(2 * conntrack::ACTIVE_CLOSE);
+        maps.active.insert(1, five);
+        maps.active.insert(2, minus_one);
         let r = reconcile(&mut maps, &[1, 2], generation_of, NOW).unwrap();
-        assert_eq!(r, Reconciled { corrected: vec![(1, 5, 1), (2, u64::MAX, 0)], removed: 1 });
-        assert_eq!(maps.active, BTreeMap::from([(1, 1), (2, 0)]));
+        let (one, zero) = (conntrack::with_active_count(five, 1), conntrack::with_active_count(minus_one, 0));
+        assert_eq!(r, Reconciled { corrected: vec![(1, five, one), (2, minus_one, zero)], removed: 1 });
+        assert_eq!(maps.active, BTreeMap::from([(1, one), (2, zero)]));
+        // The next open on backend 2 counts 1, not 0.
+        assert_eq!(conntrack::active_count(zero.wrapping_add(conntrack::ACTIVE_OPEN)), 1);
         assert!(!maps.conntrack.contains_key(&2));
         // Nothing drifted: nothing is written.
         assert_eq!(reconcile(&mut maps, &[1, 2], generation_of, NOW).unwrap(), Reconciled::default());
@@ -250,14 +260,30 @@ mod tests {
     fn a_counter_moved_during_the_walk_is_left_to_the_next_walk() {
         let mut maps = FakeMaps::default();
         maps.conntrack.insert(1, (key(1), conn(1, 7, OPEN, 1)));
-        maps.active.insert(1, 1);
-        maps.opened_during_walk.set(Some(1));
+        maps.active.insert(1, conntrack::ACTIVE_OPEN);
+        maps.moves_during_walk.replace(vec![(1, conntrack::ACTIVE_OPEN)]);
         let r = reconcile(&mut maps, &[1], generation_of, NOW).unwrap();
         assert_eq!(r.corrected, vec![], "the raced counter is not overwritten");
-        assert_eq!(maps.active_flows_raw(1).unwrap(), 2, "both flows still count");
+        assert_eq!(conntrack::active_count(maps.active_flows_raw(1).unwrap()), 2, "both flows still count");
         // Once the new flow's entry is there, the next walk agrees and writes nothing.
         maps.conntrack.insert(2, (key(2), conn(1, 7, OPEN, 0)));
         assert_eq!(reconcile(&mut maps, &[1], generation_of, NOW).unwrap().corrected, vec![]);
+    }
+
+    /// Seen in CI: the walk read flow A's entry open and flow B's entry just created, while the data
+    /// plane closed A and opened B — the count was 1 before and 1 after, so the walk wrote 2 and the
+    /// backend showed an open flow after every connection had closed, until the next walk.
+    #[test]
+    fn a_close_and_an_open_during_the_walk_are_a_move_even_when_the_count_is_unchanged() {
+        let mut maps = FakeMaps::default();
+        maps.conntrack.insert(1, (key(1), conn(1, 7, OPEN, 1)));
+        maps.conntrack.insert(2, (key(2), conn(1, 7, OPEN, 0)));
+        maps.active.insert(1, conntrack::ACTIVE_OPEN);
+        // The walk's read sees both entries open; meanwhile A closes and B opens.
+        maps.moves_during_walk.replace(vec![(1, conntrack::ACTIVE_CLOSE), (1, conntrack::ACTIVE_OPEN)]);
+        let r = reconcile(&mut maps, &[1], generation_of, NOW).unwrap();
+        assert_eq!(r.corrected, vec![], "a counter that moved is left to the next walk");
+        assert_eq!(conntrack::active_count(maps.active_flows_raw(1).unwrap()), 1);
     }
 
     #[test]

@@ -98,7 +98,7 @@ impl Pinned {
             }
             let addr = SocketAddr::new(addr::to_ip(&b.addr), u16::from_be(b.port));
             let c = sum(&self.backend_stats.get(&id, 0).unwrap());
-            let active = self.active_flows.get(&id, 0).unwrap_or(0);
+            let active = xdp_lb_common::conntrack::active_count(self.active_flows.get(&id, 0).unwrap_or(0));
             out.push((id, addr, c, active));
         }
         out
