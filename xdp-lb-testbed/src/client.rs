@@ -23,6 +23,23 @@ pub fn http_get(addr: SocketAddr) -> io::Result<String> {
     read_response(&mut reader).map_err(|e| context(e, addr))
 }
 
+/// [`http_get`] that also says which local address (the client's half of the 5-tuple) it used:
+/// `None` if the connection was never established.
+pub fn http_get_traced(addr: SocketAddr) -> (Option<SocketAddr>, io::Result<String>) {
+    let stream = match connect(addr) {
+        Ok(s) => s,
+        Err(e) => return (None, Err(e)),
+    };
+    let local = stream.local_addr().ok();
+    let result = (|| {
+        let mut writer = stream.try_clone()?;
+        let mut reader = BufReader::new(stream);
+        writer.write_all(request(addr, true).as_bytes())?;
+        read_response(&mut reader).map_err(|e| context(e, addr))
+    })();
+    (local, result)
+}
+
 /// Many requests over one TCP connection.
 pub struct KeepAliveClient {
     addr: SocketAddr,
