@@ -410,3 +410,5 @@ pub fn parse_weight(text: &str) -> Result<u32, String> {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod announce_tests;
