@@ -38,6 +38,9 @@ pub enum Request {
     Reload { allow_empty: bool },
     /// Stop the daemon; with `detach`, also remove the data plane (else it keeps forwarding).
     Stop { detach: bool },
+    /// `xdp-lb node drain|undrain`: withdraw every VIP announcement (forwarding continues), or
+    /// announce again. Written to `[announce] drained`.
+    NodeDrain { drained: bool },
 }
 
 /// Fields of a service that `service update` may change; `None` keeps the current value.
@@ -204,6 +207,9 @@ pub struct EndedFlow {
 pub struct StatusReply {
     pub config: ConfigStatus,
     pub services: Vec<ServiceStatus>,
+    /// VIP announcements; absent while `[announce]` is not configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub announce: Option<crate::announce::AnnounceStatus>,
 }
 
 /// Answer to `reload`.

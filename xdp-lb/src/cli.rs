@@ -158,6 +158,15 @@ fn weight_arg(name: &str, text: &str) -> Result<u32> {
     xdp_lb::config::parse_weight(text).map_err(|problem| anyhow::anyhow!("{name} {text}: {problem}"))
 }
 
+#[derive(Subcommand)]
+pub enum NodeCommand {
+    /// Withdraw every VIP announcement of this node; traffic that still arrives is forwarded.
+    /// Written to `[announce] drained` in the config file, so it survives restarts and reloads.
+    Drain,
+    /// Announce the VIPs again (those whose services qualify).
+    Undrain,
+}
+
 pub struct Client<'a> {
     pub socket: &'a Path,
     pub json: bool,
@@ -280,6 +289,16 @@ impl Client<'_> {
         self.done(&done)
     }
 
+    pub fn node(&self, command: NodeCommand) -> Result<()> {
+        let drained = matches!(command, NodeCommand::Drain);
+        self.call(&Request::NodeDrain { drained })?;
+        self.done(if drained {
+            "node drained: every VIP announcement withdrawn; traffic that still arrives is forwarded"
+        } else {
+            "node undrained: VIPs whose services serve are announced again"
+        })
+    }
+
     /// `status`: the config file's state and the services (`--json`: the whole reply).
     pub fn status(&self, service: Option<String>) -> Result<()> {
         self.show(service, true)
@@ -298,6 +317,9 @@ impl Client<'_> {
                 }
                 if !self.json {
                     print_config_status(&status.config)?;
+                    if let Some(a) = &status.announce {
+                        print_announce_status(a)?;
+                    }
                 }
                 status.services
             }
@@ -511,6 +533,18 @@ fn print_config_status(c: &api::ConfigStatus) -> Result<()> {
             out(format_args!("    {d}"))?;
         }
     }
+    out("")
+}
+
+fn print_announce_status(a: &xdp_lb::announce::AnnounceStatus) -> Result<()> {
+    let drained = if a.node_drained { ", NODE DRAINED (`xdp-lb node undrain` announces again)" } else { "" };
+    out(format_args!("announce: routing table {}{drained}", a.table))?;
+    let rows = a
+        .vips
+        .iter()
+        .map(|v| vec![format!("  {}", v.vip), if v.announced { "announced" } else { "withdrawn" }.into(), v.reason.clone().unwrap_or_default()])
+        .collect();
+    print_table(&["  VIP", "STATE", "REASON"], rows)?;
     out("")
 }
 

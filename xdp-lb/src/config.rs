@@ -23,7 +23,34 @@ pub struct RawConfig {
     pub dataplane: RawDataplane,
     #[serde(default)]
     pub services: Vec<RawService>,
+    /// Announcing the VIPs through a BGP daemon (absent: announcements off, one node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub announce: Option<RawAnnounce>,
 }
+
+/// `[announce]`: the daemon keeps one route per announced VIP address in a kernel routing table
+/// that BIRD's kernel protocol learns from and exports over BGP (see [`crate::announce`]).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RawAnnounce {
+    /// The kernel routing table the daemon owns (1..=252).
+    #[serde(default = "default_announce_table")]
+    pub table: u32,
+    /// Node drain: every VIP withdrawn, traffic that still arrives is forwarded. Written by
+    /// `xdp-lb node drain|undrain`.
+    #[serde(default)]
+    pub drained: bool,
+}
+
+fn default_announce_table() -> u32 {
+    DEFAULT_ANNOUNCE_TABLE
+}
+
+/// The routing table `[announce]` uses when `table` is not given.
+pub const DEFAULT_ANNOUNCE_TABLE: u32 = 100;
+/// Highest table `[announce] table` may name: 253, 254 and 255 are the kernel's default, main and
+/// local tables (0 means "unspecified"), and routes there would change this node's forwarding.
+pub const MAX_ANNOUNCE_TABLE: u32 = 252;
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -196,6 +223,15 @@ impl Scheduler {
 pub struct Config {
     pub dataplane: Dataplane,
     pub services: Vec<Service>,
+    /// `None`: announcements off.
+    pub announce: Option<Announce>,
+}
+
+/// A validated `[announce]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Announce {
+    pub table: u32,
+    pub drained: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -374,3 +410,5 @@ pub fn parse_weight(text: &str) -> Result<u32, String> {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod announce_tests;

@@ -17,6 +17,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use tracing::{debug, error, info, warn};
 
 use crate::{
+    announce::{self, Announcer},
     api::ConfigStatus,
     config::{
         file::{self, Loaded},
@@ -54,6 +55,8 @@ pub struct Daemon {
     report: Vec<ServiceHealth>,
     /// The effective configuration last programmed (weights after health, backups, drain).
     effective: Config,
+    /// The VIP routes BIRD announces (`[announce]`).
+    announcer: Announcer,
 }
 
 impl Daemon {
@@ -98,6 +101,7 @@ impl Daemon {
             passive: Passive::default(),
             latency_weights: plan::latency::LatencyWeights::default(),
             report: Vec::new(),
+            announcer: Announcer::default(),
         };
         daemon.replan().map_err(DaemonError::Program)?;
         Ok((daemon, transitions))
@@ -169,10 +173,51 @@ impl Daemon {
                 warn!(service = %r.name, backups = r.serving, "no primary backend is healthy: backups take over");
             }
         }
-        self.tables.apply(&effective, &mut self.dataplane)?;
-        self.report = report;
-        self.effective = effective;
-        Ok(())
+        let applied = self.tables.apply(&effective, &mut self.dataplane);
+        if applied.is_ok() {
+            self.report = report;
+            self.effective = effective;
+        }
+        // Also after a failed apply: what is installed now decides what is announced.
+        self.announce();
+        applied
+    }
+
+    /// Brings the announce table to what the services, their health, the drain and the attach
+    /// state call for (see [`announce::desired`]).
+    fn announce(&mut self) {
+        let views: Vec<announce::ServiceView> = self
+            .config
+            .services
+            .iter()
+            .map(|s| {
+                let key = service_key(s.vip, s.protocol);
+                announce::ServiceView {
+                    name: s.name.clone(),
+                    vip: s.vip.ip(),
+                    programmed: self.tables.services().any(|i| i.config.name == s.name && service_key(i.config.vip, i.config.protocol) == key),
+                    serving: self.report.iter().find(|r| r.name == s.name).map_or(0, |r| r.serving),
+                }
+            })
+            .collect();
+        self.announcer.reconcile(self.config.announce, &views);
+    }
+
+    /// The XDP program is attached to every interface: VIPs may be announced from now on. The
+    /// announce table is reconciled: routes a previous daemon left are adopted or removed.
+    pub fn start_announcing(&mut self) {
+        self.announcer.set_attached();
+        self.announce();
+    }
+
+    /// Withdraws every VIP route (`xdp-lb stop`, SIGTERM, SIGINT); a crash leaves them.
+    pub fn withdraw_announcements(&mut self) {
+        self.announcer.withdraw_all();
+    }
+
+    /// The announcement state, `None` while `[announce]` is not configured.
+    pub fn announce_status(&self) -> Option<&announce::AnnounceStatus> {
+        self.announcer.status()
     }
 
     /// Applies a CLI change: refused if the file was edited by hand since it was read (the edit
@@ -345,6 +390,9 @@ impl Daemon {
             if let Err(e) = self.replan() {
                 error!("reprogramming failed: {e}");
             }
+        } else if self.config.announce.is_some() {
+            // Puts back a route someone removed by hand, retries a failed one.
+            self.announce();
         }
     }
 

@@ -1,6 +1,7 @@
 //! xdp-lb's control plane: configuration, the loaded data plane, and the logic that keeps the
 //! data plane's maps in step with the configuration.
 
+pub mod announce;
 pub mod api;
 pub mod config;
 pub mod daemon;

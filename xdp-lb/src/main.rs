@@ -81,6 +81,9 @@ enum Command {
     /// Manage the backends of a service.
     #[command(subcommand)]
     Backend(cli::BackendCommand),
+    /// This node's VIP announcements (needs `[announce]` in the config).
+    #[command(subcommand)]
+    Node(cli::NodeCommand),
     /// Services and backends: health, weight, active flows, last check.
     Status,
     /// Packets/s, bits/s and new flows/s per service and backend, and the pass/drop reasons.
@@ -138,6 +141,7 @@ fn main() -> std::process::ExitCode {
         Command::Check { config } => check(&config, cli.json),
         Command::Service(c) => client.service(c),
         Command::Backend(c) => client.backend(c),
+        Command::Node(c) => client.node(c),
         Command::Status => client.status(None),
         Command::Stats { watch, interval_ms, count } => client.stats(watch, Duration::from_millis(interval_ms), count),
         Command::Explain { source, destination, protocol } => client.explain(source, destination, protocol),

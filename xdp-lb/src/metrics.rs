@@ -33,6 +33,8 @@ pub struct Scrape {
     pub local_errors: Vec<(&'static str, u64)>,
     /// Per service, the fingerprint of its installed ring (see `maglev::fingerprint`).
     pub rings: Vec<(String, u64)>,
+    /// Per VIP address, whether it is announced (empty while `[announce]` is off).
+    pub announced: Vec<(String, bool)>,
 }
 
 /// A backend's health view.
@@ -79,6 +81,7 @@ pub fn collect(daemon: &Daemon) -> Result<Scrape, DataplaneError> {
             .iter()
             .filter_map(|s| Some((s.name.clone(), daemon.tables.ring_fingerprint(&s.name)?)))
             .collect(),
+        announced: daemon.announce_status().map(|a| a.vips.iter().map(|v| (v.vip.clone(), v.announced)).collect()).unwrap_or_default(),
     })
 }
 
@@ -125,6 +128,14 @@ pub fn exposition(scrape: &Scrape) -> String {
             "Always 1; the fingerprint label hashes the installed ring as backend addresses, equal on nodes that agree.",
             vec![label("service", service), label("fingerprint", &format!("{fingerprint:016x}"))],
             1.0,
+        );
+    }
+    for (vip, announced) in &scrape.announced {
+        out.gauge(
+            "xdp_lb_vip_announced",
+            "1 while this node announces the VIP address (its route is in the [announce] table), else 0.",
+            vec![label("vip", vip)],
+            f64::from(u8::from(*announced)),
         );
     }
     for b in &scrape.backends {

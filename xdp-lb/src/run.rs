@@ -99,6 +99,7 @@ async fn serve(opts: Options, loaded: file::Loaded) -> Result<()> {
         // On failure, dropping the daemon detaches whatever was attached before.
         daemon.dataplane_mut().attach(iface)?;
     }
+    daemon.start_announcing();
     neighbours::warm(daemon.config().services.iter().flat_map(|s| s.backends.iter().map(|b| b.address)));
     info!(interfaces = opts.ifaces.len(), services = daemon.config().services.len(), socket = %opts.socket.display(), "xdp-lb ready");
     notify::ready(&format!("serving {} service(s) on {} interface(s)", daemon.config().services.len(), opts.ifaces.len()));
@@ -167,6 +168,9 @@ async fn serve(opts: Options, loaded: file::Loaded) -> Result<()> {
             }
         }
     }
+    // A deliberate stop: the node stops announcing before anything else goes (a crash never gets
+    // here, and the pinned data plane it leaves keeps forwarding what the routers still send).
+    daemon.withdraw_announcements();
     notify::stopping(match (detach, daemon.dataplane_mut().is_pinned()) {
         (false, true) => "stopping; the pinned data plane keeps forwarding",
         (true, _) => "stopping; detaching the data plane",

@@ -12,6 +12,8 @@ use toml_edit::{ImDocument, Item};
 pub enum Location {
     /// A field of `[dataplane]`.
     Dataplane { field: &'static str },
+    /// A field of `[announce]`.
+    Announce { field: &'static str },
     /// The service list as a whole (limits that count across services).
     Services,
     /// A field of `services[index]`; `field` may be dotted (`health_check.interval_ms`).
@@ -39,6 +41,7 @@ impl FieldError {
     pub fn path(&self) -> String {
         match &self.location {
             Location::Dataplane { field } => format!("dataplane.{field}"),
+            Location::Announce { field } => format!("announce.{field}"),
             Location::Services => "services".into(),
             Location::Service { index, field, .. } => format!("services[{index}].{field}"),
             Location::Backend { service, index, field, .. } => format!("services[{service}].backends[{index}].{field}"),
@@ -51,6 +54,7 @@ impl FieldError {
         match &self.location {
             // Not settable from the CLI: name the setting in the config file that must change.
             Location::Dataplane { field } => format!("[dataplane] {field} in the config file: {}", self.message),
+            Location::Announce { field } => format!("[announce] {field} in the config file: {}", self.message),
             Location::Services => self.message.clone(),
             Location::Service { name, field, .. } => match cli_flag(field) {
                 Some(flag) => format!("service {name}: {flag}: {}", self.message),
@@ -122,6 +126,10 @@ fn line_of(doc: &ImDocument<&str>, text: &str, location: &Location) -> Option<us
     match location {
         Location::Dataplane { field } => {
             steps.push(Step::Key("dataplane"));
+            dotted(field, &mut steps);
+        }
+        Location::Announce { field } => {
+            steps.push(Step::Key("announce"));
             dotted(field, &mut steps);
         }
         Location::Services => steps.push(Step::Key("services")),

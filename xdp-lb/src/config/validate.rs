@@ -14,8 +14,8 @@ use xdp_lb_common::{
 };
 
 use super::{
-    AllDown, Backend, Config, Dataplane, FieldError, HealthCheck, Location, Mode, Protocol, RawConfig, RawHealthCheck, Scheduler,
-    Service, MAX_CHECK_PATH_LEN, MAX_CONNTRACK_ENTRIES, MAX_DRAIN_TIMEOUT_MS, MAX_HASH_SEED, MAX_RISE_FALL, MAX_MAGLEV_CELLS, MAX_NAME_LEN, MAX_WEIGHT, MIN_CONNTRACK_ENTRIES, MIN_MAGLEV_CELLS,
+    AllDown, Announce, Backend, Config, Dataplane, FieldError, HealthCheck, Location, Mode, Protocol, RawConfig, RawHealthCheck, Scheduler,
+    Service, MAX_ANNOUNCE_TABLE, MAX_CHECK_PATH_LEN, MAX_CONNTRACK_ENTRIES, MAX_DRAIN_TIMEOUT_MS, MAX_HASH_SEED, MAX_RISE_FALL, MAX_MAGLEV_CELLS, MAX_NAME_LEN, MAX_WEIGHT, MIN_CONNTRACK_ENTRIES, MIN_MAGLEV_CELLS,
 };
 use crate::health::{CheckKind, CheckSpec, MAX_INTERVAL};
 
@@ -41,6 +41,19 @@ impl RawConfig {
             let why = "TOML integers are signed 64-bit, so a larger seed could not be saved to the state file";
             err(dataplane("hash_seed"), format!("{} is above the maximum of {MAX_HASH_SEED} ({why})", dp.hash_seed));
         }
+        let announce = self.announce.as_ref().map(|a| {
+            if !(1..=MAX_ANNOUNCE_TABLE).contains(&a.table) {
+                err(
+                    Location::Announce { field: "table" },
+                    format!(
+                        "{} is not a routing table xdp-lb can own: give one between 1 and {MAX_ANNOUNCE_TABLE} that no `ip rule` \
+                         looks up (253-255 are the kernel's default, main and local tables, 0 means none)",
+                        a.table
+                    ),
+                );
+            }
+            Announce { table: a.table, drained: a.drained }
+        });
         if self.services.len() > defaults::MAX_SERVICES as usize {
             err(Location::Services, format!("{} services; xdp-lb handles at most {}", self.services.len(), defaults::MAX_SERVICES));
         }
@@ -82,6 +95,18 @@ impl RawConfig {
                     None
                 }
             };
+            if mode == Some(Mode::Nat) && announce.is_some() {
+                // Router ECMP may hand a flow's next packet, or after a node change all of it, to
+                // another node, and a NAT flow's replies come back to the node that translated it:
+                // only dsr (replies bypass the balancer) keeps established flows across nodes.
+                err(
+                    at("mode"),
+                    "\"nat\" cannot be announced from several nodes ([announce] is set): replies return to the node \
+                     that translated the flow, and router ECMP does not send the flow's packets there after a node \
+                     change; use mode = \"dsr\" (the default is nat), or remove [announce]"
+                        .into(),
+                );
+            }
             let scheduler = Scheduler::parse(&s.scheduler);
             if scheduler.is_none() {
                 err(at("scheduler"), format!("\"{}\" is not one of: {}", s.scheduler, Scheduler::NAMES));
@@ -193,7 +218,11 @@ impl RawConfig {
         }
 
         if errors.is_empty() {
-            Ok(Config { dataplane: Dataplane { conntrack_entries: dp.conntrack_entries, maglev_cells: dp.maglev_cells, hash_seed: dp.hash_seed }, services })
+            Ok(Config {
+                dataplane: Dataplane { conntrack_entries: dp.conntrack_entries, maglev_cells: dp.maglev_cells, hash_seed: dp.hash_seed },
+                services,
+                announce,
+            })
         } else {
             Err(errors)
         }

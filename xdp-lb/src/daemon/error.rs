@@ -11,6 +11,11 @@ pub enum DaemonError {
     /// in the same `field: problem` form as the file's errors.
     #[error("{}; nothing was changed", crate::config::render_for_cli(errors))]
     InvalidChange { path: String, errors: Vec<FieldError> },
+    #[error(
+        "node drain withdraws the VIP announcements, but {path} has no [announce] section: this node announces \
+         nothing (add `[announce]` with `table = N` to announce through BIRD); nothing was changed"
+    )]
+    AnnounceOff { path: String },
     #[error("unknown service \"{0}\"")]
     UnknownService(String),
     #[error("service \"{service}\" has no backend {address}")]

@@ -22,7 +22,7 @@ fn service(name: &str, vip: &str, backends: &[&str]) -> Service {
 }
 
 fn config(services: Vec<Service>) -> Config {
-    Config { dataplane: Dataplane { conntrack_entries: 1024, maglev_cells: 1024, hash_seed: 0 }, services }
+    Config { dataplane: Dataplane { conntrack_entries: 1024, maglev_cells: 1024, hash_seed: 0 }, services, announce: None }
 }
 
 #[test]

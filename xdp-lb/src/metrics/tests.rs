@@ -89,6 +89,7 @@ fn scrape() -> Scrape {
             .collect(),
         local_errors: vec![("process_fd_limit", 7), ("no_local_address", 0)],
         rings: vec![("web".into(), 0x00ab_cdef_0123_4567)],
+        announced: vec![("10.0.0.100".into(), true), ("2001:db8::100".into(), false)],
     }
 }
 
@@ -127,11 +128,22 @@ fn every_family_is_typed_and_appears_once() {
         "xdp_lb_backend_active_flows",
         "xdp_lb_backend_check_latency_seconds",
         "xdp_lb_service_ring_info",
+        "xdp_lb_vip_announced",
     ] {
         assert_eq!(families.get(name).map(|f| f.0.as_str()), Some("gauge"), "{name}: {families:?}");
     }
     let untyped: Vec<&String> = families.iter().filter(|(_, (kind, _))| kind == "unknown" || kind == "untyped").map(|(n, _)| n).collect();
     assert!(untyped.is_empty(), "untyped families: {untyped:?}");
+}
+
+#[test]
+fn each_vip_address_has_its_announcement_gauge() {
+    let families = parse(&exposition(&scrape()));
+    let announced = values(&families, "xdp_lb_vip_announced");
+    assert_eq!(announced.get(&labels(&[("vip", "10.0.0.100")])), Some(&1.0), "{announced:?}");
+    assert_eq!(announced.get(&labels(&[("vip", "2001:db8::100")])), Some(&0.0), "{announced:?}");
+    let off = Scrape { announced: Vec::new(), ..scrape() };
+    assert!(!parse(&exposition(&off)).contains_key("xdp_lb_vip_announced"), "announcements off: no gauge");
 }
 
 #[test]

@@ -1,0 +1,165 @@
+use std::{net::IpAddr, process::Command};
+
+use super::*;
+
+fn view(name: &str, vip: &str, programmed: bool, serving: usize) -> ServiceView {
+    ServiceView { name: name.into(), vip: vip.parse().unwrap(), programmed, serving }
+}
+
+fn announced(plans: &[VipPlan]) -> Vec<String> {
+    plans.iter().filter(|p| p.withdrawn.is_none()).map(|p| p.vip.to_string()).collect()
+}
+
+#[test]
+fn a_serving_programmed_service_is_announced_once_attached() {
+    let services = [view("web", "10.0.0.1", true, 2), view("web6", "fd00::1", true, 1)];
+    assert_eq!(announced(&desired(&services, true, false)), ["10.0.0.1", "fd00::1"]);
+    let before_attach = desired(&services, false, false);
+    assert!(before_attach.iter().all(|p| p.withdrawn == Some(Withdrawn::NotAttached)), "{before_attach:?}");
+}
+
+#[test]
+fn drain_withdraws_every_vip_whatever_its_health() {
+    let services = [view("web", "10.0.0.1", true, 2), view("dns", "10.0.0.2", true, 0)];
+    let plans = desired(&services, true, true);
+    assert_eq!(plans.len(), 2);
+    assert!(plans.iter().all(|p| p.withdrawn == Some(Withdrawn::NodeDrained)), "{plans:?}");
+    assert_eq!(plans[0].withdrawn.as_ref().unwrap().to_string(), "node drained");
+}
+
+#[test]
+fn all_backends_down_withdraws_with_the_service_named() {
+    let plans = desired(&[view("web", "10.0.0.1", true, 0)], true, false);
+    assert_eq!(plans[0].withdrawn, Some(Withdrawn::Services { all_down: vec!["web".into()], not_programmed: vec![] }));
+    assert_eq!(plans[0].withdrawn.as_ref().unwrap().to_string(), "all backends down (service web)");
+}
+
+#[test]
+fn an_unprogrammed_service_is_not_announced() {
+    let plans = desired(&[view("web", "10.0.0.1", false, 3)], true, false);
+    assert_eq!(plans[0].withdrawn.as_ref().unwrap().to_string(), "service not programmed (web)");
+}
+
+#[test]
+fn one_qualifying_service_announces_a_shared_address() {
+    // web (tcp/80) is down, dns (udp/53) on the same address serves: the /32 carries both.
+    let services = [view("web", "10.0.0.1", true, 0), view("dns", "10.0.0.1", true, 1)];
+    let plans = desired(&services, true, false);
+    assert_eq!(plans.len(), 1, "one route per address: {plans:?}");
+    assert_eq!(announced(&plans), ["10.0.0.1"]);
+    // Both down, for different reasons: both reasons shown.
+    let services = [view("web", "10.0.0.1", true, 0), view("dns", "10.0.0.1", false, 0)];
+    let reason = desired(&services, true, false)[0].withdrawn.as_ref().unwrap().to_string();
+    assert_eq!(reason, "all backends down (service web); service not programmed (dns)");
+}
+
+#[test]
+fn fail_open_serving_counts_as_serving() {
+    // plan() counts the failed-open primaries as serving: such a service stays announced.
+    let plans = desired(&[view("web", "10.0.0.1", true, 3)], true, false);
+    assert_eq!(announced(&plans), ["10.0.0.1"]);
+}
+
+#[test]
+fn no_services_no_routes() {
+    assert!(desired(&[], true, false).is_empty());
+}
+
+/// Runs `f` on a thread of its own in a new, empty network namespace (only that thread and the
+/// processes it starts see it; it goes when the thread ends). Needs root, as the netns tests do.
+fn in_private_netns<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: unshare(2) of this thread's own network namespace.
+            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("netns thread")
+    })
+}
+
+fn ip(args: &[&str]) -> String {
+    let out = Command::new("ip").args(args).output().expect("ip");
+    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn routes_are_added_listed_and_deleted_and_foreign_ones_never_touched() {
+    in_private_netns(|| {
+        ip(&["route", "add", "blackhole", "10.0.0.9/32", "table", "100", "proto", "static"]);
+        let mut nl = Netlink::open().unwrap();
+        let v4: IpAddr = "10.0.0.1".parse().unwrap();
+        let v6: IpAddr = "fd00::1".parse().unwrap();
+        nl.add(100, ROUTE_PROTO, v4).unwrap();
+        nl.add(100, ROUTE_PROTO, v6).unwrap();
+        let routes = nl.routes(100, ROUTE_PROTO).unwrap();
+        let dsts: Vec<(IpAddr, u8)> = routes.iter().map(|r| (r.dst, r.prefix_len)).collect();
+        assert_eq!(dsts, [(v4, 32), (v6, 128)], "the static route is not ours");
+        assert!(nl.routes(101, ROUTE_PROTO).unwrap().is_empty());
+        // Not in the main table: this node's own forwarding does not change.
+        assert!(!ip(&["route", "show", "table", "main"]).contains("10.0.0.1"));
+        // A route of another protocol for the same address is never replaced.
+        let e = nl.add(100, ROUTE_PROTO, "10.0.0.9".parse().unwrap()).unwrap_err();
+        assert_eq!(e.errno(), Some(libc::EEXIST), "{e}");
+        for r in &routes {
+            nl.delete(100, ROUTE_PROTO, r).unwrap();
+        }
+        assert!(nl.routes(100, ROUTE_PROTO).unwrap().is_empty());
+        // Deleting with our protocol cannot remove the foreign route to the same address.
+        let foreign = Route { dst: "10.0.0.9".parse().unwrap(), prefix_len: 32, kind: netlink::RTN_BLACKHOLE };
+        assert!(nl.delete(100, ROUTE_PROTO, &foreign).is_err());
+        assert!(ip(&["route", "show", "table", "100"]).contains("blackhole 10.0.0.9 proto static"));
+    });
+}
+
+#[test]
+fn the_announcer_adopts_removes_stale_routes_and_withdraws_everything_on_stop() {
+    in_private_netns(|| {
+        // Left by a previous daemon: one still wanted, one stale; and someone else's route.
+        ip(&["route", "add", "blackhole", "10.0.0.1/32", "table", "100", "proto", "247"]);
+        ip(&["route", "add", "blackhole", "10.0.0.7/32", "table", "100", "proto", "247"]);
+        ip(&["route", "add", "blackhole", "10.0.0.8/32", "table", "100", "proto", "static"]);
+        let table = || ip(&["route", "show", "table", "100"]);
+        let on = Some(Announce { table: 100, drained: false });
+        let services = [view("web", "10.0.0.1", true, 1), view("web6", "fd00::1", true, 1), view("dns", "10.0.0.2", true, 0)];
+        let mut a = Announcer::default();
+        // Loading, not attached yet: nothing is touched (no flap while a restarted daemon loads).
+        a.reconcile(on, &services);
+        assert!(table().contains("10.0.0.7"), "{}", table());
+        assert!(a.status().unwrap().vips.iter().all(|v| !v.announced));
+        a.set_attached();
+        a.reconcile(on, &services);
+        let t = table();
+        assert!(t.contains("blackhole 10.0.0.1 proto 247") && !t.contains("10.0.0.7") && !t.contains("10.0.0.2"), "{t}");
+        assert!(t.contains("blackhole 10.0.0.8 proto static"), "foreign route touched: {t}");
+        let t6 = ip(&["-6", "route", "show", "table", "100"]);
+        assert!(t6.starts_with("blackhole fd00::1 ") && t6.contains("proto 247"), "{t6}");
+        let status = a.status().unwrap().clone();
+        assert_eq!(status.vips.iter().map(|v| (v.vip.as_str(), v.announced)).collect::<Vec<_>>(), [
+            ("10.0.0.1", true),
+            ("10.0.0.2", false),
+            ("fd00::1", true)
+        ]);
+        assert_eq!(status.vips[1].reason.as_deref(), Some("all backends down (service dns)"));
+        // A route removed by hand comes back at the next reconcile.
+        ip(&["route", "del", "blackhole", "10.0.0.1/32", "table", "100", "proto", "247"]);
+        a.reconcile(on, &services);
+        assert!(table().contains("10.0.0.1"));
+        // A foreign route on a wanted address: not replaced, and the status says why.
+        let clash = [view("web", "10.0.0.8", true, 1)];
+        a.reconcile(on, &clash);
+        let v = &a.status().unwrap().vips[0];
+        assert!(!v.announced && v.reason.as_deref().is_some_and(|r| r.contains("another protocol")), "{v:?}");
+        // Moving the table withdraws from the old one.
+        a.reconcile(Some(Announce { table: 101, drained: false }), &services);
+        assert!(!table().contains("proto 247"), "{}", table());
+        assert!(ip(&["route", "show", "table", "101"]).contains("10.0.0.1"));
+        a.withdraw_all();
+        assert!(ip(&["route", "show", "table", "101"]).is_empty());
+        assert!(ip(&["-6", "route", "show", "table", "101"]).is_empty());
+        assert!(table().contains("10.0.0.8 proto static"));
+        assert!(a.status().is_none());
+    });
+}
