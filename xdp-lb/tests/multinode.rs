@@ -20,7 +20,7 @@ mod support;
 
 use std::{
     collections::BTreeSet,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     path::Path,
     time::{Duration, Instant},
 };
@@ -45,17 +45,13 @@ const BFD_WITHDRAWAL: Duration = Duration::from_millis(500);
 /// Everything the clients do stops after this, whatever happens.
 const LOAD_LIMIT: Duration = Duration::from_secs(100);
 const CONVERGE: Duration = Duration::from_secs(10);
-/// TEMPORARY until the daemon has `[announce]`: the test manages table 100 itself.
-const BY_HAND: bool = true;
 
 /// A DSR service (replies go from the backends to the client through the router, not back through
 /// the node) with fast health checks, so (f) sees every backend down within half a second. Every
 /// node lists the backends in another order: the rings must not care.
 fn config(topo: &MultiNode, node: usize) -> String {
     let mut out = String::new();
-    if !BY_HAND {
-        out.push_str(&format!("[announce]\ntable = {ANNOUNCE_TABLE}\ndrained = false\n\n"));
-    }
+    out.push_str(&format!("[announce]\ntable = {ANNOUNCE_TABLE}\ndrained = false\n\n"));
     out.push_str(&format!(
         "[[services]]\nname = \"web\"\nvip = \"{}\"\nprotocol = \"tcp\"\nmode = \"dsr\"\nscheduler = \"maglev\"\npassive_checks = false\n",
         topo.vip_socket(PORT)
@@ -106,13 +102,6 @@ impl Cluster {
     }
 
     fn cli_ok(&self, node: usize, args: &[&str]) -> String {
-        if BY_HAND && args[0] == "node" {
-            match args[1] {
-                "drain" => self.topo.withdraw_by_hand(node).unwrap(),
-                _ => self.topo.announce_by_hand(node).unwrap(),
-            }
-            return String::new();
-        }
         support::cli_ok(&self.daemons[node], args)
     }
 
@@ -144,9 +133,6 @@ impl Cluster {
     }
 
     fn announced(&self, node: usize) -> Value {
-        if BY_HAND {
-            return json!({"vips": [{"announced": true}], "node_drained": false});
-        }
         support::json(&self.daemons[node], &["status"])["announce"].take()
     }
 }
@@ -204,9 +190,6 @@ fn nodes_behind_an_ecmp_router_keep_every_connection_through_drain_hang_restart_
     let mut measured: Vec<(String, Duration)> = Vec::new();
 
     // (a) Every node announces the VIP: one next hop each.
-    if BY_HAND {
-        (0..NODES).for_each(|i| cluster.topo.announce_by_hand(i).unwrap());
-    }
     let took = cluster.router_nodes(&all_nodes(), "(a) every node announces");
     measured.push(("(a) daemons ready → router holds every node".into(), took));
     for i in 0..NODES {
@@ -282,6 +265,14 @@ fn nodes_behind_an_ecmp_router_keep_every_connection_through_drain_hang_restart_
     cluster.daemons[0].restart().unwrap_or_else(|e| panic!("(d) restart: {e:?}"));
     measured.push(("(d) xdp-lb restart (SIGTERM → ready)".into(), t0.elapsed()));
     cluster.router_nodes(&all_nodes(), "(d) after the restart");
+    // SIGTERM withdraws the node (a deliberate stop), the new daemon announces it again.
+    let events = watch.history(t0);
+    let node0 = IpAddr::from(cluster.topo.node_uplink_addr(0));
+    let gone = events.iter().position(|e| !e.gateways.contains(&node0));
+    let gone = gone.unwrap_or_else(|| panic!("(d) the stopping daemon did not withdraw node 0: {events:?}\n{}", cluster.logs()));
+    let back = events[gone..].iter().find(|e| e.gateways.contains(&node0)).expect("node 0 is back (checked above)");
+    measured.push(("(d) SIGTERM → router drops the node".into(), events[gone].at - t0));
+    measured.push(("(d) SIGTERM → node back on the router".into(), back.at - t0));
     load.settle(Duration::from_secs(2));
     assert_unbroken(&load, &cluster, "(d) xdp-lb on node 0 restarted");
 
@@ -327,7 +318,6 @@ fn nodes_behind_an_ecmp_router_keep_every_connection_through_drain_hang_restart_
     assert!(unexcused.is_empty(), "(e) connections not held by backend {MOVED} broke: {unexcused:#?}\n{}", cluster.logs());
 
     // (f) Every backend down: every node withdraws the VIP.
-    if BY_HAND { print_tallies(&load.stop()); println!("{measured:#?}"); return; }
     load.phase("(f) all backends down");
     let t0 = Instant::now();
     for server in &mut cluster.servers {
