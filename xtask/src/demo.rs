@@ -1,7 +1,15 @@
-//! `cargo xtask demo`: the balancer at work in a throw-away namespace testbed. Builds client, lb and
-//! three backends, runs the daemon with a NAT TCP service on the VIP, sends HTTP requests from the
-//! client, shows where they landed and what the daemon counted, then removes everything (also on
-//! Ctrl-C: the first one stops at the next request and lets every guard clean up).
+//! `cargo xtask demo`: the balancer at work in throw-away namespace testbeds, in two scenes.
+//!
+//! 1. One balancer: client, lb and three backends; the daemon runs a NAT TCP service on the VIP, the
+//!    client sends HTTP requests, the demo shows where they landed and what the daemon counted.
+//! 2. Two balancer nodes behind a router (issue 11): each node's BIRD announces the VIP over BGP,
+//!    the router splits the flows over both by ECMP; one node is drained and restored while the
+//!    client holds connections open and opens new ones, counting every failure (there must be none).
+//!
+//! Everything is removed at the end, also on Ctrl-C: the first one stops at the next step and lets
+//! every guard clean up.
+
+mod multinode;
 
 use std::{collections::BTreeMap, io::Write, path::Path};
 
@@ -19,7 +27,12 @@ const UDP_PORT: u16 = 53;
 pub fn run(xdp_lb_binary: &Path) -> anyhow::Result<()> {
     ensure!(xdp_lb_binary.exists(), "no daemon binary at {} (build it first)", xdp_lb_binary.display());
     interrupt::catch_sigint().context("installing the Ctrl-C handler")?;
-    let result = demo(xdp_lb_binary);
+    println!("=== scene 1: one balancer ===\n");
+    let mut result = demo(xdp_lb_binary);
+    if result.is_ok() {
+        println!("\n=== scene 2: two balancer nodes behind a router (BGP, ECMP) ===\n");
+        result = multinode::scene(xdp_lb_binary);
+    }
     // Every guard has dropped by now: namespaces, servers and daemon are gone, whatever happened.
     println!("\ntestbed removed");
     match result {
