@@ -198,8 +198,8 @@ fn nodes_behind_an_ecmp_router_keep_every_connection_through_drain_hang_restart_
     }
 
     let load_config = LoadConfig {
-        long_connections: 12,
-        long_period: Duration::from_millis(10),
+        long_connections: 24,
+        long_period: Duration::from_millis(20),
         new_period: Duration::from_millis(20),
         limit: LOAD_LIMIT,
     };

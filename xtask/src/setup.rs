@@ -17,8 +17,6 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "python3-prometheus-client",
     // systemd-analyze, to verify the units in dist/systemd (works without systemd as PID 1).
     "systemd",
-    // BGP for the multi-node test and demo scene: a router and every balancer node run BIRD.
-    "bird2",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
