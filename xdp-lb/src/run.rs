@@ -42,6 +42,9 @@ const ANSWER_CHUNK: usize = 64 * 1024;
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 /// Health transitions are applied at most this long after they arrive (see the select loop).
 const TRANSITION_COALESCE: Duration = Duration::from_millis(250);
+/// ... or this long on a node that announces its VIPs: a VIP whose last backend failed must be
+/// withdrawn within a tick, not a quarter second, so the routers stop sending it new flows.
+const ANNOUNCE_COALESCE: Duration = Duration::from_millis(50);
 /// At most this many health transitions are applied with one replan; more than every backend
 /// (4,096) changing once, so a burst is one replan, and the loop still turns to the API in between.
 const MAX_TRANSITION_BATCH: usize = 8192;
@@ -164,7 +167,8 @@ async fn serve(opts: Options, loaded: file::Loaded) -> Result<()> {
                         Err(_) => break,
                     }
                 }
-                apply_at.get_or_insert_with(|| tokio::time::Instant::now() + TRANSITION_COALESCE);
+                let coalesce = if daemon.config().announce.is_some() { ANNOUNCE_COALESCE } else { TRANSITION_COALESCE };
+                apply_at.get_or_insert_with(|| tokio::time::Instant::now() + coalesce);
             }
         }
     }

@@ -17,6 +17,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "python3-prometheus-client",
     // systemd-analyze, to verify the units in dist/systemd (works without systemd as PID 1).
     "systemd",
+    // BIRD 2: the BGP daemon that announces the VIPs (tests/announce.rs runs a node and a router).
+    "bird2",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 

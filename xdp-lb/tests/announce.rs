@@ -1,0 +1,329 @@
+//! VIP announcements (`[announce]`) with the real daemon in a namespace: the routes in its table
+//! through health changes, node drain, reloads, restarts, `stop`, a crash and foreign routes; and a
+//! real BIRD on the node, rendered from `examples/bgp/node-bird.conf`, peered with a BIRD router
+//! (from `examples/bgp/router-bird.conf`) that must lose the VIP within a second of `node drain`.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
+    time::{Duration, Instant},
+};
+
+use xdp_lb::api::StatusReply;
+use xdp_lb_testbed::{http_get, Daemon, Family, HttpServer, IdentityServers, Netns, Topology};
+
+const XDP_LB: &str = env!("CARGO_BIN_EXE_xdp-lb");
+const PORT: u16 = 80;
+/// The backends' health checks go to this port, where the test runs (and stops) a listener.
+const CHECK_PORT: u16 = 9000;
+const TABLE: &str = "100";
+const NODE_BIRD: &str = include_str!("../../examples/bgp/node-bird.conf");
+const ROUTER_BIRD: &str = include_str!("../../examples/bgp/router-bird.conf");
+
+fn config(topo: &Topology, announce: bool) -> String {
+    let mut out = String::new();
+    if announce {
+        out.push_str(&format!("[announce]\ntable = {TABLE}\n\n"));
+    }
+    let backends = |family| {
+        (0..topo.backend_count()).map(|i| format!("[[services.backends]]\naddress = \"{}\"\n", topo.backend_socket(family, i, PORT))).collect::<String>()
+    };
+    out.push_str(&format!(
+        "[[services]]\nname = \"web\"\nvip = \"{}\"\nprotocol = \"tcp\"\nmode = \"dsr\"\n\
+         health_check = {{ kind = \"tcp\", port = {CHECK_PORT}, interval_ms = 100, timeout_ms = 100, rise = 1, fall = 1 }}\n{}\n",
+        topo.vip_socket(Family::V4, PORT),
+        backends(Family::V4)
+    ));
+    out.push_str(&format!(
+        "[[services]]\nname = \"web6\"\nvip = \"{}\"\nprotocol = \"tcp\"\nmode = \"dsr\"\nhealth_check = {{ kind = \"none\" }}\n{}",
+        topo.vip_socket(Family::V6, PORT),
+        backends(Family::V6)
+    ));
+    out
+}
+
+/// The destinations of `table`'s routes with protocol `proto` in `ns`, both families, sorted.
+fn routes(ns: &Netns, table: &str, proto: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for family in ["-4", "-6"] {
+        let json = match ns.ip(&["-j", family, "route", "show", "table", table, "proto", proto]) {
+            Ok(json) => json,
+            // A table that never held a route of this family does not exist yet.
+            Err(e) if format!("{e:#}").contains("table does not exist") => continue,
+            Err(e) => panic!("{e:#}"),
+        };
+        let list: Vec<serde_json::Value> = serde_json::from_str(if json.trim().is_empty() { "[]" } else { &json }).expect("ip -j output");
+        out.extend(list.iter().filter_map(|r| r["dst"].as_str().map(str::to_string)));
+    }
+    out.sort();
+    out
+}
+
+fn vip_routes(ns: &Netns) -> Vec<String> {
+    routes(ns, TABLE, "247")
+}
+
+fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool, context: impl Fn() -> String) -> Duration {
+    let started = Instant::now();
+    while !done() {
+        assert!(started.elapsed() < limit, "{what}: not within {limit:?}\n{}", context());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    started.elapsed()
+}
+
+fn cli(daemon: &Daemon, args: &[&str]) -> Result<String, String> {
+    let out = daemon.cli(Path::new(XDP_LB), args).expect("run the CLI");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+fn status(daemon: &Daemon) -> StatusReply {
+    let text = cli(daemon, &["--json", "status"]).unwrap_or_else(|e| panic!("status: {e}"));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+/// (vip, announced, reason) of every VIP in `status`.
+fn announcements(daemon: &Daemon) -> Vec<(String, bool, String)> {
+    let reply = status(daemon);
+    let a = reply.announce.expect("status has an announce section");
+    assert_eq!(a.table, 100);
+    a.vips.into_iter().map(|v| (v.vip, v.announced, v.reason.unwrap_or_default())).collect()
+}
+
+fn check_servers(topo: &Topology) -> Vec<HttpServer> {
+    (0..topo.backend_count())
+        .map(|i| HttpServer::start(topo.backend(i), topo.backend_socket(Family::V4, i, CHECK_PORT), "check").expect("check listener"))
+        .collect()
+}
+
+/// Starts the daemon again after its process ended (a `stop` or a kill): the testbed's restart
+/// first reaps the ended process, which it reports as an error.
+fn start_again(daemon: &mut Daemon) {
+    if daemon.restart_with_args(&[]).is_ok() {
+        panic!("the daemon was still running");
+    }
+    daemon.restart_with_args(&[]).unwrap_or_else(|e| panic!("start again: {e:?}"));
+}
+
+fn wait_for_exit(pid: u32) {
+    let stat = format!("/proc/{pid}/stat");
+    wait_until(
+        "the daemon exits",
+        Duration::from_secs(10),
+        || std::fs::read_to_string(&stat).map_or(true, |s| s.split(") ").nth(1).is_some_and(|rest| rest.starts_with('Z'))),
+        String::new,
+    );
+}
+
+#[test]
+fn the_announce_table_follows_health_drain_reloads_restarts_stop_and_a_crash() {
+    let topo = Topology::new("ann", 2).expect("testbed");
+    let lb = topo.lb();
+    let _servers = IdentityServers::start_all(&topo, PORT, 53).expect("servers");
+    let checks = check_servers(&topo);
+    let (v4, v6) = (topo.vip(Family::V4).to_string(), topo.vip(Family::V6).to_string());
+    let both = || {
+        let mut b = vec![v4.clone(), v6.clone()];
+        b.sort();
+        b
+    };
+    // Routes that are not the daemon's: another protocol in its table, its protocol in another table.
+    lb.ip(&["route", "add", "blackhole", "10.200.100.200/32", "table", TABLE, "proto", "static"]).unwrap();
+    lb.ip(&["route", "add", "blackhole", &format!("{v4}/32"), "table", "101", "proto", "247"]).unwrap();
+    let foreign = || (routes(lb, TABLE, "static"), routes(lb, "101", "247"));
+    let foreign_before = foreign();
+    assert_eq!(foreign_before, (vec!["10.200.100.200".to_string()], vec![v4.clone()]));
+
+    let mut daemon = Daemon::start(Path::new(XDP_LB), lb, &topo.lb_ifaces(), &config(&topo, true)).unwrap_or_else(|e| panic!("{e:?}"));
+    let log = |d: &Daemon| d.log();
+    // Announced by the time the daemon is ready (attached, programmed, serving).
+    let ann = vip_routes(lb);
+    assert_eq!(ann, both(), "{}", log(&daemon));
+    // The routes do not change the node's own forwarding: nothing looks the table up.
+    let rules = lb.ip(&["rule", "show"]).unwrap() + &lb.ip(&["-6", "rule", "show"]).unwrap();
+    assert!(!rules.contains("lookup 100"), "{rules}");
+    assert!(announcements(&daemon).iter().all(|(_, announced, _)| *announced));
+
+    // All of web's backends fail their checks: its VIP is withdrawn, web6's stays.
+    drop(checks);
+    let took = wait_until("withdrawal on all-down", Duration::from_secs(5), || vip_routes(lb) == [v6.clone()], || log(&daemon));
+    eprintln!("all backends down → VIP withdrawn after {took:?} (checks every 100 ms, fall 1)");
+    let web = announcements(&daemon).into_iter().find(|(vip, ..)| *vip == v4).unwrap();
+    assert_eq!((web.1, web.2.as_str()), (false, "all backends down (service web)"));
+    let _checks = check_servers(&topo);
+    let took = wait_until("announcement when back up", Duration::from_secs(5), || vip_routes(lb) == both(), || log(&daemon));
+    eprintln!("backends up again → VIP announced after {took:?}");
+
+    // Node drain: withdrawn by the time the CLI returns, written to the file, traffic still served.
+    cli(&daemon, &["node", "drain"]).unwrap_or_else(|e| panic!("node drain: {e}"));
+    assert!(vip_routes(lb).is_empty(), "{:?}", vip_routes(lb));
+    let file = std::fs::read_to_string(daemon.config_path()).unwrap();
+    assert!(file.contains("drained = true"), "{file}");
+    assert!(announcements(&daemon).iter().all(|(_, a, reason)| !a && reason == "node drained"));
+    let human = cli(&daemon, &["status"]).unwrap();
+    assert!(human.contains("NODE DRAINED") && human.contains("withdrawn") && human.contains("node drained"), "{human}");
+    let vip: SocketAddr = topo.vip_socket(Family::V4, PORT);
+    for _ in 0..5 {
+        topo.client().run(|| http_get(vip)).unwrap_or_else(|e| panic!("a drained node still forwards what arrives: {e}"));
+    }
+    // The drain is in the file: a reload and a restart keep it.
+    daemon.reload().unwrap();
+    assert!(vip_routes(lb).is_empty());
+    daemon.restart().unwrap_or_else(|e| panic!("{e:?}"));
+    assert!(vip_routes(lb).is_empty(), "restarted drained node announced: {}", log(&daemon));
+    cli(&daemon, &["node", "undrain"]).unwrap_or_else(|e| panic!("node undrain: {e}"));
+    assert_eq!(vip_routes(lb), both());
+
+    // A NAT service is refused while announcing, naming the option.
+    let err = cli(&daemon, &["service", "add", "api", "--vip", "10.200.100.101:80", "--protocol", "tcp"]).unwrap_err();
+    assert!(err.contains("--mode: \"nat\" cannot be announced from several nodes"), "{err}");
+
+    // kill -9: the routes stay (the pinned data plane keeps forwarding).
+    let pid = daemon.pid();
+    // SAFETY: kill(2) on the daemon this test started, which has not been reaped.
+    assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) }, 0);
+    wait_for_exit(pid);
+    assert_eq!(vip_routes(lb), both(), "a crash must leave the announcements");
+    // A VIP that left the config while no daemon ran: its route is stale.
+    lb.ip(&["route", "add", "blackhole", "10.200.100.150/32", "table", TABLE, "proto", "247"]).unwrap();
+    start_again(&mut daemon);
+    assert_eq!(vip_routes(lb), both(), "the restarted daemon adopts its routes and removes the stale one\n{}", log(&daemon));
+
+    // Announcements turned off by a reload: every route withdrawn, node drain refused.
+    daemon.reconfigure(&config(&topo, false)).unwrap();
+    assert!(vip_routes(lb).is_empty(), "{}", log(&daemon));
+    let err = cli(&daemon, &["node", "drain"]).unwrap_err();
+    assert!(err.contains("has no [announce] section"), "{err}");
+    assert!(status(&daemon).announce.is_none());
+    daemon.reconfigure(&config(&topo, true)).unwrap();
+    assert_eq!(vip_routes(lb), both());
+
+    // `xdp-lb stop`: every route withdrawn before the daemon exits; others' routes untouched.
+    let pid = daemon.pid();
+    cli(&daemon, &["stop"]).unwrap_or_else(|e| panic!("stop: {e}"));
+    wait_for_exit(pid);
+    assert!(vip_routes(lb).is_empty(), "stop left {:?}\n{}", vip_routes(lb), log(&daemon));
+    assert_eq!(foreign(), foreign_before, "a route that is not the daemon's was touched");
+    start_again(&mut daemon);
+    assert_eq!(vip_routes(lb), both());
+    // SIGTERM withdraws too.
+    let stopped = daemon.stop().unwrap_or_else(|e| panic!("{e:?}"));
+    assert!(vip_routes(lb).is_empty(), "SIGTERM left routes: {stopped}");
+    assert_eq!(foreign(), foreign_before);
+}
+
+/// A BIRD in the foreground in `ns`, killed when dropped (also when the test fails).
+struct Bird {
+    child: Child,
+    name: &'static str,
+    dir: PathBuf,
+}
+
+impl Bird {
+    fn start(ns: &Netns, name: &'static str, conf: &str, dir: &Path) -> Bird {
+        let path = dir.join(format!("{name}.conf"));
+        std::fs::write(&path, conf).unwrap();
+        // Each instance its own control socket and pidfile: the file system is shared.
+        let mut cmd = ns.command("bird");
+        cmd.arg("-f").arg("-c").arg(&path).arg("-s").arg(dir.join(format!("{name}.ctl"))).arg("-P").arg(dir.join(format!("{name}.pid")));
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(std::fs::File::create(dir.join(format!("{name}.stderr"))).unwrap());
+        let child = ns.spawn(&mut cmd).unwrap_or_else(|e| panic!("starting BIRD (apt-get install bird2; `cargo xtask setup` does): {e:?}"));
+        Bird { child, name, dir: dir.to_path_buf() }
+    }
+
+    fn log(&self) -> String {
+        let read = |suffix: &str| std::fs::read_to_string(self.dir.join(format!("{}.{suffix}", self.name))).unwrap_or_default();
+        format!("--- {} log ---\n{}{}", self.name, read("log"), read("stderr"))
+    }
+}
+
+impl Drop for Bird {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sets `define NAME = value;` in a shipped BIRD config; the define must be there, so a changed
+/// example breaks this test instead of silently testing something else.
+fn define(conf: &str, name: &str, value: &str) -> String {
+    let prefix = format!("define {name} = ");
+    let mut found = false;
+    let out = conf
+        .lines()
+        .map(|l| {
+            if l.starts_with(&prefix) {
+                found = true;
+                format!("{prefix}{value};")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(found, "the example BIRD config has no `{prefix}...`");
+    out
+}
+
+fn log_to(conf: &str, file: &Path) -> String {
+    assert!(conf.contains("log syslog all;"));
+    conf.replace("log syslog all;", &format!("log \"{}\" all;", file.display()))
+}
+
+#[test]
+fn a_bird_router_learns_the_vip_from_the_node_and_loses_it_within_a_second_of_node_drain() {
+    let topo = Topology::new("bgp", 1).expect("testbed");
+    let lb = topo.lb();
+    let router = Netns::new(&format!("{}-rtr", topo.prefix())).expect("router netns");
+    lb.ip(&["link", "add", "to-rtr", "type", "veth", "peer", "name", "eth0", "netns", router.name()]).unwrap();
+    for (ns, dev, v4, v6) in [(lb, "to-rtr", "10.250.0.2/24", "fd00:250::2/64"), (&router, "eth0", "10.250.0.1/24", "fd00:250::1/64")] {
+        ns.ip(&["addr", "add", v4, "dev", dev]).unwrap();
+        ns.ip(&["addr", "add", v6, "dev", dev, "nodad"]).unwrap();
+        ns.ip(&["link", "set", dev, "up"]).unwrap();
+    }
+    let dir = tempfile::Builder::new().prefix("xdp-lb-bird-").tempdir().unwrap();
+    let node_conf = [("NODE_ADDR", "10.250.0.2"), ("ROUTER_ADDR", "10.250.0.1"), ("VIP_TABLE", TABLE)]
+        .iter()
+        .fold(NODE_BIRD.to_string(), |c, (name, value)| define(&c, name, value));
+    let router_part = ROUTER_BIRD.split("protocol bgp node1").next().unwrap();
+    let router_conf = define(router_part, "ROUTER_ADDR", "10.250.0.1") + "protocol bgp node1 from xdp_lb_node {\n    neighbor 10.250.0.2 as NODES_AS;\n}\n";
+    let router_bird = Bird::start(&router, "router", &log_to(&router_conf, &dir.path().join("router.log")), dir.path());
+    let node_bird = Bird::start(lb, "node", &log_to(&node_conf, &dir.path().join("node.log")), dir.path());
+    let birds = || format!("{}\n{}", node_bird.log(), router_bird.log());
+
+    let _servers = IdentityServers::start_all(&topo, PORT, 53).expect("servers");
+    let _checks = check_servers(&topo);
+    let daemon = Daemon::start(Path::new(XDP_LB), lb, &topo.lb_ifaces(), &config(&topo, true)).unwrap_or_else(|e| panic!("{e:?}"));
+    let (v4, v6) = (topo.vip(Family::V4).to_string(), topo.vip(Family::V6).to_string());
+    let router_has = |vip: &str| {
+        let family = if vip.contains(':') { "-6" } else { "-4" };
+        router.ip(&[family, "route", "show", vip]).unwrap().contains("proto bird")
+    };
+    // The session comes up (connect delay 0), then both VIPs arrive with the node as next hop.
+    let took = wait_until("the router learns the VIPs", Duration::from_secs(20), || router_has(&v4) && router_has(&v6), birds);
+    eprintln!("router learned both VIPs {took:?} after the daemon was ready");
+    let via = router.ip(&["route", "show", &v4]).unwrap();
+    assert!(via.contains("via 10.250.0.2"), "{via}");
+
+    let started = Instant::now();
+    cli(&daemon, &["node", "drain"]).unwrap_or_else(|e| panic!("node drain: {e}"));
+    let cli_took = started.elapsed();
+    wait_until("the router loses the VIPs", Duration::from_secs(1), || !router_has(&v4) && !router_has(&v6), birds);
+    let took = started.elapsed();
+    eprintln!("node drain: CLI returned after {cli_took:?}, router lost both VIPs {took:?} after the command started");
+
+    let started = Instant::now();
+    cli(&daemon, &["node", "undrain"]).unwrap_or_else(|e| panic!("node undrain: {e}"));
+    wait_until("the router learns the VIPs again", Duration::from_secs(2), || router_has(&v4) && router_has(&v6), birds);
+    eprintln!("node undrain: router has both VIPs again after {:?}", started.elapsed());
+
+    let started = Instant::now();
+    daemon.stop().unwrap_or_else(|e| panic!("{e:?}"));
+    wait_until("the router loses the VIPs at stop", Duration::from_secs(1), || !router_has(&v4) && !router_has(&v6), birds);
+    eprintln!("SIGTERM: router lost both VIPs {:?} after the signal", started.elapsed());
+}
