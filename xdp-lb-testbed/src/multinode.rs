@@ -8,11 +8,14 @@
 //!                              10.202.i.1└ ...                                                       │   ├ backend-j 10.201.0.(10+j)
 //!                      router backends 10.201.0.254 ─────────────────────────────────────────────────┘   └ ...
 //! ```
-//! Every node runs BIRD, which learns the routes in the node's kernel table [`ANNOUNCE_TABLE`] (what
-//! xdp-lb's `[announce]` maintains, or a test by hand with [`MultiNode::announce_by_hand`]) and
-//! exports just those to the router: BFD 100 ms × 3, no graceful restart (a dead node's routes
-//! must go, not linger), `merge paths on` in the router's kernel protocol and
-//! `fib_multipath_hash_policy=1` in its namespace (5-tuple ECMP: one flow stays on one node).
+//! BIRD runs on the router and on every node with the configs the project ships
+//! (`examples/bgp/router-bird.conf`, `node-bird.conf`, addresses filled in): each node's BIRD
+//! learns the routes xdp-lb's `[announce]` keeps in the node's kernel table [`ANNOUNCE_TABLE`] and
+//! exports just those; BFD 100 ms × 3, no graceful restart (a dead node's routes must go, not
+//! linger), `merge paths on` in the router's kernel protocol. The testbed adds only
+//! `fib_multipath_hash_policy=1` in the router's namespace (5-tuple ECMP: one flow stays on one
+//! node), BIRD's log on stderr and a short `error wait time` (a session that failed comes back in
+//! 1–2 s, not BIRD's default 60 s, so a test can resume a hung node).
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -30,14 +33,9 @@ use crate::{
 
 /// The kernel routing table whose routes a node's BIRD announces: xdp-lb's `[announce] table`.
 pub const ANNOUNCE_TABLE: u32 = 100;
-/// The route protocol number of routes the tests add by hand to [`ANNOUNCE_TABLE`].
-pub const HAND_PROTO: u32 = 250;
 pub const ROUTER_ASN: u32 = 65000;
-/// Node `i` is AS `NODE_ASN_BASE + i`.
-pub const NODE_ASN_BASE: u32 = 65001;
-/// BFD on every router–node session: probes every 100 ms, down after 3 missed.
-pub const BFD_INTERVAL_MS: u32 = 100;
-pub const BFD_MULTIPLIER: u32 = 3;
+/// Every node's AS (one AS for all, as in `examples/bgp`: equal AS paths, so the router merges them).
+pub const NODES_ASN: u32 = 65010;
 
 /// A node's interface towards the router.
 pub const UPLINK: &str = "uplink";
@@ -75,13 +73,13 @@ impl MultiNode {
             (0..backends).map(|j| Netns::new(&format!("{prefix}-backend-{j}"))).collect::<anyhow::Result<Vec<_>>>()?;
         let dir = tempfile::Builder::new().prefix("xdp-lb-multinode-").tempdir()?;
         wire(&client, &router, &switch, &nodes, &backends).with_context(|| format!("building topology {prefix}"))?;
-        let router_bird = Bird::start(&router, dir.path(), "router", &router_config(nodes.len()))
+        let router_bird = Bird::start(&router, dir.path(), "router", &router_config(nodes.len())?)
             .with_context(|| format!("starting BIRD in {}", router.name()))?;
         let node_birds = nodes
             .iter()
             .enumerate()
             .map(|(i, ns)| {
-                Bird::start(ns, dir.path(), &format!("node-{i}"), &node_config(i))
+                Bird::start(ns, dir.path(), &format!("node-{i}"), &node_config(i)?)
                     .with_context(|| format!("starting BIRD in {}", ns.name()))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
@@ -203,21 +201,6 @@ impl MultiNode {
         }
     }
 
-    /// Adds the route xdp-lb's `[announce]` would add for the VIP on node `i` (a blackhole in
-    /// [`ANNOUNCE_TABLE`], which the node's own forwarding never consults).
-    pub fn announce_by_hand(&self, i: usize) -> anyhow::Result<()> {
-        let (table, proto) = (ANNOUNCE_TABLE.to_string(), HAND_PROTO.to_string());
-        let vip = format!("{VIP_V4}/32");
-        self.nodes[i].ip(&["route", "replace", "blackhole", &vip, "table", &table, "proto", &proto]).map(drop)
-    }
-
-    /// Removes the route [`MultiNode::announce_by_hand`] added.
-    pub fn withdraw_by_hand(&self, i: usize) -> anyhow::Result<()> {
-        let (table, proto) = (ANNOUNCE_TABLE.to_string(), HAND_PROTO.to_string());
-        let vip = format!("{VIP_V4}/32");
-        self.nodes[i].ip(&["route", "del", "blackhole", &vip, "table", &table, "proto", &proto]).map(drop)
-    }
-
     /// The routes in node `i`'s announce table (`ip route show table 100`).
     pub fn announce_table(&self, i: usize) -> anyhow::Result<String> {
         self.nodes[i].ip(&["route", "show", "table", &ANNOUNCE_TABLE.to_string()])
@@ -334,59 +317,92 @@ fn veth(a: &Netns, a_if: &str, a_addr: &str, b: &Netns, b_if: &str, b_addr: &str
     Ok(())
 }
 
-/// Timers shared by both ends of every session: BGP starts at once (`connect delay time 0`: the
-/// default 5 s slows the first session), comes back within seconds of an error (the default wait is
-/// 60 s), and a session that ends drops its routes at once (graceful restart would keep a dead
-/// node's route for 120 s).
-fn session_options() -> String {
-    "bfd on; connect delay time 0; error wait time 1, 2; graceful restart off; hold time 9; keepalive time 3;".into()
-}
+/// The BIRD configs the project ships for operators: the testbed runs exactly these, with the
+/// addresses filled in.
+const NODE_EXAMPLE: &str = include_str!("../../examples/bgp/node-bird.conf");
+const ROUTER_EXAMPLE: &str = include_str!("../../examples/bgp/router-bird.conf");
+const LOG: &str = "log stderr { info, remote, warning, error, auth, fatal, bug };";
+/// A session that failed (BFD down) comes back within seconds rather than after BIRD's default
+/// 60–300 s wait, so a test can resume a hung node and carry on.
+const ERROR_WAIT: &str = "error wait time 1, 2;";
 
-fn bfd_block(interfaces: &str) -> String {
-    format!(
-        "protocol bfd {{\n  interface \"{interfaces}\" {{ min rx interval {BFD_INTERVAL_MS} ms; min tx interval {BFD_INTERVAL_MS} ms; multiplier {BFD_MULTIPLIER}; }};\n}}\n"
-    )
-}
-
-const LOG: &str = "log stderr { info, remote, warning, error, auth, fatal, bug };\n";
-
-/// The router: learns the VIP from every node and installs all equal paths (`merge paths on`).
-pub fn router_config(nodes: usize) -> String {
-    let mut out = String::from(LOG);
-    out.push_str(&format!("router id {ROUTER_CLIENT_SIDE};\nprotocol device {{ }}\n"));
-    out.push_str("protocol kernel {\n  ipv4 { import none; export all; };\n  merge paths on;\n}\n");
-    out.push_str(&bfd_block("to-n*"));
-    out.push_str(&format!(
-        "template bgp nodes {{\n  local as {ROUTER_ASN};\n  {}\n  ipv4 {{ import all; export none; }};\n}}\n",
-        session_options()
-    ));
+/// The router (`examples/bgp/router-bird.conf`): one eBGP session per node (the example's sample
+/// neighbours replaced), each from the router's address on that node's link.
+pub fn router_config(nodes: usize) -> anyhow::Result<String> {
+    let sample = ROUTER_EXAMPLE.find("protocol bgp node1 from").context("router-bird.conf has no `protocol bgp node1 from`")?;
+    let mut out = ROUTER_EXAMPLE[..sample].to_string();
+    out = set_define(&out, "ROUTER_ADDR", &ROUTER_CLIENT_SIDE.to_string())?;
+    out = set_define(&out, "ROUTER_AS", &ROUTER_ASN.to_string())?;
+    out = set_define(&out, "NODES_AS", &NODES_ASN.to_string())?;
+    out = replace_once(&out, "log syslog all;", LOG)?;
+    out = replace_once(&out, "connect delay time 0;", &format!("connect delay time 0;\n    {ERROR_WAIT}"))?;
     for i in 0..nodes {
         out.push_str(&format!(
-            "protocol bgp node{i} from nodes {{ local {} as {ROUTER_ASN}; neighbor {} as {}; }}\n",
+            "protocol bgp node{i} from xdp_lb_node {{\n    local {} as ROUTER_AS;\n    neighbor {} as NODES_AS;\n}}\n",
             router_side_addr(i),
-            node_uplink_addr(i),
-            NODE_ASN_BASE + i as u32
+            node_uplink_addr(i)
         ));
     }
-    out
+    Ok(out)
 }
 
-/// Node `i`: learns the routes of its announce table (added by xdp-lb, or by hand) and exports
-/// just those to the router.
-pub fn node_config(i: usize) -> String {
-    let mut out = String::from(LOG);
-    out.push_str(&format!("router id {};\nprotocol device {{ }}\n", node_uplink_addr(i)));
-    // `learn`: import routes that other programs put in the kernel table.
-    out.push_str(&format!(
-        "protocol kernel announced {{\n  ipv4 {{ import all; export none; }};\n  learn;\n  kernel table {ANNOUNCE_TABLE};\n}}\n"
-    ));
-    out.push_str(&bfd_block(UPLINK));
-    out.push_str(&format!(
-        "protocol bgp to_router {{\n  local {} as {};\n  neighbor {} as {ROUTER_ASN};\n  {}\n  ipv4 {{ import none; export where proto = \"announced\"; next hop self; }};\n}}\n",
-        node_uplink_addr(i),
-        NODE_ASN_BASE + i as u32,
-        router_side_addr(i),
-        session_options()
-    ));
-    out
+/// Node `i` (`examples/bgp/node-bird.conf`): learns xdp-lb's routes in [`ANNOUNCE_TABLE`] and
+/// exports just those to the router.
+pub fn node_config(i: usize) -> anyhow::Result<String> {
+    let mut out = NODE_EXAMPLE.to_string();
+    out = set_define(&out, "NODE_ADDR", &node_uplink_addr(i).to_string())?;
+    out = set_define(&out, "NODE_AS", &NODES_ASN.to_string())?;
+    out = set_define(&out, "ROUTER_ADDR", &router_side_addr(i).to_string())?;
+    out = set_define(&out, "ROUTER_AS", &ROUTER_ASN.to_string())?;
+    out = set_define(&out, "VIP_TABLE", &ANNOUNCE_TABLE.to_string())?;
+    out = replace_once(&out, "log syslog all;", LOG)?;
+    replace_once(&out, "connect delay time 0;", &format!("connect delay time 0;\n    {ERROR_WAIT}"))
+}
+
+/// Replaces the line `define NAME = ...;` with `define NAME = value;`.
+fn set_define(config: &str, name: &str, value: &str) -> anyhow::Result<String> {
+    let prefix = format!("define {name} =");
+    let mut found = false;
+    let lines: Vec<String> = config
+        .lines()
+        .map(|l| {
+            if l.starts_with(&prefix) {
+                found = true;
+                format!("{prefix} {value};")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect();
+    ensure!(found, "the example BIRD config has no `{prefix} ...` line");
+    Ok(lines.join("\n") + "\n")
+}
+
+fn replace_once(config: &str, from: &str, to: &str) -> anyhow::Result<String> {
+    ensure!(config.matches(from).count() == 1, "the example BIRD config should hold `{from}` once");
+    Ok(config.replace(from, to))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shipped examples still have what the testbed fills in; `bird -p` (in `Bird::start`)
+    /// checks the result parses.
+    #[test]
+    fn renders_the_example_configs() {
+        let router = router_config(3).unwrap();
+        assert!(router.contains("define ROUTER_AS = 65000;") && router.contains(ERROR_WAIT) && router.contains(LOG), "{router}");
+        assert!(router.contains("protocol bgp node2 from xdp_lb_node {\n    local 10.202.2.1 as ROUTER_AS;\n    neighbor 10.202.2.2 as NODES_AS;"), "{router}");
+        assert!(!router.contains("203.0.113"), "a sample address is left: {router}");
+        let node = node_config(1).unwrap();
+        assert!(node.contains("define NODE_ADDR = 10.202.1.2;") && node.contains("define VIP_TABLE = 100;"), "{node}");
+        assert!(!node.contains("203.0.113") && node.contains(ERROR_WAIT), "{node}");
+    }
+
+    #[test]
+    fn a_missing_define_is_named() {
+        let e = set_define("router id 1.2.3.4;\n", "NODE_AS", "1").unwrap_err();
+        assert!(e.to_string().contains("define NODE_AS ="), "{e}");
+    }
 }

@@ -263,6 +263,7 @@ fn nodes_behind_an_ecmp_router_keep_every_connection_through_drain_hang_restart_
     load.phase("(d) xdp-lb on node 0 restarted");
     let t0 = Instant::now();
     cluster.daemons[0].restart().unwrap_or_else(|e| panic!("(d) restart: {e:?}"));
+    println!("(d) restart began at {:.3} s", (t0 - started).as_secs_f64());
     measured.push(("(d) xdp-lb restart (SIGTERM → ready)".into(), t0.elapsed()));
     cluster.router_nodes(&all_nodes(), "(d) after the restart");
     // SIGTERM withdraws the node (a deliberate stop), the new daemon announces it again.
@@ -336,11 +337,10 @@ fn nodes_behind_an_ecmp_router_keep_every_connection_through_drain_hang_restart_
     for (what, took) in &measured {
         println!("  {what:<52} {:>8.1} ms", took.as_secs_f64() * 1000.0);
     }
-    let history: Vec<BTreeSet<usize>> = watch
-        .history(started)
-        .iter()
-        .map(|e| e.gateways.iter().filter_map(|&g| cluster.topo.node_of_gateway(g)).collect())
-        .collect();
-    println!("router next-hop sets over the run: {history:?}");
+    println!("the router's next hops for the VIP over the run (nodes):");
+    for e in watch.history(started) {
+        let nodes: BTreeSet<usize> = e.gateways.iter().filter_map(|&g| cluster.topo.node_of_gateway(g)).collect();
+        println!("  {:>9.3} s  {nodes:?}", (e.at - started).as_secs_f64());
+    }
     println!("whole test: {:.1} s", started.elapsed().as_secs_f64());
 }

@@ -26,7 +26,7 @@ const DRAINED: usize = 1;
 
 pub fn scene(binary: &Path) -> anyhow::Result<()> {
     println!("building testbed: client ── router ══ {NODES} nodes ── switch ── {BACKENDS} backends");
-    println!("(BIRD on the router and on every node: eBGP, BFD 100 ms × 3, ECMP with `merge paths on`)");
+    println!("(BIRD on the router and on every node, configs from examples/bgp: eBGP, BFD 100 ms × 3, ECMP with `merge paths on`)");
     let topo = MultiNode::new("demo-mn", NODES, BACKENDS)?;
     interrupt::check()?;
     let _servers = (0..BACKENDS)
