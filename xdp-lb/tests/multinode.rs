@@ -225,13 +225,13 @@ fn nodes_behind_an_ecmp_router_keep_every_connection_through_drain_hang_restart_
     assert_eq!(cluster.topo.router_nodes().expect("route"), without(drained));
     assert!(took <= DRAIN_WITHDRAWAL, "(b) the drained node was withdrawn after {took:?}, more than {DRAIN_WITHDRAWAL:?}");
     std::thread::sleep(Duration::from_millis(1000));
+    assert_unbroken(&load, &cluster, "(b) drain node 1");
     // The flows node 1 carried are now tracked by another node too: they really moved.
     let moved: Vec<SocketAddr> =
         on_drained.iter().copied().filter(|&src| cluster.nodes_tracking(src).iter().any(|&n| n != drained)).collect();
     println!("(b) {} long connections ran through node {drained} only; {} of them continue through another node", on_drained.len(), moved.len());
     assert!(!on_drained.is_empty(), "no long connection went through node {drained}: the ECMP spread is off");
     assert_eq!(moved.len(), on_drained.len(), "(b) flows of the drained node that did not move: {on_drained:?} vs {moved:?}");
-    assert_unbroken(&load, &cluster, "(b) drain node 1");
 
     load.phase("(b) undrain node 1");
     let t0 = Instant::now();
