@@ -4,6 +4,7 @@
 
 use std::{
     fs::File,
+    os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -54,6 +55,9 @@ impl Bird {
         let mut cmd = ns.command("bird");
         cmd.arg("-f").arg("-c").arg(&conf).arg("-s").arg(&socket).arg("-P").arg(dir.join(format!("{name}.pid")));
         cmd.stdin(Stdio::null()).stdout(File::create(&log)?).stderr(File::create(dir.join(format!("{name}.stderr")))?);
+        // Its own process group: a Ctrl-C at the terminal reaches only us (BIRD would shut down on
+        // SIGINT and withdraw everything), and the guards stop it.
+        cmd.process_group(0);
         // `ip netns exec` execs bird in place: the child's pid is BIRD's, which pause() signals.
         let child = ns.spawn(&mut cmd)?;
         let mut bird = Bird {

@@ -18,7 +18,7 @@
 //! 1–2 s, not BIRD's default 60 s, so a test can resume a hung node).
 
 use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     time::{Duration, Instant},
 };
 
@@ -28,7 +28,7 @@ use crate::{
     bird::Bird,
     netns::{unique_prefix, Netns},
     route_watch::RouteWatch,
-    topology::VIP_V4,
+    topology::{Family, VIP_V4, VIP_V6},
 };
 
 /// The kernel routing table whose routes a node's BIRD announces: xdp-lb's `[announce] table`.
@@ -132,67 +132,62 @@ impl MultiNode {
         [UPLINK, BACKENDS_LINK]
     }
 
-    pub fn client_addr(&self) -> Ipv4Addr {
-        Ipv4Addr::new(10, 200, 0, 2)
+    pub fn client_addr(&self, family: Family) -> IpAddr {
+        family.pick(Ipv4Addr::new(10, 200, 0, 2), Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 2))
     }
-    /// Node `i`'s address towards the router: the next hop the router installs for it.
+    /// Node `i`'s address towards the router (the BGP session runs over IPv4).
     pub fn node_uplink_addr(&self, i: usize) -> Ipv4Addr {
         node_uplink_addr(i)
     }
     /// Node `i`'s address on the backends' segment (its health checks come from it).
-    pub fn node_backend_side_addr(&self, i: usize) -> Ipv4Addr {
-        Ipv4Addr::new(10, 201, 0, 1 + i as u8)
+    pub fn node_backend_side_addr(&self, family: Family, i: usize) -> IpAddr {
+        family.pick(Ipv4Addr::new(10, 201, 0, 1 + i as u8), Ipv6Addr::new(0xfd00, 0x201, 0, 0, 0, 0, 0, 1 + i as u16))
     }
-    pub fn backend_addr(&self, j: usize) -> Ipv4Addr {
-        Ipv4Addr::new(10, 201, 0, 10 + j as u8)
+    pub fn backend_addr(&self, family: Family, j: usize) -> IpAddr {
+        family.pick(backend_addr(j), backend_addr_v6(j))
     }
-    pub fn backend_socket(&self, j: usize, port: u16) -> SocketAddr {
-        SocketAddr::new(self.backend_addr(j).into(), port)
+    pub fn backend_socket(&self, family: Family, j: usize, port: u16) -> SocketAddr {
+        SocketAddr::new(self.backend_addr(family, j), port)
     }
-    pub fn vip(&self) -> Ipv4Addr {
-        VIP_V4
+    /// The VIPs are the single-balancer testbed's ([`crate::topology::VIP_V4`], `VIP_V6`).
+    pub fn vip(&self, family: Family) -> IpAddr {
+        family.pick(VIP_V4, VIP_V6)
     }
-    pub fn vip_socket(&self, port: u16) -> SocketAddr {
-        SocketAddr::new(VIP_V4.into(), port)
-    }
-
-    /// Which node a router next hop belongs to.
-    pub fn node_of_gateway(&self, gateway: IpAddr) -> Option<usize> {
-        (0..self.nodes.len()).find(|&i| IpAddr::from(node_uplink_addr(i)) == gateway)
+    pub fn vip_socket(&self, family: Family, port: u16) -> SocketAddr {
+        SocketAddr::new(self.vip(family), port)
     }
 
-    /// The nodes the router sends the VIP to now, in node order.
-    pub fn router_nodes(&self) -> anyhow::Result<Vec<usize>> {
-        let out = self.router.ip(&["-o", "route", "show", &VIP_V4.to_string()])?;
+    /// The nodes the router sends the VIP of `family` to now, in node order (none: no route).
+    pub fn router_nodes(&self, family: Family) -> anyhow::Result<Vec<usize>> {
+        let flag = family.pick_str("-4", "-6");
+        let out = self.router.ip(&[flag, "-o", "route", "show", &self.vip(family).to_string()])?;
         let words: Vec<&str> = out.split_whitespace().collect();
-        let mut nodes: Vec<usize> = words
-            .windows(2)
-            .filter(|w| w[0] == "via")
-            .filter_map(|w| w[1].parse().ok().and_then(|g| self.node_of_gateway(g)))
-            .collect();
+        let mut nodes: Vec<usize> = words.windows(2).filter(|w| w[0] == "dev").filter_map(|w| node_of_device(w[1])).collect();
         nodes.sort_unstable();
         Ok(nodes)
     }
 
-    /// Follows the router's route to the VIP (see [`RouteWatch`]).
-    pub fn watch_router(&self) -> anyhow::Result<RouteWatch> {
-        RouteWatch::start(&self.router, VIP_V4.into())
+    /// Follows the router's route to the VIP of `family` (see [`RouteWatch`]); its events list
+    /// the nodes as devices, [`node_of_device`] names them.
+    pub fn watch_router(&self, family: Family) -> anyhow::Result<RouteWatch> {
+        RouteWatch::start(&self.router, self.vip(family))
     }
 
-    /// Waits until the router's route to the VIP goes through exactly `expected` nodes (none: no
-    /// route); an error names what it holds instead.
-    pub fn wait_router_nodes(&self, expected: &[usize], timeout: Duration) -> anyhow::Result<Duration> {
+    /// Waits until the router's route to the VIP of `family` goes through exactly `expected` nodes
+    /// (none: no route); an error names what it holds instead.
+    pub fn wait_router_nodes(&self, family: Family, expected: &[usize], timeout: Duration) -> anyhow::Result<Duration> {
         let start = Instant::now();
         let mut want = expected.to_vec();
         want.sort_unstable();
         loop {
-            let now = self.router_nodes()?;
+            let now = self.router_nodes(family)?;
             if now == want {
                 return Ok(start.elapsed());
             }
             if start.elapsed() > timeout {
                 bail!(
-                    "the router sends {VIP_V4} to nodes {now:?}, not {want:?}, after {timeout:?}; BGP sessions: {:?}",
+                    "the router sends {} to nodes {now:?}, not {want:?}, after {timeout:?}; BGP sessions: {:?}",
+                    self.vip(family),
                     self.router_bird.bgp_sessions().unwrap_or_default()
                 );
             }
@@ -238,33 +233,66 @@ impl MultiNode {
     }
 }
 
+/// The node behind a router interface (`to-n2` → 2).
+pub fn node_of_device(device: &str) -> Option<usize> {
+    device.strip_prefix("to-n")?.parse().ok()
+}
+
 fn node_uplink_addr(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 202, i as u8, 2)
+}
+
+fn node_uplink_addr_v6(i: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x202, i as u16, 0, 0, 0, 0, 2)
 }
 
 fn router_side_addr(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 202, i as u8, 1)
 }
 
+fn router_side_addr_v6(i: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x202, i as u16, 0, 0, 0, 0, 1)
+}
+
+fn backend_addr(j: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 201, 0, 10 + j as u8)
+}
+
+fn backend_addr_v6(j: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x201, 0, 0, 0, 0, 0, 0x10 + j as u16)
+}
+
 const ROUTER_CLIENT_SIDE: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
 const ROUTER_BACKEND_SIDE: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 254);
+const ROUTER_BACKEND_SIDE_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x201, 0, 0, 0, 0, 0, 0xfe);
 
 fn wire(client: &Netns, router: &Netns, switch: &Netns, nodes: &[Netns], backends: &[Netns]) -> anyhow::Result<()> {
     for ns in [client, router, switch].into_iter().chain(nodes).chain(backends) {
         // Before the veths exist, so every interface inherits them.
-        for (key, value) in [("net.ipv4.conf.all.rp_filter", "0"), ("net.ipv4.conf.default.rp_filter", "0")] {
+        for (key, value) in [
+            ("net.ipv4.conf.all.rp_filter", "0"),
+            ("net.ipv4.conf.default.rp_filter", "0"),
+            ("net.ipv6.conf.all.accept_dad", "0"),
+            ("net.ipv6.conf.default.accept_dad", "0"),
+        ] {
             ns.sysctl(key, value)?;
         }
     }
-    router.sysctl("net.ipv4.ip_forward", "1")?;
+    // The kernel's FIB, which gives XDP its next hops, answers only when forwarding is on.
+    for ns in std::iter::once(router).chain(nodes) {
+        ns.sysctl("net.ipv4.ip_forward", "1")?;
+        ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+    }
     // ECMP by the 5-tuple: with the default (addresses only) every flow of the one client would
     // take the same node.
     router.sysctl("net.ipv4.fib_multipath_hash_policy", "1")?;
+    router.sysctl("net.ipv6.fib_multipath_hash_policy", "1")?;
     client.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
     client.sysctl("net.ipv4.ip_local_port_range", "1024 65000")?;
 
-    veth(client, PEER_IFACE, "10.200.0.2/24", router, "to-client", "10.200.0.1/24")?;
+    veth((client, PEER_IFACE, &["10.200.0.2/24", "fd00:200::2/64"]), (router, "to-client", &["10.200.0.1/24", "fd00:200::1/64"]))?;
     client.ip(&["route", "add", "default", "via", &ROUTER_CLIENT_SIDE.to_string()])?;
+    client.ip(&["-6", "route", "add", "default", "via", "fd00:200::1"])?;
 
     switch.ip(&["link", "add", BRIDGE, "type", "bridge"])?;
     switch.ip(&["link", "set", BRIDGE, "up"])?;
@@ -272,26 +300,31 @@ fn wire(client: &Netns, router: &Netns, switch: &Netns, nodes: &[Netns], backend
         switch.ip(&["link", "set", name, "master", BRIDGE])?;
         switch.ip(&["link", "set", name, "up"]).map(drop)
     };
-    veth(router, BACKENDS_LINK, &format!("{ROUTER_BACKEND_SIDE}/24"), switch, "r", "")?;
+    let router_backend_side = [format!("{ROUTER_BACKEND_SIDE}/24"), format!("{ROUTER_BACKEND_SIDE_V6}/64")];
+    veth((router, BACKENDS_LINK, &[&router_backend_side[0], &router_backend_side[1]]), (switch, "r", &[]))?;
     port("r")?;
 
     for (i, node) in nodes.iter().enumerate() {
-        // The kernel's FIB, which gives XDP its next hops, answers only when forwarding is on.
-        node.sysctl("net.ipv4.ip_forward", "1")?;
-        veth(router, &format!("to-n{i}"), &format!("{}/24", router_side_addr(i)), node, UPLINK, &format!("{}/24", node_uplink_addr(i)))?;
-        veth(node, BACKENDS_LINK, &format!("10.201.0.{}/24", 1 + i), switch, &format!("n{i}"), "")?;
+        let (r4, r6) = (format!("{}/24", router_side_addr(i)), format!("{}/64", router_side_addr_v6(i)));
+        let (n4, n6) = (format!("{}/24", node_uplink_addr(i)), format!("{}/64", node_uplink_addr_v6(i)));
+        veth((router, &format!("to-n{i}"), &[&r4, &r6]), (node, UPLINK, &[&n4, &n6]))?;
+        let (b4, b6) = (format!("10.201.0.{}/24", 1 + i), format!("fd00:201::{:x}/64", 1 + i));
+        veth((node, BACKENDS_LINK, &[&b4, &b6]), (switch, &format!("n{i}"), &[]))?;
         port(&format!("n{i}"))?;
         // The switch port receives what the node's XDP program redirects into its veth: GRO there
         // gives it the NAPI that delivers such frames (see the testbed's veth notes).
         switch.exec_ok("ethtool", &["-K", &format!("n{i}"), "gro", "on"])?;
     }
     for (j, backend) in backends.iter().enumerate() {
-        veth(backend, PEER_IFACE, &format!("10.201.0.{}/24", 10 + j), switch, &format!("b{j}"), "")?;
+        let (b4, b6) = (format!("{}/24", backend_addr(j)), format!("{}/64", backend_addr_v6(j)));
+        veth((backend, PEER_IFACE, &[&b4, &b6]), (switch, &format!("b{j}"), &[]))?;
         port(&format!("b{j}"))?;
         backend.ip(&["route", "add", "default", "via", &ROUTER_BACKEND_SIDE.to_string()])?;
-        // Direct server return: the backend accepts and answers from the VIP but never answers ARP
-        // for it.
+        backend.ip(&["-6", "route", "add", "default", "via", &ROUTER_BACKEND_SIDE_V6.to_string()])?;
+        // Direct server return: the backend accepts and answers from the VIPs but never answers
+        // ARP for them (nodad: binding to a tentative address fails).
         backend.ip(&["addr", "add", &format!("{VIP_V4}/32"), "dev", "lo"])?;
+        backend.ip(&["addr", "add", &format!("{VIP_V6}/128"), "dev", "lo", "nodad"])?;
         for scope in ["all", PEER_IFACE] {
             backend.sysctl(&format!("net.ipv4.conf.{scope}.arp_ignore"), "1")?;
             backend.sysctl(&format!("net.ipv4.conf.{scope}.arp_announce"), "2")?;
@@ -300,13 +333,19 @@ fn wire(client: &Netns, router: &Netns, switch: &Netns, nodes: &[Netns], backend
     Ok(())
 }
 
-/// A veth pair `a_if` (in `a`, address `a_addr`) ↔ `b_if` (in `b`, `b_addr`; empty for none), both
-/// up, with GRO on and TX checksum offload off at both ends (see the testbed's veth notes).
-fn veth(a: &Netns, a_if: &str, a_addr: &str, b: &Netns, b_if: &str, b_addr: &str) -> anyhow::Result<()> {
+type End<'a> = (&'a Netns, &'a str, &'a [&'a str]);
+
+/// A veth pair between two namespaces, each end with its addresses (IPv6 without DAD), both up,
+/// with GRO on and TX checksum offload off at both ends (see the testbed's veth notes).
+fn veth((a, a_if, a_addrs): End, (b, b_if, b_addrs): End) -> anyhow::Result<()> {
     a.ip(&["link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", b.name()])?;
-    for (ns, iface, addr) in [(a, a_if, a_addr), (b, b_if, b_addr)] {
-        if !addr.is_empty() {
-            ns.ip(&["addr", "add", addr, "dev", iface])?;
+    for (ns, iface, addrs) in [(a, a_if, a_addrs), (b, b_if, b_addrs)] {
+        for addr in addrs {
+            if addr.contains(':') {
+                ns.ip(&["addr", "add", addr, "dev", iface, "nodad"])?;
+            } else {
+                ns.ip(&["addr", "add", addr, "dev", iface])?;
+            }
         }
         ns.sysctl(&format!("net.ipv4.conf.{iface}.rp_filter"), "0")?;
         ns.ip(&["link", "set", iface, "up"])?;

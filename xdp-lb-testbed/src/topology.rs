@@ -32,6 +32,13 @@ impl Family {
             Family::V6 => v6.into(),
         }
     }
+
+    pub fn pick_str(self, v4: &'static str, v6: &'static str) -> &'static str {
+        match self {
+            Family::V4 => v4,
+            Family::V6 => v6,
+        }
+    }
 }
 
 pub struct Topology {

@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{bail, Context};
 use xdp_lb_testbed::{
-    interrupt, multinode::ANNOUNCE_TABLE, Daemon, HttpServer, IdentityServers, Load, LoadConfig, MultiNode, PhaseTally,
+    interrupt, multinode::ANNOUNCE_TABLE, Daemon, Family, HttpServer, IdentityServers, Load, LoadConfig, MultiNode, PhaseTally,
 };
 
 const NODES: usize = 2;
@@ -43,9 +43,9 @@ pub fn scene(binary: &Path) -> anyhow::Result<()> {
                 .with_context(|| format!("starting xdp-lb in {}", topo.node(i).name()))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let took = topo.wait_router_nodes(&[0, 1], CONVERGE)?;
+    let took = topo.wait_router_nodes(Family::V4, &[0, 1], CONVERGE)?;
     println!("the router learned the VIP from both nodes ({} ms after the daemons were ready):", took.as_millis());
-    print!("{}", topo.router().ip(&["route", "show", &topo.vip().to_string()])?);
+    print!("{}", topo.router().ip(&["route", "show", &topo.vip(Family::V4).to_string()])?);
 
     let load_config = LoadConfig {
         long_connections: 8,
@@ -53,7 +53,7 @@ pub fn scene(binary: &Path) -> anyhow::Result<()> {
         new_period: Duration::from_millis(20),
         limit: LOAD_LIMIT,
     };
-    let vip = topo.vip_socket(PORT);
+    let vip = topo.vip_socket(Family::V4, PORT);
     println!("\nclient: {} keep-alive connections to {vip} (a request every {} ms each) and a new connection every {} ms",
         load_config.long_connections, load_config.long_period.as_millis(), load_config.new_period.as_millis());
     let load = Load::start(topo.client(), vip, &load_config, "both nodes")?;
@@ -62,14 +62,14 @@ pub fn scene(binary: &Path) -> anyhow::Result<()> {
     load.phase("node-1 drained");
     let t0 = Instant::now();
     node_command(binary, &daemons[DRAINED], "drain")?;
-    topo.wait_router_nodes(&[0], CONVERGE)?;
+    topo.wait_router_nodes(Family::V4, &[0], CONVERGE)?;
     println!("\n`xdp-lb node drain` on node-{DRAINED}: the router dropped it after {} ms", t0.elapsed().as_millis());
     share(&topo, &format!("node-{DRAINED} drained: its flows continue through node-0"))?;
 
     load.phase("node-1 restored");
     let t0 = Instant::now();
     node_command(binary, &daemons[DRAINED], "undrain")?;
-    topo.wait_router_nodes(&[0, 1], CONVERGE)?;
+    topo.wait_router_nodes(Family::V4, &[0, 1], CONVERGE)?;
     println!("\n`xdp-lb node undrain` on node-{DRAINED}: back on the router after {} ms", t0.elapsed().as_millis());
     share(&topo, "both nodes again")?;
 
@@ -92,10 +92,10 @@ fn node_config(topo: &MultiNode) -> String {
     let mut out = format!("[announce]\ntable = {ANNOUNCE_TABLE}\ndrained = false\n\n");
     out.push_str(&format!(
         "[[services]]\nname = \"web\"\nvip = \"{}\"\nprotocol = \"tcp\"\nmode = \"dsr\"\nscheduler = \"maglev\"\n",
-        topo.vip_socket(PORT)
+        topo.vip_socket(Family::V4, PORT)
     ));
     for j in 0..BACKENDS {
-        out.push_str(&format!("[[services.backends]]\naddress = \"{}\"\n", topo.backend_socket(j, PORT)));
+        out.push_str(&format!("[[services.backends]]\naddress = \"{}\"\n", topo.backend_socket(Family::V4, j, PORT)));
     }
     out
 }
