@@ -187,9 +187,16 @@ impl Drop for Load {
     }
 }
 
+/// The most requests one client sends in `limit` at one per `period` (each loop stops there too).
+fn max_requests(config: &LoadConfig, period: Duration) -> u64 {
+    (config.limit.as_millis() / period.as_millis().max(1)) as u64 + 1
+}
+
 fn long_connection(shared: &Shared, config: &LoadConfig, target: SocketAddr, slot: usize) {
     let set = |state: Option<LongConnection>| shared.long.lock().unwrap_or_else(|p| p.into_inner())[slot] = state;
-    while shared.running(config.limit) {
+    let mut budget = max_requests(config, config.long_period);
+    while shared.running(config.limit) && budget > 0 {
+        budget -= 1;
         let phase = shared.phase.load(Ordering::SeqCst);
         let mut client = match KeepAliveClient::connect(target) {
             Ok(c) => c,
@@ -205,6 +212,7 @@ fn long_connection(shared: &Shared, config: &LoadConfig, target: SocketAddr, slo
             Ok(b) => b,
             Err(e) => {
                 shared.fail(phase, Kind::New, local, None, format!("long connection {slot}: first request: {e}"));
+                std::thread::sleep(config.long_period);
                 continue;
             }
         };
@@ -213,7 +221,8 @@ fn long_connection(shared: &Shared, config: &LoadConfig, target: SocketAddr, slo
             set(Some(LongConnection { local, backend: backend.clone() }));
         }
         let mut next = Instant::now() + config.long_period;
-        while shared.running(config.limit) {
+        while shared.running(config.limit) && budget > 0 {
+            budget -= 1;
             if let Some(wait) = next.checked_duration_since(Instant::now()) {
                 std::thread::sleep(wait);
             }
@@ -239,7 +248,10 @@ fn long_connection(shared: &Shared, config: &LoadConfig, target: SocketAddr, slo
 
 fn new_connections(shared: &Shared, config: &LoadConfig, target: SocketAddr) {
     let mut next = Instant::now();
-    while shared.running(config.limit) {
+    for _ in 0..max_requests(config, config.new_period) {
+        if !shared.running(config.limit) {
+            break;
+        }
         if let Some(wait) = next.checked_duration_since(Instant::now()) {
             std::thread::sleep(wait);
         }

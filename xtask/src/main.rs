@@ -36,7 +36,8 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
-    /// Build everything and run the demo: client, balancer and three backends in namespaces.
+    /// Build everything and run the demo in namespaces: client, balancer and three backends; then
+    /// two balancer nodes behind a BIRD router, one drained and restored under load.
     Demo,
     /// Benchmarks against the alternatives (kernel routing, nftables, HAProxy, nginx), one run,
     /// one topology; writes a Markdown table and a JSON file.
