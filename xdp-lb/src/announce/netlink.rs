@@ -276,9 +276,9 @@ fn parse_route(body: &[u8], table: u32, proto: u8) -> Option<Route> {
 
 fn ip_from(family: u8, data: &[u8]) -> Option<IpAddr> {
     if family == libc::AF_INET as u8 {
-        <[u8; 4]>::try_from(data).ok().map(|o| IpAddr::from(o))
+        <[u8; 4]>::try_from(data).ok().map(IpAddr::from)
     } else if family == libc::AF_INET6 as u8 {
-        <[u8; 16]>::try_from(data).ok().map(|o| IpAddr::from(o))
+        <[u8; 16]>::try_from(data).ok().map(IpAddr::from)
     } else {
         None
     }
