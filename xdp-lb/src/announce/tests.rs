@@ -115,6 +115,21 @@ fn routes_are_added_listed_and_deleted_and_foreign_ones_never_touched() {
 }
 
 #[test]
+fn a_table_without_routes_of_a_family_lists_empty() {
+    in_private_netns(|| {
+        let mut nl = Netlink::open().unwrap();
+        // No table 100 at all, then one with an IPv4 route only (no IPv6 table 100).
+        assert_eq!(nl.routes(100, ROUTE_PROTO).unwrap(), []);
+        nl.add(100, ROUTE_PROTO, "10.0.0.1".parse().unwrap()).unwrap();
+        assert_eq!(nl.routes(100, ROUTE_PROTO).unwrap().len(), 1);
+        nl.add(100, ROUTE_PROTO, "fd00::1".parse().unwrap()).unwrap();
+        let routes = nl.routes(100, ROUTE_PROTO).unwrap();
+        nl.delete(100, ROUTE_PROTO, &routes[0]).unwrap();
+        assert_eq!(nl.routes(100, ROUTE_PROTO).unwrap().len(), 1);
+    });
+}
+
+#[test]
 fn the_announcer_adopts_removes_stale_routes_and_withdraws_everything_on_stop() {
     in_private_netns(|| {
         // Left by a previous daemon: one still wanted, one stale; and someone else's route.
