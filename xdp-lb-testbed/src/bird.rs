@@ -98,8 +98,8 @@ impl Bird {
         &self.config
     }
 
-    /// `birdc -s SOCKET args...`; an error carries its output. (birdc exits 0 even when the command
-    /// fails, so an answer with a BIRD error code, `8xxx`/`9xxx`, is an error too.)
+    /// `birdc -s SOCKET args...`; an error (birdc exits non-zero when BIRD refuses the command or
+    /// cannot be reached) carries its output.
     pub fn birdc(&self, args: &[&str]) -> anyhow::Result<String> {
         let out = Command::new("birdc")
             .arg("-s")
@@ -109,8 +109,7 @@ impl Bird {
             .output()
             .context("running birdc")?;
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        let failed = stdout.lines().any(|l| l.starts_with('8') || l.starts_with('9'));
-        if !out.status.success() || failed || stdout.contains("Unable to connect") {
+        if !out.status.success() || stdout.contains("Unable to connect") {
             bail!(
                 "`birdc -s {} {}` for BIRD {} failed ({}): {}{}",
                 self.socket.display(),
