@@ -195,3 +195,24 @@ impl std::fmt::Debug for Bird {
         write!(f, "Bird({} in {})", self.name, self.netns)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Needs root and Debian's bird2 (`cargo xtask setup`), like every netns test.
+    #[test]
+    fn a_bad_config_is_refused_naming_its_line_and_a_good_one_answers() {
+        let ns = Netns::new(&crate::netns::unique_prefix("bird")).expect("namespace");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let e = Bird::start(&ns, dir.path(), "bad", "router id 10.0.0.1;\nprotocol nonsense { }\n").unwrap_err();
+        assert!(format!("{e:#}").contains("bad.conf:2:"), "{e:#}");
+        let mut bird = Bird::start(&ns, dir.path(), "good", "router id 10.0.0.1;\nprotocol device { }\n").expect("BIRD");
+        assert!(bird.birdc(&["show", "status"]).expect("status").contains("Router ID is 10.0.0.1"));
+        assert!(bird.birdc(&["disable", "nosuch"]).is_err(), "birdc errors must be errors");
+        bird.pause().expect("SIGSTOP");
+        assert!(bird.is_paused());
+        bird.resume().expect("SIGCONT");
+        assert!(bird.bgp_sessions().expect("protocols").is_empty());
+    }
+}
