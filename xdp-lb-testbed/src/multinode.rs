@@ -8,13 +8,19 @@
 //!                              10.202.i.1└ ...                                                       │   ├ backend-j 10.201.0.(10+j)
 //!                      router backends 10.201.0.254 ─────────────────────────────────────────────────┘   └ ...
 //! ```
+//! Every link is dual stack; the IPv6 prefixes mirror the IPv4 ones: `fd00:200::/64` (client),
+//! `fd00:202:i::/64` (router–node `i`), `fd00:201::/64` (the segment: node `i` is `::(1+i)`,
+//! backend `j` `::(0x10+j)`, the router `::fe`). The VIPs are the single-balancer testbed's
+//! (10.200.100.100, fd00:200:100::100), held by every backend on `lo`. The BGP sessions run over
+//! IPv4 and carry both families.
+//!
 //! BIRD runs on the router and on every node with the configs the project ships
 //! (`examples/bgp/router-bird.conf`, `node-bird.conf`, addresses filled in): each node's BIRD
 //! learns the routes xdp-lb's `[announce]` keeps in the node's kernel table [`ANNOUNCE_TABLE`] and
 //! exports just those; BFD 100 ms × 3, no graceful restart (a dead node's routes must go, not
 //! linger), `merge paths on` in the router's kernel protocol. The testbed adds only
-//! `fib_multipath_hash_policy=1` in the router's namespace (5-tuple ECMP: one flow stays on one
-//! node), BIRD's log on stderr and a short `error wait time` (a session that failed comes back in
+//! `fib_multipath_hash_policy=1` (IPv4 and IPv6) in the router's namespace (5-tuple ECMP: one flow
+//! stays on one node), BIRD's log on stderr and a short `error wait time` (a session that failed comes back in
 //! 1–2 s, not BIRD's default 60 s, so a test can resume a hung node).
 
 use std::{
