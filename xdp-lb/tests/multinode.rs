@@ -10,7 +10,7 @@
 //! - (d) restarting a node's xdp-lb breaks nothing;
 //! - (e) one backend removed and re-added on every node in different orders: the nodes agree on
 //!   1,000 flows afterwards, and only connections that backend held break;
-//! - (f) all backends down: every node withdraws the VIP.
+//! - (f) all backends down: every node withdraws both VIPs.
 //!
 //! One topology for all of it (building it and starting three daemons is most of the cost). Needs
 //! root and Debian's `bird2` (`cargo xtask setup`).
@@ -70,7 +70,7 @@ fn config(topo: &MultiNode, node: usize) -> String {
 }
 
 struct Cluster {
-    // Drop order: clients' servers after the daemons is harmless; the topology last.
+    // Drop order: the daemons, then the backends' servers, the topology (BIRD, namespaces) last.
     daemons: Vec<Daemon>,
     servers: Vec<Option<HttpServer>>,
     topo: MultiNode,
