@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod config;
+pub mod dashboard;
 pub mod daemon;
 pub mod dataplane;
 pub mod docs;
