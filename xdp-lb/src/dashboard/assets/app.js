@@ -91,7 +91,7 @@ function renderServices(view) {
       if (!row) { row = backendRow(s, b); body.append(row); }
       const f = (k) => row.querySelector(`[data-field="${k}"]`);
       const health = b.drained ? "drained" : b.passive_down ? "down (passive)" : b.down && b.health !== "down" ? "down" : b.health;
-      const badge = el("span", { class: "badge " + (b.down ? "down" : b.health) }, health + (b.backup ? ", backup" : ""));
+      const badge = el("span", { class: "badge " + (b.down ? "down" : b.drained ? "drained" : b.health) }, health + (b.backup ? ", backup" : ""));
       f("health").replaceChildren(badge);
       f("health").dataset.value = b.health;
       cell(f("packets_per_s"), b.packets_per_s);

@@ -1,0 +1,508 @@
+//! The dashboard in a real browser: a daemon with `--dashboard` in the namespace testbed, real
+//! traffic, and headless Chromium reading the page. The numbers on the page match
+//! `xdp-lb --json stats`; a killed backend shows in the event log within 3 s; the scheduler switched
+//! from the page reaches the config file; the page passes basic accessibility checks at 1280×800
+//! and a screenshot is saved. Also: every query of the shipped Grafana dashboard names a metric
+//! that the binaries export.
+
+#[path = "dashboard/browser.rs"]
+mod browser;
+
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::Command,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use browser::Browser;
+use serde_json::Value;
+use xdp_lb_testbed::{http_get, Daemon, Family, IdentityServers, Topology};
+
+const XDP_LB: &str = env!("CARGO_BIN_EXE_xdp-lb");
+const DASHBOARD: &str = "127.0.0.1:8090";
+const METRICS: &str = "127.0.0.1:9464";
+/// The viewport the page must stay usable in.
+const WIDTH: u32 = 1280;
+const HEIGHT: u32 = 800;
+
+/// A service whose backends have weights 1, 1 and 2 (so maglev and round-robin split new flows
+/// differently) and fast health checks (a dead backend is detected within ~0.5 s).
+fn config(topo: &Topology) -> String {
+    let mut out = format!(
+        "# dashboard test: this comment must survive changes made from the page\n\
+         [[services]]\nname = \"web\"\nvip = \"{}\"\nprotocol = \"tcp\"\nscheduler = \"maglev\"\n\
+         [services.health_check]\nkind = \"tcp\"\ninterval_ms = 200\ntimeout_ms = 150\nrise = 2\nfall = 2\n",
+        topo.vip_socket(Family::V4, 80)
+    );
+    for (i, weight) in [1, 1, 2].into_iter().enumerate() {
+        out.push_str(&format!("[[services.backends]]\naddress = \"{}\"\nweight = {weight}\n", topo.backend_socket(Family::V4, i, 80)));
+    }
+    out
+}
+
+/// Requests to the VIP from the client namespace until stopped (at most 120 s, at most ~100/s).
+struct Load {
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(topo: &Topology) -> Load {
+        let vip = topo.vip_socket(Family::V4, 80);
+        let (stop, done) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
+        let (s, d) = (stop.clone(), done.clone());
+        let thread = topo
+            .client()
+            .spawn_thread(move || {
+                let started = Instant::now();
+                while !s.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(120) {
+                    // Failures are expected while a killed backend is being detected.
+                    if http_get(vip).is_ok() {
+                        d.fetch_add(1, Ordering::Relaxed);
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            })
+            .expect("load thread");
+        Load { stop, done, thread: Some(thread) }
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn cli(daemon: &Daemon, args: &[&str]) -> Value {
+    let out = daemon.cli(Path::new(XDP_LB), args).expect("xdp-lb");
+    assert!(out.status.success(), "xdp-lb {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("xdp-lb {args:?}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+/// The number of updates the page has rendered.
+fn updates(b: &mut Browser) -> u64 {
+    b.eval("Number(document.body.dataset.updates || 0)").as_u64().unwrap_or(0)
+}
+
+/// Waits for the page's next update.
+fn next_update(b: &mut Browser) {
+    let n = updates(b);
+    b.wait_for(&format!("Number(document.body.dataset.updates || 0) > {n}"), Duration::from_secs(5));
+}
+
+/// Per backend of `web`, the page's `field` (its `data-value`, the number the cell shows).
+fn page_backends(b: &mut Browser, field: &str) -> BTreeMap<String, f64> {
+    let v = b.eval(&format!(
+        r#"(() => {{ const out = {{}};
+            for (const row of document.querySelectorAll('table[data-service="web"] tbody tr[data-backend]')) {{
+              const c = row.querySelector('[data-field="{field}"]');
+              if (c.dataset.value === "" || c.textContent === "–") return null;
+              out[row.dataset.backend] = Number(c.dataset.value);
+            }}
+            return out; }})()"#
+    ));
+    serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("{field} not shown for every backend: {v} ({e})"))
+}
+
+/// The page's pass/drop reason counters.
+fn page_reasons(b: &mut Browser) -> BTreeMap<String, f64> {
+    let v = b.eval(
+        r#"(() => { const out = {};
+            for (const row of document.querySelectorAll('#reasons tbody tr[data-reason]'))
+              out[row.dataset.reason] = Number(row.querySelector('[data-field="packets"]').dataset.value);
+            return out; })()"#,
+    );
+    serde_json::from_value(v).expect("reasons")
+}
+
+/// Sums `field` of every backend over the next `n` updates.
+fn sum_over_updates(b: &mut Browser, field: &str, n: usize) -> BTreeMap<String, f64> {
+    let mut sum = BTreeMap::new();
+    for _ in 0..n {
+        next_update(b);
+        for (k, v) in page_backends(b, field) {
+            *sum.entry(k).or_insert(0.0) += v;
+        }
+    }
+    sum
+}
+
+/// Every control has an accessible name, and all visible text contrasts at least 4.5:1 with its
+/// background (WCAG AA), computed from the page's computed styles. Returns the failures.
+const ACCESSIBILITY: &str = r#"(() => {
+  const failures = [];
+  for (const c of document.querySelectorAll('input, select, button, textarea')) {
+    const labelled = (c.labels && [...c.labels].some((l) => l.textContent.trim()))
+      || (c.getAttribute('aria-label') || '').trim()
+      || (c.tagName === 'BUTTON' && c.textContent.trim());
+    if (!labelled) failures.push('no label: ' + c.outerHTML.slice(0, 120));
+  }
+  const rgba = (s) => { const m = s.match(/rgba?\(([^)]+)\)/); if (!m) return null; const p = m[1].split(',').map(Number); return { r: p[0], g: p[1], b: p[2], a: p.length > 3 ? p[3] : 1 }; };
+  const lum = (c) => { const f = (v) => { v /= 255; return v <= 0.03928 ? v / 12.92 : Math.pow((v + 0.055) / 1.055, 2.4); }; return 0.2126 * f(c.r) + 0.7152 * f(c.g) + 0.0722 * f(c.b); };
+  const background = (e) => { for (; e; e = e.parentElement) { const c = rgba(getComputedStyle(e).backgroundColor); if (c && c.a > 0) return c; } return { r: 255, g: 255, b: 255, a: 1 }; };
+  let checked = 0;
+  for (const e of document.body.querySelectorAll('*')) {
+    const own = [...e.childNodes].some((n) => n.nodeType === 3 && n.textContent.trim());
+    if (!own || !e.getClientRects().length) continue;
+    const style = getComputedStyle(e);
+    if (style.visibility === 'hidden' || e.closest('.visually-hidden')) continue;
+    const fg = rgba(style.color), bg = background(e);
+    const [a, b] = [lum(fg), lum(bg)];
+    const ratio = (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
+    checked += 1;
+    if (ratio < 4.5) failures.push(`contrast ${ratio.toFixed(2)} < 4.5: ${style.color} on ${getComputedStyle(e).backgroundColor} (${e.tagName} "${e.textContent.trim().slice(0, 40)}")`);
+  }
+  if (checked < 20) failures.push('only ' + checked + ' text elements checked');
+  return failures;
+})()"#;
+
+/// Nothing wider than the viewport, and every control inside it horizontally.
+const FITS: &str = r#"(() => {
+  const failures = [];
+  const width = document.documentElement.clientWidth;
+  if (document.documentElement.scrollWidth > width) failures.push('page scrolls sideways: ' + document.documentElement.scrollWidth + ' > ' + width);
+  for (const c of document.querySelectorAll('button, select, input')) {
+    if (c.closest('[hidden]')) continue;
+    const r = c.getBoundingClientRect();
+    if (r.left < 0 || r.right > width || r.width === 0) failures.push('control outside the viewport: ' + c.outerHTML.slice(0, 100) + ' ' + JSON.stringify(r));
+  }
+  // Nothing spills out of its section (a table wider than its column overlaps the next one).
+  for (const section of document.querySelectorAll('section')) {
+    const box = section.getBoundingClientRect();
+    for (const e of section.querySelectorAll('table, form, ol, p, div')) {
+      const r = e.getBoundingClientRect();
+      if (r.width && (r.right > box.right + 1 || r.left < box.left - 1))
+        failures.push(`${e.tagName}${e.id ? '#' + e.id : ''} spills out of section #${section.id}: ${Math.round(r.left)}–${Math.round(r.right)} outside ${Math.round(box.left)}–${Math.round(box.right)}`);
+    }
+  }
+  return failures;
+})()"#;
+
+fn output_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dashboard")
+}
+
+#[test]
+fn the_dashboard_in_a_browser_shows_real_numbers_events_and_changes_the_daemon() {
+    let topo = Topology::new("dash", 3).expect("testbed");
+    let mut servers = IdentityServers::start_all(&topo, 80, 53).expect("servers");
+    let daemon = Daemon::start_with_args(Path::new(XDP_LB), topo.lb(), &topo.lb_ifaces(), &config(&topo), &["--dashboard", DASHBOARD])
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    let load = Load::start(&topo);
+    let mut b = Browser::start(topo.lb(), WIDTH, HEIGHT);
+    b.navigate(&format!("http://{DASHBOARD}/"));
+    // Live: at least three updates within ~3 s of loading (one a second).
+    let live = b.wait_for("Number(document.body.dataset.updates || 0) >= 3", Duration::from_secs(6));
+    assert!(live < Duration::from_millis(4500), "three updates took {live:?}");
+    assert_eq!(b.eval("document.body.dataset.changes"), "allowed", "a loopback dashboard allows changes");
+    assert!(load.done.load(Ordering::Relaxed) > 0, "the load runs\n{}", daemon.log());
+
+    // 1. The numbers: the page's rates over four updates against `stats` over the same 4 s.
+    // Aligned with the page's updates: the CLI starts right after one, and runs in the background
+    // while the page's next four updates (each over the second before it) are read.
+    next_update(&mut b);
+    let socket = daemon.socket().display().to_string();
+    let stats_thread =
+        std::thread::spawn(move || Command::new(XDP_LB).args(["--socket", &socket, "--json", "stats", "--interval-ms", "4000"]).output());
+    let mut page_new = BTreeMap::new();
+    let mut page_packets = BTreeMap::new();
+    let mut reasons_early = BTreeMap::new();
+    for i in 0..4 {
+        next_update(&mut b);
+        for (k, v) in page_backends(&mut b, "new_flows_per_s") {
+            *page_new.entry(k).or_insert(0.0) += v / 4.0;
+        }
+        for (k, v) in page_backends(&mut b, "packets_per_s") {
+            *page_packets.entry(k).or_insert(0.0) += v / 4.0;
+        }
+        if i == 1 {
+            reasons_early = page_reasons(&mut b);
+        }
+    }
+    let stats = stats_thread.join().expect("stats thread").expect("xdp-lb stats");
+    assert!(stats.status.success(), "{}", String::from_utf8_lossy(&stats.stderr));
+    let stats: Value = serde_json::from_slice(&stats.stdout).expect("stats JSON");
+    let web = stats["services"].as_array().and_then(|s| s.iter().find(|s| s["name"] == "web")).expect("web in stats");
+    let mut measured = Vec::new();
+    for backend in web["backends"].as_array().expect("backends") {
+        let address = backend["address"].as_str().expect("address");
+        for (field, page) in [("new_flows_per_s", &page_new), ("packets_per_s", &page_packets)] {
+            let cli = backend[field].as_f64().expect("rate");
+            let shown = page[address];
+            measured.push(format!("{address} {field}: page {shown:.1}, stats {cli:.1}"));
+            assert!(cli > 1.0, "no traffic to {address} during the comparison: {stats:#}");
+            assert!((shown - cli).abs() <= (0.2 * cli).max(3.0), "{address} {field}: page {shown:.1}, stats {cli:.1}");
+        }
+    }
+    eprintln!("page vs stats, 4 s of load:\n  {}", measured.join("\n  "));
+    assert!(!reasons_early.is_empty(), "no pass/drop reason shown");
+    for (reason, shown) in &reasons_early {
+        let now = stats["reasons"][reason].as_f64().unwrap_or_else(|| panic!("no {reason} in {stats:#}"));
+        // Read by the page before `stats` read its second snapshot: counters only grow, and only
+        // by the traffic of ~3 s (health checks, replies).
+        assert!(*shown <= now && now - shown < 5000.0, "{reason}: page {shown}, stats {now}");
+    }
+
+    // 2. A request's path, L4 half: the page's explain is the daemon's.
+    let vip = topo.vip_socket(Family::V4, 80).to_string();
+    b.eval(&format!(
+        "document.getElementById('explain-source').value = '192.0.2.7:40000';
+         document.getElementById('explain-destination').value = '{vip}';
+         document.getElementById('explain-run').click(); true"
+    ));
+    b.wait_for("document.getElementById('explain-l4').dataset.backend", Duration::from_secs(5));
+    let shown = b.eval("document.getElementById('explain-l4').dataset.backend");
+    let explained = cli(&daemon, &["--json", "explain", "192.0.2.7:40000", &vip]);
+    assert_eq!(shown, explained["backend"], "page: {}", b.eval("document.getElementById('explain-l4').textContent"));
+    assert_eq!(b.eval("document.getElementById('explain-l7').dataset.gateway"), "none", "no fake L7 data");
+
+    // 3. Accessibility and layout at 1280×800, then the screenshot.
+    let failures = b.eval(ACCESSIBILITY);
+    assert_eq!(failures, serde_json::json!([]), "accessibility");
+    let failures = b.eval(FITS);
+    assert_eq!(failures, serde_json::json!([]), "layout at {WIDTH}×{HEIGHT}");
+    let shot = output_dir().join("dashboard.png");
+    let size = b.screenshot(&shot);
+    assert!(size > 20_000, "a {size}-byte screenshot is too small to show the page");
+    eprintln!("screenshot: {} ({size} bytes)", shot.display());
+
+    // 4. Algorithms: weights 1/1/2 under maglev give the third backend about half the new flows;
+    // switched from the page to round-robin (which ignores weights), about a third.
+    let heavy = topo.backend_socket(Family::V4, 2, 80).to_string();
+    let share = |sums: &BTreeMap<String, f64>| sums[&heavy] / sums.values().sum::<f64>();
+    let before = share(&sum_over_updates(&mut b, "new_flows_per_s", 3));
+    b.eval("document.getElementById('scheduler-web').value = 'round-robin'; document.querySelector('#schedulers [data-service=\"web\"] button').click(); true");
+    b.wait_for("document.getElementById('change-result').textContent.includes('round-robin')", Duration::from_secs(5));
+    let result = b.eval("document.getElementById('change-result').textContent");
+    assert_eq!(result, "service web now uses round-robin", "the page reports the daemon's answer");
+    let file = std::fs::read_to_string(daemon.config_path()).expect("config file");
+    assert!(file.contains("scheduler = \"round-robin\""), "the switch is in the config file:\n{file}");
+    assert!(file.contains("# dashboard test: this comment must survive"), "written by the config writer (comments kept):\n{file}");
+    let status = cli(&daemon, &["--json", "status"]);
+    assert_eq!(status["services"][0]["scheduler"], "round-robin", "{status:#}");
+    b.wait_for("document.querySelector('#schedulers [data-service=\"web\"] [data-field=\"scheduler\"]').textContent.includes('round-robin')", Duration::from_secs(3));
+    b.wait_for("document.querySelector('#events li[data-kind=\"change\"]')?.textContent.includes('round-robin')", Duration::from_secs(3));
+    next_update(&mut b); // the first interval may straddle the switch
+    let after = share(&sum_over_updates(&mut b, "new_flows_per_s", 3));
+    eprintln!("share of new flows of the weight-2 backend: maglev {before:.2}, round-robin {after:.2}");
+    assert!(before > 0.42 && after < 0.40, "share of {heavy}: maglev {before:.2}, round-robin {after:.2}");
+
+    // 5. Health and failover: kill the third backend's server; the page's log shows it within 3 s.
+    let killed = Instant::now();
+    drop(servers.remove(2));
+    let detected = b.wait_for(&format!("document.querySelector('#events li[data-kind=\"detected\"][data-backend=\"{heavy}\"]')"), Duration::from_secs(3));
+    b.wait_for(&format!("document.querySelector('#events li[data-kind=\"removed\"][data-backend=\"{heavy}\"]')"), Duration::from_secs(3));
+    b.wait_for(&format!("document.querySelector('tr[data-backend=\"{heavy}\"] [data-field=\"health\"]').dataset.value === 'down'"), Duration::from_secs(3));
+    eprintln!("kill → event on the page: {:?} (polled from the kill: {:?})", detected, killed.elapsed());
+    assert!(killed.elapsed() < Duration::from_secs(6));
+
+    // Drain from the page: the same request as `xdp-lb backend drain`, written into the file.
+    let first = topo.backend_socket(Family::V4, 0, 80).to_string();
+    b.eval(&format!("document.querySelector('tr[data-backend=\"{first}\"] [data-field=\"drain\"] button').click(); true"));
+    b.wait_for(&format!("document.querySelector('#events li[data-kind=\"drained\"][data-backend=\"{first}\"]')"), Duration::from_secs(3));
+    let status = cli(&daemon, &["--json", "status"]);
+    let drained: Vec<&Value> = status["services"][0]["backends"].as_array().expect("backends").iter().filter(|b| b["drained"] == true).collect();
+    assert_eq!(drained.len(), 1, "{status:#}");
+    assert_eq!(drained[0]["address"], first.as_str());
+    assert!(std::fs::read_to_string(daemon.config_path()).expect("config").contains("drained = true"));
+    b.screenshot(&output_dir().join("dashboard-after-failover.png"));
+    drop(load);
+    drop(b);
+    daemon.stop().unwrap();
+}
+
+/// One HTTP/1.1 GET from inside `topo`'s balancer namespace; returns the body.
+fn get_in_lb(topo: &Topology, addr: &'static str, path: &str, extra: &str) -> (String, String) {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Connection: close\r\n\r\n");
+    let response = topo.lb().run(move || {
+        let mut s = TcpStream::connect(addr.parse::<SocketAddr>().expect("addr"))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(request.as_bytes())?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok::<_, std::io::Error>(out)
+    });
+    let response = response.expect("GET");
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no body: {response}"));
+    (head.to_string(), body.to_string())
+}
+
+/// The page must reach nothing but its own origin.
+#[test]
+fn the_page_is_self_contained_and_a_change_from_another_origin_is_refused() {
+    let topo = Topology::new("dashoff", 1).expect("testbed");
+    let _servers = IdentityServers::start_all(&topo, 80, 53).expect("servers");
+    let daemon = Daemon::start_with_args(Path::new(XDP_LB), topo.lb(), &topo.lb_ifaces(), &config_one(&topo), &["--dashboard", DASHBOARD])
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    let (head, html) = get_in_lb(&topo, DASHBOARD, "/", "");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.to_ascii_lowercase().contains("content-security-policy: default-src 'self'"), "{head}");
+    for asset in ["/app.js", "/style.css"] {
+        assert!(html.contains(asset), "{asset} is not linked from the page");
+    }
+    let (_, snapshot) = get_in_lb(&topo, DASHBOARD, "/api/snapshot", "");
+    let snapshot: Value = serde_json::from_str(&snapshot).expect("snapshot JSON");
+    assert_eq!(snapshot["services"][0]["name"], "web", "{snapshot:#}");
+    // A cross-site script's POST carries its Origin: refused, nothing changes.
+    let body = r#"{"service":"web","scheduler":"round-robin"}"#;
+    let out = topo.lb().run(move || {
+        let mut s = TcpStream::connect(DASHBOARD.parse::<SocketAddr>().unwrap())?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(
+            s,
+            "POST /api/scheduler HTTP/1.1\r\nHost: {DASHBOARD}\r\nOrigin: http://attacker.example\r\nX-XDP-LB-Dashboard: 1\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok::<_, std::io::Error>(out)
+    });
+    let out = out.expect("POST");
+    assert!(out.starts_with("HTTP/1.1 403"), "{out}");
+    assert!(std::fs::read_to_string(daemon.config_path()).unwrap().contains("scheduler = \"maglev\""));
+    daemon.stop().unwrap();
+}
+
+fn config_one(topo: &Topology) -> String {
+    format!(
+        "[[services]]\nname = \"web\"\nvip = \"{}\"\nprotocol = \"tcp\"\nscheduler = \"maglev\"\n[[services.backends]]\naddress = \"{}\"\n",
+        topo.vip_socket(Family::V4, 80),
+        topo.backend_socket(Family::V4, 0, 80)
+    )
+}
+
+/// PromQL expressions of the shipped Grafana dashboard, with their panel titles.
+fn grafana_queries() -> Vec<(String, String)> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../dist/grafana/xdp-lb.json");
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let dashboard: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path} is not JSON: {e}"));
+    let mut out = Vec::new();
+    fn walk(v: &Value, title: &str, out: &mut Vec<(String, String)>) {
+        match v {
+            Value::Object(m) => {
+                let title = m.get("title").and_then(Value::as_str).unwrap_or(title);
+                // Panel queries, and the template variables' `label_values(...)` definitions.
+                for key in ["expr", "definition"] {
+                    if let Some(expr) = m.get(key).and_then(Value::as_str) {
+                        out.push((title.to_string(), expr.to_string()));
+                    }
+                }
+                for v in m.values() {
+                    walk(v, title, out);
+                }
+            }
+            Value::Array(a) => a.iter().for_each(|v| walk(v, title, out)),
+            _ => {}
+        }
+    }
+    walk(&dashboard, "", &mut out);
+    assert!(out.len() >= 10, "only {} queries in {path}", out.len());
+    out
+}
+
+/// The metric names in a PromQL expression: identifiers with one of the binaries' prefixes.
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut word = String::new();
+    for c in expr.chars().chain(std::iter::once(' ')) {
+        if c.is_ascii_alphanumeric() || c == '_' || c == ':' {
+            word.push(c);
+        } else {
+            if word.starts_with("xdp_lb_") || word.starts_with("gateway_") {
+                names.push(std::mem::take(&mut word));
+            }
+            word.clear();
+        }
+    }
+    names
+}
+
+/// The metric names l7-sidecar registers (its `metrics::counter!/gauge!/histogram!` calls), with
+/// the series a histogram exports.
+fn l7_sidecar_metrics() -> Vec<String> {
+    let mut out = Vec::new();
+    let mut dirs = vec![PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../l7-sidecar/src"))];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                dirs.push(path);
+                continue;
+            }
+            let Ok(text) = std::fs::read_to_string(&path) else { continue };
+            for (kind, suffixes) in [("counter!(", &[""][..]), ("gauge!(", &[""][..]), ("histogram!(", &["_bucket", "_sum", "_count"][..])] {
+                for (i, _) in text.match_indices(kind) {
+                    let rest = text[i + kind.len()..].trim_start();
+                    let Some(rest) = rest.strip_prefix('"') else { continue };
+                    let name = &rest[..rest.find('"').expect("closing quote")];
+                    out.extend(suffixes.iter().map(|s| format!("{name}{s}")));
+                }
+            }
+        }
+    }
+    assert!(out.iter().any(|n| n == "gateway_requests_total"), "l7-sidecar's metrics not found: {out:?}");
+    out
+}
+
+#[test]
+fn every_grafana_query_names_a_metric_the_binaries_export() {
+    let queries = grafana_queries();
+    // xdp-lb's names from a real daemon's scrape, after traffic (so per-backend series exist).
+    let topo = Topology::new("grafana", 1).expect("testbed");
+    let _servers = IdentityServers::start_all(&topo, 80, 53).expect("servers");
+    let daemon = Daemon::start_with_args(Path::new(XDP_LB), topo.lb(), &topo.lb_ifaces(), &config_one(&topo), &["--metrics", METRICS])
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    let vip = topo.vip_socket(Family::V4, 80);
+    for _ in 0..5 {
+        topo.client().run(|| http_get(vip)).unwrap_or_else(|e| panic!("request: {e}\n{}", daemon.log()));
+    }
+    std::thread::sleep(Duration::from_millis(1200)); // a successful health check, for its latency
+    let (_, scrape) = get_in_lb(&topo, METRICS, "/metrics", "");
+    daemon.stop().unwrap();
+    let mut exported: Vec<String> = scrape
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| l.split(['{', ' ']).next().unwrap_or("").to_string())
+        .collect();
+    exported.extend(l7_sidecar_metrics());
+    let mut missing = Vec::new();
+    let mut used = std::collections::BTreeSet::new();
+    for (title, expr) in &queries {
+        let names = metric_names(expr);
+        if names.is_empty() {
+            missing.push(format!("panel {title:?}: {expr} names no xdp_lb_ or gateway_ metric"));
+        }
+        for name in names {
+            if !exported.contains(&name) {
+                missing.push(format!("panel {title:?}: {name} is not exported"));
+            }
+            used.insert(name);
+        }
+    }
+    assert!(missing.is_empty(), "{}\nexported: {exported:?}", missing.join("\n"));
+    assert!(used.iter().any(|n| n.starts_with("xdp_lb_")) && used.iter().any(|n| n.starts_with("gateway_")), "{used:?}");
+}
+
+#[test]
+fn metric_names_are_found_in_promql() {
+    assert_eq!(
+        metric_names(r#"sum by (backend) (rate(xdp_lb_backend_packets_total{service=~"$service"}[$__rate_interval]))"#),
+        ["xdp_lb_backend_packets_total"]
+    );
+    assert_eq!(
+        metric_names("histogram_quantile(0.99, sum by (le) (rate(gateway_request_duration_seconds_bucket[5m]))) / xdp_lb_x"),
+        ["gateway_request_duration_seconds_bucket", "xdp_lb_x"]
+    );
+}
