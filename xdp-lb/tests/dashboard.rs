@@ -317,7 +317,13 @@ fn the_dashboard_in_a_browser_shows_real_numbers_events_and_changes_the_daemon()
     assert_eq!(drained.len(), 1, "{status:#}");
     assert_eq!(drained[0]["address"], first.as_str());
     assert!(std::fs::read_to_string(daemon.config_path()).expect("config").contains("drained = true"));
-    b.screenshot(&output_dir().join("dashboard-after-failover.png"));
+    let after = output_dir().join("dashboard-after-failover.png");
+    b.screenshot(&after);
+    // The README's picture: `XDP_LB_README_SCREENSHOT=docs/dashboard.png cargo test -p xdp-lb --test dashboard the_dashboard`.
+    if let Ok(to) = std::env::var("XDP_LB_README_SCREENSHOT") {
+        let to = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(to);
+        std::fs::copy(&after, &to).unwrap_or_else(|e| panic!("copying the screenshot to {}: {e}", to.display()));
+    }
     drop(load);
     drop(b);
     daemon.stop().unwrap();

@@ -17,6 +17,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "python3-prometheus-client",
     // systemd-analyze, to verify the units in dist/systemd (works without systemd as PID 1).
     "systemd",
+    // The dashboard's browser test drives headless Chromium over the DevTools protocol.
+    "chromium",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
