@@ -100,7 +100,7 @@ where
         let handler = handler.clone();
         tokio::spawn(async move {
             let _per_address = per_address;
-            let service = service_fn(move |request| handler(request));
+            let service = service_fn(handler);
             let connection = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEAD_TIMEOUT)

@@ -139,7 +139,7 @@ async fn a_scheduler_switch_is_the_cli_request_and_needs_the_header_and_a_loopba
         api::Request::ServiceUpdate { name, changes } => {
             assert_eq!(name, "web");
             assert_eq!(changes.scheduler.as_deref(), Some("round-robin"));
-            assert!(changes.is_empty() == false && changes.vip.is_none() && !changes.force);
+            assert!(!changes.is_empty() && changes.vip.is_none() && !changes.force);
         }
         other => panic!("not a service update: {other:?}"),
     }
