@@ -365,6 +365,7 @@ impl Daemon {
             for k in keys {
                 if self.passive.clear(&k) {
                     info!(service = %k.0, backend = %k.1, "passive hold ended: active checks see the backend up");
+                    self.events.record(Kind::Restored, Some(&k.0), Some(k.1.to_string()), "passive hold ended: active checks see it up");
                 }
             }
         }
@@ -379,7 +380,7 @@ impl Daemon {
             .flat_map(|s| s.backends.iter().filter(|b| b.weight > 0 && !b.down).map(|b| (s.name.clone(), b.address)))
             .collect();
         crate::flows::reconcile_when_due(&mut self.dataplane, &self.tables);
-        let mut changed = self.passive.observe(&self.config, &serving, &self.tables, &self.dataplane);
+        let mut changed = self.passive.observe(&self.config, &serving, &self.tables, &self.dataplane, &mut self.events);
         changed |= self.update_latency_weights();
         let now = Instant::now();
         changed |= self.drains.iter().any(|((service, address), since)| {

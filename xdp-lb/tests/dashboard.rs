@@ -512,3 +512,58 @@ fn metric_names_are_found_in_promql() {
         ["gateway_request_duration_seconds_bucket", "xdp_lb_x"]
     );
 }
+
+/// The dashboard's events of `kind` for `backend`, from `GET /api/snapshot`.
+fn snapshot_events(topo: &Topology, kind: &str, backend: &str) -> Vec<Value> {
+    let (_, body) = get_in_lb(topo, DASHBOARD, "/api/snapshot", "");
+    let snapshot: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    snapshot["events"].as_array().expect("events").iter().filter(|e| e["kind"] == kind && e["backend"] == backend).cloned().collect()
+}
+
+/// A backend that swallows SYNs (an nft drop rule) is held out by the passive checks: the event
+/// log says so, and says when the hold ends.
+#[test]
+fn a_passive_hold_and_its_end_are_in_the_event_log() {
+    let topo = Topology::new("dashpas", 2).expect("testbed");
+    let _servers = IdentityServers::start_all(&topo, 80, 53).expect("servers");
+    let mut config = format!(
+        "[[services]]\nname = \"web\"\nvip = \"{}\"\nprotocol = \"tcp\"\npassive_checks = true\n[services.health_check]\nkind = \"none\"\n",
+        topo.vip_socket(Family::V4, 80)
+    );
+    for i in 0..2 {
+        config.push_str(&format!("[[services.backends]]\naddress = \"{}\"\n", topo.backend_socket(Family::V4, i, 80)));
+    }
+    let daemon = Daemon::start_with_args(Path::new(XDP_LB), topo.lb(), &topo.lb_ifaces(), &config, &["--dashboard", DASHBOARD])
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    let silent = topo.backend_socket(Family::V4, 1, 80).to_string();
+    let nft = |script: &str| {
+        let file = tempfile::NamedTempFile::new().expect("rules file");
+        std::fs::write(file.path(), script).expect("write rules");
+        topo.backend(1).exec_ok("nft", &["-f", &file.path().display().to_string()]).map(|_| ())
+    };
+    nft("table inet dashpas {\n chain input {\n  type filter hook input priority 0;\n  tcp dport 80 drop\n }\n}\n").expect("nft drop rule");
+    // New connections with fresh ports: about half go to the silent backend and are not answered.
+    let vip = topo.vip_socket(Family::V4, 80);
+    let started = Instant::now();
+    let detected = loop {
+        topo.client().run(|| {
+            for _ in 0..10 {
+                let _ = TcpStream::connect_timeout(&vip, Duration::from_millis(100));
+            }
+        });
+        let found = snapshot_events(&topo, "detected", &silent);
+        if let Some(e) = found.first() {
+            break e.clone();
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "no passive detection of {silent} in 10 s\n{}", daemon.log());
+    };
+    assert!(detected["message"].as_str().is_some_and(|m| m.contains("passive check") && m.contains("SYNs unanswered")), "{detected}");
+    nft("delete table inet dashpas").expect("remove the rule");
+    // The hold lasts 10 s; then the backend is tried again, and the log says so.
+    let started = Instant::now();
+    while snapshot_events(&topo, "restored", &silent).is_empty() {
+        assert!(started.elapsed() < Duration::from_secs(15), "no end of the passive hold of {silent} in 15 s\n{}", daemon.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    daemon.stop().unwrap();
+}
