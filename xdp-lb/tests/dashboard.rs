@@ -567,3 +567,83 @@ fn a_passive_hold_and_its_end_are_in_the_event_log() {
     }
     daemon.stop().unwrap();
 }
+
+/// One HTTP/1.1 exchange with `addr` from the client namespace; returns the whole response.
+fn exchange_from_client(topo: &Topology, addr: SocketAddr, request: String) -> String {
+    topo.client()
+        .run(move || {
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.write_all(request.as_bytes())?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok::<_, std::io::Error>(out)
+        })
+        .unwrap_or_else(|e| panic!("{addr}: {e}"))
+}
+
+/// A dashboard on a non-loopback address is read-only without `--dashboard-token-file`'s token
+/// and changes the daemon with it; an empty token file is refused at start.
+#[test]
+fn beyond_loopback_changes_need_the_token() {
+    let topo = Topology::new("dashtok", 1).expect("testbed");
+    let _servers = IdentityServers::start_all(&topo, 80, 53).expect("servers");
+    let dir = tempfile::tempdir().expect("dir");
+    let empty = dir.path().join("empty-token");
+    std::fs::write(&empty, "\n").expect("token file");
+    let addr = SocketAddr::new(topo.lb_addr(Family::V4), 8090);
+    let listen = addr.to_string();
+    let refused = Daemon::start_with_args(
+        Path::new(XDP_LB),
+        topo.lb(),
+        &topo.lb_ifaces(),
+        &config_one(&topo),
+        &["--dashboard", &listen, "--dashboard-token-file", &empty.display().to_string()],
+    );
+    let why = format!("{:?}", refused.err().expect("an empty token file is refused"));
+    assert!(why.contains("first line is empty") && why.contains("empty-token"), "{why}");
+
+    let token = dir.path().join("token");
+    std::fs::write(&token, "s3cret\n").expect("token file");
+    let daemon = Daemon::start_with_args(
+        Path::new(XDP_LB),
+        topo.lb(),
+        &topo.lb_ifaces(),
+        &config_one(&topo),
+        &["--dashboard", &listen, "--dashboard-token-file", &token.display().to_string()],
+    )
+    .unwrap_or_else(|e| panic!("{e:?}"));
+    let snapshot = exchange_from_client(&topo, addr, format!("GET /api/snapshot HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"));
+    assert!(snapshot.contains("\"changes\":\"need-token\""), "{snapshot}");
+    let body = r#"{"service":"web","scheduler":"round-robin"}"#;
+    let post = |auth: &str| {
+        exchange_from_client(
+            &topo,
+            addr,
+            format!(
+                "POST /api/scheduler HTTP/1.1\r\nHost: {addr}\r\nX-XDP-LB-Dashboard: 1\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            ),
+        )
+    };
+    let without = post("");
+    assert!(without.starts_with("HTTP/1.1 403") && without.contains("needs the token"), "{without}");
+    let wrong = post("Authorization: Bearer guess\r\n");
+    assert!(wrong.starts_with("HTTP/1.1 401"), "{wrong}");
+    assert!(std::fs::read_to_string(daemon.config_path()).unwrap().contains("scheduler = \"maglev\""), "a refused change reached the file");
+    let right = post("Authorization: Bearer s3cret\r\n");
+    assert!(right.starts_with("HTTP/1.1 200"), "{right}");
+    assert!(std::fs::read_to_string(daemon.config_path()).unwrap().contains("scheduler = \"round-robin\""));
+    // An invalid change is the daemon's refusal, named.
+    let body = r#"{"service":"web","scheduler":"fastest"}"#;
+    let bad = exchange_from_client(
+        &topo,
+        addr,
+        format!(
+            "POST /api/scheduler HTTP/1.1\r\nHost: {addr}\r\nX-XDP-LB-Dashboard: 1\r\nAuthorization: Bearer s3cret\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    );
+    assert!(bad.starts_with("HTTP/1.1 422") && bad.contains("fastest"), "{bad}");
+    daemon.stop().unwrap();
+}
