@@ -247,6 +247,10 @@ fn the_dashboard_in_a_browser_shows_real_numbers_events_and_changes_the_daemon()
         }
     }
     eprintln!("page vs stats, 4 s of load:\n  {}", measured.join("\n  "));
+    // The service's totals since start: at least the requests the load completed before the read.
+    let completed = load.done.load(Ordering::Relaxed) as f64;
+    let total = b.eval("Number(document.querySelector('table[data-service=\"web\"] caption').dataset.newFlows)").as_f64().expect("total");
+    assert!(total >= completed * 0.9 && total > 100.0, "page: {total} flows since start, the load completed {completed} requests");
     assert!(!reasons_early.is_empty(), "no pass/drop reason shown");
     for (reason, shown) in &reasons_early {
         let now = stats["reasons"][reason].as_f64().unwrap_or_else(|| panic!("no {reason} in {stats:#}"));

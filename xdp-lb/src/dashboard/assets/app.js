@@ -82,7 +82,11 @@ function renderServices(view) {
     seen.add(s.name);
     let table = box.querySelector(`table[data-service="${CSS.escape(s.name)}"]`);
     if (!table) { table = serviceTable(s); box.append(table); }
-    table.querySelector("caption").textContent = `${s.name} — ${s.vip} ${s.protocol}, ${s.mode}, ${s.scheduler}, ${s.state}`;
+    const caption = table.querySelector("caption");
+    caption.textContent = `${s.name} — ${s.vip} ${s.protocol}, ${s.mode}, ${s.scheduler}, ${s.state} — since start: ` +
+      `${fmt(s.packets, 0)} packets, ${fmt(s.new_flows, 0)} flows`;
+    caption.dataset.packets = String(s.packets);
+    caption.dataset.newFlows = String(s.new_flows);
     const body = table.querySelector("tbody");
     const rows = new Set();
     for (const b of s.backends) {
