@@ -383,12 +383,21 @@ impl Daemon {
         let mut changed = self.passive.observe(&self.config, &serving, &self.tables, &self.dataplane, &mut self.events);
         changed |= self.update_latency_weights();
         let now = Instant::now();
-        changed |= self.drains.iter().any(|((service, address), since)| {
-            let timeout = self.config.services.iter().find(|s| &s.name == service).map(|s| s.drain_timeout);
-            let down_now = timeout.is_some_and(|t| now.duration_since(*since) >= t);
-            let was_down = self.effective_backend(service, address).is_some_and(|b| b.down);
-            down_now && !was_down
-        });
+        let drain_ended: Vec<BackendKey> = self
+            .drains
+            .iter()
+            .filter(|((service, address), since)| {
+                let timeout = self.config.services.iter().find(|s| &s.name == service).map(|s| s.drain_timeout);
+                let down_now = timeout.is_some_and(|t| now.duration_since(**since) >= t);
+                let was_down = self.effective_backend(service, address).is_some_and(|b| b.down);
+                down_now && !was_down
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for (service, address) in &drain_ended {
+            self.events.record(Kind::Removed, Some(service), Some(address.to_string()), "drain timeout over: its established flows move to other backends");
+        }
+        changed |= !drain_ended.is_empty();
         if changed {
             if let Err(e) = self.replan() {
                 error!("reprogramming failed: {e}");

@@ -37,7 +37,7 @@ const HEIGHT: u32 = 800;
 fn config(topo: &Topology) -> String {
     let mut out = format!(
         "# dashboard test: this comment must survive changes made from the page\n\
-         [[services]]\nname = \"web\"\nvip = \"{}\"\nprotocol = \"tcp\"\nscheduler = \"maglev\"\n\
+         [[services]]\nname = \"web\"\nvip = \"{}\"\nprotocol = \"tcp\"\nscheduler = \"maglev\"\ndrain_timeout_ms = 1500\n\
          [services.health_check]\nkind = \"tcp\"\ninterval_ms = 200\ntimeout_ms = 150\nrise = 2\nfall = 2\n",
         topo.vip_socket(Family::V4, 80)
     );
@@ -311,6 +311,10 @@ fn the_dashboard_in_a_browser_shows_real_numbers_events_and_changes_the_daemon()
     b.wait_for(&format!("document.querySelector('tr[data-backend=\"{heavy}\"] [data-field=\"health\"]').dataset.value === 'down'"), Duration::from_secs(3));
     eprintln!("kill → event on the page: {:?} (polled from the kill: {:?})", detected, killed.elapsed());
     assert!(killed.elapsed() < Duration::from_secs(6));
+    // Revived: back in the ring after `rise` good checks, and the log says so.
+    servers.push(IdentityServers::start(&topo, 2, 80, 53).expect("restart the killed backend's servers"));
+    b.wait_for(&format!("document.querySelector('#events li[data-kind=\"restored\"][data-backend=\"{heavy}\"]')"), Duration::from_secs(3));
+    b.wait_for(&format!("document.querySelector('tr[data-backend=\"{heavy}\"] [data-field=\"health\"]').dataset.value === 'up'"), Duration::from_secs(3));
 
     // Drain from the page: the same request as `xdp-lb backend drain`, written into the file.
     let first = topo.backend_socket(Family::V4, 0, 80).to_string();
@@ -321,6 +325,11 @@ fn the_dashboard_in_a_browser_shows_real_numbers_events_and_changes_the_daemon()
     assert_eq!(drained.len(), 1, "{status:#}");
     assert_eq!(drained[0]["address"], first.as_str());
     assert!(std::fs::read_to_string(daemon.config_path()).expect("config").contains("drained = true"));
+    // After drain_timeout_ms (1.5 s) its established flows are moved too: logged as well.
+    b.wait_for(
+        &format!("[...document.querySelectorAll('#events li[data-kind=\"removed\"][data-backend=\"{first}\"]')].some((e) => e.textContent.includes('drain timeout'))"),
+        Duration::from_secs(4),
+    );
     let after = output_dir().join("dashboard-after-failover.png");
     b.screenshot(&after);
     // The README's picture: `XDP_LB_README_SCREENSHOT=docs/dashboard.png cargo test -p xdp-lb --test dashboard the_dashboard`.
