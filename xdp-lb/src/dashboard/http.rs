@@ -3,7 +3,8 @@
 //!
 //! - `GET /`, `/app.js`, `/style.css`: the page, embedded in the binary (no external fetch);
 //! - `GET /api/snapshot`: one [`View`] as JSON (no rates);
-//! - `GET /api/stream`: server-sent events, one [`View`] per [`UPDATE_EVERY`];
+//! - `GET /api/stream`: server-sent events, one [`View`] per [`UPDATE_EVERY`], read from the
+//!   daemon once for all open pages;
 //! - `POST /api/explain`: the L4 decision for a 5-tuple (the `explain` request);
 //! - `POST /api/scheduler`, `POST /api/drain`: changes, sent to the control loop as the same
 //!   requests `xdp-lb service update --scheduler` and `xdp-lb backend drain|undrain` send, so
@@ -27,7 +28,7 @@ use hyper::{
 use serde::Deserialize;
 use tokio::{
     net::TcpListener,
-    sync::{mpsc, oneshot},
+    sync::{mpsc, oneshot, watch},
 };
 
 use super::{
@@ -126,13 +127,45 @@ struct Shared {
     probes: mpsc::Sender<ProbeReply>,
     jobs: mpsc::Sender<Job>,
     access: Access,
+    /// The latest update as an event-stream message, published by [`publish`].
+    updates: Arc<watch::Sender<Option<Bytes>>>,
 }
 
 /// Serves the dashboard on `listener` until the runtime stops.
 pub async fn serve(listener: TcpListener, probes: mpsc::Sender<ProbeReply>, jobs: mpsc::Sender<Job>, token: Option<Arc<str>>) {
     let loopback = listener.local_addr().is_ok_and(|a| a.ip().is_loopback());
-    let shared = Shared { probes, jobs, access: Access { loopback, token } };
+    let access = Access { loopback, token };
+    let updates = Arc::new(watch::Sender::new(None));
+    tokio::spawn(publish(probes.clone(), access.changes(), Arc::clone(&updates)));
+    let shared = Shared { probes, jobs, access, updates };
     crate::metrics::serve::serve_with(listener, "dashboard", MAX_STREAM_AGE, move |request| answer(request, shared.clone())).await
+}
+
+/// Reads the daemon once per [`UPDATE_EVERY`] while any page listens and publishes the update to
+/// all of them: the control loop's cost (a `status` and a `stats`, megabytes with thousands of
+/// backends) does not grow with the number of open pages. Idle, it reads nothing.
+async fn publish(probes: mpsc::Sender<ProbeReply>, changes: Changes, updates: Arc<watch::Sender<Option<Bytes>>>) {
+    let mut previous = None;
+    let mut every = tokio::time::interval(UPDATE_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        if updates.receiver_count() == 0 {
+            // Nobody listens: a page that opens later must not get a stale update or stale rates.
+            previous = None;
+            updates.send_replace(None);
+            continue;
+        }
+        let message = match probe(&probes).await {
+            Ok(p) => {
+                let view: View = view::build(&p, previous.as_ref(), changes);
+                previous = Some(p.stats);
+                format!("data: {}\n\n", serde_json::to_string(&view).unwrap_or_default())
+            }
+            Err(why) => format!("event: failure\ndata: {}\n\n", serde_json::to_string(&why).unwrap_or_default()),
+        };
+        updates.send_replace(Some(Bytes::from(message)));
+    }
 }
 
 async fn answer(request: Request<Incoming>, shared: Shared) -> Result<Response<Body>, Infallible> {
@@ -225,28 +258,24 @@ async fn probe(probes: &mpsc::Sender<ProbeReply>) -> Result<Probe, String> {
     rx.await.unwrap_or_else(|_| Err("the daemon is shutting down".into()))
 }
 
-/// The event stream: a task reads the daemon every [`UPDATE_EVERY`] and feeds the response body;
-/// it ends when the client goes away (the body, and so its receiver, is dropped).
+/// The event stream: a task forwards every published update (the latest one first) into the
+/// response body; it ends when the client goes away (the body, and so its receiver, is dropped).
 fn stream(shared: Shared) -> Response<Body> {
     let (tx, rx) = mpsc::channel::<Bytes>(2);
+    let mut updates = shared.updates.subscribe();
     tokio::spawn(async move {
         if tx.send(Bytes::from_static(b"retry: 1000\n\n")).await.is_err() {
             return;
         }
-        let mut previous = None;
-        let mut every = tokio::time::interval(UPDATE_EVERY);
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            every.tick().await;
-            let message = match probe(&shared.probes).await {
-                Ok(p) => {
-                    let view: View = view::build(&p, previous.as_ref(), shared.access.changes());
-                    previous = Some(p.stats);
-                    format!("data: {}\n\n", serde_json::to_string(&view).unwrap_or_default())
-                }
-                Err(why) => format!("event: failure\ndata: {}\n\n", serde_json::to_string(&why).unwrap_or_default()),
-            };
-            if tx.send(Bytes::from(message)).await.is_err() {
+        let latest = updates.borrow_and_update().clone();
+        if let Some(message) = latest {
+            if tx.send(message).await.is_err() {
+                return;
+            }
+        }
+        while updates.changed().await.is_ok() {
+            let Some(message) = updates.borrow_and_update().clone() else { continue };
+            if tx.send(message).await.is_err() {
                 return;
             }
         }

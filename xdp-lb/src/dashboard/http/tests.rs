@@ -35,6 +35,14 @@ fn empty_probe(unix_ms: u64) -> Probe {
 /// A dashboard on loopback whose control loop answers probes with an empty daemon and records
 /// the API requests it is sent (answering each with ok).
 async fn start() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let (addr, seen, _) = start_counting().await;
+    (addr, seen)
+}
+
+/// [`start`], also counting the probes the control loop answered.
+async fn start_counting() -> (SocketAddr, Arc<Mutex<Vec<String>>>, Arc<std::sync::atomic::AtomicUsize>) {
+    let probed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = Arc::clone(&probed);
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (probe_tx, mut probes) = mpsc::channel::<ProbeReply>(4);
@@ -43,6 +51,7 @@ async fn start() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
     let mut clock = 1_000;
     tokio::spawn(async move {
         while let Some(reply) = probes.recv().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             clock += 1_000;
             let _ = reply.send(Ok(empty_probe(clock)));
         }
@@ -55,7 +64,7 @@ async fn start() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
             let _ = reply.send(api::Response::ok(serde_json::Value::Null));
         }
     });
-    (addr, seen)
+    (addr, seen, probed)
 }
 
 async fn exchange(addr: SocketAddr, request: &str) -> String {
@@ -112,6 +121,37 @@ async fn the_stream_sends_an_update_a_second_with_rates_from_the_second_on() {
     assert_eq!(views[0].interval_s, None);
     assert_eq!(views[1].interval_s, Some(1.0), "rates over the fake clock's second");
     assert_eq!(views[0].changes, Changes::Allowed, "a loopback listener allows changes");
+}
+
+/// Reads from an event stream until it has sent `n` updates.
+async fn updates(s: &mut TcpStream, n: usize) -> String {
+    let mut text = String::new();
+    let mut buf = [0u8; 4096];
+    while text.matches("data: ").count() < n {
+        let read = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf)).await.expect("an update in time").expect("read");
+        assert!(read > 0, "closed: {text}");
+        text.push_str(&String::from_utf8_lossy(&buf[..read]));
+    }
+    text
+}
+
+/// The control loop is read once per update whatever the number of open pages: each read costs
+/// it a `status` and a `stats` (megabytes with thousands of backends).
+#[tokio::test]
+async fn many_pages_cost_the_control_loop_one_read_per_update() {
+    let (addr, _, probed) = start_counting().await;
+    let mut streams = Vec::new();
+    for _ in 0..6 {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        s.write_all(b"GET /api/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").await.expect("write");
+        streams.push(s);
+    }
+    for s in &mut streams {
+        updates(s, 3).await;
+    }
+    let reads = probed.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(reads <= 5, "6 pages with 3 updates each took {reads} reads of the daemon");
+    drop(streams);
 }
 
 #[tokio::test]
