@@ -19,6 +19,7 @@ use tracing::{debug, error, info, warn};
 use crate::{
     announce::{self, Announcer},
     api::ConfigStatus,
+    dashboard::events::{EventLog, Kind},
     config::{
         file::{self, Loaded},
         Config, Protocol, RawConfig, Scheduler,
@@ -57,6 +58,8 @@ pub struct Daemon {
     effective: Config,
     /// The VIP routes BIRD announces (`[announce]`).
     announcer: Announcer,
+    /// Health, drain and admin transitions for the dashboard (bounded).
+    events: EventLog,
 }
 
 impl Daemon {
@@ -102,6 +105,7 @@ impl Daemon {
             latency_weights: plan::latency::LatencyWeights::default(),
             report: Vec::new(),
             announcer: Announcer::default(),
+            events: EventLog::default(),
         };
         daemon.replan().map_err(DaemonError::Program)?;
         Ok((daemon, transitions))
@@ -109,6 +113,15 @@ impl Daemon {
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The recent health, drain and admin transitions (the dashboard's event log).
+    pub fn events(&self) -> &EventLog {
+        &self.events
+    }
+
+    pub(crate) fn events_mut(&mut self) -> &mut EventLog {
+        &mut self.events
     }
 
     pub fn dataplane_mut(&mut self) -> &mut Dataplane {
@@ -166,6 +179,7 @@ impl Daemon {
             let before = self.report.iter().find(|p| p.name == r.name);
             if r.all_down && before.is_none_or(|b| !b.all_down) {
                 error!(service = %r.name, "ALL BACKENDS DOWN: the service's all_down policy now applies");
+                self.events.record(Kind::AllDown, Some(&r.name), None, "all backends down: the service's all_down policy applies");
             } else if !r.all_down && before.is_some_and(|b| b.all_down) {
                 info!(service = %r.name, serving = r.serving, "service has healthy backends again");
             }
@@ -263,8 +277,14 @@ impl Daemon {
     pub fn reload(&mut self, allow_empty: bool) -> Result<usize, DaemonError> {
         let result = self.try_reload(allow_empty);
         match &result {
-            Ok(services) => info!(services, path = %self.file.loaded.path.display(), "config reloaded"),
-            Err(e) => error!("reload rejected, keeping the running configuration: {e}"),
+            Ok(services) => {
+                info!(services, path = %self.file.loaded.path.display(), "config reloaded");
+                self.events.record(Kind::Reload, None, None, format!("config reloaded: {services} service(s)"));
+            }
+            Err(e) => {
+                error!("reload rejected, keeping the running configuration: {e}");
+                self.events.record(Kind::Refused, None, None, format!("reload rejected: {e}"));
+            }
         }
         result
     }
@@ -344,13 +364,40 @@ impl Daemon {
         }
         let started = Instant::now();
         match self.replan() {
-            Ok(()) => debug!(transitions = batch.len(), took_ms = started.elapsed().as_millis() as u64, "replanned after health transitions"),
+            Ok(()) => {
+                debug!(transitions = batch.len(), took_ms = started.elapsed().as_millis() as u64, "replanned after health transitions");
+                for t in batch {
+                    let (kind, what) = match (t.from, t.to) {
+                        (_, crate::health::Health::Down) => (Kind::Removed, "out of the ring: new flows go to the others, established ones move"),
+                        (crate::health::Health::Down, crate::health::Health::Up) => (Kind::Restored, "back in the ring"),
+                        _ => continue,
+                    };
+                    for backend in self.backends_checked_by(&t.target) {
+                        self.events.record(kind, Some(&t.target.service), Some(backend.to_string()), what);
+                    }
+                }
+            }
             Err(e) => error!(transitions = batch.len(), "reprogramming after health transitions failed: {e}"),
         }
     }
 
+    /// The backends whose health `target` probes (several when they share a check address).
+    fn backends_checked_by(&self, target: &crate::health::Target) -> Vec<SocketAddr> {
+        self.config
+            .services
+            .iter()
+            .filter(|s| s.name == target.service)
+            .flat_map(|s| s.backends.iter().filter(|b| plan::probe_target(s, b).is_some_and(|(t, _)| &t == target)).map(|b| b.address))
+            .collect()
+    }
+
     fn note_transition(&mut self, t: &Transition) {
         info!(service = %t.target.service, target = %t.target.addr, from = ?t.from, to = ?t.to, reason = %t.reason, "health transition");
+        if t.to == crate::health::Health::Down {
+            for backend in self.backends_checked_by(&t.target) {
+                self.events.record(Kind::Detected, Some(&t.target.service), Some(backend.to_string()), format!("health check failed: {}", t.reason));
+            }
+        }
         if t.to == crate::health::Health::Up {
             // The active checks see it serving again: a passive hold must not keep it out longer.
             let keys: Vec<BackendKey> = self
@@ -363,6 +410,7 @@ impl Daemon {
             for k in keys {
                 if self.passive.clear(&k) {
                     info!(service = %k.0, backend = %k.1, "passive hold ended: active checks see the backend up");
+                    self.events.record(Kind::Restored, Some(&k.0), Some(k.1.to_string()), "passive hold ended: active checks see it up");
                 }
             }
         }
@@ -377,15 +425,24 @@ impl Daemon {
             .flat_map(|s| s.backends.iter().filter(|b| b.weight > 0 && !b.down).map(|b| (s.name.clone(), b.address)))
             .collect();
         crate::flows::reconcile_when_due(&mut self.dataplane, &self.tables);
-        let mut changed = self.passive.observe(&self.config, &serving, &self.tables, &self.dataplane);
+        let mut changed = self.passive.observe(&self.config, &serving, &self.tables, &self.dataplane, &mut self.events);
         changed |= self.update_latency_weights();
         let now = Instant::now();
-        changed |= self.drains.iter().any(|((service, address), since)| {
-            let timeout = self.config.services.iter().find(|s| &s.name == service).map(|s| s.drain_timeout);
-            let down_now = timeout.is_some_and(|t| now.duration_since(*since) >= t);
-            let was_down = self.effective_backend(service, address).is_some_and(|b| b.down);
-            down_now && !was_down
-        });
+        let drain_ended: Vec<BackendKey> = self
+            .drains
+            .iter()
+            .filter(|((service, address), since)| {
+                let timeout = self.config.services.iter().find(|s| &s.name == service).map(|s| s.drain_timeout);
+                let down_now = timeout.is_some_and(|t| now.duration_since(**since) >= t);
+                let was_down = self.effective_backend(service, address).is_some_and(|b| b.down);
+                down_now && !was_down
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for (service, address) in &drain_ended {
+            self.events.record(Kind::Removed, Some(service), Some(address.to_string()), "drain timeout over: its established flows move to other backends");
+        }
+        changed |= !drain_ended.is_empty();
         if changed {
             if let Err(e) = self.replan() {
                 error!("reprogramming failed: {e}");

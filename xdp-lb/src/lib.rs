@@ -4,6 +4,7 @@
 pub mod announce;
 pub mod api;
 pub mod config;
+pub mod dashboard;
 pub mod daemon;
 pub mod dataplane;
 pub mod docs;

@@ -47,6 +47,15 @@ enum Command {
         /// Serve Prometheus metrics on this address (off by default).
         #[arg(long)]
         metrics: Option<SocketAddr>,
+        /// Serve the live dashboard on this address (off by default). Changes from the page
+        /// (scheduler, drain) are allowed on a loopback address, elsewhere only with the token of
+        /// --dashboard-token-file.
+        #[arg(long)]
+        dashboard: Option<SocketAddr>,
+        /// A file whose first line is the token that allows changes from a dashboard on a
+        /// non-loopback address.
+        #[arg(long, requires = "dashboard")]
+        dashboard_token_file: Option<PathBuf>,
         /// bpffs directory where the data plane is pinned, so it keeps forwarding across restarts
         /// and a restarted daemon adopts it.
         #[arg(long, default_value = api::DEFAULT_BPFFS_DIR, conflicts_with = "no_pin")]
@@ -128,12 +137,14 @@ fn main() -> std::process::ExitCode {
              source of truth and CLI changes are written into it (comments kept); to carry over the CLI changes \
              of an old state file, make it your --config (or merge it into your config), then start without these flags"
         )),
-        Command::Run { config, allow_empty, ifaces, metrics, bpffs, no_pin, .. } => run::run(run::Options {
+        Command::Run { config, allow_empty, ifaces, metrics, dashboard, dashboard_token_file, bpffs, no_pin, .. } => run::run(run::Options {
             config,
             allow_empty,
             ifaces,
             socket: cli.socket.clone(),
             metrics,
+            dashboard,
+            dashboard_token: dashboard_token_file,
             bpffs: (!no_pin).then_some(bpffs),
         }),
         Command::Reload { allow_empty } => client.reload(allow_empty),

@@ -26,7 +26,7 @@ use xdp_lb::{
     config::file,
     daemon::Daemon,
     dataplane::{self, Dataplane},
-    limits, metrics, neighbours, notify,
+    dashboard, limits, metrics, neighbours, notify,
     pins::PinDir,
 };
 
@@ -57,6 +57,10 @@ pub struct Options {
     pub ifaces: Vec<String>,
     pub socket: PathBuf,
     pub metrics: Option<SocketAddr>,
+    /// Serve the dashboard on this address.
+    pub dashboard: Option<SocketAddr>,
+    /// The token that allows changes from a dashboard beyond loopback (read from a file).
+    pub dashboard_token: Option<PathBuf>,
     /// bpffs directory to pin the data plane in; `None` detaches on exit.
     pub bpffs: Option<PathBuf>,
 }
@@ -86,6 +90,11 @@ async fn serve(opts: Options, loaded: file::Loaded) -> Result<()> {
         Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("--metrics {addr}"))?),
         None => None,
     };
+    let dashboard_listener = match opts.dashboard {
+        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("--dashboard {addr}"))?),
+        None => None,
+    };
+    let dashboard_token = opts.dashboard_token.as_deref().map(read_token).transpose()?;
     let pins = opts.bpffs.as_deref().map(PinDir::prepare).transpose()?;
     // Held until this function returns: a second daemon on the same pins is refused.
     let _instance = pins.as_ref().map(|p| lock_pin_dir(p.path())).transpose()?;
@@ -109,10 +118,15 @@ async fn serve(opts: Options, loaded: file::Loaded) -> Result<()> {
 
     let (jobs_tx, mut jobs) = mpsc::channel::<Job>(64);
     let answering = Arc::new(AtomicUsize::new(0));
-    tokio::spawn(accept_clients(listener, jobs_tx, answering.clone()));
+    tokio::spawn(accept_clients(listener, jobs_tx.clone(), answering.clone()));
     let (scrape_tx, mut scrapes) = mpsc::channel::<metrics::serve::ScrapeReply>(16);
     if let Some(l) = metrics_listener {
         tokio::spawn(metrics::serve::serve(l, scrape_tx));
+    }
+    let (probe_tx, mut probes) = mpsc::channel::<dashboard::ProbeReply>(16);
+    if let Some(l) = dashboard_listener {
+        info!(address = %l.local_addr()?, "dashboard listening");
+        tokio::spawn(dashboard::http::serve(l, probe_tx, jobs_tx.clone(), dashboard_token));
     }
     let mut hangup = signal(SignalKind::hangup())?;
     let mut terminate = signal(SignalKind::terminate())?;
@@ -140,6 +154,7 @@ async fn serve(opts: Options, loaded: file::Loaded) -> Result<()> {
                 }
             }
             Some(reply) = scrapes.recv() => { let _ = reply.send(metrics::render(&daemon).map_err(|e| e.to_string())); }
+            Some(reply) = probes.recv() => { let _ = reply.send(dashboard::probe(&mut daemon)); }
             _ = tick.tick() => daemon.tick(),
             _ = refresh.tick() => neighbours::warm(daemon.config().services.iter().filter(|s| s.mode == Mode::Dsr).flat_map(|s| s.backends.iter().map(|b| b.address))),
             // Daemon::reload logs the outcome; `xdp-lb reload` takes the same path.
@@ -203,6 +218,16 @@ async fn serve(opts: Options, loaded: file::Loaded) -> Result<()> {
     let not_forwarded: u64 = snapshot.reasons.values().sum();
     info!(services = snapshot.services.len(), packets, new_flows, not_forwarded, "xdp-lb stopped");
     Ok(())
+}
+
+/// The dashboard's token: the file's first line, which must not be empty.
+fn read_token(path: &Path) -> Result<std::sync::Arc<str>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("--dashboard-token-file {}", path.display()))?;
+    let token = text.lines().next().unwrap_or("").trim();
+    if token.is_empty() {
+        bail!("--dashboard-token-file {}: the first line is empty; write the token there", path.display());
+    }
+    Ok(token.into())
 }
 
 /// Removes the API socket this daemon bound when `serve` returns, on a failed start as on a stop.

@@ -19,6 +19,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "systemd",
     // BIRD 2: the BGP daemon that announces the VIPs (tests/announce.rs runs a node and a router).
     "bird2",
+    // The dashboard's browser test drives headless Chromium over the DevTools protocol.
+    "chromium",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 

@@ -9,7 +9,13 @@ use std::{
 
 use tracing::{info, warn};
 
-use crate::{config::Config, dataplane::Dataplane, plan::BackendKey, tables::Tables};
+use crate::{
+    config::Config,
+    dashboard::events::{EventLog, Kind},
+    dataplane::Dataplane,
+    plan::BackendKey,
+    tables::Tables,
+};
 
 /// Samples kept per backend: with the daemon's 500 ms tick, a 2 s window.
 const WINDOW: usize = 5;
@@ -38,8 +44,16 @@ impl Passive {
 
     /// Takes one sample of every checked backend's SYN and answer counters; returns whether any
     /// backend's passive state changed. Backends already out of the ring (`serving` says which are
-    /// in) are not judged: the SYNs they got before leaving it would count against them.
-    pub fn observe(&mut self, config: &Config, serving: &HashSet<BackendKey>, tables: &Tables, dataplane: &Dataplane) -> bool {
+    /// in) are not judged: the SYNs they got before leaving it would count against them. Holds
+    /// that start or end are recorded in `events`.
+    pub fn observe(
+        &mut self,
+        config: &Config,
+        serving: &HashSet<BackendKey>,
+        tables: &Tables,
+        dataplane: &Dataplane,
+        events: &mut EventLog,
+    ) -> bool {
         let now = Instant::now();
         let mut changed = false;
         let mut seen = HashSet::new();
@@ -65,6 +79,8 @@ impl Passive {
                 let unanswered = last.0.saturating_sub(first.0);
                 if unanswered >= UNANSWERED_SYNS && last.1 == first.1 && !self.down_until.contains_key(&key) {
                     warn!(service = %key.0, backend = %key.1, unanswered, "passive check: SYNs are not answered; backend marked down");
+                    let message = format!("passive check: {unanswered} SYNs unanswered; out of the ring for {} s", HOLD.as_secs());
+                    events.record(Kind::Detected, Some(&key.0), Some(key.1.to_string()), message);
                     self.down_until.insert(key.clone(), now + HOLD);
                     window.clear();
                     changed = true;
@@ -81,6 +97,7 @@ impl Passive {
             }
             if !keep {
                 info!(service = %k.0, backend = %k.1, "passive check: hold time over, backend tried again");
+                events.record(Kind::Restored, Some(&k.0), Some(k.1.to_string()), "passive hold over: back in the ring, tried again");
             }
             keep
         });

@@ -29,6 +29,8 @@ impl Daemon {
             | Request::Reload { .. } => None,
             other => Some(serde_json::to_string(other).unwrap_or_default()),
         };
+        // What the event log says about a change (the request itself is consumed below).
+        let recorded = if change.is_some() { request.clone() } else { Request::Status };
         let result = match request {
             Request::ServiceAdd { service } => self.change(|d| add_service(d, service)).map(|_| serde_json::Value::Null),
             Request::ServiceUpdate { name, changes } => {
@@ -90,8 +92,16 @@ impl Daemon {
             Request::Stop { detach } => Ok(to_value(StopReply { stopping: true, detach })),
         };
         match (&result, change) {
-            (Ok(_), Some(change)) => tracing::info!(%change, "change applied"),
-            (Err(error), Some(change)) => tracing::warn!(%change, %error, "change refused; nothing changed"),
+            (Ok(_), Some(change)) => {
+                tracing::info!(%change, "change applied");
+                let (kind, service, backend, message) = crate::dashboard::events::describe(&recorded);
+                self.events_mut().record(kind, service, backend, message);
+            }
+            (Err(error), Some(change)) => {
+                tracing::warn!(%change, %error, "change refused; nothing changed");
+                let (_, service, backend, message) = crate::dashboard::events::describe(&recorded);
+                self.events_mut().record(crate::dashboard::events::Kind::Refused, service, backend, format!("{message} refused: {error}"));
+            }
             _ => {}
         }
         match result {

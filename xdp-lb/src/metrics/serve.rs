@@ -52,12 +52,27 @@ pub type ScrapeReply = oneshot::Sender<Result<String, String>>;
 
 /// Serves `listener` until the runtime stops; scrapes are answered through `scrapes`.
 pub async fn serve(listener: TcpListener, scrapes: mpsc::Sender<ScrapeReply>) {
+    serve_with(listener, "metrics", MAX_CONNECTION_AGE, move |request| answer(request, scrapes.clone())).await
+}
+
+/// The serving machinery of the metrics endpoint with another handler (the dashboard uses it):
+/// the same connection caps, descriptor reserve and head timeout; `max_age` bounds each
+/// connection's life (a dashboard's event stream lives longer than a scrape). `what` names the
+/// listener in its log lines.
+pub async fn serve_with<H, F, B>(listener: TcpListener, what: &'static str, max_age: Duration, handler: H)
+where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: std::future::Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let per_address: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
     let mut last_log: Option<Instant> = None;
     let mut log_limited = |message: &dyn std::fmt::Display| {
         if last_log.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
-            tracing::warn!("metrics listener: {message}");
+            tracing::warn!("{what} listener: {message}");
             last_log = Some(Instant::now());
         }
     };
@@ -82,16 +97,16 @@ pub async fn serve(listener: TcpListener, scrapes: mpsc::Sender<ScrapeReply>) {
             log_limited(&format_args!("refusing a connection from {}: it already has {MAX_PER_ADDRESS} open", peer.ip()));
             continue;
         };
-        let scrapes = scrapes.clone();
+        let handler = handler.clone();
         tokio::spawn(async move {
             let _per_address = per_address;
-            let service = service_fn(move |request| answer(request, scrapes.clone()));
+            let service = service_fn(handler);
             let connection = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEAD_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service);
             // Errors (timeouts, resets, malformed requests) end only this connection.
-            let _ = tokio::time::timeout(MAX_CONNECTION_AGE, connection).await;
+            let _ = tokio::time::timeout(max_age, connection).await;
             drop(slot);
         });
     }

@@ -1,0 +1,336 @@
+//! The dashboard's HTTP side, served with the metrics endpoint's machinery
+//! ([`crate::metrics::serve::serve_with`]: connection caps, descriptor reserve, head timeout):
+//!
+//! - `GET /`, `/app.js`, `/style.css`: the page, embedded in the binary (no external fetch);
+//! - `GET /api/snapshot`: one [`View`] as JSON (no rates);
+//! - `GET /api/stream`: server-sent events, one [`View`] per [`UPDATE_EVERY`], read from the
+//!   daemon once for all open pages;
+//! - `POST /api/explain`: the L4 decision for a 5-tuple (the `explain` request);
+//! - `POST /api/scheduler`, `POST /api/drain`: changes, sent to the control loop as the same
+//!   requests `xdp-lb service update --scheduler` and `xdp-lb backend drain|undrain` send, so
+//!   they are validated, programmed and written into `--config` by the one config writer.
+//!
+//! Changes need the loopback listener (with a loopback `Host`, against DNS rebinding) or the
+//! `--dashboard-token-file` token as `Authorization: Bearer`; every POST needs the
+//! `X-XDP-LB-Dashboard: 1` header (a cross-site form cannot send it, a cross-site script cannot
+//! without a CORS preflight that is never granted) and, if it has an `Origin`, one that matches
+//! `Host`.
+
+use std::{convert::Infallible, net::IpAddr, pin::Pin, sync::Arc, task::Poll, time::Duration};
+
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited};
+use hyper::{
+    body::{Frame, Incoming},
+    header::{self, HeaderValue},
+    HeaderMap, Method, Request, Response, StatusCode,
+};
+use serde::Deserialize;
+use tokio::{
+    net::TcpListener,
+    sync::{mpsc, oneshot, watch},
+};
+
+use super::{
+    view::{self, Changes, Probe, View},
+    Job, ProbeReply,
+};
+use crate::api::{self, ServiceChanges};
+
+/// How often the stream sends an update.
+pub const UPDATE_EVERY: Duration = Duration::from_secs(1);
+/// A stream's connection is closed after this; the browser's EventSource reconnects by itself.
+pub const MAX_STREAM_AGE: Duration = Duration::from_secs(600);
+/// The largest POST body read.
+pub const MAX_BODY: usize = 4096;
+/// The header every POST must carry (see the module's documentation).
+pub const CSRF_HEADER: &str = "x-xdp-lb-dashboard";
+
+const INDEX_HTML: &str = include_str!("assets/index.html");
+const APP_JS: &str = include_str!("assets/app.js");
+const STYLE_CSS: &str = include_str!("assets/style.css");
+
+type Body = BoxBody<Bytes, Infallible>;
+
+/// Who may change things through this listener.
+#[derive(Clone, Debug)]
+pub struct Access {
+    /// The listener is bound to a loopback address.
+    pub loopback: bool,
+    /// The operator's token (`--dashboard-token-file`).
+    pub token: Option<Arc<str>>,
+}
+
+impl Access {
+    fn changes(&self) -> Changes {
+        match (self.loopback, &self.token) {
+            (true, _) => Changes::Allowed,
+            (false, Some(_)) => Changes::NeedToken,
+            (false, None) => Changes::ReadOnly,
+        }
+    }
+
+    /// Why `headers` may not change anything, or `None` when they may.
+    fn refuse_change(&self, headers: &HeaderMap) -> Option<(StatusCode, String)> {
+        if headers.get(CSRF_HEADER).is_none_or(|v| v != "1") {
+            return Some((StatusCode::FORBIDDEN, format!("refused: a change needs the header {CSRF_HEADER}: 1 (sent by the dashboard's page)")));
+        }
+        let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+        if let Some(origin) = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) {
+            let origin_host = origin.split_once("://").map_or(origin, |(_, rest)| rest);
+            if origin != "null" && origin_host != host {
+                return Some((StatusCode::FORBIDDEN, format!("refused: Origin {origin} is not this dashboard ({host})")));
+            }
+        }
+        let bearer = headers.get(header::AUTHORIZATION).and_then(|a| a.to_str().ok()).and_then(|a| a.strip_prefix("Bearer "));
+        if let (Some(token), Some(given)) = (&self.token, bearer) {
+            if constant_time_eq(token.as_bytes(), given.trim().as_bytes()) {
+                return None;
+            }
+            return Some((StatusCode::UNAUTHORIZED, "refused: the token does not match --dashboard-token-file".into()));
+        }
+        if self.loopback {
+            if is_loopback_host(host) {
+                return None;
+            }
+            return Some((
+                StatusCode::FORBIDDEN,
+                format!("refused: Host {host:?} is not a loopback address; open the dashboard as http://127.0.0.1:PORT or http://localhost:PORT"),
+            ));
+        }
+        Some((
+            StatusCode::FORBIDDEN,
+            match self.token {
+                Some(_) => "refused: this dashboard listens beyond loopback; a change needs the token (Authorization: Bearer, from --dashboard-token-file)".into(),
+                None => "refused: this dashboard listens beyond loopback and has no --dashboard-token-file, so it is read-only".into(),
+            },
+        ))
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `host` (a `Host` header: name or address, with or without a port) names this machine's loopback.
+pub fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split_once(']').map_or(rest, |(ip, _)| ip),
+        None => host.rsplit_once(':').filter(|(_, port)| port.chars().all(|c| c.is_ascii_digit())).map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// What a connection's handler needs.
+#[derive(Clone)]
+struct Shared {
+    probes: mpsc::Sender<ProbeReply>,
+    jobs: mpsc::Sender<Job>,
+    access: Access,
+    /// The latest update as an event-stream message, published by [`publish`].
+    updates: Arc<watch::Sender<Option<Bytes>>>,
+}
+
+/// Serves the dashboard on `listener` until the runtime stops.
+pub async fn serve(listener: TcpListener, probes: mpsc::Sender<ProbeReply>, jobs: mpsc::Sender<Job>, token: Option<Arc<str>>) {
+    let loopback = listener.local_addr().is_ok_and(|a| a.ip().is_loopback());
+    let access = Access { loopback, token };
+    let updates = Arc::new(watch::Sender::new(None));
+    tokio::spawn(publish(probes.clone(), access.changes(), Arc::clone(&updates)));
+    let shared = Shared { probes, jobs, access, updates };
+    crate::metrics::serve::serve_with(listener, "dashboard", MAX_STREAM_AGE, move |request| answer(request, shared.clone())).await
+}
+
+/// Reads the daemon once per [`UPDATE_EVERY`] while any page listens and publishes the update to
+/// all of them: the control loop's cost (a `status` and a `stats`, megabytes with thousands of
+/// backends) does not grow with the number of open pages. Idle, it reads nothing.
+async fn publish(probes: mpsc::Sender<ProbeReply>, changes: Changes, updates: Arc<watch::Sender<Option<Bytes>>>) {
+    let mut previous = None;
+    let mut every = tokio::time::interval(UPDATE_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        if updates.receiver_count() == 0 {
+            // Nobody listens: a page that opens later must not get a stale update or stale rates.
+            previous = None;
+            updates.send_replace(None);
+            continue;
+        }
+        let message = match probe(&probes).await {
+            Ok(p) => {
+                let view: View = view::build(&p, previous.as_ref(), changes);
+                previous = Some(p.stats);
+                format!("data: {}\n\n", serde_json::to_string(&view).unwrap_or_default())
+            }
+            Err(why) => format!("event: failure\ndata: {}\n\n", serde_json::to_string(&why).unwrap_or_default()),
+        };
+        updates.send_replace(Some(Bytes::from(message)));
+    }
+}
+
+async fn answer(request: Request<Incoming>, shared: Shared) -> Result<Response<Body>, Infallible> {
+    let path = request.uri().path().to_owned();
+    let method = request.method().clone();
+    let get = method == Method::GET || method == Method::HEAD;
+    Ok(match path.as_str() {
+        "/" | "/index.html" if get => asset(INDEX_HTML, "text/html; charset=utf-8"),
+        "/app.js" if get => asset(APP_JS, "text/javascript; charset=utf-8"),
+        "/style.css" if get => asset(STYLE_CSS, "text/css; charset=utf-8"),
+        "/api/snapshot" if get => match probe(&shared.probes).await {
+            Ok(p) => json(StatusCode::OK, &view::build(&p, None, shared.access.changes())),
+            Err(why) => error(StatusCode::SERVICE_UNAVAILABLE, &format!("the daemon could not be read: {why}")),
+        },
+        "/api/stream" if get => stream(shared),
+        "/api/explain" | "/api/scheduler" | "/api/drain" if method == Method::POST => post(request, &path, &shared).await,
+        "/" | "/index.html" | "/app.js" | "/style.css" | "/api/snapshot" | "/api/stream" => not_allowed("GET, HEAD"),
+        "/api/explain" | "/api/scheduler" | "/api/drain" => not_allowed("POST"),
+        _ => error(StatusCode::NOT_FOUND, &format!("not found: {path}; the dashboard is at /")),
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExplainForm {
+    source: String,
+    destination: String,
+    protocol: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SchedulerForm {
+    service: String,
+    scheduler: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DrainForm {
+    service: String,
+    backend: String,
+    drained: bool,
+}
+
+async fn post(request: Request<Incoming>, path: &str, shared: &Shared) -> Response<Body> {
+    let explain = path == "/api/explain";
+    // Explaining changes nothing, but it asks the same header so no other site can probe with it.
+    let refusal = if explain {
+        request.headers().get(CSRF_HEADER).is_none_or(|v| v != "1").then(|| (StatusCode::FORBIDDEN, format!("refused: a request needs the header {CSRF_HEADER}: 1")))
+    } else {
+        shared.access.refuse_change(request.headers())
+    };
+    if let Some((status, why)) = refusal {
+        return error(status, &why);
+    }
+    let body = match Limited::new(request.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return error(StatusCode::PAYLOAD_TOO_LARGE, &format!("the request body could not be read (at most {MAX_BODY} bytes): {e}")),
+    };
+    let parsed = match path {
+        "/api/explain" => serde_json::from_slice::<ExplainForm>(&body)
+            .map(|f| api::Request::Explain { source: f.source, destination: f.destination, protocol: f.protocol }),
+        "/api/scheduler" => serde_json::from_slice::<SchedulerForm>(&body).map(|f| api::Request::ServiceUpdate {
+            name: f.service,
+            changes: ServiceChanges { scheduler: Some(f.scheduler), ..Default::default() },
+        }),
+        _ => serde_json::from_slice::<DrainForm>(&body).map(|f| match f.drained {
+            true => api::Request::BackendDrain { service: f.service, address: f.backend },
+            false => api::Request::BackendUndrain { service: f.service, address: f.backend },
+        }),
+    };
+    let request = match parsed {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("malformed request to {path}: {e}")),
+    };
+    let (tx, rx) = oneshot::channel();
+    let response = match shared.jobs.send((request, tx)).await {
+        Ok(()) => rx.await.unwrap_or_else(|_| api::Response::error("the daemon is shutting down")),
+        Err(_) => api::Response::error("the daemon is shutting down"),
+    };
+    // A refused change (unknown scheduler, file edited on disk, ...) is the daemon's own message.
+    let status = if response.ok { StatusCode::OK } else { StatusCode::UNPROCESSABLE_ENTITY };
+    json(status, &response)
+}
+
+async fn probe(probes: &mpsc::Sender<ProbeReply>) -> Result<Probe, String> {
+    let (tx, rx) = oneshot::channel();
+    probes.send(tx).await.map_err(|_| "the daemon is shutting down".to_string())?;
+    rx.await.unwrap_or_else(|_| Err("the daemon is shutting down".into()))
+}
+
+/// The event stream: a task forwards every published update (the latest one first) into the
+/// response body; it ends when the client goes away (the body, and so its receiver, is dropped).
+fn stream(shared: Shared) -> Response<Body> {
+    let (tx, rx) = mpsc::channel::<Bytes>(2);
+    let mut updates = shared.updates.subscribe();
+    tokio::spawn(async move {
+        if tx.send(Bytes::from_static(b"retry: 1000\n\n")).await.is_err() {
+            return;
+        }
+        let latest = updates.borrow_and_update().clone();
+        if let Some(message) = latest {
+            if tx.send(message).await.is_err() {
+                return;
+            }
+        }
+        while updates.changed().await.is_ok() {
+            let Some(message) = updates.borrow_and_update().clone() else { continue };
+            if tx.send(message).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut response = Response::new(ChannelBody(rx).boxed());
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+/// A response body fed by a channel, one frame per message.
+struct ChannelBody(mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|m| m.map(|bytes| Ok(Frame::data(bytes))))
+    }
+}
+
+fn with_headers(mut response: Response<Body>, content_type: &'static str) -> Response<Body> {
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    // Nothing outside this dashboard may load: no CDN, no other origin, no framing.
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"),
+    );
+    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    response
+}
+
+fn asset(text: &'static str, content_type: &'static str) -> Response<Body> {
+    with_headers(Response::new(Full::new(Bytes::from_static(text.as_bytes())).boxed()), content_type)
+}
+
+fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<Body> {
+    let text = serde_json::to_string(value).unwrap_or_else(|e| format!("{{\"ok\":false,\"error\":{:?}}}", e.to_string()));
+    let mut response = with_headers(Response::new(Full::new(Bytes::from(text)).boxed()), "application/json");
+    *response.status_mut() = status;
+    response
+}
+
+fn error(status: StatusCode, why: &str) -> Response<Body> {
+    json(status, &api::Response::error(why))
+}
+
+fn not_allowed(allow: &'static str) -> Response<Body> {
+    let mut response = error(StatusCode::METHOD_NOT_ALLOWED, &format!("method not allowed: use {allow}"));
+    response.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+    response
+}
+
+#[cfg(test)]
+mod tests;
