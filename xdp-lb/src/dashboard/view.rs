@@ -262,6 +262,7 @@ mod tests {
                     ring_fingerprint: None,
                     backends: vec![backend_status("10.0.0.1:80"), backend_status("10.0.0.2:80")],
                 }],
+                announce: None,
             },
             stats,
             events: vec![],

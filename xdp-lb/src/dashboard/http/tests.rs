@@ -26,6 +26,7 @@ fn empty_probe(unix_ms: u64) -> Probe {
                 start_differences: vec![],
             },
             services: vec![],
+            announce: None,
         },
         stats: api::StatsReply { unix_ms, snapshot: Snapshot { services: vec![], reasons: Default::default() } },
         events: vec![],
