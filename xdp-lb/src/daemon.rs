@@ -68,6 +68,9 @@ impl Daemon {
     /// (leaving the data plane as it is) unless `allow_empty`.
     pub fn new(loaded: Loaded, dataplane: Dataplane, allow_empty: bool) -> Result<(Daemon, UnboundedReceiver<Transition>), DaemonError> {
         let config = loaded.config.clone();
+        if config.announce.is_some() && !dataplane.is_pinned() {
+            return Err(DaemonError::AnnounceUnpinned { path: loaded.path.display().to_string() });
+        }
         let mut tables = Tables::new(config.dataplane.maglev_cells, dataplane::MAX_SERVICES, dataplane::MAX_BACKENDS);
         let mut start_differences = Vec::new();
         if dataplane.is_pinned() {
@@ -296,6 +299,9 @@ impl Daemon {
         }
         if let Some(refusal) = self.resize(&loaded.config) {
             return Err(refusal);
+        }
+        if loaded.config.announce.is_some() && !self.dataplane.is_pinned() {
+            return Err(DaemonError::AnnounceUnpinned { path: self.path_text() });
         }
         // A new hash_seed needs nothing else: programming rebuilds every ring with it.
         self.program(loaded.config.clone())?;

@@ -84,6 +84,9 @@ async fn serve(opts: Options, loaded: file::Loaded) -> Result<()> {
     let settings = loaded.config.dataplane;
     // The refusals that need nothing loaded come first: a daemon refused for its socket or
     // --metrics port must not leave maps pinned in its --bpffs.
+    if loaded.config.announce.is_some() && opts.bpffs.is_none() {
+        return Err(xdp_lb::daemon::DaemonError::AnnounceUnpinned { path: loaded.path.display().to_string() }.into());
+    }
     let listener = bind_socket(&opts.socket)?;
     let _socket_file = SocketFile(&opts.socket);
     let metrics_listener = match opts.metrics {

@@ -217,6 +217,59 @@ fn the_announce_table_follows_health_drain_reloads_restarts_stop_and_a_crash() {
     assert_eq!(foreign(), foreign_before);
 }
 
+/// An unpinned daemon started directly (the testbed's always pins), killed when dropped.
+struct Unpinned(Child);
+
+impl Drop for Unpinned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn announcing_needs_a_pinned_data_plane_at_start_and_at_reload() {
+    let topo = Topology::new("anp", 1).expect("testbed");
+    let dir = tempfile::Builder::new().prefix("xdp-lb-unpinned-").tempdir().unwrap();
+    let (config_path, socket) = (dir.path().join("xdp-lb.toml"), dir.path().join("xdp-lb.sock"));
+    let run = || {
+        let mut cmd = topo.lb().command(XDP_LB);
+        cmd.arg("--socket").arg(&socket).arg("run").arg("--config").arg(&config_path).args(["--iface", topo.client_iface(), "--no-pin"]);
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+        cmd
+    };
+    // At start: refused, nothing attached, no route.
+    std::fs::write(&config_path, config(&topo, true)).unwrap();
+    let stderr_path = dir.path().join("stderr");
+    let mut cmd = run();
+    let mut refused = Unpinned(topo.lb().spawn(cmd.stderr(std::fs::File::create(&stderr_path).unwrap())).unwrap());
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = refused.0.try_wait().unwrap() {
+            break status;
+        }
+        let stderr = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+        assert!(started.elapsed() < Duration::from_secs(20), "an unpinned daemon started with [announce]:\n{stderr}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stderr = std::fs::read_to_string(&stderr_path).unwrap();
+    assert!(!status.success() && stderr.contains("not pinned (--no-pin)"), "{stderr}");
+    assert!(vip_routes(topo.lb()).is_empty());
+    assert!(!topo.lb().ip(&["link", "show"]).unwrap().contains("prog/xdp"));
+    // At reload: an unpinned daemon refuses a config that adds [announce], and keeps running.
+    std::fs::write(&config_path, config(&topo, false)).unwrap();
+    let mut cmd = run();
+    let _daemon = Unpinned(topo.lb().spawn(cmd.stderr(Stdio::null())).unwrap());
+    let xdp_lb = |args: &[&str]| std::process::Command::new(XDP_LB).arg("--socket").arg(&socket).args(args).output().unwrap();
+    wait_until("the unpinned daemon answers", Duration::from_secs(20), || xdp_lb(&["status"]).status.success(), String::new);
+    std::fs::write(&config_path, config(&topo, true)).unwrap();
+    let out = xdp_lb(&["reload"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("not pinned (--no-pin)"), "{stderr}");
+    assert!(vip_routes(topo.lb()).is_empty());
+    assert!(xdp_lb(&["status"]).status.success());
+}
+
 /// A BIRD in the foreground in `ns`, killed when dropped (also when the test fails).
 struct Bird {
     child: Child,

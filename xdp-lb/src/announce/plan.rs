@@ -4,8 +4,6 @@
 
 use std::{collections::BTreeMap, fmt, net::IpAddr};
 
-use serde::{Deserialize, Serialize};
-
 /// What the announcement of one service depends on.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceView {
@@ -18,8 +16,7 @@ pub struct ServiceView {
 }
 
 /// Why a VIP is not announced.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Withdrawn {
     /// `xdp-lb node drain`: every VIP is withdrawn.
     NodeDrained,

@@ -16,6 +16,14 @@ pub enum DaemonError {
          nothing (add `[announce]` with `table = N` to announce through BIRD); nothing was changed"
     )]
     AnnounceOff { path: String },
+    /// Without pins the data plane goes with the process, but the VIP routes would not: a crashed
+    /// daemon would leave the routers sending traffic to a node that no longer forwards it.
+    #[error(
+        "{path} has [announce], but the data plane is not pinned (--no-pin): a crash would detach the XDP program \
+         and leave the VIPs announced, so routers would keep sending traffic nobody forwards. Run with --bpffs \
+         (the default) to announce, or remove [announce]"
+    )]
+    AnnounceUnpinned { path: String },
     #[error("unknown service \"{0}\"")]
     UnknownService(String),
     #[error("service \"{service}\" has no backend {address}")]
