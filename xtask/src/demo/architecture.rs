@@ -3,7 +3,7 @@
 //! ```text
 //!                                      ┌ backend-0: l7-sidecar gw-0 ┐
 //!  client ── lb (xdp-lb, VIP :80 NAT) ─┼ backend-1: l7-sidecar gw-1 ┼─(via lb)── services: users :8001
-//!  6 users   dashboard ◀─ host relay   └ backend-2: l7-sidecar gw-2 ┘           orders :8002, payments :8003
+//!  8 clients dashboard ◀─ host relay   └ backend-2: l7-sidecar gw-2 ┘           orders :8002, payments :8003
 //!                                                                               users-v2 :8004
 //! ```
 //! The replicas check JWTs (HS256, a secret generated per run), limit each user's rate and route by
@@ -92,7 +92,7 @@ pub fn scene(opts: &Options) -> anyhow::Result<()> {
 
     warm_up(&topo, vip, &secret).with_context(|| format!("daemon log:\n{}", daemon.log()))?;
     let limit = opts.duration.unwrap_or(MAX_DURATION);
-    println!("load: 4 users (users, orders, payments, v2 by path and header), 1 anonymous client (401), 1 greedy client (429)");
+    println!("load: 6 users (users, orders, payments, v2 by path and header), 1 anonymous client (401), 1 greedy client (429)");
     match opts.duration {
         Some(d) => println!("running for {} s\n", d.as_secs()),
         None => println!("running until Ctrl-C\n"),
