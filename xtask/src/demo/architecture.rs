@@ -107,6 +107,8 @@ pub fn scene(opts: &Options) -> anyhow::Result<()> {
         // Ctrl-C in the open-ended demo is how it ends; guards clean up as this returns.
         return if opts.duration.is_none() && interrupt::interrupted() { Ok(()) } else { outcome };
     }
+    change_through_dashboard(&relay, &daemon).context("changing the scheduler from the dashboard (through the relay)")?;
+    println!("\nthe dashboard's scheduler control works through the relay: `gateway` switched to round-robin, written into the daemon's config");
     let stats = daemon.stop_stats()?;
     println!("\nxdp-lb's counters:\n\n{}", stats.render());
     if let Err(problems) = tally.verdict(&names) {
@@ -192,16 +194,43 @@ fn random_secret() -> anyhow::Result<String> {
 
 /// The printed URL must work: one snapshot through the relay.
 fn check_dashboard(relay: &Relay) -> anyhow::Result<()> {
-    let url = relay.url();
-    let addr: SocketAddr = url.trim_start_matches("http://").trim_end_matches('/').parse()?;
+    let (status, _) = relay_request(relay, "GET", "/api/snapshot", None)?;
+    ensure!(status == 200, "GET /api/snapshot answered {status}");
+    Ok(())
+}
+
+/// Changes the scheduler the way the page's Apply button does, through the relay, and checks that
+/// the daemon wrote it into its config: the printed URL is not a read-only view.
+fn change_through_dashboard(relay: &Relay, daemon: &Daemon) -> anyhow::Result<()> {
+    let body = r#"{"service":"gateway","scheduler":"round-robin"}"#;
+    let (status, answer) = relay_request(relay, "POST", "/api/scheduler", Some(body))?;
+    ensure!(status == 200, "POST /api/scheduler answered {status}: {answer}");
+    let config = std::fs::read_to_string(daemon.config_path())?;
+    ensure!(config.contains("scheduler = \"round-robin\""), "the daemon's config did not change:\n{config}");
+    Ok(())
+}
+
+/// One request through the relay as a browser on the host sends it; returns status and body.
+fn relay_request(relay: &Relay, method: &str, path: &str, body: Option<&str>) -> anyhow::Result<(u16, String)> {
+    let addr = relay.addr();
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET /api/snapshot HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(body) = body {
+        let origin = format!("http://{addr}");
+        request.push_str(&format!(
+            "Origin: {origin}\r\nX-XDP-LB-Dashboard: 1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ));
+    } else {
+        request.push_str("\r\n");
+    }
+    s.write_all(request.as_bytes())?;
     let mut answer = String::new();
     s.take(4 << 20).read_to_string(&mut answer)?;
-    let status = answer.lines().next().unwrap_or("");
-    ensure!(status.starts_with("HTTP/1.1 200"), "GET /api/snapshot: {status:?}");
-    Ok(())
+    let status = answer.get(9..12).and_then(|c| c.parse().ok()).with_context(|| format!("{method} {path}: {answer:.80}"))?;
+    let body = answer.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((status, body))
 }
 
 /// `xdg-open URL` if there is a display; the demo never fails because of it.

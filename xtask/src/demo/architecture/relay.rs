@@ -55,6 +55,10 @@ impl Relay {
     pub fn url(&self) -> String {
         format!("http://{}/", self.addr)
     }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
 }
 
 impl Drop for Relay {

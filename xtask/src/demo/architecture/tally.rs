@@ -155,18 +155,19 @@ impl Tally {
         }
     }
 
-    /// One line for the live view: the rate since `before` (taken `secs` earlier), statuses and
-    /// each replica's share of the forwarded requests.
+    /// One line for the live view: the rate since `before` (taken `secs` earlier), statuses so far,
+    /// and each replica's share of the requests forwarded since `before` (so a drained replica's
+    /// share falls to zero at once).
     pub fn summary_line(&self, before: &Tally, secs: f64, replicas: &[String]) -> String {
         let rate = (self.total - before.total) as f64 / secs.max(0.001);
         let statuses: Vec<String> = self.by_status.iter().map(|(s, n)| format!("{s}:{n}")).collect();
-        let forwarded = self.by_replica.values().sum::<u64>().max(1);
-        let shares: Vec<String> = replicas
-            .iter()
-            .map(|r| format!("{r} {:>2}%", self.by_replica.get(r).copied().unwrap_or(0) * 100 / forwarded))
-            .collect();
+        let since = |r: &String| {
+            self.by_replica.get(r).copied().unwrap_or(0) - before.by_replica.get(r).copied().unwrap_or(0)
+        };
+        let forwarded = replicas.iter().map(since).sum::<u64>().max(1);
+        let shares: Vec<String> = replicas.iter().map(|r| format!("{r} {:>2}%", since(r) * 100 / forwarded)).collect();
         format!(
-            "{rate:>6.0} req/s | {} requests | {} | errors:{} unexpected:{} | {}",
+            "{rate:>6.0} req/s | {} requests | {} | errors:{} unexpected:{} | forwarded by {}",
             self.total,
             statuses.join(" "),
             self.failed,
@@ -312,6 +313,13 @@ mod tests {
         let before = Tally::default();
         let line = good().summary_line(&before, 2.0, &replicas());
         assert!(line.starts_with("     4 req/s | 7 requests | 200:5 401:1 429:1 | errors:0 unexpected:0"), "{line}");
-        assert!(line.ends_with("gw-0 40% gw-1 60%"), "{line}");
+        assert!(line.ends_with("forwarded by gw-0 40% gw-1 60%"), "{line}");
+        // Shares are of the last interval: gw-0 forwarded nothing since `before`.
+        let before = good();
+        let mut now = good();
+        now.record(&USERS, &ok("users", "gw-1"));
+        let line = now.summary_line(&before, 1.0, &replicas());
+        assert!(line.starts_with("     1 req/s | 8 requests"), "{line}");
+        assert!(line.ends_with("forwarded by gw-0  0% gw-1 100%"), "{line}");
     }
 }
