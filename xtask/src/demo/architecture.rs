@@ -104,6 +104,9 @@ pub fn scene(opts: &Options) -> anyhow::Result<()> {
     println!();
     report(&tally, &replicas, &topo, &services, &names);
     if interrupted {
+        if let Ok(stats) = daemon.stats() {
+            println!("\nxdp-lb's counters:\n\n{}", stats.render());
+        }
         // Ctrl-C in the open-ended demo is how it ends; guards clean up as this returns.
         return if opts.duration.is_none() && interrupt::interrupted() { Ok(()) } else { outcome };
     }
