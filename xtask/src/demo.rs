@@ -1,14 +1,21 @@
-//! `cargo xtask demo`: the balancer at work in throw-away namespace testbeds, in two scenes.
+//! `cargo xtask demo`: the stack at work in throw-away namespace testbeds, in three scenes
+//! (`--scene`, default `architecture`).
 //!
-//! 1. One balancer: client, lb and three backends; the daemon runs a NAT TCP service on the VIP, the
-//!    client sends HTTP requests, the demo shows where they landed and what the daemon counted.
-//! 2. Two balancer nodes behind a router (issue 11): each node's BIRD announces the VIP over BGP,
-//!    the router splits the flows over both by ECMP; one node is drained and restored while the
-//!    client holds connections open and opens new ones, counting every failure (there must be none).
+//! 1. `basic`: one balancer: client, lb and three backends; the daemon runs a NAT TCP service on
+//!    the VIP, the client sends HTTP requests, the demo shows where they landed and what the daemon
+//!    counted.
+//! 2. `multinode`: two balancer nodes behind a router (issue 11): each node's BIRD announces the
+//!    VIP over BGP, the router splits the flows over both by ECMP; one node is drained and restored
+//!    while the client holds connections open and opens new ones, counting every failure (there
+//!    must be none).
+//! 3. `architecture`: clients → xdp-lb → three l7-sidecar replicas → users, orders, payments and
+//!    users v2, with JWT auth and a rate limit, a mixed load, the live dashboard and a summary line
+//!    a second (see `architecture.rs`).
 //!
 //! Everything is removed at the end, also on Ctrl-C: the first one stops at the next step and lets
 //! every guard clean up.
 
+pub mod architecture;
 mod multinode;
 
 use std::{collections::BTreeMap, io::Write, path::Path};
@@ -24,15 +31,32 @@ const REQUESTS: usize = 300;
 const HTTP_PORT: u16 = 80;
 const UDP_PORT: u16 = 53;
 
-pub fn run(xdp_lb_binary: &Path) -> anyhow::Result<()> {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scene {
+    Basic,
+    Multinode,
+    Architecture,
+}
+
+/// Runs `scene`; `arch` carries the binaries and options (the first two scenes need only xdp-lb).
+pub fn run(scene: Scene, arch: &architecture::Options) -> anyhow::Result<()> {
+    let xdp_lb_binary = arch.xdp_lb.as_path();
     ensure!(xdp_lb_binary.exists(), "no daemon binary at {} (build it first)", xdp_lb_binary.display());
     interrupt::catch_sigint().context("installing the Ctrl-C handler")?;
-    println!("=== scene 1: one balancer ===\n");
-    let mut result = demo(xdp_lb_binary);
-    if result.is_ok() {
-        println!("\n=== scene 2: two balancer nodes behind a router (BGP, ECMP) ===\n");
-        result = multinode::scene(xdp_lb_binary);
-    }
+    let result = match scene {
+        Scene::Basic => {
+            println!("=== scene 1: one balancer ===\n");
+            demo(xdp_lb_binary)
+        }
+        Scene::Multinode => {
+            println!("=== scene 2: two balancer nodes behind a router (BGP, ECMP) ===\n");
+            multinode::scene(xdp_lb_binary)
+        }
+        Scene::Architecture => {
+            println!("=== the architecture: clients → xdp-lb → 3 l7-sidecar replicas → users, orders, payments, users v2 ===\n");
+            architecture::scene(arch)
+        }
+    };
     // Every guard has dropped by now: namespaces, servers and daemon are gone, whatever happened.
     println!("\ntestbed removed");
     match result {

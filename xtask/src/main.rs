@@ -1,4 +1,4 @@
-//! Project automation: `cargo xtask setup | build | test | demo`.
+//! Project automation: `cargo xtask setup | build | test | demo | bench | dist | fuzz`.
 
 mod demo;
 mod dist;
@@ -36,9 +36,27 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
-    /// Build everything and run the demo in namespaces: client, balancer and three backends; then
-    /// two balancer nodes behind a BIRD router, one drained and restored under load.
-    Demo,
+    /// Build and run the demo in namespaces. Default scene: clients → xdp-lb → three l7-sidecar
+    /// replicas → users, orders, payments, users v2 (JWT, rate limit, mixed load, live dashboard).
+    Demo {
+        /// basic: one balancer, three backends; multinode: two nodes behind a BGP router, drained
+        /// and restored; architecture: the whole stack under a mixed load.
+        #[arg(long, value_enum, default_value = "architecture")]
+        scene: demo::Scene,
+        /// Run the load this many seconds, then print the counts and fail unless every answer was
+        /// the expected one (architecture scene; default: until Ctrl-C).
+        #[arg(long, value_name = "SECONDS")]
+        duration: Option<u64>,
+        /// Do not try to open the dashboard in a browser.
+        #[arg(long)]
+        no_browser: bool,
+        /// Use debug builds (quicker to build, slower to run).
+        #[arg(long)]
+        debug: bool,
+        /// Where the dashboard is offered on this host (another port if it is taken).
+        #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
+        dashboard: std::net::SocketAddr,
+    },
     /// Benchmarks against the alternatives (kernel routing, nftables, HAProxy, nginx), one run,
     /// one topology; writes a Markdown table and a JSON file.
     Bench {
@@ -96,6 +114,12 @@ fn main() -> Result<()> {
                 passed += result.is_ok() as u64;
             }
             if result.is_ok() {
+                // The demo's architecture scene, unattended, with the debug binaries just built.
+                result = demo_test();
+                remove_leftover_namespaces();
+                passed += result.is_ok() as u64;
+            }
+            if result.is_ok() {
                 // Briefly in CI and in every test run; `cargo xtask fuzz` runs longer.
                 result = fuzz::run(10);
                 passed += result.is_ok() as u64;
@@ -125,15 +149,44 @@ fn main() -> Result<()> {
             setup::ensure()?;
             fuzz::run(seconds_per_target)
         }
-        Task::Demo => {
+        Task::Demo { scene, duration, no_browser, debug, dashboard } => {
             setup::ensure()?;
             require_root("the demo attaches XDP programs and creates network namespaces")?;
-            cargo(&["build", "--package", "xdp-lb"], true)?;
+            let mut build = vec!["build", "--package", "xdp-lb"];
+            if scene == demo::Scene::Architecture {
+                build.extend(["--package", "l7-sidecar"]);
+            }
+            cargo(&build, !debug)?;
             remove_leftover_namespaces();
-            let binary = workspace_root().join("target/release/xdp-lb");
-            demo::run(&binary)
+            let dir = workspace_root().join(if debug { "target/debug" } else { "target/release" });
+            let opts = demo::architecture::Options {
+                xdp_lb: dir.join("xdp-lb"),
+                l7_sidecar: dir.join("l7-sidecar"),
+                duration: duration.map(std::time::Duration::from_secs),
+                browser: !no_browser,
+                dashboard,
+            };
+            let result = demo::run(scene, &opts);
+            remove_leftover_namespaces();
+            result
         }
     }
+}
+
+/// `cargo xtask demo --duration 30 --no-browser --debug`: the architecture scene must end with
+/// every answer as expected. Uses the debug binaries `load_test` built (no release build in CI).
+fn demo_test() -> Result<()> {
+    cargo(&["build", "--package", "xdp-lb", "--package", "l7-sidecar"], false)?;
+    let dir = workspace_root().join("target/debug");
+    let opts = demo::architecture::Options {
+        xdp_lb: dir.join("xdp-lb"),
+        l7_sidecar: dir.join("l7-sidecar"),
+        duration: Some(std::time::Duration::from_secs(30)),
+        browser: false,
+        // Any free port: CI machines may run something on 8080.
+        dashboard: "127.0.0.1:0".parse()?,
+    };
+    demo::run(demo::Scene::Architecture, &opts).context("the demo (architecture scene, 30 s unattended)")
 }
 
 /// A bounded run of real traffic through xdp-lb and l7-sidecar with a backend killed and revived
