@@ -3,8 +3,9 @@
 //! One veth topology (client, lb, three backends running nginx), then, section by section:
 //! - `l4`: HTTP through xdp-lb nat / dsr, plain kernel routing to one backend, nftables DNAT,
 //!   HAProxy (TCP) and nginx `stream`, keep-alive and one connection per request (wrk);
-//! - `pps`: per-packet cost of the XDP program on an established flow (trafgen + bpf_stats), next to
-//!   the trivial `xdp_tx_reference` program;
+//! - `pps`: per-packet cost of the XDP program (trafgen + bpf_stats) on many TCP flows, established
+//!   and new, next to the trivial `xdp_tx_reference` program in interleaved slices (`traffic`); then
+//!   the older single-UDP-flow rows and the BPF_PROG_TEST_RUN cross-check;
 //! - `conntrack`: new flow vs established flow, and a table holding ~1M flows;
 //! - `l7`: l7-sidecar (plain, and with JWT + rate limiting) vs nginx and HAProxy as HTTP proxies.
 //!
@@ -16,6 +17,7 @@ mod l7;
 mod pps;
 mod report;
 mod testrun;
+mod traffic;
 mod util;
 
 use std::{
@@ -61,6 +63,15 @@ pub struct Args {
     /// Packets trafgen sends per per-packet measurement.
     #[arg(long, default_value_t = 2_000_000)]
     pub packets: u64,
+    /// TCP flows (client source ports) of the `pps` section's established scenario.
+    #[arg(long, default_value_t = 1024)]
+    pub pps_flows: u16,
+    /// Rounds of the `pps` section's many-flow scenarios (each round: one slice per scenario and program).
+    #[arg(long, default_value_t = 4)]
+    pub pps_rounds: u32,
+    /// Packets per slice of the `pps` section's many-flow scenarios.
+    #[arg(long, default_value_t = 2_000_000)]
+    pub slice_packets: u64,
     /// Flows put into the connection table for the `conntrack` section.
     #[arg(long, default_value_t = 1_000_000)]
     pub flows: u64,

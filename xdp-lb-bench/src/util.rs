@@ -318,6 +318,57 @@ pub fn prog_stats(id: u32) -> anyhow::Result<(u64, u64)> {
     bail!("no loaded program with id {id}")
 }
 
+/// Sends `count` packets out of `ns`'s eth0 with trafgen pinned to `cpu`. `conf` writes the
+/// configuration for the packets still to send, given how many went out already (so a packet
+/// stream that must not repeat, like new flows' source addresses, continues where it stopped).
+/// Bounded: each attempt by a timeout, and at most 20 attempts. Returns the seconds it took.
+pub fn trafgen(
+    ns: &Netns,
+    conf_path: &Path,
+    count: u64,
+    cpu: u32,
+    mut conf: impl FnMut(u64) -> anyhow::Result<String>,
+) -> anyhow::Result<f64> {
+    let before = if_stats(ns, "eth0")?.tx;
+    let started = Instant::now();
+    // trafgen gives up when the veth pushes back at the wrong moment ("Flushing TX_RING failed"):
+    // send what is left again, a bounded number of times.
+    let mut attempts = 0;
+    loop {
+        let sent = if_stats(ns, "eth0")?.tx.saturating_sub(before);
+        if sent >= count {
+            break;
+        }
+        attempts += 1;
+        std::fs::write(conf_path, conf(sent)?)?;
+        let remaining = count - sent;
+        let limit = (remaining / 50_000 + 30).to_string();
+        let (conf_s, num, cpu_s) = (conf_path.display().to_string(), remaining.to_string(), cpu.to_string());
+        let out = ns.exec(
+            "timeout",
+            &[
+                "-k", "5", &limit, "taskset", "-c", &cpu_s, "trafgen", "--dev", "eth0", "--conf", &conf_s, "--num",
+                &num, "--cpus", "1", "--qdisc-path", "--no-sock-mem", "--notouch-irq", "--no-cpu-stats",
+            ],
+        )?;
+        if !out.status.success()
+            && (attempts >= 20 || out.status.code() == Some(124) || out.status.code() == Some(137))
+        {
+            bail!(
+                "trafgen failed ({}) after {attempts} attempts: {}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        xdp_lb_testbed::interrupt::check()?;
+        if out.status.success() {
+            break;
+        }
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
 /// Sum of VmRSS (KiB) over every process in `ns`.
 pub fn rss_kib_in(ns: &Netns) -> u64 {
     let Ok(out) = Command::new("ip")
