@@ -67,11 +67,11 @@ pub struct Args {
     #[arg(long, default_value_t = 1024)]
     pub pps_flows: u16,
     /// Rounds of the `pps` section's many-flow scenarios (each round: one slice per scenario and program).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 5)]
     pub pps_rounds: u32,
-    /// Packets per slice of the `pps` section's many-flow scenarios.
-    #[arg(long, default_value_t = 2_000_000)]
-    pub slice_packets: u64,
+    /// Seconds per slice of the `pps` section's many-flow scenarios (0.2 to 60).
+    #[arg(long, default_value_t = 2.0)]
+    pub slice_secs: f64,
     /// Flows put into the connection table for the `conntrack` section.
     #[arg(long, default_value_t = 1_000_000)]
     pub flows: u64,

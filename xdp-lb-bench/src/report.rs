@@ -507,8 +507,8 @@ impl Report {
         let a = &self.args;
         let _ = writeln!(
             o,
-            "## Per-packet cost, many flows\n\nEach program runs in its own copy of the topology (native XDP on the lb's client-facing veth); an XDP program on the receiving veth (the backends', for the reference the client's) drops every frame it sends on, so no backend answers and all programs meet the same end. `trafgen` (1 CPU) sends 60-byte TCP frames to the VIP: *established* = ACKs cycling over {} client source ports, after an unmeasured pass that creates their connection-table entries; *new* = SYNs, each from a source address not used before. {} rounds; in each, every scenario and program gets one slice of {} packets, the programs' order rotating. Cost = Σ Δrun_time_ns / Σ Δrun_cnt (`kernel.bpf_stats_enabled=1`) over the slices; *net* = minus the trivial program's cost on the same scenario (removes the clock reads bpf_stats adds per run). Forwarded = frames the receiving sinks dropped.\n",
-            a.pps_flows, a.pps_rounds, a.slice_packets
+            "## Per-packet cost, many flows\n\nEach program runs in its own copy of the topology (native XDP on the lb's client-facing veth); an XDP program on the receiving veth (the backends', for the reference the client's) drops every frame it sends on, so no backend answers and all programs meet the same end. `trafgen` (1 CPU) sends 60-byte TCP frames to the VIP: *established* = ACKs cycling over {} client source ports, after an unmeasured pass that creates their connection-table entries; *new* = SYNs, each from a source address not used before (they fill the connection table, then evict); *established, full table* = the established flows again after that (their entries now scattered over the table's memory, as on a balancer that has run a while). Scenarios in that order; per scenario {} rounds, in each every program gets one slice of {} s, the programs' order rotating. Cost = Σ Δrun_time_ns / Σ Δrun_cnt (`kernel.bpf_stats_enabled=1`) over the slices; *net* = minus the trivial program's cost on the same scenario (removes the clock reads bpf_stats adds per run). Forwarded = frames the receiving sinks dropped.\n",
+            a.pps_flows, a.pps_rounds, a.slice_secs
         );
         let _ = writeln!(o, "| scenario | program | ns/packet | net of trivial ns | slices ns (min–max) | runs | offered Mpps | forwarded % | notes |");
         let _ = writeln!(o, "|---|---|---:|---:|---|---:|---:|---:|---|");
@@ -547,7 +547,7 @@ impl Report {
                 "flows": self.args.flows,
                 "pps_flows": self.args.pps_flows,
                 "pps_rounds": self.args.pps_rounds,
-                "slice_packets": self.args.slice_packets,
+                "slice_secs": self.args.slice_secs,
                 "rounds": self.args.rounds,
                 "only": self.args.only,
             },

@@ -8,8 +8,9 @@
 //!   preceded by an unmeasured pass over every flow, which (re)creates its connection-table entry.
 //! - New: TCP SYNs, each from a source address no earlier packet used (a connection-table miss,
 //!   the scheduler and the inserts every new flow pays).
-//! - Slices: `--pps-rounds` rounds; in each, every scenario and program gets one slice of
-//!   `--slice-packets` packets, the programs' order rotating per round. Single runs of map-heavy
+//! - Established, full table: the established flows again after the new ones filled the tables.
+//! - Slices: per scenario, in the order above, `--pps-rounds` rounds; in each, every program gets
+//!   one slice of `--slice-secs` seconds, the programs' order rotating per round. Single runs of map-heavy
 //!   programs vary ±20–40 % on a shared VM; interleaving spreads that drift over all programs.
 //! - Cost: Δrun_time_ns / Δrun_cnt (kernel.bpf_stats_enabled) over all slices of a scenario; the
 //!   net cost subtracts the trivial program's, measured on the same traffic in the same run (it
@@ -31,8 +32,13 @@ use crate::{report::Report, util, Bench, HTTP_PORT};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Scenario {
+    /// The established flows on a table that holds little else.
     Established,
+    /// New flows (SYNs); they fill the table and then evict.
     New,
+    /// The established flows again, once the new flows filled the table: their entries now lie
+    /// scattered over the table's memory, as on a balancer that has run for a while.
+    EstablishedFull,
 }
 
 impl Scenario {
@@ -40,11 +46,17 @@ impl Scenario {
         match self {
             Scenario::Established => "established",
             Scenario::New => "new",
+            Scenario::EstablishedFull => "established, full table",
         }
+    }
+
+    fn sends_syns(self) -> bool {
+        self == Scenario::New
     }
 }
 
-const SCENARIOS: [Scenario; 2] = [Scenario::Established, Scenario::New];
+/// In this order: the New phase changes the tables the later one measures.
+const SCENARIOS: [Scenario; 3] = [Scenario::Established, Scenario::New, Scenario::EstablishedFull];
 
 /// The reference program's row key; net costs subtract its cost.
 pub const REFERENCE: &str = "xdp_tx_reference";
@@ -84,7 +96,7 @@ struct Contender {
     sinks: Vec<Sink>,
     /// Source addresses the `New` slices used so far.
     new_sources: u64,
-    totals: [Totals; 2],
+    totals: [Totals; 3],
 }
 
 #[derive(Clone, Copy)]
@@ -216,7 +228,7 @@ impl Contender {
         let sa = util::mac(topo.client(), "eth0")?;
         let vip = topo.vip_v4();
         let (ip, tcp) = match scenario {
-            Scenario::Established => {
+            Scenario::Established | Scenario::EstablishedFull => {
                 let last = u32::from(FIRST_PORT) + u32::from(flows) - 1;
                 (
                     format!("ipv4(saddr={}, daddr={vip}, ttl=64)", topo.client_addr_v4()),
@@ -237,12 +249,12 @@ impl Contender {
         Ok(format!("{{\n  eth(da={da}, sa={sa}),\n  {ip},\n  {tcp},\n  fill(0x58, 6)\n}}\n"))
     }
 
-    /// One measured slice of `packets` packets of `scenario`.
-    fn slice(&mut self, b: &Bench, scenario: Scenario, packets: u64) -> anyhow::Result<f64> {
+    /// One measured slice of `scenario`, `--slice-secs` long.
+    fn slice(&mut self, b: &Bench, scenario: Scenario) -> anyhow::Result<f64> {
         let flows = b.args.pps_flows;
-        let conf_path = b.dir().join(format!("{}-{}.trafgen", self.key, scenario.as_str()));
+        let conf_path = b.dir().join(format!("{}-{}.trafgen", self.key, scenario as usize));
         let client = self.topo.client();
-        if scenario == Scenario::Established {
+        if !scenario.sends_syns() {
             // Every flow once (twice, for packets a full ring dropped), unmeasured: entries evicted
             // by a New slice are back before the measurement starts.
             util::trafgen(client, &conf_path, 2 * u64::from(flows), b.args.trafgen_cpu, |sent| {
@@ -253,14 +265,16 @@ impl Contender {
         let forwarded = self.forwarded_now()?;
         let offered = util::if_stats(client, "eth0")?.tx;
         let (t0, c0) = util::prog_stats(self.prog_id)?;
-        let secs =
-            util::trafgen(client, &conf_path, packets, b.args.trafgen_cpu, |sent| self.conf(scenario, flows, sent))?;
+        let duration = std::time::Duration::from_secs_f64(b.args.slice_secs);
+        let (_, secs) = util::trafgen_for(client, &conf_path, duration, b.args.trafgen_cpu, |sent| {
+            self.conf(scenario, flows, sent)
+        })?;
         // Let the last packets drain through the rings.
         std::thread::sleep(std::time::Duration::from_millis(100));
         let (t1, c1) = util::prog_stats(self.prog_id)?;
         let offered = util::if_stats(client, "eth0")?.tx.saturating_sub(offered);
         let forwarded = self.forwarded_now()?.saturating_sub(forwarded);
-        if scenario == Scenario::New {
+        if scenario.sends_syns() {
             self.new_sources += offered;
         }
         let t = &mut self.totals[scenario as usize];
@@ -312,6 +326,11 @@ impl Contender {
 pub fn run(b: &Bench, r: &mut Report) -> anyhow::Result<()> {
     anyhow::ensure!(b.args.pps_flows >= 1, "--pps-flows must be at least 1");
     anyhow::ensure!(
+        (0.2..=60.0).contains(&b.args.slice_secs),
+        "--slice-secs {} must be between 0.2 and 60",
+        b.args.slice_secs
+    );
+    anyhow::ensure!(
         u32::from(FIRST_PORT) + u32::from(b.args.pps_flows) <= 65_536,
         "--pps-flows {} reaches past port 65535 (source ports start at {FIRST_PORT})",
         b.args.pps_flows
@@ -319,14 +338,14 @@ pub fn run(b: &Bench, r: &mut Report) -> anyhow::Result<()> {
     eprintln!("  building three copies of the topology (trivial, dsr, nat)");
     let mut contenders = vec![reference()?, xdp_lb(b, Mode::Dsr)?, xdp_lb(b, Mode::Nat)?];
     let rounds = b.args.pps_rounds.max(1);
-    for round in 0..rounds {
-        for scenario in SCENARIOS {
+    for scenario in SCENARIOS {
+        for round in 0..rounds {
             let n = contenders.len();
             for k in 0..n {
                 // Rotate who goes first, so no program always follows the same one.
                 let c = &mut contenders[(k + round as usize) % n];
                 xdp_lb_testbed::interrupt::check()?;
-                let ns = c.slice(b, scenario, b.args.slice_packets).with_context(|| {
+                let ns = c.slice(b, scenario).with_context(|| {
                     format!("{} ({}), round {}", c.name, scenario.as_str(), round + 1)
                 })?;
                 eprintln!("  round {} {} {}: {ns:.1} ns/packet", round + 1, scenario.as_str(), c.name);
