@@ -601,3 +601,55 @@ fn pct(a: u64, b: u64) -> f64 {
         a as f64 * 100.0 / b as f64
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn row(scenario: &str, key: &str, ns: f64) -> TrafficRow {
+        TrafficRow {
+            scenario: scenario.into(),
+            key: key.into(),
+            name: key.into(),
+            ns_per_packet: ns,
+            slices: vec![ns - 1.0, ns + 1.0],
+            run_cnt: 1000,
+            offered: 1000,
+            forwarded: 1000,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn net_costs_subtract_the_trivial_program_of_the_same_scenario() {
+        let mut r = Report::new(&Args::parse_from(["xdp-lb-bench"]));
+        r.traffic = vec![
+            row("established", REFERENCE, 60.0),
+            row("new", REFERENCE, 100.0),
+            row("established", "xdp_dsr", 245.0),
+            row("established", "xdp_nat", 400.0),
+            row("new", "xdp_dsr", 700.0),
+        ];
+        assert_eq!(r.net_ns(&r.traffic[2]), Some(185.0));
+        assert_eq!(r.net_ns(&r.traffic[4]), Some(600.0));
+        let targets = r.targets();
+        let judged = |mode: &str| {
+            targets.iter().find(|t| t.target.contains(&format!("({mode}), many flows"))).and_then(|t| t.met)
+        };
+        // dsr is exactly at its bound, nat 45 ns over its own.
+        assert_eq!(judged("dsr"), Some(true));
+        assert_eq!(judged("nat"), Some(false));
+        let md = r.markdown();
+        assert!(md.contains("| established | xdp_dsr | 245.0 | 185.0 | 244–246 |"), "{md}");
+    }
+
+    #[test]
+    fn without_the_trivial_program_nothing_is_judged() {
+        let mut r = Report::new(&Args::parse_from(["xdp-lb-bench"]));
+        r.traffic = vec![row("established", "xdp_dsr", 245.0)];
+        assert_eq!(r.net_ns(&r.traffic[0]), None);
+        assert!(r.targets().iter().filter(|t| t.target.contains("many flows")).all(|t| t.met.is_none()));
+    }
+}
