@@ -175,7 +175,9 @@ fn run(mut args: Args) -> anyhow::Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("run as root (cargo xtask bench does): the benchmarks create namespaces and attach XDP programs");
     }
-    for bin in [&args.xdp_lb, &args.l7_sidecar] {
+    // l7-sidecar only matters to the L7 section (a `--only pps` run needs no l7-sidecar build).
+    let needs_l7 = args.wants(Section::L7);
+    for bin in [Some(&args.xdp_lb), needs_l7.then_some(&args.l7_sidecar)].into_iter().flatten() {
         if !bin.exists() {
             bail!(
                 "{} not found (build with cargo build --release -p xdp-lb -p l7-sidecar)",
@@ -184,7 +186,9 @@ fn run(mut args: Args) -> anyhow::Result<()> {
         }
     }
     args.xdp_lb = std::fs::canonicalize(&args.xdp_lb)?;
-    args.l7_sidecar = std::fs::canonicalize(&args.l7_sidecar)?;
+    if needs_l7 {
+        args.l7_sidecar = std::fs::canonicalize(&args.l7_sidecar)?;
+    }
     xdp_lb_testbed::interrupt::catch_sigint()?;
     util::ensure_packages()?;
     let started = Instant::now();
