@@ -18,6 +18,7 @@ fn main() -> Result<()> {
 
     println!("cargo:rerun-if-env-changed=XDP_LB_EBPF_OBJECT");
     if let Ok(prebuilt) = env::var("XDP_LB_EBPF_OBJECT") {
+        let _ = std::fs::remove_file(&object);
         std::fs::copy(&prebuilt, &object).with_context(|| format!("copying XDP_LB_EBPF_OBJECT={prebuilt}"))?;
         return Ok(());
     }
@@ -58,6 +59,10 @@ fn main() -> Result<()> {
     if !status.success() {
         bail!("building the XDP program failed ({status})");
     }
+    // A new file, not a rewrite in place: target directories may share build outputs by hard links
+    // (worktrees seeded from one another), and copying into a shared inode would swap the object
+    // under every other build that links it.
+    let _ = std::fs::remove_file(&object);
     std::fs::copy(target_dir.join("bpfel-unknown-none/release/xdp-lb"), &object).context("copying the XDP object")?;
     Ok(())
 }

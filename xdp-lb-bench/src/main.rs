@@ -3,8 +3,9 @@
 //! One veth topology (client, lb, three backends running nginx), then, section by section:
 //! - `l4`: HTTP through xdp-lb nat / dsr, plain kernel routing to one backend, nftables DNAT,
 //!   HAProxy (TCP) and nginx `stream`, keep-alive and one connection per request (wrk);
-//! - `pps`: per-packet cost of the XDP program on an established flow (trafgen + bpf_stats), next to
-//!   the trivial `xdp_tx_reference` program;
+//! - `pps`: per-packet cost of the XDP program (trafgen + bpf_stats) on many TCP flows, established
+//!   and new, next to the trivial `xdp_tx_reference` program in interleaved slices (`traffic`); then
+//!   the older single-UDP-flow rows and the BPF_PROG_TEST_RUN cross-check;
 //! - `conntrack`: new flow vs established flow, and a table holding ~1M flows;
 //! - `l7`: l7-sidecar (plain, and with JWT + rate limiting) vs nginx and HAProxy as HTTP proxies.
 //!
@@ -16,6 +17,7 @@ mod l7;
 mod pps;
 mod report;
 mod testrun;
+mod traffic;
 mod util;
 
 use std::{
@@ -61,6 +63,15 @@ pub struct Args {
     /// Packets trafgen sends per per-packet measurement.
     #[arg(long, default_value_t = 2_000_000)]
     pub packets: u64,
+    /// TCP flows (client source ports) of the `pps` section's established scenario.
+    #[arg(long, default_value_t = 1024)]
+    pub pps_flows: u16,
+    /// Rounds of the `pps` section's many-flow scenarios (each round: one slice per scenario and program).
+    #[arg(long, default_value_t = 5)]
+    pub pps_rounds: u32,
+    /// Seconds per slice of the `pps` section's many-flow scenarios (0.2 to 60).
+    #[arg(long, default_value_t = 2.0)]
+    pub slice_secs: f64,
     /// Flows put into the connection table for the `conntrack` section.
     #[arg(long, default_value_t = 1_000_000)]
     pub flows: u64,
@@ -164,7 +175,9 @@ fn run(mut args: Args) -> anyhow::Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("run as root (cargo xtask bench does): the benchmarks create namespaces and attach XDP programs");
     }
-    for bin in [&args.xdp_lb, &args.l7_sidecar] {
+    // l7-sidecar only matters to the L7 section (a `--only pps` run needs no l7-sidecar build).
+    let needs_l7 = args.wants(Section::L7);
+    for bin in [Some(&args.xdp_lb), needs_l7.then_some(&args.l7_sidecar)].into_iter().flatten() {
         if !bin.exists() {
             bail!(
                 "{} not found (build with cargo build --release -p xdp-lb -p l7-sidecar)",
@@ -173,7 +186,9 @@ fn run(mut args: Args) -> anyhow::Result<()> {
         }
     }
     args.xdp_lb = std::fs::canonicalize(&args.xdp_lb)?;
-    args.l7_sidecar = std::fs::canonicalize(&args.l7_sidecar)?;
+    if needs_l7 {
+        args.l7_sidecar = std::fs::canonicalize(&args.l7_sidecar)?;
+    }
     xdp_lb_testbed::interrupt::catch_sigint()?;
     util::ensure_packages()?;
     let started = Instant::now();

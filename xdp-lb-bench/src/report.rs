@@ -5,7 +5,17 @@ use std::fmt::Write;
 use serde::Serialize;
 use serde_json::json;
 
-use crate::{pps::PacketRun, util::Wrk, Args};
+use crate::{
+    pps::PacketRun,
+    traffic::{TrafficRow, REFERENCE},
+    util::Wrk,
+    Args,
+};
+
+/// Issue 12's bounds on the established-flow cost net of the trivial program: 0.75× (dsr) and
+/// 1.2× (nat) of Katran's `balancer.bpf.c`, measured at 241–250 ns net outside this benchmark (the
+/// same veth topology, trafgen, bpf_stats and XDP sinks); a fair in-run Katran row is not built yet.
+const NET_TARGETS_NS: [(&str, f64); 2] = [("dsr", 185.0), ("nat", 295.0)];
 
 #[derive(Clone, Debug, Serialize)]
 pub struct L4Row {
@@ -66,6 +76,8 @@ pub struct Report {
     pub args: Args,
     pub l4: Vec<(String, L4Row)>,
     pub pps: Vec<PpsRow>,
+    /// The many-flow scenarios (`traffic`), one row per scenario and program.
+    pub traffic: Vec<TrafficRow>,
     pub conntrack: Vec<ConntrackRow>,
     pub testrun: Vec<(String, crate::testrun::TestRunCosts)>,
     pub l7: Vec<L7Row>,
@@ -119,6 +131,7 @@ impl Report {
             args: args.clone(),
             l4: Vec::new(),
             pps: Vec::new(),
+            traffic: Vec::new(),
             conntrack: Vec::new(),
             testrun: Vec::new(),
             l7: Vec::new(),
@@ -138,6 +151,13 @@ impl Report {
             .iter()
             .find(|r| r.key == key)
             .and_then(|r| r.run.as_ref())
+    }
+    fn traffic_get(&self, scenario: &str, key: &str) -> Option<&TrafficRow> {
+        self.traffic.iter().find(|r| r.scenario == scenario && r.key == key && r.run_cnt > 0)
+    }
+    /// A row's cost net of the trivial program's on the same scenario.
+    fn net_ns(&self, row: &TrafficRow) -> Option<f64> {
+        self.traffic_get(&row.scenario, REFERENCE).map(|t| row.ns_per_packet - t.ns_per_packet)
     }
     fn l7_get(&self, key: &str) -> Option<&Wrk> {
         self.l7
@@ -181,6 +201,21 @@ impl Report {
                 1.0,
             ));
         }
+        for (mode, limit) in NET_TARGETS_NS {
+            let row = self.traffic_get("established", &format!("xdp_{mode}"));
+            let (value, met) = match row.and_then(|r| Some((r, self.net_ns(r)?))) {
+                Some((r, net)) => (
+                    format!("{net:.1} ns net ({:.1} ns, {} TCP flows, bpf_stats under trafgen)", r.ns_per_packet, self.args.pps_flows),
+                    Some(net <= limit),
+                ),
+                None => ("not measured".into(), None),
+            };
+            t.push(Target {
+                target: format!("established-flow cost ({mode}), many flows, net of the trivial program ≤ {limit:.0} ns (issue 12)"),
+                value,
+                met,
+            });
+        }
         let reference = self.pps_get("xdp_tx_reference").map(|r| r.ns_per_packet);
         for (mode, limit) in [("dsr", 2.5), ("nat", 3.0)] {
             let x = self
@@ -210,7 +245,7 @@ impl Report {
                 _ => ("not measured".into(), None),
             };
             t.push(Target {
-                target: format!("established-flow cost ({mode}) ≤ {limit}× XDP_TX reference"),
+                target: format!("established-flow cost ({mode}), single UDP flow, ≤ {limit}× XDP_TX reference"),
                 value,
                 met,
             });
@@ -311,11 +346,15 @@ impl Report {
             o.push('\n');
         }
 
+        if !self.traffic.is_empty() {
+            self.traffic_markdown(&mut o);
+        }
+
         if !self.pps.is_empty() {
             let reference = self.pps_get("xdp_tx_reference").map(|r| r.ns_per_packet);
             let _ = writeln!(
                 o,
-                "## Per-packet cost, established flow\n\n`trafgen` (1 CPU) sends {} UDP packets of one 5-tuple from the client to the VIP; `kernel.bpf_stats_enabled=1`, cost = Δrun_time_ns / Δrun_cnt of the program on the lb's client-facing veth (native XDP). Forwarded = packets received by the backends' interfaces (reference: bounced back to the client).\n",
+                "## Per-packet cost, one established flow (the older scenario: every map entry stays hot)\n\n`trafgen` (1 CPU) sends {} UDP packets of one 5-tuple from the client to the VIP; `kernel.bpf_stats_enabled=1`, cost = Δrun_time_ns / Δrun_cnt of the program on the lb's client-facing veth (native XDP). Forwarded = packets received by the backends' interfaces (reference: bounced back to the client).\n",
                 self.args.packets
             );
             let _ = writeln!(o, "| program | ns/packet | × reference | runs | offered | offered Mpps | forwarded | forwarded % | XDP drops | notes |");
@@ -464,6 +503,37 @@ impl Report {
         o
     }
 
+    fn traffic_markdown(&self, o: &mut String) {
+        let a = &self.args;
+        let _ = writeln!(
+            o,
+            "## Per-packet cost, many flows\n\nEach program runs in its own copy of the topology (native XDP on the lb's client-facing veth); an XDP program on the receiving veth (the backends', for the reference the client's) drops every frame it sends on, so no backend answers and all programs meet the same end. `trafgen` (1 CPU) sends 60-byte TCP frames to the VIP: *established* = ACKs cycling over {} client source ports, after an unmeasured pass that creates their connection-table entries; *new* = SYNs, each from a source address not used before (they fill the connection table, then evict); *established, full table* = the established flows again after that (their entries now scattered over the table's memory, as on a balancer that has run a while). Scenarios in that order; per scenario {} rounds, in each every program gets one slice of {} s, the programs' order rotating. Cost = Σ Δrun_time_ns / Σ Δrun_cnt (`kernel.bpf_stats_enabled=1`) over the slices; *net* = minus the trivial program's cost on the same scenario (removes the clock reads bpf_stats adds per run). Forwarded = frames the receiving sinks dropped.\n",
+            a.pps_flows, a.pps_rounds, a.slice_secs
+        );
+        let _ = writeln!(o, "| scenario | program | ns/packet | net of trivial ns | slices ns (min–max) | runs | offered Mpps | forwarded % | notes |");
+        let _ = writeln!(o, "|---|---|---:|---:|---|---:|---:|---:|---|");
+        for r in &self.traffic {
+            let net = self.net_ns(r).map(|n| format!("{n:.1}")).unwrap_or("-".into());
+            let min = r.slices.iter().copied().fold(f64::INFINITY, f64::min);
+            let max = r.slices.iter().copied().fold(0.0, f64::max);
+            let spread = if r.slices.is_empty() { "-".to_string() } else { format!("{min:.0}–{max:.0}") };
+            let _ = writeln!(
+                o,
+                "| {} | {} | {:.1} | {} | {} | {} | {:.2} | {:.2} | {} |",
+                r.scenario,
+                r.name,
+                r.ns_per_packet,
+                net,
+                spread,
+                r.run_cnt,
+                r.offered_mpps,
+                pct(r.forwarded, r.offered),
+                md_cell(&r.note)
+            );
+        }
+        o.push('\n');
+    }
+
     pub fn json(&self) -> serde_json::Value {
         json!({
             "started": self.started,
@@ -475,6 +545,9 @@ impl Report {
                 "connections": self.args.connections,
                 "packets": self.args.packets,
                 "flows": self.args.flows,
+                "pps_flows": self.args.pps_flows,
+                "pps_rounds": self.args.pps_rounds,
+                "slice_secs": self.args.slice_secs,
                 "rounds": self.args.rounds,
                 "only": self.args.only,
             },
@@ -482,6 +555,7 @@ impl Report {
             "loadavg_at_end": self.loadavg_at_end,
             "l4": self.l4.iter().map(|(k, r)| json!({"key": k, "result": r})).collect::<Vec<_>>(),
             "per_packet": self.pps,
+            "per_packet_many_flows": self.traffic,
             "conntrack": self.conntrack,
             "test_run": self.testrun.iter().map(|(m, t)| json!({"mode": m, "costs": t})).collect::<Vec<_>>(),
             "l7": self.l7,
@@ -525,5 +599,57 @@ fn pct(a: u64, b: u64) -> f64 {
         0.0
     } else {
         a as f64 * 100.0 / b as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn row(scenario: &str, key: &str, ns: f64) -> TrafficRow {
+        TrafficRow {
+            scenario: scenario.into(),
+            key: key.into(),
+            name: key.into(),
+            ns_per_packet: ns,
+            slices: vec![ns - 1.0, ns + 1.0],
+            run_cnt: 1000,
+            offered: 1000,
+            forwarded: 1000,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn net_costs_subtract_the_trivial_program_of_the_same_scenario() {
+        let mut r = Report::new(&Args::parse_from(["xdp-lb-bench"]));
+        r.traffic = vec![
+            row("established", REFERENCE, 60.0),
+            row("new", REFERENCE, 100.0),
+            row("established", "xdp_dsr", 245.0),
+            row("established", "xdp_nat", 400.0),
+            row("new", "xdp_dsr", 700.0),
+        ];
+        assert_eq!(r.net_ns(&r.traffic[2]), Some(185.0));
+        assert_eq!(r.net_ns(&r.traffic[4]), Some(600.0));
+        let targets = r.targets();
+        let judged = |mode: &str| {
+            targets.iter().find(|t| t.target.contains(&format!("({mode}), many flows"))).and_then(|t| t.met)
+        };
+        // dsr is exactly at its bound, nat 45 ns over its own.
+        assert_eq!(judged("dsr"), Some(true));
+        assert_eq!(judged("nat"), Some(false));
+        let md = r.markdown();
+        assert!(md.contains("| established | xdp_dsr | 245.0 | 185.0 | 244–246 |"), "{md}");
+    }
+
+    #[test]
+    fn without_the_trivial_program_nothing_is_judged() {
+        let mut r = Report::new(&Args::parse_from(["xdp-lb-bench"]));
+        r.traffic = vec![row("established", "xdp_dsr", 245.0)];
+        assert_eq!(r.net_ns(&r.traffic[0]), None);
+        assert!(r.targets().iter().filter(|t| t.target.contains("many flows")).all(|t| t.met.is_none()));
     }
 }

@@ -318,6 +318,104 @@ pub fn prog_stats(id: u32) -> anyhow::Result<(u64, u64)> {
     bail!("no loaded program with id {id}")
 }
 
+/// Sends `count` packets out of `ns`'s eth0 with trafgen pinned to `cpu`. `conf` writes the
+/// configuration for the packets still to send, given how many went out already (so a packet
+/// stream that must not repeat, like new flows' source addresses, continues where it stopped).
+/// Bounded: each attempt by a timeout, and at most 20 attempts. Returns the seconds it took.
+pub fn trafgen(
+    ns: &Netns,
+    conf_path: &Path,
+    count: u64,
+    cpu: u32,
+    mut conf: impl FnMut(u64) -> anyhow::Result<String>,
+) -> anyhow::Result<f64> {
+    let before = if_stats(ns, "eth0")?.tx;
+    let started = Instant::now();
+    // trafgen gives up when the veth pushes back at the wrong moment ("Flushing TX_RING failed"):
+    // send what is left again, a bounded number of times.
+    let mut attempts = 0;
+    loop {
+        let sent = if_stats(ns, "eth0")?.tx.saturating_sub(before);
+        if sent >= count {
+            break;
+        }
+        attempts += 1;
+        std::fs::write(conf_path, conf(sent)?)?;
+        let remaining = count - sent;
+        let limit = (remaining / 50_000 + 30).to_string();
+        let (conf_s, num, cpu_s) = (conf_path.display().to_string(), remaining.to_string(), cpu.to_string());
+        let out = ns.exec(
+            "timeout",
+            &[
+                "-k", "5", &limit, "taskset", "-c", &cpu_s, "trafgen", "--dev", "eth0", "--conf", &conf_s, "--num",
+                &num, "--cpus", "1", "--qdisc-path", "--no-sock-mem", "--notouch-irq", "--no-cpu-stats",
+            ],
+        )?;
+        if !out.status.success()
+            && (attempts >= 20 || out.status.code() == Some(124) || out.status.code() == Some(137))
+        {
+            bail!(
+                "trafgen failed ({}) after {attempts} attempts: {}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        xdp_lb_testbed::interrupt::check()?;
+        if out.status.success() {
+            break;
+        }
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// Sends packets out of `ns`'s eth0 with trafgen pinned to `cpu` for `duration` (stopped with
+/// SIGINT, which trafgen handles by flushing and exiting). `conf` is as for [`trafgen`]. A trafgen
+/// that gives up early is started again for the time left, at most 20 times. Returns the packets
+/// sent and the seconds it took.
+pub fn trafgen_for(
+    ns: &Netns,
+    conf_path: &Path,
+    duration: Duration,
+    cpu: u32,
+    mut conf: impl FnMut(u64) -> anyhow::Result<String>,
+) -> anyhow::Result<(u64, f64)> {
+    let before = if_stats(ns, "eth0")?.tx;
+    let started = Instant::now();
+    for attempt in 1.. {
+        let left = duration.saturating_sub(started.elapsed());
+        if left < Duration::from_millis(50) {
+            break;
+        }
+        let sent = if_stats(ns, "eth0")?.tx.saturating_sub(before);
+        std::fs::write(conf_path, conf(sent)?)?;
+        let (conf_s, cpu_s, secs) =
+            (conf_path.display().to_string(), cpu.to_string(), format!("{:.3}", left.as_secs_f64()));
+        let out = ns.exec(
+            "timeout",
+            &[
+                "-s", "INT", "-k", "5", &secs, "taskset", "-c", &cpu_s, "trafgen", "--dev", "eth0", "--conf", &conf_s,
+                "--num", "0", "--cpus", "1", "--qdisc-path", "--no-sock-mem", "--notouch-irq", "--no-cpu-stats",
+            ],
+        )?;
+        xdp_lb_testbed::interrupt::check()?;
+        // 124: stopped by the timeout, as intended.
+        if out.status.success() || out.status.code() == Some(124) {
+            continue;
+        }
+        if attempt >= 20 || out.status.code() == Some(137) {
+            bail!(
+                "trafgen failed ({}) after {attempt} attempts: {}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    Ok((if_stats(ns, "eth0")?.tx.saturating_sub(before), secs))
+}
+
 /// Sum of VmRSS (KiB) over every process in `ns`.
 pub fn rss_kib_in(ns: &Netns) -> u64 {
     let Ok(out) = Command::new("ip")

@@ -132,6 +132,22 @@ pub struct FlowKey {
     pub _pad: [u8; 3],
 }
 
+impl FlowKey {
+    /// The key the backend's replies to this (client → VIP) flow carry once NAT has sent it to
+    /// `backend_addr`:`backend_port` (both network order): backend → client, the `NAT_REVERSE` key.
+    #[inline(always)]
+    pub fn reply_from(&self, backend_addr: &Addr, backend_port: u16) -> FlowKey {
+        FlowKey { src: *backend_addr, dst: self.src, sport: backend_port, dport: self.sport, proto: self.proto, _pad: [0; 3] }
+    }
+
+    /// The inverse of [`FlowKey::reply_from`]: for a reply key (backend → client), the client's flow
+    /// to `vip`:`vport` (network order), the `CONNTRACK` key.
+    #[inline(always)]
+    pub fn request_to(&self, vip: &Addr, vport: u16) -> FlowKey {
+        FlowKey { src: self.dst, dst: *vip, sport: self.dport, dport: vport, proto: self.proto, _pad: [0; 3] }
+    }
+}
+
 /// Value of `CONNTRACK`: the backend a flow is pinned to. What an entry means (open, closed, a
 /// SYN still being retransmitted, idle too long) is decided by [`crate::conntrack`].
 #[repr(C)]
@@ -218,6 +234,9 @@ const _: () = assert!(size_of::<Conn>() == 24);
 const _: () = assert!(size_of::<NatReverse>() == 64);
 const _: () = assert!(size_of::<Counters>() == 48);
 const _: () = assert!(size_of::<NextHop>() == 32);
+
+#[cfg(test)]
+mod tests;
 
 #[cfg(feature = "user")]
 mod pod {

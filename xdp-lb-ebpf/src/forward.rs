@@ -15,7 +15,10 @@ use xdp_lb_common::{
     reasons::{self, Reason},
 };
 
-use crate::{frame::XdpFrame, maps};
+use crate::{
+    frame::XdpFrame,
+    maps::{self, HopSlot},
+};
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
@@ -35,7 +38,7 @@ const NEXT_HOP_TTL_NS: u64 = 500_000_000;
 /// A next-hop cache slot for this packet's destination: a backend's (per CPU, in `NEXT_HOPS`) or a
 /// client's (per NAT flow, in its `NAT_REVERSE` entry).
 pub struct Cached {
-    pub hop: Option<*mut NextHop>,
+    pub hop: Option<HopSlot>,
     /// The backend's generation (ids are reused); 0 for a client.
     pub generation: u32,
     /// The coarse clock if this run has read it already (the connection table did), else 0.
@@ -49,9 +52,8 @@ pub fn to_next_hop(ctx: &XdpContext, packet: &Packet, next_hop: &Addr, mode: Mod
     let Cached { hop, generation, now } = cached;
     // The next-hop caches expire by the coarse clock (see `maps::now`).
     let now = if hop.is_some() && now == 0 { maps::now() } else { now };
-    if let Some(hop) = hop {
-        // SAFETY: a slot from a map lookup in this run.
-        let h = unsafe { &*hop };
+    if let Some(hop) = &hop {
+        let h = hop.get();
         if h.ifindex != 0 && h.generation == generation && now < h.expires_ns && packet.ip_len <= h.max_ip_len {
             return send(ctx, h.ifindex, &h.smac, &h.dmac);
         }
@@ -80,22 +82,18 @@ pub fn to_next_hop(ctx: &XdpContext, packet: &Packet, next_hop: &Addr, mode: Mod
     match rc {
         bindings::BPF_FIB_LKUP_RET_SUCCESS => {
             if let Some(hop) = hop {
-                // SAFETY: a slot from a map lookup in this run. A backend's is per CPU; a client's
-                // is shared, but its flow's packets arrive on one CPU (RSS), and a racing writer
-                // writes the same FIB answer.
-                unsafe {
-                    let same = (*hop).ifindex == fib.ifindex && (*hop).generation == generation && now < (*hop).expires_ns;
-                    let max_ip_len = if same && (*hop).max_ip_len > packet.ip_len { (*hop).max_ip_len } else { packet.ip_len };
-                    *hop = NextHop {
-                        ifindex: fib.ifindex,
-                        generation,
-                        expires_ns: now + NEXT_HOP_TTL_NS,
-                        max_ip_len,
-                        smac: fib.smac,
-                        dmac: fib.dmac,
-                        _pad: [0; 2],
-                    };
-                }
+                let old = hop.get();
+                let same = old.ifindex == fib.ifindex && old.generation == generation && now < old.expires_ns;
+                let max_ip_len = if same && old.max_ip_len > packet.ip_len { old.max_ip_len } else { packet.ip_len };
+                hop.set(NextHop {
+                    ifindex: fib.ifindex,
+                    generation,
+                    expires_ns: now + NEXT_HOP_TTL_NS,
+                    max_ip_len,
+                    smac: fib.smac,
+                    dmac: fib.dmac,
+                    _pad: [0; 2],
+                });
             }
             send(ctx, fib.ifindex, &fib.smac, &fib.dmac)
         }

@@ -1,8 +1,13 @@
 //! The xdp-lb data plane: one XDP program, attached to every interface that faces clients or backends.
 //!
-//! Stages, each a function of its own: parse (`xdp_lb_common::packet`, shared with the host's tests
-//! and fuzzers) → classify (service lookup, or NAT reply lookup) → [`schedule`] (connection table,
-//! then Maglev) → rewrite (`xdp_lb_common::packet`) → [`forward`] (FIB + devmap).
+//! Five stages, each in a module of its own, composed in [`balance`]:
+//! 1. parse (`xdp_lb_common::packet`, shared with the host's tests and fuzzers);
+//! 2. [`classify`]: a service's packet, a NAT flow's reply (the [`reply`] path), or the kernel's;
+//! 3. [`schedule`]: connection table, then the service's scheduler over its ring ([`reject`] when
+//!    there is no backend);
+//! 4. rewrite (`xdp_lb_common::packet`): NAT translation, nothing for DSR;
+//! 5. [`forward`]: next hop (cached, else the FIB) and out through `XDP_TX` or the devmap.
+//!
 //! Every packet that is not forwarded is counted under one reason (`xdp_lb_common::reasons`).
 #![no_std]
 #![no_main]
@@ -10,19 +15,22 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
+mod classify;
 mod forward;
 mod frame;
 mod maps;
+mod reject;
+mod reply;
 mod schedule;
 
-use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_adjust_tail, macros::xdp, programs::XdpContext};
+use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use classify::Class;
 use frame::XdpFrame;
 use xdp_lb_common::{
-    maps::{FlowKey, ServiceKey, SERVICE_FLAG_DSR},
-    packet::{self, End, Frame, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    maps::{Service, SERVICE_FLAG_DSR},
+    packet::{self, End, Frame, Packet, TCP_ACK, TCP_SYN},
     reasons::{self, Reason},
 };
-
 
 #[xdp]
 pub fn xdp_lb(ctx: XdpContext) -> u32 {
@@ -50,6 +58,14 @@ pub fn xdp_tx_reference(ctx: XdpContext) -> u32 {
     xdp_action::XDP_TX
 }
 
+/// The benchmarks' receiving end: drops every frame on arrival, so each program's output meets the
+/// same cheap end and backends never answer (their replies would mix into the measured program's
+/// average). Never attached by the daemon.
+#[xdp]
+pub fn xdp_drop_sink(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_DROP
+}
+
 /// Counts why a packet was not forwarded and returns the matching verdict.
 #[inline(always)]
 fn not_forwarded(reason: Reason) -> u32 {
@@ -65,93 +81,30 @@ fn not_forwarded(reason: Reason) -> u32 {
 fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
     let mut frame = XdpFrame::new(ctx);
     let packet = packet::parse(&frame)?;
-    let flow = packet.flow;
-    let service_key = ServiceKey { addr: flow.dst, port: flow.dport, proto: flow.proto, _pad: 0 };
-    if let Some(service) = maps::service(&service_key) {
-        if packet.vlan {
-            return Err(reasons::PASS_VLAN);
-        }
-        let chosen = match schedule::schedule(&packet, &service) {
-            Ok(chosen) => chosen,
-            Err(reasons::DROP_NO_BACKEND) => return reject(ctx, &mut frame, &packet),
-            Err(reason) => return Err(reason),
-        };
-        let syn = packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-        let tally = maps::Tally { bytes: packet.len, new_flow: chosen.new_flow, syn, syn_ack: false, reset: false };
-        maps::count_forward(service.id, chosen.id, &tally);
-        let hop = forward::Cached { hop: maps::next_hop(chosen.id), generation: chosen.backend.generation, now: chosen.now };
-        if service.flags & SERVICE_FLAG_DSR != 0 {
-            return forward::to_next_hop(ctx, &packet, &chosen.backend.addr, forward::Mode::Dsr, hop);
-        }
-        packet::translate(&mut frame, &packet, End::Destination, &chosen.backend.addr, chosen.backend.port)?;
-        return forward::to_next_hop(ctx, &packet, &chosen.backend.addr, forward::Mode::Nat, hop);
+    match classify::classify(&packet)? {
+        Class::Service(service) => to_backend(ctx, &mut frame, &packet, &service),
+        Class::Reply(entry) => reply::to_client(ctx, &mut frame, &packet, entry),
     }
-    if let Some(entry) = maps::nat_reverse(&flow) {
-        if packet.vlan {
-            // Like VIP traffic in a tag: the kernel's VLAN device owns the tagged path.
-            return Err(reasons::PASS_VLAN);
-        }
-        // SAFETY: pointer from a map lookup in this run; the fields used are copied out first.
-        let (vip, vport, service_id, backend_id) =
-            unsafe { ((*entry).vip, (*entry).vport, (*entry).service_id, (*entry).backend_id) };
-        let flags = packet.tcp_flags;
-        let tally = maps::Tally {
-            bytes: packet.len,
-            new_flow: false,
-            syn: false,
-            syn_ack: flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK,
-            reset: flags & TCP_RST != 0,
-        };
-        maps::count_forward(service_id, backend_id, &tally);
-        if flags & (TCP_FIN | TCP_RST) != 0 {
-            let forward = FlowKey { src: flow.dst, dst: vip, sport: flow.dport, dport: vport, proto: flow.proto, _pad: [0; 3] };
-            if let Some(conn) = maps::conn(&forward) {
-                // Only the backend that holds the flow closes it: after its 5-tuple was reused for a
-                // connection to another backend, a late RST from the old one must not end the new.
-                // SAFETY: pointer from a map lookup in this run.
-                if unsafe { (*conn).backend_id } == backend_id {
-                    schedule::track_close(conn, backend_id, flags);
-                }
-            }
-        }
-        packet::translate(&mut frame, &packet, End::Source, &vip, vport)?;
-        // SAFETY: as above; the cache lives inside the flow's own entry.
-        let hop = forward::Cached { hop: Some(unsafe { core::ptr::addr_of_mut!((*entry).client_hop) }), generation: 0, now: 0 };
-        return forward::to_next_hop(ctx, &packet, &flow.dst, forward::Mode::Nat, hop);
-    }
-    Err(reasons::PASS_NOT_VIP)
 }
 
-/// Stage 3's failure for a service with no backend: answer TCP with a RST (sent back the way it
-/// came) so the client fails at once; what cannot be answered (UDP, a RST, IPv4 options) is
-/// dropped as `drop_no_backend`.
+/// Stages 3 to 5 for a client's packet to a service.
 #[inline(always)]
-fn reject(ctx: &XdpContext, frame: &mut XdpFrame, packet: &packet::Packet) -> Result<u32, Reason> {
-    let len = packet::tcp_reset(frame, packet)?;
-    let delta = len as i32 - frame.len() as i32;
-    // SAFETY: shrinking the frame to the RST's headers; no packet pointer is used after this.
-    if delta != 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) } != 0 {
-        return Err(reasons::DROP_NO_BACKEND);
+fn to_backend(ctx: &XdpContext, frame: &mut XdpFrame, packet: &Packet, service: &Service) -> Result<u32, Reason> {
+    let chosen = match schedule::schedule(packet, service) {
+        Ok(chosen) => chosen,
+        Err(reasons::DROP_NO_BACKEND) => return reject::reject(ctx, frame, packet),
+        Err(reason) => return Err(reason),
+    };
+    let syn = packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let tally = maps::Tally { bytes: packet.len, new_flow: chosen.new_flow, syn, syn_ack: false, reset: false };
+    maps::count_forward(service.id, chosen.id, &tally);
+    let hop = forward::Cached { hop: maps::next_hop(chosen.id), generation: chosen.backend.generation, now: chosen.now };
+    let addr = &chosen.backend.addr;
+    if service.flags & SERVICE_FLAG_DSR != 0 {
+        return forward::to_next_hop(ctx, packet, addr, forward::Mode::Dsr, hop);
     }
-    maps::count_reason(reasons::REJECT_NO_BACKEND);
-    // Back out of the interface it came in on, through the devmap rather than XDP_TX: a veth wakes
-    // its peer for XDP_TX'd frames only if the peer runs an XDP program itself (a container's end
-    // usually does not), while a redirect always flushes. Interfaces we are attached to are all in
-    // TX_PORTS; XDP_TX is the fallback.
-    Ok(maps::redirect(ctx.ingress_ifindex() as u32).unwrap_or(xdp_action::XDP_TX))
-}
-
-/// A flow key for the reply direction of `flow` once NAT has sent it to `backend`.
-#[inline(always)]
-pub(crate) fn reply_key(flow: &FlowKey, backend_addr: &[u32; 4], backend_port: u16) -> FlowKey {
-    FlowKey {
-        src: *backend_addr,
-        dst: flow.src,
-        sport: backend_port,
-        dport: flow.sport,
-        proto: flow.proto,
-        _pad: [0; 3],
-    }
+    packet::translate(frame, packet, End::Destination, addr, chosen.backend.port)?;
+    forward::to_next_hop(ctx, packet, addr, forward::Mode::Nat, hop)
 }
 
 #[cfg(not(test))]

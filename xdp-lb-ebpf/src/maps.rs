@@ -1,4 +1,9 @@
 //! The maps shared with the control plane, and the small typed accessors the stages use.
+//!
+//! Raw pointers into map values stay in this module: a lookup that the stages update in place returns
+//! a handle ([`ConnRef`], [`ReplyRef`], [`HopSlot`]) whose methods are the only reads and writes.
+//! A handle is valid for the program run that looked it up (the kernel keeps an element alive until
+//! the program returns, even if another CPU deletes it), and it is never stored beyond that.
 
 use core::intrinsics::{atomic_or, atomic_xadd, AtomicOrdering::SeqCst};
 
@@ -7,6 +12,7 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use xdp_lb_common::{
+    addr::Addr,
     maps::{defaults, Backend, Conn, Counters, FlowKey, NatReverse, NextHop, Service, ServiceKey},
     reasons::{self, Reason},
 };
@@ -71,8 +77,8 @@ pub fn ring_cell(index: u32) -> Option<u32> {
 
 /// The connection-table entry of a flow, in place: its flags are updated atomically.
 #[inline(always)]
-pub fn conn(flow: &FlowKey) -> Option<*mut Conn> {
-    CONNTRACK.get_ptr_mut(flow)
+pub fn conn(flow: &FlowKey) -> Option<ConnRef> {
+    CONNTRACK.get_ptr_mut(flow).map(ConnRef)
 }
 
 #[inline(always)]
@@ -82,10 +88,10 @@ pub fn remember_conn(flow: &FlowKey, conn: &Conn) {
     let _ = CONNTRACK.insert(flow, conn, 0);
 }
 
-/// A flow's reply entry, in place: its cached client next hop is refreshed through the pointer.
+/// A flow's reply entry, in place: its cached client next hop is refreshed through the handle.
 #[inline(always)]
-pub fn nat_reverse(flow: &FlowKey) -> Option<*mut NatReverse> {
-    NAT_REVERSE.get_ptr_mut(flow)
+pub fn nat_reverse(flow: &FlowKey) -> Option<ReplyRef> {
+    NAT_REVERSE.get_ptr_mut(flow).map(ReplyRef)
 }
 
 #[inline(always)]
@@ -171,14 +177,6 @@ pub fn add_active_flows(backend_id: u32, delta: u64) {
     }
 }
 
-/// Sets `bits` in a connection's flags; returns the flags before.
-#[inline(always)]
-pub fn conn_set_flags(conn: *mut Conn, bits: u32) -> u32 {
-    // SAFETY: `conn` came from a map lookup in this program run (valid, aligned); concurrent
-    // updates go through atomics only.
-    unsafe { atomic_or::<u32, u32, { SeqCst }>(core::ptr::addr_of_mut!((*conn).flags), bits) }
-}
-
 /// The clock connection entries are stamped with: the coarse monotonic clock (the time of the last
 /// tick, 1–10 ms old), the daemon reads it as CLOCK_MONOTONIC_COARSE. A full read is ~10 % of an
 /// established packet's time on a VM.
@@ -190,6 +188,90 @@ pub fn now() -> u64 {
 
 /// The cached next hop for backend `id`, in place (per-CPU: no other CPU writes it).
 #[inline(always)]
-pub fn next_hop(id: u32) -> Option<*mut NextHop> {
-    NEXT_HOPS.get_ptr_mut(id)
+pub fn next_hop(id: u32) -> Option<HopSlot> {
+    NEXT_HOPS.get_ptr_mut(id).map(HopSlot)
+}
+
+/// A `CONNTRACK` entry, in place.
+#[derive(Clone, Copy)]
+pub struct ConnRef(*mut Conn);
+
+impl ConnRef {
+    /// A copy of the entry (its flags may change under it: they are updated with atomics).
+    #[inline(always)]
+    pub fn get(self) -> Conn {
+        // SAFETY: a pointer from a lookup in this run (see the module's comment): valid and aligned.
+        unsafe { *self.0 }
+    }
+
+    #[inline(always)]
+    pub fn backend_id(self) -> u32 {
+        // SAFETY: as in `get`.
+        unsafe { (*self.0).backend_id }
+    }
+
+    /// Stamps the entry's last packet; a racing writer stores a time as recent.
+    #[inline(always)]
+    pub fn set_last_seen(self, now: u64) {
+        // SAFETY: as in `get`.
+        unsafe { (*self.0).last_seen_ns = now };
+    }
+
+    /// Sets `bits` in the entry's flags; returns the flags before.
+    #[inline(always)]
+    pub fn set_flags(self, bits: u32) -> u32 {
+        // SAFETY: as in `get`; concurrent updates of the flags go through atomics only.
+        unsafe { atomic_or::<u32, u32, { SeqCst }>(core::ptr::addr_of_mut!((*self.0).flags), bits) }
+    }
+}
+
+/// A `NAT_REVERSE` entry, in place.
+#[derive(Clone, Copy)]
+pub struct ReplyRef(*mut NatReverse);
+
+/// What a reply entry says about its flow (copied out of the entry).
+pub struct ReplyTarget {
+    pub vip: Addr,
+    pub vport: u16,
+    pub service_id: u32,
+    pub backend_id: u32,
+}
+
+impl ReplyRef {
+    #[inline(always)]
+    pub fn target(self) -> ReplyTarget {
+        // SAFETY: a pointer from a lookup in this run; the control plane never rewrites an entry.
+        unsafe {
+            let e = &*self.0;
+            ReplyTarget { vip: e.vip, vport: e.vport, service_id: e.service_id, backend_id: e.backend_id }
+        }
+    }
+
+    /// The way back to the client, cached inside the flow's own entry.
+    #[inline(always)]
+    pub fn client_hop(self) -> HopSlot {
+        // SAFETY: as in `target`; a field of the same element.
+        HopSlot(unsafe { core::ptr::addr_of_mut!((*self.0).client_hop) })
+    }
+}
+
+/// A next-hop cache slot, in place: a backend's (per CPU, in `NEXT_HOPS`) or a NAT client's (in its
+/// `NAT_REVERSE` entry).
+#[derive(Clone, Copy)]
+pub struct HopSlot(*mut NextHop);
+
+impl HopSlot {
+    #[inline(always)]
+    pub fn get(&self) -> &NextHop {
+        // SAFETY: a pointer from a lookup in this run, valid while the handle lives. A client's slot
+        // is shared between CPUs, but its flow's packets arrive on one CPU (RSS), and a racing writer
+        // writes the same FIB answer.
+        unsafe { &*self.0 }
+    }
+
+    #[inline(always)]
+    pub fn set(self, hop: NextHop) {
+        // SAFETY: as in `get`.
+        unsafe { *self.0 = hop };
+    }
 }

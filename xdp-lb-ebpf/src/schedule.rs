@@ -1,4 +1,4 @@
-//! Stage 3: pick the backend. An established flow keeps the backend the connection table remembers
+//! Stage 3, schedule: pick the backend. An established flow keeps the backend the connection table remembers
 //! (while that backend is still in the service and up); a new flow is placed by the service's
 //! scheduler over its ring.
 
@@ -12,7 +12,7 @@ use xdp_lb_common::{
     reasons::{self, Reason},
 };
 
-use crate::maps;
+use crate::maps::{self, ConnRef};
 
 pub struct Chosen {
     pub id: u32,
@@ -28,11 +28,9 @@ pub fn schedule(packet: &Packet, service: &Service) -> Result<Chosen, Reason> {
     let now = maps::now();
     // An entry this packet does not follow: its flow is over (or its backend failed), and it may
     // still be counted as active on its old backend.
-    let mut replaced: Option<*mut Conn> = None;
+    let mut replaced: Option<ConnRef> = None;
     if let Some(conn) = maps::conn(flow) {
-        // SAFETY: pointer from a map lookup in this run.
-        let (backend_id, generation, flags, last_seen) =
-            unsafe { ((*conn).backend_id, (*conn).generation, (*conn).flags, (*conn).last_seen_ns) };
+        let Conn { backend_id, generation, flags, last_seen_ns: last_seen, .. } = conn.get();
         if let Some(backend) = maps::backend(backend_id) {
             if backend.generation == generation && backend.service_id == service.id {
                 if !conntrack::follows_entry(flags, last_seen, packet.tcp_flags, now) {
@@ -46,7 +44,7 @@ pub fn schedule(packet: &Packet, service: &Service) -> Result<Chosen, Reason> {
                         // yet lose its reply entry, and its replies would then pass untranslated
                         // (the client resets the connection). Checked on every packet: checking
                         // less often leaves such a window open (the SYN-flood test shows it).
-                        let reply = crate::reply_key(flow, &backend.addr, backend.port);
+                        let reply = flow.reply_from(&backend.addr, backend.port);
                         if !maps::has_nat_reverse(&reply) {
                             remember_reply(flow, service, backend_id, &reply);
                         }
@@ -62,9 +60,8 @@ pub fn schedule(packet: &Packet, service: &Service) -> Result<Chosen, Reason> {
     let mut chosen = place_new_flow(flow, service)?;
     chosen.now = now;
     if let Some(old) = replaced {
-        // SAFETY: as above.
-        let old_id = unsafe { (*old).backend_id };
-        if maps::conn_set_flags(old, CONN_FLAG_CLOSED) & (CONN_FLAG_CLOSED | CONN_FLAG_COUNTED) == CONN_FLAG_COUNTED {
+        let old_id = old.backend_id();
+        if old.set_flags(CONN_FLAG_CLOSED) & (CONN_FLAG_CLOSED | CONN_FLAG_COUNTED) == CONN_FLAG_COUNTED {
             maps::add_active_flows(old_id, conntrack::ACTIVE_CLOSE);
         }
     }
@@ -77,7 +74,7 @@ pub fn schedule(packet: &Packet, service: &Service) -> Result<Chosen, Reason> {
         maps::add_active_flows(chosen.id, conntrack::ACTIVE_OPEN);
     }
     if service.flags & SERVICE_FLAG_DSR == 0 {
-        let reply = crate::reply_key(flow, &chosen.backend.addr, chosen.backend.port);
+        let reply = flow.reply_from(&chosen.backend.addr, chosen.backend.port);
         remember_reply(flow, service, chosen.id, &reply);
     }
     Ok(chosen)
@@ -87,13 +84,12 @@ pub fn schedule(packet: &Packet, service: &Service) -> Result<Chosen, Reason> {
 /// past its handshake at the client's first segment without SYN; plain reads first, so most packets
 /// write nothing.
 #[inline(always)]
-fn touch(conn: *mut Conn, flags: u32, last_seen: u64, tcp_flags: u8, now: u64) {
+fn touch(conn: ConnRef, flags: u32, last_seen: u64, tcp_flags: u8, now: u64) {
     if conntrack::needs_touch(last_seen, now) {
-        // SAFETY: pointer from a map lookup in this run; a racing writer stores a time as recent.
-        unsafe { (*conn).last_seen_ns = now };
+        conn.set_last_seen(now);
     }
     if flags & CONN_FLAG_ACKED == 0 && tcp_flags & TCP_SYN == 0 {
-        maps::conn_set_flags(conn, CONN_FLAG_ACKED);
+        conn.set_flags(CONN_FLAG_ACKED);
     }
 }
 
@@ -117,9 +113,9 @@ fn remember_reply(flow: &FlowKey, service: &Service, backend_id: u32, reply: &Fl
 /// Keeps `ACTIVE_FLOWS` honest for a counted flow: the first FIN or RST closes it. (A SYN never
 /// reopens a closed entry: it is a new connection, placed by the scheduler.)
 #[inline(always)]
-pub fn track_close(conn: *mut Conn, backend_id: u32, tcp_flags: u8) {
+pub fn track_close(conn: ConnRef, backend_id: u32, tcp_flags: u8) {
     if tcp_flags & (TCP_FIN | TCP_RST) != 0
-        && maps::conn_set_flags(conn, CONN_FLAG_CLOSED) & (CONN_FLAG_CLOSED | CONN_FLAG_COUNTED) == CONN_FLAG_COUNTED
+        && conn.set_flags(CONN_FLAG_CLOSED) & (CONN_FLAG_CLOSED | CONN_FLAG_COUNTED) == CONN_FLAG_COUNTED
     {
         maps::add_active_flows(backend_id, conntrack::ACTIVE_CLOSE);
     }

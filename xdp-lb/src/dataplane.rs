@@ -31,6 +31,8 @@ static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR
 pub const PROGRAM_NAME: &str = "xdp_lb";
 /// A trivial MAC-swap-and-XDP_TX program in the same object: the benchmarks' per-packet reference.
 pub const REFERENCE_PROGRAM_NAME: &str = "xdp_tx_reference";
+/// An XDP_DROP-everything program in the same object: the benchmarks' receiving end.
+pub const SINK_PROGRAM_NAME: &str = "xdp_drop_sink";
 
 /// The compiled eBPF object (both programs), for tools that load it themselves (benchmarks).
 pub fn program_object() -> &'static [u8] {
