@@ -16,6 +16,9 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
+/// hyper's HTTP/1 header count limit when none is set (`DEFAULT_MAX_HEADERS`).
+const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
+
 /// A started gateway: its bound addresses (by listener name) and accept tasks.
 pub struct RunningGateway {
     pub gateway: Gateway,
@@ -305,8 +308,12 @@ async fn serve<S>(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_millis(cfg.header_read_timeout_ms))
-        .max_buf_size(cfg.max_header_bytes.max(8192))
-        .max_headers(cfg.max_headers);
+        .max_buf_size(cfg.max_header_bytes.max(8192));
+    // hyper's own limit is 100 headers, parsed into arrays on the stack; setting any
+    // limit (even 100) makes it fill a header array element by element per request.
+    if cfg.max_headers != HYPER_DEFAULT_MAX_HEADERS {
+        builder.http1().max_headers(cfg.max_headers);
+    }
     builder
         .http2()
         .timer(TokioTimer::new())

@@ -127,7 +127,9 @@ pub async fn checkout(addr: SocketAddr, connect_timeout: Duration) -> Result<Con
             });
         }
     }
-    connect(addr, connect_timeout).await
+    // Boxed: dialing is rare, and its future would otherwise enlarge (and be copied
+    // with) every request's future.
+    Box::pin(connect(addr, connect_timeout)).await
 }
 
 fn pop_idle(addr: SocketAddr) -> Option<SendRequest<UpBody>> {
