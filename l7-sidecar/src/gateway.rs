@@ -30,6 +30,11 @@ pub enum GatewayError {
         addr: String,
         source: std::io::Error,
     },
+    #[error("worker {index}: cannot start its thread or runtime: {source}")]
+    Worker {
+        index: usize,
+        source: std::io::Error,
+    },
     #[error("no config file to reload from")]
     NoConfigPath,
 }

@@ -30,4 +30,4 @@ pub mod transform;
 
 pub use config::Config;
 pub use gateway::{Gateway, GatewayError};
-pub use server::{start, RunningGateway};
+pub use server::{start, start_workers, RunningGateway};

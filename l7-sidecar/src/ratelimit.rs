@@ -255,11 +255,10 @@ pub async fn rate_limit_stage<B>(
         .cfg
         .rate_limit
         .as_ref()
-        .and_then(|n| Some((n.clone(), limiters.get(n)?.clone())))
+        .and_then(|n| Some((n, limiters.get(n)?.clone())))
     else {
         return run(next, r).await;
     };
-    let route = ctx.route.cfg.name.clone();
     let id = ext.get::<Identity>();
     // Callers without the configured key share their IP's budget.
     let key = match limiter.cfg.key {
@@ -275,7 +274,7 @@ pub async fn rate_limit_stage<B>(
     });
     let d = limiter.check(&key);
     if !d.allowed {
-        crate::stats::record_rate_limited(&route);
+        crate::stats::record_rate_limited(&ctx.route.cfg.name);
         let mut resp = json_error(
             &r.req,
             StatusCode::TOO_MANY_REQUESTS,

@@ -16,6 +16,9 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
+/// hyper's HTTP/1 header count limit when none is set (`DEFAULT_MAX_HEADERS`).
+const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
+
 /// A started gateway: its bound addresses (by listener name) and accept tasks.
 pub struct RunningGateway {
     pub gateway: Gateway,
@@ -70,7 +73,117 @@ impl Drop for RunningGateway {
     }
 }
 
-/// Bind every listener and start serving. Binding `:0` picks an ephemeral port.
+/// Serve on `workers` threads, each with its own single-threaded runtime and its own
+/// `SO_REUSEPORT` socket per listener: the kernel spreads new connections over the
+/// workers, and a connection's requests, its upstream connections (`proxy::conns`)
+/// and their tasks all stay on one thread — no work stealing, no cross-thread
+/// wake-ups. The connection limits stay per listener, shared by its workers. The
+/// gateway's background tasks (health checks, reloads, JWKS) stay on the caller's
+/// runtime. Worker threads live until the process exits.
+pub async fn start_workers(
+    gateway: Gateway,
+    workers: usize,
+) -> Result<RunningGateway, GatewayError> {
+    let workers = workers.max(1);
+    let rt = gateway.runtime();
+    let max_connections = rt.cfg.server.max_connections;
+    let (stop, _) = tokio::sync::watch::channel(false);
+    let mut limits = Vec::new();
+    let mut addrs = Vec::new();
+    // Per worker, for every configured listener: its socket and what it serves with.
+    let mut sockets: Vec<Vec<(std::net::TcpListener, ListenerState)>> =
+        (0..workers).map(|_| Vec::new()).collect();
+    for l in &rt.cfg.listeners {
+        let bind_err = |source| GatewayError::Bind {
+            name: l.name.clone(),
+            addr: l.bind.clone(),
+            source,
+        };
+        let wanted = tokio::net::lookup_host(&l.bind)
+            .await
+            .map_err(bind_err)?
+            .next()
+            .ok_or_else(|| bind_err(std::io::Error::other("resolves to no address")))?;
+        // The first socket fixes the port (`:0` picks one); the others join it.
+        let first = reuseport_listener(wanted).map_err(bind_err)?;
+        let addr = first.local_addr().map_err(bind_err)?;
+        let state = ListenerState {
+            tls: match &l.tls {
+                Some(t) => Some(TlsAcceptor::from(crate::tls::server_config(t)?)),
+                None => None,
+            },
+            metrics: l.metrics,
+            limit: Arc::new(Semaphore::new(max_connections)),
+            per_address: Arc::new(PerAddress::default()),
+        };
+        tracing::info!(listener = %l.name, %addr, tls = state.tls.is_some(), workers, "listening");
+        addrs.push((l.name.clone(), addr));
+        limits.push(state.limit.clone());
+        sockets[0].push((first, state.clone()));
+        for w in sockets.iter_mut().skip(1) {
+            w.push((reuseport_listener(addr).map_err(bind_err)?, state.clone()));
+        }
+    }
+    let mut tasks = Vec::new();
+    for (i, listeners) in sockets.into_iter().enumerate() {
+        let worker = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|source| GatewayError::Worker { index: i, source })?;
+        let handle = worker.handle().clone();
+        std::thread::Builder::new()
+            .name(format!("l7-worker-{i}"))
+            .spawn(move || worker.block_on(std::future::pending::<()>()))
+            .map_err(|source| GatewayError::Worker { index: i, source })?;
+        for (std_listener, state) in listeners {
+            // Registered with the worker's reactor, so it must be converted inside it.
+            let _entered = handle.enter();
+            let listener = TcpListener::from_std(std_listener)
+                .map_err(|source| GatewayError::Worker { index: i, source })?;
+            tasks.push(handle.spawn(accept_loop(
+                gateway.clone(),
+                listener,
+                state.tls,
+                state.metrics,
+                state.limit,
+                state.per_address,
+                stop.subscribe(),
+            )));
+        }
+    }
+    Ok(RunningGateway {
+        gateway,
+        addrs,
+        tasks,
+        limits,
+        max_connections,
+        stop,
+    })
+}
+
+/// What every worker's socket of one listener shares.
+#[derive(Clone)]
+struct ListenerState {
+    tls: Option<TlsAcceptor>,
+    metrics: bool,
+    limit: Arc<Semaphore>,
+    per_address: Arc<PerAddress>,
+}
+
+/// A non-blocking listening socket that other sockets may bind too (`SO_REUSEPORT`).
+fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    Ok(s.into())
+}
+
+/// Bind every listener and start serving on the current runtime. Binding `:0` picks
+/// an ephemeral port.
 pub async fn start(gateway: Gateway) -> Result<RunningGateway, GatewayError> {
     let rt = gateway.runtime();
     let max_connections = rt.cfg.server.max_connections;
@@ -195,8 +308,12 @@ async fn serve<S>(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_millis(cfg.header_read_timeout_ms))
-        .max_buf_size(cfg.max_header_bytes.max(8192))
-        .max_headers(cfg.max_headers);
+        .max_buf_size(cfg.max_header_bytes.max(8192));
+    // hyper's own limit is 100 headers, parsed into arrays on the stack; setting any
+    // limit (even 100) makes it fill a header array element by element per request.
+    if cfg.max_headers != HYPER_DEFAULT_MAX_HEADERS {
+        builder.http1().max_headers(cfg.max_headers);
+    }
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -257,5 +374,37 @@ impl tower_http::catch_panic::ResponseForPanic for PanicResponder {
             "internal error",
             "",
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    #[tokio::test]
+    async fn workers_share_one_port_serve_and_drain() {
+        let cfg = crate::Config::parse(
+            "[observability]\naccess_log = false\n[[listeners]]\nname = \"p\"\nbind = \"127.0.0.1:0\"\n",
+        )
+        .expect("config");
+        let gw = crate::Gateway::new(cfg, None).expect("gateway");
+        let running = super::start_workers(gw, 2).await.expect("start");
+        let addr = running.addr("p").expect("bound");
+        assert_ne!(addr.port(), 0, "the first worker's socket fixed the port");
+        for i in 0..8 {
+            let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            s.write_all(b"GET /nowhere HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await
+                .expect("write");
+            let mut out = Vec::new();
+            tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+                .await
+                .expect("answered in time")
+                .expect("read");
+            let text = String::from_utf8_lossy(&out);
+            assert!(text.starts_with("HTTP/1.1 404"), "connection {i}: {text:?}");
+        }
+        assert!(running.drain(Duration::from_secs(2)).await, "drained");
     }
 }

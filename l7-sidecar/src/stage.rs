@@ -18,9 +18,15 @@ pub trait Next<R>: Send + 'static {
     fn run(self, req: R) -> impl Future<Output = Response<Body>> + Send;
 }
 
-/// Run the rest of the pipeline.
+/// Run the rest of the pipeline, in a box of its own.
+///
+/// Boxed because an `async` stage holds the future of the rest of the pipeline inline,
+/// and that future is first built and then moved into its parent's state: each stage
+/// copied everything below it, about 80 KiB of memcpy per request with a dozen
+/// stages (measured with a uprobe on memcpy; the largest user-space cost in `perf`).
+/// A box per stage costs an allocation from a thread-local heap instead.
 pub fn run<R, N: Next<R>>(next: N, req: R) -> impl Future<Output = Response<Body>> + Send {
-    next.run(req)
+    Box::pin(next.run(req))
 }
 
 /// One stage in front of the rest of the pipeline.

@@ -188,3 +188,14 @@ async fn binary_serves_and_reloads_on_sighup() {
     }
     assert!(switched, "SIGHUP reloaded the binary's config");
 }
+
+#[test]
+fn a_worker_count_of_zero_is_refused_by_name() {
+    let out = Command::new(BIN)
+        .args(["--workers", "0", "--config", "unused.toml"])
+        .output()
+        .expect("run binary");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--workers"), "{err}");
+}

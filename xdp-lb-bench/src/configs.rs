@@ -64,12 +64,16 @@ stream {{
     )
 }
 
+/// Worker processes / threads of every L7 proxy in the comparison (nginx, HAProxy and
+/// l7-sidecar), so none gets more cores than the others.
+pub const L7_WORKERS: usize = 2;
+
 /// nginx HTTP reverse proxy on `listen`, upstream keep-alive.
 pub fn nginx_http(dir: &Path, listen: &str, backends: &[String]) -> String {
     let d = dir.display();
     let servers = backend_list(backends, "    server ", ";");
     format!(
-        r#"worker_processes 2;
+        r#"worker_processes {L7_WORKERS};
 daemon off;
 pid {d}/nginx-http.pid;
 error_log {d}/nginx-http.err warn;
@@ -116,7 +120,7 @@ pub fn haproxy(mode: &str, listen: &str, backends: &[String]) -> String {
     format!(
         r#"global
   maxconn 8000
-  nbthread 2
+  nbthread {L7_WORKERS}
 defaults
   mode {mode}
   timeout connect 2s

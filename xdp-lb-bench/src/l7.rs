@@ -136,7 +136,13 @@ pub fn run(b: &Bench, r: &mut Report) -> anyhow::Result<()> {
                                 String::from_utf8_lossy(&check.stderr)
                             );
                         }
-                        let p = Proc::spawn(b.lb(), &sidecar, &["--config", &cfg_s], &log)?;
+                        let workers = configs::L7_WORKERS.to_string();
+                        let p = Proc::spawn(
+                            b.lb(),
+                            &sidecar,
+                            &["--config", &cfg_s, "--workers", &workers],
+                            &log,
+                        )?;
                         let headers: &[String] = if auth { &auth_headers } else { &[] };
                         measure(b, name, p, &log, addr, headers)
                     }

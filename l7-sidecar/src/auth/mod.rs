@@ -365,10 +365,12 @@ impl JwtVerifier {
                     return Ok(found);
                 }
                 // Key rotation: the issuer may have published a key we have not seen yet.
-                if jwks
-                    .refresh_if_allowed(Duration::from_secs(self.cfg.jwks_min_refetch_secs))
-                    .await
-                {
+                // Boxed: the fetch's future (an HTTPS client request) is several KiB,
+                // and inline it would be part of every request's future, copied from
+                // stage to stage, although it is almost never run.
+                let refresh = jwks
+                    .refresh_if_allowed(Duration::from_secs(self.cfg.jwks_min_refetch_secs));
+                if Box::pin(refresh).await {
                     if let Some(found) = jwks.key(kid) {
                         return Ok(found);
                     }

@@ -19,6 +19,10 @@ pub struct StreamedBody {
     /// Made only once the body has to be waited for: most bodies arrive with their
     /// head, and a timer per request would cost an allocation and a timer entry.
     timer: Option<Pin<Box<Sleep>>>,
+    /// The keep-alive connection the body arrives on, released for reuse on drop
+    /// once the body has ended (a body cut short leaves the connection unusable).
+    conn: Option<super::conns::Conn>,
+    ended: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +36,26 @@ impl StreamedBody {
             _guard: guard,
             deadline,
             timer: None,
+            conn: None,
+            ended: false,
+        }
+    }
+
+    /// Hand `conn` back to the idle list when this body is dropped after its end.
+    #[must_use]
+    pub fn with_conn(mut self, conn: super::conns::Conn) -> StreamedBody {
+        self.conn = Some(conn);
+        self
+    }
+}
+
+impl Drop for StreamedBody {
+    fn drop(&mut self) {
+        // hyper stops polling once `is_end_stream` says so, hence the second test.
+        if self.ended || self.inner.is_end_stream() {
+            if let Some(c) = self.conn.take() {
+                c.release();
+            }
         }
     }
 }
@@ -45,7 +69,11 @@ impl HttpBody for StreamedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match Pin::new(&mut self.inner).poll_frame(cx) {
-            Poll::Ready(f) => Poll::Ready(f.map(|r| r.map_err(Into::into))),
+            Poll::Ready(None) => {
+                self.ended = true;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(r)) => Poll::Ready(Some(r.map_err(Into::into))),
             Poll::Pending => {
                 let deadline = self.deadline;
                 let timer = self

@@ -4,6 +4,7 @@
 
 mod aggregate;
 mod body;
+pub mod conns;
 mod tunnel;
 
 pub use aggregate::aggregate;
@@ -72,7 +73,8 @@ impl ProxyError {
     }
 }
 
-/// A pool plus the client that reaches it (connect timeout is per pool).
+/// A pool plus the client its health checks use (connect timeout is per pool).
+/// Proxied requests go through `conns` instead.
 pub struct Upstream {
     pub pool: Pool,
     pub client: HttpClient,
@@ -154,35 +156,44 @@ async fn forward_inner(
             break;
         };
         let backend = up.pool.backends[idx].clone();
-        let uri = http::Uri::builder()
-            .scheme(http::uri::Scheme::HTTP)
-            .authority(backend.authority.clone())
-            .path_and_query(pq)
-            .build()
-            .map_err(|e| ProxyError::Upstream(e.to_string()))?;
-        let mut req = Request::builder().method(method.clone()).uri(uri);
-        if let Some(h) = req.headers_mut() {
-            *h = headers.clone();
-        }
-        let req = req
-            .body(full(body.clone()))
-            .map_err(|e| ProxyError::Upstream(e.to_string()))?;
         let guard = ActiveGuard::new(backend.clone());
         let started = Instant::now();
-        let resp = match up.client.request(req).await {
+        let connect_timeout = Duration::from_millis(up.pool.cfg.connect_timeout_ms);
+        let mut conn = match conns::checkout(backend.addr, connect_timeout).await {
+            Ok(c) => c,
+            Err(e) => {
+                // Nothing was sent: a failed connect is retried like a lost response.
+                tried.push(idx);
+                up.pool.record_result(idx, true);
+                tracing::debug!(pool = %up.pool.name, error = %e, "upstream connect failed");
+                last_err = Some(ProxyError::Connect(e.to_string()));
+                continue;
+            }
+        };
+        // Origin-form target on the connection to this backend; the client's Host is
+        // kept (the backend authority stands in only when the client sent none, as
+        // over HTTP/2).
+        let mut req = Request::new(conns::UpBody::new(body.clone()));
+        *req.method_mut() = method.clone();
+        *req.uri_mut() =
+            http::Uri::try_from(pq).map_err(|e| ProxyError::Upstream(e.to_string()))?;
+        *req.headers_mut() = headers.clone();
+        if !req.headers().contains_key(header::HOST) {
+            if let Ok(v) = HeaderValue::from_str(backend.authority.as_str()) {
+                req.headers_mut().insert(header::HOST, v);
+            }
+        }
+        let resp = match conn.sender.send_request(req).await {
             Ok(r) => r,
             Err(e) => {
-                // No response head arrived. RFC 9110 §9.2.2 lets idempotent requests be
-                // retried then; others have `attempts == 1` and end here.
+                // No response head arrived (on a reused connection: the backend closed
+                // or reset it, e.g. a replica that just died). RFC 9110 §9.2.2 lets
+                // idempotent requests be retried then; others have `attempts == 1`.
                 tried.push(idx);
                 up.pool.record_result(idx, true);
                 let detail = format!("{}: {e}{}", backend.addr, source_chain(&e));
-                tracing::debug!(pool = %up.pool.name, error = %detail, "upstream attempt failed");
-                last_err = Some(if e.is_connect() {
-                    ProxyError::Connect(detail)
-                } else {
-                    ProxyError::Upstream(detail)
-                });
+                tracing::debug!(pool = %up.pool.name, error = %detail, reused = conn.reused, "upstream attempt failed");
+                last_err = Some(ProxyError::Upstream(detail));
                 continue;
             }
         };
@@ -191,7 +202,9 @@ async fn forward_inner(
         up.pool.record_result(idx, parts_is_5xx(&resp));
         let (mut parts, incoming) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        let body = StreamedBody::new(incoming, guard, deadline).boxed();
+        let body = StreamedBody::new(incoming, guard, deadline)
+            .with_conn(conn)
+            .boxed();
         return Ok(UpstreamResponse {
             parts,
             body,

@@ -1,0 +1,141 @@
+use super::*;
+use crate::proxy::{full, StreamedBody};
+use bytes::Bytes;
+use http_body_util::BodyExt as _;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// A loopback HTTP/1.1 backend answering `body_len` bytes; counts accepted connections.
+/// With `close_idle`, it closes each connection after its first response.
+async fn backend(body_len: usize, close_idle: bool) -> (SocketAddr, Arc<AtomicUsize>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req| async move {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(full(vec![
+                        b'x';
+                        body_len
+                    ])))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .keep_alive(!close_idle)
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// One GET over a checked-out connection; reads `read` frames of the body (all if None).
+async fn get(addr: SocketAddr, read_all: bool) -> bool {
+    let mut c = checkout(addr, Duration::from_secs(2)).await.unwrap();
+    let reused = c.reused;
+    let req = http::Request::get("/")
+        .header(http::header::HOST, "b")
+        .body(UpBody::new(Bytes::new()))
+        .unwrap();
+    let resp = c.sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let guard =
+        crate::balance::ActiveGuard::new(crate::balance::BackendRegistry::default().get("t", addr));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut body = StreamedBody::new(resp.into_body(), guard, deadline).with_conn(c);
+    if read_all {
+        while let Some(f) = body.frame().await {
+            f.unwrap();
+        }
+    } else {
+        // One frame of a large body, then give up on it (a client that went away).
+        body.frame().await.unwrap().unwrap();
+    }
+    reused
+}
+
+#[tokio::test]
+async fn sequential_requests_share_one_connection() {
+    let (addr, accepted) = backend(100, false).await;
+    let mut reused = Vec::new();
+    for _ in 0..5 {
+        reused.push(get(addr, true).await);
+    }
+    assert_eq!(reused, [false, true, true, true, true]);
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "every request reused the connection"
+    );
+    assert_eq!(idle_count(addr), 1);
+}
+
+/// Tasks of a multi-threaded runtime move between its threads: idle connections must
+/// be found from any of them, or each thread opens its own and the rest sit idle
+/// (seen as memory growth per request in `tests/memory.rs`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multi_threaded_runtime_reuses_connections_across_its_threads() {
+    let (addr, accepted) = backend(100, false).await;
+    for _ in 0..40 {
+        tokio::spawn(get(addr, true)).await.expect("request task");
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "one connection carried every sequential request"
+    );
+}
+
+#[tokio::test]
+async fn a_body_not_read_to_its_end_does_not_return_its_connection() {
+    let (addr, accepted) = backend(4 << 20, false).await;
+    assert!(!get(addr, false).await);
+    assert_eq!(
+        idle_count(addr),
+        0,
+        "a half-read connection must not be reused"
+    );
+    assert!(
+        !get(addr, true).await,
+        "the next request needs a new connection"
+    );
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn an_idle_connection_the_backend_closed_is_skipped() {
+    let (addr, accepted) = backend(10, true).await;
+    assert!(!get(addr, true).await);
+    // Give the close time to arrive; the bound keeps the test from hanging.
+    for _ in 0..100 {
+        if accepted.load(Ordering::SeqCst) == 1 && pop_closed_is_visible(addr) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Not an error and not a retry: checkout just dials again.
+    assert!(!get(addr, true).await);
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+}
+
+/// True once the idle connection to `addr` is known closed (or gone).
+fn pop_closed_is_visible(addr: SocketAddr) -> bool {
+    with_idle(|m| {
+        m.get(&addr)
+            .is_none_or(|l| l.iter().all(|i| i.sender.is_closed()))
+    })
+}
+
+#[tokio::test]
+async fn a_refused_connect_names_the_address() {
+    // Bind then drop: nothing listens there now.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let e = checkout(addr, Duration::from_secs(2)).await.err().unwrap();
+    assert!(e.to_string().contains(&addr.to_string()), "{e}");
+}
