@@ -3,6 +3,7 @@
 //! and passive checks observed, and the map programming that follows from both.
 
 mod error;
+mod node_drain;
 mod passive;
 mod requests;
 

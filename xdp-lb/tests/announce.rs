@@ -380,3 +380,47 @@ fn a_bird_router_learns_the_vip_from_the_node_and_loses_it_within_a_second_of_no
     wait_until("the router loses the VIPs at stop", Duration::from_secs(1), || !router_has(&v4) && !router_has(&v6), birds);
     eprintln!("SIGTERM: router lost both VIPs {:?} after the signal", started.elapsed());
 }
+
+/// Hostile-test finding: `node drain`, the lever an operator pulls during an incident, was refused
+/// whenever the file held a hand edit not yet reloaded (even a comment). It now writes only
+/// `drained` into the file as it is on disk and leaves the rest of the edit pending.
+#[test]
+fn node_drain_works_beside_a_hand_edit_that_is_not_reloaded_yet() {
+    let topo = Topology::new("annedit", 2).expect("testbed");
+    let lb = topo.lb();
+    let _servers = IdentityServers::start_all(&topo, PORT, 53).expect("servers");
+    let _checks = check_servers(&topo);
+    let daemon = Daemon::start(Path::new(XDP_LB), lb, &topo.lb_ifaces(), &config(&topo, true)).unwrap_or_else(|e| panic!("{e:?}"));
+    wait_until("announcement", Duration::from_secs(5), || vip_routes(lb).len() == 2, || daemon.log());
+    let path = daemon.config_path().to_path_buf();
+    let original = std::fs::read_to_string(&path).unwrap();
+    let edited = format!("# operator note: maintenance tonight\n{}", original.replacen("mode = \"dsr\"\n", "mode = \"dsr\"\ndrain_timeout_ms = 1000\n", 1));
+    std::fs::write(&path, &edited).unwrap();
+
+    cli(&daemon, &["node", "drain"]).unwrap_or_else(|e| panic!("node drain beside a hand edit: {e}\n{}", daemon.log()));
+    assert!(vip_routes(lb).is_empty(), "{:?}", vip_routes(lb));
+    let file = std::fs::read_to_string(&path).unwrap();
+    assert!(file.contains("# operator note") && file.contains("drain_timeout_ms = 1000"), "the hand edit is kept:\n{file}");
+    assert!(file.contains("drained = true"), "{file}");
+    let s = status(&daemon);
+    assert!(s.config.changed_on_disk, "the rest of the edit is still pending: {:?}", s.config);
+    // Other changes are still refused until the edit is read.
+    let err = cli(&daemon, &["backend", "weight", "web", &topo.backend_socket(Family::V4, 0, PORT).to_string(), "2"]).unwrap_err();
+    assert!(err.contains("edited since"), "{err}");
+    cli(&daemon, &["node", "undrain"]).unwrap_or_else(|e| panic!("node undrain beside a hand edit: {e}"));
+    wait_until("announcement after undrain", Duration::from_secs(5), || vip_routes(lb).len() == 2, || daemon.log());
+
+    // A reload applies the edit and keeps the node's drain state as written.
+    cli(&daemon, &["node", "drain"]).unwrap();
+    cli(&daemon, &["reload"]).unwrap_or_else(|e| panic!("reload: {e}"));
+    assert!(!status(&daemon).config.changed_on_disk);
+    assert!(status(&daemon).announce.expect("announce status").node_drained);
+    assert!(vip_routes(lb).is_empty());
+
+    // A half-written edit the daemon cannot read is not written into: refused as before.
+    let before = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, format!("{before}\n[[services\n")).unwrap();
+    let err = cli(&daemon, &["node", "undrain"]).unwrap_err();
+    assert!(err.contains("edited since"), "{err}");
+    assert!(vip_routes(lb).is_empty(), "nothing changed");
+}

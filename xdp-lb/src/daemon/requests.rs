@@ -74,17 +74,7 @@ impl Daemon {
             Request::Status => self.status(None).map(|services| {
                 to_value(StatusReply { config: self.config_status(), services, announce: self.announcer.status().cloned() })
             }),
-            Request::NodeDrain { drained } => {
-                let path = self.path_text();
-                self.change(|d| match d.announce.as_mut() {
-                    Some(a) => {
-                        a.drained = drained;
-                        Ok(())
-                    }
-                    None => Err(DaemonError::AnnounceOff { path }),
-                })
-                .map(|_| serde_json::Value::Null)
-            }
+            Request::NodeDrain { drained } => self.drain_node(drained).map(|_| serde_json::Value::Null),
             Request::Reload { allow_empty } => self.reload(allow_empty).map(|services| to_value(ReloadReply { services })),
             Request::Stats => self.stats(),
             Request::Explain { source, destination, protocol } => self.explain(&source, &destination, &protocol),
