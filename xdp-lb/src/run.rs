@@ -226,6 +226,9 @@ async fn serve(opts: Options, loaded: file::Loaded) -> Result<()> {
 /// The dashboard's token: the file's first line, which must not be empty.
 fn read_token(path: &Path) -> Result<std::sync::Arc<str>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("--dashboard-token-file {}", path.display()))?;
+    if let Some(why) = xdp_lb::dashboard::token_file_exposure(path) {
+        warn!("{why}");
+    }
     let token = text.lines().next().unwrap_or("").trim();
     if token.is_empty() {
         bail!("--dashboard-token-file {}: the first line is empty; write the token there", path.display());

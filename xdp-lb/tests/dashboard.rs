@@ -534,3 +534,38 @@ fn beyond_loopback_changes_need_the_token() {
     assert!(bad.starts_with("HTTP/1.1 422") && bad.contains("fastest"), "{bad}");
     daemon.stop().unwrap();
 }
+
+/// A scheduler switch POSTed with curl from the balancer's namespace, as `user` (through
+/// setpriv) or as root; returns curl's output: the body, then the status on its own line.
+fn curl_switch(topo: &Topology, user: Option<&str>) -> String {
+    let body = r#"{"service":"web","scheduler":"round-robin"}"#;
+    let url = format!("http://{DASHBOARD}/api/scheduler");
+    let curl = ["curl", "-s", "-m", "5", "-w", "\n%{http_code}", "-H", "X-XDP-LB-Dashboard: 1", "-X", "POST", "-d", body, &url];
+    let reuid = user.map(|u| format!("--reuid={u}"));
+    let args: Vec<&str> = match &reuid {
+        Some(reuid) => [reuid.as_str(), "--regid=nogroup", "--clear-groups"].into_iter().chain(curl).collect(),
+        None => curl[1..].to_vec(),
+    };
+    let program = if user.is_some() { "setpriv" } else { "curl" };
+    topo.lb().exec_ok(program, &args).unwrap_or_else(|e| panic!("{e:?}"))
+}
+
+/// hostile2 F10: loopback is no authentication boundary; a local user other than root cannot
+/// change anything through a loopback dashboard without the token (the API socket's rule), and
+/// the refusal does not reach the config. Root still can; anyone can still read.
+#[test]
+fn a_loopback_change_needs_root_or_the_token() {
+    let topo = Topology::new("dashroot", 1).expect("testbed");
+    let _servers = IdentityServers::start_all(&topo, 80, 53).expect("servers");
+    let daemon = Daemon::start_with_args(Path::new(XDP_LB), topo.lb(), &topo.lb_ifaces(), &config_one(&topo), &["--dashboard", DASHBOARD])
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    let read = topo.lb().exec_ok("setpriv", &["--reuid=nobody", "--regid=nogroup", "--clear-groups", "curl", "-s", &format!("http://{DASHBOARD}/api/snapshot")]);
+    assert!(read.as_ref().is_ok_and(|r| r.contains("\"web\"")), "reads stay open on loopback: {read:?}");
+    let refused = curl_switch(&topo, Some("nobody"));
+    assert!(refused.ends_with("403") && refused.contains("changes from loopback need root or the token"), "{refused}");
+    assert!(std::fs::read_to_string(daemon.config_path()).unwrap().contains("scheduler = \"maglev\""), "a refused change reached the config");
+    let done = curl_switch(&topo, None);
+    assert!(done.ends_with("200"), "{done}\n{}", daemon.log());
+    assert!(std::fs::read_to_string(daemon.config_path()).unwrap().contains("scheduler = \"round-robin\""));
+    daemon.stop().unwrap();
+}

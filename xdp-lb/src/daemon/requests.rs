@@ -88,9 +88,9 @@ impl Daemon {
                 self.events_mut().record(kind, service, backend, message);
             }
             (Err(error), Some(change)) => {
-                tracing::warn!(%change, %error, "change refused; nothing changed");
+                log_refused(&change, error);
                 let (_, service, backend, message) = crate::dashboard::events::describe(&recorded);
-                self.events_mut().record(crate::dashboard::events::Kind::Refused, service, backend, format!("{message} refused: {error}"));
+                self.events_mut().record_refusal(service, backend, format!("{message} refused: {error}"));
             }
             _ => {}
         }
@@ -329,7 +329,7 @@ fn update_service(d: &mut RawConfig, name: &str, c: ServiceChanges) -> Result<()
             return Err(DaemonError::Disruptive { reasons: disruptions });
         }
         for what in &disruptions {
-            tracing::warn!(service = %name, "forced: {what}");
+            tracing::warn!(service = ?name, "forced: {what}");
         }
     }
     if let Some(v) = c.vip { s.vip = v; }
@@ -342,4 +342,48 @@ fn update_service(d: &mut RawConfig, name: &str, c: ServiceChanges) -> Result<()
     if let Some(v) = c.health_check { s.health_check = Some(v); }
     if let Some(v) = c.passive_checks { s.passive_checks = Some(v); }
     Ok(())
+}
+
+/// Logs a refused change. `change` and the error carry caller text (a service name from the
+/// dashboard may hold a newline), so both are logged escaped: a caller cannot forge log lines.
+fn log_refused(change: &str, error: &DaemonError) {
+    tracing::warn!(change = ?change, error = ?error.to_string(), "change refused; nothing changed");
+}
+
+#[cfg(test)]
+mod log_tests {
+    use std::{
+        io::Write,
+        sync::{Arc, Mutex},
+    };
+
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// hostile2 F12: a newline in a caller's service name does not start a log line of its own.
+    #[test]
+    fn a_refusal_log_line_cannot_be_forged() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt().with_ansi(false).with_writer(move || writer.clone()).finish();
+        let name = "web\n2026-12-02T01:40:00.000000Z  INFO xdp_lb::daemon: health transition FAKE";
+        tracing::subscriber::with_default(subscriber, || {
+            log_refused(name, &DaemonError::UnknownService(name.into()));
+        });
+        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.trim_end().lines().count(), 1, "one refusal, one line: {text}");
+        assert!(text.contains("FAKE"), "{text}");
+    }
 }

@@ -10,11 +10,13 @@
 //!   requests `xdp-lb service update --scheduler` and `xdp-lb backend drain|undrain` send, so
 //!   they are validated, programmed and written into `--config` by the one config writer.
 //!
-//! Changes need the loopback listener (with a loopback `Host`, against DNS rebinding) or the
-//! `--dashboard-token-file` token as `Authorization: Bearer`; every POST needs the
-//! `X-XDP-LB-Dashboard: 1` header (a cross-site form cannot send it, a cross-site script cannot
-//! without a CORS preflight that is never granted) and, if it has an `Origin`, one that matches
-//! `Host`.
+//! On a loopback listener every request needs a loopback `Host` (421 otherwise), so a
+//! DNS-rebinding page cannot read the state either. Changes need the `--dashboard-token-file`
+//! token as `Authorization: Bearer`, or the loopback listener and a client socket owned by root
+//! (looked up in `/proc/net/tcp*`, [`peer`]): loopback is no authentication boundary on a
+//! multi-user host, so this is the API socket's rule. Every POST needs the `X-XDP-LB-Dashboard: 1`
+//! header (a cross-site form cannot send it, a cross-site script cannot without a CORS preflight
+//! that is never granted) and, if it has an `Origin`, exactly `http://<Host>`.
 
 use std::{convert::Infallible, net::IpAddr, pin::Pin, sync::Arc, task::Poll, time::Duration};
 
@@ -35,7 +37,12 @@ use super::{
     view::{self, Changes, Probe, View},
     Job, ProbeReply,
 };
-use crate::api::{self, ServiceChanges};
+use crate::{
+    api::{self, ServiceChanges},
+    metrics::serve::ConnectionAddrs,
+};
+
+mod peer;
 
 /// How often the stream sends an update.
 pub const UPDATE_EVERY: Duration = Duration::from_secs(1);
@@ -45,6 +52,8 @@ pub const MAX_STREAM_AGE: Duration = Duration::from_secs(600);
 pub const MAX_BODY: usize = 4096;
 /// The header every POST must carry (see the module's documentation).
 pub const CSRF_HEADER: &str = "x-xdp-lb-dashboard";
+/// Time for a POST body to arrive once its head has (the head has the listener's 5 s).
+pub const BODY_TIMEOUT: Duration = crate::metrics::serve::HEAD_TIMEOUT;
 
 const INDEX_HTML: &str = include_str!("assets/index.html");
 const APP_JS: &str = include_str!("assets/app.js");
@@ -70,19 +79,41 @@ impl Access {
         }
     }
 
-    /// Why `headers` may not change anything, or `None` when they may.
-    fn refuse_change(&self, headers: &HeaderMap) -> Option<(StatusCode, String)> {
+    /// Why a request with `headers` may not be answered at all, or `None`: on a loopback listener
+    /// the `Host` must name loopback, or a DNS-rebinding page (its name re-resolved to 127.0.0.1)
+    /// could read the whole state.
+    fn refuse_host(&self, headers: &HeaderMap) -> Option<(StatusCode, String)> {
+        let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+        (self.loopback && !is_loopback_host(host)).then(|| {
+            (
+                StatusCode::MISDIRECTED_REQUEST,
+                format!("refused: Host {host:?} is not a loopback address; open the dashboard as http://127.0.0.1:PORT or http://localhost:PORT"),
+            )
+        })
+    }
+
+    /// Why `headers` may not change anything, or `None` when they may. `peer_is_root`: the
+    /// client's socket is owned by uid 0 (asked only for a loopback change without the token).
+    fn refuse_change(&self, headers: &HeaderMap, peer_is_root: impl FnOnce() -> bool) -> Option<(StatusCode, String)> {
         if headers.get(CSRF_HEADER).is_none_or(|v| v != "1") {
             return Some((StatusCode::FORBIDDEN, format!("refused: a change needs the header {CSRF_HEADER}: 1 (sent by the dashboard's page)")));
         }
         let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
-        if let Some(origin) = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) {
-            let origin_host = origin.split_once("://").map_or(origin, |(_, rest)| rest);
-            if origin != "null" && origin_host != host {
-                return Some((StatusCode::FORBIDDEN, format!("refused: Origin {origin} is not this dashboard ({host})")));
+        if let Some(origin) = headers.get(header::ORIGIN) {
+            // Exactly this listener's scheme and Host: `null` (sandboxed frames, file: pages) and
+            // https are other origins.
+            let origin = String::from_utf8_lossy(origin.as_bytes());
+            if !origin.eq_ignore_ascii_case(&format!("http://{host}")) {
+                return Some((StatusCode::FORBIDDEN, format!("refused: Origin {origin:?} is not this dashboard (http://{host})")));
             }
         }
-        let bearer = headers.get(header::AUTHORIZATION).and_then(|a| a.to_str().ok()).and_then(|a| a.strip_prefix("Bearer "));
+        // The scheme is case-insensitive (RFC 7235).
+        let bearer = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|a| a.to_str().ok())
+            .and_then(|a| a.trim_start().split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token);
         if let (Some(token), Some(given)) = (&self.token, bearer) {
             if constant_time_eq(token.as_bytes(), given.trim().as_bytes()) {
                 return None;
@@ -91,7 +122,15 @@ impl Access {
         }
         if self.loopback {
             if is_loopback_host(host) {
-                return None;
+                if peer_is_root() {
+                    return None;
+                }
+                return Some((
+                    StatusCode::FORBIDDEN,
+                    "refused: changes from loopback need root or the token: this client's socket is not owned by root; \
+                     use `xdp-lb` as root, or start the daemon with --dashboard-token-file and send Authorization: Bearer"
+                        .into(),
+                ));
             }
             return Some((
                 StatusCode::FORBIDDEN,
@@ -172,6 +211,9 @@ async fn answer(request: Request<Incoming>, shared: Shared) -> Result<Response<B
     let path = request.uri().path().to_owned();
     let method = request.method().clone();
     let get = method == Method::GET || method == Method::HEAD;
+    if let Some((status, why)) = shared.access.refuse_host(request.headers()) {
+        return Ok(error(status, &why));
+    }
     Ok(match path.as_str() {
         "/" | "/index.html" if get => asset(INDEX_HTML, "text/html; charset=utf-8"),
         "/app.js" if get => asset(APP_JS, "text/javascript; charset=utf-8"),
@@ -217,14 +259,37 @@ async fn post(request: Request<Incoming>, path: &str, shared: &Shared) -> Respon
     let refusal = if explain {
         request.headers().get(CSRF_HEADER).is_none_or(|v| v != "1").then(|| (StatusCode::FORBIDDEN, format!("refused: a request needs the header {CSRF_HEADER}: 1")))
     } else {
-        shared.access.refuse_change(request.headers())
+        // /proc is read only when the rule asks (a loopback change without the token), and off the
+        // runtime's threads (the table can be large).
+        let asked = std::cell::Cell::new(false);
+        match shared.access.refuse_change(request.headers(), || {
+            asked.set(true);
+            false
+        }) {
+            None => None,
+            refusal if !asked.get() => refusal,
+            _ => {
+                let addrs = request.extensions().get::<ConnectionAddrs>().copied();
+                let root = match addrs {
+                    Some(a) => tokio::task::spawn_blocking(move || peer::owner_uid(a.peer, a.local) == Some(0)).await.unwrap_or(false),
+                    None => false,
+                };
+                shared.access.refuse_change(request.headers(), || root)
+            }
+        }
     };
     if let Some((status, why)) = refusal {
         return error(status, &why);
     }
-    let body = match Limited::new(request.into_body(), MAX_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => return error(StatusCode::PAYLOAD_TOO_LARGE, &format!("the request body could not be read (at most {MAX_BODY} bytes): {e}")),
+    // A body that never arrives would hold the connection (and a slot of the caps) forever.
+    let body = match tokio::time::timeout(BODY_TIMEOUT, Limited::new(request.into_body(), MAX_BODY).collect()).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(e)) => return error(StatusCode::PAYLOAD_TOO_LARGE, &format!("the request body could not be read (at most {MAX_BODY} bytes): {e}")),
+        Err(_) => {
+            let mut response = error(StatusCode::REQUEST_TIMEOUT, &format!("the request body did not arrive within {BODY_TIMEOUT:?}"));
+            response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return response;
+        }
     };
     let parsed = match path {
         "/api/explain" => serde_json::from_slice::<ExplainForm>(&body)

@@ -37,3 +37,37 @@ pub fn probe(daemon: &mut Daemon) -> Result<view::Probe, String> {
     let stats: StatsReply = ask(daemon, Request::Stats)?.decode("stats").map_err(|e| e.to_string())?;
     Ok(view::Probe { status, stats, events: daemon.events().newest(view::EVENTS_SHOWN) })
 }
+
+/// Why the token file at `path` is exposed (readable or writable by group or others, the same
+/// worry as ssh's for a key), or `None`. Whoever reads the token can change what root can.
+pub fn token_file_exposure(path: &std::path::Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+    (mode & 0o077 != 0).then(|| {
+        format!(
+            "--dashboard-token-file {}: mode {mode:04o} lets other users read the token (which allows every change the CLI can \
+             make); chmod 600 it",
+            path.display()
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::token_file_exposure;
+
+    /// hostile2 F15: a token file other users can read is warned about at start.
+    #[test]
+    fn a_token_file_others_can_read_is_named() {
+        let path = std::env::temp_dir().join(format!("xdp-lb-token-{}", std::process::id()));
+        std::fs::write(&path, "s3cret\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let why = token_file_exposure(&path).expect("0644 is exposed");
+        assert!(why.contains("0644") && why.contains(&path.display().to_string()) && why.contains("chmod 600"), "{why}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(token_file_exposure(&path), None);
+        std::fs::remove_file(&path).unwrap();
+    }
+}

@@ -18,7 +18,7 @@
 use std::{
     collections::HashMap,
     convert::Infallible,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -46,6 +46,14 @@ pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(60);
 const BACKOFF: Duration = Duration::from_millis(100);
 /// Refusals (reserve reached, accept errors) are logged at most this often.
 const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Both ends of the connection a request came on, put in its extensions by [`serve_with`] (the
+/// dashboard looks up who owns the client's socket).
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectionAddrs {
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+}
 
 /// Asks the control loop for the current exposition text (or why it could not be read).
 pub type ScrapeReply = oneshot::Sender<Result<String, String>>;
@@ -98,9 +106,15 @@ where
             continue;
         };
         let handler = handler.clone();
+        let addrs = stream.local_addr().ok().map(|local| ConnectionAddrs { peer, local });
         tokio::spawn(async move {
             let _per_address = per_address;
-            let service = service_fn(handler);
+            let service = service_fn(move |mut request: Request<Incoming>| {
+                if let Some(addrs) = addrs {
+                    request.extensions_mut().insert(addrs);
+                }
+                handler(request)
+            });
             let connection = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEAD_TIMEOUT)

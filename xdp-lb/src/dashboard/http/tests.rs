@@ -163,7 +163,7 @@ async fn a_scheduler_switch_is_the_cli_request_and_needs_the_header_and_a_loopba
     assert!(no_header.starts_with("HTTP/1.1 403"), "{no_header}");
     assert!(no_header.contains(CSRF_HEADER), "the refusal names the header: {no_header}");
     let rebound = exchange(addr, &post_request("/api/scheduler", "evil.example:8080", "X-XDP-LB-Dashboard: 1\r\n", body)).await;
-    assert!(rebound.starts_with("HTTP/1.1 403") && rebound.contains("evil.example"), "{rebound}");
+    assert!(rebound.starts_with("HTTP/1.1 421") && rebound.contains("evil.example"), "{rebound}");
     let cross = exchange(addr, &post_request("/api/scheduler", "127.0.0.1", "X-XDP-LB-Dashboard: 1\r\nOrigin: http://evil.example\r\n", body)).await;
     assert!(cross.starts_with("HTTP/1.1 403") && cross.contains("Origin"), "{cross}");
     assert!(seen.lock().unwrap().is_empty(), "a refused change reached the daemon");
@@ -203,18 +203,18 @@ fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
 fn beyond_loopback_a_change_needs_the_token() {
     let read_only = Access { loopback: false, token: None };
     let plain = headers(&[("host", "192.0.2.1:8080"), (CSRF_HEADER, "1")]);
-    let (status, why) = read_only.refuse_change(&plain).expect("refused");
+    let (status, why) = read_only.refuse_change(&plain, || false).expect("refused");
     assert_eq!(status, StatusCode::FORBIDDEN);
     assert!(why.contains("read-only"), "{why}");
     let tokened = Access { loopback: false, token: Some("s3cret".into()) };
-    let (_, why) = tokened.refuse_change(&plain).expect("refused without the token");
+    let (_, why) = tokened.refuse_change(&plain, || false).expect("refused without the token");
     assert!(why.contains("token"), "{why}");
     let wrong = headers(&[("host", "192.0.2.1:8080"), (CSRF_HEADER, "1"), ("authorization", "Bearer nope")]);
-    assert_eq!(tokened.refuse_change(&wrong).map(|r| r.0), Some(StatusCode::UNAUTHORIZED));
+    assert_eq!(tokened.refuse_change(&wrong, || false).map(|r| r.0), Some(StatusCode::UNAUTHORIZED));
     let right = headers(&[("host", "192.0.2.1:8080"), (CSRF_HEADER, "1"), ("authorization", "Bearer s3cret")]);
-    assert_eq!(tokened.refuse_change(&right), None);
+    assert_eq!(tokened.refuse_change(&right, || false), None);
     let no_csrf = headers(&[("host", "192.0.2.1:8080"), ("authorization", "Bearer s3cret")]);
-    assert!(tokened.refuse_change(&no_csrf).is_some(), "the token does not replace the CSRF header");
+    assert!(tokened.refuse_change(&no_csrf, || false).is_some(), "the token does not replace the CSRF header");
     assert_eq!(read_only.changes(), Changes::ReadOnly);
     assert_eq!(tokened.changes(), Changes::NeedToken);
 }
@@ -227,4 +227,102 @@ fn loopback_hosts() {
     for host in ["", "evil.example", "localhost.evil.example:80", "192.0.2.1:80", "[2001:db8::1]:80", "127.0.0.1.nip.io"] {
         assert!(!is_loopback_host(host), "{host}");
     }
+}
+
+/// DNS rebinding (hostile2 F4): on a loopback listener every request, reads included, needs a
+/// loopback `Host`, or a page of another name re-resolved to 127.0.0.1 reads the whole state.
+#[tokio::test]
+async fn every_request_on_loopback_needs_a_loopback_host() {
+    let (addr, seen) = start().await;
+    for path in ["/", "/app.js", "/api/snapshot", "/api/stream"] {
+        let answer = exchange(addr, &format!("GET {path} HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n")).await;
+        assert!(answer.starts_with("HTTP/1.1 421"), "{path}: {answer}");
+        assert!(answer.contains("evil.example") && answer.contains("loopback"), "{path}: the refusal names the Host: {answer}");
+    }
+    let explain = r#"{"source":"10.0.0.1:1234","destination":"10.0.0.2:80","protocol":"tcp"}"#;
+    let answer = exchange(addr, &post_request("/api/explain", "evil.example", "X-XDP-LB-Dashboard: 1\r\n", explain)).await;
+    assert!(answer.starts_with("HTTP/1.1 421"), "{answer}");
+    assert!(seen.lock().unwrap().is_empty(), "a rebound explain reached the daemon");
+    let fine = exchange(addr, &format!("GET /api/snapshot HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")).await;
+    assert!(fine.starts_with("HTTP/1.1 200"), "{fine}");
+}
+
+/// hostile2 F5: an Origin, when present, is exactly `http://<Host>` (host case-insensitive):
+/// `null` and another scheme are refused.
+#[tokio::test]
+async fn an_origin_must_be_this_dashboard_exactly() {
+    let (addr, seen) = start().await;
+    let body = r#"{"service":"web","scheduler":"maglev"}"#;
+    let port = addr.port();
+    let host = format!("localhost:{port}");
+    for origin in ["null".to_string(), format!("https://localhost:{port}"), "http://localhost".into(), format!("http://localhost:{port}/")] {
+        let answer = exchange(addr, &post_request("/api/scheduler", &host, &format!("X-XDP-LB-Dashboard: 1\r\nOrigin: {origin}\r\n"), body)).await;
+        assert!(answer.starts_with("HTTP/1.1 403") && answer.contains("Origin"), "{origin}: {answer}");
+    }
+    assert!(seen.lock().unwrap().is_empty(), "a change with a foreign Origin reached the daemon");
+    let upper = exchange(addr, &post_request("/api/scheduler", &host, &format!("X-XDP-LB-Dashboard: 1\r\nOrigin: http://LOCALHOST:{port}\r\n"), body)).await;
+    assert!(upper.starts_with("HTTP/1.1 200"), "{upper}");
+}
+
+/// hostile2 F16: a POST whose body never arrives is answered (and closed) after the body timeout.
+#[tokio::test]
+async fn a_body_that_never_arrives_times_out() {
+    let (addr, seen) = start().await;
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(b"POST /api/scheduler HTTP/1.1\r\nHost: 127.0.0.1\r\nX-XDP-LB-Dashboard: 1\r\nContent-Length: 1000\r\n\r\n{").await.expect("write");
+    let started = std::time::Instant::now();
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(9), s.read_to_string(&mut out)).await.expect("answered and closed in time").expect("read");
+    assert!(out.starts_with("HTTP/1.1 408") && out.contains("body"), "{out}");
+    assert!(started.elapsed() >= Duration::from_secs(4), "too early: {:?}", started.elapsed());
+    assert!(seen.lock().unwrap().is_empty());
+}
+
+/// hostile2 F15: the `Bearer` scheme is case-insensitive (RFC 7235).
+#[test]
+fn the_bearer_scheme_is_case_insensitive() {
+    let tokened = Access { loopback: false, token: Some("s3cret".into()) };
+    for auth in ["bearer s3cret", "BEARER s3cret", "Bearer  s3cret"] {
+        let h = headers(&[("host", "192.0.2.1:8080"), (CSRF_HEADER, "1"), ("authorization", auth)]);
+        assert_eq!(tokened.refuse_change(&h, || false), None, "{auth}");
+    }
+}
+
+/// Runs curl as `user` (via setpriv; root keeps root) POSTing a scheduler switch; returns
+/// `(status, body)`.
+async fn post_as(user: Option<&str>, addr: SocketAddr) -> (String, String) {
+    let url = format!("http://{addr}/api/scheduler");
+    let mut command = match user {
+        Some(user) => {
+            let mut c = std::process::Command::new("setpriv");
+            c.args([&format!("--reuid={user}"), "--regid=nogroup", "--clear-groups", "curl"]);
+            c
+        }
+        None => std::process::Command::new("curl"),
+    };
+    command.args(["-s", "-m", "5", "-w", "\n%{http_code}", "-H", "X-XDP-LB-Dashboard: 1", "-H", "content-type: application/json", "-X", "POST"]);
+    command.args(["-d", r#"{"service":"web","scheduler":"maglev"}"#, &url]);
+    let out = tokio::task::spawn_blocking(move || command.output().expect("run curl")).await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, status) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (status.to_string(), body.to_string())
+}
+
+/// hostile2 F10: loopback is no authentication boundary; a change from loopback without the
+/// token needs a root-owned socket, the same rule as the API socket. Reads stay open.
+#[tokio::test]
+async fn a_change_from_loopback_needs_root_or_the_token() {
+    assert!(nix_is_root(), "run as root: this test drops to nobody");
+    let (addr, seen) = start().await;
+    let (status, body) = post_as(Some("nobody"), addr).await;
+    assert_eq!(status, "403", "{body}");
+    assert!(body.contains("changes from loopback need root or the token"), "{body}");
+    assert!(seen.lock().unwrap().is_empty(), "an unprivileged change reached the daemon");
+    let (status, body) = post_as(None, addr).await;
+    assert_eq!(status, "200", "{body}");
+    assert_eq!(seen.lock().unwrap().len(), 1);
+}
+
+fn nix_is_root() -> bool {
+    std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
 }
