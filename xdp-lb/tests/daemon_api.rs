@@ -150,7 +150,9 @@ fn requests_and_clients_are_bounded_logs_are_plain_and_stop_is_quiet() {
     // More clients than the daemon serves at once: the extra one is told so immediately.
     let idle: Vec<UnixStream> = (0..MAX_CLIENTS).map(|_| UnixStream::connect(daemon.socket()).expect("connecting")).collect();
     let extra = UnixStream::connect(daemon.socket()).expect("connecting");
-    (&extra).write_all(b"{\"command\":\"status\"}\n").unwrap();
+    // The daemon may answer "busy" and close before the request is written (CI: EPIPE here); the
+    // answer is readable either way.
+    let _ = (&extra).write_all(b"{\"command\":\"status\"}\n");
     let answer = answer_of(&extra);
     assert_eq!(answer["ok"], false, "{answer}");
     assert!(answer["error"].as_str().unwrap_or_default().contains("busy"), "{answer}");
