@@ -89,8 +89,9 @@ fn main() -> Result<()> {
             setup::ensure()?;
             require_root("the tests load XDP programs and create network namespaces")?;
             remove_leftover_namespaces();
-            // The eBPF crate builds only for the BPF target (xdp-lb's build.rs does that).
-            let mut cmd = vec!["test", "--workspace", "--exclude", "xdp-lb-ebpf"];
+            // The eBPF crate builds only for the BPF target (xdp-lb's build.rs does that). Every
+            // test binary runs even after one fails, so one run shows every failure.
+            let mut cmd = vec!["test", "--workspace", "--exclude", "xdp-lb-ebpf", "--no-fail-fast"];
             cmd.extend(args.iter().map(String::as_str));
             let (mut result, mut passed, mut failed) = cargo_test(&cmd);
             remove_leftover_namespaces();
