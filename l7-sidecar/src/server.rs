@@ -78,7 +78,10 @@ pub async fn start(gateway: Gateway) -> Result<RunningGateway, GatewayError> {
     let mut limits = Vec::new();
     let mut addrs = Vec::new();
     let mut tasks = Vec::new();
-    for l in &rt.cfg.listeners {
+    // The `[admin]` listener goes through the same accept loop, flagged as admin.
+    let admin = rt.cfg.admin.as_ref().map(admin_listener);
+    let all = rt.cfg.listeners.iter().map(|l| (l, false));
+    for (l, is_admin) in all.chain(admin.iter().map(|l| (l, true))) {
         let listener = TcpListener::bind(&l.bind)
             .await
             .map_err(|source| GatewayError::Bind {
@@ -107,6 +110,7 @@ pub async fn start(gateway: Gateway) -> Result<RunningGateway, GatewayError> {
             listener,
             tls,
             l.metrics,
+            is_admin,
             limit,
             per_address,
             stop.subscribe(),
@@ -122,11 +126,22 @@ pub async fn start(gateway: Gateway) -> Result<RunningGateway, GatewayError> {
     })
 }
 
+/// `[admin]` as a listener: plain HTTP, named "admin" (validation keeps the name free).
+fn admin_listener(a: &crate::config::AdminConfig) -> crate::config::ListenerConfig {
+    crate::config::ListenerConfig {
+        name: "admin".into(),
+        bind: a.listen.clone(),
+        tls: None,
+        metrics: false,
+    }
+}
+
 async fn accept_loop(
     gw: Gateway,
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     metrics: bool,
+    admin: bool,
     limit: Arc<Semaphore>,
     per_address: Arc<PerAddress>,
     stop: tokio::sync::watch::Receiver<bool>,
@@ -159,7 +174,8 @@ async fn accept_loop(
         tokio::spawn(async move {
             let _permits = (permit, address_permit);
             let header_timeout = Duration::from_millis(cfg.header_read_timeout_ms);
-            let info = ConnInfo::new(peer, tls.is_some(), metrics);
+            let mut info = ConnInfo::new(peer, tls.is_some(), metrics);
+            info.admin = admin;
             let stream = ActivityIo::new(stream, info.activity.clone());
             match tls {
                 None => serve(gw, stream, info, &cfg, stop).await,
