@@ -48,7 +48,7 @@ async fn start_counting() -> (SocketAddr, Arc<Mutex<Vec<String>>>, Arc<std::sync
     let addr = listener.local_addr().expect("addr");
     let (probe_tx, mut probes) = mpsc::channel::<ProbeReply>(4);
     let (jobs_tx, mut jobs) = mpsc::channel::<Job>(4);
-    tokio::spawn(serve(listener, probe_tx, jobs_tx, None));
+    tokio::spawn(serve(listener, probe_tx, jobs_tx, None, vec![]));
     let mut clock = 1_000;
     tokio::spawn(async move {
         while let Some(reply) = probes.recv().await {
