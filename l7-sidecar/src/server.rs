@@ -109,8 +109,10 @@ pub async fn start(gateway: Gateway) -> Result<RunningGateway, GatewayError> {
             gateway.clone(),
             listener,
             tls,
-            l.metrics,
-            is_admin,
+            Role {
+                metrics: l.metrics,
+                admin: is_admin,
+            },
             limit,
             per_address,
             stop.subscribe(),
@@ -124,6 +126,14 @@ pub async fn start(gateway: Gateway) -> Result<RunningGateway, GatewayError> {
         max_connections,
         stop,
     })
+}
+
+/// What a listener's connections are for: the pipeline (with the metrics endpoint or not)
+/// or the `[admin]` answers.
+#[derive(Clone, Copy)]
+struct Role {
+    metrics: bool,
+    admin: bool,
 }
 
 /// `[admin]` as a listener: plain HTTP, named "admin" (validation keeps the name free).
@@ -140,8 +150,7 @@ async fn accept_loop(
     gw: Gateway,
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
-    metrics: bool,
-    admin: bool,
+    role: Role,
     limit: Arc<Semaphore>,
     per_address: Arc<PerAddress>,
     stop: tokio::sync::watch::Receiver<bool>,
@@ -174,8 +183,8 @@ async fn accept_loop(
         tokio::spawn(async move {
             let _permits = (permit, address_permit);
             let header_timeout = Duration::from_millis(cfg.header_read_timeout_ms);
-            let mut info = ConnInfo::new(peer, tls.is_some(), metrics);
-            info.admin = admin;
+            let mut info = ConnInfo::new(peer, tls.is_some(), role.metrics);
+            info.admin = role.admin;
             let stream = ActivityIo::new(stream, info.activity.clone());
             match tls {
                 None => serve(gw, stream, info, &cfg, stop).await,
