@@ -228,3 +228,17 @@ fn loopback_hosts() {
         assert!(!is_loopback_host(host), "{host}");
     }
 }
+
+#[tokio::test]
+async fn a_route_question_names_a_backend_without_gateway_and_needs_the_header() {
+    let (addr, _) = start().await;
+    let host = addr.to_string();
+    let body = r#"{"backend":"10.0.0.9:80","method":"GET","path":"/users"}"#;
+    let out = exchange(addr, &post_request("/api/route", &host, "X-XDP-LB-Dashboard: 1\r\n", body)).await;
+    assert!(out.starts_with("HTTP/1.1 404"), "{out}");
+    assert!(out.contains("no --gateway-admin for backend 10.0.0.9:80") && out.contains("none"), "{out}");
+    let out = exchange(addr, &post_request("/api/route", &host, "", body)).await;
+    assert!(out.starts_with("HTTP/1.1 403"), "{out}");
+    let out = exchange(addr, &post_request("/api/route", &host, "X-XDP-LB-Dashboard: 1\r\n", r#"{"backend":1}"#)).await;
+    assert!(out.starts_with("HTTP/1.1 400") && out.contains("/api/route"), "{out}");
+}
