@@ -17,6 +17,8 @@ pub struct ConnInfo {
     pub client_ip: HeaderValue,
     pub tls: bool,
     pub serve_metrics: bool,
+    /// Accepted by the `[admin]` listener: answered by `admin`, never by the pipeline.
+    pub admin: bool,
     /// Filled by `guard::SmuggleGuard`: which request of the connection had both
     /// CL and TE.
     pub smuggled: Arc<crate::smuggle::Smuggled>,
@@ -35,6 +37,7 @@ impl ConnInfo {
                 .unwrap_or(HeaderValue::from_static("")),
             tls,
             serve_metrics,
+            admin: false,
             smuggled: Arc::default(),
             requests: Arc::default(),
             activity: crate::idle::Activity::new(),

@@ -48,6 +48,8 @@ pub struct Runtime {
     pub limiters: HashMap<String, Arc<Limiter>>,
     /// Shared by every generation: a reload does not forgive failed logins.
     pub auth_failures: Arc<crate::auth::FailureLimiter>,
+    /// 1 for the config the gateway started with, +1 per applied reload.
+    pub generation: u64,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
@@ -82,6 +84,10 @@ pub struct Shared {
     reload_lock: tokio::sync::Mutex<()>,
     /// Last known addresses of backends given by DNS name.
     pub dns: crate::resolve::DnsCache,
+    /// Sampled request traces (`[admin]`), kept across reloads.
+    pub traces: Arc<crate::trace::TraceBuffer>,
+    /// Config generations built so far.
+    generations: std::sync::atomic::AtomicU64,
 }
 
 /// Cheap to clone handle on the running gateway.
@@ -108,6 +114,7 @@ impl Gateway {
                 auth: Authenticator::new(None, &[], None)?,
                 limiters: HashMap::new(),
                 auth_failures: Arc::default(),
+                generation: 0,
                 tasks: Mutex::new(Vec::new()),
             }),
             backends: BackendRegistry::default(),
@@ -118,6 +125,8 @@ impl Gateway {
             config_path,
             reload_lock: tokio::sync::Mutex::new(()),
             dns: Default::default(),
+            traces: Arc::new(crate::trace::TraceBuffer::new(trace_capacity(&cfg))),
+            generations: Default::default(),
         });
         shared
             .dns
@@ -193,7 +202,13 @@ impl Gateway {
             Arc::downgrade(&self.shared),
             &cfg,
         ));
+        let generation = self
+            .shared
+            .generations
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
         Ok(Runtime {
+            generation,
             router: Router::new(&cfg.routes),
             upstreams,
             auth,
@@ -229,6 +244,7 @@ impl Gateway {
             tracing::warn!("listener changes need a restart; they are ignored until then");
         }
         let rt = self.build_runtime(cfg)?;
+        self.shared.traces.set_capacity(trace_capacity(&rt.cfg));
         self.shared.runtime.store(Arc::new(rt));
         old.stop_tasks();
         self.drop_unused_jwks();
@@ -279,6 +295,11 @@ impl Gateway {
         }
         result
     }
+}
+
+/// Without `[admin]` nothing is traced; the buffer stays minimal.
+fn trace_capacity(cfg: &Config) -> usize {
+    cfg.admin.as_ref().map_or(1, |a| a.trace_buffer)
 }
 
 /// A JWKS cache is reused only for the same URL trusted the same way.

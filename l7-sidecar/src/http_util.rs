@@ -14,6 +14,11 @@ pub fn full(b: impl Into<Bytes>) -> Body {
     Full::new(b.into()).map_err(|e| match e {}).boxed()
 }
 
+/// The `error` code of a JSON error response, as a response extension: a trace names why
+/// a stage refused without reading the body.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ErrorCode(pub String);
+
 pub fn json_error<B>(
     req: &Request<B>,
     status: StatusCode,
@@ -41,6 +46,7 @@ pub fn json_error_with_id(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
+    r.extensions_mut().insert(ErrorCode(code.to_string()));
     r
 }
 

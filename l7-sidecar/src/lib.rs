@@ -2,6 +2,7 @@
 //! whether the caller may make it. See README.md for the configuration reference.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod auth;
 pub mod balance;
 pub mod check;
@@ -26,6 +27,7 @@ pub mod server;
 pub mod smuggle;
 pub mod stage;
 pub mod tls;
+pub mod trace;
 pub mod transform;
 
 pub use config::Config;

@@ -14,7 +14,8 @@ use crate::ctx::{ConnInfo, RequestIndex};
 use crate::gateway::{Runtime, Shared};
 use crate::http_util::Body;
 use crate::routing::Routed;
-use crate::stage::{stage, Next, Stage};
+use crate::stage::{stage, Next};
+use crate::trace::{Hop, StageKind, Traced, Tracer};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use std::convert::Infallible;
@@ -24,24 +25,36 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-/// `stage` for the stages below routing: fixes the request type so closures'
-/// argument types are inferred.
-fn routed<F, Fut, N>(f: F, next: N) -> Stage<F, N>
+/// `Traced` for the stages above routing, with the request type fixed.
+fn traced<F, Fut, N>(kind: StageKind, tracer: &Tracer, f: F, next: N) -> Traced<F, N>
 where
-    F: FnOnce(Routed<Incoming>, N) -> Fut,
+    F: FnOnce(Request<Incoming>, Hop<N>) -> Fut,
 {
-    Stage::new(f, next)
+    Traced::new(kind, tracer, f, next)
+}
+
+/// `Traced` for the stages below routing.
+fn traced_routed<F, Fut, N>(kind: StageKind, tracer: &Tracer, f: F, next: N) -> Traced<F, N>
+where
+    F: FnOnce(Routed<Incoming>, Hop<N>) -> Fut,
+{
+    Traced::new(kind, tracer, f, next)
 }
 
 /// The innermost stage: forward to the upstream pool.
-struct Proxy(Arc<Runtime>);
+struct Proxy(Arc<Runtime>, Tracer);
 
 impl Next<Routed<Incoming>> for Proxy {
     #[allow(clippy::manual_async_fn)]
     fn run(self, r: Routed<Incoming>) -> impl Future<Output = Response<Body>> + Send {
         async move {
-            let rt = self.0;
-            crate::proxy::proxy(&rt.upstreams, &rt.cfg.server, r).await
+            let Proxy(rt, tracer) = self;
+            let mark = tracer.as_ref().map(|t| t.enter(StageKind::Upstream));
+            let resp = crate::proxy::proxy(&rt.upstreams, &rt.cfg.server, r).await;
+            if let (Some(t), Some(mark)) = (&tracer, mark) {
+                t.exit(mark, &resp);
+            }
+            resp
         }
     }
 }
@@ -49,10 +62,15 @@ impl Next<Routed<Incoming>> for Proxy {
 /// The full pipeline for one request, outermost stage first. `rt` is the config
 /// generation the request runs under, fixed when it arrives; each stage holds a
 /// reference-counted handle on it and reads only its own part.
-pub fn pipeline(shared: &Shared, rt: Arc<Runtime>) -> impl Next<Request<Incoming>> {
-    let p = Proxy(rt.clone());
+///
+/// `tracer` records what the traced stages (access log, routing, auth, rate limit,
+/// transform, upstream) decided, when the request was sampled (`trace::sample`).
+pub fn pipeline(shared: &Shared, rt: Arc<Runtime>, tracer: &Tracer) -> impl Next<Request<Incoming>> {
+    let p = Proxy(rt.clone(), tracer.clone());
     let s = rt.clone();
-    let p = routed(
+    let p = traced_routed(
+        StageKind::Transform,
+        tracer,
         move |r, next| async move {
             let max_response = s.cfg.server.max_response_bytes;
             crate::transform::transform_stage(&s.cfg.transforms, max_response, r, next).await
@@ -60,12 +78,16 @@ pub fn pipeline(shared: &Shared, rt: Arc<Runtime>) -> impl Next<Request<Incoming
         p,
     );
     let s = rt.clone();
-    let p = routed(
+    let p = traced_routed(
+        StageKind::RateLimit,
+        tracer,
         move |r, next| async move { crate::ratelimit::rate_limit_stage(&s.limiters, r, next).await },
         p,
     );
     let s = rt.clone();
-    let p = routed(
+    let p = traced_routed(
+        StageKind::Auth,
+        tracer,
         move |r, next| async move {
             let limit = &s.cfg.auth.failure_limit;
             crate::auth::auth_stage(&s.auth, &s.auth_failures, limit, r, next).await
@@ -73,7 +95,9 @@ pub fn pipeline(shared: &Shared, rt: Arc<Runtime>) -> impl Next<Request<Incoming
         p,
     );
     let s = rt.clone();
-    let p = stage(
+    let p = traced(
+        StageKind::Route,
+        tracer,
         move |req, next| async move { crate::routing::routing_stage(&s.router, req, next).await },
         p,
     );
@@ -91,7 +115,9 @@ pub fn pipeline(shared: &Shared, rt: Arc<Runtime>) -> impl Next<Request<Incoming
     );
     let log = shared.access_log.clone();
     let write = rt.cfg.observability.access_log;
-    let p = stage(
+    let p = traced(
+        StageKind::Log,
+        tracer,
         move |req, next| crate::observe::access_log_stage(log, write, req, next),
         p,
     );
@@ -132,12 +158,33 @@ impl tower::Service<Request<Incoming>> for GatewayService {
         // In flight until hyper drops the response body: the idle watchdog must not
         // close a connection whose response is still being produced.
         let in_flight = self.conn.activity.start_request();
+        if self.conn.admin {
+            // The admin listener never runs the gateway's stages.
+            return ResponseFuture {
+                fut: Box::pin(crate::admin::serve(self.shared.clone(), req)),
+                in_flight: Some(in_flight),
+            };
+        }
         req.extensions_mut().insert(self.conn.clone());
-        let pipeline = pipeline(&self.shared, self.shared.runtime.load_full());
+        let rt = self.shared.runtime.load_full();
+        let tracer = crate::trace::sample(rt.cfg.admin.as_ref(), rt.cfg.observability.access_log, &req);
+        let pipeline = pipeline(&self.shared, rt, &tracer);
         // Boxed straight away: the pipeline future is several KiB, and every
         // further move of it (into a wrapping `async` block, say) is a memcpy.
+        let fut: Pin<Box<dyn Future<Output = Response<Body>> + Send>> = match tracer {
+            None => Box::pin(pipeline.run(req)),
+            Some(recorder) => {
+                let buffer = self.shared.traces.clone();
+                let fut = Box::pin(pipeline.run(req));
+                Box::pin(async move {
+                    let resp = fut.await;
+                    recorder.finish(&resp, &buffer);
+                    resp
+                })
+            }
+        };
         ResponseFuture {
-            fut: Box::pin(pipeline.run(req)),
+            fut,
             in_flight: Some(in_flight),
         }
     }

@@ -93,7 +93,10 @@ pub async fn start_workers(
     // Per worker, for every configured listener: its socket and what it serves with.
     let mut sockets: Vec<Vec<(std::net::TcpListener, ListenerState)>> =
         (0..workers).map(|_| Vec::new()).collect();
-    for l in &rt.cfg.listeners {
+    // The `[admin]` listener too, on every worker like the others, flagged as admin.
+    let admin = rt.cfg.admin.as_ref().map(admin_listener);
+    let all = rt.cfg.listeners.iter().map(|l| (l, false));
+    for (l, is_admin) in all.chain(admin.iter().map(|l| (l, true))) {
         let bind_err = |source| GatewayError::Bind {
             name: l.name.clone(),
             addr: l.bind.clone(),
@@ -112,7 +115,10 @@ pub async fn start_workers(
                 Some(t) => Some(TlsAcceptor::from(crate::tls::server_config(t)?)),
                 None => None,
             },
-            metrics: l.metrics,
+            role: Role {
+                metrics: l.metrics,
+                admin: is_admin,
+            },
             limit: Arc::new(Semaphore::new(max_connections)),
             per_address: Arc::new(PerAddress::default()),
         };
@@ -144,7 +150,7 @@ pub async fn start_workers(
                 gateway.clone(),
                 listener,
                 state.tls,
-                state.metrics,
+                state.role,
                 state.limit,
                 state.per_address,
                 stop.subscribe(),
@@ -165,7 +171,7 @@ pub async fn start_workers(
 #[derive(Clone)]
 struct ListenerState {
     tls: Option<TlsAcceptor>,
-    metrics: bool,
+    role: Role,
     limit: Arc<Semaphore>,
     per_address: Arc<PerAddress>,
 }
@@ -191,7 +197,10 @@ pub async fn start(gateway: Gateway) -> Result<RunningGateway, GatewayError> {
     let mut limits = Vec::new();
     let mut addrs = Vec::new();
     let mut tasks = Vec::new();
-    for l in &rt.cfg.listeners {
+    // The `[admin]` listener goes through the same accept loop, flagged as admin.
+    let admin = rt.cfg.admin.as_ref().map(admin_listener);
+    let all = rt.cfg.listeners.iter().map(|l| (l, false));
+    for (l, is_admin) in all.chain(admin.iter().map(|l| (l, true))) {
         let listener = TcpListener::bind(&l.bind)
             .await
             .map_err(|source| GatewayError::Bind {
@@ -219,7 +228,10 @@ pub async fn start(gateway: Gateway) -> Result<RunningGateway, GatewayError> {
             gateway.clone(),
             listener,
             tls,
-            l.metrics,
+            Role {
+                metrics: l.metrics,
+                admin: is_admin,
+            },
             limit,
             per_address,
             stop.subscribe(),
@@ -235,11 +247,29 @@ pub async fn start(gateway: Gateway) -> Result<RunningGateway, GatewayError> {
     })
 }
 
+/// What a listener's connections are for: the pipeline (with the metrics endpoint or not)
+/// or the `[admin]` answers.
+#[derive(Clone, Copy)]
+struct Role {
+    metrics: bool,
+    admin: bool,
+}
+
+/// `[admin]` as a listener: plain HTTP, named "admin" (validation keeps the name free).
+fn admin_listener(a: &crate::config::AdminConfig) -> crate::config::ListenerConfig {
+    crate::config::ListenerConfig {
+        name: "admin".into(),
+        bind: a.listen.clone(),
+        tls: None,
+        metrics: false,
+    }
+}
+
 async fn accept_loop(
     gw: Gateway,
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
-    metrics: bool,
+    role: Role,
     limit: Arc<Semaphore>,
     per_address: Arc<PerAddress>,
     stop: tokio::sync::watch::Receiver<bool>,
@@ -272,7 +302,8 @@ async fn accept_loop(
         tokio::spawn(async move {
             let _permits = (permit, address_permit);
             let header_timeout = Duration::from_millis(cfg.header_read_timeout_ms);
-            let info = ConnInfo::new(peer, tls.is_some(), metrics);
+            let mut info = ConnInfo::new(peer, tls.is_some(), role.metrics);
+            info.admin = role.admin;
             let stream = ActivityIo::new(stream, info.activity.clone());
             match tls {
                 None => serve(gw, stream, info, &cfg, stop).await,

@@ -56,6 +56,11 @@ enum Command {
         /// non-loopback address.
         #[arg(long, requires = "dashboard")]
         dashboard_token_file: Option<PathBuf>,
+        /// An l7-sidecar replica for the dashboard's gateway views, as BACKEND=ADMIN: its backend
+        /// address in the config (as `explain` names it) and its admin listener ([admin] listen),
+        /// e.g. 10.0.0.2:80=10.0.0.2:9901. Once per replica.
+        #[arg(long, value_name = "BACKEND=ADMIN", requires = "dashboard")]
+        gateway_admin: Vec<xdp_lb::dashboard::gateway::Replica>,
         /// bpffs directory where the data plane is pinned, so it keeps forwarding across restarts
         /// and a restarted daemon adopts it.
         #[arg(long, default_value = api::DEFAULT_BPFFS_DIR, conflicts_with = "no_pin")]
@@ -137,7 +142,7 @@ fn main() -> std::process::ExitCode {
              source of truth and CLI changes are written into it (comments kept); to carry over the CLI changes \
              of an old state file, make it your --config (or merge it into your config), then start without these flags"
         )),
-        Command::Run { config, allow_empty, ifaces, metrics, dashboard, dashboard_token_file, bpffs, no_pin, .. } => run::run(run::Options {
+        Command::Run { config, allow_empty, ifaces, metrics, dashboard, dashboard_token_file, gateway_admin, bpffs, no_pin, .. } => run::run(run::Options {
             config,
             allow_empty,
             ifaces,
@@ -145,6 +150,7 @@ fn main() -> std::process::ExitCode {
             metrics,
             dashboard,
             dashboard_token: dashboard_token_file,
+            gateway_admin,
             bpffs: (!no_pin).then_some(bpffs),
         }),
         Command::Reload { allow_empty } => client.reload(allow_empty),

@@ -61,6 +61,8 @@ pub struct Options {
     pub dashboard: Option<SocketAddr>,
     /// The token that allows changes from a dashboard beyond loopback (read from a file).
     pub dashboard_token: Option<PathBuf>,
+    /// l7-sidecar replicas the dashboard reads traces and route decisions from.
+    pub gateway_admin: Vec<dashboard::gateway::Replica>,
     /// bpffs directory to pin the data plane in; `None` detaches on exit.
     pub bpffs: Option<PathBuf>,
 }
@@ -129,7 +131,7 @@ async fn serve(opts: Options, loaded: file::Loaded) -> Result<()> {
     let (probe_tx, mut probes) = mpsc::channel::<dashboard::ProbeReply>(16);
     if let Some(l) = dashboard_listener {
         info!(address = %l.local_addr()?, "dashboard listening");
-        tokio::spawn(dashboard::http::serve(l, probe_tx, jobs_tx.clone(), dashboard_token));
+        tokio::spawn(dashboard::http::serve(l, probe_tx, jobs_tx.clone(), dashboard_token, opts.gateway_admin.clone()));
     }
     let mut hangup = signal(SignalKind::hangup())?;
     let mut terminate = signal(SignalKind::terminate())?;

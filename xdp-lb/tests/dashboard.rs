@@ -6,6 +6,8 @@
 
 #[path = "dashboard/browser.rs"]
 mod browser;
+#[path = "dashboard/gateway.rs"]
+mod gateway;
 
 use std::{
     collections::BTreeMap,

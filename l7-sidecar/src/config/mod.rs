@@ -57,6 +57,38 @@ pub struct Config {
     pub transforms: BTreeMap<String, TransformConfig>,
     #[serde(default)]
     pub observability: ObservabilityConfig,
+    /// The admin listener (traces, route lookups); off when absent.
+    #[serde(default)]
+    pub admin: Option<AdminConfig>,
+}
+
+/// `[admin]`: a listener of its own for operators and the xdp-lb dashboard: sampled
+/// request traces (`GET /admin/traces`), route lookups (`GET /admin/route`) and the
+/// metrics. GET only; it never runs the gateway pipeline.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// `IP:port`.
+    pub listen: String,
+    /// Share of requests traced, 0.0–1.0.
+    #[serde(default = "default_trace_sample_rate")]
+    pub trace_sample_rate: f64,
+    /// Traces kept; the oldest is dropped first.
+    #[serde(default = "default_trace_buffer")]
+    pub trace_buffer: usize,
+    /// This replica's name in traces; default: `listen`.
+    #[serde(default)]
+    pub replica: Option<String>,
+}
+
+/// The most traces `trace_buffer` may keep (a trace is well under 2 KiB).
+pub const MAX_TRACE_BUFFER: usize = 65_536;
+
+fn default_trace_sample_rate() -> f64 {
+    0.01
+}
+fn default_trace_buffer() -> usize {
+    256
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -213,3 +213,34 @@ fn unknown_field_is_a_parse_error() {
     let err = Config::parse("[server]\nmax_bdy = 3\n").expect_err("unknown field must fail");
     assert!(err.to_string().contains("max_bdy"), "{err}");
 }
+
+#[test]
+fn admin_section_defaults_and_every_bad_field() {
+    let cfg = Config::parse("[admin]\nlisten = \"127.0.0.1:9901\"\n").expect("valid");
+    let a = cfg.admin.expect("admin");
+    assert_eq!((a.trace_sample_rate, a.trace_buffer), (0.01, 256));
+    assert!(Config::parse("").expect("valid").admin.is_none(), "off when absent");
+    let text = r#"
+        [[listeners]]
+        name = "admin"
+        bind = "127.0.0.1:8080"
+        [admin]
+        listen = "localhost"
+        trace_sample_rate = 1.5
+        trace_buffer = 0
+    "#;
+    let Err(ConfigError::Invalid(errs)) = Config::parse(text) else {
+        panic!("expected validation errors");
+    };
+    let paths: Vec<_> = errs.iter().map(|e| e.path.as_str()).collect();
+    for p in [
+        "admin.listen",
+        "admin.trace_sample_rate",
+        "admin.trace_buffer",
+        "listeners[0].name",
+    ] {
+        assert!(paths.contains(&p), "{p} not reported: {errs:?}");
+    }
+    let nan = Config::parse("[admin]\nlisten = \"127.0.0.1:1\"\ntrace_sample_rate = nan\n");
+    assert!(matches!(nan, Err(ConfigError::Invalid(_))), "NaN is not a rate");
+}

@@ -54,6 +54,9 @@ impl Config {
             transform(&format!("transforms.{name}"), t, &mut e);
         }
         routes(self, &mut e);
+        if let Some(a) = &self.admin {
+            admin(a, &self.listeners, &mut e);
+        }
         e.0
     }
 }
@@ -121,6 +124,31 @@ fn listeners(ls: &[ListenerConfig], e: &mut Errors) {
                 }
             }
         }
+    }
+}
+
+fn admin(a: &AdminConfig, ls: &[ListenerConfig], e: &mut Errors) {
+    if a.listen.parse::<SocketAddr>().is_err() {
+        e.add("admin.listen", format!("not an IP:port address: {:?}", a.listen));
+    }
+    if !(0.0..=1.0).contains(&a.trace_sample_rate) {
+        e.add(
+            "admin.trace_sample_rate",
+            format!("must be between 0.0 and 1.0, got {}", a.trace_sample_rate),
+        );
+    }
+    if a.trace_buffer == 0 || a.trace_buffer > MAX_TRACE_BUFFER {
+        e.add(
+            "admin.trace_buffer",
+            format!("must be 1..={MAX_TRACE_BUFFER}, got {}", a.trace_buffer),
+        );
+    }
+    // The admin listener is reported (and looked up) under this name.
+    if let Some(i) = ls.iter().position(|l| l.name == "admin") {
+        e.add(
+            format!("listeners[{i}].name"),
+            "\"admin\" is the [admin] listener's name; choose another",
+        );
     }
 }
 

@@ -6,6 +6,8 @@
 //! - `GET /api/stream`: server-sent events, one [`View`] per [`UPDATE_EVERY`], read from the
 //!   daemon once for all open pages;
 //! - `POST /api/explain`: the L4 decision for a 5-tuple (the `explain` request);
+//! - `POST /api/route`: the L7 decision, asked from the `--gateway-admin` replica of a backend
+//!   (see [`super::gateway`]);
 //! - `POST /api/scheduler`, `POST /api/drain`: changes, sent to the control loop as the same
 //!   requests `xdp-lb service update --scheduler` and `xdp-lb backend drain|undrain` send, so
 //!   they are validated, programmed and written into `--config` by the one config writer.
@@ -34,6 +36,7 @@ use tokio::{
 };
 
 use super::{
+    gateway::{GatewayView, Gateways, Replica},
     view::{self, Changes, Probe, View},
     Job, ProbeReply,
 };
@@ -168,22 +171,43 @@ struct Shared {
     access: Access,
     /// The latest update as an event-stream message, published by [`publish`].
     updates: Arc<watch::Sender<Option<Bytes>>>,
+    /// `--gateway-admin`.
+    replicas: Arc<[Replica]>,
+    /// The gateways as last polled by [`publish`] (for `/api/snapshot`).
+    gateways: Arc<std::sync::Mutex<Vec<GatewayView>>>,
 }
 
 /// Serves the dashboard on `listener` until the runtime stops.
-pub async fn serve(listener: TcpListener, probes: mpsc::Sender<ProbeReply>, jobs: mpsc::Sender<Job>, token: Option<Arc<str>>) {
+pub async fn serve(
+    listener: TcpListener,
+    probes: mpsc::Sender<ProbeReply>,
+    jobs: mpsc::Sender<Job>,
+    token: Option<Arc<str>>,
+    replicas: Vec<Replica>,
+) {
     let loopback = listener.local_addr().is_ok_and(|a| a.ip().is_loopback());
     let access = Access { loopback, token };
     let updates = Arc::new(watch::Sender::new(None));
-    tokio::spawn(publish(probes.clone(), access.changes(), Arc::clone(&updates)));
-    let shared = Shared { probes, jobs, access, updates };
+    let gateways = Arc::new(std::sync::Mutex::new(Gateways::new(&replicas).view()));
+    let poller = Gateways::new(&replicas);
+    tokio::spawn(publish(probes.clone(), access.changes(), Arc::clone(&updates), poller, Arc::clone(&gateways)));
+    let shared = Shared { probes, jobs, access, updates, replicas: replicas.into(), gateways };
     crate::metrics::serve::serve_with(listener, "dashboard", MAX_STREAM_AGE, move |request| answer(request, shared.clone())).await
 }
 
 /// Reads the daemon once per [`UPDATE_EVERY`] while any page listens and publishes the update to
 /// all of them: the control loop's cost (a `status` and a `stats`, megabytes with thousands of
 /// backends) does not grow with the number of open pages. Idle, it reads nothing.
-async fn publish(probes: mpsc::Sender<ProbeReply>, changes: Changes, updates: Arc<watch::Sender<Option<Bytes>>>) {
+///
+/// The gateways (`--gateway-admin`) are polled in the same tick, concurrently with the daemon's
+/// read and in this task, never in the control loop.
+async fn publish(
+    probes: mpsc::Sender<ProbeReply>,
+    changes: Changes,
+    updates: Arc<watch::Sender<Option<Bytes>>>,
+    mut gateways: Gateways,
+    polled: Arc<std::sync::Mutex<Vec<GatewayView>>>,
+) {
     let mut previous = None;
     let mut every = tokio::time::interval(UPDATE_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -195,9 +219,19 @@ async fn publish(probes: mpsc::Sender<ProbeReply>, changes: Changes, updates: Ar
             updates.send_replace(None);
             continue;
         }
-        let message = match probe(&probes).await {
+        let (probed, ()) = tokio::join!(probe(&probes), async {
+            if !gateways.is_empty() {
+                gateways.poll().await;
+            }
+        });
+        let gateway_view = gateways.view();
+        if let Ok(mut g) = polled.lock() {
+            g.clone_from(&gateway_view);
+        }
+        let message = match probed {
             Ok(p) => {
-                let view: View = view::build(&p, previous.as_ref(), changes);
+                let mut view: View = view::build(&p, previous.as_ref(), changes);
+                view.gateways = gateway_view;
                 previous = Some(p.stats);
                 format!("data: {}\n\n", serde_json::to_string(&view).unwrap_or_default())
             }
@@ -219,13 +253,17 @@ async fn answer(request: Request<Incoming>, shared: Shared) -> Result<Response<B
         "/app.js" if get => asset(APP_JS, "text/javascript; charset=utf-8"),
         "/style.css" if get => asset(STYLE_CSS, "text/css; charset=utf-8"),
         "/api/snapshot" if get => match probe(&shared.probes).await {
-            Ok(p) => json(StatusCode::OK, &view::build(&p, None, shared.access.changes())),
+            Ok(p) => {
+                let mut view = view::build(&p, None, shared.access.changes());
+                view.gateways = shared.gateways.lock().map(|g| g.clone()).unwrap_or_default();
+                json(StatusCode::OK, &view)
+            }
             Err(why) => error(StatusCode::SERVICE_UNAVAILABLE, &format!("the daemon could not be read: {why}")),
         },
         "/api/stream" if get => stream(shared),
-        "/api/explain" | "/api/scheduler" | "/api/drain" if method == Method::POST => post(request, &path, &shared).await,
+        "/api/explain" | "/api/scheduler" | "/api/drain" | "/api/route" if method == Method::POST => post(request, &path, &shared).await,
         "/" | "/index.html" | "/app.js" | "/style.css" | "/api/snapshot" | "/api/stream" => not_allowed("GET, HEAD"),
-        "/api/explain" | "/api/scheduler" | "/api/drain" => not_allowed("POST"),
+        "/api/explain" | "/api/scheduler" | "/api/drain" | "/api/route" => not_allowed("POST"),
         _ => error(StatusCode::NOT_FOUND, &format!("not found: {path}; the dashboard is at /")),
     })
 }
@@ -236,6 +274,20 @@ struct ExplainForm {
     source: String,
     destination: String,
     protocol: String,
+}
+
+/// The L7 question for the replica at `backend` (an address `explain` answered with).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteForm {
+    backend: String,
+    method: String,
+    #[serde(default)]
+    host: String,
+    path: String,
+    /// `NAME:VALUE` each.
+    #[serde(default)]
+    headers: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -254,7 +306,7 @@ struct DrainForm {
 }
 
 async fn post(request: Request<Incoming>, path: &str, shared: &Shared) -> Response<Body> {
-    let explain = path == "/api/explain";
+    let explain = path == "/api/explain" || path == "/api/route";
     // Explaining changes nothing, but it asks the same header so no other site can probe with it.
     let refusal = if explain {
         request.headers().get(CSRF_HEADER).is_none_or(|v| v != "1").then(|| (StatusCode::FORBIDDEN, format!("refused: a request needs the header {CSRF_HEADER}: 1")))
@@ -291,6 +343,9 @@ async fn post(request: Request<Incoming>, path: &str, shared: &Shared) -> Respon
             return response;
         }
     };
+    if path == "/api/route" {
+        return route(&body, shared).await;
+    }
     let parsed = match path {
         "/api/explain" => serde_json::from_slice::<ExplainForm>(&body)
             .map(|f| api::Request::Explain { source: f.source, destination: f.destination, protocol: f.protocol }),
@@ -315,6 +370,25 @@ async fn post(request: Request<Incoming>, path: &str, shared: &Shared) -> Respon
     // A refused change (unknown scheduler, file edited on disk, ...) is the daemon's own message.
     let status = if response.ok { StatusCode::OK } else { StatusCode::UNPROCESSABLE_ENTITY };
     json(status, &response)
+}
+
+/// `POST /api/route`: asks the backend's replica (`--gateway-admin`) for its router's decision.
+async fn route(body: &[u8], shared: &Shared) -> Response<Body> {
+    let form: RouteForm = match serde_json::from_slice(body) {
+        Ok(f) => f,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("malformed request to /api/route: {e}")),
+    };
+    let Some(replica) = shared.replicas.iter().find(|r| r.backend.to_string() == form.backend) else {
+        let known: Vec<String> = shared.replicas.iter().map(|r| r.backend.to_string()).collect();
+        return error(
+            StatusCode::NOT_FOUND,
+            &format!("no --gateway-admin for backend {}; gateways are known for: {}", form.backend, if known.is_empty() { "none".into() } else { known.join(", ") }),
+        );
+    };
+    match super::gateway::route(replica, &form.method, &form.host, &form.path, &form.headers).await {
+        Ok(reply) => json(StatusCode::OK, &api::Response::ok(&reply)),
+        Err(why) => error(StatusCode::BAD_GATEWAY, &format!("the gateway at {} did not answer: {why}", replica.admin)),
+    }
 }
 
 async fn probe(probes: &mpsc::Sender<ProbeReply>) -> Result<Probe, String> {

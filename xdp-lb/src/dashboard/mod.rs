@@ -8,6 +8,7 @@
 //! [`Job`] is an API request, the same the CLI sends over the Unix socket.
 
 pub mod events;
+pub mod gateway;
 pub mod http;
 pub mod view;
 

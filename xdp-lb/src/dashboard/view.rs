@@ -49,6 +49,9 @@ pub struct View {
     pub reasons: Vec<ReasonView>,
     /// Newest first.
     pub events: Vec<Event>,
+    /// The l7-sidecar replicas of `--gateway-admin` (empty without), as last polled.
+    #[serde(default)]
+    pub gateways: Vec<super::gateway::GatewayView>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -182,6 +185,7 @@ pub fn build(probe: &Probe, previous: Option<&StatsReply>, changes: Changes) -> 
         services,
         reasons,
         events: probe.events.iter().take(EVENTS_SHOWN).cloned().collect(),
+        gateways: vec![],
     }
 }
 

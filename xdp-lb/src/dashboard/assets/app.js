@@ -180,6 +180,71 @@ function renderDestinations(view) {
   if (chosen) select.value = chosen;
 }
 
+// Newest sampled requests shown, over all replicas.
+const TRACES_SHOWN = 12;
+
+function micros(us) {
+  return us >= 1000 ? fmt(us / 1000, 2) + " ms" : fmt(us, 1) + " µs";
+}
+
+function renderGateways(view) {
+  const gateways = view.gateways || [];
+  document.body.dataset.gateways = String(gateways.length);
+  if (!gateways.length) return;
+  document.getElementById("pipeline-absent").hidden = true;
+  const l7 = document.getElementById("explain-l7");
+  if (l7.dataset.gateway === "none") {
+    l7.dataset.gateway = "connected";
+    l7.classList.remove("absent");
+    l7.textContent = "Explain a request: its replica's router answers with the route and pool.";
+  }
+  document.getElementById("gateways").replaceChildren(...gateways.map((g) => el("li",
+    { "data-backend": g.backend, "data-state": g.unreachable ? "unreachable" : "ok", class: g.unreachable ? "down" : "" },
+    `replica ${g.backend} (admin ${g.admin}): ` + (g.unreachable ? "unreachable: " + g.unreachable
+      : `sampling ${fmt((g.sampling || 0) * 100, 2)} % of requests`))));
+  const traces = gateways.flatMap((g) => g.traces.map((t) => Object.assign({ backend: g.backend }, t)))
+    .sort((a, b) => b.unix_ms - a.unix_ms || b.seq - a.seq).slice(0, TRACES_SHOWN);
+  const table = document.getElementById("traces");
+  table.hidden = false;
+  table.querySelector("tbody").replaceChildren(...traces.map((t) => {
+    const stages = el("td", { class: "stages" }, ...t.stages.map((s) => el("span",
+      { class: "stage " + s.verdict, "data-stage": s.stage, "data-verdict": s.verdict },
+      `${s.stage}: ${s.verdict}${s.reason ? " (" + s.reason + ")" : ""} ${micros(s.us)}`)));
+    return el("tr", { "data-seq": String(t.seq), "data-backend": t.backend, "data-route": t.route || "", "data-status": String(t.status) },
+      el("td", { class: "request" }, `${t.method} ${t.host}${t.path}`),
+      el("td", { class: "num" }, String(t.status)),
+      el("td", {}, t.route ? `${t.route} → ${t.pool || "–"}` : "no route"),
+      stages,
+      el("td", { class: "num" }, micros(t.total_us)));
+  }));
+  if (!traces.length) table.querySelector("tbody").append(el("tr", {}, el("td", { colspan: "5" }, "no sampled request yet")));
+}
+
+async function explainL7(backend) {
+  const p = document.getElementById("explain-l7");
+  if (!current || !(current.gateways || []).length) return;
+  const method = document.getElementById("explain-method").value;
+  const host = document.getElementById("explain-host").value.trim();
+  const path = document.getElementById("explain-path").value.trim() || "/";
+  delete p.dataset.route;
+  if (!backend) { p.textContent = "No backend was chosen, so no gateway decides."; return; }
+  const answer = await post("/api/route", { backend, method, host, path });
+  p.classList.toggle("error", !answer.ok);
+  if (!answer.ok) { p.textContent = answer.error; p.dataset.route = ""; return; }
+  const r = answer.data;
+  const request = `${method} ${host}${path}`;
+  p.dataset.route = r.route || "";
+  p.dataset.outcome = r.outcome;
+  if (r.outcome === "found") {
+    const ups = r.upstreams.map((u) => `${u.address} ${u.healthy ? "up" : "down"}`).join(", ");
+    p.textContent = `${backend}'s gateway: ${request} → route ${r.route} → pool ${r.pool || "–"} (${ups || "no upstream"}), config generation ${r.version}`;
+  } else if (r.outcome === "method_not_allowed") {
+    p.textContent = `${backend}'s gateway: ${request} → 405, the matching route allows ${r.allowed.join(", ")}`;
+  } else {
+    p.textContent = `${backend}'s gateway: ${request} → no route (404)`;
+  }
+}
+
 function render(view) {
   current = view;
   updates += 1;
@@ -193,6 +258,7 @@ function render(view) {
   renderSchedulers(view);
   renderEvents(view);
   renderDestinations(view);
+  renderGateways(view);
 }
 
 function connect() {
@@ -224,6 +290,7 @@ document.addEventListener("DOMContentLoaded", () => {
     const x = answer.data;
     p.dataset.backend = x.backend || "";
     p.textContent = `${x.service} → ${x.backend || "no backend"} (${x.reason}${x.slot !== undefined ? `, slot ${x.slot} of ${x.ring_size}` : ""}): ${x.explanation}`;
+    await explainL7(x.backend);
   });
   connect();
 });

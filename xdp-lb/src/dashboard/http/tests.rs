@@ -48,7 +48,7 @@ async fn start_counting() -> (SocketAddr, Arc<Mutex<Vec<String>>>, Arc<std::sync
     let addr = listener.local_addr().expect("addr");
     let (probe_tx, mut probes) = mpsc::channel::<ProbeReply>(4);
     let (jobs_tx, mut jobs) = mpsc::channel::<Job>(4);
-    tokio::spawn(serve(listener, probe_tx, jobs_tx, None));
+    tokio::spawn(serve(listener, probe_tx, jobs_tx, None, vec![]));
     let mut clock = 1_000;
     tokio::spawn(async move {
         while let Some(reply) = probes.recv().await {
@@ -325,4 +325,18 @@ async fn a_change_from_loopback_needs_root_or_the_token() {
 
 fn nix_is_root() -> bool {
     std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
+}
+
+#[tokio::test]
+async fn a_route_question_names_a_backend_without_gateway_and_needs_the_header() {
+    let (addr, _) = start().await;
+    let host = addr.to_string();
+    let body = r#"{"backend":"10.0.0.9:80","method":"GET","path":"/users"}"#;
+    let out = exchange(addr, &post_request("/api/route", &host, "X-XDP-LB-Dashboard: 1\r\n", body)).await;
+    assert!(out.starts_with("HTTP/1.1 404"), "{out}");
+    assert!(out.contains("no --gateway-admin for backend 10.0.0.9:80") && out.contains("none"), "{out}");
+    let out = exchange(addr, &post_request("/api/route", &host, "", body)).await;
+    assert!(out.starts_with("HTTP/1.1 403"), "{out}");
+    let out = exchange(addr, &post_request("/api/route", &host, "X-XDP-LB-Dashboard: 1\r\n", r#"{"backend":1}"#)).await;
+    assert!(out.starts_with("HTTP/1.1 400") && out.contains("/api/route"), "{out}");
 }

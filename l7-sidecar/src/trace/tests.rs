@@ -1,0 +1,100 @@
+use super::*;
+use crate::config::Config;
+
+fn trace(path: &str) -> Trace {
+    Trace {
+        seq: 0,
+        unix_ms: 1,
+        replica: "r".into(),
+        method: "GET".into(),
+        host: "h".into(),
+        path: path.into(),
+        route: None,
+        pool: None,
+        upstream: None,
+        status: 200,
+        total_us: 1.0,
+        stages: vec![],
+    }
+}
+
+#[test]
+fn the_buffer_is_bounded_and_numbers_traces_in_order() {
+    let b = TraceBuffer::new(3);
+    for i in 0..5 {
+        b.push(trace(&format!("/{i}")));
+    }
+    assert_eq!(b.len(), 3, "bounded");
+    let (all, next, dropped) = b.since(0, 100);
+    assert_eq!(next, 5);
+    assert_eq!(all.iter().map(|t| t.seq).collect::<Vec<_>>(), [2, 3, 4]);
+    assert_eq!(all[0].path, "/2", "the oldest went first");
+    assert_eq!(dropped, 2, "seq 0 and 1 were evicted");
+    // Polling from next_seq gives nothing new; a limit keeps the newest.
+    assert!(b.since(5, 100).0.is_empty());
+    let (newest, _, dropped) = b.since(2, 1);
+    assert_eq!((newest[0].seq, dropped), (4, 2));
+    // A caller ahead of this process (the replica restarted) starts over.
+    assert_eq!(b.since(99, 100).0.len(), 3);
+    b.set_capacity(1);
+    assert_eq!(b.len(), 1);
+    assert_eq!(b.since(0, 10).0[0].seq, 4);
+}
+
+fn admin(rate: f64) -> Option<AdminConfig> {
+    Config::parse(&format!(
+        "[admin]\nlisten = \"127.0.0.1:9901\"\ntrace_sample_rate = {rate:?}\n"
+    ))
+    .expect("config")
+    .admin
+}
+
+#[test]
+fn sampling_zero_records_nothing_and_one_records_everything() {
+    let req = Request::get("http://h/p?token=x").body(()).expect("req");
+    let zero = admin(0.0);
+    assert!((0..10_000).all(|_| sample(zero.as_ref(), true, &req).is_none()));
+    assert!(sample(None, true, &req).is_none(), "no [admin], no traces");
+    let one = admin(1.0);
+    assert!((0..1_000).all(|_| sample(one.as_ref(), true, &req).is_some()));
+    let tenth = admin(0.1);
+    let n = (0..20_000).filter(|_| sample(tenth.as_ref(), true, &req).is_some()).count();
+    assert!((1_600..2_400).contains(&n), "10 % of 20000 sampled: {n}");
+    let rec = sample(one.as_ref(), true, &req).expect("sampled");
+    assert_eq!(rec.path, "/p", "no query string");
+    assert_eq!(rec.host, "h");
+    assert_eq!(rec.replica, "127.0.0.1:9901", "named by its admin address by default");
+}
+
+#[test]
+fn a_stage_that_answers_itself_is_named_by_its_error_code() {
+    let deny = crate::http_util::json_error_with_id(
+        http::StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "missing credentials",
+        "",
+    );
+    assert_eq!(answered(StageKind::Auth, &deny), ("deny", "unauthorized".into()));
+    let limited = crate::http_util::json_error_with_id(
+        http::StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        "",
+        "",
+    );
+    assert_eq!(answered(StageKind::RateLimit, &limited).0, "limited");
+    let miss = crate::http_util::json_error_with_id(http::StatusCode::NOT_FOUND, "not_found", "", "");
+    assert_eq!(answered(StageKind::Route, &miss), ("no_route", "not_found".into()));
+    let down = crate::http_util::json_error_with_id(
+        http::StatusCode::BAD_GATEWAY,
+        "upstream_error",
+        "",
+        "",
+    );
+    assert_eq!(answered(StageKind::Upstream, &down), ("error", "upstream_error".into()));
+}
+
+#[test]
+fn cut_keeps_char_boundaries() {
+    assert_eq!(cut("héllo", 2), "h");
+    assert_eq!(cut("abc", 10), "abc");
+}
