@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
 pub use netlink::{Netlink, NetlinkError, Route};
-pub use plan::{desired, ServiceView, VipPlan, Withdrawn};
+pub use plan::{desired, Node, ServiceView, VipPlan, Withdrawn};
 
 use crate::config::Announce;
 
@@ -57,6 +57,8 @@ pub struct Announcer {
     status: Option<AnnounceStatus>,
     /// The last failure logged, so a persistent one is logged once, not every tick.
     last_error: Option<String>,
+    /// Set while an attached interface is gone or lost the program (see [`Self::set_not_attached`]).
+    not_attached: Option<String>,
 }
 
 impl Announcer {
@@ -75,7 +77,10 @@ impl Announcer {
     /// call tries again.
     pub fn reconcile(&mut self, announce: Option<Announce>, services: &[ServiceView]) {
         if !self.attached {
-            self.status = announce.map(|a| self.status_of(a, &desired(services, false, a.drained), &BTreeSet::new()));
+            let loading = Node { not_attached: Some(String::new()), ..Node::ready() };
+            self.status = announce.map(|a| {
+                self.status_of(a, &desired(services, &Node { drained: a.drained, ..loading }, &BTreeSet::new()), &BTreeSet::new())
+            });
             return;
         }
         if let Some(old) = self.table.filter(|t| announce.is_none_or(|a| a.table != *t)) {
@@ -88,20 +93,33 @@ impl Announcer {
             return;
         };
         self.table = Some(announce.table);
-        let mut plans = desired(services, true, announce.drained);
-        let result = self.apply(announce.table, &mut plans);
-        let installed = match result {
-            Ok(installed) => {
+        let node = Node {
+            drained: announce.drained,
+            not_attached: self.not_attached.clone(),
+            ipv4_forwarding: forwarding("/proc/sys/net/ipv4/conf/all/forwarding"),
+            ipv6_forwarding: forwarding("/proc/sys/net/ipv6/conf/all/forwarding"),
+        };
+        let result = self.present(announce.table).and_then(|present| {
+            // What is in the table now (ours, adopted after a restart included) decides which
+            // VIPs merely stay and which must qualify afresh.
+            let on: BTreeSet<IpAddr> = present.iter().filter(|r| is_host_route(r) && r.kind == netlink::RTN_BLACKHOLE).map(|r| r.dst).collect();
+            let mut plans = desired(services, &node, &on);
+            let installed = self.apply(announce.table, &mut plans, &present)?;
+            Ok((plans, installed))
+        });
+        let (plans, installed) = match result {
+            Ok(done) => {
                 self.last_error = None;
-                installed
+                done
             }
             Err(e) => {
                 self.note_error(format!("announce table {}: {e}", announce.table));
                 // Unknown: show what was meant, and the failure, rather than guess.
+                let mut plans = desired(services, &node, &BTreeSet::new());
                 for p in plans.iter_mut().filter(|p| p.withdrawn.is_none()) {
                     p.withdrawn = Some(Withdrawn::RouteFailed(e.to_string()));
                 }
-                BTreeSet::new()
+                (plans, BTreeSet::new())
             }
         };
         let status = self.status_of(announce, &plans, &installed);
@@ -113,6 +131,16 @@ impl Announcer {
             }
         }
         self.status = Some(status);
+    }
+
+    /// Marks the node as not attached (an interface the program was attached to is gone or was
+    /// re-created without it): every VIP is withdrawn, with `why` as the reason. `None` clears it.
+    pub fn set_not_attached(&mut self, why: Option<String>) {
+        self.not_attached = why;
+    }
+
+    fn present(&mut self, table: u32) -> Result<Vec<Route>, NetlinkError> {
+        self.netlink()?.routes(table, ROUTE_PROTO)
     }
 
     /// Removes every route of this daemon from the table (`xdp-lb stop`, with or without
@@ -141,12 +169,11 @@ impl Announcer {
 
     /// Brings the table to `plans`; a route that cannot be added is marked in its plan. Returns the
     /// addresses whose routes are in the table afterwards.
-    fn apply(&mut self, table: u32, plans: &mut [VipPlan]) -> Result<BTreeSet<IpAddr>, NetlinkError> {
+    fn apply(&mut self, table: u32, plans: &mut [VipPlan], present: &[Route]) -> Result<BTreeSet<IpAddr>, NetlinkError> {
         let nl = self.netlink()?;
-        let present = nl.routes(table, ROUTE_PROTO)?;
         let wanted: BTreeSet<IpAddr> = plans.iter().filter(|p| p.withdrawn.is_none()).map(|p| p.vip).collect();
         let mut installed = BTreeSet::new();
-        for r in &present {
+        for r in present {
             if is_host_route(r) && wanted.contains(&r.dst) && r.kind == netlink::RTN_BLACKHOLE {
                 installed.insert(r.dst);
             } else {
@@ -201,6 +228,12 @@ impl Announcer {
     }
 }
 
+/// A forwarding sysctl of this daemon's network namespace; unreadable counts as on (the kernel
+/// without that family has no such file, and then has no VIPs of it either).
+fn forwarding(path: &str) -> bool {
+    std::fs::read_to_string(path).map_or(true, |v| v.trim() != "0")
+}
+
 fn is_host_route(r: &Route) -> bool {
     match r.dst {
         IpAddr::V4(_) => r.prefix_len == 32,
@@ -217,6 +250,9 @@ fn log_changes(before: &AnnounceStatus, after: &AnnounceStatus) {
         }
         if v.announced {
             info!(vip = %v.vip, table = after.table, "VIP announced");
+        } else if !old.is_some_and(|o| o.announced) {
+            // Never announced (or already withdrawn): a new reason, not a withdrawal.
+            info!(vip = %v.vip, reason = v.reason.as_deref().unwrap_or(""), table = after.table, "VIP not announced");
         } else {
             warn!(vip = %v.vip, reason = v.reason.as_deref().unwrap_or(""), table = after.table, "VIP withdrawn");
         }

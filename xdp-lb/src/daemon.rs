@@ -25,7 +25,7 @@ use crate::{
         Config, Protocol, RawConfig, Scheduler,
     },
     dataplane::{self, Dataplane},
-    health::{HealthMonitor, Transition},
+    health::{Health, HealthMonitor, Transition},
     neighbours,
     plan::{self, BackendKey, Observed, ServiceHealth},
     tables::{service_key, Tables},
@@ -209,11 +209,24 @@ impl Daemon {
             .iter()
             .map(|s| {
                 let key = service_key(s.vip, s.protocol);
+                let effective = self.effective.services.iter().find(|e| e.name == s.name);
+                // In the ring and known to work: a check confirmed it, it has none, or the
+                // service failed open (issue 11 F1: Unknown must not start an announcement).
+                let confirmed = effective.map_or(0, |e| {
+                    let fail_open = e.all_down == crate::config::AllDown::FailOpen && self.report.iter().any(|r| r.name == s.name && r.all_down);
+                    e.backends
+                        .iter()
+                        .filter(|b| b.weight > 0 && !b.down)
+                        .filter(|b| fail_open || plan::probe_target(e, b).is_none_or(|(t, _)| self.monitor.status(&t).is_some_and(|st| st.health == Health::Up)))
+                        .count()
+                });
                 announce::ServiceView {
                     name: s.name.clone(),
                     vip: s.vip.ip(),
                     programmed: self.tables.services().any(|i| i.config.name == s.name && service_key(i.config.vip, i.config.protocol) == key),
                     serving: self.report.iter().find(|r| r.name == s.name).map_or(0, |r| r.serving),
+                    confirmed,
+                    usable: s.backends.iter().filter(|b| !b.drained && b.weight > 0).count(),
                 }
             })
             .collect();
