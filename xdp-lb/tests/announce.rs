@@ -141,9 +141,8 @@ fn the_announce_table_follows_health_drain_reloads_restarts_stop_and_a_crash() {
 
     let mut daemon = Daemon::start(Path::new(XDP_LB), lb, &topo.lb_ifaces(), &config(&topo, true)).unwrap_or_else(|e| panic!("{e:?}"));
     let log = |d: &Daemon| d.log();
-    // Announced by the time the daemon is ready (attached, programmed, serving).
-    let ann = vip_routes(lb);
-    assert_eq!(ann, both(), "{}", log(&daemon));
+    // Announced once the first checks confirm web's backends (web6 is unchecked: at once).
+    wait_until("announcement at start", Duration::from_secs(5), || vip_routes(lb) == both(), || log(&daemon));
     // The routes do not change the node's own forwarding: nothing looks the table up.
     let rules = lb.ip(&["rule", "show"]).unwrap() + &lb.ip(&["-6", "rule", "show"]).unwrap();
     assert!(!rules.contains("lookup 100"), "{rules}");
@@ -177,7 +176,7 @@ fn the_announce_table_follows_health_drain_reloads_restarts_stop_and_a_crash() {
     daemon.restart().unwrap_or_else(|e| panic!("{e:?}"));
     assert!(vip_routes(lb).is_empty(), "restarted drained node announced: {}", log(&daemon));
     cli(&daemon, &["node", "undrain"]).unwrap_or_else(|e| panic!("node undrain: {e}"));
-    assert_eq!(vip_routes(lb), both());
+    wait_until("announcement after undrain", Duration::from_secs(5), || vip_routes(lb) == both(), || log(&daemon));
 
     // A NAT service is refused while announcing, naming the option.
     let err = cli(&daemon, &["service", "add", "api", "--vip", "10.200.100.101:80", "--protocol", "tcp"]).unwrap_err();
@@ -201,7 +200,7 @@ fn the_announce_table_follows_health_drain_reloads_restarts_stop_and_a_crash() {
     assert!(err.contains("has no [announce] section"), "{err}");
     assert!(status(&daemon).announce.is_none());
     daemon.reconfigure(&config(&topo, true)).unwrap();
-    assert_eq!(vip_routes(lb), both());
+    wait_until("announcement after the reload", Duration::from_secs(5), || vip_routes(lb) == both(), || log(&daemon));
 
     // `xdp-lb stop`: every route withdrawn before the daemon exits; others' routes untouched.
     let pid = daemon.pid();
@@ -210,11 +209,86 @@ fn the_announce_table_follows_health_drain_reloads_restarts_stop_and_a_crash() {
     assert!(vip_routes(lb).is_empty(), "stop left {:?}\n{}", vip_routes(lb), log(&daemon));
     assert_eq!(foreign(), foreign_before, "a route that is not the daemon's was touched");
     start_again(&mut daemon);
-    assert_eq!(vip_routes(lb), both());
+    wait_until("announcement after a start", Duration::from_secs(5), || vip_routes(lb) == both(), || log(&daemon));
     // SIGTERM withdraws too.
     let stopped = daemon.stop().unwrap_or_else(|e| panic!("{e:?}"));
     assert!(vip_routes(lb).is_empty(), "SIGTERM left routes: {stopped}");
     assert_eq!(foreign(), foreign_before);
+}
+
+/// `ip -o monitor route` in `ns`, every line kept in a file, ended when dropped.
+struct Monitor {
+    child: Child,
+    file: tempfile::NamedTempFile,
+}
+
+impl Monitor {
+    fn start(ns: &Netns) -> Monitor {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let child = std::process::Command::new("ip")
+            .args(["-n", ns.name(), "-o", "monitor", "route"])
+            .stdin(Stdio::null())
+            .stdout(file.reopen().unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("ip monitor");
+        // Subscribed once it runs.
+        std::thread::sleep(Duration::from_millis(100));
+        Monitor { child, file }
+    }
+
+    fn lines(&self) -> String {
+        std::fs::read_to_string(self.file.path()).unwrap()
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Issue 11 F1: a VIP whose backends never pass a check is never announced, not even for the
+/// moment before the first check fails: not at start, not after `backend add`, not after a
+/// restart (kill -9, then a new daemon adopts the pins).
+#[test]
+fn a_service_whose_backends_never_answer_is_never_announced() {
+    let topo = Topology::new("anf", 1).expect("testbed");
+    let lb = topo.lb();
+    let dead = topo.vip(Family::V4).to_string();
+    let later = "10.200.100.151";
+    let monitor = Monitor::start(lb);
+    let text = format!(
+        "[announce]\ntable = {TABLE}\n\n[[services]]\nname = \"dead\"\nvip = \"{}\"\nprotocol = \"tcp\"\nmode = \"dsr\"\n\
+         health_check = {{ kind = \"tcp\", port = {CHECK_PORT}, interval_ms = 300, timeout_ms = 200, rise = 1, fall = 2 }}\n\
+         [[services.backends]]\naddress = \"{}\"\n",
+        topo.vip_socket(Family::V4, PORT),
+        topo.backend_socket(Family::V4, 0, PORT)
+    );
+    let mut daemon = Daemon::start(Path::new(XDP_LB), lb, &topo.lb_ifaces(), &text).unwrap_or_else(|e| panic!("{e:?}"));
+    let reason = || announcements(&daemon).into_iter().find(|(vip, ..)| *vip == dead).map(|v| v.2).unwrap_or_default();
+    wait_until("the dead service is found down", Duration::from_secs(5), || reason().contains("all backends down"), || daemon.log());
+    cli(&daemon, &["service", "add", "dead2", "--vip", &format!("{later}:80"), "--protocol", "tcp", "--mode", "dsr", "--check", "tcp", "--check-interval-ms", "300", "--fall", "2"])
+        .unwrap_or_else(|e| panic!("service add: {e}"));
+    cli(&daemon, &["backend", "add", "dead2", &topo.backend_socket(Family::V4, 0, PORT + 1).to_string()]).unwrap_or_else(|e| panic!("backend add: {e}"));
+    std::thread::sleep(Duration::from_millis(1500));
+    let pid = daemon.pid();
+    // SAFETY: kill(2) on the daemon this test started, which has not been reaped.
+    assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) }, 0);
+    wait_for_exit(pid);
+    start_again(&mut daemon);
+    std::thread::sleep(Duration::from_millis(1500));
+    let seen = monitor.lines();
+    assert!(
+        !seen.lines().any(|l| l.contains(&format!("{dead} ")) || l.contains(&format!("{later} "))),
+        "a VIP with no confirmed backend was announced:\n{seen}\n{}",
+        daemon.log()
+    );
+    assert!(vip_routes(lb).is_empty());
+    assert!(reason().contains("all backends down"), "{}", reason());
+    // The log does not claim a withdrawal of something never announced (issue 11 F15).
+    assert!(!daemon.log().contains("VIP withdrawn"), "{}", daemon.log());
 }
 
 /// An unpinned daemon started directly (the testbed's always pins), killed when dropped.
