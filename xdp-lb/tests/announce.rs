@@ -267,11 +267,11 @@ fn a_service_whose_backends_never_answer_is_never_announced() {
         topo.backend_socket(Family::V4, 0, PORT)
     );
     let mut daemon = Daemon::start(Path::new(XDP_LB), lb, &topo.lb_ifaces(), &text).unwrap_or_else(|e| panic!("{e:?}"));
-    let reason = || announcements(&daemon).into_iter().find(|(vip, ..)| *vip == dead).map(|v| v.2).unwrap_or_default();
-    wait_until("the dead service is found down", Duration::from_secs(5), || reason().contains("all backends down"), || daemon.log());
-    cli(&daemon, &["service", "add", "dead2", "--vip", &format!("{later}:80"), "--protocol", "tcp", "--mode", "dsr", "--check", "tcp", "--check-interval-ms", "300", "--fall", "2"])
+    let reason = |d: &Daemon| announcements(d).into_iter().find(|(vip, ..)| *vip == dead).map(|v| v.2).unwrap_or_default();
+    wait_until("the dead service is found down", Duration::from_secs(5), || reason(&daemon).contains("all backends down"), || daemon.log());
+    cli(&daemon, &["service", "add", "dead2", "--vip", &format!("{later}:80"), "--protocol", "tcp", "--mode", "dsr", "--check", "tcp", "--check-interval-ms", "300", "--check-timeout-ms", "200", "--fall", "2"])
         .unwrap_or_else(|e| panic!("service add: {e}"));
-    cli(&daemon, &["backend", "add", "dead2", &topo.backend_socket(Family::V4, 0, PORT + 1).to_string()]).unwrap_or_else(|e| panic!("backend add: {e}"));
+    cli(&daemon, &["backend", "add", "dead2", &topo.backend_socket(Family::V4, 0, PORT).to_string()]).unwrap_or_else(|e| panic!("backend add: {e}"));
     std::thread::sleep(Duration::from_millis(1500));
     let pid = daemon.pid();
     // SAFETY: kill(2) on the daemon this test started, which has not been reaped.
@@ -286,7 +286,7 @@ fn a_service_whose_backends_never_answer_is_never_announced() {
         daemon.log()
     );
     assert!(vip_routes(lb).is_empty());
-    assert!(reason().contains("all backends down"), "{}", reason());
+    assert!(reason(&daemon).contains("all backends down"), "{}", reason(&daemon));
     // The log does not claim a withdrawal of something never announced (issue 11 F15).
     assert!(!daemon.log().contains("VIP withdrawn"), "{}", daemon.log());
 }
