@@ -8,6 +8,7 @@
 //! pinned data plane keeps forwarding, so the announcement stays right); `xdp-lb stop` removes
 //! them; if the node dies, BFD withdraws the BGP session and so the routes.
 
+mod lock;
 mod netlink;
 pub mod plan;
 #[cfg(test)]
@@ -18,6 +19,7 @@ use std::{collections::BTreeSet, net::IpAddr};
 use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
+pub use lock::{LockError, TableLock, LOCK_DIR};
 pub use netlink::{Netlink, NetlinkError, Route};
 pub use plan::{desired, Node, ServiceView, VipPlan, Withdrawn};
 

@@ -58,6 +58,8 @@ pub struct Daemon {
     effective: Config,
     /// The VIP routes BIRD announces (`[announce]`).
     announcer: Announcer,
+    /// Held while `[announce]` is set: no other daemon in this namespace uses the table.
+    table_lock: Option<announce::TableLock>,
     /// Health, drain and admin transitions for the dashboard (bounded).
     events: EventLog,
 }
@@ -71,6 +73,7 @@ impl Daemon {
         if config.announce.is_some() && !dataplane.is_pinned() {
             return Err(DaemonError::AnnounceUnpinned { path: loaded.path.display().to_string() });
         }
+        let table_lock = config.announce.map(|a| announce::TableLock::acquire(a.table)).transpose()?;
         let mut tables = Tables::new(config.dataplane.maglev_cells, dataplane::MAX_SERVICES, dataplane::MAX_BACKENDS);
         let mut start_differences = Vec::new();
         if dataplane.is_pinned() {
@@ -108,6 +111,7 @@ impl Daemon {
             latency_weights: plan::latency::LatencyWeights::default(),
             report: Vec::new(),
             announcer: Announcer::default(),
+            table_lock,
             events: EventLog::default(),
         };
         daemon.replan().map_err(DaemonError::Program)?;
@@ -316,8 +320,18 @@ impl Daemon {
         if loaded.config.announce.is_some() && !self.dataplane.is_pinned() {
             return Err(DaemonError::AnnounceUnpinned { path: self.path_text() });
         }
+        // A table another daemon here announces into is refused before anything changes.
+        let moved_to = match (loaded.config.announce, &self.table_lock) {
+            (Some(a), held) if held.as_ref().is_none_or(|l| l.table() != a.table) => Some(announce::TableLock::acquire(a.table)?),
+            _ => None,
+        };
         // A new hash_seed needs nothing else: programming rebuilds every ring with it.
         self.program(loaded.config.clone())?;
+        if loaded.config.announce.is_none() {
+            self.table_lock = None;
+        } else if moved_to.is_some() {
+            self.table_lock = moved_to;
+        }
         self.file = ConfigFile { loaded, at: SystemTime::now() };
         // The file now runs as it is: what differed at start no longer describes anything.
         self.start_differences.clear();

@@ -198,6 +198,9 @@ fn the_announce_table_follows_health_drain_reloads_restarts_stop_and_a_crash() {
     assert!(vip_routes(lb).is_empty(), "{}", log(&daemon));
     let err = cli(&daemon, &["node", "drain"]).unwrap_err();
     assert!(err.contains("has no [announce] section"), "{err}");
+    // Issue 11 F15: undrain names itself, not drain.
+    let err = cli(&daemon, &["node", "undrain"]).unwrap_err();
+    assert!(err.contains("node undrain lets the node announce its VIPs again, but") && err.contains("has no [announce] section"), "{err}");
     assert!(status(&daemon).announce.is_none());
     daemon.reconfigure(&config(&topo, true)).unwrap();
     wait_until("announcement after the reload", Duration::from_secs(5), || vip_routes(lb) == both(), || log(&daemon));
@@ -289,6 +292,47 @@ fn a_service_whose_backends_never_answer_is_never_announced() {
     assert!(reason(&daemon).contains("all backends down"), "{}", reason(&daemon));
     // The log does not claim a withdrawal of something never announced (issue 11 F15).
     assert!(!daemon.log().contains("VIP withdrawn"), "{}", daemon.log());
+}
+
+/// Issue 11 F3: a second daemon in the same namespace with the same table is refused at start
+/// and at a reload that moves to that table, naming the table and the other daemon; the first
+/// keeps its routes.
+#[test]
+fn a_second_daemon_on_the_same_table_in_one_namespace_is_refused() {
+    let topo = Topology::new("anl", 1).expect("testbed");
+    let lb = topo.lb();
+    let _servers = IdentityServers::start_all(&topo, PORT, 53).expect("servers");
+    let _checks = check_servers(&topo);
+    let first = Daemon::start(Path::new(XDP_LB), lb, &topo.lb_ifaces(), &config(&topo, true)).unwrap_or_else(|e| panic!("{e:?}"));
+    wait_until("the first daemon announces", Duration::from_secs(5), || vip_routes(lb).len() == 2, || first.log());
+    let before = vip_routes(lb);
+    // The second one gets its own interface (a veth pair inside the lb namespace).
+    lb.ip(&["link", "add", "anl-x0", "type", "veth", "peer", "name", "anl-x1"]).unwrap();
+    lb.ip(&["link", "set", "anl-x0", "up"]).unwrap();
+    lb.ip(&["link", "set", "anl-x1", "up"]).unwrap();
+    let second_config = |table: u32| {
+        format!(
+            "[announce]\ntable = {table}\n\n[[services]]\nname = \"other\"\nvip = \"10.200.100.120:80\"\nprotocol = \"tcp\"\nmode = \"dsr\"\n\
+             health_check = {{ kind = \"none\" }}\n[[services.backends]]\naddress = \"{}\"\n",
+            topo.backend_socket(Family::V4, 0, PORT)
+        )
+    };
+    let err = match Daemon::start(Path::new(XDP_LB), lb, &["anl-x0"], &second_config(100)) {
+        Ok(d) => panic!("a second daemon on table 100 started:\n{}", d.log()),
+        Err(e) => format!("{e:?}"),
+    };
+    assert!(err.contains("[announce] table 100 is already used by another xdp-lb daemon in this network namespace"), "{err}");
+    assert!(err.contains(&format!("pid {}", first.pid())), "{err}");
+    // Its own table: fine, and the first daemon's routes were never touched.
+    let mut second = Daemon::start(Path::new(XDP_LB), lb, &["anl-x0"], &second_config(101)).unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(vip_routes(lb), before, "{}", first.log());
+    // A reload onto the first one's table is refused; the second stays on 101.
+    let refused = second.reconfigure(&second_config(100));
+    let text = format!("{refused:?}") + &second.log();
+    assert!(text.contains("[announce] table 100 is already used"), "{text}");
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(vip_routes(lb), before, "{}", first.log());
+    assert_eq!(routes(lb, "101", "247"), ["10.200.100.120"]);
 }
 
 /// An unpinned daemon started directly (the testbed's always pins), killed when dropped.

@@ -81,7 +81,7 @@ impl Daemon {
                         a.drained = drained;
                         Ok(())
                     }
-                    None => Err(DaemonError::AnnounceOff { path }),
+                    None => Err(DaemonError::AnnounceOff { path, drained }),
                 })
                 .map(|_| serde_json::Value::Null)
             }
