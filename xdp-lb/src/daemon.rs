@@ -60,6 +60,10 @@ pub struct Daemon {
     announcer: Announcer,
     /// Held while `[announce]` is set: no other daemon in this namespace uses the table.
     table_lock: Option<announce::TableLock>,
+    /// The interfaces the program was attached to, with their ifindex then.
+    attached_ifaces: Vec<(String, u32)>,
+    /// Why an attached interface is no longer the one attached to (see `check_interfaces`).
+    interfaces_lost: Option<String>,
     /// Health, drain and admin transitions for the dashboard (bounded).
     events: EventLog,
 }
@@ -112,6 +116,8 @@ impl Daemon {
             report: Vec::new(),
             announcer: Announcer::default(),
             table_lock,
+            attached_ifaces: Vec::new(),
+            interfaces_lost: None,
             events: EventLog::default(),
         };
         daemon.replan().map_err(DaemonError::Program)?;
@@ -239,9 +245,33 @@ impl Daemon {
 
     /// The XDP program is attached to every interface: VIPs may be announced from now on. The
     /// announce table is reconciled: routes a previous daemon left are adopted or removed.
-    pub fn start_announcing(&mut self) {
+    pub fn start_announcing(&mut self, ifaces: &[String]) {
+        self.attached_ifaces = ifaces.iter().filter_map(|i| crate::dataplane::ifindex(i).ok().map(|index| (i.clone(), index))).collect();
         self.announcer.set_attached();
         self.announce();
+    }
+
+    /// Issue 11 F11: an interface deleted (or deleted and re-created: a new ifindex, no XDP on
+    /// it) leaves the node unable to forward what it attracts. Checked every tick; while any
+    /// interface is not the one attached to, every VIP is withdrawn with the interface named.
+    fn check_interfaces(&mut self) {
+        let problems: Vec<String> = self
+            .attached_ifaces
+            .iter()
+            .filter_map(|(name, index)| match crate::dataplane::ifindex(name) {
+                Ok(now) if now == *index => None,
+                Ok(now) => Some(format!("interface {name} was re-created (ifindex {index}, now {now}) without the XDP program")),
+                Err(_) => Some(format!("interface {name} (ifindex {index}) is gone")),
+            })
+            .collect();
+        let why = (!problems.is_empty()).then(|| format!("{}; restart with `xdp-lb stop --detach` then `xdp-lb run` to attach again", problems.join("; ")));
+        if why != self.interfaces_lost {
+            if let Some(why) = &why {
+                error!("{why}: withdrawing every VIP announcement");
+            }
+            self.announcer.set_not_attached(why.clone());
+            self.interfaces_lost = why;
+        }
     }
 
     /// Withdraws every VIP route (`xdp-lb stop`, SIGTERM, SIGINT); a crash leaves them.
@@ -451,6 +481,9 @@ impl Daemon {
 
     /// Periodic work: passive checks, drain timeouts, least-response-time weights.
     pub fn tick(&mut self) {
+        if self.config.announce.is_some() {
+            self.check_interfaces();
+        }
         let serving: HashSet<BackendKey> = self
             .effective
             .services

@@ -335,6 +335,36 @@ fn a_second_daemon_on_the_same_table_in_one_namespace_is_refused() {
     assert_eq!(routes(lb, "101", "247"), ["10.200.100.120"]);
 }
 
+/// Issue 11 F11: an interface the program was attached to is deleted and re-created (new
+/// ifindex, no XDP on it): every VIP is withdrawn and `status` names the interface.
+#[test]
+fn a_recreated_interface_withdraws_every_vip() {
+    let topo = Topology::new("ani", 1).expect("testbed");
+    let lb = topo.lb();
+    let _servers = IdentityServers::start_all(&topo, PORT, 53).expect("servers");
+    let _checks = check_servers(&topo);
+    let daemon = Daemon::start(Path::new(XDP_LB), lb, &topo.lb_ifaces(), &config(&topo, true)).unwrap_or_else(|e| panic!("{e:?}"));
+    wait_until("announced", Duration::from_secs(5), || vip_routes(lb).len() == 2, || daemon.log());
+    // Issue 11 F13: a family the node does not forward is withdrawn, with the sysctl named.
+    let v4 = topo.vip(Family::V4).to_string();
+    lb.sysctl("net.ipv6.conf.all.forwarding", "0").unwrap();
+    wait_until("IPv6 VIP withdrawn without IPv6 forwarding", Duration::from_secs(3), || vip_routes(lb) == [v4.clone()], || daemon.log());
+    let v6 = announcements(&daemon).into_iter().find(|(vip, ..)| *vip != v4).unwrap();
+    assert!(v6.2.contains("net.ipv6.conf.all.forwarding = 0"), "{v6:?}");
+    lb.sysctl("net.ipv6.conf.all.forwarding", "1").unwrap();
+    wait_until("IPv6 VIP back with forwarding", Duration::from_secs(3), || vip_routes(lb).len() == 2, || daemon.log());
+    let iface = topo.backend_iface(0);
+    lb.ip(&["link", "del", &iface]).unwrap();
+    lb.ip(&["link", "add", &iface, "type", "veth", "peer", "name", "ani-peer"]).unwrap();
+    lb.ip(&["link", "set", &iface, "up"]).unwrap();
+    let took = wait_until("withdrawal after the interface was re-created", Duration::from_secs(3), || vip_routes(lb).is_empty(), || daemon.log());
+    eprintln!("interface re-created → every VIP withdrawn after {took:?}");
+    for (vip, announced, reason) in announcements(&daemon) {
+        assert!(!announced && reason.contains("XDP program not attached") && reason.contains(&iface), "{vip}: {reason}");
+    }
+    assert!(daemon.log().contains(&format!("interface {iface}")), "{}", daemon.log());
+}
+
 /// An unpinned daemon started directly (the testbed's always pins), killed when dropped.
 struct Unpinned(Child);
 
