@@ -492,7 +492,14 @@ fn a_bird_router_learns_the_vip_from_the_node_and_loses_it_within_a_second_of_no
         .iter()
         .fold(NODE_BIRD.to_string(), |c, (name, value)| define(&c, name, value));
     let router_part = ROUTER_BIRD.split("protocol bgp node1").next().unwrap();
-    let router_conf = define(router_part, "ROUTER_ADDR", "10.250.0.1") + "protocol bgp node1 from xdp_lb_node {\n    neighbor 10.250.0.2 as NODES_AS;\n}\n";
+    let router_conf = [
+        ("ROUTER_ADDR", "10.250.0.1".to_string()),
+        ("VIP_PREFIXES4", format!("[ {}/32 ]", topo.vip(Family::V4))),
+        ("VIP_PREFIXES6", format!("[ {}/128 ]", topo.vip(Family::V6))),
+    ]
+    .iter()
+    .fold(router_part.to_string(), |c, (name, value)| define(&c, name, value))
+        + "protocol bgp node1 from xdp_lb_node {\n    neighbor 10.250.0.2 as NODES_AS;\n}\n";
     let router_bird = Bird::start(&router, "router", &log_to(&router_conf, &dir.path().join("router.log")), dir.path());
     let node_bird = Bird::start(lb, "node", &log_to(&node_conf, &dir.path().join("node.log")), dir.path());
     let birds = || format!("{}\n{}", node_bird.log(), router_bird.log());
