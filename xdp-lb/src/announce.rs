@@ -47,6 +47,29 @@ pub struct VipStatus {
     pub reason: Option<String>,
 }
 
+/// Refuses a `table` that an `ip rule` looks up: the VIP blackhole routes would then drop this
+/// node's own traffic to the VIPs (issue 11 F8). Checked at start and reload.
+pub fn check_no_rule_looks_up(table: u32) -> Result<(), RuleError> {
+    let rules = Netlink::open().and_then(|mut nl| nl.rules_looking_up(table)).map_err(|source| RuleError::Listing { table, source })?;
+    if rules.is_empty() {
+        Ok(())
+    } else {
+        Err(RuleError::LooksUp { table, rules })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuleError {
+    #[error(
+        "[announce] table {table} is looked up by `ip rule` {}: its blackhole VIP routes would drop this node's own \
+         traffic to the VIPs; give [announce] a table no rule looks up, or remove the rule",
+        rules.join(", ")
+    )]
+    LooksUp { table: u32, rules: Vec<String> },
+    #[error("[announce] table {table}: checking that no `ip rule` looks it up: {source}")]
+    Listing { table: u32, source: NetlinkError },
+}
+
 /// Keeps the announce table equal to the desired announcements.
 #[derive(Default)]
 pub struct Announcer {

@@ -77,6 +77,9 @@ impl Daemon {
         if config.announce.is_some() && !dataplane.is_pinned() {
             return Err(DaemonError::AnnounceUnpinned { path: loaded.path.display().to_string() });
         }
+        if let Some(a) = config.announce {
+            announce::check_no_rule_looks_up(a.table)?;
+        }
         let table_lock = config.announce.map(|a| announce::TableLock::acquire(a.table)).transpose()?;
         let mut tables = Tables::new(config.dataplane.maglev_cells, dataplane::MAX_SERVICES, dataplane::MAX_BACKENDS);
         let mut start_differences = Vec::new();
@@ -349,6 +352,9 @@ impl Daemon {
         }
         if loaded.config.announce.is_some() && !self.dataplane.is_pinned() {
             return Err(DaemonError::AnnounceUnpinned { path: self.path_text() });
+        }
+        if let Some(a) = loaded.config.announce {
+            announce::check_no_rule_looks_up(a.table)?;
         }
         // A table another daemon here announces into is refused before anything changes.
         let moved_to = match (loaded.config.announce, &self.table_lock) {

@@ -333,6 +333,12 @@ fn a_second_daemon_on_the_same_table_in_one_namespace_is_refused() {
     std::thread::sleep(Duration::from_millis(1200));
     assert_eq!(vip_routes(lb), before, "{}", first.log());
     assert_eq!(routes(lb, "101", "247"), ["10.200.100.120"]);
+    // Issue 11 F8: a table an `ip rule` looks up is refused at reload, naming the rule.
+    lb.ip(&["rule", "add", "from", "10.200.100.1", "lookup", "102", "pref", "1234"]).unwrap();
+    let refused = second.reconfigure(&second_config(102));
+    let text = format!("{refused:?}") + &second.log();
+    assert!(text.contains("[announce] table 102 is looked up by `ip rule` pref 1234 (IPv4)"), "{text}");
+    assert_eq!(routes(lb, "101", "247"), ["10.200.100.120"]);
 }
 
 /// Issue 11 F11: an interface the program was attached to is deleted and re-created (new

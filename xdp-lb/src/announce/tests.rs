@@ -174,6 +174,20 @@ fn routes_are_added_listed_and_deleted_and_foreign_ones_never_touched() {
     });
 }
 
+/// Issue 11 F8: the table must not be looked up by any `ip rule`.
+#[test]
+fn rules_looking_up_the_table_are_found_in_both_families() {
+    in_private_netns(|| {
+        let mut nl = Netlink::open().unwrap();
+        assert_eq!(nl.rules_looking_up(100).unwrap(), Vec::<String>::new());
+        ip(&["rule", "add", "from", "10.0.0.1", "lookup", "100", "pref", "100"]);
+        ip(&["-6", "rule", "add", "from", "fd00::1", "lookup", "100", "pref", "101"]);
+        ip(&["rule", "add", "from", "10.0.0.2", "lookup", "101", "pref", "102"]);
+        assert_eq!(nl.rules_looking_up(100).unwrap(), ["pref 100 (IPv4)", "pref 101 (IPv6)"]);
+        assert_eq!(nl.rules_looking_up(101).unwrap(), ["pref 102 (IPv4)"]);
+    });
+}
+
 #[test]
 fn a_table_without_routes_of_a_family_lists_empty() {
     in_private_netns(|| {

@@ -21,6 +21,9 @@ pub enum DaemonError {
     /// Another daemon in this network namespace announces into the same table.
     #[error(transparent)]
     AnnounceTable(#[from] crate::announce::LockError),
+    /// An `ip rule` looks up the announce table.
+    #[error(transparent)]
+    AnnounceRule(#[from] crate::announce::RuleError),
     /// Without pins the data plane goes with the process, but the VIP routes would not: a crashed
     /// daemon would leave the routers sending traffic to a node that no longer forwards it.
     #[error(
