@@ -19,7 +19,7 @@ use std::{collections::BTreeSet, net::IpAddr};
 use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
-pub use lock::{LockError, TableLock, LOCK_DIR};
+pub use lock::{LockError, TableLock};
 pub use netlink::{Netlink, NetlinkError, Route};
 pub use plan::{desired, Node, ServiceView, VipPlan, Withdrawn};
 
