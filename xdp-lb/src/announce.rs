@@ -1,12 +1,13 @@
 //! VIP announcements through a BGP daemon on the node (BIRD): the daemon keeps one blackhole host
 //! route per announced VIP address in a routing table of its own (`[announce] table`), marked with
 //! protocol [`ROUTE_PROTO`]; BIRD's kernel protocol learns that table and exports the routes over
-//! BGP. No `ip rule` points at the table, so the routes never change this node's forwarding; they
-//! show in `ip route show table N` and survive BIRD restarts (BIRD re-learns them).
+//! BGP. No `ip rule` may point at the table (checked at start and reload), so the routes never
+//! change this node's forwarding; they show in `ip route show table N` and survive BIRD restarts
+//! (BIRD re-learns them). One daemon per table and network namespace ([`TableLock`]).
 //!
 //! The daemon touches only routes of its own protocol in that table. A crash leaves them (the
-//! pinned data plane keeps forwarding, so the announcement stays right); `xdp-lb stop` removes
-//! them; if the node dies, BFD withdraws the BGP session and so the routes.
+//! pinned data plane keeps forwarding, but nothing health-checks until a daemon runs again);
+//! `xdp-lb stop` removes them; if the node dies, BFD withdraws the BGP session and so the routes.
 
 mod lock;
 mod netlink;
