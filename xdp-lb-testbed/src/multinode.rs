@@ -380,6 +380,8 @@ pub fn router_config(nodes: usize) -> anyhow::Result<String> {
     out = set_define(&out, "ROUTER_ADDR", &ROUTER_CLIENT_SIDE.to_string())?;
     out = set_define(&out, "ROUTER_AS", &ROUTER_ASN.to_string())?;
     out = set_define(&out, "NODES_AS", &NODES_ASN.to_string())?;
+    out = set_define(&out, "VIP_PREFIXES4", &format!("[ {VIP_V4}/32 ]"))?;
+    out = set_define(&out, "VIP_PREFIXES6", &format!("[ {VIP_V6}/128 ]"))?;
     out = replace_once(&out, "log syslog all;", LOG)?;
     for i in 0..nodes {
         out.push_str(&format!(

@@ -1,13 +1,15 @@
 //! VIP announcements through a BGP daemon on the node (BIRD): the daemon keeps one blackhole host
 //! route per announced VIP address in a routing table of its own (`[announce] table`), marked with
 //! protocol [`ROUTE_PROTO`]; BIRD's kernel protocol learns that table and exports the routes over
-//! BGP. No `ip rule` points at the table, so the routes never change this node's forwarding; they
-//! show in `ip route show table N` and survive BIRD restarts (BIRD re-learns them).
+//! BGP. No `ip rule` may point at the table (checked at start and reload), so the routes never
+//! change this node's forwarding; they show in `ip route show table N` and survive BIRD restarts
+//! (BIRD re-learns them). One daemon per table and network namespace ([`TableLock`]).
 //!
 //! The daemon touches only routes of its own protocol in that table. A crash leaves them (the
-//! pinned data plane keeps forwarding, so the announcement stays right); `xdp-lb stop` removes
-//! them; if the node dies, BFD withdraws the BGP session and so the routes.
+//! pinned data plane keeps forwarding, but nothing health-checks until a daemon runs again);
+//! `xdp-lb stop` removes them; if the node dies, BFD withdraws the BGP session and so the routes.
 
+mod lock;
 mod netlink;
 pub mod plan;
 #[cfg(test)]
@@ -18,8 +20,9 @@ use std::{collections::BTreeSet, net::IpAddr};
 use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
+pub use lock::{LockError, TableLock};
 pub use netlink::{Netlink, NetlinkError, Route};
-pub use plan::{desired, ServiceView, VipPlan, Withdrawn};
+pub use plan::{desired, Node, ServiceView, VipPlan, Withdrawn};
 
 use crate::config::Announce;
 
@@ -45,6 +48,29 @@ pub struct VipStatus {
     pub reason: Option<String>,
 }
 
+/// Refuses a `table` that an `ip rule` looks up: the VIP blackhole routes would then drop this
+/// node's own traffic to the VIPs (issue 11 F8). Checked at start and reload.
+pub fn check_no_rule_looks_up(table: u32) -> Result<(), RuleError> {
+    let rules = Netlink::open().and_then(|mut nl| nl.rules_looking_up(table)).map_err(|source| RuleError::Listing { table, source })?;
+    if rules.is_empty() {
+        Ok(())
+    } else {
+        Err(RuleError::LooksUp { table, rules })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuleError {
+    #[error(
+        "[announce] table {table} is looked up by `ip rule` {}: its blackhole VIP routes would drop this node's own \
+         traffic to the VIPs; give [announce] a table no rule looks up, or remove the rule",
+        rules.join(", ")
+    )]
+    LooksUp { table: u32, rules: Vec<String> },
+    #[error("[announce] table {table}: checking that no `ip rule` looks it up: {source}")]
+    Listing { table: u32, source: NetlinkError },
+}
+
 /// Keeps the announce table equal to the desired announcements.
 #[derive(Default)]
 pub struct Announcer {
@@ -57,6 +83,8 @@ pub struct Announcer {
     status: Option<AnnounceStatus>,
     /// The last failure logged, so a persistent one is logged once, not every tick.
     last_error: Option<String>,
+    /// Set while an attached interface is gone or lost the program (see [`Self::set_not_attached`]).
+    not_attached: Option<String>,
 }
 
 impl Announcer {
@@ -75,7 +103,10 @@ impl Announcer {
     /// call tries again.
     pub fn reconcile(&mut self, announce: Option<Announce>, services: &[ServiceView]) {
         if !self.attached {
-            self.status = announce.map(|a| self.status_of(a, &desired(services, false, a.drained), &BTreeSet::new()));
+            let loading = Node { not_attached: Some(String::new()), ..Node::ready() };
+            self.status = announce.map(|a| {
+                self.status_of(a, &desired(services, &Node { drained: a.drained, ..loading }, &BTreeSet::new()), &BTreeSet::new())
+            });
             return;
         }
         if let Some(old) = self.table.filter(|t| announce.is_none_or(|a| a.table != *t)) {
@@ -88,20 +119,33 @@ impl Announcer {
             return;
         };
         self.table = Some(announce.table);
-        let mut plans = desired(services, true, announce.drained);
-        let result = self.apply(announce.table, &mut plans);
-        let installed = match result {
-            Ok(installed) => {
+        let node = Node {
+            drained: announce.drained,
+            not_attached: self.not_attached.clone(),
+            ipv4_forwarding: forwarding("/proc/sys/net/ipv4/conf/all/forwarding"),
+            ipv6_forwarding: forwarding("/proc/sys/net/ipv6/conf/all/forwarding"),
+        };
+        let result = self.present(announce.table).and_then(|present| {
+            // What is in the table now (ours, adopted after a restart included) decides which
+            // VIPs merely stay and which must qualify afresh.
+            let on: BTreeSet<IpAddr> = present.iter().filter(|r| is_host_route(r) && r.kind == netlink::RTN_BLACKHOLE).map(|r| r.dst).collect();
+            let mut plans = desired(services, &node, &on);
+            let installed = self.apply(announce.table, &mut plans, &present)?;
+            Ok((plans, installed))
+        });
+        let (plans, installed) = match result {
+            Ok(done) => {
                 self.last_error = None;
-                installed
+                done
             }
             Err(e) => {
                 self.note_error(format!("announce table {}: {e}", announce.table));
                 // Unknown: show what was meant, and the failure, rather than guess.
+                let mut plans = desired(services, &node, &BTreeSet::new());
                 for p in plans.iter_mut().filter(|p| p.withdrawn.is_none()) {
                     p.withdrawn = Some(Withdrawn::RouteFailed(e.to_string()));
                 }
-                BTreeSet::new()
+                (plans, BTreeSet::new())
             }
         };
         let status = self.status_of(announce, &plans, &installed);
@@ -113,6 +157,16 @@ impl Announcer {
             }
         }
         self.status = Some(status);
+    }
+
+    /// Marks the node as not attached (an interface the program was attached to is gone or was
+    /// re-created without it): every VIP is withdrawn, with `why` as the reason. `None` clears it.
+    pub fn set_not_attached(&mut self, why: Option<String>) {
+        self.not_attached = why;
+    }
+
+    fn present(&mut self, table: u32) -> Result<Vec<Route>, NetlinkError> {
+        self.netlink()?.routes(table, ROUTE_PROTO)
     }
 
     /// Removes every route of this daemon from the table (`xdp-lb stop`, with or without
@@ -141,12 +195,11 @@ impl Announcer {
 
     /// Brings the table to `plans`; a route that cannot be added is marked in its plan. Returns the
     /// addresses whose routes are in the table afterwards.
-    fn apply(&mut self, table: u32, plans: &mut [VipPlan]) -> Result<BTreeSet<IpAddr>, NetlinkError> {
+    fn apply(&mut self, table: u32, plans: &mut [VipPlan], present: &[Route]) -> Result<BTreeSet<IpAddr>, NetlinkError> {
         let nl = self.netlink()?;
-        let present = nl.routes(table, ROUTE_PROTO)?;
         let wanted: BTreeSet<IpAddr> = plans.iter().filter(|p| p.withdrawn.is_none()).map(|p| p.vip).collect();
         let mut installed = BTreeSet::new();
-        for r in &present {
+        for r in present {
             if is_host_route(r) && wanted.contains(&r.dst) && r.kind == netlink::RTN_BLACKHOLE {
                 installed.insert(r.dst);
             } else {
@@ -201,6 +254,12 @@ impl Announcer {
     }
 }
 
+/// A forwarding sysctl of this daemon's network namespace; unreadable counts as on (the kernel
+/// without that family has no such file, and then has no VIPs of it either).
+fn forwarding(path: &str) -> bool {
+    std::fs::read_to_string(path).map_or(true, |v| v.trim() != "0")
+}
+
 fn is_host_route(r: &Route) -> bool {
     match r.dst {
         IpAddr::V4(_) => r.prefix_len == 32,
@@ -217,6 +276,9 @@ fn log_changes(before: &AnnounceStatus, after: &AnnounceStatus) {
         }
         if v.announced {
             info!(vip = %v.vip, table = after.table, "VIP announced");
+        } else if !old.is_some_and(|o| o.announced) {
+            // Never announced (or already withdrawn): a new reason, not a withdrawal.
+            info!(vip = %v.vip, reason = v.reason.as_deref().unwrap_or(""), table = after.table, "VIP not announced");
         } else {
             warn!(vip = %v.vip, reason = v.reason.as_deref().unwrap_or(""), table = after.table, "VIP withdrawn");
         }

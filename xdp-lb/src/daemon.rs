@@ -26,7 +26,7 @@ use crate::{
         Config, Protocol, RawConfig, Scheduler,
     },
     dataplane::{self, Dataplane},
-    health::{HealthMonitor, Transition},
+    health::{Health, HealthMonitor, Transition},
     neighbours,
     plan::{self, BackendKey, Observed, ServiceHealth},
     tables::{service_key, Tables},
@@ -59,6 +59,12 @@ pub struct Daemon {
     effective: Config,
     /// The VIP routes BIRD announces (`[announce]`).
     announcer: Announcer,
+    /// Held while `[announce]` is set: no other daemon in this namespace uses the table.
+    table_lock: Option<announce::TableLock>,
+    /// The interfaces the program was attached to, with their ifindex then.
+    attached_ifaces: Vec<(String, u32)>,
+    /// Why an attached interface is no longer the one attached to (see `check_interfaces`).
+    interfaces_lost: Option<String>,
     /// Health, drain and admin transitions for the dashboard (bounded).
     events: EventLog,
 }
@@ -72,6 +78,10 @@ impl Daemon {
         if config.announce.is_some() && !dataplane.is_pinned() {
             return Err(DaemonError::AnnounceUnpinned { path: loaded.path.display().to_string() });
         }
+        if let Some(a) = config.announce {
+            announce::check_no_rule_looks_up(a.table)?;
+        }
+        let table_lock = config.announce.map(|a| announce::TableLock::acquire(a.table)).transpose()?;
         let mut tables = Tables::new(config.dataplane.maglev_cells, dataplane::MAX_SERVICES, dataplane::MAX_BACKENDS);
         let mut start_differences = Vec::new();
         if dataplane.is_pinned() {
@@ -109,6 +119,9 @@ impl Daemon {
             latency_weights: plan::latency::LatencyWeights::default(),
             report: Vec::new(),
             announcer: Announcer::default(),
+            table_lock,
+            attached_ifaces: Vec::new(),
+            interfaces_lost: None,
             events: EventLog::default(),
         };
         daemon.replan().map_err(DaemonError::Program)?;
@@ -210,11 +223,24 @@ impl Daemon {
             .iter()
             .map(|s| {
                 let key = service_key(s.vip, s.protocol);
+                let effective = self.effective.services.iter().find(|e| e.name == s.name);
+                // In the ring and known to work: a check confirmed it, it has none, or the
+                // service failed open (issue 11 F1: Unknown must not start an announcement).
+                let confirmed = effective.map_or(0, |e| {
+                    let fail_open = e.all_down == crate::config::AllDown::FailOpen && self.report.iter().any(|r| r.name == s.name && r.all_down);
+                    e.backends
+                        .iter()
+                        .filter(|b| b.weight > 0 && !b.down)
+                        .filter(|b| fail_open || plan::probe_target(e, b).is_none_or(|(t, _)| self.monitor.status(&t).is_some_and(|st| st.health == Health::Up)))
+                        .count()
+                });
                 announce::ServiceView {
                     name: s.name.clone(),
                     vip: s.vip.ip(),
                     programmed: self.tables.services().any(|i| i.config.name == s.name && service_key(i.config.vip, i.config.protocol) == key),
                     serving: self.report.iter().find(|r| r.name == s.name).map_or(0, |r| r.serving),
+                    confirmed,
+                    usable: s.backends.iter().filter(|b| !b.drained && b.weight > 0).count(),
                 }
             })
             .collect();
@@ -223,9 +249,33 @@ impl Daemon {
 
     /// The XDP program is attached to every interface: VIPs may be announced from now on. The
     /// announce table is reconciled: routes a previous daemon left are adopted or removed.
-    pub fn start_announcing(&mut self) {
+    pub fn start_announcing(&mut self, ifaces: &[String]) {
+        self.attached_ifaces = ifaces.iter().filter_map(|i| crate::dataplane::ifindex(i).ok().map(|index| (i.clone(), index))).collect();
         self.announcer.set_attached();
         self.announce();
+    }
+
+    /// Issue 11 F11: an interface deleted (or deleted and re-created: a new ifindex, no XDP on
+    /// it) leaves the node unable to forward what it attracts. Checked every tick; while any
+    /// interface is not the one attached to, every VIP is withdrawn with the interface named.
+    fn check_interfaces(&mut self) {
+        let problems: Vec<String> = self
+            .attached_ifaces
+            .iter()
+            .filter_map(|(name, index)| match crate::dataplane::ifindex(name) {
+                Ok(now) if now == *index => None,
+                Ok(now) => Some(format!("interface {name} was re-created (ifindex {index}, now {now}) without the XDP program")),
+                Err(_) => Some(format!("interface {name} (ifindex {index}) is gone")),
+            })
+            .collect();
+        let why = (!problems.is_empty()).then(|| format!("{}; restart with `xdp-lb stop --detach` then `xdp-lb run` to attach again", problems.join("; ")));
+        if why != self.interfaces_lost {
+            if let Some(why) = &why {
+                error!("{why}: withdrawing every VIP announcement");
+            }
+            self.announcer.set_not_attached(why.clone());
+            self.interfaces_lost = why;
+        }
     }
 
     /// Withdraws every VIP route (`xdp-lb stop`, SIGTERM, SIGINT); a crash leaves them.
@@ -304,8 +354,21 @@ impl Daemon {
         if loaded.config.announce.is_some() && !self.dataplane.is_pinned() {
             return Err(DaemonError::AnnounceUnpinned { path: self.path_text() });
         }
+        if let Some(a) = loaded.config.announce {
+            announce::check_no_rule_looks_up(a.table)?;
+        }
+        // A table another daemon here announces into is refused before anything changes.
+        let moved_to = match (loaded.config.announce, &self.table_lock) {
+            (Some(a), held) if held.as_ref().is_none_or(|l| l.table() != a.table) => Some(announce::TableLock::acquire(a.table)?),
+            _ => None,
+        };
         // A new hash_seed needs nothing else: programming rebuilds every ring with it.
         self.program(loaded.config.clone())?;
+        if loaded.config.announce.is_none() {
+            self.table_lock = None;
+        } else if moved_to.is_some() {
+            self.table_lock = moved_to;
+        }
         self.file = ConfigFile { loaded, at: SystemTime::now() };
         // The file now runs as it is: what differed at start no longer describes anything.
         self.start_differences.clear();
@@ -425,6 +488,9 @@ impl Daemon {
 
     /// Periodic work: passive checks, drain timeouts, least-response-time weights.
     pub fn tick(&mut self) {
+        if self.config.announce.is_some() {
+            self.check_interfaces();
+        }
         let serving: HashSet<BackendKey> = self
             .effective
             .services

@@ -116,7 +116,7 @@ async fn serve(opts: Options, loaded: file::Loaded) -> Result<()> {
         // On failure, dropping the daemon detaches whatever was attached before.
         daemon.dataplane_mut().attach(iface)?;
     }
-    daemon.start_announcing();
+    daemon.start_announcing(&opts.ifaces);
     neighbours::warm(daemon.config().services.iter().flat_map(|s| s.backends.iter().map(|b| b.address)));
     info!(interfaces = opts.ifaces.len(), services = daemon.config().services.len(), socket = %opts.socket.display(), "xdp-lb ready");
     notify::ready(&format!("serving {} service(s) on {} interface(s)", daemon.config().services.len(), opts.ifaces.len()));

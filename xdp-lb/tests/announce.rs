@@ -141,9 +141,8 @@ fn the_announce_table_follows_health_drain_reloads_restarts_stop_and_a_crash() {
 
     let mut daemon = Daemon::start(Path::new(XDP_LB), lb, &topo.lb_ifaces(), &config(&topo, true)).unwrap_or_else(|e| panic!("{e:?}"));
     let log = |d: &Daemon| d.log();
-    // Announced by the time the daemon is ready (attached, programmed, serving).
-    let ann = vip_routes(lb);
-    assert_eq!(ann, both(), "{}", log(&daemon));
+    // Announced once the first checks confirm web's backends (web6 is unchecked: at once).
+    wait_until("announcement at start", Duration::from_secs(5), || vip_routes(lb) == both(), || log(&daemon));
     // The routes do not change the node's own forwarding: nothing looks the table up.
     let rules = lb.ip(&["rule", "show"]).unwrap() + &lb.ip(&["-6", "rule", "show"]).unwrap();
     assert!(!rules.contains("lookup 100"), "{rules}");
@@ -177,7 +176,7 @@ fn the_announce_table_follows_health_drain_reloads_restarts_stop_and_a_crash() {
     daemon.restart().unwrap_or_else(|e| panic!("{e:?}"));
     assert!(vip_routes(lb).is_empty(), "restarted drained node announced: {}", log(&daemon));
     cli(&daemon, &["node", "undrain"]).unwrap_or_else(|e| panic!("node undrain: {e}"));
-    assert_eq!(vip_routes(lb), both());
+    wait_until("announcement after undrain", Duration::from_secs(5), || vip_routes(lb) == both(), || log(&daemon));
 
     // A NAT service is refused while announcing, naming the option.
     let err = cli(&daemon, &["service", "add", "api", "--vip", "10.200.100.101:80", "--protocol", "tcp"]).unwrap_err();
@@ -199,9 +198,12 @@ fn the_announce_table_follows_health_drain_reloads_restarts_stop_and_a_crash() {
     assert!(vip_routes(lb).is_empty(), "{}", log(&daemon));
     let err = cli(&daemon, &["node", "drain"]).unwrap_err();
     assert!(err.contains("has no [announce] section"), "{err}");
+    // Issue 11 F15: undrain names itself, not drain.
+    let err = cli(&daemon, &["node", "undrain"]).unwrap_err();
+    assert!(err.contains("node undrain lets the node announce its VIPs again, but") && err.contains("has no [announce] section"), "{err}");
     assert!(status(&daemon).announce.is_none());
     daemon.reconfigure(&config(&topo, true)).unwrap();
-    assert_eq!(vip_routes(lb), both());
+    wait_until("announcement after the reload", Duration::from_secs(5), || vip_routes(lb) == both(), || log(&daemon));
 
     // `xdp-lb stop`: every route withdrawn before the daemon exits; others' routes untouched.
     let pid = daemon.pid();
@@ -210,11 +212,163 @@ fn the_announce_table_follows_health_drain_reloads_restarts_stop_and_a_crash() {
     assert!(vip_routes(lb).is_empty(), "stop left {:?}\n{}", vip_routes(lb), log(&daemon));
     assert_eq!(foreign(), foreign_before, "a route that is not the daemon's was touched");
     start_again(&mut daemon);
-    assert_eq!(vip_routes(lb), both());
+    wait_until("announcement after a start", Duration::from_secs(5), || vip_routes(lb) == both(), || log(&daemon));
     // SIGTERM withdraws too.
     let stopped = daemon.stop().unwrap_or_else(|e| panic!("{e:?}"));
     assert!(vip_routes(lb).is_empty(), "SIGTERM left routes: {stopped}");
     assert_eq!(foreign(), foreign_before);
+}
+
+/// `ip -o monitor route` in `ns`, every line kept in a file, ended when dropped.
+struct Monitor {
+    child: Child,
+    file: tempfile::NamedTempFile,
+}
+
+impl Monitor {
+    fn start(ns: &Netns) -> Monitor {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let child = std::process::Command::new("ip")
+            .args(["-n", ns.name(), "-o", "monitor", "route"])
+            .stdin(Stdio::null())
+            .stdout(file.reopen().unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("ip monitor");
+        // Subscribed once it runs.
+        std::thread::sleep(Duration::from_millis(100));
+        Monitor { child, file }
+    }
+
+    fn lines(&self) -> String {
+        std::fs::read_to_string(self.file.path()).unwrap()
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Issue 11 F1: a VIP whose backends never pass a check is never announced, not even for the
+/// moment before the first check fails: not at start, not after `backend add`, not after a
+/// restart (kill -9, then a new daemon adopts the pins).
+#[test]
+fn a_service_whose_backends_never_answer_is_never_announced() {
+    let topo = Topology::new("anf", 1).expect("testbed");
+    let lb = topo.lb();
+    let dead = topo.vip(Family::V4).to_string();
+    let later = "10.200.100.151";
+    let monitor = Monitor::start(lb);
+    let text = format!(
+        "[announce]\ntable = {TABLE}\n\n[[services]]\nname = \"dead\"\nvip = \"{}\"\nprotocol = \"tcp\"\nmode = \"dsr\"\n\
+         health_check = {{ kind = \"tcp\", port = {CHECK_PORT}, interval_ms = 300, timeout_ms = 200, rise = 1, fall = 2 }}\n\
+         [[services.backends]]\naddress = \"{}\"\n",
+        topo.vip_socket(Family::V4, PORT),
+        topo.backend_socket(Family::V4, 0, PORT)
+    );
+    let mut daemon = Daemon::start(Path::new(XDP_LB), lb, &topo.lb_ifaces(), &text).unwrap_or_else(|e| panic!("{e:?}"));
+    let reason = |d: &Daemon| announcements(d).into_iter().find(|(vip, ..)| *vip == dead).map(|v| v.2).unwrap_or_default();
+    wait_until("the dead service is found down", Duration::from_secs(5), || reason(&daemon).contains("all backends down"), || daemon.log());
+    cli(&daemon, &["service", "add", "dead2", "--vip", &format!("{later}:80"), "--protocol", "tcp", "--mode", "dsr", "--check", "tcp", "--check-interval-ms", "300", "--check-timeout-ms", "200", "--fall", "2"])
+        .unwrap_or_else(|e| panic!("service add: {e}"));
+    cli(&daemon, &["backend", "add", "dead2", &topo.backend_socket(Family::V4, 0, PORT).to_string()]).unwrap_or_else(|e| panic!("backend add: {e}"));
+    std::thread::sleep(Duration::from_millis(1500));
+    let pid = daemon.pid();
+    // SAFETY: kill(2) on the daemon this test started, which has not been reaped.
+    assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) }, 0);
+    wait_for_exit(pid);
+    start_again(&mut daemon);
+    std::thread::sleep(Duration::from_millis(1500));
+    let seen = monitor.lines();
+    assert!(
+        !seen.lines().any(|l| l.contains(&format!("{dead} ")) || l.contains(&format!("{later} "))),
+        "a VIP with no confirmed backend was announced:\n{seen}\n{}",
+        daemon.log()
+    );
+    assert!(vip_routes(lb).is_empty());
+    assert!(reason(&daemon).contains("all backends down"), "{}", reason(&daemon));
+    // The log does not claim a withdrawal of something never announced (issue 11 F15).
+    assert!(!daemon.log().contains("VIP withdrawn"), "{}", daemon.log());
+}
+
+/// Issue 11 F3: a second daemon in the same namespace with the same table is refused at start
+/// and at a reload that moves to that table, naming the table and the other daemon; the first
+/// keeps its routes.
+#[test]
+fn a_second_daemon_on_the_same_table_in_one_namespace_is_refused() {
+    let topo = Topology::new("anl", 1).expect("testbed");
+    let lb = topo.lb();
+    let _servers = IdentityServers::start_all(&topo, PORT, 53).expect("servers");
+    let _checks = check_servers(&topo);
+    let first = Daemon::start(Path::new(XDP_LB), lb, &topo.lb_ifaces(), &config(&topo, true)).unwrap_or_else(|e| panic!("{e:?}"));
+    wait_until("the first daemon announces", Duration::from_secs(5), || vip_routes(lb).len() == 2, || first.log());
+    let before = vip_routes(lb);
+    // The second one gets its own interface (a veth pair inside the lb namespace).
+    lb.ip(&["link", "add", "anl-x0", "type", "veth", "peer", "name", "anl-x1"]).unwrap();
+    lb.ip(&["link", "set", "anl-x0", "up"]).unwrap();
+    lb.ip(&["link", "set", "anl-x1", "up"]).unwrap();
+    let second_config = |table: u32| {
+        format!(
+            "[announce]\ntable = {table}\n\n[[services]]\nname = \"other\"\nvip = \"10.200.100.120:80\"\nprotocol = \"tcp\"\nmode = \"dsr\"\n\
+             health_check = {{ kind = \"none\" }}\n[[services.backends]]\naddress = \"{}\"\n",
+            topo.backend_socket(Family::V4, 0, PORT)
+        )
+    };
+    let err = match Daemon::start(Path::new(XDP_LB), lb, &["anl-x0"], &second_config(100)) {
+        Ok(d) => panic!("a second daemon on table 100 started:\n{}", d.log()),
+        Err(e) => format!("{e:?}"),
+    };
+    assert!(err.contains("[announce] table 100 is already used by another xdp-lb daemon in this network namespace"), "{err}");
+    assert!(err.contains(&format!("pid {}", first.pid())), "{err}");
+    // Its own table: fine, and the first daemon's routes were never touched.
+    let mut second = Daemon::start(Path::new(XDP_LB), lb, &["anl-x0"], &second_config(101)).unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(vip_routes(lb), before, "{}", first.log());
+    // A reload onto the first one's table is refused; the second stays on 101.
+    let refused = second.reconfigure(&second_config(100));
+    let text = format!("{refused:?}") + &second.log();
+    assert!(text.contains("[announce] table 100 is already used"), "{text}");
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(vip_routes(lb), before, "{}", first.log());
+    assert_eq!(routes(lb, "101", "247"), ["10.200.100.120"]);
+    // Issue 11 F8: a table an `ip rule` looks up is refused at reload, naming the rule.
+    lb.ip(&["rule", "add", "from", "10.200.100.1", "lookup", "102", "pref", "1234"]).unwrap();
+    let refused = second.reconfigure(&second_config(102));
+    let text = format!("{refused:?}") + &second.log();
+    assert!(text.contains("[announce] table 102 is looked up by `ip rule` pref 1234 (IPv4)"), "{text}");
+    assert_eq!(routes(lb, "101", "247"), ["10.200.100.120"]);
+}
+
+/// Issue 11 F11: an interface the program was attached to is deleted and re-created (new
+/// ifindex, no XDP on it): every VIP is withdrawn and `status` names the interface.
+#[test]
+fn a_recreated_interface_withdraws_every_vip() {
+    let topo = Topology::new("ani", 1).expect("testbed");
+    let lb = topo.lb();
+    let _servers = IdentityServers::start_all(&topo, PORT, 53).expect("servers");
+    let _checks = check_servers(&topo);
+    let daemon = Daemon::start(Path::new(XDP_LB), lb, &topo.lb_ifaces(), &config(&topo, true)).unwrap_or_else(|e| panic!("{e:?}"));
+    wait_until("announced", Duration::from_secs(5), || vip_routes(lb).len() == 2, || daemon.log());
+    // Issue 11 F13: a family the node does not forward is withdrawn, with the sysctl named.
+    let v4 = topo.vip(Family::V4).to_string();
+    lb.sysctl("net.ipv6.conf.all.forwarding", "0").unwrap();
+    wait_until("IPv6 VIP withdrawn without IPv6 forwarding", Duration::from_secs(3), || vip_routes(lb) == [v4.clone()], || daemon.log());
+    let v6 = announcements(&daemon).into_iter().find(|(vip, ..)| *vip != v4).unwrap();
+    assert!(v6.2.contains("net.ipv6.conf.all.forwarding = 0"), "{v6:?}");
+    lb.sysctl("net.ipv6.conf.all.forwarding", "1").unwrap();
+    wait_until("IPv6 VIP back with forwarding", Duration::from_secs(3), || vip_routes(lb).len() == 2, || daemon.log());
+    let iface = topo.backend_iface(0);
+    lb.ip(&["link", "del", &iface]).unwrap();
+    lb.ip(&["link", "add", &iface, "type", "veth", "peer", "name", "ani-peer"]).unwrap();
+    lb.ip(&["link", "set", &iface, "up"]).unwrap();
+    let took = wait_until("withdrawal after the interface was re-created", Duration::from_secs(3), || vip_routes(lb).is_empty(), || daemon.log());
+    eprintln!("interface re-created → every VIP withdrawn after {took:?}");
+    for (vip, announced, reason) in announcements(&daemon) {
+        assert!(!announced && reason.contains("XDP program not attached") && reason.contains(&iface), "{vip}: {reason}");
+    }
+    assert!(daemon.log().contains(&format!("interface {iface}")), "{}", daemon.log());
 }
 
 /// An unpinned daemon started directly (the testbed's always pins), killed when dropped.
@@ -344,7 +498,14 @@ fn a_bird_router_learns_the_vip_from_the_node_and_loses_it_within_a_second_of_no
         .iter()
         .fold(NODE_BIRD.to_string(), |c, (name, value)| define(&c, name, value));
     let router_part = ROUTER_BIRD.split("protocol bgp node1").next().unwrap();
-    let router_conf = define(router_part, "ROUTER_ADDR", "10.250.0.1") + "protocol bgp node1 from xdp_lb_node {\n    neighbor 10.250.0.2 as NODES_AS;\n}\n";
+    let router_conf = [
+        ("ROUTER_ADDR", "10.250.0.1".to_string()),
+        ("VIP_PREFIXES4", format!("[ {}/32 ]", topo.vip(Family::V4))),
+        ("VIP_PREFIXES6", format!("[ {}/128 ]", topo.vip(Family::V6))),
+    ]
+    .iter()
+    .fold(router_part.to_string(), |c, (name, value)| define(&c, name, value))
+        + "protocol bgp node1 from xdp_lb_node {\n    neighbor 10.250.0.2 as NODES_AS;\n}\n";
     let router_bird = Bird::start(&router, "router", &log_to(&router_conf, &dir.path().join("router.log")), dir.path());
     let node_bird = Bird::start(lb, "node", &log_to(&node_conf, &dir.path().join("node.log")), dir.path());
     let birds = || format!("{}\n{}", node_bird.log(), router_bird.log());

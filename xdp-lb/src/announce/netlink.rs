@@ -18,6 +18,9 @@ const NLMSG_DONE: u16 = 3;
 const RTM_NEWROUTE: u16 = 24;
 const RTM_DELROUTE: u16 = 25;
 const RTM_GETROUTE: u16 = 26;
+const RTM_NEWRULE: u16 = 32;
+const RTM_GETRULE: u16 = 34;
+const FRA_PRIORITY: u16 = 6;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
 const NLM_F_EXCL: u16 = 0x200;
@@ -118,6 +121,40 @@ impl Netlink {
                 Err(e) if e.errno() == Some(libc::ENOENT) => {}
                 other => other?,
             }
+        }
+        Ok(out)
+    }
+
+    /// The `ip rule`s (both families) that look up `table`, as `pref N (IPv4)`: with one, the
+    /// blackhole VIP routes would change this node's own forwarding (issue 11 F8).
+    pub fn rules_looking_up(&mut self, table: u32) -> Result<Vec<String>, NetlinkError> {
+        const DOING: &str = "listing the ip rules";
+        let mut out = Vec::new();
+        for (family, name) in [(libc::AF_INET as u8, "IPv4"), (libc::AF_INET6 as u8, "IPv6")] {
+            self.seq = self.seq.wrapping_add(1);
+            // A rule dump takes a bare `fib_rule_hdr` (same size as `rtmsg`) with only the family
+            // set: strict checking refuses attributes on it.
+            let mut m = vec![0u8; NLMSG_HDRLEN];
+            m.extend_from_slice(&[family, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+            let len = m.len() as u32;
+            m[0..4].copy_from_slice(&len.to_ne_bytes());
+            m[4..6].copy_from_slice(&RTM_GETRULE.to_ne_bytes());
+            m[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+            m[8..12].copy_from_slice(&self.seq.to_ne_bytes());
+            // SAFETY: send(2) of an initialised buffer we own on our socket.
+            let sent = unsafe { libc::send(self.fd.as_raw_fd(), m.as_ptr().cast(), m.len(), 0) };
+            if sent < 0 {
+                return Err(NetlinkError::Io { doing: DOING, source: io::Error::last_os_error() });
+            }
+            let seq = self.seq;
+            self.receive(seq, DOING, |kind, body| {
+                if kind == RTM_NEWRULE {
+                    if let Some(priority) = parse_rule(body, table) {
+                        out.push(format!("pref {priority} ({name})"));
+                    }
+                }
+                Ok(())
+            })?;
         }
         Ok(out)
     }
@@ -284,6 +321,32 @@ fn parse_route(body: &[u8], table: u32, proto: u8) -> Option<Route> {
     // A default route (no RTA_DST) of our protocol is still ours to remove.
     let dst = dst.or_else(|| ip_from(family, &[0u8; 16][..if family == libc::AF_INET as u8 { 4 } else { 16 }]))?;
     Some(Route { dst, prefix_len: dst_len, kind })
+}
+
+/// A dumped rule's priority, if it looks up `table` (`FRA_TABLE`, or the header's byte for tables
+/// below 256).
+fn parse_rule(body: &[u8], table: u32) -> Option<u32> {
+    if body.len() < RTMSG_LEN {
+        return None;
+    }
+    let mut rule_table = u32::from(body[4]);
+    let mut priority = 0;
+    let mut attrs = &body[RTMSG_LEN..];
+    while attrs.len() >= 4 {
+        let len = u16::from_ne_bytes([attrs[0], attrs[1]]) as usize;
+        let attr_kind = u16::from_ne_bytes([attrs[2], attrs[3]]);
+        if len < 4 || len > attrs.len() {
+            break;
+        }
+        let data = &attrs[4..len];
+        match attr_kind {
+            RTA_TABLE if data.len() == 4 => rule_table = u32::from_ne_bytes(data.try_into().ok()?),
+            FRA_PRIORITY if data.len() == 4 => priority = u32::from_ne_bytes(data.try_into().ok()?),
+            _ => {}
+        }
+        attrs = &attrs[align(len).min(attrs.len())..];
+    }
+    (rule_table == table).then_some(priority)
 }
 
 fn ip_from(family: u8, data: &[u8]) -> Option<IpAddr> {

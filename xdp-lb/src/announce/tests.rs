@@ -1,9 +1,18 @@
-use std::{net::IpAddr, process::Command};
+use std::{collections::BTreeSet, net::IpAddr, process::Command};
 
 use super::*;
 
+/// A service whose serving backends are all confirmed up.
 fn view(name: &str, vip: &str, programmed: bool, serving: usize) -> ServiceView {
-    ServiceView { name: name.into(), vip: vip.parse().unwrap(), programmed, serving }
+    ServiceView { name: name.into(), vip: vip.parse().unwrap(), programmed, serving, confirmed: serving, usable: serving.max(1) }
+}
+
+fn none_on() -> BTreeSet<IpAddr> {
+    BTreeSet::new()
+}
+
+fn drained() -> Node {
+    Node { drained: true, ..Node::ready() }
 }
 
 fn announced(plans: &[VipPlan]) -> Vec<String> {
@@ -13,15 +22,16 @@ fn announced(plans: &[VipPlan]) -> Vec<String> {
 #[test]
 fn a_serving_programmed_service_is_announced_once_attached() {
     let services = [view("web", "10.0.0.1", true, 2), view("web6", "fd00::1", true, 1)];
-    assert_eq!(announced(&desired(&services, true, false)), ["10.0.0.1", "fd00::1"]);
-    let before_attach = desired(&services, false, false);
-    assert!(before_attach.iter().all(|p| p.withdrawn == Some(Withdrawn::NotAttached)), "{before_attach:?}");
+    assert_eq!(announced(&desired(&services, &Node::ready(), &none_on())), ["10.0.0.1", "fd00::1"]);
+    let loading = Node { not_attached: Some(String::new()), ..Node::ready() };
+    let before_attach = desired(&services, &loading, &none_on());
+    assert!(before_attach.iter().all(|p| p.withdrawn == Some(Withdrawn::NotAttached(String::new()))), "{before_attach:?}");
 }
 
 #[test]
 fn drain_withdraws_every_vip_whatever_its_health() {
     let services = [view("web", "10.0.0.1", true, 2), view("dns", "10.0.0.2", true, 0)];
-    let plans = desired(&services, true, true);
+    let plans = desired(&services, &drained(), &none_on());
     assert_eq!(plans.len(), 2);
     assert!(plans.iter().all(|p| p.withdrawn == Some(Withdrawn::NodeDrained)), "{plans:?}");
     assert_eq!(plans[0].withdrawn.as_ref().unwrap().to_string(), "node drained");
@@ -29,14 +39,14 @@ fn drain_withdraws_every_vip_whatever_its_health() {
 
 #[test]
 fn all_backends_down_withdraws_with_the_service_named() {
-    let plans = desired(&[view("web", "10.0.0.1", true, 0)], true, false);
-    assert_eq!(plans[0].withdrawn, Some(Withdrawn::Services { all_down: vec!["web".into()], not_programmed: vec![] }));
+    let plans = desired(&[view("web", "10.0.0.1", true, 0)], &Node::ready(), &none_on());
+    assert_eq!(plans[0].withdrawn, Some(Withdrawn::Services { all_down: vec!["web".into()], not_programmed: vec![], no_usable: vec![], unconfirmed: vec![] }));
     assert_eq!(plans[0].withdrawn.as_ref().unwrap().to_string(), "all backends down (service web)");
 }
 
 #[test]
 fn an_unprogrammed_service_is_not_announced() {
-    let plans = desired(&[view("web", "10.0.0.1", false, 3)], true, false);
+    let plans = desired(&[view("web", "10.0.0.1", false, 3)], &Node::ready(), &none_on());
     assert_eq!(plans[0].withdrawn.as_ref().unwrap().to_string(), "service not programmed (web)");
 }
 
@@ -44,25 +54,69 @@ fn an_unprogrammed_service_is_not_announced() {
 fn one_qualifying_service_announces_a_shared_address() {
     // web (tcp/80) is down, dns (udp/53) on the same address serves: the /32 carries both.
     let services = [view("web", "10.0.0.1", true, 0), view("dns", "10.0.0.1", true, 1)];
-    let plans = desired(&services, true, false);
+    let plans = desired(&services, &Node::ready(), &none_on());
     assert_eq!(plans.len(), 1, "one route per address: {plans:?}");
     assert_eq!(announced(&plans), ["10.0.0.1"]);
     // Both down, for different reasons: both reasons shown.
     let services = [view("web", "10.0.0.1", true, 0), view("dns", "10.0.0.1", false, 0)];
-    let reason = desired(&services, true, false)[0].withdrawn.as_ref().unwrap().to_string();
+    let reason = desired(&services, &Node::ready(), &none_on())[0].withdrawn.as_ref().unwrap().to_string();
     assert_eq!(reason, "all backends down (service web); service not programmed (dns)");
 }
 
 #[test]
 fn fail_open_serving_counts_as_serving() {
     // plan() counts the failed-open primaries as serving: such a service stays announced.
-    let plans = desired(&[view("web", "10.0.0.1", true, 3)], true, false);
+    let plans = desired(&[view("web", "10.0.0.1", true, 3)], &Node::ready(), &none_on());
     assert_eq!(announced(&plans), ["10.0.0.1"]);
+}
+
+/// Issue 11 F1: a backend no check has confirmed (`Unknown`) counts as serving in the ring, but
+/// must not start an announcement; once announced, only a confirmed all-down withdraws.
+#[test]
+fn an_unconfirmed_backend_does_not_start_an_announcement_but_keeps_one() {
+    let unknown = ServiceView { confirmed: 0, ..view("dead", "10.0.0.1", true, 2) };
+    let fresh = desired(std::slice::from_ref(&unknown), &Node::ready(), &none_on());
+    assert_eq!(
+        fresh[0].withdrawn.as_ref().map(ToString::to_string).as_deref(),
+        Some("no backend confirmed up by a health check yet (service dead)")
+    );
+    // Announced before (or adopted after a restart): an unknown backend does not withdraw it.
+    let on: BTreeSet<IpAddr> = ["10.0.0.1".parse().unwrap()].into();
+    assert_eq!(announced(&desired(std::slice::from_ref(&unknown), &Node::ready(), &on)), ["10.0.0.1"]);
+    // A confirmed all-down does.
+    let down = ServiceView { serving: 0, confirmed: 0, ..unknown.clone() };
+    assert!(desired(&[down], &Node::ready(), &on)[0].withdrawn.is_some());
+    // One confirmed backend starts it.
+    let up = ServiceView { confirmed: 1, ..unknown };
+    assert_eq!(announced(&desired(&[up], &Node::ready(), &none_on())), ["10.0.0.1"]);
+}
+
+/// Issue 11 F15: drained or weight-0 backends are not "down".
+#[test]
+fn all_backends_drained_says_so() {
+    let all_drained = ServiceView { usable: 0, ..view("web", "10.0.0.1", true, 0) };
+    let reason = desired(&[all_drained], &Node::ready(), &none_on())[0].withdrawn.as_ref().unwrap().to_string();
+    assert_eq!(reason, "no backend may serve: all drained or weight 0 (service web)");
+}
+
+/// Issue 11 F13: a family the node does not forward is not announced.
+#[test]
+fn a_family_without_forwarding_is_not_announced() {
+    let services = [view("web", "10.0.0.1", true, 1), view("web6", "fd00::1", true, 1)];
+    let no_v6 = Node { ipv6_forwarding: false, ..Node::ready() };
+    let plans = desired(&services, &no_v6, &none_on());
+    assert_eq!(announced(&plans), ["10.0.0.1"]);
+    assert_eq!(
+        plans[1].withdrawn.as_ref().unwrap().to_string(),
+        "this node does not forward the VIP's address family (net.ipv6.conf.all.forwarding = 0)"
+    );
+    let no_v4 = Node { ipv4_forwarding: false, ..Node::ready() };
+    assert_eq!(announced(&desired(&services, &no_v4, &none_on())), ["fd00::1"]);
 }
 
 #[test]
 fn no_services_no_routes() {
-    assert!(desired(&[], true, false).is_empty());
+    assert!(desired(&[], &Node::ready(), &none_on()).is_empty());
 }
 
 /// Runs `f` on a thread of its own in a new, empty network namespace (only that thread and the
@@ -77,6 +131,12 @@ fn in_private_netns<T: Send>(f: impl FnOnce() -> T + Send) -> T {
         .join()
         .expect("netns thread")
     })
+}
+
+/// A new namespace forwards nothing; the announcer announces only families the node forwards.
+fn forwarding_on() {
+    std::fs::write("/proc/sys/net/ipv4/conf/all/forwarding", "1").expect("ipv4 forwarding");
+    std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1").expect("ipv6 forwarding");
 }
 
 fn ip(args: &[&str]) -> String {
@@ -114,6 +174,20 @@ fn routes_are_added_listed_and_deleted_and_foreign_ones_never_touched() {
     });
 }
 
+/// Issue 11 F8: the table must not be looked up by any `ip rule`.
+#[test]
+fn rules_looking_up_the_table_are_found_in_both_families() {
+    in_private_netns(|| {
+        let mut nl = Netlink::open().unwrap();
+        assert_eq!(nl.rules_looking_up(100).unwrap(), Vec::<String>::new());
+        ip(&["rule", "add", "from", "10.0.0.1", "lookup", "100", "pref", "100"]);
+        ip(&["-6", "rule", "add", "from", "fd00::1", "lookup", "100", "pref", "101"]);
+        ip(&["rule", "add", "from", "10.0.0.2", "lookup", "101", "pref", "102"]);
+        assert_eq!(nl.rules_looking_up(100).unwrap(), ["pref 100 (IPv4)", "pref 101 (IPv6)"]);
+        assert_eq!(nl.rules_looking_up(101).unwrap(), ["pref 102 (IPv4)"]);
+    });
+}
+
 #[test]
 fn a_table_without_routes_of_a_family_lists_empty() {
     in_private_netns(|| {
@@ -136,6 +210,7 @@ fn the_announcer_adopts_removes_stale_routes_and_withdraws_everything_on_stop() 
         ip(&["route", "add", "blackhole", "10.0.0.1/32", "table", "100", "proto", "247"]);
         ip(&["route", "add", "blackhole", "10.0.0.7/32", "table", "100", "proto", "247"]);
         ip(&["route", "add", "blackhole", "10.0.0.8/32", "table", "100", "proto", "static"]);
+        forwarding_on();
         let table = || ip(&["route", "show", "table", "100"]);
         let on = Some(Announce { table: 100, drained: false });
         let services = [view("web", "10.0.0.1", true, 1), view("web6", "fd00::1", true, 1), view("dns", "10.0.0.2", true, 0)];

@@ -83,6 +83,35 @@ fn a_cli_change_to_nat_names_the_option() {
     assert!(rendered.starts_with("service web: --mode: \"nat\" cannot be announced"), "{rendered}");
 }
 
+/// Issue 11 F9: schedulers whose choice is not a pure function of the configuration and the flow
+/// make nodes disagree; refused with `[announce]`, as NAT is.
+#[test]
+fn node_local_schedulers_are_refused_when_announcing() {
+    for name in ["round-robin", "weighted-round-robin", "least-conn", "least-response-time"] {
+        let text = ANNOUNCED.replace("mode = \"dsr\"\n", &format!("mode = \"dsr\"\nscheduler = \"{name}\"\n"));
+        let errors = errors_of(&text);
+        let want = format!("10: services[0].scheduler: \"{name}\" cannot be announced from several nodes");
+        assert!(errors.iter().any(|e| e.starts_with(&want)), "{name}: {errors:?}");
+        assert!(errors.iter().any(|e| e.contains("use scheduler = \"maglev\" or \"ip-hash\"")), "{errors:?}");
+        // Without [announce] the scheduler's own rules apply, not this one.
+        let single = text.replace("[announce]\ntable = 100        # BIRD's kernel protocol learns this table\n", "");
+        if let Err(ConfigError::Invalid { errors, .. }) = RawConfig::parse(&single, "node.toml") {
+            assert!(errors.iter().all(|e| !e.to_string().contains("cannot be announced")), "{errors:?}");
+        }
+    }
+    for name in ["maglev", "ip-hash"] {
+        RawConfig::parse(&ANNOUNCED.replace("mode = \"dsr\"\n", &format!("mode = \"dsr\"\nscheduler = \"{name}\"\n")), "node.toml").unwrap();
+    }
+}
+
+#[test]
+fn a_cli_scheduler_change_is_refused_naming_the_option() {
+    let (mut raw, _) = RawConfig::parse(ANNOUNCED, "node.toml").unwrap();
+    raw.services[0].scheduler = "round-robin".into();
+    let rendered = render_for_cli(&raw.validate().unwrap_err());
+    assert!(rendered.starts_with("service web: --scheduler: \"round-robin\" cannot be announced"), "{rendered}");
+}
+
 #[test]
 fn a_table_error_from_the_cli_names_the_config_setting() {
     let (mut raw, _) = RawConfig::parse(ANNOUNCED, "node.toml").unwrap();

@@ -111,6 +111,23 @@ impl RawConfig {
             if scheduler.is_none() {
                 err(at("scheduler"), format!("\"{}\" is not one of: {}", s.scheduler, Scheduler::NAMES));
             }
+            if let Some(bad @ (Scheduler::RoundRobin | Scheduler::WeightedRoundRobin | Scheduler::LeastConn | Scheduler::LeastResponseTime)) = scheduler {
+                if announce.is_some() {
+                    // Every node must send a flow to the same backend, or a flow the router moves
+                    // to another node (drain, a node lost) is reset: only a pure function of the
+                    // configuration and the flow's addresses gives that (issue 11 F9).
+                    let depends_on = if bad == Scheduler::LeastResponseTime { "this node's own health-check latencies" } else { "this node's arrival order or connection counts" };
+                    err(
+                        at("scheduler"),
+                        format!(
+                            "\"{}\" cannot be announced from several nodes ([announce] is set): its choice depends on {depends_on}, \
+                             so nodes disagree and a flow the router moves to another node reaches another backend; \
+                             use scheduler = \"maglev\" or \"ip-hash\", or remove [announce]",
+                            s.scheduler
+                        ),
+                    );
+                }
+            }
             if s.ring_size < 3 || !is_prime(s.ring_size) {
                 err(at("ring_size"), format!("{} is not a prime number of at least 3 (e.g. 251, 16381, 65537)", s.ring_size));
             }

@@ -12,10 +12,18 @@ pub enum DaemonError {
     #[error("{}; nothing was changed", crate::config::render_for_cli(errors))]
     InvalidChange { path: String, errors: Vec<FieldError> },
     #[error(
-        "node drain withdraws the VIP announcements, but {path} has no [announce] section: this node announces \
-         nothing (add `[announce]` with `table = N` to announce through BIRD); nothing was changed"
+        "node {command} {effect}, but {path} has no [announce] section: this node announces \
+         nothing (add `[announce]` with `table = N` to announce through BIRD); nothing was changed",
+        command = if *drained { "drain" } else { "undrain" },
+        effect = if *drained { "withdraws the VIP announcements" } else { "lets the node announce its VIPs again" }
     )]
-    AnnounceOff { path: String },
+    AnnounceOff { path: String, drained: bool },
+    /// Another daemon in this network namespace announces into the same table.
+    #[error(transparent)]
+    AnnounceTable(#[from] crate::announce::LockError),
+    /// An `ip rule` looks up the announce table.
+    #[error(transparent)]
+    AnnounceRule(#[from] crate::announce::RuleError),
     /// Without pins the data plane goes with the process, but the VIP routes would not: a crashed
     /// daemon would leave the routers sending traffic to a node that no longer forwards it.
     #[error(

@@ -16,7 +16,7 @@ impl Daemon {
                 a.drained = drained;
                 Ok(())
             }
-            None => Err(DaemonError::AnnounceOff { path: path.clone() }),
+            None => Err(DaemonError::AnnounceOff { path: path.clone(), drained }),
         };
         match self.change(set) {
             Err(DaemonError::EditedOnDisk { .. }) => self.drain_node_beside_an_edit(drained),
@@ -43,7 +43,7 @@ impl Daemon {
         let mut running = self.file.loaded.raw.clone();
         match running.announce.as_mut() {
             Some(a) => a.drained = drained,
-            None => return Err(DaemonError::AnnounceOff { path }),
+            None => return Err(DaemonError::AnnounceOff { path, drained }),
         }
         let config = running.validate().map_err(|errors| DaemonError::InvalidChange { path: path.clone(), errors })?;
         let previous = self.program(config.clone())?;
