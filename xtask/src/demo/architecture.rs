@@ -65,8 +65,9 @@ pub fn scene(opts: &Options) -> anyhow::Result<()> {
     let dir = tempfile::Builder::new().prefix("xdp-lb-demo-").tempdir()?;
     let replicas = (0..REPLICAS)
         .map(|i| {
-            let config = gateway::render(&names[i], services::ADDRESS);
             let addr = topo.backend_socket(Family::V4, i, gateway::PORT);
+            let IpAddr::V4(own) = addr.ip() else { unreachable!("an IPv4 backend socket") };
+            let config = gateway::render(&names[i], own, services::ADDRESS);
             Replica::start(&opts.l7_sidecar, topo.backend(i), &names[i], addr, &config, &secret, dir.path())
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
@@ -80,8 +81,13 @@ pub fn scene(opts: &Options) -> anyhow::Result<()> {
     let backends = (0..REPLICAS).map(|i| topo.backend_socket(Family::V4, i, gateway::PORT));
     let config = config_toml(&[ServiceConfig::new("gateway", vip, Protocol::Tcp, Mode::Nat, Scheduler::Maglev, backends)]);
     let dashboard_arg = DASHBOARD_INSIDE.to_string();
-    let daemon = Daemon::start_with_args(&opts.xdp_lb, topo.lb(), &topo.lb_ifaces(), &config, &["--dashboard", &dashboard_arg])
-        .context("starting xdp-lb")?;
+    let mut args = vec!["--dashboard".to_string(), dashboard_arg];
+    for i in 0..REPLICAS {
+        let backend = topo.backend_socket(Family::V4, i, gateway::PORT);
+        args.extend(["--gateway-admin".to_string(), format!("{backend}={}", SocketAddr::new(backend.ip(), gateway::ADMIN_PORT))]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let daemon = Daemon::start_with_args(&opts.xdp_lb, topo.lb(), &topo.lb_ifaces(), &config, &args).context("starting xdp-lb")?;
     println!("xdp-lb balances {vip} (NAT, Maglev) over the replicas");
     let relay = Relay::start(opts.dashboard, topo.lb(), DASHBOARD_INSIDE)?;
     check_dashboard(&relay).context("the dashboard through the relay")?;
@@ -110,6 +116,7 @@ pub fn scene(opts: &Options) -> anyhow::Result<()> {
         // Ctrl-C in the open-ended demo is how it ends; guards clean up as this returns.
         return if opts.duration.is_none() && interrupt::interrupted() { Ok(()) } else { outcome };
     }
+    check_gateway_traces(&relay).context("the dashboard's gateway views (through the relay)")?;
     change_through_dashboard(&relay, &daemon).context("changing the scheduler from the dashboard (through the relay)")?;
     println!("\nthe dashboard's scheduler control works through the relay: `gateway` switched to round-robin, written into the daemon's config");
     let stats = daemon.stop_stats()?;
@@ -199,6 +206,40 @@ fn random_secret() -> anyhow::Result<String> {
 fn check_dashboard(relay: &Relay) -> anyhow::Result<()> {
     let (status, _) = relay_request(relay, "GET", "/api/snapshot", None)?;
     ensure!(status == 200, "GET /api/snapshot answered {status}");
+    Ok(())
+}
+
+/// The page's gateway views have data: through the relay's event stream, every replica answered
+/// the dashboard's poll and sent sampled request traces.
+fn check_gateway_traces(relay: &Relay) -> anyhow::Result<()> {
+    use std::io::{BufRead, BufReader};
+    let addr = relay.addr();
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(format!("GET /api/stream HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(8);
+    let mut last = None;
+    let mut updates = 0;
+    for line in BufReader::new(s).lines() {
+        let line = line.context("reading the dashboard's event stream")?;
+        if let Some(data) = line.strip_prefix("data: ") {
+            updates += 1;
+            last = Some(serde_json::from_str::<serde_json::Value>(data).context("an update of the event stream")?);
+        }
+        // The first update may predate the first poll of the replicas.
+        if updates >= 3 || std::time::Instant::now() > deadline {
+            break;
+        }
+    }
+    let update = last.context("no update on the dashboard's event stream")?;
+    let gateways = update["gateways"].as_array().context("no gateways in the dashboard's update")?;
+    ensure!(gateways.len() == REPLICAS, "the dashboard polls {} gateway replicas, not {REPLICAS}", gateways.len());
+    for g in gateways {
+        ensure!(g["unreachable"].is_null(), "gateway {} unreachable from the dashboard: {}", g["backend"], g["unreachable"]);
+        let traces = g["traces"].as_array().map_or(0, Vec::len);
+        ensure!(traces > 0, "gateway {} sent the dashboard no request traces", g["backend"]);
+    }
+    println!("dashboard: every replica's admin listener answered with sampled request traces");
     Ok(())
 }
 

@@ -21,9 +21,12 @@ pub const PORT: u16 = 80;
 const ADMIN: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 9090);
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// The configuration of replica `name`, whose services live at `services`.
-pub fn render(name: &str, services: Ipv4Addr) -> String {
-    TEMPLATE.replace("@REPLICA@", name).replace("@SERVICES@", &services.to_string())
+/// Where the replica at `address` answers the dashboard's trace and route questions (`[admin]`).
+pub const ADMIN_PORT: u16 = 9901;
+
+/// The configuration of replica `name` at `address`, whose services live at `services`.
+pub fn render(name: &str, address: Ipv4Addr, services: Ipv4Addr) -> String {
+    TEMPLATE.replace("@REPLICA@", name).replace("@ADDRESS@", &address.to_string()).replace("@SERVICES@", &services.to_string())
 }
 
 /// One running replica; SIGKILLed and reaped when dropped (its namespace goes right after).
@@ -122,10 +125,11 @@ mod tests {
 
     #[test]
     fn renders_every_placeholder() {
-        let text = render("gw-2", Ipv4Addr::new(10, 202, 0, 2));
+        let text = render("gw-2", Ipv4Addr::new(10, 201, 2, 2), Ipv4Addr::new(10, 202, 0, 2));
         assert!(!text.contains('@'), "{text}");
         assert!(text.contains("\"X-Gateway-Replica\" = \"gw-2\""));
         assert!(text.contains("address = \"10.202.0.2:8004\""));
+        assert!(text.contains("listen = \"10.201.2.2:9901\""), "{text}");
     }
 
     #[test]

@@ -240,7 +240,7 @@ mod tests {
                 _ => assert!(rate < limit / 2.0, "{:?} sends {rate}/s", w.user),
             }
         }
-        let config = super::super::gateway::render("gw-0", std::net::Ipv4Addr::LOCALHOST);
+        let config = super::super::gateway::render("gw-0", std::net::Ipv4Addr::LOCALHOST, std::net::Ipv4Addr::LOCALHOST);
         assert!(config.contains("limit = 12\nwindow = \"1s\""), "the limit changed: update the load");
     }
 }
