@@ -28,12 +28,20 @@ fn signal(child: &Child, sig: &str) {
 
 /// The next datagram on the test's `$NOTIFY_SOCKET`, or a panic naming what was expected.
 fn expect(socket: &UnixDatagram, what: &str) -> String {
-    socket.set_read_timeout(Some(STEP)).expect("timeout");
+    let deadline = std::time::Instant::now() + STEP;
     let mut buf = [0u8; 4096];
-    let n = socket
-        .recv(&mut buf)
-        .unwrap_or_else(|e| panic!("no sd_notify message ({e}); expected {what}"));
-    String::from_utf8_lossy(&buf[..n]).into_owned()
+    loop {
+        let left = deadline
+            .saturating_duration_since(std::time::Instant::now())
+            .max(Duration::from_millis(1));
+        socket.set_read_timeout(Some(left)).expect("timeout");
+        match socket.recv(&mut buf) {
+            Ok(n) => return String::from_utf8_lossy(&buf[..n]).into_owned(),
+            // A signal for another test in this process (seen in xdp-lb's twin test): wait on.
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => panic!("no sd_notify message ({e}); expected {what}"),
+        }
+    }
 }
 
 /// True when `line` is one of the message's lines. Every message is checked to be well formed first:

@@ -46,12 +46,18 @@ impl NotifySocket {
 
     /// The next datagram, or `None` after `timeout`.
     fn next(&self, timeout: Duration) -> Option<String> {
-        self.socket.set_read_timeout(Some(timeout)).expect("read timeout");
+        let deadline = std::time::Instant::now() + timeout;
         let mut buf = [0u8; 4096];
-        match self.socket.recv(&mut buf) {
-            Ok(n) => Some(String::from_utf8_lossy(&buf[..n]).into_owned()),
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => None,
-            Err(e) => panic!("receiving from the notify socket: {e}"),
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now()).max(Duration::from_millis(1));
+            self.socket.set_read_timeout(Some(left)).expect("read timeout");
+            match self.socket.recv(&mut buf) {
+                Ok(n) => return Some(String::from_utf8_lossy(&buf[..n]).into_owned()),
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => return None,
+                // A signal for another test in this process (CI: EINTR here): wait on.
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => panic!("receiving from the notify socket: {e}"),
+            }
         }
     }
 
