@@ -106,14 +106,12 @@ impl Netlink {
         let mut out = Vec::new();
         for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
             let header = RtMsg { family, dst_len: 0, proto, kind: 0, scope: 0 };
-            let seq = self.send(RTM_GETROUTE, NLM_F_REQUEST | NLM_F_DUMP, &header, None, table, DOING)?;
-            let dumped = self.receive(seq, DOING, |kind, body| {
+            let dumped = self.dump(RTM_GETROUTE, route_body(&header, None, table), DOING, |kind, body| {
                 if kind == RTM_NEWROUTE {
                     if let Some(route) = parse_route(body, table, proto) {
                         out.push(route);
                     }
                 }
-                Ok(())
             });
             match dumped {
                 // With strict checking the kernel says ENOENT for a table that holds no route of
@@ -131,29 +129,16 @@ impl Netlink {
         const DOING: &str = "listing the ip rules";
         let mut out = Vec::new();
         for (family, name) in [(libc::AF_INET as u8, "IPv4"), (libc::AF_INET6 as u8, "IPv6")] {
-            self.seq = self.seq.wrapping_add(1);
             // A rule dump takes a bare `fib_rule_hdr` (same size as `rtmsg`) with only the family
             // set: strict checking refuses attributes on it.
-            let mut m = vec![0u8; NLMSG_HDRLEN];
-            m.extend_from_slice(&[family, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
-            let len = m.len() as u32;
-            m[0..4].copy_from_slice(&len.to_ne_bytes());
-            m[4..6].copy_from_slice(&RTM_GETRULE.to_ne_bytes());
-            m[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
-            m[8..12].copy_from_slice(&self.seq.to_ne_bytes());
-            // SAFETY: send(2) of an initialised buffer we own on our socket.
-            let sent = unsafe { libc::send(self.fd.as_raw_fd(), m.as_ptr().cast(), m.len(), 0) };
-            if sent < 0 {
-                return Err(NetlinkError::Io { doing: DOING, source: io::Error::last_os_error() });
-            }
-            let seq = self.seq;
-            self.receive(seq, DOING, |kind, body| {
+            let mut body = vec![0u8; RTMSG_LEN];
+            body[0] = family;
+            self.dump(RTM_GETRULE, body, DOING, |kind, body| {
                 if kind == RTM_NEWRULE {
                     if let Some(priority) = parse_rule(body, table) {
                         out.push(format!("pref {priority} ({name})"));
                     }
                 }
-                Ok(())
             })?;
         }
         Ok(out)
@@ -174,13 +159,22 @@ impl Netlink {
     }
 
     fn request(&mut self, kind: u16, flags: u16, header: &RtMsg, dst: IpAddr, table: u32, doing: &'static str) -> Result<(), NetlinkError> {
-        let seq = self.send(kind, NLM_F_REQUEST | NLM_F_ACK | flags, header, Some(dst), table, doing)?;
+        let seq = self.send(kind, NLM_F_REQUEST | NLM_F_ACK | flags, route_body(header, Some(dst), table), doing)?;
         self.receive(seq, doing, |_, _| Ok(()))
     }
 
-    fn send(&mut self, kind: u16, flags: u16, header: &RtMsg, dst: Option<IpAddr>, table: u32, doing: &'static str) -> Result<u32, NetlinkError> {
+    /// Sends a dump request of `kind` and hands every answer (type, payload) to `each`.
+    fn dump(&mut self, kind: u16, body: Vec<u8>, doing: &'static str, mut each: impl FnMut(u16, &[u8])) -> Result<(), NetlinkError> {
+        let seq = self.send(kind, NLM_F_REQUEST | NLM_F_DUMP, body, doing)?;
+        self.receive(seq, doing, |kind, body| {
+            each(kind, body);
+            Ok(())
+        })
+    }
+
+    fn send(&mut self, kind: u16, flags: u16, body: Vec<u8>, doing: &'static str) -> Result<u32, NetlinkError> {
         self.seq = self.seq.wrapping_add(1);
-        let message = encode(kind, flags, self.seq, header, dst, table);
+        let message = encode(kind, flags, self.seq, body);
         // SAFETY: send(2) of an initialised buffer we own on our socket; an unbound netlink socket
         // sends to the kernel.
         let sent = unsafe { libc::send(self.fd.as_raw_fd(), message.as_ptr().cast(), message.len(), 0) };
@@ -264,10 +258,9 @@ fn align(len: usize) -> usize {
     (len + 3) & !3
 }
 
-/// One netlink message: header, `rtmsg`, `RTA_DST` (if any) and `RTA_TABLE`.
-fn encode(kind: u16, flags: u16, seq: u32, header: &RtMsg, dst: Option<IpAddr>, table: u32) -> Vec<u8> {
-    let mut m = vec![0u8; NLMSG_HDRLEN];
-    m.extend_from_slice(&[header.family, header.dst_len, 0, 0, u8::try_from(table).unwrap_or(0), header.proto, header.scope, header.kind]);
+/// A route message's payload: `rtmsg`, `RTA_DST` (if any) and `RTA_TABLE`.
+fn route_body(header: &RtMsg, dst: Option<IpAddr>, table: u32) -> Vec<u8> {
+    let mut m = vec![header.family, header.dst_len, 0, 0, u8::try_from(table).unwrap_or(0), header.proto, header.scope, header.kind];
     m.extend_from_slice(&0u32.to_ne_bytes()); // rtm_flags
     if let Some(dst) = dst {
         match dst {
@@ -276,11 +269,18 @@ fn encode(kind: u16, flags: u16, seq: u32, header: &RtMsg, dst: Option<IpAddr>, 
         }
     }
     attribute(&mut m, RTA_TABLE, &table.to_ne_bytes());
-    let len = m.len() as u32;
-    m[0..4].copy_from_slice(&len.to_ne_bytes());
-    m[4..6].copy_from_slice(&kind.to_ne_bytes());
-    m[6..8].copy_from_slice(&flags.to_ne_bytes());
-    m[8..12].copy_from_slice(&seq.to_ne_bytes());
+    m
+}
+
+/// One netlink message: the header, then `body`.
+fn encode(kind: u16, flags: u16, seq: u32, body: Vec<u8>) -> Vec<u8> {
+    let mut m = Vec::with_capacity(NLMSG_HDRLEN + body.len());
+    m.extend_from_slice(&((NLMSG_HDRLEN + body.len()) as u32).to_ne_bytes());
+    m.extend_from_slice(&kind.to_ne_bytes());
+    m.extend_from_slice(&flags.to_ne_bytes());
+    m.extend_from_slice(&seq.to_ne_bytes());
+    m.resize(NLMSG_HDRLEN, 0); // pid: the kernel fills it in
+    m.extend_from_slice(&body);
     m
 }
 
@@ -378,7 +378,7 @@ mod tests {
     #[test]
     fn a_route_request_encodes_as_the_kernel_lays_it_out() {
         let header = RtMsg::host("10.0.0.7".parse().unwrap(), 247, RTN_BLACKHOLE);
-        let m = encode(RTM_NEWROUTE, NLM_F_REQUEST, 9, &header, Some("10.0.0.7".parse().unwrap()), 100);
+        let m = encode(RTM_NEWROUTE, NLM_F_REQUEST, 9, route_body(&header, Some("10.0.0.7".parse().unwrap()), 100));
         // header 16 + rtmsg 12 + RTA_DST 8 + RTA_TABLE 8
         assert_eq!(m.len(), 44);
         assert_eq!(u32::from_ne_bytes(m[0..4].try_into().unwrap()), 44);
@@ -393,7 +393,7 @@ mod tests {
     #[test]
     fn a_dumped_route_of_another_protocol_or_table_is_not_ours() {
         let header = RtMsg::host("fd00::1".parse().unwrap(), 247, RTN_BLACKHOLE);
-        let m = encode(RTM_NEWROUTE, 0, 1, &header, Some("fd00::1".parse().unwrap()), 100);
+        let m = encode(RTM_NEWROUTE, 0, 1, route_body(&header, Some("fd00::1".parse().unwrap()), 100));
         let body = &m[NLMSG_HDRLEN..];
         assert_eq!(parse_route(body, 100, 247), Some(Route { dst: "fd00::1".parse().unwrap(), prefix_len: 128, kind: RTN_BLACKHOLE }));
         assert_eq!(parse_route(body, 100, 4), None, "another protocol");
