@@ -69,6 +69,14 @@ pub fn host_error<B>(req: &Request<B>) -> Result<(), &'static str> {
             return Err("invalid Host header");
         }
     }
+    // The request target's authority (HTTP/1 absolute-form, HTTP/2 `:authority`) obeys
+    // the same rule: RFC 9110 §4.2.4 and RFC 9113 §8.3.1 forbid userinfo there, and a
+    // password in it would otherwise reach the upstream and the traces.
+    if let Some(a) = req.uri().authority() {
+        if !valid_authority(a.as_str().as_bytes()) {
+            return Err("invalid authority in the request target");
+        }
+    }
     if req.version() == Version::HTTP_2 {
         if let (Some(h), Some(a)) = (host, req.uri().authority()) {
             if !h.as_bytes().eq_ignore_ascii_case(a.as_str().as_bytes()) {
@@ -211,6 +219,10 @@ mod tests {
         assert!(host_error(&req(Version::HTTP_2, &[], "http://a/")).is_ok());
         assert!(host_error(&req(Version::HTTP_2, &["A"], "http://a/")).is_ok());
         assert!(host_error(&req(Version::HTTP_2, &["b"], "http://a/")).is_err());
+        // Userinfo in the target's authority, as HTTP/1.0 absolute-form or HTTP/2 send it.
+        assert!(host_error(&req(Version::HTTP_10, &[], "http://u:secret@a/")).is_err());
+        assert!(host_error(&req(Version::HTTP_2, &[], "http://u:secret@a/")).is_err());
+        assert!(host_error(&req(Version::HTTP_11, &["a"], "http://u@a/")).is_err());
     }
 
     #[test]

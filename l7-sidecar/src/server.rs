@@ -108,6 +108,7 @@ pub async fn start_workers(
             .next()
             .ok_or_else(|| bind_err(std::io::Error::other("resolves to no address")))?;
         // The first socket fixes the port (`:0` picks one); the others join it.
+        refuse_shared_port(wanted).map_err(bind_err)?;
         let first = reuseport_listener(wanted).map_err(bind_err)?;
         let addr = first.local_addr().map_err(bind_err)?;
         let state = ListenerState {
@@ -174,6 +175,27 @@ struct ListenerState {
     role: Role,
     limit: Arc<Semaphore>,
     per_address: Arc<PerAddress>,
+}
+
+/// Fails with `AddrInUse` if anything listens on `addr` already. `SO_REUSEPORT` would
+/// otherwise let a second process (a second gateway started by mistake, another server
+/// of the same user) join our port and silently take a share of its connections: a
+/// plain bind conflicts with every listening socket, `SO_REUSEPORT` or not.
+fn refuse_shared_port(addr: SocketAddr) -> std::io::Result<()> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // Connections of an earlier run in TIME_WAIT are no reason to refuse.
+    probe.set_reuse_address(true)?;
+    probe.bind(&addr.into()).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            std::io::Error::new(e.kind(), "address in use: another listener (of this gateway or another process) serves it")
+        } else {
+            e
+        }
+    })
 }
 
 /// A non-blocking listening socket that other sockets may bind too (`SO_REUSEPORT`).
@@ -437,5 +459,30 @@ mod tests {
             assert!(text.starts_with("HTTP/1.1 404"), "connection {i}: {text:?}");
         }
         assert!(running.drain(Duration::from_secs(2)).await, "drained");
+    }
+
+    #[tokio::test]
+    async fn a_second_gateway_on_a_port_in_use_fails_instead_of_sharing_it() {
+        let parse = |bind: &str| {
+            crate::Config::parse(&format!(
+                "[observability]\naccess_log = false\n[[listeners]]\nname = \"p\"\nbind = \"{bind}\"\n"
+            ))
+            .expect("config")
+        };
+        let first = super::start_workers(crate::Gateway::new(parse("127.0.0.1:0"), None).expect("gw"), 2)
+            .await
+            .expect("start");
+        let addr = first.addr("p").expect("bound");
+        let second = crate::Gateway::new(parse(&addr.to_string()), None).expect("gw");
+        let err = match super::start_workers(second, 2).await {
+            Ok(_) => panic!("a second gateway joined {addr} and would take a share of its connections"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("address in use"), "{err}");
+        // Another process's plain listener counts as well.
+        let other = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let taken = other.local_addr().expect("addr").to_string();
+        let third = crate::Gateway::new(parse(&taken), None).expect("gw");
+        assert!(super::start_workers(third, 1).await.is_err(), "{taken} is in use");
     }
 }

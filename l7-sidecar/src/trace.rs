@@ -20,6 +20,26 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+/// Stands for a host or path the gateway refused: its text is the client's, not a request's.
+const INVALID: &str = "(invalid)";
+
+/// The path as routing sees it (normalised, see `crate::path`), without `;` parameters
+/// (a classic carrier of session ids); `(invalid)` for a path the gateway refuses.
+/// `path()` never includes the query string.
+fn traced_path(raw: &str) -> String {
+    let Ok(normal) = crate::path::normalize(raw) else {
+        return INVALID.to_string();
+    };
+    let mut out = String::with_capacity(normal.len().min(MAX_PATH));
+    for (i, segment) in normal.split('/').enumerate() {
+        if i > 0 {
+            out.push('/');
+        }
+        out.push_str(segment.split(';').next().unwrap_or_default());
+    }
+    cut(&out, MAX_PATH)
+}
+
 /// Longest host, path and method kept in a trace (longer ones are cut).
 const MAX_HOST: usize = 255;
 const MAX_PATH: usize = 1024;
@@ -218,12 +238,17 @@ impl<B> RouteView for Routed<B> {
 
 impl Recorder {
     pub fn new<B>(req: &Request<B>, replica: String, log_written: bool) -> Recorder {
-        let host = req
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| req.uri().authority().map(|a| a.as_str()))
-            .unwrap_or_default();
+        // A request refused for its Host is traced without it: its host is whatever the
+        // client chose to write there (markup, a second Host, a password).
+        let host = match crate::guard::host_error(req) {
+            Ok(()) => req
+                .headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .or_else(|| req.uri().authority().map(|a| a.as_str()))
+                .unwrap_or_default(),
+            Err(_) => INVALID,
+        };
         Recorder {
             started: Instant::now(),
             unix_ms: SystemTime::now()
@@ -233,8 +258,7 @@ impl Recorder {
             replica,
             method: cut(req.method().as_str(), MAX_METHOD),
             host: cut(host, MAX_HOST),
-            // `path()` never includes the query string.
-            path: cut(req.uri().path(), MAX_PATH),
+            path: traced_path(req.uri().path()),
             log_written,
             spans: Mutex::new(Vec::with_capacity(6)),
         }

@@ -95,8 +95,19 @@ fn observability(o: &ObservabilityConfig, e: &mut Errors) {
     }
 }
 
+/// Two listening addresses the kernel would let one socket group share or refuse: the same
+/// port on the same address, or on a wildcard address and any other it covers (`[::]` is
+/// dual-stack by default, so it covers IPv4 too).
+fn overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    let covers = |w: SocketAddr, o: SocketAddr| {
+        w.ip().is_unspecified() && (w.is_ipv4() == o.is_ipv4() || w.is_ipv6())
+    };
+    a.port() == b.port() && a.port() != 0 && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
+}
+
 fn listeners(ls: &[ListenerConfig], e: &mut Errors) {
     let mut names = HashSet::new();
+    let mut bound: Vec<(usize, SocketAddr)> = Vec::new();
     for (i, l) in ls.iter().enumerate() {
         let p = format!("listeners[{i}]");
         if !names.insert(l.name.as_str()) {
@@ -105,11 +116,22 @@ fn listeners(ls: &[ListenerConfig], e: &mut Errors) {
                 format!("duplicate listener name {:?}", l.name),
             );
         }
-        if l.bind.parse::<SocketAddr>().is_err() {
-            e.add(
+        match l.bind.parse::<SocketAddr>() {
+            Err(_) => e.add(
                 format!("{p}.bind"),
                 format!("not an IP:port address: {:?}", l.bind),
-            );
+            ),
+            // Listeners share their sockets' port group (SO_REUSEPORT): two on one address
+            // would split each other's connections instead of failing.
+            Ok(addr) => {
+                if let Some((j, _)) = bound.iter().find(|(_, b)| overlap(*b, addr)) {
+                    e.add(
+                        format!("{p}.bind"),
+                        format!("{:?} overlaps listeners[{j}].bind {:?}", l.bind, ls[*j].bind),
+                    );
+                }
+                bound.push((i, addr));
+            }
         }
         if let Some(tls) = &l.tls {
             if tls.certificates.is_empty() {
@@ -128,8 +150,25 @@ fn listeners(ls: &[ListenerConfig], e: &mut Errors) {
 }
 
 fn admin(a: &AdminConfig, ls: &[ListenerConfig], e: &mut Errors) {
-    if a.listen.parse::<SocketAddr>().is_err() {
-        e.add("admin.listen", format!("not an IP:port address: {:?}", a.listen));
+    match a.listen.parse::<SocketAddr>() {
+        Err(_) => e.add("admin.listen", format!("not an IP:port address: {:?}", a.listen)),
+        // On a public listener's address the kernel would hand half the public connections
+        // to the admin listener and serve the admin endpoints on the public port.
+        Ok(admin) => {
+            let public = ls
+                .iter()
+                .enumerate()
+                .find(|(_, l)| l.bind.parse().is_ok_and(|b| overlap(b, admin)));
+            if let Some((i, l)) = public {
+                e.add(
+                    "admin.listen",
+                    format!(
+                        "{:?} overlaps listeners[{i}].bind {:?}: the admin listener needs an address of its own",
+                        a.listen, l.bind
+                    ),
+                );
+            }
+        }
     }
     if !(0.0..=1.0).contains(&a.trace_sample_rate) {
         e.add(

@@ -51,7 +51,12 @@ fn admin(rate: f64) -> Option<AdminConfig> {
 
 #[test]
 fn sampling_zero_records_nothing_and_one_records_everything() {
-    let req = Request::get("http://h/p?token=x").body(()).expect("req");
+    // HTTP/1.1 needs its Host (without one the gateway refuses the request, and the trace
+    // does not name a host).
+    let req = Request::get("http://h/p?token=x")
+        .header(header::HOST, "h")
+        .body(())
+        .expect("req");
     let zero = admin(0.0);
     assert!((0..10_000).all(|_| sample(zero.as_ref(), true, &req).is_none()));
     assert!(sample(None, true, &req).is_none(), "no [admin], no traces");
@@ -97,4 +102,34 @@ fn a_stage_that_answers_itself_is_named_by_its_error_code() {
 fn cut_keeps_char_boundaries() {
     assert_eq!(cut("héllo", 2), "h");
     assert_eq!(cut("abc", 10), "abc");
+}
+
+#[test]
+fn a_trace_holds_no_client_chosen_host_and_the_routed_path_without_parameters() {
+    let one = admin(1.0);
+    let recorded = |req: Request<()>| {
+        let rec = sample(one.as_ref(), true, &req).expect("sampled");
+        (rec.host.clone(), rec.path.clone())
+    };
+    let with_hosts = |hosts: &[&str], uri: &str| {
+        let mut b = Request::get(uri);
+        for h in hosts {
+            b = b.header(header::HOST, *h);
+        }
+        b.body(()).expect("request")
+    };
+    // Hosts the gateway refuses (400) are not echoed: markup, a second Host, userinfo.
+    assert_eq!(recorded(with_hosts(&["<img src=x onerror=alert(1)>"], "/a")).0, INVALID);
+    assert_eq!(recorded(with_hosts(&["a", "SECRET"], "/a")).0, INVALID);
+    let userinfo = Request::get("http://user:SECRET@h/a")
+        .version(http::Version::HTTP_10)
+        .body(())
+        .expect("request");
+    assert_eq!(recorded(userinfo).0, INVALID);
+    assert_eq!(recorded(with_hosts(&["api.example:8080"], "/a")).0, "api.example:8080");
+    // The path routing saw, without `;` parameters; a refused path is not echoed.
+    assert_eq!(recorded(with_hosts(&["h"], "/open;jsessionid=SECRET/x;v=1")).1, "/open/x");
+    assert_eq!(recorded(with_hosts(&["h"], "/open/../open")).1, "/open");
+    assert_eq!(recorded(with_hosts(&["h"], "/a/%2e%2e/b")).1, "/b");
+    assert_eq!(recorded(with_hosts(&["h"], "/a\\b")).1, INVALID);
 }

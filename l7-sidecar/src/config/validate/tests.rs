@@ -84,6 +84,60 @@ fn listeners_section() {
 }
 
 #[test]
+fn listeners_on_one_address_are_refused_naming_both() {
+    let cfg = parsed(
+        r#"
+        [[listeners]]
+        name = "a"
+        bind = "127.0.0.1:8080"
+        [[listeners]]
+        name = "b"
+        bind = "0.0.0.0:8080"
+        [[listeners]]
+        name = "c"
+        bind = "127.0.0.1:8081"
+        [[listeners]]
+        name = "d"
+        bind = "[::1]:8080"
+    "#,
+    );
+    let errs = run(|e| listeners(&cfg.listeners, e));
+    assert_eq!(
+        errs,
+        ["listeners[1].bind: \"0.0.0.0:8080\" overlaps listeners[0].bind \"127.0.0.1:8080\""]
+    );
+}
+
+#[test]
+fn an_admin_listener_on_a_public_listeners_address_is_refused() {
+    let cfg = parsed(
+        r#"
+        [[listeners]]
+        name = "public"
+        bind = "127.0.0.1:18080"
+    "#,
+    );
+    for listen in ["127.0.0.1:18080", "0.0.0.0:18080"] {
+        let a = AdminConfig {
+            listen: listen.into(),
+            trace_sample_rate: 0.1,
+            trace_buffer: 10,
+            replica: None,
+        };
+        let errs = run(|e| admin(&a, &cfg.listeners, e));
+        assert_eq!(paths(&errs), ["admin.listen"], "{listen}: {errs:?}");
+        assert!(errs[0].contains("listeners[0].bind"), "{errs:?}");
+    }
+    let elsewhere = AdminConfig {
+        listen: "127.0.0.1:19901".into(),
+        trace_sample_rate: 0.1,
+        trace_buffer: 10,
+        replica: None,
+    };
+    assert!(run(|e| admin(&elsewhere, &cfg.listeners, e)).is_empty());
+}
+
+#[test]
 fn pool_section_with_health_check_and_passive() {
     let cfg = parsed(
         r#"
