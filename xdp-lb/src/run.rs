@@ -100,6 +100,7 @@ async fn serve(opts: Options, loaded: file::Loaded) -> Result<()> {
         None => None,
     };
     let dashboard_token = opts.dashboard_token.as_deref().map(read_token).transpose()?;
+    dashboard::gateway::check_replicas(&opts.gateway_admin)?;
     let pins = opts.bpffs.as_deref().map(PinDir::prepare).transpose()?;
     // Held until this function returns: a second daemon on the same pins is refused.
     let _instance = pins.as_ref().map(|p| lock_pin_dir(p.path())).transpose()?;
@@ -117,6 +118,10 @@ async fn serve(opts: Options, loaded: file::Loaded) -> Result<()> {
         daemon.dataplane_mut().attach(iface)?;
     }
     daemon.start_announcing(&opts.ifaces);
+    let backends: Vec<_> = daemon.config().services.iter().flat_map(|s| s.backends.iter().map(|b| b.address)).collect();
+    for backend in dashboard::gateway::unknown_backends(&opts.gateway_admin, &backends) {
+        warn!(%backend, "--gateway-admin names a backend no service has (yet): the dashboard's gateway views will not use it until one does");
+    }
     neighbours::warm(daemon.config().services.iter().flat_map(|s| s.backends.iter().map(|b| b.address)));
     info!(interfaces = opts.ifaces.len(), services = daemon.config().services.len(), socket = %opts.socket.display(), "xdp-lb ready");
     notify::ready(&format!("serving {} service(s) on {} interface(s)", daemon.config().services.len(), opts.ifaces.len()));

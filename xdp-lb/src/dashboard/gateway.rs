@@ -20,10 +20,19 @@ use serde::{Deserialize, Serialize};
 
 /// Connect, request and read, per admin request.
 pub const TIMEOUT: Duration = Duration::from_millis(500);
-/// Largest admin reply read.
-pub const MAX_REPLY: usize = 1 << 20;
+/// Largest admin reply read: 20 traces as l7-sidecar bounds them fit many times over.
+pub const MAX_REPLY: usize = 256 << 10;
 /// Traces asked for per poll, and kept per replica for the page.
 pub const TRACES_KEPT: usize = 20;
+/// What a kept trace may hold, whatever a replica (or something that answers in its place on
+/// its unauthenticated admin port) sends: l7-sidecar's own caps for host, path and method, a
+/// line's worth for names and reasons, one entry per pipeline stage. Every update carries every
+/// kept trace to every page, so their size is the dashboard's, not the replica's, to bound.
+const MAX_HOST: usize = 255;
+const MAX_PATH: usize = 1024;
+const MAX_METHOD: usize = 32;
+const MAX_NAME: usize = 128;
+const MAX_STAGES: usize = 8;
 
 /// One `--gateway-admin BACKEND=ADMIN`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,6 +49,25 @@ pub enum ReplicaError {
     Shape(String),
     #[error("{which} {value:?} is not an IP:port address")]
     Address { which: &'static str, value: String },
+    #[error("--gateway-admin names backend {backend} twice ({first} and {second}): one replica per backend")]
+    Duplicate { backend: SocketAddr, first: SocketAddr, second: SocketAddr },
+}
+
+/// Refuses two `--gateway-admin` for one backend: only one of them could answer the page's L7
+/// questions about it.
+pub fn check_replicas(replicas: &[Replica]) -> Result<(), ReplicaError> {
+    for (i, r) in replicas.iter().enumerate() {
+        if let Some(first) = replicas[..i].iter().find(|o| o.backend == r.backend) {
+            return Err(ReplicaError::Duplicate { backend: r.backend, first: first.admin, second: r.admin });
+        }
+    }
+    Ok(())
+}
+
+/// The replicas whose BACKEND is no backend of `backends` (a typo would otherwise show only as
+/// "no gateway" on the page).
+pub fn unknown_backends(replicas: &[Replica], backends: &[SocketAddr]) -> Vec<SocketAddr> {
+    replicas.iter().map(|r| r.backend).filter(|b| !backends.contains(b)).collect()
 }
 
 impl FromStr for Replica {
@@ -76,6 +104,8 @@ pub struct GatewayView {
 /// The replicas and what the polls so far collected.
 pub struct Gateways {
     replicas: Vec<State>,
+    /// When the last poll started (ms since the epoch; 0 before the first).
+    last_poll_ms: u64,
 }
 
 struct State {
@@ -93,6 +123,7 @@ impl Gateways {
                 .iter()
                 .map(|&replica| State { replica, since: 0, recent: VecDeque::new(), sampling: None, unreachable: None })
                 .collect(),
+            last_poll_ms: 0,
         }
     }
 
@@ -102,6 +133,8 @@ impl Gateways {
 
     /// Asks every replica for its traces since the last poll, all at once.
     pub async fn poll(&mut self) {
+        let window = (self.last_poll_ms, unix_ms_now());
+        self.last_poll_ms = window.1;
         let tasks: Vec<_> = self
             .replicas
             .iter()
@@ -112,7 +145,7 @@ impl Gateways {
             .collect();
         for (state, task) in self.replicas.iter_mut().zip(tasks) {
             match task.await.unwrap_or_else(|e| Err(format!("poll task failed: {e}"))) {
-                Ok(reply) => state.absorb(reply),
+                Ok(reply) => state.absorb(reply, window),
                 Err(why) => state.unreachable = Some(why),
             }
         }
@@ -133,21 +166,66 @@ impl Gateways {
 }
 
 impl State {
-    fn absorb(&mut self, reply: TracesReply) {
+    /// Keeps the new traces of `reply`, received in the poll `window` (the previous poll's and
+    /// this poll's start, ms since the epoch).
+    fn absorb(&mut self, reply: TracesReply, window: (u64, u64)) {
         if reply.next_seq < self.since {
             // The replica restarted and numbers from 0 again: what we kept is from its last life.
             self.recent.clear();
+            self.since = 0;
         }
-        self.since = reply.next_seq;
-        self.sampling = Some(reply.sampling);
+        let (since, next) = (self.since, reply.next_seq);
+        self.since = next;
+        self.sampling = reply.sampling.is_finite().then(|| reply.sampling.clamp(0.0, 1.0));
         self.unreachable = None;
+        let mut newest = self.recent.back().map(|t| t.seq);
         for t in reply.traces {
+            // Only traces numbered since the last poll, each once, in order: a replica cannot
+            // repeat one to crowd out the others.
+            if t.seq < since || t.seq >= next || newest.is_some_and(|n| t.seq <= n) {
+                continue;
+            }
+            newest = Some(t.seq);
             if self.recent.len() == TRACES_KEPT {
                 self.recent.pop_front();
             }
-            self.recent.push_back(t);
+            self.recent.push_back(bounded(t, window));
         }
     }
+}
+
+/// `t` cut to what the page shows, its time put into the poll window it arrived in: the page
+/// orders every replica's traces by time, and a replica whose clock runs ahead (or claims the
+/// year 2^53) would otherwise push every other replica's traces off it.
+fn bounded(mut t: Trace, (earliest, latest): (u64, u64)) -> Trace {
+    t.unix_ms = t.unix_ms.clamp(earliest.min(latest), latest);
+    cut(&mut t.replica, MAX_NAME);
+    cut(&mut t.method, MAX_METHOD);
+    cut(&mut t.host, MAX_HOST);
+    cut(&mut t.path, MAX_PATH);
+    for name in [&mut t.route, &mut t.pool, &mut t.upstream].into_iter().flatten() {
+        cut(name, MAX_NAME);
+    }
+    t.stages.truncate(MAX_STAGES);
+    for stage in &mut t.stages {
+        cut(&mut stage.verdict, MAX_NAME);
+        cut(&mut stage.reason, MAX_NAME);
+    }
+    t
+}
+
+fn cut(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+}
+
+fn unix_ms_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 async fn traces(admin: SocketAddr, since: u64) -> Result<TracesReply, String> {
@@ -260,12 +338,76 @@ mod tests {
             unreachable: Some("earlier failure".into()),
         };
         let many: Vec<u64> = (0..30).collect();
-        s.absorb(reply(30, &many));
+        s.absorb(reply(30, &many), (0, 10));
         assert_eq!((s.since, s.recent.len(), s.unreachable.as_deref()), (30, TRACES_KEPT, None));
         assert_eq!(s.recent.back().map(|t| t.seq), Some(29), "the newest are kept");
-        s.absorb(reply(2, &[0, 1]));
+        s.absorb(reply(2, &[0, 1]), (10, 20));
         assert_eq!(s.recent.iter().map(|t| t.seq).collect::<Vec<_>>(), [0, 1], "a restarted replica's traces replace the old ones");
         assert_eq!(s.since, 2);
+    }
+
+    fn fresh() -> State {
+        State {
+            replica: "127.0.0.1:1=127.0.0.1:2".parse().expect("replica"),
+            since: 0,
+            recent: VecDeque::new(),
+            sampling: None,
+            unreachable: None,
+        }
+    }
+
+    #[test]
+    fn a_replica_cannot_repeat_traces_claim_the_future_or_send_huge_ones() {
+        let mut s = fresh();
+        // One trace, sent again and again, numbered before `since`; absurd sampling and time.
+        let mut r = reply(1, &[0]);
+        r.sampling = 1e308;
+        r.traces[0].unix_ms = 1 << 53;
+        r.traces[0].path = "/x".repeat(500_000);
+        r.traces[0].host = "<b>".repeat(1000);
+        r.traces[0].stages = vec![
+            l7_sidecar::trace::StageTrace {
+                stage: l7_sidecar::trace::StageKind::Log,
+                verdict: "v".repeat(10_000),
+                reason: "r".repeat(10_000),
+                us: 1.0,
+            };
+            100
+        ];
+        for round in 0..25u64 {
+            s.absorb(r.clone(), (1_000 + round, 2_000 + round));
+        }
+        assert_eq!(s.recent.len(), 1, "the same trace is kept once");
+        assert_eq!(s.sampling, Some(1.0));
+        let t = &s.recent[0];
+        assert_eq!(t.unix_ms, 2_000, "a trace from the future is placed at the end of its poll");
+        assert_eq!((t.path.len(), t.host.len(), t.stages.len()), (MAX_PATH, MAX_HOST, MAX_STAGES));
+        assert!(t.stages.iter().all(|st| st.verdict.len() <= MAX_NAME && st.reason.len() <= MAX_NAME));
+        assert!(serde_json::to_vec(&s.recent).expect("json").len() < 8 * 1024);
+        // A trace from before the previous poll (a clock behind) is placed at its start.
+        let mut late = reply(2, &[1]);
+        late.traces[0].unix_ms = 5;
+        s.absorb(late, (3_000, 4_000));
+        assert_eq!(s.recent.back().map(|t| t.unix_ms), Some(3_000));
+        // Not a number: no sampling shown rather than a made-up one.
+        let mut nan = reply(2, &[]);
+        nan.sampling = f64::NAN;
+        s.absorb(nan, (4_000, 5_000));
+        assert_eq!(s.sampling, None);
+    }
+
+    #[test]
+    fn one_replica_per_backend_and_unknown_backends_are_named() {
+        let a: Replica = "10.0.0.2:80=10.0.0.2:9901".parse().expect("valid");
+        let b: Replica = "10.0.0.2:80=10.0.0.3:9901".parse().expect("valid");
+        let c: Replica = "10.0.0.9:80=10.0.0.9:9901".parse().expect("valid");
+        assert_eq!(check_replicas(&[a, c]), Ok(()));
+        let e = check_replicas(&[a, c, b]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--gateway-admin names backend 10.0.0.2:80 twice (10.0.0.2:9901 and 10.0.0.3:9901): one replica per backend"
+        );
+        assert_eq!(unknown_backends(&[a, c], &[a.backend]), [c.backend]);
     }
 
     #[tokio::test]
