@@ -47,6 +47,15 @@ pub struct UpstreamState {
 /// Answers one request of the admin listener.
 pub fn answer<B>(shared: &Shared, req: &Request<B>) -> Response<Body> {
     let rt = shared.runtime.load_full();
+    if rt.cfg.admin.is_none() {
+        // `[admin]` was removed by a reload: the socket stays bound until a restart, but it
+        // no longer shows routes, pools, backends or traces.
+        return error(
+            StatusCode::NOT_FOUND,
+            "admin_disabled",
+            "[admin] was removed from the configuration; restart to close this listener",
+        );
+    }
     let path = req.uri().path();
     let known = matches!(path, "/admin/traces" | "/admin/route")
         || path == rt.cfg.observability.metrics_path;
@@ -128,9 +137,12 @@ fn route(rt: &Runtime, q: &Query) -> Result<RouteReply, String> {
             return Err(format!("host: not host[:port]: {h:?}"));
         }
     }
-    let raw_path = q.one("path")?.ok_or("path: required (e.g. path=/v1/users/7)")?;
+    let target = q.one("path")?.ok_or("path: required (e.g. path=/v1/users/7)")?;
+    // What a browser's address bar or a log line holds: the query and fragment are not part
+    // of the path routing sees.
+    let raw_path = target.split(['?', '#']).next().unwrap_or_default();
     if !raw_path.starts_with('/') {
-        return Err(format!("path: must start with '/': {raw_path:?}"));
+        return Err(format!("path: must start with '/': {target:?}"));
     }
     // Normalised as the hardening stage does before routing.
     let path = crate::path::normalize(raw_path)

@@ -233,15 +233,8 @@ impl Gateway {
             .await
             .map_err(GatewayError::Resolve)?;
         let old = self.runtime();
-        let old_listeners: Vec<_> = old
-            .cfg
-            .listeners
-            .iter()
-            .map(|l| (&l.name, &l.bind))
-            .collect();
-        let new_listeners: Vec<_> = cfg.listeners.iter().map(|l| (&l.name, &l.bind)).collect();
-        if old_listeners != new_listeners {
-            tracing::warn!("listener changes need a restart; they are ignored until then");
+        for change in listener_changes(&old.cfg, &cfg) {
+            tracing::warn!("{change} needs a restart; until then the running listeners stay as they are");
         }
         let rt = self.build_runtime(cfg)?;
         self.shared.traces.set_capacity(trace_capacity(&rt.cfg));
@@ -298,6 +291,31 @@ impl Gateway {
 }
 
 /// Without `[admin]` nothing is traced; the buffer stays minimal.
+/// The listener changes between `old` and `new` that a reload cannot apply (sockets are bound
+/// at start), each naming its field: `listeners` by name and bind, and `[admin] listen`.
+fn listener_changes(old: &Config, new: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    let binds = |c: &Config| c.listeners.iter().map(|l| (l.name.clone(), l.bind.clone())).collect::<Vec<_>>();
+    let (before, after) = (binds(old), binds(new));
+    if before != after {
+        let show = |v: &[(String, String)]| {
+            v.iter().map(|(n, b)| format!("{n}={b}")).collect::<Vec<_>>().join(", ")
+        };
+        out.push(format!("listeners: [{}] → [{}]", show(&before), show(&after)));
+    }
+    let admin = |c: &Config| c.admin.as_ref().map(|a| a.listen.clone());
+    match (admin(old), admin(new)) {
+        (a, b) if a == b => {}
+        (Some(a), Some(b)) => out.push(format!("admin.listen: {a:?} → {b:?}")),
+        (Some(a), None) => out.push(format!(
+            "[admin] removed: the listener on {a:?} stays bound but answers 404"
+        )),
+        (None, Some(b)) => out.push(format!("[admin] added on {b:?}: not listening")),
+        (None, None) => {}
+    }
+    out
+}
+
 fn trace_capacity(cfg: &Config) -> usize {
     cfg.admin.as_ref().map_or(1, |a| a.trace_buffer)
 }
@@ -344,4 +362,31 @@ fn spawn_refresh(
             }
         }
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listener_changes_a_reload_cannot_apply_are_named() {
+        let parse = |admin: &str, bind: &str| {
+            Config::parse(&format!("[[listeners]]\nname = \"p\"\nbind = \"{bind}\"\n{admin}")).expect("config")
+        };
+        let admin = |listen: &str| format!("[admin]\nlisten = \"{listen}\"\n");
+        let base = parse(&admin("127.0.0.1:9901"), "127.0.0.1:80");
+        assert!(listener_changes(&base, &base).is_empty());
+        assert_eq!(
+            listener_changes(&base, &parse(&admin("127.0.0.1:9902"), "127.0.0.1:80")),
+            ["admin.listen: \"127.0.0.1:9901\" → \"127.0.0.1:9902\""]
+        );
+        let removed = listener_changes(&base, &parse("", "127.0.0.1:80"));
+        assert!(removed.len() == 1 && removed[0].starts_with("[admin] removed"), "{removed:?}");
+        let added = listener_changes(&parse("", "127.0.0.1:80"), &base);
+        assert!(added.len() == 1 && added[0].starts_with("[admin] added"), "{added:?}");
+        assert_eq!(
+            listener_changes(&base, &parse(&admin("127.0.0.1:9901"), "127.0.0.1:81")),
+            ["listeners: [p=127.0.0.1:80] → [p=127.0.0.1:81]"]
+        );
+    }
 }

@@ -257,8 +257,21 @@ async fn the_route_lookup_is_the_gateways_router() {
     // Dot segments are normalised as for a real request.
     let dotted = route("path=/x/../open").await;
     assert_eq!(dotted.route.as_deref(), Some("open"));
+    // A pasted request target: its query and fragment are not part of the routed path.
+    let pasted = route("path=%2Fopen%3Fa%3D1%23top").await;
+    assert_eq!((pasted.outcome.as_str(), pasted.route.as_deref()), ("found", Some("open")));
     // A reload is a new generation.
     let cfg = l7_sidecar::Config::parse(&text).expect("config");
     gw.gateway.reload(cfg).await.expect("reload");
     assert_eq!(route("path=/open").await.version, 2);
+    // A reload that removes [admin]: the bound listener stops showing routes and traces.
+    let without_admin = text.replace("[admin]\n        listen = \"127.0.0.1:0\"", "");
+    assert_ne!(without_admin, text, "the test config has an [admin] section to remove");
+    let cfg = l7_sidecar::Config::parse(&without_admin).expect("config");
+    gw.gateway.reload(cfg).await.expect("reload");
+    for endpoint in ["/admin/route?path=/open", "/admin/traces"] {
+        let r = get(&c, &format!("{a}{endpoint}"), &[]).await;
+        assert_eq!(r.status, 404, "{endpoint}: {:?}", String::from_utf8_lossy(&r.body));
+        assert!(String::from_utf8_lossy(&r.body).contains("admin_disabled"));
+    }
 }
