@@ -45,7 +45,7 @@ use crate::{
     metrics::serve::ConnectionAddrs,
 };
 
-mod peer;
+pub(crate) mod peer;
 
 /// How often the stream sends an update.
 pub const UPDATE_EVERY: Duration = Duration::from_secs(1);

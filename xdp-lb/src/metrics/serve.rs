@@ -5,7 +5,10 @@
 //! - at most [`MAX_CONNECTIONS`] connections at a time; beyond that the listener is not accepted
 //!   from, so waiting connections sit in the kernel's backlog and hold none of our descriptors;
 //! - at most [`MAX_PER_ADDRESS`] of them from one client address; more are closed at once, so one
-//!   host's idle connections cannot hold every slot while a scraper elsewhere waits in the backlog;
+//!   host's idle connections cannot hold every slot while a scraper elsewhere waits in the backlog.
+//!   On loopback every local process can be 127.0.0.1 (or any of 127/8), so there an unprivileged
+//!   user's connections count against that user (the socket's owner, from `/proc/net/tcp`), over
+//!   all loopback addresses: one local user's idle connections cannot lock the operator out;
 //! - a connection is accepted only outside the descriptor reserve ([`limits::outside_reserve`]),
 //!   which stays free for health probes and the API socket;
 //! - a request head must arrive within [`HEAD_TIMEOUT`] of the connection (or of the previous
@@ -76,7 +79,7 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let per_address: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
+    let per_address: Arc<Mutex<HashMap<Client, usize>>> = Arc::default();
     let mut last_log: Option<Instant> = None;
     let mut log_limited = |message: &dyn std::fmt::Display| {
         if last_log.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
@@ -100,9 +103,10 @@ where
                 continue;
             }
         };
-        let Some(per_address) = PerAddress::claim(&per_address, peer.ip()) else {
+        let client = Client::of(peer, stream.local_addr().ok());
+        let Some(per_address) = PerAddress::claim(&per_address, client) else {
             // Dropped here: closed at once, and the slot is free again for the next in the backlog.
-            log_limited(&format_args!("refusing a connection from {}: it already has {MAX_PER_ADDRESS} open", peer.ip()));
+            log_limited(&format_args!("refusing a connection from {client}: it already has {MAX_PER_ADDRESS} open"));
             continue;
         };
         let handler = handler.clone();
@@ -126,15 +130,42 @@ where
     }
 }
 
-/// One connection counted against its client address while it lives.
+/// Whom a connection counts against: its address, or on loopback its socket's owner.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Client {
+    Address(IpAddr),
+    LocalUser(u32),
+}
+
+impl Client {
+    fn of(peer: SocketAddr, local: Option<SocketAddr>) -> Client {
+        let owner = || crate::dashboard::http::peer::owner_uid(peer, local?);
+        match peer.ip().to_canonical().is_loopback().then(owner).flatten() {
+            // Root's own clients (the operator's tools) keep the per-address count.
+            Some(uid) if uid != 0 => Client::LocalUser(uid),
+            _ => Client::Address(peer.ip()),
+        }
+    }
+}
+
+impl std::fmt::Display for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Client::Address(ip) => write!(f, "{ip}"),
+            Client::LocalUser(uid) => write!(f, "local uid {uid}"),
+        }
+    }
+}
+
+/// One connection counted against its client while it lives.
 struct PerAddress {
-    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
-    ip: IpAddr,
+    counts: Arc<Mutex<HashMap<Client, usize>>>,
+    ip: Client,
 }
 
 impl PerAddress {
     /// Counts a connection from `ip`, or `None` when it already has [`MAX_PER_ADDRESS`].
-    fn claim(counts: &Arc<Mutex<HashMap<IpAddr, usize>>>, ip: IpAddr) -> Option<PerAddress> {
+    fn claim(counts: &Arc<Mutex<HashMap<Client, usize>>>, ip: Client) -> Option<PerAddress> {
         let mut map = counts.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let n = map.entry(ip).or_insert(0);
         if *n >= MAX_PER_ADDRESS {
@@ -306,5 +337,39 @@ mod tests {
         assert!(matches!(n, Ok(0) | Err(_)), "closed, not answered: {n:?}");
         let idle = answered.elapsed();
         assert!(idle >= HEAD_TIMEOUT - Duration::from_millis(200), "closed too early: {idle:?}");
+    }
+
+    /// An unprivileged local user's connections count against that user over every loopback
+    /// address: holding them cannot lock the operator (root, or another user) out.
+    #[tokio::test]
+    async fn a_local_user_gets_its_share_over_all_loopback_addresses() {
+        let addr = start("xdp_lb_x 1\n").await;
+        // As `nobody`: one connection from each of 64 loopback addresses, all held open; prints
+        // how many the server closed at once.
+        let script = format!(
+            "import socket,time\nheld=[]\nfor i in range(64):\n s=socket.socket()\n s.bind(('127.0.9.%d'%(i+1),0))\n s.connect(('127.0.0.1',{}))\n held.append(s)\ntime.sleep(1.5)\nclosed=0\nfor s in held:\n s.setblocking(False)\n try:\n  closed+=s.recv(1)==b''\n except BlockingIOError: pass\n except OSError: closed+=1\nprint(closed,flush=True)\ntime.sleep(3)\n",
+            addr.port()
+        );
+        let mut child = std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", &script])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("setpriv and python3");
+        let stdout = child.stdout.take().expect("stdout");
+        let read = tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).map(|_| line)
+        });
+        let line = tokio::time::timeout(Duration::from_secs(10), read).await.expect("the script reports").expect("join").expect("read");
+        let closed: usize = line.trim().parse().expect("a count");
+        assert_eq!(closed, 64 - MAX_PER_ADDRESS, "nobody keeps {MAX_PER_ADDRESS} connections in all");
+        // While nobody holds its share, root from 127.0.0.1 is served at once.
+        let mut root = connect_from(addr, [127, 0, 0, 1]).await;
+        root.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.expect("write");
+        let mut out = String::new();
+        tokio::time::timeout(Duration::from_secs(2), root.read_to_string(&mut out)).await.expect("served promptly").expect("read");
+        assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
