@@ -10,6 +10,7 @@ pub mod browser;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod grafana;
 pub mod icmp;
 pub mod interrupt;
 pub mod load;
