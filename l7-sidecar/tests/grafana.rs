@@ -113,7 +113,8 @@ async fn every_gateway_query_of_the_grafana_dashboards_names_a_metric_a_real_gat
     assert_eq!(get(&c, &format!("{base}/ok"), &[]).await.status, 200);
     assert_eq!(get(&c, &format!("{base}/private"), &[]).await.status, 401);
     assert_eq!(get(&c, &format!("{base}/private"), &[("x-api-key", API_KEY)]).await.status, 200);
-    let limited: Vec<u16> = futures_util::future::join_all((0..4).map(|_| get(&c, &format!("{base}/limited"), &[])))
+    let limited_url = format!("{base}/limited");
+    let limited: Vec<u16> = futures_util::future::join_all((0..4).map(|_| get(&c, &limited_url, &[])))
         .await
         .iter()
         .map(|r| r.status.as_u16())
