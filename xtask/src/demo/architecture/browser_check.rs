@@ -26,7 +26,7 @@ use anyhow::{bail, ensure, Context};
 use serde_json::Value;
 use xdp_lb_testbed::{
     browser::{ACCESSIBILITY, FITS},
-    Browser, Daemon, Topology,
+    interrupt, Browser, Daemon, Topology,
 };
 
 use super::{gateway::Replica, load::Load};
@@ -65,9 +65,13 @@ pub fn run(mut scene: Scene<'_>) -> anyhow::Result<()> {
     ensure!(b.eval("document.body.dataset.changes")? == "allowed", "the demo's page does not allow changes (through the relay, as root)");
     println!("browser: {} live, three updates in {:.1} s", scene.url, live.as_secs_f64());
 
+    // Ctrl-C is honoured between steps (each step's waits are bounded).
     numbers(&mut b, &scene).context("the page's numbers against `xdp-lb --json stats`")?;
+    interrupt::check()?;
     gateway_views(&mut b, &scene).context("the gateway views (traces, a picked request's path)")?;
+    interrupt::check()?;
     failover(&mut b, &mut scene).context("a replica killed and restarted")?;
+    interrupt::check()?;
     switch_scheduler(&mut b, &scene).context("switching the scheduler from the page")?;
 
     // 6. Accessibility and layout with every view filled, then the picture.
@@ -110,7 +114,7 @@ fn page_backends(b: &mut Browser, field: &str) -> anyhow::Result<std::collection
     serde_json::from_value(v.clone()).with_context(|| format!("{field} is not shown for every replica: {v}"))
 }
 
-/// 2. Four updates' rates against `stats --interval-ms 4000` started right after an update.
+/// Step 2: four updates' rates against `stats --interval-ms 4000` started right after an update.
 fn numbers(b: &mut Browser, scene: &Scene<'_>) -> anyhow::Result<()> {
     next_update(b)?;
     let (xdp_lb, socket) = (scene.xdp_lb.to_path_buf(), scene.daemon.socket().to_path_buf());
@@ -148,8 +152,8 @@ fn numbers(b: &mut Browser, scene: &Scene<'_>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// 3. Every replica's traces on the page with stage verdicts; for each replica a real request
-/// picked from "A request's path" is explained at L4 (its replica) and at L7 (its route).
+/// Step 3: every replica's traces on the page with stage verdicts; for each replica a real
+/// request picked from "A request's path" is explained at L4 (its replica) and at L7 (its route).
 fn gateway_views(b: &mut Browser, scene: &Scene<'_>) -> anyhow::Result<()> {
     for backend in &scene.backends {
         b.wait_for(
@@ -226,7 +230,7 @@ fn event_after(kind: &str, backend: &str, seq: u64) -> String {
     format!("[...document.querySelectorAll('#events li[data-kind=\"{kind}\"][data-backend=\"{backend}\"]')].some((e) => Number(e.dataset.seq) > {seq})")
 }
 
-/// 4. SIGKILL one replica: its events within 3 s of the kill; restarted, `restored`.
+/// Step 4: SIGKILL one replica: its events within 3 s of the kill; restarted, `restored`.
 fn failover(b: &mut Browser, scene: &mut Scene<'_>) -> anyhow::Result<()> {
     let backend = scene.backends[KILLED].clone();
     let name = scene.replicas[KILLED].name.clone();
@@ -258,7 +262,7 @@ fn failover(b: &mut Browser, scene: &mut Scene<'_>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// 5. The scheduler menu and Apply button: the daemon's config file says round-robin.
+/// Step 5: the scheduler menu and Apply button: the daemon's config file says round-robin.
 fn switch_scheduler(b: &mut Browser, scene: &Scene<'_>) -> anyhow::Result<()> {
     let config = || std::fs::read_to_string(scene.daemon.config_path()).context("reading the daemon's config");
     if config()?.contains("scheduler = \"round-robin\"") {
