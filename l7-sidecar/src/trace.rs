@@ -9,7 +9,7 @@
 //! (the host aside), credentials or query strings.
 
 use crate::config::{AdminConfig, AuthMode, RouteConfig};
-use crate::ctx::UpstreamAddr;
+use crate::ctx::{ConnInfo, UpstreamAddr};
 use crate::http_util::{Body, ErrorCode};
 use crate::routing::{MatchedRoute, Routed};
 use crate::stage::Next;
@@ -76,6 +76,10 @@ pub struct Trace {
     pub seq: u64,
     pub unix_ms: u64,
     pub replica: String,
+    /// The connection's peer (`IP:port`): the client as xdp-lb's NAT keeps it, so the dashboard
+    /// can explain the L4 decision of this very request. `None` from older replicas.
+    #[serde(default)]
+    pub client: Option<String>,
     pub method: String,
     pub host: String,
     /// Without the query string.
@@ -194,6 +198,7 @@ pub struct Recorder {
     started: Instant,
     unix_ms: u64,
     replica: String,
+    client: Option<String>,
     method: String,
     host: String,
     path: String,
@@ -256,6 +261,7 @@ impl Recorder {
                 .unwrap_or_default()
                 .as_millis() as u64,
             replica,
+            client: req.extensions().get::<ConnInfo>().map(|c| c.peer.to_string()),
             method: cut(req.method().as_str(), MAX_METHOD),
             host: cut(host, MAX_HOST),
             path: traced_path(req.uri().path()),
@@ -349,6 +355,7 @@ impl Recorder {
             seq: 0,
             unix_ms: self.unix_ms,
             replica: self.replica.clone(),
+            client: self.client.clone(),
             method: self.method.clone(),
             host: self.host.clone(),
             path: self.path.clone(),

@@ -6,9 +6,11 @@
 //! Everything lives in namespaces this crate creates and deletes; traffic never leaves them.
 
 pub mod bird;
+pub mod browser;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod grafana;
 pub mod icmp;
 pub mod interrupt;
 pub mod load;
@@ -20,6 +22,7 @@ pub mod stats;
 pub mod topology;
 
 pub use bird::Bird;
+pub use browser::Browser;
 pub use client::{http_get, http_get_traced, udp_request, KeepAliveClient};
 pub use config::{config_toml, BackendConfig, Mode, Protocol, Scheduler, ServiceConfig};
 pub use daemon::Daemon;

@@ -4,8 +4,6 @@
 //! from the page reaches the config file; the page passes basic accessibility checks at 1280×800
 //! and a screenshot is saved.
 
-#[path = "dashboard/browser.rs"]
-mod browser;
 #[path = "dashboard/gateway.rs"]
 mod gateway;
 
@@ -22,9 +20,31 @@ use std::{
     time::{Duration, Instant},
 };
 
-use browser::Browser;
 use serde_json::Value;
 use xdp_lb_testbed::{http_get, Daemon, Family, IdentityServers, Topology};
+
+/// The testbed's Chromium driver, failing the test with the driver's message.
+struct Browser(xdp_lb_testbed::Browser);
+
+impl Browser {
+    fn start(ns: &xdp_lb_testbed::Netns, width: u32, height: u32) -> Browser {
+        Browser(xdp_lb_testbed::Browser::start(Some(ns), width, height).unwrap_or_else(|e| panic!("{e:#}")))
+    }
+    fn navigate(&mut self, url: &str) {
+        self.0.navigate(url).unwrap_or_else(|e| panic!("{e:#}"))
+    }
+    fn eval(&mut self, expression: &str) -> Value {
+        self.0.eval(expression).unwrap_or_else(|e| panic!("{e:#}"))
+    }
+    fn wait_for(&mut self, condition: &str, within: Duration) -> Duration {
+        self.0.wait_for(condition, within).unwrap_or_else(|e| panic!("{e:#}"))
+    }
+    fn screenshot(&mut self, path: &Path) -> usize {
+        self.0.screenshot(path).unwrap_or_else(|e| panic!("{e:#}"))
+    }
+}
+
+use xdp_lb_testbed::browser::{ACCESSIBILITY, FITS};
 
 const XDP_LB: &str = env!("CARGO_BIN_EXE_xdp-lb");
 const DASHBOARD: &str = "127.0.0.1:8090";
@@ -138,57 +158,6 @@ fn sum_over_updates(b: &mut Browser, field: &str, n: usize) -> BTreeMap<String, 
     }
     sum
 }
-
-/// Every control has an accessible name, and all visible text contrasts at least 4.5:1 with its
-/// background (WCAG AA), computed from the page's computed styles. Returns the failures.
-const ACCESSIBILITY: &str = r#"(() => {
-  const failures = [];
-  for (const c of document.querySelectorAll('input, select, button, textarea')) {
-    const labelled = (c.labels && [...c.labels].some((l) => l.textContent.trim()))
-      || (c.getAttribute('aria-label') || '').trim()
-      || (c.tagName === 'BUTTON' && c.textContent.trim());
-    if (!labelled) failures.push('no label: ' + c.outerHTML.slice(0, 120));
-  }
-  const rgba = (s) => { const m = s.match(/rgba?\(([^)]+)\)/); if (!m) return null; const p = m[1].split(',').map(Number); return { r: p[0], g: p[1], b: p[2], a: p.length > 3 ? p[3] : 1 }; };
-  const lum = (c) => { const f = (v) => { v /= 255; return v <= 0.03928 ? v / 12.92 : Math.pow((v + 0.055) / 1.055, 2.4); }; return 0.2126 * f(c.r) + 0.7152 * f(c.g) + 0.0722 * f(c.b); };
-  const background = (e) => { for (; e; e = e.parentElement) { const c = rgba(getComputedStyle(e).backgroundColor); if (c && c.a > 0) return c; } return { r: 255, g: 255, b: 255, a: 1 }; };
-  let checked = 0;
-  for (const e of document.body.querySelectorAll('*')) {
-    const own = [...e.childNodes].some((n) => n.nodeType === 3 && n.textContent.trim());
-    if (!own || !e.getClientRects().length) continue;
-    const style = getComputedStyle(e);
-    if (style.visibility === 'hidden' || e.closest('.visually-hidden')) continue;
-    const fg = rgba(style.color), bg = background(e);
-    const [a, b] = [lum(fg), lum(bg)];
-    const ratio = (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
-    checked += 1;
-    if (ratio < 4.5) failures.push(`contrast ${ratio.toFixed(2)} < 4.5: ${style.color} on ${getComputedStyle(e).backgroundColor} (${e.tagName} "${e.textContent.trim().slice(0, 40)}")`);
-  }
-  if (checked < 20) failures.push('only ' + checked + ' text elements checked');
-  return failures;
-})()"#;
-
-/// Nothing wider than the viewport, and every control inside it horizontally.
-const FITS: &str = r#"(() => {
-  const failures = [];
-  const width = document.documentElement.clientWidth;
-  if (document.documentElement.scrollWidth > width) failures.push('page scrolls sideways: ' + document.documentElement.scrollWidth + ' > ' + width);
-  for (const c of document.querySelectorAll('button, select, input')) {
-    if (c.closest('[hidden]')) continue;
-    const r = c.getBoundingClientRect();
-    if (r.left < 0 || r.right > width || r.width === 0) failures.push('control outside the viewport: ' + c.outerHTML.slice(0, 100) + ' ' + JSON.stringify(r));
-  }
-  // Nothing spills out of its section (a table wider than its column overlaps the next one).
-  for (const section of document.querySelectorAll('section')) {
-    const box = section.getBoundingClientRect();
-    for (const e of section.querySelectorAll('table, form, ol, p, div')) {
-      const r = e.getBoundingClientRect();
-      if (r.width && (r.right > box.right + 1 || r.left < box.left - 1))
-        failures.push(`${e.tagName}${e.id ? '#' + e.id : ''} spills out of section #${section.id}: ${Math.round(r.left)}–${Math.round(r.right)} outside ${Math.round(box.left)}–${Math.round(box.right)}`);
-    }
-  }
-  return failures;
-})()"#;
 
 fn output_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dashboard")

@@ -56,6 +56,14 @@ enum Task {
         /// Where the dashboard is offered on this host (another port if it is taken).
         #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
         dashboard: std::net::SocketAddr,
+        /// While the load runs, check the dashboard in headless Chromium against the daemon and
+        /// the replicas (numbers, gateway views, a replica killed and restarted, a scheduler
+        /// switch, accessibility, a screenshot in target/tmp/demo-browser); fails without Chromium.
+        #[arg(long, requires = "duration")]
+        check_in_browser: bool,
+        /// With --check-in-browser: also copy the screenshot here (docs/dashboard.png for the README).
+        #[arg(long, requires = "check_in_browser", value_name = "FILE")]
+        screenshot: Option<PathBuf>,
     },
     /// Benchmarks against the alternatives (kernel routing, nftables, HAProxy, nginx), one run,
     /// one topology; writes a Markdown table and a JSON file.
@@ -150,7 +158,7 @@ fn main() -> Result<()> {
             setup::ensure()?;
             fuzz::run(seconds_per_target)
         }
-        Task::Demo { scene, duration, no_browser, debug, dashboard } => {
+        Task::Demo { scene, duration, no_browser, debug, dashboard, check_in_browser, screenshot } => {
             setup::ensure()?;
             require_root("the demo attaches XDP programs and creates network namespaces")?;
             let mut build = vec!["build", "--package", "xdp-lb"];
@@ -166,6 +174,9 @@ fn main() -> Result<()> {
                 duration: duration.map(std::time::Duration::from_secs),
                 browser: !no_browser,
                 dashboard,
+                check_in_browser,
+                // Relative to where the command was started, as a user types it.
+                screenshot: screenshot.map(|p| std::env::current_dir().map(|d| d.join(&p)).unwrap_or(p)),
             };
             let result = demo::run(scene, &opts);
             remove_leftover_namespaces();
@@ -174,8 +185,9 @@ fn main() -> Result<()> {
     }
 }
 
-/// `cargo xtask demo --duration 30 --no-browser --debug`: the architecture scene must end with
-/// every answer as expected. Uses the debug binaries `load_test` built (no release build in CI).
+/// `cargo xtask demo --duration 30 --no-browser --check-in-browser --debug`: the architecture
+/// scene must end with every answer as expected, and its dashboard must pass the browser check.
+/// Uses the debug binaries `load_test` built (no release build in CI).
 fn demo_test() -> Result<()> {
     cargo(&["build", "--package", "xdp-lb", "--package", "l7-sidecar"], false)?;
     let dir = workspace_root().join("target/debug");
@@ -186,8 +198,10 @@ fn demo_test() -> Result<()> {
         browser: false,
         // Any free port: CI machines may run something on 8080.
         dashboard: "127.0.0.1:0".parse()?,
+        check_in_browser: true,
+        screenshot: None,
     };
-    demo::run(demo::Scene::Architecture, &opts).context("the demo (architecture scene, 30 s unattended)")
+    demo::run(demo::Scene::Architecture, &opts).context("the demo (architecture scene, 30 s unattended, checked in headless Chromium)")
 }
 
 /// A bounded run of real traffic through xdp-lb and l7-sidecar with a backend killed and revived

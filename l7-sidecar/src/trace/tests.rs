@@ -6,6 +6,7 @@ fn trace(path: &str) -> Trace {
         seq: 0,
         unix_ms: 1,
         replica: "r".into(),
+        client: None,
         method: "GET".into(),
         host: "h".into(),
         path: path.into(),
@@ -96,6 +97,17 @@ fn a_stage_that_answers_itself_is_named_by_its_error_code() {
         "",
     );
     assert_eq!(answered(StageKind::Upstream, &down), ("error", "upstream_error".into()));
+}
+
+#[test]
+fn a_trace_names_the_connections_peer_so_its_l4_decision_can_be_explained() {
+    let one = admin(1.0);
+    let mut req = Request::get("http://h/p").body(()).expect("req");
+    assert_eq!(sample(one.as_ref(), true, &req).expect("sampled").client, None, "no connection known");
+    req.extensions_mut()
+        .insert(ConnInfo::new("192.0.2.7:40000".parse().expect("addr"), false, false));
+    let rec = sample(one.as_ref(), true, &req).expect("sampled");
+    assert_eq!(rec.client.as_deref(), Some("192.0.2.7:40000"));
 }
 
 #[test]

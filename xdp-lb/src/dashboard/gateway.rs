@@ -315,6 +315,7 @@ mod tests {
             seq,
             unix_ms: 0,
             replica: "r".into(),
+            client: None,
             method: "GET".into(),
             host: String::new(),
             path: "/".into(),

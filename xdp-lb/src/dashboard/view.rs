@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::events::Event;
 use crate::{
-    api::{StatsReply, StatusReply},
+    api::{BackendStatus, StatsReply, StatusReply},
     config::Scheduler,
 };
 
@@ -73,20 +73,13 @@ pub struct ServiceView {
     pub backends: Vec<BackendView>,
 }
 
+/// One backend row: its `status` as the CLI gets it (flattened: the page reads `address`,
+/// `health`, `drained`, ... at the top level, so a field added to the API reaches the page
+/// without a second definition here), and its counters and rates.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct BackendView {
-    pub address: String,
-    pub weight: u32,
-    pub effective_weight: u32,
-    pub backup: bool,
-    pub drained: bool,
-    /// "up", "down", "unknown" or "unchecked".
-    pub health: String,
-    pub down: bool,
-    pub passive_down: bool,
-    pub active_flows: Option<u64>,
-    pub last_check: Option<String>,
-    pub check_latency_us: Option<u64>,
+    #[serde(flatten)]
+    pub status: BackendStatus,
     pub packets: u64,
     pub new_flows: u64,
     pub packets_per_s: Option<f64>,
@@ -124,17 +117,7 @@ pub fn build(probe: &Probe, previous: Option<&StatsReply>, changes: Changes) -> 
                 let c0 = before.and_then(|s| s.backends.iter().find(|x| x.address == b.address));
                 let (packets, new_flows) = c.map_or((0, 0), |c| (c.packets, c.new_flows));
                 BackendView {
-                    address: b.address.clone(),
-                    weight: b.weight,
-                    effective_weight: b.effective_weight,
-                    backup: b.backup,
-                    drained: b.drained,
-                    health: b.health.clone(),
-                    down: b.down,
-                    passive_down: b.passive_down,
-                    active_flows: b.active_flows,
-                    last_check: b.last_check.clone(),
-                    check_latency_us: b.check_latency_us,
+                    status: b.clone(),
                     packets,
                     new_flows,
                     packets_per_s: rate(c0.map(|c| c.packets), packets),
@@ -150,7 +133,7 @@ pub fn build(probe: &Probe, previous: Option<&StatsReply>, changes: Changes) -> 
                 _ => None,
             };
         }
-        let active: Vec<u64> = backends.iter().filter_map(|b| b.active_flows).collect();
+        let active: Vec<u64> = backends.iter().filter_map(|b| b.status.active_flows).collect();
         services.push(ServiceView {
             name: status.name.clone(),
             vip: status.vip.clone(),
@@ -193,7 +176,7 @@ pub fn build(probe: &Probe, previous: Option<&StatsReply>, changes: Changes) -> 
 mod tests {
     use super::*;
     use crate::{
-        api::{BackendStatus, ConfigStatus, ServiceStatus},
+        api::{ConfigStatus, ServiceStatus},
         stats::{BackendStats, ServiceStats, Snapshot},
     };
 
@@ -290,6 +273,28 @@ mod tests {
         assert_eq!(view.reasons[0].per_s, Some(10.0));
         assert_eq!(view.reasons[0].packets, 27);
         assert!(view.schedulers.iter().any(|s| s == "round-robin"), "{:?}", view.schedulers);
+    }
+
+    /// The page reads a backend's status fields where the CLI's JSON has them: every field of
+    /// `BackendStatus`, with its value, is in the backend's row as sent to the page.
+    #[test]
+    fn a_backend_row_carries_every_status_field_under_its_api_name() {
+        let mut status = backend_status("10.0.0.1:80");
+        status.drained = true;
+        status.passive_down = true;
+        let before = stats(10_000, &[(100, 10), (50, 5)], 7);
+        let mut now = probe(stats(12_000, &[(300, 40), (150, 15)], 27));
+        now.status.services[0].backends[0] = status.clone();
+        let view = build(&now, Some(&before), Changes::Allowed);
+        let row = serde_json::to_value(&view.services[0].backends[0]).expect("row");
+        let api = serde_json::to_value(&status).expect("status");
+        for (field, value) in api.as_object().expect("an object") {
+            assert_eq!(row.get(field), Some(value), "{field} in {row:#}");
+        }
+        assert_eq!(row["new_flows_per_s"], 15.0);
+        // And back: what the page gets decodes into the same types.
+        let back: View = serde_json::from_value(serde_json::to_value(&view).expect("view")).expect("decode");
+        assert_eq!(back.services[0].backends[0].status, status);
     }
 
     #[test]

@@ -129,6 +129,23 @@ fn the_gateway_views_show_a_real_replicas_traces_and_route_decision() {
         assert!(!text.contains(secret), "{secret} is on the page:\n{text}");
     }
 
+    // A request's path from a real request: pick the allowed one among the recent requests. Its
+    // client (as the replica saw it) is explained at L4 — the replica that served it — and its
+    // method, host and path at L7, next to the pipeline the replica recorded.
+    let picked = b.eval(
+        r#"(() => { const select = document.getElementById('explain-recent');
+            const o = [...select.options].find((o) => o.trace && o.trace.route === 'users' && o.trace.status === 200);
+            if (!o) return null;
+            select.value = o.value; select.dispatchEvent(new Event('change')); return o.trace; })()"#,
+    );
+    assert!(picked["client"].as_str().is_some_and(|c| c.starts_with(&format!("{}:", topo.client_addr(Family::V4)))), "{picked}");
+    b.wait_for("document.getElementById('explain-l4').dataset.agrees === 'true'", Duration::from_secs(5));
+    b.wait_for("document.getElementById('explain-l7').dataset.route === 'users'", Duration::from_secs(5));
+    assert_eq!(b.eval("document.getElementById('explain-source').value"), picked["client"]);
+    assert_eq!(b.eval("document.getElementById('explain-path').value"), "/users/7", "the path without its query string");
+    let recorded = b.eval("[...document.querySelectorAll('#explain-trace [data-stage]')].map((s) => s.dataset.stage + ':' + s.dataset.verdict)");
+    assert_eq!(recorded.as_array().map(Vec::len), Some(6), "the picked request's pipeline: {recorded}");
+
     // A request's path, L7 half: the replica that the L4 decision picked answers with its route.
     let vip = topo.vip_socket(Family::V4, 80).to_string();
     b.eval(&format!(

@@ -11,6 +11,7 @@
 //! an anonymous client (401s) and a greedy client over the limit (429s); every answer is checked
 //! against what its request should get (`tally`).
 
+mod browser_check;
 mod gateway;
 mod load;
 mod relay;
@@ -22,6 +23,7 @@ use std::{
     io::{Read, Write},
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
     path::PathBuf,
+    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
@@ -36,6 +38,11 @@ const DASHBOARD_INSIDE: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALH
 /// The load stops after this even without `--duration` (a forgotten demo does not run for ever).
 const MAX_DURATION: Duration = Duration::from_secs(8 * 3600);
 const WARM_UP: Duration = Duration::from_secs(20);
+/// The browser check may outlast `--duration` by this much (the load runs until it is done).
+const CHECK_ALLOWANCE: Duration = Duration::from_secs(90);
+/// The replicas' health checks: a killed replica is out of the ring within ~0.7 s (2 failed
+/// checks 250 ms apart, 200 ms timeout), so its event is on the page well within 3 s.
+const HEALTH_CHECK: &str = "[services.health_check]\nkind = \"tcp\"\ninterval_ms = 250\ntimeout_ms = 200\nrise = 2\nfall = 2\n";
 
 pub struct Options {
     pub xdp_lb: PathBuf,
@@ -46,11 +53,21 @@ pub struct Options {
     pub browser: bool,
     /// Where the dashboard is offered on the host (port 0: any free one).
     pub dashboard: SocketAddr,
+    /// Check the dashboard in headless Chromium while the load runs (`browser_check`); needs
+    /// `duration`.
+    pub check_in_browser: bool,
+    /// Copy the browser check's screenshot here too (the README's `docs/dashboard.png`).
+    pub screenshot: Option<PathBuf>,
 }
 
 pub fn scene(opts: &Options) -> anyhow::Result<()> {
     for p in [&opts.xdp_lb, &opts.l7_sidecar] {
         ensure!(p.is_file(), "no binary at {} (build it first)", p.display());
+    }
+    if opts.check_in_browser {
+        // Before anything is built: a missing browser fails the check, and says so at once.
+        let chromium = xdp_lb_testbed::browser::find_chromium().context("--check-in-browser")?;
+        println!("browser check with {}", chromium.display());
     }
     println!("building testbed: client ── lb ── {REPLICAS} gateway replicas ── services (network namespaces, veth pairs)");
     let topo = Topology::new("demo-arch", REPLICAS)?;
@@ -79,7 +96,8 @@ pub fn scene(opts: &Options) -> anyhow::Result<()> {
 
     let vip = topo.vip_socket(Family::V4, gateway::PORT);
     let backends = (0..REPLICAS).map(|i| topo.backend_socket(Family::V4, i, gateway::PORT));
-    let config = config_toml(&[ServiceConfig::new("gateway", vip, Protocol::Tcp, Mode::Nat, Scheduler::Maglev, backends)]);
+    let mut config = config_toml(&[ServiceConfig::new("gateway", vip, Protocol::Tcp, Mode::Nat, Scheduler::Maglev, backends)]);
+    config.push_str(HEALTH_CHECK);
     let dashboard_arg = DASHBOARD_INSIDE.to_string();
     let mut args = vec!["--dashboard".to_string(), dashboard_arg];
     for i in 0..REPLICAS {
@@ -103,8 +121,33 @@ pub fn scene(opts: &Options) -> anyhow::Result<()> {
         Some(d) => println!("running for {} s\n", d.as_secs()),
         None => println!("running until Ctrl-C\n"),
     }
-    let load = Load::start(topo.client(), vip, &secret, limit + Duration::from_secs(1))?;
-    let outcome = watch(&load, limit, &names);
+    let check_in_browser = opts.check_in_browser && opts.duration.is_some();
+    let allowance = if check_in_browser { CHECK_ALLOWANCE } else { Duration::ZERO };
+    let load = Load::start(topo.client(), vip, &secret, limit + allowance + Duration::from_secs(1))?;
+    let mut replicas = replicas;
+    let (outcome, checked) = if check_in_browser {
+        let done = AtomicBool::new(false);
+        let scene = browser_check::Scene {
+            url: relay.url(),
+            daemon: &daemon,
+            xdp_lb: &opts.xdp_lb,
+            topo: &topo,
+            load: &load,
+            replicas: &mut replicas,
+            backends: (0..REPLICAS).map(|i| topo.backend_socket(Family::V4, i, gateway::PORT).to_string()).collect(),
+            out_dir: crate::workspace_root().join("target/tmp/demo-browser"),
+            copy_screenshot_to: opts.screenshot.clone(),
+        };
+        std::thread::scope(|s| {
+            let watcher = s.spawn(|| watch(&load, limit, &names, Some(&done)));
+            let checked = browser_check::run(scene);
+            done.store(true, Ordering::Relaxed);
+            let watched = watcher.join().unwrap_or_else(|_| Err(anyhow::anyhow!("the summary thread panicked")));
+            (watched, Some(checked))
+        })
+    } else {
+        (watch(&load, limit, &names, None), None)
+    };
     let tally = load.stop();
     let interrupted = outcome.is_err();
     println!();
@@ -117,22 +160,36 @@ pub fn scene(opts: &Options) -> anyhow::Result<()> {
         return if opts.duration.is_none() && interrupt::interrupted() { Ok(()) } else { outcome };
     }
     check_gateway_traces(&relay).context("the dashboard's gateway views (through the relay)")?;
-    change_through_dashboard(&relay, &daemon).context("changing the scheduler from the dashboard (through the relay)")?;
-    println!("\nthe dashboard's scheduler control works through the relay: `gateway` switched to round-robin, written into the daemon's config");
+    match checked {
+        Some(Err(e)) => return Err(e.context("the dashboard in headless Chromium (--check-in-browser)")),
+        Some(Ok(())) => println!("\nthe dashboard in headless Chromium: every check passed"),
+        None => {
+            change_through_dashboard(&relay, &daemon).context("changing the scheduler from the dashboard (through the relay)")?;
+            println!("\nthe dashboard's scheduler control works through the relay: `gateway` switched to round-robin, written into the daemon's config");
+        }
+    }
     let stats = daemon.stop_stats()?;
     println!("\nxdp-lb's counters:\n\n{}", stats.render());
     if let Err(problems) = tally.verdict(&names) {
         bail!("the demo's load failed its expectations:\n  - {}", problems.join("\n  - "));
     }
-    println!("every answer was the expected one: 401s only without a token, 429s only for the greedy client, no 5xx, no connection error");
+    let expected: u64 = tally.expected_failures.values().sum();
+    let errors = if tally.outages.is_empty() {
+        "no connection error".to_string()
+    } else {
+        format!("connection errors ({expected}) only while the killed replica was still in the balancer's ring")
+    };
+    println!("every answer was the expected one: 401s only without a token, 429s only for the greedy client, no 5xx, {errors}");
     Ok(())
 }
 
-/// Prints the live line once a second until `limit` or Ctrl-C (then an error).
-fn watch(load: &Load, limit: Duration, replicas: &[String]) -> anyhow::Result<()> {
+/// Prints the live line once a second until `limit` (and, given `done`, until it is set) or
+/// Ctrl-C (then an error).
+fn watch(load: &Load, limit: Duration, replicas: &[String], done: Option<&AtomicBool>) -> anyhow::Result<()> {
     let started = Instant::now();
     let (mut before, mut at) = (Tally::default(), Instant::now());
-    while started.elapsed() < limit {
+    let busy = || done.is_some_and(|d| !d.load(Ordering::Relaxed)) && started.elapsed() < limit + CHECK_ALLOWANCE;
+    while started.elapsed() < limit || busy() {
         std::thread::sleep(Duration::from_millis(100));
         interrupt::check()?;
         if at.elapsed() >= Duration::from_secs(1) {
@@ -152,6 +209,9 @@ fn report(tally: &Tally, replicas: &[Replica], topo: &Topology, services: &Servi
     }
     if tally.failed > 0 {
         println!("  connection errors: {}", tally.failed);
+    }
+    for (replica, n) in &tally.expected_failures {
+        println!("  of which expected: {n} while {replica} was killed and not yet out of the balancer's ring");
     }
     println!("\nper replica (the replica's own gateway_requests_total by status; forwarded = answered by a service, seen by the client):");
     for (i, r) in replicas.iter().enumerate() {

@@ -187,6 +187,73 @@ function micros(us) {
   return us >= 1000 ? fmt(us / 1000, 2) + " ms" : fmt(us, 1) + " µs";
 }
 
+// The recent requests offered in "A request's path": newest first, over all replicas, each
+// keyed by its replica's backend address and sequence number. The one picked is kept even after
+// it leaves the gateways' buffers, so its explanation stays on screen.
+const RECENT_OFFERED = 20;
+let picked = null;
+
+function traceKey(t) {
+  return t.backend + "#" + t.seq;
+}
+
+function stageSpans(stages) {
+  return stages.map((s) => el("span", { class: "stage " + s.verdict, "data-stage": s.stage, "data-verdict": s.verdict },
+    `${s.stage}: ${s.verdict}${s.reason ? " (" + s.reason + ")" : ""} ${micros(s.us)}`));
+}
+
+function renderRecent(traces) {
+  const select = document.getElementById("explain-recent");
+  // Only requests whose client is known can be explained at L4 (older replicas do not say).
+  const offered = traces.filter((t) => t.client).slice(0, RECENT_OFFERED);
+  const want = offered.map(traceKey).join(",");
+  if (select.dataset.offered === want) return;
+  select.dataset.offered = want;
+  // The list changes every second: rebuilding it must not take away what the user chose.
+  const options = offered.map((t) => {
+    const o = el("option", { value: traceKey(t) }, `${t.method} ${t.host}${t.path} → ${t.status} from ${t.client} via ${t.backend}`);
+    o.trace = t;
+    return o;
+  });
+  if (picked && !offered.some((t) => traceKey(t) === traceKey(picked))) {
+    const o = el("option", { value: traceKey(picked) }, `${picked.method} ${picked.host}${picked.path} → ${picked.status} from ${picked.client} via ${picked.backend}`);
+    o.trace = picked;
+    options.unshift(o);
+  }
+  const first = el("option", { value: "" }, offered.length ? `pick one of ${offered.length} sampled requests` : "none sampled yet");
+  select.replaceChildren(first, ...options);
+  select.value = picked ? traceKey(picked) : "";
+}
+
+// A picked request: its 5-tuple and HTTP request go into the form, its recorded pipeline is
+// shown, and the form is explained (L4 by the daemon's explain, L7 by the replica's router).
+function pickRecent(t) {
+  picked = t;
+  const service = current && current.services.find((s) => s.backends.some((b) => b.address === t.backend));
+  document.getElementById("explain-source").value = t.client;
+  if (service) {
+    document.getElementById("explain-destination").value = service.vip;
+    document.getElementById("explain-protocol").value = service.protocol;
+  }
+  const method = document.getElementById("explain-method");
+  if (![...method.options].some((o) => o.value === t.method)) method.append(el("option", { value: t.method }, t.method));
+  method.value = t.method;
+  document.getElementById("explain-host").value = t.host;
+  document.getElementById("explain-path").value = t.path;
+  const p = document.getElementById("explain-trace");
+  p.hidden = false;
+  p.dataset.backend = t.backend;
+  p.dataset.seq = String(t.seq);
+  p.dataset.route = t.route || "";
+  p.dataset.status = String(t.status);
+  const when = new Date(t.unix_ms).toLocaleTimeString("en-GB", { hour12: false });
+  p.replaceChildren(
+    `Recorded by replica ${t.backend} (${t.replica}) at ${when}: ${t.method} ${t.host}${t.path} from ${t.client} → ` +
+    `${t.route ? "route " + t.route + " → pool " + (t.pool || "–") : "no route"}, ${t.status}, ${micros(t.total_us)}. Its pipeline: `,
+    ...stageSpans(t.stages));
+  document.getElementById("explain-form").requestSubmit();
+}
+
 function renderGateways(view) {
   const gateways = view.gateways || [];
   document.body.dataset.gateways = String(gateways.length);
@@ -202,14 +269,14 @@ function renderGateways(view) {
     { "data-backend": g.backend, "data-state": g.unreachable ? "unreachable" : "ok", class: g.unreachable ? "down" : "" },
     `replica ${g.backend} (admin ${g.admin}): ` + (g.unreachable ? "unreachable: " + g.unreachable
       : `sampling ${fmt((g.sampling || 0) * 100, 2)} % of requests`))));
-  const traces = gateways.flatMap((g) => g.traces.map((t) => Object.assign({ backend: g.backend }, t)))
-    .sort((a, b) => b.unix_ms - a.unix_ms || b.seq - a.seq).slice(0, TRACES_SHOWN);
+  const all = gateways.flatMap((g) => g.traces.map((t) => Object.assign({ backend: g.backend }, t)))
+    .sort((a, b) => b.unix_ms - a.unix_ms || b.seq - a.seq);
+  renderRecent(all);
+  const traces = all.slice(0, TRACES_SHOWN);
   const table = document.getElementById("traces");
   table.hidden = false;
   table.querySelector("tbody").replaceChildren(...traces.map((t) => {
-    const stages = el("td", { class: "stages" }, ...t.stages.map((s) => el("span",
-      { class: "stage " + s.verdict, "data-stage": s.stage, "data-verdict": s.verdict },
-      `${s.stage}: ${s.verdict}${s.reason ? " (" + s.reason + ")" : ""} ${micros(s.us)}`)));
+    const stages = el("td", { class: "stages" }, ...stageSpans(t.stages));
     return el("tr", { "data-seq": String(t.seq), "data-backend": t.backend, "data-route": t.route || "", "data-status": String(t.status) },
       el("td", { class: "request" }, `${t.method} ${t.host}${t.path}`),
       el("td", { class: "num" }, String(t.status)),
@@ -273,6 +340,10 @@ document.addEventListener("DOMContentLoaded", () => {
     const octet = () => 1 + Math.floor(Math.random() * 254);
     document.getElementById("explain-source").value = `198.51.100.${octet()}:${1024 + Math.floor(Math.random() * 64000)}`;
   });
+  document.getElementById("explain-recent").addEventListener("change", (e) => {
+    const option = e.target.selectedOptions[0];
+    if (option && option.trace) pickRecent(option.trace);
+  });
   document.getElementById("explain-destination").addEventListener("change", (e) => {
     const option = e.target.selectedOptions[0];
     if (option) document.getElementById("explain-protocol").value = option.dataset.protocol;
@@ -290,6 +361,18 @@ document.addEventListener("DOMContentLoaded", () => {
     const x = answer.data;
     p.dataset.backend = x.backend || "";
     p.textContent = `${x.service} → ${x.backend || "no backend"} (${x.reason}${x.slot !== undefined ? `, slot ${x.slot} of ${x.ring_size}` : ""}): ${x.explanation}`;
+    // A picked request was really served by a replica: say whether the L4 decision names it
+    // (it may not after a scheduler change or a failover, and the page says so).
+    const source = document.getElementById("explain-source").value.trim();
+    const mine = picked && picked.client === source;
+    p.classList.toggle("disagrees", Boolean(mine && x.backend !== picked.backend));
+    if (mine) {
+      p.dataset.agrees = String(x.backend === picked.backend);
+      p.append(x.backend === picked.backend ? ` — the replica that served this request.`
+        : ` — but ${picked.backend} served this request (the ring or the backends' state changed since).`);
+    } else {
+      delete p.dataset.agrees;
+    }
     await explainL7(x.backend);
   });
   connect();

@@ -34,6 +34,11 @@ pub struct Replica {
     pub name: String,
     child: Option<Child>,
     log: PathBuf,
+    /// What [`Replica::restart`] starts again.
+    binary: PathBuf,
+    config: PathBuf,
+    secret: String,
+    addr: SocketAddr,
 }
 
 impl Replica {
@@ -49,30 +54,59 @@ impl Replica {
     ) -> anyhow::Result<Replica> {
         let config_path = dir.join(format!("{name}.toml"));
         std::fs::write(&config_path, config).with_context(|| format!("writing {}", config_path.display()))?;
-        let log = dir.join(format!("{name}.log"));
-        let mut cmd = ns.command(binary);
+        let mut replica = Replica {
+            name: name.to_string(),
+            child: None,
+            log: dir.join(format!("{name}.log")),
+            binary: binary.to_path_buf(),
+            config: config_path,
+            secret: secret.to_string(),
+            addr,
+        };
+        replica.spawn(ns)?;
+        Ok(replica)
+    }
+
+    /// SIGKILL, as a crash would end it (the browser check's failover).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again after [`Replica::kill`], as a supervisor would, and waits until it listens.
+    pub fn restart(&mut self, ns: &Netns) -> anyhow::Result<()> {
+        self.kill();
+        self.spawn(ns)
+    }
+
+    fn spawn(&mut self, ns: &Netns) -> anyhow::Result<()> {
+        let (name, addr) = (self.name.clone(), self.addr);
+        // Appended: a restarted replica's log follows the first one's.
+        let log = File::options().create(true).append(true).open(&self.log)?;
+        let mut cmd = ns.command(&self.binary);
         cmd.arg("--config")
-            .arg(&config_path)
-            .env("GATEWAY_JWT_SECRET", secret)
+            .arg(&self.config)
+            .env("GATEWAY_JWT_SECRET", &self.secret)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(File::create(&log)?);
-        let mut replica =
-            Replica { name: name.to_string(), child: Some(ns.spawn(&mut cmd)?), log };
+            .stderr(log);
+        self.child = Some(ns.spawn(&mut cmd)?);
         let deadline = Instant::now() + START_TIMEOUT;
         while ns.run(|| TcpStream::connect_timeout(&addr, Duration::from_millis(200))).is_err() {
-            if let Some(status) = replica.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                bail!("l7-sidecar replica {name} exited ({status}) at start:\n{}", replica.log_text());
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("l7-sidecar replica {name} exited ({status}) at start:\n{}", self.log_text());
             }
             interrupt::check()?;
             ensure!(
                 Instant::now() < deadline,
                 "l7-sidecar replica {name} not listening on {addr} after {START_TIMEOUT:?}:\n{}",
-                replica.log_text()
+                self.log_text()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        Ok(replica)
+        Ok(())
     }
 
     pub fn log_text(&self) -> String {
@@ -89,10 +123,7 @@ impl Replica {
 
 impl Drop for Replica {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.kill();
     }
 }
 

@@ -16,7 +16,7 @@ use std::{
 use anyhow::{bail, ensure, Context};
 use xdp_lb_testbed::Netns;
 
-use super::tally::{Answer, Kind, Outcome, Planned, Tally};
+use super::tally::{Answer, Failure, Kind, Outcome, Planned, Tally};
 
 /// A request slower than this is a failure (everything runs unoptimised on small machines in CI).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -94,8 +94,9 @@ impl Load {
                         break;
                     }
                     let planned = w.mix[n % w.mix.len()];
+                    let sent = Instant::now();
                     let outcome = send(vip, &planned, token.as_deref());
-                    tally.lock().unwrap_or_else(|p| p.into_inner()).record(&planned, &outcome);
+                    tally.lock().unwrap_or_else(|p| p.into_inner()).record_at(&planned, &outcome, sent, Instant::now());
                     // Paced, without catching up after a stall: a burst would be a different client.
                     next = (next + w.period).max(Instant::now());
                     std::thread::sleep(next.saturating_duration_since(Instant::now()));
@@ -103,6 +104,16 @@ impl Load {
             })?);
         }
         Ok(load)
+    }
+
+    /// `replica` is killed now: connection errors may follow until [`Load::outage_ends`].
+    pub fn outage_begins(&self, replica: &str, at: Instant) {
+        self.tally.lock().unwrap_or_else(|p| p.into_inner()).outage_begins(replica, at);
+    }
+
+    /// The balancer no longer sends new connections to `replica` (seen at `at`).
+    pub fn outage_ends(&self, replica: &str, at: Instant) {
+        self.tally.lock().unwrap_or_else(|p| p.into_inner()).outage_ends(replica, at);
     }
 
     /// The counts so far.
@@ -147,9 +158,32 @@ pub fn send(vip: SocketAddr, planned: &Planned, token: Option<&str>) -> Outcome 
             let answer = if status == 200 { serde_json::from_str::<Answer>(&body).ok() } else { None };
             Outcome::Http { status, answer }
         }
-        Err(e) => Outcome::Failed(format!("{e:#}")),
+        Err(e) => Outcome::Failed { failure: classify(&e), why: format!("{e:#}") },
     }
 }
+
+/// What a dead server does to a request: a refused connection, or one reset or closed before a
+/// whole answer. Timeouts and malformed answers are something else.
+fn classify(e: &anyhow::Error) -> Failure {
+    use std::io::ErrorKind;
+    if let Some(io) = e.chain().find_map(|c| c.downcast_ref::<std::io::Error>()) {
+        return match io.kind() {
+            ErrorKind::ConnectionRefused => Failure::Refused,
+            ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe | ErrorKind::UnexpectedEof => {
+                Failure::Reset
+            }
+            _ => Failure::Other,
+        };
+    }
+    if e.chain().any(|c| c.to_string() == CLOSED_EARLY) {
+        Failure::Reset
+    } else {
+        Failure::Other
+    }
+}
+
+/// The server closed the connection before a whole response head (an empty read).
+const CLOSED_EARLY: &str = "connection closed before a whole response head";
 
 fn get(vip: SocketAddr, planned: &Planned, token: Option<&str>) -> anyhow::Result<(u16, String)> {
     let mut stream = TcpStream::connect_timeout(&vip, REQUEST_TIMEOUT).context("connect")?;
@@ -175,7 +209,7 @@ fn get(vip: SocketAddr, planned: &Planned, token: Option<&str>) -> anyhow::Resul
 /// or chunked.
 fn parse_response(raw: &[u8]) -> anyhow::Result<(u16, String)> {
     let text = String::from_utf8_lossy(raw);
-    let (head, body) = text.split_once("\r\n\r\n").context("connection closed before a whole response head")?;
+    let (head, body) = text.split_once("\r\n\r\n").context(CLOSED_EARLY)?;
     let status_line = head.lines().next().unwrap_or("");
     let status = status_line
         .strip_prefix("HTTP/1.1 ")
@@ -214,6 +248,18 @@ mod tests {
         assert_eq!(parse_response(chunked).unwrap(), (200, "abcde".to_string()));
         assert!(parse_response(b"HTTP/1.1 200 OK\r\nContent-Le").is_err());
         assert!(parse_response(b"SSH-2.0\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn failures_a_dead_server_causes_are_told_apart_from_others() {
+        use std::io::{Error, ErrorKind};
+        let io = |kind| anyhow::Error::new(Error::from(kind)).context("connect");
+        assert_eq!(classify(&io(ErrorKind::ConnectionRefused)), Failure::Refused);
+        assert_eq!(classify(&io(ErrorKind::ConnectionReset)), Failure::Reset);
+        assert_eq!(classify(&io(ErrorKind::TimedOut)), Failure::Other);
+        assert_eq!(classify(&io(ErrorKind::WouldBlock)), Failure::Other, "a read timeout");
+        assert_eq!(classify(&parse_response(b"").unwrap_err()), Failure::Reset, "closed with nothing sent");
+        assert_eq!(classify(&parse_response(b"SSH-2.0\r\n\r\n").unwrap_err()), Failure::Other);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! over the limit), every outcome is checked against its plan as it arrives, and the counts feed the
 //! live line, the final tables and the verdict. Pure: no sockets, so the rules are unit-tested.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, time::Instant};
 
 use serde::Deserialize;
 
@@ -55,7 +55,35 @@ pub enum Outcome {
     /// An HTTP answer; `answer` is the body when it parsed as a service's answer.
     Http { status: u16, answer: Option<Answer> },
     /// No HTTP answer at all: refused, reset, timed out, malformed.
-    Failed(String),
+    Failed { failure: Failure, why: String },
+}
+
+/// How a request without an HTTP answer failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// The connection was refused (RST to the SYN): nothing listens where the balancer sent it.
+    Refused,
+    /// Reset, or closed before a whole answer: the server died with the connection open.
+    Reset,
+    /// Anything else (a timeout, a malformed answer): never what a killed server causes.
+    Other,
+}
+
+/// A replica the scene killed on purpose: from `from` until the balancer took it out of the
+/// ring (`until`), requests may fail the way a dead server makes them fail.
+#[derive(Clone, Debug)]
+pub struct Outage {
+    pub replica: String,
+    pub from: Instant,
+    /// When the harness saw the balancer remove it; `None` while it is still in the ring.
+    pub until: Option<Instant>,
+}
+
+impl Outage {
+    /// Whether a request in flight from `sent` to `done` could have met the dead replica.
+    fn covers(&self, sent: Instant, done: Instant) -> bool {
+        done >= self.from && self.until.is_none_or(|until| sent <= until)
+    }
 }
 
 /// At most this many unexpected outcomes are kept as examples (all are counted).
@@ -78,16 +106,53 @@ pub struct Tally {
     /// Outcomes the scene does not expect, and a few of them described.
     pub unexpected: u64,
     pub examples: Vec<String>,
+    /// Replicas killed on purpose, and the connection errors they explain (by replica).
+    pub outages: Vec<Outage>,
+    pub expected_failures: BTreeMap<String, u64>,
 }
 
 impl Tally {
-    /// Counts one outcome and checks it against its plan.
+    /// Counts one outcome of a request that was in flight just now (no outage can explain it
+    /// unless one is going on).
+    #[cfg(test)]
     pub fn record(&mut self, planned: &Planned, outcome: &Outcome) {
+        let now = Instant::now();
+        self.record_at(planned, outcome, now, now);
+    }
+
+    /// A replica is killed now: failures of requests in flight from now on may be its doing.
+    pub fn outage_begins(&mut self, replica: &str, at: Instant) {
+        self.outages.push(Outage { replica: replica.to_string(), from: at, until: None });
+    }
+
+    /// The balancer has taken `replica` out of its ring (seen at `at`): later failures are not
+    /// its doing any more.
+    pub fn outage_ends(&mut self, replica: &str, at: Instant) {
+        if let Some(o) = self.outages.iter_mut().rev().find(|o| o.replica == replica && o.until.is_none()) {
+            o.until = Some(at);
+        }
+    }
+
+    /// Counts one outcome of a request sent at `sent` and finished at `done`, and checks it
+    /// against its plan. A refused or reset connection while a killed replica was still in the
+    /// ring is an expected failure (the client cannot tell which replica refused it, so every
+    /// such failure in that window is counted as the outage's); any other failure is not.
+    pub fn record_at(&mut self, planned: &Planned, outcome: &Outcome, sent: Instant, done: Instant) {
         self.total += 1;
         let problem = match outcome {
-            Outcome::Failed(why) => {
+            Outcome::Failed { failure, why } => {
                 self.failed += 1;
-                Some(format!("connection error: {why}"))
+                let outage = match failure {
+                    Failure::Refused | Failure::Reset => self.outages.iter().find(|o| o.covers(sent, done)),
+                    Failure::Other => None,
+                };
+                match outage {
+                    Some(o) => {
+                        *self.expected_failures.entry(o.replica.clone()).or_default() += 1;
+                        None
+                    }
+                    None => Some(format!("connection error: {why}")),
+                }
             }
             Outcome::Http { status, answer } => {
                 *self.by_status.entry(*status).or_default() += 1;
@@ -129,6 +194,12 @@ impl Tally {
                 self.examples.join("\n    ")
             ));
         }
+        for o in self.outages.iter().filter(|o| o.until.is_none()) {
+            problems.push(format!(
+                "replica {} was killed but never seen out of the balancer's ring: its failures cannot be told from others",
+                o.replica
+            ));
+        }
         if self.count(Kind::Unauthenticated, 401) == 0 {
             problems.push("no unauthenticated request got its 401".to_string());
         }
@@ -166,8 +237,10 @@ impl Tally {
         };
         let forwarded = replicas.iter().map(since).sum::<u64>().max(1);
         let shares: Vec<String> = replicas.iter().map(|r| format!("{r} {:>2}%", since(r) * 100 / forwarded)).collect();
+        let expected = self.expected_failures.values().sum::<u64>();
+        let expected = if expected > 0 { format!(" (expected:{expected})") } else { String::new() };
         format!(
-            "{rate:>6.0} req/s | {} requests | {} | errors:{} unexpected:{} | forwarded by {}",
+            "{rate:>6.0} req/s | {} requests | {} | errors:{}{expected} unexpected:{} | forwarded by {}",
             self.total,
             statuses.join(" "),
             self.failed,
@@ -249,10 +322,48 @@ mod tests {
     #[test]
     fn a_connection_error_fails_the_run() {
         let mut t = good();
-        t.record(&ANON, &Outcome::Failed("connection reset".into()));
+        t.record(&ANON, &Outcome::Failed { failure: Failure::Reset, why: "connection reset".into() });
         assert_eq!(t.failed, 1);
         let problems = t.verdict(&replicas()).unwrap_err();
         assert!(problems[0].contains("connection error: connection reset"), "{problems:?}");
+    }
+
+    fn failed(failure: Failure) -> Outcome {
+        Outcome::Failed { failure, why: format!("{failure:?}") }
+    }
+
+    #[test]
+    fn a_killed_replica_explains_refused_and_reset_connections_until_it_is_out_of_the_ring() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + std::time::Duration::from_millis(ms);
+        let mut t = good();
+        // Before the kill: a refused connection is a real failure.
+        t.record_at(&USERS, &failed(Failure::Refused), at(0), at(10));
+        t.outage_begins("gw-1", at(100));
+        // In flight at the kill (sent before it), and refused while it is still in the ring.
+        t.record_at(&USERS, &failed(Failure::Reset), at(90), at(101));
+        t.record_at(&GREEDY, &failed(Failure::Refused), at(500), at(501));
+        // A timeout is no dead server's doing, even now.
+        t.record_at(&USERS, &failed(Failure::Other), at(600), at(700));
+        t.outage_ends("gw-1", at(1000));
+        // Sent after the balancer removed it: a real failure again.
+        t.record_at(&USERS, &failed(Failure::Refused), at(1001), at(1002));
+        assert_eq!(t.expected_failures, BTreeMap::from([("gw-1".to_string(), 2)]));
+        assert_eq!((t.failed, t.unexpected), (5, 3));
+        let problems = t.verdict(&replicas()).unwrap_err();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].starts_with("3 of 12 requests"), "{problems:?}");
+        assert!(t.summary_line(&Tally::default(), 1.0, &replicas()).contains("errors:5 (expected:2) unexpected:3"));
+    }
+
+    #[test]
+    fn a_killed_replica_never_seen_removed_fails_the_run() {
+        let mut t = good();
+        t.outage_begins("gw-1", Instant::now());
+        t.record(&USERS, &failed(Failure::Refused));
+        assert_eq!(t.expected_failures["gw-1"], 1);
+        let problems = t.verdict(&replicas()).unwrap_err();
+        assert!(problems[0].contains("replica gw-1 was killed but never seen out of the balancer's ring"), "{problems:?}");
     }
 
     #[test]
