@@ -203,7 +203,7 @@ fn bounded(mut t: Trace, (earliest, latest): (u64, u64)) -> Trace {
     cut(&mut t.method, MAX_METHOD);
     cut(&mut t.host, MAX_HOST);
     cut(&mut t.path, MAX_PATH);
-    for name in [&mut t.route, &mut t.pool, &mut t.upstream].into_iter().flatten() {
+    for name in [&mut t.route, &mut t.pool, &mut t.upstream, &mut t.client].into_iter().flatten() {
         cut(name, MAX_NAME);
     }
     t.stages.truncate(MAX_STAGES);
