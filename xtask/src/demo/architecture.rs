@@ -80,6 +80,8 @@ pub fn scene(opts: &Options) -> anyhow::Result<()> {
 
     let secret = random_secret()?;
     let dir = tempfile::Builder::new().prefix("xdp-lb-demo-").tempdir()?;
+    // Tells a later run whether this one is still going (its leftover clean-up).
+    xdp_lb_testbed::daemon::write_owner(dir.path())?;
     let replicas = (0..REPLICAS)
         .map(|i| {
             let addr = topo.backend_socket(Family::V4, i, gateway::PORT);
@@ -115,6 +117,7 @@ pub fn scene(opts: &Options) -> anyhow::Result<()> {
     }
 
     warm_up(&topo, vip, &secret).with_context(|| format!("daemon log:\n{}", daemon.log()))?;
+    client_reaches_only_the_vip(&topo).context("the client side must reach nothing but the VIP")?;
     let limit = opts.duration.unwrap_or(MAX_DURATION);
     println!("load: 6 users (users, orders, payments, v2 by path and header), 1 anonymous client (401), 1 greedy client (429)");
     match opts.duration {
@@ -304,9 +307,12 @@ fn check_gateway_traces(relay: &Relay) -> anyhow::Result<()> {
 }
 
 /// Changes the scheduler the way the page's Apply button does, through the relay, and checks that
-/// the daemon wrote it into its config: the printed URL is not a read-only view.
+/// the daemon wrote it into its config: the printed URL is not a read-only view. Only for root: the
+/// same request from another local user gets the daemon's 403 (the relay connects as its client).
 fn change_through_dashboard(relay: &Relay, daemon: &Daemon) -> anyhow::Result<()> {
     let body = r#"{"service":"gateway","scheduler":"round-robin"}"#;
+    let (status, answer) = relay_request_as(relay::NOBODY, relay, "POST", "/api/scheduler", Some(body))?;
+    ensure!(status == 403, "POST /api/scheduler from user nobody through the relay answered {status}, not 403: {answer}");
     let (status, answer) = relay_request(relay, "POST", "/api/scheduler", Some(body))?;
     ensure!(status == 200, "POST /api/scheduler answered {status}: {answer}");
     let config = std::fs::read_to_string(daemon.config_path())?;
@@ -316,8 +322,13 @@ fn change_through_dashboard(relay: &Relay, daemon: &Daemon) -> anyhow::Result<()
 
 /// One request through the relay as a browser on the host sends it; returns status and body.
 fn relay_request(relay: &Relay, method: &str, path: &str, body: Option<&str>) -> anyhow::Result<(u16, String)> {
+    relay_request_as(0, relay, method, path, body)
+}
+
+/// [`relay_request`] from a socket owned by `uid`, as a browser of that local user sends it.
+fn relay_request_as(uid: u32, relay: &Relay, method: &str, path: &str, body: Option<&str>) -> anyhow::Result<(u16, String)> {
     let addr = relay.addr();
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    let mut s = relay::connect_as(uid, addr)?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     if let Some(body) = body {
@@ -335,6 +346,24 @@ fn relay_request(relay: &Relay, method: &str, path: &str, body: Option<&str>) ->
     let status = answer.get(9..12).and_then(|c| c.parse().ok()).with_context(|| format!("{method} {path}: {answer:.80}"))?;
     let body = answer.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     Ok((status, body))
+}
+
+/// The addresses behind the VIP that the client side must not reach directly: a replica's public
+/// and admin listeners, and the services (around the gateway's JWT check, roles, rate limit and
+/// field stripping).
+fn client_reaches_only_the_vip(topo: &Topology) -> anyhow::Result<()> {
+    let replica = topo.backend_addr_v4(0);
+    let forbidden = [
+        SocketAddr::new(replica.into(), gateway::ADMIN_PORT),
+        SocketAddr::new(replica.into(), gateway::PORT),
+        SocketAddr::new(services::ADDRESS.into(), services::FIRST_PORT),
+    ];
+    let reached: Vec<SocketAddr> = topo.client().run(|| {
+        forbidden.iter().copied().filter(|a| TcpStream::connect_timeout(a, Duration::from_millis(500)).is_ok()).collect()
+    });
+    ensure!(reached.is_empty(), "the client namespace connected straight to {reached:?}");
+    println!("the client namespace reaches only the VIP: connections to {forbidden:?} fail");
+    Ok(())
 }
 
 /// `xdg-open URL` if there is a display; the demo never fails because of it.

@@ -25,7 +25,7 @@ use xdp_lb_common::socket_owner::owner_uid;
 use xdp_lb_testbed::Netns;
 
 /// Whose the inner connection is when the outer one's owner cannot be found.
-const NOBODY: u32 = 65534;
+pub const NOBODY: u32 = 65534;
 /// Connections relayed at once; more are closed at once (a page holds two or three).
 const MAX_CONNECTIONS: usize = 64;
 
@@ -128,6 +128,13 @@ fn accept_loop(listener: &TcpListener, ns: &std::fs::File, inner: SocketAddr, st
     }
 }
 
+/// A connection to `addr` (in this thread's namespace) from a socket owned by `uid`: what a browser
+/// of that local user opens.
+pub fn connect_as(uid: u32, addr: SocketAddr) -> io::Result<TcpStream> {
+    let here = std::fs::File::open("/proc/thread-self/ns/net")?;
+    connect_in(&here, addr, uid)
+}
+
 /// A connection made from inside the namespace `ns` (the socket belongs to the namespace of the
 /// thread that creates it), from a socket owned by `uid` (the kernel takes a new socket's owner
 /// from the creating thread's file-system uid).
@@ -164,19 +171,6 @@ mod tests {
 
     use super::*;
 
-    /// A connection to `addr` from a socket owned by `uid` (the kernel takes a socket's owner from
-    /// the creating thread's fsuid): a local user other than root, as the daemon would see it.
-    fn connect_as(uid: u32, addr: SocketAddr) -> TcpStream {
-        std::thread::spawn(move || {
-            // SAFETY: setfsuid changes only this thread's file-system uid; the thread ends here.
-            unsafe { libc::syscall(libc::SYS_setfsuid, uid) };
-            TcpStream::connect(addr)
-        })
-        .join()
-        .unwrap()
-        .unwrap()
-    }
-
     /// The daemon decides on the owner of the socket it accepts: through the relay, that socket
     /// must be owned by the relay's client's user, not by root (the relay's own user).
     #[test]
@@ -185,7 +179,7 @@ mod tests {
         let inner = daemon.local_addr().unwrap();
         let relay = Relay::start_in("127.0.0.1:0".parse().unwrap(), std::path::Path::new("/proc/self/ns/net"), inner).unwrap();
         for uid in [NOBODY, 0] {
-            let mut client = connect_as(uid, relay.addr());
+            let mut client = connect_as(uid, relay.addr()).unwrap();
             let (accepted, peer) = daemon.accept().unwrap();
             let owner = xdp_lb_common::socket_owner::owner_uid(peer, accepted.local_addr().unwrap());
             assert_eq!(owner, Some(uid), "the relayed connection of a client owned by uid {uid}");
