@@ -12,6 +12,7 @@
 //! against what its request should get (`tally`).
 
 mod browser_check;
+mod edge;
 mod gateway;
 mod load;
 mod relay;
@@ -76,6 +77,8 @@ pub fn scene(opts: &Options) -> anyhow::Result<()> {
         (0..REPLICAS).map(|i| (IpAddr::V4(topo.backend_addr_v4(i)), names[i].clone())).collect();
     let services = Services::start(&topo, by_addr)?;
     println!("services in {}: users :8001, orders :8002, payments :8003, users-v2 :8004 on {}", topo.prefix(), services::ADDRESS);
+    edge::install(&topo).context("the client-side filter in the lb namespace")?;
+    println!("the lb namespace forwards nothing from the client side but the VIP (nftables; XDP's frames bypass it)");
     interrupt::check()?;
 
     let secret = random_secret()?;
@@ -117,7 +120,7 @@ pub fn scene(opts: &Options) -> anyhow::Result<()> {
     }
 
     warm_up(&topo, vip, &secret).with_context(|| format!("daemon log:\n{}", daemon.log()))?;
-    client_reaches_only_the_vip(&topo).context("the client side must reach nothing but the VIP")?;
+    edge::client_reaches_only_the_vip(&topo).context("the client side must reach nothing but the VIP")?;
     let limit = opts.duration.unwrap_or(MAX_DURATION);
     println!("load: 6 users (users, orders, payments, v2 by path and header), 1 anonymous client (401), 1 greedy client (429)");
     match opts.duration {
@@ -163,6 +166,9 @@ pub fn scene(opts: &Options) -> anyhow::Result<()> {
         return if opts.duration.is_none() && interrupt::interrupted() { Ok(()) } else { outcome };
     }
     check_gateway_traces(&relay).context("the dashboard's gateway views (through the relay)")?;
+    let (vip_seen, dropped) = edge::counters(&topo)?;
+    ensure!(vip_seen == 0, "{vip_seen} packets to the VIP went through the kernel's forwarding path, not XDP");
+    println!("client-side filter: {dropped} packets dropped (the direct attempts), 0 to the VIP seen by nftables (XDP forwarded them all)");
     match checked {
         Some(Err(e)) => return Err(e.context("the dashboard in headless Chromium (--check-in-browser)")),
         Some(Ok(())) => println!("\nthe dashboard in headless Chromium: every check passed"),
@@ -346,24 +352,6 @@ fn relay_request_as(uid: u32, relay: &Relay, method: &str, path: &str, body: Opt
     let status = answer.get(9..12).and_then(|c| c.parse().ok()).with_context(|| format!("{method} {path}: {answer:.80}"))?;
     let body = answer.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     Ok((status, body))
-}
-
-/// The addresses behind the VIP that the client side must not reach directly: a replica's public
-/// and admin listeners, and the services (around the gateway's JWT check, roles, rate limit and
-/// field stripping).
-fn client_reaches_only_the_vip(topo: &Topology) -> anyhow::Result<()> {
-    let replica = topo.backend_addr_v4(0);
-    let forbidden = [
-        SocketAddr::new(replica.into(), gateway::ADMIN_PORT),
-        SocketAddr::new(replica.into(), gateway::PORT),
-        SocketAddr::new(services::ADDRESS.into(), services::FIRST_PORT),
-    ];
-    let reached: Vec<SocketAddr> = topo.client().run(|| {
-        forbidden.iter().copied().filter(|a| TcpStream::connect_timeout(a, Duration::from_millis(500)).is_ok()).collect()
-    });
-    ensure!(reached.is_empty(), "the client namespace connected straight to {reached:?}");
-    println!("the client namespace reaches only the VIP: connections to {forbidden:?} fail");
-    Ok(())
 }
 
 /// `xdg-open URL` if there is a display; the demo never fails because of it.
