@@ -21,3 +21,5 @@ pub mod packet;
 pub mod reasons;
 #[cfg(any(feature = "std", test))]
 pub mod sequence;
+#[cfg(any(feature = "std", test))]
+pub mod socket_owner;

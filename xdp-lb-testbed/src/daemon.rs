@@ -78,6 +78,81 @@ pub fn remove_pins(dir: &Path) {
     let _ = std::fs::remove_dir(dir);
 }
 
+/// The file in a testbed temporary directory (a daemon's, the demo's) naming the process that
+/// owns it and the pins named after it: `PID START`, START being the process's start time in
+/// clock ticks since boot (field 22 of `/proc/PID/stat`), so a reused pid is not taken for it.
+/// It cannot live in the pin directory itself: bpffs holds only directories and BPF objects.
+pub const OWNER_FILE: &str = "owner";
+
+/// A temporary directory without an owner file is given this long to get one (it is written right
+/// after the directory is created) before it counts as a leftover.
+const OWNERLESS_GRACE: Duration = Duration::from_secs(60);
+
+/// A process, told apart from a later one with the same pid by its start time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Owner {
+    pub pid: u32,
+    pub start: u64,
+}
+
+impl Owner {
+    /// This process.
+    pub fn current() -> std::io::Result<Owner> {
+        Owner::of(std::process::id())
+    }
+
+    /// The process `pid` as it runs now (an error if there is none).
+    pub fn of(pid: u32) -> std::io::Result<Owner> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        // The command name (field 2) is in parentheses and may hold spaces: count from after it.
+        let start = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(19))
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("no start time in /proc/{pid}/stat: {stat:.120}")))?;
+        Ok(Owner { pid, start })
+    }
+
+    pub fn is_alive(self) -> bool {
+        Owner::of(self.pid).is_ok_and(|now| now == self)
+    }
+
+    fn parse(text: &str) -> Option<Owner> {
+        let mut words = text.split_whitespace();
+        let (pid, start) = (words.next()?.parse().ok()?, words.next()?.parse().ok()?);
+        words.next().is_none().then_some(Owner { pid, start })
+    }
+}
+
+/// Writes [`OWNER_FILE`] naming this process into `dir`.
+pub fn write_owner(dir: &Path) -> anyhow::Result<()> {
+    let me = Owner::current().context("reading this process's start time")?;
+    let path = dir.join(OWNER_FILE);
+    std::fs::write(&path, format!("{} {}\n", me.pid, me.start)).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Whether the testbed temporary directory `dir` (and the pins named after it) was left behind by
+/// a process that is gone (e.g. a SIGKILLed run). With an owner file: whether that process is
+/// dead. Without one (gone with the directory, or written by an older testbed): left over unless a
+/// running process mentions the directory's name on its command line (a daemon's `--socket` and
+/// `--bpffs`, a replica's `--config`) or the directory is younger than [`OWNERLESS_GRACE`].
+pub fn is_leftover(dir: &Path) -> bool {
+    if let Some(owner) = std::fs::read_to_string(dir.join(OWNER_FILE)).ok().as_deref().and_then(Owner::parse) {
+        return !owner.is_alive();
+    }
+    let young = std::fs::metadata(dir).and_then(|m| m.modified()).is_ok_and(|t| t.elapsed().is_ok_and(|age| age < OWNERLESS_GRACE));
+    let mentioned = dir.file_name().is_some_and(|name| process_mentions(&name.to_string_lossy()));
+    !young && !mentioned
+}
+
+/// Whether a running process's command line contains `needle`.
+fn process_mentions(needle: &str) -> bool {
+    let Ok(procs) = std::fs::read_dir("/proc") else { return false };
+    procs.flatten().filter(|p| p.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit())).any(|p| {
+        std::fs::read(p.path().join("cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
+    })
+}
+
 impl Daemon {
     /// Writes `config` to a temporary file, starts `binary run --config FILE --iface ...` in `lb` and
     /// waits for it to log that it is ready. The daemon gets its own socket, config file and pin
@@ -95,6 +170,7 @@ impl Daemon {
         extra_args: &[&str],
     ) -> anyhow::Result<Daemon> {
         let dir = tempfile::Builder::new().prefix("xdp-lb-testbed-").tempdir()?;
+        write_owner(dir.path())?;
         let config_path = dir.path().join("xdp-lb.toml");
         std::fs::write(&config_path, config)?;
         Self::start_in(binary, lb, ifaces, dir, config_path, extra_args)
@@ -110,6 +186,7 @@ impl Daemon {
         extra_args: &[&str],
     ) -> anyhow::Result<Daemon> {
         let dir = tempfile::Builder::new().prefix("xdp-lb-testbed-").tempdir()?;
+        write_owner(dir.path())?;
         Self::start_in(binary, lb, ifaces, dir, config_path.to_path_buf(), extra_args)
     }
 
@@ -414,6 +491,44 @@ fn strip_ansi(line: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn owner_is_this_process_and_a_reused_pid_is_not_it() {
+        let dir = tempfile::tempdir().unwrap();
+        write_owner(dir.path()).unwrap();
+        assert!(!is_leftover(dir.path()), "a directory this live process owns");
+        let me = Owner::current().unwrap();
+        let text = format!("{} {}", me.pid, me.start + 1);
+        std::fs::write(dir.path().join(OWNER_FILE), text).unwrap();
+        assert!(is_leftover(dir.path()), "the same pid with another start time is another process");
+    }
+
+    #[test]
+    fn a_dead_owner_makes_a_leftover() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let owner = Owner::of(child.id()).unwrap_or(Owner { pid: child.id(), start: 1 });
+        child.wait().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(OWNER_FILE), format!("{} {}", owner.pid, owner.start)).unwrap();
+        assert!(is_leftover(dir.path()));
+    }
+
+    #[test]
+    fn an_ownerless_directory_is_kept_while_young() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!is_leftover(dir.path()), "just created, its owner file may be on its way");
+        assert!(is_leftover(Path::new("/nonexistent/xdp-lb-testbed-gone")), "a directory that is gone");
+    }
+
+    #[test]
+    fn parses_owner_files() {
+        assert_eq!(Owner::parse("12 345\n"), Some(Owner { pid: 12, start: 345 }));
+        assert_eq!(Owner::parse("12"), None);
+        assert_eq!(Owner::parse("12 x"), None);
+        assert_eq!(Owner::parse("1 2 3"), None);
+    }
+
     #[test]
     fn strips_colours() {
         assert_eq!(super::strip_ansi("\u{1b}[32m INFO\u{1b}[0m xdp-lb ready"), " INFO xdp-lb ready");

@@ -230,8 +230,8 @@ pub(crate) fn workspace_root() -> PathBuf {
 /// Runs `cargo test ARGS`, echoing its output, and adds up its "test result" lines.
 fn cargo_test(args: &[&str]) -> (Result<()>, u64, u64) {
     use std::io::{BufRead, BufReader};
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.current_dir(workspace_root()).args(args).stdout(std::process::Stdio::piped());
+    let mut cmd = inner_cargo();
+    cmd.args(args).stdout(std::process::Stdio::piped());
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => return (Err(e).context("running cargo test"), 0, 0),
@@ -261,8 +261,8 @@ fn cargo_test(args: &[&str]) -> (Result<()>, u64, u64) {
 }
 
 pub(crate) fn cargo(args: &[&str], release: bool) -> Result<()> {
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.current_dir(workspace_root()).args(args);
+    let mut cmd = inner_cargo();
+    cmd.args(args);
     if release {
         cmd.arg("--release");
     }
@@ -273,6 +273,23 @@ pub(crate) fn cargo(args: &[&str], release: bool) -> Result<()> {
     Ok(())
 }
 
+/// `cargo` in the workspace, without the package variables `cargo xtask` (`cargo run`) set for
+/// xtask itself. Build scripts that declare them with `rerun-if-env-changed` (ring's does, for
+/// `CARGO_MANIFEST_DIR`, `CARGO_PKG_NAME`, ...) would otherwise see them change between a plain
+/// `cargo build` and one from xtask, and rebuild ring and everything above it (rustls,
+/// jsonwebtoken, l7-sidecar, xdp-lb) every time.
+fn inner_cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    for (name, _) in std::env::vars_os() {
+        let name_str = name.to_string_lossy();
+        if ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_CRATE_", "CARGO_BIN_", "CARGO_PRIMARY_PACKAGE"].iter().any(|p| name_str.starts_with(p)) {
+            cmd.env_remove(&name);
+        }
+    }
+    cmd
+}
+
 fn require_root(why: &str) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -281,20 +298,11 @@ fn require_root(why: &str) -> Result<()> {
     Ok(())
 }
 
-/// Namespaces and pinned data planes left by a test run that was killed (guards clean up on
-/// panics, not on SIGKILL). Only those whose owner is gone: another run may be going on.
+/// Namespaces, pinned data planes and temporary directories left by a test or demo run that was
+/// killed (guards clean up on panics, not on SIGKILL). Only those whose owner is gone: another run
+/// may be going on.
 fn remove_leftover_namespaces() {
-    if let Ok(entries) = std::fs::read_dir(xdp_lb_testbed::daemon::BPFFS_ROOT) {
-        for entry in entries.flatten().filter(|e| e.path().is_dir()) {
-            // Pins are named after their daemon's temporary directory, which lives as long as it.
-            if std::env::temp_dir().join(entry.file_name()).exists() {
-                continue;
-            }
-            eprintln!("xtask: removing leftover pins {}", entry.path().display());
-            xdp_lb_testbed::daemon::remove_pins(&entry.path());
-        }
-    }
-    let Ok(dir) = std::fs::read_dir("/run/netns") else { return };
+    let Ok(dir) = std::fs::read_dir("/run/netns") else { return remove_leftover_pins_and_dirs() };
     let mut removed = Vec::new();
     for entry in dir.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
@@ -310,5 +318,107 @@ fn remove_leftover_namespaces() {
     }
     if !removed.is_empty() {
         eprintln!("xtask: removed leftover namespaces {removed:?}");
+    }
+    // After the namespaces: removing them killed the orphaned daemons and replicas, which would
+    // otherwise still name their directories on their command lines.
+    remove_leftover_pins_and_dirs();
+}
+
+fn remove_leftover_pins_and_dirs() {
+    let removed = remove_leftovers(Path::new(xdp_lb_testbed::daemon::BPFFS_ROOT), &std::env::temp_dir());
+    if !removed.is_empty() {
+        let names: Vec<_> = removed.iter().map(|p| p.display().to_string()).collect();
+        eprintln!("xtask: removed leftover pins and temporary directories {names:?}");
+    }
+}
+
+/// Name prefixes of the testbed's temporary directories (the daemons' pins are named after theirs).
+const TESTBED_DIRS: [&str; 2] = ["xdp-lb-testbed-", "xdp-lb-demo-"];
+
+/// Removes, in `bpffs` and `tmp`, the testbed's entries whose owner is gone
+/// (`xdp_lb_testbed::daemon::is_leftover`): a daemon's pins and its temporary directory go
+/// together. Anything else in the bpffs (iproute2's `ip`, `tc`, `xdp`, other tools' pins) is not
+/// ours and stays. Returns what it removed.
+fn remove_leftovers(bpffs: &Path, tmp: &Path) -> Vec<PathBuf> {
+    let ours = |e: &std::fs::DirEntry| {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        TESTBED_DIRS.iter().any(|p| name.starts_with(p)) && e.file_type().is_ok_and(|t| t.is_dir())
+    };
+    let entries = |dir: &Path| -> Vec<std::fs::DirEntry> {
+        std::fs::read_dir(dir).map(|d| d.flatten().filter(|e| ours(e)).collect()).unwrap_or_default()
+    };
+    let mut removed = Vec::new();
+    for pins in entries(bpffs) {
+        if xdp_lb_testbed::daemon::is_leftover(&tmp.join(pins.file_name())) {
+            xdp_lb_testbed::daemon::remove_pins(&pins.path());
+            removed.push(pins.path());
+        }
+    }
+    for dir in entries(tmp) {
+        if xdp_lb_testbed::daemon::is_leftover(&dir.path()) && std::fs::remove_dir_all(dir.path()).is_ok() {
+            removed.push(dir.path());
+        }
+    }
+    removed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `cargo test` sets the package variables for xtask's own tests, as `cargo xtask` does for the
+    /// xtask binary: the inner cargo must not see them.
+    #[test]
+    fn inner_cargo_does_not_pass_on_xtasks_package_variables() {
+        assert!(std::env::var_os("CARGO_MANIFEST_DIR").is_some() && std::env::var_os("CARGO_PKG_NAME").is_some());
+        let cmd = inner_cargo();
+        let removed: Vec<String> =
+            cmd.get_envs().filter(|(_, v)| v.is_none()).map(|(k, _)| k.to_string_lossy().into_owned()).collect();
+        for name in ["CARGO_MANIFEST_DIR", "CARGO_PKG_NAME", "CARGO_PKG_VERSION_MAJOR"] {
+            assert!(removed.iter().any(|r| r == name), "{name} is passed on to the inner cargo: {removed:?}");
+        }
+    }
+
+    fn owned_by(dir: &Path, owner: xdp_lb_testbed::daemon::Owner) {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join(xdp_lb_testbed::daemon::OWNER_FILE), format!("{} {}", owner.pid, owner.start)).unwrap();
+    }
+
+    /// A killed run's pins and temporary directories go, though its temporary directory still
+    /// exists; a live run's stay; entries that are not the testbed's stay.
+    #[test]
+    fn removes_what_dead_runs_left_and_nothing_else() {
+        let (bpffs, tmp) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (bpffs, tmp) = (bpffs.path(), tmp.path());
+        let me = xdp_lb_testbed::daemon::Owner::current().unwrap();
+        // Another process with this pid, started at another time: one that is gone.
+        let dead = xdp_lb_testbed::daemon::Owner { pid: me.pid, start: me.start + 1 };
+        for (name, owner) in [("xdp-lb-testbed-dead", dead), ("xdp-lb-testbed-live", me)] {
+            std::fs::create_dir_all(bpffs.join(name)).unwrap();
+            std::fs::write(bpffs.join(name).join("CONNTRACK"), "").unwrap();
+            owned_by(&tmp.join(name), owner);
+        }
+        owned_by(&tmp.join("xdp-lb-demo-dead"), dead);
+        owned_by(&tmp.join("xdp-lb-demo-live"), me);
+        for foreign in ["ip", "tc", "xdp"] {
+            std::fs::create_dir_all(bpffs.join(foreign)).unwrap();
+        }
+        std::fs::create_dir_all(tmp.join("someone-else")).unwrap();
+
+        let mut removed = remove_leftovers(bpffs, tmp);
+        removed.sort();
+        let mut expected = vec![bpffs.join("xdp-lb-testbed-dead"), tmp.join("xdp-lb-testbed-dead"), tmp.join("xdp-lb-demo-dead")];
+        expected.sort();
+        assert_eq!(removed, expected);
+        for gone in &expected {
+            assert!(!gone.exists(), "{} still exists", gone.display());
+        }
+        for kept in ["xdp-lb-testbed-live", "ip", "tc", "xdp"] {
+            assert!(bpffs.join(kept).exists(), "{kept} was removed from the bpffs");
+        }
+        for kept in ["xdp-lb-testbed-live", "xdp-lb-demo-live", "someone-else"] {
+            assert!(tmp.join(kept).exists(), "{kept} was removed from the temporary directory");
+        }
     }
 }

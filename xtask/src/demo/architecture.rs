@@ -12,6 +12,7 @@
 //! against what its request should get (`tally`).
 
 mod browser_check;
+mod edge;
 mod gateway;
 mod load;
 mod relay;
@@ -76,10 +77,14 @@ pub fn scene(opts: &Options) -> anyhow::Result<()> {
         (0..REPLICAS).map(|i| (IpAddr::V4(topo.backend_addr_v4(i)), names[i].clone())).collect();
     let services = Services::start(&topo, by_addr)?;
     println!("services in {}: users :8001, orders :8002, payments :8003, users-v2 :8004 on {}", topo.prefix(), services::ADDRESS);
+    edge::install(&topo).context("the client-side filter in the lb namespace")?;
+    println!("the lb namespace forwards nothing from the client side but the VIP (nftables; XDP's frames bypass it)");
     interrupt::check()?;
 
     let secret = random_secret()?;
     let dir = tempfile::Builder::new().prefix("xdp-lb-demo-").tempdir()?;
+    // Tells a later run whether this one is still going (its leftover clean-up).
+    xdp_lb_testbed::daemon::write_owner(dir.path())?;
     let replicas = (0..REPLICAS)
         .map(|i| {
             let addr = topo.backend_socket(Family::V4, i, gateway::PORT);
@@ -115,6 +120,7 @@ pub fn scene(opts: &Options) -> anyhow::Result<()> {
     }
 
     warm_up(&topo, vip, &secret).with_context(|| format!("daemon log:\n{}", daemon.log()))?;
+    edge::client_reaches_only_the_vip(&topo).context("the client side must reach nothing but the VIP")?;
     let limit = opts.duration.unwrap_or(MAX_DURATION);
     println!("load: 6 users (users, orders, payments, v2 by path and header), 1 anonymous client (401), 1 greedy client (429)");
     match opts.duration {
@@ -160,6 +166,9 @@ pub fn scene(opts: &Options) -> anyhow::Result<()> {
         return if opts.duration.is_none() && interrupt::interrupted() { Ok(()) } else { outcome };
     }
     check_gateway_traces(&relay).context("the dashboard's gateway views (through the relay)")?;
+    let (vip_seen, dropped) = edge::counters(&topo)?;
+    ensure!(vip_seen == 0, "{vip_seen} packets to the VIP went through the kernel's forwarding path, not XDP");
+    println!("client-side filter: {dropped} packets dropped (the direct attempts), 0 to the VIP seen by nftables (XDP forwarded them all)");
     match checked {
         Some(Err(e)) => return Err(e.context("the dashboard in headless Chromium (--check-in-browser)")),
         Some(Ok(())) => println!("\nthe dashboard in headless Chromium: every check passed"),
@@ -304,9 +313,12 @@ fn check_gateway_traces(relay: &Relay) -> anyhow::Result<()> {
 }
 
 /// Changes the scheduler the way the page's Apply button does, through the relay, and checks that
-/// the daemon wrote it into its config: the printed URL is not a read-only view.
+/// the daemon wrote it into its config: the printed URL is not a read-only view. Only for root: the
+/// same request from another local user gets the daemon's 403 (the relay connects as its client).
 fn change_through_dashboard(relay: &Relay, daemon: &Daemon) -> anyhow::Result<()> {
     let body = r#"{"service":"gateway","scheduler":"round-robin"}"#;
+    let (status, answer) = relay_request_as(relay::NOBODY, relay, "POST", "/api/scheduler", Some(body))?;
+    ensure!(status == 403, "POST /api/scheduler from user nobody through the relay answered {status}, not 403: {answer}");
     let (status, answer) = relay_request(relay, "POST", "/api/scheduler", Some(body))?;
     ensure!(status == 200, "POST /api/scheduler answered {status}: {answer}");
     let config = std::fs::read_to_string(daemon.config_path())?;
@@ -316,8 +328,13 @@ fn change_through_dashboard(relay: &Relay, daemon: &Daemon) -> anyhow::Result<()
 
 /// One request through the relay as a browser on the host sends it; returns status and body.
 fn relay_request(relay: &Relay, method: &str, path: &str, body: Option<&str>) -> anyhow::Result<(u16, String)> {
+    relay_request_as(0, relay, method, path, body)
+}
+
+/// [`relay_request`] from a socket owned by `uid`, as a browser of that local user sends it.
+fn relay_request_as(uid: u32, relay: &Relay, method: &str, path: &str, body: Option<&str>) -> anyhow::Result<(u16, String)> {
     let addr = relay.addr();
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    let mut s = relay::connect_as(uid, addr)?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     if let Some(body) = body {

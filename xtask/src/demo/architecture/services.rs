@@ -26,7 +26,7 @@ pub const ADDRESS: Ipv4Addr = Ipv4Addr::new(10, 202, 0, 2);
 /// The lb's interface towards the services.
 const LB_IFACE: &str = "to-svc";
 /// Port of `SERVICES[i]` is `FIRST_PORT + i`, as in `examples/demo/gateway.toml`.
-const FIRST_PORT: u16 = 8001;
+pub const FIRST_PORT: u16 = 8001;
 const POLL: Duration = Duration::from_millis(50);
 /// No server thread outlives this, even if nobody stops it.
 const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
