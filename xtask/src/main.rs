@@ -53,8 +53,9 @@ enum Task {
         /// Use debug builds (quicker to build, slower to run).
         #[arg(long)]
         debug: bool,
-        /// Where the dashboard is offered on this host (another port if it is taken).
-        #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
+        /// Where the dashboard is offered on this host (another port if it is taken); a loopback
+        /// address (to view it from elsewhere, forward the port: `ssh -L 8080:127.0.0.1:8080`).
+        #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR", value_parser = loopback_addr)]
         dashboard: std::net::SocketAddr,
         /// While the load runs, check the dashboard in headless Chromium against the daemon and
         /// the replicas (numbers, gateway views, a replica killed and restarted, a scheduler
@@ -183,6 +184,19 @@ fn main() -> Result<()> {
             result
         }
     }
+}
+
+/// `--dashboard`: the relay hands the page's changes to the daemon as its client's user, and the
+/// daemon answers only loopback `Host`s, so anything but loopback would fail minutes later (421).
+fn loopback_addr(text: &str) -> Result<std::net::SocketAddr, String> {
+    let addr: std::net::SocketAddr = text.parse().map_err(|e| format!("not an IP:port address: {e}"))?;
+    if !addr.ip().is_loopback() {
+        return Err(format!(
+            "{addr} is not a loopback address: the demo's dashboard is offered on this host only \
+             (use 127.0.0.1:PORT, and `ssh -L PORT:127.0.0.1:PORT` to view it from elsewhere)"
+        ));
+    }
+    Ok(addr)
 }
 
 /// `cargo xtask demo --duration 30 --no-browser --check-in-browser --debug`: the architecture
@@ -366,6 +380,16 @@ fn remove_leftovers(bpffs: &Path, tmp: &Path) -> Vec<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Hostile F15: `--dashboard 0.0.0.0:PORT` built everything, then failed two minutes later.
+    #[test]
+    fn the_demo_dashboard_must_be_loopback_and_says_so_at_once() {
+        assert_eq!(loopback_addr("127.0.0.1:8080"), Ok("127.0.0.1:8080".parse().expect("addr")));
+        assert!(loopback_addr("[::1]:0").is_ok());
+        let e = loopback_addr("0.0.0.0:8080").unwrap_err();
+        assert!(e.contains("0.0.0.0:8080 is not a loopback address") && e.contains("ssh -L"), "{e}");
+        assert!(loopback_addr("8080").unwrap_err().starts_with("not an IP:port address"));
+    }
 
     /// `cargo test` sets the package variables for xtask's own tests, as `cargo xtask` does for the
     /// xtask binary: the inner cargo must not see them.
