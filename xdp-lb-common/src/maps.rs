@@ -37,6 +37,11 @@ pub mod defaults {
     pub const TX_PORTS: u32 = 64;
 }
 
+/// `map_flags` of the connection tables (`CONNTRACK`, `NAT_REVERSE`): `BPF_F_NO_COMMON_LRU`, one LRU
+/// list per CPU as Katran's per-CPU tables, so CPUs do not contend on one list's lock when they
+/// insert or evict. Each CPU then evicts only from its own share of the entries (max / CPUs).
+pub const CONNTRACK_MAP_FLAGS: u32 = 1 << 1;
+
 /// `Service::flags`: forward by rewriting only the destination MAC (L2 direct server return).
 pub const SERVICE_FLAG_DSR: u32 = 1 << 0;
 /// `Service::flags` bits 8..16 hold how a new flow picks its backend from the service's ring.

@@ -13,7 +13,7 @@ use aya_ebpf::{
 };
 use xdp_lb_common::{
     addr::Addr,
-    maps::{defaults, Backend, Conn, Counters, FlowKey, NatReverse, NextHop, Service, ServiceKey},
+    maps::{defaults, Backend, CONNTRACK_MAP_FLAGS, Conn, Counters, FlowKey, NatReverse, NextHop, Service, ServiceKey},
     reasons::{self, Reason},
 };
 
@@ -27,11 +27,12 @@ static BACKENDS: Array<Backend> = Array::with_max_entries(defaults::MAX_BACKENDS
 static MAGLEV_RING: Array<u32> = Array::with_max_entries(defaults::MAGLEV_CELLS, 0);
 
 #[map]
-static CONNTRACK: LruHashMap<FlowKey, Conn> = LruHashMap::with_max_entries(defaults::CONNTRACK_ENTRIES, 0);
+static CONNTRACK: LruHashMap<FlowKey, Conn> =
+    LruHashMap::with_max_entries(defaults::CONNTRACK_ENTRIES, CONNTRACK_MAP_FLAGS);
 
 #[map]
 static NAT_REVERSE: LruHashMap<FlowKey, NatReverse> =
-    LruHashMap::with_max_entries(defaults::CONNTRACK_ENTRIES, 0);
+    LruHashMap::with_max_entries(defaults::CONNTRACK_ENTRIES, CONNTRACK_MAP_FLAGS);
 
 /// Interfaces the program may redirect to (the ones it is attached to), keyed by ifindex.
 #[map]

@@ -107,7 +107,7 @@ impl Dataplane {
         let map_paths: Vec<(&'static str, std::path::PathBuf)> = match &pins {
             Some(dir) => {
                 dir.check_compatible(settings)?;
-                pins::expected_maps(settings).into_iter().map(|(name, ..)| (name, dir.map(name))).collect()
+                pins::expected_maps(settings).into_iter().map(|m| (m.name, dir.map(m.name))).collect()
             }
             None => Vec::new(),
         };

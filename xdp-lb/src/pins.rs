@@ -8,9 +8,9 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::maps::MapInfo;
+use aya::maps::{MapInfo, MapType};
 use xdp_lb_common::{
-    maps::{defaults, names, Backend, Conn, Counters, FlowKey, NatReverse, NextHop, Service, ServiceKey},
+    maps::{defaults, names, Backend, CONNTRACK_MAP_FLAGS, Conn, Counters, FlowKey, NatReverse, NextHop, Service, ServiceKey},
     reasons,
 };
 
@@ -77,21 +77,28 @@ impl PinDir {
     }
 
     /// Refuses to reuse pinned maps whose shape differs from what this build and config expect:
-    /// aya would silently reuse them, and the program would read them wrongly.
+    /// aya would silently reuse them, and the program would read them wrongly. The shape is the
+    /// map's type and flags (a connection table of another kind, e.g. one shared LRU instead of
+    /// one per CPU) as well as its key size, value size and entries.
     pub fn check_compatible(&self, settings: &config::Dataplane) -> Result<(), PinError> {
-        for (map, key, value, entries) in expected_maps(settings) {
-            let path = self.map(map);
+        for wanted in expected_maps(settings) {
+            let path = self.map(wanted.name);
             if !path.exists() {
                 continue;
             }
-            let info = MapInfo::from_pin(&path).map_err(|e| PinError::Io { path: path.display().to_string(), message: e.to_string() })?;
-            let found = (info.key_size(), info.value_size(), info.max_entries());
-            if found != (key, value, entries) {
-                return Err(PinError::Incompatible {
-                    map,
-                    found: format!("key {} B, value {} B, {} entries", found.0, found.1, found.2),
-                    wanted: format!("key {key} B, value {value} B, {entries} entries"),
-                });
+            let io = |message: String| PinError::Io { path: path.display().to_string(), message };
+            let info = MapInfo::from_pin(&path).map_err(|e| io(e.to_string()))?;
+            let found = Shape {
+                // A type this aya does not know is certainly not the one wanted.
+                kind: info.map_type().ok(),
+                flags: info.map_flags(),
+                key: info.key_size(),
+                value: info.value_size(),
+                entries: info.max_entries(),
+            };
+            let want = wanted.shape();
+            if found != want {
+                return Err(PinError::Incompatible { map: wanted.name, found: found.to_string(), wanted: want.to_string() });
             }
         }
         Ok(())
@@ -118,22 +125,64 @@ impl PinDir {
     }
 }
 
-/// Every map the program declares, with the key size, value size and entries it must have.
-pub fn expected_maps(settings: &config::Dataplane) -> Vec<(&'static str, u32, u32, u32)> {
+/// One map the program declares, as this build creates it.
+#[derive(Clone, Copy, Debug)]
+pub struct ExpectedMap {
+    pub name: &'static str,
+    pub kind: MapType,
+    /// `map_flags` at creation (`BPF_F_*`).
+    pub flags: u32,
+    pub key: u32,
+    pub value: u32,
+    pub entries: u32,
+}
+
+impl ExpectedMap {
+    fn shape(&self) -> Shape {
+        Shape { kind: Some(self.kind), flags: self.flags, key: self.key, value: self.value, entries: self.entries }
+    }
+}
+
+/// What decides whether a pinned map can be reused, as found or as wanted.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Shape {
+    /// `None`: a type this build does not know.
+    kind: Option<MapType>,
+    flags: u32,
+    key: u32,
+    value: u32,
+    entries: u32,
+}
+
+impl std::fmt::Display for Shape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Shape { kind, flags, key, value, entries } = self;
+        match kind {
+            Some(kind) => write!(f, "type {kind:?}")?,
+            None => write!(f, "type unknown")?,
+        }
+        write!(f, ", flags {flags:#x}, key {key} B, value {value} B, {entries} entries")
+    }
+}
+
+/// Every map the program declares, with the type, flags, key size, value size and entries it must
+/// have.
+pub fn expected_maps(settings: &config::Dataplane) -> Vec<ExpectedMap> {
     let s = |n: usize| n as u32;
+    let map = |name, kind, flags, key, value, entries| ExpectedMap { name, kind, flags, key, value, entries };
     vec![
-        (names::SERVICES, s(size_of::<ServiceKey>()), s(size_of::<Service>()), defaults::MAX_SERVICES),
-        (names::BACKENDS, 4, s(size_of::<Backend>()), defaults::MAX_BACKENDS),
-        (names::MAGLEV_RING, 4, 4, settings.maglev_cells),
-        (names::CONNTRACK, s(size_of::<FlowKey>()), s(size_of::<Conn>()), settings.conntrack_entries),
-        (names::NAT_REVERSE, s(size_of::<FlowKey>()), s(size_of::<NatReverse>()), settings.conntrack_entries),
-        (names::TX_PORTS, 4, 8, defaults::TX_PORTS),
-        (names::SERVICE_STATS, 4, s(size_of::<Counters>()), defaults::MAX_SERVICES),
-        (names::BACKEND_STATS, 4, s(size_of::<Counters>()), defaults::MAX_BACKENDS),
-        (names::REASONS, 4, 8, reasons::COUNT),
-        (names::RR_COUNTERS, 4, 8, defaults::MAX_SERVICES),
-        (names::ACTIVE_FLOWS, 4, 8, defaults::MAX_BACKENDS),
-        (names::NEXT_HOPS, 4, s(size_of::<NextHop>()), defaults::MAX_BACKENDS),
+        map(names::SERVICES, MapType::Hash, 0, s(size_of::<ServiceKey>()), s(size_of::<Service>()), defaults::MAX_SERVICES),
+        map(names::BACKENDS, MapType::Array, 0, 4, s(size_of::<Backend>()), defaults::MAX_BACKENDS),
+        map(names::MAGLEV_RING, MapType::Array, 0, 4, 4, settings.maglev_cells),
+        map(names::CONNTRACK, MapType::LruHash, CONNTRACK_MAP_FLAGS, s(size_of::<FlowKey>()), s(size_of::<Conn>()), settings.conntrack_entries),
+        map(names::NAT_REVERSE, MapType::LruHash, CONNTRACK_MAP_FLAGS, s(size_of::<FlowKey>()), s(size_of::<NatReverse>()), settings.conntrack_entries),
+        map(names::TX_PORTS, MapType::DevMapHash, 0, 4, 8, defaults::TX_PORTS),
+        map(names::SERVICE_STATS, MapType::PerCpuArray, 0, 4, s(size_of::<Counters>()), defaults::MAX_SERVICES),
+        map(names::BACKEND_STATS, MapType::PerCpuArray, 0, 4, s(size_of::<Counters>()), defaults::MAX_BACKENDS),
+        map(names::REASONS, MapType::PerCpuArray, 0, 4, 8, reasons::COUNT),
+        map(names::RR_COUNTERS, MapType::Array, 0, 4, 8, defaults::MAX_SERVICES),
+        map(names::ACTIVE_FLOWS, MapType::Array, 0, 4, 8, defaults::MAX_BACKENDS),
+        map(names::NEXT_HOPS, MapType::PerCpuArray, 0, 4, s(size_of::<NextHop>()), defaults::MAX_BACKENDS),
     ]
 }
 
@@ -145,3 +194,6 @@ fn is_bpffs(dir: &Path) -> bool {
         libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
     }
 }
+
+#[cfg(test)]
+mod tests;
