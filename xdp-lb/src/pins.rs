@@ -10,7 +10,7 @@ use std::{
 
 use aya::maps::{MapInfo, MapType};
 use xdp_lb_common::{
-    maps::{defaults, names, Backend, CONNTRACK_MAP_FLAGS, Conn, Counters, FlowKey, NatReverse, NextHop, Service, ServiceKey},
+    maps::{defaults, names, Backend, CONNTRACK_MAP_FLAGS, Conn, Counters, FlowKey, NatBackend, NatReverse, NextHop, Service, ServiceKey},
     reasons,
 };
 
@@ -176,6 +176,7 @@ pub fn expected_maps(settings: &config::Dataplane) -> Vec<ExpectedMap> {
         map(names::MAGLEV_RING, MapType::Array, 0, 4, 4, settings.maglev_cells),
         map(names::CONNTRACK, MapType::LruHash, CONNTRACK_MAP_FLAGS, s(size_of::<FlowKey>()), s(size_of::<Conn>()), settings.conntrack_entries),
         map(names::NAT_REVERSE, MapType::LruHash, CONNTRACK_MAP_FLAGS, s(size_of::<FlowKey>()), s(size_of::<NatReverse>()), settings.conntrack_entries),
+        map(names::NAT_BACKENDS, MapType::LruHash, 0, s(size_of::<ServiceKey>()), s(size_of::<NatBackend>()), defaults::NAT_BACKENDS),
         map(names::TX_PORTS, MapType::DevMapHash, 0, 4, 8, defaults::TX_PORTS),
         map(names::SERVICE_STATS, MapType::PerCpuArray, 0, 4, s(size_of::<Counters>()), defaults::MAX_SERVICES),
         map(names::BACKEND_STATS, MapType::PerCpuArray, 0, 4, s(size_of::<Counters>()), defaults::MAX_BACKENDS),
