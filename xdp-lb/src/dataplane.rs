@@ -273,6 +273,17 @@ impl Dataplane {
         self.maps.conntrack.get(flow, 0).ok()
     }
 
+    /// The reply entry of a NAT flow, keyed by its reply (backend → client), if any (for tests and
+    /// diagnostics).
+    pub fn nat_reverse_entry(&self, reply: &FlowKey) -> Option<NatReverse> {
+        self.maps.nat_reverse.get(reply, 0).ok()
+    }
+
+    /// Removes a reply entry as an LRU eviction would (for tests); whether there was one.
+    pub fn evict_nat_reverse(&mut self, reply: &FlowKey) -> bool {
+        self.maps.nat_reverse.remove(reply).is_ok()
+    }
+
 }
 
 impl Drop for Dataplane {
