@@ -16,6 +16,10 @@ use xdp_lb_common::{
 
 use crate::config;
 
+/// `BPF_F_RDONLY_PROG`: the kernel adds it to every devmap it creates (programs may only redirect
+/// through one), so a pinned `TX_PORTS` reports it although the program never asked for it.
+const BPF_F_RDONLY_PROG: u32 = 1 << 7;
+
 /// `statfs` magic of bpffs.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -130,7 +134,7 @@ impl PinDir {
 pub struct ExpectedMap {
     pub name: &'static str,
     pub kind: MapType,
-    /// `map_flags` at creation (`BPF_F_*`).
+    /// `map_flags` as the kernel reports them for the map (`BPF_F_*`).
     pub flags: u32,
     pub key: u32,
     pub value: u32,
@@ -177,7 +181,7 @@ pub fn expected_maps(settings: &config::Dataplane) -> Vec<ExpectedMap> {
         map(names::CONNTRACK, MapType::LruHash, CONNTRACK_MAP_FLAGS, s(size_of::<FlowKey>()), s(size_of::<Conn>()), settings.conntrack_entries),
         map(names::NAT_REVERSE, MapType::LruHash, CONNTRACK_MAP_FLAGS, s(size_of::<FlowKey>()), s(size_of::<NatReverse>()), settings.conntrack_entries),
         map(names::NAT_BACKENDS, MapType::LruHash, 0, s(size_of::<ServiceKey>()), s(size_of::<NatBackend>()), defaults::NAT_BACKENDS),
-        map(names::TX_PORTS, MapType::DevMapHash, 0, 4, 8, defaults::TX_PORTS),
+        map(names::TX_PORTS, MapType::DevMapHash, BPF_F_RDONLY_PROG, 4, 8, defaults::TX_PORTS),
         map(names::SERVICE_STATS, MapType::PerCpuArray, 0, 4, s(size_of::<Counters>()), defaults::MAX_SERVICES),
         map(names::BACKEND_STATS, MapType::PerCpuArray, 0, 4, s(size_of::<Counters>()), defaults::MAX_BACKENDS),
         map(names::REASONS, MapType::PerCpuArray, 0, 4, 8, reasons::COUNT),
