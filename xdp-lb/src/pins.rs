@@ -31,6 +31,9 @@ pub enum PinError {
     Io { path: String, message: String },
     #[error("pinned map {map} was created for a different layout or size ({found}, this build needs {wanted}); a restart cannot adopt it: set [dataplane] back to the running sizes, or run `xdp-lb stop --detach` to remove the old data plane and then start (an outage: nothing is forwarded until the start and the connection table is lost)")]
     Incompatible { map: &'static str, found: String, wanted: String },
+    /// Another type, flags, key or value: no setting brings it back, only a fresh data plane.
+    #[error("pinned map {map} was made by another build of the data plane ({found}, this build needs {wanted}); a restart cannot adopt it: run `xdp-lb stop --detach` to remove the old data plane and then start this build (an outage: nothing is forwarded until the start and the connection table is lost)")]
+    Layout { map: &'static str, found: String, wanted: String },
 }
 
 /// Where the data plane is pinned.
@@ -102,7 +105,14 @@ impl PinDir {
             };
             let want = wanted.shape();
             if found != want {
-                return Err(PinError::Incompatible { map: wanted.name, found: found.to_string(), wanted: want.to_string() });
+                // Only the entries differ: the config's sizes can be set back (see the message).
+                let sizes_only = Shape { entries: want.entries, ..found } == want;
+                let (map, found, wanted) = (wanted.name, found.to_string(), want.to_string());
+                return Err(if sizes_only {
+                    PinError::Incompatible { map, found, wanted }
+                } else {
+                    PinError::Layout { map, found, wanted }
+                });
             }
         }
         Ok(())
@@ -169,17 +179,28 @@ impl std::fmt::Display for Shape {
     }
 }
 
+/// The entries the kernel gives a per-CPU LRU table (`BPF_F_NO_COMMON_LRU`) asked for `entries`:
+/// rounded up to a multiple of the possible CPUs, each CPU's list getting an equal share (as it
+/// then reports them). Rounded down instead where rounding up would overflow, as the kernel does.
+pub fn per_cpu_entries(entries: u32, cpus: u32) -> u32 {
+    let cpus = cpus.max(1);
+    entries.div_ceil(cpus).checked_mul(cpus).unwrap_or(entries / cpus * cpus)
+}
+
 /// Every map the program declares, with the type, flags, key size, value size and entries it must
 /// have.
 pub fn expected_maps(settings: &config::Dataplane) -> Vec<ExpectedMap> {
     let s = |n: usize| n as u32;
     let map = |name, kind, flags, key, value, entries| ExpectedMap { name, kind, flags, key, value, entries };
+    // Unknown CPUs (no /sys): 1, so a rounded table is refused rather than misread.
+    let cpus = aya::util::nr_cpus().map_or(1, |n| n as u32);
+    let conntrack_entries = per_cpu_entries(settings.conntrack_entries, cpus);
     vec![
         map(names::SERVICES, MapType::Hash, 0, s(size_of::<ServiceKey>()), s(size_of::<Service>()), defaults::MAX_SERVICES),
         map(names::BACKENDS, MapType::Array, 0, 4, s(size_of::<Backend>()), defaults::MAX_BACKENDS),
         map(names::MAGLEV_RING, MapType::Array, 0, 4, 4, settings.maglev_cells),
-        map(names::CONNTRACK, MapType::LruHash, CONNTRACK_MAP_FLAGS, s(size_of::<FlowKey>()), s(size_of::<Conn>()), settings.conntrack_entries),
-        map(names::NAT_REVERSE, MapType::LruHash, CONNTRACK_MAP_FLAGS, s(size_of::<FlowKey>()), s(size_of::<NatReverse>()), settings.conntrack_entries),
+        map(names::CONNTRACK, MapType::LruHash, CONNTRACK_MAP_FLAGS, s(size_of::<FlowKey>()), s(size_of::<Conn>()), conntrack_entries),
+        map(names::NAT_REVERSE, MapType::LruHash, CONNTRACK_MAP_FLAGS, s(size_of::<FlowKey>()), s(size_of::<NatReverse>()), conntrack_entries),
         map(names::NAT_BACKENDS, MapType::LruHash, 0, s(size_of::<ServiceKey>()), s(size_of::<NatBackend>()), defaults::NAT_BACKENDS),
         map(names::TX_PORTS, MapType::DevMapHash, BPF_F_RDONLY_PROG, 4, 8, defaults::TX_PORTS),
         map(names::SERVICE_STATS, MapType::PerCpuArray, 0, 4, s(size_of::<Counters>()), defaults::MAX_SERVICES),

@@ -66,6 +66,16 @@ fn conntrack_sizes() -> (u32, u32) {
 }
 
 #[test]
+fn a_connection_table_of_other_entries_only_is_refused_with_the_sizes_advice() {
+    let pins = TempPins::new("entries");
+    let (key, value) = conntrack_sizes();
+    pin_map(&pins.0.map(names::CONNTRACK), BPF_MAP_TYPE_LRU_HASH, BPF_F_NO_COMMON_LRU, key, value, 2048);
+    let err = pins.0.check_compatible(&settings()).expect_err("other entries");
+    assert!(matches!(err, PinError::Incompatible { map: "CONNTRACK", .. }), "{err}");
+    assert!(err.to_string().contains("[dataplane]"), "{err}");
+}
+
+#[test]
 fn a_connection_table_of_the_layout_this_build_creates_is_adopted() {
     let pins = TempPins::new("same");
     let (key, value) = conntrack_sizes();
@@ -86,6 +96,25 @@ fn a_connection_table_of_another_type_or_flags_is_refused_by_name() {
         pin_map(&pins.0.map(names::CONNTRACK), kind, flags, key, value, 1024);
         let err = pins.0.check_compatible(&settings()).expect_err(tag).to_string();
         assert!(err.contains("pinned map CONNTRACK") && err.contains(named), "{tag}: {err}");
+        // No [dataplane] setting brings another kind of table back: only a fresh data plane.
+        assert!(err.contains("another build") && err.contains("stop --detach") && !err.contains("[dataplane]"), "{tag}: {err}");
         assert!(err.contains("type LruHash, flags 0x2"), "{tag}: says what it needs: {err}");
     }
+}
+
+/// The kernel rounds a per-CPU LRU table's entries up to a multiple of the possible CPUs (each CPU
+/// gets an equal share), and reports the rounded number: a table of an odd size (or of 100,000
+/// entries on 12 CPUs) was refused by the very build that made it.
+#[test]
+fn a_per_cpu_table_whose_entries_the_kernel_rounded_is_adopted() {
+    let cpus = aya::util::nr_cpus().expect("possible CPUs") as u32;
+    let pins = TempPins::new("rounded");
+    let (key, value) = conntrack_sizes();
+    let asked = 1024 * cpus + 1;
+    pin_map(&pins.0.map(names::CONNTRACK), BPF_MAP_TYPE_LRU_HASH, BPF_F_NO_COMMON_LRU, key, value, asked);
+    let settings = config::Dataplane { conntrack_entries: asked, maglev_cells: 1024, hash_seed: 0 };
+    pins.0.check_compatible(&settings).expect("the table this build makes for the config is adopted");
+    assert_eq!(per_cpu_entries(asked, cpus), 1024 * cpus + cpus);
+    assert_eq!(per_cpu_entries(100_000, 12), 100_008);
+    assert_eq!(per_cpu_entries(1 << 20, 4), 1 << 20);
 }
