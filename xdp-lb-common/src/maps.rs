@@ -16,6 +16,7 @@ pub mod names {
     pub const MAGLEV_RING: &str = "MAGLEV_RING";
     pub const CONNTRACK: &str = "CONNTRACK";
     pub const NAT_REVERSE: &str = "NAT_REVERSE";
+    pub const NAT_BACKENDS: &str = "NAT_BACKENDS";
     pub const TX_PORTS: &str = "TX_PORTS";
     pub const SERVICE_STATS: &str = "SERVICE_STATS";
     pub const RR_COUNTERS: &str = "RR_COUNTERS";
@@ -35,7 +36,15 @@ pub mod defaults {
     pub const RING_SIZE: u32 = 16_381;
     pub const CONNTRACK_ENTRIES: u32 = 1 << 20;
     pub const TX_PORTS: u32 = 64;
+    /// `NAT_BACKENDS`: twice the backend ids, so entries of removed backends age out (LRU) long
+    /// before a live backend's would.
+    pub const NAT_BACKENDS: u32 = 2 * MAX_BACKENDS;
 }
+
+/// `map_flags` of the connection tables (`CONNTRACK`, `NAT_REVERSE`): `BPF_F_NO_COMMON_LRU`, one LRU
+/// list per CPU as Katran's per-CPU tables, so CPUs do not contend on one list's lock when they
+/// insert or evict. Each CPU then evicts only from its own share of the entries (max / CPUs).
+pub const CONNTRACK_MAP_FLAGS: u32 = 1 << 1;
 
 /// `Service::flags`: forward by rewriting only the destination MAC (L2 direct server return).
 pub const SERVICE_FLAG_DSR: u32 = 1 << 0;
@@ -181,6 +190,23 @@ pub struct NatReverse {
     pub client_hop: NextHop,
 }
 
+/// Value of `NAT_BACKENDS`, keyed by a NAT backend's address, port and protocol (a [`ServiceKey`]
+/// holding the backend's, network order): the service flow that backend was last given. It lets a
+/// reply whose `NAT_REVERSE` entry was evicted find its flow's `CONNTRACK` entry (the key is
+/// [`FlowKey::request_to`] the VIP) and restore the reply entry, so the forward path need not check
+/// the reply entry on every packet. Written by the data plane when it places a new NAT flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatBackend {
+    /// Network order.
+    pub vip: Addr,
+    /// Network order.
+    pub vport: u16,
+    pub _pad: u16,
+    pub service_id: u32,
+    pub backend_id: u32,
+}
+
 /// Value of the per-CPU `NEXT_HOPS` array, indexed by backend id: the FIB's answer for the way to
 /// that backend, kept briefly so established flows skip `bpf_fib_lookup` (its most expensive step).
 #[repr(C)]
@@ -232,6 +258,7 @@ const _: () = assert!(size_of::<Backend>() == 28);
 const _: () = assert!(size_of::<FlowKey>() == 40);
 const _: () = assert!(size_of::<Conn>() == 24);
 const _: () = assert!(size_of::<NatReverse>() == 64);
+const _: () = assert!(size_of::<NatBackend>() == 28);
 const _: () = assert!(size_of::<Counters>() == 48);
 const _: () = assert!(size_of::<NextHop>() == 32);
 
@@ -247,6 +274,7 @@ mod pod {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::Conn {}
     unsafe impl aya::Pod for super::NatReverse {}
+    unsafe impl aya::Pod for super::NatBackend {}
     unsafe impl aya::Pod for super::Counters {}
     unsafe impl aya::Pod for super::NextHop {}
 }

@@ -8,7 +8,10 @@ use xdp_lb_common::{
     reasons::{self, Reason},
 };
 
-use crate::maps::{self, ReplyRef};
+use crate::{
+    maps::{self, ReplyRef},
+    reply,
+};
 
 pub enum Class {
     /// Client → VIP: balanced over the service's backends.
@@ -17,7 +20,8 @@ pub enum Class {
     Reply(ReplyRef),
 }
 
-/// Looks the packet up as a service's (by destination) and then as a NAT reply (by its whole flow).
+/// Looks the packet up as a service's (by destination) and then as a NAT reply (by its whole flow,
+/// or, when that entry was evicted, through its backend and the flow's connection entry).
 /// Either in an 802.1Q tag is passed: the kernel's VLAN device owns the tagged path. Packets that
 /// are neither are the host's own (`pass_not_vip`).
 #[inline(always)]
@@ -27,6 +31,8 @@ pub fn classify(packet: &Packet) -> Result<Class, Reason> {
     let class = if let Some(service) = maps::service(&service_key) {
         Class::Service(service)
     } else if let Some(entry) = maps::nat_reverse(flow) {
+        Class::Reply(entry)
+    } else if let Some(entry) = reply::restore(flow) {
         Class::Reply(entry)
     } else {
         return Err(reasons::PASS_NOT_VIP);

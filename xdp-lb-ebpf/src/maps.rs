@@ -13,7 +13,7 @@ use aya_ebpf::{
 };
 use xdp_lb_common::{
     addr::Addr,
-    maps::{defaults, Backend, Conn, Counters, FlowKey, NatReverse, NextHop, Service, ServiceKey},
+    maps::{defaults, Backend, CONNTRACK_MAP_FLAGS, Conn, Counters, FlowKey, NatBackend, NatReverse, NextHop, Service, ServiceKey},
     reasons::{self, Reason},
 };
 
@@ -27,11 +27,16 @@ static BACKENDS: Array<Backend> = Array::with_max_entries(defaults::MAX_BACKENDS
 static MAGLEV_RING: Array<u32> = Array::with_max_entries(defaults::MAGLEV_CELLS, 0);
 
 #[map]
-static CONNTRACK: LruHashMap<FlowKey, Conn> = LruHashMap::with_max_entries(defaults::CONNTRACK_ENTRIES, 0);
+static CONNTRACK: LruHashMap<FlowKey, Conn> =
+    LruHashMap::with_max_entries(defaults::CONNTRACK_ENTRIES, CONNTRACK_MAP_FLAGS);
 
 #[map]
 static NAT_REVERSE: LruHashMap<FlowKey, NatReverse> =
-    LruHashMap::with_max_entries(defaults::CONNTRACK_ENTRIES, 0);
+    LruHashMap::with_max_entries(defaults::CONNTRACK_ENTRIES, CONNTRACK_MAP_FLAGS);
+
+/// A NAT backend's last service flow, to restore an evicted reply entry (see `NatBackend`).
+#[map]
+static NAT_BACKENDS: LruHashMap<ServiceKey, NatBackend> = LruHashMap::with_max_entries(defaults::NAT_BACKENDS, 0);
 
 /// Interfaces the program may redirect to (the ones it is attached to), keyed by ifindex.
 #[map]
@@ -95,8 +100,14 @@ pub fn nat_reverse(flow: &FlowKey) -> Option<ReplyRef> {
 }
 
 #[inline(always)]
-pub fn has_nat_reverse(flow: &FlowKey) -> bool {
-    NAT_REVERSE.get_ptr(flow).is_some()
+pub fn nat_backend(backend: &ServiceKey) -> Option<NatBackend> {
+    // SAFETY: copied out at once; entries are replaced whole.
+    unsafe { NAT_BACKENDS.get(backend).copied() }
+}
+
+#[inline(always)]
+pub fn remember_nat_backend(backend: &ServiceKey, value: &NatBackend) {
+    let _ = NAT_BACKENDS.insert(backend, value, 0);
 }
 
 #[inline(always)]

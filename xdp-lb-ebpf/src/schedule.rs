@@ -5,14 +5,17 @@
 use xdp_lb_common::{
     conntrack, hash,
     maps::{
-        self as m, scheduler_of, Backend, Conn, FlowKey, NatReverse, NextHop, Service,
+        self as m, scheduler_of, Backend, Conn, FlowKey, NatBackend, NatReverse, NextHop, Service, ServiceKey,
         BACKEND_FLAG_DOWN, CONN_FLAG_ACKED, CONN_FLAG_CLOSED, CONN_FLAG_COUNTED, LEAST_CONN_MAX, PROTO_TCP, SERVICE_FLAG_DSR,
     },
     packet::{Packet, TCP_FIN, TCP_RST, TCP_SYN},
     reasons::{self, Reason},
 };
 
-use crate::maps::{self, ConnRef};
+use crate::{
+    maps::{self, ConnRef},
+    reply::same_addr,
+};
 
 pub struct Chosen {
     pub id: u32,
@@ -39,16 +42,9 @@ pub fn schedule(packet: &Packet, service: &Service) -> Result<Chosen, Reason> {
                 } else if backend.flags & BACKEND_FLAG_DOWN == 0 {
                     track_close(conn, backend_id, packet.tcp_flags);
                     touch(conn, flags, last_seen, packet.tcp_flags, now);
-                    if service.flags & SERVICE_FLAG_DSR == 0 {
-                        // The two tables evict independently: a flow can keep its connection entry
-                        // yet lose its reply entry, and its replies would then pass untranslated
-                        // (the client resets the connection). Checked on every packet: checking
-                        // less often leaves such a window open (the SYN-flood test shows it).
-                        let reply = flow.reply_from(&backend.addr, backend.port);
-                        if !maps::has_nat_reverse(&reply) {
-                            remember_reply(flow, service, backend_id, &reply);
-                        }
-                    }
+                    // No look at the flow's reply entry here: the two tables evict independently,
+                    // but a reply that lost its entry finds the flow again (`reply::restore`), so
+                    // an established NAT packet costs one table lookup, not two.
                     return Ok(Chosen { id: backend_id, backend, new_flow: false, now });
                 } else {
                     // Its backend failed: move the flow now rather than let the client wait on a dead server.
@@ -76,6 +72,7 @@ pub fn schedule(packet: &Packet, service: &Service) -> Result<Chosen, Reason> {
     if service.flags & SERVICE_FLAG_DSR == 0 {
         let reply = flow.reply_from(&chosen.backend.addr, chosen.backend.port);
         remember_reply(flow, service, chosen.id, &reply);
+        remember_backend(flow, service, chosen.id, &chosen.backend);
     }
     Ok(chosen)
 }
@@ -108,6 +105,23 @@ fn remember_reply(flow: &FlowKey, service: &Service, backend_id: u32, reply: &Fl
             client_hop: NextHop::default(),
         },
     );
+}
+
+/// Records which service flow `backend` was last given (`NAT_BACKENDS`), so its replies can find
+/// their flow after an eviction; written only when it changes (most new flows change nothing).
+#[inline(always)]
+fn remember_backend(flow: &FlowKey, service: &Service, backend_id: u32, backend: &Backend) {
+    let key = ServiceKey { addr: backend.addr, port: backend.port, proto: flow.proto, _pad: 0 };
+    let value = NatBackend { vip: flow.dst, vport: flow.dport, _pad: 0, service_id: service.id, backend_id };
+    let stale = match maps::nat_backend(&key) {
+        Some(old) => {
+            old.backend_id != backend_id || old.service_id != service.id || old.vport != flow.dport || !same_addr(&old.vip, &flow.dst)
+        }
+        None => true,
+    };
+    if stale {
+        maps::remember_nat_backend(&key, &value);
+    }
 }
 
 /// Keeps `ACTIVE_FLOWS` honest for a counted flow: the first FIN or RST closes it. (A SYN never

@@ -15,7 +15,7 @@ use aya::{
 };
 use tracing::{info, warn};
 use xdp_lb_common::{
-    maps::{defaults, names, Backend, Conn, Counters, FlowKey, Service, ServiceKey},
+    maps::{defaults, names, Backend, Conn, Counters, FlowKey, NatReverse, Service, ServiceKey},
     reasons,
 };
 
@@ -82,6 +82,7 @@ struct Maps {
     backends: Array<MapData, Backend>,
     ring: Array<MapData, u32>,
     conntrack: HashMap<MapData, FlowKey, Conn>,
+    nat_reverse: HashMap<MapData, FlowKey, NatReverse>,
     tx_ports: DevMapHash<MapData>,
     service_stats: PerCpuArray<MapData, Counters>,
     backend_stats: PerCpuArray<MapData, Counters>,
@@ -107,7 +108,7 @@ impl Dataplane {
         let map_paths: Vec<(&'static str, std::path::PathBuf)> = match &pins {
             Some(dir) => {
                 dir.check_compatible(settings)?;
-                pins::expected_maps(settings).into_iter().map(|(name, ..)| (name, dir.map(name))).collect()
+                pins::expected_maps(settings).into_iter().map(|m| (m.name, dir.map(m.name))).collect()
             }
             None => Vec::new(),
         };
@@ -126,6 +127,7 @@ impl Dataplane {
             backends: take(&mut ebpf, names::BACKENDS)?,
             ring: take(&mut ebpf, names::MAGLEV_RING)?,
             conntrack: take(&mut ebpf, names::CONNTRACK)?,
+            nat_reverse: take(&mut ebpf, names::NAT_REVERSE)?,
             tx_ports: take(&mut ebpf, names::TX_PORTS)?,
             service_stats: take(&mut ebpf, names::SERVICE_STATS)?,
             backend_stats: take(&mut ebpf, names::BACKEND_STATS)?,
@@ -271,6 +273,17 @@ impl Dataplane {
         self.maps.conntrack.get(flow, 0).ok()
     }
 
+    /// The reply entry of a NAT flow, keyed by its reply (backend → client), if any (for tests and
+    /// diagnostics).
+    pub fn nat_reverse_entry(&self, reply: &FlowKey) -> Option<NatReverse> {
+        self.maps.nat_reverse.get(reply, 0).ok()
+    }
+
+    /// Removes a reply entry as an LRU eviction would (for tests); whether there was one.
+    pub fn evict_nat_reverse(&mut self, reply: &FlowKey) -> bool {
+        self.maps.nat_reverse.remove(reply).is_ok()
+    }
+
 }
 
 impl Drop for Dataplane {
@@ -392,6 +405,18 @@ impl FlowMaps for Dataplane {
             Ok(()) => Ok(true),
             Err(aya::maps::MapError::KeyNotFound) => Ok(false),
             Err(e) => Err(FlowMapError { map: names::CONNTRACK, message: e.to_string() }),
+        }
+    }
+
+    fn remove_reply_if_of(&mut self, reply: &FlowKey, flow: &FlowKey, backend_id: u32) -> Result<bool, FlowMapError> {
+        match self.maps.nat_reverse.get(reply, 0) {
+            Ok(e) if e.backend_id == backend_id && e.vip == flow.dst && e.vport == flow.dport => {}
+            _ => return Ok(false),
+        }
+        match self.maps.nat_reverse.remove(reply) {
+            Ok(()) => Ok(true),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(false),
+            Err(e) => Err(FlowMapError { map: names::NAT_REVERSE, message: e.to_string() }),
         }
     }
 

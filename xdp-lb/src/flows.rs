@@ -5,7 +5,8 @@
 //! everything a restarted daemon cannot know. So the daemon walks `CONNTRACK` now and then, counts
 //! the open entries per backend ([`xdp_lb_common::conntrack::is_active`]), writes the counts that
 //! differ, and removes entries that are closed and past their linger time, expired, or left by a
-//! removed backend. At rest the counts are then exactly the open connections; under load they may
+//! removed backend — and with a NAT flow's entry its `NAT_REVERSE` entry, if that still belongs to
+//! the flow (before, reply entries were left to the LRU). At rest the counts are then exactly the open connections; under load they may
 //! be off by the flows opened or closed during one walk, until the next.
 
 use std::{
@@ -15,6 +16,7 @@ use std::{
 
 use tracing::{debug, warn};
 use xdp_lb_common::{
+    addr::{self, Addr},
     conntrack,
     maps::{Conn, FlowKey},
 };
@@ -39,6 +41,9 @@ pub trait FlowMaps {
     fn conntrack_entries(&self) -> Result<Vec<(FlowKey, Conn)>, FlowMapError>;
     /// Removes `key` if its entry still equals `seen` (a new connection may have reused it since).
     fn remove_conntrack_if_unchanged(&mut self, key: &FlowKey, seen: &Conn) -> Result<bool, FlowMapError>;
+    /// Removes the reply entry `reply` (backend → client) if it still belongs to `flow` (client →
+    /// VIP) on `backend_id`: the same reply 5-tuple may carry another flow's replies since.
+    fn remove_reply_if_of(&mut self, reply: &FlowKey, flow: &FlowKey, backend_id: u32) -> Result<bool, FlowMapError>;
     /// The raw counter (a transient "negative" value shows as a huge one).
     fn active_flows_raw(&self, backend_id: u32) -> Result<u64, FlowMapError>;
     fn set_active_flows(&mut self, backend_id: u32, value: u64) -> Result<(), FlowMapError>;
@@ -84,6 +89,8 @@ pub struct Reconciled {
     /// (backend id, counter before, counter after) for every counter rewritten.
     pub corrected: Vec<(u32, u64, u64)>,
     pub removed: usize,
+    /// `NAT_REVERSE` entries removed with their flows' connection entries.
+    pub replies_removed: usize,
 }
 
 /// One walk: sets every installed backend's counter to its open entries and removes stale entries.
@@ -91,13 +98,30 @@ pub struct Reconciled {
 /// A counter the data plane moved while the walk ran is left for the next walk: the walk may
 /// have missed that flow's entry, and writing its stale count would erase the data plane's
 /// increment (a just-opened flow would read as 0 until the next walk).
-pub fn reconcile(maps: &mut dyn FlowMaps, backend_ids: &[u32], generation_of: impl Fn(u32) -> u32, now_ns: u64) -> Result<Reconciled, FlowMapError> {
+///
+/// `address_of` gives an installed backend id's address and port (network order): a removed NAT
+/// flow's reply entry is keyed by them. (Entries of a backend since removed keep their reply
+/// entries, whose key the daemon no longer knows: the LRU ages those out.)
+pub fn reconcile(
+    maps: &mut dyn FlowMaps,
+    backend_ids: &[u32],
+    generation_of: impl Fn(u32) -> u32,
+    address_of: impl Fn(u32) -> Option<(Addr, u16)>,
+    now_ns: u64,
+) -> Result<Reconciled, FlowMapError> {
     let before = backend_ids.iter().map(|&id| maps.active_flows_raw(id)).collect::<Result<Vec<u64>, _>>()?;
-    let found = census(maps.conntrack_entries()?, generation_of, now_ns);
+    let found = census(maps.conntrack_entries()?, &generation_of, now_ns);
     let mut out = Reconciled::default();
     for (key, conn) in &found.removable {
         if maps.remove_conntrack_if_unchanged(key, conn)? {
             out.removed += 1;
+            // Only while the id still names the flow's backend: a reused id has another address.
+            let backend = address_of(conn.backend_id).filter(|_| generation_of(conn.backend_id) == conn.generation);
+            if let Some((addr, port)) = backend {
+                if maps.remove_reply_if_of(&key.reply_from(&addr, port), key, conn.backend_id)? {
+                    out.replies_removed += 1;
+                }
+            }
         }
     }
     for (&id, &was) in backend_ids.iter().zip(&before) {
@@ -121,9 +145,13 @@ pub fn reconcile_when_due(maps: &mut dyn FlowMaps, tables: &Tables) {
         return;
     }
     let ids: Vec<u32> = tables.services().flat_map(|s| s.backend_ids.values().copied()).collect();
-    match reconcile(maps, &ids, |id| tables.generation(id), coarse_now_ns()) {
+    let addresses: std::collections::HashMap<u32, (Addr, u16)> = tables
+        .services()
+        .flat_map(|s| s.backend_ids.iter().map(|(a, &id)| (id, (addr::from_ip(a.ip()), a.port().to_be()))))
+        .collect();
+    match reconcile(maps, &ids, |id| tables.generation(id), |id| addresses.get(&id).copied(), coarse_now_ns()) {
         Ok(r) if r.corrected.is_empty() && r.removed == 0 => {}
-        Ok(r) => debug!(corrected = ?r.corrected, removed = r.removed, "connection table reconciled"),
+        Ok(r) => debug!(corrected = ?r.corrected, removed = r.removed, replies_removed = r.replies_removed, "connection table reconciled"),
         Err(e) => warn!("reconciling the connection table: {e}"),
     }
     let took = started.elapsed();
@@ -171,9 +199,16 @@ mod tests {
         }
     }
 
+    /// Backend 1's and 2's addresses (ports 8001, 8002, network order).
+    fn address_of(id: u32) -> Option<(Addr, u16)> {
+        (id == 1 || id == 2).then(|| ([0, 0, 0, id], (8000 + id as u16).to_be()))
+    }
+
     #[derive(Default)]
     struct FakeMaps {
         conntrack: BTreeMap<u16, (FlowKey, Conn)>,
+        /// NAT_REVERSE: reply key → (the flow's VIP port, backend id).
+        replies: BTreeMap<(u16, u16), (u16, u32)>,
         active: BTreeMap<u32, u64>,
         clock: WalkClock,
         /// Counter changes (backend, delta) the data plane makes while the walk is reading.
@@ -194,6 +229,14 @@ mod tests {
         fn remove_conntrack_if_unchanged(&mut self, key: &FlowKey, seen: &Conn) -> Result<bool, FlowMapError> {
             if self.conntrack.get(&key.sport).is_some_and(|(_, c)| c == seen) {
                 self.conntrack.remove(&key.sport);
+                return Ok(true);
+            }
+            Ok(false)
+        }
+        fn remove_reply_if_of(&mut self, reply: &FlowKey, flow: &FlowKey, backend_id: u32) -> Result<bool, FlowMapError> {
+            let at = (reply.sport, reply.dport);
+            if self.replies.get(&at) == Some(&(flow.dport, backend_id)) {
+                self.replies.remove(&at);
                 return Ok(true);
             }
             Ok(false)
@@ -243,15 +286,15 @@ mod tests {
         let minus_one = conntrack::ACTIVE_OPEN.wrapping_add(2 * conntrack::ACTIVE_CLOSE);
         maps.active.insert(1, five);
         maps.active.insert(2, minus_one);
-        let r = reconcile(&mut maps, &[1, 2], generation_of, NOW).unwrap();
+        let r = reconcile(&mut maps, &[1, 2], generation_of, address_of, NOW).unwrap();
         let (one, zero) = (conntrack::with_active_count(five, 1), conntrack::with_active_count(minus_one, 0));
-        assert_eq!(r, Reconciled { corrected: vec![(1, five, one), (2, minus_one, zero)], removed: 1 });
+        assert_eq!(r, Reconciled { corrected: vec![(1, five, one), (2, minus_one, zero)], removed: 1, replies_removed: 0 });
         assert_eq!(maps.active, BTreeMap::from([(1, one), (2, zero)]));
         // The next open on backend 2 counts 1, not 0.
         assert_eq!(conntrack::active_count(zero.wrapping_add(conntrack::ACTIVE_OPEN)), 1);
         assert!(!maps.conntrack.contains_key(&2));
         // Nothing drifted: nothing is written.
-        assert_eq!(reconcile(&mut maps, &[1, 2], generation_of, NOW).unwrap(), Reconciled::default());
+        assert_eq!(reconcile(&mut maps, &[1, 2], generation_of, address_of, NOW).unwrap(), Reconciled::default());
     }
 
     /// Seen in the control tests under load: a flow opened while the walk ran read as 0 active
@@ -262,12 +305,12 @@ mod tests {
         maps.conntrack.insert(1, (key(1), conn(1, 7, OPEN, 1)));
         maps.active.insert(1, conntrack::ACTIVE_OPEN);
         maps.moves_during_walk.replace(vec![(1, conntrack::ACTIVE_OPEN)]);
-        let r = reconcile(&mut maps, &[1], generation_of, NOW).unwrap();
+        let r = reconcile(&mut maps, &[1], generation_of, address_of, NOW).unwrap();
         assert_eq!(r.corrected, vec![], "the raced counter is not overwritten");
         assert_eq!(conntrack::active_count(maps.active_flows_raw(1).unwrap()), 2, "both flows still count");
         // Once the new flow's entry is there, the next walk agrees and writes nothing.
         maps.conntrack.insert(2, (key(2), conn(1, 7, OPEN, 0)));
-        assert_eq!(reconcile(&mut maps, &[1], generation_of, NOW).unwrap().corrected, vec![]);
+        assert_eq!(reconcile(&mut maps, &[1], generation_of, address_of, NOW).unwrap().corrected, vec![]);
     }
 
     /// Seen in CI: the walk read flow A's entry open and flow B's entry just created, while the data
@@ -281,9 +324,35 @@ mod tests {
         maps.active.insert(1, conntrack::ACTIVE_OPEN);
         // The walk's read sees both entries open; meanwhile A closes and B opens.
         maps.moves_during_walk.replace(vec![(1, conntrack::ACTIVE_CLOSE), (1, conntrack::ACTIVE_OPEN)]);
-        let r = reconcile(&mut maps, &[1], generation_of, NOW).unwrap();
+        let r = reconcile(&mut maps, &[1], generation_of, address_of, NOW).unwrap();
         assert_eq!(r.corrected, vec![], "a counter that moved is left to the next walk");
         assert_eq!(conntrack::active_count(maps.active_flows_raw(1).unwrap()), 1);
+    }
+
+    /// Seen in review: the walk removed a NAT flow's connection entry but never its reply entry,
+    /// which stayed until the LRU evicted it (and kept translating that 5-tuple's packets).
+    #[test]
+    fn a_removed_nat_flow_takes_its_reply_entry_along_unless_another_flow_owns_it() {
+        let mut maps = FakeMaps::default();
+        let flow = |port: u16| FlowKey { sport: port, dport: 80u16.to_be(), proto: 6, ..Default::default() };
+        let reply_of = |port: u16, backend: u32| {
+            let (addr, bport) = address_of(backend).unwrap();
+            let r = flow(port).reply_from(&addr, bport);
+            (r.sport, r.dport)
+        };
+        // Port 1: closed long ago (removed). Port 2: open (kept). Port 3: closed long ago, but its
+        // reply 5-tuple now belongs to another flow (VIP port 443), whose entry must stay.
+        for (port, c) in [(1, conn(1, 7, OPEN | CONN_FLAG_CLOSED, 120)), (2, conn(1, 7, OPEN, 1)), (3, conn(2, 3, OPEN | CONN_FLAG_CLOSED, 120))] {
+            maps.conntrack.insert(port, (flow(port), c));
+        }
+        maps.replies.insert(reply_of(1, 1), (80u16.to_be(), 1));
+        maps.replies.insert(reply_of(2, 1), (80u16.to_be(), 1));
+        maps.replies.insert(reply_of(3, 2), (443u16.to_be(), 2));
+        let r = reconcile(&mut maps, &[1, 2], generation_of, address_of, NOW).unwrap();
+        assert_eq!((r.removed, r.replies_removed), (2, 1));
+        assert!(!maps.replies.contains_key(&reply_of(1, 1)), "the removed flow's reply entry is gone");
+        assert!(maps.replies.contains_key(&reply_of(2, 1)), "an open flow keeps its reply entry");
+        assert!(maps.replies.contains_key(&reply_of(3, 2)), "another flow's reply entry stays");
     }
 
     #[test]

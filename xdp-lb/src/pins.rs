@@ -8,13 +8,17 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::maps::MapInfo;
+use aya::maps::{MapInfo, MapType};
 use xdp_lb_common::{
-    maps::{defaults, names, Backend, Conn, Counters, FlowKey, NatReverse, NextHop, Service, ServiceKey},
+    maps::{defaults, names, Backend, CONNTRACK_MAP_FLAGS, Conn, Counters, FlowKey, NatBackend, NatReverse, NextHop, Service, ServiceKey},
     reasons,
 };
 
 use crate::config;
+
+/// `BPF_F_RDONLY_PROG`: the kernel adds it to every devmap it creates (programs may only redirect
+/// through one), so a pinned `TX_PORTS` reports it although the program never asked for it.
+const BPF_F_RDONLY_PROG: u32 = 1 << 7;
 
 /// `statfs` magic of bpffs.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -27,6 +31,9 @@ pub enum PinError {
     Io { path: String, message: String },
     #[error("pinned map {map} was created for a different layout or size ({found}, this build needs {wanted}); a restart cannot adopt it: set [dataplane] back to the running sizes, or run `xdp-lb stop --detach` to remove the old data plane and then start (an outage: nothing is forwarded until the start and the connection table is lost)")]
     Incompatible { map: &'static str, found: String, wanted: String },
+    /// Another type, flags, key or value: no setting brings it back, only a fresh data plane.
+    #[error("pinned map {map} was made by another build of the data plane ({found}, this build needs {wanted}); a restart cannot adopt it: run `xdp-lb stop --detach` to remove the old data plane and then start this build (an outage: nothing is forwarded until the start and the connection table is lost)")]
+    Layout { map: &'static str, found: String, wanted: String },
 }
 
 /// Where the data plane is pinned.
@@ -77,20 +84,34 @@ impl PinDir {
     }
 
     /// Refuses to reuse pinned maps whose shape differs from what this build and config expect:
-    /// aya would silently reuse them, and the program would read them wrongly.
+    /// aya would silently reuse them, and the program would read them wrongly. The shape is the
+    /// map's type and flags (a connection table of another kind, e.g. one shared LRU instead of
+    /// one per CPU) as well as its key size, value size and entries.
     pub fn check_compatible(&self, settings: &config::Dataplane) -> Result<(), PinError> {
-        for (map, key, value, entries) in expected_maps(settings) {
-            let path = self.map(map);
+        for wanted in expected_maps(settings) {
+            let path = self.map(wanted.name);
             if !path.exists() {
                 continue;
             }
-            let info = MapInfo::from_pin(&path).map_err(|e| PinError::Io { path: path.display().to_string(), message: e.to_string() })?;
-            let found = (info.key_size(), info.value_size(), info.max_entries());
-            if found != (key, value, entries) {
-                return Err(PinError::Incompatible {
-                    map,
-                    found: format!("key {} B, value {} B, {} entries", found.0, found.1, found.2),
-                    wanted: format!("key {key} B, value {value} B, {entries} entries"),
+            let io = |message: String| PinError::Io { path: path.display().to_string(), message };
+            let info = MapInfo::from_pin(&path).map_err(|e| io(e.to_string()))?;
+            let found = Shape {
+                // A type this aya does not know is certainly not the one wanted.
+                kind: info.map_type().ok(),
+                flags: info.map_flags(),
+                key: info.key_size(),
+                value: info.value_size(),
+                entries: info.max_entries(),
+            };
+            let want = wanted.shape();
+            if found != want {
+                // Only the entries differ: the config's sizes can be set back (see the message).
+                let sizes_only = Shape { entries: want.entries, ..found } == want;
+                let (map, found, wanted) = (wanted.name, found.to_string(), want.to_string());
+                return Err(if sizes_only {
+                    PinError::Incompatible { map, found, wanted }
+                } else {
+                    PinError::Layout { map, found, wanted }
                 });
             }
         }
@@ -118,22 +139,76 @@ impl PinDir {
     }
 }
 
-/// Every map the program declares, with the key size, value size and entries it must have.
-pub fn expected_maps(settings: &config::Dataplane) -> Vec<(&'static str, u32, u32, u32)> {
+/// One map the program declares, as this build creates it.
+#[derive(Clone, Copy, Debug)]
+pub struct ExpectedMap {
+    pub name: &'static str,
+    pub kind: MapType,
+    /// `map_flags` as the kernel reports them for the map (`BPF_F_*`).
+    pub flags: u32,
+    pub key: u32,
+    pub value: u32,
+    pub entries: u32,
+}
+
+impl ExpectedMap {
+    fn shape(&self) -> Shape {
+        Shape { kind: Some(self.kind), flags: self.flags, key: self.key, value: self.value, entries: self.entries }
+    }
+}
+
+/// What decides whether a pinned map can be reused, as found or as wanted.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Shape {
+    /// `None`: a type this build does not know.
+    kind: Option<MapType>,
+    flags: u32,
+    key: u32,
+    value: u32,
+    entries: u32,
+}
+
+impl std::fmt::Display for Shape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Shape { kind, flags, key, value, entries } = self;
+        match kind {
+            Some(kind) => write!(f, "type {kind:?}")?,
+            None => write!(f, "type unknown")?,
+        }
+        write!(f, ", flags {flags:#x}, key {key} B, value {value} B, {entries} entries")
+    }
+}
+
+/// The entries the kernel gives a per-CPU LRU table (`BPF_F_NO_COMMON_LRU`) asked for `entries`:
+/// rounded up to a multiple of the possible CPUs, each CPU's list getting an equal share (as it
+/// then reports them). Rounded down instead where rounding up would overflow, as the kernel does.
+pub fn per_cpu_entries(entries: u32, cpus: u32) -> u32 {
+    let cpus = cpus.max(1);
+    entries.div_ceil(cpus).checked_mul(cpus).unwrap_or(entries / cpus * cpus)
+}
+
+/// Every map the program declares, with the type, flags, key size, value size and entries it must
+/// have.
+pub fn expected_maps(settings: &config::Dataplane) -> Vec<ExpectedMap> {
     let s = |n: usize| n as u32;
+    let map = |name, kind, flags, key, value, entries| ExpectedMap { name, kind, flags, key, value, entries };
+    // Unknown CPUs (no /sys): 1, so a rounded table is refused rather than misread.
+    let cpus = aya::util::nr_cpus().map_or(1, |n| n as u32);
+    let conntrack_entries = per_cpu_entries(settings.conntrack_entries, cpus);
     vec![
-        (names::SERVICES, s(size_of::<ServiceKey>()), s(size_of::<Service>()), defaults::MAX_SERVICES),
-        (names::BACKENDS, 4, s(size_of::<Backend>()), defaults::MAX_BACKENDS),
-        (names::MAGLEV_RING, 4, 4, settings.maglev_cells),
-        (names::CONNTRACK, s(size_of::<FlowKey>()), s(size_of::<Conn>()), settings.conntrack_entries),
-        (names::NAT_REVERSE, s(size_of::<FlowKey>()), s(size_of::<NatReverse>()), settings.conntrack_entries),
-        (names::TX_PORTS, 4, 8, defaults::TX_PORTS),
-        (names::SERVICE_STATS, 4, s(size_of::<Counters>()), defaults::MAX_SERVICES),
-        (names::BACKEND_STATS, 4, s(size_of::<Counters>()), defaults::MAX_BACKENDS),
-        (names::REASONS, 4, 8, reasons::COUNT),
-        (names::RR_COUNTERS, 4, 8, defaults::MAX_SERVICES),
-        (names::ACTIVE_FLOWS, 4, 8, defaults::MAX_BACKENDS),
-        (names::NEXT_HOPS, 4, s(size_of::<NextHop>()), defaults::MAX_BACKENDS),
+        map(names::SERVICES, MapType::Hash, 0, s(size_of::<ServiceKey>()), s(size_of::<Service>()), defaults::MAX_SERVICES),
+        map(names::BACKENDS, MapType::Array, 0, 4, s(size_of::<Backend>()), defaults::MAX_BACKENDS),
+        map(names::MAGLEV_RING, MapType::Array, 0, 4, 4, settings.maglev_cells),
+        map(names::CONNTRACK, MapType::LruHash, CONNTRACK_MAP_FLAGS, s(size_of::<FlowKey>()), s(size_of::<Conn>()), conntrack_entries),
+        map(names::NAT_REVERSE, MapType::LruHash, CONNTRACK_MAP_FLAGS, s(size_of::<FlowKey>()), s(size_of::<NatReverse>()), conntrack_entries),
+        map(names::NAT_BACKENDS, MapType::LruHash, 0, s(size_of::<ServiceKey>()), s(size_of::<NatBackend>()), defaults::NAT_BACKENDS),
+        map(names::TX_PORTS, MapType::DevMapHash, BPF_F_RDONLY_PROG, 4, 8, defaults::TX_PORTS),
+        map(names::SERVICE_STATS, MapType::PerCpuArray, 0, 4, s(size_of::<Counters>()), defaults::MAX_SERVICES),
+        map(names::BACKEND_STATS, MapType::PerCpuArray, 0, 4, s(size_of::<Counters>()), defaults::MAX_BACKENDS),
+        map(names::REASONS, MapType::PerCpuArray, 0, 4, 8, reasons::COUNT),
+        map(names::RR_COUNTERS, MapType::Array, 0, 4, 8, defaults::MAX_SERVICES),
+        map(names::ACTIVE_FLOWS, MapType::Array, 0, 4, 8, defaults::MAX_BACKENDS),
+        map(names::NEXT_HOPS, MapType::PerCpuArray, 0, 4, s(size_of::<NextHop>()), defaults::MAX_BACKENDS),
     ]
 }
 
@@ -145,3 +220,6 @@ fn is_bpffs(dir: &Path) -> bool {
         libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
     }
 }
+
+#[cfg(test)]
+mod tests;

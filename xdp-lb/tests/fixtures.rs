@@ -341,6 +341,47 @@ fn established_flow_keeps_its_backend_and_counts_one_new_flow() {
     });
 }
 
+/// The forward path no longer looks at a NAT flow's reply entry on every packet, so a reply whose
+/// entry was evicted (the two tables evict independently) must find its flow on its own: through its
+/// backend and the flow's connection entry. Before, it passed untranslated (`pass_not_vip`) until
+/// the client's next packet wrote the entry back — and the client reset the connection meanwhile.
+#[test]
+fn a_reply_whose_entry_was_evicted_is_translated_and_writes_it_back() {
+    let ns = fixture_namespace();
+    ns.run(|| {
+        let mut harness = Harness::new(CONFIG);
+        let (client, backend) = ("10.200.0.2:41002", "10.201.0.2:8080");
+        let syn = Frame::new(L4::Tcp, client, "10.200.100.100:80").with_tcp_flags(TCP_SYN).bytes();
+        assert_eq!(harness.run("fxc", &syn).0, XDP_REDIRECT);
+        let reply_key = |client: &str| {
+            let (c, b): (std::net::SocketAddr, std::net::SocketAddr) = (client.parse().unwrap(), backend.parse().unwrap());
+            xdp_lb_common::maps::FlowKey {
+                src: xdp_lb_common::addr::from_ip(b.ip()),
+                dst: xdp_lb_common::addr::from_ip(c.ip()),
+                sport: b.port().to_be(),
+                dport: c.port().to_be(),
+                proto: 6,
+                _pad: [0; 3],
+            }
+        };
+        assert!(harness.dataplane.evict_nat_reverse(&reply_key(client)), "the SYN wrote a reply entry");
+        let syn_ack = |client: &str| {
+            Frame::new(L4::Tcp, backend, client).with_tcp_flags(TCP_SYN | TCP_ACK).with_macs(BACKEND_MAC, LB_BACKEND_MAC)
+        };
+        let (verdict, out) = harness.run("fxb", &syn_ack(client).bytes());
+        let want = Frame::new(L4::Tcp, "10.200.100.100:80", client).with_tcp_flags(TCP_SYN | TCP_ACK).with_macs(LB_CLIENT_MAC, CLIENT_MAC);
+        assert_eq!((verdict, hex(&out)), (XDP_REDIRECT, hex(&want.bytes())), "the reply is translated back to the VIP");
+        let entry = harness.dataplane.nat_reverse_entry(&reply_key(client)).expect("the reply entry is back");
+        assert_eq!((entry.vport, entry.service_id), (80u16.to_be(), harness.service("nat4-tcp").id));
+        // A packet from the same backend to a client port with no flow is still the kernel's.
+        let reasons = harness.reasons();
+        let stray = syn_ack("10.200.0.2:41003").bytes();
+        assert_eq!(harness.run("fxb", &stray), (XDP_PASS, stray.clone()));
+        assert_eq!(harness.reasons()["pass_not_vip"], reasons["pass_not_vip"] + 1);
+        assert!(harness.dataplane.nat_reverse_entry(&reply_key("10.200.0.2:41003")).is_none());
+    });
+}
+
 #[test]
 fn frames_shorter_than_ethernet_are_refused_or_dropped_never_aborted() {
     let ns = fixture_namespace();
