@@ -12,6 +12,7 @@
 //! Results: a Markdown table on stdout and in `<out>/latest.md`, the numbers in `<out>/latest.json`.
 
 mod configs;
+mod generator;
 mod l4;
 mod l7;
 mod pps;

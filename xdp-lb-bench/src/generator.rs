@@ -1,0 +1,328 @@
+//! The `pps` section's traffic generator: `xdp_generator` (xdp-lb-ebpf/src/generator.rs) run with
+//! `BPF_PROG_TEST_RUN` + `BPF_F_TEST_XDP_LIVE_FRAMES` on a template frame built here.
+//!
+//! In live-frames mode the kernel runs the program `repeat` times on frames from a page pool and
+//! really transmits what it returns XDP_TX for, out of the interface named by `ingress_ifindex`, as
+//! xdp_frames: on a veth they go straight into the peer's XDP ring, with no socket buffer and no qdisc
+//! on the way (trafgen, one skb per frame through the qdisc and veth's skb path, offered 0.1–0.3 Mpps
+//! here). The ifindex is resolved in the calling thread's namespace, so the runs happen on a thread
+//! that entered the client's namespace, pinned to one CPU (the program's flow counter is per CPU).
+
+use std::{
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context};
+use aya::{
+    programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp},
+    Ebpf, EbpfLoader,
+};
+use thiserror::Error;
+use xdp_lb_common::{checksum, maps::names};
+use xdp_lb_testbed::Netns;
+
+/// The program's name in the object.
+pub const PROGRAM: &str = "xdp_generator";
+
+/// 60 bytes on the wire: Ethernet + IPv4 + TCP (no options, no payload) + 6 bytes of padding, as a
+/// bare ACK or SYN arrives from a real client.
+pub const FRAME_LEN: usize = 60;
+const IP: usize = 14;
+const TCP: usize = IP + 20;
+const TCP_ACK: u8 = 0x10;
+const TCP_SYN: u8 = 0x02;
+
+/// Frames the kernel runs per batch before it flushes them to the device (its default, NAPI's 64).
+const BATCH: u32 = 64;
+/// Runs per `BPF_PROG_TEST_RUN` call: small enough that a slice ends within a few ms of its time.
+const RUNS_PER_CALL: u32 = 1 << 14;
+
+/// What the generator varies per frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pattern {
+    /// TCP ACKs whose source port cycles over `flows` ports from `first_port`: established flows.
+    Established { first_port: u16, flows: u16 },
+    /// TCP SYNs, each from the next source address after `first_addr`: a new flow every frame.
+    New { first_addr: Ipv4Addr },
+}
+
+/// The template's addresses.
+#[derive(Clone, Copy, Debug)]
+pub struct Endpoints {
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub dport: u16,
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum PatternError {
+    #[error("the established pattern needs at least one flow (flows = 0)")]
+    NoFlows,
+    #[error("the established pattern's ports {first_port}..{first_port}+{flows} reach past 65535")]
+    PortsOverflow { first_port: u16, flows: u16 },
+}
+
+impl Pattern {
+    pub fn validate(self) -> Result<(), PatternError> {
+        if let Pattern::Established { first_port, flows } = self {
+            if flows == 0 {
+                return Err(PatternError::NoFlows);
+            }
+            if u32::from(first_port) + u32::from(flows) > 65_536 {
+                return Err(PatternError::PortsOverflow { first_port, flows });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The template frame for `pattern`: the first frame the generator's sequence would send (the
+/// program rewrites the varying field of every frame, this one included).
+pub fn template(ends: &Endpoints, pattern: Pattern) -> Vec<u8> {
+    let (src, sport, flags) = match pattern {
+        Pattern::Established { first_port, .. } => (ends.src, first_port, TCP_ACK),
+        Pattern::New { first_addr } => (first_addr, 40_000, TCP_SYN),
+    };
+    let mut f = vec![0u8; FRAME_LEN];
+    f[0..6].copy_from_slice(&ends.dst_mac);
+    f[6..12].copy_from_slice(&ends.src_mac);
+    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    let ip = &mut f[IP..TCP];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&40u16.to_be_bytes());
+    ip[6] = 0x40; // don't fragment
+    ip[8] = 64;
+    ip[9] = 6;
+    ip[12..16].copy_from_slice(&src.octets());
+    ip[16..20].copy_from_slice(&ends.dst.octets());
+    let check = checksum::ipv4_header(ip);
+    ip[10..12].copy_from_slice(&check.to_be_bytes());
+    let tcp = &mut f[TCP..TCP + 20];
+    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
+    tcp[2..4].copy_from_slice(&ends.dport.to_be_bytes());
+    tcp[4..8].copy_from_slice(&1u32.to_be_bytes());
+    if flags & TCP_ACK != 0 {
+        tcp[8..12].copy_from_slice(&1u32.to_be_bytes());
+    }
+    tcp[12] = 5 << 4;
+    tcp[13] = flags;
+    tcp[14..16].copy_from_slice(&64_240u16.to_be_bytes());
+    let check = checksum::l4_ipv4(src.octets(), ends.dst.octets(), 6, tcp);
+    tcp[16..18].copy_from_slice(&check.to_be_bytes());
+    f
+}
+
+/// A loaded generator: its own copy of the object (the configuration is in read-only globals, fixed
+/// at load), so every pattern and every topology copy has its own flow counter.
+pub struct Generator {
+    ebpf: Ebpf,
+    frame: Vec<u8>,
+    /// Frames handed to the kernel so far (runs of the program).
+    pub runs: u64,
+}
+
+impl Generator {
+    pub fn load(ends: &Endpoints, pattern: Pattern) -> anyhow::Result<Generator> {
+        pattern.validate()?;
+        let (mode, flows, first_port, first_addr) = match pattern {
+            Pattern::Established { first_port, flows } => (0u32, u32::from(flows), u32::from(first_port), 0),
+            Pattern::New { first_addr } => (1u32, 1, 0, u32::from(first_addr)),
+        };
+        let mut ebpf = EbpfLoader::new()
+            // Only the generator runs from this copy: the data plane's big maps stay small.
+            .map_max_entries(names::CONNTRACK, 1)
+            .map_max_entries(names::NAT_REVERSE, 1)
+            .map_max_entries(names::MAGLEV_RING, 1)
+            .set_global("GEN_MODE", &mode, true)
+            .set_global("GEN_FLOWS", &flows, true)
+            .set_global("GEN_FIRST_PORT", &first_port, true)
+            .set_global("GEN_FIRST_ADDR", &first_addr, true)
+            .load(xdp_lb::dataplane::program_object())
+            .context("loading the eBPF object for the generator")?;
+        let prog: &mut Xdp = ebpf.program_mut(PROGRAM).context("no xdp_generator in the object")?.try_into()?;
+        prog.load().context("loading xdp_generator")?;
+        Ok(Generator { ebpf, frame: template(ends, pattern), runs: 0 })
+    }
+
+    fn program(&self) -> anyhow::Result<&Xdp> {
+        Ok(self.ebpf.program(PROGRAM).context("no xdp_generator")?.try_into()?)
+    }
+
+    /// Sends frames out of `iface` in `ns` from a thread pinned to `cpu`, for `duration` or until
+    /// `max_frames` were handed to the kernel, whichever comes first. Returns the frames and seconds.
+    pub fn send(
+        &mut self,
+        ns: &Netns,
+        iface: &str,
+        cpu: u32,
+        duration: Duration,
+        max_frames: u64,
+    ) -> anyhow::Result<(u64, f64)> {
+        let prog = self.program()?;
+        let frame = &self.frame;
+        let iface = iface.to_string();
+        let (frames, secs) = ns.run(move || -> anyhow::Result<(u64, f64)> {
+            pin_to_cpu(cpu)?;
+            let ifindex = xdp_lb::dataplane::ifindex(&iface).with_context(|| format!("interface {iface}"))?;
+            // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+            let ctx: Vec<u8> =
+                [0, FRAME_LEN as u32, 0, ifindex, 0, 0].iter().flat_map(|w: &u32| w.to_ne_bytes()).collect();
+            let started = Instant::now();
+            let mut frames = 0u64;
+            while frames < max_frames && started.elapsed() < duration {
+                if xdp_lb_testbed::interrupt::interrupted() {
+                    bail!("interrupted");
+                }
+                let repeat = (max_frames - frames).min(u64::from(RUNS_PER_CALL)) as u32;
+                let result = prog.test_run(TestRunOptions {
+                    data_in: Some(frame),
+                    ctx_in: Some(&ctx),
+                    repeat,
+                    attrs: TestRunAttrs::new().xdp_live_frames(BATCH),
+                    ..Default::default()
+                });
+                match result {
+                    Ok(r) if r.return_value == 0 => frames += u64::from(repeat),
+                    Ok(r) => bail!("BPF_PROG_TEST_RUN (live frames) returned {}", r.return_value),
+                    Err(e) => {
+                        if xdp_lb_testbed::interrupt::interrupted() {
+                            bail!("interrupted");
+                        }
+                        return Err(e).context("BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES");
+                    }
+                }
+            }
+            Ok((frames, started.elapsed().as_secs_f64()))
+        })?;
+        self.runs += frames;
+        Ok((frames, secs))
+    }
+}
+
+fn pin_to_cpu(cpu: u32) -> anyhow::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET stays inside it for cpu < CPU_SETSIZE, and
+    // sched_setaffinity(0, ...) only affects the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        anyhow::ensure!((cpu as usize) < libc::CPU_SETSIZE as usize, "CPU {cpu} is out of range");
+        libc::CPU_SET(cpu as usize, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error()).with_context(|| format!("pinning the generator to CPU {cpu}"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ends() -> Endpoints {
+        Endpoints {
+            src_mac: [2, 0, 0, 0, 0, 1],
+            dst_mac: [2, 0, 0, 0, 0, 2],
+            src: Ipv4Addr::new(10, 200, 0, 2),
+            dst: Ipv4Addr::new(10, 200, 100, 100),
+            dport: 80,
+        }
+    }
+
+    /// The IPv4 and TCP checksums of `f` verify (sum to zero), and its fields as the bench reads them.
+    fn check(f: &[u8]) -> (Ipv4Addr, u16, u8) {
+        assert_eq!(f.len(), FRAME_LEN);
+        assert_eq!(checksum::ipv4_header(&f[IP..TCP]), 0, "IPv4 header checksum of {f:02x?}");
+        let src: [u8; 4] = f[IP + 12..IP + 16].try_into().unwrap();
+        let dst: [u8; 4] = f[IP + 16..IP + 20].try_into().unwrap();
+        assert_eq!(checksum::l4_ipv4(src, dst, 6, &f[TCP..TCP + 20]), 0, "TCP checksum of {f:02x?}");
+        (Ipv4Addr::from(src), u16::from_be_bytes([f[TCP], f[TCP + 1]]), f[TCP + 13])
+    }
+
+    #[test]
+    fn templates_have_valid_checksums() {
+        let est = template(&ends(), Pattern::Established { first_port: 10_000, flows: 4 });
+        assert_eq!(check(&est), (ends().src, 10_000, TCP_ACK));
+        let new = template(&ends(), Pattern::New { first_addr: Ipv4Addr::new(10, 128, 0, 0) });
+        assert_eq!(check(&new), (Ipv4Addr::new(10, 128, 0, 0), 40_000, TCP_SYN));
+        assert_eq!(&est[0..6], &ends().dst_mac);
+        assert_eq!(u16::from_be_bytes([est[TCP + 2], est[TCP + 3]]), 80);
+    }
+
+    #[test]
+    fn bad_patterns_are_refused_with_the_reason() {
+        assert_eq!(Pattern::Established { first_port: 1, flows: 0 }.validate(), Err(PatternError::NoFlows));
+        let e = Pattern::Established { first_port: 65_000, flows: 1_000 }.validate().unwrap_err();
+        assert!(e.to_string().contains("65000"), "{e}");
+        assert_eq!(Pattern::Established { first_port: 64_512, flows: 1_024 }.validate(), Ok(()));
+    }
+
+    /// Runs the loaded program once (no live frames: the output comes back) on `input`.
+    fn run_once(g: &Generator, input: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; FRAME_LEN + 64];
+        let r = g
+            .program()
+            .unwrap()
+            .test_run(TestRunOptions { data_in: Some(input), data_out: Some(&mut out), repeat: 1, ..Default::default() })
+            .expect("BPF_PROG_TEST_RUN (needs root)");
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, out)
+    }
+
+    const XDP_TX: u32 = 3;
+    const XDP_ABORTED: u32 = 0;
+
+    /// The eBPF side: each run writes the next flow and keeps both checksums valid, whether the
+    /// kernel hands it the template (a fresh page) or the last frame (a recycled page).
+    #[test]
+    fn the_program_cycles_ports_with_valid_checksums() {
+        let pattern = Pattern::Established { first_port: 10_000, flows: 3 };
+        let g = Generator::load(&ends(), pattern).unwrap();
+        let tpl = template(&ends(), pattern);
+        let mut last = tpl.clone();
+        let mut ports = Vec::new();
+        for i in 0..7 {
+            // Alternate fresh and recycled input.
+            let input = if i % 2 == 0 { tpl.clone() } else { last.clone() };
+            let (action, out) = run_once(&g, &input);
+            assert_eq!(action, XDP_TX);
+            let (src, port, flags) = check(&out);
+            assert_eq!((src, flags), (ends().src, TCP_ACK));
+            ports.push(port);
+            last = out;
+        }
+        assert_eq!(ports, [10_000, 10_001, 10_002, 10_000, 10_001, 10_002, 10_000]);
+    }
+
+    #[test]
+    fn the_program_sends_every_syn_from_a_new_address() {
+        let first = Ipv4Addr::new(10, 128, 255, 254);
+        let pattern = Pattern::New { first_addr: first };
+        let g = Generator::load(&ends(), pattern).unwrap();
+        let tpl = template(&ends(), pattern);
+        let mut last = tpl.clone();
+        let mut sources = Vec::new();
+        for i in 0..4 {
+            let input = if i % 2 == 0 { tpl.clone() } else { last.clone() };
+            let (action, out) = run_once(&g, &input);
+            assert_eq!(action, XDP_TX);
+            let (src, port, flags) = check(&out);
+            assert_eq!((port, flags), (40_000, TCP_SYN));
+            sources.push(src);
+            last = out;
+        }
+        // Across the carry from the low 16 bits into the high ones, too.
+        let want: Vec<Ipv4Addr> = (0..4).map(|i| Ipv4Addr::from(u32::from(first) + i)).collect();
+        assert_eq!(sources, want);
+    }
+
+    #[test]
+    fn the_program_refuses_a_frame_that_is_not_its_template() {
+        let g = Generator::load(&ends(), Pattern::Established { first_port: 10_000, flows: 3 }).unwrap();
+        let mut udp = template(&ends(), Pattern::Established { first_port: 10_000, flows: 3 });
+        udp[IP + 9] = 17;
+        assert_eq!(run_once(&g, &udp).0, XDP_ABORTED);
+        assert_eq!(run_once(&g, &udp[..40]).0, XDP_ABORTED);
+    }
+}
