@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::{bail, Context};
 use aya::{
-    programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp},
+    programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode},
     Ebpf, EbpfLoader,
 };
 use thiserror::Error;
@@ -37,8 +37,10 @@ const TCP_SYN: u8 = 0x02;
 
 /// Frames the kernel runs per batch before it flushes them to the device (its default, NAPI's 64).
 const BATCH: u32 = 64;
-/// Runs per `BPF_PROG_TEST_RUN` call: small enough that a slice ends within a few ms of its time.
-const RUNS_PER_CALL: u32 = 1 << 14;
+/// Runs of the first `BPF_PROG_TEST_RUN` call of a send; later calls aim at [`CALL_TIME`] from the
+/// rate measured so far, and never past the end of the send's time.
+const FIRST_CALL_RUNS: u64 = 1 << 14;
+const CALL_TIME: Duration = Duration::from_millis(200);
 
 /// What the generator varies per frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -126,6 +128,26 @@ fn header_words(frame: &[u8]) -> [u16; HEADER_LEN / 2] {
     words
 }
 
+/// What one [`Generator::send`] did.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Sent {
+    /// Frames handed to the kernel (program runs).
+    pub frames: u64,
+    /// Wall-clock seconds.
+    pub secs: f64,
+    /// CPU seconds of the sending thread: the generator, and whatever the receivers' NAPI did in
+    /// softirq on its CPU (all of it, without `--napi-cpu`). Below `secs`, others had the CPU.
+    pub cpu_secs: f64,
+}
+
+/// CPU time of the calling thread.
+fn thread_cpu_secs() -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid timespec to fill; CLOCK_THREAD_CPUTIME_ID needs nothing else.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+}
+
 /// A loaded generator: its own copy of the object (the configuration is in read-only globals, fixed
 /// at load), so every pattern and every topology copy has its own flow counter.
 pub struct Generator {
@@ -160,36 +182,66 @@ impl Generator {
         Ok(Generator { ebpf, frame, runs: 0 })
     }
 
+    /// Attaches the program (native mode) to `iface` in `ns`, an interface that receives nothing.
+    ///
+    /// Every BPF_PROG_TEST_RUN of an XDP program adds it to the kernel's XDP dispatcher and removes
+    /// it afterwards, and each change waits for an RCU grace period (`bpf_dispatcher_change_prog` →
+    /// `synchronize_rcu`): on this VM the sending thread slept in them for half of every slice. A
+    /// program attached to a device stays in the dispatcher, and the test runs' changes are no-ops.
+    pub fn park_on(&mut self, ns: &Netns, iface: &str) -> anyhow::Result<()> {
+        let prog: &mut Xdp = self.ebpf.program_mut(PROGRAM).context("no xdp_generator")?.try_into()?;
+        let iface = iface.to_string();
+        ns.run(|| prog.attach(&iface, XdpMode::Driver).map(|_| ()))
+            .with_context(|| format!("attaching xdp_generator to {iface} in {}", ns.name()))
+    }
+
     fn program(&self) -> anyhow::Result<&Xdp> {
         Ok(self.ebpf.program(PROGRAM).context("no xdp_generator")?.try_into()?)
     }
 
     /// Sends frames out of `iface` in `ns` from a thread pinned to `cpu`, for `duration` or until
     /// `max_frames` were handed to the kernel, whichever comes first. Returns the frames and seconds.
+    ///
+    /// With `realtime`, the thread runs under SCHED_FIFO: on a machine shared with other work, a
+    /// normal thread gets only its fair share of the CPU and offers that much (0.3–0.5 Mpps at a load
+    /// average of 8 on 2 CPUs). The kernel's RT throttling still leaves others 5 % of the CPU.
     pub fn send(
         &mut self,
         ns: &Netns,
         iface: &str,
         cpu: u32,
+        realtime: bool,
         duration: Duration,
         max_frames: u64,
-    ) -> anyhow::Result<(u64, f64)> {
+    ) -> anyhow::Result<Sent> {
         let prog = self.program()?;
         let frame = &self.frame;
         let iface = iface.to_string();
-        let (frames, secs) = ns.run(move || -> anyhow::Result<(u64, f64)> {
+        let sent = ns.run(move || -> anyhow::Result<Sent> {
             pin_to_cpu(cpu)?;
+            if realtime {
+                set_fifo(0)?;
+            }
             let ifindex = xdp_lb::dataplane::ifindex(&iface).with_context(|| format!("interface {iface}"))?;
             // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
             let ctx: Vec<u8> =
                 [0, FRAME_LEN as u32, 0, ifindex, 0, 0].iter().flat_map(|w: &u32| w.to_ne_bytes()).collect();
             let started = Instant::now();
+            let cpu_before = thread_cpu_secs();
             let mut frames = 0u64;
             while frames < max_frames && started.elapsed() < duration {
                 if xdp_lb_testbed::interrupt::interrupted() {
                     bail!("interrupted");
                 }
-                let repeat = (max_frames - frames).min(u64::from(RUNS_PER_CALL)) as u32;
+                let elapsed = started.elapsed();
+                let runs = if frames == 0 {
+                    FIRST_CALL_RUNS
+                } else {
+                    let rate = frames as f64 / elapsed.as_secs_f64().max(1e-6);
+                    let left = duration.saturating_sub(elapsed).min(CALL_TIME);
+                    ((rate * left.as_secs_f64()) as u64).max(u64::from(BATCH))
+                };
+                let repeat = runs.min(max_frames - frames).min(u64::from(u32::MAX)) as u32;
                 let result = prog.test_run(TestRunOptions {
                     data_in: Some(frame),
                     ctx_in: Some(&ctx),
@@ -208,11 +260,25 @@ impl Generator {
                     }
                 }
             }
-            Ok((frames, started.elapsed().as_secs_f64()))
+            Ok(Sent { frames, secs: started.elapsed().as_secs_f64(), cpu_secs: thread_cpu_secs() - cpu_before })
         })?;
-        self.runs += frames;
-        Ok((frames, secs))
+        self.runs += sent.frames;
+        Ok(sent)
     }
+}
+
+/// The SCHED_FIFO priority of the generator and of `--napi-cpu`'s NAPI threads: above every normal
+/// thread, below the kernel's own RT threads (watchdogs at 99).
+pub const FIFO_PRIORITY: i32 = 10;
+
+/// Puts `pid` (0: the calling thread) under SCHED_FIFO at [`FIFO_PRIORITY`].
+pub fn set_fifo(pid: i32) -> anyhow::Result<()> {
+    let param = libc::sched_param { sched_priority: FIFO_PRIORITY };
+    // SAFETY: a valid sched_param; only the scheduling policy of `pid` changes.
+    if unsafe { libc::sched_setscheduler(pid, libc::SCHED_FIFO, &param) } != 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("SCHED_FIFO for pid {pid}"));
+    }
+    Ok(())
 }
 
 fn pin_to_cpu(cpu: u32) -> anyhow::Result<()> {

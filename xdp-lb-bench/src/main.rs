@@ -88,6 +88,10 @@ pub struct Args {
     /// CPU, which then offers only as much as the measured program takes.
     #[arg(long)]
     pub napi_cpu: Option<u32>,
+    /// Run the generator (and `--napi-cpu`'s threads) at normal priority instead of SCHED_FIFO: on a
+    /// shared machine it then offers only its fair share of a CPU.
+    #[arg(long)]
+    pub gen_normal_priority: bool,
     /// The xdp-lb binary.
     #[arg(long, default_value = "target/release/xdp-lb")]
     pub xdp_lb: PathBuf,

@@ -94,6 +94,10 @@ pub struct TrafficRow {
     pub ring_drops: u64,
     /// run_cnt per second of the slices: the rate the program kept up with.
     pub seen_mpps: f64,
+    /// CPU time of the generator's thread per frame offered (with the receivers' softirq work
+    /// when they share its CPU), and its share of the slices' wall-clock time.
+    pub gen_cpu_ns_per_frame: f64,
+    pub gen_cpu_share: f64,
     /// Frames the sinks dropped on the receiving veths (what the program sent on).
     pub forwarded: u64,
     pub note: String,
@@ -145,6 +149,7 @@ struct Totals {
     offered: u64,
     delivered: u64,
     ring_drops: u64,
+    gen_cpu_secs: f64,
     secs: f64,
     forwarded: u64,
     slices: Vec<f64>,
@@ -242,14 +247,14 @@ fn xdp_lb(b: &Bench, mode: Mode) -> anyhow::Result<Contender> {
 
 impl Contender {
     /// The measured program's veth and the sinks' veths run their NAPI on `cpu` (see `--napi-cpu`).
-    fn napi_on_cpu(&self, cpu: u32) -> anyhow::Result<()> {
-        util::napi_on_cpu(self.topo.lb(), self.topo.client_iface(), cpu)?;
+    fn napi_on_cpu(&self, cpu: u32, realtime: bool) -> anyhow::Result<()> {
+        util::napi_on_cpu(self.topo.lb(), self.topo.client_iface(), cpu, realtime)?;
         for sink in &self.sinks {
             let ns = match *sink {
                 Sink::Client => self.topo.client(),
                 Sink::Backend(i) => self.topo.backend(i),
             };
-            util::napi_on_cpu(ns, "eth0", cpu)?;
+            util::napi_on_cpu(ns, "eth0", cpu, realtime)?;
         }
         Ok(())
     }
@@ -290,7 +295,15 @@ impl Contender {
             } else {
                 Pattern::Established { first_port: FIRST_PORT, flows: b.args.pps_flows }
             };
-            generators[slot] = Some(Generator::load(&ends, pattern)?);
+            let mut generator = Generator::load(&ends, pattern)?;
+            // A veth pair of its own in the client's namespace, which nothing sends to (see
+            // `Generator::park_on`); it goes with the namespace.
+            let park = format!("gen{slot}");
+            if topo.client().ip(&["link", "show", "dev", &park]).is_err() {
+                topo.client().ip(&["link", "add", &park, "type", "veth", "peer", "name", &format!("{park}p")])?;
+            }
+            generator.park_on(topo.client(), &park)?;
+            generators[slot] = Some(generator);
         }
         Ok(generators[slot].as_mut().expect("loaded above"))
     }
@@ -306,16 +319,18 @@ impl Contender {
                 self.topo.client(),
                 "eth0",
                 cpu,
+                !b.args.gen_normal_priority,
                 Duration::from_secs(10),
                 2 * flows,
             )?;
             std::thread::sleep(Duration::from_millis(50));
         }
         let before = self.counters()?;
-        let (frames, secs) = Self::generator(&mut self.generators, &self.topo, b, scenario)?.send(
+        let sent = Self::generator(&mut self.generators, &self.topo, b, scenario)?.send(
             self.topo.client(),
             "eth0",
             cpu,
+            !b.args.gen_normal_priority,
             Duration::from_secs_f64(b.args.slice_secs),
             u64::MAX,
         )?;
@@ -327,10 +342,11 @@ impl Contender {
         let ns = run_time as f64 / run_cnt.max(1) as f64;
         t.run_time += run_time;
         t.run_cnt += run_cnt;
-        t.offered += frames;
+        t.offered += sent.frames;
+        t.gen_cpu_secs += sent.cpu_secs;
         t.delivered += after.delivered - before.delivered;
         t.ring_drops += after.ring_drops - before.ring_drops;
-        t.secs += secs;
+        t.secs += sent.secs;
         t.forwarded += after.forwarded - before.forwarded;
         t.slices.push(ns);
         Ok(ns)
@@ -367,6 +383,8 @@ impl Contender {
                     delivered: t.delivered,
                     ring_drops: t.ring_drops,
                     seen_mpps: mpps(t.run_cnt, t.secs),
+                    gen_cpu_ns_per_frame: t.gen_cpu_secs * 1e9 / t.offered.max(1) as f64,
+                    gen_cpu_share: if t.secs > 0.0 { t.gen_cpu_secs / t.secs } else { 0.0 },
                     forwarded: t.forwarded,
                     note: String::new(),
                 }
@@ -402,10 +420,11 @@ pub fn run(b: &Bench, r: &mut Report) -> anyhow::Result<()> {
     );
     eprintln!("  building three copies of the topology (trivial, dsr, nat)");
     let mut contenders = vec![reference()?, xdp_lb(b, Mode::Dsr)?, xdp_lb(b, Mode::Nat)?];
+    let realtime = !b.args.gen_normal_priority;
     if let Some(cpu) = b.args.napi_cpu {
         anyhow::ensure!(cpu != b.args.gen_cpu, "--napi-cpu {cpu} is the generator's CPU (--gen-cpu)");
         for c in &contenders {
-            c.napi_on_cpu(cpu).with_context(|| format!("{}: NAPI threads on CPU {cpu}", c.name))?;
+            c.napi_on_cpu(cpu, realtime).with_context(|| format!("{}: NAPI threads on CPU {cpu}", c.name))?;
         }
     }
     let rounds = b.args.pps_rounds.max(1);
@@ -428,7 +447,7 @@ pub fn run(b: &Bench, r: &mut Report) -> anyhow::Result<()> {
         for mut row in c.rows() {
             row.note = note.clone();
             eprintln!(
-                "  {} {}: {:.1} ns/packet over {} runs ({:.2} Mpps); offered {} ({:.2} Mpps), into the lb's ring {}, refused by it {}, forwarded {}",
+                "  {} {}: {:.1} ns/packet over {} runs ({:.2} Mpps); offered {} ({:.2} Mpps; sender CPU {:.0} ns/frame, {:.0} % of the time), into the lb's ring {}, refused by it {}, forwarded {}",
                 row.scenario,
                 row.name,
                 row.ns_per_packet,
@@ -436,6 +455,8 @@ pub fn run(b: &Bench, r: &mut Report) -> anyhow::Result<()> {
                 row.seen_mpps,
                 row.offered,
                 row.offered_mpps,
+                row.gen_cpu_ns_per_frame,
+                row.gen_cpu_share * 100.0,
                 row.delivered,
                 row.ring_drops,
                 row.forwarded

@@ -314,7 +314,7 @@ fn napi_threads() -> std::collections::BTreeSet<u32> {
 /// softirq context, where veth runs it on whichever CPU sent the frame, to a kernel thread of its
 /// own, pinned to `cpu`: the receiving side then runs beside the sender instead of on its CPU, as
 /// a NIC's interrupt would place it. Returns the threads' pids.
-pub fn napi_on_cpu(ns: &Netns, iface: &str, cpu: u32) -> anyhow::Result<Vec<u32>> {
+pub fn napi_on_cpu(ns: &Netns, iface: &str, cpu: u32, realtime: bool) -> anyhow::Result<Vec<u32>> {
     let before = napi_threads();
     // `ip netns exec` mounts the namespace's own /sys, where its interfaces are.
     ns.exec_ok("sh", &["-c", &format!("echo 1 > /sys/class/net/{iface}/threaded")])
@@ -332,6 +332,9 @@ pub fn napi_on_cpu(ns: &Netns, iface: &str, cpu: u32) -> anyhow::Result<Vec<u32>
         let out = Command::new("taskset").args(["-pc", &cpu.to_string(), &pid.to_string()]).output()?;
         if !out.status.success() {
             bail!("taskset -pc {cpu} {pid} (napi/{iface}): {}", String::from_utf8_lossy(&out.stderr));
+        }
+        if realtime {
+            crate::generator::set_fifo(pid as i32).with_context(|| format!("napi/{iface}"))?;
         }
     }
     Ok(new)
