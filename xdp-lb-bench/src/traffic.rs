@@ -246,16 +246,11 @@ fn xdp_lb(b: &Bench, mode: Mode) -> anyhow::Result<Contender> {
 }
 
 impl Contender {
-    /// The measured program's veth and the sinks' veths run their NAPI on `cpu` (see `--napi-cpu`).
+    /// The measured program's veth runs its NAPI on `cpu` (see `--napi-cpu`). The sinks stay in
+    /// softirq, which then runs on that same CPU: threads of their own at the same priority would
+    /// wait behind the program's thread while their rings overflow.
     fn napi_on_cpu(&self, cpu: u32, realtime: bool) -> anyhow::Result<()> {
         util::napi_on_cpu(self.topo.lb(), self.topo.client_iface(), cpu, realtime)?;
-        for sink in &self.sinks {
-            let ns = match *sink {
-                Sink::Client => self.topo.client(),
-                Sink::Backend(i) => self.topo.backend(i),
-            };
-            util::napi_on_cpu(ns, "eth0", cpu, realtime)?;
-        }
         Ok(())
     }
 
