@@ -2,11 +2,15 @@
 
 use std::path::Path;
 
-/// The backends' nginx: one worker, a static identity body, long keep-alive.
+/// nginx workers per backend: as many as the machine has cores, so no contender (not even one that
+/// sends a backend more than its share) is held back by a single worker's CPU.
+pub const BACKEND_WORKERS: usize = 2;
+
+/// The backends' nginx: [`BACKEND_WORKERS`] workers, a static identity body, long keep-alive.
 pub fn nginx_backend(dir: &Path, index: usize) -> String {
     let d = dir.display();
     format!(
-        r#"worker_processes 1;
+        r#"worker_processes {BACKEND_WORKERS};
 daemon off;
 pid {d}/nginx-b{index}.pid;
 error_log {d}/nginx-b{index}.err warn;

@@ -28,6 +28,31 @@ impl Drop for VipOnLb<'_> {
     }
 }
 
+/// A multipath route for the VIP on the lb, hashed on the 5-tuple (`fib_multipath_hash_policy` 1,
+/// per namespace); removed on drop.
+struct EcmpRoute<'a>(&'a Netns, String);
+impl<'a> EcmpRoute<'a> {
+    fn add(b: &'a Bench) -> anyhow::Result<Self> {
+        b.lb().sysctl("net.ipv4.fib_multipath_hash_policy", "1")?;
+        let vip = format!("{}/32", b.topo.vip_v4());
+        let mut args = vec!["route".to_string(), "add".into(), vip.clone()];
+        for i in 0..b.topo.backend_count() {
+            args.extend(["nexthop", "via"].map(String::from));
+            args.push(b.topo.backend_addr_v4(i).to_string());
+            args.push("dev".into());
+            args.push(b.topo.backend_iface(i));
+        }
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        b.lb().ip(&argv).context("adding the ECMP route for the VIP")?;
+        Ok(EcmpRoute(b.lb(), vip))
+    }
+}
+impl Drop for EcmpRoute<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.ip(&["route", "del", &self.1]);
+    }
+}
+
 struct Nft<'a>(&'a Netns);
 impl Drop for Nft<'_> {
     fn drop(&mut self) {
@@ -192,14 +217,14 @@ fn run_round(b: &Bench, r: &mut Report) -> anyhow::Result<()> {
     let vip_ip = b.topo.vip_v4().to_string();
     let backends = b.backend_addrs();
 
-    // 1. Kernel routing: the client talks to backend-0's own address through the lb's routes.
-    let backend0 = SocketAddr::new(b.topo.backend_addr_v4(0).into(), HTTP_PORT);
-    record(
-        r,
-        "kernel",
-        "kernel routing (backend-0, no balancer)",
-        measure(b, "kernel", backend0),
-    );
+    // 1. Kernel ECMP: the lb routes the VIP to the three backends (which hold it on lo, as for
+    //    dsr) over a multipath route hashed on the 5-tuple. The kernel's own stateless L4 balancer:
+    //    the same work as xdp-lb dsr, done by the lb's routing stack.
+    let res = (|| {
+        let _route = EcmpRoute::add(b)?;
+        measure(b, "kernel-ecmp", vip)
+    })();
+    record(r, "kernel_ecmp", "kernel ECMP routing (L4 hash, 3 backends)", res);
 
     // 2. nftables DNAT, numgen round robin.
     let res = (|| {

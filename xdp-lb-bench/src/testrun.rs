@@ -30,15 +30,8 @@ pub struct TestRunCosts {
 }
 
 fn frame(b: &Bench, src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> anyhow::Result<Vec<u8>> {
-    let parse_mac = |s: String| -> anyhow::Result<[u8; 6]> {
-        let v: Vec<u8> = s
-            .split(':')
-            .map(|x| u8::from_str_radix(x, 16))
-            .collect::<Result<_, _>>()?;
-        v.try_into().map_err(|_| anyhow::anyhow!("bad MAC"))
-    };
-    let da = parse_mac(crate::util::mac(b.lb(), b.topo.client_iface())?)?;
-    let sa = parse_mac(crate::util::mac(b.client(), "eth0")?)?;
+    let da = crate::util::parse_mac(&crate::util::mac(b.lb(), b.topo.client_iface())?)?;
+    let sa = crate::util::parse_mac(&crate::util::mac(b.client(), "eth0")?)?;
     let payload = [0x58u8; 18];
     let udp_len = 8 + payload.len() as u16;
     let ip_len = 20 + udp_len;

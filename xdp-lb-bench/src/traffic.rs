@@ -1,6 +1,9 @@
 //! Per-packet cost on traffic that looks like traffic (issue 12): many TCP flows, established and
 //! new, each program in its own copy of the topology, fed in interleaved slices.
 //!
+//! - The generator is `xdp_generator` run with BPF_PROG_TEST_RUN in live-frames mode
+//!   ([`crate::generator`]) on the client's veth: its frames enter the lb's XDP ring as xdp_frames,
+//!   without the socket buffer and qdisc trafgen paid per frame (trafgen offered 0.07–0.24 Mpps).
 //! - Every program's output frames are dropped on arrival by `xdp_drop_sink` on the receiving veth
 //!   (the backends' for xdp-lb, the client's for the MAC-swap reference): all programs meet the
 //!   same cheap end, and backends never answer, so no reply mixes into a program's average.
@@ -15,8 +18,12 @@
 //! - Cost: Δrun_time_ns / Δrun_cnt (kernel.bpf_stats_enabled) over all slices of a scenario; the
 //!   net cost subtracts the trivial program's, measured on the same traffic in the same run (it
 //!   removes the two clock reads bpf_stats adds per run, ~35–55 ns in a VM).
+//! - Accounting per slice: frames offered (generator runs), taken into the lb's XDP ring or refused
+//!   by it (the client veth's xdp_xmit counters), seen by the program (run_cnt) and forwarded (the
+//!   sinks' drops). With `--napi-cpu` the receiving side runs on a CPU of its own and the generator
+//!   can offer more than the program takes; without it both share the generator's CPU.
 
-use std::net::Ipv4Addr;
+use std::{net::Ipv4Addr, time::Duration};
 
 use anyhow::Context;
 use aya::{
@@ -27,7 +34,11 @@ use serde::Serialize;
 use xdp_lb_common::maps::names;
 use xdp_lb_testbed::{Daemon, Mode, Netns, Topology};
 
-use crate::{report::Report, util, Bench, HTTP_PORT};
+use crate::{
+    generator::{Endpoints, Generator, Pattern},
+    report::Report,
+    util, Bench, HTTP_PORT,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -75,12 +86,29 @@ pub struct TrafficRow {
     /// Each slice's ns/packet, in order.
     pub slices: Vec<f64>,
     pub run_cnt: u64,
-    /// Packets the client sent in the measured slices.
+    /// Frames the generator handed to the kernel in the measured slices.
     pub offered: u64,
     pub offered_mpps: f64,
+    /// Frames the lb's veth took into its XDP ring (the rest it refused: ring full).
+    pub delivered: u64,
+    pub ring_drops: u64,
+    /// run_cnt per second of the slices: the rate the program kept up with.
+    pub seen_mpps: f64,
+    /// CPU time of the generator's thread per frame offered (with the receivers' softirq work
+    /// when they share its CPU), and its share of the slices' wall-clock time.
+    pub gen_cpu_ns_per_frame: f64,
+    pub gen_cpu_share: f64,
     /// Frames the sinks dropped on the receiving veths (what the program sent on).
     pub forwarded: u64,
     pub note: String,
+}
+
+fn mpps(frames: u64, secs: f64) -> f64 {
+    if secs > 0.0 {
+        frames as f64 / secs / 1e6
+    } else {
+        0.0
+    }
 }
 
 /// A program under test in its own copy of the topology, and what keeps it attached.
@@ -94,8 +122,8 @@ struct Contender {
     prog_id: u32,
     /// (namespace, interface) of the veth ends where the sink drops the program's output.
     sinks: Vec<Sink>,
-    /// Source addresses the `New` slices used so far.
-    new_sources: u64,
+    /// The established and the new-flow generator (loaded on first use).
+    generators: [Option<Generator>; 2],
     totals: [Totals; 3],
 }
 
@@ -105,11 +133,23 @@ enum Sink {
     Backend(usize),
 }
 
+/// Counters read before and after a slice.
+struct Counters {
+    run_time: u64,
+    run_cnt: u64,
+    delivered: u64,
+    ring_drops: u64,
+    forwarded: u64,
+}
+
 #[derive(Default)]
 struct Totals {
     run_time: u64,
     run_cnt: u64,
     offered: u64,
+    delivered: u64,
+    ring_drops: u64,
+    gen_cpu_secs: f64,
     secs: f64,
     forwarded: u64,
     slices: Vec<f64>,
@@ -156,9 +196,6 @@ fn config(topo: &Topology, mode: Mode) -> String {
 fn new_topology(tag: &str) -> anyhow::Result<Topology> {
     let topo = Topology::new(tag, 3)?;
     topo.pin_neighbours()?;
-    // A queue on the client's sending end: veth pushes back when its peer's ring is full, and
-    // trafgen (on the qdisc path) then waits instead of failing.
-    topo.client().exec_ok("tc", &["qdisc", "replace", "dev", "eth0", "root", "pfifo", "limit", "4096"])?;
     Ok(topo)
 }
 
@@ -175,7 +212,7 @@ fn reference() -> anyhow::Result<Contender> {
         topo,
         prog_id,
         sinks: vec![Sink::Client],
-        new_sources: 0,
+        generators: [None, None],
         totals: Default::default(),
     })
 }
@@ -203,12 +240,20 @@ fn xdp_lb(b: &Bench, mode: Mode) -> anyhow::Result<Contender> {
         topo,
         prog_id,
         sinks,
-        new_sources: 0,
+        generators: [None, None],
         totals: Default::default(),
     })
 }
 
 impl Contender {
+    /// The measured program's veth runs its NAPI on `cpu` (see `--napi-cpu`). The sinks stay in
+    /// softirq, which then runs on that same CPU: threads of their own at the same priority would
+    /// wait behind the program's thread while their rings overflow.
+    fn napi_on_cpu(&self, cpu: u32, realtime: bool) -> anyhow::Result<()> {
+        util::napi_on_cpu(self.topo.lb(), self.topo.client_iface(), cpu, realtime)?;
+        Ok(())
+    }
+
     fn forwarded_now(&self) -> anyhow::Result<u64> {
         let mut n = 0;
         for sink in &self.sinks {
@@ -221,71 +266,99 @@ impl Contender {
         Ok(n)
     }
 
-    /// trafgen's packet description for `scenario`, `sent` packets into the slice.
-    fn conf(&self, scenario: Scenario, flows: u16, sent: u64) -> anyhow::Result<String> {
-        let topo = &self.topo;
-        let da = util::mac(topo.lb(), topo.client_iface())?;
-        let sa = util::mac(topo.client(), "eth0")?;
-        let vip = topo.vip_v4();
-        let (ip, tcp) = match scenario {
-            Scenario::Established | Scenario::EstablishedFull => {
-                let last = u32::from(FIRST_PORT) + u32::from(flows) - 1;
-                (
-                    format!("ipv4(saddr={}, daddr={vip}, ttl=64)", topo.client_addr_v4()),
-                    format!("tcp(sp=dinc({FIRST_PORT}, {last}), dp={HTTP_PORT}, ack, seq=1, aseq=1)"),
-                )
-            }
-            Scenario::New => {
+    /// Generator's frames for `scenario` from this copy's client, loaded on first use and kept: the
+    /// New generator's counter goes on across slices, so no source address is ever used twice.
+    fn generator<'g>(
+        generators: &'g mut [Option<Generator>; 2],
+        topo: &Topology,
+        b: &Bench,
+        scenario: Scenario,
+    ) -> anyhow::Result<&'g mut Generator> {
+        let slot = usize::from(scenario.sends_syns());
+        if generators[slot].is_none() {
+            let ends = Endpoints {
+                src_mac: util::parse_mac(&util::mac(topo.client(), "eth0")?)?,
+                dst_mac: util::parse_mac(&util::mac(topo.lb(), topo.client_iface())?)?,
+                src: topo.client_addr_v4(),
+                dst: topo.vip_v4(),
+                dport: HTTP_PORT,
+            };
+            let pattern = if scenario.sends_syns() {
                 // 10.128.0.0 upwards: never the client's, a backend's or the VIP's subnet. Only the
                 // lb's XDP program sees these packets (the sinks drop them), so nothing routes back.
-                let first = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)).wrapping_add((self.new_sources + sent) as u32));
-                (
-                    format!("ipv4(saddr={first}, saddr=dinc(), daddr={vip}, ttl=64)"),
-                    format!("tcp(sp=40000, dp={HTTP_PORT}, syn, seq=1)"),
-                )
+                Pattern::New { first_addr: Ipv4Addr::new(10, 128, 0, 0) }
+            } else {
+                Pattern::Established { first_port: FIRST_PORT, flows: b.args.pps_flows }
+            };
+            let mut generator = Generator::load(&ends, pattern)?;
+            // A veth pair of its own in the client's namespace, which nothing sends to (see
+            // `Generator::park_on`); it goes with the namespace.
+            let park = format!("gen{slot}");
+            if topo.client().ip(&["link", "show", "dev", &park]).is_err() {
+                topo.client().ip(&["link", "add", &park, "type", "veth", "peer", "name", &format!("{park}p")])?;
             }
-        };
-        // 60-byte frames: Ethernet + IPv4 + TCP + 6 bytes.
-        Ok(format!("{{\n  eth(da={da}, sa={sa}),\n  {ip},\n  {tcp},\n  fill(0x58, 6)\n}}\n"))
+            generator.park_on(topo.client(), &park)?;
+            generators[slot] = Some(generator);
+        }
+        Ok(generators[slot].as_mut().expect("loaded above"))
     }
 
     /// One measured slice of `scenario`, `--slice-secs` long.
     fn slice(&mut self, b: &Bench, scenario: Scenario) -> anyhow::Result<f64> {
-        let flows = b.args.pps_flows;
-        let conf_path = b.dir().join(format!("{}-{}.trafgen", self.key, scenario as usize));
-        let client = self.topo.client();
+        let flows = u64::from(b.args.pps_flows);
+        let cpu = b.args.gen_cpu;
         if !scenario.sends_syns() {
-            // Every flow once (twice, for packets a full ring dropped), unmeasured: entries evicted
-            // by a New slice are back before the measurement starts.
-            util::trafgen(client, &conf_path, 2 * u64::from(flows), b.args.trafgen_cpu, |sent| {
-                self.conf(scenario, flows, sent)
-            })?;
-            std::thread::sleep(std::time::Duration::from_millis(50));
+            // Every flow twice, unmeasured: entries evicted by a New slice are back before the
+            // measurement starts (twice, in case the receiving ring dropped some).
+            Self::generator(&mut self.generators, &self.topo, b, scenario)?.send(
+                self.topo.client(),
+                "eth0",
+                cpu,
+                !b.args.gen_normal_priority,
+                Duration::from_secs(10),
+                2 * flows,
+            )?;
+            std::thread::sleep(Duration::from_millis(50));
         }
-        let forwarded = self.forwarded_now()?;
-        let offered = util::if_stats(client, "eth0")?.tx;
-        let (t0, c0) = util::prog_stats(self.prog_id)?;
-        let duration = std::time::Duration::from_secs_f64(b.args.slice_secs);
-        let (_, secs) = util::trafgen_for(client, &conf_path, duration, b.args.trafgen_cpu, |sent| {
-            self.conf(scenario, flows, sent)
-        })?;
-        // Let the last packets drain through the rings.
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        let (t1, c1) = util::prog_stats(self.prog_id)?;
-        let offered = util::if_stats(client, "eth0")?.tx.saturating_sub(offered);
-        let forwarded = self.forwarded_now()?.saturating_sub(forwarded);
-        if scenario.sends_syns() {
-            self.new_sources += offered;
-        }
+        let before = self.counters()?;
+        let sent = Self::generator(&mut self.generators, &self.topo, b, scenario)?.send(
+            self.topo.client(),
+            "eth0",
+            cpu,
+            !b.args.gen_normal_priority,
+            Duration::from_secs_f64(b.args.slice_secs),
+            u64::MAX,
+        )?;
+        // Let the last frames drain through the rings.
+        std::thread::sleep(Duration::from_millis(100));
+        let after = self.counters()?;
         let t = &mut self.totals[scenario as usize];
-        let ns = (t1 - t0) as f64 / (c1 - c0).max(1) as f64;
-        t.run_time += t1 - t0;
-        t.run_cnt += c1 - c0;
-        t.offered += offered;
-        t.secs += secs;
-        t.forwarded += forwarded;
+        let (run_time, run_cnt) = (after.run_time - before.run_time, after.run_cnt - before.run_cnt);
+        let ns = run_time as f64 / run_cnt.max(1) as f64;
+        t.run_time += run_time;
+        t.run_cnt += run_cnt;
+        t.offered += sent.frames;
+        t.gen_cpu_secs += sent.cpu_secs;
+        t.delivered += after.delivered - before.delivered;
+        t.ring_drops += after.ring_drops - before.ring_drops;
+        t.secs += sent.secs;
+        t.forwarded += after.forwarded - before.forwarded;
         t.slices.push(ns);
         Ok(ns)
+    }
+
+    fn counters(&self) -> anyhow::Result<Counters> {
+        let (run_time, run_cnt) = util::prog_stats(self.prog_id)?;
+        let client = self.topo.client();
+        Ok(Counters {
+            run_time,
+            run_cnt,
+            // veth counts frames sent into its peer's XDP ring as the sender's tx_queue_N_xdp_xmit,
+            // and those the full ring refused as tx_queue_N_xdp_xmit_errors.
+            delivered: util::ethtool_stat(client, "eth0", "_xdp_xmit")?,
+            ring_drops: util::ethtool_stat(client, "eth0", "_xdp_xmit_errors")?,
+            forwarded: self.forwarded_now()?,
+        })
     }
 
     fn rows(&self) -> Vec<TrafficRow> {
@@ -301,7 +374,12 @@ impl Contender {
                     slices: t.slices.clone(),
                     run_cnt: t.run_cnt,
                     offered: t.offered,
-                    offered_mpps: if t.secs > 0.0 { t.offered as f64 / t.secs / 1e6 } else { 0.0 },
+                    offered_mpps: mpps(t.offered, t.secs),
+                    delivered: t.delivered,
+                    ring_drops: t.ring_drops,
+                    seen_mpps: mpps(t.run_cnt, t.secs),
+                    gen_cpu_ns_per_frame: t.gen_cpu_secs * 1e9 / t.offered.max(1) as f64,
+                    gen_cpu_share: if t.secs > 0.0 { t.gen_cpu_secs / t.secs } else { 0.0 },
                     forwarded: t.forwarded,
                     note: String::new(),
                 }
@@ -337,6 +415,13 @@ pub fn run(b: &Bench, r: &mut Report) -> anyhow::Result<()> {
     );
     eprintln!("  building three copies of the topology (trivial, dsr, nat)");
     let mut contenders = vec![reference()?, xdp_lb(b, Mode::Dsr)?, xdp_lb(b, Mode::Nat)?];
+    let realtime = !b.args.gen_normal_priority;
+    if let Some(cpu) = b.args.napi_cpu {
+        anyhow::ensure!(cpu != b.args.gen_cpu, "--napi-cpu {cpu} is the generator's CPU (--gen-cpu)");
+        for c in &contenders {
+            c.napi_on_cpu(cpu, realtime).with_context(|| format!("{}: NAPI threads on CPU {cpu}", c.name))?;
+        }
+    }
     let rounds = b.args.pps_rounds.max(1);
     for scenario in SCENARIOS {
         for round in 0..rounds {
@@ -357,8 +442,19 @@ pub fn run(b: &Bench, r: &mut Report) -> anyhow::Result<()> {
         for mut row in c.rows() {
             row.note = note.clone();
             eprintln!(
-                "  {} {}: {:.1} ns/packet over {} runs; offered {} ({:.2} Mpps), forwarded {}",
-                row.scenario, row.name, row.ns_per_packet, row.run_cnt, row.offered, row.offered_mpps, row.forwarded
+                "  {} {}: {:.1} ns/packet over {} runs ({:.2} Mpps); offered {} ({:.2} Mpps; sender CPU {:.0} ns/frame, {:.0} % of the time), into the lb's ring {}, refused by it {}, forwarded {}",
+                row.scenario,
+                row.name,
+                row.ns_per_packet,
+                row.run_cnt,
+                row.seen_mpps,
+                row.offered,
+                row.offered_mpps,
+                row.gen_cpu_ns_per_frame,
+                row.gen_cpu_share * 100.0,
+                row.delivered,
+                row.ring_drops,
+                row.forwarded
             );
             r.traffic.push(row);
         }

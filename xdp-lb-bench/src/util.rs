@@ -291,6 +291,55 @@ pub fn mac(ns: &Netns, iface: &str) -> anyhow::Result<String> {
     Ok(v[0]["address"].as_str().context("no MAC")?.to_string())
 }
 
+/// `aa:bb:cc:dd:ee:ff` as bytes.
+pub fn parse_mac(s: &str) -> anyhow::Result<[u8; 6]> {
+    let bytes: Vec<u8> = s
+        .split(':')
+        .map(|x| u8::from_str_radix(x, 16))
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("MAC address {s:?}"))?;
+    bytes.try_into().map_err(|_| anyhow::anyhow!("MAC address {s:?} does not have 6 bytes"))
+}
+
+/// Pids of the kernel's threaded-NAPI threads (`napi/<iface>-<id>`).
+fn napi_threads() -> std::collections::BTreeSet<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Default::default() };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| read_trim(&format!("/proc/{pid}/comm")).starts_with("napi/"))
+        .collect()
+}
+
+/// Moves `iface`'s NAPI (in `ns`; it exists while an XDP program is attached to the veth) from
+/// softirq context, where veth runs it on whichever CPU sent the frame, to a kernel thread of its
+/// own, pinned to `cpu`: the receiving side then runs beside the sender instead of on its CPU, as
+/// a NIC's interrupt would place it. Returns the threads' pids.
+pub fn napi_on_cpu(ns: &Netns, iface: &str, cpu: u32, realtime: bool) -> anyhow::Result<Vec<u32>> {
+    let before = napi_threads();
+    // `ip netns exec` mounts the namespace's own /sys, where its interfaces are.
+    ns.exec_ok("sh", &["-c", &format!("echo 1 > /sys/class/net/{iface}/threaded")])
+        .with_context(|| format!("threaded NAPI for {iface} in {}", ns.name()))?;
+    let prefix: String = format!("napi/{iface}-").chars().take(15).collect();
+    let new: Vec<u32> = napi_threads()
+        .difference(&before)
+        .copied()
+        .filter(|pid| read_trim(&format!("/proc/{pid}/comm")).starts_with(&prefix))
+        .collect();
+    if new.is_empty() {
+        bail!("no napi/{iface} thread appeared in {} (is an XDP program attached?)", ns.name());
+    }
+    for &pid in &new {
+        let out = Command::new("taskset").args(["-pc", &cpu.to_string(), &pid.to_string()]).output()?;
+        if !out.status.success() {
+            bail!("taskset -pc {cpu} {pid} (napi/{iface}): {}", String::from_utf8_lossy(&out.stderr));
+        }
+        if realtime {
+            crate::generator::set_fifo(pid as i32).with_context(|| format!("napi/{iface}"))?;
+        }
+    }
+    Ok(new)
+}
+
 /// The id of the XDP program attached to `iface` in `ns`.
 pub fn xdp_prog_id(ns: &Netns, iface: &str) -> anyhow::Result<u32> {
     let out = ns.ip(&["-j", "-d", "link", "show", "dev", iface])?;
@@ -367,53 +416,6 @@ pub fn trafgen(
         }
     }
     Ok(started.elapsed().as_secs_f64())
-}
-
-/// Sends packets out of `ns`'s eth0 with trafgen pinned to `cpu` for `duration` (stopped with
-/// SIGINT, which trafgen handles by flushing and exiting). `conf` is as for [`trafgen`]. A trafgen
-/// that gives up early is started again for the time left, at most 20 times. Returns the packets
-/// sent and the seconds it took.
-pub fn trafgen_for(
-    ns: &Netns,
-    conf_path: &Path,
-    duration: Duration,
-    cpu: u32,
-    mut conf: impl FnMut(u64) -> anyhow::Result<String>,
-) -> anyhow::Result<(u64, f64)> {
-    let before = if_stats(ns, "eth0")?.tx;
-    let started = Instant::now();
-    for attempt in 1.. {
-        let left = duration.saturating_sub(started.elapsed());
-        if left < Duration::from_millis(50) {
-            break;
-        }
-        let sent = if_stats(ns, "eth0")?.tx.saturating_sub(before);
-        std::fs::write(conf_path, conf(sent)?)?;
-        let (conf_s, cpu_s, secs) =
-            (conf_path.display().to_string(), cpu.to_string(), format!("{:.3}", left.as_secs_f64()));
-        let out = ns.exec(
-            "timeout",
-            &[
-                "-s", "INT", "-k", "5", &secs, "taskset", "-c", &cpu_s, "trafgen", "--dev", "eth0", "--conf", &conf_s,
-                "--num", "0", "--cpus", "1", "--qdisc-path", "--no-sock-mem", "--notouch-irq", "--no-cpu-stats",
-            ],
-        )?;
-        xdp_lb_testbed::interrupt::check()?;
-        // 124: stopped by the timeout, as intended.
-        if out.status.success() || out.status.code() == Some(124) {
-            continue;
-        }
-        if attempt >= 20 || out.status.code() == Some(137) {
-            bail!(
-                "trafgen failed ({}) after {attempt} attempts: {}{}",
-                out.status,
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-    }
-    let secs = started.elapsed().as_secs_f64();
-    Ok((if_stats(ns, "eth0")?.tx.saturating_sub(before), secs))
 }
 
 /// Sum of VmRSS (KiB) over every process in `ns`.

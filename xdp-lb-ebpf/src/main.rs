@@ -18,6 +18,7 @@
 mod classify;
 mod forward;
 mod frame;
+mod generator;
 mod maps;
 mod reject;
 mod reply;
