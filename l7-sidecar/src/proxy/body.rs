@@ -19,8 +19,9 @@ pub struct StreamedBody {
     /// Made only once the body has to be waited for: most bodies arrive with their
     /// head, and a timer per request would cost an allocation and a timer entry.
     timer: Option<Pin<Box<Sleep>>>,
-    /// The keep-alive connection the body arrives on, released for reuse on drop
-    /// once the body has ended (a body cut short leaves the connection unusable).
+    /// The keep-alive connection the body arrives on: polled with the body (it has
+    /// no task of its own), released for reuse on drop once the body has ended (a
+    /// body cut short leaves the connection unusable).
     conn: Option<super::conns::Conn>,
     ended: bool,
 }
@@ -68,6 +69,12 @@ impl HttpBody for StreamedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        // Nobody else polls the connection: let it read the body's next bytes into
+        // `inner` first. An ended connection ends `inner` too (with an error if
+        // the body was cut short).
+        if let Some(c) = self.conn.as_mut() {
+            c.poll_drive(cx);
+        }
         match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(None) => {
                 self.ended = true;
