@@ -339,6 +339,9 @@ async fn serve<S>(
     let tick = (first_byte.min(idle) / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
     let result = loop {
         tokio::select! {
+            // In this order, without drawing a random one per wake-up: the connection
+            // is what is usually ready.
+            biased;
             r = conn.as_mut() => break r,
             () = stopped.as_mut() => {
                 // Finish the request in progress, then close instead of idling in keep-alive.

@@ -69,13 +69,26 @@ impl HttpBody for StreamedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        // Nobody else polls the connection: let it read the body's next bytes into
-        // `inner` first. An ended connection ends `inner` too (with an error if
-        // the body was cut short).
-        if let Some(c) = self.conn.as_mut() {
-            c.poll_drive(cx);
-        }
-        match Pin::new(&mut self.inner).poll_frame(cx) {
+        // Nobody else polls the connection: when `inner` has nothing yet, let the
+        // connection read the body's next bytes into it. Usually a small body came
+        // with the head and is there already. An ended connection ends `inner` too
+        // (with an error if the body was cut short).
+        // `inner` is fed only by the connection, so while the connection runs, asking
+        // `inner` registers no wake-up (that would poll the client connection's
+        // whole task again); the connection's own registration wakes us.
+        let this = &mut *self;
+        let polled = match this.conn.as_mut() {
+            Some(c) => match Pin::new(&mut this.inner).poll_frame(&mut super::conns::no_wake()) {
+                Poll::Pending if c.poll_drive(cx) => {
+                    Pin::new(&mut this.inner).poll_frame(&mut super::conns::no_wake())
+                }
+                // Ended: whatever `inner` still says, it says now.
+                Poll::Pending => Pin::new(&mut this.inner).poll_frame(cx),
+                ready => ready,
+            },
+            None => Pin::new(&mut this.inner).poll_frame(cx),
+        };
+        match polled {
             Poll::Ready(None) => {
                 self.ended = true;
                 Poll::Ready(None)

@@ -84,11 +84,19 @@ pub type UpBody = Full<Bytes>;
 
 type Io = TokioIo<TcpStream>;
 
+/// A context whose wake-ups go nowhere, for futures that only the connection's own
+/// progress can complete (its driver is polled with the real one).
+pub(crate) fn no_wake() -> Context<'static> {
+    Context::from_waker(std::task::Waker::noop())
+}
+
 /// hyper's connection state machine, polled by the connection's current user.
 /// `SyncWrapper`: the response body it travels in must be `Sync` (`BoxBody`), and it
 /// is only ever used through `&mut`.
 struct Driver {
-    conn: SyncWrapper<Connection<Io, UpBody>>,
+    /// Boxed: hyper's connection state is several hundred bytes, and a `Conn` moves
+    /// by value per request (idle list, checkout, response body).
+    conn: Box<SyncWrapper<Connection<Io, UpBody>>>,
     /// The connection future returned: it must not be polled again.
     done: bool,
 }
@@ -169,9 +177,11 @@ impl Conn {
         let driver = &mut self.driver;
         std::future::poll_fn(|cx| {
             // First the connection (writes the request, reads the head and hands it
-            // to `response`), then the answer.
+            // to `response`), then the answer. Only the connection completes
+            // `response`, so asking it registers no wake-up: one would only poll
+            // this whole task (the client's connection) again for nothing.
             let open = driver.poll(cx);
-            match response.as_mut().poll(cx) {
+            match response.as_mut().poll(&mut no_wake()) {
                 Poll::Ready(r) => Poll::Ready(r.map_err(SendError::from)),
                 Poll::Pending if open => Poll::Pending,
                 Poll::Pending => Poll::Ready(Err(SendError::Closed)),
@@ -187,11 +197,12 @@ impl Conn {
     }
 
     /// Ready for the next request: the previous exchange is finished on the wire.
+    /// Only the connection makes `sender` ready, so that registers no wake-up.
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
         if !self.driver.poll(cx) {
             return Poll::Ready(false);
         }
-        self.sender.poll_ready(cx).map(|r| r.is_ok())
+        self.sender.poll_ready(&mut no_wake()).map(|r| r.is_ok())
     }
 
     /// Put the connection back for the next request. Only call once its response
@@ -229,7 +240,15 @@ pub async fn checkout(addr: SocketAddr, connect_timeout: Duration) -> Result<Con
     while let Some(mut conn) = pop_idle(addr) {
         // Polling it reads what the backend sent while it sat idle: nothing, or its
         // close. Usually ready at once; an exchange hyper still finishes takes a poll.
-        if std::future::poll_fn(|cx| conn.poll_ready(cx)).await {
+        // First without a wake-up: the request queued next would wake whoever
+        // polled the connection last, i.e. this task, for nothing (`send` polls it
+        // right after with the real one).
+        let first = conn.poll_ready(&mut no_wake());
+        let ready = match first {
+            Poll::Ready(r) => r,
+            Poll::Pending => std::future::poll_fn(|cx| conn.poll_ready(cx)).await,
+        };
+        if ready {
             conn.reused = true;
             return Ok(conn);
         }
@@ -269,7 +288,7 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Conn, ConnectErr
     Ok(Conn {
         sender,
         driver: Driver {
-            conn: SyncWrapper::new(conn),
+            conn: Box::new(SyncWrapper::new(conn)),
             done: false,
         },
         addr,
