@@ -435,7 +435,11 @@ mod tests {
             };
             match r {
                 Err(crate::GatewayError::Bind { name, addr: a, .. }) => {
-                    assert_eq!((name.as_str(), a), ("public", addr.to_string()), "{workers:?}");
+                    assert_eq!(
+                        (name.as_str(), a),
+                        ("public", addr.to_string()),
+                        "{workers:?}"
+                    );
                 }
                 Err(e) => panic!("{workers:?}: another error: {e}"),
                 Ok(_) => panic!("{workers:?}: bound a port another socket holds"),

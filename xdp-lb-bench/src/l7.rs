@@ -361,7 +361,11 @@ mod tests {
         // 14.5 % fewer req/s.
         assert_eq!(met(&t, "JWT"), Some(true));
         assert_eq!(met(&t, "RSS"), Some(true));
-        assert!(t[0].value.contains("CPU 50.0 vs 50.0 µs/request"), "{}", t[0].value);
+        assert!(
+            t[0].value.contains("CPU 50.0 vs 50.0 µs/request"),
+            "{}",
+            t[0].value
+        );
     }
 
     #[test]

@@ -172,7 +172,10 @@ pub struct Conn {
 impl Conn {
     /// Send `req` and drive the connection until the response head arrives. The
     /// response body arrives only while `poll_drive` is called (`StreamedBody` does).
-    pub async fn send(&mut self, req: http::Request<UpBody>) -> Result<http::Response<Incoming>, SendError> {
+    pub async fn send(
+        &mut self,
+        req: http::Request<UpBody>,
+    ) -> Result<http::Response<Incoming>, SendError> {
         let mut response = pin!(self.sender.send_request(req));
         let driver = &mut self.driver;
         std::future::poll_fn(|cx| {
