@@ -70,12 +70,12 @@ impl HttpBody for StreamedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         // Nobody else polls the connection: when `inner` has nothing yet, let the
-        // connection read the body's next bytes into it. Usually a small body came
-        // with the head and is there already. An ended connection ends `inner` too
-        // (with an error if the body was cut short).
-        // `inner` is fed only by the connection, so while the connection runs, asking
-        // `inner` registers no wake-up (that would poll the client connection's
-        // whole task again); the connection's own registration wakes us.
+        // connection read the body's next bytes into it (a small body usually came
+        // with the head and is there already). `inner` is fed only by the
+        // connection, so while the connection runs, asking `inner` registers no
+        // wake-up (one would poll the client connection's whole task again); the
+        // connection's own registrations wake us. An ended connection ends `inner`
+        // too (with an error if the body was cut short).
         let this = &mut *self;
         let polled = match this.conn.as_mut() {
             Some(c) => match Pin::new(&mut this.inner).poll_frame(&mut super::conns::no_wake()) {
