@@ -73,10 +73,16 @@ impl Drop for RunningGateway {
     }
 }
 
+/// Bind every listener and start serving on the current runtime. Binding `:0` picks
+/// an ephemeral port.
+pub async fn start(gateway: Gateway) -> Result<RunningGateway, GatewayError> {
+    start_on(gateway, Workers::Caller).await
+}
+
 /// Serve on `workers` threads, each with its own single-threaded runtime and its own
 /// `SO_REUSEPORT` socket per listener: the kernel spreads new connections over the
-/// workers, and a connection's requests, its upstream connections (`proxy::conns`)
-/// and their tasks all stay on one thread — no work stealing, no cross-thread
+/// workers, and a connection's requests and its upstream connections
+/// (`proxy::conns`) all stay on one thread — no work stealing, no cross-thread
 /// wake-ups. The connection limits stay per listener, shared by its workers. The
 /// gateway's background tasks (health checks, reloads, JWKS) stay on the caller's
 /// runtime. Worker threads live until the process exits.
@@ -84,7 +90,26 @@ pub async fn start_workers(
     gateway: Gateway,
     workers: usize,
 ) -> Result<RunningGateway, GatewayError> {
-    let workers = workers.max(1);
+    start_on(gateway, Workers::Threads(workers.max(1))).await
+}
+
+/// Where accept loops (and so connections) run.
+#[derive(Clone, Copy)]
+enum Workers {
+    /// On the caller's runtime, one socket per listener.
+    Caller,
+    /// On this many threads of their own, one socket per listener each.
+    Threads(usize),
+}
+
+/// The one listener setup of `start` and `start_workers`: per listener (the
+/// `[admin]` one too, flagged), one `SO_REUSEPORT` socket per worker, the first
+/// fixing the port (`:0` picks one).
+async fn start_on(gateway: Gateway, workers: Workers) -> Result<RunningGateway, GatewayError> {
+    let count = match workers {
+        Workers::Caller => 1,
+        Workers::Threads(n) => n,
+    };
     let rt = gateway.runtime();
     let max_connections = rt.cfg.server.max_connections;
     let (stop, _) = tokio::sync::watch::channel(false);
@@ -92,8 +117,7 @@ pub async fn start_workers(
     let mut addrs = Vec::new();
     // Per worker, for every configured listener: its socket and what it serves with.
     let mut sockets: Vec<Vec<(std::net::TcpListener, ListenerState)>> =
-        (0..workers).map(|_| Vec::new()).collect();
-    // The `[admin]` listener too, on every worker like the others, flagged as admin.
+        (0..count).map(|_| Vec::new()).collect();
     let admin = rt.cfg.admin.as_ref().map(admin_listener);
     let all = rt.cfg.listeners.iter().map(|l| (l, false));
     for (l, is_admin) in all.chain(admin.iter().map(|l| (l, true))) {
@@ -111,6 +135,8 @@ pub async fn start_workers(
         refuse_shared_port(wanted).map_err(bind_err)?;
         let first = reuseport_listener(wanted).map_err(bind_err)?;
         let addr = first.local_addr().map_err(bind_err)?;
+        // Each listener counts its own connections (overall and per address), so a
+        // flood on the public listener cannot lock operators out of the admin one.
         let state = ListenerState {
             tls: match &l.tls {
                 Some(t) => Some(TlsAcceptor::from(crate::tls::server_config(t)?)),
@@ -123,7 +149,7 @@ pub async fn start_workers(
             limit: Arc::new(Semaphore::new(max_connections)),
             per_address: Arc::new(PerAddress::default()),
         };
-        tracing::info!(listener = %l.name, %addr, tls = state.tls.is_some(), workers, "listening");
+        tracing::info!(listener = %l.name, %addr, tls = state.tls.is_some(), workers = count, "listening");
         addrs.push((l.name.clone(), addr));
         limits.push(state.limit.clone());
         sockets[0].push((first, state.clone()));
@@ -133,15 +159,10 @@ pub async fn start_workers(
     }
     let mut tasks = Vec::new();
     for (i, listeners) in sockets.into_iter().enumerate() {
-        let worker = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|source| GatewayError::Worker { index: i, source })?;
-        let handle = worker.handle().clone();
-        std::thread::Builder::new()
-            .name(format!("l7-worker-{i}"))
-            .spawn(move || worker.block_on(std::future::pending::<()>()))
-            .map_err(|source| GatewayError::Worker { index: i, source })?;
+        let handle = match workers {
+            Workers::Caller => tokio::runtime::Handle::current(),
+            Workers::Threads(_) => worker_thread(i)?,
+        };
         for (std_listener, state) in listeners {
             // Registered with the worker's reactor, so it must be converted inside it.
             let _entered = handle.enter();
@@ -166,6 +187,20 @@ pub async fn start_workers(
         max_connections,
         stop,
     })
+}
+
+/// A thread running a single-threaded runtime forever; its handle.
+fn worker_thread(index: usize) -> Result<tokio::runtime::Handle, GatewayError> {
+    let worker = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| GatewayError::Worker { index, source })?;
+    let handle = worker.handle().clone();
+    std::thread::Builder::new()
+        .name(format!("l7-worker-{index}"))
+        .spawn(move || worker.block_on(std::future::pending::<()>()))
+        .map_err(|source| GatewayError::Worker { index, source })?;
+    Ok(handle)
 }
 
 /// What every worker's socket of one listener shares.
@@ -208,65 +243,6 @@ fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener
     s.bind(&addr.into())?;
     s.listen(1024)?;
     Ok(s.into())
-}
-
-/// Bind every listener and start serving on the current runtime. Binding `:0` picks
-/// an ephemeral port.
-pub async fn start(gateway: Gateway) -> Result<RunningGateway, GatewayError> {
-    let rt = gateway.runtime();
-    let max_connections = rt.cfg.server.max_connections;
-    let (stop, _) = tokio::sync::watch::channel(false);
-    let mut limits = Vec::new();
-    let mut addrs = Vec::new();
-    let mut tasks = Vec::new();
-    // The `[admin]` listener goes through the same accept loop, flagged as admin.
-    let admin = rt.cfg.admin.as_ref().map(admin_listener);
-    let all = rt.cfg.listeners.iter().map(|l| (l, false));
-    for (l, is_admin) in all.chain(admin.iter().map(|l| (l, true))) {
-        let listener = TcpListener::bind(&l.bind)
-            .await
-            .map_err(|source| GatewayError::Bind {
-                name: l.name.clone(),
-                addr: l.bind.clone(),
-                source,
-            })?;
-        let addr = listener.local_addr().map_err(|source| GatewayError::Bind {
-            name: l.name.clone(),
-            addr: l.bind.clone(),
-            source,
-        })?;
-        let tls = match &l.tls {
-            Some(t) => Some(TlsAcceptor::from(crate::tls::server_config(t)?)),
-            None => None,
-        };
-        tracing::info!(listener = %l.name, %addr, tls = tls.is_some(), "listening");
-        addrs.push((l.name.clone(), addr));
-        // Each listener counts its own connections (overall and per address), so a
-        // flood on the public listener cannot lock operators out of the admin one.
-        let limit = Arc::new(Semaphore::new(max_connections));
-        let per_address = Arc::new(PerAddress::default());
-        limits.push(limit.clone());
-        tasks.push(tokio::spawn(accept_loop(
-            gateway.clone(),
-            listener,
-            tls,
-            Role {
-                metrics: l.metrics,
-                admin: is_admin,
-            },
-            limit,
-            per_address,
-            stop.subscribe(),
-        )));
-    }
-    Ok(RunningGateway {
-        gateway,
-        addrs,
-        tasks,
-        limits,
-        max_connections,
-        stop,
-    })
 }
 
 /// What a listener's connections are for: the pipeline (with the metrics endpoint or not)
@@ -386,6 +362,9 @@ async fn serve<S>(
     let tick = (first_byte.min(idle) / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
     let result = loop {
         tokio::select! {
+            // In this order, without drawing a random one per wake-up: the connection
+            // is what is usually ready.
+            biased;
             r = conn.as_mut() => break r,
             () = stopped.as_mut() => {
                 // Finish the request in progress, then close instead of idling in keep-alive.
@@ -484,5 +463,35 @@ mod tests {
         let taken = other.local_addr().expect("addr").to_string();
         let third = crate::Gateway::new(parse(&taken), None).expect("gw");
         assert!(super::start_workers(third, 1).await.is_err(), "{taken} is in use");
+    }
+
+    /// `start` and `start_workers` share one listener setup: a port another socket
+    /// holds is refused by both, naming the listener.
+    #[tokio::test]
+    async fn a_taken_port_is_refused_naming_the_listener_with_any_worker_count() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = taken.local_addr().expect("addr");
+        let cfg = format!(
+            "[observability]\naccess_log = false\n[[listeners]]\nname = \"public\"\nbind = \"{addr}\"\n"
+        );
+        for workers in [None, Some(1), Some(2)] {
+            let gw = crate::Gateway::new(crate::Config::parse(&cfg).expect("config"), None)
+                .expect("gateway");
+            let r = match workers {
+                None => super::start(gw).await,
+                Some(n) => super::start_workers(gw, n).await,
+            };
+            match r {
+                Err(crate::GatewayError::Bind { name, addr: a, .. }) => {
+                    assert_eq!(
+                        (name.as_str(), a),
+                        ("public", addr.to_string()),
+                        "{workers:?}"
+                    );
+                }
+                Err(e) => panic!("{workers:?}: another error: {e}"),
+                Ok(_) => panic!("{workers:?}: bound a port another socket holds"),
+            }
+        }
     }
 }

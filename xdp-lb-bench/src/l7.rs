@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 
 use crate::{
     configs,
-    report::{L7Row, Report},
+    report::{L7Row, Report, Target},
     util::{self, Proc},
     Bench, L7_PORT,
 };
@@ -240,4 +240,141 @@ pub fn run(b: &Bench, r: &mut Report) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Issue 10 §3's targets, judged on the rows of one run: keep-alive req/s at least
+/// nginx's and HAProxy's with p99 no worse, JWT + rate limiting costing at most
+/// 15 % of req/s, RSS at most nginx's. CPU per request is shown beside each
+/// (on 2 shared cores it decides req/s, and it varies less than req/s).
+pub fn targets(rows: &[L7Row]) -> Vec<Target> {
+    let get = |key: &str| rows.iter().find(|r| r.key == key && r.wrk.is_some());
+    let side = get("l7_sidecar");
+    let mut t = Vec::new();
+    for (key, name) in [("nginx", "nginx"), ("haproxy", "HAProxy")] {
+        let (value, met) = match (side, get(key)) {
+            (Some(s), Some(o)) => {
+                let (sw, ow) = (s.wrk.as_ref().unwrap(), o.wrk.as_ref().unwrap());
+                (
+                    format!(
+                        "{:.2}× req/s ({:.0} vs {:.0}); p99 {:.2} vs {:.2} ms; CPU {:.1} vs {:.1} µs/request",
+                        sw.rps / ow.rps,
+                        sw.rps,
+                        ow.rps,
+                        sw.p99_ms,
+                        ow.p99_ms,
+                        s.cpu_us_per_request,
+                        o.cpu_us_per_request
+                    ),
+                    Some(sw.rps >= ow.rps && sw.p99_ms <= ow.p99_ms),
+                )
+            }
+            _ => ("not measured".into(), None),
+        };
+        t.push(Target {
+            target: format!("l7-sidecar keep-alive req/s ≥ 1.0× {name} with p99 no worse"),
+            value,
+            met,
+        });
+    }
+    let (value, met) = match (side, get("l7_sidecar_auth")) {
+        (Some(s), Some(a)) => {
+            let (sw, aw) = (s.wrk.as_ref().unwrap(), a.wrk.as_ref().unwrap());
+            let cost = 1.0 - aw.rps / sw.rps;
+            (
+                format!(
+                    "{:.1} % fewer req/s; CPU {:.1} vs {:.1} µs/request",
+                    cost * 100.0,
+                    a.cpu_us_per_request,
+                    s.cpu_us_per_request
+                ),
+                Some(cost <= 0.15),
+            )
+        }
+        _ => ("not measured".into(), None),
+    };
+    t.push(Target {
+        target: "JWT auth + rate limiting cost ≤ 15 % of req/s".into(),
+        value,
+        met,
+    });
+    let (value, met) = match (side, get("nginx")) {
+        (Some(s), Some(n)) => (
+            format!(
+                "{:.1} vs {:.1} MiB",
+                s.rss_kib as f64 / 1024.0,
+                n.rss_kib as f64 / 1024.0
+            ),
+            Some(s.rss_kib <= n.rss_kib),
+        ),
+        _ => ("not measured".into(), None),
+    };
+    t.push(Target {
+        target: "l7-sidecar RSS ≤ nginx's".into(),
+        value,
+        met,
+    });
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::util::Wrk;
+
+    fn row(key: &str, rps: f64, p99_ms: f64, rss_kib: u64) -> L7Row {
+        L7Row {
+            name: key.into(),
+            key: key.into(),
+            wrk: Some(Wrk {
+                rps,
+                p50_ms: p99_ms / 2.0,
+                p99_ms,
+                requests: rps as u64 * 8,
+                errors: 0,
+            }),
+            rss_kib,
+            cpu_us_per_request: 1e6 / rps,
+            note: String::new(),
+        }
+    }
+
+    fn met(t: &[Target], words: &str) -> Option<bool> {
+        t.iter()
+            .find(|t| t.target.contains(words))
+            .unwrap_or_else(|| panic!("no target with {words:?}"))
+            .met
+    }
+
+    #[test]
+    fn targets_are_the_issues_and_each_is_judged_on_its_own() {
+        let rows = [
+            row("l7_sidecar", 20_000.0, 3.0, 20_000),
+            // Equal req/s meets 1.0×, but a worse p99 misses.
+            row("nginx", 20_000.0, 2.9, 22_000),
+            row("haproxy", 19_000.0, 3.5, 30_000),
+            row("l7_sidecar_auth", 17_100.0, 3.2, 21_000),
+        ];
+        let t = targets(&rows);
+        assert_eq!(t.len(), 4);
+        assert_eq!(met(&t, "1.0× nginx"), Some(false));
+        assert_eq!(met(&t, "1.0× HAProxy"), Some(true));
+        // 14.5 % fewer req/s.
+        assert_eq!(met(&t, "JWT"), Some(true));
+        assert_eq!(met(&t, "RSS"), Some(true));
+        assert!(
+            t[0].value.contains("CPU 50.0 vs 50.0 µs/request"),
+            "{}",
+            t[0].value
+        );
+    }
+
+    #[test]
+    fn a_failed_contender_leaves_its_targets_unjudged() {
+        let mut failed = row("nginx", 1.0, 1.0, 1);
+        failed.wrk = None;
+        let t = targets(&[row("l7_sidecar", 10.0, 1.0, 1), failed]);
+        assert_eq!(met(&t, "1.0× nginx"), None);
+        assert_eq!(met(&t, "RSS"), None);
+        assert_eq!(met(&t, "JWT"), None);
+    }
 }

@@ -159,13 +159,6 @@ impl Report {
     fn net_ns(&self, row: &TrafficRow) -> Option<f64> {
         self.traffic_get(&row.scenario, REFERENCE).map(|t| row.ns_per_packet - t.ns_per_packet)
     }
-    fn l7_get(&self, key: &str) -> Option<&Wrk> {
-        self.l7
-            .iter()
-            .find(|r| r.key == key)
-            .and_then(|r| r.wrk.as_ref())
-    }
-
     pub fn targets(&self) -> Vec<Target> {
         let mut t = Vec::new();
         let ka = |k: &str| {
@@ -255,41 +248,7 @@ impl Report {
                 met,
             });
         }
-        let side = self.l7_get("l7_sidecar");
-        let nginx = self.l7_get("nginx");
-        let (value, met) = match (side, nginx) {
-            (Some(s), Some(n)) => (
-                format!(
-                    "{:.2}× req/s; p99 {:.2} ms vs {:.2} ms",
-                    s.rps / n.rps,
-                    s.p99_ms,
-                    n.p99_ms
-                ),
-                Some(s.rps >= 1.2 * n.rps && s.p99_ms <= n.p99_ms),
-            ),
-            _ => ("not measured".into(), None),
-        };
-        t.push(Target {
-            target: "l7-sidecar ≥ 1.2× nginx req/s with p99 no worse".into(),
-            value,
-            met,
-        });
-        let auth = self.l7_get("l7_sidecar_auth");
-        let (value, met) = match (side, auth) {
-            (Some(s), Some(a)) => {
-                let cost = 1.0 - a.rps / s.rps;
-                (
-                    format!("{:.1} % fewer req/s", cost * 100.0),
-                    Some(cost <= 0.15),
-                )
-            }
-            _ => ("not measured".into(), None),
-        };
-        t.push(Target {
-            target: "JWT auth + rate limiting cost ≤ 15 %".into(),
-            value,
-            met,
-        });
+        t.extend(crate::l7::targets(&self.l7));
         t
     }
 

@@ -19,8 +19,9 @@ pub struct StreamedBody {
     /// Made only once the body has to be waited for: most bodies arrive with their
     /// head, and a timer per request would cost an allocation and a timer entry.
     timer: Option<Pin<Box<Sleep>>>,
-    /// The keep-alive connection the body arrives on, released for reuse on drop
-    /// once the body has ended (a body cut short leaves the connection unusable).
+    /// The keep-alive connection the body arrives on: polled with the body (it has
+    /// no task of its own), released for reuse on drop once the body has ended (a
+    /// body cut short leaves the connection unusable).
     conn: Option<super::conns::Conn>,
     ended: bool,
 }
@@ -68,7 +69,26 @@ impl HttpBody for StreamedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match Pin::new(&mut self.inner).poll_frame(cx) {
+        // Nobody else polls the connection: when `inner` has nothing yet, let the
+        // connection read the body's next bytes into it (a small body usually came
+        // with the head and is there already). `inner` is fed only by the
+        // connection, so while the connection runs, asking `inner` registers no
+        // wake-up (one would poll the client connection's whole task again); the
+        // connection's own registrations wake us. An ended connection ends `inner`
+        // too (with an error if the body was cut short).
+        let this = &mut *self;
+        let polled = match this.conn.as_mut() {
+            Some(c) => match Pin::new(&mut this.inner).poll_frame(&mut super::conns::no_wake()) {
+                Poll::Pending if c.poll_drive(cx) => {
+                    Pin::new(&mut this.inner).poll_frame(&mut super::conns::no_wake())
+                }
+                // Ended: whatever `inner` still says, it says now.
+                Poll::Pending => Pin::new(&mut this.inner).poll_frame(cx),
+                ready => ready,
+            },
+            None => Pin::new(&mut this.inner).poll_frame(cx),
+        };
+        match polled {
             Poll::Ready(None) => {
                 self.ended = true;
                 Poll::Ready(None)

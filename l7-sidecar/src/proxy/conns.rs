@@ -1,10 +1,22 @@
-//! Upstream HTTP/1.1 keep-alive connections, kept per runtime.
+//! Upstream HTTP/1.1 keep-alive connections, kept per runtime and driven by the
+//! request that uses them.
 //!
 //! hyper-util's pooled client shares one locked pool between threads and spawns a
 //! task per request to hand the connection back when it is ready again; at ~10 µs
 //! per request that was the largest user-space cost of proxying. Here a connection
 //! goes back to the idle list when the response body has been read to its end (see
-//! `StreamedBody`), without a task. On a single-threaded runtime (each of the
+//! `StreamedBody`), without a task. Nor does a connection have a task of its own:
+//! hyper's `Connection` (the HTTP/1 state machine that writes the request and reads
+//! the response) travels with its `SendRequest` and is polled by whoever uses it —
+//! the request's future while it waits for the response head, then the response
+//! body as the client's connection pulls it (`Conn::poll_drive`). A spawned
+//! connection task instead costs two cross-task wake-ups per request (request queued
+//! → connection task; response head → request task) and lets the backend's bytes be
+//! read ahead of a client that is not reading. An idle connection is polled by nobody:
+//! a backend's close is noticed when the connection is next checked out (and the
+//! request then dials, or is retried, as before).
+//!
+//! On a single-threaded runtime (each of the
 //! binary's workers) the idle list is the thread's own (a `thread_local!`: no lock,
 //! and a connection is only ever driven and used by the thread that opened it). On a
 //! multi-threaded runtime, whose tasks move between threads, per-thread lists would
@@ -14,13 +26,19 @@
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::client::conn::http1::{self, SendRequest};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, Connection, SendRequest};
 use hyper_util::rt::TokioIo;
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::pin;
 use std::sync::{LazyLock, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use std::time::Duration;
+use sync_wrapper::SyncWrapper;
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 /// Idle connections older than this are closed rather than reused: a backend's own
@@ -28,6 +46,10 @@ use tokio::time::Instant;
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Per backend and worker thread; more than the concurrency to one backend is waste.
 pub const MAX_IDLE_PER_BACKEND: usize = 512;
+/// Every this many releases on a runtime, idle lists of all backends drop their
+/// expired connections: an idle connection is polled by nobody, so one to a backend
+/// that gets no more requests would otherwise keep its socket until the process ends.
+const SWEEP_EVERY: u32 = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -45,12 +67,62 @@ pub enum ConnectError {
     },
 }
 
+/// Why a request sent on a connection got no response head.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error(transparent)]
+    Hyper(#[from] hyper::Error),
+    /// hyper answers every queued request when its connection ends; this is the
+    /// guard should a future version not.
+    #[error("connection closed before a response")]
+    Closed,
+}
+
 /// What requests to a backend carry: `forward` buffers bodies (to retry them), so a
 /// plain `Full` does, without the allocation of a boxed body per request.
 pub type UpBody = Full<Bytes>;
 
+type Io = TokioIo<TcpStream>;
+
+/// A context whose wake-ups go nowhere, for futures that only the connection's own
+/// progress can complete (its driver is polled with the real one).
+pub(crate) fn no_wake() -> Context<'static> {
+    Context::from_waker(std::task::Waker::noop())
+}
+
+/// hyper's connection state machine, polled by the connection's current user.
+/// `SyncWrapper`: the response body it travels in must be `Sync` (`BoxBody`), and it
+/// is only ever used through `&mut`.
+struct Driver {
+    /// Boxed: hyper's connection state is several hundred bytes, and a `Conn` moves
+    /// by value per request (idle list, checkout, response body).
+    conn: Box<SyncWrapper<Connection<Io, UpBody>>>,
+    /// The connection future returned: it must not be polled again.
+    done: bool,
+}
+
+impl Driver {
+    /// Let the connection write and read what it can. False once it has ended
+    /// (closed by either side, or failed).
+    fn poll(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.done {
+            return false;
+        }
+        match std::pin::Pin::new(self.conn.get_mut()).poll(cx) {
+            Poll::Pending => true,
+            Poll::Ready(r) => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "upstream connection ended with error");
+                }
+                self.done = true;
+                false
+            }
+        }
+    }
+}
+
 struct Idle {
-    sender: SendRequest<UpBody>,
+    conn: Conn,
     since: Instant,
 }
 
@@ -62,11 +134,15 @@ pub fn opened() -> u64 {
     OPENED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-type IdleMap = HashMap<SocketAddr, Vec<Idle>>;
+#[derive(Default)]
+struct IdleMap {
+    by_addr: HashMap<SocketAddr, Vec<Idle>>,
+    releases: u32,
+}
 
 thread_local! {
     /// The idle list of the single-threaded runtime running on this thread.
-    static LOCAL: RefCell<IdleMap> = RefCell::new(HashMap::new());
+    static LOCAL: RefCell<IdleMap> = RefCell::new(IdleMap::default());
 }
 
 /// The idle list of multi-threaded runtimes (and of drops outside any runtime).
@@ -83,30 +159,78 @@ fn with_idle<R>(f: impl FnOnce(&mut IdleMap) -> R) -> R {
     }
 }
 
-/// A connection checked out for one request.
+/// A connection checked out for one request: the handle requests are sent with and
+/// the connection itself, which only makes progress while its user polls it.
 pub struct Conn {
-    pub sender: SendRequest<UpBody>,
+    sender: SendRequest<UpBody>,
+    driver: Driver,
     pub addr: SocketAddr,
     /// Taken from the idle list (it may have died since; see `forward`).
     pub reused: bool,
 }
 
 impl Conn {
+    /// Send `req` and drive the connection until the response head arrives. The
+    /// response body arrives only while `poll_drive` is called (`StreamedBody` does).
+    pub async fn send(
+        &mut self,
+        req: http::Request<UpBody>,
+    ) -> Result<http::Response<Incoming>, SendError> {
+        let mut response = pin!(self.sender.send_request(req));
+        let driver = &mut self.driver;
+        std::future::poll_fn(|cx| {
+            // First the connection (writes the request, reads the head and hands it
+            // to `response`), then the answer. Only the connection completes
+            // `response`, so asking it registers no wake-up: one would only poll
+            // this whole task (the client's connection) again for nothing.
+            let open = driver.poll(cx);
+            match response.as_mut().poll(&mut no_wake()) {
+                Poll::Ready(r) => Poll::Ready(r.map_err(SendError::from)),
+                Poll::Pending if open => Poll::Pending,
+                Poll::Pending => Poll::Ready(Err(SendError::Closed)),
+            }
+        })
+        .await
+    }
+
+    /// Move the connection on (the response body's bytes into its `Incoming`).
+    /// False once the connection has ended.
+    pub fn poll_drive(&mut self, cx: &mut Context<'_>) -> bool {
+        self.driver.poll(cx)
+    }
+
+    /// Ready for the next request: the previous exchange is finished on the wire.
+    /// Only the connection makes `sender` ready, so that registers no wake-up.
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+        if !self.driver.poll(cx) {
+            return Poll::Ready(false);
+        }
+        self.sender.poll_ready(&mut no_wake()).map(|r| r.is_ok())
+    }
+
     /// Put the connection back for the next request. Only call once its response
     /// has been read to the end: HTTP/1.1 cannot start the next exchange before.
     pub fn release(self) {
-        if self.sender.is_closed() {
+        if self.driver.done || self.sender.is_closed() {
             return;
         }
+        let now = Instant::now();
         with_idle(|m| {
-            let list = m.entry(self.addr).or_default();
+            m.releases = m.releases.wrapping_add(1);
+            if m.releases % SWEEP_EVERY == 0 {
+                m.by_addr.retain(|_, list| {
+                    list.retain(|i| now.duration_since(i.since) < IDLE_TIMEOUT);
+                    !list.is_empty()
+                });
+            }
+            let list = m.by_addr.entry(self.addr).or_default();
             if list.len() >= MAX_IDLE_PER_BACKEND {
                 // The oldest is the most likely to be closed by the backend soon.
                 list.remove(0);
             }
             list.push(Idle {
-                sender: self.sender,
-                since: Instant::now(),
+                conn: self,
+                since: now,
             });
         });
     }
@@ -116,15 +240,20 @@ impl Conn {
 /// else a new one. Dead idle connections are dropped here and cost the request
 /// nothing: they never carried it.
 pub async fn checkout(addr: SocketAddr, connect_timeout: Duration) -> Result<Conn, ConnectError> {
-    while let Some(mut sender) = pop_idle(addr) {
-        // Usually ready at once; right after a response the connection task may
-        // still be finishing it. An error means the backend closed it meanwhile.
-        if sender.ready().await.is_ok() {
-            return Ok(Conn {
-                sender,
-                addr,
-                reused: true,
-            });
+    while let Some(mut conn) = pop_idle(addr) {
+        // Polling it reads what the backend sent while it sat idle: nothing, or its
+        // close. Usually ready at once; an exchange hyper still finishes takes a poll.
+        // First without a wake-up: the request queued next would wake whoever
+        // polled the connection last, i.e. this task, for nothing (`send` polls it
+        // right after with the real one).
+        let first = conn.poll_ready(&mut no_wake());
+        let ready = match first {
+            Poll::Ready(r) => r,
+            Poll::Pending => std::future::poll_fn(|cx| conn.poll_ready(cx)).await,
+        };
+        if ready {
+            conn.reused = true;
+            return Ok(conn);
         }
     }
     // Boxed: dialing is rare, and its future would otherwise enlarge (and be copied
@@ -132,13 +261,13 @@ pub async fn checkout(addr: SocketAddr, connect_timeout: Duration) -> Result<Con
     Box::pin(connect(addr, connect_timeout)).await
 }
 
-fn pop_idle(addr: SocketAddr) -> Option<SendRequest<UpBody>> {
+fn pop_idle(addr: SocketAddr) -> Option<Conn> {
     with_idle(|m| {
-        let list = m.get_mut(&addr)?;
+        let list = m.by_addr.get_mut(&addr)?;
         let now = Instant::now();
         while let Some(idle) = list.pop() {
-            if !idle.sender.is_closed() && now.duration_since(idle.since) < IDLE_TIMEOUT {
-                return Some(idle.sender);
+            if !idle.conn.sender.is_closed() && now.duration_since(idle.since) < IDLE_TIMEOUT {
+                return Some(idle.conn);
             }
         }
         None
@@ -146,7 +275,7 @@ fn pop_idle(addr: SocketAddr) -> Option<SendRequest<UpBody>> {
 }
 
 async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Conn, ConnectError> {
-    let stream = match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
+    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(source)) => return Err(ConnectError::Io { addr, source }),
         Err(_) => return Err(ConnectError::Timeout { addr, timeout }),
@@ -159,14 +288,12 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Conn, ConnectErr
         .await
         .map_err(|source| ConnectError::Handshake { addr, source })?;
     OPENED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    // Spawned on this worker's runtime, next to the requests that use it.
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(%addr, error = %e, "upstream connection ended with error");
-        }
-    });
     Ok(Conn {
         sender,
+        driver: Driver {
+            conn: Box::new(SyncWrapper::new(conn)),
+            done: false,
+        },
         addr,
         reused: false,
     })
@@ -174,7 +301,7 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Conn, ConnectErr
 
 /// Idle connections the calling runtime holds to `addr` (for tests and diagnostics).
 pub fn idle_count(addr: SocketAddr) -> usize {
-    with_idle(|m| m.get(&addr).map_or(0, Vec::len))
+    with_idle(|m| m.by_addr.get(&addr).map_or(0, Vec::len))
 }
 
 #[cfg(test)]

@@ -183,7 +183,7 @@ async fn forward_inner(
                 req.headers_mut().insert(header::HOST, v);
             }
         }
-        let resp = match conn.sender.send_request(req).await {
+        let resp = match conn.send(req).await {
             Ok(r) => r,
             Err(e) => {
                 // No response head arrived (on a reused connection: the backend closed
