@@ -47,13 +47,15 @@ pub struct UpstreamState {
 /// Answers one request of the admin listener.
 pub fn answer<B>(shared: &Shared, req: &Request<B>) -> Response<Body> {
     let rt = shared.runtime.load_full();
-    if rt.cfg.admin.is_none() {
-        // `[admin]` was removed by a reload: the socket stays bound until a restart, but it
-        // no longer shows routes, pools, backends or traces.
+    let running = rt.cfg.admin.as_ref().map(|a| &a.listen);
+    if running.is_none() || running != shared.bound.admin.as_ref().map(|a| &a.listen) {
+        // `[admin]` was removed or moved by a reload: this socket stays bound until a restart,
+        // but it no longer shows routes, pools, backends or traces (nor again when a later
+        // reload names a third address).
         return error(
             StatusCode::NOT_FOUND,
             "admin_disabled",
-            "[admin] was removed from the configuration; restart to close this listener",
+            "the running configuration has no [admin] on this listener's address; restart to apply it",
         );
     }
     let path = req.uri().path();

@@ -88,6 +88,9 @@ pub struct Shared {
     pub traces: Arc<crate::trace::TraceBuffer>,
     /// Config generations built so far.
     generations: std::sync::atomic::AtomicU64,
+    /// The listeners as the config at start named them: what is bound (a reload does not
+    /// rebind), so what reload warnings and the admin listener compare with.
+    pub bound: Arc<Config>,
 }
 
 /// Cheap to clone handle on the running gateway.
@@ -127,6 +130,7 @@ impl Gateway {
             dns: Default::default(),
             traces: Arc::new(crate::trace::TraceBuffer::new(trace_capacity(&cfg))),
             generations: Default::default(),
+            bound: Arc::new(cfg.clone()),
         });
         shared
             .dns
@@ -233,8 +237,8 @@ impl Gateway {
             .await
             .map_err(GatewayError::Resolve)?;
         let old = self.runtime();
-        for change in listener_changes(&old.cfg, &cfg) {
-            tracing::warn!("{change} needs a restart; until then the running listeners stay as they are");
+        for change in listener_changes(&self.shared.bound, &cfg) {
+            tracing::warn!("{change}");
         }
         let rt = self.build_runtime(cfg)?;
         self.shared.traces.set_capacity(trace_capacity(&rt.cfg));
@@ -291,26 +295,32 @@ impl Gateway {
 }
 
 /// Without `[admin]` nothing is traced; the buffer stays minimal.
-/// The listener changes between `old` and `new` that a reload cannot apply (sockets are bound
-/// at start), each naming its field: `listeners` by name and bind, and `[admin] listen`.
-fn listener_changes(old: &Config, new: &Config) -> Vec<String> {
+/// The listener changes in `new` against what is `bound` (the config at start: a reload does
+/// not rebind), each a sentence naming its field and what happens until a restart.
+fn listener_changes(bound: &Config, new: &Config) -> Vec<String> {
     let mut out = Vec::new();
     let binds = |c: &Config| c.listeners.iter().map(|l| (l.name.clone(), l.bind.clone())).collect::<Vec<_>>();
-    let (before, after) = (binds(old), binds(new));
+    let (before, after) = (binds(bound), binds(new));
     if before != after {
         let show = |v: &[(String, String)]| {
             v.iter().map(|(n, b)| format!("{n}={b}")).collect::<Vec<_>>().join(", ")
         };
-        out.push(format!("listeners: [{}] → [{}]", show(&before), show(&after)));
+        out.push(format!(
+            "listeners [{}] differ from the bound [{}]: not applied until a restart, the bound ones keep serving",
+            show(&after),
+            show(&before)
+        ));
     }
     let admin = |c: &Config| c.admin.as_ref().map(|a| a.listen.clone());
-    match (admin(old), admin(new)) {
+    match (admin(bound), admin(new)) {
         (a, b) if a == b => {}
-        (Some(a), Some(b)) => out.push(format!("admin.listen: {a:?} → {b:?}")),
-        (Some(a), None) => out.push(format!(
-            "[admin] removed: the listener on {a:?} stays bound but answers 404"
+        (Some(a), Some(b)) => out.push(format!(
+            "admin.listen {b:?} differs from the bound {a:?}: not applied until a restart, the bound listener answers 404 until then"
         )),
-        (None, Some(b)) => out.push(format!("[admin] added on {b:?}: not listening")),
+        (Some(a), None) => out.push(format!(
+            "[admin] removed: the bound listener on {a:?} answers 404 until a restart closes it"
+        )),
+        (None, Some(b)) => out.push(format!("[admin] added on {b:?}: not listening until a restart")),
         (None, None) => {}
     }
     out
@@ -378,7 +388,7 @@ mod tests {
         assert!(listener_changes(&base, &base).is_empty());
         assert_eq!(
             listener_changes(&base, &parse(&admin("127.0.0.1:9902"), "127.0.0.1:80")),
-            ["admin.listen: \"127.0.0.1:9901\" → \"127.0.0.1:9902\""]
+            ["admin.listen \"127.0.0.1:9902\" differs from the bound \"127.0.0.1:9901\": not applied until a restart, the bound listener answers 404 until then"]
         );
         let removed = listener_changes(&base, &parse("", "127.0.0.1:80"));
         assert!(removed.len() == 1 && removed[0].starts_with("[admin] removed"), "{removed:?}");
@@ -386,7 +396,7 @@ mod tests {
         assert!(added.len() == 1 && added[0].starts_with("[admin] added"), "{added:?}");
         assert_eq!(
             listener_changes(&base, &parse(&admin("127.0.0.1:9901"), "127.0.0.1:81")),
-            ["listeners: [p=127.0.0.1:80] → [p=127.0.0.1:81]"]
+            ["listeners [p=127.0.0.1:81] differ from the bound [p=127.0.0.1:80]: not applied until a restart, the bound ones keep serving"]
         );
     }
 }

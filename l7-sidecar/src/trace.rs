@@ -23,8 +23,9 @@ use std::time::{Duration, Instant, SystemTime};
 /// Stands for a host or path the gateway refused: its text is the client's, not a request's.
 const INVALID: &str = "(invalid)";
 
-/// The path as routing sees it (normalised, see `crate::path`), without `;` parameters
-/// (a classic carrier of session ids); `(invalid)` for a path the gateway refuses.
+/// The path as routing sees it (normalised, see `crate::path`), with the values of `;`
+/// parameters (a classic carrier of session ids) cut: `/a;jsessionid=X` → `/a;`;
+/// `(invalid)` for a path the gateway refuses.
 /// `path()` never includes the query string.
 fn traced_path(raw: &str) -> String {
     let Ok(normal) = crate::path::normalize(raw) else {
@@ -35,7 +36,14 @@ fn traced_path(raw: &str) -> String {
         if i > 0 {
             out.push('/');
         }
-        out.push_str(segment.split(';').next().unwrap_or_default());
+        // The `;` stays (routing sees `/h;x` as another path than `/h`), its value does not.
+        match segment.split_once(';') {
+            Some((name, _)) => {
+                out.push_str(name);
+                out.push(';');
+            }
+            None => out.push_str(segment),
+        }
     }
     cut(&out, MAX_PATH)
 }

@@ -274,4 +274,9 @@ async fn the_route_lookup_is_the_gateways_router() {
         assert_eq!(r.status, 404, "{endpoint}: {:?}", String::from_utf8_lossy(&r.body));
         assert!(String::from_utf8_lossy(&r.body).contains("admin_disabled"));
     }
+    // Hostile G2: [admin] named again, on another address: the bound listener stays closed.
+    let elsewhere = text.replace("listen = \"127.0.0.1:0\"", "listen = \"127.0.0.1:1\"");
+    gw.gateway.reload(l7_sidecar::Config::parse(&elsewhere).expect("config")).await.expect("reload");
+    let r = get(&c, &format!("{a}/admin/route?path=/open"), &[]).await;
+    assert_eq!(r.status, 404, "{:?}", String::from_utf8_lossy(&r.body));
 }

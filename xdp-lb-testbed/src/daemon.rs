@@ -136,13 +136,34 @@ pub fn write_owner(dir: &Path) -> anyhow::Result<()> {
 /// dead. Without one (gone with the directory, or written by an older testbed): left over unless a
 /// running process mentions the directory's name on its command line (a daemon's `--socket` and
 /// `--bpffs`, a replica's `--config`) or the directory is younger than [`OWNERLESS_GRACE`].
+///
+/// Only a root-owned directory (not a symlink) can be ours: anyone may create `/tmp/xdp-lb-*`, and
+/// such a directory is never removed nor its files opened (an `owner` FIFO would block the open).
 pub fn is_leftover(dir: &Path) -> bool {
-    if let Some(owner) = std::fs::read_to_string(dir.join(OWNER_FILE)).ok().as_deref().and_then(Owner::parse) {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::symlink_metadata(dir) {
+        Err(_) => return true,
+        Ok(m) if !m.is_dir() || m.uid() != 0 => return false,
+        Ok(_) => {}
+    }
+    if let Some(owner) = read_owner_file(&dir.join(OWNER_FILE)).as_deref().and_then(Owner::parse) {
         return !owner.is_alive();
     }
     let young = std::fs::metadata(dir).and_then(|m| m.modified()).is_ok_and(|t| t.elapsed().is_ok_and(|age| age < OWNERLESS_GRACE));
     let mentioned = dir.file_name().is_some_and(|name| process_mentions(&name.to_string_lossy()));
     !young && !mentioned
+}
+
+/// The first bytes of `path` if it is a regular file (in a root-owned directory nobody else can
+/// swap it for a FIFO or a symlink after this check).
+fn read_owner_file(path: &Path) -> Option<String> {
+    use std::io::Read;
+    if !std::fs::symlink_metadata(path).ok()?.is_file() {
+        return None;
+    }
+    let mut text = String::new();
+    std::fs::File::open(path).ok()?.take(64).read_to_string(&mut text).ok()?;
+    Some(text)
 }
 
 /// Whether a running process's command line contains `needle`.
@@ -512,6 +533,24 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(OWNER_FILE), format!("{} {}", owner.pid, owner.start)).unwrap();
         assert!(is_leftover(dir.path()));
+    }
+
+    #[test]
+    fn a_directory_another_user_made_is_never_ours_and_never_opened() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::Builder::new().prefix("xdp-lb-testbed-").tempdir().unwrap();
+        // Hostile G3: an `owner` FIFO hung the clean-up in open(2).
+        let fifo = dir.path().join(OWNER_FILE);
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo(3) on a NUL-terminated path we own.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o666) }, 0);
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        std::os::unix::fs::chown(dir.path(), Some(65534), Some(65534)).unwrap();
+        let started = std::time::Instant::now();
+        assert!(!is_leftover(dir.path()), "another user's directory is not ours to remove");
+        std::os::unix::fs::chown(dir.path(), Some(0), Some(0)).unwrap();
+        assert!(read_owner_file(&fifo).is_none(), "a FIFO is not read");
+        assert!(started.elapsed() < Duration::from_secs(2), "nothing blocked");
     }
 
     #[test]

@@ -160,6 +160,7 @@ fn main() -> Result<()> {
             fuzz::run(seconds_per_target)
         }
         Task::Demo { scene, duration, no_browser, debug, dashboard, check_in_browser, screenshot } => {
+            browser_check_fits(scene, check_in_browser)?;
             setup::ensure()?;
             require_root("the demo attaches XDP programs and creates network namespaces")?;
             let mut build = vec!["build", "--package", "xdp-lb"];
@@ -184,6 +185,15 @@ fn main() -> Result<()> {
             result
         }
     }
+}
+
+/// Hostile G5: `--check-in-browser` with another scene checked nothing and exited 0.
+fn browser_check_fits(scene: demo::Scene, check_in_browser: bool) -> Result<()> {
+    anyhow::ensure!(
+        !check_in_browser || scene == demo::Scene::Architecture,
+        "--check-in-browser checks the architecture scene's dashboard; the {scene:?} scene has none (leave out --scene)"
+    );
+    Ok(())
 }
 
 /// `--dashboard`: the relay hands the page's changes to the daemon as its client's user, and the
@@ -380,6 +390,14 @@ fn remove_leftovers(bpffs: &Path, tmp: &Path) -> Vec<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_browser_check_needs_the_scene_with_a_dashboard() {
+        assert!(browser_check_fits(demo::Scene::Architecture, true).is_ok());
+        assert!(browser_check_fits(demo::Scene::Basic, false).is_ok());
+        let e = browser_check_fits(demo::Scene::Multinode, true).unwrap_err().to_string();
+        assert!(e.contains("Multinode scene has none"), "{e}");
+    }
 
     /// Hostile F15: `--dashboard 0.0.0.0:PORT` built everything, then failed two minutes later.
     #[test]
