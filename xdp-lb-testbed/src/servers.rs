@@ -147,7 +147,7 @@ fn serve_connection(
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
     for i in 0..MAX_REQUESTS_PER_CONNECTION {
-        let Some(close) = read_request(&mut reader, stop)? else { return Ok(()) };
+        let Some(close) = read_head(&mut reader, stop)?.map(|head| asks_to_close(&head)) else { return Ok(()) };
         if i == 0 {
             seen.record(&writer, peer);
         }
@@ -166,13 +166,16 @@ fn serve_connection(
     Ok(())
 }
 
-/// Reads one request head (requests carry no body here). `None` when the client closed, went idle or
-/// the server stops; otherwise whether the client asked to close the connection.
-fn read_request(reader: &mut BufReader<TcpStream>, stop: &AtomicBool) -> io::Result<Option<bool>> {
+/// Longest request head read; a longer one ends the connection.
+const MAX_HEAD: usize = 16 * 1024;
+
+/// Reads one request head (requests carry no body here). `None` when the client closed, went idle,
+/// sent more than [`MAX_HEAD`] or the server stops. Shared by the demo's services.
+pub fn read_head(reader: &mut BufReader<TcpStream>, stop: &AtomicBool) -> io::Result<Option<String>> {
     let idle_since = Instant::now();
     let mut head = String::new();
     loop {
-        if stop.load(Ordering::Relaxed) || idle_since.elapsed() > IDLE_LIMIT {
+        if stop.load(Ordering::Relaxed) || idle_since.elapsed() > IDLE_LIMIT || head.len() > MAX_HEAD {
             return Ok(None);
         }
         let mut line = String::new();
@@ -182,7 +185,7 @@ fn read_request(reader: &mut BufReader<TcpStream>, stop: &AtomicBool) -> io::Res
                 // A timeout mid-line leaves the partial line in `line`: keep it, so nothing is lost.
                 head.push_str(&line);
                 if head.ends_with("\r\n\r\n") || head == "\r\n" {
-                    break;
+                    return Ok(Some(head));
                 }
             }
             Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
@@ -191,10 +194,12 @@ fn read_request(reader: &mut BufReader<TcpStream>, stop: &AtomicBool) -> io::Res
             Err(e) => return Err(e),
         }
     }
-    let close = head
-        .lines()
-        .any(|l| l.to_ascii_lowercase().starts_with("connection:") && l.to_ascii_lowercase().contains("close"));
-    Ok(Some(close))
+}
+
+/// Whether the request head asks to close the connection.
+fn asks_to_close(head: &str) -> bool {
+    head.lines()
+        .any(|l| l.to_ascii_lowercase().starts_with("connection:") && l.to_ascii_lowercase().contains("close"))
 }
 
 /// UDP server answering every datagram with its body, from the address the datagram was sent to: it

@@ -300,20 +300,12 @@ fn parse_route(body: &[u8], table: u32, proto: u8) -> Option<Route> {
     }
     let (family, dst_len, mut rt_table, rt_proto, kind) = (body[0], body[1], u32::from(body[4]), body[5], body[7]);
     let mut dst = None;
-    let mut attrs = &body[RTMSG_LEN..];
-    while attrs.len() >= 4 {
-        let len = u16::from_ne_bytes([attrs[0], attrs[1]]) as usize;
-        let attr_kind = u16::from_ne_bytes([attrs[2], attrs[3]]);
-        if len < 4 || len > attrs.len() {
-            break;
-        }
-        let data = &attrs[4..len];
+    for (attr_kind, data) in attributes(&body[RTMSG_LEN..]) {
         match attr_kind {
             RTA_TABLE if data.len() == 4 => rt_table = u32::from_ne_bytes(data.try_into().ok()?),
             RTA_DST => dst = ip_from(family, data),
             _ => {}
         }
-        attrs = &attrs[align(len).min(attrs.len())..];
     }
     if rt_table != table || rt_proto != proto {
         return None;
@@ -331,22 +323,31 @@ fn parse_rule(body: &[u8], table: u32) -> Option<u32> {
     }
     let mut rule_table = u32::from(body[4]);
     let mut priority = 0;
-    let mut attrs = &body[RTMSG_LEN..];
-    while attrs.len() >= 4 {
-        let len = u16::from_ne_bytes([attrs[0], attrs[1]]) as usize;
-        let attr_kind = u16::from_ne_bytes([attrs[2], attrs[3]]);
-        if len < 4 || len > attrs.len() {
-            break;
-        }
-        let data = &attrs[4..len];
+    for (attr_kind, data) in attributes(&body[RTMSG_LEN..]) {
         match attr_kind {
             RTA_TABLE if data.len() == 4 => rule_table = u32::from_ne_bytes(data.try_into().ok()?),
             FRA_PRIORITY if data.len() == 4 => priority = u32::from_ne_bytes(data.try_into().ok()?),
             _ => {}
         }
-        attrs = &attrs[align(len).min(attrs.len())..];
     }
     (rule_table == table).then_some(priority)
+}
+
+/// The route attributes (type, payload) of a message's payload, up to the first malformed one.
+fn attributes(mut attrs: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        if attrs.len() < 4 {
+            return None;
+        }
+        let len = u16::from_ne_bytes([attrs[0], attrs[1]]) as usize;
+        let kind = u16::from_ne_bytes([attrs[2], attrs[3]]);
+        if len < 4 || len > attrs.len() {
+            return None;
+        }
+        let data = &attrs[4..len];
+        attrs = &attrs[align(len).min(attrs.len())..];
+        Some((kind, data))
+    })
 }
 
 fn ip_from(family: u8, data: &[u8]) -> Option<IpAddr> {

@@ -5,7 +5,7 @@
 
 use std::{
     collections::BTreeMap,
-    io::{self, BufRead, BufReader, Write},
+    io::{self, BufReader, Write},
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -30,10 +30,6 @@ pub const FIRST_PORT: u16 = 8001;
 const POLL: Duration = Duration::from_millis(50);
 /// No server thread outlives this, even if nobody stops it.
 const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
-/// A keep-alive connection idle this long is closed.
-const IDLE_LIMIT: Duration = Duration::from_secs(60);
-/// Request heads larger than this are refused (the connection closed).
-const MAX_HEAD: usize = 16 * 1024;
 
 /// Requests answered, by (service, replica).
 pub type Served = Arc<Mutex<BTreeMap<(String, String), u64>>>;
@@ -135,7 +131,7 @@ fn serve(stream: TcpStream, name: &str, replica: &str, stop: &AtomicBool, served
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
     loop {
-        let Some(head) = read_head(&mut reader, stop)? else { return Ok(()) };
+        let Some(head) = xdp_lb_testbed::servers::read_head(&mut reader, stop)? else { return Ok(()) };
         let body = answer(name, replica, &head);
         *served.lock().unwrap_or_else(|p| p.into_inner()).entry((name.to_string(), replica.to_string())).or_default() += 1;
         let close = head.lines().any(|l| {
@@ -173,31 +169,6 @@ fn answer(name: &str, replica: &str, head: &str) -> String {
         "internal_id": 42,
     })
     .to_string()
-}
-
-/// One request head (the gateway sends GETs without bodies). `None` when the peer closed, went
-/// idle, sent too much, or the server stops.
-fn read_head(reader: &mut BufReader<TcpStream>, stop: &AtomicBool) -> io::Result<Option<String>> {
-    let idle_since = Instant::now();
-    let mut head = String::new();
-    loop {
-        if stop.load(Ordering::Relaxed) || idle_since.elapsed() > IDLE_LIMIT || head.len() > MAX_HEAD {
-            return Ok(None);
-        }
-        let mut line = String::new();
-        match reader.read_line(&mut line) {
-            Ok(0) => return Ok(None),
-            Ok(_) => {
-                head.push_str(&line);
-                if head.ends_with("\r\n\r\n") {
-                    return Ok(Some(head));
-                }
-            }
-            // A timeout mid-line leaves the partial line in `line`: keep it.
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => head.push_str(&line),
-            Err(e) => return Err(e),
-        }
-    }
 }
 
 #[cfg(test)]
