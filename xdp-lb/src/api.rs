@@ -141,8 +141,13 @@ pub struct ServiceStatus {
     pub protocol: String,
     pub mode: String,
     pub scheduler: String,
-    /// "ok", "on-backups" or "all-down".
+    /// "ok", "on-backups", "all-down", or "ring-error" while its ring cannot be rebuilt (see
+    /// `ring_error`).
     pub state: String,
+    /// Why the service's ring could not be rebuilt: it still runs its previous ring (backends that
+    /// failed are marked down all the same, so their established flows move).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ring_error: Option<String>,
     /// Hash of the installed ring as backend addresses (hex): equal on nodes that agree.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ring_fingerprint: Option<String>,

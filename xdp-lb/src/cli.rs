@@ -330,6 +330,9 @@ impl Client<'_> {
         for s in &services {
             let ring = s.ring_fingerprint.as_deref().map(|f| format!(" ring {f}")).unwrap_or_default();
             out(format_args!("{} {} {}/{} {} [{}]{ring}", s.name, s.vip, s.protocol, s.mode, s.scheduler, s.state))?;
+            if let Some(e) = &s.ring_error {
+                out(format_args!("  RING NOT REBUILT (the previous ring serves; failed backends are marked down): {e}"))?;
+            }
             let rows = s
                 .backends
                 .iter()

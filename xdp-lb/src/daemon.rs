@@ -124,7 +124,12 @@ impl Daemon {
             interfaces_lost: None,
             events: EventLog::default(),
         };
-        daemon.replan().map_err(DaemonError::Program)?;
+        match daemon.replan() {
+            // An adopted layout with no room for a ring's spare: the daemon still starts, keeps
+            // health-checking and setting down flags, and `status` shows the error.
+            Ok(()) | Err(crate::tables::ApplyError::RingSpace { .. }) => {}
+            Err(e) => return Err(DaemonError::Program(e)),
+        }
         Ok((daemon, transitions))
     }
 
@@ -204,10 +209,15 @@ impl Daemon {
                 warn!(service = %r.name, backups = r.serving, "no primary backend is healthy: backups take over");
             }
         }
-        let applied = self.tables.apply(&effective, &mut self.dataplane);
-        if applied.is_ok() {
+        let applied = self.tables.apply_planned(&effective, &self.config, &mut self.dataplane);
+        // A ring that could not be placed leaves every other change (and every down flag) applied:
+        // what is planned is what runs, but for that service's ring (reported in `status`).
+        if matches!(applied, Ok(()) | Err(crate::tables::ApplyError::RingSpace { .. })) {
             self.report = report;
             self.effective = effective;
+        }
+        if let Err(e @ crate::tables::ApplyError::RingSpace { .. }) = &applied {
+            error!("{e}");
         }
         // Also after a failed apply: what is installed now decides what is announced.
         self.announce();
@@ -386,15 +396,26 @@ impl Daemon {
 
     /// Programs `config`; on failure the previous one is programmed again. Returns the previous.
     fn program(&mut self, config: Config) -> Result<Config, DaemonError> {
+        let failing_before: Vec<String> = self.tables.ring_errors().keys().cloned().collect();
         let previous = std::mem::replace(&mut self.config, config);
-        if let Err(e) = self.replan() {
-            self.config = previous;
-            if let Err(restore) = self.replan() {
-                error!("restoring the previous configuration failed too: {restore}");
+        // A service that already could not place its ring does not refuse changes to the others;
+        // a change that makes another ring fail is refused.
+        let made_worse = |tables: &Tables| tables.ring_errors().keys().any(|name| !failing_before.contains(name));
+        match self.replan() {
+            Err(crate::tables::ApplyError::RingSpace { .. }) if !made_worse(&self.tables) => Ok(previous),
+            Ok(()) => Ok(previous),
+            Err(e) => {
+                self.restore(previous);
+                Err(DaemonError::Program(e))
             }
-            return Err(DaemonError::Program(e));
         }
-        Ok(previous)
+    }
+
+    fn restore(&mut self, previous: Config) {
+        self.config = previous;
+        if let Err(restore) = self.replan() {
+            error!("restoring the previous configuration failed too: {restore}");
+        }
     }
 
     fn path_text(&self) -> String {

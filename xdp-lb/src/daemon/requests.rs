@@ -165,7 +165,9 @@ impl Daemon {
                 mode: if s.mode == crate::config::Mode::Nat { "nat" } else { "dsr" }.into(),
                 scheduler: s.scheduler.name().into(),
                 ring_fingerprint: self.tables.ring_fingerprint(&s.name).map(|f| format!("{f:016x}")),
+                ring_error: self.tables.ring_errors().get(&s.name).cloned(),
                 state: match report {
+                    _ if self.tables.ring_errors().contains_key(&s.name) => "ring-error",
                     Some(r) if r.all_down => "all-down",
                     Some(r) if r.on_backups => "on-backups",
                     _ => "ok",

@@ -247,6 +247,7 @@ mod tests {
                     scheduler: "maglev".into(),
                     state: "ok".into(),
                     ring_fingerprint: None,
+                    ring_error: None,
                     backends: vec![backend_status("10.0.0.1:80"), backend_status("10.0.0.2:80")],
                 }],
                 announce: None,
