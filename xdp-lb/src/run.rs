@@ -73,6 +73,9 @@ pub fn run(opts: Options) -> Result<()> {
     raise_fd_limit();
     let loaded = file::load(&opts.config)?;
     info!(path = %opts.config.display(), services = loaded.config.services.len(), "config file loaded");
+    for stale in file::remove_stale_temp_files(&opts.config) {
+        warn!(file = %stale.display(), "removed the temporary config file of a writer that died mid-write (its change was never renamed into place)");
+    }
     // Every --iface must exist before anything is loaded or attached.
     for iface in &opts.ifaces {
         dataplane::ifindex(iface)?;

@@ -258,3 +258,45 @@ fn backends_added_to_an_empty_service_are_tables() {
     assert_eq!(text.matches("[[services.backends]]").count(), 3, "{text}");
     assert!(text.trim_end().ends_with("# end of the hand-written part"), "the trailing comment is not last:\n{text}");
 }
+
+/// H2: `kill -9` of the daemon mid-write leaves `.NAME.xdp-lb-PID.tmp`; the next start removes
+/// such files of dead processes, and nothing else.
+#[test]
+fn stale_temp_files_of_dead_writers_are_removed_and_nothing_else() {
+    let dir = scratch("stale");
+    let config = dir.join("lb.toml");
+    fs::write(&config, "").unwrap();
+    // A pid that is certainly not running: a child that has exited and been reaped.
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    assert!(!Path::new("/proc").join(dead.to_string()).exists());
+    let mine = std::process::id();
+    let stale = dir.join(format!(".lb.toml.xdp-lb-{dead}.tmp"));
+    fs::write(&stale, "a full copy of the config").unwrap();
+    let keep = [
+        format!(".lb.toml.xdp-lb-{mine}.tmp"),  // a live writer (this process)
+        format!(".other.toml.xdp-lb-{dead}.tmp"), // another file's
+        format!(".lb.toml.xdp-lb-0{dead}.tmp"), // not the exact name a writer makes
+        format!(".lb.toml.xdp-lb-{dead}.tmp.bak"),
+        format!("lb.toml.xdp-lb-{dead}.tmp"),
+    ];
+    for name in &keep {
+        fs::write(dir.join(name), "").unwrap();
+    }
+    // Not a regular file: left alone.
+    let other_dead = dead.wrapping_add(1_000_000);
+    fs::create_dir(dir.join(format!(".lb.toml.xdp-lb-{other_dead}.tmp"))).unwrap();
+    std::os::unix::fs::symlink(&config, dir.join(format!(".lb.toml.xdp-lb-{}.tmp", other_dead + 1))).unwrap();
+
+    let removed = remove_stale_temp_files(&config);
+    assert_eq!(removed, [stale.clone()]);
+    assert!(!stale.exists());
+    for name in &keep {
+        assert!(dir.join(name).exists(), "{name} was removed");
+    }
+    assert!(dir.join(format!(".lb.toml.xdp-lb-{other_dead}.tmp")).is_dir());
+    assert!(fs::symlink_metadata(dir.join(format!(".lb.toml.xdp-lb-{}.tmp", other_dead + 1))).is_ok());
+    assert_eq!(fs::read_to_string(&config).unwrap(), "", "the config itself is untouched");
+    fs::remove_dir_all(&dir).unwrap();
+}
