@@ -207,10 +207,24 @@ pub struct EndedFlow {
     pub state: String,
 }
 
+/// An interface the daemon attached to (its `--iface`), as the kernel reports it now.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InterfaceStatus {
+    pub name: String,
+    /// "native", "generic", "offload", "several", "none" (the program is no longer attached), or
+    /// "unknown" (with `error`).
+    pub mode: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
 /// Answer to `status`: the config file's state and every service's.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StatusReply {
     pub config: ConfigStatus,
+    /// The interfaces the XDP program is attached to, with their XDP mode.
+    #[serde(default)]
+    pub interfaces: Vec<InterfaceStatus>,
     pub services: Vec<ServiceStatus>,
     /// VIP announcements; absent while `[announce]` is not configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -317,6 +317,15 @@ impl Client<'_> {
                 }
                 if !self.json {
                     print_config_status(&status.config)?;
+                    let interfaces: Vec<String> = status
+                        .interfaces
+                        .iter()
+                        .map(|i| match &i.error {
+                            Some(e) => format!("{} ({}: {e})", i.name, i.mode),
+                            None => format!("{} ({})", i.name, i.mode),
+                        })
+                        .collect();
+                    out(format_args!("interfaces {}", if interfaces.is_empty() { "none".to_string() } else { interfaces.join(", ") }))?;
                     if let Some(a) = &status.announce {
                         print_announce_status(a)?;
                     }

@@ -288,6 +288,26 @@ impl Daemon {
         }
     }
 
+    /// The attached interfaces and their XDP mode now, as `ip -d link` would show it.
+    pub fn interface_status(&self) -> Vec<crate::api::InterfaceStatus> {
+        let mut netlink = announce::netlink::Netlink::open();
+        self.attached_ifaces
+            .iter()
+            .map(|(name, index)| {
+                let attached = netlink.as_mut().map_err(|e| e.to_string()).and_then(|n| n.xdp_attached(*index).map_err(|e| e.to_string()));
+                let (mode, error) = match attached {
+                    Ok(1) => ("native", None),
+                    Ok(2) => ("generic", None),
+                    Ok(3) => ("offload", None),
+                    Ok(4) => ("several", None),
+                    Ok(_) => ("none", None),
+                    Err(e) => ("unknown", Some(e)),
+                };
+                crate::api::InterfaceStatus { name: name.clone(), mode: mode.into(), error }
+            })
+            .collect()
+    }
+
     /// Withdraws every VIP route (`xdp-lb stop`, SIGTERM, SIGINT); a crash leaves them.
     pub fn withdraw_announcements(&mut self) {
         self.announcer.withdraw_all();

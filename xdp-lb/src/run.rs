@@ -19,7 +19,7 @@ use tokio::{
     signal::unix::{signal, SignalKind},
     sync::{mpsc, oneshot, Semaphore},
 };
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 use xdp_lb::{
     api::{self, Request, Response},
     config::Mode,
@@ -119,6 +119,14 @@ async fn serve(opts: Options, loaded: file::Loaded) -> Result<()> {
     for iface in &opts.ifaces {
         // On failure, dropping the daemon detaches whatever was attached before.
         daemon.dataplane_mut().attach(iface)?;
+    }
+    // `--iface` is the truth: a pinned link of an interface left out is detached, not left
+    // running the previous program with no daemon in charge of it.
+    for detached in daemon.dataplane_mut().detach_unlisted(&opts.ifaces) {
+        match detached {
+            Ok(iface) => warn!(%iface, "the pinned data plane was attached to an interface not given with --iface: detached it and removed its pin"),
+            Err(e) => error!("{e}"),
+        }
     }
     daemon.start_announcing(&opts.ifaces);
     let backends: Vec<_> = daemon.config().services.iter().flat_map(|s| s.backends.iter().map(|b| b.address)).collect();

@@ -124,3 +124,46 @@ fn restart_under_load(mode: Mode) {
     }
     assert!(!daemon.pin_dir().exists(), "pins left behind in {}", daemon.pin_dir().display());
 }
+
+/// H9: `--iface` is the truth at a restart. An interface the pinned data plane was attached to but
+/// the new daemon is not given is detached (its pin removed, a WARN naming it), instead of running
+/// the previous program on the shared maps with no daemon in charge; `status` lists the attached
+/// interfaces with their XDP mode.
+#[test]
+fn a_restart_detaches_interfaces_left_out_of_iface_and_status_lists_the_attached() {
+    let topo = Topology::new("rif", 2).expect("testbed");
+    let all = topo.lb_ifaces();
+    let mut daemon = Daemon::start(Path::new(XDP_LB), topo.lb(), &all, &config(&topo, Mode::Nat)).unwrap_or_else(|e| panic!("{e:?}"));
+    let xdp_on = |iface: &str| topo.lb().ip(&["-d", "link", "show", "dev", iface]).unwrap().contains("prog/xdp");
+    assert!(all.iter().all(|i| xdp_on(i)), "attached everywhere at first");
+    let (kept, left_out) = (&all[..all.len() - 1], &all[all.len() - 1]);
+    assert!(daemon.pin_dir().join(format!("link_{left_out}")).exists());
+
+    daemon.restart_with_ifaces(kept).unwrap_or_else(|e| panic!("restart: {e:?}"));
+    let log = daemon.log();
+    assert!(log.contains("adopted the running data plane"), "{log}");
+    assert!(
+        log.lines().any(|l| l.contains("WARN") && l.contains(left_out.as_str()) && l.contains("not given with --iface")),
+        "no warning naming {left_out}:\n{log}"
+    );
+    assert!(!xdp_on(left_out), "{left_out} still runs the previous program");
+    assert!(!daemon.pin_dir().join(format!("link_{left_out}")).exists(), "its pin is left");
+    assert!(kept.iter().all(|i| xdp_on(i)), "the listed interfaces stay attached");
+
+    let out = daemon.cli(Path::new(XDP_LB), &["--json", "status"]).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let listed: Vec<(String, String)> = status["interfaces"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no interfaces in {status}"))
+        .iter()
+        .map(|i| (i["name"].as_str().unwrap().to_string(), i["mode"].as_str().unwrap().to_string()))
+        .collect();
+    let names: Vec<&String> = listed.iter().map(|(n, _)| n).collect();
+    assert_eq!(names, kept.iter().collect::<Vec<_>>(), "{status}");
+    // veth has native XDP; the program was attached natively at the first start.
+    assert!(listed.iter().all(|(_, mode)| mode == "native"), "{listed:?}");
+    let text = daemon.cli(Path::new(XDP_LB), &["status"]).unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.lines().any(|l| l.starts_with("interfaces ") && l.contains(&format!("{} (native)", kept[0]))), "{text}");
+}

@@ -72,7 +72,12 @@ impl Daemon {
             }
             Request::BackendList { service } => self.status(service.as_deref()).map(to_value),
             Request::Status => self.status(None).map(|services| {
-                to_value(StatusReply { config: self.config_status(), services, announce: self.announcer.status().cloned() })
+                to_value(StatusReply {
+                    config: self.config_status(),
+                    interfaces: self.interface_status(),
+                    services,
+                    announce: self.announcer.status().cloned(),
+                })
             }),
             Request::NodeDrain { drained } => self.drain_node(drained).map(|_| serde_json::Value::Null),
             Request::Reload { allow_empty } => self.reload(allow_empty).map(|services| to_value(ReloadReply { services })),

@@ -239,6 +239,7 @@ mod tests {
                     services: 1,
                     start_differences: vec![],
                 },
+                interfaces: vec![],
                 services: vec![ServiceStatus {
                     name: "web".into(),
                     vip: "10.0.0.100:80".into(),
