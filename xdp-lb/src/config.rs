@@ -112,6 +112,11 @@ pub struct RawBackend {
     /// No new flows; established ones continue until they end or the drain timeout passes.
     #[serde(default, skip_serializing_if = "is_false")]
     pub drained: bool,
+    /// When the drain began (RFC 3339, UTC), written by `xdp-lb backend drain` next to `drained =
+    /// true`, so a restart during a drain keeps its timeout instead of starting it again. Absent
+    /// (a hand-written drain): the drain counts from when the daemon read it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drained_since: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_check: Option<RawHealthCheck>,
 }
@@ -365,7 +370,7 @@ impl RawService {
 impl RawBackend {
     /// A backend with every optional field at its default, as the config file's serde defaults.
     pub fn new(address: impl Into<String>) -> RawBackend {
-        RawBackend { address: address.into(), weight: default_weight(), backup: false, drained: false, health_check: None }
+        RawBackend { address: address.into(), weight: default_weight(), backup: false, drained: false, drained_since: None, health_check: None }
     }
 }
 

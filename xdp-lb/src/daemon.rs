@@ -11,7 +11,7 @@ use std::{
     collections::{BTreeMap, HashMap, HashSet},
     net::SocketAddr,
     path::Path,
-    time::{Instant, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -51,7 +51,10 @@ pub struct Daemon {
     /// How the adopted data plane differed from the config at start (empty if nothing was adopted).
     start_differences: Vec<String>,
     /// When each drained backend started draining.
-    drains: HashMap<BackendKey, Instant>,
+    drains: HashMap<BackendKey, DrainStart>,
+    /// The drain starts the config file records (`drained_since`), for drains the daemon has not
+    /// seen start (at start, after a reload).
+    drain_since: HashMap<BackendKey, SystemTime>,
     passive: Passive,
     latency_weights: plan::latency::LatencyWeights,
     report: Vec<ServiceHealth>,
@@ -106,6 +109,7 @@ impl Daemon {
             }
         }
         let (monitor, transitions) = HealthMonitor::new();
+        let drain_since = drain_since_of(&loaded.raw);
         let mut daemon = Daemon {
             file: ConfigFile { loaded, at: SystemTime::now() },
             effective: config.clone(),
@@ -115,6 +119,7 @@ impl Daemon {
             monitor,
             start_differences,
             drains: HashMap::new(),
+            drain_since,
             passive: Passive::default(),
             latency_weights: plan::latency::LatencyWeights::default(),
             report: Vec::new(),
@@ -172,13 +177,14 @@ impl Daemon {
             .collect();
         self.drains.retain(|k, _| drained.contains(k));
         for k in drained {
-            self.drains.entry(k).or_insert(now);
+            let since = self.drain_since.get(&k).copied();
+            self.drains.entry(k).or_insert_with(|| DrainStart::new(since, SystemTime::now(), now));
         }
         let expired: HashSet<BackendKey> = self
             .drains
             .iter()
             .filter(|((service, _), since)| {
-                self.config.services.iter().any(|s| &s.name == service && now.duration_since(**since) >= s.drain_timeout)
+                self.config.services.iter().any(|s| &s.name == service && since.elapsed(now) >= s.drain_timeout)
             })
             .map(|(k, _)| k.clone())
             .collect();
@@ -330,6 +336,7 @@ impl Daemon {
         }
         let mut next = self.file.loaded.raw.clone();
         edit(&mut next)?;
+        self.drain_since = drain_since_of(&next);
         let config = next.validate().map_err(|errors| DaemonError::InvalidChange { path: path.clone(), errors })?;
         if let Some(refusal) = self.resize(&config) {
             return Err(refusal);
@@ -375,6 +382,7 @@ impl Daemon {
 
     fn try_reload(&mut self, allow_empty: bool) -> Result<usize, DaemonError> {
         let loaded = file::load(&self.file.loaded.path)?;
+        self.drain_since = drain_since_of(&loaded.raw);
         if loaded.config.services.is_empty() && !self.config.services.is_empty() && !allow_empty {
             return Err(DaemonError::EmptyReload { path: self.path_text(), running: self.config.services.len() });
         }
@@ -547,7 +555,7 @@ impl Daemon {
             .iter()
             .filter(|((service, address), since)| {
                 let timeout = self.config.services.iter().find(|s| &s.name == service).map(|s| s.drain_timeout);
-                let down_now = timeout.is_some_and(|t| now.duration_since(**since) >= t);
+                let down_now = timeout.is_some_and(|t| since.elapsed(now) >= t);
                 let was_down = self.effective_backend(service, address).is_some_and(|b| b.down);
                 down_now && !was_down
             })
@@ -614,6 +622,41 @@ pub fn differences(running: &[&crate::config::Service], config: &Config) -> Vec<
         }
     }
     out
+}
+
+/// When a drain began, as the daemon counts it: an instant of this process plus what had passed
+/// before it (a drain the config file says began before this daemon started).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DrainStart {
+    at: Instant,
+    before: Duration,
+}
+
+impl DrainStart {
+    /// A drain seen at `now` (wall clock `wall`), which began at `since` if the file says so. A
+    /// `since` in the future (a clock stepped back) counts as now.
+    pub fn new(since: Option<SystemTime>, wall: SystemTime, now: Instant) -> DrainStart {
+        let before = since.and_then(|s| wall.duration_since(s).ok()).unwrap_or_default();
+        DrainStart { at: now, before }
+    }
+
+    pub fn elapsed(&self, now: Instant) -> Duration {
+        self.before + now.saturating_duration_since(self.at)
+    }
+}
+
+/// The `drained_since` of every drained backend in `raw` (validated, so each parses).
+fn drain_since_of(raw: &RawConfig) -> HashMap<BackendKey, SystemTime> {
+    raw.services
+        .iter()
+        .flat_map(|s| {
+            s.backends.iter().filter(|b| b.drained).filter_map(move |b| {
+                let address = b.address.parse().ok()?;
+                let since = humantime::parse_rfc3339_weak(b.drained_since.as_deref()?).ok()?;
+                Some(((s.name.clone(), address), since))
+            })
+        })
+        .collect()
 }
 
 /// Ring cells per backend address of an adopted ring.

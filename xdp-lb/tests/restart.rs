@@ -167,3 +167,54 @@ fn a_restart_detaches_interfaces_left_out_of_iface_and_status_lists_the_attached
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.lines().any(|l| l.starts_with("interfaces ") && l.contains(&format!("{} (native)", kept[0]))), "{text}");
 }
+
+/// The backend's `down` flag in `status --json` (a drained backend is marked down when its drain
+/// timeout has passed: its established flows move).
+fn backend_down(daemon: &Daemon, backend: &str) -> Option<bool> {
+    let out = daemon.cli(Path::new(XDP_LB), &["--json", "status"]).ok()?;
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let backends = status["services"][0]["backends"].as_array()?;
+    backends.iter().find(|b| b["address"] == backend).and_then(|b| b["down"].as_bool())
+}
+
+/// H11: a restart during a drain keeps the drain's timeout. The drain's start is written into the
+/// config file (`drained_since`) with `drained = true`; before, a restart 1 s into an 8 s drain
+/// moved the flows 8 s after the restarted daemon started (≥ 11 s after the drain: a restart takes
+/// 1–3 s on the test machine).
+#[test]
+fn a_restart_during_a_drain_keeps_its_timeout() {
+    const TIMEOUT: Duration = Duration::from_secs(8);
+    let topo = Topology::new("rdrain", 2).expect("testbed");
+    let _servers = IdentityServers::start_all(&topo, PORT, 53).expect("servers");
+    let config = config(&topo, Mode::Nat).replace("scheduler = \"maglev\"\n", &format!("scheduler = \"maglev\"\ndrain_timeout_ms = {}\n", TIMEOUT.as_millis()));
+    assert!(config.contains("drain_timeout_ms"), "{config}");
+    let mut daemon = Daemon::start(Path::new(XDP_LB), topo.lb(), &topo.lb_ifaces(), &config).unwrap_or_else(|e| panic!("{e:?}"));
+    let backend = topo.backend_socket(Family::V4, 0, PORT).to_string();
+
+    let drained_at = Instant::now();
+    let out = daemon.cli(Path::new(XDP_LB), &["backend", "drain", "web", &backend]).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let written = std::fs::read_to_string(daemon.config_path()).unwrap();
+    assert!(written.contains("drained_since = \""), "the drain's start is in the file:\n{written}");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(backend_down(&daemon, &backend), Some(false), "drained, its timeout not over yet");
+    daemon.restart().unwrap_or_else(|e| panic!("restart: {e:?}"));
+    let restarted = drained_at.elapsed();
+    assert!(restarted < TIMEOUT - Duration::from_secs(1), "the restart took too long to tell anything: {restarted:?}");
+    assert_eq!(backend_down(&daemon, &backend), Some(false), "the restarted daemon keeps the drain ({restarted:?} in)");
+
+    let deadline = drained_at + Duration::from_secs(25);
+    while backend_down(&daemon, &backend) != Some(true) {
+        assert!(Instant::now() < deadline, "the drain never ended\n{}", daemon.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let ended = drained_at.elapsed();
+    // The tick that notices it runs about once a second; a restarted timer would end ≥ 5 s in.
+    assert!(ended >= TIMEOUT && ended < TIMEOUT + Duration::from_millis(1_500), "the drain ended {ended:?} after it began (timeout {TIMEOUT:?})");
+
+    // Undrain removes both keys.
+    let out = daemon.cli(Path::new(XDP_LB), &["backend", "undrain", "web", &backend]).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let written = std::fs::read_to_string(daemon.config_path()).unwrap();
+    assert!(!written.contains("drained"), "{written}");
+}

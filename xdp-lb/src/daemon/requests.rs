@@ -65,8 +65,18 @@ impl Daemon {
                     if s.backends.len() == before { Err(DaemonError::UnknownBackend { service, address }) } else { Ok(()) }
                 })
                 .map(|_| serde_json::Value::Null),
-            Request::BackendDrain { service, address } => self.edit_backend(&service, &address, |b| b.drained = true),
-            Request::BackendUndrain { service, address } => self.edit_backend(&service, &address, |b| b.drained = false),
+            // The drain's start goes into the file with it (a drain of a drained backend keeps its
+            // start), so a restart does not start the drain timeout again.
+            Request::BackendDrain { service, address } => self.edit_backend(&service, &address, |b| {
+                if !b.drained {
+                    b.drained = true;
+                    b.drained_since = Some(humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string());
+                }
+            }),
+            Request::BackendUndrain { service, address } => self.edit_backend(&service, &address, |b| {
+                b.drained = false;
+                b.drained_since = None;
+            }),
             Request::BackendWeight { service, address, weight } => {
                 self.edit_backend(&service, &address, |b| b.weight = weight)
             }

@@ -78,8 +78,8 @@ fn undrain_removes_the_key() {
 fn backends_and_services_are_added_and_removed_by_identity() {
     let out = patched(|c| {
         c.services[0].backends.remove(0);
-        c.services[0].backends.push(RawBackend { address: "10.0.1.3:80".into(), weight: 1, backup: true, drained: false, health_check: None });
-        c.services[1].backends.push(RawBackend { address: "10.0.2.2:53".into(), weight: 1, backup: false, drained: false, health_check: None });
+        c.services[0].backends.push(RawBackend { address: "10.0.1.3:80".into(), weight: 1, backup: true, drained: false, drained_since: None, health_check: None });
+        c.services[1].backends.push(RawBackend { address: "10.0.2.2:53".into(), weight: 1, backup: false, drained: false, drained_since: None, health_check: None });
         let mut extra = c.services[0].clone();
         extra.name = "api".into();
         extra.vip = "10.0.0.101:80".into();
