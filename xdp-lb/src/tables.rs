@@ -61,10 +61,11 @@ pub enum ApplyError {
     BackendIds(u32),
     #[error(
         "service {service}: {field} needs two runs of {capacity} contiguous free Maglev cells (one serves while the next \
-         table is built in the other), but the largest free run of the {cells} cells of dataplane.maglev_cells is {largest}: \
-         choose a smaller {field}, remove a service, or raise maglev_cells (a resize: `xdp-lb stop --detach` and a start)"
+         table is built in the other; one may reuse the running ring's cells), but the largest free runs of the {cells} \
+         cells of dataplane.maglev_cells are {free_runs} (fragmented by earlier changes): choose a smaller {field}, \
+         remove a service, or raise maglev_cells (a resize: `xdp-lb stop --detach` and a start)"
     )]
-    RingSpace { service: String, field: &'static str, capacity: u32, cells: u32, largest: u32 },
+    RingSpace { service: String, field: &'static str, capacity: u32, cells: u32, free_runs: String },
     #[error(transparent)]
     Maglev(#[from] maglev::MaglevError),
     #[error(transparent)]
@@ -544,7 +545,15 @@ impl Tables {
             field: capacity_field(service),
             capacity,
             cells: self.cells,
-            largest: free.iter().map(|r| r.1).max().unwrap_or(0),
+            free_runs: {
+                let mut runs: Vec<u32> = free.iter().map(|r| r.1).collect();
+                runs.sort_unstable_by(|a, b| b.cmp(a));
+                match runs.as_slice() {
+                    [] => "none".to_string(),
+                    [one] => one.to_string(),
+                    [a, b, ..] => format!("{a} and {b}"),
+                }
+            },
         };
         let (live, spare) = if capacity == 0 {
             (None, None)
