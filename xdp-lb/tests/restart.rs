@@ -218,3 +218,47 @@ fn a_restart_during_a_drain_keeps_its_timeout() {
     let written = std::fs::read_to_string(daemon.config_path()).unwrap();
     assert!(!written.contains("drained"), "{written}");
 }
+
+fn two_services(topo: &Topology, web_ring: u32) -> String {
+    let vip = topo.vip(Family::V4);
+    let backends: Vec<String> = (0..2).map(|i| format!("{{ address = \"{}\" }}", topo.backend_socket(Family::V4, i, PORT))).collect();
+    let backends = backends.join(", ");
+    format!(
+        "[dataplane]\nmaglev_cells = 600\n\n[[services]]\nname = \"web\"\nvip = \"{vip}:{PORT}\"\nprotocol = \"tcp\"\nring_size = {web_ring}\nbackends = [{backends}]\n\n\
+         [[services]]\nname = \"small\"\nvip = \"{vip}:8080\"\nprotocol = \"tcp\"\nring_size = 3\nbackends = [{backends}]\n"
+    )
+}
+
+/// H7 at a restart: the running rings are adopted where they are. A ring size raised in the file
+/// while the daemon was down (251 → 257 in 600 cells: 2 × 257 + 2 × 3 fits the sum) finds no room
+/// next to the running ring. Before, the daemon exited ("too fragmented"), leaving no health
+/// checks; now it starts, serves with the running ring, and reports the error in `status`.
+#[test]
+fn a_restart_whose_ring_cannot_be_placed_starts_and_reports_it() {
+    let topo = Topology::new("rring", 2).expect("testbed");
+    let _servers = IdentityServers::start_all(&topo, PORT, 53).expect("servers");
+    let mut daemon = Daemon::start(Path::new(XDP_LB), topo.lb(), &topo.lb_ifaces(), &two_services(&topo, 251)).unwrap_or_else(|e| panic!("{e:?}"));
+    let vip = topo.vip_socket(Family::V4, PORT);
+    topo.client().run(|| http_get(vip)).unwrap_or_else(|e| panic!("before: {e}"));
+
+    daemon.write_config(&two_services(&topo, 257)).unwrap();
+    daemon.restart().unwrap_or_else(|e| panic!("the restart must not exit on a ring it cannot place: {e:?}\n{}", daemon.log()));
+    let out = daemon.cli(Path::new(XDP_LB), &["--json", "status"]).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let web = &status["services"][0];
+    assert_eq!(web["state"], "ring-error", "{status}");
+    let error = web["ring_error"].as_str().unwrap_or_default();
+    assert!(error.contains("service web") && error.contains("ring_size") && error.contains("257"), "{error}");
+    assert_eq!(status["services"][1]["state"], "ok", "{status}");
+    // The running ring still serves.
+    topo.client().run(|| http_get(vip)).unwrap_or_else(|e| panic!("after the restart: {e}\n{}", daemon.log()));
+    let text = daemon.cli(Path::new(XDP_LB), &["status"]).unwrap();
+    assert!(String::from_utf8_lossy(&text.stdout).contains("RING NOT REBUILT"), "{}", String::from_utf8_lossy(&text.stdout));
+    // Back to a size that fits: the error clears.
+    daemon.write_config(&two_services(&topo, 251)).unwrap();
+    daemon.reload().unwrap_or_else(|e| panic!("reload: {e:?}"));
+    let out = daemon.cli(Path::new(XDP_LB), &["--json", "status"]).unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["services"][0]["state"], "ok", "{status}");
+}
