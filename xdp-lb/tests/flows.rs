@@ -371,7 +371,7 @@ fn idle_connections_survive_bursts_of_short_connections_in_a_small_table() {
     // Not a multiple of the backends over both bursts: a round-robin placing an evicted idle flow
     // again must not land on its old backend by the sequence's arithmetic.
     let mut burst = 1024 / possible_cpus() * 3 / 4;
-    while (2 * burst) % BACKENDS == 0 {
+    while (2 * burst).is_multiple_of(BACKENDS) {
         burst += 1;
     }
     // The walk removes closed entries 5 s after their last packet; walks are 2 s apart, and

@@ -290,7 +290,7 @@ fn stale_temp_files_of_dead_writers_are_removed_and_nothing_else() {
     std::os::unix::fs::symlink(&config, dir.join(format!(".lb.toml.xdp-lb-{}.tmp", other_dead + 1))).unwrap();
 
     let removed = remove_stale_temp_files(&config);
-    assert_eq!(removed, [stale.clone()]);
+    assert_eq!(removed, std::slice::from_ref(&stale));
     assert!(!stale.exists());
     for name in &keep {
         assert!(dir.join(name).exists(), "{name} was removed");
