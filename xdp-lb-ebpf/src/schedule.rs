@@ -135,24 +135,41 @@ pub fn track_close(conn: ConnRef, backend_id: u32, tcp_flags: u8) {
     }
 }
 
+/// Cells past a backend marked down that a new flow tries (see [`place_new_flow`]).
+const DOWN_PROBES: u32 = 4;
+
 #[inline(always)]
 fn place_new_flow(flow: &FlowKey, service: &Service) -> Result<Chosen, Reason> {
     if service.ring_size == 0 {
         return Err(reasons::DROP_NO_BACKEND);
     }
-    let id = match scheduler_of(service.flags) {
-        m::SCHED_LEAST_CONN => least_connections(service)?,
+    let (id, backend) = match scheduler_of(service.flags) {
+        m::SCHED_LEAST_CONN => {
+            let id = least_connections(service)?;
+            (id, maps::backend(id).ok_or(reasons::DROP_NO_BACKEND_ENTRY)?)
+        }
         scheduler => {
             let position = match scheduler {
                 m::SCHED_IP_HASH => hash::client_hash(&flow.src),
                 m::SCHED_SEQUENCE => maps::next_in_sequence(service.id),
                 _ => hash::flow_hash(flow),
-            };
-            maps::ring_cell(service.ring_offset.wrapping_add(position % service.ring_size))
-                .ok_or(reasons::DROP_NO_BACKEND_ENTRY)?
+            } % service.ring_size;
+            // A ring never names a backend marked down, except when the daemon could not rebuild
+            // it (a `ring-error` in status, issue 9 H7): then a new flow hashed to a failed
+            // backend tries the next cells, a few, rather than go to a dead server. One flag test
+            // per new flow; established flows never come here.
+            let mut step = 0;
+            loop {
+                let cell = (position + step) % service.ring_size;
+                let id = maps::ring_cell(service.ring_offset.wrapping_add(cell)).ok_or(reasons::DROP_NO_BACKEND_ENTRY)?;
+                let backend = maps::backend(id).ok_or(reasons::DROP_NO_BACKEND_ENTRY)?;
+                if backend.flags & BACKEND_FLAG_DOWN == 0 || step >= DOWN_PROBES {
+                    break (id, backend);
+                }
+                step += 1;
+            }
         }
     };
-    let backend = maps::backend(id).ok_or(reasons::DROP_NO_BACKEND_ENTRY)?;
     if backend.generation == 0 || backend.service_id != service.id {
         return Err(reasons::DROP_NO_BACKEND_ENTRY);
     }

@@ -250,3 +250,23 @@ fn a_flow_picked_up_by_its_fin_is_never_counted_open() {
         assert_eq!(counts, [0, 0, 0]);
     });
 }
+
+/// Issue 9 H7: a ring the daemon could not rebuild may still name a backend it marked down. New
+/// flows that land on its cells try the next ones instead of going to the dead server; flows of
+/// the other backends are untouched.
+#[test]
+fn new_flows_skip_a_backend_marked_down_that_the_ring_still_names() {
+    use xdp_lb::tables::MapWriter;
+    let ns = fixture_namespace();
+    ns.run(|| {
+        let mut h = Harness::new(CONFIG);
+        let (id, _) = h.backend("rr", "10.201.0.3:80");
+        let mut entry = h.dataplane.backend_entry(id).unwrap();
+        entry.flags |= xdp_lb_common::maps::BACKEND_FLAG_DOWN;
+        h.dataplane.write_backend(id, &entry).unwrap();
+        let picks: Vec<String> = (0..9).map(|i| send(&h, 44_000 + i, "10.200.100.110:80", SYN)).collect();
+        assert!(!picks.iter().any(|p| p == "10.201.0.3"), "a new flow went to the backend marked down: {picks:?}");
+        // Its cell's flows go to the next cell's backend; the others keep their own.
+        assert_eq!(picks, ["10.201.0.2", "10.201.0.4", "10.201.0.4"].repeat(3));
+    });
+}
