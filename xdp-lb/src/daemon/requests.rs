@@ -70,7 +70,7 @@ impl Daemon {
             Request::BackendDrain { service, address } => self.edit_backend(&service, &address, |b| {
                 if !b.drained {
                     b.drained = true;
-                    b.drained_since = Some(humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string());
+                    b.drained_since = Some(humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string());
                 }
             }),
             Request::BackendUndrain { service, address } => self.edit_backend(&service, &address, |b| {
