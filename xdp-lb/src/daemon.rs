@@ -424,11 +424,12 @@ impl Daemon {
 
     /// Programs `config`; on failure the previous one is programmed again. Returns the previous.
     fn program(&mut self, config: Config) -> Result<Config, DaemonError> {
-        let failing_before: Vec<String> = self.tables.ring_errors().keys().cloned().collect();
+        let failing_before = self.tables.ring_error_capacities().clone();
         let previous = std::mem::replace(&mut self.config, config);
         // A service that already could not place its ring does not refuse changes to the others;
-        // a change that makes another ring fail is refused.
-        let made_worse = |tables: &Tables| tables.ring_errors().keys().any(|name| !failing_before.contains(name));
+        // a change that makes another ring fail, or asks a failing one for another size, is refused.
+        let made_worse =
+            |tables: &Tables| tables.ring_error_capacities().iter().any(|(name, capacity)| failing_before.get(name) != Some(capacity));
         match self.replan() {
             Err(crate::tables::ApplyError::RingSpace { .. }) if !made_worse(&self.tables) => Ok(previous),
             Ok(()) => Ok(previous),

@@ -126,6 +126,8 @@ pub struct Tables {
     next_generation: u32,
     /// Per service name, why its ring could not be rebuilt in the last apply (see [`Tables`]).
     ring_errors: BTreeMap<String, String>,
+    /// Per failing service, the slot capacity it could not place.
+    ring_error_capacities: BTreeMap<String, u32>,
 }
 
 pub fn service_key(vip: SocketAddr, protocol: Protocol) -> ServiceKey {
@@ -154,6 +156,7 @@ impl Tables {
             generations: vec![0; max_backends as usize],
             next_generation: 1,
             ring_errors: BTreeMap::new(),
+            ring_error_capacities: BTreeMap::new(),
         }
     }
 
@@ -161,6 +164,12 @@ impl Tables {
     /// previous ring (the down flags of its backends are set all the same).
     pub fn ring_errors(&self) -> &BTreeMap<String, String> {
         &self.ring_errors
+    }
+
+    /// Per service whose ring could not be placed, the slot capacity it needed: a change that
+    /// leaves a service failing with the same capacity did not make it fail.
+    pub fn ring_error_capacities(&self) -> &BTreeMap<String, u32> {
+        &self.ring_error_capacities
     }
 
     /// The generation of backend `id`'s current owner (0: free).
@@ -310,6 +319,7 @@ impl Tables {
             self.remove(&key, maps)?;
         }
         self.ring_errors.retain(|name, _| config.services.iter().any(|s| &s.name == name));
+        self.ring_error_capacities.retain(|name, _| self.ring_errors.contains_key(name));
         // One service's ring that cannot be placed does not stop the others' changes.
         let mut first_ring_error = None;
         for service in &config.services {
@@ -317,8 +327,10 @@ impl Tables {
             match self.upsert(service, capacity, config.dataplane.hash_seed, maps) {
                 Ok(()) => {
                     self.ring_errors.remove(&service.name);
+                    self.ring_error_capacities.remove(&service.name);
                 }
-                Err(e @ ApplyError::RingSpace { .. }) => {
+                Err(e @ ApplyError::RingSpace { capacity, .. }) => {
+                    self.ring_error_capacities.insert(service.name.clone(), capacity);
                     self.ring_errors.insert(service.name.clone(), e.to_string());
                     first_ring_error.get_or_insert(e);
                 }

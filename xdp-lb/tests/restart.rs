@@ -261,6 +261,14 @@ fn a_restart_whose_ring_cannot_be_placed_starts_and_reports_it() {
     topo.client().run(|| http_get(vip)).unwrap_or_else(|e| panic!("after the restart: {e}\n{}", daemon.log()));
     let text = daemon.cli(Path::new(XDP_LB), &["status"]).unwrap();
     assert!(String::from_utf8_lossy(&text.stdout).contains("RING NOT REBUILT"), "{}", String::from_utf8_lossy(&text.stdout));
+    // While web cannot place its ring, other services still take changes; web refuses another
+    // size that does not fit either (never accepted to fail later).
+    let b0 = topo.backend_socket(Family::V4, 0, PORT).to_string();
+    let out = daemon.cli(Path::new(XDP_LB), &["backend", "weight", "small", &b0, "2"]).unwrap();
+    assert!(out.status.success(), "a change to another service: {}", String::from_utf8_lossy(&out.stderr));
+    let out = daemon.cli(Path::new(XDP_LB), &["service", "update", "web", "--ring-size", "263"]).unwrap();
+    assert!(!out.status.success(), "an unplaceable size for the failing service was accepted");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("263"), "{}", String::from_utf8_lossy(&out.stderr));
     // Back to a size that fits: the error clears.
     daemon.write_config(&two_services(&topo, 251)).unwrap();
     daemon.reload().unwrap_or_else(|e| panic!("reload: {e:?}"));
