@@ -369,6 +369,16 @@ impl RawBackend {
     }
 }
 
+impl ConfigError {
+    /// `errors` found in `text` (read from `origin`) after validation, e.g. against the host:
+    /// each gets its line and they are listed in file order, as validation's own errors are.
+    pub fn invalid_in(origin: &str, text: &str, mut errors: Vec<FieldError>) -> ConfigError {
+        location::locate(&mut errors, text);
+        errors.sort_by_key(|e| e.line.unwrap_or(usize::MAX));
+        ConfigError::Invalid { path: origin.to_string(), errors }
+    }
+}
+
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let display = path.display().to_string();
@@ -389,12 +399,8 @@ impl RawConfig {
             toml::from_str(text).map_err(|e| ConfigError::Syntax { path: origin.to_string(), message: one_line(&e, text) })?;
         match raw.validate() {
             Ok(config) => Ok((raw, config)),
-            Err(mut errors) => {
-                location::locate(&mut errors, text);
-                // In file order, as a reader fixes them; the sort is stable within a line.
-                errors.sort_by_key(|e| e.line.unwrap_or(usize::MAX));
-                Err(ConfigError::Invalid { path: origin.to_string(), errors })
-            }
+            // In file order, as a reader fixes them; the sort is stable within a line.
+            Err(errors) => Err(ConfigError::invalid_in(origin, text, errors)),
         }
     }
 }

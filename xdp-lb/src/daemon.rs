@@ -301,6 +301,10 @@ impl Daemon {
         let mut next = self.file.loaded.raw.clone();
         edit(&mut next)?;
         let config = next.validate().map_err(|errors| DaemonError::InvalidChange { path: path.clone(), errors })?;
+        let on_host = self.vips_on_attached(&config);
+        if !on_host.is_empty() {
+            return Err(DaemonError::InvalidChange { path, errors: on_host });
+        }
         if let Some(refusal) = self.resize(&config) {
             return Err(refusal);
         }
@@ -345,6 +349,10 @@ impl Daemon {
 
     fn try_reload(&mut self, allow_empty: bool) -> Result<usize, DaemonError> {
         let loaded = file::load(&self.file.loaded.path)?;
+        let on_host = self.vips_on_attached(&loaded.config);
+        if !on_host.is_empty() {
+            return Err(crate::config::ConfigError::invalid_in(&self.path_text(), &loaded.text, on_host).into());
+        }
         if loaded.config.services.is_empty() && !self.config.services.is_empty() && !allow_empty {
             return Err(DaemonError::EmptyReload { path: self.path_text(), running: self.config.services.len() });
         }
@@ -374,6 +382,12 @@ impl Daemon {
         self.start_differences.clear();
         neighbours::warm(self.config.services.iter().flat_map(|s| s.backends.iter().map(|b| b.address)));
         Ok(self.config.services.len())
+    }
+
+    /// Services of `config` whose VIP is this host's own address on an attached interface.
+    fn vips_on_attached(&self, config: &Config) -> Vec<crate::config::FieldError> {
+        let names: Vec<String> = self.attached_ifaces.iter().map(|(name, _)| name.clone()).collect();
+        crate::host::check_vips(config, &names)
     }
 
     /// The refusal for a `config` whose map sizes differ from the running ones (`hash_seed` may

@@ -22,8 +22,7 @@ use tokio::{
 use tracing::{info, warn};
 use xdp_lb::{
     api::{self, Request, Response},
-    config::Mode,
-    config::file,
+    config::{file, ConfigError, Mode},
     daemon::Daemon,
     dataplane::{self, Dataplane},
     dashboard, limits, metrics, neighbours, notify,
@@ -76,6 +75,11 @@ pub fn run(opts: Options) -> Result<()> {
     // Every --iface must exist before anything is loaded or attached.
     for iface in &opts.ifaces {
         dataplane::ifindex(iface)?;
+    }
+    // Before anything is loaded: a refused start leaves a pinned data plane as it is.
+    let on_host = xdp_lb::host::check_vips(&loaded.config, &opts.ifaces);
+    if !on_host.is_empty() {
+        return Err(ConfigError::invalid_in(&opts.config.display().to_string(), &loaded.text, on_host).into());
     }
     warn_if_forwarding_disabled();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
