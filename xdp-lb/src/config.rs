@@ -332,7 +332,7 @@ pub const MIN_MAGLEV_CELLS: u32 = 1;
 /// 4 bytes per cell: 256 MiB, room for 1,000 services of the default ring size, twice over.
 pub const MAX_MAGLEV_CELLS: u32 = 1 << 26;
 /// Largest `hash_seed`: TOML integers are signed 64-bit, so a larger seed could not be written
-/// back to the state file.
+/// back into the config file.
 pub const MAX_HASH_SEED: u64 = i64::MAX as u64;
 /// Longest drain: a week. Also keeps the value inside TOML's signed 64-bit integers.
 pub const MAX_DRAIN_TIMEOUT_MS: u64 = 7 * 24 * 60 * 60 * 1000;
@@ -392,7 +392,7 @@ impl Config {
 }
 
 impl RawConfig {
-    /// Parses and validates a config (or state) file's text; `origin` names it in errors, whose
+    /// Parses and validates a config file's text; `origin` names it in errors, whose
     /// fields carry the line they are on.
     pub fn parse(text: &str, origin: &str) -> Result<(RawConfig, Config), ConfigError> {
         let raw: RawConfig =
