@@ -67,7 +67,13 @@ pub struct Daemon {
     interfaces_lost: Option<String>,
     /// Health, drain and admin transitions for the dashboard (bounded).
     events: EventLog,
+    /// VIPs found on an attached interface while running (an address added after the check at
+    /// start, reload or change), as last logged, and when that was looked at.
+    vips_on_host: (Vec<String>, Option<Instant>),
 }
+
+/// How often a running daemon looks for VIPs that became addresses of an attached interface.
+const HOST_ADDRESS_CHECK: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Daemon {
     /// Programs the loaded config file into a loaded (not yet attached) data plane. A pinned data
@@ -123,6 +129,7 @@ impl Daemon {
             attached_ifaces: Vec::new(),
             interfaces_lost: None,
             events: EventLog::default(),
+            vips_on_host: (Vec::new(), None),
         };
         daemon.replan().map_err(DaemonError::Program)?;
         Ok((daemon, transitions))
@@ -301,7 +308,14 @@ impl Daemon {
         let mut next = self.file.loaded.raw.clone();
         edit(&mut next)?;
         let config = next.validate().map_err(|errors| DaemonError::InvalidChange { path: path.clone(), errors })?;
-        let on_host = self.vips_on_attached(&config);
+        // Only what this change introduces: a VIP that became a host address while it ran is
+        // logged by `tick`, and must not block an unrelated change (a drain in an incident).
+        let running = |name: &str, vip| self.config.services.iter().any(|s| s.name == name && s.vip == vip);
+        let on_host: Vec<_> = self
+            .vips_on_attached(&config)
+            .into_iter()
+            .filter(|e| !matches!(&e.location, crate::config::Location::Service { index, name, .. } if running(name, config.services[*index].vip)))
+            .collect();
         if !on_host.is_empty() {
             return Err(DaemonError::InvalidChange { path, errors: on_host });
         }
@@ -382,6 +396,26 @@ impl Daemon {
         self.start_differences.clear();
         neighbours::warm(self.config.services.iter().flat_map(|s| s.backends.iter().map(|b| b.address)));
         Ok(self.config.services.len())
+    }
+
+    /// An address added to an attached interface while the daemon runs is not refused anywhere: the
+    /// VIP was accepted before. Logged as an error (once per change) so the operator learns that
+    /// this host's own traffic to that port is being balanced.
+    fn check_vips_on_host(&mut self) {
+        if self.attached_ifaces.is_empty() || self.vips_on_host.1.is_some_and(|at| at.elapsed() < HOST_ADDRESS_CHECK) {
+            return;
+        }
+        let path = self.path_text();
+        let found: Vec<String> = self.vips_on_attached(&self.config).iter().map(|e| format!("{path}: {e}")).collect();
+        if found != self.vips_on_host.0 {
+            for problem in &found {
+                error!("{problem}; remove the address from the interface or move the service to another VIP");
+            }
+            if found.is_empty() {
+                info!("no VIP is an address of an attached interface any more");
+            }
+        }
+        self.vips_on_host = (found, Some(Instant::now()));
     }
 
     /// Services of `config` whose VIP is this host's own address on an attached interface.
@@ -505,6 +539,7 @@ impl Daemon {
         if self.config.announce.is_some() {
             self.check_interfaces();
         }
+        self.check_vips_on_host();
         let serving: HashSet<BackendKey> = self
             .effective
             .services

@@ -2,8 +2,9 @@
 //!
 //! A VIP whose address is assigned to an interface xdp-lb is attached to is this host's own
 //! address where its own traffic arrives: the program would balance every packet to that port —
-//! SSH, the BGP session, health-check replies, the metrics port — to the backends. So `run`,
-//! reloads and CLI changes refuse it (`check` reads only the file, so it cannot). The same address
+//! SSH, the BGP session, health-check replies, the metrics port — to the backends. So `run` and
+//! reloads refuse it, and so do CLI changes that introduce it (`check` reads only the file, so it
+//! cannot); one that appears while the daemon runs is logged (`Daemon::tick`). The same address
 //! on `lo` or another interface the program is not attached to is accepted: that is how a host
 //! holds a VIP to answer ARP or ping for it, and how DSR backends hold theirs.
 

@@ -449,10 +449,25 @@ fn a_vip_on_an_attached_interface_is_refused_at_start_reload_and_from_the_cli() 
     assert_eq!(service_names(&daemon), ["web"]);
     assert_served_by(&topo, &daemon, web, &[0], "after the refused reload");
 
+    // Added to an attached interface while the daemon runs: logged as an error within the check
+    // interval (5 s), since nothing can refuse it any more.
+    topo.lb().ip(&["addr", "add", &format!("{}/32", web.ip()), "dev", topo.client_iface()]).expect("adding the VIP to the interface");
+    let wanted = format!("services[0].vip: {web} is an address of interface {}", topo.client_iface());
+    let deadline = std::time::Instant::now() + Duration::from_secs(12);
+    while !daemon.log().contains(&wanted) {
+        assert!(std::time::Instant::now() < deadline, "no error for the VIP added to an attached interface:\n{}", daemon.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // It blocks no unrelated CLI change (a drain in an incident), but a reload of the file is
+    // refused as a start would be.
+    daemon.write_config(&text).expect("undoing the refused edit");
+    cli_ok(&daemon, &["backend", "weight", "web", &backend_addr(&topo, 0).to_string(), "2"]);
+    cli_err(&daemon, &["reload"], "is an address of interface");
+    topo.lb().ip(&["addr", "del", &format!("{}/32", web.ip()), "dev", topo.client_iface()]).expect("removing it again");
+
     // On lo the same address is fine: only the interfaces xdp-lb is attached to carry the host's traffic.
     let on_lo: std::net::IpAddr = "10.203.0.1".parse().expect("address");
     topo.lb().ip(&["addr", "add", "10.203.0.1/32", "dev", "lo"]).expect("adding an address to lo");
-    daemon.write_config(&text).expect("editing");
     cli_ok(&daemon, &["reload"]);
     cli_ok(&daemon, &["service", "add", "held", "--vip", &std::net::SocketAddr::new(on_lo, 80).to_string(), "--protocol", "tcp"]);
     assert_eq!(service_names(&daemon), ["web", "held"]);
