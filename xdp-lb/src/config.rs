@@ -293,9 +293,19 @@ pub enum ConfigError {
     #[error("cannot read {path}: {error}")]
     Read { path: String, error: std::io::Error },
     #[error("{path} is not valid TOML for xdp-lb: {message}")]
-    Syntax { path: String, message: String },
+    Syntax {
+        path: String,
+        message: String,
+        /// 1-based line of the error, when the parser gives its place (for `check --json`).
+        line: Option<usize>,
+    },
     #[error("{path} has {} invalid field(s):\n  {}", errors.len(), errors.iter().map(|e| located(path, e)).collect::<Vec<_>>().join("\n  "))]
     Invalid { path: String, errors: Vec<FieldError> },
+}
+
+/// The 1-based line a TOML error points at.
+fn line_of_error(e: &toml::de::Error, text: &str) -> Option<usize> {
+    e.span().map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1)
 }
 
 /// A TOML error as one line, `line L, column C ("the line"): message` (the error's own text is a multi-line
@@ -304,7 +314,7 @@ fn one_line(e: &toml::de::Error, text: &str) -> String {
     let message = e.message().split_whitespace().collect::<Vec<_>>().join(" ");
     let Some(span) = e.span() else { return message };
     let before = &text[..span.start.min(text.len())];
-    let line = before.matches('\n').count() + 1;
+    let line = line_of_error(e, text).unwrap_or(1);
     let column = before.rsplit('\n').next().unwrap_or_default().chars().count() + 1;
     let source_line = text.lines().nth(line - 1).unwrap_or_default().trim();
     let shown: String = source_line.chars().take(80).collect();
@@ -396,7 +406,7 @@ impl RawConfig {
     /// fields carry the line they are on.
     pub fn parse(text: &str, origin: &str) -> Result<(RawConfig, Config), ConfigError> {
         let raw: RawConfig =
-            toml::from_str(text).map_err(|e| ConfigError::Syntax { path: origin.to_string(), message: one_line(&e, text) })?;
+            toml::from_str(text).map_err(|e| ConfigError::Syntax { path: origin.to_string(), message: one_line(&e, text), line: line_of_error(&e, text) })?;
         match raw.validate() {
             Ok(config) => Ok((raw, config)),
             // In file order, as a reader fixes them; the sort is stable within a line.

@@ -203,6 +203,7 @@ fn check(path: &std::path::Path, json: bool) -> anyhow::Result<()> {
                     .iter()
                     .map(|e| serde_json::json!({ "field": e.path(), "line": e.line, "message": e.message }))
                     .collect(),
+                ConfigError::Syntax { line, .. } => vec![serde_json::json!({ "field": null, "line": line, "message": error.to_string() })],
                 other => vec![serde_json::json!({ "field": null, "line": null, "message": other.to_string() })],
             };
             serde_json::json!({ "ok": false, "config": path, "errors": errors })

@@ -235,6 +235,14 @@ fn json_check_prints_json_for_valid_and_invalid_files() {
     let v: Value = serde_json::from_str(&stdout(&out)).unwrap_or_else(|e| panic!("not JSON ({e}): {}", stdout(&out)));
     assert_eq!(v["ok"], false, "{v}");
     assert!(v["errors"][0]["message"].is_string(), "{v}");
+    assert_eq!(v["errors"][0]["line"], 1, "a syntax error's line is in the JSON too: {v}");
+
+    // An unknown key is a syntax error as well: its line, not null.
+    std::fs::write(&broken, "[dataplane]\n\nconntrack_entrys = 2048\n").unwrap();
+    let out = xdp_lb(&dir.path("unused.sock"), &["--json", "check", "--config", broken.to_str().unwrap()]);
+    let v: Value = serde_json::from_str(&stdout(&out)).unwrap_or_else(|e| panic!("not JSON ({e}): {}", stdout(&out)));
+    assert_eq!(v["errors"][0]["line"], 3, "{v}");
+    assert!(v["errors"][0]["message"].as_str().unwrap_or_default().contains("conntrack_entrys"), "{v}");
 }
 
 #[test]
