@@ -420,8 +420,7 @@ impl Daemon {
 
     /// Services of `config` whose VIP is this host's own address on an attached interface.
     fn vips_on_attached(&self, config: &Config) -> Vec<crate::config::FieldError> {
-        let names: Vec<String> = self.attached_ifaces.iter().map(|(name, _)| name.clone()).collect();
-        crate::host::check_vips(config, &names)
+        crate::host::check_vips(config, &self.attached_ifaces)
     }
 
     /// The refusal for a `config` whose map sizes differ from the running ones (`hash_seed` may

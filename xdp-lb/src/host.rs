@@ -16,6 +16,8 @@ use crate::config::{Config, FieldError, Location};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HostAddress {
     pub iface: String,
+    /// The interface's index: `--iface` may name it by an alternative name (`ip link property`).
+    pub index: u32,
     pub ip: IpAddr,
 }
 
@@ -46,7 +48,8 @@ pub fn addresses() -> io::Result<Vec<HostAddress>> {
                     _ => None,
                 };
                 if let Some(ip) = ip {
-                    found.push(HostAddress { iface: CStr::from_ptr(e.ifa_name).to_string_lossy().into_owned(), ip });
+                    let index = libc::if_nametoindex(e.ifa_name);
+                    found.push(HostAddress { iface: CStr::from_ptr(e.ifa_name).to_string_lossy().into_owned(), index, ip });
                 }
             }
             entry = e.ifa_next;
@@ -59,7 +62,7 @@ pub fn addresses() -> io::Result<Vec<HostAddress>> {
 
 /// [`vips_on_attached`] against this namespace's addresses now. If they cannot be listed the rule
 /// is skipped with a warning: a failing `getifaddrs` must not block every reload and change.
-pub fn check_vips(config: &Config, attached: &[String]) -> Vec<FieldError> {
+pub fn check_vips(config: &Config, attached: &[(String, u32)]) -> Vec<FieldError> {
     match addresses() {
         Ok(host) => vips_on_attached(config, attached, &host),
         Err(e) => {
@@ -69,15 +72,16 @@ pub fn check_vips(config: &Config, attached: &[String]) -> Vec<FieldError> {
     }
 }
 
-/// One error per service whose VIP address is assigned to one of `attached` (the `--iface`s),
-/// against the service's `vip` field (rendered with its line for a file, its flag for the CLI).
-pub fn vips_on_attached(config: &Config, attached: &[String], host: &[HostAddress]) -> Vec<FieldError> {
+/// One error per service whose VIP address is assigned to one of `attached` (the `--iface`s as
+/// given, with their index), against the service's `vip` field (rendered with its line for a
+/// file, its flag for the CLI).
+pub fn vips_on_attached(config: &Config, attached: &[(String, u32)], host: &[HostAddress]) -> Vec<FieldError> {
     config
         .services
         .iter()
         .enumerate()
         .filter_map(|(index, s)| {
-            let on = host.iter().find(|a| a.ip == s.vip.ip() && attached.contains(&a.iface))?;
+            let (on, _) = attached.iter().find(|(_, index)| host.iter().any(|a| a.ip == s.vip.ip() && a.index == *index))?;
             Some(FieldError::new(
                 Location::Service { index, name: s.name.clone(), field: "vip" },
                 format!(
@@ -85,7 +89,7 @@ pub fn vips_on_attached(config: &Config, attached: &[String], host: &[HostAddres
                      traffic to port {} (SSH, BGP, health-check replies, ...); use an address this host does not hold there \
                      (holding the VIP on lo is fine)",
                     s.vip,
-                    on.iface,
+                    on,
                     s.vip.port()
                 ),
             ))
@@ -105,14 +109,14 @@ mod tests {
         Config::parse(&text, "test.toml").expect("valid config")
     }
 
-    fn at(iface: &str, ip: &str) -> HostAddress {
-        HostAddress { iface: iface.into(), ip: ip.parse().expect("ip") }
+    fn at(iface: &str, index: u32, ip: &str) -> HostAddress {
+        HostAddress { iface: iface.into(), index, ip: ip.parse().expect("ip") }
     }
 
     #[test]
     fn a_vip_on_an_attached_interface_is_refused_naming_the_field_and_interface() {
-        let host = [at("lo", "10.9.9.9"), at("eth0", "10.0.0.1"), at("eth1", "2001:db8::1"), at("mgmt", "192.168.1.5")];
-        let attached = ["eth0".to_string(), "eth1".to_string()];
+        let host = [at("lo", 1, "10.9.9.9"), at("eth0", 2, "10.0.0.1"), at("eth1", 3, "2001:db8::1"), at("mgmt", 4, "192.168.1.5")];
+        let attached = [("eth0".to_string(), 2), ("eth1".to_string(), 3)];
         let c = config(&["10.0.0.100:80", "10.0.0.1:443", "[2001:db8::1]:80", "10.9.9.9:80", "192.168.1.5:22"]);
         let errors: Vec<String> = vips_on_attached(&c, &attached, &host).iter().map(ToString::to_string).collect();
         assert_eq!(errors.len(), 2, "{errors:#?}");
@@ -124,14 +128,24 @@ mod tests {
     #[test]
     fn the_cli_form_names_the_flag() {
         let c = config(&["10.0.0.1:80"]);
-        let errors = vips_on_attached(&c, &["eth0".into()], &[at("eth0", "10.0.0.1")]);
+        let errors = vips_on_attached(&c, &[("eth0".into(), 2)], &[at("eth0", 2, "10.0.0.1")]);
         let line = crate::config::render_for_cli(&errors);
         assert!(line.starts_with("service s0: --vip: 10.0.0.1:80 is an address of interface eth0"), "{line}");
+    }
+
+    /// `--iface` given by an alternative name: the interface is the same, its index says so.
+    #[test]
+    fn an_interface_named_by_another_name_is_matched_by_its_index() {
+        let c = config(&["10.0.0.1:80"]);
+        let errors = vips_on_attached(&c, &[("uplink0".into(), 2)], &[at("enp3s0", 2, "10.0.0.1")]);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].message.contains("interface uplink0"), "{}", errors[0]);
+        assert!(vips_on_attached(&c, &[("enp3s0".into(), 3)], &[at("enp3s0", 2, "10.0.0.1")]).is_empty(), "matched by name, not by the interface");
     }
 
     #[test]
     fn addresses_include_loopback() {
         let all = addresses().expect("getifaddrs");
-        assert!(all.iter().any(|a| a.iface == "lo" && a.ip == IpAddr::from([127, 0, 0, 1])), "{all:?}");
+        assert!(all.iter().any(|a| a.iface == "lo" && a.index == 1 && a.ip == IpAddr::from([127, 0, 0, 1])), "{all:?}");
     }
 }

@@ -73,11 +73,12 @@ pub fn run(opts: Options) -> Result<()> {
     let loaded = file::load(&opts.config)?;
     info!(path = %opts.config.display(), services = loaded.config.services.len(), "config file loaded");
     // Every --iface must exist before anything is loaded or attached.
+    let mut attached = Vec::new();
     for iface in &opts.ifaces {
-        dataplane::ifindex(iface)?;
+        attached.push((iface.clone(), dataplane::ifindex(iface)?));
     }
     // Before anything is loaded: a refused start leaves a pinned data plane as it is.
-    let on_host = xdp_lb::host::check_vips(&loaded.config, &opts.ifaces);
+    let on_host = xdp_lb::host::check_vips(&loaded.config, &attached);
     if !on_host.is_empty() {
         return Err(ConfigError::invalid_in(&opts.config.display().to_string(), &loaded.text, on_host).into());
     }

@@ -432,6 +432,15 @@ fn a_vip_on_an_attached_interface_is_refused_at_start_reload_and_from_the_cli() 
         "the refusal does not name the field, its line and the interface:\n{err}"
     );
 
+    // The interface named by an alternative name is the same interface.
+    topo.lb().ip(&["link", "property", "add", "dev", topo.client_iface(), "altname", "uplink-c"]).expect("adding an altname");
+    let ifaces = ["uplink-c".to_string(), topo.backend_iface(0)];
+    let err = match Daemon::start(Path::new(XDP_LB), topo.lb(), &ifaces, &mine) {
+        Ok(daemon) => panic!("started with the host's own address as a VIP (--iface by altname):\n{}", daemon.log()),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains(&format!("services[0].vip: {own} is an address of interface uplink-c")), "{err}");
+
     let web = vip(&topo, 80);
     let mut daemon = start_daemon(&topo, &service_toml("web", web, &[], &backends));
     // The CLI: the flag and the interface are named, nothing changes.
