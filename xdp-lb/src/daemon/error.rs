@@ -32,6 +32,16 @@ pub enum DaemonError {
          (the default) to announce, or remove [announce]"
     )]
     AnnounceUnpinned { path: String },
+    /// `stop --bpffs DIR` reached a daemon that does not pin in DIR: stopping it would take down
+    /// another instance than the one meant (the systemd template unit's instances each have their
+    /// own socket and pin directory).
+    #[error(
+        "this daemon {}, not in {asked}: nothing was stopped. Every xdp-lb instance answers on its own \
+         --socket: to stop the one that pins in {asked}, pass its --socket as well (an xdp-lb@NAME unit's is \
+         /run/xdp-lb-NAME/xdp-lb.sock); to stop this daemon, leave out --bpffs",
+        match own { Some(own) => format!("pins its data plane in {own}"), None => "pins nothing (it runs with --no-pin)".to_string() }
+    )]
+    NotItsPins { own: Option<String>, asked: String },
     #[error("unknown service \"{0}\"")]
     UnknownService(String),
     #[error("service \"{service}\" has no backend {address}")]
