@@ -446,7 +446,18 @@ impl Client<'_> {
             Ok(r) if r.ok => self.done(if detach { "xdp-lb stopped; data plane detached" } else { "xdp-lb stopped; the data plane keeps forwarding" }),
             Ok(r) => bail!("the daemon on {}: {}", self.socket.display(), r.error.unwrap_or_default()),
             Err(api::ClientError::NotRunning { .. } | api::ClientError::Stale { .. }) if detach => {
-                let bpffs = bpffs.unwrap_or(Path::new(api::DEFAULT_BPFFS_DIR));
+                // The default pin directory is the main instance's: a stop aimed at another
+                // instance's socket must not remove it when that instance is not running.
+                let bpffs = match bpffs {
+                    Some(dir) => dir,
+                    None if self.socket != Path::new(api::DEFAULT_SOCKET) => bail!(
+                        "no daemon answers on {}; to remove its data plane without it, name its pin directory with \
+                         --bpffs (the default, {}, is the main instance's)",
+                        self.socket.display(),
+                        api::DEFAULT_BPFFS_DIR
+                    ),
+                    None => Path::new(api::DEFAULT_BPFFS_DIR),
+                };
                 if !bpffs.exists() {
                     bail!("no daemon is running and nothing is pinned at {}", bpffs.display());
                 }

@@ -226,7 +226,12 @@ async fn serve(opts: Options, loaded: file::Loaded) -> Result<()> {
         let removed = daemon.dataplane_mut().remove_pins()?;
         info!(pins = removed.len(), "data plane detached and its pins removed");
     } else if daemon.dataplane_mut().is_pinned() {
-        info!("the data plane stays attached and keeps forwarding; `xdp-lb stop --detach` removes it");
+        // A second instance's pins are not the default --bpffs: the bare command would remove the
+        // main instance's data plane. (Under the template unit the path below is the daemon's view
+        // of it; the unit's comment gives the operator's.)
+        let pins = opts.bpffs.as_deref().filter(|p| *p != Path::new(api::DEFAULT_BPFFS_DIR) && opts.socket != Path::new(api::DEFAULT_SOCKET));
+        let bpffs = pins.map(|p| format!(" --bpffs {}", p.display())).unwrap_or_default();
+        info!("the data plane stays attached and keeps forwarding; `xdp-lb stop --detach{bpffs}` removes it");
     }
     daemon.dataplane_mut().detach_all();
     // One line for the log, not the counters on stdout: stdout may be a terminal or a journal that

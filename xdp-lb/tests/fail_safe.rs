@@ -138,6 +138,9 @@ fn a_stop_for_another_instances_pins_is_refused() {
         assert!(Instant::now() < deadline, "pins left in {own_text} after stop --detach");
         std::thread::sleep(Duration::from_millis(100));
     }
+    // With that daemon gone, a stop on its socket without --bpffs must not fall back to the
+    // default pin directory: that is the main instance's.
+    cli_err(&daemon, &["stop", "--detach"], "name its pin directory with --bpffs");
 }
 
 /// H14: a start that fails to attach (the interface is held by another daemon's program) left its
