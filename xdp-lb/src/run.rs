@@ -106,9 +106,12 @@ async fn serve(opts: Options, loaded: file::Loaded) -> Result<()> {
     };
     let dashboard_token = opts.dashboard_token.as_deref().map(read_token).transpose()?;
     dashboard::gateway::check_replicas(&opts.gateway_admin)?;
+    let existed_before = opts.bpffs.as_deref().is_some_and(Path::exists);
     let pins = opts.bpffs.as_deref().map(PinDir::prepare).transpose()?;
     // Held until this function returns: a second daemon on the same pins is refused.
     let _instance = pins.as_ref().map(|p| lock_pin_dir(p.path())).transpose()?;
+    // A first start (nothing pinned yet) that fails below removes what it pinned.
+    let fresh = pins.as_ref().and_then(|p| xdp_lb::pins::FreshPins::new(p.path(), existed_before));
     if let Some(p) = &pins {
         let running = p.linked_interfaces();
         if !running.is_empty() {
@@ -121,6 +124,9 @@ async fn serve(opts: Options, loaded: file::Loaded) -> Result<()> {
     for iface in &opts.ifaces {
         // On failure, dropping the daemon detaches whatever was attached before.
         daemon.dataplane_mut().attach(iface)?;
+    }
+    if let Some(fresh) = fresh {
+        fresh.keep();
     }
     daemon.start_announcing(&opts.ifaces);
     let backends: Vec<_> = daemon.config().services.iter().flat_map(|s| s.backends.iter().map(|b| b.address)).collect();
@@ -160,9 +166,12 @@ async fn serve(opts: Options, loaded: file::Loaded) -> Result<()> {
             _ = terminate.recv() => { info!("SIGTERM: stopping"); break; }
             _ = interrupt.recv() => { info!("SIGINT: stopping"); break; }
             Some((request, reply)) = jobs.recv() => {
-                let stop = match request { Request::Stop { detach: d } => Some(d), _ => None };
-                let _ = reply.send(daemon.handle(request));
-                if let Some(d) = stop {
+                let stop = match request { Request::Stop { detach: d, .. } => Some(d), _ => None };
+                let answer = daemon.handle(request);
+                // A refused stop (`--bpffs` of another instance) leaves this daemon running.
+                let stopping = answer.ok;
+                let _ = reply.send(answer);
+                if let (Some(d), true) = (stop, stopping) {
                     info!(detach = d, "stop requested");
                     detach = d;
                     break;
@@ -222,7 +231,12 @@ async fn serve(opts: Options, loaded: file::Loaded) -> Result<()> {
         let removed = daemon.dataplane_mut().remove_pins()?;
         info!(pins = removed.len(), "data plane detached and its pins removed");
     } else if daemon.dataplane_mut().is_pinned() {
-        info!("the data plane stays attached and keeps forwarding; `xdp-lb stop --detach` removes it");
+        // A second instance's pins are not the default --bpffs: the bare command would remove the
+        // main instance's data plane. (Under the template unit the path below is the daemon's view
+        // of it; the unit's comment gives the operator's.)
+        let pins = opts.bpffs.as_deref().filter(|p| *p != Path::new(api::DEFAULT_BPFFS_DIR) && opts.socket != Path::new(api::DEFAULT_SOCKET));
+        let bpffs = pins.map(|p| format!(" --bpffs {}", p.display())).unwrap_or_default();
+        info!("the data plane stays attached and keeps forwarding; `xdp-lb stop --detach{bpffs}` removes it");
     }
     daemon.dataplane_mut().detach_all();
     // One line for the log, not the counters on stdout: stdout may be a terminal or a journal that
