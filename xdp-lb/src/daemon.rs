@@ -70,7 +70,13 @@ pub struct Daemon {
     interfaces_lost: Option<String>,
     /// Health, drain and admin transitions for the dashboard (bounded).
     events: EventLog,
+    /// VIPs found on an attached interface while running (an address added after the check at
+    /// start, reload or change), as last logged, and when that was looked at.
+    vips_on_host: (Vec<String>, Option<Instant>),
 }
+
+/// How often a running daemon looks for VIPs that became addresses of an attached interface.
+const HOST_ADDRESS_CHECK: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Daemon {
     /// Programs the loaded config file into a loaded (not yet attached) data plane. A pinned data
@@ -128,6 +134,7 @@ impl Daemon {
             attached_ifaces: Vec::new(),
             interfaces_lost: None,
             events: EventLog::default(),
+            vips_on_host: (Vec::new(), None),
         };
         match daemon.replan() {
             // An adopted layout with no room for a ring's spare: the daemon still starts, keeps
@@ -338,6 +345,17 @@ impl Daemon {
         edit(&mut next)?;
         self.drain_since = drain_since_of(&next);
         let config = next.validate().map_err(|errors| DaemonError::InvalidChange { path: path.clone(), errors })?;
+        // Only what this change introduces: a VIP that became a host address while it ran is
+        // logged by `tick`, and must not block an unrelated change (a drain in an incident).
+        let running = |name: &str, vip| self.config.services.iter().any(|s| s.name == name && s.vip == vip);
+        let on_host: Vec<_> = self
+            .vips_on_attached(&config)
+            .into_iter()
+            .filter(|e| !matches!(&e.location, crate::config::Location::Service { index, name, .. } if running(name, config.services[*index].vip)))
+            .collect();
+        if !on_host.is_empty() {
+            return Err(DaemonError::InvalidChange { path, errors: on_host });
+        }
         if let Some(refusal) = self.resize(&config) {
             return Err(refusal);
         }
@@ -382,6 +400,10 @@ impl Daemon {
 
     fn try_reload(&mut self, allow_empty: bool) -> Result<usize, DaemonError> {
         let loaded = file::load(&self.file.loaded.path)?;
+        let on_host = self.vips_on_attached(&loaded.config);
+        if !on_host.is_empty() {
+            return Err(crate::config::ConfigError::invalid_in(&self.path_text(), &loaded.text, on_host).into());
+        }
         self.drain_since = drain_since_of(&loaded.raw);
         if loaded.config.services.is_empty() && !self.config.services.is_empty() && !allow_empty {
             return Err(DaemonError::EmptyReload { path: self.path_text(), running: self.config.services.len() });
@@ -412,6 +434,31 @@ impl Daemon {
         self.start_differences.clear();
         neighbours::warm(self.config.services.iter().flat_map(|s| s.backends.iter().map(|b| b.address)));
         Ok(self.config.services.len())
+    }
+
+    /// An address added to an attached interface while the daemon runs is not refused anywhere: the
+    /// VIP was accepted before. Logged as an error (once per change) so the operator learns that
+    /// this host's own traffic to that port is being balanced.
+    fn check_vips_on_host(&mut self) {
+        if self.attached_ifaces.is_empty() || self.vips_on_host.1.is_some_and(|at| at.elapsed() < HOST_ADDRESS_CHECK) {
+            return;
+        }
+        let path = self.path_text();
+        let found: Vec<String> = self.vips_on_attached(&self.config).iter().map(|e| format!("{path}: {e}")).collect();
+        if found != self.vips_on_host.0 {
+            for problem in &found {
+                error!("{problem}; remove the address from the interface or move the service to another VIP");
+            }
+            if found.is_empty() {
+                info!("no VIP is an address of an attached interface any more");
+            }
+        }
+        self.vips_on_host = (found, Some(Instant::now()));
+    }
+
+    /// Services of `config` whose VIP is this host's own address on an attached interface.
+    fn vips_on_attached(&self, config: &Config) -> Vec<crate::config::FieldError> {
+        crate::host::check_vips(config, &self.attached_ifaces)
     }
 
     /// The refusal for a `config` whose map sizes differ from the running ones (`hash_seed` may
@@ -541,6 +588,7 @@ impl Daemon {
         if self.config.announce.is_some() {
             self.check_interfaces();
         }
+        self.check_vips_on_host();
         let serving: HashSet<BackendKey> = self
             .effective
             .services

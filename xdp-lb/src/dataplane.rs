@@ -219,6 +219,11 @@ impl Dataplane {
         out
     }
 
+    /// The directory the data plane is pinned in, as this daemon was given it (`None` with --no-pin).
+    pub fn pin_path(&self) -> Option<&std::path::Path> {
+        self.pins.as_ref().map(PinDir::path)
+    }
+
     /// Whether the data plane stays when the daemon exits.
     pub fn is_pinned(&self) -> bool {
         self.pins.is_some()

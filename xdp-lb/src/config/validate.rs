@@ -38,7 +38,7 @@ impl RawConfig {
             err(dataplane("maglev_cells"), m);
         }
         if dp.hash_seed > MAX_HASH_SEED {
-            let why = "TOML integers are signed 64-bit, so a larger seed could not be saved to the state file";
+            let why = "TOML integers are signed 64-bit, so a larger seed could not be written into the config file";
             err(dataplane("hash_seed"), format!("{} is above the maximum of {MAX_HASH_SEED} ({why})", dp.hash_seed));
         }
         let announce = self.announce.as_ref().map(|a| {

@@ -9,7 +9,7 @@ use xdp_lb_common::{
 
 use super::{Daemon, DaemonError};
 use crate::{
-    api::{BackendStatus, EndedFlow, Explanation, Request, Response, ReloadReply, ServiceChanges, ServiceStatus, StatsReply, StatusReply, StopReply},
+    api::{BackendStatus, EndedFlow, Explanation, PinTarget, Request, Response, ReloadReply, ServiceChanges, ServiceStatus, StatsReply, StatusReply, StopReply},
     config::{Protocol, RawBackend, RawConfig, RawService, Scheduler},
     health::Health,
     plan, stats,
@@ -17,6 +17,16 @@ use crate::{
 };
 
 impl Daemon {
+    /// A stop that names a pin directory (`stop --bpffs`) is for the daemon that pins there; any
+    /// other refuses it (run.rs only stops after an ok answer).
+    fn check_stop(&self, pins: Option<&PinTarget>) -> Result<(), DaemonError> {
+        let Some(target) = pins else { return Ok(()) };
+        match self.dataplane.pin_path() {
+            Some(own) if target.is(own) => Ok(()),
+            own => Err(DaemonError::NotItsPins { own: own.map(|p| p.display().to_string()), asked: target.path.display().to_string() }),
+        }
+    }
+
     pub fn handle(&mut self, request: Request) -> Response {
         let change = match &request {
             Request::ServiceList
@@ -94,7 +104,7 @@ impl Daemon {
             Request::Stats => self.stats(),
             Request::Explain { source, destination, protocol } => self.explain(&source, &destination, &protocol),
             // The control loop acts on it after answering (see run.rs).
-            Request::Stop { detach } => Ok(to_value(StopReply { stopping: true, detach })),
+            Request::Stop { detach, pins } => self.check_stop(pins.as_ref()).map(|()| to_value(StopReply { stopping: true, detach })),
         };
         match (&result, change) {
             (Ok(_), Some(change)) => {

@@ -148,12 +148,18 @@ fn atomic_write_keeps_mode_and_follows_symlinks() {
     let real = dir.join("real.toml");
     fs::write(&real, "old").unwrap();
     fs::set_permissions(&real, fs::Permissions::from_mode(0o640)).unwrap();
+    // Another owner than the writer's (the tests run as root; a config owned by the service user
+    // must stay that user's after the daemon, or root, rewrote it).
+    let (uid, gid) = (65_534, 65_533);
+    std::os::unix::fs::chown(&real, Some(uid), Some(gid)).unwrap();
     let link = dir.join("link.toml");
     std::os::unix::fs::symlink(&real, &link).unwrap();
     write_atomically(&link, b"new").unwrap();
     assert_eq!(fs::read_to_string(&real).unwrap(), "new");
     assert!(fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
     assert_eq!(fs::metadata(&real).unwrap().permissions().mode() & 0o7777, 0o640);
+    let meta = fs::metadata(&real).unwrap();
+    assert_eq!((std::os::unix::fs::MetadataExt::uid(&meta), std::os::unix::fs::MetadataExt::gid(&meta)), (uid, gid), "the owner changed");
     let leftovers: Vec<_> = fs::read_dir(&dir).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().ends_with(".tmp")).collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
     fs::remove_dir_all(&dir).unwrap();
