@@ -14,7 +14,7 @@ use crate::ctx::{ConnInfo, RequestIndex};
 use crate::gateway::{Runtime, Shared};
 use crate::http_util::Body;
 use crate::routing::Routed;
-use crate::stage::{stage, Next};
+use crate::stage::{stage, Next, Stage};
 use crate::trace::{Hop, StageKind, Traced, Tracer};
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -41,6 +41,22 @@ where
     Traced::new(kind, tracer, f, next)
 }
 
+/// A traced stage's place for an untraced request: the stage alone.
+fn plain<F, Fut, N>(_: StageKind, _: &Tracer, f: F, next: N) -> Stage<F, N>
+where
+    F: FnOnce(Request<Incoming>, N) -> Fut,
+{
+    Stage::new(f, next)
+}
+
+/// `plain` for the stages below routing.
+fn plain_routed<F, Fut, N>(_: StageKind, _: &Tracer, f: F, next: N) -> Stage<F, N>
+where
+    F: FnOnce(Routed<Incoming>, N) -> Fut,
+{
+    Stage::new(f, next)
+}
+
 /// The innermost stage: forward to the upstream pool.
 struct Proxy(Arc<Runtime>, Tracer);
 
@@ -59,6 +75,79 @@ impl Next<Routed<Incoming>> for Proxy {
     }
 }
 
+/// The stages in order, with `$wrap`/`$wrap_routed` putting each traced stage in
+/// front of the rest (traced or plain); written once for both pipelines.
+macro_rules! compose_stages {
+    ($shared:ident, $rt:ident, $tracer:expr, $wrap:ident, $wrap_routed:ident) => {{
+        let rt = $rt;
+        let tracer = $tracer;
+        let p = Proxy(rt.clone(), tracer.clone());
+        let s = rt.clone();
+        let p = $wrap_routed(
+            StageKind::Transform,
+            tracer,
+            move |r, next| async move {
+                let max_response = s.cfg.server.max_response_bytes;
+                crate::transform::transform_stage(&s.cfg.transforms, max_response, r, next).await
+            },
+            p,
+        );
+        let s = rt.clone();
+        let p = $wrap_routed(
+            StageKind::RateLimit,
+            tracer,
+            move |r, next| async move { crate::ratelimit::rate_limit_stage(&s.limiters, r, next).await },
+            p,
+        );
+        let s = rt.clone();
+        let p = $wrap_routed(
+            StageKind::Auth,
+            tracer,
+            move |r, next| async move {
+                let limit = &s.cfg.auth.failure_limit;
+                crate::auth::auth_stage(&s.auth, &s.auth_failures, limit, r, next).await
+            },
+            p,
+        );
+        let s = rt.clone();
+        let p = $wrap(
+            StageKind::Route,
+            tracer,
+            move |req, next| async move { crate::routing::routing_stage(&s.router, req, next).await },
+            p,
+        );
+        let s = rt.clone();
+        let p = stage(
+            move |req, next| crate::observe::metrics_stage(&s.cfg.observability.metrics_path, req, next),
+            p,
+        );
+        let max_headers = rt.cfg.server.max_headers;
+        let p = stage(
+            move |req, next| crate::guard::hardening_stage(max_headers, req, next),
+            p,
+        );
+        let log = $shared.access_log.clone();
+        let write = rt.cfg.observability.access_log;
+        let p = $wrap(
+            StageKind::Log,
+            tracer,
+            move |req, next| crate::observe::access_log_stage(log, write, req, next),
+            p,
+        );
+        let trace_context = rt.cfg.observability.trace_context;
+        let p = stage(
+            move |req, next| crate::observe::trace_stage(trace_context, req, next),
+            p,
+        );
+        let p = stage(crate::transform::request_id_stage, p);
+        stage(
+            move |req, next| crate::client_headers::client_headers_stage(&rt.cfg.transforms, req, next),
+            p,
+        )
+    }};
+}
+use compose_stages as compose;
+
 /// The full pipeline for one request, outermost stage first. `rt` is the config
 /// generation the request runs under, fixed when it arrives; each stage holds a
 /// reference-counted handle on it and reads only its own part.
@@ -66,69 +155,15 @@ impl Next<Routed<Incoming>> for Proxy {
 /// `tracer` records what the traced stages (access log, routing, auth, rate limit,
 /// transform, upstream) decided, when the request was sampled (`trace::sample`).
 pub fn pipeline(shared: &Shared, rt: Arc<Runtime>, tracer: &Tracer) -> impl Next<Request<Incoming>> {
-    let p = Proxy(rt.clone(), tracer.clone());
-    let s = rt.clone();
-    let p = traced_routed(
-        StageKind::Transform,
-        tracer,
-        move |r, next| async move {
-            let max_response = s.cfg.server.max_response_bytes;
-            crate::transform::transform_stage(&s.cfg.transforms, max_response, r, next).await
-        },
-        p,
-    );
-    let s = rt.clone();
-    let p = traced_routed(
-        StageKind::RateLimit,
-        tracer,
-        move |r, next| async move { crate::ratelimit::rate_limit_stage(&s.limiters, r, next).await },
-        p,
-    );
-    let s = rt.clone();
-    let p = traced_routed(
-        StageKind::Auth,
-        tracer,
-        move |r, next| async move {
-            let limit = &s.cfg.auth.failure_limit;
-            crate::auth::auth_stage(&s.auth, &s.auth_failures, limit, r, next).await
-        },
-        p,
-    );
-    let s = rt.clone();
-    let p = traced(
-        StageKind::Route,
-        tracer,
-        move |req, next| async move { crate::routing::routing_stage(&s.router, req, next).await },
-        p,
-    );
-    let s = rt.clone();
-    let p = stage(
-        move |req, next| crate::observe::metrics_stage(&s.cfg.observability.metrics_path, req, next),
-        p,
-    );
-    let max_headers = rt.cfg.server.max_headers;
-    let p = stage(
-        move |req, next| crate::guard::hardening_stage(max_headers, req, next),
-        p,
-    );
-    let log = shared.access_log.clone();
-    let write = rt.cfg.observability.access_log;
-    let p = traced(
-        StageKind::Log,
-        tracer,
-        move |req, next| crate::observe::access_log_stage(log, write, req, next),
-        p,
-    );
-    let trace_context = rt.cfg.observability.trace_context;
-    let p = stage(
-        move |req, next| crate::observe::trace_stage(trace_context, req, next),
-        p,
-    );
-    let p = stage(crate::transform::request_id_stage, p);
-    stage(
-        move |req, next| crate::client_headers::client_headers_stage(&rt.cfg.transforms, req, next),
-        p,
-    )
+    compose!(shared, rt, tracer, traced, traced_routed)
+}
+
+/// The same pipeline for a request that is not traced (the usual case): plain stages,
+/// without the `Traced` and `Hop` wrappers a sampled request's stages note their
+/// verdicts through (each wrapper also meant one more copy of the future it wraps).
+pub fn untraced_pipeline(shared: &Shared, rt: Arc<Runtime>) -> impl Next<Request<Incoming>> {
+    let tracer: Tracer = None;
+    compose!(shared, rt, &tracer, plain, plain_routed)
 }
 
 /// The pipeline as the service hyper calls for each request on one connection.
@@ -176,14 +211,13 @@ impl GatewayService {
         req.extensions_mut().insert(self.conn.clone());
         let rt = self.shared.runtime.load_full();
         let tracer = crate::trace::sample(rt.cfg.admin.as_ref(), rt.cfg.observability.access_log, &req);
-        let pipeline = pipeline(&self.shared, rt, &tracer);
         // Boxed straight away: the pipeline future is several KiB, and every
         // further move of it (into a wrapping `async` block, say) is a memcpy.
         match tracer {
-            None => Box::pin(pipeline.run(req)),
+            None => Box::pin(untraced_pipeline(&self.shared, rt).run(req)),
             Some(recorder) => {
                 let buffer = self.shared.traces.clone();
-                let fut = Box::pin(pipeline.run(req));
+                let fut = Box::pin(pipeline(&self.shared, rt, &Some(recorder.clone())).run(req));
                 Box::pin(async move {
                     let resp = fut.await;
                     recorder.finish(&resp, &buffer);
