@@ -13,7 +13,7 @@
 use crate::ctx::ClientHeaderCount;
 use crate::http_util::{is_upgrade, strip_hop_by_hop, Body};
 use crate::config::TransformConfig;
-use crate::stage::{run, Next};
+use crate::stage::Next;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response};
 use std::collections::BTreeMap;
 
@@ -83,11 +83,13 @@ pub fn drop_owned_variants<'a>(
 /// The outermost stage: clean the client's headers before anything else runs.
 /// `transforms`: the request's config generation's transforms, whose added header
 /// names are gateway-owned too.
-pub async fn client_headers_stage<B>(
+///
+/// Hands over the rest of the pipeline's future itself: no future of its own.
+pub fn client_headers_stage<B, N: Next<Request<B>>>(
     transforms: &BTreeMap<String, TransformConfig>,
     mut req: Request<B>,
-    next: impl Next<Request<B>>,
-) -> Response<Body> {
+    next: N,
+) -> impl std::future::Future<Output = Response<Body>> + Send {
     let count = req.headers().len();
     req.extensions_mut().insert(ClientHeaderCount(count));
     // Judged now: stripping removes Transfer-Encoding; the 400 is sent by
@@ -101,7 +103,7 @@ pub async fn client_headers_stage<B>(
         .values()
         .flat_map(|t| t.request_headers_add.keys().map(String::as_str));
     drop_owned_variants(h, added);
-    run(next, req).await
+    next.run(req)
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@
 use crate::ctx::{ClientHeaderCount, ConnInfo, RequestIndex};
 use crate::http_util::json_error;
 use crate::http_util::Body;
-use crate::stage::{run, Next};
+use crate::stage::{Answer, Next};
 use http::{header, HeaderValue, Request, Response, StatusCode, Version};
 
 pub use crate::smuggle::{SmuggleGuard, Smuggled};
@@ -140,21 +140,26 @@ pub fn valid_authority(v: &[u8]) -> bool {
 /// Reject smuggling attempts, header floods and unsafe paths before any routing
 /// work, and normalise the path (see `crate::path`) for every later stage.
 /// `max_headers`: `server.max_headers` of the request's config generation.
-pub async fn hardening_stage<B>(
+///
+/// Answers itself or hands over the rest of the pipeline's future (`Answer`).
+pub fn hardening_stage<B, N: Next<Request<B>>>(
     max_headers: usize,
     mut req: Request<B>,
-    next: impl Next<Request<B>>,
-) -> Response<Body> {
-    let framing = match req.extensions().get::<BadFraming>() {
+    next: N,
+) -> impl std::future::Future<Output = Response<Body>> + Send {
+    let ext = req.extensions();
+    let framing = match ext.get::<BadFraming>() {
         Some(b) => Some(*b),
+        // `client_headers_stage` (which counted the headers) judged them already.
+        None if ext.get::<ClientHeaderCount>().is_some() => None,
         None => framing_error(&req),
     };
     if let Some(BadFraming(why)) = framing {
-        return bad_request(&req, "bad_request", why, true);
+        return Answer::now(bad_request(&req, "bad_request", why, true));
     }
     if let Err(why) = host_error(&req) {
         tracing::debug!(host = ?req.headers().get(header::HOST), reason = why, "refused Host");
-        return bad_request(&req, "bad_host", why, false);
+        return Answer::now(bad_request(&req, "bad_host", why, false));
     }
     let max = max_headers;
     // Only what the client sent counts, not the headers the gateway added since.
@@ -163,25 +168,27 @@ pub async fn hardening_stage<B>(
         .get::<ClientHeaderCount>()
         .map_or(req.headers().len(), |c| c.0);
     if count > max {
-        return json_error(
+        return Answer::now(json_error(
             &req,
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             "too_many_headers",
             "too many headers",
-        );
+        ));
     }
     match crate::path::normalize(req.uri().path()) {
         Ok(std::borrow::Cow::Borrowed(_)) => {}
         Ok(std::borrow::Cow::Owned(path)) => match crate::path::with_path(req.uri(), &path) {
             Some(uri) => *req.uri_mut() = uri,
-            None => return bad_request(&req, "bad_path", "invalid request path", false),
+            None => {
+                return Answer::now(bad_request(&req, "bad_path", "invalid request path", false))
+            }
         },
         Err(e) => {
             tracing::debug!(path = %req.uri().path(), error = %e, "refused path");
-            return bad_request(&req, "bad_path", "invalid request path", false);
+            return Answer::now(bad_request(&req, "bad_path", "invalid request path", false));
         }
     }
-    run(next, req).await
+    Answer::next(next.run(req))
 }
 
 #[cfg(test)]

@@ -63,13 +63,31 @@ static HOP_BY_HOP: [HeaderName; 9] = [
     header::UPGRADE,
 ];
 
+/// The index of `name` in `HOP_BY_HOP`. A `match` on the name's text compiles to a
+/// length switch and one comparison; comparing it with each of the nine `HeaderName`s
+/// cost a few hundred instructions per header map (measured with callgrind).
+fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
+    Some(match name.as_str() {
+        "connection" => 0,
+        "keep-alive" => 1,
+        "proxy-connection" => 2,
+        "proxy-authenticate" => 3,
+        "proxy-authorization" => 4,
+        "te" => 5,
+        "trailer" => 6,
+        "transfer-encoding" => 7,
+        "upgrade" => 8,
+        _ => return None,
+    })
+}
+
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     // One pass over the few names present finds which hop-by-hop headers there
     // are (usually none, or just Connection): cheaper than nine hashed removals,
     // and this runs on every request and every response.
     let mut present = 0u16;
     for k in h.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|n| n == k) {
+        if let Some(i) = hop_by_hop_index(k) {
             present |= 1 << i;
         }
     }
@@ -122,4 +140,36 @@ pub fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
             let (k, v) = kv.trim().split_once('=')?;
             (k == name).then(|| v.to_string())
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_index_agrees_with_the_table() {
+        for (i, n) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_by_hop_index(n), Some(i), "{n}");
+        }
+        for other in ["host", "content-length", "x-upgrade", "connections", "t"] {
+            let n = HeaderName::from_static(other);
+            assert_eq!(hop_by_hop_index(&n), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn strip_removes_hop_by_hop_and_named_headers_only() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("close, X-Secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        h.insert(header::HOST, HeaderValue::from_static("a"));
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        strip_hop_by_hop(&mut h);
+        let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["content-type", "host"]);
+    }
 }

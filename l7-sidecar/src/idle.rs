@@ -41,6 +41,11 @@ impl Activity {
         self.last_io_ms.store(ms, Ordering::Relaxed);
     }
 
+    /// Requests whose response has not been fully sent (or dropped).
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
     /// Counts a request as in flight until the guard (kept by its response body) drops.
     pub fn start_request(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -74,11 +79,12 @@ impl Drop for InFlight {
 /// it all (or dropped it).
 pub struct InFlightBody<B> {
     inner: B,
-    _guard: InFlight,
+    _guard: Option<InFlight>,
 }
 
 impl<B> InFlightBody<B> {
-    pub fn new(inner: B, guard: InFlight) -> Self {
+    /// `guard`: None only for a response that was never counted.
+    pub fn new(inner: B, guard: Option<InFlight>) -> Self {
         InFlightBody {
             inner,
             _guard: guard,

@@ -7,7 +7,8 @@
 use crate::ctx::{ConnInfo, RequestId, TraceId, UpstreamAddr, UserId};
 use crate::http_util::{full, Body};
 use crate::routing::MatchedRoute;
-use crate::stage::{run, Next};
+use crate::stage::{run, Answer, Next};
+use std::future::Future;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response};
 use http_body_util::BodyExt as _;
 pub use crate::stats::{
@@ -221,33 +222,42 @@ fn parse_traceparent(v: &str) -> Option<(u128, u8)> {
     ))
 }
 
-/// Continue (or start) the W3C trace for this hop.
-pub async fn trace_stage<B>(mut req: Request<B>, next: impl Next<Request<B>>) -> Response<Body> {
-    let trace = propagate_traceparent(req.headers_mut());
-    req.extensions_mut().insert(trace);
-    run(next, req).await
+/// Continue (or start) the W3C trace for this hop; with `on` false
+/// (`observability.trace_context = false`) `traceparent` passes through untouched.
+/// Hands over the rest of the pipeline's future itself: no future of its own.
+pub fn trace_stage<B, N: Next<Request<B>>>(
+    on: bool,
+    mut req: Request<B>,
+    next: N,
+) -> impl Future<Output = Response<Body>> + Send {
+    if on {
+        let trace = propagate_traceparent(req.headers_mut());
+        req.extensions_mut().insert(trace);
+    }
+    next.run(req)
 }
 
-/// Serve the Prometheus text format on listeners that opted in.
-pub async fn metrics_stage<B>(
+/// Serve the Prometheus text format on listeners that opted in. Answers itself or
+/// hands over the rest of the pipeline's future (`Answer`).
+pub fn metrics_stage<B, N: Next<Request<B>>>(
     metrics_path: &str,
     req: Request<B>,
-    next: impl Next<Request<B>>,
-) -> Response<Body> {
+    next: N,
+) -> impl Future<Output = Response<Body>> + Send {
     let serve = req
         .extensions()
         .get::<ConnInfo>()
         .is_some_and(|c| c.serve_metrics)
         && metrics_path == req.uri().path();
     if !serve {
-        return run(next, req).await;
+        return Answer::next(next.run(req));
     }
     let mut r = Response::new(full(render_metrics()));
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4"),
     );
-    r
+    Answer::now(r)
 }
 
 /// What the access record knows before the response: kept only when the record

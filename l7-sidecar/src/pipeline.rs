@@ -14,7 +14,7 @@ use crate::ctx::{ConnInfo, RequestIndex};
 use crate::gateway::{Runtime, Shared};
 use crate::http_util::Body;
 use crate::routing::Routed;
-use crate::stage::{stage, Next};
+use crate::stage::{stage, Next, Stage};
 use crate::trace::{Hop, StageKind, Traced, Tracer};
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -41,6 +41,22 @@ where
     Traced::new(kind, tracer, f, next)
 }
 
+/// A traced stage's place for an untraced request: the stage alone.
+fn plain<F, Fut, N>(_: StageKind, _: &Tracer, f: F, next: N) -> Stage<F, N>
+where
+    F: FnOnce(Request<Incoming>, N) -> Fut,
+{
+    Stage::new(f, next)
+}
+
+/// `plain` for the stages below routing.
+fn plain_routed<F, Fut, N>(_: StageKind, _: &Tracer, f: F, next: N) -> Stage<F, N>
+where
+    F: FnOnce(Routed<Incoming>, N) -> Fut,
+{
+    Stage::new(f, next)
+}
+
 /// The innermost stage: forward to the upstream pool.
 struct Proxy(Arc<Runtime>, Tracer);
 
@@ -59,6 +75,79 @@ impl Next<Routed<Incoming>> for Proxy {
     }
 }
 
+/// The stages in order, with `$wrap`/`$wrap_routed` putting each traced stage in
+/// front of the rest (traced or plain); written once for both pipelines.
+macro_rules! compose_stages {
+    ($shared:ident, $rt:ident, $tracer:expr, $wrap:ident, $wrap_routed:ident) => {{
+        let rt = $rt;
+        let tracer = $tracer;
+        let p = Proxy(rt.clone(), tracer.clone());
+        let s = rt.clone();
+        let p = $wrap_routed(
+            StageKind::Transform,
+            tracer,
+            move |r, next| async move {
+                let max_response = s.cfg.server.max_response_bytes;
+                crate::transform::transform_stage(&s.cfg.transforms, max_response, r, next).await
+            },
+            p,
+        );
+        let s = rt.clone();
+        let p = $wrap_routed(
+            StageKind::RateLimit,
+            tracer,
+            move |r, next| async move { crate::ratelimit::rate_limit_stage(&s.limiters, r, next).await },
+            p,
+        );
+        let s = rt.clone();
+        let p = $wrap_routed(
+            StageKind::Auth,
+            tracer,
+            move |r, next| async move {
+                let limit = &s.cfg.auth.failure_limit;
+                crate::auth::auth_stage(&s.auth, &s.auth_failures, limit, r, next).await
+            },
+            p,
+        );
+        let s = rt.clone();
+        let p = $wrap(
+            StageKind::Route,
+            tracer,
+            move |req, next| async move { crate::routing::routing_stage(&s.router, req, next).await },
+            p,
+        );
+        let s = rt.clone();
+        let p = stage(
+            move |req, next| crate::observe::metrics_stage(&s.cfg.observability.metrics_path, req, next),
+            p,
+        );
+        let max_headers = rt.cfg.server.max_headers;
+        let p = stage(
+            move |req, next| crate::guard::hardening_stage(max_headers, req, next),
+            p,
+        );
+        let log = $shared.access_log.clone();
+        let write = rt.cfg.observability.access_log;
+        let p = $wrap(
+            StageKind::Log,
+            tracer,
+            move |req, next| crate::observe::access_log_stage(log, write, req, next),
+            p,
+        );
+        let trace_context = rt.cfg.observability.trace_context;
+        let p = stage(
+            move |req, next| crate::observe::trace_stage(trace_context, req, next),
+            p,
+        );
+        let p = stage(crate::transform::request_id_stage, p);
+        stage(
+            move |req, next| crate::client_headers::client_headers_stage(&rt.cfg.transforms, req, next),
+            p,
+        )
+    }};
+}
+use compose_stages as compose;
+
 /// The full pipeline for one request, outermost stage first. `rt` is the config
 /// generation the request runs under, fixed when it arrives; each stage holds a
 /// reference-counted handle on it and reads only its own part.
@@ -66,72 +155,24 @@ impl Next<Routed<Incoming>> for Proxy {
 /// `tracer` records what the traced stages (access log, routing, auth, rate limit,
 /// transform, upstream) decided, when the request was sampled (`trace::sample`).
 pub fn pipeline(shared: &Shared, rt: Arc<Runtime>, tracer: &Tracer) -> impl Next<Request<Incoming>> {
-    let p = Proxy(rt.clone(), tracer.clone());
-    let s = rt.clone();
-    let p = traced_routed(
-        StageKind::Transform,
-        tracer,
-        move |r, next| async move {
-            let max_response = s.cfg.server.max_response_bytes;
-            crate::transform::transform_stage(&s.cfg.transforms, max_response, r, next).await
-        },
-        p,
-    );
-    let s = rt.clone();
-    let p = traced_routed(
-        StageKind::RateLimit,
-        tracer,
-        move |r, next| async move { crate::ratelimit::rate_limit_stage(&s.limiters, r, next).await },
-        p,
-    );
-    let s = rt.clone();
-    let p = traced_routed(
-        StageKind::Auth,
-        tracer,
-        move |r, next| async move {
-            let limit = &s.cfg.auth.failure_limit;
-            crate::auth::auth_stage(&s.auth, &s.auth_failures, limit, r, next).await
-        },
-        p,
-    );
-    let s = rt.clone();
-    let p = traced(
-        StageKind::Route,
-        tracer,
-        move |req, next| async move { crate::routing::routing_stage(&s.router, req, next).await },
-        p,
-    );
-    let s = rt.clone();
-    let p = stage(
-        move |req, next| async move {
-            crate::observe::metrics_stage(&s.cfg.observability.metrics_path, req, next).await
-        },
-        p,
-    );
-    let max_headers = rt.cfg.server.max_headers;
-    let p = stage(
-        move |req, next| crate::guard::hardening_stage(max_headers, req, next),
-        p,
-    );
-    let log = shared.access_log.clone();
-    let write = rt.cfg.observability.access_log;
-    let p = traced(
-        StageKind::Log,
-        tracer,
-        move |req, next| crate::observe::access_log_stage(log, write, req, next),
-        p,
-    );
-    let p = stage(crate::observe::trace_stage, p);
-    let p = stage(crate::transform::request_id_stage, p);
-    stage(
-        move |req, next| async move {
-            crate::client_headers::client_headers_stage(&rt.cfg.transforms, req, next).await
-        },
-        p,
-    )
+    compose!(shared, rt, tracer, traced, traced_routed)
+}
+
+/// The same pipeline for a request that is not traced (the usual case): plain stages,
+/// without the `Traced` and `Hop` wrappers a sampled request's stages note their
+/// verdicts through (each wrapper also meant one more copy of the future it wraps).
+pub fn untraced_pipeline(shared: &Shared, rt: Arc<Runtime>) -> impl Next<Request<Incoming>> {
+    let tracer: Tracer = None;
+    compose!(shared, rt, &tracer, plain, plain_routed)
 }
 
 /// The pipeline as the service hyper calls for each request on one connection.
+///
+/// A `hyper::service::Service` of its own rather than a tower service behind
+/// `TowerToHyperService` and tower-http's `CatchPanic`: those add a state machine per
+/// request and box every response body twice more (`UnsyncBoxBody` around a
+/// `boxed_unsync`), so each body frame went through five boxed layers. Panics are
+/// caught here instead, in `call` and in every poll of the response future.
 #[derive(Clone)]
 pub struct GatewayService {
     shared: Arc<Shared>,
@@ -143,72 +184,131 @@ pub fn build(shared: Arc<Shared>, conn: ConnInfo) -> GatewayService {
     GatewayService { shared, conn }
 }
 
-impl tower::Service<Request<Incoming>> for GatewayService {
-    type Response = Response<Body>;
-    type Error = Infallible;
-    type Future = ResponseFuture;
+/// What hyper sends back: the pipeline's body, counted as in flight until hyper drops it.
+pub type ResponseBody = crate::idle::InFlightBody<Body>;
 
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
+/// The answer to a request whose handling panicked: a bug in one request must not take
+/// the connection (or the process) down.
+pub fn panic_response() -> Response<Body> {
+    crate::http_util::json_error_with_id(
+        http::StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "internal error",
+        "",
+    )
+}
 
-    fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
+type PipelineFuture = Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
+
+impl GatewayService {
+    fn start(&self, mut req: Request<Incoming>) -> PipelineFuture {
         let index = self.conn.requests.fetch_add(1, Ordering::Relaxed);
         req.extensions_mut().insert(RequestIndex(index));
-        // In flight until hyper drops the response body: the idle watchdog must not
-        // close a connection whose response is still being produced.
-        let in_flight = self.conn.activity.start_request();
         if self.conn.admin {
             // The admin listener never runs the gateway's stages.
-            return ResponseFuture {
-                fut: Box::pin(crate::admin::serve(self.shared.clone(), req)),
-                in_flight: Some(in_flight),
-            };
+            return Box::pin(crate::admin::serve(self.shared.clone(), req));
         }
         req.extensions_mut().insert(self.conn.clone());
         let rt = self.shared.runtime.load_full();
         let tracer = crate::trace::sample(rt.cfg.admin.as_ref(), rt.cfg.observability.access_log, &req);
-        let pipeline = pipeline(&self.shared, rt, &tracer);
         // Boxed straight away: the pipeline future is several KiB, and every
         // further move of it (into a wrapping `async` block, say) is a memcpy.
-        let fut: Pin<Box<dyn Future<Output = Response<Body>> + Send>> = match tracer {
-            None => Box::pin(pipeline.run(req)),
+        match tracer {
+            None => Box::pin(untraced_pipeline(&self.shared, rt).run(req)),
             Some(recorder) => {
                 let buffer = self.shared.traces.clone();
-                let fut = Box::pin(pipeline.run(req));
+                let fut = Box::pin(pipeline(&self.shared, rt, &Some(recorder.clone())).run(req));
                 Box::pin(async move {
                     let resp = fut.await;
                     recorder.finish(&resp, &buffer);
                     resp
                 })
             }
-        };
+        }
+    }
+}
+
+impl hyper::service::Service<Request<Incoming>> for GatewayService {
+    type Response = Response<ResponseBody>;
+    type Error = Infallible;
+    type Future = ResponseFuture;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        // In flight until hyper drops the response body: the idle watchdog must not
+        // close a connection whose response is still being produced.
+        let in_flight = self.conn.activity.start_request();
+        let fut = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.start(req)))
+            .map_err(|_| panic_response());
         ResponseFuture {
-            fut,
+            fut: Some(fut),
             in_flight: Some(in_flight),
         }
     }
 }
 
-/// The boxed pipeline future, as the `Result` tower expects.
-/// Its response body carries the request's `InFlight` guard.
+/// The boxed pipeline future (or the answer to a panic while building it), as the
+/// `Result` hyper expects. Its response body carries the request's `InFlight` guard.
 pub struct ResponseFuture {
-    fut: Pin<Box<dyn Future<Output = Response<Body>> + Send>>,
+    fut: Option<Result<PipelineFuture, Response<Body>>>,
     in_flight: Option<crate::idle::InFlight>,
 }
 
 impl Future for ResponseFuture {
-    type Output = Result<Response<Body>, Infallible>;
+    type Output = Result<Response<ResponseBody>, Infallible>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let resp = std::task::ready!(self.fut.as_mut().poll(cx));
-        let guard = self.in_flight.take();
-        Poll::Ready(Ok(match guard {
-            Some(g) => {
-                use http_body_util::BodyExt as _;
-                resp.map(|b| crate::idle::InFlightBody::new(b, g).boxed())
+        let this = &mut *self;
+        let resp = match this.fut.as_mut() {
+            Some(Ok(fut)) => {
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
+                    Ok(Poll::Pending) => return Poll::Pending,
+                    Ok(Poll::Ready(resp)) => resp,
+                    // The future panicked: it must not be polled again.
+                    Err(_) => panic_response(),
+                }
             }
-            None => resp,
-        }))
+            Some(Err(_)) => match this.fut.take() {
+                Some(Err(resp)) => resp,
+                _ => panic_response(),
+            },
+            None => panic_response(),
+        };
+        this.fut = None;
+        let guard = this.in_flight.take();
+        Poll::Ready(Ok(resp.map(|b| crate::idle::InFlightBody::new(b, guard))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt as _;
+
+    fn conn() -> ConnInfo {
+        ConnInfo::new("127.0.0.1:1".parse().expect("addr"), false, false)
+    }
+
+    /// A panic inside a stage answers 500 and ends the request's in-flight count, as
+    /// tower-http's `CatchPanic` did before the service was hyper's own.
+    #[tokio::test]
+    async fn a_panicking_pipeline_answers_500_and_leaves_the_connection_idle() {
+        let c = conn();
+        fn boom() -> Response<Body> {
+            panic!("a bug in a stage")
+        }
+        let fut: PipelineFuture = Box::pin(async { boom() });
+        let rf = ResponseFuture {
+            fut: Some(Ok(fut)),
+            in_flight: Some(c.activity.start_request()),
+        };
+        let resp = rf.await.expect("infallible");
+        assert_eq!(resp.status(), http::StatusCode::INTERNAL_SERVER_ERROR);
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        assert!(
+            String::from_utf8_lossy(&body).contains("\"internal\""),
+            "{body:?}"
+        );
+        // The body (and its guard) is gone: nothing is in flight any more.
+        assert_eq!(c.activity.in_flight(), 0);
     }
 }

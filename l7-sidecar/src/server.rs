@@ -4,11 +4,9 @@
 
 use crate::ctx::ConnInfo;
 use crate::gateway::{Gateway, GatewayError};
-use crate::http_util::json_error_with_id;
 use crate::idle::{ActivityIo, PerAddress};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::service::TowerToHyperService;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -326,17 +324,17 @@ async fn serve<S>(
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let svc = tower::ServiceBuilder::new()
-        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
-            PanicResponder,
-        ))
-        .service(crate::pipeline::build(gw.shared.clone(), info.clone()));
+    // Catches a request's panics itself (see `pipeline::GatewayService`).
+    let svc = crate::pipeline::build(gw.shared.clone(), info.clone());
     let stream = crate::guard::SmuggleGuard::new(stream, info.smuggled.clone());
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    // The header read timeout is the watchdog's below, not hyper's: hyper's costs a
+    // timer (boxed, registered and cancelled) and one more poll of the connection per
+    // request.
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_millis(cfg.header_read_timeout_ms))
+        .header_read_timeout(None)
         .max_buf_size(cfg.max_header_bytes.max(8192));
     // hyper's own limit is 100 headers, parsed into arrays on the stack; setting any
     // limit (even 100) makes it fill a header array element by element per request.
@@ -349,7 +347,7 @@ async fn serve<S>(
         .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX))
         .max_concurrent_streams(256);
     let conn =
-        builder.serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(svc));
+        builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
     tokio::pin!(conn);
     let stopped = async move {
         // The watch guard must not live across an await of the connection.
@@ -358,8 +356,11 @@ async fn serve<S>(
     tokio::pin!(stopped);
     let first_byte = Duration::from_millis(cfg.first_byte_timeout_ms);
     let idle = Duration::from_millis(cfg.idle_timeout_ms);
+    let header = Duration::from_millis(cfg.header_read_timeout_ms);
     // Checked a few times per timeout: closing up to a quarter late is fine.
-    let tick = (first_byte.min(idle) / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    let tick = (first_byte.min(idle).min(header) / 4)
+        .clamp(Duration::from_millis(10), Duration::from_secs(1));
+    let mut head = HeadWatch::default();
     let result = loop {
         tokio::select! {
             // In this order, without drawing a random one per wake-up: the connection
@@ -372,8 +373,10 @@ async fn serve<S>(
                 break conn.await;
             }
             () = tokio::time::sleep(tick) => {
-                if info.activity.expired(tokio::time::Instant::now(), first_byte, idle) {
-                    tracing::debug!(peer = %info.peer, "closing idle connection");
+                let now = tokio::time::Instant::now();
+                let slow_head = head.too_slow(info.smuggled.head_in_progress(), now, header);
+                if slow_head || info.activity.expired(now, first_byte, idle) {
+                    tracing::debug!(peer = %info.peer, slow_head, "closing idle connection");
                     conn.as_mut().graceful_shutdown();
                     // HTTP/2 says goodbye first; a peer that does not answer is cut.
                     match tokio::time::timeout(Duration::from_secs(1), conn.as_mut()).await {
@@ -389,29 +392,59 @@ async fn serve<S>(
     }
 }
 
-/// A bug in one request must not take the connection (or the process) down.
-#[derive(Clone, Copy)]
-struct PanicResponder;
+/// The watchdog's view of the request head being read (`Smuggled::head_in_progress`):
+/// which one, and since when the watchdog has seen it. A head is cut at most one
+/// watchdog tick after `server.header_read_timeout_ms`.
+#[derive(Default)]
+struct HeadWatch {
+    seen: Option<(u64, tokio::time::Instant)>,
+}
 
-impl tower_http::catch_panic::ResponseForPanic for PanicResponder {
-    type ResponseBody = crate::http_util::Body;
-
-    fn response_for_panic(
+impl HeadWatch {
+    /// True once the same head has been in progress for `limit`.
+    fn too_slow(
         &mut self,
-        _err: Box<dyn std::any::Any + Send + 'static>,
-    ) -> http::Response<crate::http_util::Body> {
-        json_error_with_id(
-            http::StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "internal error",
-            "",
-        )
+        in_progress: Option<u64>,
+        now: tokio::time::Instant,
+        limit: Duration,
+    ) -> bool {
+        match (in_progress, self.seen) {
+            (None, _) => {
+                self.seen = None;
+                false
+            }
+            (Some(n), Some((seen, since))) if n == seen => {
+                now.saturating_duration_since(since) >= limit
+            }
+            (Some(n), _) => {
+                self.seen = Some((n, now));
+                false
+            }
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
+
+    #[test]
+    fn a_head_is_too_slow_once_the_same_one_lasts_the_limit() {
+        let mut w = super::HeadWatch::default();
+        let t0 = tokio::time::Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let limit = Duration::from_millis(300);
+        assert!(!w.too_slow(None, at(0), limit));
+        assert!(!w.too_slow(Some(0), at(0), limit), "first seen");
+        assert!(!w.too_slow(Some(0), at(200), limit));
+        assert!(w.too_slow(Some(0), at(300), limit), "the same head for 300 ms");
+        // A new head (the previous one completed between ticks) starts over.
+        assert!(!w.too_slow(Some(1), at(400), limit));
+        assert!(!w.too_slow(Some(1), at(600), limit));
+        assert!(!w.too_slow(None, at(650), limit));
+        assert!(!w.too_slow(Some(2), at(1000), limit));
+        assert!(w.too_slow(Some(2), at(1300), limit));
+    }
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     #[tokio::test]

@@ -27,6 +27,11 @@ pub struct Smuggled {
     first_bad: AtomicU64,
     /// Request heads completed so far.
     heads: AtomicU64,
+    /// 1 + the number of the request head being read (its first byte arrived, its end
+    /// not yet); 0 when none is. The connection's watchdog cuts a head that takes
+    /// longer than `server.header_read_timeout_ms` (hyper's own header timer costs a
+    /// timer and an extra poll of the connection per request).
+    reading_head: AtomicU64,
 }
 
 impl Default for Smuggled {
@@ -34,6 +39,7 @@ impl Default for Smuggled {
         Smuggled {
             first_bad: AtomicU64::new(0),
             heads: AtomicU64::new(0),
+            reading_head: AtomicU64::new(0),
         }
     }
 }
@@ -59,6 +65,12 @@ impl Smuggled {
     /// Request heads the guard has seen complete.
     pub fn heads(&self) -> u64 {
         self.heads.load(Ordering::SeqCst)
+    }
+
+    /// The number (0-based) of the HTTP/1 request head being read, if one is: its
+    /// first byte has arrived, its empty line not yet.
+    pub fn head_in_progress(&self) -> Option<u64> {
+        self.reading_head.load(Ordering::Relaxed).checked_sub(1)
     }
 }
 
@@ -91,6 +103,8 @@ pub struct SmuggleGuard<S> {
     /// A line split across reads.
     line: Vec<u8>,
     flag: Arc<Smuggled>,
+    /// The head being read (`State::Head`) has had its first byte.
+    head_started: bool,
 }
 
 impl<S> SmuggleGuard<S> {
@@ -100,6 +114,7 @@ impl<S> SmuggleGuard<S> {
             state: FRESH,
             line: Vec::new(),
             flag,
+            head_started: false,
         }
     }
 
@@ -124,6 +139,13 @@ impl<S> SmuggleGuard<S> {
                         };
                     }
                 }
+                State::Head { first: true, .. } if !self.head_started => {
+                    // The first byte of a head (a stray CRLF before it counts: hyper's
+                    // timer runs then too).
+                    self.head_started = true;
+                    let number = self.flag.heads.load(Ordering::Relaxed);
+                    self.flag.reading_head.store(number + 1, Ordering::Relaxed);
+                }
                 _ => {
                     let Some(pos) = data.iter().position(|b| *b == b'\n') else {
                         let room = MAX_LINE.saturating_sub(self.line.len());
@@ -147,6 +169,11 @@ impl<S> SmuggleGuard<S> {
                 }
             }
         }
+    }
+
+    fn end_head(&mut self) {
+        self.head_started = false;
+        self.flag.reading_head.store(0, Ordering::Relaxed);
     }
 
     /// One complete line, without its `\n`.
@@ -188,13 +215,17 @@ impl<S> SmuggleGuard<S> {
             // Only a connection's very first line can be the HTTP/2 preface; later
             // it is a (bad) HTTP/1 request and must not switch the guard off.
             if self.flag.heads() == 0 && starts_with_ignore_case(text, b"pri * http/2") {
+                // HTTP/2 has no request heads of this kind: nothing is being read.
+                self.end_head();
                 self.state = State::Done;
             }
             return;
         }
         if text.is_empty() {
+            let (cl, te) = (*cl, *te);
+            self.end_head();
             let index = self.flag.heads.fetch_add(1, Ordering::SeqCst);
-            self.state = match (*cl, *te) {
+            self.state = match (cl, te) {
                 (cl, true) => {
                     if cl.is_some() {
                         self.flag.mark(index);
@@ -302,6 +333,28 @@ mod tests {
         // A body that merely contains the words is skipped by its Content-Length.
         let body = b"POST / HTTP/1.1\r\nContent-Length: 38\r\n\r\nContent-Length: 1\r\nTransfer-Encoding: x";
         assert!(!flagged(body, 10));
+    }
+
+    #[test]
+    fn knows_when_a_request_head_is_being_read() {
+        let flag = Arc::new(Smuggled::default());
+        let mut g = SmuggleGuard::new((), flag.clone());
+        assert_eq!(flag.head_in_progress(), None, "nothing read yet");
+        g.scan(b"GE");
+        assert_eq!(flag.head_in_progress(), Some(0), "from the first byte");
+        g.scan(b"T / HTTP/1.1\r\nHost: x\r\n");
+        assert_eq!(flag.head_in_progress(), Some(0));
+        g.scan(b"\r\n");
+        assert_eq!(flag.head_in_progress(), None, "head complete");
+        g.scan(b"POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\nab");
+        assert_eq!(flag.head_in_progress(), None, "a body is no head");
+        g.scan(b"cG");
+        assert_eq!(flag.head_in_progress(), Some(2), "the third request's head");
+
+        let h2 = Arc::new(Smuggled::default());
+        let mut g = SmuggleGuard::new((), h2.clone());
+        g.scan(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00");
+        assert_eq!(h2.head_in_progress(), None, "HTTP/2 reads no such heads");
     }
 
     #[test]

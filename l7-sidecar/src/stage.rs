@@ -29,6 +29,50 @@ pub fn run<R, N: Next<R>>(next: N, req: R) -> impl Future<Output = Response<Body
     Box::pin(next.run(req))
 }
 
+pin_project_lite::pin_project! {
+    /// What a stage that only looks at the request returns: its own answer, or the
+    /// rest of the pipeline's future itself. Such a stage adds no future (and no box,
+    /// no copy of the request into one) of its own to the request's.
+    #[project = AnswerProj]
+    pub enum Answer<F> {
+        Now { resp: Option<Response<Body>> },
+        Next { #[pin] fut: F },
+    }
+}
+
+impl<F> Answer<F> {
+    pub fn now(resp: Response<Body>) -> Answer<F> {
+        Answer::Now { resp: Some(resp) }
+    }
+
+    pub fn next(fut: F) -> Answer<F> {
+        Answer::Next { fut }
+    }
+}
+
+impl<F: Future<Output = Response<Body>>> Future for Answer<F> {
+    type Output = Response<Body>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Response<Body>> {
+        match self.project() {
+            // Polled again after its answer (a caller's bug): a 500 rather than a panic.
+            AnswerProj::Now { resp } => std::task::Poll::Ready(
+                resp.take()
+                    .unwrap_or_else(|| crate::http_util::json_error_with_id(
+                        http::StatusCode::INTERNAL_SERVER_ERROR,
+                        "internal",
+                        "internal error",
+                        "",
+                    )),
+            ),
+            AnswerProj::Next { fut } => fut.poll(cx),
+        }
+    }
+}
+
 /// One stage in front of the rest of the pipeline.
 #[derive(Clone)]
 pub struct Stage<F, N> {

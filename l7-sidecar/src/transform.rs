@@ -34,6 +34,11 @@ pub fn valid_request_id(v: &str) -> bool {
 }
 
 pub fn new_request_id() -> String {
+    String::from_utf8_lossy(&new_request_id_bytes()).into_owned()
+}
+
+/// A new UUIDv4 request id as ASCII, without an allocation.
+fn new_request_id_bytes() -> [u8; 36] {
     let hi = fastrand::u64(..);
     let lo = fastrand::u64(..);
     // UUIDv4 layout: version and variant bits set.
@@ -47,7 +52,7 @@ pub fn new_request_id() -> String {
     put(&mut id[14..18], hi & 0xffff);
     put(&mut id[19..23], lo >> 48);
     put(&mut id[24..36], lo & 0xffff_ffff_ffff);
-    String::from_utf8_lossy(&id).into_owned()
+    id
 }
 
 /// Returns the request id to use (and its header value), setting it on the request
@@ -58,10 +63,11 @@ pub fn ensure_request_id(headers: &mut HeaderMap) -> (Arc<str>, HeaderValue) {
             return (Arc::from(id), v.clone());
         }
     }
-    let id = new_request_id();
-    let v = HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static(""));
+    // Straight from the bytes: a `String` first was one allocation and copy more.
+    let id = new_request_id_bytes();
+    let v = HeaderValue::from_bytes(&id).unwrap_or(HeaderValue::from_static(""));
     headers.insert(REQUEST_ID, v.clone());
-    (Arc::from(id), v)
+    (Arc::from(v.to_str().unwrap_or_default()), v)
 }
 
 /// Identity headers come only from the gateway: whatever the client sent is dropped.

@@ -240,6 +240,31 @@ async fn aggregation_merges_parallel_json_responses() {
     assert_eq!(r.status, 502, "a failed part fails the aggregate");
 }
 
+/// `observability.trace_context = false`: the gateway takes no part in the trace, so
+/// the client's `traceparent` reaches the upstream as sent and none is made up.
+#[tokio::test]
+async fn trace_context_off_passes_traceparent_through() {
+    let up = upstream("p").await;
+    let cfg = format!(
+        "[observability]\ntrace_context = false\n{}{}[[routes]]\nname = \"obs\"\npath = \"/\"\npool = \"p\"\n",
+        listener("public"),
+        pool("p", &[&up], "")
+    );
+    let gw = start_gateway(&cfg).await;
+    let c = client();
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let r = get(&c, &format!("{}/a", base(&gw)), &[("traceparent", tp)]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(up.last().headers["traceparent"], tp, "passed through as sent");
+    let r = get(&c, &format!("{}/b", base(&gw)), &[]).await;
+    assert_eq!(r.status, 200);
+    assert!(
+        !up.last().headers.contains_key("traceparent"),
+        "none created: {:?}",
+        up.last().headers.get("traceparent")
+    );
+}
+
 #[tokio::test]
 async fn access_log_metrics_and_traceparent() {
     let up = upstream("p").await;

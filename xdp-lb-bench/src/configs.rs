@@ -72,7 +72,9 @@ stream {{
 /// l7-sidecar), so none gets more cores than the others.
 pub const L7_WORKERS: usize = 2;
 
-/// nginx HTTP reverse proxy on `listen`, upstream keep-alive.
+/// nginx HTTP reverse proxy on `listen`, upstream keep-alive. It does what l7-sidecar
+/// does to every request, so both proxies do the same work: the client's Host kept,
+/// `X-Forwarded-For/-Proto/-Host` set, a request id generated, forwarded and returned.
 pub fn nginx_http(dir: &Path, listen: &str, backends: &[String]) -> String {
     let d = dir.display();
     let servers = backend_list(backends, "    server ", ";");
@@ -102,6 +104,12 @@ http {{
       proxy_pass http://backends;
       proxy_http_version 1.1;
       proxy_set_header Connection "";
+      proxy_set_header Host $http_host;
+      proxy_set_header X-Forwarded-For $remote_addr;
+      proxy_set_header X-Forwarded-Proto $scheme;
+      proxy_set_header X-Forwarded-Host $host;
+      proxy_set_header X-Request-Id $request_id;
+      add_header X-Request-Id $request_id always;
     }}
   }}
 }}
@@ -109,7 +117,8 @@ http {{
     )
 }
 
-/// HAProxy in `mode` (tcp or http) on `listen`.
+/// HAProxy in `mode` (tcp or http) on `listen`. In http mode it does l7-sidecar's
+/// per-request work too (see `nginx_http`).
 pub fn haproxy(mode: &str, listen: &str, backends: &[String]) -> String {
     let servers: String = backends
         .iter()
@@ -117,7 +126,19 @@ pub fn haproxy(mode: &str, listen: &str, backends: &[String]) -> String {
         .map(|(i, b)| format!("  server s{i} {b}\n"))
         .collect();
     let http = if mode == "http" {
-        "  option http-keep-alive\n  http-reuse always\n"
+        "  option http-keep-alive\n  http-reuse always\n  option forwardfor\n"
+    } else {
+        ""
+    };
+    // Rules are not allowed in an anonymous `defaults` section: the frontend's.
+    let rules = if mode == "http" {
+        concat!(
+            "  unique-id-format %[uuid()]\n",
+            "  http-request set-header X-Forwarded-Proto http\n",
+            "  http-request set-header X-Forwarded-Host %[req.hdr(host)]\n",
+            "  http-request set-header X-Request-Id %[unique-id]\n",
+            "  http-response set-header X-Request-Id %[unique-id]\n",
+        )
     } else {
         ""
     };
@@ -132,7 +153,7 @@ defaults
   timeout server 60s
 {http}frontend bench
   bind {listen}
-  default_backend backends
+{rules}  default_backend backends
 backend backends
   balance roundrobin
 {servers}"#
@@ -173,6 +194,8 @@ bind = "{listen}"
 
 [observability]
 access_log = false
+# nginx and HAProxy take no part in W3C trace context: neither does l7-sidecar here.
+trace_context = false
 
 [pools.web]
 algorithm = "round-robin"

@@ -562,6 +562,9 @@ pub struct TransformConfig {
 pub struct ObservabilityConfig {
     pub metrics_path: String,
     pub access_log: bool,
+    /// Take part in W3C trace context: continue (or start) the client's trace with a
+    /// span of our own in `traceparent`. Off, the header passes through untouched.
+    pub trace_context: bool,
 }
 
 impl Default for ObservabilityConfig {
@@ -569,6 +572,7 @@ impl Default for ObservabilityConfig {
         Self {
             metrics_path: "/metrics".into(),
             access_log: true,
+            trace_context: true,
         }
     }
 }

@@ -27,7 +27,12 @@ pub async fn aggregate(
                 client_ip,
                 headers: &headers,
             };
-            let r = forward(&up, &Method::GET, &path, &headers, Bytes::new(), &hash).await;
+            let r = match http::Uri::try_from(path.as_str()) {
+                Ok(target) => {
+                    forward(&up, &Method::GET, &target, &headers, Bytes::new(), &hash).await
+                }
+                Err(e) => Err(ProxyError::Upstream(e.to_string())),
+            };
             (name, r)
         }));
     }

@@ -113,10 +113,12 @@ fn idempotent(m: &Method) -> bool {
 /// after any failure that left them without a response: a refused connection, but
 /// also a pooled keep-alive connection the backend closed or reset before answering
 /// (a replica that just died). The body is buffered, so it can be sent again.
+///
+/// `target`: the origin-form request target (path and query only).
 pub async fn forward(
     up: &Upstream,
     method: &Method,
-    path_and_query: &str,
+    target: &http::Uri,
     headers: &HeaderMap,
     body: Bytes,
     hash: &HashInput<'_>,
@@ -125,7 +127,7 @@ pub async fn forward(
     let deadline = tokio::time::Instant::now() + timeout;
     match tokio::time::timeout_at(
         deadline,
-        forward_inner(up, method, path_and_query, headers, body, hash, deadline),
+        forward_inner(up, method, target, headers, body, hash, deadline),
     )
     .await
     {
@@ -137,7 +139,7 @@ pub async fn forward(
 async fn forward_inner(
     up: &Upstream,
     method: &Method,
-    pq: &str,
+    target: &http::Uri,
     headers: &HeaderMap,
     body: Bytes,
     hash: &HashInput<'_>,
@@ -175,8 +177,7 @@ async fn forward_inner(
         // over HTTP/2).
         let mut req = Request::new(conns::UpBody::new(body.clone()));
         *req.method_mut() = method.clone();
-        *req.uri_mut() =
-            http::Uri::try_from(pq).map_err(|e| ProxyError::Upstream(e.to_string()))?;
+        *req.uri_mut() = target.clone();
         *req.headers_mut() = headers.clone();
         if !req.headers().contains_key(header::HOST) {
             if let Ok(v) = HeaderValue::from_str(backend.authority.as_str()) {
@@ -225,6 +226,16 @@ fn source_chain(e: &dyn std::error::Error) -> String {
         cur = s.source();
     }
     out
+}
+
+/// `pq` (the upstream path and query) as an origin-form URI. When it is the client's
+/// own path and query, as on routes without rewrite or prefix stripping, the parsed one
+/// is reused instead of parsing it again.
+fn origin_form(client: &http::Uri, pq: &str) -> Option<http::Uri> {
+    match client.path_and_query() {
+        Some(own) if own.as_str() == pq => Some(http::Uri::from(own.clone())),
+        _ => http::Uri::try_from(pq).ok(),
+    }
 }
 
 fn parts_is_5xx<B>(r: &Response<B>) -> bool {
@@ -393,11 +404,15 @@ pub async fn proxy(
     let Some(up) = pool else {
         return err(StatusCode::BAD_GATEWAY, "bad_gateway", "route has no pool");
     };
+    let Some(target) = origin_form(&parts.uri, &pq) else {
+        tracing::warn!(route = %rc.name, request_id = %rid, "upstream target is no valid URI");
+        return err(StatusCode::BAD_GATEWAY, "upstream_error", "upstream failed");
+    };
     let hash = HashInput {
         client_ip,
         headers: &parts.headers,
     };
-    match forward(&up, &parts.method, &pq, &parts.headers, body, &hash).await {
+    match forward(&up, &parts.method, &target, &parts.headers, body, &hash).await {
         Ok(r) => {
             let mut resp = Response::from_parts(r.parts, r.body);
             resp.extensions_mut().insert(UpstreamAddr(r.backend));
@@ -407,5 +422,21 @@ pub async fn proxy(
             tracing::warn!(route = %rc.name, request_id = %rid, error = %e, "upstream failure");
             err(e.status(), "upstream_error", e.public_message())
         }
+    }
+}
+
+#[cfg(test)]
+mod target_tests {
+    use super::origin_form;
+
+    #[test]
+    fn the_upstream_target_is_origin_form() {
+        let client: http::Uri = "http://a.example:8080/p/x?q=1".parse().expect("uri");
+        let same = origin_form(&client, "/p/x?q=1").expect("valid");
+        assert_eq!(same.to_string(), "/p/x?q=1");
+        assert!(same.authority().is_none() && same.scheme().is_none());
+        let rewritten = origin_form(&client, "/x?q=1").expect("valid");
+        assert_eq!(rewritten.to_string(), "/x?q=1");
+        assert!(origin_form(&client, "/bad path").is_none(), "a space is no URI");
     }
 }

@@ -49,7 +49,7 @@ fn server_section() {
 fn observability_section() {
     let o = ObservabilityConfig {
         metrics_path: "metrics".into(),
-        access_log: true,
+        ..ObservabilityConfig::default()
     };
     assert_eq!(
         run(|e| observability(&o, e)),
