@@ -411,3 +411,63 @@ fn dataplane_sizes_need_a_detach_hash_seed_reloads_and_an_empty_file_is_named() 
     let err = error_line(daemon.restart_with_args(&[]).expect_err("started with other map sizes"));
     assert!(err.contains("no [dataplane] section") && err.contains("truncated"), "{err}");
 }
+
+/// Hostile 9 H6: an edit the daemon rejected (or would reject: a staged map resize) does not lock
+/// the operator out of a drain, the refusals of other changes say what is really wrong, and
+/// `status` shows the rejection next to EDITED ON DISK. The pending edit stays on disk, untouched
+/// but for the drain, and is still reported.
+#[test]
+fn a_rejected_edit_is_reported_and_does_not_block_a_drain() {
+    let topo = Topology::new("cfrj", 2).expect("building the testbed");
+    let _servers = Servers::start_all(&topo);
+    let web = vip(&topo, 80);
+    let (b0, b1) = (backend_addr(&topo, 0), backend_addr(&topo, 1));
+    let mut daemon = start_daemon(&topo, &service_toml("web", web, &[], &[(b0, &[]), (b1, &[])]));
+    let path = daemon.config_path().to_path_buf();
+    let good = read(&path);
+
+    // A broken hand edit, then SIGHUP: rejected.
+    daemon.write_config(&format!("bogus = 1\n{good}")).expect("editing");
+    daemon.reload().expect_err("the daemon accepted an unknown key");
+    let c = config_status(&daemon);
+    assert!(c.changed_on_disk, "{c:?}");
+    let rejected = c.rejected_edit.clone().unwrap_or_else(|| panic!("status --json does not show the rejected reload: {c:?}"));
+    assert!(rejected.contains("bogus"), "{rejected}");
+    let out = cli_ok(&daemon, &["status"]);
+    assert!(out.contains("EDITED ON DISK") && out.contains("REJECTED") && out.contains("bogus"), "status text hides the rejection:\n{out}");
+    assert!(!out.contains("`xdp-lb reload` applies it"), "status still promises the reload applies it:\n{out}");
+
+    // Other changes are refused with the real reason, not "run reload".
+    let err = cli_err(&daemon, &["backend", "add", "web", "10.9.9.9:80"], "rejected");
+    assert!(err.contains("bogus") && err.contains("fix or revert"), "{err}");
+    assert!(!err.contains("run `xdp-lb reload`"), "{err}");
+
+    // The emergency lever works: the drain runs, is written into the file, the edit stays.
+    cli_ok(&daemon, &["backend", "drain", "web", &b1.to_string()]);
+    assert_eq!(backend(&status(&daemon), "web", b1)["drained"], true, "the drain does not run");
+    assert_served_by(&topo, &daemon, web, &[0], "after the drain beside the rejected edit");
+    let text = read(&path);
+    assert!(text.starts_with("bogus = 1\n") && text.contains("drained = true"), "the file lost the edit or the drain:\n{text}");
+    cli_ok(&daemon, &["backend", "weight", "web", &b0.to_string(), "3"]);
+    assert_eq!(backend(&status(&daemon), "web", b0)["weight"], 3);
+    let c = config_status(&daemon);
+    assert!(c.changed_on_disk && c.rejected_edit.is_some(), "the pending edit is no longer reported: {c:?}");
+
+    // Fixing the edit: the reload applies the file, drain and weight included.
+    daemon.write_config(read(&path).trim_start_matches("bogus = 1\n")).expect("fixing");
+    daemon.reload().unwrap_or_else(|e| panic!("reload of the fixed file: {e:?}"));
+    let c = config_status(&daemon);
+    assert!(!c.changed_on_disk && c.rejected_edit.is_none(), "{c:?}");
+    assert_eq!(backend(&status(&daemon), "web", b1)["drained"], true);
+    assert_eq!(backend(&status(&daemon), "web", b0)["weight"], 3);
+
+    // A valid edit the daemon cannot apply live (a staged resize), not reloaded yet: a change
+    // other than drain/undrain/weight names the resize, not "run reload".
+    let good = read(&path);
+    daemon.write_config(&format!("[dataplane]\nconntrack_entries = 524288\n{good}")).expect("staging a resize");
+    let err = cli_err(&daemon, &["backend", "remove", "web", &b1.to_string()], "conntrack_entries");
+    assert!(err.contains("fix or revert"), "{err}");
+    cli_ok(&daemon, &["backend", "undrain", "web", &b1.to_string()]);
+    assert_eq!(backend(&status(&daemon), "web", b1)["drained"], false);
+    assert!(read(&path).starts_with("[dataplane]\nconntrack_entries = 524288\n"), "{}", read(&path));
+}

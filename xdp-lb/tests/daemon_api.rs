@@ -276,3 +276,27 @@ fn a_second_daemon_refused_for_its_socket_pins_nothing() {
     // The first daemon's socket is still there and answers.
     cli_ok(&daemon, &["status"]);
 }
+
+/// Hostile 9 H10: a second daemon (own socket, no pins) on an interface the first one holds is
+/// refused because the interface is busy; it does not claim native XDP is unavailable.
+#[test]
+fn a_second_daemon_on_a_busy_interface_says_it_is_busy() {
+    let topo = Topology::new("apibusy", 1).expect("building the testbed");
+    let backends: Vec<_> = (0..1).map(|i| (backend_addr(&topo, i), &[][..])).collect();
+    let daemon = start_daemon(&topo, &service_toml("web", vip(&topo, 80), &[], &backends));
+
+    let other_socket = std::env::temp_dir().join(format!("xdp-lb-api-{}-busy.sock", std::process::id()));
+    let mut cmd = Command::new("timeout");
+    cmd.args(["20", "ip", "netns", "exec", topo.lb().name(), XDP_LB]).arg("--socket").arg(&other_socket);
+    cmd.arg("run").arg("--config").arg(daemon.config_path()).arg("--no-pin");
+    for iface in topo.lb_ifaces() {
+        cmd.args(["--iface", iface.as_ref()]);
+    }
+    let out = cmd.env("NO_COLOR", "1").output().expect("running a second xdp-lb");
+    let _ = std::fs::remove_file(&other_socket);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "the second daemon must exit with an error:\n{stderr}");
+    assert!(stderr.contains("busy") && stderr.contains("another XDP program"), "does not say the interface is busy:\n{stderr}");
+    assert!(!stderr.contains("native XDP is not available"), "blames native XDP:\n{stderr}");
+    cli_ok(&daemon, &["status"]);
+}

@@ -54,7 +54,7 @@ impl Daemon {
             }
             return Err(match failure {
                 file::WriteError::Changed => DaemonError::EditedOnDisk { path },
-                file::WriteError::Io(source) => DaemonError::Persist { path, source },
+                file::WriteError::Io(source) => DaemonError::persist(path, source, &self.file.loaded.path),
             });
         }
         // `text` stays what the daemon last read: the rest of the edit is still pending.

@@ -7,7 +7,7 @@ use xdp_lb_common::{
     maps::{FlowKey, PROTO_TCP, PROTO_UDP},
 };
 
-use super::{Daemon, DaemonError};
+use super::{pending::BackendEdit, Daemon, DaemonError};
 use crate::{
     api::{BackendStatus, EndedFlow, Explanation, Request, Response, ReloadReply, ServiceChanges, ServiceStatus, StatsReply, StatusReply, StopReply},
     config::{Protocol, RawBackend, RawConfig, RawService, Scheduler},
@@ -65,11 +65,9 @@ impl Daemon {
                     if s.backends.len() == before { Err(DaemonError::UnknownBackend { service, address }) } else { Ok(()) }
                 })
                 .map(|_| serde_json::Value::Null),
-            Request::BackendDrain { service, address } => self.edit_backend(&service, &address, |b| b.drained = true),
-            Request::BackendUndrain { service, address } => self.edit_backend(&service, &address, |b| b.drained = false),
-            Request::BackendWeight { service, address, weight } => {
-                self.edit_backend(&service, &address, |b| b.weight = weight)
-            }
+            Request::BackendDrain { service, address } => self.edit_backend(&service, &address, BackendEdit::Drained(true)),
+            Request::BackendUndrain { service, address } => self.edit_backend(&service, &address, BackendEdit::Drained(false)),
+            Request::BackendWeight { service, address, weight } => self.edit_backend(&service, &address, BackendEdit::Weight(weight)),
             Request::BackendList { service } => self.status(service.as_deref()).map(to_value),
             Request::Status => self.status(None).map(|services| {
                 to_value(StatusReply { config: self.config_status(), services, announce: self.announcer.status().cloned() })
@@ -100,17 +98,26 @@ impl Daemon {
         }
     }
 
-    fn edit_backend(&mut self, service: &str, address: &str, edit: impl FnOnce(&mut RawBackend)) -> Result<serde_json::Value, DaemonError> {
-        self.change(|d| {
+    /// A drain, undrain or weight change: also possible while the file holds an edit that does not
+    /// run (see `pending`), so a broken edit cannot lock the operator out of a drain.
+    fn edit_backend(&mut self, service: &str, address: &str, edit: BackendEdit) -> Result<serde_json::Value, DaemonError> {
+        let result = self.change(|d| {
             let s = find_service(d, service)?;
             let b = s
                 .backends
                 .iter_mut()
                 .find(|b| same_address(&b.address, address))
                 .ok_or_else(|| DaemonError::UnknownBackend { service: service.to_string(), address: address.to_string() })?;
-            edit(b);
+            edit.apply(b);
             Ok(())
-        })
+        });
+        match result {
+            // A valid edit waiting for a reload is not in the way: `xdp-lb reload` takes it.
+            Err(DaemonError::EditRejected { .. } | DaemonError::EditInvalid { .. }) => {
+                self.edit_backend_beside_an_edit(service, address, edit)
+            }
+            other => other,
+        }
         .map(|_| serde_json::Value::Null)
     }
 
@@ -303,7 +310,7 @@ fn find_service<'a>(d: &'a mut RawConfig, name: &str) -> Result<&'a mut RawServi
 }
 
 /// Compares addresses as socket addresses when both parse (so "[::1]:80" matches "[0::1]:80").
-fn same_address(a: &str, b: &str) -> bool {
+pub(super) fn same_address(a: &str, b: &str) -> bool {
     match (a.parse::<SocketAddr>(), b.parse::<SocketAddr>()) {
         (Ok(x), Ok(y)) => x == y,
         _ => a == b,

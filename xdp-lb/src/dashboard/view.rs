@@ -236,6 +236,8 @@ mod tests {
                     loaded_unix_ms: 0,
                     changed_on_disk: false,
                     disk_error: None,
+                    rejected_edit: None,
+                    owner_problem: None,
                     services: 1,
                     start_differences: vec![],
                 },
