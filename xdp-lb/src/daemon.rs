@@ -2,6 +2,7 @@
 //! `--config` file, the single source of truth, which CLI changes are written back to), what health
 //! and passive checks observed, and the map programming that follows from both.
 
+mod check_change;
 mod error;
 mod node_drain;
 mod owner;

@@ -300,3 +300,31 @@ fn a_second_daemon_on_a_busy_interface_says_it_is_busy() {
     assert!(!stderr.contains("native XDP is not available"), "blames native XDP:\n{stderr}");
     cli_ok(&daemon, &["status"]);
 }
+
+/// Hostile 9 H8: a health-check change under which no backend passes is refused without --force
+/// (it would take the whole service down); a check that passes is applied; --force applies it.
+#[test]
+fn a_check_change_no_backend_passes_needs_force() {
+    let topo = Topology::new("apichk", 2).expect("building the testbed");
+    let _servers = Servers::start_all(&topo);
+    let web = vip(&topo, 80);
+    let backends: Vec<_> = (0..2).map(|i| (backend_addr(&topo, i), &[][..])).collect();
+    let daemon = start_daemon(&topo, &service_toml("web", web, &[], &backends));
+    let before = json(&daemon, &["service", "list"]);
+
+    // Nothing listens on port 9 of the backends: every probe is refused.
+    let err = cli_err(&daemon, &["service", "update", "web", "--check", "tcp", "--check-port", "9"], "--force");
+    assert!(err.contains("no backend") && err.contains("connection refused"), "{err}");
+    assert_eq!(json(&daemon, &["service", "list"]), before, "the refused check change was applied");
+    assert_eq!(service(&status(&daemon), "web")["state"], "ok");
+
+    // A check the backends pass goes through.
+    cli_ok(&daemon, &["service", "update", "web", "--check", "tcp"]);
+    wait_status(&daemon, "backends up under the new check", Duration::from_secs(10), |s| {
+        service(s, "web")["backends"].as_array().is_some_and(|b| b.iter().all(|b| b["health"] == "up"))
+    });
+
+    // --force applies even the failing one; then the service goes all-down, as the refusal said.
+    cli_ok(&daemon, &["service", "update", "web", "--check", "tcp", "--check-port", "9", "--force"]);
+    wait_status(&daemon, "all down under the forced check", Duration::from_secs(10), |s| service(s, "web")["state"] == "all-down");
+}

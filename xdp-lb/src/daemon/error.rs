@@ -44,6 +44,12 @@ pub enum DaemonError {
     NothingToChange { service: String },
     #[error("refused: {}; pass --force to do it anyway", reasons.join("; "))]
     Disruptive { reasons: Vec<String> },
+    /// Hostile 9 H8: a new health check that no backend passes would take the service down.
+    #[error(
+        "refused: under the new health check no backend of service \"{service}\" passes ({failures}), so applying it \
+         would take the whole service down; fix the check, or pass --force to apply it anyway"
+    )]
+    CheckFailsEverywhere { service: String, failures: String },
     /// The map sizes are fixed when the maps are created and pinned; a plain restart adopts the
     /// pinned maps and refuses other sizes, so only a stop with `--detach` resizes.
     #[error(

@@ -33,9 +33,10 @@ impl Daemon {
         let recorded = if change.is_some() { request.clone() } else { Request::Status };
         let result = match request {
             Request::ServiceAdd { service } => self.change(|d| add_service(d, service)).map(|_| serde_json::Value::Null),
-            Request::ServiceUpdate { name, changes } => {
-                self.change(|d| update_service(d, &name, changes)).map(|_| serde_json::Value::Null)
-            }
+            Request::ServiceUpdate { name, changes } => match self.check_change_refusal(&name, &changes) {
+                Some(refusal) => Err(refusal),
+                None => self.change(|d| update_service(d, &name, changes)).map(|_| serde_json::Value::Null),
+            },
             Request::ServiceRemove { name } => self
                 .change(|d| {
                     let before = d.services.len();
@@ -325,7 +326,7 @@ fn add_service(d: &mut RawConfig, service: RawService) -> Result<(), DaemonError
     Ok(())
 }
 
-fn update_service(d: &mut RawConfig, name: &str, c: ServiceChanges) -> Result<(), DaemonError> {
+pub(super) fn update_service(d: &mut RawConfig, name: &str, c: ServiceChanges) -> Result<(), DaemonError> {
     let s = find_service(d, name)?;
     if c.is_empty() {
         return Err(DaemonError::NothingToChange { service: name.to_string() });
