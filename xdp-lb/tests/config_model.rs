@@ -471,3 +471,49 @@ fn a_rejected_edit_is_reported_and_does_not_block_a_drain() {
     assert_eq!(backend(&status(&daemon), "web", b1)["drained"], false);
     assert!(read(&path).starts_with("[dataplane]\nconntrack_entries = 524288\n"), "{}", read(&path));
 }
+
+/// Hostile 9 H5: the daemon runs as an unprivileged user with the unit's capabilities (no
+/// CAP_CHOWN); root replaces the config file, so it is root's. The reload and `status` warn that
+/// CLI changes will be refused, and the refused change names the owner as the cause.
+#[test]
+fn a_config_file_the_daemon_user_cannot_keep_the_owner_of_is_warned_about() {
+    let topo = Topology::new("cfown", 2).expect("building the testbed");
+    let _servers = Servers::start_all(&topo);
+    let web = vip(&topo, 80);
+    let b0 = backend_addr(&topo, 0).to_string();
+    let wrapper_dir = tempfile::tempdir().expect("tempdir");
+    let wrapper = wrapper_dir.path().join("xdp-lb-as-nobody");
+    // Gives the daemon's directory (config, socket) and pin directory to nobody, then runs the
+    // daemon as nobody with the shipped unit's capability set.
+    let script = format!(
+        "#!/bin/sh\nprev=\nfor a in \"$@\"; do case \"$prev\" in --config) cfg=\"$a\";; --bpffs) pins=\"$a\";; esac; prev=\"$a\"; done\n\
+         chown -R 65534:65534 \"$(dirname \"$cfg\")\"\n\
+         if [ -n \"$pins\" ]; then mkdir -p \"$pins\" && chown -R 65534:65534 \"$pins\"; fi\n\
+         exec setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=+bpf,+net_admin,+perfmon \
+         --ambient-caps=+bpf,+net_admin,+perfmon --bounding-set=-all,+bpf,+net_admin,+perfmon -- {XDP_LB} \"$@\"\n"
+    );
+    std::fs::write(&wrapper, script).expect("wrapper");
+    std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    std::fs::set_permissions(wrapper_dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    let config = service_toml("web", web, &[], &[(backend_addr(&topo, 0), &[])]);
+    let daemon = Daemon::start_with_args(&wrapper, topo.lb(), &topo.lb_ifaces(), &config, &[]).unwrap_or_else(|e| panic!("starting as nobody: {e:?}"));
+    let path = daemon.config_path().to_path_buf();
+
+    // nobody's own file: changes work, nothing to warn about.
+    cli_ok(&daemon, &["backend", "weight", "web", &b0, "2"]);
+    assert_eq!(config_status(&daemon).owner_problem, None);
+
+    // Root replaces the file (as `install` or config management's `mv` do): root's now.
+    let replacement = path.with_extension("new");
+    std::fs::write(&replacement, read(&path)).expect("writing the replacement");
+    std::fs::rename(&replacement, &path).expect("replacing the config");
+    cli_ok(&daemon, &["reload"]);
+    let problem = config_status(&daemon).owner_problem.unwrap_or_else(|| panic!("status does not warn about the owner"));
+    assert!(problem.contains("owned by root") && problem.contains("CLI changes will be refused") && problem.contains("chown"), "{problem}");
+    let out = cli_ok(&daemon, &["status"]);
+    assert!(out.contains("WARNING") && out.contains("owned by root"), "status text:\n{out}");
+    assert!(daemon.log().contains("CLI changes will be refused"), "no warning at reload:\n{}", daemon.log());
+
+    let err = cli_err(&daemon, &["backend", "weight", "web", &b0, "3"], "rolled back");
+    assert!(err.contains("owned by root") && err.contains("chown"), "the refusal does not name the cause: {err}");
+}
