@@ -665,3 +665,45 @@ fn raw_status(daemon: &xdp_lb_testbed::Daemon) -> String {
     std::io::BufReader::new(stream).read_line(&mut line).expect("reading the status answer");
     line
 }
+/// Hostile 9 H12: SYNs that no backend answers (here from a client address every backend
+/// blackholes, as the backends' kernels drop spoofed martian sources) made the passive checks take
+/// every backend out: a full outage from a few packets. Passive checks alone now leave the last
+/// serving backend in, so real clients are still served.
+#[test]
+fn unanswerable_syns_do_not_take_the_last_backend_out() {
+    const UNANSWERED_FROM: &str = "10.200.0.99";
+    let topo = Topology::new("pspf", 3).expect("building the testbed");
+    let _servers = Servers::start_all(&topo);
+    let web = vip(&topo, 80);
+    let backends: Vec<_> = (0..3).map(|i| (backend_addr(&topo, i), &[][..])).collect();
+    let daemon = start_daemon(&topo, &service_toml("web", web, &[], &backends));
+    topo.client().exec_ok("ip", &["addr", "add", &format!("{UNANSWERED_FROM}/24"), "dev", "eth0"]).expect("second client address");
+    for i in 0..3 {
+        topo.backend(i).exec_ok("ip", &["route", "add", "blackhole", &format!("{UNANSWERED_FROM}/32")]).expect("blackhole route");
+    }
+
+    // 45 SYNs in ~1.5 s from the blackholed address, spread over the backends by their ports.
+    topo.client().run(|| {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        runtime.block_on(async {
+            let mut pending = Vec::new();
+            for _ in 0..45 {
+                let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+                socket.bind(format!("{UNANSWERED_FROM}:0").parse().expect("addr")).expect("bind");
+                pending.push(tokio::spawn(tokio::time::timeout(Duration::from_secs(3), socket.connect(web))));
+                tokio::time::sleep(Duration::from_millis(33)).await;
+            }
+            for p in pending {
+                let _ = p.await;
+            }
+        })
+    });
+
+    let s = status(&daemon);
+    let held: Vec<_> = service(&s, "web")["backends"].as_array().expect("backends").iter().filter(|b| b["passive_down"] == true).collect();
+    assert!(held.len() < 3, "every backend was taken out by unanswered SYNs: {s:#}\n{}", daemon.log());
+    assert_ne!(service(&s, "web")["state"], "all-down", "{s:#}");
+    assert!(daemon.log().contains("last serving backend"), "the spared backend is not logged:\n{}", daemon.log());
+    let bodies = check(&daemon, "a real client after the unanswered SYNs", connections(topo.client(), web, 6));
+    assert_eq!(bodies.len(), 6, "{bodies:?}");
+}
