@@ -439,7 +439,8 @@ impl Client<'_> {
     }
 
     pub fn stop(&self, detach: bool, bpffs: &Path) -> Result<()> {
-        match api::call(self.socket, &Request::Stop { detach }) {
+        let pins = detach.then(|| api::PinTarget::of(bpffs));
+        match api::call(self.socket, &Request::Stop { detach, pins }) {
             Ok(r) if r.ok => self.done(if detach { "xdp-lb stopped; data plane detached" } else { "xdp-lb stopped; the data plane keeps forwarding" }),
             Ok(r) => bail!("{}", r.error.unwrap_or_default()),
             Err(api::ClientError::NotRunning { .. } | api::ClientError::Stale { .. }) if detach => {
