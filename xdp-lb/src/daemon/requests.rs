@@ -358,29 +358,6 @@ fn log_refused(change: &str, error: &DaemonError) {
     tracing::warn!(change = ?change, error = ?error.to_string(), "change refused; nothing changed");
 }
 
-impl Daemon {
-    /// Why a `stop` must not go ahead: `--detach` meant the pin directory `pins`, and this daemon's
-    /// data plane is not pinned there (compared by device and inode, so a bind mount of the same
-    /// directory matches). A daemon without pins refuses only when `pins` holds another instance's.
-    fn stop_refusal(&self, detach: bool, pins: Option<&crate::api::PinTarget>) -> Option<DaemonError> {
-        let target = pins.filter(|_| detach)?;
-        let refuse = |own: String| Some(DaemonError::StopOtherPins { own, given: target.path.clone() });
-        match self.dataplane.pin_path() {
-            Some(own) => {
-                use std::os::unix::fs::MetadataExt;
-                let own_id = std::fs::metadata(own).ok().map(|m| (m.dev(), m.ino()));
-                if own_id.is_some() && own_id == target.id {
-                    None
-                } else {
-                    refuse(own.display().to_string())
-                }
-            }
-            None if target.holds_pins => refuse("no directory (it runs with --no-pin)".to_string()),
-            None => None,
-        }
-    }
-}
-
 #[cfg(test)]
 mod log_tests {
     use std::{
@@ -416,5 +393,28 @@ mod log_tests {
         let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
         assert_eq!(text.trim_end().lines().count(), 1, "one refusal, one line: {text}");
         assert!(text.contains("FAKE"), "{text}");
+    }
+}
+
+impl Daemon {
+    /// Why a `stop` must not go ahead: `--detach` meant the pin directory `pins`, and this daemon's
+    /// data plane is not pinned there (compared by device and inode, so a bind mount of the same
+    /// directory matches). A daemon without pins refuses only when `pins` holds another instance's.
+    fn stop_refusal(&self, detach: bool, pins: Option<&crate::api::PinTarget>) -> Option<DaemonError> {
+        let target = pins.filter(|_| detach)?;
+        let refuse = |own: String| Some(DaemonError::StopOtherPins { own, given: target.path.clone() });
+        match self.dataplane.pin_path() {
+            Some(own) => {
+                use std::os::unix::fs::MetadataExt;
+                let own_id = std::fs::metadata(own).ok().map(|m| (m.dev(), m.ino()));
+                if own_id.is_some() && own_id == target.id {
+                    None
+                } else {
+                    refuse(own.display().to_string())
+                }
+            }
+            None if target.holds_pins => refuse("no directory (it runs with --no-pin)".to_string()),
+            None => None,
+        }
     }
 }
