@@ -37,36 +37,10 @@ pub enum Request {
     /// Re-read the config file (as SIGHUP does); `allow_empty` accepts a file without services.
     Reload { allow_empty: bool },
     /// Stop the daemon; with `detach`, also remove the data plane (else it keeps forwarding).
-    /// `pins` is the pin directory the operator means (`stop --detach --bpffs`): a daemon that pins
-    /// elsewhere refuses to detach (hostile 9 H13: it detached whichever daemon answered).
-    Stop {
-        detach: bool,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        pins: Option<PinTarget>,
-    },
+    Stop { detach: bool },
     /// `xdp-lb node drain|undrain`: withdraw every VIP announcement (forwarding continues), or
     /// announce again. Written to `[announce] drained`.
     NodeDrain { drained: bool },
-}
-
-/// The pin directory a `stop --detach` means, as the CLI sees it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PinTarget {
-    pub path: String,
-    /// Device and inode of the directory (`None`: it does not exist), so a daemon whose pin
-    /// directory is the same one under another path (a bind mount) recognises it.
-    pub id: Option<(u64, u64)>,
-    /// Whether it holds anything (pins of another instance).
-    pub holds_pins: bool,
-}
-
-impl PinTarget {
-    pub fn of(path: &std::path::Path) -> PinTarget {
-        use std::os::unix::fs::MetadataExt;
-        let id = std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()));
-        let holds_pins = std::fs::read_dir(path).is_ok_and(|mut d| d.next().is_some());
-        PinTarget { path: path.display().to_string(), id, holds_pins }
-    }
 }
 
 /// Fields of a service that `service update` may change; `None` keeps the current value.

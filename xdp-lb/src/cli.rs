@@ -439,8 +439,7 @@ impl Client<'_> {
     }
 
     pub fn stop(&self, detach: bool, bpffs: &Path) -> Result<()> {
-        let pins = detach.then(|| api::PinTarget::of(bpffs));
-        match api::call(self.socket, &Request::Stop { detach, pins }) {
+        match api::call(self.socket, &Request::Stop { detach }) {
             Ok(r) if r.ok => self.done(if detach { "xdp-lb stopped; data plane detached" } else { "xdp-lb stopped; the data plane keeps forwarding" }),
             Ok(r) => bail!("{}", r.error.unwrap_or_default()),
             Err(api::ClientError::NotRunning { .. } | api::ClientError::Stale { .. }) if detach => {

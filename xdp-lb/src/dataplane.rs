@@ -205,11 +205,6 @@ impl Dataplane {
         Ok(mode)
     }
 
-    /// The directory the data plane is pinned in, if it is.
-    pub fn pin_path(&self) -> Option<&std::path::Path> {
-        self.pins.as_ref().map(|p| p.path())
-    }
-
     /// Whether the data plane stays when the daemon exits.
     pub fn is_pinned(&self) -> bool {
         self.pins.is_some()

@@ -155,11 +155,8 @@ async fn serve(opts: Options, loaded: file::Loaded) -> Result<()> {
             _ = terminate.recv() => { info!("SIGTERM: stopping"); break; }
             _ = interrupt.recv() => { info!("SIGINT: stopping"); break; }
             Some((request, reply)) = jobs.recv() => {
-                let stop = match request { Request::Stop { detach: d, .. } => Some(d), _ => None };
-                let response = daemon.handle(request);
-                // A refused stop (another instance's pins, hostile 9 H13) stops nothing.
-                let stop = stop.filter(|_| response.ok);
-                let _ = reply.send(response);
+                let stop = match request { Request::Stop { detach: d } => Some(d), _ => None };
+                let _ = reply.send(daemon.handle(request));
                 if let Some(d) = stop {
                     info!(detach = d, "stop requested");
                     detach = d;

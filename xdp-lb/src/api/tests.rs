@@ -67,7 +67,7 @@ fn requests_from_older_clients_without_force_still_parse() {
 #[test]
 fn only_changes_have_an_outcome_to_lose() {
     assert!(Request::ServiceRemove { name: "web".into() }.is_change());
-    assert!(Request::Stop { detach: false, pins: None }.is_change());
+    assert!(Request::Stop { detach: false }.is_change());
     assert!(!Request::Status.is_change());
     assert!(!Request::Stats.is_change());
 }

@@ -50,13 +50,6 @@ pub enum DaemonError {
          would take the whole service down; fix the check, or pass --force to apply it anyway"
     )]
     CheckFailsEverywhere { service: String, failures: String },
-    /// Hostile 9 H13: `stop --detach --bpffs X` reached a daemon that pins elsewhere.
-    #[error(
-        "this daemon pins its data plane in {own}, not {given}: refusing to stop and detach it (nothing was changed). \
-         To detach the instance pinned in {given}, also pass that instance's --socket (e.g. `xdp-lb --socket \
-         /run/xdp-lb-NAME/xdp-lb.sock stop --detach --bpffs {given}`)"
-    )]
-    StopOtherPins { own: String, given: String },
     /// The map sizes are fixed when the maps are created and pinned; a plain restart adopts the
     /// pinned maps and refuses other sizes, so only a stop with `--detach` resizes.
     #[error(

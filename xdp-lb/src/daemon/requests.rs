@@ -78,7 +78,7 @@ impl Daemon {
             Request::Stats => self.stats(),
             Request::Explain { source, destination, protocol } => self.explain(&source, &destination, &protocol),
             // The control loop acts on it after answering (see run.rs).
-            Request::Stop { detach, pins } => self.stop_refusal(detach, pins.as_ref()).map_or(Ok(to_value(StopReply { stopping: true, detach })), Err),
+            Request::Stop { detach } => Ok(to_value(StopReply { stopping: true, detach })),
         };
         match (&result, change) {
             (Ok(_), Some(change)) => {
@@ -393,28 +393,5 @@ mod log_tests {
         let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
         assert_eq!(text.trim_end().lines().count(), 1, "one refusal, one line: {text}");
         assert!(text.contains("FAKE"), "{text}");
-    }
-}
-
-impl Daemon {
-    /// Why a `stop` must not go ahead: `--detach` meant the pin directory `pins`, and this daemon's
-    /// data plane is not pinned there (compared by device and inode, so a bind mount of the same
-    /// directory matches). A daemon without pins refuses only when `pins` holds another instance's.
-    fn stop_refusal(&self, detach: bool, pins: Option<&crate::api::PinTarget>) -> Option<DaemonError> {
-        let target = pins.filter(|_| detach)?;
-        let refuse = |own: String| Some(DaemonError::StopOtherPins { own, given: target.path.clone() });
-        match self.dataplane.pin_path() {
-            Some(own) => {
-                use std::os::unix::fs::MetadataExt;
-                let own_id = std::fs::metadata(own).ok().map(|m| (m.dev(), m.ino()));
-                if own_id.is_some() && own_id == target.id {
-                    None
-                } else {
-                    refuse(own.display().to_string())
-                }
-            }
-            None if target.holds_pins => refuse("no directory (it runs with --no-pin)".to_string()),
-            None => None,
-        }
     }
 }
