@@ -1,11 +1,6 @@
 //! Passive health checks: in NAT mode the balancer sees both directions, so a backend that keeps
 //! receiving SYNs but answers none (no SYN-ACK, no RST) is not serving, whatever its health endpoint
 //! says. A RST is an answer: the host is alive and refusing, which the active checks see at once.
-//!
-//! Passive checks alone never take a service's last serving backend out (hostile 9 H12): anyone
-//! who can send packets to the VIP can send SYNs no backend will ever answer (spoofed martian
-//! sources, which the backends' kernels drop), and 30 of them took every backend down. The last
-//! one stays in, logged and recorded; if it really is dead, its active checks take it out.
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
@@ -33,13 +28,6 @@ const HOLD: Duration = Duration::from_secs(10);
 pub struct Passive {
     samples: HashMap<BackendKey, VecDeque<(u64, u64)>>,
     down_until: HashMap<BackendKey, Instant>,
-    /// Last backends kept in despite unanswered SYNs, and until when that is not logged again.
-    spared_until: HashMap<BackendKey, Instant>,
-}
-
-/// Whether `key` is the only backend of its service that serves: in `serving` and not held down.
-fn is_last_serving(key: &BackendKey, serving: &HashSet<BackendKey>, down_until: &HashMap<BackendKey, Instant>) -> bool {
-    !serving.iter().any(|other| other.0 == key.0 && other != key && !down_until.contains_key(other))
 }
 
 impl Passive {
@@ -90,20 +78,6 @@ impl Passive {
                 let (first, last) = (window[0], window[window.len() - 1]);
                 let unanswered = last.0.saturating_sub(first.0);
                 if unanswered >= UNANSWERED_SYNS && last.1 == first.1 && !self.down_until.contains_key(&key) {
-                    if is_last_serving(&key, serving, &self.down_until) {
-                        if self.spared_until.get(&key).is_none_or(|until| *until <= now) {
-                            warn!(
-                                service = %key.0, backend = %key.1, unanswered,
-                                "passive check: SYNs are not answered, but this is the service's last serving backend: kept in \
-                                 (passive checks alone never take the last one out; its active checks still can)"
-                            );
-                            let message = format!("passive check: {unanswered} SYNs unanswered; kept in as the last serving backend");
-                            events.record(Kind::Detected, Some(&key.0), Some(key.1.to_string()), message);
-                            self.spared_until.insert(key.clone(), now + HOLD);
-                        }
-                        window.clear();
-                        continue;
-                    }
                     warn!(service = %key.0, backend = %key.1, unanswered, "passive check: SYNs are not answered; backend marked down");
                     let message = format!("passive check: {unanswered} SYNs unanswered; out of the ring for {} s", HOLD.as_secs());
                     events.record(Kind::Detected, Some(&key.0), Some(key.1.to_string()), message);
@@ -114,7 +88,6 @@ impl Passive {
             }
         }
         self.samples.retain(|k, _| seen.contains(k));
-        self.spared_until.retain(|k, until| *until > now && seen.contains(k));
         let before = self.down_until.len();
         let samples = &mut self.samples;
         self.down_until.retain(|k, until| {
@@ -129,31 +102,5 @@ impl Passive {
             keep
         });
         changed || self.down_until.len() != before
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn key(service: &str, last: u8) -> BackendKey {
-        (service.to_string(), std::net::SocketAddr::from(([10, 0, 1, last], 80)))
-    }
-
-    /// Hostile 9 H12: with every other backend of the service held down (or out of the ring),
-    /// the remaining one is the last and passive checks leave it in; other services do not count.
-    #[test]
-    fn the_last_serving_backend_is_told_apart() {
-        let (a, b, c, other) = (key("web", 1), key("web", 2), key("web", 3), key("api", 1));
-        let serving: HashSet<BackendKey> = [a.clone(), b.clone(), c.clone(), other.clone()].into();
-        let mut down = HashMap::new();
-        assert!(!is_last_serving(&a, &serving, &down));
-        down.insert(b.clone(), Instant::now() + HOLD);
-        assert!(!is_last_serving(&a, &serving, &down));
-        down.insert(c.clone(), Instant::now() + HOLD);
-        assert!(is_last_serving(&a, &serving, &down), "a is web's last serving backend");
-        assert!(is_last_serving(&other, &serving, &HashMap::new()), "api has one backend");
-        let without_c: HashSet<BackendKey> = [a.clone(), b.clone()].into();
-        assert!(!is_last_serving(&a, &without_c, &HashMap::new()));
     }
 }
