@@ -33,8 +33,25 @@ pub const OPENING_TIMEOUT_NS: u64 = 60 * SECOND;
 /// again by the scheduler (Maglev and ip-hash give the same backend while the set is unchanged).
 pub const IDLE_TIMEOUT_NS: u64 = 900 * SECOND;
 /// A closed flow's entry stays this long after its last packet, so the last ACK and retransmitted
-/// FINs still reach the backend that held the connection; then the daemon removes it.
-pub const CLOSED_LINGER_NS: u64 = 60 * SECOND;
+/// FINs still reach the backend that held the connection; then the daemon's walk removes it.
+///
+/// Short, because a closed flow's entry competes with live ones: the per-CPU LRU evicts the least
+/// recently used entry, and a freshly closed flow is more recent than an idle live one. With 60 s,
+/// ~3,000 short connections/s filled a 512-entry CPU share with closed flows in 0.2 s and pushed
+/// out live connections idle for 0.5 s (round-robin then moved them to another backend: reset).
+///
+/// Why 5 s is safe: the time counts from the flow's *last* packet (`last_seen_ns`, refreshed at
+/// every client packet), so a half-closed flow whose client keeps ACKing the server's data is not
+/// idle and stays. What can come after the removal is a retransmission of the client's final ACK
+/// (or FIN) when the server retransmitted its FIN (RTO 200 ms, doubling: 0.2, 0.6, 1.4, 3 s after
+/// the first, so a lossy close is mostly covered). Such a packet has no entry and is placed by the
+/// scheduler as a closed flow (never counted, `initial_flags`): under Maglev and ip-hash it meets
+/// the same backend while the backend set is unchanged, which completes the close; under
+/// round-robin, weighted round-robin and least-conn it may meet another backend, which answers
+/// with a RST the client ignores (it already closed; in TIME_WAIT, Linux drops it or ends the
+/// TIME_WAIT early), while the original backend's socket stays in LAST_ACK until its own FIN
+/// retransmissions give up (a socket on the server, no traffic lost: both sides had sent all).
+pub const CLOSED_LINGER_NS: u64 = 5 * SECOND;
 
 /// Whether a client packet with `tcp_flags` (0 for UDP) follows an existing entry (`true`) or is a
 /// new connection the scheduler must place (`false`).
@@ -194,6 +211,20 @@ mod tests {
             assert_eq!(is_active(&c, now), active, "case {i}: active");
             assert_eq!(is_removable(&c, now), removable, "case {i}: removable");
         }
+    }
+
+    /// H4: closed flows must not outrank live idle ones in the LRU for long: a flow closed 5 s ago
+    /// goes at the next walk, but not one whose client still sends (a half-close: the client sent
+    /// its FIN and keeps ACKing the server's data, refreshing `last_seen_ns`).
+    #[test]
+    fn a_closed_flow_is_removed_seconds_after_its_last_packet_not_a_minute() {
+        let closed = conn(CONN_FLAG_COUNTED | CONN_FLAG_ACKED | CONN_FLAG_CLOSED, T0);
+        assert!(is_removable(&closed, T0 + 5 * SECOND));
+        assert!(!is_removable(&closed, T0 + 4 * SECOND), "late retransmissions still follow it");
+        let half_closed = conn(CONN_FLAG_COUNTED | CONN_FLAG_ACKED | CONN_FLAG_CLOSED, T0 + 60 * SECOND);
+        assert!(!is_removable(&half_closed, T0 + 61 * SECOND), "a closed flow that still moves stays");
+        // Live flows are untouched by the short linger.
+        assert!(!is_removable(&conn(CONN_FLAG_COUNTED | CONN_FLAG_ACKED, T0), T0 + 600 * SECOND));
     }
 
     #[test]

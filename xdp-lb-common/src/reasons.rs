@@ -90,6 +90,10 @@ reasons! {
     /// TCP to a service with no backend, answered with a RST sent back out of the ingress interface
     /// so the client fails at once instead of waiting for its connect timeout.
     REJECT_NO_BACKEND = 16, "reject_no_backend", Tx;
+    /// A new flow to a service from a source no real client can have (IPv4 0/8, 127/8, 224/4,
+    /// 240/4; IPv6 ::, ::1, ff00::/8, IPv4-mapped; the VIP itself): backends drop such packets as
+    /// martians, so forwarding them only feeds the passive checks SYNs nobody can answer.
+    DROP_MARTIAN_SOURCE = 17, "drop_martian_source", Drop;
 }
 
 // `is_pass` and `is_tx` test one bit of a mask: a single shift on the data path.
@@ -134,7 +138,7 @@ mod tests {
 
     /// The numbers as pinned maps hold them. A reason that moves makes an upgraded daemon report the
     /// old program's counts under the wrong names: this list only ever grows.
-    const PINNED: [(&str, Reason, Kind); 17] = [
+    const PINNED: [(&str, Reason, Kind); 18] = [
         ("pass_not_ip", 0, Kind::Pass),
         ("pass_not_tcp_udp", 1, Kind::Pass),
         ("pass_ipv6_ext_header", 2, Kind::Pass),
@@ -152,6 +156,7 @@ mod tests {
         ("drop_no_backend_entry", 14, Kind::Drop),
         ("pass_fib_other", 15, Kind::Pass),
         ("reject_no_backend", 16, Kind::Tx),
+        ("drop_martian_source", 17, Kind::Drop),
     ];
 
     #[test]
@@ -165,7 +170,7 @@ mod tests {
             PASS_NOT_IP, PASS_NOT_TCP_UDP, PASS_IPV6_EXT, PASS_FRAGMENT, PASS_NOT_VIP, PASS_VLAN,
             PASS_FIB_NO_NEIGH, PASS_NO_TX_PORT, DROP_SHORT_FRAME, DROP_BAD_IP_HEADER, DROP_TRUNCATED_L4,
             DROP_NO_BACKEND, DROP_FIB_UNREACHABLE, DROP_DSR_NO_NEIGH, DROP_NO_BACKEND_ENTRY, PASS_FIB_OTHER,
-            REJECT_NO_BACKEND,
+            REJECT_NO_BACKEND, DROP_MARTIAN_SOURCE,
         ];
         for (constant, (name, value, _)) in constants.into_iter().zip(PINNED) {
             assert_eq!(constant, value, "the constant for {name}");

@@ -96,7 +96,9 @@ fn to_backend(ctx: &XdpContext, frame: &mut XdpFrame, packet: &Packet, service: 
         Err(reasons::DROP_NO_BACKEND) => return reject::reject(ctx, frame, packet),
         Err(reason) => return Err(reason),
     };
-    let syn = packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    // A SYN from the backend's own address is no evidence for the passive checks: its kernel drops
+    // it as a martian, so it goes unanswered whatever the backend's health.
+    let syn = packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && !reply::same_addr(&packet.flow.src, &chosen.backend.addr);
     let tally = maps::Tally { bytes: packet.len, new_flow: chosen.new_flow, syn, syn_ack: false, reset: false };
     maps::count_forward(service.id, chosen.id, &tally);
     let hop = forward::Cached { hop: maps::next_hop(chosen.id), generation: chosen.backend.generation, now: chosen.now };

@@ -8,7 +8,7 @@ use xdp_lb_common::{
         self as m, scheduler_of, Backend, Conn, FlowKey, NatBackend, NatReverse, NextHop, Service, ServiceKey,
         BACKEND_FLAG_DOWN, CONN_FLAG_ACKED, CONN_FLAG_CLOSED, CONN_FLAG_COUNTED, LEAST_CONN_MAX, PROTO_TCP, SERVICE_FLAG_DSR,
     },
-    packet::{Packet, TCP_FIN, TCP_RST, TCP_SYN},
+    packet::{self, Packet, TCP_FIN, TCP_RST, TCP_SYN},
     reasons::{self, Reason},
 };
 
@@ -52,6 +52,11 @@ pub fn schedule(packet: &Packet, service: &Service) -> Result<Chosen, Reason> {
                 }
             }
         }
+    }
+    // Only a new flow's source is judged: no flow from such a source is ever established, so the
+    // established path above costs nothing more.
+    if packet::martian_source(packet) {
+        return Err(reasons::DROP_MARTIAN_SOURCE);
     }
     let mut chosen = place_new_flow(flow, service)?;
     chosen.now = now;
@@ -135,42 +140,64 @@ pub fn track_close(conn: ConnRef, backend_id: u32, tcp_flags: u8) {
     }
 }
 
+/// Cells past a backend marked down that a new flow tries (see [`place_new_flow`]).
+const DOWN_PROBES: u32 = 4;
+
 #[inline(always)]
 fn place_new_flow(flow: &FlowKey, service: &Service) -> Result<Chosen, Reason> {
     if service.ring_size == 0 {
         return Err(reasons::DROP_NO_BACKEND);
     }
-    let id = match scheduler_of(service.flags) {
-        m::SCHED_LEAST_CONN => least_connections(service)?,
+    let (id, backend) = match scheduler_of(service.flags) {
+        m::SCHED_LEAST_CONN => {
+            let id = least_connections(flow, service)?;
+            (id, maps::backend(id).ok_or(reasons::DROP_NO_BACKEND_ENTRY)?)
+        }
         scheduler => {
             let position = match scheduler {
                 m::SCHED_IP_HASH => hash::client_hash(&flow.src),
                 m::SCHED_SEQUENCE => maps::next_in_sequence(service.id),
                 _ => hash::flow_hash(flow),
-            };
-            maps::ring_cell(service.ring_offset.wrapping_add(position % service.ring_size))
-                .ok_or(reasons::DROP_NO_BACKEND_ENTRY)?
+            } % service.ring_size;
+            // A ring never names a backend marked down, except when the daemon could not rebuild
+            // it (a `ring-error` in status, issue 9 H7): then a new flow hashed to a failed
+            // backend tries the next cells, a few, rather than go to a dead server. One flag test
+            // per new flow; established flows never come here.
+            let mut step = 0;
+            loop {
+                let cell = (position + step) % service.ring_size;
+                let id = maps::ring_cell(service.ring_offset.wrapping_add(cell)).ok_or(reasons::DROP_NO_BACKEND_ENTRY)?;
+                let backend = maps::backend(id).ok_or(reasons::DROP_NO_BACKEND_ENTRY)?;
+                if backend.flags & BACKEND_FLAG_DOWN == 0 || step >= DOWN_PROBES {
+                    break (id, backend);
+                }
+                step += 1;
+            }
         }
     };
-    let backend = maps::backend(id).ok_or(reasons::DROP_NO_BACKEND_ENTRY)?;
     if backend.generation == 0 || backend.service_id != service.id {
         return Err(reasons::DROP_NO_BACKEND_ENTRY);
     }
     Ok(Chosen { id, backend, new_flow: true, now: 0 })
 }
 
-/// The candidate with the fewest active flows; ties go to the first listed.
+/// The candidate with the fewest active flows; ties go to the lowest [`hash::tie_rank`] for this
+/// flow. With ties broken by list order, sequential short connections (never more than one open)
+/// would all land on the first backend. Computed for new flows only, so established flows pay
+/// nothing for it.
 #[inline(always)]
-fn least_connections(service: &Service) -> Result<u32, Reason> {
+fn least_connections(flow: &FlowKey, service: &Service) -> Result<u32, Reason> {
+    let h = hash::flow_hash(flow);
     let mut best: Option<(u32, u64)> = None;
     for i in 0..LEAST_CONN_MAX {
         if i >= service.ring_size {
             break;
         }
         let Some(id) = maps::ring_cell(service.ring_offset.wrapping_add(i)) else { break };
-        let active = conntrack::active_count(maps::active_flows(id));
-        if best.is_none_or(|(_, a)| active < a) {
-            best = Some((id, active));
+        // Active counts are at most i32::MAX (`conntrack::active_count`): the rank fits below them.
+        let score = (conntrack::active_count(maps::active_flows(id)) << 32) | hash::tie_rank(id, h) as u64;
+        if best.is_none_or(|(_, s)| score < s) {
+            best = Some((id, score));
         }
     }
     best.map(|(id, _)| id).ok_or(reasons::DROP_NO_BACKEND_ENTRY)

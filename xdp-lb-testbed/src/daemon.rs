@@ -296,6 +296,15 @@ impl Daemon {
         self.launch()
     }
 
+    /// Like [`Daemon::restart`] with another `--iface` list (an interface left out at a restart).
+    pub fn restart_with_ifaces(&mut self, ifaces: &[impl AsRef<str>]) -> anyhow::Result<()> {
+        if self.child.is_some() {
+            self.terminate()?;
+        }
+        self.ifaces = ifaces.iter().map(|i| i.as_ref().to_string()).collect();
+        self.launch()
+    }
+
     /// The bpffs directory holding this daemon's pins.
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir

@@ -10,7 +10,7 @@
 //! `xdp-lb stop` removes them; if the node dies, BFD withdraws the BGP session and so the routes.
 
 mod lock;
-mod netlink;
+pub(crate) mod netlink;
 pub mod plan;
 #[cfg(test)]
 mod tests;

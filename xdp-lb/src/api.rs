@@ -37,7 +37,13 @@ pub enum Request {
     /// Re-read the config file (as SIGHUP does); `allow_empty` accepts a file without services.
     Reload { allow_empty: bool },
     /// Stop the daemon; with `detach`, also remove the data plane (else it keeps forwarding).
-    Stop { detach: bool },
+    /// `pins`: the pin directory the operator named (`stop --bpffs`); a daemon that pins elsewhere
+    /// refuses, so a stop meant for another instance never stops the one on this socket.
+    Stop {
+        detach: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pins: Option<PinTarget>,
+    },
     /// `xdp-lb node drain|undrain`: withdraw every VIP announcement (forwarding continues), or
     /// announce again. Written to `[announce] drained`.
     NodeDrain { drained: bool },
@@ -147,8 +153,13 @@ pub struct ServiceStatus {
     pub protocol: String,
     pub mode: String,
     pub scheduler: String,
-    /// "ok", "on-backups" or "all-down".
+    /// "ok", "on-backups", "all-down", or "ring-error" while its ring cannot be rebuilt (see
+    /// `ring_error`).
     pub state: String,
+    /// Why the service's ring could not be rebuilt: it still runs its previous ring (backends that
+    /// failed are marked down all the same, so their established flows move).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ring_error: Option<String>,
     /// Hash of the installed ring as backend addresses (hex): equal on nodes that agree.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ring_fingerprint: Option<String>,
@@ -208,10 +219,24 @@ pub struct EndedFlow {
     pub state: String,
 }
 
+/// An interface the daemon attached to (its `--iface`), as the kernel reports it now.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InterfaceStatus {
+    pub name: String,
+    /// "native", "generic", "offload", "several", "none" (the program is no longer attached), or
+    /// "unknown" (with `error`).
+    pub mode: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
 /// Answer to `status`: the config file's state and every service's.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StatusReply {
     pub config: ConfigStatus,
+    /// The interfaces the XDP program is attached to, with their XDP mode.
+    #[serde(default)]
+    pub interfaces: Vec<InterfaceStatus>,
     pub services: Vec<ServiceStatus>,
     /// VIP announcements; absent while `[announce]` is not configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -223,6 +248,38 @@ pub struct StatusReply {
 pub struct ReloadReply {
     /// Services running after the reload.
     pub services: usize,
+}
+
+/// A pin directory as the CLI names it, with its identity (device and inode) as the CLI sees it:
+/// the daemon may see the same directory under another path (the systemd units bind-mount it to
+/// `/run/xdp-lb*/bpf`), so the identity decides and the path is for messages.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PinTarget {
+    pub path: std::path::PathBuf,
+    /// `(st_dev, st_ino)`; `None` when the CLI cannot see the directory.
+    #[serde(default)]
+    pub id: Option<(u64, u64)>,
+}
+
+impl PinTarget {
+    pub fn of(path: &Path) -> PinTarget {
+        PinTarget { path: path.to_path_buf(), id: dir_id(path) }
+    }
+
+    /// Whether this is the directory at `dir` (as the caller sees it): the same device and inode,
+    /// or, when the CLI could not see it, the same path.
+    pub fn is(&self, dir: &Path) -> bool {
+        match (self.id, dir_id(dir)) {
+            (Some(a), Some(b)) => a == b,
+            (None, Some(b)) => self.path == dir || dir_id(&self.path) == Some(b),
+            (_, None) => self.path == dir,
+        }
+    }
+}
+
+fn dir_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().filter(|m| m.is_dir()).map(|m| (m.dev(), m.ino()))
 }
 
 /// Answer to `stop`.

@@ -317,6 +317,15 @@ impl Client<'_> {
                 }
                 if !self.json {
                     print_config_status(&status.config)?;
+                    let interfaces: Vec<String> = status
+                        .interfaces
+                        .iter()
+                        .map(|i| match &i.error {
+                            Some(e) => format!("{} ({}: {e})", i.name, i.mode),
+                            None => format!("{} ({})", i.name, i.mode),
+                        })
+                        .collect();
+                    out(format_args!("interfaces {}", if interfaces.is_empty() { "none".to_string() } else { interfaces.join(", ") }))?;
                     if let Some(a) = &status.announce {
                         print_announce_status(a)?;
                     }
@@ -330,6 +339,9 @@ impl Client<'_> {
         for s in &services {
             let ring = s.ring_fingerprint.as_deref().map(|f| format!(" ring {f}")).unwrap_or_default();
             out(format_args!("{} {} {}/{} {} [{}]{ring}", s.name, s.vip, s.protocol, s.mode, s.scheduler, s.state))?;
+            if let Some(e) = &s.ring_error {
+                out(format_args!("  RING NOT REBUILT (the previous ring serves; failed backends are marked down): {e}"))?;
+            }
             let rows = s
                 .backends
                 .iter()
@@ -438,11 +450,26 @@ impl Client<'_> {
         out(format_args!("config reloaded: {} service(s)", reply.services))
     }
 
-    pub fn stop(&self, detach: bool, bpffs: &Path) -> Result<()> {
-        match api::call(self.socket, &Request::Stop { detach }) {
+    /// Stops the daemon on the socket; with `bpffs`, only if that is its pin directory (it refuses
+    /// otherwise), so a stop meant for another instance never takes this one down.
+    pub fn stop(&self, detach: bool, bpffs: Option<&Path>) -> Result<()> {
+        let pins = bpffs.map(api::PinTarget::of);
+        match api::call(self.socket, &Request::Stop { detach, pins }) {
             Ok(r) if r.ok => self.done(if detach { "xdp-lb stopped; data plane detached" } else { "xdp-lb stopped; the data plane keeps forwarding" }),
-            Ok(r) => bail!("{}", r.error.unwrap_or_default()),
+            Ok(r) => bail!("the daemon on {}: {}", self.socket.display(), r.error.unwrap_or_default()),
             Err(api::ClientError::NotRunning { .. } | api::ClientError::Stale { .. }) if detach => {
+                // The default pin directory is the main instance's: a stop aimed at another
+                // instance's socket must not remove it when that instance is not running.
+                let bpffs = match bpffs {
+                    Some(dir) => dir,
+                    None if self.socket != Path::new(api::DEFAULT_SOCKET) => bail!(
+                        "no daemon answers on {}; to remove its data plane without it, name its pin directory with \
+                         --bpffs (the default, {}, is the main instance's)",
+                        self.socket.display(),
+                        api::DEFAULT_BPFFS_DIR
+                    ),
+                    None => Path::new(api::DEFAULT_BPFFS_DIR),
+                };
                 if !bpffs.exists() {
                     bail!("no daemon is running and nothing is pinned at {}", bpffs.display());
                 }

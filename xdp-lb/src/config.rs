@@ -112,6 +112,11 @@ pub struct RawBackend {
     /// No new flows; established ones continue until they end or the drain timeout passes.
     #[serde(default, skip_serializing_if = "is_false")]
     pub drained: bool,
+    /// When the drain began (RFC 3339, UTC), written by `xdp-lb backend drain` next to `drained =
+    /// true`, so a restart during a drain keeps its timeout instead of starting it again. Absent
+    /// (a hand-written drain): the drain counts from when the daemon read it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drained_since: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_check: Option<RawHealthCheck>,
 }
@@ -293,9 +298,19 @@ pub enum ConfigError {
     #[error("cannot read {path}: {error}")]
     Read { path: String, error: std::io::Error },
     #[error("{path} is not valid TOML for xdp-lb: {message}")]
-    Syntax { path: String, message: String },
+    Syntax {
+        path: String,
+        message: String,
+        /// 1-based line of the error, when the parser gives its place (for `check --json`).
+        line: Option<usize>,
+    },
     #[error("{path} has {} invalid field(s):\n  {}", errors.len(), errors.iter().map(|e| located(path, e)).collect::<Vec<_>>().join("\n  "))]
     Invalid { path: String, errors: Vec<FieldError> },
+}
+
+/// The 1-based line a TOML error points at.
+fn line_of_error(e: &toml::de::Error, text: &str) -> Option<usize> {
+    e.span().map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1)
 }
 
 /// A TOML error as one line, `line L, column C ("the line"): message` (the error's own text is a multi-line
@@ -304,7 +319,7 @@ fn one_line(e: &toml::de::Error, text: &str) -> String {
     let message = e.message().split_whitespace().collect::<Vec<_>>().join(" ");
     let Some(span) = e.span() else { return message };
     let before = &text[..span.start.min(text.len())];
-    let line = before.matches('\n').count() + 1;
+    let line = line_of_error(e, text).unwrap_or(1);
     let column = before.rsplit('\n').next().unwrap_or_default().chars().count() + 1;
     let source_line = text.lines().nth(line - 1).unwrap_or_default().trim();
     let shown: String = source_line.chars().take(80).collect();
@@ -332,7 +347,7 @@ pub const MIN_MAGLEV_CELLS: u32 = 1;
 /// 4 bytes per cell: 256 MiB, room for 1,000 services of the default ring size, twice over.
 pub const MAX_MAGLEV_CELLS: u32 = 1 << 26;
 /// Largest `hash_seed`: TOML integers are signed 64-bit, so a larger seed could not be written
-/// back to the state file.
+/// back into the config file.
 pub const MAX_HASH_SEED: u64 = i64::MAX as u64;
 /// Longest drain: a week. Also keeps the value inside TOML's signed 64-bit integers.
 pub const MAX_DRAIN_TIMEOUT_MS: u64 = 7 * 24 * 60 * 60 * 1000;
@@ -365,7 +380,17 @@ impl RawService {
 impl RawBackend {
     /// A backend with every optional field at its default, as the config file's serde defaults.
     pub fn new(address: impl Into<String>) -> RawBackend {
-        RawBackend { address: address.into(), weight: default_weight(), backup: false, drained: false, health_check: None }
+        RawBackend { address: address.into(), weight: default_weight(), backup: false, drained: false, drained_since: None, health_check: None }
+    }
+}
+
+impl ConfigError {
+    /// `errors` found in `text` (read from `origin`) after validation, e.g. against the host:
+    /// each gets its line and they are listed in file order, as validation's own errors are.
+    pub fn invalid_in(origin: &str, text: &str, mut errors: Vec<FieldError>) -> ConfigError {
+        location::locate(&mut errors, text);
+        errors.sort_by_key(|e| e.line.unwrap_or(usize::MAX));
+        ConfigError::Invalid { path: origin.to_string(), errors }
     }
 }
 
@@ -382,19 +407,15 @@ impl Config {
 }
 
 impl RawConfig {
-    /// Parses and validates a config (or state) file's text; `origin` names it in errors, whose
+    /// Parses and validates a config file's text; `origin` names it in errors, whose
     /// fields carry the line they are on.
     pub fn parse(text: &str, origin: &str) -> Result<(RawConfig, Config), ConfigError> {
         let raw: RawConfig =
-            toml::from_str(text).map_err(|e| ConfigError::Syntax { path: origin.to_string(), message: one_line(&e, text) })?;
+            toml::from_str(text).map_err(|e| ConfigError::Syntax { path: origin.to_string(), message: one_line(&e, text), line: line_of_error(&e, text) })?;
         match raw.validate() {
             Ok(config) => Ok((raw, config)),
-            Err(mut errors) => {
-                location::locate(&mut errors, text);
-                // In file order, as a reader fixes them; the sort is stable within a line.
-                errors.sort_by_key(|e| e.line.unwrap_or(usize::MAX));
-                Err(ConfigError::Invalid { path: origin.to_string(), errors })
-            }
+            // In file order, as a reader fixes them; the sort is stable within a line.
+            Err(errors) => Err(ConfigError::invalid_in(origin, text, errors)),
         }
     }
 }

@@ -14,7 +14,7 @@ use std::{
     collections::{BTreeMap, HashMap, HashSet},
     net::SocketAddr,
     path::Path,
-    time::{Instant, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -54,7 +54,10 @@ pub struct Daemon {
     /// How the adopted data plane differed from the config at start (empty if nothing was adopted).
     start_differences: Vec<String>,
     /// When each drained backend started draining.
-    drains: HashMap<BackendKey, Instant>,
+    drains: HashMap<BackendKey, DrainStart>,
+    /// The drain starts the config file records (`drained_since`), for drains the daemon has not
+    /// seen start (at start, after a reload).
+    drain_since: HashMap<BackendKey, SystemTime>,
     passive: Passive,
     latency_weights: plan::latency::LatencyWeights,
     report: Vec<ServiceHealth>,
@@ -72,7 +75,13 @@ pub struct Daemon {
     events: EventLog,
     /// The last reload's rejection, against the text it rejected (see `pending`).
     rejected: Option<pending::Rejected>,
+    /// VIPs found on an attached interface while running (an address added after the check at
+    /// start, reload or change), as last logged, and when that was looked at.
+    vips_on_host: (Vec<String>, Option<Instant>),
 }
+
+/// How often a running daemon looks for VIPs that became addresses of an attached interface.
+const HOST_ADDRESS_CHECK: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Daemon {
     /// Programs the loaded config file into a loaded (not yet attached) data plane. A pinned data
@@ -111,6 +120,7 @@ impl Daemon {
             }
         }
         let (monitor, transitions) = HealthMonitor::new();
+        let drain_since = drain_since_of(&loaded.raw);
         let mut daemon = Daemon {
             file: ConfigFile { loaded, at: SystemTime::now() },
             effective: config.clone(),
@@ -120,6 +130,7 @@ impl Daemon {
             monitor,
             start_differences,
             drains: HashMap::new(),
+            drain_since,
             passive: Passive::default(),
             latency_weights: plan::latency::LatencyWeights::default(),
             report: Vec::new(),
@@ -129,8 +140,14 @@ impl Daemon {
             interfaces_lost: None,
             events: EventLog::default(),
             rejected: None,
+            vips_on_host: (Vec::new(), None),
         };
-        daemon.replan().map_err(DaemonError::Program)?;
+        match daemon.replan() {
+            // An adopted layout with no room for a ring's spare: the daemon still starts, keeps
+            // health-checking and setting down flags, and `status` shows the error.
+            Ok(()) | Err(crate::tables::ApplyError::RingSpace { .. }) => {}
+            Err(e) => return Err(DaemonError::Program(e)),
+        }
         if let Some(problem) = owner::problem(&daemon.file.loaded.path) {
             warn!("{problem}");
         }
@@ -176,13 +193,14 @@ impl Daemon {
             .collect();
         self.drains.retain(|k, _| drained.contains(k));
         for k in drained {
-            self.drains.entry(k).or_insert(now);
+            let since = self.drain_since.get(&k).copied();
+            self.drains.entry(k).or_insert_with(|| DrainStart::new(since, SystemTime::now(), now));
         }
         let expired: HashSet<BackendKey> = self
             .drains
             .iter()
             .filter(|((service, _), since)| {
-                self.config.services.iter().any(|s| &s.name == service && now.duration_since(**since) >= s.drain_timeout)
+                self.config.services.iter().any(|s| &s.name == service && since.elapsed(now) >= s.drain_timeout)
             })
             .map(|(k, _)| k.clone())
             .collect();
@@ -213,10 +231,15 @@ impl Daemon {
                 warn!(service = %r.name, backups = r.serving, "no primary backend is healthy: backups take over");
             }
         }
-        let applied = self.tables.apply(&effective, &mut self.dataplane);
-        if applied.is_ok() {
+        let applied = self.tables.apply_planned(&effective, &self.config, &mut self.dataplane);
+        // A ring that could not be placed leaves every other change (and every down flag) applied:
+        // what is planned is what runs, but for that service's ring (reported in `status`).
+        if matches!(applied, Ok(()) | Err(crate::tables::ApplyError::RingSpace { .. })) {
             self.report = report;
             self.effective = effective;
+        }
+        if let Err(e @ crate::tables::ApplyError::RingSpace { .. }) = &applied {
+            error!("{e}");
         }
         // Also after a failed apply: what is installed now decides what is announced.
         self.announce();
@@ -287,6 +310,26 @@ impl Daemon {
         }
     }
 
+    /// The attached interfaces and their XDP mode now, as `ip -d link` would show it.
+    pub fn interface_status(&self) -> Vec<crate::api::InterfaceStatus> {
+        let mut netlink = announce::netlink::Netlink::open();
+        self.attached_ifaces
+            .iter()
+            .map(|(name, index)| {
+                let attached = netlink.as_mut().map_err(|e| e.to_string()).and_then(|n| n.xdp_attached(*index).map_err(|e| e.to_string()));
+                let (mode, error) = match attached {
+                    Ok(1) => ("native", None),
+                    Ok(2) => ("generic", None),
+                    Ok(3) => ("offload", None),
+                    Ok(4) => ("several", None),
+                    Ok(_) => ("none", None),
+                    Err(e) => ("unknown", Some(e)),
+                };
+                crate::api::InterfaceStatus { name: name.clone(), mode: mode.into(), error }
+            })
+            .collect()
+    }
+
     /// Withdraws every VIP route (`xdp-lb stop`, SIGTERM, SIGINT); a crash leaves them.
     pub fn withdraw_announcements(&mut self) {
         self.announcer.withdraw_all();
@@ -309,7 +352,19 @@ impl Daemon {
         }
         let mut next = self.file.loaded.raw.clone();
         edit(&mut next)?;
+        self.drain_since = drain_since_of(&next);
         let config = next.validate().map_err(|errors| DaemonError::InvalidChange { path: path.clone(), errors })?;
+        // Only what this change introduces: a VIP that became a host address while it ran is
+        // logged by `tick`, and must not block an unrelated change (a drain in an incident).
+        let running = |name: &str, vip| self.config.services.iter().any(|s| s.name == name && s.vip == vip);
+        let on_host: Vec<_> = self
+            .vips_on_attached(&config)
+            .into_iter()
+            .filter(|e| !matches!(&e.location, crate::config::Location::Service { index, name, .. } if running(name, config.services[*index].vip)))
+            .collect();
+        if !on_host.is_empty() {
+            return Err(DaemonError::InvalidChange { path, errors: on_host });
+        }
         if let Some(refusal) = self.resize(&config) {
             return Err(refusal);
         }
@@ -358,6 +413,11 @@ impl Daemon {
 
     fn try_reload(&mut self, allow_empty: bool) -> Result<usize, DaemonError> {
         let loaded = file::load(&self.file.loaded.path)?;
+        let on_host = self.vips_on_attached(&loaded.config);
+        if !on_host.is_empty() {
+            return Err(crate::config::ConfigError::invalid_in(&self.path_text(), &loaded.text, on_host).into());
+        }
+        self.drain_since = drain_since_of(&loaded.raw);
         if loaded.config.services.is_empty() && !self.config.services.is_empty() && !allow_empty {
             return Err(DaemonError::EmptyReload { path: self.path_text(), running: self.config.services.len() });
         }
@@ -389,6 +449,31 @@ impl Daemon {
         Ok(self.config.services.len())
     }
 
+    /// An address added to an attached interface while the daemon runs is not refused anywhere: the
+    /// VIP was accepted before. Logged as an error (once per change) so the operator learns that
+    /// this host's own traffic to that port is being balanced.
+    fn check_vips_on_host(&mut self) {
+        if self.attached_ifaces.is_empty() || self.vips_on_host.1.is_some_and(|at| at.elapsed() < HOST_ADDRESS_CHECK) {
+            return;
+        }
+        let path = self.path_text();
+        let found: Vec<String> = self.vips_on_attached(&self.config).iter().map(|e| format!("{path}: {e}")).collect();
+        if found != self.vips_on_host.0 {
+            for problem in &found {
+                error!("{problem}; remove the address from the interface or move the service to another VIP");
+            }
+            if found.is_empty() {
+                info!("no VIP is an address of an attached interface any more");
+            }
+        }
+        self.vips_on_host = (found, Some(Instant::now()));
+    }
+
+    /// Services of `config` whose VIP is this host's own address on an attached interface.
+    fn vips_on_attached(&self, config: &Config) -> Vec<crate::config::FieldError> {
+        crate::host::check_vips(config, &self.attached_ifaces)
+    }
+
     /// The refusal for a `config` whose map sizes differ from the running ones (`hash_seed` may
     /// change: it only changes the rings).
     fn resize(&self, config: &Config) -> Option<DaemonError> {
@@ -399,15 +484,27 @@ impl Daemon {
 
     /// Programs `config`; on failure the previous one is programmed again. Returns the previous.
     fn program(&mut self, config: Config) -> Result<Config, DaemonError> {
+        let failing_before = self.tables.ring_error_capacities().clone();
         let previous = std::mem::replace(&mut self.config, config);
-        if let Err(e) = self.replan() {
-            self.config = previous;
-            if let Err(restore) = self.replan() {
-                error!("restoring the previous configuration failed too: {restore}");
+        // A service that already could not place its ring does not refuse changes to the others;
+        // a change that makes another ring fail, or asks a failing one for another size, is refused.
+        let made_worse =
+            |tables: &Tables| tables.ring_error_capacities().iter().any(|(name, capacity)| failing_before.get(name) != Some(capacity));
+        match self.replan() {
+            Err(crate::tables::ApplyError::RingSpace { .. }) if !made_worse(&self.tables) => Ok(previous),
+            Ok(()) => Ok(previous),
+            Err(e) => {
+                self.restore(previous);
+                Err(DaemonError::Program(e))
             }
-            return Err(DaemonError::Program(e));
         }
-        Ok(previous)
+    }
+
+    fn restore(&mut self, previous: Config) {
+        self.config = previous;
+        if let Err(restore) = self.replan() {
+            error!("restoring the previous configuration failed too: {restore}");
+        }
     }
 
     fn path_text(&self) -> String {
@@ -506,6 +603,7 @@ impl Daemon {
         if self.config.announce.is_some() {
             self.check_interfaces();
         }
+        self.check_vips_on_host();
         let serving: HashSet<BackendKey> = self
             .effective
             .services
@@ -521,7 +619,7 @@ impl Daemon {
             .iter()
             .filter(|((service, address), since)| {
                 let timeout = self.config.services.iter().find(|s| &s.name == service).map(|s| s.drain_timeout);
-                let down_now = timeout.is_some_and(|t| now.duration_since(**since) >= t);
+                let down_now = timeout.is_some_and(|t| since.elapsed(now) >= t);
                 let was_down = self.effective_backend(service, address).is_some_and(|b| b.down);
                 down_now && !was_down
             })
@@ -588,6 +686,41 @@ pub fn differences(running: &[&crate::config::Service], config: &Config) -> Vec<
         }
     }
     out
+}
+
+/// When a drain began, as the daemon counts it: an instant of this process plus what had passed
+/// before it (a drain the config file says began before this daemon started).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DrainStart {
+    at: Instant,
+    before: Duration,
+}
+
+impl DrainStart {
+    /// A drain seen at `now` (wall clock `wall`), which began at `since` if the file says so. A
+    /// `since` in the future (a clock stepped back) counts as now.
+    pub fn new(since: Option<SystemTime>, wall: SystemTime, now: Instant) -> DrainStart {
+        let before = since.and_then(|s| wall.duration_since(s).ok()).unwrap_or_default();
+        DrainStart { at: now, before }
+    }
+
+    pub fn elapsed(&self, now: Instant) -> Duration {
+        self.before + now.saturating_duration_since(self.at)
+    }
+}
+
+/// The `drained_since` of every drained backend in `raw` (validated, so each parses).
+fn drain_since_of(raw: &RawConfig) -> HashMap<BackendKey, SystemTime> {
+    raw.services
+        .iter()
+        .flat_map(|s| {
+            s.backends.iter().filter(|b| b.drained).filter_map(move |b| {
+                let address = b.address.parse().ok()?;
+                let since = humantime::parse_rfc3339_weak(b.drained_since.as_deref()?).ok()?;
+                Some(((s.name.clone(), address), since))
+            })
+        })
+        .collect()
 }
 
 /// Ring cells per backend address of an adopted ring.

@@ -205,6 +205,33 @@ impl Dataplane {
         Ok(mode)
     }
 
+    /// Detaches the pinned links of interfaces not in `listed` and removes their pins (H9: a
+    /// restart with an interface left out of `--iface` must not leave it running the previous
+    /// program on the shared maps with no daemon in charge). The previous daemon is gone, so the
+    /// pin is the link's last reference: unpinning detaches it. Returns the interfaces detached.
+    pub fn detach_unlisted(&mut self, listed: &[String]) -> Vec<Result<String, DataplaneError>> {
+        let Some(pins) = self.pins.clone() else { return Vec::new() };
+        let mut out = Vec::new();
+        for iface in pins.linked_interfaces().into_iter().filter(|i| !listed.contains(i)) {
+            let link = pins.link(&iface);
+            if let Err(e) = std::fs::remove_file(&link) {
+                out.push(Err(DataplaneError::Interface { iface, message: format!("removing the pinned link {}: {e}", link.display()) }));
+                continue;
+            }
+            // No redirects to it any more (an interface that is gone has no entry to remove).
+            if let Ok(index) = ifindex(&iface) {
+                let _ = self.maps.tx_ports.remove(index);
+            }
+            out.push(Ok(iface));
+        }
+        out
+    }
+
+    /// The directory the data plane is pinned in, as this daemon was given it (`None` with --no-pin).
+    pub fn pin_path(&self) -> Option<&std::path::Path> {
+        self.pins.as_ref().map(PinDir::path)
+    }
+
     /// Whether the data plane stays when the daemon exits.
     pub fn is_pinned(&self) -> bool {
         self.pins.is_some()

@@ -10,6 +10,7 @@ pub mod dataplane;
 pub mod docs;
 pub mod flows;
 pub mod health;
+pub mod host;
 pub mod limits;
 pub mod logging;
 pub mod metrics;

@@ -124,10 +124,31 @@ mod tests {
         assert!(fd_headroom().is_some());
     }
 
+    const RAISE_CHILD: &str = "XDP_LB_TEST_RAISE_CHILD";
+
+    /// From a low soft limit (systemd's default is 1024) to the hard one, capped by `fs.nr_open`;
+    /// the hard limit stays. In a child process of this test binary: lowering the limit in this
+    /// one could starve the tests running beside it.
     #[test]
-    fn raising_keeps_the_hard_limit() {
-        let (before, after) = raise_nofile().expect("raise");
-        assert_eq!(before.hard, after.hard);
-        assert!(after.soft >= before.soft);
+    fn raising_lifts_the_soft_limit_to_the_hard_one() {
+        if std::env::var_os(RAISE_CHILD).is_some() {
+            let start = nofile().expect("limit");
+            let low = libc::rlimit { rlim_cur: 64, rlim_max: start.hard };
+            // SAFETY: setrlimit reads the struct we pass; it changes only this (child) process.
+            assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &low) }, 0, "lowering the soft limit");
+            let (before, after) = raise_nofile().expect("raise");
+            let nr_open: u64 = std::fs::read_to_string("/proc/sys/fs/nr_open").expect("fs.nr_open").trim().parse().expect("a number");
+            assert_eq!(before, NofileLimit { soft: 64, hard: start.hard });
+            assert_eq!(after, NofileLimit { soft: start.hard.min(nr_open), hard: start.hard }, "not raised to the hard limit");
+            assert_eq!(nofile().expect("limit"), after, "the returned limit is not the process's");
+            return;
+        }
+        let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
+            .args(["--exact", "limits::tests::raising_lifts_the_soft_limit_to_the_hard_one", "--nocapture", "--test-threads=1"])
+            .env(RAISE_CHILD, "1")
+            .output()
+            .expect("running the child");
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success() && stdout.contains("1 passed"), "child failed:\n{stdout}\n{stderr}");
     }
 }

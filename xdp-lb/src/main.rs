@@ -74,8 +74,11 @@ enum Command {
         /// Also detach the XDP program and remove its pinned maps (works without a running daemon).
         #[arg(long)]
         detach: bool,
-        #[arg(long, default_value = api::DEFAULT_BPFFS_DIR)]
-        bpffs: PathBuf,
+        /// The pin directory of the instance to stop. A daemon answering on --socket that pins
+        /// elsewhere refuses (give that instance's --socket too); without a daemon, the pins
+        /// removed by --detach [default: /sys/fs/bpf/xdp-lb].
+        #[arg(long)]
+        bpffs: Option<PathBuf>,
     },
     /// Re-read the daemon's --config file (as SIGHUP does); an invalid file is rejected with every
     /// error listed and the running configuration stays.
@@ -154,7 +157,7 @@ fn main() -> std::process::ExitCode {
             bpffs: (!no_pin).then_some(bpffs),
         }),
         Command::Reload { allow_empty } => client.reload(allow_empty),
-        Command::Stop { detach, bpffs } => client.stop(detach, &bpffs),
+        Command::Stop { detach, bpffs } => client.stop(detach, bpffs.as_deref()),
         Command::Check { config } => check(&config, cli.json),
         Command::Service(c) => client.service(c),
         Command::Backend(c) => client.backend(c),
@@ -203,6 +206,7 @@ fn check(path: &std::path::Path, json: bool) -> anyhow::Result<()> {
                     .iter()
                     .map(|e| serde_json::json!({ "field": e.path(), "line": e.line, "message": e.message }))
                     .collect(),
+                ConfigError::Syntax { line, .. } => vec![serde_json::json!({ "field": null, "line": line, "message": error.to_string() })],
                 other => vec![serde_json::json!({ "field": null, "line": null, "message": other.to_string() })],
             };
             serde_json::json!({ "ok": false, "config": path, "errors": errors })

@@ -35,6 +35,8 @@ pub struct Scrape {
     pub rings: Vec<(String, u64)>,
     /// Per VIP address, whether it is announced (empty while `[announce]` is off).
     pub announced: Vec<(String, bool)>,
+    /// Per service, whether its ring could not be rebuilt in the last reprogramming.
+    pub ring_errors: Vec<(String, bool)>,
 }
 
 /// A backend's health view.
@@ -81,6 +83,7 @@ pub fn collect(daemon: &Daemon) -> Result<Scrape, DataplaneError> {
             .iter()
             .filter_map(|s| Some((s.name.clone(), daemon.tables.ring_fingerprint(&s.name)?)))
             .collect(),
+        ring_errors: daemon.config().services.iter().map(|s| (s.name.clone(), daemon.tables.ring_errors().contains_key(&s.name))).collect(),
         announced: daemon.announce_status().map(|a| a.vips.iter().map(|v| (v.vip.clone(), v.announced)).collect()).unwrap_or_default(),
     })
 }
@@ -128,6 +131,14 @@ pub fn exposition(scrape: &Scrape) -> String {
             "Always 1; the fingerprint label hashes the installed ring as backend addresses, equal on nodes that agree.",
             vec![label("service", service), label("fingerprint", &format!("{fingerprint:016x}"))],
             1.0,
+        );
+    }
+    for (service, failed) in &scrape.ring_errors {
+        out.gauge(
+            "xdp_lb_service_ring_error",
+            "1 while the service's ring could not be rebuilt (it serves its previous ring; see xdp-lb status).",
+            vec![label("service", service)],
+            f64::from(u8::from(*failed)),
         );
     }
     for (vip, announced) in &scrape.announced {

@@ -43,6 +43,11 @@ pub struct PinDir(PathBuf);
 impl PinDir {
     /// Creates the directory (its parent must be on a bpffs).
     pub fn prepare(dir: &Path) -> Result<PinDir, PinError> {
+        // Nothing is created before the check passes: a --bpffs outside any bpffs is refused
+        // without leaving the directories it names behind.
+        if !fresh::nearest_existing(dir).is_some_and(is_bpffs) {
+            return Err(PinError::NotBpffs { dir: dir.display().to_string() });
+        }
         // A directory that cannot be created is almost always one outside any bpffs (e.g. under a
         // /sys that `ip netns exec` remounted without /sys/fs/bpf): say that, not just "ENOENT".
         match std::fs::create_dir_all(dir) {
@@ -220,6 +225,9 @@ fn is_bpffs(dir: &Path) -> bool {
         libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
     }
 }
+
+mod fresh;
+pub use fresh::FreshPins;
 
 #[cfg(test)]
 mod tests;

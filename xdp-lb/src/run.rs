@@ -19,11 +19,10 @@ use tokio::{
     signal::unix::{signal, SignalKind},
     sync::{mpsc, oneshot, Semaphore},
 };
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 use xdp_lb::{
     api::{self, Request, Response},
-    config::Mode,
-    config::file,
+    config::{file, ConfigError, Mode},
     daemon::Daemon,
     dataplane::{self, Dataplane},
     dashboard, limits, metrics, neighbours, notify,
@@ -73,9 +72,18 @@ pub fn run(opts: Options) -> Result<()> {
     raise_fd_limit();
     let loaded = file::load(&opts.config)?;
     info!(path = %opts.config.display(), services = loaded.config.services.len(), "config file loaded");
+    for stale in file::remove_stale_temp_files(&opts.config) {
+        warn!(file = %stale.display(), "removed the temporary config file of a writer that died mid-write (its change was never renamed into place)");
+    }
     // Every --iface must exist before anything is loaded or attached.
+    let mut attached = Vec::new();
     for iface in &opts.ifaces {
-        dataplane::ifindex(iface)?;
+        attached.push((iface.clone(), dataplane::ifindex(iface)?));
+    }
+    // Before anything is loaded: a refused start leaves a pinned data plane as it is.
+    let on_host = xdp_lb::host::check_vips(&loaded.config, &attached);
+    if !on_host.is_empty() {
+        return Err(ConfigError::invalid_in(&opts.config.display().to_string(), &loaded.text, on_host).into());
     }
     warn_if_forwarding_disabled();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -101,9 +109,12 @@ async fn serve(opts: Options, loaded: file::Loaded) -> Result<()> {
     };
     let dashboard_token = opts.dashboard_token.as_deref().map(read_token).transpose()?;
     dashboard::gateway::check_replicas(&opts.gateway_admin)?;
+    let existed_before = opts.bpffs.as_deref().is_some_and(Path::exists);
     let pins = opts.bpffs.as_deref().map(PinDir::prepare).transpose()?;
     // Held until this function returns: a second daemon on the same pins is refused.
     let _instance = pins.as_ref().map(|p| lock_pin_dir(p.path())).transpose()?;
+    // A first start (nothing pinned yet) that fails below removes what it pinned.
+    let fresh = pins.as_ref().and_then(|p| xdp_lb::pins::FreshPins::new(p.path(), existed_before));
     if let Some(p) = &pins {
         let running = p.linked_interfaces();
         if !running.is_empty() {
@@ -116,6 +127,17 @@ async fn serve(opts: Options, loaded: file::Loaded) -> Result<()> {
     for iface in &opts.ifaces {
         // On failure, dropping the daemon detaches whatever was attached before.
         daemon.dataplane_mut().attach(iface)?;
+    }
+    // `--iface` is the truth: a pinned link of an interface left out is detached, not left
+    // running the previous program with no daemon in charge of it.
+    for detached in daemon.dataplane_mut().detach_unlisted(&opts.ifaces) {
+        match detached {
+            Ok(iface) => warn!(%iface, "the pinned data plane was attached to an interface not given with --iface: detached it and removed its pin"),
+            Err(e) => error!("{e}"),
+        }
+    }
+    if let Some(fresh) = fresh {
+        fresh.keep();
     }
     daemon.start_announcing(&opts.ifaces);
     let backends: Vec<_> = daemon.config().services.iter().flat_map(|s| s.backends.iter().map(|b| b.address)).collect();
@@ -155,9 +177,12 @@ async fn serve(opts: Options, loaded: file::Loaded) -> Result<()> {
             _ = terminate.recv() => { info!("SIGTERM: stopping"); break; }
             _ = interrupt.recv() => { info!("SIGINT: stopping"); break; }
             Some((request, reply)) = jobs.recv() => {
-                let stop = match request { Request::Stop { detach: d } => Some(d), _ => None };
-                let _ = reply.send(daemon.handle(request));
-                if let Some(d) = stop {
+                let stop = match request { Request::Stop { detach: d, .. } => Some(d), _ => None };
+                let answer = daemon.handle(request);
+                // A refused stop (`--bpffs` of another instance) leaves this daemon running.
+                let stopping = answer.ok;
+                let _ = reply.send(answer);
+                if let (Some(d), true) = (stop, stopping) {
                     info!(detach = d, "stop requested");
                     detach = d;
                     break;
@@ -217,7 +242,12 @@ async fn serve(opts: Options, loaded: file::Loaded) -> Result<()> {
         let removed = daemon.dataplane_mut().remove_pins()?;
         info!(pins = removed.len(), "data plane detached and its pins removed");
     } else if daemon.dataplane_mut().is_pinned() {
-        info!("the data plane stays attached and keeps forwarding; `xdp-lb stop --detach` removes it");
+        // A second instance's pins are not the default --bpffs: the bare command would remove the
+        // main instance's data plane. (Under the template unit the path below is the daemon's view
+        // of it; the unit's comment gives the operator's.)
+        let pins = opts.bpffs.as_deref().filter(|p| *p != Path::new(api::DEFAULT_BPFFS_DIR) && opts.socket != Path::new(api::DEFAULT_SOCKET));
+        let bpffs = pins.map(|p| format!(" --bpffs {}", p.display())).unwrap_or_default();
+        info!("the data plane stays attached and keeps forwarding; `xdp-lb stop --detach{bpffs}` removes it");
     }
     daemon.dataplane_mut().detach_all();
     // One line for the log, not the counters on stdout: stdout may be a terminal or a journal that

@@ -59,8 +59,13 @@ pub enum ApplyError {
     ServiceIds(u32),
     #[error("no free backend id: at most {0} backends")]
     BackendIds(u32),
-    #[error("the Maglev cells are too fragmented to place a ring of {size} for service {service}; raise dataplane.maglev_cells")]
-    RingSpace { service: String, size: u32 },
+    #[error(
+        "service {service}: {field} needs two runs of {capacity} contiguous free Maglev cells (one serves while the next \
+         table is built in the other; one may reuse the running ring's cells), but the largest free runs of the {cells} \
+         cells of dataplane.maglev_cells are {free_runs} (fragmented by earlier changes): choose a smaller {field}, \
+         remove a service, or raise maglev_cells (a resize: `xdp-lb stop --detach` and a start)"
+    )]
+    RingSpace { service: String, field: &'static str, capacity: u32, cells: u32, free_runs: String },
     #[error(transparent)]
     Maglev(#[from] maglev::MaglevError),
     #[error(transparent)]
@@ -74,6 +79,10 @@ pub struct Installed {
     pub config: config::Service,
     /// (offset, size) of its ring in `MAGLEV_RING`; `None` while it has no backend with weight.
     pub ring: Option<(u32, u32)>,
+    /// The service's two slots, (offset, capacity): `live` holds the running ring (it starts at
+    /// `ring`'s offset), `spare` is where the next one is built. See [`Tables`].
+    live: Option<(u32, u32)>,
+    spare: Option<(u32, u32)>,
     /// Backend id per ring slot.
     pub table: Vec<u32>,
     /// [`maglev::fingerprint`] of `table` read as backend addresses: equal on every node whose ring
@@ -85,6 +94,21 @@ pub struct Installed {
     pub backend_ids: BTreeMap<SocketAddr, u32>,
 }
 
+/// The control plane's view of the maps.
+///
+/// Cells: every service owns two slots of `MAGLEV_RING`, each as large as the largest ring its
+/// desired configuration can produce ([`ring_capacity`]: what validation counts, so validation's
+/// sum is also what the slots take). A rebuild writes the spare slot, switches the service entry to
+/// it, and the old live slot becomes the spare; it is written no earlier than the next apply, when
+/// packets still reading the old ring are long done. So every rebuild a health transition, drain or
+/// weight change causes fits in the service's own cells and cannot fail for lack of space. Only a
+/// change of capacity (a new service, a new `ring_size`, backends or weights that change a
+/// sequence's length) allocates new slots, and if the free cells are too fragmented for them, that
+/// change is refused before anything is written ([`ApplyError::RingSpace`]): never accepted and
+/// failing later. (No compaction: a refused resize is fixed by a smaller ring or a fresh layout.)
+/// A data plane adopted at restart keeps its running rings where they are; a service whose spare
+/// cannot be placed there keeps running its ring, and the error is kept per service
+/// ([`Tables::ring_errors`]) while its backends' down flags are still written.
 pub struct Tables {
     /// Size of `MAGLEV_RING`.
     cells: u32,
@@ -100,6 +124,10 @@ pub struct Tables {
     /// Generation of each backend id's current owner.
     generations: Vec<u32>,
     next_generation: u32,
+    /// Per service name, why its ring could not be rebuilt in the last apply (see [`Tables`]).
+    ring_errors: BTreeMap<String, String>,
+    /// Per failing service, the slot capacity it could not place.
+    ring_error_capacities: BTreeMap<String, u32>,
 }
 
 pub fn service_key(vip: SocketAddr, protocol: Protocol) -> ServiceKey {
@@ -127,7 +155,21 @@ impl Tables {
             used_backend_ids: vec![false; max_backends as usize],
             generations: vec![0; max_backends as usize],
             next_generation: 1,
+            ring_errors: BTreeMap::new(),
+            ring_error_capacities: BTreeMap::new(),
         }
+    }
+
+    /// Per service name, why its ring could not be rebuilt in the last apply: it still runs its
+    /// previous ring (the down flags of its backends are set all the same).
+    pub fn ring_errors(&self) -> &BTreeMap<String, String> {
+        &self.ring_errors
+    }
+
+    /// Per service whose ring could not be placed, the slot capacity it needed: a change that
+    /// leaves a service failing with the same capacity did not make it fail.
+    pub fn ring_error_capacities(&self) -> &BTreeMap<String, u32> {
+        &self.ring_error_capacities
     }
 
     /// The generation of backend `id`'s current owner (0: free).
@@ -232,7 +274,9 @@ impl Tables {
             let fingerprint = fingerprint_of(&table, &backend_ids);
             // The running ring's seed is unknown; the forced rebuild uses the configured one.
             let seed = config.dataplane.hash_seed;
-            self.services.insert(key, Installed { id: entry.id, config: adopted_config, ring, table, fingerprint, seed, backend_ids });
+            // The running ring's slot is only as large as the ring: the first apply gives the
+            // service a spare (and a larger slot if its config needs one).
+            self.services.insert(key, Installed { id: entry.id, config: adopted_config, ring, live: ring, spare: None, table, fingerprint, seed, backend_ids });
             adopted += 1;
         }
         Ok(adopted)
@@ -246,27 +290,24 @@ impl Tables {
 
     /// Marks `[offset, offset + size)` as used.
     fn reserve_cells(&mut self, offset: u32, size: u32) {
-        let end = offset + size;
-        let mut next = Vec::with_capacity(self.free_cells.len() + 1);
-        for &(o, l) in &self.free_cells {
-            let e = o + l;
-            if e <= offset || o >= end {
-                next.push((o, l));
-                continue;
-            }
-            if o < offset {
-                next.push((o, offset - o));
-            }
-            if e > end {
-                next.push((end, e - end));
-            }
-        }
-        self.free_cells = next;
+        reserve_in(&mut self.free_cells, offset, size);
     }
 
     /// Makes the maps match `config`. On error the maps may hold a mix of old and new services, but
     /// every service entry is consistent (points at a complete ring of live backends).
     pub fn apply(&mut self, config: &Config, maps: &mut dyn MapWriter) -> Result<(), ApplyError> {
+        self.apply_planned(config, config, maps)
+    }
+
+    /// [`Tables::apply`] for an effective configuration (weights after health, drain, backups)
+    /// planned from `desired`, whose rings size each service's slots: a backend that is down now
+    /// must still find room when it comes back.
+    ///
+    /// A service whose ring cannot be placed keeps its running ring, its backends' down flags are
+    /// written all the same (established flows on a failed backend move), the other services are
+    /// applied, and the first such error is returned (every one is in [`Tables::ring_errors`]).
+    pub fn apply_planned(&mut self, config: &Config, desired: &Config, maps: &mut dyn MapWriter) -> Result<(), ApplyError> {
+        let capacities: HashMap<String, u32> = desired.services.iter().map(|s| (s.name.clone(), ring_capacity(s))).collect();
         for range in std::mem::take(&mut self.retired) {
             self.release_cells(range);
         }
@@ -277,10 +318,26 @@ impl Tables {
         for key in gone {
             self.remove(&key, maps)?;
         }
+        self.ring_errors.retain(|name, _| config.services.iter().any(|s| &s.name == name));
+        self.ring_error_capacities.retain(|name, _| self.ring_errors.contains_key(name));
+        // One service's ring that cannot be placed does not stop the others' changes.
+        let mut first_ring_error = None;
         for service in &config.services {
-            self.upsert(service, config.dataplane.hash_seed, maps)?;
+            let capacity = capacities.get(&service.name).copied().unwrap_or_else(|| ring_capacity(service));
+            match self.upsert(service, capacity, config.dataplane.hash_seed, maps) {
+                Ok(()) => {
+                    self.ring_errors.remove(&service.name);
+                    self.ring_error_capacities.remove(&service.name);
+                }
+                Err(e @ ApplyError::RingSpace { capacity, .. }) => {
+                    self.ring_error_capacities.insert(service.name.clone(), capacity);
+                    self.ring_errors.insert(service.name.clone(), e.to_string());
+                    first_ring_error.get_or_insert(e);
+                }
+                Err(e) => return Err(e),
+            }
         }
-        Ok(())
+        first_ring_error.map_or(Ok(()), Err)
     }
 
     fn remove(&mut self, key: &ServiceKey, maps: &mut dyn MapWriter) -> Result<(), ApplyError> {
@@ -289,23 +346,38 @@ impl Tables {
         for &id in installed.backend_ids.values() {
             self.free_backend(id, maps)?;
         }
-        if let Some(ring) = installed.ring {
-            self.retired.push(ring);
+        // The live ring may still be read by packets in flight; the spare is at least an apply old.
+        if let Some(live) = installed.live {
+            self.retired.push(live);
+        }
+        if let Some(spare) = installed.spare {
+            self.release_cells(spare);
         }
         self.used_service_ids[installed.id as usize] = false;
         Ok(())
     }
 
-    fn upsert(&mut self, service: &config::Service, seed: u64, maps: &mut dyn MapWriter) -> Result<(), ApplyError> {
+    fn upsert(&mut self, service: &config::Service, capacity: u32, seed: u64, maps: &mut dyn MapWriter) -> Result<(), ApplyError> {
         let key = service_key(service.vip, service.protocol);
+        let is_new = !self.services.contains_key(&key);
         let mut installed = match self.services.get(&key) {
-            Some(existing) if existing.config == *service && existing.seed == seed => return Ok(()),
+            Some(existing) if existing.config == *service && existing.seed == seed && slots_fit(existing, capacity) => return Ok(()),
             Some(existing) => existing.clone(),
             None => {
                 let id = take_id(&mut self.used_service_ids).ok_or(ApplyError::ServiceIds(self.max_services))?;
                 maps.clear_service_stats(id)?;
                 let fingerprint = maglev::fingerprint::<[u8; maglev::IDENTITY_LEN]>(&[]);
-                Installed { id, config: service.clone(), ring: None, table: Vec::new(), fingerprint, seed, backend_ids: BTreeMap::new() }
+                Installed {
+                    id,
+                    config: service.clone(),
+                    ring: None,
+                    live: None,
+                    spare: None,
+                    table: Vec::new(),
+                    fingerprint,
+                    seed,
+                    backend_ids: BTreeMap::new(),
+                }
             }
         };
         let old_backend_ids = installed.backend_ids.clone();
@@ -345,27 +417,61 @@ impl Tables {
             && weights(&installed.config) == weights(service)
             && installed.seed == seed
             && !installed.table.is_empty();
-        let ring = if ring_unchanged {
-            installed.ring
-        } else {
-            let table = ring_cells(service, &backend_ids, seed)?;
-            let ring = if table.is_empty() {
-                None
-            } else {
-                let size = table.len() as u32;
-                let offset =
-                    self.take_cells(size).ok_or_else(|| ApplyError::RingSpace { service: service.name.clone(), size })?;
-                maps.write_ring(offset, &table)?;
-                Some((offset, size))
-            };
-            if let Some(old) = installed.ring.take() {
-                self.retired.push(old);
+        let rebuilt = if ring_unchanged { None } else { Some(ring_cells(service, &backend_ids, seed)?) };
+        // A ring equal to the running one (a restart's adopted ring, a change that moves no slot)
+        // is kept where it is.
+        let rebuilt = rebuilt.filter(|t| *t != installed.table || installed.ring.is_some() == t.is_empty());
+        let capacity = capacity.max(rebuilt.as_ref().map_or(0, |t| t.len() as u32));
+        let slots_fit = slots_fit(&installed, capacity);
+        // New slots (a new service, another capacity, an adopted ring) move even an unchanged ring.
+        let next = match rebuilt {
+            Some(table) => Some(table),
+            None if !slots_fit => Some(installed.table.clone()),
+            None => None,
+        };
+        let placed = match &next {
+            None => Ok(installed.ring),
+            Some(table) if slots_fit => Ok(self.write_spare(&mut installed, table, maps)?),
+            Some(table) => self.reslot(&mut installed, table, capacity, service, maps),
+        };
+        let ring = match placed {
+            Ok(ring) => ring,
+            Err(e @ ApplyError::RingSpace { .. }) if !is_new => {
+                // The running ring stays, but a failed backend is still marked down: its
+                // established flows move (and its failure is reported, see `ring_errors`).
+                for (id, b) in &going_down {
+                    self.write_backend(maps, *id, installed.id, b)?;
+                }
+                // New backends keep their ids; removed ones stay until a ring without them runs.
+                // The bookkeeping records the down flags as written, so the next apply clears them
+                // when their backends recover (the config stays the old one: the ring is retried).
+                for b in &mut installed.config.backends {
+                    if let Some(now) = service.backends.iter().find(|n| n.address == b.address) {
+                        b.down = now.down;
+                    }
+                }
+                let added = service.backends.iter().filter(|b| !old_backend_ids.contains_key(&b.address)).cloned();
+                installed.config.backends.extend(added.collect::<Vec<_>>());
+                installed.backend_ids.extend(backend_ids);
+                self.services.insert(key, installed);
+                return Err(e);
             }
+            Err(e) => {
+                if is_new {
+                    // Nothing of it was switched on: give back what it took.
+                    for &id in backend_ids.values() {
+                        self.free_backend(id, maps)?;
+                    }
+                    self.used_service_ids[installed.id as usize] = false;
+                }
+                return Err(e);
+            }
+        };
+        if let Some(table) = next {
             installed.fingerprint = fingerprint_of(&table, &backend_ids);
             installed.table = table;
-            installed.seed = seed;
-            ring
-        };
+        }
+        installed.seed = seed;
 
         // 3. The switch: one update of the service entry.
         let (ring_offset, ring_size) = ring.unwrap_or((0, 0));
@@ -416,31 +522,166 @@ impl Tables {
         Ok(())
     }
 
-    /// First fit over the free cell ranges.
-    fn take_cells(&mut self, size: u32) -> Option<u32> {
-        let i = self.free_cells.iter().position(|&(_, len)| len >= size)?;
-        let (offset, len) = self.free_cells[i];
-        if len == size {
-            self.free_cells.remove(i);
-        } else {
-            self.free_cells[i] = (offset + size, len - size);
+    /// A rebuild within the service's slots: writes the spare, which becomes live at the switch
+    /// (the caller writes the service entry next); the old live slot becomes the spare.
+    fn write_spare(&mut self, installed: &mut Installed, table: &[u32], maps: &mut dyn MapWriter) -> Result<Option<(u32, u32)>, ApplyError> {
+        if table.is_empty() {
+            return Ok(None);
         }
-        Some(offset)
+        let spare = installed.spare.expect("slots_fit checked");
+        maps.write_ring(spare.0, table)?;
+        installed.spare = installed.live;
+        installed.live = Some(spare);
+        Ok(Some((spare.0, table.len() as u32)))
     }
 
-    fn release_cells(&mut self, (offset, size): (u32, u32)) {
-        self.free_cells.push((offset, size));
-        self.free_cells.sort_unstable();
-        // Merge neighbours so large rings keep fitting after many replacements.
-        let mut merged: Vec<(u32, u32)> = Vec::with_capacity(self.free_cells.len());
-        for &(o, l) in &self.free_cells {
-            match merged.last_mut() {
-                Some((mo, ml)) if *mo + *ml == o => *ml += l,
-                _ => merged.push((o, l)),
+    /// New slots of `capacity` for the service, planned on a copy of the free list so a refusal
+    /// changes nothing: the new live slot must not overlap the running ring (written now, while it
+    /// serves); the new spare may take the running ring's cells, since it is written no earlier
+    /// than the next apply. The running ring's other cells are retired (reused from the next apply).
+    fn reslot(
+        &mut self,
+        installed: &mut Installed,
+        table: &[u32],
+        capacity: u32,
+        service: &config::Service,
+        maps: &mut dyn MapWriter,
+    ) -> Result<Option<(u32, u32)>, ApplyError> {
+        let mut free = self.free_cells.clone();
+        // The spare is not read by any packet: its cells are free now.
+        if let Some(spare) = installed.spare {
+            release_into(&mut free, spare);
+        }
+        let refused = |free: &[(u32, u32)]| ApplyError::RingSpace {
+            service: service.name.clone(),
+            field: capacity_field(service),
+            capacity,
+            cells: self.cells,
+            free_runs: {
+                let mut runs: Vec<u32> = free.iter().map(|r| r.1).collect();
+                runs.sort_unstable_by(|a, b| b.cmp(a));
+                match runs.as_slice() {
+                    [] => "none".to_string(),
+                    [one] => one.to_string(),
+                    [a, b, ..] => format!("{a} and {b}"),
+                }
+            },
+        };
+        let (live, spare) = if capacity == 0 {
+            (None, None)
+        } else {
+            let largest_now = free.clone();
+            let live = take_from(&mut free, capacity).ok_or_else(|| refused(&largest_now))?;
+            if let Some(old) = installed.live {
+                release_into(&mut free, old);
+            }
+            let spare = take_from(&mut free, capacity).ok_or_else(|| refused(&largest_now))?;
+            (Some((live, capacity)), Some((spare, capacity)))
+        };
+        if let Some((offset, size)) = installed.live {
+            // Cells of the running ring the new spare did not take: still read by packets in flight.
+            let end = offset + size;
+            for (o, e) in [(offset, spare.map_or(end, |s| s.0.clamp(offset, end))), (spare.map_or(end, |s| (s.0 + s.1).clamp(offset, end)), end)] {
+                if e > o {
+                    reserve_in(&mut free, o, e - o);
+                    self.retired.push((o, e - o));
+                }
             }
         }
-        self.free_cells = merged;
+        self.free_cells = free;
+        installed.live = live;
+        installed.spare = spare;
+        match live {
+            Some((offset, _)) if !table.is_empty() => {
+                maps.write_ring(offset, table)?;
+                Ok(Some((offset, table.len() as u32)))
+            }
+            _ => Ok(None),
+        }
     }
+
+    fn release_cells(&mut self, range: (u32, u32)) {
+        release_into(&mut self.free_cells, range);
+    }
+}
+
+/// The cells a service's slot needs: the largest ring its desired configuration can produce, as
+/// validation counts it (a ring of `ring_size` for Maglev-based schedulers, one cell per backend
+/// for round-robin and least-conn, the weighted sequence's length for weighted round-robin).
+pub fn ring_capacity(service: &config::Service) -> u32 {
+    let n = match service.scheduler {
+        Scheduler::RoundRobin | Scheduler::LeastConn => service.backends.len() as u64,
+        Scheduler::WeightedRoundRobin => {
+            sequence::smooth_weighted_len(&service.backends.iter().map(|b| b.weight).collect::<Vec<_>>())
+        }
+        Scheduler::Maglev | Scheduler::IpHash | Scheduler::LeastResponseTime => u64::from(service.ring_size),
+    };
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// The service's two slots are there and exactly `capacity` large (none for 0).
+fn slots_fit(installed: &Installed, capacity: u32) -> bool {
+    if capacity == 0 {
+        installed.live.is_none() && installed.spare.is_none()
+    } else {
+        installed.live.is_some_and(|l| l.1 == capacity) && installed.spare.is_some_and(|s| s.1 == capacity)
+    }
+}
+
+/// The setting that decides a service's [`ring_capacity`], for errors.
+fn capacity_field(service: &config::Service) -> &'static str {
+    match service.scheduler {
+        Scheduler::RoundRobin | Scheduler::LeastConn => "its backend count",
+        Scheduler::WeightedRoundRobin => "its weighted sequence (sum of weights / their gcd)",
+        Scheduler::Maglev | Scheduler::IpHash | Scheduler::LeastResponseTime => "ring_size",
+    }
+}
+
+/// First fit over free cell ranges.
+fn take_from(free: &mut Vec<(u32, u32)>, size: u32) -> Option<u32> {
+    let i = free.iter().position(|&(_, len)| len >= size)?;
+    let (offset, len) = free[i];
+    if len == size {
+        free.remove(i);
+    } else {
+        free[i] = (offset + size, len - size);
+    }
+    Some(offset)
+}
+
+/// Adds a range to a free list, merging neighbours so large rings keep fitting after many
+/// replacements.
+fn release_into(free: &mut Vec<(u32, u32)>, range: (u32, u32)) {
+    free.push(range);
+    free.sort_unstable();
+    let mut merged: Vec<(u32, u32)> = Vec::with_capacity(free.len());
+    for &(o, l) in free.iter() {
+        match merged.last_mut() {
+            Some((mo, ml)) if *mo + *ml == o => *ml += l,
+            _ => merged.push((o, l)),
+        }
+    }
+    *free = merged;
+}
+
+/// Removes `[offset, offset + size)` from a free list.
+fn reserve_in(free: &mut Vec<(u32, u32)>, offset: u32, size: u32) {
+    let end = offset + size;
+    let mut next = Vec::with_capacity(free.len() + 1);
+    for &(o, l) in free.iter() {
+        let e = o + l;
+        if e <= offset || o >= end {
+            next.push((o, l));
+            continue;
+        }
+        if o < offset {
+            next.push((o, offset - o));
+        }
+        if e > end {
+            next.push((end, e - end));
+        }
+    }
+    *free = next;
 }
 
 /// The ring for the service's scheduler, as backend ids: a Maglev table (a pure function of the

@@ -235,6 +235,14 @@ fn json_check_prints_json_for_valid_and_invalid_files() {
     let v: Value = serde_json::from_str(&stdout(&out)).unwrap_or_else(|e| panic!("not JSON ({e}): {}", stdout(&out)));
     assert_eq!(v["ok"], false, "{v}");
     assert!(v["errors"][0]["message"].is_string(), "{v}");
+    assert_eq!(v["errors"][0]["line"], 1, "a syntax error's line is in the JSON too: {v}");
+
+    // An unknown key is a syntax error as well: its line, not null.
+    std::fs::write(&broken, "[dataplane]\n\nconntrack_entrys = 2048\n").unwrap();
+    let out = xdp_lb(&dir.path("unused.sock"), &["--json", "check", "--config", broken.to_str().unwrap()]);
+    let v: Value = serde_json::from_str(&stdout(&out)).unwrap_or_else(|e| panic!("not JSON ({e}): {}", stdout(&out)));
+    assert_eq!(v["errors"][0]["line"], 3, "{v}");
+    assert!(v["errors"][0]["message"].as_str().unwrap_or_default().contains("conntrack_entrys"), "{v}");
 }
 
 #[test]
@@ -409,4 +417,30 @@ fn a_regular_file_as_socket_says_it_is_not_a_socket() {
     assert_eq!(out.status.code(), Some(1), "stderr:\n{err}");
     assert!(err.contains("not a socket") && err.contains(file.to_str().unwrap()), "stderr:\n{err}");
     assert!(!err.contains("no socket at"), "the file is there:\n{err}");
+}
+
+/// What `cargo xtask dist` ships: completions for every shell and one man page per visible command,
+/// both generated from the binary's own clap definitions (so a new flag appears in them).
+#[test]
+fn completions_and_man_pages_come_from_the_binarys_own_definitions() {
+    for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+        let out = Command::new(XDP_LB).args(["completions", shell]).output().expect("running xdp-lb completions");
+        assert!(out.status.success(), "completions {shell}: {}", String::from_utf8_lossy(&out.stderr));
+        let script = String::from_utf8_lossy(&out.stdout);
+        for word in ["service", "backend", "undrain", "explain", "allow-empty", "check-interval-ms"] {
+            assert!(script.contains(word), "the {shell} completions lack {word:?}");
+        }
+    }
+    let scratch = Scratch::new("man");
+    let dir = scratch.path("man");
+    let out = Command::new(XDP_LB).arg("man-pages").arg(&dir).output().expect("running xdp-lb man-pages");
+    assert!(out.status.success(), "man-pages: {}", String::from_utf8_lossy(&out.stderr));
+    let mut pages: Vec<String> = std::fs::read_dir(&dir).expect("man dir").map(|e| e.expect("entry").file_name().to_string_lossy().into_owned()).collect();
+    pages.sort();
+    for page in ["xdp-lb.1", "xdp-lb-run.1", "xdp-lb-check.1", "xdp-lb-reload.1", "xdp-lb-service-update.1", "xdp-lb-backend-drain.1", "xdp-lb-node-drain.1"] {
+        assert!(pages.iter().any(|p| p == page), "no {page} in {pages:?}");
+    }
+    assert!(!pages.iter().any(|p| p.contains("man-pages") || p.contains("completions")), "hidden commands got pages: {pages:?}");
+    let run = std::fs::read_to_string(dir.join("xdp-lb-run.1")).expect("xdp-lb-run.1");
+    assert!(run.contains(".TH xdp-lb-run 1") && run.contains("allow\\-empty"), "{run}");
 }

@@ -517,3 +517,73 @@ fn a_config_file_the_daemon_user_cannot_keep_the_owner_of_is_warned_about() {
     let err = cli_err(&daemon, &["backend", "weight", "web", &b0, "3"], "rolled back");
     assert!(err.contains("owned by root") && err.contains("chown"), "the refusal does not name the cause: {err}");
 }
+
+/// A VIP that is one of the balancer's own addresses on an interface it attaches to would take
+/// this host's own traffic to that port (SSH, BGP, health-check replies, the metrics port): refused
+/// at start, at reload and from the CLI, naming the field and the interface. The same address on
+/// `lo` (how a host holds a VIP to answer ARP or ping for it) is accepted.
+#[test]
+fn a_vip_on_an_attached_interface_is_refused_at_start_reload_and_from_the_cli() {
+    let topo = Topology::new("cfh", 1).expect("building the testbed");
+    let _servers = Servers::start_all(&topo);
+    let own = std::net::SocketAddr::new(topo.lb_addr_v4().into(), 80);
+    let backends: [(std::net::SocketAddr, &[&str]); 1] = [(backend_addr(&topo, 0), &[])];
+    let mine = service_toml("mine", own, &[], &backends);
+    let err = match Daemon::start(Path::new(XDP_LB), topo.lb(), &topo.lb_ifaces(), &mine) {
+        Ok(daemon) => panic!("started with the host's own address as a VIP:\n{}", daemon.log()),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains(&format!("services[0].vip: {own} is an address of interface {}", topo.client_iface())) && err.contains(":3: "),
+        "the refusal does not name the field, its line and the interface:\n{err}"
+    );
+
+    // The interface named by an alternative name is the same interface.
+    topo.lb().ip(&["link", "property", "add", "dev", topo.client_iface(), "altname", "uplink-c"]).expect("adding an altname");
+    let ifaces = ["uplink-c".to_string(), topo.backend_iface(0)];
+    let err = match Daemon::start(Path::new(XDP_LB), topo.lb(), &ifaces, &mine) {
+        Ok(daemon) => panic!("started with the host's own address as a VIP (--iface by altname):\n{}", daemon.log()),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains(&format!("services[0].vip: {own} is an address of interface uplink-c")), "{err}");
+
+    let web = vip(&topo, 80);
+    let mut daemon = start_daemon(&topo, &service_toml("web", web, &[], &backends));
+    // The CLI: the flag and the interface are named, nothing changes.
+    let err = cli_err(&daemon, &["service", "add", "mine", "--vip", &own.to_string(), "--protocol", "tcp"], "--vip");
+    assert!(err.contains(&format!("is an address of interface {}", topo.client_iface())), "{err}");
+    assert_eq!(service_names(&daemon), ["web"]);
+    cli_err(&daemon, &["service", "update", "web", "--vip", &own.to_string(), "--force"], "is an address of interface");
+
+    // A reload to such a file keeps the running configuration.
+    let path = daemon.config_path().to_path_buf();
+    let text = read(&path);
+    daemon.write_config(&format!("{text}{mine}")).expect("editing");
+    let err = daemon.reload().expect_err("SIGHUP programmed the host's own address as a VIP");
+    assert!(format!("{err:#}").contains("is an address of interface"), "{err:#}");
+    assert_eq!(service_names(&daemon), ["web"]);
+    assert_served_by(&topo, &daemon, web, &[0], "after the refused reload");
+
+    // Added to an attached interface while the daemon runs: logged as an error within the check
+    // interval (5 s), since nothing can refuse it any more.
+    topo.lb().ip(&["addr", "add", &format!("{}/32", web.ip()), "dev", topo.client_iface()]).expect("adding the VIP to the interface");
+    let wanted = format!("services[0].vip: {web} is an address of interface {}", topo.client_iface());
+    let deadline = std::time::Instant::now() + Duration::from_secs(12);
+    while !daemon.log().contains(&wanted) {
+        assert!(std::time::Instant::now() < deadline, "no error for the VIP added to an attached interface:\n{}", daemon.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // It blocks no unrelated CLI change (a drain in an incident), but a reload of the file is
+    // refused as a start would be.
+    daemon.write_config(&text).expect("undoing the refused edit");
+    cli_ok(&daemon, &["backend", "weight", "web", &backend_addr(&topo, 0).to_string(), "2"]);
+    cli_err(&daemon, &["reload"], "is an address of interface");
+    topo.lb().ip(&["addr", "del", &format!("{}/32", web.ip()), "dev", topo.client_iface()]).expect("removing it again");
+
+    // On lo the same address is fine: only the interfaces xdp-lb is attached to carry the host's traffic.
+    let on_lo: std::net::IpAddr = "10.203.0.1".parse().expect("address");
+    topo.lb().ip(&["addr", "add", "10.203.0.1/32", "dev", "lo"]).expect("adding an address to lo");
+    cli_ok(&daemon, &["reload"]);
+    cli_ok(&daemon, &["service", "add", "held", "--vip", &std::net::SocketAddr::new(on_lo, 80).to_string(), "--protocol", "tcp"]);
+    assert_eq!(service_names(&daemon), ["web", "held"]);
+}

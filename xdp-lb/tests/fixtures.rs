@@ -10,6 +10,8 @@ mod harness;
 #[path = "fixtures/packet.rs"]
 mod packet;
 
+use std::collections::BTreeMap;
+
 use aya::programs::{TestRun, TestRunOptions};
 use harness::*;
 use packet::{arp_request, icmp_echo, tcp_rst, Frame, ACK_SEQ, L3, L4, SEQ, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
@@ -104,6 +106,18 @@ name = "empty-udp"
 vip = "10.200.100.102:53"
 protocol = "udp"
 ring_size = 251
+
+[[services]]
+name = "lc4"
+vip = "10.200.100.105:80"
+protocol = "tcp"
+scheduler = "least-conn"
+[[services.backends]]
+address = "10.201.0.2:8080"
+[[services.backends]]
+address = "10.201.0.3:8080"
+[[services.backends]]
+address = "10.201.0.4:8080"
 
 [[services]]
 name = "nat4-unresolved"
@@ -205,6 +219,36 @@ fn set_ipv4_byte(mut frame: Vec<u8>, offset: usize, value: u8) -> Vec<u8> {
     frame
 }
 
+/// New flows from sources no client can have are dropped before any scheduler sees them: the
+/// backends would drop them as martians, and the SYNs nobody answers would make the passive checks
+/// take healthy backends out (the spoofing that took a whole service down).
+fn martian_source_cases() -> Vec<Case> {
+    let v4 = ["0.0.0.0", "0.1.2.3", "127.0.0.1", "127.1.2.3", "224.0.0.9", "239.1.1.1", "240.0.0.1", "255.255.255.255", "10.200.100.100"];
+    let v6 = ["::", "::1", "ff02::1", "ff0e::9", "fd00:200:100::100"];
+    let mut cases = Vec::new();
+    for (src, vip) in v4.iter().map(|s| (*s, "10.200.100.100")).chain(v6.iter().map(|s| (*s, "[fd00:200:100::100]"))) {
+        let src_port = if src.contains(':') { format!("[{src}]:40010") } else { format!("{src}:40010") };
+        for (l4, port, what) in [(L4::Tcp, 80, "SYN"), (L4::Udp, 53, "UDP")] {
+            let frame = Frame::new(l4, &src_port, &format!("{vip}:{port}")).with_tcp_flags(TCP_SYN);
+            let name: &'static str = Box::leak(format!("{what} from {src} to a NAT VIP is dropped as a martian source").into_boxed_str());
+            cases.push(case(name, "fxc", frame.bytes(), Expect::NotForwarded(XDP_DROP, "drop_martian_source"), None));
+        }
+    }
+    let dsr = Frame::new(L4::Tcp, "127.0.0.1:40010", "10.200.100.101:80").with_tcp_flags(TCP_SYN);
+    cases.push(case("SYN from 127.0.0.1 to a DSR VIP is dropped as a martian source", "fxc", dsr.bytes(), Expect::NotForwarded(XDP_DROP, "drop_martian_source"), None));
+    // Not a RST to 127.0.0.1 either: the source check comes before the no-backend answer.
+    let empty = Frame::new(L4::Tcp, "224.0.0.9:40010", "10.200.100.102:80").with_tcp_flags(TCP_SYN);
+    cases.push(case("SYN from 224.0.0.9 to a service without backends is dropped, not answered", "fxc", empty.bytes(), Expect::NotForwarded(XDP_DROP, "drop_martian_source"), None));
+    // The edges of the refused ranges are clients like any other.
+    for src in ["1.0.0.1", "126.255.255.255", "128.0.0.1", "223.255.255.255"] {
+        let frame = Frame::new(L4::Tcp, &format!("{src}:40011"), "10.200.100.100:80").with_tcp_flags(TCP_SYN);
+        let out = frame.clone().with_dst("10.201.0.2:8080").with_macs(LB_BACKEND_MAC, BACKEND_MAC).bytes();
+        let name: &'static str = Box::leak(format!("SYN from {src} (next to a refused range) is forwarded").into_boxed_str());
+        cases.push(case(name, "fxc", frame.bytes(), Expect::Forward(XDP_REDIRECT, "nat4-tcp"), Some(out)));
+    }
+    cases
+}
+
 fn special_cases() -> Vec<Case> {
     let tcp = Frame::new(L4::Tcp, "10.200.0.2:40001", "10.200.100.100:80");
     let udp = Frame::new(L4::Udp, "10.200.0.2:40001", "10.200.100.100:53");
@@ -286,6 +330,7 @@ fn fixtures() {
         let mut cases = forwarding_cases(false);
         cases.extend(forwarding_cases(true));
         cases.extend(special_cases());
+        cases.extend(martian_source_cases());
         let mut failures = Vec::new();
         for c in &cases {
             let reasons_before = harness.reasons();
@@ -404,6 +449,52 @@ fn frames_shorter_than_ethernet_are_refused_or_dropped_never_aborted() {
             }) {
                 assert_eq!(r.return_value, XDP_DROP, "{len}-byte frame");
             }
+        }
+    });
+}
+
+/// A SYN from the backend's own address reaches the backend (a backend may be a client of another
+/// backend's service; this one is not) but is no evidence for the passive checks: the backend's
+/// kernel drops it as a martian, so it can never be answered.
+#[test]
+fn a_syn_from_the_backends_own_address_is_not_counted_for_passive_checks() {
+    let ns = fixture_namespace();
+    ns.run(|| {
+        let harness = Harness::new(CONFIG);
+        let (_, before) = harness.backend("nat4-tcp", "10.201.0.2:8080");
+        let spoofed = Frame::new(L4::Tcp, "10.201.0.2:40020", "10.200.100.100:80").with_tcp_flags(TCP_SYN).with_payload(&[]);
+        assert_eq!(harness.run("fxc", &spoofed.bytes()).0, XDP_REDIRECT);
+        let (_, after) = harness.backend("nat4-tcp", "10.201.0.2:8080");
+        assert_eq!(after.syns, before.syns, "a SYN from the backend itself was counted");
+        let real = Frame::new(L4::Tcp, "10.200.0.2:40020", "10.200.100.100:80").with_tcp_flags(TCP_SYN).with_payload(&[]);
+        assert_eq!(harness.run("fxc", &real.bytes()).0, XDP_REDIRECT);
+        let (_, after) = harness.backend("nat4-tcp", "10.201.0.2:8080");
+        assert_eq!(after.syns, before.syns + 1, "a client's SYN must count");
+    });
+}
+
+/// Least-conn with every backend idle: sequential short connections (SYN, then RST, so never more
+/// than one open) spread over the tied backends instead of all landing on the first listed.
+#[test]
+fn least_conn_spreads_sequential_connections_over_tied_backends() {
+    let ns = fixture_namespace();
+    ns.run(|| {
+        let harness = Harness::new(CONFIG);
+        let mut landed: BTreeMap<[u8; 4], u32> = BTreeMap::new();
+        for port in 0..60u16 {
+            let client = format!("10.200.0.2:{}", 42000 + port);
+            let syn = Frame::new(L4::Tcp, &client, "10.200.100.105:80").with_tcp_flags(TCP_SYN).with_payload(&[]);
+            let (verdict, out) = harness.run("fxc", &syn.bytes());
+            assert_eq!(verdict, XDP_REDIRECT, "SYN {port}");
+            // The translated destination address: the chosen backend.
+            let backend: [u8; 4] = out[L3 + 16..L3 + 20].try_into().unwrap();
+            *landed.entry(backend).or_default() += 1;
+            let rst = Frame::new(L4::Tcp, &client, "10.200.100.105:80").with_tcp_flags(TCP_RST).with_payload(&[]);
+            assert_eq!(harness.run("fxc", &rst.bytes()).0, XDP_REDIRECT, "RST {port}");
+        }
+        for last in [2u8, 3, 4] {
+            let bucket = landed.get(&[10, 201, 0, last]).copied().unwrap_or(0);
+            assert!(bucket >= 8, "10.201.0.{last}:8080 got {bucket} of 60 sequential connections: {landed:?}");
         }
     });
 }

@@ -326,3 +326,78 @@ fn active_flows_are_exact_across_a_daemon_restart() {
     drop(conns);
     wait_for(0, "after every connection closed");
 }
+
+/// CPUs the kernel sizes per-CPU maps for (`/sys/devices/system/cpu/possible`, e.g. "0-1").
+fn possible_cpus() -> usize {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/possible").expect("reading the possible CPUs");
+    text.trim()
+        .split(',')
+        .map(|part| match part.split_once('-') {
+            Some((a, b)) => b.parse::<usize>().unwrap() - a.parse::<usize>().unwrap() + 1,
+            None => 1,
+        })
+        .sum()
+}
+
+/// Runs the calling thread on CPU 0 only, so its packets meet one per-CPU LRU list.
+fn pin_to_first_cpu() {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET and sched_setaffinity get valid
+    // references to it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set), 0, "pinning to CPU 0");
+    }
+}
+
+/// H4: closed flows must not push live idle ones out of a small table. Round-robin (which cannot
+/// re-find an evicted flow's backend) with `conntrack_entries = 1024`; three idle keep-alive
+/// connections, then two bursts of short connections from the same CPU, each filling three
+/// quarters of that CPU's share, a walk apart. With closed flows kept for 60 s the two bursts
+/// overflow the share and the idle connections' entries are evicted (they move to another backend
+/// and are reset); with closed flows removed seconds after their last packet they survive.
+#[test]
+fn idle_connections_survive_bursts_of_short_connections_in_a_small_table() {
+    const IDLE: usize = 3;
+    let topo = Topology::new("ctlinger", BACKENDS).expect("building the testbed");
+    let _servers = IdentityServers::start_all(&topo, HTTP_PORT, UDP_PORT).expect("starting identity servers");
+    let maglev = config_toml(&[web(&topo, Family::V4, Scheduler::Maglev, BACKENDS)]);
+    // (The testbed's config writer knows Maglev and ip-hash only.)
+    let service = maglev.replace("scheduler = \"maglev\"", "scheduler = \"round-robin\"");
+    assert_ne!(service, maglev, "round-robin set");
+    let config = format!("[dataplane]\nconntrack_entries = 1024\n\n{service}");
+    let daemon = Daemon::start(Path::new(XDP_LB), topo.lb(), &topo.lb_ifaces(), &config).unwrap_or_else(|e| panic!("{e:?}"));
+    let vip = topo.vip_socket(Family::V4, HTTP_PORT);
+    // Not a multiple of the backends over both bursts: a round-robin placing an evicted idle flow
+    // again must not land on its old backend by the sequence's arithmetic.
+    let mut burst = 1024 / possible_cpus() * 3 / 4;
+    while (2 * burst).is_multiple_of(BACKENDS) {
+        burst += 1;
+    }
+    // The walk removes closed entries 5 s after their last packet; walks are 2 s apart, and
+    // last-seen times have a 1 s granularity.
+    let pause = Duration::from_nanos(xdp_lb_common::conntrack::CLOSED_LINGER_NS) + Duration::from_secs(5);
+    let started = Instant::now();
+    let outcome = topo.client().run(move || {
+        pin_to_first_cpu();
+        let mut idle = (0..IDLE).map(|_| KeepAliveClient::connect(vip)).collect::<io::Result<Vec<_>>>().map_err(|e| e.to_string())?;
+        let first: Vec<String> = idle.iter_mut().map(|c| c.get()).collect::<io::Result<_>>().map_err(|e| e.to_string())?;
+        for round in 0..2 {
+            if round > 0 {
+                std::thread::sleep(pause);
+            }
+            for i in 0..burst {
+                assert!(started.elapsed() < Duration::from_secs(120), "the bursts took over 120 s");
+                get(vip, None).map_err(|e| format!("burst {round}, connection {i}: {e}"))?;
+            }
+        }
+        let mut after = Vec::new();
+        for (i, c) in idle.iter_mut().enumerate() {
+            after.push(c.get().map_err(|e| format!("idle connection {i} after the bursts: {e}"))?);
+        }
+        Ok::<_, String>((first, after))
+    });
+    let (first, after) = check(&daemon, "idle connections through two bursts", outcome);
+    assert_eq!(after, first, "an idle connection moved to another backend");
+    eprintln!("{IDLE} idle connections survived 2 × {burst} short connections in {:?}", started.elapsed());
+}

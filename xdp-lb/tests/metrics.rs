@@ -134,8 +134,13 @@ const FLOOD: usize = 300;
 
 /// `xdp-lb` started through `prlimit`, so it runs with [`FD_LIMIT`] descriptors.
 fn limited_binary(dir: &Path) -> PathBuf {
+    limited_binary_with(dir, FD_LIMIT, FD_LIMIT)
+}
+
+/// `xdp-lb` started through `prlimit` with this soft and hard descriptor limit.
+fn limited_binary_with(dir: &Path, soft: u32, hard: u32) -> PathBuf {
     let path = dir.join("xdp-lb-limited");
-    let script = format!("#!/bin/sh\nexec prlimit --nofile={FD_LIMIT}:{FD_LIMIT} -- {XDP_LB} \"$@\"\n");
+    let script = format!("#!/bin/sh\nexec prlimit --nofile={soft}:{hard} -- {XDP_LB} \"$@\"\n");
     std::fs::write(&path, script).expect("write wrapper");
     let mut perms = std::fs::metadata(&path).expect("wrapper").permissions();
     std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
@@ -167,6 +172,26 @@ fn healths(daemon: &Daemon) -> Vec<String> {
 
 fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+/// systemd's default soft limit (1024) is far below its hard one: the daemon raises its own soft
+/// limit to the hard one at start, before anything opens descriptors.
+#[test]
+fn the_daemon_raises_its_soft_descriptor_limit_at_start() {
+    const SOFT: u32 = 256;
+    const HARD: u32 = 4096;
+    let topo = Topology::new("fdraise", 1).expect("testbed");
+    let backends = (0..1).map(|i| topo.backend_socket(Family::V4, i, 80));
+    let config = config_toml(&[ServiceConfig::new("web", topo.vip_socket(Family::V4, 80), Protocol::Tcp, Mode::Nat, Scheduler::Maglev, backends)]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let binary = limited_binary_with(dir.path(), SOFT, HARD);
+    let daemon = Daemon::start(&binary, topo.lb(), &topo.lb_ifaces(), &config).unwrap_or_else(|e| panic!("{e:?}"));
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", daemon.pid())).expect("limits");
+    let nofile: Vec<String> =
+        limits.lines().find(|l| l.starts_with("Max open files")).unwrap_or_default().split_whitespace().skip(3).take(2).map(String::from).collect();
+    assert_eq!(nofile, [HARD.to_string(), HARD.to_string()], "soft and hard RLIMIT_NOFILE of the running daemon:\n{limits}");
+    let log = daemon.log();
+    assert!(log.contains(&format!("soft_before={SOFT}")) && log.contains(&format!("soft={HARD}")), "the raise is not logged:\n{log}");
 }
 
 #[test]

@@ -123,6 +123,16 @@ fn odd_v6_source(info: &L4Info) -> bool {
     }
 }
 
+/// A source no real client can have (README, *Reasons*: `drop_martian_source`): IPv4 0/8, 127/8,
+/// 224/4, 240/4; IPv6 `::`, `::1`, `ff00::/8`; or the destination itself.
+fn martian_source(info: &L4Info) -> bool {
+    info.src == info.dst
+        || match info.src {
+            IpAddr::V4(a) => matches!(a.octets()[0], 0 | 127 | 224..),
+            IpAddr::V6(a) => a.is_unspecified() || a.is_loopback() || a.octets()[0] == 0xff,
+        }
+}
+
 /// [`next_hop`] for a packet of `info`'s family (an IPv4 address in an IPv6 packet has no route).
 fn hop_for(info: &L4Info, ip: IpAddr) -> Option<(&'static str, [u8; 6], [u8; 6])> {
     if info.v6 != ip.is_ipv6() {
@@ -177,6 +187,7 @@ struct Tally {
     forwarded_malformed: BTreeMap<&'static str, u64>,
     cross_checked: u64,
     mapped_passed: u64,
+    martian_dropped: u64,
     tagged_replies_passed: u64,
     by_kind: BTreeMap<&'static str, u64>,
 }
@@ -278,6 +289,11 @@ impl Judge<'_> {
             };
             if info.vlan {
                 return expect_unchanged("pass_vlan");
+            }
+            // No flow from such a source is ever placed, so none is established either.
+            if martian_source(&info) {
+                self.tally.martian_dropped += 1;
+                return expect_unchanged("drop_martian_source");
             }
             if svc.backends.is_empty() {
                 if !reset_expected(input, &info) {
@@ -783,6 +799,7 @@ fn random_and_mutated_frames_are_never_aborted_or_misforwarded() {
             "  {} IPv6 frames carried IPv4-mapped addresses and were passed untouched",
             t.mapped_passed
         );
+        println!("  {} new flows from martian sources were dropped", t.martian_dropped);
         println!("  oracle cross-checked against etherparse on {} frames; {} flows tracked", t.cross_checked, judge.model.sticky.len() + judge.model.sticky_dsr.len());
 
         assert!(t.frames >= 100_000 || frames < 100_000, "only {} frames ran within {TIME_LIMIT:?}", t.frames);

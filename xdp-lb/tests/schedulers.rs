@@ -115,31 +115,51 @@ fn weighted_round_robin_follows_the_weights() {
     });
 }
 
+const LC_BACKENDS: [&str; 3] = ["10.201.0.2", "10.201.0.3", "10.201.0.4"];
+
+fn lc_counts(h: &Harness) -> [u64; 3] {
+    LC_BACKENDS.map(|b| active(h, "lc", b))
+}
+
+fn lc_count(h: &Harness, backend: &str) -> u64 {
+    active(h, "lc", backend)
+}
+
+/// Ties between backends with equally few open flows go to a per-flow pick (not the first listed),
+/// so these tests assert the rule — the fewest open flows — and find out where ties went.
 #[test]
 fn least_conn_sends_new_flows_to_the_backend_with_fewest_open_flows() {
     let ns = fixture_namespace();
     ns.run(|| {
         let h = Harness::new(CONFIG);
         let vip = "10.200.100.112:80";
-        // Three flows: ties go to the first listed backend with the fewest.
-        assert_eq!(send(&h, 44_000, vip, SYN), "10.201.0.2");
-        assert_eq!(send(&h, 44_001, vip, SYN), "10.201.0.3");
-        assert_eq!(send(&h, 44_002, vip, SYN), "10.201.0.4");
-        assert_eq!(send(&h, 44_003, vip, SYN), "10.201.0.2");
-        assert_eq!([active(&h, "lc", "10.201.0.2"), active(&h, "lc", "10.201.0.3"), active(&h, "lc", "10.201.0.4")], [2, 1, 1]);
+        // Three flows: each goes to a backend with none yet, so one each.
+        let first: Vec<String> = (0..3).map(|i| send(&h, 44_000 + i, vip, SYN)).collect();
+        let mut sorted = first.clone();
+        sorted.sort();
+        assert_eq!(sorted, LC_BACKENDS, "three flows over three idle backends");
+        let busiest = send(&h, 44_003, vip, SYN);
+        assert_eq!(lc_count(&h, &busiest), 2);
+        assert_eq!(lc_counts(&h).iter().sum::<u64>(), 4);
+        let others: Vec<(u16, String)> =
+            first.iter().enumerate().filter(|(_, b)| **b != busiest).map(|(i, b)| (44_000 + i as u16, b.clone())).collect();
+        let ((closed_port, closed), (reset_port, reset)) = (others[0].clone(), others[1].clone());
 
-        // The client closes its flow on .3 (FIN, counted once even if repeated) ...
-        send(&h, 44_001, vip, FIN | ACK);
-        send(&h, 44_001, vip, FIN | ACK);
-        assert_eq!(active(&h, "lc", "10.201.0.3"), 0);
-        assert_eq!(send(&h, 44_004, vip, SYN), "10.201.0.3");
-        // ... and backend .4 resets its flow: the reply direction closes it too.
-        reply(&h, "10.201.0.4", 44_002, RST);
-        assert_eq!(active(&h, "lc", "10.201.0.4"), 0);
-        assert_eq!(send(&h, 44_005, vip, SYN), "10.201.0.4");
-        // A reused 5-tuple (new SYN after the close) is a new connection, placed by least-conn.
-        assert_eq!(send(&h, 44_001, vip, SYN), "10.201.0.3");
-        assert_eq!(active(&h, "lc", "10.201.0.3"), 2);
+        // The client closes one flow (FIN, counted once even if repeated): its backend is now the
+        // only one with none open, so it gets the next flow ...
+        send(&h, closed_port, vip, FIN | ACK);
+        send(&h, closed_port, vip, FIN | ACK);
+        assert_eq!(lc_count(&h, &closed), 0);
+        assert_eq!(send(&h, 44_004, vip, SYN), closed);
+        // ... and another backend resets its flow: the reply direction closes it too.
+        reply(&h, &reset, reset_port, RST);
+        assert_eq!(lc_count(&h, &reset), 0);
+        assert_eq!(send(&h, 44_005, vip, SYN), reset);
+        // A reused 5-tuple (new SYN after the close) is a new connection, placed by least-conn:
+        // on one of the two backends with one flow, not the busiest with two.
+        let again = send(&h, closed_port, vip, SYN);
+        assert!(again == closed || again == reset, "{again} has the most open flows: {:?}", lc_counts(&h));
+        assert_eq!(lc_count(&h, &again), 2);
     });
 }
 
@@ -205,12 +225,14 @@ fn a_syn_on_an_established_entry_is_a_new_connection_and_frees_the_old_count() {
     ns.run(|| {
         let h = Harness::new(CONFIG);
         let vip = "10.200.100.112:80";
-        assert_eq!(send(&h, 47_000, vip, SYN), "10.201.0.2");
-        assert_eq!(send(&h, 47_000, vip, ACK), "10.201.0.2");
-        // The client vanished without a FIN; its port comes back with a new connection.
-        assert_eq!(send(&h, 47_000, vip, SYN), "10.201.0.3");
-        let counts = [active(&h, "lc", "10.201.0.2"), active(&h, "lc", "10.201.0.3"), active(&h, "lc", "10.201.0.4")];
-        assert_eq!(counts, [0, 1, 0]);
+        let old = send(&h, 47_000, vip, SYN);
+        assert_eq!(send(&h, 47_000, vip, ACK), old);
+        // The client vanished without a FIN; its port comes back with a new connection. It is
+        // placed while the old one still counts, so on another backend.
+        let new = send(&h, 47_000, vip, SYN);
+        assert_ne!(new, old);
+        let want = LC_BACKENDS.map(|b| u64::from(b == new));
+        assert_eq!(lc_counts(&h), want, "the old flow's count freed, the new one counted on {new}");
     });
 }
 
@@ -220,20 +242,34 @@ fn a_late_reset_from_the_old_backend_does_not_close_the_reused_flow() {
     ns.run(|| {
         let h = Harness::new(CONFIG);
         let vip = "10.200.100.112:80";
-        let counts = |h: &Harness| ["10.201.0.2", "10.201.0.3", "10.201.0.4"].map(|b| active(h, "lc", b));
-        assert_eq!(send(&h, 47_100, vip, SYN), "10.201.0.2");
+        let old = send(&h, 47_100, vip, SYN);
         send(&h, 47_100, vip, ACK);
         send(&h, 47_100, vip, FIN | ACK);
-        assert_eq!(send(&h, 47_101, vip, SYN), "10.201.0.2");
-        // The client reuses port 47100: least-conn places it on .3.
-        assert_eq!(send(&h, 47_100, vip, SYN), "10.201.0.3");
-        assert_eq!(counts(&h), [1, 1, 0]);
-        // A late RST from .2 for the old connection must not end the new one on .3.
-        reply(&h, "10.201.0.2", 47_100, RST | ACK);
-        assert_eq!(counts(&h), [1, 1, 0]);
-        // .3's own RST does.
-        reply(&h, "10.201.0.3", 47_100, RST | ACK);
-        assert_eq!(counts(&h), [1, 0, 0]);
+        assert_eq!(lc_counts(&h), [0, 0, 0]);
+        // Keep the old backend busy with one open flow (closing the ones that land elsewhere), so
+        // the reused port must go to another backend.
+        let busy = (47_101..47_200)
+            .find(|&port| {
+                let landed = send(&h, port, vip, SYN);
+                if landed != old {
+                    send(&h, port, vip, RST);
+                }
+                landed == old
+            })
+            .expect("some port of 100 lands on the old backend");
+        assert_eq!(lc_count(&h, &old), 1, "port {busy}");
+        // The client reuses port 47100: least-conn places it on a backend with no flow.
+        let new = send(&h, 47_100, vip, SYN);
+        assert_ne!(new, old);
+        assert_eq!(lc_count(&h, &new), 1);
+        let before = lc_counts(&h);
+        // A late RST from the old backend for the old connection must not end the new one.
+        reply(&h, &old, 47_100, RST | ACK);
+        assert_eq!(lc_counts(&h), before);
+        // The new backend's own RST does.
+        reply(&h, &new, 47_100, RST | ACK);
+        assert_eq!(lc_count(&h, &new), 0);
+        assert_eq!(lc_count(&h, &old), 1);
     });
 }
 
@@ -248,5 +284,25 @@ fn a_flow_picked_up_by_its_fin_is_never_counted_open() {
         send(&h, 48_001, vip, RST);
         let counts = ["10.201.0.2", "10.201.0.3", "10.201.0.4"].map(|b| active(&h, "lc", b));
         assert_eq!(counts, [0, 0, 0]);
+    });
+}
+
+/// Issue 9 H7: a ring the daemon could not rebuild may still name a backend it marked down. New
+/// flows that land on its cells try the next ones instead of going to the dead server; flows of
+/// the other backends are untouched.
+#[test]
+fn new_flows_skip_a_backend_marked_down_that_the_ring_still_names() {
+    use xdp_lb::tables::MapWriter;
+    let ns = fixture_namespace();
+    ns.run(|| {
+        let mut h = Harness::new(CONFIG);
+        let (id, _) = h.backend("rr", "10.201.0.3:80");
+        let mut entry = h.dataplane.backend_entry(id).unwrap();
+        entry.flags |= xdp_lb_common::maps::BACKEND_FLAG_DOWN;
+        h.dataplane.write_backend(id, &entry).unwrap();
+        let picks: Vec<String> = (0..9).map(|i| send(&h, 44_000 + i, "10.200.100.110:80", SYN)).collect();
+        assert!(!picks.iter().any(|p| p == "10.201.0.3"), "a new flow went to the backend marked down: {picks:?}");
+        // Its cell's flows go to the next cell's backend; the others keep their own.
+        assert_eq!(picks, ["10.201.0.2", "10.201.0.4", "10.201.0.4"].repeat(3));
     });
 }

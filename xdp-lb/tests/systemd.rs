@@ -404,3 +404,42 @@ fn a_pin_directory_out_of_the_users_reach_is_reported_as_such() {
     let error = line_with(&log, "xdp-lb: error:");
     assert!(error.contains("Permission denied") && !error.contains("not on a bpffs"), "{error}");
 }
+
+/// The `key=` values of a unit file, in order (comments and sections left out).
+fn unit_values(unit: &str, key: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(unit).unwrap_or_else(|e| panic!("reading {unit}: {e}"));
+    text.lines().filter_map(|l| l.strip_prefix(&format!("{key}="))).map(|v| v.trim().to_string()).collect()
+}
+
+/// What issue 9 asks of the shipped units, read from the files `cargo xtask dist` installs (the
+/// tests above run the daemon the way they describe; `systemd-analyze verify` checks their syntax):
+/// readiness through sd_notify, a raised descriptor limit, an unprivileged user with only the
+/// capabilities the daemon needs, and a reload that validates before it signals.
+#[test]
+fn the_shipped_units_notify_raise_nofile_and_run_unprivileged() {
+    let dist = concat!(env!("CARGO_MANIFEST_DIR"), "/../dist/systemd/");
+    let one = |unit: &str, key: &str| {
+        let values = unit_values(unit, key);
+        assert_eq!(values.len(), 1, "{unit}: {key}= should appear once: {values:?}");
+        values[0].clone()
+    };
+    for (unit, user, caps) in [
+        (format!("{dist}xdp-lb.service"), "xdp-lb", "CAP_BPF CAP_NET_ADMIN CAP_PERFMON"),
+        (format!("{dist}xdp-lb@.service"), "xdp-lb", "CAP_BPF CAP_NET_ADMIN CAP_PERFMON"),
+        (format!("{dist}l7-sidecar.service"), "l7-sidecar", ""),
+    ] {
+        assert_eq!(one(&unit, "Type"), "notify", "{unit}");
+        assert_eq!(one(&unit, "NotifyAccess"), "main", "{unit}");
+        let nofile: u64 = one(&unit, "LimitNOFILE").parse().unwrap_or_else(|e| panic!("{unit}: LimitNOFILE: {e}"));
+        assert!(nofile >= 65_536, "{unit}: LimitNOFILE={nofile}, below 65536");
+        assert_eq!(one(&unit, "User"), user, "{unit}");
+        assert_eq!(one(&unit, "AmbientCapabilities"), caps, "{unit}");
+        assert_eq!(one(&unit, "CapabilityBoundingSet"), caps, "{unit}");
+        assert_eq!(one(&unit, "NoNewPrivileges"), "yes", "{unit}");
+        let reload = unit_values(&unit, "ExecReload");
+        assert!(
+            reload.len() == 2 && reload[0].contains("check") && reload[1] == "/bin/kill -HUP $MAINPID",
+            "{unit}: a reload must validate the file, then send SIGHUP: {reload:?}"
+        );
+    }
+}

@@ -6,11 +6,13 @@ mod frame;
 mod parse;
 mod reject;
 mod rewrite;
+mod source;
 
 pub use frame::{Frame, SliceFrame, SliceWindow};
 pub use parse::{parse, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 pub use reject::tcp_reset;
 pub use rewrite::{set_macs, translate, End};
+pub use source::martian_source;
 
 #[cfg(test)]
 mod tests {

@@ -15,6 +15,11 @@ const NLMSG_HDRLEN: usize = 16;
 const RTMSG_LEN: usize = 12;
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
+const RTM_NEWLINK: u16 = 16;
+const RTM_GETLINK: u16 = 18;
+const IFINFOMSG_LEN: usize = 16;
+const IFLA_XDP: u16 = 43;
+const IFLA_XDP_ATTACHED: u16 = 2;
 const RTM_NEWROUTE: u16 = 24;
 const RTM_DELROUTE: u16 = 25;
 const RTM_GETROUTE: u16 = 26;
@@ -156,6 +161,25 @@ impl Netlink {
         let mut header = RtMsg::host(route.dst, proto, route.kind);
         header.dst_len = route.prefix_len;
         self.request(RTM_DELROUTE, 0, &header, route.dst, table, "removing a VIP route")
+    }
+
+    /// How an XDP program is attached to interface `ifindex` (`IFLA_XDP_ATTACHED`: 0 none,
+    /// 1 driver, 2 generic, 3 offloaded, 4 several), as `ip -d link` shows it.
+    pub fn xdp_attached(&mut self, ifindex: u32) -> Result<u8, NetlinkError> {
+        const DOING: &str = "reading an interface's XDP attachment";
+        let mut body = vec![0u8; IFINFOMSG_LEN];
+        body[4..8].copy_from_slice(&(ifindex as i32).to_ne_bytes());
+        let seq = self.send(RTM_GETLINK, NLM_F_REQUEST | NLM_F_ACK, body, DOING)?;
+        let mut mode = None;
+        self.receive(seq, DOING, |kind, body| {
+            if kind == RTM_NEWLINK && body.len() >= IFINFOMSG_LEN {
+                let xdp = attributes(&body[IFINFOMSG_LEN..]).find(|(k, _)| k & 0x3fff == IFLA_XDP);
+                let attached = xdp.and_then(|(_, nested)| attributes(nested).find(|(k, _)| *k == IFLA_XDP_ATTACHED));
+                mode = Some(attached.and_then(|(_, v)| v.first().copied()).unwrap_or(0));
+            }
+            Ok(())
+        })?;
+        mode.ok_or(NetlinkError::Malformed { doing: DOING, what: "no link message" })
     }
 
     fn request(&mut self, kind: u16, flags: u16, header: &RtMsg, dst: IpAddr, table: u32, doing: &'static str) -> Result<(), NetlinkError> {

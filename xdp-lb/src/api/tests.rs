@@ -67,8 +67,32 @@ fn requests_from_older_clients_without_force_still_parse() {
 #[test]
 fn only_changes_have_an_outcome_to_lose() {
     assert!(Request::ServiceRemove { name: "web".into() }.is_change());
-    assert!(Request::Stop { detach: false }.is_change());
+    assert!(Request::Stop { detach: false, pins: None }.is_change());
     assert!(!Request::Status.is_change());
     assert!(!Request::Stats.is_change());
 }
 
+
+#[test]
+fn a_stop_from_an_older_client_names_no_pin_directory() {
+    let r: Request = serde_json::from_str(r#"{"command":"stop","detach":true}"#).unwrap();
+    let Request::Stop { detach, pins } = r else { panic!("{r:?}") };
+    assert!(detach && pins.is_none());
+}
+
+/// The daemon may see its pin directory under another path than the operator (the units
+/// bind-mount it), so the directory's identity decides, not its name.
+#[test]
+fn a_pin_target_is_its_directory_under_any_name() {
+    let base = std::env::temp_dir().join(format!("xdp-lb-pin-target-{}", std::process::id()));
+    let (own, other) = (base.join("own"), base.join("other"));
+    std::fs::create_dir_all(&own).unwrap();
+    std::fs::create_dir_all(&other).unwrap();
+    std::os::unix::fs::symlink(&own, base.join("alias")).unwrap();
+    let target = PinTarget::of(&base.join("alias"));
+    assert!(target.is(&own), "the same directory through another name");
+    assert!(!PinTarget::of(&other).is(&own), "another directory");
+    assert!(!PinTarget::of(&base.join("missing")).is(&own), "a directory the CLI cannot see is not this one");
+    assert!(PinTarget { path: own.clone(), id: None }.is(&own), "unseen by the CLI, but the same path");
+    std::fs::remove_dir_all(&base).unwrap();
+}

@@ -221,7 +221,7 @@ fn replace(path: &Path, bytes: &[u8], expected: Option<&str>) -> Result<std::tim
     let target = fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     let dir = target.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
     let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "config".into());
-    let tmp = dir.join(format!(".{name}.xdp-lb-{}.tmp", std::process::id()));
+    let tmp = dir.join(temp_name(&name, std::process::id()));
     let previous = fs::metadata(&target).ok();
     let mut window = std::time::Duration::ZERO;
     let result = (|| {
@@ -265,6 +265,39 @@ fn replace(path: &Path, bytes: &[u8], expected: Option<&str>) -> Result<std::tim
         let _ = fs::remove_file(&tmp);
     }
     result.map(|_| window)
+}
+
+/// The temporary file [`replace`] writes next to `target` for process `pid`.
+fn temp_name(name: &str, pid: u32) -> String {
+    format!(".{name}.xdp-lb-{pid}.tmp")
+}
+
+/// Removes the temporary files that writers of `path` killed mid-write (`kill -9` during a CLI
+/// change) left in its directory, and returns them (the caller logs each). Only ours: exactly
+/// [`temp_name`]'s pattern for this file, a regular file (not a symlink or directory), and a pid
+/// that is not a live process (`/proc/PID` is gone) and is not this one. A live pid is left
+/// alone even if it is another program's: the file is removed at a later start.
+pub fn remove_stale_temp_files(path: &Path) -> Vec<PathBuf> {
+    let target = fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let dir = target.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
+    let Some(name) = target.file_name().map(|n| n.to_string_lossy().into_owned()) else { return Vec::new() };
+    let (prefix, suffix) = (format!(".{name}.xdp-lb-"), ".tmp");
+    let Ok(entries) = fs::read_dir(&dir) else { return Vec::new() };
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        let file_name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = file_name.strip_prefix(&prefix).and_then(|rest| rest.strip_suffix(suffix)) else { continue };
+        let Ok(pid) = pid.parse::<u32>() else { continue };
+        // The exact name the writer uses (no leading zeros or signs that parse to the same pid).
+        if temp_name(&name, pid) != file_name || pid == std::process::id() || Path::new("/proc").join(pid.to_string()).exists() {
+            continue;
+        }
+        let is_file = fs::symlink_metadata(entry.path()).is_ok_and(|m| m.file_type().is_file());
+        if is_file && fs::remove_file(entry.path()).is_ok() {
+            removed.push(entry.path());
+        }
+    }
+    removed
 }
 
 /// The whole file from its start, through an open descriptor.

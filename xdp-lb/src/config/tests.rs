@@ -260,7 +260,7 @@ fn refuses_hash_seeds_toml_cannot_hold() {
     let errors: Vec<String> = raw.validate().unwrap_err().iter().map(|e| e.to_string()).collect();
     assert_eq!(
         errors,
-        [format!("dataplane.hash_seed: {} is above the maximum of {MAX_HASH_SEED} (TOML integers are signed 64-bit, so a larger seed could not be saved to the state file)", u64::MAX)]
+        [format!("dataplane.hash_seed: {} is above the maximum of {MAX_HASH_SEED} (TOML integers are signed 64-bit, so a larger seed could not be written into the config file)", u64::MAX)]
     );
     // A negative or non-integer seed in a file is refused by the parser, naming the key and line.
     for (text, what) in [("[dataplane]\n\nhash_seed = -1\n", "-1"), ("[dataplane]\n\nhash_seed = \"x\"\n", "string")] {

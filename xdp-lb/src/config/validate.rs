@@ -38,7 +38,7 @@ impl RawConfig {
             err(dataplane("maglev_cells"), m);
         }
         if dp.hash_seed > MAX_HASH_SEED {
-            let why = "TOML integers are signed 64-bit, so a larger seed could not be saved to the state file";
+            let why = "TOML integers are signed 64-bit, so a larger seed could not be written into the config file";
             err(dataplane("hash_seed"), format!("{} is above the maximum of {MAX_HASH_SEED} ({why})", dp.hash_seed));
         }
         let announce = self.announce.as_ref().map(|a| {
@@ -179,6 +179,13 @@ impl RawConfig {
             for (j, b) in s.backends.iter().enumerate() {
                 let at = |field| Location::Backend { service: i, service_name: s.name.clone(), index: j, address: b.address.clone(), field };
                 backend_count += 1;
+                if let Some(since) = &b.drained_since {
+                    if !b.drained {
+                        err(at("drained_since"), format!("{since:?} is set but drained is not: remove drained_since or set drained = true"));
+                    } else if humantime::parse_rfc3339_weak(since).is_err() {
+                        err(at("drained_since"), format!("{since:?} is not an RFC 3339 time like \"2026-12-02T07:30:00Z\""));
+                    }
+                }
                 if b.weight > MAX_WEIGHT {
                     err(at("weight"), format!("{} is above the maximum of {MAX_WEIGHT}", b.weight));
                 }

@@ -32,6 +32,17 @@ pub enum DaemonError {
          (the default) to announce, or remove [announce]"
     )]
     AnnounceUnpinned { path: String },
+    /// `stop --bpffs DIR` reached a daemon that does not pin in DIR: stopping it would take down
+    /// another instance than the one meant (the systemd template unit's instances each have their
+    /// own socket and pin directory).
+    #[error(
+        "this daemon {}, not in {asked}: nothing was stopped. Every xdp-lb instance answers on its own \
+         --socket: to stop the one that pins in {asked}, pass its --socket as well ({}); to stop this daemon, \
+         leave out --bpffs",
+        match own { Some(own) => format!("pins its data plane in {own}"), None => "pins nothing (it runs with --no-pin)".to_string() },
+        socket_hint(asked)
+    )]
+    NotItsPins { own: Option<String>, asked: String },
     #[error("unknown service \"{0}\"")]
     UnknownService(String),
     #[error("service \"{service}\" has no backend {address}")]
@@ -130,5 +141,30 @@ impl DaemonError {
             _ => String::new(),
         };
         DaemonError::Persist { path, source, cause }
+    }
+}
+
+/// The socket of the systemd template unit's instance that pins in `asked`
+/// (`/sys/fs/bpf/xdp-lb-NAME` → `/run/xdp-lb-NAME/xdp-lb.sock`), else where that is for any instance.
+fn socket_hint(asked: &str) -> String {
+    match asked.trim_end_matches('/').strip_prefix("/sys/fs/bpf/") {
+        Some(name) if name.starts_with("xdp-lb-") && !name.contains('/') => {
+            format!("the xdp-lb@{} unit's is /run/{name}/xdp-lb.sock", &name["xdp-lb-".len()..])
+        }
+        _ => "an xdp-lb@NAME unit's is /run/xdp-lb-NAME/xdp-lb.sock".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod stop_tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_stop_names_both_directories_and_the_socket_to_use() {
+        let e = DaemonError::NotItsPins { own: Some("/run/xdp-lb/bpf".into()), asked: "/sys/fs/bpf/xdp-lb-edge".into() }.to_string();
+        assert!(e.contains("pins its data plane in /run/xdp-lb/bpf, not in /sys/fs/bpf/xdp-lb-edge"), "{e}");
+        assert!(e.contains("nothing was stopped") && e.contains("the xdp-lb@edge unit's is /run/xdp-lb-edge/xdp-lb.sock"), "{e}");
+        let e = DaemonError::NotItsPins { own: None, asked: "/run/other".into() }.to_string();
+        assert!(e.contains("pins nothing (it runs with --no-pin)") && e.contains("xdp-lb@NAME"), "{e}");
     }
 }

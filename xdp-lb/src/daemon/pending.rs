@@ -23,31 +23,59 @@ pub(super) struct Rejected {
 }
 
 /// A CLI change that may run beside a pending edit: one backend's drain or weight.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub(super) enum BackendEdit {
-    Drained(bool),
+    /// Drained from `since` (RFC 3339), unless it already is (its start stays).
+    Drain { since: String },
+    Undrain,
     Weight(u32),
 }
 
 impl BackendEdit {
     pub(super) fn apply(self, b: &mut RawBackend) {
         match self {
-            BackendEdit::Drained(d) => b.drained = d,
+            BackendEdit::Drain { since } => {
+                if !b.drained {
+                    b.drained = true;
+                    b.drained_since = Some(since);
+                }
+            }
+            BackendEdit::Undrain => {
+                b.drained = false;
+                b.drained_since = None;
+            }
             BackendEdit::Weight(w) => b.weight = w,
         }
     }
 
-    fn key(self) -> &'static str {
+    /// The same edit on the backend's table in the file: the keys it sets, and those it removes.
+    fn patch(&self, backend: &mut dyn TableLike) {
         match self {
-            BackendEdit::Drained(_) => "drained",
-            BackendEdit::Weight(_) => "weight",
+            BackendEdit::Drain { since } => {
+                if backend.get("drained").and_then(|v| v.as_bool()) != Some(true) {
+                    set(backend, "drained", true.into());
+                    set(backend, "drained_since", since.as_str().into());
+                }
+            }
+            BackendEdit::Undrain => {
+                set(backend, "drained", false.into());
+                backend.remove("drained_since");
+            }
+            BackendEdit::Weight(w) => set(backend, "weight", i64::from(*w).into()),
         }
     }
+}
 
-    fn value(self) -> toml_edit::Value {
-        match self {
-            BackendEdit::Drained(d) => d.into(),
-            BackendEdit::Weight(w) => i64::from(w).into(),
+/// Sets `key` to `value`, keeping the comment and spacing around an existing value.
+fn set(table: &mut dyn TableLike, key: &str, value: toml_edit::Value) {
+    match table.get_mut(key).and_then(|item| item.as_value_mut()) {
+        Some(old) => {
+            let decor = old.decor().clone();
+            *old = value;
+            *old.decor_mut() = decor;
+        }
+        None => {
+            table.insert(key, toml_edit::Item::Value(value));
         }
     }
 }
@@ -97,7 +125,7 @@ impl Daemon {
             // The edit was reverted meanwhile: the ordinary path applies.
             return Err(DaemonError::EditedOnDisk { path });
         }
-        let Some(text) = patch_backend(&on_disk, service, address, edit) else {
+        let Some(text) = patch_backend(&on_disk, service, address, &edit) else {
             return Err(self.pending_refusal(&on_disk));
         };
         let mut running = self.file.loaded.raw.clone();
@@ -110,7 +138,7 @@ impl Daemon {
             .iter_mut()
             .find(|b| super::requests::same_address(&b.address, address))
             .ok_or_else(|| DaemonError::UnknownBackend { service: service.to_string(), address: address.to_string() })?;
-        edit.apply(backend);
+        edit.clone().apply(backend);
         let config = running.validate().map_err(|errors| DaemonError::InvalidChange { path: path.clone(), errors })?;
         let previous = self.program(config.clone())?;
         if let Err(failure) = file::replace_if_unchanged(&self.file.loaded.path, &on_disk, text.as_bytes()) {
@@ -125,7 +153,7 @@ impl Daemon {
         }
         // What the daemon last read gets the same change, so it keeps describing what runs (and
         // an edit reverted to it by hand does not undo the drain).
-        if let Some(loaded_text) = patch_backend(&self.file.loaded.text, service, address, edit) {
+        if let Some(loaded_text) = patch_backend(&self.file.loaded.text, service, address, &edit) {
             self.file.loaded.text = loaded_text;
         }
         self.file.loaded.raw = running;
@@ -147,20 +175,11 @@ impl Daemon {
 
 /// `text` with `edit` set on `service`'s backend `address`, touching nothing else; `None` if the
 /// text is not TOML or has no such backend.
-fn patch_backend(text: &str, service: &str, address: &str, edit: BackendEdit) -> Option<String> {
+fn patch_backend(text: &str, service: &str, address: &str, edit: &BackendEdit) -> Option<String> {
     let mut doc: DocumentMut = text.parse().ok()?;
     let service = find_table(doc.get_mut("services")?, "name", |name| name == service)?;
     let backend = find_table(service.get_mut("backends")?, "address", |a| super::requests::same_address(a, address))?;
-    match backend.get_mut(edit.key()).and_then(|item| item.as_value_mut()) {
-        Some(value) => {
-            let decor = value.decor().clone();
-            *value = edit.value();
-            *value.decor_mut() = decor;
-        }
-        None => {
-            backend.insert(edit.key(), toml_edit::Item::Value(edit.value()));
-        }
-    }
+    edit.patch(backend);
     Some(doc.to_string())
 }
 
@@ -184,23 +203,26 @@ mod tests {
 
     #[test]
     fn a_backend_key_is_patched_into_a_file_that_does_not_validate() {
-        let drained = patch_backend(FILE, "web", "10.0.1.2:80", BackendEdit::Drained(true)).expect("patched");
-        assert_eq!(drained, format!("{FILE}drained = true\n"));
-        let weighted = patch_backend(FILE, "web", "10.0.1.1:80", BackendEdit::Weight(5)).expect("patched");
+        let drain = BackendEdit::Drain { since: "2026-12-02T08:00:00.000Z".into() };
+        let drained = patch_backend(FILE, "web", "10.0.1.2:80", &drain).expect("patched");
+        assert_eq!(drained, format!("{FILE}drained = true\ndrained_since = \"2026-12-02T08:00:00.000Z\"\n"));
+        let undrained = patch_backend(&drained, "web", "10.0.1.2:80", &BackendEdit::Undrain).expect("patched");
+        assert_eq!(undrained, format!("{FILE}drained = false\n"));
+        let weighted = patch_backend(FILE, "web", "10.0.1.1:80", &BackendEdit::Weight(5)).expect("patched");
         assert_eq!(weighted, FILE.replace("weight = 2 # big", "weight = 5 # big"));
     }
 
     #[test]
     fn no_patch_without_the_backend_or_without_toml() {
-        assert!(patch_backend(FILE, "web", "10.0.1.9:80", BackendEdit::Drained(true)).is_none());
-        assert!(patch_backend(FILE, "api", "10.0.1.1:80", BackendEdit::Drained(true)).is_none());
-        assert!(patch_backend("[[services]\nname = ", "web", "10.0.1.1:80", BackendEdit::Drained(true)).is_none());
+        assert!(patch_backend(FILE, "web", "10.0.1.9:80", &BackendEdit::Undrain).is_none());
+        assert!(patch_backend(FILE, "api", "10.0.1.1:80", &BackendEdit::Undrain).is_none());
+        assert!(patch_backend("[[services]\nname = ", "web", "10.0.1.1:80", &BackendEdit::Undrain).is_none());
     }
 
     #[test]
     fn inline_backends_are_patched_too() {
         let text = "[[services]]\nname = \"web\"\nbackends = [{ address = \"10.0.1.1:80\" }]\n";
-        let out = patch_backend(text, "web", "10.0.1.1:80", BackendEdit::Weight(3)).expect("patched");
+        let out = patch_backend(text, "web", "10.0.1.1:80", &BackendEdit::Weight(3)).expect("patched");
         let back: toml::Value = toml::from_str(&out).expect("toml");
         assert_eq!(back["services"][0]["backends"][0]["weight"].as_integer(), Some(3), "{out}");
     }

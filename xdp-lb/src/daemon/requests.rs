@@ -9,7 +9,7 @@ use xdp_lb_common::{
 
 use super::{pending::BackendEdit, Daemon, DaemonError};
 use crate::{
-    api::{BackendStatus, EndedFlow, Explanation, Request, Response, ReloadReply, ServiceChanges, ServiceStatus, StatsReply, StatusReply, StopReply},
+    api::{BackendStatus, EndedFlow, Explanation, PinTarget, Request, Response, ReloadReply, ServiceChanges, ServiceStatus, StatsReply, StatusReply, StopReply},
     config::{Protocol, RawBackend, RawConfig, RawService, Scheduler},
     health::Health,
     plan, stats,
@@ -17,6 +17,16 @@ use crate::{
 };
 
 impl Daemon {
+    /// A stop that names a pin directory (`stop --bpffs`) is for the daemon that pins there; any
+    /// other refuses it (run.rs only stops after an ok answer).
+    fn check_stop(&self, pins: Option<&PinTarget>) -> Result<(), DaemonError> {
+        let Some(target) = pins else { return Ok(()) };
+        match self.dataplane.pin_path() {
+            Some(own) if target.is(own) => Ok(()),
+            own => Err(DaemonError::NotItsPins { own: own.map(|p| p.display().to_string()), asked: target.path.display().to_string() }),
+        }
+    }
+
     pub fn handle(&mut self, request: Request) -> Response {
         let change = match &request {
             Request::ServiceList
@@ -66,19 +76,29 @@ impl Daemon {
                     if s.backends.len() == before { Err(DaemonError::UnknownBackend { service, address }) } else { Ok(()) }
                 })
                 .map(|_| serde_json::Value::Null),
-            Request::BackendDrain { service, address } => self.edit_backend(&service, &address, BackendEdit::Drained(true)),
-            Request::BackendUndrain { service, address } => self.edit_backend(&service, &address, BackendEdit::Drained(false)),
+            // The drain's start goes into the file with it (a drain of a drained backend keeps its
+            // start), so a restart does not start the drain timeout again.
+            Request::BackendDrain { service, address } => {
+                let since = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+                self.edit_backend(&service, &address, BackendEdit::Drain { since })
+            }
+            Request::BackendUndrain { service, address } => self.edit_backend(&service, &address, BackendEdit::Undrain),
             Request::BackendWeight { service, address, weight } => self.edit_backend(&service, &address, BackendEdit::Weight(weight)),
             Request::BackendList { service } => self.status(service.as_deref()).map(to_value),
             Request::Status => self.status(None).map(|services| {
-                to_value(StatusReply { config: self.config_status(), services, announce: self.announcer.status().cloned() })
+                to_value(StatusReply {
+                    config: self.config_status(),
+                    interfaces: self.interface_status(),
+                    services,
+                    announce: self.announcer.status().cloned(),
+                })
             }),
             Request::NodeDrain { drained } => self.drain_node(drained).map(|_| serde_json::Value::Null),
             Request::Reload { allow_empty } => self.reload(allow_empty).map(|services| to_value(ReloadReply { services })),
             Request::Stats => self.stats(),
             Request::Explain { source, destination, protocol } => self.explain(&source, &destination, &protocol),
             // The control loop acts on it after answering (see run.rs).
-            Request::Stop { detach } => Ok(to_value(StopReply { stopping: true, detach })),
+            Request::Stop { detach, pins } => self.check_stop(pins.as_ref()).map(|()| to_value(StopReply { stopping: true, detach })),
         };
         match (&result, change) {
             (Ok(_), Some(change)) => {
@@ -109,7 +129,7 @@ impl Daemon {
                 .iter_mut()
                 .find(|b| same_address(&b.address, address))
                 .ok_or_else(|| DaemonError::UnknownBackend { service: service.to_string(), address: address.to_string() })?;
-            edit.apply(b);
+            edit.clone().apply(b);
             Ok(())
         });
         match result {
@@ -173,7 +193,9 @@ impl Daemon {
                 mode: if s.mode == crate::config::Mode::Nat { "nat" } else { "dsr" }.into(),
                 scheduler: s.scheduler.name().into(),
                 ring_fingerprint: self.tables.ring_fingerprint(&s.name).map(|f| format!("{f:016x}")),
+                ring_error: self.tables.ring_errors().get(&s.name).cloned(),
                 state: match report {
+                    _ if self.tables.ring_errors().contains_key(&s.name) => "ring-error",
                     Some(r) if r.all_down => "all-down",
                     Some(r) if r.on_backups => "on-backups",
                     _ => "ok",

@@ -69,3 +69,33 @@ fn weight_and_drain_changes_show_in_the_ring_shares() {
     assert!(all.contains("backend 10.0.1.2:80 took new flows (50% of the ring) but is drained in the config"), "{all}");
     assert!(all.contains("backend 10.0.1.3:80 took no new flows"), "{all}");
 }
+
+/// H11: a drain the file says began 3 s before the daemon read it has 3 s behind it already.
+#[test]
+fn a_drain_start_from_the_file_counts_the_time_before_the_restart() {
+    let now = std::time::Instant::now();
+    let wall = std::time::SystemTime::now();
+    let three = std::time::Duration::from_secs(3);
+    let started = super::DrainStart::new(Some(wall - three), wall, now);
+    assert_eq!(started.elapsed(now), three);
+    assert_eq!(started.elapsed(now + three), 2 * three);
+    // Unknown (a hand-written drain) or in the future (the clock was stepped back): from now.
+    assert_eq!(super::DrainStart::new(None, wall, now).elapsed(now), std::time::Duration::ZERO);
+    assert_eq!(super::DrainStart::new(Some(wall + three), wall, now).elapsed(now), std::time::Duration::ZERO);
+}
+
+#[test]
+fn drained_since_is_read_from_the_file_and_checked() {
+    let text = |backend: &str| {
+        format!("[[services]]\nname = \"web\"\nvip = \"10.0.0.100:80\"\nprotocol = \"tcp\"\n[[services.backends]]\naddress = \"10.1.0.2:80\"\n{backend}\n")
+    };
+    let raw: crate::config::RawConfig = toml::from_str(&text("drained = true\ndrained_since = \"2026-12-02T07:30:00Z\"")).unwrap();
+    let since = super::drain_since_of(&raw);
+    let key = ("web".to_string(), "10.1.0.2:80".parse().unwrap());
+    assert_eq!(since.get(&key), Some(&humantime::parse_rfc3339("2026-12-02T07:30:00Z").unwrap()));
+    let refused = |backend: &str| Config::parse(&text(backend), "xdp-lb.toml").unwrap_err().to_string();
+    let e = refused("drained_since = \"2026-12-02T07:30:00Z\"");
+    assert!(e.contains("services[0].backends[0].drained_since") && e.contains("drained is not"), "{e}");
+    let e = refused("drained = true\ndrained_since = \"yesterday\"");
+    assert!(e.contains("drained_since") && e.contains("RFC 3339"), "{e}");
+}

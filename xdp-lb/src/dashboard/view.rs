@@ -245,6 +245,7 @@ mod tests {
                     services: 1,
                     start_differences: vec![],
                 },
+                interfaces: vec![],
                 services: vec![ServiceStatus {
                     name: "web".into(),
                     vip: "10.0.0.100:80".into(),
@@ -253,6 +254,7 @@ mod tests {
                     scheduler: "maglev".into(),
                     state: "ok".into(),
                     ring_fingerprint: None,
+                    ring_error: None,
                     backends: vec![backend_status("10.0.0.1:80"), backend_status("10.0.0.2:80")],
                 }],
                 announce: None,

@@ -88,6 +88,7 @@ fn scrape() -> Scrape {
             })
             .collect(),
         local_errors: vec![("process_fd_limit", 7), ("no_local_address", 0)],
+        ring_errors: names.iter().enumerate().map(|(i, n)| (n.clone(), i == 1)).collect(),
         rings: vec![("web".into(), 0x00ab_cdef_0123_4567)],
         announced: vec![("10.0.0.100".into(), true), ("2001:db8::100".into(), false)],
     }
@@ -128,12 +129,21 @@ fn every_family_is_typed_and_appears_once() {
         "xdp_lb_backend_active_flows",
         "xdp_lb_backend_check_latency_seconds",
         "xdp_lb_service_ring_info",
+        "xdp_lb_service_ring_error",
         "xdp_lb_vip_announced",
     ] {
         assert_eq!(families.get(name).map(|f| f.0.as_str()), Some("gauge"), "{name}: {families:?}");
     }
     let untyped: Vec<&String> = families.iter().filter(|(_, (kind, _))| kind == "unknown" || kind == "untyped").map(|(n, _)| n).collect();
     assert!(untyped.is_empty(), "untyped families: {untyped:?}");
+}
+
+#[test]
+fn a_ring_that_could_not_be_rebuilt_shows_in_its_gauge() {
+    let families = parse(&exposition(&scrape()));
+    let failed = values(&families, "xdp_lb_service_ring_error");
+    assert_eq!(failed.get(&labels(&[("service", "web")])), Some(&0.0), "{failed:?}");
+    assert_eq!(failed.get(&labels(&[("service", AWKWARD[0])])), Some(&1.0), "{failed:?}");
 }
 
 #[test]
@@ -195,6 +205,7 @@ fn a_removed_service_disappears_from_the_next_scrape() {
     scrape.services.retain(|s| s.name != "web");
     scrape.backends.retain(|b| b.service != "web");
     scrape.rings.retain(|(s, _)| s != "web");
+    scrape.ring_errors.retain(|(s, _)| s != "web");
     let after = exposition(&scrape);
     assert!(!after.contains("service=\"web\""), "{after}");
 }

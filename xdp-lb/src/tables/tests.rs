@@ -341,3 +341,133 @@ fn a_failing_map_read_is_an_error_naming_the_map() {
     let err = Tables::new(CELLS, MAX_SERVICES, MAX_BACKENDS).adopt(&config(&[]), &Broken).unwrap_err();
     assert!(err.to_string().contains("BACKENDS") && err.to_string().contains("entry 0"), "{err}");
 }
+
+/// `web` (Maglev, `ring_size`) and `echo` (round-robin), three backends each, in `cells` cells.
+fn web_and_echo(cells: u32, web_ring: u32) -> Config {
+    let mut text = format!("[dataplane]\nmaglev_cells = {cells}\n");
+    text += &format!("[[services]]\nname = \"web\"\nvip = \"10.0.0.100:80\"\nprotocol = \"tcp\"\nring_size = {web_ring}\n");
+    for i in 2..5 {
+        text += &format!("[[services.backends]]\naddress = \"10.1.0.{i}:80\"\n");
+    }
+    text += "[[services]]\nname = \"echo\"\nvip = \"10.0.0.100:7\"\nprotocol = \"tcp\"\nscheduler = \"round-robin\"\n";
+    for i in 2..5 {
+        text += &format!("[[services.backends]]\naddress = \"10.2.0.{i}:7\"\n");
+    }
+    Config::parse(&text, "test").unwrap()
+}
+
+/// What the planner makes of `desired` when `down` failed its checks: out of the ring, marked down.
+fn with_down(desired: &Config, down: &[SocketAddr]) -> Config {
+    let mut effective = desired.clone();
+    for b in effective.services.iter_mut().flat_map(|s| s.backends.iter_mut()) {
+        if down.contains(&b.address) {
+            b.weight = 0;
+            b.down = true;
+        }
+    }
+    effective
+}
+
+fn backend_flags(maps: &FakeMaps, address: &str) -> u16 {
+    let address: SocketAddr = address.parse().unwrap();
+    let (ip, port) = (addr::from_ip(address.ip()), address.port().to_be());
+    maps.backends.values().find(|b| b.generation != 0 && b.addr == ip && b.port == port).unwrap().flags
+}
+
+/// The tester's H7: `maglev_cells = 65536`, a second service, then `--ring-size 32749` for web.
+/// Validation's sum allows it (2 × 32749 + 6 ≤ 65536), but no two runs of 32749 free cells exist
+/// while web's ring serves: the resize is refused at once, and health transitions keep working.
+#[test]
+fn a_resize_whose_rebuilds_could_not_be_placed_is_refused_at_once() {
+    let mut maps = FakeMaps { cells: Some(65_536), ..Default::default() };
+    let mut tables = Tables::new(65_536, MAX_SERVICES, MAX_BACKENDS);
+    let start = web_and_echo(65_536, 251);
+    tables.apply(&start, &mut maps).unwrap();
+    let resized = web_and_echo(65_536, 32_749);
+    let err = tables.apply(&resized, &mut maps).expect_err("the resize must be refused when it is made, not at the next rebuild");
+    let text = err.to_string();
+    assert!(text.contains("service web") && text.contains("ring_size") && text.contains("65536") && text.contains("32749"), "{text}");
+    assert_eq!(service_entry(&maps, "10.0.0.100:80").ring_size, 251, "the refused resize changed nothing");
+    assert_consistent(&maps);
+    // A backend goes down and comes back: both reprogram.
+    let down: SocketAddr = "10.1.0.3:80".parse().unwrap();
+    tables.apply_planned(&with_down(&start, &[down]), &start, &mut maps).unwrap();
+    assert_ne!(backend_flags(&maps, "10.1.0.3:80") & m::BACKEND_FLAG_DOWN, 0);
+    assert!(tables.services().find(|i| i.config.name == "web").unwrap().table.iter().all(|&id| maps.backends[&id].flags == 0));
+    tables.apply(&start, &mut maps).unwrap();
+    assert!(tables.ring_errors().is_empty(), "{:?}", tables.ring_errors());
+    // A resize that fits is taken, and its rebuilds fit too.
+    let fits = web_and_echo(65_536, 16_381);
+    tables.apply(&fits, &mut maps).unwrap();
+    tables.apply_planned(&with_down(&fits, &[down]), &fits, &mut maps).unwrap();
+    tables.apply(&fits, &mut maps).unwrap();
+    assert_consistent(&maps);
+}
+
+/// Whatever sequence of resizes was accepted, every later health transition reprograms: each
+/// service rebuilds within its own two slots.
+#[test]
+fn after_any_accepted_change_every_health_transition_reprograms() {
+    const PRIMES: [u32; 8] = [3, 7, 31, 101, 251, 257, 509, 1021];
+    let cells = 2_500;
+    let mut maps = FakeMaps { cells: Some(cells), ..Default::default() };
+    let mut tables = Tables::new(cells, MAX_SERVICES, MAX_BACKENDS);
+    let backends: Vec<SocketAddr> =
+        ["10.1.0.2:80", "10.1.0.3:80", "10.1.0.4:80", "10.2.0.2:7", "10.2.0.3:7", "10.2.0.4:7"].iter().map(|a| a.parse().unwrap()).collect();
+    let (mut accepted, mut refused) = (0, 0);
+    // A deterministic walk over ring sizes (a linear congruential sequence).
+    let mut x: u64 = 12_345;
+    for _ in 0..200 {
+        x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        let desired = web_and_echo(cells, PRIMES[(x >> 33) as usize % PRIMES.len()]);
+        match tables.apply(&desired, &mut maps) {
+            Ok(()) => accepted += 1,
+            Err(ApplyError::RingSpace { .. }) => {
+                refused += 1;
+                continue;
+            }
+            Err(e) => panic!("{e}"),
+        }
+        for mask in 1u32..(1 << backends.len()) {
+            let down: Vec<SocketAddr> = (0..backends.len()).filter(|i| mask & (1 << i) != 0).map(|i| backends[i]).collect();
+            tables.apply_planned(&with_down(&desired, &down), &desired, &mut maps).unwrap_or_else(|e| panic!("down {down:?}: {e}"));
+            assert_consistent(&maps);
+        }
+        tables.apply(&desired, &mut maps).unwrap();
+    }
+    assert!(accepted > 50 && refused > 0, "the walk should both resize and meet refusals: {accepted} accepted, {refused} refused");
+}
+
+/// A restart adopts rings where the previous daemon left them; if web's spare cannot be placed in
+/// what is left, web keeps running its ring, the error is kept for `status`, a failed backend is
+/// still marked down in the data plane, and the other services are programmed.
+#[test]
+fn an_adopted_ring_without_room_still_gets_its_down_flags_and_others_are_programmed() {
+    let cells = 600;
+    let desired = web_and_echo(cells, 251);
+    let mut maps = FakeMaps { cells: Some(cells), ..Default::default() };
+    Tables::new(cells, MAX_SERVICES, MAX_BACKENDS).apply(&desired, &mut maps).unwrap();
+    // Move web's running ring to the middle, as an older layout could have left it.
+    let key = service_key("10.0.0.100:80".parse().unwrap(), Protocol::Tcp);
+    let web = maps.services[&key];
+    let cells_of_web: Vec<u32> = (web.ring_offset..web.ring_offset + web.ring_size).map(|c| maps.ring[&c]).collect();
+    maps.write_ring(200, &cells_of_web).unwrap();
+    maps.services.get_mut(&key).unwrap().ring_offset = 200;
+
+    let mut tables = Tables::new(cells, MAX_SERVICES, MAX_BACKENDS);
+    assert_eq!(tables.adopt(&desired, &maps).unwrap(), 2);
+    let err = tables.apply(&desired, &mut maps).unwrap_err();
+    assert!(err.to_string().contains("service web"), "{err}");
+    assert!(tables.ring_errors().contains_key("web") && !tables.ring_errors().contains_key("echo"), "{:?}", tables.ring_errors());
+    assert_eq!(service_entry(&maps, "10.0.0.100:80").ring_offset, 200, "web keeps serving its running ring");
+
+    let (dead_web, dead_echo): (SocketAddr, SocketAddr) = ("10.1.0.3:80".parse().unwrap(), "10.2.0.3:7".parse().unwrap());
+    assert!(tables.apply_planned(&with_down(&desired, &[dead_web, dead_echo]), &desired, &mut maps).is_err());
+    assert_ne!(backend_flags(&maps, "10.1.0.3:80") & m::BACKEND_FLAG_DOWN, 0, "the failed web backend is marked down although its ring could not change");
+    assert_ne!(backend_flags(&maps, "10.2.0.3:7") & m::BACKEND_FLAG_DOWN, 0);
+    let echo = service_entry(&maps, "10.0.0.100:7");
+    assert_eq!(echo.ring_size, 2, "echo's ring was rebuilt without its failed backend");
+    // Back up: the flag is cleared again.
+    let _ = tables.apply(&desired, &mut maps);
+    assert_eq!(backend_flags(&maps, "10.1.0.3:80") & m::BACKEND_FLAG_DOWN, 0);
+}

@@ -78,8 +78,8 @@ fn undrain_removes_the_key() {
 fn backends_and_services_are_added_and_removed_by_identity() {
     let out = patched(|c| {
         c.services[0].backends.remove(0);
-        c.services[0].backends.push(RawBackend { address: "10.0.1.3:80".into(), weight: 1, backup: true, drained: false, health_check: None });
-        c.services[1].backends.push(RawBackend { address: "10.0.2.2:53".into(), weight: 1, backup: false, drained: false, health_check: None });
+        c.services[0].backends.push(RawBackend { address: "10.0.1.3:80".into(), weight: 1, backup: true, drained: false, drained_since: None, health_check: None });
+        c.services[1].backends.push(RawBackend { address: "10.0.2.2:53".into(), weight: 1, backup: false, drained: false, drained_since: None, health_check: None });
         let mut extra = c.services[0].clone();
         extra.name = "api".into();
         extra.vip = "10.0.0.101:80".into();
@@ -148,12 +148,18 @@ fn atomic_write_keeps_mode_and_follows_symlinks() {
     let real = dir.join("real.toml");
     fs::write(&real, "old").unwrap();
     fs::set_permissions(&real, fs::Permissions::from_mode(0o640)).unwrap();
+    // Another owner than the writer's (the tests run as root; a config owned by the service user
+    // must stay that user's after the daemon, or root, rewrote it).
+    let (uid, gid) = (65_534, 65_533);
+    std::os::unix::fs::chown(&real, Some(uid), Some(gid)).unwrap();
     let link = dir.join("link.toml");
     std::os::unix::fs::symlink(&real, &link).unwrap();
     write_atomically(&link, b"new").unwrap();
     assert_eq!(fs::read_to_string(&real).unwrap(), "new");
     assert!(fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
     assert_eq!(fs::metadata(&real).unwrap().permissions().mode() & 0o7777, 0o640);
+    let meta = fs::metadata(&real).unwrap();
+    assert_eq!((std::os::unix::fs::MetadataExt::uid(&meta), std::os::unix::fs::MetadataExt::gid(&meta)), (uid, gid), "the owner changed");
     let leftovers: Vec<_> = fs::read_dir(&dir).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().ends_with(".tmp")).collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
     fs::remove_dir_all(&dir).unwrap();
@@ -257,4 +263,46 @@ fn backends_added_to_an_empty_service_are_tables() {
     assert!(!text.contains("backends = ["), "inline backends:\n{text}");
     assert_eq!(text.matches("[[services.backends]]").count(), 3, "{text}");
     assert!(text.trim_end().ends_with("# end of the hand-written part"), "the trailing comment is not last:\n{text}");
+}
+
+/// H2: `kill -9` of the daemon mid-write leaves `.NAME.xdp-lb-PID.tmp`; the next start removes
+/// such files of dead processes, and nothing else.
+#[test]
+fn stale_temp_files_of_dead_writers_are_removed_and_nothing_else() {
+    let dir = scratch("stale");
+    let config = dir.join("lb.toml");
+    fs::write(&config, "").unwrap();
+    // A pid that is certainly not running: a child that has exited and been reaped.
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    assert!(!Path::new("/proc").join(dead.to_string()).exists());
+    let mine = std::process::id();
+    let stale = dir.join(format!(".lb.toml.xdp-lb-{dead}.tmp"));
+    fs::write(&stale, "a full copy of the config").unwrap();
+    let keep = [
+        format!(".lb.toml.xdp-lb-{mine}.tmp"),  // a live writer (this process)
+        format!(".other.toml.xdp-lb-{dead}.tmp"), // another file's
+        format!(".lb.toml.xdp-lb-0{dead}.tmp"), // not the exact name a writer makes
+        format!(".lb.toml.xdp-lb-{dead}.tmp.bak"),
+        format!("lb.toml.xdp-lb-{dead}.tmp"),
+    ];
+    for name in &keep {
+        fs::write(dir.join(name), "").unwrap();
+    }
+    // Not a regular file: left alone.
+    let other_dead = dead.wrapping_add(1_000_000);
+    fs::create_dir(dir.join(format!(".lb.toml.xdp-lb-{other_dead}.tmp"))).unwrap();
+    std::os::unix::fs::symlink(&config, dir.join(format!(".lb.toml.xdp-lb-{}.tmp", other_dead + 1))).unwrap();
+
+    let removed = remove_stale_temp_files(&config);
+    assert_eq!(removed, std::slice::from_ref(&stale));
+    assert!(!stale.exists());
+    for name in &keep {
+        assert!(dir.join(name).exists(), "{name} was removed");
+    }
+    assert!(dir.join(format!(".lb.toml.xdp-lb-{other_dead}.tmp")).is_dir());
+    assert!(fs::symlink_metadata(dir.join(format!(".lb.toml.xdp-lb-{}.tmp", other_dead + 1))).is_ok());
+    assert_eq!(fs::read_to_string(&config).unwrap(), "", "the config itself is untouched");
+    fs::remove_dir_all(&dir).unwrap();
 }

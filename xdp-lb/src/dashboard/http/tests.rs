@@ -27,6 +27,7 @@ fn empty_probe(unix_ms: u64) -> Probe {
                 services: 0,
                 start_differences: vec![],
             },
+            interfaces: vec![],
             services: vec![],
             announce: None,
         },

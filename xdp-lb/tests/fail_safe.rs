@@ -1,0 +1,188 @@
+//! Fail-safe behaviour against a hostile or mistaken outside (findings H12–H14), with the real
+//! daemon in the namespace testbed:
+//!
+//! * spoofed SYNs from sources no client can have (loopback, multicast, a backend's own address)
+//!   never take a service's backends out of the ring;
+//! * `stop --bpffs DIR` sent to a daemon that pins elsewhere is refused and that daemon keeps
+//!   running and forwarding;
+//! * a start that fails to attach leaves no pins behind, and a `--bpffs` outside any bpffs creates
+//!   nothing.
+
+#[path = "control/support.rs"]
+#[allow(dead_code)]
+mod support;
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use support::*;
+use xdp_lb_testbed::{daemon::BPFFS_ROOT, Topology};
+
+/// Sends `count` TCP SYNs from `src` (random ports) to `vip` over `spread`, as the tester's
+/// spoof.py did, through a raw IPv4 socket (IP_HDRINCL). Must run inside the client namespace.
+fn spoof_syns(src: Ipv4Addr, vip: SocketAddr, count: u16, spread: Duration) -> usize {
+    let IpAddr::V4(dst) = vip.ip() else { panic!("IPv4 VIP") };
+    // SAFETY: plain socket(2); closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+    assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(dst.octets()) },
+        sin_zero: [0; 8],
+    };
+    let mut sent = 0;
+    for i in 0..count {
+        let sport = 20_000 + i;
+        let mut tcp = [0u8; 20];
+        tcp[0..2].copy_from_slice(&sport.to_be_bytes());
+        tcp[2..4].copy_from_slice(&vip.port().to_be_bytes());
+        tcp[4..8].copy_from_slice(&(0x1000_0000u32 + u32::from(i)).to_be_bytes());
+        tcp[12] = 5 << 4;
+        tcp[13] = 0x02; // SYN
+        tcp[14..16].copy_from_slice(&64_240u16.to_be_bytes());
+        let c = xdp_lb_common::checksum::l4_ipv4(src.octets(), dst.octets(), 6, &tcp);
+        tcp[16..18].copy_from_slice(&c.to_be_bytes());
+        let mut packet = [0u8; 40];
+        packet[0] = 0x45;
+        packet[2..4].copy_from_slice(&40u16.to_be_bytes());
+        packet[4..6].copy_from_slice(&i.to_be_bytes());
+        packet[8] = 64;
+        packet[9] = 6;
+        packet[12..16].copy_from_slice(&src.octets());
+        packet[16..20].copy_from_slice(&dst.octets());
+        let c = xdp_lb_common::checksum::ipv4_header(&packet[..20]);
+        packet[10..12].copy_from_slice(&c.to_be_bytes());
+        packet[20..].copy_from_slice(&tcp);
+        // SAFETY: valid buffer and sockaddr for the duration of the call.
+        let n = unsafe {
+            libc::sendto(
+                fd,
+                packet.as_ptr().cast(),
+                packet.len(),
+                0,
+                (&sin as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        if n == packet.len() as isize {
+            sent += 1;
+        }
+        std::thread::sleep(spread / u32::from(count));
+    }
+    // SAFETY: the descriptor opened above.
+    unsafe { libc::close(fd) };
+    sent
+}
+
+/// H12: before, 30 SYNs from 127.0.0.1 within 1.5 s marked every backend down (`[all-down]`, real
+/// clients got RSTs) and a backend's own address as source took that backend out.
+#[test]
+fn spoofed_syns_from_impossible_sources_take_no_backend_out() {
+    let topo = Topology::new("spoof", 2).expect("building the testbed");
+    let _servers = Servers::start_all(&topo);
+    let backends: Vec<_> = (0..2).map(|i| (backend_addr(&topo, i), &[][..])).collect();
+    let daemon = start_daemon(&topo, &service_toml("web", vip(&topo, 80), &[], &backends));
+    let web = vip(&topo, 80);
+    check(&daemon, "connections before", connections(topo.client(), web, 6));
+    let IpAddr::V4(own) = backend_addr(&topo, 0).ip() else { unreachable!() };
+    let sources = [Ipv4Addr::new(127, 0, 0, 1), Ipv4Addr::new(224, 0, 0, 9), Ipv4Addr::new(127, 1, 2, 3), own];
+    let mut sent = 0;
+    for src in sources {
+        sent += topo.client().run(|| spoof_syns(src, web, 30, Duration::from_millis(1500)));
+    }
+    assert!(sent >= 100, "only {sent} spoofed SYNs went out");
+    // Longer than the passive checks' 2 s window and a few of the daemon's ticks.
+    std::thread::sleep(Duration::from_millis(2500));
+    let s = status(&daemon);
+    assert_eq!(service(&s, "web")["state"], "ok", "{s:#}\n{}", daemon.log());
+    for i in 0..2 {
+        let b = backend(&s, "web", backend_addr(&topo, i));
+        assert!(b["passive_down"] == false && b["effective_weight"] != 0, "{b:#}\n{}", daemon.log());
+    }
+    assert!(!daemon.log().contains("backend marked down"), "{}", daemon.log());
+    let stats = daemon.stats().expect("stats");
+    assert!(stats.reason("drop_martian_source") >= 85, "drop_martian_source {}: {:?}", stats.reason("drop_martian_source"), stats.reasons);
+    check(&daemon, "connections after", connections(topo.client(), web, 6));
+}
+
+/// H13: `stop --detach --bpffs <another instance's pins>` went to the daemon on --socket, which
+/// detached its own data plane (the template unit documented exactly that command).
+#[test]
+fn a_stop_for_another_instances_pins_is_refused() {
+    let topo = Topology::new("stopx", 1).expect("building the testbed");
+    let _servers = Servers::start_all(&topo);
+    let daemon = start_daemon(&topo, &service_toml("web", vip(&topo, 80), &[], &[(backend_addr(&topo, 0), &[])]));
+    let web = vip(&topo, 80);
+    let other = Path::new(BPFFS_ROOT).join(format!("{}-other", topo.prefix()));
+    std::fs::create_dir_all(&other).unwrap();
+    let other_text = other.display().to_string();
+    let own_text = daemon.pin_dir().display().to_string();
+    for args in [&["stop", "--detach", "--bpffs", &other_text][..], &["stop", "--bpffs", &other_text]] {
+        let line = cli_err(&daemon, args, "nothing was stopped");
+        assert!(line.contains(&own_text) && line.contains(&other_text) && line.contains("--socket"), "{line}");
+    }
+    let _ = std::fs::remove_dir(&other);
+    // Still running, still pinned, still forwarding.
+    assert_eq!(service(&status(&daemon), "web")["state"], "ok");
+    assert!(daemon.pin_dir().exists(), "the refused stop removed the pins");
+    check(&daemon, "connections after the refused stop", connections(topo.client(), web, 4));
+    // Its own directory, named as the operator does: stopped and detached.
+    cli_ok(&daemon, &["stop", "--detach", "--bpffs", &own_text]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while daemon.pin_dir().exists() {
+        assert!(Instant::now() < deadline, "pins left in {own_text} after stop --detach");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // With that daemon gone, a stop on its socket without --bpffs must not fall back to the
+    // default pin directory: that is the main instance's.
+    cli_err(&daemon, &["stop", "--detach"], "name its pin directory with --bpffs");
+}
+
+/// H14: a start that fails to attach (the interface is held by another daemon's program) left its
+/// freshly pinned maps behind; a --bpffs outside bpffs created the directory before refusing.
+#[test]
+fn a_failed_start_leaves_nothing_behind() {
+    let topo = Topology::new("fstart", 1).expect("building the testbed");
+    let _servers = Servers::start_all(&topo);
+    let config = service_toml("web", vip(&topo, 80), &[], &[(backend_addr(&topo, 0), &[])]);
+    let daemon = start_daemon(&topo, &config);
+    let scratch = tempfile::tempdir().unwrap();
+    let config_path = scratch.path().join("second.toml");
+    std::fs::write(&config_path, &config).unwrap();
+    let second = |bpffs: &Path| {
+        Command::new("ip")
+            .args(["netns", "exec", topo.lb().name()])
+            .arg(XDP_LB)
+            .arg("--socket")
+            .arg(scratch.path().join("second.sock"))
+            .arg("run")
+            .arg("--config")
+            .arg(&config_path)
+            .arg("--bpffs")
+            .arg(bpffs)
+            .args(["--iface", topo.client_iface()])
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("running a second xdp-lb")
+    };
+    let pins = Path::new(BPFFS_ROOT).join(format!("{}-second", topo.prefix()));
+    let out = second(&pins);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the second daemon attached to an interface the first holds:\n{stderr}");
+    assert!(stderr.contains("attach"), "{stderr}");
+    let left: Vec<_> = std::fs::read_dir(&pins).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+    assert!(!pins.exists(), "the failed start left {} with {left:?}", pins.display());
+    // The first daemon's data plane is untouched.
+    check(&daemon, "connections after the failed start", connections(topo.client(), vip(&topo, 80), 4));
+
+    let not_bpffs = scratch.path().join("notbpf/x");
+    let out = second(&not_bpffs);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("not on a bpffs mount"), "{stderr}");
+    assert!(!scratch.path().join("notbpf").exists(), "the refused --bpffs created {}", not_bpffs.display());
+}
