@@ -76,6 +76,12 @@ pub struct ConfigStatus {
     pub changed_on_disk: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_error: Option<String>,
+    /// Why the last reload rejected the edit now on disk (while that edit is still there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejected_edit: Option<String>,
+    /// Why the daemon's user cannot write the file back keeping its owner (CLI changes fail).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_problem: Option<String>,
     pub services: usize,
     /// How the adopted data plane differed from the file at start.
     #[serde(default)]

@@ -549,10 +549,19 @@ fn print_table(header: &[&str], rows: Vec<Vec<String>>) -> Result<()> {
 fn print_config_status(c: &api::ConfigStatus) -> Result<()> {
     let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
     out(format_args!("config {} ({} service(s), read or written {} s ago)", c.path, c.services, now_ms.saturating_sub(c.loaded_unix_ms) / 1000))?;
-    match (&c.disk_error, c.changed_on_disk) {
-        (Some(e), _) => out(format_args!("  the file cannot be read now: {e}"))?,
-        (None, true) => out("  EDITED ON DISK since: not running yet; `xdp-lb reload` applies it (CLI changes are refused until then)")?,
-        (None, false) => {}
+    match (&c.disk_error, &c.rejected_edit, c.changed_on_disk) {
+        (Some(e), _, _) => out(format_args!("  the file cannot be read now: {e}"))?,
+        // Hostile 9 H6: a reload will not apply it, so saying it would was wrong.
+        (None, Some(error), _) => {
+            out("  EDITED ON DISK since, and the reload REJECTED the edit: the running configuration stays. Fix or revert")?;
+            out("  the edit, then `xdp-lb reload`. Until then CLI changes are refused, except backend drain, undrain and weight.")?;
+            out(format_args!("    {error}"))?
+        }
+        (None, None, true) => out("  EDITED ON DISK since: not running yet; `xdp-lb reload` applies it (CLI changes are refused until then)")?,
+        (None, None, false) => {}
+    }
+    if let Some(problem) = &c.owner_problem {
+        out(format_args!("  WARNING: {problem}"))?;
     }
     if !c.start_differences.is_empty() {
         out("  at start the adopted data plane differed from the file:")?;

@@ -2,9 +2,12 @@
 //! `--config` file, the single source of truth, which CLI changes are written back to), what health
 //! and passive checks observed, and the map programming that follows from both.
 
+mod check_change;
 mod error;
 mod node_drain;
+mod owner;
 mod passive;
+mod pending;
 mod requests;
 
 use std::{
@@ -70,6 +73,8 @@ pub struct Daemon {
     interfaces_lost: Option<String>,
     /// Health, drain and admin transitions for the dashboard (bounded).
     events: EventLog,
+    /// The last reload's rejection, against the text it rejected (see `pending`).
+    rejected: Option<pending::Rejected>,
     /// VIPs found on an attached interface while running (an address added after the check at
     /// start, reload or change), as last logged, and when that was looked at.
     vips_on_host: (Vec<String>, Option<Instant>),
@@ -134,6 +139,7 @@ impl Daemon {
             attached_ifaces: Vec::new(),
             interfaces_lost: None,
             events: EventLog::default(),
+            rejected: None,
             vips_on_host: (Vec::new(), None),
         };
         match daemon.replan() {
@@ -141,6 +147,9 @@ impl Daemon {
             // health-checking and setting down flags, and `status` shows the error.
             Ok(()) | Err(crate::tables::ApplyError::RingSpace { .. }) => {}
             Err(e) => return Err(DaemonError::Program(e)),
+        }
+        if let Some(problem) = owner::problem(&daemon.file.loaded.path) {
+            warn!("{problem}");
         }
         Ok((daemon, transitions))
     }
@@ -338,7 +347,7 @@ impl Daemon {
         let path = self.path_text();
         match std::fs::read_to_string(&self.file.loaded.path) {
             Ok(on_disk) if on_disk == self.file.loaded.text => {}
-            Ok(_) => return Err(DaemonError::EditedOnDisk { path }),
+            Ok(on_disk) => return Err(self.pending_refusal(&on_disk)),
             Err(source) => return Err(DaemonError::ReadBack { path, source }),
         }
         let mut next = self.file.loaded.raw.clone();
@@ -372,7 +381,7 @@ impl Daemon {
             }
             return Err(match failure {
                 file::WriteError::Changed => DaemonError::EditedOnDisk { path },
-                file::WriteError::Io(source) => DaemonError::Persist { path, source },
+                file::WriteError::Io(source) => DaemonError::persist(path, source, &self.file.loaded.path),
             });
         }
         self.file = ConfigFile { loaded: Loaded { path: self.file.loaded.path.clone(), text, raw: next, config }, at: SystemTime::now() };
@@ -385,9 +394,13 @@ impl Daemon {
     /// Returns how many services now run.
     pub fn reload(&mut self, allow_empty: bool) -> Result<usize, DaemonError> {
         let result = self.try_reload(allow_empty);
+        self.note_reload(result.as_ref().map(|_| ()));
         match &result {
             Ok(services) => {
                 info!(services, path = %self.file.loaded.path.display(), "config reloaded");
+                if let Some(problem) = owner::problem(&self.file.loaded.path) {
+                    warn!("{problem}");
+                }
                 self.events.record(Kind::Reload, None, None, format!("config reloaded: {services} service(s)"));
             }
             Err(e) => {
@@ -501,15 +514,17 @@ impl Daemon {
     /// The config file: where, when read, whether it changed on disk since, and how the adopted
     /// data plane differed from it at start.
     pub fn config_status(&self) -> ConfigStatus {
-        let (changed_on_disk, disk_error) = match std::fs::read_to_string(&self.file.loaded.path) {
-            Ok(text) => (text != self.file.loaded.text, None),
-            Err(e) => (true, Some(e.to_string())),
+        let (changed_on_disk, disk_error, rejected_edit) = match std::fs::read_to_string(&self.file.loaded.path) {
+            Ok(text) => (text != self.file.loaded.text, None, self.rejection_of(&text)),
+            Err(e) => (true, Some(e.to_string()), None),
         };
         ConfigStatus {
             path: self.path_text(),
             loaded_unix_ms: self.file.at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
             changed_on_disk,
             disk_error,
+            rejected_edit,
+            owner_problem: owner::problem(&self.file.loaded.path),
             services: self.config.services.len(),
             start_differences: self.start_differences.clone(),
         }

@@ -172,6 +172,14 @@ impl Dataplane {
         }
         let (link, mode) = match self.program_mut().attach(iface, XdpMode::Driver) {
             Ok(link) => (link, AttachMode::Native),
+            // Hostile 9 H10: EBUSY/EEXIST mean another program holds the interface, not that the
+            // driver lacks native XDP; generic mode would be refused the same way.
+            Err(native) if interface_busy(&native) => {
+                return Err(interface_error(format!(
+                    "the interface is busy: another XDP program is attached to it (another xdp-lb daemon, or another tool); \
+                     detach it first ({native})"
+                )));
+            }
             Err(native) => {
                 warn!(%iface, error = %native, "native XDP is not available; falling back to generic (skb) mode, which is much slower");
                 let link = self
@@ -463,3 +471,18 @@ impl FlowMaps for Dataplane {
 /// Sizes of the maps the control plane indexes by id (compiled into the object).
 pub const MAX_SERVICES: u32 = defaults::MAX_SERVICES;
 pub const MAX_BACKENDS: u32 = defaults::MAX_BACKENDS;
+
+/// Whether an attach failed because the interface already has an XDP program (`EBUSY` from a
+/// second link, `EEXIST` from the legacy netlink path), anywhere in the error's source chain.
+fn interface_busy(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if matches!(io.raw_os_error(), Some(libc::EBUSY) | Some(libc::EEXIST)) {
+                return true;
+            }
+        }
+        next = e.source();
+    }
+    false
+}

@@ -10,10 +10,12 @@ pub use clap_complete::Shell;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DocsError {
-    #[error("creating the man page directory {}: {source}", dir.display())]
-    CreateDir { dir: PathBuf, source: std::io::Error },
-    #[error("writing man pages into {}: {source}", dir.display())]
-    Write { dir: PathBuf, source: std::io::Error },
+    // The OS error is part of the message and deliberately not a `#[source]`: `main` prints the
+    // whole chain, which printed it twice (hostile 9 H10).
+    #[error("creating the man page directory {}: {error}", dir.display())]
+    CreateDir { dir: PathBuf, error: std::io::Error },
+    #[error("writing man pages into {}: {error}", dir.display())]
+    Write { dir: PathBuf, error: std::io::Error },
 }
 
 /// Completions for `shell` of the command (and its subcommands) to `out`.
@@ -25,8 +27,8 @@ pub fn completions(mut cmd: clap::Command, shell: Shell, out: &mut dyn Write) {
 /// One roff page per visible command into `dir` (`NAME.1`, `NAME-SUB.1`, ...); returns their
 /// paths, sorted.
 pub fn man_pages(cmd: clap::Command, dir: &Path) -> Result<Vec<PathBuf>, DocsError> {
-    std::fs::create_dir_all(dir).map_err(|source| DocsError::CreateDir { dir: dir.into(), source })?;
-    let write_error = |source| DocsError::Write { dir: dir.into(), source };
+    std::fs::create_dir_all(dir).map_err(|error| DocsError::CreateDir { dir: dir.into(), error })?;
+    let write_error = |error| DocsError::Write { dir: dir.into(), error };
     let prefix = cmd.get_name().to_string();
     clap_mangen::generate_to(cmd, dir).map_err(write_error)?;
     let mut pages: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -59,6 +61,15 @@ mod tests {
         completions(sample(), Shell::Bash, &mut out);
         let text = String::from_utf8(out).expect("utf8");
         assert!(text.contains("--config") && text.contains("run"), "{text}");
+    }
+
+    /// Hostile 9 H10: printed the way `main` prints errors (the whole chain), the OS error appears once.
+    #[test]
+    fn a_man_page_directory_error_names_the_os_error_once() {
+        let error = man_pages(sample(), Path::new("/proc/nonexist")).expect_err("/proc is not writable");
+        let printed = format!("{:#}", anyhow::Error::from(error));
+        assert_eq!(printed.matches("os error").count(), 1, "{printed}");
+        assert!(printed.contains("/proc/nonexist"), "{printed}");
     }
 
     #[test]

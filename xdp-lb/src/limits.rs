@@ -4,7 +4,10 @@
 //! At start the daemon raises its soft `RLIMIT_NOFILE` to the hard limit (systemd's default soft
 //! limit is 1024). Listeners that strangers can reach — the metrics port — accept a connection
 //! only while [`fd_headroom`] exceeds [`reserve`]; health probes and the API socket may use the
-//! reserved descriptors.
+//! reserved descriptors. The reserve is two budgets added up: one for the health checks, and one
+//! for the API's clients ([`crate::api::MAX_CLIENTS`] plus the one being turned away), so a full
+//! API cannot eat the checks' share (hostile 9 H3: at 128 descriptors a metrics flood plus 40 idle
+//! API clients made probes fail with EMFILE when the two shared one reserve of 32).
 
 use std::io;
 
@@ -58,11 +61,20 @@ pub fn open_fds() -> Result<u64, LimitsError> {
     Ok(entries.count().saturating_sub(1) as u64)
 }
 
-/// Descriptors kept for health probes and the API for a process whose soft limit is `limit`: a
-/// quarter of it, at least 32 (one probe per backend in flight plus a few CLI clients) and at
-/// most 1024.
-pub fn reserve(limit: u64) -> u64 {
+/// Descriptors kept for health probes alone for a process whose soft limit is `limit`: a quarter
+/// of it, at least 32 and at most 1024.
+pub fn health_reserve(limit: u64) -> u64 {
     (limit / 4).clamp(32, 1024)
+}
+
+/// Descriptors kept for the API socket's clients: every client slot, plus the connection accepted
+/// only to be told the daemon is busy.
+pub const API_RESERVE: u64 = crate::api::MAX_CLIENTS as u64 + 1;
+
+/// Descriptors the metrics listener leaves free for a process whose soft limit is `limit`: the
+/// health checks' share plus the API's.
+pub fn reserve(limit: u64) -> u64 {
+    health_reserve(limit) + API_RESERVE
 }
 
 /// How many more descriptors this process may open now (soft limit minus open ones); `None` if
@@ -85,10 +97,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reserve_is_a_bounded_quarter() {
-        assert_eq!(reserve(64), 32);
-        assert_eq!(reserve(1024), 256);
-        assert_eq!(reserve(1 << 20), 1024);
+    fn the_health_reserve_is_a_bounded_quarter() {
+        assert_eq!(health_reserve(64), 32);
+        assert_eq!(health_reserve(1024), 256);
+        assert_eq!(health_reserve(1 << 20), 1024);
+    }
+
+    /// Hostile 9 H3: with every API slot taken, the health checks still have their own share.
+    #[test]
+    fn a_full_api_leaves_the_health_reserve_whole() {
+        for limit in [96, 128, 256, 1024, 65536] {
+            let api = crate::api::MAX_CLIENTS as u64 + 1;
+            assert!(reserve(limit) >= api + health_reserve(limit), "limit {limit}: reserve {}", reserve(limit));
+            assert!(reserve(limit) - api >= 32, "limit {limit}");
+        }
     }
 
     #[test]

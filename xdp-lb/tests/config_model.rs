@@ -412,6 +412,112 @@ fn dataplane_sizes_need_a_detach_hash_seed_reloads_and_an_empty_file_is_named() 
     assert!(err.contains("no [dataplane] section") && err.contains("truncated"), "{err}");
 }
 
+/// Hostile 9 H6: an edit the daemon rejected (or would reject: a staged map resize) does not lock
+/// the operator out of a drain, the refusals of other changes say what is really wrong, and
+/// `status` shows the rejection next to EDITED ON DISK. The pending edit stays on disk, untouched
+/// but for the drain, and is still reported.
+#[test]
+fn a_rejected_edit_is_reported_and_does_not_block_a_drain() {
+    let topo = Topology::new("cfrj", 2).expect("building the testbed");
+    let _servers = Servers::start_all(&topo);
+    let web = vip(&topo, 80);
+    let (b0, b1) = (backend_addr(&topo, 0), backend_addr(&topo, 1));
+    let mut daemon = start_daemon(&topo, &service_toml("web", web, &[], &[(b0, &[]), (b1, &[])]));
+    let path = daemon.config_path().to_path_buf();
+    let good = read(&path);
+
+    // A broken hand edit, then SIGHUP: rejected.
+    daemon.write_config(&format!("bogus = 1\n{good}")).expect("editing");
+    daemon.reload().expect_err("the daemon accepted an unknown key");
+    let c = config_status(&daemon);
+    assert!(c.changed_on_disk, "{c:?}");
+    let rejected = c.rejected_edit.clone().unwrap_or_else(|| panic!("status --json does not show the rejected reload: {c:?}"));
+    assert!(rejected.contains("bogus"), "{rejected}");
+    let out = cli_ok(&daemon, &["status"]);
+    assert!(out.contains("EDITED ON DISK") && out.contains("REJECTED") && out.contains("bogus"), "status text hides the rejection:\n{out}");
+    assert!(!out.contains("`xdp-lb reload` applies it"), "status still promises the reload applies it:\n{out}");
+
+    // Other changes are refused with the real reason, not "run reload".
+    let err = cli_err(&daemon, &["backend", "add", "web", "10.9.9.9:80"], "rejected");
+    assert!(err.contains("bogus") && err.contains("fix or revert"), "{err}");
+    assert!(!err.contains("to apply the edit"), "still says a reload applies it: {err}");
+
+    // The emergency lever works: the drain runs, is written into the file, the edit stays.
+    cli_ok(&daemon, &["backend", "drain", "web", &b1.to_string()]);
+    assert_eq!(backend(&status(&daemon), "web", b1)["drained"], true, "the drain does not run");
+    assert_served_by(&topo, &daemon, web, &[0], "after the drain beside the rejected edit");
+    let text = read(&path);
+    assert!(text.starts_with("bogus = 1\n") && text.contains("drained = true"), "the file lost the edit or the drain:\n{text}");
+    cli_ok(&daemon, &["backend", "weight", "web", &b0.to_string(), "3"]);
+    assert_eq!(backend(&status(&daemon), "web", b0)["weight"], 3);
+    let c = config_status(&daemon);
+    assert!(c.changed_on_disk && c.rejected_edit.is_some(), "the pending edit is no longer reported: {c:?}");
+
+    // Fixing the edit: the reload applies the file, drain and weight included.
+    daemon.write_config(read(&path).trim_start_matches("bogus = 1\n")).expect("fixing");
+    daemon.reload().unwrap_or_else(|e| panic!("reload of the fixed file: {e:?}"));
+    let c = config_status(&daemon);
+    assert!(!c.changed_on_disk && c.rejected_edit.is_none(), "{c:?}");
+    assert_eq!(backend(&status(&daemon), "web", b1)["drained"], true);
+    assert_eq!(backend(&status(&daemon), "web", b0)["weight"], 3);
+
+    // A valid edit the daemon cannot apply live (a staged resize), not reloaded yet: a change
+    // other than drain/undrain/weight names the resize, not "run reload".
+    let good = read(&path);
+    daemon.write_config(&format!("[dataplane]\nconntrack_entries = 524288\n{good}")).expect("staging a resize");
+    let err = cli_err(&daemon, &["backend", "remove", "web", &b1.to_string()], "conntrack_entries");
+    assert!(err.contains("fix or revert"), "{err}");
+    cli_ok(&daemon, &["backend", "undrain", "web", &b1.to_string()]);
+    assert_eq!(backend(&status(&daemon), "web", b1)["drained"], false);
+    assert!(read(&path).starts_with("[dataplane]\nconntrack_entries = 524288\n"), "{}", read(&path));
+}
+
+/// Hostile 9 H5: the daemon runs as an unprivileged user with the unit's capabilities (no
+/// CAP_CHOWN); root replaces the config file, so it is root's. The reload and `status` warn that
+/// CLI changes will be refused, and the refused change names the owner as the cause.
+#[test]
+fn a_config_file_the_daemon_user_cannot_keep_the_owner_of_is_warned_about() {
+    let topo = Topology::new("cfown", 2).expect("building the testbed");
+    let _servers = Servers::start_all(&topo);
+    let web = vip(&topo, 80);
+    let b0 = backend_addr(&topo, 0).to_string();
+    let wrapper_dir = tempfile::tempdir().expect("tempdir");
+    let wrapper = wrapper_dir.path().join("xdp-lb-as-nobody");
+    // Gives the daemon's directory (config, socket) and pin directory to nobody, then runs the
+    // daemon as nobody with the shipped unit's capability set.
+    let script = format!(
+        "#!/bin/sh\nprev=\nfor a in \"$@\"; do case \"$prev\" in --config) cfg=\"$a\";; --bpffs) pins=\"$a\";; esac; prev=\"$a\"; done\n\
+         chown -R 65534:65534 \"$(dirname \"$cfg\")\"\n\
+         if [ -n \"$pins\" ]; then mkdir -p \"$pins\" && chown -R 65534:65534 \"$pins\"; fi\n\
+         exec setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=+bpf,+net_admin,+perfmon \
+         --ambient-caps=+bpf,+net_admin,+perfmon --bounding-set=-all,+bpf,+net_admin,+perfmon -- {XDP_LB} \"$@\"\n"
+    );
+    std::fs::write(&wrapper, script).expect("wrapper");
+    std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    std::fs::set_permissions(wrapper_dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    let config = service_toml("web", web, &[], &[(backend_addr(&topo, 0), &[])]);
+    let daemon = Daemon::start_with_args(&wrapper, topo.lb(), &topo.lb_ifaces(), &config, &[]).unwrap_or_else(|e| panic!("starting as nobody: {e:?}"));
+    let path = daemon.config_path().to_path_buf();
+
+    // nobody's own file: changes work, nothing to warn about.
+    cli_ok(&daemon, &["backend", "weight", "web", &b0, "2"]);
+    assert_eq!(config_status(&daemon).owner_problem, None);
+
+    // Root replaces the file (as `install` or config management's `mv` do): root's now.
+    let replacement = path.with_extension("new");
+    std::fs::write(&replacement, read(&path)).expect("writing the replacement");
+    std::fs::rename(&replacement, &path).expect("replacing the config");
+    cli_ok(&daemon, &["reload"]);
+    let problem = config_status(&daemon).owner_problem.unwrap_or_else(|| panic!("status does not warn about the owner"));
+    assert!(problem.contains("owned by root") && problem.contains("CLI changes will be refused") && problem.contains("chown"), "{problem}");
+    let out = cli_ok(&daemon, &["status"]);
+    assert!(out.contains("WARNING") && out.contains("owned by root"), "status text:\n{out}");
+    assert!(daemon.log().contains("CLI changes will be refused"), "no warning at reload:\n{}", daemon.log());
+
+    let err = cli_err(&daemon, &["backend", "weight", "web", &b0, "3"], "rolled back");
+    assert!(err.contains("owned by root") && err.contains("chown"), "the refusal does not name the cause: {err}");
+}
+
 /// A VIP that is one of the balancer's own addresses on an interface it attaches to would take
 /// this host's own traffic to that port (SSH, BGP, health-check replies, the metrics port): refused
 /// at start, at reload and from the CLI, naming the field and the interface. The same address on

@@ -276,3 +276,55 @@ fn a_second_daemon_refused_for_its_socket_pins_nothing() {
     // The first daemon's socket is still there and answers.
     cli_ok(&daemon, &["status"]);
 }
+
+/// Hostile 9 H10: a second daemon (own socket, no pins) on an interface the first one holds is
+/// refused because the interface is busy; it does not claim native XDP is unavailable.
+#[test]
+fn a_second_daemon_on_a_busy_interface_says_it_is_busy() {
+    let topo = Topology::new("apibusy", 1).expect("building the testbed");
+    let backends: Vec<_> = (0..1).map(|i| (backend_addr(&topo, i), &[][..])).collect();
+    let daemon = start_daemon(&topo, &service_toml("web", vip(&topo, 80), &[], &backends));
+
+    let other_socket = std::env::temp_dir().join(format!("xdp-lb-api-{}-busy.sock", std::process::id()));
+    let mut cmd = Command::new("timeout");
+    cmd.args(["20", "ip", "netns", "exec", topo.lb().name(), XDP_LB]).arg("--socket").arg(&other_socket);
+    cmd.arg("run").arg("--config").arg(daemon.config_path()).arg("--no-pin");
+    for iface in topo.lb_ifaces() {
+        cmd.args(["--iface", iface.as_ref()]);
+    }
+    let out = cmd.env("NO_COLOR", "1").output().expect("running a second xdp-lb");
+    let _ = std::fs::remove_file(&other_socket);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "the second daemon must exit with an error:\n{stderr}");
+    assert!(stderr.contains("busy") && stderr.contains("another XDP program"), "does not say the interface is busy:\n{stderr}");
+    assert!(!stderr.contains("native XDP is not available"), "blames native XDP:\n{stderr}");
+    cli_ok(&daemon, &["status"]);
+}
+
+/// Hostile 9 H8: a health-check change under which no backend passes is refused without --force
+/// (it would take the whole service down); a check that passes is applied; --force applies it.
+#[test]
+fn a_check_change_no_backend_passes_needs_force() {
+    let topo = Topology::new("apichk", 2).expect("building the testbed");
+    let _servers = Servers::start_all(&topo);
+    let web = vip(&topo, 80);
+    let backends: Vec<_> = (0..2).map(|i| (backend_addr(&topo, i), &[][..])).collect();
+    let daemon = start_daemon(&topo, &service_toml("web", web, &[], &backends));
+    let before = json(&daemon, &["service", "list"]);
+
+    // Nothing listens on port 9 of the backends: every probe is refused.
+    let err = cli_err(&daemon, &["service", "update", "web", "--check", "tcp", "--check-port", "9"], "--force");
+    assert!(err.contains("no backend") && err.contains("connection refused"), "{err}");
+    assert_eq!(json(&daemon, &["service", "list"]), before, "the refused check change was applied");
+    assert_eq!(service(&status(&daemon), "web")["state"], "ok");
+
+    // A check the backends pass goes through.
+    cli_ok(&daemon, &["service", "update", "web", "--check", "tcp"]);
+    wait_status(&daemon, "backends up under the new check", Duration::from_secs(10), |s| {
+        service(s, "web")["backends"].as_array().is_some_and(|b| b.iter().all(|b| b["health"] == "up"))
+    });
+
+    // --force applies even the failing one; then the service goes all-down, as the refusal said.
+    cli_ok(&daemon, &["service", "update", "web", "--check", "tcp", "--check-port", "9", "--force"]);
+    wait_status(&daemon, "all down under the forced check", Duration::from_secs(10), |s| service(s, "web")["state"] == "all-down");
+}

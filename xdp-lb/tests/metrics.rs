@@ -124,10 +124,11 @@ fn metrics_endpoint_reports_counters_health_and_reasons() {
     daemon.stop().unwrap();
 }
 
-/// The daemon's file-descriptor limit in the flood test, soft and hard (the daemon raises its soft
-/// limit to the hard one, so both must be low). Low enough that the descriptor reserve (32 here),
-/// not the connection cap (64), is what stops the metrics listener: the daemon itself holds ~30.
-const FD_LIMIT: u32 = 96;
+/// The daemon's file-descriptor limit in the flood tests, soft and hard (the daemon raises its soft
+/// limit to the hard one, so both must be low). Low enough that the descriptor reserve (32 for the
+/// checks plus 33 for the API here), not the connection cap (64), is what stops the metrics
+/// listener: the daemon itself holds ~35.
+const FD_LIMIT: u32 = 128;
 /// Idle connections the flood holds: well over the limit.
 const FLOOD: usize = 300;
 
@@ -336,4 +337,84 @@ fn one_host_flooding_the_metrics_port_does_not_delay_other_scrapers() {
     }
     assert!(closed + 8 >= flood.len() - 64, "only {closed} of {} closed right away", flood.len());
     eprintln!("metrics per-address cap: {} flood connections, {closed} closed at once; other scraper served in {took:?}", flood.len());
+}
+
+/// Hostile 9 H3: at a low descriptor limit, a metrics flood from many addresses plus more idle API
+/// clients than the API serves made health probes fail with EMFILE (inconclusive: a backend dying
+/// then stays in), because the API's 32 clients and the checks shared one reserve of 32.
+#[test]
+fn a_metrics_flood_and_a_full_api_leave_descriptors_for_the_health_checks() {
+    const SOURCES: u8 = 100;
+    const PER_SOURCE: usize = 3;
+    const API_CLIENTS: usize = 40;
+    let topo = Topology::new("fdapi", 2).expect("testbed");
+    let _servers = IdentityServers::start_all(&topo, 80, 53).expect("servers");
+    let backends = (0..2).map(|i| topo.backend_socket(Family::V4, i, 80));
+    let config = config_toml(&[ServiceConfig::new("web", topo.vip_socket(Family::V4, 80), Protocol::Tcp, Mode::Nat, Scheduler::Maglev, backends)]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let binary = limited_binary(dir.path());
+    let daemon = Daemon::start_with_args(&binary, topo.lb(), &topo.lb_ifaces(), &config, &["--metrics", METRICS])
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while healths(&daemon).iter().any(|h| h != "up") {
+        assert!(Instant::now() < deadline, "backends never came up: {:?}\n{}", healths(&daemon), daemon.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let idle_fds = open_fds(daemon.pid());
+
+    // Idle metrics connections from 100 loopback addresses (the per-address cap is 8).
+    let addr: SocketAddr = METRICS.parse().expect("addr");
+    let flood: Vec<TcpStream> = topo.lb().run(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let mut out = Vec::new();
+        for source in 10..10 + SOURCES {
+            for _ in 0..PER_SOURCE {
+                let connected = runtime.block_on(async {
+                    let socket = tokio::net::TcpSocket::new_v4()?;
+                    socket.bind(SocketAddr::from(([127, 0, 0, source], 0)))?;
+                    tokio::time::timeout(Duration::from_millis(300), socket.connect(addr))
+                        .await
+                        .map_err(|_| std::io::Error::from(ErrorKind::TimedOut))?
+                });
+                if let Ok(stream) = connected.and_then(|s| s.into_std()) {
+                    out.push(stream);
+                }
+            }
+        }
+        out
+    });
+    assert!(flood.len() > 100, "only {} flood connections", flood.len());
+    // Let the metrics listener accept up to the reserve, then fill every API slot and more.
+    std::thread::sleep(Duration::from_millis(500));
+    let after_metrics = open_fds(daemon.pid());
+    let api: Vec<std::os::unix::net::UnixStream> =
+        (0..API_CLIENTS).filter_map(|_| std::os::unix::net::UnixStream::connect(daemon.socket()).ok()).collect();
+    assert!(api.len() >= 32, "only {} API clients connected", api.len());
+    // Several check intervals (500 ms) with the API full.
+    let held = Instant::now();
+    let mut peak = 0;
+    while held.elapsed() < Duration::from_secs(3) {
+        peak = peak.max(open_fds(daemon.pid()));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(api);
+    drop(flood);
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let body = loop {
+        match exchange(&topo, "GET /metrics HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n") {
+            Ok(r) if r.starts_with("HTTP/1.1 200") => break r,
+            other => assert!(Instant::now() < deadline, "no scrape after the flood: {other:?}\n{}", daemon.log()),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let samples = parse(body.split_once("\r\n\r\n").map_or("", |(_, b)| b));
+    let local: f64 = samples.iter().filter(|s| s.2 == "xdp_lb_health_check_local_errors_total").map(|s| s.4).sum();
+    eprintln!(
+        "fd flood + full API: limit {FD_LIMIT}, idle {idle_fds} fds, {after_metrics} after the metrics flood, peak {peak} \
+         with the API full; local probe errors {local}"
+    );
+    assert_eq!(local, 0.0, "health probes failed on this host (descriptors):\n{}", daemon.log());
+    assert!(!daemon.log().contains("Too many open files"), "{}", daemon.log());
+    daemon.stop().unwrap();
 }

@@ -430,11 +430,8 @@ fn check_fields(h: &RawHealthCheck, fail: &mut dyn FnMut(&'static str, String)) 
     if let Some(path) = &h.path {
         if path.chars().count() > MAX_CHECK_PATH_LEN {
             fail("health_check.path", format!("{} characters; at most {MAX_CHECK_PATH_LEN}", path.chars().count()));
-        } else if !path.starts_with('/') {
-            fail("health_check.path", format!("{path:?} must start with '/'"));
-        } else if path.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            // The path goes verbatim into the request line: a malformed (or smuggled) request.
-            fail("health_check.path", format!("{path:?} must not contain whitespace or control characters"));
+        } else if let Some(problem) = crate::health::path_problem(path) {
+            fail("health_check.path", format!("{path:?} {problem}"));
         }
     }
     if let Some(expect) = &h.expect {

@@ -55,6 +55,12 @@ pub enum DaemonError {
     NothingToChange { service: String },
     #[error("refused: {}; pass --force to do it anyway", reasons.join("; "))]
     Disruptive { reasons: Vec<String> },
+    /// Hostile 9 H8: a new health check that no backend passes would take the service down.
+    #[error(
+        "refused: under the new health check no backend of service \"{service}\" passes ({failures}), so applying it \
+         would take the whole service down; fix the check, or pass --force to apply it anyway"
+    )]
+    CheckFailsEverywhere { service: String, failures: String },
     /// The map sizes are fixed when the maps are created and pinned; a plain restart adopts the
     /// pinned maps and refuses other sizes, so only a stop with `--detach` resizes.
     #[error(
@@ -78,15 +84,29 @@ pub enum DaemonError {
          then repeat this command; nothing was changed"
     )]
     EditedOnDisk { path: String },
+    /// Hostile 9 H6: the pending edit is the one the last reload rejected; reloading again fails.
+    #[error(
+        "{path} was edited since the daemon last read it, and the edit on disk was rejected at the last reload: {error} \
+         — fix or revert it, run `xdp-lb reload`, then repeat this command (backend drain, undrain and weight still \
+         work beside the edit); nothing was changed"
+    )]
+    EditRejected { path: String, error: String },
+    /// An edit not reloaded yet that a reload would reject (invalid, or a map resize).
+    #[error(
+        "{path} was edited since the daemon last read it, and the edit on disk would be rejected: {error} — fix or \
+         revert it, run `xdp-lb reload`, then repeat this command (backend drain, undrain and weight still work \
+         beside the edit); nothing was changed"
+    )]
+    EditInvalid { path: String, error: String },
     #[error("cannot read {path} to check it for hand edits: {source}; nothing was changed")]
     ReadBack { path: String, source: std::io::Error },
     #[error("cannot put the change into {path}: {source}; nothing was changed")]
     Edit { path: String, source: EditError },
     #[error(
-        "writing {path} failed: {source}; the change was rolled back in the data plane, nothing was changed \
+        "writing {path} failed: {source}{cause}; the change was rolled back in the data plane, nothing was changed \
          (CLI changes only run once they are saved in the config file)"
     )]
-    Persist { path: String, source: std::io::Error },
+    Persist { path: String, source: std::io::Error, cause: String },
     #[error(
         "{path} has no services, but the pinned data plane serves {running} service(s): starting would remove them \
          all and stop their traffic. Refusing to start; the data plane keeps forwarding as it is. Fix {path} \
@@ -110,6 +130,18 @@ pub enum DaemonError {
     NotAService { destination: std::net::SocketAddr, protocol: &'static str },
     #[error("encoding the reply: {0}")]
     Encode(#[from] serde_json::Error),
+}
+
+impl DaemonError {
+    /// A failed write of the config file at `file`, with the likely cause when the daemon's user
+    /// cannot keep the file's owner (hostile 9 H5: a bare "Operation not permitted" said nothing).
+    pub fn persist(path: String, source: std::io::Error, file: &std::path::Path) -> DaemonError {
+        let cause = match source.raw_os_error() {
+            Some(libc::EPERM) | Some(libc::EACCES) => super::owner::problem(file).map(|p| format!(" ({p})")).unwrap_or_default(),
+            _ => String::new(),
+        };
+        DaemonError::Persist { path, source, cause }
+    }
 }
 
 /// The socket of the systemd template unit's instance that pins in `asked`

@@ -19,7 +19,9 @@ impl Daemon {
             None => Err(DaemonError::AnnounceOff { path: path.clone(), drained }),
         };
         match self.change(set) {
-            Err(DaemonError::EditedOnDisk { .. }) => self.drain_node_beside_an_edit(drained),
+            Err(DaemonError::EditedOnDisk { .. } | DaemonError::EditRejected { .. } | DaemonError::EditInvalid { .. }) => {
+                self.drain_node_beside_an_edit(drained)
+            }
             other => other,
         }
     }
@@ -29,10 +31,10 @@ impl Daemon {
         let on_disk = std::fs::read_to_string(&self.file.loaded.path).map_err(|source| DaemonError::ReadBack { path: path.clone(), source })?;
         // The edit must leave a file this daemon can read back; a half-written one is refused as before.
         let Ok((edited, _)) = RawConfig::parse(&on_disk, &path) else {
-            return Err(DaemonError::EditedOnDisk { path });
+            return Err(self.pending_refusal(&on_disk));
         };
         if edited.announce.is_none() {
-            return Err(DaemonError::EditedOnDisk { path });
+            return Err(self.pending_refusal(&on_disk));
         }
         let mut edited_drained = edited.clone();
         if let Some(a) = edited_drained.announce.as_mut() {
@@ -54,7 +56,7 @@ impl Daemon {
             }
             return Err(match failure {
                 file::WriteError::Changed => DaemonError::EditedOnDisk { path },
-                file::WriteError::Io(source) => DaemonError::Persist { path, source },
+                file::WriteError::Io(source) => DaemonError::persist(path, source, &self.file.loaded.path),
             });
         }
         // `text` stays what the daemon last read: the rest of the edit is still pending.

@@ -7,7 +7,7 @@ use xdp_lb_common::{
     maps::{FlowKey, PROTO_TCP, PROTO_UDP},
 };
 
-use super::{Daemon, DaemonError};
+use super::{pending::BackendEdit, Daemon, DaemonError};
 use crate::{
     api::{BackendStatus, EndedFlow, Explanation, PinTarget, Request, Response, ReloadReply, ServiceChanges, ServiceStatus, StatsReply, StatusReply, StopReply},
     config::{Protocol, RawBackend, RawConfig, RawService, Scheduler},
@@ -43,9 +43,10 @@ impl Daemon {
         let recorded = if change.is_some() { request.clone() } else { Request::Status };
         let result = match request {
             Request::ServiceAdd { service } => self.change(|d| add_service(d, service)).map(|_| serde_json::Value::Null),
-            Request::ServiceUpdate { name, changes } => {
-                self.change(|d| update_service(d, &name, changes)).map(|_| serde_json::Value::Null)
-            }
+            Request::ServiceUpdate { name, changes } => match self.check_change_refusal(&name, &changes) {
+                Some(refusal) => Err(refusal),
+                None => self.change(|d| update_service(d, &name, changes)).map(|_| serde_json::Value::Null),
+            },
             Request::ServiceRemove { name } => self
                 .change(|d| {
                     let before = d.services.len();
@@ -77,19 +78,12 @@ impl Daemon {
                 .map(|_| serde_json::Value::Null),
             // The drain's start goes into the file with it (a drain of a drained backend keeps its
             // start), so a restart does not start the drain timeout again.
-            Request::BackendDrain { service, address } => self.edit_backend(&service, &address, |b| {
-                if !b.drained {
-                    b.drained = true;
-                    b.drained_since = Some(humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string());
-                }
-            }),
-            Request::BackendUndrain { service, address } => self.edit_backend(&service, &address, |b| {
-                b.drained = false;
-                b.drained_since = None;
-            }),
-            Request::BackendWeight { service, address, weight } => {
-                self.edit_backend(&service, &address, |b| b.weight = weight)
+            Request::BackendDrain { service, address } => {
+                let since = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+                self.edit_backend(&service, &address, BackendEdit::Drain { since })
             }
+            Request::BackendUndrain { service, address } => self.edit_backend(&service, &address, BackendEdit::Undrain),
+            Request::BackendWeight { service, address, weight } => self.edit_backend(&service, &address, BackendEdit::Weight(weight)),
             Request::BackendList { service } => self.status(service.as_deref()).map(to_value),
             Request::Status => self.status(None).map(|services| {
                 to_value(StatusReply {
@@ -125,17 +119,26 @@ impl Daemon {
         }
     }
 
-    fn edit_backend(&mut self, service: &str, address: &str, edit: impl FnOnce(&mut RawBackend)) -> Result<serde_json::Value, DaemonError> {
-        self.change(|d| {
+    /// A drain, undrain or weight change: also possible while the file holds an edit that does not
+    /// run (see `pending`), so a broken edit cannot lock the operator out of a drain.
+    fn edit_backend(&mut self, service: &str, address: &str, edit: BackendEdit) -> Result<serde_json::Value, DaemonError> {
+        let result = self.change(|d| {
             let s = find_service(d, service)?;
             let b = s
                 .backends
                 .iter_mut()
                 .find(|b| same_address(&b.address, address))
                 .ok_or_else(|| DaemonError::UnknownBackend { service: service.to_string(), address: address.to_string() })?;
-            edit(b);
+            edit.clone().apply(b);
             Ok(())
-        })
+        });
+        match result {
+            // A valid edit waiting for a reload is not in the way: `xdp-lb reload` takes it.
+            Err(DaemonError::EditRejected { .. } | DaemonError::EditInvalid { .. }) => {
+                self.edit_backend_beside_an_edit(service, address, edit)
+            }
+            other => other,
+        }
         .map(|_| serde_json::Value::Null)
     }
 
@@ -330,7 +333,7 @@ fn find_service<'a>(d: &'a mut RawConfig, name: &str) -> Result<&'a mut RawServi
 }
 
 /// Compares addresses as socket addresses when both parse (so "[::1]:80" matches "[0::1]:80").
-fn same_address(a: &str, b: &str) -> bool {
+pub(super) fn same_address(a: &str, b: &str) -> bool {
     match (a.parse::<SocketAddr>(), b.parse::<SocketAddr>()) {
         (Ok(x), Ok(y)) => x == y,
         _ => a == b,
@@ -345,7 +348,7 @@ fn add_service(d: &mut RawConfig, service: RawService) -> Result<(), DaemonError
     Ok(())
 }
 
-fn update_service(d: &mut RawConfig, name: &str, c: ServiceChanges) -> Result<(), DaemonError> {
+pub(super) fn update_service(d: &mut RawConfig, name: &str, c: ServiceChanges) -> Result<(), DaemonError> {
     let s = find_service(d, name)?;
     if c.is_empty() {
         return Err(DaemonError::NothingToChange { service: name.to_string() });

@@ -43,6 +43,9 @@ pub struct View {
     pub changes: Changes,
     pub config_path: String,
     pub config_changed_on_disk: bool,
+    /// Why the last reload rejected the edit on disk (hostile 9 H6): "reload first" would not help.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_rejected_edit: Option<String>,
     /// Every scheduler a service may be switched to.
     pub schedulers: Vec<String>,
     pub services: Vec<ServiceView>,
@@ -164,6 +167,7 @@ pub fn build(probe: &Probe, previous: Option<&StatsReply>, changes: Changes) -> 
         changes,
         config_path: probe.status.config.path.clone(),
         config_changed_on_disk: probe.status.config.changed_on_disk,
+        config_rejected_edit: probe.status.config.rejected_edit.clone(),
         schedulers: scheduler_names(),
         services,
         reasons,
@@ -236,6 +240,8 @@ mod tests {
                     loaded_unix_ms: 0,
                     changed_on_disk: false,
                     disk_error: None,
+                    rejected_edit: None,
+                    owner_problem: None,
                     services: 1,
                     start_differences: vec![],
                 },
@@ -256,6 +262,17 @@ mod tests {
             stats,
             events: vec![],
         }
+    }
+
+    /// Hostile 9 H6: the page names a rejected edit instead of saying "reload first".
+    #[test]
+    fn a_rejected_edit_reaches_the_page() {
+        let mut p = probe(stats(12_000, &[(300, 40), (150, 15)], 27));
+        p.status.config.changed_on_disk = true;
+        p.status.config.rejected_edit = Some("unknown field `bogus`".into());
+        let view = build(&p, None, Changes::ReadOnly);
+        assert_eq!(view.config_rejected_edit.as_deref(), Some("unknown field `bogus`"));
+        assert!(serde_json::to_string(&view).unwrap().contains("config_rejected_edit"));
     }
 
     #[test]

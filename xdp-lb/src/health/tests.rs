@@ -215,9 +215,9 @@ async fn http_target_follows_the_status_code() {
     assert_transition(&next_transition(&mut rx).await, &api, Health::Unknown, Health::Up, "successful");
 
     server.set(Mode::Status(503));
-    assert_transition(&next_transition(&mut rx).await, &api, Health::Up, Health::Down, "HTTP 503 not in 200..=399");
+    assert_transition(&next_transition(&mut rx).await, &api, Health::Up, Health::Down, "HTTP 503 not in 200-399");
     let status = monitor.status(&api).expect("status");
-    assert_eq!(status.last_error.as_deref(), Some("HTTP 503 not in 200..=399"));
+    assert_eq!(status.last_error.as_deref(), Some("HTTP 503 not in 200-399"));
 
     server.set(Mode::Status(204));
     assert_transition(&next_transition(&mut rx).await, &api, Health::Down, Health::Up, "successful");
@@ -345,8 +345,17 @@ fn validate_rejects_bad_specs() {
         (http_spec("", 200..=399), "must start with '/'"),
         (http_spec("/a b", 200..=399), "whitespace"),
         (http_spec("/a\r\nX: y", 200..=399), "whitespace"),
-        (http_spec("/", 99..=399), "within 100..=599"),
-        (http_spec("/", 200..=600), "within 100..=599"),
+        (http_spec("/", 99..=399), "within 100-599"),
+        (http_spec("/", 200..=600), "within 100-599"),
+        // Hostile 9 H8: not valid in a request-target (RFC 3986/9112), so never sent raw.
+        (http_spec("/a\"b", 200..=399), "'\"' (character 3)"),
+        (http_spec("/a\\b", 200..=399), "request target"),
+        (http_spec("/a[b", 200..=399), "%5B"),
+        (http_spec("/a]b", 200..=399), "%5D"),
+        (http_spec("/a{b}", 200..=399), "request target"),
+        (http_spec("/caf\u{e9}", 200..=399), "request target"),
+        (http_spec("/a#frag", 200..=399), "request target"),
+        (http_spec("/a%zz", 200..=399), "'%' must start a percent-encoding"),
         (http_spec("/", 399..=200), "non-empty"),
     ];
     for (spec, expected) in cases {
@@ -354,6 +363,7 @@ fn validate_rejects_bad_specs() {
         assert!(error.contains(expected), "{spec:?}: {error:?} lacks {expected:?}");
     }
     assert_eq!(http_spec("/healthz?full=1", 100..=599).validate(), Ok(()));
+    assert_eq!(http_spec("/a%22b/~x_y-z.1;p=2&q=%5B1%5D:@!$'()*+,", 200..=399).validate(), Ok(()));
     assert_eq!(CheckSpec { timeout: ms(500), ..CheckSpec::default() }.validate(), Ok(()));
 }
 
@@ -410,7 +420,7 @@ fn errors_read_as_reasons() {
     let timeout = CheckError::Timeout(Duration::from_millis(400));
     assert_eq!(timeout.to_string(), "timeout after 400 ms");
     let status = CheckError::UnexpectedStatus { code: 503, expect: 200..=399 };
-    assert_eq!(status.to_string(), "HTTP 503 not in 200..=399");
+    assert_eq!(status.to_string(), "HTTP 503 not in 200-399");
 }
 
 /// A target already `Up` with one failure on record, as `record` sees it.
@@ -502,4 +512,21 @@ fn a_probe_at_the_descriptor_limit_fails_locally() {
         "child failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Hostile 9 H8: the config (and so `service update --check-path`, which is validated as the
+/// config) refuses a path that is not a valid request target, naming the field.
+#[test]
+fn a_check_path_that_is_not_a_request_target_is_refused_in_the_config() {
+    let text = r#"
+[[services]]
+name = "web"
+vip = "10.0.0.100:80"
+protocol = "tcp"
+[services.health_check]
+kind = "http"
+path = '/a"b]]\[x'
+"#;
+    let error = crate::config::RawConfig::parse(text, "lb.toml").expect_err("accepted an invalid check path").to_string();
+    assert!(error.contains("services[0].health_check.path") && error.contains("request target"), "{error}");
 }

@@ -318,7 +318,7 @@ function render(view) {
   document.body.dataset.updates = String(updates);
   document.body.dataset.changes = view.changes;
   document.getElementById("connection").textContent = "live, updated " + new Date(view.unix_ms).toLocaleTimeString("en-GB", { hour12: false });
-  document.getElementById("config").textContent = "config: " + view.config_path + (view.config_changed_on_disk ? " (EDITED ON DISK: reload first)" : "");
+  document.getElementById("config").textContent = "config: " + view.config_path + (view.config_rejected_edit ? " (EDITED ON DISK, and the reload REJECTED it: fix or revert the edit; drain, undrain and weight still work): " + view.config_rejected_edit : view.config_changed_on_disk ? " (EDITED ON DISK: reload first)" : "");
   document.getElementById("token-box").hidden = view.changes !== "need-token";
   renderServices(view);
   renderReasons(view);

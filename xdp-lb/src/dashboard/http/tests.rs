@@ -22,6 +22,8 @@ fn empty_probe(unix_ms: u64) -> Probe {
                 loaded_unix_ms: 0,
                 changed_on_disk: false,
                 disk_error: None,
+                rejected_edit: None,
+                owner_problem: None,
                 services: 0,
                 start_differences: vec![],
             },
