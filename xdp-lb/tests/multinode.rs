@@ -260,7 +260,7 @@ fn nodes_behind_an_ecmp_router_keep_every_connection_through_drain_hang_restart_
     let steady = "(a) steady";
     let loads = Loads {
         v4: Load::start(cluster.topo.client(), cluster.vip(Family::V4), &config(24), steady).expect("IPv4 client load"),
-        v6: Load::start(cluster.topo.client(), cluster.vip(Family::V6), &config(12), steady).expect("IPv6 client load"),
+        v6: Load::start(cluster.topo.client(), cluster.vip(Family::V6), &config(24), steady).expect("IPv6 client load"),
     };
     std::thread::sleep(Duration::from_millis(1500));
     let packets_after = cluster.topo.packets_to_nodes().expect("router counters");
