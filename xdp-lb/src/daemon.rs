@@ -369,21 +369,8 @@ impl Daemon {
             return Err(refusal);
         }
         let text = file::patch(&self.file.loaded.text, &self.file.loaded.raw, &next).map_err(|source| DaemonError::Edit { path: path.clone(), source })?;
-        let previous = self.program(config.clone())?;
-        // The file is checked again right before the rename: a hand edit made while the change was
-        // programmed and written refuses the change rather than being overwritten.
-        if let Err(failure) = file::replace_if_unchanged(&self.file.loaded.path, &self.file.loaded.text, text.as_bytes()).map(|window| {
-            tracing::debug!(window_us = window.as_micros() as u64, "config written; time between the last content check and the rename")
-        }) {
-            self.config = previous;
-            if let Err(restore) = self.replan() {
-                error!("restoring the data plane after the refused write failed too: {restore}");
-            }
-            return Err(match failure {
-                file::WriteError::Changed => DaemonError::EditedOnDisk { path },
-                file::WriteError::Io(source) => DaemonError::persist(path, source, &self.file.loaded.path),
-            });
-        }
+        let on_disk = self.file.loaded.text.clone();
+        self.program_and_write(config.clone(), &on_disk, &text, path)?;
         self.file = ConfigFile { loaded: Loaded { path: self.file.loaded.path.clone(), text, raw: next, config }, at: SystemTime::now() };
         neighbours::warm(self.config.services.iter().flat_map(|s| s.backends.iter().map(|b| b.address)));
         Ok(())
@@ -483,6 +470,28 @@ impl Daemon {
     }
 
     /// Programs `config`; on failure the previous one is programmed again. Returns the previous.
+    /// Programs `config`, then writes `text` over the file if it still holds `on_disk`. A hand edit
+    /// made meanwhile or a failed write puts the previous configuration back, so nothing runs that
+    /// the file does not say and no edit is overwritten.
+    pub(super) fn program_and_write(&mut self, config: Config, on_disk: &str, text: &str, path: String) -> Result<(), DaemonError> {
+        let previous = self.program(config)?;
+        // The file is checked again right before the rename: a hand edit made while the change was
+        // programmed and written refuses the change rather than being overwritten.
+        if let Err(failure) = file::replace_if_unchanged(&self.file.loaded.path, on_disk, text.as_bytes()).map(|window| {
+            tracing::debug!(window_us = window.as_micros() as u64, "config written; time between the last content check and the rename")
+        }) {
+            self.config = previous;
+            if let Err(restore) = self.replan() {
+                error!("restoring the data plane after the refused write failed too: {restore}");
+            }
+            return Err(match failure {
+                file::WriteError::Changed => DaemonError::EditedOnDisk { path },
+                file::WriteError::Io(source) => DaemonError::persist(path, source, &self.file.loaded.path),
+            });
+        }
+        Ok(())
+    }
+
     fn program(&mut self, config: Config) -> Result<Config, DaemonError> {
         let failing_before = self.tables.ring_error_capacities().clone();
         let previous = std::mem::replace(&mut self.config, config);

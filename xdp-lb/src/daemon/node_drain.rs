@@ -48,17 +48,7 @@ impl Daemon {
             None => return Err(DaemonError::AnnounceOff { path, drained }),
         }
         let config = running.validate().map_err(|errors| DaemonError::InvalidChange { path: path.clone(), errors })?;
-        let previous = self.program(config.clone())?;
-        if let Err(failure) = file::replace_if_unchanged(&self.file.loaded.path, &on_disk, text.as_bytes()) {
-            self.config = previous;
-            if let Err(restore) = self.replan() {
-                tracing::error!("restoring the data plane after the refused write failed too: {restore}");
-            }
-            return Err(match failure {
-                file::WriteError::Changed => DaemonError::EditedOnDisk { path },
-                file::WriteError::Io(source) => DaemonError::persist(path, source, &self.file.loaded.path),
-            });
-        }
+        self.program_and_write(config.clone(), &on_disk, &text, path.clone())?;
         // `text` stays what the daemon last read: the rest of the edit is still pending.
         self.file.loaded.raw = running;
         self.file.loaded.config = config;

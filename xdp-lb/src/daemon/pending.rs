@@ -13,7 +13,7 @@
 use toml_edit::{DocumentMut, TableLike};
 use tracing::warn;
 
-use super::{file, Daemon, DaemonError};
+use super::{Daemon, DaemonError};
 use crate::config::{RawBackend, RawConfig};
 
 /// The file's text when a reload rejected it, and why.
@@ -140,17 +140,7 @@ impl Daemon {
             .ok_or_else(|| DaemonError::UnknownBackend { service: service.to_string(), address: address.to_string() })?;
         edit.clone().apply(backend);
         let config = running.validate().map_err(|errors| DaemonError::InvalidChange { path: path.clone(), errors })?;
-        let previous = self.program(config.clone())?;
-        if let Err(failure) = file::replace_if_unchanged(&self.file.loaded.path, &on_disk, text.as_bytes()) {
-            self.config = previous;
-            if let Err(restore) = self.replan() {
-                tracing::error!("restoring the data plane after the refused write failed too: {restore}");
-            }
-            return Err(match failure {
-                file::WriteError::Changed => DaemonError::EditedOnDisk { path },
-                file::WriteError::Io(source) => DaemonError::persist(path, source, &self.file.loaded.path),
-            });
-        }
+        self.program_and_write(config.clone(), &on_disk, &text, path.clone())?;
         // What the daemon last read gets the same change, so it keeps describing what runs (and
         // an edit reverted to it by hand does not undo the drain).
         if let Some(loaded_text) = patch_backend(&self.file.loaded.text, service, address, &edit) {
