@@ -223,8 +223,8 @@ fn set_ipv4_byte(mut frame: Vec<u8>, offset: usize, value: u8) -> Vec<u8> {
 /// backends would drop them as martians, and the SYNs nobody answers would make the passive checks
 /// take healthy backends out (the spoofing that took a whole service down).
 fn martian_source_cases() -> Vec<Case> {
-    let v4 = ["0.0.0.0", "0.1.2.3", "127.0.0.1", "127.1.2.3", "224.0.0.9", "239.1.1.1", "240.0.0.1", "255.255.255.255", "10.200.100.100"];
-    let v6 = ["::", "::1", "ff02::1", "ff0e::9", "fd00:200:100::100"];
+    let v4 = ["0.0.0.0", "0.1.2.3", "127.0.0.1", "127.1.2.3", "224.0.0.9", "239.1.1.1", "240.0.0.1", "255.255.255.255", "169.254.1.1", "10.200.100.100"];
+    let v6 = ["::", "::1", "fe80::1", "febf::9", "ff02::1", "ff0e::9", "fd00:200:100::100"];
     let mut cases = Vec::new();
     for (src, vip) in v4.iter().map(|s| (*s, "10.200.100.100")).chain(v6.iter().map(|s| (*s, "[fd00:200:100::100]"))) {
         let src_port = if src.contains(':') { format!("[{src}]:40010") } else { format!("{src}:40010") };
@@ -240,7 +240,7 @@ fn martian_source_cases() -> Vec<Case> {
     let empty = Frame::new(L4::Tcp, "224.0.0.9:40010", "10.200.100.102:80").with_tcp_flags(TCP_SYN);
     cases.push(case("SYN from 224.0.0.9 to a service without backends is dropped, not answered", "fxc", empty.bytes(), Expect::NotForwarded(XDP_DROP, "drop_martian_source"), None));
     // The edges of the refused ranges are clients like any other.
-    for src in ["1.0.0.1", "126.255.255.255", "128.0.0.1", "223.255.255.255"] {
+    for src in ["1.0.0.1", "126.255.255.255", "128.0.0.1", "223.255.255.255", "169.253.255.255", "169.255.0.1"] {
         let frame = Frame::new(L4::Tcp, &format!("{src}:40011"), "10.200.100.100:80").with_tcp_flags(TCP_SYN);
         let out = frame.clone().with_dst("10.201.0.2:8080").with_macs(LB_BACKEND_MAC, BACKEND_MAC).bytes();
         let name: &'static str = Box::leak(format!("SYN from {src} (next to a refused range) is forwarded").into_boxed_str());

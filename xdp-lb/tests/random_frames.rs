@@ -124,12 +124,12 @@ fn odd_v6_source(info: &L4Info) -> bool {
 }
 
 /// A source no real client can have (README, *Reasons*: `drop_martian_source`): IPv4 0/8, 127/8,
-/// 224/4, 240/4; IPv6 `::`, `::1`, `ff00::/8`; or the destination itself.
+/// 169.254/16, 224/4, 240/4; IPv6 `::`, `::1`, `fe80::/10`, `ff00::/8`; or the destination itself.
 fn martian_source(info: &L4Info) -> bool {
     info.src == info.dst
         || match info.src {
-            IpAddr::V4(a) => matches!(a.octets()[0], 0 | 127 | 224..),
-            IpAddr::V6(a) => a.is_unspecified() || a.is_loopback() || a.octets()[0] == 0xff,
+            IpAddr::V4(a) => matches!(a.octets()[0], 0 | 127 | 224..) || a.is_link_local(),
+            IpAddr::V6(a) => a.is_unspecified() || a.is_loopback() || a.octets()[0] == 0xff || (a.segments()[0] & 0xffc0) == 0xfe80,
         }
 }
 
