@@ -78,7 +78,12 @@ pub fn run(opts: Options) -> Result<()> {
     // Every --iface must exist before anything is loaded or attached.
     let mut attached = Vec::new();
     for iface in &opts.ifaces {
-        attached.push((iface.clone(), dataplane::ifindex(iface)?));
+        let index = dataplane::ifindex(iface)?;
+        // Twice the same interface (also by an alternative name) would be attached and listed twice.
+        if let Some((first, _)) = attached.iter().find(|(_, i)| *i == index) {
+            anyhow::bail!("--iface {iface}: the same interface as --iface {first} (index {index}); give each interface once");
+        }
+        attached.push((iface.clone(), index));
     }
     // Before anything is loaded: a refused start leaves a pinned data plane as it is.
     let on_host = xdp_lb::host::check_vips(&loaded.config, &attached);

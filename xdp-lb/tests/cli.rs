@@ -245,6 +245,25 @@ fn json_check_prints_json_for_valid_and_invalid_files() {
     assert!(v["errors"][0]["message"].as_str().unwrap_or_default().contains("conntrack_entrys"), "{v}");
 }
 
+/// J12: the same interface twice is refused before anything is loaded, naming both arguments.
+#[test]
+fn the_same_interface_twice_is_refused() {
+    let dir = Scratch::new("iface-twice");
+    let config = dir.path("lb.toml");
+    std::fs::write(
+        &config,
+        "[[services]]\nname = \"web\"\nvip = \"10.0.0.100:80\"\nprotocol = \"tcp\"\n[[services.backends]]\naddress = \"10.1.0.2:80\"\n",
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let out = xdp_lb(&dir.path("api.sock"), &["run", "--config", config, "--no-pin", "--iface", "lo", "--iface", "lo"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let error: Vec<&str> = err.lines().filter(|l| l.starts_with("xdp-lb: error:")).collect();
+    assert_eq!(error.len(), 1, "one error line: {err}");
+    assert!(error[0].contains("--iface lo: the same interface as --iface lo"), "{err}");
+}
+
 #[test]
 fn an_os_error_is_printed_once() {
     // A socket path under a regular file: connect fails with ENOTDIR.
