@@ -115,10 +115,22 @@ pub struct RawBackend {
     /// When the drain began (RFC 3339, UTC), written by `xdp-lb backend drain` next to `drained =
     /// true`, so a restart during a drain keeps its timeout instead of starting it again. Absent
     /// (a hand-written drain): the drain counts from when the daemon read it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "time_text")]
     pub drained_since: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_check: Option<RawHealthCheck>,
+}
+
+/// A time written quoted (`"2026-12-02T07:30:00Z"`) or as a TOML datetime (unquoted), kept as text:
+/// validation says what is wrong with it, naming the field.
+fn time_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    use serde::de::Error;
+    match Option::<toml::Value>::deserialize(d)? {
+        None => Ok(None),
+        Some(toml::Value::String(text)) => Ok(Some(text)),
+        Some(toml::Value::Datetime(time)) => Ok(Some(time.to_string())),
+        Some(other) => Err(D::Error::custom(format!("expected a time like \"2026-12-02T07:30:00Z\", found a {}", other.type_str()))),
+    }
 }
 
 /// Active health check settings; every field has a default.

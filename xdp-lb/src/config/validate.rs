@@ -183,7 +183,7 @@ impl RawConfig {
                     if !b.drained {
                         err(at("drained_since"), format!("{since:?} is set but drained is not: remove drained_since or set drained = true"));
                     } else if humantime::parse_rfc3339_weak(since).is_err() {
-                        err(at("drained_since"), format!("{since:?} is not an RFC 3339 time like \"2026-12-02T07:30:00Z\""));
+                        err(at("drained_since"), format!("{since:?} is not a UTC time like \"2026-12-02T07:30:00Z\" (RFC 3339, ending in Z: other offsets are not read)"));
                     }
                 }
                 if b.weight > MAX_WEIGHT {

@@ -98,4 +98,12 @@ fn drained_since_is_read_from_the_file_and_checked() {
     assert!(e.contains("services[0].backends[0].drained_since") && e.contains("drained is not"), "{e}");
     let e = refused("drained = true\ndrained_since = \"yesterday\"");
     assert!(e.contains("drained_since") && e.contains("RFC 3339"), "{e}");
+    // J6: a valid RFC 3339 time with an offset is refused for what it is (not UTC), and an
+    // unquoted TOML datetime is read like the quoted one (it was "invalid type: map").
+    let e = refused("drained = true\ndrained_since = \"2026-12-02T08:00:00+14:00\"");
+    assert!(e.contains("drained_since") && e.contains("ending in Z"), "{e}");
+    let raw: crate::config::RawConfig = toml::from_str(&text("drained = true\ndrained_since = 2026-12-02T07:30:00Z")).unwrap();
+    assert_eq!(super::drain_since_of(&raw).get(&key), Some(&humantime::parse_rfc3339("2026-12-02T07:30:00Z").unwrap()));
+    let e = refused("drained = true\ndrained_since = 7");
+    assert!(e.contains("drained_since") && e.contains("expected a time like"), "{e}");
 }
