@@ -271,7 +271,7 @@ fn a_failed_start_into_a_non_empty_directory_removes_what_it_made() {
     // An interface nobody holds, attached before the one the first daemon holds.
     // In the lb namespace of this test only, so a fixed name cannot clash.
     let free = "free0".to_string();
-    let out = Command::new("ip").args(["-n", topo.lb().name(), "link", "add", &free, "type", "dummy"]).output().unwrap();
+    let out = Command::new("ip").args(["-n", topo.lb().name(), "link", "add", &free, "type", "veth", "peer", "name", "free1"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let out = Command::new("ip").args(["-n", topo.lb().name(), "link", "set", &free, "up"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
