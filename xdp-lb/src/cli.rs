@@ -473,7 +473,24 @@ impl Client<'_> {
                 if !bpffs.exists() {
                     bail!("no daemon is running and nothing is pinned at {}", bpffs.display());
                 }
-                let removed = xdp_lb::pins::PinDir::prepare(bpffs)?.remove_all()?;
+                let dir = xdp_lb::pins::PinDir::prepare(bpffs)?;
+                // Hostile 9b J9: "no daemon on --socket" does not mean none runs on these pins.
+                // Held while removing, so no daemon starts on them meanwhile.
+                let _lock = match dir.lock() {
+                    Ok(lock) => lock,
+                    Err(xdp_lb::pins::PinError::Held { dir, holder }) => bail!(
+                        "no daemon answers on {}, but a daemon is running on {dir} ({holder}): nothing was removed; \
+                         to stop it and detach its data plane, use its socket: xdp-lb --socket {} stop --detach --bpffs {dir}",
+                        self.socket.display(),
+                        holder.socket.as_deref().map_or_else(|| "<its socket>".to_string(), |s| s.display().to_string()),
+                    ),
+                    Err(e) => return Err(e.into()),
+                };
+                if dir.own_pins().is_empty() {
+                    bail!("no daemon is running and no xdp-lb pins are at {}: nothing was removed", bpffs.display());
+                }
+                // Only xdp-lb's own names (Hostile 9b J10): another tool's pins and a bpffs root stay.
+                let removed = dir.remove_own()?;
                 self.done(&format!("no daemon was running; removed {} pins from {}: data plane detached", removed.len(), bpffs.display()))
             }
             Err(e) => Err(e.into()),

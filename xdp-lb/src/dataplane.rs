@@ -241,7 +241,7 @@ impl Dataplane {
     pub fn remove_pins(&mut self) -> Result<Vec<String>, DataplaneError> {
         self.pinned.clear();
         match &self.pins {
-            Some(pins) => Ok(pins.remove_all()?),
+            Some(pins) => Ok(pins.remove_own()?),
             None => Ok(Vec::new()),
         }
     }

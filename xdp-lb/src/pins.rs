@@ -29,11 +29,41 @@ pub enum PinError {
     NotBpffs { dir: String },
     #[error("{path}: {message}")]
     Io { path: String, message: String },
+    /// The directory's lock is held: a daemon runs on these pins.
+    #[error("another xdp-lb daemon is running on the pinned data plane {dir} ({holder}); stop it first, or give this one its own --bpffs (and --socket) to run a second instance")]
+    Held { dir: String, holder: Holder },
     #[error("pinned map {map} was created for a different layout or size ({found}, this build needs {wanted}); a restart cannot adopt it: set [dataplane] back to the running sizes, or run `xdp-lb stop --detach` to remove the old data plane and then start (an outage: nothing is forwarded until the start and the connection table is lost)")]
     Incompatible { map: &'static str, found: String, wanted: String },
     /// Another type, flags, key or value: no setting brings it back, only a fresh data plane.
     #[error("pinned map {map} was made by another build of the data plane ({found}, this build needs {wanted}); a restart cannot adopt it: run `xdp-lb stop --detach` to remove the old data plane and then start this build (an outage: nothing is forwarded until the start and the connection table is lost)")]
     Layout { map: &'static str, found: String, wanted: String },
+}
+
+/// The names of the maps the daemon pins, one per map the program declares ([`expected_maps`]
+/// lists their shapes; a test keeps the two equal). With [`LINK_PREFIX`], the only names xdp-lb
+/// ever creates in a pin directory, and so the only ones it ever removes.
+pub const MAP_NAMES: [&str; 13] = [
+    names::SERVICES,
+    names::BACKENDS,
+    names::MAGLEV_RING,
+    names::CONNTRACK,
+    names::NAT_REVERSE,
+    names::NAT_BACKENDS,
+    names::TX_PORTS,
+    names::SERVICE_STATS,
+    names::BACKEND_STATS,
+    names::REASONS,
+    names::RR_COUNTERS,
+    names::ACTIVE_FLOWS,
+    names::NEXT_HOPS,
+];
+
+/// A pinned XDP link is `link_<iface>`.
+pub const LINK_PREFIX: &str = "link_";
+
+/// Whether `name` is one xdp-lb pins (a map of [`MAP_NAMES`] or a link).
+pub fn is_own_pin(name: &str) -> bool {
+    MAP_NAMES.contains(&name) || name.strip_prefix(LINK_PREFIX).is_some_and(|iface| !iface.is_empty())
 }
 
 /// Where the data plane is pinned.
@@ -75,14 +105,14 @@ impl PinDir {
     }
 
     pub fn link(&self, iface: &str) -> PathBuf {
-        self.0.join(format!("link_{iface}"))
+        self.0.join(format!("{LINK_PREFIX}{iface}"))
     }
 
     /// Interfaces that have a pinned link, i.e. a running data plane to adopt.
     pub fn linked_interfaces(&self) -> Vec<String> {
         let Ok(entries) = std::fs::read_dir(&self.0) else { return Vec::new() };
         let mut out: Vec<String> = entries
-            .filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("link_").map(str::to_string))
+            .filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix(LINK_PREFIX).filter(|i| !i.is_empty()).map(str::to_string))
             .collect();
         out.sort();
         out
@@ -123,23 +153,31 @@ impl PinDir {
         Ok(())
     }
 
-    /// Removes every pin (links first, so the program detaches before its maps go) and the directory.
-    pub fn remove_all(&self) -> Result<Vec<String>, PinError> {
+    /// The names in the directory that xdp-lb pins ([`is_own_pin`]), sorted.
+    pub fn own_pins(&self) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(&self.0) else { return Vec::new() };
+        let mut out: Vec<String> =
+            entries.filter_map(|e| e.ok()?.file_name().to_str().filter(|n| is_own_pin(n)).map(str::to_string)).collect();
+        out.sort();
+        out
+    }
+
+    /// Removes xdp-lb's pins (links first, so the program detaches before its maps go), leaves
+    /// anything else (another tool's pins: Hostile 9b J10), and removes the directory only if it
+    /// is then empty and not a mount root (a bpffs root is never removed).
+    pub fn remove_own(&self) -> Result<Vec<String>, PinError> {
         let io = |p: &Path, e: std::io::Error| PinError::Io { path: p.display().to_string(), message: e.to_string() };
         let mut removed = Vec::new();
-        for iface in self.linked_interfaces() {
-            let link = self.link(&iface);
-            std::fs::remove_file(&link).map_err(|e| io(&link, e))?;
-            removed.push(link.display().to_string());
+        let (links, maps): (Vec<String>, Vec<String>) = self.own_pins().into_iter().partition(|n| n.starts_with(LINK_PREFIX));
+        for name in links.into_iter().chain(maps) {
+            let path = self.0.join(&name);
+            std::fs::remove_file(&path).map_err(|e| io(&path, e))?;
+            removed.push(path.display().to_string());
         }
-        if let Ok(entries) = std::fs::read_dir(&self.0) {
-            for entry in entries.flatten() {
-                let path = entry.path();
-                std::fs::remove_file(&path).map_err(|e| io(&path, e))?;
-                removed.push(path.display().to_string());
-            }
+        let empty = std::fs::read_dir(&self.0).is_ok_and(|mut d| d.next().is_none());
+        if empty && !lock::is_mount_root(&self.0) {
+            let _ = std::fs::remove_dir(&self.0);
         }
-        let _ = std::fs::remove_dir(&self.0);
         Ok(removed)
     }
 }
@@ -227,7 +265,9 @@ fn is_bpffs(dir: &Path) -> bool {
 }
 
 mod fresh;
+mod lock;
 pub use fresh::FreshPins;
+pub use lock::{Holder, PinLock};
 
 #[cfg(test)]
 mod tests;

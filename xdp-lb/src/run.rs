@@ -116,10 +116,11 @@ async fn serve(opts: Options, loaded: file::Loaded) -> Result<()> {
     dashboard::gateway::check_replicas(&opts.gateway_admin)?;
     let existed_before = opts.bpffs.as_deref().is_some_and(Path::exists);
     let pins = opts.bpffs.as_deref().map(PinDir::prepare).transpose()?;
-    // Held until this function returns: a second daemon on the same pins is refused.
-    let _instance = pins.as_ref().map(|p| lock_pin_dir(p.path())).transpose()?;
-    // A first start (nothing pinned yet) that fails below removes what it pinned.
-    let fresh = pins.as_ref().and_then(|p| xdp_lb::pins::FreshPins::new(p.path(), existed_before));
+    // Held until this function returns: a second daemon on the same pins is refused (two daemons
+    // would fight over the same maps and links), and so is `stop --detach` without a daemon.
+    let _instance = pins.as_ref().map(PinDir::lock).transpose()?;
+    // A start that fails below removes what it pinned (and only that).
+    let fresh = pins.as_ref().map(|p| xdp_lb::pins::FreshPins::new(p.path(), existed_before));
     if let Some(p) = &pins {
         let running = p.linked_interfaces();
         if !running.is_empty() {
@@ -322,21 +323,6 @@ fn bind_socket(path: &Path) -> Result<UnixListener> {
     let listener = UnixListener::bind(path).with_context(|| format!("binding the API socket {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(listener)
-}
-
-/// Two daemons on one pin directory would fight over the same maps and links: the first takes an
-/// exclusive lock on the directory (released by the kernel when it exits, however it exits).
-fn lock_pin_dir(dir: &Path) -> Result<std::fs::File> {
-    let file = std::fs::File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => bail!(
-            "another xdp-lb daemon is running on the pinned data plane {}; stop it first, or give this one its own \
-             --bpffs (and --socket) to run a second instance",
-            dir.display()
-        ),
-        Err(std::fs::TryLockError::Error(e)) => Err(e).with_context(|| format!("locking {}", dir.display())),
-    }
 }
 
 async fn accept_clients(listener: UnixListener, jobs: mpsc::Sender<Job>, answering: Arc<AtomicUsize>) {

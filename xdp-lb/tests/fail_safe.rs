@@ -186,3 +186,123 @@ fn a_failed_start_leaves_nothing_behind() {
     assert!(!out.status.success() && stderr.contains("not on a bpffs mount"), "{stderr}");
     assert!(!scratch.path().join("notbpf").exists(), "the refused --bpffs created {}", not_bpffs.display());
 }
+
+/// Pins a one-entry array of another tool at `path`, as `bpftool map create` does.
+fn pin_foreign(path: &Path) {
+    let out = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(path)
+        .args(["type", "array", "key", "4", "value", "4", "entries", "1", "name", "foreign"])
+        .output()
+        .expect("running bpftool");
+    assert!(out.status.success(), "bpftool map create {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// `xdp-lb --socket SOCKET stop --detach --bpffs DIR`, from the root namespace.
+fn stop_detach(socket: &Path, dir: &Path) -> std::process::Output {
+    Command::new(XDP_LB)
+        .arg("--socket")
+        .arg(socket)
+        .args(["stop", "--detach", "--bpffs"])
+        .arg(dir)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("running xdp-lb stop")
+}
+
+/// J9: with no daemon answering on --socket, `stop --detach --bpffs DIR` removed the pins of the
+/// daemon running on DIR under another socket ("No daemon was running"). J10: once that daemon was
+/// gone it removed every pin in DIR, another tool's too, and DIR itself.
+#[test]
+fn a_stop_without_a_daemon_spares_a_running_instance_and_foreign_pins() {
+    let topo = Topology::new("stopnd", 1).expect("building the testbed");
+    let _servers = Servers::start_all(&topo);
+    let daemon = start_daemon(&topo, &service_toml("web", vip(&topo, 80), &[], &[(backend_addr(&topo, 0), &[])]));
+    let web = vip(&topo, 80);
+    let dir = daemon.pin_dir().to_path_buf();
+    pin_foreign(&dir.join("FOREIGN"));
+    let before = entries(&dir);
+    assert!(before.iter().any(|n| n.starts_with("link_")) && before.contains(&"CONNTRACK".to_string()), "{before:?}");
+    let scratch = tempfile::tempdir().unwrap();
+    let nowhere = scratch.path().join("nowhere.sock");
+
+    let out = stop_detach(&nowhere, &dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "stop --detach removed a running daemon's pins:\n{}{stderr}", String::from_utf8_lossy(&out.stdout));
+    let pid = daemon.pid().to_string();
+    let socket = daemon.socket().display().to_string();
+    assert!(stderr.contains("running") && stderr.contains(&pid) && stderr.contains(&socket), "{stderr}");
+    assert_eq!(entries(&dir), before, "the refused stop changed {}", dir.display());
+    check(&daemon, "connections after the refused stop", connections(topo.client(), web, 4));
+
+    // The daemon stops, leaving its data plane; then the stop without a daemon detaches it and
+    // removes only xdp-lb's pins.
+    cli_ok(&daemon, &["stop"]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let out = loop {
+        let out = stop_detach(&nowhere, &dir);
+        if out.status.success() || Instant::now() > deadline {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(entries(&dir), ["FOREIGN"], "stop --detach without a daemon removed another tool's pin or left its own");
+    let _ = std::fs::remove_file(dir.join("FOREIGN"));
+    let _ = std::fs::remove_dir(&dir);
+}
+
+/// J11: a failed start into a directory holding another tool's pin kept its maps and the XDP link
+/// it had attached to the first interface, with no daemon.
+#[test]
+fn a_failed_start_into_a_non_empty_directory_removes_what_it_made() {
+    let topo = Topology::new("fstnd", 1).expect("building the testbed");
+    let _servers = Servers::start_all(&topo);
+    let config = service_toml("web", vip(&topo, 80), &[], &[(backend_addr(&topo, 0), &[])]);
+    let daemon = start_daemon(&topo, &config);
+    // An interface nobody holds, attached before the one the first daemon holds.
+    // In the lb namespace of this test only, so a fixed name cannot clash.
+    let free = "free0".to_string();
+    let out = Command::new("ip").args(["-n", topo.lb().name(), "link", "add", &free, "type", "veth", "peer", "name", "free1"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("ip").args(["-n", topo.lb().name(), "link", "set", &free, "up"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let scratch = tempfile::tempdir().unwrap();
+    let config_path = scratch.path().join("second.toml");
+    std::fs::write(&config_path, &config).unwrap();
+    let pins = Path::new(BPFFS_ROOT).join(format!("{}-second", topo.prefix()));
+    std::fs::create_dir_all(&pins).unwrap();
+    pin_foreign(&pins.join("FOREIGN"));
+    let out = Command::new("ip")
+        .args(["netns", "exec", topo.lb().name()])
+        .arg(XDP_LB)
+        .arg("--socket")
+        .arg(scratch.path().join("second.sock"))
+        .arg("run")
+        .arg("--config")
+        .arg(&config_path)
+        .arg("--bpffs")
+        .arg(&pins)
+        .args(["--iface", &free, "--iface", topo.client_iface()])
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("running a second xdp-lb");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the second daemon attached to an interface the first holds:\n{stderr}");
+    let left = entries(&pins);
+    let link = Command::new("ip").args(["-n", topo.lb().name(), "-d", "link", "show", &free]).output().unwrap();
+    let link = String::from_utf8_lossy(&link.stdout).into_owned();
+    // Links first: whatever the start left is detached before the assertions can fail.
+    xdp_lb_testbed::daemon::remove_pins(&pins);
+    assert_eq!(left, ["FOREIGN"], "the failed start left its pins (or removed another tool's)\n{stderr}");
+    assert!(!link.contains("prog/xdp"), "the failed start left a program attached to {free}:\n{link}");
+    check(&daemon, "connections after the failed start", connections(topo.client(), vip(&topo, 80), 4));
+}

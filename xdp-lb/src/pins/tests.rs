@@ -30,7 +30,11 @@ impl TempPins {
 
 impl Drop for TempPins {
     fn drop(&mut self) {
-        let _ = self.0.remove_all();
+        // Everything, the foreign pins some tests make too.
+        for entry in std::fs::read_dir(self.0.path()).into_iter().flatten().flatten() {
+            let _ = std::fs::remove_file(entry.path());
+        }
+        let _ = std::fs::remove_dir(self.0.path());
     }
 }
 
@@ -117,4 +121,34 @@ fn a_per_cpu_table_whose_entries_the_kernel_rounded_is_adopted() {
     assert_eq!(per_cpu_entries(asked, cpus), 1024 * cpus + cpus);
     assert_eq!(per_cpu_entries(100_000, 12), 100_008);
     assert_eq!(per_cpu_entries(1 << 20, 4), 1 << 20);
+}
+
+#[test]
+fn the_names_removed_are_the_names_pinned() {
+    let mut pinned: Vec<&str> = expected_maps(&settings()).iter().map(|m| m.name).collect();
+    let mut listed = MAP_NAMES.to_vec();
+    pinned.sort_unstable();
+    listed.sort_unstable();
+    assert_eq!(pinned, listed);
+    assert!(is_own_pin("link_eth0") && is_own_pin("CONNTRACK"));
+    assert!(!is_own_pin("link_") && !is_own_pin("FOREIGN") && !is_own_pin("conntrack"));
+}
+
+/// Hostile 9b J10: `stop --detach --bpffs DIR` without a daemon removed every pin in DIR, another
+/// tool's too, and DIR itself.
+#[test]
+fn only_xdp_lbs_own_pins_are_removed() {
+    let pins = TempPins::new("own");
+    for name in [names::CONNTRACK, "link_x0", "FOREIGN"] {
+        pin_map(&pins.0.map(name), BPF_MAP_TYPE_HASH, 0, 4, 4, 1);
+    }
+    let removed = pins.0.remove_own().expect("removing");
+    assert_eq!(removed.len(), 2, "{removed:?}");
+    assert!(pins.0.map("FOREIGN").exists(), "another tool's pin was removed");
+    assert!(!pins.0.map(names::CONNTRACK).exists() && !pins.0.link("x0").exists());
+    std::fs::remove_file(pins.0.map("FOREIGN")).unwrap();
+    pins.0.remove_own().expect("removing");
+    assert!(!pins.0.path().exists(), "an empty pin directory stays");
+    // The bpffs root is never removed, even empty of xdp-lb's pins.
+    assert!(lock::is_mount_root(Path::new(xdp_lb_testbed::daemon::BPFFS_ROOT)));
 }
