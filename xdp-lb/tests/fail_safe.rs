@@ -20,62 +20,21 @@ use std::{
 };
 
 use support::*;
-use xdp_lb_testbed::{daemon::BPFFS_ROOT, Topology};
+use xdp_lb_testbed::{daemon::BPFFS_ROOT, RawSyns, Syn, Topology};
 
 /// Sends `count` TCP SYNs from `src` (random ports) to `vip` over `spread`, as the tester's
 /// spoof.py did, through a raw IPv4 socket (IP_HDRINCL). Must run inside the client namespace.
 fn spoof_syns(src: Ipv4Addr, vip: SocketAddr, count: u16, spread: Duration) -> usize {
     let IpAddr::V4(dst) = vip.ip() else { panic!("IPv4 VIP") };
-    // SAFETY: plain socket(2); closed below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
-    assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
-    let sin = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: 0,
-        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(dst.octets()) },
-        sin_zero: [0; 8],
-    };
+    let raw = RawSyns::open(dst).unwrap_or_else(|e| panic!("raw socket: {e}"));
     let mut sent = 0;
     for i in 0..count {
-        let sport = 20_000 + i;
-        let mut tcp = [0u8; 20];
-        tcp[0..2].copy_from_slice(&sport.to_be_bytes());
-        tcp[2..4].copy_from_slice(&vip.port().to_be_bytes());
-        tcp[4..8].copy_from_slice(&(0x1000_0000u32 + u32::from(i)).to_be_bytes());
-        tcp[12] = 5 << 4;
-        tcp[13] = 0x02; // SYN
-        tcp[14..16].copy_from_slice(&64_240u16.to_be_bytes());
-        let c = xdp_lb_common::checksum::l4_ipv4(src.octets(), dst.octets(), 6, &tcp);
-        tcp[16..18].copy_from_slice(&c.to_be_bytes());
-        let mut packet = [0u8; 40];
-        packet[0] = 0x45;
-        packet[2..4].copy_from_slice(&40u16.to_be_bytes());
-        packet[4..6].copy_from_slice(&i.to_be_bytes());
-        packet[8] = 64;
-        packet[9] = 6;
-        packet[12..16].copy_from_slice(&src.octets());
-        packet[16..20].copy_from_slice(&dst.octets());
-        let c = xdp_lb_common::checksum::ipv4_header(&packet[..20]);
-        packet[10..12].copy_from_slice(&c.to_be_bytes());
-        packet[20..].copy_from_slice(&tcp);
-        // SAFETY: valid buffer and sockaddr for the duration of the call.
-        let n = unsafe {
-            libc::sendto(
-                fd,
-                packet.as_ptr().cast(),
-                packet.len(),
-                0,
-                (&sin as *const libc::sockaddr_in).cast(),
-                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            )
-        };
-        if n == packet.len() as isize {
+        let syn = Syn { src, sport: 20_000 + i, dport: vip.port(), seq: 0x1000_0000 + u32::from(i), ip_id: i };
+        if raw.send(&syn).is_ok() {
             sent += 1;
         }
         std::thread::sleep(spread / u32::from(count));
     }
-    // SAFETY: the descriptor opened above.
-    unsafe { libc::close(fd) };
     sent
 }
 

@@ -34,7 +34,7 @@ use xdp_lb_common::{
     maps::{names, Backend, Conn, Counters, FlowKey, NatReverse},
     reasons,
 };
-use xdp_lb_testbed::{config_toml, http_get, Daemon, Family, IdentityServers, KeepAliveClient, Mode, Protocol, Scheduler, ServiceConfig, Topology};
+use xdp_lb_testbed::{config_toml, http_get, Daemon, Family, IdentityServers, KeepAliveClient, Mode, Protocol, Scheduler, RawSyns, ServiceConfig, Syn, Topology};
 
 #[path = "fixtures/contract.rs"]
 mod contract;
@@ -158,56 +158,15 @@ fn track(topo: &Topology, vip: SocketAddr) -> Tracked {
 /// Returns how many were sent and how long it took. Must run inside the client namespace.
 fn flood(vip: SocketAddr, count: usize, seed: u64, limit: Duration) -> (usize, Duration) {
     let IpAddr::V4(dst) = vip.ip() else { panic!("IPv4 VIP") };
-    // SAFETY: plain socket(2); the descriptor is closed below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
-    assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
-    let sin = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: 0,
-        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(dst.octets()) },
-        sin_zero: [0; 8],
-    };
+    let raw = RawSyns::open(dst).unwrap_or_else(|e| panic!("raw socket: {e}"));
     let mut rng = mutate::Rng::new(seed);
     let started = Instant::now();
     let mut sent = 0;
     while sent < count && started.elapsed() < limit {
         for _ in 0..BURST.min(count - sent) {
             let src = Ipv4Addr::new(198, 18 + (rng.u8() & 1), rng.u8(), rng.u8());
-            let sport = 1024 + (rng.u16() % 64_000);
-            let mut tcp = [0u8; 20];
-            tcp[0..2].copy_from_slice(&sport.to_be_bytes());
-            tcp[2..4].copy_from_slice(&vip.port().to_be_bytes());
-            tcp[4..8].copy_from_slice(&rng.u32().to_be_bytes());
-            tcp[12] = 5 << 4;
-            tcp[13] = 0x02; // SYN
-            tcp[14..16].copy_from_slice(&64_240u16.to_be_bytes());
-            let c = xdp_lb_common::checksum::l4_ipv4(src.octets(), dst.octets(), 6, &tcp);
-            tcp[16..18].copy_from_slice(&c.to_be_bytes());
-            let mut ip = [0u8; 20];
-            ip[0] = 0x45;
-            ip[2..4].copy_from_slice(&40u16.to_be_bytes());
-            ip[4..6].copy_from_slice(&rng.u16().to_be_bytes());
-            ip[8] = 64;
-            ip[9] = 6;
-            ip[12..16].copy_from_slice(&src.octets());
-            ip[16..20].copy_from_slice(&dst.octets());
-            let c = xdp_lb_common::checksum::ipv4_header(&ip);
-            ip[10..12].copy_from_slice(&c.to_be_bytes());
-            let mut packet = [0u8; 40];
-            packet[..20].copy_from_slice(&ip);
-            packet[20..].copy_from_slice(&tcp);
-            // SAFETY: valid buffer and sockaddr for the duration of the call.
-            let n = unsafe {
-                libc::sendto(
-                    fd,
-                    packet.as_ptr().cast(),
-                    packet.len(),
-                    0,
-                    (&sin as *const libc::sockaddr_in).cast(),
-                    std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-                )
-            };
-            if n == packet.len() as isize {
+            let syn = Syn { src, sport: 1024 + (rng.u16() % 64_000), dport: vip.port(), seq: rng.u32(), ip_id: rng.u16() };
+            if raw.send(&syn).is_ok() {
                 sent += 1;
             } else {
                 // ENOBUFS under pressure: back off a little and go on.
@@ -216,8 +175,6 @@ fn flood(vip: SocketAddr, count: usize, seed: u64, limit: Duration) -> (usize, D
         }
         std::thread::sleep(BURST_PAUSE);
     }
-    // SAFETY: our descriptor, closed once.
-    unsafe { libc::close(fd) };
     (sent, started.elapsed())
 }
 
