@@ -114,20 +114,7 @@ fn a_failed_start_leaves_nothing_behind() {
     let config_path = scratch.path().join("second.toml");
     std::fs::write(&config_path, &config).unwrap();
     let second = |bpffs: &Path| {
-        Command::new("ip")
-            .args(["netns", "exec", topo.lb().name()])
-            .arg(XDP_LB)
-            .arg("--socket")
-            .arg(scratch.path().join("second.sock"))
-            .arg("run")
-            .arg("--config")
-            .arg(&config_path)
-            .arg("--bpffs")
-            .arg(bpffs)
-            .args(["--iface", topo.client_iface()])
-            .env("NO_COLOR", "1")
-            .output()
-            .expect("running a second xdp-lb")
+        run_second(&topo, &scratch.path().join("second.sock"), &config_path, bpffs, &[topo.client_iface()])
     };
     let pins = Path::new(BPFFS_ROOT).join(format!("{}-second", topo.prefix()));
     let out = second(&pins);
@@ -240,20 +227,7 @@ fn a_failed_start_into_a_non_empty_directory_removes_what_it_made() {
     let pins = Path::new(BPFFS_ROOT).join(format!("{}-second", topo.prefix()));
     std::fs::create_dir_all(&pins).unwrap();
     pin_foreign(&pins.join("FOREIGN"));
-    let out = Command::new("ip")
-        .args(["netns", "exec", topo.lb().name()])
-        .arg(XDP_LB)
-        .arg("--socket")
-        .arg(scratch.path().join("second.sock"))
-        .arg("run")
-        .arg("--config")
-        .arg(&config_path)
-        .arg("--bpffs")
-        .arg(&pins)
-        .args(["--iface", &free, "--iface", topo.client_iface()])
-        .env("NO_COLOR", "1")
-        .output()
-        .expect("running a second xdp-lb");
+    let out = run_second(&topo, &scratch.path().join("second.sock"), &config_path, &pins, &[free.as_str(), topo.client_iface()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "the second daemon attached to an interface the first holds:\n{stderr}");
     let left = entries(&pins);
@@ -264,4 +238,16 @@ fn a_failed_start_into_a_non_empty_directory_removes_what_it_made() {
     assert_eq!(left, ["FOREIGN"], "the failed start left its pins (or removed another tool's)\n{stderr}");
     assert!(!link.contains("prog/xdp"), "the failed start left a program attached to {free}:\n{link}");
     check(&daemon, "connections after the failed start", connections(topo.client(), vip(&topo, 80), 4));
+}
+
+/// `xdp-lb run` of a second instance in the lb namespace (its own socket, config and pins), run
+/// to its exit: every caller expects the start to fail.
+fn run_second(topo: &Topology, socket: &Path, config: &Path, bpffs: &Path, ifaces: &[&str]) -> std::process::Output {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", topo.lb().name()]).arg(XDP_LB).arg("--socket").arg(socket).arg("run");
+    cmd.arg("--config").arg(config).arg("--bpffs").arg(bpffs);
+    for iface in ifaces {
+        cmd.args(["--iface", iface]);
+    }
+    cmd.env("NO_COLOR", "1").output().expect("running a second xdp-lb")
 }
