@@ -262,16 +262,7 @@ fn idle_metrics_connections_cannot_exhaust_the_daemon() {
     assert!(!log.contains("backend is down") && !log.contains("ALL BACKENDS DOWN"), "{log}");
     // Once the flood is gone, scrapes work again and show no local probe error: the reserve kept
     // descriptors for the checks.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let body = loop {
-        match exchange(&topo, "GET /metrics HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n") {
-            Ok(r) if r.starts_with("HTTP/1.1 200") => break r,
-            other => assert!(Instant::now() < deadline, "no scrape after the flood: {other:?}\n{}", daemon.log()),
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    let samples = parse(body.split_once("\r\n\r\n").map_or("", |(_, b)| b));
-    let local: f64 = samples.iter().filter(|s| s.2 == "xdp_lb_health_check_local_errors_total").map(|s| s.4).sum();
+    let local = local_errors_after_the_flood(&topo, &daemon);
     eprintln!(
         "fd flood: limit {FD_LIMIT}, daemon idle {idle_fds} fds, peak {peak} under {FLOOD} connections; \
          {closed} closed by the daemon within {closed_after:?}; local probe errors {local}"
@@ -400,16 +391,7 @@ fn a_metrics_flood_and_a_full_api_leave_descriptors_for_the_health_checks() {
     drop(api);
     drop(flood);
 
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let body = loop {
-        match exchange(&topo, "GET /metrics HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n") {
-            Ok(r) if r.starts_with("HTTP/1.1 200") => break r,
-            other => assert!(Instant::now() < deadline, "no scrape after the flood: {other:?}\n{}", daemon.log()),
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    let samples = parse(body.split_once("\r\n\r\n").map_or("", |(_, b)| b));
-    let local: f64 = samples.iter().filter(|s| s.2 == "xdp_lb_health_check_local_errors_total").map(|s| s.4).sum();
+    let local = local_errors_after_the_flood(&topo, &daemon);
     eprintln!(
         "fd flood + full API: limit {FD_LIMIT}, idle {idle_fds} fds, {after_metrics} after the metrics flood, peak {peak} \
          with the API full; local probe errors {local}"
@@ -417,4 +399,19 @@ fn a_metrics_flood_and_a_full_api_leave_descriptors_for_the_health_checks() {
     assert_eq!(local, 0.0, "health probes failed on this host (descriptors):\n{}", daemon.log());
     assert!(!daemon.log().contains("Too many open files"), "{}", daemon.log());
     daemon.stop().unwrap();
+}
+
+/// Scrapes until the metrics port answers again (10 s at most) and sums the health checks' local
+/// errors: 0 when the descriptor reserve kept descriptors for the checks through the flood.
+fn local_errors_after_the_flood(topo: &Topology, daemon: &Daemon) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let body = loop {
+        match exchange(topo, "GET /metrics HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n") {
+            Ok(r) if r.starts_with("HTTP/1.1 200") => break r,
+            other => assert!(Instant::now() < deadline, "no scrape after the flood: {other:?}\n{}", daemon.log()),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let samples = parse(body.split_once("\r\n\r\n").map_or("", |(_, b)| b));
+    samples.iter().filter(|s| s.2 == "xdp_lb_health_check_local_errors_total").map(|s| s.4).sum()
 }
