@@ -9,12 +9,14 @@
 //!   are dropped: CGI/WSGI upstreams read both spellings as `HTTP_X_USER_ID`.
 //! - The number of fields the client sent is recorded before the gateway adds any,
 //!   so `server.max_headers` limits the client alone.
+//!
+//! All of it starts with one pass over the client's names with cheap comparisons
+//! (`scan`); the usual request has nothing to remove and costs no further lookup.
 
-use crate::ctx::ClientHeaderCount;
-use crate::http_util::{is_upgrade, strip_hop_by_hop, Body};
 use crate::config::TransformConfig;
-use crate::stage::Next;
-use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response};
+use crate::ctx::{owned, Req};
+use crate::http_util::{hop_by_hop_index, is_upgrade, strip_hop_by_hop};
+use http::{header, HeaderMap, HeaderName, HeaderValue};
 use std::collections::BTreeMap;
 
 /// Headers only the gateway sets (transform-added names are owned too).
@@ -80,35 +82,130 @@ pub fn drop_owned_variants<'a>(
     }
 }
 
-/// The outermost stage: clean the client's headers before anything else runs.
-/// `transforms`: the request's config generation's transforms, whose added header
-/// names are gateway-owned too.
-///
-/// Hands over the rest of the pipeline's future itself: no future of its own.
-pub fn client_headers_stage<B, N: Next<Request<B>>>(
-    transforms: &BTreeMap<String, TransformConfig>,
-    mut req: Request<B>,
-    next: N,
-) -> impl std::future::Future<Output = Response<Body>> + Send {
-    let count = req.headers().len();
-    req.extensions_mut().insert(ClientHeaderCount(count));
-    // Judged now: stripping removes Transfer-Encoding; the 400 is sent by
-    // `hardening_stage`, inside the request-id stage.
-    if let Some(bad) = crate::guard::framing_error(&req) {
-        req.extensions_mut().insert(bad);
+/// The `owned` bit of a gateway-owned name (exact spelling), 0 for any other name.
+/// A `match` on the text: a length switch and one comparison per name.
+fn owned_bit(name: &str) -> u8 {
+    match name {
+        "x-request-id" => owned::REQUEST_ID,
+        "x-user-id" => owned::USER_ID,
+        "x-user-role" => owned::USER_ROLE,
+        "x-forwarded-for" => owned::FORWARDED_FOR,
+        "x-forwarded-proto" => owned::FORWARDED_PROTO,
+        "x-forwarded-host" => owned::FORWARDED_HOST,
+        "traceparent" => owned::TRACEPARENT,
+        _ => 0,
     }
-    let h = req.headers_mut();
-    strip_client_hop_by_hop(h);
-    let added = transforms
-        .values()
-        .flat_map(|t| t.request_headers_add.keys().map(String::as_str));
-    drop_owned_variants(h, added);
-    next.run(req)
+}
+
+/// What one pass over the client's header names found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Scan {
+    /// Bits of `http_util::HOP_BY_HOP` indices present.
+    hop: u16,
+    /// `owned` bits of the gateway-owned names present.
+    owned: u8,
+    /// Some name contains `_` (a possible variant of an owned name).
+    underscore: bool,
+}
+
+const CONNECTION_BIT: u16 = 1;
+const TRANSFER_ENCODING_BIT: u16 = 1 << 7;
+const UPGRADE_BIT: u16 = 1 << 8;
+
+fn scan(h: &HeaderMap) -> Scan {
+    let mut s = Scan::default();
+    for k in h.keys() {
+        match hop_by_hop_index(k) {
+            Some(i) => s.hop |= 1 << i,
+            None => s.owned |= owned_bit(k.as_str()),
+        }
+        s.underscore |= k.as_str().as_bytes().contains(&b'_');
+    }
+    s
+}
+
+/// The outermost step: clean the client's headers before anything else reads them,
+/// and note in the request's context what was found (header count, framing verdict,
+/// gateway-owned names sent, upgrade). `transforms`: the request's config
+/// generation's transforms, whose added header names are gateway-owned too.
+pub fn clean_client_headers<B>(transforms: &BTreeMap<String, TransformConfig>, req: &mut Req<B>) {
+    let (r, ctx) = req.split_mut();
+    let h = r.headers_mut();
+    ctx.client_headers = Some(h.len());
+    let found = scan(h);
+    ctx.client_owned = found.owned;
+    // Judged before stripping, which removes Transfer-Encoding; the 400 is sent by
+    // `hardening_stage`. Without Transfer-Encoding only the raw-byte detector's flag
+    // can make the framing bad (CL and TE together need TE).
+    let flagged = ctx.conn.smuggled.flagged(ctx.index);
+    if flagged || found.hop & TRANSFER_ENCODING_BIT != 0 {
+        ctx.framing = crate::guard::framing_error(h, flagged);
+    }
+    if found.hop != 0 {
+        strip_client_hop_by_hop(h);
+        ctx.upgrade = found.hop & (CONNECTION_BIT | UPGRADE_BIT) == CONNECTION_BIT | UPGRADE_BIT
+            && is_upgrade(h);
+    }
+    if found.underscore {
+        let added = transforms
+            .values()
+            .flat_map(|t| t.request_headers_add.keys().map(String::as_str));
+        drop_owned_variants(h, added);
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ctx::testing;
+
+    fn cleaned(headers: &[(&str, &str)]) -> Req<()> {
+        let mut b = http::Request::get("/");
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let mut req = testing::req(b.body(()).expect("request"));
+        clean_client_headers(&BTreeMap::new(), &mut req);
+        req
+    }
+
+    #[test]
+    fn the_usual_request_is_left_alone_and_its_owned_names_noted() {
+        let req = cleaned(&[("host", "a"), ("accept", "*/*"), ("x-forwarded-for", "1.2.3.4")]);
+        assert_eq!(req.headers().len(), 3);
+        let ctx = req.ctx();
+        assert_eq!(ctx.client_headers, Some(3));
+        assert_eq!(ctx.client_owned, owned::FORWARDED_FOR);
+        assert_eq!(ctx.framing, None);
+        assert!(!ctx.upgrade);
+        let every: Vec<(&str, &str)> = GATEWAY_OWNED.iter().map(|n| (*n, "v")).collect();
+        assert_eq!(cleaned(&every).ctx().client_owned, 0x7f, "one bit per owned name");
+    }
+
+    #[test]
+    fn one_pass_strips_judges_framing_and_drops_variants() {
+        let req = cleaned(&[
+            ("host", "a"),
+            ("connection", "upgrade, x-secret"),
+            ("upgrade", "websocket"),
+            ("x-secret", "1"),
+            ("x_user_id", "spoof"),
+            ("transfer-encoding", "gzip, chunked"),
+        ]);
+        let mut left: Vec<&str> = req.headers().keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["connection", "host", "upgrade"]);
+        assert!(req.ctx().upgrade);
+        assert!(req.ctx().framing.is_some(), "judged before Transfer-Encoding was stripped");
+        // A flag from the raw-byte detector counts without Transfer-Encoding.
+        let mut r = testing::req(http::Request::get("/").body(()).expect("request"));
+        let mut g = crate::smuggle::SmuggleGuard::new((), r.ctx().conn.smuggled.clone());
+        g.scan_for_test(
+            b"POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+        );
+        clean_client_headers(&BTreeMap::new(), &mut r);
+        assert!(r.ctx().framing.is_some());
+    }
 
     #[test]
     fn connection_cannot_name_away_later_headers() {

@@ -1,9 +1,12 @@
 //! Per-request context: what the connection and the outer stages learned about a
-//! request, carried to inner stages (request extensions) and back out to the access
-//! log (response extensions). A leaf: nothing here knows about any stage.
+//! request, carried to inner stages as typed fields of `ReqCtx` (one struct made
+//! once per request, boxed together with the request: a stage boundary moves one
+//! pointer) and back out to the access log (response extensions). Nothing here
+//! knows about any stage.
 
-use http::HeaderValue;
+use http::{HeaderValue, Request};
 use std::fmt;
+use std::ops::{Deref, DerefMut};
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -49,13 +52,150 @@ impl ConnInfo {
     }
 }
 
-/// How many header fields the client sent (before any stage added one).
-#[derive(Clone, Copy, Debug)]
-pub struct ClientHeaderCount(pub usize);
+/// Why a request's framing is refused, judged on the headers as hyper parsed them
+/// (before hop-by-hop headers are stripped).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BadFraming(pub &'static str);
 
-/// Position of a request among those of its connection (0-based, arrival order).
-#[derive(Clone, Copy, Debug)]
-pub struct RequestIndex(pub u64);
+/// Who the caller is, as authentication established it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub user_id: String,
+    pub roles: Vec<String>,
+    /// Set when the caller used an API key (rate limiting can key on it).
+    pub api_key: Option<String>,
+}
+
+/// Bits of `ReqCtx::client_owned`: which gateway-owned names the client sent, found
+/// by the one pass over its header names (`client_headers`). A stage that sets such
+/// a header reads or removes the client's copy only when its bit is set, instead of
+/// hashing the name once more for the usual request that has none.
+pub mod owned {
+    pub const REQUEST_ID: u8 = 1;
+    pub const USER_ID: u8 = 1 << 1;
+    pub const USER_ROLE: u8 = 1 << 2;
+    pub const FORWARDED_FOR: u8 = 1 << 3;
+    pub const FORWARDED_PROTO: u8 = 1 << 4;
+    pub const FORWARDED_HOST: u8 = 1 << 5;
+    pub const TRACEPARENT: u8 = 1 << 6;
+    /// Nothing known: every stage looks (a request no client-header pass has seen).
+    pub const UNKNOWN: u8 = u8::MAX;
+}
+
+/// What the gateway knows about one request, as fields: made once when the request
+/// arrives, filled in by the stages in order. Fields instead of `http::Extensions`
+/// entries: no `TypeId` hashing and no box per entry.
+#[derive(Debug)]
+pub struct ReqCtx {
+    pub conn: Arc<ConnInfo>,
+    /// Position of the request among those of its connection (0-based, arrival order).
+    pub index: u64,
+    /// How many header fields the client sent (before any stage added one); `None`
+    /// until the client-header pass counted them.
+    pub client_headers: Option<usize>,
+    /// The framing verdict of the client-header pass (`None`: acceptable or not judged).
+    pub framing: Option<BadFraming>,
+    /// Gateway-owned names the client sent (`owned` bits).
+    pub client_owned: u8,
+    /// A WebSocket upgrade (Connection: upgrade and Upgrade: websocket).
+    pub upgrade: bool,
+    pub request_id: Option<RequestId>,
+    pub trace_id: Option<TraceId>,
+    /// Set by the auth stage.
+    pub identity: Option<Identity>,
+}
+
+impl ReqCtx {
+    pub fn new(conn: Arc<ConnInfo>, index: u64) -> ReqCtx {
+        ReqCtx {
+            conn,
+            index,
+            client_headers: None,
+            framing: None,
+            client_owned: owned::UNKNOWN,
+            upgrade: false,
+            request_id: None,
+            trace_id: None,
+            identity: None,
+        }
+    }
+
+    /// The request id, or "" before the request-id step ran.
+    pub fn request_id_str(&self) -> &str {
+        self.request_id.as_ref().map_or("", |r| &r.0)
+    }
+
+    /// Whether the client may have sent a header with this `owned` bit.
+    pub fn client_sent(&self, bit: u8) -> bool {
+        self.client_owned & bit != 0
+    }
+}
+
+/// A request and its context, boxed once: stages pass this 8-byte handle instead of
+/// moving the ~250-byte `Request` from stage to stage. Derefs to the request.
+pub struct Req<B>(Box<ReqParts<B>>);
+
+struct ReqParts<B> {
+    req: Request<B>,
+    ctx: ReqCtx,
+}
+
+impl<B> Req<B> {
+    pub fn new(req: Request<B>, ctx: ReqCtx) -> Req<B> {
+        Req(Box::new(ReqParts { req, ctx }))
+    }
+
+    pub fn ctx(&self) -> &ReqCtx {
+        &self.0.ctx
+    }
+
+    pub fn ctx_mut(&mut self) -> &mut ReqCtx {
+        &mut self.0.ctx
+    }
+
+    /// The request and its context, both borrowed (a stage edits headers while
+    /// reading the context).
+    pub fn split_mut(&mut self) -> (&mut Request<B>, &mut ReqCtx) {
+        let p = &mut *self.0;
+        (&mut p.req, &mut p.ctx)
+    }
+
+    pub fn into_parts(self) -> (Request<B>, ReqCtx) {
+        let p = *self.0;
+        (p.req, p.ctx)
+    }
+
+    pub fn into_request(self) -> Request<B> {
+        self.0.req
+    }
+}
+
+impl<B> Deref for Req<B> {
+    type Target = Request<B>;
+    fn deref(&self) -> &Request<B> {
+        &self.0.req
+    }
+}
+
+impl<B> DerefMut for Req<B> {
+    fn deref_mut(&mut self) -> &mut Request<B> {
+        &mut self.0.req
+    }
+}
+
+#[cfg(test)]
+pub mod testing {
+    //! Requests with a context, for stage tests.
+    use super::*;
+
+    pub fn conn() -> Arc<ConnInfo> {
+        Arc::new(ConnInfo::new("127.0.0.1:1".parse().expect("addr"), false, false))
+    }
+
+    pub fn req<B>(r: Request<B>) -> Req<B> {
+        Req::new(r, ReqCtx::new(conn(), 0))
+    }
+}
 
 /// Shared rather than owned: several stages and the error paths keep a copy.
 #[derive(Clone, Debug)]

@@ -8,15 +8,16 @@
 //! detector in `crate::smuggle`, requests that had both `Content-Length` and
 //! `Transfer-Encoding` (hyper hides that). Then header count and path checks.
 
-use crate::ctx::{ClientHeaderCount, ConnInfo, RequestIndex};
+pub use crate::ctx::BadFraming;
+use crate::ctx::Req;
 use crate::http_util::json_error;
 use crate::http_util::Body;
 use crate::stage::{Answer, Next};
-use http::{header, HeaderValue, Request, Response, StatusCode, Version};
+use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode, Version};
 
 pub use crate::smuggle::{SmuggleGuard, Smuggled};
 
-fn bad_request<B>(req: &Request<B>, code: &str, message: &str, close: bool) -> Response<Body> {
+fn bad_request<B>(req: &Req<B>, code: &str, message: &str, close: bool) -> Response<Body> {
     let mut r = json_error(req, StatusCode::BAD_REQUEST, code, message);
     if close {
         // The connection's framing is in doubt: do not read another request from it.
@@ -27,17 +28,9 @@ fn bad_request<B>(req: &Request<B>, code: &str, message: &str, close: bool) -> R
 }
 
 /// Why a request's framing is refused, judged on the headers as hyper parsed them
-/// (before hop-by-hop headers are stripped: `client_headers_stage` calls this first).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct BadFraming(pub &'static str);
-
-pub fn framing_error<B>(req: &Request<B>) -> Option<BadFraming> {
-    let index = req.extensions().get::<RequestIndex>().map_or(0, |i| i.0);
-    let flagged = req
-        .extensions()
-        .get::<ConnInfo>()
-        .is_some_and(|c| c.smuggled.flagged(index));
-    let h = req.headers();
+/// (before hop-by-hop headers are stripped: `client_headers` calls this first).
+/// `flagged`: the raw-byte detector saw this request with both CL and TE.
+pub fn framing_error(h: &HeaderMap, flagged: bool) -> Option<BadFraming> {
     if flagged
         || (h.contains_key(header::CONTENT_LENGTH) && h.contains_key(header::TRANSFER_ENCODING))
     {
@@ -142,17 +135,17 @@ pub fn valid_authority(v: &[u8]) -> bool {
 /// `max_headers`: `server.max_headers` of the request's config generation.
 ///
 /// Answers itself or hands over the rest of the pipeline's future (`Answer`).
-pub fn hardening_stage<B, N: Next<Request<B>>>(
+pub fn hardening_stage<B, N: Next<Req<B>>>(
     max_headers: usize,
-    mut req: Request<B>,
+    mut req: Req<B>,
     next: N,
 ) -> impl std::future::Future<Output = Response<Body>> + Send {
-    let ext = req.extensions();
-    let framing = match ext.get::<BadFraming>() {
-        Some(b) => Some(*b),
-        // `client_headers_stage` (which counted the headers) judged them already.
-        None if ext.get::<ClientHeaderCount>().is_some() => None,
-        None => framing_error(&req),
+    let ctx = req.ctx();
+    let framing = match (ctx.framing, ctx.client_headers) {
+        (Some(b), _) => Some(b),
+        // The client-header pass (which counted the headers) judged them already.
+        (None, Some(_)) => None,
+        (None, None) => framing_error(req.headers(), ctx.conn.smuggled.flagged(ctx.index)),
     };
     if let Some(BadFraming(why)) = framing {
         return Answer::now(bad_request(&req, "bad_request", why, true));
@@ -163,10 +156,7 @@ pub fn hardening_stage<B, N: Next<Request<B>>>(
     }
     let max = max_headers;
     // Only what the client sent counts, not the headers the gateway added since.
-    let count = req
-        .extensions()
-        .get::<ClientHeaderCount>()
-        .map_or(req.headers().len(), |c| c.0);
+    let count = req.ctx().client_headers.unwrap_or(req.headers().len());
     if count > max {
         return Answer::now(json_error(
             &req,
@@ -244,6 +234,7 @@ mod tests {
             }
             b.body(()).expect("request")
         };
+        let framing_error = |r: &Request<()>| framing_error(r.headers(), false);
         assert_eq!(framing_error(&req(&[], true)), None);
         assert_eq!(framing_error(&req(&["chunked"], false)), None);
         assert_eq!(framing_error(&req(&[" Chunked "], false)), None);
@@ -254,16 +245,7 @@ mod tests {
         ] {
             assert!(framing_error(&bad).is_some(), "{:?}", bad.headers());
         }
-        // A request at or after the one the raw-byte guard flagged.
-        let conn = ConnInfo::new("127.0.0.1:1".parse().expect("addr"), false, false);
-        let mut flagged = req(&[], false);
-        flagged.extensions_mut().insert(conn.clone());
-        flagged.extensions_mut().insert(RequestIndex(0));
-        assert_eq!(framing_error(&flagged), None);
-        let mut g = SmuggleGuard::new((), conn.smuggled.clone());
-        g.scan_for_test(
-            b"POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
-        );
-        assert!(framing_error(&flagged).is_some());
+        // A request the raw-byte guard flagged.
+        assert!(super::framing_error(&HeaderMap::new(), true).is_some());
     }
 }

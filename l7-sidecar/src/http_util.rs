@@ -1,9 +1,9 @@
 //! HTTP helpers every stage uses: the response body type, JSON error responses,
 //! hop-by-hop header handling and cookie lookup. A leaf below all stages.
 
-use crate::ctx::RequestId;
+use crate::ctx::Req;
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 
@@ -20,17 +20,12 @@ pub fn full(b: impl Into<Bytes>) -> Body {
 pub struct ErrorCode(pub String);
 
 pub fn json_error<B>(
-    req: &Request<B>,
+    req: &Req<B>,
     status: StatusCode,
     code: &str,
     message: &str,
 ) -> Response<Body> {
-    let id = req
-        .extensions()
-        .get::<RequestId>()
-        .map(|r| &*r.0)
-        .unwrap_or_default();
-    json_error_with_id(status, code, message, id)
+    json_error_with_id(status, code, message, req.ctx().request_id_str())
 }
 
 pub fn json_error_with_id(
@@ -66,7 +61,7 @@ static HOP_BY_HOP: [HeaderName; 9] = [
 /// The index of `name` in `HOP_BY_HOP`. A `match` on the name's text compiles to a
 /// length switch and one comparison; comparing it with each of the nine `HeaderName`s
 /// cost a few hundred instructions per header map (measured with callgrind).
-fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
+pub(crate) fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
     Some(match name.as_str() {
         "connection" => 0,
         "keep-alive" => 1,

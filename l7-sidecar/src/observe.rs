@@ -4,12 +4,12 @@
 //! handles are registered once per route, the access record is only assembled when
 //! someone reads it, and log lines are written by a background thread.
 
-use crate::ctx::{ConnInfo, RequestId, TraceId, UpstreamAddr, UserId};
+use crate::ctx::{owned, Req, TraceId, UpstreamAddr, UserId};
 use crate::http_util::{full, Body};
 use crate::routing::MatchedRoute;
 use crate::stage::{run, Answer, Next};
 use std::future::Future;
-use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Response};
 use http_body_util::BodyExt as _;
 pub use crate::stats::{
     prometheus, record_auth_failure, record_rate_limited, render_metrics, RouteMetrics,
@@ -168,10 +168,11 @@ pub(crate) fn put_hex(out: &mut [u8], mut v: u128) {
 }
 
 /// W3C trace context: keep the trace id, start a new span id for our hop.
-/// Returns the trace id.
-pub fn propagate_traceparent(headers: &mut HeaderMap) -> TraceId {
-    let parsed = headers
-        .get(&TRACEPARENT)
+/// Returns the trace id. `client_sent`: whether the client may have sent one.
+pub fn propagate_traceparent(headers: &mut HeaderMap, client_sent: bool) -> TraceId {
+    let parsed = client_sent
+        .then(|| headers.get(&TRACEPARENT))
+        .flatten()
         .and_then(|v| v.to_str().ok())
         .and_then(parse_traceparent);
     let (trace, flags) = parsed.unwrap_or_else(|| {
@@ -224,31 +225,23 @@ fn parse_traceparent(v: &str) -> Option<(u128, u8)> {
 
 /// Continue (or start) the W3C trace for this hop; with `on` false
 /// (`observability.trace_context = false`) `traceparent` passes through untouched.
-/// Hands over the rest of the pipeline's future itself: no future of its own.
-pub fn trace_stage<B, N: Next<Request<B>>>(
-    on: bool,
-    mut req: Request<B>,
-    next: N,
-) -> impl Future<Output = Response<Body>> + Send {
+/// A step before the stages (it never answers): see `pipeline.rs`.
+pub fn start_trace<B>(on: bool, req: &mut Req<B>) {
     if on {
-        let trace = propagate_traceparent(req.headers_mut());
-        req.extensions_mut().insert(trace);
+        let (r, ctx) = req.split_mut();
+        let trace = propagate_traceparent(r.headers_mut(), ctx.client_sent(owned::TRACEPARENT));
+        ctx.trace_id = Some(trace);
     }
-    next.run(req)
 }
 
 /// Serve the Prometheus text format on listeners that opted in. Answers itself or
 /// hands over the rest of the pipeline's future (`Answer`).
-pub fn metrics_stage<B, N: Next<Request<B>>>(
+pub fn metrics_stage<B, N: Next<Req<B>>>(
     metrics_path: &str,
-    req: Request<B>,
+    req: Req<B>,
     next: N,
 ) -> impl Future<Output = Response<Body>> + Send {
-    let serve = req
-        .extensions()
-        .get::<ConnInfo>()
-        .is_some_and(|c| c.serve_metrics)
-        && metrics_path == req.uri().path();
+    let serve = req.ctx().conn.serve_metrics && metrics_path == req.uri().path();
     if !serve {
         return Answer::next(next.run(req));
     }
@@ -277,21 +270,18 @@ struct RequestSide {
 pub async fn access_log_stage<B>(
     log: Arc<AccessLog>,
     write: bool,
-    req: Request<B>,
-    next: impl Next<Request<B>>,
+    req: Req<B>,
+    next: impl Next<Req<B>>,
 ) -> Response<Body> {
     let started = Instant::now();
-    let ext = req.extensions();
+    let ctx = req.ctx();
     let request = log.wanted(write).then(|| RequestSide {
         time: SystemTime::now(),
         method: req.method().clone(),
         path: req.uri().path().to_string(),
-        client_ip: ext
-            .get::<ConnInfo>()
-            .map(|c| c.client_ip_str().to_string())
-            .unwrap_or_default(),
-        request_id: ext.get::<RequestId>().map(|r| r.0.clone()),
-        trace_id: ext.get::<TraceId>().copied(),
+        client_ip: ctx.conn.client_ip_str().to_string(),
+        request_id: ctx.request_id.as_ref().map(|r| r.0.clone()),
+        trace_id: ctx.trace_id,
     });
     let resp = run(next, req).await;
     let ext = resp.extensions();
@@ -416,7 +406,7 @@ mod tests {
             HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
         );
         assert_eq!(
-            propagate_traceparent(&mut h).to_string(),
+            propagate_traceparent(&mut h, true).to_string(),
             "4bf92f3577b34da6a3ce929d0e0e4736"
         );
         let tp = h["traceparent"].to_str().expect("ascii");
@@ -427,7 +417,7 @@ mod tests {
         );
         let mut h = HeaderMap::new();
         h.insert("traceparent", HeaderValue::from_static("garbage"));
-        let id = propagate_traceparent(&mut h).to_string();
+        let id = propagate_traceparent(&mut h, true).to_string();
         assert_eq!(id.len(), 32);
         assert!(parse_traceparent(h["traceparent"].to_str().expect("ascii")).is_some());
     }

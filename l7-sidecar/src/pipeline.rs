@@ -4,19 +4,25 @@
 //! request runs under, its registries — so no stage reads a gateway-wide runtime,
 //! and each can be tested alone with a stub `next`.
 //!
-//! Stages share per-request data through `ctx` types in extensions: request
-//! extensions carry what outer stages learned (connection, ids, identity), response
-//! extensions carry what inner stages learned (route, user, upstream) back out to
-//! the access log. The matched route is not an extension: stages below routing take
-//! a `Routed` request, so "no route" cannot happen there.
+//! Stages share per-request data through the request's context (`ctx::ReqCtx`,
+//! boxed with the request in a `ctx::Req`): what outer stages learned (connection,
+//! ids, identity) as typed fields; response extensions carry what inner stages
+//! learned (route, user, upstream) back out to the access log. The matched route is
+//! not in the context: stages below routing take a `Routed` request, so "no route"
+//! cannot happen there.
+//!
+//! The steps that never answer a request (client-header clean-up, request id,
+//! trace context) run before the stages, as plain calls in `GatewayService::start`;
+//! the request id's response header is set where the answer leaves
+//! (`ResponseFuture`), so none of them needs a future of its own.
 
-use crate::ctx::{ConnInfo, RequestIndex};
+use crate::ctx::{ConnInfo, Req, ReqCtx};
 use crate::gateway::{Runtime, Shared};
 use crate::http_util::Body;
 use crate::routing::Routed;
 use crate::stage::{stage, Next, Stage};
 use crate::trace::{Hop, StageKind, Traced, Tracer};
-use http::{Request, Response};
+use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use std::convert::Infallible;
 use std::future::Future;
@@ -28,7 +34,7 @@ use std::task::{Context, Poll};
 /// `Traced` for the stages above routing, with the request type fixed.
 fn traced<F, Fut, N>(kind: StageKind, tracer: &Tracer, f: F, next: N) -> Traced<F, N>
 where
-    F: FnOnce(Request<Incoming>, Hop<N>) -> Fut,
+    F: FnOnce(Req<Incoming>, Hop<N>) -> Fut,
 {
     Traced::new(kind, tracer, f, next)
 }
@@ -44,7 +50,7 @@ where
 /// A traced stage's place for an untraced request: the stage alone.
 fn plain<F, Fut, N>(_: StageKind, _: &Tracer, f: F, next: N) -> Stage<F, N>
 where
-    F: FnOnce(Request<Incoming>, N) -> Fut,
+    F: FnOnce(Req<Incoming>, N) -> Fut,
 {
     Stage::new(f, next)
 }
@@ -128,20 +134,10 @@ macro_rules! compose_stages {
         );
         let log = $shared.access_log.clone();
         let write = rt.cfg.observability.access_log;
-        let p = $wrap(
+        $wrap(
             StageKind::Log,
             tracer,
             move |req, next| crate::observe::access_log_stage(log, write, req, next),
-            p,
-        );
-        let trace_context = rt.cfg.observability.trace_context;
-        let p = stage(
-            move |req, next| crate::observe::trace_stage(trace_context, req, next),
-            p,
-        );
-        let p = stage(crate::transform::request_id_stage, p);
-        stage(
-            move |req, next| crate::client_headers::client_headers_stage(&rt.cfg.transforms, req, next),
             p,
         )
     }};
@@ -154,14 +150,14 @@ use compose_stages as compose;
 ///
 /// `tracer` records what the traced stages (access log, routing, auth, rate limit,
 /// transform, upstream) decided, when the request was sampled (`trace::sample`).
-pub fn pipeline(shared: &Shared, rt: Arc<Runtime>, tracer: &Tracer) -> impl Next<Request<Incoming>> {
+pub fn pipeline(shared: &Shared, rt: Arc<Runtime>, tracer: &Tracer) -> impl Next<Req<Incoming>> {
     compose!(shared, rt, tracer, traced, traced_routed)
 }
 
 /// The same pipeline for a request that is not traced (the usual case): plain stages,
 /// without the `Traced` and `Hop` wrappers a sampled request's stages note their
 /// verdicts through (each wrapper also meant one more copy of the future it wraps).
-pub fn untraced_pipeline(shared: &Shared, rt: Arc<Runtime>) -> impl Next<Request<Incoming>> {
+pub fn untraced_pipeline(shared: &Shared, rt: Arc<Runtime>) -> impl Next<Req<Incoming>> {
     let tracer: Tracer = None;
     compose!(shared, rt, &tracer, plain, plain_routed)
 }
@@ -176,12 +172,16 @@ pub fn untraced_pipeline(shared: &Shared, rt: Arc<Runtime>) -> impl Next<Request
 #[derive(Clone)]
 pub struct GatewayService {
     shared: Arc<Shared>,
-    conn: ConnInfo,
+    /// Shared with every request's context: one reference count per request.
+    conn: Arc<ConnInfo>,
 }
 
 /// The service for one connection.
 pub fn build(shared: Arc<Shared>, conn: ConnInfo) -> GatewayService {
-    GatewayService { shared, conn }
+    GatewayService {
+        shared,
+        conn: Arc::new(conn),
+    }
 }
 
 /// What hyper sends back: the pipeline's body, counted as in flight until hyper drops it.
@@ -200,20 +200,39 @@ pub fn panic_response() -> Response<Body> {
 
 type PipelineFuture = Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
 
+/// The steps before the stages, in order: clean the client's headers, give the
+/// request its id, continue the trace. None of them answers; the request id's value
+/// is returned for the response (see `ResponseFuture`).
+pub fn prepare<B>(
+    rt: &Runtime,
+    req: &mut Req<B>,
+) -> HeaderValue {
+    crate::client_headers::clean_client_headers(&rt.cfg.transforms, req);
+    let id = crate::transform::assign_request_id(req);
+    crate::observe::start_trace(rt.cfg.observability.trace_context, req);
+    id
+}
+
 impl GatewayService {
-    fn start(&self, mut req: Request<Incoming>) -> PipelineFuture {
+    /// The request's pipeline future and the X-Request-Id its response gets.
+    fn start(&self, req: Request<Incoming>) -> (PipelineFuture, Option<HeaderValue>) {
         let index = self.conn.requests.fetch_add(1, Ordering::Relaxed);
-        req.extensions_mut().insert(RequestIndex(index));
         if self.conn.admin {
             // The admin listener never runs the gateway's stages.
-            return Box::pin(crate::admin::serve(self.shared.clone(), req));
+            return (Box::pin(crate::admin::serve(self.shared.clone(), req)), None);
         }
-        req.extensions_mut().insert(self.conn.clone());
         let rt = self.shared.runtime.load_full();
-        let tracer = crate::trace::sample(rt.cfg.admin.as_ref(), rt.cfg.observability.access_log, &req);
+        let tracer = crate::trace::sample(
+            rt.cfg.admin.as_ref(),
+            rt.cfg.observability.access_log,
+            &req,
+            Some(self.conn.peer),
+        );
+        let mut req = Req::new(req, ReqCtx::new(self.conn.clone(), index));
+        let id = prepare(&rt, &mut req);
         // Boxed straight away: the pipeline future is several KiB, and every
         // further move of it (into a wrapping `async` block, say) is a memcpy.
-        match tracer {
+        let fut: PipelineFuture = match tracer {
             None => Box::pin(untraced_pipeline(&self.shared, rt).run(req)),
             Some(recorder) => {
                 let buffer = self.shared.traces.clone();
@@ -224,7 +243,8 @@ impl GatewayService {
                     resp
                 })
             }
-        }
+        };
+        (fut, Some(id))
     }
 }
 
@@ -237,11 +257,15 @@ impl hyper::service::Service<Request<Incoming>> for GatewayService {
         // In flight until hyper drops the response body: the idle watchdog must not
         // close a connection whose response is still being produced.
         let in_flight = self.conn.activity.start_request();
-        let fut = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.start(req)))
-            .map_err(|_| panic_response());
+        let (fut, request_id) =
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.start(req))) {
+                Ok((fut, id)) => (Ok(fut), id),
+                Err(_) => (Err(panic_response()), None),
+            };
         ResponseFuture {
             fut: Some(fut),
             in_flight: Some(in_flight),
+            request_id,
         }
     }
 }
@@ -251,6 +275,9 @@ impl hyper::service::Service<Request<Incoming>> for GatewayService {
 pub struct ResponseFuture {
     fut: Option<Result<PipelineFuture, Response<Body>>>,
     in_flight: Option<crate::idle::InFlight>,
+    /// Every response carries the request's id (also the answers of stages that
+    /// refused it): set here, on the way out, rather than by a stage of its own.
+    request_id: Option<HeaderValue>,
 }
 
 impl Future for ResponseFuture {
@@ -274,6 +301,10 @@ impl Future for ResponseFuture {
             None => panic_response(),
         };
         this.fut = None;
+        let mut resp = resp;
+        if let Some(id) = this.request_id.take() {
+            resp.headers_mut().insert(crate::transform::REQUEST_ID, id);
+        }
         let guard = this.in_flight.take();
         Poll::Ready(Ok(resp.map(|b| crate::idle::InFlightBody::new(b, guard))))
     }
@@ -300,9 +331,11 @@ mod tests {
         let rf = ResponseFuture {
             fut: Some(Ok(fut)),
             in_flight: Some(c.activity.start_request()),
+            request_id: Some(HeaderValue::from_static("id-1")),
         };
         let resp = rf.await.expect("infallible");
         assert_eq!(resp.status(), http::StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(resp.headers()["x-request-id"], "id-1", "set on the way out");
         let body = resp.into_body().collect().await.expect("body").to_bytes();
         assert!(
             String::from_utf8_lossy(&body).contains("\"internal\""),

@@ -1,15 +1,15 @@
 //! Per-route rate limiting: fixed window, sliding window (weighted previous window)
 //! and token bucket. Keys are bounded: idle ones are evicted when the map fills up.
 
-use crate::auth::Identity;
 use crate::config::{RateAlgorithm, RateKey, RateLimitConfig};
-use crate::ctx::ConnInfo;
 use crate::http_util::json_error;
 use crate::http_util::Body;
 use crate::routing::Routed;
 use crate::stage::{run, Next};
 use http::{header, HeaderMap, HeaderName, Response, StatusCode};
 use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -42,9 +42,80 @@ struct Entry {
     last_seen: Instant,
 }
 
+/// Whose budget a request uses. One limiter is one policy, so the policy's name
+/// needs no place in the key; the kinds cannot collide (different variants).
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Key {
+    Ip(IpAddr),
+    /// An API key or a user id (a policy keys on one of them).
+    Name(Box<str>),
+}
+
+/// `Key`, borrowed: looked up without making a `String` per request.
+#[derive(Clone, Copy, Debug)]
+pub enum KeyRef<'a> {
+    Ip(IpAddr),
+    Name(&'a str),
+}
+
+// `Key` and `KeyRef` hash alike (hashbrown finds a `Key` by its `KeyRef`).
+impl Hash for Key {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        self.as_ref().hash(h);
+    }
+}
+
+impl Hash for KeyRef<'_> {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        match self {
+            KeyRef::Ip(ip) => {
+                h.write_u8(0);
+                ip.hash(h);
+            }
+            KeyRef::Name(n) => {
+                h.write_u8(1);
+                n.hash(h);
+            }
+        }
+    }
+}
+
+impl Key {
+    fn as_ref(&self) -> KeyRef<'_> {
+        match self {
+            Key::Ip(ip) => KeyRef::Ip(*ip),
+            Key::Name(n) => KeyRef::Name(n),
+        }
+    }
+}
+
+impl KeyRef<'_> {
+    fn to_owned_key(self) -> Key {
+        match self {
+            KeyRef::Ip(ip) => Key::Ip(ip),
+            KeyRef::Name(n) => Key::Name(n.into()),
+        }
+    }
+}
+
+impl hashbrown::Equivalent<Key> for KeyRef<'_> {
+    fn equivalent(&self, key: &Key) -> bool {
+        match (self, key) {
+            (KeyRef::Ip(a), Key::Ip(b)) => a == b,
+            (KeyRef::Name(a), Key::Name(b)) => *a == &**b,
+            _ => false,
+        }
+    }
+}
+
+/// Keys are client-chosen (addresses, API keys, user ids): hashbrown's default
+/// hasher is foldhash seeded at random per process and per map, which keeps
+/// HashDoS resistance at a fraction of SipHash's cost.
+type Entries = hashbrown::HashMap<Key, Entry>;
+
 pub struct Limiter {
     pub cfg: RateLimitConfig,
-    entries: Mutex<HashMap<String, Entry>>,
+    entries: Mutex<Entries>,
 }
 
 fn ceil_secs(d: Duration) -> u64 {
@@ -55,7 +126,7 @@ impl Limiter {
     pub fn new(cfg: RateLimitConfig) -> Limiter {
         Limiter {
             cfg,
-            entries: Mutex::new(HashMap::new()),
+            entries: Mutex::new(Entries::default()),
         }
     }
 
@@ -72,9 +143,13 @@ impl Limiter {
     }
 
     pub fn check_at(&self, key: &str, now: Instant) -> Decision {
+        self.check_key_at(KeyRef::Name(key), now)
+    }
+
+    pub fn check_key_at(&self, key: KeyRef<'_>, now: Instant) -> Decision {
         let window = Duration::from_millis(self.cfg.window_ms);
         let mut map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        let known = map.contains_key(key);
+        let known = map.contains_key(&key);
         if !known && map.len() >= self.cfg.max_keys {
             Self::evict(&mut map, now, window, self.cfg.max_keys);
         }
@@ -89,17 +164,17 @@ impl Limiter {
                 prev: 0,
             },
         };
-        // Looked up by &str: a key String is only made for a new caller.
+        // Looked up by `KeyRef`: an owned key is only made for a new caller.
         if !known {
             map.insert(
-                key.to_string(),
+                key.to_owned_key(),
                 Entry {
                     state: initial,
                     last_seen: now,
                 },
             );
         }
-        let Some(entry) = map.get_mut(key) else {
+        let Some(entry) = map.get_mut(&key) else {
             unreachable!("inserted above")
         };
         entry.last_seen = now;
@@ -175,12 +250,12 @@ impl Limiter {
     }
 
     /// Drop keys idle for two windows; if still full, drop the least recently seen.
-    fn evict(map: &mut HashMap<String, Entry>, now: Instant, window: Duration, max: usize) {
+    fn evict(map: &mut Entries, now: Instant, window: Duration, max: usize) {
         map.retain(|_, e| now.saturating_duration_since(e.last_seen) < window * 2);
         if map.len() >= max {
-            let mut ages: Vec<(Instant, String)> =
+            let mut ages: Vec<(Instant, Key)> =
                 map.iter().map(|(k, e)| (e.last_seen, k.clone())).collect();
-            ages.sort_unstable();
+            ages.sort_unstable_by_key(|(at, _)| *at);
             let drop = map.len() - max + 1 + max / 10;
             for (_, k) in ages.into_iter().take(drop) {
                 map.remove(&k);
@@ -249,30 +324,25 @@ pub async fn rate_limit_stage<B>(
     r: Routed<B>,
     next: impl Next<Routed<B>>,
 ) -> Response<Body> {
-    let (ext, ctx) = (r.req.extensions(), &r.route);
-    let Some((name, limiter)) = ctx
+    let (rctx, ctx) = (r.req.ctx(), &r.route);
+    let Some(limiter) = ctx
         .route
         .cfg
         .rate_limit
         .as_ref()
-        .and_then(|n| Some((n, limiters.get(n)?.clone())))
+        .and_then(|n| limiters.get(n))
     else {
         return run(next, r).await;
     };
-    let id = ext.get::<Identity>();
+    let id = rctx.identity.as_ref();
     // Callers without the configured key share their IP's budget.
     let key = match limiter.cfg.key {
         RateKey::ClientIp => None,
-        RateKey::ApiKey => id
-            .and_then(|i| i.api_key.as_ref())
-            .map(|k| format!("{name}|key:{k}")),
-        RateKey::UserId => id.map(|i| format!("{name}|user:{}", i.user_id)),
+        RateKey::ApiKey => id.and_then(|i| i.api_key.as_deref()).map(KeyRef::Name),
+        RateKey::UserId => id.map(|i| KeyRef::Name(&i.user_id)),
     }
-    .unwrap_or_else(|| {
-        let ip = ext.get::<ConnInfo>().map_or("", |c| c.client_ip_str());
-        format!("{name}|ip:{ip}")
-    });
-    let d = limiter.check(&key);
+    .unwrap_or(KeyRef::Ip(rctx.conn.peer.ip()));
+    let d = limiter.check_key_at(key, Instant::now());
     if !d.allowed {
         crate::stats::record_rate_limited(&ctx.route.cfg.name);
         let mut resp = json_error(
@@ -377,8 +447,8 @@ mod tests {
             .collect();
         let mut statuses = Vec::new();
         for _ in 0..3 {
-            let mut req = Request::new(());
-            *req.extensions_mut() = first.req.extensions().clone();
+            let conn = first.req.ctx().conn.clone();
+            let req = crate::ctx::Req::new(Request::new(()), crate::ctx::ReqCtx::new(conn, 0));
             let r = Routed {
                 req,
                 route: first.route.clone(),
@@ -388,6 +458,19 @@ mod tests {
             statuses.push(resp.status().as_u16());
         }
         assert_eq!(statuses, [200, 200, 429]);
+    }
+
+    #[test]
+    fn key_kinds_are_separate_budgets() {
+        let l = limiter(RateAlgorithm::FixedWindow, 1, None, 10);
+        let t = Instant::now();
+        let ip: IpAddr = "10.0.0.1".parse().expect("ip");
+        assert!(l.check_key_at(KeyRef::Ip(ip), t).allowed);
+        assert!(!l.check_key_at(KeyRef::Ip(ip), t).allowed, "same address");
+        // A user id or API key that reads like the address is another caller.
+        assert!(l.check_key_at(KeyRef::Name("10.0.0.1"), t).allowed);
+        assert!(!l.check_at("10.0.0.1", t).allowed, "found again by &str");
+        assert_eq!(l.len(), 2);
     }
 
     #[test]

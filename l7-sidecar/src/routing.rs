@@ -2,10 +2,11 @@
 //! Routes are sorted once by specificity so the first full match is the most specific.
 
 use crate::config::{PathMatch, RouteConfig};
+use crate::ctx::Req;
 use crate::http_util::json_error;
 use crate::http_util::Body;
 use crate::stage::{run, Next};
-use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -25,15 +26,16 @@ pub struct RouteCtx {
 
 /// A request that matched a route, as every stage below routing receives it: the
 /// route travels with the request in the type, so it cannot be missing there.
+/// Both boxed: a stage boundary moves two pointers.
 pub struct Routed<B> {
-    pub req: Request<B>,
-    pub route: RouteCtx,
+    pub req: Req<B>,
+    pub route: Box<RouteCtx>,
 }
 
 /// Find the route or answer 404 / 405 with a JSON body.
 pub async fn routing_stage<B>(
     router: &Router,
-    req: Request<B>,
+    req: Req<B>,
     next: impl Next<Routed<B>>,
 ) -> Response<Body> {
     let host = req
@@ -54,11 +56,11 @@ pub async fn routing_stage<B>(
     ) {
         RouteMatch::Found { route, params } => {
             let matched = MatchedRoute(route.clone());
-            let route = RouteCtx {
+            let route = Box::new(RouteCtx {
                 route,
                 params,
                 host,
-            };
+            });
             let mut resp = run(next, Routed { req, route }).await;
             resp.extensions_mut().insert(matched);
             resp
@@ -390,6 +392,7 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::Request;
     use crate::config::Config;
 
     fn router(toml: &str) -> Router {
@@ -419,17 +422,17 @@ mod tests {
             resp.headers_mut().insert("x-param", r.route.params["id"].parse().expect("hv"));
             resp
         });
-        let req = Request::get("/api/users/7").body(()).expect("req");
+        let req = testing::req(Request::get("/api/users/7"));
         let resp = routing_stage(&r, req, next.clone()).await;
         assert_eq!(resp.status(), StatusCode::OK);
         assert_eq!(resp.headers()["x-param"], "7");
         let matched = resp.extensions().get::<MatchedRoute>().expect("matched route for the log");
         assert_eq!(matched.0.cfg.name, "template");
-        let req = Request::post("/api/users/7").body(()).expect("req");
+        let req = testing::req(Request::post("/api/users/7"));
         let resp = routing_stage(&r, req, next.clone()).await;
         assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
         assert_eq!(resp.headers()[header::ALLOW], "GET");
-        let req = Request::get("/elsewhere").body(()).expect("req");
+        let req = testing::req(Request::get("/elsewhere"));
         let resp = routing_stage(&r, req, next).await;
         assert_eq!(resp.status(), StatusCode::NOT_FOUND);
     }
@@ -604,26 +607,32 @@ pub mod testing {
     //! A routed request for testing the stages below routing alone.
     use super::*;
     use crate::config::Config;
-    use crate::ctx::ConnInfo;
+    use crate::ctx::{ConnInfo, ReqCtx};
+    use std::sync::Arc;
+
+    /// `builder`'s request with a context, as routing receives it.
+    pub fn req(builder: http::request::Builder) -> Req<()> {
+        crate::ctx::testing::req(builder.body(()).unwrap_or_else(|e| panic!("request: {e}")))
+    }
 
     /// `builder`'s request matched against `toml`'s routes, with a connection in its
     /// extensions, as the stages below routing receive it. No gateway is built.
     pub fn routed(toml: &str, builder: http::request::Builder) -> (Config, Routed<()>) {
         let cfg = Config::parse(toml).unwrap_or_else(|e| panic!("test config: {e}"));
         let router = Router::new(&cfg.routes);
-        let mut req = builder.body(()).unwrap_or_else(|e| panic!("request: {e}"));
+        let req = builder.body(()).unwrap_or_else(|e| panic!("request: {e}"));
         let RouteMatch::Found { route, params } =
             router.lookup(None, req.method(), req.uri().path(), req.headers())
         else {
             panic!("test request must match a route");
         };
         let conn = ConnInfo::new("127.0.0.1:5555".parse().expect("addr"), false, false);
-        req.extensions_mut().insert(conn);
-        let route = RouteCtx {
+        let req = Req::new(req, ReqCtx::new(Arc::new(conn), 0));
+        let route = Box::new(RouteCtx {
             route,
             params,
             host: None,
-        };
+        });
         (cfg, Routed { req, route })
     }
 }

@@ -6,13 +6,14 @@
 //! boxed future per stage. With a dozen stages that per-stage boxing, cloning and
 //! dynamic dispatch cost more than the proxying itself.
 
+use crate::ctx::Req;
 use crate::http_util::Body;
-use http::{Request, Response};
+use http::Response;
 use hyper::body::Incoming;
 use std::future::Future;
 
-/// The rest of the pipeline below a stage, taking requests of type `R`: a plain
-/// `Request<B>` above routing, a `routing::Routed<B>` (request plus its matched
+/// The rest of the pipeline below a stage, taking requests of type `R`: a
+/// `ctx::Req<B>` (the boxed request and its context) above routing, a `routing::Routed<B>` (request plus its matched
 /// route) below it. Running it consumes it: a stage calls it at most once.
 pub trait Next<R>: Send + 'static {
     fn run(self, req: R) -> impl Future<Output = Response<Body>> + Send;
@@ -103,7 +104,7 @@ where
 /// functions' generic parameters are inferred.
 pub fn stage<F, Fut, N>(f: F, next: N) -> Stage<F, N>
 where
-    F: FnOnce(Request<Incoming>, N) -> Fut,
+    F: FnOnce(Req<Incoming>, N) -> Fut,
 {
     Stage { f, next }
 }

@@ -9,7 +9,8 @@
 //! (the host aside), credentials or query strings.
 
 use crate::config::{AdminConfig, AuthMode, RouteConfig};
-use crate::ctx::{ConnInfo, UpstreamAddr};
+use crate::ctx::{Req, UpstreamAddr};
+use std::net::SocketAddr;
 use crate::http_util::{Body, ErrorCode};
 use crate::routing::{MatchedRoute, Routed};
 use crate::stage::Next;
@@ -191,14 +192,20 @@ impl TraceBuffer {
 pub type Tracer = Option<Arc<Recorder>>;
 
 /// Whether to trace this request: one random comparison, and an allocation only if yes.
-/// `log_written`: whether this config generation writes access log lines.
-pub fn sample<B>(admin: Option<&AdminConfig>, log_written: bool, req: &Request<B>) -> Tracer {
+/// `log_written`: whether this config generation writes access log lines; `client`:
+/// the connection's peer, if known.
+pub fn sample<B>(
+    admin: Option<&AdminConfig>,
+    log_written: bool,
+    req: &Request<B>,
+    client: Option<SocketAddr>,
+) -> Tracer {
     let a = admin?;
     if a.trace_sample_rate <= 0.0 || fastrand::f64() >= a.trace_sample_rate {
         return None;
     }
     let replica = a.replica.clone().unwrap_or_else(|| a.listen.clone());
-    Some(Arc::new(Recorder::new(req, replica, log_written)))
+    Some(Arc::new(Recorder::new(req, client, replica, log_written)))
 }
 
 /// What one request's stages did, filled in as it runs.
@@ -237,7 +244,7 @@ pub trait RouteView {
     fn route_cfg(&self) -> Option<&RouteConfig>;
 }
 
-impl<B> RouteView for Request<B> {
+impl<B> RouteView for Req<B> {
     fn route_cfg(&self) -> Option<&RouteConfig> {
         None
     }
@@ -250,7 +257,12 @@ impl<B> RouteView for Routed<B> {
 }
 
 impl Recorder {
-    pub fn new<B>(req: &Request<B>, replica: String, log_written: bool) -> Recorder {
+    pub fn new<B>(
+        req: &Request<B>,
+        client: Option<SocketAddr>,
+        replica: String,
+        log_written: bool,
+    ) -> Recorder {
         // A request refused for its Host is traced without it: its host is whatever the
         // client chose to write there (markup, a second Host, a password).
         let host = match crate::guard::host_error(req) {
@@ -269,7 +281,7 @@ impl Recorder {
                 .unwrap_or_default()
                 .as_millis() as u64,
             replica,
-            client: req.extensions().get::<ConnInfo>().map(|c| c.peer.to_string()),
+            client: client.map(|c| c.to_string()),
             method: cut(req.method().as_str(), MAX_METHOD),
             host: cut(host, MAX_HOST),
             path: traced_path(req.uri().path()),

@@ -1,16 +1,15 @@
 //! Request/response transformation: request ids, forwarding and identity headers,
 //! configured header edits and stripping internal fields from JSON bodies.
 
-use crate::auth::Identity;
 use crate::config::TransformConfig;
+use crate::ctx::{owned, Identity, Req, RequestId};
 // Re-exported where it used to live, for the fuzz target.
-use crate::ctx::{ConnInfo, RequestId};
 pub use crate::http_util::cookie;
 use crate::http_util::json_error_with_id;
 use crate::http_util::{full, is_upgrade, strip_hop_by_hop, Body};
 use crate::routing::Routed;
 use crate::stage::{run, Next};
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -18,7 +17,7 @@ pub const X_REQUEST_ID: &str = "x-request-id";
 pub const X_USER_ID: &str = "x-user-id";
 pub const X_USER_ROLE: &str = "x-user-role";
 
-const REQUEST_ID: HeaderName = HeaderName::from_static(X_REQUEST_ID);
+pub const REQUEST_ID: HeaderName = HeaderName::from_static(X_REQUEST_ID);
 const USER_ID: HeaderName = HeaderName::from_static(X_USER_ID);
 const USER_ROLE: HeaderName = HeaderName::from_static(X_USER_ROLE);
 const FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -56,9 +55,9 @@ fn new_request_id_bytes() -> [u8; 36] {
 }
 
 /// Returns the request id to use (and its header value), setting it on the request
-/// headers.
-pub fn ensure_request_id(headers: &mut HeaderMap) -> (Arc<str>, HeaderValue) {
-    if let Some(v) = headers.get(&REQUEST_ID) {
+/// headers. `client_sent`: whether the client may have sent one (else no lookup).
+pub fn ensure_request_id(headers: &mut HeaderMap, client_sent: bool) -> (Arc<str>, HeaderValue) {
+    if let Some(v) = headers.get(&REQUEST_ID).filter(|_| client_sent) {
         if let Some(id) = v.to_str().ok().filter(|v| valid_request_id(v)) {
             return (Arc::from(id), v.clone());
         }
@@ -71,9 +70,14 @@ pub fn ensure_request_id(headers: &mut HeaderMap) -> (Arc<str>, HeaderValue) {
 }
 
 /// Identity headers come only from the gateway: whatever the client sent is dropped.
-pub fn set_identity_headers(headers: &mut HeaderMap, id: Option<&Identity>) {
-    headers.remove(USER_ID);
-    headers.remove(USER_ROLE);
+/// `client_owned`: the `ctx::owned` bits of what the client may have sent.
+pub fn set_identity_headers(headers: &mut HeaderMap, id: Option<&Identity>, client_owned: u8) {
+    if client_owned & owned::USER_ID != 0 {
+        headers.remove(USER_ID);
+    }
+    if client_owned & owned::USER_ROLE != 0 {
+        headers.remove(USER_ROLE);
+    }
     if let Some(id) = id {
         if let Ok(v) = HeaderValue::from_str(&id.user_id) {
             headers.insert(USER_ID, v);
@@ -86,18 +90,30 @@ pub fn set_identity_headers(headers: &mut HeaderMap, id: Option<&Identity>) {
     }
 }
 
+/// `client_owned` as for `set_identity_headers`: the client's X-Forwarded-For is
+/// only looked up when it may be there.
 pub fn set_forwarded_headers(
     headers: &mut HeaderMap,
     client: &HeaderValue,
     proto: &str,
     host: Option<&HeaderValue>,
+    client_owned: u8,
 ) {
-    let xff = match headers.get(&FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => {
-            let client = client.to_str().unwrap_or_default();
-            HeaderValue::from_str(&format!("{prev}, {client}")).ok()
+    let prev = (client_owned & owned::FORWARDED_FOR != 0)
+        .then(|| headers.get(&FORWARDED_FOR))
+        .flatten()
+        .filter(|v| v.to_str().is_ok_and(|p| !p.trim().is_empty()));
+    let xff = match prev {
+        Some(prev) => {
+            // "prev, client" built in one buffer (no `format!`); both parts are
+            // visible ASCII already, so the value stays valid.
+            let mut v = Vec::with_capacity(prev.len() + 2 + client.len());
+            v.extend_from_slice(prev.as_bytes());
+            v.extend_from_slice(b", ");
+            v.extend_from_slice(client.as_bytes());
+            HeaderValue::from_maybe_shared(bytes::Bytes::from(v)).ok()
         }
-        _ => Some(client.clone()),
+        None => Some(client.clone()),
     };
     if let Some(v) = xff {
         headers.insert(FORWARDED_FOR, v);
@@ -202,13 +218,14 @@ pub fn json_media_type(headers: &HeaderMap) -> Result<bool, MediaTypeError> {
     Ok((ty.eq_ignore_ascii_case("application") && sub.eq_ignore_ascii_case("json")) || suffix_json)
 }
 
-/// Outermost id stage: every request and response carries `X-Request-Id`.
-pub async fn request_id_stage<B>(mut req: Request<B>, next: impl Next<Request<B>>) -> Response<Body> {
-    let (id, value) = ensure_request_id(req.headers_mut());
-    req.extensions_mut().insert(RequestId(id));
-    let mut resp = run(next, req).await;
-    resp.headers_mut().insert(REQUEST_ID, value);
-    resp
+/// Every request and response carries `X-Request-Id`: keep the client's (if valid)
+/// or make one, note it in the request's context and return it for the response
+/// (set on the way out, where the pipeline's answer leaves: `pipeline.rs`).
+pub fn assign_request_id<B>(req: &mut Req<B>) -> HeaderValue {
+    let (r, ctx) = req.split_mut();
+    let (id, value) = ensure_request_id(r.headers_mut(), ctx.client_sent(owned::REQUEST_ID));
+    ctx.request_id = Some(RequestId(id));
+    value
 }
 
 /// Request side: identity and forwarding headers, configured edits, hop-by-hop
@@ -221,29 +238,29 @@ pub async fn transform_stage<B>(
     Routed { mut req, route }: Routed<B>,
     next: impl Next<Routed<B>>,
 ) -> Response<Body> {
+    let (r, ctx) = req.split_mut();
     let t = route
         .route
         .cfg
         .transform
         .as_ref()
         .and_then(|n| transforms.get(n));
-    let identity = req.extensions().get::<Identity>().cloned();
-    let (client, tls) = req
-        .extensions()
-        .get::<ConnInfo>()
-        .map_or((HeaderValue::from_static("127.0.0.1"), false), |c| {
-            (c.client_ip.clone(), c.tls)
-        });
+    // The client-header pass knows whether this is an upgrade; a request it has not
+    // seen (`client_headers` unset) is asked directly.
+    let upgrade = match ctx.client_headers {
+        Some(_) => ctx.upgrade,
+        None => is_upgrade(r.headers()),
+    };
+    let rid = ctx.request_id.as_ref().map(|r| r.0.clone());
     let host = route.host.clone();
-    let upgrade = is_upgrade(req.headers());
-    let rid = req.extensions().get::<RequestId>().map(|r| r.0.clone());
-    let h = req.headers_mut();
-    set_identity_headers(h, identity.as_ref());
+    let h = r.headers_mut();
+    set_identity_headers(h, ctx.identity.as_ref(), ctx.client_owned);
     set_forwarded_headers(
         h,
-        &client,
-        if tls { "https" } else { "http" },
+        &ctx.conn.client_ip,
+        if ctx.conn.tls { "https" } else { "http" },
         host.as_ref(),
+        ctx.client_owned,
     );
     // HTTP/2 carries the host in :authority; upstreams speak HTTP/1.1 and need Host.
     if !h.contains_key(http::header::HOST) {
@@ -261,7 +278,9 @@ pub async fn transform_stage<B>(
             );
         }
     }
-    if !upgrade {
+    // The client's hop-by-hop headers are gone already (`client_headers`); only
+    // configured edits can have added some since.
+    if !upgrade && (t.is_some() || ctx.client_headers.is_none()) {
         strip_hop_by_hop(h);
     }
     let mut resp = run(next, Routed { req, route }).await;
@@ -319,6 +338,7 @@ pub fn is_encoded(headers: &HeaderMap) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::Request;
     use http_body_util::BodyExt as _;
 
     #[test]
@@ -362,9 +382,9 @@ mod tests {
     fn request_id_kept_or_generated() {
         let mut h = HeaderMap::new();
         h.insert(X_REQUEST_ID, HeaderValue::from_static("abc-123"));
-        assert_eq!(&*ensure_request_id(&mut h).0, "abc-123");
+        assert_eq!(&*ensure_request_id(&mut h, true).0, "abc-123");
         h.insert(X_REQUEST_ID, HeaderValue::from_static("bad id with spaces"));
-        let (id, v) = ensure_request_id(&mut h);
+        let (id, v) = ensure_request_id(&mut h, true);
         assert_ne!(&*id, "bad id with spaces");
         assert_eq!(id.len(), 36, "uuid-like: {id}");
         assert_eq!(v, &*id);
@@ -392,42 +412,38 @@ mod tests {
     fn spoofed_identity_is_replaced() {
         let mut h = HeaderMap::new();
         h.insert(X_USER_ID, HeaderValue::from_static("admin"));
-        set_identity_headers(&mut h, None);
+        set_identity_headers(&mut h, None, owned::UNKNOWN);
         assert!(h.get(X_USER_ID).is_none());
         let id = Identity {
             user_id: "u7".into(),
             roles: vec!["a".into(), "b".into()],
             api_key: None,
         };
-        set_identity_headers(&mut h, Some(&id));
+        set_identity_headers(&mut h, Some(&id), owned::UNKNOWN);
         assert_eq!(h.get(X_USER_ID).map(|v| v.as_bytes()), Some(&b"u7"[..]));
         assert_eq!(h.get(X_USER_ROLE).map(|v| v.as_bytes()), Some(&b"a,b"[..]));
     }
 
-    #[tokio::test]
-    async fn request_id_stage_alone() {
-        use crate::stage::testing::stub;
-        let next = stub(|req: Request<()>| {
-            let id = req
-                .extensions()
-                .get::<RequestId>()
-                .map(|r| r.0.to_string())
-                .unwrap_or_default();
-            assert_eq!(
-                req.headers()[X_REQUEST_ID],
-                id.as_str(),
-                "upstream sees the same id"
-            );
-            Response::new(full(id))
-        });
-        let req = Request::builder()
-            .header(X_REQUEST_ID, "given-1")
-            .body(())
-            .expect("req");
-        let resp = request_id_stage(req, next.clone()).await;
-        assert_eq!(resp.headers()[X_REQUEST_ID], "given-1");
-        let resp = request_id_stage(Request::new(()), next).await;
-        assert_eq!(resp.headers()[X_REQUEST_ID].len(), 36, "generated");
+    #[test]
+    fn request_id_assigned_to_the_context_and_the_request() {
+        use crate::ctx::testing;
+        let mut req = testing::req(
+            Request::builder()
+                .header(X_REQUEST_ID, "given-1")
+                .body(())
+                .expect("req"),
+        );
+        assert_eq!(assign_request_id(&mut req), "given-1");
+        assert_eq!(req.ctx().request_id_str(), "given-1");
+        let mut req = testing::req(Request::new(()));
+        let v = assign_request_id(&mut req);
+        assert_eq!(v.len(), 36, "generated");
+        assert_eq!(req.headers()[X_REQUEST_ID], v, "upstream sees the same id");
+        assert_eq!(req.ctx().request_id_str(), v);
+        // Told the client sent none, a client's id is not even looked at.
+        let mut h = HeaderMap::new();
+        h.insert(X_REQUEST_ID, HeaderValue::from_static("given-2"));
+        assert_ne!(&*ensure_request_id(&mut h, false).0, "given-2");
     }
 
     #[tokio::test]
@@ -486,6 +502,7 @@ mod tests {
             &HeaderValue::from_static("127.0.0.1"),
             "https",
             Some(&HeaderValue::from_static("api.example.com")),
+            owned::FORWARDED_FOR,
         );
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "https");

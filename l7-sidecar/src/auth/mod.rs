@@ -3,7 +3,8 @@
 //! how it is verified (no `alg: none`, no RS256-public-key-as-HMAC-secret).
 
 use crate::config::{ApiKeyConfig, AuthFailureLimitConfig, AuthMode, JwtConfig};
-use crate::ctx::{ConnInfo, UserId};
+pub use crate::ctx::Identity;
+use crate::ctx::UserId;
 use crate::http_util::json_error;
 use crate::http_util::Body;
 use crate::routing::Routed;
@@ -15,14 +16,6 @@ use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Identity {
-    pub user_id: String,
-    pub roles: Vec<String>,
-    /// Set when the caller used an API key (rate limiting can key on it).
-    pub api_key: Option<String>,
-}
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {
@@ -399,7 +392,7 @@ pub async fn auth_stage<B>(
 ) -> Response<Body> {
     let ctx = route;
     let rc = &ctx.route.cfg;
-    let ip = req.extensions().get::<ConnInfo>().map(|c| c.peer.ip());
+    let ip = Some(req.ctx().conn.peer.ip());
     if let (Some(ip), true) = (ip, rc.auth != AuthMode::None) {
         // Before any verification: an address over the limit costs no signature check.
         if let Some(wait) = failures.blocked(limit, ip, std::time::Instant::now())
@@ -426,7 +419,7 @@ pub async fn auth_stage<B>(
         Ok(None) => run(next, Routed { req, route: ctx }).await,
         Ok(Some(id)) => {
             let user = id.user_id.clone();
-            req.extensions_mut().insert(id);
+            req.ctx_mut().identity = Some(id);
             let mut resp = run(next, Routed { req, route: ctx }).await;
             resp.extensions_mut().insert(UserId(user));
             resp

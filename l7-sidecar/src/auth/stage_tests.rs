@@ -36,7 +36,7 @@ async fn auth_stage_alone_passes_identity_on_and_limits_guessing() {
     let failures = FailureLimiter::default();
     let limit = &cfg.auth.failure_limit;
     let next = stub(|r: Routed<()>| {
-        let user = r.req.extensions().get::<Identity>().map(|i| i.user_id.clone());
+        let user = r.req.ctx().identity.as_ref().map(|i| i.user_id.clone());
         let mut resp = Response::new(crate::http_util::full("ok"));
         resp.headers_mut()
             .insert("x-seen-user", user.unwrap_or_default().parse().expect("hv"));

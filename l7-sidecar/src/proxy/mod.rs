@@ -17,7 +17,7 @@ pub use tunnel::tunnel;
 pub use crate::http_util::{full, is_upgrade, strip_hop_by_hop, Body, BoxError};
 
 use crate::balance::{ActiveGuard, HashInput, Pool};
-use crate::ctx::{ConnInfo, UpstreamAddr};
+use crate::ctx::UpstreamAddr;
 use crate::http_util::json_error;
 use crate::config::ServerConfig;
 use crate::routing::{append_query, fill_template_with, Routed};
@@ -95,9 +95,10 @@ pub struct UpstreamResponse {
     pub backend: Arc<str>,
 }
 
-fn request_id<B>(req: &Request<B>) -> Arc<str> {
-    req.extensions()
-        .get::<crate::ctx::RequestId>()
+fn request_id<B>(req: &crate::ctx::Req<B>) -> Arc<str> {
+    req.ctx()
+        .request_id
+        .as_ref()
         .map_or_else(|| Arc::from(""), |r| r.0.clone())
 }
 
@@ -250,10 +251,7 @@ pub async fn proxy(
     limits: &ServerConfig,
     Routed { req, route: ctx }: Routed<hyper::body::Incoming>,
 ) -> Response<Body> {
-    let client_ip = req
-        .extensions()
-        .get::<ConnInfo>()
-        .map_or(std::net::IpAddr::from([127, 0, 0, 1]), |c| c.peer.ip());
+    let client_ip = req.ctx().conn.peer.ip();
     let rc = &ctx.route.cfg;
     // Owned: the request is taken apart below, and aggregation appends it per part.
     let query = req.uri().query().map(str::to_owned);
@@ -301,7 +299,7 @@ pub async fn proxy(
             headers: &headers,
         };
         // Boxed: the rare paths would otherwise make every request's future larger.
-        return match Box::pin(tunnel(up, req, &pq, &hash)).await {
+        return match Box::pin(tunnel(up, req.into_request(), &pq, &hash)).await {
             Ok((mut r, backend)) => {
                 r.extensions_mut().insert(UpstreamAddr(backend));
                 r
@@ -324,7 +322,7 @@ pub async fn proxy(
     let err = |status: StatusCode, code: &str, msg: &str| {
         crate::http_util::json_error_with_id(status, code, msg, &rid)
     };
-    let (parts, body) = req.into_parts();
+    let (parts, body) = req.into_request().into_parts();
     let body_limits = RequestBodyLimits {
         max_bytes: max_body,
         idle: Duration::from_millis(limits.body_read_timeout_ms),

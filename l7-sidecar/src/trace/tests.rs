@@ -59,14 +59,14 @@ fn sampling_zero_records_nothing_and_one_records_everything() {
         .body(())
         .expect("req");
     let zero = admin(0.0);
-    assert!((0..10_000).all(|_| sample(zero.as_ref(), true, &req).is_none()));
-    assert!(sample(None, true, &req).is_none(), "no [admin], no traces");
+    assert!((0..10_000).all(|_| sample(zero.as_ref(), true, &req, None).is_none()));
+    assert!(sample(None, true, &req, None).is_none(), "no [admin], no traces");
     let one = admin(1.0);
-    assert!((0..1_000).all(|_| sample(one.as_ref(), true, &req).is_some()));
+    assert!((0..1_000).all(|_| sample(one.as_ref(), true, &req, None).is_some()));
     let tenth = admin(0.1);
-    let n = (0..20_000).filter(|_| sample(tenth.as_ref(), true, &req).is_some()).count();
+    let n = (0..20_000).filter(|_| sample(tenth.as_ref(), true, &req, None).is_some()).count();
     assert!((1_600..2_400).contains(&n), "10 % of 20000 sampled: {n}");
-    let rec = sample(one.as_ref(), true, &req).expect("sampled");
+    let rec = sample(one.as_ref(), true, &req, None).expect("sampled");
     assert_eq!(rec.path, "/p", "no query string");
     assert_eq!(rec.host, "h");
     assert_eq!(rec.replica, "127.0.0.1:9901", "named by its admin address by default");
@@ -102,11 +102,10 @@ fn a_stage_that_answers_itself_is_named_by_its_error_code() {
 #[test]
 fn a_trace_names_the_connections_peer_so_its_l4_decision_can_be_explained() {
     let one = admin(1.0);
-    let mut req = Request::get("http://h/p").body(()).expect("req");
-    assert_eq!(sample(one.as_ref(), true, &req).expect("sampled").client, None, "no connection known");
-    req.extensions_mut()
-        .insert(ConnInfo::new("192.0.2.7:40000".parse().expect("addr"), false, false));
-    let rec = sample(one.as_ref(), true, &req).expect("sampled");
+    let req = Request::get("http://h/p").body(()).expect("req");
+    assert_eq!(sample(one.as_ref(), true, &req, None).expect("sampled").client, None, "no connection known");
+    let rec = sample(one.as_ref(), true, &req, Some("192.0.2.7:40000".parse().expect("addr")))
+        .expect("sampled");
     assert_eq!(rec.client.as_deref(), Some("192.0.2.7:40000"));
 }
 
@@ -120,7 +119,7 @@ fn cut_keeps_char_boundaries() {
 fn a_trace_holds_no_client_chosen_host_and_the_routed_path_without_parameters() {
     let one = admin(1.0);
     let recorded = |req: Request<()>| {
-        let rec = sample(one.as_ref(), true, &req).expect("sampled");
+        let rec = sample(one.as_ref(), true, &req, None).expect("sampled");
         (rec.host.clone(), rec.path.clone())
     };
     let with_hosts = |hosts: &[&str], uri: &str| {
