@@ -57,14 +57,54 @@ impl ConnInfo {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BadFraming(pub &'static str);
 
-/// Who the caller is, as authentication established it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Who the caller is, as authentication established it. Shared (`Arc`) between the
+/// token cache and the requests of the same caller.
+#[derive(Debug, Clone)]
 pub struct Identity {
     pub user_id: String,
     pub roles: Vec<String>,
     /// Set when the caller used an API key (rate limiting can key on it).
     pub api_key: Option<String>,
+    /// `X-User-Id` and `X-User-Role` values, made on first use: a cached token's
+    /// requests reuse them instead of validating and copying the strings again.
+    headers: std::sync::OnceLock<IdentityHeaders>,
 }
+
+/// Header values of an identity (`None`: not a valid header value, or no roles).
+#[derive(Debug, Clone)]
+pub struct IdentityHeaders {
+    pub user_id: Option<HeaderValue>,
+    pub roles: Option<HeaderValue>,
+}
+
+impl Identity {
+    pub fn new(user_id: String, roles: Vec<String>, api_key: Option<String>) -> Identity {
+        Identity {
+            user_id,
+            roles,
+            api_key,
+            headers: std::sync::OnceLock::new(),
+        }
+    }
+
+    pub fn headers(&self) -> &IdentityHeaders {
+        self.headers.get_or_init(|| IdentityHeaders {
+            user_id: HeaderValue::from_str(&self.user_id).ok(),
+            roles: (!self.roles.is_empty())
+                .then(|| HeaderValue::from_str(&self.roles.join(",")).ok())
+                .flatten(),
+        })
+    }
+}
+
+// The cached header values are derived data: equality is the identity's fields'.
+impl PartialEq for Identity {
+    fn eq(&self, o: &Identity) -> bool {
+        self.user_id == o.user_id && self.roles == o.roles && self.api_key == o.api_key
+    }
+}
+
+impl Eq for Identity {}
 
 /// Bits of `ReqCtx::client_owned`: which gateway-owned names the client sent, found
 /// by the one pass over its header names (`client_headers`). A stage that sets such
@@ -102,7 +142,7 @@ pub struct ReqCtx {
     pub request_id: Option<RequestId>,
     pub trace_id: Option<TraceId>,
     /// Set by the auth stage.
-    pub identity: Option<Identity>,
+    pub identity: Option<Arc<Identity>>,
 }
 
 impl ReqCtx {

@@ -5,8 +5,8 @@ use crate::config::{RateAlgorithm, RateKey, RateLimitConfig};
 use crate::http_util::json_error;
 use crate::http_util::Body;
 use crate::routing::Routed;
-use crate::stage::{run, Next};
-use http::{header, HeaderMap, HeaderName, Response, StatusCode};
+use crate::stage::{run, Either, Next};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
@@ -116,6 +116,8 @@ type Entries = hashbrown::HashMap<Key, Entry>;
 pub struct Limiter {
     pub cfg: RateLimitConfig,
     entries: Mutex<Entries>,
+    /// `RateLimit-Limit` as sent with every answer: the same for every request.
+    limit_value: HeaderValue,
 }
 
 fn ceil_secs(d: Duration) -> u64 {
@@ -124,8 +126,14 @@ fn ceil_secs(d: Duration) -> u64 {
 
 impl Limiter {
     pub fn new(cfg: RateLimitConfig) -> Limiter {
+        // What `check_at` reports as the limit (the bucket's capacity for a bucket).
+        let limit_value = number(match cfg.algorithm {
+            RateAlgorithm::TokenBucket => cfg.burst.unwrap_or(cfg.limit),
+            _ => cfg.limit,
+        });
         Limiter {
             cfg,
+            limit_value,
             entries: Mutex::new(Entries::default()),
         }
     }
@@ -308,18 +316,41 @@ const LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
 const REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
 const RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
 
-fn set_headers(h: &mut HeaderMap, d: &Decision) {
-    h.insert(LIMIT, d.limit.into());
-    h.insert(REMAINING, d.remaining.into());
-    h.insert(RESET, d.reset_secs.into());
+/// A header value for `n`; the small numbers most answers carry (seconds to reset
+/// or retry) without an allocation.
+fn number(n: u64) -> HeaderValue {
+    const SMALL: [&str; 10] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"];
+    match SMALL.get(n as usize) {
+        Some(s) if n < 10 => HeaderValue::from_static(s),
+        _ => n.into(),
+    }
+}
+
+/// `d` is `limiter`'s decision: its limit is the limiter's (`limit_value`).
+fn set_headers(h: &mut HeaderMap, limiter: &Limiter, d: &Decision) {
+    h.insert(LIMIT, limiter.limit_value.clone());
+    h.insert(REMAINING, number(d.remaining));
+    h.insert(RESET, number(d.reset_secs));
     if !d.allowed {
-        h.insert(header::RETRY_AFTER, d.retry_after_secs.into());
+        h.insert(header::RETRY_AFTER, number(d.retry_after_secs));
     }
 }
 
 /// Apply the route's policy, keyed by client IP, API key or user id. `limiters`:
 /// this config generation's policies by name (their counters outlive reloads).
-pub async fn rate_limit_stage<B>(
+/// A route without a policy costs no future of its own.
+pub fn rate_limit_stage<'a, B: Send + 'static, N: Next<Routed<B>>>(
+    limiters: &'a HashMap<String, Arc<Limiter>>,
+    r: Routed<B>,
+    next: N,
+) -> impl std::future::Future<Output = Response<Body>> + Send + 'a {
+    if r.route.route.cfg.rate_limit.is_none() {
+        return Either::pass(next.run(r));
+    }
+    Either::work(limited(limiters, r, next))
+}
+
+async fn limited<B: Send + 'static>(
     limiters: &HashMap<String, Arc<Limiter>>,
     r: Routed<B>,
     next: impl Next<Routed<B>>,
@@ -351,11 +382,11 @@ pub async fn rate_limit_stage<B>(
             "rate_limited",
             "rate limit exceeded",
         );
-        set_headers(resp.headers_mut(), &d);
+        set_headers(resp.headers_mut(), limiter, &d);
         return resp;
     }
     let mut resp = run(next, r).await;
-    set_headers(resp.headers_mut(), &d);
+    set_headers(resp.headers_mut(), limiter, &d);
     resp
 }
 
@@ -458,6 +489,26 @@ mod tests {
             statuses.push(resp.status().as_u16());
         }
         assert_eq!(statuses, [200, 200, 429]);
+    }
+
+    #[test]
+    fn header_values_match_the_decision() {
+        for n in [0, 1, 9, 10, 99, 100_000_000, u64::MAX] {
+            assert_eq!(number(n), n.to_string().as_str());
+        }
+        for (alg, burst) in [
+            (RateAlgorithm::FixedWindow, None),
+            (RateAlgorithm::SlidingWindow, Some(7)),
+            (RateAlgorithm::TokenBucket, None),
+            (RateAlgorithm::TokenBucket, Some(7)),
+        ] {
+            let l = limiter(alg, 5, burst, 10);
+            let d = l.check_at("a", Instant::now());
+            let mut h = HeaderMap::new();
+            set_headers(&mut h, &l, &d);
+            assert_eq!(h[LIMIT], d.limit.to_string().as_str(), "{alg:?} {burst:?}");
+            assert_eq!(h[REMAINING], d.remaining.to_string().as_str());
+        }
     }
 
     #[test]

@@ -74,6 +74,45 @@ impl<F: Future<Output = Response<Body>>> Future for Answer<F> {
     }
 }
 
+pin_project_lite::pin_project! {
+    /// What a stage that often has nothing to do returns: the rest of the pipeline's
+    /// future itself (`Pass`, no future, box or copy of the request of its own) or
+    /// its own work (`Work`).
+    #[project = EitherProj]
+    pub enum Either<P, W> {
+        Pass { #[pin] fut: P },
+        Work { #[pin] fut: W },
+    }
+}
+
+impl<P, W> Either<P, W> {
+    pub fn pass(fut: P) -> Either<P, W> {
+        Either::Pass { fut }
+    }
+
+    pub fn work(fut: W) -> Either<P, W> {
+        Either::Work { fut }
+    }
+}
+
+impl<P, W> Future for Either<P, W>
+where
+    P: Future<Output = Response<Body>>,
+    W: Future<Output = Response<Body>>,
+{
+    type Output = Response<Body>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Response<Body>> {
+        match self.project() {
+            EitherProj::Pass { fut } => fut.poll(cx),
+            EitherProj::Work { fut } => fut.poll(cx),
+        }
+    }
+}
+
 /// One stage in front of the rest of the pipeline.
 #[derive(Clone)]
 pub struct Stage<F, N> {

@@ -8,7 +8,7 @@ pub use crate::http_util::cookie;
 use crate::http_util::json_error_with_id;
 use crate::http_util::{full, is_upgrade, strip_hop_by_hop, Body};
 use crate::routing::Routed;
-use crate::stage::{run, Next};
+use crate::stage::{run, Either, Next};
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -79,13 +79,12 @@ pub fn set_identity_headers(headers: &mut HeaderMap, id: Option<&Identity>, clie
         headers.remove(USER_ROLE);
     }
     if let Some(id) = id {
-        if let Ok(v) = HeaderValue::from_str(&id.user_id) {
-            headers.insert(USER_ID, v);
+        let values = id.headers();
+        if let Some(v) = &values.user_id {
+            headers.insert(USER_ID, v.clone());
         }
-        if let Ok(v) = HeaderValue::from_str(&id.roles.join(",")) {
-            if !id.roles.is_empty() {
-                headers.insert(USER_ROLE, v);
-            }
+        if let Some(v) = &values.roles {
+            headers.insert(USER_ROLE, v.clone());
         }
     }
 }
@@ -232,12 +231,29 @@ pub fn assign_request_id<B>(req: &mut Req<B>) -> HeaderValue {
 /// removal. Response side: configured edits and JSON field stripping.
 ///
 /// `transforms` and `max_response` come from the request's config generation.
-pub async fn transform_stage<B>(
-    transforms: &BTreeMap<String, TransformConfig>,
+///
+/// A route without a transform (the usual case) needs no response side: the rest of
+/// the pipeline's future is handed over as is, with no future of this stage's own.
+pub fn transform_stage<'a, B: Send + 'static, N: Next<Routed<B>>>(
+    transforms: &'a BTreeMap<String, TransformConfig>,
     max_response: usize,
-    Routed { mut req, route }: Routed<B>,
-    next: impl Next<Routed<B>>,
-) -> Response<Body> {
+    mut routed: Routed<B>,
+    next: N,
+) -> impl std::future::Future<Output = Response<Body>> + Send + 'a {
+    match transform_request(transforms, &mut routed) {
+        None => Either::pass(next.run(routed)),
+        Some(t) => {
+            let rid = routed.req.ctx().request_id.as_ref().map(|r| r.0.clone());
+            Either::work(transform_response(t, max_response, rid, run(next, routed)))
+        }
+    }
+}
+
+/// The request side of `transform_stage`; returns the route's transform, if any.
+fn transform_request<'a, B>(
+    transforms: &'a BTreeMap<String, TransformConfig>,
+    Routed { req, route }: &mut Routed<B>,
+) -> Option<&'a TransformConfig> {
     let (r, ctx) = req.split_mut();
     let t = route
         .route
@@ -251,10 +267,9 @@ pub async fn transform_stage<B>(
         Some(_) => ctx.upgrade,
         None => is_upgrade(r.headers()),
     };
-    let rid = ctx.request_id.as_ref().map(|r| r.0.clone());
     let host = route.host.clone();
     let h = r.headers_mut();
-    set_identity_headers(h, ctx.identity.as_ref(), ctx.client_owned);
+    set_identity_headers(h, ctx.identity.as_deref(), ctx.client_owned);
     set_forwarded_headers(
         h,
         &ctx.conn.client_ip,
@@ -283,8 +298,18 @@ pub async fn transform_stage<B>(
     if !upgrade && (t.is_some() || ctx.client_headers.is_none()) {
         strip_hop_by_hop(h);
     }
-    let mut resp = run(next, Routed { req, route }).await;
-    let Some(t) = t else { return resp };
+    t
+}
+
+/// The response side of `transform_stage` for a route with transform `t`: configured
+/// edits and JSON field stripping on what `inner` (the rest of the pipeline) answers.
+async fn transform_response(
+    t: &TransformConfig,
+    max_response: usize,
+    rid: Option<Arc<str>>,
+    inner: impl std::future::Future<Output = Response<Body>>,
+) -> Response<Body> {
+    let mut resp = inner.await;
     apply_response(t, resp.headers_mut());
     if t.strip_json_fields.is_empty() {
         return resp;
@@ -414,11 +439,7 @@ mod tests {
         h.insert(X_USER_ID, HeaderValue::from_static("admin"));
         set_identity_headers(&mut h, None, owned::UNKNOWN);
         assert!(h.get(X_USER_ID).is_none());
-        let id = Identity {
-            user_id: "u7".into(),
-            roles: vec!["a".into(), "b".into()],
-            api_key: None,
-        };
+        let id = Identity::new("u7".into(), vec!["a".into(), "b".into()], None);
         set_identity_headers(&mut h, Some(&id), owned::UNKNOWN);
         assert_eq!(h.get(X_USER_ID).map(|v| v.as_bytes()), Some(&b"u7"[..]));
         assert_eq!(h.get(X_USER_ROLE).map(|v| v.as_bytes()), Some(&b"a,b"[..]));

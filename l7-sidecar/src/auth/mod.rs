@@ -8,7 +8,7 @@ use crate::ctx::UserId;
 use crate::http_util::json_error;
 use crate::http_util::Body;
 use crate::routing::Routed;
-use crate::stage::{run, Next};
+use crate::stage::{run, Either, Next};
 use http::HeaderMap;
 use http::{header, HeaderValue, Response, StatusCode};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
@@ -68,13 +68,17 @@ const TOKEN_CACHE_MAX: usize = 10_000;
 /// a token seen again is taken from here: only while it has not expired (`exp` plus
 /// the leeway, as at verification) and for at most `TOKEN_CACHE_TTL`. A config
 /// reload builds a new `Authenticator`, so new keys or rules start from empty.
+///
+/// Tokens are client-chosen: hashbrown's default hasher (foldhash, seeded at random
+/// per process and map) keeps HashDoS resistance at a fraction of SipHash's cost
+/// over a few hundred bytes of token.
 #[derive(Default)]
 struct TokenCache {
-    entries: std::sync::Mutex<HashMap<Box<str>, Verified>>,
+    entries: std::sync::Mutex<hashbrown::HashMap<Box<str>, Verified>>,
 }
 
 struct Verified {
-    identity: Identity,
+    identity: Arc<Identity>,
     /// Unix seconds up to which the token counts as unexpired.
     valid_until: u64,
     at: std::time::Instant,
@@ -87,7 +91,7 @@ fn unix_now() -> u64 {
 }
 
 impl TokenCache {
-    fn get(&self, token: &str) -> Option<Identity> {
+    fn get(&self, token: &str) -> Option<Arc<Identity>> {
         let mut map = self.entries.lock().ok()?;
         let hit = map.get(token)?;
         if unix_now() <= hit.valid_until && hit.at.elapsed() < TOKEN_CACHE_TTL {
@@ -97,7 +101,7 @@ impl TokenCache {
         None
     }
 
-    fn put(&self, token: &str, identity: &Identity, valid_until: u64) {
+    fn put(&self, token: &str, identity: &Arc<Identity>, valid_until: u64) {
         let Ok(mut map) = self.entries.lock() else {
             return;
         };
@@ -221,7 +225,10 @@ impl Authenticator {
         mode: AuthMode,
         roles: &[String],
         headers: &HeaderMap,
-    ) -> Result<Option<Identity>, AuthError> {
+    ) -> Result<Option<Arc<Identity>>, AuthError> {
+        if mode == AuthMode::None {
+            return Ok(None);
+        }
         let bearer = headers
             .get(http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
@@ -230,9 +237,13 @@ impl Authenticator {
                     .or_else(|| v.strip_prefix("bearer "))
             })
             .map(str::trim);
-        let api_key = headers.get(API_KEY).and_then(|v| v.to_str().ok());
+        // Looked up only where a mode reads them.
+        let keys = matches!(mode, AuthMode::ApiKey | AuthMode::Either);
+        let api_key = keys
+            .then(|| headers.get(API_KEY).and_then(|v| v.to_str().ok()))
+            .flatten();
         // Two keys are ambiguous: which one "the" caller is depends on who reads them.
-        let several_keys = headers.get_all(API_KEY).iter().nth(1).is_some();
+        let several_keys = keys && headers.get_all(API_KEY).iter().nth(1).is_some();
         let id = match mode {
             AuthMode::None => return Ok(None),
             AuthMode::Jwt => self.verify_jwt(bearer.ok_or(AuthError::Missing)?).await?,
@@ -249,19 +260,19 @@ impl Authenticator {
         Ok(Some(id))
     }
 
-    fn verify_api_key(&self, key: &str) -> Result<Identity, AuthError> {
+    fn verify_api_key(&self, key: &str) -> Result<Arc<Identity>, AuthError> {
         let k = self
             .api_keys
             .get(&hash_api_key(key))
             .ok_or_else(|| AuthError::Invalid("unknown api key".into()))?;
-        Ok(Identity {
-            user_id: k.user_id.clone(),
-            roles: k.roles.clone(),
-            api_key: Some(k.name.clone()),
-        })
+        Ok(Arc::new(Identity::new(
+            k.user_id.clone(),
+            k.roles.clone(),
+            Some(k.name.clone()),
+        )))
     }
 
-    async fn verify_jwt(&self, token: &str) -> Result<Identity, AuthError> {
+    async fn verify_jwt(&self, token: &str) -> Result<Arc<Identity>, AuthError> {
         let v = self
             .jwt
             .as_ref()
@@ -324,11 +335,7 @@ impl Authenticator {
             _ => Vec::new(),
         };
         check_identity_claims(&user_id, &roles)?;
-        let id = Identity {
-            user_id,
-            roles,
-            api_key: None,
-        };
+        let id = Arc::new(Identity::new(user_id, roles, None));
         // `exp` is required and was checked by `decode`; a non-integer one is
         // simply not cached.
         if let Some(exp) = claims.get("exp").and_then(serde_json::Value::as_u64) {
@@ -383,7 +390,23 @@ impl JwtVerifier {
 /// Authenticate per the route; the identity goes to later stages as an extension.
 /// `failures` is shared by every config generation (a reload does not forgive
 /// failed logins); `limit` is this generation's `auth.failure_limit`.
-pub async fn auth_stage<B>(
+///
+/// A route without auth costs no future of its own: the rest of the pipeline's
+/// future is handed over as is.
+pub fn auth_stage<'a, B: Send + 'static, N: Next<Routed<B>>>(
+    auth: &'a Authenticator,
+    failures: &'a FailureLimiter,
+    limit: &'a AuthFailureLimitConfig,
+    r: Routed<B>,
+    next: N,
+) -> impl std::future::Future<Output = Response<Body>> + Send + 'a {
+    if r.route.route.cfg.auth == AuthMode::None {
+        return Either::pass(next.run(r));
+    }
+    Either::work(authenticated(auth, failures, limit, r, next))
+}
+
+async fn authenticated<B: Send + 'static>(
     auth: &Authenticator,
     failures: &FailureLimiter,
     limit: &AuthFailureLimitConfig,
@@ -462,11 +485,7 @@ mod tests {
     #[test]
     fn token_cache_honours_expiry() {
         let cache = TokenCache::default();
-        let id = Identity {
-            user_id: "u".into(),
-            roles: vec![],
-            api_key: None,
-        };
+        let id = Arc::new(Identity::new("u".into(), vec![], None));
         cache.put("fresh", &id, unix_now() + 60);
         cache.put("expired", &id, unix_now() - 1);
         assert_eq!(cache.get("fresh"), Some(id));
@@ -535,7 +554,7 @@ mod tests {
             .authenticate(AuthMode::Jwt, &[], &bearer(&token(good.clone(), "s3cret")))
             .await
             .expect("valid token");
-        assert_eq!(id.map(|i| i.user_id), Some("u1".into()));
+        assert_eq!(id.map(|i| i.user_id.clone()), Some("u1".into()));
         for (what, claims, secret) in [
             (
                 "expired",
