@@ -69,7 +69,10 @@ struct Proxy(Arc<Runtime>, Tracer);
 impl Next<Routed<Incoming>> for Proxy {
     #[allow(clippy::manual_async_fn)]
     fn run(self, r: Routed<Incoming>) -> impl Future<Output = Response<Body>> + Send {
-        async move {
+        // Boxed where it is made: the upstream exchange is the largest future of the
+        // request, and the stages above that have nothing to do hand it on as is
+        // (`stage::Either::Pass`), so each would otherwise copy all of it.
+        Box::pin(async move {
             let Proxy(rt, tracer) = self;
             let mark = tracer.as_ref().map(|t| t.enter(StageKind::Upstream));
             let resp = crate::proxy::proxy(&rt.upstreams, &rt.cfg.server, r).await;
@@ -77,7 +80,7 @@ impl Next<Routed<Incoming>> for Proxy {
                 t.exit(mark, &resp);
             }
             resp
-        }
+        })
     }
 }
 
