@@ -57,7 +57,7 @@ fn new_request_id_bytes() -> [u8; 36] {
 /// Returns the request id to use (and its header value), setting it on the request
 /// headers. `client_sent`: whether the client may have sent one (else no lookup).
 pub fn ensure_request_id(headers: &mut HeaderMap, client_sent: bool) -> (Arc<str>, HeaderValue) {
-    if let Some(v) = headers.get(&REQUEST_ID).filter(|_| client_sent) {
+    if let Some(v) = client_sent.then(|| headers.get(&REQUEST_ID)).flatten() {
         if let Some(id) = v.to_str().ok().filter(|v| valid_request_id(v)) {
             return (Arc::from(id), v.clone());
         }
