@@ -132,9 +132,6 @@ pub fn clean_client_headers<B>(transforms: &BTreeMap<String, TransformConfig>, r
     let (r, ctx) = req.split_mut();
     let h = r.headers_mut();
     ctx.client_headers = Some(h.len());
-    // Room for what the gateway adds (request id, trace context, X-Forwarded-*,
-    // identity): one growth of the map now instead of one per insert later.
-    h.reserve(GATEWAY_OWNED.len());
     let found = scan(h);
     ctx.client_owned = found.owned;
     // Judged before stripping, which removes Transfer-Encoding; the 400 is sent by
