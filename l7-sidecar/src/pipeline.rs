@@ -122,7 +122,7 @@ macro_rules! compose_stages {
         let p = $wrap(
             StageKind::Route,
             tracer,
-            move |req, next| crate::routing::routing_stage(&s.router, req, next),
+            move |req, next| async move { crate::routing::routing_stage(&s.router, req, next).await },
             p,
         );
         let s = rt.clone();

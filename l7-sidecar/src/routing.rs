@@ -5,7 +5,7 @@ use crate::config::{PathMatch, RouteConfig};
 use crate::ctx::Req;
 use crate::http_util::json_error;
 use crate::http_util::Body;
-use crate::stage::{Answer, Next};
+use crate::stage::{run, Next};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -33,15 +33,11 @@ pub struct Routed<B> {
 }
 
 /// Find the route or answer 404 / 405 with a JSON body.
-///
-/// No future of its own: the lookup happens here, and the rest of the pipeline's
-/// future is handed over wrapped in `WithRoute`, which names the matched route on the
-/// response for the access log (any answer from below, a refusal included).
-pub fn routing_stage<B, N: Next<Routed<B>>>(
+pub async fn routing_stage<B>(
     router: &Router,
     req: Req<B>,
-    next: N,
-) -> impl std::future::Future<Output = Response<Body>> + Send {
+    next: impl Next<Routed<B>>,
+) -> Response<Body> {
     let host = req
         .headers()
         .get(header::HOST)
@@ -59,23 +55,22 @@ pub fn routing_stage<B, N: Next<Routed<B>>>(
         req.headers(),
     ) {
         RouteMatch::Found { route, params } => {
-            let matched = Some(MatchedRoute(route.clone()));
+            let matched = MatchedRoute(route.clone());
             let route = Box::new(RouteCtx {
                 route,
                 params,
                 host,
             });
-            Answer::next(WithRoute {
-                fut: next.run(Routed { req, route }),
-                matched,
-            })
+            let mut resp = run(next, Routed { req, route }).await;
+            resp.extensions_mut().insert(matched);
+            resp
         }
-        RouteMatch::NotFound => Answer::now(json_error(
+        RouteMatch::NotFound => json_error(
             &req,
             StatusCode::NOT_FOUND,
             "not_found",
             "no route matches this request",
-        )),
+        ),
         RouteMatch::MethodNotAllowed { allowed } => {
             let mut r = json_error(
                 &req,
@@ -91,35 +86,8 @@ pub fn routing_stage<B, N: Next<Routed<B>>>(
             if let Ok(v) = HeaderValue::from_str(&allow) {
                 r.headers_mut().insert(header::ALLOW, v);
             }
-            Answer::now(r)
+            r
         }
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// The rest of the pipeline's future, whose response gets the matched route (a
-    /// response extension the access log and traces read). Hand-written rather than
-    /// an `async` block in a box of its own.
-    pub struct WithRoute<F> {
-        #[pin]
-        fut: F,
-        matched: Option<MatchedRoute>,
-    }
-}
-
-impl<F: std::future::Future<Output = Response<Body>>> std::future::Future for WithRoute<F> {
-    type Output = Response<Body>;
-
-    fn poll(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Response<Body>> {
-        let this = self.project();
-        let mut resp = std::task::ready!(this.fut.poll(cx));
-        if let Some(m) = this.matched.take() {
-            resp.extensions_mut().insert(m);
-        }
-        std::task::Poll::Ready(resp)
     }
 }
 

@@ -403,9 +403,7 @@ pub fn auth_stage<'a, B: Send + 'static, N: Next<Routed<B>>>(
     if r.route.route.cfg.auth == AuthMode::None {
         return Either::pass(next.run(r));
     }
-    // Boxed: verifying (a JWKS fetch included) is a large future, and the stages
-    // above hand this one on inline.
-    Either::work(Box::pin(authenticated(auth, failures, limit, r, next)))
+    Either::work(authenticated(auth, failures, limit, r, next))
 }
 
 async fn authenticated<B: Send + 'static>(
