@@ -75,43 +75,6 @@ impl Drop for InFlight {
     }
 }
 
-/// A response body that keeps its request counted as in flight until hyper has sent
-/// it all (or dropped it).
-pub struct InFlightBody<B> {
-    inner: B,
-    _guard: Option<InFlight>,
-}
-
-impl<B> InFlightBody<B> {
-    /// `guard`: None only for a response that was never counted.
-    pub fn new(inner: B, guard: Option<InFlight>) -> Self {
-        InFlightBody {
-            inner,
-            _guard: guard,
-        }
-    }
-}
-
-impl<B: hyper::body::Body + Unpin> hyper::body::Body for InFlightBody<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
 /// Records byte movement on a connection for `Activity`.
 pub struct ActivityIo<S> {
     inner: S,

@@ -5,7 +5,7 @@ use crate::auth::Identity;
 use crate::config::TransformConfig;
 // Re-exported where it used to live, for the fuzz target.
 use crate::ctx::{ConnInfo, RequestId};
-pub use crate::http_util::cookie;
+pub use crate::balance::cookie;
 use crate::http_util::json_error_with_id;
 use crate::http_util::{full, is_upgrade, strip_hop_by_hop, Body};
 use crate::routing::Routed;

@@ -1,5 +1,5 @@
 use super::*;
-use crate::proxy::{full, StreamedBody};
+use crate::body::{Body, StreamedBody};
 use bytes::Bytes;
 use http_body_util::BodyExt as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -17,7 +17,7 @@ async fn backend(body_len: usize, close_idle: bool) -> (SocketAddr, Arc<AtomicUs
             count.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |_req| async move {
-                    Ok::<_, std::convert::Infallible>(http::Response::new(full(vec![
+                    Ok::<_, std::convert::Infallible>(http::Response::new(Body::full(vec![
                         b'x';
                         body_len
                     ])))
@@ -32,15 +32,19 @@ async fn backend(body_len: usize, close_idle: bool) -> (SocketAddr, Arc<AtomicUs
     (addr, accepted)
 }
 
+fn soon() -> Instant {
+    Instant::now() + Duration::from_secs(5)
+}
+
 /// One GET over a checked-out connection; reads `read` frames of the body (all if None).
 async fn get(addr: SocketAddr, read_all: bool) -> bool {
-    let mut c = checkout(addr, Duration::from_secs(2)).await.unwrap();
+    let mut c = checkout(addr, Duration::from_secs(2), Instant::now(), soon()).await.unwrap();
     let reused = c.reused;
     let req = http::Request::get("/")
         .header(http::header::HOST, "b")
         .body(UpBody::new(Bytes::new()))
         .unwrap();
-    let resp = c.send(req).await.unwrap();
+    let resp = c.send(req, soon()).await.unwrap();
     assert_eq!(resp.status(), 200);
     let guard =
         crate::balance::ActiveGuard::new(crate::balance::BackendRegistry::default().get("t", addr));
@@ -142,12 +146,12 @@ async fn upstream_connections_have_no_task_of_their_own() {
 #[tokio::test]
 async fn a_large_body_streams_through_the_request_driven_connection() {
     let (addr, accepted) = backend(8 << 20, false).await;
-    let mut c = checkout(addr, Duration::from_secs(2)).await.unwrap();
+    let mut c = checkout(addr, Duration::from_secs(2), Instant::now(), soon()).await.unwrap();
     let req = http::Request::get("/")
         .header(http::header::HOST, "b")
         .body(UpBody::new(Bytes::new()))
         .unwrap();
-    let resp = c.send(req).await.unwrap();
+    let resp = c.send(req, soon()).await.unwrap();
     let guard =
         crate::balance::ActiveGuard::new(crate::balance::BackendRegistry::default().get("t", addr));
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -169,6 +173,71 @@ async fn a_refused_connect_names_the_address() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let e = checkout(addr, Duration::from_secs(2)).await.err().unwrap();
+    let e = checkout(addr, Duration::from_secs(2), Instant::now(), soon()).await.err().unwrap();
     assert!(e.to_string().contains(&addr.to_string()), "{e}");
+}
+
+/// Polls `timer_passed` once.
+fn passed_now(timer: &mut Pin<Box<Sleep>>, deadline: Instant) -> bool {
+    timer_passed(timer, &mut no_wake(), deadline)
+}
+
+/// The connection's timer is left armed for an earlier request's deadline (no timer
+/// wheel work per request); when that one fires, it must not end a later request.
+#[tokio::test]
+async fn the_connection_timer_fires_only_for_the_current_deadline() {
+    let start = Instant::now();
+    let mut timer = Box::pin(tokio::time::sleep_until(start + Duration::from_millis(20)));
+    let later = start + Duration::from_millis(150);
+    assert!(!passed_now(&mut timer, later));
+    tokio::time::sleep(Duration::from_millis(40)).await;
+    assert!(!passed_now(&mut timer, later), "the earlier deadline is no timeout now");
+    std::future::poll_fn(|cx| {
+        if timer_passed(&mut timer, cx, later) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+    assert!(Instant::now() >= later, "woken at the later deadline, not before");
+    // A shorter deadline than the armed one (another pool's timeout) moves it closer.
+    let far = Instant::now() + Duration::from_secs(60);
+    assert!(!passed_now(&mut timer, far));
+    let near = Instant::now() + Duration::from_millis(20);
+    let waited = tokio::time::timeout(
+        Duration::from_secs(5),
+        std::future::poll_fn(|cx| {
+            if timer_passed(&mut timer, cx, near) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        }),
+    )
+    .await;
+    assert!(waited.is_ok(), "the nearer deadline fired");
+}
+
+/// A backend that accepts and never answers: `send` gives up at the deadline.
+#[tokio::test]
+async fn send_fails_at_the_request_deadline() {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let hold = tokio::spawn(async move {
+        let (s, _) = l.accept().await.unwrap();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        drop(s);
+    });
+    let start = Instant::now();
+    let deadline = start + Duration::from_millis(100);
+    let mut c = checkout(addr, Duration::from_secs(2), start, deadline).await.unwrap();
+    let req = http::Request::get("/")
+        .header(http::header::HOST, "b")
+        .body(UpBody::new(Bytes::new()))
+        .unwrap();
+    let e = c.send(req, deadline).await.err().expect("no answer");
+    assert!(matches!(e, SendError::Deadline), "{e}");
+    assert!(Instant::now() >= deadline);
+    hold.abort();
 }
