@@ -315,6 +315,9 @@ impl HttpBody for StreamedBody {
 }
 
 #[cfg(test)]
+mod conn_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use http_body_util::BodyExt as _;

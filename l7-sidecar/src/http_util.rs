@@ -95,24 +95,44 @@ fn is_hop_by_hop_token(token: &str) -> bool {
     hop_by_hop_text_index(buf).is_some()
 }
 
+/// Lengths of the `HOP_BY_HOP` names, as a bit set: most fields (`content-type`,
+/// `date`, `server`, ...) are told apart by their length alone.
+const HOP_BY_HOP_LENGTHS: u32 = 1 << 2 | 1 << 7 | 1 << 10 | 1 << 16 | 1 << 17 | 1 << 18 | 1 << 19;
+
+/// Whether every token of a `Connection` value names a `HOP_BY_HOP` field (so
+/// nothing else has to be removed for it), as in `keep-alive` or `Upgrade`.
+fn only_hop_by_hop_tokens(v: &HeaderValue) -> bool {
+    v.to_str().is_ok_and(|v| {
+        v.split(',')
+            .map(str::trim)
+            .all(|t| t.is_empty() || is_hop_by_hop_token(t))
+    })
+}
+
 /// Remove the hop-by-hop fields and those `Connection` names. One pass over the
-/// field names finds which are present (usually none, or just `Connection:
+/// fields finds which are present (usually none, or just `Connection:
 /// keep-alive`); nothing is looked up or removed otherwise. This runs on every
 /// request and every response.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     let mut present = 0u16;
-    for k in h.keys() {
+    let mut names_others = false;
+    for (k, v) in h.iter() {
+        let len = k.as_str().len();
+        if len >= 32 || HOP_BY_HOP_LENGTHS & (1 << len) == 0 {
+            continue;
+        }
         if let Some(i) = hop_by_hop_index(k) {
             present |= 1 << i;
+            if i == 0 && !names_others {
+                names_others = !only_hop_by_hop_tokens(v);
+            }
         }
     }
     if present == 0 {
         return;
     }
     // Headers named in Connection are hop-by-hop too (HOP_BY_HOP[0] is Connection).
-    // Its usual tokens (`keep-alive`, `upgrade`) are in HOP_BY_HOP and need no
-    // lookup; a list is allocated only for another name that is present.
-    if present & 1 != 0 {
+    if names_others {
         let mut named: Vec<HeaderName> = Vec::new();
         for v in h.get_all(header::CONNECTION) {
             let Ok(v) = v.to_str() else { continue };
@@ -121,9 +141,7 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
                     continue;
                 }
                 if let Ok(n) = HeaderName::from_bytes(token.as_bytes()) {
-                    if h.contains_key(&n) {
-                        named.push(n);
-                    }
+                    named.push(n);
                 }
             }
         }
@@ -199,6 +217,9 @@ mod tests {
         let left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
         assert_eq!(left, ["x-kept"]);
         assert!(is_hop_by_hop_token("Transfer-Encoding") && is_hop_by_hop_token("TE"));
+        for n in &HOP_BY_HOP {
+            assert!(HOP_BY_HOP_LENGTHS & (1 << n.as_str().len()) != 0, "{n}");
+        }
         assert!(!is_hop_by_hop_token("transfer-encodings") && !is_hop_by_hop_token(""));
     }
 }
