@@ -170,10 +170,23 @@ thread_local! {
 /// The idle list of multi-threaded runtimes (and of drops outside any runtime).
 static SHARED: LazyLock<Mutex<IdleMap>> = LazyLock::new(Mutex::default);
 
+thread_local! {
+    /// Set on the binary's worker threads (`dedicate_thread`).
+    static DEDICATED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Declare that the calling thread runs one single-threaded runtime for the rest of
+/// its life (the binary's workers): its connections then use the thread's own idle
+/// list without asking tokio, per checkout and release, which runtime is current.
+pub fn dedicate_thread() {
+    DEDICATED.with(|d| d.set(true));
+}
+
 /// Run `f` on the idle list that belongs to the calling runtime.
 fn with_idle<R>(f: impl FnOnce(&mut IdleMap) -> R) -> R {
-    let single = tokio::runtime::Handle::try_current()
-        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread);
+    let single = DEDICATED.with(std::cell::Cell::get)
+        || tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread);
     if single {
         LOCAL.with(|m| f(&mut m.borrow_mut()))
     } else {
