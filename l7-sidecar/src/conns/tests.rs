@@ -76,7 +76,7 @@ async fn send_fails_at_the_request_deadline() {
         .header(http::header::HOST, "b")
         .body(UpBody::new(Bytes::new()))
         .unwrap();
-    let e = c.send(req, deadline).await.err().expect("no answer");
+    let e = c.send(req, deadline).await.expect_err("no answer");
     assert!(matches!(e, SendError::Deadline), "{e}");
     assert!(Instant::now() >= deadline);
     hold.abort();
