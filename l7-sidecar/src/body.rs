@@ -91,6 +91,14 @@ impl Body {
         self.0.upstream.as_ref()
     }
 
+    /// Name `backend` as where this body came from: a stage that rewrites an
+    /// upstream body keeps the backend named for the access log.
+    #[must_use]
+    pub fn with_upstream(mut self, backend: Option<Arc<str>>) -> Body {
+        self.0.upstream = backend;
+        self
+    }
+
     pub fn boxed<B>(b: B) -> Body
     where
         B: HttpBody<Data = Bytes> + Send + Sync + 'static,

@@ -290,6 +290,7 @@ pub async fn transform_stage<B>(
         Err(e) => return fail(&e.to_string()),
     }
     let (mut parts, body) = resp.into_parts();
+    let upstream = body.upstream_addr().cloned();
     // Rewriting needs the whole body; the limit bounds what one response may cost.
     let bytes = match Box::pin(crate::proxy::collect_limited(body, max_response)).await {
         Ok(b) => b,
@@ -305,7 +306,7 @@ pub async fn transform_stage<B>(
         }
     };
     parts.headers.remove(http::header::CONTENT_LENGTH);
-    Response::from_parts(parts, full(out))
+    Response::from_parts(parts, full(out).with_upstream(upstream))
 }
 
 /// A `Content-Encoding` other than `identity`.
