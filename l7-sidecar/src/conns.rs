@@ -13,8 +13,10 @@
 //! connection task instead costs two cross-task wake-ups per request (request queued
 //! → connection task; response head → request task) and lets the backend's bytes be
 //! read ahead of a client that is not reading. An idle connection is polled by nobody:
-//! a backend's close is noticed when the connection is next checked out (and the
-//! request then dials, or is retried, as before).
+//! a backend's close is noticed when the connection is next used. A connection whose
+//! last exchange finished is handed out without polling it; if the backend had closed
+//! it, sending reads that close before writing and hands the request back unsent
+//! (`SendError::NotSent`), and it goes on the next connection (see `forward`).
 //!
 //! On a single-threaded runtime (each of the
 //! binary's workers) the idle list is the thread's own (a `thread_local!`: no lock,
@@ -85,6 +87,10 @@ pub enum SendError {
     /// The request's deadline passed before its response head arrived.
     #[error("no response before the request deadline")]
     Deadline,
+    /// The connection had ended before the request was written (a pooled
+    /// connection the backend closed while it sat idle): here it is back, unsent.
+    #[error("connection closed before the request was sent")]
+    NotSent(Box<http::Request<UpBody>>),
 }
 
 /// What requests to a backend carry: `forward` buffers bodies (to retry them), so a
@@ -105,7 +111,8 @@ pub(crate) fn no_wake() -> Context<'static> {
 struct Driver {
     /// Boxed: hyper's connection state is several hundred bytes, and a `Conn` moves
     /// by value per request (idle list, checkout, response body).
-    conn: Box<SyncWrapper<Connection<Io, UpBody>>>,
+    /// None once dropped early (`close`).
+    conn: Option<Box<SyncWrapper<Connection<Io, UpBody>>>>,
     /// The connection future returned: it must not be polled again.
     done: bool,
 }
@@ -114,10 +121,10 @@ impl Driver {
     /// Let the connection write and read what it can. False once it has ended
     /// (closed by either side, or failed).
     fn poll(&mut self, cx: &mut Context<'_>) -> bool {
-        if self.done {
+        let Some(conn) = self.conn.as_mut().filter(|_| !self.done) else {
             return false;
-        }
-        match std::pin::Pin::new(self.conn.get_mut()).poll(cx) {
+        };
+        match std::pin::Pin::new(conn.get_mut()).poll(cx) {
             Poll::Pending => true,
             Poll::Ready(r) => {
                 if let Err(e) = r {
@@ -127,6 +134,13 @@ impl Driver {
                 false
             }
         }
+    }
+
+    /// Drop hyper's connection: requests still queued on it are handed back to their
+    /// senders (`SendError::NotSent`).
+    fn close(&mut self) {
+        self.conn = None;
+        self.done = true;
     }
 }
 
@@ -219,9 +233,15 @@ impl Conn {
         req: http::Request<UpBody>,
         deadline: Instant,
     ) -> Result<http::Response<Incoming>, SendError> {
-        let mut response = pin!(self.sender.send_request(req));
+        let mut response = pin!(self.sender.try_send_request(req));
         let driver = &mut self.driver;
         let timer = &mut self.timer;
+        let answer = |r: Result<_, hyper::client::conn::TrySendError<_>>| {
+            r.map_err(|mut e| match e.take_message() {
+                Some(req) => SendError::NotSent(Box::new(req)),
+                None => SendError::Hyper(e.into_error()),
+            })
+        };
         std::future::poll_fn(|cx| {
             // First the connection (writes the request, reads the head and hands it
             // to `response`), then the answer. Only the connection completes
@@ -229,8 +249,16 @@ impl Conn {
             // this whole task (the client's connection) again for nothing.
             let open = driver.poll(cx);
             match response.as_mut().poll(&mut no_wake()) {
-                Poll::Ready(r) => Poll::Ready(r.map_err(SendError::from)),
-                Poll::Pending if !open => Poll::Ready(Err(SendError::Closed)),
+                Poll::Ready(r) => Poll::Ready(answer(r)),
+                Poll::Pending if !open => {
+                    // Ended with the request still queued (it read the backend's
+                    // close before writing): dropping the connection hands it back.
+                    driver.close();
+                    match response.as_mut().poll(&mut no_wake()) {
+                        Poll::Ready(r) => Poll::Ready(answer(r)),
+                        Poll::Pending => Poll::Ready(Err(SendError::Closed)),
+                    }
+                }
                 Poll::Pending if timer_passed(timer, cx, deadline) => {
                     Poll::Ready(Err(SendError::Deadline))
                 }
@@ -324,6 +352,15 @@ pub async fn checkout(
     deadline: Instant,
 ) -> Result<Conn, ConnectError> {
     while let Some(mut conn) = pop_idle(addr, now) {
+        if conn.sender.is_ready() {
+            // Its last exchange is finished (the connection was polled to the end
+            // of the body). A close the backend sent meanwhile is read when the
+            // request is sent, which then hands it back unsent (`NotSent`) for the
+            // next connection: no poll of hyper's whole connection here.
+            conn.reused = true;
+            conn.started = now;
+            return Ok(conn);
+        }
         // Polling it reads what the backend sent while it sat idle: nothing, or its
         // close. Usually ready at once; an exchange hyper still finishes takes a poll.
         // First without a wake-up: the request queued next would wake whoever
@@ -391,7 +428,7 @@ async fn connect(
     Ok(Conn {
         sender,
         driver: Driver {
-            conn: Box::new(SyncWrapper::new(conn)),
+            conn: Some(Box::new(SyncWrapper::new(conn))),
             done: false,
         },
         timer: Box::pin(tokio::time::sleep_until(deadline)),

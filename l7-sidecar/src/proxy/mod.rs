@@ -153,7 +153,7 @@ pub async fn forward(
     let mut tried = Vec::new();
     let mut last_err = None;
     let connect_timeout = Duration::from_millis(up.pool.cfg.connect_timeout_ms);
-    for attempt in 0..attempts {
+    'attempts: for attempt in 0..attempts {
         let last = attempt + 1 == attempts;
         let Some(for_hash) = first.as_ref().or(spare.as_ref()) else {
             break;
@@ -206,7 +206,28 @@ pub async fn forward(
         *req.method_mut() = method.clone();
         *req.uri_mut() = uri;
         *req.headers_mut() = headers;
-        let resp = match conn.send(req, deadline).await {
+        let mut sent = conn.send(req, deadline).await;
+        while let (Err(SendError::NotSent(_)), true) = (&sent, conn.reused) {
+            // A pooled connection the backend had closed while it sat idle: it never
+            // carried the request, which goes on the next one to the same backend
+            // (as `checkout` skips those it finds closed), costing no attempt.
+            let Err(SendError::NotSent(back)) = sent else {
+                break;
+            };
+            conn = match conns::checkout(backend.addr, connect_timeout, started, deadline).await {
+                Ok(c) => c,
+                Err(ConnectError::Deadline { .. }) => return Err(ProxyError::Timeout),
+                Err(e) => {
+                    tried.push(idx);
+                    up.pool.record_result(idx, true);
+                    tracing::debug!(pool = %up.pool.name, error = %e, "upstream connect failed");
+                    last_err = Some(ProxyError::Connect(e.to_string()));
+                    continue 'attempts;
+                }
+            };
+            sent = conn.send(*back, deadline).await;
+        }
+        let resp = match sent {
             Ok(r) => r,
             Err(SendError::Deadline) => return Err(ProxyError::Timeout),
             Err(e) => {
