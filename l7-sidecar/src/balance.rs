@@ -7,8 +7,16 @@ use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
+
+/// What `Backend::ejected_until` counts from.
+static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+/// `t` as nanoseconds since `EPOCH` (0 for anything before it).
+fn epoch_nanos(t: Instant) -> u64 {
+    u64::try_from(t.saturating_duration_since(*EPOCH).as_nanos()).unwrap_or(u64::MAX)
+}
 
 /// Decay constant of the peak-EWMA latency estimate.
 const EWMA_TAU: Duration = Duration::from_secs(10);
@@ -23,7 +31,10 @@ pub struct Backend {
     healthy: AtomicBool,
     consecutive_failures: AtomicU32,
     ejections: AtomicU32,
-    ejected_until: Mutex<Option<Instant>>,
+    /// End of the current ejection in `epoch_nanos`, 0 when not ejected. Read for
+    /// every backend on every pick: an atomic, where a lock per read cost more
+    /// than the pick itself.
+    ejected_until: AtomicU64,
     latency: Mutex<Ewma>,
     pub health_rise: AtomicU32,
     pub health_fall: AtomicU32,
@@ -50,7 +61,7 @@ impl Backend {
             healthy: AtomicBool::new(true),
             consecutive_failures: AtomicU32::new(0),
             ejections: AtomicU32::new(0),
-            ejected_until: Mutex::new(None),
+            ejected_until: AtomicU64::new(0),
             latency: Mutex::new(Ewma {
                 value_ns: 0.0,
                 at: Instant::now(),
@@ -74,10 +85,8 @@ impl Backend {
     }
 
     pub fn is_ejected(&self, now: Instant) -> bool {
-        self.ejected_until
-            .lock()
-            .map(|u| u.is_some_and(|t| now < t))
-            .unwrap_or(false)
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        until != 0 && epoch_nanos(now) < until
     }
 
     pub fn is_available(&self, now: Instant) -> bool {
@@ -90,10 +99,14 @@ impl Backend {
 
     /// Peak-EWMA: jump up to a slower sample at once, decay towards faster ones over time.
     pub fn observe_latency(&self, rtt: Duration) {
+        self.observe_latency_at(rtt, Instant::now());
+    }
+
+    /// `observe_latency` with the caller's clock reading (one per request).
+    pub fn observe_latency_at(&self, rtt: Duration, now: Instant) {
         let Ok(mut e) = self.latency.lock() else {
             return;
         };
-        let now = Instant::now();
         let rtt = rtt.as_nanos() as f64;
         if rtt > e.value_ns {
             e.value_ns = rtt;
@@ -202,7 +215,11 @@ impl Pool {
 
     /// Pick a backend not in `exclude` (already tried), or None if nothing is available.
     pub fn pick(&self, input: &HashInput<'_>, exclude: &[usize]) -> Option<usize> {
-        let now = Instant::now();
+        self.pick_at(input, exclude, Instant::now())
+    }
+
+    /// `pick` with the caller's clock reading (one per request).
+    pub fn pick_at(&self, input: &HashInput<'_>, exclude: &[usize], now: Instant) -> Option<usize> {
         let candidates = (0..self.backends.len())
             .filter(|i| !exclude.contains(i) && self.backends[*i].is_available(now));
         // Small pools (the usual case) list their candidates on the stack: this
@@ -245,7 +262,7 @@ impl Pool {
                 }
             }
             HashOn::Cookie(name) => {
-                if let Some(v) = crate::http_util::cookie(input.headers, name) {
+                if let Some(v) = cookie(input.headers, name) {
                     return ring_hash(v.as_bytes());
                 }
             }
@@ -305,7 +322,11 @@ impl Pool {
     pub fn record_result(&self, idx: usize, failed: bool) {
         let b = &self.backends[idx];
         if !failed {
-            b.consecutive_failures.store(0, Ordering::Relaxed);
+            // Read first: a store on every success would pull the counter's cache
+            // line from the other workers' cores every request.
+            if b.consecutive_failures.load(Ordering::Relaxed) != 0 {
+                b.consecutive_failures.store(0, Ordering::Relaxed);
+            }
             return;
         }
         let p: &PassiveConfig = &self.cfg.passive;
@@ -332,9 +353,8 @@ impl Pool {
                 .saturating_mul(1u64 << times.min(16))
                 .min(p.max_ejection_ms),
         );
-        if let Ok(mut u) = b.ejected_until.lock() {
-            *u = Some(now + dur);
-        }
+        b.ejected_until
+            .store(epoch_nanos(now + dur).max(1), Ordering::Relaxed);
         b.consecutive_failures.store(0, Ordering::Relaxed);
         b.total_ejections.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("gateway_upstream_ejections_total", "pool" => self.name.clone(), "backend" => b.addr.to_string())
@@ -357,6 +377,19 @@ impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.0.active.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// The value of cookie `name` (the first one), for hashing on it.
+pub fn cookie(headers: &http::HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|kv| {
+            let (k, v) = kv.trim().split_once('=')?;
+            (k == name).then(|| v.to_string())
+        })
 }
 
 #[cfg(test)]

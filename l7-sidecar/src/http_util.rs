@@ -1,17 +1,14 @@
-//! HTTP helpers every stage uses: the response body type, JSON error responses,
-//! hop-by-hop header handling and cookie lookup. A leaf below all stages.
+//! HTTP helpers every stage uses: the response body type (from `body`), JSON error
+//! responses and hop-by-hop header handling. A leaf below all stages.
 
 use crate::ctx::Req;
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
-use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full};
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-pub type Body = BoxBody<Bytes, BoxError>;
+pub use crate::body::{Body, BoxError};
 
 pub fn full(b: impl Into<Bytes>) -> Body {
-    Full::new(b.into()).map_err(|e| match e {}).boxed()
+    Body::full(b)
 }
 
 /// The `error` code of a JSON error response, as a response extension: a trace names why
@@ -62,43 +59,87 @@ static HOP_BY_HOP: [HeaderName; 9] = [
 /// length switch and one comparison; comparing it with each of the nine `HeaderName`s
 /// cost a few hundred instructions per header map (measured with callgrind).
 pub(crate) fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
-    Some(match name.as_str() {
-        "connection" => 0,
-        "keep-alive" => 1,
-        "proxy-connection" => 2,
-        "proxy-authenticate" => 3,
-        "proxy-authorization" => 4,
-        "te" => 5,
-        "trailer" => 6,
-        "transfer-encoding" => 7,
-        "upgrade" => 8,
+    hop_by_hop_text_index(name.as_str().as_bytes())
+}
+
+/// `hop_by_hop_index` of a lower-case name's bytes.
+fn hop_by_hop_text_index(name: &[u8]) -> Option<usize> {
+    Some(match name {
+        b"connection" => 0,
+        b"keep-alive" => 1,
+        b"proxy-connection" => 2,
+        b"proxy-authenticate" => 3,
+        b"proxy-authorization" => 4,
+        b"te" => 5,
+        b"trailer" => 6,
+        b"transfer-encoding" => 7,
+        b"upgrade" => 8,
         _ => return None,
     })
 }
 
+/// Whether a `Connection` token (any case) names a field of `HOP_BY_HOP`.
+fn is_hop_by_hop_token(token: &str) -> bool {
+    let mut lower = [0u8; 19];
+    let Some(buf) = lower.get_mut(..token.len()) else {
+        return false;
+    };
+    for (d, s) in buf.iter_mut().zip(token.bytes()) {
+        *d = s.to_ascii_lowercase();
+    }
+    hop_by_hop_text_index(buf).is_some()
+}
+
+/// Lengths of the `HOP_BY_HOP` names, as a bit set: most fields (`content-type`,
+/// `date`, `server`, ...) are told apart by their length alone.
+const HOP_BY_HOP_LENGTHS: u32 = 1 << 2 | 1 << 7 | 1 << 10 | 1 << 16 | 1 << 17 | 1 << 18 | 1 << 19;
+
+/// Whether every token of a `Connection` value names a `HOP_BY_HOP` field (so
+/// nothing else has to be removed for it), as in `keep-alive` or `Upgrade`.
+fn only_hop_by_hop_tokens(v: &HeaderValue) -> bool {
+    v.to_str().is_ok_and(|v| {
+        v.split(',')
+            .map(str::trim)
+            .all(|t| t.is_empty() || is_hop_by_hop_token(t))
+    })
+}
+
+/// Remove the hop-by-hop fields and those `Connection` names. One pass over the
+/// fields finds which are present (usually none, or just `Connection:
+/// keep-alive`); nothing is looked up or removed otherwise. This runs on every
+/// request and every response.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
-    // One pass over the few names present finds which hop-by-hop headers there
-    // are (usually none, or just Connection): cheaper than nine hashed removals,
-    // and this runs on every request and every response.
     let mut present = 0u16;
-    for k in h.keys() {
+    let mut names_others = false;
+    for (k, v) in h.iter() {
+        let len = k.as_str().len();
+        if len >= 32 || HOP_BY_HOP_LENGTHS & (1 << len) == 0 {
+            continue;
+        }
         if let Some(i) = hop_by_hop_index(k) {
             present |= 1 << i;
+            if i == 0 && !names_others {
+                names_others = !only_hop_by_hop_tokens(v);
+            }
         }
     }
     if present == 0 {
         return;
     }
     // Headers named in Connection are hop-by-hop too (HOP_BY_HOP[0] is Connection).
-    if present & 1 != 0 {
-        let named: Vec<HeaderName> = h
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|s| HeaderName::from_bytes(s.trim().as_bytes()).ok())
-            .filter(|n| !HOP_BY_HOP.contains(n))
-            .collect();
+    if names_others {
+        let mut named: Vec<HeaderName> = Vec::new();
+        for v in h.get_all(header::CONNECTION) {
+            let Ok(v) = v.to_str() else { continue };
+            for token in v.split(',').map(str::trim) {
+                if token.is_empty() || is_hop_by_hop_token(token) {
+                    continue;
+                }
+                if let Ok(n) = HeaderName::from_bytes(token.as_bytes()) {
+                    named.push(n);
+                }
+            }
+        }
         for n in named {
             h.remove(n);
         }
@@ -123,18 +164,6 @@ pub fn is_upgrade(h: &HeaderMap) -> bool {
         && h.get(header::UPGRADE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
-}
-
-pub fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers
-        .get_all(http::header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .find_map(|kv| {
-            let (k, v) = kv.trim().split_once('=')?;
-            (k == name).then(|| v.to_string())
-        })
 }
 
 #[cfg(test)]
@@ -166,5 +195,26 @@ mod tests {
         let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
         left.sort_unstable();
         assert_eq!(left, ["content-type", "host"]);
+    }
+
+    #[test]
+    fn connection_tokens_are_matched_in_any_case() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("Keep-Alive, X-Hop, , close"),
+        );
+        h.append(header::CONNECTION, HeaderValue::from_static("x-other"));
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert("x-other", HeaderValue::from_static("1"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        assert_eq!(left, ["x-kept"]);
+        assert!(is_hop_by_hop_token("Transfer-Encoding") && is_hop_by_hop_token("TE"));
+        for n in &HOP_BY_HOP {
+            assert!(HOP_BY_HOP_LENGTHS & (1 << n.as_str().len()) != 0, "{n}");
+        }
+        assert!(!is_hop_by_hop_token("transfer-encodings") && !is_hop_by_hop_token(""));
     }
 }

@@ -16,10 +16,20 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
 /// What the idle watchdog of one connection needs to know.
+///
+/// Reads and writes only count themselves (`io`): they happen several times per
+/// request, and a clock read each cost more than the rest of the bookkeeping. The
+/// watchdog, which looks a few times per timeout, notes when it saw the count
+/// change, so idleness is measured from the first look after the last byte: at
+/// most one watchdog tick later than the byte itself, never earlier.
 #[derive(Debug)]
 pub struct Activity {
     opened: Instant,
-    /// Milliseconds since `opened` of the last read or write that moved bytes.
+    /// Reads and writes that moved bytes. Written only by the connection's task.
+    io: AtomicU64,
+    /// `io` at the watchdog's last look, and when (ms since `opened`) it last saw
+    /// it change. Written only by the watchdog.
+    seen_io: AtomicU64,
     last_io_ms: AtomicU64,
     any_read: AtomicBool,
     /// Requests whose response has not been fully sent.
@@ -30,6 +40,8 @@ impl Activity {
     pub fn new() -> Arc<Activity> {
         Arc::new(Activity {
             opened: Instant::now(),
+            io: AtomicU64::new(0),
+            seen_io: AtomicU64::new(0),
             last_io_ms: AtomicU64::new(0),
             any_read: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
@@ -37,8 +49,9 @@ impl Activity {
     }
 
     fn touch(&self) {
-        let ms = self.opened.elapsed().as_millis() as u64;
-        self.last_io_ms.store(ms, Ordering::Relaxed);
+        // One writer: a plain increment, no locked read-modify-write.
+        let n = self.io.load(Ordering::Relaxed);
+        self.io.store(n.wrapping_add(1), Ordering::Relaxed);
     }
 
     /// Requests whose response has not been fully sent (or dropped).
@@ -54,8 +67,15 @@ impl Activity {
 
     /// True once the client sent nothing for `first_byte` after connecting, or, with
     /// no request in flight, moved no bytes for `idle`.
+    /// Call from one watchdog only: it also notes activity seen since its last call.
     pub fn expired(&self, now: Instant, first_byte: Duration, idle: Duration) -> bool {
         let since_open = now.saturating_duration_since(self.opened);
+        let io = self.io.load(Ordering::Relaxed);
+        if io != self.seen_io.load(Ordering::Relaxed) {
+            self.seen_io.store(io, Ordering::Relaxed);
+            let ms = u64::try_from(since_open.as_millis()).unwrap_or(u64::MAX);
+            self.last_io_ms.store(ms, Ordering::Relaxed);
+        }
         if !self.any_read.load(Ordering::Relaxed) {
             return since_open >= first_byte;
         }
@@ -72,43 +92,6 @@ pub struct InFlight(Arc<Activity>);
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// A response body that keeps its request counted as in flight until hyper has sent
-/// it all (or dropped it).
-pub struct InFlightBody<B> {
-    inner: B,
-    _guard: Option<InFlight>,
-}
-
-impl<B> InFlightBody<B> {
-    /// `guard`: None only for a response that was never counted.
-    pub fn new(inner: B, guard: Option<InFlight>) -> Self {
-        InFlightBody {
-            inner,
-            _guard: guard,
-        }
-    }
-}
-
-impl<B: hyper::body::Body + Unpin> hyper::body::Body for InFlightBody<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
     }
 }
 
@@ -133,7 +116,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for ActivityIo<S> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.activity.any_read.store(true, Ordering::Relaxed);
+            if !self.activity.any_read.load(Ordering::Relaxed) {
+                self.activity.any_read.store(true, Ordering::Relaxed);
+            }
             self.activity.touch();
         }
         r
@@ -253,7 +238,12 @@ mod tests {
         let req = a.start_request();
         assert!(!a.expired(at(5000), s, s), "request in flight");
         drop(req);
-        assert!(a.expired(at(5000), s, s), "idle after the response");
-        assert!(!a.expired(at(0), s, s), "not before");
+        // The watchdog saw the bytes at 5000 (its last look): idle from there on.
+        assert!(!a.expired(at(5500), s, s), "not a whole timeout since seen");
+        assert!(a.expired(at(6100), s, s), "idle after the response");
+        a.touch();
+        assert!(!a.expired(at(6200), s, s), "bytes again: not idle");
+        assert!(!a.expired(at(7000), s, s));
+        assert!(a.expired(at(7300), s, s), "idle a timeout after they were seen");
     }
 }

@@ -5,9 +5,11 @@
 pub mod admin;
 pub mod auth;
 pub mod balance;
+pub mod body;
 pub mod check;
 pub mod client_headers;
 pub mod config;
+pub mod conns;
 pub mod ctx;
 pub mod gateway;
 pub mod guard;

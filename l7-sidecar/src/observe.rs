@@ -4,13 +4,13 @@
 //! handles are registered once per route, the access record is only assembled when
 //! someone reads it, and log lines are written by a background thread.
 
+use crate::body::BodyEnd;
 use crate::ctx::{owned, Req, TraceId, UpstreamAddr, UserId};
 use crate::http_util::{full, Body};
 use crate::routing::MatchedRoute;
 use crate::stage::{run, Answer, Next};
 use std::future::Future;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Response};
-use http_body_util::BodyExt as _;
 pub use crate::stats::{
     prometheus, record_auth_failure, record_rate_limited, render_metrics, RouteMetrics,
 };
@@ -256,7 +256,6 @@ pub fn metrics_stage<B, N: Next<Req<B>>>(
 /// What the access record knows before the response: kept only when the record
 /// will be read (log line written or a subscriber listening).
 struct RequestSide {
-    time: SystemTime,
     method: Method,
     path: String,
     client_ip: String,
@@ -264,7 +263,8 @@ struct RequestSide {
     trace_id: Option<TraceId>,
 }
 
-/// Time the rest of the stack, then write the access log line and request metrics.
+/// Time the rest of the stack, then write the access log line and request metrics
+/// once the response body has been sent (`Pending`, told by the body itself).
 /// `write`: whether this config generation writes log lines (subscribers get
 /// records either way).
 pub async fn access_log_stage<B>(
@@ -276,35 +276,35 @@ pub async fn access_log_stage<B>(
     let started = Instant::now();
     let ctx = req.ctx();
     let request = log.wanted(write).then(|| RequestSide {
-        time: SystemTime::now(),
         method: req.method().clone(),
         path: req.uri().path().to_string(),
         client_ip: ctx.conn.client_ip_str().to_string(),
         request_id: ctx.request_id.as_ref().map(|r| r.0.clone()),
         trace_id: ctx.trace_id,
     });
-    let resp = run(next, req).await;
+    let mut resp = run(next, req).await;
     let ext = resp.extensions();
     let pending = Pending {
         status: resp.status().as_u16(),
         route: ext.get::<MatchedRoute>().map(|r| r.0.clone()),
-        upstream: ext.get::<UpstreamAddr>().map(|u| u.0.clone()),
+        upstream: resp
+            .body()
+            .upstream_addr()
+            .or_else(|| ext.get::<UpstreamAddr>().map(|u| &u.0))
+            .cloned(),
         user_id: ext.get::<UserId>().map(|u| u.0.clone()),
         request,
         started,
         write,
         log,
     };
-    resp.map(|inner| {
-        LoggedBody {
-            inner,
-            bytes: 0,
-            pending: Some(pending),
-        }
-        .boxed()
-    })
+    resp.body_mut().on_end(Box::new(pending));
+    resp
 }
 
+/// The access record and metrics of a response whose body is still being sent:
+/// completed by the body when it ends (or the client goes away), so streamed
+/// responses get a true size and duration.
 struct Pending {
     status: u16,
     route: Option<Arc<crate::routing::Route>>,
@@ -316,19 +316,9 @@ struct Pending {
     log: Arc<AccessLog>,
 }
 
-/// Counts the bytes actually sent and logs the request when its body ends (or the
-/// client goes away), so streamed responses get a true size and duration.
-struct LoggedBody {
-    inner: Body,
-    bytes: u64,
-    pending: Option<Pending>,
-}
-
-impl LoggedBody {
-    fn finish(&mut self) {
-        let Some(p) = self.pending.take() else {
-            return;
-        };
+impl BodyEnd for Pending {
+    fn ended(self: Box<Self>, bytes: u64) {
+        let p = *self;
         let elapsed = p.started.elapsed();
         match &p.route {
             Some(r) => r
@@ -337,13 +327,16 @@ impl LoggedBody {
             None => unrouted().record("none", p.status, elapsed.as_secs_f64()),
         }
         let Some(req) = p.request else { return };
+        // The wall clock is read only for a record someone reads: when the request
+        // arrived is now minus its duration.
+        let time = SystemTime::now().checked_sub(elapsed).unwrap_or_else(SystemTime::now);
         let record = AccessRecord {
-            time: rfc3339(req.time),
+            time: rfc3339(time),
             method: req.method.to_string(),
             path: req.path,
             status: p.status,
             latency_ms: elapsed.as_secs_f64() * 1000.0,
-            bytes: self.bytes,
+            bytes,
             client_ip: req.client_ip,
             upstream: p.upstream.map(|u| u.to_string()),
             route: p.route.map(|r| r.cfg.name.clone()),
@@ -352,45 +345,6 @@ impl LoggedBody {
             trace_id: req.trace_id.map(|t| t.to_string()).unwrap_or_default(),
         };
         p.log.log(record, p.write);
-    }
-}
-
-impl hyper::body::Body for LoggedBody {
-    type Data = bytes::Bytes;
-    type Error = crate::http_util::BoxError;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
-        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
-            std::task::Poll::Ready(Some(Ok(frame))) => {
-                if let Some(d) = frame.data_ref() {
-                    self.bytes += d.len() as u64;
-                }
-                if self.inner.is_end_stream() {
-                    self.finish();
-                }
-            }
-            std::task::Poll::Ready(_) => self.finish(),
-            std::task::Poll::Pending => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for LoggedBody {
-    fn drop(&mut self) {
-        self.finish();
     }
 }
 

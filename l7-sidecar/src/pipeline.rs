@@ -75,8 +75,12 @@ impl Next<Routed<Incoming>> for Proxy {
         Box::pin(async move {
             let Proxy(rt, tracer) = self;
             let mark = tracer.as_ref().map(|t| t.enter(StageKind::Upstream));
-            let resp = crate::proxy::proxy(&rt.upstreams, &rt.cfg.server, r).await;
+            let mut resp = crate::proxy::proxy(&rt.upstreams, &rt.cfg.server, r).await;
             if let (Some(t), Some(mark)) = (&tracer, mark) {
+                // A streamed body names its backend itself; traces read extensions.
+                if let Some(a) = resp.body().upstream_addr().cloned() {
+                    resp.extensions_mut().insert(crate::ctx::UpstreamAddr(a));
+                }
                 t.exit(mark, &resp);
             }
             resp
@@ -187,8 +191,9 @@ pub fn build(shared: Arc<Shared>, conn: ConnInfo) -> GatewayService {
     }
 }
 
-/// What hyper sends back: the pipeline's body, counted as in flight until hyper drops it.
-pub type ResponseBody = crate::idle::InFlightBody<Body>;
+/// What hyper sends back: the pipeline's body, which also keeps the request counted
+/// as in flight until hyper drops it (`Body::set_in_flight`).
+pub type ResponseBody = Body;
 
 /// The answer to a request whose handling panicked: a bug in one request must not take
 /// the connection (or the process) down.
@@ -308,8 +313,8 @@ impl Future for ResponseFuture {
         if let Some(id) = this.request_id.take() {
             resp.headers_mut().insert(crate::transform::REQUEST_ID, id);
         }
-        let guard = this.in_flight.take();
-        Poll::Ready(Ok(resp.map(|b| crate::idle::InFlightBody::new(b, guard))))
+        resp.body_mut().set_in_flight(this.in_flight.take());
+        Poll::Ready(Ok(resp))
     }
 }
 

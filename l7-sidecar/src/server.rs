@@ -196,7 +196,10 @@ fn worker_thread(index: usize) -> Result<tokio::runtime::Handle, GatewayError> {
     let handle = worker.handle().clone();
     std::thread::Builder::new()
         .name(format!("l7-worker-{index}"))
-        .spawn(move || worker.block_on(std::future::pending::<()>()))
+        .spawn(move || {
+            crate::conns::dedicate_thread();
+            worker.block_on(std::future::pending::<()>())
+        })
         .map_err(|source| GatewayError::Worker { index, source })?;
     Ok(handle)
 }

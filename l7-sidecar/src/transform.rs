@@ -4,7 +4,7 @@
 use crate::config::TransformConfig;
 use crate::ctx::{owned, Identity, Req, RequestId};
 // Re-exported where it used to live, for the fuzz target.
-pub use crate::http_util::cookie;
+pub use crate::balance::cookie;
 use crate::http_util::json_error_with_id;
 use crate::http_util::{full, is_upgrade, strip_hop_by_hop, Body};
 use crate::routing::Routed;
@@ -334,6 +334,7 @@ async fn transform_response(
         Err(e) => return fail(&e.to_string()),
     }
     let (mut parts, body) = resp.into_parts();
+    let upstream = body.upstream_addr().cloned();
     // Rewriting needs the whole body; the limit bounds what one response may cost.
     let bytes = match Box::pin(crate::proxy::collect_limited(body, max_response)).await {
         Ok(b) => b,
@@ -349,7 +350,7 @@ async fn transform_response(
         }
     };
     parts.headers.remove(http::header::CONTENT_LENGTH);
-    Response::from_parts(parts, full(out))
+    Response::from_parts(parts, full(out).with_upstream(upstream))
 }
 
 /// A `Content-Encoding` other than `identity`.

@@ -324,3 +324,60 @@ async fn no_backend_gives_502_503_504_with_json() {
     assert_eq!(r.status, 504);
     assert_eq!(r.json()["status"], 504);
 }
+
+/// A backend that answers each connection's first request and closes the connection
+/// 30 ms later, while the gateway holds it idle (a backend's keep-alive timeout).
+async fn closes_idle_after_one() -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                // The head, then the body its Content-Length announces (POST "x").
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// A pooled connection the backend closed while it sat idle never carried the next
+/// request: even a POST goes on a new connection, and the backend is not blamed.
+#[tokio::test]
+async fn a_pooled_connection_closed_while_idle_costs_no_attempt() {
+    let (addr, accepted) = closes_idle_after_one().await;
+    let cfg = format!(
+        "{}[pools.p]\nretries = 0\nbackends = [{{ address = \"{addr}\" }}]\n[pools.p.passive]\nconsecutive_failures = 1\n{}",
+        listener("public"),
+        route("p")
+    );
+    let gw = start_gateway(&cfg).await;
+    let c = client();
+    let url = format!("{}/x", base(&gw));
+    for i in 0..4 {
+        let r = send(&c, "POST", &url, &[], "x").await;
+        assert_eq!(r.status, 200, "POST {i}: {:?}", r.body);
+        // Past the backend's close of the connection the gateway keeps idle.
+        tokio::time::sleep(Duration::from_millis(80)).await;
+    }
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        4,
+        "one connection per request"
+    );
+}

@@ -175,6 +175,8 @@ async fn whole_pipeline() {
         (200, Some("alice"), "pipe-1")
     );
     assert_eq!(rec.route.as_deref(), Some("users"));
+    // The body was rewritten (fields stripped): the record still names the backend.
+    assert_eq!(rec.upstream, Some(users.addr.to_string()), "upstream of a rewritten body");
 
     // 2. Rejections.
     let r = get(&c, &format!("{b}/api/users/42"), &[("X-User-Id", "alice")]).await;

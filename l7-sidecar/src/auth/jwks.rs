@@ -3,8 +3,7 @@
 
 use super::{KeyError, KeyMap};
 use arc_swap::ArcSwap;
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::BodyExt;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet, KeyAlgorithm};
 use jsonwebtoken::{Algorithm, DecodingKey};
 use std::collections::HashMap;
@@ -129,7 +128,7 @@ impl JwksCache {
 
     async fn fetch(&self) -> Result<KeyMap, JwksError> {
         let req = http::Request::get(self.url.as_str())
-            .body(Empty::<Bytes>::new().map_err(|e| match e {}).boxed())
+            .body(crate::http_util::Body::empty())
             .map_err(|e| JwksError::Request(e.to_string()))?;
         let resp = self
             .client

@@ -1,7 +1,6 @@
 //! Fan-out to several pools with the JSON answers merged into one object.
 
-use super::{forward, ProxyError, Upstream};
-use crate::balance::HashInput;
+use super::{forward, Outgoing, ProxyError, Upstream};
 use bytes::Bytes;
 use http::{HeaderMap, Method};
 use std::sync::Arc;
@@ -23,13 +22,15 @@ pub async fn aggregate(
     for (name, up, path) in parts {
         let headers = headers.clone();
         tasks.push(tokio::spawn(async move {
-            let hash = HashInput {
-                client_ip,
-                headers: &headers,
-            };
             let r = match http::Uri::try_from(path.as_str()) {
                 Ok(target) => {
-                    forward(&up, &Method::GET, &target, &headers, Bytes::new(), &hash).await
+                    let out = Outgoing {
+                        method: Method::GET,
+                        target,
+                        headers,
+                        body: Bytes::new(),
+                    };
+                    forward(&up, out, client_ip).await
                 }
                 Err(e) => Err(ProxyError::Upstream(e.to_string())),
             };

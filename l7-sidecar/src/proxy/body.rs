@@ -1,120 +1,11 @@
-//! The upstream response body as it streams to the client.
+//! Buffering bodies: the client's request body (for retries) and upstream answers
+//! that are rewritten or merged. The streamed upstream body is `crate::body`'s.
 
-use super::BoxError;
-use crate::balance::ActiveGuard;
 use bytes::Bytes;
-use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
-use std::future::Future;
-use std::pin::Pin;
-use std::task::{Context, Poll};
-use tokio::time::{Instant, Sleep};
+use hyper::body::Body as HttpBody;
+use tokio::time::Instant;
 
-/// Keeps the backend counted as busy until its body is fully sent (least-connections
-/// sees real load) and cuts the stream at the request deadline, so a backend that
-/// trickles its body cannot hold a client past the pool's `request_timeout_ms`.
-pub struct StreamedBody {
-    inner: Incoming,
-    _guard: ActiveGuard,
-    deadline: Instant,
-    /// Made only once the body has to be waited for: most bodies arrive with their
-    /// head, and a timer per request would cost an allocation and a timer entry.
-    timer: Option<Pin<Box<Sleep>>>,
-    /// The keep-alive connection the body arrives on: polled with the body (it has
-    /// no task of its own), released for reuse on drop once the body has ended (a
-    /// body cut short leaves the connection unusable).
-    conn: Option<super::conns::Conn>,
-    ended: bool,
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("upstream body not finished before the request deadline")]
-pub struct BodyTimeout;
-
-impl StreamedBody {
-    pub fn new(inner: Incoming, guard: ActiveGuard, deadline: Instant) -> StreamedBody {
-        StreamedBody {
-            inner,
-            _guard: guard,
-            deadline,
-            timer: None,
-            conn: None,
-            ended: false,
-        }
-    }
-
-    /// Hand `conn` back to the idle list when this body is dropped after its end.
-    #[must_use]
-    pub fn with_conn(mut self, conn: super::conns::Conn) -> StreamedBody {
-        self.conn = Some(conn);
-        self
-    }
-}
-
-impl Drop for StreamedBody {
-    fn drop(&mut self) {
-        // hyper stops polling once `is_end_stream` says so, hence the second test.
-        if self.ended || self.inner.is_end_stream() {
-            if let Some(c) = self.conn.take() {
-                c.release();
-            }
-        }
-    }
-}
-
-impl HttpBody for StreamedBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        // Nobody else polls the connection: when `inner` has nothing yet, let the
-        // connection read the body's next bytes into it (a small body usually came
-        // with the head and is there already). `inner` is fed only by the
-        // connection, so while the connection runs, asking `inner` registers no
-        // wake-up (one would poll the client connection's whole task again); the
-        // connection's own registrations wake us. An ended connection ends `inner`
-        // too (with an error if the body was cut short).
-        let this = &mut *self;
-        let polled = match this.conn.as_mut() {
-            Some(c) => match Pin::new(&mut this.inner).poll_frame(&mut super::conns::no_wake()) {
-                Poll::Pending if c.poll_drive(cx) => {
-                    Pin::new(&mut this.inner).poll_frame(&mut super::conns::no_wake())
-                }
-                // Ended: whatever `inner` still says, it says now.
-                Poll::Pending => Pin::new(&mut this.inner).poll_frame(cx),
-                ready => ready,
-            },
-            None => Pin::new(&mut this.inner).poll_frame(cx),
-        };
-        match polled {
-            Poll::Ready(None) => {
-                self.ended = true;
-                Poll::Ready(None)
-            }
-            Poll::Ready(Some(r)) => Poll::Ready(Some(r.map_err(Into::into))),
-            Poll::Pending => {
-                let deadline = self.deadline;
-                let timer = self
-                    .timer
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-                match timer.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Some(Err(BodyTimeout.into()))),
-                    Poll::Pending => Poll::Pending,
-                }
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
+pub use crate::body::StreamedBody;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CollectError {
@@ -222,6 +113,7 @@ where
 mod tests {
     use super::*;
     use http_body_util::StreamBody;
+    use hyper::body::Frame;
     use std::time::Duration;
 
     type Frames = futures_util::stream::BoxStream<'static, Result<Frame<Bytes>, std::io::Error>>;

@@ -4,7 +4,6 @@
 
 mod aggregate;
 mod body;
-pub mod conns;
 mod tunnel;
 
 pub use aggregate::aggregate;
@@ -17,18 +16,19 @@ pub use tunnel::tunnel;
 pub use crate::http_util::{full, is_upgrade, strip_hop_by_hop, Body, BoxError};
 
 use crate::balance::{ActiveGuard, HashInput, Pool};
+use crate::conns::{self, ConnectError, SendError};
 use crate::ctx::UpstreamAddr;
 use crate::http_util::json_error;
-use crate::config::ServerConfig;
+use crate::config::{Algorithm, ServerConfig};
 use crate::routing::{append_query, fill_template_with, Routed};
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::BodyExt;
+use hyper::body::Body as _;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub type HttpClient = hyper_util::client::legacy::Client<HttpConnector, Body>;
 
@@ -89,10 +89,9 @@ impl Upstream {
 
 pub struct UpstreamResponse {
     pub parts: http::response::Parts,
-    /// Streamed from the backend; see `StreamedBody`.
+    /// Streamed from the backend (see `StreamedBody`), which it names
+    /// (`Body::upstream_addr`).
     pub body: Body,
-    /// The backend's address as text.
-    pub backend: Arc<str>,
 }
 
 fn request_id<B>(req: &crate::ctx::Req<B>) -> Arc<str> {
@@ -109,61 +108,75 @@ fn idempotent(m: &Method) -> bool {
     )
 }
 
+/// What is sent upstream: the client's request head, moved rather than copied, with
+/// its buffered body.
+pub struct Outgoing {
+    pub method: Method,
+    /// The origin-form request target (path and query only).
+    pub target: http::Uri,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
 /// Send a buffered request to the pool, all within the pool's request timeout.
 /// Idempotent requests are retried on another backend (up to the pool's `retries`)
 /// after any failure that left them without a response: a refused connection, but
 /// also a pooled keep-alive connection the backend closed or reset before answering
 /// (a replica that just died). The body is buffered, so it can be sent again.
 ///
-/// `target`: the origin-form request target (path and query only).
+/// The deadline is kept by the upstream connection's own timer (`conns`), not by a
+/// timeout future per request; connecting is bounded by it too.
 pub async fn forward(
     up: &Upstream,
-    method: &Method,
-    target: &http::Uri,
-    headers: &HeaderMap,
-    body: Bytes,
-    hash: &HashInput<'_>,
+    req: Outgoing,
+    client_ip: std::net::IpAddr,
 ) -> Result<UpstreamResponse, ProxyError> {
-    let timeout = Duration::from_millis(up.pool.cfg.request_timeout_ms);
-    let deadline = tokio::time::Instant::now() + timeout;
-    match tokio::time::timeout_at(
-        deadline,
-        forward_inner(up, method, target, headers, body, hash, deadline),
-    )
-    .await
-    {
-        Ok(r) => r,
-        Err(_) => Err(ProxyError::Timeout),
-    }
-}
-
-async fn forward_inner(
-    up: &Upstream,
-    method: &Method,
-    target: &http::Uri,
-    headers: &HeaderMap,
-    body: Bytes,
-    hash: &HashInput<'_>,
-    deadline: tokio::time::Instant,
-) -> Result<UpstreamResponse, ProxyError> {
-    let attempts = if idempotent(method) {
+    // The request's one clock reading: deadline, balancing, idle bookkeeping.
+    let now = tokio::time::Instant::now();
+    let deadline = now + Duration::from_millis(up.pool.cfg.request_timeout_ms);
+    let attempts = if idempotent(&req.method) {
         1 + up.pool.cfg.retries as usize
     } else {
         1
     };
+    let Outgoing {
+        method,
+        target,
+        headers,
+        body,
+    } = req;
+    // The first attempt sends the client's header map itself. A copy is kept only
+    // when a retry can happen: hyper consumes a request it has started to write.
+    let mut spare = (attempts > 1).then(|| headers.clone());
+    let mut first = Some(headers);
+    let mut target = Some(target);
     // Only backends that failed are recorded, so the usual request allocates nothing here.
     let mut tried = Vec::new();
     let mut last_err = None;
-    for _ in 0..attempts {
-        let Some(idx) = up.pool.pick(hash, &tried) else {
+    let connect_timeout = Duration::from_millis(up.pool.cfg.connect_timeout_ms);
+    'attempts: for attempt in 0..attempts {
+        let last = attempt + 1 == attempts;
+        let Some(for_hash) = first.as_ref().or(spare.as_ref()) else {
             break;
         };
-        let backend = up.pool.backends[idx].clone();
+        let hash = HashInput {
+            client_ip,
+            headers: for_hash,
+        };
+        let started = if attempt == 0 {
+            now
+        } else {
+            tokio::time::Instant::now()
+        };
+        let Some(idx) = up.pool.pick_at(&hash, &tried, started.into_std()) else {
+            break;
+        };
+        let backend = &up.pool.backends[idx];
         let guard = ActiveGuard::new(backend.clone());
-        let started = Instant::now();
-        let connect_timeout = Duration::from_millis(up.pool.cfg.connect_timeout_ms);
-        let mut conn = match conns::checkout(backend.addr, connect_timeout).await {
+        let mut conn = match conns::checkout(backend.addr, connect_timeout, started, deadline).await
+        {
             Ok(c) => c,
+            Err(ConnectError::Deadline { .. }) => return Err(ProxyError::Timeout),
             Err(e) => {
                 // Nothing was sent: a failed connect is retried like a lost response.
                 tried.push(idx);
@@ -173,20 +186,51 @@ async fn forward_inner(
                 continue;
             }
         };
+        let mut headers = match (first.take(), last) {
+            (Some(h), _) => h,
+            (None, true) => spare.take().unwrap_or_default(),
+            (None, false) => spare.clone().unwrap_or_default(),
+        };
         // Origin-form target on the connection to this backend; the client's Host is
         // kept (the backend authority stands in only when the client sent none, as
         // over HTTP/2).
-        let mut req = Request::new(conns::UpBody::new(body.clone()));
-        *req.method_mut() = method.clone();
-        *req.uri_mut() = target.clone();
-        *req.headers_mut() = headers.clone();
-        if !req.headers().contains_key(header::HOST) {
+        if !headers.contains_key(header::HOST) {
             if let Ok(v) = HeaderValue::from_str(backend.authority.as_str()) {
-                req.headers_mut().insert(header::HOST, v);
+                headers.insert(header::HOST, v);
             }
         }
-        let resp = match conn.send(req).await {
+        let uri = match (last, &mut target) {
+            (true, t) => t.take().unwrap_or_default(),
+            (false, t) => t.clone().unwrap_or_default(),
+        };
+        let mut req = Request::new(conns::UpBody::new(body.clone()));
+        *req.method_mut() = method.clone();
+        *req.uri_mut() = uri;
+        *req.headers_mut() = headers;
+        let mut sent = conn.send(req, deadline).await;
+        while let (Err(SendError::NotSent(_)), true) = (&sent, conn.reused) {
+            // A pooled connection the backend had closed while it sat idle: it never
+            // carried the request, which goes on the next one to the same backend
+            // (as `checkout` skips those it finds closed), costing no attempt.
+            let Err(SendError::NotSent(back)) = sent else {
+                break;
+            };
+            conn = match conns::checkout(backend.addr, connect_timeout, started, deadline).await {
+                Ok(c) => c,
+                Err(ConnectError::Deadline { .. }) => return Err(ProxyError::Timeout),
+                Err(e) => {
+                    tried.push(idx);
+                    up.pool.record_result(idx, true);
+                    tracing::debug!(pool = %up.pool.name, error = %e, "upstream connect failed");
+                    last_err = Some(ProxyError::Connect(e.to_string()));
+                    continue 'attempts;
+                }
+            };
+            sent = conn.send(*back, deadline).await;
+        }
+        let resp = match sent {
             Ok(r) => r,
+            Err(SendError::Deadline) => return Err(ProxyError::Timeout),
             Err(e) => {
                 // No response head arrived (on a reused connection: the backend closed
                 // or reset it, e.g. a replica that just died). RFC 9110 §9.2.2 lets
@@ -199,18 +243,20 @@ async fn forward_inner(
                 continue;
             }
         };
-        // Latency to the response head: what peak-EWMA balancing compares.
-        backend.observe_latency(started.elapsed());
-        up.pool.record_result(idx, parts_is_5xx(&resp));
+        // Latency to the response head: what peak-EWMA balancing compares. Only that
+        // algorithm reads it, so other pools skip the clock read and the lock.
+        if up.pool.cfg.algorithm == Algorithm::LeastResponseTime {
+            let head_at = std::time::Instant::now();
+            let rtt = head_at.saturating_duration_since(started.into_std());
+            backend.observe_latency_at(rtt, head_at);
+        }
+        up.pool.record_result(idx, resp.status().is_server_error());
         let (mut parts, incoming) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        let body = StreamedBody::new(incoming, guard, deadline)
-            .with_conn(conn)
-            .boxed();
+        let body = StreamedBody::new(incoming, guard, deadline).with_conn(conn);
         return Ok(UpstreamResponse {
             parts,
-            body,
-            backend: backend.addr_text.clone(),
+            body: Body::upstream(body, backend.addr_text.clone()),
         });
     }
     Err(last_err.unwrap_or_else(|| ProxyError::NoBackend(up.pool.name.clone())))
@@ -237,10 +283,6 @@ fn origin_form(client: &http::Uri, pq: &str) -> Option<http::Uri> {
         Some(own) if own.as_str() == pq => Some(http::Uri::from(own.clone())),
         _ => http::Uri::try_from(pq).ok(),
     }
-}
-
-fn parts_is_5xx<B>(r: &Response<B>) -> bool {
-    r.status().is_server_error()
 }
 
 /// The innermost stage: send the (already checked and transformed) request on.
@@ -329,7 +371,13 @@ pub async fn proxy(
         min_rate: limits.body_min_rate_bytes_per_sec,
     };
     // Buffered so a retry can resend it; the limits bound memory and time per request.
-    let body = match collect_request(body, body_limits).await {
+    // A request without a body (GET, `Content-Length: 0`) skips the machinery.
+    let collected = if body.is_end_stream() {
+        Ok(Bytes::new())
+    } else {
+        collect_request(body, body_limits).await
+    };
+    let body = match collected {
         Ok(b) => b,
         Err(e) => {
             tracing::debug!(route = %rc.name, request_id = %rid, error = %e, "refused request body");
@@ -406,16 +454,15 @@ pub async fn proxy(
         tracing::warn!(route = %rc.name, request_id = %rid, "upstream target is no valid URI");
         return err(StatusCode::BAD_GATEWAY, "upstream_error", "upstream failed");
     };
-    let hash = HashInput {
-        client_ip,
-        headers: &parts.headers,
+    let out = Outgoing {
+        method: parts.method,
+        target,
+        headers: parts.headers,
+        body,
     };
-    match forward(&up, &parts.method, &target, &parts.headers, body, &hash).await {
-        Ok(r) => {
-            let mut resp = Response::from_parts(r.parts, r.body);
-            resp.extensions_mut().insert(UpstreamAddr(r.backend));
-            resp
-        }
+    match forward(&up, out, client_ip).await {
+        // The body names the backend for the access log (no response extension).
+        Ok(r) => Response::from_parts(r.parts, r.body),
         Err(e) => {
             tracing::warn!(route = %rc.name, request_id = %rid, error = %e, "upstream failure");
             err(e.status(), "upstream_error", e.public_message())

@@ -4,7 +4,6 @@ use super::{full, Body, ProxyError, Upstream};
 use crate::balance::{ActiveGuard, HashInput};
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
 use std::sync::Arc;
 use std::time::Duration;
@@ -70,7 +69,7 @@ where
         let (parts, body) = resp.into_parts();
         let body = super::StreamedBody::new(body, ActiveGuard::new(backend.clone()), deadline);
         return Ok((
-            Response::from_parts(parts, body.boxed()),
+            Response::from_parts(parts, Body::upstream(body, backend.addr_text.clone())),
             backend.addr_text.clone(),
         ));
     }

@@ -5,7 +5,7 @@
 //! task per request to hand the connection back when it is ready again; at ~10 µs
 //! per request that was the largest user-space cost of proxying. Here a connection
 //! goes back to the idle list when the response body has been read to its end (see
-//! `StreamedBody`), without a task. Nor does a connection have a task of its own:
+//! `body::StreamedBody`), without a task. Nor does a connection have a task of its own:
 //! hyper's `Connection` (the HTTP/1 state machine that writes the request and reads
 //! the response) travels with its `SendRequest` and is polled by whoever uses it —
 //! the request's future while it waits for the response head, then the response
@@ -13,8 +13,10 @@
 //! connection task instead costs two cross-task wake-ups per request (request queued
 //! → connection task; response head → request task) and lets the backend's bytes be
 //! read ahead of a client that is not reading. An idle connection is polled by nobody:
-//! a backend's close is noticed when the connection is next checked out (and the
-//! request then dials, or is retried, as before).
+//! a backend's close is noticed when the connection is next used. A connection whose
+//! last exchange finished is handed out without polling it; if the backend had closed
+//! it, sending reads that close before writing and hands the request back unsent
+//! (`SendError::NotSent`), and it goes on the next connection (see `forward`).
 //!
 //! On a single-threaded runtime (each of the
 //! binary's workers) the idle list is the thread's own (a `thread_local!`: no lock,
@@ -23,6 +25,10 @@
 //! leave connections idle on one thread while another opens new ones, so those share
 //! one locked list. Keyed by the backend's resolved `SocketAddr`, so pools and config
 //! generations that name the same backend share its connections.
+//!
+//! Each connection also keeps the timer that bounds the requests sent on it
+//! (`deadline_passed`): re-armed only when it fires, instead of a timer registered
+//! and cancelled per request.
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -30,16 +36,15 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, Connection, SendRequest};
 use hyper_util::rt::TokioIo;
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::pin;
+use std::pin::{pin, Pin};
 use std::sync::{LazyLock, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use sync_wrapper::SyncWrapper;
 use tokio::net::TcpStream;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 /// Idle connections older than this are closed rather than reused: a backend's own
 /// keep-alive timeout is usually longer (nginx 75 s, Go 90 s), so reuse rarely races it.
@@ -65,6 +70,9 @@ pub enum ConnectError {
         addr: SocketAddr,
         source: hyper::Error,
     },
+    /// The request's own deadline passed first (no retry can help then).
+    #[error("connect to {addr}: request deadline passed")]
+    Deadline { addr: SocketAddr },
 }
 
 /// Why a request sent on a connection got no response head.
@@ -76,6 +84,13 @@ pub enum SendError {
     /// guard should a future version not.
     #[error("connection closed before a response")]
     Closed,
+    /// The request's deadline passed before its response head arrived.
+    #[error("no response before the request deadline")]
+    Deadline,
+    /// The connection had ended before the request was written (a pooled
+    /// connection the backend closed while it sat idle): here it is back, unsent.
+    #[error("connection closed before the request was sent")]
+    NotSent(Box<http::Request<UpBody>>),
 }
 
 /// What requests to a backend carry: `forward` buffers bodies (to retry them), so a
@@ -96,7 +111,8 @@ pub(crate) fn no_wake() -> Context<'static> {
 struct Driver {
     /// Boxed: hyper's connection state is several hundred bytes, and a `Conn` moves
     /// by value per request (idle list, checkout, response body).
-    conn: Box<SyncWrapper<Connection<Io, UpBody>>>,
+    /// None once dropped early (`close`).
+    conn: Option<Box<SyncWrapper<Connection<Io, UpBody>>>>,
     /// The connection future returned: it must not be polled again.
     done: bool,
 }
@@ -105,10 +121,10 @@ impl Driver {
     /// Let the connection write and read what it can. False once it has ended
     /// (closed by either side, or failed).
     fn poll(&mut self, cx: &mut Context<'_>) -> bool {
-        if self.done {
+        let Some(conn) = self.conn.as_mut().filter(|_| !self.done) else {
             return false;
-        }
-        match std::pin::Pin::new(self.conn.get_mut()).poll(cx) {
+        };
+        match std::pin::Pin::new(conn.get_mut()).poll(cx) {
             Poll::Pending => true,
             Poll::Ready(r) => {
                 if let Err(e) = r {
@@ -118,6 +134,13 @@ impl Driver {
                 false
             }
         }
+    }
+
+    /// Drop hyper's connection: requests still queued on it are handed back to their
+    /// senders (`SendError::NotSent`).
+    fn close(&mut self) {
+        self.conn = None;
+        self.done = true;
     }
 }
 
@@ -134,10 +157,23 @@ pub fn opened() -> u64 {
     OPENED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// Idle connections by backend address. A list searched from the front rather
+/// than a hash map: a process talks to the handful of backends of its config,
+/// and comparing a few addresses is cheaper than hashing one (SipHash cost ~150
+/// instructions per checkout and per release).
 #[derive(Default)]
 struct IdleMap {
-    by_addr: HashMap<SocketAddr, Vec<Idle>>,
+    by_addr: Vec<(SocketAddr, Vec<Idle>)>,
     releases: u32,
+}
+
+impl IdleMap {
+    fn list(&mut self, addr: SocketAddr) -> Option<&mut Vec<Idle>> {
+        self.by_addr
+            .iter_mut()
+            .find(|(a, _)| *a == addr)
+            .map(|(_, l)| l)
+    }
 }
 
 thread_local! {
@@ -148,10 +184,23 @@ thread_local! {
 /// The idle list of multi-threaded runtimes (and of drops outside any runtime).
 static SHARED: LazyLock<Mutex<IdleMap>> = LazyLock::new(Mutex::default);
 
+thread_local! {
+    /// Set on the binary's worker threads (`dedicate_thread`).
+    static DEDICATED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Declare that the calling thread runs one single-threaded runtime for the rest of
+/// its life (the binary's workers): its connections then use the thread's own idle
+/// list without asking tokio, per checkout and release, which runtime is current.
+pub fn dedicate_thread() {
+    DEDICATED.with(|d| d.set(true));
+}
+
 /// Run `f` on the idle list that belongs to the calling runtime.
 fn with_idle<R>(f: impl FnOnce(&mut IdleMap) -> R) -> R {
-    let single = tokio::runtime::Handle::try_current()
-        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread);
+    let single = DEDICATED.with(std::cell::Cell::get)
+        || tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread);
     if single {
         LOCAL.with(|m| f(&mut m.borrow_mut()))
     } else {
@@ -164,6 +213,12 @@ fn with_idle<R>(f: impl FnOnce(&mut IdleMap) -> R) -> R {
 pub struct Conn {
     sender: SendRequest<UpBody>,
     driver: Driver,
+    /// Bounds the wait for the current request's response (`deadline_passed`).
+    /// Boxed: `Sleep` is not `Unpin`, and a `Conn` moves.
+    timer: Pin<Box<Sleep>>,
+    /// When the current request started: counts as "idle since" when the
+    /// connection is released (a little early, which only shortens its reuse).
+    started: Instant,
     pub addr: SocketAddr,
     /// Taken from the idle list (it may have died since; see `forward`).
     pub reused: bool,
@@ -172,12 +227,21 @@ pub struct Conn {
 impl Conn {
     /// Send `req` and drive the connection until the response head arrives. The
     /// response body arrives only while `poll_drive` is called (`StreamedBody` does).
+    /// Fails with `SendError::Deadline` once `deadline` passes.
     pub async fn send(
         &mut self,
         req: http::Request<UpBody>,
+        deadline: Instant,
     ) -> Result<http::Response<Incoming>, SendError> {
-        let mut response = pin!(self.sender.send_request(req));
+        let mut response = pin!(self.sender.try_send_request(req));
         let driver = &mut self.driver;
+        let timer = &mut self.timer;
+        let answer = |r: Result<_, hyper::client::conn::TrySendError<_>>| {
+            r.map_err(|mut e| match e.take_message() {
+                Some(req) => SendError::NotSent(Box::new(req)),
+                None => SendError::Hyper(e.into_error()),
+            })
+        };
         std::future::poll_fn(|cx| {
             // First the connection (writes the request, reads the head and hands it
             // to `response`), then the answer. Only the connection completes
@@ -185,12 +249,28 @@ impl Conn {
             // this whole task (the client's connection) again for nothing.
             let open = driver.poll(cx);
             match response.as_mut().poll(&mut no_wake()) {
-                Poll::Ready(r) => Poll::Ready(r.map_err(SendError::from)),
-                Poll::Pending if open => Poll::Pending,
-                Poll::Pending => Poll::Ready(Err(SendError::Closed)),
+                Poll::Ready(r) => Poll::Ready(answer(r)),
+                Poll::Pending if !open => {
+                    // Ended with the request still queued (it read the backend's
+                    // close before writing): dropping the connection hands it back.
+                    driver.close();
+                    match response.as_mut().poll(&mut no_wake()) {
+                        Poll::Ready(r) => Poll::Ready(answer(r)),
+                        Poll::Pending => Poll::Ready(Err(SendError::Closed)),
+                    }
+                }
+                Poll::Pending if timer_passed(timer, cx, deadline) => {
+                    Poll::Ready(Err(SendError::Deadline))
+                }
+                Poll::Pending => Poll::Pending,
             }
         })
         .await
+    }
+
+    /// Whether `deadline` has passed; if not, `cx` is woken when it does.
+    pub fn deadline_passed(&mut self, cx: &mut Context<'_>, deadline: Instant) -> bool {
+        timer_passed(&mut self.timer, cx, deadline)
     }
 
     /// Move the connection on (the response body's bytes into its `Incoming`).
@@ -214,16 +294,20 @@ impl Conn {
         if self.driver.done || self.sender.is_closed() {
             return;
         }
-        let now = Instant::now();
+        let now = self.started;
         with_idle(|m| {
             m.releases = m.releases.wrapping_add(1);
             if m.releases % SWEEP_EVERY == 0 {
-                m.by_addr.retain(|_, list| {
+                m.by_addr.retain_mut(|(_, list)| {
                     list.retain(|i| now.duration_since(i.since) < IDLE_TIMEOUT);
                     !list.is_empty()
                 });
             }
-            let list = m.by_addr.entry(self.addr).or_default();
+            let addr = self.addr;
+            if m.list(addr).is_none() {
+                m.by_addr.push((addr, Vec::new()));
+            }
+            let Some(list) = m.list(addr) else { return };
             if list.len() >= MAX_IDLE_PER_BACKEND {
                 // The oldest is the most likely to be closed by the backend soon.
                 list.remove(0);
@@ -236,11 +320,47 @@ impl Conn {
     }
 }
 
+/// `timer` has fired for `deadline` (else `cx` is woken when it does).
+///
+/// The timer may still be armed for an earlier request's deadline: it then fires
+/// early once and is moved on to this one. Deadlines only grow on one connection
+/// (now + the pool's timeout), so the timer is re-armed about once per timeout
+/// rather than registered and cancelled in the timer wheel per request.
+fn timer_passed(timer: &mut Pin<Box<Sleep>>, cx: &mut Context<'_>, deadline: Instant) -> bool {
+    if timer.deadline() > deadline {
+        // A shorter timeout than the previous request's (another pool's).
+        timer.as_mut().reset(deadline);
+    }
+    loop {
+        match timer.as_mut().poll(cx) {
+            Poll::Pending => return false,
+            Poll::Ready(()) if timer.deadline() >= deadline => return true,
+            // An earlier request's deadline: arm for this one (and register `cx`).
+            Poll::Ready(()) => timer.as_mut().reset(deadline),
+        }
+    }
+}
+
 /// The most recently used idle connection to `addr` that is still open and ready,
 /// else a new one. Dead idle connections are dropped here and cost the request
-/// nothing: they never carried it.
-pub async fn checkout(addr: SocketAddr, connect_timeout: Duration) -> Result<Conn, ConnectError> {
-    while let Some(mut conn) = pop_idle(addr) {
+/// nothing: they never carried it. `now`: when the request started; `deadline`:
+/// when it must have its response.
+pub async fn checkout(
+    addr: SocketAddr,
+    connect_timeout: Duration,
+    now: Instant,
+    deadline: Instant,
+) -> Result<Conn, ConnectError> {
+    while let Some(mut conn) = pop_idle(addr, now) {
+        if conn.sender.is_ready() {
+            // Its last exchange is finished (the connection was polled to the end
+            // of the body). A close the backend sent meanwhile is read when the
+            // request is sent, which then hands it back unsent (`NotSent`) for the
+            // next connection: no poll of hyper's whole connection here.
+            conn.reused = true;
+            conn.started = now;
+            return Ok(conn);
+        }
         // Polling it reads what the backend sent while it sat idle: nothing, or its
         // close. Usually ready at once; an exchange hyper still finishes takes a poll.
         // First without a wake-up: the request queued next would wake whoever
@@ -249,22 +369,32 @@ pub async fn checkout(addr: SocketAddr, connect_timeout: Duration) -> Result<Con
         let first = conn.poll_ready(&mut no_wake());
         let ready = match first {
             Poll::Ready(r) => r,
-            Poll::Pending => std::future::poll_fn(|cx| conn.poll_ready(cx)).await,
+            Poll::Pending => {
+                let waited = std::future::poll_fn(|cx| match conn.poll_ready(cx) {
+                    Poll::Ready(r) => Poll::Ready(Ok(r)),
+                    Poll::Pending if conn.deadline_passed(cx, deadline) => Poll::Ready(Err(())),
+                    Poll::Pending => Poll::Pending,
+                });
+                match waited.await {
+                    Ok(r) => r,
+                    Err(()) => return Err(ConnectError::Deadline { addr }),
+                }
+            }
         };
         if ready {
             conn.reused = true;
+            conn.started = now;
             return Ok(conn);
         }
     }
     // Boxed: dialing is rare, and its future would otherwise enlarge (and be copied
     // with) every request's future.
-    Box::pin(connect(addr, connect_timeout)).await
+    Box::pin(connect(addr, connect_timeout, now, deadline)).await
 }
 
-fn pop_idle(addr: SocketAddr) -> Option<Conn> {
+fn pop_idle(addr: SocketAddr, now: Instant) -> Option<Conn> {
     with_idle(|m| {
-        let list = m.by_addr.get_mut(&addr)?;
-        let now = Instant::now();
+        let list = m.list(addr)?;
         while let Some(idle) = list.pop() {
             if !idle.conn.sender.is_closed() && now.duration_since(idle.since) < IDLE_TIMEOUT {
                 return Some(idle.conn);
@@ -274,10 +404,17 @@ fn pop_idle(addr: SocketAddr) -> Option<Conn> {
     })
 }
 
-async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Conn, ConnectError> {
-    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+async fn connect(
+    addr: SocketAddr,
+    timeout: Duration,
+    now: Instant,
+    deadline: Instant,
+) -> Result<Conn, ConnectError> {
+    let until = deadline.min(now + timeout);
+    let stream = match tokio::time::timeout_at(until, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(source)) => return Err(ConnectError::Io { addr, source }),
+        Err(_) if until == deadline => return Err(ConnectError::Deadline { addr }),
         Err(_) => return Err(ConnectError::Timeout { addr, timeout }),
     };
     // Requests and responses are small writes: do not let Nagle hold them back.
@@ -291,9 +428,11 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Conn, ConnectErr
     Ok(Conn {
         sender,
         driver: Driver {
-            conn: Box::new(SyncWrapper::new(conn)),
+            conn: Some(Box::new(SyncWrapper::new(conn))),
             done: false,
         },
+        timer: Box::pin(tokio::time::sleep_until(deadline)),
+        started: now,
         addr,
         reused: false,
     })
@@ -301,7 +440,7 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Conn, ConnectErr
 
 /// Idle connections the calling runtime holds to `addr` (for tests and diagnostics).
 pub fn idle_count(addr: SocketAddr) -> usize {
-    with_idle(|m| m.by_addr.get(&addr).map_or(0, Vec::len))
+    with_idle(|m| m.list(addr).map_or(0, |l| l.len()))
 }
 
 #[cfg(test)]

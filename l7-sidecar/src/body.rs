@@ -1,0 +1,381 @@
+//! The one response body type every stage returns, and the upstream body it usually
+//! carries.
+//!
+//! A proxied response used to travel as boxes around wrappers around boxes (the
+//! in-flight guard around a boxed access-log counter around a boxed upstream body):
+//! every frame went through four dynamic calls and every request paid for the
+//! allocations and the drops of each layer. `Body` is one concrete type instead: the
+//! upstream stream, a buffered answer, or (for the rare transforms) a boxed body,
+//! plus the request's in-flight guard and its access-log accounting as fields. A leaf
+//! below the stages: it knows the upstream connection (`conns`), the backend's busy
+//! count (`balance`) and the client connection's in-flight count (`idle`), no stage.
+
+use crate::balance::ActiveGuard;
+use crate::conns::{no_wake, Conn};
+use crate::idle::InFlight;
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tokio::time::{Instant, Sleep};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Told once how many body bytes were sent, when the body ends or is dropped (the
+/// access log: true size and duration of streamed responses).
+pub trait BodyEnd: Send + Sync {
+    fn ended(self: Box<Self>, bytes: u64);
+}
+
+enum Kind {
+    /// A buffered answer in one frame (None: no frame left, or none at all).
+    Full(Option<Bytes>),
+    /// Streamed from a backend.
+    Upstream(StreamedBody),
+    /// Anything else (response transforms, tests).
+    Boxed(BoxBody<Bytes, BoxError>),
+}
+
+/// Boxed, so that `Response<Body>` stays small: a response moves through every
+/// stage on its way out, and past 128 bytes each move was a `memcpy` call (seen
+/// as ten more per request in callgrind when the body was inline).
+pub struct Body(Box<Inner>);
+
+struct Inner {
+    kind: Kind,
+    /// Bytes sent so far; counted only while `end` waits for them.
+    bytes: u64,
+    end: Option<Box<dyn BodyEnd>>,
+    /// The backend that answered (as text), for the access log: carried here
+    /// rather than as a response extension, whose map costs an allocation and a
+    /// hashed insert per response.
+    upstream: Option<Arc<str>>,
+    /// Keeps the request counted as in flight on its client connection until the
+    /// body is sent or dropped (the idle watchdog must not cut it).
+    _in_flight: Option<InFlight>,
+}
+
+impl Body {
+    fn of(kind: Kind) -> Body {
+        Body(Box::new(Inner {
+            kind,
+            bytes: 0,
+            end: None,
+            upstream: None,
+            _in_flight: None,
+        }))
+    }
+
+    pub fn empty() -> Body {
+        Body::of(Kind::Full(None))
+    }
+
+    /// `b` in one frame (no frame if it is empty, as `http_body_util::Full`).
+    pub fn full(b: impl Into<Bytes>) -> Body {
+        let b = b.into();
+        Body::of(Kind::Full((!b.is_empty()).then_some(b)))
+    }
+
+    /// Streamed from `backend` (its address as text).
+    pub fn upstream(b: StreamedBody, backend: Arc<str>) -> Body {
+        let mut body = Body::of(Kind::Upstream(b));
+        body.0.upstream = Some(backend);
+        body
+    }
+
+    /// The backend a streamed body comes from.
+    pub fn upstream_addr(&self) -> Option<&Arc<str>> {
+        self.0.upstream.as_ref()
+    }
+
+    /// Name `backend` as where this body came from: a stage that rewrites an
+    /// upstream body keeps the backend named for the access log.
+    #[must_use]
+    pub fn with_upstream(mut self, backend: Option<Arc<str>>) -> Body {
+        self.0.upstream = backend;
+        self
+    }
+
+    pub fn boxed<B>(b: B) -> Body
+    where
+        B: HttpBody<Data = Bytes> + Send + Sync + 'static,
+        B::Error: Into<BoxError>,
+    {
+        use http_body_util::BodyExt as _;
+        Body::of(Kind::Boxed(b.map_err(Into::into).boxed()))
+    }
+
+    /// Call `end` with the bytes sent once the body ends or is dropped. A body has one
+    /// such listener (the access log's); a second one replaces it, after the first
+    /// has been told what was sent so far.
+    pub fn on_end(&mut self, end: Box<dyn BodyEnd>) {
+        self.0.finish();
+        self.0.bytes = 0;
+        self.0.end = Some(end);
+    }
+
+    /// Count the request as in flight until this body is gone.
+    pub fn set_in_flight(&mut self, guard: Option<InFlight>) {
+        self.0._in_flight = guard;
+    }
+}
+
+impl Inner {
+    fn finish(&mut self) {
+        if let Some(end) = self.end.take() {
+            end.ended(self.bytes);
+        }
+    }
+
+    fn inner_is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Full(b) => b.is_none(),
+            Kind::Upstream(s) => s.is_end_stream(),
+            Kind::Boxed(b) => b.is_end_stream(),
+        }
+    }
+}
+
+impl Default for Body {
+    fn default() -> Body {
+        Body::empty()
+    }
+}
+
+impl std::fmt::Debug for Body {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self.0.kind {
+            Kind::Full(_) => "full",
+            Kind::Upstream(_) => "upstream",
+            Kind::Boxed(_) => "boxed",
+        };
+        f.debug_struct("Body").field("kind", &kind).finish_non_exhaustive()
+    }
+}
+
+impl Drop for Body {
+    fn drop(&mut self) {
+        // The client went away (or hyper stopped early): log what was sent.
+        self.0.finish();
+    }
+}
+
+impl HttpBody for Body {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self.get_mut().0;
+        let polled = match &mut this.kind {
+            Kind::Full(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
+            Kind::Upstream(s) => Pin::new(s).poll_frame(cx),
+            Kind::Boxed(b) => Pin::new(b).poll_frame(cx),
+        };
+        if this.end.is_some() {
+            match &polled {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Some(d) = frame.data_ref() {
+                        this.bytes += d.len() as u64;
+                    }
+                    // hyper stops polling once `is_end_stream` says so.
+                    if this.inner_is_end_stream() {
+                        this.finish();
+                    }
+                }
+                Poll::Ready(_) => this.finish(),
+                Poll::Pending => {}
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.inner_is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.0.kind {
+            Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Kind::Upstream(s) => s.size_hint(),
+            Kind::Boxed(b) => b.size_hint(),
+        }
+    }
+}
+
+/// Keeps the backend counted as busy until its body is fully sent (least-connections
+/// sees real load) and cuts the stream at the request deadline, so a backend that
+/// trickles its body cannot hold a client past the pool's `request_timeout_ms`.
+pub struct StreamedBody {
+    inner: Incoming,
+    _guard: ActiveGuard,
+    deadline: Instant,
+    /// Without a pooled connection only (WebSocket refusals): made once the body has
+    /// to be waited for. A pooled connection brings its own timer.
+    timer: Option<Pin<Box<Sleep>>>,
+    /// The keep-alive connection the body arrives on: polled with the body (it has
+    /// no task of its own), released for reuse on drop once the body has ended (a
+    /// body cut short leaves the connection unusable).
+    conn: Option<Conn>,
+    ended: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("upstream body not finished before the request deadline")]
+pub struct BodyTimeout;
+
+impl StreamedBody {
+    pub fn new(inner: Incoming, guard: ActiveGuard, deadline: Instant) -> StreamedBody {
+        StreamedBody {
+            inner,
+            _guard: guard,
+            deadline,
+            timer: None,
+            conn: None,
+            ended: false,
+        }
+    }
+
+    /// Hand `conn` back to the idle list when this body is dropped after its end.
+    #[must_use]
+    pub fn with_conn(mut self, conn: Conn) -> StreamedBody {
+        self.conn = Some(conn);
+        self
+    }
+}
+
+impl Drop for StreamedBody {
+    fn drop(&mut self) {
+        // hyper stops polling once `is_end_stream` says so, hence the second test.
+        if self.ended || self.inner.is_end_stream() {
+            if let Some(c) = self.conn.take() {
+                c.release();
+            }
+        }
+    }
+}
+
+impl HttpBody for StreamedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        // Nobody else polls the connection: when `inner` has nothing yet, let the
+        // connection read the body's next bytes into it (a small body usually came
+        // with the head and is there already). `inner` is fed only by the
+        // connection, so while the connection runs, asking `inner` registers no
+        // wake-up (one would poll the client connection's whole task again); the
+        // connection's own registrations wake us. An ended connection ends `inner`
+        // too (with an error if the body was cut short).
+        let this = &mut *self;
+        let polled = match this.conn.as_mut() {
+            Some(c) => match Pin::new(&mut this.inner).poll_frame(&mut no_wake()) {
+                Poll::Pending if c.poll_drive(cx) => {
+                    Pin::new(&mut this.inner).poll_frame(&mut no_wake())
+                }
+                // Ended: whatever `inner` still says, it says now.
+                Poll::Pending => Pin::new(&mut this.inner).poll_frame(cx),
+                ready => ready,
+            },
+            None => Pin::new(&mut this.inner).poll_frame(cx),
+        };
+        match polled {
+            Poll::Ready(None) => {
+                this.ended = true;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(r)) => Poll::Ready(Some(r.map_err(Into::into))),
+            Poll::Pending => {
+                let passed = match this.conn.as_mut() {
+                    Some(c) => c.deadline_passed(cx, this.deadline),
+                    None => {
+                        let deadline = this.deadline;
+                        let timer = this
+                            .timer
+                            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                        timer.as_mut().poll(cx).is_ready()
+                    }
+                };
+                if passed {
+                    Poll::Ready(Some(Err(BodyTimeout.into())))
+                } else {
+                    Poll::Pending
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod conn_tests;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt as _;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    struct Count(Arc<AtomicU64>);
+    impl BodyEnd for Count {
+        fn ended(self: Box<Self>, bytes: u64) {
+            // +1 so that "told zero bytes" differs from "never told".
+            self.0.store(bytes + 1, Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test]
+    async fn every_kind_reports_its_bytes_once_at_its_end() {
+        let stream = http_body_util::StreamBody::new(futures_util::stream::iter([
+            Ok::<_, std::io::Error>(Frame::data(Bytes::from_static(b"ab"))),
+            Ok(Frame::data(Bytes::from_static(b"cde"))),
+        ]));
+        for (body, want) in [
+            (Body::full("hello"), 5),
+            (Body::empty(), 0),
+            (Body::boxed(stream), 5),
+        ] {
+            let told = Arc::new(AtomicU64::new(0));
+            let mut body = body;
+            body.on_end(Box::new(Count(told.clone())));
+            let got = body.collect().await.expect("body").to_bytes();
+            assert_eq!(got.len() as u64, want);
+            assert_eq!(told.load(Ordering::SeqCst), want + 1, "told at the end");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dropped_body_reports_what_was_sent_and_releases_its_guard() {
+        let activity = crate::idle::Activity::new();
+        let told = Arc::new(AtomicU64::new(0));
+        let mut body = Body::full("hello");
+        body.on_end(Box::new(Count(told.clone())));
+        body.set_in_flight(Some(activity.start_request()));
+        assert_eq!(activity.in_flight(), 1);
+        drop(body);
+        assert_eq!(told.load(Ordering::SeqCst), 1, "nothing was sent");
+        assert_eq!(activity.in_flight(), 0);
+    }
+
+    #[test]
+    fn an_empty_full_body_has_no_frame() {
+        assert!(Body::full(Bytes::new()).is_end_stream());
+        assert!(!Body::full("x").is_end_stream());
+        assert_eq!(Body::full("xyz").size_hint().exact(), Some(3));
+    }
+}
