@@ -5,7 +5,8 @@
 #![no_main]
 
 use std::{
-    net::IpAddr,
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
     pin::Pin,
     sync::{
         Arc, OnceLock,
@@ -16,7 +17,9 @@ use std::{
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use l7_sidecar::{
     balance::{BackendRegistry, HashInput, Pool},
+    client_headers::clean_client_headers,
     config::Config,
+    ctx::{owned, ConnInfo, Req, ReqCtx},
     guard::{SmuggleGuard, Smuggled},
     observe::propagate_traceparent,
     proxy::{is_upgrade, strip_hop_by_hop},
@@ -199,20 +202,40 @@ fuzz_target!(|input: Input| {
 
     // --- Header handling on the forwarded request. ---
     let client: IpAddr = if input.client.1 { input.client.0.into() } else { [input.client.0[0], input.client.0[1], input.client.0[2], input.client.0[3]].into() };
-    let mut h = headers.clone();
+    // The client-header pass first, as in the pipeline: its notes on which gateway-owned
+    // names the client sent decide which lookups the later steps make.
+    let conn = Arc::new(ConnInfo::new(SocketAddr::new(client, 1), input.tls, false));
+    let mut request = http::Request::new(());
+    *request.headers_mut() = headers.clone();
+    let mut req = Req::new(request, ReqCtx::new(conn, 0));
+    clean_client_headers(&BTreeMap::new(), &mut req);
+    let sent = |bit| req.ctx().client_sent(bit);
+    let mut h = req.headers().clone();
+    for name in ["x-user-id", "x-user-role", "x-request-id", "x-forwarded-for", "traceparent"] {
+        if h.contains_key(name) {
+            let bit = match name {
+                "x-user-id" => owned::USER_ID,
+                "x-user-role" => owned::USER_ROLE,
+                "x-request-id" => owned::REQUEST_ID,
+                "x-forwarded-for" => owned::FORWARDED_FOR,
+                _ => owned::TRACEPARENT,
+            };
+            assert!(sent(bit), "{name} is left but the client-header pass did not note it");
+        }
+    }
     let _ = is_upgrade(&h);
     let _ = is_json(&h);
     let _ = cookie(&h, &input.cookie_name);
-    let (id, id_header) = ensure_request_id(&mut h);
+    let (id, id_header) = ensure_request_id(&mut h, sent(owned::REQUEST_ID));
     assert!(valid_request_id(&id), "request id {id:?}");
     assert_eq!(id_header.to_str().ok(), Some(&*id));
     assert_eq!(h.get("x-request-id").and_then(|v| v.to_str().ok()), Some(&*id));
     let client_header = HeaderValue::from_str(&client.to_string()).expect("an IP address is a header value");
     let host = input.host.as_deref().and_then(|v| HeaderValue::from_str(v).ok());
-    set_forwarded_headers(&mut h, &client_header, if input.tls { "https" } else { "http" }, host.as_ref());
+    set_forwarded_headers(&mut h, &client_header, if input.tls { "https" } else { "http" }, host.as_ref(), req.ctx().client_owned);
     let xff = h.get("x-forwarded-for").and_then(|v| v.to_str().ok()).expect("x-forwarded-for is set");
     assert!(xff.ends_with(&client.to_string()), "x-forwarded-for {xff:?} does not end with {client}");
-    let trace = propagate_traceparent(&mut h).to_string();
+    let trace = propagate_traceparent(&mut h, sent(owned::TRACEPARENT)).to_string();
     assert!(trace.len() == 32 && trace.bytes().all(|b| b.is_ascii_hexdigit()), "trace id {trace:?}");
     strip_hop_by_hop(&mut h);
     for name in HOP_BY_HOP {
