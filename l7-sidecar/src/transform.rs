@@ -56,10 +56,24 @@ fn new_request_id_bytes() -> [u8; 36] {
 
 /// Returns the request id to use (and its header value), setting it on the request
 /// headers. `client_sent`: whether the client may have sent one (else no lookup).
+///
+/// The client's first id is kept if valid; the upstream then gets that one value
+/// alone: later ones would reach its logs unchecked, under the id the gateway logs
+/// and returns. An invalid first id is replaced, and with it every other.
 pub fn ensure_request_id(headers: &mut HeaderMap, client_sent: bool) -> (Arc<str>, HeaderValue) {
-    if let Some(v) = client_sent.then(|| headers.get(&REQUEST_ID)).flatten() {
-        if let Some(id) = v.to_str().ok().filter(|v| valid_request_id(v)) {
-            return (Arc::from(id), v.clone());
+    if client_sent {
+        // One lookup gives the first value and whether there are more.
+        let mut all = headers.get_all(&REQUEST_ID).iter();
+        let kept = all.next().and_then(|v| {
+            let id = v.to_str().ok().filter(|id| valid_request_id(id))?;
+            Some((Arc::<str>::from(id), v.clone()))
+        });
+        let several = all.next().is_some();
+        if let Some((id, v)) = kept {
+            if several {
+                headers.insert(REQUEST_ID, v.clone());
+            }
+            return (id, v);
         }
     }
     // Straight from the bytes: a `String` first was one allocation and copy more.
@@ -420,6 +434,30 @@ mod tests {
             b[14] == b'4' && matches!(b[19], b'8' | b'9' | b'a' | b'b'),
             "v4: {id}"
         );
+    }
+
+    #[test]
+    fn upstream_gets_exactly_the_one_request_id_the_gateway_keeps() {
+        let ids = |h: &HeaderMap| -> Vec<String> {
+            h.get_all(X_REQUEST_ID)
+                .iter()
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                .collect()
+        };
+        for later in ["two", "bad value"] {
+            let mut h = HeaderMap::new();
+            h.append(X_REQUEST_ID, HeaderValue::from_static("one"));
+            h.append(X_REQUEST_ID, HeaderValue::from_str(later).expect("hv"));
+            let (id, v) = ensure_request_id(&mut h, true);
+            assert_eq!((&*id, v.as_bytes()), ("one", &b"one"[..]));
+            assert_eq!(ids(&h), ["one"], "later value {later:?} dropped");
+        }
+        let mut h = HeaderMap::new();
+        h.append(X_REQUEST_ID, HeaderValue::from_static("bad id"));
+        h.append(X_REQUEST_ID, HeaderValue::from_static("two"));
+        let (id, _) = ensure_request_id(&mut h, true);
+        assert_eq!(id.len(), 36, "generated: {id}");
+        assert_eq!(ids(&h), [&*id]);
     }
 
     #[test]

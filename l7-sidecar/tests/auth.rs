@@ -467,3 +467,63 @@ async fn jwks_over_https_with_configured_ca() {
     assert_eq!(up.last().headers["x-user-id"], "frank");
     task.abort();
 }
+
+/// Hostile findings 10 F-o / F-g / F-a: what the gateway checked is exactly what the
+/// upstream reads — no padded or non-ASCII identity, no second credential, one
+/// request id.
+#[tokio::test]
+async fn upstream_reads_exactly_what_the_gateway_checked() {
+    let up = upstream("p").await;
+    let gw = start_gateway(&cfg(&up, &hs_keys())).await;
+    let c = client();
+    let b = base(&gw);
+    let bearer = |sub: &str, roles: &[&str]| {
+        format!("Bearer {}", hs256("hs-secret", claims(sub, roles)))
+    };
+    let hits = up.hits();
+    for (sub, roles) in [
+        (" alice", &["user"][..]),
+        ("alice ", &["user"]),
+        ("unié", &["user"]),
+        ("alice\t", &["user"]),
+        ("alice", &["user", " admin"]),
+        ("alice", &["admin\t"]),
+    ] {
+        let auth = bearer(sub, roles);
+        let r = get(&c, &format!("{b}/jwt"), &[("Authorization", &auth)]).await;
+        assert_eq!(r.status, 401, "sub {sub:?} roles {roles:?}");
+        assert!(r.header("www-authenticate").is_some_and(|v| v.contains("invalid_token")));
+    }
+    let good = bearer("alice", &["user"]);
+    for path in ["/jwt", "/either", "/key"] {
+        let r = get(
+            &c,
+            &format!("{b}{path}"),
+            &[
+                ("Authorization", good.as_str()),
+                ("Authorization", "Bearer OTHER-TOKEN-FOR-UPSTREAM"),
+                ("X-API-Key", "secret-key-1"),
+            ],
+        )
+        .await;
+        assert_eq!(r.status, 401, "{path}: two Authorization fields");
+    }
+    assert_eq!(up.hits(), hits, "no refused request reached the upstream");
+
+    let r = get(
+        &c,
+        &format!("{b}/jwt"),
+        &[
+            ("Authorization", good.as_str()),
+            ("X-Request-Id", "one"),
+            ("X-Request-Id", "bad value"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-request-id").as_deref(), Some("one"));
+    let seen = up.last();
+    let ids: Vec<_> = seen.headers.get_all("x-request-id").iter().collect();
+    assert_eq!(ids, ["one"], "the upstream gets only the id the gateway returns");
+    assert_eq!(seen.headers["x-user-id"], "alice");
+}

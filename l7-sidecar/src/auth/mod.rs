@@ -39,8 +39,10 @@ impl AuthError {
 
 type KeyMap = HashMap<String, (Algorithm, Arc<DecodingKey>)>;
 
+mod claims;
 mod failures;
 mod jwks;
+use claims::{valid_identity_value, valid_role};
 pub use failures::FailureLimiter;
 pub use jwks::{spawn_jwks_refresh, JwksCache, JwksError};
 
@@ -125,31 +127,40 @@ pub enum KeyError {
     Bad(usize, String),
     #[error("auth.jwt.jwks_url: {0}")]
     Jwks(String),
+    /// `field` is the path, e.g. `auth.api_keys[2].roles[0]`.
+    #[error("{field}: must be non-empty visible ASCII (no spaces or control characters{extra}), it is passed on in {header}")]
+    ApiKeyIdentity {
+        field: String,
+        extra: &'static str,
+        header: &'static str,
+    },
+}
+
+/// An API key's user id and roles go upstream as they are, like a token's (see
+/// `claims`): a bad one is a configuration error, not a silently missing header.
+fn check_api_key_identities(keys: &[ApiKeyConfig]) -> Result<(), KeyError> {
+    for (i, k) in keys.iter().enumerate() {
+        if !valid_identity_value(&k.user_id) {
+            return Err(KeyError::ApiKeyIdentity {
+                field: format!("auth.api_keys[{i}].user_id"),
+                extra: "",
+                header: "X-User-Id",
+            });
+        }
+        if let Some(j) = k.roles.iter().position(|r| !valid_role(r)) {
+            return Err(KeyError::ApiKeyIdentity {
+                field: format!("auth.api_keys[{i}].roles[{j}]"),
+                extra: ", no ','",
+                header: "X-User-Role",
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The header clients send API keys in. The gateway consumes it: it is removed before
 /// proxying on routes that accept API keys.
 pub const API_KEY: &str = "x-api-key";
-
-/// Identity claims end up in `X-User-Id` / `X-User-Role`: a value that is not a valid
-/// header value would silently vanish there (an authenticated request that looks
-/// anonymous), and a role with `,` could not be told from two roles in the joined list.
-fn check_identity_claims(user_id: &str, roles: &[String]) -> Result<(), AuthError> {
-    if HeaderValue::from_str(user_id).is_err() {
-        return Err(AuthError::Invalid(
-            "user id claim is not a valid header value".into(),
-        ));
-    }
-    if roles
-        .iter()
-        .any(|r| r.contains(',') || HeaderValue::from_str(r).is_err())
-    {
-        return Err(AuthError::Invalid(
-            "role claim holds a value with ',' or characters invalid in a header".into(),
-        ));
-    }
-    Ok(())
-}
 
 fn one_key(key: Option<&str>, several: bool) -> Result<&str, AuthError> {
     if several {
@@ -168,6 +179,7 @@ impl Authenticator {
         api_keys: &[ApiKeyConfig],
         jwks: Option<Arc<JwksCache>>,
     ) -> Result<Authenticator, KeyError> {
+        check_api_key_identities(api_keys)?;
         let jwt = match jwt {
             None => None,
             Some(cfg) => {
@@ -229,21 +241,33 @@ impl Authenticator {
         if mode == AuthMode::None {
             return Ok(None);
         }
-        let bearer = headers
-            .get(http::header::AUTHORIZATION)
+        // One lookup gives the first field and whether there are more.
+        let mut authorization = headers.get_all(header::AUTHORIZATION).iter();
+        let first = authorization.next();
+        if first.is_some() && authorization.next().is_some() {
+            // The gateway would check one credential while the upstream (which may
+            // verify the bearer itself) reads another.
+            return Err(AuthError::Invalid("several Authorization headers".into()));
+        }
+        let bearer = first
             .and_then(|v| v.to_str().ok())
             .and_then(|v| {
                 v.strip_prefix("Bearer ")
                     .or_else(|| v.strip_prefix("bearer "))
             })
             .map(str::trim);
-        // Looked up only where a mode reads them.
-        let keys = matches!(mode, AuthMode::ApiKey | AuthMode::Either);
-        let api_key = keys
-            .then(|| headers.get(API_KEY).and_then(|v| v.to_str().ok()))
-            .flatten();
-        // Two keys are ambiguous: which one "the" caller is depends on who reads them.
-        let several_keys = keys && headers.get_all(API_KEY).iter().nth(1).is_some();
+        // Looked up only where a mode reads them. Two keys are ambiguous: which one
+        // "the" caller is depends on who reads them.
+        let (api_key, several_keys) = if matches!(mode, AuthMode::ApiKey | AuthMode::Either) {
+            let mut all = headers.get_all(API_KEY).iter();
+            let first = all.next();
+            (
+                first.and_then(|v| v.to_str().ok()),
+                first.is_some() && all.next().is_some(),
+            )
+        } else {
+            (None, false)
+        };
         let id = match mode {
             AuthMode::None => return Ok(None),
             AuthMode::Jwt => self.verify_jwt(bearer.ok_or(AuthError::Missing)?).await?,
@@ -315,30 +339,13 @@ impl Authenticator {
         val.set_required_spec_claims(&required);
         let data = jsonwebtoken::decode::<serde_json::Value>(token, &key, &val)
             .map_err(|e| AuthError::Invalid(e.to_string()))?;
-        let claims = data.claims;
-        let user_id = match claims.get(&v.cfg.user_id_claim) {
-            Some(serde_json::Value::String(s)) if !s.is_empty() => s.clone(),
-            Some(serde_json::Value::Number(n)) => n.to_string(),
-            _ => {
-                return Err(AuthError::Invalid(format!(
-                    "missing claim {}",
-                    v.cfg.user_id_claim
-                )))
-            }
-        };
-        let roles = match claims.get(&v.cfg.role_claim) {
-            Some(serde_json::Value::String(s)) => vec![s.clone()],
-            Some(serde_json::Value::Array(a)) => a
-                .iter()
-                .filter_map(|r| r.as_str().map(String::from))
-                .collect(),
-            _ => Vec::new(),
-        };
-        check_identity_claims(&user_id, &roles)?;
+        let payload = data.claims;
+        let user_id = claims::user_id(&payload, &v.cfg.user_id_claim)?;
+        let roles = claims::roles(&payload, &v.cfg.role_claim)?;
         let id = Arc::new(Identity::new(user_id, roles, None));
         // `exp` is required and was checked by `decode`; a non-integer one is
         // simply not cached.
-        if let Some(exp) = claims.get("exp").and_then(serde_json::Value::as_u64) {
+        if let Some(exp) = payload.get("exp").and_then(serde_json::Value::as_u64) {
             v.verified
                 .put(token, &id, exp.saturating_add(v.cfg.leeway_secs));
         }
@@ -478,10 +485,12 @@ async fn authenticated<B: Send + 'static>(
 }
 
 #[cfg(test)]
+mod claim_tests;
+#[cfg(test)]
 mod stage_tests;
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     #[test]
     fn token_cache_honours_expiry() {
         let cache = TokenCache::default();
@@ -497,7 +506,7 @@ mod tests {
     use crate::config::JwtKeyConfig;
     use jsonwebtoken::{encode, EncodingKey, Header};
 
-    fn cfg() -> JwtConfig {
+    pub(super) fn cfg() -> JwtConfig {
         JwtConfig {
             issuer: Some("iss".into()),
             audience: Some("aud".into()),
@@ -521,7 +530,7 @@ mod tests {
         }
     }
 
-    fn token(claims: serde_json::Value, secret: &str) -> String {
+    pub(super) fn token(claims: serde_json::Value, secret: &str) -> String {
         encode(
             &Header::new(Algorithm::HS256),
             &claims,
@@ -539,7 +548,7 @@ mod tests {
         h
     }
 
-    fn now() -> u64 {
+    pub(super) fn now() -> u64 {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .expect("clock")

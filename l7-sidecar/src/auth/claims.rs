@@ -1,0 +1,80 @@
+//! Who a verified token says the caller is. The user id and roles go upstream in
+//! `X-User-Id` / `X-User-Role`, so each must read the same to every HTTP parser as
+//! it did to the gateway: parsers trim surrounding whitespace (RFC 9110 OWS), so a
+//! token for " alice" would reach the upstream as "alice", and an upstream splitting
+//! the role list on `,` or whitespace would see " admin" as "admin". Such a value
+//! refuses the token (401) rather than being dropped or passed on altered.
+
+use super::AuthError;
+use serde_json::Value;
+
+/// A user id or role the gateway passes on: not empty, visible ASCII only
+/// (0x21–0x7E). No spaces, not even inner ones: one rule that no header parser
+/// trims or splits, where "inner spaces only" would leave each upstream to agree
+/// on it. A role additionally has no `,` (the list separator in `X-User-Role`).
+pub fn valid_identity_value(v: &str) -> bool {
+    !v.is_empty() && v.bytes().all(|b| matches!(b, 0x21..=0x7e))
+}
+
+/// A role as `valid_identity_value`, and without `,`.
+pub fn valid_role(v: &str) -> bool {
+    valid_identity_value(v) && !v.contains(',')
+}
+
+/// The user id claim `name`: a string or a number.
+pub(super) fn user_id(claims: &Value, name: &str) -> Result<String, AuthError> {
+    let id = match claims.get(name) {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Number(n)) => n.to_string(),
+        _ => return Err(AuthError::Invalid(format!("missing claim {name}"))),
+    };
+    if !valid_identity_value(&id) {
+        return Err(AuthError::Invalid(format!(
+            "user id claim {name} is empty or not visible ASCII (no spaces or control characters)"
+        )));
+    }
+    Ok(id)
+}
+
+/// The role claim `name`: one string or a list of strings. Absent (or of another
+/// type) means no roles; one bad element refuses the whole token, since dropping it
+/// would pass the rest on as if the issuer had said only that.
+pub(super) fn roles(claims: &Value, name: &str) -> Result<Vec<String>, AuthError> {
+    let roles = match claims.get(name) {
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|r| r.as_str().map(String::from))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| {
+                AuthError::Invalid(format!(
+                    "role claim {name} has an element that is not a string"
+                ))
+            })?,
+        _ => Vec::new(),
+    };
+    if !roles.iter().all(|r| valid_role(r)) {
+        return Err(AuthError::Invalid(format!(
+            "role claim {name} holds a value that is empty, has ',' or is not visible ASCII"
+        )));
+    }
+    Ok(roles)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_values_are_visible_ascii_without_spaces() {
+        for ok in ["a", "alice@example.com", "auth0|1", "~!\"#"] {
+            assert!(valid_identity_value(ok), "{ok:?}");
+        }
+        for bad in [
+            "", " a", "a ", "a b", "a\tb", "é", "\u{2028}", "\u{7f}", "a\0",
+        ] {
+            assert!(!valid_identity_value(bad), "{bad:?}");
+        }
+        assert!(valid_identity_value("a,b") && !valid_role("a,b"));
+    }
+}
