@@ -230,6 +230,8 @@ fuzz_target!(|input: Input| {
     assert!(valid_request_id(&id), "request id {id:?}");
     assert_eq!(id_header.to_str().ok(), Some(&*id));
     assert_eq!(h.get("x-request-id").and_then(|v| v.to_str().ok()), Some(&*id));
+    // The upstream gets exactly the one id the gateway logs and returns.
+    assert_eq!(h.get_all("x-request-id").iter().count(), 1, "several x-request-id values go upstream");
     let client_header = HeaderValue::from_str(&client.to_string()).expect("an IP address is a header value");
     let host = input.host.as_deref().and_then(|v| HeaderValue::from_str(v).ok());
     set_forwarded_headers(&mut h, &client_header, if input.tls { "https" } else { "http" }, host.as_ref(), req.ctx().client_owned);
