@@ -380,6 +380,14 @@ async fn serve<S>(
                 let slow_head = head.too_slow(info.smuggled.head_in_progress(), now, header);
                 if slow_head || info.activity.expired(now, first_byte, idle) {
                     tracing::debug!(peer = %info.peer, slow_head, "closing idle connection");
+                    // An HTTP/1 head half read with no response owed: nothing to say
+                    // goodbye to, so close now. hyper's graceful shutdown would not end
+                    // a connection's *first* request while its head is read (it counts
+                    // as busy until the first response), and the wait below made that
+                    // head's cut a whole second late (finding 8 of issue 10).
+                    if info.smuggled.head_in_progress().is_some() && info.activity.in_flight() == 0 {
+                        break Ok(());
+                    }
                     conn.as_mut().graceful_shutdown();
                     // HTTP/2 says goodbye first; a peer that does not answer is cut.
                     match tokio::time::timeout(Duration::from_secs(1), conn.as_mut()).await {
@@ -449,6 +457,78 @@ mod tests {
         assert!(w.too_slow(Some(2), at(1300), limit));
     }
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    /// `header_read_timeout` cuts a slow HTTP/1 head at most a quarter of the timeout
+    /// late, on a connection's first request as on later ones (hyper's graceful
+    /// shutdown does not end a first request still being read, which once cost a
+    /// whole second more).
+    #[tokio::test]
+    async fn a_slow_head_is_cut_in_time_on_the_first_request_too() {
+        use std::time::Instant;
+        // A 2 s header timeout and longer others: the watchdog ticks every 500 ms.
+        let cfg = crate::Config::parse(
+            "[server]\nheader_read_timeout_ms = 2000\nfirst_byte_timeout_ms = 10000\nidle_timeout_ms = 10000\n[observability]\naccess_log = false\n[[listeners]]\nname = \"p\"\nbind = \"127.0.0.1:0\"\n",
+        )
+        .expect("config");
+        let gw = crate::Gateway::new(cfg, None).expect("gateway");
+        let running = super::start(gw).await.expect("start");
+        let addr = running.addr("p").expect("bound");
+        let limit = Duration::from_millis(2000);
+        // How long after its head started a connection was closed; `warm` requests
+        // answered first, then the head: all at once (`gap` zero) or a byte per `gap`.
+        let case = |warm: usize, gap: Duration| async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            for _ in 0..warm {
+                s.write_all(b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n")
+                    .await
+                    .expect("write");
+                let mut buf = [0u8; 4096];
+                let n = s.read(&mut buf).await.expect("answer");
+                assert!(buf[..n].starts_with(b"HTTP/1.1 404"), "warm-up answered");
+            }
+            let head = b"GET /slow HTTP/1.1\r\nHost: x\r\nX-A: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+            let started = Instant::now();
+            let (mut rd, mut wr) = s.into_split();
+            let writer = tokio::spawn(async move {
+                if gap.is_zero() {
+                    let _ = wr.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n").await;
+                } else {
+                    // Bounded: the head is never finished, so it must be cut.
+                    for b in head {
+                        if wr.write_all(&[*b]).await.is_err() {
+                            break;
+                        }
+                        tokio::time::sleep(gap).await;
+                    }
+                }
+                wr
+            });
+            let mut buf = [0u8; 512];
+            let closed = tokio::time::timeout(Duration::from_secs(6), rd.read(&mut buf)).await;
+            let took = started.elapsed();
+            writer.abort();
+            assert!(closed.is_ok(), "warm {warm}, gap {gap:?}: never closed");
+            took
+        };
+        let (first, first_trickle, third, third_trickle) = tokio::join!(
+            case(0, Duration::ZERO),
+            case(0, Duration::from_millis(150)),
+            case(2, Duration::ZERO),
+            case(2, Duration::from_millis(150)),
+        );
+        // README: at most a quarter late; a little for scheduling on a busy machine.
+        let bound = limit + limit / 4 + Duration::from_millis(250);
+        for (what, took) in [
+            ("first request, partial head", first),
+            ("first request, trickled head", first_trickle),
+            ("third request, partial head", third),
+            ("third request, trickled head", third_trickle),
+        ] {
+            assert!(took >= limit, "{what}: cut early, after {took:?}");
+            assert!(took <= bound, "{what}: cut after {took:?}, bound {bound:?}");
+        }
+        assert!(running.drain(Duration::from_secs(2)).await, "drained");
+    }
 
     #[tokio::test]
     async fn workers_share_one_port_serve_and_drain() {
