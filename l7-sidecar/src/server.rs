@@ -365,6 +365,11 @@ async fn serve<S>(
         .clamp(Duration::from_millis(10), Duration::from_secs(1));
     let mut head = HeadWatch::default();
     let result = loop {
+        // The next look: a tick from now, or sooner when the head in progress reaches
+        // its limit then, so a head is cut at most the one tick it took to be first
+        // seen late, whether or not the tick divides the header timeout.
+        let next_tick = tokio::time::Instant::now() + tick;
+        let wake = head.deadline(header).map_or(next_tick, |d| d.min(next_tick));
         tokio::select! {
             // In this order, without drawing a random one per wake-up: the connection
             // is what is usually ready.
@@ -375,7 +380,7 @@ async fn serve<S>(
                 conn.as_mut().graceful_shutdown();
                 break conn.await;
             }
-            () = tokio::time::sleep(tick) => {
+            () = tokio::time::sleep_until(wake) => {
                 let now = tokio::time::Instant::now();
                 let slow_head = head.too_slow(info.smuggled.head_in_progress(), now, header);
                 if slow_head || info.activity.expired(now, first_byte, idle) {
@@ -405,13 +410,19 @@ async fn serve<S>(
 
 /// The watchdog's view of the request head being read (`Smuggled::head_in_progress`):
 /// which one, and since when the watchdog has seen it. A head is cut at most one
-/// watchdog tick after `server.header_read_timeout_ms`.
+/// watchdog tick after `server.header_read_timeout_ms`: the tick it may take to be
+/// seen (the watchdog then also wakes at its `deadline`, not only on ticks).
 #[derive(Default)]
 struct HeadWatch {
     seen: Option<(u64, tokio::time::Instant)>,
 }
 
 impl HeadWatch {
+    /// When the head seen in progress reaches `limit`, if one is.
+    fn deadline(&self, limit: Duration) -> Option<tokio::time::Instant> {
+        self.seen.map(|(_, since)| since + limit)
+    }
+
     /// True once the same head has been in progress for `limit`.
     fn too_slow(
         &mut self,
@@ -454,21 +465,31 @@ mod tests {
         assert!(!w.too_slow(Some(1), at(600), limit));
         assert!(!w.too_slow(None, at(650), limit));
         assert!(!w.too_slow(Some(2), at(1000), limit));
+        assert_eq!(w.deadline(limit), Some(at(1300)), "the watchdog wakes then");
         assert!(w.too_slow(Some(2), at(1300), limit));
+        assert!(!w.too_slow(None, at(1400), limit));
+        assert_eq!(w.deadline(limit), None, "no head, no deadline");
     }
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     /// `header_read_timeout` cuts a slow HTTP/1 head at most a quarter of the timeout
     /// late, on a connection's first request as on later ones (hyper's graceful
     /// shutdown does not end a first request still being read, which once cost a
-    /// whole second more).
+    /// whole second more), and whatever the watchdog's tick (a shorter idle timeout
+    /// makes it one that does not divide the header timeout).
     #[tokio::test]
     async fn a_slow_head_is_cut_in_time_on_the_first_request_too() {
+        // Ticks of 500 ms (a quarter of the header timeout), and of 475 ms.
+        let ((), ()) = tokio::join!(slow_heads_cut_in_time(10_000), slow_heads_cut_in_time(1_900));
+    }
+
+    /// A gateway with a 2 s header timeout and `idle_ms`; four connections whose heads
+    /// never finish, on the first and the third request, sent at once or trickled.
+    async fn slow_heads_cut_in_time(idle_ms: u64) {
         use std::time::Instant;
-        // A 2 s header timeout and longer others: the watchdog ticks every 500 ms.
-        let cfg = crate::Config::parse(
-            "[server]\nheader_read_timeout_ms = 2000\nfirst_byte_timeout_ms = 10000\nidle_timeout_ms = 10000\n[observability]\naccess_log = false\n[[listeners]]\nname = \"p\"\nbind = \"127.0.0.1:0\"\n",
-        )
+        let cfg = crate::Config::parse(&format!(
+            "[server]\nheader_read_timeout_ms = 2000\nfirst_byte_timeout_ms = 10000\nidle_timeout_ms = {idle_ms}\n[observability]\naccess_log = false\n[[listeners]]\nname = \"p\"\nbind = \"127.0.0.1:0\"\n",
+        ))
         .expect("config");
         let gw = crate::Gateway::new(cfg, None).expect("gateway");
         let running = super::start(gw).await.expect("start");
@@ -507,7 +528,7 @@ mod tests {
             let closed = tokio::time::timeout(Duration::from_secs(6), rd.read(&mut buf)).await;
             let took = started.elapsed();
             writer.abort();
-            assert!(closed.is_ok(), "warm {warm}, gap {gap:?}: never closed");
+            assert!(closed.is_ok(), "idle {idle_ms} ms, warm {warm}, gap {gap:?}: never closed");
             took
         };
         let (first, first_trickle, third, third_trickle) = tokio::join!(
@@ -524,8 +545,11 @@ mod tests {
             ("third request, partial head", third),
             ("third request, trickled head", third_trickle),
         ] {
-            assert!(took >= limit, "{what}: cut early, after {took:?}");
-            assert!(took <= bound, "{what}: cut after {took:?}, bound {bound:?}");
+            assert!(took >= limit, "idle {idle_ms} ms, {what}: cut early, after {took:?}");
+            assert!(
+                took <= bound,
+                "idle {idle_ms} ms, {what}: cut after {took:?}, bound {bound:?}"
+            );
         }
         assert!(running.drain(Duration::from_secs(2)).await, "drained");
     }
