@@ -446,6 +446,46 @@ mod tests {
         assert_eq!(resp.status(), StatusCode::NOT_FOUND);
     }
 
+    /// Through the stage, from the Host header or HTTP/2's `:authority`: the dotted
+    /// name takes the host route, and what goes upstream (`RouteCtx::host`) is the
+    /// client's Host as sent, dot included.
+    #[tokio::test]
+    async fn routing_stage_routes_a_dotted_host_and_keeps_it_as_sent() {
+        use crate::stage::testing::stub;
+        let r = router(
+            r#"
+            [pools.p]
+            backends = [{ address = "127.0.0.1:1" }]
+            [[routes]]
+            name = "open"
+            path = "/h"
+            pool = "p"
+            [[routes]]
+            name = "secure"
+            host = "api.example.com"
+            path = "/h"
+            pool = "p"
+        "#,
+        );
+        let next = stub(|r: Routed<()>| {
+            let mut resp = Response::new(crate::http_util::full(r.route.route.cfg.name.clone()));
+            if let Some(h) = &r.route.host {
+                resp.headers_mut().insert("x-host", h.clone());
+            }
+            resp
+        });
+        for req in [
+            Request::get("/h").header(header::HOST, "api.example.com."),
+            Request::get("http://api.example.com.:8443/h").version(http::Version::HTTP_2),
+        ] {
+            let resp = routing_stage(&r, testing::req(req), next.clone()).await;
+            let matched = resp.extensions().get::<MatchedRoute>().expect("matched");
+            assert_eq!(matched.0.cfg.name, "secure");
+            let host = resp.headers()["x-host"].to_str().expect("ascii");
+            assert!(host.starts_with("api.example.com."), "forwarded as sent: {host}");
+        }
+    }
+
     fn name(m: RouteMatch) -> String {
         match m {
             RouteMatch::Found { route, .. } => route.cfg.name.clone(),
