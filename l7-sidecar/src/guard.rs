@@ -83,7 +83,9 @@ pub fn host_error<B>(req: &Request<B>) -> Result<(), &'static str> {
 }
 
 /// RFC 3986 authority without userinfo: `host[:port]`, host a reg-name, IPv4 or
-/// bracketed IPv6 address; no path, query, `@` or empty host.
+/// bracketed IPv6 address; no path, query, `@` or empty host. A name may end in one
+/// dot (fully qualified, routed as the same host: `routing::route_host`) but has no
+/// empty label: `.`, `a..b` or `.a` name no host, and routing must not guess one.
 pub fn valid_authority(v: &[u8]) -> bool {
     let (host_ok, rest) = if let Some(inner) = v.strip_prefix(b"[") {
         let Some(end) = inner.iter().position(|b| *b == b']') else {
@@ -98,7 +100,7 @@ pub fn valid_authority(v: &[u8]) -> bool {
     } else {
         let end = v.iter().position(|b| *b == b':').unwrap_or(v.len());
         let name = &v[..end];
-        let ok = !name.is_empty()
+        let ok = labels_ok(name)
             && name.iter().all(|b| {
                 b.is_ascii_alphanumeric()
                     || matches!(
@@ -128,6 +130,12 @@ pub fn valid_authority(v: &[u8]) -> bool {
         _ => false,
     };
     host_ok && port_ok
+}
+
+/// A reg-name's labels: none empty, but for the root label after one trailing dot.
+fn labels_ok(name: &[u8]) -> bool {
+    let name = name.strip_suffix(b".").unwrap_or(name);
+    !name.is_empty() && name.split(|b| *b == b'.').all(|l| !l.is_empty())
 }
 
 /// Reject smuggling attempts, header floods and unsafe paths before any routing
@@ -194,11 +202,16 @@ mod tests {
             "[::1]",
             "[::1]:80",
             "x_y",
+            // A fully qualified name: the root label's dot.
+            "a.example.",
+            "a.example.:8080",
         ] {
             assert!(valid_authority(ok.as_bytes()), "{ok}");
         }
         for bad in [
             "", "a/x", "u@a", "a:8x", "a:123456", "[::1", "[]", "a b", ":80", "a?b", "a#b",
+            // Only dots, or an empty label: no such name, and no route should guess.
+            ".", "..", ".:80", "a..b", ".a", "a..", "a..:80",
         ] {
             assert!(!valid_authority(bad.as_bytes()), "{bad}");
         }
@@ -220,6 +233,9 @@ mod tests {
         assert!(host_error(&req(Version::HTTP_10, &[], "http://u:secret@a/")).is_err());
         assert!(host_error(&req(Version::HTTP_2, &[], "http://u:secret@a/")).is_err());
         assert!(host_error(&req(Version::HTTP_11, &["a"], "http://u@a/")).is_err());
+        assert!(host_error(&req(Version::HTTP_11, &["a..b"], "/")).is_err());
+        assert!(host_error(&req(Version::HTTP_2, &[], "http://a..b/")).is_err());
+        assert!(host_error(&req(Version::HTTP_2, &[], "http://a.b./")).is_ok());
     }
 
     #[test]

@@ -91,6 +91,14 @@ pub async fn routing_stage<B>(
     }
 }
 
+/// The name a host routes as: without one trailing dot, since `api.example.com.` (fully
+/// qualified) is the same host as `api.example.com` (RFC 1034 §3.1) and must meet the
+/// same route, auth included, rather than fall through to a catch-all. Names with more
+/// dots or an empty label never get here: `guard` refuses them (400 `bad_host`).
+pub fn route_host(host: &str) -> &str {
+    host.strip_suffix('.').unwrap_or(host)
+}
+
 pub struct Route {
     pub cfg: RouteConfig,
     /// This route's request counters and latency histogram.
@@ -127,7 +135,7 @@ impl Route {
             r
         });
         Route {
-            host: cfg.host.as_ref().map(|h| h.to_ascii_lowercase()),
+            host: cfg.host.as_ref().map(|h| route_host(h).to_ascii_lowercase()),
             template,
             methods: cfg.methods.iter().filter_map(|m| m.parse().ok()).collect(),
             headers: cfg
@@ -179,6 +187,7 @@ impl Route {
                 host
             }
         });
+        let host = route_host(host);
         // `want` is lower case already; compare without allocating a lowered copy.
         let host = host.as_bytes();
         match want.strip_prefix("*.") {
@@ -437,6 +446,46 @@ mod tests {
         assert_eq!(resp.status(), StatusCode::NOT_FOUND);
     }
 
+    /// Through the stage, from the Host header or HTTP/2's `:authority`: the dotted
+    /// name takes the host route, and what goes upstream (`RouteCtx::host`) is the
+    /// client's Host as sent, dot included.
+    #[tokio::test]
+    async fn routing_stage_routes_a_dotted_host_and_keeps_it_as_sent() {
+        use crate::stage::testing::stub;
+        let r = router(
+            r#"
+            [pools.p]
+            backends = [{ address = "127.0.0.1:1" }]
+            [[routes]]
+            name = "open"
+            path = "/h"
+            pool = "p"
+            [[routes]]
+            name = "secure"
+            host = "api.example.com"
+            path = "/h"
+            pool = "p"
+        "#,
+        );
+        let next = stub(|r: Routed<()>| {
+            let mut resp = Response::new(crate::http_util::full(r.route.route.cfg.name.clone()));
+            if let Some(h) = &r.route.host {
+                resp.headers_mut().insert("x-host", h.clone());
+            }
+            resp
+        });
+        for req in [
+            Request::get("/h").header(header::HOST, "api.example.com."),
+            Request::get("http://api.example.com.:8443/h").version(http::Version::HTTP_2),
+        ] {
+            let resp = routing_stage(&r, testing::req(req), next.clone()).await;
+            let matched = resp.extensions().get::<MatchedRoute>().expect("matched");
+            assert_eq!(matched.0.cfg.name, "secure");
+            let host = resp.headers()["x-host"].to_str().expect("ascii");
+            assert!(host.starts_with("api.example.com."), "forwarded as sent: {host}");
+        }
+    }
+
     fn name(m: RouteMatch) -> String {
         match m {
             RouteMatch::Found { route, .. } => route.cfg.name.clone(),
@@ -508,6 +557,55 @@ mod tests {
             name(r.lookup(None, &Method::GET, "/api/users/7", &v2)),
             "v2"
         );
+    }
+
+    /// A fully qualified name (one trailing dot) is the same host: it must not slip
+    /// past a host route (with its auth) to a catch-all route on the same path.
+    #[test]
+    fn a_trailing_dot_host_matches_its_host_routes() {
+        let r = router(
+            r#"
+            [pools.p]
+            backends = [{ address = "127.0.0.1:1" }]
+            [[routes]]
+            name = "open"
+            path = "/h"
+            pool = "p"
+            [[routes]]
+            name = "exact"
+            host = "api.example.com"
+            path = "/h"
+            pool = "p"
+            [[routes]]
+            name = "wild"
+            host = "*.example.org"
+            path = "/h"
+            pool = "p"
+            [[routes]]
+            name = "dotted"
+            host = "fq.example.net."
+            path = "/h"
+            pool = "p"
+        "#,
+        );
+        let h = HeaderMap::new();
+        let at = |host: &str| name(r.lookup(Some(host), &Method::GET, "/h", &h));
+        for (host, want) in [
+            ("api.example.com", "exact"),
+            ("api.example.com.", "exact"),
+            ("API.Example.COM.", "exact"),
+            ("api.example.com.:8080", "exact"),
+            ("a.example.org.", "wild"),
+            ("a.b.example.org.:443", "wild"),
+            ("fq.example.net", "dotted"),
+            ("fq.example.net.", "dotted"),
+            // Only one dot is the root label; anything else is another name.
+            ("api.example.com..", "open"),
+            ("example.org.", "open"),
+            (".example.org", "open"),
+        ] {
+            assert_eq!(at(host), want, "{host}");
+        }
     }
 
     #[test]

@@ -365,6 +365,11 @@ async fn serve<S>(
         .clamp(Duration::from_millis(10), Duration::from_secs(1));
     let mut head = HeadWatch::default();
     let result = loop {
+        // The next look: a tick from now, or sooner when the head in progress reaches
+        // its limit then, so a head is cut at most the one tick it took to be first
+        // seen late, whether or not the tick divides the header timeout.
+        let next_tick = tokio::time::Instant::now() + tick;
+        let wake = head.deadline(header).map_or(next_tick, |d| d.min(next_tick));
         tokio::select! {
             // In this order, without drawing a random one per wake-up: the connection
             // is what is usually ready.
@@ -375,11 +380,19 @@ async fn serve<S>(
                 conn.as_mut().graceful_shutdown();
                 break conn.await;
             }
-            () = tokio::time::sleep(tick) => {
+            () = tokio::time::sleep_until(wake) => {
                 let now = tokio::time::Instant::now();
                 let slow_head = head.too_slow(info.smuggled.head_in_progress(), now, header);
                 if slow_head || info.activity.expired(now, first_byte, idle) {
                     tracing::debug!(peer = %info.peer, slow_head, "closing idle connection");
+                    // An HTTP/1 head half read with no response owed: nothing to say
+                    // goodbye to, so close now. hyper's graceful shutdown would not end
+                    // a connection's *first* request while its head is read (it counts
+                    // as busy until the first response), and the wait below made that
+                    // head's cut a whole second late (finding 8 of issue 10).
+                    if info.smuggled.head_in_progress().is_some() && info.activity.in_flight() == 0 {
+                        break Ok(());
+                    }
                     conn.as_mut().graceful_shutdown();
                     // HTTP/2 says goodbye first; a peer that does not answer is cut.
                     match tokio::time::timeout(Duration::from_secs(1), conn.as_mut()).await {
@@ -397,13 +410,19 @@ async fn serve<S>(
 
 /// The watchdog's view of the request head being read (`Smuggled::head_in_progress`):
 /// which one, and since when the watchdog has seen it. A head is cut at most one
-/// watchdog tick after `server.header_read_timeout_ms`.
+/// watchdog tick after `server.header_read_timeout_ms`: the tick it may take to be
+/// seen (the watchdog then also wakes at its `deadline`, not only on ticks).
 #[derive(Default)]
 struct HeadWatch {
     seen: Option<(u64, tokio::time::Instant)>,
 }
 
 impl HeadWatch {
+    /// When the head seen in progress reaches `limit`, if one is.
+    fn deadline(&self, limit: Duration) -> Option<tokio::time::Instant> {
+        self.seen.map(|(_, since)| since + limit)
+    }
+
     /// True once the same head has been in progress for `limit`.
     fn too_slow(
         &mut self,
@@ -446,9 +465,94 @@ mod tests {
         assert!(!w.too_slow(Some(1), at(600), limit));
         assert!(!w.too_slow(None, at(650), limit));
         assert!(!w.too_slow(Some(2), at(1000), limit));
+        assert_eq!(w.deadline(limit), Some(at(1300)), "the watchdog wakes then");
         assert!(w.too_slow(Some(2), at(1300), limit));
+        assert!(!w.too_slow(None, at(1400), limit));
+        assert_eq!(w.deadline(limit), None, "no head, no deadline");
     }
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    /// `header_read_timeout` cuts a slow HTTP/1 head at most a quarter of the timeout
+    /// late, on a connection's first request as on later ones (hyper's graceful
+    /// shutdown does not end a first request still being read, which once cost a
+    /// whole second more), and whatever the watchdog's tick (a shorter idle timeout
+    /// makes it one that does not divide the header timeout).
+    #[tokio::test]
+    async fn a_slow_head_is_cut_in_time_on_the_first_request_too() {
+        // Ticks of 500 ms (a quarter of the header timeout), and of 475 ms.
+        let ((), ()) = tokio::join!(slow_heads_cut_in_time(10_000), slow_heads_cut_in_time(1_900));
+    }
+
+    /// A gateway with a 2 s header timeout and `idle_ms`; four connections whose heads
+    /// never finish, on the first and the third request, sent at once or trickled.
+    async fn slow_heads_cut_in_time(idle_ms: u64) {
+        use std::time::Instant;
+        let cfg = crate::Config::parse(&format!(
+            "[server]\nheader_read_timeout_ms = 2000\nfirst_byte_timeout_ms = 10000\nidle_timeout_ms = {idle_ms}\n[observability]\naccess_log = false\n[[listeners]]\nname = \"p\"\nbind = \"127.0.0.1:0\"\n",
+        ))
+        .expect("config");
+        let gw = crate::Gateway::new(cfg, None).expect("gateway");
+        let running = super::start(gw).await.expect("start");
+        let addr = running.addr("p").expect("bound");
+        let limit = Duration::from_millis(2000);
+        // How long after its head started a connection was closed; `warm` requests
+        // answered first, then the head: all at once (`gap` zero) or a byte per `gap`.
+        let case = |warm: usize, gap: Duration| async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            for _ in 0..warm {
+                s.write_all(b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n")
+                    .await
+                    .expect("write");
+                let mut buf = [0u8; 4096];
+                let n = s.read(&mut buf).await.expect("answer");
+                assert!(buf[..n].starts_with(b"HTTP/1.1 404"), "warm-up answered");
+            }
+            let head = b"GET /slow HTTP/1.1\r\nHost: x\r\nX-A: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+            let started = Instant::now();
+            let (mut rd, mut wr) = s.into_split();
+            let writer = tokio::spawn(async move {
+                if gap.is_zero() {
+                    let _ = wr.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n").await;
+                } else {
+                    // Bounded: the head is never finished, so it must be cut.
+                    for b in head {
+                        if wr.write_all(&[*b]).await.is_err() {
+                            break;
+                        }
+                        tokio::time::sleep(gap).await;
+                    }
+                }
+                wr
+            });
+            let mut buf = [0u8; 512];
+            let closed = tokio::time::timeout(Duration::from_secs(6), rd.read(&mut buf)).await;
+            let took = started.elapsed();
+            writer.abort();
+            assert!(closed.is_ok(), "idle {idle_ms} ms, warm {warm}, gap {gap:?}: never closed");
+            took
+        };
+        let (first, first_trickle, third, third_trickle) = tokio::join!(
+            case(0, Duration::ZERO),
+            case(0, Duration::from_millis(150)),
+            case(2, Duration::ZERO),
+            case(2, Duration::from_millis(150)),
+        );
+        // README: at most a quarter late; a little for scheduling on a busy machine.
+        let bound = limit + limit / 4 + Duration::from_millis(250);
+        for (what, took) in [
+            ("first request, partial head", first),
+            ("first request, trickled head", first_trickle),
+            ("third request, partial head", third),
+            ("third request, trickled head", third_trickle),
+        ] {
+            assert!(took >= limit, "idle {idle_ms} ms, {what}: cut early, after {took:?}");
+            assert!(
+                took <= bound,
+                "idle {idle_ms} ms, {what}: cut after {took:?}, bound {bound:?}"
+            );
+        }
+        assert!(running.drain(Duration::from_secs(2)).await, "drained");
+    }
 
     #[tokio::test]
     async fn workers_share_one_port_serve_and_drain() {

@@ -115,6 +115,11 @@ impl Config {
                 &mut s.header_read_timeout_ms,
             ),
             (
+                "body_read_timeout",
+                &s.body_read_timeout,
+                &mut s.body_read_timeout_ms,
+            ),
+            (
                 "first_byte_timeout",
                 &s.first_byte_timeout,
                 &mut s.first_byte_timeout_ms,

@@ -120,6 +120,7 @@ pub struct ServerConfig {
     pub dns_refresh_ms: u64,
     // String twins of the `_ms` fields ("10s"); see `duration.rs`.
     pub header_read_timeout: Option<DurationText>,
+    pub body_read_timeout: Option<DurationText>,
     pub first_byte_timeout: Option<DurationText>,
     pub idle_timeout: Option<DurationText>,
     pub reload_poll: Option<DurationText>,
@@ -143,6 +144,7 @@ impl Default for ServerConfig {
             reload_poll_ms: 1_000,
             dns_refresh_ms: 30_000,
             header_read_timeout: None,
+            body_read_timeout: None,
             first_byte_timeout: None,
             idle_timeout: None,
             reload_poll: None,

@@ -26,6 +26,31 @@ fn route_hosts_with_ports_and_huge_weights_are_refused() {
     );
 }
 
+/// A route host with an empty label could never match (`guard` refuses such a Host);
+/// one trailing dot is a fully qualified name and routes like the name without it.
+#[test]
+fn route_hosts_with_empty_labels_are_refused() {
+    let route = |host: &str| {
+        format!(
+            "[pools.p]\nbackends = [{{ address = \"127.0.0.1:1\" }}]\n[[routes]]\nname = \"r\"\nhost = \"{host}\"\npath = \"/\"\npool = \"p\"\n"
+        )
+    };
+    for bad in [".", "..", "a..b", ".a", "a..", "*.", "*..a", "*.a..b"] {
+        let Err(ConfigError::Invalid(errs)) = Config::parse(&route(bad)) else {
+            panic!("{bad:?} accepted as a route host");
+        };
+        assert!(
+            errs.iter().any(|e| e.path == "routes[0].host"
+                && e.message.contains(&format!("{bad:?}"))
+                && e.message.contains("empty label")),
+            "{bad:?}: {errs:?}"
+        );
+    }
+    for ok in ["a.example", "a.example.", "*.example.com", "*.example.com."] {
+        assert!(Config::parse(&route(ok)).is_ok(), "{ok:?} refused");
+    }
+}
+
 #[test]
 fn reports_every_invalid_field_with_path() {
     let text = r#"
@@ -103,6 +128,7 @@ fn durations_as_strings_fill_the_integer_fields() {
         idle_timeout = "1m"
         header_read_timeout = "1.5s"
         dns_refresh = "10s"
+        body_read_timeout = "3s"
         [pools.p]
         backends = [{ address = "127.0.0.1:1" }]
         connect_timeout = "250ms"
@@ -126,6 +152,7 @@ fn durations_as_strings_fill_the_integer_fields() {
     assert_eq!(cfg.server.idle_timeout_ms, 60_000);
     assert_eq!(cfg.server.header_read_timeout_ms, 1_500);
     assert_eq!(cfg.server.dns_refresh_ms, 10_000);
+    assert_eq!(cfg.server.body_read_timeout_ms, 3_000);
     assert_eq!(cfg.server.first_byte_timeout_ms, 10_000, "default kept");
     let p = &cfg.pools["p"];
     assert_eq!((p.connect_timeout_ms, p.request_timeout_ms), (250, 7_000));
@@ -151,6 +178,7 @@ fn duration_errors_name_the_field_and_both_keys() {
         idle_timeout = "15 parsecs"
         reload_poll = "1s"
         reload_poll_ms = 1000
+        body_read_timeout = "soon"
         [pools.p]
         backends = [{ address = "127.0.0.1:1" }]
         health_check = { timeout = "soon" }
@@ -186,7 +214,13 @@ fn duration_errors_name_the_field_and_both_keys() {
             .any(|e| e.starts_with("auth.jwt.leeway: \"1.5s\"") && e.contains("whole seconds")),
         "{shown:?}"
     );
-    assert_eq!(errs.len(), 4, "{shown:?}");
+    assert!(
+        shown
+            .iter()
+            .any(|e| e.starts_with("server.body_read_timeout: \"soon\" is not a duration")),
+        "{shown:?}"
+    );
+    assert_eq!(errs.len(), 5, "{shown:?}");
 
     // A number where a duration string goes is a type error that says what to write.
     let err = Config::parse("[server]\nidle_timeout = 15\n").expect_err("integer");

@@ -427,6 +427,13 @@ fn routes(cfg: &Config, e: &mut Errors) {
     }
 }
 
+/// A route host's labels (after `*.` and one trailing dot) are not empty.
+fn host_labels_ok(host: &str) -> bool {
+    let name = host.strip_prefix("*.").unwrap_or(host);
+    let name = name.strip_suffix('.').unwrap_or(name);
+    !name.is_empty() && name.split('.').all(|l| !l.is_empty())
+}
+
 /// What a request must look like to take the route: host, path, methods, headers.
 fn route_match(p: &str, r: &RouteConfig, e: &mut Errors) {
     if !r.path.starts_with('/') {
@@ -441,6 +448,12 @@ fn route_match(p: &str, r: &RouteConfig, e: &mut Errors) {
             || host.chars().any(char::is_whitespace)
         {
             e.add(format!("{p}.host"), format!("{host:?} is not a host name (no port, scheme or path; ports never take part in matching)"));
+        } else if !host_labels_ok(host) {
+            // The gateway refuses such a Host (400 bad_host): the route could never match.
+            e.add(
+                format!("{p}.host"),
+                format!("{host:?} has an empty label (only one trailing dot is allowed)"),
+            );
         }
     }
     if r.path.contains('{') && r.path_match != PathMatch::Template {
