@@ -94,7 +94,12 @@ fn cfg(backends: &[SocketAddr], pool_extra: &str) -> String {
 
 /// 502 `upstream_error` whose body names the request id the client got.
 fn assert_upstream_error(r: &Reply, what: &str) {
-    assert_eq!(r.status, 502, "{what}: {:?}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        r.status,
+        502,
+        "{what}: {:?}",
+        String::from_utf8_lossy(&r.body)
+    );
     let j = r.json();
     assert_eq!(j["error"], "upstream_error", "{what}: {j}");
     let rid = r.header("x-request-id").expect("request id header");
@@ -153,9 +158,7 @@ async fn an_unsolicited_101_is_a_502_and_the_client_connection_lives_on() {
     while !read_until(&mut got, b"upstream_error") {
         let n = tokio::time::timeout_at(deadline, s.read(&mut chunk))
             .await
-            .unwrap_or_else(|_| {
-                panic!("no 502 in time; got {:?}", String::from_utf8_lossy(&got))
-            })
+            .unwrap_or_else(|_| panic!("no 502 in time; got {:?}", String::from_utf8_lossy(&got)))
             .expect("read");
         assert!(n > 0, "closed; got {:?}", String::from_utf8_lossy(&got));
         got.extend_from_slice(&chunk[..n]);
@@ -178,8 +181,16 @@ async fn an_unsolicited_101_is_a_502_and_the_client_connection_lives_on() {
         assert!(n > 0, "closed; got {:?}", String::from_utf8_lossy(&got));
         got.extend_from_slice(&chunk[..n]);
     }
-    assert!(got.starts_with(b"HTTP/1.1 200"), "{:?}", String::from_utf8_lossy(&got));
-    assert_eq!(up.conns.load(Ordering::SeqCst), 2, "the switched connection is not reused");
+    assert!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&got)
+    );
+    assert_eq!(
+        up.conns.load(Ordering::SeqCst),
+        2,
+        "the switched connection is not reused"
+    );
 }
 
 /// A backend that keeps answering with broken framing is ejected like one answering 5xx.
