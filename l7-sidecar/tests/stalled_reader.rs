@@ -175,3 +175,32 @@ async fn an_http2_stream_whose_client_stops_reading_is_reset_at_the_request_dead
     conn_task.abort();
     task.abort();
 }
+
+/// A drain (SIGTERM) waits for responses in flight, but no longer than their deadline.
+#[tokio::test]
+async fn a_drain_does_not_wait_past_the_deadline_of_a_stalled_reader() {
+    let (up, _closed, task) = big_upstream().await;
+    let gw = start_gateway(&cfg(up)).await;
+    let addr = gw.addr("public").expect("addr");
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let mut chunk = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
+        .await
+        .expect("head in time")
+        .expect("read");
+    assert!(n > 0);
+    let started = std::time::Instant::now();
+    assert!(
+        gw.drain(Duration::from_secs(8)).await,
+        "every connection closed"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "drain ended at the deadline, not the drain limit ({:?})",
+        started.elapsed()
+    );
+    task.abort();
+}
