@@ -87,8 +87,6 @@ pub fn scope<F: Future>(
 pub struct Watch {
     slot: Arc<Slot>,
     timer: Option<Pin<Box<Sleep>>>,
-    /// The slot value `timer` is armed for.
-    armed: u64,
 }
 
 impl Default for Watch {
@@ -105,7 +103,6 @@ impl Watch {
                 deadline: AtomicU64::new(0),
             }),
             timer: None,
-            armed: 0,
         }
     }
 
@@ -117,22 +114,33 @@ impl Watch {
     /// Whether the deadline of the body in flight has passed; if not, `cx` is woken
     /// when it does. Poll after the task's connection or stream: a body registers
     /// itself while they are polled.
+    ///
+    /// As the upstream connection's timer (`conns`), the timer stays armed for an
+    /// earlier body's deadline and is moved on when that one fires, instead of being
+    /// registered in and removed from the timer wheel per response.
     pub fn poll_overdue(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         let v = self.slot.deadline.load(Ordering::Relaxed);
         if v == 0 {
             return Poll::Pending;
         }
         let at = self.slot.base + std::time::Duration::from_millis(v - 1);
-        if v != self.armed {
-            self.armed = v;
-            match self.timer.as_mut() {
-                Some(t) => t.as_mut().reset(at),
-                None => self.timer = Some(Box::pin(tokio::time::sleep_until(at))),
+        let timer = match self.timer.as_mut() {
+            Some(t) => {
+                if t.deadline() > at {
+                    // A shorter timeout than the previous body's (another pool's).
+                    t.as_mut().reset(at);
+                }
+                t
             }
-        }
-        match self.timer.as_mut() {
-            Some(t) => t.as_mut().poll(cx),
-            None => Poll::Pending,
+            None => self.timer.insert(Box::pin(tokio::time::sleep_until(at))),
+        };
+        loop {
+            match timer.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(()) if timer.deadline() >= at => return Poll::Ready(()),
+                // An earlier body's deadline: arm for this one (and register `cx`).
+                Poll::Ready(()) => timer.as_mut().reset(at),
+            }
         }
     }
 
@@ -207,11 +215,15 @@ mod tests {
         let first = scope(watch.slot(), async { register(soon) })
             .await
             .expect("in scope");
+        // The timer is armed for the first deadline...
+        let armed = tokio::time::timeout(Duration::from_millis(1), watch.overdue()).await;
+        assert!(armed.is_err(), "not yet");
         let _second = scope(watch.slot(), async { register(later) })
             .await
             .expect("in scope");
         // The first one's drop must not clear the second's entry.
         drop(first);
+        // ...and when it fires, that is no timeout for the second.
         let early = tokio::time::timeout(Duration::from_millis(150), watch.overdue()).await;
         assert!(early.is_err(), "not at the replaced deadline");
         tokio::time::timeout(Duration::from_secs(2), watch.overdue())
