@@ -12,7 +12,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A raw HTTP/1.1 backend answering by path with canned bytes: `/clte` (Content-Length
 /// 5 and chunked "abc"), `/dupcl` (two differing Content-Lengths), `/sw101` (101 to a
-/// plain GET, then raw bytes), anything else 200 "ok". Counts connections and `/clte` requests.
+/// plain GET, then raw bytes), `/early103` and `/cont100` (informational heads before a
+/// 200 "ok"), anything else 200 "ok". Counts connections and `/clte` requests.
 struct Raw {
     addr: SocketAddr,
     conns: Arc<AtomicUsize>,
@@ -60,6 +61,10 @@ async fn raw_upstream() -> Raw {
                         b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
                     } else if path.starts_with("/dupcl") {
                         b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 5\r\n\r\nabc"
+                    } else if path.starts_with("/early103") {
+                        b"HTTP/1.1 103 Early Hints\r\nLink: </x>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                    } else if path.starts_with("/cont100") {
+                        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 102 Processing\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
                     } else if path.starts_with("/sw101") {
                         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nRAW-AFTER-101"
                     } else {
@@ -209,5 +214,27 @@ async fn broken_framing_counts_against_passive_health() {
         bad.requests.load(Ordering::SeqCst),
         2,
         "ejected after 2 consecutive bad answers"
+    );
+}
+
+/// Informational heads other than 101 are skipped, and the connection stays in step.
+#[tokio::test]
+async fn other_informational_heads_do_not_desync_the_connection() {
+    let up = raw_upstream().await;
+    let gw = start_gateway(&cfg(&[up.addr], "")).await;
+    let c = client();
+    for path in ["/early103", "/cont100", "/ok", "/early103"] {
+        let r = get(&c, &format!("{}{path}", base(&gw)), &[]).await;
+        assert_eq!(r.status, 200, "{path}");
+        assert_eq!(&r.body[..], b"ok", "{path}");
+        assert!(
+            r.header("link").is_none(),
+            "{path}: no hint header leaks into the answer"
+        );
+    }
+    assert_eq!(
+        up.conns.load(Ordering::SeqCst),
+        1,
+        "one upstream connection throughout"
     );
 }
