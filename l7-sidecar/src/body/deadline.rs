@@ -87,6 +87,10 @@ pub fn scope<F: Future>(
 pub struct Watch {
     slot: Arc<Slot>,
     timer: Option<Pin<Box<Sleep>>>,
+    /// The slot value `timer` last registered the task's waker for: until it fires,
+    /// polling it again would only register the same waker again (several times per
+    /// request on a connection's task).
+    armed: u64,
 }
 
 impl Default for Watch {
@@ -103,6 +107,7 @@ impl Watch {
                 deadline: AtomicU64::new(0),
             }),
             timer: None,
+            armed: 0,
         }
     }
 
@@ -123,6 +128,9 @@ impl Watch {
         if v == 0 {
             return Poll::Pending;
         }
+        if v == self.armed && self.timer.as_ref().is_some_and(|t| !t.is_elapsed()) {
+            return Poll::Pending;
+        }
         let at = self.slot.base + std::time::Duration::from_millis(v - 1);
         let timer = match self.timer.as_mut() {
             Some(t) => {
@@ -136,7 +144,10 @@ impl Watch {
         };
         loop {
             match timer.as_mut().poll(cx) {
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    self.armed = v;
+                    return Poll::Pending;
+                }
                 Poll::Ready(()) if timer.deadline() >= at => return Poll::Ready(()),
                 // An earlier body's deadline: arm for this one (and register `cx`).
                 Poll::Ready(()) => timer.as_mut().reset(at),
