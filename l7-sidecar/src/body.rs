@@ -223,6 +223,11 @@ pub struct StreamedBody {
     /// body cut short leaves the connection unusable).
     conn: Option<Conn>,
     ended: bool,
+    /// The deadline as published to the task sending the body to the client, which
+    /// ends the body there should the client not take it in time (`deadline`).
+    /// Set at the first poll.
+    watched: Option<deadline::Registered>,
+    polled: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -238,6 +243,8 @@ impl StreamedBody {
             timer: None,
             conn: None,
             ended: false,
+            watched: None,
+            polled: false,
         }
     }
 
@@ -276,6 +283,10 @@ impl HttpBody for StreamedBody {
         // connection's own registrations wake us. An ended connection ends `inner`
         // too (with an error if the body was cut short).
         let this = &mut *self;
+        if !this.polled {
+            this.polled = true;
+            this.watched = deadline::register(this.deadline);
+        }
         let polled = match this.conn.as_mut() {
             Some(c) => match Pin::new(&mut this.inner).poll_frame(&mut no_wake()) {
                 Poll::Pending if c.poll_drive(cx) => {
@@ -321,6 +332,8 @@ impl HttpBody for StreamedBody {
         self.inner.size_hint()
     }
 }
+
+pub mod deadline;
 
 #[cfg(test)]
 mod conn_tests;

@@ -5,7 +5,7 @@
 use crate::ctx::ConnInfo;
 use crate::gateway::{Gateway, GatewayError};
 use crate::idle::{ActivityIo, PerAddress};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -323,14 +323,34 @@ async fn serve<S>(
     stream: S,
     info: ConnInfo,
     cfg: &crate::config::ServerConfig,
+    stop: tokio::sync::watch::Receiver<bool>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    // HTTP/1: a response body the client does not take by its request deadline ends
+    // the connection (hyper stops polling a body whose client is not reading, so the
+    // body's own timer cannot).
+    let overdue = crate::body::deadline::Watch::new();
+    let slot = overdue.slot();
+    crate::body::deadline::scope(slot, serve_conn(gw, stream, info, cfg, stop, overdue)).await;
+}
+
+async fn serve_conn<S>(
+    gw: Gateway,
+    stream: S,
+    info: ConnInfo,
+    cfg: &crate::config::ServerConfig,
     mut stop: tokio::sync::watch::Receiver<bool>,
+    mut overdue: crate::body::deadline::Watch,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     // Catches a request's panics itself (see `pipeline::GatewayService`).
     let svc = crate::pipeline::build(gw.shared.clone(), info.clone());
     let stream = crate::guard::SmuggleGuard::new(stream, info.smuggled.clone());
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // HTTP/2 streams run in tasks of their own, which end a response the client does
+    // not take by the request deadline (`body::deadline`).
+    let mut builder = auto::Builder::new(crate::body::deadline::StreamExecutor);
     // The header read timeout is the watchdog's below, not hyper's: hyper's costs a
     // timer (boxed, registered and cancelled) and one more poll of the connection per
     // request.
@@ -378,7 +398,14 @@ async fn serve<S>(
             () = stopped.as_mut() => {
                 // Finish the request in progress, then close instead of idling in keep-alive.
                 conn.as_mut().graceful_shutdown();
-                break conn.await;
+                tokio::select! {
+                    r = conn.as_mut() => break r,
+                    () = overdue.overdue() => break Ok(()),
+                }
+            }
+            () = overdue.overdue() => {
+                tracing::warn!(peer = %info.peer, "response not taken by the client before the request deadline; closing the connection");
+                break Ok(());
             }
             () = tokio::time::sleep_until(wake) => {
                 let now = tokio::time::Instant::now();

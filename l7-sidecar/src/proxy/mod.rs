@@ -243,6 +243,20 @@ pub async fn forward(
                 continue;
             }
         };
+        if let Err(why) = passable(&resp) {
+            // Not passed on, and the connection is dropped rather than released: its
+            // framing (or protocol) is no longer known. A failed attempt, as a
+            // response hyper could not parse is (including the retry of idempotent
+            // requests on another backend).
+            drop(resp);
+            drop(conn);
+            tried.push(idx);
+            up.pool.record_result(idx, true);
+            let detail = format!("{}: {why}", backend.addr);
+            tracing::warn!(pool = %up.pool.name, error = %detail, "upstream response refused");
+            last_err = Some(ProxyError::Upstream(detail));
+            continue;
+        }
         // Latency to the response head: what peak-EWMA balancing compares. Only that
         // algorithm reads it, so other pools skip the clock read and the lock.
         if up.pool.cfg.algorithm == Algorithm::LeastResponseTime {
@@ -260,6 +274,35 @@ pub async fn forward(
         });
     }
     Err(last_err.unwrap_or_else(|| ProxyError::NoBackend(up.pool.name.clone())))
+}
+
+/// Why an upstream response head cannot be passed on.
+#[derive(Debug, thiserror::Error)]
+pub enum BadResponse {
+    /// Upgrades go through `tunnel`; here the request asked for none, and after a
+    /// 101 the connection no longer speaks HTTP.
+    #[error("101 Switching Protocols to a request that asked for no upgrade")]
+    UnsolicitedUpgrade,
+    /// RFC 9112 §6.3: Transfer-Encoding wins, but a sender of both may be
+    /// smuggling, and the Content-Length would go on next to the de-chunked body.
+    #[error("response with both Content-Length and Transfer-Encoding")]
+    LengthAndTransferEncoding,
+}
+
+/// Refuse upstream answers whose framing is ambiguous or that switched protocols
+/// unasked. (Several differing Content-Length values hyper refuses itself.) Cheap on
+/// the usual response: the Content-Length lookup happens only when the body's length
+/// is not known from it (chunked or close-delimited).
+fn passable(resp: &Response<hyper::body::Incoming>) -> Result<(), BadResponse> {
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        return Err(BadResponse::UnsolicitedUpgrade);
+    }
+    if resp.body().size_hint().exact().is_none()
+        && resp.headers().contains_key(header::CONTENT_LENGTH)
+    {
+        return Err(BadResponse::LengthAndTransferEncoding);
+    }
+    Ok(())
 }
 
 /// hyper_util's errors say little on their own ("client error (SendRequest)").
