@@ -231,6 +231,37 @@ pub fn json_media_type(headers: &HeaderMap) -> Result<bool, MediaTypeError> {
     Ok((ty.eq_ignore_ascii_case("application") && sub.eq_ignore_ascii_case("json")) || suffix_json)
 }
 
+/// Whether a stripping route must treat the response as JSON (strip its fields, or
+/// refuse it when it does not parse): unless its one Content-Type is a well-formed
+/// media type that does not mention JSON, it is. So JSON under another label
+/// (`text/json`, `application/x-json`), a list (`application/json, text/html`), a
+/// malformed value or none at all cannot carry the fields out; `text/html` passes.
+pub fn read_as_json(headers: &HeaderMap) -> Result<bool, MediaTypeError> {
+    let mut all = headers.get_all(http::header::CONTENT_TYPE).iter();
+    let Some(v) = all.next() else {
+        return Ok(true);
+    };
+    if all.next().is_some() {
+        return Err(MediaTypeError::Several);
+    }
+    let v = v.to_str().map_err(|_| MediaTypeError::Unreadable)?;
+    let essence = v.split(';').next().unwrap_or_default().trim();
+    // RFC 9110 §5.6.2 token characters.
+    let token = |t: &str| {
+        !t.is_empty()
+            && t.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    };
+    let well_formed = essence
+        .split_once('/')
+        .is_some_and(|(ty, sub)| token(ty) && token(sub));
+    let mentions_json = essence
+        .as_bytes()
+        .windows(4)
+        .any(|w| w.eq_ignore_ascii_case(b"json"));
+    Ok(!well_formed || mentions_json)
+}
+
 /// Every request and response carries `X-Request-Id`: keep the client's (if valid)
 /// or make one, note it in the request's context and return it for the response
 /// (set on the way out, where the pipeline's answer leaves: `pipeline.rs`).
@@ -342,7 +373,7 @@ async fn transform_response(
     if is_encoded(resp.headers()) {
         return fail("upstream sent an encoded body");
     }
-    match json_media_type(resp.headers()) {
+    match read_as_json(resp.headers()) {
         Ok(true) => {}
         Ok(false) => return resp,
         Err(e) => return fail(&e.to_string()),
@@ -551,6 +582,65 @@ mod tests {
         assert!(resp.headers().get("server").is_none());
         let body = resp.into_body().collect().await.expect("body").to_bytes();
         assert_eq!(&body[..], br#"{"a":1}"#);
+    }
+
+    /// Hostile finding F11: JSON under another label (or none) went out unstripped.
+    /// Whatever could be read as JSON is stripped or refused; only a response typed as
+    /// plainly another media type passes as it came.
+    #[tokio::test]
+    async fn mislabelled_json_is_stripped_or_refused_never_passed() {
+        use crate::routing::testing::routed;
+        use crate::stage::testing::stub;
+        let toml = r#"
+            [pools.p]
+            backends = [{ address = "127.0.0.1:9" }]
+            [transforms.t]
+            strip_json_fields = ["secret"]
+            [[routes]]
+            name = "r"
+            path = "/"
+            pool = "p"
+            transform = "t"
+        "#;
+        let run = |ct: Option<&'static str>, body: &'static str| {
+            let (cfg, r) = routed(toml, Request::get("/x"));
+            async move {
+                let next = stub(move |_: Routed<()>| {
+                    let mut r = Response::new(full(body));
+                    if let Some(ct) = ct {
+                        r.headers_mut()
+                            .insert("content-type", HeaderValue::from_static(ct));
+                    }
+                    r
+                });
+                let resp = transform_stage(&cfg.transforms, 1 << 20, r, next).await;
+                let status = resp.status();
+                let body = resp.into_body().collect().await.expect("body").to_bytes();
+                (status, String::from_utf8_lossy(&body).into_owned())
+            }
+        };
+        let json = r#"{"a":1,"secret":2}"#;
+        for ct in [
+            None,
+            Some("text/json"),
+            Some("application/x-json"),
+            Some("application/json, text/html"),
+            Some("application/ json"),
+            Some("Application/X-JSON; charset=utf-8"),
+        ] {
+            assert_eq!(run(ct, json).await, (StatusCode::OK, r#"{"a":1}"#.into()), "{ct:?}");
+        }
+        // Labelled JSON but not JSON: refused, not passed on.
+        for ct in [None, Some("application/json-seq"), Some("text/json")] {
+            let (status, body) = run(ct, "\u{1e}secret stuff").await;
+            assert_eq!(status, StatusCode::BAD_GATEWAY, "{ct:?}: {body}");
+            assert!(!body.contains("secret"), "{body}");
+        }
+        // Plainly another media type: passed as it came.
+        assert_eq!(
+            run(Some("text/html; charset=utf-8"), "<p>secret</p>").await,
+            (StatusCode::OK, "<p>secret</p>".into())
+        );
     }
 
     #[test]
