@@ -209,20 +209,29 @@ pub enum MediaTypeError {
     Unreadable,
 }
 
-/// Whether the response is typed JSON: `application/json` or any `+json` subtype.
-/// Type and subtype compare case-insensitively (RFC 9110 §8.3.1) and parameters are
-/// ignored, so `APPLICATION/JSON; charset=utf-8` is JSON. Several Content-Type
-/// headers are an error: upstream and client could each read another one.
-pub fn json_media_type(headers: &HeaderMap) -> Result<bool, MediaTypeError> {
+/// The one Content-Type's media type without parameters (`None`: no Content-Type).
+/// Several Content-Type headers are an error: upstream and client could each read
+/// another one.
+fn media_type_essence(headers: &HeaderMap) -> Result<Option<&str>, MediaTypeError> {
     let mut all = headers.get_all(http::header::CONTENT_TYPE).iter();
     let Some(v) = all.next() else {
-        return Ok(false);
+        return Ok(None);
     };
     if all.next().is_some() {
         return Err(MediaTypeError::Several);
     }
     let v = v.to_str().map_err(|_| MediaTypeError::Unreadable)?;
-    let essence = v.split(';').next().unwrap_or_default().trim();
+    Ok(Some(v.split(';').next().unwrap_or_default().trim()))
+}
+
+/// Whether the response is typed JSON: `application/json` or any `+json` subtype.
+/// Type and subtype compare case-insensitively (RFC 9110 §8.3.1) and parameters are
+/// ignored, so `APPLICATION/JSON; charset=utf-8` is JSON. Several Content-Type
+/// headers are an error: upstream and client could each read another one.
+pub fn json_media_type(headers: &HeaderMap) -> Result<bool, MediaTypeError> {
+    let Some(essence) = media_type_essence(headers)? else {
+        return Ok(false);
+    };
     let Some((ty, sub)) = essence.split_once('/') else {
         return Ok(false);
     };
@@ -237,15 +246,9 @@ pub fn json_media_type(headers: &HeaderMap) -> Result<bool, MediaTypeError> {
 /// (`text/json`, `application/x-json`), a list (`application/json, text/html`), a
 /// malformed value or none at all cannot carry the fields out; `text/html` passes.
 pub fn read_as_json(headers: &HeaderMap) -> Result<bool, MediaTypeError> {
-    let mut all = headers.get_all(http::header::CONTENT_TYPE).iter();
-    let Some(v) = all.next() else {
+    let Some(essence) = media_type_essence(headers)? else {
         return Ok(true);
     };
-    if all.next().is_some() {
-        return Err(MediaTypeError::Several);
-    }
-    let v = v.to_str().map_err(|_| MediaTypeError::Unreadable)?;
-    let essence = v.split(';').next().unwrap_or_default().trim();
     // RFC 9110 §5.6.2 token characters.
     let token = |t: &str| {
         !t.is_empty()
