@@ -143,6 +143,10 @@ pub struct ReqCtx {
     pub trace_id: Option<TraceId>,
     /// Set by the auth stage.
     pub identity: Option<Arc<Identity>>,
+    /// The request's one Host header value as the Host checks accepted it
+    /// (`guard::harden`); `None`: no Host header, or not checked yet. Routing and the
+    /// transform read it here instead of looking the header up again.
+    pub host: Option<HeaderValue>,
 }
 
 impl ReqCtx {
@@ -157,6 +161,7 @@ impl ReqCtx {
             request_id: None,
             trace_id: None,
             identity: None,
+            host: None,
         }
     }
 

@@ -52,6 +52,11 @@ pub fn framing_error(h: &HeaderMap, flagged: bool) -> Option<BadFraming> {
 /// (400 otherwise); RFC 9113 §8.3.1: in HTTP/2 a `host` that differs from
 /// `:authority` makes the request malformed.
 pub fn host_error<B>(req: &Request<B>) -> Result<(), &'static str> {
+    checked_host(req).map(|_| ())
+}
+
+/// `host_error`'s checks; on success the one Host header value, if any.
+fn checked_host<B>(req: &Request<B>) -> Result<Option<&HeaderValue>, &'static str> {
     let mut all = req.headers().get_all(header::HOST).iter();
     let host = all.next();
     if all.next().is_some() {
@@ -79,15 +84,46 @@ pub fn host_error<B>(req: &Request<B>) -> Result<(), &'static str> {
     } else if req.version() == Version::HTTP_11 && host.is_none() {
         return Err("missing Host header");
     }
-    Ok(())
+    Ok(host)
 }
+
+/// Bytes of an RFC 3986 reg-name (unreserved, sub-delims, `%`), as a table: one load
+/// per byte instead of a chain of comparisons (this runs on every request).
+const REG_NAME: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        t[i] = b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'%'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+            );
+        i += 1;
+    }
+    t
+};
 
 /// RFC 3986 authority without userinfo: `host[:port]`, host a reg-name, IPv4 or
 /// bracketed IPv6 address; no path, query, `@` or empty host. A name may end in one
 /// dot (fully qualified, routed as the same host: `routing::route_host`) but has no
 /// empty label: `.`, `a..b` or `.a` name no host, and routing must not guess one.
 pub fn valid_authority(v: &[u8]) -> bool {
-    let (host_ok, rest) = if let Some(inner) = v.strip_prefix(b"[") {
+    let rest = if let Some(inner) = v.strip_prefix(b"[") {
         let Some(end) = inner.iter().position(|b| *b == b']') else {
             return false;
         };
@@ -96,46 +132,39 @@ pub fn valid_authority(v: &[u8]) -> bool {
             && ip
                 .iter()
                 .all(|b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.'));
-        (ok, &inner[end + 1..])
+        if !ok {
+            return false;
+        }
+        &inner[end + 1..]
     } else {
-        let end = v.iter().position(|b| *b == b':').unwrap_or(v.len());
-        let name = &v[..end];
-        let ok = labels_ok(name)
-            && name.iter().all(|b| {
-                b.is_ascii_alphanumeric()
-                    || matches!(
-                        b,
-                        b'-' | b'.'
-                            | b'_'
-                            | b'~'
-                            | b'%'
-                            | b'!'
-                            | b'$'
-                            | b'&'
-                            | b'\''
-                            | b'('
-                            | b')'
-                            | b'*'
-                            | b'+'
-                            | b','
-                            | b';'
-                            | b'='
-                    )
-            });
-        (ok, &v[end..])
+        // One pass over the name: its bytes, and its labels (none empty, but for
+        // the root label after one trailing dot: no leading dot, no two in a row).
+        let mut end = v.len();
+        let mut after_dot = true;
+        for (i, &b) in v.iter().enumerate() {
+            if b == b':' {
+                end = i;
+                break;
+            }
+            if !REG_NAME[usize::from(b)] {
+                return false;
+            }
+            let dot = b == b'.';
+            if dot && after_dot {
+                return false;
+            }
+            after_dot = dot;
+        }
+        if end == 0 {
+            return false;
+        }
+        &v[end..]
     };
-    let port_ok = match rest {
+    match rest {
         [] => true,
         [b':', digits @ ..] => digits.len() <= 5 && digits.iter().all(u8::is_ascii_digit),
         _ => false,
-    };
-    host_ok && port_ok
-}
-
-/// A reg-name's labels: none empty, but for the root label after one trailing dot.
-fn labels_ok(name: &[u8]) -> bool {
-    let name = name.strip_suffix(b".").unwrap_or(name);
-    !name.is_empty() && name.split(|b| *b == b'.').all(|l| !l.is_empty())
+    }
 }
 
 /// Reject smuggling attempts, header floods and unsafe paths before any routing
@@ -145,9 +174,19 @@ fn labels_ok(name: &[u8]) -> bool {
 /// Answers itself or hands over the rest of the pipeline's future (`Answer`).
 pub fn hardening_stage<B, N: Next<Req<B>>>(
     max_headers: usize,
-    mut req: Req<B>,
+    req: Req<B>,
     next: N,
 ) -> impl std::future::Future<Output = Response<Body>> + Send {
+    match harden(max_headers, req) {
+        Ok(req) => Answer::next(next.run(req)),
+        Err(resp) => Answer::now(resp),
+    }
+}
+
+/// The checks of `hardening_stage` as a plain call: the request (path normalised)
+/// to go on with, or the answer refusing it. The untraced pipeline runs it inline,
+/// without a stage future of its own.
+pub fn harden<B>(max_headers: usize, mut req: Req<B>) -> Result<Req<B>, Response<Body>> {
     let ctx = req.ctx();
     let framing = match (ctx.framing, ctx.client_headers) {
         (Some(b), _) => Some(b),
@@ -156,17 +195,21 @@ pub fn hardening_stage<B, N: Next<Req<B>>>(
         (None, None) => framing_error(req.headers(), ctx.conn.smuggled.flagged(ctx.index)),
     };
     if let Some(BadFraming(why)) = framing {
-        return Answer::now(bad_request(&req, "bad_request", why, true));
+        return Err(bad_request(&req, "bad_request", why, true));
     }
-    if let Err(why) = host_error(&req) {
-        tracing::debug!(host = ?req.headers().get(header::HOST), reason = why, "refused Host");
-        return Answer::now(bad_request(&req, "bad_host", why, false));
-    }
+    let host = match checked_host(&req) {
+        Ok(host) => host.cloned(),
+        Err(why) => {
+            tracing::debug!(host = ?req.headers().get(header::HOST), reason = why, "refused Host");
+            return Err(bad_request(&req, "bad_host", why, false));
+        }
+    };
+    req.ctx_mut().host = host;
     let max = max_headers;
     // Only what the client sent counts, not the headers the gateway added since.
     let count = req.ctx().client_headers.unwrap_or(req.headers().len());
     if count > max {
-        return Answer::now(json_error(
+        return Err(json_error(
             &req,
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             "too_many_headers",
@@ -177,16 +220,14 @@ pub fn hardening_stage<B, N: Next<Req<B>>>(
         Ok(std::borrow::Cow::Borrowed(_)) => {}
         Ok(std::borrow::Cow::Owned(path)) => match crate::path::with_path(req.uri(), &path) {
             Some(uri) => *req.uri_mut() = uri,
-            None => {
-                return Answer::now(bad_request(&req, "bad_path", "invalid request path", false))
-            }
+            None => return Err(bad_request(&req, "bad_path", "invalid request path", false)),
         },
         Err(e) => {
             tracing::debug!(path = %req.uri().path(), error = %e, "refused path");
-            return Answer::now(bad_request(&req, "bad_path", "invalid request path", false));
+            return Err(bad_request(&req, "bad_path", "invalid request path", false));
         }
     }
-    Answer::next(next.run(req))
+    Ok(req)
 }
 
 #[cfg(test)]
@@ -238,6 +279,29 @@ mod tests {
         assert!(host_error(&req(Version::HTTP_2, &[], "http://a.b./")).is_ok());
     }
 
+    /// `harden` notes the Host it accepted for routing and the transform, and only
+    /// that: a refused request goes no further, one without Host notes none.
+    #[test]
+    fn harden_notes_the_accepted_host() {
+        use crate::ctx::testing;
+        let req = |hosts: &[&str]| {
+            let mut b = Request::get("http://auth.example/x").version(Version::HTTP_11);
+            for h in hosts {
+                b = b.header(header::HOST, *h);
+            }
+            testing::req(b.body(()).expect("request"))
+        };
+        let ok = harden(100, req(&["a.example:8080"])).unwrap_or_else(|r| panic!("{:?}", r.status()));
+        assert_eq!(ok.ctx().host.as_ref().map(HeaderValue::as_bytes), Some(&b"a.example:8080"[..]));
+        let refused = harden(100, req(&["a", "b"])).map(|_| ()).expect_err("two Hosts");
+        assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+        let plain = testing::req(
+            Request::get("/").version(Version::HTTP_10).body(()).expect("request"),
+        );
+        let plain = harden(100, plain).unwrap_or_else(|r| panic!("{:?}", r.status()));
+        assert!(plain.ctx().host.is_none(), "no Host header, none noted");
+    }
+
     #[test]
     fn framing_judged_on_parsed_headers() {
         let req = |te: &[&str], cl: bool| {
@@ -263,5 +327,73 @@ mod tests {
         }
         // A request the raw-byte guard flagged.
         assert!(super::framing_error(&HeaderMap::new(), true).is_some());
+    }
+
+    /// The former implementation (comparison chain and label split), kept as the
+    /// reference the table-driven `valid_authority` must agree with.
+    fn reference_authority(v: &[u8]) -> bool {
+        let (host_ok, rest) = if let Some(inner) = v.strip_prefix(b"[") {
+            let Some(end) = inner.iter().position(|b| *b == b']') else {
+                return false;
+            };
+            let ip = &inner[..end];
+            let ok = !ip.is_empty()
+                && ip
+                    .iter()
+                    .all(|b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.'));
+            (ok, &inner[end + 1..])
+        } else {
+            let end = v.iter().position(|b| *b == b':').unwrap_or(v.len());
+            let name = &v[..end];
+            let ok = labels_ok(name)
+                && name.iter().all(|b| {
+                    b.is_ascii_alphanumeric()
+                        || matches!(
+                            b,
+                            b'-' | b'.'
+                                | b'_'
+                                | b'~'
+                                | b'%'
+                                | b'!'
+                                | b'$'
+                                | b'&'
+                                | b'\''
+                                | b'('
+                                | b')'
+                                | b'*'
+                                | b'+'
+                                | b','
+                                | b';'
+                                | b'='
+                        )
+                });
+            (ok, &v[end..])
+        };
+        let port_ok = match rest {
+            [] => true,
+            [b':', digits @ ..] => digits.len() <= 5 && digits.iter().all(u8::is_ascii_digit),
+            _ => false,
+        };
+        host_ok && port_ok
+    }
+
+    /// A reg-name's labels: none empty, but for the root label after one trailing dot.
+    fn labels_ok(name: &[u8]) -> bool {
+        let name = name.strip_suffix(b".").unwrap_or(name);
+        !name.is_empty() && name.split(|b| *b == b'.').all(|l| !l.is_empty())
+    }
+
+    proptest::proptest! {
+        /// The table-driven check accepts exactly what the former one did: hosts
+        /// built from the characters that matter (dots, colons, brackets, digits,
+        /// reg-name and forbidden bytes), and arbitrary bytes.
+        #[test]
+        fn valid_authority_agrees_with_the_reference(
+            v in "[a0.:\\[\\]_~%!$&'()*+,;=@/ ?#f-]{0,12}",
+            raw in proptest::collection::vec(proptest::num::u8::ANY, 0..12),
+        ) {
+            proptest::prop_assert_eq!(valid_authority(v.as_bytes()), reference_authority(v.as_bytes()), "{:?}", v);
+            proptest::prop_assert_eq!(valid_authority(&raw), reference_authority(&raw), "{:?}", raw);
+        }
     }
 }

@@ -241,16 +241,25 @@ pub fn metrics_stage<B, N: Next<Req<B>>>(
     req: Req<B>,
     next: N,
 ) -> impl Future<Output = Response<Body>> + Send {
+    match metrics_answer(metrics_path, &req) {
+        Some(r) => Answer::now(r),
+        None => Answer::next(next.run(req)),
+    }
+}
+
+/// `metrics_stage`'s answer, if the request is for the metrics (a plain call: the
+/// untraced pipeline runs it inline).
+pub fn metrics_answer<B>(metrics_path: &str, req: &Req<B>) -> Option<Response<Body>> {
     let serve = req.ctx().conn.serve_metrics && metrics_path == req.uri().path();
     if !serve {
-        return Answer::next(next.run(req));
+        return None;
     }
     let mut r = Response::new(full(render_metrics()));
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4"),
     );
-    Answer::now(r)
+    Some(r)
 }
 
 /// What the access record knows before the response: kept only when the record
@@ -273,33 +282,60 @@ pub async fn access_log_stage<B>(
     req: Req<B>,
     next: impl Next<Req<B>>,
 ) -> Response<Body> {
-    let started = Instant::now();
-    let ctx = req.ctx();
-    let request = log.wanted(write).then(|| RequestSide {
-        method: req.method().clone(),
-        path: req.uri().path().to_string(),
-        client_ip: ctx.conn.client_ip_str().to_string(),
-        request_id: ctx.request_id.as_ref().map(|r| r.0.clone()),
-        trace_id: ctx.trace_id,
-    });
-    let mut resp = run(next, req).await;
-    let ext = resp.extensions();
-    let pending = Pending {
-        status: resp.status().as_u16(),
-        route: ext.get::<MatchedRoute>().map(|r| r.0.clone()),
-        upstream: resp
-            .body()
-            .upstream_addr()
-            .or_else(|| ext.get::<UpstreamAddr>().map(|u| &u.0))
-            .cloned(),
-        user_id: ext.get::<UserId>().map(|u| u.0.clone()),
-        request,
-        started,
-        write,
-        log,
-    };
-    resp.body_mut().on_end(Box::new(pending));
-    resp
+    let start = LogStart::begin(&log, write, &req);
+    let resp = run(next, req).await;
+    start.finish(resp, None, log, write)
+}
+
+/// The access log's part before the request goes on: when it started, and what the
+/// record needs of the request (only if the record will be read). Split from
+/// `access_log_stage` so the untraced pipeline runs it inline.
+pub struct LogStart {
+    started: Instant,
+    request: Option<RequestSide>,
+}
+
+impl LogStart {
+    pub fn begin<B>(log: &AccessLog, write: bool, req: &Req<B>) -> LogStart {
+        let started = Instant::now();
+        let ctx = req.ctx();
+        let request = log.wanted(write).then(|| RequestSide {
+            method: req.method().clone(),
+            path: req.uri().path().to_string(),
+            client_ip: ctx.conn.client_ip_str().to_string(),
+            request_id: ctx.request_id.as_ref().map(|r| r.0.clone()),
+            trace_id: ctx.trace_id,
+        });
+        LogStart { started, request }
+    }
+
+    /// Hand the record's completion to the response body. `route`: the matched
+    /// route if the caller knows it, else the response's `MatchedRoute` extension.
+    pub fn finish(
+        self,
+        mut resp: Response<Body>,
+        route: Option<Arc<crate::routing::Route>>,
+        log: Arc<AccessLog>,
+        write: bool,
+    ) -> Response<Body> {
+        let ext = resp.extensions();
+        let pending = Pending {
+            status: resp.status().as_u16(),
+            route: route.or_else(|| ext.get::<MatchedRoute>().map(|r| r.0.clone())),
+            upstream: resp
+                .body()
+                .upstream_addr()
+                .or_else(|| ext.get::<UpstreamAddr>().map(|u| &u.0))
+                .cloned(),
+            user_id: ext.get::<UserId>().map(|u| u.0.clone()),
+            request: self.request,
+            started: self.started,
+            write,
+            log,
+        };
+        resp.body_mut().on_end(Box::new(pending));
+        resp
+    }
 }
 
 /// The access record and metrics of a response whose body is still being sent:

@@ -6,10 +6,16 @@
 //!
 //! Stages share per-request data through the request's context (`ctx::ReqCtx`,
 //! boxed with the request in a `ctx::Req`): what outer stages learned (connection,
-//! ids, identity) as typed fields; response extensions carry what inner stages
-//! learned (route, user, upstream) back out to the access log. The matched route is
-//! not in the context: stages below routing take a `Routed` request, so "no route"
-//! cannot happen there.
+//! ids, identity, the accepted Host) as typed fields; response extensions carry
+//! what inner stages learned (user, upstream; the route, for traced requests) back
+//! out to the access log. The matched route is not in the context: stages below
+//! routing take a `Routed` request, so "no route" cannot happen there.
+//!
+//! An untraced request (the usual case) runs the stages above routing — access log,
+//! hardening, metrics, routing — as plain calls in one future (`Untraced`), which
+//! hands the matched route to the access log itself; a traced one runs them as
+//! stages, each noted by its `Traced` wrapper. Both run the same checks in the same
+//! order: the stage functions are thin wrappers around those calls.
 //!
 //! The steps that never answer a request (client-header clean-up, request id,
 //! trace context) run before the stages, as plain calls in `GatewayService::start`;
@@ -47,15 +53,7 @@ where
     Traced::new(kind, tracer, f, next)
 }
 
-/// A traced stage's place for an untraced request: the stage alone.
-fn plain<F, Fut, N>(_: StageKind, _: &Tracer, f: F, next: N) -> Stage<F, N>
-where
-    F: FnOnce(Req<Incoming>, N) -> Fut,
-{
-    Stage::new(f, next)
-}
-
-/// `plain` for the stages below routing.
+/// A traced stage's place below routing for an untraced request: the stage alone.
 fn plain_routed<F, Fut, N>(_: StageKind, _: &Tracer, f: F, next: N) -> Stage<F, N>
 where
     F: FnOnce(Routed<Incoming>, N) -> Fut,
@@ -72,7 +70,10 @@ impl Next<Routed<Incoming>> for Proxy {
         // Boxed where it is made: the upstream exchange is the largest future of the
         // request, and the stages above that have nothing to do hand it on as is
         // (`stage::Either::Pass`), so each would otherwise copy all of it.
-        Box::pin(async move {
+        //
+        // Written straight into its allocation (`Box::write`) rather than built on
+        // the stack and copied in whole, as `Box::pin` of the block did.
+        Box::into_pin(Box::write(Box::new_uninit(), async move {
             let Proxy(rt, tracer) = self;
             let mark = tracer.as_ref().map(|t| t.enter(StageKind::Upstream));
             let mut resp = crate::proxy::proxy(&rt.upstreams, &rt.cfg.server, r).await;
@@ -84,14 +85,14 @@ impl Next<Routed<Incoming>> for Proxy {
                 t.exit(mark, &resp);
             }
             resp
-        })
+        }))
     }
 }
 
-/// The stages in order, with `$wrap`/`$wrap_routed` putting each traced stage in
-/// front of the rest (traced or plain); written once for both pipelines.
-macro_rules! compose_stages {
-    ($shared:ident, $rt:ident, $tracer:expr, $wrap:ident, $wrap_routed:ident) => {{
+/// The stages below routing in order, with `$wrap_routed` putting each traced stage
+/// in front of the rest (traced or plain); written once for both pipelines.
+macro_rules! compose_routed_stages {
+    ($rt:expr, $tracer:expr, $wrap_routed:ident) => {{
         let rt = $rt;
         let tracer = $tracer;
         let p = Proxy(rt.clone(), tracer.clone());
@@ -113,7 +114,7 @@ macro_rules! compose_stages {
             p,
         );
         let s = rt.clone();
-        let p = $wrap_routed(
+        $wrap_routed(
             StageKind::Auth,
             tracer,
             move |r, next| async move {
@@ -121,35 +122,10 @@ macro_rules! compose_stages {
                 crate::auth::auth_stage(&s.auth, &s.auth_failures, limit, r, next).await
             },
             p,
-        );
-        let s = rt.clone();
-        let p = $wrap(
-            StageKind::Route,
-            tracer,
-            move |req, next| async move { crate::routing::routing_stage(&s.router, req, next).await },
-            p,
-        );
-        let s = rt.clone();
-        let p = stage(
-            move |req, next| crate::observe::metrics_stage(&s.cfg.observability.metrics_path, req, next),
-            p,
-        );
-        let max_headers = rt.cfg.server.max_headers;
-        let p = stage(
-            move |req, next| crate::guard::hardening_stage(max_headers, req, next),
-            p,
-        );
-        let log = $shared.access_log.clone();
-        let write = rt.cfg.observability.access_log;
-        $wrap(
-            StageKind::Log,
-            tracer,
-            move |req, next| crate::observe::access_log_stage(log, write, req, next),
-            p,
         )
     }};
 }
-use compose_stages as compose;
+use compose_routed_stages as compose_routed;
 
 /// The full pipeline for one request, outermost stage first. `rt` is the config
 /// generation the request runs under, fixed when it arrives; each stage holds a
@@ -158,15 +134,84 @@ use compose_stages as compose;
 /// `tracer` records what the traced stages (access log, routing, auth, rate limit,
 /// transform, upstream) decided, when the request was sampled (`trace::sample`).
 pub fn pipeline(shared: &Shared, rt: Arc<Runtime>, tracer: &Tracer) -> impl Next<Req<Incoming>> {
-    compose!(shared, rt, tracer, traced, traced_routed)
+    let p = compose_routed!(rt.clone(), tracer, traced_routed);
+    let s = rt.clone();
+    let p = traced(
+        StageKind::Route,
+        tracer,
+        move |req, next| async move { crate::routing::routing_stage(&s.router, req, next).await },
+        p,
+    );
+    let s = rt.clone();
+    let p = stage(
+        move |req, next| crate::observe::metrics_stage(&s.cfg.observability.metrics_path, req, next),
+        p,
+    );
+    let max_headers = rt.cfg.server.max_headers;
+    let p = stage(
+        move |req, next| crate::guard::hardening_stage(max_headers, req, next),
+        p,
+    );
+    let log = shared.access_log.clone();
+    let write = rt.cfg.observability.access_log;
+    traced(
+        StageKind::Log,
+        tracer,
+        move |req, next| crate::observe::access_log_stage(log, write, req, next),
+        p,
+    )
 }
 
-/// The same pipeline for a request that is not traced (the usual case): plain stages,
-/// without the `Traced` and `Hop` wrappers a sampled request's stages note their
-/// verdicts through (each wrapper also meant one more copy of the future it wraps).
+/// The same pipeline for a request that is not traced (the usual case): the stages
+/// above routing, which have nothing to wait for, run as plain calls in one future
+/// (`Untraced`); the stages below as plain stages, without the `Traced` and `Hop`
+/// wrappers a sampled request's stages note their verdicts through.
 pub fn untraced_pipeline(shared: &Shared, rt: Arc<Runtime>) -> impl Next<Req<Incoming>> {
-    let tracer: Tracer = None;
-    compose!(shared, rt, &tracer, plain, plain_routed)
+    Untraced {
+        log: shared.access_log.clone(),
+        rt,
+    }
+}
+
+/// The untraced pipeline: access log, hardening, metrics and routing as calls in
+/// one `async` block rather than four nested stage futures (each a state machine
+/// of its own, polled through, and moved into its parent when made), and the
+/// matched route handed to the access log directly instead of through a response
+/// extension (a map allocated per response). Same stages, same order as `pipeline`.
+struct Untraced {
+    log: Arc<crate::observe::AccessLog>,
+    rt: Arc<Runtime>,
+}
+
+impl Next<Req<Incoming>> for Untraced {
+    #[allow(clippy::manual_async_fn)]
+    fn run(self, req: Req<Incoming>) -> impl Future<Output = Response<Body>> + Send {
+        async move {
+            let Untraced { log, rt } = self;
+            let write = rt.cfg.observability.access_log;
+            let start = crate::observe::LogStart::begin(&log, write, &req);
+            let (resp, route) = match above_routing(&rt, req) {
+                Err(resp) => (resp, None),
+                Ok(routed) => {
+                    let route = routed.route.route.clone();
+                    let tracer: Tracer = None;
+                    let rest = compose_routed!(rt, &tracer, plain_routed);
+                    (rest.run(routed).await, Some(route))
+                }
+            };
+            start.finish(resp, route, log, write)
+        }
+    }
+}
+
+/// Hardening, metrics and routing, in the order of `pipeline`: the routed request,
+/// or the answer of the first of them that answers.
+fn above_routing(rt: &Runtime, req: Req<Incoming>) -> Result<Routed<Incoming>, Response<Body>> {
+    let req = crate::guard::harden(rt.cfg.server.max_headers, req)?;
+    if let Some(resp) = crate::observe::metrics_answer(&rt.cfg.observability.metrics_path, &req) {
+        return Err(resp);
+    }
+    crate::routing::route(&rt.router, req)
 }
 
 /// The pipeline as the service hyper calls for each request on one connection.
@@ -241,7 +286,15 @@ impl GatewayService {
         // Boxed straight away: the pipeline future is several KiB, and every
         // further move of it (into a wrapping `async` block, say) is a memcpy.
         let fut: PipelineFuture = match tracer {
-            None => Box::pin(untraced_pipeline(&self.shared, rt).run(req)),
+            // Written straight into the box (`Box::write`), not built on the stack
+            // and copied in.
+            None => {
+                let fut = Box::write(
+                    Box::new_uninit(),
+                    untraced_pipeline(&self.shared, rt).run(req),
+                );
+                Box::into_pin(fut)
+            }
             Some(recorder) => {
                 let buffer = self.shared.traces.clone();
                 let fut = Box::pin(pipeline(&self.shared, rt, &Some(recorder.clone())).run(req));

@@ -38,11 +38,25 @@ pub async fn routing_stage<B>(
     req: Req<B>,
     next: impl Next<Routed<B>>,
 ) -> Response<Body> {
-    let host = req
-        .headers()
-        .get(header::HOST)
-        .filter(|h| h.to_str().is_ok())
-        .cloned()
+    match route(router, req) {
+        Ok(routed) => {
+            let matched = MatchedRoute(routed.route.route.clone());
+            let mut resp = run(next, routed).await;
+            resp.extensions_mut().insert(matched);
+            resp
+        }
+        Err(resp) => resp,
+    }
+}
+
+/// `routing_stage`'s lookup as a plain call: the routed request, or the 404 / 405
+/// answer. The untraced pipeline runs it inline and hands the route to the access
+/// log itself (no `MatchedRoute` extension).
+pub fn route<B>(router: &Router, req: Req<B>) -> Result<Routed<B>, Response<Body>> {
+    // The Host the checks accepted (visible ASCII) if they ran, else looked up.
+    let checked = req.ctx().host.clone();
+    let host = checked
+        .or_else(|| req.headers().get(header::HOST).filter(|h| h.to_str().is_ok()).cloned())
         .or_else(|| {
             req.uri()
                 .authority()
@@ -55,22 +69,19 @@ pub async fn routing_stage<B>(
         req.headers(),
     ) {
         RouteMatch::Found { route, params } => {
-            let matched = MatchedRoute(route.clone());
             let route = Box::new(RouteCtx {
                 route,
                 params,
                 host,
             });
-            let mut resp = run(next, Routed { req, route }).await;
-            resp.extensions_mut().insert(matched);
-            resp
+            Ok(Routed { req, route })
         }
-        RouteMatch::NotFound => json_error(
+        RouteMatch::NotFound => Err(json_error(
             &req,
             StatusCode::NOT_FOUND,
             "not_found",
             "no route matches this request",
-        ),
+        )),
         RouteMatch::MethodNotAllowed { allowed } => {
             let mut r = json_error(
                 &req,
@@ -86,7 +97,7 @@ pub async fn routing_stage<B>(
             if let Ok(v) = HeaderValue::from_str(&allow) {
                 r.headers_mut().insert(header::ALLOW, v);
             }
-            r
+            Err(r)
         }
     }
 }

@@ -66,24 +66,23 @@ pub struct RouteMetrics {
 
 impl RouteMetrics {
     pub fn record(&self, route: &str, status: u16, secs: f64) {
-        let cached = self
-            .by_status
-            .read()
-            .ok()
-            .and_then(|v| v.iter().find(|(s, _)| *s == status).map(|(_, c)| c.clone()));
-        let counter = match cached {
-            Some(c) => c,
-            None => {
-                let c = metrics::counter!("gateway_requests_total", "route" => route.to_string(), "status" => status.to_string());
-                if let Ok(mut v) = self.by_status.write() {
-                    if !v.iter().any(|(s, _)| *s == status) {
-                        v.push((status, c.clone()));
-                    }
+        // Counted under the read lock: a clone of the handle (a reference count
+        // taken and dropped) is only needed to register a new status.
+        let counted = self.by_status.read().ok().is_some_and(|v| {
+            v.iter()
+                .find(|(s, _)| *s == status)
+                .map(|(_, c)| c.increment(1))
+                .is_some()
+        });
+        if !counted {
+            let c = metrics::counter!("gateway_requests_total", "route" => route.to_string(), "status" => status.to_string());
+            if let Ok(mut v) = self.by_status.write() {
+                if !v.iter().any(|(s, _)| *s == status) {
+                    v.push((status, c.clone()));
                 }
-                c
             }
-        };
-        counter.increment(1);
+            c.increment(1);
+        }
         self.duration
             .get_or_init(|| {
                 metrics::histogram!("gateway_request_duration_seconds", "route" => route.to_string())

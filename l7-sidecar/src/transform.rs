@@ -43,16 +43,43 @@ fn new_request_id_bytes() -> [u8; 36] {
     // UUIDv4 layout: version and variant bits set.
     let hi = (hi & 0xffff_ffff_ffff_0fff) | 0x4000;
     let lo = (lo & 0x3fff_ffff_ffff_ffff) | 0x8000_0000_0000_0000;
-    // Formatted in place: `format!` with five hex fields is slow for every request.
+    uuid_text(hi, lo)
+}
+
+/// `hi` and `lo` as UUID text: 8-4-4-4-12 lower-case hex digits.
+fn uuid_text(hi: u64, lo: u64) -> [u8; 36] {
+    // Formatted in place, two digits per table load: `format!` with five hex fields
+    // is slow for every request, and so was a digit at a time.
+    let mut hex = [0u8; 32];
+    let (h, l) = (hi.to_be_bytes(), lo.to_be_bytes());
+    for i in 0..8 {
+        let [a, b] = HEX_PAIRS[usize::from(h[i])];
+        let [c, d] = HEX_PAIRS[usize::from(l[i])];
+        hex[2 * i] = a;
+        hex[2 * i + 1] = b;
+        hex[16 + 2 * i] = c;
+        hex[17 + 2 * i] = d;
+    }
     let mut id = *b"00000000-0000-0000-0000-000000000000";
-    let put = |out: &mut [u8], v: u64| crate::observe::put_hex(out, u128::from(v));
-    put(&mut id[0..8], hi >> 32);
-    put(&mut id[9..13], (hi >> 16) & 0xffff);
-    put(&mut id[14..18], hi & 0xffff);
-    put(&mut id[19..23], lo >> 48);
-    put(&mut id[24..36], lo & 0xffff_ffff_ffff);
+    id[0..8].copy_from_slice(&hex[0..8]);
+    id[9..13].copy_from_slice(&hex[8..12]);
+    id[14..18].copy_from_slice(&hex[12..16]);
+    id[19..23].copy_from_slice(&hex[16..20]);
+    id[24..36].copy_from_slice(&hex[20..32]);
     id
 }
+
+/// Lower-case hex digits of every byte value.
+const HEX_PAIRS: [[u8; 2]; 256] = {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut t = [[0u8; 2]; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = [DIGITS[i >> 4], DIGITS[i & 0xf]];
+        i += 1;
+    }
+    t
+};
 
 /// Returns the request id to use (and its header value), setting it on the request
 /// headers. `client_sent`: whether the client may have sent one (else no lookup).
@@ -76,11 +103,25 @@ pub fn ensure_request_id(headers: &mut HeaderMap, client_sent: bool) -> (Arc<str
             return (id, v);
         }
     }
-    // Straight from the bytes: a `String` first was one allocation and copy more.
     let id = new_request_id_bytes();
-    let v = HeaderValue::from_bytes(&id).unwrap_or(HeaderValue::from_static(""));
+    let id: Arc<str> = Arc::from(std::str::from_utf8(&id).unwrap_or_default());
+    // The header value shares the id's allocation: `HeaderValue::from_bytes` copied
+    // it into a buffer of its own, and the first clone of that (for the response)
+    // allocated once more to make it shareable.
+    let v = HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(SharedStr(id.clone())))
+        .unwrap_or(HeaderValue::from_static(""));
     headers.insert(REQUEST_ID, v.clone());
-    (Arc::from(v.to_str().unwrap_or_default()), v)
+    (id, v)
+}
+
+/// An `Arc<str>` as the owner of a `Bytes`: clones of the header value count
+/// references on the id itself.
+struct SharedStr(Arc<str>);
+
+impl AsRef<[u8]> for SharedStr {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
 }
 
 /// Identity headers come only from the gateway: whatever the client sent is dropped.
@@ -326,7 +367,8 @@ fn transform_request<'a, B>(
         ctx.client_owned,
     );
     // HTTP/2 carries the host in :authority; upstreams speak HTTP/1.1 and need Host.
-    if !h.contains_key(http::header::HOST) {
+    // A Host the checks accepted (`ctx.host`) is there: no lookup.
+    if ctx.host.is_none() && !h.contains_key(http::header::HOST) {
         if let Some(v) = host {
             h.insert(http::header::HOST, v);
         }
@@ -450,6 +492,23 @@ mod tests {
             ct(&["text/plain", "application/json"]),
             Err(MediaTypeError::Several)
         );
+    }
+
+    proptest::proptest! {
+        /// The table-driven formatting writes what `format!` would.
+        #[test]
+        fn uuid_text_matches_format(hi in proptest::num::u64::ANY, lo in proptest::num::u64::ANY) {
+            let want = format!(
+                "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+                hi >> 32,
+                (hi >> 16) & 0xffff,
+                hi & 0xffff,
+                lo >> 48,
+                lo & 0xffff_ffff_ffff
+            );
+            let got = uuid_text(hi, lo);
+            proptest::prop_assert_eq!(String::from_utf8_lossy(&got), want);
+        }
     }
 
     #[test]
