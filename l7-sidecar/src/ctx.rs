@@ -1,8 +1,9 @@
 //! Per-request context: what the connection and the outer stages learned about a
 //! request, carried to inner stages as typed fields of `ReqCtx` (one struct made
 //! once per request, boxed together with the request: a stage boundary moves one
-//! pointer) and back out to the access log (response extensions). Nothing here
-//! knows about any stage.
+//! pointer) and back out to the access log (response extensions; the untraced
+//! pipeline hands it the matched route directly). Nothing here knows about any
+//! stage.
 
 use http::{HeaderValue, Request};
 use std::fmt;

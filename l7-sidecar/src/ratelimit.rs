@@ -347,7 +347,9 @@ pub fn rate_limit_stage<'a, B: Send + 'static, N: Next<Routed<B>>>(
     if r.route.route.cfg.rate_limit.is_none() {
         return Either::pass(next.run(r));
     }
-    Either::work(limited(limiters, r, next))
+    // Boxed: the pass-through case is the usual one, and an inline limiter future
+    // would make every request's pipeline future that much larger.
+    Either::work(Box::pin(limited(limiters, r, next)))
 }
 
 async fn limited<B: Send + 'static>(

@@ -333,7 +333,9 @@ pub fn transform_stage<'a, B: Send + 'static, N: Next<Routed<B>>>(
         None => Either::pass(next.run(routed)),
         Some(t) => {
             let rid = routed.req.ctx().request_id.as_ref().map(|r| r.0.clone());
-            Either::work(transform_response(t, max_response, rid, run(next, routed)))
+            // Boxed: most routes have no transform, and an inline response-side
+            // future would make every request's pipeline future that much larger.
+            Either::work(Box::pin(transform_response(t, max_response, rid, run(next, routed))))
         }
     }
 }

@@ -410,7 +410,9 @@ pub fn auth_stage<'a, B: Send + 'static, N: Next<Routed<B>>>(
     if r.route.route.cfg.auth == AuthMode::None {
         return Either::pass(next.run(r));
     }
-    Either::work(authenticated(auth, failures, limit, r, next))
+    // Boxed: the pass-through case is the usual one, and an inline verification
+    // future would make every request's pipeline future that much larger.
+    Either::work(Box::pin(authenticated(auth, failures, limit, r, next)))
 }
 
 async fn authenticated<B: Send + 'static>(
