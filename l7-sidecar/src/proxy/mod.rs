@@ -26,11 +26,15 @@ use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode
 use hyper::body::Body as _;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 pub type HttpClient = hyper_util::client::legacy::Client<HttpConnector, Body>;
+
+/// A config generation's upstreams by pool name. hashbrown's map (foldhash): every
+/// request looks its pool up here, and SipHash cost more than the rest of the lookup.
+/// The names come from the config, not from clients.
+pub type Upstreams = hashbrown::HashMap<String, Arc<Upstream>>;
 
 pub fn http_client(connect_timeout: Duration) -> HttpClient {
     let mut c = HttpConnector::new();
@@ -146,9 +150,12 @@ pub async fn forward(
         body,
     } = req;
     // The first attempt sends the client's header map itself. A copy is kept only
-    // when a retry can happen: hyper consumes a request it has started to write.
-    let mut spare = (attempts > 1).then(|| headers.clone());
-    let mut first = Some(headers);
+    // when a retry can happen: hyper consumes a request it has started to write. (A
+    // list of the fields instead of a second map measured no cheaper: the map's own
+    // clone copies its entries in one go.) A pool of one backend has no other backend
+    // to retry on, so it keeps none.
+    let mut spare = (attempts > 1 && up.pool.backends.len() > 1).then(|| headers.clone());
+    let mut next = Some(headers);
     let mut target = Some(target);
     // Only backends that failed are recorded, so the usual request allocates nothing here.
     let mut tried = Vec::new();
@@ -156,7 +163,11 @@ pub async fn forward(
     let connect_timeout = Duration::from_millis(up.pool.cfg.connect_timeout_ms);
     'attempts: for attempt in 0..attempts {
         let last = attempt + 1 == attempts;
-        let Some(for_hash) = first.as_ref().or(spare.as_ref()) else {
+        if next.is_none() {
+            // A retry: the previous attempt's map went to hyper.
+            next = if last { spare.take() } else { spare.clone() };
+        }
+        let Some(for_hash) = next.as_ref() else {
             break;
         };
         let hash = HashInput {
@@ -186,15 +197,13 @@ pub async fn forward(
                 continue;
             }
         };
-        let mut headers = match (first.take(), last) {
-            (Some(h), _) => h,
-            (None, true) => spare.take().unwrap_or_default(),
-            (None, false) => spare.clone().unwrap_or_default(),
-        };
+        let mut headers = next.take().unwrap_or_default();
         // Origin-form target on the connection to this backend; the client's Host is
         // kept (the backend authority stands in only when the client sent none, as
         // over HTTP/2).
-        if !headers.contains_key(header::HOST) {
+        // A scan of the names rather than a hashed lookup: a request has a few
+        // fields, and comparing a standard name is one byte.
+        if !headers.keys().any(|k| k == header::HOST) {
             if let Ok(v) = HeaderValue::from_str(backend.authority.as_str()) {
                 headers.insert(header::HOST, v);
             }
@@ -267,11 +276,14 @@ pub async fn forward(
         up.pool.record_result(idx, resp.status().is_server_error());
         let (mut parts, incoming) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        let body = StreamedBody::new(incoming, guard, deadline).with_conn(conn);
-        return Ok(UpstreamResponse {
-            parts,
-            body: Body::upstream(body, backend.addr_text.clone()),
-        });
+        let body = Body::upstream_pooled(
+            incoming,
+            guard,
+            deadline,
+            conn,
+            backend.addr_text.clone(),
+        );
+        return Ok(UpstreamResponse { parts, body });
     }
     Err(last_err.unwrap_or_else(|| ProxyError::NoBackend(up.pool.name.clone())))
 }
@@ -332,7 +344,7 @@ fn origin_form(client: &http::Uri, pq: &str) -> Option<http::Uri> {
 /// `upstreams` and `limits` (body size limits) come from the request's config
 /// generation.
 pub async fn proxy(
-    upstreams: &HashMap<String, Arc<Upstream>>,
+    upstreams: &Upstreams,
     limits: &ServerConfig,
     Routed { req, route: ctx }: Routed<hyper::body::Incoming>,
 ) -> Response<Body> {
@@ -358,9 +370,14 @@ pub async fn proxy(
         pq.push('?');
         pq.push_str(q);
     }
-    let pool = rc.pool.as_ref().and_then(|p| upstreams.get(p)).cloned();
+    let pool = rc.pool.as_ref().and_then(|p| upstreams.get(p));
 
-    if is_upgrade(req.headers()) {
+    // A request the client-header pass has seen and found no upgrade in has no
+    // `Connection` left (that pass strips it; `transform` strips what a configured
+    // edit adds), so it skips the lookup; any other is asked directly.
+    let ctx_says_no = req.ctx().client_headers.is_some() && !req.ctx().upgrade;
+    let upgrade = !ctx_says_no && is_upgrade(req.headers());
+    if upgrade {
         if !rc.websocket {
             return json_error(
                 &req,
@@ -384,7 +401,7 @@ pub async fn proxy(
             headers: &headers,
         };
         // Boxed: the rare paths would otherwise make every request's future larger.
-        return match Box::pin(tunnel(up, req.into_request(), &pq, &hash)).await {
+        return match Box::pin(tunnel(up.clone(), req.into_request(), &pq, &hash)).await {
             Ok((mut r, backend)) => {
                 r.extensions_mut().insert(UpstreamAddr(backend));
                 r
@@ -503,7 +520,7 @@ pub async fn proxy(
         headers: parts.headers,
         body,
     };
-    match forward(&up, out, client_ip).await {
+    match forward(up, out, client_ip).await {
         // The body names the backend for the access log (no response extension).
         Ok(r) => Response::from_parts(r.parts, r.body),
         Err(e) => {
