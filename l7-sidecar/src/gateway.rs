@@ -5,7 +5,7 @@ use crate::auth::{Authenticator, JwksCache, KeyError};
 use crate::balance::{BackendRegistry, Pool};
 use crate::config::{Config, ConfigError};
 use crate::observe::AccessLog;
-use crate::proxy::Upstream;
+use crate::proxy::{Upstream, Upstreams};
 use crate::ratelimit::{Limiter, LimiterRegistry};
 use crate::routing::Router;
 use arc_swap::ArcSwap;
@@ -43,7 +43,7 @@ pub enum GatewayError {
 pub struct Runtime {
     pub cfg: Config,
     pub router: Router,
-    pub upstreams: HashMap<String, Arc<Upstream>>,
+    pub upstreams: Upstreams,
     pub auth: Authenticator,
     pub limiters: HashMap<String, Arc<Limiter>>,
     /// Shared by every generation: a reload does not forgive failed logins.
@@ -113,7 +113,7 @@ impl Gateway {
             runtime: ArcSwap::from_pointee(Runtime {
                 cfg: cfg.clone(),
                 router: Router::new(&[]),
-                upstreams: HashMap::new(),
+                upstreams: Upstreams::new(),
                 auth: Authenticator::new(None, &[], None)?,
                 limiters: HashMap::new(),
                 auth_failures: Arc::default(),
@@ -190,7 +190,7 @@ impl Gateway {
         // Health checkers start last: nothing after this point can fail and leave
         // them running for a runtime that never went live.
         let mut tasks = Vec::new();
-        let mut upstreams = HashMap::new();
+        let mut upstreams = Upstreams::new();
         for (name, pcfg) in &cfg.pools {
             let pcfg = self.shared.dns.expand(pcfg);
             let up = Arc::new(Upstream::new(Pool::new(name, &pcfg, &self.shared.backends)));

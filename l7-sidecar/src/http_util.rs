@@ -95,8 +95,19 @@ fn is_hop_by_hop_token(token: &str) -> bool {
 const HOP_BY_HOP_LENGTHS: u32 = 1 << 2 | 1 << 7 | 1 << 10 | 1 << 16 | 1 << 17 | 1 << 18 | 1 << 19;
 
 /// Whether every token of a `Connection` value names a `HOP_BY_HOP` field (so
-/// nothing else has to be removed for it), as in `keep-alive` or `Upgrade`.
+/// nothing else has to be removed for it), as in `keep-alive` or `Upgrade`. The
+/// values nearly every message carries are told apart without splitting.
 fn only_hop_by_hop_tokens(v: &HeaderValue) -> bool {
+    let b = v.as_bytes();
+    // Exact spellings first: a byte comparison, where ignoring case costs a few
+    // instructions per byte.
+    if b == b"keep-alive"
+        || b == b"close"
+        || b.eq_ignore_ascii_case(b"keep-alive")
+        || b.eq_ignore_ascii_case(b"close")
+    {
+        return true;
+    }
     v.to_str().is_ok_and(|v| {
         v.split(',')
             .map(str::trim)
@@ -105,49 +116,64 @@ fn only_hop_by_hop_tokens(v: &HeaderValue) -> bool {
 }
 
 /// Remove the hop-by-hop fields and those `Connection` names. One pass over the
-/// fields finds which are present (usually none, or just `Connection:
-/// keep-alive`); nothing is looked up or removed otherwise. This runs on every
-/// request and every response.
+/// field names finds which are present (usually none, or just `Connection:
+/// keep-alive`); nothing is looked up or removed otherwise, and each field present
+/// is looked up once, to remove it. This runs on every request and every response.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     let mut present = 0u16;
-    let mut names_others = false;
-    for (k, v) in h.iter() {
+    // Names only: each name once, however many values it has.
+    for k in h.keys() {
         let len = k.as_str().len();
         if len >= 32 || HOP_BY_HOP_LENGTHS & (1 << len) == 0 {
             continue;
         }
         if let Some(i) = hop_by_hop_index(k) {
             present |= 1 << i;
-            if i == 0 && !names_others {
-                names_others = !only_hop_by_hop_tokens(v);
-            }
         }
     }
     if present == 0 {
         return;
     }
     // Headers named in Connection are hop-by-hop too (HOP_BY_HOP[0] is Connection).
-    if names_others {
-        let mut named: Vec<HeaderName> = Vec::new();
-        for v in h.get_all(header::CONNECTION) {
-            let Ok(v) = v.to_str() else { continue };
-            for token in v.split(',').map(str::trim) {
-                if token.is_empty() || is_hop_by_hop_token(token) {
-                    continue;
-                }
-                if let Ok(n) = HeaderName::from_bytes(token.as_bytes()) {
-                    named.push(n);
+    if present & 1 != 0 {
+        if h.len() == h.keys_len() {
+            // No field has a second value, so `remove` hands back Connection's only
+            // one: read where it is removed, without a lookup to read it first.
+            if let Some(v) = h.remove(header::CONNECTION) {
+                if !only_hop_by_hop_tokens(&v) {
+                    remove_named(h, std::iter::once(&v));
                 }
             }
-        }
-        for n in named {
-            h.remove(n);
+        } else {
+            let all: Vec<HeaderValue> = h.get_all(header::CONNECTION).iter().cloned().collect();
+            h.remove(header::CONNECTION);
+            remove_named(h, all.iter().filter(|v| !only_hop_by_hop_tokens(v)));
         }
     }
-    for (i, n) in HOP_BY_HOP.iter().enumerate() {
+    for (i, n) in HOP_BY_HOP.iter().enumerate().skip(1) {
         if present & (1 << i) != 0 {
             h.remove(n);
         }
+    }
+}
+
+/// Remove the fields the `Connection` values `values` name (other than those of
+/// `HOP_BY_HOP`, which go anyway).
+fn remove_named<'a>(h: &mut HeaderMap, values: impl Iterator<Item = &'a HeaderValue>) {
+    let mut named: Vec<HeaderName> = Vec::new();
+    for v in values {
+        let Ok(v) = v.to_str() else { continue };
+        for token in v.split(',').map(str::trim) {
+            if token.is_empty() || is_hop_by_hop_token(token) {
+                continue;
+            }
+            if let Ok(n) = HeaderName::from_bytes(token.as_bytes()) {
+                named.push(n);
+            }
+        }
+    }
+    for n in named {
+        h.remove(n);
     }
 }
 
@@ -195,6 +221,32 @@ mod tests {
         let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
         left.sort_unstable();
         assert_eq!(left, ["content-type", "host"]);
+    }
+
+    #[test]
+    fn the_usual_connection_values_remove_only_hop_by_hop_fields() {
+        for conn in ["KEEP-ALIVE", "close", "Close"] {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONNECTION, HeaderValue::from_static(conn));
+            h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+            h.append(header::TRANSFER_ENCODING, HeaderValue::from_static("gzip"));
+            h.append(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            h.insert("x-kept", HeaderValue::from_static("1"));
+            strip_hop_by_hop(&mut h);
+            let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+            left.sort_unstable();
+            assert_eq!(left, ["content-type", "x-kept"], "{conn}");
+            assert_eq!(h.len(), 2, "{conn}: every value of a removed field goes");
+        }
+        // A second Connection field still names fields to remove.
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        h.append(header::CONNECTION, HeaderValue::from_static("x-hop"));
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert(header::HOST, HeaderValue::from_static("a"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(HeaderName::as_str).collect::<Vec<_>>(), ["host"]);
     }
 
     #[test]
