@@ -147,7 +147,7 @@ impl<S> SmuggleGuard<S> {
                     self.flag.reading_head.store(number + 1, Ordering::Relaxed);
                 }
                 _ => {
-                    let Some(pos) = data.iter().position(|b| *b == b'\n') else {
+                    let Some(pos) = memchr::memchr(b'\n', data) else {
                         let room = MAX_LINE.saturating_sub(self.line.len());
                         self.line.extend_from_slice(&data[..data.len().min(room)]);
                         return;
@@ -237,7 +237,13 @@ impl<S> SmuggleGuard<S> {
             };
             return;
         }
-        if let Some(colon) = text.iter().position(|b| *b == b':') {
+        // Only a name starting with `c` or `t` can be one of the two: most lines
+        // (Host, Accept, User-Agent...) are not looked at further.
+        let lead = text.trim_ascii_start().first().map(u8::to_ascii_lowercase);
+        if !matches!(lead, Some(b'c' | b't')) {
+            return;
+        }
+        if let Some(colon) = memchr::memchr(b':', text) {
             let name = text[..colon].trim_ascii();
             let value = &text[colon + 1..];
             if name.eq_ignore_ascii_case(b"content-length") {
