@@ -639,6 +639,42 @@ mod tests {
         assert!(running.drain(Duration::from_secs(2)).await, "drained");
     }
 
+    /// The stop signal reaches a connection idle in keep-alive at once, although its
+    /// watchdog branches are polled only when they may be ready (`Quiet`): the drain
+    /// must not wait for the watchdog's next tick (a second with these timeouts).
+    #[tokio::test]
+    async fn a_drain_closes_an_idle_keep_alive_connection_at_once() {
+        let cfg = crate::Config::parse(
+            "[server]\nheader_read_timeout_ms = 30000\nfirst_byte_timeout_ms = 30000\nidle_timeout_ms = 60000\n[observability]\naccess_log = false\n[[listeners]]\nname = \"p\"\nbind = \"127.0.0.1:0\"\n",
+        )
+        .expect("config");
+        let gw = crate::Gateway::new(cfg, None).expect("gateway");
+        let running = super::start(gw).await.expect("start");
+        let addr = running.addr("p").expect("bound");
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        // Several requests, so the connection task has been woken (and its branches
+        // skipped) a few times before the stop.
+        for _ in 0..3 {
+            s.write_all(b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .expect("write");
+            let mut buf = [0u8; 4096];
+            let n = s.read(&mut buf).await.expect("answer");
+            assert!(buf[..n].starts_with(b"HTTP/1.1 404"), "answered");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let started = std::time::Instant::now();
+        assert!(running.drain(Duration::from_secs(3)).await, "drained");
+        let mut buf = [0u8; 64];
+        let eof = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf))
+            .await
+            .expect("closed in time")
+            .expect("read");
+        assert_eq!(eof, 0, "closed without another answer");
+        let took = started.elapsed();
+        assert!(took < Duration::from_millis(400), "drain took {took:?}");
+    }
+
     #[tokio::test]
     async fn workers_share_one_port_serve_and_drain() {
         let cfg = crate::Config::parse(
