@@ -105,6 +105,9 @@ pub struct SmuggleGuard<S> {
     flag: Arc<Smuggled>,
     /// The head being read (`State::Head`) has had its first byte.
     head_started: bool,
+    /// Bytes read (and scanned) already, handed out again before reading more:
+    /// the server's protocol sniffing reads a connection's first bytes itself.
+    replay: Option<bytes::Bytes>,
 }
 
 impl<S> SmuggleGuard<S> {
@@ -115,7 +118,14 @@ impl<S> SmuggleGuard<S> {
             line: Vec::new(),
             flag,
             head_started: false,
+            replay: None,
         }
+    }
+
+    /// Hand `bytes` (read through this guard, so scanned already) out again on the
+    /// next reads, before anything more is read from the connection.
+    pub fn replay(&mut self, bytes: &[u8]) {
+        self.replay = (!bytes.is_empty()).then(|| bytes::Bytes::copy_from_slice(bytes));
     }
 
     /// Feed bytes as if hyper had read them (for tests elsewhere in the crate).
@@ -270,6 +280,14 @@ impl<S: AsyncRead + Unpin> AsyncRead for SmuggleGuard<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if let Some(pre) = &mut self.replay {
+            let n = pre.len().min(buf.remaining());
+            buf.put_slice(&pre.split_to(n));
+            if pre.is_empty() {
+                self.replay = None;
+            }
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = r {
