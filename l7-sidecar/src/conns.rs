@@ -423,7 +423,10 @@ async fn connect(
     stream
         .set_nodelay(true)
         .map_err(|source| ConnectError::Io { addr, source })?;
-    let (sender, conn) = http1::handshake(TokioIo::new(stream))
+    // Flattened writes, as the server side's (see `server::serve_conn`).
+    let (sender, conn) = http1::Builder::new()
+        .writev(false)
+        .handshake(TokioIo::new(stream))
         .await
         .map_err(|source| ConnectError::Handshake { addr, source })?;
     OPENED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

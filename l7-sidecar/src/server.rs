@@ -5,10 +5,14 @@
 use crate::ctx::ConnInfo;
 use crate::gateway::{Gateway, GatewayError};
 use crate::idle::{ActivityIo, PerAddress};
+use crate::guard::SmuggleGuard;
+use crate::pipeline::GatewayService;
+use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -348,35 +352,45 @@ async fn serve_conn<S>(
     // Catches a request's panics itself (see `pipeline::GatewayService`).
     let svc = crate::pipeline::build(gw.shared.clone(), info.clone());
     let stream = crate::guard::SmuggleGuard::new(stream, info.smuggled.clone());
-    // HTTP/2 streams run in tasks of their own, which end a response the client does
-    // not take by the request deadline (`body::deadline`).
-    let mut builder = auto::Builder::new(crate::body::deadline::StreamExecutor);
+    let mut h1 = http1::Builder::new();
     // The header read timeout is the watchdog's below, not hyper's: hyper's costs a
     // timer (boxed, registered and cancelled) and one more poll of the connection per
     // request.
-    builder
-        .http1()
-        .timer(TokioTimer::new())
+    h1.timer(TokioTimer::new())
         .header_read_timeout(None)
-        .max_buf_size(cfg.max_header_bytes.max(8192));
+        .max_buf_size(cfg.max_header_bytes.max(8192))
+        // One contiguous write buffer: hyper's vectored flush zeroes a 64-slice iovec
+        // array and walks its buffer queue on every flush (two or more per request),
+        // more than copying our typically small bodies costs.
+        .writev(false);
     // hyper's own limit is 100 headers, parsed into arrays on the stack; setting any
     // limit (even 100) makes it fill a header array element by element per request.
     if cfg.max_headers != HYPER_DEFAULT_MAX_HEADERS {
-        builder.http1().max_headers(cfg.max_headers);
+        h1.max_headers(cfg.max_headers);
     }
-    builder
-        .http2()
-        .timer(TokioTimer::new())
+    // HTTP/2 streams run in tasks of their own, which end a response the client does
+    // not take by the request deadline (`body::deadline`).
+    let mut h2 = http2::Builder::new(crate::body::deadline::StreamExecutor);
+    h2.timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX))
         .max_concurrent_streams(256);
-    let conn =
-        builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+    let conn = Served::Sniffing(Box::new(Sniff {
+        io: Some(stream),
+        buf: [0; H2_PREFACE.len()],
+        len: 0,
+        svc: Some(svc),
+        h1,
+        h2,
+    }));
     tokio::pin!(conn);
+    // Polled again only once the watch changed (or closed): see `Quiet`.
+    let probe = stop.clone();
     let stopped = async move {
         // The watch guard must not live across an await of the connection.
         let _ = stop.wait_for(|s| *s).await;
     };
     tokio::pin!(stopped);
+    let mut stopped = Quiet::new(stopped, move |_: &_| probe.has_changed().unwrap_or(true));
     let first_byte = Duration::from_millis(cfg.first_byte_timeout_ms);
     let idle = Duration::from_millis(cfg.idle_timeout_ms);
     let header = Duration::from_millis(cfg.header_read_timeout_ms);
@@ -390,12 +404,14 @@ async fn serve_conn<S>(
         // seen late, whether or not the tick divides the header timeout.
         let next_tick = tokio::time::Instant::now() + tick;
         let wake = head.deadline(header).map_or(next_tick, |d| d.min(next_tick));
+        let sleep = tokio::time::sleep_until(wake);
+        tokio::pin!(sleep);
         tokio::select! {
             // In this order, without drawing a random one per wake-up: the connection
             // is what is usually ready.
             biased;
             r = conn.as_mut() => break r,
-            () = stopped.as_mut() => {
+            () = &mut stopped => {
                 // Finish the request in progress, then close instead of idling in keep-alive.
                 conn.as_mut().graceful_shutdown();
                 tokio::select! {
@@ -407,7 +423,7 @@ async fn serve_conn<S>(
                 tracing::warn!(peer = %info.peer, "response not taken by the client before the request deadline; closing the connection");
                 break Ok(());
             }
-            () = tokio::time::sleep_until(wake) => {
+            () = Quiet::new(sleep.as_mut(), |s: &std::pin::Pin<&mut tokio::time::Sleep>| s.is_elapsed()) => {
                 let now = tokio::time::Instant::now();
                 let slow_head = head.too_slow(info.smuggled.head_in_progress(), now, header);
                 if slow_head || info.activity.expired(now, first_byte, idle) {
@@ -432,6 +448,165 @@ async fn serve_conn<S>(
     };
     if let Err(e) = result {
         tracing::debug!(peer = %info.peer, error = %e, "connection ended with error");
+    }
+}
+
+/// A watchdog branch of a connection's `select!`, polled again only when it may have
+/// become ready: its cheap `ready` check says so, or the task's waker is not the one
+/// it registered. A connection task wakes several times per request and `select!`
+/// polls every pending branch each time; polling a `Sleep` or a watch's `wait_for`
+/// re-registers the same waker (the coop budget, a lock, the waker compare): ~1.1k
+/// instructions per request, all for timers that fire a few times per timeout.
+/// Skipping those polls is safe because the inner future keeps the waker it
+/// registered and wakes it when it becomes ready.
+struct Quiet<F, C> {
+    fut: F,
+    ready: C,
+    /// The waker the inner future registered on its last (pending) poll.
+    waker: Option<std::task::Waker>,
+}
+
+impl<F, C> Quiet<F, C> {
+    fn new(fut: F, ready: C) -> Self {
+        Quiet {
+            fut,
+            ready,
+            waker: None,
+        }
+    }
+}
+
+impl<F, C> std::future::Future for Quiet<F, C>
+where
+    F: std::future::Future + Unpin,
+    C: FnMut(&F) -> bool + Unpin,
+{
+    type Output = F::Output;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        let this = self.get_mut();
+        let registered = this.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
+        if registered && !(this.ready)(&this.fut) {
+            return std::task::Poll::Pending;
+        }
+        let r = std::pin::Pin::new(&mut this.fut).poll(cx);
+        if r.is_pending() && !registered {
+            this.waker = Some(cx.waker().clone());
+        }
+        r
+    }
+}
+
+/// The HTTP/2 prior-knowledge connection preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+type Io<S> = TokioIo<SmuggleGuard<S>>;
+type Failure = Box<dyn std::error::Error + Send + Sync>;
+
+/// A connection served as `hyper_util`'s `auto` serves one (its first bytes decide:
+/// the HTTP/2 preface, or HTTP/1 with upgrades), but by hyper's `http1` and `http2`
+/// directly once they have: `auto` keeps its sniffed bytes in a `Rewind` layer that
+/// every read of the connection's life goes through, and adds a dispatch to every
+/// poll (~0.25k instructions per request, measured). The sniffed bytes are handed
+/// out again by the `SmuggleGuard` the connection reads through anyway.
+enum Served<S> {
+    Sniffing(Box<Sniff<S>>),
+    H1(Pin<Box<http1::UpgradeableConnection<Io<S>, GatewayService>>>),
+    H2(Pin<Box<http2::Connection<Io<S>, GatewayService, crate::body::deadline::StreamExecutor>>>),
+    /// Shut down before the protocol was known.
+    Cancelled,
+}
+
+struct Sniff<S> {
+    io: Option<SmuggleGuard<S>>,
+    buf: [u8; H2_PREFACE.len()],
+    len: usize,
+    svc: Option<GatewayService>,
+    h1: http1::Builder,
+    h2: http2::Builder<crate::body::deadline::StreamExecutor>,
+}
+
+impl<S> Served<S>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    /// As `auto`'s: ends HTTP/1 after the request in progress, says GOAWAY in HTTP/2,
+    /// and a connection whose protocol is not known yet ends at its next poll.
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        let this = self.get_mut();
+        match this {
+            Served::Sniffing(_) => *this = Served::Cancelled,
+            Served::H1(c) => c.as_mut().graceful_shutdown(),
+            Served::H2(c) => c.as_mut().graceful_shutdown(),
+            Served::Cancelled => {}
+        }
+    }
+}
+
+impl<S> std::future::Future for Served<S>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    type Output = Result<(), Failure>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        loop {
+            match this {
+                Served::H1(c) => return c.as_mut().poll(cx).map_err(Into::into),
+                Served::H2(c) => return c.as_mut().poll(cx).map_err(Into::into),
+                Served::Cancelled => {
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::Interrupted,
+                        "shut down before the first request",
+                    )
+                    .into()))
+                }
+                Served::Sniffing(s) => {
+                    let Sniff {
+                        io,
+                        buf,
+                        len,
+                        svc,
+                        h1,
+                        h2,
+                    } = &mut **s;
+                    let Some(stream) = io.as_mut() else {
+                        unreachable!("the stream stays until the protocol is decided")
+                    };
+                    // As `auto`: HTTP/2 while every byte so far is the preface's, HTTP/1
+                    // at the first that is not, or at the end of the stream.
+                    while *len < H2_PREFACE.len() {
+                        let mut rb = tokio::io::ReadBuf::new(&mut buf[*len..]);
+                        std::task::ready!(tokio::io::AsyncRead::poll_read(
+                            Pin::new(&mut *stream),
+                            cx,
+                            &mut rb
+                        ))?;
+                        let n = rb.filled().len();
+                        let same = buf[*len..*len + n] == H2_PREFACE[*len..*len + n];
+                        *len += n;
+                        if n == 0 || !same {
+                            break;
+                        }
+                    }
+                    let (Some(mut stream), Some(svc)) = (io.take(), svc.take()) else {
+                        unreachable!("taken once, when the protocol is decided")
+                    };
+                    stream.replay(&buf[..*len]);
+                    let io = TokioIo::new(stream);
+                    let next = if &buf[..*len] == H2_PREFACE {
+                        Served::H2(Box::pin(h2.serve_connection(io, svc)))
+                    } else {
+                        Served::H1(Box::pin(h1.serve_connection(io, svc).with_upgrades()))
+                    };
+                    *this = next;
+                }
+            }
+        }
     }
 }
 
@@ -578,6 +753,85 @@ mod tests {
                 "idle {idle_ms} ms, {what}: cut after {took:?}, bound {bound:?}"
             );
         }
+        assert!(running.drain(Duration::from_secs(2)).await, "drained");
+    }
+
+    /// The stop signal reaches a connection idle in keep-alive at once, although its
+    /// watchdog branches are polled only when they may be ready (`Quiet`): the drain
+    /// must not wait for the watchdog's next tick (a second with these timeouts).
+    #[tokio::test]
+    async fn a_drain_closes_an_idle_keep_alive_connection_at_once() {
+        let cfg = crate::Config::parse(
+            "[server]\nheader_read_timeout_ms = 30000\nfirst_byte_timeout_ms = 30000\nidle_timeout_ms = 60000\n[observability]\naccess_log = false\n[[listeners]]\nname = \"p\"\nbind = \"127.0.0.1:0\"\n",
+        )
+        .expect("config");
+        let gw = crate::Gateway::new(cfg, None).expect("gateway");
+        let running = super::start(gw).await.expect("start");
+        let addr = running.addr("p").expect("bound");
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        // Several requests, so the connection task has been woken (and its branches
+        // skipped) a few times before the stop.
+        for _ in 0..3 {
+            s.write_all(b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .expect("write");
+            let mut buf = [0u8; 4096];
+            let n = s.read(&mut buf).await.expect("answer");
+            assert!(buf[..n].starts_with(b"HTTP/1.1 404"), "answered");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let started = std::time::Instant::now();
+        assert!(running.drain(Duration::from_secs(3)).await, "drained");
+        let mut buf = [0u8; 64];
+        let eof = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf))
+            .await
+            .expect("closed in time")
+            .expect("read");
+        assert_eq!(eof, 0, "closed without another answer");
+        let took = started.elapsed();
+        assert!(took < Duration::from_millis(400), "drain took {took:?}");
+    }
+
+    /// The protocol is decided by the first bytes however they are cut into reads:
+    /// an HTTP/2 preface trickled in pieces is answered with HTTP/2 SETTINGS, an
+    /// HTTP/1 head whose first read is two bytes is answered whole (the sniffed
+    /// bytes are handed to hyper again), and so is one that starts like the preface.
+    #[tokio::test]
+    async fn the_protocol_is_sniffed_across_reads() {
+        let cfg = crate::Config::parse(
+            "[observability]\naccess_log = false\n[[listeners]]\nname = \"p\"\nbind = \"127.0.0.1:0\"\n",
+        )
+        .expect("config");
+        let gw = crate::Gateway::new(cfg, None).expect("gateway");
+        let running = super::start(gw).await.expect("start");
+        let addr = running.addr("p").expect("bound");
+        let send_in_pieces = |pieces: Vec<&'static [u8]>| async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            s.set_nodelay(true).expect("nodelay");
+            for p in pieces {
+                s.write_all(p).await.expect("write");
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            }
+            let mut buf = vec![0u8; 4096];
+            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+                .await
+                .expect("answer in time")
+                .expect("read");
+            buf.truncate(n);
+            buf
+        };
+        let h2 = send_in_pieces(vec![
+            b"PR",
+            b"I * HTTP/2.0\r\n",
+            b"\r\nSM\r\n\r",
+            b"\n\x00\x00\x00\x04\x00\x00\x00\x00\x00",
+        ])
+        .await;
+        assert!(h2.len() >= 9 && h2[3] == 0x04, "an HTTP/2 SETTINGS frame first: {h2:?}");
+        let h1 = send_in_pieces(vec![b"GE", b"T /nowhere HTTP/1.1\r\nHost: x\r\n\r\n"]).await;
+        assert!(h1.starts_with(b"HTTP/1.1 404"), "{:?}", String::from_utf8_lossy(&h1));
+        let like = send_in_pieces(vec![b"PRI * HTTP/1.1\r\nHost: x\r\n\r\n"]).await;
+        assert!(like.starts_with(b"HTTP/1.1 "), "served as HTTP/1: {:?}", String::from_utf8_lossy(&like));
         assert!(running.drain(Duration::from_secs(2)).await, "drained");
     }
 

@@ -105,6 +105,9 @@ pub struct SmuggleGuard<S> {
     flag: Arc<Smuggled>,
     /// The head being read (`State::Head`) has had its first byte.
     head_started: bool,
+    /// Bytes read (and scanned) already, handed out again before reading more:
+    /// the server's protocol sniffing reads a connection's first bytes itself.
+    replay: Option<bytes::Bytes>,
 }
 
 impl<S> SmuggleGuard<S> {
@@ -115,7 +118,14 @@ impl<S> SmuggleGuard<S> {
             line: Vec::new(),
             flag,
             head_started: false,
+            replay: None,
         }
+    }
+
+    /// Hand `bytes` (read through this guard, so scanned already) out again on the
+    /// next reads, before anything more is read from the connection.
+    pub fn replay(&mut self, bytes: &[u8]) {
+        self.replay = (!bytes.is_empty()).then(|| bytes::Bytes::copy_from_slice(bytes));
     }
 
     /// Feed bytes as if hyper had read them (for tests elsewhere in the crate).
@@ -147,7 +157,7 @@ impl<S> SmuggleGuard<S> {
                     self.flag.reading_head.store(number + 1, Ordering::Relaxed);
                 }
                 _ => {
-                    let Some(pos) = data.iter().position(|b| *b == b'\n') else {
+                    let Some(pos) = memchr::memchr(b'\n', data) else {
                         let room = MAX_LINE.saturating_sub(self.line.len());
                         self.line.extend_from_slice(&data[..data.len().min(room)]);
                         return;
@@ -237,7 +247,13 @@ impl<S> SmuggleGuard<S> {
             };
             return;
         }
-        if let Some(colon) = text.iter().position(|b| *b == b':') {
+        // Only a name starting with `c` or `t` can be one of the two: most lines
+        // (Host, Accept, User-Agent...) are not looked at further.
+        let lead = text.trim_ascii_start().first().map(u8::to_ascii_lowercase);
+        if !matches!(lead, Some(b'c' | b't')) {
+            return;
+        }
+        if let Some(colon) = memchr::memchr(b':', text) {
             let name = text[..colon].trim_ascii();
             let value = &text[colon + 1..];
             if name.eq_ignore_ascii_case(b"content-length") {
@@ -264,6 +280,14 @@ impl<S: AsyncRead + Unpin> AsyncRead for SmuggleGuard<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if let Some(pre) = &mut self.replay {
+            let n = pre.len().min(buf.remaining());
+            buf.put_slice(&pre.split_to(n));
+            if pre.is_empty() {
+                self.replay = None;
+            }
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = r {
@@ -330,6 +354,19 @@ mod tests {
         // The third request on the connection smuggles; the two before it do not.
         let second = [&ok[..], &bad[..]].concat();
         assert_eq!(scan(&second, 45), (vec![2, 3, 4, 5, 6, 7], 3));
+        // Names in any case, with whitespace around them (the guard trims what hyper
+        // would refuse anyway), are found past the first-letter filter; other names
+        // starting with the same letters are not taken for them.
+        for head in [
+            &b"POST / HTTP/1.1\r\ncontent-LENGTH: 4\r\nTRANSFER-encoding: chunked\r\n\r\n0\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\n\tContent-Length : 4\r\n Transfer-Encoding:chunked\r\n\r\n0\r\n\r\n",
+        ] {
+            for split in [0, 20, 40, 200] {
+                assert!(flagged(head, split), "{:?} split {split}", String::from_utf8_lossy(head));
+            }
+        }
+        let lookalikes = b"POST / HTTP/1.1\r\nContent-Type: x\r\nTE: trailers\r\nContent-Length: 2\r\nTransfer: chunked\r\n\r\nab";
+        assert_eq!(scan(lookalikes, 30), (vec![], 1));
         // A body that merely contains the words is skipped by its Content-Length.
         let body = b"POST / HTTP/1.1\r\nContent-Length: 38\r\n\r\nContent-Length: 1\r\nTransfer-Encoding: x";
         assert!(!flagged(body, 10));
