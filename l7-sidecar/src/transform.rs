@@ -183,8 +183,14 @@ pub fn set_forwarded_headers(
         FORWARDED_PROTO,
         HeaderValue::from_static(if proto == "https" { "https" } else { "http" }),
     );
-    if let Some(h) = host {
-        headers.insert(FORWARDED_HOST, h.clone());
+    match host {
+        Some(h) => {
+            headers.insert(FORWARDED_HOST, h.clone());
+        }
+        None if client_owned & owned::FORWARDED_HOST != 0 => {
+            headers.remove(FORWARDED_HOST);
+        }
+        None => {}
     }
     // `insert` replaces every client value.
     headers.insert(REAL_IP, client.clone());
@@ -778,10 +784,12 @@ mod tests {
         h.append("x-real-ip", HeaderValue::from_static("1.2.3.4"));
         h.append("x-real-ip", HeaderValue::from_static("5.6.7.8"));
         h.append("x-forwarded-port", HeaderValue::from_static("443"));
+        h.append("x-forwarded-host", HeaderValue::from_static("evil.example"));
         let client = HeaderValue::from_static("127.0.0.1");
-        let sent = owned::FORWARDED | owned::REAL_IP | owned::FORWARDED_PORT;
+        let sent = owned::FORWARDED | owned::REAL_IP | owned::FORWARDED_PORT | owned::FORWARDED_HOST;
         set_forwarded_headers(&mut h, &client, "http", None, None, sent);
         assert!(h.get("forwarded").is_none());
+        assert!(h.get("x-forwarded-host").is_none(), "no host known: the client's is not kept");
         assert!(h.get("x-forwarded-port").is_none(), "no listener port known: none");
         let real: Vec<_> = h.get_all("x-real-ip").iter().collect();
         assert_eq!(real, [&client]);
