@@ -234,9 +234,11 @@ fuzz_target!(|input: Input| {
     assert_eq!(h.get_all("x-request-id").iter().count(), 1, "several x-request-id values go upstream");
     let client_header = HeaderValue::from_str(&client.to_string()).expect("an IP address is a header value");
     let host = input.host.as_deref().and_then(|v| HeaderValue::from_str(v).ok());
-    set_forwarded_headers(&mut h, &client_header, if input.tls { "https" } else { "http" }, host.as_ref(), req.ctx().client_owned);
+    set_forwarded_headers(&mut h, &client_header, if input.tls { "https" } else { "http" }, host.as_ref(), None, req.ctx().client_owned);
     let xff = h.get("x-forwarded-for").and_then(|v| v.to_str().ok()).expect("x-forwarded-for is set");
     assert!(xff.ends_with(&client.to_string()), "x-forwarded-for {xff:?} does not end with {client}");
+    assert!(h.get("forwarded").is_none(), "the client's Forwarded goes upstream");
+    assert_eq!(h.get_all("x-real-ip").iter().collect::<Vec<_>>(), [&client_header], "x-real-ip is the peer alone");
     let trace = propagate_traceparent(&mut h, sent(owned::TRACEPARENT)).to_string();
     assert!(trace.len() == 32 && trace.bytes().all(|b| b.is_ascii_hexdigit()), "trace id {trace:?}");
     strip_hop_by_hop(&mut h);

@@ -213,12 +213,19 @@ impl Pool {
         }
     }
 
-    /// Pick a backend not in `exclude` (already tried), or None if nothing is available.
+    /// Pick a backend not in `exclude` (the request's failed attempts, in order), or
+    /// None if nothing is available. A non-empty `exclude` is a retry: see `pick_at`.
     pub fn pick(&self, input: &HashInput<'_>, exclude: &[usize]) -> Option<usize> {
         self.pick_at(input, exclude, Instant::now())
     }
 
     /// `pick` with the caller's clock reading (one per request).
+    ///
+    /// A retry (non-empty `exclude`) never gets a backend it already tried while
+    /// another is available. Round-robin pools (plain and weighted) give it the next
+    /// available backend after the request's last attempt, in pool order, without
+    /// moving the position other requests share: had the retry advanced it too, with
+    /// two backends of which one is dead every request would start at the dead one.
     pub fn pick_at(&self, input: &HashInput<'_>, exclude: &[usize], now: Instant) -> Option<usize> {
         let candidates = (0..self.backends.len())
             .filter(|i| !exclude.contains(i) && self.backends[*i].is_available(now));
@@ -240,17 +247,27 @@ impl Pool {
         if avail.is_empty() {
             return None;
         }
-        Some(match self.cfg.algorithm {
-            Algorithm::RoundRobin => avail[self.rr.fetch_add(1, Ordering::Relaxed) % avail.len()],
-            Algorithm::WeightedRoundRobin => self.smooth_wrr(avail),
-            Algorithm::LeastConnections => {
+        Some(match (self.cfg.algorithm, exclude.last()) {
+            (Algorithm::RoundRobin | Algorithm::WeightedRoundRobin, Some(&failed)) => {
+                // `avail` is in pool order: the first one after `failed`, wrapping.
+                avail
+                    .iter()
+                    .copied()
+                    .find(|&i| i > failed)
+                    .unwrap_or(avail[0])
+            }
+            (Algorithm::RoundRobin, None) => {
+                avail[self.rr.fetch_add(1, Ordering::Relaxed) % avail.len()]
+            }
+            (Algorithm::WeightedRoundRobin, _) => self.smooth_wrr(avail),
+            (Algorithm::LeastConnections, _) => {
                 self.p2c(avail, |b| b.active.load(Ordering::Relaxed) as f64)
             }
-            Algorithm::LeastResponseTime => self.p2c(avail, |b| {
+            (Algorithm::LeastResponseTime, _) => self.p2c(avail, |b| {
                 (b.latency_ns() + 1.0) * (b.active.load(Ordering::Relaxed) as f64 + 1.0)
             }),
-            Algorithm::IpHash => self.ring_pick(ip_hash(input.client_ip), avail),
-            Algorithm::ConsistentHash => self.ring_pick(self.hash_key(input), avail),
+            (Algorithm::IpHash, _) => self.ring_pick(ip_hash(input.client_ip), avail),
+            (Algorithm::ConsistentHash, _) => self.ring_pick(self.hash_key(input), avail),
         })
     }
 
@@ -445,6 +462,58 @@ mod tests {
             vec![0, 0, 1, 0, 2, 0, 0],
             "nginx smooth WRR sequence"
         );
+    }
+
+    /// Hostile finding: a retry's pick advanced the shared round-robin position, so
+    /// with one dead backend every request started at it. The first picks must go
+    /// round as if the retries had not happened, and the retry after backend 0 is 1.
+    #[test]
+    fn round_robin_retries_leave_the_shared_position_alone() {
+        let h = http::HeaderMap::new();
+        for alg in [Algorithm::RoundRobin, Algorithm::WeightedRoundRobin] {
+            let p = pool(alg, &[1, 1, 1]);
+            let mut firsts = Vec::new();
+            for _ in 0..6 {
+                let first = p.pick(&input(&h), &[]).expect("pick");
+                firsts.push(first);
+                if first == 0 {
+                    // Backend 0 is dead: the request retries.
+                    assert_eq!(p.pick(&input(&h), &[0]), Some(1), "{alg:?}");
+                    assert_eq!(p.pick(&input(&h), &[0, 1]), Some(2), "{alg:?}");
+                }
+            }
+            assert_eq!(firsts, [0, 1, 2, 0, 1, 2], "{alg:?}");
+            // The retry after the last backend wraps to the first.
+            assert_eq!(p.pick(&input(&h), &[2]), Some(0), "{alg:?}");
+        }
+    }
+
+    #[test]
+    fn no_retry_gets_a_backend_it_tried_while_another_is_available() {
+        for alg in [
+            Algorithm::RoundRobin,
+            Algorithm::WeightedRoundRobin,
+            Algorithm::LeastConnections,
+            Algorithm::LeastResponseTime,
+            Algorithm::IpHash,
+            Algorithm::ConsistentHash,
+        ] {
+            let p = pool(alg, &[1, 2, 1]);
+            for i in 0..50u8 {
+                let mut h = http::HeaderMap::new();
+                h.insert("x-k", http::HeaderValue::from(u32::from(i)));
+                let inp = HashInput {
+                    client_ip: format!("192.0.2.{i}").parse().expect("ip"),
+                    headers: &h,
+                };
+                let first = p.pick(&inp, &[]).expect("pick");
+                let second = p.pick(&inp, &[first]).expect("another is available");
+                assert_ne!(second, first, "{alg:?}");
+                let third = p.pick(&inp, &[first, second]).expect("the last one");
+                assert!(third != first && third != second, "{alg:?}");
+                assert_eq!(p.pick(&inp, &[first, second, third]), None, "{alg:?}");
+            }
+        }
     }
 
     #[test]

@@ -19,8 +19,10 @@ use crate::http_util::{hop_by_hop_index, is_upgrade, strip_hop_by_hop};
 use http::{header, HeaderMap, HeaderName, HeaderValue};
 use std::collections::BTreeMap;
 
-/// Headers only the gateway sets (transform-added names are owned too).
-pub const GATEWAY_OWNED: [&str; 7] = [
+/// Headers only the gateway sets (transform-added names are owned too). The client's
+/// `Forwarded` is dropped and none is set: its `for`/`proto` would otherwise reach an
+/// upstream reading it while `X-Forwarded-*` say otherwise.
+pub const GATEWAY_OWNED: [&str; 10] = [
     "x-request-id",
     "x-user-id",
     "x-user-role",
@@ -28,6 +30,9 @@ pub const GATEWAY_OWNED: [&str; 7] = [
     "x-forwarded-proto",
     "x-forwarded-host",
     "traceparent",
+    "forwarded",
+    "x-real-ip",
+    "x-forwarded-port",
 ];
 
 /// Remove hop-by-hop headers and those the client named in `Connection`.
@@ -54,8 +59,10 @@ pub fn strip_client_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
-/// Drop `_` spellings of gateway-owned names; `owned_extra` are further owned names
-/// (lower case), such as those transforms add.
+/// Drop `_` spellings of gateway-owned names; `owned_extra` are further names
+/// (any case, `_` or `-`), such as those transforms add or remove: a name matches
+/// after case folding and `_` → `-`. The one variant matcher for the gateway's names
+/// and configured removals alike.
 pub fn drop_owned_variants<'a>(
     h: &mut HeaderMap,
     owned_extra: impl Iterator<Item = &'a str> + Clone,
@@ -84,7 +91,7 @@ pub fn drop_owned_variants<'a>(
 
 /// The `owned` bit of a gateway-owned name (exact spelling), 0 for any other name.
 /// A `match` on the text: a length switch and one comparison per name.
-fn owned_bit(name: &str) -> u8 {
+fn owned_bit(name: &str) -> u16 {
     match name {
         "x-request-id" => owned::REQUEST_ID,
         "x-user-id" => owned::USER_ID,
@@ -93,6 +100,9 @@ fn owned_bit(name: &str) -> u8 {
         "x-forwarded-proto" => owned::FORWARDED_PROTO,
         "x-forwarded-host" => owned::FORWARDED_HOST,
         "traceparent" => owned::TRACEPARENT,
+        "forwarded" => owned::FORWARDED,
+        "x-real-ip" => owned::REAL_IP,
+        "x-forwarded-port" => owned::FORWARDED_PORT,
         _ => 0,
     }
 }
@@ -103,7 +113,7 @@ struct Scan {
     /// Bits of `http_util::HOP_BY_HOP` indices present.
     hop: u16,
     /// `owned` bits of the gateway-owned names present.
-    owned: u8,
+    owned: u16,
     /// Some name contains `_` (a possible variant of an owned name).
     underscore: bool,
 }
@@ -179,7 +189,7 @@ mod tests {
         assert_eq!(ctx.framing, None);
         assert!(!ctx.upgrade);
         let every: Vec<(&str, &str)> = GATEWAY_OWNED.iter().map(|n| (*n, "v")).collect();
-        assert_eq!(cleaned(&every).ctx().client_owned, 0x7f, "one bit per owned name");
+        assert_eq!(cleaned(&every).ctx().client_owned, 0x3ff, "one bit per owned name");
     }
 
     #[test]
@@ -244,6 +254,8 @@ mod tests {
         for n in [
             "x_user_id",
             "x_forwarded_for",
+            "x_real_ip",
+            "X_Forwarded_Port",
             "x_gw",
             "x_other",
             "x-user-id",

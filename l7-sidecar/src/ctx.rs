@@ -20,6 +20,9 @@ pub struct ConnInfo {
     /// formatted once per connection rather than per request.
     pub client_ip: HeaderValue,
     pub tls: bool,
+    /// The listener's port as text for `X-Forwarded-Port`, formatted once per
+    /// connection; `None` when unknown (the header is then not set).
+    pub listener_port: Option<HeaderValue>,
     pub serve_metrics: bool,
     /// Accepted by the `[admin]` listener: answered by `admin`, never by the pipeline.
     pub admin: bool,
@@ -40,6 +43,7 @@ impl ConnInfo {
             client_ip: HeaderValue::try_from(peer.ip().to_string())
                 .unwrap_or(HeaderValue::from_static("")),
             tls,
+            listener_port: None,
             serve_metrics,
             admin: false,
             smuggled: Arc::default(),
@@ -112,15 +116,19 @@ impl Eq for Identity {}
 /// a header reads or removes the client's copy only when its bit is set, instead of
 /// hashing the name once more for the usual request that has none.
 pub mod owned {
-    pub const REQUEST_ID: u8 = 1;
-    pub const USER_ID: u8 = 1 << 1;
-    pub const USER_ROLE: u8 = 1 << 2;
-    pub const FORWARDED_FOR: u8 = 1 << 3;
-    pub const FORWARDED_PROTO: u8 = 1 << 4;
-    pub const FORWARDED_HOST: u8 = 1 << 5;
-    pub const TRACEPARENT: u8 = 1 << 6;
+    pub const REQUEST_ID: u16 = 1;
+    pub const USER_ID: u16 = 1 << 1;
+    pub const USER_ROLE: u16 = 1 << 2;
+    pub const FORWARDED_FOR: u16 = 1 << 3;
+    pub const FORWARDED_PROTO: u16 = 1 << 4;
+    pub const FORWARDED_HOST: u16 = 1 << 5;
+    pub const TRACEPARENT: u16 = 1 << 6;
+    /// RFC 7239 `Forwarded`: the gateway drops the client's and sets none.
+    pub const FORWARDED: u16 = 1 << 7;
+    pub const REAL_IP: u16 = 1 << 8;
+    pub const FORWARDED_PORT: u16 = 1 << 9;
     /// Nothing known: every stage looks (a request no client-header pass has seen).
-    pub const UNKNOWN: u8 = u8::MAX;
+    pub const UNKNOWN: u16 = u16::MAX;
 }
 
 /// What the gateway knows about one request, as fields: made once when the request
@@ -137,7 +145,7 @@ pub struct ReqCtx {
     /// The framing verdict of the client-header pass (`None`: acceptable or not judged).
     pub framing: Option<BadFraming>,
     /// Gateway-owned names the client sent (`owned` bits).
-    pub client_owned: u8,
+    pub client_owned: u16,
     /// A WebSocket upgrade (Connection: upgrade and Upgrade: websocket).
     pub upgrade: bool,
     pub request_id: Option<RequestId>,
@@ -172,7 +180,7 @@ impl ReqCtx {
     }
 
     /// Whether the client may have sent a header with this `owned` bit.
-    pub fn client_sent(&self, bit: u8) -> bool {
+    pub fn client_sent(&self, bit: u16) -> bool {
         self.client_owned & bit != 0
     }
 }

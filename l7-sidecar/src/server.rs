@@ -307,6 +307,7 @@ async fn accept_loop(
             let header_timeout = Duration::from_millis(cfg.header_read_timeout_ms);
             let mut info = ConnInfo::new(peer, tls.is_some(), role.metrics);
             info.admin = role.admin;
+            info.listener_port = stream.local_addr().ok().map(|a| a.port().into());
             let stream = ActivityIo::new(stream, info.activity.clone());
             match tls {
                 None => serve(gw, stream, info, &cfg, stop).await,

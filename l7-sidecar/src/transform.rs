@@ -23,6 +23,10 @@ const USER_ROLE: HeaderName = HeaderName::from_static(X_USER_ROLE);
 const FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+const REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+/// RFC 7239: the client's is dropped, none is set (`client_headers::GATEWAY_OWNED`).
+const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 
 /// A client-sent id is kept only if it is short and plain, so it is safe to log.
 pub fn valid_request_id(v: &str) -> bool {
@@ -126,7 +130,7 @@ impl AsRef<[u8]> for SharedStr {
 
 /// Identity headers come only from the gateway: whatever the client sent is dropped.
 /// `client_owned`: the `ctx::owned` bits of what the client may have sent.
-pub fn set_identity_headers(headers: &mut HeaderMap, id: Option<&Identity>, client_owned: u8) {
+pub fn set_identity_headers(headers: &mut HeaderMap, id: Option<&Identity>, client_owned: u16) {
     if client_owned & owned::USER_ID != 0 {
         headers.remove(USER_ID);
     }
@@ -144,14 +148,17 @@ pub fn set_identity_headers(headers: &mut HeaderMap, id: Option<&Identity>, clie
     }
 }
 
-/// `client_owned` as for `set_identity_headers`: the client's X-Forwarded-For is
-/// only looked up when it may be there.
+/// `X-Forwarded-For` (the client's list, the peer appended), `-Proto`, `-Host`,
+/// `-Port` (`port`: the listener's) and `X-Real-IP` (the peer) from the connection;
+/// the client's `Forwarded` is dropped. `client_owned` as for `set_identity_headers`:
+/// the client's copies are only looked up or removed when they may be there.
 pub fn set_forwarded_headers(
     headers: &mut HeaderMap,
     client: &HeaderValue,
     proto: &str,
     host: Option<&HeaderValue>,
-    client_owned: u8,
+    port: Option<&HeaderValue>,
+    client_owned: u16,
 ) {
     let prev = (client_owned & owned::FORWARDED_FOR != 0)
         .then(|| headers.get(&FORWARDED_FOR))
@@ -176,8 +183,28 @@ pub fn set_forwarded_headers(
         FORWARDED_PROTO,
         HeaderValue::from_static(if proto == "https" { "https" } else { "http" }),
     );
-    if let Some(h) = host {
-        headers.insert(FORWARDED_HOST, h.clone());
+    match host {
+        Some(h) => {
+            headers.insert(FORWARDED_HOST, h.clone());
+        }
+        None if client_owned & owned::FORWARDED_HOST != 0 => {
+            headers.remove(FORWARDED_HOST);
+        }
+        None => {}
+    }
+    // `insert` replaces every client value.
+    headers.insert(REAL_IP, client.clone());
+    match port {
+        Some(p) => {
+            headers.insert(FORWARDED_PORT, p.clone());
+        }
+        None if client_owned & owned::FORWARDED_PORT != 0 => {
+            headers.remove(FORWARDED_PORT);
+        }
+        None => {}
+    }
+    if client_owned & owned::FORWARDED != 0 {
+        headers.remove(FORWARDED);
     }
 }
 
@@ -191,6 +218,10 @@ fn edit(
             headers.remove(n);
         }
     }
+    add_headers(headers, add);
+}
+
+fn add_headers(headers: &mut HeaderMap, add: &std::collections::BTreeMap<String, String>) {
     for (k, v) in add {
         if let (Ok(n), Ok(v)) = (
             HeaderName::from_bytes(k.as_bytes()),
@@ -201,8 +232,25 @@ fn edit(
     }
 }
 
+/// A configured request removal takes every spelling of the name that means the same
+/// to an upstream: any case, and `_` for `-` either way (CGI/WSGI/PHP read `X_Debug`
+/// and `X-Debug` both as `HTTP_X_DEBUG`).
 pub fn apply_request(t: &TransformConfig, headers: &mut HeaderMap) {
-    edit(headers, &t.request_headers_remove, &t.request_headers_add);
+    let remove = &t.request_headers_remove;
+    if !remove.is_empty() {
+        for name in remove {
+            // The `-` spelling; `_` spellings are dropped below.
+            let dashed = match name.contains('_') {
+                true => std::borrow::Cow::Owned(name.replace('_', "-")),
+                false => std::borrow::Cow::Borrowed(name.as_str()),
+            };
+            if let Ok(n) = HeaderName::from_bytes(dashed.as_bytes()) {
+                headers.remove(n);
+            }
+        }
+        crate::client_headers::drop_owned_variants(headers, remove.iter().map(String::as_str));
+    }
+    add_headers(headers, &t.request_headers_add);
 }
 
 pub fn apply_response(t: &TransformConfig, headers: &mut HeaderMap) {
@@ -366,6 +414,7 @@ fn transform_request<'a, B>(
         &ctx.conn.client_ip,
         if ctx.conn.tls { "https" } else { "http" },
         host.as_ref(),
+        ctx.conn.listener_port.as_ref(),
         ctx.client_owned,
     );
     // HTTP/2 carries the host in :authority; upstreams speak HTTP/1.1 and need Host.
@@ -716,10 +765,53 @@ mod tests {
             &HeaderValue::from_static("127.0.0.1"),
             "https",
             Some(&HeaderValue::from_static("api.example.com")),
+            Some(&HeaderValue::from_static("8443")),
             owned::FORWARDED_FOR,
         );
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["x-forwarded-host"], "api.example.com");
+        assert_eq!(h["x-forwarded-port"], "8443");
+        assert_eq!(h["x-real-ip"], "127.0.0.1");
+    }
+
+    /// Hostile finding F-l: the client's `Forwarded`, `X-Real-IP` and
+    /// `X-Forwarded-Port` passed through while `X-Forwarded-*` were rewritten.
+    #[test]
+    fn client_forwarding_headers_are_replaced_or_dropped() {
+        let mut h = HeaderMap::new();
+        h.append("forwarded", HeaderValue::from_static("for=1.2.3.4;proto=https"));
+        h.append("x-real-ip", HeaderValue::from_static("1.2.3.4"));
+        h.append("x-real-ip", HeaderValue::from_static("5.6.7.8"));
+        h.append("x-forwarded-port", HeaderValue::from_static("443"));
+        h.append("x-forwarded-host", HeaderValue::from_static("evil.example"));
+        let client = HeaderValue::from_static("127.0.0.1");
+        let sent = owned::FORWARDED | owned::REAL_IP | owned::FORWARDED_PORT | owned::FORWARDED_HOST;
+        set_forwarded_headers(&mut h, &client, "http", None, None, sent);
+        assert!(h.get("forwarded").is_none());
+        assert!(h.get("x-forwarded-host").is_none(), "no host known: the client's is not kept");
+        assert!(h.get("x-forwarded-port").is_none(), "no listener port known: none");
+        let real: Vec<_> = h.get_all("x-real-ip").iter().collect();
+        assert_eq!(real, [&client]);
+    }
+
+    /// Hostile finding F-l: `request_headers_remove = ["X-Debug"]` forwarded `X_Debug`.
+    #[test]
+    fn request_removals_take_every_spelling() {
+        let t = TransformConfig {
+            request_headers_remove: vec!["X-Debug".into(), "x_TRACE_me".into()],
+            ..TransformConfig::default()
+        };
+        let mut h = HeaderMap::new();
+        for n in ["x-debug", "X_Debug", "x_DEBUG", "x-trace-me", "X_Trace_Me", "x-debugger", "x_other"] {
+            h.append(
+                HeaderName::from_bytes(n.as_bytes()).expect("name"),
+                HeaderValue::from_static("v"),
+            );
+        }
+        apply_request(&t, &mut h);
+        let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["x-debugger", "x_other"]);
     }
 }

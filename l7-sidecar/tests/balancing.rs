@@ -327,9 +327,14 @@ async fn no_backend_gives_502_503_504_with_json() {
 
 /// A backend that answers each connection's first request and closes the connection
 /// 30 ms later, while the gateway holds it idle (a backend's keep-alive timeout).
-async fn closes_idle_after_one() -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+async fn closes_idle_after_one() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let addr = l.local_addr().expect("addr");
     let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let count = accepted.clone();
@@ -379,5 +384,80 @@ async fn a_pooled_connection_closed_while_idle_costs_no_attempt() {
         accepted.load(std::sync::atomic::Ordering::SeqCst),
         4,
         "one connection per request"
+    );
+}
+
+/// A backend that accepts connections, counts them and closes each without an
+/// answer: a failed attempt the test can count.
+async fn counting_dead_backend() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let n = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = n.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            seen.fetch_add(1, Ordering::SeqCst);
+            drop(s);
+        }
+    });
+    (addr, n)
+}
+
+/// Hostile finding: with round-robin, `retries = 1` and one dead backend, every
+/// request tried the dead one first, because the retry's pick moved the shared
+/// position too. A retry takes the backend after the request's own pick and leaves
+/// the position alone, so successive requests alternate their first pick.
+#[tokio::test]
+async fn round_robin_retries_do_not_move_the_shared_position() {
+    // Two backends, one failing: half the first attempts go to it, not all.
+    let a = upstream("a").await;
+    let (bad, bad_hits) = counting_dead_backend().await;
+    let cfg = format!(
+        "{}[pools.p]\nalgorithm = \"round-robin\"\nretries = 1\nbackends = [{{ address = \"{bad}\" }}, {{ address = \"{}\" }}]\n[pools.p.passive]\nconsecutive_failures = 0\n{}",
+        listener("public"),
+        a.addr,
+        route("p")
+    );
+    let gw = start_gateway(&cfg).await;
+    let c = client();
+    let url = format!("{}/x", base(&gw));
+    for i in 0..6 {
+        let r = get(&c, &url, &[]).await;
+        assert_eq!(r.status, 200, "GET {i} retried on the live backend");
+    }
+    assert_eq!(a.hits(), 6);
+    assert_eq!(
+        bad_hits.load(Ordering::SeqCst),
+        3,
+        "first attempts alternate: every second request starts at the failing backend"
+    );
+    drop(gw);
+    // Three backends, the first refusing connections: first picks go dead, a, b, dead,
+    // a, b, and the retry after dead is a (the next one), so a serves 4 and b 2.
+    let (a, b) = (upstream("a").await, upstream("b").await);
+    let dead = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    let cfg = format!(
+        "{}[pools.p]\nalgorithm = \"round-robin\"\nretries = 1\nbackends = [{{ address = \"{dead}\" }}, {{ address = \"{}\" }}, {{ address = \"{}\" }}]\n[pools.p.passive]\nconsecutive_failures = 0\n{}",
+        listener("public"),
+        a.addr,
+        b.addr,
+        route("p")
+    );
+    let gw = start_gateway(&cfg).await;
+    let url = format!("{}/x", base(&gw));
+    let got = services(&c, &url, 6, &[]).await;
+    assert_eq!(
+        (counts(&got).get("a"), counts(&got).get("b")),
+        (Some(&4), Some(&2)),
+        "{got:?}"
     );
 }

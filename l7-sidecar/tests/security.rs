@@ -1237,3 +1237,86 @@ async fn http2_stalled_stream_and_host_mismatch() {
     assert_eq!(resp.status(), 200);
     assert_eq!(public.hits(), 1);
 }
+
+/// Hostile finding F-l: a configured removal matches the name after case folding and
+/// `_` ↔ `-` (CGI/WSGI/PHP read `X_Debug` as `HTTP_X_DEBUG`), and the client's
+/// `Forwarded`, `X-Real-IP` and `X-Forwarded-Port` never reach the upstream: the
+/// gateway sets `X-Real-IP` and `X-Forwarded-Port` from the connection and drops
+/// `Forwarded`.
+#[tokio::test]
+async fn removals_match_variants_and_forwarding_headers_are_gateway_owned() {
+    let up = upstream("u").await;
+    let cfg = format!(
+        "{}{}[transforms.rm]\nrequest_headers_remove = [\"X-Debug\", \"x_trace_me\"]\n\
+         [[routes]]\nname = \"r\"\npath = \"/\"\npool = \"p\"\ntransform = \"rm\"\n",
+        listener("public"),
+        pool("p", &[&up], ""),
+    );
+    let gw = start_gateway(&cfg).await;
+    let port = gw.addr("public").expect("public").port().to_string();
+    let c = client();
+    let url = format!("{}/x", base(&gw));
+    let r = get(
+        &c,
+        &url,
+        &[
+            ("X_Debug", "3"),
+            ("x-DEBUG", "1"),
+            ("X-Trace-Me", "1"),
+            ("x_TRACE_me", "1"),
+            ("x-debugger", "kept"),
+            ("Forwarded", "for=1.2.3.4;proto=https"),
+            ("X-Real-IP", "1.2.3.4"),
+            ("X_Real_IP", "1.2.3.4"),
+            ("X-Forwarded-Port", "443"),
+            ("x_forwarded_port", "443"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let seen = up.last();
+    for gone in [
+        "x_debug",
+        "x-debug",
+        "x-trace-me",
+        "x_trace_me",
+        "forwarded",
+        "x_real_ip",
+        "x_forwarded_port",
+    ] {
+        assert!(
+            seen.headers.get(gone).is_none(),
+            "{gone} forwarded: {:?}",
+            seen.headers
+        );
+    }
+    assert_eq!(seen.headers["x-debugger"], "kept");
+    let all = |n: &str| -> Vec<String> {
+        seen.headers
+            .get_all(n)
+            .iter()
+            .map(|v| v.to_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    assert_eq!(all("x-real-ip"), ["127.0.0.1"]);
+    assert_eq!(all("x-forwarded-port"), [port.as_str()]);
+    // Named in Connection: the client's copy is dropped, the gateway's still set.
+    let r = get(
+        &c,
+        &url,
+        &[
+            (
+                "connection",
+                "keep-alive, X-Real-IP, X-Forwarded-Port, Forwarded",
+            ),
+            ("X-Real-IP", "1.2.3.4"),
+            ("Forwarded", "for=1.2.3.4"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let seen = up.last();
+    assert!(seen.headers.get("forwarded").is_none());
+    assert_eq!(seen.headers["x-real-ip"], "127.0.0.1");
+    assert_eq!(seen.headers["x-forwarded-port"], port.as_str());
+}

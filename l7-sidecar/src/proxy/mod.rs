@@ -155,6 +155,7 @@ macro_rules! forward_in_place {
             let mut next = Some(headers);
             let mut target = Some(target);
             // Only backends that failed are recorded, so the usual request allocates nothing here.
+            // In attempt order: a round-robin retry takes the backend after the last one.
             let mut tried = Vec::new();
             let mut last_err = None;
             let connect_timeout = Duration::from_millis(up.pool.cfg.connect_timeout_ms);
