@@ -189,17 +189,19 @@ impl Next<Req<Incoming>> for Untraced {
         async move {
             let Untraced { log, rt } = self;
             let write = rt.cfg.observability.access_log;
-            let start = crate::observe::LogStart::begin(&log, write, &req);
-            let (resp, route) = match above_routing(&rt, req) {
-                Err(resp) => (resp, None),
+            // Also the request's drop guard: a request dropped before its answer is
+            // logged and counted when this is dropped (`LogStart`'s `Drop`).
+            let mut start = crate::observe::LogStart::begin(log, write, &req);
+            let resp = match above_routing(&rt, req) {
+                Err(resp) => resp,
                 Ok(routed) => {
-                    let route = routed.route.route.clone();
+                    start.set_route(routed.route.route.clone());
                     let tracer: Tracer = None;
                     let rest = compose_routed!(rt, &tracer, plain_routed);
-                    (rest.run(routed).await, Some(route))
+                    rest.run(routed).await
                 }
             };
-            start.finish(resp, route, log, write)
+            start.finish(resp)
         }
     }
 }
