@@ -587,6 +587,74 @@ mod tests {
         assert!(parse_traceparent(h["traceparent"].to_str().expect("ascii")).is_some());
     }
 
+    fn req(id: &str) -> Req<()> {
+        let conn = crate::ctx::ConnInfo::new("127.0.0.1:9".parse().expect("addr"), false, false);
+        let mut r = Req::new(
+            http::Request::get("/p").body(()).expect("request"),
+            crate::ctx::ReqCtx::new(Arc::new(conn), 0),
+        );
+        r.ctx_mut().request_id = Some(crate::ctx::RequestId(id.into()));
+        r
+    }
+
+    /// A request whose future is dropped before its answer is logged once, as 499;
+    /// one that was answered is logged by its body, not by the guard.
+    #[test]
+    fn the_log_start_logs_a_request_dropped_before_its_answer_once() {
+        let log = Arc::new(AccessLog::new());
+        let mut rx = log.subscribe();
+        drop(LogStart::begin(log.clone(), false, &req("gone")));
+        let r = rx.try_recv().expect("a record for the dropped request");
+        assert_eq!((r.status, r.request_id.as_str(), r.path.as_str()), (499, "gone", "/p"));
+        assert!(rx.try_recv().is_err(), "exactly one");
+
+        let start = LogStart::begin(log.clone(), false, &req("answered"));
+        let resp = start.finish(Response::new(full("ok")));
+        assert!(rx.try_recv().is_err(), "nothing until the body ends");
+        drop(resp);
+        let r = rx.try_recv().expect("a record for the answered request");
+        assert_eq!((r.status, r.request_id.as_str()), (200, "answered"));
+        assert!(rx.try_recv().is_err(), "exactly one");
+    }
+
+    /// Dropped while a panic unwinds, the request's answer is the panic's 500.
+    #[test]
+    fn the_log_start_of_a_panicking_request_logs_500() {
+        let log = Arc::new(AccessLog::new());
+        let mut rx = log.subscribe();
+        let start = LogStart::begin(log.clone(), false, &req("boom"));
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            let _start = start;
+            panic!("a bug in a stage");
+        }));
+        assert!(r.is_err());
+        assert_eq!(rx.try_recv().expect("record").status, 500);
+    }
+
+    /// Parse errors hyper answers itself map to the status it sent.
+    #[tokio::test]
+    async fn parser_rejections_carry_hyper_status() {
+        for (head, want) in [
+            (&b"GET / HTTP/1.1\r\nX-A: b\r\n c\r\n\r\n"[..], Some((400, "bad_header"))),
+            (b"GET / HTTP/1.1\r\nTransfer-Encoding: xchunked\r\n\r\n", Some((400, "bad_transfer_encoding"))),
+            (b"GET / HTTP/1.1\r\nContent-Length: 1x\r\n\r\n", Some((400, "bad_content_length"))),
+            (b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", None),
+        ] {
+            let (client, server) = tokio::io::duplex(4096);
+            let (_keep, mut w) = tokio::io::split(client);
+            tokio::io::AsyncWriteExt::write_all(&mut w, head).await.expect("write");
+            drop(w);
+            let svc = hyper::service::service_fn(|_r| async {
+                Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Empty::<bytes::Bytes>::new()))
+            });
+            let r = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(server), svc)
+                .await;
+            let got = r.err().and_then(|e| ParserRejection::of(&e)).map(|p| (p.status, p.reason));
+            assert_eq!(got, want, "{:?}", String::from_utf8_lossy(head));
+        }
+    }
+
     #[test]
     fn timestamp_shape() {
         let t = now_rfc3339();
