@@ -76,6 +76,7 @@ impl RouteMetrics {
 
     /// Count an answer in `gateway_requests_total` without a duration sample (one
     /// hyper's parser gave before the request was timed).
+    #[inline]
     pub fn count(&self, route: &str, status: u16) {
         // Counted under the read lock: a clone of the handle (a reference count
         // taken and dropped) is only needed to register a new status.
