@@ -97,6 +97,12 @@ async fn main() -> anyhow::Result<()> {
     ]);
     if !running.drain(std::time::Duration::from_secs(30)).await {
         tracing::warn!("connections still open after 30s; exiting anyway");
+        // Drop the requests still in flight, so each is logged and counted (499).
+        running.cut(std::time::Duration::from_secs(2)).await;
+    }
+    // The access log's writer thread ends with the process: write what it holds.
+    if !running.gateway.shared.access_log.flush(std::time::Duration::from_secs(2)) {
+        tracing::warn!("access log not fully written at exit");
     }
     Ok(())
 }

@@ -37,6 +37,10 @@ pub struct AccessRecord {
     pub request_id: String,
     pub user_id: Option<String>,
     pub trace_id: String,
+    /// Why the request got no answer of the pipeline's: set only for what hyper's
+    /// HTTP/1 parser refused itself (`ParserRejection`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'static str>,
 }
 
 /// Lines waiting for the writer thread; past this they are dropped (and counted)
@@ -51,8 +55,15 @@ const LOG_QUEUE: usize = 16 * 1024;
 /// for long and a request never waits on stdout.
 pub struct AccessLog {
     tx: broadcast::Sender<AccessRecord>,
-    lines: OnceLock<mpsc::SyncSender<Vec<u8>>>,
+    lines: OnceLock<mpsc::SyncSender<Line>>,
     dropped: AtomicU64,
+}
+
+/// What the writer thread is sent: a line, or a request to flush what it has and
+/// say so (`AccessLog::flush`, at exit).
+enum Line {
+    Text(Vec<u8>),
+    Flush(mpsc::SyncSender<()>),
 }
 
 impl Default for AccessLog {
@@ -90,7 +101,7 @@ impl AccessLog {
             let mut line = Vec::with_capacity(384);
             if serde_json::to_writer(&mut line, &rec).is_ok() {
                 line.push(b'\n');
-                if self.writer().try_send(line).is_err() {
+                if self.writer().try_send(Line::Text(line)).is_err() {
                     self.dropped.fetch_add(1, Ordering::Relaxed);
                     metrics::counter!("gateway_access_log_dropped_total").increment(1);
                 }
@@ -101,9 +112,33 @@ impl AccessLog {
         }
     }
 
-    fn writer(&self) -> &mpsc::SyncSender<Vec<u8>> {
+    /// Wait (blocking, at most `timeout`) until every line logged so far is written
+    /// to stdout: the process is about to exit, and the writer thread with it. True
+    /// if it was.
+    pub fn flush(&self, timeout: std::time::Duration) -> bool {
+        let Some(lines) = self.lines.get() else {
+            return true;
+        };
+        let deadline = Instant::now() + timeout;
+        let (ack, done) = mpsc::sync_channel(1);
+        let mut ask = Line::Flush(ack);
+        loop {
+            match lines.try_send(ask) {
+                Ok(()) => break,
+                Err(mpsc::TrySendError::Full(back)) if Instant::now() < deadline => {
+                    ask = back;
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                Err(_) => return false,
+            }
+        }
+        done.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .is_ok()
+    }
+
+    fn writer(&self) -> &mpsc::SyncSender<Line> {
         self.lines.get_or_init(|| {
-            let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(LOG_QUEUE);
+            let (tx, rx) = mpsc::sync_channel::<Line>(LOG_QUEUE);
             // Ends when the `AccessLog` (the only sender) is dropped.
             let spawned = std::thread::Builder::new()
                 .name("access-log".into())
@@ -116,15 +151,25 @@ impl AccessLog {
     }
 }
 
-fn write_lines(rx: &mpsc::Receiver<Vec<u8>>) {
+fn write_lines(rx: &mpsc::Receiver<Line>) {
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout());
+    let mut acks = Vec::new();
     while let Ok(line) = rx.recv() {
         // A closed stdout must not fail (or panic) anything: errors are ignored.
-        let _ = out.write_all(&line);
+        let mut put = |line| match line {
+            Line::Text(line) => {
+                let _ = out.write_all(&line);
+            }
+            Line::Flush(ack) => acks.push(ack),
+        };
+        put(line);
         while let Ok(line) = rx.try_recv() {
-            let _ = out.write_all(&line);
+            put(line);
         }
         let _ = out.flush();
+        for ack in acks.drain(..) {
+            let _ = ack.try_send(());
+        }
     }
 }
 
@@ -282,21 +327,34 @@ pub async fn access_log_stage<B>(
     req: Req<B>,
     next: impl Next<Req<B>>,
 ) -> Response<Body> {
-    let start = LogStart::begin(&log, write, &req);
+    let start = LogStart::begin(log, write, &req);
     let resp = run(next, req).await;
-    start.finish(resp, None, log, write)
+    start.finish(resp)
 }
+
+/// Status of a request dropped before its response head: the client went away
+/// (HTTP/1 close, HTTP/2 `RST_STREAM`) or shutdown cut it — nginx's "client closed
+/// request".
+pub const CLIENT_CLOSED: u16 = 499;
 
 /// The access log's part before the request goes on: when it started, and what the
 /// record needs of the request (only if the record will be read). Split from
 /// `access_log_stage` so the untraced pipeline runs it inline.
+///
+/// Also the request's drop guard: dropped without `finish` (the future holding it
+/// was dropped before an answer), it logs and counts the request as `CLIENT_CLOSED`,
+/// so every request gets exactly one line however it ends.
 pub struct LogStart {
     started: Instant,
     request: Option<RequestSide>,
+    route: Option<Arc<crate::routing::Route>>,
+    /// `None` once `finish` took over: the guard is disarmed.
+    log: Option<Arc<AccessLog>>,
+    write: bool,
 }
 
 impl LogStart {
-    pub fn begin<B>(log: &AccessLog, write: bool, req: &Req<B>) -> LogStart {
+    pub fn begin<B>(log: Arc<AccessLog>, write: bool, req: &Req<B>) -> LogStart {
         let started = Instant::now();
         let ctx = req.ctx();
         let request = log.wanted(write).then(|| RequestSide {
@@ -306,35 +364,145 @@ impl LogStart {
             request_id: ctx.request_id.as_ref().map(|r| r.0.clone()),
             trace_id: ctx.trace_id,
         });
-        LogStart { started, request }
+        LogStart {
+            started,
+            request,
+            route: None,
+            log: Some(log),
+            write,
+        }
     }
 
-    /// Hand the record's completion to the response body. `route`: the matched
-    /// route if the caller knows it, else the response's `MatchedRoute` extension.
-    pub fn finish(
-        self,
-        mut resp: Response<Body>,
-        route: Option<Arc<crate::routing::Route>>,
-        log: Arc<AccessLog>,
-        write: bool,
-    ) -> Response<Body> {
+    /// The matched route, once known: named in the record even if the request is
+    /// dropped before its answer.
+    pub fn set_route(&mut self, route: Arc<crate::routing::Route>) {
+        self.route = Some(route);
+    }
+
+    /// Hand the record's completion to the response body. The route is the one set
+    /// (`set_route`), else the response's `MatchedRoute` extension.
+    pub fn finish(mut self, mut resp: Response<Body>) -> Response<Body> {
+        let Some(log) = self.log.take() else {
+            return resp;
+        };
         let ext = resp.extensions();
         let pending = Pending {
             status: resp.status().as_u16(),
-            route: route.or_else(|| ext.get::<MatchedRoute>().map(|r| r.0.clone())),
+            route: self
+                .route
+                .take()
+                .or_else(|| ext.get::<MatchedRoute>().map(|r| r.0.clone())),
             upstream: resp
                 .body()
                 .upstream_addr()
                 .or_else(|| ext.get::<UpstreamAddr>().map(|u| &u.0))
                 .cloned(),
             user_id: ext.get::<UserId>().map(|u| u.0.clone()),
-            request: self.request,
+            request: self.request.take(),
             started: self.started,
-            write,
+            write: self.write,
             log,
         };
         resp.body_mut().on_end(Box::new(pending));
         resp
+    }
+}
+
+impl Drop for LogStart {
+    fn drop(&mut self) {
+        let Some(log) = self.log.take() else { return };
+        // Dropped while unwinding: the request's handling panicked, and its answer
+        // is the 500 of `pipeline::panic_response`.
+        let status = if std::thread::panicking() {
+            500
+        } else {
+            CLIENT_CLOSED
+        };
+        Pending {
+            status,
+            route: self.route.take(),
+            upstream: None,
+            user_id: None,
+            request: self.request.take(),
+            started: self.started,
+            write: self.write,
+            log,
+        }
+        .complete(0);
+    }
+}
+
+/// A request hyper's HTTP/1 parser answered itself (400, 414 or 431) before any
+/// service call: known only from the error its connection ended with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParserRejection {
+    pub status: u16,
+    pub reason: &'static str,
+}
+
+impl ParserRejection {
+    /// The rejection hyper answered, if `e` is one: the parse errors for which
+    /// hyper's server writes an error response (`on_error` in hyper's `role.rs`).
+    pub fn of(e: &hyper::Error) -> Option<ParserRejection> {
+        if !e.is_parse() || e.is_parse_version_h2() || e.is_parse_status() {
+            return None;
+        }
+        // hyper's descriptions are fixed texts; its kinds are not public.
+        let text = e.to_string().to_ascii_lowercase();
+        let (status, reason) = if e.is_parse_too_large() {
+            if text.contains("uri") {
+                (414, "uri_too_long")
+            } else {
+                (431, "head_too_large")
+            }
+        } else if text.contains("content-length") {
+            (400, "bad_content_length")
+        } else if text.contains("transfer-encoding") {
+            (400, "bad_transfer_encoding")
+        } else if text.contains("header") {
+            (400, "bad_header")
+        } else if text.contains("uri") {
+            (400, "bad_uri")
+        } else if text.contains("method") {
+            (400, "bad_method")
+        } else if text.contains("version") {
+            (400, "bad_version")
+        } else {
+            (400, "bad_request")
+        };
+        Some(ParserRejection { status, reason })
+    }
+
+    /// Count it (`gateway_rejected_requests_total{status,reason}`, and
+    /// `gateway_requests_total{route="none"}` as every unrouted answer) and write
+    /// its access-log line with what is known: client, status, reason.
+    pub fn record(self, log: &AccessLog, write: bool, conn: &crate::ctx::ConnInfo) {
+        metrics::counter!(
+            "gateway_rejected_requests_total",
+            "status" => self.status.to_string(),
+            "reason" => self.reason
+        )
+        .increment(1);
+        unrouted().count("none", self.status);
+        if !log.wanted(write) {
+            return;
+        }
+        let record = AccessRecord {
+            time: now_rfc3339(),
+            method: String::new(),
+            path: String::new(),
+            status: self.status,
+            latency_ms: 0.0,
+            bytes: 0,
+            client_ip: conn.client_ip_str().to_string(),
+            upstream: None,
+            route: None,
+            request_id: String::new(),
+            user_id: None,
+            trace_id: String::new(),
+            reason: Some(self.reason),
+        };
+        log.log(record, write);
     }
 }
 
@@ -354,7 +522,15 @@ struct Pending {
 
 impl BodyEnd for Pending {
     fn ended(self: Box<Self>, bytes: u64) {
-        let p = *self;
+        (*self).complete(bytes);
+    }
+}
+
+impl Pending {
+    /// Inlined: on every request, in `ended` (the guard's `Drop` is the rare caller).
+    #[inline]
+    fn complete(self, bytes: u64) {
+        let p = self;
         let elapsed = p.started.elapsed();
         match &p.route {
             Some(r) => r
@@ -379,6 +555,7 @@ impl BodyEnd for Pending {
             request_id: req.request_id.map(|r| r.to_string()).unwrap_or_default(),
             user_id: p.user_id,
             trace_id: req.trace_id.map(|t| t.to_string()).unwrap_or_default(),
+            reason: None,
         };
         p.log.log(record, p.write);
     }
@@ -410,6 +587,76 @@ mod tests {
         let id = propagate_traceparent(&mut h, true).to_string();
         assert_eq!(id.len(), 32);
         assert!(parse_traceparent(h["traceparent"].to_str().expect("ascii")).is_some());
+    }
+
+    fn req(id: &str) -> Req<()> {
+        let conn = crate::ctx::ConnInfo::new("127.0.0.1:9".parse().expect("addr"), false, false);
+        let mut r = Req::new(
+            http::Request::get("/p").body(()).expect("request"),
+            crate::ctx::ReqCtx::new(Arc::new(conn), 0),
+        );
+        r.ctx_mut().request_id = Some(crate::ctx::RequestId(id.into()));
+        r
+    }
+
+    /// A request whose future is dropped before its answer is logged once, as 499;
+    /// one that was answered is logged by its body, not by the guard.
+    #[test]
+    fn the_log_start_logs_a_request_dropped_before_its_answer_once() {
+        let log = Arc::new(AccessLog::new());
+        let mut rx = log.subscribe();
+        drop(LogStart::begin(log.clone(), false, &req("gone")));
+        let r = rx.try_recv().expect("a record for the dropped request");
+        assert_eq!((r.status, r.request_id.as_str(), r.path.as_str()), (499, "gone", "/p"));
+        assert!(rx.try_recv().is_err(), "exactly one");
+
+        let start = LogStart::begin(log.clone(), false, &req("answered"));
+        let resp = start.finish(Response::new(full("ok")));
+        assert!(rx.try_recv().is_err(), "nothing until the body ends");
+        drop(resp);
+        let r = rx.try_recv().expect("a record for the answered request");
+        assert_eq!((r.status, r.request_id.as_str()), (200, "answered"));
+        assert!(rx.try_recv().is_err(), "exactly one");
+    }
+
+    /// Dropped while a panic unwinds, the request's answer is the panic's 500.
+    #[test]
+    fn the_log_start_of_a_panicking_request_logs_500() {
+        let log = Arc::new(AccessLog::new());
+        let mut rx = log.subscribe();
+        let start = LogStart::begin(log.clone(), false, &req("boom"));
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            let _start = start;
+            panic!("a bug in a stage");
+        }));
+        assert!(r.is_err());
+        assert_eq!(rx.try_recv().expect("record").status, 500);
+    }
+
+    /// Parse errors hyper answers itself map to the status it sent.
+    #[tokio::test]
+    async fn parser_rejections_carry_hyper_status() {
+        for (head, want) in [
+            (&b"GET / HTTP/1.1\r\nX-A: b\r\n c\r\n\r\n"[..], Some((400, "bad_header"))),
+            (b"GET / HTTP/1.1\r\nTransfer-Encoding: xchunked\r\n\r\n", Some((400, "bad_transfer_encoding"))),
+            (b"GET / HTTP/1.1\r\nContent-Length: 1x\r\n\r\n", Some((400, "bad_content_length"))),
+            (b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", None),
+        ] {
+            let (client, server) = tokio::io::duplex(4096);
+            let (_keep, mut w) = tokio::io::split(client);
+            tokio::io::AsyncWriteExt::write_all(&mut w, head).await.expect("write");
+            tokio::io::AsyncWriteExt::shutdown(&mut w).await.expect("shutdown");
+            let svc = hyper::service::service_fn(|_r| async {
+                Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Empty::<bytes::Bytes>::new()))
+            });
+            let served = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(server), svc);
+            let r = tokio::time::timeout(std::time::Duration::from_secs(5), served)
+                .await
+                .expect("connection ended");
+            let got = r.err().and_then(|e| ParserRejection::of(&e)).map(|p| (p.status, p.reason));
+            assert_eq!(got, want, "{:?}", String::from_utf8_lossy(head));
+        }
     }
 
     #[test]

@@ -189,17 +189,19 @@ impl Next<Req<Incoming>> for Untraced {
         async move {
             let Untraced { log, rt } = self;
             let write = rt.cfg.observability.access_log;
-            let start = crate::observe::LogStart::begin(&log, write, &req);
-            let (resp, route) = match above_routing(&rt, req) {
-                Err(resp) => (resp, None),
+            // Also the request's drop guard: a request dropped before its answer is
+            // logged and counted when this is dropped (`LogStart`'s `Drop`).
+            let mut start = crate::observe::LogStart::begin(log, write, &req);
+            let resp = match above_routing(&rt, req) {
+                Err(resp) => resp,
                 Ok(routed) => {
-                    let route = routed.route.route.clone();
+                    start.set_route(routed.route.route.clone());
                     let tracer: Tracer = None;
                     let rest = compose_routed!(rt, &tracer, plain_routed);
-                    (rest.run(routed).await, Some(route))
+                    rest.run(routed).await
                 }
             };
-            start.finish(resp, route, log, write)
+            start.finish(resp)
         }
     }
 }
@@ -404,5 +406,34 @@ mod tests {
         );
         // The body (and its guard) is gone: nothing is in flight any more.
         assert_eq!(c.activity.in_flight(), 0);
+    }
+
+    /// A pipeline that panics after an await (its access-log guard stored in the
+    /// future) is logged once, with the 500 it answers, not as a dropped request.
+    #[tokio::test]
+    async fn a_panicking_pipeline_is_logged_once_as_500() {
+        let c = Arc::new(conn());
+        let log = Arc::new(crate::observe::AccessLog::new());
+        let mut rx = log.subscribe();
+        let req = Req::new(Request::get("/p").body(()).expect("req"), ReqCtx::new(c.clone(), 0));
+        fn boom() -> Response<Body> {
+            panic!("a bug in a stage")
+        }
+        let fut: PipelineFuture = Box::pin(async move {
+            let start = crate::observe::LogStart::begin(log, false, &req);
+            tokio::task::yield_now().await;
+            start.finish(boom())
+        });
+        let rf = ResponseFuture {
+            fut: Some(Ok(fut)),
+            in_flight: Some(c.activity.start_request()),
+            request_id: None,
+        };
+        let resp = rf.await.expect("infallible");
+        assert_eq!(resp.status(), http::StatusCode::INTERNAL_SERVER_ERROR);
+        drop(resp);
+        let r = rx.try_recv().expect("a record");
+        assert_eq!(r.status, 500, "{r:?}");
+        assert!(rx.try_recv().is_err(), "exactly one");
     }
 }

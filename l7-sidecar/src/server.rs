@@ -29,7 +29,8 @@ pub struct RunningGateway {
     /// One connection budget per listener.
     limits: Vec<Arc<Semaphore>>,
     max_connections: usize,
-    stop: tokio::sync::watch::Sender<bool>,
+    /// `RUNNING`, then `DRAINING` (finish the request in progress), then `CUT`.
+    stop: tokio::sync::watch::Sender<u8>,
 }
 
 impl RunningGateway {
@@ -51,7 +52,21 @@ impl RunningGateway {
     /// and close. True if every connection closed within `timeout`.
     pub async fn drain(&self, timeout: Duration) -> bool {
         self.shutdown();
-        let _ = self.stop.send(true);
+        let _ = self.stop.send(DRAINING);
+        self.wait_idle(timeout).await
+    }
+
+    /// After a drain that ran out of time: end every connection now, dropping the
+    /// requests still in flight, which logs and counts each of them (status 499, as
+    /// a client that went away) before the process exits. True if every connection
+    /// closed within `timeout`.
+    pub async fn cut(&self, timeout: Duration) -> bool {
+        self.shutdown();
+        let _ = self.stop.send(CUT);
+        self.wait_idle(timeout).await
+    }
+
+    async fn wait_idle(&self, timeout: Duration) -> bool {
         let step = Duration::from_millis(20);
         let rounds = (timeout.as_millis() / step.as_millis()).max(1);
         let idle = || {
@@ -68,6 +83,11 @@ impl RunningGateway {
         idle()
     }
 }
+
+/// Values of the stop signal (`RunningGateway::stop`).
+const RUNNING: u8 = 0;
+const DRAINING: u8 = 1;
+const CUT: u8 = 2;
 
 impl Drop for RunningGateway {
     fn drop(&mut self) {
@@ -114,7 +134,7 @@ async fn start_on(gateway: Gateway, workers: Workers) -> Result<RunningGateway, 
     };
     let rt = gateway.runtime();
     let max_connections = rt.cfg.server.max_connections;
-    let (stop, _) = tokio::sync::watch::channel(false);
+    let (stop, _) = tokio::sync::watch::channel(RUNNING);
     let mut limits = Vec::new();
     let mut addrs = Vec::new();
     // Per worker, for every configured listener: its socket and what it serves with.
@@ -275,7 +295,7 @@ async fn accept_loop(
     role: Role,
     limit: Arc<Semaphore>,
     per_address: Arc<PerAddress>,
-    stop: tokio::sync::watch::Receiver<bool>,
+    stop: tokio::sync::watch::Receiver<u8>,
 ) {
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -328,7 +348,7 @@ async fn serve<S>(
     stream: S,
     info: ConnInfo,
     cfg: &crate::config::ServerConfig,
-    stop: tokio::sync::watch::Receiver<bool>,
+    stop: tokio::sync::watch::Receiver<u8>,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -345,7 +365,7 @@ async fn serve_conn<S>(
     stream: S,
     info: ConnInfo,
     cfg: &crate::config::ServerConfig,
-    mut stop: tokio::sync::watch::Receiver<bool>,
+    mut stop: tokio::sync::watch::Receiver<u8>,
     mut overdue: crate::body::deadline::Watch,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -366,7 +386,11 @@ async fn serve_conn<S>(
         .writev(false);
     // hyper's own limit is 100 headers, parsed into arrays on the stack; setting any
     // limit (even 100) makes it fill a header array element by element per request.
-    if cfg.max_headers != HYPER_DEFAULT_MAX_HEADERS {
+    // Never below the gateway's `max_headers`: up to hyper's limit the gateway's own
+    // check (`guard::harden`) answers 431 with the usual JSON error and request id,
+    // and the request is logged like any other; past it, hyper answers a bare 431
+    // (logged and counted from the connection's error: `observe::ParserRejection`).
+    if cfg.max_headers > HYPER_DEFAULT_MAX_HEADERS {
         h1.max_headers(cfg.max_headers);
     }
     // HTTP/2 streams run in tasks of their own, which end a response the client does
@@ -386,9 +410,10 @@ async fn serve_conn<S>(
     tokio::pin!(conn);
     // Polled again only once the watch changed (or closed): see `Quiet`.
     let probe = stop.clone();
+    let mut cut_rx = stop.clone();
     let stopped = async move {
         // The watch guard must not live across an await of the connection.
-        let _ = stop.wait_for(|s| *s).await;
+        let _ = stop.wait_for(|s| *s >= DRAINING).await;
     };
     tokio::pin!(stopped);
     let mut stopped = Quiet::new(stopped, move |_: &_| probe.has_changed().unwrap_or(true));
@@ -415,9 +440,15 @@ async fn serve_conn<S>(
             () = &mut stopped => {
                 // Finish the request in progress, then close instead of idling in keep-alive.
                 conn.as_mut().graceful_shutdown();
+                let cut = async {
+                    let _ = cut_rx.wait_for(|s| *s >= CUT).await;
+                };
                 tokio::select! {
                     r = conn.as_mut() => break r,
                     () = overdue.overdue() => break Ok(()),
+                    // Past the drain limit: dropping the connection drops its
+                    // requests, each logged as cut (`observe::LogStart`).
+                    () = cut => break Ok(()),
                 }
             }
             () = overdue.overdue() => {
@@ -448,6 +479,14 @@ async fn serve_conn<S>(
         }
     };
     if let Err(e) = result {
+        // hyper's HTTP/1 parser answers a head it cannot parse itself (400, 414, 431),
+        // before any service call: the only place such a request can be counted.
+        if let Some(h) = e.downcast_ref::<hyper::Error>() {
+            if let Some(rejection) = crate::observe::ParserRejection::of(h) {
+                let write = gw.shared.runtime.load().cfg.observability.access_log;
+                rejection.record(&gw.shared.access_log, write, &info);
+            }
+        }
         tracing::debug!(peer = %info.peer, error = %e, "connection ended with error");
     }
 }

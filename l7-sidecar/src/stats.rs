@@ -66,6 +66,18 @@ pub struct RouteMetrics {
 
 impl RouteMetrics {
     pub fn record(&self, route: &str, status: u16, secs: f64) {
+        self.count(route, status);
+        self.duration
+            .get_or_init(|| {
+                metrics::histogram!("gateway_request_duration_seconds", "route" => route.to_string())
+            })
+            .record(secs);
+    }
+
+    /// Count an answer in `gateway_requests_total` without a duration sample (one
+    /// hyper's parser gave before the request was timed).
+    #[inline]
+    pub fn count(&self, route: &str, status: u16) {
         // Counted under the read lock: a clone of the handle (a reference count
         // taken and dropped) is only needed to register a new status.
         let counted = self.by_status.read().ok().is_some_and(|v| {
@@ -83,11 +95,6 @@ impl RouteMetrics {
             }
             c.increment(1);
         }
-        self.duration
-            .get_or_init(|| {
-                metrics::histogram!("gateway_request_duration_seconds", "route" => route.to_string())
-            })
-            .record(secs);
     }
 }
 

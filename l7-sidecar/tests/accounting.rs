@@ -1,0 +1,272 @@
+//! Every request the gateway sees gets exactly one access-log line and one count in
+//! the request metrics, however it ends: answered, answered with its body cut,
+//! dropped before the response head (client gone: `499`), cut at shutdown, or
+//! refused by the HTTP/1 parser before any service call (issue 10, F-f and F-b).
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::{BodyExt as _, Empty};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use l7_sidecar::observe::AccessRecord;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::sync::broadcast;
+
+fn cfg(up: SocketAddr, server: &str) -> String {
+    format!(
+        "[server]\n{server}\n{}[pools.t]\nbackends = [{{ address = \"{up}\" }}]\n[[routes]]\nname = \"t\"\npath = \"/\"\npool = \"t\"\n",
+        listener("public")
+    )
+}
+
+/// Every record with request id `id` that arrives within `wait`.
+async fn records_for(
+    log: &mut broadcast::Receiver<AccessRecord>,
+    id: &str,
+    wait: Duration,
+) -> Vec<AccessRecord> {
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + wait;
+    while let Ok(Ok(r)) = tokio::time::timeout_at(deadline, log.recv()).await {
+        if r.request_id == id {
+            got.push(r);
+        }
+    }
+    got
+}
+
+/// Every record (any id) that arrives within `wait`.
+async fn all_records(
+    log: &mut broadcast::Receiver<AccessRecord>,
+    wait: Duration,
+) -> Vec<AccessRecord> {
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + wait;
+    while let Ok(Ok(r)) = tokio::time::timeout_at(deadline, log.recv()).await {
+        got.push(r);
+    }
+    got
+}
+
+/// An upstream that sends a response head and one body chunk, then holds the body.
+async fn half_body_upstream() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let head = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n";
+                let _ = s.write_all(head.as_bytes()).await;
+                let _ = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+            });
+        }
+    });
+    addr
+}
+
+fn one(recs: &[AccessRecord], what: &str) -> AccessRecord {
+    assert_eq!(recs.len(), 1, "{what}: exactly one line, got {recs:?}");
+    recs[0].clone()
+}
+
+async fn h2_sender(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<Empty<Bytes>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+        .await
+        .expect("h2 handshake");
+    tokio::spawn(conn);
+    send
+}
+
+fn h2_get(addr: SocketAddr, path: &str, id: &str) -> http::Request<Empty<Bytes>> {
+    http::Request::get(format!("http://{addr}{path}"))
+        .header("x-request-id", id)
+        .body(Empty::new())
+        .expect("request")
+}
+
+#[tokio::test]
+async fn a_client_gone_before_the_head_is_logged_once_as_499_over_h1_and_h2() {
+    let up = upstream("slow").await;
+    let gw = start_gateway(&cfg(up.addr, "")).await;
+    let addr = gw.addr("public").expect("addr");
+    let mut log = gw.gateway.shared.access_log.subscribe();
+
+    // HTTP/1: the client closes while the upstream still works on the request.
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(b"GET /delay/1500 HTTP/1.1\r\nHost: a\r\nX-Request-Id: abort-h1\r\n\r\n")
+        .await
+        .expect("write");
+    eventually(Duration::from_secs(3), "upstream got the h1 request", || up.hits() >= 1).await;
+    drop(s);
+    let r = one(
+        &records_for(&mut log, "abort-h1", Duration::from_millis(2500)).await,
+        "h1 abort",
+    );
+    assert_eq!(r.status, 499, "{r:?}");
+    assert_eq!(r.route.as_deref(), Some("t"));
+    assert_eq!(r.path, "/delay/1500");
+    assert_eq!(r.method, "GET");
+    assert!(r.latency_ms > 0.0);
+
+    // HTTP/2: the client resets the stream (dropping its response future).
+    let mut send = h2_sender(addr).await;
+    let hits = up.hits();
+    let pending = tokio::spawn(send.send_request(h2_get(addr, "/delay/1500", "abort-h2")));
+    eventually(Duration::from_secs(3), "upstream got the h2 request", || up.hits() > hits).await;
+    pending.abort();
+    let r = one(
+        &records_for(&mut log, "abort-h2", Duration::from_millis(2500)).await,
+        "h2 reset",
+    );
+    assert_eq!(r.status, 499, "{r:?}");
+    assert_eq!(r.route.as_deref(), Some("t"));
+
+    let metrics = l7_sidecar::observe::render_metrics();
+    assert!(
+        metrics.contains("gateway_requests_total{route=\"t\",status=\"499\"}"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn answered_and_body_cut_requests_get_exactly_one_line_over_h1_and_h2() {
+    let up = upstream("ok").await;
+    let gw = start_gateway(&cfg(up.addr, "")).await;
+    let addr = gw.addr("public").expect("addr");
+    let mut log = gw.gateway.shared.access_log.subscribe();
+
+    // Answered, HTTP/1.
+    let r = get(&client(), &format!("{}/x", base(&gw)), &[("x-request-id", "ok-h1")]).await;
+    assert_eq!(r.status, 200);
+    let rec = one(&records_for(&mut log, "ok-h1", Duration::from_millis(500)).await, "h1 answered");
+    assert_eq!(rec.status, 200);
+    // Answered, HTTP/2.
+    let mut send = h2_sender(addr).await;
+    let resp = send.send_request(h2_get(addr, "/x", "ok-h2")).await.expect("h2");
+    assert_eq!(resp.status(), 200);
+    resp.into_body().collect().await.expect("body");
+    let rec = one(&records_for(&mut log, "ok-h2", Duration::from_millis(500)).await, "h2 answered");
+    assert_eq!(rec.status, 200);
+
+    // Answered, then the body cut by the client: the line says what was sent.
+    let half = half_body_upstream().await;
+    let gw2 = start_gateway(&cfg(half, "")).await;
+    let addr2 = gw2.addr("public").expect("addr");
+    let mut log2 = gw2.gateway.shared.access_log.subscribe();
+    let mut s = tokio::net::TcpStream::connect(addr2).await.expect("connect");
+    s.write_all(b"GET /h HTTP/1.1\r\nHost: a\r\nX-Request-Id: cut-h1\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = [0u8; 1024];
+    let n = s.read(&mut buf).await.expect("read head");
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", String::from_utf8_lossy(&buf[..n]));
+    drop(s);
+    let rec = one(&records_for(&mut log2, "cut-h1", Duration::from_millis(1500)).await, "h1 cut");
+    assert_eq!(rec.status, 200);
+    let mut send = h2_sender(addr2).await;
+    let resp = send.send_request(h2_get(addr2, "/h", "cut-h2")).await.expect("h2");
+    assert_eq!(resp.status(), 200);
+    drop(resp);
+    let rec = one(&records_for(&mut log2, "cut-h2", Duration::from_millis(1500)).await, "h2 cut");
+    assert_eq!(rec.status, 200);
+}
+
+/// Raw bytes in, the whole answer out (the gateway closes after a parse error).
+async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(bytes).await.expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn parser_rejections_are_logged_and_counted() {
+    let up = upstream("never").await;
+    let gw = start_gateway(&cfg(up.addr, "")).await;
+    let addr = gw.addr("public").expect("addr");
+    let mut log = gw.gateway.shared.access_log.subscribe();
+    let mut many = String::from("GET / HTTP/1.1\r\nHost: a\r\n");
+    for i in 0..120 {
+        many.push_str(&format!("X-H{i}: v\r\n"));
+    }
+    many.push_str("\r\n");
+    let cases: [(&[u8], u16); 5] = [
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX-A: b\r\n c\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX-A: \x01\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n", 400),
+        (many.as_bytes(), 431),
+    ];
+    for (req, status) in cases {
+        let answer = raw(addr, req).await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{answer:?} for {:?}",
+            String::from_utf8_lossy(req)
+        );
+        let recs = all_records(&mut log, Duration::from_millis(300)).await;
+        let rec = one(&recs, &String::from_utf8_lossy(req));
+        assert_eq!(rec.status, status, "{rec:?}");
+        assert_eq!(rec.client_ip, "127.0.0.1");
+        assert!(rec.route.is_none());
+    }
+    assert_eq!(up.hits(), 0);
+    let metrics = l7_sidecar::observe::render_metrics();
+    for want in [
+        "gateway_rejected_requests_total{status=\"400\"",
+        "gateway_rejected_requests_total{status=\"431\"",
+        "gateway_requests_total{route=\"none\",status=\"431\"}",
+    ] {
+        assert!(metrics.contains(want), "{want} in {metrics}");
+    }
+}
+
+#[tokio::test]
+async fn max_headers_is_answered_by_the_gateway_with_its_usual_error() {
+    let up = upstream("never").await;
+    let gw = start_gateway(&cfg(up.addr, "max_headers = 20")).await;
+    let addr = gw.addr("public").expect("addr");
+    let mut log = gw.gateway.shared.access_log.subscribe();
+    let mut req = String::from("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\nX-Request-Id: mh-1\r\n");
+    for i in 0..18 {
+        req.push_str(&format!("X-H{i}: v\r\n"));
+    }
+    let answer = raw(addr, format!("{req}\r\n").as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer:?}");
+    assert!(answer.to_ascii_lowercase().contains("x-request-id: mh-1"), "{answer:?}");
+    assert!(answer.contains("too_many_headers"), "{answer:?}");
+    let rec = one(&records_for(&mut log, "mh-1", Duration::from_millis(500)).await, "431");
+    assert_eq!(rec.status, 431);
+    assert_eq!(up.hits(), 0);
+}
+
+#[tokio::test]
+async fn a_request_cut_at_the_drain_limit_is_logged_before_exit() {
+    let up = upstream("slow").await;
+    let gw = start_gateway(&cfg(up.addr, "")).await;
+    let addr = gw.addr("public").expect("addr");
+    let mut log = gw.gateway.shared.access_log.subscribe();
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(b"GET /delay/3000 HTTP/1.1\r\nHost: a\r\nX-Request-Id: cut-at-exit\r\n\r\n")
+        .await
+        .expect("write");
+    eventually(Duration::from_secs(3), "upstream got the request", || up.hits() >= 1).await;
+    assert!(!gw.drain(Duration::from_millis(200)).await, "still in flight");
+    assert!(gw.cut(Duration::from_secs(1)).await, "cut connections closed");
+    // Logged by the time `cut` returns, not when the upstream answers.
+    let r = one(&records_for(&mut log, "cut-at-exit", Duration::from_millis(100)).await, "cut");
+    assert_eq!(r.status, 499, "{r:?}");
+    assert!(gw.gateway.shared.access_log.flush(Duration::from_secs(1)));
+    drop(s);
+}
