@@ -270,3 +270,56 @@ async fn a_request_cut_at_the_drain_limit_is_logged_before_exit() {
     assert!(gw.gateway.shared.access_log.flush(Duration::from_secs(1)));
     drop(s);
 }
+
+/// Refusals still name who and where: a 403 the user who lacked the role, a 502 the
+/// backend that failed (hostile test r3, finding 6: both were `null`).
+#[tokio::test]
+async fn a_refused_user_and_a_failed_backend_are_named_in_the_log() {
+    // A port that was bound and released: connecting to it is refused.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let toml = format!(
+        "{}[pools.dead]\nbackends = [{{ address = \"{dead}\" }}]\n\
+         [auth.jwt]\nissuer = \"idp\"\naudience = \"api\"\n[[auth.jwt.keys]]\nalgorithm = \"HS256\"\nsecret = \"acct\"\n\
+         [[routes]]\nname = \"admin\"\npath = \"/admin\"\npool = \"dead\"\nauth = \"jwt\"\nroles = [\"admin\"]\n\
+         [[routes]]\nname = \"down\"\npath = \"/down\"\npool = \"dead\"\n",
+        listener("public")
+    );
+    let gw = start_gateway(&toml).await;
+    let mut log = gw.gateway.shared.access_log.subscribe();
+    let c = client();
+    let b = base(&gw);
+    let token = format!(
+        "Bearer {}",
+        hs256(
+            "acct",
+            serde_json::json!({"sub": "alice", "role": "user", "iss": "idp", "aud": "api", "exp": now() + 600})
+        )
+    );
+    let r = get(
+        &c,
+        &format!("{b}/admin"),
+        &[("Authorization", &token), ("X-Request-Id", "acct-403")],
+    )
+    .await;
+    assert_eq!(r.status, 403);
+    let rec = one(
+        &records_for(&mut log, "acct-403", Duration::from_secs(2)).await,
+        "403",
+    );
+    assert_eq!(rec.user_id.as_deref(), Some("alice"), "{rec:?}");
+
+    let r = get(&c, &format!("{b}/down"), &[("X-Request-Id", "acct-502")]).await;
+    assert_eq!(r.status, 502);
+    assert!(
+        !String::from_utf8_lossy(&r.body).contains(&dead.port().to_string()),
+        "the client is not told the backend"
+    );
+    let rec = one(
+        &records_for(&mut log, "acct-502", Duration::from_secs(2)).await,
+        "502",
+    );
+    assert_eq!(rec.upstream, Some(dead.to_string()), "{rec:?}");
+}

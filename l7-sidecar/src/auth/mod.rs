@@ -23,8 +23,9 @@ pub enum AuthError {
     Missing,
     #[error("invalid credentials: {0}")]
     Invalid(String),
-    #[error("forbidden: requires one of roles {0:?}")]
-    Forbidden(Vec<String>),
+    /// Authenticated, but without a required role: the user is known (and logged).
+    #[error("forbidden: user {user} lacks one of roles {roles:?}")]
+    Forbidden { user: String, roles: Vec<String> },
 }
 
 impl AuthError {
@@ -32,7 +33,7 @@ impl AuthError {
         match self {
             AuthError::Missing => "missing",
             AuthError::Invalid(_) => "invalid",
-            AuthError::Forbidden(_) => "forbidden",
+            AuthError::Forbidden { .. } => "forbidden",
         }
     }
 }
@@ -279,7 +280,10 @@ impl Authenticator {
             },
         };
         if !roles.is_empty() && !roles.iter().any(|r| id.roles.contains(r)) {
-            return Err(AuthError::Forbidden(roles.to_vec()));
+            return Err(AuthError::Forbidden {
+                user: id.user_id.clone(),
+                roles: roles.to_vec(),
+            });
         }
         Ok(Some(id))
     }
@@ -463,8 +467,11 @@ async fn authenticated<B: Send + 'static>(
                 // Only wrong credentials are guesses; missing ones or a missing role are not.
                 failures.record(limit, ip, std::time::Instant::now());
             }
-            if let AuthError::Forbidden(_) = e {
-                return json_error(&req, StatusCode::FORBIDDEN, "forbidden", "not allowed");
+            if let AuthError::Forbidden { user, .. } = e {
+                // The access log names who was refused (the client is told nothing more).
+                let mut r = json_error(&req, StatusCode::FORBIDDEN, "forbidden", "not allowed");
+                r.extensions_mut().insert(UserId(user));
+                return r;
             }
             // The reason stays in the log: telling a guesser why a token failed helps it.
             let message = match e {
@@ -602,7 +609,7 @@ pub(super) mod tests {
             )
             .await;
         assert!(
-            matches!(r, Err(AuthError::Forbidden(_))),
+            matches!(r, Err(AuthError::Forbidden { .. })),
             "role check: {r:?}"
         );
         assert_eq!(
