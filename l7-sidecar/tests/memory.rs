@@ -155,9 +155,11 @@ async fn requests_through_the_gateway_keep_no_memory() {
         grown / n as isize
     );
     // The upstreams remember each request (the test harness's log); an entry is its
-    // method, URI and headers, well under 2 KiB, unless it pins hyper's read buffer.
+    // method, URI and headers (~2 KiB with the forwarding headers the gateway adds:
+    // X-Forwarded-*, X-Real-IP, X-Request-Id, identity), far under the 8 KiB and more
+    // of a pinned hyper read buffer. The gateway's own share is judged below.
     assert!(
-        grown < 2 * KIB * n as isize,
+        grown < 3 * KIB * n as isize,
         "{n} requests kept {} KiB ({} B each)",
         grown / KIB,
         grown / n as isize
