@@ -246,6 +246,9 @@ mod tests {
             // A fully qualified name: the root label's dot.
             "a.example.",
             "a.example.:8080",
+            "a:1",
+            "a:65535",
+            "[::ffff:127.0.0.1]:443",
         ] {
             assert!(valid_authority(ok.as_bytes()), "{ok}");
         }
@@ -253,6 +256,10 @@ mod tests {
             "", "a/x", "u@a", "a:8x", "a:123456", "[::1", "[]", "a b", ":80", "a?b", "a#b",
             // Only dots, or an empty label: no such name, and no route should guess.
             ".", "..", ".:80", "a..b", ".a", "a..", "a..:80",
+            // Not `host[:port]` (hostile test r3, 5): lists, sub-delims and `%` in the
+            // name, a port out of range or empty, an IPv6 literal that is not one.
+            "evil.example,api.example.com:99999", "a,b", "a;x", "a~b", "a%41", "a!b", "a=b",
+            "a:65536", "a:99999", "a:", "[::1]:", "[zz::1]", "[1:2]", "[::1]x",
         ] {
             assert!(!valid_authority(bad.as_bytes()), "{bad}");
         }
@@ -285,7 +292,7 @@ mod tests {
     fn harden_notes_the_accepted_host() {
         use crate::ctx::testing;
         let req = |hosts: &[&str]| {
-            let mut b = Request::get("http://auth.example/x").version(Version::HTTP_11);
+            let mut b = Request::get("/x").version(Version::HTTP_11);
             for h in hosts {
                 b = b.header(header::HOST, *h);
             }
@@ -300,6 +307,64 @@ mod tests {
         );
         let plain = harden(100, plain).unwrap_or_else(|r| panic!("{:?}", r.status()));
         assert!(plain.ctx().host.is_none(), "no Host header, none noted");
+    }
+
+    /// Hostile test r3, 1: an HTTP/1 absolute-form target's authority is the host
+    /// (RFC 9112 §3.2.2). A Host naming another is 400, as on HTTP/2; one naming the
+    /// same (case, trailing dot, default port aside) is replaced by the authority, which
+    /// routing and the upstream then see.
+    #[test]
+    fn absolute_form_authority_is_the_host() {
+        use crate::ctx::testing;
+        let req = |v: Version, uri: &str, hosts: &[&str]| {
+            let mut b = Request::get(uri).version(v);
+            for h in hosts {
+                b = b.header(header::HOST, *h);
+            }
+            testing::req(b.body(()).expect("request"))
+        };
+        for (v, uri, host) in [
+            (Version::HTTP_11, "http://api.example.com/admin", "other.example.com"),
+            (Version::HTTP_10, "http://api.example.com/admin", "other.example.com"),
+            (Version::HTTP_11, "http://a.example:8080/", "a.example"),
+            (Version::HTTP_11, "http://a.example/", "a.example:443"),
+            (Version::HTTP_11, "https://a.example/", "a.example:80"),
+            (Version::HTTP_11, "http://a.example/", "a.example.."),
+            (Version::HTTP_2, "https://a.example/", "b.example"),
+        ] {
+            let refused = harden(100, req(v, uri, &[host])).map(|_| ()).expect_err(uri);
+            assert_eq!(refused.status(), StatusCode::BAD_REQUEST, "{uri} {host}");
+        }
+        for (v, uri, hosts) in [
+            (Version::HTTP_11, "http://API.example.com./x", &["api.example.com:80"][..]),
+            (Version::HTTP_11, "https://a.example:443/x", &["A.Example."][..]),
+            (Version::HTTP_11, "http://a.example:8080/x", &["a.example.:8080"][..]),
+            (Version::HTTP_10, "http://a.example/x", &[][..]),
+            (Version::HTTP_2, "https://a.example/x", &["a.example:443"][..]),
+        ] {
+            let ok = harden(100, req(v, uri, hosts)).unwrap_or_else(|r| panic!("{uri}: {:?}", r.status()));
+            let authority = ok.uri().authority().expect("authority").as_str().to_owned();
+            assert_eq!(ok.ctx().host.as_ref().map(HeaderValue::as_bytes), Some(authority.as_bytes()), "{uri}");
+            if v != Version::HTTP_2 {
+                let sent: Vec<_> = ok.headers().get_all(header::HOST).iter().collect();
+                assert_eq!(sent, [authority.as_str()], "{uri}: forwarded as Host");
+            }
+        }
+    }
+
+    /// Hostile test r3, 7: `PRI` exists only as the HTTP/2 preface (RFC 9113 §3.4).
+    #[test]
+    fn pri_over_http1_is_refused() {
+        use crate::ctx::testing;
+        let pri = http::Method::from_bytes(b"PRI").expect("method");
+        for v in [Version::HTTP_11, Version::HTTP_10] {
+            let r = Request::builder().method(pri.clone()).uri("/pub").version(v);
+            let r = testing::req(r.header(header::HOST, "a").body(()).expect("request"));
+            let refused = harden(100, r).map(|_| ()).expect_err("PRI");
+            assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+        }
+        let get = testing::req(Request::get("/pub").header(header::HOST, "a").body(()).expect("request"));
+        assert!(harden(100, get).is_ok());
     }
 
     #[test]
