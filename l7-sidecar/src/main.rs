@@ -32,12 +32,25 @@ struct Args {
     man_page: Option<PathBuf>,
 }
 
+/// A failure is printed as its error chain on one line (`error: loading x.toml: ...`),
+/// once: returning it from `main` would add anyhow's debug form, which under
+/// `RUST_BACKTRACE` ends in a stack trace that says nothing about a bad config.
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// The main thread's runtime runs signals, reloads, health checks and JWKS refreshes;
 /// connections are served by the worker threads (`l7_sidecar::start_workers`).
 #[tokio::main(flavor = "current_thread")]
-async fn main() -> anyhow::Result<()> {
+async fn run(args: Args) -> anyhow::Result<()> {
     init_logging();
-    let args = Args::parse();
     if let Some(shell) = args.completions {
         clap_complete::generate(
             shell,

@@ -265,12 +265,13 @@ impl Recorder {
     ) -> Recorder {
         // A request refused for its Host is traced without it: its host is whatever the
         // client chose to write there (markup, a second Host, a password).
+        // A target's authority is the host routed by (`guard`), a Host only agrees with it.
         let host = match crate::guard::host_error(req) {
             Ok(()) => req
-                .headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .or_else(|| req.uri().authority().map(|a| a.as_str()))
+                .uri()
+                .authority()
+                .map(|a| a.as_str())
+                .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()))
                 .unwrap_or_default(),
             Err(_) => INVALID,
         };

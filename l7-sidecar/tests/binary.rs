@@ -71,6 +71,28 @@ fn check_flag_validates_the_example_and_rejects_invalid_files() {
     );
 }
 
+// Hostile test r3, 7: an unset secret variable was reported, then followed by anyhow's
+// debug dump and stack backtrace (RUST_BACKTRACE set). The error chain comes once, alone.
+#[test]
+fn check_reports_an_unset_secret_variable_without_a_backtrace() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/gateway.toml");
+    let out = Command::new(BIN)
+        .args(["--check", "--config", example])
+        .env_remove("GATEWAY_JWT_SECRET")
+        .env("RUST_BACKTRACE", "1")
+        .env("RUST_LIB_BACKTRACE", "1")
+        .output()
+        .expect("run binary");
+    assert!(!out.status.success(), "an unset secret fails --check");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let unset = "environment variable \"GATEWAY_JWT_SECRET\" is not set";
+    assert_eq!(err.matches(unset).count(), 1, "named once: {err}");
+    assert!(err.contains("gateway.toml"), "names the file: {err}");
+    for dump in ["backtrace", "Backtrace", "Caused by", "Error {", "at src/", "at /"] {
+        assert!(!err.contains(dump), "no {dump:?} in: {err}");
+    }
+}
+
 #[test]
 fn check_prints_a_toml_syntax_error_once_and_refuses_unresolvable_names() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -1091,6 +1091,69 @@ async fn host_header_is_validated_and_kept() {
     );
 }
 
+// Hostile test r3, 1/5/7. An HTTP/1.1 absolute-form target and its Host must name one
+// authority (as HTTP/2 `:authority` and `host` must); the routed and forwarded host is
+// that authority. A Host that is not `host[:port]` (list, port out of range, `;`) is
+// 400 `bad_host`, and `PRI` (reserved for the HTTP/2 preface) never reaches a backend.
+#[tokio::test]
+async fn absolute_form_host_values_and_pri_are_checked() {
+    let (gw, public) = hardening_gateway("").await;
+    let addr = gw.addr("public").expect("addr");
+    for (what, head, code) in [
+        (
+            "target and Host differ",
+            "GET http://api.example.com/v1/public HTTP/1.1\r\nHost: other.example.com\r\n",
+            "bad_host",
+        ),
+        (
+            "target port differs",
+            "GET http://api.example.com:8080/v1/public HTTP/1.1\r\nHost: api.example.com\r\n",
+            "bad_host",
+        ),
+        (
+            "list in Host",
+            "GET /v1/public HTTP/1.1\r\nHost: evil.example,api.example.com:99999\r\n",
+            "bad_host",
+        ),
+        (
+            "port above 65535",
+            "GET /v1/public HTTP/1.1\r\nHost: api.example.com:99999\r\n",
+            "bad_host",
+        ),
+        (
+            "; in the name",
+            "GET /v1/public HTTP/1.1\r\nHost: api.example.com;x\r\n",
+            "bad_host",
+        ),
+        (
+            "PRI over HTTP/1",
+            "PRI /v1/public HTTP/1.1\r\nHost: api.example.com\r\n",
+            "bad_request",
+        ),
+    ] {
+        let text = raw_all(addr, format!("{head}Connection: close\r\n\r\n").as_bytes()).await;
+        assert!(text.starts_with("HTTP/1.1 400"), "{what}: {text}");
+        assert!(text.contains(&format!("\"{code}\"")), "{what}: {text}");
+        assert!(text.to_ascii_lowercase().contains("x-request-id:"), "{what}: {text}");
+    }
+    assert_eq!(public.hits(), 0);
+    // Agreeing after normalisation (case, trailing dot, default port): routed and
+    // forwarded by the target's authority.
+    let text = raw_all(
+        addr,
+        b"GET http://API.example.com./v1/public HTTP/1.1\r\nHost: api.example.com:80\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let seen = public.last();
+    assert_eq!(seen.headers["host"], "API.example.com.");
+    assert_eq!(seen.headers["x-forwarded-host"], "API.example.com.");
+    // HTTP/1.0 absolute-form without Host keeps working, with the target's authority.
+    let text = raw_all(addr, b"GET http://api.example.com/v1/public HTTP/1.0\r\n\r\n").await;
+    assert!(text.contains(" 200 "), "{text}");
+    assert_eq!(public.last().headers["host"], "api.example.com");
+}
+
 // 2nd review, 1. A stalled or trickled request body is cut with 408; an oversized
 // Content-Length is refused before reading.
 #[tokio::test]

@@ -138,6 +138,13 @@ fn a_trace_holds_no_client_chosen_host_and_the_routed_path_without_parameters() 
         .expect("request");
     assert_eq!(recorded(userinfo).0, INVALID);
     assert_eq!(recorded(with_hosts(&["api.example:8080"], "/a")).0, "api.example:8080");
+    // An absolute-form target names the host routed by (and a Host naming another is
+    // refused): the trace shows the target's authority.
+    assert_eq!(
+        recorded(with_hosts(&["api.example:80"], "http://API.example./a")).0,
+        "API.example."
+    );
+    assert_eq!(recorded(with_hosts(&["other.example"], "http://api.example/a")).0, INVALID);
     // The path routing saw, without `;` parameters; a refused path is not echoed.
     // Hostile G1: the `;` stays, so the traced path routes as the request did (`/open;` is not
     // `/open`), its value goes.
