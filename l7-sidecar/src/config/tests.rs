@@ -46,7 +46,16 @@ fn route_hosts_with_empty_labels_are_refused() {
             "{bad:?}: {errs:?}"
         );
     }
-    for ok in ["a.example", "a.example.", "*.example.com", "*.example.com."] {
+    for bad in ["a;b.example", "a~b", "a,b", "a%41", "*.a!b", "a*.b"] {
+        let Err(ConfigError::Invalid(errs)) = Config::parse(&route(bad)) else {
+            panic!("{bad:?} accepted as a route host");
+        };
+        assert!(
+            errs.iter().any(|e| e.path == "routes[0].host" && e.message.contains("may only hold")),
+            "{bad:?}: {errs:?}"
+        );
+    }
+    for ok in ["a.example", "a.example.", "*.example.com", "*.example.com.", "a_b-1.example"] {
         assert!(Config::parse(&route(ok)).is_ok(), "{ok:?} refused");
     }
 }

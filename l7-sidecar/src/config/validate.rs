@@ -427,6 +427,13 @@ fn routes(cfg: &Config, e: &mut Errors) {
     }
 }
 
+/// A route host (after `*.`) holds only what a request's Host may (`guard::valid_authority`).
+fn host_chars_ok(host: &str) -> bool {
+    let name = host.strip_prefix("*.").unwrap_or(host);
+    name.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
 /// A route host's labels (after `*.` and one trailing dot) are not empty.
 fn host_labels_ok(host: &str) -> bool {
     let name = host.strip_prefix("*.").unwrap_or(host);
@@ -448,6 +455,12 @@ fn route_match(p: &str, r: &RouteConfig, e: &mut Errors) {
             || host.chars().any(char::is_whitespace)
         {
             e.add(format!("{p}.host"), format!("{host:?} is not a host name (no port, scheme or path; ports never take part in matching)"));
+        } else if !host_chars_ok(host) {
+            // The gateway refuses a Host with any other character (400 bad_host).
+            e.add(
+                format!("{p}.host"),
+                format!("{host:?} may only hold letters, digits, '-', '_' and '.' (after an optional \"*.\"): no request Host could match it"),
+            );
         } else if !host_labels_ok(host) {
             // The gateway refuses such a Host (400 bad_host): the route could never match.
             e.add(
