@@ -996,13 +996,13 @@ mod tests {
     }
 
     /// An h2c connection past its handshake (preface, SETTINGS both ways, ACKed by
-    /// us): the server's half reads until the connection ends (EOF or reset), the
-    /// time that happened is what the task returns.
+    /// us): the server's half reads until the connection ends (EOF or reset); the
+    /// task returns when that happened and what the server sent.
     async fn h2c_handshaken(
         addr: std::net::SocketAddr,
     ) -> (
         tokio::net::tcp::OwnedWriteHalf,
-        tokio::task::JoinHandle<std::time::Instant>,
+        tokio::task::JoinHandle<(std::time::Instant, Vec<u8>)>,
     ) {
         let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
         s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
@@ -1019,10 +1019,11 @@ mod tests {
         let (mut rd, wr) = s.into_split();
         let reader = tokio::spawn(async move {
             let mut buf = [0u8; 4096];
+            let mut got = Vec::new();
             loop {
                 match rd.read(&mut buf).await {
-                    Ok(0) | Err(_) => return std::time::Instant::now(),
-                    Ok(_) => {}
+                    Ok(0) | Err(_) => return (std::time::Instant::now(), got),
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
                 }
             }
         });
@@ -1051,7 +1052,7 @@ mod tests {
             .await
             .expect("h2 connection closed")
             .expect("reader");
-        assert!(h2_at.duration_since(started) < Duration::from_millis(2500));
+        assert!(h2_at.0.duration_since(started) < Duration::from_millis(2500));
         let mut buf = [0u8; 64];
         let n = tokio::time::timeout(Duration::from_secs(1), h1.read(&mut buf))
             .await
@@ -1084,7 +1085,7 @@ mod tests {
             .expect("closed while PINGing")
             .expect("reader");
         pinger.abort();
-        let took = at.duration_since(started);
+        let took = at.0.duration_since(started);
         assert!(took >= idle, "closed early, after {took:?}");
         assert!(took <= idle * 2 + Duration::from_millis(1500), "closed after {took:?}");
         assert!(running.drain(Duration::from_secs(2)).await, "drained");
@@ -1110,5 +1111,54 @@ mod tests {
         assert!(!closed.is_finished(), "closed although requests kept coming");
         closed.abort();
         assert!(running.drain(Duration::from_secs(3)).await, "drained");
+    }
+
+    /// The drain's grace does not cut an HTTP/2 request in flight: an answer that
+    /// takes 1.5 s (longer than the grace) arrives, then the connection closes.
+    #[tokio::test]
+    async fn a_drain_still_finishes_an_http2_request_in_flight() {
+        let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let up = upstream.local_addr().expect("addr");
+        let slow = tokio::spawn(async move {
+            let (mut c, _) = upstream.accept().await.expect("accept");
+            let mut buf = [0u8; 4096];
+            let _ = c.read(&mut buf).await;
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            let _ = c.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        });
+        let cfg = crate::Config::parse(&format!(
+            "[observability]\naccess_log = false\n[[listeners]]\nname = \"p\"\nbind = \"127.0.0.1:0\"\n[pools.web]\nbackends = [{{ address = \"{up}\" }}]\n[[routes]]\nname = \"all\"\npath = \"/\"\npool = \"web\"\n",
+        ))
+        .expect("config");
+        let gw = crate::Gateway::new(cfg, None).expect("gateway");
+        let running = super::start(gw).await.expect("start");
+        let addr = running.addr("p").expect("bound");
+        let (mut wr, closed) = h2c_handshaken(addr).await;
+        // HEADERS (END_STREAM | END_HEADERS) on stream 1: GET http://x/slow.
+        let block: &[u8] = b"\x82\x86\x04\x05/slow\x01\x01x";
+        let mut f = vec![0, 0, block.len() as u8, 1, 5, 0, 0, 0, 1];
+        f.extend_from_slice(block);
+        wr.write_all(&f).await.expect("request");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(running.drain(Duration::from_secs(5)).await, "drained");
+        let (_, got) = tokio::time::timeout(Duration::from_secs(1), closed)
+            .await
+            .expect("closed")
+            .expect("reader");
+        slow.abort();
+        // Frames after the handshake: find the response HEADERS on stream 1, `:status
+        // 200` (static table index 8).
+        let mut rest = &got[..];
+        let mut status_200 = false;
+        while rest.len() >= 9 {
+            let len = usize::from(rest[0]) << 16 | usize::from(rest[1]) << 8 | usize::from(rest[2]);
+            let end = (9 + len).min(rest.len());
+            if rest[3] == 1 && rest[5..9] == [0, 0, 0, 1] && rest.get(9) == Some(&0x88) {
+                status_200 = true;
+            }
+            rest = &rest[end..];
+        }
+        assert!(status_200, "the request in flight was answered 200: {got:?}");
     }
 }
