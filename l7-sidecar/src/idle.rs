@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -22,6 +22,10 @@ use tokio::time::Instant;
 /// watchdog, which looks a few times per timeout, notes when it saw the count
 /// change, so idleness is measured from the first look after the last byte: at
 /// most one watchdog tick later than the byte itself, never earlier.
+///
+/// On HTTP/2 bytes are no activity (a PING or WINDOW_UPDATE every few seconds
+/// would keep a connection without requests open for ever): only requests are, so
+/// the watchdog follows the count of requests started instead.
 #[derive(Debug)]
 pub struct Activity {
     opened: Instant,
@@ -32,9 +36,16 @@ pub struct Activity {
     seen_io: AtomicU64,
     last_io_ms: AtomicU64,
     any_read: AtomicBool,
-    /// Requests whose response has not been fully sent.
-    in_flight: AtomicUsize,
+    /// Requests started (high 32 bits, wrapping) and those whose response has not
+    /// been fully sent (low 32 bits): one word, so counting a start costs the one
+    /// atomic add the in-flight count needed anyway.
+    requests: AtomicU64,
 }
+
+/// One request started and in flight, in `Activity::requests`.
+const START: u64 = (1 << 32) | 1;
+/// The in-flight half of `Activity::requests`.
+const IN_FLIGHT: u64 = (1 << 32) - 1;
 
 impl Activity {
     pub fn new() -> Arc<Activity> {
@@ -44,7 +55,7 @@ impl Activity {
             seen_io: AtomicU64::new(0),
             last_io_ms: AtomicU64::new(0),
             any_read: AtomicBool::new(false),
-            in_flight: AtomicUsize::new(0),
+            requests: AtomicU64::new(0),
         })
     }
 
@@ -56,30 +67,42 @@ impl Activity {
 
     /// Requests whose response has not been fully sent (or dropped).
     pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Relaxed)
+        (self.requests.load(Ordering::Relaxed) & IN_FLIGHT) as usize
     }
 
-    /// Counts a request as in flight until the guard (kept by its response body) drops.
+    /// Requests started and in flight as one value (see `RequestsQuiet`): unchanged
+    /// only while none started or ended.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Counts a request as started, and in flight until the guard (kept by its
+    /// response body) drops.
     pub fn start_request(self: &Arc<Self>) -> InFlight {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.requests.fetch_add(START, Ordering::Relaxed);
         InFlight(self.clone())
     }
 
     /// True once the client sent nothing for `first_byte` after connecting, or, with
-    /// no request in flight, moved no bytes for `idle`.
-    /// Call from one watchdog only: it also notes activity seen since its last call.
-    pub fn expired(&self, now: Instant, first_byte: Duration, idle: Duration) -> bool {
+    /// no request in flight, moved no bytes (on HTTP/2, `h2`: started no request)
+    /// for `idle`. Call from one watchdog only: it also notes activity seen since its
+    /// last call.
+    pub fn expired(&self, now: Instant, first_byte: Duration, idle: Duration, h2: bool) -> bool {
         let since_open = now.saturating_duration_since(self.opened);
-        let io = self.io.load(Ordering::Relaxed);
-        if io != self.seen_io.load(Ordering::Relaxed) {
-            self.seen_io.store(io, Ordering::Relaxed);
+        let requests = self.requests.load(Ordering::Relaxed);
+        let busy = requests & IN_FLIGHT != 0;
+        // The change the watchdog follows; a request in flight counts as one at every
+        // look, so idleness starts at the look after it ended at the earliest.
+        let mark = if h2 { requests >> 32 } else { self.io.load(Ordering::Relaxed) };
+        if busy || mark != self.seen_io.load(Ordering::Relaxed) {
+            self.seen_io.store(mark, Ordering::Relaxed);
             let ms = u64::try_from(since_open.as_millis()).unwrap_or(u64::MAX);
             self.last_io_ms.store(ms, Ordering::Relaxed);
         }
         if !self.any_read.load(Ordering::Relaxed) {
             return since_open >= first_byte;
         }
-        if self.in_flight.load(Ordering::Relaxed) > 0 {
+        if busy {
             return false;
         }
         let last = Duration::from_millis(self.last_io_ms.load(Ordering::Relaxed));
@@ -91,7 +114,33 @@ pub struct InFlight(Arc<Activity>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.requests.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// During a drain: whether a connection has had no request in flight and none
+/// started for a while, from `Activity::requests` values sampled now and then.
+pub struct RequestsQuiet {
+    last: u64,
+    since: Instant,
+}
+
+impl RequestsQuiet {
+    pub fn new(requests: u64, now: Instant) -> Self {
+        RequestsQuiet {
+            last: requests,
+            since: now,
+        }
+    }
+
+    /// True if `requests` has not changed since `grace` ago and none is in flight.
+    pub fn for_at_least(&mut self, requests: u64, now: Instant, grace: Duration) -> bool {
+        if requests != self.last || requests & IN_FLIGHT != 0 {
+            self.last = requests;
+            self.since = now;
+            return false;
+        }
+        now.saturating_duration_since(self.since) >= grace
     }
 }
 
@@ -226,24 +275,75 @@ mod tests {
         assert!(t.try_acquire(ip, 2).is_some(), "released");
     }
 
+    impl Activity {
+        fn expired_h1(&self, now: Instant, first_byte: Duration, idle: Duration) -> bool {
+            self.expired(now, first_byte, idle, false)
+        }
+    }
+
+    /// HTTP/2: bytes are no activity, started requests are; idleness starts after
+    /// the last request ended, however long it was in flight.
+    #[test]
+    fn http2_expiry_follows_requests_not_bytes() {
+        let a = Activity::new();
+        let s = Duration::from_secs(1);
+        let at = |ms: u64| Instant::now() + Duration::from_millis(ms);
+        a.any_read.store(true, Ordering::Relaxed);
+        a.touch();
+        assert!(!a.expired(at(500), s, s, true));
+        a.touch();
+        assert!(a.expired(at(1100), s, s, true), "bytes alone: idle");
+        let req = a.start_request();
+        assert!(!a.expired(at(1200), s, s, true), "request in flight");
+        assert!(!a.expired(at(5000), s, s, true), "still in flight");
+        drop(req);
+        assert!(!a.expired(at(5500), s, s, true), "ended less than a timeout ago");
+        assert!(a.expired(at(6100), s, s, true), "a timeout after it ended");
+        // One started and ended between two looks counts too.
+        drop(a.start_request());
+        assert!(!a.expired(at(6200), s, s, true));
+        assert!(!a.expired(at(7100), s, s, true));
+        assert!(a.expired(at(7300), s, s, true));
+    }
+
+    #[test]
+    fn requests_quiet_after_grace_with_none_in_flight() {
+        let a = Activity::new();
+        let g = Duration::from_millis(500);
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut q = RequestsQuiet::new(a.requests(), t0);
+        let req = a.start_request();
+        assert_eq!(a.in_flight(), 1);
+        assert!(!q.for_at_least(a.requests(), at(100), g));
+        assert!(!q.for_at_least(a.requests(), at(900), g), "in flight");
+        drop(req);
+        assert_eq!(a.in_flight(), 0);
+        assert!(!q.for_at_least(a.requests(), at(1000), g), "just ended");
+        assert!(!q.for_at_least(a.requests(), at(1400), g));
+        assert!(q.for_at_least(a.requests(), at(1500), g), "quiet for the grace");
+        drop(a.start_request());
+        assert!(!q.for_at_least(a.requests(), at(1600), g), "a new one started");
+    }
+
     #[test]
     fn expiry_rules() {
         let a = Activity::new();
         let s = Duration::from_secs(1);
         let at = |ms: u64| Instant::now() + Duration::from_millis(ms);
-        assert!(!a.expired(at(0), s, s));
-        assert!(a.expired(at(1500), s, s), "no first byte");
+        assert!(!a.expired_h1(at(0), s, s));
+        assert!(a.expired_h1(at(1500), s, s), "no first byte");
         a.any_read.store(true, Ordering::Relaxed);
         a.touch();
         let req = a.start_request();
-        assert!(!a.expired(at(5000), s, s), "request in flight");
+        assert!(!a.expired_h1(at(5000), s, s), "request in flight");
         drop(req);
         // The watchdog saw the bytes at 5000 (its last look): idle from there on.
-        assert!(!a.expired(at(5500), s, s), "not a whole timeout since seen");
-        assert!(a.expired(at(6100), s, s), "idle after the response");
+        assert!(!a.expired_h1(at(5500), s, s), "not a whole timeout since seen");
+        assert!(a.expired_h1(at(6100), s, s), "idle after the response");
         a.touch();
-        assert!(!a.expired(at(6200), s, s), "bytes again: not idle");
-        assert!(!a.expired(at(7000), s, s));
-        assert!(a.expired(at(7300), s, s), "idle a timeout after they were seen");
+        assert!(!a.expired_h1(at(6200), s, s), "bytes again: not idle");
+        assert!(!a.expired_h1(at(7000), s, s));
+        assert!(a.expired_h1(at(7300), s, s), "idle a timeout after they were seen");
     }
 }

@@ -4,7 +4,7 @@
 
 use crate::ctx::ConnInfo;
 use crate::gateway::{Gateway, GatewayError};
-use crate::idle::{ActivityIo, PerAddress};
+use crate::idle::{ActivityIo, PerAddress, RequestsQuiet};
 use crate::guard::SmuggleGuard;
 use crate::pipeline::GatewayService;
 use hyper::server::conn::{http1, http2};
@@ -17,6 +17,13 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
+
+/// During a drain, how long at most a connection with no request in flight waits for
+/// one before it is closed (shorter if `idle_timeout_ms` is): hyper ends an HTTP/2
+/// connection only once the client ACKs the GOAWAY's PING, and never an HTTP/1
+/// connection whose first head is still being read. A second is a round trip for
+/// a request the client sent before it saw the GOAWAY (which hyper serves).
+const DRAIN_GRACE: Duration = Duration::from_secs(1);
 
 /// hyper's HTTP/1 header count limit when none is set (`DEFAULT_MAX_HEADERS`).
 const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
@@ -424,7 +431,7 @@ async fn serve_conn<S>(
     let tick = (first_byte.min(idle).min(header) / 4)
         .clamp(Duration::from_millis(10), Duration::from_secs(1));
     let mut head = HeadWatch::default();
-    let result = loop {
+    let result = 'conn: loop {
         // The next look: a tick from now, or sooner when the head in progress reaches
         // its limit then, so a head is cut at most the one tick it took to be first
         // seen late, whether or not the tick divides the header timeout.
@@ -443,12 +450,27 @@ async fn serve_conn<S>(
                 let cut = async {
                     let _ = cut_rx.wait_for(|s| *s >= CUT).await;
                 };
-                tokio::select! {
-                    r = conn.as_mut() => break r,
-                    () = overdue.overdue() => break Ok(()),
-                    // Past the drain limit: dropping the connection drops its
-                    // requests, each logged as cut (`observe::LogStart`).
-                    () = cut => break Ok(()),
+                tokio::pin!(cut);
+                // A connection with nothing to finish closes by itself too, whether
+                // hyper would end it or not (`DRAIN_GRACE`).
+                let grace = idle.min(DRAIN_GRACE);
+                let step = (grace / 4).max(Duration::from_millis(10));
+                let mut quiet = RequestsQuiet::new(info.activity.requests(), tokio::time::Instant::now());
+                loop {
+                    tokio::select! {
+                        r = conn.as_mut() => break 'conn r,
+                        () = overdue.overdue() => break 'conn Ok(()),
+                        // Past the drain limit: dropping the connection drops its
+                        // requests, each logged as cut (`observe::LogStart`).
+                        () = &mut cut => break 'conn Ok(()),
+                        () = tokio::time::sleep(step) => {
+                            let now = tokio::time::Instant::now();
+                            if quiet.for_at_least(info.activity.requests(), now, grace) {
+                                tracing::debug!(peer = %info.peer, "draining: no request in flight; closing");
+                                break 'conn Ok(());
+                            }
+                        }
+                    }
                 }
             }
             () = overdue.overdue() => {
@@ -458,7 +480,8 @@ async fn serve_conn<S>(
             () = Quiet::new(sleep.as_mut(), |s: &std::pin::Pin<&mut tokio::time::Sleep>| s.is_elapsed()) => {
                 let now = tokio::time::Instant::now();
                 let slow_head = head.too_slow(info.smuggled.head_in_progress(), now, header);
-                if slow_head || info.activity.expired(now, first_byte, idle) {
+                let h2 = conn.is_h2();
+                if slow_head || info.activity.expired(now, first_byte, idle, h2) {
                     tracing::debug!(peer = %info.peer, slow_head, "closing idle connection");
                     // An HTTP/1 head half read with no response owed: nothing to say
                     // goodbye to, so close now. hyper's graceful shutdown would not end
@@ -573,6 +596,11 @@ impl<S> Served<S>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    /// Serving HTTP/2 (its idleness is counted in requests, not bytes).
+    fn is_h2(&self) -> bool {
+        matches!(self, Served::H2(_))
+    }
+
     /// As `auto`'s: ends HTTP/1 after the request in progress, says GOAWAY in HTTP/2,
     /// and a connection whose protocol is not known yet ends at its next poll.
     fn graceful_shutdown(self: Pin<&mut Self>) {
@@ -954,5 +982,184 @@ mod tests {
                 Ok(_) => panic!("{workers:?}: bound a port another socket holds"),
             }
         }
+    }
+
+    /// A gateway on 127.0.0.1:0 with these `[server]` timeouts (ms) and no access log.
+    async fn gateway_with(first_byte: u64, header: u64, idle: u64) -> (super::RunningGateway, std::net::SocketAddr) {
+        let cfg = crate::Config::parse(&format!(
+            "[server]\nheader_read_timeout_ms = {header}\nfirst_byte_timeout_ms = {first_byte}\nidle_timeout_ms = {idle}\n[observability]\naccess_log = false\n[[listeners]]\nname = \"p\"\nbind = \"127.0.0.1:0\"\n",
+        ))
+        .expect("config");
+        let gw = crate::Gateway::new(cfg, None).expect("gateway");
+        let running = super::start(gw).await.expect("start");
+        let addr = running.addr("p").expect("bound");
+        (running, addr)
+    }
+
+    /// An h2c connection past its handshake (preface, SETTINGS both ways, ACKed by
+    /// us): the server's half reads until the connection ends (EOF or reset); the
+    /// task returns when that happened and what the server sent.
+    async fn h2c_handshaken(
+        addr: std::net::SocketAddr,
+    ) -> (
+        tokio::net::tcp::OwnedWriteHalf,
+        tokio::task::JoinHandle<(std::time::Instant, Vec<u8>)>,
+    ) {
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+            .await
+            .expect("preface");
+        let mut buf = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("server SETTINGS in time")
+            .expect("read");
+        assert!(n >= 9 && buf[3] == 0x04, "a SETTINGS frame first: {:?}", &buf[..n]);
+        // SETTINGS ACK; PINGs the server sends are never ACKed.
+        s.write_all(b"\x00\x00\x00\x04\x01\x00\x00\x00\x00").await.expect("ack");
+        let (mut rd, wr) = s.into_split();
+        let reader = tokio::spawn(async move {
+            let mut buf = [0u8; 4096];
+            let mut got = Vec::new();
+            loop {
+                match rd.read(&mut buf).await {
+                    Ok(0) | Err(_) => return (std::time::Instant::now(), got),
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+        });
+        (wr, reader)
+    }
+
+    /// Issue 10 (r3 finding 2): during a drain a connection with no request in flight
+    /// closes within a second, however long the idle timeout: an HTTP/2 client that
+    /// never ACKs the GOAWAY's PING, and an HTTP/1 first head left half-sent (hyper's
+    /// graceful shutdown waits for that head). Before, both held the drain until its
+    /// limit (30 s in the binary).
+    #[tokio::test]
+    async fn a_drain_does_not_wait_for_connections_with_no_request_in_flight() {
+        let (running, addr) = gateway_with(60_000, 60_000, 60_000).await;
+        let (_h2_writer, h2_closed) = h2c_handshaken(addr).await;
+        let mut h1 = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        h1.write_all(b"GET /nowhere HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .expect("half a head");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let started = std::time::Instant::now();
+        assert!(running.drain(Duration::from_secs(5)).await, "drained");
+        let took = started.elapsed();
+        assert!(took < Duration::from_millis(2500), "drain took {took:?}");
+        let h2_at = tokio::time::timeout(Duration::from_secs(1), h2_closed)
+            .await
+            .expect("h2 connection closed")
+            .expect("reader");
+        assert!(h2_at.0.duration_since(started) < Duration::from_millis(2500));
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(1), h1.read(&mut buf))
+            .await
+            .expect("h1 connection closed")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "no answer owed to half a head");
+    }
+
+    /// Issue 10 (r3 finding 3): on HTTP/2, PINGs without streams are no activity: the
+    /// connection closes at the idle timeout (plus a tick and the second its goodbye
+    /// may wait). Before, any byte counted and it stayed open as long as the PINGs came.
+    #[tokio::test]
+    async fn http2_pings_without_requests_do_not_keep_a_connection_open() {
+        let idle = Duration::from_millis(800);
+        let (running, addr) = gateway_with(10_000, 10_000, 800).await;
+        let (mut wr, closed) = h2c_handshaken(addr).await;
+        let started = std::time::Instant::now();
+        // A PING every 200 ms, for at most 6 s.
+        let pinger = tokio::spawn(async move {
+            for i in 0u8..30 {
+                let ping = [0, 0, 8, 6, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, i];
+                if wr.write_all(&ping).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+        let at = tokio::time::timeout(Duration::from_secs(6), closed)
+            .await
+            .expect("closed while PINGing")
+            .expect("reader");
+        pinger.abort();
+        let took = at.0.duration_since(started);
+        assert!(took >= idle, "closed early, after {took:?}");
+        assert!(took <= idle * 2 + Duration::from_millis(1500), "closed after {took:?}");
+        assert!(running.drain(Duration::from_secs(2)).await, "drained");
+    }
+
+    /// HTTP/2 requests do count: a connection asking for something every 300 ms with
+    /// an idle timeout of 800 ms stays open.
+    #[tokio::test]
+    async fn http2_requests_keep_a_connection_open() {
+        let (running, addr) = gateway_with(10_000, 10_000, 800).await;
+        let (mut wr, closed) = h2c_handshaken(addr).await;
+        // HEADERS (END_STREAM | END_HEADERS) for GET http://x/nowhere, HPACK literal
+        // fields without indexing; stream ids 1, 3, 5, ...
+        let block: &[u8] = b"\x82\x86\x04\x08/nowhere\x01\x01x";
+        for i in 0u32..8 {
+            let id = 2 * i + 1;
+            let mut f = vec![0, 0, block.len() as u8, 1, 5];
+            f.extend_from_slice(&id.to_be_bytes());
+            f.extend_from_slice(block);
+            wr.write_all(&f).await.expect("request");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        assert!(!closed.is_finished(), "closed although requests kept coming");
+        closed.abort();
+        assert!(running.drain(Duration::from_secs(3)).await, "drained");
+    }
+
+    /// The drain's grace does not cut an HTTP/2 request in flight: an answer that
+    /// takes 1.5 s (longer than the grace) arrives, then the connection closes.
+    #[tokio::test]
+    async fn a_drain_still_finishes_an_http2_request_in_flight() {
+        let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let up = upstream.local_addr().expect("addr");
+        let slow = tokio::spawn(async move {
+            let (mut c, _) = upstream.accept().await.expect("accept");
+            let mut buf = [0u8; 4096];
+            let _ = c.read(&mut buf).await;
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            let _ = c.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        });
+        let cfg = crate::Config::parse(&format!(
+            "[observability]\naccess_log = false\n[[listeners]]\nname = \"p\"\nbind = \"127.0.0.1:0\"\n[pools.web]\nbackends = [{{ address = \"{up}\" }}]\n[[routes]]\nname = \"all\"\npath = \"/\"\npool = \"web\"\n",
+        ))
+        .expect("config");
+        let gw = crate::Gateway::new(cfg, None).expect("gateway");
+        let running = super::start(gw).await.expect("start");
+        let addr = running.addr("p").expect("bound");
+        let (mut wr, closed) = h2c_handshaken(addr).await;
+        // HEADERS (END_STREAM | END_HEADERS) on stream 1: GET http://x/slow.
+        let block: &[u8] = b"\x82\x86\x04\x05/slow\x01\x01x";
+        let mut f = vec![0, 0, block.len() as u8, 1, 5, 0, 0, 0, 1];
+        f.extend_from_slice(block);
+        wr.write_all(&f).await.expect("request");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(running.drain(Duration::from_secs(5)).await, "drained");
+        let (_, got) = tokio::time::timeout(Duration::from_secs(1), closed)
+            .await
+            .expect("closed")
+            .expect("reader");
+        slow.abort();
+        // Frames after the handshake: find the response HEADERS on stream 1, `:status
+        // 200` (static table index 8).
+        let mut rest = &got[..];
+        let mut status_200 = false;
+        while rest.len() >= 9 {
+            let len = usize::from(rest[0]) << 16 | usize::from(rest[1]) << 8 | usize::from(rest[2]);
+            let end = (9 + len).min(rest.len());
+            if rest[3] == 1 && rest[5..9] == [0, 0, 0, 1] && rest.get(9) == Some(&0x88) {
+                status_200 = true;
+            }
+            rest = &rest[end..];
+        }
+        assert!(status_200, "the request in flight was answered 200: {got:?}");
     }
 }
