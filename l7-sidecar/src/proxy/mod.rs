@@ -192,10 +192,7 @@ macro_rules! forward_in_place {
                     Err(ConnectError::Deadline { .. }) => break 'forward Err(ProxyError::Timeout),
                     Err(e) => {
                         // Nothing was sent: a failed connect is retried like a lost response.
-                        tried.push(idx);
-                        up.pool.record_result(idx, true);
-                        tracing::debug!(pool = %up.pool.name, error = %e, "upstream connect failed");
-                        last_err = Some(ProxyError::Connect(e.to_string()));
+                        last_err = Some(connect_failed(up, idx, &mut tried, &e));
                         continue;
                     }
                 };
@@ -230,10 +227,7 @@ macro_rules! forward_in_place {
                         Ok(c) => c,
                         Err(ConnectError::Deadline { .. }) => break 'forward Err(ProxyError::Timeout),
                         Err(e) => {
-                            tried.push(idx);
-                            up.pool.record_result(idx, true);
-                            tracing::debug!(pool = %up.pool.name, error = %e, "upstream connect failed");
-                            last_err = Some(ProxyError::Connect(e.to_string()));
+                            last_err = Some(connect_failed(up, idx, &mut tried, &e));
                             continue 'attempts;
                         }
                     };
@@ -290,6 +284,20 @@ macro_rules! forward_in_place {
             Err(last_err.unwrap_or_else(|| ProxyError::NoBackend(up.pool.name.clone())))
         }
     };
+}
+
+/// A failed connect to backend `idx`: counted against it (passive health), not tried
+/// again by this request, logged; the error the request fails with if no attempt is left.
+fn connect_failed(
+    up: &Upstream,
+    idx: usize,
+    tried: &mut Vec<usize>,
+    e: &ConnectError,
+) -> ProxyError {
+    tried.push(idx);
+    up.pool.record_result(idx, true);
+    tracing::debug!(pool = %up.pool.name, error = %e, "upstream connect failed");
+    ProxyError::Connect(e.to_string())
 }
 
 /// Send a buffered request to the pool, all within the pool's request timeout.
