@@ -160,21 +160,24 @@ pub fn set_forwarded_headers(
     port: Option<&HeaderValue>,
     client_owned: u16,
 ) {
-    let prev = (client_owned & owned::FORWARDED_FOR != 0)
-        .then(|| headers.get(&FORWARDED_FOR))
-        .flatten()
-        .filter(|v| v.to_str().is_ok_and(|p| !p.trim().is_empty()));
-    let xff = match prev {
-        Some(prev) => {
-            // "prev, client" built in one buffer (no `format!`); both parts are
-            // visible ASCII already, so the value stays valid.
-            let mut v = Vec::with_capacity(prev.len() + 2 + client.len());
-            v.extend_from_slice(prev.as_bytes());
-            v.extend_from_slice(b", ");
-            v.extend_from_slice(client.as_bytes());
-            HeaderValue::from_maybe_shared(bytes::Bytes::from(v)).ok()
+    // Every line the client sent, in order: repeated lines are one list (RFC 9110 §5.3),
+    // and a proxy in front may have added its entry as a line of its own.
+    let mut list: Vec<u8> = Vec::new();
+    if client_owned & owned::FORWARDED_FOR != 0 {
+        for prev in headers.get_all(&FORWARDED_FOR) {
+            if prev.to_str().is_ok_and(|p| !p.trim().is_empty()) {
+                list.extend_from_slice(prev.as_bytes());
+                list.extend_from_slice(b", ");
+            }
         }
-        None => Some(client.clone()),
+    }
+    let xff = if list.is_empty() {
+        Some(client.clone())
+    } else {
+        // "prev, client" built in one buffer (no `format!`); every part is visible
+        // ASCII already, so the value stays valid.
+        list.extend_from_slice(client.as_bytes());
+        HeaderValue::from_maybe_shared(bytes::Bytes::from(list)).ok()
     };
     if let Some(v) = xff {
         headers.insert(FORWARDED_FOR, v);
@@ -773,6 +776,26 @@ mod tests {
         assert_eq!(h["x-forwarded-host"], "api.example.com");
         assert_eq!(h["x-forwarded-port"], "8443");
         assert_eq!(h["x-real-ip"], "127.0.0.1");
+    }
+
+    /// Hostile r3b finding 4: of two `X-Forwarded-For` lines only the first was kept
+    /// (a proxy in front that adds its entry as a new line lost it).
+    #[test]
+    fn forwarded_for_keeps_every_line_the_client_sent() {
+        let mut h = HeaderMap::new();
+        h.append("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
+        h.append("x-forwarded-for", HeaderValue::from_static(" "));
+        h.append("x-forwarded-for", HeaderValue::from_static("7.7.7.7, 8.8.8.8"));
+        set_forwarded_headers(
+            &mut h,
+            &HeaderValue::from_static("127.0.0.1"),
+            "http",
+            None,
+            None,
+            owned::FORWARDED_FOR,
+        );
+        let all: Vec<_> = h.get_all("x-forwarded-for").iter().collect();
+        assert_eq!(all, ["6.6.6.6, 7.7.7.7, 8.8.8.8, 127.0.0.1"]);
     }
 
     /// Hostile finding F-l: the client's `Forwarded`, `X-Real-IP` and
