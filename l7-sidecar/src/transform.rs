@@ -148,6 +148,20 @@ pub fn set_identity_headers(headers: &mut HeaderMap, id: Option<&Identity>, clie
     }
 }
 
+/// Set `name` to the gateway's `value` (replacing every client value), or, with no
+/// value, remove the client's copies if it sent any (`client_sent`).
+fn set_or_drop(headers: &mut HeaderMap, name: HeaderName, value: Option<&HeaderValue>, client_sent: bool) {
+    match value {
+        Some(v) => {
+            headers.insert(name, v.clone());
+        }
+        None if client_sent => {
+            headers.remove(name);
+        }
+        None => {}
+    }
+}
+
 /// `X-Forwarded-For` (the client's list, the peer appended), `-Proto`, `-Host`,
 /// `-Port` (`port`: the listener's) and `X-Real-IP` (the peer) from the connection;
 /// the client's `Forwarded` is dropped. `client_owned` as for `set_identity_headers`:
@@ -186,26 +200,10 @@ pub fn set_forwarded_headers(
         FORWARDED_PROTO,
         HeaderValue::from_static(if proto == "https" { "https" } else { "http" }),
     );
-    match host {
-        Some(h) => {
-            headers.insert(FORWARDED_HOST, h.clone());
-        }
-        None if client_owned & owned::FORWARDED_HOST != 0 => {
-            headers.remove(FORWARDED_HOST);
-        }
-        None => {}
-    }
+    set_or_drop(headers, FORWARDED_HOST, host, client_owned & owned::FORWARDED_HOST != 0);
     // `insert` replaces every client value.
     headers.insert(REAL_IP, client.clone());
-    match port {
-        Some(p) => {
-            headers.insert(FORWARDED_PORT, p.clone());
-        }
-        None if client_owned & owned::FORWARDED_PORT != 0 => {
-            headers.remove(FORWARDED_PORT);
-        }
-        None => {}
-    }
+    set_or_drop(headers, FORWARDED_PORT, port, client_owned & owned::FORWARDED_PORT != 0);
     if client_owned & owned::FORWARDED != 0 {
         headers.remove(FORWARDED);
     }
