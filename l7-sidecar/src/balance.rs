@@ -145,6 +145,10 @@ pub struct Pool {
     weights: Vec<i64>,
     rr: AtomicUsize,
     wrr_current: Mutex<Vec<i64>>,
+    /// Round-robin's second rotation, for retries only (`pick_at`): plain and
+    /// weighted (smooth WRR state of its own).
+    retry_rr: AtomicUsize,
+    retry_wrr: Mutex<Vec<i64>>,
     ring: Vec<(u64, usize)>,
     /// `cfg.hash_on`, parsed once here rather than on every pick.
     pub hash_on: HashOn,
@@ -204,6 +208,8 @@ impl Pool {
             name: name.to_string(),
             cfg: cfg.clone(),
             wrr_current: Mutex::new(vec![0; backends.len()]),
+            retry_wrr: Mutex::new(vec![0; backends.len()]),
+            retry_rr: AtomicUsize::new(0),
             backends,
             weights,
             rr: AtomicUsize::new(0),
@@ -222,10 +228,14 @@ impl Pool {
     /// `pick` with the caller's clock reading (one per request).
     ///
     /// A retry (non-empty `exclude`) never gets a backend it already tried while
-    /// another is available. Round-robin pools (plain and weighted) give it the next
-    /// available backend after the request's last attempt, in pool order, without
-    /// moving the position other requests share: had the retry advanced it too, with
-    /// two backends of which one is dead every request would start at the dead one.
+    /// another is available. Round-robin pools (plain and weighted) take it from a
+    /// second rotation over the backends not yet tried, without moving the position
+    /// first attempts share: had the retry advanced that too, with two backends of
+    /// which one is dead every request would start at the dead one. The retries take
+    /// turns (by weight in a weighted pool) rather than all going to the backend after
+    /// the failed one: with [dead, a, b] that successor carried the dead one's whole
+    /// share (a 20 : b 10 of 30); now a and b serve 15 each, as when health checks
+    /// take the dead one out of the rotation.
     pub fn pick_at(&self, input: &HashInput<'_>, exclude: &[usize], now: Instant) -> Option<usize> {
         let candidates = (0..self.backends.len())
             .filter(|i| !exclude.contains(i) && self.backends[*i].is_available(now));
@@ -248,18 +258,18 @@ impl Pool {
             return None;
         }
         Some(match (self.cfg.algorithm, exclude.last()) {
-            (Algorithm::RoundRobin | Algorithm::WeightedRoundRobin, Some(&failed)) => {
-                // `avail` is in pool order: the first one after `failed`, wrapping.
-                avail
-                    .iter()
-                    .copied()
-                    .find(|&i| i > failed)
-                    .unwrap_or(avail[0])
+            (Algorithm::RoundRobin, Some(_)) => {
+                avail[self.retry_rr.fetch_add(1, Ordering::Relaxed) % avail.len()]
+            }
+            (Algorithm::WeightedRoundRobin, Some(_)) => {
+                smooth_wrr(&self.retry_wrr, &self.weights, avail)
             }
             (Algorithm::RoundRobin, None) => {
                 avail[self.rr.fetch_add(1, Ordering::Relaxed) % avail.len()]
             }
-            (Algorithm::WeightedRoundRobin, _) => self.smooth_wrr(avail),
+            (Algorithm::WeightedRoundRobin, None) => {
+                smooth_wrr(&self.wrr_current, &self.weights, avail)
+            }
             (Algorithm::LeastConnections, _) => {
                 self.p2c(avail, |b| b.active.load(Ordering::Relaxed) as f64)
             }
@@ -287,21 +297,6 @@ impl Pool {
         }
         // Requests without the key still stick, by client address.
         ip_hash(input.client_ip)
-    }
-
-    /// Nginx's smooth weighted round robin: no bursts to the heaviest backend.
-    fn smooth_wrr(&self, avail: &[usize]) -> usize {
-        let mut cur = self.wrr_current.lock().unwrap_or_else(|p| p.into_inner());
-        let total: i64 = avail.iter().map(|&i| self.weights[i]).sum();
-        let mut best = avail[0];
-        for &i in avail {
-            cur[i] += self.weights[i];
-            if cur[i] > cur[best] {
-                best = i;
-            }
-        }
-        cur[best] -= total;
-        best
     }
 
     /// Power of two choices: two random candidates, the cheaper wins.
@@ -378,6 +373,22 @@ impl Pool {
             .increment(1);
         tracing::warn!(pool = %self.name, backend = %b.addr, ms = dur.as_millis() as u64, "backend ejected");
     }
+}
+
+/// Nginx's smooth weighted round robin over `avail`, with its state in `current`:
+/// no bursts to the heaviest backend.
+fn smooth_wrr(current: &Mutex<Vec<i64>>, weights: &[i64], avail: &[usize]) -> usize {
+    let mut cur = current.lock().unwrap_or_else(|p| p.into_inner());
+    let total: i64 = avail.iter().map(|&i| weights[i]).sum();
+    let mut best = avail[0];
+    for &i in avail {
+        cur[i] += weights[i];
+        if cur[i] > cur[best] {
+            best = i;
+        }
+    }
+    cur[best] -= total;
+    best
 }
 
 /// Keeps a backend's in-flight count right even if the request future is dropped.
@@ -466,7 +477,7 @@ mod tests {
 
     /// Hostile finding: a retry's pick advanced the shared round-robin position, so
     /// with one dead backend every request started at it. The first picks must go
-    /// round as if the retries had not happened, and the retry after backend 0 is 1.
+    /// round as if the retries had not happened; a retry never repeats a backend.
     #[test]
     fn round_robin_retries_leave_the_shared_position_alone() {
         let h = http::HeaderMap::new();
@@ -478,14 +489,45 @@ mod tests {
                 firsts.push(first);
                 if first == 0 {
                     // Backend 0 is dead: the request retries.
-                    assert_eq!(p.pick(&input(&h), &[0]), Some(1), "{alg:?}");
-                    assert_eq!(p.pick(&input(&h), &[0, 1]), Some(2), "{alg:?}");
+                    let second = p.pick(&input(&h), &[0]).expect("retry");
+                    assert_ne!(second, 0, "{alg:?}");
+                    let third = p.pick(&input(&h), &[0, second]).expect("retry");
+                    assert!(third != 0 && third != second, "{alg:?}");
                 }
             }
             assert_eq!(firsts, [0, 1, 2, 0, 1, 2], "{alg:?}");
-            // The retry after the last backend wraps to the first.
-            assert_eq!(p.pick(&input(&h), &[2]), Some(0), "{alg:?}");
         }
+    }
+
+    /// Where the requests of a pool with backend 0 dead end up: each request's
+    /// first pick, then on backend 0 (found dead by a failed connect) its retry.
+    fn served(p: &Pool, n: usize) -> Vec<usize> {
+        let h = http::HeaderMap::new();
+        let mut served = vec![0; p.backends.len()];
+        for _ in 0..n {
+            let mut at = p.pick(&input(&h), &[]).expect("pick");
+            if at == 0 {
+                at = p.pick(&input(&h), &[0]).expect("retry");
+            }
+            served[at] += 1;
+        }
+        served
+    }
+
+    /// Hostile test r3b, 6: with [dead, a, b] and no ejection, the dead backend's
+    /// share all went to its successor (a 20 : b 10). The retries take turns over the
+    /// live backends (by weight for weighted round-robin), so the live ones share
+    /// evenly, as when health checks take the dead one out of the rotation.
+    #[test]
+    fn a_dead_backends_share_is_spread_over_the_live_ones() {
+        assert_eq!(served(&pool(Algorithm::RoundRobin, &[1, 1, 1]), 30), [0, 15, 15]);
+        assert_eq!(served(&pool(Algorithm::WeightedRoundRobin, &[1, 1, 1]), 30), [0, 15, 15]);
+        // Weights 2:1 between the live ones stay 2:1 with the dead one's share.
+        assert_eq!(served(&pool(Algorithm::WeightedRoundRobin, &[1, 2, 1]), 60), [0, 40, 20]);
+        // Skipped by health state: the same split.
+        let p = pool(Algorithm::RoundRobin, &[1, 1, 1]);
+        p.backends[0].set_healthy(false);
+        assert_eq!(served(&p, 30), [0, 15, 15]);
     }
 
     #[test]

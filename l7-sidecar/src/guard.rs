@@ -13,6 +13,8 @@ use crate::ctx::Req;
 use crate::http_util::json_error;
 use crate::http_util::Body;
 use crate::stage::{Answer, Next};
+use crate::host::{same_host, split_authority};
+pub use crate::host::valid_authority;
 use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode, Version};
 
 pub use crate::smuggle::{SmuggleGuard, Smuggled};
@@ -79,8 +81,14 @@ fn checked_host<B>(req: &Request<B>) -> Result<Option<HeaderValue>, &'static str
             return Err("invalid authority in the request target");
         }
     }
-    if req.version() == Version::HTTP_11 && host.is_none() {
-        return Err("missing Host header");
+    // HTTP/1.1 needs a Host (RFC 9112 §3.2); HTTP/2 a `:authority` or `host` (RFC 9113
+    // §8.3.1): without one the upstream would see the backend's address as the host.
+    if host.is_none() && authority.is_none() {
+        match req.version() {
+            Version::HTTP_11 => return Err("missing Host header"),
+            Version::HTTP_2 => return Err("missing :authority and Host"),
+            _ => {}
+        }
     }
     match (host, authority) {
         (Some(h), Some(a)) if h.as_bytes() == a => Ok(Some(h.clone())),
@@ -107,99 +115,38 @@ fn checked_host<B>(req: &Request<B>) -> Result<Option<HeaderValue>, &'static str
 
 /// Whether two authorities `valid_authority` accepted name the same host and port,
 /// as RFC 9110 §4.2.3 compares them: the name without case or one trailing dot
-/// (`routing::route_host`), a missing port as the scheme's default.
+/// (`routing::route_host`), an IPv6 literal by address, a missing port as the
+/// scheme's default.
 fn same_authority(a: &[u8], b: &[u8], default_port: Option<u16>) -> bool {
     let (ha, pa) = split_authority(a);
     let (hb, pb) = split_authority(b);
-    ha.eq_ignore_ascii_case(hb) && pa.or(default_port) == pb.or(default_port)
+    same_host(ha, hb) && pa.or(default_port) == pb.or(default_port)
 }
 
-/// `host[:port]` of a valid authority: the host without one trailing dot, and the port.
-fn split_authority(v: &[u8]) -> (&[u8], Option<u16>) {
-    // An IPv6 literal's colons are inside the brackets; a port's is after them.
-    let (host, port) = match v.iter().rposition(|b| *b == b':') {
-        Some(i) if !v[i..].contains(&b']') => (&v[..i], port(&v[i + 1..])),
-        _ => (v, None),
+/// Why an absolute-form target's scheme is refused (origin-form has none). Only
+/// `http` and `https` are proxied here (`ftp://` or `ws://` name no resource of this
+/// gateway), and over HTTP/1 the scheme must be the connection's: RFC 9110 §4.2.2 /
+/// §7.4 serve an `https` resource only over a secured connection, and an `http`
+/// target on TLS would be compared with port 80 while forwarded as `https`. HTTP/2's
+/// `:scheme` may differ from the connection (a TLS terminator in front speaks h2c
+/// with `:scheme https`, RFC 9113 §8.3.1): there only the name is checked.
+fn scheme_error<B>(req: &Req<B>) -> Option<&'static str> {
+    let scheme = req.uri().scheme_str()?;
+    let https = if scheme.eq_ignore_ascii_case("https") {
+        true
+    } else if scheme.eq_ignore_ascii_case("http") {
+        false
+    } else {
+        return Some("the request target's scheme is neither http nor https");
     };
-    (host.strip_suffix(b".").unwrap_or(host), port)
-}
-
-/// A port: 1–5 digits, at most 65535 (`:99999` is no port, and `a:` names none).
-fn port(digits: &[u8]) -> Option<u16> {
-    if digits.is_empty() || digits.len() > 5 {
+    if req.version() == Version::HTTP_2 || https == req.ctx().conn.tls {
         return None;
     }
-    let mut n: u32 = 0;
-    for &d in digits {
-        if !d.is_ascii_digit() {
-            return None;
-        }
-        n = n * 10 + u32::from(d - b'0');
-    }
-    u16::try_from(n).ok()
-}
-
-/// Bytes of a DNS-style host name (letters, digits, `-`, `_`, `.`; IPv4 addresses are
-/// such names too), as a table: one load per byte instead of a chain of comparisons
-/// (this runs on every request). RFC 3986 would also allow sub-delims and `%` in a
-/// reg-name, but no DNS name has them and `,` / `;` let one Host read as a list to
-/// the upstream (`X-Forwarded-Host: evil.example,api.example.com`).
-const NAME: [bool; 256] = {
-    let mut t = [false; 256];
-    let mut i = 0;
-    while i < 256 {
-        let b = i as u8;
-        t[i] = b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_');
-        i += 1;
-    }
-    t
-};
-
-/// `host[:port]`: host a DNS-style name (`NAME`), an IPv4 address or a bracketed IPv6
-/// literal, port 1–5 digits up to 65535; no userinfo, path, query or empty host. A
-/// name may end in one dot (fully qualified, routed as the same host:
-/// `routing::route_host`) but has no empty label: `.`, `a..b` or `.a` name no host,
-/// and routing must not guess one.
-pub fn valid_authority(v: &[u8]) -> bool {
-    let rest = if let Some(inner) = v.strip_prefix(b"[") {
-        let Some(end) = inner.iter().position(|b| *b == b']') else {
-            return false;
-        };
-        // Brackets are rare in a Host: std's exact parser costs nothing that matters.
-        let ip = std::str::from_utf8(&inner[..end]).ok();
-        if ip.and_then(|s| s.parse::<std::net::Ipv6Addr>().ok()).is_none() {
-            return false;
-        }
-        &inner[end + 1..]
+    Some(if https {
+        "https request target on a plain-HTTP listener"
     } else {
-        // One pass over the name: its bytes, and its labels (none empty, but for
-        // the root label after one trailing dot: no leading dot, no two in a row).
-        let mut end = v.len();
-        let mut after_dot = true;
-        for (i, &b) in v.iter().enumerate() {
-            if b == b':' {
-                end = i;
-                break;
-            }
-            if !NAME[usize::from(b)] {
-                return false;
-            }
-            let dot = b == b'.';
-            if dot && after_dot {
-                return false;
-            }
-            after_dot = dot;
-        }
-        if end == 0 {
-            return false;
-        }
-        &v[end..]
-    };
-    match rest {
-        [] => true,
-        [b':', digits @ ..] => port(digits).is_some(),
-        _ => false,
-    }
+        "http request target on a TLS listener"
+    })
 }
 
 /// Reject smuggling attempts, header floods and unsafe paths before any routing
@@ -232,15 +179,21 @@ pub fn harden<B>(max_headers: usize, mut req: Req<B>) -> Result<Req<B>, Response
     if let Some(BadFraming(why)) = framing {
         return Err(bad_request(&req, "bad_request", why, true));
     }
-    // RFC 9113 §3.4: `PRI` exists only as the start of the HTTP/2 preface; over HTTP/1
-    // it is a confused (or probing) client, and no backend should see the method.
-    if req.method().as_str() == "PRI" && req.version() != Version::HTTP_2 {
+    // RFC 9113 §3.4: `PRI` exists only as the start of the HTTP/2 preface, which the
+    // HTTP/2 layer consumes; as a request method (HTTP/1, or a `:method` on HTTP/2)
+    // it is a confused (or probing) client, and no backend should see it. HTTP/2 has
+    // no `Connection: close` (its framing is not in doubt).
+    let h2 = req.version() == Version::HTTP_2;
+    if req.method().as_str() == "PRI" {
         return Err(bad_request(
             &req,
             "bad_request",
             "PRI is reserved for the HTTP/2 connection preface",
-            true,
+            !h2,
         ));
+    }
+    if let Some(why) = scheme_error(&req) {
+        return Err(bad_request(&req, "bad_request", why, false));
     }
     let host = match checked_host(&req) {
         Ok(host) => host,
@@ -288,33 +241,6 @@ mod tests {
 
     #[test]
     fn host_must_be_one_plain_authority() {
-        for ok in [
-            "a.example",
-            "a.example:8080",
-            "127.0.0.1",
-            "[::1]",
-            "[::1]:80",
-            "x_y",
-            // A fully qualified name: the root label's dot.
-            "a.example.",
-            "a.example.:8080",
-            "a:1",
-            "a:65535",
-            "[::ffff:127.0.0.1]:443",
-        ] {
-            assert!(valid_authority(ok.as_bytes()), "{ok}");
-        }
-        for bad in [
-            "", "a/x", "u@a", "a:8x", "a:123456", "[::1", "[]", "a b", ":80", "a?b", "a#b",
-            // Only dots, or an empty label: no such name, and no route should guess.
-            ".", "..", ".:80", "a..b", ".a", "a..", "a..:80",
-            // Not `host[:port]` (hostile test r3, 5): lists, sub-delims and `%` in the
-            // name, a port out of range or empty, an IPv6 literal that is not one.
-            "evil.example,api.example.com:99999", "a,b", "a;x", "a~b", "a%41", "a!b", "a=b",
-            "a:65536", "a:99999", "a:", "[::1]:", "[zz::1]", "[1:2]", "[::1]x",
-        ] {
-            assert!(!valid_authority(bad.as_bytes()), "{bad}");
-        }
         let req = |v: http::Version, hosts: &[&str], uri: &str| {
             let mut b = Request::get(uri).version(v);
             for h in hosts {
@@ -367,13 +293,16 @@ mod tests {
     /// routing and the upstream then see.
     #[test]
     fn absolute_form_authority_is_the_host() {
-        use crate::ctx::testing;
+        use crate::ctx::{ConnInfo, ReqCtx};
+        // An `https` target arrives on a TLS listener (`scheme_error`).
         let req = |v: Version, uri: &str, hosts: &[&str]| {
             let mut b = Request::get(uri).version(v);
             for h in hosts {
                 b = b.header(header::HOST, *h);
             }
-            testing::req(b.body(()).expect("request"))
+            let tls = uri.starts_with("https:");
+            let conn = std::sync::Arc::new(ConnInfo::new("127.0.0.1:1".parse().expect("addr"), tls, false));
+            Req::new(b.body(()).expect("request"), ReqCtx::new(conn, 0))
         };
         for (v, uri, host) in [
             (Version::HTTP_11, "http://api.example.com/admin", "other.example.com"),
@@ -419,6 +348,91 @@ mod tests {
         assert!(harden(100, get).is_ok());
     }
 
+    /// Hostile test r3b, 6: `PRI` over HTTP/2 is a method no backend knows either
+    /// (the preface is consumed by the HTTP/2 layer, never a request): 400, as over
+    /// HTTP/1, without `Connection: close` (a connection header is not HTTP/2).
+    #[test]
+    fn pri_over_http2_is_refused() {
+        use crate::ctx::testing;
+        let pri = http::Method::from_bytes(b"PRI").expect("method");
+        let r = Request::builder().method(pri).uri("http://a/pub").version(Version::HTTP_2);
+        let refused = harden(100, testing::req(r.body(()).expect("request")))
+            .map(|_| ())
+            .expect_err("PRI over HTTP/2");
+        assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+        assert!(refused.headers().get(header::CONNECTION).is_none());
+    }
+
+    /// Hostile test r3b, 6: an HTTP/2 request with neither `:authority` nor `host`
+    /// names no host, like an HTTP/1.1 request without Host: 400 `bad_host`, not
+    /// routed with the backend's address as its Host.
+    #[test]
+    fn http2_without_authority_or_host_is_refused() {
+        use crate::ctx::testing;
+        let req = |uri: &str, host: Option<&str>| {
+            let mut b = Request::get(uri).version(Version::HTTP_2);
+            if let Some(h) = host {
+                b = b.header(header::HOST, h);
+            }
+            testing::req(b.body(()).expect("request"))
+        };
+        assert_eq!(host_error(&req("/x", None)), Err("missing :authority and Host"));
+        let refused = harden(100, req("/x", None)).map(|_| ()).expect_err("no host");
+        assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+        assert!(harden(100, req("/x", Some("a.example"))).is_ok(), "host alone names it");
+        assert!(harden(100, req("http://a.example/x", None)).is_ok(), ":authority alone");
+    }
+
+    /// Hostile test r3b, 6: an absolute-form target's scheme must be `http` or
+    /// `https` and the listener's own (RFC 9110 §4.2.2 / §7.4: an `https` resource is
+    /// only served over a secured connection); otherwise the target is compared with
+    /// one default port and forwarded with another scheme's `X-Forwarded-Proto`.
+    /// HTTP/2's `:scheme` may differ from the connection (a TLS terminator in front
+    /// speaks h2c with `:scheme https`, RFC 9113 §8.3.1), but only names http(s).
+    #[test]
+    fn absolute_form_scheme_must_be_the_listeners() {
+        use crate::ctx::{testing, ConnInfo, Req, ReqCtx};
+        let req = |v: Version, uri: &str, tls: bool| {
+            let conn = std::sync::Arc::new(ConnInfo::new("127.0.0.1:1".parse().expect("addr"), tls, false));
+            let r = Request::get(uri).version(v).header(header::HOST, "a.example");
+            Req::new(r.body(()).expect("request"), ReqCtx::new(conn, 0))
+        };
+        for (v, uri, tls) in [
+            (Version::HTTP_11, "ftp://a.example/x", false),
+            (Version::HTTP_11, "ws://a.example/x", false),
+            (Version::HTTP_11, "wss://a.example/x", true),
+            (Version::HTTP_11, "https://a.example/x", false),
+            (Version::HTTP_11, "http://a.example/x", true),
+            (Version::HTTP_10, "https://a.example/x", false),
+            (Version::HTTP_2, "ftp://a.example/x", false),
+        ] {
+            let refused = harden(100, req(v, uri, tls)).map(|_| ()).expect_err(uri);
+            assert_eq!(refused.status(), StatusCode::BAD_REQUEST, "{uri} tls={tls}");
+        }
+        for (v, uri, tls) in [
+            (Version::HTTP_11, "http://a.example/x", false),
+            (Version::HTTP_11, "HTTP://a.example/x", false),
+            (Version::HTTP_11, "https://a.example/x", true),
+            (Version::HTTP_2, "https://a.example/x", false),
+            (Version::HTTP_2, "http://a.example/x", true),
+        ] {
+            assert!(harden(100, req(v, uri, tls)).is_ok(), "{uri} tls={tls}");
+        }
+        // Origin-form has no scheme to check.
+        assert!(harden(100, testing::req(Request::get("/x").header(header::HOST, "a").body(()).expect("request"))).is_ok());
+    }
+
+    /// Hostile test r3b, 6: an IPv6 literal is one host however it is spelled, so a
+    /// target `[0::1]` and a Host `[::1]` agree (and one cannot be routed as another).
+    #[test]
+    fn ipv6_target_and_host_compare_by_address() {
+        use crate::ctx::testing;
+        let r = Request::get("http://[0::1]/x").version(Version::HTTP_11).header(header::HOST, "[::1]:80");
+        assert!(harden(100, testing::req(r.body(()).expect("request"))).is_ok());
+        let r = Request::get("http://[::2]/x").version(Version::HTTP_11).header(header::HOST, "[::1]");
+        assert!(harden(100, testing::req(r.body(()).expect("request"))).is_err());
+    }
+
     #[test]
     fn framing_judged_on_parsed_headers() {
         let req = |te: &[&str], cl: bool| {
@@ -444,68 +458,5 @@ mod tests {
         }
         // A request the raw-byte guard flagged.
         assert!(super::framing_error(&HeaderMap::new(), true).is_some());
-    }
-
-    /// A second, plain implementation (comparison chain, label split, integer parse)
-    /// that the table-driven `valid_authority` must agree with.
-    fn reference_authority(v: &[u8]) -> bool {
-        let (host_ok, rest) = if let Some(inner) = v.strip_prefix(b"[") {
-            let Some(end) = inner.iter().position(|b| *b == b']') else {
-                return false;
-            };
-            let ok = std::str::from_utf8(&inner[..end])
-                .is_ok_and(|s| s.parse::<std::net::Ipv6Addr>().is_ok());
-            (ok, &inner[end + 1..])
-        } else {
-            let end = v.iter().position(|b| *b == b':').unwrap_or(v.len());
-            let name = &v[..end];
-            let ok = labels_ok(name)
-                && name
-                    .iter()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
-            (ok, &v[end..])
-        };
-        let port_ok = match rest {
-            [] => true,
-            [b':', digits @ ..] => {
-                (1..=5).contains(&digits.len())
-                    && digits.iter().all(u8::is_ascii_digit)
-                    && std::str::from_utf8(digits)
-                        .ok()
-                        .and_then(|d| d.parse::<u32>().ok())
-                        .is_some_and(|p| p <= 65535)
-            }
-            _ => false,
-        };
-        host_ok && port_ok
-    }
-
-    /// A reg-name's labels: none empty, but for the root label after one trailing dot.
-    fn labels_ok(name: &[u8]) -> bool {
-        let name = name.strip_suffix(b".").unwrap_or(name);
-        !name.is_empty() && name.split(|b| *b == b'.').all(|l| !l.is_empty())
-    }
-
-    proptest::proptest! {
-        /// The table-driven check accepts exactly what the reference does: hosts
-        /// built from the characters that matter (dots, colons, brackets, digits,
-        /// reg-name and forbidden bytes), ports, IPv6 literals, and arbitrary bytes.
-        #[test]
-        fn valid_authority_agrees_with_the_reference(
-            shape in "[a.:1\\[\\]]{0,6}",
-            v in "[a0.:\\[\\]_~%!$&'()*+,;=@/ ?#f-]{0,12}",
-            port in "[a-z]{1,4}(:[0-9]{0,7})?",
-            ip6 in "\\[[0-9a-f:.]{0,12}\\](:[0-9]{0,6})?",
-            raw in proptest::collection::vec(proptest::num::u8::ANY, 0..12),
-        ) {
-            // `shape`: short strings of the structural characters alone, so dots,
-            // colons and brackets meet in every order.
-            proptest::prop_assert_eq!(valid_authority(shape.as_bytes()), reference_authority(shape.as_bytes()), "{:?}", shape);
-            proptest::prop_assert_eq!(valid_authority(v.as_bytes()), reference_authority(v.as_bytes()), "{:?}", v);
-            proptest::prop_assert_eq!(valid_authority(&raw), reference_authority(&raw), "{:?}", raw);
-            // Ports around the 5-digit / 65535 limits, and bracketed literals.
-            proptest::prop_assert_eq!(valid_authority(port.as_bytes()), reference_authority(port.as_bytes()), "{:?}", port);
-            proptest::prop_assert_eq!(valid_authority(ip6.as_bytes()), reference_authority(ip6.as_bytes()), "{:?}", ip6);
-        }
     }
 }

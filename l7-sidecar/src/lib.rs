@@ -13,6 +13,7 @@ pub mod conns;
 pub mod ctx;
 pub mod gateway;
 pub mod guard;
+pub mod host;
 pub mod health;
 pub mod http_util;
 pub mod idle;

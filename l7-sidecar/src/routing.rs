@@ -115,6 +115,9 @@ pub struct Route {
     /// This route's request counters and latency histogram.
     pub metrics: crate::stats::RouteMetrics,
     host: Option<String>,
+    /// The address of an IPv6 route host (`[::1]`): requests spell it many ways
+    /// (`[0::1]`, `[0:0:0:0:0:0:0:1]`) and match by address.
+    host_v6: Option<std::net::Ipv6Addr>,
     template: Option<matchit::Router<()>>,
     methods: Vec<Method>,
     headers: Vec<(HeaderName, HeaderValue)>,
@@ -147,6 +150,7 @@ impl Route {
         });
         Route {
             host: cfg.host.as_ref().map(|h| route_host(h).to_ascii_lowercase()),
+            host_v6: cfg.host.as_ref().and_then(|h| crate::host::ipv6_literal(h.as_bytes())),
             template,
             methods: cfg.methods.iter().filter_map(|m| m.parse().ok()).collect(),
             headers: cfg
@@ -198,6 +202,9 @@ impl Route {
                 host
             }
         });
+        if let Some(want) = self.host_v6 {
+            return crate::host::ipv6_literal(host.as_bytes()) == Some(want);
+        }
         let host = route_host(host);
         // `want` is lower case already; compare without allocating a lowered copy.
         let host = host.as_bytes();
@@ -614,6 +621,45 @@ mod tests {
             ("api.example.com..", "open"),
             ("example.org.", "open"),
             (".example.org", "open"),
+        ] {
+            assert_eq!(at(host), want, "{host}");
+        }
+    }
+
+    /// Hostile test r3b, 6: an IPv6 route host matches its address however the
+    /// request spells it (`[0::1]`, `[::1]:8080`), and only that address.
+    #[test]
+    fn an_ipv6_route_host_matches_its_address() {
+        let r = router(
+            r#"
+            [pools.p]
+            backends = [{ address = "127.0.0.1:1" }]
+            [[routes]]
+            name = "open"
+            path = "/h"
+            pool = "p"
+            [[routes]]
+            name = "v6"
+            host = "[0::1]"
+            path = "/h"
+            pool = "p"
+            [[routes]]
+            name = "v4"
+            host = "127.0.0.1"
+            path = "/h"
+            pool = "p"
+        "#,
+        );
+        let h = HeaderMap::new();
+        let at = |host: &str| name(r.lookup(Some(host), &Method::GET, "/h", &h));
+        for (host, want) in [
+            ("[::1]", "v6"),
+            ("[0::1]", "v6"),
+            ("[0:0:0:0:0:0:0:1]:8080", "v6"),
+            ("[::2]", "open"),
+            ("[::ffff:127.0.0.1]", "open"),
+            ("127.0.0.1", "v4"),
+            ("127.0.0.1.:80", "v4"),
         ] {
             assert_eq!(at(host), want, "{host}");
         }

@@ -437,8 +437,10 @@ async fn round_robin_retries_do_not_move_the_shared_position() {
         "first attempts alternate: every second request starts at the failing backend"
     );
     drop(gw);
-    // Three backends, the first refusing connections: first picks go dead, a, b, dead,
-    // a, b, and the retry after dead is a (the next one), so a serves 4 and b 2.
+    // Hostile test r3b, 6: three backends, the first refusing connections (a closed
+    // port). First picks go dead, a, b in turn; the retries after dead take turns
+    // over a and b, so both serve half (it was a 20 : b 10, the successor carrying
+    // the dead one's whole share). The dead port's first attempts are a third.
     let (a, b) = (upstream("a").await, upstream("b").await);
     let dead = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -454,10 +456,11 @@ async fn round_robin_retries_do_not_move_the_shared_position() {
     );
     let gw = start_gateway(&cfg).await;
     let url = format!("{}/x", base(&gw));
-    let got = services(&c, &url, 6, &[]).await;
+    let got = services(&c, &url, 30, &[]).await;
     assert_eq!(
         (counts(&got).get("a"), counts(&got).get("b")),
-        (Some(&4), Some(&2)),
+        (Some(&15), Some(&15)),
         "{got:?}"
     );
+    assert_eq!((a.hits(), b.hits()), (15, 15), "one attempt each, none repeated");
 }

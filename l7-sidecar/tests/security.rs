@@ -1154,6 +1154,65 @@ async fn absolute_form_host_values_and_pri_are_checked() {
     assert_eq!(public.last().headers["host"], "api.example.com");
 }
 
+// Hostile test r3b, 6. Host names are DNS-length-checked and a numeric name must be
+// a dotted-decimal IPv4 address; ports have one spelling; an absolute-form target's
+// scheme is the listener's; HTTP/2 refuses `PRI` and a request naming no host.
+#[tokio::test]
+async fn host_lengths_schemes_and_http2_host_rules_are_checked() {
+    let (gw, public) = hardening_gateway("").await;
+    let addr = gw.addr("public").expect("addr");
+    let long_label = "a".repeat(64);
+    let long_name = vec!["abcdefghi"; 500].join(".");
+    for (what, head, code) in [
+        ("5,000-character name", format!("GET /v1/public HTTP/1.1\r\nHost: {long_name}\r\n"), "bad_host"),
+        ("64-character label", format!("GET /v1/public HTTP/1.1\r\nHost: {long_label}.example\r\n"), "bad_host"),
+        ("999.1.1.1", "GET /v1/public HTTP/1.1\r\nHost: 999.1.1.1\r\n".into(), "bad_host"),
+        ("0x7f.1", "GET /v1/public HTTP/1.1\r\nHost: 0x7f.1\r\n".into(), "bad_host"),
+        ("port 0", "GET /v1/public HTTP/1.1\r\nHost: api.example.com:0\r\n".into(), "bad_host"),
+        ("port 0080", "GET http://api.example.com:0080/v1/public HTTP/1.1\r\nHost: api.example.com\r\n".into(), "bad_host"),
+        ("ftp target", "GET ftp://api.example.com/v1/public HTTP/1.1\r\nHost: api.example.com\r\n".into(), "bad_request"),
+        ("ws target", "GET ws://api.example.com/v1/public HTTP/1.1\r\nHost: api.example.com\r\n".into(), "bad_request"),
+        ("https target on plain HTTP", "GET https://api.example.com/v1/public HTTP/1.1\r\nHost: api.example.com\r\n".into(), "bad_request"),
+    ] {
+        let text = raw_all(addr, format!("{head}Connection: close\r\n\r\n").as_bytes()).await;
+        assert!(text.starts_with("HTTP/1.1 400"), "{what}: {text}");
+        assert!(text.contains(&format!("\"{code}\"")), "{what}: {text}");
+    }
+    assert_eq!(public.hits(), 0);
+
+    use http_body_util::Empty;
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(conn);
+    let pri = http::Method::from_bytes(b"PRI").expect("method");
+    let req = http::Request::builder()
+        .method(pri)
+        .uri(format!("http://{addr}/v1/public"))
+        .body(Empty::<Bytes>::new())
+        .expect("request");
+    let resp = h2.send_request(req).await.expect("h2 response");
+    assert_eq!(resp.status(), 400, "PRI over HTTP/2");
+    // h2 sends a request in origin-form (no `:authority`) when it is marked HTTP/1.1.
+    let req = http::Request::get("/v1/public")
+        .version(http::Version::HTTP_11)
+        .body(Empty::<Bytes>::new())
+        .expect("request");
+    let resp = h2.send_request(req).await.expect("h2 response");
+    assert_eq!(resp.status(), 400, "neither :authority nor host");
+    let body = http_body_util::BodyExt::collect(resp.into_body()).await.expect("body").to_bytes();
+    assert!(String::from_utf8_lossy(&body).contains("\"bad_host\""), "{body:?}");
+    let req = http::Request::get(format!("http://{addr}/v1/public"))
+        .body(Empty::<Bytes>::new())
+        .expect("request");
+    assert_eq!(h2.send_request(req).await.expect("h2 response").status(), 200);
+    assert_eq!(public.hits(), 1);
+}
+
 // 2nd review, 1. A stalled or trickled request body is cut with 408; an oversized
 // Content-Length is refused before reading.
 #[tokio::test]

@@ -60,6 +60,51 @@ fn route_hosts_with_empty_labels_are_refused() {
     }
 }
 
+/// Hostile test r3b, 6: a bracketed IPv6 literal is a route host (requests may name
+/// one); a route host no request could carry (too long, a number that is no
+/// dotted-decimal IPv4 address, a malformed literal) is refused, saying why.
+#[test]
+fn route_hosts_follow_the_request_host_grammar() {
+    let route = |host: &str| {
+        format!(
+            "[pools.p]\nbackends = [{{ address = \"127.0.0.1:1\" }}]\n[[routes]]\nname = \"r\"\nhost = \"{host}\"\npath = \"/\"\npool = \"p\"\n"
+        )
+    };
+    for ok in ["[::1]", "[0::1]", "[2001:db8::1]", "[::ffff:127.0.0.1]", "127.0.0.1", "127.0.0.1."] {
+        if let Err(e) = Config::parse(&route(ok)) {
+            panic!("{ok:?} refused: {e}");
+        }
+    }
+    let label64 = "a".repeat(64);
+    let name254 = format!("{0}.{0}.{0}.{0}.ab", "a".repeat(62));
+    for (bad, why) in [
+        ("[::1", "IPv6"),
+        ("[zz::1]", "IPv6"),
+        ("[::1%eth0]", "IPv6"),
+        ("[::1]:80", "IPv6"),
+        ("::1", "brackets"),
+        ("*.[::1]", "IPv6"),
+        (label64.as_str(), "63"),
+        (name254.as_str(), "253"),
+        ("999.1.1.1", "IPv4"),
+        ("127.1", "IPv4"),
+        ("0x7f.0.0.1", "IPv4"),
+        ("*.0.0.1", "IPv4"),
+    ] {
+        let Err(ConfigError::Invalid(errs)) = Config::parse(&route(bad)) else {
+            panic!("{bad:?} accepted as a route host");
+        };
+        assert!(
+            errs.iter().any(|e| e.path == "routes[0].host" && e.message.contains(why)),
+            "{bad:?}: {errs:?}"
+        );
+        assert!(
+            !errs.iter().any(|e| e.message.contains("no port, scheme or path") && bad.starts_with(['[', '*'])),
+            "{bad:?}: the IPv6 message, not the generic one: {errs:?}"
+        );
+    }
+}
+
 #[test]
 fn reports_every_invalid_field_with_path() {
     let text = r#"

@@ -427,7 +427,7 @@ fn routes(cfg: &Config, e: &mut Errors) {
     }
 }
 
-/// A route host (after `*.`) holds only what a request's Host may (`guard::valid_authority`).
+/// A route host (after `*.`) holds only what a request's Host may (`host::valid_authority`).
 fn host_chars_ok(host: &str) -> bool {
     let name = host.strip_prefix("*.").unwrap_or(host);
     name.bytes()
@@ -441,32 +441,42 @@ fn host_labels_ok(host: &str) -> bool {
     !name.is_empty() && name.split('.').all(|l| !l.is_empty())
 }
 
+/// Why a route host could never match a request's host (`crate::host` is the
+/// grammar requests are held to, 400 `bad_host` otherwise), if it could not.
+fn route_host_error(host: &str) -> Option<String> {
+    let name = host.strip_prefix("*.").unwrap_or(host);
+    if host.starts_with('[') || name.starts_with('[') {
+        return Some(if name.len() != host.len() {
+            "cannot be a wildcard over an IPv6 literal".to_string()
+        } else if crate::host::ipv6_literal(host.as_bytes()).is_none() {
+            "is not an IPv6 literal: [address] with an address, no zone id and no port".to_string()
+        } else {
+            return None;
+        });
+    }
+    // Requests are matched on their host without the port, so a route host with a port (or
+    // a trailing ':') could never match.
+    if host.is_empty() || host.contains(':') || host.contains('/') || host.chars().any(char::is_whitespace) {
+        return Some("is not a host name (no port, scheme or path; ports never take part in matching; an IPv6 literal needs brackets: \"[::1]\")".to_string());
+    }
+    if !host_chars_ok(host) {
+        // The gateway refuses a Host with any other character (400 bad_host).
+        return Some("may only hold letters, digits, '-', '_' and '.' (after an optional \"*.\"): no request Host could match it".to_string());
+    }
+    if !host_labels_ok(host) {
+        return Some("has an empty label (only one trailing dot is allowed)".to_string());
+    }
+    crate::host::name_problem(name).map(|why| format!("{why}: no request Host could match it"))
+}
+
 /// What a request must look like to take the route: host, path, methods, headers.
 fn route_match(p: &str, r: &RouteConfig, e: &mut Errors) {
     if !r.path.starts_with('/') {
         e.add(format!("{p}.path"), "must start with '/'");
     }
-    // Requests are matched on their host without the port, so a route host with a port (or
-    // a trailing ':') could never match.
     if let Some(host) = &r.host {
-        if host.is_empty()
-            || host.contains(':')
-            || host.contains('/')
-            || host.chars().any(char::is_whitespace)
-        {
-            e.add(format!("{p}.host"), format!("{host:?} is not a host name (no port, scheme or path; ports never take part in matching)"));
-        } else if !host_chars_ok(host) {
-            // The gateway refuses a Host with any other character (400 bad_host).
-            e.add(
-                format!("{p}.host"),
-                format!("{host:?} may only hold letters, digits, '-', '_' and '.' (after an optional \"*.\"): no request Host could match it"),
-            );
-        } else if !host_labels_ok(host) {
-            // The gateway refuses such a Host (400 bad_host): the route could never match.
-            e.add(
-                format!("{p}.host"),
-                format!("{host:?} has an empty label (only one trailing dot is allowed)"),
-            );
+        if let Some(why) = route_host_error(host) {
+            e.add(format!("{p}.host"), format!("{host:?} {why}"));
         }
     }
     if r.path.contains('{') && r.path_match != PathMatch::Template {
