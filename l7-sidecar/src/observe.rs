@@ -473,6 +473,18 @@ impl ParserRejection {
         Some(ParserRejection { status, reason })
     }
 
+    /// hyper answers 431 alike for too many fields and a head over its byte limit
+    /// (both are its `Parse::TooLarge`, with one text). `fields`: the head's field
+    /// lines as the raw-byte guard counted them (`Smuggled::head_fields`); more than
+    /// the parser's `limit` makes the reason `too_many_headers`, as the gateway's own
+    /// 431 for `max_headers` is named.
+    pub fn with_fields(mut self, fields: u64, limit: usize) -> ParserRejection {
+        if self.status == 431 && fields > limit as u64 {
+            self.reason = "too_many_headers";
+        }
+        self
+    }
+
     /// Count it (`gateway_rejected_requests_total{status,reason}`, and
     /// `gateway_requests_total{route="none"}` as every unrouted answer) and write
     /// its access-log line with what is known: client, status, reason.

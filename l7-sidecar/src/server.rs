@@ -506,7 +506,11 @@ async fn serve_conn<S>(
         // before any service call: the only place such a request can be counted.
         if let Some(h) = e.downcast_ref::<hyper::Error>() {
             if let Some(rejection) = crate::observe::ParserRejection::of(h) {
-                let write = gw.shared.runtime.load().cfg.observability.access_log;
+                let rt = gw.shared.runtime.load();
+                let cfg = &rt.cfg;
+                let limit = cfg.server.max_headers.max(HYPER_DEFAULT_MAX_HEADERS);
+                let rejection = rejection.with_fields(info.smuggled.head_fields(), limit);
+                let write = cfg.observability.access_log;
                 rejection.record(&gw.shared.access_log, write, &info);
             }
         }

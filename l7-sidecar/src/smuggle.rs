@@ -20,6 +20,11 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// chunk-size and trailer lines only the start (or emptiness) matters.
 const MAX_LINE: usize = 64 * 1024;
 
+/// hyper's smallest field limit: a head with fewer field lines is never refused for
+/// their number, so only counts from here on are published (`Smuggled::head_fields`)
+/// and the usual request costs no shared write for it.
+pub const MANY_FIELDS: u32 = 100;
+
 /// What the guard learned about one connection, shared with the pipeline.
 #[derive(Debug)]
 pub struct Smuggled {
@@ -32,6 +37,10 @@ pub struct Smuggled {
     /// longer than `server.header_read_timeout_ms` (hyper's own header timer costs a
     /// timer and an extra poll of the connection per request).
     reading_head: AtomicU64,
+    /// Field lines of the latest request head once they reach `MANY_FIELDS`, else 0:
+    /// hyper reports too many fields and a too-large head as one error, and the
+    /// access log tells them apart by this count (`observe::ParserRejection`).
+    head_fields: AtomicU64,
 }
 
 impl Default for Smuggled {
@@ -40,6 +49,7 @@ impl Default for Smuggled {
             first_bad: AtomicU64::new(0),
             heads: AtomicU64::new(0),
             reading_head: AtomicU64::new(0),
+            head_fields: AtomicU64::new(0),
         }
     }
 }
@@ -65,6 +75,11 @@ impl Smuggled {
     /// Request heads the guard has seen complete.
     pub fn heads(&self) -> u64 {
         self.heads.load(Ordering::SeqCst)
+    }
+
+    /// Field lines of the latest request head, if at least `MANY_FIELDS` (else 0).
+    pub fn head_fields(&self) -> u64 {
+        self.head_fields.load(Ordering::Relaxed)
     }
 
     /// The number (0-based) of the HTTP/1 request head being read, if one is: its
@@ -105,6 +120,10 @@ pub struct SmuggleGuard<S> {
     flag: Arc<Smuggled>,
     /// The head being read (`State::Head`) has had its first byte.
     head_started: bool,
+    /// Field lines of the head being read.
+    fields: u32,
+    /// `flag.head_fields` holds a count (of this head or an earlier one).
+    published: bool,
     /// Bytes read (and scanned) already, handed out again before reading more:
     /// the server's protocol sniffing reads a connection's first bytes itself.
     replay: Option<bytes::Bytes>,
@@ -118,6 +137,8 @@ impl<S> SmuggleGuard<S> {
             line: Vec::new(),
             flag,
             head_started: false,
+            fields: 0,
+            published: false,
             replay: None,
         }
     }
@@ -222,6 +243,11 @@ impl<S> SmuggleGuard<S> {
                 return;
             }
             *first = false;
+            self.fields = 0;
+            if self.published {
+                self.published = false;
+                self.flag.head_fields.store(0, Ordering::Relaxed);
+            }
             // Only a connection's very first line can be the HTTP/2 preface; later
             // it is a (bad) HTTP/1 request and must not switch the guard off.
             if self.flag.heads() == 0 && starts_with_ignore_case(text, b"pri * http/2") {
@@ -230,6 +256,13 @@ impl<S> SmuggleGuard<S> {
                 self.state = State::Done;
             }
             return;
+        }
+        if !text.is_empty() {
+            self.fields = self.fields.saturating_add(1);
+            if self.fields >= MANY_FIELDS {
+                self.published = true;
+                self.flag.head_fields.store(u64::from(self.fields), Ordering::Relaxed);
+            }
         }
         if text.is_empty() {
             let (cl, te) = (*cl, *te);
@@ -392,6 +425,22 @@ mod tests {
         let mut g = SmuggleGuard::new((), h2.clone());
         g.scan(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00");
         assert_eq!(h2.head_in_progress(), None, "HTTP/2 reads no such heads");
+    }
+
+    /// The latest head's field count is published from `MANY_FIELDS` lines on (for
+    /// the parser-rejection log reason) and cleared by the next head.
+    #[test]
+    fn counts_the_fields_of_a_head_with_many() {
+        let flag = Arc::new(Smuggled::default());
+        let mut g = SmuggleGuard::new((), flag.clone());
+        g.scan(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert_eq!(flag.head_fields(), 0, "a usual head publishes nothing");
+        let many: String = (0..120).map(|i| format!("X-{i}: v\r\n")).collect();
+        g.scan(b"GET / HTTP/1.1\r\n");
+        g.scan(many.as_bytes());
+        assert_eq!(flag.head_fields(), 120, "counted before the head ends");
+        g.scan(b"\r\nGET / HTTP/1.1\r\nHost: x\r\n");
+        assert_eq!(flag.head_fields(), 0, "cleared by the next head");
     }
 
     #[test]

@@ -555,6 +555,51 @@ async fn max_headers_counts_only_client_fields() {
     );
 }
 
+/// Hostile test r3b, 5: past the parser's field limit (max(100, `max_headers`))
+/// hyper answers a bare 431 for too many fields and for a too-large head alike; the
+/// log line and `gateway_rejected_requests_total` tell them apart by reason. Fields
+/// split across several writes are counted too.
+#[tokio::test]
+async fn too_many_fields_and_a_too_large_head_are_logged_apart() {
+    for max_headers in ["", "max_headers = 150"] {
+        let s = setup(max_headers).await;
+        let addr = s.gw.addr("public").expect("addr");
+        let mut log = s.gw.gateway.shared.access_log.subscribe();
+        let limit = if max_headers.is_empty() { 100 } else { 150 };
+        let head = "GET /api/public/x HTTP/1.1\r\nHost: x\r\n";
+        let many: String = (0..limit + 5).map(|i| format!("X-H{i}: v\r\n")).collect();
+        let big = format!("X-Big: {}\r\n", "v".repeat(17 * 1024));
+        for (what, parts, reason) in [
+            ("too many fields", vec![format!("{head}{many}\r\n")], "too_many_headers"),
+            (
+                "too many fields, in three writes",
+                vec![head.to_string(), many.clone(), "\r\n".to_string()],
+                "too_many_headers",
+            ),
+            ("a 17 kB field", vec![format!("{head}{big}\r\n")], "head_too_large"),
+        ] {
+            let mut c = TcpStream::connect(addr).await.expect("connect");
+            for p in &parts {
+                c.write_all(p.as_bytes()).await.expect("write");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let text = read_for(&mut c, Duration::from_secs(3)).await;
+            assert!(text.starts_with("HTTP/1.1 431"), "{what}: {text:?}");
+            let mut reasons = Vec::new();
+            let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+            while let Ok(Ok(r)) = tokio::time::timeout_at(deadline, log.recv()).await {
+                reasons.push(r.reason);
+            }
+            assert_eq!(reasons, [Some(reason)], "{what} ({max_headers:?})");
+        }
+    }
+    let metrics = l7_sidecar::observe::render_metrics();
+    assert!(
+        metrics.contains("reason=\"too_many_headers\"") && metrics.contains("reason=\"head_too_large\""),
+        "{metrics}"
+    );
+}
+
 // 8. Values put into aggregation templates are encoded.
 #[tokio::test]
 async fn aggregation_template_values_are_encoded() {
