@@ -3,7 +3,7 @@
 //! module: plain functions over bytes, shared by the request path and validation so
 //! the two cannot drift apart (a route host no request can match is refused).
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::Ipv6Addr;
 
 /// Longest label and name (without one trailing dot) a DNS name can have
 /// (RFC 1035 §2.3.4; 253 characters is 255 octets in wire form).
@@ -91,12 +91,11 @@ pub fn valid_authority(v: &[u8]) -> bool {
         }
         &inner[end + 1..]
     } else {
-        // One pass over the name: its bytes, and its labels (none empty, but for
-        // the root label after one trailing dot: no leading dot, no two in a row;
-        // none longer than 63).
+        // One pass over the name: its bytes, and its labels, judged at each dot
+        // (not per byte): none empty but for the root label after one trailing dot
+        // (no leading dot, no two in a row), none longer than 63.
         let mut end = v.len();
-        let mut after_dot = true;
-        let mut label = 0usize;
+        let mut label_start = 0;
         for (i, &b) in v.iter().enumerate() {
             if b == b':' {
                 end = i;
@@ -106,20 +105,14 @@ pub fn valid_authority(v: &[u8]) -> bool {
                 return false;
             }
             if b == b'.' {
-                if after_dot {
+                if i == label_start || i - label_start > MAX_LABEL {
                     return false;
                 }
-                after_dot = true;
-                label = 0;
-            } else {
-                after_dot = false;
-                label += 1;
-                if label > MAX_LABEL {
-                    return false;
-                }
+                label_start = i + 1;
             }
         }
-        if end == 0 {
+        // The last label (empty after a trailing dot, or for an empty host).
+        if end - label_start > MAX_LABEL || end == 0 {
             return false;
         }
         let name = &v[..end];
@@ -150,7 +143,36 @@ fn ipv4_consistent(name: &[u8]) -> bool {
     if !last.first().is_some_and(u8::is_ascii_digit) || !ends_in_number(last) {
         return true;
     }
-    std::str::from_utf8(name).is_ok_and(|s| s.parse::<Ipv4Addr>().is_ok())
+    dotted_decimal(name)
+}
+
+/// Four decimal parts 0–255 without leading zeros: what `Ipv4Addr`'s parser accepts
+/// (the tests hold it to that), by hand in one pass; std's parser costs several
+/// hundred instructions, and a Host of `127.0.0.1` is common (health checks, benches).
+fn dotted_decimal(name: &[u8]) -> bool {
+    let (mut dots, mut value, mut digits) = (0u32, 0u32, 0u32);
+    for &b in name {
+        if b == b'.' {
+            if digits == 0 {
+                return false;
+            }
+            dots += 1;
+            (value, digits) = (0, 0);
+        } else if b.is_ascii_digit() {
+            // A leading zero (`01`) is octal to `inet_aton`: not this form.
+            if digits == 1 && value == 0 {
+                return false;
+            }
+            value = value * 10 + u32::from(b - b'0');
+            digits += 1;
+            if value > 255 {
+                return false;
+            }
+        } else {
+            return false;
+        }
+    }
+    dots == 3 && digits > 0
 }
 
 /// WHATWG URL's number test for the last label: all decimal digits, or `0x`/`0X`

@@ -176,6 +176,7 @@ proptest::proptest! {
         port in "[a-z]{1,4}(:[0-9]{0,7})?",
         ip6 in "\\[[0-9a-f:.]{0,12}\\](:[0-9]{0,6})?",
         ip4 in "[0-9xXa.]{1,16}(:[0-9]{1,3})?",
+        quad in "[0-9]{1,4}\\.[0-9]{1,4}\\.[0-9]{1,4}\\.[0-9]{1,4}\\.?",
         long_name in "([a-z0-9]{58,66}\\.){2,4}[a-z0-9]{1,66}\\.?",
         raw in proptest::collection::vec(proptest::num::u8::ANY, 0..12),
     ) {
@@ -187,6 +188,9 @@ proptest::proptest! {
         // Ports around the 5-digit / 65535 limits and leading zeros, and bracketed literals.
         proptest::prop_assert_eq!(valid_authority(port.as_bytes()), reference_authority(port.as_bytes()), "{:?}", port);
         proptest::prop_assert_eq!(valid_authority(ip6.as_bytes()), reference_authority(ip6.as_bytes()), "{:?}", ip6);
+        // The hand-written dotted-decimal check is std's IPv4 parser.
+        proptest::prop_assert_eq!(dotted_decimal(ip4.as_bytes()), ip4.parse::<std::net::Ipv4Addr>().is_ok(), "{:?}", ip4);
+        proptest::prop_assert_eq!(dotted_decimal(quad.as_bytes()), quad.parse::<std::net::Ipv4Addr>().is_ok(), "{:?}", quad);
         // Numbers, dots and hex around the IPv4 rule; labels and names around 63 / 253.
         proptest::prop_assert_eq!(valid_authority(ip4.as_bytes()), reference_authority(ip4.as_bytes()), "{:?}", ip4);
         proptest::prop_assert_eq!(valid_authority(long_name.as_bytes()), reference_authority(long_name.as_bytes()), "{:?}", long_name);
