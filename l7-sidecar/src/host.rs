@@ -108,6 +108,9 @@ pub fn valid_authority(v: &[u8]) -> bool {
         // (no leading dot, no two in a row), none longer than 63.
         let mut end = v.len();
         let mut label_start = 0;
+        // Labels closed by a dot, and how many of them were octets (`octet`): only
+        // labels starting with a digit are looked at, so names pay one comparison.
+        let (mut dots, mut octets) = (0u32, 0u32);
         let mut i = 0;
         while i < v.len() {
             let class = CLASS[usize::from(v[i])];
@@ -116,6 +119,10 @@ pub fn valid_authority(v: &[u8]) -> bool {
                     if i == label_start || i - label_start > MAX_LABEL {
                         return false;
                     }
+                    if v[label_start].is_ascii_digit() && octet(&v[label_start..i]) {
+                        octets += 1;
+                    }
+                    dots += 1;
                     label_start = i + 1;
                 } else if class == COLON {
                     end = i;
@@ -131,11 +138,17 @@ pub fn valid_authority(v: &[u8]) -> bool {
             return false;
         }
         let name = &v[..end];
-        let (name, last) = match name.strip_suffix(b".") {
-            Some(n) => (n, n.iter().rposition(|b| *b == b'.').map_or(0, |i| i + 1)),
-            None => (name, label_start),
+        let (name, last, octets, dots) = match name.strip_suffix(b".") {
+            Some(n) => (n, n.iter().rposition(|b| *b == b'.').map_or(0, |i| i + 1), octets, dots - 1),
+            None => (name, label_start, octets + u32::from(octet(&name[label_start..])), dots),
         };
-        if name.len() > MAX_NAME || !ipv4_consistent(name, last) {
+        if name.len() > MAX_NAME {
+            return false;
+        }
+        // A last label that is a number makes the name an IPv4 address
+        // (`ipv4_consistent`): four labels, all octets.
+        let label = &name[last..];
+        if label[0].is_ascii_digit() && ends_in_number(label) && (dots != 3 || octets != 4) {
             return false;
         }
         &v[end..]
@@ -155,7 +168,9 @@ pub fn valid_authority(v: &[u8]) -> bool {
 /// spelling of one address; every other such name is refused, as browsers refuse
 /// `999.1.1.1` and `1.2.3.4.5`. No real name is lost: a top-level label is never
 /// numeric (RFC 3696 §2). The usual name ends in a letter and costs one comparison.
-/// `last`: where the name's last label starts.
+/// `last`: where the name's last label starts. (`valid_authority` makes the same
+/// test during its scan; this one serves `name_problem`, and the two are held to
+/// each other by the tests.)
 fn ipv4_consistent(name: &[u8], last: usize) -> bool {
     let label = &name[last..];
     if !label.first().is_some_and(u8::is_ascii_digit) || !ends_in_number(label) {
@@ -165,8 +180,7 @@ fn ipv4_consistent(name: &[u8], last: usize) -> bool {
 }
 
 /// Four decimal parts 0–255 without leading zeros: what `Ipv4Addr`'s parser accepts
-/// (the tests hold it to that), by hand: std's parser costs some 200 instructions
-/// more, and a Host of `127.0.0.1` is common (health checks, benchmarks).
+/// (the tests hold it to that), by hand.
 fn dotted_decimal(name: &[u8]) -> bool {
     if name.len() > 15 {
         return false;
