@@ -109,22 +109,32 @@ pub fn run(b: &Bench, r: &mut Report) -> anyhow::Result<()> {
     let token = configs::jwt()?;
     let auth_headers = [format!("Authorization: Bearer {token}")];
 
-    let contenders: [(&str, &str); 4] = [
+    let plain = b.args.l7_sidecar_plain.as_ref().map(|p| p.display().to_string());
+    let mut contenders: Vec<(&str, &str)> = vec![
         ("l7_sidecar", "l7-sidecar"),
         ("l7_sidecar_auth", "l7-sidecar + JWT + rate limit"),
         ("nginx", "nginx (proxy_pass, upstream keepalive, 2 workers)"),
         ("haproxy", "HAProxy (mode http, 2 threads)"),
     ];
+    if plain.is_some() {
+        // Then the first row is the shipped build (`cargo xtask dist`): profile-guided.
+        contenders[0].1 = "l7-sidecar (shipped build: profile-guided)";
+        contenders.insert(1, ("l7_sidecar_plain", "l7-sidecar, plain release build (no PGO)"));
+    }
     let rounds = b.args.rounds.max(1);
     let mut all: Vec<L7Row> = Vec::new();
     for round in 0..rounds {
         eprintln!("  round {}/{rounds}", round + 1);
-        for (key, name) in contenders {
+        for &(key, name) in &contenders {
             let res = (|| -> anyhow::Result<L7Row> {
                 let log = b.dir().join(format!("l7-{key}.log"));
                 match key {
-                    "l7_sidecar" | "l7_sidecar_auth" => {
+                    "l7_sidecar" | "l7_sidecar_auth" | "l7_sidecar_plain" => {
                         let auth = key == "l7_sidecar_auth";
+                        let sidecar = match (key, &plain) {
+                            ("l7_sidecar_plain", Some(p)) => p,
+                            _ => &sidecar,
+                        };
                         let cfg = b.dir().join(format!("{key}.toml"));
                         std::fs::write(&cfg, configs::l7_sidecar(&listen, &backends, auth))?;
                         let cfg_s = cfg.display().to_string();
@@ -191,7 +201,7 @@ pub fn run(b: &Bench, r: &mut Report) -> anyhow::Result<()> {
         }
     }
     // Per proxy the median round by req/s (its latency and CPU with it); RSS the largest seen.
-    for (key, name) in contenders {
+    for &(key, name) in &contenders {
         let mut ok: Vec<&L7Row> = all
             .iter()
             .filter(|r| r.key == key && r.wrk.is_some())

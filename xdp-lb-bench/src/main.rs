@@ -95,9 +95,13 @@ pub struct Args {
     /// The xdp-lb binary.
     #[arg(long, default_value = "target/release/xdp-lb")]
     pub xdp_lb: PathBuf,
-    /// The l7-sidecar binary.
+    /// The l7-sidecar binary (`cargo xtask bench` passes the shipped, profile-guided build).
     #[arg(long, default_value = "target/release/l7-sidecar")]
     pub l7_sidecar: PathBuf,
+    /// A second l7-sidecar, measured as its own row without targets (`cargo xtask bench` passes
+    /// the plain `cargo build --release` one, to show what profile guidance gains).
+    #[arg(long)]
+    pub l7_sidecar_plain: Option<PathBuf>,
 }
 
 impl Args {
@@ -202,6 +206,11 @@ fn run(mut args: Args) -> anyhow::Result<()> {
     args.xdp_lb = std::fs::canonicalize(&args.xdp_lb)?;
     if needs_l7 {
         args.l7_sidecar = std::fs::canonicalize(&args.l7_sidecar)?;
+        if let Some(plain) = &args.l7_sidecar_plain {
+            args.l7_sidecar_plain = Some(
+                std::fs::canonicalize(plain).with_context(|| format!("--l7-sidecar-plain {}", plain.display()))?,
+            );
+        }
     }
     xdp_lb_testbed::interrupt::catch_sigint()?;
     util::ensure_packages()?;

@@ -21,17 +21,20 @@ const BINARIES: [&str; 2] = ["xdp-lb", "l7-sidecar"];
 const MAX_EXPOSURE: u32 = 40;
 const SHELLS: [(&str, &str, &str); 3] = [("bash", "", ""), ("zsh", "_", ""), ("fish", "", ".fish")];
 
-pub fn dist(release_build: bool) -> Result<()> {
+/// `pgo`: ship the profile-guided l7-sidecar (`crate::pgo`) instead of the plain release build.
+pub fn dist(release_build: bool, pgo: bool) -> Result<()> {
     cargo(&["build", "--package", "xdp-lb", "--package", "l7-sidecar", "--bins"], release_build)?;
     let root = workspace_root();
     let release = root.join(if release_build { "target/release" } else { "target/debug" });
+    let l7_sidecar = if pgo { crate::pgo::build_l7_sidecar()? } else { release.join("l7-sidecar") };
     let out = root.join("target/dist");
     if out.exists() {
         fs::remove_dir_all(&out).with_context(|| format!("removing the old {}", out.display()))?;
     }
     for binary in BINARIES {
         // A hard link: the binaries are large and the disk is shared; `install` copies them later.
-        let (from, to) = (release.join(binary), out.join("bin").join(binary));
+        let from = if binary == "l7-sidecar" { l7_sidecar.clone() } else { release.join(binary) };
+        let to = out.join("bin").join(binary);
         fs::create_dir_all(out.join("bin"))?;
         if fs::hard_link(&from, &to).is_err() {
             copy(&from, &to)?;

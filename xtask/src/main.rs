@@ -3,6 +3,7 @@
 mod demo;
 mod dist;
 mod fuzz;
+mod pgo;
 mod setup;
 
 use std::{
@@ -69,6 +70,10 @@ enum Task {
     /// Benchmarks against the alternatives (kernel routing, nftables, HAProxy, nginx), one run,
     /// one topology; writes a Markdown table and a JSON file.
     Bench {
+        /// Measure a plain `cargo build --release` l7-sidecar only (the default measures the
+        /// shipped, profile-guided build and the plain one next to it).
+        #[arg(long)]
+        no_pgo: bool,
         /// Extra arguments for xdp-lb-bench (see `cargo xtask bench -- --help`).
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
@@ -79,6 +84,10 @@ enum Task {
         /// Stage debug builds instead of release ones (quicker; for checking the layout).
         #[arg(long)]
         debug: bool,
+        /// Build l7-sidecar without profile-guided optimisation (quicker: one build, no training
+        /// run; about a fifth more instructions per proxied request).
+        #[arg(long)]
+        no_pgo: bool,
     },
     /// Run the fuzz targets for a bounded time each.
     Fuzz {
@@ -139,14 +148,22 @@ fn main() -> Result<()> {
             println!("summary: {passed} passed, {failed} failed");
             result
         }
-        Task::Bench { args } => {
+        Task::Bench { no_pgo, args } => {
             setup::ensure()?;
             require_root("the benchmarks attach XDP programs and create network namespaces")?;
             cargo(&["build", "--package", "xdp-lb", "--package", "l7-sidecar", "--package", "xdp-lb-bench"], true)?;
-            remove_leftover_namespaces();
             let root = workspace_root();
             let mut cmd = Command::new(root.join("target/release/xdp-lb-bench"));
-            cmd.current_dir(&root).args(&args);
+            cmd.current_dir(&root);
+            let names_l7 = args.iter().any(|a| a.starts_with("--l7-sidecar"));
+            let wants_l7 = !args.iter().any(|a| a.starts_with("--only")) || args.windows(2).any(|w| w[0] == "--only" && w[1] == "l7") || args.iter().any(|a| a == "--only=l7");
+            if !no_pgo && !names_l7 && wants_l7 {
+                // The shipped build (as `cargo xtask dist` makes it), with the plain one beside it.
+                let shipped = pgo::build_l7_sidecar()?;
+                cmd.arg("--l7-sidecar").arg(shipped).arg("--l7-sidecar-plain").arg(root.join("target/release/l7-sidecar"));
+            }
+            remove_leftover_namespaces();
+            cmd.args(&args);
             let status = cmd.status().context("running xdp-lb-bench")?;
             remove_leftover_namespaces();
             if !status.success() {
@@ -154,7 +171,7 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Task::Dist { debug } => dist::dist(!debug),
+        Task::Dist { debug, no_pgo } => dist::dist(!debug, !debug && !no_pgo),
         Task::Fuzz { seconds_per_target } => {
             setup::ensure()?;
             fuzz::run(seconds_per_target)

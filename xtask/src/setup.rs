@@ -25,7 +25,20 @@ const DEBIAN_PACKAGES: &[&str] = &[
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 pub fn ensure() -> Result<()> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    ensure_packages(DEBIAN_PACKAGES)?;
+    if !bpf_linker_ok() {
+        eprintln!("xtask setup: installing bpf-linker {BPF_LINKER_VERSION} (built against LLVM 22, about a minute)");
+        let path = format!("/usr/lib/llvm-22/bin:{}", std::env::var("PATH").unwrap_or_default());
+        run(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .env("PATH", path)
+            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked", "--no-default-features", "--features", "llvm-22"]))?;
+    }
+    Ok(())
+}
+
+/// Installs those of `packages` that are missing (`apt-get update` only then).
+pub fn ensure_packages(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
     if !missing.is_empty() {
         eprintln!("xtask setup: installing Debian packages {missing:?}");
         run(Command::new("apt-get").arg("update").arg("-qq"))?;
@@ -33,13 +46,6 @@ pub fn ensure() -> Result<()> {
             .env("DEBIAN_FRONTEND", "noninteractive")
             .args(["install", "-y", "-qq"])
             .args(&missing))?;
-    }
-    if !bpf_linker_ok() {
-        eprintln!("xtask setup: installing bpf-linker {BPF_LINKER_VERSION} (built against LLVM 22, about a minute)");
-        let path = format!("/usr/lib/llvm-22/bin:{}", std::env::var("PATH").unwrap_or_default());
-        run(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .env("PATH", path)
-            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked", "--no-default-features", "--features", "llvm-22"]))?;
     }
     Ok(())
 }
