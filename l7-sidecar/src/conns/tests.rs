@@ -1,6 +1,18 @@
 use super::*;
 use bytes::Bytes;
 
+/// A GET of `/` with `headers` (Host `b` written when they have none).
+pub(crate) fn get_req<'a>(headers: &'a HeaderMap, body: &'a Bytes) -> Outgoing<'a> {
+    static HOST: HeaderValue = HeaderValue::from_static("b");
+    Outgoing {
+        method: &Method::GET,
+        target: "/",
+        headers,
+        host: Some(&HOST),
+        body,
+    }
+}
+
 fn soon() -> Instant {
     Instant::now() + Duration::from_secs(5)
 }
@@ -72,11 +84,7 @@ async fn send_fails_at_the_request_deadline() {
     let start = Instant::now();
     let deadline = start + Duration::from_millis(100);
     let mut c = checkout(addr, Duration::from_secs(2), start, deadline).await.unwrap();
-    let req = http::Request::get("/")
-        .header(http::header::HOST, "b")
-        .body(UpBody::new(Bytes::new()))
-        .unwrap();
-    let e = c.send(req, deadline).await.expect_err("no answer");
+    let e = c.send(&get_req(&HeaderMap::new(), &Bytes::new()), deadline).await.err().expect("no answer");
     assert!(matches!(e, SendError::Deadline), "{e}");
     assert!(Instant::now() >= deadline);
     hold.abort();
