@@ -115,8 +115,11 @@ pub struct Outgoing<'a> {
 /// A response head as `Conn::send` returns it; its body is read with `decoder` from
 /// the connection (see `body::StreamedBody`).
 pub struct Response {
+    /// Without hop-by-hop fields unless `hop_by_hop_left`.
     pub head: http::response::Parts,
     pub decoder: Decoder,
+    /// `Connection` named other fields: `http_util::strip_hop_by_hop` must still run.
+    pub hop_by_hop_left: bool,
 }
 
 /// A context whose wake-ups go nowhere, for polls whose wake-up is registered
@@ -261,7 +264,11 @@ impl Conn {
                 parts.extensions.insert(r);
             }
         }
-        Ok(Response { head: parts, decoder })
+        Ok(Response {
+            head: parts,
+            decoder,
+            hop_by_hop_left: head.hop_by_hop_left,
+        })
     }
 
     /// Whether the backend closed (or reset, or wrote to) the connection while it

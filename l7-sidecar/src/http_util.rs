@@ -97,7 +97,7 @@ const HOP_BY_HOP_LENGTHS: u32 = 1 << 2 | 1 << 7 | 1 << 10 | 1 << 16 | 1 << 17 | 
 /// Whether every token of a `Connection` value names a `HOP_BY_HOP` field (so
 /// nothing else has to be removed for it), as in `keep-alive` or `Upgrade`. The
 /// values nearly every message carries are told apart without splitting.
-fn only_hop_by_hop_tokens(v: &HeaderValue) -> bool {
+pub(crate) fn only_hop_by_hop_tokens(v: &HeaderValue) -> bool {
     let b = v.as_bytes();
     // Exact spellings first: a byte comparison, where ignoring case costs a few
     // instructions per byte.

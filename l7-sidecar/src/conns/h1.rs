@@ -14,6 +14,7 @@
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
+use crate::http_util::{hop_by_hop_index, only_hop_by_hop_tokens};
 use hyper::body::Frame;
 
 /// Response head (status line and fields) size limit. nginx's default buffer for
@@ -78,6 +79,10 @@ pub struct Head {
     /// The connection may carry another request after this response's body: HTTP/1.1
     /// without `Connection: close`, and no protocol switch.
     pub keep_alive: bool,
+    /// `headers` still hold hop-by-hop fields: `Connection` named others, and
+    /// `http_util::strip_hop_by_hop` must remove them. Otherwise they were left out
+    /// while the map was built (the same fields, without the map lookups after).
+    pub hop_by_hop_left: bool,
 }
 
 /// Write the request head for `body_len` body bytes into `dst`.
@@ -161,6 +166,16 @@ type Indices = [u32; 4];
 /// heads before it, which are skipped; `101` is returned, for the caller to refuse).
 /// `Ok(None)`: incomplete, read more. `head_request`: the request was HEAD (no body).
 pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, H1Error> {
+    parse_head_with(buf, head_request, true)
+}
+
+/// `parse_head`; `strip`: leave hop-by-hop fields out of the map where that is the
+/// same as `strip_hop_by_hop` on it (see `Head::hop_by_hop_left`).
+fn parse_head_with(
+    buf: &mut BytesMut,
+    head_request: bool,
+    strip: bool,
+) -> Result<Option<Head>, H1Error> {
     loop {
         if buf.is_empty() {
             return Ok(None);
@@ -209,7 +224,8 @@ pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>
             continue;
         }
         let head = buf.split_to(len).freeze();
-        return build_head(&head, &idx[..n], status, version, reason_at, head_request).map(Some);
+        return build_head(&head, &idx[..n], status, version, reason_at, head_request, strip)
+            .map(Some);
     }
 }
 
@@ -220,6 +236,7 @@ fn build_head(
     version: u8,
     (reason_start, reason_len): (u32, u32),
     head_request: bool,
+    strip: bool,
 ) -> Result<Head, H1Error> {
     let version = if version == 1 {
         Version::HTTP_11
@@ -228,6 +245,9 @@ fn build_head(
     };
     let mut keep_alive = version == Version::HTTP_11;
     let mut headers = HeaderMap::with_capacity(idx.len());
+    // What framing needs is noted on the way: no lookups in the map afterwards.
+    let mut te_last: Option<HeaderValue> = None;
+    let mut length: Result<Option<u64>, H1Error> = Ok(None);
     for &[ns, ne, vs, ve] in idx {
         let raw = &head[ns as usize..ne as usize];
         let name = HeaderName::from_bytes(raw).map_err(|_| H1Error::Field {
@@ -237,8 +257,44 @@ fn build_head(
             .map_err(|_| H1Error::Field {
                 name: name.as_str().to_owned(),
             })?;
-        if name == header::CONNECTION && has_token(value.as_bytes(), b"close") {
-            keep_alive = false;
+        if name == header::CONTENT_LENGTH {
+            if let Ok(prev) = length {
+                length = content_length(prev, &value);
+            }
+        }
+        match hop_by_hop_index(&name) {
+            None => {}
+            Some(hop) if strip => {
+                // Hop-by-hop: not passed on (what `strip_hop_by_hop` would remove).
+                if hop == HOP_CONNECTION {
+                    if has_token(value.as_bytes(), b"close") {
+                        keep_alive = false;
+                    }
+                    if !only_hop_by_hop_tokens(&value) {
+                        // It names other fields to remove, maybe ones already in the
+                        // map: done over the whole map instead (`hop_by_hop_left`).
+                        return build_head(
+                            head,
+                            idx,
+                            status,
+                            version_byte(version),
+                            (reason_start, reason_len),
+                            head_request,
+                            false,
+                        );
+                    }
+                } else if hop == HOP_TRANSFER_ENCODING {
+                    te_last = Some(value);
+                }
+                continue;
+            }
+            Some(hop) => {
+                if hop == HOP_CONNECTION && has_token(value.as_bytes(), b"close") {
+                    keep_alive = false;
+                } else if hop == HOP_TRANSFER_ENCODING {
+                    te_last = Some(value.clone());
+                }
+            }
         }
         headers.append(name, value);
     }
@@ -247,7 +303,7 @@ fn build_head(
         (status.canonical_reason().map(str::as_bytes) != Some(r))
             .then(|| head.slice(reason_start as usize..(reason_start + reason_len) as usize))
     };
-    let framing = framing(status, version, &headers, head_request)?;
+    let framing = framing(status, version, te_last.as_ref(), length, head_request)?;
     if status == StatusCode::SWITCHING_PROTOCOLS {
         keep_alive = false;
     }
@@ -258,14 +314,38 @@ fn build_head(
         reason,
         framing,
         keep_alive,
+        hop_by_hop_left: !strip,
     })
 }
 
-/// RFC 9112 §6.3, in its order (as hyper's client decides it).
+fn version_byte(v: Version) -> u8 {
+    u8::from(v == Version::HTTP_11)
+}
+
+/// `HOP_BY_HOP` indices (`http_util`) of the fields framing and reuse read.
+const HOP_CONNECTION: usize = 0;
+const HOP_TRANSFER_ENCODING: usize = 7;
+
+/// One more Content-Length field, after `prev`: comma-separated values, all equal.
+fn content_length(prev: Option<u64>, value: &HeaderValue) -> Result<Option<u64>, H1Error> {
+    let mut length = prev;
+    for part in value.as_bytes().split(|&b| b == b',') {
+        let n = digits(trim(part)).ok_or(H1Error::ContentLength)?;
+        if length.is_some_and(|l| l != n) {
+            return Err(H1Error::ContentLength);
+        }
+        length = Some(n);
+    }
+    Ok(length)
+}
+
+/// RFC 9112 §6.3, in its order (as hyper's client decides it). `te_last`: the last
+/// Transfer-Encoding field; `length`: the Content-Length fields' agreed value.
 fn framing(
     status: StatusCode,
     version: Version,
-    headers: &HeaderMap,
+    te_last: Option<&HeaderValue>,
+    length: Result<Option<u64>, H1Error>,
     head_request: bool,
 ) -> Result<Framing, H1Error> {
     if head_request
@@ -275,7 +355,7 @@ fn framing(
     {
         return Ok(Framing::Empty);
     }
-    if let Some(last) = headers.get_all(header::TRANSFER_ENCODING).iter().next_back() {
+    if let Some(last) = te_last {
         if version == Version::HTTP_10 {
             return Err(H1Error::TransferEncodingInHttp10);
         }
@@ -290,17 +370,7 @@ fn framing(
             Framing::Close
         });
     }
-    let mut length = None;
-    for v in headers.get_all(header::CONTENT_LENGTH) {
-        for part in v.as_bytes().split(|&b| b == b',') {
-            let n = digits(trim(part)).ok_or(H1Error::ContentLength)?;
-            if length.is_some_and(|l| l != n) {
-                return Err(H1Error::ContentLength);
-            }
-            length = Some(n);
-        }
-    }
-    Ok(length.map_or(Framing::Close, Framing::Length))
+    Ok(length?.map_or(Framing::Close, Framing::Length))
 }
 
 fn trim(mut s: &[u8]) -> &[u8] {

@@ -256,8 +256,12 @@ macro_rules! forward_in_place {
                 let conns::Response {
                     head: mut parts,
                     decoder,
+                    hop_by_hop_left,
                 } = resp;
-                strip_hop_by_hop(&mut parts.headers);
+                // Usually left out while the head was parsed (`conns::h1`).
+                if hop_by_hop_left {
+                    strip_hop_by_hop(&mut parts.headers);
+                }
                 let body = Body::upstream_pooled(
                     decoder,
                     guard,
