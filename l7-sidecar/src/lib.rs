@@ -14,6 +14,7 @@ pub mod ctx;
 pub mod gateway;
 pub mod guard;
 pub mod health;
+mod hop_by_hop;
 pub mod http_util;
 pub mod idle;
 pub mod stats;

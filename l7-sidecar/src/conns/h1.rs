@@ -14,7 +14,7 @@
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
-use crate::http_util::{hop_by_hop_index, only_hop_by_hop_tokens};
+use crate::hop_by_hop::{hop_by_hop_index, only_hop_by_hop_tokens};
 use hyper::body::Frame;
 
 /// Response head (status line and fields) size limit. nginx's default buffer for
@@ -171,7 +171,7 @@ pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>
 
 /// `parse_head`; `strip`: leave hop-by-hop fields out of the map where that is the
 /// same as `strip_hop_by_hop` on it (see `Head::hop_by_hop_left`).
-fn parse_head_with(
+pub(crate) fn parse_head_with(
     buf: &mut BytesMut,
     head_request: bool,
     strip: bool,
@@ -322,7 +322,7 @@ fn version_byte(v: Version) -> u8 {
     u8::from(v == Version::HTTP_11)
 }
 
-/// `HOP_BY_HOP` indices (`http_util`) of the fields framing and reuse read.
+/// `HOP_BY_HOP` indices (`hop_by_hop`) of the fields framing and reuse read.
 const HOP_CONNECTION: usize = 0;
 const HOP_TRANSFER_ENCODING: usize = 7;
 

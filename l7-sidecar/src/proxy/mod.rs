@@ -554,6 +554,9 @@ pub async fn proxy(
 }
 
 #[cfg(test)]
+mod hop_tests;
+
+#[cfg(test)]
 mod target_tests {
     use super::origin_form;
 
