@@ -31,6 +31,9 @@ pub trait BodyEnd: Send + Sync {
     fn ended(self: Box<Self>, bytes: u64);
 }
 
+// The streamed kind (with its upstream connection inline) is the large one, and the
+// usual one: `Inner` is boxed as a whole, so the size is one allocation's, never moved.
+#[allow(clippy::large_enum_variant)]
 enum Kind {
     /// A buffered answer in one frame (None: no frame left, or none at all).
     Full(Option<Bytes>),

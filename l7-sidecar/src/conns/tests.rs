@@ -244,7 +244,7 @@ async fn bytes_sent_on_an_idle_connection_keep_it_from_reuse() {
     assert_eq!(exchange(addr, &get_req(&h, &b)).await.unwrap().0, b"ok");
     assert_eq!(idle_count(addr), 1, "released after a complete response");
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let e = exchange(addr, &get_req(&h, &b)).await.err().expect("not used");
+    let e = exchange(addr, &get_req(&h, &b)).await.expect_err("not used");
     assert!(matches!(e, SendError::NotSent), "{e}");
     // The next connection is a new one, answered in step.
     let (body, reused) = exchange(addr, &get_req(&h, &b)).await.unwrap();
@@ -273,8 +273,8 @@ async fn a_close_before_the_answer_is_not_sent_only_on_a_reused_connection() {
     });
     let (h, b) = (HeaderMap::new(), Bytes::new());
     exchange(addr, &get_req(&h, &b)).await.unwrap();
-    let e = exchange(addr, &get_req(&h, &b)).await.err().expect("closed");
+    let e = exchange(addr, &get_req(&h, &b)).await.expect_err("closed");
     assert!(matches!(e, SendError::NotSent), "{e}");
-    let e = exchange(addr, &get_req(&h, &b)).await.err().expect("closed");
+    let e = exchange(addr, &get_req(&h, &b)).await.expect_err("closed");
     assert!(matches!(e, SendError::Closed), "{e}");
 }
