@@ -110,6 +110,12 @@ pub struct Outgoing<'a> {
     /// Written as `Host` when `headers` have none.
     pub host: Option<&'a HeaderValue>,
     pub body: &'a Bytes,
+    /// The request may be sent again even if the backend may have received it
+    /// (an idempotent method, RFC 9110 §9.2.2): a reused connection that ends after
+    /// the request was written, before any byte of the answer, then hands it back
+    /// (`SendError::NotSent`). Otherwise that is an error (the backend may have acted
+    /// on it), as with hyper's client, which handed back only requests not written.
+    pub replayable: bool,
 }
 
 /// A response head as `Conn::send` returns it; its body is read with `decoder` from
@@ -224,7 +230,8 @@ impl Conn {
     /// `1xx` heads). The body is then read with the returned decoder through
     /// `poll_body` (`StreamedBody` does). Fails with `SendError::Deadline` once
     /// `deadline` passes, with `SendError::NotSent` when a reused connection turns
-    /// out closed before any byte of a response.
+    /// out closed before the request was written, or (`replayable` requests) before
+    /// any byte of a response.
     pub async fn send(&mut self, req: &Outgoing<'_>, deadline: Instant) -> Result<Response, SendError> {
         self.keep_alive = false;
         if self.reused && self.closed_while_idle() {
@@ -252,7 +259,9 @@ impl Conn {
             });
         }
         let head_request = *req.method == Method::HEAD;
-        let head = self.read_head(head_request, deadline).await?;
+        let head = self
+            .read_head(head_request, reused && req.replayable, deadline)
+            .await?;
         self.keep_alive = head.keep_alive;
         let decoder = Decoder::new(head.framing);
         let mut parts = http::Response::new(()).into_parts().0;
@@ -315,19 +324,25 @@ impl Conn {
         .await
     }
 
-    async fn read_head(&mut self, head_request: bool, deadline: Instant) -> Result<Head, SendError> {
+    /// `replay`: an end before any byte of the answer is `NotSent` (else `Closed`).
+    async fn read_head(
+        &mut self,
+        head_request: bool,
+        replay: bool,
+        deadline: Instant,
+    ) -> Result<Head, SendError> {
         let mut got_any = !self.rbuf.is_empty();
         std::future::poll_fn(|cx| loop {
             if let Some(head) = h1::parse_head(&mut self.rbuf, head_request)? {
                 return Poll::Ready(Ok(head));
             }
             match self.poll_fill(cx) {
-                Poll::Ready(Ok(0)) if self.reused && !got_any => {
+                Poll::Ready(Ok(0)) if replay && !got_any => {
                     return Poll::Ready(Err(SendError::NotSent))
                 }
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err(SendError::Closed)),
                 Poll::Ready(Ok(_)) => got_any = true,
-                Poll::Ready(Err(e)) if self.reused && !got_any && lost(&e) => {
+                Poll::Ready(Err(e)) if replay && !got_any && lost(&e) => {
                     return Poll::Ready(Err(SendError::NotSent))
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(SendError::Io(e))),

@@ -11,6 +11,7 @@ pub(crate) fn get_req<'a>(headers: &'a HeaderMap, body: &'a Bytes) -> Outgoing<'
         headers,
         host: Some(&HOST),
         body,
+        replayable: true,
     }
 }
 
@@ -200,6 +201,7 @@ async fn requests_go_out_as_hyper_sent_them() {
         headers,
         host: None,
         body,
+        replayable: true,
     };
     cases.push((get_req(&none, &empty), b"GET / HTTP/1.1\r\nhost: b\r\n\r\n".to_vec()));
     cases.push((
@@ -252,21 +254,25 @@ async fn bytes_sent_on_an_idle_connection_keep_it_from_reuse() {
 }
 
 /// A reused connection the backend closed (EOF before any byte of the answer) hands
-/// the request back as not answered; a new connection that does the same is an error.
+/// an idempotent request back as not answered; a new connection that does the same is
+/// an error, and so is a reused one for a request that is not replayable (a POST the
+/// backend may have acted on is not sent twice).
 #[tokio::test]
 async fn a_close_before_the_answer_is_not_sent_only_on_a_reused_connection() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
-        // First connection: one answer, then read the next request and close unanswered.
-        let (mut s, _) = l.accept().await.unwrap();
         let mut buf = [0u8; 1024];
-        let _ = s.read(&mut buf).await;
-        s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await.unwrap();
-        let _ = s.read(&mut buf).await;
-        drop(s);
-        // Second: close at once after reading the request.
+        for _ in 0..2 {
+            // One answer, then read the next request and close unanswered.
+            let (mut s, _) = l.accept().await.unwrap();
+            let _ = s.read(&mut buf).await;
+            s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await.unwrap();
+            let _ = s.read(&mut buf).await;
+            drop(s);
+        }
+        // Then: close at once after reading the request.
         let (mut s, _) = l.accept().await.unwrap();
         let _ = s.read(&mut buf).await;
         drop(s);
@@ -275,6 +281,14 @@ async fn a_close_before_the_answer_is_not_sent_only_on_a_reused_connection() {
     exchange(addr, &get_req(&h, &b)).await.unwrap();
     let e = exchange(addr, &get_req(&h, &b)).await.expect_err("closed");
     assert!(matches!(e, SendError::NotSent), "{e}");
+    exchange(addr, &get_req(&h, &b)).await.unwrap();
+    let post = Outgoing {
+        method: &Method::POST,
+        replayable: false,
+        ..get_req(&h, &b)
+    };
+    let e = exchange(addr, &post).await.expect_err("closed");
+    assert!(matches!(e, SendError::Closed), "{e}");
     let e = exchange(addr, &get_req(&h, &b)).await.expect_err("closed");
     assert!(matches!(e, SendError::Closed), "{e}");
 }

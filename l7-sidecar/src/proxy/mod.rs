@@ -157,6 +157,9 @@ macro_rules! forward_in_place {
             // over HTTP/2). A scan of the names rather than a hashed lookup: a request
             // has a few fields, and comparing a standard name is one byte.
             let has_host = headers.keys().any(|k| k == header::HOST);
+            // An idempotent request may go again on another connection even when the
+            // backend may have received it (a reused connection that ended unanswered).
+            let replayable = idempotent(&method);
             // Only backends that failed are recorded, so the usual request allocates nothing here.
             // In attempt order: a round-robin retry takes the backend after the last one.
             let mut tried = Vec::new();
@@ -189,6 +192,7 @@ macro_rules! forward_in_place {
                     headers: &headers,
                     host: host.as_ref(),
                     body: &body,
+                    replayable,
                 };
                 let mut conn = match conns::checkout(backend.addr, connect_timeout, started, deadline).await
                 {
