@@ -292,3 +292,23 @@ async fn a_close_before_the_answer_is_not_sent_only_on_a_reused_connection() {
     let e = exchange(addr, &get_req(&h, &b)).await.expect_err("closed");
     assert!(matches!(e, SendError::Closed), "{e}");
 }
+
+/// A connection put back idle after a large body keeps only small buffers: the read
+/// buffer grew for the body (up to `MAX_READ`), and hundreds of idle connections must
+/// not each hold that.
+#[tokio::test]
+async fn an_idle_connection_keeps_only_small_buffers() {
+    let mut answer = b"HTTP/1.1 200 OK\r\nContent-Length: 1048576\r\n\r\n".to_vec();
+    answer.resize(answer.len() + (1 << 20), b'x');
+    let answer: &'static [u8] = Box::leak(answer.into_boxed_slice());
+    let (addr, _seen) = raw_backend(answer, None).await;
+    let (h, b) = (HeaderMap::new(), Bytes::new());
+    let (body, _) = exchange(addr, &get_req(&h, &b)).await.unwrap();
+    assert_eq!(body.len(), 1 << 20);
+    let (rcap, wcap, read_size) = with_idle(|m| {
+        let c = &m.list(addr).expect("released")[0].conn;
+        (c.rbuf.capacity(), c.wbuf.capacity(), c.read_size)
+    });
+    assert!(rcap <= IDLE_BUFFER && wcap <= IDLE_BUFFER, "read {rcap}, write {wcap}");
+    assert_eq!(read_size, FIRST_READ, "the next response starts small again");
+}
