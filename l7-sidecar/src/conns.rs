@@ -232,7 +232,11 @@ impl Conn {
     /// `deadline` passes, with `SendError::NotSent` when a reused connection turns
     /// out closed before the request was written, or (`replayable` requests) before
     /// any byte of a response.
-    pub async fn send(&mut self, req: &Outgoing<'_>, deadline: Instant) -> Result<Response, SendError> {
+    pub async fn send(
+        &mut self,
+        req: &Outgoing<'_>,
+        deadline: Instant,
+    ) -> Result<Response, SendError> {
         self.keep_alive = false;
         if self.reused && self.closed_while_idle() {
             return Err(SendError::NotSent);

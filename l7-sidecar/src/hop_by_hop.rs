@@ -54,7 +54,8 @@ pub(crate) fn is_hop_by_hop_token(token: &str) -> bool {
 
 /// Lengths of the `HOP_BY_HOP` names, as a bit set: most fields (`content-type`,
 /// `date`, `server`, ...) are told apart by their length alone.
-pub(crate) const HOP_BY_HOP_LENGTHS: u32 = 1 << 2 | 1 << 7 | 1 << 10 | 1 << 16 | 1 << 17 | 1 << 18 | 1 << 19;
+pub(crate) const HOP_BY_HOP_LENGTHS: u32 =
+    1 << 2 | 1 << 7 | 1 << 10 | 1 << 16 | 1 << 17 | 1 << 18 | 1 << 19;
 
 /// Whether every token of a `Connection` value names a `HOP_BY_HOP` field (so
 /// nothing else has to be removed for it), as in `keep-alive` or `Upgrade`. The
@@ -76,4 +77,3 @@ pub(crate) fn only_hop_by_hop_tokens(v: &HeaderValue) -> bool {
             .all(|t| t.is_empty() || is_hop_by_hop_token(t))
     })
 }
-

@@ -26,10 +26,12 @@ async fn a_refused_connect_names_the_address() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let e = checkout(addr, Duration::from_secs(2), Instant::now(), soon()).await.err().unwrap();
+    let e = checkout(addr, Duration::from_secs(2), Instant::now(), soon())
+        .await
+        .err()
+        .unwrap();
     assert!(e.to_string().contains(&addr.to_string()), "{e}");
 }
-
 
 /// Polls `timer_passed` once.
 fn passed_now(timer: &mut Pin<Box<Sleep>>, deadline: Instant) -> bool {
@@ -45,7 +47,10 @@ async fn the_connection_timer_fires_only_for_the_current_deadline() {
     let later = start + Duration::from_millis(150);
     assert!(!passed_now(&mut timer, later));
     tokio::time::sleep(Duration::from_millis(40)).await;
-    assert!(!passed_now(&mut timer, later), "the earlier deadline is no timeout now");
+    assert!(
+        !passed_now(&mut timer, later),
+        "the earlier deadline is no timeout now"
+    );
     std::future::poll_fn(|cx| {
         if timer_passed(&mut timer, cx, later) {
             Poll::Ready(())
@@ -54,7 +59,10 @@ async fn the_connection_timer_fires_only_for_the_current_deadline() {
         }
     })
     .await;
-    assert!(Instant::now() >= later, "woken at the later deadline, not before");
+    assert!(
+        Instant::now() >= later,
+        "woken at the later deadline, not before"
+    );
     // A shorter deadline than the armed one (another pool's timeout) moves it closer.
     let far = Instant::now() + Duration::from_secs(60);
     assert!(!passed_now(&mut timer, far));
@@ -85,8 +93,14 @@ async fn send_fails_at_the_request_deadline() {
     });
     let start = Instant::now();
     let deadline = start + Duration::from_millis(100);
-    let mut c = checkout(addr, Duration::from_secs(2), start, deadline).await.unwrap();
-    let e = c.send(&get_req(&HeaderMap::new(), &Bytes::new()), deadline).await.err().expect("no answer");
+    let mut c = checkout(addr, Duration::from_secs(2), start, deadline)
+        .await
+        .unwrap();
+    let e = c
+        .send(&get_req(&HeaderMap::new(), &Bytes::new()), deadline)
+        .await
+        .err()
+        .expect("no answer");
     assert!(matches!(e, SendError::Deadline), "{e}");
     assert!(Instant::now() >= deadline);
     hold.abort();
@@ -155,7 +169,9 @@ async fn raw_backend(
 /// Send `req` on a checked-out connection, read the response to its end and release
 /// the connection; the body's bytes, and whether the connection was reused.
 async fn exchange(addr: SocketAddr, req: &Outgoing<'_>) -> Result<(Vec<u8>, bool), SendError> {
-    let mut c = checkout(addr, Duration::from_secs(2), Instant::now(), soon()).await.unwrap();
+    let mut c = checkout(addr, Duration::from_secs(2), Instant::now(), soon())
+        .await
+        .unwrap();
     let reused = c.reused;
     let mut resp = c.send(req, soon()).await?;
     let mut body = Vec::new();
@@ -183,12 +199,16 @@ async fn exchange(addr: SocketAddr, req: &Outgoing<'_>) -> Result<(Vec<u8>, bool
 /// HEAD or PUT; a large body after the head, on the same keep-alive connection.
 #[tokio::test]
 async fn requests_go_out_as_hyper_sent_them() {
-    let (addr, mut seen) = raw_backend(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", None).await;
+    let (addr, mut seen) =
+        raw_backend(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", None).await;
     let none = HeaderMap::new();
     let mut with_zero = HeaderMap::new();
     with_zero.insert(http::header::CONTENT_LENGTH, HeaderValue::from_static("0"));
     let mut own_host = HeaderMap::new();
-    own_host.insert(http::header::HOST, HeaderValue::from_static("client.example"));
+    own_host.insert(
+        http::header::HOST,
+        HeaderValue::from_static("client.example"),
+    );
     own_host.append("x-many", HeaderValue::from_static("1"));
     own_host.append("x-many", HeaderValue::from_static("2"));
     let empty = Bytes::new();
@@ -203,13 +223,22 @@ async fn requests_go_out_as_hyper_sent_them() {
         body,
         replayable: true,
     };
-    cases.push((get_req(&none, &empty), b"GET / HTTP/1.1\r\nhost: b\r\n\r\n".to_vec()));
+    cases.push((
+        get_req(&none, &empty),
+        b"GET / HTTP/1.1\r\nhost: b\r\n\r\n".to_vec(),
+    ));
     cases.push((
         with(&Method::GET, "/p?q=1", &own_host, &empty),
         b"GET /p?q=1 HTTP/1.1\r\nhost: client.example\r\nx-many: 1\r\nx-many: 2\r\n\r\n".to_vec(),
     ));
-    cases.push((with(&Method::HEAD, "/", &none, &empty), b"HEAD / HTTP/1.1\r\n\r\n".to_vec()));
-    cases.push((with(&Method::PUT, "/", &none, &empty), b"PUT / HTTP/1.1\r\n\r\n".to_vec()));
+    cases.push((
+        with(&Method::HEAD, "/", &none, &empty),
+        b"HEAD / HTTP/1.1\r\n\r\n".to_vec(),
+    ));
+    cases.push((
+        with(&Method::PUT, "/", &none, &empty),
+        b"PUT / HTTP/1.1\r\n\r\n".to_vec(),
+    ));
     cases.push((
         with(&Method::POST, "/", &with_zero, &empty),
         b"POST / HTTP/1.1\r\ncontent-length: 0\r\n\r\n".to_vec(),
@@ -218,17 +247,31 @@ async fn requests_go_out_as_hyper_sent_them() {
         with(&Method::POST, "/", &none, &small),
         b"POST / HTTP/1.1\r\ncontent-length: 5\r\n\r\nhello".to_vec(),
     ));
-    let mut big = format!("PUT /big HTTP/1.1\r\ncontent-length: {}\r\n\r\n", large.len()).into_bytes();
+    let mut big = format!(
+        "PUT /big HTTP/1.1\r\ncontent-length: {}\r\n\r\n",
+        large.len()
+    )
+    .into_bytes();
     big.extend_from_slice(&large);
     cases.push((with(&Method::PUT, "/big", &none, &large), big));
     for (i, (req, want)) in cases.iter().enumerate() {
-        let (body, reused) = exchange(addr, req).await.unwrap_or_else(|e| panic!("case {i}: {e}"));
+        let (body, reused) = exchange(addr, req)
+            .await
+            .unwrap_or_else(|e| panic!("case {i}: {e}"));
         // HEAD's answer has no body, whatever its Content-Length says.
-        let expect: &[u8] = if *req.method == Method::HEAD { b"" } else { b"ok" };
+        let expect: &[u8] = if *req.method == Method::HEAD {
+            b""
+        } else {
+            b"ok"
+        };
         assert_eq!(body, expect, "case {i}");
         assert_eq!(reused, i > 0, "case {i}: one keep-alive connection");
         let got = seen.recv().await.unwrap();
-        assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(want), "case {i}");
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(want),
+            "case {i}"
+        );
     }
 }
 
@@ -246,7 +289,9 @@ async fn bytes_sent_on_an_idle_connection_keep_it_from_reuse() {
     assert_eq!(exchange(addr, &get_req(&h, &b)).await.unwrap().0, b"ok");
     assert_eq!(idle_count(addr), 1, "released after a complete response");
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let e = exchange(addr, &get_req(&h, &b)).await.expect_err("not used");
+    let e = exchange(addr, &get_req(&h, &b))
+        .await
+        .expect_err("not used");
     assert!(matches!(e, SendError::NotSent), "{e}");
     // The next connection is a new one, answered in step.
     let (body, reused) = exchange(addr, &get_req(&h, &b)).await.unwrap();
@@ -268,7 +313,9 @@ async fn a_close_before_the_answer_is_not_sent_only_on_a_reused_connection() {
             // One answer, then read the next request and close unanswered.
             let (mut s, _) = l.accept().await.unwrap();
             let _ = s.read(&mut buf).await;
-            s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await.unwrap();
+            s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .await
+                .unwrap();
             let _ = s.read(&mut buf).await;
             drop(s);
         }
@@ -309,6 +356,12 @@ async fn an_idle_connection_keeps_only_small_buffers() {
         let c = &m.list(addr).expect("released")[0].conn;
         (c.rbuf.capacity(), c.wbuf.capacity(), c.read_size)
     });
-    assert!(rcap <= IDLE_BUFFER && wcap <= IDLE_BUFFER, "read {rcap}, write {wcap}");
-    assert_eq!(read_size, FIRST_READ, "the next response starts small again");
+    assert!(
+        rcap <= IDLE_BUFFER && wcap <= IDLE_BUFFER,
+        "read {rcap}, write {wcap}"
+    );
+    assert_eq!(
+        read_size, FIRST_READ,
+        "the next response starts small again"
+    );
 }

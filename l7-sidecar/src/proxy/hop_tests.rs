@@ -23,8 +23,12 @@ fn hop_by_hop_fields_left_out_while_parsing_match_strip_hop_by_hop() {
     ];
     for raw in heads {
         let text = String::from_utf8_lossy(raw);
-        let fast = h1::parse_head(&mut BytesMut::from(*raw), false).unwrap().unwrap();
-        let full = h1::parse_head_with(&mut BytesMut::from(*raw), false, false).unwrap().unwrap();
+        let fast = h1::parse_head(&mut BytesMut::from(*raw), false)
+            .unwrap()
+            .unwrap();
+        let full = h1::parse_head_with(&mut BytesMut::from(*raw), false, false)
+            .unwrap()
+            .unwrap();
         assert!(full.hop_by_hop_left);
         let mut fast_map = fast.headers.clone();
         if fast.hop_by_hop_left {
@@ -40,7 +44,9 @@ fn hop_by_hop_fields_left_out_while_parsing_match_strip_hop_by_hop() {
         );
     }
     // The usual response (Connection: keep-alive) needs no pass over the map.
-    let usual = h1::parse_head(&mut BytesMut::from(heads[0]), false).unwrap().unwrap();
+    let usual = h1::parse_head(&mut BytesMut::from(heads[0]), false)
+        .unwrap()
+        .unwrap();
     assert!(!usual.hop_by_hop_left);
     assert!(!usual.headers.contains_key(http::header::CONNECTION));
 }

@@ -88,7 +88,10 @@ fn content_length_body() {
         false,
     )
     .unwrap();
-    assert_eq!((w.status, w.framing, w.keep_alive), (200, Framing::Length(5), true));
+    assert_eq!(
+        (w.status, w.framing, w.keep_alive),
+        (200, Framing::Length(5), true)
+    );
     assert_eq!(w.body, b"hello");
     assert!(w.rest.is_empty());
 }
@@ -140,7 +143,10 @@ fn chunked_body_without_trailers() {
         false,
     )
     .unwrap();
-    assert_eq!((w.framing, &w.body[..], w.trailers.is_none()), (Framing::Chunked, &b"hi"[..], true));
+    assert_eq!(
+        (w.framing, &w.body[..], w.trailers.is_none()),
+        (Framing::Chunked, &b"hi"[..], true)
+    );
 }
 
 #[test]
@@ -172,18 +178,29 @@ fn a_chunked_body_cut_short_is_an_error() {
 
 #[test]
 fn a_length_body_cut_short_says_how_much_came() {
-    let e = run(&[b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc"], false, true)
-        .expect_err("cut");
+    let e = run(
+        &[b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc"],
+        false,
+        true,
+    )
+    .expect_err("cut");
     assert!(matches!(e, H1Error::ShortBody { got: 3, want: 10 }), "{e}");
 }
 
 #[test]
 fn no_framing_reads_until_close_and_is_not_reused() {
     let w = each_split(b"HTTP/1.1 200 OK\r\nX: y\r\n\r\nuntil close", false, true).unwrap();
-    assert_eq!((w.framing, &w.body[..]), (Framing::Close, &b"until close"[..]));
+    assert_eq!(
+        (w.framing, &w.body[..]),
+        (Framing::Close, &b"until close"[..])
+    );
     // Transfer-Encoding without chunked last: also until close.
-    let w = each_split(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\nzz", false, true)
-        .unwrap();
+    let w = each_split(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\nzz",
+        false,
+        true,
+    )
+    .unwrap();
     assert_eq!((w.framing, &w.body[..]), (Framing::Close, &b"zz"[..]));
 }
 
@@ -201,9 +218,16 @@ fn interim_heads_are_skipped() {
 
 #[test]
 fn switching_protocols_is_returned_without_body_or_reuse() {
-    let w = run(&[b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\nraw"], false, false)
-        .unwrap();
-    assert_eq!((w.status, w.framing, w.keep_alive), (101, Framing::Empty, false));
+    let w = run(
+        &[b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\nraw"],
+        false,
+        false,
+    )
+    .unwrap();
+    assert_eq!(
+        (w.status, w.framing, w.keep_alive),
+        (101, Framing::Empty, false)
+    );
     assert_eq!(w.rest, b"raw");
 }
 
@@ -211,17 +235,31 @@ fn switching_protocols_is_returned_without_body_or_reuse() {
 fn bodiless_responses_have_no_body_whatever_they_say() {
     for (resp, head) in [
         (&b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n"[..], true),
-        (b"HTTP/1.1 204 No Content\r\nContent-Length: 50\r\n\r\n", false),
-        (b"HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: chunked\r\n\r\n", false),
+        (
+            b"HTTP/1.1 204 No Content\r\nContent-Length: 50\r\n\r\n",
+            false,
+        ),
+        (
+            b"HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: chunked\r\n\r\n",
+            false,
+        ),
     ] {
         let w = each_split(resp, head, false).unwrap();
-        assert_eq!((w.framing, w.body.len(), w.keep_alive), (Framing::Empty, 0, true));
+        assert_eq!(
+            (w.framing, w.body.len(), w.keep_alive),
+            (Framing::Empty, 0, true)
+        );
     }
 }
 
 #[test]
 fn bytes_after_the_response_stay_in_the_buffer() {
-    let w = run(&[b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokEXTRA"], false, false).unwrap();
+    let w = run(
+        &[b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokEXTRA"],
+        false,
+        false,
+    )
+    .unwrap();
     assert_eq!((&w.body[..], &w.rest[..]), (&b"ok"[..], &b"EXTRA"[..]));
 }
 
@@ -248,14 +286,26 @@ fn content_length_values_must_agree() {
 
 #[test]
 fn connection_close_and_http10_are_not_reused() {
-    let w = run(&[b"HTTP/1.1 200 OK\r\nConnection: keep-alive, Close\r\nContent-Length: 0\r\n\r\n"], false, false)
-        .unwrap();
+    let w = run(
+        &[b"HTTP/1.1 200 OK\r\nConnection: keep-alive, Close\r\nContent-Length: 0\r\n\r\n"],
+        false,
+        false,
+    )
+    .unwrap();
     assert!(!w.keep_alive);
-    let w = run(&[b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n"], false, false)
-        .unwrap();
+    let w = run(
+        &[b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n"],
+        false,
+        false,
+    )
+    .unwrap();
     assert!(!w.keep_alive);
-    let e = run(&[b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"], false, false)
-        .expect_err("TE in 1.0");
+    let e = run(
+        &[b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"],
+        false,
+        false,
+    )
+    .expect_err("TE in 1.0");
     assert!(matches!(e, H1Error::TransferEncodingInHttp10), "{e}");
 }
 
@@ -270,7 +320,11 @@ fn bad_heads_are_refused() {
         b"SSH-2.0-OpenSSH\r\n\r\n",
     ] {
         let mut buf = BytesMut::from(bad);
-        assert!(parse_head(&mut buf, false).is_err(), "{}", String::from_utf8_lossy(bad));
+        assert!(
+            parse_head(&mut buf, false).is_err(),
+            "{}",
+            String::from_utf8_lossy(bad)
+        );
     }
 }
 
@@ -294,10 +348,19 @@ fn over_limit_heads_are_refused() {
     assert!(matches!(e, H1Error::HeadTooLarge), "{e}");
 }
 
-fn encoded(method: Method, target: &str, headers: &[(&str, &str)], host: Option<&str>, body: usize) -> String {
+fn encoded(
+    method: Method,
+    target: &str,
+    headers: &[(&str, &str)],
+    host: Option<&str>,
+    body: usize,
+) -> String {
     let mut map = HeaderMap::new();
     for (k, v) in headers {
-        map.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+        map.append(
+            HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            HeaderValue::from_str(v).unwrap(),
+        );
     }
     let host = host.map(|h| HeaderValue::from_str(h).unwrap());
     let mut out = Vec::new();
@@ -308,12 +371,24 @@ fn encoded(method: Method, target: &str, headers: &[(&str, &str)], host: Option<
 #[test]
 fn request_heads() {
     assert_eq!(
-        encoded(Method::GET, "/a?b=1", &[("host", "h"), ("x-a", "1"), ("x-a", "2")], None, 0),
+        encoded(
+            Method::GET,
+            "/a?b=1",
+            &[("host", "h"), ("x-a", "1"), ("x-a", "2")],
+            None,
+            0
+        ),
         "GET /a?b=1 HTTP/1.1\r\nhost: h\r\nx-a: 1\r\nx-a: 2\r\n\r\n"
     );
     // The body's length, whatever the map said; Transfer-Encoding never.
     assert_eq!(
-        encoded(Method::POST, "/", &[("content-length", "9"), ("transfer-encoding", "chunked")], Some("b:1"), 1234),
+        encoded(
+            Method::POST,
+            "/",
+            &[("content-length", "9"), ("transfer-encoding", "chunked")],
+            Some("b:1"),
+            1234
+        ),
         "POST / HTTP/1.1\r\nhost: b:1\r\ncontent-length: 1234\r\n\r\n"
     );
     // An empty-bodied POST keeps its `Content-Length: 0`; one without sends none (as hyper).
@@ -321,8 +396,14 @@ fn request_heads() {
         encoded(Method::POST, "/", &[("content-length", "0")], None, 0),
         "POST / HTTP/1.1\r\ncontent-length: 0\r\n\r\n"
     );
-    assert_eq!(encoded(Method::PUT, "/", &[], None, 0), "PUT / HTTP/1.1\r\n\r\n");
-    assert_eq!(encoded(Method::HEAD, "", &[], None, 0), "HEAD / HTTP/1.1\r\n\r\n");
+    assert_eq!(
+        encoded(Method::PUT, "/", &[], None, 0),
+        "PUT / HTTP/1.1\r\n\r\n"
+    );
+    assert_eq!(
+        encoded(Method::HEAD, "", &[], None, 0),
+        "HEAD / HTTP/1.1\r\n\r\n"
+    );
     assert_eq!(
         encoded(Method::from_bytes(b"PURGE").unwrap(), "/x", &[], None, 10),
         "PURGE /x HTTP/1.1\r\ncontent-length: 10\r\n\r\n"
@@ -341,5 +422,8 @@ fn digits_of_lengths() {
 fn hop_by_hop_indices_match_the_table() {
     use crate::hop_by_hop::hop_by_hop_index;
     assert_eq!(hop_by_hop_index(&header::CONNECTION), Some(HOP_CONNECTION));
-    assert_eq!(hop_by_hop_index(&header::TRANSFER_ENCODING), Some(HOP_TRANSFER_ENCODING));
+    assert_eq!(
+        hop_by_hop_index(&header::TRANSFER_ENCODING),
+        Some(HOP_TRANSFER_ENCODING)
+    );
 }
