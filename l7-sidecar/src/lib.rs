@@ -15,6 +15,7 @@ pub mod gateway;
 pub mod guard;
 pub mod host;
 pub mod health;
+mod hop_by_hop;
 pub mod http_util;
 pub mod idle;
 pub mod stats;
