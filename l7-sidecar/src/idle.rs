@@ -40,6 +40,9 @@ pub struct Activity {
     /// been fully sent (low 32 bits): one word, so counting a start costs the one
     /// atomic add the in-flight count needed anyway.
     requests: AtomicU64,
+    /// Set when the gateway began to drain: requests the connection starts from then
+    /// on are refused, not proxied (`pipeline::GatewayService`).
+    draining: AtomicBool,
 }
 
 /// One request started and in flight, in `Activity::requests`.
@@ -56,6 +59,7 @@ impl Activity {
             last_io_ms: AtomicU64::new(0),
             any_read: AtomicBool::new(false),
             requests: AtomicU64::new(0),
+            draining: AtomicBool::new(false),
         })
     }
 
@@ -74,6 +78,16 @@ impl Activity {
     /// only while none started or ended.
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
+    }
+
+    /// From now on the connection's new requests are refused (the gateway drains).
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether requests starting now must be refused (see `set_draining`).
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
     }
 
     /// Counts a request as started, and in flight until the guard (kept by its

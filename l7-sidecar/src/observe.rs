@@ -38,7 +38,8 @@ pub struct AccessRecord {
     pub user_id: Option<String>,
     pub trace_id: String,
     /// Why the request got no answer of the pipeline's: set only for what hyper's
-    /// HTTP/1 parser refused itself (`ParserRejection`).
+    /// HTTP/1 parser refused itself (`ParserRejection`) and for requests refused
+    /// because the gateway drains (`DRAINING`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<&'static str>,
 }
@@ -477,33 +478,70 @@ impl ParserRejection {
     /// `gateway_requests_total{route="none"}` as every unrouted answer) and write
     /// its access-log line with what is known: client, status, reason.
     pub fn record(self, log: &AccessLog, write: bool, conn: &crate::ctx::ConnInfo) {
-        metrics::counter!(
-            "gateway_rejected_requests_total",
-            "status" => self.status.to_string(),
-            "reason" => self.reason
-        )
-        .increment(1);
-        unrouted().count("none", self.status);
-        if !log.wanted(write) {
-            return;
-        }
-        let record = AccessRecord {
-            time: now_rfc3339(),
-            method: String::new(),
-            path: String::new(),
-            status: self.status,
-            latency_ms: 0.0,
-            bytes: 0,
-            client_ip: conn.client_ip_str().to_string(),
-            upstream: None,
-            route: None,
-            request_id: String::new(),
-            user_id: None,
-            trace_id: String::new(),
-            reason: Some(self.reason),
-        };
-        log.log(record, write);
+        record_rejection(log, write, conn, self, None, 0);
     }
+}
+
+/// A request the gateway refused before its pipeline because it drains (the
+/// request started after the drain began: `pipeline::GatewayService`).
+pub const DRAINING: ParserRejection = ParserRejection {
+    status: 503,
+    reason: "draining",
+};
+
+/// Count and log a request refused during a drain (`DRAINING`), as a parser
+/// rejection is: its method and path are known, `bytes` is the answer's body (0 when
+/// an HTTP/2 stream was reset instead).
+pub fn record_draining<B>(
+    log: &AccessLog,
+    write: bool,
+    conn: &crate::ctx::ConnInfo,
+    req: &http::Request<B>,
+    bytes: u64,
+) {
+    let what = (req.method(), req.uri().path());
+    record_rejection(log, write, conn, DRAINING, Some(what), bytes);
+}
+
+/// `gateway_rejected_requests_total{status,reason}`, `gateway_requests_total{route=
+/// "none"}` and the access-log line of a request refused before the pipeline.
+fn record_rejection(
+    log: &AccessLog,
+    write: bool,
+    conn: &crate::ctx::ConnInfo,
+    r: ParserRejection,
+    request: Option<(&Method, &str)>,
+    bytes: u64,
+) {
+    metrics::counter!(
+        "gateway_rejected_requests_total",
+        "status" => r.status.to_string(),
+        "reason" => r.reason
+    )
+    .increment(1);
+    unrouted().count("none", r.status);
+    if !log.wanted(write) {
+        return;
+    }
+    let (method, path) = request.map_or((String::new(), String::new()), |(m, p)| {
+        (m.to_string(), p.to_string())
+    });
+    let record = AccessRecord {
+        time: now_rfc3339(),
+        method,
+        path,
+        status: r.status,
+        latency_ms: 0.0,
+        bytes,
+        client_ip: conn.client_ip_str().to_string(),
+        upstream: None,
+        route: None,
+        request_id: String::new(),
+        user_id: None,
+        trace_id: String::new(),
+        reason: Some(r.reason),
+    };
+    log.log(record, write);
 }
 
 /// The access record and metrics of a response whose body is still being sent:

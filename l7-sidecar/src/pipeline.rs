@@ -30,7 +30,6 @@ use crate::stage::{stage, Next, Stage};
 use crate::trace::{Hop, StageKind, Traced, Tracer};
 use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
-use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -311,12 +310,66 @@ impl GatewayService {
     }
 }
 
+/// Why a request got no answer: the gateway drains, and the request (an HTTP/2
+/// stream) started after the drain began. hyper resets the stream with the reason
+/// it finds in an error's sources, so the client reads REFUSED_STREAM: not
+/// processed, safe to retry on another connection (RFC 9113 §8.7).
+#[derive(Debug, thiserror::Error)]
+#[error("request refused: the gateway is draining")]
+pub struct Draining(#[source] h2::Error);
+
+impl Draining {
+    fn new() -> Draining {
+        Draining(h2::Error::from(h2::Reason::REFUSED_STREAM))
+    }
+}
+
+/// How long a client refused during a drain is told to wait (`Retry-After`, s): by
+/// then another instance, or this one restarted, takes its connection.
+const DRAIN_RETRY_AFTER: HeaderValue = HeaderValue::from_static("1");
+
+impl GatewayService {
+    /// A request started after the drain began: never proxied, and not counted as in
+    /// flight (so it does not hold the drain). Logged and counted as the gateway's
+    /// answer (503, reason `draining`). HTTP/2: the stream is reset with
+    /// REFUSED_STREAM (`Draining`); HTTP/1: a 503 with `Retry-After` and
+    /// `Connection: close` (hyper closes after it anyway).
+    fn refuse_draining(&self, req: &Request<Incoming>) -> ResponseFuture {
+        let h2 = req.version() == http::Version::HTTP_2;
+        let (state, bytes) = if h2 {
+            (State::Refuse, 0)
+        } else {
+            let mut resp = crate::http_util::json_error_with_id(
+                http::StatusCode::SERVICE_UNAVAILABLE,
+                "draining",
+                "the gateway is shutting down; retry on a new connection",
+                "",
+            );
+            let h = resp.headers_mut();
+            h.insert(http::header::RETRY_AFTER, DRAIN_RETRY_AFTER);
+            h.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            let bytes = hyper::body::Body::size_hint(resp.body()).exact().unwrap_or(0);
+            (State::Answer(resp), bytes)
+        };
+        let write = self.shared.runtime.load().cfg.observability.access_log;
+        crate::observe::record_draining(&self.shared.access_log, write, &self.conn, req, bytes);
+        ResponseFuture {
+            state,
+            in_flight: None,
+            request_id: None,
+        }
+    }
+}
+
 impl hyper::service::Service<Request<Incoming>> for GatewayService {
     type Response = Response<ResponseBody>;
-    type Error = Infallible;
+    type Error = Draining;
     type Future = ResponseFuture;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
+        if self.conn.activity.draining() {
+            return self.refuse_draining(&req);
+        }
         // In flight until hyper drops the response body: the idle watchdog must not
         // close a connection whose response is still being produced.
         let in_flight = self.conn.activity.start_request();
@@ -326,17 +379,32 @@ impl hyper::service::Service<Request<Incoming>> for GatewayService {
                 Err(_) => (Err(panic_response()), None),
             };
         ResponseFuture {
-            fut: Some(fut),
+            state: match fut {
+                Ok(fut) => State::Running(fut),
+                Err(resp) => State::Answer(resp),
+            },
             in_flight: Some(in_flight),
             request_id,
         }
     }
 }
 
+/// What a `ResponseFuture` has to hand hyper.
+enum State {
+    /// The pipeline, still working.
+    Running(PipelineFuture),
+    /// An answer ready now (a panic's 500, a drain's 503).
+    Answer(Response<Body>),
+    /// No answer: reset the HTTP/2 stream (`Draining`).
+    Refuse,
+    /// Handed over.
+    Done,
+}
+
 /// The boxed pipeline future (or the answer to a panic while building it), as the
 /// `Result` hyper expects. Its response body carries the request's `InFlight` guard.
 pub struct ResponseFuture {
-    fut: Option<Result<PipelineFuture, Response<Body>>>,
+    state: State,
     in_flight: Option<crate::idle::InFlight>,
     /// Every response carries the request's id (also the answers of stages that
     /// refused it): set here, on the way out, rather than by a stage of its own.
@@ -344,12 +412,12 @@ pub struct ResponseFuture {
 }
 
 impl Future for ResponseFuture {
-    type Output = Result<Response<ResponseBody>, Infallible>;
+    type Output = Result<Response<ResponseBody>, Draining>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
-        let resp = match this.fut.as_mut() {
-            Some(Ok(fut)) => {
+        let resp = match &mut this.state {
+            State::Running(fut) => {
                 match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
                     Ok(Poll::Pending) => return Poll::Pending,
                     Ok(Poll::Ready(resp)) => resp,
@@ -357,13 +425,17 @@ impl Future for ResponseFuture {
                     Err(_) => panic_response(),
                 }
             }
-            Some(Err(_)) => match this.fut.take() {
-                Some(Err(resp)) => resp,
+            State::Answer(_) => match std::mem::replace(&mut this.state, State::Done) {
+                State::Answer(resp) => resp,
                 _ => panic_response(),
             },
-            None => panic_response(),
+            State::Refuse => {
+                this.state = State::Done;
+                return Poll::Ready(Err(Draining::new()));
+            }
+            State::Done => panic_response(),
         };
-        this.fut = None;
+        this.state = State::Done;
         let mut resp = resp;
         if let Some(id) = this.request_id.take() {
             resp.headers_mut().insert(crate::transform::REQUEST_ID, id);
@@ -392,11 +464,11 @@ mod tests {
         }
         let fut: PipelineFuture = Box::pin(async { boom() });
         let rf = ResponseFuture {
-            fut: Some(Ok(fut)),
+            state: State::Running(fut),
             in_flight: Some(c.activity.start_request()),
             request_id: Some(HeaderValue::from_static("id-1")),
         };
-        let resp = rf.await.expect("infallible");
+        let resp = rf.await.expect("an answer");
         assert_eq!(resp.status(), http::StatusCode::INTERNAL_SERVER_ERROR);
         assert_eq!(resp.headers()["x-request-id"], "id-1", "set on the way out");
         let body = resp.into_body().collect().await.expect("body").to_bytes();
@@ -425,11 +497,11 @@ mod tests {
             start.finish(boom())
         });
         let rf = ResponseFuture {
-            fut: Some(Ok(fut)),
+            state: State::Running(fut),
             in_flight: Some(c.activity.start_request()),
             request_id: None,
         };
-        let resp = rf.await.expect("infallible");
+        let resp = rf.await.expect("an answer");
         assert_eq!(resp.status(), http::StatusCode::INTERNAL_SERVER_ERROR);
         drop(resp);
         let r = rx.try_recv().expect("a record");

@@ -445,7 +445,12 @@ async fn serve_conn<S>(
             biased;
             r = conn.as_mut() => break r,
             () = &mut stopped => {
-                // Finish the request in progress, then close instead of idling in keep-alive.
+                // Finish the request in progress, then close instead of idling in
+                // keep-alive. Requests started from now on are refused (HTTP/2:
+                // REFUSED_STREAM; HTTP/1: 503), so they neither reach an upstream nor
+                // restart the grace below: hyper keeps accepting HTTP/2 streams until
+                // the client ACKs the GOAWAY's PING (hostile r3b, finding 1).
+                info.activity.set_draining();
                 conn.as_mut().graceful_shutdown();
                 let cut = async {
                     let _ = cut_rx.wait_for(|s| *s >= CUT).await;
