@@ -335,7 +335,7 @@ async fn accept_loop(
             let mut info = ConnInfo::new(peer, tls.is_some(), role.metrics);
             info.admin = role.admin;
             info.listener_port = stream.local_addr().ok().map(|a| a.port().into());
-            let stream = ActivityIo::new(stream, info.activity.clone());
+            let stream = ActivityIo::new(stream, info.activity.clone(), info.smuggled.clone());
             match tls {
                 None => serve(gw, stream, info, &cfg, stop).await,
                 Some(acceptor) => {

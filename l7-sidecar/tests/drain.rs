@@ -250,3 +250,32 @@ async fn a_client_gone_with_pipelined_requests_queued_is_499_and_stops_them() {
     );
     assert_eq!(recs.len(), 1, "the queued requests were never started: {recs:?}");
 }
+
+/// The watch for a client's close reads ahead of hyper while it holds pipelined
+/// requests: what it reads (here a third request sent while the first is in flight)
+/// is handed to hyper whole and in order, and every request is answered.
+#[tokio::test]
+async fn pipelined_requests_read_ahead_are_all_answered_in_order() {
+    let up = upstream("u").await;
+    let gw = start_gateway(&cfg(up.addr)).await;
+    let addr = gw.addr("public").expect("addr");
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let req = |i: usize| format!("GET /delay/300?n={i} HTTP/1.1\r\nHost: a\r\nX-Request-Id: ra-{i}\r\n\r\n");
+    s.write_all(format!("{}{}", req(0), req(1)).as_bytes()).await.expect("write");
+    eventually(Duration::from_secs(3), "request 0 reached the upstream", || up.hits() == 1).await;
+    // Read ahead by the gateway (hyper holds request 1), not by hyper.
+    s.write_all(req(2).as_bytes()).await.expect("write");
+    s.write_all(format!("GET /delay/1?n=3 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .expect("answered in time")
+        .expect("read");
+    let text = String::from_utf8_lossy(&out);
+    assert_eq!(text.matches("HTTP/1.1 200").count(), 4, "{text}");
+    let order: Vec<usize> = (0..3).map(|i| text.find(&format!("ra-{i}")).expect("each id answered")).collect();
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "in order: {text}");
+    assert_eq!(up.hits(), 4);
+}
