@@ -323,3 +323,82 @@ async fn a_refused_user_and_a_failed_backend_are_named_in_the_log() {
     );
     assert_eq!(rec.upstream, Some(dead.to_string()), "{rec:?}");
 }
+
+/// An upload the client abandons mid-body (closing the connection: Content-Length,
+/// chunked, after `Expect: 100-continue`; or resetting its HTTP/2 stream) is a client
+/// gone: logged 499 with no bytes sent, and nothing reaches the upstream. A body that
+/// is malformed stays a 400 (hostile r3b §6: all were logged 400 "cannot read
+/// request body", 125 bytes).
+#[tokio::test]
+async fn an_upload_abandoned_mid_body_is_499_and_a_malformed_one_400() {
+    let up = upstream("never").await;
+    let gw = start_gateway(&cfg(up.addr, "")).await;
+    let addr = gw.addr("public").expect("addr");
+    let mut log = gw.gateway.shared.access_log.subscribe();
+    let cases: [(&str, &[u8], bool); 3] = [
+        ("cl", b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 1000\r\nX-Request-Id: up-cl\r\n\r\nfirst bytes", false),
+        ("chunked", b"POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nX-Request-Id: up-chunked\r\n\r\n5\r\nfirst\r\n", false),
+        ("expect", b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 1000\r\nExpect: 100-continue\r\nX-Request-Id: up-expect\r\n\r\n", true),
+    ];
+    for (name, head, expect) in cases {
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        s.write_all(head).await.expect("write");
+        if expect {
+            let mut buf = [0u8; 256];
+            let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf))
+                .await
+                .expect("100 Continue in time")
+                .expect("read");
+            assert!(buf[..n].starts_with(b"HTTP/1.1 100"), "{:?}", String::from_utf8_lossy(&buf[..n]));
+            s.write_all(b"some of the body").await.expect("write");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(s);
+        let r = one(&records_for(&mut log, &format!("up-{name}"), Duration::from_millis(1500)).await, name);
+        assert_eq!((r.status, r.bytes), (499, 0), "{name}: {r:?}");
+        assert_eq!(r.route.as_deref(), Some("t"), "{name}: {r:?}");
+    }
+
+    // HTTP/2: the client resets its stream mid-body.
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+        .await
+        .expect("h2 handshake");
+    tokio::spawn(conn);
+    let (tx, body) = piped_body();
+    let req = http::Request::post(format!("http://{addr}/up"))
+        .header("x-request-id", "up-h2")
+        .body(body)
+        .expect("request");
+    tx.send(Ok(hyper::body::Frame::data(Bytes::from_static(b"first")))).await.expect("frame");
+    let pending = tokio::spawn(send.send_request(req));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // An error from the body makes hyper's client reset the stream.
+    tx.send(Err(std::io::Error::other("client gave up"))).await.expect("frame");
+    let _ = tokio::time::timeout(Duration::from_secs(2), pending).await;
+    let r = one(&records_for(&mut log, "up-h2", Duration::from_millis(1500)).await, "h2");
+    assert_eq!((r.status, r.bytes), (499, 0), "h2: {r:?}");
+
+    // Malformed: a chunk size that is no number.
+    let answer = raw(
+        addr,
+        b"POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nX-Request-Id: up-bad\r\n\r\nzz\r\nfirst\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    let r = one(&records_for(&mut log, "up-bad", Duration::from_millis(1500)).await, "malformed");
+    assert_eq!(r.status, 400, "{r:?}");
+    assert_eq!(up.hits(), 0, "no upload reached the upstream");
+}
+
+type FrameResult = Result<hyper::body::Frame<Bytes>, std::io::Error>;
+
+/// A request body fed from a channel of frames (for a client that stops mid-body).
+fn piped_body() -> (
+    tokio::sync::mpsc::Sender<FrameResult>,
+    http_body_util::StreamBody<std::pin::Pin<Box<dyn futures_util::Stream<Item = FrameResult> + Send>>>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel::<FrameResult>(4);
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|f| (f, rx)) });
+    (tx, http_body_util::StreamBody::new(Box::pin(stream)))
+}

@@ -470,6 +470,11 @@ pub async fn proxy(
         Ok(b) => b,
         Err(e) => {
             tracing::debug!(route = %rc.name, request_id = %rid, error = %e, "refused request body");
+            if let RequestBodyError::ClientGone(_) = e {
+                // Nobody to answer: logged as a client gone, nothing sent (the
+                // answer only closes the connection).
+                return client_gone_answer();
+            }
             let (status, code, msg) = match e {
                 RequestBodyError::TooLarge(_) => (
                     StatusCode::PAYLOAD_TOO_LARGE,
@@ -481,7 +486,7 @@ pub async fn proxy(
                     "request_timeout",
                     "request body not received in time",
                 ),
-                RequestBodyError::Read(_) => (
+                RequestBodyError::Read(_) | RequestBodyError::ClientGone(_) => (
                     StatusCode::BAD_REQUEST,
                     "bad_request",
                     "cannot read request body",
@@ -563,6 +568,18 @@ pub async fn proxy(
             r
         }
     }
+}
+
+
+/// The answer to a request whose client left mid-body: status 499 (nginx's "client
+/// closed request", as every request dropped by its client is logged), no body, and
+/// the connection closed.
+fn client_gone_answer() -> Response<crate::http_util::Body> {
+    let mut r = Response::new(crate::http_util::Body::empty());
+    *r.status_mut() = StatusCode::from_u16(crate::observe::CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST);
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r
 }
 
 #[cfg(test)]
