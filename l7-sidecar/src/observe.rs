@@ -352,6 +352,9 @@ pub struct LogStart {
     /// `None` once `finish` took over: the guard is disarmed.
     log: Option<Arc<AccessLog>>,
     write: bool,
+    /// Names the request to what the stages below it note if it is dropped
+    /// (`Witness`).
+    key: RequestKey,
 }
 
 impl LogStart {
@@ -371,6 +374,7 @@ impl LogStart {
             route: None,
             log: Some(log),
             write,
+            key: RequestKey::of(ctx),
         }
     }
 
@@ -419,17 +423,120 @@ impl Drop for LogStart {
         } else {
             CLIENT_CLOSED
         };
+        // What the stages below knew, noted as they were dropped just before this.
+        let note = take_note(self.key).unwrap_or_default();
         Pending {
             status,
-            route: self.route.take(),
-            upstream: None,
-            user_id: None,
+            route: self.route.take().or(note.route),
+            upstream: note.upstream,
+            user_id: note.user.map(|u| u.user_id.clone()),
             request: self.request.take(),
             started: self.started,
             write: self.write,
             log,
         }
         .complete(0);
+    }
+}
+
+/// One request among all of a thread's: its connection and its place on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestKey(usize, u64);
+
+impl RequestKey {
+    pub fn of(ctx: &crate::ctx::ReqCtx) -> RequestKey {
+        RequestKey(Arc::as_ptr(&ctx.conn) as usize, ctx.index)
+    }
+}
+
+/// What stages below the access log knew of a request dropped before its answer.
+#[derive(Default)]
+struct DropNote {
+    route: Option<Arc<crate::routing::Route>>,
+    upstream: Option<Arc<str>>,
+    user: Option<Arc<crate::ctx::Identity>>,
+}
+
+thread_local! {
+    /// The note of the request being dropped on this thread. A request's future is
+    /// dropped from the inside out, on one thread: the stages' `Witness`es first,
+    /// then its `LogStart`, which takes the note. So nothing is written here on the
+    /// usual path, where every witness is disarmed.
+    static DROPPED: std::cell::RefCell<Option<(RequestKey, DropNote)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn take_note(key: RequestKey) -> Option<DropNote> {
+    DROPPED
+        .try_with(|d| match d.borrow_mut().take() {
+            Some((k, note)) if k == key => Some(note),
+            _ => None,
+        })
+        .ok()
+        .flatten()
+}
+
+/// Held by a stage while it waits on what follows: if the request is dropped
+/// meanwhile (the client left, shutdown cut it), what the stage knew reaches the
+/// request's access-log line (its `LogStart`'s drop); `disarm` once answered. Costs
+/// a few stores on the usual path.
+pub struct Witness {
+    key: RequestKey,
+    route: Option<Arc<crate::routing::Route>>,
+    upstream: Option<Arc<str>>,
+    user: Option<Arc<crate::ctx::Identity>>,
+    armed: bool,
+}
+
+impl Witness {
+    pub fn new(key: RequestKey) -> Witness {
+        Witness {
+            key,
+            route: None,
+            upstream: None,
+            user: None,
+            armed: true,
+        }
+    }
+
+    pub fn route(mut self, route: Arc<crate::routing::Route>) -> Witness {
+        self.route = Some(route);
+        self
+    }
+
+    pub fn user(mut self, user: Option<Arc<crate::ctx::Identity>>) -> Witness {
+        self.user = user;
+        self
+    }
+
+    pub fn upstream(mut self, upstream: Arc<str>) -> Witness {
+        self.upstream = Some(upstream);
+        self
+    }
+
+    /// The request was answered: nothing to note.
+    pub fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Witness {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let (route, upstream, user) = (self.route.take(), self.upstream.take(), self.user.take());
+        let _ = DROPPED.try_with(|d| {
+            let mut d = d.borrow_mut();
+            let note = match &mut *d {
+                Some((k, note)) if *k == self.key => note,
+                other => &mut other.insert((self.key, DropNote::default())).1,
+            };
+            // Outer stages drop after inner ones: keep what the inner knew.
+            note.route = note.route.take().or(route);
+            note.upstream = note.upstream.take().or(upstream);
+            note.user = note.user.take().or(user);
+        });
     }
 }
 

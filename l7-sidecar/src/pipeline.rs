@@ -75,7 +75,12 @@ impl Next<Routed<Incoming>> for Proxy {
         Box::into_pin(Box::write(Box::new_uninit(), async move {
             let Proxy(rt, tracer) = self;
             let mark = tracer.as_ref().map(|t| t.enter(StageKind::Upstream));
+            // The user the stages above authenticated, for the line of a request
+            // dropped while the upstream works (hostile r3b §6).
+            let witness = crate::observe::Witness::new(crate::observe::RequestKey::of(r.req.ctx()))
+                .user(r.req.ctx().identity.clone());
             let mut resp = crate::proxy::proxy(&rt.upstreams, &rt.cfg.server, r).await;
+            witness.disarm();
             if let (Some(t), Some(mark)) = (&tracer, mark) {
                 // A streamed body names its backend itself; traces read extensions.
                 if let Some(a) = resp.body().upstream_addr().cloned() {
@@ -138,7 +143,22 @@ pub fn pipeline(shared: &Shared, rt: Arc<Runtime>, tracer: &Tracer) -> impl Next
     let p = traced(
         StageKind::Route,
         tracer,
-        move |req, next| async move { crate::routing::routing_stage(&s.router, req, next).await },
+        move |req, next| async move {
+            // `routing::routing_stage`, with the route noted for the line of a request
+            // dropped before its answer (the untraced pipeline hands it over itself).
+            let key = crate::observe::RequestKey::of(req.ctx());
+            match crate::routing::route(&s.router, req) {
+                Err(resp) => resp,
+                Ok(routed) => {
+                    let route = routed.route.route.clone();
+                    let witness = crate::observe::Witness::new(key).route(route.clone());
+                    let mut resp = crate::stage::run(next, routed).await;
+                    witness.disarm();
+                    resp.extensions_mut().insert(crate::routing::MatchedRoute(route));
+                    resp
+                }
+            }
+        },
         p,
     );
     let s = rt.clone();

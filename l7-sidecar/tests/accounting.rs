@@ -402,3 +402,57 @@ fn piped_body() -> (
     let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|f| (f, rx)) });
     (tx, http_body_util::StreamBody::new(Box::pin(stream)))
 }
+
+/// HTTP/2 streams still waiting on their upstream when the drain runs out are logged
+/// (499, as every request dropped before its answer) by the time `cut` returns, so
+/// before the process exits; before, they ran in tasks of their own that the exit
+/// simply ended, and got no line.
+#[tokio::test]
+async fn http2_streams_cut_at_the_drain_limit_are_logged_before_exit() {
+    let up = upstream("slow").await;
+    // On a worker thread of its own, as the binary serves: the streams' tasks are
+    // not run by the test's runtime while it waits.
+    let mut c = l7_sidecar::Config::parse(&cfg(up.addr, "")).expect("config");
+    c.observability.access_log = false;
+    let gw = l7_sidecar::Gateway::new(c, None).expect("gateway");
+    let gw = l7_sidecar::server::start_workers(gw, 1).await.expect("start");
+    let addr = gw.addr("public").expect("addr");
+    let mut log = gw.gateway.shared.access_log.subscribe();
+    let mut send = h2_sender(addr).await;
+    let a = tokio::spawn(send.send_request(h2_get(addr, "/delay/3000", "cut-h2-a")));
+    let b = tokio::spawn(send.send_request(h2_get(addr, "/delay/3000", "cut-h2-b")));
+    eventually(Duration::from_secs(3), "upstream got both", || up.hits() >= 2).await;
+    assert!(!gw.drain(Duration::from_millis(200)).await, "still in flight");
+    assert!(gw.cut(Duration::from_secs(1)).await, "cut connections closed");
+    let recs = all_records(&mut log, Duration::from_millis(1)).await;
+    for id in ["cut-h2-a", "cut-h2-b"] {
+        let mine: Vec<_> = recs.iter().filter(|r| r.request_id == id).cloned().collect();
+        let r = one(&mine, id);
+        assert_eq!(r.status, 499, "{r:?}");
+    }
+    a.abort();
+    b.abort();
+}
+
+/// A traced (sampled) request dropped before its answer names its route like an
+/// untraced one (hostile r3 leftover: the traced path logged no route).
+#[tokio::test]
+async fn a_traced_request_dropped_before_its_answer_names_its_route() {
+    let up = upstream("slow").await;
+    let toml = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\ntrace_sample_rate = 1.0\n{}",
+        cfg(up.addr, "")
+    );
+    let gw = start_gateway(&toml).await;
+    let addr = gw.addr("public").expect("addr");
+    let mut log = gw.gateway.shared.access_log.subscribe();
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(b"GET /delay/1500 HTTP/1.1\r\nHost: a\r\nX-Request-Id: traced-gone\r\n\r\n")
+        .await
+        .expect("write");
+    eventually(Duration::from_secs(3), "upstream got the request", || up.hits() >= 1).await;
+    drop(s);
+    let r = one(&records_for(&mut log, "traced-gone", Duration::from_millis(1200)).await, "traced");
+    assert_eq!(r.status, 499, "{r:?}");
+    assert_eq!(r.route.as_deref(), Some("t"), "{r:?}");
+}
