@@ -764,6 +764,31 @@ mod tests {
         assert!(rx.try_recv().is_err(), "exactly one");
     }
 
+    /// What a stage's armed `Witness` knew reaches the line of its own request only;
+    /// a disarmed one (the usual path) notes nothing.
+    #[test]
+    fn a_witness_names_the_backend_on_its_own_requests_line_only() {
+        let log = Arc::new(AccessLog::new());
+        let mut rx = log.subscribe();
+        let mine = req("mine");
+        let start = LogStart::begin(log.clone(), false, &mine);
+        drop(Witness::new(RequestKey::of(mine.ctx())).upstream("10.0.0.1:80".into()));
+        drop(start);
+        let r = rx.try_recv().expect("record");
+        assert_eq!((r.status, r.upstream.as_deref()), (499, Some("10.0.0.1:80")));
+
+        let other = req("other");
+        let start = LogStart::begin(log.clone(), false, &other);
+        drop(Witness::new(RequestKey::of(mine.ctx())).upstream("10.0.0.2:80".into()));
+        drop(start);
+        assert_eq!(rx.try_recv().expect("record").upstream, None, "another request's note");
+
+        let start = LogStart::begin(log.clone(), false, &mine);
+        Witness::new(RequestKey::of(mine.ctx())).upstream("10.0.0.3:80".into()).disarm();
+        drop(start);
+        assert_eq!(rx.try_recv().expect("record").upstream, None, "disarmed");
+    }
+
     /// Dropped while a panic unwinds, the request's answer is the panic's 500.
     #[test]
     fn the_log_start_of_a_panicking_request_logs_500() {

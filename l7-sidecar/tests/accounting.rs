@@ -456,3 +456,38 @@ async fn a_traced_request_dropped_before_its_answer_names_its_route() {
     assert_eq!(r.status, 499, "{r:?}");
     assert_eq!(r.route.as_deref(), Some("t"), "{r:?}");
 }
+
+/// A request dropped while its upstream works names the backend it was sent to and
+/// the user it authenticated as, as answered requests do (hostile r3b §6: both were
+/// empty on 499 lines).
+#[tokio::test]
+async fn a_request_dropped_while_the_upstream_works_names_backend_and_user() {
+    let up = upstream("slow").await;
+    let toml = format!(
+        "{}[pools.t]\nbackends = [{{ address = \"{}\" }}]\n\
+         [auth.jwt]\nissuer = \"idp\"\naudience = \"api\"\n[[auth.jwt.keys]]\nalgorithm = \"HS256\"\nsecret = \"acct\"\n\
+         [[routes]]\nname = \"t\"\npath = \"/\"\npool = \"t\"\nauth = \"jwt\"\n",
+        listener("public"),
+        up.addr
+    );
+    let gw = start_gateway(&toml).await;
+    let addr = gw.addr("public").expect("addr");
+    let mut log = gw.gateway.shared.access_log.subscribe();
+    let token = hs256(
+        "acct",
+        serde_json::json!({"sub": "alice", "iss": "idp", "aud": "api", "exp": now() + 600}),
+    );
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(
+        format!("GET /delay/1500 HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {token}\r\nX-Request-Id: gone-named\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .expect("write");
+    eventually(Duration::from_secs(3), "upstream got the request", || up.hits() >= 1).await;
+    drop(s);
+    let r = one(&records_for(&mut log, "gone-named", Duration::from_millis(1200)).await, "gone");
+    assert_eq!(r.status, 499, "{r:?}");
+    assert_eq!(r.user_id.as_deref(), Some("alice"), "{r:?}");
+    assert_eq!(r.upstream, Some(up.addr.to_string()), "{r:?}");
+}

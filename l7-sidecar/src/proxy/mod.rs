@@ -378,6 +378,7 @@ pub async fn proxy(
     Routed { req, route: ctx }: Routed<hyper::body::Incoming>,
 ) -> Response<Body> {
     let client_ip = req.ctx().conn.peer.ip();
+    let key = crate::observe::RequestKey::of(req.ctx());
     let rc = &ctx.route.cfg;
     // Owned: the request is taken apart below, and aggregation appends it per part.
     let query = req.uri().query().map(str::to_owned);
@@ -554,15 +555,22 @@ pub async fn proxy(
         headers: parts.headers,
         body,
     };
-    let mut attempted: Option<usize> = None;
-    match forward_in_place!(up, out, client_ip, attempted) {
+    let mut attempted = Attempted {
+        key,
+        pool: &up.pool,
+        index: None,
+        armed: true,
+    };
+    let forwarded = forward_in_place!(up, out, client_ip, attempted.index);
+    attempted.armed = false;
+    match forwarded {
         // The body names the backend for the access log (no response extension).
         Ok(r) => Response::from_parts(r.parts, r.body),
         Err(e) => {
             tracing::warn!(route = %rc.name, request_id = %rid, error = %e, "upstream failure");
             let mut r = err(e.status(), "upstream_error", e.public_message());
             // The access log names the backend that failed (the client is told none).
-            if let Some(b) = attempted.and_then(|i| up.pool.backends.get(i)) {
+            if let Some(b) = attempted.index.and_then(|i| up.pool.backends.get(i)) {
                 r.extensions_mut().insert(UpstreamAddr(b.addr_text.clone()));
             }
             r
@@ -570,6 +578,27 @@ pub async fn proxy(
     }
 }
 
+
+/// The backend a request is being sent to (`forward_in_place!`'s `$attempted`):
+/// named on the access-log line if the request is dropped meanwhile (the client
+/// left, shutdown cut it), through an `observe::Witness`.
+struct Attempted<'a> {
+    key: crate::observe::RequestKey,
+    pool: &'a Pool,
+    index: Option<usize>,
+    armed: bool,
+}
+
+impl Drop for Attempted<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if let Some(b) = self.index.and_then(|i| self.pool.backends.get(i)) {
+            drop(crate::observe::Witness::new(self.key).upstream(b.addr_text.clone()));
+        }
+    }
+}
 
 /// The answer to a request whose client left mid-body: status 499 (nginx's "client
 /// closed request", as every request dropped by its client is logged), no body, and
