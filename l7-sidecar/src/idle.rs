@@ -200,15 +200,14 @@ impl<S> ActivityIo<S> {
     /// requests buffered, a client that left went unnoticed until the answer was
     /// written to the closed socket, and the next request was sent upstream
     /// (hostile r3b, finding 2). Cheap: a few atomic loads per flush.
+    #[inline]
     fn hyper_holds_a_request(&self) -> bool {
-        if self.activity.in_flight() == 0 {
-            return false;
-        }
         // Started requests (high half of `requests`, wrapping 32 bits) and heads seen:
         // on HTTP/2 the guard sees no heads, so the difference is negative.
-        let started = (self.activity.requests() >> 32) as u32;
+        let requests = self.activity.requests();
+        let started = (requests >> 32) as u32;
         let unstarted = (self.framing.heads() as u32).wrapping_sub(started) as i32;
-        unstarted > 0 || self.framing.head_in_progress().is_some()
+        (unstarted > 0 || self.framing.head_in_progress().is_some()) && requests & IN_FLIGHT != 0
     }
 }
 
@@ -218,6 +217,8 @@ impl<S: AsyncRead + Unpin> ActivityIo<S> {
     /// the connection failed), which ends the connection through hyper (its requests
     /// in flight are dropped, each logged 499, and the buffered ones never start).
     /// `Pending` otherwise, with the task woken when more arrives.
+    #[cold]
+    #[inline(never)]
     fn read_ahead(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
         while !self.eof && self.ahead.len() < MAX_READ_AHEAD {
             let len = self.ahead.len();
@@ -251,6 +252,8 @@ impl<S: AsyncRead + Unpin> ActivityIo<S> {
     }
 
     /// Hand out what `read_ahead` kept: bytes, then the end of the stream.
+    #[cold]
+    #[inline(never)]
     fn read_from_ahead(&mut self, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let rest = &self.ahead[self.ahead_from..];
         let n = rest.len().min(buf.remaining());
@@ -301,6 +304,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ActivityIo<S> {
     /// hyper flushes at every turn of its HTTP/1 loop, also while it waits for an
     /// answer without reading: the place to watch for the client's close when hyper
     /// cannot (`hyper_holds_a_request`).
+    #[inline]
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let r = Pin::new(&mut self.inner).poll_flush(cx);
         if self.hyper_holds_a_request() {

@@ -414,7 +414,20 @@ impl LogStart {
 }
 
 impl Drop for LogStart {
+    /// Inlined: runs on every request, where `finish` already disarmed it.
+    #[inline]
     fn drop(&mut self) {
+        if self.log.is_some() {
+            self.dropped();
+        }
+    }
+}
+
+impl LogStart {
+    /// The request was dropped before its answer (or its handling panicked).
+    #[cold]
+    #[inline(never)]
+    fn dropped(&mut self) {
         let Some(log) = self.log.take() else { return };
         // Dropped while unwinding: the request's handling panicked, and its answer
         // is the 500 of `pipeline::panic_response`.
@@ -521,10 +534,19 @@ impl Witness {
 }
 
 impl Drop for Witness {
+    /// Inlined: on the usual path the witness is disarmed and this is one test.
+    #[inline]
     fn drop(&mut self) {
-        if !self.armed {
-            return;
+        if self.armed {
+            self.note();
         }
+    }
+}
+
+impl Witness {
+    #[cold]
+    #[inline(never)]
+    fn note(&mut self) {
         let (route, upstream, user) = (self.route.take(), self.upstream.take(), self.user.take());
         let _ = DROPPED.try_with(|d| {
             let mut d = d.borrow_mut();
