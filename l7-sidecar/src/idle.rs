@@ -77,6 +77,7 @@ impl Activity {
 
     /// Requests started and in flight as one value (see `RequestsQuiet`): unchanged
     /// only while none started or ended.
+    #[inline]
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
     }

@@ -75,12 +75,7 @@ impl Next<Routed<Incoming>> for Proxy {
         Box::into_pin(Box::write(Box::new_uninit(), async move {
             let Proxy(rt, tracer) = self;
             let mark = tracer.as_ref().map(|t| t.enter(StageKind::Upstream));
-            // The user the stages above authenticated, for the line of a request
-            // dropped while the upstream works (hostile r3b §6).
-            let witness = crate::observe::Witness::new(crate::observe::RequestKey::of(r.req.ctx()))
-                .user(r.req.ctx().identity.clone());
             let mut resp = crate::proxy::proxy(&rt.upstreams, &rt.cfg.server, r).await;
-            witness.disarm();
             if let (Some(t), Some(mark)) = (&tracer, mark) {
                 // A streamed body names its backend itself; traces read extensions.
                 if let Some(a) = resp.body().upstream_addr().cloned() {
@@ -356,8 +351,8 @@ impl GatewayService {
     /// `Connection: close` (hyper closes after it anyway).
     fn refuse_draining(&self, req: &Request<Incoming>) -> ResponseFuture {
         let h2 = req.version() == http::Version::HTTP_2;
-        let (state, bytes) = if h2 {
-            (State::Refuse, 0)
+        let (answer, bytes) = if h2 {
+            (None, 0)
         } else {
             let mut resp = crate::http_util::json_error_with_id(
                 http::StatusCode::SERVICE_UNAVAILABLE,
@@ -369,12 +364,13 @@ impl GatewayService {
             h.insert(http::header::RETRY_AFTER, DRAIN_RETRY_AFTER);
             h.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
             let bytes = hyper::body::Body::size_hint(resp.body()).exact().unwrap_or(0);
-            (State::Answer(resp), bytes)
+            (Some(resp), bytes)
         };
         let write = self.shared.runtime.load().cfg.observability.access_log;
         crate::observe::record_draining(&self.shared.access_log, write, &self.conn, req, bytes);
         ResponseFuture {
-            state,
+            fut: answer.map(Err),
+            refuse: h2,
             in_flight: None,
             request_id: None,
         }
@@ -399,32 +395,21 @@ impl hyper::service::Service<Request<Incoming>> for GatewayService {
                 Err(_) => (Err(panic_response()), None),
             };
         ResponseFuture {
-            state: match fut {
-                Ok(fut) => State::Running(fut),
-                Err(resp) => State::Answer(resp),
-            },
+            fut: Some(fut),
+            refuse: false,
             in_flight: Some(in_flight),
             request_id,
         }
     }
 }
 
-/// What a `ResponseFuture` has to hand hyper.
-enum State {
-    /// The pipeline, still working.
-    Running(PipelineFuture),
-    /// An answer ready now (a panic's 500, a drain's 503).
-    Answer(Response<Body>),
-    /// No answer: reset the HTTP/2 stream (`Draining`).
-    Refuse,
-    /// Handed over.
-    Done,
-}
-
-/// The boxed pipeline future (or the answer to a panic while building it), as the
-/// `Result` hyper expects. Its response body carries the request's `InFlight` guard.
+/// The boxed pipeline future (or an answer ready now: a panic's 500, a drain's 503),
+/// as the `Result` hyper expects. Its response body carries the request's `InFlight`
+/// guard.
 pub struct ResponseFuture {
-    state: State,
+    fut: Option<Result<PipelineFuture, Response<Body>>>,
+    /// No answer: the HTTP/2 stream is reset (`Draining`); `fut` is `None`.
+    refuse: bool,
     in_flight: Option<crate::idle::InFlight>,
     /// Every response carries the request's id (also the answers of stages that
     /// refused it): set here, on the way out, rather than by a stage of its own.
@@ -436,8 +421,8 @@ impl Future for ResponseFuture {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
-        let resp = match &mut this.state {
-            State::Running(fut) => {
+        let resp = match this.fut.as_mut() {
+            Some(Ok(fut)) => {
                 match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
                     Ok(Poll::Pending) => return Poll::Pending,
                     Ok(Poll::Ready(resp)) => resp,
@@ -445,17 +430,17 @@ impl Future for ResponseFuture {
                     Err(_) => panic_response(),
                 }
             }
-            State::Answer(_) => match std::mem::replace(&mut this.state, State::Done) {
-                State::Answer(resp) => resp,
+            Some(Err(_)) => match this.fut.take() {
+                Some(Err(resp)) => resp,
                 _ => panic_response(),
             },
-            State::Refuse => {
-                this.state = State::Done;
+            None if this.refuse => {
+                this.refuse = false;
                 return Poll::Ready(Err(Draining::new()));
             }
-            State::Done => panic_response(),
+            None => panic_response(),
         };
-        this.state = State::Done;
+        this.fut = None;
         let mut resp = resp;
         if let Some(id) = this.request_id.take() {
             resp.headers_mut().insert(crate::transform::REQUEST_ID, id);
@@ -484,7 +469,8 @@ mod tests {
         }
         let fut: PipelineFuture = Box::pin(async { boom() });
         let rf = ResponseFuture {
-            state: State::Running(fut),
+            fut: Some(Ok(fut)),
+            refuse: false,
             in_flight: Some(c.activity.start_request()),
             request_id: Some(HeaderValue::from_static("id-1")),
         };
@@ -517,7 +503,8 @@ mod tests {
             start.finish(boom())
         });
         let rf = ResponseFuture {
-            state: State::Running(fut),
+            fut: Some(Ok(fut)),
+            refuse: false,
             in_flight: Some(c.activity.start_request()),
             request_id: None,
         };

@@ -379,6 +379,7 @@ pub async fn proxy(
 ) -> Response<Body> {
     let client_ip = req.ctx().conn.peer.ip();
     let key = crate::observe::RequestKey::of(req.ctx());
+    let user = req.ctx().identity.clone();
     let rc = &ctx.route.cfg;
     // Owned: the request is taken apart below, and aggregation appends it per part.
     let query = req.uri().query().map(str::to_owned);
@@ -558,6 +559,7 @@ pub async fn proxy(
     let mut attempted = Attempted {
         key,
         pool: &up.pool,
+        user,
         index: None,
         armed: true,
     };
@@ -579,23 +581,27 @@ pub async fn proxy(
 }
 
 
-/// The backend a request is being sent to (`forward_in_place!`'s `$attempted`):
-/// named on the access-log line if the request is dropped meanwhile (the client
-/// left, shutdown cut it), through an `observe::Witness`.
+/// The backend a request is being sent to (`forward_in_place!`'s `$attempted`) and
+/// the user it authenticated as: named on the access-log line if the request is
+/// dropped meanwhile (the client left, shutdown cut it), through an
+/// `observe::Witness`.
 struct Attempted<'a> {
     key: crate::observe::RequestKey,
     pool: &'a Pool,
+    user: Option<Arc<crate::ctx::Identity>>,
     index: Option<usize>,
     armed: bool,
 }
 
 impl Drop for Attempted<'_> {
+    #[inline]
     fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        if let Some(b) = self.index.and_then(|i| self.pool.backends.get(i)) {
-            drop(crate::observe::Witness::new(self.key).upstream(b.addr_text.clone()));
+        if self.armed {
+            let mut w = crate::observe::Witness::new(self.key).user(self.user.take());
+            if let Some(b) = self.index.and_then(|i| self.pool.backends.get(i)) {
+                w = w.upstream(b.addr_text.clone());
+            }
+            drop(w);
         }
     }
 }
