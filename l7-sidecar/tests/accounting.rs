@@ -392,11 +392,12 @@ async fn an_upload_abandoned_mid_body_is_499_and_a_malformed_one_400() {
 }
 
 type FrameResult = Result<hyper::body::Frame<Bytes>, std::io::Error>;
+type FrameStream = std::pin::Pin<Box<dyn futures_util::Stream<Item = FrameResult> + Send>>;
 
 /// A request body fed from a channel of frames (for a client that stops mid-body).
 fn piped_body() -> (
     tokio::sync::mpsc::Sender<FrameResult>,
-    http_body_util::StreamBody<std::pin::Pin<Box<dyn futures_util::Stream<Item = FrameResult> + Send>>>,
+    http_body_util::StreamBody<FrameStream>,
 ) {
     let (tx, rx) = tokio::sync::mpsc::channel::<FrameResult>(4);
     let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|f| (f, rx)) });

@@ -265,7 +265,7 @@ async fn pipelined_requests_read_ahead_are_all_answered_in_order() {
     eventually(Duration::from_secs(3), "request 0 reached the upstream", || up.hits() == 1).await;
     // Read ahead by the gateway (hyper holds request 1), not by hyper.
     s.write_all(req(2).as_bytes()).await.expect("write");
-    s.write_all(format!("GET /delay/1?n=3 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").as_bytes())
+    s.write_all(b"GET /delay/1?n=3 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
         .await
         .expect("write");
     let mut out = Vec::new();
