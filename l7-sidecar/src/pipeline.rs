@@ -349,6 +349,8 @@ impl GatewayService {
     /// answer (503, reason `draining`). HTTP/2: the stream is reset with
     /// REFUSED_STREAM (`Draining`); HTTP/1: a 503 with `Retry-After` and
     /// `Connection: close` (hyper closes after it anyway).
+    #[cold]
+    #[inline(never)]
     fn refuse_draining(&self, req: &Request<Incoming>) -> ResponseFuture {
         let h2 = req.version() == http::Version::HTTP_2;
         let (answer, bytes) = if h2 {
