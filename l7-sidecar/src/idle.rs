@@ -14,6 +14,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
+use crate::smuggle::Smuggled;
 
 /// What the idle watchdog of one connection needs to know.
 ///
@@ -40,6 +41,9 @@ pub struct Activity {
     /// been fully sent (low 32 bits): one word, so counting a start costs the one
     /// atomic add the in-flight count needed anyway.
     requests: AtomicU64,
+    /// Set when the gateway began to drain: requests the connection starts from then
+    /// on are refused, not proxied (`pipeline::GatewayService`).
+    draining: AtomicBool,
 }
 
 /// One request started and in flight, in `Activity::requests`.
@@ -56,6 +60,7 @@ impl Activity {
             last_io_ms: AtomicU64::new(0),
             any_read: AtomicBool::new(false),
             requests: AtomicU64::new(0),
+            draining: AtomicBool::new(false),
         })
     }
 
@@ -72,8 +77,19 @@ impl Activity {
 
     /// Requests started and in flight as one value (see `RequestsQuiet`): unchanged
     /// only while none started or ended.
+    #[inline]
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
+    }
+
+    /// From now on the connection's new requests are refused (the gateway drains).
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether requests starting now must be refused (see `set_draining`).
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
     }
 
     /// Counts a request as started, and in flight until the guard (kept by its
@@ -144,15 +160,112 @@ impl RequestsQuiet {
     }
 }
 
-/// Records byte movement on a connection for `Activity`.
+/// Records byte movement on a connection for `Activity`, and notices an HTTP/1
+/// client that left while hyper holds pipelined requests of its (`read_ahead`).
 pub struct ActivityIo<S> {
     inner: S,
     activity: Arc<Activity>,
+    /// The HTTP/1 framing seen so far (`SmuggleGuard`, above this layer): whether
+    /// hyper has read a request it has not started yet.
+    framing: Arc<Smuggled>,
+    /// Bytes read ahead (`read_ahead`), handed out before anything more is read.
+    ahead: Vec<u8>,
+    ahead_from: usize,
+    /// `ahead` holds bytes or the end of the stream was read ahead: reads look there
+    /// first (one flag for the usual read to test).
+    has_ahead: bool,
+    /// The read ahead found the end of the stream (or an error): reads end too.
+    eof: bool,
 }
 
+/// At most this much is read ahead of hyper, per connection: a client pipelining
+/// more than that is not watched for closing beyond it.
+const MAX_READ_AHEAD: usize = 64 * 1024;
+
 impl<S> ActivityIo<S> {
-    pub fn new(inner: S, activity: Arc<Activity>) -> Self {
-        ActivityIo { inner, activity }
+    pub fn new(inner: S, activity: Arc<Activity>, framing: Arc<Smuggled>) -> Self {
+        ActivityIo {
+            inner,
+            activity,
+            framing,
+            ahead: Vec::new(),
+            ahead_from: 0,
+            has_ahead: false,
+            eof: false,
+        }
+    }
+
+    /// Whether hyper holds (part of) an HTTP/1 request it has not started while one
+    /// is in flight. hyper notices a client's close while a request is in flight only
+    /// by reading, and it does not read while its buffer has bytes: with pipelined
+    /// requests buffered, a client that left went unnoticed until the answer was
+    /// written to the closed socket, and the next request was sent upstream
+    /// (hostile r3b, finding 2). Cheap: a few atomic loads per flush.
+    #[inline]
+    fn hyper_holds_a_request(&self) -> bool {
+        // Started requests (high half of `requests`, wrapping 32 bits) and heads seen:
+        // on HTTP/2 the guard sees no heads, so the difference is negative.
+        let requests = self.activity.requests();
+        let started = (requests >> 32) as u32;
+        let unstarted = (self.framing.heads() as u32).wrapping_sub(started) as i32;
+        (unstarted > 0 || self.framing.head_in_progress().is_some()) && requests & IN_FLIGHT != 0
+    }
+}
+
+impl<S: AsyncRead + Unpin> ActivityIo<S> {
+    /// Read what the client sent beyond what hyper took, keeping it for hyper's next
+    /// reads, to see the connection's end: `Ready(error)` once the client closed (or
+    /// the connection failed), which ends the connection through hyper (its requests
+    /// in flight are dropped, each logged 499, and the buffered ones never start).
+    /// `Pending` otherwise, with the task woken when more arrives.
+    #[cold]
+    #[inline(never)]
+    fn read_ahead(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        while !self.eof && self.ahead.len() < MAX_READ_AHEAD {
+            let len = self.ahead.len();
+            self.ahead.resize(len + 4096, 0);
+            let mut rb = ReadBuf::new(&mut self.ahead[len..]);
+            let r = Pin::new(&mut self.inner).poll_read(cx, &mut rb);
+            let n = rb.filled().len();
+            self.ahead.truncate(len + n);
+            match r {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(())) if n > 0 => {
+                    self.activity.touch();
+                    self.has_ahead = true;
+                }
+                Poll::Ready(Ok(())) => {
+                    self.eof = true;
+                    self.has_ahead = true;
+                    return Poll::Ready(io::Error::new(
+                        io::ErrorKind::ConnectionAborted,
+                        "the client closed the connection with requests in flight",
+                    ));
+                }
+                Poll::Ready(Err(e)) => {
+                    self.eof = true;
+                    self.has_ahead = true;
+                    return Poll::Ready(e);
+                }
+            }
+        }
+        Poll::Pending
+    }
+
+    /// Hand out what `read_ahead` kept: bytes, then the end of the stream.
+    #[cold]
+    #[inline(never)]
+    fn read_from_ahead(&mut self, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let rest = &self.ahead[self.ahead_from..];
+        let n = rest.len().min(buf.remaining());
+        buf.put_slice(&rest[..n]);
+        self.ahead_from += n;
+        if self.ahead_from == self.ahead.len() {
+            self.ahead = Vec::new();
+            self.ahead_from = 0;
+            self.has_ahead = self.eof;
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -162,6 +275,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for ActivityIo<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if self.has_ahead {
+            return self.read_from_ahead(buf);
+        }
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
@@ -174,7 +290,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for ActivityIo<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for ActivityIo<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ActivityIo<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -186,8 +302,18 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ActivityIo<S> {
         }
         r
     }
+    /// hyper flushes at every turn of its HTTP/1 loop, also while it waits for an
+    /// answer without reading: the place to watch for the client's close when hyper
+    /// cannot (`hyper_holds_a_request`).
+    #[inline]
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let r = Pin::new(&mut self.inner).poll_flush(cx);
+        if self.hyper_holds_a_request() {
+            if let Poll::Ready(gone) = self.read_ahead(cx) {
+                return Poll::Ready(Err(gone));
+            }
+        }
+        r
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)

@@ -38,7 +38,8 @@ pub struct AccessRecord {
     pub user_id: Option<String>,
     pub trace_id: String,
     /// Why the request got no answer of the pipeline's: set only for what hyper's
-    /// HTTP/1 parser refused itself (`ParserRejection`).
+    /// HTTP/1 parser refused itself (`ParserRejection`) and for requests refused
+    /// because the gateway drains (`DRAINING`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<&'static str>,
 }
@@ -351,6 +352,9 @@ pub struct LogStart {
     /// `None` once `finish` took over: the guard is disarmed.
     log: Option<Arc<AccessLog>>,
     write: bool,
+    /// Names the request to what the stages below it note if it is dropped
+    /// (`Witness`).
+    key: RequestKey,
 }
 
 impl LogStart {
@@ -370,6 +374,7 @@ impl LogStart {
             route: None,
             log: Some(log),
             write,
+            key: RequestKey::of(ctx),
         }
     }
 
@@ -409,7 +414,20 @@ impl LogStart {
 }
 
 impl Drop for LogStart {
+    /// Inlined: runs on every request, where `finish` already disarmed it.
+    #[inline]
     fn drop(&mut self) {
+        if self.log.is_some() {
+            self.dropped();
+        }
+    }
+}
+
+impl LogStart {
+    /// The request was dropped before its answer (or its handling panicked).
+    #[cold]
+    #[inline(never)]
+    fn dropped(&mut self) {
         let Some(log) = self.log.take() else { return };
         // Dropped while unwinding: the request's handling panicked, and its answer
         // is the 500 of `pipeline::panic_response`.
@@ -418,17 +436,129 @@ impl Drop for LogStart {
         } else {
             CLIENT_CLOSED
         };
+        // What the stages below knew, noted as they were dropped just before this.
+        let note = take_note(self.key).unwrap_or_default();
         Pending {
             status,
-            route: self.route.take(),
-            upstream: None,
-            user_id: None,
+            route: self.route.take().or(note.route),
+            upstream: note.upstream,
+            user_id: note.user.map(|u| u.user_id.clone()),
             request: self.request.take(),
             started: self.started,
             write: self.write,
             log,
         }
         .complete(0);
+    }
+}
+
+/// One request among all of a thread's: its connection and its place on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestKey(usize, u64);
+
+impl RequestKey {
+    pub fn of(ctx: &crate::ctx::ReqCtx) -> RequestKey {
+        RequestKey(Arc::as_ptr(&ctx.conn) as usize, ctx.index)
+    }
+}
+
+/// What stages below the access log knew of a request dropped before its answer.
+#[derive(Default)]
+struct DropNote {
+    route: Option<Arc<crate::routing::Route>>,
+    upstream: Option<Arc<str>>,
+    user: Option<Arc<crate::ctx::Identity>>,
+}
+
+thread_local! {
+    /// The note of the request being dropped on this thread. A request's future is
+    /// dropped from the inside out, on one thread: the stages' `Witness`es first,
+    /// then its `LogStart`, which takes the note. So nothing is written here on the
+    /// usual path, where every witness is disarmed.
+    static DROPPED: std::cell::RefCell<Option<(RequestKey, DropNote)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn take_note(key: RequestKey) -> Option<DropNote> {
+    DROPPED
+        .try_with(|d| match d.borrow_mut().take() {
+            Some((k, note)) if k == key => Some(note),
+            _ => None,
+        })
+        .ok()
+        .flatten()
+}
+
+/// Held by a stage while it waits on what follows: if the request is dropped
+/// meanwhile (the client left, shutdown cut it), what the stage knew reaches the
+/// request's access-log line (its `LogStart`'s drop); `disarm` once answered. Costs
+/// a few stores on the usual path.
+pub struct Witness {
+    key: RequestKey,
+    route: Option<Arc<crate::routing::Route>>,
+    upstream: Option<Arc<str>>,
+    user: Option<Arc<crate::ctx::Identity>>,
+    armed: bool,
+}
+
+impl Witness {
+    pub fn new(key: RequestKey) -> Witness {
+        Witness {
+            key,
+            route: None,
+            upstream: None,
+            user: None,
+            armed: true,
+        }
+    }
+
+    pub fn route(mut self, route: Arc<crate::routing::Route>) -> Witness {
+        self.route = Some(route);
+        self
+    }
+
+    pub fn user(mut self, user: Option<Arc<crate::ctx::Identity>>) -> Witness {
+        self.user = user;
+        self
+    }
+
+    pub fn upstream(mut self, upstream: Arc<str>) -> Witness {
+        self.upstream = Some(upstream);
+        self
+    }
+
+    /// The request was answered: nothing to note.
+    pub fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Witness {
+    /// Inlined: on the usual path the witness is disarmed and this is one test.
+    #[inline]
+    fn drop(&mut self) {
+        if self.armed {
+            self.note();
+        }
+    }
+}
+
+impl Witness {
+    #[cold]
+    #[inline(never)]
+    fn note(&mut self) {
+        let (route, upstream, user) = (self.route.take(), self.upstream.take(), self.user.take());
+        let _ = DROPPED.try_with(|d| {
+            let mut d = d.borrow_mut();
+            let note = match &mut *d {
+                Some((k, note)) if *k == self.key => note,
+                other => &mut other.insert((self.key, DropNote::default())).1,
+            };
+            // Outer stages drop after inner ones: keep what the inner knew.
+            note.route = note.route.take().or(route);
+            note.upstream = note.upstream.take().or(upstream);
+            note.user = note.user.take().or(user);
+        });
     }
 }
 
@@ -489,33 +619,70 @@ impl ParserRejection {
     /// `gateway_requests_total{route="none"}` as every unrouted answer) and write
     /// its access-log line with what is known: client, status, reason.
     pub fn record(self, log: &AccessLog, write: bool, conn: &crate::ctx::ConnInfo) {
-        metrics::counter!(
-            "gateway_rejected_requests_total",
-            "status" => self.status.to_string(),
-            "reason" => self.reason
-        )
-        .increment(1);
-        unrouted().count("none", self.status);
-        if !log.wanted(write) {
-            return;
-        }
-        let record = AccessRecord {
-            time: now_rfc3339(),
-            method: String::new(),
-            path: String::new(),
-            status: self.status,
-            latency_ms: 0.0,
-            bytes: 0,
-            client_ip: conn.client_ip_str().to_string(),
-            upstream: None,
-            route: None,
-            request_id: String::new(),
-            user_id: None,
-            trace_id: String::new(),
-            reason: Some(self.reason),
-        };
-        log.log(record, write);
+        record_rejection(log, write, conn, self, None, 0);
     }
+}
+
+/// A request the gateway refused before its pipeline because it drains (the
+/// request started after the drain began: `pipeline::GatewayService`).
+pub const DRAINING: ParserRejection = ParserRejection {
+    status: 503,
+    reason: "draining",
+};
+
+/// Count and log a request refused during a drain (`DRAINING`), as a parser
+/// rejection is: its method and path are known, `bytes` is the answer's body (0 when
+/// an HTTP/2 stream was reset instead).
+pub fn record_draining<B>(
+    log: &AccessLog,
+    write: bool,
+    conn: &crate::ctx::ConnInfo,
+    req: &http::Request<B>,
+    bytes: u64,
+) {
+    let what = (req.method(), req.uri().path());
+    record_rejection(log, write, conn, DRAINING, Some(what), bytes);
+}
+
+/// `gateway_rejected_requests_total{status,reason}`, `gateway_requests_total{route=
+/// "none"}` and the access-log line of a request refused before the pipeline.
+fn record_rejection(
+    log: &AccessLog,
+    write: bool,
+    conn: &crate::ctx::ConnInfo,
+    r: ParserRejection,
+    request: Option<(&Method, &str)>,
+    bytes: u64,
+) {
+    metrics::counter!(
+        "gateway_rejected_requests_total",
+        "status" => r.status.to_string(),
+        "reason" => r.reason
+    )
+    .increment(1);
+    unrouted().count("none", r.status);
+    if !log.wanted(write) {
+        return;
+    }
+    let (method, path) = request.map_or((String::new(), String::new()), |(m, p)| {
+        (m.to_string(), p.to_string())
+    });
+    let record = AccessRecord {
+        time: now_rfc3339(),
+        method,
+        path,
+        status: r.status,
+        latency_ms: 0.0,
+        bytes,
+        client_ip: conn.client_ip_str().to_string(),
+        upstream: None,
+        route: None,
+        request_id: String::new(),
+        user_id: None,
+        trace_id: String::new(),
+        reason: Some(r.reason),
+    };
+    log.log(record, write);
 }
 
 /// The access record and metrics of a response whose body is still being sent:
@@ -629,6 +796,31 @@ mod tests {
         let r = rx.try_recv().expect("a record for the answered request");
         assert_eq!((r.status, r.request_id.as_str()), (200, "answered"));
         assert!(rx.try_recv().is_err(), "exactly one");
+    }
+
+    /// What a stage's armed `Witness` knew reaches the line of its own request only;
+    /// a disarmed one (the usual path) notes nothing.
+    #[test]
+    fn a_witness_names_the_backend_on_its_own_requests_line_only() {
+        let log = Arc::new(AccessLog::new());
+        let mut rx = log.subscribe();
+        let mine = req("mine");
+        let start = LogStart::begin(log.clone(), false, &mine);
+        drop(Witness::new(RequestKey::of(mine.ctx())).upstream("10.0.0.1:80".into()));
+        drop(start);
+        let r = rx.try_recv().expect("record");
+        assert_eq!((r.status, r.upstream.as_deref()), (499, Some("10.0.0.1:80")));
+
+        let other = req("other");
+        let start = LogStart::begin(log.clone(), false, &other);
+        drop(Witness::new(RequestKey::of(mine.ctx())).upstream("10.0.0.2:80".into()));
+        drop(start);
+        assert_eq!(rx.try_recv().expect("record").upstream, None, "another request's note");
+
+        let start = LogStart::begin(log.clone(), false, &mine);
+        Witness::new(RequestKey::of(mine.ctx())).upstream("10.0.0.3:80".into()).disarm();
+        drop(start);
+        assert_eq!(rx.try_recv().expect("record").upstream, None, "disarmed");
     }
 
     /// Dropped while a panic unwinds, the request's answer is the panic's 500.

@@ -30,7 +30,6 @@ use crate::stage::{stage, Next, Stage};
 use crate::trace::{Hop, StageKind, Traced, Tracer};
 use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
-use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -139,7 +138,22 @@ pub fn pipeline(shared: &Shared, rt: Arc<Runtime>, tracer: &Tracer) -> impl Next
     let p = traced(
         StageKind::Route,
         tracer,
-        move |req, next| async move { crate::routing::routing_stage(&s.router, req, next).await },
+        move |req, next| async move {
+            // `routing::routing_stage`, with the route noted for the line of a request
+            // dropped before its answer (the untraced pipeline hands it over itself).
+            let key = crate::observe::RequestKey::of(req.ctx());
+            match crate::routing::route(&s.router, req) {
+                Err(resp) => resp,
+                Ok(routed) => {
+                    let route = routed.route.route.clone();
+                    let witness = crate::observe::Witness::new(key).route(route.clone());
+                    let mut resp = crate::stage::run(next, routed).await;
+                    witness.disarm();
+                    resp.extensions_mut().insert(crate::routing::MatchedRoute(route));
+                    resp
+                }
+            }
+        },
         p,
     );
     let s = rt.clone();
@@ -311,12 +325,69 @@ impl GatewayService {
     }
 }
 
+/// Why a request got no answer: the gateway drains, and the request (an HTTP/2
+/// stream) started after the drain began. hyper resets the stream with the reason
+/// it finds in an error's sources, so the client reads REFUSED_STREAM: not
+/// processed, safe to retry on another connection (RFC 9113 §8.7).
+#[derive(Debug, thiserror::Error)]
+#[error("request refused: the gateway is draining")]
+pub struct Draining(#[source] h2::Error);
+
+impl Draining {
+    fn new() -> Draining {
+        Draining(h2::Error::from(h2::Reason::REFUSED_STREAM))
+    }
+}
+
+/// How long a client refused during a drain is told to wait (`Retry-After`, s): by
+/// then another instance, or this one restarted, takes its connection.
+const DRAIN_RETRY_AFTER: HeaderValue = HeaderValue::from_static("1");
+
+impl GatewayService {
+    /// A request started after the drain began: never proxied, and not counted as in
+    /// flight (so it does not hold the drain). Logged and counted as the gateway's
+    /// answer (503, reason `draining`). HTTP/2: the stream is reset with
+    /// REFUSED_STREAM (`Draining`); HTTP/1: a 503 with `Retry-After` and
+    /// `Connection: close` (hyper closes after it anyway).
+    #[cold]
+    #[inline(never)]
+    fn refuse_draining(&self, req: &Request<Incoming>) -> ResponseFuture {
+        let h2 = req.version() == http::Version::HTTP_2;
+        let (answer, bytes) = if h2 {
+            (None, 0)
+        } else {
+            let mut resp = crate::http_util::json_error_with_id(
+                http::StatusCode::SERVICE_UNAVAILABLE,
+                "draining",
+                "the gateway is shutting down; retry on a new connection",
+                "",
+            );
+            let h = resp.headers_mut();
+            h.insert(http::header::RETRY_AFTER, DRAIN_RETRY_AFTER);
+            h.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            let bytes = hyper::body::Body::size_hint(resp.body()).exact().unwrap_or(0);
+            (Some(resp), bytes)
+        };
+        let write = self.shared.runtime.load().cfg.observability.access_log;
+        crate::observe::record_draining(&self.shared.access_log, write, &self.conn, req, bytes);
+        ResponseFuture {
+            fut: answer.map(Err),
+            refuse: h2,
+            in_flight: None,
+            request_id: None,
+        }
+    }
+}
+
 impl hyper::service::Service<Request<Incoming>> for GatewayService {
     type Response = Response<ResponseBody>;
-    type Error = Infallible;
+    type Error = Draining;
     type Future = ResponseFuture;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
+        if self.conn.activity.draining() {
+            return self.refuse_draining(&req);
+        }
         // In flight until hyper drops the response body: the idle watchdog must not
         // close a connection whose response is still being produced.
         let in_flight = self.conn.activity.start_request();
@@ -327,16 +398,20 @@ impl hyper::service::Service<Request<Incoming>> for GatewayService {
             };
         ResponseFuture {
             fut: Some(fut),
+            refuse: false,
             in_flight: Some(in_flight),
             request_id,
         }
     }
 }
 
-/// The boxed pipeline future (or the answer to a panic while building it), as the
-/// `Result` hyper expects. Its response body carries the request's `InFlight` guard.
+/// The boxed pipeline future (or an answer ready now: a panic's 500, a drain's 503),
+/// as the `Result` hyper expects. Its response body carries the request's `InFlight`
+/// guard.
 pub struct ResponseFuture {
     fut: Option<Result<PipelineFuture, Response<Body>>>,
+    /// No answer: the HTTP/2 stream is reset (`Draining`); `fut` is `None`.
+    refuse: bool,
     in_flight: Option<crate::idle::InFlight>,
     /// Every response carries the request's id (also the answers of stages that
     /// refused it): set here, on the way out, rather than by a stage of its own.
@@ -344,7 +419,7 @@ pub struct ResponseFuture {
 }
 
 impl Future for ResponseFuture {
-    type Output = Result<Response<ResponseBody>, Infallible>;
+    type Output = Result<Response<ResponseBody>, Draining>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
@@ -361,6 +436,10 @@ impl Future for ResponseFuture {
                 Some(Err(resp)) => resp,
                 _ => panic_response(),
             },
+            None if this.refuse => {
+                this.refuse = false;
+                return Poll::Ready(Err(Draining::new()));
+            }
             None => panic_response(),
         };
         this.fut = None;
@@ -393,10 +472,11 @@ mod tests {
         let fut: PipelineFuture = Box::pin(async { boom() });
         let rf = ResponseFuture {
             fut: Some(Ok(fut)),
+            refuse: false,
             in_flight: Some(c.activity.start_request()),
             request_id: Some(HeaderValue::from_static("id-1")),
         };
-        let resp = rf.await.expect("infallible");
+        let resp = rf.await.expect("an answer");
         assert_eq!(resp.status(), http::StatusCode::INTERNAL_SERVER_ERROR);
         assert_eq!(resp.headers()["x-request-id"], "id-1", "set on the way out");
         let body = resp.into_body().collect().await.expect("body").to_bytes();
@@ -426,10 +506,11 @@ mod tests {
         });
         let rf = ResponseFuture {
             fut: Some(Ok(fut)),
+            refuse: false,
             in_flight: Some(c.activity.start_request()),
             request_id: None,
         };
-        let resp = rf.await.expect("infallible");
+        let resp = rf.await.expect("an answer");
         assert_eq!(resp.status(), http::StatusCode::INTERNAL_SERVER_ERROR);
         drop(resp);
         let r = rx.try_recv().expect("a record");

@@ -25,6 +25,10 @@ use tokio_rustls::TlsAcceptor;
 /// a request the client sent before it saw the GOAWAY (which hyper serves).
 const DRAIN_GRACE: Duration = Duration::from_secs(1);
 
+/// How many times (10 ms apart) a closed HTTP/2 connection looks whether its
+/// streams' tasks have ended before it lets its permits go.
+const STREAMS_END_CHECKS: u32 = 50;
+
 /// hyper's HTTP/1 header count limit when none is set (`DEFAULT_MAX_HEADERS`).
 const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
 
@@ -335,7 +339,7 @@ async fn accept_loop(
             let mut info = ConnInfo::new(peer, tls.is_some(), role.metrics);
             info.admin = role.admin;
             info.listener_port = stream.local_addr().ok().map(|a| a.port().into());
-            let stream = ActivityIo::new(stream, info.activity.clone());
+            let stream = ActivityIo::new(stream, info.activity.clone(), info.smuggled.clone());
             match tls {
                 None => serve(gw, stream, info, &cfg, stop).await,
                 Some(acceptor) => {
@@ -445,7 +449,12 @@ async fn serve_conn<S>(
             biased;
             r = conn.as_mut() => break r,
             () = &mut stopped => {
-                // Finish the request in progress, then close instead of idling in keep-alive.
+                // Finish the request in progress, then close instead of idling in
+                // keep-alive. Requests started from now on are refused (HTTP/2:
+                // REFUSED_STREAM; HTTP/1: 503), so they neither reach an upstream nor
+                // restart the grace below: hyper keeps accepting HTTP/2 streams until
+                // the client ACKs the GOAWAY's PING (hostile r3b, finding 1).
+                info.activity.set_draining();
                 conn.as_mut().graceful_shutdown();
                 let cut = async {
                     let _ = cut_rx.wait_for(|s| *s >= CUT).await;
@@ -501,6 +510,19 @@ async fn serve_conn<S>(
             }
         }
     };
+    // HTTP/2 streams run in tasks of their own (`body::deadline::StreamExecutor`);
+    // dropping the connection resets them, and each logs its request as it ends. The
+    // connection's permits are held until they have (bounded), so a drain or cut that
+    // waits for the connections to close also waits for those lines.
+    if conn.is_h2() {
+        conn.set(Served::Cancelled);
+        for _ in 0..STREAMS_END_CHECKS {
+            if info.activity.in_flight() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
     if let Err(e) = result {
         // hyper's HTTP/1 parser answers a head it cannot parse itself (400, 414, 431),
         // before any service call: the only place such a request can be counted.

@@ -73,6 +73,7 @@ impl Smuggled {
     }
 
     /// Request heads the guard has seen complete.
+    #[inline]
     pub fn heads(&self) -> u64 {
         self.heads.load(Ordering::SeqCst)
     }
@@ -84,6 +85,7 @@ impl Smuggled {
 
     /// The number (0-based) of the HTTP/1 request head being read, if one is: its
     /// first byte has arrived, its empty line not yet.
+    #[inline]
     pub fn head_in_progress(&self) -> Option<u64> {
         self.reading_head.load(Ordering::Relaxed).checked_sub(1)
     }

@@ -323,3 +323,172 @@ async fn a_refused_user_and_a_failed_backend_are_named_in_the_log() {
     );
     assert_eq!(rec.upstream, Some(dead.to_string()), "{rec:?}");
 }
+
+/// An upload the client abandons mid-body (closing the connection: Content-Length,
+/// chunked, after `Expect: 100-continue`; or resetting its HTTP/2 stream) is a client
+/// gone: logged 499 with no bytes sent, and nothing reaches the upstream. A body that
+/// is malformed stays a 400 (hostile r3b §6: all were logged 400 "cannot read
+/// request body", 125 bytes).
+#[tokio::test]
+async fn an_upload_abandoned_mid_body_is_499_and_a_malformed_one_400() {
+    let up = upstream("never").await;
+    let gw = start_gateway(&cfg(up.addr, "")).await;
+    let addr = gw.addr("public").expect("addr");
+    let mut log = gw.gateway.shared.access_log.subscribe();
+    let cases: [(&str, &[u8], bool); 3] = [
+        ("cl", b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 1000\r\nX-Request-Id: up-cl\r\n\r\nfirst bytes", false),
+        ("chunked", b"POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nX-Request-Id: up-chunked\r\n\r\n5\r\nfirst\r\n", false),
+        ("expect", b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 1000\r\nExpect: 100-continue\r\nX-Request-Id: up-expect\r\n\r\n", true),
+    ];
+    for (name, head, expect) in cases {
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        s.write_all(head).await.expect("write");
+        if expect {
+            let mut buf = [0u8; 256];
+            let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf))
+                .await
+                .expect("100 Continue in time")
+                .expect("read");
+            assert!(buf[..n].starts_with(b"HTTP/1.1 100"), "{:?}", String::from_utf8_lossy(&buf[..n]));
+            s.write_all(b"some of the body").await.expect("write");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(s);
+        let r = one(&records_for(&mut log, &format!("up-{name}"), Duration::from_millis(1500)).await, name);
+        assert_eq!((r.status, r.bytes), (499, 0), "{name}: {r:?}");
+        assert_eq!(r.route.as_deref(), Some("t"), "{name}: {r:?}");
+    }
+
+    // HTTP/2: the client resets its stream mid-body.
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+        .await
+        .expect("h2 handshake");
+    tokio::spawn(conn);
+    let (tx, body) = piped_body();
+    let req = http::Request::post(format!("http://{addr}/up"))
+        .header("x-request-id", "up-h2")
+        .body(body)
+        .expect("request");
+    tx.send(Ok(hyper::body::Frame::data(Bytes::from_static(b"first")))).await.expect("frame");
+    let pending = tokio::spawn(send.send_request(req));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // An error from the body makes hyper's client reset the stream.
+    tx.send(Err(std::io::Error::other("client gave up"))).await.expect("frame");
+    let _ = tokio::time::timeout(Duration::from_secs(2), pending).await;
+    let r = one(&records_for(&mut log, "up-h2", Duration::from_millis(1500)).await, "h2");
+    assert_eq!((r.status, r.bytes), (499, 0), "h2: {r:?}");
+
+    // Malformed: a chunk size that is no number.
+    let answer = raw(
+        addr,
+        b"POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nX-Request-Id: up-bad\r\n\r\nzz\r\nfirst\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    let r = one(&records_for(&mut log, "up-bad", Duration::from_millis(1500)).await, "malformed");
+    assert_eq!(r.status, 400, "{r:?}");
+    assert_eq!(up.hits(), 0, "no upload reached the upstream");
+}
+
+type FrameResult = Result<hyper::body::Frame<Bytes>, std::io::Error>;
+type FrameStream = std::pin::Pin<Box<dyn futures_util::Stream<Item = FrameResult> + Send>>;
+
+/// A request body fed from a channel of frames (for a client that stops mid-body).
+fn piped_body() -> (
+    tokio::sync::mpsc::Sender<FrameResult>,
+    http_body_util::StreamBody<FrameStream>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel::<FrameResult>(4);
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|f| (f, rx)) });
+    (tx, http_body_util::StreamBody::new(Box::pin(stream)))
+}
+
+/// HTTP/2 streams still waiting on their upstream when the drain runs out are logged
+/// (499, as every request dropped before its answer) by the time `cut` returns, so
+/// before the process exits; before, they ran in tasks of their own that the exit
+/// simply ended, and got no line.
+#[tokio::test]
+async fn http2_streams_cut_at_the_drain_limit_are_logged_before_exit() {
+    let up = upstream("slow").await;
+    // On a worker thread of its own, as the binary serves: the streams' tasks are
+    // not run by the test's runtime while it waits.
+    let mut c = l7_sidecar::Config::parse(&cfg(up.addr, "")).expect("config");
+    c.observability.access_log = false;
+    let gw = l7_sidecar::Gateway::new(c, None).expect("gateway");
+    let gw = l7_sidecar::server::start_workers(gw, 1).await.expect("start");
+    let addr = gw.addr("public").expect("addr");
+    let mut log = gw.gateway.shared.access_log.subscribe();
+    let mut send = h2_sender(addr).await;
+    let a = tokio::spawn(send.send_request(h2_get(addr, "/delay/3000", "cut-h2-a")));
+    let b = tokio::spawn(send.send_request(h2_get(addr, "/delay/3000", "cut-h2-b")));
+    eventually(Duration::from_secs(3), "upstream got both", || up.hits() >= 2).await;
+    assert!(!gw.drain(Duration::from_millis(200)).await, "still in flight");
+    assert!(gw.cut(Duration::from_secs(1)).await, "cut connections closed");
+    let recs = all_records(&mut log, Duration::from_millis(1)).await;
+    for id in ["cut-h2-a", "cut-h2-b"] {
+        let mine: Vec<_> = recs.iter().filter(|r| r.request_id == id).cloned().collect();
+        let r = one(&mine, id);
+        assert_eq!(r.status, 499, "{r:?}");
+    }
+    a.abort();
+    b.abort();
+}
+
+/// A traced (sampled) request dropped before its answer names its route like an
+/// untraced one (hostile r3 leftover: the traced path logged no route).
+#[tokio::test]
+async fn a_traced_request_dropped_before_its_answer_names_its_route() {
+    let up = upstream("slow").await;
+    let toml = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\ntrace_sample_rate = 1.0\n{}",
+        cfg(up.addr, "")
+    );
+    let gw = start_gateway(&toml).await;
+    let addr = gw.addr("public").expect("addr");
+    let mut log = gw.gateway.shared.access_log.subscribe();
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(b"GET /delay/1500 HTTP/1.1\r\nHost: a\r\nX-Request-Id: traced-gone\r\n\r\n")
+        .await
+        .expect("write");
+    eventually(Duration::from_secs(3), "upstream got the request", || up.hits() >= 1).await;
+    drop(s);
+    let r = one(&records_for(&mut log, "traced-gone", Duration::from_millis(1200)).await, "traced");
+    assert_eq!(r.status, 499, "{r:?}");
+    assert_eq!(r.route.as_deref(), Some("t"), "{r:?}");
+}
+
+/// A request dropped while its upstream works names the backend it was sent to and
+/// the user it authenticated as, as answered requests do (hostile r3b §6: both were
+/// empty on 499 lines).
+#[tokio::test]
+async fn a_request_dropped_while_the_upstream_works_names_backend_and_user() {
+    let up = upstream("slow").await;
+    let toml = format!(
+        "{}[pools.t]\nbackends = [{{ address = \"{}\" }}]\n\
+         [auth.jwt]\nissuer = \"idp\"\naudience = \"api\"\n[[auth.jwt.keys]]\nalgorithm = \"HS256\"\nsecret = \"acct\"\n\
+         [[routes]]\nname = \"t\"\npath = \"/\"\npool = \"t\"\nauth = \"jwt\"\n",
+        listener("public"),
+        up.addr
+    );
+    let gw = start_gateway(&toml).await;
+    let addr = gw.addr("public").expect("addr");
+    let mut log = gw.gateway.shared.access_log.subscribe();
+    let token = hs256(
+        "acct",
+        serde_json::json!({"sub": "alice", "iss": "idp", "aud": "api", "exp": now() + 600}),
+    );
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(
+        format!("GET /delay/1500 HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {token}\r\nX-Request-Id: gone-named\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .expect("write");
+    eventually(Duration::from_secs(3), "upstream got the request", || up.hits() >= 1).await;
+    drop(s);
+    let r = one(&records_for(&mut log, "gone-named", Duration::from_millis(1200)).await, "gone");
+    assert_eq!(r.status, 499, "{r:?}");
+    assert_eq!(r.user_id.as_deref(), Some("alice"), "{r:?}");
+    assert_eq!(r.upstream, Some(up.addr.to_string()), "{r:?}");
+}

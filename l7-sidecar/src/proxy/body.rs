@@ -55,6 +55,35 @@ pub enum RequestBodyError {
     TooSlow(u64),
     #[error("reading request body: {0}")]
     Read(String),
+    /// The client went away mid-body (closed or reset its connection, reset its
+    /// HTTP/2 stream): not a malformed body, a client gone (logged 499).
+    #[error("the client went away mid-body: {0}")]
+    ClientGone(String),
+}
+
+/// Whether a body read failed because the client left rather than because what it
+/// sent was malformed: an early end of the stream, a reset connection, or an HTTP/2
+/// reset or lost connection, anywhere in the error's sources.
+fn client_gone(e: &(dyn std::error::Error + 'static)) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if matches!(io.kind(), UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe) {
+                return true;
+            }
+        }
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            if (h2.is_reset() && h2.is_remote()) || h2.is_io() || h2.is_go_away() {
+                return true;
+            }
+        }
+        if err.downcast_ref::<hyper::Error>().is_some_and(|h| h.is_incomplete_message()) {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 /// Buffer a client's request body within `limits`. Without this a client that sends
@@ -67,7 +96,7 @@ pub async fn collect_request<B>(
 ) -> Result<Bytes, RequestBodyError>
 where
     B: HttpBody<Data = Bytes> + Unpin,
-    B::Error: std::fmt::Display,
+    B::Error: std::error::Error + 'static,
 {
     use http_body_util::BodyExt as _;
     if body.is_end_stream() {
@@ -95,6 +124,9 @@ where
             }
             Err(_) => return Err(RequestBodyError::Stalled(limits.idle)),
             Ok(None) => return Ok(Bytes::from(buf)),
+            Ok(Some(Err(e))) if client_gone(&e) => {
+                return Err(RequestBodyError::ClientGone(e.to_string()))
+            }
             Ok(Some(Err(e))) => return Err(RequestBodyError::Read(e.to_string())),
             Ok(Some(Ok(frame))) => {
                 last = Instant::now();

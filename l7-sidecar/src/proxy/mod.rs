@@ -370,6 +370,8 @@ pub async fn proxy(
     Routed { req, route: ctx }: Routed<hyper::body::Incoming>,
 ) -> Response<Body> {
     let client_ip = req.ctx().conn.peer.ip();
+    let key = crate::observe::RequestKey::of(req.ctx());
+    let user = req.ctx().identity.clone();
     let rc = &ctx.route.cfg;
     // Owned: the request is taken apart below, and aggregation appends it per part.
     let query = req.uri().query().map(str::to_owned);
@@ -462,6 +464,11 @@ pub async fn proxy(
         Ok(b) => b,
         Err(e) => {
             tracing::debug!(route = %rc.name, request_id = %rid, error = %e, "refused request body");
+            if let RequestBodyError::ClientGone(_) = e {
+                // Nobody to answer: logged as a client gone, nothing sent (the
+                // answer only closes the connection).
+                return client_gone_answer();
+            }
             let (status, code, msg) = match e {
                 RequestBodyError::TooLarge(_) => (
                     StatusCode::PAYLOAD_TOO_LARGE,
@@ -473,7 +480,7 @@ pub async fn proxy(
                     "request_timeout",
                     "request body not received in time",
                 ),
-                RequestBodyError::Read(_) => (
+                RequestBodyError::Read(_) | RequestBodyError::ClientGone(_) => (
                     StatusCode::BAD_REQUEST,
                     "bad_request",
                     "cannot read request body",
@@ -541,20 +548,69 @@ pub async fn proxy(
         headers: parts.headers,
         body,
     };
-    let mut attempted: Option<usize> = None;
-    match forward_in_place!(up, out, client_ip, attempted) {
+    let mut attempted = Attempted {
+        key,
+        pool: &up.pool,
+        user,
+        index: None,
+        armed: true,
+    };
+    // Disarmed in each arm rather than after a binding of the result: moving that
+    // result costs a copy of the response head per request.
+    match forward_in_place!(up, out, client_ip, attempted.index) {
         // The body names the backend for the access log (no response extension).
-        Ok(r) => Response::from_parts(r.parts, r.body),
+        Ok(r) => {
+            attempted.armed = false;
+            Response::from_parts(r.parts, r.body)
+        }
         Err(e) => {
+            attempted.armed = false;
             tracing::warn!(route = %rc.name, request_id = %rid, error = %e, "upstream failure");
             let mut r = err(e.status(), "upstream_error", e.public_message());
             // The access log names the backend that failed (the client is told none).
-            if let Some(b) = attempted.and_then(|i| up.pool.backends.get(i)) {
+            if let Some(b) = attempted.index.and_then(|i| up.pool.backends.get(i)) {
                 r.extensions_mut().insert(UpstreamAddr(b.addr_text.clone()));
             }
             r
         }
     }
+}
+
+
+/// The backend a request is being sent to (`forward_in_place!`'s `$attempted`) and
+/// the user it authenticated as: named on the access-log line if the request is
+/// dropped meanwhile (the client left, shutdown cut it), through an
+/// `observe::Witness`.
+struct Attempted<'a> {
+    key: crate::observe::RequestKey,
+    pool: &'a Pool,
+    user: Option<Arc<crate::ctx::Identity>>,
+    index: Option<usize>,
+    armed: bool,
+}
+
+impl Drop for Attempted<'_> {
+    #[inline]
+    fn drop(&mut self) {
+        if self.armed {
+            let mut w = crate::observe::Witness::new(self.key).user(self.user.take());
+            if let Some(b) = self.index.and_then(|i| self.pool.backends.get(i)) {
+                w = w.upstream(b.addr_text.clone());
+            }
+            drop(w);
+        }
+    }
+}
+
+/// The answer to a request whose client left mid-body: status 499 (nginx's "client
+/// closed request", as every request dropped by its client is logged), no body, and
+/// the connection closed.
+fn client_gone_answer() -> Response<crate::http_util::Body> {
+    let mut r = Response::new(crate::http_util::Body::empty());
+    *r.status_mut() = StatusCode::from_u16(crate::observe::CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST);
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r
 }
 
 #[cfg(test)]
