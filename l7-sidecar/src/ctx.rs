@@ -266,8 +266,17 @@ impl fmt::Display for TraceId {
 }
 
 /// Response extensions read by the access log.
+///
+/// The authenticated caller: shared with the request's context (an `Arc` clone per
+/// request, not a copy of the user id).
 #[derive(Clone, Debug)]
-pub struct UserId(pub String);
+pub struct UserId(pub Arc<Identity>);
+
+impl UserId {
+    pub fn as_str(&self) -> &str {
+        &self.0.user_id
+    }
+}
 /// The backend address (or the aggregated pools) that answered.
 #[derive(Clone, Debug)]
 pub struct UpstreamAddr(pub Arc<str>);

@@ -397,7 +397,7 @@ impl LogStart {
                 .upstream_addr()
                 .or_else(|| ext.get::<UpstreamAddr>().map(|u| &u.0))
                 .cloned(),
-            user_id: ext.get::<UserId>().map(|u| u.0.clone()),
+            user_id: ext.get::<UserId>().cloned(),
             request: self.request.take(),
             started: self.started,
             write: self.write,
@@ -513,7 +513,8 @@ struct Pending {
     status: u16,
     route: Option<Arc<crate::routing::Route>>,
     upstream: Option<Arc<str>>,
-    user_id: Option<String>,
+    /// Copied out only for a record someone reads.
+    user_id: Option<UserId>,
     request: Option<RequestSide>,
     started: Instant,
     write: bool,
@@ -553,7 +554,7 @@ impl Pending {
             upstream: p.upstream.map(|u| u.to_string()),
             route: p.route.map(|r| r.cfg.name.clone()),
             request_id: req.request_id.map(|r| r.to_string()).unwrap_or_default(),
-            user_id: p.user_id,
+            user_id: p.user_id.map(|u| u.as_str().to_owned()),
             trace_id: req.trace_id.map(|t| t.to_string()).unwrap_or_default(),
             reason: None,
         };

@@ -5,7 +5,7 @@ use crate::config::{RateAlgorithm, RateKey, RateLimitConfig};
 use crate::http_util::json_error;
 use crate::http_util::Body;
 use crate::routing::Routed;
-use crate::stage::{run, Either, Next};
+use crate::stage::{Answer, Next};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -118,6 +118,9 @@ pub struct Limiter {
     entries: Mutex<Entries>,
     /// `RateLimit-Limit` as sent with every answer: the same for every request.
     limit_value: HeaderValue,
+    /// `RateLimit-Remaining` of a caller whose budget was full: the number (the
+    /// reported limit − 1) and its header value.
+    full_remaining: (u64, HeaderValue),
 }
 
 fn ceil_secs(d: Duration) -> u64 {
@@ -127,13 +130,17 @@ fn ceil_secs(d: Duration) -> u64 {
 impl Limiter {
     pub fn new(cfg: RateLimitConfig) -> Limiter {
         // What `check_at` reports as the limit (the bucket's capacity for a bucket).
-        let limit_value = number(match cfg.algorithm {
+        let capacity = match cfg.algorithm {
             RateAlgorithm::TokenBucket => cfg.burst.unwrap_or(cfg.limit),
             _ => cfg.limit,
-        });
+        };
         Limiter {
             cfg,
-            limit_value,
+            limit_value: number(capacity),
+            full_remaining: (
+                capacity.saturating_sub(1),
+                number(capacity.saturating_sub(1)),
+            ),
             entries: Mutex::new(Entries::default()),
         }
     }
@@ -328,45 +335,52 @@ fn number(n: u64) -> HeaderValue {
 
 /// `d` is `limiter`'s decision: its limit is the limiter's (`limit_value`).
 fn set_headers(h: &mut HeaderMap, limiter: &Limiter, d: &Decision) {
+    // One growth of the map for all of them rather than one per insert.
+    h.reserve(if d.allowed { 3 } else { 4 });
     h.insert(LIMIT, limiter.limit_value.clone());
-    h.insert(REMAINING, number(d.remaining));
+    // A caller well under its limit finds its budget full, less this request:
+    // rendered once, not per answer.
+    let remaining = if d.remaining == limiter.full_remaining.0 {
+        limiter.full_remaining.1.clone()
+    } else {
+        number(d.remaining)
+    };
+    h.insert(REMAINING, remaining);
     h.insert(RESET, number(d.reset_secs));
     if !d.allowed {
         h.insert(header::RETRY_AFTER, number(d.retry_after_secs));
     }
 }
 
+/// This config generation's policies by name. Looked up per request: foldhash
+/// (hashbrown's default) rather than SipHash; the names come from the config.
+pub type Limiters = hashbrown::HashMap<String, Arc<Limiter>>;
+
 /// Apply the route's policy, keyed by client IP, API key or user id. `limiters`:
 /// this config generation's policies by name (their counters outlive reloads).
-/// A route without a policy costs no future of its own.
+///
+/// The decision needs nothing to wait for, so it is made here, before the rest of
+/// the pipeline's future: the stage adds no `async` state machine and no box of its
+/// own, only the decision to the rest's future, whose answer gets the headers.
 pub fn rate_limit_stage<'a, B: Send + 'static, N: Next<Routed<B>>>(
-    limiters: &'a HashMap<String, Arc<Limiter>>,
+    limiters: &'a Limiters,
     r: Routed<B>,
     next: N,
 ) -> impl std::future::Future<Output = Response<Body>> + Send + 'a {
-    if r.route.route.cfg.rate_limit.is_none() {
-        return Either::pass(next.run(r));
-    }
-    // Boxed: the pass-through case is the usual one, and an inline limiter future
-    // would make every request's pipeline future that much larger.
-    Either::work(Box::pin(limited(limiters, r, next)))
-}
-
-async fn limited<B: Send + 'static>(
-    limiters: &HashMap<String, Arc<Limiter>>,
-    r: Routed<B>,
-    next: impl Next<Routed<B>>,
-) -> Response<Body> {
-    let (rctx, ctx) = (r.req.ctx(), &r.route);
-    let Some(limiter) = ctx
+    let Some(limiter) = r
+        .route
         .route
         .cfg
         .rate_limit
         .as_ref()
         .and_then(|n| limiters.get(n))
     else {
-        return run(next, r).await;
+        return WithRateHeaders {
+            fut: Answer::next(next.run(r)),
+            decided: None,
+        };
     };
+    let (rctx, ctx) = (r.req.ctx(), &r.route);
     let id = rctx.identity.as_ref();
     // Callers without the configured key share their IP's budget.
     let key = match limiter.cfg.key {
@@ -385,11 +399,43 @@ async fn limited<B: Send + 'static>(
             "rate limit exceeded",
         );
         set_headers(resp.headers_mut(), limiter, &d);
-        return resp;
+        return WithRateHeaders {
+            fut: Answer::now(resp),
+            decided: None,
+        };
     }
-    let mut resp = run(next, r).await;
-    set_headers(resp.headers_mut(), limiter, &d);
-    resp
+    WithRateHeaders {
+        fut: Answer::next(next.run(r)),
+        decided: Some((limiter, d)),
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The rest of the pipeline's future (or the stage's own answer); its response
+    /// gets the headers of `decided`, when set.
+    struct WithRateHeaders<'a, F> {
+        #[pin]
+        fut: Answer<F>,
+        decided: Option<(&'a Limiter, Decision)>,
+    }
+}
+
+impl<F: std::future::Future<Output = Response<Body>>> std::future::Future
+    for WithRateHeaders<'_, F>
+{
+    type Output = Response<Body>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Response<Body>> {
+        let this = self.project();
+        let mut resp = std::task::ready!(this.fut.poll(cx));
+        if let Some((limiter, d)) = this.decided.take() {
+            set_headers(resp.headers_mut(), limiter, &d);
+        }
+        std::task::Poll::Ready(resp)
+    }
 }
 
 #[cfg(test)]
@@ -473,7 +519,7 @@ mod tests {
         "#;
         let (cfg, first) = routed(toml, Request::get("/x"));
         let registry = LimiterRegistry::default();
-        let limiters: HashMap<_, _> = cfg
+        let limiters: Limiters = cfg
             .rate_limits
             .iter()
             .map(|(n, c)| (n.clone(), registry.get(n, c)))
@@ -510,6 +556,32 @@ mod tests {
             set_headers(&mut h, &l, &d);
             assert_eq!(h[LIMIT], d.limit.to_string().as_str(), "{alg:?} {burst:?}");
             assert_eq!(h[REMAINING], d.remaining.to_string().as_str());
+        }
+    }
+
+    /// Every request's `RateLimit-Remaining` is its own decision's, also where the
+    /// pre-rendered "full budget" value could be mistaken for it (a window policy
+    /// with a `burst` that is not its limit).
+    #[test]
+    fn remaining_header_follows_every_decision() {
+        for (alg, limit, burst) in [
+            (RateAlgorithm::FixedWindow, 10, Some(5)),
+            (RateAlgorithm::SlidingWindow, 10, Some(5)),
+            (RateAlgorithm::FixedWindow, 3, None),
+            (RateAlgorithm::TokenBucket, 10, Some(5)),
+            (RateAlgorithm::TokenBucket, 4, None),
+        ] {
+            let l = limiter(alg, limit, burst, 10);
+            let t = Instant::now();
+            for i in 0..12 {
+                let d = l.check_at("a", t);
+                let mut h = HeaderMap::new();
+                set_headers(&mut h, &l, &d);
+                let what = format!("{alg:?} limit {limit} burst {burst:?} request {i}");
+                assert_eq!(h[REMAINING], d.remaining.to_string().as_str(), "{what}");
+                assert_eq!(h[LIMIT], d.limit.to_string().as_str(), "{what}");
+                assert_eq!(h.contains_key(header::RETRY_AFTER), !d.allowed, "{what}");
+            }
         }
     }
 

@@ -8,14 +8,14 @@ use crate::ctx::UserId;
 use crate::http_util::json_error;
 use crate::http_util::Body;
 use crate::routing::Routed;
-use crate::stage::{run, Either, Next};
+use crate::stage::{run, Answer, Either, Next};
 use http::HeaderMap;
 use http::{header, HeaderValue, Response, StatusCode};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {
@@ -75,16 +75,20 @@ const TOKEN_CACHE_MAX: usize = 10_000;
 /// Tokens are client-chosen: hashbrown's default hasher (foldhash, seeded at random
 /// per process and map) keeps HashDoS resistance at a fraction of SipHash's cost
 /// over a few hundred bytes of token.
+///
+/// Keyed by the token's bytes as they are in the request's header: a lookup makes no
+/// copy and no `&str` of them (a token in the cache was a valid `&str` when it went
+/// in, so equal bytes are one too).
 #[derive(Default)]
 struct TokenCache {
-    entries: std::sync::Mutex<hashbrown::HashMap<Box<str>, Verified>>,
+    entries: std::sync::Mutex<hashbrown::HashMap<Box<[u8]>, Verified>>,
 }
 
 struct Verified {
     identity: Arc<Identity>,
     /// Unix seconds up to which the token counts as unexpired.
     valid_until: u64,
-    at: std::time::Instant,
+    at: Instant,
 }
 
 fn unix_now() -> u64 {
@@ -94,10 +98,15 @@ fn unix_now() -> u64 {
 }
 
 impl TokenCache {
-    fn get(&self, token: &str) -> Option<Arc<Identity>> {
+    /// The identity of `token` if it verified recently and has not expired since.
+    /// `now`: the caller's monotonic clock reading (for the cache's own age limit);
+    /// expiry is judged on the wall clock, as at verification.
+    fn get(&self, token: &[u8], now: Instant) -> Option<Arc<Identity>> {
         let mut map = self.entries.lock().ok()?;
         let hit = map.get(token)?;
-        if unix_now() <= hit.valid_until && hit.at.elapsed() < TOKEN_CACHE_TTL {
+        if now.saturating_duration_since(hit.at) < TOKEN_CACHE_TTL
+            && unix_now() <= hit.valid_until
+        {
             return Some(hit.identity.clone());
         }
         map.remove(token);
@@ -112,11 +121,11 @@ impl TokenCache {
             map.clear();
         }
         map.insert(
-            token.into(),
+            token.as_bytes().into(),
             Verified {
                 identity: identity.clone(),
                 valid_until,
-                at: std::time::Instant::now(),
+                at: Instant::now(),
             },
         );
     }
@@ -162,6 +171,28 @@ fn check_api_key_identities(keys: &[ApiKeyConfig]) -> Result<(), KeyError> {
 /// The header clients send API keys in. The gateway consumes it: it is removed before
 /// proxying on routes that accept API keys.
 pub const API_KEY: &str = "x-api-key";
+
+/// The token of an `Authorization: Bearer` value as bytes, unchecked: "Bearer " or
+/// "bearer " stripped, then spaces and tabs (the only whitespace a header value can
+/// hold) trimmed, as `authenticate` does on the checked `&str`.
+fn bearer_bytes(v: &HeaderValue) -> Option<&[u8]> {
+    let v = v.as_bytes();
+    let t = v
+        .strip_prefix(b"Bearer ")
+        .or_else(|| v.strip_prefix(b"bearer "))?;
+    Some(t.trim_ascii())
+}
+
+/// `id`, if it holds one of `roles` (or none are required).
+fn check_roles(id: Arc<Identity>, roles: &[String]) -> Result<Arc<Identity>, AuthError> {
+    if !roles.is_empty() && !roles.iter().any(|r| id.roles.contains(r)) {
+        return Err(AuthError::Forbidden {
+            user: id.user_id.clone(),
+            roles: roles.to_vec(),
+        });
+    }
+    Ok(id)
+}
 
 fn one_key(key: Option<&str>, several: bool) -> Result<&str, AuthError> {
     if several {
@@ -279,13 +310,36 @@ impl Authenticator {
                 _ => return Err(AuthError::Missing),
             },
         };
-        if !roles.is_empty() && !roles.iter().any(|r| id.roles.contains(r)) {
-            return Err(AuthError::Forbidden {
-                user: id.user_id.clone(),
-                roles: roles.to_vec(),
-            });
+        check_roles(id, roles).map(Some)
+    }
+
+    /// `authenticate`'s verdict when it needs no verification: the request's bearer
+    /// token is in the token cache (and unexpired). `None`: anything else, left to
+    /// `authenticate`. `now`: the caller's monotonic clock reading.
+    ///
+    /// The same checks in the same order as `authenticate` takes for such a request:
+    /// one Authorization header, a JWT mode, the cached token, the roles. The token
+    /// is compared as bytes, without `HeaderValue::to_str` over all of it: cached
+    /// tokens passed that check, and what surrounds one in the header ("Bearer ",
+    /// spaces and tabs) passes it too, so a hit is a header `to_str` accepts.
+    fn authenticate_cached(
+        &self,
+        mode: AuthMode,
+        roles: &[String],
+        headers: &HeaderMap,
+        now: Instant,
+    ) -> Option<Result<Arc<Identity>, AuthError>> {
+        let jwt = self.jwt.as_ref()?;
+        if !matches!(mode, AuthMode::Jwt | AuthMode::Either) {
+            return None;
         }
-        Ok(Some(id))
+        let mut authorization = headers.get_all(header::AUTHORIZATION).iter();
+        let raw = bearer_bytes(authorization.next()?)?;
+        if authorization.next().is_some() {
+            return None;
+        }
+        let id = jwt.verified.get(raw, now)?;
+        Some(check_roles(id, roles))
     }
 
     fn verify_api_key(&self, key: &str) -> Result<Arc<Identity>, AuthError> {
@@ -305,10 +359,10 @@ impl Authenticator {
             .jwt
             .as_ref()
             .ok_or_else(|| AuthError::Invalid("jwt not configured".into()))?;
-        // Unknown algorithms (including "none") fail to parse here.
-        if let Some(id) = v.verified.get(token) {
+        if let Some(id) = v.verified.get(token.as_bytes(), Instant::now()) {
             return Ok(id);
         }
+        // Unknown algorithms (including "none") fail to parse here.
         let header = jsonwebtoken::decode_header(token)
             .map_err(|e| AuthError::Invalid(format!("bad header: {e}")))?;
         let (alg, key) = v.select_key(header.alg, header.kid.as_deref()).await?;
@@ -398,98 +452,158 @@ impl JwtVerifier {
     }
 }
 
-/// Authenticate per the route; the identity goes to later stages as an extension.
+/// Authenticate per the route; the identity goes to later stages in the request's
+/// context and out to the access log as a response extension (`UserId`).
 /// `failures` is shared by every config generation (a reload does not forgive
 /// failed logins); `limit` is this generation's `auth.failure_limit`.
 ///
-/// A route without auth costs no future of its own: the rest of the pipeline's
-/// future is handed over as is.
+/// A route without auth, and a request whose token is in the token cache (the
+/// usual authenticated request), cost no future of their own: the verdict is made
+/// here, and the rest of the pipeline's future is handed over as is (`WithUser`
+/// notes the user on its answer). Only a verification runs in a future of its own.
 pub fn auth_stage<'a, B: Send + 'static, N: Next<Routed<B>>>(
     auth: &'a Authenticator,
     failures: &'a FailureLimiter,
     limit: &'a AuthFailureLimitConfig,
-    r: Routed<B>,
+    mut r: Routed<B>,
     next: N,
 ) -> impl std::future::Future<Output = Response<Body>> + Send + 'a {
-    if r.route.route.cfg.auth == AuthMode::None {
-        return Either::pass(next.run(r));
+    let rc = &r.route.route.cfg;
+    if rc.auth == AuthMode::None {
+        return Either::pass(WithUser::new(Answer::next(next.run(r)), None));
     }
-    // Boxed: the pass-through case is the usual one, and an inline verification
-    // future would make every request's pipeline future that much larger.
-    Either::work(Box::pin(authenticated(auth, failures, limit, r, next)))
+    let now = Instant::now();
+    let ip = r.req.ctx().conn.peer.ip();
+    // Before any verification: an address over the limit costs no signature check.
+    if let Some(wait) = failures.blocked(limit, ip, now) {
+        crate::stats::record_auth_failure(&rc.name, "limited");
+        let mut resp = json_error(
+            &r.req,
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_auth_failures",
+            "too many failed authentications; retry later",
+        );
+        let secs = wait.as_millis().div_ceil(1000).max(1);
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs as u64));
+        return Either::pass(WithUser::new(Answer::now(resp), None));
+    }
+    match auth.authenticate_cached(rc.auth, &rc.roles, r.req.headers(), now) {
+        Some(result) => match admit(failures, limit, &mut r, result.map(Some)) {
+            Ok(user) => Either::pass(WithUser::new(Answer::next(next.run(r)), user)),
+            Err(resp) => Either::pass(WithUser::new(Answer::now(resp), None)),
+        },
+        // Boxed: verification is the unusual case, and its future inline would make
+        // every request's pipeline future that much larger.
+        None => Either::work(Box::pin(authenticated(auth, failures, limit, r, next))),
+    }
 }
 
+/// A request whose credentials are not in the token cache: verified in a future of
+/// its own (a JWKS refresh may be awaited).
 async fn authenticated<B: Send + 'static>(
     auth: &Authenticator,
     failures: &FailureLimiter,
     limit: &AuthFailureLimitConfig,
-    Routed { mut req, route }: Routed<B>,
+    mut r: Routed<B>,
     next: impl Next<Routed<B>>,
 ) -> Response<Body> {
-    let ctx = route;
-    let rc = &ctx.route.cfg;
-    let ip = Some(req.ctx().conn.peer.ip());
-    if let (Some(ip), true) = (ip, rc.auth != AuthMode::None) {
-        // Before any verification: an address over the limit costs no signature check.
-        if let Some(wait) = failures.blocked(limit, ip, std::time::Instant::now())
-        {
-            crate::stats::record_auth_failure(&rc.name, "limited");
-            let mut r = json_error(
-                &req,
-                StatusCode::TOO_MANY_REQUESTS,
-                "too_many_auth_failures",
-                "too many failed authentications; retry later",
-            );
-            let secs = wait.as_millis().div_ceil(1000).max(1);
-            r.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs as u64));
-            return r;
+    let rc = &r.route.route.cfg;
+    let result = auth.authenticate(rc.auth, &rc.roles, r.req.headers()).await;
+    match admit(failures, limit, &mut r, result) {
+        Ok(user) => {
+            let mut resp = run(next, r).await;
+            if let Some(user) = user {
+                resp.extensions_mut().insert(UserId(user));
+            }
+            resp
         }
+        Err(resp) => resp,
     }
-    let result = auth.authenticate(rc.auth, &rc.roles, req.headers()).await;
+}
+
+/// Apply an authentication verdict to the request: the identity (returned, for the
+/// response) into its context, or the refusal to answer with.
+fn admit<B>(
+    failures: &FailureLimiter,
+    limit: &AuthFailureLimitConfig,
+    r: &mut Routed<B>,
+    result: Result<Option<Arc<Identity>>, AuthError>,
+) -> Result<Option<Arc<Identity>>, Response<Body>> {
+    let rc = &r.route.route.cfg;
+    let req = &mut r.req;
     if result.is_ok() && matches!(rc.auth, AuthMode::ApiKey | AuthMode::Either) {
         // The gateway checked the key; upstreams get the identity, never the secret.
         req.headers_mut().remove(API_KEY);
     }
-    match result {
-        Ok(None) => run(next, Routed { req, route: ctx }).await,
+    let e = match result {
+        Ok(None) => return Ok(None),
         Ok(Some(id)) => {
-            let user = id.user_id.clone();
-            req.ctx_mut().identity = Some(id);
-            let mut resp = run(next, Routed { req, route: ctx }).await;
+            req.ctx_mut().identity = Some(id.clone());
+            return Ok(Some(id));
+        }
+        Err(e) => e,
+    };
+    crate::stats::record_auth_failure(&rc.name, e.reason());
+    tracing::debug!(route = %rc.name, error = %e, "auth failed");
+    if let AuthError::Invalid(_) = &e {
+        // Only wrong credentials are guesses; missing ones or a missing role are not.
+        failures.record(limit, req.ctx().conn.peer.ip(), Instant::now());
+    }
+    if let AuthError::Forbidden { user, .. } = e {
+        // The access log names who was refused (the client is told nothing more).
+        let mut resp = json_error(req, StatusCode::FORBIDDEN, "forbidden", "not allowed");
+        let who = Identity::new(user, Vec::new(), None);
+        resp.extensions_mut().insert(UserId(Arc::new(who)));
+        return Err(resp);
+    }
+    // The reason stays in the log: telling a guesser why a token failed helps it.
+    let message = match e {
+        AuthError::Missing => "missing credentials",
+        _ => "invalid credentials",
+    };
+    let mut resp = json_error(req, StatusCode::UNAUTHORIZED, "unauthorized", message);
+    let challenge = match (rc.auth, &e) {
+        (AuthMode::ApiKey, _) => "ApiKey realm=\"gateway\"",
+        (_, AuthError::Invalid(_)) => "Bearer realm=\"gateway\", error=\"invalid_token\"",
+        _ => "Bearer realm=\"gateway\"",
+    };
+    resp.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static(challenge),
+    );
+    Err(resp)
+}
+
+pin_project_lite::pin_project! {
+    /// The rest of the pipeline's future (or the stage's own answer); its response
+    /// names the authenticated user for the access log.
+    struct WithUser<F> {
+        #[pin]
+        fut: Answer<F>,
+        user: Option<Arc<Identity>>,
+    }
+}
+
+impl<F> WithUser<F> {
+    fn new(fut: Answer<F>, user: Option<Arc<Identity>>) -> WithUser<F> {
+        WithUser { fut, user }
+    }
+}
+
+impl<F: std::future::Future<Output = Response<Body>>> std::future::Future for WithUser<F> {
+    type Output = Response<Body>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Response<Body>> {
+        let this = self.project();
+        let mut resp = std::task::ready!(this.fut.poll(cx));
+        if let Some(user) = this.user.take() {
             resp.extensions_mut().insert(UserId(user));
-            resp
         }
-        Err(e) => {
-            crate::stats::record_auth_failure(&rc.name, e.reason());
-            tracing::debug!(route = %rc.name, error = %e, "auth failed");
-            if let (AuthError::Invalid(_), Some(ip)) = (&e, ip) {
-                // Only wrong credentials are guesses; missing ones or a missing role are not.
-                failures.record(limit, ip, std::time::Instant::now());
-            }
-            if let AuthError::Forbidden { user, .. } = e {
-                // The access log names who was refused (the client is told nothing more).
-                let mut r = json_error(&req, StatusCode::FORBIDDEN, "forbidden", "not allowed");
-                r.extensions_mut().insert(UserId(user));
-                return r;
-            }
-            // The reason stays in the log: telling a guesser why a token failed helps it.
-            let message = match e {
-                AuthError::Missing => "missing credentials",
-                _ => "invalid credentials",
-            };
-            let mut r = json_error(&req, StatusCode::UNAUTHORIZED, "unauthorized", message);
-            let challenge = match (rc.auth, &e) {
-                (AuthMode::ApiKey, _) => "ApiKey realm=\"gateway\"",
-                (_, AuthError::Invalid(_)) => "Bearer realm=\"gateway\", error=\"invalid_token\"",
-                _ => "Bearer realm=\"gateway\"",
-            };
-            r.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static(challenge),
-            );
-            r
-        }
+        std::task::Poll::Ready(resp)
     }
 }
 
@@ -506,9 +620,11 @@ pub(super) mod tests {
         let id = Arc::new(Identity::new("u".into(), vec![], None));
         cache.put("fresh", &id, unix_now() + 60);
         cache.put("expired", &id, unix_now() - 1);
-        assert_eq!(cache.get("fresh"), Some(id));
-        assert_eq!(cache.get("expired"), None);
-        assert_eq!(cache.get("unknown"), None);
+        let now = Instant::now();
+        assert_eq!(cache.get(b"fresh", now), Some(id));
+        assert_eq!(cache.get(b"expired", now), None);
+        assert_eq!(cache.get(b"unknown", now), None);
+        assert_eq!(cache.get(b"fresh", now + TOKEN_CACHE_TTL), None, "too old");
     }
 
     use super::*;
