@@ -68,9 +68,12 @@ impl Hash for Key {
 impl Hash for KeyRef<'_> {
     fn hash<H: Hasher>(&self, h: &mut H) {
         match self {
-            KeyRef::Ip(ip) => {
-                h.write_u8(0);
-                ip.hash(h);
+            // One integer per address, not a discriminant and a length-prefixed
+            // octet slice: each `write` is a round of the hasher.
+            KeyRef::Ip(IpAddr::V4(a)) => h.write_u64(u64::from(a.to_bits())),
+            KeyRef::Ip(IpAddr::V6(a)) => {
+                h.write_u8(2);
+                h.write_u128(a.to_bits());
             }
             KeyRef::Name(n) => {
                 h.write_u8(1);
@@ -164,8 +167,11 @@ impl Limiter {
     pub fn check_key_at(&self, key: KeyRef<'_>, now: Instant) -> Decision {
         let window = Duration::from_millis(self.cfg.window_ms);
         let mut map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        let known = map.contains_key(&key);
-        if !known && map.len() >= self.cfg.max_keys {
+        // A known caller (the usual one) costs one lookup.
+        if let Some(entry) = map.get_mut(&key) {
+            return self.decide(entry, now, window);
+        }
+        if map.len() >= self.cfg.max_keys {
             Self::evict(&mut map, now, window, self.cfg.max_keys);
         }
         let initial = match self.cfg.algorithm {
@@ -180,18 +186,15 @@ impl Limiter {
             },
         };
         // Looked up by `KeyRef`: an owned key is only made for a new caller.
-        if !known {
-            map.insert(
-                key.to_owned_key(),
-                Entry {
-                    state: initial,
-                    last_seen: now,
-                },
-            );
-        }
-        let Some(entry) = map.get_mut(&key) else {
-            unreachable!("inserted above")
-        };
+        let entry = map.entry(key.to_owned_key()).or_insert(Entry {
+            state: initial,
+            last_seen: now,
+        });
+        self.decide(entry, now, window)
+    }
+
+    /// Count a request against `entry`'s budget.
+    fn decide(&self, entry: &mut Entry, now: Instant, window: Duration) -> Decision {
         entry.last_seen = now;
         match (&mut entry.state, self.cfg.algorithm) {
             (State::Window { start, count, prev }, alg) => {

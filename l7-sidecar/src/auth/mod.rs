@@ -15,7 +15,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {
@@ -86,15 +86,12 @@ struct TokenCache {
 
 struct Verified {
     identity: Arc<Identity>,
-    /// Unix seconds up to which the token counts as unexpired.
-    valid_until: u64,
-    at: Instant,
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    /// The wall-clock time from which the token counts as expired: the start of the
+    /// second after `exp` plus the leeway (`jsonwebtoken` compares whole seconds).
+    /// Compared with the clock as it is, not turned into seconds since the epoch.
+    expires: SystemTime,
+    /// When the cache stops vouching for it (`TOKEN_CACHE_TTL` after it went in).
+    stale: Instant,
 }
 
 impl TokenCache {
@@ -104,15 +101,14 @@ impl TokenCache {
     fn get(&self, token: &[u8], now: Instant) -> Option<Arc<Identity>> {
         let mut map = self.entries.lock().ok()?;
         let hit = map.get(token)?;
-        if now.saturating_duration_since(hit.at) < TOKEN_CACHE_TTL
-            && unix_now() <= hit.valid_until
-        {
+        if now < hit.stale && SystemTime::now() < hit.expires {
             return Some(hit.identity.clone());
         }
         map.remove(token);
         None
     }
 
+    /// `valid_until`: the last Unix second in which the token counts as unexpired.
     fn put(&self, token: &str, identity: &Arc<Identity>, valid_until: u64) {
         let Ok(mut map) = self.entries.lock() else {
             return;
@@ -124,8 +120,10 @@ impl TokenCache {
             token.as_bytes().into(),
             Verified {
                 identity: identity.clone(),
-                valid_until,
-                at: Instant::now(),
+                expires: std::time::UNIX_EPOCH
+                    .checked_add(Duration::from_secs(valid_until.saturating_add(1)))
+                    .unwrap_or(std::time::UNIX_EPOCH),
+                stale: Instant::now() + TOKEN_CACHE_TTL,
             },
         );
     }
@@ -522,8 +520,9 @@ async fn authenticated<B: Send + 'static>(
     }
 }
 
-/// Apply an authentication verdict to the request: the identity (returned, for the
-/// response) into its context, or the refusal to answer with.
+/// Apply an authentication verdict to the request: the identity into its context
+/// (and returned, if the access log reads it, for the response), or the refusal to
+/// answer with.
 fn admit<B>(
     failures: &FailureLimiter,
     limit: &AuthFailureLimitConfig,
@@ -539,8 +538,10 @@ fn admit<B>(
     let e = match result {
         Ok(None) => return Ok(None),
         Ok(Some(id)) => {
-            req.ctx_mut().identity = Some(id.clone());
-            return Ok(Some(id));
+            // Noted on the response only for the access log's record.
+            let user = req.ctx().log_reads_user.then(|| id.clone());
+            req.ctx_mut().identity = Some(id);
+            return Ok(user);
         }
         Err(e) => e,
     };
@@ -553,8 +554,10 @@ fn admit<B>(
     if let AuthError::Forbidden { user, .. } = e {
         // The access log names who was refused (the client is told nothing more).
         let mut resp = json_error(req, StatusCode::FORBIDDEN, "forbidden", "not allowed");
-        let who = Identity::new(user, Vec::new(), None);
-        resp.extensions_mut().insert(UserId(Arc::new(who)));
+        if req.ctx().log_reads_user {
+            let who = Identity::new(user, Vec::new(), None);
+            resp.extensions_mut().insert(UserId(Arc::new(who)));
+        }
         return Err(resp);
     }
     // The reason stays in the log: telling a guesser why a token failed helps it.
@@ -618,8 +621,8 @@ pub(super) mod tests {
     fn token_cache_honours_expiry() {
         let cache = TokenCache::default();
         let id = Arc::new(Identity::new("u".into(), vec![], None));
-        cache.put("fresh", &id, unix_now() + 60);
-        cache.put("expired", &id, unix_now() - 1);
+        cache.put("fresh", &id, now() + 60);
+        cache.put("expired", &id, now() - 1);
         let now = Instant::now();
         assert_eq!(cache.get(b"fresh", now), Some(id));
         assert_eq!(cache.get(b"expired", now), None);
