@@ -362,8 +362,8 @@ impl LogStart {
     }
 
     pub fn begin<B>(log: Arc<AccessLog>, write: bool, req: &Req<B>) -> LogStart {
-        let started = Instant::now();
         let ctx = req.ctx();
+        let started = ctx.arrived;
         let request = log.wanted(write).then(|| RequestSide {
             method: req.method().clone(),
             path: req.uri().path().to_string(),

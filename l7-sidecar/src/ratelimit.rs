@@ -238,10 +238,15 @@ impl Limiter {
             (State::Bucket { tokens, at }, _) => {
                 let cap = self.capacity() as f64;
                 let rate_per_sec = self.cfg.limit as f64 / window.as_secs_f64();
-                *tokens = (*tokens
-                    + now.saturating_duration_since(*at).as_secs_f64() * rate_per_sec)
-                    .min(cap);
-                *at = now;
+                // Requests may come with times a little out of order (each its
+                // arrival); refilling from the latest one only never counts a
+                // stretch of time twice.
+                if now > *at {
+                    *tokens = (*tokens
+                        + now.saturating_duration_since(*at).as_secs_f64() * rate_per_sec)
+                        .min(cap);
+                    *at = now;
+                }
                 let allowed = *tokens >= 1.0;
                 if allowed {
                     *tokens -= 1.0;
@@ -338,8 +343,6 @@ fn number(n: u64) -> HeaderValue {
 
 /// `d` is `limiter`'s decision: its limit is the limiter's (`limit_value`).
 fn set_headers(h: &mut HeaderMap, limiter: &Limiter, d: &Decision) {
-    // One growth of the map for all of them rather than one per insert.
-    h.reserve(if d.allowed { 3 } else { 4 });
     h.insert(LIMIT, limiter.limit_value.clone());
     // A caller well under its limit finds its budget full, less this request:
     // rendered once, not per answer.
@@ -392,7 +395,8 @@ pub fn rate_limit_stage<'a, B: Send + 'static, N: Next<Routed<B>>>(
         RateKey::UserId => id.map(|i| KeyRef::Name(&i.user_id)),
     }
     .unwrap_or(KeyRef::Ip(rctx.conn.peer.ip()));
-    let d = limiter.check_key_at(key, Instant::now());
+    // The request's arrival: no clock reading of the stage's own.
+    let d = limiter.check_key_at(key, rctx.arrived);
     if !d.allowed {
         crate::stats::record_rate_limited(&ctx.route.cfg.name);
         let mut resp = json_error(
@@ -500,6 +504,23 @@ mod tests {
             l.check_at("a", t + Duration::from_millis(150)).allowed,
             "refilled at 10/s"
         );
+    }
+
+    /// Each request is checked at its arrival, so times come a little out of order
+    /// across connections: an earlier time than the bucket's last must not make the
+    /// next refill count the same stretch twice.
+    #[test]
+    fn token_bucket_counts_time_once_when_requests_come_out_of_order() {
+        let l = limiter(RateAlgorithm::TokenBucket, 10, Some(3), 10);
+        let t = Instant::now();
+        for _ in 0..3 {
+            assert!(l.check_at("a", t).allowed);
+        }
+        let later = t + Duration::from_millis(150);
+        assert!(l.check_at("a", later).allowed, "1.5 tokens back, 0.5 left");
+        assert!(!l.check_at("a", t + Duration::from_millis(100)).allowed);
+        let d = l.check_at("a", later);
+        assert!(!d.allowed, "no time passed since {later:?}: still 0.5 tokens: {d:?}");
     }
 
     #[tokio::test]

@@ -81,7 +81,40 @@ const TOKEN_CACHE_MAX: usize = 10_000;
 /// in, so equal bytes are one too).
 #[derive(Default)]
 struct TokenCache {
-    entries: std::sync::Mutex<hashbrown::HashMap<Box<[u8]>, Verified>>,
+    entries: std::sync::Mutex<hashbrown::HashMap<TokenKey, Verified>>,
+}
+
+/// A cached token: compared on all its bytes, hashed on its last `HASHED_TAIL`.
+/// A JWT ends in its signature, and any two tokens that verified differ there (a
+/// different payload or key signs differently), so the tail tells cached tokens
+/// apart as well as all of a token would, for a fraction of the hashing. Only
+/// verified tokens go in, so a client cannot fill one bucket with look-alikes.
+#[derive(PartialEq, Eq)]
+struct TokenKey(Box<[u8]>);
+
+/// `TokenKey`, borrowed from the request's header.
+#[derive(Clone, Copy)]
+struct TokenRef<'a>(&'a [u8]);
+
+const HASHED_TAIL: usize = 32;
+
+impl std::hash::Hash for TokenRef<'_> {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        h.write(&self.0[self.0.len().saturating_sub(HASHED_TAIL)..]);
+    }
+}
+
+// `TokenKey` and `TokenRef` hash alike (hashbrown finds a key by its `TokenRef`).
+impl std::hash::Hash for TokenKey {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        TokenRef(&self.0).hash(h);
+    }
+}
+
+impl hashbrown::Equivalent<TokenKey> for TokenRef<'_> {
+    fn equivalent(&self, key: &TokenKey) -> bool {
+        *self.0 == *key.0
+    }
 }
 
 struct Verified {
@@ -100,11 +133,11 @@ impl TokenCache {
     /// expiry is judged on the wall clock, as at verification.
     fn get(&self, token: &[u8], now: Instant) -> Option<Arc<Identity>> {
         let mut map = self.entries.lock().ok()?;
-        let hit = map.get(token)?;
+        let hit = map.get(&TokenRef(token))?;
         if now < hit.stale && SystemTime::now() < hit.expires {
             return Some(hit.identity.clone());
         }
-        map.remove(token);
+        map.remove(&TokenRef(token));
         None
     }
 
@@ -117,7 +150,7 @@ impl TokenCache {
             map.clear();
         }
         map.insert(
-            token.as_bytes().into(),
+            TokenKey(token.as_bytes().into()),
             Verified {
                 identity: identity.clone(),
                 expires: std::time::UNIX_EPOCH
@@ -470,7 +503,8 @@ pub fn auth_stage<'a, B: Send + 'static, N: Next<Routed<B>>>(
     if rc.auth == AuthMode::None {
         return Either::pass(WithUser::new(Answer::next(next.run(r)), None));
     }
-    let now = Instant::now();
+    // The request's arrival: no clock reading of the stage's own.
+    let now = r.req.ctx().arrived;
     let ip = r.req.ctx().conn.peer.ip();
     // Before any verification: an address over the limit costs no signature check.
     if let Some(wait) = failures.blocked(limit, ip, now) {
@@ -624,10 +658,18 @@ pub(super) mod tests {
         cache.put("fresh", &id, now() + 60);
         cache.put("expired", &id, now() - 1);
         let now = Instant::now();
-        assert_eq!(cache.get(b"fresh", now), Some(id));
+        assert_eq!(cache.get(b"fresh", now), Some(id.clone()));
         assert_eq!(cache.get(b"expired", now), None);
         assert_eq!(cache.get(b"unknown", now), None);
         assert_eq!(cache.get(b"fresh", now + TOKEN_CACHE_TTL), None, "too old");
+        // Tokens alike in their hashed tail are still told apart by all their bytes.
+        let tail = "s".repeat(HASHED_TAIL);
+        let other = Arc::new(Identity::new("v".into(), vec![], None));
+        cache.put(&format!("a.{tail}"), &id, self::now() + 60);
+        cache.put(&format!("b.{tail}"), &other, self::now() + 60);
+        assert_eq!(cache.get(format!("a.{tail}").as_bytes(), now), Some(id));
+        assert_eq!(cache.get(format!("b.{tail}").as_bytes(), now), Some(other));
+        assert_eq!(cache.get(tail.as_bytes(), now), None, "the tail alone");
     }
 
     use super::*;
