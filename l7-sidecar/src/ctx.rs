@@ -150,9 +150,6 @@ pub struct ReqCtx {
     pub upgrade: bool,
     pub request_id: Option<RequestId>,
     pub trace_id: Option<TraceId>,
-    /// When the gateway took the request: the clock is read once per request, for
-    /// the access log's duration and the auth and rate-limit stages' clocks.
-    pub arrived: std::time::Instant,
     /// Set by the auth stage.
     pub identity: Option<Arc<Identity>>,
     /// Whether the access log reads the user stages note on the response (`UserId`):
@@ -175,7 +172,6 @@ impl ReqCtx {
             upgrade: false,
             request_id: None,
             trace_id: None,
-            arrived: std::time::Instant::now(),
             identity: None,
             log_reads_user: true,
             host: None,

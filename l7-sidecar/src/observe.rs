@@ -362,8 +362,8 @@ impl LogStart {
     }
 
     pub fn begin<B>(log: Arc<AccessLog>, write: bool, req: &Req<B>) -> LogStart {
+        let started = Instant::now();
         let ctx = req.ctx();
-        let started = ctx.arrived;
         let request = log.wanted(write).then(|| RequestSide {
             method: req.method().clone(),
             path: req.uri().path().to_string(),
@@ -404,7 +404,7 @@ impl LogStart {
                 .upstream_addr()
                 .or_else(|| ext.get::<UpstreamAddr>().map(|u| &u.0))
                 .cloned(),
-            user_id: ext.get::<UserId>().cloned(),
+            user_id: ext.get::<UserId>().map(|u| u.as_str().to_owned()),
             request: self.request.take(),
             started: self.started,
             write: self.write,
@@ -520,8 +520,7 @@ struct Pending {
     status: u16,
     route: Option<Arc<crate::routing::Route>>,
     upstream: Option<Arc<str>>,
-    /// Copied out only for a record someone reads.
-    user_id: Option<UserId>,
+    user_id: Option<String>,
     request: Option<RequestSide>,
     started: Instant,
     write: bool,
@@ -561,7 +560,7 @@ impl Pending {
             upstream: p.upstream.map(|u| u.to_string()),
             route: p.route.map(|r| r.cfg.name.clone()),
             request_id: req.request_id.map(|r| r.to_string()).unwrap_or_default(),
-            user_id: p.user_id.map(|u| u.as_str().to_owned()),
+            user_id: p.user_id,
             trace_id: req.trace_id.map(|t| t.to_string()).unwrap_or_default(),
             reason: None,
         };

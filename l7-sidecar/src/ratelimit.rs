@@ -5,7 +5,7 @@ use crate::config::{RateAlgorithm, RateKey, RateLimitConfig};
 use crate::http_util::json_error;
 use crate::http_util::Body;
 use crate::routing::Routed;
-use crate::stage::{Answer, Next};
+use crate::stage::{Either, Next};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -238,9 +238,9 @@ impl Limiter {
             (State::Bucket { tokens, at }, _) => {
                 let cap = self.capacity() as f64;
                 let rate_per_sec = self.cfg.limit as f64 / window.as_secs_f64();
-                // Requests may come with times a little out of order (each its
-                // arrival); refilling from the latest one only never counts a
-                // stretch of time twice.
+                // Times may come a little out of order (read by requests on
+                // other threads before this one took the lock); refilling from the
+                // latest one only never counts a stretch of time twice.
                 if now > *at {
                     *tokens = (*tokens
                         + now.saturating_duration_since(*at).as_secs_f64() * rate_per_sec)
@@ -343,19 +343,25 @@ fn number(n: u64) -> HeaderValue {
 
 /// `d` is `limiter`'s decision: its limit is the limiter's (`limit_value`).
 fn set_headers(h: &mut HeaderMap, limiter: &Limiter, d: &Decision) {
-    h.insert(LIMIT, limiter.limit_value.clone());
-    // A caller well under its limit finds its budget full, less this request:
-    // rendered once, not per answer.
-    let remaining = if d.remaining == limiter.full_remaining.0 {
-        limiter.full_remaining.1.clone()
-    } else {
-        number(d.remaining)
-    };
-    h.insert(REMAINING, remaining);
-    h.insert(RESET, number(d.reset_secs));
+    set_budget_headers(h, limiter, d.remaining, d.reset_secs);
     if !d.allowed {
         h.insert(header::RETRY_AFTER, number(d.retry_after_secs));
     }
+}
+
+/// The headers every answer gets: `limiter`'s limit, and what a decision said
+/// remains and when it resets.
+fn set_budget_headers(h: &mut HeaderMap, limiter: &Limiter, remaining: u64, reset_secs: u64) {
+    h.insert(LIMIT, limiter.limit_value.clone());
+    // A caller well under its limit finds its budget full, less this request:
+    // rendered once, not per answer.
+    let remaining = if remaining == limiter.full_remaining.0 {
+        limiter.full_remaining.1.clone()
+    } else {
+        number(remaining)
+    };
+    h.insert(REMAINING, remaining);
+    h.insert(RESET, number(reset_secs));
 }
 
 /// This config generation's policies by name. Looked up per request: foldhash
@@ -381,10 +387,10 @@ pub fn rate_limit_stage<'a, B: Send + 'static, N: Next<Routed<B>>>(
         .as_ref()
         .and_then(|n| limiters.get(n))
     else {
-        return WithRateHeaders {
-            fut: Answer::next(next.run(r)),
-            decided: None,
-        };
+        return Either::pass(WithRateHeaders {
+            fut: next.run(r),
+            allowed: None,
+        });
     };
     let (rctx, ctx) = (r.req.ctx(), &r.route);
     let id = rctx.identity.as_ref();
@@ -395,8 +401,7 @@ pub fn rate_limit_stage<'a, B: Send + 'static, N: Next<Routed<B>>>(
         RateKey::UserId => id.map(|i| KeyRef::Name(&i.user_id)),
     }
     .unwrap_or(KeyRef::Ip(rctx.conn.peer.ip()));
-    // The request's arrival: no clock reading of the stage's own.
-    let d = limiter.check_key_at(key, rctx.arrived);
+    let d = limiter.check_key_at(key, Instant::now());
     if !d.allowed {
         crate::stats::record_rate_limited(&ctx.route.cfg.name);
         let mut resp = json_error(
@@ -406,24 +411,24 @@ pub fn rate_limit_stage<'a, B: Send + 'static, N: Next<Routed<B>>>(
             "rate limit exceeded",
         );
         set_headers(resp.headers_mut(), limiter, &d);
-        return WithRateHeaders {
-            fut: Answer::now(resp),
-            decided: None,
-        };
+        // Boxed: inline, a response would make the pass-through future (every
+        // request's) that much larger.
+        return Either::work(Box::pin(std::future::ready(resp)));
     }
-    WithRateHeaders {
-        fut: Answer::next(next.run(r)),
-        decided: Some((limiter, d)),
-    }
+    Either::pass(WithRateHeaders {
+        fut: next.run(r),
+        allowed: Some((limiter, d.remaining, d.reset_secs)),
+    })
 }
 
 pin_project_lite::pin_project! {
-    /// The rest of the pipeline's future (or the stage's own answer); its response
-    /// gets the headers of `decided`, when set.
+    /// The rest of the pipeline's future; its response gets the headers of the
+    /// decision that let it through (`allowed`: the limiter, remaining, reset), if
+    /// any. Only what the headers need: this is part of every request's future.
     struct WithRateHeaders<'a, F> {
         #[pin]
-        fut: Answer<F>,
-        decided: Option<(&'a Limiter, Decision)>,
+        fut: F,
+        allowed: Option<(&'a Limiter, u64, u64)>,
     }
 }
 
@@ -438,8 +443,8 @@ impl<F: std::future::Future<Output = Response<Body>>> std::future::Future
     ) -> std::task::Poll<Response<Body>> {
         let this = self.project();
         let mut resp = std::task::ready!(this.fut.poll(cx));
-        if let Some((limiter, d)) = this.decided.take() {
-            set_headers(resp.headers_mut(), limiter, &d);
+        if let Some((limiter, remaining, reset)) = this.allowed.take() {
+            set_budget_headers(resp.headers_mut(), limiter, remaining, reset);
         }
         std::task::Poll::Ready(resp)
     }
@@ -506,9 +511,9 @@ mod tests {
         );
     }
 
-    /// Each request is checked at its arrival, so times come a little out of order
-    /// across connections: an earlier time than the bucket's last must not make the
-    /// next refill count the same stretch twice.
+    /// Times can come a little out of order (read before the lock is taken, by
+    /// requests on several threads): an earlier time than the bucket's last must
+    /// not make the next refill count the same stretch twice.
     #[test]
     fn token_bucket_counts_time_once_when_requests_come_out_of_order() {
         let l = limiter(RateAlgorithm::TokenBucket, 10, Some(3), 10);

@@ -8,7 +8,7 @@ use crate::ctx::UserId;
 use crate::http_util::json_error;
 use crate::http_util::Body;
 use crate::routing::Routed;
-use crate::stage::{run, Answer, Either, Next};
+use crate::stage::{run, Either, Next};
 use http::HeaderMap;
 use http::{header, HeaderValue, Response, StatusCode};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
@@ -501,10 +501,9 @@ pub fn auth_stage<'a, B: Send + 'static, N: Next<Routed<B>>>(
 ) -> impl std::future::Future<Output = Response<Body>> + Send + 'a {
     let rc = &r.route.route.cfg;
     if rc.auth == AuthMode::None {
-        return Either::pass(WithUser::new(Answer::next(next.run(r)), None));
+        return Either::pass(WithUser::new(next.run(r), None));
     }
-    // The request's arrival: no clock reading of the stage's own.
-    let now = r.req.ctx().arrived;
+    let now = Instant::now();
     let ip = r.req.ctx().conn.peer.ip();
     // Before any verification: an address over the limit costs no signature check.
     if let Some(wait) = failures.blocked(limit, ip, now) {
@@ -518,17 +517,24 @@ pub fn auth_stage<'a, B: Send + 'static, N: Next<Routed<B>>>(
         let secs = wait.as_millis().div_ceil(1000).max(1);
         resp.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from(secs as u64));
-        return Either::pass(WithUser::new(Answer::now(resp), None));
+        return Either::work(refused(resp));
     }
     match auth.authenticate_cached(rc.auth, &rc.roles, r.req.headers(), now) {
         Some(result) => match admit(failures, limit, &mut r, result.map(Some)) {
-            Ok(user) => Either::pass(WithUser::new(Answer::next(next.run(r)), user)),
-            Err(resp) => Either::pass(WithUser::new(Answer::now(resp), None)),
+            Ok(user) => Either::pass(WithUser::new(next.run(r), user)),
+            Err(resp) => Either::work(refused(resp)),
         },
         // Boxed: verification is the unusual case, and its future inline would make
         // every request's pipeline future that much larger.
-        None => Either::work(Box::pin(authenticated(auth, failures, limit, r, next))),
+        None => Either::work(Box::pin(Either::work(authenticated(auth, failures, limit, r, next)))),
     }
+}
+
+/// The stage's own answer, boxed like a verification (in the same box type, one
+/// pointer): inline, a response would make the pass-through future (every
+/// request's) that much larger.
+fn refused<W>(resp: Response<Body>) -> std::pin::Pin<Box<Either<std::future::Ready<Response<Body>>, W>>> {
+    Box::pin(Either::pass(std::future::ready(resp)))
 }
 
 /// A request whose credentials are not in the token cache: verified in a future of
@@ -613,17 +619,17 @@ fn admit<B>(
 }
 
 pin_project_lite::pin_project! {
-    /// The rest of the pipeline's future (or the stage's own answer); its response
-    /// names the authenticated user for the access log.
+    /// The rest of the pipeline's future; its response names the authenticated user
+    /// for the access log.
     struct WithUser<F> {
         #[pin]
-        fut: Answer<F>,
+        fut: F,
         user: Option<Arc<Identity>>,
     }
 }
 
 impl<F> WithUser<F> {
-    fn new(fut: Answer<F>, user: Option<Arc<Identity>>) -> WithUser<F> {
+    fn new(fut: F, user: Option<Arc<Identity>>) -> WithUser<F> {
         WithUser { fut, user }
     }
 }
