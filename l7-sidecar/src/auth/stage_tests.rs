@@ -2,6 +2,10 @@
 //! against a stub `next` — no gateway is built.
 
 use super::*;
+use crate::ctx::UserId;
+use crate::http_util::Body;
+use crate::routing::Routed;
+use http::{Response, StatusCode};
 use crate::routing::testing::routed;
 use crate::stage::testing::stub;
 use http::Request;
