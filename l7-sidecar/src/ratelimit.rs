@@ -525,7 +525,10 @@ mod tests {
         assert!(l.check_at("a", later).allowed, "1.5 tokens back, 0.5 left");
         assert!(!l.check_at("a", t + Duration::from_millis(100)).allowed);
         let d = l.check_at("a", later);
-        assert!(!d.allowed, "no time passed since {later:?}: still 0.5 tokens: {d:?}");
+        assert!(
+            !d.allowed,
+            "no time passed since {later:?}: still 0.5 tokens: {d:?}"
+        );
     }
 
     #[tokio::test]

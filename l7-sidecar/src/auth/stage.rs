@@ -54,14 +54,18 @@ pub fn auth_stage<'a, B: Send + 'static, N: Next<Routed<B>>>(
         },
         // Boxed: verification is the unusual case, and its future inline would make
         // every request's pipeline future that much larger.
-        None => Either::work(Box::pin(Either::work(authenticated(auth, failures, limit, r, next)))),
+        None => Either::work(Box::pin(Either::work(authenticated(
+            auth, failures, limit, r, next,
+        )))),
     }
 }
 
 /// The stage's own answer, boxed like a verification (in the same box type, one
 /// pointer): inline, a response would make the pass-through future (every
 /// request's) that much larger.
-fn refused<W>(resp: Response<Body>) -> std::pin::Pin<Box<Either<std::future::Ready<Response<Body>>, W>>> {
+fn refused<W>(
+    resp: Response<Body>,
+) -> std::pin::Pin<Box<Either<std::future::Ready<Response<Body>>, W>>> {
     Box::pin(Either::pass(std::future::ready(resp)))
 }
 

@@ -4,11 +4,11 @@
 use super::*;
 use crate::ctx::UserId;
 use crate::http_util::Body;
-use crate::routing::Routed;
-use http::{Response, StatusCode};
 use crate::routing::testing::routed;
+use crate::routing::Routed;
 use crate::stage::testing::stub;
 use http::Request;
+use http::{Response, StatusCode};
 
 fn toml() -> String {
     format!(
@@ -53,7 +53,10 @@ async fn auth_stage_alone_passes_identity_on_and_limits_guessing() {
     let resp = call("k-123").await;
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.headers()["x-seen-user"], "p1", "identity reaches next");
-    assert_eq!(resp.extensions().get::<UserId>().map(UserId::as_str), Some("p1"));
+    assert_eq!(
+        resp.extensions().get::<UserId>().map(UserId::as_str),
+        Some("p1")
+    );
     for _ in 0..2 {
         assert_eq!(call("wrong").await.status(), StatusCode::UNAUTHORIZED);
     }
@@ -135,7 +138,12 @@ async fn a_cached_token_meets_every_check() {
     let t = jwt_token(super::tests::now() + 600);
     let bearer = format!("Bearer {t}");
     for _ in 0..2 {
-        let resp = jwt_call(&auth, &failures, Request::get("/").header("authorization", &bearer)).await;
+        let resp = jwt_call(
+            &auth,
+            &failures,
+            Request::get("/").header("authorization", &bearer),
+        )
+        .await;
         assert_eq!(resp.status(), StatusCode::OK);
         assert_eq!(resp.headers()["x-seen-user"], "u1");
         assert_eq!(user_of(&resp), Some("u1"));
@@ -146,27 +154,65 @@ async fn a_cached_token_meets_every_check() {
     assert!(matches!(cached(&h), Some(Ok(_))), "served from the cache");
     // What `authenticate` accepts around the token, the cache accepts too.
     for same in [format!("bearer {t}"), format!("Bearer  {t} \t")] {
-        let resp = jwt_call(&auth, &failures, Request::get("/").header("authorization", same)).await;
+        let resp = jwt_call(
+            &auth,
+            &failures,
+            Request::get("/").header("authorization", same),
+        )
+        .await;
         assert_eq!(resp.status(), StatusCode::OK);
     }
     // ... and what it refuses, the cache refuses.
-    let resp = jwt_call(&auth, &failures, Request::get("/").header("authorization", format!("BEARER {t}"))).await;
-    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "not a bearer token");
     let resp = jwt_call(
         &auth,
         &failures,
-        Request::get("/").header("authorization", &bearer).header("authorization", &bearer),
+        Request::get("/").header("authorization", format!("BEARER {t}")),
     )
     .await;
-    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "several Authorization headers");
-    let resp = jwt_call(&auth, &failures, Request::get("/ops").header("authorization", &bearer)).await;
+    assert_eq!(
+        resp.status(),
+        StatusCode::UNAUTHORIZED,
+        "not a bearer token"
+    );
+    let resp = jwt_call(
+        &auth,
+        &failures,
+        Request::get("/")
+            .header("authorization", &bearer)
+            .header("authorization", &bearer),
+    )
+    .await;
+    assert_eq!(
+        resp.status(),
+        StatusCode::UNAUTHORIZED,
+        "several Authorization headers"
+    );
+    let resp = jwt_call(
+        &auth,
+        &failures,
+        Request::get("/ops").header("authorization", &bearer),
+    )
+    .await;
     assert_eq!(resp.status(), StatusCode::FORBIDDEN, "role ops is missing");
     assert_eq!(user_of(&resp), Some("u1"), "the refused user is logged");
     // Two wrong tokens (one was the doubled header above) block the address.
-    let wrong = super::tests::token(serde_json::json!({"sub": "u1", "exp": super::tests::now() + 600}), "other");
-    let resp = jwt_call(&auth, &failures, Request::get("/").header("authorization", format!("Bearer {wrong}"))).await;
+    let wrong = super::tests::token(
+        serde_json::json!({"sub": "u1", "exp": super::tests::now() + 600}),
+        "other",
+    );
+    let resp = jwt_call(
+        &auth,
+        &failures,
+        Request::get("/").header("authorization", format!("Bearer {wrong}")),
+    )
+    .await;
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
-    let resp = jwt_call(&auth, &failures, Request::get("/").header("authorization", &bearer)).await;
+    let resp = jwt_call(
+        &auth,
+        &failures,
+        Request::get("/").header("authorization", &bearer),
+    )
+    .await;
     assert_eq!(
         resp.status(),
         StatusCode::TOO_MANY_REQUESTS,
@@ -183,14 +229,29 @@ async fn a_cached_token_is_refused_once_it_expires() {
     // Already past `exp`, but within the leeway.
     let exp = super::tests::now() - 1;
     let bearer = format!("Bearer {}", jwt_token(exp));
-    let resp = jwt_call(&auth, &failures, Request::get("/").header("authorization", &bearer)).await;
+    let resp = jwt_call(
+        &auth,
+        &failures,
+        Request::get("/").header("authorization", &bearer),
+    )
+    .await;
     assert_eq!(resp.status(), StatusCode::OK, "within the leeway");
-    let resp = jwt_call(&auth, &failures, Request::get("/").header("authorization", &bearer)).await;
+    let resp = jwt_call(
+        &auth,
+        &failures,
+        Request::get("/").header("authorization", &bearer),
+    )
+    .await;
     assert_eq!(resp.status(), StatusCode::OK, "from the cache");
     while super::tests::now() <= exp + 2 {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    let resp = jwt_call(&auth, &failures, Request::get("/").header("authorization", &bearer)).await;
+    let resp = jwt_call(
+        &auth,
+        &failures,
+        Request::get("/").header("authorization", &bearer),
+    )
+    .await;
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "expired");
     assert!(resp.headers()[header::WWW_AUTHENTICATE]
         .to_str()
