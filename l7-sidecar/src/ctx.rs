@@ -152,6 +152,9 @@ pub struct ReqCtx {
     pub trace_id: Option<TraceId>,
     /// Set by the auth stage.
     pub identity: Option<Arc<Identity>>,
+    /// Whether the access log reads the user stages note on the response (`UserId`):
+    /// only for a record it builds. `true` until the access log said otherwise.
+    pub log_reads_user: bool,
     /// The request's one Host header value as the Host checks accepted it
     /// (`guard::harden`); `None`: no Host header, or not checked yet. Routing and the
     /// transform read it here instead of looking the header up again.
@@ -170,6 +173,7 @@ impl ReqCtx {
             request_id: None,
             trace_id: None,
             identity: None,
+            log_reads_user: true,
             host: None,
         }
     }
@@ -266,8 +270,17 @@ impl fmt::Display for TraceId {
 }
 
 /// Response extensions read by the access log.
+///
+/// The authenticated caller: shared with the request's context (an `Arc` clone per
+/// request, not a copy of the user id).
 #[derive(Clone, Debug)]
-pub struct UserId(pub String);
+pub struct UserId(pub Arc<Identity>);
+
+impl UserId {
+    pub fn as_str(&self) -> &str {
+        &self.0.user_id
+    }
+}
 /// The backend address (or the aggregated pools) that answered.
 #[derive(Clone, Debug)]
 pub struct UpstreamAddr(pub Arc<str>);

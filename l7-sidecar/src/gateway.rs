@@ -6,7 +6,7 @@ use crate::balance::{BackendRegistry, Pool};
 use crate::config::{Config, ConfigError};
 use crate::observe::AccessLog;
 use crate::proxy::{Upstream, Upstreams};
-use crate::ratelimit::{Limiter, LimiterRegistry};
+use crate::ratelimit::LimiterRegistry;
 use crate::routing::Router;
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
@@ -45,7 +45,7 @@ pub struct Runtime {
     pub router: Router,
     pub upstreams: Upstreams,
     pub auth: Authenticator,
-    pub limiters: HashMap<String, Arc<Limiter>>,
+    pub limiters: crate::ratelimit::Limiters,
     /// Shared by every generation: a reload does not forgive failed logins.
     pub auth_failures: Arc<crate::auth::FailureLimiter>,
     /// 1 for the config the gateway started with, +1 per applied reload.
@@ -115,7 +115,7 @@ impl Gateway {
                 router: Router::new(&[]),
                 upstreams: Upstreams::new(),
                 auth: Authenticator::new(None, &[], None)?,
-                limiters: HashMap::new(),
+                limiters: Default::default(),
                 auth_failures: Arc::default(),
                 generation: 0,
                 tasks: Mutex::new(Vec::new()),

@@ -325,10 +325,11 @@ struct RequestSide {
 pub async fn access_log_stage<B>(
     log: Arc<AccessLog>,
     write: bool,
-    req: Req<B>,
+    mut req: Req<B>,
     next: impl Next<Req<B>>,
 ) -> Response<Body> {
     let start = LogStart::begin(log, write, &req);
+    req.ctx_mut().log_reads_user = start.reads_user();
     let resp = run(next, req).await;
     start.finish(resp)
 }
@@ -358,6 +359,12 @@ pub struct LogStart {
 }
 
 impl LogStart {
+    /// Whether `finish` reads the response's `UserId`: only for a record someone
+    /// reads (`ReqCtx::log_reads_user`).
+    pub fn reads_user(&self) -> bool {
+        self.request.is_some()
+    }
+
     pub fn begin<B>(log: Arc<AccessLog>, write: bool, req: &Req<B>) -> LogStart {
         let started = Instant::now();
         let ctx = req.ctx();
@@ -402,7 +409,7 @@ impl LogStart {
                 .upstream_addr()
                 .or_else(|| ext.get::<UpstreamAddr>().map(|u| &u.0))
                 .cloned(),
-            user_id: ext.get::<UserId>().map(|u| u.0.clone()),
+            user_id: ext.get::<UserId>().map(|u| u.as_str().to_owned()),
             request: self.request.take(),
             started: self.started,
             write: self.write,

@@ -199,13 +199,14 @@ struct Untraced {
 
 impl Next<Req<Incoming>> for Untraced {
     #[allow(clippy::manual_async_fn)]
-    fn run(self, req: Req<Incoming>) -> impl Future<Output = Response<Body>> + Send {
+    fn run(self, mut req: Req<Incoming>) -> impl Future<Output = Response<Body>> + Send {
         async move {
             let Untraced { log, rt } = self;
             let write = rt.cfg.observability.access_log;
             // Also the request's drop guard: a request dropped before its answer is
             // logged and counted when this is dropped (`LogStart`'s `Drop`).
             let mut start = crate::observe::LogStart::begin(log, write, &req);
+            req.ctx_mut().log_reads_user = start.reads_user();
             let resp = match above_routing(&rt, req) {
                 Err(resp) => resp,
                 Ok(routed) => {

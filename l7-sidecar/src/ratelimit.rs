@@ -5,7 +5,7 @@ use crate::config::{RateAlgorithm, RateKey, RateLimitConfig};
 use crate::http_util::json_error;
 use crate::http_util::Body;
 use crate::routing::Routed;
-use crate::stage::{run, Either, Next};
+use crate::stage::{Either, Next};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -68,9 +68,12 @@ impl Hash for Key {
 impl Hash for KeyRef<'_> {
     fn hash<H: Hasher>(&self, h: &mut H) {
         match self {
-            KeyRef::Ip(ip) => {
-                h.write_u8(0);
-                ip.hash(h);
+            // One integer per address, not a discriminant and a length-prefixed
+            // octet slice: each `write` is a round of the hasher.
+            KeyRef::Ip(IpAddr::V4(a)) => h.write_u64(u64::from(a.to_bits())),
+            KeyRef::Ip(IpAddr::V6(a)) => {
+                h.write_u8(2);
+                h.write_u128(a.to_bits());
             }
             KeyRef::Name(n) => {
                 h.write_u8(1);
@@ -118,6 +121,9 @@ pub struct Limiter {
     entries: Mutex<Entries>,
     /// `RateLimit-Limit` as sent with every answer: the same for every request.
     limit_value: HeaderValue,
+    /// `RateLimit-Remaining` of a caller whose budget was full: the number (the
+    /// reported limit − 1) and its header value.
+    full_remaining: (u64, HeaderValue),
 }
 
 fn ceil_secs(d: Duration) -> u64 {
@@ -127,13 +133,17 @@ fn ceil_secs(d: Duration) -> u64 {
 impl Limiter {
     pub fn new(cfg: RateLimitConfig) -> Limiter {
         // What `check_at` reports as the limit (the bucket's capacity for a bucket).
-        let limit_value = number(match cfg.algorithm {
+        let capacity = match cfg.algorithm {
             RateAlgorithm::TokenBucket => cfg.burst.unwrap_or(cfg.limit),
             _ => cfg.limit,
-        });
+        };
         Limiter {
             cfg,
-            limit_value,
+            limit_value: number(capacity),
+            full_remaining: (
+                capacity.saturating_sub(1),
+                number(capacity.saturating_sub(1)),
+            ),
             entries: Mutex::new(Entries::default()),
         }
     }
@@ -157,8 +167,11 @@ impl Limiter {
     pub fn check_key_at(&self, key: KeyRef<'_>, now: Instant) -> Decision {
         let window = Duration::from_millis(self.cfg.window_ms);
         let mut map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        let known = map.contains_key(&key);
-        if !known && map.len() >= self.cfg.max_keys {
+        // A known caller (the usual one) costs one lookup.
+        if let Some(entry) = map.get_mut(&key) {
+            return self.decide(entry, now, window);
+        }
+        if map.len() >= self.cfg.max_keys {
             Self::evict(&mut map, now, window, self.cfg.max_keys);
         }
         let initial = match self.cfg.algorithm {
@@ -173,18 +186,15 @@ impl Limiter {
             },
         };
         // Looked up by `KeyRef`: an owned key is only made for a new caller.
-        if !known {
-            map.insert(
-                key.to_owned_key(),
-                Entry {
-                    state: initial,
-                    last_seen: now,
-                },
-            );
-        }
-        let Some(entry) = map.get_mut(&key) else {
-            unreachable!("inserted above")
-        };
+        let entry = map.entry(key.to_owned_key()).or_insert(Entry {
+            state: initial,
+            last_seen: now,
+        });
+        self.decide(entry, now, window)
+    }
+
+    /// Count a request against `entry`'s budget.
+    fn decide(&self, entry: &mut Entry, now: Instant, window: Duration) -> Decision {
         entry.last_seen = now;
         match (&mut entry.state, self.cfg.algorithm) {
             (State::Window { start, count, prev }, alg) => {
@@ -228,10 +238,15 @@ impl Limiter {
             (State::Bucket { tokens, at }, _) => {
                 let cap = self.capacity() as f64;
                 let rate_per_sec = self.cfg.limit as f64 / window.as_secs_f64();
-                *tokens = (*tokens
-                    + now.saturating_duration_since(*at).as_secs_f64() * rate_per_sec)
-                    .min(cap);
-                *at = now;
+                // Times may come a little out of order (read by requests on
+                // other threads before this one took the lock); refilling from the
+                // latest one only never counts a stretch of time twice.
+                if now > *at {
+                    *tokens = (*tokens
+                        + now.saturating_duration_since(*at).as_secs_f64() * rate_per_sec)
+                        .min(cap);
+                    *at = now;
+                }
                 let allowed = *tokens >= 1.0;
                 if allowed {
                     *tokens -= 1.0;
@@ -328,45 +343,56 @@ fn number(n: u64) -> HeaderValue {
 
 /// `d` is `limiter`'s decision: its limit is the limiter's (`limit_value`).
 fn set_headers(h: &mut HeaderMap, limiter: &Limiter, d: &Decision) {
-    h.insert(LIMIT, limiter.limit_value.clone());
-    h.insert(REMAINING, number(d.remaining));
-    h.insert(RESET, number(d.reset_secs));
+    set_budget_headers(h, limiter, d.remaining, d.reset_secs);
     if !d.allowed {
         h.insert(header::RETRY_AFTER, number(d.retry_after_secs));
     }
 }
 
+/// The headers every answer gets: `limiter`'s limit, and what a decision said
+/// remains and when it resets.
+fn set_budget_headers(h: &mut HeaderMap, limiter: &Limiter, remaining: u64, reset_secs: u64) {
+    h.insert(LIMIT, limiter.limit_value.clone());
+    // A caller well under its limit finds its budget full, less this request:
+    // rendered once, not per answer.
+    let remaining = if remaining == limiter.full_remaining.0 {
+        limiter.full_remaining.1.clone()
+    } else {
+        number(remaining)
+    };
+    h.insert(REMAINING, remaining);
+    h.insert(RESET, number(reset_secs));
+}
+
+/// This config generation's policies by name. Looked up per request: foldhash
+/// (hashbrown's default) rather than SipHash; the names come from the config.
+pub type Limiters = hashbrown::HashMap<String, Arc<Limiter>>;
+
 /// Apply the route's policy, keyed by client IP, API key or user id. `limiters`:
 /// this config generation's policies by name (their counters outlive reloads).
-/// A route without a policy costs no future of its own.
+///
+/// The decision needs nothing to wait for, so it is made here, before the rest of
+/// the pipeline's future: the stage adds no `async` state machine and no box of its
+/// own, only the decision to the rest's future, whose answer gets the headers.
 pub fn rate_limit_stage<'a, B: Send + 'static, N: Next<Routed<B>>>(
-    limiters: &'a HashMap<String, Arc<Limiter>>,
+    limiters: &'a Limiters,
     r: Routed<B>,
     next: N,
 ) -> impl std::future::Future<Output = Response<Body>> + Send + 'a {
-    if r.route.route.cfg.rate_limit.is_none() {
-        return Either::pass(next.run(r));
-    }
-    // Boxed: the pass-through case is the usual one, and an inline limiter future
-    // would make every request's pipeline future that much larger.
-    Either::work(Box::pin(limited(limiters, r, next)))
-}
-
-async fn limited<B: Send + 'static>(
-    limiters: &HashMap<String, Arc<Limiter>>,
-    r: Routed<B>,
-    next: impl Next<Routed<B>>,
-) -> Response<Body> {
-    let (rctx, ctx) = (r.req.ctx(), &r.route);
-    let Some(limiter) = ctx
+    let Some(limiter) = r
+        .route
         .route
         .cfg
         .rate_limit
         .as_ref()
         .and_then(|n| limiters.get(n))
     else {
-        return run(next, r).await;
+        return Either::pass(WithRateHeaders {
+            fut: next.run(r),
+            allowed: None,
+        });
     };
+    let (rctx, ctx) = (r.req.ctx(), &r.route);
     let id = rctx.identity.as_ref();
     // Callers without the configured key share their IP's budget.
     let key = match limiter.cfg.key {
@@ -385,11 +411,43 @@ async fn limited<B: Send + 'static>(
             "rate limit exceeded",
         );
         set_headers(resp.headers_mut(), limiter, &d);
-        return resp;
+        // Boxed: inline, a response would make the pass-through future (every
+        // request's) that much larger.
+        return Either::work(Box::pin(std::future::ready(resp)));
     }
-    let mut resp = run(next, r).await;
-    set_headers(resp.headers_mut(), limiter, &d);
-    resp
+    Either::pass(WithRateHeaders {
+        fut: next.run(r),
+        allowed: Some((limiter, d.remaining, d.reset_secs)),
+    })
+}
+
+pin_project_lite::pin_project! {
+    /// The rest of the pipeline's future; its response gets the headers of the
+    /// decision that let it through (`allowed`: the limiter, remaining, reset), if
+    /// any. Only what the headers need: this is part of every request's future.
+    struct WithRateHeaders<'a, F> {
+        #[pin]
+        fut: F,
+        allowed: Option<(&'a Limiter, u64, u64)>,
+    }
+}
+
+impl<F: std::future::Future<Output = Response<Body>>> std::future::Future
+    for WithRateHeaders<'_, F>
+{
+    type Output = Response<Body>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Response<Body>> {
+        let this = self.project();
+        let mut resp = std::task::ready!(this.fut.poll(cx));
+        if let Some((limiter, remaining, reset)) = this.allowed.take() {
+            set_budget_headers(resp.headers_mut(), limiter, remaining, reset);
+        }
+        std::task::Poll::Ready(resp)
+    }
 }
 
 #[cfg(test)]
@@ -453,6 +511,26 @@ mod tests {
         );
     }
 
+    /// Times can come a little out of order (read before the lock is taken, by
+    /// requests on several threads): an earlier time than the bucket's last must
+    /// not make the next refill count the same stretch twice.
+    #[test]
+    fn token_bucket_counts_time_once_when_requests_come_out_of_order() {
+        let l = limiter(RateAlgorithm::TokenBucket, 10, Some(3), 10);
+        let t = Instant::now();
+        for _ in 0..3 {
+            assert!(l.check_at("a", t).allowed);
+        }
+        let later = t + Duration::from_millis(150);
+        assert!(l.check_at("a", later).allowed, "1.5 tokens back, 0.5 left");
+        assert!(!l.check_at("a", t + Duration::from_millis(100)).allowed);
+        let d = l.check_at("a", later);
+        assert!(
+            !d.allowed,
+            "no time passed since {later:?}: still 0.5 tokens: {d:?}"
+        );
+    }
+
     #[tokio::test]
     async fn stage_alone_sets_headers_and_rejects() {
         use crate::routing::testing::routed;
@@ -473,7 +551,7 @@ mod tests {
         "#;
         let (cfg, first) = routed(toml, Request::get("/x"));
         let registry = LimiterRegistry::default();
-        let limiters: HashMap<_, _> = cfg
+        let limiters: Limiters = cfg
             .rate_limits
             .iter()
             .map(|(n, c)| (n.clone(), registry.get(n, c)))
@@ -510,6 +588,32 @@ mod tests {
             set_headers(&mut h, &l, &d);
             assert_eq!(h[LIMIT], d.limit.to_string().as_str(), "{alg:?} {burst:?}");
             assert_eq!(h[REMAINING], d.remaining.to_string().as_str());
+        }
+    }
+
+    /// Every request's `RateLimit-Remaining` is its own decision's, also where the
+    /// pre-rendered "full budget" value could be mistaken for it (a window policy
+    /// with a `burst` that is not its limit).
+    #[test]
+    fn remaining_header_follows_every_decision() {
+        for (alg, limit, burst) in [
+            (RateAlgorithm::FixedWindow, 10, Some(5)),
+            (RateAlgorithm::SlidingWindow, 10, Some(5)),
+            (RateAlgorithm::FixedWindow, 3, None),
+            (RateAlgorithm::TokenBucket, 10, Some(5)),
+            (RateAlgorithm::TokenBucket, 4, None),
+        ] {
+            let l = limiter(alg, limit, burst, 10);
+            let t = Instant::now();
+            for i in 0..12 {
+                let d = l.check_at("a", t);
+                let mut h = HeaderMap::new();
+                set_headers(&mut h, &l, &d);
+                let what = format!("{alg:?} limit {limit} burst {burst:?} request {i}");
+                assert_eq!(h[REMAINING], d.remaining.to_string().as_str(), "{what}");
+                assert_eq!(h[LIMIT], d.limit.to_string().as_str(), "{what}");
+                assert_eq!(h.contains_key(header::RETRY_AFTER), !d.allowed, "{what}");
+            }
         }
     }
 

@@ -11,12 +11,16 @@
 use crate::config::AuthFailureLimitConfig;
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 #[derive(Default)]
 pub struct FailureLimiter {
     entries: Mutex<HashMap<IpAddr, Window>>,
+    /// `entries.len()`, stored under the lock after each change: with no failures
+    /// on record (the usual state) `blocked` answers without taking the lock.
+    tracked: AtomicUsize,
 }
 
 #[derive(Clone, Copy)]
@@ -33,7 +37,7 @@ impl FailureLimiter {
         ip: IpAddr,
         now: Instant,
     ) -> Option<Duration> {
-        if cfg.max_failures == 0 {
+        if cfg.max_failures == 0 || self.tracked.load(Ordering::Relaxed) == 0 {
             return None;
         }
         let window = Duration::from_millis(cfg.window_ms);
@@ -70,6 +74,7 @@ impl FailureLimiter {
             };
         }
         w.failures = w.failures.saturating_add(1);
+        self.tracked.store(map.len(), Ordering::Relaxed);
     }
 
     /// Forget windows that ended (run periodically).
@@ -77,6 +82,7 @@ impl FailureLimiter {
         let now = Instant::now();
         let mut map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         map.retain(|_, w| now.saturating_duration_since(w.start) < window);
+        self.tracked.store(map.len(), Ordering::Relaxed);
     }
 }
 
@@ -125,5 +131,22 @@ mod tests {
             l.record(&c, IpAddr::from([10, 0, 0, i]), t0);
         }
         assert!(l.entries.lock().expect("lock").len() <= 2);
+    }
+
+    /// The lock-free "nothing on record" answer follows the table: an address is
+    /// blocked as soon as its failures are recorded, and free once a sweep forgot
+    /// them.
+    #[test]
+    fn blocked_follows_record_and_sweep() {
+        let l = FailureLimiter::default();
+        let c = cfg(1);
+        let ip: IpAddr = "192.0.2.7".parse().expect("ip");
+        let t0 = Instant::now();
+        assert_eq!(l.blocked(&c, ip, t0), None, "nothing recorded");
+        l.record(&c, ip, t0);
+        assert!(l.blocked(&c, ip, t0).is_some(), "recorded");
+        l.sweep(Duration::ZERO);
+        assert_eq!(l.blocked(&c, ip, Instant::now()), None, "swept");
+        assert_eq!(l.tracked.load(Ordering::Relaxed), 0);
     }
 }

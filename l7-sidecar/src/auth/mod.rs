@@ -2,20 +2,15 @@
 //! hashed API keys. Each key is bound to one algorithm, so a token can never pick
 //! how it is verified (no `alg: none`, no RS256-public-key-as-HMAC-secret).
 
-use crate::config::{ApiKeyConfig, AuthFailureLimitConfig, AuthMode, JwtConfig};
+use crate::config::{ApiKeyConfig, AuthMode, JwtConfig};
 pub use crate::ctx::Identity;
-use crate::ctx::UserId;
-use crate::http_util::json_error;
-use crate::http_util::Body;
-use crate::routing::Routed;
-use crate::stage::{run, Either, Next};
 use http::HeaderMap;
-use http::{header, HeaderValue, Response, StatusCode};
+use http::{header, HeaderValue};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {
@@ -43,9 +38,11 @@ type KeyMap = HashMap<String, (Algorithm, Arc<DecodingKey>)>;
 mod claims;
 mod failures;
 mod jwks;
+mod stage;
 use claims::{valid_identity_value, valid_role};
 pub use failures::FailureLimiter;
 pub use jwks::{spawn_jwks_refresh, JwksCache, JwksError};
+pub use stage::auth_stage;
 
 pub struct Authenticator {
     jwt: Option<JwtVerifier>,
@@ -75,35 +72,73 @@ const TOKEN_CACHE_MAX: usize = 10_000;
 /// Tokens are client-chosen: hashbrown's default hasher (foldhash, seeded at random
 /// per process and map) keeps HashDoS resistance at a fraction of SipHash's cost
 /// over a few hundred bytes of token.
+///
+/// Keyed by the token's bytes as they are in the request's header: a lookup makes no
+/// copy and no `&str` of them (a token in the cache was a valid `&str` when it went
+/// in, so equal bytes are one too).
 #[derive(Default)]
 struct TokenCache {
-    entries: std::sync::Mutex<hashbrown::HashMap<Box<str>, Verified>>,
+    entries: std::sync::Mutex<hashbrown::HashMap<TokenKey, Verified>>,
+}
+
+/// A cached token: compared on all its bytes, hashed on its last `HASHED_TAIL`.
+/// A JWT ends in its signature, and any two tokens that verified differ there (a
+/// different payload or key signs differently), so the tail tells cached tokens
+/// apart as well as all of a token would, for a fraction of the hashing. Only
+/// verified tokens go in, so a client cannot fill one bucket with look-alikes.
+#[derive(PartialEq, Eq)]
+struct TokenKey(Box<[u8]>);
+
+/// `TokenKey`, borrowed from the request's header.
+#[derive(Clone, Copy)]
+struct TokenRef<'a>(&'a [u8]);
+
+const HASHED_TAIL: usize = 32;
+
+impl std::hash::Hash for TokenRef<'_> {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        h.write(&self.0[self.0.len().saturating_sub(HASHED_TAIL)..]);
+    }
+}
+
+// `TokenKey` and `TokenRef` hash alike (hashbrown finds a key by its `TokenRef`).
+impl std::hash::Hash for TokenKey {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        TokenRef(&self.0).hash(h);
+    }
+}
+
+impl hashbrown::Equivalent<TokenKey> for TokenRef<'_> {
+    fn equivalent(&self, key: &TokenKey) -> bool {
+        *self.0 == *key.0
+    }
 }
 
 struct Verified {
     identity: Arc<Identity>,
-    /// Unix seconds up to which the token counts as unexpired.
-    valid_until: u64,
-    at: std::time::Instant,
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    /// The wall-clock time from which the token counts as expired: the start of the
+    /// second after `exp` plus the leeway (`jsonwebtoken` compares whole seconds).
+    /// Compared with the clock as it is, not turned into seconds since the epoch.
+    expires: SystemTime,
+    /// When the cache stops vouching for it (`TOKEN_CACHE_TTL` after it went in).
+    stale: Instant,
 }
 
 impl TokenCache {
-    fn get(&self, token: &str) -> Option<Arc<Identity>> {
+    /// The identity of `token` if it verified recently and has not expired since.
+    /// `now`: the caller's monotonic clock reading (for the cache's own age limit);
+    /// expiry is judged on the wall clock, as at verification.
+    fn get(&self, token: &[u8], now: Instant) -> Option<Arc<Identity>> {
         let mut map = self.entries.lock().ok()?;
-        let hit = map.get(token)?;
-        if unix_now() <= hit.valid_until && hit.at.elapsed() < TOKEN_CACHE_TTL {
+        let hit = map.get(&TokenRef(token))?;
+        if now < hit.stale && SystemTime::now() < hit.expires {
             return Some(hit.identity.clone());
         }
-        map.remove(token);
+        map.remove(&TokenRef(token));
         None
     }
 
+    /// `valid_until`: the last Unix second in which the token counts as unexpired.
     fn put(&self, token: &str, identity: &Arc<Identity>, valid_until: u64) {
         let Ok(mut map) = self.entries.lock() else {
             return;
@@ -112,11 +147,13 @@ impl TokenCache {
             map.clear();
         }
         map.insert(
-            token.into(),
+            TokenKey(token.as_bytes().into()),
             Verified {
                 identity: identity.clone(),
-                valid_until,
-                at: std::time::Instant::now(),
+                expires: std::time::UNIX_EPOCH
+                    .checked_add(Duration::from_secs(valid_until.saturating_add(1)))
+                    .unwrap_or(std::time::UNIX_EPOCH),
+                stale: Instant::now() + TOKEN_CACHE_TTL,
             },
         );
     }
@@ -162,6 +199,28 @@ fn check_api_key_identities(keys: &[ApiKeyConfig]) -> Result<(), KeyError> {
 /// The header clients send API keys in. The gateway consumes it: it is removed before
 /// proxying on routes that accept API keys.
 pub const API_KEY: &str = "x-api-key";
+
+/// The token of an `Authorization: Bearer` value as bytes, unchecked: "Bearer " or
+/// "bearer " stripped, then spaces and tabs (the only whitespace a header value can
+/// hold) trimmed, as `authenticate` does on the checked `&str`.
+fn bearer_bytes(v: &HeaderValue) -> Option<&[u8]> {
+    let v = v.as_bytes();
+    let t = v
+        .strip_prefix(b"Bearer ")
+        .or_else(|| v.strip_prefix(b"bearer "))?;
+    Some(t.trim_ascii())
+}
+
+/// `id`, if it holds one of `roles` (or none are required).
+fn check_roles(id: Arc<Identity>, roles: &[String]) -> Result<Arc<Identity>, AuthError> {
+    if !roles.is_empty() && !roles.iter().any(|r| id.roles.contains(r)) {
+        return Err(AuthError::Forbidden {
+            user: id.user_id.clone(),
+            roles: roles.to_vec(),
+        });
+    }
+    Ok(id)
+}
 
 fn one_key(key: Option<&str>, several: bool) -> Result<&str, AuthError> {
     if several {
@@ -279,13 +338,36 @@ impl Authenticator {
                 _ => return Err(AuthError::Missing),
             },
         };
-        if !roles.is_empty() && !roles.iter().any(|r| id.roles.contains(r)) {
-            return Err(AuthError::Forbidden {
-                user: id.user_id.clone(),
-                roles: roles.to_vec(),
-            });
+        check_roles(id, roles).map(Some)
+    }
+
+    /// `authenticate`'s verdict when it needs no verification: the request's bearer
+    /// token is in the token cache (and unexpired). `None`: anything else, left to
+    /// `authenticate`. `now`: the caller's monotonic clock reading.
+    ///
+    /// The same checks in the same order as `authenticate` takes for such a request:
+    /// one Authorization header, a JWT mode, the cached token, the roles. The token
+    /// is compared as bytes, without `HeaderValue::to_str` over all of it: cached
+    /// tokens passed that check, and what surrounds one in the header ("Bearer ",
+    /// spaces and tabs) passes it too, so a hit is a header `to_str` accepts.
+    fn authenticate_cached(
+        &self,
+        mode: AuthMode,
+        roles: &[String],
+        headers: &HeaderMap,
+        now: Instant,
+    ) -> Option<Result<Arc<Identity>, AuthError>> {
+        let jwt = self.jwt.as_ref()?;
+        if !matches!(mode, AuthMode::Jwt | AuthMode::Either) {
+            return None;
         }
-        Ok(Some(id))
+        let mut authorization = headers.get_all(header::AUTHORIZATION).iter();
+        let raw = bearer_bytes(authorization.next()?)?;
+        if authorization.next().is_some() {
+            return None;
+        }
+        let id = jwt.verified.get(raw, now)?;
+        Some(check_roles(id, roles))
     }
 
     fn verify_api_key(&self, key: &str) -> Result<Arc<Identity>, AuthError> {
@@ -305,10 +387,10 @@ impl Authenticator {
             .jwt
             .as_ref()
             .ok_or_else(|| AuthError::Invalid("jwt not configured".into()))?;
-        // Unknown algorithms (including "none") fail to parse here.
-        if let Some(id) = v.verified.get(token) {
+        if let Some(id) = v.verified.get(token.as_bytes(), Instant::now()) {
             return Ok(id);
         }
+        // Unknown algorithms (including "none") fail to parse here.
         let header = jsonwebtoken::decode_header(token)
             .map_err(|e| AuthError::Invalid(format!("bad header: {e}")))?;
         let (alg, key) = v.select_key(header.alg, header.kid.as_deref()).await?;
@@ -398,101 +480,6 @@ impl JwtVerifier {
     }
 }
 
-/// Authenticate per the route; the identity goes to later stages as an extension.
-/// `failures` is shared by every config generation (a reload does not forgive
-/// failed logins); `limit` is this generation's `auth.failure_limit`.
-///
-/// A route without auth costs no future of its own: the rest of the pipeline's
-/// future is handed over as is.
-pub fn auth_stage<'a, B: Send + 'static, N: Next<Routed<B>>>(
-    auth: &'a Authenticator,
-    failures: &'a FailureLimiter,
-    limit: &'a AuthFailureLimitConfig,
-    r: Routed<B>,
-    next: N,
-) -> impl std::future::Future<Output = Response<Body>> + Send + 'a {
-    if r.route.route.cfg.auth == AuthMode::None {
-        return Either::pass(next.run(r));
-    }
-    // Boxed: the pass-through case is the usual one, and an inline verification
-    // future would make every request's pipeline future that much larger.
-    Either::work(Box::pin(authenticated(auth, failures, limit, r, next)))
-}
-
-async fn authenticated<B: Send + 'static>(
-    auth: &Authenticator,
-    failures: &FailureLimiter,
-    limit: &AuthFailureLimitConfig,
-    Routed { mut req, route }: Routed<B>,
-    next: impl Next<Routed<B>>,
-) -> Response<Body> {
-    let ctx = route;
-    let rc = &ctx.route.cfg;
-    let ip = Some(req.ctx().conn.peer.ip());
-    if let (Some(ip), true) = (ip, rc.auth != AuthMode::None) {
-        // Before any verification: an address over the limit costs no signature check.
-        if let Some(wait) = failures.blocked(limit, ip, std::time::Instant::now())
-        {
-            crate::stats::record_auth_failure(&rc.name, "limited");
-            let mut r = json_error(
-                &req,
-                StatusCode::TOO_MANY_REQUESTS,
-                "too_many_auth_failures",
-                "too many failed authentications; retry later",
-            );
-            let secs = wait.as_millis().div_ceil(1000).max(1);
-            r.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs as u64));
-            return r;
-        }
-    }
-    let result = auth.authenticate(rc.auth, &rc.roles, req.headers()).await;
-    if result.is_ok() && matches!(rc.auth, AuthMode::ApiKey | AuthMode::Either) {
-        // The gateway checked the key; upstreams get the identity, never the secret.
-        req.headers_mut().remove(API_KEY);
-    }
-    match result {
-        Ok(None) => run(next, Routed { req, route: ctx }).await,
-        Ok(Some(id)) => {
-            let user = id.user_id.clone();
-            req.ctx_mut().identity = Some(id);
-            let mut resp = run(next, Routed { req, route: ctx }).await;
-            resp.extensions_mut().insert(UserId(user));
-            resp
-        }
-        Err(e) => {
-            crate::stats::record_auth_failure(&rc.name, e.reason());
-            tracing::debug!(route = %rc.name, error = %e, "auth failed");
-            if let (AuthError::Invalid(_), Some(ip)) = (&e, ip) {
-                // Only wrong credentials are guesses; missing ones or a missing role are not.
-                failures.record(limit, ip, std::time::Instant::now());
-            }
-            if let AuthError::Forbidden { user, .. } = e {
-                // The access log names who was refused (the client is told nothing more).
-                let mut r = json_error(&req, StatusCode::FORBIDDEN, "forbidden", "not allowed");
-                r.extensions_mut().insert(UserId(user));
-                return r;
-            }
-            // The reason stays in the log: telling a guesser why a token failed helps it.
-            let message = match e {
-                AuthError::Missing => "missing credentials",
-                _ => "invalid credentials",
-            };
-            let mut r = json_error(&req, StatusCode::UNAUTHORIZED, "unauthorized", message);
-            let challenge = match (rc.auth, &e) {
-                (AuthMode::ApiKey, _) => "ApiKey realm=\"gateway\"",
-                (_, AuthError::Invalid(_)) => "Bearer realm=\"gateway\", error=\"invalid_token\"",
-                _ => "Bearer realm=\"gateway\"",
-            };
-            r.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static(challenge),
-            );
-            r
-        }
-    }
-}
-
 #[cfg(test)]
 mod claim_tests;
 #[cfg(test)]
@@ -504,11 +491,21 @@ pub(super) mod tests {
     fn token_cache_honours_expiry() {
         let cache = TokenCache::default();
         let id = Arc::new(Identity::new("u".into(), vec![], None));
-        cache.put("fresh", &id, unix_now() + 60);
-        cache.put("expired", &id, unix_now() - 1);
-        assert_eq!(cache.get("fresh"), Some(id));
-        assert_eq!(cache.get("expired"), None);
-        assert_eq!(cache.get("unknown"), None);
+        cache.put("fresh", &id, now() + 60);
+        cache.put("expired", &id, now() - 1);
+        let now = Instant::now();
+        assert_eq!(cache.get(b"fresh", now), Some(id.clone()));
+        assert_eq!(cache.get(b"expired", now), None);
+        assert_eq!(cache.get(b"unknown", now), None);
+        assert_eq!(cache.get(b"fresh", now + TOKEN_CACHE_TTL), None, "too old");
+        // Tokens alike in their hashed tail are still told apart by all their bytes.
+        let tail = "s".repeat(HASHED_TAIL);
+        let other = Arc::new(Identity::new("v".into(), vec![], None));
+        cache.put(&format!("a.{tail}"), &id, self::now() + 60);
+        cache.put(&format!("b.{tail}"), &other, self::now() + 60);
+        assert_eq!(cache.get(format!("a.{tail}").as_bytes(), now), Some(id));
+        assert_eq!(cache.get(format!("b.{tail}").as_bytes(), now), Some(other));
+        assert_eq!(cache.get(tail.as_bytes(), now), None, "the tail alone");
     }
 
     use super::*;

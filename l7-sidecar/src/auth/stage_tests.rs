@@ -2,9 +2,13 @@
 //! against a stub `next` — no gateway is built.
 
 use super::*;
+use crate::ctx::UserId;
+use crate::http_util::Body;
 use crate::routing::testing::routed;
+use crate::routing::Routed;
 use crate::stage::testing::stub;
 use http::Request;
+use http::{Response, StatusCode};
 
 fn toml() -> String {
     format!(
@@ -49,7 +53,10 @@ async fn auth_stage_alone_passes_identity_on_and_limits_guessing() {
     let resp = call("k-123").await;
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.headers()["x-seen-user"], "p1", "identity reaches next");
-    assert_eq!(resp.extensions().get::<UserId>().map(|u| u.0.as_str()), Some("p1"));
+    assert_eq!(
+        resp.extensions().get::<UserId>().map(UserId::as_str),
+        Some("p1")
+    );
     for _ in 0..2 {
         assert_eq!(call("wrong").await.status(), StatusCode::UNAUTHORIZED);
     }
@@ -60,4 +67,194 @@ async fn auth_stage_alone_passes_identity_on_and_limits_guessing() {
         "the address is blocked after max_failures wrong keys"
     );
     assert!(resp.headers().contains_key(header::RETRY_AFTER));
+}
+
+/// A JWT route (`/`, any role) and a route needing role `ops` (`/ops`), with a
+/// failure limit of 2.
+fn jwt_toml() -> &'static str {
+    r#"
+    [pools.p]
+    backends = [{ address = "127.0.0.1:9" }]
+    [auth.jwt]
+    leeway_secs = 2
+    [[auth.jwt.keys]]
+    algorithm = "HS256"
+    secret = "stage-secret-0123456789"
+    [auth.failure_limit]
+    max_failures = 2
+    window_ms = 60000
+    [[routes]]
+    name = "ops"
+    path = "/ops"
+    pool = "p"
+    auth = "jwt"
+    roles = ["ops"]
+    [[routes]]
+    name = "any"
+    path = "/"
+    pool = "p"
+    auth = "jwt"
+    "#
+}
+
+fn jwt_token(exp: u64) -> String {
+    let claims = serde_json::json!({"sub": "u1", "role": "user", "exp": exp});
+    super::tests::token(claims, "stage-secret-0123456789")
+}
+
+/// `auth_stage` on `req` against a `next` that answers 200 naming the user it got.
+async fn jwt_call(
+    auth: &Authenticator,
+    failures: &FailureLimiter,
+    req: http::request::Builder,
+) -> Response<Body> {
+    let (cfg, r) = routed(jwt_toml(), req);
+    let next = stub(|r: Routed<()>| {
+        let user = r.req.ctx().identity.as_ref().map(|i| i.user_id.clone());
+        let mut resp = Response::new(crate::http_util::full("ok"));
+        resp.headers_mut()
+            .insert("x-seen-user", user.unwrap_or_default().parse().expect("hv"));
+        resp
+    });
+    auth_stage(auth, failures, &cfg.auth.failure_limit, r, next).await
+}
+
+fn jwt_auth() -> Authenticator {
+    let (cfg, _) = routed(jwt_toml(), Request::get("/"));
+    Authenticator::new(cfg.auth.jwt.as_ref(), &[], None).expect("authenticator")
+}
+
+fn user_of(resp: &Response<Body>) -> Option<&str> {
+    resp.extensions().get::<UserId>().map(UserId::as_str)
+}
+
+/// A token answered from the token cache goes through every check a verified one
+/// does: it expires on time, needs the route's role, is refused beside a second
+/// Authorization header and from a blocked address.
+#[tokio::test]
+async fn a_cached_token_meets_every_check() {
+    let auth = jwt_auth();
+    let failures = FailureLimiter::default();
+    let t = jwt_token(super::tests::now() + 600);
+    let bearer = format!("Bearer {t}");
+    for _ in 0..2 {
+        let resp = jwt_call(
+            &auth,
+            &failures,
+            Request::get("/").header("authorization", &bearer),
+        )
+        .await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()["x-seen-user"], "u1");
+        assert_eq!(user_of(&resp), Some("u1"));
+    }
+    let cached = |h: &HeaderMap| auth.authenticate_cached(AuthMode::Jwt, &[], h, Instant::now());
+    let mut h = HeaderMap::new();
+    h.insert(header::AUTHORIZATION, bearer.parse().expect("hv"));
+    assert!(matches!(cached(&h), Some(Ok(_))), "served from the cache");
+    // What `authenticate` accepts around the token, the cache accepts too.
+    for same in [format!("bearer {t}"), format!("Bearer  {t} \t")] {
+        let resp = jwt_call(
+            &auth,
+            &failures,
+            Request::get("/").header("authorization", same),
+        )
+        .await;
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+    // ... and what it refuses, the cache refuses.
+    let resp = jwt_call(
+        &auth,
+        &failures,
+        Request::get("/").header("authorization", format!("BEARER {t}")),
+    )
+    .await;
+    assert_eq!(
+        resp.status(),
+        StatusCode::UNAUTHORIZED,
+        "not a bearer token"
+    );
+    let resp = jwt_call(
+        &auth,
+        &failures,
+        Request::get("/")
+            .header("authorization", &bearer)
+            .header("authorization", &bearer),
+    )
+    .await;
+    assert_eq!(
+        resp.status(),
+        StatusCode::UNAUTHORIZED,
+        "several Authorization headers"
+    );
+    let resp = jwt_call(
+        &auth,
+        &failures,
+        Request::get("/ops").header("authorization", &bearer),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN, "role ops is missing");
+    assert_eq!(user_of(&resp), Some("u1"), "the refused user is logged");
+    // Two wrong tokens (one was the doubled header above) block the address.
+    let wrong = super::tests::token(
+        serde_json::json!({"sub": "u1", "exp": super::tests::now() + 600}),
+        "other",
+    );
+    let resp = jwt_call(
+        &auth,
+        &failures,
+        Request::get("/").header("authorization", format!("Bearer {wrong}")),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    let resp = jwt_call(
+        &auth,
+        &failures,
+        Request::get("/").header("authorization", &bearer),
+    )
+    .await;
+    assert_eq!(
+        resp.status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "a blocked address is refused before the cache is asked"
+    );
+}
+
+/// A token verified while valid is refused (401) once it expires (`exp` plus the
+/// leeway, 2 s here), although the token cache still holds it.
+#[tokio::test]
+async fn a_cached_token_is_refused_once_it_expires() {
+    let auth = jwt_auth();
+    let failures = FailureLimiter::default();
+    // Already past `exp`, but within the leeway.
+    let exp = super::tests::now() - 1;
+    let bearer = format!("Bearer {}", jwt_token(exp));
+    let resp = jwt_call(
+        &auth,
+        &failures,
+        Request::get("/").header("authorization", &bearer),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::OK, "within the leeway");
+    let resp = jwt_call(
+        &auth,
+        &failures,
+        Request::get("/").header("authorization", &bearer),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::OK, "from the cache");
+    while super::tests::now() <= exp + 2 {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let resp = jwt_call(
+        &auth,
+        &failures,
+        Request::get("/").header("authorization", &bearer),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "expired");
+    assert!(resp.headers()[header::WWW_AUTHENTICATE]
+        .to_str()
+        .expect("ascii")
+        .contains("invalid_token"));
 }
