@@ -138,7 +138,7 @@ pub fn run(b: &Bench, r: &mut Report) -> anyhow::Result<()> {
                         let cfg = b.dir().join(format!("{key}.toml"));
                         std::fs::write(&cfg, configs::l7_sidecar(&listen, &backends, auth))?;
                         let cfg_s = cfg.display().to_string();
-                        let check = b.lb().exec(&sidecar, &["--config", &cfg_s, "--check"])?;
+                        let check = b.lb().exec(sidecar, &["--config", &cfg_s, "--check"])?;
                         if !check.status.success() {
                             bail!(
                                 "l7-sidecar --check refused the config: {}{}",
@@ -149,7 +149,7 @@ pub fn run(b: &Bench, r: &mut Report) -> anyhow::Result<()> {
                         let workers = configs::L7_WORKERS.to_string();
                         let p = Proc::spawn(
                             b.lb(),
-                            &sidecar,
+                            sidecar,
                             &["--config", &cfg_s, "--workers", &workers],
                             &log,
                         )?;
