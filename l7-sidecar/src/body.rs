@@ -11,8 +11,7 @@
 //! count (`balance`) and the client connection's in-flight count (`idle`), no stage.
 
 use crate::balance::ActiveGuard;
-use crate::conns::h1::Decoder;
-use crate::conns::Conn;
+use crate::conns::{no_wake, Conn};
 use crate::idle::InFlight;
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
@@ -31,9 +30,6 @@ pub trait BodyEnd: Send + Sync {
     fn ended(self: Box<Self>, bytes: u64);
 }
 
-// The streamed kind (with its upstream connection inline) is the large one, and the
-// usual one: `Inner` is boxed as a whole, so the size is one allocation's, never moved.
-#[allow(clippy::large_enum_variant)]
 enum Kind {
     /// A buffered answer in one frame (None: no frame left, or none at all).
     Full(Option<Bytes>),
@@ -91,11 +87,11 @@ impl Body {
     }
 
     /// Streamed from `backend` (its address as text) over the keep-alive connection
-    /// `conn`, decoded by `decoder`; `conn` goes back to the idle list once the body
-    /// has been read to its end. The same as `Body::upstream(StreamedBody::pooled(..),
-    /// ..)`, built in place: those moves were a `memcpy` each, per request.
+    /// `conn`, which goes back to the idle list once the body has been read to its
+    /// end. The same as `Body::upstream(StreamedBody::new(..).with_conn(conn), ..)`,
+    /// built in place: those moves were a `memcpy` each, per request.
     pub fn upstream_pooled(
-        decoder: Decoder,
+        inner: Incoming,
         guard: ActiveGuard,
         deadline: Instant,
         conn: Conn,
@@ -103,10 +99,11 @@ impl Body {
     ) -> Body {
         Body(Box::new(Inner {
             kind: Kind::Upstream(StreamedBody {
-                source: Source::Pooled { conn, decoder },
+                inner,
                 _guard: guard,
                 deadline,
                 timer: None,
+                conn: Some(conn),
                 ended: false,
                 watched: None,
                 polled: false,
@@ -240,28 +237,20 @@ impl HttpBody for Body {
     }
 }
 
-/// Where a streamed body's bytes come from.
-enum Source {
-    /// hyper's client body (WebSocket refusals: `proxy::tunnel` keeps hyper's client).
-    Hyper(Incoming),
-    /// A pooled keep-alive connection, read as the body is polled (it has no task of
-    /// its own) and released for reuse on drop once the body has ended (a body cut
-    /// short leaves the connection unusable).
-    Pooled { conn: Conn, decoder: Decoder },
-    /// Its connection was taken (only in `drop`).
-    Taken,
-}
-
 /// Keeps the backend counted as busy until its body is fully sent (least-connections
 /// sees real load) and cuts the stream at the request deadline, so a backend that
 /// trickles its body cannot hold a client past the pool's `request_timeout_ms`.
 pub struct StreamedBody {
-    source: Source,
+    inner: Incoming,
     _guard: ActiveGuard,
     deadline: Instant,
-    /// hyper's bodies only: made once the body has to be waited for. A pooled
-    /// connection brings its own timer.
+    /// Without a pooled connection only (WebSocket refusals): made once the body has
+    /// to be waited for. A pooled connection brings its own timer.
     timer: Option<Pin<Box<Sleep>>>,
+    /// The keep-alive connection the body arrives on: polled with the body (it has
+    /// no task of its own), released for reuse on drop once the body has ended (a
+    /// body cut short leaves the connection unusable).
+    conn: Option<Conn>,
     ended: bool,
     /// The deadline as published to the task sending the body to the client, which
     /// ends the body there should the client not take it in time (`deadline`).
@@ -276,37 +265,32 @@ pub struct BodyTimeout;
 
 impl StreamedBody {
     pub fn new(inner: Incoming, guard: ActiveGuard, deadline: Instant) -> StreamedBody {
-        StreamedBody::of(Source::Hyper(inner), guard, deadline)
-    }
-
-    /// The body of a response read from the pooled connection `conn` with `decoder`;
-    /// `conn` goes back to the idle list when this body is dropped after its end.
-    pub fn pooled(conn: Conn, decoder: Decoder, guard: ActiveGuard, deadline: Instant) -> StreamedBody {
-        StreamedBody::of(Source::Pooled { conn, decoder }, guard, deadline)
-    }
-
-    fn of(source: Source, guard: ActiveGuard, deadline: Instant) -> StreamedBody {
         StreamedBody {
-            source,
+            inner,
             _guard: guard,
             deadline,
             timer: None,
+            conn: None,
             ended: false,
             watched: None,
             polled: false,
         }
     }
+
+    /// Hand `conn` back to the idle list when this body is dropped after its end.
+    #[must_use]
+    pub fn with_conn(mut self, conn: Conn) -> StreamedBody {
+        self.conn = Some(conn);
+        self
+    }
 }
 
 impl Drop for StreamedBody {
     fn drop(&mut self) {
-        // hyper stops polling once `is_end_stream` says so: a body whose last frame
-        // was taken has ended even if nobody asked for the `None` after it.
-        if let Source::Pooled { decoder, .. } = &self.source {
-            if self.ended || decoder.is_done() {
-                if let Source::Pooled { conn, .. } = std::mem::replace(&mut self.source, Source::Taken) {
-                    conn.release();
-                }
+        // hyper stops polling once `is_end_stream` says so, hence the second test.
+        if self.ended || self.inner.is_end_stream() {
+            if let Some(c) = self.conn.take() {
+                c.release();
             }
         }
     }
@@ -320,68 +304,61 @@ impl HttpBody for StreamedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        // Nobody else polls the connection: when `inner` has nothing yet, let the
+        // connection read the body's next bytes into it (a small body usually came
+        // with the head and is there already). `inner` is fed only by the
+        // connection, so while the connection runs, asking `inner` registers no
+        // wake-up (one would poll the client connection's whole task again); the
+        // connection's own registrations wake us. An ended connection ends `inner`
+        // too (with an error if the body was cut short).
         let this = &mut *self;
         if !this.polled {
             this.polled = true;
             this.watched = deadline::register(this.deadline);
         }
-        let polled = match &mut this.source {
-            Source::Pooled { conn, decoder } => match conn.poll_body(decoder, cx) {
-                Poll::Ready(None) => {
-                    // After an error the body returns no more frames, but did not end.
-                    this.ended = decoder.is_done();
-                    return Poll::Ready(None);
+        let polled = match this.conn.as_mut() {
+            Some(c) => match Pin::new(&mut this.inner).poll_frame(&mut no_wake()) {
+                Poll::Pending if c.poll_drive(cx) => {
+                    Pin::new(&mut this.inner).poll_frame(&mut no_wake())
                 }
-                Poll::Ready(Some(r)) => Poll::Ready(Some(r.map_err(BoxError::from))),
-                Poll::Pending => Poll::Pending,
+                // Ended: whatever `inner` still says, it says now.
+                Poll::Pending => Pin::new(&mut this.inner).poll_frame(cx),
+                ready => ready,
             },
-            Source::Hyper(inner) => match Pin::new(inner).poll_frame(cx) {
-                Poll::Ready(None) => {
-                    this.ended = true;
-                    return Poll::Ready(None);
-                }
-                Poll::Ready(Some(r)) => Poll::Ready(Some(r.map_err(BoxError::from))),
-                Poll::Pending => Poll::Pending,
-            },
-            Source::Taken => return Poll::Ready(None),
+            None => Pin::new(&mut this.inner).poll_frame(cx),
         };
-        if polled.is_ready() {
-            return polled;
-        }
-        let passed = match &mut this.source {
-            Source::Pooled { conn, .. } => conn.deadline_passed(cx, this.deadline),
-            Source::Hyper(_) | Source::Taken => {
-                let deadline = this.deadline;
-                let timer = this
-                    .timer
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-                timer.as_mut().poll(cx).is_ready()
+        match polled {
+            Poll::Ready(None) => {
+                this.ended = true;
+                Poll::Ready(None)
             }
-        };
-        if passed {
-            Poll::Ready(Some(Err(BodyTimeout.into())))
-        } else {
-            Poll::Pending
+            Poll::Ready(Some(r)) => Poll::Ready(Some(r.map_err(Into::into))),
+            Poll::Pending => {
+                let passed = match this.conn.as_mut() {
+                    Some(c) => c.deadline_passed(cx, this.deadline),
+                    None => {
+                        let deadline = this.deadline;
+                        let timer = this
+                            .timer
+                            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                        timer.as_mut().poll(cx).is_ready()
+                    }
+                };
+                if passed {
+                    Poll::Ready(Some(Err(BodyTimeout.into())))
+                } else {
+                    Poll::Pending
+                }
+            }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.source {
-            Source::Pooled { decoder, .. } => decoder.is_done(),
-            Source::Hyper(inner) => inner.is_end_stream(),
-            Source::Taken => true,
-        }
+        self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.source {
-            Source::Pooled { decoder, .. } => match decoder.remaining() {
-                Some(n) => SizeHint::with_exact(n),
-                None => SizeHint::default(),
-            },
-            Source::Hyper(inner) => inner.size_hint(),
-            Source::Taken => SizeHint::with_exact(0),
-        }
+        self.inner.size_hint()
     }
 }
 

@@ -1,23 +1,22 @@
 //! Upstream HTTP/1.1 keep-alive connections, kept per runtime and driven by the
-//! request that uses them, speaking HTTP/1.1 through our own codec (`h1`).
+//! request that uses them.
 //!
 //! hyper-util's pooled client shares one locked pool between threads and spawns a
 //! task per request to hand the connection back when it is ready again; at ~10 µs
 //! per request that was the largest user-space cost of proxying. Here a connection
 //! goes back to the idle list when the response body has been read to its end (see
 //! `body::StreamedBody`), without a task. Nor does a connection have a task of its own:
-//! the request's future writes the request and reads the response head (`send`), then
-//! the response body reads the body's bytes as the client's connection pulls them
-//! (`poll_body`): nothing of a backend's answer is read ahead of a client that is not
-//! reading. hyper's client connection did this before; its general state machine, body
-//! channel and copied header map cost ~14k instructions per request, the codec a
-//! fraction of that (README, "own HTTP/1.1 upstream client").
-//!
-//! An idle connection is polled by nobody: a backend's close is noticed when the
-//! connection is next used. `send` first asks the socket's readiness (no system call
-//! when nothing arrived); a connection the backend closed, reset or wrote to while it
-//! sat idle, or that ends before any byte of the response, hands the request back
-//! unsent (`SendError::NotSent`), and it goes on the next connection (see `forward`).
+//! hyper's `Connection` (the HTTP/1 state machine that writes the request and reads
+//! the response) travels with its `SendRequest` and is polled by whoever uses it —
+//! the request's future while it waits for the response head, then the response
+//! body as the client's connection pulls it (`Conn::poll_drive`). A spawned
+//! connection task instead costs two cross-task wake-ups per request (request queued
+//! → connection task; response head → request task) and lets the backend's bytes be
+//! read ahead of a client that is not reading. An idle connection is polled by nobody:
+//! a backend's close is noticed when the connection is next used. A connection whose
+//! last exchange finished is handed out without polling it; if the backend had closed
+//! it, sending reads that close before writing and hands the request back unsent
+//! (`SendError::NotSent`), and it goes on the next connection (see `forward`).
 //!
 //! On a single-threaded runtime (each of the
 //! binary's workers) the idle list is the thread's own (a `thread_local!`: no lock,
@@ -31,22 +30,21 @@
 //! (`deadline_passed`): re-armed only when it fires, instead of a timer registered
 //! and cancelled per request.
 
-use bytes::{Bytes, BytesMut};
-use h1::{Decoder, H1Error, Head};
-use http::{HeaderMap, HeaderValue, Method};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, Connection, SendRequest};
+use hyper_util::rt::TokioIo;
 use std::cell::RefCell;
 use std::future::Future;
-use std::io::ErrorKind;
 use std::net::SocketAddr;
-use std::pin::Pin;
+use std::pin::{pin, Pin};
 use std::sync::{LazyLock, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::AsyncWrite;
+use sync_wrapper::SyncWrapper;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
-
-pub mod h1;
 
 /// Idle connections older than this are closed rather than reused: a backend's own
 /// keep-alive timeout is usually longer (nginx 75 s, Go 90 s), so reuse rarely races it.
@@ -57,16 +55,6 @@ pub const MAX_IDLE_PER_BACKEND: usize = 512;
 /// expired connections: an idle connection is polled by nobody, so one to a backend
 /// that gets no more requests would otherwise keep its socket until the process ends.
 const SWEEP_EVERY: u32 = 1024;
-/// The first read of a response asks for this much; reads that fill the buffer
-/// double it for the next, up to `MAX_READ` (large bodies in fewer reads).
-const FIRST_READ: usize = 8 * 1024;
-const MAX_READ: usize = 64 * 1024;
-/// A connection put back idle keeps buffers up to this size; larger ones (after a
-/// large body or request) are freed, so idle connections stay small.
-const IDLE_BUFFER: usize = 16 * 1024;
-/// Request bodies up to this size are copied behind the head and go in one write;
-/// larger ones are written from their own buffer after it.
-const INLINE_BODY: usize = 16 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -77,6 +65,11 @@ pub enum ConnectError {
     },
     #[error("connect to {addr}: timed out after {timeout:?}")]
     Timeout { addr: SocketAddr, timeout: Duration },
+    #[error("HTTP/1.1 handshake with {addr}: {source}")]
+    Handshake {
+        addr: SocketAddr,
+        source: hyper::Error,
+    },
     /// The request's own deadline passed first (no retry can help then).
     #[error("connect to {addr}: request deadline passed")]
     Deadline { addr: SocketAddr },
@@ -86,52 +79,69 @@ pub enum ConnectError {
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
     #[error(transparent)]
-    Response(#[from] H1Error),
-    #[error("upstream connection: {0}")]
-    Io(#[from] std::io::Error),
+    Hyper(#[from] hyper::Error),
+    /// hyper answers every queued request when its connection ends; this is the
+    /// guard should a future version not.
     #[error("connection closed before a response")]
     Closed,
     /// The request's deadline passed before its response head arrived.
     #[error("no response before the request deadline")]
     Deadline,
-    /// A pooled connection the backend had closed (or reset, or sent stray bytes on)
-    /// while it sat idle: noticed before any response byte, so the request did not get
-    /// an answer there and may go on another connection.
-    #[error("pooled connection closed before a response")]
-    NotSent,
+    /// The connection had ended before the request was written (a pooled
+    /// connection the backend closed while it sat idle): here it is back, unsent.
+    #[error("connection closed before the request was sent")]
+    NotSent(Box<http::Request<UpBody>>),
 }
 
-/// A request as `Conn::send` writes it. Borrowed: a retry sends the same one again.
-pub struct Outgoing<'a> {
-    pub method: &'a Method,
-    /// Origin-form target (path and query).
-    pub target: &'a str,
-    pub headers: &'a HeaderMap,
-    /// Written as `Host` when `headers` have none.
-    pub host: Option<&'a HeaderValue>,
-    pub body: &'a Bytes,
-    /// The request may be sent again even if the backend may have received it
-    /// (an idempotent method, RFC 9110 §9.2.2): a reused connection that ends after
-    /// the request was written, before any byte of the answer, then hands it back
-    /// (`SendError::NotSent`). Otherwise that is an error (the backend may have acted
-    /// on it), as with hyper's client, which handed back only requests not written.
-    pub replayable: bool,
-}
+/// What requests to a backend carry: `forward` buffers bodies (to retry them), so a
+/// plain `Full` does, without the allocation of a boxed body per request.
+pub type UpBody = Full<Bytes>;
 
-/// A response head as `Conn::send` returns it; its body is read with `decoder` from
-/// the connection (see `body::StreamedBody`).
-pub struct Response {
-    /// Without hop-by-hop fields unless `hop_by_hop_left`.
-    pub head: http::response::Parts,
-    pub decoder: Decoder,
-    /// `Connection` named other fields: `http_util::strip_hop_by_hop` must still run.
-    pub hop_by_hop_left: bool,
-}
+type Io = TokioIo<TcpStream>;
 
-/// A context whose wake-ups go nowhere, for polls whose wake-up is registered
-/// elsewhere (or not wanted).
+/// A context whose wake-ups go nowhere, for futures that only the connection's own
+/// progress can complete (its driver is polled with the real one).
 pub(crate) fn no_wake() -> Context<'static> {
     Context::from_waker(std::task::Waker::noop())
+}
+
+/// hyper's connection state machine, polled by the connection's current user.
+/// `SyncWrapper`: the response body it travels in must be `Sync` (`BoxBody`), and it
+/// is only ever used through `&mut`.
+struct Driver {
+    /// Boxed: hyper's connection state is several hundred bytes, and a `Conn` moves
+    /// by value per request (idle list, checkout, response body).
+    /// None once dropped early (`close`).
+    conn: Option<Box<SyncWrapper<Connection<Io, UpBody>>>>,
+    /// The connection future returned: it must not be polled again.
+    done: bool,
+}
+
+impl Driver {
+    /// Let the connection write and read what it can. False once it has ended
+    /// (closed by either side, or failed).
+    fn poll(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(conn) = self.conn.as_mut().filter(|_| !self.done) else {
+            return false;
+        };
+        match std::pin::Pin::new(conn.get_mut()).poll(cx) {
+            Poll::Pending => true,
+            Poll::Ready(r) => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "upstream connection ended with error");
+                }
+                self.done = true;
+                false
+            }
+        }
+    }
+
+    /// Drop hyper's connection: requests still queued on it are handed back to their
+    /// senders (`SendError::NotSent`).
+    fn close(&mut self) {
+        self.conn = None;
+        self.done = true;
+    }
 }
 
 struct Idle {
@@ -200,20 +210,11 @@ fn with_idle<R>(f: impl FnOnce(&mut IdleMap) -> R) -> R {
     }
 }
 
-/// A connection checked out for one request: the socket and its two buffers, driven
-/// by whoever uses it (the request's future, then the response body).
+/// A connection checked out for one request: the handle requests are sent with and
+/// the connection itself, which only makes progress while its user polls it.
 pub struct Conn {
-    io: TcpStream,
-    /// Bytes read and not yet consumed: the response head, then the body's bytes as
-    /// the body decodes them (frames are split off it, not copied).
-    rbuf: BytesMut,
-    /// The request as written (head, and a small body behind it).
-    wbuf: Vec<u8>,
-    /// How much the next read asks for (`FIRST_READ` doubling to `MAX_READ`).
-    read_size: usize,
-    /// The last response allows another exchange (HTTP/1.1, no `Connection: close`,
-    /// length-delimited or bodiless); its body must still have ended (`release`).
-    keep_alive: bool,
+    sender: SendRequest<UpBody>,
+    driver: Driver,
     /// Bounds the wait for the current request's response (`deadline_passed`).
     /// Boxed: `Sleep` is not `Unpin`, and a `Conn` moves.
     timer: Pin<Box<Sleep>>,
@@ -226,184 +227,47 @@ pub struct Conn {
 }
 
 impl Conn {
-    /// Send `req` and read until its response head has arrived (skipping interim
-    /// `1xx` heads). The body is then read with the returned decoder through
-    /// `poll_body` (`StreamedBody` does). Fails with `SendError::Deadline` once
-    /// `deadline` passes, with `SendError::NotSent` when a reused connection turns
-    /// out closed before the request was written, or (`replayable` requests) before
-    /// any byte of a response.
+    /// Send `req` and drive the connection until the response head arrives. The
+    /// response body arrives only while `poll_drive` is called (`StreamedBody` does).
+    /// Fails with `SendError::Deadline` once `deadline` passes.
     pub async fn send(
         &mut self,
-        req: &Outgoing<'_>,
+        req: http::Request<UpBody>,
         deadline: Instant,
-    ) -> Result<Response, SendError> {
-        self.keep_alive = false;
-        if self.reused && self.closed_while_idle() {
-            return Err(SendError::NotSent);
-        }
-        self.wbuf.clear();
-        h1::encode_request(
-            &mut self.wbuf,
-            req.method,
-            req.target,
-            req.headers,
-            req.host,
-            req.body.len(),
-        );
-        let inline = req.body.len() <= INLINE_BODY;
-        if inline {
-            self.wbuf.extend_from_slice(req.body);
-        }
-        let rest: &[u8] = if inline { &[] } else { req.body };
-        let reused = self.reused;
-        if let Err(e) = self.write_all(rest, deadline).await {
-            return Err(match e {
-                SendError::Io(_) if reused => SendError::NotSent,
-                e => e,
-            });
-        }
-        let head_request = *req.method == Method::HEAD;
-        let head = self
-            .read_head(head_request, reused && req.replayable, deadline)
-            .await?;
-        self.keep_alive = head.keep_alive;
-        let decoder = Decoder::new(head.framing);
-        let mut parts = http::Response::new(()).into_parts().0;
-        parts.status = head.status;
-        parts.version = head.version;
-        parts.headers = head.headers;
-        if let Some(r) = head.reason {
-            if let Ok(r) = hyper::ext::ReasonPhrase::try_from(r) {
-                parts.extensions.insert(r);
-            }
-        }
-        Ok(Response {
-            head: parts,
-            decoder,
-            hop_by_hop_left: head.hop_by_hop_left,
-        })
-    }
-
-    /// Whether the backend closed (or reset, or wrote to) the connection while it
-    /// sat idle. Asks the readiness tokio already has (no system call unless the
-    /// socket is readable): a connection whose last read emptied the socket is
-    /// readable again only if the backend sent something since.
-    fn closed_while_idle(&mut self) -> bool {
-        match self.io.poll_read_ready(&mut no_wake()) {
-            Poll::Pending => false,
-            Poll::Ready(Err(_)) => true,
-            Poll::Ready(Ok(())) => {
-                let mut probe = [0u8; 1];
-                // EOF, an error, or bytes no request asked for: not usable.
-                !matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == ErrorKind::WouldBlock)
-            }
-        }
-    }
-
-    /// Write `wbuf`, then `rest`.
-    async fn write_all(&mut self, rest: &[u8], deadline: Instant) -> Result<(), SendError> {
-        let mut done = 0;
-        let total = self.wbuf.len() + rest.len();
+    ) -> Result<http::Response<Incoming>, SendError> {
+        let mut response = pin!(self.sender.try_send_request(req));
+        let driver = &mut self.driver;
+        let timer = &mut self.timer;
+        let answer = |r: Result<_, hyper::client::conn::TrySendError<_>>| {
+            r.map_err(|mut e| match e.take_message() {
+                Some(req) => SendError::NotSent(Box::new(req)),
+                None => SendError::Hyper(e.into_error()),
+            })
+        };
         std::future::poll_fn(|cx| {
-            while done < total {
-                let chunk = if done < self.wbuf.len() {
-                    &self.wbuf[done..]
-                } else {
-                    &rest[done - self.wbuf.len()..]
-                };
-                match Pin::new(&mut self.io).poll_write(cx, chunk) {
-                    Poll::Ready(Ok(0)) => {
-                        return Poll::Ready(Err(SendError::Io(ErrorKind::WriteZero.into())))
+            // First the connection (writes the request, reads the head and hands it
+            // to `response`), then the answer. Only the connection completes
+            // `response`, so asking it registers no wake-up: one would only poll
+            // this whole task (the client's connection) again for nothing.
+            let open = driver.poll(cx);
+            match response.as_mut().poll(&mut no_wake()) {
+                Poll::Ready(r) => Poll::Ready(answer(r)),
+                Poll::Pending if !open => {
+                    // Ended with the request still queued (it read the backend's
+                    // close before writing): dropping the connection hands it back.
+                    driver.close();
+                    match response.as_mut().poll(&mut no_wake()) {
+                        Poll::Ready(r) => Poll::Ready(answer(r)),
+                        Poll::Pending => Poll::Ready(Err(SendError::Closed)),
                     }
-                    Poll::Ready(Ok(n)) => done += n,
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(SendError::Io(e))),
-                    Poll::Pending if timer_passed(&mut self.timer, cx, deadline) => {
-                        return Poll::Ready(Err(SendError::Deadline))
-                    }
-                    Poll::Pending => return Poll::Pending,
                 }
-            }
-            Poll::Ready(Ok(()))
-        })
-        .await
-    }
-
-    /// `replay`: an end before any byte of the answer is `NotSent` (else `Closed`).
-    async fn read_head(
-        &mut self,
-        head_request: bool,
-        replay: bool,
-        deadline: Instant,
-    ) -> Result<Head, SendError> {
-        let mut got_any = !self.rbuf.is_empty();
-        std::future::poll_fn(|cx| loop {
-            if let Some(head) = h1::parse_head(&mut self.rbuf, head_request)? {
-                return Poll::Ready(Ok(head));
-            }
-            match self.poll_fill(cx) {
-                Poll::Ready(Ok(0)) if replay && !got_any => {
-                    return Poll::Ready(Err(SendError::NotSent))
+                Poll::Pending if timer_passed(timer, cx, deadline) => {
+                    Poll::Ready(Err(SendError::Deadline))
                 }
-                Poll::Ready(Ok(0)) => return Poll::Ready(Err(SendError::Closed)),
-                Poll::Ready(Ok(_)) => got_any = true,
-                Poll::Ready(Err(e)) if replay && !got_any && lost(&e) => {
-                    return Poll::Ready(Err(SendError::NotSent))
-                }
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(SendError::Io(e))),
-                Poll::Pending if timer_passed(&mut self.timer, cx, deadline) => {
-                    return Poll::Ready(Err(SendError::Deadline))
-                }
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => Poll::Pending,
             }
         })
         .await
-    }
-
-    /// Read what the backend sent into `rbuf`: the byte count, 0 at its close.
-    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
-        if self.rbuf.capacity() - self.rbuf.len() < self.read_size / 2 {
-            self.rbuf.reserve(self.read_size);
-        }
-        let spare = self.rbuf.capacity() - self.rbuf.len();
-        let n = std::task::ready!(tokio_util::io::poll_read_buf(
-            Pin::new(&mut self.io),
-            cx,
-            &mut self.rbuf
-        ))?;
-        if n == spare && self.read_size < MAX_READ {
-            self.read_size *= 2;
-        }
-        Poll::Ready(Ok(n))
-    }
-
-    /// The response body's next frame, read from the connection as needed (only as
-    /// the body's reader asks: nothing is read ahead of it). `Ready(None)` at its end;
-    /// after an error, the body never ends (and the connection is not reused).
-    pub fn poll_body(
-        &mut self,
-        decoder: &mut Decoder,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, H1Error>>> {
-        loop {
-            match decoder.decode(&mut self.rbuf) {
-                Ok(h1::Step::Frame(f)) => return Poll::Ready(Some(Ok(f))),
-                Ok(h1::Step::End) => return Poll::Ready(None),
-                Ok(h1::Step::NeedMore) => {}
-                Err(e) => return Poll::Ready(Some(Err(e))),
-            }
-            match std::task::ready!(self.poll_fill(cx)) {
-                Ok(0) => {
-                    self.keep_alive = false;
-                    return Poll::Ready(decoder.eof().err().map(Err));
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    self.keep_alive = false;
-                    decoder.fail();
-                    return Poll::Ready(Some(Err(H1Error::Read(e))));
-                }
-            }
-        }
     }
 
     /// Whether `deadline` has passed; if not, `cx` is woken when it does.
@@ -411,22 +275,27 @@ impl Conn {
         timer_passed(&mut self.timer, cx, deadline)
     }
 
+    /// Move the connection on (the response body's bytes into its `Incoming`).
+    /// False once the connection has ended.
+    pub fn poll_drive(&mut self, cx: &mut Context<'_>) -> bool {
+        self.driver.poll(cx)
+    }
+
+    /// Ready for the next request: the previous exchange is finished on the wire.
+    /// Only the connection makes `sender` ready, so that registers no wake-up.
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+        if !self.driver.poll(cx) {
+            return Poll::Ready(false);
+        }
+        self.sender.poll_ready(&mut no_wake()).map(|r| r.is_ok())
+    }
+
     /// Put the connection back for the next request. Only call once its response
-    /// body has ended (`Decoder::is_done`): HTTP/1.1 cannot start the next exchange
-    /// before. Not put back when the response did not allow it, or the backend sent
-    /// more than the response.
-    pub fn release(mut self) {
-        if !self.keep_alive || !self.rbuf.is_empty() {
+    /// has been read to the end: HTTP/1.1 cannot start the next exchange before.
+    pub fn release(self) {
+        if self.driver.done || self.sender.is_closed() {
             return;
         }
-        // Idle connections keep small buffers only (`tests/memory.rs`).
-        if self.rbuf.capacity() > IDLE_BUFFER {
-            self.rbuf = BytesMut::new();
-        }
-        if self.wbuf.capacity() > IDLE_BUFFER {
-            self.wbuf = Vec::new();
-        }
-        self.read_size = FIRST_READ;
         let now = self.started;
         with_idle(|m| {
             m.releases = m.releases.wrapping_add(1);
@@ -453,15 +322,6 @@ impl Conn {
     }
 }
 
-/// A reused connection the backend closed meanwhile fails the first write or read
-/// with one of these (rather than with end of file).
-fn lost(e: &std::io::Error) -> bool {
-    matches!(
-        e.kind(),
-        ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::ConnectionAborted
-    )
-}
-
 /// `timer` has fired for `deadline` (else `cx` is woken when it does).
 ///
 /// The timer may still be armed for an earlier request's deadline: it then fires
@@ -483,20 +343,51 @@ fn timer_passed(timer: &mut Pin<Box<Sleep>>, cx: &mut Context<'_>, deadline: Ins
     }
 }
 
-/// The most recently used idle connection to `addr`, else a new one. An idle
-/// connection the backend closed meanwhile is noticed when the request is sent on it
-/// (`SendError::NotSent`), and the request goes on the next (see `forward`). `now`:
-/// when the request started; `deadline`: when it must have its response.
+/// The most recently used idle connection to `addr` that is still open and ready,
+/// else a new one. Dead idle connections are dropped here and cost the request
+/// nothing: they never carried it. `now`: when the request started; `deadline`:
+/// when it must have its response.
 pub async fn checkout(
     addr: SocketAddr,
     connect_timeout: Duration,
     now: Instant,
     deadline: Instant,
 ) -> Result<Conn, ConnectError> {
-    if let Some(mut conn) = pop_idle(addr, now) {
-        conn.reused = true;
-        conn.started = now;
-        return Ok(conn);
+    while let Some(mut conn) = pop_idle(addr, now) {
+        if conn.sender.is_ready() {
+            // Its last exchange is finished (the connection was polled to the end
+            // of the body). A close the backend sent meanwhile is read when the
+            // request is sent, which then hands it back unsent (`NotSent`) for the
+            // next connection: no poll of hyper's whole connection here.
+            conn.reused = true;
+            conn.started = now;
+            return Ok(conn);
+        }
+        // Polling it reads what the backend sent while it sat idle: nothing, or its
+        // close. Usually ready at once; an exchange hyper still finishes takes a poll.
+        // First without a wake-up: the request queued next would wake whoever
+        // polled the connection last, i.e. this task, for nothing (`send` polls it
+        // right after with the real one).
+        let first = conn.poll_ready(&mut no_wake());
+        let ready = match first {
+            Poll::Ready(r) => r,
+            Poll::Pending => {
+                let waited = std::future::poll_fn(|cx| match conn.poll_ready(cx) {
+                    Poll::Ready(r) => Poll::Ready(Ok(r)),
+                    Poll::Pending if conn.deadline_passed(cx, deadline) => Poll::Ready(Err(())),
+                    Poll::Pending => Poll::Pending,
+                });
+                match waited.await {
+                    Ok(r) => r,
+                    Err(()) => return Err(ConnectError::Deadline { addr }),
+                }
+            }
+        };
+        if ready {
+            conn.reused = true;
+            conn.started = now;
+            return Ok(conn);
+        }
     }
     // Boxed: dialing is rare, and its future would otherwise enlarge (and be copied
     // with) every request's future.
@@ -507,7 +398,7 @@ fn pop_idle(addr: SocketAddr, now: Instant) -> Option<Conn> {
     with_idle(|m| {
         let list = m.list(addr)?;
         while let Some(idle) = list.pop() {
-            if now < idle.expires {
+            if !idle.conn.sender.is_closed() && now < idle.expires {
                 return Some(idle.conn);
             }
         }
@@ -532,13 +423,19 @@ async fn connect(
     stream
         .set_nodelay(true)
         .map_err(|source| ConnectError::Io { addr, source })?;
+    // Flattened writes, as the server side's (see `server::serve_conn`).
+    let (sender, conn) = http1::Builder::new()
+        .writev(false)
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|source| ConnectError::Handshake { addr, source })?;
     OPENED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     Ok(Conn {
-        io: stream,
-        rbuf: BytesMut::new(),
-        wbuf: Vec::new(),
-        read_size: FIRST_READ,
-        keep_alive: false,
+        sender,
+        driver: Driver {
+            conn: Some(Box::new(SyncWrapper::new(conn))),
+            done: false,
+        },
         timer: Box::pin(tokio::time::sleep_until(deadline)),
         started: now,
         addr,
@@ -552,4 +449,4 @@ pub fn idle_count(addr: SocketAddr) -> usize {
 }
 
 #[cfg(test)]
-pub(crate) mod tests;
+mod tests;

@@ -15,7 +15,6 @@ pub mod gateway;
 pub mod guard;
 pub mod host;
 pub mod health;
-mod hop_by_hop;
 pub mod http_util;
 pub mod idle;
 pub mod stats;

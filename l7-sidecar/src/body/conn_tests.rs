@@ -2,8 +2,7 @@
 //! body's end, not before; driven by the body's reader.
 
 use super::*;
-use crate::conns::{checkout, idle_count};
-use crate::conns::tests::get_req;
+use crate::conns::{checkout, idle_count, UpBody};
 use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -47,13 +46,16 @@ fn soon() -> Instant {
 async fn get(addr: SocketAddr, read_all: bool) -> bool {
     let mut c = checkout(addr, Duration::from_secs(2), Instant::now(), soon()).await.unwrap();
     let reused = c.reused;
-    let (h, b) = (http::HeaderMap::new(), Bytes::new());
-    let resp = c.send(&get_req(&h, &b), soon()).await.unwrap();
-    assert_eq!(resp.head.status, 200);
+    let req = http::Request::get("/")
+        .header(http::header::HOST, "b")
+        .body(UpBody::new(Bytes::new()))
+        .unwrap();
+    let resp = c.send(req, soon()).await.unwrap();
+    assert_eq!(resp.status(), 200);
     let guard =
         crate::balance::ActiveGuard::new(crate::balance::BackendRegistry::default().get("t", addr));
     let deadline = Instant::now() + Duration::from_secs(5);
-    let mut body = StreamedBody::pooled(c, resp.decoder, guard, deadline);
+    let mut body = StreamedBody::new(resp.into_body(), guard, deadline).with_conn(c);
     if read_all {
         while let Some(f) = body.frame().await {
             f.unwrap();
@@ -151,12 +153,15 @@ async fn upstream_connections_have_no_task_of_their_own() {
 async fn a_large_body_streams_through_the_request_driven_connection() {
     let (addr, accepted) = backend(8 << 20, false).await;
     let mut c = checkout(addr, Duration::from_secs(2), Instant::now(), soon()).await.unwrap();
-    let (h, b) = (http::HeaderMap::new(), Bytes::new());
-    let resp = c.send(&get_req(&h, &b), soon()).await.unwrap();
+    let req = http::Request::get("/")
+        .header(http::header::HOST, "b")
+        .body(UpBody::new(Bytes::new()))
+        .unwrap();
+    let resp = c.send(req, soon()).await.unwrap();
     let guard =
         crate::balance::ActiveGuard::new(crate::balance::BackendRegistry::default().get("t", addr));
     let deadline = Instant::now() + Duration::from_secs(10);
-    let mut body = StreamedBody::pooled(c, resp.decoder, guard, deadline);
+    let mut body = StreamedBody::new(resp.into_body(), guard, deadline).with_conn(c);
     let mut n = 0;
     while let Some(f) = body.frame().await {
         n += f.unwrap().into_data().map_or(0, |d| d.len());

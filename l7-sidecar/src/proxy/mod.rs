@@ -22,7 +22,7 @@ use crate::http_util::json_error;
 use crate::config::{Algorithm, ServerConfig};
 use crate::routing::{append_query, fill_template_with, Routed};
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Body as _;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -149,26 +149,31 @@ macro_rules! forward_in_place {
                 headers,
                 body,
             } = req;
-            // The request is written from these, borrowed: a retry sends the same again
-            // (no copy of the header map is kept for it).
-            let target = target.path_and_query().map_or("/", |pq| pq.as_str());
-            // Origin-form target on the connection to each backend; the client's Host is
-            // kept (the backend authority stands in only when the client sent none, as
-            // over HTTP/2). A scan of the names rather than a hashed lookup: a request
-            // has a few fields, and comparing a standard name is one byte.
-            let has_host = headers.keys().any(|k| k == header::HOST);
-            // An idempotent request may go again on another connection even when the
-            // backend may have received it (a reused connection that ended unanswered).
-            let replayable = idempotent(&method);
+            // The first attempt sends the client's header map itself. A copy is kept only
+            // when a retry can happen: hyper consumes a request it has started to write. (A
+            // list of the fields instead of a second map measured no cheaper: the map's own
+            // clone copies its entries in one go.) A pool of one backend has no other backend
+            // to retry on, so it keeps none.
+            let mut spare = (attempts > 1 && up.pool.backends.len() > 1).then(|| headers.clone());
+            let mut next = Some(headers);
+            let mut target = Some(target);
             // Only backends that failed are recorded, so the usual request allocates nothing here.
             // In attempt order: a round-robin retry takes the backend after the last one.
             let mut tried = Vec::new();
             let mut last_err = None;
             let connect_timeout = Duration::from_millis(up.pool.cfg.connect_timeout_ms);
             'attempts: for attempt in 0..attempts {
+                let last = attempt + 1 == attempts;
+                if next.is_none() {
+                    // A retry: the previous attempt's map went to hyper.
+                    next = if last { spare.take() } else { spare.clone() };
+                }
+                let Some(for_hash) = next.as_ref() else {
+                    break;
+                };
                 let hash = HashInput {
                     client_ip,
-                    headers: &headers,
+                    headers: for_hash,
                 };
                 let started = if attempt == 0 {
                     now
@@ -181,19 +186,6 @@ macro_rules! forward_in_place {
                 let backend = &up.pool.backends[idx];
                 $attempted = Some(idx);
                 let guard = ActiveGuard::new(backend.clone());
-                let host = if has_host {
-                    None
-                } else {
-                    HeaderValue::from_str(backend.authority.as_str()).ok()
-                };
-                let out = conns::Outgoing {
-                    method: &method,
-                    target,
-                    headers: &headers,
-                    host: host.as_ref(),
-                    body: &body,
-                    replayable,
-                };
                 let mut conn = match conns::checkout(backend.addr, connect_timeout, started, deadline).await
                 {
                     Ok(c) => c,
@@ -204,11 +196,33 @@ macro_rules! forward_in_place {
                         continue;
                     }
                 };
-                let mut sent = conn.send(&out, deadline).await;
-                while let (Err(SendError::NotSent), true) = (&sent, conn.reused) {
-                    // A pooled connection the backend had closed while it sat idle: it
-                    // answered nothing, and the request goes on the next one to the same
-                    // backend, costing no attempt.
+                let mut headers = next.take().unwrap_or_default();
+                // Origin-form target on the connection to this backend; the client's Host is
+                // kept (the backend authority stands in only when the client sent none, as
+                // over HTTP/2).
+                // A scan of the names rather than a hashed lookup: a request has a few
+                // fields, and comparing a standard name is one byte.
+                if !headers.keys().any(|k| k == header::HOST) {
+                    if let Ok(v) = HeaderValue::from_str(backend.authority.as_str()) {
+                        headers.insert(header::HOST, v);
+                    }
+                }
+                let uri = match (last, &mut target) {
+                    (true, t) => t.take().unwrap_or_default(),
+                    (false, t) => t.clone().unwrap_or_default(),
+                };
+                let mut req = Request::new(conns::UpBody::new(body.clone()));
+                *req.method_mut() = method.clone();
+                *req.uri_mut() = uri;
+                *req.headers_mut() = headers;
+                let mut sent = conn.send(req, deadline).await;
+                while let (Err(SendError::NotSent(_)), true) = (&sent, conn.reused) {
+                    // A pooled connection the backend had closed while it sat idle: it never
+                    // carried the request, which goes on the next one to the same backend
+                    // (as `checkout` skips those it finds closed), costing no attempt.
+                    let Err(SendError::NotSent(back)) = sent else {
+                        break;
+                    };
                     conn = match conns::checkout(backend.addr, connect_timeout, started, deadline).await {
                         Ok(c) => c,
                         Err(ConnectError::Deadline { .. }) => break 'forward Err(ProxyError::Timeout),
@@ -217,16 +231,15 @@ macro_rules! forward_in_place {
                             continue 'attempts;
                         }
                     };
-                    sent = conn.send(&out, deadline).await;
+                    sent = conn.send(*back, deadline).await;
                 }
                 let resp = match sent {
                     Ok(r) => r,
                     Err(SendError::Deadline) => break 'forward Err(ProxyError::Timeout),
                     Err(e) => {
                         // No response head arrived (on a reused connection: the backend closed
-                        // or reset it, e.g. a replica that just died), or an unreadable one.
-                        // RFC 9110 §9.2.2 lets idempotent requests be retried then; others
-                        // have `attempts == 1`.
+                        // or reset it, e.g. a replica that just died). RFC 9110 §9.2.2 lets
+                        // idempotent requests be retried then; others have `attempts == 1`.
                         tried.push(idx);
                         up.pool.record_result(idx, true);
                         let detail = format!("{}: {e}{}", backend.addr, source_chain(&e));
@@ -238,7 +251,7 @@ macro_rules! forward_in_place {
                 if let Err(why) = passable(&resp) {
                     // Not passed on, and the connection is dropped rather than released: its
                     // framing (or protocol) is no longer known. A failed attempt, as a
-                    // response that could not be parsed is (including the retry of idempotent
+                    // response hyper could not parse is (including the retry of idempotent
                     // requests on another backend).
                     drop(resp);
                     drop(conn);
@@ -256,18 +269,11 @@ macro_rules! forward_in_place {
                     let rtt = head_at.saturating_duration_since(started.into_std());
                     backend.observe_latency_at(rtt, head_at);
                 }
-                up.pool.record_result(idx, resp.head.status.is_server_error());
-                let conns::Response {
-                    head: mut parts,
-                    decoder,
-                    hop_by_hop_left,
-                } = resp;
-                // Usually left out while the head was parsed (`conns::h1`).
-                if hop_by_hop_left {
-                    strip_hop_by_hop(&mut parts.headers);
-                }
+                up.pool.record_result(idx, resp.status().is_server_error());
+                let (mut parts, incoming) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
                 let body = Body::upstream_pooled(
-                    decoder,
+                    incoming,
                     guard,
                     deadline,
                     conn,
@@ -325,14 +331,16 @@ pub enum BadResponse {
 }
 
 /// Refuse upstream answers whose framing is ambiguous or that switched protocols
-/// unasked. (Several differing Content-Length values the codec refuses itself.) Cheap
-/// on the usual response: the Content-Length lookup happens only when the body's length
+/// unasked. (Several differing Content-Length values hyper refuses itself.) Cheap on
+/// the usual response: the Content-Length lookup happens only when the body's length
 /// is not known from it (chunked or close-delimited).
-fn passable(resp: &conns::Response) -> Result<(), BadResponse> {
-    if resp.head.status == StatusCode::SWITCHING_PROTOCOLS {
+fn passable(resp: &Response<hyper::body::Incoming>) -> Result<(), BadResponse> {
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         return Err(BadResponse::UnsolicitedUpgrade);
     }
-    if !resp.decoder.length_known() && resp.head.headers.contains_key(header::CONTENT_LENGTH) {
+    if resp.body().size_hint().exact().is_none()
+        && resp.headers().contains_key(header::CONTENT_LENGTH)
+    {
         return Err(BadResponse::LengthAndTransferEncoding);
     }
     Ok(())
@@ -612,9 +620,6 @@ fn client_gone_answer() -> Response<crate::http_util::Body> {
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
     r
 }
-
-#[cfg(test)]
-mod hop_tests;
 
 #[cfg(test)]
 mod target_tests {
