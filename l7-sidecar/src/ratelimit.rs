@@ -5,7 +5,7 @@ use crate::config::{RateAlgorithm, RateKey, RateLimitConfig};
 use crate::http_util::json_error;
 use crate::http_util::Body;
 use crate::routing::Routed;
-use crate::stage::{Either, Next};
+use crate::stage::{Annotated, Annotation, Either, Next};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -387,10 +387,7 @@ pub fn rate_limit_stage<'a, B: Send + 'static, N: Next<Routed<B>>>(
         .as_ref()
         .and_then(|n| limiters.get(n))
     else {
-        return Either::pass(WithRateHeaders {
-            fut: next.run(r),
-            allowed: None,
-        });
+        return Either::pass(Annotated::new(next.run(r), None::<Budget<'_>>));
     };
     let (rctx, ctx) = (r.req.ctx(), &r.route);
     let id = rctx.identity.as_ref();
@@ -415,38 +412,27 @@ pub fn rate_limit_stage<'a, B: Send + 'static, N: Next<Routed<B>>>(
         // request's) that much larger.
         return Either::work(Box::pin(std::future::ready(resp)));
     }
-    Either::pass(WithRateHeaders {
-        fut: next.run(r),
-        allowed: Some((limiter, d.remaining, d.reset_secs)),
-    })
+    Either::pass(Annotated::new(
+        next.run(r),
+        Some(Budget {
+            limiter,
+            remaining: d.remaining,
+            reset: d.reset_secs,
+        }),
+    ))
 }
 
-pin_project_lite::pin_project! {
-    /// The rest of the pipeline's future; its response gets the headers of the
-    /// decision that let it through (`allowed`: the limiter, remaining, reset), if
-    /// any. Only what the headers need: this is part of every request's future.
-    struct WithRateHeaders<'a, F> {
-        #[pin]
-        fut: F,
-        allowed: Option<(&'a Limiter, u64, u64)>,
-    }
+/// The decision that let a request through, as its answer's budget headers. Only
+/// what the headers need: it is part of every rate-limited request's future.
+struct Budget<'a> {
+    limiter: &'a Limiter,
+    remaining: u64,
+    reset: u64,
 }
 
-impl<F: std::future::Future<Output = Response<Body>>> std::future::Future
-    for WithRateHeaders<'_, F>
-{
-    type Output = Response<Body>;
-
-    fn poll(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Response<Body>> {
-        let this = self.project();
-        let mut resp = std::task::ready!(this.fut.poll(cx));
-        if let Some((limiter, remaining, reset)) = this.allowed.take() {
-            set_budget_headers(resp.headers_mut(), limiter, remaining, reset);
-        }
-        std::task::Poll::Ready(resp)
+impl Annotation for Budget<'_> {
+    fn apply(self, resp: &mut Response<Body>) {
+        set_budget_headers(resp.headers_mut(), self.limiter, self.remaining, self.reset);
     }
 }
 

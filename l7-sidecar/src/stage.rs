@@ -113,6 +113,45 @@ where
     }
 }
 
+/// A note a stage leaves on the answer of the rest of the pipeline (the user for the
+/// access log, the rate-limit budget headers).
+pub trait Annotation {
+    fn apply(self, resp: &mut Response<Body>);
+}
+
+pin_project_lite::pin_project! {
+    /// The rest of the pipeline's future, its answer marked with `note` (if any).
+    /// For stages that let the request through and only add to its answer: no future
+    /// of their own, and only the note in every request's future.
+    pub struct Annotated<F, A> {
+        #[pin]
+        fut: F,
+        note: Option<A>,
+    }
+}
+
+impl<F, A> Annotated<F, A> {
+    pub fn new(fut: F, note: Option<A>) -> Annotated<F, A> {
+        Annotated { fut, note }
+    }
+}
+
+impl<F: Future<Output = Response<Body>>, A: Annotation> Future for Annotated<F, A> {
+    type Output = Response<Body>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Response<Body>> {
+        let this = self.project();
+        let mut resp = std::task::ready!(this.fut.poll(cx));
+        if let Some(note) = this.note.take() {
+            note.apply(&mut resp);
+        }
+        std::task::Poll::Ready(resp)
+    }
+}
+
 /// One stage in front of the rest of the pipeline.
 #[derive(Clone)]
 pub struct Stage<F, N> {

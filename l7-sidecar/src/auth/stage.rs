@@ -6,7 +6,7 @@ use crate::config::{AuthFailureLimitConfig, AuthMode};
 use crate::ctx::UserId;
 use crate::http_util::{json_error, Body};
 use crate::routing::Routed;
-use crate::stage::{run, Either, Next};
+use crate::stage::{run, Annotated, Annotation, Either, Next};
 use http::{header, HeaderValue, Response, StatusCode};
 use std::sync::Arc;
 use std::time::Instant;
@@ -18,7 +18,7 @@ use std::time::Instant;
 ///
 /// A route without auth, and a request whose token is in the token cache (the
 /// usual authenticated request), cost no future of their own: the verdict is made
-/// here, and the rest of the pipeline's future is handed over as is (`WithUser`
+/// here, and the rest of the pipeline's future is handed over as is (`NoteUser`
 /// notes the user on its answer). Only a verification runs in a future of its own.
 pub fn auth_stage<'a, B: Send + 'static, N: Next<Routed<B>>>(
     auth: &'a Authenticator,
@@ -29,7 +29,7 @@ pub fn auth_stage<'a, B: Send + 'static, N: Next<Routed<B>>>(
 ) -> impl std::future::Future<Output = Response<Body>> + Send + 'a {
     let rc = &r.route.route.cfg;
     if rc.auth == AuthMode::None {
-        return Either::pass(WithUser::new(next.run(r), None));
+        return Either::pass(Annotated::new(next.run(r), None::<NoteUser>));
     }
     let now = Instant::now();
     let ip = r.req.ctx().conn.peer.ip();
@@ -49,7 +49,7 @@ pub fn auth_stage<'a, B: Send + 'static, N: Next<Routed<B>>>(
     }
     match auth.authenticate_cached(rc.auth, &rc.roles, r.req.headers(), now) {
         Some(result) => match admit(failures, limit, &mut r, result.map(Some)) {
-            Ok(user) => Either::pass(WithUser::new(next.run(r), user)),
+            Ok(user) => Either::pass(Annotated::new(next.run(r), user.map(NoteUser))),
             Err(resp) => Either::work(refused(resp)),
         },
         // Boxed: verification is the unusual case, and its future inline would make
@@ -150,34 +150,11 @@ fn admit<B>(
     Err(resp)
 }
 
-pin_project_lite::pin_project! {
-    /// The rest of the pipeline's future; its response names the authenticated user
-    /// for the access log.
-    struct WithUser<F> {
-        #[pin]
-        fut: F,
-        user: Option<Arc<Identity>>,
-    }
-}
+/// The authenticated user, named on the answer for the access log.
+struct NoteUser(Arc<Identity>);
 
-impl<F> WithUser<F> {
-    fn new(fut: F, user: Option<Arc<Identity>>) -> WithUser<F> {
-        WithUser { fut, user }
-    }
-}
-
-impl<F: std::future::Future<Output = Response<Body>>> std::future::Future for WithUser<F> {
-    type Output = Response<Body>;
-
-    fn poll(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Response<Body>> {
-        let this = self.project();
-        let mut resp = std::task::ready!(this.fut.poll(cx));
-        if let Some(user) = this.user.take() {
-            resp.extensions_mut().insert(UserId(user));
-        }
-        std::task::Poll::Ready(resp)
+impl Annotation for NoteUser {
+    fn apply(self, resp: &mut Response<Body>) {
+        resp.extensions_mut().insert(UserId(self.0));
     }
 }
