@@ -534,19 +534,10 @@ fn jwt() -> Result<String> {
     )?)
 }
 
+/// The `sha256` an `[[auth.api_keys]]` entry names its key by (as the gateway computes it).
 fn sha256_hex(text: &str) -> String {
-    let out = Command::new("sha256sum")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .and_then(|mut c| {
-            use std::io::Write;
-            c.stdin.take().expect("piped").write_all(text.as_bytes())?;
-            c.wait_with_output()
-        })
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default();
-    out.split_whitespace().next().unwrap_or_default().to_string()
+    use sha2::Digest as _;
+    format!("{:x}", sha2::Sha256::digest(text.as_bytes()))
 }
 
 #[cfg(test)]
@@ -586,5 +577,10 @@ mod tests {
     fn profile_names_follow_their_content() {
         assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
         assert_ne!(fnv1a(b"profile a"), fnv1a(b"profile b"));
+    }
+
+    #[test]
+    fn api_keys_are_named_by_their_sha256() {
+        assert_eq!(sha256_hex("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
     }
 }
