@@ -40,6 +40,7 @@ pub struct RunningGateway {
     /// One connection budget per listener.
     limits: Vec<Arc<Semaphore>>,
     max_connections: usize,
+    workers: Workers,
     /// `RUNNING`, then `DRAINING` (finish the request in progress), then `CUT`.
     stop: tokio::sync::watch::Sender<u8>,
 }
@@ -77,6 +78,11 @@ impl RunningGateway {
         self.wait_idle(timeout).await
     }
 
+    /// How many connections each worker serves now.
+    pub fn connections_per_worker(&self) -> Vec<usize> {
+        self.workers.live()
+    }
+
     async fn wait_idle(&self, timeout: Duration) -> bool {
         let step = Duration::from_millis(20);
         let rounds = (timeout.as_millis() / step.as_millis()).max(1);
@@ -109,48 +115,107 @@ impl Drop for RunningGateway {
 /// Bind every listener and start serving on the current runtime. Binding `:0` picks
 /// an ephemeral port.
 pub async fn start(gateway: Gateway) -> Result<RunningGateway, GatewayError> {
-    start_on(gateway, Workers::Caller).await
+    start_on(gateway, Workers::on_caller()).await
 }
 
-/// Serve on `workers` threads, each with its own single-threaded runtime and its own
-/// `SO_REUSEPORT` socket per listener: the kernel spreads new connections over the
-/// workers, and a connection's requests and its upstream connections
-/// (`proxy::conns`) all stay on one thread — no work stealing, no cross-thread
-/// wake-ups. The connection limits stay per listener, shared by its workers. The
-/// gateway's background tasks (health checks, reloads, JWKS) stay on the caller's
-/// runtime. Worker threads live until the process exits.
+/// Serve on `workers` threads, each with its own single-threaded runtime: a
+/// connection's requests and its upstream connections (`proxy::conns`) all stay on
+/// one thread — no work stealing, no cross-thread wake-ups. Each listener has one
+/// socket, accepted on the first worker, which hands every new connection to the
+/// worker serving the fewest (`Workers::pick`). The connection limits are per
+/// listener. The gateway's background tasks (health checks, reloads, JWKS) stay on the
+/// caller's runtime. Worker threads live until the process exits.
 pub async fn start_workers(
     gateway: Gateway,
     workers: usize,
 ) -> Result<RunningGateway, GatewayError> {
-    start_on(gateway, Workers::Threads(workers.max(1))).await
+    start_on(gateway, Workers::threads(workers.max(1))?).await
 }
 
-/// Where accept loops (and so connections) run.
-#[derive(Clone, Copy)]
-enum Workers {
-    /// On the caller's runtime, one socket per listener.
-    Caller,
-    /// On this many threads of their own, one socket per listener each.
-    Threads(usize),
+/// The runtimes connections are served on, and how many each serves now.
+///
+/// A new connection goes to the worker with the fewest. `SO_REUSEPORT` sockets (one per
+/// worker, which this replaced) spread connections by a hash of their addresses: 32
+/// connections over 2 workers split 21:11 often enough that the busier worker's queue
+/// set the p99 latency.
+#[derive(Clone)]
+pub(crate) struct Workers(Arc<[Worker]>);
+
+struct Worker {
+    handle: tokio::runtime::Handle,
+    live: std::sync::atomic::AtomicUsize,
+}
+
+/// One connection counted on its worker while it lives.
+struct Counted {
+    workers: Workers,
+    index: usize,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.workers.0[self.index]
+            .live
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Workers {
+    /// Everything on the caller's runtime.
+    fn on_caller() -> Workers {
+        Workers::of(vec![tokio::runtime::Handle::current()])
+    }
+
+    /// `count` threads, each running a single-threaded runtime forever.
+    fn threads(count: usize) -> Result<Workers, GatewayError> {
+        Ok(Workers::of((0..count).map(worker_thread).collect::<Result<_, _>>()?))
+    }
+
+    fn of(handles: Vec<tokio::runtime::Handle>) -> Workers {
+        Workers(
+            handles
+                .into_iter()
+                .map(|handle| Worker {
+                    handle,
+                    live: Default::default(),
+                })
+                .collect(),
+        )
+    }
+
+    /// The worker serving the fewest connections (the first of equals: the accepting
+    /// one, which then needs no hand-over), counted as serving one more until the
+    /// returned count is dropped.
+    fn pick(&self) -> Counted {
+        use std::sync::atomic::Ordering::Relaxed;
+        let index = (0..self.0.len())
+            .min_by_key(|&i| self.0[i].live.load(Relaxed))
+            .unwrap_or(0);
+        self.0[index].live.fetch_add(1, Relaxed);
+        Counted {
+            workers: self.clone(),
+            index,
+        }
+    }
+
+    /// How many connections each worker serves now.
+    pub(crate) fn live(&self) -> Vec<usize> {
+        self.0
+            .iter()
+            .map(|w| w.live.load(std::sync::atomic::Ordering::Relaxed))
+            .collect()
+    }
 }
 
 /// The one listener setup of `start` and `start_workers`: per listener (the
-/// `[admin]` one too, flagged), one `SO_REUSEPORT` socket per worker, the first
-/// fixing the port (`:0` picks one).
+/// `[admin]` one too, flagged), one socket, accepted on the first worker.
 async fn start_on(gateway: Gateway, workers: Workers) -> Result<RunningGateway, GatewayError> {
-    let count = match workers {
-        Workers::Caller => 1,
-        Workers::Threads(n) => n,
-    };
     let rt = gateway.runtime();
     let max_connections = rt.cfg.server.max_connections;
     let (stop, _) = tokio::sync::watch::channel(RUNNING);
     let mut limits = Vec::new();
     let mut addrs = Vec::new();
-    // Per worker, for every configured listener: its socket and what it serves with.
-    let mut sockets: Vec<Vec<(std::net::TcpListener, ListenerState)>> =
-        (0..count).map(|_| Vec::new()).collect();
+    let mut tasks = Vec::new();
     let admin = rt.cfg.admin.as_ref().map(admin_listener);
     let all = rt.cfg.listeners.iter().map(|l| (l, false));
     for (l, is_admin) in all.chain(admin.iter().map(|l| (l, true))) {
@@ -164,10 +229,8 @@ async fn start_on(gateway: Gateway, workers: Workers) -> Result<RunningGateway, 
             .map_err(bind_err)?
             .next()
             .ok_or_else(|| bind_err(std::io::Error::other("resolves to no address")))?;
-        // The first socket fixes the port (`:0` picks one); the others join it.
-        refuse_shared_port(wanted).map_err(bind_err)?;
-        let first = reuseport_listener(wanted).map_err(bind_err)?;
-        let addr = first.local_addr().map_err(bind_err)?;
+        let socket = listener_socket(wanted).map_err(bind_err)?;
+        let addr = socket.local_addr().map_err(bind_err)?;
         // Each listener counts its own connections (overall and per address), so a
         // flood on the public listener cannot lock operators out of the admin one.
         let state = ListenerState {
@@ -182,35 +245,22 @@ async fn start_on(gateway: Gateway, workers: Workers) -> Result<RunningGateway, 
             limit: Arc::new(Semaphore::new(max_connections)),
             per_address: Arc::new(PerAddress::default()),
         };
-        tracing::info!(listener = %l.name, %addr, tls = state.tls.is_some(), workers = count, "listening");
+        tracing::info!(listener = %l.name, %addr, tls = state.tls.is_some(), workers = workers.0.len(), "listening");
         addrs.push((l.name.clone(), addr));
         limits.push(state.limit.clone());
-        sockets[0].push((first, state.clone()));
-        for w in sockets.iter_mut().skip(1) {
-            w.push((reuseport_listener(addr).map_err(bind_err)?, state.clone()));
-        }
-    }
-    let mut tasks = Vec::new();
-    for (i, listeners) in sockets.into_iter().enumerate() {
-        let handle = match workers {
-            Workers::Caller => tokio::runtime::Handle::current(),
-            Workers::Threads(_) => worker_thread(i)?,
+        let first = &workers.0[0].handle;
+        // Registered with the first worker's reactor, so it must be converted inside it.
+        let listener = {
+            let _entered = first.enter();
+            TcpListener::from_std(socket).map_err(|source| GatewayError::Worker { index: 0, source })?
         };
-        for (std_listener, state) in listeners {
-            // Registered with the worker's reactor, so it must be converted inside it.
-            let _entered = handle.enter();
-            let listener = TcpListener::from_std(std_listener)
-                .map_err(|source| GatewayError::Worker { index: i, source })?;
-            tasks.push(handle.spawn(accept_loop(
-                gateway.clone(),
-                listener,
-                state.tls,
-                state.role,
-                state.limit,
-                state.per_address,
-                stop.subscribe(),
-            )));
-        }
+        tasks.push(first.spawn(accept_loop(
+            gateway.clone(),
+            listener,
+            state,
+            workers.clone(),
+            stop.subscribe(),
+        )));
     }
     Ok(RunningGateway {
         gateway,
@@ -218,6 +268,7 @@ async fn start_on(gateway: Gateway, workers: Workers) -> Result<RunningGateway, 
         tasks,
         limits,
         max_connections,
+        workers,
         stop,
     })
 }
@@ -239,7 +290,7 @@ fn worker_thread(index: usize) -> Result<tokio::runtime::Handle, GatewayError> {
     Ok(handle)
 }
 
-/// What every worker's socket of one listener shares.
+/// What a listener's connections share.
 #[derive(Clone)]
 struct ListenerState {
     tls: Option<TlsAcceptor>,
@@ -248,36 +299,24 @@ struct ListenerState {
     per_address: Arc<PerAddress>,
 }
 
-/// Fails with `AddrInUse` if anything listens on `addr` already. `SO_REUSEPORT` would
-/// otherwise let a second process (a second gateway started by mistake, another server
-/// of the same user) join our port and silently take a share of its connections: a
-/// plain bind conflicts with every listening socket, `SO_REUSEPORT` or not.
-fn refuse_shared_port(addr: SocketAddr) -> std::io::Result<()> {
+/// A non-blocking listening socket on `addr`. Without `SO_REUSEPORT` nothing can join
+/// it: a second gateway started by mistake would otherwise take a share of its
+/// connections. `SO_REUSEADDR` so connections of an earlier run in TIME_WAIT are no
+/// reason to refuse.
+fn listener_socket(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
-    if addr.port() == 0 {
-        return Ok(());
-    }
-    let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    // Connections of an earlier run in TIME_WAIT are no reason to refuse.
-    probe.set_reuse_address(true)?;
-    probe.bind(&addr.into()).map_err(|e| {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into()).map_err(|e| {
         if e.kind() == std::io::ErrorKind::AddrInUse {
             std::io::Error::new(e.kind(), "address in use: another listener (of this gateway or another process) serves it")
         } else {
             e
         }
-    })
-}
-
-/// A non-blocking listening socket that other sockets may bind too (`SO_REUSEPORT`).
-fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    s.set_reuse_address(true)?;
-    s.set_reuse_port(true)?;
-    s.set_nonblocking(true)?;
-    s.bind(&addr.into())?;
-    s.listen(1024)?;
+    })?;
+    // The kernel caps it at `net.core.somaxconn`.
+    s.listen(4096)?;
     Ok(s.into())
 }
 
@@ -302,10 +341,8 @@ fn admin_listener(a: &crate::config::AdminConfig) -> crate::config::ListenerConf
 async fn accept_loop(
     gw: Gateway,
     listener: TcpListener,
-    tls: Option<TlsAcceptor>,
-    role: Role,
-    limit: Arc<Semaphore>,
-    per_address: Arc<PerAddress>,
+    state: ListenerState,
+    workers: Workers,
     stop: tokio::sync::watch::Receiver<u8>,
 ) {
     loop {
@@ -318,39 +355,78 @@ async fn accept_loop(
                 continue;
             }
         };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
+        let Ok(permit) = state.limit.clone().try_acquire_owned() else {
             tracing::warn!(%peer, "connection limit reached; closing");
             drop(stream);
             continue;
         };
         let cfg = gw.runtime().cfg.server.clone();
-        let Some(address_permit) = per_address.try_acquire(peer.ip(), cfg.per_ip_cap()) else {
+        let Some(address_permit) = state.per_address.try_acquire(peer.ip(), cfg.per_ip_cap()) else {
             tracing::warn!(%peer, "per-address connection limit reached; closing");
             drop(stream);
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let gw = gw.clone();
-        let tls = tls.clone();
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let _permits = (permit, address_permit);
-            let header_timeout = Duration::from_millis(cfg.header_read_timeout_ms);
-            let mut info = ConnInfo::new(peer, tls.is_some(), role.metrics);
-            info.admin = role.admin;
-            info.listener_port = stream.local_addr().ok().map(|a| a.port().into());
-            let stream = ActivityIo::new(stream, info.activity.clone(), info.smuggled.clone());
-            match tls {
-                None => serve(gw, stream, info, &cfg, stop).await,
-                Some(acceptor) => {
-                    match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(s)) => serve(gw, s, info, &cfg, stop).await,
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "tls handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "tls handshake timed out"),
+        let conn = Connection {
+            gw: gw.clone(),
+            peer,
+            tls: state.tls.clone(),
+            role: state.role,
+            cfg,
+            stop: stop.clone(),
+            permits: (permit, address_permit),
+            worker: workers.pick(),
+        };
+        if conn.worker.index == 0 {
+            tokio::spawn(conn.serve(stream));
+            continue;
+        }
+        // To another worker: registered with its reactor there.
+        let handle = workers.0[conn.worker.index].handle.clone();
+        match stream.into_std() {
+            Ok(std_stream) => {
+                handle.spawn(async move {
+                    match tokio::net::TcpStream::from_std(std_stream) {
+                        Ok(stream) => conn.serve(stream).await,
+                        Err(e) => tracing::warn!(%peer, error = %e, "cannot hand the connection to its worker"),
                     }
-                }
+                });
             }
-        });
+            Err(e) => tracing::warn!(%peer, error = %e, "cannot hand the connection to its worker"),
+        }
+    }
+}
+
+/// An accepted connection and everything serving it needs; its permits and its
+/// worker's count are held until it ends.
+struct Connection {
+    gw: Gateway,
+    peer: SocketAddr,
+    tls: Option<TlsAcceptor>,
+    role: Role,
+    cfg: crate::config::ServerConfig,
+    stop: tokio::sync::watch::Receiver<u8>,
+    permits: (tokio::sync::OwnedSemaphorePermit, crate::idle::AddressPermit),
+    worker: Counted,
+}
+
+impl Connection {
+    async fn serve(self, stream: tokio::net::TcpStream) {
+        let Connection { gw, peer, tls, role, cfg, stop, permits, worker } = self;
+        let _held = (permits, worker);
+        let header_timeout = Duration::from_millis(cfg.header_read_timeout_ms);
+        let mut info = ConnInfo::new(peer, tls.is_some(), role.metrics);
+        info.admin = role.admin;
+        info.listener_port = stream.local_addr().ok().map(|a| a.port().into());
+        let stream = ActivityIo::new(stream, info.activity.clone(), info.smuggled.clone());
+        match tls {
+            None => serve(gw, stream, info, &cfg, stop).await,
+            Some(acceptor) => match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+                Ok(Ok(s)) => serve(gw, s, info, &cfg, stop).await,
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "tls handshake failed"),
+                Err(_) => tracing::debug!(%peer, "tls handshake timed out"),
+            },
+        }
     }
 }
 
@@ -952,6 +1028,54 @@ mod tests {
             let text = String::from_utf8_lossy(&out);
             assert!(text.starts_with("HTTP/1.1 404"), "connection {i}: {text:?}");
         }
+        assert!(running.drain(Duration::from_secs(2)).await, "drained");
+    }
+
+    /// Connections spread evenly over the workers whatever their addresses hash to
+    /// (per-worker `SO_REUSEPORT` sockets split 32 connections 21:11 at times).
+    #[tokio::test]
+    async fn new_connections_go_to_the_worker_serving_fewest() {
+        let cfg = crate::Config::parse(
+            "[observability]\naccess_log = false\n[[listeners]]\nname = \"p\"\nbind = \"127.0.0.1:0\"\n",
+        )
+        .expect("config");
+        let running = super::start_workers(crate::Gateway::new(cfg, None).expect("gateway"), 2)
+            .await
+            .expect("start");
+        let addr = running.addr("p").expect("bound");
+        let mut open = Vec::new();
+        for i in 0..32 {
+            let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            // Answered, so accepted and counted on its worker.
+            s.write_all(b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
+            let mut buf = [0u8; 12];
+            tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf))
+                .await
+                .expect("answered in time")
+                .expect("read");
+            assert_eq!(&buf, b"HTTP/1.1 404", "connection {i}");
+            open.push(s);
+        }
+        assert_eq!(running.connections_per_worker(), [16, 16]);
+        // Closed connections leave their worker's count; the next go where fewest are.
+        open.truncate(20);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while running.connections_per_worker().iter().sum::<usize>() != 20 {
+            assert!(tokio::time::Instant::now() < deadline, "{:?}", running.connections_per_worker());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let before = running.connections_per_worker();
+        for _ in 0..4 {
+            let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            s.write_all(b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
+            let mut buf = [0u8; 12];
+            s.read_exact(&mut buf).await.expect("read");
+            open.push(s);
+        }
+        let after = running.connections_per_worker();
+        assert_eq!(after.iter().sum::<usize>(), 24, "{before:?} then {after:?}");
+        assert!(after[0].abs_diff(after[1]) <= before[0].abs_diff(before[1]).max(1), "{before:?} then {after:?}");
+        drop(open);
         assert!(running.drain(Duration::from_secs(2)).await, "drained");
     }
 
