@@ -12,7 +12,7 @@ use anyhow::{bail, Context};
 use crate::{
     configs,
     report::{L7Row, Report, Target},
-    util::{self, Proc},
+    util::{self, Proc, Wrk},
     Bench, L7_PORT,
 };
 
@@ -121,7 +121,7 @@ pub fn run(b: &Bench, r: &mut Report) -> anyhow::Result<()> {
         contenders[0].1 = "l7-sidecar (shipped build: profile-guided)";
         contenders.insert(1, ("l7_sidecar_plain", "l7-sidecar, plain release build (no PGO)"));
     }
-    let rounds = b.args.rounds.max(1);
+    let rounds = b.args.l7_rounds.max(1);
     let mut all: Vec<L7Row> = Vec::new();
     for round in 0..rounds {
         eprintln!("  round {}/{rounds}", round + 1);
@@ -200,56 +200,68 @@ pub fn run(b: &Bench, r: &mut Report) -> anyhow::Result<()> {
             }
         }
     }
-    // Per proxy the median round by req/s (its latency and CPU with it); RSS the largest seen.
     for &(key, name) in &contenders {
-        let mut ok: Vec<&L7Row> = all
-            .iter()
-            .filter(|r| r.key == key && r.wrk.is_some())
-            .collect();
-        let failed: Vec<&L7Row> = all
-            .iter()
-            .filter(|r| r.key == key && r.wrk.is_none())
-            .collect();
-        ok.sort_by(|a, b| {
-            a.wrk
-                .as_ref()
-                .unwrap()
-                .rps
-                .total_cmp(&b.wrk.as_ref().unwrap().rps)
-        });
-        let rps_rounds: Vec<f64> = all
-            .iter()
-            .filter(|r| r.key == key)
-            .filter_map(|r| r.wrk.as_ref().map(|w| w.rps.round()))
-            .collect();
-        match ok.get(ok.len().saturating_sub(1) / 2) {
-            Some(median) => {
-                let mut row = (*median).clone();
-                row.rss_kib = ok.iter().map(|r| r.rss_kib).max().unwrap_or(0);
-                let mut notes = Vec::new();
-                if rounds > 1 {
-                    notes.push(format!("rounds req/s {rps_rounds:?}"));
-                }
-                if let Some(f) = failed.first() {
-                    notes.push(format!("{} failed round(s): {}", failed.len(), f.note));
-                }
-                row.note = notes.join("; ");
-                r.l7.push(row);
-            }
-            None => {
-                let note = failed.first().map(|f| f.note.clone()).unwrap_or_default();
-                r.l7.push(L7Row {
-                    name: name.into(),
-                    key: key.into(),
-                    wrk: None,
-                    rss_kib: 0,
-                    cpu_us_per_request: 0.0,
-                    note,
-                });
-            }
-        }
+        let rounds_of: Vec<&L7Row> = all.iter().filter(|r| r.key == key).collect();
+        let mut row = summarize(&rounds_of);
+        row.name = name.into();
+        row.key = key.into();
+        r.l7.push(row);
     }
     Ok(())
+}
+
+/// One contender's rounds as one row: each measured column (req/s, p50, p99, CPU per
+/// request) the median of its successful rounds on its own, RSS the largest seen.
+/// Taken from one "median round" instead, p99 was whatever that round's tail
+/// happened to be: on this shared machine one round's p99 varies by 2× or more.
+/// No successful round: the first failure's note.
+fn summarize(rounds: &[&L7Row]) -> L7Row {
+    let ok: Vec<&Wrk> = rounds.iter().filter_map(|r| r.wrk.as_ref()).collect();
+    let failed: Vec<&&L7Row> = rounds.iter().filter(|r| r.wrk.is_none()).collect();
+    let median = |f: &dyn Fn(&L7Row) -> Option<f64>| -> f64 {
+        let mut v: Vec<f64> = rounds.iter().filter(|r| r.wrk.is_some()).filter_map(|r| f(r)).collect();
+        v.sort_by(f64::total_cmp);
+        match v.len() {
+            0 => 0.0,
+            n if n % 2 == 1 => v[n / 2],
+            n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+        }
+    };
+    let first = rounds.first();
+    let mut row = L7Row {
+        name: first.map(|r| r.name.clone()).unwrap_or_default(),
+        key: first.map(|r| r.key.clone()).unwrap_or_default(),
+        wrk: None,
+        rss_kib: 0,
+        cpu_us_per_request: 0.0,
+        note: String::new(),
+    };
+    let mut notes = Vec::new();
+    if !ok.is_empty() {
+        row.wrk = Some(Wrk {
+            rps: median(&|r| r.wrk.as_ref().map(|w| w.rps)),
+            p50_ms: median(&|r| r.wrk.as_ref().map(|w| w.p50_ms)),
+            p99_ms: median(&|r| r.wrk.as_ref().map(|w| w.p99_ms)),
+            requests: ok.iter().map(|w| w.requests).sum(),
+            errors: ok.iter().map(|w| w.errors).sum(),
+        });
+        row.cpu_us_per_request = median(&|r| Some(r.cpu_us_per_request));
+        row.rss_kib = rounds.iter().map(|r| r.rss_kib).max().unwrap_or(0);
+        if ok.len() > 1 {
+            let rps: Vec<f64> = ok.iter().map(|w| w.rps.round()).collect();
+            let p99: Vec<f64> = ok.iter().map(|w| (w.p99_ms * 100.0).round() / 100.0).collect();
+            notes.push(format!("rounds req/s {rps:?}, p99 ms {p99:?}"));
+        }
+    }
+    if let Some(f) = failed.first() {
+        notes.push(if ok.is_empty() {
+            f.note.clone()
+        } else {
+            format!("{} failed round(s): {}", failed.len(), f.note)
+        });
+    }
+    row.note = notes.join("; ");
+    row
 }
 
 /// Issue 10 §3's targets, judged on the rows of one run: keep-alive req/s at least
@@ -329,7 +341,6 @@ pub fn targets(rows: &[L7Row]) -> Vec<Target> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::util::Wrk;
 
     fn row(key: &str, rps: f64, p99_ms: f64, rss_kib: u64) -> L7Row {
         L7Row {
@@ -376,6 +387,35 @@ mod tests {
             "{}",
             t[0].value
         );
+    }
+
+    #[test]
+    fn each_column_is_the_median_of_its_own_rounds() {
+        let rounds = [
+            row("l7_sidecar", 30_000.0, 9.0, 100),
+            row("l7_sidecar", 20_000.0, 3.0, 300),
+            row("l7_sidecar", 25_000.0, 4.0, 200),
+        ];
+        let mut failed = row("l7_sidecar", 1.0, 1.0, 999);
+        failed.wrk = None;
+        failed.note = "failed: boom".into();
+        let refs: Vec<&L7Row> = rounds.iter().chain([&failed]).collect();
+        let s = summarize(&refs);
+        let w = s.wrk.as_ref().expect("measured");
+        // The median req/s round (25k) had p99 4.0, the median p99 is 4.0 too; but the
+        // fastest round's 9 ms tail no longer decides anything on its own.
+        assert_eq!((w.rps, w.p99_ms), (25_000.0, 4.0));
+        assert_eq!(s.cpu_us_per_request, 1e6 / 25_000.0);
+        assert_eq!(s.rss_kib, 999, "the largest RSS seen, failed rounds too");
+        assert!(s.note.contains("1 failed round(s): failed: boom"), "{}", s.note);
+        // Medians of an even count: the mean of the middle two.
+        let two = [row("x", 10.0, 1.0, 1), row("x", 20.0, 3.0, 1)];
+        let s = summarize(&two.iter().collect::<Vec<_>>());
+        assert_eq!(s.wrk.as_ref().map(|w| (w.rps, w.p99_ms)), Some((15.0, 2.0)));
+        // Nothing measured: the failure's note, no numbers.
+        let s = summarize(&[&failed]);
+        assert!(s.wrk.is_none());
+        assert_eq!(s.note, "failed: boom");
     }
 
     #[test]

@@ -53,9 +53,13 @@ pub struct Args {
     /// Where latest.md and latest.json go.
     #[arg(long, default_value = "bench-results")]
     pub out: PathBuf,
-    /// L4 and L7 rounds over all contenders (the median round is reported).
+    /// L4 rounds over all contenders (the median round is reported).
     #[arg(long, default_value_t = 3)]
     pub rounds: u32,
+    /// L7 rounds over all contenders (each column's median is reported). More than L4's:
+    /// the L7 ratios are close and one round's p99 varies by 2× on a shared machine.
+    #[arg(long, default_value_t = 5)]
+    pub l7_rounds: u32,
     /// wrk threads.
     #[arg(long, default_value_t = 2)]
     pub threads: u32,
