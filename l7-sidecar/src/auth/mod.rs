@@ -100,27 +100,30 @@ fn check_api_key_identities(keys: &[ApiKeyConfig]) -> Result<(), KeyError> {
 /// proxying on routes that accept API keys.
 pub const API_KEY: &str = "x-api-key";
 
-/// The scheme and its separator; the scheme in any case (RFC 9110 §11.1).
-const BEARER: &[u8] = b"bearer ";
+/// Whether `v` starts with "Bearer " (the scheme in any case, RFC 9110 §11.1, then
+/// one space). One word compare, not a byte loop: it runs on every authenticated
+/// request. Setting bit 5 folds exactly 'A'–'Z' onto 'a'–'z' among the letters
+/// compared; the space is compared as is.
+fn is_bearer(v: &[u8]) -> bool {
+    let Some(&[a, b, c, d, e, f, g]) = v.first_chunk::<7>() else {
+        return false;
+    };
+    const FOLD: u64 = 0x0000_2020_2020_2020;
+    (u64::from_le_bytes([a, b, c, d, e, f, g, 0]) | FOLD) == u64::from_le_bytes(*b"bearer \0")
+}
 
 /// The token of an `Authorization: Bearer` value as bytes, unchecked: "Bearer " (in
 /// any case) stripped, then spaces and tabs (the only whitespace a header value can
 /// hold) trimmed, as `bearer_str` does on the checked `&str`.
 fn bearer_bytes(v: &HeaderValue) -> Option<&[u8]> {
     let v = v.as_bytes();
-    if !v.get(..BEARER.len())?.eq_ignore_ascii_case(BEARER) {
-        return None;
-    }
-    Some(v[BEARER.len()..].trim_ascii())
+    is_bearer(v).then(|| v[7..].trim_ascii())
 }
 
 /// `bearer_bytes` on a checked `&str`.
 fn bearer_str(v: &str) -> Option<&str> {
-    let scheme = v.get(..BEARER.len())?;
-    if !scheme.as_bytes().eq_ignore_ascii_case(BEARER) {
-        return None;
-    }
-    Some(v[BEARER.len()..].trim_matches([' ', '\t']))
+    // The 7 bytes matched are ASCII, so byte 7 starts a character.
+    is_bearer(v.as_bytes()).then(|| v[7..].trim_matches([' ', '\t']))
 }
 
 /// `id`, if it holds one of `roles` (or none are required).
@@ -395,6 +398,25 @@ mod stage_tests;
 
 #[cfg(test)]
 pub(super) mod tests {
+    /// The scheme matches in any case and nothing else: every other byte in each
+    /// position (also those that fold onto a letter's case bit) is refused.
+    #[test]
+    fn bearer_scheme_matches_in_any_case_only() {
+        for ok in ["Bearer x", "bearer x", "BEARER x", "bEaReR x", "Bearer "] {
+            assert!(is_bearer(ok.as_bytes()), "{ok:?}");
+        }
+        let scheme = *b"bearer ";
+        for i in 0..scheme.len() {
+            for byte in 0..=255u8 {
+                let mut v = scheme;
+                v[i] = byte;
+                let same = byte.eq_ignore_ascii_case(&scheme[i]);
+                assert_eq!(is_bearer(&v), same, "byte {byte:#x} at {i}");
+            }
+        }
+        assert!(!is_bearer(b"Bearer") && !is_bearer(b"Bearer\tx") && !is_bearer(b""));
+    }
+
     use super::*;
     use crate::config::JwtKeyConfig;
     use jsonwebtoken::{encode, EncodingKey, Header};
