@@ -531,12 +531,18 @@ async fn upstream_reads_exactly_what_the_gateway_checked() {
 /// One request with `x-api-key: key` on a fresh connection from `local` (a
 /// loopback address), its status.
 async fn key_status_from(local: &str, gw: std::net::SocketAddr, key: &str) -> u16 {
+    status_from(local, gw, &format!("GET /key HTTP/1.1\r\nX-Api-Key: {key}")).await
+}
+
+/// `head` (request line and fields, without the end of the head) sent on a fresh
+/// connection from `local`, the answer's status.
+async fn status_from(local: &str, gw: std::net::SocketAddr, head: &str) -> u16 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let sock = tokio::net::TcpSocket::new_v4().expect("socket");
     sock.bind(format!("{local}:0").parse().expect("local addr"))
         .expect("bind local");
     let mut s = sock.connect(gw).await.expect("connect");
-    let req = format!("GET /key HTTP/1.1\r\nHost: x\r\nX-Api-Key: {key}\r\nConnection: close\r\n\r\n");
+    let req = format!("{head}\r\nHost: x\r\nConnection: close\r\n\r\n");
     s.write_all(req.as_bytes()).await.expect("write");
     let mut buf = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
@@ -549,8 +555,9 @@ async fn key_status_from(local: &str, gw: std::net::SocketAddr, key: &str) -> u1
         .unwrap_or_else(|| panic!("no status line: {text:?}"))
 }
 
-/// Hostile findings s14-9 and s14-11d through the gateway on two workers: 40 bad
-/// keys sent at once from one address get exactly `max_failures` (5) 401s; that
+/// Hostile findings s14-9 and s14-11d through the gateway on two workers: 100 RS256
+/// tokens with a broken signature sent at once from one address (each verification
+/// long enough for the workers to overlap) get exactly `max_failures` (5) 401s; that
 /// address stays locked while 20 other addresses fill the 10-address table.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failure_limit_is_exact_under_concurrency_and_survives_a_full_table() {
@@ -566,15 +573,24 @@ async fn failure_limit_is_exact_under_concurrency_and_survives_a_full_table() {
     let addr = gw.addr("public").expect("addr");
     let attacker = "127.0.3.1";
     let mut pending = tokio::task::JoinSet::new();
-    for i in 0..40 {
-        pending.spawn(async move { key_status_from(attacker, addr, &format!("bad-{i}")).await });
+    let mut h = Header::new(Algorithm::RS256);
+    h.kid = Some("rsa1".into());
+    let key = EncodingKey::from_rsa_pem(RSA_PRIVATE.as_bytes()).expect("rsa key");
+    for i in 0..100 {
+        let signed = jsonwebtoken::encode(&h, &claims(&format!("u{i}"), &[]), &key).expect("sign");
+        let other = jsonwebtoken::encode(&h, &claims("mallory", &[]), &key).expect("sign");
+        // u{i}'s header and payload with mallory's signature.
+        let (body, _) = signed.rsplit_once('.').expect("jwt");
+        let (_, sig) = other.rsplit_once('.').expect("jwt");
+        let head = format!("GET /jwt HTTP/1.1\r\nAuthorization: Bearer {body}.{sig}");
+        pending.spawn(async move { status_from(attacker, addr, &head).await });
     }
     let mut statuses = Vec::new();
     while let Some(s) = pending.join_next().await {
         statuses.push(s.expect("task"));
     }
     let count = |code| statuses.iter().filter(|&&s| s == code).count();
-    assert_eq!((count(401), count(429)), (5, 35), "{statuses:?}");
+    assert_eq!((count(401), count(429)), (5, 95), "{statuses:?}");
     for i in 1..=20 {
         let s = key_status_from(&format!("127.0.1.{i}"), addr, "bad").await;
         assert_eq!(s, 401, "newcomer 127.0.1.{i}");
