@@ -130,8 +130,7 @@ impl TokenCache {
             // long before; this is the bound's guard, not a case that happens).
             return;
         }
-        if inner.entries.len() >= TOKEN_CACHE_MAX_ENTRIES
-            || inner.bytes + c > TOKEN_CACHE_MAX_BYTES
+        if inner.entries.len() >= TOKEN_CACHE_MAX_ENTRIES || inner.bytes + c > TOKEN_CACHE_MAX_BYTES
         {
             inner.evict(now);
         }
@@ -237,8 +236,14 @@ mod tests {
             assert!(bytes <= TOKEN_CACHE_MAX_BYTES, "{bytes} bytes after {i}");
         }
         let at = Instant::now();
-        assert!(cache.get(big(2999).as_bytes(), at).is_some(), "the newest stays");
-        assert!(cache.get(big(0).as_bytes(), at).is_none(), "the oldest went");
+        assert!(
+            cache.get(big(2999).as_bytes(), at).is_some(),
+            "the newest stays"
+        );
+        assert!(
+            cache.get(big(0).as_bytes(), at).is_none(),
+            "the oldest went"
+        );
         // Small tokens: bounded by count, and a full cache is not simply emptied.
         let cache = TokenCache::default();
         for i in 0..TOKEN_CACHE_MAX_ENTRIES + 10 {
@@ -250,5 +255,4 @@ mod tests {
         let last = format!("t{}", TOKEN_CACHE_MAX_ENTRIES + 9);
         assert!(cache.get(last.as_bytes(), at).is_some());
     }
-
 }

@@ -177,7 +177,8 @@ async fn a_role_claim_of_another_type_refuses_the_token() {
         .expect("null role")
         .expect("identity");
     assert!(id.roles.is_empty());
-    let no_claim = serde_json::json!({"sub": "alice", "iss": "iss", "aud": "aud", "exp": now() + 60});
+    let no_claim =
+        serde_json::json!({"sub": "alice", "iss": "iss", "aud": "aud", "exp": now() + 60});
     let t = token(no_claim, "s3cret");
     let id = a
         .authenticate(AuthMode::Jwt, &[], &headers(&[format!("Bearer {t}")]))

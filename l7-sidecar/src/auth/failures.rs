@@ -310,8 +310,17 @@ mod tests {
         }
         let later = t1 + Duration::from_secs(60);
         assert_eq!(l.blocked(&c, v4(1, 4), later), None, "overflow window over");
-        assert_eq!(l.record(&c, v4(1, 4), later), None, "room again: counted alone");
-        assert!(l.entries.lock().expect("lock").by_addr.contains_key(&v4(1, 4)));
+        assert_eq!(
+            l.record(&c, v4(1, 4), later),
+            None,
+            "room again: counted alone"
+        );
+        assert!(l
+            .entries
+            .lock()
+            .expect("lock")
+            .by_addr
+            .contains_key(&v4(1, 4)));
     }
 
     /// Counting and deciding are one step: however many threads fail at once,

@@ -372,8 +372,8 @@ impl JwtVerifier {
                 // Boxed: the fetch's future (an HTTPS client request) is several KiB,
                 // and inline it would be part of every request's future, copied from
                 // stage to stage, although it is almost never run.
-                let refresh = jwks
-                    .refresh_if_allowed(Duration::from_secs(self.cfg.jwks_min_refetch_secs));
+                let refresh =
+                    jwks.refresh_if_allowed(Duration::from_secs(self.cfg.jwks_min_refetch_secs));
                 if Box::pin(refresh).await {
                     if let Some(found) = jwks.key(kid) {
                         return Ok(found);
