@@ -216,6 +216,28 @@ fn auth_section() {
     );
 }
 
+/// A leeway past the current Unix time overflowed in `jsonwebtoken`'s `now -
+/// leeway` (a panic in debug builds, every token expired in release).
+#[test]
+fn jwt_leeway_is_at_most_a_day() {
+    let parse = |jwt: &str| {
+        Config::parse(&format!(
+            "[auth.jwt]\n{jwt}\n[[auth.jwt.keys]]\nalgorithm = \"HS256\"\nsecret = \"x\"\n"
+        ))
+    };
+    for ok in ["leeway_secs = 86400", "leeway = \"30s\""] {
+        assert!(parse(ok).is_ok(), "{ok}");
+    }
+    for (jwt, field) in [
+        ("leeway_secs = 86401", "auth.jwt.leeway_secs: "),
+        ("leeway_secs = 9223372036854775807", "auth.jwt.leeway_secs: "),
+        ("leeway = \"86401s\"", "auth.jwt.leeway: "),
+    ] {
+        let err = parse(jwt).err().expect("refused").to_string();
+        assert!(err.contains(field) && err.contains("at most 86400"), "{jwt}: {err}");
+    }
+}
+
 #[test]
 fn rate_limit_section() {
     let cfg = parsed(
