@@ -233,7 +233,7 @@ fn jwt_leeway_is_at_most_a_day() {
         ("leeway_secs = 9223372036854775807", "auth.jwt.leeway_secs: "),
         ("leeway = \"86401s\"", "auth.jwt.leeway: "),
     ] {
-        let err = parse(jwt).err().expect("refused").to_string();
+        let err = parse(jwt).expect_err("refused").to_string();
         assert!(err.contains(field) && err.contains("at most 86400"), "{jwt}: {err}");
     }
 }
