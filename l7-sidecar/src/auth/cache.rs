@@ -4,10 +4,11 @@
 //! the leeway, as at verification) and for at most `TOKEN_CACHE_TTL`. A config
 //! reload builds a new `Authenticator`, so new keys or rules start from empty.
 //!
-//! Bounded in entries and in bytes (tokens are client-chosen and may be kilobytes
-//! each): when a new token would pass either bound, tokens past their time go, and
-//! if that is not enough the oldest, down to 3/4 of both bounds, so the scan is paid
-//! once per quarter of the cache, not per insertion.
+//! Bounded in entries and in bytes (`auth.jwt.token_cache_max_entries` / `_bytes`;
+//! tokens are client-chosen and may be kilobytes each): when a new token would pass
+//! either bound, tokens past their time go, and if that is not enough the oldest,
+//! down to 3/4 of both bounds, so the scan is paid once per quarter of the cache,
+//! not per insertion.
 
 use super::Identity;
 use std::sync::Arc;
@@ -16,10 +17,6 @@ use std::time::{Duration, Instant, SystemTime};
 /// How long a verified token may be accepted again without re-checking it; also how
 /// long a key removed from the JWKS can go on vouching for tokens it signed.
 pub(super) const TOKEN_CACHE_TTL: Duration = Duration::from_secs(30);
-/// At most this many tokens are remembered.
-pub(super) const TOKEN_CACHE_MAX_ENTRIES: usize = 10_000;
-/// At most this many bytes of tokens (each counted with `ENTRY_OVERHEAD`).
-pub(super) const TOKEN_CACHE_MAX_BYTES: usize = 4 << 20;
 /// What an entry costs beside its token's bytes: the map's slot, `Verified`, the
 /// key's allocation header.
 const ENTRY_OVERHEAD: usize = 96;
@@ -31,16 +28,18 @@ const ENTRY_OVERHEAD: usize = 96;
 /// Keyed by the token's bytes as they are in the request's header: a lookup makes no
 /// copy and no `&str` of them (a token in the cache was a valid `&str` when it went
 /// in, so equal bytes are one too).
-#[derive(Default)]
 pub(super) struct TokenCache {
     inner: std::sync::Mutex<Inner>,
 }
 
-#[derive(Default)]
 struct Inner {
     entries: hashbrown::HashMap<TokenKey, Verified>,
     /// The entries' cost: token bytes plus `ENTRY_OVERHEAD` each.
     bytes: usize,
+    /// At most this many tokens.
+    max_entries: usize,
+    /// At most this many bytes, as `bytes` counts them.
+    max_bytes: usize,
 }
 
 /// A cached token: compared on all its bytes, hashed on its last `HASHED_TAIL`.
@@ -92,6 +91,17 @@ fn cost(token_len: usize) -> usize {
 }
 
 impl TokenCache {
+    pub(super) fn new(max_entries: usize, max_bytes: usize) -> TokenCache {
+        TokenCache {
+            inner: std::sync::Mutex::new(Inner {
+                entries: hashbrown::HashMap::new(),
+                bytes: 0,
+                max_entries,
+                max_bytes,
+            }),
+        }
+    }
+
     /// The identity of `token` if it verified recently and has not expired since.
     /// `now`: the caller's monotonic clock reading (for the cache's own age limit);
     /// expiry is judged on the wall clock, as at verification.
@@ -125,13 +135,12 @@ impl TokenCache {
             inner.bytes -= cost(token.len());
         }
         let c = cost(token.len());
-        if c > TOKEN_CACHE_MAX_BYTES / 4 {
+        if c > inner.max_bytes / 4 {
             // Would take a quarter of the cache alone (a head that large is refused
             // long before; this is the bound's guard, not a case that happens).
             return;
         }
-        if inner.entries.len() >= TOKEN_CACHE_MAX_ENTRIES || inner.bytes + c > TOKEN_CACHE_MAX_BYTES
-        {
+        if inner.entries.len() >= inner.max_entries || inner.bytes + c > inner.max_bytes {
             inner.evict(now);
         }
         inner.bytes += c;
@@ -161,10 +170,7 @@ impl Inner {
         self.entries
             .retain(|_, v| now < v.stale && wall < v.expires);
         self.bytes = self.entries.keys().map(|k| cost(k.0.len())).sum();
-        let (max_n, max_bytes) = (
-            TOKEN_CACHE_MAX_ENTRIES / 4 * 3,
-            TOKEN_CACHE_MAX_BYTES / 4 * 3,
-        );
+        let (max_n, max_bytes) = (self.max_entries / 4 * 3, self.max_bytes / 4 * 3);
         if self.entries.len() <= max_n && self.bytes <= max_bytes {
             return;
         }
@@ -200,6 +206,16 @@ mod tests {
         super::super::tests::now()
     }
 
+    /// The configuration's defaults.
+    const MAX_ENTRIES: usize = 10_000;
+    const MAX_BYTES: usize = 4 << 20;
+
+    impl Default for TokenCache {
+        fn default() -> TokenCache {
+            TokenCache::new(MAX_ENTRIES, MAX_BYTES)
+        }
+    }
+
     #[test]
     fn token_cache_honours_expiry() {
         let cache = TokenCache::default();
@@ -222,8 +238,8 @@ mod tests {
     }
 
     /// Hostile finding s14-11b: 3000 distinct valid 8 KB tokens were all kept
-    /// (+32 MB RSS). The cache holds at most `TOKEN_CACHE_MAX_ENTRIES` tokens and
-    /// `TOKEN_CACHE_MAX_BYTES` of them, and the newest stay.
+    /// (+32 MB RSS). The cache holds at most `MAX_ENTRIES` tokens and
+    /// `MAX_BYTES` of them, and the newest stay.
     #[test]
     fn token_cache_is_bounded_in_entries_and_bytes() {
         let cache = TokenCache::default();
@@ -232,8 +248,8 @@ mod tests {
         for i in 0..3000 {
             cache.put(&big(i), &id, now() + 600);
             let (n, bytes) = cache.size();
-            assert!(n <= TOKEN_CACHE_MAX_ENTRIES, "{n} entries after {i}");
-            assert!(bytes <= TOKEN_CACHE_MAX_BYTES, "{bytes} bytes after {i}");
+            assert!(n <= MAX_ENTRIES, "{n} entries after {i}");
+            assert!(bytes <= MAX_BYTES, "{bytes} bytes after {i}");
         }
         let at = Instant::now();
         assert!(
@@ -246,13 +262,42 @@ mod tests {
         );
         // Small tokens: bounded by count, and a full cache is not simply emptied.
         let cache = TokenCache::default();
-        for i in 0..TOKEN_CACHE_MAX_ENTRIES + 10 {
+        for i in 0..MAX_ENTRIES + 10 {
             cache.put(&format!("t{i}"), &id, now() + 600);
         }
         let (n, _) = cache.size();
-        assert!(n <= TOKEN_CACHE_MAX_ENTRIES, "{n}");
-        assert!(n >= TOKEN_CACHE_MAX_ENTRIES / 2, "{n}: most are kept");
-        let last = format!("t{}", TOKEN_CACHE_MAX_ENTRIES + 9);
+        assert!(n <= MAX_ENTRIES, "{n}");
+        assert!(n >= MAX_ENTRIES / 2, "{n}: most are kept");
+        let last = format!("t{}", MAX_ENTRIES + 9);
         assert!(cache.get(last.as_bytes(), at).is_some());
+    }
+
+    /// `auth.jwt.token_cache_max_entries` reaches the authenticator's cache: with
+    /// room for 2 tokens, the third verified one pushes out the oldest.
+    #[tokio::test]
+    async fn the_configured_bound_applies() {
+        use super::super::tests::{cfg, token};
+        use crate::config::AuthMode;
+        let mut c = cfg();
+        c.token_cache_max_entries = 2;
+        let a = super::super::Authenticator::new(Some(&c), &[], None).expect("auth");
+        let bearer = |sub: &str| {
+            let claims =
+                serde_json::json!({"sub": sub, "iss": "iss", "aud": "aud", "exp": now() + 60});
+            let mut h = http::HeaderMap::new();
+            let v = format!("Bearer {}", token(claims, "s3cret"));
+            h.insert(http::header::AUTHORIZATION, v.parse().expect("hv"));
+            h
+        };
+        let cached = |h: &http::HeaderMap| {
+            a.authenticate_cached(AuthMode::Jwt, &[], h, Instant::now())
+                .is_some()
+        };
+        let (first, second, third) = (bearer("a"), bearer("b"), bearer("c"));
+        for h in [&first, &second, &third] {
+            a.authenticate(AuthMode::Jwt, &[], h).await.expect("valid");
+        }
+        assert!(!cached(&first), "the oldest went");
+        assert!(cached(&third));
     }
 }

@@ -195,7 +195,10 @@ impl Authenticator {
                     cfg: cfg.clone(),
                     keys,
                     jwks,
-                    verified: TokenCache::default(),
+                    verified: TokenCache::new(
+                        cfg.token_cache_max_entries,
+                        cfg.token_cache_max_bytes,
+                    ),
                 })
             }
         };
@@ -439,6 +442,8 @@ pub(super) mod tests {
             user_id_claim: "sub".into(),
             role_claim: "role".into(),
             leeway_secs: 0,
+            token_cache_max_entries: 10_000,
+            token_cache_max_bytes: 4 << 20,
             jwks_refresh: None,
             jwks_min_refetch: None,
             leeway: None,

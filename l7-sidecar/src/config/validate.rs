@@ -315,6 +315,14 @@ fn jwt(jwt: &JwtConfig, e: &mut Errors) {
         };
         e.add(field, format!("must be at most {MAX_JWT_LEEWAY_SECS} s (1 day)"));
     }
+    e.positive(
+        "auth.jwt.token_cache_max_entries",
+        jwt.token_cache_max_entries as u64,
+    );
+    e.positive(
+        "auth.jwt.token_cache_max_bytes",
+        jwt.token_cache_max_bytes as u64,
+    );
     for (i, k) in jwt.keys.iter().enumerate() {
         jwt_key(&format!("auth.jwt.keys[{i}]"), k, e);
     }

@@ -183,6 +183,7 @@ fn auth_section() {
         [auth.jwt]
         jwks_url = "ftp://x"
         jwks_refresh_secs = 0
+        token_cache_max_bytes = 0
         [[auth.jwt.keys]]
         algorithm = "HS256"
         secret = ""
@@ -205,6 +206,7 @@ fn auth_section() {
             "auth.failure_limit.max_addresses",
             "auth.jwt.jwks_url",
             "auth.jwt.jwks_refresh_secs",
+            "auth.jwt.token_cache_max_bytes",
             "auth.jwt.keys[0].secret",
             "auth.jwt.keys[1].secret",
             "auth.jwt.keys[1].public_key_pem",
