@@ -527,3 +527,78 @@ async fn upstream_reads_exactly_what_the_gateway_checked() {
     assert_eq!(ids, ["one"], "the upstream gets only the id the gateway returns");
     assert_eq!(seen.headers["x-user-id"], "alice");
 }
+
+/// One request with `x-api-key: key` on a fresh connection from `local` (a
+/// loopback address), its status.
+async fn key_status_from(local: &str, gw: std::net::SocketAddr, key: &str) -> u16 {
+    status_from(local, gw, &format!("GET /key HTTP/1.1\r\nX-Api-Key: {key}")).await
+}
+
+/// `head` (request line and fields, without the end of the head) sent on a fresh
+/// connection from `local`, the answer's status.
+async fn status_from(local: &str, gw: std::net::SocketAddr, head: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.bind(format!("{local}:0").parse().expect("local addr"))
+        .expect("bind local");
+    let mut s = sock.connect(gw).await.expect("connect");
+    let req = format!("{head}\r\nHost: x\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .expect("answer within 5 s")
+        .expect("read");
+    let text = String::from_utf8_lossy(&buf);
+    text.get(9..12)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line: {text:?}"))
+}
+
+/// Hostile findings s14-9 and s14-11d through the gateway on two workers: 100 RS256
+/// tokens with a broken signature sent at once from one address (each verification
+/// long enough for the workers to overlap) get exactly `max_failures` (5) 401s; that
+/// address stays locked while 20 other addresses fill the 10-address table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failure_limit_is_exact_under_concurrency_and_survives_a_full_table() {
+    let up = upstream("p").await;
+    let toml = format!(
+        "{}[auth.failure_limit]\nmax_failures = 5\nwindow = \"1m\"\nmax_addresses = 10\n",
+        cfg(&up, &hs_keys())
+    );
+    let mut cfg = l7_sidecar::config::Config::parse(&toml).expect("config");
+    cfg.observability.access_log = false;
+    let gw = l7_sidecar::Gateway::new(cfg, None).expect("gateway");
+    let gw = l7_sidecar::start_workers(gw, 2).await.expect("start");
+    let addr = gw.addr("public").expect("addr");
+    let attacker = "127.0.3.1";
+    let mut pending = tokio::task::JoinSet::new();
+    let mut h = Header::new(Algorithm::RS256);
+    h.kid = Some("rsa1".into());
+    let key = EncodingKey::from_rsa_pem(RSA_PRIVATE.as_bytes()).expect("rsa key");
+    for i in 0..100 {
+        let signed = jsonwebtoken::encode(&h, &claims(&format!("u{i}"), &[]), &key).expect("sign");
+        let other = jsonwebtoken::encode(&h, &claims("mallory", &[]), &key).expect("sign");
+        // u{i}'s header and payload with mallory's signature.
+        let (body, _) = signed.rsplit_once('.').expect("jwt");
+        let (_, sig) = other.rsplit_once('.').expect("jwt");
+        let head = format!("GET /jwt HTTP/1.1\r\nAuthorization: Bearer {body}.{sig}");
+        pending.spawn(async move { status_from(attacker, addr, &head).await });
+    }
+    let mut statuses = Vec::new();
+    while let Some(s) = pending.join_next().await {
+        statuses.push(s.expect("task"));
+    }
+    let count = |code| statuses.iter().filter(|&&s| s == code).count();
+    assert_eq!((count(401), count(429)), (5, 95), "{statuses:?}");
+    for i in 1..=20 {
+        let s = key_status_from(&format!("127.0.1.{i}"), addr, "bad").await;
+        assert_eq!(s, 401, "newcomer 127.0.1.{i}");
+    }
+    assert_eq!(
+        key_status_from(attacker, addr, "secret-key-1").await,
+        429,
+        "still locked after 20 newcomers"
+    );
+    assert_eq!(key_status_from("127.0.2.1", addr, "secret-key-1").await, 200);
+}

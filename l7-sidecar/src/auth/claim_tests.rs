@@ -154,3 +154,106 @@ fn api_key_identities_are_checked_when_the_authenticator_is_built() {
         assert!(err.starts_with(field), "{field}: {err}");
     }
 }
+
+/// Hostile finding s14-10: a role claim that is neither a string nor a list of
+/// strings refuses the token; a missing claim, or `null`, is "no roles".
+#[tokio::test]
+async fn a_role_claim_of_another_type_refuses_the_token() {
+    let a = Authenticator::new(Some(&cfg()), &[], None).expect("auth");
+    for role in [
+        serde_json::json!(5),
+        serde_json::json!(true),
+        serde_json::json!({"admin": true}),
+        serde_json::json!(1.5),
+    ] {
+        let r = check(&a, "alice".into(), role.clone()).await;
+        assert!(
+            matches!(r, Err(AuthError::Invalid(_))),
+            "role {role}: {r:?}"
+        );
+    }
+    let id = check(&a, "alice".into(), serde_json::Value::Null)
+        .await
+        .expect("null role")
+        .expect("identity");
+    assert!(id.roles.is_empty());
+    let no_claim =
+        serde_json::json!({"sub": "alice", "iss": "iss", "aud": "aud", "exp": now() + 60});
+    let t = token(no_claim, "s3cret");
+    let id = a
+        .authenticate(AuthMode::Jwt, &[], &headers(&[format!("Bearer {t}")]))
+        .await
+        .expect("no role claim")
+        .expect("identity");
+    assert!(id.roles.is_empty());
+}
+
+/// `claims` plus the given time claims.
+async fn check_times(
+    a: &Authenticator,
+    times: serde_json::Value,
+) -> Result<Option<Arc<Identity>>, AuthError> {
+    let mut c = serde_json::json!({"sub": "alice", "iss": "iss", "aud": "aud"});
+    for (k, v) in times.as_object().expect("object") {
+        c[k] = v.clone();
+    }
+    let t = token(c, "s3cret");
+    a.authenticate(AuthMode::Jwt, &[], &headers(&[format!("Bearer {t}")]))
+        .await
+}
+
+/// Hostile finding s14-11a: an `nbf` that is not a NumericDate (not a number, or
+/// not one a u64 holds) was ignored and the token accepted. `exp` of a wrong type
+/// was already refused (it is required); both are checked here.
+#[tokio::test]
+async fn time_claims_of_a_wrong_type_or_range_refuse_the_token() {
+    let a = Authenticator::new(Some(&cfg()), &[], None).expect("auth");
+    let exp = serde_json::json!(now() + 60);
+    for bad in [
+        serde_json::json!("later"),
+        serde_json::json!(1e20),
+        serde_json::json!(-1),
+        serde_json::json!(true),
+        serde_json::json!([1]),
+        serde_json::json!({"t": 1}),
+    ] {
+        let r = check_times(&a, serde_json::json!({"exp": exp, "nbf": bad})).await;
+        assert!(matches!(r, Err(AuthError::Invalid(_))), "nbf {bad}: {r:?}");
+        let r = check_times(&a, serde_json::json!({"exp": bad})).await;
+        assert!(matches!(r, Err(AuthError::Invalid(_))), "exp {bad}: {r:?}");
+    }
+    let r = check_times(&a, serde_json::json!({"exp": null})).await;
+    assert!(matches!(r, Err(AuthError::Invalid(_))), "exp null: {r:?}");
+    for good in [
+        serde_json::json!(null),
+        serde_json::json!(now() - 10),
+        serde_json::json!(now() as f64 - 10.5),
+    ] {
+        let r = check_times(&a, serde_json::json!({"exp": exp, "nbf": good})).await;
+        assert!(matches!(r, Ok(Some(_))), "nbf {good}: {r:?}");
+    }
+}
+
+/// A far-future `exp` (2^63, beyond what `SystemTime` holds) or a fractional one is
+/// accepted and cached like any other, not re-verified on every request.
+#[tokio::test]
+async fn far_future_and_fractional_exp_are_accepted_and_cached() {
+    let a = Authenticator::new(Some(&cfg()), &[], None).expect("auth");
+    for exp in [
+        serde_json::json!(1u64 << 63),
+        serde_json::json!(u64::MAX),
+        serde_json::json!(now() as f64 + 60.5),
+    ] {
+        let c = serde_json::json!({"sub": "alice", "iss": "iss", "aud": "aud", "exp": exp});
+        let h = headers(&[format!("Bearer {}", token(c, "s3cret"))]);
+        let r = a.authenticate(AuthMode::Jwt, &[], &h).await;
+        assert!(matches!(r, Ok(Some(_))), "exp {exp}: {r:?}");
+        assert!(
+            matches!(
+                a.authenticate_cached(AuthMode::Jwt, &[], &h, Instant::now()),
+                Some(Ok(_))
+            ),
+            "exp {exp}: cached"
+        );
+    }
+}

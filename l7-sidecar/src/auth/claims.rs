@@ -36,11 +36,13 @@ pub(super) fn user_id(claims: &Value, name: &str) -> Result<String, AuthError> {
     Ok(id)
 }
 
-/// The role claim `name`: one string or a list of strings. Absent (or of another
-/// type) means no roles; one bad element refuses the whole token, since dropping it
-/// would pass the rest on as if the issuer had said only that.
+/// The role claim `name`: one string or a list of strings. Absent, or `null` (what
+/// many issuers write for an unset optional claim), means no roles. Any other type
+/// refuses the token, as one bad element of a list does: passing it on as "no
+/// roles" would say something the issuer did not.
 pub(super) fn roles(claims: &Value, name: &str) -> Result<Vec<String>, AuthError> {
     let roles = match claims.get(name) {
+        None | Some(Value::Null) => Vec::new(),
         Some(Value::String(s)) => vec![s.clone()],
         Some(Value::Array(a)) => a
             .iter()
@@ -51,7 +53,11 @@ pub(super) fn roles(claims: &Value, name: &str) -> Result<Vec<String>, AuthError
                     "role claim {name} has an element that is not a string"
                 ))
             })?,
-        _ => Vec::new(),
+        Some(_) => {
+            return Err(AuthError::Invalid(format!(
+                "role claim {name} is neither a string nor a list of strings"
+            )))
+        }
     };
     if !roles.iter().all(|r| valid_role(r)) {
         return Err(AuthError::Invalid(format!(
@@ -59,6 +65,34 @@ pub(super) fn roles(claims: &Value, name: &str) -> Result<Vec<String>, AuthError
         )));
     }
     Ok(roles)
+}
+
+/// A NumericDate (RFC 7519 §2) as `jsonwebtoken` reads one: a non-negative integer,
+/// or a finite non-negative number below 2^64, rounded. `None` for anything else.
+pub(super) fn numeric_date(v: &Value) -> Option<u64> {
+    v.as_u64().or_else(|| {
+        let f = v.as_f64()?;
+        (f.is_finite() && f >= 0.0 && f < u64::MAX as f64).then(|| f.round() as u64)
+    })
+}
+
+/// The time claims `jsonwebtoken` checks when it can read them: one it cannot read
+/// (`"nbf": "later"`, `1e20`, `-1`) would be skipped and the token accepted, so it
+/// refuses the token. `null` counts as absent, as for the role claim; `exp` must be
+/// present anyway (`decode` requires it).
+pub(super) fn check_time_claims(claims: &Value) -> Result<(), AuthError> {
+    for name in ["exp", "nbf"] {
+        match claims.get(name) {
+            None | Some(Value::Null) => {}
+            Some(v) if numeric_date(v).is_some() => {}
+            Some(_) => {
+                return Err(AuthError::Invalid(format!(
+                    "claim {name} is not a NumericDate (seconds since the epoch, 0 to 2^64)"
+                )))
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

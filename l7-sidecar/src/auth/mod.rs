@@ -10,7 +10,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {
@@ -35,10 +35,12 @@ impl AuthError {
 
 type KeyMap = HashMap<String, (Algorithm, Arc<DecodingKey>)>;
 
+mod cache;
 mod claims;
 mod failures;
 mod jwks;
 mod stage;
+use cache::TokenCache;
 use claims::{valid_identity_value, valid_role};
 pub use failures::FailureLimiter;
 pub use jwks::{spawn_jwks_refresh, JwksCache, JwksError};
@@ -55,108 +57,6 @@ struct JwtVerifier {
     keys: Vec<(Option<String>, Algorithm, Arc<DecodingKey>)>,
     jwks: Option<Arc<JwksCache>>,
     verified: TokenCache,
-}
-
-/// How long a verified token may be accepted again without re-checking it; also how
-/// long a key removed from the JWKS can go on vouching for tokens it signed.
-const TOKEN_CACHE_TTL: Duration = Duration::from_secs(30);
-/// Bound on remembered tokens; when full the cache starts over.
-const TOKEN_CACHE_MAX: usize = 10_000;
-
-/// Tokens that verified recently. Clients send the same token with every request,
-/// and checking its signature and parsing its claims is most of what auth costs, so
-/// a token seen again is taken from here: only while it has not expired (`exp` plus
-/// the leeway, as at verification) and for at most `TOKEN_CACHE_TTL`. A config
-/// reload builds a new `Authenticator`, so new keys or rules start from empty.
-///
-/// Tokens are client-chosen: hashbrown's default hasher (foldhash, seeded at random
-/// per process and map) keeps HashDoS resistance at a fraction of SipHash's cost
-/// over a few hundred bytes of token.
-///
-/// Keyed by the token's bytes as they are in the request's header: a lookup makes no
-/// copy and no `&str` of them (a token in the cache was a valid `&str` when it went
-/// in, so equal bytes are one too).
-#[derive(Default)]
-struct TokenCache {
-    entries: std::sync::Mutex<hashbrown::HashMap<TokenKey, Verified>>,
-}
-
-/// A cached token: compared on all its bytes, hashed on its last `HASHED_TAIL`.
-/// A JWT ends in its signature, and any two tokens that verified differ there (a
-/// different payload or key signs differently), so the tail tells cached tokens
-/// apart as well as all of a token would, for a fraction of the hashing. Only
-/// verified tokens go in, so a client cannot fill one bucket with look-alikes.
-#[derive(PartialEq, Eq)]
-struct TokenKey(Box<[u8]>);
-
-/// `TokenKey`, borrowed from the request's header.
-#[derive(Clone, Copy)]
-struct TokenRef<'a>(&'a [u8]);
-
-const HASHED_TAIL: usize = 32;
-
-impl std::hash::Hash for TokenRef<'_> {
-    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
-        h.write(&self.0[self.0.len().saturating_sub(HASHED_TAIL)..]);
-    }
-}
-
-// `TokenKey` and `TokenRef` hash alike (hashbrown finds a key by its `TokenRef`).
-impl std::hash::Hash for TokenKey {
-    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
-        TokenRef(&self.0).hash(h);
-    }
-}
-
-impl hashbrown::Equivalent<TokenKey> for TokenRef<'_> {
-    fn equivalent(&self, key: &TokenKey) -> bool {
-        *self.0 == *key.0
-    }
-}
-
-struct Verified {
-    identity: Arc<Identity>,
-    /// The wall-clock time from which the token counts as expired: the start of the
-    /// second after `exp` plus the leeway (`jsonwebtoken` compares whole seconds).
-    /// Compared with the clock as it is, not turned into seconds since the epoch.
-    expires: SystemTime,
-    /// When the cache stops vouching for it (`TOKEN_CACHE_TTL` after it went in).
-    stale: Instant,
-}
-
-impl TokenCache {
-    /// The identity of `token` if it verified recently and has not expired since.
-    /// `now`: the caller's monotonic clock reading (for the cache's own age limit);
-    /// expiry is judged on the wall clock, as at verification.
-    fn get(&self, token: &[u8], now: Instant) -> Option<Arc<Identity>> {
-        let mut map = self.entries.lock().ok()?;
-        let hit = map.get(&TokenRef(token))?;
-        if now < hit.stale && SystemTime::now() < hit.expires {
-            return Some(hit.identity.clone());
-        }
-        map.remove(&TokenRef(token));
-        None
-    }
-
-    /// `valid_until`: the last Unix second in which the token counts as unexpired.
-    fn put(&self, token: &str, identity: &Arc<Identity>, valid_until: u64) {
-        let Ok(mut map) = self.entries.lock() else {
-            return;
-        };
-        if map.len() >= TOKEN_CACHE_MAX {
-            map.clear();
-        }
-        map.insert(
-            TokenKey(token.as_bytes().into()),
-            Verified {
-                identity: identity.clone(),
-                expires: std::time::UNIX_EPOCH
-                    .checked_add(Duration::from_secs(valid_until.saturating_add(1)))
-                    .unwrap_or(std::time::UNIX_EPOCH),
-                stale: Instant::now() + TOKEN_CACHE_TTL,
-            },
-        );
-    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -200,15 +100,30 @@ fn check_api_key_identities(keys: &[ApiKeyConfig]) -> Result<(), KeyError> {
 /// proxying on routes that accept API keys.
 pub const API_KEY: &str = "x-api-key";
 
-/// The token of an `Authorization: Bearer` value as bytes, unchecked: "Bearer " or
-/// "bearer " stripped, then spaces and tabs (the only whitespace a header value can
-/// hold) trimmed, as `authenticate` does on the checked `&str`.
+/// Whether `v` starts with "Bearer " (the scheme in any case, RFC 9110 §11.1, then
+/// one space). One word compare, not a byte loop: it runs on every authenticated
+/// request. Setting bit 5 folds exactly 'A'–'Z' onto 'a'–'z' among the letters
+/// compared; the space is compared as is.
+fn is_bearer(v: &[u8]) -> bool {
+    let Some(&[a, b, c, d, e, f, g]) = v.first_chunk::<7>() else {
+        return false;
+    };
+    const FOLD: u64 = 0x0000_2020_2020_2020;
+    (u64::from_le_bytes([a, b, c, d, e, f, g, 0]) | FOLD) == u64::from_le_bytes(*b"bearer \0")
+}
+
+/// The token of an `Authorization: Bearer` value as bytes, unchecked: "Bearer " (in
+/// any case) stripped, then spaces and tabs (the only whitespace a header value can
+/// hold) trimmed, as `bearer_str` does on the checked `&str`.
 fn bearer_bytes(v: &HeaderValue) -> Option<&[u8]> {
     let v = v.as_bytes();
-    let t = v
-        .strip_prefix(b"Bearer ")
-        .or_else(|| v.strip_prefix(b"bearer "))?;
-    Some(t.trim_ascii())
+    is_bearer(v).then(|| v[7..].trim_ascii())
+}
+
+/// `bearer_bytes` on a checked `&str`.
+fn bearer_str(v: &str) -> Option<&str> {
+    // The 7 bytes matched are ASCII, so byte 7 starts a character.
+    is_bearer(v.as_bytes()).then(|| v[7..].trim_matches([' ', '\t']))
 }
 
 /// `id`, if it holds one of `roles` (or none are required).
@@ -280,7 +195,10 @@ impl Authenticator {
                     cfg: cfg.clone(),
                     keys,
                     jwks,
-                    verified: TokenCache::default(),
+                    verified: TokenCache::new(
+                        cfg.token_cache_max_entries,
+                        cfg.token_cache_max_bytes,
+                    ),
                 })
             }
         };
@@ -309,13 +227,9 @@ impl Authenticator {
             // verify the bearer itself) reads another.
             return Err(AuthError::Invalid("several Authorization headers".into()));
         }
-        let bearer = first
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
-            .map(str::trim);
+        // Another scheme (`Basic ...`) is no bearer token: missing, not invalid, so
+        // not counted toward the failure limit.
+        let bearer = first.and_then(|v| v.to_str().ok()).and_then(bearer_str);
         // Looked up only where a mode reads them. Two keys are ambiguous: which one
         // "the" caller is depends on who reads them.
         let (api_key, several_keys) = if matches!(mode, AuthMode::ApiKey | AuthMode::Either) {
@@ -426,12 +340,12 @@ impl Authenticator {
         let data = jsonwebtoken::decode::<serde_json::Value>(token, &key, &val)
             .map_err(|e| AuthError::Invalid(e.to_string()))?;
         let payload = data.claims;
+        claims::check_time_claims(&payload)?;
         let user_id = claims::user_id(&payload, &v.cfg.user_id_claim)?;
         let roles = claims::roles(&payload, &v.cfg.role_claim)?;
         let id = Arc::new(Identity::new(user_id, roles, None));
-        // `exp` is required and was checked by `decode`; a non-integer one is
-        // simply not cached.
-        if let Some(exp) = payload.get("exp").and_then(serde_json::Value::as_u64) {
+        // `exp` is required, and was checked by `decode` and `check_time_claims`.
+        if let Some(exp) = payload.get("exp").and_then(claims::numeric_date) {
             v.verified
                 .put(token, &id, exp.saturating_add(v.cfg.leeway_secs));
         }
@@ -461,8 +375,8 @@ impl JwtVerifier {
                 // Boxed: the fetch's future (an HTTPS client request) is several KiB,
                 // and inline it would be part of every request's future, copied from
                 // stage to stage, although it is almost never run.
-                let refresh = jwks
-                    .refresh_if_allowed(Duration::from_secs(self.cfg.jwks_min_refetch_secs));
+                let refresh =
+                    jwks.refresh_if_allowed(Duration::from_secs(self.cfg.jwks_min_refetch_secs));
                 if Box::pin(refresh).await {
                     if let Some(found) = jwks.key(kid) {
                         return Ok(found);
@@ -487,25 +401,23 @@ mod stage_tests;
 
 #[cfg(test)]
 pub(super) mod tests {
+    /// The scheme matches in any case and nothing else: every other byte in each
+    /// position (also those that fold onto a letter's case bit) is refused.
     #[test]
-    fn token_cache_honours_expiry() {
-        let cache = TokenCache::default();
-        let id = Arc::new(Identity::new("u".into(), vec![], None));
-        cache.put("fresh", &id, now() + 60);
-        cache.put("expired", &id, now() - 1);
-        let now = Instant::now();
-        assert_eq!(cache.get(b"fresh", now), Some(id.clone()));
-        assert_eq!(cache.get(b"expired", now), None);
-        assert_eq!(cache.get(b"unknown", now), None);
-        assert_eq!(cache.get(b"fresh", now + TOKEN_CACHE_TTL), None, "too old");
-        // Tokens alike in their hashed tail are still told apart by all their bytes.
-        let tail = "s".repeat(HASHED_TAIL);
-        let other = Arc::new(Identity::new("v".into(), vec![], None));
-        cache.put(&format!("a.{tail}"), &id, self::now() + 60);
-        cache.put(&format!("b.{tail}"), &other, self::now() + 60);
-        assert_eq!(cache.get(format!("a.{tail}").as_bytes(), now), Some(id));
-        assert_eq!(cache.get(format!("b.{tail}").as_bytes(), now), Some(other));
-        assert_eq!(cache.get(tail.as_bytes(), now), None, "the tail alone");
+    fn bearer_scheme_matches_in_any_case_only() {
+        for ok in ["Bearer x", "bearer x", "BEARER x", "bEaReR x", "Bearer "] {
+            assert!(is_bearer(ok.as_bytes()), "{ok:?}");
+        }
+        let scheme = *b"bearer ";
+        for i in 0..scheme.len() {
+            for byte in 0..=255u8 {
+                let mut v = scheme;
+                v[i] = byte;
+                let same = byte.eq_ignore_ascii_case(&scheme[i]);
+                assert_eq!(is_bearer(&v), same, "byte {byte:#x} at {i}");
+            }
+        }
+        assert!(!is_bearer(b"Bearer") && !is_bearer(b"Bearer\tx") && !is_bearer(b""));
     }
 
     use super::*;
@@ -530,6 +442,8 @@ pub(super) mod tests {
             user_id_claim: "sub".into(),
             role_claim: "role".into(),
             leeway_secs: 0,
+            token_cache_max_entries: 10_000,
+            token_cache_max_bytes: 4 << 20,
             jwks_refresh: None,
             jwks_min_refetch: None,
             leeway: None,

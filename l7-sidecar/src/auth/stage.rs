@@ -36,16 +36,7 @@ pub fn auth_stage<'a, B: Send + 'static, N: Next<Routed<B>>>(
     // Before any verification: an address over the limit costs no signature check.
     if let Some(wait) = failures.blocked(limit, ip, now) {
         crate::stats::record_auth_failure(&rc.name, "limited");
-        let mut resp = json_error(
-            &r.req,
-            StatusCode::TOO_MANY_REQUESTS,
-            "too_many_auth_failures",
-            "too many failed authentications; retry later",
-        );
-        let secs = wait.as_millis().div_ceil(1000).max(1);
-        resp.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(secs as u64));
-        return Either::work(refused(resp));
+        return Either::work(refused(too_many_failures(&r.req, wait)));
     }
     match auth.authenticate_cached(rc.auth, &rc.roles, r.req.headers(), now) {
         Some(result) => match admit(failures, limit, &mut r, result.map(Some)) {
@@ -121,7 +112,11 @@ fn admit<B>(
     tracing::debug!(route = %rc.name, error = %e, "auth failed");
     if let AuthError::Invalid(_) = &e {
         // Only wrong credentials are guesses; missing ones or a missing role are not.
-        failures.record(limit, req.ctx().conn.peer.ip(), Instant::now());
+        // Counted and judged at once: requests that passed `blocked` together are
+        // answered 429 past the limit, here.
+        if let Some(wait) = failures.record(limit, req.ctx().conn.peer.ip(), Instant::now()) {
+            return Err(too_many_failures(req, wait));
+        }
     }
     if let AuthError::Forbidden { user, .. } = e {
         // The access log names who was refused (the client is told nothing more).
@@ -148,6 +143,20 @@ fn admit<B>(
         HeaderValue::from_static(challenge),
     );
     Err(resp)
+}
+
+/// 429 for an address over the failure limit, with how long it must wait.
+fn too_many_failures<B>(req: &crate::ctx::Req<B>, wait: std::time::Duration) -> Response<Body> {
+    let mut resp = json_error(
+        req,
+        StatusCode::TOO_MANY_REQUESTS,
+        "too_many_auth_failures",
+        "too many failed authentications; retry later",
+    );
+    let secs = wait.as_millis().div_ceil(1000).max(1);
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(secs as u64));
+    resp
 }
 
 /// The authenticated user, named on the answer for the access log.

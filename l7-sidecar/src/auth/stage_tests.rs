@@ -166,13 +166,13 @@ async fn a_cached_token_meets_every_check() {
     let resp = jwt_call(
         &auth,
         &failures,
-        Request::get("/").header("authorization", format!("BEARER {t}")),
+        Request::get("/").header("authorization", format!("Bearer{t}")),
     )
     .await;
     assert_eq!(
         resp.status(),
         StatusCode::UNAUTHORIZED,
-        "not a bearer token"
+        "no space after the scheme: not a bearer token"
     );
     let resp = jwt_call(
         &auth,
@@ -257,4 +257,96 @@ async fn a_cached_token_is_refused_once_it_expires() {
         .to_str()
         .expect("ascii")
         .contains("invalid_token"));
+}
+
+/// Hostile finding s14-11d: requests that all passed the "blocked?" check before
+/// any of them failed were all answered 401. Counting a failure and deciding its
+/// answer are one step, so exactly `max_failures` (2) are 401, the rest 429.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_bad_credentials_get_exactly_max_failures_401s() {
+    let toml = toml();
+    let (cfg, _) = routed(&toml, Request::get("/x"));
+    let auth = Authenticator::new(None, &cfg.auth.api_keys, None).expect("authenticator");
+    let failures = FailureLimiter::default();
+    let limit = &cfg.auth.failure_limit;
+    // Every request is admitted past the limit check before any is verified.
+    let pending: Vec<_> = (0..20)
+        .map(|_| {
+            let (_, r) = routed(&toml, Request::get("/x").header("x-api-key", "wrong"));
+            auth_stage(&auth, &failures, limit, r, crate::stage::testing::stub(ok))
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for resp in futures_util::future::join_all(pending).await {
+        statuses.push(resp.status());
+    }
+    let count = |s| statuses.iter().filter(|&&x| x == s).count();
+    assert_eq!(count(StatusCode::UNAUTHORIZED), 2, "{statuses:?}");
+    assert_eq!(count(StatusCode::TOO_MANY_REQUESTS), 18, "{statuses:?}");
+}
+
+fn ok(_: Routed<()>) -> Response<Body> {
+    Response::new(crate::http_util::full("ok"))
+}
+
+/// Hostile finding s14-11c: auth schemes are case-insensitive (RFC 9110 §11.1),
+/// on the verifying path and on the token cache's.
+#[tokio::test]
+async fn the_bearer_scheme_is_matched_in_any_case() {
+    let auth = jwt_auth();
+    let failures = FailureLimiter::default();
+    let t = jwt_token(super::tests::now() + 600);
+    for (i, scheme) in ["BEARER", "BeArEr", "bEARER"].iter().enumerate() {
+        let resp = jwt_call(
+            &auth,
+            &failures,
+            Request::get("/").header("authorization", format!("{scheme} {t}")),
+        )
+        .await;
+        assert_eq!(resp.status(), StatusCode::OK, "{scheme} (request {i})");
+        assert_eq!(resp.headers()["x-seen-user"], "u1");
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            format!("{scheme} {t}").parse().expect("hv"),
+        );
+        assert!(
+            matches!(
+                auth.authenticate_cached(AuthMode::Jwt, &[], &h, Instant::now()),
+                Some(Ok(_))
+            ),
+            "{scheme}: the cached path"
+        );
+    }
+}
+
+/// Another scheme than Bearer on a JWT route is a missing token, as before: 401,
+/// and not counted toward the failure limit (2 here).
+#[tokio::test]
+async fn another_scheme_on_a_jwt_route_is_missing_credentials_and_not_counted() {
+    let auth = jwt_auth();
+    let failures = FailureLimiter::default();
+    for value in ["Basic dXNlcjpwYXNz", "Token abc", "Bearer", "Bearerx abc"] {
+        for _ in 0..3 {
+            let resp = jwt_call(
+                &auth,
+                &failures,
+                Request::get("/").header("authorization", value),
+            )
+            .await;
+            assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{value}");
+            let challenge = resp.headers()[header::WWW_AUTHENTICATE]
+                .to_str()
+                .expect("ascii");
+            assert!(!challenge.contains("invalid_token"), "{value}: {challenge}");
+        }
+    }
+    let t = jwt_token(super::tests::now() + 600);
+    let resp = jwt_call(
+        &auth,
+        &failures,
+        Request::get("/").header("authorization", format!("Bearer {t}")),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::OK, "nothing was counted");
 }

@@ -457,6 +457,12 @@ pub struct JwtConfig {
     pub role_claim: String,
     #[serde(default = "default_leeway")]
     pub leeway_secs: u64,
+    /// Bounds of the verified-token cache: tokens, and their bytes (each counted
+    /// with ~100 bytes of overhead).
+    #[serde(default = "default_token_cache_max_entries")]
+    pub token_cache_max_entries: usize,
+    #[serde(default = "default_token_cache_max_bytes")]
+    pub token_cache_max_bytes: usize,
     #[serde(default)]
     pub jwks_refresh: Option<DurationText>,
     #[serde(default)]
@@ -479,6 +485,12 @@ fn default_role_claim() -> String {
 }
 fn default_leeway() -> u64 {
     30
+}
+fn default_token_cache_max_entries() -> usize {
+    10_000
+}
+fn default_token_cache_max_bytes() -> usize {
+    4 << 20
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -284,6 +284,8 @@ fn auth(a: &AuthConfig, e: &mut Errors) {
     }
 }
 
+const MAX_JWT_LEEWAY_SECS: u64 = 86_400;
+
 fn jwt(jwt: &JwtConfig, e: &mut Errors) {
     if jwt.keys.is_empty() && jwt.jwks_url.is_none() {
         e.add("auth.jwt", "needs keys or jwks_url");
@@ -304,6 +306,23 @@ fn jwt(jwt: &JwtConfig, e: &mut Errors) {
         }
     }
     e.positive("auth.jwt.jwks_refresh_secs", jwt.jwks_refresh_secs);
+    // Clock skew, not a validity extension; and `jsonwebtoken` computes `now -
+    // leeway` and `now + leeway` unchecked (a leeway past now overflowed there).
+    if jwt.leeway_secs > MAX_JWT_LEEWAY_SECS {
+        let field = match jwt.leeway {
+            Some(_) => "auth.jwt.leeway",
+            None => "auth.jwt.leeway_secs",
+        };
+        e.add(field, format!("must be at most {MAX_JWT_LEEWAY_SECS} s (1 day)"));
+    }
+    e.positive(
+        "auth.jwt.token_cache_max_entries",
+        jwt.token_cache_max_entries as u64,
+    );
+    e.positive(
+        "auth.jwt.token_cache_max_bytes",
+        jwt.token_cache_max_bytes as u64,
+    );
     for (i, k) in jwt.keys.iter().enumerate() {
         jwt_key(&format!("auth.jwt.keys[{i}]"), k, e);
     }

@@ -183,6 +183,7 @@ fn auth_section() {
         [auth.jwt]
         jwks_url = "ftp://x"
         jwks_refresh_secs = 0
+        token_cache_max_bytes = 0
         [[auth.jwt.keys]]
         algorithm = "HS256"
         secret = ""
@@ -205,6 +206,7 @@ fn auth_section() {
             "auth.failure_limit.max_addresses",
             "auth.jwt.jwks_url",
             "auth.jwt.jwks_refresh_secs",
+            "auth.jwt.token_cache_max_bytes",
             "auth.jwt.keys[0].secret",
             "auth.jwt.keys[1].secret",
             "auth.jwt.keys[1].public_key_pem",
@@ -214,6 +216,28 @@ fn auth_section() {
         ],
         "{errs:?}"
     );
+}
+
+/// A leeway past the current Unix time overflowed in `jsonwebtoken`'s `now -
+/// leeway` (a panic in debug builds, every token expired in release).
+#[test]
+fn jwt_leeway_is_at_most_a_day() {
+    let parse = |jwt: &str| {
+        Config::parse(&format!(
+            "[auth.jwt]\n{jwt}\n[[auth.jwt.keys]]\nalgorithm = \"HS256\"\nsecret = \"x\"\n"
+        ))
+    };
+    for ok in ["leeway_secs = 86400", "leeway = \"30s\""] {
+        assert!(parse(ok).is_ok(), "{ok}");
+    }
+    for (jwt, field) in [
+        ("leeway_secs = 86401", "auth.jwt.leeway_secs: "),
+        ("leeway_secs = 9223372036854775807", "auth.jwt.leeway_secs: "),
+        ("leeway = \"86401s\"", "auth.jwt.leeway: "),
+    ] {
+        let err = parse(jwt).expect_err("refused").to_string();
+        assert!(err.contains(field) && err.contains("at most 86400"), "{jwt}: {err}");
+    }
 }
 
 #[test]
