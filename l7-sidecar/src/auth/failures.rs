@@ -18,7 +18,9 @@
 //! is never dropped, or an attacker with enough addresses could free its own. If
 //! every address in the table is locked out, newcomers share one overflow window:
 //! together they get `max_failures` failures, then every address without an entry
-//! is refused until that window ends. Counting them nowhere would let an attacker
+//! is refused until that window ends — except with a token verified before (in the
+//! token cache, `auth_stage`): the overflow refuses new verifications, not clients
+//! already signed in. Counting them nowhere would let an attacker
 //! with more addresses than the table guess freely; this fails closed, bounded to
 //! one window, and is logged so the operator can raise `max_addresses`.
 
@@ -93,6 +95,13 @@ impl FailureLimiter {
             Some(w) => w.wait(cfg.max_failures, window, now),
             None => t.overflow?.wait(cfg.max_failures, window, now),
         }
+    }
+
+    /// Whether `ip` has a window of its own (failures on record), as opposed to
+    /// being blocked only by the shared overflow window.
+    pub fn has_window(&self, ip: IpAddr) -> bool {
+        let t = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        t.by_addr.contains_key(&crate::idle::address_key(ip))
     }
 
     /// Count one failed authentication of `ip`. `Some(wait)`: this failure is over

@@ -34,11 +34,20 @@ pub fn auth_stage<'a, B: Send + 'static, N: Next<Routed<B>>>(
     let now = Instant::now();
     let ip = r.req.ctx().conn.peer.ip();
     // Before any verification: an address over the limit costs no signature check.
-    if let Some(wait) = failures.blocked(limit, ip, now) {
-        crate::stats::record_auth_failure(&rc.name, "limited");
-        return Either::work(refused(too_many_failures(&r.req, wait)));
+    let blocked = failures.blocked(limit, ip, now);
+    let cached = auth.authenticate_cached(rc.auth, &rc.roles, r.req.headers(), now);
+    if let Some(wait) = blocked {
+        // Blocked for its own failures: refused whatever it sends. Blocked only by the
+        // overflow window (a table full of locked-out addresses): a token verified
+        // before still passes, or an attacker holding the table would lock out every
+        // signed-in client it never met.
+        let signed_in = matches!(cached, Some(Ok(_))) && !failures.has_window(ip);
+        if !signed_in {
+            crate::stats::record_auth_failure(&rc.name, "limited");
+            return Either::work(refused(too_many_failures(&r.req, wait)));
+        }
     }
-    match auth.authenticate_cached(rc.auth, &rc.roles, r.req.headers(), now) {
+    match cached {
         Some(result) => match admit(failures, limit, &mut r, result.map(Some)) {
             Ok(user) => Either::pass(Annotated::new(next.run(r), user.map(NoteUser))),
             Err(resp) => Either::work(refused(resp)),

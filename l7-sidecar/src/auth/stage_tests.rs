@@ -350,3 +350,41 @@ async fn another_scheme_on_a_jwt_route_is_missing_credentials_and_not_counted() 
     .await;
     assert_eq!(resp.status(), StatusCode::OK, "nothing was counted");
 }
+
+/// Newcomers to a failure table full of locked-out addresses share one overflow
+/// window; once it is spent they are refused new verifications, but a client with a
+/// token verified before (cached) still gets in: an attacker holding the table must
+/// not lock out signed-in clients.
+#[tokio::test]
+async fn a_full_table_of_locked_addresses_refuses_verifications_not_signed_in_clients() {
+    let toml = jwt_toml().replace("window_ms = 60000", "window_ms = 60000\n    max_addresses = 2");
+    let auth = jwt_auth();
+    let failures = FailureLimiter::default();
+    let call = |req: http::request::Builder| {
+        let (cfg, r) = routed(&toml, req);
+        let (auth, failures) = (&auth, &failures);
+        async move { auth_stage(auth, failures, &cfg.auth.failure_limit, r, crate::stage::testing::stub(ok)).await }
+    };
+    let bearer = |t: &str| format!("Bearer {t}");
+    let now = super::tests::now();
+    let signed_in = jwt_token(now + 600);
+    let resp = call(Request::get("/").header(header::AUTHORIZATION, bearer(&signed_in))).await;
+    assert_eq!(resp.status(), StatusCode::OK, "verified, now cached");
+    // Two addresses lock the table; three newcomers spend the overflow window.
+    let (cfg, _) = routed(&toml, Request::get("/"));
+    let limit = &cfg.auth.failure_limit;
+    let t0 = std::time::Instant::now();
+    for last in [1u8, 2, 3] {
+        for _ in 0..3 {
+            failures.record(limit, std::net::IpAddr::from([10, 0, 0, last]), t0);
+        }
+    }
+    assert!(failures.blocked(limit, "127.0.0.1".parse().expect("ip"), t0).is_some(), "newcomers refused");
+    let resp = call(Request::get("/").header(header::AUTHORIZATION, bearer(&signed_in))).await;
+    assert_eq!(resp.status(), StatusCode::OK, "a token verified before still passes");
+    let fresh = jwt_token(now + 700);
+    let resp = call(Request::get("/").header(header::AUTHORIZATION, bearer(&fresh))).await;
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS, "a new verification is refused");
+    let resp = call(Request::get("/")).await;
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS, "no credentials: refused too");
+}
