@@ -233,7 +233,7 @@ macro_rules! forward_in_place {
                     };
                     sent = conn.send(*back, deadline).await;
                 }
-                let resp = match sent {
+                let mut resp = match sent {
                     Ok(r) => r,
                     Err(SendError::Deadline) => break 'forward Err(ProxyError::Timeout),
                     Err(e) => {
@@ -248,7 +248,7 @@ macro_rules! forward_in_place {
                         continue;
                     }
                 };
-                if let Err(why) = passable(&resp) {
+                if let Err(why) = passable(&mut resp) {
                     // Not passed on, and the connection is dropped rather than released: its
                     // framing (or protocol) is no longer known. A failed attempt, as a
                     // response hyper could not parse is (including the retry of idempotent
@@ -269,16 +269,35 @@ macro_rules! forward_in_place {
                     let rtt = head_at.saturating_duration_since(started.into_std());
                     backend.observe_latency_at(rtt, head_at);
                 }
-                up.pool.record_result(idx, resp.status().is_server_error());
                 let (mut parts, incoming) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
-                let body = Body::upstream_pooled(
+                // The gateway speaks HTTP/1.1 to its clients whatever the backend's
+                // status line said (hyper would write "HTTP/1.0" for an HTTP/1.0 answer
+                // on a connection it keeps alive).
+                parts.version = http::Version::HTTP_11;
+                let mut body = Body::upstream_pooled(
                     incoming,
                     guard,
                     deadline,
                     conn,
                     backend.addr_text.clone(),
                 );
+                // What of the body already arrived is read now, while a body that is
+                // broken from its start can still be answered with a 502 (hyper would
+                // drop the head with it: the client got nothing, logged as a 200).
+                let prefetched =
+                    std::future::poll_fn(|cx| std::task::Poll::Ready(body.prefetch(cx))).await;
+                if let Err(why) = prefetched {
+                    // As a refused head: a failed attempt, the connection dropped.
+                    drop(body);
+                    tried.push(idx);
+                    up.pool.record_result(idx, true);
+                    let detail = format!("{}: invalid response body: {why}", backend.addr);
+                    tracing::warn!(pool = %up.pool.name, error = %detail, "upstream response refused");
+                    last_err = Some(ProxyError::Upstream(detail));
+                    continue;
+                }
+                up.pool.record_result(idx, parts.status.is_server_error());
                 break 'forward Ok(UpstreamResponse { parts, body });
             }
             Err(last_err.unwrap_or_else(|| ProxyError::NoBackend(up.pool.name.clone())))
@@ -328,20 +347,90 @@ pub enum BadResponse {
     /// smuggling, and the Content-Length would go on next to the de-chunked body.
     #[error("response with both Content-Length and Transfer-Encoding")]
     LengthAndTransferEncoding,
+    /// A transfer coding other than chunked (`gzip, chunked`): hyper removes the
+    /// chunking only, and the gateway cannot say in a response head that the
+    /// rest of the body is still coded (it is no content coding).
+    #[error("response with transfer coding {0:?}, which cannot be passed on")]
+    TransferCoding(String),
+    /// RFC 9110 §15: status codes are 100–599; hyper reads any three digits.
+    #[error("response status {0} outside 100-599")]
+    Status(u16),
+    /// A Content-Length list whose values are no plain numbers (hyper refuses
+    /// lists whose numbers differ).
+    #[error("response Content-Length {0:?} is no valid length")]
+    ContentLength(String),
 }
 
 /// Refuse upstream answers whose framing is ambiguous or that switched protocols
 /// unasked. (Several differing Content-Length values hyper refuses itself.) Cheap on
 /// the usual response: the Content-Length lookup happens only when the body's length
 /// is not known from it (chunked or close-delimited).
-fn passable(resp: &Response<hyper::body::Incoming>) -> Result<(), BadResponse> {
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+///
+/// A Content-Length that hyper accepted in a lenient spelling (`2, 2`, `0002`) is
+/// replaced by the plain number (RFC 9110 §8.6 lets a recipient do so), rather
+/// than passed on for the client to read in its own way.
+fn passable(resp: &mut Response<hyper::body::Incoming>) -> Result<(), BadResponse> {
+    let status = resp.status();
+    if status == StatusCode::SWITCHING_PROTOCOLS {
         return Err(BadResponse::UnsolicitedUpgrade);
     }
-    if resp.body().size_hint().exact().is_none()
-        && resp.headers().contains_key(header::CONTENT_LENGTH)
-    {
-        return Err(BadResponse::LengthAndTransferEncoding);
+    if status.as_u16() > 599 {
+        return Err(BadResponse::Status(status.as_u16()));
+    }
+    if resp.body().size_hint().exact().is_none() {
+        if resp.headers().contains_key(header::CONTENT_LENGTH) {
+            return Err(BadResponse::LengthAndTransferEncoding);
+        }
+        return only_chunked(resp.headers());
+    }
+    normalise_content_length(resp.headers_mut())
+}
+
+/// Refuse transfer codings other than `chunked` (see `BadResponse::TransferCoding`).
+fn only_chunked(h: &HeaderMap) -> Result<(), BadResponse> {
+    for v in h.get_all(header::TRANSFER_ENCODING) {
+        let text = String::from_utf8_lossy(v.as_bytes());
+        if text
+            .split(',')
+            .map(str::trim)
+            .any(|c| !c.is_empty() && !c.eq_ignore_ascii_case("chunked"))
+        {
+            return Err(BadResponse::TransferCoding(text.into_owned()));
+        }
+    }
+    Ok(())
+}
+
+/// One Content-Length field of plain digits (no leading zero) stays as it is; any
+/// other spelling of one number is replaced by that number.
+fn normalise_content_length(h: &mut HeaderMap) -> Result<(), BadResponse> {
+    let mut all = h.get_all(header::CONTENT_LENGTH).iter();
+    let Some(first) = all.next() else {
+        return Ok(());
+    };
+    let b = first.as_bytes();
+    let plain = !b.is_empty()
+        && b.iter().all(u8::is_ascii_digit)
+        && (b[0] != b'0' || b.len() == 1);
+    if plain && all.next().is_none() {
+        return Ok(());
+    }
+    let mut value: Option<u64> = None;
+    for v in h.get_all(header::CONTENT_LENGTH) {
+        let bad = || BadResponse::ContentLength(String::from_utf8_lossy(v.as_bytes()).into_owned());
+        for part in v.to_str().map_err(|_| bad())?.split(',').map(str::trim) {
+            if part.is_empty() || !part.bytes().all(|c| c.is_ascii_digit()) {
+                return Err(bad());
+            }
+            let n: u64 = part.parse().map_err(|_| bad())?;
+            if value.is_some_and(|m| m != n) {
+                return Err(bad());
+            }
+            value = Some(n);
+        }
+    }
+    if let Some(n) = value {
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
     }
     Ok(())
 }
@@ -455,7 +544,14 @@ pub async fn proxy(
     let err = |status: StatusCode, code: &str, msg: &str| {
         crate::http_util::json_error_with_id(status, code, msg, &rid)
     };
-    let (parts, body) = req.into_request().into_parts();
+    let (mut parts, body) = req.into_request().into_parts();
+    let client_h1 = parts.version < http::Version::HTTP_2;
+    if !client_h1 {
+        // RFC 9113 §8.2.3: HTTP/2 clients may split cookies into several fields,
+        // which must be one again for an HTTP/1.1 upstream.
+        crate::http_util::join_cookie_fields(&mut parts.headers);
+    }
+    let has_body = !body.is_end_stream();
     let body_limits = RequestBodyLimits {
         max_bytes: max_body,
         idle: Duration::from_millis(limits.body_read_timeout_ms),
@@ -463,10 +559,10 @@ pub async fn proxy(
     };
     // Buffered so a retry can resend it; the limits bound memory and time per request.
     // A request without a body (GET, `Content-Length: 0`) skips the machinery.
-    let collected = if body.is_end_stream() {
-        Ok(Bytes::new())
-    } else {
+    let collected = if has_body {
         collect_request(body, body_limits).await
+    } else {
+        Ok(Bytes::new())
     };
     let body = match collected {
         Ok(b) => b,
@@ -503,6 +599,12 @@ pub async fn proxy(
             return r;
         }
     };
+
+    if has_body {
+        // hyper answered `100 Continue` when the body was read: the whole body goes
+        // upstream at once, with nothing left for the upstream to wait for.
+        parts.headers.remove(header::EXPECT);
+    }
 
     if !rc.aggregate.is_empty() {
         let mut jobs = Vec::with_capacity(rc.aggregate.len());
@@ -569,7 +671,9 @@ pub async fn proxy(
         // The body names the backend for the access log (no response extension).
         Ok(r) => {
             attempted.armed = false;
-            Response::from_parts(r.parts, r.body)
+            let mut body = r.body;
+            body.set_request(rid.clone(), client_h1);
+            Response::from_parts(r.parts, body)
         }
         Err(e) => {
             attempted.armed = false;
