@@ -345,3 +345,92 @@ async fn expect_continue_is_answered_here_and_not_forwarded() {
     assert!(!head.to_ascii_lowercase().contains("expect:"), "{head}");
     assert!(head.contains("PUT /raw/expect"), "{head}");
 }
+
+/// Log lines written while a test runs (the gateway serves on the test's runtime,
+/// so a thread's default subscriber sees its warnings).
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("log buffer").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("log buffer")).to_string()
+    }
+}
+
+/// The log of this test binary: one global subscriber, installed by the first test
+/// that asks (a per-test default subscriber misses events whose call sites another
+/// test's thread registered first). Tests find their lines by request id.
+fn capture() -> Captured {
+    static LOGS: std::sync::OnceLock<Captured> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = Captured::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::WARN)
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).expect("first subscriber");
+        logs
+    })
+    .clone()
+}
+
+fn request_id_of(head: &str) -> String {
+    head.lines()
+        .find_map(|l| l.strip_prefix("x-request-id: "))
+        .unwrap_or_else(|| panic!("no request id: {head}"))
+        .trim()
+        .to_string()
+}
+
+/// Finding 4: a body the upstream cuts after the head went out is a warning that
+/// names the request and the backend (it used to pass silently as a 200).
+#[tokio::test]
+async fn a_cut_body_is_warned_with_its_request_and_backend() {
+    let logs = capture();
+    let up = raw_upstream().await;
+    let gw = start_gateway(&cfg(up.addr, 3000)).await;
+    let addr = gw.addr("public").expect("addr");
+    for key in ["cutch", "cutcl"] {
+        let req = format!("GET /raw/{key} HTTP/1.1\r\nHost: x\r\n\r\n");
+        let (got, _) = raw_exchange(addr, req.as_bytes()).await;
+        let rid = request_id_of(&String::from_utf8_lossy(&got));
+        let text = logs.text();
+        let line = text
+            .lines()
+            .find(|l| l.contains(&rid))
+            .unwrap_or_else(|| panic!("{key}: no warning names {rid}: {text}"));
+        assert!(line.contains("WARN") && line.contains("cut"), "{key}: {line}");
+        assert!(line.contains(&up.addr.to_string()), "{key}: names the backend: {line}");
+    }
+}
+
+/// Finding 8: when the upstream stops sending a body, the deadline's warning blames
+/// the upstream, not a client that was reading all along.
+#[tokio::test]
+async fn a_stalled_upstream_body_is_blamed_on_the_upstream() {
+    let logs = capture();
+    let up = raw_upstream().await;
+    let gw = start_gateway(&cfg(up.addr, 400)).await;
+    let addr = gw.addr("public").expect("addr");
+    let (got, _) = raw_exchange(addr, b"GET /raw/stall HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let text = String::from_utf8_lossy(&got).to_string();
+    assert!(text.starts_with("HTTP/1.1 200") && text.ends_with("hello"), "{text}");
+    let log = logs.text();
+    assert!(!log.contains("not taken by the client"), "the client was reading: {log}");
+    assert!(
+        log.lines().any(|l| l.contains("WARN") && l.contains("upstream") && l.contains("deadline")),
+        "the upstream is named as the slow side: {log}"
+    );
+}
