@@ -513,7 +513,7 @@ impl HttpBody for StreamedBody {
 fn filter_trailers(f: Frame<Bytes>) -> Frame<Bytes> {
     match f.into_trailers() {
         Ok(mut t) => {
-            crate::http_util::strip_trailer_fields(&mut t);
+            trailers::strip(&mut t);
             Frame::trailers(t)
         }
         Err(f) => f,
@@ -521,6 +521,7 @@ fn filter_trailers(f: Frame<Bytes>) -> Frame<Bytes> {
 }
 
 pub mod deadline;
+mod trailers;
 
 #[cfg(test)]
 mod conn_tests;

@@ -177,53 +177,6 @@ fn remove_named<'a>(h: &mut HeaderMap, values: impl Iterator<Item = &'a HeaderVa
     }
 }
 
-/// Fields RFC 9110 §6.5.1 forbids in trailers, beyond the hop-by-hop ones:
-/// message framing, routing, request modifiers (controls, conditionals, range),
-/// authentication, response control data and content handling. A recipient may not
-/// merge them into the head, and downstream parts that would act on them must not
-/// see them only at the end.
-static NOT_IN_TRAILERS: [HeaderName; 26] = [
-    header::CONTENT_LENGTH,
-    header::HOST,
-    header::CACHE_CONTROL,
-    header::EXPECT,
-    header::MAX_FORWARDS,
-    header::PRAGMA,
-    header::RANGE,
-    header::IF_MATCH,
-    header::IF_NONE_MATCH,
-    header::IF_MODIFIED_SINCE,
-    header::IF_UNMODIFIED_SINCE,
-    header::IF_RANGE,
-    header::AUTHORIZATION,
-    header::WWW_AUTHENTICATE,
-    header::SET_COOKIE,
-    header::COOKIE,
-    header::AGE,
-    header::EXPIRES,
-    header::DATE,
-    header::LOCATION,
-    header::RETRY_AFTER,
-    header::VARY,
-    header::CONTENT_ENCODING,
-    header::CONTENT_TYPE,
-    header::CONTENT_RANGE,
-    header::WARNING,
-];
-
-/// Remove from trailers what must not travel there: hop-by-hop fields (and those
-/// `Connection` names), which HTTP/2 forbids outright (hyper reset the client's
-/// stream for them), and the fields of `NOT_IN_TRAILERS`. Runs only on trailers,
-/// which few responses have.
-pub fn strip_trailer_fields(t: &mut HeaderMap) {
-    strip_hop_by_hop(t);
-    for n in &NOT_IN_TRAILERS {
-        if t.contains_key(n) {
-            t.remove(n);
-        }
-    }
-}
-
 /// Join several `cookie` fields into one, with "; " (RFC 9113 §8.2.3: an HTTP/2
 /// client may send one per cookie; HTTP/1.1 has one field, and many servers read
 /// only the first). A request with one field or none is left as it is.
@@ -330,33 +283,6 @@ mod tests {
         one.insert(header::COOKIE, HeaderValue::from_static("a=1; b=2"));
         join_cookie_fields(&mut one);
         assert_eq!(one.get(header::COOKIE).map(HeaderValue::as_bytes), Some(&b"a=1; b=2"[..]));
-    }
-
-    #[test]
-    fn trailers_keep_only_fields_allowed_there() {
-        let mut t = HeaderMap::new();
-        for (n, v) in [
-            ("x-md5", "abc"),
-            ("connection", "close, x-hop"),
-            ("x-hop", "1"),
-            ("keep-alive", "timeout=5"),
-            ("transfer-encoding", "gzip"),
-            ("upgrade", "h2c"),
-            ("proxy-connection", "close"),
-            ("te", "trailers"),
-            ("content-length", "99"),
-            ("host", "evil"),
-            ("authorization", "x"),
-            ("set-cookie", "s=1"),
-            ("content-type", "text/evil"),
-            ("server-timing", "db;dur=5"),
-        ] {
-            t.append(HeaderName::from_static(n), HeaderValue::from_static(v));
-        }
-        strip_trailer_fields(&mut t);
-        let mut left: Vec<&str> = t.keys().map(HeaderName::as_str).collect();
-        left.sort_unstable();
-        assert_eq!(left, ["server-timing", "x-md5"]);
     }
 
     #[test]
