@@ -108,7 +108,8 @@ impl Body {
                 watched: None,
                 polled: false,
                 first: None,
-                more: std::collections::VecDeque::new(),
+                last: None,
+                ahead: 0,
                 request_id: None,
                 client_h1: false,
             }),
@@ -315,10 +316,12 @@ pub struct StreamedBody {
     /// Set at the first poll.
     watched: Option<deadline::Registered>,
     polled: bool,
-    /// Frames read ahead by `prefetch`, handed out before anything more is read
-    /// (`first` alone holds the usual small body: no allocation).
-    first: Option<Frame<Bytes>>,
-    more: std::collections::VecDeque<Frame<Bytes>>,
+    /// What `prefetch` read, handed out before anything more is read: the data
+    /// (several chunks joined into one frame), then trailers, if they came too.
+    first: Option<Bytes>,
+    last: Option<Frame<Bytes>>,
+    /// Bytes in `first` (for `size_hint`).
+    ahead: u64,
     /// The request, named should the body fail (`Body::set_request`).
     request_id: Option<Arc<str>>,
     client_h1: bool,
@@ -326,7 +329,7 @@ pub struct StreamedBody {
 
 /// `prefetch` reads ahead at most this much: what hyper would have buffered before
 /// its first flush anyway, not the whole of a large body.
-const PREFETCH_MAX_BYTES: usize = 64 * 1024;
+const PREFETCH_MAX_BYTES: u64 = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 #[error("upstream body not finished before the request deadline")]
@@ -344,7 +347,8 @@ impl StreamedBody {
             watched: None,
             polled: false,
             first: None,
-            more: std::collections::VecDeque::new(),
+            last: None,
+            ahead: 0,
             request_id: None,
             client_h1: false,
         }
@@ -357,26 +361,40 @@ impl StreamedBody {
     /// no byte at all, logged as a 200. Read here, the failure is known while the
     /// gateway can still answer 502.
     pub fn prefetch(&mut self, cx: &mut Context<'_>) -> Result<(), BoxError> {
-        let mut bytes = 0;
-        while !self.ended && !self.inner.is_end_stream() && bytes < PREFETCH_MAX_BYTES {
+        while !self.ended && !self.inner.is_end_stream() && self.ahead < PREFETCH_MAX_BYTES {
             match self.poll_inner(cx) {
                 Poll::Pending => break,
                 Poll::Ready(None) => self.ended = true,
                 Poll::Ready(Some(Err(e))) => return Err(e.into()),
-                Poll::Ready(Some(Ok(frame))) => {
-                    bytes += frame.data_ref().map_or(0, Bytes::len);
-                    if self.first.is_none() && self.more.is_empty() {
-                        self.first = Some(frame);
-                    } else {
-                        self.more.push_back(frame);
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        self.ahead += data.len() as u64;
+                        self.first = Some(match self.first.take() {
+                            None => data,
+                            // Several chunks already there (rare): one frame, copied
+                            // once, up to `PREFETCH_MAX_BYTES`.
+                            Some(before) => {
+                                let mut joined = bytes::BytesMut::with_capacity(before.len() + data.len());
+                                joined.extend_from_slice(&before);
+                                joined.extend_from_slice(&data);
+                                joined.freeze()
+                            }
+                        });
                     }
-                }
+                    Err(mut other) => {
+                        filter_trailers(&mut other);
+                        // Trailers end the body: nothing is read after them.
+                        self.last = Some(other);
+                        break;
+                    }
+                },
             }
         }
         Ok(())
     }
 
     /// The next frame of `inner`, moving the connection along when it has none yet.
+    #[inline]
     fn poll_inner(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         // Nobody else polls the connection: when `inner` has nothing yet, let the
         // connection read the body's next bytes into it (a small body usually came
@@ -399,10 +417,14 @@ impl StreamedBody {
     }
 
     /// The next frame read ahead by `prefetch`, if any.
+    #[inline]
     fn take_prefetched(&mut self) -> Option<Frame<Bytes>> {
         match self.first.take() {
-            Some(f) => Some(f),
-            None => self.more.pop_front(),
+            Some(d) => {
+                self.ahead = 0;
+                Some(Frame::data(d))
+            }
+            None => self.last.take(),
         }
     }
 
@@ -439,7 +461,7 @@ impl HttpBody for StreamedBody {
             this.watched = deadline::register(this.deadline);
         }
         if let Some(f) = this.take_prefetched() {
-            return Poll::Ready(Some(Ok(filter_trailers(f))));
+            return Poll::Ready(Some(Ok(f)));
         }
         if this.ended {
             return Poll::Ready(None);
@@ -449,11 +471,14 @@ impl HttpBody for StreamedBody {
                 this.ended = true;
                 Poll::Ready(None)
             }
-            Poll::Ready(Some(r)) => {
+            Poll::Ready(Some(mut r)) => {
                 if let Some(w) = &this.watched {
                     w.waiting_for_upstream(false);
                 }
-                Poll::Ready(Some(r.map(filter_trailers).map_err(Into::into)))
+                if let Ok(f) = &mut r {
+                    filter_trailers(f);
+                }
+                Poll::Ready(Some(r.map_err(Into::into)))
             }
             Poll::Pending => {
                 // The upstream is the slow side now: should the deadline pass, the
@@ -480,19 +505,17 @@ impl HttpBody for StreamedBody {
         }
     }
 
+    #[inline]
     fn is_end_stream(&self) -> bool {
-        self.first.is_none()
-            && self.more.is_empty()
+        self.ahead == 0
+            && self.first.is_none()
+            && self.last.is_none()
             && (self.ended || self.inner.is_end_stream())
     }
 
+    #[inline]
     fn size_hint(&self) -> SizeHint {
-        let ahead: u64 = self
-            .first
-            .iter()
-            .chain(self.more.iter())
-            .filter_map(|f| f.data_ref().map(|d| d.len() as u64))
-            .sum();
+        let ahead = self.ahead;
         if ahead == 0 {
             return self.inner.size_hint();
         }
@@ -510,13 +533,10 @@ impl HttpBody for StreamedBody {
 /// made hyper reset an HTTP/2 client's stream) and those RFC 9110 §6.5.1 forbids
 /// there (framing, routing, request modifiers, authentication, response control,
 /// content handling). Data frames pass untouched.
-fn filter_trailers(f: Frame<Bytes>) -> Frame<Bytes> {
-    match f.into_trailers() {
-        Ok(mut t) => {
-            trailers::strip(&mut t);
-            Frame::trailers(t)
-        }
-        Err(f) => f,
+#[inline]
+fn filter_trailers(f: &mut Frame<Bytes>) {
+    if let Some(t) = f.trailers_mut() {
+        trailers::strip(t);
     }
 }
 

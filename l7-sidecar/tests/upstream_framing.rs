@@ -36,6 +36,8 @@ fn script(key: &str) -> (Vec<Step>, bool) {
         "cutcl" => (vec![Send(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello"), Wait(300)], true),
         // Finding 5: trailers with connection-specific and forbidden fields.
         "trailers" => (vec![Send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-md5\r\n\r\n2\r\nok\r\n0\r\nX-Md5: abc\r\nConnection: close\r\nKeep-Alive: timeout=5\r\nTransfer-Encoding: gzip\r\nUpgrade: h2c\r\nProxy-Connection: close\r\nContent-Length: 99\r\nHost: evil\r\nTE: trailers\r\nAuthorization: x\r\nSet-Cookie: s=1\r\nContent-Type: text/evil\r\nX-Kept: 1\r\n\r\n")], false),
+        // Several chunks and trailers in the head's segment: all read ahead at once.
+        "chmulti" => (vec![Send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n3\r\nabc\r\n1\r\n!\r\n0\r\nX-T: 1\r\n\r\n")], false),
         // Finding 11: lenient framing.
         "cllist" => (vec![Send(b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nok")], false),
         "clzeros" => (vec![Send(b"HTTP/1.1 200 OK\r\nContent-Length: 0002\r\n\r\nok")], false),
@@ -236,6 +238,15 @@ async fn trailers_lose_connection_specific_and_forbidden_fields() {
     let mut names: Vec<&str> = trailers.keys().map(http::HeaderName::as_str).collect();
     names.sort_unstable();
     assert_eq!(names, ["x-kept", "x-md5"], "h2: {trailers:?}");
+
+    let req = http::Request::get("http://x/raw/chmulti")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let resp = send.send_request(req).await.expect("h2 response");
+    let collected = resp.into_body().collect().await.expect("body and trailers");
+    let trailers = collected.trailers().cloned().expect("trailers");
+    assert_eq!(&collected.to_bytes()[..], b"okabc!", "chunks read ahead keep their order");
+    assert_eq!(trailers.get("x-t").map(|v| v.as_bytes()), Some(&b"1"[..]));
 
     let (got, _) = raw_exchange(
         addr,

@@ -404,15 +404,16 @@ fn only_chunked(h: &HeaderMap) -> Result<(), BadResponse> {
 /// One Content-Length field of plain digits (no leading zero) stays as it is; any
 /// other spelling of one number is replaced by that number.
 fn normalise_content_length(h: &mut HeaderMap) -> Result<(), BadResponse> {
-    let mut all = h.get_all(header::CONTENT_LENGTH).iter();
-    let Some(first) = all.next() else {
+    let Some(v) = h.get(header::CONTENT_LENGTH) else {
         return Ok(());
     };
-    let b = first.as_bytes();
+    let b = v.as_bytes();
     let plain = !b.is_empty()
         && b.iter().all(u8::is_ascii_digit)
         && (b[0] != b'0' || b.len() == 1);
-    if plain && all.next().is_none() {
+    // No field with a second value (`len` counts values, `keys_len` names): then
+    // Content-Length has this one only, without a second lookup to tell.
+    if plain && (h.len() == h.keys_len() || h.get_all(header::CONTENT_LENGTH).iter().count() == 1) {
         return Ok(());
     }
     let mut value: Option<u64> = None;
@@ -672,7 +673,8 @@ pub async fn proxy(
         Ok(r) => {
             attempted.armed = false;
             let mut body = r.body;
-            body.set_request(rid.clone(), client_h1);
+            // Moved: the request id is needed further only on the failure path.
+            body.set_request(rid, client_h1);
             Response::from_parts(r.parts, body)
         }
         Err(e) => {
