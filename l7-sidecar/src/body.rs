@@ -30,6 +30,9 @@ pub trait BodyEnd: Send + Sync {
     fn ended(self: Box<Self>, bytes: u64);
 }
 
+// The whole `Inner` is boxed once per response (`Body`); boxing the streamed body
+// again would be a second allocation per proxied request.
+#[allow(clippy::large_enum_variant)]
 enum Kind {
     /// A buffered answer in one frame (None: no frame left, or none at all).
     Full(Option<Bytes>),
