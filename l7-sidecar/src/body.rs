@@ -30,6 +30,9 @@ pub trait BodyEnd: Send + Sync {
     fn ended(self: Box<Self>, bytes: u64);
 }
 
+// The whole `Inner` is boxed once per response (`Body`); boxing the streamed body
+// again would be a second allocation per proxied request.
+#[allow(clippy::large_enum_variant)]
 enum Kind {
     /// A buffered answer in one frame (None: no frame left, or none at all).
     Full(Option<Bytes>),
@@ -107,6 +110,11 @@ impl Body {
                 ended: false,
                 watched: None,
                 polled: false,
+                first: None,
+                last: None,
+                ahead: 0,
+                request_id: None,
+                client_h1: false,
             }),
             bytes: 0,
             end: None,
@@ -144,6 +152,27 @@ impl Body {
         self.0.finish();
         self.0.bytes = 0;
         self.0.end = Some(end);
+    }
+
+    /// Read what the upstream body already has, before the response head is handed
+    /// to hyper (see `StreamedBody::prefetch`). An error here means nothing of the
+    /// answer went out yet: the caller answers 502 instead.
+    pub fn prefetch(&mut self, cx: &mut Context<'_>) -> Result<(), BoxError> {
+        match &mut self.0.kind {
+            Kind::Upstream(s) => s.prefetch(cx),
+            Kind::Full(_) | Kind::Boxed(_) => Ok(()),
+        }
+    }
+
+    /// Name the request (for the warning should the upstream body fail once the head
+    /// went out) and say whether its client speaks HTTP/1, whose connection is then
+    /// reset rather than closed (an HTTP/1.0 client could not tell a cut body from a
+    /// whole one).
+    pub fn set_request(&mut self, request_id: Arc<str>, client_h1: bool) {
+        if let Kind::Upstream(s) = &mut self.0.kind {
+            s.request_id = Some(request_id);
+            s.client_h1 = client_h1;
+        }
     }
 
     /// Count the request as in flight until this body is gone.
@@ -203,7 +232,13 @@ impl HttpBody for Body {
         let this = &mut *self.get_mut().0;
         let polled = match &mut this.kind {
             Kind::Full(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
-            Kind::Upstream(s) => Pin::new(s).poll_frame(cx),
+            Kind::Upstream(s) => {
+                let p = Pin::new(&mut *s).poll_frame(cx);
+                if let Poll::Ready(Some(Err(e))) = &p {
+                    upstream_body_failed(s, this.upstream.as_deref(), this.bytes, e, this._in_flight.as_ref());
+                }
+                p
+            }
             Kind::Boxed(b) => Pin::new(b).poll_frame(cx),
         };
         if this.end.is_some() {
@@ -237,6 +272,33 @@ impl HttpBody for Body {
     }
 }
 
+/// The upstream body failed after the response head was handed to hyper: the
+/// client's answer is cut (hyper ends an HTTP/1 connection without the last chunk,
+/// and resets an HTTP/2 stream). Said once, naming the request and the backend; an
+/// HTTP/1 client's connection is reset when it closes (`InFlight::abort_connection`).
+#[cold]
+#[inline(never)]
+fn upstream_body_failed(
+    s: &StreamedBody,
+    backend: Option<&str>,
+    sent: u64,
+    e: &BoxError,
+    in_flight: Option<&InFlight>,
+) {
+    tracing::warn!(
+        request_id = s.request_id.as_deref().unwrap_or(""),
+        upstream = backend.unwrap_or(""),
+        bytes_sent = sent,
+        error = %e,
+        "upstream response body failed after the head went out; response cut"
+    );
+    if s.client_h1 {
+        if let Some(f) = in_flight {
+            f.abort_connection();
+        }
+    }
+}
+
 /// Keeps the backend counted as busy until its body is fully sent (least-connections
 /// sees real load) and cuts the stream at the request deadline, so a backend that
 /// trickles its body cannot hold a client past the pool's `request_timeout_ms`.
@@ -257,7 +319,20 @@ pub struct StreamedBody {
     /// Set at the first poll.
     watched: Option<deadline::Registered>,
     polled: bool,
+    /// What `prefetch` read, handed out before anything more is read: the data
+    /// (several chunks joined into one frame), then trailers, if they came too.
+    first: Option<Bytes>,
+    last: Option<Frame<Bytes>>,
+    /// Bytes in `first` (for `size_hint`).
+    ahead: u64,
+    /// The request, named should the body fail (`Body::set_request`).
+    request_id: Option<Arc<str>>,
+    client_h1: bool,
 }
+
+/// `prefetch` reads ahead at most this much: what hyper would have buffered before
+/// its first flush anyway, not the whole of a large body.
+const PREFETCH_MAX_BYTES: u64 = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 #[error("upstream body not finished before the request deadline")]
@@ -274,6 +349,85 @@ impl StreamedBody {
             ended: false,
             watched: None,
             polled: false,
+            first: None,
+            last: None,
+            ahead: 0,
+            request_id: None,
+            client_h1: false,
+        }
+    }
+
+    /// Read the frames the upstream has already sent, without waiting (the usual
+    /// small body came with the head). hyper writes a response head only together
+    /// with the body frames that follow it, and drops both when the body then fails:
+    /// a body invalid from its start (bad chunk size, bad trailers) gave the client
+    /// no byte at all, logged as a 200. Read here, the failure is known while the
+    /// gateway can still answer 502.
+    pub fn prefetch(&mut self, cx: &mut Context<'_>) -> Result<(), BoxError> {
+        while !self.ended && !self.inner.is_end_stream() && self.ahead < PREFETCH_MAX_BYTES {
+            match self.poll_inner(cx) {
+                Poll::Pending => break,
+                Poll::Ready(None) => self.ended = true,
+                Poll::Ready(Some(Err(e))) => return Err(e.into()),
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        self.ahead += data.len() as u64;
+                        self.first = Some(match self.first.take() {
+                            None => data,
+                            // Several chunks already there (rare): one frame, copied
+                            // once, up to `PREFETCH_MAX_BYTES`.
+                            Some(before) => {
+                                let mut joined = bytes::BytesMut::with_capacity(before.len() + data.len());
+                                joined.extend_from_slice(&before);
+                                joined.extend_from_slice(&data);
+                                joined.freeze()
+                            }
+                        });
+                    }
+                    Err(mut other) => {
+                        filter_trailers(&mut other);
+                        // Trailers end the body: nothing is read after them.
+                        self.last = Some(other);
+                        break;
+                    }
+                },
+            }
+        }
+        Ok(())
+    }
+
+    /// The next frame of `inner`, moving the connection along when it has none yet.
+    #[inline]
+    fn poll_inner(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        // Nobody else polls the connection: when `inner` has nothing yet, let the
+        // connection read the body's next bytes into it (a small body usually came
+        // with the head and is there already). `inner` is fed only by the
+        // connection, so while the connection runs, asking `inner` registers no
+        // wake-up (one would poll the client connection's whole task again); the
+        // connection's own registrations wake us. An ended connection ends `inner`
+        // too (with an error if the body was cut short).
+        match self.conn.as_mut() {
+            Some(c) => match Pin::new(&mut self.inner).poll_frame(&mut no_wake()) {
+                Poll::Pending if c.poll_drive(cx) => {
+                    Pin::new(&mut self.inner).poll_frame(&mut no_wake())
+                }
+                // Ended: whatever `inner` still says, it says now.
+                Poll::Pending => Pin::new(&mut self.inner).poll_frame(cx),
+                ready => ready,
+            },
+            None => Pin::new(&mut self.inner).poll_frame(cx),
+        }
+    }
+
+    /// The next frame read ahead by `prefetch`, if any.
+    #[inline]
+    fn take_prefetched(&mut self) -> Option<Frame<Bytes>> {
+        match self.first.take() {
+            Some(d) => {
+                self.ahead = 0;
+                Some(Frame::data(d))
+            }
+            None => self.last.take(),
         }
     }
 
@@ -304,36 +458,37 @@ impl HttpBody for StreamedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        // Nobody else polls the connection: when `inner` has nothing yet, let the
-        // connection read the body's next bytes into it (a small body usually came
-        // with the head and is there already). `inner` is fed only by the
-        // connection, so while the connection runs, asking `inner` registers no
-        // wake-up (one would poll the client connection's whole task again); the
-        // connection's own registrations wake us. An ended connection ends `inner`
-        // too (with an error if the body was cut short).
         let this = &mut *self;
         if !this.polled {
             this.polled = true;
             this.watched = deadline::register(this.deadline);
         }
-        let polled = match this.conn.as_mut() {
-            Some(c) => match Pin::new(&mut this.inner).poll_frame(&mut no_wake()) {
-                Poll::Pending if c.poll_drive(cx) => {
-                    Pin::new(&mut this.inner).poll_frame(&mut no_wake())
-                }
-                // Ended: whatever `inner` still says, it says now.
-                Poll::Pending => Pin::new(&mut this.inner).poll_frame(cx),
-                ready => ready,
-            },
-            None => Pin::new(&mut this.inner).poll_frame(cx),
-        };
-        match polled {
+        if let Some(f) = this.take_prefetched() {
+            return Poll::Ready(Some(Ok(f)));
+        }
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        match this.poll_inner(cx) {
             Poll::Ready(None) => {
                 this.ended = true;
                 Poll::Ready(None)
             }
-            Poll::Ready(Some(r)) => Poll::Ready(Some(r.map_err(Into::into))),
+            Poll::Ready(Some(mut r)) => {
+                if let Some(w) = &this.watched {
+                    w.waiting_for_upstream(false);
+                }
+                if let Ok(f) = &mut r {
+                    filter_trailers(f);
+                }
+                Poll::Ready(Some(r.map_err(Into::into)))
+            }
             Poll::Pending => {
+                // The upstream is the slow side now: should the deadline pass, the
+                // task's watch blames it, not the client (`deadline::Watch`).
+                if let Some(w) = &this.watched {
+                    w.waiting_for_upstream(true);
+                }
                 let passed = match this.conn.as_mut() {
                     Some(c) => c.deadline_passed(cx, this.deadline),
                     None => {
@@ -353,16 +508,43 @@ impl HttpBody for StreamedBody {
         }
     }
 
+    #[inline]
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.ahead == 0
+            && self.first.is_none()
+            && self.last.is_none()
+            && (self.ended || self.inner.is_end_stream())
     }
 
+    #[inline]
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let ahead = self.ahead;
+        if ahead == 0 {
+            return self.inner.size_hint();
+        }
+        let inner = self.inner.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower() + ahead);
+        if let Some(u) = inner.upper() {
+            hint.set_upper(u + ahead);
+        }
+        hint
+    }
+}
+
+/// Trailers lose the fields that must not travel in them: hop-by-hop ones (which
+/// made hyper reset an HTTP/2 client's stream) and those RFC 9110 §6.5.1 forbids
+/// there (framing, routing, request modifiers, authentication, response control,
+/// content handling). Data frames pass untouched.
+#[inline]
+fn filter_trailers(f: &mut Frame<Bytes>) {
+    if let Some(t) = f.trailers_mut() {
+        trailers::strip(t);
     }
 }
 
 pub mod deadline;
+mod trailers;
 
 #[cfg(test)]
 mod conn_tests;

@@ -177,6 +177,27 @@ fn remove_named<'a>(h: &mut HeaderMap, values: impl Iterator<Item = &'a HeaderVa
     }
 }
 
+/// Join several `cookie` fields into one, with "; " (RFC 9113 §8.2.3: an HTTP/2
+/// client may send one per cookie; HTTP/1.1 has one field, and many servers read
+/// only the first). A request with one field or none is left as it is.
+pub fn join_cookie_fields(h: &mut HeaderMap) {
+    let mut all = h.get_all(header::COOKIE).iter();
+    if all.next().is_none() || all.next().is_none() {
+        return;
+    }
+    let mut joined = Vec::new();
+    for v in h.get_all(header::COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(v.as_bytes());
+    }
+    // Each part was a valid value, and "; " is valid between them.
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        h.insert(header::COOKIE, v);
+    }
+}
+
 pub fn is_upgrade(h: &HeaderMap) -> bool {
     let conn_upgrade = h
         .get_all(header::CONNECTION)
@@ -247,6 +268,21 @@ mod tests {
         h.insert(header::HOST, HeaderValue::from_static("a"));
         strip_hop_by_hop(&mut h);
         assert_eq!(h.keys().map(HeaderName::as_str).collect::<Vec<_>>(), ["host"]);
+    }
+
+    #[test]
+    fn cookie_fields_are_joined_into_one() {
+        let mut h = HeaderMap::new();
+        h.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        h.append(header::COOKIE, HeaderValue::from_static("b=2"));
+        h.insert(header::HOST, HeaderValue::from_static("x"));
+        join_cookie_fields(&mut h);
+        let all: Vec<&HeaderValue> = h.get_all(header::COOKIE).iter().collect();
+        assert_eq!(all, [&HeaderValue::from_static("a=1; b=2")]);
+        let mut one = HeaderMap::new();
+        one.insert(header::COOKIE, HeaderValue::from_static("a=1; b=2"));
+        join_cookie_fields(&mut one);
+        assert_eq!(one.get(header::COOKIE).map(HeaderValue::as_bytes), Some(&b"a=1; b=2"[..]));
     }
 
     #[test]

@@ -44,6 +44,10 @@ pub struct Activity {
     /// Set when the gateway began to drain: requests the connection starts from then
     /// on are refused, not proxied (`pipeline::GatewayService`).
     draining: AtomicBool,
+    /// A response was cut (its upstream body failed): the connection is reset when
+    /// it closes, not ended with a FIN that an HTTP/1.0 client takes for the end of
+    /// a whole body (`ActivityIo::abortive`).
+    abort: AtomicBool,
 }
 
 /// One request started and in flight, in `Activity::requests`.
@@ -61,6 +65,7 @@ impl Activity {
             any_read: AtomicBool::new(false),
             requests: AtomicU64::new(0),
             draining: AtomicBool::new(false),
+            abort: AtomicBool::new(false),
         })
     }
 
@@ -128,6 +133,13 @@ impl Activity {
 
 pub struct InFlight(Arc<Activity>);
 
+impl InFlight {
+    /// Reset this request's connection when it closes (`Activity::abort`).
+    pub fn abort_connection(&self) {
+        self.0.abort.store(true, Ordering::Relaxed);
+    }
+}
+
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.requests.fetch_sub(1, Ordering::Relaxed);
@@ -176,6 +188,30 @@ pub struct ActivityIo<S> {
     has_ahead: bool,
     /// The read ahead found the end of the stream (or an error): reads end too.
     eof: bool,
+    /// Called on drop if a response was cut (`Activity::abort`): sets SO_LINGER 0,
+    /// so closing resets the connection.
+    on_abort: Option<fn(&S)>,
+}
+
+impl<S> Drop for ActivityIo<S> {
+    fn drop(&mut self) {
+        if let Some(f) = self.on_abort {
+            if self.activity.abort.load(Ordering::Relaxed) {
+                f(&self.inner);
+            }
+        }
+    }
+}
+
+impl ActivityIo<tokio::net::TcpStream> {
+    /// Reset the connection on close after a cut response (see `Activity::abort`).
+    #[must_use]
+    pub fn abortive(mut self) -> Self {
+        self.on_abort = Some(|s| {
+            let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
+        });
+        self
+    }
 }
 
 /// At most this much is read ahead of hyper, per connection: a client pipelining
@@ -192,6 +228,7 @@ impl<S> ActivityIo<S> {
             ahead_from: 0,
             has_ahead: false,
             eof: false,
+            on_abort: None,
         }
     }
 

@@ -418,7 +418,7 @@ impl Connection {
         let mut info = ConnInfo::new(peer, tls.is_some(), role.metrics);
         info.admin = role.admin;
         info.listener_port = stream.local_addr().ok().map(|a| a.port().into());
-        let stream = ActivityIo::new(stream, info.activity.clone(), info.smuggled.clone());
+        let stream = ActivityIo::new(stream, info.activity.clone(), info.smuggled.clone()).abortive();
         match tls {
             None => serve(gw, stream, info, &cfg, stop).await,
             Some(acceptor) => match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
@@ -559,7 +559,7 @@ async fn serve_conn<S>(
                 }
             }
             () = overdue.overdue() => {
-                tracing::warn!(peer = %info.peer, "response not taken by the client before the request deadline; closing the connection");
+                tracing::warn!(peer = %info.peer, "{}", overdue.overdue_message());
                 break Ok(());
             }
             () = Quiet::new(sleep.as_mut(), |s: &std::pin::Pin<&mut tokio::time::Sleep>| s.is_elapsed()) => {

@@ -15,7 +15,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::time::{Instant, Sleep};
@@ -30,6 +30,9 @@ pub struct Slot {
     base: Instant,
     /// Milliseconds after `base`, plus one; 0: no body with a deadline in flight.
     deadline: AtomicU64,
+    /// The body in flight is waiting for its upstream (it has nothing to send), not
+    /// for the client to take what it has: who a passed deadline blames.
+    upstream_waiting: AtomicBool,
 }
 
 impl Slot {
@@ -41,6 +44,7 @@ impl Slot {
     fn set(&self, deadline: Instant) -> u64 {
         let v = self.encode(deadline);
         self.deadline.store(v, Ordering::Relaxed);
+        self.upstream_waiting.store(false, Ordering::Relaxed);
         v
     }
 
@@ -56,6 +60,14 @@ impl Slot {
 pub struct Registered {
     slot: Arc<Slot>,
     value: u64,
+}
+
+impl Registered {
+    /// Say whether the body is waiting for its upstream's next bytes (true) or has
+    /// just handed some on (false). A plain store, on each poll of the body.
+    pub fn waiting_for_upstream(&self, waiting: bool) {
+        self.slot.upstream_waiting.store(waiting, Ordering::Relaxed);
+    }
 }
 
 impl Drop for Registered {
@@ -105,6 +117,7 @@ impl Watch {
             slot: Arc::new(Slot {
                 base: Instant::now(),
                 deadline: AtomicU64::new(0),
+                upstream_waiting: AtomicBool::new(false),
             }),
             timer: None,
             armed: 0,
@@ -155,6 +168,21 @@ impl Watch {
         }
     }
 
+    /// Whether the body whose deadline passed was waiting for its upstream rather
+    /// than for the client: its last poll found no upstream bytes to hand on.
+    pub fn upstream_stalled(&self) -> bool {
+        self.slot.upstream_waiting.load(Ordering::Relaxed)
+    }
+
+    /// The warning for a passed deadline, blaming the side that was slow.
+    pub fn overdue_message(&self) -> &'static str {
+        if self.upstream_stalled() {
+            "upstream did not send the response body before the request deadline; closing the connection"
+        } else {
+            "response not taken by the client before the request deadline; closing the connection"
+        }
+    }
+
     /// Completes when the deadline of the body in flight passes.
     pub async fn overdue(&mut self) {
         std::future::poll_fn(|cx| self.poll_overdue(cx)).await;
@@ -181,9 +209,15 @@ where
                     return Poll::Ready(());
                 }
                 if watch.poll_overdue(cx).is_ready() {
-                    tracing::warn!(
-                        "response not taken by the HTTP/2 client before the request deadline; resetting the stream"
-                    );
+                    if watch.upstream_stalled() {
+                        tracing::warn!(
+                            "upstream did not send the response body before the request deadline; resetting the HTTP/2 stream"
+                        );
+                    } else {
+                        tracing::warn!(
+                            "response not taken by the HTTP/2 client before the request deadline; resetting the stream"
+                        );
+                    }
                     return Poll::Ready(());
                 }
                 Poll::Pending
@@ -216,6 +250,26 @@ mod tests {
         drop(reg);
         let quiet = tokio::time::timeout(Duration::from_millis(100), watch.overdue()).await;
         assert!(quiet.is_err(), "a dropped body is no longer watched");
+    }
+
+    #[tokio::test]
+    async fn a_passed_deadline_blames_the_side_that_was_waited_for() {
+        let watch = Watch::new();
+        let reg = scope(watch.slot(), async { register(Instant::now()) })
+            .await
+            .expect("in scope");
+        assert!(!watch.upstream_stalled(), "a new body waits for nobody yet");
+        reg.waiting_for_upstream(true);
+        assert!(watch.upstream_stalled());
+        assert!(watch.overdue_message().starts_with("upstream"));
+        reg.waiting_for_upstream(false);
+        assert!(watch.overdue_message().contains("not taken by the client"));
+        // A later body starts afresh.
+        reg.waiting_for_upstream(true);
+        let _next = scope(watch.slot(), async { register(Instant::now()) })
+            .await
+            .expect("in scope");
+        assert!(!watch.upstream_stalled());
     }
 
     #[tokio::test]

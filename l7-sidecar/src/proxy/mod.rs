@@ -4,6 +4,7 @@
 
 mod aggregate;
 mod body;
+mod response;
 mod tunnel;
 
 pub use aggregate::aggregate;
@@ -11,7 +12,9 @@ pub use body::{
     collect_limited, collect_request, CollectError, RequestBodyError, RequestBodyLimits,
     StreamedBody,
 };
+pub use response::BadResponse;
 pub use tunnel::tunnel;
+use response::passable;
 // Re-exported where they used to live, for the fuzz target and other callers.
 pub use crate::http_util::{full, is_upgrade, strip_hop_by_hop, Body, BoxError};
 
@@ -233,7 +236,7 @@ macro_rules! forward_in_place {
                     };
                     sent = conn.send(*back, deadline).await;
                 }
-                let resp = match sent {
+                let mut resp = match sent {
                     Ok(r) => r,
                     Err(SendError::Deadline) => break 'forward Err(ProxyError::Timeout),
                     Err(e) => {
@@ -248,7 +251,7 @@ macro_rules! forward_in_place {
                         continue;
                     }
                 };
-                if let Err(why) = passable(&resp) {
+                if let Err(why) = passable(&mut resp) {
                     // Not passed on, and the connection is dropped rather than released: its
                     // framing (or protocol) is no longer known. A failed attempt, as a
                     // response hyper could not parse is (including the retry of idempotent
@@ -269,16 +272,35 @@ macro_rules! forward_in_place {
                     let rtt = head_at.saturating_duration_since(started.into_std());
                     backend.observe_latency_at(rtt, head_at);
                 }
-                up.pool.record_result(idx, resp.status().is_server_error());
                 let (mut parts, incoming) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
-                let body = Body::upstream_pooled(
+                // The gateway speaks HTTP/1.1 to its clients whatever the backend's
+                // status line said (hyper would write "HTTP/1.0" for an HTTP/1.0 answer
+                // on a connection it keeps alive).
+                parts.version = http::Version::HTTP_11;
+                let mut body = Body::upstream_pooled(
                     incoming,
                     guard,
                     deadline,
                     conn,
                     backend.addr_text.clone(),
                 );
+                // What of the body already arrived is read now, while a body that is
+                // broken from its start can still be answered with a 502 (hyper would
+                // drop the head with it: the client got nothing, logged as a 200).
+                let prefetched =
+                    std::future::poll_fn(|cx| std::task::Poll::Ready(body.prefetch(cx))).await;
+                if let Err(why) = prefetched {
+                    // As a refused head: a failed attempt, the connection dropped.
+                    drop(body);
+                    tried.push(idx);
+                    up.pool.record_result(idx, true);
+                    let detail = format!("{}: invalid response body: {why}", backend.addr);
+                    tracing::warn!(pool = %up.pool.name, error = %detail, "upstream response refused");
+                    last_err = Some(ProxyError::Upstream(detail));
+                    continue;
+                }
+                up.pool.record_result(idx, parts.status.is_server_error());
                 break 'forward Ok(UpstreamResponse { parts, body });
             }
             Err(last_err.unwrap_or_else(|| ProxyError::NoBackend(up.pool.name.clone())))
@@ -315,35 +337,6 @@ pub async fn forward(
 ) -> Result<UpstreamResponse, ProxyError> {
     let mut _attempted = None;
     forward_in_place!(up, req, client_ip, _attempted)
-}
-
-/// Why an upstream response head cannot be passed on.
-#[derive(Debug, thiserror::Error)]
-pub enum BadResponse {
-    /// Upgrades go through `tunnel`; here the request asked for none, and after a
-    /// 101 the connection no longer speaks HTTP.
-    #[error("101 Switching Protocols to a request that asked for no upgrade")]
-    UnsolicitedUpgrade,
-    /// RFC 9112 §6.3: Transfer-Encoding wins, but a sender of both may be
-    /// smuggling, and the Content-Length would go on next to the de-chunked body.
-    #[error("response with both Content-Length and Transfer-Encoding")]
-    LengthAndTransferEncoding,
-}
-
-/// Refuse upstream answers whose framing is ambiguous or that switched protocols
-/// unasked. (Several differing Content-Length values hyper refuses itself.) Cheap on
-/// the usual response: the Content-Length lookup happens only when the body's length
-/// is not known from it (chunked or close-delimited).
-fn passable(resp: &Response<hyper::body::Incoming>) -> Result<(), BadResponse> {
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        return Err(BadResponse::UnsolicitedUpgrade);
-    }
-    if resp.body().size_hint().exact().is_none()
-        && resp.headers().contains_key(header::CONTENT_LENGTH)
-    {
-        return Err(BadResponse::LengthAndTransferEncoding);
-    }
-    Ok(())
 }
 
 /// hyper_util's errors say little on their own ("client error (SendRequest)").
@@ -455,7 +448,14 @@ pub async fn proxy(
     let err = |status: StatusCode, code: &str, msg: &str| {
         crate::http_util::json_error_with_id(status, code, msg, &rid)
     };
-    let (parts, body) = req.into_request().into_parts();
+    let (mut parts, body) = req.into_request().into_parts();
+    let client_h1 = parts.version < http::Version::HTTP_2;
+    if !client_h1 {
+        // RFC 9113 §8.2.3: HTTP/2 clients may split cookies into several fields,
+        // which must be one again for an HTTP/1.1 upstream.
+        crate::http_util::join_cookie_fields(&mut parts.headers);
+    }
+    let has_body = !body.is_end_stream();
     let body_limits = RequestBodyLimits {
         max_bytes: max_body,
         idle: Duration::from_millis(limits.body_read_timeout_ms),
@@ -463,10 +463,10 @@ pub async fn proxy(
     };
     // Buffered so a retry can resend it; the limits bound memory and time per request.
     // A request without a body (GET, `Content-Length: 0`) skips the machinery.
-    let collected = if body.is_end_stream() {
-        Ok(Bytes::new())
-    } else {
+    let collected = if has_body {
         collect_request(body, body_limits).await
+    } else {
+        Ok(Bytes::new())
     };
     let body = match collected {
         Ok(b) => b,
@@ -503,6 +503,12 @@ pub async fn proxy(
             return r;
         }
     };
+
+    if has_body {
+        // hyper answered `100 Continue` when the body was read: the whole body goes
+        // upstream at once, with nothing left for the upstream to wait for.
+        parts.headers.remove(header::EXPECT);
+    }
 
     if !rc.aggregate.is_empty() {
         let mut jobs = Vec::with_capacity(rc.aggregate.len());
@@ -569,7 +575,10 @@ pub async fn proxy(
         // The body names the backend for the access log (no response extension).
         Ok(r) => {
             attempted.armed = false;
-            Response::from_parts(r.parts, r.body)
+            let mut body = r.body;
+            // Moved: the request id is needed further only on the failure path.
+            body.set_request(rid, client_h1);
+            Response::from_parts(r.parts, body)
         }
         Err(e) => {
             attempted.armed = false;

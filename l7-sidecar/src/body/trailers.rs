@@ -1,0 +1,98 @@
+//! Trailers from a backend, cleaned before they are passed on. Here rather than
+//! next to the head's hop-by-hop strip (`http_util`), which imports `body`.
+
+use http::{header, HeaderMap, HeaderName};
+
+/// Fields that must not travel in trailers: the hop-by-hop ones (HTTP/2 forbids
+/// them outright, and hyper reset an HTTP/2 client's whole stream for one), and
+/// those RFC 9110 §6.5.1 forbids there: message framing, routing, request modifiers
+/// (controls, conditionals, range), authentication, response control data and
+/// content handling. A recipient may not merge them into the head, and a part that
+/// would act on them must not see them only at the end.
+static NOT_IN_TRAILERS: [HeaderName; 35] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::CONTENT_LENGTH,
+    header::HOST,
+    header::CACHE_CONTROL,
+    header::EXPECT,
+    header::MAX_FORWARDS,
+    header::PRAGMA,
+    header::RANGE,
+    header::IF_MATCH,
+    header::IF_NONE_MATCH,
+    header::IF_MODIFIED_SINCE,
+    header::IF_UNMODIFIED_SINCE,
+    header::IF_RANGE,
+    header::AUTHORIZATION,
+    header::WWW_AUTHENTICATE,
+    header::SET_COOKIE,
+    header::COOKIE,
+    header::AGE,
+    header::EXPIRES,
+    header::DATE,
+    header::LOCATION,
+    header::RETRY_AFTER,
+    header::VARY,
+    header::CONTENT_ENCODING,
+    header::CONTENT_TYPE,
+    header::CONTENT_RANGE,
+    header::WARNING,
+];
+
+/// Remove from trailers the fields of `NOT_IN_TRAILERS` and those a `Connection`
+/// trailer names. Runs only on trailers, which few responses have.
+pub fn strip(t: &mut HeaderMap) {
+    let named: Vec<HeaderName> = t
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .collect();
+    for n in named.iter().chain(NOT_IN_TRAILERS.iter()) {
+        if t.contains_key(n) {
+            t.remove(n);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn trailers_keep_only_fields_allowed_there() {
+        let mut t = HeaderMap::new();
+        for (n, v) in [
+            ("x-md5", "abc"),
+            ("connection", "close, X-Hop"),
+            ("x-hop", "1"),
+            ("keep-alive", "timeout=5"),
+            ("transfer-encoding", "gzip"),
+            ("upgrade", "h2c"),
+            ("proxy-connection", "close"),
+            ("te", "trailers"),
+            ("content-length", "99"),
+            ("host", "evil"),
+            ("authorization", "x"),
+            ("set-cookie", "s=1"),
+            ("content-type", "text/evil"),
+            ("server-timing", "db;dur=5"),
+        ] {
+            t.append(HeaderName::from_static(n), HeaderValue::from_static(v));
+        }
+        strip(&mut t);
+        let mut left: Vec<&str> = t.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["server-timing", "x-md5"]);
+    }
+}

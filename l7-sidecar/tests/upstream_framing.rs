@@ -1,0 +1,447 @@
+//! Upstream answers with broken or lenient framing, and request fields rewritten on
+//! their way upstream (issue 10, black-box findings 4–8 and 11). Each case is a raw
+//! TCP backend that sends exactly the bytes in question.
+mod common;
+use common::*;
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// One step of a canned answer: bytes to write, or a pause.
+enum Step {
+    Send(&'static [u8]),
+    Wait(u64),
+}
+use Step::{Send, Wait};
+
+/// The canned answer for the last path segment of a request; the connection is
+/// closed after the answers that say so (`close`).
+fn script(key: &str) -> (Vec<Step>, bool) {
+    let ok: &'static [u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+    match key {
+        // Finding 4: invalid chunked bodies, all in the head's segment.
+        "chjunk" => (vec![Send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nok\r\n0\r\n\r\n")], true),
+        "chhuge" => (vec![Send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffffffff\r\nok\r\n0\r\n\r\n")], true),
+        "ch0x" => (vec![Send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x2\r\nok\r\n0\r\n\r\n")], true),
+        "chneg" => (vec![Send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-2\r\nok\r\n0\r\n\r\n")], true),
+        "chnocrlf" => (vec![Send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nokXX0\r\n\r\n")], true),
+        "chnozero" => (vec![Send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n")], true),
+        "trlnul" => (vec![Send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nX-T: a\0b\r\n\r\n")], true),
+        // A body cut after the head went out (a pause, then the close).
+        "cutch" => (vec![Send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"), Wait(300)], true),
+        "cutcl" => (vec![Send(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello"), Wait(300)], true),
+        // Finding 5: trailers with connection-specific and forbidden fields.
+        "trailers" => (vec![Send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-md5\r\n\r\n2\r\nok\r\n0\r\nX-Md5: abc\r\nConnection: close\r\nKeep-Alive: timeout=5\r\nTransfer-Encoding: gzip\r\nUpgrade: h2c\r\nProxy-Connection: close\r\nContent-Length: 99\r\nHost: evil\r\nTE: trailers\r\nAuthorization: x\r\nSet-Cookie: s=1\r\nContent-Type: text/evil\r\nX-Kept: 1\r\n\r\n")], false),
+        // Several chunks and trailers in the head's segment: all read ahead at once.
+        "chmulti" => (vec![Send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n3\r\nabc\r\n1\r\n!\r\n0\r\nX-T: 1\r\n\r\n")], false),
+        // Finding 11: lenient framing.
+        "cllist" => (vec![Send(b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nok")], false),
+        "clzeros" => (vec![Send(b"HTTP/1.1 200 OK\r\nContent-Length: 0002\r\n\r\nok")], false),
+        "tegzip" => (vec![Send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n")], true),
+        "tegzip2" => (vec![Send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n")], true),
+        "s600" => (vec![Send(b"HTTP/1.1 600 Odd\r\nContent-Length: 2\r\n\r\nok")], true),
+        "s999" => (vec![Send(b"HTTP/1.1 999 Odd\r\nContent-Length: 2\r\n\r\nok")], true),
+        "v10" => (vec![Send(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")], true),
+        // Finding 8: a body the upstream stops sending (cut at the request deadline).
+        "stall" => (vec![Send(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello"), Wait(5_000)], true),
+        _ => (vec![Send(ok)], false),
+    }
+}
+
+struct Raw {
+    addr: SocketAddr,
+    /// Every request head received, in order.
+    heads: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Raw {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn content_length(head: &str) -> usize {
+    head.lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+async fn raw_upstream() -> Raw {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let heads = Arc::new(Mutex::new(Vec::new()));
+    let h = heads.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let h = h.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                    let body_len = content_length(&head);
+                    while buf.len() < end + 4 + body_len {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    buf.drain(..end + 4 + body_len);
+                    let path = head.split(' ').nth(1).unwrap_or("/").to_string();
+                    let key = path.rsplit('/').next().unwrap_or("").to_string();
+                    h.lock().expect("heads").push(head);
+                    let (steps, close) = script(&key);
+                    for step in steps {
+                        match step {
+                            Send(b) => {
+                                if s.write_all(b).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Wait(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
+                        }
+                    }
+                    if close {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Raw { addr, heads, task }
+}
+
+fn cfg(up: SocketAddr, request_timeout_ms: u64) -> String {
+    format!(
+        "{}[pools.t]\nbackends = [{{ address = \"{up}\" }}]\nretries = 0\nrequest_timeout_ms = {request_timeout_ms}\n[[routes]]\nname = \"t\"\npath = \"/\"\npool = \"t\"\n",
+        listener("public")
+    )
+}
+
+/// Send `req` on a new raw connection and read until the gateway closes it (or 5 s).
+/// Returns what arrived and whether the connection ended with a reset.
+async fn raw_exchange(addr: SocketAddr, req: &[u8]) -> (Vec<u8>, bool) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(req).await.expect("write");
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut chunk)).await {
+            Err(_) => panic!("no close in time; got {:?}", String::from_utf8_lossy(&got)),
+            Ok(Ok(0)) => return (got, false),
+            Ok(Ok(n)) => got.extend_from_slice(&chunk[..n]),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => return (got, true),
+            Ok(Err(e)) => panic!("read: {e}"),
+        }
+    }
+}
+
+/// The next access-log record (within 5 s).
+async fn next_record(
+    log: &mut tokio::sync::broadcast::Receiver<l7_sidecar::observe::AccessRecord>,
+) -> l7_sidecar::observe::AccessRecord {
+    tokio::time::timeout(Duration::from_secs(5), log.recv())
+        .await
+        .expect("log in time")
+        .expect("record")
+}
+
+/// Finding 4: a chunked body that is invalid from the start never lets the head out:
+/// the client gets the usual 502 with its request id, and the log says 502.
+#[tokio::test]
+async fn an_invalid_chunked_body_before_anything_went_out_is_a_502() {
+    let up = raw_upstream().await;
+    let gw = start_gateway(&cfg(up.addr, 3000)).await;
+    let mut log = gw.gateway.shared.access_log.subscribe();
+    let c = client();
+    for key in ["chjunk", "chhuge", "ch0x", "chneg", "chnocrlf", "chnozero", "trlnul"] {
+        let r = get(&c, &format!("{}/raw/{key}", base(&gw)), &[]).await;
+        assert_eq!(r.status, 502, "{key}: {:?}", String::from_utf8_lossy(&r.body));
+        let j = r.json();
+        assert_eq!(j["error"], "upstream_error", "{key}: {j}");
+        let rid = r.header("x-request-id").expect("request id header");
+        assert_eq!(j["request_id"], rid.as_str(), "{key}: {j}");
+        let rec = next_record(&mut log).await;
+        assert_eq!(rec.status, 502, "{key}: the access log tells what the client got");
+        assert_eq!(rec.bytes, r.body.len() as u64, "{key}: bytes sent");
+    }
+}
+
+/// Findings 4 and 7: a body cut after the head went out ends the client connection
+/// abortively (HTTP/1.0, which has no other way to tell a cut from an end), and the
+/// access log counts the bytes the client got.
+#[tokio::test]
+async fn a_body_cut_after_the_head_resets_the_client_connection() {
+    let up = raw_upstream().await;
+    let gw = start_gateway(&cfg(up.addr, 3000)).await;
+    let addr = gw.addr("public").expect("addr");
+    let mut log = gw.gateway.shared.access_log.subscribe();
+    for (key, version) in [("cutch", "1.0"), ("cutcl", "1.0"), ("cutch", "1.1")] {
+        let req = format!("GET /raw/{key} HTTP/{version}\r\nHost: x\r\n\r\n");
+        let (got, reset) = raw_exchange(addr, req.as_bytes()).await;
+        let text = String::from_utf8_lossy(&got).to_string();
+        assert!(text.starts_with("HTTP/1."), "{key} {version}: {text}");
+        assert!(text.contains("hello"), "{key} {version}: {text}");
+        assert!(!text.ends_with("0\r\n\r\n"), "{key} {version}: no last chunk: {text}");
+        assert!(reset, "{key} HTTP/{version}: the cut is a reset, not a FIN: {text}");
+        let rec = next_record(&mut log).await;
+        assert_eq!(rec.bytes, 5, "{key} {version}: the bytes the client got");
+    }
+}
+
+async fn h2_client(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+        .await
+        .expect("h2 handshake");
+    tokio::spawn(conn);
+    send
+}
+
+/// Finding 5: trailers keep their own fields and lose connection-specific and
+/// forbidden ones over HTTP/2, where a connection-specific field used to reset the
+/// stream; an HTTP/1.1 client that asked for trailers gets none of those either.
+#[tokio::test]
+async fn trailers_lose_connection_specific_and_forbidden_fields() {
+    let up = raw_upstream().await;
+    let gw = start_gateway(&cfg(up.addr, 3000)).await;
+    let addr = gw.addr("public").expect("addr");
+    let mut send = h2_client(addr).await;
+    let req = http::Request::get("http://x/raw/trailers")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let resp = tokio::time::timeout(Duration::from_secs(5), send.send_request(req))
+        .await
+        .expect("in time")
+        .expect("h2 response");
+    assert_eq!(resp.status(), 200);
+    let collected = resp.into_body().collect().await.expect("body and trailers, no reset");
+    let trailers = collected.trailers().cloned().expect("trailers");
+    assert_eq!(&collected.to_bytes()[..], b"ok");
+    let mut names: Vec<&str> = trailers.keys().map(http::HeaderName::as_str).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["x-kept", "x-md5"], "h2: {trailers:?}");
+
+    let req = http::Request::get("http://x/raw/chmulti")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let resp = send.send_request(req).await.expect("h2 response");
+    let collected = resp.into_body().collect().await.expect("body and trailers");
+    let trailers = collected.trailers().cloned().expect("trailers");
+    assert_eq!(&collected.to_bytes()[..], b"okabc!", "chunks read ahead keep their order");
+    assert_eq!(trailers.get("x-t").map(|v| v.as_bytes()), Some(&b"1"[..]));
+
+    let (got, _) = raw_exchange(
+        addr,
+        b"GET /raw/trailers HTTP/1.1\r\nHost: x\r\nTE: trailers\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let text = String::from_utf8_lossy(&got).to_lowercase();
+    let tail = text.split("\r\n0\r\n").nth(1).unwrap_or_else(|| panic!("h1: no last chunk: {text}"));
+    // hyper sends HTTP/1.1 trailers only when the head declares them in `Trailer`,
+    // which the gateway strips with the other hop-by-hop fields: none arrive, and
+    // certainly none of the refused ones.
+    for bad in ["host", "content-length", "keep-alive", "upgrade", "authorization", "set-cookie", "content-type", "te:", "transfer-encoding", "proxy-connection"] {
+        assert!(!tail.contains(bad), "h1 trailers keep no {bad}: {tail}");
+    }
+}
+
+/// Finding 6: cookies an HTTP/2 client sends as several fields reach an HTTP/1.1
+/// upstream as one field joined with "; " (RFC 9113 §8.2.3).
+#[tokio::test]
+async fn h2_cookie_fields_are_joined_for_an_http1_upstream() {
+    let up = raw_upstream().await;
+    let gw = start_gateway(&cfg(up.addr, 3000)).await;
+    let addr = gw.addr("public").expect("addr");
+    let mut send = h2_client(addr).await;
+    let req = http::Request::get("http://x/raw/cookies")
+        .header("cookie", "a=1")
+        .header("cookie", "b=2")
+        .header("cookie", "c=3")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let resp = send.send_request(req).await.expect("h2 response");
+    assert_eq!(resp.status(), 200);
+    let head = up.heads.lock().expect("heads").last().cloned().expect("a request upstream");
+    let cookies: Vec<&str> = head
+        .lines()
+        .filter(|l| l.to_ascii_lowercase().starts_with("cookie:"))
+        .collect();
+    assert_eq!(cookies.len(), 1, "one Cookie field: {head}");
+    assert!(cookies[0].ends_with("a=1; b=2; c=3"), "{head}");
+}
+
+/// Finding 11: a Content-Length list of one value, or with leading zeros, reaches
+/// the client as the single plain number (RFC 9110 §8.6).
+#[tokio::test]
+async fn a_lenient_content_length_is_normalised() {
+    let up = raw_upstream().await;
+    let gw = start_gateway(&cfg(up.addr, 3000)).await;
+    let addr = gw.addr("public").expect("addr");
+    for key in ["cllist", "clzeros"] {
+        let req = format!("GET /raw/{key} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let (got, _) = raw_exchange(addr, req.as_bytes()).await;
+        let text = String::from_utf8_lossy(&got).to_lowercase();
+        let cls: Vec<&str> = text.lines().filter(|l| l.starts_with("content-length:")).collect();
+        assert_eq!(cls, ["content-length: 2"], "{key}: {text}");
+        assert!(text.ends_with("\r\n\r\nok"), "{key}: {text}");
+    }
+}
+
+/// Finding 11: codings the gateway cannot pass on, and status codes outside
+/// RFC 9110's 100–599, are refused with a 502.
+#[tokio::test]
+async fn unrepresentable_codings_and_statuses_are_a_502() {
+    let up = raw_upstream().await;
+    let gw = start_gateway(&cfg(up.addr, 3000)).await;
+    let c = client();
+    for key in ["tegzip", "tegzip2", "s600", "s999"] {
+        let r = get(&c, &format!("{}/raw/{key}", base(&gw)), &[]).await;
+        assert_eq!(r.status, 502, "{key}: {:?}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.json()["error"], "upstream_error", "{key}");
+    }
+}
+
+/// Finding 11: an upstream's HTTP/1.0 status line does not make the gateway answer
+/// its HTTP/1.1 client as HTTP/1.0 on a connection it keeps alive.
+#[tokio::test]
+async fn an_http10_upstream_answer_goes_out_as_http11() {
+    let up = raw_upstream().await;
+    let gw = start_gateway(&cfg(up.addr, 3000)).await;
+    let addr = gw.addr("public").expect("addr");
+    let (got, _) = raw_exchange(addr, b"GET /raw/v10 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    let text = String::from_utf8_lossy(&got).to_string();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+}
+
+/// Finding 11: the gateway answers `100 Continue` itself (it buffers the body), so
+/// the upstream gets the body without an `Expect` it would answer again.
+#[tokio::test]
+async fn expect_continue_is_answered_here_and_not_forwarded() {
+    let up = raw_upstream().await;
+    let gw = start_gateway(&cfg(up.addr, 3000)).await;
+    let addr = gw.addr("public").expect("addr");
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(b"PUT /raw/expect HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write head");
+    let mut chunk = [0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
+        .await
+        .expect("100 in time")
+        .expect("read");
+    assert!(chunk[..n].starts_with(b"HTTP/1.1 100"), "{:?}", String::from_utf8_lossy(&chunk[..n]));
+    s.write_all(b"hello").await.expect("write body");
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got)).await;
+    assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"), "{:?}", String::from_utf8_lossy(&got));
+    let head = up.heads.lock().expect("heads").last().cloned().expect("a request upstream");
+    assert!(!head.to_ascii_lowercase().contains("expect:"), "{head}");
+    assert!(head.contains("PUT /raw/expect"), "{head}");
+}
+
+/// Log lines written while a test runs (the gateway serves on the test's runtime,
+/// so a thread's default subscriber sees its warnings).
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("log buffer").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("log buffer")).to_string()
+    }
+}
+
+/// The log of this test binary: one global subscriber, installed by the first test
+/// that asks (a per-test default subscriber misses events whose call sites another
+/// test's thread registered first). Tests find their lines by request id.
+fn capture() -> Captured {
+    static LOGS: std::sync::OnceLock<Captured> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = Captured::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::WARN)
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).expect("first subscriber");
+        logs
+    })
+    .clone()
+}
+
+fn request_id_of(head: &str) -> String {
+    head.lines()
+        .find_map(|l| l.strip_prefix("x-request-id: "))
+        .unwrap_or_else(|| panic!("no request id: {head}"))
+        .trim()
+        .to_string()
+}
+
+/// Finding 4: a body the upstream cuts after the head went out is a warning that
+/// names the request and the backend (it used to pass silently as a 200).
+#[tokio::test]
+async fn a_cut_body_is_warned_with_its_request_and_backend() {
+    let logs = capture();
+    let up = raw_upstream().await;
+    let gw = start_gateway(&cfg(up.addr, 3000)).await;
+    let addr = gw.addr("public").expect("addr");
+    for key in ["cutch", "cutcl"] {
+        let req = format!("GET /raw/{key} HTTP/1.1\r\nHost: x\r\n\r\n");
+        let (got, _) = raw_exchange(addr, req.as_bytes()).await;
+        let rid = request_id_of(&String::from_utf8_lossy(&got));
+        let text = logs.text();
+        let line = text
+            .lines()
+            .find(|l| l.contains(&rid))
+            .unwrap_or_else(|| panic!("{key}: no warning names {rid}: {text}"));
+        assert!(line.contains("WARN") && line.contains("cut"), "{key}: {line}");
+        assert!(line.contains(&up.addr.to_string()), "{key}: names the backend: {line}");
+    }
+}
+
+/// Finding 8: when the upstream stops sending a body, the deadline's warning blames
+/// the upstream, not a client that was reading all along.
+#[tokio::test]
+async fn a_stalled_upstream_body_is_blamed_on_the_upstream() {
+    let logs = capture();
+    let up = raw_upstream().await;
+    let gw = start_gateway(&cfg(up.addr, 400)).await;
+    let addr = gw.addr("public").expect("addr");
+    let (got, _) = raw_exchange(addr, b"GET /raw/stall HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let text = String::from_utf8_lossy(&got).to_string();
+    assert!(text.starts_with("HTTP/1.1 200") && text.ends_with("hello"), "{text}");
+    let log = logs.text();
+    assert!(!log.contains("not taken by the client"), "the client was reading: {log}");
+    assert!(
+        log.lines().any(|l| l.contains("WARN") && l.contains("upstream") && l.contains("deadline")),
+        "the upstream is named as the slow side: {log}"
+    );
+}
