@@ -43,7 +43,7 @@ pub fn json_error_with_id(
 }
 
 /// `static`, not `const`: a const array would be built (and dropped) at every use.
-static HOP_BY_HOP: [HeaderName; 9] = [
+pub(crate) static HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),

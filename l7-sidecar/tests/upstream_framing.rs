@@ -65,14 +65,6 @@ impl Drop for Raw {
     }
 }
 
-fn content_length(head: &str) -> usize {
-    head.lines()
-        .filter_map(|l| l.split_once(':'))
-        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
-        .and_then(|(_, v)| v.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 async fn raw_upstream() -> Raw {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -85,24 +77,7 @@ async fn raw_upstream() -> Raw {
             let h = h.clone();
             tokio::spawn(async move {
                 let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                loop {
-                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        match s.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                        continue;
-                    };
-                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
-                    let body_len = content_length(&head);
-                    while buf.len() < end + 4 + body_len {
-                        match s.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                    buf.drain(..end + 4 + body_len);
+                while let Some(head) = read_request(&mut s, &mut buf).await {
                     let path = head.split(' ').nth(1).unwrap_or("/").to_string();
                     let key = path.rsplit('/').next().unwrap_or("").to_string();
                     h.lock().expect("heads").push(head);

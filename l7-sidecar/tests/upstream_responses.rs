@@ -42,17 +42,7 @@ async fn raw_upstream() -> Raw {
             let r = r.clone();
             tokio::spawn(async move {
                 let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                loop {
-                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        match s.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                        continue;
-                    };
-                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
-                    buf.drain(..end + 4);
+                while let Some(head) = read_request(&mut s, &mut buf).await {
                     let path = head.split(' ').nth(1).unwrap_or("/").to_string();
                     if path.starts_with("/clte") {
                         r.fetch_add(1, Ordering::SeqCst);

@@ -3,22 +3,14 @@
 
 use http::{header, HeaderMap, HeaderName};
 
-/// Fields that must not travel in trailers: the hop-by-hop ones (HTTP/2 forbids
-/// them outright, and hyper reset an HTTP/2 client's whole stream for one), and
-/// those RFC 9110 §6.5.1 forbids there: message framing, routing, request modifiers
-/// (controls, conditionals, range), authentication, response control data and
-/// content handling. A recipient may not merge them into the head, and a part that
-/// would act on them must not see them only at the end.
-static NOT_IN_TRAILERS: [HeaderName; 35] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
+/// Fields that must not travel in trailers besides the hop-by-hop ones
+/// (`http_util::HOP_BY_HOP`: HTTP/2 forbids them outright, and hyper reset an HTTP/2
+/// client's whole stream for one): those RFC 9110 §6.5.1 forbids there: message
+/// framing, routing, request modifiers (controls, conditionals, range),
+/// authentication, response control data and content handling. A recipient may not
+/// merge them into the head, and a part that would act on them must not see them
+/// only at the end.
+static NOT_IN_TRAILERS: [HeaderName; 26] = [
     header::CONTENT_LENGTH,
     header::HOST,
     header::CACHE_CONTROL,
@@ -47,8 +39,8 @@ static NOT_IN_TRAILERS: [HeaderName; 35] = [
     header::WARNING,
 ];
 
-/// Remove from trailers the fields of `NOT_IN_TRAILERS` and those a `Connection`
-/// trailer names. Runs only on trailers, which few responses have.
+/// Remove from trailers the hop-by-hop fields, those of `NOT_IN_TRAILERS` and those
+/// a `Connection` trailer names. Runs only on trailers, which few responses have.
 pub fn strip(t: &mut HeaderMap) {
     let named: Vec<HeaderName> = t
         .get_all(header::CONNECTION)
@@ -57,7 +49,8 @@ pub fn strip(t: &mut HeaderMap) {
         .flat_map(|v| v.split(','))
         .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
         .collect();
-    for n in named.iter().chain(NOT_IN_TRAILERS.iter()) {
+    let hop_by_hop = crate::http_util::HOP_BY_HOP.iter();
+    for n in named.iter().chain(hop_by_hop).chain(NOT_IN_TRAILERS.iter()) {
         if t.contains_key(n) {
             t.remove(n);
         }
