@@ -24,11 +24,13 @@ pub enum GatewayError {
     Resolve(Vec<crate::resolve::ResolveError>),
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
-    #[error("listener {name}: cannot bind {addr}: {source}")]
+    // `error`, not `source`: the message already ends with it, and an error chain
+    // (`{:#}`) would print it twice.
+    #[error("listener {name}: cannot bind {addr}: {error}")]
     Bind {
         name: String,
         addr: String,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("worker {index}: cannot start its thread or runtime: {source}")]
     Worker {

@@ -42,18 +42,7 @@ pub fn json_error_with_id(
     r
 }
 
-/// `static`, not `const`: a const array would be built (and dropped) at every use.
-pub(crate) static HOP_BY_HOP: [HeaderName; 9] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
+pub(crate) use crate::hop_by_hop::HOP_BY_HOP;
 
 /// The index of `name` in `HOP_BY_HOP`. A `match` on the name's text compiles to a
 /// length switch and one comparison; comparing it with each of the nine `HeaderName`s

@@ -13,6 +13,7 @@ pub mod conns;
 pub mod ctx;
 pub mod gateway;
 pub mod guard;
+pub mod hop_by_hop;
 pub mod host;
 pub mod health;
 pub mod http_util;
@@ -32,6 +33,7 @@ pub mod stage;
 pub mod tls;
 pub mod trace;
 pub mod transform;
+pub mod workers;
 
 pub use config::Config;
 pub use gateway::{Gateway, GatewayError};

@@ -20,9 +20,9 @@ struct Args {
     /// Only validate the configuration and exit.
     #[arg(long)]
     check: bool,
-    /// Worker threads serving connections, each with its own runtime; a new
-    /// connection goes to the one serving fewest [default: one per CPU the process
-    /// may use].
+    /// Worker threads serving connections, each with its own runtime;
+    /// connections spread evenly over them [default: one per CPU the process may
+    /// use].
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
     workers: Option<u16>,
     /// Print shell completions for this shell and exit.

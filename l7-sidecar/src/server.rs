@@ -14,8 +14,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use crate::workers::{Admitted, Counted, OpenConnections, WarnEverySecond, Workers, ACCEPT_DEFERRAL};
 use tokio_rustls::TlsAcceptor;
 
 /// During a drain, how long at most a connection with no request in flight waits for
@@ -37,9 +36,8 @@ pub struct RunningGateway {
     pub gateway: Gateway,
     pub addrs: Vec<(String, SocketAddr)>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    /// One connection budget per listener.
-    limits: Vec<Arc<Semaphore>>,
-    max_connections: usize,
+    /// Each listener's open connections.
+    open: Vec<Arc<OpenConnections>>,
     workers: Workers,
     /// `RUNNING`, then `DRAINING` (finish the request in progress), then `CUT`.
     stop: tokio::sync::watch::Sender<u8>,
@@ -86,11 +84,7 @@ impl RunningGateway {
     async fn wait_idle(&self, timeout: Duration) -> bool {
         let step = Duration::from_millis(20);
         let rounds = (timeout.as_millis() / step.as_millis()).max(1);
-        let idle = || {
-            self.limits
-                .iter()
-                .all(|l| l.available_permits() == self.max_connections)
-        };
+        let idle = || self.open.iter().all(|l| l.open() == 0);
         for _ in 0..rounds {
             if idle() {
                 return true;
@@ -115,114 +109,39 @@ impl Drop for RunningGateway {
 /// Bind every listener and start serving on the current runtime. Binding `:0` picks
 /// an ephemeral port.
 pub async fn start(gateway: Gateway) -> Result<RunningGateway, GatewayError> {
-    start_on(gateway, Workers::on_caller()).await
+    start_on(gateway, Workers::new(vec![tokio::runtime::Handle::current()])).await
 }
 
 /// Serve on `workers` threads, each with its own single-threaded runtime: a
 /// connection's requests and its upstream connections (`proxy::conns`) all stay on
-/// one thread — no work stealing, no cross-thread wake-ups. Each listener has one
-/// socket, accepted on the first worker, which hands every new connection to the
-/// worker serving the fewest (`Workers::pick`). The connection limits are per
-/// listener. The gateway's background tasks (health checks, reloads, JWKS) stay on the
-/// caller's runtime. Worker threads live until the process exits.
+/// one thread — no work stealing, no cross-thread wake-ups. Every worker accepts from
+/// each listener's one socket, and connections spread evenly over them
+/// (`crate::workers`). The connection limits are per listener. The gateway's
+/// background tasks (health checks, reloads, JWKS) stay on the caller's runtime.
+/// Worker threads live until the process exits.
 pub async fn start_workers(
     gateway: Gateway,
     workers: usize,
 ) -> Result<RunningGateway, GatewayError> {
-    start_on(gateway, Workers::threads(workers.max(1))?).await
-}
-
-/// The runtimes connections are served on, and how many each serves now.
-///
-/// A new connection goes to the worker with the fewest. `SO_REUSEPORT` sockets (one per
-/// worker, which this replaced) spread connections by a hash of their addresses: 32
-/// connections over 2 workers split 21:11 often enough that the busier worker's queue
-/// set the p99 latency.
-#[derive(Clone)]
-pub(crate) struct Workers(Arc<[Worker]>);
-
-struct Worker {
-    handle: tokio::runtime::Handle,
-    live: std::sync::atomic::AtomicUsize,
-}
-
-/// One connection counted on its worker while it lives.
-struct Counted {
-    workers: Workers,
-    index: usize,
-}
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        self.workers.0[self.index]
-            .live
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
-impl Workers {
-    /// Everything on the caller's runtime.
-    fn on_caller() -> Workers {
-        Workers::of(vec![tokio::runtime::Handle::current()])
-    }
-
-    /// `count` threads, each running a single-threaded runtime forever.
-    fn threads(count: usize) -> Result<Workers, GatewayError> {
-        Ok(Workers::of((0..count).map(worker_thread).collect::<Result<_, _>>()?))
-    }
-
-    fn of(handles: Vec<tokio::runtime::Handle>) -> Workers {
-        Workers(
-            handles
-                .into_iter()
-                .map(|handle| Worker {
-                    handle,
-                    live: Default::default(),
-                })
-                .collect(),
-        )
-    }
-
-    /// The worker serving the fewest connections (the first of equals: the accepting
-    /// one, which then needs no hand-over), counted as serving one more until the
-    /// returned count is dropped.
-    fn pick(&self) -> Counted {
-        use std::sync::atomic::Ordering::Relaxed;
-        let index = (0..self.0.len())
-            .min_by_key(|&i| self.0[i].live.load(Relaxed))
-            .unwrap_or(0);
-        self.0[index].live.fetch_add(1, Relaxed);
-        Counted {
-            workers: self.clone(),
-            index,
-        }
-    }
-
-    /// How many connections each worker serves now.
-    pub(crate) fn live(&self) -> Vec<usize> {
-        self.0
-            .iter()
-            .map(|w| w.live.load(std::sync::atomic::Ordering::Relaxed))
-            .collect()
-    }
+    let handles = (0..workers.max(1)).map(worker_thread).collect::<Result<_, _>>()?;
+    start_on(gateway, Workers::new(handles)).await
 }
 
 /// The one listener setup of `start` and `start_workers`: per listener (the
-/// `[admin]` one too, flagged), one socket, accepted on the first worker.
+/// `[admin]` one too, flagged), one socket, accepted from on every worker.
 async fn start_on(gateway: Gateway, workers: Workers) -> Result<RunningGateway, GatewayError> {
     let rt = gateway.runtime();
-    let max_connections = rt.cfg.server.max_connections;
     let (stop, _) = tokio::sync::watch::channel(RUNNING);
-    let mut limits = Vec::new();
+    let mut open = Vec::new();
     let mut addrs = Vec::new();
     let mut tasks = Vec::new();
     let admin = rt.cfg.admin.as_ref().map(admin_listener);
     let all = rt.cfg.listeners.iter().map(|l| (l, false));
     for (l, is_admin) in all.chain(admin.iter().map(|l| (l, true))) {
-        let bind_err = |source| GatewayError::Bind {
+        let bind_err = |error| GatewayError::Bind {
             name: l.name.clone(),
             addr: l.bind.clone(),
-            source,
+            error,
         };
         let wanted = tokio::net::lookup_host(&l.bind)
             .await
@@ -233,7 +152,7 @@ async fn start_on(gateway: Gateway, workers: Workers) -> Result<RunningGateway, 
         let addr = socket.local_addr().map_err(bind_err)?;
         // Each listener counts its own connections (overall and per address), so a
         // flood on the public listener cannot lock operators out of the admin one.
-        let state = ListenerState {
+        let state = Arc::new(ListenerState {
             tls: match &l.tls {
                 Some(t) => Some(TlsAcceptor::from(crate::tls::server_config(t)?)),
                 None => None,
@@ -242,32 +161,43 @@ async fn start_on(gateway: Gateway, workers: Workers) -> Result<RunningGateway, 
                 metrics: l.metrics,
                 admin: is_admin,
             },
-            limit: Arc::new(Semaphore::new(max_connections)),
+            open: Arc::new(OpenConnections::default()),
             per_address: Arc::new(PerAddress::default()),
-        };
-        tracing::info!(listener = %l.name, %addr, tls = state.tls.is_some(), workers = workers.0.len(), "listening");
+            refusals: WarnEverySecond::default(),
+        });
+        tracing::info!(listener = %l.name, %addr, tls = state.tls.is_some(), workers = workers.len(), "listening");
         addrs.push((l.name.clone(), addr));
-        limits.push(state.limit.clone());
-        let first = &workers.0[0].handle;
-        // Registered with the first worker's reactor, so it must be converted inside it.
-        let listener = {
-            let _entered = first.enter();
-            TcpListener::from_std(socket).map_err(|source| GatewayError::Worker { index: 0, source })?
-        };
-        tasks.push(first.spawn(accept_loop(
-            gateway.clone(),
-            listener,
-            state,
-            workers.clone(),
-            stop.subscribe(),
-        )));
+        open.push(state.open.clone());
+        for index in 0..workers.len() {
+            let dup = socket.try_clone().map_err(bind_err)?;
+            let handle = workers.handle(index);
+            // Registered with this worker's reactor, so it must be made inside it.
+            // `AsyncFd`, not tokio's `TcpListener`: a worker must see that a connection
+            // is waiting without taking it (`accept_loop`). `new` is deprecated for
+            // types whose `as_raw_fd` could change or close under it; a
+            // `std::net::TcpListener` owns its descriptor for its whole life, and the
+            // crate forbids the `unsafe` of `register`.
+            let listener = {
+                let _entered = handle.enter();
+                #[allow(deprecated)]
+                tokio::io::unix::AsyncFd::with_interest(dup, tokio::io::Interest::READABLE)
+                    .map_err(|source| GatewayError::Worker { index, source })?
+            };
+            tasks.push(handle.spawn(accept_loop(
+                gateway.clone(),
+                listener,
+                state.clone(),
+                workers.clone(),
+                index,
+                stop.subscribe(),
+            )));
+        }
     }
     Ok(RunningGateway {
         gateway,
         addrs,
         tasks,
-        limits,
-        max_connections,
+        open,
         workers,
         stop,
     })
@@ -290,13 +220,14 @@ fn worker_thread(index: usize) -> Result<tokio::runtime::Handle, GatewayError> {
     Ok(handle)
 }
 
-/// What a listener's connections share.
-#[derive(Clone)]
+/// What a listener's connections share, on every worker.
 struct ListenerState {
     tls: Option<TlsAcceptor>,
     role: Role,
-    limit: Arc<Semaphore>,
+    open: Arc<OpenConnections>,
     per_address: Arc<PerAddress>,
+    /// Refused connections (limits reached, accept errors): warned about once a second.
+    refusals: WarnEverySecond,
 }
 
 /// A non-blocking listening socket on `addr`. Without `SO_REUSEPORT` nothing can join
@@ -338,33 +269,68 @@ fn admin_listener(a: &crate::config::AdminConfig) -> crate::config::ListenerConf
     }
 }
 
+/// One worker's accept loop on one listener. Every worker runs one per listener on a
+/// duplicate of the same socket; a worker serving more connections than another
+/// leaves a new connection to the others for `ACCEPT_DEFERRAL` first.
 async fn accept_loop(
     gw: Gateway,
-    listener: TcpListener,
-    state: ListenerState,
+    listener: tokio::io::unix::AsyncFd<std::net::TcpListener>,
+    state: Arc<ListenerState>,
     workers: Workers,
+    me: usize,
     stop: tokio::sync::watch::Receiver<u8>,
 ) {
+    let started = std::time::Instant::now();
+    let warn_now = |what: &str, peer: Option<SocketAddr>, error: Option<&std::io::Error>| {
+        if let Some(n) = state.refusals.event(started.elapsed().as_secs()) {
+            match (peer, error) {
+                (_, Some(e)) => tracing::warn!(error = %e, refused = n, "accept failed (refusals in the last second: {n})"),
+                (Some(p), None) => tracing::warn!(peer = %p, refused = n, "{what}; closing (refusals in the last second: {n})"),
+                (None, None) => {}
+            }
+        }
+    };
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(x) => x,
+        let mut ready = match listener.readable().await {
+            Ok(r) => r,
             Err(e) => {
-                // Usually EMFILE: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
+                warn_now("", None, Some(&e));
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
-        let Ok(permit) = state.limit.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "connection limit reached; closing");
-            drop(stream);
-            continue;
+        if workers.busier_than_another(me) {
+            tokio::time::sleep(ACCEPT_DEFERRAL).await;
+        }
+        let (stream, peer) = match ready.try_io(|l| l.get_ref().accept()) {
+            Ok(Ok(x)) => x,
+            Ok(Err(e)) => {
+                // Usually EMFILE: back off instead of spinning.
+                warn_now("", None, Some(&e));
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            // Another worker took it.
+            Err(_would_block) => continue,
         };
         let cfg = gw.runtime().cfg.server.clone();
-        let Some(address_permit) = state.per_address.try_acquire(peer.ip(), cfg.per_ip_cap()) else {
-            tracing::warn!(%peer, "per-address connection limit reached; closing");
-            drop(stream);
+        let Some(admitted) = state.open.admit(cfg.max_connections) else {
+            warn_now("connection limit reached", Some(peer), None);
             continue;
+        };
+        let Some(address_permit) = state.per_address.try_acquire(peer.ip(), cfg.per_ip_cap()) else {
+            warn_now("per-address connection limit reached", Some(peer), None);
+            continue;
+        };
+        let stream = match stream
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::TcpStream::from_std(stream))
+        {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "cannot register the accepted connection");
+                continue;
+            }
         };
         let _ = stream.set_nodelay(true);
         let conn = Connection {
@@ -374,31 +340,14 @@ async fn accept_loop(
             role: state.role,
             cfg,
             stop: stop.clone(),
-            permits: (permit, address_permit),
-            worker: workers.pick(),
+            held: (admitted, address_permit, workers.count(me)),
         };
-        if conn.worker.index == 0 {
-            tokio::spawn(conn.serve(stream));
-            continue;
-        }
-        // To another worker: registered with its reactor there.
-        let handle = workers.0[conn.worker.index].handle.clone();
-        match stream.into_std() {
-            Ok(std_stream) => {
-                handle.spawn(async move {
-                    match tokio::net::TcpStream::from_std(std_stream) {
-                        Ok(stream) => conn.serve(stream).await,
-                        Err(e) => tracing::warn!(%peer, error = %e, "cannot hand the connection to its worker"),
-                    }
-                });
-            }
-            Err(e) => tracing::warn!(%peer, error = %e, "cannot hand the connection to its worker"),
-        }
+        tokio::spawn(conn.serve(stream));
     }
 }
 
-/// An accepted connection and everything serving it needs; its permits and its
-/// worker's count are held until it ends.
+/// An accepted connection and everything serving it needs; its place in the
+/// listener's limits and its worker's count are held until it ends.
 struct Connection {
     gw: Gateway,
     peer: SocketAddr,
@@ -406,14 +355,13 @@ struct Connection {
     role: Role,
     cfg: crate::config::ServerConfig,
     stop: tokio::sync::watch::Receiver<u8>,
-    permits: (tokio::sync::OwnedSemaphorePermit, crate::idle::AddressPermit),
-    worker: Counted,
+    held: (Admitted, crate::idle::AddressPermit, Counted),
 }
 
 impl Connection {
     async fn serve(self, stream: tokio::net::TcpStream) {
-        let Connection { gw, peer, tls, role, cfg, stop, permits, worker } = self;
-        let _held = (permits, worker);
+        let Connection { gw, peer, tls, role, cfg, stop, held } = self;
+        let _held = held;
         let header_timeout = Duration::from_millis(cfg.header_read_timeout_ms);
         let mut info = ConnInfo::new(peer, tls.is_some(), role.metrics);
         info.admin = role.admin;
@@ -1031,10 +979,8 @@ mod tests {
         assert!(running.drain(Duration::from_secs(2)).await, "drained");
     }
 
-    /// Connections spread evenly over the workers whatever their addresses hash to
-    /// (per-worker `SO_REUSEPORT` sockets split 32 connections 21:11 at times).
-    #[tokio::test]
-    async fn new_connections_go_to_the_worker_serving_fewest() {
+    /// A gateway on 127.0.0.1:0 with two worker threads.
+    async fn two_workers() -> (super::RunningGateway, std::net::SocketAddr) {
         let cfg = crate::Config::parse(
             "[observability]\naccess_log = false\n[[listeners]]\nname = \"p\"\nbind = \"127.0.0.1:0\"\n",
         )
@@ -1043,38 +989,91 @@ mod tests {
             .await
             .expect("start");
         let addr = running.addr("p").expect("bound");
+        (running, addr)
+    }
+
+    /// A kept-alive connection that has been answered once (so it is accepted and
+    /// counted on its worker), and how long the answer took.
+    async fn answered_connection(addr: std::net::SocketAddr) -> (tokio::net::TcpStream, Duration) {
+        let t0 = std::time::Instant::now();
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        s.write_all(b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
+        let mut buf = [0u8; 12];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf))
+            .await
+            .expect("answered in time")
+            .expect("read");
+        assert_eq!(&buf, b"HTTP/1.1 404");
+        (s, t0.elapsed())
+    }
+
+    /// Connections spread evenly over the workers whatever their addresses hash to
+    /// (per-worker `SO_REUSEPORT` sockets split 32 connections 21:11 at times).
+    #[tokio::test]
+    async fn connections_spread_evenly_over_the_workers() {
+        let (running, addr) = two_workers().await;
         let mut open = Vec::new();
-        for i in 0..32 {
-            let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-            // Answered, so accepted and counted on its worker.
-            s.write_all(b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
-            let mut buf = [0u8; 12];
-            tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf))
-                .await
-                .expect("answered in time")
-                .expect("read");
-            assert_eq!(&buf, b"HTTP/1.1 404", "connection {i}");
+        for _ in 0..32 {
+            open.push(answered_connection(addr).await.0);
+        }
+        let per = running.connections_per_worker();
+        assert_eq!(per.iter().sum::<usize>(), 32);
+        // Even, give or take a worker that woke late on a loaded machine.
+        assert!(per[0].abs_diff(per[1]) <= 2, "{per:?}");
+        drop(open);
+        assert!(running.drain(Duration::from_secs(2)).await, "drained");
+    }
+
+    /// Hostile findings s15a-2/3: with one accepting worker handing connections to the
+    /// one serving fewest, a worker busy with requests delayed every new connection
+    /// (the admin listener's too), and one serving fewest because a client closed its
+    /// connections there got all new ones however busy it was. Now a worker that does
+    /// not take a new connection promptly leaves it to another.
+    #[tokio::test]
+    async fn a_busy_worker_delays_no_new_connection() {
+        let (running, addr) = two_workers().await;
+        // Worker 0 is stuck for 2 s (as in a long request's CPU work); it serves the
+        // fewest connections from the second connection on.
+        running.workers.handle(0).spawn(async { std::thread::sleep(Duration::from_secs(2)) });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut open = Vec::new();
+        for i in 0..6 {
+            let (s, took) = answered_connection(addr).await;
+            assert!(took < Duration::from_millis(700), "connection {i} waited {took:?} for a busy worker");
             open.push(s);
         }
-        assert_eq!(running.connections_per_worker(), [16, 16]);
-        // Closed connections leave their worker's count; the next go where fewest are.
-        open.truncate(20);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while running.connections_per_worker().iter().sum::<usize>() != 20 {
-            assert!(tokio::time::Instant::now() < deadline, "{:?}", running.connections_per_worker());
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let before = running.connections_per_worker();
-        for _ in 0..4 {
-            let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-            s.write_all(b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
-            let mut buf = [0u8; 12];
-            s.read_exact(&mut buf).await.expect("read");
-            open.push(s);
-        }
-        let after = running.connections_per_worker();
-        assert_eq!(after.iter().sum::<usize>(), 24, "{before:?} then {after:?}");
-        assert!(after[0].abs_diff(after[1]) <= before[0].abs_diff(before[1]).max(1), "{before:?} then {after:?}");
+        assert_eq!(running.connections_per_worker(), [0, 6]);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        drop(open);
+        assert!(running.drain(Duration::from_secs(2)).await, "drained");
+    }
+
+    /// Hostile finding s15a-1: `max_connections` was fixed at start; a reload that
+    /// changed it was logged as applied and ignored.
+    #[tokio::test]
+    async fn max_connections_follows_a_reload() {
+        let conf = |max: usize| {
+            crate::Config::parse(&format!(
+                "[server]\nmax_connections = {max}\nmax_connections_per_ip = {max}\n[observability]\naccess_log = false\n[[listeners]]\nname = \"p\"\nbind = \"127.0.0.1:0\"\n"
+            ))
+            .expect("config")
+        };
+        let running = super::start(crate::Gateway::new(conf(2), None).expect("gateway")).await.expect("start");
+        let addr = running.addr("p").expect("bound");
+        let mut open = vec![answered_connection(addr).await.0, answered_connection(addr).await.0];
+        let refused = |mut s: tokio::net::TcpStream| async move {
+            let _ = s.write_all(b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n").await;
+            let mut buf = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut buf)).await;
+            buf.is_empty()
+        };
+        let third = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        assert!(refused(third).await, "over the limit of 2");
+        running.gateway.reload(conf(4)).await.expect("reload");
+        open.push(answered_connection(addr).await.0);
+        open.push(answered_connection(addr).await.0);
+        let fifth = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        assert!(refused(fifth).await, "over the raised limit of 4");
         drop(open);
         assert!(running.drain(Duration::from_secs(2)).await, "drained");
     }

@@ -4,7 +4,7 @@
 use http::{header, HeaderMap, HeaderName};
 
 /// Fields that must not travel in trailers besides the hop-by-hop ones
-/// (`http_util::HOP_BY_HOP`: HTTP/2 forbids them outright, and hyper reset an HTTP/2
+/// (`hop_by_hop::HOP_BY_HOP`: HTTP/2 forbids them outright, and hyper reset an HTTP/2
 /// client's whole stream for one): those RFC 9110 §6.5.1 forbids there: message
 /// framing, routing, request modifiers (controls, conditionals, range),
 /// authentication, response control data and content handling. A recipient may not
@@ -49,7 +49,7 @@ pub fn strip(t: &mut HeaderMap) {
         .flat_map(|v| v.split(','))
         .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
         .collect();
-    let hop_by_hop = crate::http_util::HOP_BY_HOP.iter();
+    let hop_by_hop = crate::hop_by_hop::HOP_BY_HOP.iter();
     for n in named.iter().chain(hop_by_hop).chain(NOT_IN_TRAILERS.iter()) {
         if t.contains_key(n) {
             t.remove(n);
