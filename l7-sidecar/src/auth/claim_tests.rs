@@ -257,3 +257,61 @@ async fn far_future_and_fractional_exp_are_accepted_and_cached() {
         );
     }
 }
+
+/// An HS256 token over `payload` exactly as written (duplicate names and number
+/// spellings that `serde_json::json!` cannot express).
+fn raw_token(payload: &str) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let msg = format!(
+        "{}.{}",
+        b64.encode(r#"{"alg":"HS256","typ":"JWT"}"#),
+        b64.encode(payload)
+    );
+    let key = jsonwebtoken::EncodingKey::from_secret(b"s3cret");
+    let sig = jsonwebtoken::crypto::sign(msg.as_bytes(), &key, jsonwebtoken::Algorithm::HS256).expect("sign");
+    format!("{msg}.{sig}")
+}
+
+async fn raw_check(a: &Authenticator, payload: &str) -> Result<Option<Arc<Identity>>, AuthError> {
+    let t = raw_token(payload);
+    a.authenticate(AuthMode::Jwt, &[], &headers(&[format!("Bearer {t}")])).await
+}
+
+/// Hostile finding s15b-6: `"role":"user","role":"admin"` passed as admin (the last
+/// wins in the gateway's map; an upstream re-verifying the token may keep the first).
+/// A claim named twice refuses the token, whichever claim it is.
+#[tokio::test]
+async fn a_claim_named_twice_refuses_the_token() {
+    let a = Authenticator::new(Some(&cfg()), &[], None).expect("auth");
+    let exp = now() + 60;
+    let base = format!(r#""iss":"iss","aud":"aud","exp":{exp}"#);
+    let ok = raw_check(&a, &format!(r#"{{"sub":"alice","role":"user",{base}}}"#)).await;
+    assert!(matches!(ok, Ok(Some(_))), "{ok:?}");
+    for dup in [
+        format!(r#"{{"sub":"alice","role":"user","role":"admin",{base}}}"#),
+        format!(r#"{{"sub":"alice","role":null,"role":"admin",{base}}}"#),
+        format!(r#"{{"sub":"alice","x":1,"x":2,{base}}}"#),
+    ] {
+        let r = raw_check(&a, &dup).await;
+        assert!(matches!(r, Err(AuthError::Invalid(ref m)) if m.contains("twice")), "{dup}: {r:?}");
+    }
+}
+
+/// Hostile finding s15b-7: numeric subjects that are not 64-bit integers became
+/// lossy float strings (`1e2` → `100.0`, 2^64 and 2^64 + 1 both
+/// `1.8446744073709552e+19`). Integers pass as written; other numbers refuse.
+#[tokio::test]
+async fn a_numeric_subject_must_be_a_64_bit_integer() {
+    let a = Authenticator::new(Some(&cfg()), &[], None).expect("auth");
+    let exp = now() + 60;
+    for (sub, id) in [("42", "42"), ("-7", "-7"), ("18446744073709551615", "18446744073709551615")] {
+        let r = raw_check(&a, &format!(r#"{{"sub":{sub},"iss":"iss","aud":"aud","exp":{exp}}}"#)).await;
+        let got = r.expect("integer subject").expect("identity");
+        assert_eq!(got.user_id, id);
+    }
+    for sub in ["1e2", "5.5", "-0.0", "18446744073709551616", "18446744073709551617"] {
+        let r = raw_check(&a, &format!(r#"{{"sub":{sub},"iss":"iss","aud":"aud","exp":{exp}}}"#)).await;
+        assert!(matches!(r, Err(AuthError::Invalid(_))), "sub {sub}: {r:?}");
+    }
+}

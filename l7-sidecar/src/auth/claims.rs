@@ -21,11 +21,20 @@ pub fn valid_role(v: &str) -> bool {
     valid_identity_value(v) && !v.contains(',')
 }
 
-/// The user id claim `name`: a string or a number.
+/// The user id claim `name`: a string or an integer. Not any other number: JSON
+/// numbers that are not 64-bit integers are read as floating point, and `1e2`,
+/// `-0` or 2^64 + 1 would become user ids (`100.0`, `-0.0`, `1.8446744073709552e+19`)
+/// that several subjects share, and that an upstream reading the token renders
+/// differently.
 pub(super) fn user_id(claims: &Value, name: &str) -> Result<String, AuthError> {
     let id = match claims.get(name) {
         Some(Value::String(s)) => s.clone(),
-        Some(Value::Number(n)) => n.to_string(),
+        Some(Value::Number(n)) if n.is_i64() || n.is_u64() => n.to_string(),
+        Some(Value::Number(_)) => {
+            return Err(AuthError::Invalid(format!(
+                "user id claim {name} is a number but not an integer of at most 64 bits"
+            )))
+        }
         _ => return Err(AuthError::Invalid(format!("missing claim {name}"))),
     };
     if !valid_identity_value(&id) {
@@ -65,6 +74,39 @@ pub(super) fn roles(claims: &Value, name: &str) -> Result<Vec<String>, AuthError
         )));
     }
     Ok(roles)
+}
+
+/// Refuses a payload (the token's decoded JSON) that names a claim twice. A JSON
+/// parser keeps the last of duplicate names or the first, or refuses them:
+/// `jsonwebtoken` refuses duplicates of the claims it checks itself, but the claims
+/// this gateway reads (user id, roles) come from a map that keeps the last, while an
+/// upstream re-verifying the forwarded token might keep the first — and see another
+/// role than the gateway granted. Run once per verification, not per request.
+pub(super) fn no_duplicate_claims(payload: &[u8]) -> Result<(), AuthError> {
+    struct Names;
+    impl<'de> serde::de::Visitor<'de> for Names {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            let mut duplicate = None;
+            while let Some(name) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                map.next_value::<serde::de::IgnoredAny>()?;
+                if !seen.insert(name.clone().into_owned()) && duplicate.is_none() {
+                    duplicate = Some(name.into_owned());
+                }
+            }
+            Ok(duplicate)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(payload);
+    match serde::Deserializer::deserialize_map(&mut de, Names) {
+        Ok(None) => Ok(()),
+        Ok(Some(name)) => Err(AuthError::Invalid(format!("claim {name} appears twice"))),
+        Err(e) => Err(AuthError::Invalid(format!("payload: {e}"))),
+    }
 }
 
 /// A NumericDate (RFC 7519 §2) as `jsonwebtoken` reads one: a non-negative integer,

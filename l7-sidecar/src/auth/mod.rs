@@ -340,6 +340,7 @@ impl Authenticator {
         let data = jsonwebtoken::decode::<serde_json::Value>(token, &key, &val)
             .map_err(|e| AuthError::Invalid(e.to_string()))?;
         let payload = data.claims;
+        claims::no_duplicate_claims(&payload_bytes(token)?)?;
         claims::check_time_claims(&payload)?;
         let user_id = claims::user_id(&payload, &v.cfg.user_id_claim)?;
         let roles = claims::roles(&payload, &v.cfg.role_claim)?;
@@ -392,6 +393,15 @@ impl JwtVerifier {
             .map(|(_, a, k)| (*a, k.clone()))
             .ok_or_else(|| AuthError::Invalid(format!("no key for {alg:?}")))
     }
+}
+
+/// The decoded JSON of a (verified) token's payload segment.
+fn payload_bytes(token: &str) -> Result<Vec<u8>, AuthError> {
+    use base64::Engine as _;
+    let segment = token.split('.').nth(1).unwrap_or_default();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(segment)
+        .map_err(|e| AuthError::Invalid(format!("payload: {e}")))
 }
 
 #[cfg(test)]
