@@ -504,11 +504,11 @@ pub async fn proxy(
         }
     };
 
-    if has_body {
-        // hyper answered `100 Continue` when the body was read: the whole body goes
-        // upstream at once, with nothing left for the upstream to wait for.
-        parts.headers.remove(header::EXPECT);
-    }
+    // With a body, hyper answered `100 Continue` when the body was read: the whole
+    // body goes upstream at once, with nothing left for the upstream to wait for.
+    // Without one there is nothing to continue with, and an upstream that answered
+    // `100` (or `417`) would only confuse the exchange: never forwarded.
+    parts.headers.remove(header::EXPECT);
 
     if !rc.aggregate.is_empty() {
         let mut jobs = Vec::with_capacity(rc.aggregate.len());
