@@ -165,9 +165,6 @@ pub fn hardening_stage<B, N: Next<Req<B>>>(
     }
 }
 
-/// The checks of `hardening_stage` as a plain call: the request (path normalised)
-/// to go on with, or the answer refusing it. The untraced pipeline runs it inline,
-/// without a stage future of its own.
 /// Whether `count` headers are still over `max` once an HTTP/2 client's cookie
 /// fields count as the one field they are joined into (RFC 9113 §8.2.3 lets a
 /// client split cookies so they compress well). Asked only past the limit.
@@ -179,6 +176,9 @@ fn over_with_cookies_as_one(h2: bool, count: usize, max: usize, h: &http::Header
     count - crumbs.saturating_sub(1).min(count) > max
 }
 
+/// The checks of `hardening_stage` as a plain call: the request (path normalised)
+/// to go on with, or the answer refusing it. The untraced pipeline runs it inline,
+/// without a stage future of its own.
 pub fn harden<B>(max_headers: usize, mut req: Req<B>) -> Result<Req<B>, Response<Body>> {
     let ctx = req.ctx();
     let framing = match (ctx.framing, ctx.client_headers) {
