@@ -115,6 +115,7 @@ impl Body {
                 ahead: 0,
                 request_id: None,
                 client_h1: false,
+                trailer_names: None,
             }),
             bytes: 0,
             end: None,
@@ -172,6 +173,19 @@ impl Body {
         if let Kind::Upstream(s) = &mut self.0.kind {
             s.request_id = Some(request_id);
             s.client_h1 = client_h1;
+        }
+    }
+
+    /// Keep `names` out of the upstream's trailers as well (a route's transform
+    /// removed them from the head, or set them there): an upstream must not get
+    /// round a removal by sending the field last. Trailers already read ahead are
+    /// filtered now.
+    pub fn keep_out_of_trailers(&mut self, names: Box<[http::HeaderName]>) {
+        if let Kind::Upstream(s) = &mut self.0.kind {
+            if let Some(t) = s.last.as_mut().and_then(Frame::trailers_mut) {
+                trailers::strip(t, &names);
+            }
+            s.trailer_names = Some(names);
         }
     }
 
@@ -328,6 +342,9 @@ pub struct StreamedBody {
     /// The request, named should the body fail (`Body::set_request`).
     request_id: Option<Arc<str>>,
     client_h1: bool,
+    /// Names the route's transform removes from or sets on the head, kept out of
+    /// the trailers too (`Body::keep_out_of_trailers`); None on most routes.
+    trailer_names: Option<Box<[http::HeaderName]>>,
 }
 
 /// `prefetch` reads ahead at most this much: what hyper would have buffered before
@@ -354,6 +371,7 @@ impl StreamedBody {
             ahead: 0,
             request_id: None,
             client_h1: false,
+            trailer_names: None,
         }
     }
 
@@ -385,7 +403,7 @@ impl StreamedBody {
                         });
                     }
                     Err(mut other) => {
-                        filter_trailers(&mut other);
+                        filter_trailers(&mut other, self.trailer_names.as_deref());
                         // Trailers end the body: nothing is read after them.
                         self.last = Some(other);
                         break;
@@ -479,7 +497,7 @@ impl HttpBody for StreamedBody {
                     w.waiting_for_upstream(false);
                 }
                 if let Ok(f) = &mut r {
-                    filter_trailers(f);
+                    filter_trailers(f, this.trailer_names.as_deref());
                 }
                 Poll::Ready(Some(r.map_err(Into::into)))
             }
@@ -537,9 +555,9 @@ impl HttpBody for StreamedBody {
 /// there (framing, routing, request modifiers, authentication, response control,
 /// content handling). Data frames pass untouched.
 #[inline]
-fn filter_trailers(f: &mut Frame<Bytes>) {
+fn filter_trailers(f: &mut Frame<Bytes>, route: Option<&[http::HeaderName]>) {
     if let Some(t) = f.trailers_mut() {
-        trailers::strip(t);
+        trailers::strip(t, route.unwrap_or_default());
     }
 }
 

@@ -165,6 +165,17 @@ pub fn hardening_stage<B, N: Next<Req<B>>>(
     }
 }
 
+/// Whether `count` headers are still over `max` once an HTTP/2 client's cookie
+/// fields count as the one field they are joined into (RFC 9113 §8.2.3 lets a
+/// client split cookies so they compress well). Asked only past the limit.
+fn over_with_cookies_as_one(h2: bool, count: usize, max: usize, h: &http::HeaderMap) -> bool {
+    if !h2 {
+        return true;
+    }
+    let crumbs = h.get_all(header::COOKIE).iter().count();
+    count - crumbs.saturating_sub(1).min(count) > max
+}
+
 /// The checks of `hardening_stage` as a plain call: the request (path normalised)
 /// to go on with, or the answer refusing it. The untraced pipeline runs it inline,
 /// without a stage future of its own.
@@ -205,7 +216,7 @@ pub fn harden<B>(max_headers: usize, mut req: Req<B>) -> Result<Req<B>, Response
     let max = max_headers;
     // Only what the client sent counts, not the headers the gateway added since.
     let count = req.ctx().client_headers.unwrap_or(req.headers().len());
-    if count > max {
+    if count > max && over_with_cookies_as_one(h2, count, max, req.headers()) {
         return Err(json_error(
             &req,
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,

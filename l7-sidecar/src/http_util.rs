@@ -169,6 +169,9 @@ fn remove_named<'a>(h: &mut HeaderMap, values: impl Iterator<Item = &'a HeaderVa
 /// Join several `cookie` fields into one, with "; " (RFC 9113 §8.2.3: an HTTP/2
 /// client may send one per cookie; HTTP/1.1 has one field, and many servers read
 /// only the first). A request with one field or none is left as it is.
+///
+/// Empty (or blank) fields are skipped: no stray "; " at either end, and no empty
+/// Cookie field at all when every one is empty.
 pub fn join_cookie_fields(h: &mut HeaderMap) {
     let mut all = h.get_all(header::COOKIE).iter();
     if all.next().is_none() || all.next().is_none() {
@@ -176,10 +179,18 @@ pub fn join_cookie_fields(h: &mut HeaderMap) {
     }
     let mut joined = Vec::new();
     for v in h.get_all(header::COOKIE) {
+        let v = v.as_bytes().trim_ascii();
+        if v.is_empty() {
+            continue;
+        }
         if !joined.is_empty() {
             joined.extend_from_slice(b"; ");
         }
-        joined.extend_from_slice(v.as_bytes());
+        joined.extend_from_slice(v);
+    }
+    if joined.is_empty() {
+        h.remove(header::COOKIE);
+        return;
     }
     // Each part was a valid value, and "; " is valid between them.
     if let Ok(v) = HeaderValue::from_bytes(&joined) {

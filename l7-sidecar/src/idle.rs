@@ -131,12 +131,21 @@ impl Activity {
     }
 }
 
+impl Activity {
+    /// Reset the connection when it closes (`abort`): also for a client cut at the
+    /// request deadline, whose unread response a FIN would leave queued in the
+    /// kernel (megabytes per connection) after the gateway stopped counting it.
+    pub fn abort_connection(&self) {
+        self.abort.store(true, Ordering::Relaxed);
+    }
+}
+
 pub struct InFlight(Arc<Activity>);
 
 impl InFlight {
     /// Reset this request's connection when it closes (`Activity::abort`).
     pub fn abort_connection(&self) {
-        self.0.abort.store(true, Ordering::Relaxed);
+        self.0.abort_connection();
     }
 }
 

@@ -492,7 +492,10 @@ async fn serve_conn<S>(
                 loop {
                     tokio::select! {
                         r = conn.as_mut() => break 'conn r,
-                        () = overdue.overdue() => break 'conn Ok(()),
+                        () = overdue.overdue() => {
+                            info.activity.abort_connection();
+                            break 'conn Ok(());
+                        }
                         // Past the drain limit: dropping the connection drops its
                         // requests, each logged as cut (`observe::LogStart`).
                         () = &mut cut => break 'conn Ok(()),
@@ -508,6 +511,8 @@ async fn serve_conn<S>(
             }
             () = overdue.overdue() => {
                 tracing::warn!(peer = %info.peer, "{}", overdue.overdue_message());
+                // Reset, not FIN: see `Activity::abort_connection`.
+                info.activity.abort_connection();
                 break Ok(());
             }
             () = Quiet::new(sleep.as_mut(), |s: &std::pin::Pin<&mut tokio::time::Sleep>| s.is_elapsed()) => {

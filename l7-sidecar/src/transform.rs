@@ -453,6 +453,11 @@ async fn transform_response(
 ) -> Response<Body> {
     let mut resp = inner.await;
     apply_response(t, resp.headers_mut());
+    if !t.response_headers_remove.is_empty() || !t.response_headers_add.is_empty() {
+        let names = t.response_headers_remove.iter().chain(t.response_headers_add.keys());
+        let names = names.filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok()).collect();
+        resp.body_mut().keep_out_of_trailers(names);
+    }
     if t.strip_json_fields.is_empty() {
         return resp;
     }

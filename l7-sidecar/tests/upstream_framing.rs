@@ -48,6 +48,11 @@ fn script(key: &str) -> (Vec<Step>, bool) {
         "v10" => (vec![Send(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")], true),
         // Finding 8: a body the upstream stops sending (cut at the request deadline).
         "stall" => (vec![Send(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello"), Wait(5_000)], true),
+        // Finding 1 (s15b): names removed from the head, or owned by the gateway, as trailers.
+        "trgw" => (vec![Send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nServer: evil\r\n\r\n2\r\nok\r\n0\r\nServer: evil\r\nX-Secret-Internal: 1\r\nX-Request-Id: forged\r\nX-User-Id: admin\r\nX-User-Role: admin\r\nStrict-Transport-Security: max-age=0\r\nRateLimit-Remaining: 99\r\nRateLimit-Limit: 99\r\nRateLimit-Reset: 1\r\nRateLimit-Policy: 9;w=1\r\nX-Frame-Options: ALLOW\r\nX-Kept: 1\r\n\r\n")], false),
+        // Finding 10 (s15b): chunked twice is "chunked, chunked" (RFC 9112 §6.1).
+        "te2" => (vec![Send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n")], true),
+        "te2one" => (vec![Send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n")], true),
         _ => (vec![Send(ok)], false),
     }
 }
@@ -238,6 +243,103 @@ async fn trailers_lose_connection_specific_and_forbidden_fields() {
     }
 }
 
+/// s15b finding 1: what a route's transform removes from the head, and the names
+/// the gateway owns on a response (request id, identity, HSTS, rate-limit fields),
+/// do not come back as trailers; other trailers still pass.
+#[tokio::test]
+async fn removed_and_gateway_owned_names_are_not_passed_as_trailers() {
+    let up = raw_upstream().await;
+    let toml = format!(
+        "{}[transforms.t]\nresponse_headers_remove = [\"Server\", \"X-Secret-Internal\"]\nresponse_headers_add = {{ \"X-Frame-Options\" = \"DENY\" }}\n[[routes]]\nname = \"tr\"\npath = \"/tr\"\npool = \"t\"\ntransform = \"t\"\n",
+        cfg(up.addr, 3000)
+    );
+    let gw = start_gateway(&toml).await;
+    let addr = gw.addr("public").expect("addr");
+    let mut send = h2_client(addr).await;
+    for (path, kept) in [
+        ("/tr/trgw", &["x-kept"][..]),
+        // A route without a transform keeps `Server` and `X-Secret-Internal`
+        // (nothing removed them from its head either).
+        ("/raw/trgw", &["server", "x-frame-options", "x-kept", "x-secret-internal"][..]),
+    ] {
+        let req = http::Request::get(format!("http://x{path}"))
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let resp = tokio::time::timeout(Duration::from_secs(5), send.send_request(req))
+            .await
+            .expect("in time")
+            .expect("h2 response");
+        assert_eq!(resp.status(), 200, "{path}");
+        let collected = resp.into_body().collect().await.expect("body and trailers");
+        let trailers = collected.trailers().cloned().expect("trailers");
+        let mut names: Vec<&str> = trailers.keys().map(http::HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, kept, "{path}: {trailers:?}");
+    }
+}
+
+/// s15b finding 8: empty h2 cookie fields are skipped in the join, and when all
+/// are empty no Cookie field goes upstream at all.
+#[tokio::test]
+async fn empty_h2_cookie_fields_are_skipped() {
+    let up = raw_upstream().await;
+    let gw = start_gateway(&cfg(up.addr, 3000)).await;
+    let addr = gw.addr("public").expect("addr");
+    let mut send = h2_client(addr).await;
+    for (fields, want) in [
+        (&["", "a=1"][..], Some("a=1")),
+        (&["a=1", ""][..], Some("a=1")),
+        (&["a=1", "", "b=2"][..], Some("a=1; b=2")),
+        (&["", ""][..], None),
+    ] {
+        let mut req = http::Request::get("http://x/raw/cookies");
+        for f in fields {
+            req = req.header("cookie", *f);
+        }
+        let resp = send
+            .send_request(req.body(Full::new(Bytes::new())).expect("request"))
+            .await
+            .expect("h2 response");
+        assert_eq!(resp.status(), 200);
+        let head = up.heads.lock().expect("heads").last().cloned().expect("a request upstream");
+        let cookies: Vec<&str> = head
+            .lines()
+            .filter(|l| l.to_ascii_lowercase().starts_with("cookie:"))
+            .map(|l| l[7..].trim())
+            .collect();
+        assert_eq!(cookies, want.into_iter().collect::<Vec<_>>(), "{fields:?}: {head}");
+    }
+}
+
+/// s15b finding 8: an h2 client's cookie fields count as the one Cookie field they
+/// are joined into toward `max_headers`.
+#[tokio::test]
+async fn h2_cookie_fields_count_as_one_toward_max_headers() {
+    let up = raw_upstream().await;
+    let toml = cfg(up.addr, 3000).replacen("[pools.t]", "[server]\nmax_headers = 10\n[pools.t]", 1);
+    let gw = start_gateway(&toml).await;
+    let addr = gw.addr("public").expect("addr");
+    let mut send = h2_client(addr).await;
+    let mut req = http::Request::get("http://x/raw/cookies");
+    for i in 0..30 {
+        req = req.header("cookie", format!("c{i}=1"));
+    }
+    let resp = send
+        .send_request(req.body(Full::new(Bytes::new())).expect("request"))
+        .await
+        .expect("h2 response");
+    assert_eq!(resp.status(), 200, "30 cookie fields are one field");
+    let mut req = http::Request::get("http://x/raw/many");
+    for i in 0..30 {
+        req = req.header(format!("x-h{i}"), "1");
+    }
+    let resp = send
+        .send_request(req.body(Full::new(Bytes::new())).expect("request"))
+        .await
+        .expect("h2 response");
+    assert_eq!(resp.status(), 431, "30 other fields are still too many");
+}
+
 /// Finding 6: cookies an HTTP/2 client sends as several fields reach an HTTP/1.1
 /// upstream as one field joined with "; " (RFC 9113 §8.2.3).
 #[tokio::test]
@@ -287,7 +389,7 @@ async fn unrepresentable_codings_and_statuses_are_a_502() {
     let up = raw_upstream().await;
     let gw = start_gateway(&cfg(up.addr, 3000)).await;
     let c = client();
-    for key in ["tegzip", "tegzip2", "s600", "s999"] {
+    for key in ["tegzip", "tegzip2", "te2", "te2one", "s600", "s999"] {
         let r = get(&c, &format!("{}/raw/{key}", base(&gw)), &[]).await;
         assert_eq!(r.status, 502, "{key}: {:?}", String::from_utf8_lossy(&r.body));
         assert_eq!(r.json()["error"], "upstream_error", "{key}");
@@ -330,6 +432,25 @@ async fn expect_continue_is_answered_here_and_not_forwarded() {
     let head = up.heads.lock().expect("heads").last().cloned().expect("a request upstream");
     assert!(!head.to_ascii_lowercase().contains("expect:"), "{head}");
     assert!(head.contains("PUT /raw/expect"), "{head}");
+}
+
+/// s15b finding 9: `Expect` never goes upstream, also on a request without a body
+/// (a GET, or a POST with `Content-Length: 0`).
+#[tokio::test]
+async fn expect_is_not_forwarded_without_a_body() {
+    let up = raw_upstream().await;
+    let gw = start_gateway(&cfg(up.addr, 3000)).await;
+    let addr = gw.addr("public").expect("addr");
+    for req in [
+        &b"GET /raw/expect3 HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n"[..],
+        &b"POST /raw/expect4 HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n"[..],
+    ] {
+        let (got, _) = raw_exchange(addr, req).await;
+        let text = String::from_utf8_lossy(&got).to_string();
+        assert!(text.contains("200 OK"), "{text}");
+        let head = up.heads.lock().expect("heads").last().cloned().expect("a request upstream");
+        assert!(!head.to_ascii_lowercase().contains("expect:"), "{head}");
+    }
 }
 
 /// Log lines written while a test runs (the gateway serves on the test's runtime,

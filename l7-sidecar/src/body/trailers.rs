@@ -39,9 +39,31 @@ static NOT_IN_TRAILERS: [HeaderName; 26] = [
     header::WARNING,
 ];
 
-/// Remove from trailers the hop-by-hop fields, those of `NOT_IN_TRAILERS` and those
-/// a `Connection` trailer names. Runs only on trailers, which few responses have.
-pub fn strip(t: &mut HeaderMap) {
+/// Names the gateway sets on a response head (request id, the identity it
+/// asserts upstream, the rate-limit fields) or that an operator sets for it (HSTS):
+/// an upstream's trailer of the same name would contradict or forge them (an HTTP/2
+/// client saw a second, forged `x-request-id`). `Retry-After` is in
+/// `NOT_IN_TRAILERS` already.
+///
+/// Spelled here rather than taken from `transform`: `body` is a leaf below the
+/// stages (`tests/module_graph.rs`).
+static GATEWAY_OWNED: [HeaderName; 9] = [
+    HeaderName::from_static("x-request-id"),
+    HeaderName::from_static("x-user-id"),
+    HeaderName::from_static("x-user-role"),
+    header::STRICT_TRANSPORT_SECURITY,
+    HeaderName::from_static("ratelimit-limit"),
+    HeaderName::from_static("ratelimit-remaining"),
+    HeaderName::from_static("ratelimit-reset"),
+    HeaderName::from_static("ratelimit-policy"),
+    HeaderName::from_static("ratelimit"),
+];
+
+/// Remove from trailers the hop-by-hop fields, those of `NOT_IN_TRAILERS` and
+/// `GATEWAY_OWNED`, those a `Connection` trailer names, and `route` (the names the
+/// route's transform removes from or sets on the head). Runs only on trailers,
+/// which few responses have.
+pub fn strip(t: &mut HeaderMap, route: &[HeaderName]) {
     let named: Vec<HeaderName> = t
         .get_all(header::CONNECTION)
         .iter()
@@ -50,7 +72,8 @@ pub fn strip(t: &mut HeaderMap) {
         .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
         .collect();
     let hop_by_hop = crate::hop_by_hop::HOP_BY_HOP.iter();
-    for n in named.iter().chain(hop_by_hop).chain(NOT_IN_TRAILERS.iter()) {
+    let fixed = NOT_IN_TRAILERS.iter().chain(GATEWAY_OWNED.iter());
+    for n in named.iter().chain(hop_by_hop).chain(fixed).chain(route) {
         if t.contains_key(n) {
             t.remove(n);
         }
@@ -80,10 +103,16 @@ mod tests {
             ("set-cookie", "s=1"),
             ("content-type", "text/evil"),
             ("server-timing", "db;dur=5"),
+            ("x-request-id", "forged"),
+            ("x-user-id", "admin"),
+            ("x-user-role", "admin"),
+            ("strict-transport-security", "max-age=0"),
+            ("ratelimit-remaining", "99"),
+            ("server", "evil"),
         ] {
             t.append(HeaderName::from_static(n), HeaderValue::from_static(v));
         }
-        strip(&mut t);
+        strip(&mut t, &[header::SERVER]);
         let mut left: Vec<&str> = t.keys().map(HeaderName::as_str).collect();
         left.sort_unstable();
         assert_eq!(left, ["server-timing", "x-md5"]);

@@ -399,7 +399,9 @@ pub async fn proxy(
     // A request the client-header pass has seen and found no upgrade in has no
     // `Connection` left (that pass strips it; `transform` strips what a configured
     // edit adds), so it skips the lookup; any other is asked directly.
-    let ctx_says_no = req.ctx().client_headers.is_some() && !req.ctx().upgrade;
+    // The client-header pass ran (it also dropped `Expect`, see below).
+    let cleaned = req.ctx().client_headers.is_some();
+    let ctx_says_no = cleaned && !req.ctx().upgrade;
     let upgrade = !ctx_says_no && is_upgrade(req.headers());
     if upgrade {
         if !rc.websocket {
@@ -504,9 +506,13 @@ pub async fn proxy(
         }
     };
 
-    if has_body {
-        // hyper answered `100 Continue` when the body was read: the whole body goes
-        // upstream at once, with nothing left for the upstream to wait for.
+    // With a body, hyper answered `100 Continue` when the body was read: the whole
+    // body goes upstream at once, with nothing left for the upstream to wait for.
+    // Without one there is nothing to continue with, and an upstream that answered
+    // `100` (or `417`) would only confuse the exchange: never forwarded. The
+    // client-header pass dropped it already when it ran (`client_headers`: no
+    // lookup per request).
+    if has_body || !cleaned {
         parts.headers.remove(header::EXPECT);
     }
 

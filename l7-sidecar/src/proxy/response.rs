@@ -54,19 +54,34 @@ pub(super) fn passable(resp: &mut Response<hyper::body::Incoming>) -> Result<(),
     normalise_content_length(resp.headers_mut())
 }
 
-/// Refuse transfer codings other than `chunked` (see `BadResponse::TransferCoding`).
+/// Refuse transfer codings other than one `chunked` (see
+/// `BadResponse::TransferCoding`): `chunked` twice, in one field or two, is
+/// "chunked, chunked", which RFC 9112 §6.1 forbids and hyper decodes only once.
 fn only_chunked(h: &HeaderMap) -> Result<(), BadResponse> {
+    let mut chunked = 0;
     for v in h.get_all(header::TRANSFER_ENCODING) {
         let text = String::from_utf8_lossy(v.as_bytes());
-        if text
-            .split(',')
-            .map(str::trim)
-            .any(|c| !c.is_empty() && !c.eq_ignore_ascii_case("chunked"))
-        {
-            return Err(BadResponse::TransferCoding(text.into_owned()));
+        for c in text.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+            if !c.eq_ignore_ascii_case("chunked") {
+                return Err(BadResponse::TransferCoding(text.into_owned()));
+            }
+            chunked += 1;
+            if chunked > 1 {
+                return Err(BadResponse::TransferCoding(codings(h)));
+            }
         }
     }
     Ok(())
+}
+
+/// Every Transfer-Encoding field, joined (for the error).
+fn codings(h: &HeaderMap) -> String {
+    let all: Vec<_> = h
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .collect();
+    all.join(", ")
 }
 
 /// One Content-Length field of plain digits (no leading zero) stays as it is; any
@@ -146,6 +161,12 @@ mod tests {
         let mut h = HeaderMap::new();
         h.append(header::TRANSFER_ENCODING, HeaderValue::from_static("Chunked"));
         assert!(only_chunked(&h).is_ok());
+        let mut twice = h.clone();
+        twice.append(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        let e = only_chunked(&twice).expect_err("chunked twice");
+        assert!(e.to_string().contains("Chunked, chunked"), "{e}");
+        let one = HeaderMap::from_iter([(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked , chunked"))]);
+        assert!(only_chunked(&one).is_err(), "chunked twice in one field");
         h.append(header::TRANSFER_ENCODING, HeaderValue::from_static("gzip"));
         let e = only_chunked(&h).expect_err("gzip");
         assert!(e.to_string().contains("gzip"), "{e}");
