@@ -541,3 +541,23 @@ async fn a_stalled_upstream_body_is_blamed_on_the_upstream() {
         "the upstream is named as the slow side: {log}"
     );
 }
+
+/// Hostile finding s15b-5: an attempt's refused answer (a retried GET's first
+/// backend included) was warned about without the request id, so it could not be
+/// tied to the request.
+#[tokio::test]
+async fn a_refused_attempt_is_warned_with_its_request_id() {
+    let logs = capture();
+    let up = raw_upstream().await;
+    let gw = start_gateway(&cfg(up.addr, 3000)).await;
+    let c = client();
+    let r = get(&c, &format!("{}/raw/chjunk", base(&gw)), &[]).await;
+    assert_eq!(r.status, 502);
+    let rid = r.header("x-request-id").expect("request id header");
+    let text = logs.text();
+    let line = text
+        .lines()
+        .find(|l| l.contains("upstream response refused"))
+        .unwrap_or_else(|| panic!("no refused-attempt warning: {text}"));
+    assert!(line.contains(rid.as_str()), "names the request: {line}");
+}

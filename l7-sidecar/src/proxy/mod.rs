@@ -130,11 +130,13 @@ pub struct Outgoing {
 /// future instead of a second future built and then moved into it (two copies of
 /// ~1.5 KiB per request, measured with callgrind).
 ///
-/// `$attempted` (an `Option<usize>` place) is left naming the pool index of the
+/// `$rid`: the request id, for the warnings about refused attempts. `$attempted` (an
+/// `Option<usize>` place) is left naming the pool index of the
 /// backend last tried, so a failure's access-log line can name it.
 macro_rules! forward_in_place {
-    ($up:expr, $req:expr, $client_ip:expr, $attempted:expr) => {
+    ($up:expr, $req:expr, $client_ip:expr, $attempted:expr, $rid:expr) => {
         'forward: {
+            let rid: &str = $rid;
             let up: &Upstream = $up;
             let req: Outgoing = $req;
             let client_ip: std::net::IpAddr = $client_ip;
@@ -246,7 +248,7 @@ macro_rules! forward_in_place {
                         tried.push(idx);
                         up.pool.record_result(idx, true);
                         let detail = format!("{}: {e}{}", backend.addr, source_chain(&e));
-                        tracing::debug!(pool = %up.pool.name, error = %detail, reused = conn.reused, "upstream attempt failed");
+                        tracing::debug!(pool = %up.pool.name, request_id = %rid, error = %detail, reused = conn.reused, "upstream attempt failed");
                         last_err = Some(ProxyError::Upstream(detail));
                         continue;
                     }
@@ -261,7 +263,7 @@ macro_rules! forward_in_place {
                     tried.push(idx);
                     up.pool.record_result(idx, true);
                     let detail = format!("{}: {why}", backend.addr);
-                    tracing::warn!(pool = %up.pool.name, error = %detail, "upstream response refused");
+                    tracing::warn!(pool = %up.pool.name, request_id = %rid, error = %detail, "upstream response refused");
                     last_err = Some(ProxyError::Upstream(detail));
                     continue;
                 }
@@ -296,7 +298,7 @@ macro_rules! forward_in_place {
                     tried.push(idx);
                     up.pool.record_result(idx, true);
                     let detail = format!("{}: invalid response body: {why}", backend.addr);
-                    tracing::warn!(pool = %up.pool.name, error = %detail, "upstream response refused");
+                    tracing::warn!(pool = %up.pool.name, request_id = %rid, error = %detail, "upstream response refused");
                     last_err = Some(ProxyError::Upstream(detail));
                     continue;
                 }
@@ -336,7 +338,14 @@ pub async fn forward(
     client_ip: std::net::IpAddr,
 ) -> Result<UpstreamResponse, ProxyError> {
     let mut _attempted = None;
-    forward_in_place!(up, req, client_ip, _attempted)
+    // Aggregation's parts: the id is in the headers the gateway set.
+    let rid = req
+        .headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    forward_in_place!(up, req, client_ip, _attempted, &rid)
 }
 
 /// hyper_util's errors say little on their own ("client error (SendRequest)").
@@ -577,7 +586,7 @@ pub async fn proxy(
     };
     // Disarmed in each arm rather than after a binding of the result: moving that
     // result costs a copy of the response head per request.
-    match forward_in_place!(up, out, client_ip, attempted.index) {
+    match forward_in_place!(up, out, client_ip, attempted.index, &rid) {
         // The body names the backend for the access log (no response extension).
         Ok(r) => {
             attempted.armed = false;
