@@ -242,6 +242,9 @@ impl Gateway {
         for change in listener_changes(&self.shared.bound, &cfg) {
             tracing::warn!("{change}");
         }
+        if let Some(w) = crate::fd_limit::shortfall(&cfg, crate::fd_limit::current()) {
+            tracing::warn!("{w}");
+        }
         let rt = self.build_runtime(cfg)?;
         self.shared.traces.set_capacity(trace_capacity(&rt.cfg));
         self.shared.runtime.store(Arc::new(rt));

@@ -11,6 +11,7 @@ pub mod client_headers;
 pub mod config;
 pub mod conns;
 pub mod ctx;
+pub mod fd_limit;
 pub mod gateway;
 pub mod guard;
 pub mod hop_by_hop;

@@ -82,12 +82,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
             );
         }
         eprint!("{}", l7_sidecar::check::warnings(&cfg));
+        // The limit the gateway would raise itself to: the hard one.
+        if let Some(w) = l7_sidecar::fd_limit::shortfall(&cfg, l7_sidecar::fd_limit::hard()) {
+            eprintln!("warning: {w}");
+        }
         println!("{}: ok", config.display());
         print!("{}", l7_sidecar::check::route_table(&cfg));
         return Ok(());
     }
     for w in cfg.warnings() {
         tracing::warn!(path = %w.path, "{}", w.message);
+    }
+    match l7_sidecar::fd_limit::raise() {
+        Ok(Some(r)) => tracing::info!(from = r.from, to = r.to, "raised the open-file limit to the hard limit"),
+        Ok(None) => {}
+        Err(error) => tracing::warn!(%error, "could not raise the open-file limit"),
+    }
+    if let Some(w) = l7_sidecar::fd_limit::shortfall(&cfg, l7_sidecar::fd_limit::current()) {
+        tracing::warn!("{w}");
     }
     let gw = l7_sidecar::Gateway::new(cfg, Some(config.clone()))?;
     let workers = args.workers.map_or_else(

@@ -221,3 +221,132 @@ fn a_worker_count_of_zero_is_refused_by_name() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--workers"), "{err}");
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// One GET over a new connection; the status line.
+fn status_of_get(port: u16, path: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out.lines().next().unwrap_or_default().to_string())
+}
+
+/// `BIN --config` under `prlimit --nofile=SOFT:HARD`, stderr to a file.
+fn gateway_with_nofile(cfg: &str, soft: u64, hard: u64) -> (Child, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("gw.toml");
+    std::fs::write(&path, cfg).expect("write");
+    let log = std::fs::File::create(dir.path().join("stderr")).expect("log");
+    let child = Command::new("prlimit")
+        .arg(format!("--nofile={soft}:{hard}"))
+        .args([BIN, "--workers", "2", "--config", path.to_str().expect("utf8")])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn prlimit l7-sidecar");
+    (Child(child), dir)
+}
+
+// Hostile test s15a-9: under a shell's soft open-file limit descriptors ran out long
+// before `max_connections`, and then nothing was accepted: not the public listener's
+// clients, not the admin listener that has its own budget to stay reachable in a flood.
+// The gateway raises its soft limit to the hard one at start.
+#[tokio::test]
+async fn the_soft_open_file_limit_is_raised_so_a_flood_past_it_locks_nobody_out() {
+    let a = upstream("a").await;
+    let (port, admin) = (free_port(), free_port());
+    let cfg = format!(
+        "[server]\nreload_poll_ms = 0\nmax_connections = 1000\nmax_connections_per_ip = 1000\n\
+         [admin]\nlisten = \"127.0.0.1:{admin}\"\n\
+         [[listeners]]\nname = \"public\"\nbind = \"127.0.0.1:{port}\"\n{}\
+         [[routes]]\nname = \"r\"\npath = \"/\"\npool = \"a\"\n",
+        pool("a", &[&a], "")
+    );
+    let (child, dir) = gateway_with_nofile(&cfg, 256, 4096);
+    let pid = child.0.id();
+    let ready = tokio::task::spawn_blocking(move || {
+        (0..100).any(|_| {
+            std::thread::sleep(Duration::from_millis(50));
+            status_of_get(port, "/x").is_ok_and(|s| s.contains(" 200"))
+        })
+    });
+    assert!(ready.await.expect("join"), "gateway serves");
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap_or_default();
+    let open_files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(3)
+        .take(2)
+        .collect::<Vec<_>>();
+    // prlimit execs the gateway: the pid is the gateway's.
+    assert_eq!(open_files, ["4096", "4096"], "{limits}");
+    // More idle connections than the old soft limit allowed descriptors.
+    let flood = tokio::task::spawn_blocking(move || {
+        (0..400)
+            .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect"))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .expect("join");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (public, admin_status) = tokio::task::spawn_blocking(move || {
+        (status_of_get(port, "/x"), status_of_get(admin, "/admin/traces"))
+    })
+    .await
+    .expect("join");
+    drop(flood);
+    let log = std::fs::read_to_string(dir.path().join("stderr")).unwrap_or_default();
+    assert!(public.as_ref().is_ok_and(|s| s.contains(" 200")), "public: {public:?}\n{log}");
+    assert!(
+        admin_status.as_ref().is_ok_and(|s| s.starts_with("HTTP/1.1 ")),
+        "admin: {admin_status:?}\n{log}"
+    );
+    assert!(log.contains("raised the open-file limit"), "{log}");
+    assert!(!log.contains("open-file limit 4096 is below"), "{log}");
+}
+
+#[test]
+fn a_hard_open_file_limit_below_the_budgets_is_warned_about_by_name() {
+    let port = free_port();
+    let cfg = format!(
+        "[server]\nreload_poll_ms = 0\nmax_connections = 1000\n\
+         [[listeners]]\nname = \"public\"\nbind = \"127.0.0.1:{port}\"\n"
+    );
+    let (child, dir) = gateway_with_nofile(&cfg, 512, 1024);
+    let stderr = dir.path().join("stderr");
+    let mut log = String::new();
+    for _ in 0..100 {
+        log = std::fs::read_to_string(&stderr).unwrap_or_default();
+        if log.contains("is below") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(child);
+    assert!(
+        log.contains("open-file limit 1024 is below the 2064 descriptors")
+            && log.contains("server.max_connections 1000"),
+        "{log}"
+    );
+    // --check says so too, before anything starts.
+    let path = dir.path().join("gw.toml");
+    let out = Command::new("prlimit")
+        .args(["--nofile=512:1024", BIN, "--check", "--config", path.to_str().expect("utf8")])
+        .output()
+        .expect("run --check");
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("warning: open-file limit 1024 is below"), "{err}");
+}

@@ -1,0 +1,132 @@
+//! The open-file limit the gateway runs under.
+//!
+//! Every client connection holds a descriptor, and so does the upstream connection it
+//! uses. Under the soft limit most shells give (1024), descriptors run out at a few
+//! hundred clients, long before `max_connections`: from then on nothing is accepted,
+//! not even on the admin listener, whose own connection budget is meant to keep it
+//! reachable during a flood. So at start the soft limit is raised to the hard one (as
+//! Go's runtime does, and nginx's `worker_rlimit_nofile`), and a limit still too small
+//! for the configured budgets is warned about at start, on reload and by `--check`.
+
+use crate::config::Config;
+
+/// Descriptors besides connections: listeners, the access log, the runtimes' epoll and
+/// eventfds, health-check probes, DNS lookups, JWKS fetches.
+pub const RESERVE: u64 = 64;
+
+/// What `raise` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Raised {
+    pub from: u64,
+    pub to: u64,
+}
+
+/// Raise the soft open-file limit to the hard one. `Ok(None)`: it was there already.
+/// An unlimited hard limit stands for the kernel's ceiling (`fs.nr_open`), which is
+/// the most `setrlimit` accepts.
+pub fn raise() -> std::io::Result<Option<Raised>> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let now = getrlimit(Resource::Nofile);
+    let hard = now.maximum.unwrap_or_else(kernel_ceiling);
+    let soft = now.current.unwrap_or(u64::MAX);
+    if soft >= hard {
+        return Ok(None);
+    }
+    setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: Some(hard),
+            maximum: now.maximum,
+        },
+    )?;
+    Ok(Some(Raised {
+        from: soft,
+        to: hard,
+    }))
+}
+
+/// The soft open-file limit now (`None`: unlimited).
+pub fn current() -> Option<u64> {
+    rustix::process::getrlimit(rustix::process::Resource::Nofile).current
+}
+
+/// The hard open-file limit (`None`: unlimited): what `raise` lifts the soft one to.
+pub fn hard() -> Option<u64> {
+    rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum
+}
+
+fn kernel_ceiling() -> u64 {
+    std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1 << 20)
+}
+
+/// Descriptors the configured budgets can hold at once: per listener, `max_connections`
+/// clients each with an upstream connection; the admin listener's clients go nowhere
+/// upstream.
+pub fn needed(cfg: &Config) -> u64 {
+    let per_listener = u64::try_from(cfg.server.max_connections).unwrap_or(u64::MAX);
+    let listeners = u64::try_from(cfg.listeners.len()).unwrap_or(u64::MAX);
+    let admin = if cfg.admin.is_some() { per_listener } else { 0 };
+    listeners
+        .saturating_mul(per_listener.saturating_mul(2))
+        .saturating_add(admin)
+        .saturating_add(RESERVE)
+}
+
+/// The warning for a limit below what `cfg` can need, if it is.
+pub fn shortfall(cfg: &Config, limit: Option<u64>) -> Option<String> {
+    let limit = limit?;
+    let needed = needed(cfg);
+    (limit < needed).then(|| {
+        format!(
+            "open-file limit {limit} is below the {needed} descriptors the listeners can need \
+             ({} listener(s) x server.max_connections {} x 2 (client and upstream socket){} + {RESERVE}): \
+             past it connections are refused, the admin listener's included; raise the hard limit \
+             (systemd LimitNOFILE=, ulimit -Hn) or lower server.max_connections",
+            cfg.listeners.len(),
+            cfg.server.max_connections,
+            if cfg.admin.is_some() {
+                " + the admin listener's max_connections"
+            } else {
+                ""
+            },
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(max_connections: usize, admin: bool) -> Config {
+        let admin = if admin {
+            "[admin]\nlisten = \"127.0.0.1:0\"\n"
+        } else {
+            ""
+        };
+        Config::parse(&format!(
+            "[server]\nmax_connections = {max_connections}\n{admin}\
+             [[listeners]]\nname = \"a\"\nbind = \"127.0.0.1:0\"\n\
+             [[listeners]]\nname = \"b\"\nbind = \"127.0.0.1:0\"\n"
+        ))
+        .expect("config")
+    }
+
+    #[test]
+    fn every_listener_needs_a_client_and_an_upstream_descriptor_per_connection() {
+        assert_eq!(needed(&cfg(100, false)), 2 * 100 * 2 + RESERVE);
+        assert_eq!(needed(&cfg(100, true)), 2 * 100 * 2 + 100 + RESERVE);
+    }
+
+    #[test]
+    fn a_limit_below_the_budgets_is_named_with_both_numbers() {
+        let c = cfg(1000, false);
+        let w = shortfall(&c, Some(1024)).expect("1024 < 4064");
+        assert!(w.contains("open-file limit 1024") && w.contains("4064"), "{w}");
+        assert!(w.contains("server.max_connections 1000"), "{w}");
+        assert_eq!(shortfall(&c, Some(4064)), None);
+        assert_eq!(shortfall(&c, None), None, "unlimited");
+    }
+}
