@@ -230,6 +230,11 @@ impl std::fmt::Debug for Body {
 
 impl Drop for Body {
     fn drop(&mut self) {
+        if let Kind::Upstream(s) = &self.0.kind {
+            if let Some(upstream_slow) = s.watched.as_ref().and_then(deadline::Registered::cut_at_deadline) {
+                cut_at_deadline(s, self.0.upstream.as_deref(), upstream_slow);
+            }
+        }
         // The client went away (or hyper stopped early): log what was sent.
         self.0.finish();
     }
@@ -311,6 +316,25 @@ fn upstream_body_failed(
             f.abort_connection();
         }
     }
+}
+
+/// The request deadline passed while the body was sent, and the task sending it drops
+/// it now (`deadline`): said once, naming the request and the backend like every
+/// other per-request line, and blaming the side that was slow.
+#[cold]
+#[inline(never)]
+fn cut_at_deadline(s: &StreamedBody, backend: Option<&str>, upstream_slow: bool) {
+    let message = match (upstream_slow, s.client_h1) {
+        (true, true) => "upstream did not send the response body before the request deadline; closing the connection",
+        (true, false) => "upstream did not send the response body before the request deadline; resetting the HTTP/2 stream",
+        (false, true) => "response not taken by the client before the request deadline; closing the connection",
+        (false, false) => "response not taken by the HTTP/2 client before the request deadline; resetting the stream",
+    };
+    tracing::warn!(
+        request_id = s.request_id.as_deref().unwrap_or(""),
+        upstream = backend.unwrap_or(""),
+        "{message}"
+    );
 }
 
 /// Keeps the backend counted as busy until its body is fully sent (least-connections

@@ -510,7 +510,8 @@ async fn serve_conn<S>(
                 }
             }
             () = overdue.overdue() => {
-                tracing::warn!(peer = %info.peer, "{}", overdue.overdue_message());
+                // The body, dropped with the connection, warns (with its request id).
+                tracing::debug!(peer = %info.peer, "response body past the request deadline; closing");
                 // Reset, not FIN: see `Activity::abort_connection`.
                 info.activity.abort_connection();
                 break Ok(());

@@ -439,6 +439,9 @@ pub async fn proxy(
         return match Box::pin(tunnel(up.clone(), req.into_request(), &pq, &hash)).await {
             Ok((mut r, backend)) => {
                 r.extensions_mut().insert(UpstreamAddr(backend));
+                // A declined upgrade's answer is streamed like any other (upgrades
+                // are HTTP/1 only): its warnings name the request too.
+                r.body_mut().set_request(rid, true);
                 r
             }
             Err(e) => {
