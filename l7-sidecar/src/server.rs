@@ -540,6 +540,16 @@ async fn serve_conn<S>(
             }
         }
     };
+    // An upgrade answered `101` left its tunnel to this task (`proxy::tunnel`): it
+    // runs here, holding the connection's permits, so it counts against the limits
+    // and a drain waits for it like for any request in progress, until the drain's
+    // limit; the cut then ends it. (An upgrade that did not happen ends it at once.)
+    if let Some(tunnel) = info.activity.take_tunnel() {
+        tokio::select! {
+            () = tunnel => {}
+            _ = cut_rx.wait_for(|s| *s >= CUT) => tracing::debug!(peer = %info.peer, "tunnel cut at the drain limit"),
+        }
+    }
     // HTTP/2 streams run in tasks of their own (`body::deadline::StreamExecutor`);
     // dropping the connection resets them, and each logs its request as it ends. The
     // connection's permits are held until they have (bounded), so a drain or cut that
