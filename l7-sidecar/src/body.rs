@@ -113,6 +113,7 @@ impl Body {
                 first: None,
                 last: None,
                 ahead: 0,
+                failed: None,
                 request_id: None,
                 client_h1: false,
                 trailer_names: None,
@@ -230,6 +231,11 @@ impl std::fmt::Debug for Body {
 
 impl Drop for Body {
     fn drop(&mut self) {
+        if let Kind::Upstream(s) = &self.0.kind {
+            if let Some(upstream_slow) = s.watched.as_ref().and_then(deadline::Registered::cut_at_deadline) {
+                cut_at_deadline(s, self.0.upstream.as_deref(), upstream_slow);
+            }
+        }
         // The client went away (or hyper stopped early): log what was sent.
         self.0.finish();
     }
@@ -313,6 +319,25 @@ fn upstream_body_failed(
     }
 }
 
+/// The request deadline passed while the body was sent, and the task sending it drops
+/// it now (`deadline`): said once, naming the request and the backend like every
+/// other per-request line, and blaming the side that was slow.
+#[cold]
+#[inline(never)]
+fn cut_at_deadline(s: &StreamedBody, backend: Option<&str>, upstream_slow: bool) {
+    let message = match (upstream_slow, s.client_h1) {
+        (true, true) => "upstream did not send the response body before the request deadline; closing the connection",
+        (true, false) => "upstream did not send the response body before the request deadline; resetting the HTTP/2 stream",
+        (false, true) => "response not taken by the client before the request deadline; closing the connection",
+        (false, false) => "response not taken by the HTTP/2 client before the request deadline; resetting the stream",
+    };
+    tracing::warn!(
+        request_id = s.request_id.as_deref().unwrap_or(""),
+        upstream = backend.unwrap_or(""),
+        "{message}"
+    );
+}
+
 /// Keeps the backend counted as busy until its body is fully sent (least-connections
 /// sees real load) and cuts the stream at the request deadline, so a backend that
 /// trickles its body cannot hold a client past the pool's `request_timeout_ms`.
@@ -339,6 +364,9 @@ pub struct StreamedBody {
     last: Option<Frame<Bytes>>,
     /// Bytes in `first` (for `size_hint`).
     ahead: u64,
+    /// The upstream body failed: handed to hyper at the next poll, after one yield
+    /// (see `poll_frame`).
+    failed: Option<BoxError>,
     /// The request, named should the body fail (`Body::set_request`).
     request_id: Option<Arc<str>>,
     client_h1: bool,
@@ -369,6 +397,7 @@ impl StreamedBody {
             first: None,
             last: None,
             ahead: 0,
+            failed: None,
             request_id: None,
             client_h1: false,
             trailer_names: None,
@@ -449,6 +478,22 @@ impl StreamedBody {
         }
     }
 
+    /// The body failed after its head went out: hyper cuts the answer when told. An
+    /// HTTP/2 stream is reset at once, and the reset drops what is still queued for
+    /// it on the connection, the head included: the client got RST_STREAM alone,
+    /// while the log said 200 and counted the bytes handed on. So the error waits
+    /// one turn of the (single-threaded) worker first, in which the connection's task,
+    /// woken by what was queued, writes it (as far as the client's window allows);
+    /// the client gets the head and those bytes, then the reset, as an HTTP/1 client
+    /// gets them before its connection is reset. Rare, so it costs nothing else.
+    #[cold]
+    #[inline(never)]
+    fn fail_after_a_yield(&mut self, e: BoxError, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.failed = Some(e);
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
     /// Hand `conn` back to the idle list when this body is dropped after its end.
     #[must_use]
     pub fn with_conn(mut self, conn: Conn) -> StreamedBody {
@@ -487,19 +532,21 @@ impl HttpBody for StreamedBody {
         if this.ended {
             return Poll::Ready(None);
         }
+        if let Some(e) = this.failed.take() {
+            return Poll::Ready(Some(Err(e)));
+        }
         match this.poll_inner(cx) {
             Poll::Ready(None) => {
                 this.ended = true;
                 Poll::Ready(None)
             }
-            Poll::Ready(Some(mut r)) => {
+            Poll::Ready(Some(Err(e))) => this.fail_after_a_yield(e.into(), cx),
+            Poll::Ready(Some(Ok(mut f))) => {
                 if let Some(w) = &this.watched {
                     w.waiting_for_upstream(false);
                 }
-                if let Ok(f) = &mut r {
-                    filter_trailers(f, this.trailer_names.as_deref());
-                }
-                Poll::Ready(Some(r.map_err(Into::into)))
+                filter_trailers(&mut f, this.trailer_names.as_deref());
+                Poll::Ready(Some(Ok(f)))
             }
             Poll::Pending => {
                 // The upstream is the slow side now: should the deadline pass, the
@@ -518,7 +565,7 @@ impl HttpBody for StreamedBody {
                     }
                 };
                 if passed {
-                    Poll::Ready(Some(Err(BodyTimeout.into())))
+                    this.fail_after_a_yield(BodyTimeout.into(), cx)
                 } else {
                     Poll::Pending
                 }
@@ -531,6 +578,7 @@ impl HttpBody for StreamedBody {
         self.ahead == 0
             && self.first.is_none()
             && self.last.is_none()
+            && self.failed.is_none()
             && (self.ended || self.inner.is_end_stream())
     }
 

@@ -48,7 +48,23 @@ pub struct Activity {
     /// it closes, not ended with a FIN that an HTTP/1.0 client takes for the end of
     /// a whole body (`ActivityIo::abortive`).
     abort: AtomicBool,
+    /// The tunnel an upgrade (WebSocket) answered with `101` leaves to run once hyper
+    /// has handed the connection over (`hand_over_tunnel`).
+    tunnel: TunnelSlot,
 }
+
+#[derive(Default)]
+struct TunnelSlot(Mutex<Option<Tunnel>>);
+
+impl std::fmt::Debug for TunnelSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TunnelSlot")
+    }
+}
+
+/// What splices an upgraded client connection to its backend, until either side
+/// closes.
+pub type Tunnel = Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 /// One request started and in flight, in `Activity::requests`.
 const START: u64 = (1 << 32) | 1;
@@ -66,6 +82,7 @@ impl Activity {
             requests: AtomicU64::new(0),
             draining: AtomicBool::new(false),
             abort: AtomicBool::new(false),
+            tunnel: TunnelSlot::default(),
         })
     }
 
@@ -132,6 +149,18 @@ impl Activity {
 }
 
 impl Activity {
+    /// Leave `tunnel` to the connection's own task, which runs it once hyper has
+    /// handed the upgraded connection over: the tunnel keeps the connection counted
+    /// (limits, drain) and is ended by the drain's cut like any request.
+    pub fn hand_over_tunnel(&self, tunnel: Tunnel) {
+        *self.tunnel.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(tunnel);
+    }
+
+    /// The tunnel handed over, if any (see `hand_over_tunnel`).
+    pub fn take_tunnel(&self) -> Option<Tunnel> {
+        self.tunnel.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
     /// Reset the connection when it closes (`abort`): also for a client cut at the
     /// request deadline, whose unread response a FIN would leave queued in the
     /// kernel (megabytes per connection) after the gateway stopped counting it.

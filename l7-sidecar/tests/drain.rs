@@ -279,3 +279,85 @@ async fn pipelined_requests_read_ahead_are_all_answered_in_order() {
     assert!(order.windows(2).all(|w| w[0] < w[1]), "in order: {text}");
     assert_eq!(up.hits(), 4);
 }
+
+/// A backend that accepts any upgrade (101) and then echoes what it receives.
+async fn upgrade_echo() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                if read_request(&mut s, &mut buf).await.is_none() {
+                    return;
+                }
+                let head = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
+                if s.write_all(head).await.is_err() {
+                    return;
+                }
+                let (mut rd, mut wr) = s.split();
+                let _ = tokio::io::copy(&mut rd, &mut wr).await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// An upgraded connection through the gateway, echoed by `upgrade_echo`.
+async fn tunnel_to(addr: SocketAddr) -> tokio::net::TcpStream {
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        .await
+        .expect("write");
+    let mut head = Vec::new();
+    read_request(&mut s, &mut head).await.expect("answer");
+    s
+}
+
+/// Whether the tunnel still carries bytes both ways.
+async fn echoes(s: &mut tokio::net::TcpStream) -> bool {
+    if s.write_all(b"ping").await.is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 4];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut buf)).await,
+        Ok(Ok(_)) if &buf == b"ping"
+    )
+}
+
+/// Black-box finding: WebSocket tunnels were cut about 1.8 s into a drain whatever its
+/// limit: a tunnel did not count as an open connection once upgraded (neither for the
+/// drain nor for the connection limits), so the process exited as soon as the last
+/// plain connection had closed. A tunnel is a request in progress: the drain waits
+/// for it up to its limit (the binary's 30 s), and the cut after that ends it.
+#[tokio::test]
+async fn a_websocket_tunnel_lasts_until_the_drain_limit_then_is_cut() {
+    let (up, task) = upgrade_echo().await;
+    let gw = start_gateway(&format!(
+        "{}[pools.ws]\nbackends = [{{ address = \"{up}\" }}]\n[[routes]]\nname = \"ws\"\npath = \"/ws\"\npool = \"ws\"\nwebsocket = true\n",
+        listener("public")
+    ))
+    .await;
+    let addr = gw.addr("public").expect("addr");
+    let mut kept = tunnel_to(addr).await;
+    let mut closed_by_client = tunnel_to(addr).await;
+    assert!(echoes(&mut kept).await && echoes(&mut closed_by_client).await, "tunnels work");
+    assert_eq!(gw.connections_per_worker().iter().sum::<usize>(), 2, "tunnels are open connections");
+    let started = Instant::now();
+    let (drained, ()) = tokio::join!(gw.drain(Duration::from_millis(2500)), async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        drop(closed_by_client);
+        // Past the 1.8 s at which tunnels used to end.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(echoes(&mut kept).await, "the tunnel works 2 s into the drain");
+    });
+    assert!(!drained, "the open tunnel holds the drain to its limit");
+    assert!(started.elapsed() >= Duration::from_millis(2500));
+    assert_eq!(gw.connections_per_worker().iter().sum::<usize>(), 1, "the closed tunnel let go");
+    assert!(gw.cut(Duration::from_secs(2)).await, "the cut ends the tunnel");
+    let mut buf = [0u8; 16];
+    let end = tokio::time::timeout(Duration::from_secs(2), kept.read(&mut buf)).await;
+    assert!(matches!(end, Ok(Ok(0) | Err(_))), "the client sees its tunnel end: {end:?}");
+    task.abort();
+}

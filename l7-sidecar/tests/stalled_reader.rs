@@ -201,3 +201,96 @@ async fn a_drain_does_not_wait_past_the_deadline_of_a_stalled_reader() {
     );
     task.abort();
 }
+
+/// Diagnostics written by the gateway (WARN and above), shared by the tests of this
+/// file: one global subscriber per test binary.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("log buffer").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("log buffer")).to_string()
+    }
+}
+
+fn capture() -> Captured {
+    static LOGS: std::sync::OnceLock<Captured> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = Captured::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::WARN)
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).expect("first subscriber");
+        logs
+    })
+    .clone()
+}
+
+/// Black-box finding: the warning for a response the client did not take by the
+/// request deadline carried no request id (unlike every other per-request line), so
+/// it could not be tied to its access-log line. Both protocols' warnings name it.
+#[tokio::test]
+async fn the_slow_client_warning_names_the_request() {
+    let logs = capture();
+    let (up, _closed, task) = big_upstream().await;
+    let gw = start_gateway(&cfg(up)).await;
+    let addr = gw.addr("public").expect("addr");
+    // HTTP/1: reads the head, then nothing.
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(b"GET /big HTTP/1.1\r\nHost: x\r\nX-Request-Id: slow-reader-h1\r\n\r\n")
+        .await
+        .expect("write");
+    let mut chunk = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
+        .await
+        .expect("head in time")
+        .expect("read");
+    assert!(chunk[..n].starts_with(b"HTTP/1.1 200"));
+    // HTTP/2: a stream whose window is never opened again.
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(65_535)
+        .initial_connection_window_size(1 << 20)
+        .adaptive_window(false)
+        .handshake(TokioIo::new(tcp))
+        .await
+        .expect("h2 handshake");
+    let conn_task = tokio::spawn(conn);
+    let req = http::Request::get(format!("http://{addr}/big"))
+        .header("x-request-id", "slow-reader-h2")
+        .body(Full::new(Bytes::new()))
+        .expect("req");
+    let resp = tokio::time::timeout(Duration::from_secs(5), send.send_request(req))
+        .await
+        .expect("head in time")
+        .expect("response");
+    assert_eq!(resp.status(), 200);
+    let warned = |id: &str| {
+        logs.text()
+            .lines()
+            .any(|l| l.contains("WARN") && l.contains("not taken by") && l.contains(id))
+    };
+    eventually(Duration::from_secs(4), "both cuts warned", || {
+        logs.text().matches("not taken by").count() >= 2
+    })
+    .await;
+    for id in ["slow-reader-h1", "slow-reader-h2"] {
+        assert!(warned(id), "a warning names {id}: {}", logs.text());
+    }
+    drop(resp);
+    conn_task.abort();
+    task.abort();
+}

@@ -11,7 +11,10 @@
 //! dropped; the task's `Watch` keeps a timer for it and reports it overdue, and the
 //! task then drops the connection (HTTP/1) or the stream (HTTP/2: hyper resets it).
 //! Dropping the body drops its upstream connection unreleased (it was not read to
-//! its end), so the backend's writer is let go too.
+//! its end), so the backend's writer is let go too. The watch marks the deadline it
+//! found passed in the slot, and the body, as it is dropped, warns about its cut
+//! itself (`Registered::cut_at_deadline`): the body knows its request's id and
+//! backend, the task around it does not.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -33,6 +36,9 @@ pub struct Slot {
     /// The body in flight is waiting for its upstream (it has nothing to send), not
     /// for the client to take what it has: who a passed deadline blames.
     upstream_waiting: AtomicBool,
+    /// The `deadline` value the watch found passed (0: none): the body registered
+    /// with it is being cut.
+    passed: AtomicU64,
 }
 
 impl Slot {
@@ -67,6 +73,14 @@ impl Registered {
     /// just handed some on (false). A plain store, on each poll of the body.
     pub fn waiting_for_upstream(&self, waiting: bool) {
         self.slot.upstream_waiting.store(waiting, Ordering::Relaxed);
+    }
+
+    /// If the task's watch found this body's deadline passed (the task is dropping
+    /// the connection or stream with the body): whether the upstream was the slow
+    /// side (the body had nothing to send) rather than the client.
+    pub fn cut_at_deadline(&self) -> Option<bool> {
+        (self.slot.passed.load(Ordering::Relaxed) == self.value)
+            .then(|| self.slot.upstream_waiting.load(Ordering::Relaxed))
     }
 }
 
@@ -118,6 +132,7 @@ impl Watch {
                 base: Instant::now(),
                 deadline: AtomicU64::new(0),
                 upstream_waiting: AtomicBool::new(false),
+                passed: AtomicU64::new(0),
             }),
             timer: None,
             armed: 0,
@@ -131,7 +146,8 @@ impl Watch {
 
     /// Whether the deadline of the body in flight has passed; if not, `cx` is woken
     /// when it does. Poll after the task's connection or stream: a body registers
-    /// itself while they are polled.
+    /// itself while they are polled. Once passed, the body is marked cut (it warns
+    /// as it is dropped): the caller must then drop it.
     ///
     /// As the upstream connection's timer (`conns`), the timer stays armed for an
     /// earlier body's deadline and is moved on when that one fires, instead of being
@@ -161,25 +177,13 @@ impl Watch {
                     self.armed = v;
                     return Poll::Pending;
                 }
-                Poll::Ready(()) if timer.deadline() >= at => return Poll::Ready(()),
+                Poll::Ready(()) if timer.deadline() >= at => {
+                    self.slot.passed.store(v, Ordering::Relaxed);
+                    return Poll::Ready(());
+                }
                 // An earlier body's deadline: arm for this one (and register `cx`).
                 Poll::Ready(()) => timer.as_mut().reset(at),
             }
-        }
-    }
-
-    /// Whether the body whose deadline passed was waiting for its upstream rather
-    /// than for the client: its last poll found no upstream bytes to hand on.
-    pub fn upstream_stalled(&self) -> bool {
-        self.slot.upstream_waiting.load(Ordering::Relaxed)
-    }
-
-    /// The warning for a passed deadline, blaming the side that was slow.
-    pub fn overdue_message(&self) -> &'static str {
-        if self.upstream_stalled() {
-            "upstream did not send the response body before the request deadline; closing the connection"
-        } else {
-            "response not taken by the client before the request deadline; closing the connection"
         }
     }
 
@@ -191,7 +195,7 @@ impl Watch {
 
 /// The executor hyper spawns each HTTP/2 stream with: the stream's task publishes its
 /// own slot, and is dropped at the deadline of the body it sends (hyper then resets
-/// the stream; the connection and its other streams go on).
+/// the stream; the connection and its other streams go on; the body warns).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct StreamExecutor;
 
@@ -209,15 +213,6 @@ where
                     return Poll::Ready(());
                 }
                 if watch.poll_overdue(cx).is_ready() {
-                    if watch.upstream_stalled() {
-                        tracing::warn!(
-                            "upstream did not send the response body before the request deadline; resetting the HTTP/2 stream"
-                        );
-                    } else {
-                        tracing::warn!(
-                            "response not taken by the HTTP/2 client before the request deadline; resetting the stream"
-                        );
-                    }
                     return Poll::Ready(());
                 }
                 Poll::Pending
@@ -254,22 +249,24 @@ mod tests {
 
     #[tokio::test]
     async fn a_passed_deadline_blames_the_side_that_was_waited_for() {
-        let watch = Watch::new();
+        let mut watch = Watch::new();
         let reg = scope(watch.slot(), async { register(Instant::now()) })
             .await
             .expect("in scope");
-        assert!(!watch.upstream_stalled(), "a new body waits for nobody yet");
+        assert_eq!(reg.cut_at_deadline(), None, "not cut before the watch found it passed");
+        watch.overdue().await;
+        assert_eq!(reg.cut_at_deadline(), Some(false), "a new body waits for nobody yet: the client");
         reg.waiting_for_upstream(true);
-        assert!(watch.upstream_stalled());
-        assert!(watch.overdue_message().starts_with("upstream"));
-        reg.waiting_for_upstream(false);
-        assert!(watch.overdue_message().contains("not taken by the client"));
-        // A later body starts afresh.
-        reg.waiting_for_upstream(true);
-        let _next = scope(watch.slot(), async { register(Instant::now()) })
-            .await
-            .expect("in scope");
-        assert!(!watch.upstream_stalled());
+        assert_eq!(reg.cut_at_deadline(), Some(true), "the upstream");
+        // A later body starts afresh, and is not the one cut.
+        let next = scope(watch.slot(), async {
+            register(Instant::now() + Duration::from_secs(60))
+        })
+        .await
+        .expect("in scope");
+        assert_eq!(next.cut_at_deadline(), None);
+        next.waiting_for_upstream(true);
+        assert_eq!(next.cut_at_deadline(), None, "its deadline has not passed");
     }
 
     #[tokio::test]

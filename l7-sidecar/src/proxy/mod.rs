@@ -436,9 +436,13 @@ pub async fn proxy(
             headers: &headers,
         };
         // Boxed: the rare paths would otherwise make every request's future larger.
-        return match Box::pin(tunnel(up.clone(), req.into_request(), &pq, &hash)).await {
+        let conn = req.ctx().conn.clone();
+        return match Box::pin(tunnel(up.clone(), &conn.activity, req.into_request(), &pq, &hash)).await {
             Ok((mut r, backend)) => {
                 r.extensions_mut().insert(UpstreamAddr(backend));
+                // A declined upgrade's answer is streamed like any other (upgrades
+                // are HTTP/1 only): its warnings name the request too.
+                r.body_mut().set_request(rid, true);
                 r
             }
             Err(e) => {

@@ -9,9 +9,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// Pass a WebSocket (or any HTTP/1.1 upgrade) through: forward the handshake, then
-/// splice the two upgraded connections together.
+/// splice the two upgraded connections together. The splice is handed to the client
+/// connection's task (`client`), which runs it once hyper has let the connection go:
+/// a tunnel then counts as an open connection (limits, drain) until it ends.
 pub async fn tunnel<B>(
     up: Arc<Upstream>,
+    client: &crate::idle::Activity,
     mut req: Request<B>,
     path_and_query: &str,
     hash: &HashInput<'_>,
@@ -75,12 +78,12 @@ where
     }
     let server_upgrade = hyper::upgrade::on(&mut resp);
     let guard = ActiveGuard::new(backend.clone());
-    tokio::spawn(async move {
+    client.hand_over_tunnel(Box::pin(async move {
         let _guard = guard;
         if let (Ok(c), Ok(s)) = (client_upgrade.await, server_upgrade.await) {
             let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(s)).await;
         }
-    });
+    }));
     let (parts, _) = resp.into_parts();
     Ok((
         Response::from_parts(parts, full(Bytes::new())),
