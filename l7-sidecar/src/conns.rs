@@ -55,6 +55,11 @@ pub const MAX_IDLE_PER_BACKEND: usize = 512;
 /// expired connections: an idle connection is polled by nobody, so one to a backend
 /// that gets no more requests would otherwise keep its socket until the process ends.
 const SWEEP_EVERY: u32 = 1024;
+/// How often each worker looks through its idle connections (`sweep_forever`): after
+/// a burst and then quiet there are no releases to trigger `SWEEP_EVERY`, and
+/// connections the backends closed meanwhile would hold their descriptors in
+/// CLOSE-WAIT until the process ends.
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -341,6 +346,31 @@ fn timer_passed(timer: &mut Pin<Box<Sleep>>, cx: &mut Context<'_>, deadline: Ins
             Poll::Ready(()) => timer.as_mut().reset(deadline),
         }
     }
+}
+
+/// Run on each worker thread for its life: every `SWEEP_INTERVAL`, close the idle
+/// connections that expired or that their backend closed (`sweep_idle`).
+pub async fn sweep_forever() {
+    loop {
+        tokio::time::sleep(SWEEP_INTERVAL).await;
+        sweep_idle(Instant::now());
+    }
+}
+
+/// Drop the calling runtime's idle connections that expired by `now` or whose
+/// backend closed them: polling one reads what arrived while it sat idle (nothing,
+/// or the close), without a wake-up (nobody waits on an idle connection).
+fn sweep_idle(now: Instant) {
+    with_idle(|m| {
+        m.by_addr.retain_mut(|(_, list)| {
+            list.retain_mut(|i| {
+                now < i.expires
+                    && !i.conn.sender.is_closed()
+                    && !matches!(i.conn.poll_ready(&mut no_wake()), Poll::Ready(false))
+            });
+            !list.is_empty()
+        });
+    });
 }
 
 /// The most recently used idle connection to `addr` that is still open and ready,

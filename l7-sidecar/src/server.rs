@@ -214,7 +214,7 @@ fn worker_thread(index: usize) -> Result<tokio::runtime::Handle, GatewayError> {
         .name(format!("l7-worker-{index}"))
         .spawn(move || {
             crate::conns::dedicate_thread();
-            worker.block_on(std::future::pending::<()>())
+            worker.block_on(crate::conns::sweep_forever())
         })
         .map_err(|source| GatewayError::Worker { index, source })?;
     Ok(handle)

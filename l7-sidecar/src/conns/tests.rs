@@ -81,3 +81,36 @@ async fn send_fails_at_the_request_deadline() {
     assert!(Instant::now() >= deadline);
     hold.abort();
 }
+
+/// Hostile test s16-F4: after a burst and then quiet, idle connections the backend had
+/// closed stayed in CLOSE-WAIT (each holding a descriptor) for as long as the process
+/// ran: only a checkout or the 1024th release looked at them. The worker's periodic
+/// sweep drops them, and those past their idle timeout.
+#[tokio::test]
+async fn the_sweep_drops_idle_connections_the_backend_closed_or_that_expired() {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let accepted = tokio::spawn(async move {
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            held.push(l.accept().await.unwrap().0);
+        }
+        held
+    });
+    let now = Instant::now();
+    let first = checkout(addr, Duration::from_secs(2), now, soon()).await.unwrap();
+    let second = checkout(addr, Duration::from_secs(2), now, soon()).await.unwrap();
+    first.release();
+    second.release();
+    let mut held = accepted.await.unwrap();
+    assert_eq!(idle_count(addr), 2);
+    sweep_idle(Instant::now());
+    assert_eq!(idle_count(addr), 2, "open and fresh: kept");
+    // The backend closes one of them.
+    drop(held.pop());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    sweep_idle(Instant::now());
+    assert_eq!(idle_count(addr), 1, "the one the backend closed is dropped");
+    sweep_idle(now + IDLE_TIMEOUT + Duration::from_secs(1));
+    assert_eq!(idle_count(addr), 0, "past its idle timeout");
+}
