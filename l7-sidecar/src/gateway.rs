@@ -328,6 +328,13 @@ fn listener_changes(bound: &Config, new: &Config) -> Vec<String> {
         (None, Some(b)) => out.push(format!("[admin] added on {b:?}: not listening until a restart")),
         (None, None) => {}
     }
+    // The file watcher is started with the start's interval (`reload::spawn_file_watch`).
+    let (was, now) = (bound.server.reload_poll_ms, new.server.reload_poll_ms);
+    if was != now {
+        out.push(format!(
+            "server.reload_poll {now} ms differs from the {was} ms at start: not applied until a restart (0 = SIGHUP only)"
+        ));
+    }
     out
 }
 
@@ -340,10 +347,9 @@ fn jwks_key(url: &str, ca_file: Option<&str>) -> String {
     format!("{url}|{}", ca_file.unwrap_or_default())
 }
 
-/// Re-resolves the config's backend names every `server.dns_refresh` and reloads when the
-/// addresses changed; here rather than in `resolve`, which must not depend on the gateway.
 /// Re-resolve the config's names every `server.dns_refresh`, rebuilding the runtime when
-/// an address set changed. None when no backend is named. The task belongs to one runtime
+/// an address set changed (here rather than in `resolve`, which must not depend on the
+/// gateway). None when no backend is named. The task belongs to one runtime
 /// and is stopped with it; the next runtime starts its own.
 fn spawn_refresh(
     shared: std::sync::Weak<Shared>,
@@ -399,6 +405,12 @@ mod tests {
         assert!(removed.len() == 1 && removed[0].starts_with("[admin] removed"), "{removed:?}");
         let added = listener_changes(&parse("", "127.0.0.1:80"), &base);
         assert!(added.len() == 1 && added[0].starts_with("[admin] added"), "{added:?}");
+        // Hostile test s16-F7: a reload silently kept the start's file-poll interval.
+        let poll = Config::parse("[server]\nreload_poll_ms = 0\n[[listeners]]\nname = \"p\"\nbind = \"127.0.0.1:80\"\n[admin]\nlisten = \"127.0.0.1:9901\"\n").expect("config");
+        assert_eq!(
+            listener_changes(&base, &poll),
+            ["server.reload_poll 0 ms differs from the 1000 ms at start: not applied until a restart (0 = SIGHUP only)"]
+        );
         assert_eq!(
             listener_changes(&base, &parse(&admin("127.0.0.1:9901"), "127.0.0.1:81")),
             ["listeners [p=127.0.0.1:81] differ from the bound [p=127.0.0.1:80]: not applied until a restart, the bound ones keep serving"]
