@@ -164,6 +164,7 @@ async fn start_on(gateway: Gateway, workers: Workers) -> Result<RunningGateway, 
             open: Arc::new(OpenConnections::default()),
             per_address: Arc::new(PerAddress::default()),
             refusals: WarnEverySecond::default(),
+            created: std::time::Instant::now(),
         });
         tracing::info!(listener = %l.name, %addr, tls = state.tls.is_some(), workers = workers.len(), "listening");
         addrs.push((l.name.clone(), addr));
@@ -192,6 +193,7 @@ async fn start_on(gateway: Gateway, workers: Workers) -> Result<RunningGateway, 
                 stop.subscribe(),
             )));
         }
+        tasks.push(workers.handle(0).spawn(warn_unreported_refusals(state.clone(), l.name.clone())));
     }
     Ok(RunningGateway {
         gateway,
@@ -228,6 +230,8 @@ struct ListenerState {
     per_address: Arc<PerAddress>,
     /// Refused connections (limits reached, accept errors): warned about once a second.
     refusals: WarnEverySecond,
+    /// The clock `refusals` counts its seconds on, the same for every worker.
+    created: std::time::Instant,
 }
 
 /// A non-blocking listening socket on `addr`. Without `SO_REUSEPORT` nothing can join
@@ -269,6 +273,17 @@ fn admin_listener(a: &crate::config::AdminConfig) -> crate::config::ListenerConf
     }
 }
 
+/// Refusals of a burst after its first warning are warned about once its second is
+/// over, not only with the next refusal (which may never come).
+async fn warn_unreported_refusals(state: Arc<ListenerState>, listener: String) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if let Some(n) = state.refusals.unreported(state.created.elapsed().as_secs()) {
+            tracing::warn!(%listener, refused = n, "connections refused since the last warning: {n}");
+        }
+    }
+}
+
 /// One worker's accept loop on one listener. Every worker runs one per listener on a
 /// duplicate of the same socket; a worker serving more connections than another
 /// leaves a new connection to the others for `ACCEPT_DEFERRAL` first.
@@ -280,12 +295,11 @@ async fn accept_loop(
     me: usize,
     stop: tokio::sync::watch::Receiver<u8>,
 ) {
-    let started = std::time::Instant::now();
     let warn_now = |what: &str, peer: Option<SocketAddr>, error: Option<&std::io::Error>| {
-        if let Some(n) = state.refusals.event(started.elapsed().as_secs()) {
+        if let Some(n) = state.refusals.event(state.created.elapsed().as_secs()) {
             match (peer, error) {
-                (_, Some(e)) => tracing::warn!(error = %e, refused = n, "accept failed (refusals in the last second: {n})"),
-                (Some(p), None) => tracing::warn!(peer = %p, refused = n, "{what}; closing (refusals in the last second: {n})"),
+                (_, Some(e)) => tracing::warn!(error = %e, refused = n, "accept failed (refused since the last warning: {n})"),
+                (Some(p), None) => tracing::warn!(peer = %p, refused = n, "{what}; closing (refused since the last warning: {n})"),
                 (None, None) => {}
             }
         }

@@ -145,6 +145,23 @@ impl WarnEverySecond {
             .ok()?;
         Some(self.since.swap(0, Relaxed).max(1))
     }
+
+    /// The events counted since the last warning, if there are any and a warning is
+    /// allowed now (they are then taken): what a burst left unreported once its
+    /// second is over, for a periodic flush to warn about.
+    pub fn unreported(&self, now_secs: u64) -> Option<u64> {
+        if self.since.load(Relaxed) == 0 {
+            return None;
+        }
+        let last = self.last.load(Relaxed);
+        if last != 0 && now_secs < last {
+            return None;
+        }
+        self.last
+            .compare_exchange(last, now_secs + 1, Relaxed, Relaxed)
+            .ok()?;
+        Some(self.since.swap(0, Relaxed)).filter(|&n| n > 0)
+    }
 }
 
 #[cfg(test)]
@@ -186,5 +203,14 @@ mod tests {
         }
         assert_eq!(w.event(11), Some(100), "the next second stands for all since");
         assert_eq!(w.event(11), None);
+        // Hostile test s16-F5: a burst's events after its first warning were reported
+        // only with the next event, whenever (if ever) that came.
+        for _ in 0..1899 {
+            assert_eq!(w.event(11), None);
+        }
+        assert_eq!(w.unreported(11), None, "not within the warned second");
+        assert_eq!(w.unreported(12), Some(1900), "flushed once the second is over");
+        assert_eq!(w.unreported(13), None, "nothing new");
+        assert_eq!(w.event(14), Some(1), "counting starts over");
     }
 }
