@@ -558,10 +558,24 @@ async fn serve_conn<S>(
     // runs here, holding the connection's permits, so it counts against the limits
     // and a drain waits for it like for any request in progress, until the drain's
     // limit; the cut then ends it. (An upgrade that did not happen ends it at once.)
+    // A tunnel that moves no byte either way for `tunnel_idle_timeout` is closed (a
+    // client or backend that vanished without a FIN would otherwise hold its slot
+    // and both sockets for ever); checked a few times per timeout.
     if let Some(tunnel) = info.activity.take_tunnel() {
+        let idle = Duration::from_millis(cfg.tunnel_idle_timeout_ms);
+        let tick = (idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        let idle_out = async {
+            loop {
+                tokio::time::sleep(tick).await;
+                if info.activity.expired(tokio::time::Instant::now(), Duration::ZERO, idle, false) {
+                    break;
+                }
+            }
+        };
         tokio::select! {
             () = tunnel => {}
             _ = cut_rx.wait_for(|s| *s >= CUT) => tracing::debug!(peer = %info.peer, "tunnel cut at the drain limit"),
+            () = idle_out => tracing::debug!(peer = %info.peer, "tunnel idle for tunnel_idle_timeout; closing"),
         }
     }
     // HTTP/2 streams run in tasks of their own (`body::deadline::StreamExecutor`);

@@ -361,3 +361,30 @@ async fn a_websocket_tunnel_lasts_until_the_drain_limit_then_is_cut() {
     assert!(matches!(end, Ok(Ok(0) | Err(_))), "the client sees its tunnel end: {end:?}");
     task.abort();
 }
+
+/// Hostile test s16-F1: a tunnel that moved no byte either way stayed open for ever
+/// (the connection's idle timeout does not apply once upgraded, and nothing else
+/// did), holding its slot and two sockets. `tunnel_idle_timeout` closes it; a tunnel
+/// in use stays open past it.
+#[tokio::test]
+async fn a_tunnel_that_moves_no_byte_for_tunnel_idle_timeout_is_closed() {
+    let (up, task) = upgrade_echo().await;
+    let gw = start_gateway(&format!(
+        "[server]\ntunnel_idle_timeout = \"400ms\"\n{}[pools.ws]\nbackends = [{{ address = \"{up}\" }}]\n[[routes]]\nname = \"ws\"\npath = \"/ws\"\npool = \"ws\"\nwebsocket = true\n",
+        listener("public")
+    ))
+    .await;
+    let addr = gw.addr("public").expect("addr");
+    let mut idle = tunnel_to(addr).await;
+    let mut busy = tunnel_to(addr).await;
+    for _ in 0..8 {
+        assert!(echoes(&mut busy).await, "a tunnel in use stays open");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let mut buf = [0u8; 4];
+    let end = tokio::time::timeout(Duration::from_secs(2), idle.read(&mut buf)).await;
+    assert!(matches!(end, Ok(Ok(0) | Err(_))), "the idle tunnel is closed: {end:?}");
+    assert!(echoes(&mut busy).await, "the busy one still works");
+    assert_eq!(gw.connections_per_worker().iter().sum::<usize>(), 1, "the idle one let go of its slot");
+    task.abort();
+}

@@ -125,6 +125,11 @@ impl Config {
                 &mut s.first_byte_timeout_ms,
             ),
             ("idle_timeout", &s.idle_timeout, &mut s.idle_timeout_ms),
+            (
+                "tunnel_idle_timeout",
+                &s.tunnel_idle_timeout,
+                &mut s.tunnel_idle_timeout_ms,
+            ),
             ("reload_poll", &s.reload_poll, &mut s.reload_poll_ms),
             ("dns_refresh", &s.dns_refresh, &mut s.dns_refresh_ms),
         ] {

@@ -110,6 +110,9 @@ pub struct ServerConfig {
     /// A connection with no request in flight that moves no byte for this long is
     /// closed (HTTP/1 keep-alive and HTTP/2 alike).
     pub idle_timeout_ms: u64,
+    /// An upgraded (WebSocket) tunnel that moves no byte either way for this long is
+    /// closed.
+    pub tunnel_idle_timeout_ms: u64,
     pub max_connections: usize,
     /// Open connections allowed per client address (IPv6: per /64). Unset: a tenth
     /// of `max_connections`, at least 1.
@@ -123,6 +126,7 @@ pub struct ServerConfig {
     pub body_read_timeout: Option<DurationText>,
     pub first_byte_timeout: Option<DurationText>,
     pub idle_timeout: Option<DurationText>,
+    pub tunnel_idle_timeout: Option<DurationText>,
     pub reload_poll: Option<DurationText>,
     pub dns_refresh: Option<DurationText>,
 }
@@ -139,6 +143,7 @@ impl Default for ServerConfig {
             body_min_rate_bytes_per_sec: 1024,
             first_byte_timeout_ms: 10_000,
             idle_timeout_ms: 10_000,
+            tunnel_idle_timeout_ms: 3_600_000,
             max_connections: 10_000,
             max_connections_per_ip: None,
             reload_poll_ms: 1_000,
@@ -147,6 +152,7 @@ impl Default for ServerConfig {
             body_read_timeout: None,
             first_byte_timeout: None,
             idle_timeout: None,
+            tunnel_idle_timeout: None,
             reload_poll: None,
             dns_refresh: None,
         }

@@ -78,6 +78,7 @@ fn server(s: &ServerConfig, e: &mut Errors) {
     }
     e.positive("server.first_byte_timeout_ms", s.first_byte_timeout_ms);
     e.positive("server.idle_timeout_ms", s.idle_timeout_ms);
+    e.positive("server.tunnel_idle_timeout_ms", s.tunnel_idle_timeout_ms);
     e.positive("server.dns_refresh_ms", s.dns_refresh_ms);
     match s.max_connections_per_ip {
         Some(0) => e.add("server.max_connections_per_ip", "must be > 0"),
