@@ -32,10 +32,12 @@ pub enum GatewayError {
         addr: String,
         error: std::io::Error,
     },
-    #[error("worker {index}: cannot start its thread or runtime: {source}")]
+    // `error`, not `source`, as for `Bind` (hostile s16-F8: "Too many open files (os
+    // error 24): Too many open files (os error 24)").
+    #[error("worker {index}: cannot start its thread or runtime: {error}")]
     Worker {
         index: usize,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("no config file to reload from")]
     NoConfigPath,

@@ -182,7 +182,7 @@ async fn start_on(gateway: Gateway, workers: Workers) -> Result<RunningGateway, 
                 let _entered = handle.enter();
                 #[allow(deprecated)]
                 tokio::io::unix::AsyncFd::with_interest(dup, tokio::io::Interest::READABLE)
-                    .map_err(|source| GatewayError::Worker { index, source })?
+                    .map_err(|error| GatewayError::Worker { index, error })?
             };
             tasks.push(handle.spawn(accept_loop(
                 gateway.clone(),
@@ -210,7 +210,7 @@ fn worker_thread(index: usize) -> Result<tokio::runtime::Handle, GatewayError> {
     let worker = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|source| GatewayError::Worker { index, source })?;
+        .map_err(|error| GatewayError::Worker { index, error })?;
     let handle = worker.handle().clone();
     std::thread::Builder::new()
         .name(format!("l7-worker-{index}"))
@@ -218,7 +218,7 @@ fn worker_thread(index: usize) -> Result<tokio::runtime::Handle, GatewayError> {
             crate::conns::dedicate_thread();
             worker.block_on(crate::conns::sweep_forever())
         })
-        .map_err(|source| GatewayError::Worker { index, source })?;
+        .map_err(|error| GatewayError::Worker { index, error })?;
     Ok(handle)
 }
 

@@ -350,3 +350,21 @@ fn a_hard_open_file_limit_below_the_budgets_is_warned_about_by_name() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("warning: open-file limit 1024 is below"), "{err}");
 }
+
+// Hostile test s16-F8: a worker that could not start printed its OS error twice
+// ("Too many open files (os error 24): Too many open files (os error 24)").
+#[test]
+fn a_worker_that_cannot_start_names_its_error_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("gw.toml");
+    std::fs::write(&path, "[[listeners]]\nname = \"p\"\nbind = \"127.0.0.1:0\"\n").expect("write");
+    let out = Command::new("prlimit")
+        .args(["--nofile=12:12", BIN, "--workers", "8", "--config", path.to_str().expect("utf8")])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = err.lines().find(|l| l.starts_with("error: ")).unwrap_or_default();
+    assert!(line.contains("cannot start its thread or runtime"), "{err}");
+    assert_eq!(line.matches("os error 24").count(), 1, "{line}");
+}
