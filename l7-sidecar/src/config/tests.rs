@@ -156,6 +156,22 @@ fn connection_and_auth_failure_limits_default_on_and_validate() {
     ] {
         assert!(paths.contains(&want), "missing {want} in {paths:?}");
     }
+    // Hostile test s16-F8: `first_byte_timeout = "0s"` was reported as
+    // `server.first_byte_timeout_ms`, a key the file did not contain.
+    let text = "[server]\nfirst_byte_timeout = \"0s\"\ntunnel_idle_timeout = \"0ms\"\n[auth.failure_limit]\nwindow = \"0s\"\n[pools.p]\nbackends = [{ address = \"127.0.0.1:1\" }]\nconnect_timeout = \"0s\"\n";
+    let Err(ConfigError::Invalid(errs)) = Config::parse(text) else {
+        panic!("expected validation errors");
+    };
+    let paths: Vec<_> = errs.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "server.first_byte_timeout",
+            "server.tunnel_idle_timeout",
+            "pools.p.connect_timeout",
+            "auth.failure_limit.window"
+        ]
+    );
 }
 
 /// What `main` prints for an error: anyhow's `Debug`, the message then every cause.

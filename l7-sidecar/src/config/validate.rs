@@ -34,6 +34,23 @@ impl Errors {
             self.add(path, "must be > 0");
         }
     }
+
+    /// `positive` for a duration that can be written `key = "10s"` or `key_ms = 10000`:
+    /// the error names the spelling the file used (`path_ms` ends in `_ms`).
+    fn positive_duration(&mut self, path_ms: impl Into<String>, text: &Option<DurationText>, value: u64) {
+        if value == 0 {
+            self.add(written(path_ms.into(), text), "must be > 0");
+        }
+    }
+}
+
+/// `path_ms` (`...timeout_ms`), or without its `_ms` when the file wrote the duration
+/// as text: an error names the key the operator wrote (hostile s16-F8).
+fn written(path_ms: String, text: &Option<DurationText>) -> String {
+    match path_ms.strip_suffix("_ms") {
+        Some(base) if text.is_some() => base.to_string(),
+        _ => path_ms,
+    }
 }
 
 impl Config {
@@ -71,15 +88,15 @@ fn server(s: &ServerConfig, e: &mut Errors) {
     if s.max_headers == 0 {
         e.add("server.max_headers", "must be > 0");
     }
-    e.positive("server.header_read_timeout_ms", s.header_read_timeout_ms);
-    e.positive("server.body_read_timeout_ms", s.body_read_timeout_ms);
+    e.positive_duration("server.header_read_timeout_ms", &s.header_read_timeout, s.header_read_timeout_ms);
+    e.positive_duration("server.body_read_timeout_ms", &s.body_read_timeout, s.body_read_timeout_ms);
     if s.max_connections == 0 {
         e.add("server.max_connections", "must be > 0");
     }
-    e.positive("server.first_byte_timeout_ms", s.first_byte_timeout_ms);
-    e.positive("server.idle_timeout_ms", s.idle_timeout_ms);
-    e.positive("server.tunnel_idle_timeout_ms", s.tunnel_idle_timeout_ms);
-    e.positive("server.dns_refresh_ms", s.dns_refresh_ms);
+    e.positive_duration("server.first_byte_timeout_ms", &s.first_byte_timeout, s.first_byte_timeout_ms);
+    e.positive_duration("server.idle_timeout_ms", &s.idle_timeout, s.idle_timeout_ms);
+    e.positive_duration("server.tunnel_idle_timeout_ms", &s.tunnel_idle_timeout, s.tunnel_idle_timeout_ms);
+    e.positive_duration("server.dns_refresh_ms", &s.dns_refresh, s.dns_refresh_ms);
     match s.max_connections_per_ip {
         Some(0) => e.add("server.max_connections_per_ip", "must be > 0"),
         Some(n) if n > s.max_connections => e.add(
@@ -221,8 +238,8 @@ fn pool(p: &str, pool: &PoolConfig, e: &mut Errors) {
             );
         }
     }
-    e.positive(format!("{p}.connect_timeout_ms"), pool.connect_timeout_ms);
-    e.positive(format!("{p}.request_timeout_ms"), pool.request_timeout_ms);
+    e.positive_duration(format!("{p}.connect_timeout_ms"), &pool.connect_timeout, pool.connect_timeout_ms);
+    e.positive_duration(format!("{p}.request_timeout_ms"), &pool.request_timeout, pool.request_timeout_ms);
     hash_on(p, pool, e);
     if let Some(hc) = &pool.health_check {
         health_check(&format!("{p}.health_check"), hc, e);
@@ -251,8 +268,8 @@ fn health_check(p: &str, hc: &HealthCheckConfig, e: &mut Errors) {
     if !hc.path.starts_with('/') {
         e.add(format!("{p}.path"), "must start with '/'");
     }
-    e.positive(format!("{p}.interval_ms"), hc.interval_ms);
-    e.positive(format!("{p}.timeout_ms"), hc.timeout_ms);
+    e.positive_duration(format!("{p}.interval_ms"), &hc.interval, hc.interval_ms);
+    e.positive_duration(format!("{p}.timeout_ms"), &hc.timeout, hc.timeout_ms);
     e.positive(format!("{p}.rise"), hc.rise.into());
     e.positive(format!("{p}.fall"), hc.fall.into());
 }
@@ -263,8 +280,8 @@ fn passive(p: &str, pc: &PassiveConfig, e: &mut Errors) {
     }
     if pc.max_ejection_ms < pc.base_ejection_ms {
         e.add(
-            format!("{p}.max_ejection_ms"),
-            "must be >= base_ejection_ms",
+            written(format!("{p}.max_ejection_ms"), &pc.max_ejection),
+            format!("must be >= {}", written("base_ejection_ms".into(), &pc.base_ejection)),
         );
     }
 }
@@ -272,7 +289,7 @@ fn passive(p: &str, pc: &PassiveConfig, e: &mut Errors) {
 fn auth(a: &AuthConfig, e: &mut Errors) {
     let fl = &a.failure_limit;
     if fl.max_failures > 0 && fl.window_ms == 0 {
-        e.add("auth.failure_limit.window_ms", "must be > 0");
+        e.add(written("auth.failure_limit.window_ms".into(), &fl.window), "must be > 0");
     }
     if fl.max_addresses == 0 {
         e.add("auth.failure_limit.max_addresses", "must be > 0");
