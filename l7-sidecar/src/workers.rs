@@ -135,15 +135,7 @@ impl WarnEverySecond {
     /// events (this one included). `now_secs`: a monotonic clock in seconds.
     pub fn event(&self, now_secs: u64) -> Option<u64> {
         self.since.fetch_add(1, Relaxed);
-        let last = self.last.load(Relaxed);
-        if last != 0 && now_secs < last {
-            return None;
-        }
-        // One thread wins the second; the others keep counting.
-        self.last
-            .compare_exchange(last, now_secs + 1, Relaxed, Relaxed)
-            .ok()?;
-        Some(self.since.swap(0, Relaxed).max(1))
+        self.take_if_due(now_secs).map(|n| n.max(1))
     }
 
     /// The events counted since the last warning, if there are any and a warning is
@@ -153,6 +145,12 @@ impl WarnEverySecond {
         if self.since.load(Relaxed) == 0 {
             return None;
         }
+        self.take_if_due(now_secs).filter(|&n| n > 0)
+    }
+
+    /// Claim the warning of second `now_secs` if none was given in it, and take the
+    /// count. One thread wins the second; the others keep counting.
+    fn take_if_due(&self, now_secs: u64) -> Option<u64> {
         let last = self.last.load(Relaxed);
         if last != 0 && now_secs < last {
             return None;
@@ -160,7 +158,7 @@ impl WarnEverySecond {
         self.last
             .compare_exchange(last, now_secs + 1, Relaxed, Relaxed)
             .ok()?;
-        Some(self.since.swap(0, Relaxed)).filter(|&n| n > 0)
+        Some(self.since.swap(0, Relaxed))
     }
 }
 
