@@ -222,14 +222,6 @@ fn a_worker_count_of_zero_is_refused_by_name() {
     assert!(err.contains("--workers"), "{err}");
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
 /// One GET over a new connection; the status line.
 fn status_of_get(port: u16, path: &str) -> std::io::Result<String> {
     use std::io::{Read, Write};

@@ -34,14 +34,6 @@ impl Drop for Child {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
 async fn scrape(c: &Client, ops: u16) -> String {
     let reply = get(c, &format!("http://127.0.0.1:{ops}/metrics"), &[]).await;
     assert_eq!(reply.status, 200, "GET /metrics");

@@ -361,3 +361,13 @@ pub async fn read_request(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> O
     buf.drain(..end + 4 + body_len);
     Some(head)
 }
+
+/// A port free a moment ago on 127.0.0.1 (bound, read, released): for a gateway
+/// started as a separate process, which binds it itself.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
