@@ -422,7 +422,7 @@ impl Report {
         if !self.l7.is_empty() {
             let _ = writeln!(
                 o,
-                "## L7: HTTP reverse proxies in the lb namespace\n\n`wrk -t{} -c{} -d{}s --latency`, keep-alive, to the proxy on the lb's address; {} round(s) over all proxies (`--l7-rounds`), each column the median of its own rounds (errors: their sum); RSS = VmRSS summed over the proxy's processes after the run; CPU = their user + system time during the run per request (the 2 cores are shared by wrk, the proxy and the 3 backends, so CPU per request is what decides req/s).\n",
+                "## L7: HTTP reverse proxies in the lb namespace\n\n`wrk -t{} -c{} -d{}s --latency`, keep-alive, to the proxy on the lb's address; {} round(s) over all proxies (`--l7-rounds`), each round starting one proxy further along, each column the median of its own rounds (errors: their sum); RSS = VmRSS summed over the proxy's processes after the run; CPU = their user + system time during the run per request (the 2 cores are shared by wrk, the proxy and the 3 backends, so CPU per request is what decides req/s).\n",
                 self.args.threads, self.args.connections, self.args.duration_secs, self.args.l7_rounds
             );
             let _ = writeln!(
