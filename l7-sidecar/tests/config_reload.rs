@@ -199,20 +199,6 @@ async fn reload_under_load_drops_no_request() {
     assert!(a.hits() > 0 && b.hits() > 0, "both configs served traffic");
 }
 
-/// Captures log output so the test can see what an operator would.
-#[derive(Clone, Default)]
-struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().expect("log buffer").extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test]
 async fn invalid_file_reload_logs_every_error() {
     let (a, b) = (upstream("a").await, upstream("b").await);
@@ -234,7 +220,7 @@ async fn invalid_file_reload_logs_every_error() {
     gw.reload_from_file()
         .await
         .expect_err("invalid file must not apply");
-    let text = String::from_utf8_lossy(&logs.0.lock().expect("logs")).to_string();
+    let text = logs.text();
     for want in ["routes[0].pool", "server.max_headers"] {
         assert!(text.contains(want), "{want} not logged: {text}");
     }

@@ -202,42 +202,6 @@ async fn a_drain_does_not_wait_past_the_deadline_of_a_stalled_reader() {
     task.abort();
 }
 
-/// Diagnostics written by the gateway (WARN and above), shared by the tests of this
-/// file: one global subscriber per test binary.
-#[derive(Clone, Default)]
-struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().expect("log buffer").extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().expect("log buffer")).to_string()
-    }
-}
-
-fn capture() -> Captured {
-    static LOGS: std::sync::OnceLock<Captured> = std::sync::OnceLock::new();
-    LOGS.get_or_init(|| {
-        let logs = Captured::default();
-        let writer = logs.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .with_max_level(tracing::Level::WARN)
-            .finish();
-        tracing::subscriber::set_global_default(subscriber).expect("first subscriber");
-        logs
-    })
-    .clone()
-}
 
 /// Black-box finding: the warning for a response the client did not take by the
 /// request deadline carried no request id (unlike every other per-request line), so

@@ -371,3 +371,43 @@ pub fn free_port() -> u16 {
         .expect("addr")
         .port()
 }
+
+/// WARN-and-above log lines of this test binary, as an operator would read them.
+#[derive(Clone, Default)]
+pub struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("log buffer").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("log buffer")).to_string()
+    }
+}
+
+/// The log of this test binary: one global subscriber, installed by the first test
+/// that asks (a per-test default subscriber misses events whose call sites another
+/// test's thread registered first). Tests run in parallel and share it: each finds
+/// its own lines by request id.
+pub fn capture() -> Captured {
+    static LOGS: std::sync::OnceLock<Captured> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = Captured::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::WARN)
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).expect("first subscriber");
+        logs
+    })
+    .clone()
+}
