@@ -9,6 +9,7 @@ pub mod bird;
 pub mod browser;
 pub mod client;
 pub mod config;
+pub mod cpus;
 pub mod daemon;
 pub mod grafana;
 pub mod icmp;

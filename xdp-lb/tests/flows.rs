@@ -327,29 +327,6 @@ fn active_flows_are_exact_across_a_daemon_restart() {
     wait_for(0, "after every connection closed");
 }
 
-/// CPUs the kernel sizes per-CPU maps for (`/sys/devices/system/cpu/possible`, e.g. "0-1").
-fn possible_cpus() -> usize {
-    let text = std::fs::read_to_string("/sys/devices/system/cpu/possible").expect("reading the possible CPUs");
-    text.trim()
-        .split(',')
-        .map(|part| match part.split_once('-') {
-            Some((a, b)) => b.parse::<usize>().unwrap() - a.parse::<usize>().unwrap() + 1,
-            None => 1,
-        })
-        .sum()
-}
-
-/// Runs the calling thread on CPU 0 only, so its packets meet one per-CPU LRU list.
-fn pin_to_first_cpu() {
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET and sched_setaffinity get valid
-    // references to it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
-        assert_eq!(libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set), 0, "pinning to CPU 0");
-    }
-}
-
 /// H4: live idle connections survive short connections in a small table sized by README's rule
 /// (per CPU: open connections + the connections closed in the last minute). Round-robin (which
 /// cannot re-find an evicted flow's backend) with `conntrack_entries = 1024`; three idle keep-alive
@@ -369,13 +346,13 @@ fn idle_connections_survive_a_burst_of_short_connections_the_table_is_sized_for(
     let vip = topo.vip_socket(Family::V4, HTTP_PORT);
     // Not a multiple of the backends: a round-robin placing an evicted idle flow again must not
     // land on its old backend by the sequence's arithmetic.
-    let mut burst = 1024 / possible_cpus() * 3 / 4;
+    let mut burst = 1024 / xdp_lb_testbed::cpus::possible() * 3 / 4;
     while burst.is_multiple_of(BACKENDS) {
         burst += 1;
     }
     let started = Instant::now();
     let outcome = topo.client().run(move || {
-        pin_to_first_cpu();
+        xdp_lb_testbed::cpus::pin_current_thread(0);
         let mut idle = (0..IDLE).map(|_| KeepAliveClient::connect(vip)).collect::<io::Result<Vec<_>>>().map_err(|e| e.to_string())?;
         let first: Vec<String> = idle.iter_mut().map(|c| c.get()).collect::<io::Result<_>>().map_err(|e| e.to_string())?;
         for i in 0..burst {
