@@ -4,27 +4,37 @@
 //! Every worker accepts from each listener's one socket (each holds a duplicate of it
 //! in its own reactor), so a worker busy with requests never delays a new connection:
 //! another worker takes it. A worker serving more connections than another one leaves
-//! a new connection to the others for `ACCEPT_DEFERRAL` first, which spreads
-//! connections evenly, and falls back to taking it itself if none of them did (they
-//! may all be busy). Per-worker `SO_REUSEPORT` sockets, which this replaced, spread
-//! connections by a hash of their addresses: 32 connections over 2 workers split
-//! 21:11 often enough that the busier worker's queue set the p99 latency. A hand-over
-//! from one accepting worker to the one serving fewest, tried next, made every accept
-//! wait for that worker's request work, and let a client steer where later
-//! connections land by closing its own.
+//! a new connection to the others (`leave_to_others`) until one of them has taken one
+//! and the counts are even again, or for at most `ACCEPT_DEFERRAL` if none does (they
+//! may all be busy); then it takes what is waiting itself. That spreads connections
+//! evenly without slowing a burst: the workers take turns at the speed of a wake-up,
+//! not of a timer (waiting out the timer for every connection accepted at most one
+//! connection per millisecond per worker, ~1.4k new connections/s). Per-worker
+//! `SO_REUSEPORT` sockets, which this replaced, spread connections by a hash of their
+//! addresses: 32 connections over 2 workers split 21:11 often enough that the busier
+//! worker's queue set the p99 latency. A hand-over from one accepting worker to the one
+//! serving fewest, tried next, made every accept wait for that worker's request work,
+//! and let a client steer where later connections land by closing its own.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::Notify;
 
-/// How long a worker serving more connections than another leaves a new connection
-/// to the others. Long enough for an idle worker to wake and accept; short enough
-/// that a connection waits unnoticed when every other worker is busy.
+/// How long at most a worker serving more connections than another leaves a new
+/// connection to the others. Long enough for an idle worker to wake and accept; short
+/// enough that a connection waits unnoticed when every other worker is busy.
 pub const ACCEPT_DEFERRAL: Duration = Duration::from_millis(1);
 
 /// The runtimes connections are served on, and how many each serves now.
 #[derive(Clone)]
-pub struct Workers(Arc<[Worker]>);
+pub struct Workers(Arc<Shared>);
+
+struct Shared {
+    workers: Box<[Worker]>,
+    /// Signalled whenever a count changes, for workers waiting in `leave_to_others`.
+    counts_changed: Notify,
+}
 
 struct Worker {
     handle: tokio::runtime::Handle,
@@ -33,39 +43,61 @@ struct Worker {
 
 impl Workers {
     pub fn new(handles: Vec<tokio::runtime::Handle>) -> Workers {
-        Workers(
-            handles
+        Workers(Arc::new(Shared {
+            workers: handles
                 .into_iter()
                 .map(|handle| Worker {
                     handle,
                     live: AtomicUsize::new(0),
                 })
                 .collect(),
-        )
+            counts_changed: Notify::new(),
+        }))
     }
 
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.0.workers.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.0.workers.is_empty()
     }
 
     pub fn handle(&self, index: usize) -> &tokio::runtime::Handle {
-        &self.0[index].handle
+        &self.0.workers[index].handle
     }
 
     /// Whether another worker serves fewer connections than `index` does (so
     /// `index` should leave a new connection to it first).
     pub fn busier_than_another(&self, index: usize) -> bool {
-        let mine = self.0[index].live.load(Relaxed);
-        self.0.iter().any(|w| w.live.load(Relaxed) < mine)
+        let mine = self.0.workers[index].live.load(Relaxed);
+        self.0.workers.iter().any(|w| w.live.load(Relaxed) < mine)
+    }
+
+    /// Wait while another worker serves fewer connections than `index` does, so that
+    /// one of them takes the connection waiting to be accepted. True when the counts
+    /// evened out (another worker took a connection, or one of `index`'s closed); false
+    /// when `ACCEPT_DEFERRAL` passed first: the others are not accepting promptly.
+    pub async fn leave_to_others(&self, index: usize) -> bool {
+        let deadline = tokio::time::Instant::now() + ACCEPT_DEFERRAL;
+        loop {
+            let changed = self.0.counts_changed.notified();
+            let mut changed = std::pin::pin!(changed);
+            // Registered before the counts are read, so a change in between wakes it.
+            changed.as_mut().enable();
+            if !self.busier_than_another(index) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return false;
+            }
+        }
     }
 
     /// Count one more connection on `index` until the returned value is dropped.
     pub fn count(&self, index: usize) -> Counted {
-        self.0[index].live.fetch_add(1, Relaxed);
+        self.0.workers[index].live.fetch_add(1, Relaxed);
+        self.0.counts_changed.notify_waiters();
         Counted {
             workers: self.clone(),
             index,
@@ -74,7 +106,7 @@ impl Workers {
 
     /// How many connections each worker serves now.
     pub fn live(&self) -> Vec<usize> {
-        self.0.iter().map(|w| w.live.load(Relaxed)).collect()
+        self.0.workers.iter().map(|w| w.live.load(Relaxed)).collect()
     }
 }
 
@@ -86,7 +118,9 @@ pub struct Counted {
 
 impl Drop for Counted {
     fn drop(&mut self) {
-        self.workers.0[self.index].live.fetch_sub(1, Relaxed);
+        let shared = &self.workers.0;
+        shared.workers[self.index].live.fetch_sub(1, Relaxed);
+        shared.counts_changed.notify_waiters();
     }
 }
 
@@ -190,6 +224,38 @@ mod tests {
         assert_eq!(w.live(), [1, 0]);
         drop(c);
         assert_eq!(w.live(), [0, 0]);
+    }
+
+    /// A worker leaving a connection to another goes on the moment that one takes a
+    /// connection (the clock is paused: waiting out `ACCEPT_DEFERRAL` would advance it).
+    #[tokio::test(start_paused = true)]
+    async fn a_deferring_worker_goes_on_as_soon_as_the_counts_even_out() {
+        let w = Workers::new(vec![tokio::runtime::Handle::current(); 2]);
+        let _first = w.count(0);
+        let started = tokio::time::Instant::now();
+        let waiting = tokio::spawn({
+            let w = w.clone();
+            async move { w.leave_to_others(0).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "worker 0 serves one more: it waits");
+        let _taken_by_the_other = w.count(1);
+        assert!(waiting.await.expect("task"), "evened out");
+        assert_eq!(started.elapsed(), Duration::ZERO, "without waiting for a timer");
+    }
+
+    /// When no other worker takes a connection, the busier one waits `ACCEPT_DEFERRAL`
+    /// and no longer; a worker with no fewer connections than the others does not wait.
+    #[tokio::test(start_paused = true)]
+    async fn a_deferring_worker_waits_at_most_the_deferral() {
+        let w = Workers::new(vec![tokio::runtime::Handle::current(); 2]);
+        let started = tokio::time::Instant::now();
+        assert!(w.leave_to_others(0).await, "equal counts");
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        let _first = w.count(0);
+        assert!(w.leave_to_others(1).await, "the one serving fewer");
+        assert!(!w.leave_to_others(0).await, "nobody took it");
+        assert_eq!(started.elapsed(), ACCEPT_DEFERRAL);
     }
 
     #[test]

@@ -57,8 +57,9 @@ pub struct Args {
     #[arg(long, default_value_t = 3)]
     pub rounds: u32,
     /// L7 rounds over all contenders (each column's median is reported). More than L4's:
-    /// the L7 ratios are close and one round's p99 varies by 2× on a shared machine.
-    #[arg(long, default_value_t = 5)]
+    /// the L7 ratios are close and one round's p99 varies by 2× on a shared machine (5 rounds
+    /// left a 3 % p99 difference inside the rounds' spread; 11 narrow the median's).
+    #[arg(long, default_value_t = 11)]
     pub l7_rounds: u32,
     /// wrk threads.
     #[arg(long, default_value_t = 2)]
