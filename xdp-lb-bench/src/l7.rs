@@ -60,6 +60,7 @@ fn measure(
     log: &Path,
     addr: SocketAddr,
     headers: &[String],
+    new_conn: bool,
 ) -> anyhow::Result<L7Row> {
     wait_ready(b, &mut p, log, addr)?;
     let (status, body) = get_with(b, addr, headers)?;
@@ -87,6 +88,14 @@ fn measure(
         0.0
     };
     eprintln!("  {name}: {:.0} req/s p50 {:.3} ms p99 {:.3} ms errors {} RSS {} KiB, {:.0} µs CPU/request", w.rps, w.p50_ms, w.p99_ms, w.errors, rss, cpu_us_per_request);
+    let new_conn = if new_conn {
+        let close: Vec<String> = headers.iter().cloned().chain(["Connection: close".to_string()]).collect();
+        let c = util::wrk(b.client(), &url, &b.wrk_opts(&close))?;
+        eprintln!("  {name}, new connection per request: {:.0} req/s p50 {:.3} ms p99 {:.3} ms errors {}", c.rps, c.p50_ms, c.p99_ms, c.errors);
+        Some(c)
+    } else {
+        None
+    };
     p.check(log)?;
     drop(p);
     std::thread::sleep(Duration::from_secs(1));
@@ -94,6 +103,7 @@ fn measure(
         name: name.to_string(),
         key: String::new(),
         wrk: Some(w),
+        new_conn,
         rss_kib: rss,
         cpu_us_per_request,
         note: String::new(),
@@ -125,6 +135,7 @@ pub fn run(b: &Bench, r: &mut Report) -> anyhow::Result<()> {
     let mut all: Vec<L7Row> = Vec::new();
     for round in 0..rounds {
         eprintln!("  round {}/{rounds}", round + 1);
+        let new_conn = round < b.args.l7_new_conn_rounds;
         for &(key, name) in &in_round_order(&contenders, round) {
             let res = (|| -> anyhow::Result<L7Row> {
                 let log = b.dir().join(format!("l7-{key}.log"));
@@ -154,7 +165,7 @@ pub fn run(b: &Bench, r: &mut Report) -> anyhow::Result<()> {
                             &log,
                         )?;
                         let headers: &[String] = if auth { &auth_headers } else { &[] };
-                        measure(b, name, p, &log, addr, headers)
+                        measure(b, name, p, &log, addr, headers, new_conn)
                     }
                     "nginx" => {
                         let cfg = b.dir().join("nginx-http.conf");
@@ -166,7 +177,7 @@ pub fn run(b: &Bench, r: &mut Report) -> anyhow::Result<()> {
                             &["-e", &err, "-c", &cfg.display().to_string()],
                             &log,
                         )?;
-                        measure(b, name, p, &log, addr, &[])
+                        measure(b, name, p, &log, addr, &[], new_conn)
                     }
                     _ => {
                         let cfg = b.dir().join("haproxy-http.cfg");
@@ -177,7 +188,7 @@ pub fn run(b: &Bench, r: &mut Report) -> anyhow::Result<()> {
                             &["-db", "-f", &cfg.display().to_string()],
                             &log,
                         )?;
-                        measure(b, name, p, &log, addr, &[])
+                        measure(b, name, p, &log, addr, &[], new_conn)
                     }
                 }
             })();
@@ -192,6 +203,7 @@ pub fn run(b: &Bench, r: &mut Report) -> anyhow::Result<()> {
                         name: name.into(),
                         key: key.into(),
                         wrk: None,
+                        new_conn: None,
                         rss_kib: 0,
                         cpu_us_per_request: 0.0,
                         note: format!("failed: {e:#}"),
@@ -232,19 +244,14 @@ fn summarize(rounds: &[&L7Row]) -> L7Row {
     let ok: Vec<&Wrk> = rounds.iter().filter_map(|r| r.wrk.as_ref()).collect();
     let failed: Vec<&&L7Row> = rounds.iter().filter(|r| r.wrk.is_none()).collect();
     let median = |f: &dyn Fn(&L7Row) -> Option<f64>| -> f64 {
-        let mut v: Vec<f64> = rounds.iter().filter(|r| r.wrk.is_some()).filter_map(|r| f(r)).collect();
-        v.sort_by(f64::total_cmp);
-        match v.len() {
-            0 => 0.0,
-            n if n % 2 == 1 => v[n / 2],
-            n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-        }
+        median_of(rounds.iter().filter(|r| r.wrk.is_some()).filter_map(|r| f(r)).collect())
     };
     let first = rounds.first();
     let mut row = L7Row {
         name: first.map(|r| r.name.clone()).unwrap_or_default(),
         key: first.map(|r| r.key.clone()).unwrap_or_default(),
         wrk: None,
+        new_conn: None,
         rss_kib: 0,
         cpu_us_per_request: 0.0,
         note: String::new(),
@@ -266,6 +273,19 @@ fn summarize(rounds: &[&L7Row]) -> L7Row {
             notes.push(format!("rounds req/s {rps:?}, p99 ms {p99:?}"));
         }
     }
+    let new_conn: Vec<&Wrk> = rounds.iter().filter_map(|r| r.new_conn.as_ref()).collect();
+    if !new_conn.is_empty() {
+        let median = |f: fn(&Wrk) -> f64| median_of(new_conn.iter().map(|w| f(w)).collect());
+        row.new_conn = Some(Wrk {
+            rps: median(|w| w.rps),
+            p50_ms: median(|w| w.p50_ms),
+            p99_ms: median(|w| w.p99_ms),
+            requests: new_conn.iter().map(|w| w.requests).sum(),
+            errors: new_conn.iter().map(|w| w.errors).sum(),
+        });
+        let rps: Vec<f64> = new_conn.iter().map(|w| w.rps.round()).collect();
+        notes.push(format!("new-conn rounds req/s {rps:?}"));
+    }
     if let Some(f) = failed.first() {
         notes.push(if ok.is_empty() {
             f.note.clone()
@@ -275,6 +295,15 @@ fn summarize(rounds: &[&L7Row]) -> L7Row {
     }
     row.note = notes.join("; ");
     row
+}
+
+fn median_of(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 /// Issue 10 §3's targets, judged on the rows of one run: keep-alive req/s at least
@@ -366,6 +395,7 @@ mod tests {
                 requests: rps as u64 * 8,
                 errors: 0,
             }),
+            new_conn: None,
             rss_kib,
             cpu_us_per_request: 1e6 / rps,
             note: String::new(),
@@ -439,6 +469,23 @@ mod tests {
         let s = summarize(&[&failed]);
         assert!(s.wrk.is_none());
         assert_eq!(s.note, "failed: boom");
+    }
+
+    /// New connections are measured in the first rounds only: their column is the
+    /// median of the rounds that have them, not diluted by the others.
+    #[test]
+    fn the_new_connection_column_is_the_median_of_the_rounds_that_measured_it() {
+        let with = |rps: f64, close_rps: f64| {
+            let mut r = row("l7_sidecar", rps, 2.0, 1);
+            r.new_conn = Some(Wrk { rps: close_rps, p50_ms: 1.0, p99_ms: close_rps / 1000.0, requests: 10, errors: 1 });
+            r
+        };
+        let rounds = [with(30_000.0, 9_000.0), with(31_000.0, 11_000.0), with(29_000.0, 10_000.0), row("l7_sidecar", 32_000.0, 2.0, 1)];
+        let s = summarize(&rounds.iter().collect::<Vec<_>>());
+        let c = s.new_conn.as_ref().expect("measured in three rounds");
+        assert_eq!((c.rps, c.p99_ms, c.requests, c.errors), (10_000.0, 10.0, 30, 3));
+        assert!(s.note.contains("new-conn rounds req/s [9000.0, 11000.0, 10000.0]"), "{}", s.note);
+        assert!(summarize(&[&rounds[3]]).new_conn.is_none(), "no round measured it");
     }
 
     #[test]

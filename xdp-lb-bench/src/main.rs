@@ -61,6 +61,10 @@ pub struct Args {
     /// left a 3 % p99 difference inside the rounds' spread; 11 narrow the median's).
     #[arg(long, default_value_t = 11)]
     pub l7_rounds: u32,
+    /// Of the L7 rounds, how many (the first) also measure new connections (`Connection:
+    /// close`, a connection per request) after the keep-alive run; 0: none.
+    #[arg(long, default_value_t = 3)]
+    pub l7_new_conn_rounds: u32,
     /// wrk threads.
     #[arg(long, default_value_t = 2)]
     pub threads: u32,

@@ -56,6 +56,8 @@ pub struct L7Row {
     pub name: String,
     pub key: String,
     pub wrk: Option<Wrk>,
+    /// A connection per request (`Connection: close`), in the rounds that measure it.
+    pub new_conn: Option<Wrk>,
     pub rss_kib: u64,
     /// User + system CPU of the proxy's processes during the run, per request.
     pub cpu_us_per_request: f64,
@@ -422,19 +424,19 @@ impl Report {
         if !self.l7.is_empty() {
             let _ = writeln!(
                 o,
-                "## L7: HTTP reverse proxies in the lb namespace\n\n`wrk -t{} -c{} -d{}s --latency`, keep-alive, to the proxy on the lb's address; {} round(s) over all proxies (`--l7-rounds`), each round starting one proxy further along, each column the median of its own rounds (errors: their sum); RSS = VmRSS summed over the proxy's processes after the run; CPU = their user + system time during the run per request (the 2 cores are shared by wrk, the proxy and the 3 backends, so CPU per request is what decides req/s).\n",
-                self.args.threads, self.args.connections, self.args.duration_secs, self.args.l7_rounds
+                "## L7: HTTP reverse proxies in the lb namespace\n\n`wrk -t{} -c{} -d{}s --latency`, keep-alive, to the proxy on the lb's address; {} round(s) over all proxies (`--l7-rounds`), each round starting one proxy further along, each column the median of its own rounds (errors: their sum); RSS = VmRSS summed over the proxy's processes after the run; CPU = their user + system time during the keep-alive run per request (the 2 cores are shared by wrk, the proxy and the 3 backends, so CPU per request is what decides req/s). New connections: the same wrk with `Connection: close` (a client connection per request; upstream connections stay kept alive) right after the keep-alive run, in the first {} round(s) (`--l7-new-conn-rounds`).\n",
+                self.args.threads, self.args.connections, self.args.duration_secs, self.args.l7_rounds, self.args.l7_new_conn_rounds.min(self.args.l7_rounds)
             );
             let _ = writeln!(
                 o,
-                "| proxy | req/s | p50 ms | p99 ms | errors | RSS MiB | CPU µs/request | notes |"
+                "| proxy | req/s | p50 ms | p99 ms | errors | RSS MiB | CPU µs/request | new-conn req/s | new-conn p99 ms | notes |"
             );
-            let _ = writeln!(o, "|---|---:|---:|---:|---:|---:|---:|---|");
+            let _ = writeln!(o, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|");
             for r in &self.l7 {
                 let w = r.wrk.as_ref();
                 let _ = writeln!(
                     o,
-                    "| {} | {} | {} | {} | {} | {:.1} | {:.1} | {} |",
+                    "| {} | {} | {} | {} | {} | {:.1} | {:.1} | {} | {} | {} |",
                     r.name,
                     rps(w),
                     p50(w),
@@ -442,6 +444,8 @@ impl Report {
                     w.map(|w| w.errors.to_string()).unwrap_or("-".into()),
                     r.rss_kib as f64 / 1024.0,
                     r.cpu_us_per_request,
+                    rps(r.new_conn.as_ref()),
+                    p99(r.new_conn.as_ref()),
                     md_cell(&r.note)
                 );
             }
