@@ -169,6 +169,9 @@ impl Bench {
     }
 }
 
+/// Measures one section of the report.
+type SectionRun = fn(&Bench, &mut report::Report) -> anyhow::Result<()>;
+
 fn main() {
     let args = Args::parse();
     if let Err(e) = run(args) {
@@ -280,10 +283,7 @@ fn run(mut args: Args) -> anyhow::Result<()> {
     }
 
     let mut failures = Vec::new();
-    let sections: [(
-        Section,
-        fn(&Bench, &mut report::Report) -> anyhow::Result<()>,
-    ); 4] = [
+    let sections: [(Section, SectionRun); 4] = [
         (Section::L4, l4::run),
         (Section::Pps, pps::run_pps),
         (Section::Conntrack, pps::run_conntrack),
