@@ -7,6 +7,8 @@
 //! reachable during a flood. So at start the soft limit is raised to the hard one (as
 //! Go's runtime does, and nginx's `worker_rlimit_nofile`), and a limit still too small
 //! for the configured budgets is warned about at start, on reload and by `--check`.
+//! An unwritten `server.max_connections` is fitted to the limit instead
+//! (`fit_default`): a default the host cannot hold is no operator's mistake.
 
 use crate::config::Config;
 
@@ -75,6 +77,36 @@ pub fn needed(cfg: &Config) -> u64 {
         .saturating_add(RESERVE)
 }
 
+/// Lower an unwritten `server.max_connections` (the default) to what `limit` holds, so
+/// that on a host with fewer descriptors than the default needs the gateway refuses
+/// connections at its limit (leaving the admin listener and upstream sockets theirs)
+/// instead of running out of descriptors. A written value is the operator's and is
+/// kept (`shortfall` warns about it). `Some(note)` when lowered, to be logged.
+pub fn fit_default(cfg: &mut Config, limit: Option<u64>) -> Option<String> {
+    let limit = limit?;
+    if cfg.server.max_connections_written || limit >= needed(cfg) {
+        return None;
+    }
+    let listeners = u64::try_from(cfg.listeners.len()).unwrap_or(u64::MAX);
+    let per_connection = listeners
+        .saturating_mul(2)
+        .saturating_add(u64::from(cfg.admin.is_some()));
+    let fits = limit.saturating_sub(RESERVE) / per_connection.max(1);
+    if fits == 0 {
+        // Not even one: `shortfall` says so.
+        return None;
+    }
+    let default = cfg.server.max_connections;
+    cfg.server.max_connections = usize::try_from(fits).unwrap_or(usize::MAX);
+    Some(format!(
+        "server.max_connections (not set) is {fits} instead of {default}: the open-file limit {limit} \
+         holds that many ({} listener(s) x 2 descriptors per connection{} + {RESERVE}); set it, or raise \
+         the hard limit (systemd LimitNOFILE=, ulimit -Hn), for more",
+        cfg.listeners.len(),
+        if cfg.admin.is_some() { " + the admin listener's" } else { "" },
+    ))
+}
+
 /// The warning for a limit below what `cfg` can need, if it is.
 pub fn shortfall(cfg: &Config, limit: Option<u64>) -> Option<String> {
     let limit = limit?;
@@ -128,5 +160,45 @@ mod tests {
         assert!(w.contains("server.max_connections 1000"), "{w}");
         assert_eq!(shortfall(&c, Some(4064)), None);
         assert_eq!(shortfall(&c, None), None, "unlimited");
+    }
+
+    /// The default (10 000 per listener) needed 20 064 descriptors: on a host whose hard
+    /// limit is 20 000 every start warned, with a config that set nothing wrong.
+    #[test]
+    fn an_unwritten_max_connections_is_fitted_to_the_limit_and_warns_no_more() {
+        let parse = |admin: &str| {
+            Config::parse(&format!(
+                "{admin}[[listeners]]\nname = \"a\"\nbind = \"127.0.0.1:0\"\n"
+            ))
+            .expect("config")
+        };
+        let mut c = parse("");
+        assert_eq!(c.server.max_connections, 10_000);
+        assert!(shortfall(&c, Some(20_000)).is_some(), "the default did not fit");
+        let note = fit_default(&mut c, Some(20_000)).expect("lowered");
+        assert_eq!(c.server.max_connections, (20_000 - RESERVE as usize) / 2);
+        assert!(note.contains("is 9968 instead of 10000") && note.contains("open-file limit 20000"), "{note}");
+        assert_eq!(shortfall(&c, Some(20_000)), None);
+        assert_eq!(c.server.per_ip_cap(), 996, "the per-address default follows");
+        // The admin listener's connections count once more per connection.
+        let mut c = parse("[admin]\nlisten = \"127.0.0.1:0\"\n");
+        fit_default(&mut c, Some(20_000)).expect("lowered");
+        assert_eq!(c.server.max_connections, (20_000 - RESERVE as usize) / 3);
+        assert_eq!(shortfall(&c, Some(20_000)), None);
+        // Enough descriptors, no limit, or not even one connection's worth: unchanged.
+        for limit in [Some(1 << 20), None, Some(RESERVE + 1)] {
+            let mut c = parse("");
+            assert_eq!(fit_default(&mut c, limit), None, "{limit:?}");
+            assert_eq!(c.server.max_connections, 10_000);
+        }
+    }
+
+    /// A value the operator wrote is kept; the shortfall is theirs to hear about.
+    #[test]
+    fn a_written_max_connections_is_kept() {
+        let mut c = cfg(10_000, false);
+        assert_eq!(fit_default(&mut c, Some(1024)), None);
+        assert_eq!(c.server.max_connections, 10_000);
+        assert!(shortfall(&c, Some(1024)).is_some());
     }
 }

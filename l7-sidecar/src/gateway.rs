@@ -229,7 +229,7 @@ impl Gateway {
 
     /// Apply a new config to new requests. In-flight requests keep the old runtime
     /// through their `Arc`; balancer state is shared via the registries.
-    pub async fn reload(&self, cfg: Config) -> Result<(), GatewayError> {
+    pub async fn reload(&self, mut cfg: Config) -> Result<(), GatewayError> {
         let _g = self.shared.reload_lock.lock().await;
         let errors = cfg.validate();
         if !errors.is_empty() {
@@ -243,6 +243,9 @@ impl Gateway {
         let old = self.runtime();
         for change in listener_changes(&self.shared.bound, &cfg) {
             tracing::warn!("{change}");
+        }
+        if let Some(note) = crate::fd_limit::fit_default(&mut cfg, crate::fd_limit::current()) {
+            tracing::info!("{note}");
         }
         if let Some(w) = crate::fd_limit::shortfall(&cfg, crate::fd_limit::current()) {
             tracing::warn!("{w}");

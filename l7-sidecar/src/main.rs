@@ -69,7 +69,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     let config = args.config.context("--config is required")?;
-    let cfg = l7_sidecar::Config::load(&config)
+    let mut cfg = l7_sidecar::Config::load(&config)
         .with_context(|| format!("loading {}", config.display()))?;
     if args.check {
         // Names are resolved as at start: one that does not resolve would stop the gateway.
@@ -83,6 +83,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         eprint!("{}", l7_sidecar::check::warnings(&cfg));
         // The limit the gateway would raise itself to: the hard one.
+        if let Some(note) = l7_sidecar::fd_limit::fit_default(&mut cfg, l7_sidecar::fd_limit::hard()) {
+            eprintln!("note: {note}");
+        }
         if let Some(w) = l7_sidecar::fd_limit::shortfall(&cfg, l7_sidecar::fd_limit::hard()) {
             eprintln!("warning: {w}");
         }
@@ -97,6 +100,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Ok(Some(r)) => tracing::info!(from = r.from, to = r.to, "raised the open-file limit to the hard limit"),
         Ok(None) => {}
         Err(error) => tracing::warn!(%error, "could not raise the open-file limit"),
+    }
+    if let Some(note) = l7_sidecar::fd_limit::fit_default(&mut cfg, l7_sidecar::fd_limit::current()) {
+        tracing::info!("{note}");
     }
     if let Some(w) = l7_sidecar::fd_limit::shortfall(&cfg, l7_sidecar::fd_limit::current()) {
         tracing::warn!("{w}");

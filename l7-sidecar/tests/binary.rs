@@ -343,6 +343,36 @@ fn a_hard_open_file_limit_below_the_budgets_is_warned_about_by_name() {
     assert!(err.contains("warning: open-file limit 1024 is below"), "{err}");
 }
 
+// The default `max_connections` (10 000) needs 20 064 descriptors: under a smaller hard
+// limit every start warned about a setting the operator never made, and the gateway ran
+// out of descriptors before its limit. Unwritten, it is now fitted to the limit.
+#[test]
+fn an_unset_max_connections_fits_the_open_file_limit_without_a_warning() {
+    let port = free_port();
+    let cfg = format!("[server]\nreload_poll_ms = 0\n[[listeners]]\nname = \"public\"\nbind = \"127.0.0.1:{port}\"\n");
+    let (child, dir) = gateway_with_nofile(&cfg, 512, 1024);
+    let stderr = dir.path().join("stderr");
+    let mut log = String::new();
+    for _ in 0..100 {
+        log = std::fs::read_to_string(&stderr).unwrap_or_default();
+        if log.contains("instead of 10000") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(child);
+    assert!(log.contains("server.max_connections (not set) is 480 instead of 10000"), "{log}");
+    assert!(!log.contains("is below"), "{log}");
+    let path = dir.path().join("gw.toml");
+    let out = Command::new("prlimit")
+        .args(["--nofile=512:1024", BIN, "--check", "--config", path.to_str().expect("utf8")])
+        .output()
+        .expect("run --check");
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("note: server.max_connections (not set) is 480") && !err.contains("warning: open-file"), "{err}");
+}
+
 // Hostile test s16-F8: a worker that could not start printed its OS error twice
 // ("Too many open files (os error 24): Too many open files (os error 24)").
 #[test]

@@ -113,7 +113,12 @@ pub struct ServerConfig {
     /// An upgraded (WebSocket) tunnel that moves no byte either way for this long is
     /// closed.
     pub tunnel_idle_timeout_ms: u64,
+    /// Open connections per listener. Unwritten: 10 000, or fewer where the open-file
+    /// limit holds fewer (`fd_limit::fit_default`).
     pub max_connections: usize,
+    /// Whether the file wrote `max_connections` (a written value is kept as written).
+    #[serde(skip)]
+    pub max_connections_written: bool,
     /// Open connections allowed per client address (IPv6: per /64). Unset: a tenth
     /// of `max_connections`, at least 1.
     pub max_connections_per_ip: Option<usize>,
@@ -145,6 +150,7 @@ impl Default for ServerConfig {
             idle_timeout_ms: 10_000,
             tunnel_idle_timeout_ms: 3_600_000,
             max_connections: 10_000,
+            max_connections_written: false,
             max_connections_per_ip: None,
             reload_poll_ms: 1_000,
             dns_refresh_ms: 30_000,
@@ -611,6 +617,10 @@ impl Config {
         // Parsed twice: the plain table tells which keys were written (defaults cannot).
         let raw: toml::Table = toml::from_str(text).map_err(ConfigError::Parse)?;
         let mut cfg: Config = toml::from_str(text).map_err(ConfigError::Parse)?;
+        cfg.server.max_connections_written = raw
+            .get("server")
+            .and_then(toml::Value::as_table)
+            .is_some_and(|server| server.contains_key("max_connections"));
         let mut errors = cfg.resolve_durations(&raw);
         errors.extend(cfg.load_secrets());
         errors.extend(cfg.validate());
