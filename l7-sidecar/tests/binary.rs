@@ -309,6 +309,29 @@ async fn the_soft_open_file_limit_is_raised_so_a_flood_past_it_locks_nobody_out(
     assert!(!log.contains("open-file limit 4096 is below"), "{log}");
 }
 
+/// The gateway's stderr under `prlimit --nofile=SOFT:HARD` once it holds `wanted` (or
+/// after 5 s), and `--check`'s stderr under the same limits.
+fn log_and_check_under_nofile(cfg: &str, soft: u64, hard: u64, wanted: &str) -> (String, String) {
+    let (child, dir) = gateway_with_nofile(cfg, soft, hard);
+    let stderr = dir.path().join("stderr");
+    let mut log = String::new();
+    for _ in 0..100 {
+        log = std::fs::read_to_string(&stderr).unwrap_or_default();
+        if log.contains(wanted) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(child);
+    let path = dir.path().join("gw.toml");
+    let out = Command::new("prlimit")
+        .args([&format!("--nofile={soft}:{hard}"), BIN, "--check", "--config", path.to_str().expect("utf8")])
+        .output()
+        .expect("run --check");
+    assert!(out.status.success(), "--check: {out:?}");
+    (log, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
 #[test]
 fn a_hard_open_file_limit_below_the_budgets_is_warned_about_by_name() {
     let port = free_port();
@@ -316,31 +339,14 @@ fn a_hard_open_file_limit_below_the_budgets_is_warned_about_by_name() {
         "[server]\nreload_poll_ms = 0\nmax_connections = 1000\n\
          [[listeners]]\nname = \"public\"\nbind = \"127.0.0.1:{port}\"\n"
     );
-    let (child, dir) = gateway_with_nofile(&cfg, 512, 1024);
-    let stderr = dir.path().join("stderr");
-    let mut log = String::new();
-    for _ in 0..100 {
-        log = std::fs::read_to_string(&stderr).unwrap_or_default();
-        if log.contains("is below") {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    drop(child);
+    let (log, check) = log_and_check_under_nofile(&cfg, 512, 1024, "is below");
     assert!(
         log.contains("open-file limit 1024 is below the 2064 descriptors")
             && log.contains("server.max_connections 1000"),
         "{log}"
     );
     // --check says so too, before anything starts.
-    let path = dir.path().join("gw.toml");
-    let out = Command::new("prlimit")
-        .args(["--nofile=512:1024", BIN, "--check", "--config", path.to_str().expect("utf8")])
-        .output()
-        .expect("run --check");
-    assert!(out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("warning: open-file limit 1024 is below"), "{err}");
+    assert!(check.contains("warning: open-file limit 1024 is below"), "{check}");
 }
 
 // The default `max_connections` (10 000) needs 20 064 descriptors: under a smaller hard
@@ -350,27 +356,10 @@ fn a_hard_open_file_limit_below_the_budgets_is_warned_about_by_name() {
 fn an_unset_max_connections_fits_the_open_file_limit_without_a_warning() {
     let port = free_port();
     let cfg = format!("[server]\nreload_poll_ms = 0\n[[listeners]]\nname = \"public\"\nbind = \"127.0.0.1:{port}\"\n");
-    let (child, dir) = gateway_with_nofile(&cfg, 512, 1024);
-    let stderr = dir.path().join("stderr");
-    let mut log = String::new();
-    for _ in 0..100 {
-        log = std::fs::read_to_string(&stderr).unwrap_or_default();
-        if log.contains("instead of 10000") {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    drop(child);
+    let (log, check) = log_and_check_under_nofile(&cfg, 512, 1024, "instead of 10000");
     assert!(log.contains("server.max_connections (not set) is 480 instead of 10000"), "{log}");
     assert!(!log.contains("is below"), "{log}");
-    let path = dir.path().join("gw.toml");
-    let out = Command::new("prlimit")
-        .args(["--nofile=512:1024", BIN, "--check", "--config", path.to_str().expect("utf8")])
-        .output()
-        .expect("run --check");
-    assert!(out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("note: server.max_connections (not set) is 480") && !err.contains("warning: open-file"), "{err}");
+    assert!(check.contains("note: server.max_connections (not set) is 480") && !check.contains("warning: open-file"), "{check}");
 }
 
 // Hostile test s16-F8: a worker that could not start printed its OS error twice
