@@ -936,6 +936,49 @@ mod tests {
         assert_eq!(rx.try_recv().expect("record").upstream, None, "disarmed");
     }
 
+    fn tunnel_end(end: &'static str) -> TunnelRecord {
+        TunnelRecord {
+            end,
+            duration_ms: 1.0,
+            bytes_to_backend: 3,
+            bytes_to_client: 5,
+            error: None,
+        }
+    }
+
+    fn upgraded(tunnel: &TunnelLog) -> Response<Body> {
+        let mut resp = Response::new(Body::empty());
+        *resp.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+        resp.extensions_mut().insert(tunnel.clone());
+        resp
+    }
+
+    /// A `101`'s line waits for its tunnel's end, whichever of the two reaches the
+    /// `TunnelLog` first, and is written once, with the tunnel's bytes.
+    #[test]
+    fn a_tunnels_line_is_written_once_at_its_end() {
+        let log = Arc::new(AccessLog::new());
+        let mut rx = log.subscribe();
+        let tunnel = TunnelLog::default();
+        drop(LogStart::begin(log.clone(), false, &req("ws")).finish(upgraded(&tunnel)));
+        assert!(rx.try_recv().is_err(), "nothing while the tunnel is open");
+        tunnel.ended(tunnel_end("backend_closed"));
+        tunnel.ended(tunnel_end("drain"));
+        let r = rx.try_recv().expect("the line at the end");
+        assert_eq!((r.status, r.bytes, r.request_id.as_str()), (101, 5, "ws"));
+        assert_eq!(r.tunnel, Some(tunnel_end("backend_closed")), "the first end only");
+        assert!(rx.try_recv().is_err(), "exactly one");
+
+        // The tunnel ended before its 101 reached the access log.
+        let tunnel = TunnelLog::default();
+        tunnel.ended(tunnel_end("error"));
+        assert!(rx.try_recv().is_err());
+        drop(LogStart::begin(log.clone(), false, &req("early")).finish(upgraded(&tunnel)));
+        let r = rx.try_recv().expect("the line");
+        assert_eq!(r.tunnel.map(|t| t.end), Some("error"));
+        assert!(rx.try_recv().is_err(), "exactly one");
+    }
+
     /// Dropped while a panic unwinds, the request's answer is the panic's 500.
     #[test]
     fn the_log_start_of_a_panicking_request_logs_500() {
