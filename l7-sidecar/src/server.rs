@@ -70,6 +70,7 @@ impl RunningGateway {
     /// requests still in flight, which logs and counts each of them (status 499, as
     /// a client that went away) before the process exits. True if every connection
     /// closed within `timeout`.
+    ///
     /// Tunnels (upgrades answered `101`) still open are closed too, each logged with
     /// `drain` as its end, and how many were is said once, at WARN.
     pub async fn cut(&self, timeout: Duration) -> bool {

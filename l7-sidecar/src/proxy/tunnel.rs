@@ -184,6 +184,7 @@ impl End {
             How::Cut(TunnelCut::Drain) => ("drain", None),
             How::Closed | How::Failed(_) if first == Side::Client as u8 => ("client_closed", how.error()),
             How::Closed | How::Failed(_) if first == Side::Backend as u8 => ("backend_closed", how.error()),
+            // Both sides read to their end, so one was first: not reached.
             How::Closed => ("client_closed", None),
             How::Failed(e) => ("error", Some(e)),
         };
