@@ -90,6 +90,8 @@ pub struct Shared {
     pub dns: crate::resolve::DnsCache,
     /// Sampled request traces (`[admin]`), kept across reloads.
     pub traces: Arc<crate::trace::TraceBuffer>,
+    /// Tunnels cut at the drain's limit so far (`RunningGateway::cut` says how many).
+    pub tunnels_cut: std::sync::atomic::AtomicU64,
     /// Config generations built so far.
     generations: std::sync::atomic::AtomicU64,
     /// The listeners as the config at start named them: what is bound (a reload does not
@@ -133,6 +135,7 @@ impl Gateway {
             reload_lock: tokio::sync::Mutex::new(()),
             dns: Default::default(),
             traces: Arc::new(crate::trace::TraceBuffer::new(trace_capacity(&cfg))),
+            tunnels_cut: std::sync::atomic::AtomicU64::new(0),
             generations: Default::default(),
             bound: Arc::new(cfg.clone()),
         });

@@ -63,8 +63,21 @@ impl std::fmt::Debug for TunnelSlot {
 }
 
 /// What splices an upgraded client connection to its backend, until either side
-/// closes.
-pub type Tunnel = Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+/// closes (`splice`), and what to tell when the gateway ends it first (`cut`, called
+/// just before the splice is dropped unfinished): how it ended is logged and counted.
+pub struct Tunnel {
+    pub splice: Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    pub cut: Box<dyn FnOnce(TunnelCut) + Send>,
+}
+
+/// Why the gateway itself ended a tunnel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TunnelCut {
+    /// No byte either way for `server.tunnel_idle_timeout`.
+    IdleTimeout,
+    /// Still open at the drain's limit (`RunningGateway::cut`).
+    Drain,
+}
 
 /// One request started and in flight, in `Activity::requests`.
 const START: u64 = (1 << 32) | 1;

@@ -12,7 +12,8 @@ use crate::stage::{run, Answer, Next};
 use std::future::Future;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Response};
 pub use crate::stats::{
-    prometheus, record_auth_failure, record_rate_limited, render_metrics, RouteMetrics,
+    prometheus, record_auth_failure, record_rate_limited, record_tunnel_end, render_metrics,
+    RouteMetrics,
 };
 use crate::stats::unrouted;
 use serde::Serialize;
@@ -42,6 +43,26 @@ pub struct AccessRecord {
     /// because the gateway drains (`DRAINING`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<&'static str>,
+    /// Set only on the line of an upgrade answered `101`, written when its tunnel
+    /// ended (`TunnelLog`): how it ended, how long it lived, what it carried.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tunnel: Option<TunnelRecord>,
+}
+
+/// How a tunnel (an upgrade answered `101`) ended, on its access-log line.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TunnelRecord {
+    /// `client_closed`, `backend_closed`, `idle_timeout`, `drain` or `error`.
+    pub end: &'static str,
+    /// From the `101` to the end.
+    pub duration_ms: f64,
+    /// Bytes the tunnel carried from the client to the backend.
+    pub bytes_to_backend: u64,
+    /// Bytes it carried from the backend to the client (also the line's `bytes`).
+    pub bytes_to_client: u64,
+    /// The I/O error that ended it, or that came after one side closed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// Lines waiting for the writer thread; past this they are dropped (and counted)
@@ -398,8 +419,15 @@ impl LogStart {
             return resp;
         };
         let ext = resp.extensions();
+        let status = resp.status().as_u16();
+        // A compare on every request; the extension is looked up for upgrades only.
+        let tunnel = if status == 101 {
+            ext.get::<TunnelLog>().cloned()
+        } else {
+            None
+        };
         let pending = Pending {
-            status: resp.status().as_u16(),
+            status,
             route: self
                 .route
                 .take()
@@ -415,7 +443,10 @@ impl LogStart {
             write: self.write,
             log,
         };
-        resp.body_mut().on_end(Box::new(pending));
+        match tunnel {
+            Some(t) => t.wait(pending),
+            None => resp.body_mut().on_end(Box::new(pending)),
+        }
         resp
     }
 }
@@ -688,6 +719,7 @@ fn record_rejection(
         user_id: None,
         trace_id: String::new(),
         reason: Some(r.reason),
+        tunnel: None,
     };
     log.log(record, write);
 }
@@ -716,14 +748,33 @@ impl Pending {
     /// Inlined: on every request, in `ended` (the guard's `Drop` is the rare caller).
     #[inline]
     fn complete(self, bytes: u64) {
-        let p = self;
-        let elapsed = p.started.elapsed();
-        match &p.route {
+        let elapsed = self.started.elapsed();
+        self.count(elapsed);
+        self.write_line(elapsed, bytes, None);
+    }
+
+    /// The request metrics: `gateway_requests_total` and a duration sample.
+    #[inline]
+    fn count(&self, elapsed: std::time::Duration) {
+        match &self.route {
             Some(r) => r
                 .metrics
-                .record(&r.cfg.name, p.status, elapsed.as_secs_f64()),
-            None => unrouted().record("none", p.status, elapsed.as_secs_f64()),
+                .record(&r.cfg.name, self.status, elapsed.as_secs_f64()),
+            None => unrouted().record("none", self.status, elapsed.as_secs_f64()),
         }
+    }
+
+    /// The line of a tunnel's request, at its end: the duration from the request to
+    /// the tunnel's end and the bytes sent to the client, as nginx logs one.
+    fn write_tunnel_line(self, t: TunnelRecord) {
+        let elapsed = self.started.elapsed();
+        self.write_line(elapsed, t.bytes_to_client, Some(t));
+    }
+
+    /// The access-log line, if someone reads it.
+    #[inline]
+    fn write_line(self, elapsed: std::time::Duration, bytes: u64, tunnel: Option<TunnelRecord>) {
+        let p = self;
         let Some(req) = p.request else { return };
         // The wall clock is read only for a record someone reads: when the request
         // arrived is now minus its duration.
@@ -742,8 +793,63 @@ impl Pending {
             user_id: p.user_id,
             trace_id: req.trace_id.map(|t| t.to_string()).unwrap_or_default(),
             reason: None,
+            tunnel,
         };
         p.log.log(record, p.write);
+    }
+}
+
+/// The access-log line of an upgrade answered `101` waits for its tunnel to end, as
+/// nginx's does: one request, one line, with how the tunnel ended, how long it lived
+/// and the bytes it carried. The proxy puts one in the `101`'s extensions and tells
+/// it the end (`ended`); `LogStart::finish` hands it the request's line (`wait`).
+/// Whichever comes second writes the line. The request metrics are counted at the
+/// `101`, with the handshake's duration: an hour-long tunnel is no slow request.
+#[derive(Clone, Default)]
+pub struct TunnelLog(Arc<std::sync::Mutex<TunnelLine>>);
+
+#[derive(Default)]
+enum TunnelLine {
+    #[default]
+    Open,
+    Waiting(Pending),
+    Ended(TunnelRecord),
+    Written,
+}
+
+impl TunnelLog {
+    fn wait(&self, p: Pending) {
+        p.count(p.started.elapsed());
+        let mut line = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match std::mem::take(&mut *line) {
+            TunnelLine::Ended(t) => {
+                *line = TunnelLine::Written;
+                drop(line);
+                p.write_tunnel_line(t);
+            }
+            _ => *line = TunnelLine::Waiting(p),
+        }
+    }
+
+    /// The tunnel ended (once; later calls are ignored): its request's line is
+    /// written now, or as soon as it reaches the access log.
+    pub fn ended(&self, t: TunnelRecord) {
+        let mut line = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match std::mem::take(&mut *line) {
+            TunnelLine::Waiting(p) => {
+                *line = TunnelLine::Written;
+                drop(line);
+                p.write_tunnel_line(t);
+            }
+            TunnelLine::Open => *line = TunnelLine::Ended(t),
+            done => *line = done,
+        }
+    }
+}
+
+impl std::fmt::Debug for TunnelLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TunnelLog")
     }
 }
 
@@ -828,6 +934,49 @@ mod tests {
         Witness::new(RequestKey::of(mine.ctx())).upstream("10.0.0.3:80".into()).disarm();
         drop(start);
         assert_eq!(rx.try_recv().expect("record").upstream, None, "disarmed");
+    }
+
+    fn tunnel_end(end: &'static str) -> TunnelRecord {
+        TunnelRecord {
+            end,
+            duration_ms: 1.0,
+            bytes_to_backend: 3,
+            bytes_to_client: 5,
+            error: None,
+        }
+    }
+
+    fn upgraded(tunnel: &TunnelLog) -> Response<Body> {
+        let mut resp = Response::new(Body::empty());
+        *resp.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+        resp.extensions_mut().insert(tunnel.clone());
+        resp
+    }
+
+    /// A `101`'s line waits for its tunnel's end, whichever of the two reaches the
+    /// `TunnelLog` first, and is written once, with the tunnel's bytes.
+    #[test]
+    fn a_tunnels_line_is_written_once_at_its_end() {
+        let log = Arc::new(AccessLog::new());
+        let mut rx = log.subscribe();
+        let tunnel = TunnelLog::default();
+        drop(LogStart::begin(log.clone(), false, &req("ws")).finish(upgraded(&tunnel)));
+        assert!(rx.try_recv().is_err(), "nothing while the tunnel is open");
+        tunnel.ended(tunnel_end("backend_closed"));
+        tunnel.ended(tunnel_end("drain"));
+        let r = rx.try_recv().expect("the line at the end");
+        assert_eq!((r.status, r.bytes, r.request_id.as_str()), (101, 5, "ws"));
+        assert_eq!(r.tunnel, Some(tunnel_end("backend_closed")), "the first end only");
+        assert!(rx.try_recv().is_err(), "exactly one");
+
+        // The tunnel ended before its 101 reached the access log.
+        let tunnel = TunnelLog::default();
+        tunnel.ended(tunnel_end("error"));
+        assert!(rx.try_recv().is_err());
+        drop(LogStart::begin(log.clone(), false, &req("early")).finish(upgraded(&tunnel)));
+        let r = rx.try_recv().expect("the line");
+        assert_eq!(r.tunnel.map(|t| t.end), Some("error"));
+        assert!(rx.try_recv().is_err(), "exactly one");
     }
 
     /// Dropped while a panic unwinds, the request's answer is the panic's 500.

@@ -4,7 +4,7 @@
 
 use crate::ctx::ConnInfo;
 use crate::gateway::{Gateway, GatewayError};
-use crate::idle::{ActivityIo, PerAddress, RequestsQuiet};
+use crate::idle::{ActivityIo, PerAddress, RequestsQuiet, TunnelCut};
 use crate::guard::SmuggleGuard;
 use crate::pipeline::GatewayService;
 use hyper::server::conn::{http1, http2};
@@ -70,10 +70,20 @@ impl RunningGateway {
     /// requests still in flight, which logs and counts each of them (status 499, as
     /// a client that went away) before the process exits. True if every connection
     /// closed within `timeout`.
+    ///
+    /// Tunnels (upgrades answered `101`) still open are closed too, each logged with
+    /// `drain` as its end, and how many were is said once, at WARN.
     pub async fn cut(&self, timeout: Duration) -> bool {
         self.shutdown();
+        let tunnels = &self.gateway.shared.tunnels_cut;
+        let before = tunnels.load(std::sync::atomic::Ordering::Relaxed);
         let _ = self.stop.send(CUT);
-        self.wait_idle(timeout).await
+        let closed = self.wait_idle(timeout).await;
+        let cut = tunnels.load(std::sync::atomic::Ordering::Relaxed).wrapping_sub(before);
+        if cut > 0 {
+            tracing::warn!(tunnels = cut, "drain limit reached: cut {cut} WebSocket/upgrade tunnel(s) still open");
+        }
+        closed
     }
 
     /// How many connections each worker serves now.
@@ -562,7 +572,8 @@ async fn serve_conn<S>(
     // A tunnel that moves no byte either way for `tunnel_idle_timeout` is closed (a
     // client or backend that vanished without a FIN would otherwise hold its slot
     // and both sockets for ever); checked a few times per timeout.
-    if let Some(tunnel) = info.activity.take_tunnel() {
+    // Either way its end is logged and counted; a cut says why first.
+    if let Some(crate::idle::Tunnel { splice, cut }) = info.activity.take_tunnel() {
         let idle = Duration::from_millis(cfg.tunnel_idle_timeout_ms);
         let tick = (idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
         let idle_out = async {
@@ -573,10 +584,18 @@ async fn serve_conn<S>(
                 }
             }
         };
-        tokio::select! {
-            () = tunnel => {}
-            _ = cut_rx.wait_for(|s| *s >= CUT) => tracing::debug!(peer = %info.peer, "tunnel cut at the drain limit"),
-            () = idle_out => tracing::debug!(peer = %info.peer, "tunnel idle for tunnel_idle_timeout; closing"),
+        let why = tokio::select! {
+            () = splice => None,
+            _ = cut_rx.wait_for(|s| *s >= CUT) => Some(TunnelCut::Drain),
+            () = idle_out => Some(TunnelCut::IdleTimeout),
+        };
+        if let Some(why) = why {
+            tracing::debug!(peer = %info.peer, ?why, "tunnel cut");
+            if why == TunnelCut::Drain {
+                // Said once for all of them by `RunningGateway::cut`.
+                gw.shared.tunnels_cut.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            cut(why);
         }
     }
     // HTTP/2 streams run in tasks of their own (`body::deadline::StreamExecutor`);

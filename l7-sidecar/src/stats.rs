@@ -112,3 +112,12 @@ pub fn record_rate_limited(route: &str) {
 pub fn record_auth_failure(route: &str, reason: &'static str) {
     metrics::counter!("gateway_auth_failures_total", "route" => route.to_string(), "reason" => reason).increment(1);
 }
+
+/// A tunnel (an upgrade answered `101`) ended: `gateway_tunnel_ends_total{reason}` and
+/// the bytes it carried, `gateway_tunnel_bytes_total{direction}` (added at its end).
+/// Once per tunnel, so the handles are not kept.
+pub fn record_tunnel_end(end: &'static str, to_backend: u64, to_client: u64) {
+    metrics::counter!("gateway_tunnel_ends_total", "reason" => end).increment(1);
+    metrics::counter!("gateway_tunnel_bytes_total", "direction" => "to_backend").increment(to_backend);
+    metrics::counter!("gateway_tunnel_bytes_total", "direction" => "to_client").increment(to_client);
+}

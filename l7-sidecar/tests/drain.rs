@@ -280,30 +280,7 @@ async fn pipelined_requests_read_ahead_are_all_answered_in_order() {
     assert_eq!(up.hits(), 4);
 }
 
-/// A backend that accepts any upgrade (101) and then echoes what it receives.
-async fn upgrade_echo() -> (SocketAddr, tokio::task::JoinHandle<()>) {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
-    let task = tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                if read_request(&mut s, &mut buf).await.is_none() {
-                    return;
-                }
-                let head = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
-                if s.write_all(head).await.is_err() {
-                    return;
-                }
-                let (mut rd, mut wr) = s.split();
-                let _ = tokio::io::copy(&mut rd, &mut wr).await;
-            });
-        }
-    });
-    (addr, task)
-}
-
-/// An upgraded connection through the gateway, echoed by `upgrade_echo`.
+/// An upgraded connection through the gateway, echoed by `upgrade_backend`.
 async fn tunnel_to(addr: SocketAddr) -> tokio::net::TcpStream {
     let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
     s.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
@@ -333,7 +310,7 @@ async fn echoes(s: &mut tokio::net::TcpStream) -> bool {
 /// for it up to its limit (the binary's 30 s), and the cut after that ends it.
 #[tokio::test]
 async fn a_websocket_tunnel_lasts_until_the_drain_limit_then_is_cut() {
-    let (up, task) = upgrade_echo().await;
+    let (up, task) = upgrade_backend().await;
     let gw = start_gateway(&format!(
         "{}[pools.ws]\nbackends = [{{ address = \"{up}\" }}]\n[[routes]]\nname = \"ws\"\npath = \"/ws\"\npool = \"ws\"\nwebsocket = true\n",
         listener("public")
@@ -368,7 +345,7 @@ async fn a_websocket_tunnel_lasts_until_the_drain_limit_then_is_cut() {
 /// in use stays open past it.
 #[tokio::test]
 async fn a_tunnel_that_moves_no_byte_for_tunnel_idle_timeout_is_closed() {
-    let (up, task) = upgrade_echo().await;
+    let (up, task) = upgrade_backend().await;
     let gw = start_gateway(&format!(
         "[server]\ntunnel_idle_timeout = \"400ms\"\n{}[pools.ws]\nbackends = [{{ address = \"{up}\" }}]\n[[routes]]\nname = \"ws\"\npath = \"/ws\"\npool = \"ws\"\nwebsocket = true\n",
         listener("public")

@@ -437,7 +437,7 @@ pub async fn proxy(
         };
         // Boxed: the rare paths would otherwise make every request's future larger.
         let conn = req.ctx().conn.clone();
-        return match Box::pin(tunnel(up.clone(), &conn.activity, req.into_request(), &pq, &hash)).await {
+        return match Box::pin(tunnel(up.clone(), &conn.activity, req.into_request(), &pq, &hash, rid.clone())).await {
             Ok((mut r, backend)) => {
                 r.extensions_mut().insert(UpstreamAddr(backend));
                 // A declined upgrade's answer is streamed like any other (upgrades

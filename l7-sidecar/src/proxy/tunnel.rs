@@ -2,22 +2,33 @@
 
 use super::{full, Body, ProxyError, Upstream};
 use crate::balance::{ActiveGuard, HashInput};
+use crate::idle::TunnelCut;
+use crate::observe::{record_tunnel_end, TunnelLog, TunnelRecord};
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Pass a WebSocket (or any HTTP/1.1 upgrade) through: forward the handshake, then
 /// splice the two upgraded connections together. The splice is handed to the client
 /// connection's task (`client`), which runs it once hyper has let the connection go:
-/// a tunnel then counts as an open connection (limits, drain) until it ends.
+/// a tunnel then counts as an open connection (limits, drain) until it ends. Its
+/// end (who closed, the idle timeout, the drain's cut or an error), duration and
+/// bytes each way are counted and complete the request's access-log line
+/// (`observe::TunnelLog`, in the `101`'s extensions).
 pub async fn tunnel<B>(
     up: Arc<Upstream>,
     client: &crate::idle::Activity,
     mut req: Request<B>,
     path_and_query: &str,
     hash: &HashInput<'_>,
+    request_id: Arc<str>,
 ) -> Result<(Response<Body>, Arc<str>), ProxyError>
 where
     B: Send + 'static,
@@ -78,15 +89,201 @@ where
     }
     let server_upgrade = hyper::upgrade::on(&mut resp);
     let guard = ActiveGuard::new(backend.clone());
-    client.hand_over_tunnel(Box::pin(async move {
-        let _guard = guard;
-        if let (Ok(c), Ok(s)) = (client_upgrade.await, server_upgrade.await) {
-            let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(s)).await;
-        }
-    }));
+    let log = TunnelLog::default();
+    let end = Arc::new(End::new(log.clone(), request_id, backend.addr_text.clone()));
+    let splice_end = end.clone();
+    client.hand_over_tunnel(crate::idle::Tunnel {
+        splice: Box::pin(async move {
+            let _guard = guard;
+            let end = splice_end;
+            let upgraded = match (client_upgrade.await, server_upgrade.await) {
+                (Ok(c), Ok(s)) => (c, s),
+                (Err(e), _) | (_, Err(e)) => {
+                    end.finish(How::Failed(format!("upgrade failed: {e}")));
+                    return;
+                }
+            };
+            let mut c = Metered::new(TokioIo::new(upgraded.0), Side::Client, end.meter.clone());
+            let mut s = Metered::new(TokioIo::new(upgraded.1), Side::Backend, end.meter.clone());
+            let how = match tokio::io::copy_bidirectional(&mut c, &mut s).await {
+                Ok(_) => How::Closed,
+                Err(e) => How::Failed(e.to_string()),
+            };
+            end.finish(how);
+        }),
+        cut: Box::new(move |why| end.finish(How::Cut(why))),
+    });
     let (parts, _) = resp.into_parts();
-    Ok((
-        Response::from_parts(parts, full(Bytes::new())),
-        backend.addr_text.clone(),
-    ))
+    let mut resp = Response::from_parts(parts, full(Bytes::new()));
+    resp.extensions_mut().insert(log);
+    Ok((resp, backend.addr_text.clone()))
+}
+
+/// How a tunnel's splice ended, before it is told apart by who closed first.
+enum How {
+    /// Both sides closed (the first to close is in the `Meter`).
+    Closed,
+    /// An I/O error (or the upgrade itself failed).
+    Failed(String),
+    /// The gateway ended it.
+    Cut(TunnelCut),
+}
+
+/// What one tunnel carried and which side closed first, counted by its two ends
+/// (`Metered`) and read when it ends, also when the gateway cut it.
+#[derive(Default)]
+struct Meter {
+    to_backend: AtomicU64,
+    to_client: AtomicU64,
+    /// `Side` as a number (`NO_SIDE` until one side closed).
+    first_closed: AtomicU8,
+}
+
+const NO_SIDE: u8 = 0;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Side {
+    Client = 1,
+    Backend = 2,
+}
+
+/// A tunnel's end: recorded once (access-log line, metrics), by its splice when it
+/// finishes, by the gateway's cut, or on drop should neither have happened (the
+/// connection's task itself was dropped).
+struct End {
+    opened: Instant,
+    meter: Arc<Meter>,
+    log: TunnelLog,
+    request_id: Arc<str>,
+    backend: Arc<str>,
+    done: AtomicBool,
+}
+
+impl End {
+    fn new(log: TunnelLog, request_id: Arc<str>, backend: Arc<str>) -> End {
+        End {
+            opened: Instant::now(),
+            meter: Arc::default(),
+            log,
+            request_id,
+            backend,
+            done: AtomicBool::new(false),
+        }
+    }
+
+    fn finish(&self, how: How) {
+        if self.done.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let first = self.meter.first_closed.load(Ordering::Relaxed);
+        // An error after one side closed (a write to the side that left) is the
+        // close's consequence: the end is that side's, the error is kept.
+        let (end, error) = match how {
+            How::Cut(TunnelCut::IdleTimeout) => ("idle_timeout", None),
+            How::Cut(TunnelCut::Drain) => ("drain", None),
+            How::Closed | How::Failed(_) if first == Side::Client as u8 => ("client_closed", how.error()),
+            How::Closed | How::Failed(_) if first == Side::Backend as u8 => ("backend_closed", how.error()),
+            // Both sides read to their end, so one was first: not reached.
+            How::Closed => ("client_closed", None),
+            How::Failed(e) => ("error", Some(e)),
+        };
+        let record = TunnelRecord {
+            end,
+            duration_ms: self.opened.elapsed().as_secs_f64() * 1000.0,
+            bytes_to_backend: self.meter.to_backend.load(Ordering::Relaxed),
+            bytes_to_client: self.meter.to_client.load(Ordering::Relaxed),
+            error,
+        };
+        tracing::debug!(
+            request_id = %self.request_id,
+            upstream = %self.backend,
+            end,
+            duration_ms = record.duration_ms,
+            bytes_to_backend = record.bytes_to_backend,
+            bytes_to_client = record.bytes_to_client,
+            error = record.error.as_deref().unwrap_or(""),
+            "tunnel ended"
+        );
+        record_tunnel_end(end, record.bytes_to_backend, record.bytes_to_client);
+        self.log.ended(record);
+    }
+}
+
+impl How {
+    fn error(self) -> Option<String> {
+        match self {
+            How::Failed(e) => Some(e),
+            How::Closed | How::Cut(_) => None,
+        }
+    }
+}
+
+impl Drop for End {
+    fn drop(&mut self) {
+        self.finish(How::Failed("the tunnel was dropped unfinished".into()));
+    }
+}
+
+/// One end of a tunnel: counts the bytes written to it and notes whether its side
+/// closed first (a read that found the end of the stream).
+struct Metered<T> {
+    io: T,
+    side: Side,
+    meter: Arc<Meter>,
+}
+
+impl<T> Metered<T> {
+    fn new(io: T, side: Side, meter: Arc<Meter>) -> Self {
+        Metered { io, side, meter }
+    }
+
+    fn written(&self) -> &AtomicU64 {
+        match self.side {
+            Side::Client => &self.meter.to_client,
+            Side::Backend => &self.meter.to_backend,
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Metered<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() == before && buf.remaining() > 0 {
+            let _ = self.meter.first_closed.compare_exchange(
+                NO_SIDE,
+                self.side as u8,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Metered<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            self.written().fetch_add(n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }

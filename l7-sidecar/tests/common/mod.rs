@@ -411,3 +411,40 @@ pub fn capture() -> Captured {
     })
     .clone()
 }
+
+/// A backend that accepts any upgrade (101), then echoes what it receives; on a path
+/// with `/bye` it reads 5 bytes instead, answers `goodbye` and closes.
+pub async fn upgrade_backend() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let Some(head) = read_request(&mut s, &mut buf).await else {
+                    return;
+                };
+                let answer = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
+                if s.write_all(answer).await.is_err() {
+                    return;
+                }
+                if head.contains("/bye") {
+                    let mut five = [0u8; 5];
+                    let have = buf.len().min(5);
+                    five[..have].copy_from_slice(&buf[..have]);
+                    if s.read_exact(&mut five[have..]).await.is_ok() {
+                        let _ = s.write_all(b"goodbye").await;
+                    }
+                    return;
+                }
+                if s.write_all(&buf).await.is_err() {
+                    return;
+                }
+                let (mut rd, mut wr) = s.split();
+                let _ = tokio::io::copy(&mut rd, &mut wr).await;
+            });
+        }
+    });
+    (addr, task)
+}

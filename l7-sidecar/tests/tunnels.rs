@@ -1,0 +1,188 @@
+//! How a WebSocket (upgrade) tunnel ended is recorded: its request's access-log line is
+//! written at the tunnel's end (status 101) with the end's reason, the tunnel's
+//! duration and the bytes it carried each way, and the ends are counted by reason.
+//! Before, the line was written when the `101` was sent and nothing said how or when
+//! the tunnel ended, or what it carried.
+mod common;
+
+use common::*;
+use l7_sidecar::observe::AccessRecord;
+use l7_sidecar::RunningGateway;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio::sync::broadcast;
+
+fn ws_gateway_cfg(up: SocketAddr, server: &str) -> String {
+    format!(
+        "[server]\n{server}{}[pools.ws]\nbackends = [{{ address = \"{up}\" }}]\n[[routes]]\nname = \"ws\"\npath = \"/ws\"\npool = \"ws\"\nwebsocket = true\n",
+        listener("public")
+    )
+}
+
+/// A gateway in front of `upgrade_backend`, and its access log.
+async fn ws_gateway(server: &str) -> (RunningGateway, SocketAddr, broadcast::Receiver<AccessRecord>, tokio::task::JoinHandle<()>) {
+    let (up, task) = upgrade_backend().await;
+    let gw = start_gateway(&ws_gateway_cfg(up, server)).await;
+    let log = gw.gateway.shared.access_log.subscribe();
+    (gw, up, log, task)
+}
+
+/// An upgraded connection to `path` through the gateway (its `101` head read).
+async fn tunnel_to(gw: &RunningGateway, path: &str) -> TcpStream {
+    let mut s = TcpStream::connect(gw.addr("public").expect("addr")).await.expect("connect");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    // Byte by byte up to the head's end: what follows is the tunnel's.
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await.expect("head in time").expect("read");
+        assert_eq!(n, 1, "the head ended early: {}", String::from_utf8_lossy(&head));
+        head.push(b[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    s
+}
+
+async fn echo(s: &mut TcpStream, what: &[u8]) {
+    s.write_all(what).await.expect("write");
+    let mut back = vec![0u8; what.len()];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back)).await.expect("echo in time").expect("echo");
+    assert_eq!(back, what);
+}
+
+/// The next line of a 101 (the tunnel's), within `wait`.
+async fn tunnel_line(log: &mut broadcast::Receiver<AccessRecord>, wait: Duration) -> Option<AccessRecord> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(deadline, log.recv()).await {
+            Ok(Ok(r)) if r.status == 101 => return Some(r),
+            Ok(Ok(_)) => {}
+            _ => return None,
+        }
+    }
+}
+
+/// Reads until the gateway ends the client's side (EOF or reset), within 5 s.
+async fn read_to_end(s: &mut TcpStream) -> Vec<u8> {
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got)).await.expect("the tunnel ends");
+    got
+}
+
+/// The line is the tunnel's end, not its `101`'s: nothing is logged while it is open.
+#[tokio::test]
+async fn a_tunnel_the_client_closes_is_logged_at_its_end_with_its_bytes() {
+    let (gw, up, mut log, task) = ws_gateway("").await;
+    let mut s = tunnel_to(&gw, "/ws").await;
+    echo(&mut s, b"hello").await;
+    echo(&mut s, b"12345678").await;
+    assert!(tunnel_line(&mut log, Duration::from_millis(300)).await.is_none(), "no line while the tunnel is open");
+    s.shutdown().await.expect("shutdown");
+    assert!(read_to_end(&mut s).await.is_empty());
+    drop(s);
+    let r = tunnel_line(&mut log, Duration::from_secs(5)).await.expect("the tunnel's line at its end");
+    let t = r.tunnel.clone().expect("tunnel fields");
+    assert_eq!(t.end, "client_closed", "{r:?}");
+    assert_eq!((t.bytes_to_backend, t.bytes_to_client, r.bytes), (13, 13, 13), "{r:?}");
+    assert_eq!(t.error, None);
+    assert!(t.duration_ms >= 300.0 && t.duration_ms < 5000.0, "{r:?}");
+    assert!(r.latency_ms >= t.duration_ms, "the request's time includes its tunnel's: {r:?}");
+    assert_eq!(r.upstream.as_deref(), Some(up.to_string().as_str()));
+    assert_eq!((r.route.as_deref(), r.path.as_str()), (Some("ws"), "/ws"));
+    assert!(!r.request_id.is_empty(), "{r:?}");
+    assert!(tunnel_line(&mut log, Duration::from_millis(200)).await.is_none(), "one line per request");
+    task.abort();
+}
+
+#[tokio::test]
+async fn a_tunnel_the_backend_closes_says_so() {
+    let (gw, _up, mut log, task) = ws_gateway("").await;
+    let mut s = tunnel_to(&gw, "/ws/bye").await;
+    s.write_all(b"abcde").await.expect("write");
+    assert_eq!(read_to_end(&mut s).await, b"goodbye");
+    drop(s);
+    let r = tunnel_line(&mut log, Duration::from_secs(5)).await.expect("the tunnel's line");
+    let t = r.tunnel.clone().expect("tunnel fields");
+    assert_eq!(t.end, "backend_closed", "{r:?}");
+    assert_eq!((t.bytes_to_backend, t.bytes_to_client, r.bytes), (5, 7, 7), "{r:?}");
+    task.abort();
+}
+
+#[tokio::test]
+async fn a_tunnel_closed_for_tunnel_idle_timeout_says_so() {
+    let (gw, _up, mut log, task) = ws_gateway("tunnel_idle_timeout = \"300ms\"\n").await;
+    let mut s = tunnel_to(&gw, "/ws").await;
+    echo(&mut s, b"ping").await;
+    read_to_end(&mut s).await;
+    let r = tunnel_line(&mut log, Duration::from_secs(5)).await.expect("the tunnel's line");
+    let t = r.tunnel.clone().expect("tunnel fields");
+    assert_eq!(t.end, "idle_timeout", "{r:?}");
+    assert_eq!((t.bytes_to_backend, t.bytes_to_client), (4, 4), "{r:?}");
+    // Idle for the timeout, noticed within a quarter of it (one watchdog tick) or so.
+    assert!(t.duration_ms >= 300.0 && t.duration_ms < 2000.0, "{r:?}");
+    task.abort();
+}
+
+/// A client that resets its connection ends the tunnel with an I/O error, named.
+#[tokio::test]
+async fn a_tunnel_reset_by_the_client_is_an_error_with_its_cause() {
+    let (gw, _up, mut log, task) = ws_gateway("").await;
+    let mut s = tunnel_to(&gw, "/ws").await;
+    echo(&mut s, b"ping").await;
+    socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO)).expect("linger");
+    drop(s);
+    let r = tunnel_line(&mut log, Duration::from_secs(5)).await.expect("the tunnel's line");
+    let t = r.tunnel.clone().expect("tunnel fields");
+    assert_eq!(t.end, "error", "{r:?}");
+    assert!(t.error.as_deref().is_some_and(|e| e.contains("reset")), "{r:?}");
+    assert_eq!((t.bytes_to_backend, t.bytes_to_client), (4, 4), "{r:?}");
+    task.abort();
+}
+
+fn counter(metrics: &str, name_and_labels: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A tunnel still open at the drain's limit is cut: its line says `drain`, the cut
+/// is said once at WARN with how many tunnels it cut, and the metrics count it.
+#[tokio::test]
+async fn tunnels_cut_by_the_drain_are_logged_counted_and_warned_about_once() {
+    let logs = capture();
+    let before = l7_sidecar::observe::render_metrics();
+    let (gw, _up, mut log, task) = ws_gateway("").await;
+    let mut a = tunnel_to(&gw, "/ws").await;
+    let mut b = tunnel_to(&gw, "/ws").await;
+    echo(&mut a, b"ping").await;
+    echo(&mut b, b"pingpong").await;
+    assert!(!gw.drain(Duration::from_millis(300)).await, "the tunnels hold the drain");
+    assert!(tunnel_line(&mut log, Duration::from_millis(100)).await.is_none(), "open until the cut");
+    assert!(gw.cut(Duration::from_secs(2)).await, "the cut ends them");
+    let mut lines = Vec::new();
+    for _ in 0..2 {
+        lines.push(tunnel_line(&mut log, Duration::from_secs(5)).await.expect("each tunnel's line"));
+    }
+    lines.sort_by_key(|r| r.bytes);
+    for (r, n) in lines.iter().zip([4, 8]) {
+        let t = r.tunnel.clone().expect("tunnel fields");
+        assert_eq!(t.end, "drain", "{r:?}");
+        assert_eq!((t.bytes_to_backend, t.bytes_to_client), (n, n), "{r:?}");
+        assert!(t.duration_ms >= 300.0, "{r:?}");
+    }
+    read_to_end(&mut a).await;
+    let text = logs.text();
+    assert_eq!(text.matches("drain limit reached: cut 2 WebSocket/upgrade tunnel(s)").count(), 1, "{text}");
+    let after = l7_sidecar::observe::render_metrics();
+    let delta = |what: &str| counter(&after, what) - counter(&before, what);
+    // Other tests of this binary end tunnels too, but none by a drain.
+    assert_eq!(delta("gateway_tunnel_ends_total{reason=\"drain\"}"), 2, "{after}");
+    assert!(delta("gateway_tunnel_bytes_total{direction=\"to_backend\"}") >= 12, "{after}");
+    assert!(delta("gateway_tunnel_bytes_total{direction=\"to_client\"}") >= 12, "{after}");
+    task.abort();
+}
