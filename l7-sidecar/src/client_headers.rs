@@ -146,6 +146,7 @@ fn scan(h: &HeaderMap) -> Scan {
 /// generation's transforms, whose added header names are gateway-owned too.
 pub fn clean_client_headers<B>(transforms: &BTreeMap<String, TransformConfig>, req: &mut Req<B>) {
     let (r, ctx) = req.split_mut();
+    let version = r.version();
     let h = r.headers_mut();
     ctx.client_headers = Some(h.len());
     let found = scan(h);
@@ -161,6 +162,13 @@ pub fn clean_client_headers<B>(transforms: &BTreeMap<String, TransformConfig>, r
         strip_client_hop_by_hop(h);
         ctx.upgrade = found.hop & (CONNECTION_BIT | UPGRADE_BIT) == CONNECTION_BIT | UPGRADE_BIT
             && is_upgrade(h);
+        if ctx.upgrade && version != http::Version::HTTP_11 {
+            // RFC 9110 §7.8: an Upgrade in an HTTP/1.0 request is ignored (hostile
+            // s17-T6: it was forwarded, and the backend's 101 ended in a broken tunnel).
+            h.remove(header::UPGRADE);
+            h.remove(header::CONNECTION);
+            ctx.upgrade = false;
+        }
     }
     if found.expect {
         // hyper answers `100 Continue` from its own parse state, not from this map.

@@ -186,3 +186,93 @@ async fn tunnels_cut_by_the_drain_are_logged_counted_and_warned_about_once() {
     assert!(delta("gateway_tunnel_bytes_total{direction=\"to_client\"}") >= 12, "{after}");
     task.abort();
 }
+
+/// A backend that answers every request with `answer` (then holds the connection for a
+/// while), and the heads it received.
+async fn answering(answer: &'static [u8]) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                if let Some(head) = read_request(&mut s, &mut buf).await {
+                    let _ = tx.send(head);
+                    let _ = s.write_all(answer).await;
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// Sends `request` on a new connection to the gateway; the response's status line.
+async fn status_line_of(gw: &RunningGateway, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(gw.addr("public").expect("addr")).await.expect("connect");
+    s.write_all(request).await.expect("write");
+    let mut got = Vec::new();
+    let mut b = [0u8; 1];
+    while !got.ends_with(b"\r\n") {
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await.expect("answered in time") {
+            Ok(1) => got.push(b[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&got).trim_end().to_string()
+}
+
+const UPGRADE_HEADERS: &str = "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n";
+
+/// Hostile finding s17-T1: an upgrade request's body was dropped while its
+/// `Content-Length` went on to the backend, which waited for the body until the
+/// request timeout (504); a chunked one was tunnelled without its body. Refused now.
+#[tokio::test]
+async fn an_upgrade_request_with_a_body_is_refused() {
+    let (up, mut heads) = answering(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n").await;
+    let gw = start_gateway(&ws_gateway_cfg(up, "")).await;
+    for framing in ["Content-Length: 5\r\n\r\nHELLO", "Transfer-Encoding: chunked\r\n\r\n5\r\nHELLO\r\n0\r\n\r\n"] {
+        let req = format!("POST /ws HTTP/1.1\r\nHost: x\r\n{UPGRADE_HEADERS}{framing}");
+        assert_eq!(status_line_of(&gw, req.as_bytes()).await, "HTTP/1.1 400 Bad Request", "{framing:?}");
+    }
+    assert!(heads.try_recv().is_err(), "the backend was not asked");
+    // Without a body it goes through.
+    let req = format!("GET /ws HTTP/1.1\r\nHost: x\r\n{UPGRADE_HEADERS}\r\n");
+    assert_eq!(status_line_of(&gw, req.as_bytes()).await, "HTTP/1.1 101 Switching Protocols");
+}
+
+/// Hostile finding s17-T5: a backend's `HTTP/1.0` status line reached the client of an
+/// upgrade request as is (other routes answer in HTTP/1.1).
+#[tokio::test]
+async fn a_declined_upgrade_is_answered_in_http_1_1() {
+    let (up, _heads) = answering(b"HTTP/1.0 403 Forbidden\r\nContent-Length: 2\r\n\r\nno").await;
+    let gw = start_gateway(&ws_gateway_cfg(up, "")).await;
+    let req = format!("GET /ws HTTP/1.1\r\nHost: x\r\n{UPGRADE_HEADERS}\r\n");
+    assert_eq!(status_line_of(&gw, req.as_bytes()).await, "HTTP/1.1 403 Forbidden");
+}
+
+/// Hostile finding s17-T7: a `101` switching to another protocol than WebSocket (here
+/// h2c) was tunnelled as if it were the one asked for.
+#[tokio::test]
+async fn a_101_to_another_protocol_is_not_tunnelled() {
+    let (up, _heads) = answering(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n").await;
+    let gw = start_gateway(&ws_gateway_cfg(up, "")).await;
+    let req = format!("GET /ws HTTP/1.1\r\nHost: x\r\n{UPGRADE_HEADERS}\r\n");
+    assert_eq!(status_line_of(&gw, req.as_bytes()).await, "HTTP/1.1 502 Bad Gateway");
+}
+
+/// Hostile finding s17-T6: an `Upgrade` in an HTTP/1.0 request was forwarded and the
+/// backend's 101 ended in a broken tunnel. RFC 9110 §7.8: it is ignored; the request is
+/// proxied as a plain one, without `Upgrade`.
+#[tokio::test]
+async fn an_http_1_0_upgrade_is_ignored() {
+    let (up, mut heads) = answering(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+    let gw = start_gateway(&ws_gateway_cfg(up, "")).await;
+    let req = format!("GET /ws HTTP/1.0\r\nHost: x\r\n{UPGRADE_HEADERS}\r\n");
+    let status = status_line_of(&gw, req.as_bytes()).await;
+    assert!(status.ends_with(" 200 OK"), "{status}");
+    let head = heads.recv().await.expect("forwarded").to_ascii_lowercase();
+    assert!(!head.contains("upgrade"), "{head}");
+}

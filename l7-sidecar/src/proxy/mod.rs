@@ -429,6 +429,17 @@ pub async fn proxy(
                 "route has no pool",
             );
         };
+        // The tunnel forwards the head alone: a body (Content-Length or chunked) would
+        // be announced to the backend and never sent (hostile s17-T1: the backend then
+        // waited for it until the request timeout). WebSocket handshakes have none.
+        if !hyper::body::Body::is_end_stream(req.body()) {
+            return json_error(
+                &req,
+                StatusCode::BAD_REQUEST,
+                "upgrade_with_body",
+                "an upgrade request must not have a body",
+            );
+        }
         let headers = req.headers().clone();
         let rid = request_id(&req);
         let hash = HashInput {

@@ -44,11 +44,11 @@ where
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 up.pool.record_result(idx, true);
-                return Err(ProxyError::Connect(e.to_string()));
+                return Err(ProxyError::Connect(format!("{}: {e}", backend.addr_text)));
             }
             Err(_) => {
                 up.pool.record_result(idx, true);
-                return Err(ProxyError::Connect("connect timeout".into()));
+                return Err(ProxyError::Connect(format!("{}: connect timeout", backend.addr_text)));
             }
         };
     let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Body>(TokioIo::new(stream))
@@ -72,11 +72,24 @@ where
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             up.pool.record_result(idx, true);
-            return Err(ProxyError::Upstream(e.to_string()));
+            return Err(ProxyError::Upstream(format!("{}: {e}", backend.addr_text)));
         }
         Err(_) => return Err(ProxyError::Timeout),
     };
     up.pool.record_result(idx, resp.status().is_server_error());
+    // The client asked in HTTP/1.1 (an HTTP/1.0 request's Upgrade is ignored): it is
+    // answered in HTTP/1.1 whatever version the backend spoke (hostile s17-T5).
+    *resp.version_mut() = http::Version::HTTP_11;
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS && !switches_to_websocket(resp.headers()) {
+        // A 101 to another protocol (or to none) than the client asked for: no tunnel
+        // (hostile s17-T7: it was spliced as is).
+        up.pool.record_result(idx, true);
+        return Err(ProxyError::Upstream(format!(
+            "{}: answered 101 with Upgrade {:?}, not websocket",
+            backend.addr_text,
+            resp.headers().get(http::header::UPGRADE)
+        )));
+    }
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         // The backend declined the upgrade: relay its answer like any response.
         let deadline = tokio::time::Instant::now() + timeout;
@@ -117,6 +130,14 @@ where
     let mut resp = Response::from_parts(parts, full(Bytes::new()));
     resp.extensions_mut().insert(log);
     Ok((resp, backend.addr_text.clone()))
+}
+
+/// Whether a `101` switches to WebSocket, the only upgrade a client may ask for
+/// (`http_util::is_upgrade`).
+fn switches_to_websocket(h: &http::HeaderMap) -> bool {
+    h.get(http::header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("websocket"))
 }
 
 /// How a tunnel's splice ended, before it is told apart by who closed first.
