@@ -63,6 +63,11 @@ pub struct TunnelRecord {
     /// The I/O error that ended it, or that came after one side closed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// `client` or `backend`: the side that closed its sending half first, when one
+    /// did. A tunnel one side has closed goes on the other way (TCP half-close) until
+    /// that side closes too, or `idle_timeout` / `drain` ends it: then this says who left.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub closed_first: Option<&'static str>,
 }
 
 /// Lines waiting for the writer thread; past this they are dropped (and counted)
@@ -943,6 +948,7 @@ mod tests {
             bytes_to_backend: 3,
             bytes_to_client: 5,
             error: None,
+            closed_first: None,
         }
     }
 

@@ -112,6 +112,25 @@ async fn a_tunnel_the_backend_closes_says_so() {
     task.abort();
 }
 
+/// Hostile finding s17-T2: the backend closed first and the client stayed open and
+/// silent; the tunnel went on one way (half-close) until the idle timeout, and its line
+/// said only `idle_timeout`, hiding that the backend had left. It says who closed first.
+#[tokio::test]
+async fn a_half_closed_tunnel_that_idles_out_says_which_side_left() {
+    let (gw, _up, mut log, task) = ws_gateway("tunnel_idle_timeout = \"300ms\"\n").await;
+    let mut s = tunnel_to(&gw, "/ws/bye").await;
+    s.write_all(b"abcde").await.expect("write");
+    let mut goodbye = [0u8; 7];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut goodbye)).await.expect("in time").expect("read");
+    // The client keeps its side open and says nothing.
+    let r = tunnel_line(&mut log, Duration::from_secs(5)).await.expect("the tunnel's line");
+    let t = r.tunnel.clone().expect("tunnel fields");
+    assert_eq!((t.end, t.closed_first), ("idle_timeout", Some("backend")), "{r:?}");
+    assert_eq!((t.bytes_to_backend, t.bytes_to_client), (5, 7), "{r:?}");
+    drop(s);
+    task.abort();
+}
+
 #[tokio::test]
 async fn a_tunnel_closed_for_tunnel_idle_timeout_says_so() {
     let (gw, _up, mut log, task) = ws_gateway("tunnel_idle_timeout = \"300ms\"\n").await;

@@ -215,6 +215,11 @@ impl End {
             bytes_to_backend: self.meter.to_backend.load(Ordering::Relaxed),
             bytes_to_client: self.meter.to_client.load(Ordering::Relaxed),
             error,
+            closed_first: match first {
+                f if f == Side::Client as u8 => Some("client"),
+                f if f == Side::Backend as u8 => Some("backend"),
+                _ => None,
+            },
         };
         tracing::debug!(
             request_id = %self.request_id,
