@@ -295,3 +295,39 @@ async fn an_http_1_0_upgrade_is_ignored() {
     let head = heads.recv().await.expect("forwarded").to_ascii_lowercase();
     assert!(!head.contains("upgrade"), "{head}");
 }
+
+/// Hostile finding s17-T4: the `upstream failure` WARN of a timed-out request named the
+/// route, the request id and the error, not the backend that failed (other errors carry
+/// it in their text); an upgrade's named it for no error.
+#[tokio::test]
+async fn the_upstream_failure_warning_names_the_backend() {
+    let logs = capture();
+    // Reads the request and never answers: a timeout, whose error names no address
+    // (hyper's errors are prefixed with the backend's).
+    let (dead, _heads) = answering(b"").await;
+    let cfg = ws_gateway_cfg(dead, "").replace("[pools.ws]\n", "[pools.ws]\nrequest_timeout_ms = 300\n");
+    let gw = start_gateway(&cfg).await;
+    let mut access = gw.gateway.shared.access_log.subscribe();
+    for (id, upgrade) in [("dead-plain", ""), ("dead-upgrade", UPGRADE_HEADERS)] {
+        let req = format!("GET /ws HTTP/1.1\r\nHost: x\r\nX-Request-Id: {id}\r\n{upgrade}\r\n");
+        assert_eq!(status_line_of(&gw, req.as_bytes()).await, "HTTP/1.1 504 Gateway Timeout", "{id}");
+    }
+    let mut lines = Vec::new();
+    for _ in 0..50 {
+        let text = logs.text();
+        lines = text.lines().filter(|l| l.contains("upstream failure") && l.contains("dead-")).map(str::to_owned).collect();
+        if lines.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    for l in &lines {
+        assert!(l.contains(&format!("upstream={dead}")), "{l}");
+    }
+    // And the access log's lines name it, the upgrade's too (it was null).
+    for _ in 0..2 {
+        let r = tokio::time::timeout(Duration::from_secs(5), access.recv()).await.expect("line").expect("record");
+        assert_eq!((r.status, r.upstream.as_deref()), (504, Some(&*dead.to_string())), "{r:?}");
+    }
+}

@@ -456,14 +456,20 @@ pub async fn proxy(
                 r.body_mut().set_request(rid, true);
                 r
             }
-            Err(e) => {
-                tracing::warn!(route = %rc.name, request_id = %rid, error = %e, "upstream failure");
-                crate::http_util::json_error_with_id(
+            Err((e, backend)) => {
+                let upstream = backend.as_deref().unwrap_or("");
+                tracing::warn!(route = %rc.name, request_id = %rid, upstream = %upstream, error = %e, "upstream failure");
+                let mut r = crate::http_util::json_error_with_id(
                     e.status(),
                     "upstream_error",
                     e.public_message(),
                     &rid,
-                )
+                );
+                // The access log names the backend that failed (the client is told none).
+                if let Some(b) = backend {
+                    r.extensions_mut().insert(UpstreamAddr(b));
+                }
+                r
             }
         };
     }
@@ -612,10 +618,12 @@ pub async fn proxy(
         }
         Err(e) => {
             attempted.armed = false;
-            tracing::warn!(route = %rc.name, request_id = %rid, error = %e, "upstream failure");
+            let failed = attempted.index.and_then(|i| up.pool.backends.get(i));
+            let upstream = failed.map_or("", |b| &*b.addr_text);
+            tracing::warn!(route = %rc.name, request_id = %rid, upstream = %upstream, error = %e, "upstream failure");
             let mut r = err(e.status(), "upstream_error", e.public_message());
             // The access log names the backend that failed (the client is told none).
-            if let Some(b) = attempted.index.and_then(|i| up.pool.backends.get(i)) {
+            if let Some(b) = failed {
                 r.extensions_mut().insert(UpstreamAddr(b.addr_text.clone()));
             }
             r

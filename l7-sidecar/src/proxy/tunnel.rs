@@ -29,31 +29,33 @@ pub async fn tunnel<B>(
     path_and_query: &str,
     hash: &HashInput<'_>,
     request_id: Arc<str>,
-) -> Result<(Response<Body>, Arc<str>), ProxyError>
+) -> Result<(Response<Body>, Arc<str>), (ProxyError, Option<Arc<str>>)>
 where
     B: Send + 'static,
 {
     let idx = up
         .pool
         .pick(hash, &[])
-        .ok_or_else(|| ProxyError::NoBackend(up.pool.name.clone()))?;
+        .ok_or_else(|| (ProxyError::NoBackend(up.pool.name.clone()), None))?;
     let backend = up.pool.backends[idx].clone();
+    // Errors from here on name the backend (the WARN, the access log's `upstream`).
+    let failed = |e: ProxyError| (e, Some(backend.addr_text.clone()));
     let connect = Duration::from_millis(up.pool.cfg.connect_timeout_ms);
     let stream =
         match tokio::time::timeout(connect, tokio::net::TcpStream::connect(backend.addr)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 up.pool.record_result(idx, true);
-                return Err(ProxyError::Connect(format!("{}: {e}", backend.addr_text)));
+                return Err(failed(ProxyError::Connect(e.to_string())));
             }
             Err(_) => {
                 up.pool.record_result(idx, true);
-                return Err(ProxyError::Connect(format!("{}: connect timeout", backend.addr_text)));
+                return Err(failed(ProxyError::Connect("connect timeout".into())));
             }
         };
     let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Body>(TokioIo::new(stream))
         .await
-        .map_err(|e| ProxyError::Upstream(e.to_string()))?;
+        .map_err(|e| failed(ProxyError::Upstream(e.to_string())))?;
     tokio::spawn(async move {
         let _ = conn.with_upgrades().await;
     });
@@ -66,15 +68,15 @@ where
     }
     let up_req = up_req
         .body(full(Bytes::new()))
-        .map_err(|e| ProxyError::Upstream(e.to_string()))?;
+        .map_err(|e| failed(ProxyError::Upstream(e.to_string())))?;
     let timeout = Duration::from_millis(up.pool.cfg.request_timeout_ms);
     let mut resp = match tokio::time::timeout(timeout, sender.send_request(up_req)).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             up.pool.record_result(idx, true);
-            return Err(ProxyError::Upstream(format!("{}: {e}", backend.addr_text)));
+            return Err(failed(ProxyError::Upstream(e.to_string())));
         }
-        Err(_) => return Err(ProxyError::Timeout),
+        Err(_) => return Err(failed(ProxyError::Timeout)),
     };
     up.pool.record_result(idx, resp.status().is_server_error());
     // The client asked in HTTP/1.1 (an HTTP/1.0 request's Upgrade is ignored): it is
@@ -84,11 +86,10 @@ where
         // A 101 to another protocol (or to none) than the client asked for: no tunnel
         // (hostile s17-T7: it was spliced as is).
         up.pool.record_result(idx, true);
-        return Err(ProxyError::Upstream(format!(
-            "{}: answered 101 with Upgrade {:?}, not websocket",
-            backend.addr_text,
+        return Err(failed(ProxyError::Upstream(format!(
+            "answered 101 with Upgrade {:?}, not websocket",
             resp.headers().get(http::header::UPGRADE)
-        )));
+        ))));
     }
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         // The backend declined the upgrade: relay its answer like any response.
