@@ -68,12 +68,16 @@ impl std::fmt::Debug for TunnelSlot {
 pub struct Tunnel {
     pub splice: Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
     pub cut: Box<dyn FnOnce(TunnelCut) + Send>,
+    /// Whether one side has shut its sending half (the tunnel goes on the other way):
+    /// then a shorter silence ends it (`server.idle_timeout`, if shorter).
+    pub half_closed: Box<dyn Fn() -> bool + Send + Sync>,
 }
 
 /// Why the gateway itself ended a tunnel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TunnelCut {
-    /// No byte either way for `server.tunnel_idle_timeout`.
+    /// No byte either way for `server.tunnel_idle_timeout` (for `server.idle_timeout`
+    /// once one side has closed, if that is shorter).
     IdleTimeout,
     /// Still open at the drain's limit (`RunningGateway::cut`).
     Drain,

@@ -578,13 +578,19 @@ async fn serve_conn<S>(
     // client or backend that vanished without a FIN would otherwise hold its slot
     // and both sockets for ever); checked a few times per timeout.
     // Either way its end is logged and counted; a cut says why first.
-    if let Some(crate::idle::Tunnel { splice, cut }) = info.activity.take_tunnel() {
+    // Once one side has closed its sending half, the other direction may still carry
+    // data, but a silence of `idle_timeout` (if shorter) ends it, as HAProxy's `timeout
+    // client-fin`/`server-fin` do: a peer that left must not hold the slot for the
+    // tunnel's full idle timeout (an hour by default).
+    if let Some(crate::idle::Tunnel { splice, cut, half_closed }) = info.activity.take_tunnel() {
         let idle = Duration::from_millis(cfg.tunnel_idle_timeout_ms);
-        let tick = (idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        let half_idle = idle.min(Duration::from_millis(cfg.idle_timeout_ms));
+        let tick = (half_idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
         let idle_out = async {
             loop {
                 tokio::time::sleep(tick).await;
-                if info.activity.expired(tokio::time::Instant::now(), Duration::ZERO, idle, false) {
+                let limit = if half_closed() { half_idle } else { idle };
+                if info.activity.expired(tokio::time::Instant::now(), Duration::ZERO, limit, false) {
                     break;
                 }
             }

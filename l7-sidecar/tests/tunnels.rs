@@ -131,6 +131,36 @@ async fn a_half_closed_tunnel_that_idles_out_says_which_side_left() {
     task.abort();
 }
 
+/// Hostile finding s17-T2 (the slot): a tunnel the backend had left held its connection
+/// slot and both sockets for the whole `tunnel_idle_timeout` (an hour by default) while
+/// the client stayed silent. Once one side has closed, `idle_timeout` of silence ends it.
+#[tokio::test]
+async fn a_half_closed_tunnel_ends_after_the_shorter_idle_timeout() {
+    let (gw, _up, mut log, task) = ws_gateway("tunnel_idle_timeout = \"1h\"\nidle_timeout = \"300ms\"\n").await;
+    let mut s = tunnel_to(&gw, "/ws/bye").await;
+    s.write_all(b"abcde").await.expect("write");
+    let mut goodbye = [0u8; 7];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut goodbye)).await.expect("in time").expect("read");
+    let r = tunnel_line(&mut log, Duration::from_secs(5)).await.expect("ended well before the hour");
+    let t = r.tunnel.clone().expect("tunnel fields");
+    assert_eq!((t.end, t.closed_first), ("idle_timeout", Some("backend")), "{r:?}");
+    assert!(t.duration_ms >= 300.0 && t.duration_ms < 3000.0, "{r:?}");
+    drop(s);
+    task.abort();
+}
+
+/// A tunnel nobody closed is not cut by the shorter `idle_timeout`.
+#[tokio::test]
+async fn an_open_tunnel_outlives_the_connection_idle_timeout() {
+    let (gw, _up, mut log, task) = ws_gateway("tunnel_idle_timeout = \"1h\"\nidle_timeout = \"300ms\"\n").await;
+    let mut s = tunnel_to(&gw, "/ws").await;
+    echo(&mut s, b"ping").await;
+    assert!(tunnel_line(&mut log, Duration::from_millis(1200)).await.is_none(), "still open after 4 × idle_timeout");
+    echo(&mut s, b"pong").await;
+    drop(s);
+    task.abort();
+}
+
 #[tokio::test]
 async fn a_tunnel_closed_for_tunnel_idle_timeout_says_so() {
     let (gw, _up, mut log, task) = ws_gateway("tunnel_idle_timeout = \"300ms\"\n").await;

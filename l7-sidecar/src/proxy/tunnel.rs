@@ -125,6 +125,10 @@ where
             };
             end.finish(how);
         }),
+        half_closed: {
+            let meter = end.meter.clone();
+            Box::new(move || meter.first_closed.load(Ordering::Relaxed) != NO_SIDE)
+        },
         cut: Box::new(move |why| end.finish(How::Cut(why))),
     });
     let (parts, _) = resp.into_parts();
