@@ -68,13 +68,17 @@ fn kernel_ceiling() -> u64 {
 /// clients each with an upstream connection; the admin listener's clients go nowhere
 /// upstream.
 pub fn needed(cfg: &Config) -> u64 {
-    let per_listener = u64::try_from(cfg.server.max_connections).unwrap_or(u64::MAX);
-    let listeners = u64::try_from(cfg.listeners.len()).unwrap_or(u64::MAX);
-    let admin = if cfg.admin.is_some() { per_listener } else { 0 };
-    listeners
-        .saturating_mul(per_listener.saturating_mul(2))
-        .saturating_add(admin)
-        .saturating_add(RESERVE)
+    let max = u64::try_from(cfg.server.max_connections).unwrap_or(u64::MAX);
+    max.saturating_mul(per_connection(cfg)).saturating_add(RESERVE)
+}
+
+/// Descriptors one unit of `max_connections` can take: a client and an upstream socket
+/// per listener, and a client on the admin listener.
+fn per_connection(cfg: &Config) -> u64 {
+    u64::try_from(cfg.listeners.len())
+        .unwrap_or(u64::MAX)
+        .saturating_mul(2)
+        .saturating_add(u64::from(cfg.admin.is_some()))
 }
 
 /// Lower an unwritten `server.max_connections` (the default) to what `limit` holds, so
@@ -87,11 +91,7 @@ pub fn fit_default(cfg: &mut Config, limit: Option<u64>) -> Option<String> {
     if cfg.server.max_connections_written || limit >= needed(cfg) {
         return None;
     }
-    let listeners = u64::try_from(cfg.listeners.len()).unwrap_or(u64::MAX);
-    let per_connection = listeners
-        .saturating_mul(2)
-        .saturating_add(u64::from(cfg.admin.is_some()));
-    let fits = limit.saturating_sub(RESERVE) / per_connection.max(1);
+    let fits = limit.saturating_sub(RESERVE) / per_connection(cfg).max(1);
     if fits == 0 {
         // Not even one: `shortfall` says so.
         return None;

@@ -127,7 +127,7 @@ where
         }),
         half_closed: {
             let meter = end.meter.clone();
-            Box::new(move || meter.first_closed.load(Ordering::Relaxed) != NO_SIDE)
+            Box::new(move || meter.closed_first().is_some())
         },
         cut: Box::new(move |why| end.finish(How::Cut(why))),
     });
@@ -167,6 +167,17 @@ struct Meter {
 
 const NO_SIDE: u8 = 0;
 
+impl Meter {
+    /// The side that closed first, if one has.
+    fn closed_first(&self) -> Option<Side> {
+        match self.first_closed.load(Ordering::Relaxed) {
+            NO_SIDE => None,
+            f if f == Side::Client as u8 => Some(Side::Client),
+            _ => Some(Side::Backend),
+        }
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 enum Side {
@@ -202,17 +213,17 @@ impl End {
         if self.done.swap(true, Ordering::Relaxed) {
             return;
         }
-        let first = self.meter.first_closed.load(Ordering::Relaxed);
+        let first = self.meter.closed_first();
         // An error after one side closed (a write to the side that left) is the
         // close's consequence: the end is that side's, the error is kept.
-        let (end, error) = match how {
-            How::Cut(TunnelCut::IdleTimeout) => ("idle_timeout", None),
-            How::Cut(TunnelCut::Drain) => ("drain", None),
-            How::Closed | How::Failed(_) if first == Side::Client as u8 => ("client_closed", how.error()),
-            How::Closed | How::Failed(_) if first == Side::Backend as u8 => ("backend_closed", how.error()),
+        let (end, error) = match (how, first) {
+            (How::Cut(TunnelCut::IdleTimeout), _) => ("idle_timeout", None),
+            (How::Cut(TunnelCut::Drain), _) => ("drain", None),
+            (how @ (How::Closed | How::Failed(_)), Some(Side::Client)) => ("client_closed", how.error()),
+            (how @ (How::Closed | How::Failed(_)), Some(Side::Backend)) => ("backend_closed", how.error()),
             // Both sides read to their end, so one was first: not reached.
-            How::Closed => ("client_closed", None),
-            How::Failed(e) => ("error", Some(e)),
+            (How::Closed, None) => ("client_closed", None),
+            (How::Failed(e), None) => ("error", Some(e)),
         };
         let record = TunnelRecord {
             end,
@@ -220,11 +231,10 @@ impl End {
             bytes_to_backend: self.meter.to_backend.load(Ordering::Relaxed),
             bytes_to_client: self.meter.to_client.load(Ordering::Relaxed),
             error,
-            closed_first: match first {
-                f if f == Side::Client as u8 => Some("client"),
-                f if f == Side::Backend as u8 => Some("backend"),
-                _ => None,
-            },
+            closed_first: first.map(|side| match side {
+                Side::Client => "client",
+                Side::Backend => "backend",
+            }),
         };
         tracing::debug!(
             request_id = %self.request_id,
