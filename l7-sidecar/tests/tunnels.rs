@@ -364,3 +364,32 @@ async fn the_upstream_failure_warning_names_the_backend() {
         assert_eq!((r.status, r.upstream.as_deref()), (504, Some(&*dead.to_string())), "{r:?}");
     }
 }
+
+/// A backend's answer declining an upgrade is relayed like any response, so the
+/// hop-by-hop fields of the backend's connection (and those it names in
+/// `Connection`) stay on that connection (they reached the client as is).
+#[tokio::test]
+async fn a_declined_upgrade_is_relayed_without_the_backends_hop_by_hop_fields() {
+    let (up, _heads) = answering(
+        b"HTTP/1.1 403 Forbidden\r\nConnection: close, X-Backend-Hop\r\nX-Backend-Hop: 1\r\nKeep-Alive: timeout=5\r\nX-Kept: yes\r\nContent-Length: 2\r\n\r\nno",
+    )
+    .await;
+    let gw = start_gateway(&ws_gateway_cfg(up, "")).await;
+    let mut s = TcpStream::connect(gw.addr("public").expect("addr")).await.expect("connect");
+    let req = format!("GET /ws HTTP/1.1\r\nHost: x\r\n{UPGRADE_HEADERS}\r\n");
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut got = Vec::new();
+    let mut b = [0u8; 256];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await.expect("answered in time") {
+            Ok(n) if n > 0 => got.extend_from_slice(&b[..n]),
+            _ => break,
+        }
+    }
+    let head = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 403 forbidden\r\n"), "{head}");
+    assert!(head.contains("\r\nx-kept: yes\r\n"), "{head}");
+    for hop in ["x-backend-hop", "keep-alive:", "connection: close"] {
+        assert!(!head.contains(hop), "{hop} relayed: {head}");
+    }
+}

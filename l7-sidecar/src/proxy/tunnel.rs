@@ -92,9 +92,11 @@ where
         ))));
     }
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-        // The backend declined the upgrade: relay its answer like any response.
+        // The backend declined the upgrade: relay its answer like any response,
+        // without the hop-by-hop fields of the backend's connection.
         let deadline = tokio::time::Instant::now() + timeout;
-        let (parts, body) = resp.into_parts();
+        let (mut parts, body) = resp.into_parts();
+        super::strip_hop_by_hop(&mut parts.headers);
         let body = super::StreamedBody::new(body, ActiveGuard::new(backend.clone()), deadline);
         return Ok((
             Response::from_parts(parts, Body::upstream(body, backend.addr_text.clone())),
