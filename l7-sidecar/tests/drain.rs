@@ -280,17 +280,6 @@ async fn pipelined_requests_read_ahead_are_all_answered_in_order() {
     assert_eq!(up.hits(), 4);
 }
 
-/// An upgraded connection through the gateway, echoed by `upgrade_backend`.
-async fn tunnel_to(addr: SocketAddr) -> tokio::net::TcpStream {
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    s.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
-        .await
-        .expect("write");
-    let mut head = Vec::new();
-    read_request(&mut s, &mut head).await.expect("answer");
-    s
-}
-
 /// Whether the tunnel still carries bytes both ways.
 async fn echoes(s: &mut tokio::net::TcpStream) -> bool {
     if s.write_all(b"ping").await.is_err() {
@@ -317,8 +306,8 @@ async fn a_websocket_tunnel_lasts_until_the_drain_limit_then_is_cut() {
     ))
     .await;
     let addr = gw.addr("public").expect("addr");
-    let mut kept = tunnel_to(addr).await;
-    let mut closed_by_client = tunnel_to(addr).await;
+    let mut kept = upgraded(addr, "/ws").await;
+    let mut closed_by_client = upgraded(addr, "/ws").await;
     assert!(echoes(&mut kept).await && echoes(&mut closed_by_client).await, "tunnels work");
     assert_eq!(gw.connections_per_worker().iter().sum::<usize>(), 2, "tunnels are open connections");
     let started = Instant::now();
@@ -352,8 +341,8 @@ async fn a_tunnel_that_moves_no_byte_for_tunnel_idle_timeout_is_closed() {
     ))
     .await;
     let addr = gw.addr("public").expect("addr");
-    let mut idle = tunnel_to(addr).await;
-    let mut busy = tunnel_to(addr).await;
+    let mut idle = upgraded(addr, "/ws").await;
+    let mut busy = upgraded(addr, "/ws").await;
     for _ in 0..8 {
         assert!(echoes(&mut busy).await, "a tunnel in use stays open");
         tokio::time::sleep(Duration::from_millis(150)).await;

@@ -29,22 +29,9 @@ async fn ws_gateway(server: &str) -> (RunningGateway, SocketAddr, broadcast::Rec
     (gw, up, log, task)
 }
 
-/// An upgraded connection to `path` through the gateway (its `101` head read).
+/// An upgraded connection to `path` through the gateway.
 async fn tunnel_to(gw: &RunningGateway, path: &str) -> TcpStream {
-    let mut s = TcpStream::connect(gw.addr("public").expect("addr")).await.expect("connect");
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").as_bytes())
-        .await
-        .expect("write");
-    // Byte by byte up to the head's end: what follows is the tunnel's.
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut b = [0u8; 1];
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await.expect("head in time").expect("read");
-        assert_eq!(n, 1, "the head ended early: {}", String::from_utf8_lossy(&head));
-        head.push(b[0]);
-    }
-    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
-    s
+    upgraded(gw.addr("public").expect("addr"), path).await
 }
 
 async fn echo(s: &mut TcpStream, what: &[u8]) {
@@ -263,22 +250,25 @@ async fn answering(answer: &'static [u8]) -> (SocketAddr, tokio::sync::mpsc::Unb
     (addr, rx)
 }
 
-/// Sends `request` on a new connection to the gateway; the response's status line.
-async fn status_line_of(gw: &RunningGateway, request: &[u8]) -> String {
+/// Sends `request` on a new connection to the gateway; the response's head.
+async fn head_of(gw: &RunningGateway, request: &[u8]) -> String {
     let mut s = TcpStream::connect(gw.addr("public").expect("addr")).await.expect("connect");
     s.write_all(request).await.expect("write");
     let mut got = Vec::new();
     let mut b = [0u8; 1];
-    while !got.ends_with(b"\r\n") {
+    while !got.ends_with(b"\r\n\r\n") {
         match tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await.expect("answered in time") {
             Ok(1) => got.push(b[0]),
             _ => break,
         }
     }
-    String::from_utf8_lossy(&got).trim_end().to_string()
+    String::from_utf8_lossy(&got).into_owned()
 }
 
-const UPGRADE_HEADERS: &str = "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n";
+/// Sends `request` on a new connection to the gateway; the response's status line.
+async fn status_line_of(gw: &RunningGateway, request: &[u8]) -> String {
+    head_of(gw, request).await.lines().next().unwrap_or_default().to_string()
+}
 
 /// Hostile finding s17-T1: an upgrade request's body was dropped while its
 /// `Content-Length` went on to the backend, which waited for the body until the
@@ -375,21 +365,36 @@ async fn a_declined_upgrade_is_relayed_without_the_backends_hop_by_hop_fields() 
     )
     .await;
     let gw = start_gateway(&ws_gateway_cfg(up, "")).await;
-    let mut s = TcpStream::connect(gw.addr("public").expect("addr")).await.expect("connect");
     let req = format!("GET /ws HTTP/1.1\r\nHost: x\r\n{UPGRADE_HEADERS}\r\n");
-    s.write_all(req.as_bytes()).await.expect("write");
-    let mut got = Vec::new();
-    let mut b = [0u8; 256];
-    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await.expect("answered in time") {
-            Ok(n) if n > 0 => got.extend_from_slice(&b[..n]),
-            _ => break,
-        }
-    }
-    let head = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    let head = head_of(&gw, req.as_bytes()).await.to_ascii_lowercase();
     assert!(head.starts_with("http/1.1 403 forbidden\r\n"), "{head}");
     assert!(head.contains("\r\nx-kept: yes\r\n"), "{head}");
     for hop in ["x-backend-hop", "keep-alive:", "connection: close"] {
         assert!(!head.contains(hop), "{hop} relayed: {head}");
     }
+}
+
+/// A backend that answers upgrades with a `101` to another protocol fails every one
+/// (`502`), so passive health ejects it like a backend failing otherwise. Its answer
+/// was first counted a success (resetting the failure count), then a failure: the
+/// count never passed 1 and the backend kept its share of upgrades.
+#[tokio::test]
+async fn a_backend_answering_upgrades_with_another_protocol_is_ejected() {
+    let (bad, _) = answering(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n").await;
+    let (good, _) = answering(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n").await;
+    let cfg = format!(
+        "{}[pools.ws]\nalgorithm = \"round-robin\"\nbackends = [{{ address = \"{bad}\" }}, {{ address = \"{good}\" }}]\n\
+         [pools.ws.passive]\nconsecutive_failures = 2\nbase_ejection_ms = 60000\nmax_ejection_ms = 60000\nmax_ejected_percent = 50\n\
+         [[routes]]\nname = \"ws\"\npath = \"/ws\"\npool = \"ws\"\nwebsocket = true\n",
+        listener("public")
+    );
+    let gw = start_gateway(&cfg).await;
+    let req = format!("GET /ws HTTP/1.1\r\nHost: x\r\n{UPGRADE_HEADERS}\r\n");
+    let mut refused = 0;
+    for _ in 0..8 {
+        if status_line_of(&gw, req.as_bytes()).await.ends_with(" 502 Bad Gateway") {
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 2, "the bad backend answered 2 upgrades, then was ejected");
 }

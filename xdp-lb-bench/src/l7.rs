@@ -243,9 +243,6 @@ fn in_round_order<T: Copy>(contenders: &[T], round: u32) -> Vec<T> {
 fn summarize(rounds: &[&L7Row]) -> L7Row {
     let ok: Vec<&Wrk> = rounds.iter().filter_map(|r| r.wrk.as_ref()).collect();
     let failed: Vec<&&L7Row> = rounds.iter().filter(|r| r.wrk.is_none()).collect();
-    let median = |f: &dyn Fn(&L7Row) -> Option<f64>| -> f64 {
-        median_of(rounds.iter().filter(|r| r.wrk.is_some()).filter_map(|r| f(r)).collect())
-    };
     let first = rounds.first();
     let mut row = L7Row {
         name: first.map(|r| r.name.clone()).unwrap_or_default(),
@@ -258,14 +255,10 @@ fn summarize(rounds: &[&L7Row]) -> L7Row {
     };
     let mut notes = Vec::new();
     if !ok.is_empty() {
-        row.wrk = Some(Wrk {
-            rps: median(&|r| r.wrk.as_ref().map(|w| w.rps)),
-            p50_ms: median(&|r| r.wrk.as_ref().map(|w| w.p50_ms)),
-            p99_ms: median(&|r| r.wrk.as_ref().map(|w| w.p99_ms)),
-            requests: ok.iter().map(|w| w.requests).sum(),
-            errors: ok.iter().map(|w| w.errors).sum(),
-        });
-        row.cpu_us_per_request = median(&|r| Some(r.cpu_us_per_request));
+        row.wrk = Some(median_wrk(&ok));
+        row.cpu_us_per_request = median_of(
+            rounds.iter().filter(|r| r.wrk.is_some()).map(|r| r.cpu_us_per_request).collect(),
+        );
         row.rss_kib = rounds.iter().map(|r| r.rss_kib).max().unwrap_or(0);
         if ok.len() > 1 {
             let rps: Vec<f64> = ok.iter().map(|w| w.rps.round()).collect();
@@ -275,14 +268,7 @@ fn summarize(rounds: &[&L7Row]) -> L7Row {
     }
     let new_conn: Vec<&Wrk> = rounds.iter().filter_map(|r| r.new_conn.as_ref()).collect();
     if !new_conn.is_empty() {
-        let median = |f: fn(&Wrk) -> f64| median_of(new_conn.iter().map(|w| f(w)).collect());
-        row.new_conn = Some(Wrk {
-            rps: median(|w| w.rps),
-            p50_ms: median(|w| w.p50_ms),
-            p99_ms: median(|w| w.p99_ms),
-            requests: new_conn.iter().map(|w| w.requests).sum(),
-            errors: new_conn.iter().map(|w| w.errors).sum(),
-        });
+        row.new_conn = Some(median_wrk(&new_conn));
         let rps: Vec<f64> = new_conn.iter().map(|w| w.rps.round()).collect();
         notes.push(format!("new-conn rounds req/s {rps:?}"));
     }
@@ -295,6 +281,19 @@ fn summarize(rounds: &[&L7Row]) -> L7Row {
     }
     row.note = notes.join("; ");
     row
+}
+
+/// Rounds of one wrk measurement as one: each latency/rate column the median of its
+/// own, requests and errors summed.
+fn median_wrk(rounds: &[&Wrk]) -> Wrk {
+    let median = |f: fn(&Wrk) -> f64| median_of(rounds.iter().map(|w| f(w)).collect());
+    Wrk {
+        rps: median(|w| w.rps),
+        p50_ms: median(|w| w.p50_ms),
+        p99_ms: median(|w| w.p99_ms),
+        requests: rounds.iter().map(|w| w.requests).sum(),
+        errors: rounds.iter().map(|w| w.errors).sum(),
+    }
 }
 
 fn median_of(mut v: Vec<f64>) -> f64 {

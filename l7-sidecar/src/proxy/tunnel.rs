@@ -78,14 +78,15 @@ where
         }
         Err(_) => return Err(failed(ProxyError::Timeout)),
     };
-    up.pool.record_result(idx, resp.status().is_server_error());
+    // A 101 to another protocol (or to none) than the client asked for: no tunnel
+    // (hostile s17-T7: it was spliced as is), and a failure of the backend's.
+    let wrong_switch =
+        resp.status() == StatusCode::SWITCHING_PROTOCOLS && !switches_to_websocket(resp.headers());
+    up.pool.record_result(idx, wrong_switch || resp.status().is_server_error());
     // The client asked in HTTP/1.1 (an HTTP/1.0 request's Upgrade is ignored): it is
     // answered in HTTP/1.1 whatever version the backend spoke (hostile s17-T5).
     *resp.version_mut() = http::Version::HTTP_11;
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS && !switches_to_websocket(resp.headers()) {
-        // A 101 to another protocol (or to none) than the client asked for: no tunnel
-        // (hostile s17-T7: it was spliced as is).
-        up.pool.record_result(idx, true);
+    if wrong_switch {
         return Err(failed(ProxyError::Upstream(format!(
             "answered 101 with Upgrade {:?}, not websocket",
             resp.headers().get(http::header::UPGRADE)
