@@ -15,7 +15,7 @@
 
 use crate::config::TransformConfig;
 use crate::ctx::{owned, Req};
-use crate::http_util::{hop_by_hop_index, is_upgrade, strip_hop_by_hop};
+use crate::http_util::{hop_by_hop_index, is_upgrade, strip_hop_by_hop, strip_hop_by_hop_keeping_upgrade};
 use http::{header, HeaderMap, HeaderName, HeaderValue};
 use std::collections::BTreeMap;
 
@@ -47,15 +47,14 @@ pub fn strip_client_hop_by_hop(h: &mut HeaderMap) {
     } else {
         Vec::new()
     };
-    strip_hop_by_hop(h);
+    match upgrade {
+        Some(proto) => strip_hop_by_hop_keeping_upgrade(h, proto),
+        None => strip_hop_by_hop(h),
+    }
     if !h.contains_key(header::HOST) {
         for v in hosts {
             h.append(header::HOST, v);
         }
-    }
-    if let Some(proto) = upgrade {
-        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        h.insert(header::UPGRADE, proto);
     }
 }
 

@@ -207,10 +207,25 @@ pub fn is_upgrade(h: &HeaderMap) -> bool {
             v.split(',')
                 .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
         });
-    conn_upgrade
-        && h.get(header::UPGRADE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+    conn_upgrade && upgrades_to_websocket(h)
+}
+
+/// Whether the `Upgrade` fields name WebSocket and nothing else (however many field
+/// lines they take: two lines are one comma-separated list).
+pub fn upgrades_to_websocket(h: &HeaderMap) -> bool {
+    let mut lines = h.get_all(header::UPGRADE).iter();
+    match (lines.next(), lines.next()) {
+        (Some(v), None) => v.to_str().is_ok_and(|v| v.trim().eq_ignore_ascii_case("websocket")),
+        _ => false,
+    }
+}
+
+/// `strip_hop_by_hop`, but the upgrade to `protocol` crosses: `Connection: upgrade` and
+/// `Upgrade: protocol`, the only hop-by-hop fields a protocol switch needs on the next hop.
+pub fn strip_hop_by_hop_keeping_upgrade(h: &mut HeaderMap, protocol: HeaderValue) {
+    strip_hop_by_hop(h);
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, protocol);
 }
 
 #[cfg(test)]

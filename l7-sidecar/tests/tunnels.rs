@@ -231,6 +231,11 @@ async fn tunnels_cut_by_the_drain_are_logged_counted_and_warned_about_once() {
 /// A backend that answers every request with `answer` (then holds the connection for a
 /// while), and the heads it received.
 async fn answering(answer: &'static [u8]) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    answering_after(Duration::ZERO, answer).await
+}
+
+/// `answering`, each answer `delay` after the request.
+async fn answering_after(delay: Duration, answer: &'static [u8]) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<String>) {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = l.local_addr().expect("addr");
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -241,6 +246,7 @@ async fn answering(answer: &'static [u8]) -> (SocketAddr, tokio::sync::mpsc::Unb
                 let mut buf = Vec::new();
                 if let Some(head) = read_request(&mut s, &mut buf).await {
                     let _ = tx.send(head);
+                    tokio::time::sleep(delay).await;
                     let _ = s.write_all(answer).await;
                     tokio::time::sleep(Duration::from_secs(2)).await;
                 }
@@ -270,6 +276,11 @@ async fn status_line_of(gw: &RunningGateway, request: &[u8]) -> String {
     head_of(gw, request).await.lines().next().unwrap_or_default().to_string()
 }
 
+/// A WebSocket upgrade request for `/ws`, without a body.
+fn ws_upgrade(method: &str, version: &str) -> String {
+    format!("{method} /ws {version}\r\nHost: x\r\n{UPGRADE_HEADERS}\r\n")
+}
+
 /// Hostile finding s17-T1: an upgrade request's body was dropped while its
 /// `Content-Length` went on to the backend, which waited for the body until the
 /// request timeout (504); a chunked one was tunnelled without its body. Refused now.
@@ -283,7 +294,7 @@ async fn an_upgrade_request_with_a_body_is_refused() {
     }
     assert!(heads.try_recv().is_err(), "the backend was not asked");
     // Without a body it goes through.
-    let req = format!("GET /ws HTTP/1.1\r\nHost: x\r\n{UPGRADE_HEADERS}\r\n");
+    let req = ws_upgrade("GET", "HTTP/1.1");
     assert_eq!(status_line_of(&gw, req.as_bytes()).await, "HTTP/1.1 101 Switching Protocols");
 }
 
@@ -300,7 +311,7 @@ async fn a_backends_answer_to_an_upgrade_is_checked_and_given_in_http_1_1() {
     for (answer, client_gets) in cases {
         let (up, _heads) = answering(answer).await;
         let gw = start_gateway(&ws_gateway_cfg(up, "")).await;
-        let req = format!("GET /ws HTTP/1.1\r\nHost: x\r\n{UPGRADE_HEADERS}\r\n");
+        let req = ws_upgrade("GET", "HTTP/1.1");
         assert_eq!(status_line_of(&gw, req.as_bytes()).await, client_gets, "{}", String::from_utf8_lossy(answer));
     }
 }
@@ -312,7 +323,7 @@ async fn a_backends_answer_to_an_upgrade_is_checked_and_given_in_http_1_1() {
 async fn an_http_1_0_upgrade_is_ignored() {
     let (up, mut heads) = answering(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
     let gw = start_gateway(&ws_gateway_cfg(up, "")).await;
-    let req = format!("GET /ws HTTP/1.0\r\nHost: x\r\n{UPGRADE_HEADERS}\r\n");
+    let req = ws_upgrade("GET", "HTTP/1.0");
     let status = status_line_of(&gw, req.as_bytes()).await;
     assert!(status.ends_with(" 200 OK"), "{status}");
     let head = heads.recv().await.expect("forwarded").to_ascii_lowercase();
@@ -355,27 +366,49 @@ async fn the_upstream_failure_warning_names_the_backend() {
     }
 }
 
-/// A backend's answer declining an upgrade is relayed like any response, so the
-/// hop-by-hop fields of the backend's connection (and those it names in
-/// `Connection`) stay on that connection (they reached the client as is).
+/// The hop-by-hop fields of the backend's connection (and those its `Connection`
+/// names) stay on that connection, whether it declines an upgrade (its answer relayed
+/// like any response: they reached the client as is) or switches (hostile s18-3:
+/// `Keep-Alive`, `Proxy-Authenticate` and the named fields crossed with the `101`;
+/// only the upgrade itself does: `Connection: upgrade` and `Upgrade: websocket`).
 #[tokio::test]
-async fn a_declined_upgrade_is_relayed_without_the_backends_hop_by_hop_fields() {
-    let (up, _heads) = answering(
-        b"HTTP/1.1 403 Forbidden\r\nConnection: close, X-Backend-Hop\r\nX-Backend-Hop: 1\r\nKeep-Alive: timeout=5\r\nX-Kept: yes\r\nContent-Length: 2\r\n\r\nno",
-    )
-    .await;
-    let gw = start_gateway(&ws_gateway_cfg(up, "")).await;
-    let req = format!("GET /ws HTTP/1.1\r\nHost: x\r\n{UPGRADE_HEADERS}\r\n");
-    let head = head_of(&gw, req.as_bytes()).await.to_ascii_lowercase();
-    assert!(head.starts_with("http/1.1 403 forbidden\r\n"), "{head}");
-    assert!(head.contains("\r\nx-kept: yes\r\n"), "{head}");
-    for hop in ["x-backend-hop", "keep-alive:", "connection: close"] {
-        assert!(!head.contains(hop), "{hop} relayed: {head}");
+async fn the_backends_hop_by_hop_fields_stay_on_its_connection() {
+    struct Case {
+        answer: &'static [u8],
+        status: &'static str,
+        kept: &'static [&'static str],
+        stripped: &'static [&'static str],
+    }
+    let cases = [
+        Case {
+            answer: b"HTTP/1.1 403 Forbidden\r\nConnection: close, X-Backend-Hop\r\nX-Backend-Hop: 1\r\nKeep-Alive: timeout=5\r\nX-Kept: yes\r\nContent-Length: 2\r\n\r\nno",
+            status: "http/1.1 403 forbidden\r\n",
+            kept: &["\r\nx-kept: yes\r\n"],
+            stripped: &["x-backend-hop", "keep-alive:", "connection: close"],
+        },
+        Case {
+            answer: b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade, X-Secret\r\nX-Secret: s\r\nKeep-Alive: timeout=5\r\nProxy-Authenticate: x\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n",
+            status: "http/1.1 101 switching protocols\r\n",
+            kept: &["\r\nconnection: upgrade\r\n", "\r\nupgrade: websocket\r\n", "\r\nsec-websocket-accept: "],
+            stripped: &["x-secret", "keep-alive", "proxy-authenticate"],
+        },
+    ];
+    for case in cases {
+        let (up, _) = answering(case.answer).await;
+        let gw = start_gateway(&ws_gateway_cfg(up, "")).await;
+        let head = head_of(&gw, ws_upgrade("GET", "HTTP/1.1").as_bytes()).await.to_ascii_lowercase();
+        assert!(head.starts_with(case.status), "{head}");
+        for kept in case.kept {
+            assert!(head.contains(kept), "{kept:?} missing: {head}");
+        }
+        for hop in case.stripped {
+            assert!(!head.contains(hop), "{hop} relayed: {head}");
+        }
     }
 }
 
 /// A backend that answers upgrades with a `101` to another protocol fails every one
-/// (`502`), so passive health ejects it like a backend failing otherwise. Its answer
+/// (`502` without a retry), so passive health ejects it like a backend failing otherwise. Its answer
 /// was first counted a success (resetting the failure count), then a failure: the
 /// count never passed 1 and the backend kept its share of upgrades.
 #[tokio::test]
@@ -383,13 +416,13 @@ async fn a_backend_answering_upgrades_with_another_protocol_is_ejected() {
     let (bad, _) = answering(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n").await;
     let (good, _) = answering(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n").await;
     let cfg = format!(
-        "{}[pools.ws]\nalgorithm = \"round-robin\"\nbackends = [{{ address = \"{bad}\" }}, {{ address = \"{good}\" }}]\n\
+        "{}[pools.ws]\nalgorithm = \"round-robin\"\nretries = 0\nbackends = [{{ address = \"{bad}\" }}, {{ address = \"{good}\" }}]\n\
          [pools.ws.passive]\nconsecutive_failures = 2\nbase_ejection_ms = 60000\nmax_ejection_ms = 60000\nmax_ejected_percent = 50\n\
          [[routes]]\nname = \"ws\"\npath = \"/ws\"\npool = \"ws\"\nwebsocket = true\n",
         listener("public")
     );
     let gw = start_gateway(&cfg).await;
-    let req = format!("GET /ws HTTP/1.1\r\nHost: x\r\n{UPGRADE_HEADERS}\r\n");
+    let req = ws_upgrade("GET", "HTTP/1.1");
     let mut refused = 0;
     for _ in 0..8 {
         if status_line_of(&gw, req.as_bytes()).await.ends_with(" 502 Bad Gateway") {
@@ -397,4 +430,76 @@ async fn a_backend_answering_upgrades_with_another_protocol_is_ejected() {
         }
     }
     assert_eq!(refused, 2, "the bad backend answered 2 upgrades, then was ejected");
+}
+
+/// A backend that reads a request, then resets its connection before answering.
+async fn resetting() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let mut buf = Vec::new();
+            if read_request(&mut s, &mut buf).await.is_some() {
+                let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+            }
+        }
+    });
+    addr
+}
+
+/// Hostile finding s18-1: upgrades were never retried on another backend (plain GETs
+/// are, after a failure that left them without a response): with one of two backends
+/// refusing connections, resetting them before answering, or switching to another
+/// protocol, every upgrade sent to it failed until passive health ejected it.
+#[tokio::test]
+async fn an_upgrade_is_retried_on_another_backend_after_a_failed_attempt() {
+    let (good, _) = answering(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n").await;
+    let (wrong_protocol, _) = answering(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n").await;
+    let refusing: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    for bad in [refusing, resetting().await, wrong_protocol] {
+        // Passive health off: every upgrade meets the bad backend's turn.
+        let cfg = format!(
+            "{}[pools.ws]\nalgorithm = \"round-robin\"\nretries = 1\nbackends = [{{ address = \"{bad}\" }}, {{ address = \"{good}\" }}]\n\
+             [pools.ws.passive]\nconsecutive_failures = 0\n\
+             [[routes]]\nname = \"ws\"\npath = \"/ws\"\npool = \"ws\"\nwebsocket = true\n",
+            listener("public")
+        );
+        let gw = start_gateway(&cfg).await;
+        let req = ws_upgrade("GET", "HTTP/1.1");
+        for i in 0..4 {
+            assert_eq!(status_line_of(&gw, req.as_bytes()).await, "HTTP/1.1 101 Switching Protocols", "upgrade {i}, bad backend {bad}");
+        }
+    }
+}
+
+/// Hostile finding s18-2: only the first `Upgrade` field line of a backend's `101` was
+/// checked, so `Upgrade: websocket` + `Upgrade: h2c` opened a tunnel (the same list on
+/// one line was refused).
+#[tokio::test]
+async fn a_101_naming_more_than_websocket_in_several_lines_is_refused() {
+    let (up, _) = answering(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n").await;
+    let gw = start_gateway(&ws_gateway_cfg(up, "")).await;
+    let req = ws_upgrade("GET", "HTTP/1.1");
+    assert_eq!(status_line_of(&gw, req.as_bytes()).await, "HTTP/1.1 502 Bad Gateway");
+}
+
+
+/// Hostile finding s18-4: an upgrade whose client left before the backend answered was
+/// logged 499 with no `upstream`, though the backend had the request (other requests
+/// dropped meanwhile name it).
+#[tokio::test]
+async fn an_upgrade_dropped_before_its_answer_names_its_backend() {
+    let (up, _) = answering_after(
+        Duration::from_secs(1),
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+    )
+    .await;
+    let gw = start_gateway(&ws_gateway_cfg(up, "")).await;
+    let mut log = gw.gateway.shared.access_log.subscribe();
+    let mut s = TcpStream::connect(gw.addr("public").expect("addr")).await.expect("connect");
+    s.write_all(ws_upgrade("GET", "HTTP/1.1").as_bytes()).await.expect("write");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(s);
+    let r = tokio::time::timeout(Duration::from_secs(5), log.recv()).await.expect("a line in time").expect("line");
+    assert_eq!((r.status, r.upstream.as_deref()), (499, Some(up.to_string().as_str())), "{r:?}");
 }

@@ -448,30 +448,37 @@ pub async fn proxy(
         };
         // Boxed: the rare paths would otherwise make every request's future larger.
         let conn = req.ctx().conn.clone();
-        return match Box::pin(tunnel(up.clone(), &conn.activity, req.into_request(), &pq, &hash, rid.clone())).await {
-            Ok((mut r, backend)) => {
-                r.extensions_mut().insert(UpstreamAddr(backend));
+        let mut attempted = Attempted::new(key, &up.pool, user);
+        let tunnelled = Box::pin(tunnel(
+            up.clone(),
+            &conn.activity,
+            req.into_request(),
+            &pq,
+            &hash,
+            rid.clone(),
+            &mut attempted.index,
+        ))
+        .await;
+        attempted.armed = false;
+        let backend = attempted.index.and_then(|i| up.pool.backends.get(i));
+        let mut r = match tunnelled {
+            Ok(mut r) => {
                 // A declined upgrade's answer is streamed like any other (upgrades
                 // are HTTP/1 only): its warnings name the request too.
                 r.body_mut().set_request(rid, true);
                 r
             }
-            Err((e, backend)) => {
-                let upstream = backend.as_deref().unwrap_or("");
+            Err(e) => {
+                let upstream = backend.map_or("", |b| &*b.addr_text);
                 tracing::warn!(route = %rc.name, request_id = %rid, upstream = %upstream, error = %e, "upstream failure");
-                let mut r = crate::http_util::json_error_with_id(
-                    e.status(),
-                    "upstream_error",
-                    e.public_message(),
-                    &rid,
-                );
-                // The access log names the backend that failed (the client is told none).
-                if let Some(b) = backend {
-                    r.extensions_mut().insert(UpstreamAddr(b));
-                }
-                r
+                crate::http_util::json_error_with_id(e.status(), "upstream_error", e.public_message(), &rid)
             }
         };
+        // The access log names the backend (the client is told none).
+        if let Some(b) = backend {
+            r.extensions_mut().insert(UpstreamAddr(b.addr_text.clone()));
+        }
+        return r;
     }
 
     let max_body = limits.max_body_bytes;
@@ -598,13 +605,7 @@ pub async fn proxy(
         headers: parts.headers,
         body,
     };
-    let mut attempted = Attempted {
-        key,
-        pool: &up.pool,
-        user,
-        index: None,
-        armed: true,
-    };
+    let mut attempted = Attempted::new(key, &up.pool, user);
     // Disarmed in each arm rather than after a binding of the result: moving that
     // result costs a copy of the response head per request.
     match forward_in_place!(up, out, client_ip, attempted.index, &rid) {
@@ -642,6 +643,19 @@ struct Attempted<'a> {
     user: Option<Arc<crate::ctx::Identity>>,
     index: Option<usize>,
     armed: bool,
+}
+
+impl<'a> Attempted<'a> {
+    /// Armed, before any backend is tried.
+    fn new(key: crate::observe::RequestKey, pool: &'a Pool, user: Option<Arc<crate::ctx::Identity>>) -> Self {
+        Attempted {
+            key,
+            pool,
+            user,
+            index: None,
+            armed: true,
+        }
+    }
 }
 
 impl Drop for Attempted<'_> {

@@ -2,6 +2,7 @@
 
 use super::{full, Body, ProxyError, Upstream};
 use crate::balance::{ActiveGuard, HashInput};
+use crate::http_util::{strip_hop_by_hop_keeping_upgrade, upgrades_to_websocket};
 use crate::idle::TunnelCut;
 use crate::observe::{record_tunnel_end, TunnelLog, TunnelRecord};
 use bytes::Bytes;
@@ -22,6 +23,12 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// end (who closed, the idle timeout, the drain's cut or an error), duration and
 /// bytes each way are counted and complete the request's access-log line
 /// (`observe::TunnelLog`, in the `101`'s extensions).
+///
+/// The handshake is retried on another backend as an idempotent request is (up to the
+/// pool's `retries`, within its request timeout) after an attempt that got no answer
+/// to pass on: a failed connect, a connection closed or reset before the answer, a
+/// `101` to another protocol than WebSocket. `attempted` is left naming the backend
+/// last tried (the access log's `upstream`, also if the request is dropped meanwhile).
 pub async fn tunnel<B>(
     up: Arc<Upstream>,
     client: &crate::idle::Activity,
@@ -29,80 +36,60 @@ pub async fn tunnel<B>(
     path_and_query: &str,
     hash: &HashInput<'_>,
     request_id: Arc<str>,
-) -> Result<(Response<Body>, Arc<str>), (ProxyError, Option<Arc<str>>)>
+    attempted: &mut Option<usize>,
+) -> Result<Response<Body>, ProxyError>
 where
     B: Send + 'static,
 {
-    let idx = up
-        .pool
-        .pick(hash, &[])
-        .ok_or_else(|| (ProxyError::NoBackend(up.pool.name.clone()), None))?;
-    let backend = up.pool.backends[idx].clone();
-    // Errors from here on name the backend (the WARN, the access log's `upstream`).
-    let failed = |e: ProxyError| (e, Some(backend.addr_text.clone()));
-    let connect = Duration::from_millis(up.pool.cfg.connect_timeout_ms);
-    let stream =
-        match tokio::time::timeout(connect, tokio::net::TcpStream::connect(backend.addr)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                up.pool.record_result(idx, true);
-                return Err(failed(ProxyError::Connect(e.to_string())));
-            }
-            Err(_) => {
-                up.pool.record_result(idx, true);
-                return Err(failed(ProxyError::Connect("connect timeout".into())));
-            }
-        };
-    let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Body>(TokioIo::new(stream))
-        .await
-        .map_err(|e| failed(ProxyError::Upstream(e.to_string())))?;
-    tokio::spawn(async move {
-        let _ = conn.with_upgrades().await;
-    });
-    let client_upgrade = hyper::upgrade::on(&mut req);
-    let mut up_req = Request::builder()
-        .method(req.method().clone())
-        .uri(path_and_query);
-    if let Some(h) = up_req.headers_mut() {
-        *h = req.headers().clone();
-    }
-    let up_req = up_req
-        .body(full(Bytes::new()))
-        .map_err(|e| failed(ProxyError::Upstream(e.to_string())))?;
-    let timeout = Duration::from_millis(up.pool.cfg.request_timeout_ms);
-    let mut resp = match tokio::time::timeout(timeout, sender.send_request(up_req)).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => {
-            up.pool.record_result(idx, true);
-            return Err(failed(ProxyError::Upstream(e.to_string())));
-        }
-        Err(_) => return Err(failed(ProxyError::Timeout)),
+    let attempts = if super::idempotent(req.method()) {
+        1 + up.pool.cfg.retries as usize
+    } else {
+        1
     };
-    // A 101 to another protocol (or to none) than the client asked for: no tunnel
-    // (hostile s17-T7: it was spliced as is), and a failure of the backend's.
-    let wrong_switch =
-        resp.status() == StatusCode::SWITCHING_PROTOCOLS && !switches_to_websocket(resp.headers());
-    up.pool.record_result(idx, wrong_switch || resp.status().is_server_error());
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(up.pool.cfg.request_timeout_ms);
+    let client_upgrade = hyper::upgrade::on(&mut req);
+    let mut tried = Vec::new();
+    let mut last_err = None;
+    let mut answered = None;
+    for _ in 0..attempts {
+        let Some(idx) = up.pool.pick(hash, &tried) else {
+            break;
+        };
+        *attempted = Some(idx);
+        match handshake(&up, idx, &req, path_and_query, deadline).await {
+            Ok(resp) => {
+                up.pool.record_result(idx, resp.status().is_server_error());
+                answered = Some((idx, resp));
+                break;
+            }
+            Err(HandshakeError::Deadline) => return Err(ProxyError::Timeout),
+            Err(HandshakeError::Failed(e)) => {
+                tried.push(idx);
+                up.pool.record_result(idx, true);
+                tracing::debug!(pool = %up.pool.name, request_id = %request_id, upstream = %up.pool.backends[idx].addr_text, error = %e, "upgrade attempt failed");
+                last_err = Some(e);
+            }
+        }
+    }
+    let Some((idx, mut resp)) = answered else {
+        return Err(last_err.unwrap_or_else(|| ProxyError::NoBackend(up.pool.name.clone())));
+    };
+    let backend = up.pool.backends[idx].clone();
     // The client asked in HTTP/1.1 (an HTTP/1.0 request's Upgrade is ignored): it is
     // answered in HTTP/1.1 whatever version the backend spoke (hostile s17-T5).
     *resp.version_mut() = http::Version::HTTP_11;
-    if wrong_switch {
-        return Err(failed(ProxyError::Upstream(format!(
-            "answered 101 with Upgrade {:?}, not websocket",
-            resp.headers().get(http::header::UPGRADE)
-        ))));
-    }
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         // The backend declined the upgrade: relay its answer like any response,
         // without the hop-by-hop fields of the backend's connection.
-        let deadline = tokio::time::Instant::now() + timeout;
         let (mut parts, body) = resp.into_parts();
         super::strip_hop_by_hop(&mut parts.headers);
         let body = super::StreamedBody::new(body, ActiveGuard::new(backend.clone()), deadline);
-        return Ok((
-            Response::from_parts(parts, Body::upstream(body, backend.addr_text.clone())),
-            backend.addr_text.clone(),
-        ));
+        return Ok(Response::from_parts(parts, Body::upstream(body, backend.addr_text.clone())));
+    }
+    // Of the backend connection's hop-by-hop fields only the upgrade crosses (hostile
+    // s18-3: `Keep-Alive`, `Proxy-Authenticate` and fields its `Connection` named did).
+    if let Some(protocol) = resp.headers().get(http::header::UPGRADE).cloned() {
+        strip_hop_by_hop_keeping_upgrade(resp.headers_mut(), protocol);
     }
     let server_upgrade = hyper::upgrade::on(&mut resp);
     let guard = ActiveGuard::new(backend.clone());
@@ -137,15 +124,60 @@ where
     let (parts, _) = resp.into_parts();
     let mut resp = Response::from_parts(parts, full(Bytes::new()));
     resp.extensions_mut().insert(log);
-    Ok((resp, backend.addr_text.clone()))
+    Ok(resp)
 }
 
-/// Whether a `101` switches to WebSocket, the only upgrade a client may ask for
-/// (`http_util::is_upgrade`).
-fn switches_to_websocket(h: &http::HeaderMap) -> bool {
-    h.get(http::header::UPGRADE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case("websocket"))
+/// Why one attempt at the handshake gave no answer to pass on.
+enum HandshakeError {
+    /// The request timeout passed: no further attempt.
+    Deadline,
+    /// This backend failed (another may be tried).
+    Failed(ProxyError),
+}
+
+/// One attempt: the upgrade request to backend `idx` on a connection of its own (it
+/// becomes the tunnel), and its answer — a `101` to WebSocket or any other status.
+async fn handshake<B>(
+    up: &Upstream,
+    idx: usize,
+    req: &Request<B>,
+    path_and_query: &str,
+    deadline: tokio::time::Instant,
+) -> Result<Response<hyper::body::Incoming>, HandshakeError> {
+    let backend = &up.pool.backends[idx];
+    let failed = |e: String| HandshakeError::Failed(ProxyError::Upstream(e));
+    let connect_by = deadline.min(tokio::time::Instant::now() + Duration::from_millis(up.pool.cfg.connect_timeout_ms));
+    let stream = match tokio::time::timeout_at(connect_by, tokio::net::TcpStream::connect(backend.addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(HandshakeError::Failed(ProxyError::Connect(e.to_string()))),
+        Err(_) => return Err(HandshakeError::Failed(ProxyError::Connect("connect timeout".into()))),
+    };
+    let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Body>(TokioIo::new(stream))
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    let mut up_req = Request::builder()
+        .method(req.method().clone())
+        .uri(path_and_query);
+    if let Some(h) = up_req.headers_mut() {
+        *h = req.headers().clone();
+    }
+    let up_req = up_req.body(full(Bytes::new())).map_err(|e| failed(e.to_string()))?;
+    let resp = match tokio::time::timeout_at(deadline, sender.send_request(up_req)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return Err(failed(e.to_string())),
+        Err(_) => return Err(HandshakeError::Deadline),
+    };
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS && !upgrades_to_websocket(resp.headers()) {
+        // A 101 to another protocol (or to none) than the client asked for: no tunnel
+        // (hostile s17-T7: it was spliced as is; s18-2: only its first `Upgrade` line
+        // was read).
+        let upgrade: Vec<_> = resp.headers().get_all(http::header::UPGRADE).iter().collect();
+        return Err(failed(format!("answered 101 with Upgrade {upgrade:?}, not websocket")));
+    }
+    Ok(resp)
 }
 
 /// How a tunnel's splice ended, before it is told apart by who closed first.
