@@ -15,7 +15,7 @@
 
 use crate::config::TransformConfig;
 use crate::ctx::{owned, Req};
-use crate::http_util::{hop_by_hop_index, is_upgrade, strip_hop_by_hop, strip_hop_by_hop_keeping_upgrade};
+use crate::http_util::{hop_by_hop_index, is_upgrade, strip_hop_by_hop, strip_hop_by_hop_keeping_websocket};
 use http::{header, HeaderMap, HeaderName, HeaderValue};
 use std::collections::BTreeMap;
 
@@ -37,9 +37,7 @@ pub const GATEWAY_OWNED: [&str; 10] = [
 
 /// Remove hop-by-hop headers and those the client named in `Connection`.
 pub fn strip_client_hop_by_hop(h: &mut HeaderMap) {
-    let upgrade = is_upgrade(h)
-        .then(|| h.get(header::UPGRADE).cloned())
-        .flatten();
+    let upgrade = is_upgrade(h);
     // `Connection: Host` must not remove Host: the upstream would then see the
     // backend's address as Host. Kept as sent (all values) for the Host checks.
     let hosts: Vec<HeaderValue> = if h.contains_key(header::CONNECTION) {
@@ -47,9 +45,10 @@ pub fn strip_client_hop_by_hop(h: &mut HeaderMap) {
     } else {
         Vec::new()
     };
-    match upgrade {
-        Some(proto) => strip_hop_by_hop_keeping_upgrade(h, proto),
-        None => strip_hop_by_hop(h),
+    if upgrade {
+        strip_hop_by_hop_keeping_websocket(h);
+    } else {
+        strip_hop_by_hop(h);
     }
     if !h.contains_key(header::HOST) {
         for v in hosts {

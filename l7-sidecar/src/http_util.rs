@@ -210,22 +210,30 @@ pub fn is_upgrade(h: &HeaderMap) -> bool {
     conn_upgrade && upgrades_to_websocket(h)
 }
 
-/// Whether the `Upgrade` fields name WebSocket and nothing else (however many field
-/// lines they take: two lines are one comma-separated list).
+/// Whether the `Upgrade` fields name WebSocket and nothing else, however the list is
+/// written: over several field lines, with empty elements (RFC 9110 §5.6.1.2: ignored).
 pub fn upgrades_to_websocket(h: &HeaderMap) -> bool {
-    let mut lines = h.get_all(header::UPGRADE).iter();
-    match (lines.next(), lines.next()) {
-        (Some(v), None) => v.to_str().is_ok_and(|v| v.trim().eq_ignore_ascii_case("websocket")),
-        _ => false,
+    let mut named = false;
+    for line in h.get_all(header::UPGRADE) {
+        let Ok(line) = line.to_str() else {
+            return false;
+        };
+        for protocol in line.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            if !protocol.eq_ignore_ascii_case("websocket") {
+                return false;
+            }
+            named = true;
+        }
     }
+    named
 }
 
-/// `strip_hop_by_hop`, but the upgrade to `protocol` crosses: `Connection: upgrade` and
-/// `Upgrade: protocol`, the only hop-by-hop fields a protocol switch needs on the next hop.
-pub fn strip_hop_by_hop_keeping_upgrade(h: &mut HeaderMap, protocol: HeaderValue) {
+/// `strip_hop_by_hop`, but the WebSocket upgrade crosses: `Connection: upgrade` and
+/// `Upgrade: websocket`, the only hop-by-hop fields the switch needs on the next hop.
+pub fn strip_hop_by_hop_keeping_websocket(h: &mut HeaderMap) {
     strip_hop_by_hop(h);
     h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    h.insert(header::UPGRADE, protocol);
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
 }
 
 #[cfg(test)]

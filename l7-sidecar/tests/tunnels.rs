@@ -407,6 +407,17 @@ async fn the_backends_hop_by_hop_fields_stay_on_its_connection() {
     }
 }
 
+/// A gateway whose `/ws` route (WebSocket) goes to a round-robin pool over `first` and
+/// `second`, with the pool settings `pool` and passive health `passive` (TOML lines).
+async fn two_backend_ws_gateway(first: SocketAddr, second: SocketAddr, pool: &str, passive: &str) -> RunningGateway {
+    start_gateway(&format!(
+        "{}[pools.ws]\nalgorithm = \"round-robin\"\n{pool}backends = [{{ address = \"{first}\" }}, {{ address = \"{second}\" }}]\n\
+         [pools.ws.passive]\n{passive}[[routes]]\nname = \"ws\"\npath = \"/ws\"\npool = \"ws\"\nwebsocket = true\n",
+        listener("public")
+    ))
+    .await
+}
+
 /// A backend that answers upgrades with a `101` to another protocol fails every one
 /// (`502` without a retry), so passive health ejects it like a backend failing otherwise. Its answer
 /// was first counted a success (resetting the failure count), then a failure: the
@@ -415,13 +426,8 @@ async fn the_backends_hop_by_hop_fields_stay_on_its_connection() {
 async fn a_backend_answering_upgrades_with_another_protocol_is_ejected() {
     let (bad, _) = answering(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n").await;
     let (good, _) = answering(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n").await;
-    let cfg = format!(
-        "{}[pools.ws]\nalgorithm = \"round-robin\"\nretries = 0\nbackends = [{{ address = \"{bad}\" }}, {{ address = \"{good}\" }}]\n\
-         [pools.ws.passive]\nconsecutive_failures = 2\nbase_ejection_ms = 60000\nmax_ejection_ms = 60000\nmax_ejected_percent = 50\n\
-         [[routes]]\nname = \"ws\"\npath = \"/ws\"\npool = \"ws\"\nwebsocket = true\n",
-        listener("public")
-    );
-    let gw = start_gateway(&cfg).await;
+    let passive = "consecutive_failures = 2\nbase_ejection_ms = 60000\nmax_ejection_ms = 60000\nmax_ejected_percent = 50\n";
+    let gw = two_backend_ws_gateway(bad, good, "retries = 0\n", passive).await;
     let req = ws_upgrade("GET", "HTTP/1.1");
     let mut refused = 0;
     for _ in 0..8 {
@@ -458,13 +464,7 @@ async fn an_upgrade_is_retried_on_another_backend_after_a_failed_attempt() {
     let refusing: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
     for bad in [refusing, resetting().await, wrong_protocol] {
         // Passive health off: every upgrade meets the bad backend's turn.
-        let cfg = format!(
-            "{}[pools.ws]\nalgorithm = \"round-robin\"\nretries = 1\nbackends = [{{ address = \"{bad}\" }}, {{ address = \"{good}\" }}]\n\
-             [pools.ws.passive]\nconsecutive_failures = 0\n\
-             [[routes]]\nname = \"ws\"\npath = \"/ws\"\npool = \"ws\"\nwebsocket = true\n",
-            listener("public")
-        );
-        let gw = start_gateway(&cfg).await;
+        let gw = two_backend_ws_gateway(bad, good, "retries = 1\n", "consecutive_failures = 0\n").await;
         let req = ws_upgrade("GET", "HTTP/1.1");
         for i in 0..4 {
             assert_eq!(status_line_of(&gw, req.as_bytes()).await, "HTTP/1.1 101 Switching Protocols", "upgrade {i}, bad backend {bad}");
@@ -502,4 +502,86 @@ async fn an_upgrade_dropped_before_its_answer_names_its_backend() {
     drop(s);
     let r = tokio::time::timeout(Duration::from_secs(5), log.recv()).await.expect("a line in time").expect("line");
     assert_eq!((r.status, r.upstream.as_deref()), (499, Some(up.to_string().as_str())), "{r:?}");
+}
+
+/// An address whose connects hang: a listener that never accepts, its queue full.
+/// The returned sockets keep the queue full.
+fn blackhole() -> (SocketAddr, Vec<std::net::TcpStream>) {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    s.bind(&"127.0.0.1:0".parse::<SocketAddr>().expect("addr").into()).expect("bind");
+    s.listen(0).expect("listen");
+    let addr = s.local_addr().expect("addr").as_socket().expect("inet");
+    let mut fill = Vec::new();
+    // Connects that complete fill the queue; the first one that does not is dropped.
+    for _ in 0..8 {
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+            Ok(c) => fill.push(c),
+            Err(_) => break,
+        }
+    }
+    std::mem::forget(s);
+    (addr, fill)
+}
+
+/// Hostile finding s18b-F1: when the request timeout passed during a connect, the
+/// upgrade went on to another backend with no time left, failed its connect at once
+/// and blamed it (502 naming the healthy backend, which passive health then ejected).
+/// As for other requests: no attempt after the deadline, 504, nobody blamed.
+#[tokio::test]
+async fn an_upgrade_out_of_time_is_a_504_that_blames_no_other_backend() {
+    let (good, _) = answering(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n").await;
+    let (hole, _queue) = blackhole();
+    let pool = "retries = 1\nconnect_timeout = \"3s\"\nrequest_timeout = \"400ms\"\n";
+    let gw = two_backend_ws_gateway(hole, good, pool, "consecutive_failures = 1\nmax_ejected_percent = 100\n").await;
+    let req = ws_upgrade("GET", "HTTP/1.1");
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        statuses.push(status_line_of(&gw, req.as_bytes()).await);
+    }
+    statuses.sort();
+    assert_eq!(
+        statuses,
+        ["HTTP/1.1 101 Switching Protocols", "HTTP/1.1 101 Switching Protocols", "HTTP/1.1 504 Gateway Timeout", "HTTP/1.1 504 Gateway Timeout"],
+        "the connecting backend's turns time out, the other's succeed"
+    );
+}
+
+/// Hostile finding s18b-F2: a declined upgrade's answer skipped the checks every other
+/// answer passes (a status outside 100–599, `Content-Length` with `Transfer-Encoding`,
+/// a coding other than `chunked`, a body broken from its start): passed on as is, not
+/// retried, not counted. Now a failed attempt, retried on another backend.
+#[tokio::test]
+async fn a_bad_answer_to_an_upgrade_is_a_failed_attempt() {
+    let (good, _) = answering(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n").await;
+    let bad_answers: [&'static [u8]; 4] = [
+        b"HTTP/1.1 999 Odd\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+    ];
+    for answer in bad_answers {
+        let (bad, _) = answering(answer).await;
+        let gw = two_backend_ws_gateway(bad, good, "retries = 1\n", "consecutive_failures = 0\n").await;
+        for i in 0..4 {
+            let status = status_line_of(&gw, ws_upgrade("GET", "HTTP/1.1").as_bytes()).await;
+            assert_eq!(status, "HTTP/1.1 101 Switching Protocols", "upgrade {i}, bad answer {}", String::from_utf8_lossy(answer));
+        }
+    }
+}
+
+/// Hostile finding s18b-F3: a `101` whose `Upgrade` fields name WebSocket alone, but
+/// as `websocket,` (an empty list element, RFC 9110 §5.6.1.2: ignored) or on two lines,
+/// was refused.
+#[tokio::test]
+async fn a_101_naming_websocket_alone_in_any_list_form_is_a_tunnel() {
+    let answers: [&'static [u8]; 2] = [
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket,\r\nConnection: Upgrade\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nUpgrade: WebSocket\r\nConnection: Upgrade\r\n\r\n",
+    ];
+    for answer in answers {
+        let (up, _) = answering(answer).await;
+        let gw = start_gateway(&ws_gateway_cfg(up, "")).await;
+        let status = status_line_of(&gw, ws_upgrade("GET", "HTTP/1.1").as_bytes()).await;
+        assert_eq!(status, "HTTP/1.1 101 Switching Protocols", "{}", String::from_utf8_lossy(answer));
+    }
 }

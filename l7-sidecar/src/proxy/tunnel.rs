@@ -2,7 +2,7 @@
 
 use super::{full, Body, ProxyError, Upstream};
 use crate::balance::{ActiveGuard, HashInput};
-use crate::http_util::{strip_hop_by_hop_keeping_upgrade, upgrades_to_websocket};
+use crate::http_util::{strip_hop_by_hop_keeping_websocket, upgrades_to_websocket};
 use crate::idle::TunnelCut;
 use crate::observe::{record_tunnel_end, TunnelLog, TunnelRecord};
 use bytes::Bytes;
@@ -56,41 +56,47 @@ where
             break;
         };
         *attempted = Some(idx);
+        let backend = &up.pool.backends[idx];
         match handshake(&up, idx, &req, path_and_query, deadline).await {
-            Ok(resp) => {
-                up.pool.record_result(idx, resp.status().is_server_error());
-                answered = Some((idx, resp));
+            Ok(answer) => {
+                let status = match &answer {
+                    Answer::Switched(r) => r.status(),
+                    Answer::Declined(r) => r.status(),
+                };
+                up.pool.record_result(idx, status.is_server_error());
+                answered = Some((idx, answer));
                 break;
             }
+            // No attempt after the request timeout (hostile s18b-F1: the next backend's
+            // connect failed at once and was blamed).
             Err(HandshakeError::Deadline) => return Err(ProxyError::Timeout),
-            Err(HandshakeError::Failed(e)) => {
-                tried.push(idx);
-                up.pool.record_result(idx, true);
-                tracing::debug!(pool = %up.pool.name, request_id = %request_id, upstream = %up.pool.backends[idx].addr_text, error = %e, "upgrade attempt failed");
+            Err(HandshakeError::Unreachable(e)) => {
+                tracing::debug!(pool = %up.pool.name, request_id = %request_id, upstream = %backend.addr_text, error = %e, "upgrade attempt failed");
                 last_err = Some(e);
             }
+            Err(HandshakeError::Refused(why)) => {
+                // As other answers refused: a WARN naming the backend, which is counted.
+                tracing::warn!(pool = %up.pool.name, request_id = %request_id, upstream = %backend.addr_text, error = %why, "upstream response refused");
+                last_err = Some(ProxyError::Upstream(format!("{}: {why}", backend.addr)));
+            }
         }
+        tried.push(idx);
+        up.pool.record_result(idx, true);
     }
-    let Some((idx, mut resp)) = answered else {
+    let Some((idx, answer)) = answered else {
         return Err(last_err.unwrap_or_else(|| ProxyError::NoBackend(up.pool.name.clone())));
     };
     let backend = up.pool.backends[idx].clone();
+    let mut resp = match answer {
+        Answer::Declined(r) => return Ok(r),
+        Answer::Switched(r) => r,
+    };
     // The client asked in HTTP/1.1 (an HTTP/1.0 request's Upgrade is ignored): it is
-    // answered in HTTP/1.1 whatever version the backend spoke (hostile s17-T5).
+    // answered in HTTP/1.1 whatever version the backend spoke (hostile s17-T5). Of the
+    // backend connection's hop-by-hop fields only the upgrade crosses (hostile s18-3:
+    // `Keep-Alive`, `Proxy-Authenticate` and fields its `Connection` named did).
     *resp.version_mut() = http::Version::HTTP_11;
-    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-        // The backend declined the upgrade: relay its answer like any response,
-        // without the hop-by-hop fields of the backend's connection.
-        let (mut parts, body) = resp.into_parts();
-        super::strip_hop_by_hop(&mut parts.headers);
-        let body = super::StreamedBody::new(body, ActiveGuard::new(backend.clone()), deadline);
-        return Ok(Response::from_parts(parts, Body::upstream(body, backend.addr_text.clone())));
-    }
-    // Of the backend connection's hop-by-hop fields only the upgrade crosses (hostile
-    // s18-3: `Keep-Alive`, `Proxy-Authenticate` and fields its `Connection` named did).
-    if let Some(protocol) = resp.headers().get(http::header::UPGRADE).cloned() {
-        strip_hop_by_hop_keeping_upgrade(resp.headers_mut(), protocol);
-    }
+    strip_hop_by_hop_keeping_websocket(resp.headers_mut());
     let server_upgrade = hyper::upgrade::on(&mut resp);
     let guard = ActiveGuard::new(backend.clone());
     let log = TunnelLog::default();
@@ -131,30 +137,43 @@ where
 enum HandshakeError {
     /// The request timeout passed: no further attempt.
     Deadline,
-    /// This backend failed (another may be tried).
-    Failed(ProxyError),
+    /// The backend could not be reached or left before answering (another may be tried).
+    Unreachable(ProxyError),
+    /// The backend's answer is not one to pass on (another may be tried).
+    Refused(String),
+}
+
+/// What a backend answered an upgrade with.
+enum Answer {
+    /// A `101` to WebSocket: the connection becomes the tunnel.
+    Switched(Response<hyper::body::Incoming>),
+    /// Any other answer, ready to relay like any response: checked as every answer is,
+    /// without the backend connection's hop-by-hop fields, what of its body already
+    /// arrived read.
+    Declined(Response<Body>),
 }
 
 /// One attempt: the upgrade request to backend `idx` on a connection of its own (it
-/// becomes the tunnel), and its answer — a `101` to WebSocket or any other status.
+/// becomes the tunnel), and its answer.
 async fn handshake<B>(
     up: &Upstream,
     idx: usize,
     req: &Request<B>,
     path_and_query: &str,
     deadline: tokio::time::Instant,
-) -> Result<Response<hyper::body::Incoming>, HandshakeError> {
+) -> Result<Answer, HandshakeError> {
     let backend = &up.pool.backends[idx];
-    let failed = |e: String| HandshakeError::Failed(ProxyError::Upstream(e));
-    let connect_by = deadline.min(tokio::time::Instant::now() + Duration::from_millis(up.pool.cfg.connect_timeout_ms));
-    let stream = match tokio::time::timeout_at(connect_by, tokio::net::TcpStream::connect(backend.addr)).await {
+    let unreachable = |e: String| HandshakeError::Unreachable(ProxyError::Upstream(e));
+    let connect_by = tokio::time::Instant::now() + Duration::from_millis(up.pool.cfg.connect_timeout_ms);
+    let stream = match tokio::time::timeout_at(connect_by.min(deadline), tokio::net::TcpStream::connect(backend.addr)).await {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(HandshakeError::Failed(ProxyError::Connect(e.to_string()))),
-        Err(_) => return Err(HandshakeError::Failed(ProxyError::Connect("connect timeout".into()))),
+        Ok(Err(e)) => return Err(HandshakeError::Unreachable(ProxyError::Connect(e.to_string()))),
+        Err(_) if deadline <= connect_by => return Err(HandshakeError::Deadline),
+        Err(_) => return Err(HandshakeError::Unreachable(ProxyError::Connect("connect timeout".into()))),
     };
     let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Body>(TokioIo::new(stream))
         .await
-        .map_err(|e| failed(e.to_string()))?;
+        .map_err(|e| unreachable(e.to_string()))?;
     tokio::spawn(async move {
         let _ = conn.with_upgrades().await;
     });
@@ -164,20 +183,34 @@ async fn handshake<B>(
     if let Some(h) = up_req.headers_mut() {
         *h = req.headers().clone();
     }
-    let up_req = up_req.body(full(Bytes::new())).map_err(|e| failed(e.to_string()))?;
-    let resp = match tokio::time::timeout_at(deadline, sender.send_request(up_req)).await {
+    let up_req = up_req.body(full(Bytes::new())).map_err(|e| unreachable(e.to_string()))?;
+    let mut resp = match tokio::time::timeout_at(deadline, sender.send_request(up_req)).await {
         Ok(Ok(r)) => r,
-        Ok(Err(e)) => return Err(failed(e.to_string())),
+        Ok(Err(e)) => return Err(unreachable(e.to_string())),
         Err(_) => return Err(HandshakeError::Deadline),
     };
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS && !upgrades_to_websocket(resp.headers()) {
-        // A 101 to another protocol (or to none) than the client asked for: no tunnel
-        // (hostile s17-T7: it was spliced as is; s18-2: only its first `Upgrade` line
-        // was read).
-        let upgrade: Vec<_> = resp.headers().get_all(http::header::UPGRADE).iter().collect();
-        return Err(failed(format!("answered 101 with Upgrade {upgrade:?}, not websocket")));
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if !upgrades_to_websocket(resp.headers()) {
+            // A 101 to another protocol (or to none) than the client asked for: no
+            // tunnel (hostile s17-T7: it was spliced as is; s18-2: only its first
+            // `Upgrade` line was read).
+            let upgrade: Vec<_> = resp.headers().get_all(http::header::UPGRADE).iter().collect();
+            return Err(HandshakeError::Refused(format!("answered 101 with Upgrade {upgrade:?}, not websocket")));
+        }
+        return Ok(Answer::Switched(resp));
     }
-    Ok(resp)
+    // Declined: checked and relayed as any answer is (hostile s18b-F2: a status over
+    // 599, `Content-Length` with `Transfer-Encoding`, a broken body passed as is).
+    super::passable(&mut resp).map_err(|why| HandshakeError::Refused(why.to_string()))?;
+    let (mut parts, body) = resp.into_parts();
+    super::strip_hop_by_hop(&mut parts.headers);
+    parts.version = http::Version::HTTP_11;
+    let body = super::StreamedBody::new(body, ActiveGuard::new(backend.clone()), deadline);
+    let mut body = Body::upstream(body, backend.addr_text.clone());
+    std::future::poll_fn(|cx| std::task::Poll::Ready(body.prefetch(cx)))
+        .await
+        .map_err(|why| HandshakeError::Refused(format!("invalid response body: {why}")))?;
+    Ok(Answer::Declined(Response::from_parts(parts, body)))
 }
 
 /// How a tunnel's splice ended, before it is told apart by who closed first.
