@@ -158,11 +158,11 @@ impl Body {
 
     /// Read what the upstream body already has, before the response head is handed
     /// to hyper (see `StreamedBody::prefetch`). An error here means nothing of the
-    /// answer went out yet: the caller answers 502 instead.
-    pub fn prefetch(&mut self, cx: &mut Context<'_>) -> Result<(), BoxError> {
+    /// answer went out yet: the caller answers 502 instead. True if it read anything.
+    pub fn prefetch(&mut self, cx: &mut Context<'_>) -> Result<bool, BoxError> {
         match &mut self.0.kind {
             Kind::Upstream(s) => s.prefetch(cx),
-            Kind::Full(_) | Kind::Boxed(_) => Ok(()),
+            Kind::Full(_) | Kind::Boxed(_) => Ok(false),
         }
     }
 
@@ -410,9 +410,13 @@ impl StreamedBody {
     /// a body invalid from its start (bad chunk size, bad trailers) gave the client
     /// no byte at all, logged as a 200. Read here, the failure is known while the
     /// gateway can still answer 502.
-    pub fn prefetch(&mut self, cx: &mut Context<'_>) -> Result<(), BoxError> {
+    /// True if it read anything (a frame or the end).
+    pub fn prefetch(&mut self, cx: &mut Context<'_>) -> Result<bool, BoxError> {
+        let mut read = false;
         while !self.ended && !self.inner.is_end_stream() && self.ahead < PREFETCH_MAX_BYTES {
-            match self.poll_inner(cx) {
+            let polled = self.poll_inner(cx);
+            read |= polled.is_ready();
+            match polled {
                 Poll::Pending => break,
                 Poll::Ready(None) => self.ended = true,
                 Poll::Ready(Some(Err(e))) => return Err(e.into()),
@@ -440,7 +444,7 @@ impl StreamedBody {
                 },
             }
         }
-        Ok(())
+        Ok(read)
     }
 
     /// The next frame of `inner`, moving the connection along when it has none yet.

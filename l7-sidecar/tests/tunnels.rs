@@ -548,16 +548,19 @@ async fn an_upgrade_out_of_time_is_a_504_that_blames_no_other_backend() {
 
 /// Hostile finding s18b-F2: a declined upgrade's answer skipped the checks every other
 /// answer passes (a status outside 100–599, `Content-Length` with `Transfer-Encoding`,
-/// a coding other than `chunked`, a body broken from its start): passed on as is, not
-/// retried, not counted. Now a failed attempt, retried on another backend.
+/// a coding other than `chunked`, a body broken in what arrived with the head): passed
+/// on as is, not retried, not counted. Now a failed attempt, retried on another backend.
 #[tokio::test]
 async fn a_bad_answer_to_an_upgrade_is_a_failed_attempt() {
     let (good, _) = answering(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n").await;
-    let bad_answers: [&'static [u8]; 4] = [
+    let bad_answers: [&'static [u8]; 6] = [
         b"HTTP/1.1 999 Odd\r\nContent-Length: 0\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+        // Broken further in, but all there with the head (hostile s18b-3: relayed, then cut).
+        b"HTTP/1.1 403 Forbidden\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcX0\r\n\r\n",
+        b"HTTP/1.1 403 Forbidden\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nbad trailer\r\n\r\n",
     ];
     for answer in bad_answers {
         let (bad, _) = answering(answer).await;

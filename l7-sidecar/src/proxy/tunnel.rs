@@ -8,6 +8,7 @@ use crate::observe::{record_tunnel_end, TunnelLog, TunnelRecord};
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
@@ -174,9 +175,9 @@ async fn handshake<B>(
     let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Body>(TokioIo::new(stream))
         .await
         .map_err(|e| unreachable(e.to_string()))?;
-    tokio::spawn(async move {
-        let _ = conn.with_upgrades().await;
-    });
+    // Moved on here until the answer is known (so a declined answer's body can be read
+    // ahead, see below), then by a task of its own.
+    let mut conn = Driven { conn: Box::pin(conn.with_upgrades()), done: false };
     let mut up_req = Request::builder()
         .method(req.method().clone())
         .uri(path_and_query);
@@ -184,7 +185,14 @@ async fn handshake<B>(
         *h = req.headers().clone();
     }
     let up_req = up_req.body(full(Bytes::new())).map_err(|e| unreachable(e.to_string()))?;
-    let mut resp = match tokio::time::timeout_at(deadline, sender.send_request(up_req)).await {
+    let answer = tokio::time::timeout_at(deadline, sender.send_request(up_req));
+    let mut answer = std::pin::pin!(answer);
+    let answer = std::future::poll_fn(|cx| {
+        conn.poll(cx);
+        answer.as_mut().poll(cx)
+    })
+    .await;
+    let mut resp = match answer {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => return Err(unreachable(e.to_string())),
         Err(_) => return Err(HandshakeError::Deadline),
@@ -197,6 +205,7 @@ async fn handshake<B>(
             let upgrade: Vec<_> = resp.headers().get_all(http::header::UPGRADE).iter().collect();
             return Err(HandshakeError::Refused(format!("answered 101 with Upgrade {upgrade:?}, not websocket")));
         }
+        conn.hand_over();
         return Ok(Answer::Switched(resp));
     }
     // Declined: checked and relayed as any answer is (hostile s18b-F2: a status over
@@ -207,10 +216,46 @@ async fn handshake<B>(
     parts.version = http::Version::HTTP_11;
     let body = super::StreamedBody::new(body, ActiveGuard::new(backend.clone()), deadline);
     let mut body = Body::upstream(body, backend.addr_text.clone());
-    std::future::poll_fn(|cx| std::task::Poll::Ready(body.prefetch(cx)))
-        .await
-        .map_err(|why| HandshakeError::Refused(format!("invalid response body: {why}")))?;
+    // What of the body the connection has already read (hostile s18b-3: a broken body
+    // was relayed and cut, the connection being a task's that had not run yet).
+    std::future::poll_fn(|cx| loop {
+        conn.poll(cx);
+        match body.prefetch(cx) {
+            Ok(true) => {}
+            done => return Poll::Ready(done),
+        }
+    })
+    .await
+    .map_err(|why| HandshakeError::Refused(format!("invalid response body: {why}")))?;
+    conn.hand_over();
     Ok(Answer::Declined(Response::from_parts(parts, body)))
+}
+
+/// A tunnel's upstream connection while its handshake is answered: moved on by the
+/// attempt itself, then handed to a task of its own (`hand_over`).
+struct Driven {
+    conn: Pin<Box<dyn Future<Output = hyper::Result<()>> + Send>>,
+    done: bool,
+}
+
+impl Driven {
+    /// Let the connection read and write what it can.
+    fn poll(&mut self, cx: &mut Context<'_>) {
+        if !self.done && self.conn.as_mut().poll(cx).is_ready() {
+            self.done = true;
+        }
+    }
+
+    /// The connection goes on in a task of its own (a tunnel's until its upgrade, a
+    /// declined answer's until its body is read).
+    fn hand_over(self) {
+        if !self.done {
+            let conn = self.conn;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+        }
+    }
 }
 
 /// How a tunnel's splice ended, before it is told apart by who closed first.
